@@ -1,0 +1,202 @@
+//! The resources keyswap reads, as written by users (`keyswap.dev/v1alpha1` and core `v1/Secret`).
+//!
+//! These are the raw shapes: strict (`deny_unknown_fields`), never used on the request path.
+//! `config::compile` validates them once into a [`crate::config::Snapshot`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub const GROUP: &str = "keyswap.dev";
+pub const API_VERSION: &str = "keyswap.dev/v1alpha1";
+
+/// The subset of Kubernetes object metadata keyswap uses. Other fields (uid, resourceVersion,
+/// managedFields …) are accepted and ignored, so `kubectl get -o yaml` output loads as is.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+// === EgressGateway ===
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressGatewaySpec {
+    #[serde(default)]
+    pub default_policy: DefaultPolicy,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub otlp: Option<Otlp>,
+    /// Hosts reachable without a route when the default policy is deny-all.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum DefaultPolicy {
+    #[serde(rename = "allow-all")]
+    AllowAll,
+    #[default]
+    #[serde(rename = "deny-all")]
+    DenyAll,
+}
+
+impl DefaultPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultPolicy::AllowAll => "allow-all",
+            DefaultPolicy::DenyAll => "deny-all",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Listener {
+    pub name: String,
+    pub protocol: ListenerProtocol,
+    pub port: u16,
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ListenerProtocol {
+    Http,
+    Https,
+    Connect,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerTls {
+    pub mode: TlsMode,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum TlsMode {
+    Terminate,
+    Passthrough,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Otlp {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub capture_body: Option<CaptureBody>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureBody {
+    #[serde(default)]
+    pub max_bytes: Option<u32>,
+    #[serde(default)]
+    pub include_content_types: Vec<String>,
+}
+
+// === AIProviderRoute ===
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AIProviderRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRule {
+    pub matches: Vec<RouteMatch>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteMatch {
+    pub provider: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path globs; empty matches every path on the hosts.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Model globs; empty matches every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+// === CredentialInjectionPolicy ===
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CredentialInjectionPolicySpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub secret_ref: SecretRef,
+    #[serde(default)]
+    pub secret_key: Option<String>,
+    pub target: Target,
+    #[serde(default)]
+    pub header_name: Option<String>,
+    #[serde(default)]
+    pub value_prefix: Option<String>,
+    #[serde(default)]
+    pub query_param_name: Option<String>,
+    #[serde(default)]
+    pub provider_auth: Option<ProviderAuth>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretRef {
+    pub name: String,
+    /// Present only so that it can be refused with a clear message: a policy reads Secrets
+    /// in its own namespace, never another team's.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum Target {
+    Header,
+    QueryParam,
+    ProviderAuth,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderAuth {
+    #[serde(rename = "type")]
+    pub kind: ProviderAuthType,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ProviderAuthType {
+    AWSv4,
+    GCPServiceAccount,
+}

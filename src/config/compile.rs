@@ -1,0 +1,464 @@
+//! Validation and compilation: raw objects → [`Catalog`] → one gateway's [`Snapshot`].
+//!
+//! Everything that can be checked is checked here, once, at load time. Missing Secrets or
+//! keys are not errors (they may arrive later): they compile to a binding that fails closed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretSlice};
+use sha2::{Digest, Sha256};
+
+use super::error::{ConfigError, ConfigErrors, Origin};
+use super::load::{Key, Kind, Object, Resource, SecretData};
+use super::snapshot::{Binding, Credential, MatchEntry, RouteMatcher, SecretUse, Snapshot, Unresolved};
+use crate::api::{
+    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, Target, GROUP,
+};
+use crate::provider::{self, Provider, CREDENTIAL_HEADERS};
+
+/// The key a policy reads when it names none.
+pub const DEFAULT_SECRET_KEY: &str = "token";
+
+#[derive(Debug)]
+pub struct Entry<T> {
+    pub origin: Origin,
+    pub spec: T,
+}
+
+/// Every valid object, by kind and key.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub gateways: BTreeMap<Key, Entry<EgressGatewaySpec>>,
+    pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
+    pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
+    pub secrets: BTreeMap<Key, Entry<SecretData>>,
+}
+
+/// Fingerprint shown instead of a secret: enough to tell two values apart, useless to an attacker
+/// holding logs (for any key with real entropy).
+pub fn fingerprint(value: &[u8]) -> String {
+    let digest = Sha256::digest(value);
+    let mut s = String::from("sha256:");
+    for b in &digest[..6] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+impl Catalog {
+    /// Collects objects, refusing duplicates, then validates each object and the references
+    /// between them.
+    pub fn build(objects: Vec<Object>) -> Result<Catalog, ConfigErrors> {
+        let mut cat = Catalog::default();
+        let mut errors = Vec::new();
+        for obj in objects {
+            let label = obj.label();
+            let Object { origin, key, resource } = obj;
+            let dup = match resource {
+                Resource::Gateway(spec) => insert(&mut cat.gateways, key, origin.clone(), spec),
+                Resource::Route(spec) => insert(&mut cat.routes, key, origin.clone(), spec),
+                Resource::Policy(spec) => insert(&mut cat.policies, key, origin.clone(), spec),
+                Resource::Secret(data) => insert(&mut cat.secrets, key, origin.clone(), data),
+            };
+            if let Some(first) = dup {
+                errors.push(ConfigError::new(format!("defined twice; first in {first}")).at(&origin).object(label));
+            }
+        }
+        cat.validate(&mut errors);
+        if errors.is_empty() {
+            Ok(cat)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<ConfigError>) {
+        for (key, gw) in &self.gateways {
+            let err = |f: &str, m: String| ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, key)).field(f);
+            for (i, host) in gw.spec.allow.iter().enumerate() {
+                if let Err(m) = check_host(host) {
+                    errors.push(err(&format!("spec.allow[{i}]"), m));
+                }
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, l) in gw.spec.listeners.iter().enumerate() {
+                if !names.insert(&l.name) {
+                    errors.push(err(&format!("spec.listeners[{i}].name"), format!("`{}` is used twice", l.name)));
+                }
+                if l.port == 0 {
+                    errors.push(err(&format!("spec.listeners[{i}].port"), "must be 1-65535".into()));
+                }
+            }
+        }
+        for (key, route) in &self.routes {
+            let err = |f: String, m: String| ConfigError::new(m).at(&route.origin).object(label(Kind::AIProviderRoute, key)).field(f);
+            self.check_parent_refs(&route.spec.parent_refs, key, &[Kind::EgressGateway], &err, errors);
+            if route.spec.rules.is_empty() {
+                errors.push(err("spec.rules".into(), "needs at least one rule".into()));
+            }
+            for (r, rule) in route.spec.rules.iter().enumerate() {
+                if rule.matches.is_empty() {
+                    errors.push(err(format!("spec.rules[{r}].matches"), "needs at least one match".into()));
+                }
+                for (m, mt) in rule.matches.iter().enumerate() {
+                    let at = |f: &str| format!("spec.rules[{r}].matches[{m}].{f}");
+                    let Some(p) = provider::lookup(&mt.provider) else {
+                        let known = provider::names().collect::<Vec<_>>().join(", ");
+                        errors.push(err(at("provider"), format!("unknown provider `{}`; known: {known}", mt.provider)));
+                        continue;
+                    };
+                    if mt.hosts.is_empty() && p.default_hosts.is_empty() {
+                        errors.push(err(at("hosts"), format!("provider `{}` has no default hosts: list them", p.name)));
+                    }
+                    for (i, h) in mt.hosts.iter().enumerate() {
+                        if let Err(msg) = check_host(h) {
+                            errors.push(err(at(&format!("hosts[{i}]")), msg));
+                        }
+                    }
+                    for (i, e) in mt.endpoints.iter().enumerate() {
+                        if !e.starts_with('/') || e.contains('?') {
+                            errors.push(err(at(&format!("endpoints[{i}]")), format!("`{e}` must be a path starting with `/`, without a query")));
+                        }
+                    }
+                    if !mt.models.is_empty() && p.model_in_path == provider::ModelInPath::No {
+                        errors.push(err(
+                            at("models"),
+                            format!(
+                                "provider `{}` sends the model in the request body; this build matches models only \
+                                 where the provider puts them in the path (google, azure-openai, bedrock)",
+                                p.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        for (key, pol) in &self.policies {
+            let err = |f: String, m: String| {
+                ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, key)).field(f)
+            };
+            let s = &pol.spec;
+            self.check_parent_refs(&s.parent_refs, key, &[Kind::AIProviderRoute, Kind::EgressGateway], &err, errors);
+            if s.secret_ref.namespace.is_some() {
+                errors.push(err(
+                    "spec.secretRef.namespace".into(),
+                    "is not allowed: a policy reads Secrets only in its own namespace".into(),
+                ));
+            }
+            if s.secret_ref.name.is_empty() {
+                errors.push(err("spec.secretRef.name".into(), "is required".into()));
+            }
+            match s.target {
+                Target::Header => {
+                    if let Some(h) = &s.header_name {
+                        if let Err(m) = check_header_name(h) {
+                            errors.push(err("spec.headerName".into(), m));
+                        }
+                    }
+                    if s.query_param_name.is_some() {
+                        errors.push(err("spec.queryParamName".into(), "applies only to target QueryParam".into()));
+                    }
+                    if let Some(p) = &s.value_prefix {
+                        if p.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                            errors.push(err("spec.valuePrefix".into(), "must not contain CR, LF or NUL".into()));
+                        }
+                    }
+                }
+                Target::QueryParam => {
+                    match &s.query_param_name {
+                        Some(q) if q.is_empty() || q.contains(['&', '=', '#', '?', ' ']) => {
+                            errors.push(err("spec.queryParamName".into(), format!("`{q}` is not a valid query parameter name")));
+                        }
+                        _ => {}
+                    }
+                    if s.header_name.is_some() || s.value_prefix.is_some() {
+                        errors.push(err("spec.headerName".into(), "headerName and valuePrefix apply only to target Header".into()));
+                    }
+                }
+                Target::ProviderAuth => errors.push(err(
+                    "spec.target".into(),
+                    "ProviderAuth (AWSv4, GCPServiceAccount) is not supported by this build yet; use Header or QueryParam".into(),
+                )),
+            }
+            if s.provider_auth.is_some() && s.target != Target::ProviderAuth {
+                errors.push(err("spec.providerAuth".into(), "applies only to target ProviderAuth".into()));
+            }
+        }
+    }
+
+    fn check_parent_refs(
+        &self,
+        refs: &[ParentRef],
+        own: &Key,
+        allowed: &[Kind],
+        err: &dyn Fn(String, String) -> ConfigError,
+        errors: &mut Vec<ConfigError>,
+    ) {
+        if refs.is_empty() {
+            errors.push(err("spec.parentRefs".into(), "needs at least one parent".into()));
+        }
+        for (i, r) in refs.iter().enumerate() {
+            let field = format!("spec.parentRefs[{i}]");
+            match resolve_ref(r, own, allowed[0]) {
+                Err(m) => errors.push(err(field, m)),
+                Ok((kind, key)) if !allowed.contains(&kind) => {
+                    let names = allowed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ");
+                    errors.push(err(format!("{field}.kind"), format!("must be {names}, not {}", kind.as_str())));
+                    let _ = key;
+                }
+                Ok((kind, key)) => {
+                    let exists = match kind {
+                        Kind::EgressGateway => self.gateways.contains_key(&key),
+                        Kind::AIProviderRoute => self.routes.contains_key(&key),
+                        _ => false,
+                    };
+                    if !exists {
+                        errors.push(err(field, format!("{} {key} does not exist", kind.as_str())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compiles the view of one gateway. Conflicts that only show for this gateway (two
+    /// policies on one route) are errors here.
+    pub fn compile(&self, gateway: &Key) -> Result<Snapshot, ConfigErrors> {
+        let Some(gw) = self.gateways.get(gateway) else {
+            return Err(ConfigErrors(vec![ConfigError::new(format!("EgressGateway {gateway} not found"))]));
+        };
+        let mut errors = Vec::new();
+        let mut entries = Vec::new();
+        let mut secrets: Vec<SecretUse> = Vec::new();
+
+        // Catch-all policies on the gateway, and per-route policies.
+        let mut catch_all: Vec<&Key> = Vec::new();
+        let mut per_route: BTreeMap<Key, Vec<&Key>> = BTreeMap::new();
+        for (pkey, pol) in &self.policies {
+            for r in &pol.spec.parent_refs {
+                match resolve_ref(r, pkey, Kind::AIProviderRoute) {
+                    Ok((Kind::EgressGateway, k)) if &k == gateway => catch_all.push(pkey),
+                    Ok((Kind::AIProviderRoute, k)) => per_route.entry(k).or_default().push(pkey),
+                    _ => {}
+                }
+            }
+        }
+        if catch_all.len() > 1 {
+            let names = catch_all.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+            errors.push(ConfigError::new(format!("more than one CredentialInjectionPolicy targets the gateway itself: {names}"))
+                .at(&gw.origin)
+                .object(label(Kind::EgressGateway, gateway)));
+        }
+
+        for (rkey, route) in &self.routes {
+            let attached = route.spec.parent_refs.iter().any(|r| {
+                matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway)
+            });
+            if !attached {
+                continue;
+            }
+            let policy_key = match per_route.get(rkey).map(Vec::as_slice) {
+                Some([one]) => Some(*one),
+                Some(many) => {
+                    let names = many.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+                    errors.push(
+                        ConfigError::new(format!("more than one CredentialInjectionPolicy targets this route: {names}"))
+                            .at(&route.origin)
+                            .object(label(Kind::AIProviderRoute, rkey)),
+                    );
+                    continue;
+                }
+                None => catch_all.first().copied(),
+            };
+            let route_name: Arc<str> = rkey.to_string().into();
+            for (r, rule) in route.spec.rules.iter().enumerate() {
+                for (m, mt) in rule.matches.iter().enumerate() {
+                    let Some(p) = provider::lookup(&mt.provider) else { continue };
+                    let binding = match policy_key {
+                        None => Binding {
+                            policy: None,
+                            credential: Err(Unresolved::NoPolicy),
+                            strip_headers: strip_headers(None),
+                            strip_query: strip_query(p, None),
+                        },
+                        Some(pk) => match self.bind(pk, p, &mut secrets) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                errors.push(e.field(format!("(for route {rkey} rule {r} match {m}, provider {})", p.name)));
+                                continue;
+                            }
+                        },
+                    };
+                    let hosts = if mt.hosts.is_empty() {
+                        p.default_hosts.iter().map(|h| Box::from(*h)).collect()
+                    } else {
+                        mt.hosts.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect()
+                    };
+                    entries.push(MatchEntry {
+                        route: route_name.clone(),
+                        rule: r,
+                        index: m,
+                        provider: p,
+                        hosts,
+                        endpoints: mt.endpoints.iter().map(|e| e.as_str().into()).collect(),
+                        models: mt.models.iter().map(|e| e.as_str().into()).collect(),
+                        binding: Arc::new(binding),
+                    });
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        secrets.sort_by(|a, b| (&a.secret, &a.key).cmp(&(&b.secret, &b.key)));
+        secrets.dedup();
+        Ok(Snapshot {
+            gateway: gateway.clone(),
+            default_policy: gw.spec.default_policy,
+            allow: gw.spec.allow.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect(),
+            routes: RouteMatcher::new(entries),
+            secrets,
+        })
+    }
+
+    /// Binds a policy to one provider: resolves header or parameter, reads the secret.
+    fn bind(&self, pkey: &Key, p: &'static Provider, secrets: &mut Vec<SecretUse>) -> Result<Binding, ConfigError> {
+        let pol = &self.policies[pkey];
+        let s = &pol.spec;
+        let err = |f: &str, m: String| ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, pkey)).field(f);
+        let secret_key = Key::new(pkey.namespace.clone(), s.secret_ref.name.clone());
+        let key_name = s.secret_key.clone().unwrap_or_else(|| DEFAULT_SECRET_KEY.into());
+        let raw = match self.secrets.get(&secret_key) {
+            None => Err(Unresolved::SecretNotFound { secret: secret_key.clone() }),
+            Some(sec) => sec.spec.entries.get(&key_name).ok_or_else(|| Unresolved::KeyNotFound {
+                secret: secret_key.clone(),
+                key: key_name.clone(),
+            }),
+        };
+        secrets.push(SecretUse {
+            secret: secret_key.clone(),
+            key: key_name.clone(),
+            fingerprint: raw.as_ref().ok().map(|v| fingerprint(v.expose_secret())),
+        });
+        let policy: Arc<str> = pkey.to_string().into();
+        let (credential, header, param) = match s.target {
+            Target::Header => {
+                let (name, default_prefix) = match (&s.header_name, p.default_header) {
+                    (Some(h), Some(d)) if h.eq_ignore_ascii_case(d.name) => (d.name.to_owned(), d.prefix),
+                    (Some(h), _) => (h.to_ascii_lowercase(), ""),
+                    (None, Some(d)) => (d.name.to_owned(), d.prefix),
+                    (None, None) => {
+                        return Err(err("spec.headerName", format!("is required: provider `{}` has no default header", p.name)))
+                    }
+                };
+                let prefix = s.value_prefix.as_deref().unwrap_or(default_prefix);
+                let cred = raw.map(|v| {
+                    let mut bytes = Vec::with_capacity(prefix.len() + v.expose_secret().len());
+                    bytes.extend_from_slice(prefix.as_bytes());
+                    bytes.extend_from_slice(v.expose_secret());
+                    Credential::Header {
+                        name: name.clone().into(),
+                        fingerprint: fingerprint(v.expose_secret()),
+                        value: SecretSlice::from(bytes),
+                    }
+                });
+                (cred, Some(name), None)
+            }
+            Target::QueryParam => {
+                let param = match (&s.query_param_name, p.credential_query_params.first()) {
+                    (Some(q), _) => q.clone(),
+                    (None, Some(d)) => (*d).to_owned(),
+                    (None, None) => {
+                        return Err(err("spec.queryParamName", format!("is required: provider `{}` has no default key parameter", p.name)))
+                    }
+                };
+                let cred = raw.map(|v| Credential::Query {
+                    param: param.clone().into(),
+                    fingerprint: fingerprint(v.expose_secret()),
+                    value: SecretSlice::from(crate::inject::query::encode_value(v.expose_secret()).into_bytes()),
+                });
+                (cred, None, Some(param))
+            }
+            Target::ProviderAuth => return Err(err("spec.target", "ProviderAuth is not supported by this build yet".into())),
+        };
+        Ok(Binding {
+            policy: Some(policy),
+            credential,
+            strip_headers: strip_headers(header.as_deref()),
+            strip_query: strip_query(p, param.as_deref()),
+        })
+    }
+}
+
+fn insert<T>(map: &mut BTreeMap<Key, Entry<T>>, key: Key, origin: Origin, spec: T) -> Option<Origin> {
+    if let Some(first) = map.get(&key) {
+        return Some(first.origin.clone());
+    }
+    map.insert(key, Entry { origin, spec });
+    None
+}
+
+fn label(kind: Kind, key: &Key) -> String {
+    format!("{} {key}", kind.as_str())
+}
+
+/// Resolves a parentRef to a kind and key. `default_kind` applies when `kind` is omitted.
+fn resolve_ref(r: &ParentRef, own: &Key, default_kind: Kind) -> Result<(Kind, Key), String> {
+    if let Some(g) = &r.group {
+        if g != GROUP {
+            return Err(format!("group `{g}` is not {GROUP}"));
+        }
+    }
+    let kind = match r.kind.as_deref() {
+        None => default_kind,
+        Some("EgressGateway") => Kind::EgressGateway,
+        Some("AIProviderRoute") => Kind::AIProviderRoute,
+        Some(k) => return Err(format!("unknown kind `{k}`")),
+    };
+    let ns = r.namespace.clone().unwrap_or_else(|| own.namespace.clone());
+    Ok((kind, Key::new(ns, r.name.clone())))
+}
+
+fn strip_headers(policy_header: Option<&str>) -> Box<[Box<str>]> {
+    let mut v: Vec<Box<str>> = CREDENTIAL_HEADERS.iter().map(|h| Box::from(*h)).collect();
+    if let Some(h) = policy_header {
+        if !v.iter().any(|x| &**x == h) {
+            v.push(h.into());
+        }
+    }
+    v.into_boxed_slice()
+}
+
+fn strip_query(p: &Provider, policy_param: Option<&str>) -> Box<[Box<str>]> {
+    let mut v: Vec<Box<str>> = p.credential_query_params.iter().map(|q| Box::from(*q)).collect();
+    if let Some(q) = policy_param {
+        if !v.iter().any(|x| &**x == q) {
+            v.push(q.into());
+        }
+    }
+    v.into_boxed_slice()
+}
+
+fn check_host(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+        && !h.starts_with('.')
+        && !h.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{h}` is not a host name (no scheme, port or path; `*` stands for one DNS label)"))
+    }
+}
+
+fn check_header_name(h: &str) -> Result<(), String> {
+    const FORBIDDEN: &[&str] = &["host", "content-length", "transfer-encoding", "connection", "te", "upgrade"];
+    if h.is_empty() || h.starts_with(':') || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err(format!("`{h}` is not a valid HTTP header name"));
+    }
+    if FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(h)) {
+        return Err(format!("`{h}` cannot carry a credential"));
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Configuration: resources in, validated [`Snapshot`] out.
+//!
+//! Sources never serve requests; they build snapshots. [`file`] reads a directory of manifests
+//! (the embedded default); a bad edit is reported and the last good snapshot keeps serving.
+
+pub mod compile;
+pub mod error;
+pub mod file;
+pub mod load;
+pub mod snapshot;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use compile::{fingerprint, Catalog};
+pub use error::{ConfigError, ConfigErrors, Origin};
+pub use load::Key;
+pub use snapshot::{Credential, Decision, Snapshot, Unresolved};
+
+/// The one place the request path reads configuration from: lock-free loads, atomic swaps.
+pub type SnapshotStore = Arc<ArcSwap<Snapshot>>;
+
+/// Which EgressGateway this process serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewaySelector {
+    Named(Key),
+    /// The only EgressGateway in the configuration; an error when there are none or several.
+    Only,
+}
+
+impl GatewaySelector {
+    pub fn resolve(&self, catalog: &Catalog) -> Result<Key, ConfigErrors> {
+        let err = |m: String| Err(ConfigErrors(vec![ConfigError::new(m)]));
+        match self {
+            GatewaySelector::Named(k) if catalog.gateways.contains_key(k) => Ok(k.clone()),
+            GatewaySelector::Named(k) => {
+                let have = catalog.gateways.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+                err(format!("EgressGateway {k} not found (found: {})", list_or_none(&have)))
+            }
+            GatewaySelector::Only => match catalog.gateways.len() {
+                1 => Ok(catalog.gateways.keys().next().cloned().expect("one gateway")),
+                0 => err("no EgressGateway found in the configuration".into()),
+                _ => {
+                    let have = catalog.gateways.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+                    err(format!("several EgressGateways found ({}); choose one with --gateway NAMESPACE/NAME", have.join(", ")))
+                }
+            },
+        }
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Logs what changed between two snapshots: which secrets rotated (by fingerprint), route counts.
+pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
+    tracing::info!(
+        gateway = %new.gateway,
+        default_policy = new.default_policy.as_str(),
+        routes = new.routes.len(),
+        secrets = new.secrets.len(),
+        "configuration loaded"
+    );
+    for s in &new.secrets {
+        let before = old.and_then(|o| o.secrets.iter().find(|p| p.secret == s.secret && p.key == s.key));
+        let before_fp = before.and_then(|b| b.fingerprint.as_deref());
+        match (&s.fingerprint, before_fp) {
+            (Some(fp), Some(old_fp)) if fp != old_fp => {
+                tracing::info!(secret = %s.secret, key = %s.key, from = old_fp, to = %fp, "secret rotated")
+            }
+            (None, _) => tracing::warn!(
+                secret = %s.secret,
+                key = %s.key,
+                "credential unresolved: requests on routes that use it get 503 until it exists"
+            ),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The immutable, validated view the request path reads.
+//!
+//! Built by [`super::compile`], swapped in whole through `arc-swap`, never mutated. Everything a
+//! request needs is precomputed here: host index, credential bytes, strip lists.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretSlice};
+
+use super::load::Key;
+use crate::api::DefaultPolicy;
+use crate::glob;
+use crate::provider::Provider;
+
+/// One gateway's compiled configuration.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub gateway: Key,
+    pub default_policy: DefaultPolicy,
+    /// Hosts reachable without a route on a deny-all gateway.
+    pub allow: Vec<Box<str>>,
+    pub routes: RouteMatcher,
+    /// Every secret key a binding uses, with its fingerprint: for `check`, logs and rotation notices.
+    pub secrets: Vec<SecretUse>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretUse {
+    pub secret: Key,
+    pub key: String,
+    /// `None` when the secret or key is missing.
+    pub fingerprint: Option<String>,
+}
+
+/// Host-indexed matcher: exact hosts hash to their candidates, patterns are scanned after.
+#[derive(Debug, Default)]
+pub struct RouteMatcher {
+    pub entries: Vec<MatchEntry>,
+    exact: HashMap<Box<str>, Vec<usize>>,
+    patterns: Vec<(Box<str>, usize)>,
+}
+
+/// One `matches[]` item of one route rule, bound to its credential.
+#[derive(Debug)]
+pub struct MatchEntry {
+    /// `namespace/name` of the AIProviderRoute.
+    pub route: Arc<str>,
+    pub rule: usize,
+    pub index: usize,
+    pub provider: &'static Provider,
+    pub hosts: Vec<Box<str>>,
+    pub endpoints: Vec<Box<str>>,
+    pub models: Vec<Box<str>>,
+    pub binding: Arc<Binding>,
+}
+
+/// What to do to a request that matched: which policy, which credential, what to strip.
+#[derive(Debug)]
+pub struct Binding {
+    /// `namespace/name` of the CredentialInjectionPolicy, when one applies.
+    pub policy: Option<Arc<str>>,
+    pub credential: Result<Credential, Unresolved>,
+    /// Lowercase header names the agent may not send (the credential header list plus the
+    /// policy's own header).
+    pub strip_headers: Box<[Box<str>]>,
+    /// Query parameters the agent may not send (provider's key params plus the policy's).
+    pub strip_query: Box<[Box<str>]>,
+}
+
+/// The real credential, ready to write. `value` is the exact header value or the
+/// percent-encoded query value.
+pub enum Credential {
+    Header { name: Box<str>, value: SecretSlice<u8>, fingerprint: String },
+    Query { param: Box<str>, value: SecretSlice<u8>, fingerprint: String },
+}
+
+impl Credential {
+    pub fn value(&self) -> &[u8] {
+        match self {
+            Credential::Header { value, .. } | Credential::Query { value, .. } => value.expose_secret(),
+        }
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        match self {
+            Credential::Header { fingerprint, .. } | Credential::Query { fingerprint, .. } => fingerprint,
+        }
+    }
+
+    /// `header x-api-key` or `query key`: where the credential goes, without its value.
+    pub fn describe(&self) -> String {
+        match self {
+            Credential::Header { name, .. } => format!("header `{name}`"),
+            Credential::Query { param, .. } => format!("query parameter `{param}`"),
+        }
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential({}, <redacted> {})", self.describe(), self.fingerprint())
+    }
+}
+
+/// Why a matched route has no usable credential. Each one fails closed with 503.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unresolved {
+    NoPolicy,
+    SecretNotFound { secret: Key },
+    KeyNotFound { secret: Key, key: String },
+}
+
+impl Unresolved {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unresolved::NoPolicy => "NoPolicy",
+            Unresolved::SecretNotFound { .. } => "SecretNotFound",
+            Unresolved::KeyNotFound { .. } => "KeyNotFound",
+        }
+    }
+}
+
+impl fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unresolved::NoPolicy => f.write_str("no CredentialInjectionPolicy targets this route or its gateway"),
+            Unresolved::SecretNotFound { secret } => write!(f, "Secret {secret} not found"),
+            Unresolved::KeyNotFound { secret, key } => write!(f, "Secret {secret} has no key `{key}`"),
+        }
+    }
+}
+
+/// What keyswap does with one request.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// Matched, credential resolved: strip and write.
+    Inject { entry: &'a MatchEntry, credential: &'a Credential },
+    /// Matched, credential missing: 503.
+    FailClosed { entry: &'a MatchEntry, reason: &'a Unresolved },
+    /// No route and the gateway denies by default: 403.
+    Deny,
+    /// No route, and the gateway allows it (allow-all, or an `allow` host): untouched.
+    PassThrough { allowed_by: &'static str },
+}
+
+impl RouteMatcher {
+    pub fn new(entries: Vec<MatchEntry>) -> Self {
+        let mut exact: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut patterns = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            for h in &e.hosts {
+                if glob::is_pattern(h) {
+                    patterns.push((h.clone(), i));
+                } else {
+                    let slot = exact.entry(h.clone()).or_default();
+                    if !slot.contains(&i) {
+                        slot.push(i);
+                    }
+                }
+            }
+        }
+        RouteMatcher { entries, exact, patterns }
+    }
+
+    /// The first entry matching host and path. Exact hosts win over patterns; within each,
+    /// entries keep their compiled order (route namespace/name, rule, match).
+    pub fn find(&self, host: &str, path: &str) -> Option<&MatchEntry> {
+        let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+        if let Some(candidates) = self.exact.get(host) {
+            if let Some(e) = candidates.iter().map(|&i| &self.entries[i]).find(|e| e.accepts(path, path_only)) {
+                return Some(e);
+            }
+        }
+        self.patterns
+            .iter()
+            .filter(|(p, _)| glob::matches(p, host, Some(b'.')))
+            .map(|&(_, i)| &self.entries[i])
+            .find(|e| e.accepts(path, path_only))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl MatchEntry {
+    fn accepts(&self, path: &str, path_only: &str) -> bool {
+        if !self.endpoints.is_empty() && !self.endpoints.iter().any(|p| glob::matches(p, path_only, None)) {
+            return false;
+        }
+        if self.models.is_empty() {
+            return true;
+        }
+        match self.provider.model_from_path(path) {
+            Some(model) => self.models.iter().any(|m| glob::matches(m, model, None)),
+            None => false,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The decision for a request to `authority` (Host or :authority, port allowed) and `path`.
+    pub fn decide(&self, authority: &str, path: &str) -> Decision<'_> {
+        let mut buf = [0u8; 256];
+        let host = normalize_host(authority, &mut buf);
+        if let Some(entry) = self.routes.find(host, path) {
+            return match &entry.binding.credential {
+                Ok(credential) => Decision::Inject { entry, credential },
+                Err(reason) => Decision::FailClosed { entry, reason },
+            };
+        }
+        match self.default_policy {
+            DefaultPolicy::AllowAll => Decision::PassThrough { allowed_by: "allow-all" },
+            DefaultPolicy::DenyAll if self.allow.iter().any(|a| host_matches(a, host)) => {
+                Decision::PassThrough { allowed_by: "allow-list" }
+            }
+            DefaultPolicy::DenyAll => Decision::Deny,
+        }
+    }
+}
+
+fn host_matches(pattern: &str, host: &str) -> bool {
+    if glob::is_pattern(pattern) {
+        glob::matches(pattern, host, Some(b'.'))
+    } else {
+        pattern == host
+    }
+}
+
+/// Lowercases the host part of an authority and drops the port and a trailing dot, without
+/// allocating for hosts that fit `buf` (every real one does).
+pub fn normalize_host<'a>(authority: &'a str, buf: &'a mut [u8; 256]) -> &'a str {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: [::1]:443
+        rest.split_once(']').map_or(rest, |(h, _)| h)
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                authority
+            }
+        })
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if !host.bytes().any(|b| b.is_ascii_uppercase()) || host.len() > buf.len() {
+        return host;
+    }
+    let out = &mut buf[..host.len()];
+    out.copy_from_slice(host.as_bytes());
+    out.make_ascii_lowercase();
+    // Lowercasing ASCII keeps UTF-8 valid.
+    std::str::from_utf8(out).unwrap_or(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_host;
+
+    #[test]
+    fn authority_is_reduced_to_a_lowercase_host() {
+        let mut b = [0u8; 256];
+        assert_eq!(normalize_host("api.openai.com", &mut b), "api.openai.com");
+        let mut b = [0u8; 256];
+        assert_eq!(normalize_host("API.OpenAI.com:443", &mut b), "api.openai.com");
+        let mut b = [0u8; 256];
+        assert_eq!(normalize_host("api.anthropic.com.", &mut b), "api.anthropic.com");
+        let mut b = [0u8; 256];
+        assert_eq!(normalize_host("[::1]:8080", &mut b), "::1");
+    }
+}

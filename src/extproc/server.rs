@@ -1,0 +1,107 @@
+//! Serving the ext_proc service (and gRPC health) on TCP and/or a Unix socket.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use super::{ExtProc, Shared};
+
+/// Buffered bodies can be large; tonic's default 4 MiB decode limit is too small for them.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long in-flight streams get to finish after SIGTERM before the process exits anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listening socket, bound before serving so that callers (and tests) know the address.
+pub enum Bound {
+    Tcp(TcpListener),
+    Uds(UnixListener, PathBuf),
+}
+
+impl Bound {
+    pub async fn tcp(addr: SocketAddr) -> std::io::Result<Bound> {
+        Ok(Bound::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    /// Binds a Unix socket, replacing a stale socket file left by a previous run.
+    pub fn uds(path: &Path) -> std::io::Result<Bound> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            } else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+        }
+        Ok(Bound::Uds(UnixListener::bind(path)?, path.to_path_buf()))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::Tcp(l) => l.local_addr().map(|a| format!("tcp://{a}")).unwrap_or_else(|_| "tcp://?".into()),
+            Bound::Uds(_, p) => format!("unix://{}", p.display()),
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight streams finish (up to [`DRAIN_TIMEOUT`]).
+pub async fn run(shared: Arc<Shared>, listeners: Vec<Bound>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ExternalProcessorServer<ExtProc>>().await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for bound in listeners {
+        tracing::info!(address = %bound.describe(), "ext_proc server listening");
+        let svc = ExternalProcessorServer::new(ExtProc::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let router = Server::builder().tcp_nodelay(true).add_service(health_service.clone()).add_service(svc);
+        let mut rx = stop_rx.clone();
+        let signal = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        servers.spawn(async move {
+            match bound {
+                Bound::Tcp(l) => router.serve_with_incoming_shutdown(TcpListenerStream::new(l), signal).await,
+                Bound::Uds(l, path) => {
+                    let r = router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal).await;
+                    let _ = std::fs::remove_file(path);
+                    r
+                }
+            }
+        });
+    }
+    tokio::select! {
+        _ = shutdown => {
+            tracing::info!("shutting down: no new connections, draining in-flight streams");
+            health_reporter.set_not_serving::<ExternalProcessorServer<ExtProc>>().await;
+            let _ = stop_tx.send(true);
+        }
+        Some(res) = servers.join_next() => {
+            // A server ended on its own: that is an error (e.g. the socket failed).
+            res??;
+            anyhow::bail!("ext_proc server stopped unexpectedly");
+        }
+    }
+    let drain = async {
+        while let Some(res) = servers.join_next().await {
+            res??;
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "streams still open after the drain timeout; exiting anyway");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! What to change in a matched request: the security contract in code.
+//!
+//! Strip every credential the agent sent — any case, duplicates, every known credential header
+//! and key parameter — then write the real one. There is no agent-controlled way to opt out.
+//! This module decides; `extproc::mutation` turns the plan into Envoy's wire format.
+
+pub mod query;
+
+use crate::config::snapshot::{Binding, Credential};
+use crate::provider::PLACEHOLDER;
+
+/// The changes for one request. Borrowed from the snapshot: building it allocates only the
+/// small vectors and, for query targets or stripped parameters, the new path.
+#[derive(Debug, Default)]
+pub struct Plan<'a> {
+    /// Lowercase names of agent headers to remove (all their values).
+    pub remove: Vec<&'a str>,
+    /// The credential header to write, overwriting whatever is there.
+    pub set_header: Option<(&'a str, &'a [u8])>,
+    /// A rewritten `:path`.
+    pub path: Option<String>,
+    /// Names of credential headers (and `?param`s) the agent tried to supply itself.
+    pub smuggled: Vec<String>,
+}
+
+/// Whether a credential value is the placeholder, with or without an auth scheme in front
+/// (`Bearer keyswap-injected-by-proxy`). Empty values carry nothing and count as placeholders.
+pub fn is_placeholder(value: &[u8]) -> bool {
+    let token = value.rsplit(|&b| b == b' ').next().unwrap_or(value);
+    value.is_empty() || token == PLACEHOLDER.as_bytes()
+}
+
+/// Builds the plan for a request that matched `binding`, with `headers` as the agent sent them.
+pub fn plan<'a, 'h>(
+    binding: &'a Binding,
+    credential: &'a Credential,
+    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+    path: &str,
+) -> Plan<'a> {
+    let mut plan = Plan::default();
+    let target = match credential {
+        Credential::Header { name, value, .. } => {
+            plan.set_header = Some((&**name, secrecy::ExposeSecret::expose_secret(value)));
+            Some(&**name)
+        }
+        Credential::Query { .. } => None,
+    };
+    let mut target_seen = 0usize;
+    for (name, value) in headers {
+        let Some(strip) = binding.strip_headers.iter().find(|s| s.eq_ignore_ascii_case(name)) else {
+            continue;
+        };
+        let strip: &'a str = strip;
+        if !is_placeholder(value) {
+            plan.smuggled.push(strip.to_owned());
+        }
+        if Some(strip) == target {
+            // Overwritten in place (OVERWRITE_IF_EXISTS_OR_ADD drops every existing value).
+            target_seen += 1;
+            if target_seen == 2 {
+                plan.smuggled.push(format!("{strip} (duplicate)"));
+            }
+        } else if !plan.remove.contains(&strip) {
+            plan.remove.push(strip);
+        }
+    }
+    let set_param = match credential {
+        Credential::Query { param, value, .. } => Some((&**param, secrecy::ExposeSecret::expose_secret(value))),
+        Credential::Header { .. } => None,
+    };
+    if set_param.is_some() || path.contains('?') {
+        let rw = query::rewrite(path, &binding.strip_query, set_param, |v| is_placeholder(v.as_bytes()));
+        plan.path = rw.path;
+        for _ in 0..rw.smuggled {
+            plan.smuggled.push("?query-parameter".to_owned());
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_placeholder;
+
+    #[test]
+    fn placeholder_is_recognised_with_and_without_scheme() {
+        assert!(is_placeholder(b"keyswap-injected-by-proxy"));
+        assert!(is_placeholder(b"Bearer keyswap-injected-by-proxy"));
+        assert!(is_placeholder(b""));
+        assert!(!is_placeholder(b"Bearer sk-stolen"));
+        assert!(!is_placeholder(b"keyswap-injected-by-proxyX"));
+    }
+}

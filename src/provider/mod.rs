@@ -1,0 +1,214 @@
+//! The provider registry: what keyswap knows about each AI provider.
+//!
+//! One table, read by the compiler (default hosts, default credential, which query
+//! parameters carry keys) and by the request path (where the model sits in the path).
+//! Adding a provider is adding a row to [`REGISTRY`].
+
+use crate::glob;
+
+/// How a provider expects its static key by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderCredential {
+    /// Lowercase header name.
+    pub name: &'static str,
+    /// Written before the secret value, e.g. `Bearer `.
+    pub prefix: &'static str,
+}
+
+/// Where a provider puts the model in the request path, when it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelInPath {
+    /// The model travels in the JSON body (openai, anthropic): not visible at the headers phase.
+    No,
+    /// The path segment after this literal segment, cut at the first `:` (google `models/{m}:generateContent`,
+    /// azure `deployments/{d}/…`, bedrock `model/{id}/converse`).
+    After(&'static str),
+}
+
+/// One known endpoint: a path glob and the GenAI operation it performs.
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoint {
+    pub path: &'static str,
+    pub operation: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Provider {
+    /// The name used in `AIProviderRoute.spec.rules[].matches[].provider` and in telemetry.
+    pub name: &'static str,
+    /// Hosts matched when a route names the provider but lists no hosts. `*` matches one DNS label.
+    pub default_hosts: &'static [&'static str],
+    /// The header a `target: Header` policy writes when it names none. `None`: the policy must say.
+    pub default_header: Option<HeaderCredential>,
+    /// Query parameters this provider accepts keys in; always stripped from agent requests.
+    pub credential_query_params: &'static [&'static str],
+    pub model_in_path: ModelInPath,
+    pub endpoints: &'static [Endpoint],
+}
+
+const OPENAI_ENDPOINTS: &[Endpoint] = &[
+    Endpoint { path: "/v1/chat/completions", operation: "chat" },
+    Endpoint { path: "/v1/responses", operation: "chat" },
+    Endpoint { path: "/v1/completions", operation: "text_completion" },
+    Endpoint { path: "/v1/embeddings", operation: "embeddings" },
+];
+
+pub const REGISTRY: &[Provider] = &[
+    Provider {
+        name: "openai",
+        default_hosts: &["api.openai.com"],
+        default_header: Some(HeaderCredential { name: "authorization", prefix: "Bearer " }),
+        credential_query_params: &[],
+        model_in_path: ModelInPath::No,
+        endpoints: OPENAI_ENDPOINTS,
+    },
+    Provider {
+        name: "anthropic",
+        default_hosts: &["api.anthropic.com"],
+        default_header: Some(HeaderCredential { name: "x-api-key", prefix: "" }),
+        credential_query_params: &[],
+        model_in_path: ModelInPath::No,
+        endpoints: &[Endpoint { path: "/v1/messages", operation: "chat" }],
+    },
+    Provider {
+        name: "google",
+        default_hosts: &["generativelanguage.googleapis.com"],
+        default_header: Some(HeaderCredential { name: "x-goog-api-key", prefix: "" }),
+        credential_query_params: &["key"],
+        model_in_path: ModelInPath::After("models"),
+        endpoints: &[
+            Endpoint { path: "/*:generateContent", operation: "generate_content" },
+            Endpoint { path: "/*:streamGenerateContent", operation: "generate_content" },
+            Endpoint { path: "/*:embedContent", operation: "embeddings" },
+        ],
+    },
+    Provider {
+        name: "azure-openai",
+        default_hosts: &["*.openai.azure.com", "*.cognitiveservices.azure.com"],
+        default_header: Some(HeaderCredential { name: "api-key", prefix: "" }),
+        credential_query_params: &["api-key"],
+        model_in_path: ModelInPath::After("deployments"),
+        endpoints: &[
+            Endpoint { path: "/openai/deployments/*/chat/completions", operation: "chat" },
+            Endpoint { path: "/openai/deployments/*/embeddings", operation: "embeddings" },
+            Endpoint { path: "/openai/v1/chat/completions", operation: "chat" },
+            Endpoint { path: "/openai/v1/responses", operation: "chat" },
+        ],
+    },
+    Provider {
+        name: "bedrock",
+        default_hosts: &["bedrock-runtime.*.amazonaws.com"],
+        // Bedrock API keys are bearer tokens; SigV4 is `target: ProviderAuth`.
+        default_header: Some(HeaderCredential { name: "authorization", prefix: "Bearer " }),
+        credential_query_params: &[],
+        model_in_path: ModelInPath::After("model"),
+        endpoints: &[
+            Endpoint { path: "/model/*/converse", operation: "chat" },
+            Endpoint { path: "/model/*/converse-stream", operation: "chat" },
+            Endpoint { path: "/model/*/invoke", operation: "chat" },
+            Endpoint { path: "/model/*/invoke-with-response-stream", operation: "chat" },
+        ],
+    },
+    Provider {
+        name: "custom",
+        default_hosts: &[],
+        default_header: None,
+        credential_query_params: &[],
+        model_in_path: ModelInPath::No,
+        endpoints: &[],
+    },
+];
+
+/// Headers that carry credentials for some provider or proxy. The agent's copies are always
+/// removed, and telemetry redacts them. The one redaction list: everything else reads it.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "anthropic-api-key",
+    "openai-api-key",
+    "x-goog-api-key",
+    "x-amz-security-token",
+];
+
+/// What the agent is told to send instead of a key.
+pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
+
+pub fn lookup(name: &str) -> Option<&'static Provider> {
+    REGISTRY.iter().find(|p| p.name == name)
+}
+
+pub fn names() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|p| p.name)
+}
+
+impl Provider {
+    /// The model named in `path`, for providers that put it there.
+    pub fn model_from_path<'a>(&self, path: &'a str) -> Option<&'a str> {
+        let ModelInPath::After(segment) = self.model_in_path else {
+            return None;
+        };
+        let path = path.split('?').next().unwrap_or(path);
+        let mut parts = path.split('/');
+        parts.by_ref().find(|p| *p == segment)?;
+        let model = parts.next()?;
+        let model = model.split(':').next().unwrap_or(model);
+        (!model.is_empty()).then_some(model)
+    }
+
+    /// The GenAI operation for a request path, when it is a known endpoint.
+    pub fn operation(&self, path: &str) -> Option<&'static str> {
+        let path = path.split('?').next().unwrap_or(path);
+        self.endpoints
+            .iter()
+            .find(|e| glob::matches(e.path, path, None))
+            .map(|e| e.operation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_provider_is_found_by_name() {
+        for name in ["openai", "anthropic", "google", "azure-openai", "bedrock", "custom"] {
+            assert_eq!(lookup(name).unwrap().name, name);
+        }
+        assert!(lookup("OpenAI").is_none());
+    }
+
+    #[test]
+    fn model_is_read_from_the_path_where_the_provider_puts_it() {
+        let google = lookup("google").unwrap();
+        assert_eq!(
+            google.model_from_path("/v1beta/models/gemini-2.5-pro:generateContent?key=x"),
+            Some("gemini-2.5-pro")
+        );
+        let bedrock = lookup("bedrock").unwrap();
+        assert_eq!(
+            bedrock.model_from_path("/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"),
+            Some("anthropic.claude-3-haiku-20240307-v1%3A0")
+        );
+        let azure = lookup("azure-openai").unwrap();
+        assert_eq!(
+            azure.model_from_path("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
+            Some("gpt4o")
+        );
+        assert_eq!(lookup("openai").unwrap().model_from_path("/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn operations_come_from_the_endpoint_table() {
+        let openai = lookup("openai").unwrap();
+        assert_eq!(openai.operation("/v1/chat/completions"), Some("chat"));
+        assert_eq!(openai.operation("/v1/embeddings?x=1"), Some("embeddings"));
+        assert_eq!(openai.operation("/v1/files"), None);
+        let google = lookup("google").unwrap();
+        assert_eq!(
+            google.operation("/v1beta/models/gemini:streamGenerateContent"),
+            Some("generate_content")
+        );
+    }
+}
