@@ -15,7 +15,8 @@ use crate::extproc::server::{self, Bound};
 use crate::extproc::Shared;
 use crate::telemetry::Metrics;
 
-const ABOUT: &str = "Envoy ext_proc sidecar that replaces an AI agent's placeholder key with the real provider credential";
+const ABOUT: &str =
+    "Envoy ext_proc sidecar that replaces an AI agent's placeholder key with the real provider credential";
 
 const LONG_ABOUT: &str = "\
 keyswap sits beside an Envoy egress gateway. Envoy asks it about every request; keyswap matches
@@ -286,7 +287,11 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             println!("decision: inject");
             println!("  {}", describe_match(entry));
             println!("  policy {}", entry.binding.policy.as_deref().unwrap_or("-"));
-            println!("  writes {} = <redacted> {} (overwrites any value the agent sent)", credential.describe(), credential.fingerprint());
+            println!(
+                "  writes {} = <redacted> {} (overwrites any value the agent sent)",
+                credential.describe(),
+                credential.fingerprint()
+            );
             println!("  strips headers whenever the agent sends them: {}", entry.binding.strip_headers.join(", "));
             if !entry.binding.strip_query.is_empty() {
                 println!("  strips query parameters: {}", entry.binding.strip_query.join(", "));

@@ -4,7 +4,9 @@
 //! Usage: keyswap-noop-extproc (--uds PATH | --listen ADDR)
 #![forbid(unsafe_code)]
 
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{ExternalProcessor, ExternalProcessorServer};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -21,7 +23,10 @@ type RespStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Proce
 impl ExternalProcessor for Noop {
     type ProcessStream = RespStream;
 
-    async fn process(&self, req: GrpcRequest<Streaming<ProcessingRequest>>) -> Result<GrpcResponse<RespStream>, Status> {
+    async fn process(
+        &self,
+        req: GrpcRequest<Streaming<ProcessingRequest>>,
+    ) -> Result<GrpcResponse<RespStream>, Status> {
         let out = req.into_inner().map(|msg| {
             let msg = msg?;
             let response = match msg.request {
@@ -55,9 +60,7 @@ async fn main() -> anyhow::Result<()> {
         "--uds" => {
             let _ = std::fs::remove_file(value);
             let l = tokio::net::UnixListener::bind(value)?;
-            router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), ctrl_c)
-                .await?
+            router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), ctrl_c).await?
         }
         "--listen" => router.serve_with_shutdown(value.parse()?, ctrl_c).await?,
         _ => anyhow::bail!(usage),

@@ -12,9 +12,7 @@ use sha2::{Digest, Sha256};
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{Key, Kind, Object, Resource, SecretData};
 use super::snapshot::{Binding, Credential, MatchEntry, RouteMatcher, SecretUse, Snapshot, Unresolved};
-use crate::api::{
-    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, Target, GROUP,
-};
+use crate::api::{AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, Target, GROUP};
 use crate::provider::{self, Provider, CREDENTIAL_HEADERS};
 
 /// The key a policy reads when it names none.
@@ -75,7 +73,9 @@ impl Catalog {
 
     fn validate(&self, errors: &mut Vec<ConfigError>) {
         for (key, gw) in &self.gateways {
-            let err = |f: &str, m: String| ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, key)).field(f);
+            let err = |f: &str, m: String| {
+                ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, key)).field(f)
+            };
             for (i, host) in gw.spec.allow.iter().enumerate() {
                 if let Err(m) = check_host(host) {
                     errors.push(err(&format!("spec.allow[{i}]"), m));
@@ -92,7 +92,9 @@ impl Catalog {
             }
         }
         for (key, route) in &self.routes {
-            let err = |f: String, m: String| ConfigError::new(m).at(&route.origin).object(label(Kind::AIProviderRoute, key)).field(f);
+            let err = |f: String, m: String| {
+                ConfigError::new(m).at(&route.origin).object(label(Kind::AIProviderRoute, key)).field(f)
+            };
             self.check_parent_refs(&route.spec.parent_refs, key, &[Kind::EgressGateway], &err, errors);
             if route.spec.rules.is_empty() {
                 errors.push(err("spec.rules".into(), "needs at least one rule".into()));
@@ -118,7 +120,10 @@ impl Catalog {
                     }
                     for (i, e) in mt.endpoints.iter().enumerate() {
                         if !e.starts_with('/') || e.contains('?') {
-                            errors.push(err(at(&format!("endpoints[{i}]")), format!("`{e}` must be a path starting with `/`, without a query")));
+                            errors.push(err(
+                                at(&format!("endpoints[{i}]")),
+                                format!("`{e}` must be a path starting with `/`, without a query"),
+                            ));
                         }
                     }
                     if !mt.models.is_empty() && p.model_in_path == provider::ModelInPath::No {
@@ -245,15 +250,19 @@ impl Catalog {
         }
         if catch_all.len() > 1 {
             let names = catch_all.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-            errors.push(ConfigError::new(format!("more than one CredentialInjectionPolicy targets the gateway itself: {names}"))
+            errors.push(
+                ConfigError::new(format!(
+                    "more than one CredentialInjectionPolicy targets the gateway itself: {names}"
+                ))
                 .at(&gw.origin)
-                .object(label(Kind::EgressGateway, gateway)));
+                .object(label(Kind::EgressGateway, gateway)),
+            );
         }
 
         for (rkey, route) in &self.routes {
-            let attached = route.spec.parent_refs.iter().any(|r| {
-                matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway)
-            });
+            let attached = route.spec.parent_refs.iter().any(
+                |r| matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway),
+            );
             if !attached {
                 continue;
             }
@@ -262,9 +271,11 @@ impl Catalog {
                 Some(many) => {
                     let names = many.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
                     errors.push(
-                        ConfigError::new(format!("more than one CredentialInjectionPolicy targets this route: {names}"))
-                            .at(&route.origin)
-                            .object(label(Kind::AIProviderRoute, rkey)),
+                        ConfigError::new(format!(
+                            "more than one CredentialInjectionPolicy targets this route: {names}"
+                        ))
+                        .at(&route.origin)
+                        .object(label(Kind::AIProviderRoute, rkey)),
                     );
                     continue;
                 }
@@ -284,7 +295,9 @@ impl Catalog {
                         Some(pk) => match self.bind(pk, p, &mut secrets) {
                             Ok(b) => b,
                             Err(e) => {
-                                errors.push(e.field(format!("(for route {rkey} rule {r} match {m}, provider {})", p.name)));
+                                errors.push(
+                                    e.field(format!("(for route {rkey} rule {r} match {m}, provider {})", p.name)),
+                                );
                                 continue;
                             }
                         },
@@ -325,15 +338,18 @@ impl Catalog {
     fn bind(&self, pkey: &Key, p: &'static Provider, secrets: &mut Vec<SecretUse>) -> Result<Binding, ConfigError> {
         let pol = &self.policies[pkey];
         let s = &pol.spec;
-        let err = |f: &str, m: String| ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, pkey)).field(f);
+        let err = |f: &str, m: String| {
+            ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, pkey)).field(f)
+        };
         let secret_key = Key::new(pkey.namespace.clone(), s.secret_ref.name.clone());
         let key_name = s.secret_key.clone().unwrap_or_else(|| DEFAULT_SECRET_KEY.into());
         let raw = match self.secrets.get(&secret_key) {
             None => Err(Unresolved::SecretNotFound { secret: secret_key.clone() }),
-            Some(sec) => sec.spec.entries.get(&key_name).ok_or_else(|| Unresolved::KeyNotFound {
-                secret: secret_key.clone(),
-                key: key_name.clone(),
-            }),
+            Some(sec) => sec
+                .spec
+                .entries
+                .get(&key_name)
+                .ok_or_else(|| Unresolved::KeyNotFound { secret: secret_key.clone(), key: key_name.clone() }),
         };
         secrets.push(SecretUse {
             secret: secret_key.clone(),
@@ -348,7 +364,10 @@ impl Catalog {
                     (Some(h), _) => (h.to_ascii_lowercase(), ""),
                     (None, Some(d)) => (d.name.to_owned(), d.prefix),
                     (None, None) => {
-                        return Err(err("spec.headerName", format!("is required: provider `{}` has no default header", p.name)))
+                        return Err(err(
+                            "spec.headerName",
+                            format!("is required: provider `{}` has no default header", p.name),
+                        ))
                     }
                 };
                 let prefix = s.value_prefix.as_deref().unwrap_or(default_prefix);
@@ -369,7 +388,10 @@ impl Catalog {
                     (Some(q), _) => q.clone(),
                     (None, Some(d)) => (*d).to_owned(),
                     (None, None) => {
-                        return Err(err("spec.queryParamName", format!("is required: provider `{}` has no default key parameter", p.name)))
+                        return Err(err(
+                            "spec.queryParamName",
+                            format!("is required: provider `{}` has no default key parameter", p.name),
+                        ))
                     }
                 };
                 let cred = raw.map(|v| Credential::Query {
@@ -379,7 +401,9 @@ impl Catalog {
                 });
                 (cred, None, Some(param))
             }
-            Target::ProviderAuth => return Err(err("spec.target", "ProviderAuth is not supported by this build yet".into())),
+            Target::ProviderAuth => {
+                return Err(err("spec.target", "ProviderAuth is not supported by this build yet".into()))
+            }
         };
         Ok(Binding {
             policy: Some(policy),
@@ -454,7 +478,10 @@ fn check_host(h: &str) -> Result<(), String> {
 
 fn check_header_name(h: &str) -> Result<(), String> {
     const FORBIDDEN: &[&str] = &["host", "content-length", "transfer-encoding", "connection", "te", "upgrade"];
-    if h.is_empty() || h.starts_with(':') || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+    if h.is_empty()
+        || h.starts_with(':')
+        || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
         return Err(format!("`{h}` is not a valid HTTP header name"));
     }
     if FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(h)) {

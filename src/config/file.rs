@@ -46,7 +46,8 @@ impl EnvSecret {
         if [ns, name, key, var].iter().any(|s| s.is_empty()) {
             return Err(format!("`{spec}`: {usage}"));
         }
-        let value = env(var).ok_or_else(|| format!("environment variable {var} (for Secret {ns}/{name} key {key}) is not set"))?;
+        let value = env(var)
+            .ok_or_else(|| format!("environment variable {var} (for Secret {ns}/{name} key {key}) is not set"))?;
         if value.is_empty() || value.contains(['\r', '\n', '\0']) {
             return Err(format!("environment variable {var} is empty or contains CR, LF or NUL"));
         }
@@ -76,7 +77,9 @@ impl FileSource {
                     objects.extend(objs);
                     errors.extend(errs);
                 }
-                Err(e) => errors.push(ConfigError::new(format!("cannot read: {e}")).at(&Origin { file: path, document: 1 })),
+                Err(e) => {
+                    errors.push(ConfigError::new(format!("cannot read: {e}")).at(&Origin { file: path, document: 1 }))
+                }
             }
         }
         self.overlay_env(&mut objects);
@@ -120,7 +123,8 @@ impl FileSource {
 
 /// The manifest files of `dir`, sorted by name.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| ConfigError::new(format!("cannot read configuration directory {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::new(format!("cannot read configuration directory {}: {e}", dir.display())))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())

@@ -48,9 +48,7 @@ impl Key {
     /// Parses `namespace/name`, or `name` in `default`.
     pub fn parse(s: &str) -> Option<Key> {
         match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Some(Key::new(ns, name))
-            }
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Some(Key::new(ns, name)),
             None if !s.is_empty() => Some(Key::new(DEFAULT_NAMESPACE, s)),
             _ => None,
         }
@@ -73,9 +71,7 @@ pub struct SecretData {
 
 impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretData")
-            .field("keys", &self.entries.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
+        f.debug_struct("SecretData").field("keys", &self.entries.keys().collect::<Vec<_>>()).finish_non_exhaustive()
     }
 }
 
@@ -182,7 +178,9 @@ fn parse_object(value: Value, origin: &Origin) -> Result<Option<Object>, ConfigE
         map.remove("status");
         if let Some((k, _)) = map.iter().next() {
             let k = k.as_str().unwrap_or("?").to_owned();
-            return Err(err(ConfigError::new("unknown top-level field; expected apiVersion, kind, metadata, spec").field(k)));
+            return Err(err(
+                ConfigError::new("unknown top-level field; expected apiVersion, kind, metadata, spec").field(k)
+            ));
         }
         let Some(spec) = spec else {
             return Err(err(ConfigError::new("is required").field("spec")));
@@ -344,7 +342,8 @@ mod tests {
 
     #[test]
     fn secret_data_debug_shows_keys_only() {
-        let (objs, _) = parse("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {token: sk-do-not-print}\n");
+        let (objs, _) =
+            parse("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {token: sk-do-not-print}\n");
         let dbg = format!("{objs:?}");
         assert!(dbg.contains("token") && !dbg.contains("sk-do-not-print"), "{dbg}");
     }

@@ -43,7 +43,10 @@ impl GatewaySelector {
                 0 => err("no EgressGateway found in the configuration".into()),
                 _ => {
                     let have = catalog.gateways.keys().map(|k| k.to_string()).collect::<Vec<_>>();
-                    err(format!("several EgressGateways found ({}); choose one with --gateway NAMESPACE/NAME", have.join(", ")))
+                    err(format!(
+                        "several EgressGateways found ({}); choose one with --gateway NAMESPACE/NAME",
+                        have.join(", ")
+                    ))
                 }
             },
         }

@@ -12,7 +12,9 @@ use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
-use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request::Request, ProcessingRequest, ProcessingResponse};
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request::Request, ProcessingRequest, ProcessingResponse,
+};
 use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
@@ -110,7 +112,9 @@ fn handle(shared: &Shared, phase: &mut Phase, msg: ProcessingRequest) -> Result<
             let snapshot = shared.store.load();
             Ok(on_request_headers(&snapshot, &shared.metrics, &headers))
         }
-        (Request::RequestHeaders(_), _) => Err(Status::failed_precondition("request_headers received twice on one stream")),
+        (Request::RequestHeaders(_), _) => {
+            Err(Status::failed_precondition("request_headers received twice on one stream"))
+        }
         (other, Phase::AwaitRequestHeaders) => {
             Err(Status::failed_precondition(format!("{} received before request_headers", phase_name(&other))))
         }
@@ -143,10 +147,7 @@ fn header_bytes(h: &HeaderValue) -> &[u8] {
 }
 
 fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(name))
-        .and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
+    headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
 }
 
 /// The request-headers decision, answered from `snapshot`.
@@ -158,7 +159,8 @@ pub fn on_request_headers(snapshot: &Snapshot, metrics: &Metrics, headers: &[Hea
     match snapshot.decide(authority, path) {
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
-            let plan = inject::plan(binding, credential, headers.iter().map(|h| (h.key.as_str(), header_bytes(h))), path);
+            let plan =
+                inject::plan(binding, credential, headers.iter().map(|h| (h.key.as_str(), header_bytes(h))), path);
             let policy = binding.policy.as_deref().unwrap_or("-");
             if !plan.smuggled.is_empty() {
                 Metrics::inc(&metrics.smuggle_attempts);

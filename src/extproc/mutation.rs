@@ -1,7 +1,9 @@
 //! The one builder of Envoy responses. Header values always go in `raw_value` (Envoy reads only
 //! that), with `OVERWRITE_IF_EXISTS_OR_ADD`; the deprecated `append` stays unset.
 
-use envoy_types::pb::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_response::Response, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
@@ -58,7 +60,8 @@ pub fn response_trailers() -> ProcessingResponse {
 
 /// End the request here with a JSON body; the upstream is never contacted.
 pub fn immediate(status: u16, body: &serde_json::Value, details: &str) -> ProcessingResponse {
-    let headers = HeaderMutation { set_headers: vec![set("content-type", b"application/json")], remove_headers: vec![] };
+    let headers =
+        HeaderMutation { set_headers: vec![set("content-type", b"application/json")], remove_headers: vec![] };
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: i32::from(status) }),

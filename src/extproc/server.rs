@@ -62,7 +62,8 @@ pub async fn run(shared: Arc<Shared>, listeners: Vec<Bound>, shutdown: impl Futu
     let mut servers = tokio::task::JoinSet::new();
     for bound in listeners {
         tracing::info!(address = %bound.describe(), "ext_proc server listening");
-        let svc = ExternalProcessorServer::new(ExtProc::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let svc =
+            ExternalProcessorServer::new(ExtProc::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = Server::builder().tcp_nodelay(true).add_service(health_service.clone()).add_service(svc);
         let mut rx = stop_rx.clone();
         let signal = async move {

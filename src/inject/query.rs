@@ -26,7 +26,12 @@ pub struct Rewrite {
 /// Removes every parameter named in `strip` (compared after percent-decoding, ignoring ASCII
 /// case, so `%6Bey` and `KEY` are caught too) and, when `set` is given, writes it where the
 /// first removed occurrence stood, or at the end. Other parameters keep their bytes and order.
-pub fn rewrite(path: &str, strip: &[Box<str>], set: Option<(&str, &[u8])>, is_placeholder: impl Fn(&str) -> bool) -> Rewrite {
+pub fn rewrite(
+    path: &str,
+    strip: &[Box<str>],
+    set: Option<(&str, &[u8])>,
+    is_placeholder: impl Fn(&str) -> bool,
+) -> Rewrite {
     let (base, query) = match path.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (path, None),

@@ -160,10 +160,7 @@ impl Provider {
     /// The GenAI operation for a request path, when it is a known endpoint.
     pub fn operation(&self, path: &str) -> Option<&'static str> {
         let path = path.split('?').next().unwrap_or(path);
-        self.endpoints
-            .iter()
-            .find(|e| glob::matches(e.path, path, None))
-            .map(|e| e.operation)
+        self.endpoints.iter().find(|e| glob::matches(e.path, path, None)).map(|e| e.operation)
     }
 }
 
@@ -206,9 +203,6 @@ mod tests {
         assert_eq!(openai.operation("/v1/embeddings?x=1"), Some("embeddings"));
         assert_eq!(openai.operation("/v1/files"), None);
         let google = lookup("google").unwrap();
-        assert_eq!(
-            google.operation("/v1beta/models/gemini:streamGenerateContent"),
-            Some("generate_content")
-        );
+        assert_eq!(google.operation("/v1beta/models/gemini:streamGenerateContent"), Some("generate_content"));
     }
 }
