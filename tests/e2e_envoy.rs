@@ -26,7 +26,8 @@ async fn agent_requests_through_envoy_carry_only_the_real_key() {
     assert_eq!(st, 200, "anthropic: {body}\n{}", envoy.output());
     // The anthropic Python SDK 2.x sends the key as a bearer token.
     let (st, _) =
-        send(&c, port, "api.anthropic.com", "/v1/messages", &[("authorization", "Bearer keyswap-injected-by-proxy")]).await;
+        send(&c, port, "api.anthropic.com", "/v1/messages", &[("authorization", "Bearer keyswap-injected-by-proxy")])
+            .await;
     assert_eq!(st, 200);
     let (st, _) = send(
         &c,
@@ -157,7 +158,17 @@ async fn agent_requests_through_envoy_carry_only_the_real_key() {
     assert!(logs.contains("answering 403"), "403 is logged:\n{logs}");
     assert!(logs.contains("ext_proc protocol error"), "protocol errors are logged:\n{logs}");
     let encoded_gemini = "AIza%2BREAL%2F0003%3Ddo%20not%20leak";
-    for secret in [ANTHROPIC_KEY, OPENAI_KEY, GEMINI_KEY, encoded_gemini, CUSTOM_KEY, STOLEN, "REAL-000", "do-not-leak", "do not leak"] {
+    for secret in [
+        ANTHROPIC_KEY,
+        OPENAI_KEY,
+        GEMINI_KEY,
+        encoded_gemini,
+        CUSTOM_KEY,
+        STOLEN,
+        "REAL-000",
+        "do-not-leak",
+        "do not leak",
+    ] {
         assert!(!logs.contains(secret), "keyswap logged a secret fragment `{secret}`:\n{logs}");
     }
 }
@@ -186,7 +197,8 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
             let c = client();
             let mut statuses = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (st, body) = send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+                let (st, body) =
+                    send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
                 statuses.push((st, body));
             }
             statuses
@@ -204,7 +216,13 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
     }
 
     let failed: Vec<_> = statuses.iter().filter(|(st, _)| *st != 200).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed during rotation: {:?}", failed.len(), statuses.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during rotation: {:?}",
+        failed.len(),
+        statuses.len(),
+        failed.first()
+    );
     let seen = fake.seen();
     let keys: Vec<(Instant, String)> = seen.iter().map(|s| (s.at, s.header_str("x-api-key").unwrap())).collect();
     assert!(keys.iter().any(|(_, k)| k == ANTHROPIC_KEY), "traffic flowed before the edit");
@@ -212,8 +230,14 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
     let first_new = keys.iter().filter(|(_, k)| k == NEW_KEY).map(|(t, _)| *t).min().expect("the new key arrived");
     let switch = last_old.saturating_duration_since(written);
     assert!(switch < Duration::from_secs(1), "old key still used {switch:?} after the write");
-    assert!(keys.iter().filter(|(t, _)| *t > first_new).all(|(_, k)| k == NEW_KEY), "keys flip-flopped after the switch");
-    assert!(keys.iter().filter(|(t, _)| *t > written + Duration::from_secs(1)).count() > 10, "traffic continued after the switch");
+    assert!(
+        keys.iter().filter(|(t, _)| *t > first_new).all(|(_, k)| k == NEW_KEY),
+        "keys flip-flopped after the switch"
+    );
+    assert!(
+        keys.iter().filter(|(t, _)| *t > written + Duration::from_secs(1)).count() > 10,
+        "traffic continued after the switch"
+    );
     eprintln!(
         "rotation: {} requests, old key last seen {:?} after the write, new key first seen {:?} after",
         statuses.len(),
@@ -222,7 +246,11 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
     );
 
     // An invalid edit keeps the last good configuration serving, and is logged with file and field.
-    std::fs::write(&secret_file, "apiVersion: v1\nkind: Secret\nmetadata: {name: anthropic}\nstringData: {token: [oops]}\n").unwrap();
+    std::fs::write(
+        &secret_file,
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: anthropic}\nstringData: {token: [oops]}\n",
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let c = client();
     let (st, _) = send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;

@@ -84,7 +84,10 @@ async fn query_target_replaces_the_parameter_and_keeps_the_others_in_order() {
         "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=AIza%2BREAL%2F0003%3Ddo%20not%20leak&x=a%20b"
     );
     let decoded = url_params(new_path.split_once('?').unwrap().1);
-    assert_eq!(decoded, vec![("alt".into(), "sse".into()), ("key".into(), GEMINI_KEY.into()), ("x".into(), "a b".into())]);
+    assert_eq!(
+        decoded,
+        vec![("alt".into(), "sse".into()), ("key".into(), GEMINI_KEY.into()), ("x".into(), "a b".into())]
+    );
 }
 
 #[tokio::test]
@@ -103,7 +106,10 @@ async fn query_target_appends_when_absent_and_removes_every_smuggled_copy() {
     .await;
     let m = mutation(&r);
     let p = set_value(&m, ":path").unwrap();
-    assert_eq!(url_params(p.split_once('?').unwrap().1), vec![("key".into(), GEMINI_KEY.into()), ("a".into(), "1".into())]);
+    assert_eq!(
+        url_params(p.split_once('?').unwrap().1),
+        vec![("key".into(), GEMINI_KEY.into()), ("a".into(), "1".into())]
+    );
     assert_eq!(m.remove_headers, vec!["x-goog-api-key".to_owned()], "header copies go too");
     assert_eq!(Metrics::get(&s.shared.metrics.smuggle_attempts), 1, "one request, counted once");
 }
@@ -117,7 +123,12 @@ async fn smuggled_credentials_are_stripped_in_any_case_and_counted() {
         &[("x-api-key", PLACEHOLDER), ("x-api-key", STOLEN)],
         &[("x-api-key", PLACEHOLDER), ("authorization", "Bearer sk-stolen-by-agent-9999")],
         &[("x-api-key", PLACEHOLDER), ("proxy-authorization", "Basic c3RvbGVu")],
-        &[("Anthropic-Api-Key", STOLEN), ("api-key", STOLEN), ("openai-api-key", STOLEN), ("x-amz-security-token", STOLEN)],
+        &[
+            ("Anthropic-Api-Key", STOLEN),
+            ("api-key", STOLEN),
+            ("openai-api-key", STOLEN),
+            ("x-amz-security-token", STOLEN),
+        ],
     ];
     for (i, extra) in cases.iter().enumerate() {
         let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", extra)).await;
@@ -138,8 +149,11 @@ async fn smuggled_credentials_are_stripped_in_any_case_and_counted() {
 async fn anthropic_sdk_bearer_placeholder_is_stripped_but_not_counted_as_smuggling() {
     let s = start().await;
     let mut c = grpc::connect(s.addr).await;
-    let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[("authorization", "Bearer keyswap-injected-by-proxy")]))
-        .await;
+    let r = grpc::request(
+        &mut c,
+        &req("api.anthropic.com", "/v1/messages", &[("authorization", "Bearer keyswap-injected-by-proxy")]),
+    )
+    .await;
     let m = mutation(&r);
     assert_eq!(set_value(&m, "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
     assert_eq!(m.remove_headers, vec!["authorization".to_owned()]);
@@ -233,7 +247,9 @@ async fn malformed_messages_end_the_stream_with_an_error_and_the_server_keeps_se
     assert!(twice[0].is_ok() && twice[1].is_err(), "{twice:?}");
 
     // Garbage bytes where a protobuf should be: a raw HTTP/2 gRPC call with an undecodable frame.
-    let mut raw = tonic::client::Grpc::new(tonic::transport::Channel::from_shared(format!("http://{}", s.addr)).unwrap().connect().await.unwrap());
+    let mut raw = tonic::client::Grpc::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", s.addr)).unwrap().connect().await.unwrap(),
+    );
     raw.ready().await.unwrap();
     let garbage = tokio_stream::iter(vec![bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0x07, 0x00, 0x01])]);
     let path = http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");

@@ -295,9 +295,8 @@ impl Catalog {
                         Some(pk) => match self.bind(pk, p, &mut secrets) {
                             Ok(b) => b,
                             Err(e) => {
-                                errors.push(
-                                    e.field(format!("(for route {rkey} rule {r} match {m}, provider {})", p.name)),
-                                );
+                                let message = format!("{} (route {rkey} rule {r} match {m})", e.message);
+                                errors.push(ConfigError { message, ..e });
                                 continue;
                             }
                         },
@@ -488,4 +487,127 @@ fn check_header_name(h: &str) -> Result<(), String> {
         return Err(format!("`{h}` cannot carry a credential"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_file;
+    use crate::config::Decision;
+
+    const GW: &str = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\n";
+
+    fn route(name: &str, matches: &str) -> String {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{matches}]}}]\n---\n")
+    }
+
+    fn policy(name: &str, parent: &str, rest: &str) -> String {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{parent}]\n  secretRef: {{name: s}}\n{rest}\n---\n")
+    }
+
+    fn compile(text: &str) -> Result<Snapshot, String> {
+        let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), text);
+        assert!(errs.is_empty(), "{errs:?}");
+        let cat = Catalog::build(objs).map_err(|e| e.to_string())?;
+        cat.compile(&Key::new("default", "egress")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn policy_conflicts_and_bad_references_are_errors() {
+        let two = format!(
+            "{GW}{}{}{}",
+            route("r", "{provider: openai}"),
+            policy("a", "{name: r}", "  target: Header"),
+            policy("b", "{name: r}", "  target: Header")
+        );
+        let e = compile(&two).unwrap_err();
+        assert!(e.contains("more than one CredentialInjectionPolicy targets this route: default/a, default/b"), "{e}");
+
+        let dangling = format!("{GW}{}", policy("a", "{name: nope}", "  target: Header"));
+        let e = compile(&dangling).unwrap_err();
+        assert!(e.contains("field `spec.parentRefs[0]`: AIProviderRoute default/nope does not exist"), "{e}");
+
+        let wrong_kind = format!("{GW}{}", policy("a", "{kind: Secret, name: s}", "  target: Header"));
+        assert!(compile(&wrong_kind).unwrap_err().contains("unknown kind `Secret`"));
+    }
+
+    #[test]
+    fn provider_specific_requirements_are_checked() {
+        let custom = format!(
+            "{GW}{}{}",
+            route("r", "{provider: custom, hosts: [x.test]}"),
+            policy("a", "{name: r}", "  target: Header")
+        );
+        let e = compile(&custom).unwrap_err();
+        assert!(
+            e.contains("CredentialInjectionPolicy default/a: field `spec.headerName`: is required: provider `custom` has no default header (route default/r rule 0 match 0)"),
+            "{e}"
+        );
+
+        let no_hosts = format!("{GW}{}", route("r", "{provider: custom}"));
+        assert!(compile(&no_hosts).unwrap_err().contains("provider `custom` has no default hosts"));
+
+        let models = format!("{GW}{}", route("r", "{provider: openai, models: [gpt-4o]}"));
+        assert!(compile(&models).unwrap_err().contains("sends the model in the request body"));
+
+        let auth = format!(
+            "{GW}{}{}",
+            route("r", "{provider: bedrock}"),
+            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}")
+        );
+        assert!(compile(&auth)
+            .unwrap_err()
+            .contains("ProviderAuth (AWSv4, GCPServiceAccount) is not supported by this build yet"));
+
+        let header = format!(
+            "{GW}{}{}",
+            route("r", "{provider: openai}"),
+            policy("a", "{name: r}", "  target: Header\n  headerName: \"bad header\"")
+        );
+        assert!(compile(&header).unwrap_err().contains("is not a valid HTTP header name"));
+    }
+
+    #[test]
+    fn catch_all_policy_on_the_gateway_binds_every_route_with_each_providers_header() {
+        let text = format!(
+            "{GW}{}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData: {{token: k}}\n",
+            route("a", "{provider: anthropic}"),
+            route("o", "{provider: openai}"),
+            policy("all", "{kind: EgressGateway, name: egress}", "  target: Header"),
+        );
+        let snap = compile(&text).unwrap();
+        let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/x") else { panic!() };
+        assert_eq!(credential.value(), b"Bearer k");
+        let Decision::Inject { credential, .. } = snap.decide("api.anthropic.com", "/v1/messages") else { panic!() };
+        assert_eq!(credential.value(), b"k");
+        assert!(format!("{credential:?}").contains("<redacted>"));
+    }
+
+    #[test]
+    fn a_route_without_any_policy_fails_closed() {
+        let snap = compile(&format!("{GW}{}", route("r", "{provider: anthropic}"))).unwrap();
+        assert!(matches!(
+            snap.decide("api.anthropic.com", "/"),
+            Decision::FailClosed { reason: Unresolved::NoPolicy, .. }
+        ));
+        assert!(matches!(snap.decide("other.test", "/"), Decision::Deny));
+    }
+
+    #[test]
+    fn wildcard_hosts_and_models_in_the_path_match() {
+        let text = format!(
+            "{GW}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData: {{token: k}}\n",
+            route("az", "{provider: azure-openai, models: [gpt-4o*]}"),
+            policy("p", "{name: az}", "  target: Header"),
+        );
+        let snap = compile(&text).unwrap();
+        let d = snap.decide("myres.openai.azure.com", "/openai/deployments/gpt-4o-mini/chat/completions?api-version=1");
+        let Decision::Inject { credential, .. } = d else { panic!("{d:?}") };
+        assert_eq!(credential.describe(), "header `api-key`");
+        assert!(matches!(
+            snap.decide("myres.openai.azure.com", "/openai/deployments/o1/chat/completions"),
+            Decision::Deny
+        ));
+        assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x"), Decision::Deny));
+    }
 }

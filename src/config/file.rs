@@ -83,10 +83,15 @@ impl FileSource {
             }
         }
         self.overlay_env(&mut objects);
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        // Validate what did parse too, so one pass reports every problem.
+        match Catalog::build(objects) {
+            Ok(catalog) if errors.is_empty() => Ok(catalog),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(more) => {
+                errors.extend(more.0);
+                Err(ConfigErrors(errors))
+            }
         }
-        Catalog::build(objects)
     }
 
     fn overlay_env(&self, objects: &mut Vec<Object>) {

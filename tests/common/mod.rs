@@ -411,7 +411,8 @@ impl FakeProvider {
                         let f = f.clone();
                         async move { Ok::<_, Infallible>(f.handle(req)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -466,9 +467,8 @@ pub fn url_params(q: &str) -> Vec<(String, String)> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let (k, v) = s.split_once('=').unwrap_or((s, ""));
-            let dec = |x: &str| {
-                percent_encoding::percent_decode_str(&x.replace('+', " ")).decode_utf8_lossy().into_owned()
-            };
+            let dec =
+                |x: &str| percent_encoding::percent_decode_str(&x.replace('+', " ")).decode_utf8_lossy().into_owned();
             (dec(k), dec(v))
         })
         .collect()
@@ -548,19 +548,28 @@ pub mod grpc {
     }
 
     pub fn response_headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
-        let ProcessingRequest { request: Some(Request::RequestHeaders(h)), .. } = headers(pairs) else { unreachable!() };
+        let ProcessingRequest { request: Some(Request::RequestHeaders(h)), .. } = headers(pairs) else {
+            unreachable!()
+        };
         ProcessingRequest { request: Some(Request::ResponseHeaders(h)), ..Default::default() }
     }
 
     pub fn body(bytes: &[u8]) -> ProcessingRequest {
         ProcessingRequest {
-            request: Some(Request::RequestBody(HttpBody { body: bytes.to_vec(), end_of_stream: true, ..Default::default() })),
+            request: Some(Request::RequestBody(HttpBody {
+                body: bytes.to_vec(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
             ..Default::default()
         }
     }
 
     /// Sends `msgs` on one stream, half-closes, and collects every answer until the stream ends.
-    pub async fn exchange(client: &mut Client, msgs: Vec<ProcessingRequest>) -> Vec<Result<ProcessingResponse, tonic::Status>> {
+    pub async fn exchange(
+        client: &mut Client,
+        msgs: Vec<ProcessingRequest>,
+    ) -> Vec<Result<ProcessingResponse, tonic::Status>> {
         let mut out = Vec::new();
         let mut stream = match client.process(tokio_stream::iter(msgs)).await {
             Ok(r) => r.into_inner(),

@@ -1,0 +1,171 @@
+//! The command line as an operator uses it: `check`, `explain`, `--help`, startup errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn keyswap(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap")).args(args).env("RUST_LOG", "debug").output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_no_secrets(text: &str) {
+    for s in [ANTHROPIC_KEY, OPENAI_KEY, GEMINI_KEY, CUSTOM_KEY, "do-not-leak", "do not leak"] {
+        assert!(!text.contains(s), "secret `{s}` printed:\n{text}");
+    }
+}
+
+#[test]
+fn check_prints_the_compiled_configuration_with_fingerprints_only() {
+    let dir = config_dir();
+    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_no_secrets(&out);
+    assert_no_secrets(&err);
+    assert!(
+        out.contains("EgressGateway default/egress (defaultPolicy: deny-all, allow: allowed.example.com)"),
+        "{out}"
+    );
+    assert!(out.contains("policy default/anthropic-key: writes header `x-api-key` = <redacted> sha256:"), "{out}");
+    assert!(out.contains(&keyswap::config::fingerprint(ANTHROPIC_KEY.as_bytes())), "{out}");
+    assert!(out.contains("policy default/gemini-key: writes query parameter `key` = <redacted>"), "{out}");
+    assert!(out.contains("UNRESOLVED (SecretNotFound): Secret default/does-not-exist not found"), "{out}");
+    // The standard config deliberately has two unresolvable routes: check says so and fails.
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(err.contains("2 route match(es) have no usable credential"), "{err}");
+}
+
+#[test]
+fn check_passes_on_the_shipped_examples() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/examples");
+    let (code, out, err) = keyswap(&["check", "--config", examples]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.ends_with("OK\n"), "{out}");
+}
+
+#[test]
+fn check_names_file_object_and_field_for_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: egress}
+spec: {defaultPolicy: deny-some}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: opnai}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: p}
+spec:
+  parentRefs: [{name: r}]
+  secretRef: {name: s, namespace: other-team}
+  target: Header
+"#,
+    )
+    .unwrap();
+    let (code, _, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let file = dir.path().join("bad.yaml");
+    let file = file.display();
+    assert!(
+        err.contains(&format!(
+            "{file}: EgressGateway default/egress: field `spec.defaultPolicy`: unknown variant `deny-some`"
+        )),
+        "{err}"
+    );
+    // The gateway failed to parse, so the route's parent is missing too; both are reported.
+    assert!(
+        err.contains("AIProviderRoute default/r: field `spec.rules[0].matches[0].provider`: unknown provider `opnai`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("CredentialInjectionPolicy default/p: field `spec.secretRef.namespace`: is not allowed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_shows_route_policy_and_target_or_the_denial() {
+    let dir = config_dir();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, _) =
+        keyswap(&["explain", "--config", d, "--host", "api.openai.com", "--path", "/v1/chat/completions"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("decision: inject"), "{out}");
+    assert!(out.contains("route default/openai"), "{out}");
+    assert!(out.contains("policy default/openai-key"), "{out}");
+    assert!(out.contains("writes header `authorization` = <redacted>"), "{out}");
+    assert_no_secrets(&out);
+
+    let (_, out, _) = keyswap(&["explain", "-c", d, "--host", "evil.example.com", "--path", "/?key=sk-agent"]);
+    assert!(out.contains("decision: 403"), "{out}");
+    assert!(!out.contains("sk-agent"), "query values are not echoed: {out}");
+
+    let (_, out, _) = keyswap(&["explain", "-c", d, "--host", "missing-key.test"]);
+    assert!(out.contains("decision: 503 (fail closed): Secret default/anthropic has no key `not-there`"), "{out}");
+
+    let (_, out, _) = keyswap(&["explain", "-c", d, "--host", "allowed.example.com"]);
+    assert!(out.contains("pass through untouched (no route; allowed by allow-list)"), "{out}");
+}
+
+#[test]
+fn secret_from_env_fills_a_missing_secret_and_never_prints_it() {
+    let dir = config_dir();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["explain", "-c", dir.path().to_str().unwrap(), "--host", "missing-secret.test"])
+        .args(["--secret-from-env", "does-not-exist/token=KS_TEST_KEY"])
+        .env("KS_TEST_KEY", "sk-from-env-do-not-leak")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("decision: inject"), "{text}");
+    assert!(text.contains(&keyswap::config::fingerprint(b"sk-from-env-do-not-leak")), "{text}");
+    assert!(!text.contains("sk-from-env"), "{text}");
+
+    let (code, _, err) =
+        keyswap(&["check", "-c", dir.path().to_str().unwrap(), "--secret-from-env", "x/token=KS_UNSET_VAR"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("KS_UNSET_VAR") && err.contains("not set"), "{err}");
+}
+
+#[test]
+fn serve_refuses_to_start_on_an_invalid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("x.yaml"),
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: g}\nspec: {bogus: 1}\n",
+    )
+    .unwrap();
+    let (code, _, err) = keyswap(&["serve", "-c", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot start")
+            && err.contains("EgressGateway default/g: field `spec.bogus`: unknown field `bogus`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_explains_every_command() {
+    let (code, out, _) = keyswap(&["--help"]);
+    assert_eq!(code, 0);
+    for cmd in ["serve", "check", "explain"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let (_, out, _) = keyswap(&["serve", "--help"]);
+    for flag in ["--config", "--listen", "--uds", "--gateway", "--secret-from-env", "--log-format"] {
+        assert!(out.contains(flag), "serve --help lacks {flag}:\n{out}");
+    }
+}
