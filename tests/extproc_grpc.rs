@@ -308,3 +308,45 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
+
+#[tokio::test]
+async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
+    let dir = config_dir();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
+    let shared = Arc::new(Shared { store: Arc::new(ArcSwap::from_pointee(snapshot)), metrics: Arc::default() });
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(shared, vec![bound], async {
+        let _ = stop_rx.await;
+    }));
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let service = "envoy.service.ext_proc.v3.ExternalProcessor";
+    let st = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap();
+    assert_eq!(st.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // A stream in flight: request headers answered, response headers still to come.
+    let mut c =
+        envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(grpc::headers(&req("api.anthropic.com", "/v1/messages", &[]))).await.unwrap();
+    let mut answers = c.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    use tokio_stream::StreamExt;
+    let first = answers.next().await.unwrap().unwrap();
+    assert_eq!(set_value(&mutation(&first), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+
+    stop_tx.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!server.is_finished(), "the server waits for the open stream");
+    tx.send(grpc::response_headers(&[(":status", "200")])).await.unwrap();
+    let second = answers.next().await.unwrap();
+    assert!(second.is_ok(), "in-flight stream answered after shutdown began: {second:?}");
+    drop(tx);
+    assert!(answers.next().await.is_none());
+    let res =
+        tokio::time::timeout(std::time::Duration::from_secs(5), server).await.expect("server stops after the drain");
+    res.unwrap().unwrap();
+}
