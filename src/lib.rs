@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod envoy;
 pub mod extproc;
 pub mod glob;
 pub mod inject;

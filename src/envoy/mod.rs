@@ -1,0 +1,381 @@
+//! Envoy bootstrap generation for one EgressGateway.
+//!
+//! ```text
+//! agent ─CONNECT host:443─► proxy listener ─(routed host)──► internal listener keyswap_tls_terminate
+//!                            │                               tls_inspector, leaf cert (SDS file)
+//!                            │                               HCM: ext_proc (fail closed) → router
+//!                            │                               └► provider cluster: TLS, SNI, SAN check
+//!                            ├─(allowed host / allow-all)─► dynamic forward proxy, raw tunnel
+//!                            └─(anything else)────────────► 403; plain HTTP ► 403
+//! agent ─TLS (redirected)─► HTTPS listener: same TLS chain as the internal listener
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::api::{DefaultPolicy, EgressGatewaySpec, ListenerProtocol, TlsMode};
+use crate::certs;
+use crate::config::{Key, Snapshot};
+
+/// Debian's (and most distributions') system CA bundle.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The port of the explicit proxy when the gateway lists no listener.
+pub const DEFAULT_PROXY_PORT: u16 = 10000;
+const INTERNAL_TLS: &str = "keyswap_tls_terminate";
+const LEAF_SECRET: &str = "keyswap_leaf";
+
+/// Where Envoy reaches keyswap's ext_proc server.
+#[derive(Clone, Debug)]
+pub enum ExtProcAddress {
+    Uds(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// `--upstream HOST=ADDR[,ca=FILE]`: send a provider host somewhere else (tests, air-gapped setups).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamOverride {
+    pub host: String,
+    /// `IP:PORT` or `NAME:PORT`.
+    pub address: String,
+    pub ca: Option<PathBuf>,
+}
+
+impl std::str::FromStr for UpstreamOverride {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("`{s}`: expected HOST=ADDR:PORT[,ca=FILE]");
+        let (host, rest) = s.split_once('=').ok_or_else(usage)?;
+        let mut parts = rest.split(',');
+        let address = parts.next().filter(|a| !a.is_empty()).ok_or_else(usage)?.to_owned();
+        let port_ok = address.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if host.is_empty() || !port_ok {
+            return Err(usage());
+        }
+        let mut ca = None;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("ca", f)) if !f.is_empty() => ca = Some(PathBuf::from(f)),
+                _ => return Err(usage()),
+            }
+        }
+        Ok(UpstreamOverride { host: host.to_ascii_lowercase(), address, ca })
+    }
+}
+
+pub struct Options<'a> {
+    pub extproc: ExtProcAddress,
+    pub upstreams: &'a [UpstreamOverride],
+    pub certs: &'a certs::GatewayCerts,
+    /// Envoy's admin interface, always on 127.0.0.1. Port 0 picks a free one.
+    pub admin_port: u16,
+    /// Address the gateway's listeners bind to.
+    pub bind: std::net::IpAddr,
+    pub system_ca: PathBuf,
+}
+
+/// A gateway listener's name and port.
+pub type NamedPort = (String, u16);
+
+/// The listener ports a gateway exposes: explicit proxies (CONNECT/HTTP) and TLS (redirected).
+pub fn ports(spec: &EgressGatewaySpec) -> Result<(Vec<NamedPort>, Vec<NamedPort>), String> {
+    let (mut proxy, mut tls) = (Vec::new(), Vec::new());
+    for l in &spec.listeners {
+        match (l.protocol, l.tls.as_ref().map(|t| t.mode)) {
+            (ListenerProtocol::Connect | ListenerProtocol::Http, _) => proxy.push((l.name.clone(), l.port)),
+            (ListenerProtocol::Https, None | Some(TlsMode::Terminate)) => tls.push((l.name.clone(), l.port)),
+            (ListenerProtocol::Https, Some(TlsMode::Passthrough)) => {
+                return Err(format!("listener `{}`: tls.mode Passthrough is not supported by this build yet", l.name))
+            }
+        }
+    }
+    if proxy.is_empty() && tls.is_empty() {
+        proxy.push(("proxy".into(), DEFAULT_PROXY_PORT));
+    }
+    Ok((proxy, tls))
+}
+
+/// The SDS file Envoy watches for the leaf certificate; rewritten atomically on renewal.
+pub fn leaf_sds(certs: &certs::GatewayCerts) -> Value {
+    json!({"resources": [{
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+        "name": LEAF_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"filename": abs(&certs.leaf_cert)},
+            "private_key": {"filename": abs(&certs.leaf_key)},
+        },
+    }]})
+}
+
+pub fn leaf_sds_path(certs: &certs::GatewayCerts) -> PathBuf {
+    certs.dir.join("leaf-sds.yaml")
+}
+
+/// Writes the SDS file next to the certificates (atomically).
+pub fn write_leaf_sds(certs: &certs::GatewayCerts) -> std::io::Result<PathBuf> {
+    let path = leaf_sds_path(certs);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, to_yaml(&leaf_sds(certs)))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn abs(p: &Path) -> String {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+}
+
+pub fn to_yaml(v: &Value) -> String {
+    serde_yaml_ng::to_string(v).unwrap_or_default()
+}
+
+fn cluster_name(host: &str) -> String {
+    format!("provider_{}", host.replace(['.', '*'], "_"))
+}
+
+/// The bootstrap for `gateway`.
+pub fn bootstrap(
+    gateway: &Key,
+    spec: &EgressGatewaySpec,
+    snap: &Snapshot,
+    opts: &Options<'_>,
+) -> Result<Value, String> {
+    let (proxy_ports, tls_ports) = ports(spec)?;
+    // Hosts keyswap terminates TLS for: the routed hosts a certificate can name.
+    let routed: Vec<String> = opts.certs.hosts.clone();
+    let exact: Vec<&String> = routed.iter().filter(|h| !h.starts_with("*.")).collect();
+    let wildcard: Vec<&String> = routed.iter().filter(|h| h.starts_with("*.")).collect();
+    let allow: Vec<String> = snap.allow.iter().map(|h| h.to_string()).filter(|h| !routed.contains(h)).collect();
+    let allow_all = snap.default_policy == DefaultPolicy::AllowAll;
+    let tunnel = allow_all || !allow.is_empty();
+    for o in opts.upstreams {
+        if !exact.iter().any(|h| **h == o.host) {
+            return Err(format!("--upstream {}: no route of gateway {gateway} matches that host exactly", o.host));
+        }
+    }
+
+    let dns_cache = json!({"name": "keyswap_dns", "dns_lookup_family": "V4_PREFERRED"});
+    let dfp_filter = json!({
+        "name": "envoy.filters.http.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+            "dns_cache_config": dns_cache,
+        },
+    });
+    let router = json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
+    let refuse_plain = json!({"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {
+        "inline_string": "keyswap gateway: plain HTTP is not forwarded; use HTTPS through this proxy (CONNECT)\n"}}});
+    let connect_to = |cluster: &str| {
+        json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster,
+            "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}})
+    };
+
+    // === explicit proxy ===
+    let mut proxy_vhosts = Vec::new();
+    if !routed.is_empty() {
+        proxy_vhosts.push(json!({"name": "routed", "domains": routed,
+            "routes": [connect_to(INTERNAL_TLS), refuse_plain.clone()]}));
+    }
+    if !allow.is_empty() && !allow_all {
+        proxy_vhosts.push(json!({"name": "allowed", "domains": allow,
+            "routes": [connect_to("keyswap_tunnel"), refuse_plain.clone()]}));
+    }
+    let fallback = if allow_all {
+        connect_to("keyswap_tunnel")
+    } else {
+        json!({"match": {"connect_matcher": {}}, "direct_response": {"status": 403}})
+    };
+    proxy_vhosts.push(json!({"name": "default", "domains": ["*"], "routes": [fallback, refuse_plain]}));
+    let mut proxy_filters = Vec::new();
+    if tunnel {
+        proxy_filters.push(dfp_filter.clone());
+    }
+    proxy_filters.push(router.clone());
+    let proxy_listener = |name: &str, port: u16| {
+        json!({
+            "name": format!("proxy_{name}"),
+            "address": {"socket_address": {"address": opts.bind.to_string(), "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": format!("proxy_{name}"),
+                    "strip_any_host_port": true,
+                    "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                    "http_filters": proxy_filters,
+                    "route_config": {"name": "proxy", "virtual_hosts": proxy_vhosts},
+                },
+            }]}],
+        })
+    };
+
+    // === TLS termination (internal listener, and redirected TLS listeners) ===
+    let ext_proc = json!({
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"}},
+            "failure_mode_allow": false,
+            "allow_mode_override": true,
+            "message_timeout": "2s",
+            "max_message_timeout": "10s",
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    });
+    let mut tls_vhosts: Vec<Value> = exact
+        .iter()
+        .map(|h| {
+            json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
+                "route": {"cluster": cluster_name(h), "timeout": "600s"}}]})
+        })
+        .collect();
+    if !wildcard.is_empty() {
+        tls_vhosts.push(json!({"name": "wildcard", "domains": wildcard, "routes": [{"match": {"prefix": "/"},
+            "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]}));
+    }
+    tls_vhosts.push(json!({"name": "misdirected", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+        "direct_response": {"status": 421, "body": {"inline_string": "keyswap gateway: no route for this host\n"}}}]}));
+    let mut tls_filters = vec![ext_proc];
+    if !wildcard.is_empty() {
+        tls_filters.push(dfp_filter.clone());
+    }
+    tls_filters.push(router);
+    let sds_path = abs(&leaf_sds_path(opts.certs));
+    let tls_chain = json!({
+        "filter_chain_match": {"server_names": routed},
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificate_sds_secret_configs": [{"name": LEAF_SECRET, "sds_config": {
+                    "path_config_source": {"path": sds_path, "watched_directory": {"path": abs(&opts.certs.dir)}},
+                    "resource_api_version": "V3"}}],
+            },
+        }},
+        "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "tls",
+                "strip_any_host_port": true,
+                "http_filters": tls_filters,
+                "route_config": {"name": "providers", "virtual_hosts": tls_vhosts},
+            },
+        }],
+    });
+    let tls_inspector = json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
+
+    let mut listeners: Vec<Value> = proxy_ports.iter().map(|(n, p)| proxy_listener(n, *p)).collect();
+    listeners.push(json!({"name": INTERNAL_TLS, "internal_listener": {}, "listener_filters": tls_inspector,
+        "filter_chains": [tls_chain.clone()]}));
+    for (name, port) in &tls_ports {
+        listeners.push(json!({
+            "name": format!("tls_{name}"),
+            "address": {"socket_address": {"address": opts.bind.to_string(), "port_value": port}},
+            "listener_filters": tls_inspector, "filter_chains": [tls_chain.clone()]}));
+    }
+
+    // === clusters ===
+    let keyswap_address = match &opts.extproc {
+        ExtProcAddress::Uds(p) => json!({"pipe": {"path": abs(p)}}),
+        ExtProcAddress::Tcp(a) => json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}),
+    };
+    let mut clusters = vec![
+        json!({
+            "name": "keyswap", "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}},
+            "load_assignment": {"cluster_name": "keyswap", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": keyswap_address}}]}]},
+        }),
+        json!({
+            "name": INTERNAL_TLS, "type": "STATIC",
+            "load_assignment": {"cluster_name": INTERNAL_TLS, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"envoy_internal_address": {"server_listener_name": INTERNAL_TLS}}}}]}]},
+        }),
+    ];
+    for host in &exact {
+        let over = opts.upstreams.iter().find(|o| &o.host == *host);
+        let (addr, port) = match over {
+            Some(o) => {
+                let (a, p) = o.address.rsplit_once(':').expect("validated");
+                (a.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().expect("validated"))
+            }
+            None => ((*host).clone(), 443),
+        };
+        let static_ip = addr.parse::<std::net::IpAddr>().is_ok();
+        let ca = over.and_then(|o| o.ca.as_deref()).map(abs).unwrap_or_else(|| abs(&opts.system_ca));
+        clusters.push(json!({
+            "name": cluster_name(host),
+            "type": if static_ip { "STATIC" } else { "LOGICAL_DNS" },
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": "5s",
+            "load_assignment": {"cluster_name": cluster_name(host), "endpoints": [{"lb_endpoints": [{"endpoint":
+                {"address": {"socket_address": {"address": addr, "port_value": port}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}]}},
+            }},
+        }));
+    }
+    let dfp_cluster = |name: &str, tls: bool| {
+        let mut c = json!({
+            "name": name, "connect_timeout": "5s", "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {"name": "envoy.clusters.dynamic_forward_proxy", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                "dns_cache_config": dns_cache}},
+        });
+        if tls {
+            c["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": abs(&opts.system_ca)}}}}});
+            c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                "explicit_http_config": {"http_protocol_options": {}}}});
+        }
+        c
+    };
+    if !wildcard.is_empty() {
+        clusters.push(dfp_cluster("keyswap_dynamic_tls", true));
+    }
+    if tunnel {
+        clusters.push(dfp_cluster("keyswap_tunnel", false));
+    }
+
+    Ok(json!({
+        "node": {"id": format!("keyswap-{}-{}", gateway.namespace, gateway.name), "cluster": "keyswap"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.admin_port}}},
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"}}],
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamOverride;
+
+    #[test]
+    fn upstream_overrides_parse() {
+        let o: UpstreamOverride = "API.anthropic.com=127.0.0.1:8443,ca=/tmp/ca.pem".parse().unwrap();
+        assert_eq!(o.host, "api.anthropic.com");
+        assert_eq!(o.address, "127.0.0.1:8443");
+        assert_eq!(o.ca.as_deref(), Some(std::path::Path::new("/tmp/ca.pem")));
+        assert!("x=127.0.0.1".parse::<UpstreamOverride>().is_err());
+        assert!("x=127.0.0.1:1,cb=f".parse::<UpstreamOverride>().is_err());
+        assert!("=a:1".parse::<UpstreamOverride>().is_err());
+    }
+}
