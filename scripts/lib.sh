@@ -17,7 +17,16 @@ ensure_envoy() {
   export ENVOY_BIN
 }
 
-# Debian packages the tests call (curl).
+# Python packages the tests use as agents (the official SDKs).
+ensure_pip() {
+  local missing=()
+  for mod in "$@"; do python3 -c "import $mod" 2>/dev/null || missing+=("$mod"); done
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "==> installing ${missing[*]} (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+}
+
+# Debian packages the tests call (curl, openssl).
 ensure_debs() {
   local missing=()
   for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done

