@@ -948,7 +948,13 @@ fn main() {
             let log = dir.join(format!("sidecar-{}.log", kind.tag()));
             let mut proc = if kind == Kind::Keyswap {
                 let mut cmd = Command::new(keyswap_bin);
-                cmd.arg("serve").arg("--config").arg(&ks_config).arg("--uds").arg(uds).env("RUST_LOG", "warn");
+                cmd.arg("serve")
+                    .arg("--config")
+                    .arg(&ks_config)
+                    .arg("--uds")
+                    .arg(uds)
+                    .args(["--metrics", "127.0.0.1:0"])
+                    .env("RUST_LOG", "warn");
                 Proc::spawn("keyswap", &mut cmd, log)
             } else {
                 let mut cmd = Command::new(noop_bin);

@@ -125,6 +125,9 @@ pub struct DevArgs {
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
+    /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +154,13 @@ pub struct ServeArgs {
     /// Unix socket path for the gRPC server (what Envoy uses in a sidecar). A stale socket is replaced.
     #[arg(long, value_name = "PATH")]
     pub uds: Option<PathBuf>,
+    /// Admin HTTP address: /metrics (Prometheus), /healthz, /readyz. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
+    /// Finished spans that may wait for the OTLP exporter; beyond this they are dropped (and
+    /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
+    #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
+    pub span_queue: usize,
 }
 
 #[derive(Debug, Args)]
@@ -240,7 +250,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
             listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
         }
-        run_extproc(source, snapshot, listeners, shutdown_signal()).await
+        run_extproc(source, snapshot, listeners, args.metrics, args.span_queue, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -251,17 +261,58 @@ async fn run_extproc(
     source: Arc<FileSource>,
     snapshot: Snapshot,
     listeners: Vec<Bound>,
+    metrics_addr: SocketAddr,
+    span_queue: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     log_changes(None, &snapshot);
+    let metrics = Arc::new(Metrics::default());
+    let tx = match crate::telemetry::export::settings(snapshot.otlp.as_ref(), |k| std::env::var(k).ok())
+        .map_err(anyhow::Error::msg)?
+    {
+        Some(settings) => {
+            let exporter = crate::telemetry::export::build(&settings).map_err(anyhow::Error::msg)?;
+            tracing::info!(exporter = %settings, "tracing on: one span per transaction");
+            Some(crate::telemetry::span::spawn_exporter(exporter, metrics.clone(), span_queue.max(1)))
+        }
+        None => {
+            tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
+            None
+        }
+    };
     // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
-    let selector = GatewaySelector::Named(snapshot.gateway.clone());
+    let gateway = snapshot.gateway.clone();
+    let selector = GatewaySelector::Named(gateway.clone());
     let store = Arc::new(ArcSwap::from_pointee(snapshot));
-    let _watch = file::watch(source.clone(), selector, store.clone(), |_| {}).map_err(anyhow::Error::msg)?;
+    let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("ok".into()));
+    let lr = last_reload.clone();
+    let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
+        let text = match res {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
+        };
+        *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    })
+    .map_err(anyhow::Error::msg)?;
     tracing::info!(dir = %source.dir.display(), "watching configuration directory");
-    let shared = Arc::new(Shared { store, metrics: Arc::new(Metrics::default()) });
-    server::run(shared, listeners, shutdown).await
+    let admin = tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {metrics_addr} for /metrics: {e} (choose another with --metrics)")
+    })?;
+    tracing::info!(address = %admin.local_addr()?, "admin endpoints: /metrics /healthz /readyz");
+    let ready = Arc::new(move || {
+        let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (true, format!("gateway {gateway} loaded; last reload: {last}"))
+    });
+    let admin_task = tokio::spawn(crate::telemetry::admin::serve(admin, metrics.clone(), ready));
+    let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
+    let shared = Arc::new(Shared { store, metrics, sink });
+    let result = server::run(shared, listeners, shutdown).await;
+    admin_task.abort();
+    result
 }
+
+/// Finished spans waiting for export; beyond this they are dropped and counted.
+const SPAN_QUEUE: usize = 4096;
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -548,7 +599,7 @@ fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let listeners = vec![Bound::uds(&uds).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run_extproc(source, snapshot, listeners, async {
+        let server = tokio::spawn(run_extproc(source, snapshot, listeners, args.metrics, SPAN_QUEUE, async {
             let _ = stop_rx.await;
         }));
         let log = std::fs::File::create(work.join("envoy.log"))?;

@@ -23,7 +23,7 @@ struct Server {
 async fn start() -> Server {
     let dir = config_dir();
     let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).expect("valid config");
-    let shared = Arc::new(Shared { store: Arc::new(ArcSwap::from_pointee(snapshot)), metrics: Arc::default() });
+    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
     let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let Bound::Tcp(l) = &bound else { unreachable!() };
     let addr = l.local_addr().unwrap();
@@ -313,7 +313,7 @@ impl tonic::codec::Decoder for RawCodec {
 async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
     let dir = config_dir();
     let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
-    let shared = Arc::new(Shared { store: Arc::new(ArcSwap::from_pointee(snapshot)), metrics: Arc::default() });
+    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
     let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let Bound::Tcp(l) = &bound else { unreachable!() };
     let addr = l.local_addr().unwrap();

@@ -54,7 +54,12 @@ struct Dev {
 
 fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args(["--admin-port", "0"]);
+    cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args([
+        "--admin-port",
+        "0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     for u in upstreams {
         cmd.arg("--upstream").arg(u);
     }

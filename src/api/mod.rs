@@ -86,7 +86,7 @@ pub enum TlsMode {
     Passthrough,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Otlp {
     #[serde(default)]
@@ -95,6 +95,17 @@ pub struct Otlp {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub capture_body: Option<CaptureBody>,
+}
+
+/// Header values may authenticate to the collector: `Debug` shows names only.
+impl std::fmt::Debug for Otlp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Otlp")
+            .field("endpoint", &self.endpoint)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("capture_body", &self.capture_body)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -235,6 +235,7 @@ impl Catalog {
         let mut errors = Vec::new();
         let mut entries = Vec::new();
         let mut secrets: Vec<SecretUse> = Vec::new();
+        let mut live: Vec<SecretSlice<u8>> = Vec::new();
 
         // Catch-all policies on the gateway, and per-route policies.
         let mut catch_all: Vec<&Key> = Vec::new();
@@ -292,7 +293,7 @@ impl Catalog {
                             strip_headers: strip_headers(None),
                             strip_query: strip_query(p, None),
                         },
-                        Some(pk) => match self.bind(pk, p, &mut secrets) {
+                        Some(pk) => match self.bind(pk, p, &mut secrets, &mut live) {
                             Ok(b) => b,
                             Err(e) => {
                                 let message = format!("{} (route {rkey} rule {r} match {m})", e.message);
@@ -330,11 +331,20 @@ impl Catalog {
             allow: gw.spec.allow.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect(),
             routes: RouteMatcher::new(entries),
             secrets,
+            live_secrets: live,
+            capture: capture_policy(gw.spec.otlp.as_ref()),
+            otlp: gw.spec.otlp.clone(),
         })
     }
 
     /// Binds a policy to one provider: resolves header or parameter, reads the secret.
-    fn bind(&self, pkey: &Key, p: &'static Provider, secrets: &mut Vec<SecretUse>) -> Result<Binding, ConfigError> {
+    fn bind(
+        &self,
+        pkey: &Key,
+        p: &'static Provider,
+        secrets: &mut Vec<SecretUse>,
+        live: &mut Vec<SecretSlice<u8>>,
+    ) -> Result<Binding, ConfigError> {
         let pol = &self.policies[pkey];
         let s = &pol.spec;
         let err = |f: &str, m: String| {
@@ -350,6 +360,14 @@ impl Catalog {
                 .get(&key_name)
                 .ok_or_else(|| Unresolved::KeyNotFound { secret: secret_key.clone(), key: key_name.clone() }),
         };
+        if let Ok(v) = &raw {
+            let v = v.expose_secret();
+            live.push(SecretSlice::from(v.to_vec()));
+            let encoded = crate::inject::query::encode_value(v);
+            if encoded.as_bytes() != v {
+                live.push(SecretSlice::from(encoded.into_bytes()));
+            }
+        }
         secrets.push(SecretUse {
             secret: secret_key.clone(),
             key: key_name.clone(),
@@ -411,6 +429,19 @@ impl Catalog {
             strip_query: strip_query(p, param.as_deref()),
         })
     }
+}
+
+fn capture_policy(otlp: Option<&crate::api::Otlp>) -> crate::telemetry::capture::CapturePolicy {
+    let mut p = crate::telemetry::capture::CapturePolicy::default();
+    if let Some(c) = otlp.and_then(|o| o.capture_body.as_ref()) {
+        if let Some(m) = c.max_bytes {
+            p.max_bytes = m as usize;
+        }
+        if !c.include_content_types.is_empty() {
+            p.include_content_types = c.include_content_types.clone();
+        }
+    }
+    p
 }
 
 fn insert<T>(map: &mut BTreeMap<Key, Entry<T>>, key: Key, origin: Origin, spec: T) -> Option<Origin> {

@@ -24,6 +24,19 @@ pub struct Snapshot {
     pub routes: RouteMatcher,
     /// Every secret key a binding uses, with its fingerprint: for `check`, logs and rotation notices.
     pub secrets: Vec<SecretUse>,
+    /// Every resolved secret value (and its query-encoded form): scrubbed from captured bodies.
+    pub live_secrets: Vec<SecretSlice<u8>>,
+    /// Body capture for spans (`spec.otlp.captureBody`).
+    pub capture: crate::telemetry::capture::CapturePolicy,
+    /// The gateway's OTLP settings, read when the exporter starts.
+    pub otlp: Option<crate::api::Otlp>,
+}
+
+impl Snapshot {
+    /// The live secret values, for scrubbing.
+    pub fn secret_values(&self) -> Vec<&[u8]> {
+        self.live_secrets.iter().map(|s| s.expose_secret()).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,7 +211,7 @@ impl MatchEntry {
             return true;
         }
         match self.provider.model_from_path(path) {
-            Some(model) => self.models.iter().any(|m| glob::matches(m, model, None)),
+            Some(model) => self.models.iter().any(|m| glob::matches(m, &model, None)),
             None => false,
         }
     }

@@ -19,14 +19,28 @@ use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
+use std::time::Instant;
+
+use crate::config::snapshot::{normalize_host, Binding};
 use crate::config::{Decision, Snapshot, SnapshotStore};
 use crate::inject;
-use crate::telemetry::Metrics;
+use crate::telemetry::span::{Start, Transaction};
+use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 
 /// State shared by every stream.
 pub struct Shared {
     pub store: SnapshotStore,
     pub metrics: Arc<Metrics>,
+    /// Where finished spans go (nowhere when tracing is off).
+    pub sink: Sink,
+}
+
+impl Shared {
+    /// Shared state with tracing off.
+    pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
+        let sink = Sink::new(metrics.clone(), None);
+        Shared { store, metrics, sink }
+    }
 }
 
 #[derive(Clone)]
@@ -52,6 +66,7 @@ impl ExternalProcessor for ExtProc {
             inner: request.into_inner(),
             phase: Phase::AwaitRequestHeaders,
             shared: self.shared.clone(),
+            tx: None,
         }))
     }
 }
@@ -63,11 +78,33 @@ enum Phase {
     Done,
 }
 
+/// A transaction being traced, with the snapshot it started on (for scrubbing its secrets).
+struct Traced {
+    tx: Box<Transaction>,
+    snapshot: Arc<Snapshot>,
+}
+
 /// The response stream of one HTTP request.
 pub struct ProcessStream {
     inner: Streaming<ProcessingRequest>,
     phase: Phase,
     shared: Arc<Shared>,
+    tx: Option<Traced>,
+}
+
+impl ProcessStream {
+    fn finish_span(&mut self) {
+        if let Some(t) = self.tx.take() {
+            t.tx.finish(&self.shared.sink, &t.snapshot.secret_values());
+        }
+    }
+}
+
+impl Drop for ProcessStream {
+    /// A stream can end anywhere (client gone, upstream reset): its span still ends.
+    fn drop(&mut self) {
+        self.finish_span();
+    }
 }
 
 impl Stream for ProcessStream {
@@ -79,38 +116,61 @@ impl Stream for ProcessStream {
         }
         let msg = match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                self.finish_span();
+                return Poll::Ready(None);
+            }
             Poll::Ready(Some(Err(status))) => {
                 // Envoy went away or sent garbage the codec refused: end quietly.
                 tracing::debug!(code = ?status.code(), "ext_proc stream ended by the client");
                 self.phase = Phase::Done;
+                self.finish_span();
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Ok(msg))) => msg,
         };
+        let started = Instant::now();
         let this = &mut *self;
-        match handle(&this.shared, &mut this.phase, msg) {
-            Ok(resp) => Poll::Ready(Some(Ok(resp))),
+        match handle(&this.shared, &mut this.phase, &mut this.tx, msg) {
+            Ok((resp, phase, end)) => {
+                this.shared.metrics.observe(phase, started.elapsed());
+                if end {
+                    this.finish_span();
+                }
+                Poll::Ready(Some(Ok(resp)))
+            }
             Err(status) => {
                 Metrics::inc(&this.shared.metrics.protocol_errors);
                 tracing::warn!(error = status.message(), "ext_proc protocol error; stream ended");
                 this.phase = Phase::Done;
+                this.finish_span();
                 Poll::Ready(Some(Err(status)))
             }
         }
     }
 }
 
-fn handle(shared: &Shared, phase: &mut Phase, msg: ProcessingRequest) -> Result<ProcessingResponse, Status> {
+/// Answers one message. Returns the answer, the phase it belonged to, and whether the
+/// transaction is complete (its span can end).
+fn handle(
+    shared: &Shared,
+    phase: &mut Phase,
+    traced: &mut Option<Traced>,
+    msg: ProcessingRequest,
+) -> Result<(ProcessingResponse, TelemetryPhase, bool), Status> {
     let Some(request) = msg.request else {
         return Err(Status::invalid_argument("ProcessingRequest carries no request phase"));
     };
     match (request, *phase) {
         (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) => {
             *phase = Phase::AfterRequestHeaders;
+            let has_body = !h.end_of_stream;
             let headers = h.headers.map(|m| m.headers).unwrap_or_default();
-            let snapshot = shared.store.load();
-            Ok(on_request_headers(&snapshot, &shared.metrics, &headers))
+            let snapshot = shared.store.load_full();
+            let (resp, tx) = on_request_headers(&snapshot, shared, &headers, has_body);
+            let done = tx.as_ref().is_some_and(|t| t.is_denial());
+            *traced = tx.map(|tx| Traced { tx, snapshot });
+            Ok((resp, TelemetryPhase::RequestHeaders, done))
         }
         (Request::RequestHeaders(_), _) => {
             Err(Status::failed_precondition("request_headers received twice on one stream"))
@@ -118,11 +178,33 @@ fn handle(shared: &Shared, phase: &mut Phase, msg: ProcessingRequest) -> Result<
         (other, Phase::AwaitRequestHeaders) => {
             Err(Status::failed_precondition(format!("{} received before request_headers", phase_name(&other))))
         }
-        (Request::RequestBody(_), _) => Ok(mutation::request_body()),
-        (Request::RequestTrailers(_), _) => Ok(mutation::request_trailers()),
-        (Request::ResponseHeaders(_), _) => Ok(mutation::response_headers()),
-        (Request::ResponseBody(_), _) => Ok(mutation::response_body()),
-        (Request::ResponseTrailers(_), _) => Ok(mutation::response_trailers()),
+        (Request::RequestBody(b), _) => {
+            if let Some(t) = traced {
+                t.tx.on_request_body(&b.body);
+            }
+            Ok((mutation::request_body(), TelemetryPhase::RequestBody, false))
+        }
+        (Request::ResponseHeaders(h), _) => {
+            let mut mode = None;
+            let end = h.end_of_stream;
+            if let Some(t) = traced {
+                let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+                let pairs: Vec<(&str, &[u8])> = headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
+                t.tx.on_response_headers(&pairs);
+                if !end && t.tx.wants_response_body() {
+                    mode = Some(mutation::mode(false, true));
+                }
+            }
+            Ok((mutation::response_headers(mode), TelemetryPhase::ResponseHeaders, end))
+        }
+        (Request::ResponseBody(b), _) => {
+            if let Some(t) = traced {
+                t.tx.on_response_body(&b.body);
+            }
+            Ok((mutation::response_body(), TelemetryPhase::ResponseBody, b.end_of_stream))
+        }
+        (Request::RequestTrailers(_), _) => Ok((mutation::request_trailers(), TelemetryPhase::Trailers, false)),
+        (Request::ResponseTrailers(_), _) => Ok((mutation::response_trailers(), TelemetryPhase::Trailers, true)),
     }
 }
 
@@ -150,12 +232,49 @@ fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
 }
 
-/// The request-headers decision, answered from `snapshot`.
-pub fn on_request_headers(snapshot: &Snapshot, metrics: &Metrics, headers: &[HeaderValue]) -> ProcessingResponse {
+/// The request-headers decision, answered from `snapshot`; with tracing on, the transaction.
+pub fn on_request_headers(
+    snapshot: &Snapshot,
+    shared: &Shared,
+    headers: &[HeaderValue],
+    has_body: bool,
+) -> (ProcessingResponse, Option<Box<Transaction>>) {
+    let metrics = &shared.metrics;
     Metrics::inc(&metrics.requests);
     let authority = find(headers, ":authority").or_else(|| find(headers, "host")).unwrap_or("");
     let path = find(headers, ":path").unwrap_or("/");
     let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+    let tracing_on = shared.sink.tracing();
+    let pairs = || headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect::<Vec<_>>();
+    let start = |provider: Option<&'static crate::provider::Provider>,
+                 route: &str,
+                 policy: Option<&str>,
+                 binding: Option<&Binding>,
+                 injected: bool,
+                 smuggled: bool,
+                 error: Option<&'static str>| {
+        let mut buf = [0u8; 256];
+        let host = normalize_host(authority, &mut buf).to_owned();
+        let redacted =
+            binding.map_or(std::borrow::Cow::Borrowed(path), |b| inject::query::redact(path, &b.strip_query));
+        let path_model = provider.and_then(|p| p.model_from_path(path));
+        let s = Start {
+            provider,
+            route,
+            policy,
+            method: find(headers, ":method").unwrap_or("GET"),
+            scheme: find(headers, ":scheme").unwrap_or("https"),
+            authority,
+            host: &host,
+            redacted_path: &redacted,
+            request_model: path_model.as_deref(),
+            injected,
+            smuggled,
+            redact_also: binding.and_then(|b| b.strip_headers.last().map(|h| &**h)),
+            error,
+        };
+        Transaction::start(&s, &pairs(), &snapshot.capture)
+    };
     match snapshot.decide(authority, path) {
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
@@ -171,7 +290,22 @@ pub fn on_request_headers(snapshot: &Snapshot, metrics: &Metrics, headers: &[Hea
             }
             Metrics::inc(&metrics.injections);
             tracing::debug!(route = %entry.route, policy, provider = entry.provider.name, path = path_only, "credential injected");
-            mutation::request_headers(Some(mutation::header_mutation(&plan)))
+            if !tracing_on {
+                return (mutation::request_headers(Some(mutation::header_mutation(&plan, &[])), None), None);
+            }
+            let smuggled = !plan.smuggled.is_empty();
+            let (tx, traceparent) = start(
+                Some(entry.provider),
+                &entry.route,
+                binding.policy.as_deref(),
+                Some(binding),
+                true,
+                smuggled,
+                None,
+            );
+            let m = mutation::header_mutation(&plan, &[("traceparent", traceparent.as_bytes())]);
+            let mode = mutation::mode(has_body && tx.wants_request_body(), false);
+            (mutation::request_headers(Some(m), Some(mode)), Some(Box::new(tx)))
         }
         Decision::FailClosed { entry, reason } => {
             Metrics::inc(&metrics.denied_credential_unavailable);
@@ -187,7 +321,21 @@ pub fn on_request_headers(snapshot: &Snapshot, metrics: &Metrics, headers: &[Hea
                 "policy": policy,
                 "reason": reason.reason(),
             }});
-            mutation::immediate(503, &body, "keyswap_credential_unavailable")
+            let tx = tracing_on.then(|| {
+                Box::new(
+                    start(
+                        Some(entry.provider),
+                        &entry.route,
+                        policy,
+                        Some(&entry.binding),
+                        false,
+                        false,
+                        Some("credential_unavailable"),
+                    )
+                    .0,
+                )
+            });
+            (mutation::immediate(503, &body, "keyswap_credential_unavailable"), tx)
         }
         Decision::Deny => {
             Metrics::inc(&metrics.denied_no_route);
@@ -198,12 +346,13 @@ pub fn on_request_headers(snapshot: &Snapshot, metrics: &Metrics, headers: &[Hea
                 "gateway": snapshot.gateway.to_string(),
                 "host": authority,
             }});
-            mutation::immediate(403, &body, "keyswap_no_route")
+            let tx = tracing_on.then(|| Box::new(start(None, "-", None, None, false, false, Some("no_route")).0));
+            (mutation::immediate(403, &body, "keyswap_no_route"), tx)
         }
         Decision::PassThrough { allowed_by } => {
             Metrics::inc(&metrics.passed_through);
             tracing::debug!(authority, path = path_only, allowed_by, "no route; passed through untouched");
-            mutation::request_headers(None)
+            (mutation::request_headers(None, None), None)
         }
     }
 }

@@ -10,6 +10,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingResponse, TrailersResponse,
 };
 
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{BodySendMode, HeaderSendMode};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+
 use crate::inject::Plan;
 
 fn set(key: &str, value: &[u8]) -> HeaderValueOption {
@@ -20,10 +23,14 @@ fn set(key: &str, value: &[u8]) -> HeaderValueOption {
     }
 }
 
-/// The header mutation that carries out `plan`.
-pub fn header_mutation(plan: &Plan<'_>) -> HeaderMutation {
-    let mut set_headers = Vec::with_capacity(2);
+/// The header mutation that carries out `plan`, plus `extra` headers keyswap itself sets
+/// (the forwarded `traceparent`).
+pub fn header_mutation(plan: &Plan<'_>, extra: &[(&str, &[u8])]) -> HeaderMutation {
+    let mut set_headers = Vec::with_capacity(2 + extra.len());
     if let Some((name, value)) = plan.set_header {
+        set_headers.push(set(name, value));
+    }
+    for (name, value) in extra {
         set_headers.push(set(name, value));
     }
     if let Some(path) = &plan.path {
@@ -32,14 +39,36 @@ pub fn header_mutation(plan: &Plan<'_>) -> HeaderMutation {
     HeaderMutation { set_headers, remove_headers: plan.remove.iter().map(|s| (*s).to_owned()).collect() }
 }
 
-/// Continue the request, applying `mutation` if any.
-pub fn request_headers(mutation: Option<HeaderMutation>) -> ProcessingResponse {
+/// Continue the request, applying `mutation` if any, and asking Envoy for later phases as `mode` says.
+pub fn request_headers(mutation: Option<HeaderMutation>, mode: Option<ProcessingMode>) -> ProcessingResponse {
     let response = mutation.map(|m| CommonResponse { header_mutation: Some(m), ..Default::default() });
-    ProcessingResponse { response: Some(Response::RequestHeaders(HeadersResponse { response })), ..Default::default() }
+    ProcessingResponse {
+        response: Some(Response::RequestHeaders(HeadersResponse { response })),
+        mode_override: mode,
+        ..Default::default()
+    }
 }
 
-pub fn response_headers() -> ProcessingResponse {
-    ProcessingResponse { response: Some(Response::ResponseHeaders(HeadersResponse::default())), ..Default::default() }
+pub fn response_headers(mode: Option<ProcessingMode>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseHeaders(HeadersResponse::default())),
+        mode_override: mode,
+        ..Default::default()
+    }
+}
+
+/// The phases a transaction needs after its request headers: response headers always (status,
+/// content type), the request body when `request_body` (BUFFERED_PARTIAL: never a 413 for size),
+/// and the response body when `response_body` (STREAMED: SSE events flow as they come).
+pub fn mode(request_body: bool, response_body: bool) -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: HeaderSendMode::Send as i32,
+        response_header_mode: HeaderSendMode::Send as i32,
+        request_body_mode: if request_body { BodySendMode::BufferedPartial } else { BodySendMode::None } as i32,
+        response_body_mode: if response_body { BodySendMode::Streamed } else { BodySendMode::None } as i32,
+        request_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
+    }
 }
 
 pub fn request_body() -> ProcessingResponse {

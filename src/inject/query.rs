@@ -77,6 +77,28 @@ pub fn rewrite(
     out
 }
 
+/// `path` with the values of the named parameters replaced by `[redacted]`, for telemetry.
+pub fn redact<'a>(path: &'a str, names: &[Box<str>]) -> Cow<'a, str> {
+    let Some((base, query)) = path.split_once('?') else { return Cow::Borrowed(path) };
+    let mut hit = false;
+    let parts: Vec<Cow<'_, str>> = query
+        .split('&')
+        .map(|seg| {
+            let (raw_name, _) = seg.split_once('=').unwrap_or((seg, ""));
+            if names.iter().any(|n| n.eq_ignore_ascii_case(&decode(raw_name))) {
+                hit = true;
+                Cow::Owned(format!("{raw_name}=[redacted]"))
+            } else {
+                Cow::Borrowed(seg)
+            }
+        })
+        .collect();
+    if !hit {
+        return Cow::Borrowed(path);
+    }
+    Cow::Owned(format!("{base}?{}", parts.join("&")))
+}
+
 fn param_segment(param: &str, encoded_value: &[u8]) -> String {
     let mut s = encode_value(param.as_bytes());
     s.push('=');
@@ -125,6 +147,12 @@ mod tests {
         let r = rewrite("/p?key=a&x=1&%6Bey=b&KEY=c&key", &strip(&["key"]), Some(("key", b"R")), ph);
         assert_eq!(r.path.as_deref(), Some("/p?key=R&x=1"));
         assert_eq!(r.smuggled, 3);
+    }
+
+    #[test]
+    fn redaction_hides_credential_values_only() {
+        assert_eq!(redact("/p?a=1&key=sk-x&%6Bey=y", &strip(&["key"])), "/p?a=1&key=[redacted]&%6Bey=[redacted]");
+        assert_eq!(redact("/p?a=1", &strip(&["key"])), "/p?a=1");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Adding a provider is adding a row to [`REGISTRY`].
 
 use crate::glob;
+pub mod usage;
 
 /// How a provider expects its static key by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,9 +21,11 @@ pub struct HeaderCredential {
 pub enum ModelInPath {
     /// The model travels in the JSON body (openai, anthropic): not visible at the headers phase.
     No,
-    /// The path segment after this literal segment, cut at the first `:` (google `models/{m}:generateContent`,
-    /// azure `deployments/{d}/…`, bedrock `model/{id}/converse`).
+    /// The path segment after this literal segment (azure `deployments/{d}/…`, bedrock
+    /// `model/{id}/converse`, percent-decoded: Bedrock ids contain `:`, sent as `%3A`).
     After(&'static str),
+    /// The same, cut at the first `:` (google `models/{m}:generateContent`).
+    AfterUntilColon(&'static str),
 }
 
 /// One known endpoint: a path glob and the GenAI operation it performs.
@@ -75,7 +78,7 @@ pub const REGISTRY: &[Provider] = &[
         default_hosts: &["generativelanguage.googleapis.com"],
         default_header: Some(HeaderCredential { name: "x-goog-api-key", prefix: "" }),
         credential_query_params: &["key"],
-        model_in_path: ModelInPath::After("models"),
+        model_in_path: ModelInPath::AfterUntilColon("models"),
         endpoints: &[
             Endpoint { path: "/*:generateContent", operation: "generate_content" },
             Endpoint { path: "/*:streamGenerateContent", operation: "generate_content" },
@@ -132,6 +135,12 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "x-amz-security-token",
 ];
 
+/// Whether telemetry shows `[redacted]` instead of this header's value: every credential header,
+/// and cookies.
+pub fn is_redacted(lowercase_name: &str) -> bool {
+    CREDENTIAL_HEADERS.contains(&lowercase_name) || matches!(lowercase_name, "cookie" | "set-cookie")
+}
+
 /// What the agent is told to send instead of a key.
 pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
 
@@ -145,16 +154,21 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 
 impl Provider {
     /// The model named in `path`, for providers that put it there.
-    pub fn model_from_path<'a>(&self, path: &'a str) -> Option<&'a str> {
-        let ModelInPath::After(segment) = self.model_in_path else {
-            return None;
+    pub fn model_from_path<'a>(&self, path: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let (segment, cut) = match self.model_in_path {
+            ModelInPath::No => return None,
+            ModelInPath::After(s) => (s, false),
+            ModelInPath::AfterUntilColon(s) => (s, true),
         };
         let path = path.split('?').next().unwrap_or(path);
         let mut parts = path.split('/');
         parts.by_ref().find(|p| *p == segment)?;
         let model = parts.next()?;
-        let model = model.split(':').next().unwrap_or(model);
-        (!model.is_empty()).then_some(model)
+        let model = if cut { model.split(':').next().unwrap_or(model) } else { model };
+        if model.is_empty() {
+            return None;
+        }
+        Some(percent_encoding::percent_decode_str(model).decode_utf8_lossy())
     }
 
     /// The GenAI operation for a request path, when it is a known endpoint.
@@ -181,17 +195,17 @@ mod tests {
         let google = lookup("google").unwrap();
         assert_eq!(
             google.model_from_path("/v1beta/models/gemini-2.5-pro:generateContent?key=x"),
-            Some("gemini-2.5-pro")
+            Some("gemini-2.5-pro".into())
         );
         let bedrock = lookup("bedrock").unwrap();
         assert_eq!(
             bedrock.model_from_path("/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"),
-            Some("anthropic.claude-3-haiku-20240307-v1%3A0")
+            Some("anthropic.claude-3-haiku-20240307-v1:0".into())
         );
         let azure = lookup("azure-openai").unwrap();
         assert_eq!(
             azure.model_from_path("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"),
-            Some("gpt4o")
+            Some("gpt4o".into())
         );
         assert_eq!(lookup("openai").unwrap().model_from_path("/v1/chat/completions"), None);
     }

@@ -1,7 +1,50 @@
-//! Counters the request path bumps without locks. Exported on `/metrics` by the admin server.
+//! Telemetry: per-transaction spans exported over OTLP off the request path, body capture with
+//! secrets scrubbed, and the counters behind `/metrics`.
 
+pub mod admin;
+pub mod capture;
+pub mod export;
+pub mod span;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use opentelemetry_sdk::trace::SpanData;
+
+/// Distinct (provider, model) pairs kept in token metrics; further models count as "other".
+pub const MAX_MODELS: usize = 256;
+
+/// Upper bounds of the phase-latency histogram buckets, in microseconds.
+const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Trailers,
+}
+
+const PHASES: [(Phase, &str); 5] = [
+    (Phase::RequestHeaders, "request_headers"),
+    (Phase::RequestBody, "request_body"),
+    (Phase::ResponseHeaders, "response_headers"),
+    (Phase::ResponseBody, "response_body"),
+    (Phase::Trailers, "trailers"),
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// Counters the request path bumps without locks.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// ext_proc streams that reached the request-headers phase.
@@ -17,6 +60,14 @@ pub struct Metrics {
     pub smuggle_attempts: AtomicU64,
     /// Streams ended with an error status because a message broke the protocol.
     pub protocol_errors: AtomicU64,
+    pub spans_exported: AtomicU64,
+    /// Spans dropped because the export queue was full (collector slow or down).
+    pub spans_dropped: AtomicU64,
+    /// Spans lost because the collector refused them or did not answer in time.
+    pub spans_export_failed: AtomicU64,
+    phases: [Histogram; 5],
+    /// (provider, model) → (input, output) tokens. Touched once per finished LLM call.
+    tokens: Mutex<BTreeMap<(String, String), (u64, u64)>>,
 }
 
 impl Metrics {
@@ -24,7 +75,156 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn observe(&self, phase: Phase, took: Duration) {
+        let i = PHASES.iter().position(|(p, _)| *p == phase).unwrap_or(0);
+        let h = &self.phases[i];
+        let us = took.as_micros() as u64;
+        if let Some(b) = BUCKETS_US.iter().position(|&b| us <= b) {
+            h.buckets[b].fetch_add(1, Ordering::Relaxed);
+        }
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_tokens(&self, provider: &str, model: &str, input: u64, output: u64) {
+        let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (provider.to_owned(), model.to_owned());
+        let key = if map.len() >= MAX_MODELS && !map.contains_key(&key) {
+            (provider.to_owned(), "other".into())
+        } else {
+            key
+        };
+        let e = map.entry(key).or_default();
+        e.0 += input;
+        e.1 += output;
+    }
+
+    /// Tokens counted so far for (provider, model): (input, output).
+    pub fn tokens(&self, provider: &str, model: &str) -> Option<(u64, u64)> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&(provider.to_owned(), model.to_owned())).copied()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, ready: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}_total{labels} {v}");
+            }
+        };
+        let g = Self::get;
+        counter("keyswap_requests", "Requests keyswap was asked about.", &[("", g(&self.requests))]);
+        counter("keyswap_injections", "Requests that got the real credential.", &[("", g(&self.injections))]);
+        counter(
+            "keyswap_denials",
+            "Requests answered by keyswap without reaching the provider.",
+            &[
+                ("{reason=\"no_route\"}", g(&self.denied_no_route)),
+                ("{reason=\"credential_unavailable\"}", g(&self.denied_credential_unavailable)),
+            ],
+        );
+        counter(
+            "keyswap_passthrough",
+            "Unrouted requests passed untouched (allow-all or allow list).",
+            &[("", g(&self.passed_through))],
+        );
+        counter(
+            "keyswap_smuggle_attempts",
+            "Requests carrying an agent-supplied credential (stripped).",
+            &[("", g(&self.smuggle_attempts))],
+        );
+        counter(
+            "keyswap_protocol_errors",
+            "ext_proc streams ended because a message broke the protocol.",
+            &[("", g(&self.protocol_errors))],
+        );
+        counter("keyswap_spans_exported", "Spans accepted by the OTLP collector.", &[("", g(&self.spans_exported))]);
+        counter(
+            "keyswap_spans_dropped",
+            "Spans lost: export queue full, or the collector failed or timed out.",
+            &[
+                ("{reason=\"queue_full\"}", g(&self.spans_dropped)),
+                ("{reason=\"export_failed\"}", g(&self.spans_export_failed)),
+            ],
+        );
+        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut samples = Vec::new();
+        for ((provider, model), (input, output)) in &tokens {
+            let model = model.replace(['\\', '"', '\n'], "_");
+            for (kind, v) in [("input", input), ("output", output)] {
+                samples.push((
+                    format!("{{gen_ai_provider_name=\"{provider}\",gen_ai_request_model=\"{model}\",gen_ai_token_type=\"{kind}\"}}"),
+                    *v,
+                ));
+            }
+        }
+        let refs: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter("gen_ai_client_token_usage", "Tokens reported by providers.", &refs);
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_extproc_phase_duration_seconds Time keyswap spent answering one ext_proc message.\n\
+             # TYPE keyswap_extproc_phase_duration_seconds histogram"
+        );
+        for ((_, name), h) in PHASES.iter().zip(&self.phases) {
+            let mut cumulative = 0;
+            for (b, le) in h.buckets.iter().zip(BUCKETS_US) {
+                cumulative += b.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "keyswap_extproc_phase_duration_seconds_bucket{{phase=\"{name}\",le=\"{}\"}} {cumulative}",
+                    le as f64 / 1e6
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ =
+                writeln!(out, "keyswap_extproc_phase_duration_seconds_bucket{{phase=\"{name}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(
+                out,
+                "keyswap_extproc_phase_duration_seconds_sum{{phase=\"{name}\"}} {}",
+                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+            );
+            let _ = writeln!(out, "keyswap_extproc_phase_duration_seconds_count{{phase=\"{name}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_ready Whether a configuration is loaded.\n# TYPE keyswap_ready gauge\nkeyswap_ready {}",
+            u8::from(ready)
+        );
+        out
+    }
+}
+
+/// Where finished spans go: a bounded queue to the exporter task, or nowhere when tracing is off.
+pub struct Sink {
+    pub metrics: Arc<Metrics>,
+    tx: Option<tokio::sync::mpsc::Sender<SpanData>>,
+}
+
+impl Sink {
+    pub fn new(metrics: Arc<Metrics>, tx: Option<tokio::sync::mpsc::Sender<SpanData>>) -> Self {
+        Sink { metrics, tx }
+    }
+
+    /// Whether spans are recorded at all.
+    pub fn tracing(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Never waits: a full queue drops the span and counts it.
+    pub fn send(&self, span: SpanData) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(span).is_err() {
+                Metrics::inc(&self.metrics.spans_dropped);
+            }
+        }
     }
 }

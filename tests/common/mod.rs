@@ -21,6 +21,7 @@ pub const OPENAI_KEY: &str = "sk-openai-REAL-0002-do-not-leak";
 /// Has characters that must be percent-encoded in a query.
 pub const GEMINI_KEY: &str = "AIza+REAL/0003=do not leak";
 pub const CUSTOM_KEY: &str = "custom-REAL-0004-do-not-leak";
+pub const BEDROCK_KEY: &str = "ABSKbedrock-REAL-0006-do-not-leak";
 /// Credentials an agent might try to smuggle: never forwarded, never logged.
 pub const STOLEN: &str = "sk-stolen-by-agent-9999";
 
@@ -249,6 +250,9 @@ pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], ext
     let uds = work.join("keyswap.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
     cmd.arg("serve").arg("--config").arg(config).arg("--uds").arg(&uds).args(extra_args);
+    if !extra_args.contains(&"--metrics") {
+        cmd.args(["--metrics", "127.0.0.1:0"]);
+    }
     cmd.env("RUST_LOG", "debug");
     for (k, v) in extra_env {
         cmd.env(k, v);
@@ -293,6 +297,7 @@ static_resources:
                 envoy_grpc: {{cluster_name: keyswap}}
                 timeout: 2s
               failure_mode_allow: false
+              allow_mode_override: true
               message_timeout: 2s
               processing_mode:
                 request_header_mode: SEND
@@ -391,6 +396,10 @@ pub struct FakeProvider {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub accept: Arc<Mutex<HashMap<String, Vec<Accept>>>>,
+    /// `/slow-stream` responses hold their last SSE events until this is notified.
+    pub release: Arc<tokio::sync::Notify>,
+    /// Every response body sent, in order.
+    pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl FakeProvider {
@@ -433,6 +442,8 @@ impl FakeProvider {
             addr: listener.local_addr().unwrap(),
             seen: Arc::default(),
             accept: Arc::new(Mutex::new(standard_accepts())),
+            release: Arc::default(),
+            sent: Arc::default(),
         };
         let f = fake.clone();
         tokio::spawn(async move {
@@ -462,7 +473,7 @@ impl FakeProvider {
         fake
     }
 
-    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<FakeBody> {
         let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
         let host = host.split(':').next().unwrap_or("").to_owned();
         let seen = Seen {
@@ -475,19 +486,34 @@ impl FakeProvider {
         let stream =
             serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["stream"].as_bool()) == Some(true);
         let ok = self.accept.lock().unwrap().get(&host).is_some_and(|list| list.iter().any(|a| accepts(a, &seen)));
+        let path = seen.path_and_query.clone();
+        let echo_key =
+            seen.header("x-internal-key").first().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
         self.seen.lock().unwrap().push(seen);
+        let stream = stream || path.contains("alt=sse");
         let (status, content_type, body) = match (ok, stream) {
             (false, _) => (401, "application/json", UNAUTHORIZED.to_owned()),
-            (true, false) if host.contains("openai") => (200, "application/json", OPENAI_JSON.to_owned()),
-            (true, false) => (200, "application/json", ANTHROPIC_JSON.to_owned()),
-            (true, true) if host.contains("openai") => (200, "text/event-stream", openai_sse()),
-            (true, true) => (200, "text/event-stream", anthropic_sse()),
+            // Echoes the credential it received: telemetry must scrub it from captured bodies.
+            (true, _) if path.starts_with("/echo") => (
+                200,
+                "application/json",
+                format!(r#"{{"you_sent":"{echo_key}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#),
+            ),
+            (true, false) => (200, "application/json", json_body(&host).to_owned()),
+            (true, true) => (200, "text/event-stream", sse_body(&host)),
         };
-        hyper::Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap()
+        self.sent.lock().unwrap().push(body.clone().into_bytes());
+        let body: FakeBody = if path.starts_with("/slow-stream") {
+            // First event now, the rest only when the test releases it.
+            let (first, rest) = body.split_at(body.find("\n\n").map_or(0, |i| i + 2));
+            let (first, rest) = (Bytes::from(first.to_owned()), Bytes::from(rest.to_owned()));
+            let release = self.release.clone();
+            let stream = async_stream(first, rest, release);
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream))
+        } else {
+            http_body_util::BodyExt::boxed(Full::new(Bytes::from(body)))
+        };
+        hyper::Response::builder().status(status).header("content-type", content_type).body(body).unwrap()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -497,6 +523,60 @@ impl FakeProvider {
     pub fn set_accepts(&self, host: &str, accepts: Vec<Accept>) {
         self.accept.lock().unwrap().insert(host.to_owned(), accepts);
     }
+}
+
+pub type FakeBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn async_stream(
+    first: Bytes,
+    rest: Bytes,
+    release: Arc<tokio::sync::Notify>,
+) -> impl tokio_stream::Stream<Item = Result<hyper::body::Frame<Bytes>, Infallible>> + Send + Sync + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(hyper::body::Frame::data(first))).await;
+        release.notified().await;
+        let _ = tx.send(Ok(hyper::body::Frame::data(rest))).await;
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The non-streaming answer each provider host gives.
+pub fn json_body(host: &str) -> &'static str {
+    if host.contains("openai") {
+        OPENAI_JSON
+    } else if host.contains("generativelanguage") {
+        GOOGLE_JSON
+    } else if host.contains("bedrock") {
+        BEDROCK_JSON
+    } else {
+        ANTHROPIC_JSON
+    }
+}
+
+/// The streaming answer each provider host gives.
+pub fn sse_body(host: &str) -> String {
+    if host.contains("openai") {
+        openai_sse()
+    } else if host.contains("generativelanguage") {
+        google_sse()
+    } else {
+        anthropic_sse()
+    }
+}
+
+pub const GOOGLE_JSON: &str = r#"{"candidates":[{"content":{"parts":[{"text":"Hello from the fake provider"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,"totalTokenCount":19},"modelVersion":"gemini-2.0-flash"}"#;
+
+pub const BEDROCK_JSON: &str = r#"{"output":{"message":{"role":"assistant","content":[{"text":"Hello from the fake provider"}]}},"stopReason":"end_turn","usage":{"inputTokens":12,"outputTokens":7,"totalTokens":19},"metrics":{"latencyMs":42}}"#;
+
+pub fn google_sse() -> String {
+    [
+        r#"data: {"candidates":[{"content":{"parts":[{"text":"Hello from "}],"role":"model"},"index":0}],"usageMetadata":{"promptTokenCount":12,"totalTokenCount":12},"modelVersion":"gemini-2.0-flash"}"#,
+        r#"data: {"candidates":[{"content":{"parts":[{"text":"the fake provider"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,"totalTokenCount":19},"modelVersion":"gemini-2.0-flash"}"#,
+    ]
+    .iter()
+    .map(|l| format!("{l}\r\n\r\n"))
+    .collect()
 }
 
 pub const UNAUTHORIZED: &str =
@@ -582,6 +662,10 @@ pub fn standard_accepts() -> HashMap<String, Vec<Accept>> {
         ("api.openai.com".to_owned(), vec![Accept::Header("authorization", format!("Bearer {OPENAI_KEY}"))]),
         ("generativelanguage.googleapis.com".to_owned(), vec![Accept::Query("key", GEMINI_KEY.into())]),
         ("llm.internal.test".to_owned(), vec![Accept::Header("x-internal-key", CUSTOM_KEY.into())]),
+        (
+            "bedrock-runtime.us-east-1.amazonaws.com".to_owned(),
+            vec![Accept::Header("authorization", format!("Bearer {BEDROCK_KEY}"))],
+        ),
         ("allowed.example.com".to_owned(), vec![Accept::Header("x-api-key", PLACEHOLDER.into())]),
     ])
 }
@@ -724,5 +808,186 @@ pub mod grpc {
         assert!(append.is_none(), "deprecated `append` must stay unset");
         assert_eq!(o.append_action, 2, "append_action must be OVERWRITE_IF_EXISTS_OR_ADD");
         Some(String::from_utf8(h.raw_value.clone()).unwrap())
+    }
+}
+
+/// Sends `body` as a POST through Envoy, with `host` in the Host header.
+pub async fn send_body(
+    client: &Client,
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", host)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GET on keyswap's admin port.
+pub async fn scrape(port: u16, path: &str) -> (u16, String) {
+    let req =
+        hyper::Request::builder().uri(format!("http://127.0.0.1:{port}{path}")).body(Full::new(Bytes::new())).unwrap();
+    let resp = client().request(req).await.expect("admin port answers");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The value of one Prometheus sample line (`name{labels} value`), 0 when absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+// === an OTLP collector ===
+
+pub mod otlp {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
+
+    /// Records every export it receives, also as bytes (for leak searches).
+    #[derive(Clone, Default)]
+    pub struct Receiver {
+        pub requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+        pub raw: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let r = request.into_inner();
+            self.raw.lock().unwrap().push(r.encode_to_vec());
+            self.requests.lock().unwrap().push(r);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    impl Receiver {
+        /// An OTLP/gRPC collector on loopback.
+        pub async fn start() -> (Receiver, SocketAddr) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let r = Receiver::default();
+            let svc = TraceServiceServer::new(r.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (r, addr)
+        }
+
+        pub fn spans(&self) -> Vec<(String, Span)> {
+            let mut out = Vec::new();
+            for req in self.requests.lock().unwrap().iter() {
+                for rs in &req.resource_spans {
+                    let service = rs
+                        .resource
+                        .as_ref()
+                        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                        .and_then(str_of)
+                        .unwrap_or_default();
+                    for ss in &rs.scope_spans {
+                        out.extend(ss.spans.iter().map(|s| (service.clone(), s.clone())));
+                    }
+                }
+            }
+            out
+        }
+
+        pub async fn wait_for(&self, n: usize) -> Vec<(String, Span)> {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let spans = self.spans();
+                if spans.len() >= n || Instant::now() > deadline {
+                    return spans;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        pub fn raw_bytes(&self) -> Vec<u8> {
+            self.raw.lock().unwrap().concat()
+        }
+    }
+
+    fn str_of(a: &KeyValue) -> Option<String> {
+        match a.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+        attrs.iter().find(|a| a.key == key).and_then(|a| a.value.as_ref()).and_then(|v| v.value.as_ref())
+    }
+
+    pub fn s(attrs: &[KeyValue], key: &str) -> Option<String> {
+        match attr(attrs, key)? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn i(attrs: &[KeyValue], key: &str) -> Option<i64> {
+        match attr(attrs, key)? {
+            Value::IntValue(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    pub fn b(attrs: &[KeyValue], key: &str) -> Option<bool> {
+        match attr(attrs, key)? {
+            Value::BoolValue(v) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// A string-array attribute (header events).
+    pub fn list(attrs: &[KeyValue], key: &str) -> Option<Vec<String>> {
+        match attr(attrs, key)? {
+            Value::ArrayValue(a) => Some(
+                a.values
+                    .iter()
+                    .filter_map(|v| match v.value.as_ref()? {
+                        Value::StringValue(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

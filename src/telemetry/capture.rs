@@ -1,0 +1,171 @@
+//! Body capture for spans: the first `max_bytes` of a body, with every live secret value
+//! replaced before anything is encoded.
+
+use base64::Engine as _;
+
+pub const REDACTED: &[u8] = b"[redacted]";
+
+/// Which bodies are captured, and how much of each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturePolicy {
+    /// Per direction. 0 disables capture.
+    pub max_bytes: usize,
+    /// Content-type prefixes (case-insensitive) that are captured.
+    pub include_content_types: Vec<String>,
+}
+
+pub const DEFAULT_MAX_BYTES: usize = 65536;
+pub const DEFAULT_CONTENT_TYPES: &[&str] = &["application/json", "application/x-ndjson", "text/event-stream"];
+
+impl Default for CapturePolicy {
+    fn default() -> Self {
+        CapturePolicy {
+            max_bytes: DEFAULT_MAX_BYTES,
+            include_content_types: DEFAULT_CONTENT_TYPES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl CapturePolicy {
+    /// Whether a body with this content type is captured.
+    pub fn wants(&self, content_type: &str) -> bool {
+        self.max_bytes > 0
+            && self.include_content_types.iter().any(|p| {
+                content_type.len() >= p.len() && content_type.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            })
+    }
+}
+
+/// One direction's captured bytes.
+#[derive(Debug, Default)]
+pub struct Capture {
+    buf: Vec<u8>,
+    max: usize,
+    /// Every byte seen, captured or not.
+    pub total: usize,
+}
+
+/// A finished capture, ready for a span event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Captured {
+    pub base64: String,
+    pub original_length: usize,
+    pub truncated: bool,
+}
+
+impl Capture {
+    pub fn new(max: usize) -> Self {
+        Capture { buf: Vec::new(), max, total: 0 }
+    }
+
+    /// The raw captured bytes (for parsing, never for export).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.total += chunk.len();
+        let room = self.max.saturating_sub(self.buf.len());
+        if room > 0 {
+            self.buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+
+    /// Scrubs `secrets` out of the captured bytes and encodes them. A secret cut by the
+    /// capture limit is scrubbed too: a trailing prefix of a secret (4+ bytes) is replaced.
+    pub fn finish(mut self, secrets: &[&[u8]]) -> Captured {
+        let truncated = self.total > self.buf.len();
+        scrub(&mut self.buf, secrets, truncated);
+        Captured {
+            base64: base64::engine::general_purpose::STANDARD.encode(&self.buf),
+            original_length: self.total,
+            truncated,
+        }
+    }
+}
+
+/// Replaces every occurrence of each secret in `buf` with [`REDACTED`].
+pub fn scrub(buf: &mut Vec<u8>, secrets: &[&[u8]], cut_at_end: bool) {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        let mut from = 0;
+        while let Some(pos) = find(&buf[from..], secret) {
+            let at = from + pos;
+            buf.splice(at..at + secret.len(), REDACTED.iter().copied());
+            from = at + REDACTED.len();
+        }
+        if cut_at_end {
+            // The capture may end inside a secret: drop a trailing prefix of it.
+            let longest = (4..secret.len().min(buf.len() + 1)).rev().find(|&n| buf.ends_with(&secret[..n]));
+            if let Some(n) = longest {
+                let at = buf.len() - n;
+                buf.truncate(at);
+                buf.extend_from_slice(REDACTED);
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.len() > haystack.len() {
+        return None;
+    }
+    let first = needle[0];
+    let mut i = 0;
+    while i + needle.len() <= haystack.len() {
+        match haystack[i..=haystack.len() - needle.len()].iter().position(|&b| b == first) {
+            None => return None,
+            Some(p) => {
+                i += p;
+                if &haystack[i..i + needle.len()] == needle {
+                    return Some(i);
+                }
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(c: &Captured) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD.decode(&c.base64).unwrap()
+    }
+
+    #[test]
+    fn captures_the_first_max_bytes_and_flags_truncation() {
+        let mut c = Capture::new(10);
+        c.push(b"0123456");
+        c.push(b"789abcdef");
+        let done = c.finish(&[]);
+        assert_eq!(decode(&done), b"0123456789");
+        assert_eq!((done.original_length, done.truncated), (16, true));
+        let mut c = Capture::new(10);
+        c.push(b"short");
+        let done = c.finish(&[]);
+        assert_eq!((decode(&done), done.truncated), (b"short".to_vec(), false));
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_everywhere_even_when_cut_by_the_limit() {
+        let mut c = Capture::new(1000);
+        c.push(br#"{"echo":"sk-live-123","again":"sk-live-123"}"#);
+        assert_eq!(decode(&c.finish(&[b"sk-live-123"])), br#"{"echo":"[redacted]","again":"[redacted]"}"#);
+        let mut c = Capture::new(14);
+        c.push(b"key: sk-live-123 tail");
+        let out = decode(&c.finish(&[b"sk-live-123"]));
+        assert_eq!(out, b"key: [redacted]");
+        assert!(!String::from_utf8_lossy(&out).contains("sk-li"));
+    }
+
+    #[test]
+    fn content_type_prefixes_select_bodies() {
+        let p = CapturePolicy::default();
+        assert!(p.wants("application/json; charset=utf-8"));
+        assert!(p.wants("Text/Event-Stream"));
+        assert!(!p.wants("image/png"));
+        assert!(!CapturePolicy { max_bytes: 0, ..p }.wants("application/json"));
+    }
+}

@@ -1,0 +1,394 @@
+//! Telemetry end to end: real Envoy, keyswap as a process exporting OTLP/gRPC to an in-process
+//! collector, fake providers answering JSON and SSE with usage.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::otlp::{self, Receiver};
+use common::*;
+use http_body_util::BodyExt as _;
+
+const MAX_BYTES: usize = 200;
+
+/// The standard configuration plus tracing settings and a Bedrock route.
+fn telemetry_config() -> tempfile::TempDir {
+    let dir = config_dir();
+    let text = standard_config().replace(
+        "  defaultPolicy: deny-all\n",
+        &format!("  defaultPolicy: deny-all\n  otlp:\n    captureBody: {{maxBytes: {MAX_BYTES}}}\n"),
+    );
+    std::fs::write(dir.path().join("config.yaml"), text).unwrap();
+    std::fs::write(
+        dir.path().join("bedrock.yaml"),
+        format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: bedrock}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: bedrock}}]}}]\n---\n\
+             apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: bedrock-key}}\nspec:\n  parentRefs: [{{name: bedrock}}]\n  secretRef: {{name: bedrock}}\n  target: Header\n---\n{}",
+            secret_manifest("bedrock", "token", BEDROCK_KEY)
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn otel_env(collector: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.to_owned()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+        ("OTEL_SERVICE_NAME", "keyswap-test".to_owned()),
+    ]
+}
+
+struct Case {
+    host: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, String)>,
+    body: &'static str,
+    name: &'static str,
+    provider: &'static str,
+    response_model: Option<&'static str>,
+    tokens: (i64, i64),
+}
+
+fn cases() -> Vec<Case> {
+    let ph = PLACEHOLDER.to_owned();
+    let anthropic = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+    let anthropic_stream =
+        r#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let openai = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let openai_stream = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let gemini = r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
+    vec![
+        Case {
+            host: "api.anthropic.com",
+            path: "/v1/messages",
+            headers: vec![("x-api-key", ph.clone())],
+            body: anthropic,
+            name: "chat claude-sonnet-4-5",
+            provider: "anthropic",
+            response_model: Some("claude-sonnet-4-5"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "api.anthropic.com",
+            path: "/v1/messages",
+            headers: vec![("authorization", format!("Bearer {PLACEHOLDER}"))],
+            body: anthropic_stream,
+            name: "chat claude-sonnet-4-5",
+            provider: "anthropic",
+            response_model: Some("claude-sonnet-4-5"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "api.openai.com",
+            path: "/v1/chat/completions",
+            headers: vec![("authorization", format!("Bearer {PLACEHOLDER}"))],
+            body: openai,
+            name: "chat gpt-4o-mini",
+            provider: "openai",
+            response_model: Some("gpt-4o-mini"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "api.openai.com",
+            path: "/v1/chat/completions",
+            headers: vec![("authorization", format!("Bearer {PLACEHOLDER}"))],
+            body: openai_stream,
+            name: "chat gpt-4o-mini",
+            provider: "openai",
+            response_model: Some("gpt-4o-mini"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "generativelanguage.googleapis.com",
+            path: "/v1beta/models/gemini-2.0-flash:generateContent?key=keyswap-injected-by-proxy",
+            headers: vec![],
+            body: gemini,
+            name: "generate_content gemini-2.0-flash",
+            provider: "google",
+            response_model: Some("gemini-2.0-flash"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "generativelanguage.googleapis.com",
+            path: "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key=keyswap-injected-by-proxy",
+            headers: vec![],
+            body: gemini,
+            name: "generate_content gemini-2.0-flash",
+            provider: "google",
+            response_model: Some("gemini-2.0-flash"),
+            tokens: (12, 7),
+        },
+        Case {
+            host: "bedrock-runtime.us-east-1.amazonaws.com",
+            path: "/model/anthropic.claude-3-haiku-20240307-v1:0/converse",
+            headers: vec![("authorization", format!("Bearer {PLACEHOLDER}"))],
+            body: r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#,
+            name: "chat anthropic.claude-3-haiku-20240307-v1:0",
+            provider: "bedrock",
+            response_model: None,
+            tokens: (12, 7),
+        },
+    ]
+}
+
+fn secrets() -> Vec<String> {
+    let mut v: Vec<String> =
+        [ANTHROPIC_KEY, OPENAI_KEY, GEMINI_KEY, CUSTOM_KEY, BEDROCK_KEY].iter().map(|s| s.to_string()).collect();
+    v.push("AIza%2BREAL%2F0003%3Ddo%20not%20leak".into());
+    let b64: Vec<String> = v.iter().map(|s| b64(s.as_bytes())).collect();
+    v.extend(b64);
+    v.push("do-not-leak".into());
+    v
+}
+
+fn decode_body(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(otlp::s(attrs, "body.base64").unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
+    let (collector, collector_addr) = Receiver::start().await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let metrics_port = free_port();
+    let env = otel_env(&format!("http://{collector_addr}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let metrics_arg = format!("127.0.0.1:{metrics_port}");
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &["--metrics", &metrics_arg]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    let (_, before) = scrape(metrics_port, "/metrics").await;
+
+    // One request per case, each with its own agent trace context.
+    let mut parents = Vec::new();
+    for (i, case) in cases().iter().enumerate() {
+        let trace = format!("{:032x}", 0xabc000 + i);
+        let parent = format!("{:016x}", 0xdef000 + i);
+        let mut headers: Vec<(&str, &str)> = case.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let tp = format!("00-{trace}-{parent}-01");
+        headers.push(("traceparent", &tp));
+        let (st, body) = send_body(&c, port, case.host, case.path, &headers, case.body).await;
+        assert_eq!(st, 200, "{}: {body}\n{}", case.name, keyswap.output());
+        assert!(body.contains("Hello from") || body.contains("the fake provider"), "{body}");
+        parents.push((trace, parent));
+    }
+    // The provider echoes the key it got: telemetry must scrub it.
+    let (st, body) = send_body(&c, port, "llm.internal.test", "/echo", &[("x-internal-key", PLACEHOLDER)], "{}").await;
+    assert_eq!(st, 200);
+    assert!(body.contains(CUSTOM_KEY), "the fake really echoed the key: {body}");
+    // A denial gets a span too, with error.type.
+    let (st, _) = send(&c, port, "exfil.example.com", "/upload", &[]).await;
+    assert_eq!(st, 403);
+
+    let n = cases().len() + 2;
+    let spans = collector.wait_for(n).await;
+    assert_eq!(
+        spans.len(),
+        n,
+        "spans: {:#?}\nkeyswap:\n{}",
+        spans.iter().map(|s| &s.1.name).collect::<Vec<_>>(),
+        keyswap.output()
+    );
+    let by_trace: HashMap<String, &opentelemetry_proto::tonic::trace::v1::Span> =
+        spans.iter().map(|(_, s)| (otlp::hex(&s.trace_id), s)).collect();
+    assert!(spans.iter().all(|(svc, _)| svc == "keyswap-test"), "service.name from OTEL_SERVICE_NAME");
+    let seen = fake.seen();
+    let sent = fake.sent.lock().unwrap().clone();
+
+    for (i, case) in cases().iter().enumerate() {
+        let (trace, parent) = &parents[i];
+        let span = by_trace.get(trace).unwrap_or_else(|| panic!("{}: no span in trace {trace}", case.name));
+        let a = &span.attributes;
+        assert_eq!(span.name, case.name);
+        assert_eq!(span.kind, 3, "{}: kind CLIENT", case.name);
+        assert_eq!(otlp::hex(&span.parent_span_id), *parent, "{}: parented on the agent's span", case.name);
+        // The upstream got a traceparent continuing the agent's trace from keyswap's span.
+        let up = &seen[i];
+        let forwarded = up.header_str("traceparent").expect("traceparent forwarded");
+        assert_eq!(forwarded, format!("00-{trace}-{}-01", otlp::hex(&span.span_id)), "{}", case.name);
+        assert_eq!(otlp::s(a, "gen_ai.provider.name").as_deref(), Some(case.provider));
+        assert_eq!(otlp::s(a, "gen_ai.system").as_deref(), Some(case.provider));
+        assert!(otlp::s(a, "gen_ai.operation.name").is_some());
+        assert_eq!(otlp::s(a, "gen_ai.response.model").as_deref(), case.response_model, "{}", case.name);
+        assert_eq!(otlp::i(a, "gen_ai.usage.input_tokens"), Some(case.tokens.0), "{}", case.name);
+        assert_eq!(otlp::i(a, "gen_ai.usage.output_tokens"), Some(case.tokens.1), "{}", case.name);
+        assert_eq!(otlp::i(a, "http.response.status_code"), Some(200));
+        assert_eq!(otlp::s(a, "http.request.method").as_deref(), Some("POST"));
+        assert_eq!(otlp::s(a, "server.address").as_deref(), Some(case.host));
+        assert_eq!(otlp::b(a, "keyswap.credential.injected"), Some(true));
+        assert_eq!(otlp::b(a, "keyswap.smuggle.detected"), Some(false));
+        assert!(otlp::s(a, "keyswap.route").is_some() && otlp::s(a, "keyswap.policy").is_some());
+        let url = otlp::s(a, "url.full").unwrap();
+        assert!(
+            url.starts_with(&format!("http://{}", case.host)) || url.starts_with(&format!("https://{}", case.host)),
+            "{url}"
+        );
+        if case.path.contains("key=") {
+            assert!(url.contains("key=[redacted]") && !url.contains(PLACEHOLDER), "{url}");
+        }
+        // Header events: credentials redacted, other headers kept as arrays.
+        let req_headers = span.events.iter().find(|e| e.name == "http.request.headers").expect("request headers event");
+        for (k, _) in &case.headers {
+            assert_eq!(
+                otlp::list(&req_headers.attributes, &format!("http.request.header.{k}")),
+                Some(vec!["[redacted]".to_owned()]),
+                "{}",
+                case.name
+            );
+        }
+        assert_eq!(
+            otlp::list(&req_headers.attributes, "http.request.header.content-type"),
+            Some(vec!["application/json".to_owned()])
+        );
+        assert!(span.events.iter().any(|e| e.name == "http.response.headers"));
+        // Bodies: the first MAX_BYTES, base64, truncated flag and original length.
+        let req_body = span.events.iter().find(|e| e.name == "http.request.body").expect("request body event");
+        assert_eq!(decode_body(&req_body.attributes), case.body.as_bytes()[..case.body.len().min(MAX_BYTES)].to_vec());
+        assert_eq!(otlp::b(&req_body.attributes, "body.truncated"), Some(case.body.len() > MAX_BYTES));
+        let resp_body = span.events.iter().find(|e| e.name == "http.response.body").expect("response body event");
+        let original = &sent[i];
+        assert_eq!(
+            decode_body(&resp_body.attributes),
+            original[..original.len().min(MAX_BYTES)].to_vec(),
+            "{}",
+            case.name
+        );
+        assert_eq!(otlp::b(&resp_body.attributes, "body.truncated"), Some(original.len() > MAX_BYTES));
+        assert_eq!(otlp::i(&resp_body.attributes, "body.original_length"), Some(original.len() as i64));
+    }
+    let echo = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| otlp::s(&s.attributes, "server.address").as_deref() == Some("llm.internal.test"))
+        .unwrap();
+    let echoed = echo.events.iter().find(|e| e.name == "http.response.body").unwrap();
+    let text = String::from_utf8(decode_body(&echoed.attributes)).unwrap();
+    assert!(text.contains(r#""you_sent":"[redacted]""#), "{text}");
+    let denied = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| otlp::s(&s.attributes, "server.address").as_deref() == Some("exfil.example.com"))
+        .unwrap();
+    assert_eq!(otlp::s(&denied.attributes, "error.type").as_deref(), Some("no_route"));
+    assert_eq!(denied.name, "POST exfil.example.com");
+
+    // Metrics moved as expected.
+    let (st, after) = scrape(metrics_port, "/metrics").await;
+    assert_eq!(st, 200);
+    let delta = |sample: &str| metric(&after, sample) - metric(&before, sample);
+    assert_eq!(delta("keyswap_requests_total"), (cases().len() + 2) as f64, "{after}");
+    assert_eq!(delta("keyswap_injections_total"), (cases().len() + 1) as f64);
+    assert_eq!(delta("keyswap_denials_total{reason=\"no_route\"}"), 1.0);
+    assert_eq!(
+        metric(&after, "gen_ai_client_token_usage_total{gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude-sonnet-4-5\",gen_ai_token_type=\"output\"}"),
+        14.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "keyswap_extproc_phase_duration_seconds_count{phase=\"response_body\"}") >= cases().len() as f64
+    );
+    assert!(metric(&after, "keyswap_spans_exported_total") >= n as f64);
+    let (st, ready) = scrape(metrics_port, "/readyz").await;
+    assert_eq!(st, 200, "{ready}");
+    assert_eq!(scrape(metrics_port, "/healthz").await.0, 200);
+
+    // Not one secret, in any form, in the exports or the logs.
+    let exports = String::from_utf8_lossy(&collector.raw_bytes()).into_owned();
+    let logs = keyswap.output();
+    for s in secrets() {
+        assert!(!exports.contains(&s), "OTLP export contains `{s}`");
+        assert!(!logs.contains(&s), "logs contain `{s}`");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
+    let (collector, collector_addr) = Receiver::start().await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let env = otel_env(&format!("http://{collector_addr}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}/slow-stream"))
+        .header("host", "api.anthropic.com")
+        .header("x-api-key", PLACEHOLDER)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"claude-sonnet-4-5","stream":true}"#)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event arrived while the provider held the rest")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("message_start"), "{first:?}");
+    fake.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
+    let spans = collector.wait_for(1).await;
+    assert_eq!(
+        otlp::i(&spans[0].1.attributes, "gen_ai.usage.output_tokens"),
+        Some(7),
+        "usage read from the streamed body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are_counted() {
+    // A collector that accepts connections and never answers, and one that refuses them.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_addr = hanging.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hanging.accept().await {
+            held.push(s);
+        }
+    });
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    for (label, endpoint, queue) in [("hanging", format!("http://{hanging_addr}"), "2"), ("refused", refused, "4096")] {
+        let config = telemetry_config();
+        let work = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::start().await;
+        let metrics_port = free_port();
+        let env = otel_env(&endpoint);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let m = format!("127.0.0.1:{metrics_port}");
+        let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &["--metrics", &m, "--span-queue", queue]);
+        let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+        let c = client();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..30 {
+            let t = Instant::now();
+            let (st, _) = send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+            assert_eq!(st, 200, "{label}: {}", keyswap.output());
+            slowest = slowest.max(t.elapsed());
+        }
+        // Loose bound: the 10 s export timeout must never show up in a request.
+        assert!(slowest < Duration::from_secs(2), "{label}: slowest request {slowest:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, text) = scrape(metrics_port, "/metrics").await;
+            let dropped = metric(&text, "keyswap_spans_dropped_total{reason=\"queue_full\"}");
+            let failed = metric(&text, "keyswap_spans_dropped_total{reason=\"export_failed\"}");
+            let counted = if label == "hanging" { dropped >= 20.0 } else { failed >= 1.0 };
+            if counted {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{label}: drops not counted:\n{text}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
