@@ -392,3 +392,69 @@ async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are
         }
     }
 }
+
+/// OTLP over HTTP/protobuf (the standard default), with the endpoint and a collector header from
+/// `EgressGateway.spec.otlp`: the collector receives the span and the header; logs show neither
+/// the header's value nor any secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_uses_the_gateway_endpoint_and_headers() {
+    use prost::Message as _;
+    let received: std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<u8>)>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let r = r.clone();
+                    async move {
+                        let token = req.headers().get("x-collector-token").map(|v| v.to_str().unwrap().to_owned());
+                        let ok = req.uri().path() == "/v1/traces";
+                        let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                        if ok {
+                            r.lock().unwrap().push((token, body));
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(if ok { 200 } else { 404 })
+                                .header("content-type", "application/x-protobuf")
+                                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let config = telemetry_config();
+    let text = std::fs::read_to_string(config.path().join("config.yaml")).unwrap().replace(
+        "  otlp:\n",
+        &format!("  otlp:\n    endpoint: http://{addr}\n    headers: {{x-collector-token: collector-secret-777}}\n"),
+    );
+    std::fs::write(config.path().join("config.yaml"), text).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &[("OTEL_SERVICE_NAME", "keyswap-http")], &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let (st, _) = send(&client(), port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+    assert_eq!(st, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no HTTP export arrived:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (token, body) = received.lock().unwrap()[0].clone();
+    assert_eq!(token.as_deref(), Some("collector-secret-777"));
+    let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(&body[..]).unwrap();
+    let span = &req.resource_spans[0].scope_spans[0].spans[0];
+    assert_eq!(otlp::s(&span.attributes, "gen_ai.provider.name").as_deref(), Some("anthropic"));
+    let logs = keyswap.output();
+    assert!(logs.contains("tracing on"), "{logs}");
+    assert!(!logs.contains("collector-secret-777"), "collector header value logged:\n{logs}");
+    assert!(!String::from_utf8_lossy(&body).contains(ANTHROPIC_KEY));
+}
