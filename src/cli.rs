@@ -57,6 +57,8 @@ pub enum Command {
     Certs(CertsArgs),
     /// Print the Envoy bootstrap for a gateway (mints certificates when missing or stale).
     EnvoyConfig(EnvoyConfigArgs),
+    /// Print the CustomResourceDefinitions (EgressGateway, AIProviderRoute, CredentialInjectionPolicy) as YAML.
+    Crds,
     /// Run the whole gateway locally: certificates, Envoy config, Envoy and the ext_proc server.
     /// Prints the environment an agent needs. Ctrl-C stops both.
     Dev(DevArgs),
@@ -199,6 +201,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Certs(args) => certs_cmd(args),
         Command::EnvoyConfig(args) => envoy_config(args),
         Command::Dev(args) => dev(args),
+        Command::Crds => {
+            print!("{}", crate::api::crds_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

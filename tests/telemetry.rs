@@ -399,7 +399,8 @@ async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_export_uses_the_gateway_endpoint_and_headers() {
     use prost::Message as _;
-    let received: std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<u8>)>>> = Default::default();
+    type Received = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<u8>)>>>;
+    let received: Received = Default::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let r = received.clone();

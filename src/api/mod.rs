@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "keyswap.dev";
 pub const API_VERSION: &str = "keyswap.dev/v1alpha1";
@@ -24,7 +26,18 @@ pub struct ObjectMeta {
 
 // === EgressGateway ===
 
-#[derive(Clone, Debug, Deserialize)]
+/// An egress gateway: its listeners, default policy, allow list and telemetry.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "keyswap.dev",
+    version = "v1alpha1",
+    kind = "EgressGateway",
+    namespaced,
+    shortname = "egw",
+    doc = "An egress gateway for AI agents: listeners, default policy, allow list and telemetry.",
+    printcolumn(name = "Policy", type_ = "string", json_path = ".spec.defaultPolicy"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressGatewaySpec {
     #[serde(default)]
@@ -38,7 +51,7 @@ pub struct EgressGatewaySpec {
     pub allow: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum DefaultPolicy {
     #[serde(rename = "allow-all")]
     AllowAll,
@@ -56,7 +69,7 @@ impl DefaultPolicy {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Listener {
     pub name: String,
@@ -66,7 +79,7 @@ pub struct Listener {
     pub tls: Option<ListenerTls>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum ListenerProtocol {
     Http,
@@ -74,19 +87,19 @@ pub enum ListenerProtocol {
     Connect,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ListenerTls {
     pub mode: TlsMode,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum TlsMode {
     Terminate,
     Passthrough,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Otlp {
     #[serde(default)]
@@ -108,7 +121,7 @@ impl std::fmt::Debug for Otlp {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CaptureBody {
     #[serde(default)]
@@ -119,14 +132,26 @@ pub struct CaptureBody {
 
 // === AIProviderRoute ===
 
-#[derive(Clone, Debug, Deserialize)]
+/// Which AI-provider requests a gateway routes: provider, hosts, endpoints, models.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "keyswap.dev",
+    version = "v1alpha1",
+    kind = "AIProviderRoute",
+    namespaced,
+    shortname = "aipr",
+    status = "ResourceStatus",
+    doc = "Routes AI-provider requests through an EgressGateway.",
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AIProviderRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
     #[serde(default)]
@@ -138,13 +163,13 @@ pub struct ParentRef {
     pub namespace: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRule {
     pub matches: Vec<RouteMatch>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     pub provider: String,
@@ -160,7 +185,25 @@ pub struct RouteMatch {
 
 // === CredentialInjectionPolicy ===
 
-#[derive(Clone, Debug, Deserialize)]
+/// Which Secret key is injected into a route's requests, and how.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "keyswap.dev",
+    version = "v1alpha1",
+    kind = "CredentialInjectionPolicy",
+    namespaced,
+    shortname = "cip",
+    status = "ResourceStatus",
+    doc = "Injects a Secret's key into the requests of an AIProviderRoute (or of every route of a gateway).",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target"),
+    printcolumn(name = "Secret", type_ = "string", json_path = ".spec.secretRef.name"),
+    printcolumn(
+        name = "Resolved",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CredentialInjectionPolicySpec {
     pub parent_refs: Vec<ParentRef>,
@@ -178,7 +221,7 @@ pub struct CredentialInjectionPolicySpec {
     pub provider_auth: Option<ProviderAuth>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretRef {
     pub name: String,
@@ -188,14 +231,14 @@ pub struct SecretRef {
     pub namespace: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum Target {
     Header,
     QueryParam,
     ProviderAuth,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProviderAuth {
     #[serde(rename = "type")]
@@ -206,8 +249,39 @@ pub struct ProviderAuth {
     pub service: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 pub enum ProviderAuthType {
     AWSv4,
     GCPServiceAccount,
+}
+
+/// Status written with `--write-status`: `Accepted` and `ResolvedRefs` conditions.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub last_transition_time: Option<String>,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CustomResourceDefinitions, as YAML documents (what `keyswap crds` prints).
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt as _;
+    let crds = [EgressGateway::crd(), AIProviderRoute::crd(), CredentialInjectionPolicy::crd()];
+    crds.iter().map(|c| serde_yaml_ng::to_string(c).expect("CRDs serialize")).collect::<Vec<_>>().join("---\n")
 }
