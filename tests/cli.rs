@@ -169,3 +169,18 @@ fn help_explains_every_command() {
         assert!(out.contains(flag), "serve --help lacks {flag}:\n{out}");
     }
 }
+
+#[test]
+fn checked_in_crds_match_the_rust_types() {
+    let (code, out, err) = keyswap(&["crds"]);
+    assert_eq!(code, 0, "{err}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/crds/keyswap.dev.yaml");
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        out == checked_in,
+        "manifests/crds/keyswap.dev.yaml is stale: regenerate it with `cargo run -- crds > manifests/crds/keyswap.dev.yaml`"
+    );
+    for needle in ["shortNames:\n    - egw", "shortNames:\n    - aipr", "shortNames:\n    - cip", "- ProviderAuth", "subresources:"] {
+        assert!(out.contains(needle), "CRDs lack `{needle}`");
+    }
+}

@@ -3,6 +3,9 @@
 //! These are the raw shapes: strict (`deny_unknown_fields`), never used on the request path.
 //! `config::compile` validates them once into a [`crate::config::Snapshot`].
 
+// `#[kube(printcolumn(type_ = …))]` repeats keys by design.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
