@@ -134,9 +134,10 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// Directory of manifests (*.yaml, *.yml; multi-document files allowed).
+    /// Directory of manifests (*.yaml, *.yml; multi-document files allowed). Required except for
+    /// `serve --kubernetes`.
     #[arg(long, short = 'c', env = "KEYSWAP_CONFIG", value_name = "DIR")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// The EgressGateway to serve, NAMESPACE/NAME. Optional when the configuration has exactly one.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub gateway: Option<String>,
@@ -163,6 +164,13 @@ pub struct ServeArgs {
     /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
     #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
     pub span_queue: usize,
+    /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
+    /// reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
+    #[arg(long, conflicts_with = "secret_from_env")]
+    pub kubernetes: bool,
+    /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows.
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +224,10 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 impl SourceArgs {
+    fn dir(&self) -> anyhow::Result<&PathBuf> {
+        self.config.as_ref().ok_or_else(|| anyhow::anyhow!("--config DIR is required (a directory of manifests)"))
+    }
+
     fn source(&self) -> anyhow::Result<FileSource> {
         let env = |v: &str| std::env::var(v).ok();
         let secrets = self
@@ -223,7 +235,7 @@ impl SourceArgs {
             .iter()
             .map(|s| EnvSecret::parse(s, env).map_err(|e| anyhow::anyhow!("--secret-from-env {e}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(FileSource::new(&self.config, secrets))
+        Ok(FileSource::new(self.dir()?, secrets))
     }
 
     fn selector(&self) -> anyhow::Result<GatewaySelector> {
@@ -237,6 +249,12 @@ impl SourceArgs {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.kubernetes {
+        if args.source.config.is_some() {
+            anyhow::bail!("--kubernetes and --config are exclusive: choose one source");
+        }
+        return serve_kubernetes(args);
+    }
     let source = Arc::new(args.source.source()?);
     let selector = args.source.selector()?;
     let snapshot = match source.snapshot(&selector) {
@@ -248,15 +266,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let mut listeners = Vec::new();
-        if let Some(path) = &args.uds {
-            listeners.push(Bound::uds(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?);
-        }
-        if args.listen.is_some() || args.uds.is_none() {
-            let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
-            listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
-        }
+        let listeners = bind_listeners(&args).await?;
         run_extproc(source, snapshot, listeners, args.metrics, args.span_queue, shutdown_signal()).await
+    })?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
+    let mut listeners = Vec::new();
+    if let Some(path) = &args.uds {
+        listeners.push(Bound::uds(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?);
+    }
+    if args.listen.is_some() || args.uds.is_none() {
+        let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+        listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
+    }
+    Ok(listeners)
+}
+
+fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let selector = args.source.selector()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let metrics = Arc::new(Metrics::default());
+        let status = Arc::new(crate::config::kube::KubeStatus::default());
+        let (s1, s2) = (status.clone(), status.clone());
+        let ready: crate::telemetry::admin::ReadyFn =
+            Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
+        let admin =
+            crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, Arc::new(move || s2.render())).await?;
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!("cannot configure the Kubernetes client: {e} (run in a pod, or set KUBECONFIG)")
+        })?;
+        tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
+        let store = crate::config::kube::start(client, args.namespace.clone(), selector, status).await?;
+        let listeners = bind_listeners(&args).await?;
+        let result = serve_store(store, metrics, listeners, args.span_queue, shutdown_signal()).await;
+        admin.abort();
+        result
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -273,19 +321,6 @@ async fn run_extproc(
 ) -> anyhow::Result<()> {
     log_changes(None, &snapshot);
     let metrics = Arc::new(Metrics::default());
-    let tx = match crate::telemetry::export::settings(snapshot.otlp.as_ref(), |k| std::env::var(k).ok())
-        .map_err(anyhow::Error::msg)?
-    {
-        Some(settings) => {
-            let exporter = crate::telemetry::export::build(&settings).map_err(anyhow::Error::msg)?;
-            tracing::info!(exporter = %settings, "tracing on: one span per transaction");
-            Some(crate::telemetry::span::spawn_exporter(exporter, metrics.clone(), span_queue.max(1)))
-        }
-        None => {
-            tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
-            None
-        }
-    };
     // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
     let gateway = snapshot.gateway.clone();
     let selector = GatewaySelector::Named(gateway.clone());
@@ -301,20 +336,41 @@ async fn run_extproc(
     })
     .map_err(anyhow::Error::msg)?;
     tracing::info!(dir = %source.dir.display(), "watching configuration directory");
-    let admin = tokio::net::TcpListener::bind(metrics_addr).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {metrics_addr} for /metrics: {e} (choose another with --metrics)")
-    })?;
-    tracing::info!(address = %admin.local_addr()?, "admin endpoints: /metrics /healthz /readyz");
-    let ready = Arc::new(move || {
+    let ready: crate::telemetry::admin::ReadyFn = Arc::new(move || {
         let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (true, format!("gateway {gateway} loaded; last reload: {last}"))
     });
-    let admin_task = tokio::spawn(crate::telemetry::admin::serve(admin, metrics.clone(), ready));
+    let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, Arc::new(String::new)).await?;
+    let result = serve_store(store, metrics, listeners, span_queue, shutdown).await;
+    admin.abort();
+    result
+}
+
+/// The ext_proc server over `store`, with the OTLP exporter the gateway (or environment) names.
+async fn serve_store(
+    store: crate::config::SnapshotStore,
+    metrics: Arc<Metrics>,
+    listeners: Vec<Bound>,
+    span_queue: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let otlp = store.load().otlp.clone();
+    let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
+        .map_err(anyhow::Error::msg)?
+    {
+        Some(settings) => {
+            let exporter = crate::telemetry::export::build(&settings).map_err(anyhow::Error::msg)?;
+            tracing::info!(exporter = %settings, "tracing on: one span per transaction");
+            Some(crate::telemetry::span::spawn_exporter(exporter, metrics.clone(), span_queue.max(1)))
+        }
+        None => {
+            tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
+            None
+        }
+    };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
     let shared = Arc::new(Shared { store, metrics, sink });
-    let result = server::run(shared, listeners, shutdown).await;
-    admin_task.abort();
-    result
+    server::run(shared, listeners, shutdown).await
 }
 
 /// Finished spans waiting for export; beyond this they are dropped and counted.
@@ -349,7 +405,7 @@ fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
         },
     };
     if gateways.is_empty() {
-        eprintln!("keyswap: no EgressGateway found in {}", args.config.display());
+        eprintln!("keyswap: no EgressGateway found in {}", args.dir()?.display());
         return Ok(ExitCode::FAILURE);
     }
     let mut unresolved = 0;
@@ -562,7 +618,7 @@ pub fn find_envoy() -> anyhow::Result<PathBuf> {
 
 fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let src_args = SourceArgs {
-        config: args.config.clone(),
+        config: Some(args.config.clone()),
         gateway: args.gateway.clone(),
         secret_from_env: args.secrets.clone(),
     };

@@ -180,7 +180,13 @@ fn checked_in_crds_match_the_rust_types() {
         out == checked_in,
         "manifests/crds/keyswap.dev.yaml is stale: regenerate it with `cargo run -- crds > manifests/crds/keyswap.dev.yaml`"
     );
-    for needle in ["shortNames:\n    - egw", "shortNames:\n    - aipr", "shortNames:\n    - cip", "- ProviderAuth", "subresources:"] {
+    for needle in [
+        "shortNames:\n    - egw",
+        "shortNames:\n    - aipr",
+        "shortNames:\n    - cip",
+        "- ProviderAuth",
+        "subresources:",
+    ] {
         assert!(out.contains(needle), "CRDs lack `{needle}`");
     }
 }

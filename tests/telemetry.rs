@@ -276,9 +276,16 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     assert_eq!(otlp::s(&denied.attributes, "error.type").as_deref(), Some("no_route"));
     assert_eq!(denied.name, "POST exfil.example.com");
 
-    // Metrics moved as expected.
-    let (st, after) = scrape(metrics_port, "/metrics").await;
-    assert_eq!(st, 200);
+    // Metrics moved as expected. (The exporter counts a batch once the collector has answered.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let (st, text) = scrape(metrics_port, "/metrics").await;
+        assert_eq!(st, 200);
+        if metric(&text, "keyswap_spans_exported_total") >= n as f64 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let delta = |sample: &str| metric(&after, sample) - metric(&before, sample);
     assert_eq!(delta("keyswap_requests_total"), (cases().len() + 2) as f64, "{after}");
     assert_eq!(delta("keyswap_injections_total"), (cases().len() + 1) as f64);

@@ -257,7 +257,7 @@ fn parse_secret(mut map: serde_yaml_ng::Mapping) -> Result<SecretData, ConfigErr
 }
 
 /// Values end up in HTTP header values and query strings: refuse what cannot travel there.
-fn validate_secret_value(bytes: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn validate_secret_value(bytes: &[u8]) -> Result<(), &'static str> {
     if bytes.is_empty() {
         return Err("is empty");
     }

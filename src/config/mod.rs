@@ -6,6 +6,7 @@
 pub mod compile;
 pub mod error;
 pub mod file;
+pub mod kube;
 pub mod load;
 pub mod snapshot;
 

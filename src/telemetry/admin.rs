@@ -10,22 +10,37 @@ use hyper_util::rt::TokioIo;
 
 use super::Metrics;
 
-/// Serves until the listener fails or the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Whether keyswap is ready, and a line saying why (for `/readyz`).
+pub type ReadyFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+/// More Prometheus lines (a source's own metrics).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Binds the admin address (errors name it) and serves in the background.
+pub async fn spawn(
+    addr: std::net::SocketAddr,
     metrics: Arc<Metrics>,
-    ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>,
-) {
+    ready: ReadyFn,
+    extra: ExtraMetrics,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /metrics: {e} (choose another with --metrics)"))?;
+    tracing::info!(address = %listener.local_addr()?, "admin endpoints: /metrics /healthz /readyz");
+    Ok(tokio::spawn(serve(listener, metrics, ready, extra)))
+}
+
+/// Serves until the listener fails or the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, ready: ReadyFn, extra: ExtraMetrics) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let (metrics, ready) = (metrics.clone(), ready.clone());
+        let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (metrics, ready) = (metrics.clone(), ready.clone());
+                let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
                 async move {
                     let (is_ready, detail) = ready();
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render(is_ready)),
+                        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render(is_ready) + &extra()),
                         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
                         "/readyz" if is_ready => (200, "text/plain", format!("ready: {detail}\n")),
                         "/readyz" => (503, "text/plain", format!("not ready: {detail}\n")),

@@ -1,0 +1,291 @@
+//! The Kubernetes source: kube-rs reflectors for the three resources, and one name-scoped watch
+//! per Secret a policy references (never a namespace- or cluster-wide Secret list).
+//!
+//! Every change rebuilds the whole snapshot from the in-memory caches; an invalid result is
+//! logged and the last good snapshot keeps serving. Watch errors (410 Gone, dropped
+//! connections, an unreachable API server) are retried with backoff by kube-runtime while the
+//! caches, and so the snapshot, stay as they were.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt as _};
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use secrecy::SecretSlice;
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use super::error::{ConfigError, Origin};
+use super::load::{validate_secret_value, Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
+use super::{log_changes, Catalog, GatewaySelector, SnapshotStore};
+use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway};
+
+/// How long the caches must be quiet before a rebuild: coalesces a burst (an initial list,
+/// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
+const SETTLE: Duration = Duration::from_millis(30);
+
+/// What `/readyz` and the metrics report about the Kubernetes source.
+#[derive(Debug, Default)]
+pub struct KubeStatus {
+    /// Initial lists done and a first snapshot built.
+    pub synced: AtomicBool,
+    pub watch_errors: AtomicU64,
+    /// Secrets currently watched (and cached): exactly those policies reference.
+    pub secrets_watched: AtomicU64,
+    pub rebuilds: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl KubeStatus {
+    /// Prometheus lines for the Kubernetes source.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP keyswap_kube_watch_errors_total Kubernetes watch errors (retried with backoff).\n\
+             # TYPE keyswap_kube_watch_errors counter\nkeyswap_kube_watch_errors_total {}\n\
+             # HELP keyswap_kube_secrets_watched Secrets watched and cached: those policies reference.\n\
+             # TYPE keyswap_kube_secrets_watched gauge\nkeyswap_kube_secrets_watched {}\n\
+             # HELP keyswap_kube_api_reachable Whether the last watch event was a success.\n\
+             # TYPE keyswap_kube_api_reachable gauge\nkeyswap_kube_api_reachable {}\n",
+            self.watch_errors.load(Ordering::Relaxed),
+            self.secrets_watched.load(Ordering::Relaxed),
+            u8::from(self.last_error.lock().unwrap_or_else(|e| e.into_inner()).is_none()),
+        )
+    }
+
+    pub fn detail(&self) -> String {
+        let err = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match (self.synced.load(Ordering::Relaxed), err) {
+            (false, None) => "waiting for the initial sync with the Kubernetes API".into(),
+            (false, Some(e)) => format!("waiting for the initial sync; last watch error: {e}"),
+            (true, None) => "synced with the Kubernetes API".into(),
+            (true, Some(e)) => format!("Kubernetes API watch failing ({e}); serving the last good configuration"),
+        }
+    }
+}
+
+struct Watched<K: kube::Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: Store<K>,
+    synced: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a reflector on `api`; every event pokes `changed`.
+fn watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: Arc<Notify>,
+    status: Arc<KubeStatus>,
+    what: String,
+) -> Watched<K>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default,
+{
+    let (store, writer) = reflector::store();
+    let synced = Arc::new(AtomicBool::new(false));
+    let s = synced.clone();
+    let task = tokio::spawn(async move {
+        let stream = watcher(api, cfg)
+            .default_backoff()
+            .modify(|o: &mut K| {
+                // Never cache what keyswap does not read.
+                o.meta_mut().managed_fields = None;
+            })
+            .reflect(writer);
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => {
+                    s.store(true, Ordering::Relaxed);
+                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    changed.notify_one();
+                }
+                Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => {}
+                Ok(_) => {
+                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(watch = %what, error = %e, "Kubernetes watch failed; retrying, the last good configuration keeps serving");
+                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{what}: {e}"));
+                }
+            }
+        }
+    });
+    Watched { store, synced, task }
+}
+
+/// Converts a Kubernetes Secret into keyswap's form, validating each value as file mode does.
+pub fn secret_data(secret: &Secret, origin: &Origin, label: &str) -> Result<SecretData, ConfigError> {
+    let mut out = SecretData::default();
+    let data = secret.data.iter().flatten().map(|(k, v)| (k, "data", v.0.clone()));
+    let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, "stringData", v.clone().into_bytes()));
+    for (k, field, bytes) in data.chain(string_data) {
+        validate_secret_value(&bytes)
+            .map_err(|m| ConfigError::new(m).at(origin).object(label.to_owned()).field(format!("{field}.{k}")))?;
+        out.entries.insert(k.clone(), SecretSlice::from(bytes));
+    }
+    Ok(out)
+}
+
+/// Runs the Kubernetes source. Returns the store once the initial sync produced a valid
+/// snapshot; keeps it current in the background.
+pub async fn start(
+    client: Client,
+    namespace: Option<String>,
+    selector: GatewaySelector,
+    status: Arc<KubeStatus>,
+) -> anyhow::Result<SnapshotStore> {
+    let changed = Arc::new(Notify::new());
+    let api = |c: &Client| -> (Api<EgressGateway>, Api<AIProviderRoute>, Api<CredentialInjectionPolicy>) {
+        match &namespace {
+            Some(ns) => {
+                (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns))
+            }
+            None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+        }
+    };
+    let (g, r, p) = api(&client);
+    let cfg = watcher::Config::default;
+    let gateways = watch(g, cfg(), changed.clone(), status.clone(), "egressgateways".into());
+    let routes = watch(r, cfg(), changed.clone(), status.clone(), "aiproviderroutes".into());
+    let policies = watch(p, cfg(), changed.clone(), status.clone(), "credentialinjectionpolicies".into());
+    let mut secrets: HashMap<Key, Watched<Secret>> = HashMap::new();
+    let mut store: Option<SnapshotStore> = None;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SnapshotStore>();
+    let mut ready_tx = Some(ready_tx);
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
+
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = progress.tick() => {
+                    if !status.synced.load(Ordering::Relaxed) {
+                        tracing::info!(status = %status.detail(), "waiting for the Kubernetes caches");
+                    }
+                    continue;
+                }
+            }
+            tokio::time::sleep(SETTLE).await;
+            if !(gateways.synced.load(Ordering::Relaxed)
+                && routes.synced.load(Ordering::Relaxed)
+                && policies.synced.load(Ordering::Relaxed))
+            {
+                continue;
+            }
+            // Watch exactly the Secrets the policies name, each in the policy's namespace.
+            let wanted: BTreeSet<Key> = policies
+                .store
+                .state()
+                .iter()
+                .map(|p| {
+                    Key::new(p.namespace().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), p.spec.secret_ref.name.clone())
+                })
+                .collect();
+            secrets.retain(|k, w| {
+                let keep = wanted.contains(k);
+                if !keep {
+                    w.task.abort();
+                    tracing::debug!(secret = %k, "no longer referenced; stopped watching");
+                }
+                keep
+            });
+            for k in &wanted {
+                if !secrets.contains_key(k) {
+                    let api: Api<Secret> = Api::namespaced(client.clone(), &k.namespace);
+                    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", k.name));
+                    secrets.insert(k.clone(), watch(api, cfg, changed.clone(), status.clone(), format!("secret {k}")));
+                }
+            }
+            status.secrets_watched.store(secrets.len() as u64, Ordering::Relaxed);
+            if !secrets.values().all(|w| w.synced.load(Ordering::Relaxed)) {
+                continue;
+            }
+            let objects = collect(&gateways.store, &routes.store, &policies.store, &secrets);
+            let built = objects.and_then(|objs| {
+                let catalog = Catalog::build(objs)?;
+                let key = selector.resolve(&catalog)?;
+                catalog.compile(&key)
+            });
+            status.rebuilds.fetch_add(1, Ordering::Relaxed);
+            match (built, &store) {
+                (Ok(snap), None) => {
+                    log_changes(None, &snap);
+                    let s = Arc::new(ArcSwap::from_pointee(snap));
+                    store = Some(s.clone());
+                    status.synced.store(true, Ordering::Relaxed);
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(s);
+                    }
+                }
+                (Ok(snap), Some(s)) => {
+                    log_changes(Some(&s.load()), &snap);
+                    s.store(Arc::new(snap));
+                }
+                (Err(errors), _) => {
+                    for e in &errors.0 {
+                        tracing::error!(error = %e, "configuration rejected; the last good configuration keeps serving");
+                    }
+                }
+            }
+        }
+    });
+    ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
+}
+
+fn origin() -> Origin {
+    Origin { file: PathBuf::from("kubernetes"), document: 1 }
+}
+
+fn collect(
+    gateways: &Store<EgressGateway>,
+    routes: &Store<AIProviderRoute>,
+    policies: &Store<CredentialInjectionPolicy>,
+    secrets: &HashMap<Key, Watched<Secret>>,
+) -> Result<Vec<Object>, super::ConfigErrors> {
+    let key = |m: &kube::core::ObjectMeta| {
+        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+    };
+    let mut objects = Vec::new();
+    for g in gateways.state() {
+        objects.push(Object { origin: origin(), key: key(g.meta()), resource: Resource::Gateway(g.spec.clone()) });
+    }
+    for r in routes.state() {
+        objects.push(Object { origin: origin(), key: key(r.meta()), resource: Resource::Route(r.spec.clone()) });
+    }
+    for p in policies.state() {
+        objects.push(Object { origin: origin(), key: key(p.meta()), resource: Resource::Policy(p.spec.clone()) });
+    }
+    let mut errors = Vec::new();
+    let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
+    for w in secrets.values() {
+        for s in w.store.state() {
+            by_key.insert(key(s.meta()), s);
+        }
+    }
+    for (k, s) in by_key {
+        let label = format!("Secret {k}");
+        match secret_data(&s, &origin(), &label) {
+            Ok(data) => objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(data) }),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(super::ConfigErrors(errors))
+    }
+}
