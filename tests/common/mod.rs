@@ -698,6 +698,8 @@ pub async fn send(client: &Client, port: u16, host: &str, path: &str, headers: &
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+pub mod kubeapi;
+
 // === gRPC, as Envoy speaks it ===
 
 pub mod grpc {
@@ -840,12 +842,17 @@ pub async fn send_body(
 
 /// GET on keyswap's admin port.
 pub async fn scrape(port: u16, path: &str) -> (u16, String) {
+    try_scrape(port, path).await.expect("admin port answers")
+}
+
+/// GET on keyswap's admin port; `None` while nothing listens there.
+pub async fn try_scrape(port: u16, path: &str) -> Option<(u16, String)> {
     let req =
         hyper::Request::builder().uri(format!("http://127.0.0.1:{port}{path}")).body(Full::new(Bytes::new())).unwrap();
-    let resp = client().request(req).await.expect("admin port answers");
+    let resp = client().request(req).await.ok()?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The value of one Prometheus sample line (`name{labels} value`), 0 when absent.

@@ -1,0 +1,297 @@
+//! A fake Kubernetes API server on loopback speaking real HTTP list and watch: resourceVersions,
+//! ADDED/MODIFIED/DELETED, BOOKMARK, 410 Gone (`Expired`) after compaction, droppable watch
+//! connections, and an outage switch. No real API server can run on these machines.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches resuming below this get 410 Gone.
+    compacted_below: u64,
+    objects: BTreeMap<(String, String, String), Value>,
+    log: Vec<(u64, String, String, String, &'static str, Value)>,
+    down: bool,
+    /// Bumped to cut every open watch.
+    generation: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
+    /// `path?query` of every request, for "never listed all Secrets" checks.
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+fn kind_of(resource: &str) -> (&'static str, &'static str) {
+    match resource {
+        "egressgateways" => ("keyswap.dev/v1alpha1", "EgressGateway"),
+        "aiproviderroutes" => ("keyswap.dev/v1alpha1", "AIProviderRoute"),
+        "credentialinjectionpolicies" => ("keyswap.dev/v1alpha1", "CredentialInjectionPolicy"),
+        _ => ("v1", "Secret"),
+    }
+}
+
+struct Query {
+    resource: String,
+    namespace: Option<String>,
+    watch: bool,
+    rv: Option<u64>,
+    name: Option<String>,
+    bookmarks: bool,
+    timeout: Duration,
+}
+
+fn parse(path: &str, query: &str) -> Option<Query> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (namespace, resource) = match parts.as_slice() {
+        ["apis", "keyswap.dev", "v1alpha1", "namespaces", ns, r] | ["api", "v1", "namespaces", ns, r] => {
+            (Some(ns.to_string()), r.to_string())
+        }
+        ["apis", "keyswap.dev", "v1alpha1", r] | ["api", "v1", r] => (None, r.to_string()),
+        _ => return None,
+    };
+    let mut q = Query {
+        resource,
+        namespace,
+        watch: false,
+        rv: None,
+        name: None,
+        bookmarks: false,
+        timeout: Duration::from_secs(290),
+    };
+    for (k, v) in super::url_params(query) {
+        match k.as_str() {
+            "watch" => q.watch = v == "true" || v == "1",
+            "resourceVersion" => q.rv = v.parse().ok(),
+            "fieldSelector" => q.name = v.strip_prefix("metadata.name=").map(str::to_owned),
+            "allowWatchBookmarks" => q.bookmarks = v == "true",
+            "timeoutSeconds" => q.timeout = Duration::from_secs(v.parse().unwrap_or(290)),
+            _ => {}
+        }
+    }
+    Some(q)
+}
+
+impl FakeKube {
+    pub async fn start() -> FakeKube {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeKube {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::new(Mutex::new(State { rv: 100, ..Default::default() })),
+            changed: Arc::default(),
+            requests: Arc::default(),
+        };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if f.state.lock().unwrap().down {
+                    drop(stream); // unreachable: the connection closes without an answer
+                    continue;
+                }
+                let f = f.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let f = f.clone();
+                        async move {
+                            if f.state.lock().unwrap().down {
+                                // Unreachable: abort the connection instead of answering.
+                                return Err(std::io::Error::other("api server down"));
+                            }
+                            Ok(f.handle(req))
+                        }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        fake
+    }
+
+    /// A kubeconfig pointing at this server (plain HTTP, no auth).
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
+                 users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: agents}}\n\
+                 current-context: fake\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn record(&self, st: &mut State, resource: &str, ns: &str, name: &str, kind: &'static str, mut obj: Value) {
+        st.rv += 1;
+        let (api_version, k) = kind_of(resource);
+        obj["apiVersion"] = json!(api_version);
+        obj["kind"] = json!(k);
+        obj["metadata"]["name"] = json!(name);
+        obj["metadata"]["namespace"] = json!(ns);
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        obj["metadata"]["uid"] = json!(format!("uid-{resource}-{ns}-{name}"));
+        let key = (resource.to_owned(), ns.to_owned(), name.to_owned());
+        if kind == "DELETED" {
+            st.objects.remove(&key);
+        } else {
+            st.objects.insert(key, obj.clone());
+        }
+        let rv = st.rv;
+        st.log.push((rv, resource.to_owned(), ns.to_owned(), name.to_owned(), kind, obj));
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED).
+    pub fn put(&self, resource: &str, ns: &str, name: &str, obj: Value) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let exists = st.objects.contains_key(&(resource.to_owned(), ns.to_owned(), name.to_owned()));
+            self.record(&mut st, resource, ns, name, if exists { "MODIFIED" } else { "ADDED" }, obj);
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn delete(&self, resource: &str, ns: &str, name: &str) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let Some(obj) = st.objects.get(&(resource.to_owned(), ns.to_owned(), name.to_owned())).cloned() else {
+                return;
+            };
+            self.record(&mut st, resource, ns, name, "DELETED", obj);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Cuts every open watch connection.
+    pub fn drop_watches(&self) {
+        self.state.lock().unwrap().generation += 1;
+        self.changed.notify_waiters();
+    }
+
+    /// Forgets history: a watch resuming from an older resourceVersion gets 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.compacted_below = st.rv;
+    }
+
+    /// While down, connections are closed unanswered (an unreachable API server) and watches end.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+        self.drop_watches();
+    }
+
+    fn respond(status: u16, body: Value) -> hyper::Response<Body> {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())).boxed())
+            .unwrap()
+    }
+
+    fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        self.requests.lock().unwrap().push(format!("{path}?{query}"));
+        if self.state.lock().unwrap().down {
+            return Self::respond(
+                503,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "down for the test"}),
+            );
+        }
+        let Some(q) = parse(&path, &query) else {
+            return Self::respond(
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
+            );
+        };
+        let matches = move |q: &Query, resource: &str, ns: &str, name: &str| {
+            resource == q.resource
+                && q.namespace.as_deref().is_none_or(|n| n == ns)
+                && q.name.as_deref().is_none_or(|n| n == name)
+        };
+        if !q.watch {
+            let st = self.state.lock().unwrap();
+            let items: Vec<Value> =
+                st.objects.iter().filter(|((r, ns, n), _)| matches(&q, r, ns, n)).map(|(_, v)| v.clone()).collect();
+            let (api_version, kind) = kind_of(&q.resource);
+            return Self::respond(
+                200,
+                json!({"apiVersion": api_version, "kind": format!("{kind}List"), "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+            );
+        }
+        // A watch: replay what happened since `resourceVersion`, then follow.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let line = |v: Value| Ok(Frame::data(Bytes::from(format!("{v}\n"))));
+            let (mut sent, generation) = {
+                let st = this.state.lock().unwrap();
+                (q.rv.unwrap_or(st.rv), st.generation)
+            };
+            if sent < this.state.lock().unwrap().compacted_below {
+                let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "Expired", "code": 410, "message": format!("too old resource version: {sent}")}});
+                let _ = tx.send(line(gone)).await;
+                return;
+            }
+            let deadline = tokio::time::Instant::now() + q.timeout;
+            loop {
+                let notified = this.changed.notified();
+                let (events, current, gen_now) = {
+                    let st = this.state.lock().unwrap();
+                    let ev: Vec<Value> = st
+                        .log
+                        .iter()
+                        .filter(|(rv, r, ns, n, _, _)| *rv > sent && matches(&q, r, ns, n))
+                        .map(|(_, _, _, _, kind, obj)| json!({"type": kind, "object": obj}))
+                        .collect();
+                    (ev, st.rv, st.generation)
+                };
+                if gen_now != generation {
+                    return; // cut by the test
+                }
+                for e in events {
+                    if tx.send(line(e)).await.is_err() {
+                        return;
+                    }
+                }
+                sent = current;
+                let (api_version, kind) = kind_of(&q.resource);
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)), if q.bookmarks => {
+                        let bm = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                            "metadata": {"resourceVersion": current.to_string()}}});
+                        if tx.send(line(bm)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => return,
+                }
+            }
+        });
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+            .unwrap()
+    }
+}

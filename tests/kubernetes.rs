@@ -1,0 +1,206 @@
+//! Kubernetes mode against a fake API server that speaks real list/watch over HTTP: initial
+//! sync, Secret rotation, deletion, route changes, dropped watches, 410 Gone and an outage —
+//! with gRPC requests flowing the whole time, and only referenced Secrets ever fetched.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::grpc::{self, immediate, mutation, set_value};
+use common::kubeapi::FakeKube;
+use common::*;
+use serde_json::json;
+
+const NS: &str = "agents";
+const REFERENCED: usize = 10;
+
+fn seed(kube: &FakeKube) {
+    kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all"}}));
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "anthropic",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-one")}}));
+    // Ten more referenced Secrets, and five thousand that nothing references.
+    for i in 0..REFERENCED - 1 {
+        kube.put("aiproviderroutes", NS, &format!("r{i}"), json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "custom", "hosts": [format!("r{i}.test")]}]}]}}));
+        kube.put("credentialinjectionpolicies", NS, &format!("p{i}"), json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": format!("r{i}")}], "secretRef": {"name": format!("s{i}")}, "target": "Header", "headerName": "x-key"}}));
+        kube.put("secrets", NS, &format!("s{i}"), json!({"stringData": {"token": format!("key-{i}")}}));
+    }
+    for i in 0..5000 {
+        kube.put("secrets", NS, &format!("noise-{i}"), json!({"stringData": {"token": format!("unrelated-{i}")}}));
+    }
+}
+
+async fn anthropic_key(c: &mut grpc::Client) -> Result<String, u32> {
+    let r =
+        grpc::request(c, &[(":authority", "api.anthropic.com"), (":path", "/v1/messages"), ("x-api-key", PLACEHOLDER)])
+            .await;
+    match &r.response {
+        Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_)) => {
+            Err(immediate(&r).status.as_ref().unwrap().code as u32)
+        }
+        _ => Ok(set_value(&mutation(&r), "x-api-key").unwrap_or_default()),
+    }
+}
+
+async fn wait_for_key(c: &mut grpc::Client, want: &str, since: Instant) -> Duration {
+    loop {
+        if anthropic_key(c).await.as_deref() == Ok(want) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "{want} never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends requests back to back until stopped; counts any that did not get a key injected.
+fn keep_requesting(
+    addr: std::net::SocketAddr,
+) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        let mut c = grpc::connect(addr).await;
+        while !s.load(Ordering::Relaxed) {
+            match anthropic_key(&mut c).await {
+                Ok(k) if k.starts_with("sk-ant-k8s") => o.fetch_add(1, Ordering::Relaxed),
+                _ => f.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    });
+    (stop, ok, failed, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwhile() {
+    let kube = FakeKube::start().await;
+    seed(&kube);
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.args(["serve", "--kubernetes", "--namespace", NS])
+        .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,keyswap=debug");
+    let mut keyswap = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
+
+    // Not ready until the initial sync; then ready and serving.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        keyswap.assert_running();
+        if let Ok(Some((200, _))) =
+            tokio::time::timeout(Duration::from_secs(2), try_scrape(metrics_port, "/readyz")).await
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+    let mut c = grpc::connect(addr).await;
+    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-one".into()));
+
+    // Only the referenced Secrets are held, and no Secret was ever listed without a name.
+    let (_, m) = scrape(metrics_port, "/metrics").await;
+    assert_eq!(metric(&m, "keyswap_kube_secrets_watched"), REFERENCED as f64, "{m}");
+    let secret_requests: Vec<String> =
+        kube.requests.lock().unwrap().iter().filter(|r| r.contains("/secrets")).cloned().collect();
+    assert!(!secret_requests.is_empty());
+    for r in &secret_requests {
+        assert!(r.contains("fieldSelector=metadata.name"), "a Secret request without a name selector: {r}");
+        assert!(!r.contains("noise-"), "an unreferenced Secret was requested: {r}");
+    }
+
+    // kubectl edit secret: the next requests carry the new key within a second.
+    let edited = Instant::now();
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-two")}}));
+    let took = wait_for_key(&mut c, "sk-ant-k8s-two", edited).await;
+    assert!(took < Duration::from_secs(1), "rotation took {took:?}");
+
+    // Dropped watches, then 410 Gone: keyswap relists; not one request fails meanwhile.
+    let (stop, ok, failed, task) = keep_requesting(addr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kube.drop_watches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kube.compact();
+    kube.drop_watches();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let edited = Instant::now();
+    kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-three"}}));
+    let took = wait_for_key(&mut c, "sk-ant-k8s-three", edited).await;
+    assert!(took < Duration::from_secs(2), "after relist, rotation took {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 20, "requests kept flowing");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed while watches were cut");
+
+    // A route change changes routing.
+    kube.put("aiproviderroutes", NS, "anthropic", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic", "hosts": ["anthropic.internal.test"]}]}]}}));
+    let since = Instant::now();
+    while anthropic_key(&mut c).await != Err(403) {
+        assert!(since.elapsed() < Duration::from_secs(5), "route change not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"));
+
+    // Secret deleted: fail closed with 503.
+    kube.delete("secrets", NS, "anthropic");
+    let since = Instant::now();
+    loop {
+        let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+        if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(
+            i,
+        )) = &r.response
+        {
+            assert_eq!(i.status.as_ref().unwrap().code, 503);
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "deletion not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // API server down: keyswap keeps serving the last good snapshot and says so.
+    kube.set_down(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..20 {
+        let r = grpc::request(&mut c, &[(":authority", "r0.test"), (":path", "/x")]).await;
+        assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-0"), "request {i} during the outage");
+    }
+    // The client retries 503s for a while before the watch reports the error: poll.
+    let since = Instant::now();
+    loop {
+        let (st, ready) = scrape(metrics_port, "/readyz").await;
+        assert_eq!(st, 200, "still serving: {ready}");
+        if ready.contains("serving the last good configuration") {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "/readyz never reported the outage: {ready}\n{}",
+            keyswap.output()
+        );
+        let r = grpc::request(&mut c, &[(":authority", "r0.test"), (":path", "/x")]).await;
+        assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-0"), "request during the outage");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, m) = scrape(metrics_port, "/metrics").await;
+    assert!(metric(&m, "keyswap_kube_watch_errors_total") > 0.0, "{m}");
+    assert_eq!(metric(&m, "keyswap_kube_api_reachable"), 0.0, "{m}");
+    kube.set_down(false);
+
+    let logs = keyswap.output();
+    for secret in ["sk-ant-k8s-one", "sk-ant-k8s-two", "sk-ant-k8s-three", "key-0", "unrelated-1"] {
+        assert!(!logs.contains(secret), "logs contain `{secret}`");
+    }
+    keyswap.terminate();
+}
