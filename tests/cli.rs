@@ -42,10 +42,12 @@ fn check_prints_the_compiled_configuration_with_fingerprints_only() {
 
 #[test]
 fn check_passes_on_the_shipped_examples() {
-    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/examples");
-    let (code, out, err) = keyswap(&["check", "--config", examples]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.ends_with("OK\n"), "{out}");
+    for dir in ["/manifests/examples", "/manifests/examples/echo-bot"] {
+        let examples = format!("{}{dir}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out, err) = keyswap(&["check", "--config", &examples]);
+        assert_eq!(code, 0, "{dir}: {out}\n{err}");
+        assert!(out.ends_with("OK\n"), "{out}");
+    }
 }
 
 #[test]
