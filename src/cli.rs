@@ -171,6 +171,10 @@ pub struct ServeArgs {
     /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows.
     #[arg(long, value_name = "NS", requires = "kubernetes")]
     pub namespace: Option<String>,
+    /// With --kubernetes: write `Accepted` and `ResolvedRefs` conditions to the status of routes
+    /// and policies (needs `patch` on their `/status` subresources).
+    #[arg(long, requires = "kubernetes")]
+    pub write_status: bool,
 }
 
 #[derive(Debug, Args)]
@@ -300,7 +304,8 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
             anyhow::anyhow!("cannot configure the Kubernetes client: {e} (run in a pod, or set KUBECONFIG)")
         })?;
         tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
-        let store = crate::config::kube::start(client, args.namespace.clone(), selector, status).await?;
+        let store =
+            crate::config::kube::start(client, args.namespace.clone(), selector, status, args.write_status).await?;
         let listeners = bind_listeners(&args).await?;
         let result = serve_store(store, metrics, listeners, args.span_queue, shutdown_signal()).await;
         admin.abort();

@@ -87,7 +87,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     let kubeconfig = kube.kubeconfig(work.path());
     let (grpc_port, metrics_port) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.args(["serve", "--kubernetes", "--namespace", NS])
+    cmd.args(["serve", "--kubernetes", "--namespace", NS, "--write-status"])
         .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info,keyswap=debug");
@@ -117,8 +117,28 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     assert!(!secret_requests.is_empty());
     for r in &secret_requests {
         assert!(r.contains("fieldSelector=metadata.name"), "a Secret request without a name selector: {r}");
+        assert!(r.starts_with("GET "), "keyswap only reads Secrets: {r}");
         assert!(!r.contains("noise-"), "an unreferenced Secret was requested: {r}");
     }
+
+    // --write-status: conditions on the objects.
+    let cond = |kube: &FakeKube, res: &str, name: &str, t: &str| -> Option<(String, String)> {
+        let obj = kube.get(res, NS, name)?;
+        let c = obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t)?.clone();
+        Some((c["status"].as_str()?.to_owned(), c["reason"].as_str()?.to_owned()))
+    };
+    let since = Instant::now();
+    while cond(&kube, "credentialinjectionpolicies", "anthropic-key", "ResolvedRefs")
+        != Some(("True".into(), "ResolvedRefs".into()))
+    {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "no status written: {:?}",
+            kube.get("credentialinjectionpolicies", NS, "anthropic-key")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cond(&kube, "aiproviderroutes", "anthropic", "Accepted"), Some(("True".into(), "Accepted".into())));
 
     // kubectl edit secret: the next requests carry the new key within a second.
     let edited = Instant::now();
@@ -167,6 +187,14 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         }
         assert!(since.elapsed() < Duration::from_secs(5), "deletion not applied");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let since = Instant::now();
+    while cond(&kube, "credentialinjectionpolicies", "anthropic-key", "ResolvedRefs")
+        != Some(("False".into(), "SecretNotFound".into()))
+    {
+        assert!(since.elapsed() < Duration::from_secs(5), "ResolvedRefs not updated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // API server down: keyswap keeps serving the last good snapshot and says so.

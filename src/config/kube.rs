@@ -146,7 +146,9 @@ pub async fn start(
     namespace: Option<String>,
     selector: GatewaySelector,
     status: Arc<KubeStatus>,
+    write_status: bool,
 ) -> anyhow::Result<SnapshotStore> {
+    let mut written: HashMap<(&'static str, Key), Verdict> = HashMap::new();
     let changed = Arc::new(Notify::new());
     let api = |c: &Client| -> (Api<EgressGateway>, Api<AIProviderRoute>, Api<CredentialInjectionPolicy>) {
         match &namespace {
@@ -221,6 +223,10 @@ pub async fn start(
                 catalog.compile(&key)
             });
             status.rebuilds.fetch_add(1, Ordering::Relaxed);
+            if write_status {
+                let verdicts = conditions(&built, &routes.store, &policies.store);
+                write_conditions(&client, verdicts, &mut written).await;
+            }
             match (built, &store) {
                 (Ok(snap), None) => {
                     log_changes(None, &snap);
@@ -244,6 +250,111 @@ pub async fn start(
         }
     });
     ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
+}
+
+/// One condition as keyswap computes it: (type, status, reason, message).
+type Verdict = Vec<(String, String, String, String)>;
+
+/// `Accepted` and `ResolvedRefs` for every route and policy, from the latest build.
+fn conditions(
+    built: &Result<super::Snapshot, super::ConfigErrors>,
+    routes: &Store<AIProviderRoute>,
+    policies: &Store<CredentialInjectionPolicy>,
+) -> Vec<((&'static str, Key), Verdict)> {
+    let key = |m: &kube::core::ObjectMeta| {
+        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+    };
+    let errors_for = |label: String| -> Option<String> {
+        match built {
+            Err(errs) => {
+                let mine: Vec<String> = errs
+                    .0
+                    .iter()
+                    .filter(|e| e.object.as_deref() == Some(label.as_str()))
+                    .map(|e| e.to_string())
+                    .collect();
+                (!mine.is_empty()).then(|| mine.join("; "))
+            }
+            Ok(_) => None,
+        }
+    };
+    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
+        (t.to_owned(), if ok { "True" } else { "False" }.to_owned(), reason.to_owned(), msg)
+    };
+    let mut out = Vec::new();
+    for r in routes.state() {
+        let k = key(r.meta());
+        let accepted = match errors_for(format!("AIProviderRoute {k}")) {
+            Some(m) => cond("Accepted", false, "Invalid", m),
+            None => cond("Accepted", true, "Accepted", String::new()),
+        };
+        out.push((("aiproviderroutes", k), vec![accepted]));
+    }
+    for p in policies.state() {
+        let k = key(p.meta());
+        let accepted = match errors_for(format!("CredentialInjectionPolicy {k}")) {
+            Some(m) => cond("Accepted", false, "Invalid", m),
+            None => cond("Accepted", true, "Accepted", String::new()),
+        };
+        let name = k.to_string();
+        let resolved = match built {
+            Ok(snap) => {
+                let unresolved = snap
+                    .routes
+                    .entries
+                    .iter()
+                    .filter(|e| e.binding.policy.as_deref() == Some(name.as_str()))
+                    .find_map(|e| e.binding.credential.as_ref().err());
+                match unresolved {
+                    Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
+                    None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
+                }
+            }
+            Err(_) => cond("ResolvedRefs", false, "Invalid", "the configuration did not compile".into()),
+        };
+        out.push((("credentialinjectionpolicies", k), vec![accepted, resolved]));
+    }
+    out
+}
+
+/// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
+async fn write_conditions(
+    client: &Client,
+    verdicts: Vec<((&'static str, Key), Verdict)>,
+    written: &mut HashMap<(&'static str, Key), Verdict>,
+) {
+    use kube::api::{Patch, PatchParams};
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    for (id, verdict) in verdicts {
+        if written.get(&id) == Some(&verdict) {
+            continue;
+        }
+        let conditions: Vec<serde_json::Value> = verdict
+            .iter()
+            .map(|(t, st, reason, msg)| serde_json::json!({"type": t, "status": st, "reason": reason, "message": msg, "lastTransitionTime": now}))
+            .collect();
+        let patch = Patch::Merge(serde_json::json!({"status": {"conditions": conditions}}));
+        let (kind, key) = &id;
+        let params = PatchParams::default();
+        let res = match *kind {
+            "aiproviderroutes" => Api::<AIProviderRoute>::namespaced(client.clone(), &key.namespace)
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(|_| ()),
+            _ => Api::<CredentialInjectionPolicy>::namespaced(client.clone(), &key.namespace)
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(|_| ()),
+        };
+        match res {
+            Ok(()) => {
+                written.insert(id, verdict);
+            }
+            Err(e) => {
+                tracing::warn!(object = %key, kind, error = %e, "cannot write status; will retry on the next change")
+            }
+        }
+    }
 }
 
 fn origin() -> Origin {

@@ -106,14 +106,16 @@ impl FakeKube {
                 }
                 let f = f.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let f = f.clone();
                         async move {
                             if f.state.lock().unwrap().down {
                                 // Unreachable: abort the connection instead of answering.
                                 return Err(std::io::Error::other("api server down"));
                             }
-                            Ok(f.handle(req))
+                            let (parts, body) = hyper::Request::into_parts(req);
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            Ok(f.handle(&parts.method, &parts.uri, &body))
                         }
                     });
                     let _ =
@@ -206,10 +208,33 @@ impl FakeKube {
             .unwrap()
     }
 
-    fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
-        let path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("").to_owned();
-        self.requests.lock().unwrap().push(format!("{path}?{query}"));
+    /// The object as the API server holds it now.
+    pub fn get(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(&(resource.to_owned(), ns.to_owned(), name.to_owned())).cloned()
+    }
+
+    fn handle(&self, method: &hyper::Method, uri: &hyper::Uri, body: &[u8]) -> hyper::Response<Body> {
+        let path = uri.path().to_owned();
+        let query = uri.query().unwrap_or("").to_owned();
+        self.requests.lock().unwrap().push(format!("{method} {path}?{query}"));
+        if method == hyper::Method::PATCH {
+            // Only the status subresource: .../namespaces/{ns}/{resource}/{name}/status
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            if let ["apis", "keyswap.dev", "v1alpha1", "namespaces", ns, res, name, "status"] = parts.as_slice() {
+                let patch: Value = serde_json::from_slice(body).unwrap_or_default();
+                let Some(mut obj) = self.get(res, ns, name) else {
+                    return Self::respond(404, json!({"kind": "Status", "code": 404}));
+                };
+                obj["status"] = patch["status"].clone();
+                {
+                    let mut st = self.state.lock().unwrap();
+                    self.record(&mut st, res, ns, name, "MODIFIED", obj.clone());
+                }
+                self.changed.notify_waiters();
+                return Self::respond(200, self.get(res, ns, name).unwrap_or(obj));
+            }
+            return Self::respond(405, json!({"kind": "Status", "code": 405}));
+        }
         if self.state.lock().unwrap().down {
             return Self::respond(
                 503,
