@@ -189,7 +189,7 @@ pub struct RouteMatch {
 // === CredentialInjectionPolicy ===
 
 /// Which Secret key is injected into a route's requests, and how.
-#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, kube::KubeSchema)]
 #[kube(
     group = "keyswap.dev",
     version = "v1alpha1",
@@ -205,7 +205,15 @@ pub struct RouteMatch {
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.spec.target != 'ProviderAuth' || has(self.spec.providerAuth)")
+        .message("providerAuth is required when target is ProviderAuth"),
+    validation = Rule::new("self.spec.target == 'Header' || (!has(self.spec.headerName) && !has(self.spec.valuePrefix))")
+        .message("headerName and valuePrefix apply only to target Header"),
+    validation = Rule::new("self.spec.target == 'QueryParam' || !has(self.spec.queryParamName)")
+        .message("queryParamName applies only to target QueryParam"),
+    validation = Rule::new("!has(self.spec.secretRef.__namespace__)")
+        .message("secretRef.namespace is not allowed: a policy reads Secrets only in its own namespace")
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CredentialInjectionPolicySpec {
