@@ -173,6 +173,29 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"));
 
+    // An invalid object is reported on its status and the last good snapshot keeps serving.
+    kube.put("aiproviderroutes", NS, "r1", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "opnai", "hosts": ["r1.test"]}]}]}}));
+    let since = Instant::now();
+    while cond(&kube, "aiproviderroutes", "r1", "Accepted").map(|c| c.0) != Some("False".into()) {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "invalid route not reported: {:?}",
+            kube.get("aiproviderroutes", NS, "r1")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let msg = kube.get("aiproviderroutes", NS, "r1").unwrap()["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("unknown provider `opnai`"), "{msg}");
+    let r = grpc::request(&mut c, &[(":authority", "r1.test"), (":path", "/x")]).await;
+    assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-1"), "last good snapshot still serves");
+    assert!(keyswap
+        .output()
+        .contains("AIProviderRoute agents/r1: field `spec.rules[0].matches[0].provider`: unknown provider"));
+    kube.put("aiproviderroutes", NS, "r1", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "custom", "hosts": ["r1.test"]}]}]}}));
+
     // Secret deleted: fail closed with 503.
     kube.delete("secrets", NS, "anthropic");
     let since = Instant::now();
