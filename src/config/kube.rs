@@ -223,10 +223,7 @@ pub async fn start(
                 catalog.compile(&key)
             });
             status.rebuilds.fetch_add(1, Ordering::Relaxed);
-            if write_status {
-                let verdicts = conditions(&built, &routes.store, &policies.store);
-                write_conditions(&client, verdicts, &mut written).await;
-            }
+            let verdicts = write_status.then(|| conditions(&built, &routes.store, &policies.store));
             match (built, &store) {
                 (Ok(snap), None) => {
                     log_changes(None, &snap);
@@ -246,6 +243,9 @@ pub async fn start(
                         tracing::error!(error = %e, "configuration rejected; the last good configuration keeps serving");
                     }
                 }
+            }
+            if let Some(v) = verdicts {
+                write_conditions(&client, v, &mut written).await;
             }
         }
     });
