@@ -30,6 +30,15 @@ fn telemetry_config() -> tempfile::TempDir {
         ),
     )
     .unwrap();
+    std::fs::write(
+        dir.path().join("azure.yaml"),
+        format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: azure}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: azure-openai}}]}}]\n---\n\
+             apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: azure-key}}\nspec:\n  parentRefs: [{{name: azure}}]\n  secretRef: {{name: azure}}\n  target: Header\n---\n{}",
+            secret_manifest("azure", "token", AZURE_KEY)
+        ),
+    )
+    .unwrap();
     dir
 }
 
@@ -135,8 +144,10 @@ fn cases() -> Vec<Case> {
 }
 
 fn secrets() -> Vec<String> {
-    let mut v: Vec<String> =
-        [ANTHROPIC_KEY, OPENAI_KEY, GEMINI_KEY, CUSTOM_KEY, BEDROCK_KEY].iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = [ANTHROPIC_KEY, OPENAI_KEY, GEMINI_KEY, CUSTOM_KEY, BEDROCK_KEY, AZURE_KEY]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     v.push("AIza%2BREAL%2F0003%3Ddo%20not%20leak".into());
     let b64: Vec<String> = v.iter().map(|s| b64(s.as_bytes())).collect();
     v.extend(b64);

@@ -22,6 +22,7 @@ pub const OPENAI_KEY: &str = "sk-openai-REAL-0002-do-not-leak";
 pub const GEMINI_KEY: &str = "AIza+REAL/0003=do not leak";
 pub const CUSTOM_KEY: &str = "custom-REAL-0004-do-not-leak";
 pub const BEDROCK_KEY: &str = "ABSKbedrock-REAL-0006-do-not-leak";
+pub const AZURE_KEY: &str = "azure-REAL-0007-do-not-leak";
 /// Credentials an agent might try to smuggle: never forwarded, never logged.
 pub const STOLEN: &str = "sk-stolen-by-agent-9999";
 
