@@ -4,19 +4,26 @@
 //! cargo bench --bench e2e
 //! ```
 //!
-//! Four setups run side by side, each with its own Envoy (`--concurrency 1`) in front of one fast
+//! Six setups run side by side, each with its own Envoy (`--concurrency 1`) in front of one fast
 //! in-process HTTP/1.1 upstream:
 //!
 //! - (a) Envoy alone: listener → router → upstream;
 //! - (b) Envoy + the native `envoy.filters.http.credential_injector` filter (generic credential,
 //!   header `x-api-key`, `overwrite: true`, secret from an SDS file);
 //! - (c) Envoy + `keyswap-noop-extproc`, the ext_proc floor (request and response headers SEND);
-//! - (d) Envoy + `keyswap serve`, injecting `x-api-key` (same processing mode as (c)).
+//! - (d) Envoy + `keyswap serve`, injecting `x-api-key` (same processing mode as (c)), tracing off;
+//! - (e) as (d), with OTLP tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT`, http/protobuf) to a live
+//!   collector: a minimal OTLP/HTTP sink in this process that answers 200 to `POST /v1/traces`;
+//! - (f) as (e), but the collector hangs: a TCP listener that accepts and never answers.
 //!
-//! The sidecars listen on Unix sockets. `wrk` drives each setup in turn (a b c d, a b c d, …) for
-//! several rounds; the summary reports medians and the median of the per-round ratios. Before
-//! measuring, one request through each Envoy must get 200, and for (b) and (d) the upstream must
-//! have received the real key instead of the placeholder.
+//! With tracing on, keyswap asks Envoy (mode_override) for the streamed response body too, so the
+//! ext_proc filter of (c)–(f) sets `allow_mode_override: true` (the no-op sidecar never uses it).
+//!
+//! The sidecars listen on Unix sockets. `wrk` drives each setup in turn (a b c d e f, a b c d e f,
+//! …) for several rounds; the summary reports medians and the median of the per-round ratios.
+//! Before measuring, one request through each Envoy must get 200, the upstream must have received
+//! the real key instead of the placeholder in (b), (d), (e), (f), (e)'s sink must have received an
+//! export and (f)'s hanging collector a connection.
 //!
 //! CPU per request comes from `/proc/PID/stat` (utime + stime) of the sidecar and of Envoy, read
 //! before and after every wrk run and divided by the requests wrk completed.
@@ -24,7 +31,7 @@
 //! Knobs (environment variables):
 //!
 //! - `E2E_SECONDS` (5): length of one measured wrk run;
-//! - `E2E_ROUNDS` (5): rounds of a b c d;
+//! - `E2E_ROUNDS` (5): rounds of a b c d e f;
 //! - `E2E_CONNECTIONS` (16): wrk connections (wrk always uses 1 thread);
 //! - `E2E_WARMUP` (2): seconds of discarded load per setup before round 1;
 //! - `E2E_BODY_BYTES` (0): 0 sends `GET /v1/messages`; N > 0 sends `POST /v1/messages` with an
@@ -100,9 +107,12 @@ enum Kind {
     Native,
     Noop,
     Keyswap,
+    KeyswapOtlp,
+    KeyswapOtlpHung,
 }
 
-const KINDS: [Kind; 4] = [Kind::EnvoyAlone, Kind::Native, Kind::Noop, Kind::Keyswap];
+const KINDS: [Kind; 6] =
+    [Kind::EnvoyAlone, Kind::Native, Kind::Noop, Kind::Keyswap, Kind::KeyswapOtlp, Kind::KeyswapOtlpHung];
 
 impl Kind {
     fn label(self) -> &'static str {
@@ -111,6 +121,8 @@ impl Kind {
             Kind::Native => "(b) envoy + credential_injector",
             Kind::Noop => "(c) envoy + noop ext_proc",
             Kind::Keyswap => "(d) envoy + keyswap",
+            Kind::KeyswapOtlp => "(e) envoy + keyswap + OTLP",
+            Kind::KeyswapOtlpHung => "(f) envoy + keyswap + hung OTLP",
         }
     }
 
@@ -120,16 +132,26 @@ impl Kind {
             Kind::Native => "b",
             Kind::Noop => "c",
             Kind::Keyswap => "d",
+            Kind::KeyswapOtlp => "e",
+            Kind::KeyswapOtlpHung => "f",
         }
     }
 
     /// Whether the upstream must see the real key (otherwise it sees the placeholder).
     fn injects(self) -> bool {
-        matches!(self, Kind::Native | Kind::Keyswap)
+        matches!(self, Kind::Native | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
     }
 
     fn has_sidecar(self) -> bool {
-        matches!(self, Kind::Noop | Kind::Keyswap)
+        self == Kind::Noop || self.is_keyswap()
+    }
+
+    fn is_keyswap(self) -> bool {
+        matches!(self, Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
+    }
+
+    fn tracing(self) -> bool {
+        matches!(self, Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
     }
 }
 
@@ -309,6 +331,96 @@ async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// OTLP collectors for (e) and (f)
+
+#[derive(Default)]
+struct OtlpSinkCounters {
+    /// `POST /v1/traces` requests answered 200.
+    exports: AtomicU64,
+    /// Request body bytes of those exports (protobuf, discarded).
+    bytes: AtomicU64,
+    /// Any other request (answered 404): a wrong path would show here.
+    other: AtomicU64,
+}
+
+/// (e): a minimal OTLP/HTTP collector, hyper HTTP/1.1 on its own thread and current-thread
+/// runtime, that reads and discards every export and answers 200 with an empty body (an empty
+/// `ExportTraceServiceResponse`).
+fn start_otlp_sink() -> (u16, Arc<OtlpSinkCounters>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind OTLP sink");
+    listener.set_nonblocking(true).expect("nonblocking OTLP sink listener");
+    let port = listener.local_addr().expect("OTLP sink address").port();
+    let counters = Arc::new(OtlpSinkCounters::default());
+    let c = counters.clone();
+    std::thread::Builder::new()
+        .name("otlp-sink".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("OTLP sink runtime");
+            rt.block_on(serve_otlp_sink(listener, c));
+        })
+        .expect("spawn OTLP sink thread");
+    (port, counters)
+}
+
+async fn serve_otlp_sink(listener: TcpListener, counters: Arc<OtlpSinkCounters>) {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Method, Request, Response};
+
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio OTLP sink listener");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let counters = counters.clone();
+                async move {
+                    let export = req.method() == Method::POST && req.uri().path() == "/v1/traces";
+                    let len = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                    let status = if export {
+                        counters.exports.fetch_add(1, Ordering::Relaxed);
+                        counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        200
+                    } else {
+                        counters.other.fetch_add(1, Ordering::Relaxed);
+                        404
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "application/x-protobuf")
+                            .body(Empty::<Bytes>::new())
+                            .expect("response"),
+                    )
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+/// (f): a collector that accepts TCP connections and never reads or answers; the sockets are held
+/// open for the life of the bench. Returns the port and the count of accepted connections.
+fn start_hung_collector() -> (u16, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind hung collector");
+    let port = listener.local_addr().expect("hung collector address").port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
+    std::thread::Builder::new()
+        .name("hung-collector".into())
+        .spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                a.fetch_add(1, Ordering::Relaxed);
+                held.push(stream);
+            }
+        })
+        .expect("spawn hung collector thread");
+    (port, accepted)
+}
+
+// ---------------------------------------------------------------------------------------------
 // A tiny blocking HTTP/1.1 client for readiness and sanity checks (Connection: close).
 
 fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
@@ -438,12 +550,16 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
                 },
             },
         })),
-        Kind::Noop | Kind::Keyswap => http_filters.push(json!({
+        // One filter for (c)-(f). keyswap with tracing on asks for response headers and the
+        // streamed response body through mode_override, which Envoy ignores without
+        // allow_mode_override; the no-op sidecar and keyswap without tracing never override.
+        Kind::Noop | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung => http_filters.push(json!({
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "1s"},
                 "failure_mode_allow": false,
+                "allow_mode_override": true,
                 "message_timeout": "1s",
                 "processing_mode": {
                     "request_header_mode": "SEND",
@@ -569,6 +685,8 @@ struct Setup {
     admin: u16,
     envoy: Proc,
     sidecar: Option<Proc>,
+    /// keyswap's admin port (`/metrics`), for (d)-(f).
+    metrics: Option<u16>,
 }
 
 fn wait_for_socket(proc: &mut Proc, path: &Path) {
@@ -629,6 +747,26 @@ impl Setup {
             .unwrap_or_else(|| panic!("{}: no stat {name} in {body:?}", self.kind.label()))
     }
 
+    /// A sample from keyswap's `/metrics`, e.g. `keyswap_spans_exported_total` or
+    /// `keyswap_spans_dropped_total{reason="queue_full"}` (the series name with its labels).
+    fn keyswap_metric(&self, series: &str) -> u64 {
+        let label = self.kind.label();
+        let port = self.metrics.unwrap_or_else(|| panic!("{label}: no keyswap metrics port"));
+        let (status, body) = http_get(port, "/metrics", &[("Host", "localhost")])
+            .unwrap_or_else(|e| panic!("{label}: keyswap /metrics: {e}"));
+        assert!(status == 200, "{label}: keyswap /metrics answered {status}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("{label}: no series {series} in keyswap /metrics:\n{body}"))
+    }
+
+    /// ext_proc messages keyswap answered in one phase (`request_headers`, `response_body`, …).
+    fn keyswap_phase_count(&self, phase: &str) -> u64 {
+        self.keyswap_metric(&format!("keyswap_extproc_phase_duration_seconds_count{{phase=\"{phase}\"}}"))
+    }
+
     /// One request; checks status, body, which key reached the upstream, and (for the ext_proc
     /// setups) that Envoy really opened an ext_proc stream for it.
     fn sanity_check(&self, upstream: &UpstreamCounters) {
@@ -655,6 +793,52 @@ impl Setup {
             let started = self.stat(STREAMS) - n;
             assert!(started == 1, "{label}: {started} ext_proc streams started for one request\n{}", self.stats());
         }
+    }
+}
+
+/// For keyswap's setups: tracing is off in (d) and on in (e) and (f) (Envoy honoured the
+/// mode_override and sent the response body), and the collector was reached: (e)'s sink received
+/// an export, (f)'s hanging collector a connection. Returns a note for the sanity line.
+fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64) -> String {
+    let label = s.kind.label();
+    let body_msgs = s.keyswap_phase_count("response_body");
+    if !s.kind.tracing() {
+        assert!(body_msgs == 0, "{label}: tracing is off, yet keyswap answered {body_msgs} response_body messages");
+        return ", tracing off".to_owned();
+    }
+    assert!(
+        body_msgs >= 1,
+        "{label}: keyswap asked for the response body (mode_override) but Envoy sent none: is \
+         allow_mode_override set?\n{}",
+        s.stats()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reached = || match s.kind {
+        Kind::KeyswapOtlp => {
+            sink.exports.load(Ordering::Relaxed) >= 1 && s.keyswap_metric("keyswap_spans_exported_total") >= 1
+        }
+        _ => hung.load(Ordering::Relaxed) >= 1,
+    };
+    while !reached() {
+        assert!(
+            Instant::now() < deadline,
+            "{label}: the collector was not reached within 10 s (sink exports {}, other requests {}, hung \
+             connections {})\nkeyswap log tail:\n{}",
+            sink.exports.load(Ordering::Relaxed),
+            sink.other.load(Ordering::Relaxed),
+            hung.load(Ordering::Relaxed),
+            s.sidecar.as_ref().map_or_else(String::new, |p| tail(&p.log))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match s.kind {
+        Kind::KeyswapOtlp => {
+            format!(", response body sent to keyswap, sink received {} export(s)", sink.exports.load(Ordering::Relaxed))
+        }
+        _ => format!(
+            ", response body sent to keyswap, hung collector accepted {} connection(s)",
+            hung.load(Ordering::Relaxed)
+        ),
     }
 }
 
@@ -860,19 +1044,21 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("Ratios (median of the per-round ratios; each round measures both setups back to back):");
     println!();
     println!(
-        "| {:<24} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
+        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
         "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU"
     );
-    println!("|{:-<26}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|", "", "", "", "", "", "");
+    println!("|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|", "", "", "", "", "", "");
     for (name, num, den) in [
         ("(d)/(c) keyswap / noop", Kind::Keyswap, Kind::Noop),
         ("(d)/(b) keyswap / native", Kind::Keyswap, Kind::Native),
         ("(c)/(b) noop / native", Kind::Noop, Kind::Native),
         ("(b)/(a) native / alone", Kind::Native, Kind::EnvoyAlone),
+        ("(e)/(d) tracing on / off", Kind::KeyswapOtlp, Kind::Keyswap),
+        ("(f)/(e) hung / live collector", Kind::KeyswapOtlpHung, Kind::KeyswapOtlp),
     ] {
         let (n, d) = (by(num), by(den));
         println!(
-            "| {:<24} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
+            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
             name,
             fmt(ratio(n, d, |x| x.rps), 3),
             fmt(ratio(n, d, |x| x.p50_ms), 3),
@@ -906,8 +1092,9 @@ fn main() {
 
     println!("keyswap e2e: Envoy {} ({})", envoy_version(&envoy_bin), envoy_bin.display());
     println!(
-        "  {} rounds x 4 setups x {} s, wrk -t1 -c{}, warm-up {} s per setup, {}, {} CPUs, CLK_TCK {} ({})",
+        "  {} rounds x {} setups x {} s, wrk -t1 -c{}, warm-up {} s per setup, {}, {} CPUs, CLK_TCK {} ({})",
         knobs.rounds,
+        KINDS.len(),
         knobs.seconds,
         knobs.connections,
         knobs.warmup,
@@ -923,6 +1110,8 @@ fn main() {
     println!("  work dir {}", dir.display());
 
     let (upstream_port, upstream) = start_upstream();
+    let (sink_port, sink) = start_otlp_sink();
+    let (hung_port, hung_accepted) = start_hung_collector();
 
     // keyswap's configuration must compile before anything else starts.
     let ks_config = dir.join("keyswap");
@@ -944,17 +1133,36 @@ fn main() {
     let mut setups = Vec::new();
     for kind in KINDS {
         let uds = kind.has_sidecar().then(|| dir.join(format!("{}.sock", kind.tag())));
+        // Each keyswap gets its own admin port (several run at once), picked here so that the
+        // bench can read its /metrics.
+        let metrics = kind.is_keyswap().then(free_port);
         let sidecar = uds.as_deref().map(|uds| {
             let log = dir.join(format!("sidecar-{}.log", kind.tag()));
-            let mut proc = if kind == Kind::Keyswap {
+            let mut proc = if let Some(metrics) = metrics {
                 let mut cmd = Command::new(keyswap_bin);
                 cmd.arg("serve")
                     .arg("--config")
                     .arg(&ks_config)
                     .arg("--uds")
                     .arg(uds)
-                    .args(["--metrics", "127.0.0.1:0"])
+                    .args(["--metrics", &format!("127.0.0.1:{metrics}")])
                     .env("RUST_LOG", "warn");
+                // Tracing exactly where the setup says, whatever OTEL_* the caller has set. The
+                // protocol is the default, http/protobuf; the span queue the default, 4096.
+                for (var, _) in std::env::vars_os() {
+                    if var.to_string_lossy().starts_with("OTEL_") {
+                        cmd.env_remove(var);
+                    }
+                }
+                match kind {
+                    Kind::KeyswapOtlp => {
+                        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{sink_port}"));
+                    }
+                    Kind::KeyswapOtlpHung => {
+                        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{hung_port}"));
+                    }
+                    _ => {}
+                }
                 Proc::spawn("keyswap", &mut cmd, log)
             } else {
                 let mut cmd = Command::new(noop_bin);
@@ -972,7 +1180,7 @@ fn main() {
         cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);
         let envoy =
             Proc::spawn(&format!("envoy {}", kind.label()), &mut cmd, dir.join(format!("envoy-{}.log", kind.tag())));
-        setups.push(Setup { kind, port, admin, envoy, sidecar });
+        setups.push(Setup { kind, port, admin, envoy, sidecar, metrics });
     }
 
     for s in &mut setups {
@@ -989,8 +1197,9 @@ fn main() {
             exe.display()
         );
         s.sanity_check(&upstream);
+        let tracing = if s.kind.is_keyswap() { check_tracing(s, &sink, &hung_accepted) } else { String::new() };
         println!(
-            "  sanity {}: 200, upstream got {}",
+            "  sanity {}: 200, upstream got {}{tracing}",
             s.kind.label(),
             if s.kind.injects() { "the real key" } else { "the placeholder" }
         );
@@ -1047,6 +1256,27 @@ fn main() {
             c("failure_mode_allowed")
         );
     }
+
+    println!();
+    for s in setups.iter().filter(|s| s.kind.is_keyswap()) {
+        println!(
+            "keyswap {}: spans exported {}, dropped (queue full) {}, lost in failed/timed-out exports {}; \
+             response_body messages {}",
+            s.kind.label(),
+            s.keyswap_metric("keyswap_spans_exported_total"),
+            s.keyswap_metric("keyswap_spans_dropped_total{reason=\"queue_full\"}"),
+            s.keyswap_metric("keyswap_spans_dropped_total{reason=\"export_failed\"}"),
+            s.keyswap_phase_count("response_body"),
+        );
+    }
+    println!(
+        "OTLP sink (e): {} exports, {} bytes, {} other requests; hung collector (f): {} connections accepted, \
+         none answered",
+        sink.exports.load(Ordering::Relaxed),
+        sink.bytes.load(Ordering::Relaxed),
+        sink.other.load(Ordering::Relaxed),
+        hung_accepted.load(Ordering::Relaxed)
+    );
 
     drop(setups);
     if knobs.keep {
