@@ -254,10 +254,15 @@ pub enum Target {
 pub struct ProviderAuth {
     #[serde(rename = "type")]
     pub kind: ProviderAuthType,
+    /// AWSv4: the signing region (default: from the host, `bedrock-runtime.<region>.amazonaws.com`).
     #[serde(default)]
     pub region: Option<String>,
+    /// AWSv4: the signing name (default: `bedrock` for Bedrock hosts, else the host's first label).
     #[serde(default)]
     pub service: Option<String>,
+    /// OAuth scopes for GCPServiceAccount (default `https://www.googleapis.com/auth/cloud-platform`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -12,7 +12,10 @@ use sha2::{Digest, Sha256};
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{Key, Kind, Object, Resource, SecretData};
 use super::snapshot::{Binding, Credential, MatchEntry, RouteMatcher, SecretUse, Snapshot, Unresolved};
-use crate::api::{AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, Target, GROUP};
+use crate::api::{
+    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, ProviderAuthType, Target, GROUP,
+};
+use crate::inject::{gcp, sigv4};
 use crate::provider::{self, Provider, CREDENTIAL_HEADERS};
 
 /// The key a policy reads when it names none.
@@ -181,10 +184,51 @@ impl Catalog {
                         errors.push(err("spec.headerName".into(), "headerName and valuePrefix apply only to target Header".into()));
                     }
                 }
-                Target::ProviderAuth => errors.push(err(
-                    "spec.target".into(),
-                    "ProviderAuth (AWSv4, GCPServiceAccount) is not supported by this build yet; use Header or QueryParam".into(),
-                )),
+                Target::ProviderAuth => {
+                    if s.header_name.is_some() || s.value_prefix.is_some() || s.query_param_name.is_some() {
+                        errors.push(err(
+                            "spec.headerName".into(),
+                            "headerName, valuePrefix and queryParamName do not apply to target ProviderAuth".into(),
+                        ));
+                    }
+                    match &s.provider_auth {
+                        None => errors.push(err(
+                            "spec.providerAuth".into(),
+                            "is required when target is ProviderAuth (type AWSv4 or GCPServiceAccount)".into(),
+                        )),
+                        Some(a) => match a.kind {
+                            ProviderAuthType::AWSv4 => {
+                                if !a.scopes.is_empty() {
+                                    errors.push(err("spec.providerAuth.scopes".into(), "applies only to type GCPServiceAccount".into()));
+                                }
+                                if s.secret_key.is_some() {
+                                    errors.push(err(
+                                        "spec.secretKey".into(),
+                                        format!(
+                                            "does not apply to AWSv4: the Secret holds the keys `{}`, `{}` and optionally `{}`",
+                                            sigv4::ACCESS_KEY_ID, sigv4::SECRET_ACCESS_KEY, sigv4::SESSION_TOKEN
+                                        ),
+                                    ));
+                                }
+                                for (f, v) in [("region", &a.region), ("service", &a.service)] {
+                                    if let Some(v) = v {
+                                        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                                            errors.push(err(format!("spec.providerAuth.{f}"), format!("`{v}` is not a valid AWS {f}")));
+                                        }
+                                    }
+                                }
+                            }
+                            ProviderAuthType::GCPServiceAccount => {
+                                if a.region.is_some() || a.service.is_some() {
+                                    errors.push(err("spec.providerAuth.region".into(), "region and service apply only to type AWSv4".into()));
+                                }
+                                if a.scopes.iter().any(|sc| sc.is_empty() || sc.contains(char::is_whitespace)) {
+                                    errors.push(err("spec.providerAuth.scopes".into(), "each scope must be a non-empty URL without spaces".into()));
+                                }
+                            }
+                        },
+                    }
+                }
             }
             if s.provider_auth.is_some() && s.target != Target::ProviderAuth {
                 errors.push(err("spec.providerAuth".into(), "applies only to target ProviderAuth".into()));
@@ -302,11 +346,17 @@ impl Catalog {
                             }
                         },
                     };
-                    let hosts = if mt.hosts.is_empty() {
+                    let hosts: Vec<Box<str>> = if mt.hosts.is_empty() {
                         p.default_hosts.iter().map(|h| Box::from(*h)).collect()
                     } else {
                         mt.hosts.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect()
                     };
+                    if let Some(e) = region_error(&binding, &hosts) {
+                        errors.push(e.at(&route.origin).object(label(Kind::AIProviderRoute, rkey)).field(format!(
+                            "spec.rules[{r}].matches[{m}].hosts"
+                        )));
+                        continue;
+                    }
                     entries.push(MatchEntry {
                         route: route_name.clone(),
                         rule: r,
@@ -351,6 +401,9 @@ impl Catalog {
             ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, pkey)).field(f)
         };
         let secret_key = Key::new(pkey.namespace.clone(), s.secret_ref.name.clone());
+        if let (Target::ProviderAuth, Some(auth)) = (s.target, &s.provider_auth) {
+            return Ok(self.bind_provider_auth(pkey, p, auth, &secret_key, secrets, live));
+        }
         let key_name = s.secret_key.clone().unwrap_or_else(|| DEFAULT_SECRET_KEY.into());
         let raw = match self.secrets.get(&secret_key) {
             None => Err(Unresolved::SecretNotFound { secret: secret_key.clone() }),
@@ -418,9 +471,7 @@ impl Catalog {
                 });
                 (cred, None, Some(param))
             }
-            Target::ProviderAuth => {
-                return Err(err("spec.target", "ProviderAuth is not supported by this build yet".into()))
-            }
+            Target::ProviderAuth => return Err(err("spec.providerAuth", "is required when target is ProviderAuth".into())),
         };
         Ok(Binding {
             policy: Some(policy),
@@ -429,6 +480,109 @@ impl Catalog {
             strip_query: strip_query(p, param.as_deref()),
         })
     }
+
+    /// Binds a `target: ProviderAuth` policy: AWS keys for SigV4, or a service-account key for
+    /// GCP tokens. Missing or malformed keys compile to a binding that fails closed, named.
+    fn bind_provider_auth(
+        &self,
+        pkey: &Key,
+        p: &'static Provider,
+        auth: &crate::api::ProviderAuth,
+        secret_key: &Key,
+        secrets: &mut Vec<SecretUse>,
+        live: &mut Vec<SecretSlice<u8>>,
+    ) -> Binding {
+        let s = &self.policies[pkey].spec;
+        let data = self.secrets.get(secret_key);
+        let mut extra_live = Vec::new();
+        let mut read = |key: &str, required: bool| -> Result<Option<String>, Unresolved> {
+            let raw = match data {
+                None => return Err(Unresolved::SecretNotFound { secret: secret_key.clone() }),
+                Some(d) => d.spec.entries.get(key),
+            };
+            let Some(raw) = raw else {
+                if required {
+                    secrets.push(SecretUse { secret: secret_key.clone(), key: key.into(), fingerprint: None });
+                    return Err(Unresolved::KeyNotFound { secret: secret_key.clone(), key: key.into() });
+                }
+                return Ok(None);
+            };
+            let v = raw.expose_secret();
+            secrets.push(SecretUse { secret: secret_key.clone(), key: key.into(), fingerprint: Some(fingerprint(v)) });
+            live.push(SecretSlice::from(v.to_vec()));
+            let text = std::str::from_utf8(v).map_err(|_| Unresolved::InvalidSecret {
+                secret: secret_key.clone(),
+                key: key.into(),
+                message: "is not UTF-8 text".into(),
+            })?;
+            Ok(Some(text.trim().to_owned()))
+        };
+        let credential = match auth.kind {
+            ProviderAuthType::AWSv4 => (|| {
+                let id = read(sigv4::ACCESS_KEY_ID, true)?.unwrap_or_default();
+                let secret = read(sigv4::SECRET_ACCESS_KEY, true)?.unwrap_or_default();
+                let token = read(sigv4::SESSION_TOKEN, false)?;
+                for (key, v) in [(sigv4::ACCESS_KEY_ID, &id), (sigv4::SECRET_ACCESS_KEY, &secret)] {
+                    if v.is_empty() {
+                        return Err(Unresolved::InvalidSecret {
+                            secret: secret_key.clone(),
+                            key: key.into(),
+                            message: "is empty".into(),
+                        });
+                    }
+                }
+                let mut all = id.clone().into_bytes();
+                all.extend_from_slice(secret.as_bytes());
+                all.extend_from_slice(token.as_deref().unwrap_or("").as_bytes());
+                let signer = sigv4::Signer::new(
+                    &id,
+                    &secret,
+                    token.as_deref(),
+                    auth.region.as_deref(),
+                    auth.service.as_deref(),
+                    fingerprint(&all),
+                );
+                Ok(Credential::AwsV4(Arc::new(signer)))
+            })(),
+            ProviderAuthType::GCPServiceAccount => (|| {
+                let key = s.secret_key.clone().unwrap_or_else(|| gcp::DEFAULT_SECRET_KEY.into());
+                let json = read(&key, true)?.unwrap_or_default();
+                let account = gcp::check_key(&json).map_err(|message| Unresolved::InvalidSecret {
+                    secret: secret_key.clone(),
+                    key: key.clone(),
+                    message,
+                })?;
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) {
+                    // The private key alone (as it would appear in a body) is scrubbed too.
+                    if let Some(pk) = v.get("private_key").and_then(|p| p.as_str()) {
+                        extra_live.push(SecretSlice::from(pk.as_bytes().to_vec()));
+                    }
+                }
+                let scopes =
+                    if auth.scopes.is_empty() { vec![gcp::DEFAULT_SCOPE.to_owned()] } else { auth.scopes.clone() };
+                let fp = fingerprint(json.as_bytes());
+                let source = gcp::TokenSource::for_key(&json.into(), account, scopes, fp);
+                Ok(Credential::GcpToken(source))
+            })(),
+        };
+        live.extend(extra_live);
+        Binding {
+            policy: Some(pkey.to_string().into()),
+            credential,
+            strip_headers: strip_headers(None),
+            strip_query: strip_query(p, None),
+        }
+    }
+}
+
+/// SigV4 needs a region: from the policy, or from every exact host of the match.
+fn region_error(binding: &Binding, hosts: &[Box<str>]) -> Option<ConfigError> {
+    let Ok(Credential::AwsV4(signer)) = &binding.credential else { return None };
+    let bad = hosts.iter().find(|h| !crate::glob::is_pattern(h) && signer.scope(h).is_err())?;
+    Some(ConfigError::new(format!(
+        "host `{bad}` names no AWS region and policy {} sets no spec.providerAuth.region",
+        binding.policy.as_deref().unwrap_or("-")
+    )))
 }
 
 fn capture_policy(otlp: Option<&crate::api::Otlp>) -> crate::telemetry::capture::CapturePolicy {
@@ -581,14 +735,25 @@ mod tests {
         let models = format!("{GW}{}", route("r", "{provider: openai, models: [gpt-4o]}"));
         assert!(compile(&models).unwrap_err().contains("sends the model in the request body"));
 
-        let auth = format!(
+        let no_auth = format!("{GW}{}{}", route("r", "{provider: bedrock}"), policy("a", "{name: r}", "  target: ProviderAuth"));
+        let e = compile(&no_auth).unwrap_err();
+        assert!(e.contains("field `spec.providerAuth`: is required when target is ProviderAuth"), "{e}");
+
+        let aws_key = format!(
             "{GW}{}{}",
             route("r", "{provider: bedrock}"),
-            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}")
+            policy("a", "{name: r}", "  target: ProviderAuth\n  secretKey: token\n  providerAuth: {type: AWSv4, scopes: [x]}")
         );
-        assert!(compile(&auth)
-            .unwrap_err()
-            .contains("ProviderAuth (AWSv4, GCPServiceAccount) is not supported by this build yet"));
+        let e = compile(&aws_key).unwrap_err();
+        assert!(e.contains("field `spec.secretKey`: does not apply to AWSv4: the Secret holds the keys `AWS_ACCESS_KEY_ID`"), "{e}");
+        assert!(e.contains("field `spec.providerAuth.scopes`: applies only to type GCPServiceAccount"), "{e}");
+
+        let gcp_region = format!(
+            "{GW}{}{}",
+            route("r", "{provider: google}"),
+            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount, region: us-east-1}")
+        );
+        assert!(compile(&gcp_region).unwrap_err().contains("region and service apply only to type AWSv4"));
 
         let header = format!(
             "{GW}{}{}",
@@ -640,5 +805,61 @@ mod tests {
             Decision::Deny
         ));
         assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x"), Decision::Deny));
+    }
+
+    fn secret(data: &str) -> String {
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData:\n{data}\n---\n")
+    }
+
+    #[test]
+    fn provider_auth_compiles_and_names_missing_or_broken_keys() {
+        let aws = |data: &str, extra: &str| {
+            format!(
+                "{GW}{}{}{}",
+                route("r", &format!("{{provider: bedrock{extra}}}")),
+                policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}"),
+                secret(data)
+            )
+        };
+        let full = aws("  AWS_ACCESS_KEY_ID: AKIAREAL\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value", "");
+        let snap = compile(&full).unwrap();
+        let Decision::Inject { credential, .. } =
+            snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/model/m/converse")
+        else {
+            panic!("bedrock should inject")
+        };
+        assert!(matches!(credential, Credential::AwsV4(_)));
+        assert!(!format!("{credential:?}").contains("s3cr3t"));
+        assert!(snap.secret_values().contains(&b"s3cr3t-value".as_slice()));
+
+        let missing = aws("  AWS_ACCESS_KEY_ID: AKIAREAL", "");
+        let snap = compile(&missing).unwrap();
+        let Decision::FailClosed { reason, .. } = snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/") else {
+            panic!("missing secret key must fail closed")
+        };
+        assert_eq!(reason.to_string(), "Secret default/s has no key `AWS_SECRET_ACCESS_KEY`");
+
+        // An exact host that names no region needs spec.providerAuth.region.
+        let e = compile(&aws("  AWS_ACCESS_KEY_ID: A\n  AWS_SECRET_ACCESS_KEY: B", ", hosts: [bedrock.internal.example]"))
+            .unwrap_err();
+        assert!(e.contains("host `bedrock.internal.example` names no AWS region"), "{e}");
+
+        let gcp = |json: &str| {
+            format!(
+                "{GW}{}{}{}",
+                route("r", "{provider: google}"),
+                policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount}"),
+                secret(&format!("  service-account.json: '{json}'"))
+            )
+        };
+        let snap = compile(&gcp("{\"type\": \"service_account\", \"client_email\": \"a@b\"}")).unwrap();
+        let Decision::FailClosed { reason, .. } = snap.decide("generativelanguage.googleapis.com", "/") else {
+            panic!("a broken key must fail closed")
+        };
+        assert_eq!(reason.reason(), "InvalidSecret");
+        assert!(
+            reason.to_string().starts_with("Secret default/s key `service-account.json` is not a service-account key: field `private_key`"),
+            "{reason}"
+        );
     }
 }

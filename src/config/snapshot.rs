@@ -83,22 +83,30 @@ pub struct Binding {
 }
 
 /// The real credential, ready to write. `value` is the exact header value or the
-/// percent-encoded query value.
+/// percent-encoded query value; provider authentication computes it per request.
 pub enum Credential {
     Header { name: Box<str>, value: SecretSlice<u8>, fingerprint: String },
     Query { param: Box<str>, value: SecretSlice<u8>, fingerprint: String },
+    /// AWS SigV4: every request is signed with the real keys.
+    AwsV4(Arc<crate::inject::sigv4::Signer>),
+    /// A GCP access token minted from a service-account key, as `authorization: Bearer`.
+    GcpToken(Arc<crate::inject::gcp::TokenSource>),
 }
 
 impl Credential {
+    /// The static value written for Header and Query targets; empty for provider authentication.
     pub fn value(&self) -> &[u8] {
         match self {
             Credential::Header { value, .. } | Credential::Query { value, .. } => value.expose_secret(),
+            Credential::AwsV4(_) | Credential::GcpToken(_) => b"",
         }
     }
 
     pub fn fingerprint(&self) -> &str {
         match self {
             Credential::Header { fingerprint, .. } | Credential::Query { fingerprint, .. } => fingerprint,
+            Credential::AwsV4(s) => &s.fingerprint,
+            Credential::GcpToken(s) => &s.fingerprint,
         }
     }
 
@@ -107,6 +115,10 @@ impl Credential {
         match self {
             Credential::Header { name, .. } => format!("header `{name}`"),
             Credential::Query { param, .. } => format!("query parameter `{param}`"),
+            Credential::AwsV4(_) => "an AWS SigV4 signature (`authorization`, `x-amz-date`, `x-amz-security-token`)".into(),
+            Credential::GcpToken(s) => {
+                format!("header `authorization: Bearer <access token of {}, scopes {}>`", s.account, s.scopes.join(" "))
+            }
         }
     }
 }
@@ -123,6 +135,9 @@ pub enum Unresolved {
     NoPolicy,
     SecretNotFound { secret: Key },
     KeyNotFound { secret: Key, key: String },
+    /// The key is there but unusable (malformed service-account JSON, …). `message` never
+    /// contains the value.
+    InvalidSecret { secret: Key, key: String, message: String },
 }
 
 impl Unresolved {
@@ -131,6 +146,7 @@ impl Unresolved {
             Unresolved::NoPolicy => "NoPolicy",
             Unresolved::SecretNotFound { .. } => "SecretNotFound",
             Unresolved::KeyNotFound { .. } => "KeyNotFound",
+            Unresolved::InvalidSecret { .. } => "InvalidSecret",
         }
     }
 }
@@ -141,6 +157,7 @@ impl fmt::Display for Unresolved {
             Unresolved::NoPolicy => f.write_str("no CredentialInjectionPolicy targets this route or its gateway"),
             Unresolved::SecretNotFound { secret } => write!(f, "Secret {secret} not found"),
             Unresolved::KeyNotFound { secret, key } => write!(f, "Secret {secret} has no key `{key}`"),
+            Unresolved::InvalidSecret { secret, key, message } => write!(f, "Secret {secret} key `{key}` {message}"),
         }
     }
 }

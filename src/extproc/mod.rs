@@ -22,8 +22,11 @@ use tonic::{Status, Streaming};
 use std::time::Instant;
 
 use crate::config::snapshot::{normalize_host, Binding};
-use crate::config::{Decision, Snapshot, SnapshotStore};
+use crate::config::{Credential, Decision, Snapshot, SnapshotStore};
+use secrecy::ExposeSecret as _;
 use crate::inject;
+use crate::inject::gcp::{Token, TokenSource};
+use crate::inject::sigv4::{self, Signer};
 use crate::telemetry::span::{Start, Transaction};
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 
@@ -67,6 +70,9 @@ impl ExternalProcessor for ExtProc {
             phase: Phase::AwaitRequestHeaders,
             shared: self.shared.clone(),
             tx: None,
+            sign: None,
+            waiting: None,
+            pending_answer: None,
         }))
     }
 }
@@ -84,12 +90,35 @@ struct Traced {
     snapshot: Arc<Snapshot>,
 }
 
+/// A SigV4 request whose body Envoy is buffering: signed when the body arrives.
+pub struct PendingSign {
+    signer: Arc<Signer>,
+    method: String,
+    host: String,
+    path: String,
+    /// The allowlisted headers the agent sent ([`sigv4::SIGNED_HEADERS`]).
+    headers: Vec<(&'static str, String)>,
+}
+
+/// Request headers waiting for a GCP access token (the first request, or after expiry).
+struct Waiting {
+    token: Pin<Box<dyn std::future::Future<Output = Result<Arc<Token>, Arc<str>>> + Send>>,
+    snapshot: Arc<Snapshot>,
+    headers: Vec<HeaderValue>,
+    has_body: bool,
+    started: Instant,
+}
+
 /// The response stream of one HTTP request.
 pub struct ProcessStream {
     inner: Streaming<ProcessingRequest>,
     phase: Phase,
     shared: Arc<Shared>,
     tx: Option<Traced>,
+    sign: Option<Box<PendingSign>>,
+    waiting: Option<Box<Waiting>>,
+    /// The answer [`ProcessStream::accept`] stored, about to be sent.
+    pending_answer: Option<ProcessingResponse>,
 }
 
 impl ProcessStream {
@@ -114,6 +143,26 @@ impl Stream for ProcessStream {
         if self.phase == Phase::Done {
             return Poll::Ready(None);
         }
+        if let Some(w) = self.waiting.as_mut() {
+            let Poll::Ready(token) = w.token.as_mut().poll(cx) else { return Poll::Pending };
+            let w = self.waiting.take().expect("waiting");
+            let this = &mut *self;
+            let fetched = Some(token.as_ref().map(|t| &**t).map_err(|e| &**e));
+            let step = on_request_headers(&w.snapshot, &this.shared, &w.headers, w.has_body, fetched);
+            let outcome = match step {
+                Step::Answer(outcome) => outcome,
+                // Not reached: with a fetch outcome in hand the decision never asks for another.
+                Step::NeedToken(_) => Outcome {
+                    resp: signing_failed(&this.shared, "no access token after the fetch"),
+                    tx: None,
+                    sign: None,
+                },
+            };
+            this.shared.metrics.observe(TelemetryPhase::RequestHeaders, w.started.elapsed());
+            let end = this.accept(outcome, w.snapshot);
+            let resp = this.take_answer(end);
+            return Poll::Ready(Some(Ok(resp)));
+        }
         let msg = match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
@@ -131,14 +180,16 @@ impl Stream for ProcessStream {
         };
         let started = Instant::now();
         let this = &mut *self;
-        match handle(&this.shared, &mut this.phase, &mut this.tx, msg) {
-            Ok((resp, phase, end)) => {
+        match this.handle(msg, started) {
+            Ok(Handled::Answer(resp, phase, end)) => {
                 this.shared.metrics.observe(phase, started.elapsed());
                 if end {
                     this.finish_span();
                 }
                 Poll::Ready(Some(Ok(resp)))
             }
+            // Tell Envoy to wait for the token fetch; the answer follows when it completes.
+            Ok(Handled::Wait) => Poll::Ready(Some(Ok(mutation::extend_timeout(TOKEN_WAIT)))),
             Err(status) => {
                 Metrics::inc(&this.shared.metrics.protocol_errors);
                 tracing::warn!(error = status.message(), "ext_proc protocol error; stream ended");
@@ -150,62 +201,149 @@ impl Stream for ProcessStream {
     }
 }
 
-/// Answers one message. Returns the answer, the phase it belonged to, and whether the
-/// transaction is complete (its span can end).
-fn handle(
-    shared: &Shared,
-    phase: &mut Phase,
-    traced: &mut Option<Traced>,
-    msg: ProcessingRequest,
-) -> Result<(ProcessingResponse, TelemetryPhase, bool), Status> {
-    let Some(request) = msg.request else {
-        return Err(Status::invalid_argument("ProcessingRequest carries no request phase"));
-    };
-    match (request, *phase) {
-        (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) => {
-            *phase = Phase::AfterRequestHeaders;
-            let has_body = !h.end_of_stream;
-            let headers = h.headers.map(|m| m.headers).unwrap_or_default();
-            let snapshot = shared.store.load_full();
-            let (resp, tx) = on_request_headers(&snapshot, shared, &headers, has_body);
-            let done = tx.as_ref().is_some_and(|t| t.is_denial());
-            *traced = tx.map(|tx| Traced { tx, snapshot });
-            Ok((resp, TelemetryPhase::RequestHeaders, done))
+/// How long Envoy is asked to wait for request headers that wait for a GCP token: the fetch
+/// timeout plus slack, within the filter's `max_message_timeout` (10 s in generated configs).
+const TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
+
+enum Handled {
+    /// The answer, the phase it belonged to, and whether the transaction is complete.
+    Answer(ProcessingResponse, TelemetryPhase, bool),
+    /// The request headers wait for a token: [`ProcessStream::waiting`] holds them.
+    Wait,
+}
+
+/// What the request-headers phase decided.
+pub struct Outcome {
+    pub resp: ProcessingResponse,
+    pub tx: Option<Box<Transaction>>,
+    pub sign: Option<Box<PendingSign>>,
+}
+
+pub enum Step {
+    Answer(Outcome),
+    /// A GCP route with no usable token cached: fetch (or join the fetch) and decide again.
+    NeedToken(Arc<TokenSource>),
+}
+
+impl ProcessStream {
+    /// Keeps the transaction and signing state of `outcome`; returns whether the transaction
+    /// already ended (a denial).
+    fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> bool {
+        let done = outcome.tx.as_ref().is_some_and(|t| t.is_denial());
+        self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
+        self.sign = outcome.sign;
+        self.pending_answer = Some(outcome.resp);
+        done
+    }
+
+    fn take_answer(&mut self, end: bool) -> ProcessingResponse {
+        if end {
+            self.finish_span();
         }
-        (Request::RequestHeaders(_), _) => {
-            Err(Status::failed_precondition("request_headers received twice on one stream"))
-        }
-        (other, Phase::AwaitRequestHeaders) => {
-            Err(Status::failed_precondition(format!("{} received before request_headers", phase_name(&other))))
-        }
-        (Request::RequestBody(b), _) => {
-            if let Some(t) = traced {
-                t.tx.on_request_body(&b.body);
-            }
-            Ok((mutation::request_body(), TelemetryPhase::RequestBody, false))
-        }
-        (Request::ResponseHeaders(h), _) => {
-            let mut mode = None;
-            let end = h.end_of_stream;
-            if let Some(t) = traced {
+        self.pending_answer.take().unwrap_or_default()
+    }
+
+    /// Answers one message.
+    fn handle(&mut self, msg: ProcessingRequest, started: Instant) -> Result<Handled, Status> {
+        let Some(request) = msg.request else {
+            return Err(Status::invalid_argument("ProcessingRequest carries no request phase"));
+        };
+        let shared = &*self.shared;
+        match (request, self.phase) {
+            (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) => {
+                self.phase = Phase::AfterRequestHeaders;
+                let has_body = !h.end_of_stream;
                 let headers = h.headers.map(|m| m.headers).unwrap_or_default();
-                let pairs: Vec<(&str, &[u8])> = headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
-                t.tx.on_response_headers(&pairs);
-                if !end && t.tx.wants_response_body() {
-                    mode = Some(mutation::mode(false, true));
+                let snapshot = shared.store.load_full();
+                match on_request_headers(&snapshot, shared, &headers, has_body, None) {
+                    Step::Answer(outcome) => {
+                        let end = self.accept(outcome, snapshot);
+                        let resp = self.pending_answer.take().unwrap_or_default();
+                        Ok(Handled::Answer(resp, TelemetryPhase::RequestHeaders, end))
+                    }
+                    Step::NeedToken(source) => {
+                        let token = Box::pin(async move { source.token().await });
+                        self.waiting = Some(Box::new(Waiting { token, snapshot, headers, has_body, started }));
+                        Ok(Handled::Wait)
+                    }
                 }
             }
-            Ok((mutation::response_headers(mode), TelemetryPhase::ResponseHeaders, end))
-        }
-        (Request::ResponseBody(b), _) => {
-            if let Some(t) = traced {
-                t.tx.on_response_body(&b.body);
+            (Request::RequestHeaders(_), _) => {
+                Err(Status::failed_precondition("request_headers received twice on one stream"))
             }
-            Ok((mutation::response_body(), TelemetryPhase::ResponseBody, b.end_of_stream))
+            (other, Phase::AwaitRequestHeaders) => Err(Status::failed_precondition(format!(
+                "{} received before request_headers",
+                phase_name(&other)
+            ))),
+            (Request::RequestBody(b), _) => {
+                if let Some(t) = &mut self.tx {
+                    t.tx.on_request_body(&b.body);
+                }
+                let Some(sign) = self.sign.take() else {
+                    return Ok(Handled::Answer(mutation::request_body(), TelemetryPhase::RequestBody, false));
+                };
+                if !b.end_of_stream {
+                    // BUFFERED sends the whole body at once; anything else cannot be signed.
+                    return Err(Status::failed_precondition(
+                        "SigV4 needs the whole request body in one message (request_body_mode BUFFERED)",
+                    ));
+                }
+                let resp = sign_body(shared, &sign, &b.body);
+                Ok(Handled::Answer(resp, TelemetryPhase::RequestBody, false))
+            }
+            (Request::ResponseHeaders(h), _) => {
+                let mut mode = None;
+                let end = h.end_of_stream;
+                if let Some(t) = &mut self.tx {
+                    let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+                    let pairs: Vec<(&str, &[u8])> =
+                        headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
+                    t.tx.on_response_headers(&pairs);
+                    if !end && t.tx.wants_response_body() {
+                        mode = Some(mutation::mode(mutation::RequestBody::None, true));
+                    }
+                }
+                Ok(Handled::Answer(mutation::response_headers(mode), TelemetryPhase::ResponseHeaders, end))
+            }
+            (Request::ResponseBody(b), _) => {
+                if let Some(t) = &mut self.tx {
+                    t.tx.on_response_body(&b.body);
+                }
+                Ok(Handled::Answer(mutation::response_body(), TelemetryPhase::ResponseBody, b.end_of_stream))
+            }
+            (Request::RequestTrailers(_), _) => {
+                Ok(Handled::Answer(mutation::request_trailers(), TelemetryPhase::Trailers, false))
+            }
+            (Request::ResponseTrailers(_), _) => {
+                Ok(Handled::Answer(mutation::response_trailers(), TelemetryPhase::Trailers, true))
+            }
         }
-        (Request::RequestTrailers(_), _) => Ok((mutation::request_trailers(), TelemetryPhase::Trailers, false)),
-        (Request::ResponseTrailers(_), _) => Ok((mutation::response_trailers(), TelemetryPhase::Trailers, true)),
     }
+}
+
+/// Signs a buffered request body; the signature headers go out with it.
+fn sign_body(shared: &Shared, sign: &PendingSign, body: &[u8]) -> ProcessingResponse {
+    let headers: Vec<(&str, &str)> = sign.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let req = sigv4::Request { method: &sign.method, host: &sign.host, path: &sign.path, headers: &headers, body };
+    match sign.signer.sign(&req, std::time::SystemTime::now()) {
+        Ok(signed) => {
+            let pairs: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+            mutation::request_body_with(mutation::set_headers(&pairs))
+        }
+        Err(e) => signing_failed(shared, &e),
+    }
+}
+
+fn signing_failed(shared: &Shared, error: &str) -> ProcessingResponse {
+    Metrics::inc(&shared.metrics.denied_credential_unavailable);
+    tracing::warn!(error, "SigV4 signing failed; answering 503 (fail closed)");
+    let body = json!({"error": {
+        "type": "credential_unavailable",
+        "message": "keyswap could not sign this request; it was not forwarded",
+        "reason": "SigningFailed",
+        "detail": error,
+    }});
+    mutation::immediate(503, &body, "keyswap_signing_failed")
 }
 
 fn phase_name(r: &Request) -> &'static str {
@@ -233,14 +371,18 @@ fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
 }
 
 /// The request-headers decision, answered from `snapshot`; with tracing on, the transaction.
+/// `fetched` is the outcome of a token fetch this request waited for (GCP routes only).
 pub fn on_request_headers(
     snapshot: &Snapshot,
     shared: &Shared,
     headers: &[HeaderValue],
     has_body: bool,
-) -> (ProcessingResponse, Option<Box<Transaction>>) {
+    fetched: Option<Result<&Token, &str>>,
+) -> Step {
     let metrics = &shared.metrics;
-    Metrics::inc(&metrics.requests);
+    if fetched.is_none() {
+        Metrics::inc(&metrics.requests);
+    }
     let authority = find(headers, ":authority").or_else(|| find(headers, "host")).unwrap_or("");
     let path = find(headers, ":path").unwrap_or("/");
     let path_only = path.split_once('?').map_or(path, |(p, _)| p);
@@ -275,11 +417,69 @@ pub fn on_request_headers(
         };
         Transaction::start(&s, &pairs(), &snapshot.capture)
     };
+    let answer = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign });
+    let fail_closed = |entry: &crate::config::snapshot::MatchEntry, reason: &str, detail: &str| {
+        Metrics::inc(&metrics.denied_credential_unavailable);
+        let policy = entry.binding.policy.as_deref();
+        tracing::warn!(
+            route = %entry.route, policy = policy.unwrap_or("-"), reason, detail,
+            "credential unavailable; answering 503 (fail closed)"
+        );
+        let body = json!({"error": {
+            "type": "credential_unavailable",
+            "message": "keyswap could not resolve the credential for this route; the request was not forwarded",
+            "route": &*entry.route,
+            "policy": policy,
+            "reason": reason,
+        }});
+        let tx = tracing_on.then(|| {
+            Box::new(
+                start(
+                    Some(entry.provider),
+                    &entry.route,
+                    policy,
+                    Some(&entry.binding),
+                    false,
+                    false,
+                    Some("credential_unavailable"),
+                )
+                .0,
+            )
+        });
+        answer(mutation::immediate(503, &body, "keyswap_credential_unavailable"), tx, None)
+    };
     match snapshot.decide(authority, path) {
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
-            let plan =
-                inject::plan(binding, credential, headers.iter().map(|h| (h.key.as_str(), header_bytes(h))), path);
+            // Provider authentication: a token to fetch, or a body too large to sign.
+            let token = match credential {
+                Credential::GcpToken(source) => match fetched {
+                    Some(Ok(t)) => Some(t.header.expose_secret()),
+                    Some(Err(e)) => return fail_closed(entry, "TokenUnavailable", e),
+                    None => match source.cached() {
+                        Some(t) => return on_request_headers_with_token(snapshot, shared, headers, has_body, &t),
+                        None => return Step::NeedToken(source.clone()),
+                    },
+                },
+                _ => None,
+            };
+            let sigv4_signer = match credential {
+                Credential::AwsV4(s) => Some(s),
+                _ => None,
+            };
+            if sigv4_signer.is_some() && has_body {
+                let len = find(headers, "content-length").and_then(|v| v.trim().parse::<usize>().ok());
+                if len.is_some_and(|l| l > sigv4::MAX_BODY_BYTES) {
+                    return answer(too_large(metrics, entry, len.unwrap_or(0)), None, None);
+                }
+            }
+            let plan = inject::plan(
+                binding,
+                credential,
+                token,
+                headers.iter().map(|h| (h.key.as_str(), header_bytes(h))),
+                path,
+            );
             let policy = binding.policy.as_deref().unwrap_or("-");
             if !plan.smuggled.is_empty() {
                 Metrics::inc(&metrics.smuggle_attempts);
@@ -290,8 +490,43 @@ pub fn on_request_headers(
             }
             Metrics::inc(&metrics.injections);
             tracing::debug!(route = %entry.route, policy, provider = entry.provider.name, path = path_only, "credential injected");
+            // SigV4: sign now when there is no body, else once Envoy has buffered it.
+            let mut signed = Vec::new();
+            let mut sign = None;
+            if let Some(signer) = sigv4_signer {
+                let pending = PendingSign {
+                    signer: signer.clone(),
+                    method: find(headers, ":method").unwrap_or("GET").to_owned(),
+                    host: sigv4::upstream_host(authority).to_ascii_lowercase(),
+                    path: plan.path.clone().unwrap_or_else(|| path.to_owned()),
+                    headers: sigv4::SIGNED_HEADERS
+                        .iter()
+                        .filter_map(|n| find(headers, n).map(|v| (*n, v.to_owned())))
+                        .collect(),
+                };
+                if has_body {
+                    sign = Some(Box::new(pending));
+                } else {
+                    let hs: Vec<(&str, &str)> = pending.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    let req = sigv4::Request {
+                        method: &pending.method,
+                        host: &pending.host,
+                        path: &pending.path,
+                        headers: &hs,
+                        body: b"",
+                    };
+                    match signer.sign(&req, std::time::SystemTime::now()) {
+                        Ok(h) => signed = h,
+                        Err(e) => return answer(signing_failed(shared, &e), None, None),
+                    }
+                }
+            }
+            let body_mode = if sign.is_some() { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
+            let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
             if !tracing_on {
-                return (mutation::request_headers(Some(mutation::header_mutation(&plan, &[])), None), None);
+                let m = mutation::header_mutation(&plan, &extra);
+                let mode = (body_mode != mutation::RequestBody::None).then(|| mutation::mode(body_mode, false));
+                return answer(mutation::request_headers(Some(m), mode), None, sign);
             }
             let smuggled = !plan.smuggled.is_empty();
             let (tx, traceparent) = start(
@@ -303,39 +538,18 @@ pub fn on_request_headers(
                 smuggled,
                 None,
             );
-            let m = mutation::header_mutation(&plan, &[("traceparent", traceparent.as_bytes())]);
-            let mode = mutation::mode(has_body && tx.wants_request_body(), false);
-            (mutation::request_headers(Some(m), Some(mode)), Some(Box::new(tx)))
+            extra.push(("traceparent", traceparent.as_bytes()));
+            let m = mutation::header_mutation(&plan, &extra);
+            let body_mode = match body_mode {
+                mutation::RequestBody::None if has_body && tx.wants_request_body() => mutation::RequestBody::Capture,
+                other => other,
+            };
+            let mode = mutation::mode(body_mode, false);
+            answer(mutation::request_headers(Some(m), Some(mode)), Some(Box::new(tx)), sign)
         }
         Decision::FailClosed { entry, reason } => {
-            Metrics::inc(&metrics.denied_credential_unavailable);
-            let policy = entry.binding.policy.as_deref();
-            tracing::warn!(
-                route = %entry.route, policy = policy.unwrap_or("-"), reason = %reason,
-                "credential unavailable; answering 503 (fail closed)"
-            );
-            let body = json!({"error": {
-                "type": "credential_unavailable",
-                "message": "keyswap could not resolve the credential for this route; the request was not forwarded",
-                "route": &*entry.route,
-                "policy": policy,
-                "reason": reason.reason(),
-            }});
-            let tx = tracing_on.then(|| {
-                Box::new(
-                    start(
-                        Some(entry.provider),
-                        &entry.route,
-                        policy,
-                        Some(&entry.binding),
-                        false,
-                        false,
-                        Some("credential_unavailable"),
-                    )
-                    .0,
-                )
-            });
-            (mutation::immediate(503, &body, "keyswap_credential_unavailable"), tx)
+            let detail = reason.to_string();
+            fail_closed(entry, reason.reason(), &detail)
         }
         Decision::Deny => {
             Metrics::inc(&metrics.denied_no_route);
@@ -347,12 +561,42 @@ pub fn on_request_headers(
                 "host": authority,
             }});
             let tx = tracing_on.then(|| Box::new(start(None, "-", None, None, false, false, Some("no_route")).0));
-            (mutation::immediate(403, &body, "keyswap_no_route"), tx)
+            answer(mutation::immediate(403, &body, "keyswap_no_route"), tx, None)
         }
         Decision::PassThrough { allowed_by } => {
             Metrics::inc(&metrics.passed_through);
             tracing::debug!(authority, path = path_only, allowed_by, "no route; passed through untouched");
-            (mutation::request_headers(None, None), None)
+            answer(mutation::request_headers(None, None), None, None)
         }
     }
+}
+
+/// The same decision with a cached token in hand (kept alive by the caller's `Arc`).
+fn on_request_headers_with_token(
+    snapshot: &Snapshot,
+    shared: &Shared,
+    headers: &[HeaderValue],
+    has_body: bool,
+    token: &Arc<Token>,
+) -> Step {
+    // Counted once already by the caller.
+    on_request_headers(snapshot, shared, headers, has_body, Some(Ok(token)))
+}
+
+fn too_large(metrics: &Metrics, entry: &crate::config::snapshot::MatchEntry, len: usize) -> ProcessingResponse {
+    Metrics::inc(&metrics.denied_too_large);
+    tracing::warn!(
+        route = %entry.route, content_length = len, limit = sigv4::MAX_BODY_BYTES,
+        "request body too large to sign; answering 413"
+    );
+    let body = json!({"error": {
+        "type": "request_too_large",
+        "message": format!(
+            "SigV4 signing needs the whole request body; keyswap signs bodies up to {} bytes and this one is {len}",
+            sigv4::MAX_BODY_BYTES
+        ),
+        "route": &*entry.route,
+        "limit": sigv4::MAX_BODY_BYTES,
+    }});
+    mutation::immediate(413, &body, "keyswap_body_too_large")
 }

@@ -57,17 +57,59 @@ pub fn response_headers(mode: Option<ProcessingMode>) -> ProcessingResponse {
     }
 }
 
+/// How much of the request body keyswap asks Envoy for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestBody {
+    None,
+    /// For the span: BUFFERED_PARTIAL, never a 413 for size.
+    Capture,
+    /// For SigV4: BUFFERED, the whole body in one message (Envoy answers 413 beyond its buffer limit).
+    Whole,
+}
+
 /// The phases a transaction needs after its request headers: response headers always (status,
-/// content type), the request body when `request_body` (BUFFERED_PARTIAL: never a 413 for size),
-/// and the response body when `response_body` (STREAMED: SSE events flow as they come).
-pub fn mode(request_body: bool, response_body: bool) -> ProcessingMode {
+/// content type), the request body as `request_body` says, and the response body when
+/// `response_body` (STREAMED: SSE events flow as they come).
+pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
+    let request_body_mode = match request_body {
+        RequestBody::None => BodySendMode::None,
+        RequestBody::Capture => BodySendMode::BufferedPartial,
+        RequestBody::Whole => BodySendMode::Buffered,
+    };
     ProcessingMode {
         request_header_mode: HeaderSendMode::Send as i32,
         response_header_mode: HeaderSendMode::Send as i32,
-        request_body_mode: if request_body { BodySendMode::BufferedPartial } else { BodySendMode::None } as i32,
+        request_body_mode: request_body_mode as i32,
         response_body_mode: if response_body { BodySendMode::Streamed } else { BodySendMode::None } as i32,
         request_trailer_mode: HeaderSendMode::Skip as i32,
         response_trailer_mode: HeaderSendMode::Skip as i32,
+    }
+}
+
+/// Headers keyswap sets, overwriting the agent's.
+pub fn set_headers(headers: &[(&str, &[u8])]) -> HeaderMutation {
+    HeaderMutation { set_headers: headers.iter().map(|(k, v)| set(k, v)).collect(), remove_headers: vec![] }
+}
+
+/// Continue the request body, changing request headers (possible while Envoy still holds them:
+/// BUFFERED bodies).
+pub fn request_body_with(mutation: HeaderMutation) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::RequestBody(BodyResponse {
+            response: Some(CommonResponse { header_mutation: Some(mutation), ..Default::default() }),
+        })),
+        ..Default::default()
+    }
+}
+
+/// Asks Envoy to wait up to `timeout` for the answer to the current message (a token fetch).
+pub fn extend_timeout(timeout: std::time::Duration) -> ProcessingResponse {
+    ProcessingResponse {
+        override_message_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: timeout.as_secs() as i64,
+            nanos: timeout.subsec_nanos() as i32,
+        }),
+        ..Default::default()
     }
 }
 

@@ -4,7 +4,9 @@
 //! and key parameter — then write the real one. There is no agent-controlled way to opt out.
 //! This module decides; `extproc::mutation` turns the plan into Envoy's wire format.
 
+pub mod gcp;
 pub mod query;
+pub mod sigv4;
 
 use crate::config::snapshot::{Binding, Credential};
 use crate::provider::PLACEHOLDER;
@@ -24,17 +26,26 @@ pub struct Plan<'a> {
 }
 
 /// Whether a credential value is the placeholder, with or without an auth scheme in front
-/// (`Bearer keyswap-injected-by-proxy`). Empty values carry nothing and count as placeholders.
+/// (`Bearer keyswap-injected-by-proxy`), or a SigV4 signature made with the placeholder as
+/// access key id. Empty values carry nothing and count as placeholders.
 pub fn is_placeholder(value: &[u8]) -> bool {
     let token = value.rsplit(|&b| b == b' ').next().unwrap_or(value);
-    value.is_empty() || token == PLACEHOLDER.as_bytes()
+    value.is_empty() || token == PLACEHOLDER.as_bytes() || is_placeholder_sigv4(value)
+}
+
+fn is_placeholder_sigv4(value: &[u8]) -> bool {
+    let Some(rest) = value.strip_prefix(b"AWS4-HMAC-SHA256 ") else { return false };
+    let needle = [b"Credential=", PLACEHOLDER.as_bytes(), b"/"].concat();
+    rest.windows(needle.len()).any(|w| w == needle.as_slice())
 }
 
 /// Builds the plan for a request that matched `binding`, with `headers` as the agent sent them.
-pub fn plan<'a, 'h>(
+/// `token` is the current access token for a GCP binding (`None` otherwise).
+pub fn plan<'a>(
     binding: &'a Binding,
     credential: &'a Credential,
-    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+    token: Option<&'a [u8]>,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
     path: &str,
 ) -> Plan<'a> {
     let mut plan = Plan::default();
@@ -43,11 +54,20 @@ pub fn plan<'a, 'h>(
             plan.set_header = Some((&**name, secrecy::ExposeSecret::expose_secret(value)));
             Some(&**name)
         }
-        Credential::Query { .. } => None,
+        Credential::GcpToken(_) => {
+            plan.set_header = token.map(|t| ("authorization", t));
+            Some("authorization")
+        }
+        Credential::Query { .. } | Credential::AwsV4(_) => None,
     };
+    let sigv4 = matches!(credential, Credential::AwsV4(_));
     let mut target_seen = 0usize;
     for (name, value) in headers {
         let Some(strip) = binding.strip_headers.iter().find(|s| s.eq_ignore_ascii_case(name)) else {
+            // SigV4: the agent's x-amz-date, x-amz-content-sha256, … belong to its own signature.
+            if sigv4 && name.len() > 6 && name[..6].eq_ignore_ascii_case("x-amz-") && !plan.remove.contains(&name) {
+                plan.remove.push(name);
+            }
             continue;
         };
         let strip: &'a str = strip;
@@ -66,7 +86,7 @@ pub fn plan<'a, 'h>(
     }
     let set_param = match credential {
         Credential::Query { param, value, .. } => Some((&**param, secrecy::ExposeSecret::expose_secret(value))),
-        Credential::Header { .. } => None,
+        _ => None,
     };
     if set_param.is_some() || path.contains('?') {
         let rw = query::rewrite(path, &binding.strip_query, set_param, |v| is_placeholder(v.as_bytes()));
@@ -89,5 +109,11 @@ mod tests {
         assert!(is_placeholder(b""));
         assert!(!is_placeholder(b"Bearer sk-stolen"));
         assert!(!is_placeholder(b"keyswap-injected-by-proxyX"));
+        assert!(is_placeholder(
+            b"AWS4-HMAC-SHA256 Credential=keyswap-injected-by-proxy/20250101/us-east-1/bedrock/aws4_request, SignedHeaders=host, Signature=ab"
+        ));
+        assert!(!is_placeholder(
+            b"AWS4-HMAC-SHA256 Credential=AKIAREAL/20250101/us-east-1/bedrock/aws4_request, SignedHeaders=host, Signature=ab"
+        ));
     }
 }

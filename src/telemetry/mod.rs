@@ -54,6 +54,8 @@ pub struct Metrics {
     pub denied_no_route: AtomicU64,
     /// 503: matched route, credential missing.
     pub denied_credential_unavailable: AtomicU64,
+    /// 413: a body too large to sign (SigV4).
+    pub denied_too_large: AtomicU64,
     /// Requests passed through untouched (allow-all or allow-list).
     pub passed_through: AtomicU64,
     /// Requests where the agent sent a credential of its own (stripped either way).
@@ -130,6 +132,7 @@ impl Metrics {
             &[
                 ("{reason=\"no_route\"}", g(&self.denied_no_route)),
                 ("{reason=\"credential_unavailable\"}", g(&self.denied_credential_unavailable)),
+                ("{reason=\"body_too_large\"}", g(&self.denied_too_large)),
             ],
         );
         counter(
