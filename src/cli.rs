@@ -498,6 +498,13 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 credential.describe(),
                 credential.fingerprint()
             );
+            if let crate::config::Credential::AwsV4(signer) = credential {
+                match signer.scope(&args.host) {
+                    Ok((region, service)) => println!("  signs for region `{region}`, service `{service}`"),
+                    Err(e) => println!("  cannot sign: {e}"),
+                }
+                println!("  also strips every x-amz-* header the agent sends (its own signature)");
+            }
             println!("  strips headers whenever the agent sends them: {}", entry.binding.strip_headers.join(", "));
             if !entry.binding.strip_query.is_empty() {
                 println!("  strips query parameters: {}", entry.binding.strip_query.join(", "));

@@ -176,12 +176,18 @@ impl Catalog {
                 Target::QueryParam => {
                     match &s.query_param_name {
                         Some(q) if q.is_empty() || q.contains(['&', '=', '#', '?', ' ']) => {
-                            errors.push(err("spec.queryParamName".into(), format!("`{q}` is not a valid query parameter name")));
+                            errors.push(err(
+                                "spec.queryParamName".into(),
+                                format!("`{q}` is not a valid query parameter name"),
+                            ));
                         }
                         _ => {}
                     }
                     if s.header_name.is_some() || s.value_prefix.is_some() {
-                        errors.push(err("spec.headerName".into(), "headerName and valuePrefix apply only to target Header".into()));
+                        errors.push(err(
+                            "spec.headerName".into(),
+                            "headerName and valuePrefix apply only to target Header".into(),
+                        ));
                     }
                 }
                 Target::ProviderAuth => {
@@ -199,7 +205,10 @@ impl Catalog {
                         Some(a) => match a.kind {
                             ProviderAuthType::AWSv4 => {
                                 if !a.scopes.is_empty() {
-                                    errors.push(err("spec.providerAuth.scopes".into(), "applies only to type GCPServiceAccount".into()));
+                                    errors.push(err(
+                                        "spec.providerAuth.scopes".into(),
+                                        "applies only to type GCPServiceAccount".into(),
+                                    ));
                                 }
                                 if s.secret_key.is_some() {
                                     errors.push(err(
@@ -213,17 +222,26 @@ impl Catalog {
                                 for (f, v) in [("region", &a.region), ("service", &a.service)] {
                                     if let Some(v) = v {
                                         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                                            errors.push(err(format!("spec.providerAuth.{f}"), format!("`{v}` is not a valid AWS {f}")));
+                                            errors.push(err(
+                                                format!("spec.providerAuth.{f}"),
+                                                format!("`{v}` is not a valid AWS {f}"),
+                                            ));
                                         }
                                     }
                                 }
                             }
                             ProviderAuthType::GCPServiceAccount => {
                                 if a.region.is_some() || a.service.is_some() {
-                                    errors.push(err("spec.providerAuth.region".into(), "region and service apply only to type AWSv4".into()));
+                                    errors.push(err(
+                                        "spec.providerAuth.region".into(),
+                                        "region and service apply only to type AWSv4".into(),
+                                    ));
                                 }
                                 if a.scopes.iter().any(|sc| sc.is_empty() || sc.contains(char::is_whitespace)) {
-                                    errors.push(err("spec.providerAuth.scopes".into(), "each scope must be a non-empty URL without spaces".into()));
+                                    errors.push(err(
+                                        "spec.providerAuth.scopes".into(),
+                                        "each scope must be a non-empty URL without spaces".into(),
+                                    ));
                                 }
                             }
                         },
@@ -352,9 +370,11 @@ impl Catalog {
                         mt.hosts.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect()
                     };
                     if let Some(e) = region_error(&binding, &hosts) {
-                        errors.push(e.at(&route.origin).object(label(Kind::AIProviderRoute, rkey)).field(format!(
-                            "spec.rules[{r}].matches[{m}].hosts"
-                        )));
+                        errors.push(
+                            e.at(&route.origin)
+                                .object(label(Kind::AIProviderRoute, rkey))
+                                .field(format!("spec.rules[{r}].matches[{m}].hosts")),
+                        );
                         continue;
                     }
                     entries.push(MatchEntry {
@@ -413,6 +433,14 @@ impl Catalog {
                 .get(&key_name)
                 .ok_or_else(|| Unresolved::KeyNotFound { secret: secret_key.clone(), key: key_name.clone() }),
         };
+        if let (Ok(v), Some(sec)) = (&raw, self.secrets.get(&secret_key)) {
+            if let Err(m) = super::load::validate_secret_value(v.expose_secret()) {
+                return Err(ConfigError::new(m)
+                    .at(&sec.origin)
+                    .object(label(Kind::Secret, &secret_key))
+                    .field(key_name.clone()));
+            }
+        }
         if let Ok(v) = &raw {
             let v = v.expose_secret();
             live.push(SecretSlice::from(v.to_vec()));
@@ -471,7 +499,9 @@ impl Catalog {
                 });
                 (cred, None, Some(param))
             }
-            Target::ProviderAuth => return Err(err("spec.providerAuth", "is required when target is ProviderAuth".into())),
+            Target::ProviderAuth => {
+                return Err(err("spec.providerAuth", "is required when target is ProviderAuth".into()))
+            }
         };
         Ok(Binding {
             policy: Some(policy),
@@ -735,23 +765,37 @@ mod tests {
         let models = format!("{GW}{}", route("r", "{provider: openai, models: [gpt-4o]}"));
         assert!(compile(&models).unwrap_err().contains("sends the model in the request body"));
 
-        let no_auth = format!("{GW}{}{}", route("r", "{provider: bedrock}"), policy("a", "{name: r}", "  target: ProviderAuth"));
+        let no_auth =
+            format!("{GW}{}{}", route("r", "{provider: bedrock}"), policy("a", "{name: r}", "  target: ProviderAuth"));
         let e = compile(&no_auth).unwrap_err();
         assert!(e.contains("field `spec.providerAuth`: is required when target is ProviderAuth"), "{e}");
 
         let aws_key = format!(
             "{GW}{}{}",
             route("r", "{provider: bedrock}"),
-            policy("a", "{name: r}", "  target: ProviderAuth\n  secretKey: token\n  providerAuth: {type: AWSv4, scopes: [x]}")
+            policy(
+                "a",
+                "{name: r}",
+                "  target: ProviderAuth\n  secretKey: token\n  providerAuth: {type: AWSv4, scopes: [x]}"
+            )
         );
         let e = compile(&aws_key).unwrap_err();
-        assert!(e.contains("field `spec.secretKey`: does not apply to AWSv4: the Secret holds the keys `AWS_ACCESS_KEY_ID`"), "{e}");
+        assert!(
+            e.contains(
+                "field `spec.secretKey`: does not apply to AWSv4: the Secret holds the keys `AWS_ACCESS_KEY_ID`"
+            ),
+            "{e}"
+        );
         assert!(e.contains("field `spec.providerAuth.scopes`: applies only to type GCPServiceAccount"), "{e}");
 
         let gcp_region = format!(
             "{GW}{}{}",
             route("r", "{provider: google}"),
-            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount, region: us-east-1}")
+            policy(
+                "a",
+                "{name: r}",
+                "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount, region: us-east-1}"
+            )
         );
         assert!(compile(&gcp_region).unwrap_err().contains("region and service apply only to type AWSv4"));
 
@@ -812,6 +856,19 @@ mod tests {
     }
 
     #[test]
+    fn header_values_must_travel_in_a_header_but_provider_auth_reads_multi_line_keys() {
+        let text = format!(
+            "{GW}{}{}{}",
+            route("r", "{provider: openai}"),
+            policy("a", "{name: r}", "  target: Header"),
+            secret("  token: \"sk-live-value\\n\"")
+        );
+        let e = compile(&text).unwrap_err();
+        assert!(e.contains("Secret default/s: field `token`: ends with a newline"), "{e}");
+        assert!(!e.contains("sk-live-value"), "{e}");
+    }
+
+    #[test]
     fn provider_auth_compiles_and_names_missing_or_broken_keys() {
         let aws = |data: &str, extra: &str| {
             format!(
@@ -840,8 +897,9 @@ mod tests {
         assert_eq!(reason.to_string(), "Secret default/s has no key `AWS_SECRET_ACCESS_KEY`");
 
         // An exact host that names no region needs spec.providerAuth.region.
-        let e = compile(&aws("  AWS_ACCESS_KEY_ID: A\n  AWS_SECRET_ACCESS_KEY: B", ", hosts: [bedrock.internal.example]"))
-            .unwrap_err();
+        let e =
+            compile(&aws("  AWS_ACCESS_KEY_ID: A\n  AWS_SECRET_ACCESS_KEY: B", ", hosts: [bedrock.internal.example]"))
+                .unwrap_err();
         assert!(e.contains("host `bedrock.internal.example` names no AWS region"), "{e}");
 
         let gcp = |json: &str| {
@@ -858,7 +916,9 @@ mod tests {
         };
         assert_eq!(reason.reason(), "InvalidSecret");
         assert!(
-            reason.to_string().starts_with("Secret default/s key `service-account.json` is not a service-account key: field `private_key`"),
+            reason.to_string().starts_with(
+                "Secret default/s key `service-account.json` is not a service-account key: field `private_key`"
+            ),
             "{reason}"
         );
     }

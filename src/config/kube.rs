@@ -22,8 +22,8 @@ use secrecy::SecretSlice;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use super::error::{ConfigError, Origin};
-use super::load::{validate_secret_value, Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
+use super::error::Origin;
+use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
 use super::{log_changes, Catalog, GatewaySelector, SnapshotStore};
 use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway};
 
@@ -126,17 +126,15 @@ where
     Watched { store, synced, task }
 }
 
-/// Converts a Kubernetes Secret into keyswap's form, validating each value as file mode does.
-pub fn secret_data(secret: &Secret, origin: &Origin, label: &str) -> Result<SecretData, ConfigError> {
+/// Converts a Kubernetes Secret into keyswap's form. Values are checked where a policy uses them.
+pub fn secret_data(secret: &Secret) -> SecretData {
     let mut out = SecretData::default();
     let data = secret.data.iter().flatten().map(|(k, v)| (k, "data", v.0.clone()));
     let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, "stringData", v.clone().into_bytes()));
-    for (k, field, bytes) in data.chain(string_data) {
-        validate_secret_value(&bytes)
-            .map_err(|m| ConfigError::new(m).at(origin).object(label.to_owned()).field(format!("{field}.{k}")))?;
+    for (k, _field, bytes) in data.chain(string_data) {
         out.entries.insert(k.clone(), SecretSlice::from(bytes));
     }
-    Ok(out)
+    out
 }
 
 /// Runs the Kubernetes source. Returns the store once the initial sync produced a valid
@@ -380,7 +378,6 @@ fn collect(
     for p in policies.state() {
         objects.push(Object { origin: origin(), key: key(p.meta()), resource: Resource::Policy(p.spec.clone()) });
     }
-    let mut errors = Vec::new();
     let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
     for w in secrets.values() {
         for s in w.store.state() {
@@ -388,15 +385,7 @@ fn collect(
         }
     }
     for (k, s) in by_key {
-        let label = format!("Secret {k}");
-        match secret_data(&s, &origin(), &label) {
-            Ok(data) => objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(data) }),
-            Err(e) => errors.push(e),
-        }
+        objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) });
     }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(super::ConfigErrors(errors))
-    }
+    Ok(objects)
 }

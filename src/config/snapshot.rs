@@ -85,8 +85,16 @@ pub struct Binding {
 /// The real credential, ready to write. `value` is the exact header value or the
 /// percent-encoded query value; provider authentication computes it per request.
 pub enum Credential {
-    Header { name: Box<str>, value: SecretSlice<u8>, fingerprint: String },
-    Query { param: Box<str>, value: SecretSlice<u8>, fingerprint: String },
+    Header {
+        name: Box<str>,
+        value: SecretSlice<u8>,
+        fingerprint: String,
+    },
+    Query {
+        param: Box<str>,
+        value: SecretSlice<u8>,
+        fingerprint: String,
+    },
     /// AWS SigV4: every request is signed with the real keys.
     AwsV4(Arc<crate::inject::sigv4::Signer>),
     /// A GCP access token minted from a service-account key, as `authorization: Bearer`.
@@ -115,7 +123,9 @@ impl Credential {
         match self {
             Credential::Header { name, .. } => format!("header `{name}`"),
             Credential::Query { param, .. } => format!("query parameter `{param}`"),
-            Credential::AwsV4(_) => "an AWS SigV4 signature (`authorization`, `x-amz-date`, `x-amz-security-token`)".into(),
+            Credential::AwsV4(_) => {
+                "an AWS SigV4 signature (`authorization`, `x-amz-date`, `x-amz-security-token`)".into()
+            }
             Credential::GcpToken(s) => {
                 format!("header `authorization: Bearer <access token of {}, scopes {}>`", s.account, s.scopes.join(" "))
             }
@@ -133,11 +143,20 @@ impl fmt::Debug for Credential {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unresolved {
     NoPolicy,
-    SecretNotFound { secret: Key },
-    KeyNotFound { secret: Key, key: String },
+    SecretNotFound {
+        secret: Key,
+    },
+    KeyNotFound {
+        secret: Key,
+        key: String,
+    },
     /// The key is there but unusable (malformed service-account JSON, …). `message` never
     /// contains the value.
-    InvalidSecret { secret: Key, key: String, message: String },
+    InvalidSecret {
+        secret: Key,
+        key: String,
+        message: String,
+    },
 }
 
 impl Unresolved {

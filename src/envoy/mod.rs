@@ -201,6 +201,9 @@ pub fn bootstrap(
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": format!("proxy_{name}"),
+                    // Python's http.client (urllib3: requests, boto3) sends `CONNECT … HTTP/1.0`;
+                    // Envoy refuses HTTP/1.0 with 426 unless told otherwise.
+                    "http_protocol_options": {"accept_http_10": true},
                     "strip_any_host_port": true,
                     "upgrade_configs": [{"upgrade_type": "CONNECT"}],
                     "http_filters": proxy_filters,
@@ -275,12 +278,16 @@ pub fn bootstrap(
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
 
     let mut listeners: Vec<Value> = proxy_ports.iter().map(|(n, p)| proxy_listener(n, *p)).collect();
+    // SigV4 routes have Envoy buffer whole request bodies (ext_proc BUFFERED); the buffer must
+    // hold the largest body keyswap signs, or Envoy answers 413 first.
+    let buffer_limit = crate::inject::sigv4::MAX_BODY_BYTES + 1024 * 1024;
     listeners.push(json!({"name": INTERNAL_TLS, "internal_listener": {}, "listener_filters": tls_inspector,
-        "filter_chains": [tls_chain.clone()]}));
+        "per_connection_buffer_limit_bytes": buffer_limit, "filter_chains": [tls_chain.clone()]}));
     for (name, port) in &tls_ports {
         listeners.push(json!({
             "name": format!("tls_{name}"),
             "address": {"socket_address": {"address": opts.bind.to_string(), "port_value": port}},
+            "per_connection_buffer_limit_bytes": buffer_limit,
             "listener_filters": tls_inspector, "filter_chains": [tls_chain.clone()]}));
     }
 

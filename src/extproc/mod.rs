@@ -23,12 +23,12 @@ use std::time::Instant;
 
 use crate::config::snapshot::{normalize_host, Binding};
 use crate::config::{Credential, Decision, Snapshot, SnapshotStore};
-use secrecy::ExposeSecret as _;
 use crate::inject;
 use crate::inject::gcp::{Token, TokenSource};
 use crate::inject::sigv4::{self, Signer};
 use crate::telemetry::span::{Start, Transaction};
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
+use secrecy::ExposeSecret as _;
 
 /// State shared by every stream.
 pub struct Shared {
@@ -102,7 +102,7 @@ pub struct PendingSign {
 
 /// Request headers waiting for a GCP access token (the first request, or after expiry).
 struct Waiting {
-    token: Pin<Box<dyn std::future::Future<Output = Result<Arc<Token>, Arc<str>>> + Send>>,
+    token: crate::inject::gcp::TokenFuture,
     snapshot: Arc<Snapshot>,
     headers: Vec<HeaderValue>,
     has_body: bool,
@@ -205,6 +205,8 @@ impl Stream for ProcessStream {
 /// timeout plus slack, within the filter's `max_message_timeout` (10 s in generated configs).
 const TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(8);
 
+// Returned by value once per message; boxing the answer would allocate on the hot path.
+#[allow(clippy::large_enum_variant)]
 enum Handled {
     /// The answer, the phase it belonged to, and whether the transaction is complete.
     Answer(ProcessingResponse, TelemetryPhase, bool),
@@ -219,6 +221,7 @@ pub struct Outcome {
     pub sign: Option<Box<PendingSign>>,
 }
 
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     Answer(Outcome),
     /// A GCP route with no usable token cached: fetch (or join the fetch) and decide again.
@@ -271,10 +274,9 @@ impl ProcessStream {
             (Request::RequestHeaders(_), _) => {
                 Err(Status::failed_precondition("request_headers received twice on one stream"))
             }
-            (other, Phase::AwaitRequestHeaders) => Err(Status::failed_precondition(format!(
-                "{} received before request_headers",
-                phase_name(&other)
-            ))),
+            (other, Phase::AwaitRequestHeaders) => {
+                Err(Status::failed_precondition(format!("{} received before request_headers", phase_name(&other))))
+            }
             (Request::RequestBody(b), _) => {
                 if let Some(t) = &mut self.tx {
                     t.tx.on_request_body(&b.body);
@@ -296,8 +298,7 @@ impl ProcessStream {
                 let end = h.end_of_stream;
                 if let Some(t) = &mut self.tx {
                     let headers = h.headers.map(|m| m.headers).unwrap_or_default();
-                    let pairs: Vec<(&str, &[u8])> =
-                        headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
+                    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
                     t.tx.on_response_headers(&pairs);
                     if !end && t.tx.wants_response_body() {
                         mode = Some(mutation::mode(mutation::RequestBody::None, true));

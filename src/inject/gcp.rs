@@ -50,7 +50,9 @@ impl fmt::Debug for Token {
 /// What a fetch yields: the access token and its lifetime.
 pub type Fetched = Result<(SecretString, Duration), String>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-type Flight = Shared<BoxFuture<Result<Arc<Token>, Arc<str>>>>;
+type Flight = Shared<TokenFuture>;
+/// A token being fetched (or the one fetch in flight, joined).
+pub type TokenFuture = BoxFuture<Result<Arc<Token>, Arc<str>>>;
 
 /// Gets new tokens. The real one calls the token endpoint; tests may count calls.
 pub trait Fetch: Send + Sync + 'static {
@@ -154,7 +156,7 @@ impl TokenSource {
             return f.clone();
         }
         let me = self.clone();
-        let fut: BoxFuture<Result<Arc<Token>, Arc<str>>> = Box::pin(async move {
+        let fut: TokenFuture = Box::pin(async move {
             let result = me.fetch_once().await;
             *me.flight.lock().unwrap_or_else(|p| p.into_inner()) = None;
             result
@@ -238,9 +240,10 @@ impl TokenSource {
 pub fn check_key(json: &str) -> Result<String, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("is not valid JSON: {e}"))?;
     let field = |name: &str| -> Result<&str, String> {
-        v.get(name).and_then(|x| x.as_str()).filter(|s| !s.is_empty()).ok_or_else(|| {
-            format!("is not a service-account key: field `{name}` is missing or not a string")
-        })
+        v.get(name)
+            .and_then(|x| x.as_str())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| format!("is not a service-account key: field `{name}` is missing or not a string"))
     };
     if let Some(t) = v.get("type").and_then(|t| t.as_str()) {
         if t != "service_account" {
@@ -291,7 +294,16 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicBool::new(false));
         let f = Counting { calls: calls.clone(), down: down.clone(), lifetime, delay };
-        (TokenSource::new("sa@p.iam.gserviceaccount.com".into(), vec![DEFAULT_SCOPE.into()], "fp".into(), Box::new(f)), calls, down)
+        (
+            TokenSource::new(
+                "sa@p.iam.gserviceaccount.com".into(),
+                vec![DEFAULT_SCOPE.into()],
+                "fp".into(),
+                Box::new(f),
+            ),
+            calls,
+            down,
+        )
     }
 
     fn value(t: &Token) -> String {
@@ -302,10 +314,14 @@ mod tests {
     async fn many_concurrent_first_requests_make_one_fetch() {
         let (s, calls, _) = source(Duration::from_secs(3600), Duration::from_millis(200));
         assert!(s.cached().is_none());
-        let waiters: Vec<_> = (0..100).map(|_| tokio::spawn({
-            let s = s.clone();
-            async move { s.token().await }
-        })).collect();
+        let waiters: Vec<_> = (0..100)
+            .map(|_| {
+                tokio::spawn({
+                    let s = s.clone();
+                    async move { s.token().await }
+                })
+            })
+            .collect();
         for w in waiters {
             assert_eq!(value(&w.await.unwrap().unwrap()), "Bearer tok-1");
         }

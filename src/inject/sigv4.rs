@@ -195,7 +195,10 @@ mod tests {
     #[test]
     fn region_and_service_come_from_the_host() {
         assert_eq!(region_from_host("bedrock-runtime.us-east-1.amazonaws.com").as_deref(), Some("us-east-1"));
-        assert_eq!(region_from_host("bedrock-runtime-fips.us-gov-west-1.amazonaws.com").as_deref(), Some("us-gov-west-1"));
+        assert_eq!(
+            region_from_host("bedrock-runtime-fips.us-gov-west-1.amazonaws.com").as_deref(),
+            Some("us-gov-west-1")
+        );
         assert_eq!(region_from_host("bedrock-runtime.cn-north-1.amazonaws.com.cn").as_deref(), Some("cn-north-1"));
         assert_eq!(region_from_host("example.com"), None);
         assert_eq!(region_from_host("bedrock.amazonaws.com"), None);
@@ -203,13 +206,23 @@ mod tests {
         assert_eq!(service_from_host("bedrock-runtime-fips.us-east-1.amazonaws.com"), "bedrock");
         assert_eq!(service_from_host("bedrock-agent-runtime.eu-west-1.amazonaws.com"), "bedrock");
         assert_eq!(service_from_host("sts.us-east-1.amazonaws.com"), "sts");
-        assert_eq!(upstream_host("bedrock-runtime.us-east-1.amazonaws.com:443"), "bedrock-runtime.us-east-1.amazonaws.com");
+        assert_eq!(
+            upstream_host("bedrock-runtime.us-east-1.amazonaws.com:443"),
+            "bedrock-runtime.us-east-1.amazonaws.com"
+        );
         assert_eq!(upstream_host("localhost:8443"), "localhost:8443");
     }
 
     #[test]
     fn signature_covers_host_date_and_token_only_from_the_allowlist() {
-        let s = Signer::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", Some("tok"), None, None, "fp".into());
+        let s = Signer::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            Some("tok"),
+            None,
+            None,
+            "fp".into(),
+        );
         let req = Request {
             method: "POST",
             host: "bedrock-runtime.us-east-1.amazonaws.com",
@@ -221,7 +234,10 @@ mod tests {
         let h = s.sign(&req, t).unwrap();
         let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
         let auth = get("authorization").unwrap();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20231114/us-east-1/bedrock/aws4_request"), "{auth}");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20231114/us-east-1/bedrock/aws4_request"),
+            "{auth}"
+        );
         assert!(auth.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-security-token,"), "{auth}");
         assert_eq!(get("x-amz-date"), Some("20231114T221320Z"));
         assert_eq!(get("x-amz-security-token"), Some("tok"));

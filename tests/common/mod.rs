@@ -390,6 +390,28 @@ pub enum Accept {
     Query(&'static str, String),
 }
 
+/// A test CA (written to `dir/provider-ca.pem`) and a leaf for `hosts` signed by it; the leaf
+/// and its key are also written as PEM (`dir/provider-leaf.pem`, `dir/provider-leaf.key`) for
+/// fakes in other languages.
+pub fn provider_certs(hosts: &[&str], dir: &Path) -> (PathBuf, rcgen::Certificate, rcgen::KeyPair) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "fake provider test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_path = dir.join("provider-ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("provider-leaf.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("provider-leaf.key"), leaf_key.serialize_pem()).unwrap();
+    (ca_path, leaf, leaf_key)
+}
+
 /// A provider stand-in on loopback: answers 200 only when the request carries exactly one
 /// accepted credential for its host, 401 otherwise. Records everything it sees.
 #[derive(Clone)]
@@ -412,19 +434,7 @@ impl FakeProvider {
     /// `dir/provider-ca.pem` (what Envoy is told to trust with `--upstream HOST=ADDR,ca=FILE`).
     pub async fn start_tls(hosts: &[&str], dir: &Path) -> (FakeProvider, PathBuf) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "fake provider test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        let ca_path = dir.join("provider-ca.pem");
-        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        let (ca_path, leaf, leaf_key) = provider_certs(hosts, dir);
         let mut cfg = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
@@ -699,6 +709,8 @@ pub async fn send(client: &Client, port: u16, host: &str, path: &str, headers: &
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+pub mod dev;
+pub mod gcp;
 pub mod kubeapi;
 
 // === gRPC, as Envoy speaks it ===

@@ -1,0 +1,76 @@
+//! `keyswap dev` as a process (Envoy + keyswap, generated config), driven like an agent would.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{envoy_bin, Proc};
+
+/// `keyswap dev` as a process, and the environment it printed for agents.
+pub struct Dev {
+    pub proc: Proc,
+    pub env: HashMap<String, String>,
+    pub work: PathBuf,
+}
+
+pub fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args([
+        "--admin-port",
+        "0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    for u in upstreams {
+        cmd.arg("--upstream").arg(u);
+    }
+    cmd.env("RUST_LOG", "debug").env("ENVOY_BIN", envoy_bin());
+    let out = work.join("dev.stdout");
+    let err = std::fs::File::create(work.join("dev.stderr")).unwrap();
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(err);
+    let child = cmd.spawn().unwrap();
+    let mut proc = Proc { name: "keyswap dev", child, log: work.join("dev.stderr") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("export AWS_CA_BUNDLE=") {
+            let env = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            return Dev { proc, env, work: work.to_path_buf() };
+        }
+        proc.assert_running();
+        assert!(Instant::now() < deadline, "keyswap dev printed no environment in 60 s:\n{}", proc.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs curl through the gateway the way an agent would (proxy + gateway CA only).
+pub fn curl(dev: &Dev, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--proxy",
+            &dev.env["HTTPS_PROXY"],
+            "--cacert",
+            &dev.env["NODE_EXTRA_CA_CERTS"],
+        ])
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .expect("curl is installed (apt-get install -y curl)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

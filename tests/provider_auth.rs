@@ -1,0 +1,355 @@
+//! `target: ProviderAuth` end to end through `keyswap dev` (real Envoy, generated config):
+//!
+//! - AWS SigV4: boto3's `bedrock-runtime` client, with placeholder credentials, calls Converse and
+//!   InvokeModel through the gateway; a fake Bedrock (Python) verifies every signature on its own
+//!   with botocore and the real keys, which only it and the Secret know.
+//! - GCP: a fake token endpoint verifies the JWT-bearer assertions keyswap sends and issues
+//!   tokens; a fake Gemini endpoint accepts only those tokens.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::dev::*;
+use common::gcp::FakeTokenEndpoint;
+use common::*;
+
+const BEDROCK_HOST: &str = "bedrock-runtime.us-east-1.amazonaws.com";
+const AWS_KEY_ID: &str = "AKIAKEYSWAPTEST0001";
+const AWS_SECRET: &str = "kS3cr3t/REAL+0008/do-not-leak-aws-secret";
+const AWS_TOKEN: &str = "IQoJb3JpZ2luX2VjREAL0009do-not-leak-session";
+
+fn python_with(modules: &str, install: &str) -> String {
+    let out = Command::new("python3").args(["-c", &format!("import sys, {modules}; print(sys.executable)")]).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("Python modules {modules} are missing: {install}"),
+    }
+}
+
+fn bedrock_config(proxy_port: u16, provider_auth: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: bedrock}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: bedrock, hosts: [{BEDROCK_HOST}]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: bedrock-sigv4}}
+spec:
+  parentRefs: [{{name: bedrock}}]
+  secretRef: {{name: aws}}
+  target: ProviderAuth
+  providerAuth: {provider_auth}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: aws}}
+stringData:
+  AWS_ACCESS_KEY_ID: {AWS_KEY_ID}
+  AWS_SECRET_ACCESS_KEY: {AWS_SECRET}
+  AWS_SESSION_TOKEN: {AWS_TOKEN}
+"#
+    )
+}
+
+/// The Python fake Bedrock: HTTPS with a leaf for the Bedrock host, botocore verification.
+fn start_fake_bedrock(work: &Path) -> (Proc, u16, PathBuf) {
+    let python = python_with("boto3, botocore", "pip install boto3");
+    let _ = provider_certs(&[BEDROCK_HOST], work);
+    let port_file = work.join("bedrock.port");
+    let log = work.join("bedrock.log");
+    let mut cmd = Command::new(python);
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/bedrock_fake.py"))
+        .arg("--cert")
+        .arg(work.join("provider-leaf.pem"))
+        .arg("--key")
+        .arg(work.join("provider-leaf.key"))
+        .arg("--port-file")
+        .arg(&port_file)
+        .arg("--log")
+        .arg(&log)
+        .args(["--access-key-id", AWS_KEY_ID, "--secret-access-key", AWS_SECRET, "--session-token", AWS_TOKEN])
+        .args(["--region", "us-east-1", "--service", "bedrock", "--debug-canonical"]);
+    let mut proc = Proc::spawn("fake bedrock", cmd, work.join("bedrock.stderr"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        if let Some(p) = std::fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok()) {
+            break p;
+        }
+        proc.assert_running();
+        assert!(Instant::now() < deadline, "fake bedrock did not start:\n{}", proc.output());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (proc, port, log)
+}
+
+/// boto3 through the gateway: only the proxy and CA variables, placeholder credentials.
+fn boto3(dev: &Dev, op: &str) -> (i32, String) {
+    let python = python_with("boto3", "pip install boto3");
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/bedrock_client.py"))
+        .args(["--op", op, "--region", "us-east-1"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .env("HTTPS_PROXY", &dev.env["HTTPS_PROXY"])
+        .env("AWS_CA_BUNDLE", &dev.env["AWS_CA_BUNDLE"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn fake_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("fake log line is JSON"))
+        .collect()
+}
+
+/// Retries `f` until it returns true (a configuration reload is asynchronous).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within 15 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let (_fake, port, log) = start_fake_bedrock(work.path());
+    let proxy_port = free_port();
+    let cfg = config.path().join("bedrock.yaml");
+    // Region and service derived from the host.
+    std::fs::write(&cfg, bedrock_config(proxy_port, "{type: AWSv4}")).unwrap();
+    let ca = work.path().join("provider-ca.pem");
+    let upstream = format!("{BEDROCK_HOST}=127.0.0.1:{port},ca={}", ca.display());
+    let dev = start_dev(config.path(), work.path(), &[upstream]);
+
+    // Converse and InvokeModel, model id with `:` (sent as %3A).
+    for op in ["converse", "invoke"] {
+        let (code, out) = boto3(&dev, op);
+        assert_eq!(code, 0, "boto3 {op}: {out}\nkeyswap:\n{}", dev.proc.output());
+        let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(line["status"], 200, "{out}");
+        assert_eq!(line["text"], "hello from fake bedrock", "{out}");
+    }
+    let seen = fake_log(&log);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s["verified"], true, "{s}");
+        assert_eq!(s["access_key_id"], AWS_KEY_ID);
+        assert_eq!(s["scope_region"], "us-east-1");
+        assert_eq!(s["scope_service"], "bedrock");
+        assert_eq!(s["model_id"], "anthropic.claude-3-5-sonnet-20240620-v1:0");
+        assert_eq!(s["host_has_port"], false);
+        let signed: Vec<&str> = s["signed_headers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(signed, ["content-type", "host", "x-amz-date", "x-amz-security-token"], "{s}");
+    }
+    assert!(seen[0]["path"].as_str().unwrap().contains("%3A0/converse"), "{}", seen[0]);
+
+    // A body larger than Envoy's default 1 MiB buffer is signed too; one beyond keyswap's limit
+    // is refused with 413 before anything is buffered or sent.
+    let big = work.path().join("big.json");
+    let text = format!(r#"{{"messages":[{{"role":"user","content":[{{"text":"{}"}}]}}]}}"#, "x".repeat(3 << 20));
+    std::fs::write(&big, text).unwrap();
+    let url = format!("https://{BEDROCK_HOST}/model/m/converse");
+    // HTTP/1.1: an HTTP/2 client that is still uploading when the 413 arrives sees the stream
+    // reset instead (curl: "Stream error in the HTTP/2 framing layer").
+    let post = |file: &Path| {
+        let data = format!("@{}", file.display());
+        curl(
+            &dev,
+            &[
+                "--http1.1",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "content-type: application/json",
+                "--data-binary",
+                &data,
+                &url,
+            ],
+        )
+    };
+    let (code, out, err) = post(&big);
+    let envoy_log = || std::fs::read_to_string(dev.work.join("envoy.log")).unwrap_or_default();
+    assert_eq!(code, 0, "{err}\n{}\n{}", dev.proc.output(), envoy_log());
+    assert!(out.ends_with("\n200"), "3 MiB body: {out}\n{}", dev.proc.output());
+    assert_eq!(fake_log(&log).last().unwrap()["verified"], true);
+    let huge = work.path().join("huge.json");
+    std::fs::write(&huge, vec![b'x'; 9 << 20]).unwrap();
+    let (code, out, err) = post(&huge);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n413"), "{out}");
+    assert!(out.contains("keyswap signs bodies up to 8388608 bytes"), "{out}");
+    assert_eq!(fake_log(&log).len(), 3, "the 413 never reached the provider");
+
+    // Negative: the wrong region, then the wrong service, and the fake (like AWS) rejects.
+    for (auth, what) in
+        [("{type: AWSv4, region: us-west-2}", "region"), ("{type: AWSv4, region: us-east-1, service: s3}", "service")]
+    {
+        std::fs::write(&cfg, bedrock_config(proxy_port, auth)).unwrap();
+        eventually(&format!("a wrong {what} is rejected"), || {
+            let (code, out) = boto3(&dev, "converse");
+            code == 3 && out.contains("\"status\": 403")
+        });
+        let last = fake_log(&log).last().cloned().unwrap();
+        assert_eq!(last["verified"], false, "{last}");
+    }
+    // Back to the right region: accepted again, without a restart.
+    std::fs::write(&cfg, bedrock_config(proxy_port, "{type: AWSv4, region: us-east-1, service: bedrock}")).unwrap();
+    eventually("the corrected policy is used", || boto3(&dev, "converse").0 == 0);
+
+    // Nothing secret in keyswap's output (debug logs included).
+    let logs = dev.proc.output() + &std::fs::read_to_string(dev.work.join("dev.stdout")).unwrap();
+    for secret in [AWS_SECRET, AWS_TOKEN] {
+        assert!(!logs.contains(secret), "secret in keyswap's output");
+    }
+}
+
+fn gcp_config(proxy_port: u16, service_account_json: &str) -> String {
+    let indented: String = service_account_json.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: gemini}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: google}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: gemini-sa}}
+spec:
+  parentRefs: [{{name: gemini}}]
+  secretRef: {{name: gcp}}
+  target: ProviderAuth
+  providerAuth: {{type: GCPServiceAccount}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: gcp}}
+stringData:
+  service-account.json: |
+{indented}"#
+    )
+}
+
+const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
+const GEMINI_PATH: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
+
+fn gemini(dev: &Dev) -> (i32, String, String) {
+    let url = format!("https://{GEMINI_HOST}{GEMINI_PATH}");
+    curl(dev, &["-w", "\n%{http_code}", "-H", "x-goog-api-key: keyswap-injected-by-proxy", "-d", "{}", &url])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let tokens = FakeTokenEndpoint::start(3600).await;
+    let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
+    let accept = (1..=10).map(|n| Accept::Header("authorization", format!("Bearer ya29.fake-{n}"))).collect();
+    fake.set_accepts(GEMINI_HOST, accept);
+    let proxy_port = free_port();
+    let cfg = config.path().join("gemini.yaml");
+    let sa1 = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+    std::fs::write(&cfg, gcp_config(proxy_port, &sa1)).unwrap();
+    let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &[upstream]));
+
+    // Many concurrent first requests: one token fetch, every request carries that token.
+    let dev = std::sync::Arc::new(dev);
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let dev = dev.clone();
+            std::thread::spawn(move || gemini(&dev))
+        })
+        .collect();
+    for h in handles {
+        let (code, out, err) = h.join().unwrap();
+        assert_eq!(code, 0, "{err}");
+        assert!(out.ends_with("\n200"), "{out}\nkeyswap:\n{}", dev.proc.output());
+    }
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 1, "refused: {:?}", tokens.refused.lock().unwrap());
+    for s in fake.seen() {
+        assert_eq!(s.header_str("authorization").as_deref(), Some("Bearer ya29.fake-1"));
+        assert!(s.header("x-goog-api-key").is_empty(), "the agent's key header was stripped");
+    }
+    // Cached: more requests, no more fetches.
+    assert!(tokio::task::block_in_place(|| gemini(&dev)).1.ends_with("\n200"));
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 1);
+
+    // Rotating the key drops the cached token: the next request uses a token of the new key.
+    let sa2 = tokens.service_account(work.path(), "agent-two@keyswap-test.iam.gserviceaccount.com");
+    std::fs::write(&cfg, gcp_config(proxy_port, &sa2)).unwrap();
+    tokio::task::block_in_place(|| {
+        eventually("a token of the rotated key is used", || {
+            tokens.issued.load(Ordering::SeqCst) == 2 || {
+                let _ = gemini(&dev);
+                false
+            }
+        })
+    });
+    assert_eq!(fake.seen().last().unwrap().header_str("authorization").as_deref(), Some("Bearer ya29.fake-2"));
+
+    // Token endpoint down and no usable token (rotated again): 503, fail closed, nothing forwarded.
+    tokens.down();
+    let sa3 = tokens.service_account(work.path(), "agent-three@keyswap-test.iam.gserviceaccount.com");
+    std::fs::write(&cfg, gcp_config(proxy_port, &sa3)).unwrap();
+    tokio::task::block_in_place(|| {
+        eventually("503 while the token endpoint is down", || {
+            let (_, out, _) = gemini(&dev);
+            out.ends_with("\n503")
+        })
+    });
+    let forwarded = fake.seen().len();
+    let (_, out, _) = tokio::task::block_in_place(|| gemini(&dev));
+    assert!(out.ends_with("\n503"), "{out}");
+    assert!(out.contains("\"reason\":\"TokenUnavailable\""), "{out}");
+    assert!(out.contains("\"policy\":\"default/gemini-sa\""), "{out}");
+    assert_eq!(fake.seen().len(), forwarded, "nothing forwarded while failing closed");
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 2);
+
+    // Back up: the next request mints a token and goes through.
+    tokens.up().await;
+    let (code, out, err) = tokio::task::block_in_place(|| gemini(&dev));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n200"), "{out}");
+    assert_eq!(fake.seen().len(), forwarded + 1);
+    assert_eq!(fake.seen().last().unwrap().header_str("authorization").as_deref(), Some("Bearer ya29.fake-3"));
+
+    // No token or private key in keyswap's output (debug logs).
+    let logs = dev.proc.output() + &std::fs::read_to_string(dev.work.join("dev.stdout")).unwrap();
+    assert!(!logs.contains("ya29.fake"), "access token in keyswap's output");
+    for sa in [&sa1, &sa2, &sa3] {
+        let v: serde_json::Value = serde_json::from_str(sa).unwrap();
+        for line in v["private_key"].as_str().unwrap().lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!logs.contains(line), "private key in keyswap's output");
+        }
+    }
+}
