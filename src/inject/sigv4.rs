@@ -90,14 +90,8 @@ impl Signer {
         service: Option<&str>,
         fingerprint: String,
     ) -> Signer {
-        let creds = Credentials::new(
-            access_key_id,
-            secret_access_key,
-            session_token.map(str::to_owned),
-            None,
-            "keyswap-secret",
-        );
-        Signer { identity: creds.into(), region: region.map(Into::into), service: service.map(Into::into), fingerprint }
+        let identity = identity(access_key_id, secret_access_key, session_token);
+        Signer { identity, region: region.map(Into::into), service: service.map(Into::into), fingerprint }
     }
 
     /// The region and service to sign `host` for: the policy's, else derived from the host.
@@ -121,6 +115,11 @@ impl Signer {
         let (region, service) = self.scope(req.host)?;
         sign(req, &self.identity, &region, &service, time, Options::default())
     }
+}
+
+/// The signing identity for a key pair (and session token).
+pub fn identity(access_key_id: &str, secret_access_key: &str, session_token: Option<&str>) -> Identity {
+    Credentials::new(access_key_id, secret_access_key, session_token.map(str::to_owned), None, "keyswap-secret").into()
 }
 
 /// Signs `req` for `region`/`service` at `time`. Returns the headers to add.
