@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::dev::*;
 use common::gcp::FakeTokenEndpoint;
+use common::otlp;
 use common::*;
 
 const BEDROCK_HOST: &str = "bedrock-runtime.us-east-1.amazonaws.com";
@@ -130,8 +131,34 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
+/// OTLP to an in-process collector, so that spans can be searched for secrets.
+fn otel_env(collector: std::net::SocketAddr) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
+        ("OTEL_SERVICE_NAME", "keyswap-test".to_owned()),
+    ]
+}
+
+/// Waits for `n` spans and checks none carries any of `secrets` (raw export bytes searched).
+async fn spans_without(collector: &otlp::Receiver, n: usize, secrets: &[&str]) {
+    let spans = collector.wait_for(n).await;
+    assert!(spans.len() >= n);
+    let raw = collector.raw_bytes();
+    for secret in secrets {
+        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "a secret is in an exported span");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
+    let (collector, collector_addr) = otlp::Receiver::start().await;
+    tokio::task::block_in_place(|| bedrock_through_the_gateway(collector_addr));
+    // One span per request that reached keyswap (2 boto3, 3 curl, the negative and final boto3 calls).
+    spans_without(&collector, 6, &[AWS_SECRET, AWS_TOKEN]).await;
+}
+
+fn bedrock_through_the_gateway(collector: std::net::SocketAddr) {
     let work = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     let (_fake, port, log) = start_fake_bedrock(work.path());
@@ -141,7 +168,9 @@ fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
     std::fs::write(&cfg, bedrock_config(proxy_port, "{type: AWSv4}")).unwrap();
     let ca = work.path().join("provider-ca.pem");
     let upstream = format!("{BEDROCK_HOST}=127.0.0.1:{port},ca={}", ca.display());
-    let dev = start_dev(config.path(), work.path(), &[upstream]);
+    let env = otel_env(collector);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let dev = start_dev_env(config.path(), work.path(), &[upstream], &env);
 
     // Converse and InvokeModel, model id with `:` (sent as %3A).
     for op in ["converse", "invoke"] {
@@ -164,6 +193,28 @@ fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
         assert_eq!(signed, ["content-type", "host", "x-amz-date", "x-amz-security-token"], "{s}");
     }
     assert!(seen[0]["path"].as_str().unwrap().contains("%3A0/converse"), "{}", seen[0]);
+
+    // A request without a body is signed at the headers phase; the agent's own signature headers
+    // are replaced or removed (the fake answers 404 to a verified GET, 403 otherwise).
+    let (code, out, err) = curl(
+        &dev,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "authorization: AWS4-HMAC-SHA256 Credential=keyswap-injected-by-proxy/20250101/us-east-1/bedrock/aws4_request, SignedHeaders=host, Signature=00",
+            "-H",
+            "x-amz-date: 20250101T000000Z",
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            &format!("https://{BEDROCK_HOST}/model/m/describe"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n404"), "{out}\n{}", dev.proc.output());
+    let last = fake_log(&log).pop().unwrap();
+    assert_eq!(last["verified"], true, "{last}");
+    assert_eq!(last["method"], "GET");
 
     // A body larger than Envoy's default 1 MiB buffer is signed too; one beyond keyswap's limit
     // is refused with 413 before anything is buffered or sent.
@@ -200,7 +251,7 @@ fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
     assert_eq!(code, 0, "{err}");
     assert!(out.ends_with("\n413"), "{out}");
     assert!(out.contains("keyswap signs bodies up to 8388608 bytes"), "{out}");
-    assert_eq!(fake_log(&log).len(), 3, "the 413 never reached the provider");
+    assert_eq!(fake_log(&log).len(), 4, "the 413 never reached the provider");
 
     // Negative: the wrong region, then the wrong service, and the fake (like AWS) rejects.
     for (auth, what) in
@@ -269,6 +320,9 @@ fn gemini(dev: &Dev) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
+    let (collector, collector_addr) = otlp::Receiver::start().await;
+    let env = otel_env(collector_addr);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let work = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     let tokens = FakeTokenEndpoint::start(3600).await;
@@ -280,7 +334,7 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     let sa1 = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
     std::fs::write(&cfg, gcp_config(proxy_port, &sa1)).unwrap();
     let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
-    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &[upstream]));
+    let dev = tokio::task::block_in_place(|| start_dev_env(config.path(), work.path(), &[upstream], &env));
 
     // Many concurrent first requests: one token fetch, every request carries that token.
     let dev = std::sync::Arc::new(dev);
@@ -346,10 +400,16 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     // No token or private key in keyswap's output (debug logs).
     let logs = dev.proc.output() + &std::fs::read_to_string(dev.work.join("dev.stdout")).unwrap();
     assert!(!logs.contains("ya29.fake"), "access token in keyswap's output");
+    let mut key_lines = Vec::new();
     for sa in [&sa1, &sa2, &sa3] {
         let v: serde_json::Value = serde_json::from_str(sa).unwrap();
         for line in v["private_key"].as_str().unwrap().lines().filter(|l| !l.starts_with("-----")) {
             assert!(!logs.contains(line), "private key in keyswap's output");
+            key_lines.push(line.to_owned());
         }
     }
+    // Nor in the spans (one per request: 12 + 1 first, the rotation, the 503s, the recovery).
+    let mut secrets: Vec<&str> = key_lines.iter().map(String::as_str).collect();
+    secrets.push("ya29.fake");
+    spans_without(&collector, 16, &secrets).await;
 }

@@ -36,7 +36,15 @@ pub fn header_mutation(plan: &Plan<'_>, extra: &[(&str, &[u8])]) -> HeaderMutati
     if let Some(path) = &plan.path {
         set_headers.push(set(":path", path.as_bytes()));
     }
-    HeaderMutation { set_headers, remove_headers: plan.remove.iter().map(|s| (*s).to_owned()).collect() }
+    // A header set here replaces every value the agent sent (OVERWRITE_IF_EXISTS_OR_ADD); removing
+    // it too would depend on the order Envoy applies the two lists in.
+    let remove_headers = plan
+        .remove
+        .iter()
+        .filter(|r| !set_headers.iter().any(|s| s.header.as_ref().is_some_and(|h| h.key.eq_ignore_ascii_case(r))))
+        .map(|s| (*s).to_owned())
+        .collect();
+    HeaderMutation { set_headers, remove_headers }
 }
 
 /// Continue the request, applying `mutation` if any, and asking Envoy for later phases as `mode` says.

@@ -15,6 +15,11 @@ pub struct Dev {
 }
 
 pub fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
+    start_dev_env(config, work, upstreams, &[])
+}
+
+/// [`start_dev`] with extra environment (OTLP settings, say).
+pub fn start_dev_env(config: &Path, work: &Path, upstreams: &[String], env: &[(&str, &str)]) -> Dev {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
     cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args([
         "--admin-port",
@@ -25,7 +30,7 @@ pub fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
     for u in upstreams {
         cmd.arg("--upstream").arg(u);
     }
-    cmd.env("RUST_LOG", "debug").env("ENVOY_BIN", envoy_bin());
+    cmd.env("RUST_LOG", "debug").env("ENVOY_BIN", envoy_bin()).envs(env.iter().copied());
     let out = work.join("dev.stdout");
     let err = std::fs::File::create(work.join("dev.stderr")).unwrap();
     cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(err);
