@@ -192,3 +192,70 @@ fn checked_in_crds_match_the_rust_types() {
         assert!(out.contains(needle), "CRDs lack `{needle}`");
     }
 }
+
+#[test]
+fn check_and_explain_name_provider_auth_keys_without_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: egress}
+spec: {}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: ai}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: bedrock}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: g}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: google}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: keys}
+spec:
+  parentRefs: [{name: ai}]
+  secretRef: {name: aws}
+  target: ProviderAuth
+  providerAuth: {type: AWSv4}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: aws}
+stringData:
+  AWS_ACCESS_KEY_ID: AKIAEXAMPLEKEYID
+  AWS_SECRET_ACCESS_KEY: "wJalr/REAL-aws-secret-do-not-print"
+"#;
+    std::fs::write(dir.path().join("k.yaml"), text).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, err) = keyswap(&[
+        "explain",
+        "--config",
+        d,
+        "--host",
+        "bedrock-runtime.eu-central-1.amazonaws.com",
+        "--path",
+        "/model/m/converse",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("signs for region `eu-central-1`, service `bedrock`"), "{out}");
+    assert!(!out.contains("wJalr") && !err.contains("wJalr"), "{out}{err}");
+
+    // The same Secret without the secret key, and a google policy with a broken service-account key.
+    let broken = text.replace("  AWS_SECRET_ACCESS_KEY: \"wJalr/REAL-aws-secret-do-not-print\"\n", "")
+        + "---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: gcp}\nspec:\n  parentRefs: [{name: g}]\n  secretRef: {name: sa}\n  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: sa}\nstringData:\n  service-account.json: '{\"type\": \"service_account\", \"private_key\": \"-----BEGIN PRIVATE KEY-----\\nMIIsecret\\n\"}'\n";
+    std::fs::write(dir.path().join("k.yaml"), broken).unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", d]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("UNRESOLVED (KeyNotFound): Secret default/aws has no key `AWS_SECRET_ACCESS_KEY`"), "{out}");
+    assert!(
+        out.contains("UNRESOLVED (InvalidSecret): Secret default/sa key `service-account.json` is not a service-account key: field `client_email` is missing or not a string"),
+        "{out}"
+    );
+    assert!(!out.contains("MIIsecret") && !err.contains("MIIsecret"), "{out}{err}");
+}

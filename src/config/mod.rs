@@ -86,4 +86,16 @@ pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
             _ => {}
         }
     }
+    // Keys that exist but cannot be used (malformed service-account JSON, …): named once each.
+    let mut seen: Vec<&str> = Vec::new();
+    for e in &new.routes.entries {
+        if let (Err(reason @ Unresolved::InvalidSecret { .. }), Some(policy)) =
+            (&e.binding.credential, e.binding.policy.as_deref())
+        {
+            if !seen.contains(&policy) {
+                seen.push(policy);
+                tracing::warn!(policy, %reason, "credential unusable: requests on routes that use it get 503 until it is fixed");
+            }
+        }
+    }
 }
