@@ -164,6 +164,10 @@ pub struct ServeArgs {
     /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
     #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
     pub span_queue: usize,
+    /// Threads answering Envoy (tokio workers). Default: one per CPU. See docs/benchmarks.md for
+    /// the CPU cost per request of 1 vs 2 on a 2-core sidecar.
+    #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: Option<u16>,
     /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
     /// reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
     #[arg(long, conflicts_with = "secret_from_env")]
@@ -268,7 +272,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = runtime(args.worker_threads)?;
     rt.block_on(async move {
         let listeners = bind_listeners(&args).await?;
         run_extproc(source, snapshot, listeners, args.metrics, args.span_queue, shutdown_signal()).await
@@ -289,9 +293,18 @@ async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
     Ok(listeners)
 }
 
+/// The runtime serving Envoy: `workers` threads, or one per CPU.
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(usize::from(n));
+    }
+    b.enable_all().build()
+}
+
 fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let selector = args.source.selector()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = runtime(args.worker_threads)?;
     rt.block_on(async move {
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(crate::config::kube::KubeStatus::default());

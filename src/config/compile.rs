@@ -922,4 +922,34 @@ mod tests {
             "{reason}"
         );
     }
+
+    #[test]
+    fn wildcard_hosts_keep_entry_order_across_index_and_scan() {
+        let custom = |name: &str, host: &str, endpoint: &str| {
+            format!(
+                "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: custom, hosts: ['{host}'], endpoints: ['{endpoint}']}}]}}]\n---\n"
+            )
+        };
+        let text = format!(
+            "{GW}{}{}{}{}{}",
+            custom("a-scan", "api.*.com", "/a/*"),
+            custom("b-label", "*.example.com", "/*"),
+            custom("c-scan", "*x.example.com", "/*"),
+            policy("p", "{kind: EgressGateway, name: egress}", "  target: Header\n  headerName: x-k"),
+            secret("  token: v")
+        );
+        let snap = compile(&text).unwrap();
+        let route = |host: &str, path: &str| match snap.decide(host, path) {
+            Decision::Inject { entry, .. } => entry.route.to_string(),
+            other => format!("{other:?}"),
+        };
+        // Both patterns match: the earlier route wins, whichever structure holds it.
+        assert_eq!(route("api.example.com", "/a/1"), "default/a-scan");
+        assert_eq!(route("api.example.com", "/b"), "default/b-label");
+        assert_eq!(route("box.example.com", "/b"), "default/b-label");
+        assert_eq!(route("API.Example.com:443", "/b"), "default/b-label");
+        // One label only: deeper hosts do not match `*.example.com`.
+        assert_eq!(route("a.b.example.com", "/b"), "Deny");
+        assert_eq!(route("example.com", "/b"), "Deny");
+    }
 }

@@ -47,11 +47,15 @@ pub struct SecretUse {
     pub fingerprint: Option<String>,
 }
 
-/// Host-indexed matcher: exact hosts hash to their candidates, patterns are scanned after.
+/// Host-indexed matcher: exact hosts hash to their candidates; one-label wildcards
+/// (`*.openai.azure.com`) hash by the part after the label; other patterns are scanned after.
 #[derive(Debug, Default)]
 pub struct RouteMatcher {
     pub entries: Vec<MatchEntry>,
     exact: HashMap<Box<str>, Vec<usize>>,
+    /// `*.rest` patterns by `rest`.
+    label_wildcards: HashMap<Box<str>, Vec<usize>>,
+    /// Every other pattern, in entry order.
     patterns: Vec<(Box<str>, usize)>,
 }
 
@@ -197,20 +201,24 @@ pub enum Decision<'a> {
 impl RouteMatcher {
     pub fn new(entries: Vec<MatchEntry>) -> Self {
         let mut exact: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut label_wildcards: HashMap<Box<str>, Vec<usize>> = HashMap::new();
         let mut patterns = Vec::new();
+        let add = |map: &mut HashMap<Box<str>, Vec<usize>>, k: &str, i: usize| {
+            let slot = map.entry(k.into()).or_default();
+            if !slot.contains(&i) {
+                slot.push(i);
+            }
+        };
         for (i, e) in entries.iter().enumerate() {
             for h in &e.hosts {
-                if glob::is_pattern(h) {
-                    patterns.push((h.clone(), i));
-                } else {
-                    let slot = exact.entry(h.clone()).or_default();
-                    if !slot.contains(&i) {
-                        slot.push(i);
-                    }
+                match h.strip_prefix("*.") {
+                    Some(rest) if !glob::is_pattern(rest) => add(&mut label_wildcards, rest, i),
+                    _ if glob::is_pattern(h) => patterns.push((h.clone(), i)),
+                    _ => add(&mut exact, h, i),
                 }
             }
         }
-        RouteMatcher { entries, exact, patterns }
+        RouteMatcher { entries, exact, label_wildcards, patterns }
     }
 
     /// The first entry matching host and path. Exact hosts win over patterns; within each,
@@ -222,11 +230,21 @@ impl RouteMatcher {
                 return Some(e);
             }
         }
-        self.patterns
-            .iter()
-            .filter(|(p, _)| glob::matches(p, host, Some(b'.')))
-            .map(|&(_, i)| &self.entries[i])
-            .find(|e| e.accepts(path, path_only))
+        // The first accepting entry, in entry order, over both kinds of pattern.
+        let mut best = host
+            .split_once('.')
+            .and_then(|(_, rest)| self.label_wildcards.get(rest))
+            .and_then(|c| c.iter().copied().find(|&i| self.entries[i].accepts(path, path_only)));
+        for (p, i) in &self.patterns {
+            if best.is_some_and(|b| b < *i) {
+                break;
+            }
+            if glob::matches(p, host, Some(b'.')) && self.entries[*i].accepts(path, path_only) {
+                best = Some(*i);
+                break;
+            }
+        }
+        best.map(|i| &self.entries[i])
     }
 
     pub fn len(&self) -> usize {

@@ -502,14 +502,39 @@ fn worth_parsing(format: Format, event: &[u8], data: &[u8], info: &ResponseInfo)
                 | b"response.incomplete"
                 | b"response.failed"
         ),
-        Format::OpenAi => info.model.is_none() || contains(data, b"\"usage\""),
-        Format::Google => info.model.is_none() || contains(data, b"\"usageMetadata\""),
+        // Chat chunks carry `"usage":null` until the last one (with stream_options.include_usage).
+        Format::OpenAi => info.model.is_none() || has_object(data, b"\"usage\""),
+        Format::Google => info.model.is_none() || has_object(data, b"\"usageMetadata\""),
         Format::Bedrock => true,
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether `key` (quoted) occurs in `data` followed by `:` and an object, e.g. `"usage": {`.
+/// A byte scan for the closing quote's neighbours, no allocation.
+fn has_object(data: &[u8], key: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = find(&data[from..], key) {
+        let rest = &data[from + at + key.len()..];
+        let mut after = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        if after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return true;
+        }
+        from += at + 1;
+    }
+    false
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut i = 0;
+    while let Some(p) = haystack[i..].iter().position(|&b| b == first) {
+        let at = i + p;
+        if haystack[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        i = at + 1;
+    }
+    None
 }
 
 /// A complete buffered body.
@@ -1397,5 +1422,14 @@ data: {"candidates": [{"content": {"parts": [{"text": "."}],"role": "model"},"fi
         }
         assert_eq!(request_model("[".repeat(100_000).as_bytes()), None);
         assert_eq!(request_model(&noise(10_000, 3)), None);
+    }
+
+    #[test]
+    fn usage_object_prefilter() {
+        assert!(!super::has_object(br#"{"choices":[],"usage":null}"#, br#""usage""#));
+        assert!(super::has_object(br#"{"usage" : {"prompt_tokens":1}}"#, br#""usage""#));
+        assert!(super::has_object(br#"{"x":"usage","usage":{"a":1}}"#, br#""usage""#));
+        assert!(!super::has_object(br#"{"text":""usage" is a word"}"#, br#""usage""#));
+        assert!(!super::has_object(br#"{"usage""#, br#""usage""#));
     }
 }

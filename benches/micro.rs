@@ -1,0 +1,242 @@
+//! Criterion micro-benchmarks of the request path's pieces:
+//!
+//! ```sh
+//! cargo bench --bench micro            # all; `cargo bench --bench micro -- route_match` for one group
+//! ```
+//!
+//! - `route_match`: `Snapshot::decide` with 1,000 routes (exact host, wildcard host, no match);
+//! - `request_headers`: the whole request-headers decision (`extproc::on_request_headers`: match,
+//!   plan, Envoy mutation; with tracing on, the span's start too);
+//! - `header_mutation`: the strip-and-write plan and its Envoy `HeaderMutation` alone;
+//! - `redaction`: scrubbing live secrets from a 64 KiB captured body, and credential query
+//!   parameters from a path;
+//! - `sse_usage`: token usage from Anthropic and OpenAI SSE streams, fed in 1 KiB chunks (bytes/s);
+//! - `sigv4`: signing a Bedrock request with a 4 KiB body.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use keyswap::config::{Catalog, Decision, Key, Snapshot};
+use keyswap::extproc::{self, Shared, Step};
+use keyswap::inject;
+use keyswap::provider::usage::{Format, UsageParser};
+use keyswap::telemetry::{capture, Metrics, Sink};
+
+const ROUTES: usize = 1000;
+
+/// A gateway with `ROUTES` routes: custom providers on `svc-N.example.com` (every tenth a
+/// wildcard `*.zone-N.example.net`), one catch-all Header policy, and anthropic last.
+fn snapshot() -> Snapshot {
+    let mut text = String::from(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\n",
+    );
+    for i in 0..ROUTES {
+        let host = if i % 10 == 0 { format!("'*.zone-{i}.example.net'") } else { format!("svc-{i}.example.com") };
+        text.push_str(&format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: r{i:04}}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: custom, hosts: [{host}], endpoints: ['/v1/*']}}]}}]\n---\n"
+        ));
+    }
+    text.push_str(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: zz-anthropic}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: anthropic}]}]\n---\n\
+         apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: custom}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  secretRef: {name: keys}\n  target: Header\n  headerName: x-api-key\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: keys}\nstringData: {token: sk-ant-REAL-0001-do-not-leak-xxxxxxxxxxxxxxxx}\n",
+    );
+    let (objects, errors) = keyswap::config::load::parse_file(std::path::Path::new("bench.yaml"), &text);
+    assert!(errors.is_empty(), "{errors:?}");
+    let catalog = Catalog::build(objects).expect("valid catalog");
+    catalog.compile(&Key::new("default", "egress")).expect("valid snapshot")
+}
+
+fn route_match(c: &mut Criterion) {
+    let snap = snapshot();
+    assert_eq!(snap.routes.len(), ROUTES + 1);
+    let mut g = c.benchmark_group("route_match");
+    for (name, host, path) in [
+        ("exact_host_1000_routes", "svc-999.example.com", "/v1/chat"),
+        ("wildcard_host_1000_routes", "api.zone-990.example.net", "/v1/chat"),
+        ("provider_default_host", "api.anthropic.com:443", "/v1/messages"),
+        ("no_match_deny", "exfil.example.org", "/upload"),
+    ] {
+        assert!(
+            matches!(snap.decide(host, path), Decision::Inject { .. } | Decision::Deny),
+            "{name}: unexpected decision"
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| matches!(snap.decide(black_box(host), black_box(path)), Decision::Inject { .. }))
+        });
+    }
+    g.finish();
+}
+
+fn header(key: &str, value: &str) -> HeaderValue {
+    HeaderValue { key: key.into(), raw_value: value.as_bytes().to_vec(), ..Default::default() }
+}
+
+/// What Envoy sends for an Anthropic SDK request.
+fn agent_headers() -> Vec<HeaderValue> {
+    vec![
+        header(":authority", "api.anthropic.com"),
+        header(":path", "/v1/messages"),
+        header(":method", "POST"),
+        header(":scheme", "https"),
+        header("content-type", "application/json"),
+        header("accept", "application/json"),
+        header("user-agent", "Anthropic/Python 0.69.0"),
+        header("anthropic-version", "2023-06-01"),
+        header("authorization", "Bearer keyswap-injected-by-proxy"),
+        header("x-stainless-lang", "python"),
+        header("x-stainless-retry-count", "0"),
+        header("content-length", "112"),
+        header("x-forwarded-proto", "https"),
+        header("x-request-id", "5f9c2a8e-3c0b-4c4e-9d0e-6a8a3d2b1f00"),
+    ]
+}
+
+fn request_headers(c: &mut Criterion) {
+    let snap = Arc::new(snapshot());
+    let headers = agent_headers();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("request_headers");
+    for tracing in [false, true] {
+        let metrics: Arc<Metrics> = Arc::default();
+        // With tracing on, spans would go to this channel; the bench drops them unfinished.
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let sink = Sink::new(metrics.clone(), tracing.then_some(tx));
+        let shared = Shared { store: Arc::new(ArcSwap::from(snap.clone())), metrics, sink };
+        let name = if tracing { "decide_and_mutate_tracing_on" } else { "decide_and_mutate_tracing_off" };
+        g.bench_function(name, |b| {
+            b.iter(|| match extproc::on_request_headers(&snap, &shared, black_box(&headers), true, None) {
+                Step::Answer(o) => black_box(o),
+                Step::NeedToken(_) => unreachable!(),
+            })
+        });
+    }
+    g.finish();
+}
+
+fn header_mutation(c: &mut Criterion) {
+    let snap = snapshot();
+    let headers = agent_headers();
+    let Decision::Inject { entry, credential } = snap.decide("api.anthropic.com", "/v1/messages") else {
+        panic!("anthropic must inject")
+    };
+    c.bench_function("header_mutation/plan_and_envoy_mutation", |b| {
+        b.iter(|| {
+            let pairs = headers.iter().map(|h| (h.key.as_str(), h.raw_value.as_slice()));
+            let plan = inject::plan(&entry.binding, credential, None, pairs, "/v1/messages");
+            black_box(extproc::mutation::header_mutation(&plan, &[]))
+        })
+    });
+}
+
+fn redaction(c: &mut Criterion) {
+    let secrets: [&[u8]; 3] =
+        [b"sk-ant-REAL-0001-do-not-leak-xxxxxxxxxxxxxxxx", b"sk-openai-REAL-0002-do-not-leak", b"AIza%2BREAL%2F0003"];
+    let mut body = Vec::with_capacity(64 * 1024);
+    while body.len() < 64 * 1024 {
+        body.extend_from_slice(br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello there, how are you today? "}}"#);
+    }
+    body.truncate(64 * 1024);
+    let mut g = c.benchmark_group("redaction");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("scrub_64KiB_body_3_secrets", |b| {
+        b.iter_batched(|| body.clone(), |mut buf| capture::scrub(&mut buf, &secrets, false), BatchSize::SmallInput)
+    });
+    g.finish();
+    let names: Vec<Box<str>> = vec!["key".into(), "api-key".into()];
+    c.bench_function("redaction/query_param_in_path", |b| {
+        b.iter(|| {
+            black_box(inject::query::redact(
+                black_box("/v1beta/models/gemini:streamGenerateContent?alt=sse&key=AIzaREAL&x=1"),
+                &names,
+            ))
+        })
+    });
+}
+
+fn sse(events: &[&str], repeat: usize) -> Vec<u8> {
+    let mut out = String::new();
+    out.push_str(events[0]);
+    for _ in 0..repeat {
+        out.push_str(events[1]);
+    }
+    for e in &events[2..] {
+        out.push_str(e);
+    }
+    out.into_bytes()
+}
+
+fn sse_usage(c: &mut Criterion) {
+    let anthropic = sse(
+        &[
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":0,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello there, this is a streamed token. \"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":512}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ],
+        400,
+    );
+    let openai = sse(
+        &[
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello there \"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":400,\"total_tokens\":409}}\n\n",
+            "data: [DONE]\n\n",
+        ],
+        400,
+    );
+    let mut g = c.benchmark_group("sse_usage");
+    for (name, format, body) in
+        [("anthropic_1KiB_chunks", Format::Anthropic, &anthropic), ("openai_1KiB_chunks", Format::OpenAi, &openai)]
+    {
+        let mut p = UsageParser::new(format, "text/event-stream");
+        for chunk in body.chunks(1024) {
+            p.feed(chunk);
+        }
+        let info = p.finish();
+        assert!(info.usage.output_tokens.is_some(), "{name}: usage parsed");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut p = UsageParser::new(format, "text/event-stream");
+                for chunk in body.chunks(1024) {
+                    p.feed(black_box(chunk));
+                }
+                black_box(p.finish())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn sigv4(c: &mut Criterion) {
+    use keyswap::inject::sigv4::{Request, Signer};
+    let signer =
+        Signer::new("AKIAEXAMPLEKEYID", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None, None, None, "fp".into());
+    let body = vec![b'x'; 4096];
+    let headers = [("content-type", "application/json")];
+    let req = Request {
+        method: "POST",
+        host: "bedrock-runtime.us-east-1.amazonaws.com",
+        path: "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+        headers: &headers,
+        body: &body,
+    };
+    let now = SystemTime::now();
+    let mut g = c.benchmark_group("sigv4");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("sign_4KiB_body", |b| b.iter(|| black_box(signer.sign(black_box(&req), now).unwrap())));
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4
+}
+criterion_main!(benches);
