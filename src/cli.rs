@@ -164,10 +164,11 @@ pub struct ServeArgs {
     /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
     #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
     pub span_queue: usize,
-    /// Threads answering Envoy (tokio workers). Default: one per CPU. See docs/benchmarks.md for
-    /// the CPU cost per request of 1 vs 2 on a 2-core sidecar.
-    #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub worker_threads: Option<u16>,
+    /// Threads answering Envoy (tokio workers). One thread costs the least CPU per request (see
+    /// docs/benchmarks.md) and answers tens of thousands of ext_proc messages per second; raise it
+    /// for an Envoy with many workers or many SigV4 bodies to sign.
+    #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256), default_value_t = DEFAULT_WORKER_THREADS)]
+    pub worker_threads: u16,
     /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
     /// reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
     #[arg(long, conflicts_with = "secret_from_env")]
@@ -272,7 +273,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let rt = runtime(args.worker_threads)?;
+    let rt = runtime(Some(args.worker_threads))?;
     rt.block_on(async move {
         let listeners = bind_listeners(&args).await?;
         run_extproc(source, snapshot, listeners, args.metrics, args.span_queue, shutdown_signal()).await
@@ -293,18 +294,22 @@ async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
     Ok(listeners)
 }
 
-/// The runtime serving Envoy: `workers` threads, or one per CPU.
+/// The runtime serving Envoy: `workers` threads, one by default. Measured through Envoy, one
+/// worker spends 0.83x the CPU per request of the no-op floor, two workers 1.11x (thread
+/// hand-offs and work stealing): see docs/benchmarks.md.
 fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(usize::from(n));
-    }
-    b.enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(workers.unwrap_or(DEFAULT_WORKER_THREADS)))
+        .enable_all()
+        .build()
 }
+
+/// See [`runtime`].
+pub const DEFAULT_WORKER_THREADS: u16 = 1;
 
 fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let selector = args.source.selector()?;
-    let rt = runtime(args.worker_threads)?;
+    let rt = runtime(Some(args.worker_threads))?;
     rt.block_on(async move {
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(crate::config::kube::KubeStatus::default());
@@ -682,7 +687,7 @@ fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
     let snapshot = view.snapshot;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = runtime(None)?;
     rt.block_on(async move {
         let listeners = vec![Bound::uds(&uds).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -402,7 +402,7 @@ impl Catalog {
             routes: RouteMatcher::new(entries),
             secrets,
             live_secrets: live,
-            capture: capture_policy(gw.spec.otlp.as_ref()),
+            capture: Arc::new(capture_policy(gw.spec.otlp.as_ref())),
             otlp: gw.spec.otlp.clone(),
         })
     }

@@ -27,7 +27,7 @@ pub struct Snapshot {
     /// Every resolved secret value (and its query-encoded form): scrubbed from captured bodies.
     pub live_secrets: Vec<SecretSlice<u8>>,
     /// Body capture for spans (`spec.otlp.captureBody`).
-    pub capture: crate::telemetry::capture::CapturePolicy,
+    pub capture: Arc<crate::telemetry::capture::CapturePolicy>,
     /// The gateway's OTLP settings, read when the exporter starts.
     pub otlp: Option<crate::api::Otlp>,
 }

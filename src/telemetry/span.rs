@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
-use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry::{Array, InstrumentationScope, Key, KeyValue, StringValue, Value};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
 
 use super::capture::{Capture, CapturePolicy};
@@ -67,7 +67,7 @@ pub struct Transaction {
     events: Vec<opentelemetry::trace::Event>,
     error: Option<&'static str>,
     status_code: Option<i64>,
-    capture: CapturePolicy,
+    capture: std::sync::Arc<CapturePolicy>,
     req_body: Option<Capture>,
     resp_body: Option<Capture>,
     req_model_buf: Option<Capture>,
@@ -81,32 +81,94 @@ fn header_event(
     headers: &[(&str, &[u8])],
     redact_also: Option<&str>,
 ) -> opentelemetry::trace::Event {
+    let request = prefix == REQUEST_PREFIX;
     let mut attrs: Vec<KeyValue> = Vec::with_capacity(headers.len());
     for (k, v) in headers {
         if k.starts_with(':') {
             continue;
         }
-        let key = k.to_ascii_lowercase();
-        let value = if is_redacted(&key) || redact_also == Some(key.as_str()) {
-            Cow::Borrowed("[redacted]")
+        // Envoy sends lowercase names; other senders may not.
+        let key: Cow<'_, str> = if k.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(k.to_ascii_lowercase())
         } else {
-            String::from_utf8_lossy(v)
+            Cow::Borrowed(k)
         };
-        let attr = format!("{prefix}{key}");
-        match attrs.iter_mut().find(|a| a.key.as_str() == attr) {
-            Some(KeyValue { value: Value::Array(Array::String(list)), .. }) => {
-                list.push(StringValue::from(value.into_owned()))
+        let value = if is_redacted(&key) || redact_also == Some(&*key) {
+            StringValue::from("[redacted]")
+        } else {
+            StringValue::from(String::from_utf8_lossy(v).into_owned())
+        };
+        // Common names have static attribute keys: no allocation for the key.
+        let attr: Key = match known_header_attr(&key, request) {
+            Some(a) => Key::from_static_str(a),
+            None => {
+                let mut a = String::with_capacity(prefix.len() + key.len());
+                a.push_str(prefix);
+                a.push_str(&key);
+                Key::from(a)
             }
-            _ => attrs
-                .push(KeyValue::new(attr, Value::Array(Array::String(vec![StringValue::from(value.into_owned())])))),
+        };
+        match attrs.iter_mut().find(|a| a.key == attr) {
+            Some(KeyValue { value: Value::Array(Array::String(list)), .. }) => list.push(value),
+            _ => attrs.push(KeyValue::new(attr, Value::Array(Array::String(vec![value])))),
         }
     }
     opentelemetry::trace::Event::new(name, SystemTime::now(), attrs, 0)
 }
 
+const REQUEST_PREFIX: &str = "http.request.header.";
+
+/// `http.request.header.<name>` / `http.response.header.<name>` for the headers most requests
+/// and responses carry.
+fn known_header_attr(name: &str, request: bool) -> Option<&'static str> {
+    macro_rules! table {
+        ($($h:literal),* $(,)?) => {
+            match (name, request) {
+                $(($h, true) => Some(concat!("http.request.header.", $h)),
+                  ($h, false) => Some(concat!("http.response.header.", $h)),)*
+                _ => None,
+            }
+        };
+    }
+    table!(
+        "accept",
+        "accept-encoding",
+        "anthropic-version",
+        "authorization",
+        "cache-control",
+        "connection",
+        "content-length",
+        "content-type",
+        "date",
+        "openai-organization",
+        "request-id",
+        "server",
+        "traceparent",
+        "tracestate",
+        "transfer-encoding",
+        "user-agent",
+        "x-api-key",
+        "x-envoy-upstream-service-time",
+        "x-forwarded-proto",
+        "x-request-id",
+        "x-stainless-arch",
+        "x-stainless-lang",
+        "x-stainless-os",
+        "x-stainless-package-version",
+        "x-stainless-retry-count",
+        "x-stainless-runtime",
+        "x-stainless-runtime-version",
+        "x-stainless-timeout",
+    )
+}
+
 impl Transaction {
     /// Starts a transaction. Returns it and the `traceparent` to forward upstream.
-    pub fn start(s: &Start<'_>, headers: &[(&str, &[u8])], capture: &CapturePolicy) -> (Transaction, String) {
+    pub fn start(
+        s: &Start<'_>,
+        headers: &[(&str, &[u8])],
+        capture: &std::sync::Arc<CapturePolicy>,
+    ) -> (Transaction, String) {
         let find = |n: &str| {
             headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
@@ -137,7 +199,7 @@ impl Transaction {
         if let Some(p) = s.policy {
             attributes.push(KeyValue::new("keyswap.policy", p.to_owned()));
         }
-        let events = vec![header_event("http.request.headers", "http.request.header.", headers, s.redact_also)];
+        let events = vec![header_event("http.request.headers", REQUEST_PREFIX, headers, s.redact_also)];
         let content_type = find("content-type").unwrap_or("");
         let req_body = capture.wants(content_type).then(|| Capture::new(capture.max_bytes));
         let format = s.provider.and_then(|p| crate::provider::usage::format_for(p.name));
