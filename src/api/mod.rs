@@ -111,6 +111,11 @@ pub struct Otlp {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub capture_body: Option<CaptureBody>,
+    /// `false`: keyswap never asks Envoy for bodies for telemetry. Spans then carry headers only:
+    /// no captured bodies, no token usage, no model read from JSON bodies; each request saves up
+    /// to two ext_proc round trips. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bodies: Option<bool>,
 }
 
 /// Header values may authenticate to the collector: `Debug` shows names only.
@@ -120,6 +125,7 @@ impl std::fmt::Debug for Otlp {
             .field("endpoint", &self.endpoint)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("capture_body", &self.capture_body)
+            .field("read_bodies", &self.read_bodies)
             .finish()
     }
 }

@@ -617,6 +617,9 @@ fn region_error(binding: &Binding, hosts: &[Box<str>]) -> Option<ConfigError> {
 
 fn capture_policy(otlp: Option<&crate::api::Otlp>) -> crate::telemetry::capture::CapturePolicy {
     let mut p = crate::telemetry::capture::CapturePolicy::default();
+    if let Some(read) = otlp.and_then(|o| o.read_bodies) {
+        p.read_bodies = read;
+    }
     if let Some(c) = otlp.and_then(|o| o.capture_body.as_ref()) {
         if let Some(m) = c.max_bytes {
             p.max_bytes = m as usize;

@@ -12,6 +12,8 @@ pub struct CapturePolicy {
     pub max_bytes: usize,
     /// Content-type prefixes (case-insensitive) that are captured.
     pub include_content_types: Vec<String>,
+    /// `spec.otlp.readBodies`: whether telemetry reads bodies at all (capture, usage, model).
+    pub read_bodies: bool,
 }
 
 pub const DEFAULT_MAX_BYTES: usize = 65536;
@@ -22,6 +24,7 @@ impl Default for CapturePolicy {
         CapturePolicy {
             max_bytes: DEFAULT_MAX_BYTES,
             include_content_types: DEFAULT_CONTENT_TYPES.iter().map(|s| s.to_string()).collect(),
+            read_bodies: true,
         }
     }
 }
@@ -29,7 +32,8 @@ impl Default for CapturePolicy {
 impl CapturePolicy {
     /// Whether a body with this content type is captured.
     pub fn wants(&self, content_type: &str) -> bool {
-        self.max_bytes > 0
+        self.read_bodies
+            && self.max_bytes > 0
             && self.include_content_types.iter().any(|p| {
                 content_type.len() >= p.len() && content_type.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
             })

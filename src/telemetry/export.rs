@@ -126,6 +126,7 @@ mod tests {
             endpoint: Some("http://otel:4318".into()),
             headers: [("authorization".to_string(), "Bearer collector-token".to_string())].into(),
             capture_body: None,
+            read_bodies: None,
         };
         let s = settings(Some(&otlp), none).unwrap().unwrap();
         assert_eq!(s.transport, Transport::HttpProtobuf);

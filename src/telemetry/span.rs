@@ -202,7 +202,8 @@ impl Transaction {
         let events = vec![header_event("http.request.headers", REQUEST_PREFIX, headers, s.redact_also)];
         let content_type = find("content-type").unwrap_or("");
         let req_body = capture.wants(content_type).then(|| Capture::new(capture.max_bytes));
-        let format = s.provider.and_then(|p| crate::provider::usage::format_for(p.name));
+        let format =
+            s.provider.and_then(|p| crate::provider::usage::format_for(p.name)).filter(|_| capture.read_bodies);
         // openai/anthropic put the model in the JSON body: keep enough of it to read the model.
         let req_model_buf = (s.request_model.is_none() && format.is_some()).then(|| Capture::new(64 * 1024));
         let tx = Transaction {
@@ -414,4 +415,52 @@ where
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(capture: CapturePolicy) -> Transaction {
+        let s = Start {
+            provider: crate::provider::lookup("anthropic"),
+            route: "default/anthropic",
+            policy: Some("default/key"),
+            method: "POST",
+            scheme: "https",
+            authority: "api.anthropic.com",
+            host: "api.anthropic.com",
+            redacted_path: "/v1/messages",
+            request_model: None,
+            injected: true,
+            smuggled: false,
+            redact_also: None,
+            error: None,
+        };
+        let headers: [(&str, &[u8]); 2] = [("content-type", b"application/json"), ("X-Api-Key", b"sk-secret")];
+        Transaction::start(&s, &headers, &std::sync::Arc::new(capture)).0
+    }
+
+    #[test]
+    fn read_bodies_false_asks_envoy_for_no_body() {
+        let mut tx = start(CapturePolicy::default());
+        assert!(tx.wants_request_body(), "capture and the model in the JSON body");
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        assert!(tx.wants_response_body());
+
+        let mut tx = start(CapturePolicy { read_bodies: false, ..CapturePolicy::default() });
+        assert!(!tx.wants_request_body());
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        assert!(!tx.wants_response_body());
+    }
+
+    #[test]
+    fn header_events_use_lowercase_names_and_redact_credentials() {
+        let tx = start(CapturePolicy::default());
+        let attrs = &tx.events[0].attributes;
+        let get = |k: &str| attrs.iter().find(|a| a.key.as_str() == k).map(|a| a.value.to_string());
+        assert_eq!(get("http.request.header.x-api-key").as_deref(), Some("[\"[redacted]\"]"));
+        assert_eq!(get("http.request.header.content-type").as_deref(), Some("[\"application/json\"]"));
+        assert_eq!(known_header_attr("content-type", false), Some("http.response.header.content-type"));
+    }
 }
