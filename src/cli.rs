@@ -197,8 +197,29 @@ pub struct ExplainArgs {
     pub method: String,
 }
 
+/// Libraries whose debug and trace output can carry credentials (aws-sigv4 logs canonical
+/// requests, session token included; h2/hyper log header frames): capped at `info` unless
+/// RUST_LOG names them explicitly.
+const CAPPED_TARGETS: &[&str] =
+    &["aws_sigv4", "aws_smithy_runtime_api", "gcp_auth", "h2", "hyper", "hyper_util", "tonic"];
+
+/// The log filter: RUST_LOG (default `info`) with [`CAPPED_TARGETS`] capped at `info`.
+pub fn log_filter(rust_log: Option<&str>) -> String {
+    let mut f = rust_log.filter(|v| !v.trim().is_empty()).unwrap_or("info").to_owned();
+    for t in CAPPED_TARGETS {
+        if !f.split(',').any(|d| d.trim().starts_with(&format!("{t}=")) || d.trim() == *t) {
+            f.push_str(&format!(",{t}=info"));
+        }
+    }
+    f
+}
+
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let spec = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("keyswap: RUST_LOG `{spec}` is not a valid filter ({e}); using `info`");
+        tracing_subscriber::EnvFilter::new(log_filter(None))
+    });
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -762,4 +783,16 @@ fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn credential_bearing_libraries_stay_at_info_unless_named() {
+        let f = super::log_filter(Some("trace"));
+        assert!(f.starts_with("trace,") && f.contains(",aws_sigv4=info") && f.contains(",h2=info"), "{f}");
+        let f = super::log_filter(Some("debug,h2=trace"));
+        assert!(f.contains("h2=trace") && !f.contains("h2=info"), "{f}");
+        assert!(super::log_filter(None).starts_with("info,"));
+    }
 }
