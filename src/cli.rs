@@ -166,7 +166,7 @@ pub struct ServeArgs {
     pub span_queue: usize,
     /// Threads answering Envoy (tokio workers). One thread costs the least CPU per request (see
     /// docs/benchmarks.md) and answers tens of thousands of ext_proc messages per second; raise it
-    /// for an Envoy with many workers or many SigV4 bodies to sign.
+    /// for an Envoy with many busy workers.
     #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256), default_value_t = DEFAULT_WORKER_THREADS)]
     pub worker_threads: u16,
     /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
