@@ -827,7 +827,14 @@ impl Setup {
             assert!(seen.placeholder_key == 1, "{label}: the upstream did not receive the placeholder ({seen:?})");
         }
         if let Some(n) = streams_before {
-            let started = self.stat(STREAMS) - n;
+            // Once this read 0 although the request had gone through keyswap: poll for a while
+            // rather than trust a single read of Envoy's /stats.
+            let deadline = Instant::now() + Duration::from_secs(12);
+            let mut started = self.stat(STREAMS) - n;
+            while started == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                started = self.stat(STREAMS) - n;
+            }
             assert!(started == 1, "{label}: {started} ext_proc streams started for one request\n{}", self.stats());
         }
     }
