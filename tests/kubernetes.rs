@@ -269,3 +269,82 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     }
     keyswap.terminate();
 }
+
+/// The SigV4 signature headers keyswap sends for one buffered Bedrock request: the request-headers
+/// answer must ask for the whole body, and the body answer carries the signature.
+async fn bedrock_signature(c: &mut grpc::Client) -> String {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let headers = grpc::headers(&[
+        (":method", "POST"),
+        (":authority", "bedrock-runtime.eu-west-1.amazonaws.com"),
+        (":path", "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"),
+        ("content-type", "application/json"),
+        ("content-length", "2"),
+        ("authorization", "AWS4-HMAC-SHA256 Credential=keyswap-injected-by-proxy/20250101/eu-west-1/bedrock/aws4_request, SignedHeaders=host, Signature=00"),
+    ]);
+    let answers = grpc::exchange(c, vec![headers, grpc::body(b"{}")]).await;
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    let first = answers[0].as_ref().unwrap();
+    let mode = first.mode_override.as_ref().expect("the body is asked for");
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    assert_eq!(mode.request_body_mode, BodySendMode::Buffered as i32, "{mode:?}");
+    let Some(Response::RequestBody(b)) = &answers[1].as_ref().unwrap().response else {
+        panic!("a body answer: {answers:?}")
+    };
+    let m = b.response.as_ref().and_then(|r| r.header_mutation.as_ref()).expect("signature headers");
+    set_value(m, "authorization").expect("authorization set")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_signs_bedrock_requests_with_multi_line_secrets_and_follows_rotation() {
+    let kube = FakeKube::start().await;
+    kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all"}}));
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "bedrock",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "bedrock"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "sigv4", json!({"spec": {"parentRefs": [{"name": "bedrock"}], "secretRef": {"name": "aws"}, "target": "ProviderAuth", "providerAuth": {"type": "AWSv4"}}}));
+    // A value with a trailing newline (as `kubectl create secret --from-file` leaves it) is fine here.
+    kube.put("secrets", NS, "aws", json!({"data": {"AWS_ACCESS_KEY_ID": b64(b"AKIAKUBEONE\n"), "AWS_SECRET_ACCESS_KEY": b64(b"k8s-secret-one\n")}}));
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.args(["serve", "--kubernetes", "--namespace", NS])
+        .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "debug");
+    let mut keyswap = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        keyswap.assert_running();
+        if let Ok(Some((200, _))) =
+            tokio::time::timeout(Duration::from_secs(2), try_scrape(metrics_port, "/readyz")).await
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let auth = bedrock_signature(&mut c).await;
+    assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIAKUBEONE/"), "{auth}");
+    assert!(auth.contains("/eu-west-1/bedrock/aws4_request"), "region from the host: {auth}");
+
+    // kubectl edit secret: the next request is signed with the new key.
+    kube.put(
+        "secrets",
+        NS,
+        "aws",
+        json!({"stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETWO", "AWS_SECRET_ACCESS_KEY": "k8s-secret-two"}}),
+    );
+    let since = Instant::now();
+    while !bedrock_signature(&mut c).await.starts_with("AWS4-HMAC-SHA256 Credential=AKIAKUBETWO/") {
+        assert!(since.elapsed() < Duration::from_secs(2), "rotation not applied within 2 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let logs = keyswap.output();
+    assert!(!logs.contains("k8s-secret-one") && !logs.contains("k8s-secret-two"), "secret in the logs");
+}
