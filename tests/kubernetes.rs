@@ -60,6 +60,35 @@ async fn wait_for_key(c: &mut grpc::Client, want: &str, since: Instant) -> Durat
     }
 }
 
+/// `keyswap serve --kubernetes` on free ports, once `/readyz` answers 200 (the initial sync is
+/// done). Returns the process, the gRPC port and the admin port.
+async fn start_ready(
+    kubeconfig: &std::path::Path,
+    work: &std::path::Path,
+    extra: &[&str],
+    rust_log: &str,
+) -> (Proc, u16, u16) {
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.args(["serve", "--kubernetes", "--namespace", NS])
+        .args(extra)
+        .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", rust_log);
+    let mut keyswap = Proc::spawn("keyswap", cmd, work.join("keyswap.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        keyswap.assert_running();
+        if let Ok(Some((200, _))) =
+            tokio::time::timeout(Duration::from_secs(2), try_scrape(metrics_port, "/readyz")).await
+        {
+            return (keyswap, grpc_port, metrics_port);
+        }
+        assert!(Instant::now() < deadline, "never ready:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sends requests back to back until stopped; counts any that did not get a key injected.
 fn keep_requesting(
     addr: std::net::SocketAddr,
@@ -85,26 +114,9 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     seed(&kube);
     let work = tempfile::tempdir().unwrap();
     let kubeconfig = kube.kubeconfig(work.path());
-    let (grpc_port, metrics_port) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.args(["serve", "--kubernetes", "--namespace", NS, "--write-status"])
-        .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info,keyswap=debug");
-    let mut keyswap = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
-
     // Not ready until the initial sync; then ready and serving.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        keyswap.assert_running();
-        if let Ok(Some((200, _))) =
-            tokio::time::timeout(Duration::from_secs(2), try_scrape(metrics_port, "/readyz")).await
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never ready:\n{}", keyswap.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut keyswap, grpc_port, metrics_port) =
+        start_ready(&kubeconfig, work.path(), &["--write-status"], "info,keyswap=debug").await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     let mut c = grpc::connect(addr).await;
     assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-one".into()));
@@ -310,24 +322,7 @@ async fn kubernetes_mode_signs_bedrock_requests_with_multi_line_secrets_and_foll
     kube.put("secrets", NS, "aws", json!({"data": {"AWS_ACCESS_KEY_ID": b64(b"AKIAKUBEONE\n"), "AWS_SECRET_ACCESS_KEY": b64(b"k8s-secret-one\n")}}));
     let work = tempfile::tempdir().unwrap();
     let kubeconfig = kube.kubeconfig(work.path());
-    let (grpc_port, metrics_port) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.args(["serve", "--kubernetes", "--namespace", NS])
-        .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "debug");
-    let mut keyswap = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        keyswap.assert_running();
-        if let Ok(Some((200, _))) =
-            tokio::time::timeout(Duration::from_secs(2), try_scrape(metrics_port, "/readyz")).await
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never ready:\n{}", keyswap.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (keyswap, grpc_port, _) = start_ready(&kubeconfig, work.path(), &[], "debug").await;
     let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
     let auth = bedrock_signature(&mut c).await;
     assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIAKUBEONE/"), "{auth}");

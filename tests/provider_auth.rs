@@ -31,15 +31,17 @@ fn python_with(modules: &str, install: &str) -> String {
     }
 }
 
-fn bedrock_config(proxy_port: u16, provider_auth: &str) -> String {
+/// The EgressGateway both tests use: a CONNECT proxy on `proxy_port`.
+fn gateway(proxy_port: u16) -> String {
     format!(
-        r#"apiVersion: keyswap.dev/v1alpha1
-kind: EgressGateway
-metadata: {{name: egress}}
-spec:
-  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
----
-apiVersion: keyswap.dev/v1alpha1
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]\n---\n"
+    )
+}
+
+fn bedrock_config(proxy_port: u16, provider_auth: &str) -> String {
+    let gateway = gateway(proxy_port);
+    format!(
+        r#"{gateway}apiVersion: keyswap.dev/v1alpha1
 kind: AIProviderRoute
 metadata: {{name: bedrock}}
 spec:
@@ -278,14 +280,9 @@ fn bedrock_through_the_gateway(collector: std::net::SocketAddr) {
 
 fn gcp_config(proxy_port: u16, service_account_json: &str) -> String {
     let indented: String = service_account_json.lines().map(|l| format!("    {l}\n")).collect();
+    let gateway = gateway(proxy_port);
     format!(
-        r#"apiVersion: keyswap.dev/v1alpha1
-kind: EgressGateway
-metadata: {{name: egress}}
-spec:
-  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
----
-apiVersion: keyswap.dev/v1alpha1
+        r#"{gateway}apiVersion: keyswap.dev/v1alpha1
 kind: AIProviderRoute
 metadata: {{name: gemini}}
 spec:

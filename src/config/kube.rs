@@ -129,9 +129,9 @@ where
 /// Converts a Kubernetes Secret into keyswap's form. Values are checked where a policy uses them.
 pub fn secret_data(secret: &Secret) -> SecretData {
     let mut out = SecretData::default();
-    let data = secret.data.iter().flatten().map(|(k, v)| (k, "data", v.0.clone()));
-    let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, "stringData", v.clone().into_bytes()));
-    for (k, _field, bytes) in data.chain(string_data) {
+    let data = secret.data.iter().flatten().map(|(k, v)| (k, v.0.clone()));
+    let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, v.clone().into_bytes()));
+    for (k, bytes) in data.chain(string_data) {
         out.entries.insert(k.clone(), SecretSlice::from(bytes));
     }
     out

@@ -74,7 +74,6 @@ impl ExternalProcessor for ExtProc {
             sign: None,
             waiting: None,
             signing: None,
-            pending_answer: None,
         }))
     }
 }
@@ -121,8 +120,6 @@ pub struct ProcessStream {
     waiting: Option<Box<Waiting>>,
     /// A large body being signed on the blocking pool, and when its message arrived.
     signing: Option<(tokio::task::JoinHandle<ProcessingResponse>, Instant)>,
-    /// The answer [`ProcessStream::accept`] stored, about to be sent.
-    pending_answer: Option<ProcessingResponse>,
 }
 
 impl ProcessStream {
@@ -163,8 +160,10 @@ impl Stream for ProcessStream {
                 },
             };
             this.shared.metrics.observe(TelemetryPhase::RequestHeaders, w.started.elapsed());
-            let end = this.accept(outcome, w.snapshot);
-            let resp = this.take_answer(end);
+            let (resp, end) = this.accept(outcome, w.snapshot);
+            if end {
+                this.finish_span();
+            }
             return Poll::Ready(Some(Ok(resp)));
         }
         if let Some((handle, started)) = self.signing.as_mut() {
@@ -249,21 +248,13 @@ pub enum Step {
 }
 
 impl ProcessStream {
-    /// Keeps the transaction and signing state of `outcome`; returns whether the transaction
-    /// already ended (a denial).
-    fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> bool {
+    /// Keeps the transaction and signing state of `outcome`; returns the answer and whether the
+    /// transaction already ended (a denial).
+    fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> (ProcessingResponse, bool) {
         let done = outcome.tx.as_ref().is_some_and(|t| t.is_denial());
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
         self.sign = outcome.sign;
-        self.pending_answer = Some(outcome.resp);
-        done
-    }
-
-    fn take_answer(&mut self, end: bool) -> ProcessingResponse {
-        if end {
-            self.finish_span();
-        }
-        self.pending_answer.take().unwrap_or_default()
+        (outcome.resp, done)
     }
 
     /// Answers one message.
@@ -280,8 +271,7 @@ impl ProcessStream {
                 let snapshot = shared.store.load_full();
                 match on_request_headers(&snapshot, shared, &headers, has_body, None) {
                     Step::Answer(outcome) => {
-                        let end = self.accept(outcome, snapshot);
-                        let resp = self.pending_answer.take().unwrap_or_default();
+                        let (resp, end) = self.accept(outcome, snapshot);
                         Ok(Handled::Answer(resp, TelemetryPhase::RequestHeaders, end))
                     }
                     Step::NeedToken(source) => {
@@ -350,11 +340,18 @@ impl ProcessStream {
     }
 }
 
+impl PendingSign {
+    /// The signature headers for this request with `body`.
+    fn sign(&self, body: &[u8]) -> Result<Vec<(&'static str, String)>, String> {
+        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let req = sigv4::Request { method: &self.method, host: &self.host, path: &self.path, headers: &headers, body };
+        self.signer.sign(&req, std::time::SystemTime::now())
+    }
+}
+
 /// Signs a buffered request body; the signature headers go out with it.
 fn sign_body(shared: &Shared, sign: &PendingSign, body: &[u8]) -> ProcessingResponse {
-    let headers: Vec<(&str, &str)> = sign.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let req = sigv4::Request { method: &sign.method, host: &sign.host, path: &sign.path, headers: &headers, body };
-    match sign.signer.sign(&req, std::time::SystemTime::now()) {
+    match sign.sign(body) {
         Ok(signed) => {
             let pairs: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
             mutation::request_body_with(mutation::set_headers(&pairs))
@@ -370,7 +367,6 @@ fn signing_failed(shared: &Shared, error: &str) -> ProcessingResponse {
         "type": "credential_unavailable",
         "message": "keyswap could not sign this request; it was not forwarded",
         "reason": "SigningFailed",
-        "detail": error,
     }});
     mutation::immediate(503, &body, "keyswap_signing_failed")
 }
@@ -481,14 +477,19 @@ pub fn on_request_headers(
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
             // Provider authentication: a token to fetch, or a body too large to sign.
+            // Holds the cached token alive while the plan borrows its bytes.
+            let cached: Option<Arc<Token>>;
             let token = match credential {
                 Credential::GcpToken(source) => match fetched {
                     Some(Ok(t)) => Some(t.header.expose_secret()),
                     Some(Err(e)) => return fail_closed(entry, "TokenUnavailable", e),
-                    None => match source.cached() {
-                        Some(t) => return on_request_headers_with_token(snapshot, shared, headers, has_body, &t),
-                        None => return Step::NeedToken(source.clone()),
-                    },
+                    None => {
+                        cached = source.cached();
+                        match &cached {
+                            Some(t) => Some(t.header.expose_secret()),
+                            None => return Step::NeedToken(source.clone()),
+                        }
+                    }
                 },
                 _ => None,
             };
@@ -536,15 +537,7 @@ pub fn on_request_headers(
                 if has_body {
                     sign = Some(Box::new(pending));
                 } else {
-                    let hs: Vec<(&str, &str)> = pending.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                    let req = sigv4::Request {
-                        method: &pending.method,
-                        host: &pending.host,
-                        path: &pending.path,
-                        headers: &hs,
-                        body: b"",
-                    };
-                    match signer.sign(&req, std::time::SystemTime::now()) {
+                    match pending.sign(b"") {
                         Ok(h) => signed = h,
                         Err(e) => return answer(signing_failed(shared, &e), None, None),
                     }
@@ -598,18 +591,6 @@ pub fn on_request_headers(
             answer(mutation::request_headers(None, None), None, None)
         }
     }
-}
-
-/// The same decision with a cached token in hand (kept alive by the caller's `Arc`).
-fn on_request_headers_with_token(
-    snapshot: &Snapshot,
-    shared: &Shared,
-    headers: &[HeaderValue],
-    has_body: bool,
-    token: &Arc<Token>,
-) -> Step {
-    // Counted once already by the caller.
-    on_request_headers(snapshot, shared, headers, has_body, Some(Ok(token)))
 }
 
 fn too_large(metrics: &Metrics, entry: &crate::config::snapshot::MatchEntry, len: usize) -> ProcessingResponse {
