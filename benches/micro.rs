@@ -11,7 +11,9 @@
 //! - `redaction`: scrubbing live secrets from a 64 KiB captured body, and credential query
 //!   parameters from a path;
 //! - `sse_usage`: token usage from Anthropic and OpenAI SSE streams, fed in 1 KiB chunks (bytes/s);
-//! - `sigv4`: signing a Bedrock request with a 4 KiB body.
+//! - `sigv4`: signing a Bedrock request with a 4 KiB body;
+//! - `span`: one header-only span's whole life (start with the agent's headers, response headers,
+//!   finish, OTLP protobuf encoding in an export request), without the HTTP send.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -234,9 +236,54 @@ fn sigv4(c: &mut Criterion) {
     g.finish();
 }
 
+fn span(c: &mut Criterion) {
+    use keyswap::telemetry::otlp::Envelope;
+    use keyswap::telemetry::span::{Start, Transaction};
+    let headers = agent_headers();
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|h| (h.key.as_str(), h.raw_value.as_slice())).collect();
+    let response: [(&str, &[u8]); 8] = [
+        (":status", b"200"),
+        ("content-type", b"application/json"),
+        ("date", b"Mon, 23 Nov 2026 17:00:00 GMT"),
+        ("request-id", b"req_011CQ7y5ZbqM5m3eJ2WcS5aB"),
+        ("anthropic-organization-id", b"5f9c2a8e-3c0b-4c4e-9d0e-6a8a3d2b1f00"),
+        ("content-length", b"412"),
+        ("server", b"envoy"),
+        ("x-envoy-upstream-service-time", b"3"),
+    ];
+    let policy = Arc::new(capture::CapturePolicy { read_bodies: false, ..capture::CapturePolicy::default() });
+    let start = Start {
+        provider: keyswap::provider::lookup("anthropic"),
+        route: "default/zz-anthropic",
+        policy: Some("default/custom"),
+        method: "POST",
+        scheme: "https",
+        authority: "api.anthropic.com",
+        host: "api.anthropic.com",
+        redacted_path: "/v1/messages",
+        request_model: None,
+        injected: true,
+        smuggled: true,
+        redact_also: None,
+        error: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let sink = Sink::new(Arc::default(), Some(tx));
+    let envelope = Envelope::new("keyswap");
+    c.bench_function("span/header_only_start_finish_encode", |b| {
+        b.iter(|| {
+            let (mut t, traceparent) = Transaction::start(black_box(&start), black_box(&pairs), &policy);
+            t.on_response_headers(black_box(&response));
+            t.finish(&sink, &[]);
+            let encoded = rx.try_recv().unwrap();
+            black_box((traceparent, envelope.request(std::slice::from_ref(&encoded))))
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4
+    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span
 }
 criterion_main!(benches);

@@ -403,9 +403,9 @@ async fn serve_store(
         .map_err(anyhow::Error::msg)?
     {
         Some(settings) => {
-            let exporter = crate::telemetry::export::build(&settings).map_err(anyhow::Error::msg)?;
+            let exporter = crate::telemetry::export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
             tracing::info!(exporter = %settings, "tracing on: one span per transaction");
-            Some(crate::telemetry::span::spawn_exporter(exporter, metrics.clone(), span_queue.max(1)))
+            Some(crate::telemetry::export::spawn(exporter, metrics.clone(), span_queue.max(1)))
         }
         None => {
             tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");

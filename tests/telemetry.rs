@@ -416,15 +416,43 @@ async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are
 /// the header's value nor any secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_export_uses_the_gateway_endpoint_and_headers() {
+    http_protobuf_export(false).await;
+}
+
+/// The same over HTTPS: keyswap verifies the collector against the system roots
+/// (`SSL_CERT_FILE` names the test CA here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_over_tls_verifies_the_collector() {
+    http_protobuf_export(true).await;
+}
+
+async fn http_protobuf_export(tls: bool) {
     use prost::Message as _;
     type Received = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<u8>)>>>;
     let received: Received = Default::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (acceptor, ca) = if tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (ca, leaf, key) = provider_certs(&["localhost"], certs.path());
+        let mut cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        (Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))), Some(ca))
+    } else {
+        (None, None)
+    };
     let r = received.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let r = r.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let r = r.clone();
@@ -444,21 +472,32 @@ async fn http_protobuf_export_uses_the_gateway_endpoint_and_headers() {
                         )
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match acceptor {
+                    Some(a) => match a.accept(stream).await {
+                        Ok(tls) => http.serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await,
+                        Err(_) => return,
+                    },
+                    None => http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await,
+                };
             });
         }
     });
     let config = telemetry_config();
+    let endpoint = if tls { format!("https://localhost:{}", addr.port()) } else { format!("http://{addr}") };
     let text = std::fs::read_to_string(config.path().join("config.yaml")).unwrap().replace(
         "  otlp:\n",
-        &format!("  otlp:\n    endpoint: http://{addr}\n    headers: {{x-collector-token: collector-secret-777}}\n"),
+        &format!("  otlp:\n    endpoint: {endpoint}\n    headers: {{x-collector-token: collector-secret-777}}\n"),
     );
     std::fs::write(config.path().join("config.yaml"), text).unwrap();
     let work = tempfile::tempdir().unwrap();
     let fake = FakeProvider::start().await;
-    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &[("OTEL_SERVICE_NAME", "keyswap-http")], &[]);
+    let ca = ca.map(|p| p.display().to_string()).unwrap_or_default();
+    let mut env = vec![("OTEL_SERVICE_NAME", "keyswap-http")];
+    if tls {
+        env.push(("SSL_CERT_FILE", ca.as_str()));
+    }
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
     let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
     let (st, _) = send(&client(), port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
     assert_eq!(st, 200);

@@ -1,15 +1,27 @@
-//! The OTLP exporter: the standard `OTEL_*` variables, overridden by `EgressGateway.spec.otlp`.
+//! The OTLP exporter: the standard `OTEL_*` variables, overridden by `EgressGateway.spec.otlp`;
+//! one task that batches encoded spans and sends them over OTLP/HTTP (protobuf) or OTLP/gRPC,
+//! plain or TLS, with one HTTP client.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
-use opentelemetry_sdk::trace::SpanExporter as _;
-use opentelemetry_sdk::Resource;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::percent_decode_str;
 
+use super::otlp::Envelope;
+use super::Metrics;
 use crate::api::Otlp;
 
+/// Used when `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` is unset.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The OTLP/gRPC method every collector serves.
+const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -18,13 +30,15 @@ pub enum Transport {
 }
 
 /// Where spans go, or `None` when tracing is off.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Settings {
     pub transport: Transport,
-    /// From `spec.otlp.endpoint`; `None` lets the exporter read `OTEL_EXPORTER_OTLP_*ENDPOINT`.
-    pub endpoint: Option<String>,
+    /// The full URL spans are sent to (`…/v1/traces` for HTTP; scheme and authority for gRPC).
+    pub endpoint: String,
+    /// Standard variables first, the gateway's `spec.otlp.headers` over them.
     pub headers: Vec<(String, String)>,
     pub service_name: String,
+    pub timeout: Duration,
 }
 
 impl std::fmt::Display for Settings {
@@ -35,105 +49,326 @@ impl std::fmt::Display for Settings {
         };
         // Header values may be credentials for the collector: names only.
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        write!(f, "{t} {} headers {names:?}", self.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"))
+        write!(f, "{t} {} headers {names:?} timeout {:?}", self.endpoint, self.timeout)
     }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// `k1=v1,k2=v2` with percent-encoded values (`OTEL_EXPORTER_OTLP_HEADERS`).
+fn parse_header_list(var: &str, v: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (k, val) = item.split_once('=').ok_or_else(|| format!("{var}: `{}` is not key=value", name_of(item)))?;
+        let decode = |s: &str| percent_decode_str(s.trim()).decode_utf8().map(|c| c.into_owned());
+        let k = decode(k).map_err(|_| format!("{var}: a header name is not UTF-8"))?;
+        let val = decode(val).map_err(|_| format!("{var}.{k}: the value is not UTF-8"))?;
+        out.push((k, val));
+    }
+    Ok(out)
+}
+
+/// The part of a malformed `k=v` item safe to print: nothing after a `=` or `:`.
+fn name_of(item: &str) -> &str {
+    item.split([':', ' ']).next().unwrap_or("")
 }
 
 /// Tracing is on when the gateway names an endpoint or the environment does.
 pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>, String> {
-    let first = |names: &[&str]| names.iter().find_map(|n| env(n).filter(|v| !v.is_empty()));
-    if first(&["OTEL_TRACES_EXPORTER"]).is_some_and(|v| v == "none") {
+    let first = |names: &[&'static str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n, v)));
+    if first(&["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none") {
         return Ok(None);
     }
-    let endpoint = otlp.and_then(|o| o.endpoint.clone()).filter(|e| !e.is_empty());
-    let env_endpoint = first(&["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]);
-    if endpoint.is_none() && env_endpoint.is_none() {
-        return Ok(None);
+    let transport = match first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+        None => Transport::HttpProtobuf,
+        Some((_, p)) if p == "http/protobuf" => Transport::HttpProtobuf,
+        Some((_, p)) if p == "grpc" => Transport::Grpc,
+        Some((var, other)) => return Err(format!("{var} `{other}` is not supported; use grpc or http/protobuf")),
+    };
+    let spec = otlp.and_then(|o| o.endpoint.clone()).filter(|e| !e.is_empty());
+    // A base URL gets the signal path for HTTP; OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used as is.
+    let (source, endpoint, base) = match (spec, first(&["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])) {
+        (Some(e), _) => ("spec.otlp.endpoint", e, true),
+        (None, Some((var, e))) => (var, e, false),
+        (None, None) => match first(&["OTEL_EXPORTER_OTLP_ENDPOINT"]) {
+            Some((var, e)) => (var, e, true),
+            None => return Ok(None),
+        },
+    };
+    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{endpoint}` is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
     }
-    let transport = match first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]).as_deref() {
-        None | Some("http/protobuf") => Transport::HttpProtobuf,
-        Some("grpc") => Transport::Grpc,
-        Some(other) => {
-            return Err(format!("OTEL_EXPORTER_OTLP_PROTOCOL `{other}` is not supported; use grpc or http/protobuf"))
+    let endpoint = match transport {
+        Transport::HttpProtobuf if base && !endpoint.trim_end_matches('/').ends_with("/v1/traces") => {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        }
+        Transport::HttpProtobuf => endpoint,
+        Transport::Grpc => {
+            format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()))
         }
     };
+    let mut headers = Vec::new();
+    for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        if let Some(v) = env(var) {
+            headers.extend(parse_header_list(var, &v)?);
+        }
+    }
+    if let Some(o) = otlp {
+        headers.extend(o.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    // Later sources win; names compare case-insensitively.
+    let mut merged: Vec<(String, String)> = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}` is not a valid header name"))?;
+        HeaderValue::from_str(&v).map_err(|_| format!("OTLP header {k}: the value is not a valid header value"))?;
+        merged.retain(|(old, _)| *old != k);
+        merged.push((k, v));
+    }
+    let timeout = match first(&["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
+        None => EXPORT_TIMEOUT,
+        Some((var, ms)) => match ms.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => return Err(format!("{var} `{ms}` must be a positive number of milliseconds")),
+        },
+    };
+    if let Some((var, c)) = first(&["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
+        if c != "none" {
+            tracing::warn!("{var}={c} ignored: keyswap sends OTLP uncompressed");
+        }
+    }
     Ok(Some(Settings {
         transport,
         endpoint,
-        headers: otlp.map(|o| o.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default(),
-        service_name: first(&["OTEL_SERVICE_NAME"]).unwrap_or_else(|| "keyswap".into()),
+        headers: merged,
+        service_name: first(&["OTEL_SERVICE_NAME"]).map_or_else(|| "keyswap".into(), |(_, v)| v),
+        timeout,
     }))
 }
 
-/// Builds the exporter. Call inside the tokio runtime (the gRPC channel lives there).
-pub fn build(s: &Settings) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    let mut exporter = match s.transport {
-        Transport::Grpc => {
-            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_timeout(EXPORT_TIMEOUT);
-            if let Some(e) = &s.endpoint {
-                b = b.with_endpoint(e.clone());
-            }
-            if !s.headers.is_empty() {
-                let mut md = tonic::metadata::MetadataMap::new();
-                for (k, v) in &s.headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| format!("spec.otlp.headers: `{k}` is not a valid header name"))?;
-                    let value = v.parse().map_err(|_| format!("spec.otlp.headers.{k}: not a valid header value"))?;
-                    md.insert(key, value);
-                }
-                b = b.with_metadata(md);
-            }
-            b.build()
+/// Sends batches of encoded spans to one collector.
+pub struct Exporter {
+    transport: Transport,
+    uri: hyper::Uri,
+    headers: hyper::HeaderMap,
+    timeout: Duration,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    envelope: Envelope,
+}
+
+impl Exporter {
+    /// Builds the client; an `https` endpoint verifies the collector against the system roots.
+    pub fn new(s: &Settings) -> Result<Exporter, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let uri: hyper::Uri = match s.transport {
+            Transport::HttpProtobuf => s.endpoint.parse(),
+            Transport::Grpc => format!("{}{GRPC_EXPORT_PATH}", s.endpoint).parse(),
         }
-        Transport::HttpProtobuf => {
-            let mut b = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_timeout(EXPORT_TIMEOUT);
-            if let Some(e) = &s.endpoint {
-                let e = e.trim_end_matches('/');
-                let full = if e.ends_with("/v1/traces") { e.to_owned() } else { format!("{e}/v1/traces") };
-                b = b.with_endpoint(full);
+        .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?;
+        let tls = if uri.scheme_str() == Some("https") {
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| format!("OTLP endpoint {}: no system CA certificates to verify it ({e})", s.endpoint))?
+        } else {
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS setup: {e}"))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        let connector = match s.transport {
+            Transport::HttpProtobuf => tls.https_or_http().enable_http1().build(),
+            Transport::Grpc => {
+                builder.http2_only(true);
+                tls.https_or_http().enable_http2().build()
             }
-            if !s.headers.is_empty() {
-                b = b.with_headers(s.headers.iter().cloned().collect::<HashMap<_, _>>());
+        };
+        let mut headers = hyper::HeaderMap::new();
+        for (k, v) in &s.headers {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}`: not a name"))?;
+            let mut value = HeaderValue::from_str(v).map_err(|_| format!("OTLP header {k}: not a header value"))?;
+            value.set_sensitive(true);
+            headers.append(name, value);
+        }
+        Ok(Exporter {
+            transport: s.transport,
+            uri,
+            headers,
+            timeout: s.timeout,
+            client: builder.build(connector),
+            envelope: Envelope::new(&s.service_name),
+        })
+    }
+
+    /// One `ExportTraceServiceRequest` with `spans` (each an encoded OTLP `Span`).
+    pub async fn export(&self, spans: &[Vec<u8>]) -> Result<(), String> {
+        let message = self.envelope.request(spans);
+        let mut req = hyper::Request::post(self.uri.clone());
+        *req.headers_mut().unwrap() = self.headers.clone();
+        let body = match self.transport {
+            Transport::HttpProtobuf => {
+                req = req.header(CONTENT_TYPE, "application/x-protobuf");
+                Bytes::from(message)
             }
-            b.build()
+            Transport::Grpc => {
+                req = req.header(CONTENT_TYPE, "application/grpc").header("te", "trailers");
+                // gRPC length-prefixed message: uncompressed flag, big-endian length.
+                let mut framed = Vec::with_capacity(5 + message.len());
+                framed.push(0);
+                framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&message);
+                Bytes::from(framed)
+            }
+        };
+        let req = req.body(Full::new(body)).map_err(|e| format!("building the request: {e}"))?;
+        let send = async {
+            let resp = self.client.request(req).await.map_err(|e| format!("{}: {}", self.uri, error_chain(&e)))?;
+            let status = resp.status();
+            let head_status = grpc_status(resp.headers());
+            let collected =
+                resp.into_body().collect().await.map_err(|e| format!("{}: reading the answer: {e}", self.uri))?;
+            match self.transport {
+                Transport::HttpProtobuf if status.is_success() => Ok(()),
+                Transport::HttpProtobuf => {
+                    let body = collected.to_bytes();
+                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+                    Err(format!("collector answered {status}: {}", text.trim()))
+                }
+                Transport::Grpc if !status.is_success() => Err(format!("collector answered HTTP {status}")),
+                Transport::Grpc => {
+                    let (code, message) = collected
+                        .trailers()
+                        .and_then(grpc_status)
+                        .or(head_status)
+                        .unwrap_or((u32::MAX, "no grpc-status in the answer".into()));
+                    if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("collector answered grpc-status {code}: {message}"))
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer from {} within {:?}", self.uri, self.timeout)),
         }
     }
-    .map_err(|e| format!("cannot build the OTLP exporter ({s}): {e}"))?;
-    exporter.set_resource(&Resource::builder().with_service_name(s.service_name.clone()).build());
-    Ok(exporter)
+}
+
+fn grpc_status(h: &hyper::HeaderMap) -> Option<(u32, String)> {
+    let code = h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    let message = h
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .map(|m| percent_decode_str(m).decode_utf8_lossy().into_owned())
+        .unwrap_or_default();
+    Some((code, message))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The exporter side: a bounded queue drained by one task that batches and exports.
+pub fn spawn(exporter: Exporter, metrics: Arc<Metrics>, capacity: usize) -> tokio::sync::mpsc::Sender<Vec<u8>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
+    tokio::spawn(async move {
+        // A batch never holds more than the queue: what waits for a hung collector stays bounded.
+        let batch_max = capacity.min(512);
+        let mut batch = Vec::with_capacity(batch_max);
+        loop {
+            if rx.recv_many(&mut batch, batch_max).await == 0 {
+                return;
+            }
+            // Let a burst fill the batch a little before exporting.
+            let deadline = tokio::time::sleep(Duration::from_millis(200));
+            tokio::pin!(deadline);
+            while batch.len() < batch_max {
+                let room = batch_max - batch.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                    _ = &mut deadline => break,
+                }
+            }
+            let n = batch.len() as u64;
+            match exporter.export(&batch).await {
+                Ok(()) => Metrics::add(&metrics.spans_exported, n),
+                Err(e) => {
+                    Metrics::add(&metrics.spans_export_failed, n);
+                    tracing::warn!(error = %e, spans = n, "OTLP export failed; spans dropped");
+                }
+            }
+            batch.clear();
+        }
+    });
+    tx
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn otlp(endpoint: &str) -> Otlp {
+        Otlp {
+            endpoint: Some(endpoint.into()),
+            headers: [("authorization".to_string(), "Bearer collector-token".to_string())].into(),
+            capture_body: None,
+            read_bodies: None,
+        }
+    }
+
     #[test]
     fn tracing_is_off_without_an_endpoint_and_follows_the_standard_variables() {
         let none = |_: &str| None;
         assert_eq!(settings(None, none).unwrap(), None);
         let env = |k: &str| match k {
-            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4317".to_string()),
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4317/ignored".to_string()),
             "OTEL_EXPORTER_OTLP_PROTOCOL" => Some("grpc".to_string()),
             "OTEL_SERVICE_NAME" => Some("egress".to_string()),
+            "OTEL_EXPORTER_OTLP_HEADERS" => Some("x-a=1, Authorization=Bearer%20t0k".to_string()),
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS" => Some("x-a=2".to_string()),
+            "OTEL_EXPORTER_OTLP_TIMEOUT" => Some("2500".to_string()),
             _ => None,
         };
         let s = settings(None, env).unwrap().unwrap();
-        assert_eq!((s.transport, s.endpoint, s.service_name.as_str()), (Transport::Grpc, None, "egress"));
-        let otlp = Otlp {
-            endpoint: Some("http://otel:4318".into()),
-            headers: [("authorization".to_string(), "Bearer collector-token".to_string())].into(),
-            capture_body: None,
-            read_bodies: None,
-        };
-        let s = settings(Some(&otlp), none).unwrap().unwrap();
-        assert_eq!(s.transport, Transport::HttpProtobuf);
+        assert_eq!(
+            (s.transport, s.endpoint.as_str(), s.service_name.as_str()),
+            (Transport::Grpc, "http://collector:4317", "egress")
+        );
+        assert_eq!(s.headers, [("authorization".to_string(), "Bearer t0k".to_string()), ("x-a".into(), "2".into())]);
+        assert_eq!(s.timeout, Duration::from_millis(2500));
+        assert!(!format!("{s} {s:?}").contains("t0k"), "{s}");
+
+        let s = settings(Some(&otlp("http://otel:4318/")), none).unwrap().unwrap();
+        assert_eq!((s.transport, s.endpoint.as_str()), (Transport::HttpProtobuf, "http://otel:4318/v1/traces"));
         assert!(!s.to_string().contains("collector-token"), "{s}");
+        let traces = |k: &str| (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "https://c/custom".to_string());
+        assert_eq!(settings(None, traces).unwrap().unwrap().endpoint, "https://c/custom", "used as is");
+
         let bad = |k: &str| (k == "OTEL_EXPORTER_OTLP_PROTOCOL").then(|| "http/json".to_string());
-        assert!(settings(Some(&otlp), bad).is_err());
+        assert!(settings(Some(&otlp("http://otel:4318")), bad).unwrap_err().contains("http/json"));
         let off = |k: &str| (k == "OTEL_TRACES_EXPORTER").then(|| "none".to_string());
-        assert_eq!(settings(Some(&otlp), off).unwrap(), None);
+        assert_eq!(settings(Some(&otlp("http://otel:4318")), off).unwrap(), None);
+        let e = settings(Some(&otlp("otel:4318")), none).unwrap_err();
+        assert!(e.contains("spec.otlp.endpoint") && e.contains("http://"), "{e}");
+        let secret_in_bad_list =
+            |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization:Bearer s3cret".to_string());
+        let e = settings(Some(&otlp("http://otel:4318")), secret_in_bad_list).unwrap_err();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && !e.contains("s3cret"), "{e}");
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod capture;
 pub mod export;
+pub mod otlp;
 pub mod span;
 
 use std::collections::BTreeMap;
@@ -11,8 +12,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use opentelemetry_sdk::trace::SpanData;
 
 /// Distinct (provider, model) pairs kept in token metrics; further models count as "other".
 pub const MAX_MODELS: usize = 256;
@@ -209,11 +208,11 @@ impl Metrics {
 /// Where finished spans go: a bounded queue to the exporter task, or nowhere when tracing is off.
 pub struct Sink {
     pub metrics: Arc<Metrics>,
-    tx: Option<tokio::sync::mpsc::Sender<SpanData>>,
+    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
 }
 
 impl Sink {
-    pub fn new(metrics: Arc<Metrics>, tx: Option<tokio::sync::mpsc::Sender<SpanData>>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>) -> Self {
         Sink { metrics, tx }
     }
 
@@ -222,8 +221,8 @@ impl Sink {
         self.tx.is_some()
     }
 
-    /// Never waits: a full queue drops the span and counts it.
-    pub fn send(&self, span: SpanData) {
+    /// Never waits: a full queue drops the span and counts it. `span` is an encoded OTLP `Span`.
+    pub fn send(&self, span: Vec<u8>) {
         if let Some(tx) = &self.tx {
             if tx.try_send(span).is_err() {
                 Metrics::inc(&self.metrics.spans_dropped);

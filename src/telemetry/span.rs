@@ -1,16 +1,13 @@
-//! One span per transaction, recorded while the ext_proc stream runs and handed to the
-//! exporter task when it ends. The request path only appends to vectors and `try_send`s.
+//! One span per transaction, encoded as OTLP protobuf while the ext_proc stream runs and handed
+//! to the exporter task when it ends. The request path appends to one buffer and `try_send`s.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::cell::Cell;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
-use opentelemetry::{Array, InstrumentationScope, Key, KeyValue, StringValue, Value};
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
-
 use super::capture::{Capture, CapturePolicy};
-use super::{Metrics, Sink};
+use super::otlp::{self, event, span as field, Value};
+use super::Sink;
 use crate::provider::usage::{Format, ResponseInfo, UsageParser};
 use crate::provider::{is_redacted, Provider};
 
@@ -34,8 +31,12 @@ pub struct Start<'a> {
     pub error: Option<&'static str>,
 }
 
-/// An agent's `traceparent`, when valid (W3C Trace Context, version 00).
-pub fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
+pub type TraceId = [u8; 16];
+pub type SpanId = [u8; 8];
+
+/// An agent's `traceparent`, when valid (W3C Trace Context, version 00): trace id, parent span
+/// id, trace flags.
+pub fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, u8)> {
     let mut parts = v.trim().split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
@@ -44,10 +45,84 @@ pub fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, TraceFlags)> {
     if version == "00" && parts.next().is_some() {
         return None;
     }
-    let trace = TraceId::from_hex(trace).ok().filter(|t| *t != TraceId::INVALID)?;
-    let span = SpanId::from_hex(span).ok().filter(|s| *s != SpanId::INVALID)?;
-    let flags = u8::from_str_radix(flags, 16).ok()?;
-    Some((trace, span, TraceFlags::new(flags)))
+    let mut t = [0u8; 16];
+    let mut s = [0u8; 8];
+    let mut f = [0u8; 1];
+    (from_hex(version, &mut [0u8; 1]) && from_hex(trace, &mut t) && from_hex(span, &mut s) && from_hex(flags, &mut f))
+        .then_some(())?;
+    (t != [0; 16] && s != [0; 8]).then_some((t, s, f[0]))
+}
+
+/// Lowercase hex only, as W3C Trace Context requires.
+fn from_hex(s: &str, out: &mut [u8]) -> bool {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    if s.len() != out.len() * 2 {
+        return false;
+    }
+    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(h), Some(l)) => *o = h << 4 | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+}
+
+/// A `tracestate` worth forwarding into the span: W3C's size limit, printable ASCII, `key=value`
+/// members.
+fn valid_tracestate(v: &str) -> bool {
+    v.len() <= 512
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && v.split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .all(|m| m.split_once('=').is_some_and(|(k, _)| !k.is_empty()))
+}
+
+/// Random ids for spans and traces: SplitMix64 per thread, seeded from the standard library's
+/// per-process random keys. Unique, not secret.
+fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher as _, Hasher as _};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+            h.finish()
+        });
+    }
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+fn nonzero_random() -> u64 {
+    loop {
+        let v = random_u64();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A transaction in flight.
@@ -55,16 +130,17 @@ pub struct Transaction {
     trace_id: TraceId,
     span_id: SpanId,
     parent: Option<SpanId>,
-    tracestate: TraceState,
-    start: SystemTime,
+    flags: u8,
+    tracestate: Option<String>,
+    start: u64,
     operation: &'static str,
     request_model: Option<String>,
     method: String,
     host: String,
     provider: &'static str,
     format: Option<Format>,
-    attributes: Vec<KeyValue>,
-    events: Vec<opentelemetry::trace::Event>,
+    /// The span's encoded attributes and events so far (OTLP `Span` fields 9 and 11).
+    encoded: Vec<u8>,
     error: Option<&'static str>,
     status_code: Option<i64>,
     capture: std::sync::Arc<CapturePolicy>,
@@ -75,92 +151,37 @@ pub struct Transaction {
     redact_also: Option<String>,
 }
 
-fn header_event(
-    name: &'static str,
-    prefix: &str,
-    headers: &[(&str, &[u8])],
-    redact_also: Option<&str>,
-) -> opentelemetry::trace::Event {
-    let request = prefix == REQUEST_PREFIX;
-    let mut attrs: Vec<KeyValue> = Vec::with_capacity(headers.len());
-    for (k, v) in headers {
-        if k.starts_with(':') {
-            continue;
-        }
-        // Envoy sends lowercase names; other senders may not.
-        let key: Cow<'_, str> = if k.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(k.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(k)
-        };
-        let value = if is_redacted(&key) || redact_also == Some(&*key) {
-            StringValue::from("[redacted]")
-        } else {
-            StringValue::from(String::from_utf8_lossy(v).into_owned())
-        };
-        // Common names have static attribute keys: no allocation for the key.
-        let attr: Key = match known_header_attr(&key, request) {
-            Some(a) => Key::from_static_str(a),
-            None => {
-                let mut a = String::with_capacity(prefix.len() + key.len());
-                a.push_str(prefix);
-                a.push_str(&key);
-                Key::from(a)
+/// An event named `name` with one `{prefix}{header}` string-array attribute per header name
+/// (repeated headers share one array); credential headers are `[redacted]`.
+fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &[u8])], redact_also: Option<&str>) {
+    otlp::message(buf, field::EVENTS, |e| {
+        otlp::fixed64(e, event::TIME, unix_nanos(SystemTime::now()));
+        otlp::string(e, event::NAME, name);
+        for (i, (k, _)) in headers.iter().enumerate() {
+            if k.starts_with(':') || headers[..i].iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+                continue;
             }
-        };
-        match attrs.iter_mut().find(|a| a.key == attr) {
-            Some(KeyValue { value: Value::Array(Array::String(list)), .. }) => list.push(value),
-            _ => attrs.push(KeyValue::new(attr, Value::Array(Array::String(vec![value])))),
+            // Envoy sends lowercase names; other senders may not.
+            let key: Cow<'_, str> = if k.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(k.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(k)
+            };
+            let redacted = is_redacted(&key) || redact_also == Some(&*key);
+            let values = headers[i..].iter().filter(|(p, _)| p.eq_ignore_ascii_case(k)).map(|(_, v)| {
+                if redacted {
+                    Cow::Borrowed("[redacted]")
+                } else {
+                    String::from_utf8_lossy(v)
+                }
+            });
+            otlp::string_array_attribute(e, event::ATTRIBUTES, &[prefix, &key], values);
         }
-    }
-    opentelemetry::trace::Event::new(name, SystemTime::now(), attrs, 0)
+    });
 }
 
 const REQUEST_PREFIX: &str = "http.request.header.";
-
-/// `http.request.header.<name>` / `http.response.header.<name>` for the headers most requests
-/// and responses carry.
-fn known_header_attr(name: &str, request: bool) -> Option<&'static str> {
-    macro_rules! table {
-        ($($h:literal),* $(,)?) => {
-            match (name, request) {
-                $(($h, true) => Some(concat!("http.request.header.", $h)),
-                  ($h, false) => Some(concat!("http.response.header.", $h)),)*
-                _ => None,
-            }
-        };
-    }
-    table!(
-        "accept",
-        "accept-encoding",
-        "anthropic-version",
-        "authorization",
-        "cache-control",
-        "connection",
-        "content-length",
-        "content-type",
-        "date",
-        "openai-organization",
-        "request-id",
-        "server",
-        "traceparent",
-        "tracestate",
-        "transfer-encoding",
-        "user-agent",
-        "x-api-key",
-        "x-envoy-upstream-service-time",
-        "x-forwarded-proto",
-        "x-request-id",
-        "x-stainless-arch",
-        "x-stainless-lang",
-        "x-stainless-os",
-        "x-stainless-package-version",
-        "x-stainless-retry-count",
-        "x-stainless-runtime",
-        "x-stainless-runtime-version",
-        "x-stainless-timeout",
-    )
-}
+const RESPONSE_PREFIX: &str = "http.response.header.";
 
 impl Transaction {
     /// Starts a transaction. Returns it and the `traceparent` to forward upstream.
@@ -172,34 +193,42 @@ impl Transaction {
         let find = |n: &str| {
             headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
-        let ids = RandomIdGenerator::default();
-        let parent = find("traceparent").and_then(parse_traceparent);
-        let (trace_id, parent_span, flags) = match parent {
+        let (trace_id, parent, flags) = match find("traceparent").and_then(parse_traceparent) {
             Some((t, p, f)) => (t, Some(p), f),
-            None => (ids.new_trace_id(), None, TraceFlags::SAMPLED),
+            None => {
+                let mut t = [0u8; 16];
+                t[..8].copy_from_slice(&nonzero_random().to_be_bytes());
+                t[8..].copy_from_slice(&random_u64().to_be_bytes());
+                (t, None, 1)
+            }
         };
-        let span_id = ids.new_span_id();
-        let tracestate = find("tracestate").and_then(|v| v.parse::<TraceState>().ok()).unwrap_or_default();
-        let traceparent = format!("00-{trace_id}-{span_id}-{:02x}", flags.to_u8());
+        let span_id = nonzero_random().to_be_bytes();
+        let tracestate = find("tracestate").filter(|v| parent.is_some() && valid_tracestate(v)).map(str::to_owned);
+        let mut traceparent = String::with_capacity(55);
+        traceparent.push_str("00-");
+        push_hex(&mut traceparent, &trace_id);
+        traceparent.push('-');
+        push_hex(&mut traceparent, &span_id);
+        traceparent.push('-');
+        push_hex(&mut traceparent, &[flags]);
         let operation = s.provider.and_then(|p| p.operation(s.redacted_path)).unwrap_or("chat");
-        let mut attributes = Vec::with_capacity(24);
+        let mut encoded = Vec::with_capacity(2048);
+        let mut attr = |key: &str, value: Value<'_>| otlp::attribute(&mut encoded, field::ATTRIBUTES, &[key], value);
         if let Some(p) = s.provider {
-            attributes.push(KeyValue::new("gen_ai.provider.name", p.name));
-            attributes.push(KeyValue::new("gen_ai.system", p.name));
-            attributes.push(KeyValue::new("gen_ai.operation.name", operation));
+            attr("gen_ai.provider.name", Value::Str(p.name));
+            attr("gen_ai.system", Value::Str(p.name));
+            attr("gen_ai.operation.name", Value::Str(operation));
         }
-        attributes.extend([
-            KeyValue::new("http.request.method", s.method.to_owned()),
-            KeyValue::new("url.full", format!("{}://{}{}", s.scheme, s.authority, s.redacted_path)),
-            KeyValue::new("server.address", s.host.to_owned()),
-            KeyValue::new("keyswap.route", s.route.to_owned()),
-            KeyValue::new("keyswap.credential.injected", s.injected),
-            KeyValue::new("keyswap.smuggle.detected", s.smuggled),
-        ]);
+        attr("http.request.method", Value::Str(s.method));
+        attr("url.full", Value::Concat(&[s.scheme, "://", s.authority, s.redacted_path]));
+        attr("server.address", Value::Str(s.host));
+        attr("keyswap.route", Value::Str(s.route));
+        attr("keyswap.credential.injected", Value::Bool(s.injected));
+        attr("keyswap.smuggle.detected", Value::Bool(s.smuggled));
         if let Some(p) = s.policy {
-            attributes.push(KeyValue::new("keyswap.policy", p.to_owned()));
+            attr("keyswap.policy", Value::Str(p));
         }
-        let events = vec![header_event("http.request.headers", REQUEST_PREFIX, headers, s.redact_also)];
+        header_event(&mut encoded, "http.request.headers", REQUEST_PREFIX, headers, s.redact_also);
         let content_type = find("content-type").unwrap_or("");
         let req_body = capture.wants(content_type).then(|| Capture::new(capture.max_bytes));
         let format =
@@ -209,17 +238,17 @@ impl Transaction {
         let tx = Transaction {
             trace_id,
             span_id,
-            parent: parent_span,
+            parent,
+            flags,
             tracestate,
-            start: SystemTime::now(),
+            start: unix_nanos(SystemTime::now()),
             operation,
             request_model: s.request_model.map(str::to_owned),
             method: s.method.to_owned(),
             host: s.host.to_owned(),
             provider: s.provider.map_or("-", |p| p.name),
             format,
-            attributes,
-            events,
+            encoded,
             error: s.error,
             status_code: None,
             capture: capture.clone(),
@@ -256,18 +285,13 @@ impl Transaction {
             headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
         self.status_code = find(":status").and_then(|s| s.parse().ok());
-        let content_type = find("content-type").unwrap_or("").to_owned();
-        self.events.push(header_event(
-            "http.response.headers",
-            "http.response.header.",
-            headers,
-            self.redact_also.as_deref(),
-        ));
-        if self.capture.wants(&content_type) {
+        let content_type = find("content-type").unwrap_or("");
+        header_event(&mut self.encoded, "http.response.headers", RESPONSE_PREFIX, headers, self.redact_also.as_deref());
+        if self.capture.wants(content_type) {
             self.resp_body = Some(Capture::new(self.capture.max_bytes));
         }
         if let Some(f) = self.format {
-            self.parser = Some(UsageParser::new(f, &content_type));
+            self.parser = Some(UsageParser::new(f, content_type));
         }
     }
 
@@ -287,19 +311,21 @@ impl Transaction {
 
     /// Ends the span and hands it to the exporter; records usage metrics.
     pub fn finish(mut self, sink: &Sink, secrets: &[&[u8]]) {
-        let end = SystemTime::now();
+        let end = unix_nanos(SystemTime::now());
         if self.request_model.is_none() {
             if let Some(buf) = self.req_model_buf.take() {
                 self.request_model = crate::provider::usage::request_model(&buf.into_bytes());
             }
         }
         let info: ResponseInfo = self.parser.as_mut().map(|p| p.finish()).unwrap_or_default();
-        let mut attrs = std::mem::take(&mut self.attributes);
+        let mut out = std::mem::take(&mut self.encoded);
+        let buf = &mut out;
+        let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
         if let Some(m) = &self.request_model {
-            attrs.push(KeyValue::new("gen_ai.request.model", m.clone()));
+            attr("gen_ai.request.model", Value::Str(m));
         }
         if let Some(m) = &info.model {
-            attrs.push(KeyValue::new("gen_ai.response.model", m.clone()));
+            attr("gen_ai.response.model", Value::Str(m));
         }
         let u = &info.usage;
         for (key, v) in [
@@ -309,119 +335,75 @@ impl Transaction {
             ("gen_ai.usage.cache_creation.input_tokens", u.cache_creation_tokens),
         ] {
             if let Some(v) = v {
-                attrs.push(KeyValue::new(key, v as i64));
+                attr(key, Value::Int(v as i64));
             }
         }
         if let Some(code) = self.status_code {
-            attrs.push(KeyValue::new("http.response.status_code", code));
+            attr("http.response.status_code", Value::Int(code));
         }
         let error = self.error.map(Cow::Borrowed).or_else(|| match self.status_code {
             Some(c) if c >= 400 => Some(Cow::Owned(c.to_string())),
             _ => None,
         });
         if let Some(e) = &error {
-            attrs.push(KeyValue::new("error.type", e.to_string()));
+            attr("error.type", Value::Str(e));
         }
         for (name, capture) in
             [("http.request.body", self.req_body.take()), ("http.response.body", self.resp_body.take())]
         {
             if let Some(c) = capture {
                 let done = c.finish(secrets);
-                self.events.push(opentelemetry::trace::Event::new(
-                    name,
-                    end,
-                    vec![
-                        KeyValue::new("body.base64", done.base64),
-                        KeyValue::new("body.original_length", done.original_length as i64),
-                        KeyValue::new("body.truncated", done.truncated),
-                    ],
-                    0,
-                ));
+                otlp::message(buf, field::EVENTS, |e| {
+                    otlp::fixed64(e, event::TIME, end);
+                    otlp::string(e, event::NAME, name);
+                    otlp::attribute(e, event::ATTRIBUTES, &["body.base64"], Value::Str(&done.base64));
+                    otlp::attribute(
+                        e,
+                        event::ATTRIBUTES,
+                        &["body.original_length"],
+                        Value::Int(done.original_length as i64),
+                    );
+                    otlp::attribute(e, event::ATTRIBUTES, &["body.truncated"], Value::Bool(done.truncated));
+                });
             }
         }
-        let name = match (&self.request_model, self.format) {
-            (Some(m), _) => format!("{} {m}", self.operation),
-            _ => format!("{} {}", self.method, self.host),
-        };
+        match &self.request_model {
+            Some(m) => otlp::string_parts(buf, field::NAME, &[self.operation, " ", m]),
+            None => otlp::string_parts(buf, field::NAME, &[&self.method, " ", &self.host]),
+        }
         if let (Some(input), Some(output)) = (u.input_tokens, u.output_tokens) {
             let model = info.model.as_deref().or(self.request_model.as_deref()).unwrap_or("unknown");
             sink.metrics.record_tokens(self.provider, model, input, output);
         }
-        let span = SpanData {
-            span_context: SpanContext::new(self.trace_id, self.span_id, TraceFlags::SAMPLED, false, self.tracestate),
-            parent_span_id: self.parent.unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: self.parent.is_some(),
-            span_kind: SpanKind::Client,
-            name: name.into(),
-            start_time: self.start,
-            end_time: end,
-            attributes: attrs,
-            dropped_attributes_count: 0,
-            events: {
-                let mut e = SpanEvents::default();
-                e.events = self.events;
-                e
-            },
-            links: SpanLinks::default(),
-            status: match error {
-                Some(e) => Status::error(e.into_owned()),
-                None => Status::Unset,
-            },
-            instrumentation_scope: InstrumentationScope::builder("keyswap")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
-        };
-        sink.send(span);
-    }
-}
-
-/// The exporter side: a bounded queue drained by one task that batches and exports.
-pub fn spawn_exporter<E>(exporter: E, metrics: Arc<Metrics>, capacity: usize) -> tokio::sync::mpsc::Sender<SpanData>
-where
-    E: opentelemetry_sdk::trace::SpanExporter + 'static,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<SpanData>(capacity);
-    tokio::spawn(async move {
-        // A batch never holds more than the queue: what waits for a hung collector stays bounded.
-        let batch_max = capacity.min(512);
-        let mut batch = Vec::with_capacity(batch_max);
-        loop {
-            if rx.recv_many(&mut batch, batch_max).await == 0 {
-                return;
-            }
-            // Let a burst fill the batch a little before exporting.
-            let deadline = tokio::time::sleep(std::time::Duration::from_millis(200));
-            tokio::pin!(deadline);
-            while batch.len() < batch_max {
-                let room = batch_max - batch.len();
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                    _ = &mut deadline => break,
-                }
-            }
-            let n = batch.len() as u64;
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(batch_max));
-            match tokio::time::timeout(std::time::Duration::from_secs(10), exporter.export(spans)).await {
-                Ok(Ok(())) => Metrics::add(&metrics.spans_exported, n),
-                Ok(Err(e)) => {
-                    Metrics::add(&metrics.spans_export_failed, n);
-                    tracing::warn!(error = %e, spans = n, "OTLP export failed; spans dropped");
-                }
-                Err(_) => {
-                    Metrics::add(&metrics.spans_export_failed, n);
-                    tracing::warn!(spans = n, "OTLP export timed out after 10 s; spans dropped");
-                }
-            }
+        otlp::bytes(buf, field::TRACE_ID, &self.trace_id);
+        otlp::bytes(buf, field::SPAN_ID, &self.span_id);
+        if let Some(ts) = &self.tracestate {
+            otlp::string(buf, field::TRACE_STATE, ts);
         }
-    });
-    tx
+        let mut flags = u32::from(self.flags) | field::FLAGS_HAS_IS_REMOTE;
+        if let Some(p) = &self.parent {
+            otlp::bytes(buf, field::PARENT_SPAN_ID, p);
+            flags |= field::FLAGS_IS_REMOTE;
+        }
+        otlp::fixed32(buf, field::FLAGS, flags);
+        otlp::varint(buf, field::KIND, field::KIND_CLIENT);
+        otlp::fixed64(buf, field::START, self.start);
+        otlp::fixed64(buf, field::END, end);
+        if let Some(e) = &error {
+            otlp::error_status(buf, e);
+        }
+        sink.send(out);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
 
-    fn start(capture: CapturePolicy) -> Transaction {
+    fn start_with(capture: CapturePolicy, headers: &[(&str, &[u8])]) -> (Transaction, String) {
         let s = Start {
             provider: crate::provider::lookup("anthropic"),
             route: "default/anthropic",
@@ -437,8 +419,19 @@ mod tests {
             redact_also: None,
             error: None,
         };
-        let headers: [(&str, &[u8]); 2] = [("content-type", b"application/json"), ("X-Api-Key", b"sk-secret")];
-        Transaction::start(&s, &headers, &std::sync::Arc::new(capture)).0
+        Transaction::start(&s, headers, &std::sync::Arc::new(capture))
+    }
+
+    fn start(capture: CapturePolicy) -> Transaction {
+        start_with(capture, &[("content-type", b"application/json"), ("X-Api-Key", b"sk-secret")]).0
+    }
+
+    /// Finishes `tx` through a sink and decodes what the exporter would receive.
+    fn finish(tx: Transaction) -> Span {
+        let (send, mut recv) = tokio::sync::mpsc::channel(1);
+        let sink = Sink::new(Default::default(), Some(send));
+        tx.finish(&sink, &[]);
+        Span::decode(&recv.try_recv().unwrap()[..]).unwrap()
     }
 
     #[test]
@@ -455,12 +448,82 @@ mod tests {
     }
 
     #[test]
-    fn header_events_use_lowercase_names_and_redact_credentials() {
-        let tx = start(CapturePolicy::default());
-        let attrs = &tx.events[0].attributes;
-        let get = |k: &str| attrs.iter().find(|a| a.key.as_str() == k).map(|a| a.value.to_string());
-        assert_eq!(get("http.request.header.x-api-key").as_deref(), Some("[\"[redacted]\"]"));
-        assert_eq!(get("http.request.header.content-type").as_deref(), Some("[\"application/json\"]"));
-        assert_eq!(known_header_attr("content-type", false), Some("http.response.header.content-type"));
+    fn header_events_use_lowercase_names_group_repeats_and_redact_credentials() {
+        let headers: [(&str, &[u8]); 5] = [
+            (":path", b"/v1/messages"),
+            ("content-type", b"application/json"),
+            ("X-Api-Key", b"sk-secret"),
+            ("accept", b"a"),
+            ("Accept", b"b\xff"),
+        ];
+        let (mut tx, _) = start_with(CapturePolicy::default(), &headers);
+        tx.on_response_headers(&[(":status", b"429"), ("retry-after", b"3")]);
+        let span = finish(tx);
+        let ev = |n: &str| span.events.iter().find(|e| e.name == n).unwrap();
+        let get = |e: &str, k: &str| -> Vec<String> {
+            let a = ev(e).attributes.iter().find(|a| a.key == k).unwrap_or_else(|| panic!("{k}"));
+            match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Any::ArrayValue(list)) => list
+                    .values
+                    .iter()
+                    .map(|v| match &v.value {
+                        Some(Any::StringValue(s)) => s.clone(),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let req = "http.request.headers";
+        assert_eq!(get(req, "http.request.header.x-api-key"), ["[redacted]"]);
+        assert_eq!(get(req, "http.request.header.content-type"), ["application/json"]);
+        assert_eq!(get(req, "http.request.header.accept"), ["a", "b\u{fffd}"]);
+        assert_eq!(ev(req).attributes.len(), 3, "no pseudo-headers, repeats grouped");
+        assert_eq!(get("http.response.headers", "http.response.header.retry-after"), ["3"]);
+        let st = span.status.as_ref().unwrap();
+        assert_eq!((st.code, st.message.as_str()), (2, "429"));
+        assert!(!span.encode_to_vec().windows(9).any(|w| w == b"sk-secret"));
+    }
+
+    #[test]
+    fn spans_continue_the_agents_trace_or_start_one() {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (tx, forwarded) = start_with(
+            CapturePolicy { read_bodies: false, ..CapturePolicy::default() },
+            &[("traceparent", parent.as_bytes()), ("tracestate", b"vendor=x")],
+        );
+        let span = finish(tx);
+        assert_eq!(
+            span.trace_id,
+            [0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80, 0x31, 0x9c]
+        );
+        assert_eq!(span.parent_span_id, [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]);
+        assert_eq!(span.trace_state, "vendor=x");
+        assert_eq!(span.flags, 0x301, "sampled, parent remote");
+        assert_eq!(span.kind, 3);
+        assert_eq!(span.name, "POST api.anthropic.com");
+        assert!(span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0);
+        let mut expect = String::from("00-0af7651916cd43dd8448eb211c80319c-");
+        push_hex(&mut expect, &span.span_id);
+        expect.push_str("-01");
+        assert_eq!(forwarded, expect);
+
+        for bad in [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        ] {
+            assert!(parse_traceparent(bad).is_none(), "{bad}");
+        }
+        let (a, _) = start(CapturePolicy::default()).trace_parts();
+        let (b, _) = start(CapturePolicy::default()).trace_parts();
+        assert_ne!(a, b, "fresh traces get fresh ids");
+        assert!(!valid_tracestate("a=1,\u{7f}"));
+    }
+
+    impl Transaction {
+        fn trace_parts(&self) -> (TraceId, SpanId) {
+            (self.trace_id, self.span_id)
+        }
     }
 }
