@@ -5,7 +5,22 @@
 //! Field numbers are those of `opentelemetry/proto/{trace,common,resource}/v1/*.proto` and
 //! `collector/trace/v1/trace_service.proto`; tests decode the output with `opentelemetry-proto`.
 
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{encoded_len_varint, WireType};
+
+/// A varint appended to a `Vec` (prost's `BufMut` path checks capacity per byte).
+#[inline]
+fn encode_varint(mut v: u64, buf: &mut Vec<u8>) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+#[inline]
+fn encode_key(field: u32, wire_type: WireType, buf: &mut Vec<u8>) {
+    encode_varint(u64::from(field << 3 | wire_type as u32), buf);
+}
 
 pub mod span {
     pub const TRACE_ID: u32 = 1;
@@ -107,10 +122,9 @@ pub fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) 
     if len < 0x80 {
         buf[at] = len as u8;
     } else {
-        let mut prefix = [0u8; 10];
-        let n = encoded_len_varint(len as u64);
-        encode_varint(len as u64, &mut &mut prefix[..]);
-        buf.splice(at..at + 1, prefix[..n].iter().copied());
+        let mut prefix = Vec::with_capacity(10);
+        encode_varint(len as u64, &mut prefix);
+        buf.splice(at..at + 1, prefix);
     }
 }
 

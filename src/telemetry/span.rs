@@ -168,16 +168,25 @@ fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &
                 Cow::Borrowed(k)
             };
             let redacted = is_redacted(&key) || redact_also == Some(&*key);
-            let values = headers[i..].iter().filter(|(p, _)| p.eq_ignore_ascii_case(k)).map(|(_, v)| {
-                if redacted {
-                    Cow::Borrowed("[redacted]")
-                } else {
-                    String::from_utf8_lossy(v)
-                }
-            });
-            otlp::string_array_attribute(e, event::ATTRIBUTES, &[prefix, &key], values);
+            let text = |v| header_text(v, redacted);
+            let key = [prefix, &*key];
+            let rest = &headers[i + 1..];
+            if rest.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+                let values = headers[i..].iter().filter(|(p, _)| p.eq_ignore_ascii_case(k)).map(|(_, v)| text(v));
+                otlp::string_array_attribute(e, event::ATTRIBUTES, &key, values);
+            } else {
+                otlp::string_array_attribute(e, event::ATTRIBUTES, &key, std::iter::once(text(headers[i].1)));
+            }
         }
     });
+}
+
+fn header_text(v: &[u8], redacted: bool) -> Cow<'_, str> {
+    match (redacted, std::str::from_utf8(v)) {
+        (true, _) => Cow::Borrowed("[redacted]"),
+        (false, Ok(s)) => Cow::Borrowed(s),
+        (false, Err(_)) => String::from_utf8_lossy(v),
+    }
 }
 
 const REQUEST_PREFIX: &str = "http.request.header.";
