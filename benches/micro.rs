@@ -64,11 +64,11 @@ fn route_match(c: &mut Criterion) {
         ("no_match_deny", "exfil.example.org", "/upload"),
     ] {
         assert!(
-            matches!(snap.decide(host, path), Decision::Inject { .. } | Decision::Deny),
+            matches!(snap.decide(host, path, None), Decision::Inject { .. } | Decision::Deny),
             "{name}: unexpected decision"
         );
         g.bench_function(name, |b| {
-            b.iter(|| matches!(snap.decide(black_box(host), black_box(path)), Decision::Inject { .. }))
+            b.iter(|| matches!(snap.decide(black_box(host), black_box(path), None), Decision::Inject { .. }))
         });
     }
     g.finish();
@@ -124,13 +124,13 @@ fn request_headers(c: &mut Criterion) {
 fn header_mutation(c: &mut Criterion) {
     let snap = snapshot();
     let headers = agent_headers();
-    let Decision::Inject { entry, credential } = snap.decide("api.anthropic.com", "/v1/messages") else {
+    let Decision::Inject { entry, credential } = snap.decide("api.anthropic.com", "/v1/messages", None) else {
         panic!("anthropic must inject")
     };
     c.bench_function("header_mutation/plan_and_envoy_mutation", |b| {
         b.iter(|| {
             let pairs = headers.iter().map(|h| (h.key.as_str(), h.raw_value.as_slice()));
-            let plan = inject::plan(&entry.binding, credential, None, pairs, "/v1/messages");
+            let plan = inject::plan(&entry.binding, credential, None, pairs, "/v1/messages", None);
             black_box(extproc::mutation::header_mutation(&plan, &[]))
         })
     });
@@ -266,6 +266,7 @@ fn span(c: &mut Criterion) {
         smuggled: true,
         redact_also: None,
         error: None,
+        identity: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let sink = Sink::new(Arc::default(), Some(tx));

@@ -62,6 +62,37 @@ pub enum Command {
     /// Run the whole gateway locally: certificates, Envoy config, Envoy and the ext_proc server.
     /// Prints the environment an agent needs. Ctrl-C stops both.
     Dev(DevArgs),
+    /// Per-agent tokens for `EgressGateway.spec.agentAuth` (apiKeys validators).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token for one agent: prints the token once on stdout and writes a Secret manifest
+    /// that holds only its SHA-256, the agent, tenant and expiry. Apply the manifest in the
+    /// gateway's namespace (or put it in the config directory); delete it to revoke.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The agent's name (lowercase letters, digits, `-`, `.`): spans show it as `keyswap.agent`.
+    #[arg(long)]
+    pub agent: String,
+    /// The agent's tenant: chooses the tenant's own key on policies with `credentialSelector`.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Lifetime, e.g. `90d`, `12h`, `30m`. Default: no expiry.
+    #[arg(long, value_name = "DURATION")]
+    pub expires: Option<String>,
+    /// Namespace of the Secret (the gateway's).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Where to write the Secret manifest (refuses to overwrite). Default:
+    /// `agent-token-<agent>-<id>.yaml` in the current directory.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +226,10 @@ pub struct ExplainArgs {
     /// Request method (shown only; routes do not match on it).
     #[arg(long, default_value = "POST")]
     pub method: String,
+    /// An agent token (gateways with `spec.agentAuth`): shows which validator admits it and which
+    /// tenant's key would be used. Prefer the environment variable to keep it out of shell history.
+    #[arg(long, env = "KEYSWAP_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Libraries whose debug and trace output can carry credentials (aws-sigv4 logs canonical
@@ -239,6 +274,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Certs(args) => certs_cmd(args),
         Command::EnvoyConfig(args) => envoy_config(args),
         Command::Dev(args) => dev(args),
+        Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Crds => {
             print!("{}", crate::api::crds_yaml());
             Ok(ExitCode::SUCCESS)
@@ -518,6 +554,81 @@ fn describe_match(e: &MatchEntry) -> String {
     )
 }
 
+/// `90d`, `12h`, `30m`, `45s`.
+fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok().filter(|n| *n > 0)?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(n.checked_mul(secs)?))
+}
+
+fn token_create(args: TokenCreateArgs) -> anyhow::Result<ExitCode> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 40
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    anyhow::ensure!(name_ok(&args.agent), "--agent `{}`: use 1-40 lowercase letters, digits, `-` or `.`", args.agent);
+    if let Some(t) = &args.tenant {
+        anyhow::ensure!(name_ok(t), "--tenant `{t}`: use 1-40 lowercase letters, digits, `-` or `.`");
+    }
+    let expires = match &args.expires {
+        None => None,
+        Some(d) => {
+            let d = parse_duration(d).ok_or_else(|| anyhow::anyhow!("--expires `{d}`: use e.g. 90d, 12h, 30m"))?;
+            let at = k8s_openapi::jiff::Timestamp::now()
+                + k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            Some(at.round(k8s_openapi::jiff::Unit::Second)?.to_string())
+        }
+    };
+    let mut random = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    let token = format!("ksa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random));
+    let digest = crate::auth::hex(&crate::auth::token_digest(token.as_bytes()));
+    let name = format!("agent-token-{}-{}", args.agent, &digest[..8]);
+    let mut manifest = format!(
+        "# keyswap agent token for `{agent}`: holds only the token's SHA-256. Delete this Secret to revoke.\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    {label}: \"true\"\n\
+         type: Opaque\nstringData:\n  sha256: \"{digest}\"\n  agent: \"{agent}\"\n",
+        agent = args.agent,
+        ns = args.namespace,
+        label = crate::auth::API_KEY_LABEL,
+    );
+    if let Some(t) = &args.tenant {
+        manifest.push_str(&format!("  tenant: \"{t}\"\n"));
+    }
+    if let Some(e) = &expires {
+        manifest.push_str(&format!("  expires: \"{e}\"\n"));
+    }
+    let path = args.output.unwrap_or_else(|| PathBuf::from(format!("{name}.yaml")));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    file.write_all(manifest.as_bytes())?;
+    eprintln!(
+        "keyswap: wrote Secret {}/{name} to {} (agent {}, tenant {}, expires {}); the token below is shown once",
+        args.namespace,
+        path.display(),
+        args.agent,
+        args.tenant.as_deref().unwrap_or("-"),
+        expires.as_deref().unwrap_or("never")
+    );
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let source = args.source.source()?;
     let snap = match source.snapshot(&args.source.selector()?) {
@@ -527,7 +638,32 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let path_only = args.path.split_once('?').map_or(args.path.as_str(), |(p, _)| p);
     println!("request: {} https://{}{path_only}", args.method, args.host);
     println!("gateway: {} (defaultPolicy: {})", snap.gateway, snap.default_policy.as_str());
-    match snap.decide(&args.host, &args.path) {
+    let mut tenant = None;
+    if let Some(chain) = &snap.agent_auth {
+        let now = std::time::SystemTime::now();
+        match args.token.as_deref() {
+            None => println!("agent auth: {} validator(s); no --token given", chain.validators.len()),
+            Some(t) => println!("agent auth: {}", chain.explain(t, now)),
+        }
+        match chain.admit(args.token.as_deref().map(|t| t.trim().as_bytes()), now) {
+            crate::auth::Admission::Admitted(id) => tenant = id.tenant.as_deref().map(str::to_owned),
+            crate::auth::Admission::Anonymous => {}
+            crate::auth::Admission::Rejected(r) => {
+                println!("decision: 401 {} (nothing is forwarded)", r.reason());
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    match snap.decide(&args.host, &args.path, tenant.as_deref()) {
+        Decision::TenantNotMapped { entry } => {
+            println!(
+                "decision: 403: policy {} has no key for tenant `{}` and its fallback is Deny",
+                entry.binding.policy.as_deref().unwrap_or("-"),
+                tenant.as_deref().unwrap_or("(anonymous)")
+            );
+            println!("  {}", describe_match(entry));
+            Ok(ExitCode::SUCCESS)
+        }
         Decision::Inject { entry, credential } => {
             println!("decision: inject");
             println!("  {}", describe_match(entry));

@@ -89,7 +89,7 @@ fn an_invalid_edit_is_reported_and_the_last_good_snapshot_keeps_serving() {
     );
     assert!(report.contains("providr"), "{report}");
     assert_eq!(anthropic_fingerprint(&store), good, "the old snapshot still serves");
-    assert!(store.load().decide("api.anthropic.com", "/v1/messages").to_string_lossy().starts_with("inject"));
+    assert!(store.load().decide("api.anthropic.com", "/v1/messages", None).to_string_lossy().starts_with("inject"));
 
     // Fixing it swaps in the new configuration.
     std::fs::write(dir.path().join("config.yaml"), standard_config()).unwrap();
@@ -107,7 +107,7 @@ fn a_deleted_secret_fails_closed_after_reload() {
     std::fs::remove_file(dir.path().join("anthropic-secret.yaml")).unwrap();
     wait_for("the secret to disappear", || anthropic_fingerprint(&store).is_none());
     let snap = store.load();
-    assert_eq!(snap.decide("api.anthropic.com", "/v1/messages").to_string_lossy(), "fail-closed: SecretNotFound");
+    assert_eq!(snap.decide("api.anthropic.com", "/v1/messages", None).to_string_lossy(), "fail-closed: SecretNotFound");
 }
 
 trait Describe {
@@ -120,6 +120,7 @@ impl Describe for keyswap::config::Decision<'_> {
         match self {
             Inject { entry, .. } => format!("inject: {}", entry.route),
             FailClosed { reason, .. } => format!("fail-closed: {}", reason.reason()),
+            TenantNotMapped { entry } => format!("tenant-not-mapped: {}", entry.route),
             Deny => "deny".into(),
             PassThrough { allowed_by } => format!("pass: {allowed_by}"),
         }

@@ -52,6 +52,60 @@ pub struct EgressGatewaySpec {
     /// Hosts reachable without a route when the default policy is deny-all.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Who may use the gateway: an ordered chain of validators (see docs/identity.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_auth: Option<AgentAuth>,
+}
+
+/// Agent admission: the first validator that accepts the agent's token admits the request; none
+/// → 401.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentAuth {
+    /// Admit requests that carry no token (or only the placeholder) as `anonymous` and count them,
+    /// for rollout. A token that no validator accepts is refused either way.
+    #[serde(default)]
+    pub optional: bool,
+    /// Tried in order. Each item sets exactly one validator type.
+    pub validators: Vec<AgentValidator>,
+    /// Tenants counted by name in `keyswap_agent_admissions_total`; others count as `other`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_tenants: Vec<String>,
+}
+
+/// One validator of the chain: set exactly one of `apiKeys`, `sharedToken`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentValidator {
+    /// Shown in spans as `keyswap.auth.validator` (default: the validator type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<ApiKeysValidator>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_token: Option<SharedTokenValidator>,
+}
+
+/// Per-agent tokens: Secrets in the gateway's namespace labelled `keyswap.dev/agent-token: "true"`
+/// (what `keyswap token create` writes), each holding `sha256` (hex digest of the token),
+/// `agent`, optional `tenant` and optional `expires` (RFC 3339). Deleting the Secret revokes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApiKeysValidator {}
+
+/// One token shared by every caller, from a Secret in the gateway's namespace.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SharedTokenValidator {
+    pub secret_ref: SecretRef,
+    /// Default `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<String>,
+    /// The identity callers get: agent name (default `shared`) and tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -236,6 +290,48 @@ pub struct CredentialInjectionPolicySpec {
     pub query_param_name: Option<String>,
     #[serde(default)]
     pub provider_auth: Option<ProviderAuth>,
+    /// Bring your own key: the Secret is chosen by the caller's tenant (`spec.agentAuth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_selector: Option<CredentialSelector>,
+}
+
+/// Per-tenant credentials. A tenant listed in `byTenant.tenants` uses that Secret; otherwise
+/// `secretNameTemplate` names it; a tenant with neither (or an anonymous caller) gets
+/// `fallback`: `Deny` (403, the default) or `Default` (the policy's own `secretRef`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CredentialSelector {
+    pub by_tenant: ByTenant,
+    #[serde(default)]
+    pub fallback: TenantFallback,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ByTenant {
+    /// A Secret name with `{tenant}` in it, e.g. `{tenant}-anthropic`; the key is the policy's
+    /// `secretKey`. Only Secrets in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name_template: Option<String>,
+    /// Explicit tenant → Secret, used before the template.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, TenantSecret>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TenantSecret {
+    pub secret_ref: SecretRef,
+    /// Default: the policy's `secretKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum TenantFallback {
+    #[default]
+    Deny,
+    Default,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -11,10 +11,13 @@ use sha2::{Digest, Sha256};
 
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{Key, Kind, Object, Resource, SecretData};
-use super::snapshot::{Binding, Credential, MatchEntry, RouteMatcher, SecretUse, Snapshot, Unresolved};
+use super::snapshot::{
+    Binding, Credential, MatchEntry, RouteMatcher, SecretUse, Snapshot, TenantCredentials, Unresolved,
+};
 use crate::api::{
     AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, ProviderAuthType, Target, GROUP,
 };
+use crate::auth;
 use crate::inject::{gcp, sigv4};
 use crate::provider::{self, Provider, CREDENTIAL_HEADERS};
 
@@ -153,6 +156,31 @@ impl Catalog {
                     "spec.secretRef.namespace".into(),
                     "is not allowed: a policy reads Secrets only in its own namespace".into(),
                 ));
+            }
+            if let Some(sel) = &s.credential_selector {
+                let bt = &sel.by_tenant;
+                if bt.secret_name_template.is_none() && bt.tenants.is_empty() {
+                    errors.push(err(
+                        "spec.credentialSelector.byTenant".into(),
+                        "needs secretNameTemplate or tenants".into(),
+                    ));
+                }
+                if let Some(t) = &bt.secret_name_template {
+                    if t.matches("{tenant}").count() != 1 {
+                        errors.push(err(
+                            "spec.credentialSelector.byTenant.secretNameTemplate".into(),
+                            format!("`{t}` must contain `{{tenant}}` exactly once"),
+                        ));
+                    }
+                }
+                for (tenant, ts) in &bt.tenants {
+                    if ts.secret_ref.namespace.is_some() {
+                        errors.push(err(
+                            format!("spec.credentialSelector.byTenant.tenants.{tenant}.secretRef.namespace"),
+                            "is not allowed: a policy reads Secrets only in its own namespace".into(),
+                        ));
+                    }
+                }
             }
             if s.secret_ref.name.is_empty() {
                 errors.push(err("spec.secretRef.name".into(), "is required".into()));
@@ -354,6 +382,7 @@ impl Catalog {
                             credential: Err(Unresolved::NoPolicy),
                             strip_headers: strip_headers(None),
                             strip_query: strip_query(p, None),
+                            tenants: None,
                         },
                         Some(pk) => match self.bind(pk, p, &mut secrets, &mut live) {
                             Ok(b) => b,
@@ -390,6 +419,8 @@ impl Catalog {
                 }
             }
         }
+        let agent_auth =
+            gw.spec.agent_auth.as_ref().map(|a| self.compile_agent_auth(gateway, a, &mut errors, &mut live));
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -404,10 +435,111 @@ impl Catalog {
             live_secrets: live,
             capture: Arc::new(capture_policy(gw.spec.otlp.as_ref())),
             otlp: gw.spec.otlp.clone(),
+            agent_auth,
         })
     }
 
-    /// Binds a policy to one provider: resolves header or parameter, reads the secret.
+    /// `spec.agentAuth` of `gateway`: the validators in order, API keys read from the labelled
+    /// Secrets of the gateway's namespace.
+    fn compile_agent_auth(
+        &self,
+        gateway: &Key,
+        a: &crate::api::AgentAuth,
+        errors: &mut Vec<ConfigError>,
+        live: &mut Vec<SecretSlice<u8>>,
+    ) -> auth::Chain {
+        let gw = &self.gateways[gateway];
+        let gw_err = |f: String, m: String| {
+            ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, gateway)).field(f)
+        };
+        if a.validators.is_empty() {
+            errors.push(gw_err("spec.agentAuth.validators".into(), "needs at least one validator".into()));
+        }
+        let mut validators = Vec::new();
+        for (i, v) in a.validators.iter().enumerate() {
+            let at = format!("spec.agentAuth.validators[{i}]");
+            let set = [v.api_keys.is_some(), v.shared_token.is_some()].iter().filter(|b| **b).count();
+            if set != 1 {
+                errors.push(gw_err(at, "set exactly one of apiKeys, sharedToken".into()));
+                continue;
+            }
+            let kind = if v.api_keys.is_some() { "apiKeys" } else { "sharedToken" };
+            let name: Arc<str> = v.name.as_deref().unwrap_or(kind).into();
+            if let Some(st) = &v.shared_token {
+                let skey = Key::new(gateway.namespace.clone(), st.secret_ref.name.clone());
+                let key_name = st.secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
+                let value = self.secrets.get(&skey).and_then(|d| d.spec.entries.get(key_name));
+                let Some(value) = value.map(|v| v.expose_secret().trim_ascii()).filter(|v| !v.is_empty()) else {
+                    errors.push(gw_err(
+                        format!("{at}.sharedToken.secretRef"),
+                        format!("Secret {skey} with a non-empty key `{key_name}` is required"),
+                    ));
+                    continue;
+                };
+                live.push(SecretSlice::from(value.to_vec()));
+                let identity = auth::Identity {
+                    agent: st.agent.as_deref().unwrap_or("shared").into(),
+                    tenant: st.tenant.as_deref().map(Arc::from),
+                    validator: name.clone(),
+                };
+                validators.push(auth::Validator::SharedToken {
+                    name,
+                    token: SecretSlice::from(value.to_vec()),
+                    identity,
+                });
+                continue;
+            }
+            let mut keys = std::collections::HashMap::new();
+            for (skey, sec) in self.secrets.iter().filter(|(k, _)| k.namespace == gateway.namespace) {
+                if sec.spec.labels.get(auth::API_KEY_LABEL).map(String::as_str) != Some("true") {
+                    continue;
+                }
+                let serr =
+                    |f: &str, m: String| ConfigError::new(m).at(&sec.origin).object(label(Kind::Secret, skey)).field(f);
+                let text = |k: &str| {
+                    sec.spec.entries.get(k).and_then(|v| std::str::from_utf8(v.expose_secret()).ok()).map(str::trim)
+                };
+                let digest = match text("sha256").map(parse_digest) {
+                    Some(Some(d)) => d,
+                    _ => {
+                        errors.push(serr("sha256", "must be the 64-hex-digit SHA-256 of the agent token".into()));
+                        continue;
+                    }
+                };
+                let Some(agent) = text("agent").filter(|a| !a.is_empty()) else {
+                    errors.push(serr("agent", "is required (the agent's name)".into()));
+                    continue;
+                };
+                let expires = match text("expires").filter(|e| !e.is_empty()) {
+                    None => None,
+                    Some(e) => match e.parse::<k8s_openapi::jiff::Timestamp>() {
+                        Ok(t) => Some(std::time::SystemTime::from(t)),
+                        Err(_) => {
+                            errors.push(serr("expires", format!("`{e}` is not an RFC 3339 time")));
+                            continue;
+                        }
+                    },
+                };
+                let key = auth::ApiKey {
+                    identity: auth::Identity {
+                        agent: agent.into(),
+                        tenant: text("tenant").filter(|t| !t.is_empty()).map(Arc::from),
+                        validator: name.clone(),
+                    },
+                    expires,
+                    secret: skey.clone(),
+                };
+                if let Some(first) = keys.insert(digest, key) {
+                    errors.push(serr("sha256", format!("the same token is already Secret {}", first.secret)));
+                }
+            }
+            validators.push(auth::Validator::ApiKeys { name, keys });
+        }
+        auth::Chain { optional: a.optional, validators, counters: auth::TenantCounters::new(&a.metrics_tenants) }
+    }
+
+    /// Binds a policy to one provider: its own Secret, and with `credentialSelector` each
+    /// tenant's (explicit ones first, then every Secret the name template matches).
     fn bind(
         &self,
         pkey: &Key,
@@ -416,15 +548,56 @@ impl Catalog {
         live: &mut Vec<SecretSlice<u8>>,
     ) -> Result<Binding, ConfigError> {
         let pol = &self.policies[pkey];
+        let mut binding = self.bind_secret(pkey, p, &pol.spec.secret_ref.name, None, secrets, live)?;
+        let Some(sel) = &pol.spec.credential_selector else { return Ok(binding) };
+        let mut by_tenant = std::collections::HashMap::new();
+        for (tenant, ts) in &sel.by_tenant.tenants {
+            let b = self.bind_secret(pkey, p, &ts.secret_ref.name, ts.secret_key.as_deref(), secrets, live)?;
+            by_tenant.insert(tenant.as_str().into(), b.credential);
+        }
+        if let Some((pre, post)) = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
+        {
+            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace) {
+                let n = &skey.name;
+                if n.len() <= pre.len() + post.len() || !n.starts_with(pre) || !n.ends_with(post) {
+                    continue;
+                }
+                let tenant = &n[pre.len()..n.len() - post.len()];
+                if by_tenant.contains_key(tenant) {
+                    continue;
+                }
+                let b = self.bind_secret(pkey, p, n, None, secrets, live)?;
+                by_tenant.insert(tenant.into(), b.credential);
+            }
+        }
+        binding.tenants = Some(TenantCredentials { by_tenant, fallback: sel.fallback });
+        Ok(binding)
+    }
+
+    /// Binds one Secret of a policy: resolves header or parameter, reads the value.
+    /// `key_override` replaces the policy's `secretKey` (a tenant's own key name).
+    fn bind_secret(
+        &self,
+        pkey: &Key,
+        p: &'static Provider,
+        secret_name: &str,
+        key_override: Option<&str>,
+        secrets: &mut Vec<SecretUse>,
+        live: &mut Vec<SecretSlice<u8>>,
+    ) -> Result<Binding, ConfigError> {
+        let pol = &self.policies[pkey];
         let s = &pol.spec;
         let err = |f: &str, m: String| {
             ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, pkey)).field(f)
         };
-        let secret_key = Key::new(pkey.namespace.clone(), s.secret_ref.name.clone());
+        let secret_key = Key::new(pkey.namespace.clone(), secret_name.to_owned());
         if let (Target::ProviderAuth, Some(auth)) = (s.target, &s.provider_auth) {
-            return Ok(self.bind_provider_auth(pkey, p, auth, &secret_key, secrets, live));
+            return Ok(self.bind_provider_auth(pkey, p, auth, (&secret_key, key_override), secrets, live));
         }
-        let key_name = s.secret_key.clone().unwrap_or_else(|| DEFAULT_SECRET_KEY.into());
+        let key_name = key_override
+            .map(str::to_owned)
+            .or_else(|| s.secret_key.clone())
+            .unwrap_or_else(|| DEFAULT_SECRET_KEY.into());
         let raw = match self.secrets.get(&secret_key) {
             None => Err(Unresolved::SecretNotFound { secret: secret_key.clone() }),
             Some(sec) => sec
@@ -508,6 +681,7 @@ impl Catalog {
             credential,
             strip_headers: strip_headers(header.as_deref()),
             strip_query: strip_query(p, param.as_deref()),
+            tenants: None,
         })
     }
 
@@ -518,7 +692,7 @@ impl Catalog {
         pkey: &Key,
         p: &'static Provider,
         auth: &crate::api::ProviderAuth,
-        secret_key: &Key,
+        (secret_key, key_override): (&Key, Option<&str>),
         secrets: &mut Vec<SecretUse>,
         live: &mut Vec<SecretSlice<u8>>,
     ) -> Binding {
@@ -575,7 +749,10 @@ impl Catalog {
                 Ok(Credential::AwsV4(Arc::new(signer)))
             })(),
             ProviderAuthType::GCPServiceAccount => (|| {
-                let key = s.secret_key.clone().unwrap_or_else(|| gcp::DEFAULT_SECRET_KEY.into());
+                let key = key_override
+                    .map(str::to_owned)
+                    .or_else(|| s.secret_key.clone())
+                    .unwrap_or_else(|| gcp::DEFAULT_SECRET_KEY.into());
                 let json = read(&key, true)?.unwrap_or_default();
                 let account = gcp::check_key(&json).map_err(|message| Unresolved::InvalidSecret {
                     secret: secret_key.clone(),
@@ -601,6 +778,7 @@ impl Catalog {
             credential,
             strip_headers: strip_headers(None),
             strip_query: strip_query(p, None),
+            tenants: None,
         }
     }
 }
@@ -629,6 +807,17 @@ fn capture_policy(otlp: Option<&crate::api::Otlp>) -> crate::telemetry::capture:
         }
     }
     p
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (o, pair) in out.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn insert<T>(map: &mut BTreeMap<Key, Entry<T>>, key: Key, origin: Origin, spec: T) -> Option<Origin> {
@@ -819,9 +1008,11 @@ mod tests {
             policy("all", "{kind: EgressGateway, name: egress}", "  target: Header"),
         );
         let snap = compile(&text).unwrap();
-        let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/x") else { panic!() };
+        let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/x", None) else { panic!() };
         assert_eq!(credential.value(), b"Bearer k");
-        let Decision::Inject { credential, .. } = snap.decide("api.anthropic.com", "/v1/messages") else { panic!() };
+        let Decision::Inject { credential, .. } = snap.decide("api.anthropic.com", "/v1/messages", None) else {
+            panic!()
+        };
         assert_eq!(credential.value(), b"k");
         assert!(format!("{credential:?}").contains("<redacted>"));
     }
@@ -830,10 +1021,10 @@ mod tests {
     fn a_route_without_any_policy_fails_closed() {
         let snap = compile(&format!("{GW}{}", route("r", "{provider: anthropic}"))).unwrap();
         assert!(matches!(
-            snap.decide("api.anthropic.com", "/"),
+            snap.decide("api.anthropic.com", "/", None),
             Decision::FailClosed { reason: Unresolved::NoPolicy, .. }
         ));
-        assert!(matches!(snap.decide("other.test", "/"), Decision::Deny));
+        assert!(matches!(snap.decide("other.test", "/", None), Decision::Deny));
     }
 
     #[test]
@@ -844,14 +1035,18 @@ mod tests {
             policy("p", "{name: az}", "  target: Header"),
         );
         let snap = compile(&text).unwrap();
-        let d = snap.decide("myres.openai.azure.com", "/openai/deployments/gpt-4o-mini/chat/completions?api-version=1");
+        let d = snap.decide(
+            "myres.openai.azure.com",
+            "/openai/deployments/gpt-4o-mini/chat/completions?api-version=1",
+            None,
+        );
         let Decision::Inject { credential, .. } = d else { panic!("{d:?}") };
         assert_eq!(credential.describe(), "header `api-key`");
         assert!(matches!(
-            snap.decide("myres.openai.azure.com", "/openai/deployments/o1/chat/completions"),
+            snap.decide("myres.openai.azure.com", "/openai/deployments/o1/chat/completions", None),
             Decision::Deny
         ));
-        assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x"), Decision::Deny));
+        assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x", None), Decision::Deny));
     }
 
     fn secret(data: &str) -> String {
@@ -884,7 +1079,7 @@ mod tests {
         let full = aws("  AWS_ACCESS_KEY_ID: AKIAREAL\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value", "");
         let snap = compile(&full).unwrap();
         let Decision::Inject { credential, .. } =
-            snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/model/m/converse")
+            snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/model/m/converse", None)
         else {
             panic!("bedrock should inject")
         };
@@ -894,7 +1089,8 @@ mod tests {
 
         let missing = aws("  AWS_ACCESS_KEY_ID: AKIAREAL", "");
         let snap = compile(&missing).unwrap();
-        let Decision::FailClosed { reason, .. } = snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/") else {
+        let Decision::FailClosed { reason, .. } = snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/", None)
+        else {
             panic!("missing secret key must fail closed")
         };
         assert_eq!(reason.to_string(), "Secret default/s has no key `AWS_SECRET_ACCESS_KEY`");
@@ -914,7 +1110,7 @@ mod tests {
             )
         };
         let snap = compile(&gcp("{\"type\": \"service_account\", \"client_email\": \"a@b\"}")).unwrap();
-        let Decision::FailClosed { reason, .. } = snap.decide("generativelanguage.googleapis.com", "/") else {
+        let Decision::FailClosed { reason, .. } = snap.decide("generativelanguage.googleapis.com", "/", None) else {
             panic!("a broken key must fail closed")
         };
         assert_eq!(reason.reason(), "InvalidSecret");
@@ -942,7 +1138,7 @@ mod tests {
             secret("  token: v")
         );
         let snap = compile(&text).unwrap();
-        let route = |host: &str, path: &str| match snap.decide(host, path) {
+        let route = |host: &str, path: &str| match snap.decide(host, path, None) {
             Decision::Inject { entry, .. } => entry.route.to_string(),
             other => format!("{other:?}"),
         };

@@ -128,7 +128,7 @@ where
 
 /// Converts a Kubernetes Secret into keyswap's form. Values are checked where a policy uses them.
 pub fn secret_data(secret: &Secret) -> SecretData {
-    let mut out = SecretData::default();
+    let mut out = SecretData { labels: secret.labels().clone(), ..SecretData::default() };
     let data = secret.data.iter().flatten().map(|(k, v)| (k, v.0.clone()));
     let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, v.clone().into_bytes()));
     for (k, bytes) in data.chain(string_data) {

@@ -67,6 +67,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Default)]
 pub struct SecretData {
     pub entries: BTreeMap<String, SecretSlice<u8>>,
+    /// `metadata.labels` (agent API-key Secrets are found by label).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for SecretData {
@@ -172,7 +174,9 @@ fn parse_object(value: Value, origin: &Origin) -> Result<Option<Object>, ConfigE
     let err = |e: ConfigError| e.at(origin).object(label.clone());
 
     let resource = if kind == Kind::Secret {
-        Resource::Secret(parse_secret(map).map_err(err)?)
+        let mut data = parse_secret(map).map_err(err)?;
+        data.labels = meta.labels;
+        Resource::Secret(data)
     } else {
         let spec = map.remove("spec");
         map.remove("status");

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub capture: Arc<crate::telemetry::capture::CapturePolicy>,
     /// The gateway's OTLP settings, read when the exporter starts.
     pub otlp: Option<crate::api::Otlp>,
+    /// `spec.agentAuth`: who may use the gateway. `None` admits everyone.
+    pub agent_auth: Option<crate::auth::Chain>,
 }
 
 impl Snapshot {
@@ -84,6 +86,39 @@ pub struct Binding {
     pub strip_headers: Box<[Box<str>]>,
     /// Query parameters the agent may not send (provider's key params plus the policy's).
     pub strip_query: Box<[Box<str>]>,
+    /// Per-tenant credentials (`spec.credentialSelector`); `credential` is then the fallback.
+    pub tenants: Option<TenantCredentials>,
+}
+
+/// Credentials chosen by the caller's tenant.
+#[derive(Debug)]
+pub struct TenantCredentials {
+    pub by_tenant: HashMap<Box<str>, Result<Credential, Unresolved>>,
+    pub fallback: crate::api::TenantFallback,
+}
+
+/// Why [`Binding::credential_for`] found no credential.
+#[derive(Debug)]
+pub enum NoCredential<'a> {
+    /// Named but unusable: fail closed (503).
+    Unresolved(&'a Unresolved),
+    /// The tenant has no key and the fallback is `Deny` (403).
+    TenantNotMapped,
+}
+
+impl Binding {
+    /// The credential for a caller of `tenant` (`None`: anonymous or no agent auth).
+    pub fn credential_for(&self, tenant: Option<&str>) -> Result<&Credential, NoCredential<'_>> {
+        let chosen = match &self.tenants {
+            None => &self.credential,
+            Some(t) => match tenant.and_then(|name| t.by_tenant.get(name)) {
+                Some(c) => c,
+                None if t.fallback == crate::api::TenantFallback::Default => &self.credential,
+                None => return Err(NoCredential::TenantNotMapped),
+            },
+        };
+        chosen.as_ref().map_err(NoCredential::Unresolved)
+    }
 }
 
 /// The real credential, ready to write. `value` is the exact header value or the
@@ -192,6 +227,8 @@ pub enum Decision<'a> {
     Inject { entry: &'a MatchEntry, credential: &'a Credential },
     /// Matched, credential missing: 503.
     FailClosed { entry: &'a MatchEntry, reason: &'a Unresolved },
+    /// Matched, but the caller's tenant has no key on a `fallback: Deny` policy: 403.
+    TenantNotMapped { entry: &'a MatchEntry },
     /// No route and the gateway denies by default: 403.
     Deny,
     /// No route, and the gateway allows it (allow-all, or an `allow` host): untouched.
@@ -272,14 +309,16 @@ impl MatchEntry {
 }
 
 impl Snapshot {
-    /// The decision for a request to `authority` (Host or :authority, port allowed) and `path`.
-    pub fn decide(&self, authority: &str, path: &str) -> Decision<'_> {
+    /// The decision for a request to `authority` (Host or :authority, port allowed) and `path`
+    /// from a caller of `tenant`.
+    pub fn decide(&self, authority: &str, path: &str, tenant: Option<&str>) -> Decision<'_> {
         let mut buf = [0u8; 256];
         let host = normalize_host(authority, &mut buf);
         if let Some(entry) = self.routes.find(host, path) {
-            return match &entry.binding.credential {
+            return match entry.binding.credential_for(tenant) {
                 Ok(credential) => Decision::Inject { entry, credential },
-                Err(reason) => Decision::FailClosed { entry, reason },
+                Err(NoCredential::Unresolved(reason)) => Decision::FailClosed { entry, reason },
+                Err(NoCredential::TenantNotMapped) => Decision::TenantNotMapped { entry },
             };
         }
         match self.default_policy {

@@ -22,6 +22,7 @@ use tonic::{Status, Streaming};
 
 use std::time::Instant;
 
+use crate::auth::{Admission, Identity};
 use crate::config::snapshot::{normalize_host, Binding};
 use crate::config::{Credential, Decision, Snapshot, SnapshotStore};
 use crate::inject;
@@ -413,6 +414,26 @@ pub fn on_request_headers(
     let path_only = path.split_once('?').map_or(path, |(p, _)| p);
     let tracing_on = shared.sink.tracing();
     let pairs = || headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect::<Vec<_>>();
+    // Agent admission (spec.agentAuth) comes first: no decision for a caller it refuses.
+    let mut rejected = None;
+    let (identity, agent_token): (Option<&Identity>, Option<(&str, &[u8])>) = match &snapshot.agent_auth {
+        None => (None, None),
+        Some(chain) => {
+            let presented = crate::auth::agent_token(headers.iter().map(|h| (h.key.as_str(), header_bytes(h))));
+            let admission = chain.admit(presented.map(|(_, t)| t), std::time::SystemTime::now());
+            if fetched.is_none() {
+                chain.counters.count(&admission);
+            }
+            match admission {
+                Admission::Admitted(id) => (Some(id), presented),
+                Admission::Anonymous => (None, None),
+                Admission::Rejected(r) => {
+                    rejected = Some(r);
+                    (None, None)
+                }
+            }
+        }
+    };
     let start = |provider: Option<&'static crate::provider::Provider>,
                  route: &str,
                  policy: Option<&str>,
@@ -439,6 +460,7 @@ pub fn on_request_headers(
             smuggled,
             redact_also: binding.and_then(|b| b.strip_headers.last().map(|h| &**h)),
             error,
+            identity,
         };
         Transaction::start(&s, &pairs(), &snapshot.capture)
     };
@@ -473,7 +495,20 @@ pub fn on_request_headers(
         });
         answer(mutation::immediate(503, &body, "keyswap_credential_unavailable"), tx, None)
     };
-    match snapshot.decide(authority, path) {
+    if let Some(r) = rejected {
+        Metrics::inc(&metrics.denied_unauthenticated);
+        tracing::info!(authority, path = path_only, reason = r.reason(), "agent not admitted; answering 401");
+        let body = json!({"error": {
+            "type": "agent_unauthenticated",
+            "reason": r.reason(),
+            "message": r.message(),
+            "gateway": snapshot.gateway.to_string(),
+        }});
+        let tx = tracing_on.then(|| Box::new(start(None, "-", None, None, false, false, Some(r.reason())).0));
+        return answer(mutation::immediate(401, &body, "keyswap_agent_unauthenticated"), tx, None);
+    }
+    let tenant = identity.and_then(|i| i.tenant.as_deref());
+    match snapshot.decide(authority, path, tenant) {
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
             // Provider authentication: a token to fetch, or a body too large to sign.
@@ -509,6 +544,7 @@ pub fn on_request_headers(
                 token,
                 headers.iter().map(|h| (h.key.as_str(), header_bytes(h))),
                 path,
+                agent_token.map(|(_, t)| t),
             );
             let policy = binding.policy.as_deref().unwrap_or("-");
             if !plan.smuggled.is_empty() {
@@ -573,6 +609,37 @@ pub fn on_request_headers(
             let detail = reason.to_string();
             fail_closed(entry, reason.reason(), &detail)
         }
+        Decision::TenantNotMapped { entry } => {
+            Metrics::inc(&metrics.denied_tenant_not_mapped);
+            let policy = entry.binding.policy.as_deref();
+            tracing::warn!(
+                route = %entry.route, policy = policy.unwrap_or("-"), tenant = tenant.unwrap_or("(anonymous)"),
+                "no credential for this tenant and the policy's fallback is Deny; answering 403"
+            );
+            let body = json!({"error": {
+                "type": "tenant_credential_unavailable",
+                "reason": "tenant_not_mapped",
+                "message": "the policy has no key for the caller's tenant and does not fall back to a default",
+                "route": &*entry.route,
+                "policy": policy,
+                "tenant": tenant,
+            }});
+            let tx = tracing_on.then(|| {
+                Box::new(
+                    start(
+                        Some(entry.provider),
+                        &entry.route,
+                        policy,
+                        Some(&entry.binding),
+                        false,
+                        false,
+                        Some("tenant_not_mapped"),
+                    )
+                    .0,
+                )
+            });
+            answer(mutation::immediate(403, &body, "keyswap_tenant_not_mapped"), tx, None)
+        }
         Decision::Deny => {
             Metrics::inc(&metrics.denied_no_route);
             tracing::info!(gateway = %snapshot.gateway, authority, path = path_only, "no route matches on a deny-all gateway; answering 403");
@@ -588,7 +655,12 @@ pub fn on_request_headers(
         Decision::PassThrough { allowed_by } => {
             Metrics::inc(&metrics.passed_through);
             tracing::debug!(authority, path = path_only, allowed_by, "no route; passed through untouched");
-            answer(mutation::request_headers(None, None), None, None)
+            // The agent's gateway token never leaves the gateway, even to an allowed host.
+            let m = agent_token.map(|(name, _)| {
+                let plan = inject::Plan { remove: vec![name], ..Default::default() };
+                mutation::header_mutation(&plan, &[])
+            });
+            answer(mutation::request_headers(m, None), None, None)
         }
     }
 }

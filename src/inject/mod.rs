@@ -40,13 +40,15 @@ fn is_placeholder_sigv4(value: &[u8]) -> bool {
 }
 
 /// Builds the plan for a request that matched `binding`, with `headers` as the agent sent them.
-/// `token` is the current access token for a GCP binding (`None` otherwise).
+/// `token` is the current access token for a GCP binding (`None` otherwise); `agent_token` the
+/// gateway token that admitted the caller (stripped like any credential, but not smuggling).
 pub fn plan<'a>(
     binding: &'a Binding,
     credential: &'a Credential,
     token: Option<&'a [u8]>,
     headers: impl Iterator<Item = (&'a str, &'a [u8])>,
     path: &str,
+    agent_token: Option<&[u8]>,
 ) -> Plan<'a> {
     let mut plan = Plan::default();
     let target = match credential {
@@ -71,7 +73,8 @@ pub fn plan<'a>(
             continue;
         };
         let strip: &'a str = strip;
-        if !is_placeholder(value) {
+        let is_agent_token = agent_token.is_some_and(|t| value.rsplit(|&b| b == b' ').next() == Some(t));
+        if !is_placeholder(value) && !is_agent_token {
             plan.smuggled.push(strip.to_owned());
         }
         if Some(strip) == target {

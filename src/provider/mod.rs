@@ -133,6 +133,7 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "openai-api-key",
     "x-goog-api-key",
     "x-amz-security-token",
+    crate::auth::AGENT_TOKEN_HEADER,
 ];
 
 /// Whether telemetry shows `[redacted]` instead of this header's value: every credential header,

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub denied_no_route: AtomicU64,
     /// 503: matched route, credential missing.
     pub denied_credential_unavailable: AtomicU64,
+    /// 401: `spec.agentAuth` admitted no validator for the caller.
+    pub denied_unauthenticated: AtomicU64,
+    /// 403: the caller's tenant has no key on a `fallback: Deny` policy.
+    pub denied_tenant_not_mapped: AtomicU64,
     /// 413: a body too large to sign (SigV4).
     pub denied_too_large: AtomicU64,
     /// Requests passed through untouched (allow-all or allow-list).
@@ -132,6 +136,8 @@ impl Metrics {
                 ("{reason=\"no_route\"}", g(&self.denied_no_route)),
                 ("{reason=\"credential_unavailable\"}", g(&self.denied_credential_unavailable)),
                 ("{reason=\"body_too_large\"}", g(&self.denied_too_large)),
+                ("{reason=\"agent_unauthenticated\"}", g(&self.denied_unauthenticated)),
+                ("{reason=\"tenant_not_mapped\"}", g(&self.denied_tenant_not_mapped)),
             ],
         );
         counter(
@@ -196,6 +202,7 @@ impl Metrics {
             );
             let _ = writeln!(out, "keyswap_extproc_phase_duration_seconds_count{{phase=\"{name}\"}} {count}");
         }
+        out.push_str(&crate::auth::render_metrics());
         let _ = writeln!(
             out,
             "# HELP keyswap_ready Whether a configuration is loaded.\n# TYPE keyswap_ready gauge\nkeyswap_ready {}",

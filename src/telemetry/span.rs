@@ -29,6 +29,8 @@ pub struct Start<'a> {
     pub redact_also: Option<&'a str>,
     /// Set for denials: the span ends at once with this `error.type`.
     pub error: Option<&'static str>,
+    /// Who called, when `spec.agentAuth` admitted them.
+    pub identity: Option<&'a crate::auth::Identity>,
 }
 
 pub type TraceId = [u8; 16];
@@ -237,6 +239,14 @@ impl Transaction {
         if let Some(p) = s.policy {
             attr("keyswap.policy", Value::Str(p));
         }
+        if let Some(id) = s.identity {
+            attr("enduser.id", Value::Str(&id.agent));
+            attr("keyswap.agent", Value::Str(&id.agent));
+            if let Some(t) = &id.tenant {
+                attr("keyswap.tenant", Value::Str(t));
+            }
+            attr("keyswap.auth.validator", Value::Str(&id.validator));
+        }
         header_event(&mut encoded, "http.request.headers", REQUEST_PREFIX, headers, s.redact_also);
         let content_type = find("content-type").unwrap_or("");
         let req_body = capture.wants(content_type).then(|| Capture::new(capture.max_bytes));
@@ -427,6 +437,7 @@ mod tests {
             smuggled: false,
             redact_also: None,
             error: None,
+            identity: None,
         };
         Transaction::start(&s, headers, &std::sync::Arc::new(capture))
     }
