@@ -343,3 +343,66 @@ async fn kubernetes_mode_signs_bedrock_requests_with_multi_line_secrets_and_foll
     let logs = keyswap.output();
     assert!(!logs.contains("k8s-secret-one") && !logs.contains("k8s-secret-two"), "secret in the logs");
 }
+
+/// Agent tokens in Kubernetes mode: the labelled token Secrets and the tenant Secrets a name
+/// template matches are watched; each agent gets its tenant's key; deleting the token Secret
+/// (`kubectl delete secret`) refuses the agent within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
+    let kube = FakeKube::start().await;
+    kube.put(
+        "egressgateways",
+        NS,
+        "egress",
+        json!({"spec": {"defaultPolicy": "deny-all", "agentAuth": {"validators": [{"apiKeys": {}}]}}}),
+    );
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "anthropic",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "byok", json!({"spec": {"parentRefs": [{"name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header", "credentialSelector": {"byTenant": {"secretNameTemplate": "{tenant}-anthropic"}}}}));
+    kube.put("secrets", NS, "acme-anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-acme")}}));
+    let token = "ksa_k8s-agent-token-0001";
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let token_secret = json!({
+        "metadata": {"labels": {"keyswap.dev/agent-token": "true"}},
+        "stringData": {"sha256": digest, "agent": "builder", "tenant": "acme"},
+    });
+    kube.put("secrets", NS, "agent-token-builder", token_secret);
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (keyswap, grpc_port, _) = start_ready(&kubeconfig, work.path(), &[], "debug").await;
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let ask = |c: &mut grpc::Client| {
+        let mut c = c.clone();
+        async move {
+            let r = grpc::request(
+                &mut c,
+                &[(":authority", "api.anthropic.com"), (":path", "/v1/messages"), ("x-api-key", token)],
+            )
+            .await;
+            match &r.response {
+                Some(
+                    envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_),
+                ) => Err(immediate(&r).status.as_ref().unwrap().code as u32),
+                _ => Ok(set_value(&mutation(&r), "x-api-key").unwrap_or_default()),
+            }
+        }
+    };
+    assert_eq!(ask(&mut c).await, Ok("sk-ant-k8s-acme".to_owned()), "{}", keyswap.output());
+    assert_eq!(anthropic_key(&mut c).await, Err(401), "no token: refused");
+
+    kube.delete("secrets", NS, "agent-token-builder");
+    let since = Instant::now();
+    while ask(&mut c).await != Err(401) {
+        assert!(since.elapsed() < Duration::from_secs(2), "revoked token still admitted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!keyswap.output().contains(token), "token in the logs");
+}

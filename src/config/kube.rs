@@ -1,5 +1,8 @@
 //! The Kubernetes source: kube-rs reflectors for the three resources, and one name-scoped watch
-//! per Secret a policy references (never a namespace- or cluster-wide Secret list).
+//! per Secret the configuration names (never a cluster-wide Secret list). Two features need
+//! wider watches, in their own namespace only: `agentAuth.apiKeys` (Secrets labelled
+//! `keyswap.dev/agent-token=true`) and `credentialSelector.byTenant.secretNameTemplate` (every
+//! Secret of the policy's namespace: the template names them by pattern).
 //!
 //! Every change rebuilds the whole snapshot from the in-memory caches; an invalid result is
 //! logged and the last good snapshot keeps serving. Watch errors (410 Gone, dropped
@@ -161,7 +164,7 @@ pub async fn start(
     let gateways = watch(g, cfg(), changed.clone(), status.clone(), "egressgateways".into());
     let routes = watch(r, cfg(), changed.clone(), status.clone(), "aiproviderroutes".into());
     let policies = watch(p, cfg(), changed.clone(), status.clone(), "credentialinjectionpolicies".into());
-    let mut secrets: HashMap<Key, Watched<Secret>> = HashMap::new();
+    let mut secrets: HashMap<SecretWatch, Watched<Secret>> = HashMap::new();
     let mut store: Option<SnapshotStore> = None;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SnapshotStore>();
     let mut ready_tx = Some(ready_tx);
@@ -186,15 +189,8 @@ pub async fn start(
             {
                 continue;
             }
-            // Watch exactly the Secrets the policies name, each in the policy's namespace.
-            let wanted: BTreeSet<Key> = policies
-                .store
-                .state()
-                .iter()
-                .map(|p| {
-                    Key::new(p.namespace().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), p.spec.secret_ref.name.clone())
-                })
-                .collect();
+            // Watch exactly the Secrets the configuration names, each in its object's namespace.
+            let wanted = wanted_secrets(&gateways.store, &policies.store);
             secrets.retain(|k, w| {
                 let keep = wanted.contains(k);
                 if !keep {
@@ -205,9 +201,23 @@ pub async fn start(
             });
             for k in &wanted {
                 if !secrets.contains_key(k) {
-                    let api: Api<Secret> = Api::namespaced(client.clone(), &k.namespace);
-                    let cfg = watcher::Config::default().fields(&format!("metadata.name={}", k.name));
-                    secrets.insert(k.clone(), watch(api, cfg, changed.clone(), status.clone(), format!("secret {k}")));
+                    let (ns, cfg, what) = match k {
+                        SecretWatch::Named(k) => (
+                            &k.namespace,
+                            watcher::Config::default().fields(&format!("metadata.name={}", k.name)),
+                            format!("secret {k}"),
+                        ),
+                        SecretWatch::AgentTokens(ns) => (
+                            ns,
+                            watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)),
+                            format!("agent-token secrets in {ns}"),
+                        ),
+                        SecretWatch::Namespace(ns) => {
+                            (ns, watcher::Config::default(), format!("secrets in {ns} (secretNameTemplate)"))
+                        }
+                    };
+                    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+                    secrets.insert(k.clone(), watch(api, cfg, changed.clone(), status.clone(), what));
                 }
             }
             status.secrets_watched.store(secrets.len() as u64, Ordering::Relaxed);
@@ -248,6 +258,58 @@ pub async fn start(
         }
     });
     ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
+}
+
+/// One Secret watch: by name (what a policy or validator names), the labelled agent-token
+/// Secrets of a gateway's namespace (`agentAuth.apiKeys`), or a whole namespace (a policy's
+/// `credentialSelector.byTenant.secretNameTemplate`, which names Secrets by pattern).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum SecretWatch {
+    Named(Key),
+    AgentTokens(String),
+    Namespace(String),
+}
+
+impl std::fmt::Display for SecretWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretWatch::Named(k) => write!(f, "{k}"),
+            SecretWatch::AgentTokens(ns) => write!(f, "agent tokens in {ns}"),
+            SecretWatch::Namespace(ns) => write!(f, "namespace {ns}"),
+        }
+    }
+}
+
+fn wanted_secrets(
+    gateways: &Store<EgressGateway>,
+    policies: &Store<CredentialInjectionPolicy>,
+) -> BTreeSet<SecretWatch> {
+    let ns_of = |m: &kube::core::ObjectMeta| m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    let mut wanted = BTreeSet::new();
+    for p in policies.state() {
+        let ns = ns_of(p.meta());
+        wanted.insert(SecretWatch::Named(Key::new(ns.clone(), p.spec.secret_ref.name.clone())));
+        if let Some(sel) = &p.spec.credential_selector {
+            for t in sel.by_tenant.tenants.values() {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), t.secret_ref.name.clone())));
+            }
+            if sel.by_tenant.secret_name_template.is_some() {
+                wanted.insert(SecretWatch::Namespace(ns));
+            }
+        }
+    }
+    for g in gateways.state() {
+        let ns = ns_of(g.meta());
+        for v in g.spec.agent_auth.iter().flat_map(|a| &a.validators) {
+            if v.api_keys.is_some() {
+                wanted.insert(SecretWatch::AgentTokens(ns.clone()));
+            }
+            if let Some(st) = &v.shared_token {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), st.secret_ref.name.clone())));
+            }
+        }
+    }
+    wanted
 }
 
 /// One condition as keyswap computes it: (type, status, reason, message).
@@ -363,7 +425,7 @@ fn collect(
     gateways: &Store<EgressGateway>,
     routes: &Store<AIProviderRoute>,
     policies: &Store<CredentialInjectionPolicy>,
-    secrets: &HashMap<Key, Watched<Secret>>,
+    secrets: &HashMap<SecretWatch, Watched<Secret>>,
 ) -> Result<Vec<Object>, super::ConfigErrors> {
     let key = |m: &kube::core::ObjectMeta| {
         Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())

@@ -51,6 +51,8 @@ struct Query {
     resource: String,
     namespace: Option<String>,
     watch: bool,
+    /// `labelSelector=k=v` (one equality, what keyswap sends).
+    label: Option<(String, String)>,
     rv: Option<u64>,
     name: Option<String>,
     bookmarks: bool,
@@ -70,6 +72,7 @@ fn parse(path: &str, query: &str) -> Option<Query> {
         resource,
         namespace,
         watch: false,
+        label: None,
         rv: None,
         name: None,
         bookmarks: false,
@@ -80,6 +83,7 @@ fn parse(path: &str, query: &str) -> Option<Query> {
             "watch" => q.watch = v == "true" || v == "1",
             "resourceVersion" => q.rv = v.parse().ok(),
             "fieldSelector" => q.name = v.strip_prefix("metadata.name=").map(str::to_owned),
+            "labelSelector" => q.label = v.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())),
             "allowWatchBookmarks" => q.bookmarks = v == "true",
             "timeoutSeconds" => q.timeout = Duration::from_secs(v.parse().unwrap_or(290)),
             _ => {}
@@ -247,15 +251,16 @@ impl FakeKube {
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
             );
         };
-        let matches = move |q: &Query, resource: &str, ns: &str, name: &str| {
+        let matches = move |q: &Query, resource: &str, ns: &str, name: &str, obj: &Value| {
             resource == q.resource
                 && q.namespace.as_deref().is_none_or(|n| n == ns)
                 && q.name.as_deref().is_none_or(|n| n == name)
+                && q.label.as_ref().is_none_or(|(k, v)| obj["metadata"]["labels"][k] == json!(v))
         };
         if !q.watch {
             let st = self.state.lock().unwrap();
             let items: Vec<Value> =
-                st.objects.iter().filter(|((r, ns, n), _)| matches(&q, r, ns, n)).map(|(_, v)| v.clone()).collect();
+                st.objects.iter().filter(|((r, ns, n), v)| matches(&q, r, ns, n, v)).map(|(_, v)| v.clone()).collect();
             let (api_version, kind) = kind_of(&q.resource);
             return Self::respond(
                 200,
@@ -285,7 +290,7 @@ impl FakeKube {
                     let ev: Vec<Value> = st
                         .log
                         .iter()
-                        .filter(|(rv, r, ns, n, _, _)| *rv > sent && matches(&q, r, ns, n))
+                        .filter(|(rv, r, ns, n, _, obj)| *rv > sent && matches(&q, r, ns, n, obj))
                         .map(|(_, _, _, _, kind, obj)| json!({"type": kind, "object": obj}))
                         .collect();
                     (ev, st.rv, st.generation)
