@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use keyswap::config::{Catalog, Decision, Key, Snapshot};
-use keyswap::extproc::{self, Shared, Step};
+use keyswap::extproc::{self, Resume, Shared, Step};
 use keyswap::inject;
 use keyswap::provider::usage::{Format, UsageParser};
 use keyswap::telemetry::{capture, Metrics, Sink};
@@ -104,6 +104,7 @@ fn request_headers(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let _guard = rt.enter();
     let mut g = c.benchmark_group("request_headers");
+    let peer = keyswap::auth::Peer::default();
     for tracing in [false, true] {
         let metrics: Arc<Metrics> = Arc::default();
         // With tracing on, spans would go to this channel; the bench drops them unfinished.
@@ -112,9 +113,11 @@ fn request_headers(c: &mut Criterion) {
         let shared = Shared { store: Arc::new(ArcSwap::from(snap.clone())), metrics, sink };
         let name = if tracing { "decide_and_mutate_tracing_on" } else { "decide_and_mutate_tracing_off" };
         g.bench_function(name, |b| {
-            b.iter(|| match extproc::on_request_headers(&snap, &shared, black_box(&headers), true, None) {
-                Step::Answer(o) => black_box(o),
-                Step::NeedToken(_) => unreachable!(),
+            b.iter(|| {
+                match extproc::on_request_headers(&snap, &shared, black_box(&headers), true, Resume::First, &peer) {
+                    Step::Answer(o) => black_box(o),
+                    Step::Wait(_) => unreachable!(),
+                }
             })
         });
     }

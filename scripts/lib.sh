@@ -18,9 +18,10 @@ ensure_envoy() {
 }
 
 # Python packages the tests use as agents (the official SDKs).
+# Each argument is a module name, or `module:package` when pip calls it something else.
 ensure_pip() {
   local missing=()
-  for mod in "$@"; do python3 -c "import $mod" 2>/dev/null || missing+=("$mod"); done
+  for spec in "$@"; do python3 -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}"); done
   [ ${#missing[@]} -eq 0 ] && return
   echo "==> installing ${missing[*]} (pip)"
   python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"

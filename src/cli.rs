@@ -640,16 +640,33 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     println!("gateway: {} (defaultPolicy: {})", snap.gateway, snap.default_policy.as_str());
     let mut tenant = None;
     if let Some(chain) = &snap.agent_auth {
-        let now = std::time::SystemTime::now();
-        match args.token.as_deref() {
-            None => println!("agent auth: {} validator(s); no --token given", chain.validators.len()),
-            Some(t) => println!("agent auth: {}", chain.explain(t, now)),
+        use crate::auth::{Admission, Peer};
+        let token = args.token.as_deref().map(|t| t.trim().as_bytes());
+        let admit = || chain.admit(token, &Peer::default(), |_| None, std::time::SystemTime::now());
+        let mut admission = admit();
+        if let Admission::NeedKeys(jwks) = &admission {
+            // A JWKS URL is fetched on first use: fetch it now, as the server would.
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(jwks.refresh());
+            admission = admit();
         }
-        match chain.admit(args.token.as_deref().map(|t| t.trim().as_bytes()), now) {
-            crate::auth::Admission::Admitted(id) => tenant = id.tenant.as_deref().map(str::to_owned),
-            crate::auth::Admission::Anonymous => {}
-            crate::auth::Admission::Rejected(r) => {
+        match &admission {
+            Admission::Admitted(id) => {
+                println!(
+                    "agent auth: admitted by validator `{}`: agent `{}`, tenant `{}`",
+                    id.validator,
+                    id.agent,
+                    id.tenant.as_deref().unwrap_or("-")
+                );
+                tenant = id.tenant.as_deref().map(str::to_owned);
+            }
+            Admission::Anonymous => println!("agent auth: no token; admitted as anonymous (agentAuth.optional)"),
+            Admission::Rejected(r) => {
+                println!("agent auth: {}", r.message());
                 println!("decision: 401 {} (nothing is forwarded)", r.reason());
+                return Ok(ExitCode::SUCCESS);
+            }
+            Admission::NeedKeys(j) => {
+                println!("decision: 401 invalid_agent_token: the JWT's key is not in {}", j.source);
                 return Ok(ExitCode::SUCCESS);
             }
         }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod envoy;
 pub mod extproc;
 pub mod glob;
+pub mod http;
 pub mod inject;
 pub mod provider;
 pub mod telemetry;

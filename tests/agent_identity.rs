@@ -278,3 +278,295 @@ fn explain_shows_which_validator_admits_a_token_and_which_key_is_used() {
     let out = explain(None);
     assert!(out.contains("decision: 401 missing_agent_token"), "{out}");
 }
+
+// === JWT and edge trust ===
+
+const ISSUER: &str = "https://idp.example.test";
+const HS_SECRET: &str = "hs256-shared-secret-0007-do-not-leak-xxxxxxxx";
+
+fn jwt_tool(args: &[&str]) -> String {
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/jwt_tool.py");
+    let o = Command::new("python3").arg(tool).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "jwt_tool {args:?}: {} (needs PyJWT: python3 -m pip install pyjwt cryptography)",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+/// A JWKS endpoint over HTTPS (certificate from a test CA, trusted by keyswap through
+/// `SSL_CERT_FILE`); the document can be swapped while it runs. Returns (port, CA path, fetches).
+async fn jwks_server(
+    dir: &Path,
+    doc: std::sync::Arc<std::sync::Mutex<String>>,
+) -> (u16, std::path::PathBuf, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use http_body_util::BodyExt as _;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (ca, leaf, key) = provider_certs(&["localhost"], dir);
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = fetches.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, doc, f) = (acceptor.clone(), doc.clone(), f.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (doc, f) = (doc.clone(), f.clone());
+                    async move {
+                        let ok = req.uri().path() == "/.well-known/jwks.json";
+                        let _ = req.into_body().collect().await;
+                        f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let body = if ok { doc.lock().unwrap().clone() } else { String::new() };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(if ok { 200 } else { 404 })
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, ca, fetches)
+}
+
+fn jwt_config(jwks_port: u16, edge_cidr: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  otlp: {{readBodies: false}}
+  agentAuth:
+    validators:
+    - name: mesh
+      edgeTrust: {{agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustedCidrs: ["{edge_cidr}"]}}
+    - name: idp
+      jwt:
+        issuer: {ISSUER}
+        audiences: [keyswap]
+        jwksUrl: https://localhost:{jwks_port}/.well-known/jwks.json
+        claimMapping: {{tenant: org, role: roles}}
+    - name: internal
+      jwt:
+        issuer: {ISSUER}
+        audiences: [keyswap]
+        hs256SecretRef: {{name: hs-secret}}
+        claimMapping: {{tenant: org}}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: anthropic}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: anthropic}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: anthropic-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
+  secretRef: {{name: anthropic-default}}
+  target: Header
+  credentialSelector:
+    byTenant:
+      tenants:
+        tenant-a: {{secretRef: {{name: key-a}}}}
+        tenant-b: {{secretRef: {{name: key-b}}}}
+---
+{}---
+{}---
+{}---
+{}"#,
+        secret_manifest("key-a", "token", KEY_A),
+        secret_manifest("key-b", "token", KEY_B),
+        secret_manifest("anthropic-default", "token", DEFAULT_KEY),
+        secret_manifest("hs-secret", "token", HS_SECRET),
+    )
+}
+
+/// JWTs minted by PyJWT: RS256 and ES256 from a JWKS fetched over HTTPS, HS256 from a Secret;
+/// forged ones refused with nothing forwarded; a JWKS rotation to a new `kid` without a
+/// restart; edge-trust headers ignored and stripped from an untrusted peer, honoured from a
+/// trusted one (Envoy's `source.address` attribute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trusted_peer() {
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().to_str().unwrap();
+    let k1 = jwt_tool(&["keygen", kd, "k1", "rsa"]);
+    let e1 = jwt_tool(&["keygen", kd, "e1", "ec"]);
+    let k2 = jwt_tool(&["keygen", kd, "k2", "rsa"]);
+    // An attacker's key, published nowhere, claiming the kid `k1`.
+    let _ = jwt_tool(&["keygen", kd, "evil", "rsa"]);
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(format!("{{\"keys\": [{k1}, {e1}]}}")));
+    let certs = tempfile::tempdir().unwrap();
+    let (jwks_port, ca, fetches) = jwks_server(certs.path(), doc.clone()).await;
+
+    let config_dir = tempfile::tempdir().unwrap();
+    std::fs::write(config_dir.path().join("config.yaml"), jwt_config(jwks_port, "10.0.0.0/8")).unwrap();
+    let (collector, collector_addr) = Receiver::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    fake.set_accepts(
+        "api.anthropic.com",
+        vec![Accept::Header("x-api-key", KEY_A.into()), Accept::Header("x-api-key", KEY_B.into())],
+    );
+    let endpoint = format!("http://{collector_addr}");
+    let ca = ca.display().to_string();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("SSL_CERT_FILE", ca.as_str()),
+        ("RUST_LOG", "debug"),
+    ];
+    let (keyswap, uds) = start_keyswap(config_dir.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    let msgs = "/v1/messages";
+    let key_pem = |kid: &str| format!("{kd}/{kid}.key.pem");
+    let claims = |extra: &str| {
+        format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600, "org": "tenant-a"{extra}}}"#)
+    };
+    let last_key = || {
+        let seen = fake.seen();
+        let h = &seen.last().expect("forwarded").headers;
+        h.iter()
+            .filter(|(k, _)| k == "x-api-key")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect::<Vec<_>>()
+    };
+
+    // Valid tokens; the first waits for the JWKS fetch.
+    let rs = jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims(r#", "roles": ["planner", "admin"]"#)]);
+    let es = jwt_tool(&["sign", "ES256", &key_pem("e1"), "e1", &claims(r#", "org": ["tenant-b"]"#)]);
+    let hs = jwt_tool(&["sign", "HS256", HS_SECRET, "-", &claims("")]);
+    let bearer = |t: &str| format!("Bearer {t}");
+    for (name, token, key) in
+        [("RS256", &rs, KEY_A), ("ES256, tenant from an array claim", &es, KEY_B), ("HS256", &hs, KEY_A)]
+    {
+        let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &bearer(token))]).await;
+        assert_eq!(st, 200, "{name}: {body}\n{}", keyswap.output());
+        assert_eq!(last_key(), [key], "{name}");
+    }
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1, "one JWKS fetch for all of them");
+
+    // Forged tokens: 401, nothing forwarded.
+    let forwarded = fake.seen().len();
+    let forged = [
+        ("signed by another key under kid k1", jwt_tool(&["sign", "RS256", &key_pem("evil"), "k1", &claims("")])),
+        (
+            "wrong audience",
+            jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims("").replace("\"keyswap\"", "\"other\"")]),
+        ),
+        (
+            "wrong issuer",
+            jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims("").replace(ISSUER, "https://evil.test")]),
+        ),
+        (
+            "expired",
+            jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims("").replace("\"exp\": 600", "\"exp\": -600")]),
+        ),
+        ("not yet valid", jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims(r#", "nbf": 600"#)])),
+        ("alg none", jwt_tool(&["sign", "none", "-", "-", &claims("")])),
+        (
+            "HS256 signed with the RSA public key",
+            jwt_tool(&["confuse", &format!("{kd}/k1.pub.pem"), "k1", &claims("")]),
+        ),
+        (
+            "HS256 with the wrong secret",
+            jwt_tool(&["sign", "HS256", "not-the-secret-but-long-enough-xxxxxxxxxx", "-", &claims("")]),
+        ),
+    ];
+    for (name, token) in &forged {
+        let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &bearer(token))]).await;
+        assert_eq!(st, 401, "{name}: {body}");
+        assert!(!body.contains(token.as_str()), "{name}: token echoed");
+        let reason = if *name == "expired" { "expired_agent_token" } else { "invalid_agent_token" };
+        assert!(body.contains(reason), "{name}: {body}");
+    }
+    assert_eq!(fake.seen().len(), forwarded, "a forged token reached the provider");
+
+    // JWKS rotation: the IdP publishes k2; a token signed with it is accepted without a restart
+    // (an unknown kid refetches, at most once per 5 s).
+    *doc.lock().unwrap() = format!("{{\"keys\": [{k1}, {e1}, {k2}]}}");
+    let rotated = jwt_tool(&["sign", "RS256", &key_pem("k2"), "k2", &claims("")]);
+    let since = Instant::now();
+    loop {
+        let (st, _) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &bearer(&rotated))]).await;
+        if st == 200 {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(12), "new kid never accepted");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Edge trust from an untrusted peer (loopback is not in 10.0.0.0/8): the headers admit
+    // nobody, and with a valid token they are stripped before the provider.
+    let edge = [("x-edge-agent", "impostor"), ("x-edge-tenant", "tenant-b")];
+    let (st, body) = send(&c, port, "api.anthropic.com", msgs, &edge).await;
+    assert_eq!(st, 401, "{body}");
+    let with_token = [edge[0], edge[1], ("authorization", bearer(&rs).leak() as &str)];
+    let (st, _) = send(&c, port, "api.anthropic.com", msgs, &with_token).await;
+    assert_eq!(st, 200);
+    assert_eq!(last_key(), [KEY_A], "the JWT's tenant, not the header's");
+    let seen = fake.seen();
+    assert!(seen.last().unwrap().headers.iter().all(|(k, _)| !k.starts_with("x-edge-")), "edge headers forwarded");
+
+    // Trust loopback: the same headers now admit (Envoy reports source.address).
+    std::fs::write(config_dir.path().join("config.yaml"), jwt_config(jwks_port, "127.0.0.0/8")).unwrap();
+    let since = Instant::now();
+    loop {
+        let (st, _) = send(&c, port, "api.anthropic.com", msgs, &edge).await;
+        if st == 200 {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "trusted edge headers never admitted\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last_key(), [KEY_B], "tenant from the trusted header");
+    assert!(fake.seen().last().unwrap().headers.iter().all(|(k, _)| !k.starts_with("x-edge-")));
+
+    // Attribution and leaks (the last span, the trusted edge request, may still be in a batch).
+    let mesh = |spans: &[(String, opentelemetry_proto::tonic::trace::v1::Span)]| {
+        spans.iter().any(|(_, s)| otlp::s(&s.attributes, "keyswap.auth.validator").as_deref() == Some("mesh"))
+    };
+    let since = Instant::now();
+    let mut spans = collector.wait_for(10).await;
+    while !mesh(&spans) && since.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        spans = collector.spans();
+    }
+    let rs_span = spans
+        .iter()
+        .find(|(_, s)| otlp::s(&s.attributes, "keyswap.role").is_some())
+        .expect("a span with the role claim");
+    let a = &rs_span.1.attributes;
+    assert_eq!(otlp::s(a, "keyswap.agent").as_deref(), Some("agent-7"));
+    assert_eq!(otlp::s(a, "keyswap.role").as_deref(), Some("planner,admin"));
+    assert_eq!(otlp::s(a, "keyswap.auth.validator").as_deref(), Some("idp"));
+    assert!(mesh(&spans), "a span admitted by the edge-trust validator");
+    let raw = String::from_utf8_lossy(&collector.raw_bytes()).into_owned();
+    let logs = keyswap.output();
+    let sig = |t: &str| t.rsplit('.').next().unwrap().to_owned();
+    for t in [&rs, &es, &hs, &rotated].into_iter().chain(forged.iter().map(|(_, t)| t)) {
+        let s = sig(t);
+        assert!(s.len() < 8 || (!raw.contains(&s) && !logs.contains(&s)), "a token signature leaked");
+    }
+    for secret in [HS_SECRET, KEY_A, KEY_B] {
+        assert!(!raw.contains(secret) && !logs.contains(secret), "a secret leaked");
+    }
+}

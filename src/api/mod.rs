@@ -73,7 +73,7 @@ pub struct AgentAuth {
     pub metrics_tenants: Vec<String>,
 }
 
-/// One validator of the chain: set exactly one of `apiKeys`, `sharedToken`.
+/// One validator of the chain: set exactly one of `apiKeys`, `sharedToken`, `jwt`, `edgeTrust`.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentValidator {
@@ -84,6 +84,68 @@ pub struct AgentValidator {
     pub api_keys: Option<ApiKeysValidator>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_token: Option<SharedTokenValidator>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtValidator>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_trust: Option<EdgeTrustValidator>,
+}
+
+/// Signed tokens: RS256/ES256 with keys from a JWKS, or HS256 with a shared secret.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtValidator {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values; at least one (required).
+    pub audiences: Vec<String>,
+    /// Where RS256/ES256 keys come from: set `jwksFile` or `jwksUrl` (https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// How often a `jwksUrl` is refetched (an unknown `kid` refetches at once). Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_seconds: Option<u64>,
+    /// HS256: the shared secret, from a Secret in the gateway's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_ref: Option<SecretRef>,
+    /// Key of `hs256SecretRef` (default `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_key: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf`, seconds. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leeway_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_mapping: Option<ClaimMapping>,
+}
+
+/// Claims that make the identity; each may be a string or an array (the first string is used;
+/// roles are joined).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimMapping {
+    /// The agent (default `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// Identity headers set by a trusted hop (a mesh sidecar, an authenticating proxy), honoured
+/// only when Envoy reports the connection as mTLS (`trustMtls`) or its source address lies in
+/// `trustedCidrs`. They are removed from every request before it leaves, trusted or not.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EdgeTrustValidator {
+    pub agent_header: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_header: Option<String>,
+    #[serde(default)]
+    pub trust_mtls: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_cidrs: Vec<String>,
 }
 
 /// Per-agent tokens: Secrets in the gateway's namespace labelled `keyswap.dev/agent-token: "true"`

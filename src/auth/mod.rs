@@ -8,7 +8,11 @@
 //! Compiled into the [`crate::config::Snapshot`] like everything else: validating a token is a
 //! SHA-256 and a hash lookup (API keys) or a constant-time comparison (shared token), no I/O.
 
+pub mod jwt;
+
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
@@ -34,6 +38,78 @@ pub struct Identity {
     pub tenant: Option<Arc<str>>,
     /// The validator's name (`spec.agentAuth.validators[].name`, or its type).
     pub validator: Arc<str>,
+    /// A role from a JWT claim (`claimMapping.role`), for attribution.
+    pub role: Option<Arc<str>>,
+}
+
+/// What Envoy reports about the downstream connection (ext_proc request attributes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// `connection.mtls`: the client presented a certificate Envoy verified.
+    pub mtls: bool,
+    /// `source.address`, when it is an IP address.
+    pub source: Option<IpAddr>,
+}
+
+/// An IP network (`10.0.0.0/8`, `fd00::/8`, or one address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not an IP network (e.g. 10.0.0.0/8)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => {
+                p.trim().parse().ok().filter(|p| *p <= max).ok_or_else(|| format!("`{s}`: prefix must be 0-{max}"))?
+            }
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Identity headers set by a trusted hop in front of the gateway.
+#[derive(Debug)]
+pub struct EdgeTrust {
+    pub name: Arc<str>,
+    pub agent_header: Box<str>,
+    pub tenant_header: Option<Box<str>>,
+    /// Honour the headers on connections Envoy reports as mTLS.
+    pub trust_mtls: bool,
+    /// …or from these source networks.
+    pub cidrs: Vec<Cidr>,
+}
+
+impl EdgeTrust {
+    fn trusts(&self, peer: &Peer) -> bool {
+        (self.trust_mtls && peer.mtls) || peer.source.is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
+    }
 }
 
 /// One agent API key: identity, expiry, and the Secret it came from (for logs).
@@ -50,6 +126,10 @@ pub enum Validator {
     ApiKeys { name: Arc<str>, keys: HashMap<[u8; 32], ApiKey> },
     /// One token for every caller, from a Secret.
     SharedToken { name: Arc<str>, token: SecretSlice<u8>, identity: Identity },
+    /// Signed tokens (JWKS or HS256).
+    Jwt(Box<jwt::JwtValidator>),
+    /// Identity headers from a trusted hop.
+    EdgeTrust(EdgeTrust),
 }
 
 impl std::fmt::Debug for Validator {
@@ -59,6 +139,8 @@ impl std::fmt::Debug for Validator {
             Validator::SharedToken { name, identity, .. } => {
                 write!(f, "SharedToken({name}, agent {}, <redacted>)", identity.agent)
             }
+            Validator::Jwt(j) => write!(f, "{j:?}"),
+            Validator::EdgeTrust(e) => write!(f, "{e:?}"),
         }
     }
 }
@@ -97,10 +179,12 @@ impl Rejection {
 /// The outcome of admission.
 #[derive(Debug)]
 pub enum Admission<'a> {
-    Admitted(&'a Identity),
+    Admitted(Cow<'a, Identity>),
     /// No token, and the chain is `optional`.
     Anonymous,
     Rejected(Rejection),
+    /// A JWT names a key its JWKS does not hold yet: wait for this refetch, then admit again.
+    NeedKeys(Arc<jwt::Jwks>),
 }
 
 /// `spec.agentAuth`, compiled.
@@ -110,6 +194,8 @@ pub struct Chain {
     pub validators: Vec<Validator>,
     /// Per-tenant admission counters (`spec.agentAuth.metricsTenants`, then "other").
     pub counters: TenantCounters,
+    /// Header names edge-trust validators read: never forwarded upstream, trusted or not.
+    pub edge_headers: Vec<Box<str>>,
 }
 
 /// The token an agent sent and the header it came in: the placeholder and empty values count
@@ -147,49 +233,68 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Chain {
-    /// Runs the chain on `token` (from [`agent_token`]).
-    pub fn admit(&self, token: Option<&[u8]>, now: SystemTime) -> Admission<'_> {
-        let Some(token) = token else {
-            return if self.optional { Admission::Anonymous } else { Admission::Rejected(Rejection::MissingToken) };
-        };
+    /// Runs the chain on `token` (from [`agent_token`]), the connection `peer` and the request's
+    /// headers (`header(name)`, for edge trust).
+    pub fn admit<'h>(
+        &self,
+        token: Option<&[u8]>,
+        peer: &Peer,
+        header: impl Fn(&str) -> Option<&'h str>,
+        now: SystemTime,
+    ) -> Admission<'_> {
         let mut rejection = Rejection::InvalidToken;
-        let digest = token_digest(token);
+        let digest = token.map(token_digest);
         for v in &self.validators {
-            match v {
-                Validator::ApiKeys { keys, .. } => {
+            match (v, token) {
+                (Validator::EdgeTrust(e), _) => {
+                    if !e.trusts(peer) {
+                        continue;
+                    }
+                    let Some(agent) = header(&e.agent_header).map(str::trim).filter(|a| !a.is_empty()) else {
+                        continue;
+                    };
+                    let tenant = e.tenant_header.as_deref().and_then(&header).map(str::trim).filter(|t| !t.is_empty());
+                    return Admission::Admitted(Cow::Owned(Identity {
+                        agent: agent.into(),
+                        tenant: tenant.map(Arc::from),
+                        validator: e.name.clone(),
+                        role: None,
+                    }));
+                }
+                (_, None) => {}
+                (Validator::ApiKeys { keys, .. }, Some(_)) => {
+                    let digest = digest.as_ref().expect("a token");
                     // The map finds the candidate; the digest comparison itself is constant-time.
-                    if let Some((stored, key)) = keys.get_key_value(&digest) {
-                        if !constant_time_eq(stored, &digest) {
+                    if let Some((stored, key)) = keys.get_key_value(digest) {
+                        if !constant_time_eq(stored, digest) {
                             continue;
                         }
                         if key.expires.is_some_and(|e| e <= now) {
                             rejection = Rejection::ExpiredToken;
                             continue;
                         }
-                        return Admission::Admitted(&key.identity);
+                        return Admission::Admitted(Cow::Borrowed(&key.identity));
                     }
                 }
-                Validator::SharedToken { token: expected, identity, .. } => {
-                    if constant_time_eq(expected.expose_secret(), token) {
-                        return Admission::Admitted(identity);
+                (Validator::SharedToken { token: expected, identity, .. }, Some(t)) => {
+                    if constant_time_eq(expected.expose_secret(), t) {
+                        return Admission::Admitted(Cow::Borrowed(identity));
                     }
                 }
+                (Validator::Jwt(j), Some(t)) => match j.verify(t) {
+                    jwt::Verdict::Admitted(id) => return Admission::Admitted(Cow::Owned(id)),
+                    jwt::Verdict::NeedKeys(jwks) => return Admission::NeedKeys(jwks),
+                    // A more specific reason (expired) is kept over a later validator's "invalid".
+                    jwt::Verdict::Rejected(r) if r != Rejection::InvalidToken => rejection = r,
+                    jwt::Verdict::Rejected(_) => {}
+                    jwt::Verdict::NotJwt => {}
+                },
             }
         }
-        Admission::Rejected(rejection)
-    }
-
-    /// Which validator would admit `token`, for `keyswap explain --token`.
-    pub fn explain(&self, token: &str, now: SystemTime) -> String {
-        match self.admit(Some(token.trim().as_bytes()), now) {
-            Admission::Admitted(id) => format!(
-                "admitted by validator `{}`: agent `{}`, tenant `{}`",
-                id.validator,
-                id.agent,
-                id.tenant.as_deref().unwrap_or("-")
-            ),
-            Admission::Anonymous => "admitted as anonymous".into(),
-            Admission::Rejected(r) => format!("rejected with 401 {}: {}", r.reason(), r.message()),
+        match token {
+            None if self.optional => Admission::Anonymous,
+            None => Admission::Rejected(Rejection::MissingToken),
+            Some(_) => Admission::Rejected(rejection),
         }
     }
 }
@@ -234,6 +339,7 @@ impl TenantCounters {
             },
             Admission::Anonymous => &self.anonymous,
             Admission::Rejected(_) => &self.rejected,
+            Admission::NeedKeys(_) => return,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -275,6 +381,7 @@ mod tests {
             agent: agent.into(),
             tenant: Some(tenant.into()),
             validator: "apiKeys".into(),
+            role: None,
         };
         let mut keys = HashMap::new();
         keys.insert(
@@ -296,24 +403,68 @@ mod tests {
                 },
             ],
             counters: TenantCounters::new(&["a".into()]),
+            edge_headers: Vec::new(),
         }
+    }
+
+    fn admit<'a>(c: &'a Chain, token: Option<&[u8]>) -> Admission<'a> {
+        c.admit(token, &Peer::default(), |_| None, SystemTime::now())
     }
 
     #[test]
     fn the_first_validator_that_accepts_admits() {
         let c = chain(false);
-        let now = SystemTime::now();
-        assert!(matches!(c.admit(Some(b"ksa_alpha"), now), Admission::Admitted(id) if &*id.agent == "alpha"));
-        assert!(matches!(c.admit(Some(b"team-token"), now), Admission::Admitted(id) if &*id.agent == "ci"));
-        assert!(matches!(c.admit(Some(b"ksa_old"), now), Admission::Rejected(Rejection::ExpiredToken)));
-        assert!(matches!(c.admit(Some(b"sk-real-key"), now), Admission::Rejected(Rejection::InvalidToken)));
-        assert!(matches!(c.admit(None, now), Admission::Rejected(Rejection::MissingToken)));
-        assert!(matches!(chain(true).admit(None, now), Admission::Anonymous));
-        assert!(
-            matches!(chain(true).admit(Some(b"nope"), now), Admission::Rejected(_)),
-            "a bad token is never anonymous"
-        );
+        assert!(matches!(admit(&c, Some(b"ksa_alpha")), Admission::Admitted(id) if &*id.agent == "alpha"));
+        assert!(matches!(admit(&c, Some(b"team-token")), Admission::Admitted(id) if &*id.agent == "ci"));
+        assert!(matches!(admit(&c, Some(b"ksa_old")), Admission::Rejected(Rejection::ExpiredToken)));
+        assert!(matches!(admit(&c, Some(b"sk-real-key")), Admission::Rejected(Rejection::InvalidToken)));
+        assert!(matches!(admit(&c, None), Admission::Rejected(Rejection::MissingToken)));
+        let o = chain(true);
+        assert!(matches!(admit(&o, None), Admission::Anonymous));
+        assert!(matches!(admit(&o, Some(b"nope")), Admission::Rejected(_)), "a bad token is never anonymous");
         assert!(!format!("{:?}", c.validators).contains("team-token"));
+    }
+
+    #[test]
+    fn edge_trust_headers_count_only_from_trusted_peers() {
+        let mut c = chain(false);
+        c.validators.insert(
+            0,
+            Validator::EdgeTrust(EdgeTrust {
+                name: "mesh".into(),
+                agent_header: "x-agent".into(),
+                tenant_header: Some("x-tenant".into()),
+                trust_mtls: true,
+                cidrs: vec!["10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            }),
+        );
+        let headers = |n: &str| match n {
+            "x-agent" => Some("planner"),
+            "x-tenant" => Some("t9"),
+            _ => None,
+        };
+        let now = SystemTime::now();
+        let ip = |s: &str| Some(s.parse().unwrap());
+        for (peer, trusted) in [
+            (Peer { mtls: true, source: None }, true),
+            (Peer { mtls: false, source: ip("10.1.200.3") }, true),
+            (Peer { mtls: false, source: ip("fd12::1") }, true),
+            (Peer { mtls: false, source: ip("::ffff:10.1.0.9") }, true),
+            (Peer { mtls: false, source: ip("10.2.0.1") }, false),
+            (Peer { mtls: false, source: ip("127.0.0.1") }, false),
+            (Peer::default(), false),
+        ] {
+            match c.admit(None, &peer, headers, now) {
+                Admission::Admitted(id) => {
+                    assert!(trusted, "{peer:?}");
+                    assert_eq!((&*id.agent, id.tenant.as_deref()), ("planner", Some("t9")));
+                }
+                Admission::Rejected(Rejection::MissingToken) => assert!(!trusted, "{peer:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err() && "nope".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("192.0.2.1".parse().unwrap()));
     }
 
     #[test]

@@ -458,13 +458,131 @@ impl Catalog {
         let mut validators = Vec::new();
         for (i, v) in a.validators.iter().enumerate() {
             let at = format!("spec.agentAuth.validators[{i}]");
-            let set = [v.api_keys.is_some(), v.shared_token.is_some()].iter().filter(|b| **b).count();
-            if set != 1 {
-                errors.push(gw_err(at, "set exactly one of apiKeys, sharedToken".into()));
+            let kinds = [
+                ("apiKeys", v.api_keys.is_some()),
+                ("sharedToken", v.shared_token.is_some()),
+                ("jwt", v.jwt.is_some()),
+                ("edgeTrust", v.edge_trust.is_some()),
+            ];
+            let set: Vec<&str> = kinds.iter().filter(|(_, on)| *on).map(|(k, _)| *k).collect();
+            let [kind] = set.as_slice() else {
+                errors.push(gw_err(at, "set exactly one of apiKeys, sharedToken, jwt, edgeTrust".into()));
+                continue;
+            };
+            let name: Arc<str> = v.name.as_deref().unwrap_or(kind).into();
+            if let Some(e) = &v.edge_trust {
+                let mut cidrs = Vec::new();
+                for (c, text) in e.trusted_cidrs.iter().enumerate() {
+                    match text.parse::<auth::Cidr>() {
+                        Ok(n) => cidrs.push(n),
+                        Err(m) => errors.push(gw_err(format!("{at}.edgeTrust.trustedCidrs[{c}]"), m)),
+                    }
+                }
+                if !e.trust_mtls && cidrs.is_empty() {
+                    errors
+                        .push(gw_err(format!("{at}.edgeTrust"), "trusts nobody: set trustMtls or trustedCidrs".into()));
+                }
+                let mut header = |f: &str, h: &str| match check_header_name(h) {
+                    Ok(()) => Some(h.to_ascii_lowercase().into_boxed_str()),
+                    Err(m) => {
+                        errors.push(gw_err(format!("{at}.edgeTrust.{f}"), m));
+                        None
+                    }
+                };
+                let agent_header = header("agentHeader", &e.agent_header);
+                let tenant_header = e.tenant_header.as_deref().and_then(|t| header("tenantHeader", t));
+                if let Some(agent_header) = agent_header {
+                    validators.push(auth::Validator::EdgeTrust(auth::EdgeTrust {
+                        name,
+                        agent_header,
+                        tenant_header,
+                        trust_mtls: e.trust_mtls,
+                        cidrs,
+                    }));
+                }
                 continue;
             }
-            let kind = if v.api_keys.is_some() { "apiKeys" } else { "sharedToken" };
-            let name: Arc<str> = v.name.as_deref().unwrap_or(kind).into();
+            if let Some(j) = &v.jwt {
+                let at = format!("{at}.jwt");
+                if j.issuer.is_empty() {
+                    errors.push(gw_err(format!("{at}.issuer"), "is required".into()));
+                }
+                if j.audiences.is_empty() || j.audiences.iter().any(String::is_empty) {
+                    errors.push(gw_err(format!("{at}.audiences"), "needs at least one non-empty audience".into()));
+                }
+                let refresh = std::time::Duration::from_secs(j.jwks_refresh_seconds.unwrap_or(300).max(10));
+                let source = match (&j.jwks_file, &j.jwks_url) {
+                    (Some(_), Some(_)) => {
+                        errors.push(gw_err(at.clone(), "set jwksFile or jwksUrl, not both".into()));
+                        None
+                    }
+                    (Some(f), None) => Some(auth::jwt::Source::File(f.into())),
+                    (None, Some(u)) if u.starts_with("https://") && u.parse::<hyper::Uri>().is_ok() => {
+                        Some(auth::jwt::Source::Url(u.clone()))
+                    }
+                    (None, Some(u)) => {
+                        errors.push(gw_err(format!("{at}.jwksUrl"), format!("`{u}` must be an https:// URL")));
+                        None
+                    }
+                    (None, None) => None,
+                };
+                let jwks = match source.map(|s| auth::jwt::Jwks::for_source(s, refresh)) {
+                    None => None,
+                    Some(Ok(j)) => Some(j),
+                    Some(Err(m)) => {
+                        errors.push(gw_err(format!("{at}.jwksFile"), m));
+                        None
+                    }
+                };
+                let hs256 = match &j.hs256_secret_ref {
+                    None => None,
+                    Some(r) => {
+                        let skey = Key::new(gateway.namespace.clone(), r.name.clone());
+                        let key_name = j.hs256_secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
+                        match self.secrets.get(&skey).and_then(|d| d.spec.entries.get(key_name)) {
+                            Some(v) if v.expose_secret().trim_ascii().len() >= 32 => {
+                                let v = v.expose_secret().trim_ascii();
+                                live.push(SecretSlice::from(v.to_vec()));
+                                Some(jsonwebtoken::DecodingKey::from_secret(v))
+                            }
+                            Some(_) => {
+                                errors.push(gw_err(
+                                    format!("{at}.hs256SecretRef"),
+                                    format!("Secret {skey} key `{key_name}` must hold at least 32 bytes"),
+                                ));
+                                None
+                            }
+                            None => {
+                                errors.push(gw_err(
+                                    format!("{at}.hs256SecretRef"),
+                                    format!("Secret {skey} with key `{key_name}` is required"),
+                                ));
+                                None
+                            }
+                        }
+                    }
+                };
+                if j.jwks_file.is_none() && j.jwks_url.is_none() && j.hs256_secret_ref.is_none() {
+                    errors.push(gw_err(at.clone(), "needs keys: jwksFile, jwksUrl or hs256SecretRef".into()));
+                }
+                let m = j.claim_mapping.clone().unwrap_or_default();
+                validators.push(auth::Validator::Jwt(Box::new(auth::jwt::JwtValidator {
+                    name,
+                    jwks,
+                    hs256,
+                    validation: auth::jwt::JwtValidator::validation(
+                        &j.issuer,
+                        &j.audiences,
+                        j.leeway_seconds.unwrap_or(30),
+                    ),
+                    claims: auth::jwt::ClaimMapping {
+                        subject: m.subject.unwrap_or_else(|| "sub".into()),
+                        tenant: m.tenant,
+                        role: m.role,
+                    },
+                })));
+                continue;
+            }
             if let Some(st) = &v.shared_token {
                 let skey = Key::new(gateway.namespace.clone(), st.secret_ref.name.clone());
                 let key_name = st.secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
@@ -481,6 +599,7 @@ impl Catalog {
                     agent: st.agent.as_deref().unwrap_or("shared").into(),
                     tenant: st.tenant.as_deref().map(Arc::from),
                     validator: name.clone(),
+                    role: None,
                 };
                 validators.push(auth::Validator::SharedToken {
                     name,
@@ -525,6 +644,7 @@ impl Catalog {
                         agent: agent.into(),
                         tenant: text("tenant").filter(|t| !t.is_empty()).map(Arc::from),
                         validator: name.clone(),
+                        role: None,
                     },
                     expires,
                     secret: skey.clone(),
@@ -535,7 +655,21 @@ impl Catalog {
             }
             validators.push(auth::Validator::ApiKeys { name, keys });
         }
-        auth::Chain { optional: a.optional, validators, counters: auth::TenantCounters::new(&a.metrics_tenants) }
+        let edge_headers = validators
+            .iter()
+            .flat_map(|v| match v {
+                auth::Validator::EdgeTrust(e) => {
+                    vec![e.agent_header.clone()].into_iter().chain(e.tenant_header.clone())
+                }
+                _ => Vec::new().into_iter().chain(None),
+            })
+            .collect();
+        auth::Chain {
+            optional: a.optional,
+            validators,
+            counters: auth::TenantCounters::new(&a.metrics_tenants),
+            edge_headers,
+        }
     }
 
     /// Binds a policy to one provider: its own Secret, and with `credentialSelector` each

@@ -223,6 +223,8 @@ pub fn bootstrap(
             "allow_mode_override": true,
             "message_timeout": "2s",
             "max_message_timeout": "10s",
+            // For spec.agentAuth edgeTrust: who is on the other end of the connection.
+            "request_attributes": ["source.address", "connection.mtls"],
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",

@@ -22,7 +22,7 @@ use tonic::{Status, Streaming};
 
 use std::time::Instant;
 
-use crate::auth::{Admission, Identity};
+use crate::auth::{Admission, Identity, Peer};
 use crate::config::snapshot::{normalize_host, Binding};
 use crate::config::{Credential, Decision, Snapshot, SnapshotStore};
 use crate::inject;
@@ -31,6 +31,7 @@ use crate::inject::sigv4::{self, Signer};
 use crate::telemetry::span::{Start, Transaction};
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 use secrecy::ExposeSecret as _;
+use std::borrow::Cow;
 
 /// State shared by every stream.
 pub struct Shared {
@@ -102,13 +103,48 @@ pub struct PendingSign {
     headers: Vec<(&'static str, String)>,
 }
 
-/// Request headers waiting for a GCP access token (the first request, or after expiry).
+/// Request headers waiting for a GCP access token (the first request, or after expiry) or for
+/// a JWKS refetch (a JWT naming a key not held yet).
 struct Waiting {
-    token: crate::inject::gcp::TokenFuture,
+    wait: WaitFor,
     snapshot: Arc<Snapshot>,
     headers: Vec<HeaderValue>,
     has_body: bool,
+    peer: Peer,
     started: Instant,
+}
+
+enum WaitFor {
+    Token(crate::inject::gcp::TokenFuture),
+    Keys(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>),
+}
+
+impl WaitFor {
+    fn of(step_wait: Wait) -> WaitFor {
+        match step_wait {
+            Wait::Token(source) => WaitFor::Token(Box::pin(async move { source.token().await })),
+            Wait::Keys(jwks) => WaitFor::Keys(jwks.refresh()),
+        }
+    }
+}
+
+/// How a request-headers decision is being made: the first time, or again after a wait.
+#[derive(Clone, Copy)]
+pub enum Resume<'a> {
+    First,
+    /// After a GCP token fetch, with its outcome.
+    Token(Result<&'a Token, &'a str>),
+    /// After a JWKS refetch.
+    Keys,
+}
+
+/// The agent's gateway token: the header it came in, and its value.
+type AgentToken<'a> = (&'a str, &'a [u8]);
+
+/// What the request headers wait for.
+pub enum Wait {
+    Token(Arc<TokenSource>),
+    Keys(Arc<crate::auth::jwt::Jwks>),
 }
 
 /// The response stream of one HTTP request.
@@ -146,19 +182,29 @@ impl Stream for ProcessStream {
             return Poll::Ready(None);
         }
         if let Some(w) = self.waiting.as_mut() {
-            let Poll::Ready(token) = w.token.as_mut().poll(cx) else { return Poll::Pending };
+            let token = match &mut w.wait {
+                WaitFor::Token(f) => {
+                    let Poll::Ready(token) = f.as_mut().poll(cx) else { return Poll::Pending };
+                    Some(token)
+                }
+                WaitFor::Keys(f) => {
+                    let Poll::Ready(()) = Pin::new(f).poll(cx) else { return Poll::Pending };
+                    None
+                }
+            };
             let w = self.waiting.take().expect("waiting");
             let this = &mut *self;
-            let fetched = Some(token.as_ref().map(|t| &**t).map_err(|e| &**e));
-            let step = on_request_headers(&w.snapshot, &this.shared, &w.headers, w.has_body, fetched);
-            let outcome = match step {
+            let resume = match &token {
+                Some(t) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e)),
+                None => Resume::Keys,
+            };
+            let outcome = match on_request_headers(&w.snapshot, &this.shared, &w.headers, w.has_body, resume, &w.peer) {
                 Step::Answer(outcome) => outcome,
-                // Not reached: with a fetch outcome in hand the decision never asks for another.
-                Step::NeedToken(_) => Outcome {
-                    resp: signing_failed(&this.shared, "no access token after the fetch"),
-                    tx: None,
-                    sign: None,
-                },
+                // A JWKS refetch, then a token fetch: wait again.
+                Step::Wait(next) => {
+                    this.waiting = Some(Box::new(Waiting { wait: WaitFor::of(next), ..*w }));
+                    return self.poll_next(cx);
+                }
             };
             this.shared.metrics.observe(TelemetryPhase::RequestHeaders, w.started.elapsed());
             let (resp, end) = this.accept(outcome, w.snapshot);
@@ -244,8 +290,9 @@ pub struct Outcome {
 #[allow(clippy::large_enum_variant)]
 pub enum Step {
     Answer(Outcome),
-    /// A GCP route with no usable token cached: fetch (or join the fetch) and decide again.
-    NeedToken(Arc<TokenSource>),
+    /// A GCP route with no usable token cached, or a JWT naming a key not held yet: fetch (or
+    /// join the fetch) and decide again.
+    Wait(Wait),
 }
 
 impl ProcessStream {
@@ -259,8 +306,8 @@ impl ProcessStream {
     }
 
     /// Answers one message.
-    fn handle(&mut self, msg: ProcessingRequest, started: Instant) -> Result<Handled, Status> {
-        let Some(request) = msg.request else {
+    fn handle(&mut self, mut msg: ProcessingRequest, started: Instant) -> Result<Handled, Status> {
+        let Some(request) = msg.request.take() else {
             return Err(Status::invalid_argument("ProcessingRequest carries no request phase"));
         };
         let shared = &*self.shared;
@@ -270,14 +317,15 @@ impl ProcessStream {
                 let has_body = !h.end_of_stream;
                 let headers = h.headers.map(|m| m.headers).unwrap_or_default();
                 let snapshot = shared.store.load_full();
-                match on_request_headers(&snapshot, shared, &headers, has_body, None) {
+                let peer = peer(&msg.attributes);
+                match on_request_headers(&snapshot, shared, &headers, has_body, Resume::First, &peer) {
                     Step::Answer(outcome) => {
                         let (resp, end) = self.accept(outcome, snapshot);
                         Ok(Handled::Answer(resp, TelemetryPhase::RequestHeaders, end))
                     }
-                    Step::NeedToken(source) => {
-                        let token = Box::pin(async move { source.token().await });
-                        self.waiting = Some(Box::new(Waiting { token, snapshot, headers, has_body, started }));
+                    Step::Wait(w) => {
+                        let wait = WaitFor::of(w);
+                        self.waiting = Some(Box::new(Waiting { wait, snapshot, headers, has_body, peer, started }));
                         Ok(Handled::Wait)
                     }
                 }
@@ -383,6 +431,23 @@ fn phase_name(r: &Request) -> &'static str {
     }
 }
 
+/// The downstream connection as Envoy reports it in `request_attributes` (`source.address`,
+/// `connection.mtls`); absent attributes mean "not trusted".
+fn peer(attributes: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Struct>) -> Peer {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(fields) = attributes.get("envoy.filters.http.ext_proc").map(|s| &s.fields) else {
+        return Peer::default();
+    };
+    let mtls = matches!(fields.get("connection.mtls").and_then(|v| v.kind.as_ref()), Some(Kind::BoolValue(true)));
+    let source = match fields.get("source.address").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(a)) => {
+            a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok().or_else(|| a.parse::<std::net::IpAddr>().ok())
+        }
+        _ => None,
+    };
+    Peer { mtls, source }
+}
+
 /// A header's bytes: Envoy sends `raw_value`; older senders use `value`.
 fn header_bytes(h: &HeaderValue) -> &[u8] {
     if h.raw_value.is_empty() {
@@ -397,16 +462,22 @@ fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
 }
 
 /// The request-headers decision, answered from `snapshot`; with tracing on, the transaction.
-/// `fetched` is the outcome of a token fetch this request waited for (GCP routes only).
+/// `resume` says whether this is the first pass or a retry after a wait (a GCP token fetch, with
+/// its outcome, or a JWKS refetch); `peer` is the downstream connection as Envoy reports it.
 pub fn on_request_headers(
     snapshot: &Snapshot,
     shared: &Shared,
     headers: &[HeaderValue],
     has_body: bool,
-    fetched: Option<Result<&Token, &str>>,
+    resume: Resume<'_>,
+    peer: &Peer,
 ) -> Step {
     let metrics = &shared.metrics;
-    if fetched.is_none() {
+    let fetched = match resume {
+        Resume::Token(t) => Some(t),
+        Resume::First | Resume::Keys => None,
+    };
+    if matches!(resume, Resume::First) {
         Metrics::inc(&metrics.requests);
     }
     let authority = find(headers, ":authority").or_else(|| find(headers, "host")).unwrap_or("");
@@ -416,11 +487,12 @@ pub fn on_request_headers(
     let pairs = || headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect::<Vec<_>>();
     // Agent admission (spec.agentAuth) comes first: no decision for a caller it refuses.
     let mut rejected = None;
-    let (identity, agent_token): (Option<&Identity>, Option<(&str, &[u8])>) = match &snapshot.agent_auth {
+    let (identity, agent_token): (Option<Cow<'_, Identity>>, Option<AgentToken<'_>>) = match &snapshot.agent_auth {
         None => (None, None),
         Some(chain) => {
             let presented = crate::auth::agent_token(headers.iter().map(|h| (h.key.as_str(), header_bytes(h))));
-            let admission = chain.admit(presented.map(|(_, t)| t), std::time::SystemTime::now());
+            let header = |n: &str| find(headers, n);
+            let admission = chain.admit(presented.map(|(_, t)| t), peer, header, std::time::SystemTime::now());
             if fetched.is_none() {
                 chain.counters.count(&admission);
             }
@@ -431,9 +503,13 @@ pub fn on_request_headers(
                     rejected = Some(r);
                     (None, None)
                 }
+                Admission::NeedKeys(jwks) => return Step::Wait(Wait::Keys(jwks)),
             }
         }
     };
+    let identity = identity.as_deref();
+    // Identity headers from a trusted hop never leave the gateway, trusted or not.
+    let edge_headers: &[Box<str>] = snapshot.agent_auth.as_ref().map_or(&[], |c| &c.edge_headers);
     let start = |provider: Option<&'static crate::provider::Provider>,
                  route: &str,
                  policy: Option<&str>,
@@ -522,7 +598,7 @@ pub fn on_request_headers(
                         cached = source.cached();
                         match &cached {
                             Some(t) => Some(t.header.expose_secret()),
-                            None => return Step::NeedToken(source.clone()),
+                            None => return Step::Wait(Wait::Token(source.clone())),
                         }
                     }
                 },
@@ -538,7 +614,7 @@ pub fn on_request_headers(
                     return answer(too_large(metrics, entry, len.unwrap_or(0)), None, None);
                 }
             }
-            let plan = inject::plan(
+            let mut plan = inject::plan(
                 binding,
                 credential,
                 token,
@@ -546,6 +622,7 @@ pub fn on_request_headers(
                 path,
                 agent_token.map(|(_, t)| t),
             );
+            plan.remove.extend(edge_headers.iter().map(|h| &**h).filter(|h| find(headers, h).is_some()));
             let policy = binding.policy.as_deref().unwrap_or("-");
             if !plan.smuggled.is_empty() {
                 Metrics::inc(&metrics.smuggle_attempts);
@@ -655,9 +732,12 @@ pub fn on_request_headers(
         Decision::PassThrough { allowed_by } => {
             Metrics::inc(&metrics.passed_through);
             tracing::debug!(authority, path = path_only, allowed_by, "no route; passed through untouched");
-            // The agent's gateway token never leaves the gateway, even to an allowed host.
-            let m = agent_token.map(|(name, _)| {
-                let plan = inject::Plan { remove: vec![name], ..Default::default() };
+            // The agent's gateway token and edge identity headers never leave the gateway, even to
+            // an allowed host.
+            let mut remove: Vec<&str> = agent_token.map(|(name, _)| name).into_iter().collect();
+            remove.extend(edge_headers.iter().map(|h| &**h).filter(|h| find(headers, h).is_some()));
+            let m = (!remove.is_empty()).then(|| {
+                let plan = inject::Plan { remove, ..Default::default() };
                 mutation::header_mutation(&plan, &[])
             });
             answer(mutation::request_headers(m, None), None, None)

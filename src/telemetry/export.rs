@@ -8,9 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use percent_encoding::percent_decode_str;
 
 use super::otlp::Envelope;
@@ -157,39 +154,20 @@ pub struct Exporter {
     uri: hyper::Uri,
     headers: hyper::HeaderMap,
     timeout: Duration,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: crate::http::HttpClient,
     envelope: Envelope,
 }
 
 impl Exporter {
     /// Builds the client; an `https` endpoint verifies the collector against the system roots.
     pub fn new(s: &Settings) -> Result<Exporter, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let uri: hyper::Uri = match s.transport {
             Transport::HttpProtobuf => s.endpoint.parse(),
             Transport::Grpc => format!("{}{GRPC_EXPORT_PATH}", s.endpoint).parse(),
         }
         .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?;
-        let tls = if uri.scheme_str() == Some("https") {
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_provider_and_native_roots(provider)
-                .map_err(|e| format!("OTLP endpoint {}: no system CA certificates to verify it ({e})", s.endpoint))?
-        } else {
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS setup: {e}"))?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        let connector = match s.transport {
-            Transport::HttpProtobuf => tls.https_or_http().enable_http1().build(),
-            Transport::Grpc => {
-                builder.http2_only(true);
-                tls.https_or_http().enable_http2().build()
-            }
-        };
+        let client =
+            crate::http::client(&uri, s.transport == Transport::Grpc).map_err(|e| format!("OTLP endpoint {e}"))?;
         let mut headers = hyper::HeaderMap::new();
         for (k, v) in &s.headers {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}`: not a name"))?;
@@ -202,7 +180,7 @@ impl Exporter {
             uri,
             headers,
             timeout: s.timeout,
-            client: builder.build(connector),
+            client,
             envelope: Envelope::new(&s.service_name),
         })
     }
@@ -229,7 +207,11 @@ impl Exporter {
         };
         let req = req.body(Full::new(body)).map_err(|e| format!("building the request: {e}"))?;
         let send = async {
-            let resp = self.client.request(req).await.map_err(|e| format!("{}: {}", self.uri, error_chain(&e)))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{}: {}", self.uri, crate::http::error_chain(&e)))?;
             let status = resp.status();
             let head_status = grpc_status(resp.headers());
             let collected =
@@ -271,17 +253,6 @@ fn grpc_status(h: &hyper::HeaderMap) -> Option<(u32, String)> {
         .map(|m| percent_decode_str(m).decode_utf8_lossy().into_owned())
         .unwrap_or_default();
     Some((code, message))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// The exporter side: a bounded queue drained by one task that batches and exports.

@@ -246,6 +246,9 @@ impl Transaction {
                 attr("keyswap.tenant", Value::Str(t));
             }
             attr("keyswap.auth.validator", Value::Str(&id.validator));
+            if let Some(r) = &id.role {
+                attr("keyswap.role", Value::Str(r));
+            }
         }
         header_event(&mut encoded, "http.request.headers", REQUEST_PREFIX, headers, s.redact_also);
         let content_type = find("content-type").unwrap_or("");

@@ -300,6 +300,7 @@ static_resources:
               failure_mode_allow: false
               allow_mode_override: true
               message_timeout: 2s
+              request_attributes: ["source.address", "connection.mtls"]
               processing_mode:
                 request_header_mode: SEND
                 response_header_mode: SEND

@@ -1,0 +1,330 @@
+//! The `jwt` validator: OIDC-style bearer tokens verified with keys from a JWKS (file or HTTPS
+//! URL) or an HS256 secret.
+//!
+//! Signature, issuer, audience, `exp`/`nbf` (with leeway) are checked by `jsonwebtoken`. The
+//! algorithm is never chosen by the token alone: RS256 and ES256 need a JWKS key of that family
+//! (by `kid`), HS256 needs the configured secret — so `alg: none` and HS256-signed-with-the-RSA-
+//! public-key are refused. Keys are cached per JWKS source across configuration reloads;
+//! an unknown `kid` makes the request wait for one refetch (at most one per [`REFETCH_COOLDOWN`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::future::{BoxFuture, FutureExt as _, Shared};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use super::{Identity, Rejection};
+
+/// An unknown `kid` triggers at most one refetch per source in this interval.
+pub const REFETCH_COOLDOWN: Duration = Duration::from_secs(5);
+/// How long a request waits for a JWKS refetch.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest JWKS document read.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// Where keys come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    File(std::path::PathBuf),
+    Url(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Url(u) => f.write_str(u),
+        }
+    }
+}
+
+struct KeySet {
+    keys: HashMap<String, (Algorithm, DecodingKey)>,
+    /// Keys without a `kid`: used when the token names none.
+    unnamed: Vec<(Algorithm, DecodingKey)>,
+}
+
+/// A JWKS source and its current keys: read lock-free, refreshed single-flight.
+pub struct Jwks {
+    pub source: Source,
+    keys: ArcSwap<KeySet>,
+    refresh_every: Duration,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last fetch attempt and the last success.
+    last_attempt_ms: AtomicU64,
+    last_success_ms: AtomicU64,
+    inflight: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
+}
+
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Jwks({}, {} keys)", self.source, self.keys.load().keys.len())
+    }
+}
+
+/// Parses a JWKS document: RSA keys for RS256, P-256 EC keys for ES256; others are skipped.
+fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let mut out = KeySet { keys: HashMap::new(), unnamed: Vec::new() };
+    for jwk in &set.keys {
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Algorithm::ES256,
+            _ => continue,
+        };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+        match &jwk.common.key_id {
+            Some(kid) => {
+                out.keys.insert(kid.clone(), (alg, key));
+            }
+            None => out.unnamed.push((alg, key)),
+        }
+    }
+    if out.keys.is_empty() && out.unnamed.is_empty() {
+        return Err("no RS256 (RSA) or ES256 (P-256) key in the JWKS".into());
+    }
+    Ok(out)
+}
+
+type Registry = Mutex<HashMap<Source, Weak<Jwks>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+impl Jwks {
+    /// The cache for `source`, shared by every configuration that names it. A file is read now
+    /// (an unreadable or invalid file is a configuration error); a URL is fetched on first use.
+    pub fn for_source(source: Source, refresh_every: Duration) -> Result<Arc<Jwks>, String> {
+        let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+        reg.retain(|_, w| w.strong_count() > 0);
+        if let Some(existing) = reg.get(&source).and_then(Weak::upgrade) {
+            if let Source::File(p) = &source {
+                // A reload re-reads the file: an edited JWKS takes effect with the configuration.
+                let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                existing.keys.store(Arc::new(parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?));
+            }
+            return Ok(existing);
+        }
+        let keys = match &source {
+            Source::File(p) => {
+                let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            Source::Url(_) => KeySet { keys: HashMap::new(), unnamed: Vec::new() },
+        };
+        let jwks = Arc::new(Jwks {
+            source: source.clone(),
+            keys: ArcSwap::from_pointee(keys),
+            refresh_every,
+            epoch: Instant::now(),
+            last_attempt_ms: AtomicU64::new(0),
+            last_success_ms: AtomicU64::new(0),
+            inflight: Mutex::new(None),
+        });
+        reg.insert(source, Arc::downgrade(&jwks));
+        Ok(jwks)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a request with an unknown `kid` should wait for keys: a fetch is under way, or
+    /// the last one is older than the cooldown.
+    fn may_refetch(&self) -> bool {
+        if self.inflight.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return true;
+        }
+        let last = self.last_attempt_ms.load(Ordering::Relaxed);
+        last == 0 || self.now_ms().saturating_sub(last) >= REFETCH_COOLDOWN.as_millis() as u64
+    }
+
+    /// Refetches the keys (single flight); resolves when done, successful or not.
+    pub fn refresh(self: &Arc<Self>) -> Shared<BoxFuture<'static, ()>> {
+        let mut slot = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = slot.as_ref() {
+            return f.clone();
+        }
+        self.last_attempt_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+        let this = self.clone();
+        let fut = async move {
+            let result = tokio::time::timeout(FETCH_TIMEOUT, this.fetch()).await;
+            match result {
+                Ok(Ok(keys)) => {
+                    tracing::info!(jwks = %this.source, keys = keys.keys.len() + keys.unnamed.len(), "JWKS loaded");
+                    this.keys.store(Arc::new(keys));
+                    this.last_success_ms.store(this.now_ms().max(1), Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(jwks = %this.source, error = %e, "JWKS fetch failed; keeping the keys held")
+                }
+                Err(_) => tracing::warn!(jwks = %this.source, "JWKS fetch timed out; keeping the keys held"),
+            }
+            *this.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        .boxed()
+        .shared();
+        *slot = Some(fut.clone());
+        fut
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let bytes = match &self.source {
+            Source::File(p) => tokio::fs::read(p).await.map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+            Source::Url(u) => {
+                use http_body_util::BodyExt as _;
+                let uri: hyper::Uri = u.parse().map_err(|e| format!("{e}"))?;
+                let client = crate::http::client(&uri, false)?;
+                let req = hyper::Request::get(uri)
+                    .header("accept", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                let resp = client.request(req).await.map_err(|e| crate::http::error_chain(&e))?;
+                if !resp.status().is_success() {
+                    return Err(format!("answered {}", resp.status()));
+                }
+                let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES);
+                body.collect().await.map_err(|e| format!("reading the JWKS: {e}"))?.to_bytes().to_vec()
+            }
+        };
+        parse_jwks(&bytes)
+    }
+
+    /// Starts a background refresh when the keys are older than the refresh interval.
+    fn refresh_if_stale(self: &Arc<Self>) {
+        if matches!(self.source, Source::File(_)) {
+            return;
+        }
+        // Never fetched: the first request that needs a key fetches (and waits).
+        let last = self.last_attempt_ms.load(Ordering::Relaxed);
+        if last == 0 || self.now_ms().saturating_sub(last) < self.refresh_every.as_millis() as u64 {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let f = self.refresh();
+            rt.spawn(f);
+        }
+    }
+}
+
+/// Which claims make the identity.
+#[derive(Clone, Debug)]
+pub struct ClaimMapping {
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub role: Option<String>,
+}
+
+pub struct JwtValidator {
+    pub name: Arc<str>,
+    pub jwks: Option<Arc<Jwks>>,
+    pub hs256: Option<DecodingKey>,
+    pub validation: Validation,
+    pub claims: ClaimMapping,
+}
+
+impl std::fmt::Debug for JwtValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Jwt({}, jwks {:?}, hs256 {})", self.name, self.jwks, self.hs256.is_some())
+    }
+}
+
+/// What a JWT validator made of a token.
+pub enum Verdict {
+    Admitted(Identity),
+    Rejected(Rejection),
+    /// Not a JWT at all: the next validator may know it.
+    NotJwt,
+    /// The token names a key this source does not hold (yet): wait for a refetch, then retry.
+    NeedKeys(Arc<Jwks>),
+}
+
+/// A claim as a string: the value, or the first string of an array.
+fn claim_str(v: Option<&serde_json::Value>) -> Option<&str> {
+    match v? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| x.as_str()),
+        _ => None,
+    }
+}
+
+impl JwtValidator {
+    /// `validation` with issuer, audiences, leeway and required claims set.
+    pub fn validation(issuer: &str, audiences: &[String], leeway: u64) -> Validation {
+        let mut v = Validation::new(Algorithm::RS256);
+        v.set_issuer(&[issuer]);
+        v.set_audience(audiences);
+        v.leeway = leeway;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        v
+    }
+
+    pub fn verify(&self, token: &[u8]) -> Verdict {
+        let Ok(text) = std::str::from_utf8(token) else { return Verdict::NotJwt };
+        if text.split('.').count() != 3 {
+            return Verdict::NotJwt;
+        }
+        // An unknown or `none` algorithm does not parse: refused, never "not a JWT".
+        let Ok(header) = jsonwebtoken::decode_header(text) else { return Verdict::Rejected(Rejection::InvalidToken) };
+        let key = match header.alg {
+            Algorithm::HS256 => match &self.hs256 {
+                Some(k) => k,
+                None => return Verdict::Rejected(Rejection::InvalidToken),
+            },
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let Some(jwks) = &self.jwks else { return Verdict::Rejected(Rejection::InvalidToken) };
+                jwks.refresh_if_stale();
+                let set = jwks.keys.load();
+                let found = match &header.kid {
+                    Some(kid) => set.keys.get(kid).filter(|(alg, _)| *alg == header.alg).map(|(_, k)| k.clone()),
+                    None => set.unnamed.iter().find(|(alg, _)| *alg == header.alg).map(|(_, k)| k.clone()),
+                };
+                match found {
+                    Some(k) => return self.check(text, header.alg, &k),
+                    None if header.kid.is_some() && jwks.may_refetch() => return Verdict::NeedKeys(jwks.clone()),
+                    None => return Verdict::Rejected(Rejection::InvalidToken),
+                }
+            }
+            _ => return Verdict::Rejected(Rejection::InvalidToken),
+        };
+        self.check(text, header.alg, key)
+    }
+
+    fn check(&self, token: &str, alg: Algorithm, key: &DecodingKey) -> Verdict {
+        let mut v = self.validation.clone();
+        v.algorithms = vec![alg];
+        let data = match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &v) {
+            Ok(d) => d,
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                return Verdict::Rejected(Rejection::ExpiredToken)
+            }
+            Err(e) => {
+                tracing::debug!(validator = %self.name, error = ?e.kind(), "JWT refused");
+                return Verdict::Rejected(Rejection::InvalidToken);
+            }
+        };
+        let c = &data.claims;
+        let Some(agent) = claim_str(c.get(&self.claims.subject)).filter(|s| !s.is_empty()) else {
+            return Verdict::Rejected(Rejection::InvalidToken);
+        };
+        let tenant = self.claims.tenant.as_ref().and_then(|t| claim_str(c.get(t))).filter(|s| !s.is_empty());
+        let role = self.claims.role.as_ref().and_then(|r| match c.get(r)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")),
+            _ => None,
+        });
+        Verdict::Admitted(Identity {
+            agent: agent.into(),
+            tenant: tenant.map(Arc::from),
+            validator: self.name.clone(),
+            role: role.filter(|r| !r.is_empty()).map(Arc::from),
+        })
+    }
+}
