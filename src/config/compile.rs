@@ -166,10 +166,10 @@ impl Catalog {
                     ));
                 }
                 if let Some(t) = &bt.secret_name_template {
-                    if t.matches("{tenant}").count() != 1 {
+                    if t.matches("{tenant}").count() != 1 || t == "{tenant}" {
                         errors.push(err(
                             "spec.credentialSelector.byTenant.secretNameTemplate".into(),
-                            format!("`{t}` must contain `{{tenant}}` exactly once"),
+                            format!("`{t}` must contain `{{tenant}}` exactly once, with a fixed prefix or suffix"),
                         ));
                     }
                 }
@@ -1131,6 +1131,80 @@ mod tests {
             policy("a", "{name: r}", "  target: Header\n  headerName: \"bad header\"")
         );
         assert!(compile(&header).unwrap_err().contains("is not a valid HTTP header name"));
+    }
+
+    #[test]
+    fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
+        let secrets = [
+            ("s", "house"),
+            ("acme-anthropic", "acme"),
+            ("globex-keys", "globex"),
+            ("x-anthropic-extra", "no"),
+        ]
+        .iter()
+        .map(|(n, v)| {
+            format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: sk-{v}-0001}}\n---\n")
+        })
+        .collect::<String>();
+        let selector = |fallback: &str| {
+            format!(
+                "  target: Header\n  credentialSelector:\n    byTenant:\n      secretNameTemplate: '{{tenant}}-anthropic'\n      tenants: {{globex: {{secretRef: {{name: globex-keys}}}}}}\n    fallback: {fallback}"
+            )
+        };
+        let fp = |v: &str| fingerprint(v.as_bytes());
+        for fallback in ["Deny", "Default"] {
+            let text = format!(
+                "{GW}{}{}{secrets}",
+                route("a", "{provider: anthropic}"),
+                policy("p", "{name: a}", &selector(fallback))
+            );
+            let snap = compile(&text).unwrap();
+            let key = |tenant: Option<&str>| match snap.decide("api.anthropic.com", "/v1/messages", tenant) {
+                Decision::Inject { credential, .. } => Some(credential.fingerprint().to_owned()),
+                Decision::TenantNotMapped { .. } => None,
+                d => panic!("{d:?}"),
+            };
+            assert_eq!(key(Some("acme")), Some(fp("sk-acme-0001")), "template");
+            assert_eq!(key(Some("globex")), Some(fp("sk-globex-0001")), "explicit map");
+            let fallback_key = (fallback == "Default").then(|| fp("sk-house-0001"));
+            assert_eq!(key(Some("initech")), fallback_key, "{fallback}: a tenant without a key");
+            assert_eq!(key(None), fallback_key, "{fallback}: anonymous");
+        }
+        let bad = format!(
+            "{GW}{}{}",
+            route("a", "{provider: anthropic}"),
+            policy(
+                "p",
+                "{name: a}",
+                "  target: Header\n  credentialSelector: {byTenant: {secretNameTemplate: 'static-name'}}"
+            )
+        );
+        let e = compile(&bad).unwrap_err();
+        assert!(e.contains("secretNameTemplate") && e.contains("{tenant}"), "{e}");
+    }
+
+    #[test]
+    fn agent_auth_validators_are_checked_and_name_the_field() {
+        let gw = |validators: &str| {
+            format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: {validators}\n---\n")
+        };
+        for (validators, field, words) in [
+            ("[]", "spec.agentAuth.validators", "at least one"),
+            ("[{apiKeys: {}, sharedToken: {secretRef: {name: t}}}]", "spec.agentAuth.validators[0]", "exactly one"),
+            ("[{jwt: {issuer: i, audiences: [], jwksUrl: 'https://idp/jwks'}}]", "audiences", "at least one"),
+            ("[{jwt: {issuer: i, audiences: [a], jwksUrl: 'http://idp/jwks'}}]", "jwksUrl", "https://"),
+            ("[{jwt: {issuer: i, audiences: [a]}}]", "spec.agentAuth.validators[0].jwt", "needs keys"),
+            ("[{jwt: {issuer: i, audiences: [a], jwksFile: /nonexistent/jwks.json}}]", "jwksFile", "cannot read"),
+            ("[{edgeTrust: {agentHeader: x-agent}}]", "edgeTrust", "trusts nobody"),
+            ("[{edgeTrust: {agentHeader: x-agent, trustedCidrs: [10.0.0.0/40]}}]", "trustedCidrs[0]", "prefix"),
+            ("[{sharedToken: {secretRef: {name: missing}}}]", "sharedToken.secretRef", "default/missing"),
+        ] {
+            let e = compile(&gw(validators)).unwrap_err();
+            assert!(e.contains(field) && e.contains(words), "{validators}: {e}");
+        }
+        let token = "apiVersion: v1\nkind: Secret\nmetadata: {name: t1, labels: {keyswap.dev/agent-token: 'true'}}\nstringData: {sha256: nothex, agent: a}\n";
+        let e = compile(&format!("{}{token}", gw("[{apiKeys: {}}]"))).unwrap_err();
+        assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
     }
 
     #[test]

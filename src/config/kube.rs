@@ -307,6 +307,9 @@ fn wanted_secrets(
             if let Some(st) = &v.shared_token {
                 wanted.insert(SecretWatch::Named(Key::new(ns.clone(), st.secret_ref.name.clone())));
             }
+            if let Some(r) = v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()) {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), r.name.clone())));
+            }
         }
     }
     wanted
