@@ -270,6 +270,7 @@ fn span(c: &mut Criterion) {
         redact_also: None,
         error: None,
         identity: None,
+        tenant_label: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let sink = Sink::new(Arc::default(), Some(tx));

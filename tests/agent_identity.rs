@@ -23,7 +23,6 @@ metadata: {{name: egress}}
 spec:
   defaultPolicy: deny-all
   allow: ["allowed.example.com"]
-  otlp: {{readBodies: false}}
   agentAuth:
     metricsTenants: [tenant-a]
     validators:
@@ -235,6 +234,17 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
     );
     assert!(metric(&metrics, "keyswap_denials_total{reason=\"agent_unauthenticated\"}") >= 4.0, "{metrics}");
     assert_eq!(metric(&metrics, "keyswap_denials_total{reason=\"tenant_not_mapped\"}"), 1.0, "{metrics}");
+    // Spend by tenant: token usage carries the same bounded tenant label.
+    let usage = |tenant: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("gen_ai_client_token_usage_total{") && l.contains(&format!("keyswap_tenant=\"{tenant}\""))
+            })
+            .count()
+    };
+    assert!(usage("tenant-a") >= 2 && usage("other") >= 2, "{metrics}");
+    assert_eq!(usage("tenant-b"), 0, "tenants outside metricsTenants are `other`");
 }
 
 type Headers<'a> = &'a [(&'a str, &'a str)];

@@ -306,6 +306,7 @@ impl Chain {
 pub struct TenantCounters {
     named: Vec<(Arc<str>, Arc<AtomicU64>)>,
     other: Arc<AtomicU64>,
+    other_label: Arc<str>,
     anonymous: Arc<AtomicU64>,
     rejected: Arc<AtomicU64>,
 }
@@ -326,6 +327,7 @@ impl TenantCounters {
         TenantCounters {
             named: tenants.iter().map(|t| (Arc::from(t.as_str()), counter(&format!("admitted\0{t}")))).collect(),
             other: counter("admitted\0other"),
+            other_label: Arc::from("other"),
             anonymous: counter("anonymous\0"),
             rejected: counter("rejected\0"),
         }
@@ -344,9 +346,13 @@ impl TenantCounters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The tenant label metrics use for `identity`.
-    pub fn label<'a>(&'a self, identity: &Identity) -> &'a str {
-        identity.tenant.as_ref().and_then(|t| self.named.iter().find(|(n, _)| **n == **t)).map_or("other", |(n, _)| n)
+    /// The tenant label metrics use for `identity`: its tenant when listed, else "other".
+    pub fn label(&self, identity: &Identity) -> Arc<str> {
+        identity
+            .tenant
+            .as_ref()
+            .and_then(|t| self.named.iter().find(|(n, _)| **n == **t))
+            .map_or_else(|| self.other_label.clone(), |(n, _)| n.clone())
     }
 }
 

@@ -537,6 +537,7 @@ pub fn on_request_headers(
             redact_also: binding.and_then(|b| b.strip_headers.last().map(|h| &**h)),
             error,
             identity,
+            tenant_label: snapshot.agent_auth.as_ref().zip(identity).map(|(c, id)| c.counters.label(id)),
         };
         Transaction::start(&s, &pairs(), &snapshot.capture)
     };

@@ -43,6 +43,9 @@ struct Histogram {
     sum_ns: AtomicU64,
 }
 
+/// (provider, model, tenant label).
+type TokenKey = (String, String, String);
+
 /// Counters the request path bumps without locks.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -71,8 +74,9 @@ pub struct Metrics {
     /// Spans lost because the collector refused them or did not answer in time.
     pub spans_export_failed: AtomicU64,
     phases: [Histogram; 5],
-    /// (provider, model) → (input, output) tokens. Touched once per finished LLM call.
-    tokens: Mutex<BTreeMap<(String, String), (u64, u64)>>,
+    /// (provider, model, tenant) → (input, output) tokens. Touched once per finished LLM call.
+    /// The tenant is "" without `spec.agentAuth`, else a bounded label (`metricsTenants` or "other").
+    tokens: Mutex<BTreeMap<TokenKey, (u64, u64)>>,
 }
 
 impl Metrics {
@@ -99,11 +103,11 @@ impl Metrics {
         h.sum_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    pub fn record_tokens(&self, provider: &str, model: &str, input: u64, output: u64) {
+    pub fn record_tokens(&self, provider: &str, model: &str, tenant: &str, input: u64, output: u64) {
         let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (provider.to_owned(), model.to_owned());
+        let key = (provider.to_owned(), model.to_owned(), tenant.to_owned());
         let key = if map.len() >= MAX_MODELS && !map.contains_key(&key) {
-            (provider.to_owned(), "other".into())
+            (provider.to_owned(), "other".into(), tenant.to_owned())
         } else {
             key
         };
@@ -112,9 +116,13 @@ impl Metrics {
         e.1 += output;
     }
 
-    /// Tokens counted so far for (provider, model): (input, output).
+    /// Tokens counted so far for (provider, model), every tenant together: (input, output).
     pub fn tokens(&self, provider: &str, model: &str) -> Option<(u64, u64)> {
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).get(&(provider.to_owned(), model.to_owned())).copied()
+        let map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter(|((p, m, _), _)| p == provider && m == model)
+            .map(|(_, v)| *v)
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Prometheus text exposition.
@@ -166,11 +174,16 @@ impl Metrics {
         );
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut samples = Vec::new();
-        for ((provider, model), (input, output)) in &tokens {
+        for ((provider, model, tenant), (input, output)) in &tokens {
             let model = model.replace(['\\', '"', '\n'], "_");
+            let tenant = if tenant.is_empty() {
+                String::new()
+            } else {
+                format!(",keyswap_tenant=\"{}\"", tenant.replace(['\\', '"', '\n'], "_"))
+            };
             for (kind, v) in [("input", input), ("output", output)] {
                 samples.push((
-                    format!("{{gen_ai_provider_name=\"{provider}\",gen_ai_request_model=\"{model}\",gen_ai_token_type=\"{kind}\"}}"),
+                    format!("{{gen_ai_provider_name=\"{provider}\",gen_ai_request_model=\"{model}\",gen_ai_token_type=\"{kind}\"{tenant}}}"),
                     *v,
                 ));
             }

@@ -31,6 +31,8 @@ pub struct Start<'a> {
     pub error: Option<&'static str>,
     /// Who called, when `spec.agentAuth` admitted them.
     pub identity: Option<&'a crate::auth::Identity>,
+    /// The caller's tenant as metrics label it (bounded: `metricsTenants` or "other").
+    pub tenant_label: Option<std::sync::Arc<str>>,
 }
 
 pub type TraceId = [u8; 16];
@@ -151,6 +153,7 @@ pub struct Transaction {
     req_model_buf: Option<Capture>,
     parser: Option<UsageParser>,
     redact_also: Option<String>,
+    tenant_label: Option<std::sync::Arc<str>>,
 }
 
 /// An event named `name` with one `{prefix}{header}` string-array attribute per header name
@@ -279,6 +282,7 @@ impl Transaction {
             req_model_buf,
             parser: None,
             redact_also: s.redact_also.map(str::to_owned),
+            tenant_label: s.tenant_label.clone(),
         };
         (tx, traceparent)
     }
@@ -395,7 +399,7 @@ impl Transaction {
         }
         if let (Some(input), Some(output)) = (u.input_tokens, u.output_tokens) {
             let model = info.model.as_deref().or(self.request_model.as_deref()).unwrap_or("unknown");
-            sink.metrics.record_tokens(self.provider, model, input, output);
+            sink.metrics.record_tokens(self.provider, model, self.tenant_label.as_deref().unwrap_or(""), input, output);
         }
         otlp::bytes(buf, field::TRACE_ID, &self.trace_id);
         otlp::bytes(buf, field::SPAN_ID, &self.span_id);
@@ -441,6 +445,7 @@ mod tests {
             redact_also: None,
             error: None,
             identity: None,
+            tenant_label: None,
         };
         Transaction::start(&s, headers, &std::sync::Arc::new(capture))
     }
