@@ -86,6 +86,10 @@ pub struct TokenCreateArgs {
     /// Lifetime, e.g. `90d`, `12h`, `30m`. Default: no expiry.
     #[arg(long, value_name = "DURATION")]
     pub expires: Option<String>,
+    /// A label for the agent (`team=search`), kept on the Secret and shown in spans as
+    /// `keyswap.agent.label.<key>`. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
     /// Namespace of the Secret (the gateway's).
     #[arg(long, default_value = "default")]
     pub namespace: String,
@@ -596,9 +600,21 @@ fn token_create(args: TokenCreateArgs) -> anyhow::Result<ExitCode> {
     let token = format!("ksa_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random));
     let digest = crate::auth::hex(&crate::auth::token_digest(token.as_bytes()));
     let name = format!("agent-token-{}-{}", args.agent, &digest[..8]);
+    let mut labels = String::new();
+    for l in &args.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| anyhow::anyhow!("--label `{l}`: use KEY=VALUE"))?;
+        let ok = |s: &str, max: usize| {
+            s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        };
+        anyhow::ensure!(
+            !k.is_empty() && ok(k, 63) && ok(v, 63) && k != crate::auth::API_KEY_LABEL,
+            "--label `{l}`: not a valid Kubernetes label"
+        );
+        labels.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
     let mut manifest = format!(
         "# keyswap agent token for `{agent}`: holds only the token's SHA-256. Delete this Secret to revoke.\n\
-         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    {label}: \"true\"\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    {label}: \"true\"\n{labels}\
          type: Opaque\nstringData:\n  sha256: \"{digest}\"\n  agent: \"{agent}\"\n",
         agent = args.agent,
         ns = args.namespace,

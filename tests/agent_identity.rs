@@ -61,9 +61,14 @@ spec:
 
 /// `keyswap token create`, as an operator runs it: the token on stdout, the Secret in `out`.
 fn create_token(out: &Path, agent: &str, tenant: &str) -> String {
+    create_token_with(out, agent, tenant, &[])
+}
+
+fn create_token_with(out: &Path, agent: &str, tenant: &str, extra: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .args(["token", "create", "--agent", agent, "--tenant", tenant, "--expires", "1d", "--output"])
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -80,7 +85,8 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
     std::fs::write(config_dir.path().join("config.yaml"), config()).unwrap();
     let alpha_file = config_dir.path().join("alpha-token.yaml");
     let alpha = create_token(&alpha_file, "alpha", "tenant-a");
-    let beta = create_token(&config_dir.path().join("beta-token.yaml"), "beta", "tenant-b");
+    let beta =
+        create_token_with(&config_dir.path().join("beta-token.yaml"), "beta", "tenant-b", &["--label", "team=search"]);
     let gamma = create_token(&config_dir.path().join("gamma-token.yaml"), "gamma", "tenant-c");
     // An expired key, written by hand.
     let expired = "ksa_expired-token-0005";
@@ -210,6 +216,7 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
     assert_eq!(otlp::s(a, "enduser.id").as_deref(), Some("beta"));
     assert_eq!(otlp::s(a, "keyswap.tenant").as_deref(), Some("tenant-b"));
     assert_eq!(otlp::s(a, "keyswap.auth.validator").as_deref(), Some("apiKeys"));
+    assert_eq!(otlp::s(a, "keyswap.agent.label.team").as_deref(), Some("search"), "the token's labels");
     let refused = spans
         .iter()
         .filter(|(_, s)| otlp::s(&s.attributes, "error.type").as_deref() == Some("invalid_agent_token"))

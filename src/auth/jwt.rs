@@ -325,6 +325,7 @@ impl JwtValidator {
             tenant: tenant.map(Arc::from),
             validator: self.name.clone(),
             role: role.filter(|r| !r.is_empty()).map(Arc::from),
+            labels: Vec::new(),
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct Identity {
     pub validator: Arc<str>,
     /// A role from a JWT claim (`claimMapping.role`), for attribution.
     pub role: Option<Arc<str>>,
+    /// An API key's labels (its Secret's `metadata.labels`, except keyswap's own marker).
+    pub labels: Vec<(Box<str>, Box<str>)>,
 }
 
 /// What Envoy reports about the downstream connection (ext_proc request attributes).
@@ -259,6 +261,7 @@ impl Chain {
                         tenant: tenant.map(Arc::from),
                         validator: e.name.clone(),
                         role: None,
+                        labels: Vec::new(),
                     }));
                 }
                 (_, None) => {}
@@ -388,6 +391,7 @@ mod tests {
             tenant: Some(tenant.into()),
             validator: "apiKeys".into(),
             role: None,
+            labels: Vec::new(),
         };
         let mut keys = HashMap::new();
         keys.insert(

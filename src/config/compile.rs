@@ -600,6 +600,7 @@ impl Catalog {
                     tenant: st.tenant.as_deref().map(Arc::from),
                     validator: name.clone(),
                     role: None,
+                    labels: Vec::new(),
                 };
                 validators.push(auth::Validator::SharedToken {
                     name,
@@ -645,6 +646,13 @@ impl Catalog {
                         tenant: text("tenant").filter(|t| !t.is_empty()).map(Arc::from),
                         validator: name.clone(),
                         role: None,
+                        labels: sec
+                            .spec
+                            .labels
+                            .iter()
+                            .filter(|(k, _)| k.as_str() != auth::API_KEY_LABEL)
+                            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                            .collect(),
                     },
                     expires,
                     secret: skey.clone(),

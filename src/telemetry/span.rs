@@ -252,6 +252,9 @@ impl Transaction {
             if let Some(r) = &id.role {
                 attr("keyswap.role", Value::Str(r));
             }
+            for (k, v) in &id.labels {
+                otlp::attribute(&mut encoded, field::ATTRIBUTES, &["keyswap.agent.label.", k], Value::Str(v));
+            }
         }
         header_event(&mut encoded, "http.request.headers", REQUEST_PREFIX, headers, s.redact_also);
         let content_type = find("content-type").unwrap_or("");
