@@ -12,6 +12,7 @@
 //!   parameters from a path;
 //! - `sse_usage`: token usage from Anthropic and OpenAI SSE streams, fed in 1 KiB chunks (bytes/s);
 //! - `sigv4`: signing a Bedrock request with a 4 KiB body;
+//! - `agent_auth`: admitting an agent: an API key (SHA-256 + lookup), a JWT (HS256, ES256);
 //! - `span`: one header-only span's whole life (start with the agent's headers, response headers,
 //!   finish, OTLP protobuf encoding in an export request), without the HTTP send.
 
@@ -286,9 +287,94 @@ fn span(c: &mut Criterion) {
     });
 }
 
+fn agent_auth(c: &mut Criterion) {
+    use base64::Engine as _;
+    use keyswap::auth::{self, jwt, Admission, Chain, Identity, Peer, TenantCounters, Validator};
+    use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = format!(
+        r#"{{"keys": [{{"kty": "EC", "crv": "P-256", "kid": "e1", "x": "{}", "y": "{}"}}]}}"#,
+        b64(&point[1..33]),
+        b64(&point[33..65])
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(&path, jwks).unwrap();
+    let exp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims =
+        serde_json::json!({"iss": "https://idp", "aud": "keyswap", "sub": "agent-1", "org": "acme", "exp": exp});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("e1".into());
+    let es256 =
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref())).unwrap();
+    let secret = b"an-hs256-secret-of-at-least-32-bytes-0001";
+    let hs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap();
+    let identity = |agent: &str| Identity {
+        agent: agent.into(),
+        tenant: Some("acme".into()),
+        validator: "apiKeys".into(),
+        role: None,
+        labels: Vec::new(),
+    };
+    let mut keys = std::collections::HashMap::new();
+    for i in 0..1000 {
+        let key = auth::ApiKey { identity: identity(&format!("agent-{i}")), expires: None, secret: Key::new("d", "t") };
+        keys.insert(auth::token_digest(format!("ksa_token_{i:04}").as_bytes()), key);
+    }
+    let jwt = |name: &str, jwks, hs256| {
+        Validator::Jwt(Box::new(jwt::JwtValidator {
+            name: name.into(),
+            jwks,
+            hs256,
+            validation: jwt::JwtValidator::validation("https://idp", &["keyswap".to_owned()], 30),
+            claims: jwt::ClaimMapping { subject: "sub".into(), tenant: Some("org".into()), role: None },
+            cache: Default::default(),
+        }))
+    };
+    let source = jwt::Source::File(path);
+    let chain = Chain {
+        optional: false,
+        validators: vec![
+            Validator::ApiKeys { name: "apiKeys".into(), keys },
+            jwt("es", Some(jwt::Jwks::for_source(source, Duration::from_secs(300)).unwrap()), None),
+            jwt("hs", None, Some(jsonwebtoken::DecodingKey::from_secret(secret))),
+        ],
+        counters: TenantCounters::new(&[]),
+        edge_headers: Vec::new(),
+    };
+    let peer = Peer::default();
+    let mut g = c.benchmark_group("agent_auth");
+    for (name, token) in
+        [("api_key_1000_agents", "ksa_token_0500".to_owned()), ("jwt_es256", es256), ("jwt_hs256", hs256)]
+    {
+        assert!(
+            matches!(chain.admit(Some(token.as_bytes()), &peer, |_| None, SystemTime::now()), Admission::Admitted(_)),
+            "{name}"
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                matches!(
+                    chain.admit(Some(black_box(token.as_bytes())), &peer, |_| None, SystemTime::now()),
+                    Admission::Admitted(_)
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span
+    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span, agent_auth
 }
 criterion_main!(benches);

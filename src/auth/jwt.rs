@@ -57,6 +57,8 @@ pub struct Jwks {
     last_attempt_ms: AtomicU64,
     last_success_ms: AtomicU64,
     inflight: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
+    /// Bumped whenever the keys change: verified-token caches drop what older keys admitted.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -108,6 +110,7 @@ impl Jwks {
                 // A reload re-reads the file: an edited JWKS takes effect with the configuration.
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 existing.keys.store(Arc::new(parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?));
+                existing.generation.fetch_add(1, Ordering::Relaxed);
             }
             return Ok(existing);
         }
@@ -126,6 +129,7 @@ impl Jwks {
             last_attempt_ms: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(0),
             inflight: Mutex::new(None),
+            generation: AtomicU64::new(0),
         });
         reg.insert(source, Arc::downgrade(&jwks));
         Ok(jwks)
@@ -159,6 +163,7 @@ impl Jwks {
                 Ok(Ok(keys)) => {
                     tracing::info!(jwks = %this.source, keys = keys.keys.len() + keys.unnamed.len(), "JWKS loaded");
                     this.keys.store(Arc::new(keys));
+                    this.generation.fetch_add(1, Ordering::Relaxed);
                     this.last_success_ms.store(this.now_ms().max(1), Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
@@ -227,6 +232,24 @@ pub struct JwtValidator {
     pub hs256: Option<DecodingKey>,
     pub validation: Validation,
     pub claims: ClaimMapping,
+    /// Tokens already verified: agents reuse one JWT for many requests, and an ES256 check costs
+    /// ~240 µs here. Entries hold until the token's `exp` (plus leeway) or a JWKS change.
+    pub cache: VerifiedCache,
+}
+
+/// Verified tokens → (identity, `exp` + leeway in Unix seconds, JWKS generation). Bounded: full
+/// means cleared. Locked only on JWT requests (one uncontended lock per request).
+#[derive(Default)]
+pub struct VerifiedCache(Mutex<HashMap<Box<[u8]>, Verified>>);
+
+/// (identity, valid until in Unix seconds, JWKS generation it was verified under).
+type Verified = (Identity, u64, u64);
+
+/// Verified tokens kept per validator.
+pub const MAX_CACHED_TOKENS: usize = 10_000;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl std::fmt::Debug for JwtValidator {
@@ -271,15 +294,43 @@ impl JwtValidator {
         if text.split('.').count() != 3 {
             return Verdict::NotJwt;
         }
+        let generation = self.jwks.as_ref().map_or(0, |j| j.generation.load(Ordering::Relaxed));
+        {
+            let mut cache = self.cache.0.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.get(token) {
+                Some((id, until, g)) if *g == generation && unix_now() <= *until => {
+                    return Verdict::Admitted(id.clone())
+                }
+                Some(_) => {
+                    cache.remove(token);
+                }
+                None => {}
+            }
+        }
+        let (verdict, until) = self.verify_uncached(text);
+        if let (Verdict::Admitted(id), Some(until)) = (&verdict, until) {
+            let mut cache = self.cache.0.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= MAX_CACHED_TOKENS {
+                cache.clear();
+            }
+            cache.insert(token.into(), (id.clone(), until, generation));
+        }
+        verdict
+    }
+
+    /// The verdict, and for an admitted token how long it may be cached (`exp` + leeway).
+    fn verify_uncached(&self, text: &str) -> (Verdict, Option<u64>) {
         // An unknown or `none` algorithm does not parse: refused, never "not a JWT".
-        let Ok(header) = jsonwebtoken::decode_header(text) else { return Verdict::Rejected(Rejection::InvalidToken) };
+        let Ok(header) = jsonwebtoken::decode_header(text) else {
+            return (Verdict::Rejected(Rejection::InvalidToken), None);
+        };
         let key = match header.alg {
             Algorithm::HS256 => match &self.hs256 {
                 Some(k) => k,
-                None => return Verdict::Rejected(Rejection::InvalidToken),
+                None => return (Verdict::Rejected(Rejection::InvalidToken), None),
             },
             Algorithm::RS256 | Algorithm::ES256 => {
-                let Some(jwks) = &self.jwks else { return Verdict::Rejected(Rejection::InvalidToken) };
+                let Some(jwks) = &self.jwks else { return (Verdict::Rejected(Rejection::InvalidToken), None) };
                 jwks.refresh_if_stale();
                 let set = jwks.keys.load();
                 let found = match &header.kid {
@@ -288,31 +339,33 @@ impl JwtValidator {
                 };
                 match found {
                     Some(k) => return self.check(text, header.alg, &k),
-                    None if header.kid.is_some() && jwks.may_refetch() => return Verdict::NeedKeys(jwks.clone()),
-                    None => return Verdict::Rejected(Rejection::InvalidToken),
+                    None if header.kid.is_some() && jwks.may_refetch() => {
+                        return (Verdict::NeedKeys(jwks.clone()), None)
+                    }
+                    None => return (Verdict::Rejected(Rejection::InvalidToken), None),
                 }
             }
-            _ => return Verdict::Rejected(Rejection::InvalidToken),
+            _ => return (Verdict::Rejected(Rejection::InvalidToken), None),
         };
         self.check(text, header.alg, key)
     }
 
-    fn check(&self, token: &str, alg: Algorithm, key: &DecodingKey) -> Verdict {
+    fn check(&self, token: &str, alg: Algorithm, key: &DecodingKey) -> (Verdict, Option<u64>) {
         let mut v = self.validation.clone();
         v.algorithms = vec![alg];
         let data = match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &v) {
             Ok(d) => d,
             Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
-                return Verdict::Rejected(Rejection::ExpiredToken)
+                return (Verdict::Rejected(Rejection::ExpiredToken), None)
             }
             Err(e) => {
                 tracing::debug!(validator = %self.name, error = ?e.kind(), "JWT refused");
-                return Verdict::Rejected(Rejection::InvalidToken);
+                return (Verdict::Rejected(Rejection::InvalidToken), None);
             }
         };
         let c = &data.claims;
         let Some(agent) = claim_str(c.get(&self.claims.subject)).filter(|s| !s.is_empty()) else {
-            return Verdict::Rejected(Rejection::InvalidToken);
+            return (Verdict::Rejected(Rejection::InvalidToken), None);
         };
         let tenant = self.claims.tenant.as_ref().and_then(|t| claim_str(c.get(t))).filter(|s| !s.is_empty());
         let role = self.claims.role.as_ref().and_then(|r| match c.get(r)? {
@@ -320,12 +373,14 @@ impl JwtValidator {
             serde_json::Value::Array(a) => Some(a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(",")),
             _ => None,
         });
-        Verdict::Admitted(Identity {
+        let until = c.get("exp").and_then(serde_json::Value::as_u64).map(|e| e.saturating_add(self.validation.leeway));
+        let id = Identity {
             agent: agent.into(),
             tenant: tenant.map(Arc::from),
             validator: self.name.clone(),
             role: role.filter(|r| !r.is_empty()).map(Arc::from),
             labels: Vec::new(),
-        })
+        };
+        (Verdict::Admitted(id), until)
     }
 }

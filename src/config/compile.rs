@@ -580,6 +580,7 @@ impl Catalog {
                         tenant: m.tenant,
                         role: m.role,
                     },
+                    cache: Default::default(),
                 })));
                 continue;
             }
