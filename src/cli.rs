@@ -519,8 +519,55 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     let allow = if snap.allow.is_empty() { "none".to_owned() } else { snap.allow.join(", ") };
     println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
     let mut unresolved = 0;
+    if let Some(chain) = &snap.agent_auth {
+        let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };
+        println!("  agent auth{optional}:");
+        for v in &chain.validators {
+            match v {
+                crate::auth::Validator::ApiKeys { name, keys } => {
+                    println!("    {name}: apiKeys, {} agent token(s)", keys.len())
+                }
+                crate::auth::Validator::SharedToken { name, identity, .. } => {
+                    println!("    {name}: sharedToken (agent {})", identity.agent)
+                }
+                crate::auth::Validator::Jwt(j) => {
+                    let keys = j.jwks.as_ref().map_or("no JWKS".to_owned(), |k| format!("JWKS {}", k.source));
+                    let hs = if j.hs256.is_some() { ", HS256 secret" } else { "" };
+                    println!("    {}: jwt, {keys}{hs}", j.name)
+                }
+                crate::auth::Validator::EdgeTrust(e) => println!(
+                    "    {}: edgeTrust, header {} (mTLS: {}, {} trusted network(s))",
+                    e.name,
+                    e.agent_header,
+                    e.trust_mtls,
+                    e.cidrs.len()
+                ),
+            }
+        }
+    }
     for e in &snap.routes.entries {
         println!("  {}", describe_match(e));
+        if let Some(t) = &e.binding.tenants {
+            let p = e.binding.policy.as_deref().unwrap_or("-");
+            println!("    policy {p}: per tenant ({} tenant key(s), fallback {:?})", t.by_tenant.len(), t.fallback);
+            let mut tenants: Vec<_> = t.by_tenant.iter().collect();
+            tenants.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, c) in tenants {
+                match c {
+                    Ok(c) => println!("      tenant {name}: writes {} = <redacted> {}", c.describe(), c.fingerprint()),
+                    Err(reason) => {
+                        unresolved += 1;
+                        println!(
+                            "      tenant {name}: UNRESOLVED ({}): {reason} -> its requests get 503",
+                            reason.reason()
+                        );
+                    }
+                }
+            }
+            if t.fallback == crate::api::TenantFallback::Deny {
+                continue;
+            }
+        }
         match (&e.binding.policy, &e.binding.credential) {
             (p, Ok(c)) => {
                 let p = p.as_deref().unwrap_or("-");
