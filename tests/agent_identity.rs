@@ -294,6 +294,21 @@ fn explain_shows_which_validator_admits_a_token_and_which_key_is_used() {
     assert!(out.contains("decision: 401 invalid_agent_token"), "{out}");
     let out = explain(None);
     assert!(out.contains("decision: 401 missing_agent_token"), "{out}");
+
+    // `keyswap check` lists the validators and each tenant's key (fingerprints only).
+    let o = Command::new(env!("CARGO_BIN_EXE_keyswap")).args(["check", "--config"]).arg(dir.path()).output().unwrap();
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("apiKeys: apiKeys, 1 agent token(s)") && out.contains("ci: sharedToken (agent ci-bot)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("per tenant (2 tenant key(s), fallback Deny)")
+            && out.contains(&format!("tenant tenant-b: writes header `x-api-key` = <redacted> {b_fp}")),
+        "{out}"
+    );
+    assert!(!out.contains(KEY_B) && !out.contains(CI_TOKEN), "{out}");
 }
 
 // === JWT and edge trust ===
