@@ -386,7 +386,7 @@ spec:
   agentAuth:
     validators:
     - name: mesh
-      edgeTrust: {{agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustedCidrs: ["{edge_cidr}"]}}
+      edgeTrust: {{agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true, trustedCidrs: ["{edge_cidr}"]}}
     - name: idp
       jwt:
         issuer: {ISSUER}
@@ -546,7 +546,7 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // Edge trust from an untrusted peer (loopback is not in 10.0.0.0/8): the headers admit
+    // Edge trust from an untrusted peer (plain HTTP, not mTLS; loopback is not in 10.0.0.0/8): the headers admit
     // nobody, and with a valid token they are stripped before the provider.
     let edge = [("x-edge-agent", "impostor"), ("x-edge-tenant", "tenant-b")];
     let (st, body) = send(&c, port, "api.anthropic.com", msgs, &edge).await;
@@ -601,4 +601,88 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
     for secret in [HS_SECRET, KEY_A, KEY_B] {
         assert!(!raw.contains(secret) && !logs.contains(secret), "a secret leaked");
     }
+}
+
+/// Edge trust over mTLS: Envoy terminates TLS and verifies client certificates when offered
+/// (`connection.mtls`). A client with a certificate from the trusted CA gets its edge headers
+/// honoured; the same headers without a client certificate admit nobody; both are stripped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_trust_honours_headers_only_on_mtls_connections() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config().replace(
+        "    validators:\n    - apiKeys: {}",
+        "    validators:\n    - {name: mesh, edgeTrust: {agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true}}\n    - apiKeys: {}",
+    );
+    assert!(config.contains("name: mesh"));
+    std::fs::write(config_dir.path().join("config.yaml"), config).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let pki = work.path();
+    // The server certificate (localhost) and a client CA with one client certificate.
+    let (server_ca, leaf, leaf_key) = provider_certs(&["localhost"], pki);
+    std::fs::write(pki.join("server.pem"), leaf.pem()).unwrap();
+    std::fs::write(pki.join("server.key"), leaf_key.serialize_pem()).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mesh client CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params.distinguished_name.push(rcgen::DnType::CommonName, "mesh-proxy");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    std::fs::write(pki.join("client-ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(pki.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(pki.join("client.key"), client_key.serialize_pem()).unwrap();
+
+    let fake = FakeProvider::start().await;
+    fake.set_accepts(
+        "api.anthropic.com",
+        vec![Accept::Header("x-api-key", KEY_A.into()), Accept::Header("x-api-key", KEY_B.into())],
+    );
+    let (keyswap, uds) = start_keyswap(config_dir.path(), work.path(), &[], &[]);
+    let port = free_port();
+    let tls = format!(
+        "    filter_chains:\n    - transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n\
+         \x20         \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n\
+         \x20         require_client_certificate: false\n\
+         \x20         common_tls_context:\n\
+         \x20           tls_certificates: [{{certificate_chain: {{filename: {d}/server.pem}}, private_key: {{filename: {d}/server.key}}}}]\n\
+         \x20           validation_context: {{trusted_ca: {{filename: {d}/client-ca.pem}}}}\n\
+         \x20     filters:\n",
+        d = pki.display()
+    );
+    let cfg = envoy_config(port, &uds, fake.addr).replacen("    filter_chains:\n    - filters:\n", &tls, 1);
+    assert!(cfg.contains("DownstreamTlsContext"));
+    let (envoy, port) = start_envoy_with(work.path(), port, cfg);
+    let curl = |client_cert: bool| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&server_ca)
+            .args(["-H", "host: api.anthropic.com", "-H", "content-type: application/json"])
+            .args([
+                "-H",
+                "x-edge-agent: planner",
+                "-H",
+                "x-edge-tenant: tenant-b",
+                "-H",
+                "x-api-key: keyswap-injected-by-proxy",
+            ])
+            .args(["--data", "{}"]);
+        if client_cert {
+            cmd.arg("--cert").arg(pki.join("client.pem")).arg("--key").arg(pki.join("client.key"));
+        }
+        cmd.arg(format!("https://localhost:{port}/v1/messages"));
+        let o = cmd.output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    assert_eq!(curl(false), "401", "no client certificate: the edge headers admit nobody\n{}", envoy.output());
+    assert!(fake.seen().is_empty());
+    assert_eq!(curl(true), "200", "verified client certificate\n{}\n{}", keyswap.output(), envoy.output());
+    let seen = fake.seen();
+    let last = seen.last().unwrap();
+    let key: Vec<_> = last.headers.iter().filter(|(k, _)| k == "x-api-key").map(|(_, v)| v.clone()).collect();
+    assert_eq!(key, [KEY_B.as_bytes().to_vec()], "the tenant from the trusted header");
+    assert!(last.headers.iter().all(|(k, _)| !k.starts_with("x-edge-")), "edge headers forwarded");
 }

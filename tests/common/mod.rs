@@ -336,8 +336,13 @@ static_resources:
 /// Starts Envoy and waits for its listener. Returns the process and the listener port.
 pub fn start_envoy(work: &Path, uds: &Path, upstream: SocketAddr) -> (Proc, u16) {
     let port = free_port();
+    start_envoy_with(work, port, envoy_config(port, uds, upstream))
+}
+
+/// Envoy with `config`, once it listens on `port`.
+pub fn start_envoy_with(work: &Path, port: u16, config: String) -> (Proc, u16) {
     let cfg = work.join("envoy.yaml");
-    std::fs::write(&cfg, envoy_config(port, uds, upstream)).unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let mut cmd = Command::new(envoy_bin());
     cmd.arg("-c").arg(&cfg).args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"]);
     let mut p = Proc::spawn("envoy", cmd, work.join("envoy.log"));
