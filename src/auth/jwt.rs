@@ -384,3 +384,71 @@ impl JwtValidator {
         (Verdict::Admitted(id), until)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"unit-test-hs256-secret-of-32-bytes-or-more";
+
+    fn validator() -> JwtValidator {
+        JwtValidator {
+            name: "t".into(),
+            jwks: None,
+            hs256: Some(DecodingKey::from_secret(SECRET)),
+            validation: JwtValidator::validation("https://idp", &["keyswap".to_owned()], 30),
+            claims: ClaimMapping { subject: "sub".into(), tenant: Some("org".into()), role: Some("roles".into()) },
+            cache: VerifiedCache::default(),
+        }
+    }
+
+    fn token(claims: serde_json::Value, alg: Algorithm, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+            .unwrap()
+    }
+
+    fn claims(exp_offset: i64) -> serde_json::Value {
+        let exp = unix_now() as i64 + exp_offset;
+        serde_json::json!({"iss": "https://idp", "aud": ["other", "keyswap"], "sub": "a1", "org": ["t1", "t2"], "roles": ["r1", "r2"], "exp": exp})
+    }
+
+    #[test]
+    fn verified_tokens_are_cached_until_they_expire_and_never_otherwise() {
+        let v = validator();
+        let good = token(claims(600), Algorithm::HS256, SECRET);
+        let Verdict::Admitted(id) = v.verify(good.as_bytes()) else { panic!("valid token refused") };
+        assert_eq!((&*id.agent, id.tenant.as_deref(), id.role.as_deref()), ("a1", Some("t1"), Some("r1,r2")));
+        assert_eq!(v.cache.0.lock().unwrap().len(), 1, "cached");
+        assert!(matches!(v.verify(good.as_bytes()), Verdict::Admitted(_)));
+
+        // An entry past its time is dropped and the token checked again (here: now expired).
+        let old = token(claims(-600), Algorithm::HS256, SECRET);
+        v.cache.0.lock().unwrap().insert(old.as_bytes().into(), (id.clone(), 0, 0));
+        assert!(matches!(v.verify(old.as_bytes()), Verdict::Rejected(Rejection::ExpiredToken)));
+        assert!(!v.cache.0.lock().unwrap().contains_key(old.as_bytes()), "stale entry removed");
+
+        // Refused tokens are never cached.
+        let forged = token(claims(600), Algorithm::HS256, b"another-secret-another-secret-xxxxx");
+        assert!(matches!(v.verify(forged.as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
+        let hs384 = token(claims(600), Algorithm::HS384, SECRET);
+        assert!(matches!(v.verify(hs384.as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
+        assert_eq!(v.cache.0.lock().unwrap().len(), 1);
+
+        // Not a JWT: the next validator may know it. A malformed header is refused.
+        assert!(matches!(v.verify(b"ksa_api-key"), Verdict::NotJwt));
+        assert!(matches!(v.verify(b"not.a.jwt"), Verdict::Rejected(Rejection::InvalidToken)));
+    }
+
+    #[test]
+    fn jwks_documents_keep_rsa_and_p256_keys_only() {
+        let doc = br#"{"keys": [
+            {"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
+            {"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
+        ]}"#;
+        let set = parse_jwks(doc).unwrap();
+        assert_eq!(set.keys.keys().collect::<Vec<_>>(), ["e"]);
+        let err = |doc: &[u8]| parse_jwks(doc).err().expect("refused");
+        assert!(err(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).contains("no RS256"));
+        assert!(err(b"<html>").contains("not a JWKS"));
+    }
+}
