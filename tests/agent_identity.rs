@@ -30,32 +30,26 @@ spec:
     - name: ci
       sharedToken: {{secretRef: {{name: ci-token}}, agent: ci-bot, tenant: tenant-a}}
 ---
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {{name: anthropic}}
-spec:
-  parentRefs: [{{name: egress}}]
-  rules: [{{matches: [{{provider: anthropic}}]}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: anthropic-key}}
-spec:
-  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
-  secretRef: {{name: anthropic-default}}
-  target: Header
-  credentialSelector:
-    byTenant: {{secretNameTemplate: "{{tenant}}-anthropic"}}
-    fallback: Deny
----
-{}---
-{}---
+{}{}---
 {}---
 {}"#,
+        anthropic_byok("    byTenant: {secretNameTemplate: \"{tenant}-anthropic\"}\n    fallback: Deny"),
         secret_manifest("tenant-a-anthropic", "token", KEY_A),
         secret_manifest("tenant-b-anthropic", "token", KEY_B),
-        secret_manifest("anthropic-default", "token", DEFAULT_KEY),
         secret_manifest("ci-token", "token", CI_TOKEN),
+    )
+}
+
+/// The Anthropic route, a per-tenant policy with `selector` under `credentialSelector:`, and its
+/// (unused with `fallback: Deny`) default Secret; ends with `---`.
+fn anthropic_byok(selector: &str) -> String {
+    format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: anthropic}}\nspec:\n  \
+         parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: anthropic}}]}}]\n---\n\
+         apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: anthropic-key}}\nspec:\n  \
+         parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]\n  secretRef: {{name: anthropic-default}}\n  \
+         target: Header\n  credentialSelector:\n{selector}\n---\n{}---\n",
+        secret_manifest("anthropic-default", "token", DEFAULT_KEY)
     )
 }
 
@@ -400,33 +394,14 @@ spec:
         hs256SecretRef: {{name: hs-secret}}
         claimMapping: {{tenant: org}}
 ---
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {{name: anthropic}}
-spec:
-  parentRefs: [{{name: egress}}]
-  rules: [{{matches: [{{provider: anthropic}}]}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: anthropic-key}}
-spec:
-  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
-  secretRef: {{name: anthropic-default}}
-  target: Header
-  credentialSelector:
-    byTenant:
-      tenants:
-        tenant-a: {{secretRef: {{name: key-a}}}}
-        tenant-b: {{secretRef: {{name: key-b}}}}
----
-{}---
-{}---
+{}{}---
 {}---
 {}"#,
+        anthropic_byok(
+            "    byTenant:\n      tenants:\n        tenant-a: {secretRef: {name: key-a}}\n        tenant-b: {secretRef: {name: key-b}}"
+        ),
         secret_manifest("key-a", "token", KEY_A),
         secret_manifest("key-b", "token", KEY_B),
-        secret_manifest("anthropic-default", "token", DEFAULT_KEY),
         secret_manifest("hs-secret", "token", HS_SECRET),
     )
 }

@@ -245,7 +245,8 @@ impl Chain {
         now: SystemTime,
     ) -> Admission<'_> {
         let mut rejection = Rejection::InvalidToken;
-        let digest = token.map(token_digest);
+        // Hashed once, and only when an API-key validator is reached.
+        let mut digest = None;
         for v in &self.validators {
             match (v, token) {
                 (Validator::EdgeTrust(e), _) => {
@@ -265,8 +266,8 @@ impl Chain {
                     }));
                 }
                 (_, None) => {}
-                (Validator::ApiKeys { keys, .. }, Some(_)) => {
-                    let digest = digest.as_ref().expect("a token");
+                (Validator::ApiKeys { keys, .. }, Some(t)) => {
+                    let digest = &*digest.get_or_insert_with(|| token_digest(t));
                     // The map finds the candidate; the digest comparison itself is constant-time.
                     if let Some((stored, key)) = keys.get_key_value(digest) {
                         if !constant_time_eq(stored, digest) {

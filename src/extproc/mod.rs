@@ -542,6 +542,24 @@ pub fn on_request_headers(
         Transaction::start(&s, &pairs(), &snapshot.capture)
     };
     let answer = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign });
+    // The span of a request keyswap answers itself: on a matched route, or before any route.
+    let denied_span = |entry: Option<&crate::config::snapshot::MatchEntry>, error: &'static str| {
+        tracing_on.then(|| {
+            let (tx, _) = match entry {
+                Some(e) => start(
+                    Some(e.provider),
+                    &e.route,
+                    e.binding.policy.as_deref(),
+                    Some(&e.binding),
+                    false,
+                    false,
+                    Some(error),
+                ),
+                None => start(None, "-", None, None, false, false, Some(error)),
+            };
+            Box::new(tx)
+        })
+    };
     let fail_closed = |entry: &crate::config::snapshot::MatchEntry, reason: &str, detail: &str| {
         Metrics::inc(&metrics.denied_credential_unavailable);
         let policy = entry.binding.policy.as_deref();
@@ -556,20 +574,7 @@ pub fn on_request_headers(
             "policy": policy,
             "reason": reason,
         }});
-        let tx = tracing_on.then(|| {
-            Box::new(
-                start(
-                    Some(entry.provider),
-                    &entry.route,
-                    policy,
-                    Some(&entry.binding),
-                    false,
-                    false,
-                    Some("credential_unavailable"),
-                )
-                .0,
-            )
-        });
+        let tx = denied_span(Some(entry), "credential_unavailable");
         answer(mutation::immediate(503, &body, "keyswap_credential_unavailable"), tx, None)
     };
     if let Some(r) = rejected {
@@ -581,7 +586,7 @@ pub fn on_request_headers(
             "message": r.message(),
             "gateway": snapshot.gateway.to_string(),
         }});
-        let tx = tracing_on.then(|| Box::new(start(None, "-", None, None, false, false, Some(r.reason())).0));
+        let tx = denied_span(None, r.reason());
         return answer(mutation::immediate(401, &body, "keyswap_agent_unauthenticated"), tx, None);
     }
     let tenant = identity.and_then(|i| i.tenant.as_deref());
@@ -702,20 +707,7 @@ pub fn on_request_headers(
                 "policy": policy,
                 "tenant": tenant,
             }});
-            let tx = tracing_on.then(|| {
-                Box::new(
-                    start(
-                        Some(entry.provider),
-                        &entry.route,
-                        policy,
-                        Some(&entry.binding),
-                        false,
-                        false,
-                        Some("tenant_not_mapped"),
-                    )
-                    .0,
-                )
-            });
+            let tx = denied_span(Some(entry), "tenant_not_mapped");
             answer(mutation::immediate(403, &body, "keyswap_tenant_not_mapped"), tx, None)
         }
         Decision::Deny => {
@@ -727,7 +719,7 @@ pub fn on_request_headers(
                 "gateway": snapshot.gateway.to_string(),
                 "host": authority,
             }});
-            let tx = tracing_on.then(|| Box::new(start(None, "-", None, None, false, false, Some("no_route")).0));
+            let tx = denied_span(None, "no_route");
             answer(mutation::immediate(403, &body, "keyswap_no_route"), tx, None)
         }
         Decision::PassThrough { allowed_by } => {
