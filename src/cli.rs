@@ -227,7 +227,7 @@ pub struct ExplainArgs {
     /// Request path, with query if any.
     #[arg(long, default_value = "/")]
     pub path: String,
-    /// Request method (shown only; routes do not match on it).
+    /// Request method. Routes do not match on it, but methods no provider uses (TRACE, …) are refused.
     #[arg(long, default_value = "POST")]
     pub method: String,
     /// An agent token (gateways with `spec.agentAuth`): shows which validator admits it and which
@@ -734,7 +734,15 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    match snap.decide(&args.host, &args.path, tenant.as_deref()) {
+    let decision = match crate::target::check_method(&args.method) {
+        Err(r) => Decision::Refused(r),
+        Ok(()) => snap.decide(&args.host, &args.path, tenant.as_deref()),
+    };
+    match decision {
+        Decision::Refused(r) => {
+            println!("decision: {} {}: {} (nothing is forwarded)", r.status(), r.reason(), r.message());
+            Ok(ExitCode::SUCCESS)
+        }
         Decision::TenantNotMapped { entry } => {
             println!(
                 "decision: 403: policy {} has no key for tenant `{}` and its fallback is Deny",

@@ -20,4 +20,5 @@ pub mod glob;
 pub mod http;
 pub mod inject;
 pub mod provider;
+pub mod target;
 pub mod telemetry;

@@ -123,6 +123,7 @@ impl Describe for keyswap::config::Decision<'_> {
             TenantNotMapped { entry } => format!("tenant-not-mapped: {}", entry.route),
             Deny => "deny".into(),
             PassThrough { allowed_by } => format!("pass: {allowed_by}"),
+            Refused(r) => format!("refused: {}", r.reason()),
         }
     }
 }

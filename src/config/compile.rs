@@ -1004,6 +1004,11 @@ fn strip_headers(policy_header: Option<&str>) -> Box<[Box<str>]> {
 
 fn strip_query(p: &Provider, policy_param: Option<&str>) -> Box<[Box<str>]> {
     let mut v: Vec<Box<str>> = p.credential_query_params.iter().map(|q| Box::from(*q)).collect();
+    for q in provider::CREDENTIAL_QUERY_PARAMS {
+        if !v.iter().any(|x| crate::inject::query::names_param(x, q)) {
+            v.push(Box::from(*q));
+        }
+    }
     if let Some(q) = policy_param {
         if !v.iter().any(|x| &**x == q) {
             v.push(q.into());

@@ -233,6 +233,8 @@ pub enum Decision<'a> {
     Deny,
     /// No route, and the gateway allows it (allow-all, or an `allow` host): untouched.
     PassThrough { allowed_by: &'static str },
+    /// The authority or path is not plain enough to match (400), whatever the routes say.
+    Refused(crate::target::Refused),
 }
 
 impl RouteMatcher {
@@ -313,7 +315,13 @@ impl Snapshot {
     /// from a caller of `tenant`.
     pub fn decide(&self, authority: &str, path: &str, tenant: Option<&str>) -> Decision<'_> {
         let mut buf = [0u8; 256];
-        let host = normalize_host(authority, &mut buf);
+        let host = match crate::target::host(authority, &mut buf) {
+            Ok(h) => h,
+            Err(r) => return Decision::Refused(r),
+        };
+        if let Err(r) = crate::target::check_path(path) {
+            return Decision::Refused(r);
+        }
         if let Some(entry) = self.routes.find(host, path) {
             return match entry.binding.credential_for(tenant) {
                 Ok(credential) => Decision::Inject { entry, credential },
@@ -336,48 +344,5 @@ fn host_matches(pattern: &str, host: &str) -> bool {
         glob::matches(pattern, host, Some(b'.'))
     } else {
         pattern == host
-    }
-}
-
-/// Lowercases the host part of an authority and drops the port and a trailing dot, without
-/// allocating for hosts that fit `buf` (every real one does).
-pub fn normalize_host<'a>(authority: &'a str, buf: &'a mut [u8; 256]) -> &'a str {
-    let host = if let Some(rest) = authority.strip_prefix('[') {
-        // IPv6 literal: [::1]:443
-        rest.split_once(']').map_or(rest, |(h, _)| h)
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                h
-            } else {
-                authority
-            }
-        })
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if !host.bytes().any(|b| b.is_ascii_uppercase()) || host.len() > buf.len() {
-        return host;
-    }
-    let out = &mut buf[..host.len()];
-    out.copy_from_slice(host.as_bytes());
-    out.make_ascii_lowercase();
-    // Lowercasing ASCII keeps UTF-8 valid.
-    std::str::from_utf8(out).unwrap_or(host)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_host;
-
-    #[test]
-    fn authority_is_reduced_to_a_lowercase_host() {
-        let mut b = [0u8; 256];
-        assert_eq!(normalize_host("api.openai.com", &mut b), "api.openai.com");
-        let mut b = [0u8; 256];
-        assert_eq!(normalize_host("API.OpenAI.com:443", &mut b), "api.openai.com");
-        let mut b = [0u8; 256];
-        assert_eq!(normalize_host("api.anthropic.com.", &mut b), "api.anthropic.com");
-        let mut b = [0u8; 256];
-        assert_eq!(normalize_host("[::1]:8080", &mut b), "::1");
     }
 }

@@ -23,7 +23,7 @@ use tonic::{Status, Streaming};
 use std::time::Instant;
 
 use crate::auth::{Admission, Identity, Peer};
-use crate::config::snapshot::{normalize_host, Binding};
+use crate::config::snapshot::Binding;
 use crate::config::{Credential, Decision, Snapshot, SnapshotStore};
 use crate::inject;
 use crate::inject::gcp::{Token, TokenSource};
@@ -227,8 +227,17 @@ impl Stream for ProcessStream {
                 self.finish_span();
                 return Poll::Ready(None);
             }
+            Poll::Ready(Some(Err(status))) if status.code() == tonic::Code::Internal => {
+                // A message the codec could not decode: a protocol error, answered with an error
+                // status (never a crash, never a silent OK).
+                Metrics::inc(&self.shared.metrics.protocol_errors);
+                tracing::warn!(error = status.message(), "undecodable ext_proc message; stream ended");
+                self.phase = Phase::Done;
+                self.finish_span();
+                return Poll::Ready(Some(Err(Status::invalid_argument("undecodable ext_proc message"))));
+            }
             Poll::Ready(Some(Err(status))) => {
-                // Envoy went away or sent garbage the codec refused: end quietly.
+                // Envoy went away (reset, cancelled): end quietly.
                 tracing::debug!(code = ?status.code(), "ext_proc stream ended by the client");
                 self.phase = Phase::Done;
                 self.finish_span();
@@ -518,7 +527,7 @@ pub fn on_request_headers(
                  smuggled: bool,
                  error: Option<&'static str>| {
         let mut buf = [0u8; 256];
-        let host = normalize_host(authority, &mut buf).to_owned();
+        let host = crate::target::host(authority, &mut buf).unwrap_or(authority).to_owned();
         let redacted =
             binding.map_or(std::borrow::Cow::Borrowed(path), |b| inject::query::redact(path, &b.strip_query));
         let path_model = provider.and_then(|p| p.model_from_path(path));
@@ -590,7 +599,19 @@ pub fn on_request_headers(
         return answer(mutation::immediate(401, &body, "keyswap_agent_unauthenticated"), tx, None);
     }
     let tenant = identity.and_then(|i| i.tenant.as_deref());
-    match snapshot.decide(authority, path, tenant) {
+    let method = find(headers, ":method").unwrap_or("GET");
+    let decision = match crate::target::check_method(method) {
+        Err(r) => Decision::Refused(r),
+        Ok(()) => snapshot.decide(authority, path, tenant),
+    };
+    match decision {
+        Decision::Refused(r) => {
+            Metrics::inc(metrics.refused(r));
+            tracing::warn!(?authority, path = ?path_only, method = ?method, reason = r.reason(), "request target refused");
+            let body = json!({"error": {"type": "request_refused", "reason": r.reason(), "message": r.message()}});
+            let tx = denied_span(None, r.reason());
+            answer(mutation::immediate(r.status(), &body, "keyswap_request_refused"), tx, None)
+        }
         Decision::Inject { entry, credential } => {
             let binding = &entry.binding;
             // Provider authentication: a token to fetch, or a body too large to sign.

@@ -9,7 +9,7 @@ pub mod query;
 pub mod sigv4;
 
 use crate::config::snapshot::{Binding, Credential};
-use crate::provider::PLACEHOLDER;
+use crate::provider::{same_header, PLACEHOLDER};
 
 /// The changes for one request. Borrowed from the snapshot: building it allocates only the
 /// small vectors and, for query targets or stripped parameters, the new path.
@@ -65,9 +65,10 @@ pub fn plan<'a>(
     let sigv4 = matches!(credential, Credential::AwsV4(_));
     let mut target_seen = 0usize;
     for (name, value) in headers {
-        let Some(strip) = binding.strip_headers.iter().find(|s| s.eq_ignore_ascii_case(name)) else {
+        // Compared as a lenient server would: any case, `_` for `-` (`X_Api_Key`).
+        let Some(strip) = binding.strip_headers.iter().find(|s| same_header(s, name)) else {
             // SigV4: the agent's x-amz-date, x-amz-content-sha256, … belong to its own signature.
-            if sigv4 && name.len() > 6 && name[..6].eq_ignore_ascii_case("x-amz-") && !plan.remove.contains(&name) {
+            if sigv4 && name.get(..6).is_some_and(|p| same_header(p, "x-amz-")) && !plan.remove.contains(&name) {
                 plan.remove.push(name);
             }
             continue;
@@ -76,6 +77,13 @@ pub fn plan<'a>(
         let is_agent_token = agent_token.is_some_and(|t| value.rsplit(|&b| b == b' ').next() == Some(t));
         if !is_placeholder(value) && !is_agent_token {
             plan.smuggled.push(strip.to_owned());
+        }
+        if !name.eq_ignore_ascii_case(strip) {
+            // A disguised spelling: removed under the name it was sent with.
+            if !plan.remove.contains(&name) {
+                plan.remove.push(name);
+            }
+            continue;
         }
         if Some(strip) == target {
             // Overwritten in place (OVERWRITE_IF_EXISTS_OR_ADD drops every existing value).

@@ -23,9 +23,26 @@ pub struct Rewrite {
     pub smuggled: usize,
 }
 
-/// Removes every parameter named in `strip` (compared after percent-decoding, ignoring ASCII
-/// case, so `%6Bey` and `KEY` are caught too) and, when `set` is given, writes it where the
-/// first removed occurrence stood, or at the end. Other parameters keep their bytes and order.
+/// Whether the query parameter `raw_name` (as sent) names the credential parameter `strip`, the
+/// way a lenient server might read it: percent-decoded, `+` as space, ASCII case ignored, and
+/// every byte that is not a letter or digit ignored (`API_KEY`, `api-key`, `apiKey`, `key[]`,
+/// `%6Bey`, `key%00` all name `api-key` or `key`).
+pub fn names_param(raw_name: &str, strip: &str) -> bool {
+    let name = decode(raw_name);
+    let canon =
+        |s: &str| s.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase()).collect::<Vec<_>>();
+    !strip.is_empty() && canon(&name) == canon(strip)
+}
+
+/// The parameters of a query: split on `&` and on `;` (which some servers also treat as a
+/// separator, so `a=1;key=x` carries a `key`).
+fn params(query: &str) -> impl Iterator<Item = &str> {
+    query.split(['&', ';'])
+}
+
+/// Removes every parameter named in `strip` (compared by [`names_param`], so `%6Bey`, `KEY` and
+/// `api_key` are caught too) and, when `set` is given, writes it where the first removed
+/// occurrence stood, or at the end. Other parameters keep their bytes and order (joined by `&`).
 pub fn rewrite(
     path: &str,
     strip: &[Box<str>],
@@ -40,10 +57,9 @@ pub fn rewrite(
     let mut kept: Vec<Cow<'_, str>> = Vec::new();
     let mut placed = false;
     let mut changed = false;
-    for segment in query.into_iter().flat_map(|q| q.split('&')) {
+    for segment in query.into_iter().flat_map(params) {
         let (raw_name, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
-        let name = decode(raw_name);
-        if strip.iter().any(|s| s.eq_ignore_ascii_case(&name)) {
+        if strip.iter().any(|s| names_param(raw_name, s)) {
             changed = true;
             if !raw_value.is_empty() && !is_placeholder(&decode(raw_value)) {
                 out.smuggled += 1;
@@ -81,11 +97,10 @@ pub fn rewrite(
 pub fn redact<'a>(path: &'a str, names: &[Box<str>]) -> Cow<'a, str> {
     let Some((base, query)) = path.split_once('?') else { return Cow::Borrowed(path) };
     let mut hit = false;
-    let parts: Vec<Cow<'_, str>> = query
-        .split('&')
+    let parts: Vec<Cow<'_, str>> = params(query)
         .map(|seg| {
             let (raw_name, _) = seg.split_once('=').unwrap_or((seg, ""));
-            if names.iter().any(|n| n.eq_ignore_ascii_case(&decode(raw_name))) {
+            if names.iter().any(|n| names_param(raw_name, n)) {
                 hit = true;
                 Cow::Owned(format!("{raw_name}=[redacted]"))
             } else {
@@ -147,6 +162,19 @@ mod tests {
         let r = rewrite("/p?key=a&x=1&%6Bey=b&KEY=c&key", &strip(&["key"]), Some(("key", b"R")), ph);
         assert_eq!(r.path.as_deref(), Some("/p?key=R&x=1"));
         assert_eq!(r.smuggled, 3);
+    }
+
+    #[test]
+    fn lenient_spellings_of_the_parameter_are_removed() {
+        let r = rewrite(
+            "/p?api_key=a&API-KEY=b&apiKey=c&api%2Dkey=d&api-key%00=e&api-key[]=f&x=1;api.key=g&api+key=h",
+            &strip(&["api-key"]),
+            Some(("api-key", b"R")),
+            ph,
+        );
+        assert_eq!(r.path.as_deref(), Some("/p?api-key=R&x=1"));
+        assert_eq!(r.smuggled, 8);
+        assert_eq!(rewrite("/p?keys=1&monkey=2", &strip(&["key"]), None, ph), Rewrite::default());
     }
 
     #[test]

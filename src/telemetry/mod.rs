@@ -62,6 +62,12 @@ pub struct Metrics {
     pub denied_tenant_not_mapped: AtomicU64,
     /// 413: a body too large to sign (SigV4).
     pub denied_too_large: AtomicU64,
+    /// 400: an authority that is not a plain `host[:port]`.
+    pub denied_malformed_authority: AtomicU64,
+    /// 400: a path with dot-segments, backslashes, double encoding or control characters.
+    pub denied_malformed_path: AtomicU64,
+    /// 405: a method no provider uses (TRACE, …).
+    pub denied_method: AtomicU64,
     /// Requests passed through untouched (allow-all or allow-list).
     pub passed_through: AtomicU64,
     /// Requests where the agent sent a credential of its own (stripped either way).
@@ -80,6 +86,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The denial counter of a refused request target.
+    pub fn refused(&self, r: crate::target::Refused) -> &AtomicU64 {
+        match r {
+            crate::target::Refused::MalformedAuthority => &self.denied_malformed_authority,
+            crate::target::Refused::MalformedPath => &self.denied_malformed_path,
+            crate::target::Refused::MethodNotAllowed => &self.denied_method,
+        }
+    }
+
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -146,6 +161,9 @@ impl Metrics {
                 ("{reason=\"body_too_large\"}", g(&self.denied_too_large)),
                 ("{reason=\"agent_unauthenticated\"}", g(&self.denied_unauthenticated)),
                 ("{reason=\"tenant_not_mapped\"}", g(&self.denied_tenant_not_mapped)),
+                ("{reason=\"malformed_authority\"}", g(&self.denied_malformed_authority)),
+                ("{reason=\"malformed_path\"}", g(&self.denied_malformed_path)),
+                ("{reason=\"method_not_allowed\"}", g(&self.denied_method)),
             ],
         );
         counter(

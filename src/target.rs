@@ -1,0 +1,259 @@
+//! The request target as keyswap judges it: the host an `:authority` names, and whether a path,
+//! method and authority are plain enough to carry a real key.
+//!
+//! Everything here is agent input. Envoy in front normalises paths and refuses some malformed
+//! requests, but keyswap does not rely on it: a hand-written Envoy config, a catch-all virtual
+//! host or a client speaking gRPC to keyswap directly must not get a key for a target that only
+//! looks like a routed one. The rules are strict on purpose; what real SDKs send passes.
+//!
+//! This module imports nothing of keyswap.
+
+/// Why a request target is refused before any route is consulted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The authority is not `host[:port]` (brackets around anything but an IPv6 literal,
+    /// userinfo, spaces, a second colon, a bad port, characters a DNS name cannot hold).
+    MalformedAuthority,
+    /// The path is not an origin-form path keyswap can match unambiguously: dot-segments (also
+    /// percent-encoded or behind encoded slashes), backslashes, double encoding, control
+    /// characters, a fragment, or no leading `/`.
+    MalformedPath,
+    /// A method no provider API uses; `TRACE` would echo the injected key back to the agent.
+    MethodNotAllowed,
+}
+
+impl Refused {
+    /// The reason code in the JSON body, the span and the metric.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::MalformedAuthority => "malformed_authority",
+            Refused::MalformedPath => "malformed_path",
+            Refused::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Refused::MalformedAuthority | Refused::MalformedPath => 400,
+            Refused::MethodNotAllowed => 405,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Refused::MalformedAuthority => "the request's host is not a plain host[:port]; keyswap does not forward it",
+            Refused::MalformedPath => {
+                "the request path has dot-segments, backslashes, double encoding or control characters; keyswap does not forward it with a credential"
+            }
+            Refused::MethodNotAllowed => "this method is not forwarded with a credential",
+        }
+    }
+}
+
+/// Methods a routed request may use. Everything else (TRACE, TRACK, CONNECT inside the tunnel,
+/// WebDAV verbs, inventions) is refused before a key is written.
+pub const ALLOWED_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+pub fn check_method(method: &str) -> Result<(), Refused> {
+    if ALLOWED_METHODS.contains(&method) {
+        Ok(())
+    } else {
+        Err(Refused::MethodNotAllowed)
+    }
+}
+
+/// The lowercase host named by `authority` (`host`, `host:port`, `[v6]`, `[v6]:port`; a trailing
+/// dot dropped), or `MalformedAuthority`. Allocates nothing for hosts that fit `buf`.
+pub fn host<'a>(authority: &'a str, buf: &'a mut [u8; 256]) -> Result<&'a str, Refused> {
+    let bad = Err(Refused::MalformedAuthority);
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else { return bad };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad;
+        }
+        let port = match after {
+            "" => None,
+            p => match p.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return bad,
+            },
+        };
+        (v6, port)
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if let Some(p) = port {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err() {
+            return bad;
+        }
+    }
+    if authority.starts_with('[') {
+        return Ok(host);
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if !is_dns_name(host) {
+        return bad;
+    }
+    if !host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Ok(host);
+    }
+    let out = &mut buf[..host.len()];
+    out.copy_from_slice(host.as_bytes());
+    out.make_ascii_lowercase();
+    // ASCII only (checked above).
+    Ok(std::str::from_utf8(out).unwrap_or(host))
+}
+
+/// Letters, digits, `-` and `_` in dot-separated labels of 1–63 bytes, at most 253 in all
+/// (an IPv4 literal is such a name too).
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Whether `path` (the `:path` pseudo-header, query included) is safe to match and forward with a
+/// key. Checks the part before `?`: it starts with `/`; it holds only visible ASCII; decoded once,
+/// it has no `.` or `..` segment (with `/` or an encoded `%2F` around it), no backslash and no
+/// NUL; and it is not encoded twice (`%252e`). Encoded slashes themselves are allowed: Bedrock
+/// model ids that are ARNs travel as `…inference-profile%2F…`.
+pub fn check_path(path: &str) -> Result<(), Refused> {
+    let bad = Err(Refused::MalformedPath);
+    let raw = path.split_once('?').map_or(path, |(p, _)| p);
+    if !raw.starts_with('/') || raw.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'#' || b == b'\\') {
+        return bad;
+    }
+    if !raw.contains('%') && !raw.contains("/.") {
+        return Ok(()); // the common case: nothing to decode, no dot-segment possible
+    }
+    let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
+    if decoded.iter().any(|&b| b == b'\\' || b == 0) {
+        return bad;
+    }
+    // Encoded twice: a server that decodes again would see `.`, `/`, `\` or `%`.
+    if decoded.windows(3).any(|w| w[0] == b'%' && matches!(hex_pair(w[1], w[2]), Some(b'.' | b'/' | b'\\' | b'%'))) {
+        return bad;
+    }
+    if decoded.split(|&b| b == b'/').any(|seg| seg == b"." || seg == b"..") {
+        return bad;
+    }
+    Ok(())
+}
+
+fn hex_pair(a: u8, b: u8) -> Option<u8> {
+    let h = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    Some(h(a)? << 4 | h(b)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(a: &str) -> Result<String, Refused> {
+        let mut b = [0u8; 256];
+        host(a, &mut b).map(str::to_owned)
+    }
+
+    #[test]
+    fn plain_authorities_name_their_lowercase_host() {
+        assert_eq!(h("api.openai.com").unwrap(), "api.openai.com");
+        assert_eq!(h("API.OpenAI.com:443").unwrap(), "api.openai.com");
+        assert_eq!(h("api.anthropic.com.").unwrap(), "api.anthropic.com");
+        assert_eq!(h("[::1]:8080").unwrap(), "::1");
+        assert_eq!(h("[2001:db8::1]").unwrap(), "2001:db8::1");
+        assert_eq!(h("10.0.0.1:80").unwrap(), "10.0.0.1");
+    }
+
+    #[test]
+    fn bracket_and_userinfo_tricks_are_malformed() {
+        for a in [
+            "[api.anthropic.com].evil.example",
+            "[api.anthropic.com",
+            "[api.anthropic.com]",
+            "[::1].evil",
+            "[::1]x",
+            "api.anthropic.com]",
+            "user@api.anthropic.com",
+            "api.anthropic.com:443:1",
+            "api.anthropic.com:",
+            "api.anthropic.com:99999",
+            "api.anthropic.com:+443",
+            "api.anthropic.com evil",
+            "api.anthropic.com\t",
+            "api..anthropic.com",
+            ".api.anthropic.com",
+            "api.anthropic.com..",
+            "",
+            ":443",
+            "api.anthropic.com/x",
+            "api.anthropic.com\\x",
+            "api.anthropic.com%2e",
+            "ápi.anthropic.com",
+            "*.openai.azure.com",
+        ] {
+            assert_eq!(h(a), Err(Refused::MalformedAuthority), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_refused_however_they_are_spelled() {
+        for p in [
+            "/v1/../admin",
+            "/v1/./messages",
+            "/v1/..",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2E/admin",
+            "/v1/.%2e/admin",
+            "/v1/x%2F..%2Fadmin",
+            "/v1/x%2f..%2fadmin",
+            "/v1%2F..%2F..%2Fadmin",
+            "/v1/%252e%252e/admin",
+            "/v1/x%252Fy",
+            "/v1\\..\\admin",
+            "/v1/%5c../admin",
+            "/v1/%00/messages",
+            "/v1/messages#frag",
+            "v1/messages",
+            "*",
+            "/v1/mess ages",
+            "/v1/messages\u{7f}",
+            "/models/gemini-pro/../gemini-ultra:generateContent",
+        ] {
+            assert_eq!(check_path(p), Err(Refused::MalformedPath), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn what_sdks_send_passes() {
+        for p in [
+            "/v1/messages",
+            "/v1/chat/completions?x=../y",
+            "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse",
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.anthropic.claude/converse",
+            "/v1beta/models/gemini-2.5-pro:generateContent?key=x",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            "/v1/files/file-abc.jsonl",
+            "/.well-known/x",
+            "/v1/...",
+        ] {
+            assert_eq!(check_path(p), Ok(()), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn only_provider_methods_get_a_key() {
+        for m in ALLOWED_METHODS {
+            assert!(check_method(m).is_ok());
+        }
+        for m in ["TRACE", "TRACK", "CONNECT", "PROPFIND", "get", "DEBUG", ""] {
+            assert_eq!(check_method(m), Err(Refused::MethodNotAllowed), "{m}");
+        }
+    }
+}
