@@ -111,7 +111,7 @@ pub struct CertsArgs {
 #[derive(Debug, Args)]
 pub struct EnvoyArgs {
     /// Unix socket where keyswap's ext_proc server listens (what Envoy connects to).
-    #[arg(long, value_name = "PATH", default_value = "/run/keyswap/keyswap.sock")]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_UDS)]
     pub uds: PathBuf,
     /// Send a provider host to another address, trusting FILE for its certificate (tests,
     /// air-gapped mirrors). Repeatable.
@@ -165,6 +165,8 @@ pub struct DevArgs {
     /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     pub metrics: SocketAddr,
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
 }
 
 #[derive(Debug, Args)]
@@ -186,12 +188,21 @@ pub struct SourceArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// TCP address for the gRPC server. Default 127.0.0.1:50051 when --uds is not given.
+    /// Also (or only) serve ext_proc on this TCP address. Anyone who can open a stream to it
+    /// and send request headers for a routed host gets the real key back in the answer: bind it
+    /// to loopback at most, and prefer the Unix socket. Without --uds, TCP replaces the socket.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Unix socket path for the gRPC server (what Envoy uses in a sidecar). A stale socket is replaced.
-    #[arg(long, value_name = "PATH")]
+    /// Unix socket for the ext_proc server (what Envoy connects to). The default unless --listen
+    /// is given; created with --uds-mode permissions; a stale socket is replaced.
+    #[arg(long, value_name = "PATH", default_value_if("listen", clap::builder::ArgPredicate::IsPresent, None), default_value = DEFAULT_UDS)]
     pub uds: Option<PathBuf>,
+    /// Permissions of the ext_proc socket, octal. Owner-only by default: run Envoy as the same
+    /// user (the deployment does), or use 660 with a shared group.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub uds_mode: u32,
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
     /// Admin HTTP address: /metrics (Prometheus), /healthz, /readyz. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     pub metrics: SocketAddr,
@@ -337,7 +348,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime(Some(args.worker_threads))?;
     rt.block_on(async move {
         let listeners = bind_listeners(&args).await?;
-        run_extproc(source, snapshot, listeners, args.metrics, args.span_queue, shutdown_signal()).await
+        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+        run_extproc(source, snapshot, serving, args.metrics, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -346,13 +358,43 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
     let mut listeners = Vec::new();
     if let Some(path) = &args.uds {
-        listeners.push(Bound::uds(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?);
+        let bound =
+            Bound::uds(path, args.uds_mode).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        listeners.push(bound);
     }
-    if args.listen.is_some() || args.uds.is_none() {
-        let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051)));
+    if let Some(addr) = args.listen {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "ext_proc on a non-loopback TCP address: whoever reaches it can obtain real keys");
+        }
         listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
     }
     Ok(listeners)
+}
+
+/// Where `serve` listens for Envoy by default, and where `envoy-config` points Envoy.
+pub const DEFAULT_UDS: &str = "/run/keyswap/keyswap.sock";
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("`{s}` is not an octal file mode (e.g. 600 or 660)"))
+}
+
+/// Which CONNECT destinations the tunnel guard lets through besides public addresses.
+#[derive(Debug, Args)]
+pub struct TunnelArgs {
+    /// Let tunnels to allowed hosts reach this non-public network (CIDR), e.g. an internal
+    /// service on the allow list. Repeatable. Loopback and link-local ranges also open the
+    /// gateway's own admin ports and cloud metadata to agents: never list them in production.
+    #[arg(long = "allow-private-destination", value_name = "CIDR")]
+    pub allow_private: Vec<crate::auth::Cidr>,
+}
+
+impl TunnelArgs {
+    fn guard(&self) -> crate::extproc::tunnel::TunnelGuard {
+        crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone() }
+    }
 }
 
 /// The runtime serving Envoy: `workers` threads, one by default. Measured through Envoy, one
@@ -386,7 +428,8 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let store =
             crate::config::kube::start(client, args.namespace.clone(), selector, status, args.write_status).await?;
         let listeners = bind_listeners(&args).await?;
-        let result = serve_store(store, metrics, listeners, args.span_queue, shutdown_signal()).await;
+        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+        let result = serve_store(store, metrics, serving, shutdown_signal()).await;
         admin.abort();
         result
     })?;
@@ -394,13 +437,19 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How the ext_proc server runs: its sockets, the span queue, the tunnel guard.
+struct Serving {
+    listeners: Vec<Bound>,
+    span_queue: usize,
+    tunnel: crate::extproc::tunnel::TunnelGuard,
+}
+
 /// Serves `snapshot` and keeps it current from `source` until `shutdown`.
 async fn run_extproc(
     source: Arc<FileSource>,
     snapshot: Snapshot,
-    listeners: Vec<Bound>,
+    serving: Serving,
     metrics_addr: SocketAddr,
-    span_queue: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     log_changes(None, &snapshot);
@@ -425,7 +474,7 @@ async fn run_extproc(
         (true, format!("gateway {gateway} loaded; last reload: {last}"))
     });
     let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, Arc::new(String::new)).await?;
-    let result = serve_store(store, metrics, listeners, span_queue, shutdown).await;
+    let result = serve_store(store, metrics, serving, shutdown).await;
     admin.abort();
     result
 }
@@ -434,10 +483,10 @@ async fn run_extproc(
 async fn serve_store(
     store: crate::config::SnapshotStore,
     metrics: Arc<Metrics>,
-    listeners: Vec<Bound>,
-    span_queue: usize,
+    serving: Serving,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let Serving { listeners, span_queue, tunnel } = serving;
     let otlp = store.load().otlp.clone();
     let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?
@@ -453,7 +502,7 @@ async fn serve_store(
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
-    let shared = Arc::new(Shared { store, metrics, sink });
+    let shared = Arc::new(Shared { store, metrics, sink, tunnel });
     server::run(shared, listeners, shutdown).await
 }
 
@@ -934,9 +983,11 @@ fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     let rt = runtime(None)?;
     rt.block_on(async move {
-        let listeners = vec![Bound::uds(&uds).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
+        let listeners =
+            vec![Bound::uds(&uds, 0o600).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(run_extproc(source, snapshot, listeners, args.metrics, SPAN_QUEUE, async {
+        let serving = Serving { listeners, span_queue: SPAN_QUEUE, tunnel: args.tunnel.guard() };
+        let server = tokio::spawn(run_extproc(source, snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));
         let log = std::fs::File::create(work.join("envoy.log"))?;

@@ -190,7 +190,9 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
         let config = tempfile::tempdir().unwrap();
         let port = free_port();
         std::fs::write(config.path().join("gateway.yaml"), gateway_config(policy, port, allow)).unwrap();
-        let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &[]));
+        // The unrouted service is on loopback: only reachable when the operator opens it.
+        let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
+        let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
         let before = other.seen().len();
         // -p: tunnel plain HTTP through CONNECT, as HTTPS clients do.
         let (code, out, err) = curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &target]);

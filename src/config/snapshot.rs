@@ -329,12 +329,19 @@ impl Snapshot {
                 Err(NoCredential::TenantNotMapped) => Decision::TenantNotMapped { entry },
             };
         }
+        match self.allows_unrouted(host) {
+            Some(allowed_by) => Decision::PassThrough { allowed_by },
+            None => Decision::Deny,
+        }
+    }
+
+    /// Whether an unrouted (lowercase) `host` may be reached, and why: the gateway allows all, or
+    /// an `allow` entry names it.
+    pub fn allows_unrouted(&self, host: &str) -> Option<&'static str> {
         match self.default_policy {
-            DefaultPolicy::AllowAll => Decision::PassThrough { allowed_by: "allow-all" },
-            DefaultPolicy::DenyAll if self.allow.iter().any(|a| host_matches(a, host)) => {
-                Decision::PassThrough { allowed_by: "allow-list" }
-            }
-            DefaultPolicy::DenyAll => Decision::Deny,
+            DefaultPolicy::AllowAll => Some("allow-all"),
+            DefaultPolicy::DenyAll if self.allow.iter().any(|a| host_matches(a, host)) => Some("allow-list"),
+            DefaultPolicy::DenyAll => None,
         }
     }
 }

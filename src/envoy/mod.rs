@@ -172,28 +172,67 @@ pub fn bootstrap(
     };
 
     // === explicit proxy ===
+    // Only tunnels to unrouted hosts ask keyswap (the tunnel guard): routed hosts go to the
+    // internal listener, and refusals are answered by Envoy.
+    let no_guard = json!({"envoy.filters.http.ext_proc": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": true}});
+    let mut refuse_plain_unguarded = refuse_plain.clone();
+    refuse_plain_unguarded["typed_per_filter_config"] = no_guard.clone();
     let mut proxy_vhosts = Vec::new();
     if !routed.is_empty() {
         proxy_vhosts.push(json!({"name": "routed", "domains": routed,
-            "routes": [connect_to(INTERNAL_TLS), refuse_plain.clone()]}));
+            "routes": [connect_to(INTERNAL_TLS), refuse_plain.clone()], "typed_per_filter_config": no_guard}));
     }
     if !allow.is_empty() && !allow_all {
         proxy_vhosts.push(json!({"name": "allowed", "domains": allow,
-            "routes": [connect_to("keyswap_tunnel"), refuse_plain.clone()]}));
+            "routes": [connect_to("keyswap_tunnel"), refuse_plain_unguarded.clone()]}));
     }
     let fallback = if allow_all {
         connect_to("keyswap_tunnel")
     } else {
-        json!({"match": {"connect_matcher": {}}, "direct_response": {"status": 403}})
+        json!({"match": {"connect_matcher": {}}, "direct_response": {"status": 403},
+            "typed_per_filter_config": no_guard})
     };
-    proxy_vhosts.push(json!({"name": "default", "domains": ["*"], "routes": [fallback, refuse_plain]}));
+    proxy_vhosts.push(json!({"name": "default", "domains": ["*"], "routes": [fallback, refuse_plain_unguarded]}));
     let mut proxy_filters = Vec::new();
     if tunnel {
+        // The tunnel guard: keyswap resolves the CONNECT target, refuses loopback, private,
+        // link-local and other non-public addresses, and pins the tunnel to the address it
+        // checked by rewriting `:authority` to it (so a second DNS answer cannot differ).
+        proxy_filters.push(json!({
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"},
+                    "initial_metadata": [{"key": crate::extproc::ROLE_METADATA, "value": crate::extproc::ROLE_TUNNEL}]},
+                "failure_mode_allow": false,
+                "message_timeout": "6s",
+                // `:authority` is rewritten; a refused rewrite must fail the request, never
+                // tunnel to the unchecked name.
+                "mutation_rules": {"allow_all_routing": true, "disallow_is_error": true},
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SKIP",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+            },
+        }));
         proxy_filters.push(dfp_filter.clone());
     }
     proxy_filters.push(router.clone());
+    // What every connection manager does with agent input before any filter sees it: the peer
+    // address is the TCP peer (never X-Forwarded-For), and headers spelled with underscores
+    // (`x_api_key`) are dropped.
+    let hardened = |hcm: &mut Value| {
+        hcm["use_remote_address"] = json!(true);
+        hcm["xff_num_trusted_hops"] = json!(0);
+        hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "DROP_HEADER"});
+    };
     let proxy_listener = |name: &str, port: u16| {
-        json!({
+        let mut l = json!({
             "name": format!("proxy_{name}"),
             "address": {"socket_address": {"address": opts.bind.to_string(), "port_value": port}},
             "filter_chains": [{"filters": [{
@@ -204,13 +243,17 @@ pub fn bootstrap(
                     // Python's http.client (urllib3: requests, boto3) sends `CONNECT … HTTP/1.0`;
                     // Envoy refuses HTTP/1.0 with 426 unless told otherwise.
                     "http_protocol_options": {"accept_http_10": true},
-                    "strip_any_host_port": true,
                     "upgrade_configs": [{"upgrade_type": "CONNECT"}],
                     "http_filters": proxy_filters,
-                    "route_config": {"name": "proxy", "virtual_hosts": proxy_vhosts},
+                    // The CONNECT target keeps its port (the tunnel guard and the tunnel need
+                    // it); virtual hosts match on the host alone.
+                    "route_config": {"name": "proxy", "ignore_port_in_host_matching": true,
+                        "virtual_hosts": proxy_vhosts},
                 },
             }]}],
-        })
+        });
+        hardened(&mut l["filter_chains"][0]["filters"][0]["typed_config"]);
+        l
     };
 
     // === TLS termination (internal listener, and redirected TLS listeners) ===
@@ -254,7 +297,7 @@ pub fn bootstrap(
     }
     tls_filters.push(router);
     let sds_path = abs(&leaf_sds_path(opts.certs));
-    let tls_chain = json!({
+    let mut tls_chain = json!({
         "filter_chain_match": {"server_names": routed},
         "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -271,11 +314,18 @@ pub fn bootstrap(
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "tls",
                 "strip_any_host_port": true,
+                // Paths are normalised before keyswap matches them (RFC 3986 dot-segments,
+                // `%2E`, `//`); keyswap refuses what is left ambiguous. Escaped slashes are
+                // kept: Bedrock model ARNs travel as `%2F`, and keyswap judges them decoded.
+                "normalize_path": true,
+                "merge_slashes": true,
+                "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
                 "http_filters": tls_filters,
                 "route_config": {"name": "providers", "virtual_hosts": tls_vhosts},
             },
         }],
     });
+    hardened(&mut tls_chain["filters"][0]["typed_config"]);
     let tls_inspector = json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
 

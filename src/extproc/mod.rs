@@ -5,8 +5,13 @@
 
 pub mod mutation;
 pub mod server;
+pub mod tunnel;
+
+pub use tunnel::{ROLE_METADATA, ROLE_TUNNEL};
 
 use std::future::Future as _;
+
+use futures_util::future::BoxFuture;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -39,13 +44,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Where finished spans go (nowhere when tracing is off).
     pub sink: Sink,
+    /// Which tunnel destinations are reachable besides public addresses.
+    pub tunnel: tunnel::TunnelGuard,
 }
 
 impl Shared {
     /// Shared state with tracing off.
     pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
         let sink = Sink::new(metrics.clone(), None);
-        Shared { store, metrics, sink }
+        Shared { store, metrics, sink, tunnel: Default::default() }
     }
 }
 
@@ -68,14 +75,17 @@ impl ExternalProcessor for ExtProc {
         &self,
         request: tonic::Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
+        // Envoy's tunnel-guard filter names itself in the stream's metadata.
+        let tunnel = request.metadata().get(ROLE_METADATA).is_some_and(|v| v.as_bytes() == ROLE_TUNNEL.as_bytes());
         Ok(tonic::Response::new(ProcessStream {
             inner: request.into_inner(),
+            tunnel,
             phase: Phase::AwaitRequestHeaders,
             shared: self.shared.clone(),
             tx: None,
             sign: None,
             waiting: None,
-            signing: None,
+            pending: None,
         }))
     }
 }
@@ -150,13 +160,16 @@ pub enum Wait {
 /// The response stream of one HTTP request.
 pub struct ProcessStream {
     inner: Streaming<ProcessingRequest>,
+    /// A stream of the tunnel guard (CONNECT to an unrouted host), not of a provider request.
+    tunnel: bool,
     phase: Phase,
     shared: Arc<Shared>,
     tx: Option<Traced>,
     sign: Option<Box<PendingSign>>,
     waiting: Option<Box<Waiting>>,
-    /// A large body being signed on the blocking pool, and when its message arrived.
-    signing: Option<(tokio::task::JoinHandle<ProcessingResponse>, Instant)>,
+    /// An answer being computed off the stream (a large body signed on the blocking pool, a
+    /// tunnel target resolved), when its message arrived, and its phase.
+    pending: Option<(BoxFuture<'static, ProcessingResponse>, Instant, TelemetryPhase)>,
 }
 
 impl ProcessStream {
@@ -213,12 +226,11 @@ impl Stream for ProcessStream {
             }
             return Poll::Ready(Some(Ok(resp)));
         }
-        if let Some((handle, started)) = self.signing.as_mut() {
-            let Poll::Ready(joined) = Pin::new(handle).poll(cx) else { return Poll::Pending };
-            let started = *started;
-            self.signing = None;
-            let resp = joined.unwrap_or_else(|e| signing_failed(&self.shared, &format!("signing task failed: {e}")));
-            self.shared.metrics.observe(TelemetryPhase::RequestBody, started.elapsed());
+        if let Some((fut, started, phase)) = self.pending.as_mut() {
+            let Poll::Ready(resp) = fut.as_mut().poll(cx) else { return Poll::Pending };
+            let (started, phase) = (*started, *phase);
+            self.pending = None;
+            self.shared.metrics.observe(phase, started.elapsed());
             return Poll::Ready(Some(Ok(resp)));
         }
         let msg = match Pin::new(&mut self.inner).poll_next(cx) {
@@ -257,8 +269,8 @@ impl Stream for ProcessStream {
             }
             // Tell Envoy to wait for the token fetch; the answer follows when it completes.
             Ok(Handled::Wait) => Poll::Ready(Some(Ok(mutation::extend_timeout(TOKEN_WAIT)))),
-            // Signing off the worker: poll the task right away (it registers the waker).
-            Ok(Handled::Signing) => self.poll_next(cx),
+            // Answered off the stream: poll the future right away (it registers the waker).
+            Ok(Handled::Pending) => self.poll_next(cx),
             Err(status) => {
                 Metrics::inc(&this.shared.metrics.protocol_errors);
                 tracing::warn!(error = status.message(), "ext_proc protocol error; stream ended");
@@ -285,8 +297,8 @@ enum Handled {
     Answer(ProcessingResponse, TelemetryPhase, bool),
     /// The request headers wait for a token: [`ProcessStream::waiting`] holds them.
     Wait,
-    /// A large body is being signed: [`ProcessStream::signing`] holds the task.
-    Signing,
+    /// The answer is being computed: [`ProcessStream::pending`] holds it.
+    Pending,
 }
 
 /// What the request-headers phase decided.
@@ -321,6 +333,18 @@ impl ProcessStream {
         };
         let shared = &*self.shared;
         match (request, self.phase) {
+            (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) if self.tunnel => {
+                self.phase = Phase::AfterRequestHeaders;
+                let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+                let authority = find(&headers, ":authority").unwrap_or("").to_owned();
+                let (guard, snapshot, shared) = (shared.tunnel.clone(), shared.store.load_full(), self.shared.clone());
+                let fut = async move {
+                    let decision = tunnel::decide(authority.clone(), snapshot, guard).await;
+                    tunnel::answer(&shared, &authority, decision)
+                };
+                self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestHeaders));
+                Ok(Handled::Pending)
+            }
             (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) => {
                 self.phase = Phase::AfterRequestHeaders;
                 let has_body = !h.end_of_stream;
@@ -362,9 +386,15 @@ impl ProcessStream {
                     // Hashing megabytes would hold up every other stream on this worker.
                     let shared = self.shared.clone();
                     let body = b.body;
-                    let task = tokio::task::spawn_blocking(move || sign_body(&shared, &sign, &body));
-                    self.signing = Some((task, started));
-                    return Ok(Handled::Signing);
+                    let task = tokio::task::spawn_blocking({
+                        let shared = shared.clone();
+                        move || sign_body(&shared, &sign, &body)
+                    });
+                    let fut = async move {
+                        task.await.unwrap_or_else(|e| signing_failed(&shared, &format!("signing task failed: {e}")))
+                    };
+                    self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestBody));
+                    return Ok(Handled::Pending);
                 }
                 let resp = sign_body(shared, &sign, &b.body);
                 Ok(Handled::Answer(resp, TelemetryPhase::RequestBody, false))

@@ -30,9 +30,15 @@ impl Bound {
         Ok(Bound::Tcp(TcpListener::bind(addr).await?))
     }
 
-    /// Binds a Unix socket, replacing a stale socket file left by a previous run.
-    pub fn uds(path: &Path) -> std::io::Result<Bound> {
-        use std::os::unix::fs::FileTypeExt;
+    /// Binds a Unix socket with permissions `mode`, replacing a stale socket file left by a
+    /// previous run. The socket is bound under a temporary name, given its mode, then renamed
+    /// into place: it never exists at `path` with looser permissions. The parent directory is
+    /// created (0700) when missing.
+    pub fn uds(path: &Path, mode: u32) -> std::io::Result<Bound> {
+        use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if meta.file_type().is_socket() {
                 std::fs::remove_file(path)?;
@@ -43,7 +49,14 @@ impl Bound {
                 ));
             }
         }
-        Ok(Bound::Uds(UnixListener::bind(path)?, path.to_path_buf()))
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(Bound::Uds(listener, path.to_path_buf()))
     }
 
     pub fn describe(&self) -> String {

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub denied_method: AtomicU64,
     /// Requests passed through untouched (allow-all or allow-list).
     pub passed_through: AtomicU64,
+    /// CONNECT tunnels to unrouted hosts the tunnel guard let through (pinned to a public address).
+    pub tunnels_allowed: AtomicU64,
+    /// CONNECT tunnels the tunnel guard refused (private destination, not allowed, malformed).
+    pub tunnels_refused: AtomicU64,
     /// Requests where the agent sent a credential of its own (stripped either way).
     pub smuggle_attempts: AtomicU64,
     /// Streams ended with an error status because a message broke the protocol.
@@ -170,6 +174,11 @@ impl Metrics {
             "keyswap_passthrough",
             "Unrouted requests passed untouched (allow-all or allow list).",
             &[("", g(&self.passed_through))],
+        );
+        counter(
+            "keyswap_tunnels",
+            "CONNECT tunnels to unrouted hosts, by the tunnel guard's decision.",
+            &[("{result=\"allowed\"}", g(&self.tunnels_allowed)), ("{result=\"refused\"}", g(&self.tunnels_refused))],
         );
         counter(
             "keyswap_smuggle_attempts",

@@ -20,13 +20,14 @@ pub fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
 
 /// [`start_dev`] with extra environment (OTLP settings, say).
 pub fn start_dev_env(config: &Path, work: &Path, upstreams: &[String], env: &[(&str, &str)]) -> Dev {
+    start_dev_with(config, work, upstreams, env, &["dev"])
+}
+
+/// [`start_dev_env`] with extra `keyswap dev` arguments.
+pub fn start_dev_with(config: &Path, work: &Path, upstreams: &[String], env: &[(&str, &str)], args: &[&str]) -> Dev {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.arg("dev").arg("--config").arg(config).arg("--work").arg(work).args([
-        "--admin-port",
-        "0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    cmd.args(args);
+    cmd.arg("--config").arg(config).arg("--work").arg(work).args(["--admin-port", "0", "--metrics", "127.0.0.1:0"]);
     for u in upstreams {
         cmd.arg("--upstream").arg(u);
     }

@@ -1,0 +1,253 @@
+//! The tunnel guard: what keyswap answers for a `CONNECT` to an unrouted host.
+//!
+//! On an allow-all gateway, or for an `allow` entry, Envoy tunnels the agent's bytes to the
+//! host it names. Left alone, `CONNECT 127.0.0.1:9901` reaches Envoy's admin API (and from there
+//! the injected keys), `CONNECT 169.254.169.254:80` the cloud metadata service, and a name that
+//! resolves to a private address the cluster's insides. So Envoy asks keyswap first (an ext_proc
+//! filter on the proxy listener, for tunnel routes only): keyswap resolves the name itself,
+//! refuses when any address is not public, and pins the tunnel to the address it checked by
+//! rewriting `:authority` to it, so a second DNS answer cannot differ (no rebinding window).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use serde_json::json;
+
+use super::{mutation, Shared};
+use crate::auth::Cidr;
+use crate::config::Snapshot;
+use crate::telemetry::Metrics;
+
+/// gRPC metadata Envoy's tunnel-guard filter sends on each stream (`initial_metadata`).
+pub const ROLE_METADATA: &str = "x-keyswap-role";
+pub const ROLE_TUNNEL: &str = "tunnel";
+
+/// How long a tunnel target's DNS lookup may take (within the filter's 6 s message timeout).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Non-public networks an operator lets tunnels reach anyway (`--allow-private-destination`).
+#[derive(Clone, Debug, Default)]
+pub struct TunnelGuard {
+    pub allow_private: Vec<Cidr>,
+}
+
+impl TunnelGuard {
+    /// Whether a tunnel may connect to `ip`.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        is_public(ip) || self.allow_private.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// Whether `ip` is a globally routable unicast address: not loopback, unspecified, private,
+/// shared (CGNAT), link-local (cloud metadata), documentation, benchmarking, multicast or
+/// reserved; IPv6 forms that embed an IPv4 address (mapped, NAT64, 6to4) are judged by it.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let s = v6.segments();
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach an IPv4 address.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public_v4(Ipv4Addr::from(u128::from(v6) as u32));
+            }
+            if s[0] == 0x2002 {
+                return is_public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
+            }
+            // Global unicast is 2000::/3, less documentation (2001:db8::/32), Teredo (2001::/32)
+            // and ORCHIDv2/benchmarking (2001:10::/28, 2001:20::/28, 2001:2::/48).
+            let global = s[0] & 0xe000 == 0x2000;
+            let special = (s[0] == 0x2001
+                && (s[1] == 0xdb8 || s[1] == 0 || s[1] & 0xfff0 == 0x10 || s[1] & 0xfff0 == 0x20))
+                || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0);
+            global && !special && v6 != Ipv6Addr::UNSPECIFIED
+        }
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(o[0] == 0                                     // "this network", 0.0.0.0
+        || o[0] == 10                               // private
+        || o[0] == 127                              // loopback
+        || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space (CGNAT)
+        || (o[0] == 169 && o[1] == 254)             // link-local: cloud metadata
+        || (o[0] == 172 && (16..32).contains(&o[1])) // private
+        || (o[0] == 192 && o[1] == 0 && (o[2] == 0 || o[2] == 2)) // IETF protocol assignments, TEST-NET-1
+        || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 6to4 relay anycast
+        || (o[0] == 192 && o[1] == 168)             // private
+        || (o[0] == 198 && (o[1] == 18 || o[1] == 19)) // benchmarking
+        || (o[0] == 198 && o[1] == 51 && o[2] == 100) // TEST-NET-2
+        || (o[0] == 203 && o[1] == 0 && o[2] == 113) // TEST-NET-3
+        || o[0] >= 224) // multicast, reserved, broadcast
+}
+
+/// Why a tunnel was refused, as the JSON reason and the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The CONNECT target is not `host:port`.
+    MalformedTarget,
+    /// The host is not allowed by the gateway (defaultPolicy and `allow`), as of now.
+    NotAllowed,
+    /// The name resolves (or the literal is) to a loopback, private, link-local or other
+    /// non-public address.
+    PrivateDestination,
+    /// The name did not resolve in time.
+    Unresolvable,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::MalformedTarget => "malformed_connect_target",
+            Refusal::NotAllowed => "egress_denied",
+            Refusal::PrivateDestination => "private_destination",
+            Refusal::Unresolvable => "unresolvable_destination",
+        }
+    }
+
+    fn status(self) -> u16 {
+        match self {
+            Refusal::Unresolvable => 502,
+            Refusal::MalformedTarget => 400,
+            Refusal::NotAllowed | Refusal::PrivateDestination => 403,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::MalformedTarget => "a CONNECT target must be host:port",
+            Refusal::NotAllowed => "the gateway does not allow tunnels to this host",
+            Refusal::PrivateDestination => {
+                "tunnels reach public addresses only; this host is (or resolves to) a loopback, private, link-local or reserved address"
+            }
+            Refusal::Unresolvable => "the tunnel's host did not resolve",
+        }
+    }
+}
+
+/// The CONNECT target's host and port (the port is required).
+fn target(authority: &str) -> Option<(String, u16)> {
+    let (_, port) = authority.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let mut buf = [0u8; 256];
+    let host = crate::target::host(authority, &mut buf).ok()?;
+    Some((host.to_owned(), port))
+}
+
+/// The decision for `CONNECT authority`: refuse, or continue pinned to a checked address.
+pub async fn decide(
+    authority: String,
+    snapshot: Arc<Snapshot>,
+    guard: TunnelGuard,
+) -> Result<SocketAddr, (Refusal, Option<IpAddr>)> {
+    let Some((host, port)) = target(&authority) else { return Err((Refusal::MalformedTarget, None)) };
+    if snapshot.allows_unrouted(&host).is_none() {
+        return Err((Refusal::NotAllowed, None));
+    }
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(a)) => a.collect(),
+            _ => return Err((Refusal::Unresolvable, None)),
+        },
+    };
+    // Every answer must be public: a name with one private record is a rebinding attempt.
+    if let Some(bad) = addrs.iter().find(|a| !guard.permits(a.ip())) {
+        return Err((Refusal::PrivateDestination, Some(bad.ip())));
+    }
+    let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied();
+    pick.ok_or((Refusal::Unresolvable, None))
+}
+
+/// The answer Envoy gets for a tunnel decision.
+pub fn answer(
+    shared: &Shared,
+    authority: &str,
+    decision: Result<SocketAddr, (Refusal, Option<IpAddr>)>,
+) -> ProcessingResponse {
+    match decision {
+        Ok(addr) => {
+            Metrics::inc(&shared.metrics.tunnels_allowed);
+            tracing::debug!(target_authority = ?authority, pinned = %addr, "tunnel allowed");
+            let pinned = addr.to_string();
+            let plan = crate::inject::Plan::default();
+            let m = mutation::header_mutation(&plan, &[(":authority", pinned.as_bytes())]);
+            mutation::request_headers(Some(m), None)
+        }
+        Err((refusal, address)) => {
+            Metrics::inc(&shared.metrics.tunnels_refused);
+            tracing::warn!(
+                target_authority = ?authority, address = ?address, reason = refusal.reason(),
+                "tunnel refused"
+            );
+            let body =
+                json!({"error": {"type": "tunnel_refused", "reason": refusal.reason(), "message": refusal.message()}});
+            mutation::immediate(refusal.status(), &body, "keyswap_tunnel_refused")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_unicast_addresses_are_public() {
+        for a in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "192.0.0.1",
+            "198.18.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2001:db8::1",
+            "ff02::1",
+        ] {
+            assert!(!is_public(a.parse().unwrap()), "{a} is not public");
+        }
+        for a in
+            ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::"]
+        {
+            assert!(is_public(a.parse().unwrap()), "{a} is public");
+        }
+    }
+
+    #[test]
+    fn operators_can_open_a_private_range_explicitly() {
+        let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()] };
+        assert!(g.permits("10.20.1.1".parse().unwrap()));
+        assert!(!g.permits("10.21.1.1".parse().unwrap()));
+        assert!(!g.permits("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn connect_targets_need_a_plain_host_and_port() {
+        assert_eq!(target("example.com:443"), Some(("example.com".into(), 443)));
+        assert_eq!(target("[::1]:80"), Some(("::1".into(), 80)));
+        assert_eq!(target("example.com"), None);
+        assert_eq!(target("example.com:0"), None);
+        assert_eq!(target("[example.com]:443"), None);
+        assert_eq!(target("a@example.com:443"), None);
+    }
+}
