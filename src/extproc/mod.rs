@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request::Request, ProcessingRequest, ProcessingResponse,
+    processing_request::Request, HeaderMutation, ProcessingRequest, ProcessingResponse,
 };
 use serde_json::json;
 use tokio_stream::Stream;
@@ -86,6 +86,7 @@ impl ExternalProcessor for ExtProc {
             sign: None,
             waiting: None,
             pending: None,
+            scrub: None,
         }))
     }
 }
@@ -170,6 +171,59 @@ pub struct ProcessStream {
     /// An answer being computed off the stream (a large body signed on the blocking pool, a
     /// tunnel target resolved), when its message arrived, and its phase.
     pending: Option<(BoxFuture<'static, ProcessingResponse>, Instant, TelemetryPhase)>,
+    /// A request that got a real credential: its response headers are scrubbed of live secret
+    /// values before the agent (or a span) sees them.
+    scrub: Option<Scrub>,
+}
+
+/// What a response may not carry back: every live secret of the snapshot the request was
+/// decided on, and the credential minted for it (a GCP access token).
+struct Scrub {
+    snapshot: Arc<Snapshot>,
+    minted: Option<Box<[u8]>>,
+}
+
+impl Scrub {
+    fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        self.snapshot.live_secrets.iter().map(|s| s.expose_secret()).chain(self.minted.as_deref())
+    }
+
+    /// The response headers with every secret value replaced, and the mutation that does the
+    /// same in Envoy; `None` when no header carries one (the common case: no allocation).
+    fn response_headers(&self, headers: &[HeaderValue]) -> Option<(Vec<(String, Vec<u8>)>, HeaderMutation)> {
+        let leaks = |v: &[u8]| self.secrets().any(|s| crate::telemetry::capture::contains(v, s));
+        if !headers.iter().any(|h| !h.key.starts_with(':') && leaks(header_bytes(h))) {
+            return None;
+        }
+        let secrets: Vec<&[u8]> = self.secrets().collect();
+        let mut scrubbed: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len());
+        let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
+        for h in headers {
+            let mut v = header_bytes(h).to_vec();
+            if !h.key.starts_with(':') && leaks(&v) {
+                crate::telemetry::capture::scrub(&mut v, &secrets, false);
+                // Repeated headers of one name become one value (OVERWRITE replaces them all).
+                match changed.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&h.key)) {
+                    Some((_, joined)) => {
+                        joined.extend_from_slice(b", ");
+                        joined.extend_from_slice(&v);
+                    }
+                    None => changed.push((h.key.to_ascii_lowercase(), v.clone())),
+                }
+            }
+            scrubbed.push((h.key.clone(), v));
+        }
+        // Values of a changed name that were clean still belong to the one rewritten value.
+        for (name, joined) in changed.iter_mut() {
+            let clean = headers.iter().filter(|h| h.key.eq_ignore_ascii_case(name) && !leaks(header_bytes(h)));
+            for h in clean {
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(header_bytes(h));
+            }
+        }
+        let pairs: Vec<(&str, &[u8])> = changed.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        Some((scrubbed, mutation::set_headers(&pairs)))
+    }
 }
 
 impl ProcessStream {
@@ -306,6 +360,9 @@ pub struct Outcome {
     pub resp: ProcessingResponse,
     pub tx: Option<Box<Transaction>>,
     pub sign: Option<Box<PendingSign>>,
+    /// `Some` when a real credential was written: then the response is scrubbed; inside, the
+    /// credential minted for this request (a GCP token), if any.
+    pub injected: Option<Option<Box<[u8]>>>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -321,6 +378,9 @@ impl ProcessStream {
     /// transaction already ended (a denial).
     fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> (ProcessingResponse, bool) {
         let done = outcome.tx.as_ref().is_some_and(|t| t.is_denial());
+        if let Some(minted) = outcome.injected {
+            self.scrub = Some(Scrub { snapshot: snapshot.clone(), minted });
+        }
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
         self.sign = outcome.sign;
         (outcome.resp, done)
@@ -402,15 +462,24 @@ impl ProcessStream {
             (Request::ResponseHeaders(h), _) => {
                 let mut mode = None;
                 let end = h.end_of_stream;
+                let headers = h.headers.map(|m| m.headers).unwrap_or_default();
+                let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(&headers));
+                if scrubbed.is_some() {
+                    Metrics::inc(&shared.metrics.secrets_scrubbed_from_responses);
+                    tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
+                }
                 if let Some(t) = &mut self.tx {
-                    let headers = h.headers.map(|m| m.headers).unwrap_or_default();
-                    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect();
+                    let pairs: Vec<(&str, &[u8])> = match &scrubbed {
+                        Some((s, _)) => s.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect(),
+                        None => headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect(),
+                    };
                     t.tx.on_response_headers(&pairs);
                     if !end && t.tx.wants_response_body() {
                         mode = Some(mutation::mode(mutation::RequestBody::None, true));
                     }
                 }
-                Ok(Handled::Answer(mutation::response_headers(mode), TelemetryPhase::ResponseHeaders, end))
+                let resp = mutation::response_headers(scrubbed.map(|(_, m)| m), mode);
+                Ok(Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end))
             }
             (Request::ResponseBody(b), _) => {
                 if let Some(t) = &mut self.tx {
@@ -580,7 +649,7 @@ pub fn on_request_headers(
         };
         Transaction::start(&s, &pairs(), &snapshot.capture)
     };
-    let answer = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign });
+    let answer = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign, injected: None });
     // The span of a request keyswap answers itself: on a matched route, or before any route.
     let denied_span = |entry: Option<&crate::config::snapshot::MatchEntry>, error: &'static str| {
         tracing_on.then(|| {
@@ -715,10 +784,16 @@ pub fn on_request_headers(
             }
             let body_mode = if sign.is_some() { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
             let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+            // The response headers come back to keyswap to be scrubbed of secrets (mode below).
+            let minted = token.map(|t| Box::from(t.strip_prefix(b"Bearer ").unwrap_or(t)));
+            let injected = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign, injected: Some(minted.clone()) });
             if !tracing_on {
                 let m = mutation::header_mutation(&plan, &extra);
-                let mode = (body_mode != mutation::RequestBody::None).then(|| mutation::mode(body_mode, false));
-                return answer(mutation::request_headers(Some(m), mode), None, sign);
+                return injected(
+                    mutation::request_headers(Some(m), Some(mutation::mode(body_mode, false))),
+                    None,
+                    sign,
+                );
             }
             let smuggled = !plan.smuggled.is_empty();
             let (tx, traceparent) = start(
@@ -737,7 +812,7 @@ pub fn on_request_headers(
                 other => other,
             };
             let mode = mutation::mode(body_mode, false);
-            answer(mutation::request_headers(Some(m), Some(mode)), Some(Box::new(tx)), sign)
+            injected(mutation::request_headers(Some(m), Some(mode)), Some(Box::new(tx)), sign)
         }
         Decision::FailClosed { entry, reason } => {
             let detail = reason.to_string();

@@ -57,9 +57,11 @@ pub fn request_headers(mutation: Option<HeaderMutation>, mode: Option<Processing
     }
 }
 
-pub fn response_headers(mode: Option<ProcessingMode>) -> ProcessingResponse {
+/// Continue the response, applying `mutation` (secrets scrubbed) if any.
+pub fn response_headers(mutation: Option<HeaderMutation>, mode: Option<ProcessingMode>) -> ProcessingResponse {
+    let response = mutation.map(|m| CommonResponse { header_mutation: Some(m), ..Default::default() });
     ProcessingResponse {
-        response: Some(Response::ResponseHeaders(HeadersResponse::default())),
+        response: Some(Response::ResponseHeaders(HeadersResponse { response })),
         mode_override: mode,
         ..Default::default()
     }

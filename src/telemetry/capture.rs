@@ -109,6 +109,11 @@ pub fn scrub(buf: &mut Vec<u8>, secrets: &[&[u8]], cut_at_end: bool) {
     }
 }
 
+/// Whether `haystack` contains `needle` (non-empty).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && find(haystack, needle).is_some()
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.len() > haystack.len() {
         return None;

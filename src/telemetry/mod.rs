@@ -76,6 +76,8 @@ pub struct Metrics {
     pub tunnels_refused: AtomicU64,
     /// Requests where the agent sent a credential of its own (stripped either way).
     pub smuggle_attempts: AtomicU64,
+    /// Responses whose headers carried a live secret value (scrubbed before the agent saw them).
+    pub secrets_scrubbed_from_responses: AtomicU64,
     /// Streams ended with an error status because a message broke the protocol.
     pub protocol_errors: AtomicU64,
     pub spans_exported: AtomicU64,
@@ -131,8 +133,8 @@ impl Metrics {
             key
         };
         let e = map.entry(key).or_default();
-        e.0 += input;
-        e.1 += output;
+        e.0 = e.0.saturating_add(input);
+        e.1 = e.1.saturating_add(output);
     }
 
     /// Tokens counted so far for (provider, model), every tenant together: (input, output).
@@ -184,6 +186,11 @@ impl Metrics {
             "keyswap_smuggle_attempts",
             "Requests carrying an agent-supplied credential (stripped).",
             &[("", g(&self.smuggle_attempts))],
+        );
+        counter(
+            "keyswap_response_secrets_scrubbed",
+            "Responses whose headers echoed a live secret value (scrubbed before the agent saw them).",
+            &[("", g(&self.secrets_scrubbed_from_responses))],
         );
         counter(
             "keyswap_protocol_errors",

@@ -364,7 +364,8 @@ impl Transaction {
             ("gen_ai.usage.cache_creation.input_tokens", u.cache_creation_tokens),
         ] {
             if let Some(v) = v {
-                attr(key, Value::Int(v as i64));
+                // A provider's count beyond i64 is nonsense, not a negative number.
+                attr(key, Value::Int(i64::try_from(v).unwrap_or(i64::MAX)));
             }
         }
         if let Some(code) = self.status_code {

@@ -506,6 +506,12 @@ impl FakeProvider {
         let path = seen.path_and_query.clone();
         let echo_key =
             seen.header("x-internal-key").first().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        // `/echo…` also echoes the credential it got in response headers, as debugging proxies
+        // and error pages do: keyswap must scrub it before the agent (or a span) sees it.
+        let echo_credential = ["x-api-key", "authorization", "x-goog-api-key", "api-key"]
+            .iter()
+            .find_map(|n| seen.header(n).first().map(|v| v.to_vec()))
+            .unwrap_or_default();
         self.seen.lock().unwrap().push(seen);
         let stream = stream || path.contains("alt=sse");
         let (status, content_type, body) = match (ok, stream) {
@@ -530,7 +536,14 @@ impl FakeProvider {
         } else {
             http_body_util::BodyExt::boxed(Full::new(Bytes::from(body)))
         };
-        hyper::Response::builder().status(status).header("content-type", content_type).body(body).unwrap()
+        let mut resp = hyper::Response::builder().status(status).header("content-type", content_type);
+        if path.starts_with("/echo") && !echo_credential.is_empty() {
+            resp = resp.header("x-debug-credential", echo_credential.as_slice()).header(
+                "www-authenticate",
+                [b"Bearer error=\"invalid\", key=\"".as_slice(), &echo_credential, b"\""].concat().as_slice(),
+            );
+        }
+        resp.body(body).unwrap()
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -1,0 +1,473 @@
+//! The agent is the adversary: each test is an attack, named after it, run the way a hostile
+//! agent would — through `keyswap dev` (the generated Envoy config, real TLS, curl), or straight
+//! at keyswap's gRPC service where the attack does not need Envoy. Every test asserts that the
+//! real key neither reached a place the route does not allow nor came back to the agent.
+//! docs/security.md names the test behind each claim.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use common::dev::*;
+use common::grpc::{self, immediate, mutation, set_value};
+use common::*;
+use keyswap::config::file::FileSource;
+use keyswap::config::GatewaySelector;
+use keyswap::extproc::server::{self, Bound};
+use keyswap::extproc::Shared;
+
+// === a gateway to attack ===
+
+/// Anthropic limited to `/v1/messages`, Google limited to one model, both keyed.
+fn gateway(policy: &str, proxy_port: u16, tls_port: u16, extra_spec: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  defaultPolicy: {policy}
+  listeners:
+  - {{name: proxy, protocol: CONNECT, port: {proxy_port}}}
+  - {{name: tls, protocol: HTTPS, port: {tls_port}, tls: {{mode: Terminate}}}}
+{extra_spec}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: limited}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules:
+  - matches:
+    - {{provider: anthropic, endpoints: ["/v1/messages"]}}
+    - {{provider: google, models: ["gemini-allowed"]}}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: anthropic-key}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  secretRef: {{name: keys}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: keys}}
+stringData: {{token: {ANTHROPIC_KEY}}}
+"#
+    )
+}
+
+struct Gateway {
+    dev: Dev,
+    fake: FakeProvider,
+    tls_port: u16,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn start_gateway(policy: &str, extra_spec: &str, args: &[&str]) -> Gateway {
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (proxy_port, tls_port) = (free_port(), free_port());
+    std::fs::write(config.path().join("gateway.yaml"), gateway(policy, proxy_port, tls_port, extra_spec)).unwrap();
+    let hosts = ["api.anthropic.com", "generativelanguage.googleapis.com"];
+    let (fake, ca) = FakeProvider::start_tls(&hosts, work.path()).await;
+    fake.set_accepts("generativelanguage.googleapis.com", vec![Accept::Header("x-goog-api-key", ANTHROPIC_KEY.into())]);
+    let upstreams: Vec<String> = hosts.iter().map(|h| format!("{h}={},ca={}", fake.addr, ca.display())).collect();
+    let mut all = vec!["dev"];
+    all.extend_from_slice(args);
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &upstreams, &[], &all));
+    Gateway { dev, fake, tls_port, _dirs: (work, config) }
+}
+
+impl Gateway {
+    /// curl through the CONNECT proxy; `-i` so response headers are checked too.
+    fn curl(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["-i", "--path-as-is", "-w", "\nSTATUS: %{http_code}"];
+        all.extend_from_slice(args);
+        let out = tokio::task::block_in_place(|| curl(&self.dev, &all));
+        self.assert_no_key(&out.1);
+        self.assert_no_key(&out.2);
+        out
+    }
+
+    /// curl straight to the redirected HTTPS listener (no proxy), as an agent whose traffic is
+    /// redirected to the gateway would connect.
+    fn curl_tls(&self, host: &str, args: &[&str]) -> (i32, String, String) {
+        let resolve = format!("{host}:{}:127.0.0.1", self.tls_port);
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "--path-as-is", "-w", "\nSTATUS: %{http_code}", "--max-time", "20", "--noproxy", "*"])
+            .args(["--resolve", &resolve, "--cacert"])
+            .arg(&self.dev.env["NODE_EXTRA_CA_CERTS"])
+            .args(args)
+            .output()
+            .expect("curl is installed (apt-get install -y curl)");
+        let (o, e) =
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        self.assert_no_key(&o);
+        self.assert_no_key(&e);
+        (out.status.code().unwrap_or(-1), o, e)
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.tls_port)
+    }
+
+    fn assert_no_key(&self, text: &str) {
+        assert!(!text.contains(ANTHROPIC_KEY), "the real key came back to the agent:\n{text}");
+    }
+
+    /// Nothing reached the provider since `before` requests.
+    fn assert_nothing_forwarded(&self, before: usize, what: &str) {
+        let seen = self.fake.seen();
+        assert_eq!(seen.len(), before, "{what}: reached the provider: {:?}", seen.last().map(|s| s.everything()));
+    }
+}
+
+/// The final response's status as ` NNN` (` 000` when there was none), from curl's `-w`.
+fn status_line(out: &str) -> &str {
+    out.lines().rev().find_map(|l| l.strip_prefix("STATUS:")).unwrap_or("")
+}
+
+// === 1. edge identity ===
+
+const EDGE: &str = r#"  agentAuth:
+    validators:
+    - name: mesh
+      edgeTrust: {agentHeader: x-agent-id, tenantHeader: x-tenant-id, trustedCidrs: [10.0.0.0/8]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_x_forwarded_for_does_not_buy_an_edge_identity() {
+    let g = start_gateway("deny-all", EDGE, &[]).await;
+    let before = g.fake.seen().len();
+    let spoof: &[&[&str]] = &[
+        &["-H", "X-Forwarded-For: 10.1.2.3"],
+        &["-H", "X-Forwarded-For: 10.1.2.3, 10.9.9.9"],
+        &["-H", "X-Envoy-External-Address: 10.1.2.3", "-H", "X-Forwarded-For: 10.1.2.3"],
+        &["-H", "Forwarded: for=10.1.2.3", "-H", "X-Real-IP: 10.1.2.3"],
+    ];
+    for headers in spoof {
+        let mut args: Vec<&str> = headers.to_vec();
+        args.extend(["-H", "x-agent-id: admin", "-H", "x-tenant-id: acme", "-d", "{}"]);
+        // Through the CONNECT proxy (internal listener) and straight to the HTTPS listener.
+        let url = "https://api.anthropic.com/v1/messages".to_owned();
+        let (_, out, _) = g.curl(&[args.as_slice(), &[url.as_str()]].concat());
+        assert!(status_line(&out).contains(" 401"), "{headers:?} via CONNECT: {out}");
+        let url = g.url("api.anthropic.com", "/v1/messages");
+        let (_, out, err) = g.curl_tls("api.anthropic.com", &[args.as_slice(), &[url.as_str()]].concat());
+        assert!(status_line(&out).contains(" 401"), "{headers:?} via HTTPS listener: {out}{err}");
+    }
+    g.assert_nothing_forwarded(before, "spoofed edge identity");
+}
+
+// === 2. the tunnel reaches the gateway itself ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_to_loopback_private_or_metadata_addresses_is_refused() {
+    let inside = FakeProvider::start().await; // a service on the gateway's own loopback
+    let g = start_gateway("allow-all", "", &[]).await;
+    let port = inside.addr.port();
+    let proxy = g.dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
+    let targets = [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("2130706433:{port}"), // 127.0.0.1 as one decimal number
+        format!("0x7f000001:{port}"),
+        format!("127.1:{port}"),
+        proxy.clone(), // the proxy listener itself
+        "169.254.169.254:80".into(),
+        "[fd00:ec2::254]:80".into(),
+        "10.0.0.1:443".into(),
+        "192.168.0.1:443".into(),
+        "100.100.100.200:80".into(),
+        format!("LOCALHOST.:{port}"),
+    ];
+    for t in &targets {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-p", "--proxy", &g.dev.env["HTTPS_PROXY"], "-o", "/dev/null"])
+            .arg(format!("http://{t}/"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "CONNECT {t} was tunnelled");
+        assert!(err.contains("CONNECT tunnel failed") || err.contains("40"), "CONNECT {t}: {err}");
+    }
+    assert!(inside.seen().is_empty(), "a loopback service was reached through the tunnel");
+    let (_, metrics) = scrape(metrics_port(&g.dev), "/metrics").await;
+    assert!(metric(&metrics, "keyswap_tunnels_total{result=\"refused\"}") >= 10.0, "{metrics}");
+    assert_eq!(metric(&metrics, "keyswap_tunnels_total{result=\"allowed\"}"), 0.0, "{metrics}");
+    // An allow-list entry that resolves to loopback is refused the same way.
+    let g = start_gateway("deny-all", "  allow: [localhost, \"127.0.0.1\"]", &[]).await;
+    for t in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-p", "--proxy", &g.dev.env["HTTPS_PROXY"], "-o", "/dev/null"])
+            .arg(format!("http://{t}/"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "allow-listed CONNECT {t} to loopback was tunnelled");
+    }
+    assert!(inside.seen().is_empty(), "a loopback service was reached through an allow-list tunnel");
+}
+
+/// keyswap's admin address, from its log line.
+fn metrics_port(dev: &Dev) -> u16 {
+    let log = dev.proc.output();
+    let line = log.lines().find(|l| l.contains("admin endpoints")).expect("admin log line");
+    let addr = line.rsplit("address=").next().unwrap().trim();
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+// === 3. the ext_proc service as a key oracle ===
+
+#[test]
+fn ext_proc_socket_is_owner_only_and_tcp_needs_listen() {
+    let (work, config) = (tempfile::tempdir().unwrap(), config_dir());
+    let (mut proc, uds) = start_keyswap(config.path(), work.path(), &[], &[]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&uds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ext_proc socket mode {mode:o}");
+    let log = proc.output();
+    assert!(!log.contains("tcp://"), "serve listened on TCP without --listen:\n{log}");
+    proc.terminate();
+    // --uds-mode opens it to a group, explicitly.
+    let (mut proc, uds) = start_keyswap(config.path(), work.path(), &[], &["--uds-mode", "660"]);
+    assert_eq!(std::fs::metadata(&uds).unwrap().permissions().mode() & 0o777, 0o660);
+    proc.terminate();
+    let help = Command::new(env!("CARGO_BIN_EXE_keyswap")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("gets the real key back"), "serve --help must say TCP ext_proc is secret-bearing: {help}");
+}
+
+// === 4. path and method tricks ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_encoded_slashes_and_trace_do_not_reach_excluded_endpoints_or_models() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let anthropic = |p: &str| format!("https://api.anthropic.com{p}");
+    let google = |p: &str| format!("https://generativelanguage.googleapis.com{p}");
+    let attacks = [
+        anthropic("/v1/messages/../admin"),
+        anthropic("/v1/messages/..%2F..%2Fadmin"),
+        anthropic("/v1/messages/%2e%2e/admin"),
+        anthropic("/v1/messages/%2E%2E%2Fadmin"),
+        anthropic("/v1/messages%2F..%2Fadmin"),
+        anthropic("/v1/messages/%252e%252e/admin"),
+        anthropic("//v1/messages/../../admin"),
+        anthropic("/v1/messages\\..\\admin"),
+        anthropic("/v1/messages/%5C..%5Cadmin"),
+        anthropic("/v1/./messages/../../admin"),
+        google("/v1beta/models/gemini-allowed/../gemini-other:generateContent"),
+        google("/v1beta/models/gemini-allowed%2F..%2Fgemini-other:generateContent"),
+        google("/v1beta/models/gemini-allowed/%2e%2e/gemini-other:generateContent"),
+        google("/v1beta/models/gemini-other:generateContent?x=/models/gemini-allowed"),
+    ];
+    let before = g.fake.seen().len();
+    for url in &attacks {
+        let (_, out, err) = g.curl(&["-d", "{}", url]);
+        let status = status_line(&out);
+        assert!(
+            [" 400", " 403", " 404"].iter().any(|c| status.contains(c)),
+            "{url}: expected a refusal, got {status:?}\n{out}{err}"
+        );
+    }
+    g.assert_nothing_forwarded(before, "path tricks");
+    for method in ["TRACE", "TRACK", "PROPFIND", "DEBUG"] {
+        let (_, out, _) = g.curl(&["-X", method, &anthropic("/v1/messages")]);
+        assert!(status_line(&out).contains(" 405") || status_line(&out).contains(" 400"), "{method}: {out}");
+    }
+    g.assert_nothing_forwarded(before, "odd methods");
+    // The allowed endpoint and model still work.
+    let (_, out, _) = g.curl(&["-d", "{}", &anthropic("/v1/messages")]);
+    assert!(status_line(&out).contains(" 200"), "{out}");
+    let (_, out, _) = g.curl(&["-d", "{}", &google("/v1beta/models/gemini-allowed:generateContent")]);
+    assert!(status_line(&out).contains(" 200"), "{out}");
+}
+
+// === 7. smuggling beside the real key ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_underscore_headers_and_lenient_query_names_are_not_smuggled() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let before = g.fake.seen().len();
+    let (_, out, _) = g.curl(&[
+        "-H",
+        &format!("Cookie: session={STOLEN}"),
+        "-H",
+        &format!("x_api_key: {STOLEN}"),
+        "-H",
+        &format!("X_Goog_Api_Key: {STOLEN}"),
+        "-H",
+        &format!("Ocp-Apim-Subscription-Key: {STOLEN}"),
+        "-d",
+        "{}",
+        &format!(
+            "https://generativelanguage.googleapis.com/v1beta/models/gemini-allowed:generateContent?\
+             api_key={STOLEN}&API-KEY={STOLEN}&%6Bey={STOLEN}&alt=json;key={STOLEN}&access_token={STOLEN}&Key[]={STOLEN}"
+        ),
+    ]);
+    assert!(status_line(&out).contains(" 200"), "{out}");
+    let seen = g.fake.seen();
+    assert_eq!(seen.len(), before + 1);
+    let got = seen.last().unwrap().everything();
+    assert!(!got.contains(STOLEN), "an agent value reached the provider beside the key: {got}");
+    assert!(!got.to_ascii_lowercase().contains("cookie"), "{got}");
+}
+
+// === 8. keys echoed in responses ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
+    // An upstream that echoes the credential (the fake's /echo, as a debugging proxy or an
+    // error page might) has it scrubbed from the headers the agent gets.
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let proxy_port = free_port();
+    let text = gateway("deny-all", proxy_port, free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
+    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
+    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
+    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    for path in ["/echo", "/echo?x=1"] {
+        let (code, out, err) = tokio::task::block_in_place(|| {
+            curl(&dev, &["-i", "-d", "{}", &format!("https://api.anthropic.com{path}")])
+        });
+        assert_eq!(code, 0, "{err}");
+        assert!(fake.seen().last().unwrap().header_str("x-api-key").as_deref() == Some(ANTHROPIC_KEY));
+        assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent:\n{out}");
+        assert!(out.to_ascii_lowercase().contains("x-debug-credential: [redacted]"), "{out}");
+    }
+    let (_, metrics) = scrape(metrics_port(&dev), "/metrics").await;
+    assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");
+}
+
+// === 9. malformed authorities ===
+
+struct Direct {
+    addr: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    _dir: tempfile::TempDir,
+}
+
+/// keyswap's gRPC service in-process on loopback TCP, as a client that reached it would see it.
+async fn direct() -> Direct {
+    let dir = config_dir();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).expect("valid config");
+    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
+    Direct { addr, shared, _dir: dir }
+}
+
+fn req<'a>(method: &'a str, authority: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![(":method", method), (":scheme", "https"), (":authority", authority), (":path", path)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bracketed_or_decorated_authorities_never_match_a_route() {
+    let s = direct().await;
+    let mut c = grpc::connect(s.addr).await;
+    for authority in [
+        "[api.anthropic.com].evil.example",
+        "[api.anthropic.com",
+        "[api.anthropic.com]",
+        "api.anthropic.com]",
+        "evil@api.anthropic.com",
+        "api.anthropic.com:443:1",
+        "api.anthropic.com:443@evil.example",
+        "api.anthropic.com evil.example",
+        "api.anthropic.com/evil",
+        "api.anthropic.com\\evil",
+        "api.anthropic.com%2eevil.example",
+        "api.anthropic.com:99999",
+        "api.anthropic.com:",
+    ] {
+        let r = grpc::request(&mut c, &req("POST", authority, "/v1/messages")).await;
+        let i = immediate(&r);
+        assert_eq!(i.status.as_ref().unwrap().code, 400, "{authority}");
+        let body = String::from_utf8_lossy(&i.body);
+        assert!(body.contains("malformed_authority") && !body.contains(ANTHROPIC_KEY), "{authority}: {body}");
+    }
+    // Through Envoy: a Host header naming a routed host in brackets gets nothing either.
+    let g = start_gateway("deny-all", "", &[]).await;
+    let before = g.fake.seen().len();
+    for host in ["[api.anthropic.com].evil.example", "api.anthropic.com.evil.example", "api.anthropic.com@evil"] {
+        let (_, out, _) =
+            g.curl(&["-H", &format!("Host: {host}"), "-d", "{}", "https://api.anthropic.com/v1/messages"]);
+        assert!(
+            !status_line(&out).contains(" 200"),
+            "{host}: {out}\nprovider saw: {:?}\n{}",
+            g.fake.seen().last().map(|s| s.everything()),
+            g.dev.proc.output().lines().filter(|l| l.contains("keyswap::extproc")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    g.assert_nothing_forwarded(before, "decorated authorities");
+    let _ = &s.shared;
+}
+
+#[tokio::test]
+async fn trace_and_dot_segments_sent_straight_to_keyswap_get_no_key() {
+    let s = direct().await;
+    let mut c = grpc::connect(s.addr).await;
+    for (method, path, status) in [
+        ("TRACE", "/v1/messages", 405),
+        ("CONNECT", "/v1/messages", 405),
+        ("POST", "/v1/../v1/messages", 400),
+        ("POST", "/v1/x%2F..%2Fmessages", 400),
+        ("POST", "v1/messages", 400),
+    ] {
+        let r = grpc::request(&mut c, &req(method, "api.anthropic.com", path)).await;
+        assert_eq!(immediate(&r).status.as_ref().unwrap().code, status, "{method} {path}");
+    }
+    // An underscore spelling is removed under its own name; the real key is still written.
+    let mut pairs = req("POST", "api.anthropic.com", "/v1/messages");
+    pairs.push(("x_api_key", STOLEN));
+    pairs.push(("cookie", STOLEN));
+    let r = grpc::request(&mut c, &pairs).await;
+    let m = mutation(&r);
+    assert_eq!(set_value(&m, "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    assert!(
+        m.remove_headers.contains(&"x_api_key".to_owned()) && m.remove_headers.contains(&"cookie".to_owned()),
+        "{m:?}"
+    );
+}
+
+// === lower severity: protocol errors ===
+
+#[tokio::test]
+async fn undecodable_grpc_messages_end_with_an_error_status_and_are_counted() {
+    let s = direct().await;
+    // A gRPC frame whose payload is not a ProcessingRequest (field 1 as a truncated varint).
+    let frame: &[u8] = &[0, 0, 0, 0, 3, 0x08, 0xff, 0xff];
+    let out = tokio::task::spawn_blocking({
+        let addr = s.addr;
+        move || {
+            Command::new("curl")
+                .args(["-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10"])
+                .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@-"])
+                .arg(format!("http://{addr}/envoy.service.ext_proc.v3.ExternalProcessor/Process"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().unwrap().write_all(frame)?;
+                    child.wait_with_output()
+                })
+                .expect("curl is installed (apt-get install -y curl)")
+        }
+    })
+    .await
+    .unwrap();
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let status = headers.lines().find_map(|l| l.strip_prefix("grpc-status:")).map(str::trim);
+    assert!(status.is_some_and(|s| s != "0"), "expected an error grpc-status: {headers}");
+    assert_eq!(keyswap::telemetry::Metrics::get(&s.shared.metrics.protocol_errors), 1);
+    // The service still answers.
+    let mut c = grpc::connect(s.addr).await;
+    let r = grpc::request(&mut c, &req("POST", "api.anthropic.com", "/v1/messages")).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+}
