@@ -20,5 +20,6 @@ pub mod glob;
 pub mod http;
 pub mod inject;
 pub mod provider;
+pub mod scrub;
 pub mod target;
 pub mod telemetry;

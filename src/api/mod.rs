@@ -274,6 +274,11 @@ pub struct CaptureBody {
 pub struct AIProviderRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
+    /// Also scrub live secret values from response bodies before the agent sees them (response
+    /// headers are always scrubbed). Costs one ext_proc round trip per response chunk; turn it
+    /// on for upstreams that may echo what they received (custom providers, debugging proxies).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scrub_response_bodies: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

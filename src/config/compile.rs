@@ -415,6 +415,7 @@ impl Catalog {
                         endpoints: mt.endpoints.iter().map(|e| e.as_str().into()).collect(),
                         models: mt.models.iter().map(|e| e.as_str().into()).collect(),
                         binding: Arc::new(binding),
+                        scrub_response_bodies: route.spec.scrub_response_bodies,
                     });
                 }
             }

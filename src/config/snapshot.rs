@@ -73,6 +73,8 @@ pub struct MatchEntry {
     pub endpoints: Vec<Box<str>>,
     pub models: Vec<Box<str>>,
     pub binding: Arc<Binding>,
+    /// `spec.scrubResponseBodies` of the route: response bodies are scrubbed of secrets too.
+    pub scrub_response_bodies: bool,
 }
 
 /// What to do to a request that matched: which policy, which credential, what to strip.

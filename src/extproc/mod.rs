@@ -181,6 +181,15 @@ pub struct ProcessStream {
 struct Scrub {
     snapshot: Arc<Snapshot>,
     minted: Option<Box<[u8]>>,
+    /// The route scrubs response bodies too (`spec.scrubResponseBodies`).
+    body: Option<crate::scrub::Streaming>,
+}
+
+/// A request that got a real credential.
+pub struct Injected {
+    /// The credential minted for this request (a GCP token), scrubbed like the live secrets.
+    pub minted: Option<Box<[u8]>>,
+    pub scrub_bodies: bool,
 }
 
 impl Scrub {
@@ -188,10 +197,22 @@ impl Scrub {
         self.snapshot.live_secrets.iter().map(|s| s.expose_secret()).chain(self.minted.as_deref())
     }
 
+    /// The chunk to send on in place of `chunk`, and whether a secret was found in it; `None`
+    /// when bodies are not scrubbed or the chunk goes on unchanged.
+    fn response_body(&mut self, chunk: &[u8], end: bool) -> Option<(Vec<u8>, bool)> {
+        let Scrub { snapshot, minted, body } = self;
+        let body = body.as_mut()?;
+        let secrets: Vec<&[u8]> =
+            snapshot.live_secrets.iter().map(|x| x.expose_secret()).chain(minted.as_deref()).collect();
+        let before = body.scrubbed;
+        let out = body.chunk(chunk, end, &secrets)?;
+        Some((out, body.scrubbed > before))
+    }
+
     /// The response headers with every secret value replaced, and the mutation that does the
     /// same in Envoy; `None` when no header carries one (the common case: no allocation).
     fn response_headers(&self, headers: &[HeaderValue]) -> Option<(Vec<(String, Vec<u8>)>, HeaderMutation)> {
-        let leaks = |v: &[u8]| self.secrets().any(|s| crate::telemetry::capture::contains(v, s));
+        let leaks = |v: &[u8]| self.secrets().any(|s| crate::scrub::contains(v, s));
         if !headers.iter().any(|h| !h.key.starts_with(':') && leaks(header_bytes(h))) {
             return None;
         }
@@ -201,7 +222,7 @@ impl Scrub {
         for h in headers {
             let mut v = header_bytes(h).to_vec();
             if !h.key.starts_with(':') && leaks(&v) {
-                crate::telemetry::capture::scrub(&mut v, &secrets, false);
+                crate::scrub::scrub(&mut v, &secrets, false);
                 // Repeated headers of one name become one value (OVERWRITE replaces them all).
                 match changed.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&h.key)) {
                     Some((_, joined)) => {
@@ -360,9 +381,8 @@ pub struct Outcome {
     pub resp: ProcessingResponse,
     pub tx: Option<Box<Transaction>>,
     pub sign: Option<Box<PendingSign>>,
-    /// `Some` when a real credential was written: then the response is scrubbed; inside, the
-    /// credential minted for this request (a GCP token), if any.
-    pub injected: Option<Option<Box<[u8]>>>,
+    /// `Some` when a real credential was written: then the response is scrubbed.
+    pub injected: Option<Injected>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -378,8 +398,9 @@ impl ProcessStream {
     /// transaction already ended (a denial).
     fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> (ProcessingResponse, bool) {
         let done = outcome.tx.as_ref().is_some_and(|t| t.is_denial());
-        if let Some(minted) = outcome.injected {
-            self.scrub = Some(Scrub { snapshot: snapshot.clone(), minted });
+        if let Some(i) = outcome.injected {
+            let body = i.scrub_bodies.then(crate::scrub::Streaming::default);
+            self.scrub = Some(Scrub { snapshot: snapshot.clone(), minted: i.minted, body });
         }
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
         self.sign = outcome.sign;
@@ -478,14 +499,31 @@ impl ProcessStream {
                         mode = Some(mutation::mode(mutation::RequestBody::None, true));
                     }
                 }
-                let resp = mutation::response_headers(scrubbed.map(|(_, m)| m), mode);
+                let mut m = scrubbed.map(|(_, m)| m);
+                if !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+                    // Scrubbing changes the body's length: the agent gets it chunked.
+                    m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
+                    mode = Some(mutation::mode(mutation::RequestBody::None, true));
+                }
+                let resp = mutation::response_headers(m, mode);
                 Ok(Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end))
             }
             (Request::ResponseBody(b), _) => {
                 if let Some(t) = &mut self.tx {
                     t.tx.on_response_body(&b.body);
                 }
-                Ok(Handled::Answer(mutation::response_body(), TelemetryPhase::ResponseBody, b.end_of_stream))
+                let replaced = self.scrub.as_mut().and_then(|s| s.response_body(&b.body, b.end_of_stream));
+                let resp = match replaced {
+                    Some((body, found)) => {
+                        if found {
+                            Metrics::inc(&shared.metrics.secrets_scrubbed_from_responses);
+                            tracing::warn!("the upstream's response body carried a live secret value; scrubbed");
+                        }
+                        mutation::response_body_with(body)
+                    }
+                    None => mutation::response_body(),
+                };
+                Ok(Handled::Answer(resp, TelemetryPhase::ResponseBody, b.end_of_stream))
             }
             (Request::RequestTrailers(_), _) => {
                 Ok(Handled::Answer(mutation::request_trailers(), TelemetryPhase::Trailers, false))
@@ -786,7 +824,11 @@ pub fn on_request_headers(
             let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
             // The response headers come back to keyswap to be scrubbed of secrets (mode below).
             let minted = token.map(|t| Box::from(t.strip_prefix(b"Bearer ").unwrap_or(t)));
-            let injected = |resp, tx, sign| Step::Answer(Outcome { resp, tx, sign, injected: Some(minted.clone()) });
+            let scrub_bodies = entry.scrub_response_bodies;
+            let injected = |resp, tx, sign| {
+                let injected = Some(Injected { minted: minted.clone(), scrub_bodies });
+                Step::Answer(Outcome { resp, tx, sign, injected })
+            };
             if !tracing_on {
                 let m = mutation::header_mutation(&plan, &extra);
                 return injected(

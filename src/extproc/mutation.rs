@@ -127,6 +127,18 @@ pub fn request_body() -> ProcessingResponse {
     ProcessingResponse { response: Some(Response::RequestBody(BodyResponse::default())), ..Default::default() }
 }
 
+/// Continue the response with this chunk in place of the one Envoy sent (STREAMED mode).
+pub fn response_body_with(body: Vec<u8>) -> ProcessingResponse {
+    use envoy_types::pb::envoy::service::ext_proc::v3::{body_mutation::Mutation, BodyMutation};
+    let mutation = BodyMutation { mutation: Some(Mutation::Body(body)) };
+    ProcessingResponse {
+        response: Some(Response::ResponseBody(BodyResponse {
+            response: Some(CommonResponse { body_mutation: Some(mutation), ..Default::default() }),
+        })),
+        ..Default::default()
+    }
+}
+
 pub fn response_body() -> ProcessingResponse {
     ProcessingResponse { response: Some(Response::ResponseBody(BodyResponse::default())), ..Default::default() }
 }

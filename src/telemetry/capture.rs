@@ -3,7 +3,7 @@
 
 use base64::Engine as _;
 
-pub const REDACTED: &[u8] = b"[redacted]";
+pub use crate::scrub::{scrub, REDACTED};
 
 /// Which bodies are captured, and how much of each.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,53 +86,6 @@ impl Capture {
             truncated,
         }
     }
-}
-
-/// Replaces every occurrence of each secret in `buf` with [`REDACTED`].
-pub fn scrub(buf: &mut Vec<u8>, secrets: &[&[u8]], cut_at_end: bool) {
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        let mut from = 0;
-        while let Some(pos) = find(&buf[from..], secret) {
-            let at = from + pos;
-            buf.splice(at..at + secret.len(), REDACTED.iter().copied());
-            from = at + REDACTED.len();
-        }
-        if cut_at_end {
-            // The capture may end inside a secret: drop a trailing prefix of it.
-            let longest = (4..secret.len().min(buf.len() + 1)).rev().find(|&n| buf.ends_with(&secret[..n]));
-            if let Some(n) = longest {
-                let at = buf.len() - n;
-                buf.truncate(at);
-                buf.extend_from_slice(REDACTED);
-            }
-        }
-    }
-}
-
-/// Whether `haystack` contains `needle` (non-empty).
-pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && find(haystack, needle).is_some()
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.len() > haystack.len() {
-        return None;
-    }
-    let first = needle[0];
-    let mut i = 0;
-    while i + needle.len() <= haystack.len() {
-        match haystack[i..=haystack.len() - needle.len()].iter().position(|&b| b == first) {
-            None => return None,
-            Some(p) => {
-                i += p;
-                if &haystack[i..i + needle.len()] == needle {
-                    return Some(i);
-                }
-                i += 1;
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
