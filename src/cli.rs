@@ -460,10 +460,12 @@ async fn run_extproc(
     let store = Arc::new(ArcSwap::from_pointee(snapshot));
     let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("ok".into()));
     let lr = last_reload.clone();
+    let src = source.clone();
     let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
-        let text = match res {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
+        let text = match (res, src.refused().len()) {
+            (Ok(()), 0) => "ok".to_owned(),
+            (Ok(()), n) => format!("ok; {n} file(s) over the manifest limits set aside"),
+            (Err(e), _) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
         };
         *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
     })

@@ -2,14 +2,24 @@
 //!
 //! Every `*.yaml`/`*.yml` directly in the directory is read (symlinks followed; names starting
 //! with `.` skipped, so Kubernetes' `..data` machinery is invisible). Any change in the
-//! directory — an edit, a new file, a `..data` symlink swap — triggers a debounced full reload.
+//! directory — an edit, a new file, a `..data` symlink swap — triggers a debounced full reload;
+//! reads (opening, reading, closing without writing) do not. A reload skips the directory when
+//! no manifest's stamp (device, inode, length, mtime, ctime; symlinks followed) changed, and
+//! re-parses only the files that did: no file's content can hold up the others for long (see
+//! [`load::prescan`] and [`load::MAX_MANIFEST_BYTES`]).
 
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use notify_debouncer_mini::{new_debouncer, notify::RecursiveMode, DebounceEventResult, Debouncer};
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use secrecy::{ExposeSecret, SecretSlice};
+use sha2::{Digest as _, Sha256};
 
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{self, Key, Object, Resource, SecretData};
@@ -18,6 +28,15 @@ use super::{log_changes, Catalog, GatewaySelector, Snapshot, SnapshotStore};
 /// How long the directory must be quiet before a reload: long enough to coalesce an editor's
 /// write-rename dance, short enough that rotation lands well within a second.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The longest a reload waits for the directory to be quiet: something writing without pause
+/// cannot postpone a rotation.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// A file stamp younger than this is not trusted to tell versions apart: timestamps tick
+/// coarsely, so a same-length rewrite within one tick of the last read would look unchanged.
+/// Such files are read again (and compared by content) until they settle.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// A Secret key taken from the process environment (`--secret-from-env`).
 pub struct EnvSecret {
@@ -59,29 +78,121 @@ impl EnvSecret {
 pub struct FileSource {
     pub dir: PathBuf,
     pub env_secrets: Vec<EnvSecret>,
+    cache: Mutex<Cache>,
+}
+
+/// One version of a file, identified without opening it (symlinks followed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    fn settled(&self, now: SystemTime) -> bool {
+        let (secs, nanos) = self.mtime.max(self.ctime);
+        let changed = UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
+        now.duration_since(changed).is_ok_and(|age| age >= SETTLE)
+    }
+}
+
+/// A file as last parsed. Refused files are kept too, with their error.
+struct Parsed {
+    stamp: Stamp,
+    /// The stamp was old enough to trust when read (see [`SETTLE`]).
+    settled: bool,
+    digest: [u8; 32],
+    objects: Vec<Object>,
+    errors: Vec<ConfigError>,
+    /// Refused unparsed by the manifest limits (`errors` says why). A reload sets it aside and
+    /// keeps `kept`, the objects of the last version of this file that loaded without error.
+    refused: bool,
+    kept: Vec<Object>,
+}
+
+#[derive(Default)]
+struct Cache {
+    files: HashMap<PathBuf, Parsed>,
+    /// The manifests the last load read, when every stamp could be trusted.
+    last: Option<Vec<(PathBuf, Stamp)>>,
 }
 
 impl FileSource {
     pub fn new(dir: impl Into<PathBuf>, env_secrets: Vec<EnvSecret>) -> Self {
-        FileSource { dir: dir.into(), env_secrets }
+        FileSource { dir: dir.into(), env_secrets, cache: Mutex::default() }
     }
 
-    /// Reads and validates everything. All problems are reported together.
+    /// Reads and validates everything. All problems are reported together. Files unchanged
+    /// since the last load are not parsed again.
     pub fn load(&self) -> Result<Catalog, ConfigErrors> {
+        self.load_with(false)
+    }
+
+    /// The errors of the files the last load found over the manifest limits.
+    pub fn refused(&self) -> Vec<ConfigError> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refused: Vec<ConfigError> =
+            cache.files.values().filter(|p| p.refused).flat_map(|p| p.errors.iter().cloned()).collect();
+        refused.sort_by_key(|e| e.to_string());
+        refused
+    }
+
+    /// `set_aside`: files over the manifest limits are not errors but left out (their last good
+    /// version kept), so that a file nobody could have meant as configuration does not hold up
+    /// the rest of the directory — a Secret rotation above all. Reloads do this; the first load
+    /// and `check` do not.
+    fn load_with(&self, set_aside: bool) -> Result<Catalog, ConfigErrors> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.last = None;
+        let paths = manifest_files(&self.dir).map_err(|e| ConfigErrors(vec![e]))?;
+        let now = SystemTime::now();
         let mut objects = Vec::new();
         let mut errors = Vec::new();
-        for path in manifest_files(&self.dir).map_err(|e| ConfigErrors(vec![e]))? {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let (objs, errs) = load::parse_file(&path, &text);
-                    objects.extend(objs);
-                    errors.extend(errs);
+        let mut files = HashMap::new();
+        let mut stamps = Some(Vec::new());
+        for path in paths {
+            match read_parsed(cache.files.remove(&path), &path, now) {
+                Ok(parsed) if parsed.refused && set_aside => {
+                    for e in &parsed.errors {
+                        tracing::error!(error = %e, "manifest refused and set aside; its last good version stays in effect");
+                    }
+                    objects.extend(parsed.kept.iter().cloned());
+                    match &mut stamps {
+                        Some(s) if parsed.settled => s.push((path.clone(), parsed.stamp)),
+                        _ => stamps = None,
+                    }
+                    files.insert(path, parsed);
+                }
+                Ok(parsed) => {
+                    objects.extend(parsed.objects.iter().cloned());
+                    errors.extend(parsed.errors.iter().cloned());
+                    match &mut stamps {
+                        Some(s) if parsed.settled => s.push((path.clone(), parsed.stamp)),
+                        _ => stamps = None,
+                    }
+                    files.insert(path, parsed);
                 }
                 Err(e) => {
-                    errors.push(ConfigError::new(format!("cannot read: {e}")).at(&Origin { file: path, document: 1 }))
+                    errors.push(e);
+                    stamps = None;
                 }
             }
         }
+        *cache = Cache { files, last: stamps };
+        drop(cache);
         self.overlay_env(&mut objects);
         // Validate what did parse too, so one pass reports every problem.
         match Catalog::build(objects) {
@@ -118,9 +229,26 @@ impl FileSource {
         }
     }
 
+    /// Whether the directory holds exactly the manifests of the last load, judged by stamps
+    /// alone (no file is opened).
+    pub fn unchanged(&self) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(last), Ok(paths)) = (&cache.last, manifest_files(&self.dir)) else {
+            return false;
+        };
+        paths.len() == last.len()
+            && paths.iter().zip(last).all(|(path, (was, stamp))| {
+                path == was && std::fs::metadata(path).is_ok_and(|m| Stamp::of(&m) == *stamp)
+            })
+    }
+
     /// Loads and compiles the snapshot for the selected gateway.
     pub fn snapshot(&self, selector: &GatewaySelector) -> Result<Snapshot, ConfigErrors> {
-        let catalog = self.load()?;
+        self.snapshot_with(selector, false)
+    }
+
+    fn snapshot_with(&self, selector: &GatewaySelector, set_aside: bool) -> Result<Snapshot, ConfigErrors> {
+        let catalog = self.load_with(set_aside)?;
         let gateway = selector.resolve(&catalog)?;
         catalog.compile(&gateway)
     }
@@ -142,33 +270,136 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
+/// The file as it is now: from the cache when its stamp is unchanged and was settled, else
+/// read (at most [`load::MAX_MANIFEST_BYTES`]) and parsed unless its content is the cached one.
+fn read_parsed(cached: Option<Parsed>, path: &Path, now: SystemTime) -> Result<Parsed, ConfigError> {
+    let origin = Origin { file: path.to_path_buf(), document: 1 };
+    let cannot_read = |e: std::io::Error| ConfigError::new(format!("cannot read: {e}")).at(&origin);
+    if let Some(p) = &cached {
+        if p.settled && std::fs::metadata(path).is_ok_and(|m| Stamp::of(&m) == p.stamp) {
+            return Ok(cached.expect("checked"));
+        }
+    }
+    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    let stamp = Stamp::of(&file.metadata().map_err(cannot_read)?);
+    let settled = stamp.settled(now);
+    let max = load::MAX_MANIFEST_BYTES;
+    let mut text = String::new();
+    let read = if stamp.len > max { Ok(0) } else { file.take(max + 1).read_to_string(&mut text) };
+    read.map_err(cannot_read)?;
+    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+    if let Some(p) = cached.as_ref().filter(|p| p.digest == digest && !p.refused) {
+        return Ok(Parsed {
+            stamp,
+            settled,
+            digest,
+            objects: p.objects.clone(),
+            errors: p.errors.clone(),
+            refused: false,
+            kept: Vec::new(),
+        });
+    }
+    // What stays in effect if this version is refused.
+    let kept = match cached {
+        Some(p) if p.refused => p.kept,
+        Some(p) if p.errors.is_empty() => p.objects,
+        _ => Vec::new(),
+    };
+    let refusal = if stamp.len > max || text.len() as u64 > max {
+        let len = stamp.len.max(text.len() as u64);
+        Some(format!("{len} bytes is over the {max}-byte (1 MiB) limit for one manifest file; refused unread"))
+    } else {
+        load::prescan(&text).err()
+    };
+    if let Some(message) = refusal {
+        let errors = vec![ConfigError::new(message).at(&origin)];
+        return Ok(Parsed { stamp, settled, digest, objects: Vec::new(), errors, refused: true, kept });
+    }
+    let (objects, errors) = load::parse_file(path, &text);
+    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept: Vec::new() })
+}
+
+/// A running watch of the configuration directory; dropping it stops the watch.
+pub struct Watch {
+    _watcher: RecommendedWatcher,
+}
+
 /// Watches the directory and swaps in each new valid snapshot. Keep the returned handle
-/// alive: dropping it stops the watch.
+/// alive: dropping it stops the watch. `on_reload` is called after each reload, not for
+/// events that changed nothing (reads of the directory, a stamp-identical directory).
 pub fn watch(
     source: Arc<FileSource>,
     gateway: GatewaySelector,
     store: SnapshotStore,
     on_reload: impl Fn(&Result<(), ConfigErrors>) + Send + 'static,
-) -> Result<Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>, String> {
+) -> Result<Watch, String> {
     let dir = source.dir.clone();
-    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| {
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "file watch error; will reload on the next change");
-        }
-        let result = reload(&source, &gateway, &store);
-        on_reload(&result);
-    })
-    .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    debouncer
-        .watcher()
-        .watch(&dir, RecursiveMode::NonRecursive)
+    let cannot = |e: notify::Error| format!("cannot watch {}: {e}", dir.display());
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = notify::recommended_watcher(tx).map_err(cannot)?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(cannot)?;
+    std::thread::Builder::new()
+        .name("keyswap-config-watch".into())
+        .spawn(move || {
+            // Ends when the watcher is dropped (its sender goes with it).
+            while next_change(&rx) {
+                if source.unchanged() {
+                    tracing::debug!(dir = %source.dir.display(), "configuration directory unchanged; reload skipped");
+                    continue;
+                }
+                let result = reload(&source, &gateway, &store);
+                on_reload(&result);
+            }
+        })
         .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    Ok(debouncer)
+    Ok(Watch { _watcher: watcher })
 }
 
-/// One reload: build, and swap only when valid.
+/// Waits for a change that matters, then for [`DEBOUNCE`] of quiet (at most [`MAX_DEBOUNCE`]).
+/// `false` when the watcher is gone.
+fn next_change(rx: &mpsc::Receiver<notify::Result<Event>>) -> bool {
+    loop {
+        match rx.recv() {
+            Ok(event) if matters(&event) => break,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    let first = Instant::now();
+    let mut last = first;
+    loop {
+        let deadline = (last + DEBOUNCE).min(first + MAX_DEBOUNCE);
+        let Some(wait) = deadline.checked_duration_since(Instant::now()).filter(|w| !w.is_zero()) else {
+            return true;
+        };
+        match rx.recv_timeout(wait) {
+            Ok(event) if matters(&event) => last = Instant::now(),
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => return true,
+            Err(RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Everything but reading: opening a file, reading it and closing it unwritten change nothing
+/// (and a reload's own reads must not trigger the next reload).
+fn matters(event: &notify::Result<Event>) -> bool {
+    match event {
+        Ok(event) => match event.kind {
+            EventKind::Access(kind) => kind == AccessKind::Close(AccessMode::Write),
+            _ => true,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "file watch error; reloading");
+            true
+        }
+    }
+}
+
+/// One reload: build, and swap only when valid. Files over the manifest limits are set aside
+/// (logged, listed by [`FileSource::refused`]) rather than failing the reload.
 pub fn reload(source: &FileSource, gateway: &GatewaySelector, store: &SnapshotStore) -> Result<(), ConfigErrors> {
-    match source.snapshot(gateway) {
+    match source.snapshot_with(gateway, true) {
         Ok(snap) => {
             let old = store.load();
             log_changes(Some(&old), &snap);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
-use secrecy::SecretSlice;
+use secrecy::{ExposeSecret as _, SecretSlice};
 use serde::de::DeserializeOwned;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
@@ -71,13 +71,22 @@ pub struct SecretData {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Cloned by hand: `SecretSlice` is not `Clone` (the file source caches parsed files).
+impl Clone for SecretData {
+    fn clone(&self) -> Self {
+        let entries =
+            self.entries.iter().map(|(k, v)| (k.clone(), SecretSlice::from(v.expose_secret().to_vec()))).collect();
+        SecretData { entries, labels: self.labels.clone() }
+    }
+}
+
 impl fmt::Debug for SecretData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretData").field("keys", &self.entries.keys().collect::<Vec<_>>()).finish_non_exhaustive()
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Resource {
     Gateway(EgressGatewaySpec),
     Route(AIProviderRouteSpec),
@@ -96,7 +105,7 @@ impl Resource {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Object {
     pub origin: Origin,
     pub key: Key,
@@ -110,11 +119,223 @@ impl Object {
     }
 }
 
+/// The largest manifest file read, in bytes (1 MiB, the largest object Kubernetes stores).
+/// Checked before reading; it also bounds what aliases may expand to (see [`prescan`]).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// The deepest nesting a manifest may have: block indentation levels plus flow brackets
+/// (`[`/`{`), counted together. keyswap's own resources need about 8, CustomResourceDefinition
+/// schemas about 20; the YAML parser itself stops at 128 (but only after scanning everything).
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses, before the YAML parser sees it, text whose parse would cost far more than its size:
+/// nesting deeper than [`MAX_NESTING`] (the parser slows down with every open flow collection:
+/// 100,000 nested `{a: ` took over two minutes) and aliases that could expand past
+/// [`MAX_MANIFEST_BYTES`] (each alias can at most double what came before it, so the bound is
+/// `bytes × 2^aliases`; 16 nested aliases in 58 KB took 8 s). One pass over the bytes, no
+/// allocation beyond the indentation stack (itself bounded by the limit). Quoted scalars,
+/// comments and block scalars are skipped, so brackets inside strings do not count.
+pub fn prescan(text: &str) -> Result<(), String> {
+    let mut scan = Prescan::default();
+    for (i, line) in text.split('\n').enumerate() {
+        scan.line(line.strip_suffix('\r').unwrap_or(line).as_bytes())
+            .map_err(|m| format!("line {}: {m}; refused before parsing", i + 1))?;
+    }
+    let aliases = scan.aliases;
+    let bytes = text.len() as u64;
+    if aliases > 0 && (aliases >= 64 || bytes > MAX_MANIFEST_BYTES >> aliases) {
+        let allowed = (MAX_MANIFEST_BYTES / bytes.max(1)).checked_ilog2().unwrap_or(0);
+        return Err(format!(
+            "{aliases} YAML aliases (`*name`) in {bytes} bytes could expand past the {MAX_MANIFEST_BYTES}-byte \
+             limit (bytes × 2^aliases); a file this size may hold at most {allowed}; refused before parsing"
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Prescan {
+    /// Columns of the open block nodes (the document root is not on it).
+    block: Vec<i64>,
+    flow: usize,
+    aliases: u32,
+    /// Inside a quoted scalar that continues on the next line: its quote byte.
+    quote: Option<u8>,
+    /// Inside a block scalar (`|`, `>`): the parent's column, and the content's once known.
+    block_scalar: Option<(i64, Option<i64>)>,
+    /// The previous line ended where a node may begin (after `key:`, `- `, `[`, `,`), not
+    /// inside a plain scalar that may continue on this line.
+    expect_node: bool,
+}
+
+impl Prescan {
+    fn depth_check(&self) -> Result<(), String> {
+        let depth = self.block.len() + self.flow;
+        if depth > MAX_NESTING {
+            return Err(format!("nesting deeper than {MAX_NESTING} levels (block indentation plus `[`/`{{`)"));
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<(), String> {
+        let indent = line.iter().take_while(|&&b| b == b' ').count();
+        let blank = line[indent..].iter().all(|b| b.is_ascii_whitespace());
+        let col = indent as i64;
+        let marker = (line.starts_with(b"---") || line.starts_with(b"..."))
+            && (line.len() == 3 || line[3] == b' ' || line[3] == b'\t');
+        if let Some((parent, content)) = self.block_scalar {
+            let inside = match content {
+                _ if blank => true,
+                Some(c) => col >= c,
+                None => col > parent,
+            };
+            if inside && !marker {
+                self.block_scalar = Some((parent, content.or(Some(col).filter(|_| !blank))));
+                return Ok(());
+            }
+            self.block_scalar = None;
+            self.expect_node = true;
+        }
+        if let Some(q) = self.quote {
+            return match skip_quoted(line, 0, q) {
+                Some(end) => {
+                    self.quote = None;
+                    self.tokens(line, end, false)
+                }
+                None => Ok(()),
+            };
+        }
+        if marker {
+            self.block.clear();
+            self.flow = 0;
+            return self.tokens(line, 3, true);
+        }
+        if blank || line[indent] == b'#' {
+            return Ok(());
+        }
+        if self.flow > 0 {
+            return self.tokens(line, indent, self.expect_node);
+        }
+        // A more indented line after a plain scalar continues that scalar.
+        if !self.expect_node && self.block.last().is_some_and(|&top| col > top) {
+            return self.tokens(line, indent, false);
+        }
+        while self.block.last().is_some_and(|&top| top > col) {
+            self.block.pop();
+        }
+        if self.block.last() != Some(&col) {
+            self.block.push(col);
+        }
+        // Compact nesting on one line: `- - - x`, `? - x`.
+        let mut i = indent;
+        while i < line.len()
+            && matches!(line[i], b'-' | b'?' | b':')
+            && line.get(i + 1).is_none_or(|b| *b == b' ' || *b == b'\t')
+        {
+            i += 1;
+            while i < line.len() && (line[i] == b' ' || line[i] == b'\t') {
+                i += 1;
+            }
+            self.block.push(i as i64);
+        }
+        self.depth_check()?;
+        self.tokens(line, i, true)
+    }
+
+    /// The rest of a line from `i`; `node_start`: a node may begin here (not inside a plain scalar).
+    fn tokens(&mut self, line: &[u8], mut i: usize, mut node_start: bool) -> Result<(), String> {
+        let mut after_space = true;
+        while i < line.len() {
+            let b = line[i];
+            let next_blank = line.get(i + 1).is_none_or(|n| *n == b' ' || *n == b'\t');
+            match b {
+                b' ' | b'\t' => {
+                    after_space = true;
+                    i += 1;
+                    continue;
+                }
+                b'#' if after_space => break,
+                b'"' | b'\'' if node_start => match skip_quoted(line, i + 1, b) {
+                    Some(end) => {
+                        i = end;
+                        node_start = false;
+                    }
+                    None => {
+                        self.quote = Some(b);
+                        return Ok(());
+                    }
+                },
+                b'[' | b'{' if node_start || self.flow > 0 => {
+                    self.flow += 1;
+                    self.depth_check()?;
+                    i += 1;
+                    node_start = true;
+                }
+                b']' | b'}' if self.flow > 0 => {
+                    self.flow -= 1;
+                    i += 1;
+                    node_start = false;
+                }
+                b',' if self.flow > 0 => {
+                    i += 1;
+                    node_start = true;
+                }
+                b':' if next_blank || (self.flow > 0 && matches!(line.get(i + 1), Some(b',' | b']' | b'}'))) => {
+                    i += 1;
+                    node_start = true;
+                }
+                b'-' | b'?' if node_start && next_blank => i += 1,
+                b'&' | b'!' | b'*' if node_start && !next_blank => {
+                    if b == b'*' {
+                        self.aliases += 1;
+                    }
+                    i += 1;
+                    while i < line.len() && !matches!(line[i], b' ' | b'\t' | b',' | b'[' | b']' | b'{' | b'}') {
+                        i += 1;
+                    }
+                    node_start = b != b'*';
+                }
+                b'|' | b'>' if node_start && self.flow == 0 => {
+                    // The rest of the line is the header and maybe a comment.
+                    let parent = self.block.last().copied().unwrap_or(-1);
+                    self.block_scalar = Some((parent, None));
+                    return Ok(());
+                }
+                _ => {
+                    // A plain scalar: inside flow collections it ends at an indicator.
+                    i += 1;
+                    node_start = false;
+                }
+            }
+            after_space = false;
+        }
+        self.expect_node = node_start;
+        Ok(())
+    }
+}
+
+/// The index just past the closing quote, or `None` when the scalar continues on the next line.
+fn skip_quoted(line: &[u8], mut i: usize, quote: u8) -> Option<usize> {
+    while i < line.len() {
+        match line[i] {
+            b'\\' if quote == b'"' => i += 2,
+            b'\'' if quote == b'\'' && line.get(i + 1) == Some(&b'\'') => i += 2,
+            b if b == quote => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// Parses every document of one file. Errors do not stop the other documents from being read,
-/// so one pass reports everything.
+/// so one pass reports everything. Text that fails [`prescan`] is refused unparsed.
 pub fn parse_file(origin_file: &std::path::Path, text: &str) -> (Vec<Object>, Vec<ConfigError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
+    if let Err(message) = prescan(text) {
+        errors.push(ConfigError::new(message).at(&Origin { file: origin_file.to_path_buf(), document: 1 }));
+        return (objects, errors);
+    }
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = Origin { file: origin_file.to_path_buf(), document: i + 1 };
         let value = match Value::deserialize(doc) {
@@ -288,6 +509,106 @@ mod tests {
 
     fn parse(text: &str) -> (Vec<Object>, Vec<ConfigError>) {
         parse_file(Path::new("t.yaml"), text)
+    }
+
+    #[test]
+    fn prescan_accepts_every_manifest_in_the_repository() {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests"), &mut files);
+        assert!(files.len() > 5, "{files:?}");
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            prescan(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        }
+    }
+
+    #[test]
+    fn prescan_refuses_deep_flow_and_block_nesting_naming_line_and_limit() {
+        let deep = |text: String| {
+            let started = std::time::Instant::now();
+            let e = prescan(&text).unwrap_err();
+            assert!(started.elapsed() < std::time::Duration::from_millis(500), "slow pre-scan");
+            assert!(e.contains("nesting deeper than 64 levels"), "{e}");
+            e
+        };
+        assert!(deep("[".repeat(100_000)).starts_with("line 1:"));
+        deep(format!("k: {}", "{a: ".repeat(100_000)));
+        deep(format!("{}x\n", "- ".repeat(100_000)));
+        let indented: String = (0..100).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+        assert!(deep(indented).starts_with("line 65:"));
+        // Inside flow collections that span lines, indentation does not hide brackets.
+        deep(format!("k: [\n{}\n", "  [\n".repeat(100)));
+        // Just under the limit is fine, and closing brackets count down.
+        prescan(&format!("k: {}{}\nl: {}{}", "[".repeat(63), "]".repeat(63), "[".repeat(63), "]".repeat(63))).unwrap();
+    }
+
+    #[test]
+    fn prescan_ignores_brackets_in_strings_comments_and_block_scalars_but_not_after_them() {
+        let b = "[{".repeat(100);
+        for ok in [
+            format!("k: \"{b}\"\n"),
+            format!("k: '{b}''{b}'\n"),
+            format!("k: \"a\\\"{b}\"\n"),
+            format!("k: \"multi\n  line {b}\n  \"\n"),
+            format!("# {b}\nk: v # {b}\n"),
+            format!("k: a{b}\n"),
+            format!("k: |\n  {b}\n\n  {b}\nl: v\n"),
+            format!("- k: >-\n    {b}\n  l: v\n"),
+            format!("k: [\"{b}\", '{b}']\n"),
+        ] {
+            prescan(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let deeper = "[".repeat(100);
+        for bad in [
+            format!("k: \"s\"\nl: {deeper}\n"),
+            format!("k: |\n  text\nl: {deeper}\n"),
+            format!("- k: |\n    text\n  l: {deeper}\n"),
+            // A quote inside a continued plain scalar opens nothing.
+            format!("k: abc\n  'x\nl: {deeper}\n"),
+            format!("k: [abc,\n  d 'x, {deeper}\n"),
+            format!("---\nk: v\n--- {deeper}\n"),
+        ] {
+            assert!(prescan(&bad).unwrap_err().contains("nesting"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prescan_bounds_what_aliases_can_expand_to() {
+        // Billion laughs: nine aliases per level, nine levels, in 600 bytes.
+        let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for i in 1..9 {
+            bomb += &format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 9].join(", "));
+        }
+        let e = prescan(&bomb).unwrap_err();
+        assert!(e.contains("72 YAML aliases") && e.contains("1048576-byte limit"), "{e}");
+        // A few aliases in a small file are fine; the same count in a large one is not.
+        let few = "base: &b {x: 1}\none: *b\ntwo: *b\nthree: *b\n";
+        prescan(few).unwrap();
+        let large = format!("{few}pad: \"{}\"\n", "x".repeat(200_000));
+        let e = prescan(&large).unwrap_err();
+        assert!(e.contains("at most 2"), "{e}");
+        // Anchors, tags and `*` inside scalars are not aliases.
+        prescan(&format!("{}path: /v1/*\nhost: \"*.example.com\"\nt: !!str 5\n", "a: &x 1\n".repeat(100))).unwrap();
+    }
+
+    #[test]
+    fn parse_file_refuses_unparsed_and_names_file_and_limit() {
+        let (objs, errs) =
+            parse(&format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData: {}\n", "[".repeat(200)));
+        assert!(objs.is_empty());
+        let msg = errs[0].to_string();
+        assert!(msg.starts_with("t.yaml: line 4: nesting deeper than 64 levels"), "{msg}");
+        assert!(msg.ends_with("refused before parsing"), "{msg}");
     }
 
     #[test]
