@@ -331,15 +331,46 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
     for path in ["/echo", "/echo?x=1"] {
         let (code, out, err) = tokio::task::block_in_place(|| {
-            curl(&dev, &["-i", "-d", "{}", &format!("https://api.anthropic.com{path}")])
+            curl(&dev, &["-D", "-", "-o", "/dev/null", "-d", "{}", &format!("https://api.anthropic.com{path}")])
         });
         assert_eq!(code, 0, "{err}");
         assert!(fake.seen().last().unwrap().header_str("x-api-key").as_deref() == Some(ANTHROPIC_KEY));
-        assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent:\n{out}");
+        assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent in a header:\n{out}");
         assert!(out.to_ascii_lowercase().contains("x-debug-credential: [redacted]"), "{out}");
     }
     let (_, metrics) = scrape(metrics_port(&dev), "/metrics").await;
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = gateway("deny-all", free_port(), free_port(), "")
+        .replace(", endpoints: [\"/v1/messages\"]", "")
+        .replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
+    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
+    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
+    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    let (code, out, err) =
+        tokio::task::block_in_place(|| curl(&dev, &["-i", "-d", "{}", "https://api.anthropic.com/echo"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(fake
+        .sent
+        .lock()
+        .unwrap()
+        .last()
+        .unwrap()
+        .windows(ANTHROPIC_KEY.len())
+        .any(|w| w == ANTHROPIC_KEY.as_bytes()));
+    assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent in the body:\n{out}");
+    assert!(out.contains(r#""credential":"[redacted]""#), "{out}");
+    // Streams still flow, chunk by chunk, through the scrubbing route.
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"stream":true,"messages":[]}"#;
+    let (code, out, err) =
+        tokio::task::block_in_place(|| curl(&dev, &["-d", body, "https://api.anthropic.com/v1/messages"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("message_stop"), "{out}");
 }
 
 // === 9. malformed authorities ===

@@ -520,7 +520,10 @@ impl FakeProvider {
             (true, _) if path.starts_with("/echo") => (
                 200,
                 "application/json",
-                format!(r#"{{"you_sent":"{echo_key}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#),
+                format!(
+                    r#"{{"you_sent":"{echo_key}","credential":"{}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#,
+                    String::from_utf8_lossy(&echo_credential)
+                ),
             ),
             (true, false) => (200, "application/json", json_body(&host).to_owned()),
             (true, true) => (200, "text/event-stream", sse_body(&host)),
