@@ -35,7 +35,7 @@ pub fn start_dev_with(config: &Path, work: &Path, upstreams: &[String], env: &[(
     let out = work.join("dev.stdout");
     let err = std::fs::File::create(work.join("dev.stderr")).unwrap();
     cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(err);
-    let child = cmd.spawn().unwrap();
+    let child = super::own_group(&mut cmd).spawn().unwrap();
     let mut proc = Proc { name: "keyswap dev", child, log: work.join("dev.stderr") };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -197,7 +197,9 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A child process killed on drop, with its output in a file for failure messages.
+/// A child process in a process group of its own, ended with everything it started (Envoy
+/// under `keyswap dev`) when dropped — also when the test fails or panics — with its output in a
+/// file for failure messages.
 pub struct Proc {
     pub name: &'static str,
     pub child: Child,
@@ -208,7 +210,7 @@ impl Proc {
     pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Proc {
         let out = std::fs::File::create(&log).unwrap();
         cmd.stdout(Stdio::from(out.try_clone().unwrap())).stderr(Stdio::from(out)).stdin(Stdio::null());
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let child = own_group(&mut cmd).spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc { name, child, log }
     }
 
@@ -239,8 +241,29 @@ impl Proc {
     }
 }
 
+/// Starts `cmd` as the leader of a new process group, so [`Proc`]'s drop can end its children.
+pub fn own_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
+}
+
+fn signal_group(pgid: u32, signal: &str) {
+    let _ = Command::new("kill").args([signal, "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
+}
+
 impl Drop for Proc {
+    /// SIGTERM to the group (keyswap stops Envoy itself), up to 5 s, then SIGKILL to whatever
+    /// of the group is left.
     fn drop(&mut self) {
+        let pgid = self.child.id();
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal_group(pgid, "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        signal_group(pgid, "-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
