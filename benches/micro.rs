@@ -153,7 +153,26 @@ fn redaction(c: &mut Criterion) {
     g.bench_function("scrub_64KiB_body_3_secrets", |b| {
         b.iter_batched(|| body.clone(), |mut buf| capture::scrub(&mut buf, &secrets, false), BatchSize::SmallInput)
     });
+    // Response bodies toward the agent (spec.scrubResponseBodies): 4 KiB chunks, as Envoy streams.
+    g.bench_function("stream_scrub_64KiB_in_4KiB_chunks_3_secrets", |b| {
+        b.iter(|| {
+            let mut s = keyswap::scrub::Streaming::default();
+            let chunks: Vec<&[u8]> = body.chunks(4096).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                black_box(s.chunk(c, i + 1 == chunks.len(), &secrets));
+            }
+        })
+    });
     g.finish();
+    let mut headers = vec![("content-type", b"application/json".as_slice()), ("x-request-id", b"req_0123456789abcdef")];
+    headers.extend([
+        ("cf-ray", b"8d1f2a3b4c5d6e7f-IAD".as_slice()),
+        ("server", b"cloudflare"),
+        ("date", b"Tue, 01 Dec 2026"),
+    ]);
+    c.bench_function("redaction/response_headers_clean_check_3_secrets", |b| {
+        b.iter(|| black_box(headers.iter().any(|(_, v)| secrets.iter().any(|s| keyswap::scrub::contains(v, s)))))
+    });
     let names: Vec<Box<str>> = vec!["key".into(), "api-key".into()];
     c.bench_function("redaction/query_param_in_path", |b| {
         b.iter(|| {

@@ -185,6 +185,9 @@ struct Scrub {
     body: Option<crate::scrub::Streaming>,
 }
 
+/// Header names and values, owned (scrubbed copies).
+type OwnedHeaders = Vec<(String, Vec<u8>)>;
+
 /// A request that got a real credential.
 pub struct Injected {
     /// The credential minted for this request (a GCP token), scrubbed like the live secrets.
@@ -211,7 +214,7 @@ impl Scrub {
 
     /// The response headers with every secret value replaced, and the mutation that does the
     /// same in Envoy; `None` when no header carries one (the common case: no allocation).
-    fn response_headers(&self, headers: &[HeaderValue]) -> Option<(Vec<(String, Vec<u8>)>, HeaderMutation)> {
+    fn response_headers(&self, headers: &[HeaderValue]) -> Option<(OwnedHeaders, HeaderMutation)> {
         let leaks = |v: &[u8]| self.secrets().any(|s| crate::scrub::contains(v, s));
         if !headers.iter().any(|h| !h.key.starts_with(':') && leaks(header_bytes(h))) {
             return None;

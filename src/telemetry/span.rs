@@ -480,6 +480,33 @@ mod tests {
     }
 
     #[test]
+    fn usage_beyond_i64_saturates_instead_of_wrapping_negative() {
+        let mut tx = start(CapturePolicy::default());
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        tx.on_response_body(
+            br#"{"model":"m","usage":{"input_tokens":18446744073709551615,"output_tokens":9223372036854775808}}"#,
+        );
+        let (send, mut recv) = tokio::sync::mpsc::channel(1);
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+        let sink = Sink::new(metrics.clone(), Some(send));
+        tx.finish(&sink, &[]);
+        // Twice: the token counter saturates too.
+        let mut tx = start(CapturePolicy::default());
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        tx.on_response_body(br#"{"model":"m","usage":{"input_tokens":18446744073709551615,"output_tokens":1}}"#);
+        let (send2, _recv2) = tokio::sync::mpsc::channel(1);
+        tx.finish(&Sink::new(metrics.clone(), Some(send2)), &[]);
+        let span = Span::decode(&recv.try_recv().unwrap()[..]).unwrap();
+        let int = |k: &str| match span.attributes.iter().find(|a| a.key == k).and_then(|a| a.value.clone()?.value) {
+            Some(Any::IntValue(v)) => v,
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(int("gen_ai.usage.input_tokens"), i64::MAX);
+        assert_eq!(int("gen_ai.usage.output_tokens"), i64::MAX);
+        assert_eq!(metrics.tokens("anthropic", "m"), Some((u64::MAX, 9223372036854775809)));
+    }
+
+    #[test]
     fn header_events_use_lowercase_names_group_repeats_and_redact_credentials() {
         let headers: [(&str, &[u8]); 5] = [
             (":path", b"/v1/messages"),
