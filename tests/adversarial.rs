@@ -7,16 +7,10 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use common::dev::*;
 use common::grpc::{self, immediate, mutation, set_value};
 use common::*;
-use keyswap::config::file::FileSource;
-use keyswap::config::GatewaySelector;
-use keyswap::extproc::server::{self, Bound};
-use keyswap::extproc::Shared;
 
 // === a gateway to attack ===
 
@@ -381,22 +375,8 @@ async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
 
 // === 9. malformed authorities ===
 
-struct Direct {
-    addr: std::net::SocketAddr,
-    shared: Arc<Shared>,
-    _dir: tempfile::TempDir,
-}
-
-/// keyswap's gRPC service in-process on loopback TCP, as a client that reached it would see it.
-async fn direct() -> Direct {
-    let dir = config_dir();
-    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).expect("valid config");
-    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
-    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Bound::Tcp(l) = &bound else { unreachable!() };
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
-    Direct { addr, shared, _dir: dir }
+async fn direct() -> InProcess {
+    start_in_process().await
 }
 
 fn req<'a>(method: &'a str, authority: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {

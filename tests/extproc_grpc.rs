@@ -14,21 +14,10 @@ use keyswap::extproc::server::{self, Bound};
 use keyswap::extproc::Shared;
 use keyswap::telemetry::Metrics;
 
-struct Server {
-    addr: std::net::SocketAddr,
-    shared: Arc<Shared>,
-    _dir: tempfile::TempDir,
-}
+type Server = InProcess;
 
 async fn start() -> Server {
-    let dir = config_dir();
-    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).expect("valid config");
-    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
-    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Bound::Tcp(l) = &bound else { unreachable!() };
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
-    Server { addr, shared, _dir: dir }
+    start_in_process().await
 }
 
 fn req<'a>(host: &'a str, path: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {

@@ -190,7 +190,10 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     // The provider echoes the key it got: telemetry must scrub it.
     let (st, body) = send_body(&c, port, "llm.internal.test", "/echo", &[("x-internal-key", PLACEHOLDER)], "{}").await;
     assert_eq!(st, 200);
-    assert!(body.contains(CUSTOM_KEY), "the fake really echoed the key: {body}");
+    let sent = fake.sent.lock().unwrap().last().cloned().unwrap_or_default();
+    assert!(String::from_utf8_lossy(&sent).contains(CUSTOM_KEY), "the fake really echoed the key");
+    // A custom upstream's response bodies are scrubbed toward the agent by default.
+    assert!(!body.contains(CUSTOM_KEY) && body.contains("[redacted]"), "the agent got the echoed key: {body}");
     // A denial gets a span too, with error.type.
     let (st, _) = send(&c, port, "exfil.example.com", "/upload", &[]).await;
     assert_eq!(st, 403);

@@ -275,10 +275,11 @@ pub struct AIProviderRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
     /// Also scrub live secret values from response bodies before the agent sees them (response
-    /// headers are always scrubbed). Costs one ext_proc round trip per response chunk; turn it
-    /// on for upstreams that may echo what they received (custom providers, debugging proxies).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub scrub_response_bodies: bool,
+    /// headers are always scrubbed). Costs one ext_proc round trip per response chunk. Default:
+    /// on for `custom` providers (an unknown upstream may echo what it received), off for the
+    /// known providers (they never echo credentials in bodies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_response_bodies: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

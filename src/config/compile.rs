@@ -415,7 +415,7 @@ impl Catalog {
                         endpoints: mt.endpoints.iter().map(|e| e.as_str().into()).collect(),
                         models: mt.models.iter().map(|e| e.as_str().into()).collect(),
                         binding: Arc::new(binding),
-                        scrub_response_bodies: route.spec.scrub_response_bodies,
+                        scrub_response_bodies: route.spec.scrub_response_bodies.unwrap_or(p.scrub_bodies_by_default),
                     });
                 }
             }

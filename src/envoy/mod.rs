@@ -129,6 +129,19 @@ pub fn to_yaml(v: &Value) -> String {
     serde_yaml_ng::to_string(v).unwrap_or_default()
 }
 
+/// The ext_proc phases Envoy sends unless keyswap asks for more (`mode_override`): request
+/// headers only. Every phase is a round trip.
+fn headers_only() -> Value {
+    json!({
+        "request_header_mode": "SEND",
+        "response_header_mode": "SKIP",
+        "request_body_mode": "NONE",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    })
+}
+
 fn cluster_name(host: &str) -> String {
     format!("provider_{}", host.replace(['.', '*'], "_"))
 }
@@ -210,14 +223,7 @@ pub fn bootstrap(
                 // `:authority` is rewritten; a refused rewrite must fail the request, never
                 // tunnel to the unchecked name.
                 "mutation_rules": {"allow_all_routing": true, "disallow_is_error": true},
-                "processing_mode": {
-                    "request_header_mode": "SEND",
-                    "response_header_mode": "SKIP",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
-                    "request_trailer_mode": "SKIP",
-                    "response_trailer_mode": "SKIP",
-                },
+                "processing_mode": headers_only(),
             },
         }));
         proxy_filters.push(dfp_filter.clone());
@@ -268,14 +274,7 @@ pub fn bootstrap(
             "max_message_timeout": "10s",
             // For spec.agentAuth edgeTrust: who is on the other end of the connection.
             "request_attributes": ["source.address", "connection.mtls"],
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
+            "processing_mode": headers_only(),
         },
     });
     let mut tls_vhosts: Vec<Value> = exact

@@ -47,6 +47,10 @@ pub struct Provider {
     pub credential_query_params: &'static [&'static str],
     pub model_in_path: ModelInPath,
     pub endpoints: &'static [Endpoint],
+    /// Whether response bodies are scrubbed of secrets toward the agent unless the route says
+    /// (`spec.scrubResponseBodies`): the known providers never echo credentials in bodies; an
+    /// unknown upstream (`custom`) may.
+    pub scrub_bodies_by_default: bool,
 }
 
 const OPENAI_ENDPOINTS: &[Endpoint] = &[
@@ -64,6 +68,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: OPENAI_ENDPOINTS,
+        scrub_bodies_by_default: false,
     },
     Provider {
         name: "anthropic",
@@ -72,6 +77,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: &[Endpoint { path: "/v1/messages", operation: "chat" }],
+        scrub_bodies_by_default: false,
     },
     Provider {
         name: "google",
@@ -84,6 +90,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/*:streamGenerateContent", operation: "generate_content" },
             Endpoint { path: "/*:embedContent", operation: "embeddings" },
         ],
+        scrub_bodies_by_default: false,
     },
     Provider {
         name: "azure-openai",
@@ -97,6 +104,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/openai/v1/chat/completions", operation: "chat" },
             Endpoint { path: "/openai/v1/responses", operation: "chat" },
         ],
+        scrub_bodies_by_default: false,
     },
     Provider {
         name: "bedrock",
@@ -111,6 +119,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/model/*/invoke", operation: "chat" },
             Endpoint { path: "/model/*/invoke-with-response-stream", operation: "chat" },
         ],
+        scrub_bodies_by_default: false,
     },
     Provider {
         name: "custom",
@@ -119,6 +128,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: &[],
+        scrub_bodies_by_default: true,
     },
 ];
 

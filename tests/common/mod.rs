@@ -269,6 +269,28 @@ impl Drop for Proc {
     }
 }
 
+/// keyswap's gRPC service in-process on loopback TCP over the standard configuration, as Envoy
+/// (or a client that reached the socket) sees it.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub shared: std::sync::Arc<keyswap::extproc::Shared>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn start_in_process() -> InProcess {
+    use keyswap::extproc::server::{self, Bound};
+    let dir = config_dir();
+    let source = keyswap::config::file::FileSource::new(dir.path(), vec![]);
+    let snapshot = source.snapshot(&keyswap::config::GatewaySelector::Only).expect("valid config");
+    let store = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(snapshot));
+    let shared = std::sync::Arc::new(keyswap::extproc::Shared::new(store, Default::default()));
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
+    InProcess { addr, shared, _dir: dir }
+}
+
 /// `keyswap serve` as a separate process on a Unix socket, logs (stderr) in `work/keyswap.log`.
 pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], extra_args: &[&str]) -> (Proc, PathBuf) {
     let uds = work.join("keyswap.sock");
