@@ -338,7 +338,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let source = Arc::new(args.source.source()?);
     let selector = args.source.selector()?;
-    let snapshot = match source.snapshot(&selector) {
+    // Invalid objects are left out (and logged) rather than keeping the gateway down; only a
+    // gateway that cannot compile stops the start.
+    let snapshot = match source.snapshot_isolated(&selector) {
         Ok(s) => s,
         Err(errors) => {
             eprintln!("keyswap: cannot start: {errors}");
@@ -419,8 +421,12 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let (s1, s2) = (status.clone(), status.clone());
         let ready: crate::telemetry::admin::ReadyFn =
             Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
-        let admin =
-            crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, Arc::new(move || s2.render())).await?;
+        let m = metrics.clone();
+        let render = Arc::new(move || {
+            m.config_rejected.store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+            s2.render()
+        });
+        let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;
         let client = kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!("cannot configure the Kubernetes client: {e} (run in a pod, or set KUBECONFIG)")
         })?;
@@ -453,7 +459,9 @@ async fn run_extproc(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     log_changes(None, &snapshot);
+    crate::config::log_rejected(&snapshot);
     let metrics = Arc::new(Metrics::default());
+    metrics.config_rejected.store(snapshot.rejected.len() as u64, std::sync::atomic::Ordering::Relaxed);
     // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
     let gateway = snapshot.gateway.clone();
     let selector = GatewaySelector::Named(gateway.clone());
@@ -461,11 +469,15 @@ async fn run_extproc(
     let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("ok".into()));
     let lr = last_reload.clone();
     let src = source.clone();
+    let (st, m) = (store.clone(), metrics.clone());
     let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
-        let text = match (res, src.refused().len()) {
-            (Ok(()), 0) => "ok".to_owned(),
-            (Ok(()), n) => format!("ok; {n} file(s) over the manifest limits set aside"),
-            (Err(e), _) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
+        let left_out = st.load().rejected.len();
+        m.config_rejected.store(left_out as u64, std::sync::atomic::Ordering::Relaxed);
+        let text = match (res, src.refused().len(), left_out) {
+            (Ok(()), 0, 0) => "ok".to_owned(),
+            (Ok(()), 0, n) => format!("ok; {n} invalid object(s) left out (see the log or `keyswap check`)"),
+            (Ok(()), f, n) => format!("ok; {f} file(s) over the manifest limits set aside, {n} problem(s) left out"),
+            (Err(e), _, _) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
         };
         *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
     })

@@ -251,7 +251,8 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
         first_new.saturating_duration_since(written)
     );
 
-    // An invalid edit keeps the last good configuration serving, and is logged with file and field.
+    // An edit that does not parse keeps the file's last good version serving, and is logged with
+    // file and field.
     std::fs::write(
         &secret_file,
         "apiVersion: v1\nkind: Secret\nmetadata: {name: anthropic}\nstringData: {token: [oops]}\n",

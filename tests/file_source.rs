@@ -62,15 +62,15 @@ fn kubernetes_data_symlink_swap_is_picked_up() {
 }
 
 #[test]
-fn an_invalid_edit_is_reported_and_the_last_good_snapshot_keeps_serving() {
+fn a_file_that_stops_parsing_keeps_its_last_good_version_and_is_reported() {
     let dir = config_dir();
     let source = Arc::new(FileSource::new(dir.path(), vec![]));
     let store = Arc::new(ArcSwap::from_pointee(source.snapshot(&GatewaySelector::Only).unwrap()));
     let reports: Arc<Mutex<Vec<String>>> = Arc::default();
-    let r = reports.clone();
+    let (r, st) = (reports.clone(), store.clone());
     let _watch = file::watch(source, GatewaySelector::Only, store.clone(), move |res| {
         r.lock().unwrap().push(match res {
-            Ok(()) => "ok".into(),
+            Ok(()) => st.load().rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
             Err(e) => e.to_string(),
         })
     })
@@ -87,7 +87,7 @@ fn an_invalid_edit_is_reported_and_the_last_good_snapshot_keeps_serving() {
         report.contains("config.yaml (document 2): AIProviderRoute default/anthropic: field `spec.rules[0].matches[0]"),
         "{report}"
     );
-    assert!(report.contains("providr"), "{report}");
+    assert!(report.contains("providr") && report.contains("last good version stays in effect"), "{report}");
     assert_eq!(anthropic_fingerprint(&store), good, "the old snapshot still serves");
     assert!(store.load().decide("api.anthropic.com", "/v1/messages", None).to_string_lossy().starts_with("inject"));
 

@@ -199,7 +199,8 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"));
 
-    // An invalid object is reported on its status and the last good snapshot keeps serving.
+    // An invalid object is reported on its status and left out: its hosts fail closed (503),
+    // everything else keeps serving.
     kube.put("aiproviderroutes", NS, "r1", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "opnai", "hosts": ["r1.test"]}]}]}}));
     let since = Instant::now();
     while cond(&kube, "aiproviderroutes", "r1", "Accepted").map(|c| c.0) != Some("False".into()) {
@@ -216,7 +217,11 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         .to_owned();
     assert!(msg.contains("unknown provider `opnai`"), "{msg}");
     let r = grpc::request(&mut c, &[(":authority", "r1.test"), (":path", "/x")]).await;
-    assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-1"), "last good snapshot still serves");
+    let i = immediate(&r);
+    assert_eq!(i.status.as_ref().unwrap().code, 503, "the invalid route's host fails closed");
+    assert!(String::from_utf8_lossy(&i.body).contains("ConfigurationRejected"), "{i:?}");
+    let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"), "the rest still serves");
     assert!(keyswap
         .output()
         .contains("AIProviderRoute agents/r1: field `spec.rules[0].matches[0].provider`: unknown provider"));

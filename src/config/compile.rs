@@ -37,6 +37,23 @@ pub struct Catalog {
     pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
     pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
     pub secrets: BTreeMap<Key, Entry<SecretData>>,
+    /// [`Catalog::build_isolated`]: the invalid objects left out, and why.
+    pub rejected: Rejected,
+}
+
+/// What [`Catalog::build_isolated`] left out. Dependents fail closed: a route whose policy was
+/// left out answers 503 (never the placeholder upstream), the hosts of a route left out answer
+/// 503 too (even on an allow-all gateway), an agent-token Secret left out admits nobody. A gateway
+/// left out does not compile at all: the last good snapshot keeps serving (its listeners, allow
+/// list, default policy and agent auth decide what leaves the cluster and who may call; no
+/// fallback for those is safer than the last good one).
+#[derive(Debug, Default)]
+pub struct Rejected {
+    pub errors: Vec<ConfigError>,
+    pub gateways: std::collections::BTreeSet<Key>,
+    pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
+    pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
+    pub secrets: std::collections::BTreeSet<Key>,
 }
 
 /// Fingerprint shown instead of a secret: enough to tell two values apart, useless to an attacker
@@ -74,6 +91,79 @@ impl Catalog {
             Ok(cat)
         } else {
             Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Collects and validates like [`Catalog::build`], but leaves each invalid object out
+    /// (recorded in `rejected`) instead of refusing everything: one team's typo must not freeze
+    /// everyone's rotations. Leaving an object out can make another invalid (a policy whose route
+    /// is gone); that is reported too.
+    pub fn build_isolated(objects: Vec<Object>) -> Catalog {
+        let mut cat = Catalog::default();
+        for obj in objects {
+            let label = obj.label();
+            let Object { origin, key, resource } = obj;
+            let dup = match resource {
+                Resource::Gateway(spec) => insert(&mut cat.gateways, key, origin.clone(), spec),
+                Resource::Route(spec) => insert(&mut cat.routes, key, origin.clone(), spec),
+                Resource::Policy(spec) => insert(&mut cat.policies, key, origin.clone(), spec),
+                Resource::Secret(data) => insert(&mut cat.secrets, key, origin.clone(), data),
+            };
+            if let Some(first) = dup {
+                let e = ConfigError::new(format!("defined twice; this copy is left out, the first in {first} counts"));
+                cat.rejected.errors.push(e.at(&origin).object(label));
+            }
+        }
+        // Each round leaves out what is invalid; dependents show up in the next one.
+        for _ in 0..8 {
+            let mut errors = Vec::new();
+            cat.validate(&mut errors);
+            if errors.is_empty() {
+                break;
+            }
+            for e in errors {
+                cat.leave_out(e.object.as_deref());
+                cat.rejected.errors.push(e);
+            }
+        }
+        cat
+    }
+
+    /// Moves the object labelled `object` (`Kind namespace/name`) out of the catalog.
+    fn leave_out(&mut self, object: Option<&str>) {
+        let Some(object) = object else { return };
+        fn find<'a>(kind: Kind, mut keys: impl Iterator<Item = &'a Key>, object: &str) -> Option<Key> {
+            keys.find(|k| label(kind, k) == object).cloned()
+        }
+        if let Some(k) = find(Kind::EgressGateway, self.gateways.keys(), object) {
+            self.gateways.remove(&k);
+            self.rejected.gateways.insert(k);
+        } else if let Some(k) = find(Kind::AIProviderRoute, self.routes.keys(), object) {
+            let e = self.routes.remove(&k).expect("found");
+            self.rejected.routes.insert(k, e);
+        } else if let Some(k) = find(Kind::CredentialInjectionPolicy, self.policies.keys(), object) {
+            let e = self.policies.remove(&k).expect("found");
+            self.rejected.policies.insert(k, e);
+        } else if let Some(k) = find(Kind::Secret, self.secrets.keys(), object) {
+            self.secrets.remove(&k);
+            self.rejected.secrets.insert(k);
+        }
+    }
+
+    /// `e` with what was left out, which explains why a gateway is missing or cannot compile.
+    pub fn with_rejected(&self, mut e: ConfigErrors) -> ConfigErrors {
+        let more: Vec<ConfigError> = self.rejected.errors.iter().filter(|r| !e.0.contains(r)).cloned().collect();
+        e.0.extend(more);
+        e
+    }
+
+    /// Whether `kind key` was left out as invalid.
+    fn was_left_out(&self, kind: Kind, key: &Key) -> bool {
+        match kind {
+            Kind::EgressGateway => self.rejected.gateways.contains(key),
+            Kind::AIProviderRoute => self.rejected.routes.contains_key(key),
+            Kind::CredentialInjectionPolicy => self.rejected.policies.contains_key(key),
+            Kind::Secret => self.rejected.secrets.contains(key),
         }
     }
 
@@ -308,7 +398,9 @@ impl Catalog {
                         Kind::AIProviderRoute => self.routes.contains_key(&key),
                         _ => false,
                     };
-                    if !exists {
+                    if !exists && self.was_left_out(kind, &key) {
+                        errors.push(err(field, format!("{} {key} is invalid and left out", kind.as_str())));
+                    } else if !exists {
                         errors.push(err(field, format!("{} {key} does not exist", kind.as_str())));
                     }
                 }
@@ -319,8 +411,46 @@ impl Catalog {
     /// Compiles the view of one gateway. Conflicts that only show for this gateway (two
     /// policies on one route) are errors here.
     pub fn compile(&self, gateway: &Key) -> Result<Snapshot, ConfigErrors> {
+        self.compile_with(gateway, false)
+    }
+
+    /// Compiles what [`Catalog::build_isolated`] kept: conflicts and unusable bindings fail closed
+    /// (503) instead of failing the snapshot, and every object left out is listed in
+    /// `Snapshot::rejected`. Only a problem with the gateway itself fails.
+    pub fn compile_isolated(&self, gateway: &Key) -> Result<Snapshot, ConfigErrors> {
+        self.compile_with(gateway, true)
+    }
+
+    fn compile_with(&self, gateway: &Key, isolate: bool) -> Result<Snapshot, ConfigErrors> {
         let Some(gw) = self.gateways.get(gateway) else {
-            return Err(ConfigErrors(vec![ConfigError::new(format!("EgressGateway {gateway} not found"))]));
+            let mut errors: Vec<ConfigError> = self
+                .rejected
+                .errors
+                .iter()
+                .filter(|e| e.object.as_deref() == Some(&*label(Kind::EgressGateway, gateway)))
+                .cloned()
+                .collect();
+            if errors.is_empty() {
+                errors.push(ConfigError::new(format!("EgressGateway {gateway} not found")));
+            }
+            return Err(ConfigErrors(errors));
+        };
+        // A binding that fails closed because `object` is invalid (isolated compiles only).
+        let rejected_binding = |p: &Provider, policy: Option<Arc<str>>, object: String| Binding {
+            policy,
+            credential: Err(Unresolved::Rejected { object }),
+            strip_headers: strip_headers(None),
+            strip_query: strip_query(p, None),
+            tenants: None,
+        };
+        let rejected_policy_for = |route: &Key| -> Option<&Key> {
+            self.rejected.policies.iter().find_map(|(pk, pol)| {
+                pol.spec.parent_refs.iter().any(|r| match resolve_ref(r, pk, Kind::AIProviderRoute) {
+                    Ok((Kind::AIProviderRoute, k)) => &k == route,
+                    Ok((Kind::EgressGateway, k)) => &k == gateway && !self.has_own_policy(route),
+                    _ => false,
+                }).then_some(pk)
+            })
         };
         let mut errors = Vec::new();
         let mut entries = Vec::new();
@@ -341,13 +471,17 @@ impl Catalog {
         }
         if catch_all.len() > 1 {
             let names = catch_all.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-            errors.push(
-                ConfigError::new(format!(
-                    "more than one CredentialInjectionPolicy targets the gateway itself: {names}"
-                ))
-                .at(&gw.origin)
-                .object(label(Kind::EgressGateway, gateway)),
-            );
+            let e = ConfigError::new(format!("more than one CredentialInjectionPolicy targets the gateway itself: {names}"));
+            if isolate {
+                // The policies are at fault, not the gateway: routes without their own policy
+                // fail closed, the rest of the gateway serves.
+                for pk in &catch_all {
+                    let origin = &self.policies[*pk].origin;
+                    errors.push(e.clone().at(origin).object(label(Kind::CredentialInjectionPolicy, pk)));
+                }
+            } else {
+                errors.push(e.at(&gw.origin).object(label(Kind::EgressGateway, gateway)));
+            }
         }
 
         for (rkey, route) in &self.routes {
@@ -357,6 +491,8 @@ impl Catalog {
             if !attached {
                 continue;
             }
+            // In an isolated compile, why this route's requests fail closed, if they do.
+            let mut fails_closed: Option<String> = None;
             let policy_key = match per_route.get(rkey).map(Vec::as_slice) {
                 Some([one]) => Some(*one),
                 Some(many) => {
@@ -368,28 +504,46 @@ impl Catalog {
                         .at(&route.origin)
                         .object(label(Kind::AIProviderRoute, rkey)),
                     );
-                    continue;
+                    if !isolate {
+                        continue;
+                    }
+                    fails_closed = Some(format!("the policies {names} conflict on AIProviderRoute {rkey}"));
+                    None
+                }
+                None if catch_all.len() > 1 && isolate => {
+                    fails_closed = Some(format!("more than one catch-all policy targets EgressGateway {gateway}"));
+                    None
                 }
                 None => catch_all.first().copied(),
             };
+            if isolate && fails_closed.is_none() {
+                if let Some(pk) = rejected_policy_for(rkey) {
+                    fails_closed = Some(format!("CredentialInjectionPolicy {pk} is invalid and left out"));
+                }
+            }
             let route_name: Arc<str> = rkey.to_string().into();
             for (r, rule) in route.spec.rules.iter().enumerate() {
                 for (m, mt) in rule.matches.iter().enumerate() {
                     let Some(p) = provider::lookup(&mt.provider) else { continue };
-                    let binding = match policy_key {
-                        None => Binding {
+                    let binding = match (&fails_closed, policy_key) {
+                        (Some(why), _) => rejected_binding(p, policy_key.map(|k| k.to_string().into()), why.clone()),
+                        (None, None) => Binding {
                             policy: None,
                             credential: Err(Unresolved::NoPolicy),
                             strip_headers: strip_headers(None),
                             strip_query: strip_query(p, None),
                             tenants: None,
                         },
-                        Some(pk) => match self.bind(pk, p, &mut secrets, &mut live) {
+                        (None, Some(pk)) => match self.bind(pk, p, &mut secrets, &mut live) {
                             Ok(b) => b,
                             Err(e) => {
                                 let message = format!("{} (route {rkey} rule {r} match {m})", e.message);
                                 errors.push(ConfigError { message, ..e });
-                                continue;
+                                if !isolate {
+                                    continue;
+                                }
+                                let why = format!("CredentialInjectionPolicy {pk} cannot bind");
+                                rejected_binding(p, Some(pk.to_string().into()), why)
                             }
                         },
                     };
@@ -398,13 +552,18 @@ impl Catalog {
                     } else {
                         mt.hosts.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect()
                     };
+                    let mut binding = binding;
                     if let Some(e) = region_error(&binding, &hosts) {
                         errors.push(
                             e.at(&route.origin)
                                 .object(label(Kind::AIProviderRoute, rkey))
                                 .field(format!("spec.rules[{r}].matches[{m}].hosts")),
                         );
-                        continue;
+                        if !isolate {
+                            continue;
+                        }
+                        let why = format!("AIProviderRoute {rkey} has hosts its SigV4 policy cannot sign for");
+                        binding = rejected_binding(p, binding.policy.clone(), why);
                     }
                     entries.push(MatchEntry {
                         route: route_name.clone(),
@@ -420,11 +579,51 @@ impl Catalog {
                 }
             }
         }
+        if isolate {
+            // The hosts of a route left out fail closed, so an allow-all gateway never passes them
+            // upstream with the placeholder.
+            for (rkey, route) in &self.rejected.routes {
+                let attached = route.spec.parent_refs.iter().any(|r| {
+                    matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway)
+                });
+                if !attached {
+                    continue;
+                }
+                for (r, rule) in route.spec.rules.iter().enumerate() {
+                    for (m, mt) in rule.matches.iter().enumerate() {
+                        // An unknown provider (a typo) still names hosts that must not pass.
+                        let Some(p) = provider::lookup(&mt.provider).or_else(|| provider::lookup("custom")) else {
+                            continue;
+                        };
+                        let hosts: Vec<Box<str>> = if mt.hosts.is_empty() {
+                            p.default_hosts.iter().map(|h| Box::from(*h)).collect()
+                        } else {
+                            mt.hosts.iter().filter(|h| check_host(h).is_ok()).map(|h| h.to_ascii_lowercase().into()).collect()
+                        };
+                        let why = format!("AIProviderRoute {rkey} is invalid and left out");
+                        entries.push(MatchEntry {
+                            route: rkey.to_string().into(),
+                            rule: r,
+                            index: m,
+                            provider: p,
+                            hosts,
+                            endpoints: Vec::new(),
+                            models: Vec::new(),
+                            binding: Arc::new(rejected_binding(p, None, why)),
+                            scrub_response_bodies: true,
+                        });
+                    }
+                }
+            }
+        }
         let agent_auth =
             gw.spec.agent_auth.as_ref().map(|a| self.compile_agent_auth(gateway, a, &mut errors, &mut live));
-        if !errors.is_empty() {
+        let gateway_label = label(Kind::EgressGateway, gateway);
+        if !errors.is_empty() && (!isolate || errors.iter().any(|e| e.object.as_deref() == Some(&*gateway_label))) {
             return Err(ConfigErrors(errors));
         }
+        let mut rejected = self.rejected.errors.clone();
+        rejected.extend(errors);
         secrets.sort_by(|a, b| (&a.secret, &a.key).cmp(&(&b.secret, &b.key)));
         secrets.dedup();
         Ok(Snapshot {
@@ -437,6 +636,16 @@ impl Catalog {
             capture: Arc::new(capture_policy(gw.spec.otlp.as_ref())),
             otlp: gw.spec.otlp.clone(),
             agent_auth,
+            rejected,
+        })
+    }
+
+    /// Whether some valid policy targets `route` directly.
+    fn has_own_policy(&self, route: &Key) -> bool {
+        self.policies.iter().any(|(pk, pol)| {
+            pol.spec.parent_refs.iter().any(|r| {
+                matches!(resolve_ref(r, pk, Kind::AIProviderRoute), Ok((Kind::AIProviderRoute, k)) if &k == route)
+            })
         })
     }
 

@@ -165,9 +165,20 @@ impl FileSource {
         let mut stamps = Some(Vec::new());
         for path in paths {
             match read_parsed(cache.files.remove(&path), &path, now) {
-                Ok(parsed) if parsed.refused && set_aside => {
-                    for e in &parsed.errors {
-                        tracing::error!(error = %e, "manifest refused and set aside; its last good version stays in effect");
+                // A reload keeps the last good version of a file that is refused by the limits
+                // or does not parse (a typo while editing a Secret must not drop the key); its
+                // errors are reported with the other objects left out.
+                Ok(parsed) if set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty())) => {
+                    if parsed.refused {
+                        for e in &parsed.errors {
+                            tracing::error!(error = %e, "manifest refused and set aside; its last good version stays in effect");
+                        }
+                    } else {
+                        let kept = |e: &ConfigError| ConfigError {
+                            message: format!("{} (this file's last good version stays in effect)", e.message),
+                            ..e.clone()
+                        };
+                        errors.extend(parsed.errors.iter().map(kept));
                     }
                     objects.extend(parsed.kept.iter().cloned());
                     match &mut stamps {
@@ -194,6 +205,13 @@ impl FileSource {
         *cache = Cache { files, last: stamps };
         drop(cache);
         self.overlay_env(&mut objects);
+        if set_aside {
+            // A reload: each invalid document or object is left out, the rest is kept.
+            let mut catalog = Catalog::build_isolated(objects);
+            errors.append(&mut catalog.rejected.errors);
+            catalog.rejected.errors = errors;
+            return Ok(catalog);
+        }
         // Validate what did parse too, so one pass reports every problem.
         match Catalog::build(objects) {
             Ok(catalog) if errors.is_empty() => Ok(catalog),
@@ -247,10 +265,21 @@ impl FileSource {
         self.snapshot_with(selector, false)
     }
 
-    fn snapshot_with(&self, selector: &GatewaySelector, set_aside: bool) -> Result<Snapshot, ConfigErrors> {
-        let catalog = self.load_with(set_aside)?;
-        let gateway = selector.resolve(&catalog)?;
-        catalog.compile(&gateway)
+    /// Loads and compiles the snapshot the way a running server does: files over the manifest
+    /// limits set aside, invalid objects left out (listed in `Snapshot::rejected`, their
+    /// dependents failing closed). Fails only when the gateway itself cannot be compiled.
+    pub fn snapshot_isolated(&self, selector: &GatewaySelector) -> Result<Snapshot, ConfigErrors> {
+        self.snapshot_with(selector, true)
+    }
+
+    fn snapshot_with(&self, selector: &GatewaySelector, isolate: bool) -> Result<Snapshot, ConfigErrors> {
+        let catalog = self.load_with(isolate)?;
+        if !isolate {
+            let gateway = selector.resolve(&catalog)?;
+            return catalog.compile(&gateway);
+        }
+        let gateway = selector.resolve(&catalog).map_err(|e| catalog.with_rejected(e))?;
+        catalog.compile_isolated(&gateway).map_err(|e| catalog.with_rejected(e))
     }
 }
 
@@ -296,13 +325,13 @@ fn read_parsed(cached: Option<Parsed>, path: &Path, now: SystemTime) -> Result<P
             objects: p.objects.clone(),
             errors: p.errors.clone(),
             refused: false,
-            kept: Vec::new(),
+            kept: p.kept.clone(),
         });
     }
-    // What stays in effect if this version is refused.
+    // What stays in effect if this version is refused or does not parse.
     let kept = match cached {
-        Some(p) if p.refused => p.kept,
-        Some(p) if p.errors.is_empty() => p.objects,
+        Some(p) if p.refused || !p.errors.is_empty() => p.kept,
+        Some(p) => p.objects,
         _ => Vec::new(),
     };
     let refusal = if stamp.len > max || text.len() as u64 > max {
@@ -316,7 +345,8 @@ fn read_parsed(cached: Option<Parsed>, path: &Path, now: SystemTime) -> Result<P
         return Ok(Parsed { stamp, settled, digest, objects: Vec::new(), errors, refused: true, kept });
     }
     let (objects, errors) = load::parse_file(path, &text);
-    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept: Vec::new() })
+    let kept = if errors.is_empty() { Vec::new() } else { kept };
+    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept })
 }
 
 /// A running watch of the configuration directory; dropping it stops the watch.
@@ -403,6 +433,7 @@ pub fn reload(source: &FileSource, gateway: &GatewaySelector, store: &SnapshotSt
         Ok(snap) => {
             let old = store.load();
             log_changes(Some(&old), &snap);
+            super::log_rejected(&snap);
             store.store(Arc::new(snap));
             Ok(())
         }

@@ -44,6 +44,8 @@ pub struct KubeStatus {
     pub secrets_watched: AtomicU64,
     pub rebuilds: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Invalid objects left out of the snapshot in effect.
+    pub rejected: AtomicU64,
 }
 
 impl KubeStatus {
@@ -225,11 +227,17 @@ pub async fn start(
                 continue;
             }
             let objects = collect(&gateways.store, &routes.store, &policies.store, &secrets);
+            // One team's invalid object is left out (Accepted=False on it); everything else,
+            // every Secret it references included, keeps following changes.
             let built = objects.and_then(|objs| {
-                let catalog = Catalog::build(objs)?;
-                let key = selector.resolve(&catalog)?;
-                catalog.compile(&key)
+                let catalog = Catalog::build_isolated(objs);
+                let key = selector.resolve(&catalog).map_err(|e| catalog.with_rejected(e))?;
+                catalog.compile_isolated(&key).map_err(|e| catalog.with_rejected(e))
             });
+            if let Ok(snap) = &built {
+                super::log_rejected(snap);
+                status.rejected.store(snap.rejected.len() as u64, Ordering::Relaxed);
+            }
             status.rebuilds.fetch_add(1, Ordering::Relaxed);
             let verdicts = write_status.then(|| conditions(&built, &routes.store, &policies.store));
             match (built, &store) {
@@ -328,18 +336,13 @@ fn conditions(
         Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
     };
     let errors_for = |label: String| -> Option<String> {
-        match built {
-            Err(errs) => {
-                let mine: Vec<String> = errs
-                    .0
-                    .iter()
-                    .filter(|e| e.object.as_deref() == Some(label.as_str()))
-                    .map(|e| e.to_string())
-                    .collect();
-                (!mine.is_empty()).then(|| mine.join("; "))
-            }
-            Ok(_) => None,
-        }
+        let errs = match built {
+            Err(errs) => &errs.0,
+            Ok(snap) => &snap.rejected,
+        };
+        let mine: Vec<String> =
+            errs.iter().filter(|e| e.object.as_deref() == Some(label.as_str())).map(|e| e.to_string()).collect();
+        (!mine.is_empty()).then(|| mine.join("; "))
     };
     let cond = |t: &str, ok: bool, reason: &str, msg: String| {
         (t.to_owned(), if ok { "True" } else { "False" }.to_owned(), reason.to_owned(), msg)

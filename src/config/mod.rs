@@ -62,6 +62,13 @@ fn list_or_none(items: &[String]) -> String {
     }
 }
 
+/// Logs every object the snapshot left out as invalid (what depended on it fails closed).
+pub fn log_rejected(snap: &Snapshot) {
+    for e in &snap.rejected {
+        tracing::error!(error = %e, "invalid object left out; what depends on it fails closed, the rest is in effect");
+    }
+}
+
 /// Logs what changed between two snapshots: which secrets rotated (by fingerprint), route counts.
 pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
     tracing::info!(

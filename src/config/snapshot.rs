@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub otlp: Option<crate::api::Otlp>,
     /// `spec.agentAuth`: who may use the gateway. `None` admits everyone.
     pub agent_auth: Option<crate::auth::Chain>,
+    /// Invalid objects left out of this snapshot (isolated compiles), with why; what depended on
+    /// them fails closed.
+    pub rejected: Vec<super::error::ConfigError>,
 }
 
 impl Snapshot {
@@ -198,6 +201,11 @@ pub enum Unresolved {
         key: String,
         message: String,
     },
+    /// The route, its policy or the policies around it are invalid and left out (`object` says
+    /// which and how; `keyswap check` and the log say why).
+    Rejected {
+        object: String,
+    },
 }
 
 impl Unresolved {
@@ -207,6 +215,7 @@ impl Unresolved {
             Unresolved::SecretNotFound { .. } => "SecretNotFound",
             Unresolved::KeyNotFound { .. } => "KeyNotFound",
             Unresolved::InvalidSecret { .. } => "InvalidSecret",
+            Unresolved::Rejected { .. } => "ConfigurationRejected",
         }
     }
 }
@@ -218,6 +227,7 @@ impl fmt::Display for Unresolved {
             Unresolved::SecretNotFound { secret } => write!(f, "Secret {secret} not found"),
             Unresolved::KeyNotFound { secret, key } => write!(f, "Secret {secret} has no key `{key}`"),
             Unresolved::InvalidSecret { secret, key, message } => write!(f, "Secret {secret} key `{key}` {message}"),
+            Unresolved::Rejected { object } => write!(f, "{object} (see `keyswap check` or the log)"),
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub secrets_scrubbed_from_responses: AtomicU64,
     /// Streams ended with an error status because a message broke the protocol.
     pub protocol_errors: AtomicU64,
+    /// Invalid objects (or documents) left out of the configuration in effect (a gauge).
+    pub config_rejected: AtomicU64,
     pub spans_exported: AtomicU64,
     /// Spans dropped because the export queue was full (collector slow or down).
     pub spans_dropped: AtomicU64,
@@ -224,6 +226,12 @@ impl Metrics {
         }
         let refs: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         counter("gen_ai_client_token_usage", "Tokens reported by providers.", &refs);
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_config_rejected_objects Invalid objects left out of the configuration in effect (their dependents fail closed).\n\
+             # TYPE keyswap_config_rejected_objects gauge\nkeyswap_config_rejected_objects {}",
+            g(&self.config_rejected)
+        );
         let _ = writeln!(
             out,
             "# HELP keyswap_extproc_phase_duration_seconds Time keyswap spent answering one ext_proc message.\n\
