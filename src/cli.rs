@@ -423,7 +423,8 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
             Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
         let m = metrics.clone();
         let render = Arc::new(move || {
-            m.config_rejected.store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+            m.config_rejected
+                .store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
             s2.render()
         });
         let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;

@@ -445,11 +445,15 @@ impl Catalog {
         };
         let rejected_policy_for = |route: &Key| -> Option<&Key> {
             self.rejected.policies.iter().find_map(|(pk, pol)| {
-                pol.spec.parent_refs.iter().any(|r| match resolve_ref(r, pk, Kind::AIProviderRoute) {
-                    Ok((Kind::AIProviderRoute, k)) => &k == route,
-                    Ok((Kind::EgressGateway, k)) => &k == gateway && !self.has_own_policy(route),
-                    _ => false,
-                }).then_some(pk)
+                pol.spec
+                    .parent_refs
+                    .iter()
+                    .any(|r| match resolve_ref(r, pk, Kind::AIProviderRoute) {
+                        Ok((Kind::AIProviderRoute, k)) => &k == route,
+                        Ok((Kind::EgressGateway, k)) => &k == gateway && !self.has_own_policy(route),
+                        _ => false,
+                    })
+                    .then_some(pk)
             })
         };
         let mut errors = Vec::new();
@@ -471,7 +475,9 @@ impl Catalog {
         }
         if catch_all.len() > 1 {
             let names = catch_all.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-            let e = ConfigError::new(format!("more than one CredentialInjectionPolicy targets the gateway itself: {names}"));
+            let e = ConfigError::new(format!(
+                "more than one CredentialInjectionPolicy targets the gateway itself: {names}"
+            ));
             if isolate {
                 // The policies are at fault, not the gateway: routes without their own policy
                 // fail closed, the rest of the gateway serves.
@@ -598,7 +604,11 @@ impl Catalog {
                         let hosts: Vec<Box<str>> = if mt.hosts.is_empty() {
                             p.default_hosts.iter().map(|h| Box::from(*h)).collect()
                         } else {
-                            mt.hosts.iter().filter(|h| check_host(h).is_ok()).map(|h| h.to_ascii_lowercase().into()).collect()
+                            mt.hosts
+                                .iter()
+                                .filter(|h| check_host(h).is_ok())
+                                .map(|h| h.to_ascii_lowercase().into())
+                                .collect()
                         };
                         let why = format!("AIProviderRoute {rkey} is invalid and left out");
                         entries.push(MatchEntry {
@@ -643,9 +653,9 @@ impl Catalog {
     /// Whether some valid policy targets `route` directly.
     fn has_own_policy(&self, route: &Key) -> bool {
         self.policies.iter().any(|(pk, pol)| {
-            pol.spec.parent_refs.iter().any(|r| {
-                matches!(resolve_ref(r, pk, Kind::AIProviderRoute), Ok((Kind::AIProviderRoute, k)) if &k == route)
-            })
+            pol.spec.parent_refs.iter().any(
+                |r| matches!(resolve_ref(r, pk, Kind::AIProviderRoute), Ok((Kind::AIProviderRoute, k)) if &k == route),
+            )
         })
     }
 

@@ -168,7 +168,9 @@ impl FileSource {
                 // A reload keeps the last good version of a file that is refused by the limits
                 // or does not parse (a typo while editing a Secret must not drop the key); its
                 // errors are reported with the other objects left out.
-                Ok(parsed) if set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty())) => {
+                Ok(parsed)
+                    if set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty())) =>
+                {
                     if parsed.refused {
                         for e in &parsed.errors {
                             tracing::error!(error = %e, "manifest refused and set aside; its last good version stays in effect");

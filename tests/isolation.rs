@@ -1,0 +1,143 @@
+//! One bad object never freezes the rest (file mode): with another team's invalid policy and a
+//! broken file in the directory, key rotation and agent-token revocation still take effect within
+//! a second, and the invalid pieces are reported by `keyswap check`, the log and `/metrics`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::grpc::{self, immediate, mutation, set_value};
+use common::*;
+
+const CONFIG: &str = r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {name: egress}
+spec:
+  defaultPolicy: deny-all
+  agentAuth: {optional: true, validators: [{apiKeys: {}}]}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: anthropic}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: anthropic}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: anthropic-key}
+spec:
+  parentRefs: [{kind: AIProviderRoute, name: anthropic}]
+  secretRef: {name: anthropic}
+  target: Header
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: team-c}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: custom, hosts: [team-c.test]}]}]
+"#;
+
+/// Team C's policy: a header name with a space (the CRD schema allows it; keyswap does not).
+const INVALID_POLICY: &str = r#"apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: team-c-key}
+spec:
+  parentRefs: [{kind: AIProviderRoute, name: team-c}]
+  secretRef: {name: team-c}
+  target: Header
+  headerName: "x team key"
+"#;
+
+fn token(dir: &std::path::Path) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["token", "create", "--agent", "builder", "--tenant", "acme", "--output"])
+        .arg(dir.join("agent-token.yaml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+fn anthropic(token: &str) -> Vec<(&str, &str)> {
+    vec![
+        (":method", "POST"),
+        (":authority", "api.anthropic.com"),
+        (":path", "/v1/messages"),
+        ("x-keyswap-agent-token", token),
+    ]
+}
+
+/// Polls `check` every 10 ms for up to 5 s; the time it took.
+async fn within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let since = Instant::now();
+    while !check().await {
+        assert!(since.elapsed() < Duration::from_secs(5), "{what}: not in effect after 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_policy_and_a_broken_file_do_not_freeze_rotation_or_revocation() {
+    let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(config.path().join("config.yaml"), CONFIG).unwrap();
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-one")).unwrap();
+    let token = token(config.path());
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
+    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let r = grpc::request(&mut c, &anthropic(&token)).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-one"));
+
+    // Another team's invalid policy, and a file that is not even YAML.
+    std::fs::write(config.path().join("team-c.yaml"), INVALID_POLICY).unwrap();
+    std::fs::write(config.path().join("stray.yaml"), "kind: [unclosed\n  : :\n").unwrap();
+    within("the invalid objects reported in /metrics", async || {
+        let (_, m) = scrape(metrics_port, "/metrics").await;
+        metric(&m, "keyswap_config_rejected_objects") >= 2.0
+    })
+    .await;
+    // Team C's route fails closed; it never forwards the placeholder.
+    let r = grpc::request(&mut c, &[(":authority", "team-c.test"), (":path", "/x"), (":method", "GET")]).await;
+    assert_eq!(immediate(&r).status.as_ref().unwrap().code, 503);
+
+    // Rotating anthropic's Secret is in effect within 1 s.
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-two")).unwrap();
+    let took = within("rotation", async || {
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        set_value(&mutation(&r), "x-api-key").as_deref() == Some("sk-ant-two")
+    })
+    .await;
+    eprintln!("rotation with an invalid policy and a broken file present: {took:?}");
+    assert!(took < Duration::from_secs(1), "rotation took {took:?}");
+
+    // Revoking the agent token (deleting its Secret) is in effect within 1 s.
+    std::fs::remove_file(config.path().join("agent-token.yaml")).unwrap();
+    let took = within("revocation", async || {
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+    })
+    .await;
+    eprintln!("revocation with an invalid policy and a broken file present: {took:?}");
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+
+    // The invalid pieces are named in the log, by `keyswap check`, and in /readyz.
+    let log = keyswap.output();
+    assert!(
+        log.contains("CredentialInjectionPolicy default/team-c-key: field `spec.headerName`")
+            && log.contains("stray.yaml"),
+        "{log}"
+    );
+    let (_, ready) = scrape(metrics_port, "/readyz").await;
+    assert!(ready.contains("left out"), "{ready}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_keyswap")).args(["check", "--config"]).arg(config.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("team-c-key") && text.contains("stray.yaml"), "{text}");
+    assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");
+}
