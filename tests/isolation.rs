@@ -141,3 +141,97 @@ async fn an_invalid_policy_and_a_broken_file_do_not_freeze_rotation_or_revocatio
     assert!(text.contains("team-c-key") && text.contains("stray.yaml"), "{text}");
     assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");
 }
+
+// === Kubernetes mode ===
+
+mod kube {
+    use super::*;
+    use common::kubeapi::FakeKube;
+    use serde_json::json;
+
+    const NS: &str = "agents";
+
+    fn digest(token: &str) -> String {
+        ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_invalid_policy_in_the_cluster_does_not_freeze_rotation_or_revocation() {
+        let kube = FakeKube::start().await;
+        let token = "ksa_isolation-test-token-0001";
+        kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all", "agentAuth": {"optional": true, "validators": [{"apiKeys": {}}]}}}));
+        kube.put(
+            "aiproviderroutes",
+            NS,
+            "anthropic",
+            json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+        );
+        kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
+        kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-one"}}));
+        kube.put("aiproviderroutes", NS, "team-c", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "custom", "hosts": ["team-c.test"]}]}]}}));
+        let mut token_secret = json!({"stringData": {"sha256": digest(token), "agent": "builder", "tenant": "acme"}});
+        token_secret["metadata"] = json!({"labels": {"keyswap.dev/agent-token": "true"}});
+        kube.put("secrets", NS, "agent-token-builder", token_secret);
+
+        let work = tempfile::tempdir().unwrap();
+        let kubeconfig = kube.kubeconfig(work.path());
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+        cmd.args(["serve", "--kubernetes", "--namespace", NS, "--write-status"])
+            .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info");
+        let mut keyswap = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
+        let since = Instant::now();
+        while !matches!(try_scrape(metrics_port, "/readyz").await, Some((200, _))) {
+            keyswap.assert_running();
+            assert!(since.elapsed() < Duration::from_secs(60), "never ready:\n{}", keyswap.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+        let r = grpc::request(&mut c, &anthropic(token)).await;
+        assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-one"));
+
+        // Team C applies a policy keyswap refuses (the CRD schema allows the header name).
+        kube.put("credentialinjectionpolicies", NS, "team-c-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "team-c"}], "secretRef": {"name": "team-c"}, "target": "Header", "headerName": "x team key"}}));
+        within("Accepted=False on the invalid policy", async || {
+            kube.get("credentialinjectionpolicies", NS, "team-c-key").is_some_and(|o| {
+                o["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["type"] == "Accepted"
+                            && c["status"] == "False"
+                            && c["message"].as_str().unwrap_or("").contains("headerName")
+                    })
+                })
+            })
+        })
+        .await;
+        let (_, m) = scrape(metrics_port, "/metrics").await;
+        assert!(metric(&m, "keyswap_config_rejected_objects") >= 1.0, "{m}");
+
+        kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-two"}}));
+        let took = within("rotation", async || {
+            let r = grpc::request(&mut c, &anthropic(token)).await;
+            set_value(&mutation(&r), "x-api-key").as_deref() == Some("sk-ant-k8s-two")
+        })
+        .await;
+        eprintln!("kubernetes rotation with an invalid policy present: {took:?}");
+        assert!(took < Duration::from_secs(1), "rotation took {took:?}");
+
+        kube.delete("secrets", NS, "agent-token-builder");
+        let took = within("revocation", async || {
+            let r = grpc::request(&mut c, &anthropic(token)).await;
+            matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+        })
+        .await;
+        eprintln!("kubernetes revocation with an invalid policy present: {took:?}");
+        assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+        let log = keyswap.output();
+        assert!(log.contains("CredentialInjectionPolicy agents/team-c-key: field `spec.headerName`"), "{log}");
+        assert!(!log.contains("sk-ant-k8s") && !log.contains(token), "a secret in the log");
+    }
+}

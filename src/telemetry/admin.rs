@@ -40,7 +40,11 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, rea
                 async move {
                     let (is_ready, detail) = ready();
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render(is_ready) + &extra()),
+                        "/metrics" => {
+                            // The source's lines first: they may update gauges the registry renders.
+                            let source = extra();
+                            (200, "text/plain; version=0.0.4", metrics.render(is_ready) + &source)
+                        }
                         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
                         "/readyz" if is_ready => (200, "text/plain", format!("ready: {detail}\n")),
                         "/readyz" => (503, "text/plain", format!("not ready: {detail}\n")),
