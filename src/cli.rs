@@ -1,7 +1,7 @@
 //! Command-line interface: `serve`, `check`, `explain`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -106,6 +106,9 @@ pub struct CertsArgs {
     /// Output directory. Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// The public CAs agents keep trusting: `ca-bundle.crt` is this bundle plus the gateway CA.
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    pub system_ca: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -163,7 +166,8 @@ pub struct DevArgs {
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
     /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    /// (9465, beside `serve`'s 9464, so a dev gateway and a served one can run side by side.)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
     pub metrics: SocketAddr,
     #[command(flatten)]
     pub tunnel: TunnelArgs,
@@ -180,7 +184,7 @@ pub struct SourceArgs {
     pub gateway: Option<String>,
     /// Take a Secret key from an environment variable (for development), e.g.
     /// `anthropic/token=ANTHROPIC_API_KEY`. NAMESPACE defaults to `default`. Repeatable; wins over files.
-    #[arg(long = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
+    #[arg(long = "secret", alias = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
     pub secret_from_env: Vec<String>,
 }
 
@@ -314,7 +318,7 @@ impl SourceArgs {
         let secrets = self
             .secret_from_env
             .iter()
-            .map(|s| EnvSecret::parse(s, env).map_err(|e| anyhow::anyhow!("--secret-from-env {e}")))
+            .map(|s| EnvSecret::parse(s, env).map_err(|e| anyhow::anyhow!("--secret {e}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(FileSource::new(self.dir()?, secrets))
     }
@@ -899,6 +903,25 @@ fn default_certs_dir(key: &Key) -> PathBuf {
     PathBuf::from("certs").join(&key.name)
 }
 
+/// Writes `ca-bundle.crt` beside the certificates: the public CAs (agents keep reaching tunnelled
+/// hosts) plus the gateway's CA. The same file from `certs` and `dev`.
+fn write_ca_bundle(certs: &crate::certs::GatewayCerts, system_ca: &Path) -> anyhow::Result<PathBuf> {
+    let bundle = certs.dir.join("ca-bundle.crt");
+    let mut pem = match std::fs::read(system_ca) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(path = %system_ca.display(), error = %e, "no system CA bundle: ca-bundle.crt holds the gateway CA only");
+            Vec::new()
+        }
+    };
+    if !pem.is_empty() && !pem.ends_with(b"\n") {
+        pem.push(b'\n');
+    }
+    pem.extend_from_slice(&std::fs::read(&certs.ca_cert)?);
+    std::fs::write(&bundle, pem)?;
+    Ok(bundle)
+}
+
 fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
     let source = args.source.source()?;
     let view = match gateway_view(&source, &args.source.selector()?) {
@@ -907,8 +930,10 @@ fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
     };
     let dir = args.out.unwrap_or_else(|| default_certs_dir(&view.key));
     let certs = ensure_certs(&view, &dir)?;
+    let bundle = write_ca_bundle(&certs, &args.system_ca)?;
     println!("gateway {}: certificates in {}", view.key, dir.display());
-    println!("  CA (give to agents): {}{}", certs.ca_cert.display(), if certs.ca_created { " (new)" } else { "" });
+    println!("  CA: {}{}", certs.ca_cert.display(), if certs.ca_created { " (new)" } else { "" });
+    println!("  give agents: {} (the public CAs plus the gateway CA: SSL_CERT_FILE, AWS_CA_BUNDLE)", bundle.display());
     println!(
         "  leaf: {} for {} (valid until {}){}",
         certs.leaf_cert.display(),
@@ -986,11 +1011,7 @@ fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         crate::envoy::bootstrap(&view.key, &view.spec, &view.snapshot, &opts).map_err(anyhow::Error::msg)?;
     let envoy_yaml = work.join("envoy.yaml");
     std::fs::write(&envoy_yaml, crate::envoy::to_yaml(&bootstrap))?;
-    // Agents keep trusting the public CAs (tunnelled hosts) and add the gateway's.
-    let bundle = work.join("ca-bundle.crt");
-    let mut pem = std::fs::read(&args.system_ca).unwrap_or_default();
-    pem.extend_from_slice(&std::fs::read(&certs.ca_cert)?);
-    std::fs::write(&bundle, pem)?;
+    let bundle = write_ca_bundle(&certs, &args.system_ca)?;
     let (proxy_ports, _) = crate::envoy::ports(&view.spec).map_err(anyhow::Error::msg)?;
     let proxy_port =
         proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;

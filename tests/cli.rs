@@ -167,7 +167,16 @@ fn help_explains_every_command() {
         assert!(out.contains(cmd), "{out}");
     }
     let (_, out, _) = keyswap(&["serve", "--help"]);
-    for flag in ["--config", "--listen", "--uds", "--gateway", "--secret-from-env", "--log-format"] {
+    for flag in [
+        "--config",
+        "--listen",
+        "--uds",
+        "--uds-mode",
+        "--gateway",
+        "--secret",
+        "--log-format",
+        "--allow-private-destination",
+    ] {
         assert!(out.contains(flag), "serve --help lacks {flag}:\n{out}");
     }
 }

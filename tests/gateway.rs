@@ -273,6 +273,12 @@ fn leaf_chains_to_the_gateway_ca_with_a_san_per_host() {
     };
     let verify = openssl(&["verify", "-CAfile", ca.to_str().unwrap(), leaf.to_str().unwrap()]);
     assert!(verify.trim().ends_with(": OK"), "{verify}");
+    // `certs` writes the agents' bundle too (as `dev` does): public CAs plus the gateway CA.
+    let bundle = dir.path().join("ca-bundle.crt");
+    let verify = openssl(&["verify", "-CAfile", bundle.to_str().unwrap(), leaf.to_str().unwrap()]);
+    assert!(verify.trim().ends_with(": OK"), "{verify}");
+    let pem = std::fs::read_to_string(&bundle).unwrap();
+    assert!(pem.matches("BEGIN CERTIFICATE").count() > 10, "the public CAs are in the bundle");
     let text = openssl(&["x509", "-in", leaf.to_str().unwrap(), "-noout", "-ext", "subjectAltName,extendedKeyUsage"]);
     assert!(text.contains("DNS:api.anthropic.com") && text.contains("DNS:api.openai.com"), "{text}");
     assert!(text.contains("TLS Web Server Authentication"), "{text}");
