@@ -251,20 +251,55 @@ pub struct ExplainArgs {
     pub token: Option<String>,
 }
 
-/// Libraries whose debug and trace output can carry credentials (aws-sigv4 logs canonical
-/// requests, session token included; h2/hyper log header frames): capped at `info` unless
-/// RUST_LOG names them explicitly.
-const CAPPED_TARGETS: &[&str] =
-    &["aws_sigv4", "aws_smithy_runtime_api", "gcp_auth", "h2", "hyper", "hyper_util", "tonic"];
+/// Libraries whose output can carry credentials, each capped at a level below what carries them
+/// unless RUST_LOG names the target (or a parent of it) explicitly:
+/// - aws-sigv4 logs canonical requests, session token included; h2/hyper log header frames (debug
+///   and trace: capped at `info`).
+/// - kube-client logs a whole response body at WARN when it cannot parse it (`Client::request`:
+///   `warn!("{}, {:?}", text, e)`, so a Secret list that fails to parse would be logged, keys and
+///   all), error bodies at debug and response headers at trace: `kube_client::client` is capped at
+///   `error`. Its TLS module only warns about CA bundles and stays at `warn`.
+/// - kube-runtime logs watch errors with their Debug form at debug, where a JSON error message
+///   quotes the value it could not parse: capped at `info`. keyswap logs watch failures itself,
+///   naming the watch and the cause without the body.
+const CAPPED_TARGETS: &[(&str, &str)] = &[
+    ("aws_sigv4", "info"),
+    ("aws_smithy_runtime_api", "info"),
+    ("gcp_auth", "info"),
+    ("h2", "info"),
+    ("hyper", "info"),
+    ("hyper_util", "info"),
+    ("tonic", "info"),
+    ("kube_client::client", "error"),
+    ("kube_client::client::tls", "warn"),
+    ("kube_runtime", "info"),
+];
 
-/// The log filter: RUST_LOG (default `info`) with [`CAPPED_TARGETS`] capped at `info`.
+/// The log filter: RUST_LOG (default `info`) with each of [`CAPPED_TARGETS`] capped at its level,
+/// or at RUST_LOG's own default level where that is stricter (a cap never raises a level), unless
+/// a directive names that target or one of its parents (`kube_client=debug` lifts the caps of
+/// `kube_client::client` and `kube_client::client::tls`).
 pub fn log_filter(rust_log: Option<&str>) -> String {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let rank = |l: &str| LEVELS.iter().position(|x| x.eq_ignore_ascii_case(l));
     let mut f = rust_log.filter(|v| !v.trim().is_empty()).unwrap_or("info").to_owned();
-    for t in CAPPED_TARGETS {
-        if !f.split(',').any(|d| d.trim().starts_with(&format!("{t}=")) || d.trim() == *t) {
-            f.push_str(&format!(",{t}=info"));
+    let directives: Vec<&str> = f.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    // What targets no directive names get: the last bare level, else nothing (EnvFilter's default).
+    let default = directives.iter().rev().find_map(|d| rank(d)).unwrap_or(0);
+    let named: Vec<String> = directives
+        .iter()
+        .filter(|d| rank(d).is_none())
+        .map(|d| d.split(['=', '[']).next().unwrap_or("").to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut caps = String::new();
+    for (t, level) in CAPPED_TARGETS {
+        if !named.iter().any(|n| n == t || t.starts_with(&format!("{n}::"))) {
+            let level = LEVELS[rank(level).unwrap_or(0).min(default)];
+            caps.push_str(&format!(",{t}={level}"));
         }
     }
+    f.push_str(&caps);
     f
 }
 
@@ -432,7 +467,19 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
             s2.render()
         });
         let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;
-        let client = kube::Client::try_default().await.map_err(|e| {
+        // No retries inside the client: its default policy retries a 503 up to 15 times with a
+        // delay doubling from 5 ms without bound (minutes in all), which held watches back long
+        // after an outage. Each watch retries on its own bounded backoff instead (config::kube).
+        let client = async {
+            let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+            config.default_retry = false;
+            // A connection attempt to an unreachable API server fails (and is retried) after 4 s,
+            // not kube-client's 30 s; the watches rely on it (config::kube::QUIET).
+            config.connect_timeout = Some(std::time::Duration::from_secs(4));
+            kube::Client::try_from(config).map_err(|e| e.to_string())
+        }
+        .await
+        .map_err(|e| {
             anyhow::anyhow!("cannot configure the Kubernetes client: {e} (run in a pod, or set KUBECONFIG)")
         })?;
         tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
@@ -1105,5 +1152,16 @@ mod tests {
         let f = super::log_filter(Some("debug,h2=trace"));
         assert!(f.contains("h2=trace") && !f.contains("h2=info"), "{f}");
         assert!(super::log_filter(None).starts_with("info,"));
+        // kube-client's body-carrying WARN is capped below warn; naming kube_client lifts it.
+        let f = super::log_filter(Some("debug"));
+        assert!(f.contains(",kube_client::client=error") && f.contains(",kube_runtime=info"), "{f}");
+        let f = super::log_filter(Some("info,kube_client=debug"));
+        assert!(!f.contains("kube_client::client=") && f.contains(",kube_runtime=info"), "{f}");
+        // A cap never raises a level: the TLS module's exemption stays within RUST_LOG's default.
+        let f = super::log_filter(Some("warn"));
+        assert!(f.contains(",hyper=warn,") && f.contains(",kube_client::client=error,"), "{f}");
+        assert!(f.contains(",kube_client::client::tls=warn,"), "{f}");
+        let f = super::log_filter(Some("error,keyswap=debug"));
+        assert!(f.contains(",kube_client::client::tls=error,") && f.contains(",h2=error,"), "{f}");
     }
 }

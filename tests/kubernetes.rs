@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::grpc::{self, immediate, mutation, set_value};
-use common::kubeapi::FakeKube;
+use common::kubeapi::{FakeKube, Outage};
 use common::*;
 use serde_json::json;
 
@@ -410,4 +410,166 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!keyswap.output().contains(token), "token in the logs");
+}
+
+/// The gateway, one route, its policy and its Secret: what the outage and logging tests need.
+fn seed_one(kube: &FakeKube, key: &str) {
+    kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all"}}));
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "anthropic",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(key.as_bytes())}}));
+}
+
+/// A Secret rotated while the API server is down is in effect within 2 s of the API server
+/// answering again (which then answers 410 Gone to every watch resuming from before the outage:
+/// keyswap relists). Meanwhile requests keep the old key and /readyz and /metrics say the watch
+/// is failing.
+async fn rotation_during_an_outage(outage: Duration, how: Outage) {
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-before");
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (mut keyswap, grpc_port, metrics_port) = start_ready(&kubeconfig, work.path(), &[], "info").await;
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()));
+    let (_, m) = scrape(metrics_port, "/metrics").await;
+    assert_eq!(metric(&m, "keyswap_kube_api_reachable"), 1.0, "{m}");
+
+    kube.outage(Some(how));
+    let down = Instant::now();
+    kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-rotated"}}));
+
+    // While down: the old key serves, and /readyz (still 200) and /metrics say the watch fails.
+    let mut reported = None;
+    while down.elapsed() < outage {
+        assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()), "request during the outage");
+        if reported.is_none() {
+            let (st, ready) = scrape(metrics_port, "/readyz").await;
+            let (_, m) = scrape(metrics_port, "/metrics").await;
+            assert_eq!(st, 200, "still serving: {ready}");
+            if ready.contains("watch failing") && metric(&m, "keyswap_kube_api_reachable") == 0.0 {
+                assert!(ready.contains("serving the last good configuration"), "{ready}");
+                assert!(metric(&m, "keyswap_kube_watch_errors_total") > 0.0, "{m}");
+                assert!(metric(&m, "keyswap_kube_watches_failing") > 0.0, "{m}");
+                eprintln!("{:?} into the outage, /readyz says: {ready}", down.elapsed());
+                reported = Some(down.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reported = reported.expect("/readyz and /metrics never said the watch was failing during the outage");
+    assert!(reported < Duration::from_secs(3), "the outage was reported after {reported:?}");
+    let (_, m) = scrape(metrics_port, "/metrics").await;
+    let errors_during = metric(&m, "keyswap_kube_watch_errors_total");
+
+    // The API server answers again: the rotation is in effect within 2 s.
+    kube.outage(None);
+    let back = Instant::now();
+    let took = wait_for_key(&mut c, "sk-ant-k8s-rotated", back).await;
+    eprintln!(
+        "{outage:?} outage ({how:?}): rotation in effect {took:?} after the API server answered again \
+         ({errors_during} watch errors counted during the outage)"
+    );
+    assert!(took < Duration::from_secs(2), "rotation took {took:?} after recovery");
+
+    // And /readyz and /metrics say so; the stale watches were relisted (410), not counted as errors.
+    let since = Instant::now();
+    loop {
+        let (_, ready) = scrape(metrics_port, "/readyz").await;
+        let (_, m) = scrape(metrics_port, "/metrics").await;
+        if ready.contains("synced with the Kubernetes API") && metric(&m, "keyswap_kube_api_reachable") == 1.0 {
+            assert_eq!(metric(&m, "keyswap_kube_watches_failing"), 0.0, "{m}");
+            assert!(metric(&m, "keyswap_kube_relists_total") > 0.0, "no watch resumed into a 410: {m}");
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "still failing after recovery: {ready}\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bounded retries: at most about one attempt per watch (4 here) per 100 ms, not a hot loop.
+    let per_second = errors_during / outage.as_secs_f64();
+    assert!(per_second < 4.0 * 10.0, "{per_second} watch errors a second during the outage");
+    let logs = keyswap.output();
+    assert!(!logs.contains("sk-ant-k8s-before") && !logs.contains("sk-ant-k8s-rotated"), "a key in the logs");
+    keyswap.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotated_during_a_4s_outage_is_in_effect_within_2s_of_recovery() {
+    rotation_during_an_outage(Duration::from_secs(4), Outage::Unavailable).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotated_during_a_60s_outage_is_in_effect_within_2s_of_recovery() {
+    rotation_during_an_outage(Duration::from_secs(60), Outage::Closed).await;
+}
+
+/// Waits (10 s at most) for a line of keyswap's log containing `needle`.
+async fn wait_for_log(keyswap: &Proc, needle: &str, rust_log: &str) {
+    let since = Instant::now();
+    loop {
+        let logs = keyswap.output();
+        if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
+            eprintln!("RUST_LOG={rust_log:?}: {line}");
+            return;
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "no log line with `{needle}`:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Secret that cannot be parsed (its `data` a string, not a map: serde's message would quote
+/// it) arrives as a watch event, then in a list. Neither its values nor the body reach the log,
+/// with default logging or RUST_LOG=debug; keyswap's own log names the watch and the cause, and
+/// the last good key keeps serving until the Secret is fixed.
+async fn unparseable_secret(rust_log: &str) {
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-good");
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (mut keyswap, grpc_port, metrics_port) = start_ready(&kubeconfig, work.path(), &[], rust_log).await;
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()));
+
+    let canaries = ["sk-leak-canary-in-data", "sk-leak-canary-in-stringdata", "c2stbGVhay1jYW5hcnktYjY0"];
+    kube.put(
+        "secrets",
+        NS,
+        "anthropic",
+        json!({"data": canaries[0], "stringData": {"token": canaries[1]}, "metadata": {"annotations": {"b64": canaries[2]}}}),
+    );
+    // The event, then the relist keyswap makes because it lost one.
+    let event = "watch=Secret agents/anthropic cause=watch stream failed: a watch event could not be parsed as Secret";
+    wait_for_log(&keyswap, event, rust_log).await;
+    let list = "watch=Secret agents/anthropic cause=list failed: the list response could not be parsed as Secret \
+                (a field has the wrong type or value at line 1 column";
+    wait_for_log(&keyswap, list, rust_log).await;
+    let (_, ready) = scrape(metrics_port, "/readyz").await;
+    assert!(ready.contains("Secret agents/anthropic") && ready.contains("could not be parsed as Secret"), "{ready}");
+    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()), "the last good key keeps serving");
+
+    // Fixed: the new key serves within 2 s.
+    kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-fixed"}}));
+    let took = wait_for_key(&mut c, "sk-ant-k8s-fixed", Instant::now()).await;
+    assert!(took < Duration::from_secs(2), "fix took {took:?}");
+
+    let logs = keyswap.output();
+    for secret in canaries.iter().chain(&["sk-ant-k8s-good", "sk-ant-k8s-fixed"]) {
+        assert!(!logs.contains(secret), "RUST_LOG={rust_log:?}: logs contain `{secret}`:\n{logs}");
+    }
+    keyswap.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparseable_secret_never_reaches_the_log_and_the_failure_names_the_watch() {
+    unparseable_secret("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparseable_secret_never_reaches_the_log_at_debug_either() {
+    unparseable_secret("debug").await;
 }

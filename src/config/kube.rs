@@ -5,19 +5,21 @@
 //! Secret of the policy's namespace: the template names them by pattern).
 //!
 //! Every change rebuilds the whole snapshot from the in-memory caches; an invalid result is
-//! logged and the last good snapshot keeps serving. Watch errors (410 Gone, dropped
-//! connections, an unreachable API server) are retried with backoff by kube-runtime while the
-//! caches, and so the snapshot, stay as they were.
+//! logged and the last good snapshot keeps serving. Watch errors (dropped connections, an
+//! unreachable API server) are retried on a short bounded backoff (at most [`RETRY_CAP`] apart,
+//! reset on success) while the caches, and so the snapshot, stay as they were; an expired
+//! resourceVersion (410 Gone) is not a failure: the watch relists at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::Status;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt as _};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
@@ -34,15 +36,34 @@ use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway};
 /// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
 const SETTLE: Duration = Duration::from_millis(30);
 
+/// The first pause after a watch failure; it doubles on each further failure up to [`RETRY_CAP`]
+/// (with jitter, so the watches of one process do not retry in step) and resets on success.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts of a failing watch: once the API server answers again,
+/// every watch is back (and a relist done) within about this long.
+const RETRY_CAP: Duration = Duration::from_secs(1);
+/// A failing watch that, retried, raises no error for this long is taken as connected again (a
+/// resumed watch with nothing new to report sends no event). Longer than the client's connect
+/// timeout (4 s, set in `cli`), so a connection attempt hanging on an unreachable API server fails
+/// first.
+const QUIET: Duration = Duration::from_secs(5);
+
 /// What `/readyz` and the metrics report about the Kubernetes source.
 #[derive(Debug, Default)]
 pub struct KubeStatus {
     /// Initial lists done and a first snapshot built.
     pub synced: AtomicBool,
+    /// Watch failures (each retry of a failing watch counts once). Not an expired
+    /// resourceVersion (410 Gone): that is a relist, counted in `relists`.
     pub watch_errors: AtomicU64,
+    /// Watches failing now (their last attempt failed and nothing succeeded since).
+    pub watches_failing: AtomicU64,
+    /// Relists after an expired resourceVersion (410 Gone).
+    pub relists: AtomicU64,
     /// Secrets currently watched (and cached): exactly those policies reference.
     pub secrets_watched: AtomicU64,
     pub rebuilds: AtomicU64,
+    /// The latest watch failure (shown while `watches_failing` is not 0).
     pub last_error: Mutex<Option<String>>,
     /// Invalid objects left out of the snapshot in effect.
     pub rejected: AtomicU64,
@@ -54,24 +75,40 @@ impl KubeStatus {
         format!(
             "# HELP keyswap_kube_watch_errors_total Kubernetes watch errors (retried with backoff).\n\
              # TYPE keyswap_kube_watch_errors counter\nkeyswap_kube_watch_errors_total {}\n\
+             # HELP keyswap_kube_watches_failing Kubernetes watches failing now (retried at most 1 s apart).\n\
+             # TYPE keyswap_kube_watches_failing gauge\nkeyswap_kube_watches_failing {}\n\
+             # HELP keyswap_kube_relists_total Relists after an expired resourceVersion (410 Gone).\n\
+             # TYPE keyswap_kube_relists counter\nkeyswap_kube_relists_total {}\n\
              # HELP keyswap_kube_secrets_watched Secrets watched and cached: those policies reference.\n\
              # TYPE keyswap_kube_secrets_watched gauge\nkeyswap_kube_secrets_watched {}\n\
-             # HELP keyswap_kube_api_reachable Whether the last watch event was a success.\n\
+             # HELP keyswap_kube_api_reachable Whether every Kubernetes watch is connected (none failing).\n\
              # TYPE keyswap_kube_api_reachable gauge\nkeyswap_kube_api_reachable {}\n",
             self.watch_errors.load(Ordering::Relaxed),
+            self.watches_failing.load(Ordering::Relaxed),
+            self.relists.load(Ordering::Relaxed),
             self.secrets_watched.load(Ordering::Relaxed),
-            u8::from(self.last_error.lock().unwrap_or_else(|e| e.into_inner()).is_none()),
+            u8::from(self.watches_failing.load(Ordering::Relaxed) == 0),
         )
     }
 
     pub fn detail(&self) -> String {
-        let err = self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failing = self.watches_failing.load(Ordering::Relaxed);
+        let err = match failing {
+            0 => None,
+            _ => Some(self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()),
+        };
         match (self.synced.load(Ordering::Relaxed), err) {
             (false, None) => "waiting for the initial sync with the Kubernetes API".into(),
             (false, Some(e)) => format!("waiting for the initial sync; last watch error: {e}"),
             (true, None) => "synced with the Kubernetes API".into(),
-            (true, Some(e)) => format!("Kubernetes API watch failing ({e}); serving the last good configuration"),
+            (true, Some(e)) => format!(
+                "Kubernetes API watch failing ({failing} failing; last error: {e}); serving the last good configuration"
+            ),
         }
+    }
+
+    fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     }
 }
 
@@ -84,51 +121,257 @@ where
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts a reflector on `api`; every event pokes `changed`.
-fn watch<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    changed: Arc<Notify>,
-    status: Arc<KubeStatus>,
-    what: String,
-) -> Watched<K>
+/// Starts a reflector on `api`; every event pokes `changed`. Failures are retried at most
+/// [`RETRY_CAP`] apart; an expired resourceVersion relists at once and is not a failure.
+fn watch<K>(api: Api<K>, cfg: watcher::Config, changed: Arc<Notify>, status: Arc<KubeStatus>) -> Watched<K>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
-    let (store, writer) = reflector::store();
+    let (store, mut writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let s = synced.clone();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let what = describe(&kind, api.resource_url(), &cfg);
     let task = tokio::spawn(async move {
-        let stream = watcher(api, cfg)
-            .default_backoff()
-            .modify(|o: &mut K| {
+        let mut backoff = Backoff::default();
+        let mut failing = Failing { status: status.clone(), on: false };
+        let mut last_expired: Option<Instant> = None;
+        // The cause last logged at WARN: a retry failing the same way is logged at debug.
+        let mut last_cause: Option<String> = None;
+        // Success: the API server answered this watch.
+        let recovered = |failing: &mut Failing, backoff: &mut Backoff, last_cause: &mut Option<String>| {
+            backoff.reset();
+            if failing.set(false) {
+                last_cause.take();
+                tracing::info!(watch = %what, "Kubernetes watch recovered");
+            }
+        };
+        // One kube-runtime watcher per round; a new round relists from scratch.
+        loop {
+            let stream = watcher(api.clone(), cfg.clone()).modify(|o: &mut K| {
                 // Never cache what keyswap does not read.
                 o.meta_mut().managed_fields = None;
-            })
-            .reflect(writer);
-        futures_util::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::InitDone) => {
-                    s.store(true, Ordering::Relaxed);
-                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    changed.notify_one();
-                }
-                Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => {}
-                Ok(_) => {
-                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    changed.notify_one();
-                }
-                Err(e) => {
-                    status.watch_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(watch = %what, error = %e, "Kubernetes watch failed; retrying, the last good configuration keeps serving");
-                    *status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{what}: {e}"));
+            });
+            futures_util::pin_mut!(stream);
+            loop {
+                let next = if failing.on {
+                    match tokio::time::timeout(QUIET, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            recovered(&mut failing, &mut backoff, &mut last_cause);
+                            continue;
+                        }
+                    }
+                } else {
+                    stream.next().await
+                };
+                let Some(event) = next else { break };
+                match event {
+                    Ok(event) => {
+                        writer.apply_watcher_event(&event);
+                        match event {
+                            watcher::Event::Init => {}
+                            watcher::Event::InitApply(_) => recovered(&mut failing, &mut backoff, &mut last_cause),
+                            watcher::Event::InitDone => {
+                                recovered(&mut failing, &mut backoff, &mut last_cause);
+                                s.store(true, Ordering::Relaxed);
+                                changed.notify_one();
+                            }
+                            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                                recovered(&mut failing, &mut backoff, &mut last_cause);
+                                changed.notify_one();
+                            }
+                        }
+                    }
+                    // The resourceVersion to resume from is gone (compacted, or the API server
+                    // restarted): relist now. Not a failure, unless it repeats at once.
+                    Err(e) if expired(&e) && last_expired.is_none_or(|t| t.elapsed() > RETRY_CAP) => {
+                        last_expired = Some(Instant::now());
+                        status.relists.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(watch = %what, "resourceVersion expired (410 Gone); relisting");
+                        if matches!(e, watcher::Error::WatchStartFailed(_)) {
+                            // kube-runtime would retry the same resourceVersion: start over.
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let cause = cause(&e, &kind);
+                        status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        failing.set(true);
+                        let pause = backoff.next_pause();
+                        if last_cause.as_deref() == Some(cause.as_str()) {
+                            tracing::debug!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed again");
+                        } else {
+                            tracing::warn!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed; retrying, the last good configuration keeps serving");
+                        }
+                        status.set_error(format!("{what}: {cause}"));
+                        last_cause = Some(cause);
+                        tokio::time::sleep(pause).await;
+                        if unparseable_event(&e) {
+                            // The event is lost and the cache may be stale: relist.
+                            break;
+                        }
+                    }
                 }
             }
         }
     });
     Watched { store, synced, task }
+}
+
+/// Whether one watch is failing, counted in [`KubeStatus::watches_failing`] (also when the watch
+/// is stopped: it no longer counts).
+struct Failing {
+    status: Arc<KubeStatus>,
+    on: bool,
+}
+
+impl Failing {
+    /// Returns whether it changed.
+    fn set(&mut self, on: bool) -> bool {
+        if self.on == on {
+            return false;
+        }
+        self.on = on;
+        if on {
+            self.status.watches_failing.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.status.watches_failing.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
+/// Names a watch: kind, then namespace/name, namespace or all namespaces, then the label selector.
+fn describe(kind: &str, url: &str, cfg: &watcher::Config) -> String {
+    let ns = url.split("/namespaces/").nth(1).and_then(|rest| rest.split('/').next());
+    let name = cfg.field_selector.as_deref().and_then(|f| f.strip_prefix("metadata.name="));
+    let scope = match (ns, name) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (Some(ns), None) => format!("in namespace {ns}"),
+        (None, Some(name)) => format!("named {name} in all namespaces"),
+        (None, None) => "in all namespaces".to_owned(),
+    };
+    match &cfg.label_selector {
+        Some(l) => format!("{kind} {scope} labelled {l}"),
+        None => format!("{kind} {scope}"),
+    }
+}
+
+/// 410 Gone: the resourceVersion the watch would resume from is no longer available.
+fn expired(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 410,
+        _ => false,
+    }
+}
+
+/// A watch event kube-client could not parse (as the object, or as a Status).
+fn unparseable_event(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchFailed(kube::Error::SerdeError(_)) => true,
+        watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 0 && s.message.is_empty() && s.reason.is_empty(),
+        _ => false,
+    }
+}
+
+/// Why a watch failed, for the log and `/readyz`: never a response body, and never a JSON error
+/// message (serde quotes the value it could not parse, which can be a key).
+fn cause(e: &watcher::Error, kind: &str) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) => format!("list failed: {}", client_cause(e, kind, "the list response")),
+        watcher::Error::WatchStartFailed(e) => {
+            format!("watch request failed: {}", client_cause(e, kind, "the watch response"))
+        }
+        watcher::Error::WatchFailed(e) => format!("watch stream failed: {}", client_cause(e, kind, "a watch event")),
+        watcher::Error::WatchError(s) => format!("the API server ended the watch: {}", status_cause(s)),
+        watcher::Error::NoResourceVersion => "the API server sent no resourceVersion".to_owned(),
+    }
+}
+
+fn client_cause(e: &kube::Error, kind: &str, what: &str) -> String {
+    match e {
+        kube::Error::SerdeError(e) => {
+            let why = match e.classify() {
+                serde_json::error::Category::Data => "a field has the wrong type or value",
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Eof => "truncated JSON",
+                serde_json::error::Category::Io => "read error",
+            };
+            format!(
+                "{what} could not be parsed as {kind} ({why} at line {} column {}; the body is not logged)",
+                e.line(),
+                e.column()
+            )
+        }
+        // kube-client answers a watch line it cannot parse (as the object or as a Status) with an
+        // empty Status: the parse error is lost, but that is what happened.
+        kube::Error::Api(s) if s.code == 0 && s.message.is_empty() && s.reason.is_empty() => {
+            format!("{what} could not be parsed as {kind} (the event is not logged)")
+        }
+        kube::Error::Api(s) => status_cause(s),
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                let more = s.to_string();
+                if !text.contains(&more) {
+                    text = format!("{text}: {more}");
+                }
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn status_cause(s: &Status) -> String {
+    // kube-client makes a Status of an error body that is not one, the body as its message.
+    if s.reason == "Failed to parse error data" {
+        return format!("HTTP {} (the error body is not a Status; not logged)", s.code);
+    }
+    match (s.reason.as_str(), s.message.as_str()) {
+        ("", m) => format!("HTTP {}: {m}", s.code),
+        (r, "") => format!("HTTP {} {r}", s.code),
+        (r, m) => format!("HTTP {} {r}: {m}", s.code),
+    }
+}
+
+/// Pauses between attempts of a failing watch: [`RETRY_FIRST`] doubling to [`RETRY_CAP`], each
+/// between half and all of that (jitter).
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: RETRY_FIRST }
+    }
+}
+
+impl Backoff {
+    fn next_pause(&mut self) -> Duration {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let pause = self.next;
+        self.next = (self.next * 2).min(RETRY_CAP);
+        // Each RandomState hashes differently: a cheap random number.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(0);
+        let jitter = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+        pause.mul_f64(jitter)
+    }
+
+    fn reset(&mut self) {
+        self.next = RETRY_FIRST;
+    }
 }
 
 /// Converts a Kubernetes Secret into keyswap's form. Values are checked where a policy uses them.
@@ -163,9 +406,9 @@ pub async fn start(
     };
     let (g, r, p) = api(&client);
     let cfg = watcher::Config::default;
-    let gateways = watch(g, cfg(), changed.clone(), status.clone(), "egressgateways".into());
-    let routes = watch(r, cfg(), changed.clone(), status.clone(), "aiproviderroutes".into());
-    let policies = watch(p, cfg(), changed.clone(), status.clone(), "credentialinjectionpolicies".into());
+    let gateways = watch(g, cfg(), changed.clone(), status.clone());
+    let routes = watch(r, cfg(), changed.clone(), status.clone());
+    let policies = watch(p, cfg(), changed.clone(), status.clone());
     let mut secrets: HashMap<SecretWatch, Watched<Secret>> = HashMap::new();
     let mut store: Option<SnapshotStore> = None;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SnapshotStore>();
@@ -203,23 +446,17 @@ pub async fn start(
             });
             for k in &wanted {
                 if !secrets.contains_key(k) {
-                    let (ns, cfg, what) = match k {
-                        SecretWatch::Named(k) => (
-                            &k.namespace,
-                            watcher::Config::default().fields(&format!("metadata.name={}", k.name)),
-                            format!("secret {k}"),
-                        ),
-                        SecretWatch::AgentTokens(ns) => (
-                            ns,
-                            watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)),
-                            format!("agent-token secrets in {ns}"),
-                        ),
-                        SecretWatch::Namespace(ns) => {
-                            (ns, watcher::Config::default(), format!("secrets in {ns} (secretNameTemplate)"))
+                    let (ns, cfg) = match k {
+                        SecretWatch::Named(k) => {
+                            (&k.namespace, watcher::Config::default().fields(&format!("metadata.name={}", k.name)))
                         }
+                        SecretWatch::AgentTokens(ns) => {
+                            (ns, watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)))
+                        }
+                        SecretWatch::Namespace(ns) => (ns, watcher::Config::default()),
                     };
                     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-                    secrets.insert(k.clone(), watch(api, cfg, changed.clone(), status.clone(), what));
+                    secrets.insert(k.clone(), watch(api, cfg, changed.clone(), status.clone()));
                 }
             }
             status.secrets_watched.store(secrets.len() as u64, Ordering::Relaxed);

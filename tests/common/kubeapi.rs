@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server on loopback speaking real HTTP list and watch: resourceVersions,
 //! ADDED/MODIFIED/DELETED, BOOKMARK, 410 Gone (`Expired`) after compaction, droppable watch
-//! connections, and an outage switch. No real API server can run on these machines.
+//! connections, and outages (connections closed unanswered, or 503 answers) after which history
+//! is gone, as after an API server restart. No real API server can run on these machines.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,9 +25,18 @@ struct State {
     compacted_below: u64,
     objects: BTreeMap<(String, String, String), Value>,
     log: Vec<(u64, String, String, String, &'static str, Value)>,
-    down: bool,
+    down: Option<Outage>,
     /// Bumped to cut every open watch.
     generation: u64,
+}
+
+/// How the API server is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// Connections are accepted and closed unanswered (an unreachable API server).
+    Closed,
+    /// Every request is answered `503 Service Unavailable` (a Status).
+    Unavailable,
 }
 
 #[derive(Clone)]
@@ -104,7 +114,7 @@ impl FakeKube {
         let f = fake.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                if f.state.lock().unwrap().down {
+                if f.state.lock().unwrap().down == Some(Outage::Closed) {
                     drop(stream); // unreachable: the connection closes without an answer
                     continue;
                 }
@@ -113,7 +123,7 @@ impl FakeKube {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let f = f.clone();
                         async move {
-                            if f.state.lock().unwrap().down {
+                            if f.state.lock().unwrap().down == Some(Outage::Closed) {
                                 // Unreachable: abort the connection instead of answering.
                                 return Err(std::io::Error::other("api server down"));
                             }
@@ -199,8 +209,22 @@ impl FakeKube {
     }
 
     /// While down, connections are closed unanswered (an unreachable API server) and watches end.
+    /// Back up, history is gone as after an API server restart (see [`FakeKube::outage`]).
     pub fn set_down(&self, down: bool) {
-        self.state.lock().unwrap().down = down;
+        self.outage(down.then_some(Outage::Closed));
+    }
+
+    /// Starts (`Some`) or ends (`None`) an outage; open watches end either way. When it ends,
+    /// the history before it is gone, as after an API server restart: a watch resuming from a
+    /// resourceVersion older than now gets 410 Gone (`Expired`) and must relist.
+    pub fn outage(&self, outage: Option<Outage>) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if outage.is_none() && st.down.is_some() {
+                st.compacted_below = st.rv;
+            }
+            st.down = outage;
+        }
         self.drop_watches();
     }
 
@@ -221,6 +245,12 @@ impl FakeKube {
         let path = uri.path().to_owned();
         let query = uri.query().unwrap_or("").to_owned();
         self.requests.lock().unwrap().push(format!("{method} {path}?{query}"));
+        if self.state.lock().unwrap().down.is_some() {
+            return Self::respond(
+                503,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "down for the test"}),
+            );
+        }
         if method == hyper::Method::PATCH {
             // Only the status subresource: .../namespaces/{ns}/{resource}/{name}/status
             let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -238,12 +268,6 @@ impl FakeKube {
                 return Self::respond(200, self.get(res, ns, name).unwrap_or(obj));
             }
             return Self::respond(405, json!({"kind": "Status", "code": 405}));
-        }
-        if self.state.lock().unwrap().down {
-            return Self::respond(
-                503,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "down for the test"}),
-            );
         }
         let Some(q) = parse(&path, &query) else {
             return Self::respond(
