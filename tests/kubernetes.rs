@@ -429,8 +429,11 @@ fn seed_one(kube: &FakeKube, key: &str) {
 /// answering again (which then answers 410 Gone to every watch resuming from before the outage:
 /// keyswap relists). Meanwhile requests keep the old key and /readyz and /metrics say the watch
 /// is failing.
-async fn rotation_during_an_outage(outage: Duration, how: Outage) {
+async fn rotation_during_an_outage(outage: Duration, how: Outage, gone_as_http: bool) {
     let kube = FakeKube::start().await;
+    if gone_as_http {
+        kube.gone_as_http_status();
+    }
     seed_one(&kube, "sk-ant-k8s-before");
     let work = tempfile::tempdir().unwrap();
     let kubeconfig = kube.kubeconfig(work.path());
@@ -500,12 +503,19 @@ async fn rotation_during_an_outage(outage: Duration, how: Outage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_rotated_during_a_4s_outage_is_in_effect_within_2s_of_recovery() {
-    rotation_during_an_outage(Duration::from_secs(4), Outage::Unavailable).await;
+    rotation_during_an_outage(Duration::from_secs(4), Outage::Unavailable, false).await;
+}
+
+/// The same when the API server answers a stale watch with HTTP 410 rather than an ERROR event:
+/// kube-runtime alone would retry the same resourceVersion forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotated_during_a_4s_outage_is_in_effect_within_2s_of_recovery_when_410_is_an_http_status() {
+    rotation_during_an_outage(Duration::from_secs(4), Outage::Closed, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_rotated_during_a_60s_outage_is_in_effect_within_2s_of_recovery() {
-    rotation_during_an_outage(Duration::from_secs(60), Outage::Closed).await;
+    rotation_during_an_outage(Duration::from_secs(60), Outage::Closed, false).await;
 }
 
 /// Waits (10 s at most) for a line of keyswap's log containing `needle`.

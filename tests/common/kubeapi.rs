@@ -26,6 +26,8 @@ struct State {
     objects: BTreeMap<(String, String, String), Value>,
     log: Vec<(u64, String, String, String, &'static str, Value)>,
     down: Option<Outage>,
+    /// Answer a stale watch with an HTTP 410 Status instead of a 200 stream holding an ERROR event.
+    gone_as_http: bool,
     /// Bumped to cut every open watch.
     generation: u64,
 }
@@ -196,6 +198,12 @@ impl FakeKube {
         self.changed.notify_waiters();
     }
 
+    /// Stale watches get an HTTP 410 answer (as some API server paths do) rather than the usual
+    /// ERROR event in a 200 stream.
+    pub fn gone_as_http_status(&self) {
+        self.state.lock().unwrap().gone_as_http = true;
+    }
+
     /// Cuts every open watch connection.
     pub fn drop_watches(&self) {
         self.state.lock().unwrap().generation += 1;
@@ -292,6 +300,16 @@ impl FakeKube {
             );
         }
         // A watch: replay what happened since `resourceVersion`, then follow.
+        {
+            let st = self.state.lock().unwrap();
+            if st.gone_as_http && q.rv.is_some_and(|rv| rv < st.compacted_below) {
+                return Self::respond(
+                    410,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": format!("too old resource version: {}", q.rv.unwrap_or_default())}),
+                );
+            }
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
         let this = self.clone();
         tokio::spawn(async move {
