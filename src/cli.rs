@@ -117,8 +117,8 @@ pub struct EnvoyArgs {
     #[arg(long, value_name = "PATH", default_value = DEFAULT_UDS)]
     pub uds: PathBuf,
     /// Send a provider host to another address, trusting FILE for its certificate (tests,
-    /// air-gapped mirrors). Repeatable.
-    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]")]
+    /// air-gapped mirrors). Repeatable; in the environment, space-separated.
+    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]", env = "KEYSWAP_UPSTREAM", value_delimiter = ' ')]
     pub upstreams: Vec<crate::envoy::UpstreamOverride>,
     /// Envoy admin port, always on 127.0.0.1 (0 picks a free port).
     #[arg(long, default_value_t = 9901)]
@@ -156,8 +156,9 @@ pub struct DevArgs {
     /// Working directory: certificates, envoy.yaml, envoy.log, the ext_proc socket. Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// Send a provider host to another address (see envoy-config --help). Repeatable.
-    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]")]
+    /// Send a provider host to another address (see envoy-config --help). Repeatable; in the
+    /// environment, space-separated.
+    #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]", env = "KEYSWAP_UPSTREAM", value_delimiter = ' ')]
     pub upstreams: Vec<crate::envoy::UpstreamOverride>,
     /// Envoy admin port on 127.0.0.1 (0 picks a free port).
     #[arg(long, default_value_t = 9901)]
