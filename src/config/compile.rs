@@ -71,21 +71,7 @@ impl Catalog {
     /// Collects objects, refusing duplicates, then validates each object and the references
     /// between them.
     pub fn build(objects: Vec<Object>) -> Result<Catalog, ConfigErrors> {
-        let mut cat = Catalog::default();
-        let mut errors = Vec::new();
-        for obj in objects {
-            let label = obj.label();
-            let Object { origin, key, resource } = obj;
-            let dup = match resource {
-                Resource::Gateway(spec) => insert(&mut cat.gateways, key, origin.clone(), spec),
-                Resource::Route(spec) => insert(&mut cat.routes, key, origin.clone(), spec),
-                Resource::Policy(spec) => insert(&mut cat.policies, key, origin.clone(), spec),
-                Resource::Secret(data) => insert(&mut cat.secrets, key, origin.clone(), data),
-            };
-            if let Some(first) = dup {
-                errors.push(ConfigError::new(format!("defined twice; first in {first}")).at(&origin).object(label));
-            }
-        }
+        let (cat, mut errors) = Catalog::collect(objects, "defined twice; first in");
         cat.validate(&mut errors);
         if errors.is_empty() {
             Ok(cat)
@@ -94,26 +80,34 @@ impl Catalog {
         }
     }
 
-    /// Collects and validates like [`Catalog::build`], but leaves each invalid object out
-    /// (recorded in `rejected`) instead of refusing everything: one team's typo must not freeze
-    /// everyone's rotations. Leaving an object out can make another invalid (a policy whose route
-    /// is gone); that is reported too.
-    pub fn build_isolated(objects: Vec<Object>) -> Catalog {
+    /// The objects by kind and key; a second definition of a key is an error (`dup` then the
+    /// first one's origin) and left out.
+    fn collect(objects: Vec<Object>, dup: &str) -> (Catalog, Vec<ConfigError>) {
         let mut cat = Catalog::default();
+        let mut errors = Vec::new();
         for obj in objects {
             let label = obj.label();
             let Object { origin, key, resource } = obj;
-            let dup = match resource {
+            let first = match resource {
                 Resource::Gateway(spec) => insert(&mut cat.gateways, key, origin.clone(), spec),
                 Resource::Route(spec) => insert(&mut cat.routes, key, origin.clone(), spec),
                 Resource::Policy(spec) => insert(&mut cat.policies, key, origin.clone(), spec),
                 Resource::Secret(data) => insert(&mut cat.secrets, key, origin.clone(), data),
             };
-            if let Some(first) = dup {
-                let e = ConfigError::new(format!("defined twice; this copy is left out, the first in {first} counts"));
-                cat.rejected.errors.push(e.at(&origin).object(label));
+            if let Some(first) = first {
+                errors.push(ConfigError::new(format!("{dup} {first}")).at(&origin).object(label));
             }
         }
+        (cat, errors)
+    }
+
+    /// Collects and validates like [`Catalog::build`], but leaves each invalid object out
+    /// (recorded in `rejected`) instead of refusing everything: one team's typo must not freeze
+    /// everyone's rotations. Leaving an object out can make another invalid (a policy whose route
+    /// is gone); that is reported too.
+    pub fn build_isolated(objects: Vec<Object>) -> Catalog {
+        let (mut cat, dups) = Catalog::collect(objects, "defined twice; this copy is left out, the first counts:");
+        cat.rejected.errors = dups;
         // Each round leaves out what is invalid; dependents show up in the next one.
         for _ in 0..8 {
             let mut errors = Vec::new();
