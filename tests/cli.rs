@@ -268,3 +268,37 @@ stringData:
     );
     assert!(!out.contains("MIIsecret") && !err.contains("MIIsecret"), "{out}{err}");
 }
+
+/// Every `keyswap <command> --flag` written in README.md and docs/ is a flag that command's
+/// `--help` lists: a renamed flag cannot leave the docs behind.
+#[test]
+fn every_flag_the_docs_give_a_command_is_in_its_help() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut docs = vec![format!("{root}/README.md")];
+    for e in std::fs::read_dir(format!("{root}/docs")).unwrap() {
+        docs.push(e.unwrap().path().display().to_string());
+    }
+    let commands = ["token create", "envoy-config", "explain", "certs", "check", "serve", "dev", "crds"];
+    let mut checked = 0;
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for line in text.lines() {
+            let Some(at) = line.find("keyswap ") else { continue };
+            let rest = &line[at + "keyswap ".len()..];
+            let Some(cmd) = commands.iter().find(|c| rest.starts_with(**c)) else { continue };
+            // The command's own words: up to the end of the code span or a pipe.
+            let words = rest.split(['`', '|', '#']).next().unwrap_or("");
+            let help = {
+                let mut args: Vec<&str> = cmd.split(' ').collect();
+                args.push("--help");
+                keyswap(&args).1
+            };
+            for flag in words.split_whitespace().filter(|w| w.starts_with("--")) {
+                let flag = flag.split('=').next().unwrap().trim_end_matches([',', ')', '.', ';']);
+                assert!(help.contains(flag), "{doc}: `keyswap {cmd} {flag}` is not in `keyswap {cmd} --help`: {line}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} flags found in the docs");
+}
