@@ -165,33 +165,28 @@ impl FileSource {
         let mut stamps = Some(Vec::new());
         for path in paths {
             match read_parsed(cache.files.remove(&path), &path, now) {
-                // A reload keeps the last good version of a file that is refused by the limits
-                // or does not parse (a typo while editing a Secret must not drop the key); its
-                // errors are reported with the other objects left out.
-                Ok(parsed)
-                    if set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty())) =>
-                {
-                    if parsed.refused {
+                Ok(parsed) => {
+                    // A reload keeps the last good version of a file that is refused by the limits
+                    // or does not parse (a typo while editing a Secret must not drop the key); its
+                    // errors are reported with the other objects left out.
+                    let keep_last_good =
+                        set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty()));
+                    if !keep_last_good {
+                        objects.extend(parsed.objects.iter().cloned());
+                        errors.extend(parsed.errors.iter().cloned());
+                    } else if parsed.refused {
                         for e in &parsed.errors {
                             tracing::error!(error = %e, "manifest refused and set aside; its last good version stays in effect");
                         }
+                        objects.extend(parsed.kept.iter().cloned());
                     } else {
                         let kept = |e: &ConfigError| ConfigError {
                             message: format!("{} (this file's last good version stays in effect)", e.message),
                             ..e.clone()
                         };
                         errors.extend(parsed.errors.iter().map(kept));
+                        objects.extend(parsed.kept.iter().cloned());
                     }
-                    objects.extend(parsed.kept.iter().cloned());
-                    match &mut stamps {
-                        Some(s) if parsed.settled => s.push((path.clone(), parsed.stamp)),
-                        _ => stamps = None,
-                    }
-                    files.insert(path, parsed);
-                }
-                Ok(parsed) => {
-                    objects.extend(parsed.objects.iter().cloned());
-                    errors.extend(parsed.errors.iter().cloned());
                     match &mut stamps {
                         Some(s) if parsed.settled => s.push((path.clone(), parsed.stamp)),
                         _ => stamps = None,
