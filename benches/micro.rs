@@ -134,7 +134,7 @@ fn header_mutation(c: &mut Criterion) {
     c.bench_function("header_mutation/plan_and_envoy_mutation", |b| {
         b.iter(|| {
             let pairs = headers.iter().map(|h| (h.key.as_str(), h.raw_value.as_slice()));
-            let plan = inject::plan(&entry.binding, credential, None, pairs, "/v1/messages", None);
+            let plan = inject::plan(&entry.binding.strip, credential, None, pairs, "/v1/messages", None);
             black_box(extproc::mutation::header_mutation(&plan, &[]))
         })
     });

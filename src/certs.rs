@@ -17,7 +17,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::config::Key;
+use crate::vocab::Key;
 
 /// How long a leaf lives, and how long before expiry it is replaced.
 #[derive(Clone, Copy, Debug)]

@@ -884,9 +884,9 @@ fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 }
                 println!("  also strips every x-amz-* header the agent sends (its own signature)");
             }
-            println!("  strips headers whenever the agent sends them: {}", entry.binding.strip_headers.join(", "));
-            if !entry.binding.strip_query.is_empty() {
-                println!("  strips query parameters: {}", entry.binding.strip_query.join(", "));
+            println!("  strips headers whenever the agent sends them: {}", entry.binding.strip.headers.join(", "));
+            if !entry.binding.strip.query.is_empty() {
+                println!("  strips query parameters: {}", entry.binding.strip.query.join(", "));
             }
             Ok(ExitCode::SUCCESS)
         }

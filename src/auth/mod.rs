@@ -20,29 +20,14 @@ use std::time::SystemTime;
 use secrecy::{ExposeSecret, SecretSlice};
 use sha2::{Digest, Sha256};
 
-use crate::config::Key;
-
-/// The header an agent can always use for its token, whatever its SDK sends otherwise.
-pub const AGENT_TOKEN_HEADER: &str = "x-keyswap-agent-token";
+use crate::vocab::Key;
+pub use crate::vocab::{Identity, AGENT_TOKEN_HEADER};
 
 /// Label that marks a Secret as an agent API key (what `keyswap token create` writes).
 pub const API_KEY_LABEL: &str = "keyswap.dev/agent-token";
 
 /// Headers an agent token is read from, in this order. `authorization` may carry `Bearer `.
 pub const TOKEN_HEADERS: &[&str] = &[AGENT_TOKEN_HEADER, "authorization", "x-api-key", "x-goog-api-key", "api-key"];
-
-/// Who is calling, as a validator established it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub agent: Arc<str>,
-    pub tenant: Option<Arc<str>>,
-    /// The validator's name (`spec.agentAuth.validators[].name`, or its type).
-    pub validator: Arc<str>,
-    /// A role from a JWT claim (`claimMapping.role`), for attribution.
-    pub role: Option<Arc<str>>,
-    /// An API key's labels (its Secret's `metadata.labels`, except keyswap's own marker).
-    pub labels: Vec<(Box<str>, Box<str>)>,
-}
 
 /// What Envoy reports about the downstream connection (ext_proc request attributes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -213,7 +198,7 @@ pub fn agent_token<'a>(headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clon
         } else {
             value.trim_ascii()
         };
-        if !crate::inject::is_placeholder(token) {
+        if !crate::vocab::is_placeholder(token) {
             return Some((name, token));
         }
     }

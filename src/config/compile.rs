@@ -18,7 +18,7 @@ use crate::api::{
     AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, ProviderAuthType, Target, GROUP,
 };
 use crate::auth;
-use crate::inject::{gcp, sigv4};
+use crate::inject::{gcp, sigv4, Strip};
 use crate::provider::{self, Provider, CREDENTIAL_HEADERS};
 
 /// The key a policy reads when it names none.
@@ -433,8 +433,7 @@ impl Catalog {
         let rejected_binding = |p: &Provider, policy: Option<Arc<str>>, object: String| Binding {
             policy,
             credential: Err(Unresolved::Rejected { object }),
-            strip_headers: strip_headers(None),
-            strip_query: strip_query(p, None),
+            strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
             tenants: None,
         };
         let rejected_policy_for = |route: &Key| -> Option<&Key> {
@@ -530,8 +529,7 @@ impl Catalog {
                         (None, None) => Binding {
                             policy: None,
                             credential: Err(Unresolved::NoPolicy),
-                            strip_headers: strip_headers(None),
-                            strip_query: strip_query(p, None),
+                            strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
                             tenants: None,
                         },
                         (None, Some(pk)) => match self.bind(pk, p, &mut secrets, &mut live) {
@@ -1036,8 +1034,7 @@ impl Catalog {
         Ok(Binding {
             policy: Some(policy),
             credential,
-            strip_headers: strip_headers(header.as_deref()),
-            strip_query: strip_query(p, param.as_deref()),
+            strip: Strip { headers: strip_headers(header.as_deref()), query: strip_query(p, param.as_deref()) },
             tenants: None,
         })
     }
@@ -1133,8 +1130,7 @@ impl Catalog {
         Binding {
             policy: Some(pkey.to_string().into()),
             credential,
-            strip_headers: strip_headers(None),
-            strip_query: strip_query(p, None),
+            strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
             tenants: None,
         }
     }
@@ -1150,8 +1146,8 @@ fn region_error(binding: &Binding, hosts: &[Box<str>]) -> Option<ConfigError> {
     )))
 }
 
-fn capture_policy(otlp: Option<&crate::api::Otlp>) -> crate::telemetry::capture::CapturePolicy {
-    let mut p = crate::telemetry::capture::CapturePolicy::default();
+fn capture_policy(otlp: Option<&crate::api::Otlp>) -> super::snapshot::CapturePolicy {
+    let mut p = super::snapshot::CapturePolicy::default();
     if let Some(read) = otlp.and_then(|o| o.read_bodies) {
         p.read_bodies = read;
     }

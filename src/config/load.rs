@@ -13,6 +13,7 @@ use super::error::{ConfigError, Origin};
 use crate::api::{
     AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ObjectMeta, API_VERSION, GROUP,
 };
+pub use crate::vocab::{Key, DEFAULT_NAMESPACE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -32,36 +33,6 @@ impl Kind {
         }
     }
 }
-
-/// `namespace/name` of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Key {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl Key {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Key { namespace: namespace.into(), name: name.into() }
-    }
-
-    /// Parses `namespace/name`, or `name` in `default`.
-    pub fn parse(s: &str) -> Option<Key> {
-        match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Some(Key::new(ns, name)),
-            None if !s.is_empty() => Some(Key::new(DEFAULT_NAMESPACE, s)),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// The decoded keys of a Secret. Values never appear in `Debug`.
 #[derive(Default)]

@@ -12,6 +12,7 @@ use secrecy::{ExposeSecret, SecretSlice};
 use super::load::Key;
 use crate::api::DefaultPolicy;
 use crate::glob;
+pub use crate::inject::{Credential, Strip};
 use crate::provider::Provider;
 
 /// One gateway's compiled configuration.
@@ -27,7 +28,7 @@ pub struct Snapshot {
     /// Every resolved secret value (and its query-encoded form): scrubbed from captured bodies.
     pub live_secrets: Vec<SecretSlice<u8>>,
     /// Body capture for spans (`spec.otlp.captureBody`).
-    pub capture: Arc<crate::telemetry::capture::CapturePolicy>,
+    pub capture: Arc<CapturePolicy>,
     /// The gateway's OTLP settings, read when the exporter starts.
     pub otlp: Option<crate::api::Otlp>,
     /// `spec.agentAuth`: who may use the gateway. `None` admits everyone.
@@ -86,11 +87,9 @@ pub struct Binding {
     /// `namespace/name` of the CredentialInjectionPolicy, when one applies.
     pub policy: Option<Arc<str>>,
     pub credential: Result<Credential, Unresolved>,
-    /// Lowercase header names the agent may not send (the credential header list plus the
-    /// policy's own header).
-    pub strip_headers: Box<[Box<str>]>,
-    /// Query parameters the agent may not send (provider's key params plus the policy's).
-    pub strip_query: Box<[Box<str>]>,
+    /// What the agent may not send: the credential header list plus the policy's own header;
+    /// the provider's key parameters plus the policy's.
+    pub strip: Strip,
     /// Per-tenant credentials (`spec.credentialSelector`); `credential` is then the fallback.
     pub tenants: Option<TenantCredentials>,
 }
@@ -123,63 +122,6 @@ impl Binding {
             },
         };
         chosen.as_ref().map_err(NoCredential::Unresolved)
-    }
-}
-
-/// The real credential, ready to write. `value` is the exact header value or the
-/// percent-encoded query value; provider authentication computes it per request.
-pub enum Credential {
-    Header {
-        name: Box<str>,
-        value: SecretSlice<u8>,
-        fingerprint: String,
-    },
-    Query {
-        param: Box<str>,
-        value: SecretSlice<u8>,
-        fingerprint: String,
-    },
-    /// AWS SigV4: every request is signed with the real keys.
-    AwsV4(Arc<crate::inject::sigv4::Signer>),
-    /// A GCP access token minted from a service-account key, as `authorization: Bearer`.
-    GcpToken(Arc<crate::inject::gcp::TokenSource>),
-}
-
-impl Credential {
-    /// The static value written for Header and Query targets; empty for provider authentication.
-    pub fn value(&self) -> &[u8] {
-        match self {
-            Credential::Header { value, .. } | Credential::Query { value, .. } => value.expose_secret(),
-            Credential::AwsV4(_) | Credential::GcpToken(_) => b"",
-        }
-    }
-
-    pub fn fingerprint(&self) -> &str {
-        match self {
-            Credential::Header { fingerprint, .. } | Credential::Query { fingerprint, .. } => fingerprint,
-            Credential::AwsV4(s) => &s.fingerprint,
-            Credential::GcpToken(s) => &s.fingerprint,
-        }
-    }
-
-    /// `header x-api-key` or `query key`: where the credential goes, without its value.
-    pub fn describe(&self) -> String {
-        match self {
-            Credential::Header { name, .. } => format!("header `{name}`"),
-            Credential::Query { param, .. } => format!("query parameter `{param}`"),
-            Credential::AwsV4(_) => {
-                "an AWS SigV4 signature (`authorization`, `x-amz-date`, `x-amz-security-token`)".into()
-            }
-            Credential::GcpToken(s) => {
-                format!("header `authorization: Bearer <access token of {}, scopes {}>`", s.account, s.scopes.join(" "))
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Credential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credential({}, <redacted> {})", self.describe(), self.fingerprint())
     }
 }
 
@@ -363,5 +305,40 @@ fn host_matches(pattern: &str, host: &str) -> bool {
         glob::matches(pattern, host, Some(b'.'))
     } else {
         pattern == host
+    }
+}
+
+/// Which bodies are captured, and how much of each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturePolicy {
+    /// Per direction. 0 disables capture.
+    pub max_bytes: usize,
+    /// Content-type prefixes (case-insensitive) that are captured.
+    pub include_content_types: Vec<String>,
+    /// `spec.otlp.readBodies`: whether telemetry reads bodies at all (capture, usage, model).
+    pub read_bodies: bool,
+}
+
+pub const DEFAULT_MAX_BYTES: usize = 65536;
+pub const DEFAULT_CONTENT_TYPES: &[&str] = &["application/json", "application/x-ndjson", "text/event-stream"];
+
+impl Default for CapturePolicy {
+    fn default() -> Self {
+        CapturePolicy {
+            max_bytes: DEFAULT_MAX_BYTES,
+            include_content_types: DEFAULT_CONTENT_TYPES.iter().map(|s| s.to_string()).collect(),
+            read_bodies: true,
+        }
+    }
+}
+
+impl CapturePolicy {
+    /// Whether a body with this content type is captured.
+    pub fn wants(&self, content_type: &str) -> bool {
+        self.read_bodies
+            && self.max_bytes > 0
+            && self.include_content_types.iter().any(|p| {
+                content_type.len() >= p.len() && content_type.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            })
     }
 }

@@ -217,7 +217,7 @@ pub fn bootstrap(
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
                 "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"},
-                    "initial_metadata": [{"key": crate::extproc::ROLE_METADATA, "value": crate::extproc::ROLE_TUNNEL}]},
+                    "initial_metadata": [{"key": crate::vocab::ROLE_METADATA, "value": crate::vocab::ROLE_TUNNEL}]},
                 "failure_mode_allow": false,
                 "message_timeout": "6s",
                 // `:authority` is rewritten; a refused rewrite must fail the request, never

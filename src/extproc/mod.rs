@@ -7,7 +7,7 @@ pub mod mutation;
 pub mod server;
 pub mod tunnel;
 
-pub use tunnel::{ROLE_METADATA, ROLE_TUNNEL};
+pub use crate::vocab::{ROLE_METADATA, ROLE_TUNNEL};
 
 use std::future::Future as _;
 
@@ -669,7 +669,7 @@ pub fn on_request_headers(
         let mut buf = [0u8; 256];
         let host = crate::target::host(authority, &mut buf).unwrap_or(authority).to_owned();
         let redacted =
-            binding.map_or(std::borrow::Cow::Borrowed(path), |b| inject::query::redact(path, &b.strip_query));
+            binding.map_or(std::borrow::Cow::Borrowed(path), |b| inject::query::redact(path, &b.strip.query));
         let path_model = provider.and_then(|p| p.model_from_path(path));
         let s = Start {
             provider,
@@ -683,7 +683,7 @@ pub fn on_request_headers(
             request_model: path_model.as_deref(),
             injected,
             smuggled,
-            redact_also: binding.and_then(|b| b.strip_headers.last().map(|h| &**h)),
+            redact_also: binding.and_then(|b| b.strip.headers.last().map(|h| &**h)),
             error,
             identity,
             tenant_label: snapshot.agent_auth.as_ref().zip(identity).map(|(c, id)| c.counters.label(id)),
@@ -782,7 +782,7 @@ pub fn on_request_headers(
                 }
             }
             let mut plan = inject::plan(
-                binding,
+                &binding.strip,
                 credential,
                 token,
                 headers.iter().map(|h| (h.key.as_str(), header_bytes(h))),

@@ -20,10 +20,6 @@ use crate::auth::Cidr;
 use crate::config::Snapshot;
 use crate::telemetry::Metrics;
 
-/// gRPC metadata Envoy's tunnel-guard filter sends on each stream (`initial_metadata`).
-pub const ROLE_METADATA: &str = "x-keyswap-role";
-pub const ROLE_TUNNEL: &str = "tunnel";
-
 /// How long a tunnel target's DNS lookup may take (within the filter's 6 s message timeout).
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(4);
 

@@ -8,8 +8,13 @@ pub mod gcp;
 pub mod query;
 pub mod sigv4;
 
-use crate::config::snapshot::{Binding, Credential};
-use crate::provider::{same_header, PLACEHOLDER};
+use std::fmt;
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretSlice};
+
+pub use crate::vocab::is_placeholder;
+use crate::vocab::same_header;
 
 /// The changes for one request. Borrowed from the snapshot: building it allocates only the
 /// small vectors and, for query targets or stripped parameters, the new path.
@@ -25,25 +30,78 @@ pub struct Plan<'a> {
     pub smuggled: Vec<String>,
 }
 
-/// Whether a credential value is the placeholder, with or without an auth scheme in front
-/// (`Bearer keyswap-injected-by-proxy`), or a SigV4 signature made with the placeholder as
-/// access key id. Empty values carry nothing and count as placeholders.
-pub fn is_placeholder(value: &[u8]) -> bool {
-    let token = value.rsplit(|&b| b == b' ').next().unwrap_or(value);
-    value.is_empty() || token == PLACEHOLDER.as_bytes() || is_placeholder_sigv4(value)
+/// What the agent may not send on a route, whatever the value: compiled once per binding.
+#[derive(Debug, Default)]
+pub struct Strip {
+    /// Lowercase header names (the credential header list plus the policy's own header).
+    pub headers: Box<[Box<str>]>,
+    /// Query parameters (the provider's key parameters plus the policy's).
+    pub query: Box<[Box<str>]>,
 }
 
-fn is_placeholder_sigv4(value: &[u8]) -> bool {
-    let Some(rest) = value.strip_prefix(b"AWS4-HMAC-SHA256 ") else { return false };
-    let needle = [b"Credential=", PLACEHOLDER.as_bytes(), b"/"].concat();
-    rest.windows(needle.len()).any(|w| w == needle.as_slice())
+/// The real credential, ready to write. `value` is the exact header value or the
+/// percent-encoded query value; provider authentication computes it per request.
+pub enum Credential {
+    Header {
+        name: Box<str>,
+        value: SecretSlice<u8>,
+        fingerprint: String,
+    },
+    Query {
+        param: Box<str>,
+        value: SecretSlice<u8>,
+        fingerprint: String,
+    },
+    /// AWS SigV4: every request is signed with the real keys.
+    AwsV4(Arc<sigv4::Signer>),
+    /// A GCP access token minted from a service-account key, as `authorization: Bearer`.
+    GcpToken(Arc<gcp::TokenSource>),
 }
 
-/// Builds the plan for a request that matched `binding`, with `headers` as the agent sent them.
+impl Credential {
+    /// The static value written for Header and Query targets; empty for provider authentication.
+    pub fn value(&self) -> &[u8] {
+        match self {
+            Credential::Header { value, .. } | Credential::Query { value, .. } => value.expose_secret(),
+            Credential::AwsV4(_) | Credential::GcpToken(_) => b"",
+        }
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        match self {
+            Credential::Header { fingerprint, .. } | Credential::Query { fingerprint, .. } => fingerprint,
+            Credential::AwsV4(s) => &s.fingerprint,
+            Credential::GcpToken(s) => &s.fingerprint,
+        }
+    }
+
+    /// `header x-api-key` or `query key`: where the credential goes, without its value.
+    pub fn describe(&self) -> String {
+        match self {
+            Credential::Header { name, .. } => format!("header `{name}`"),
+            Credential::Query { param, .. } => format!("query parameter `{param}`"),
+            Credential::AwsV4(_) => {
+                "an AWS SigV4 signature (`authorization`, `x-amz-date`, `x-amz-security-token`)".into()
+            }
+            Credential::GcpToken(s) => {
+                format!("header `authorization: Bearer <access token of {}, scopes {}>`", s.account, s.scopes.join(" "))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential({}, <redacted> {})", self.describe(), self.fingerprint())
+    }
+}
+
+/// Builds the plan for a request whose route strips `strip` and writes `credential`, with
+/// `headers` as the agent sent them.
 /// `token` is the current access token for a GCP binding (`None` otherwise); `agent_token` the
 /// gateway token that admitted the caller (stripped like any credential, but not smuggling).
 pub fn plan<'a>(
-    binding: &'a Binding,
+    strip: &'a Strip,
     credential: &'a Credential,
     token: Option<&'a [u8]>,
     headers: impl Iterator<Item = (&'a str, &'a [u8])>,
@@ -53,7 +111,7 @@ pub fn plan<'a>(
     let mut plan = Plan::default();
     let target = match credential {
         Credential::Header { name, value, .. } => {
-            plan.set_header = Some((&**name, secrecy::ExposeSecret::expose_secret(value)));
+            plan.set_header = Some((&**name, value.expose_secret()));
             Some(&**name)
         }
         Credential::GcpToken(_) => {
@@ -66,7 +124,7 @@ pub fn plan<'a>(
     let mut target_seen = 0usize;
     for (name, value) in headers {
         // Compared as a lenient server would: any case, `_` for `-` (`X_Api_Key`).
-        let Some(strip) = binding.strip_headers.iter().find(|s| same_header(s, name)) else {
+        let Some(strip) = strip.headers.iter().find(|s| same_header(s, name)) else {
             // SigV4: the agent's x-amz-date, x-amz-content-sha256, … belong to its own signature.
             if sigv4 && name.get(..6).is_some_and(|p| same_header(p, "x-amz-")) && !plan.remove.contains(&name) {
                 plan.remove.push(name);
@@ -96,11 +154,11 @@ pub fn plan<'a>(
         }
     }
     let set_param = match credential {
-        Credential::Query { param, value, .. } => Some((&**param, secrecy::ExposeSecret::expose_secret(value))),
+        Credential::Query { param, value, .. } => Some((&**param, value.expose_secret())),
         _ => None,
     };
     if set_param.is_some() || path.contains('?') {
-        let rw = query::rewrite(path, &binding.strip_query, set_param, |v| is_placeholder(v.as_bytes()));
+        let rw = query::rewrite(path, &strip.query, set_param, |v| is_placeholder(v.as_bytes()));
         plan.path = rw.path;
         for _ in 0..rw.smuggled {
             plan.smuggled.push("?query-parameter".to_owned());

@@ -5,6 +5,7 @@
 //! Adding a provider is adding a row to [`REGISTRY`].
 
 use crate::glob;
+pub use crate::vocab::{is_redacted, same_header, CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS, PLACEHOLDER};
 pub mod usage;
 
 /// How a provider expects its static key by default.
@@ -131,49 +132,6 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: true,
     },
 ];
-
-/// Headers that carry credentials for some provider or proxy. The agent's copies are always
-/// removed, and telemetry redacts them. The one redaction list: everything else reads it.
-pub const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "anthropic-api-key",
-    "openai-api-key",
-    "x-goog-api-key",
-    "x-amz-security-token",
-    "ocp-apim-subscription-key",
-    "x-auth-token",
-    "cookie",
-    crate::auth::AGENT_TOKEN_HEADER,
-];
-
-/// Query parameters that carry credentials somewhere (Google's `key`, Azure's `api-key`, OAuth's
-/// `access_token`, SigV4 query signing). Stripped from every routed request, whatever the
-/// provider, and redacted in telemetry; names are compared leniently
-/// ([`crate::inject::query::names_param`]).
-pub const CREDENTIAL_QUERY_PARAMS: &[&str] =
-    &["key", "api-key", "access-token", "x-amz-credential", "x-amz-signature", "x-amz-security-token"];
-
-/// Whether two header names are the same header to a lenient server: ASCII case ignored, and
-/// `_` read as `-` (some servers and frameworks fold underscores into dashes).
-pub fn same_header(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes().zip(b.bytes()).all(|(x, y)| {
-            let fold = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
-            fold(x) == fold(y)
-        })
-}
-
-/// Whether telemetry shows `[redacted]` instead of this header's value: every credential header,
-/// and cookies.
-pub fn is_redacted(lowercase_name: &str) -> bool {
-    CREDENTIAL_HEADERS.iter().any(|h| same_header(h, lowercase_name)) || same_header(lowercase_name, "set-cookie")
-}
-
-/// What the agent is told to send instead of a key.
-pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
 
 pub fn lookup(name: &str) -> Option<&'static Provider> {
     REGISTRY.iter().find(|p| p.name == name)

@@ -3,42 +3,8 @@
 
 use base64::Engine as _;
 
+pub use crate::config::snapshot::{CapturePolicy, DEFAULT_CONTENT_TYPES, DEFAULT_MAX_BYTES};
 pub use crate::scrub::{scrub, REDACTED};
-
-/// Which bodies are captured, and how much of each.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CapturePolicy {
-    /// Per direction. 0 disables capture.
-    pub max_bytes: usize,
-    /// Content-type prefixes (case-insensitive) that are captured.
-    pub include_content_types: Vec<String>,
-    /// `spec.otlp.readBodies`: whether telemetry reads bodies at all (capture, usage, model).
-    pub read_bodies: bool,
-}
-
-pub const DEFAULT_MAX_BYTES: usize = 65536;
-pub const DEFAULT_CONTENT_TYPES: &[&str] = &["application/json", "application/x-ndjson", "text/event-stream"];
-
-impl Default for CapturePolicy {
-    fn default() -> Self {
-        CapturePolicy {
-            max_bytes: DEFAULT_MAX_BYTES,
-            include_content_types: DEFAULT_CONTENT_TYPES.iter().map(|s| s.to_string()).collect(),
-            read_bodies: true,
-        }
-    }
-}
-
-impl CapturePolicy {
-    /// Whether a body with this content type is captured.
-    pub fn wants(&self, content_type: &str) -> bool {
-        self.read_bodies
-            && self.max_bytes > 0
-            && self.include_content_types.iter().any(|p| {
-                content_type.len() >= p.len() && content_type.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-            })
-    }
-}
 
 /// One direction's captured bytes.
 #[derive(Debug, Default)]

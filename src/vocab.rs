@@ -1,0 +1,117 @@
+//! The shared vocabulary: the words every other module speaks. Imports nothing of keyswap.
+//!
+//! Object keys, the placeholder an agent sends instead of a key, the credential header and
+//! query lists that are stripped and redacted everywhere, the caller's identity, and the gRPC
+//! metadata that tells keyswap which of Envoy's filters is asking. Modules re-export what their
+//! callers reach for (`config::Key`, `provider::CREDENTIAL_HEADERS`, `auth::Identity`); the
+//! definition is here, once.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// `namespace/name` of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Key { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// Parses `namespace/name`, or `name` in `default`.
+    pub fn parse(s: &str) -> Option<Key> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Some(Key::new(ns, name)),
+            None if !s.is_empty() => Some(Key::new(DEFAULT_NAMESPACE, s)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The header an agent can always use for its token, whatever its SDK sends otherwise.
+pub const AGENT_TOKEN_HEADER: &str = "x-keyswap-agent-token";
+
+/// Headers that carry credentials for some provider or proxy. The agent's copies are always
+/// removed, and telemetry redacts them. The one redaction list: everything else reads it.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "anthropic-api-key",
+    "openai-api-key",
+    "x-goog-api-key",
+    "x-amz-security-token",
+    "ocp-apim-subscription-key",
+    "x-auth-token",
+    "cookie",
+    AGENT_TOKEN_HEADER,
+];
+
+/// Query parameters that carry credentials somewhere (Google's `key`, Azure's `api-key`, OAuth's
+/// `access_token`, SigV4 query signing). Stripped from every routed request, whatever the
+/// provider, and redacted in telemetry; names are compared leniently
+/// ([`crate::inject::query::names_param`]).
+pub const CREDENTIAL_QUERY_PARAMS: &[&str] =
+    &["key", "api-key", "access-token", "x-amz-credential", "x-amz-signature", "x-amz-security-token"];
+
+/// Whether two header names are the same header to a lenient server: ASCII case ignored, and
+/// `_` read as `-` (some servers and frameworks fold underscores into dashes).
+pub fn same_header(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            let fold = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+            fold(x) == fold(y)
+        })
+}
+
+/// Whether telemetry shows `[redacted]` instead of this header's value: every credential header,
+/// and cookies.
+pub fn is_redacted(lowercase_name: &str) -> bool {
+    CREDENTIAL_HEADERS.iter().any(|h| same_header(h, lowercase_name)) || same_header(lowercase_name, "set-cookie")
+}
+
+/// What the agent is told to send instead of a key.
+pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
+
+/// Whether a credential value is the placeholder, with or without an auth scheme in front
+/// (`Bearer keyswap-injected-by-proxy`), or a SigV4 signature made with the placeholder as
+/// access key id. Empty values carry nothing and count as placeholders.
+pub fn is_placeholder(value: &[u8]) -> bool {
+    let token = value.rsplit(|&b| b == b' ').next().unwrap_or(value);
+    value.is_empty() || token == PLACEHOLDER.as_bytes() || is_placeholder_sigv4(value)
+}
+
+fn is_placeholder_sigv4(value: &[u8]) -> bool {
+    let Some(rest) = value.strip_prefix(b"AWS4-HMAC-SHA256 ") else { return false };
+    let needle = [b"Credential=", PLACEHOLDER.as_bytes(), b"/"].concat();
+    rest.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
+/// Who is calling, as a validator established it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub agent: Arc<str>,
+    pub tenant: Option<Arc<str>>,
+    /// The validator's name (`spec.agentAuth.validators[].name`, or its type).
+    pub validator: Arc<str>,
+    /// A role from a JWT claim (`claimMapping.role`), for attribution.
+    pub role: Option<Arc<str>>,
+    /// An API key's labels (its Secret's `metadata.labels`, except keyswap's own marker).
+    pub labels: Vec<(Box<str>, Box<str>)>,
+}
+
+/// gRPC metadata Envoy's tunnel-guard filter sends on each stream (`initial_metadata`).
+pub const ROLE_METADATA: &str = "x-keyswap-role";
+pub const ROLE_TUNNEL: &str = "tunnel";

@@ -1,0 +1,285 @@
+//! The shape of the source tree, checked: module dependencies run one way (the order written in
+//! `src/lib.rs`), no source file outgrows a reader, no function outgrows a screen.
+//!
+//! Reads the sources as text; needs nothing but the checkout.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every `.rs` file under `src/` except the binaries' own (`main.rs`, `bin/`).
+fn library_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if path.file_name().unwrap() != "bin" {
+                    walk(&path, out);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") && path.file_name().unwrap() != "main.rs" {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&src(), &mut out);
+    out.sort();
+    out
+}
+
+/// The dependency order from `src/lib.rs`: the `//! N. layer: `a`, `b`` lines under
+/// `## Dependency order`, flattened. A module may use only modules listed before it.
+fn declared_order() -> Vec<(String, String)> {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let mut order = Vec::new();
+    let mut inside = false;
+    for line in lib.lines() {
+        let Some(doc) = line.strip_prefix("//!") else { break };
+        let doc = doc.trim();
+        if doc.starts_with("## ") {
+            inside = doc == "## Dependency order";
+            continue;
+        }
+        let Some((number, rest)) = doc.split_once(". ") else { continue };
+        if !inside || number.parse::<u32>().is_err() {
+            continue;
+        }
+        let (layer, modules) = rest.split_once(':').expect("a layer line reads `N. layer: `a`, `b``");
+        for module in modules.split(',') {
+            let module = module.trim().trim_matches(|c| c == '`' || c == '.');
+            order.push((module.to_owned(), layer.trim().to_owned()));
+        }
+    }
+    assert!(!order.is_empty(), "src/lib.rs has no `## Dependency order` list");
+    order
+}
+
+/// The top-level module a file belongs to, and its module path (`config/compile.rs` →
+/// `["config", "compile"]`; `config/mod.rs` → `["config"]`).
+fn module_path(file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src()).unwrap();
+    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let last = parts.pop().unwrap();
+    let stem = last.trim_end_matches(".rs");
+    if stem != "mod" && stem != "lib" {
+        parts.push(stem.to_owned());
+    }
+    parts
+}
+
+/// Source without comments (line comments, doc comments, block comments) and without the
+/// contents of string literals, so prose and messages that mention `crate::x` are not edges.
+fn code_only(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"//") {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if b[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if b[i] == b'r' && (b[i..].starts_with(b"r\"") || b[i..].starts_with(b"r#")) && !ident_before(b, i) {
+            // Raw string: r"…", r#"…"#, r##"…"##.
+            let hashes = b[i + 1..].iter().take_while(|&&c| c == b'#').count();
+            if b.get(i + 1 + hashes) != Some(&b'"') {
+                out.push('r');
+                i += 1;
+                continue;
+            }
+            let close: Vec<u8> = std::iter::once(b'"').chain(std::iter::repeat_n(b'#', hashes)).collect();
+            i += 2 + hashes;
+            while i < b.len() && !b[i..].starts_with(&close) {
+                if b[i] == b'\n' {
+                    out.push('\n');
+                }
+                i += 1;
+            }
+            i += close.len();
+            out.push_str("\"\"");
+        } else if b[i] == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                if b[i] == b'\\' {
+                    i += 1;
+                }
+                if b.get(i) == Some(&b'\n') {
+                    out.push('\n');
+                }
+                i += 1;
+            }
+            i += 1;
+            out.push_str("\"\"");
+        } else if b[i] == b'\'' && b.get(i + 2) == Some(&b'\'') {
+            // A char literal like '"' (lifetimes have no closing quote two bytes on).
+            out.push_str("' '");
+            i += 3;
+        } else if b[i..].starts_with(b"'\\") {
+            let end = b[i + 2..].iter().position(|&c| c == b'\'').map_or(b.len(), |p| i + 3 + p);
+            out.push_str("' '");
+            i = end;
+        } else {
+            let ch = text[i..].chars().next().unwrap();
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+fn ident_before(b: &[u8], i: usize) -> bool {
+    i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')
+}
+
+fn ident_at(s: &str) -> &str {
+    let end = s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s.len());
+    &s[..end]
+}
+
+/// The top-level modules a file's code names: `crate::x`, `crate::{x, y::z}`, and `super::`
+/// chains that climb out of the file's own top-level module.
+fn used_modules(file: &Path) -> Vec<(String, usize)> {
+    used_modules_in(&std::fs::read_to_string(file).unwrap(), &module_path(file))
+}
+
+fn used_modules_in(text: &str, path: &[String]) -> Vec<(String, usize)> {
+    let code = code_only(text);
+    let mut used = Vec::new();
+    for (n, line) in code.lines().enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("crate::").or_else(|| rest.find("super::")) {
+            let (first, after) = if rest[at..].starts_with("crate::") {
+                let crate_at = rest.find("crate::").unwrap();
+                let super_at = rest.find("super::").unwrap_or(usize::MAX);
+                if super_at < crate_at {
+                    (super_at, "super")
+                } else {
+                    (crate_at, "crate")
+                }
+            } else {
+                (at, "super")
+            };
+            if ident_before(rest.as_bytes(), first) {
+                rest = &rest[first + 7..];
+                continue;
+            }
+            let mut tail = &rest[first..];
+            let names: Vec<&str> = if after == "crate" {
+                tail = &tail["crate::".len()..];
+                if let Some(group) = tail.strip_prefix('{') {
+                    top_level_names(group)
+                } else {
+                    vec![ident_at(tail)]
+                }
+            } else {
+                let mut climbs = 0;
+                while let Some(t) = tail.strip_prefix("super::") {
+                    climbs += 1;
+                    tail = t;
+                }
+                if climbs < path.len() {
+                    vec![]
+                } else {
+                    vec![ident_at(tail)]
+                }
+            };
+            used.extend(names.into_iter().filter(|m| !m.is_empty()).map(|m| (m.to_owned(), n + 1)));
+            rest = &rest[first + 7..];
+        }
+    }
+    used
+}
+
+/// `a, b::c, d::{e, f}}` → `[a, b, d]`: the first name of each item of a `use crate::{…}` group.
+fn top_level_names(group: &str) -> Vec<&str> {
+    let mut names = vec![ident_at(group.trim_start())];
+    let mut depth = 0;
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => names.push(ident_at(group[i + 1..].trim_start())),
+            _ => {}
+        }
+    }
+    names
+}
+
+#[test]
+fn modules_depend_only_on_modules_before_them_in_the_order_lib_rs_declares() {
+    let order = declared_order();
+    let rank = |m: &str| order.iter().position(|(name, _)| name == m);
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    let declared: Vec<&str> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod ").or_else(|| l.strip_prefix("mod ")))
+        .map(|l| l.trim_end_matches(';'))
+        .collect();
+    let unplaced: Vec<&&str> = declared.iter().filter(|m| rank(m).is_none()).collect();
+    assert!(unplaced.is_empty(), "modules missing from the dependency order in src/lib.rs: {unplaced:?}");
+
+    let mut against = String::new();
+    let mut edges = BTreeMap::<(String, String), usize>::new();
+    for file in library_files() {
+        let path = module_path(&file);
+        let Some(from) = path.first() else { continue };
+        for (to, line) in used_modules(&file) {
+            // `super::x` from inside an inline module can name an item, not a module: only
+            // top-level modules are edges.
+            if &to == from || !declared.contains(&to.as_str()) {
+                continue;
+            }
+            *edges.entry((from.clone(), to.clone())).or_default() += 1;
+            let (Some(f), Some(t)) = (rank(from), rank(&to)) else { continue };
+            if t >= f {
+                writeln!(
+                    against,
+                    "{}:{line}: {from} ({}) → {to} ({}): `{to}` is not before `{from}`",
+                    file.strip_prefix(src()).unwrap().display(),
+                    order[f].1,
+                    order[t].1
+                )
+                .unwrap();
+            }
+        }
+    }
+    assert!(edges.len() > 10, "found only {} edges: is the parser reading the sources? {edges:?}", edges.len());
+    assert!(against.is_empty(), "edges against the dependency order in src/lib.rs:\n{against}");
+}
+
+#[test]
+fn the_checks_themselves_see_what_they_claim_to() {
+    // The parsers above read real code; prove they find what a human sees, and only that.
+    let code = "//! mentions crate::cli in prose\n/* and crate::envoy here */\n\
+                use crate::{vocab::Key, config::{self, Snapshot}};\n\
+                fn f() { let s = \"crate::extproc\"; let c = '\"'; crate::auth::x(); super::super::telemetry::y(); }\n\
+                fn g() { super::sibling(); mycrate::other(); }\n";
+    let path = ["inject".to_owned(), "query".to_owned()];
+    let found: Vec<(String, usize)> = used_modules_in(code, &path);
+    let names: Vec<&str> = found.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["vocab", "config", "auth", "telemetry"], "{found:?}");
+    assert_eq!(found[2].1, 4, "edges carry the line they are on");
+    assert_eq!(module_path(&src().join("config").join("compile.rs")), ["config", "compile"]);
+    assert_eq!(module_path(&src().join("config").join("mod.rs")), ["config"]);
+    assert_eq!(module_path(&src().join("target.rs")), ["target"]);
+}
