@@ -208,6 +208,27 @@ impl Metrics {
                 ("{reason=\"export_failed\"}", g(&self.spans_export_failed)),
             ],
         );
+        let samples = self.token_samples();
+        let refs: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter("gen_ai_client_token_usage", "Tokens reported by providers.", &refs);
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_config_rejected_objects Invalid objects left out of the configuration in effect (their dependents fail closed).\n\
+             # TYPE keyswap_config_rejected_objects gauge\nkeyswap_config_rejected_objects {}",
+            g(&self.config_rejected)
+        );
+        self.render_phases(&mut out);
+        out.push_str(&crate::auth::render_metrics());
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_ready Whether a configuration is loaded.\n# TYPE keyswap_ready gauge\nkeyswap_ready {}",
+            u8::from(ready)
+        );
+        out
+    }
+
+    /// `gen_ai_client_token_usage` samples: labels and count, per (provider, model, tenant, type).
+    fn token_samples(&self) -> Vec<(String, u64)> {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut samples = Vec::new();
         for ((provider, model, tenant), (input, output)) in &tokens {
@@ -224,14 +245,11 @@ impl Metrics {
                 ));
             }
         }
-        let refs: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        counter("gen_ai_client_token_usage", "Tokens reported by providers.", &refs);
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_config_rejected_objects Invalid objects left out of the configuration in effect (their dependents fail closed).\n\
-             # TYPE keyswap_config_rejected_objects gauge\nkeyswap_config_rejected_objects {}",
-            g(&self.config_rejected)
-        );
+        samples
+    }
+
+    /// The phase-latency histogram, in Prometheus text.
+    fn render_phases(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "# HELP keyswap_extproc_phase_duration_seconds Time keyswap spent answering one ext_proc message.\n\
@@ -257,13 +275,6 @@ impl Metrics {
             );
             let _ = writeln!(out, "keyswap_extproc_phase_duration_seconds_count{{phase=\"{name}\"}} {count}");
         }
-        out.push_str(&crate::auth::render_metrics());
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_ready Whether a configuration is loaded.\n# TYPE keyswap_ready gauge\nkeyswap_ready {}",
-            u8::from(ready)
-        );
-        out
     }
 }
 

@@ -1,0 +1,127 @@
+//! The response path of an injected request: headers and body chunks scrubbed of every live
+//! secret before the agent (or a span) sees them, and recorded on the span.
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ext_proc::v3::HeaderMutation;
+use secrecy::ExposeSecret as _;
+use std::sync::Arc;
+
+use super::{header_bytes, mutation, Handled, ProcessStream};
+use crate::config::Snapshot;
+use crate::telemetry::{Metrics, Phase as TelemetryPhase};
+
+/// What a response may not carry back: every live secret of the snapshot the request was
+/// decided on, and the credential minted for it (a GCP access token).
+pub(super) struct Scrub {
+    pub(super) snapshot: Arc<Snapshot>,
+    pub(super) minted: Option<Box<[u8]>>,
+    /// The route scrubs response bodies too (`spec.scrubResponseBodies`).
+    pub(super) body: Option<crate::scrub::Streaming>,
+}
+
+/// Header names and values, owned (scrubbed copies).
+type OwnedHeaders = Vec<(String, Vec<u8>)>;
+
+impl Scrub {
+    fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        self.snapshot.live_secrets.iter().map(|s| s.expose_secret()).chain(self.minted.as_deref())
+    }
+
+    /// The chunk to send on in place of `chunk`, and whether a secret was found in it; `None`
+    /// when bodies are not scrubbed or the chunk goes on unchanged.
+    fn response_body(&mut self, chunk: &[u8], end: bool) -> Option<(Vec<u8>, bool)> {
+        let Scrub { snapshot, minted, body } = self;
+        let body = body.as_mut()?;
+        let secrets: Vec<&[u8]> =
+            snapshot.live_secrets.iter().map(|x| x.expose_secret()).chain(minted.as_deref()).collect();
+        let before = body.scrubbed;
+        let out = body.chunk(chunk, end, &secrets)?;
+        Some((out, body.scrubbed > before))
+    }
+
+    /// The response headers with every secret value replaced, and the mutation that does the
+    /// same in Envoy; `None` when no header carries one (the common case: no allocation).
+    fn response_headers(&self, headers: &[HeaderValue]) -> Option<(OwnedHeaders, HeaderMutation)> {
+        let leaks = |v: &[u8]| self.secrets().any(|s| crate::scrub::contains(v, s));
+        if !headers.iter().any(|h| !h.key.starts_with(':') && leaks(header_bytes(h))) {
+            return None;
+        }
+        let secrets: Vec<&[u8]> = self.secrets().collect();
+        let mut scrubbed: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len());
+        let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
+        for h in headers {
+            let mut v = header_bytes(h).to_vec();
+            if !h.key.starts_with(':') && leaks(&v) {
+                crate::scrub::scrub(&mut v, &secrets, false);
+                // Repeated headers of one name become one value (OVERWRITE replaces them all).
+                match changed.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&h.key)) {
+                    Some((_, joined)) => {
+                        joined.extend_from_slice(b", ");
+                        joined.extend_from_slice(&v);
+                    }
+                    None => changed.push((h.key.to_ascii_lowercase(), v.clone())),
+                }
+            }
+            scrubbed.push((h.key.clone(), v));
+        }
+        // Values of a changed name that were clean still belong to the one rewritten value.
+        for (name, joined) in changed.iter_mut() {
+            let clean = headers.iter().filter(|h| h.key.eq_ignore_ascii_case(name) && !leaks(header_bytes(h)));
+            for h in clean {
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(header_bytes(h));
+            }
+        }
+        let pairs: Vec<(&str, &[u8])> = changed.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        Some((scrubbed, mutation::set_headers(&pairs)))
+    }
+}
+
+impl ProcessStream {
+    /// The upstream's response headers: scrubbed of live secrets, recorded on the span, and the
+    /// body asked for when the span or the scrubber needs it.
+    pub(super) fn on_response_headers(&mut self, headers: &[HeaderValue], end: bool) -> Handled {
+        let mut mode = None;
+        let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
+        if scrubbed.is_some() {
+            Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
+            tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
+        }
+        if let Some(t) = &mut self.tx {
+            let pairs: Vec<(&str, &[u8])> = match &scrubbed {
+                Some((s, _)) => s.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect(),
+                None => headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect(),
+            };
+            t.tx.on_response_headers(&pairs);
+            if !end && t.tx.wants_response_body() {
+                mode = Some(mutation::mode(mutation::RequestBody::None, true));
+            }
+        }
+        let mut m = scrubbed.map(|(_, m)| m);
+        if !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+            // Scrubbing changes the body's length: the agent gets it chunked.
+            m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
+            mode = Some(mutation::mode(mutation::RequestBody::None, true));
+        }
+        Handled::Answer(mutation::response_headers(m, mode), TelemetryPhase::ResponseHeaders, end)
+    }
+
+    /// A response body chunk: recorded on the span, and scrubbed when the route says so.
+    pub(super) fn on_response_body(&mut self, body: &[u8], end: bool) -> Handled {
+        if let Some(t) = &mut self.tx {
+            t.tx.on_response_body(body);
+        }
+        let replaced = self.scrub.as_mut().and_then(|s| s.response_body(body, end));
+        let resp = match replaced {
+            Some((body, found)) => {
+                if found {
+                    Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
+                    tracing::warn!("the upstream's response body carried a live secret value; scrubbed");
+                }
+                mutation::response_body_with(body)
+            }
+            None => mutation::response_body(),
+        };
+        Handled::Answer(resp, TelemetryPhase::ResponseBody, end)
+    }
+}
