@@ -1,0 +1,316 @@
+//! Tests of the compile: validation messages, bindings and what fails closed, through manifests.
+
+use super::*;
+use crate::config::load::parse_file;
+use crate::config::snapshot::{Credential, Unresolved};
+use crate::config::Decision;
+
+const GW: &str = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\n";
+
+fn route(name: &str, matches: &str) -> String {
+    format!("apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{matches}]}}]\n---\n")
+}
+
+fn policy(name: &str, parent: &str, rest: &str) -> String {
+    format!("apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{parent}]\n  secretRef: {{name: s}}\n{rest}\n---\n")
+}
+
+fn compile(text: &str) -> Result<Snapshot, String> {
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), text);
+    assert!(errs.is_empty(), "{errs:?}");
+    let cat = Catalog::build(objs).map_err(|e| e.to_string())?;
+    cat.compile(&Key::new("default", "egress")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn policy_conflicts_and_bad_references_are_errors() {
+    let two = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("a", "{name: r}", "  target: Header"),
+        policy("b", "{name: r}", "  target: Header")
+    );
+    let e = compile(&two).unwrap_err();
+    assert!(e.contains("more than one CredentialInjectionPolicy targets this route: default/a, default/b"), "{e}");
+
+    let dangling = format!("{GW}{}", policy("a", "{name: nope}", "  target: Header"));
+    let e = compile(&dangling).unwrap_err();
+    assert!(e.contains("field `spec.parentRefs[0]`: AIProviderRoute default/nope does not exist"), "{e}");
+
+    let wrong_kind = format!("{GW}{}", policy("a", "{kind: Secret, name: s}", "  target: Header"));
+    assert!(compile(&wrong_kind).unwrap_err().contains("unknown kind `Secret`"));
+}
+
+#[test]
+fn provider_specific_requirements_are_checked() {
+    let custom = format!(
+        "{GW}{}{}",
+        route("r", "{provider: custom, hosts: [x.test]}"),
+        policy("a", "{name: r}", "  target: Header")
+    );
+    let e = compile(&custom).unwrap_err();
+    assert!(
+        e.contains("CredentialInjectionPolicy default/a: field `spec.headerName`: is required: provider `custom` has no default header (route default/r rule 0 match 0)"),
+        "{e}"
+    );
+
+    let no_hosts = format!("{GW}{}", route("r", "{provider: custom}"));
+    assert!(compile(&no_hosts).unwrap_err().contains("provider `custom` has no default hosts"));
+
+    let models = format!("{GW}{}", route("r", "{provider: openai, models: [gpt-4o]}"));
+    assert!(compile(&models).unwrap_err().contains("sends the model in the request body"));
+
+    let no_auth =
+        format!("{GW}{}{}", route("r", "{provider: bedrock}"), policy("a", "{name: r}", "  target: ProviderAuth"));
+    let e = compile(&no_auth).unwrap_err();
+    assert!(e.contains("field `spec.providerAuth`: is required when target is ProviderAuth"), "{e}");
+
+    let aws_key = format!(
+        "{GW}{}{}",
+        route("r", "{provider: bedrock}"),
+        policy(
+            "a",
+            "{name: r}",
+            "  target: ProviderAuth\n  secretKey: token\n  providerAuth: {type: AWSv4, scopes: [x]}"
+        )
+    );
+    let e = compile(&aws_key).unwrap_err();
+    assert!(
+        e.contains("field `spec.secretKey`: does not apply to AWSv4: the Secret holds the keys `AWS_ACCESS_KEY_ID`"),
+        "{e}"
+    );
+    assert!(e.contains("field `spec.providerAuth.scopes`: applies only to type GCPServiceAccount"), "{e}");
+
+    let gcp_region = format!(
+        "{GW}{}{}",
+        route("r", "{provider: google}"),
+        policy(
+            "a",
+            "{name: r}",
+            "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount, region: us-east-1}"
+        )
+    );
+    assert!(compile(&gcp_region).unwrap_err().contains("region and service apply only to type AWSv4"));
+
+    let header = format!(
+        "{GW}{}{}",
+        route("r", "{provider: openai}"),
+        policy("a", "{name: r}", "  target: Header\n  headerName: \"bad header\"")
+    );
+    assert!(compile(&header).unwrap_err().contains("is not a valid HTTP header name"));
+}
+
+#[test]
+fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
+    let secrets = [("s", "house"), ("acme-anthropic", "acme"), ("globex-keys", "globex"), ("x-anthropic-extra", "no")]
+        .iter()
+        .map(|(n, v)| {
+            format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: sk-{v}-0001}}\n---\n")
+        })
+        .collect::<String>();
+    let selector = |fallback: &str| {
+        format!(
+            "  target: Header\n  credentialSelector:\n    byTenant:\n      secretNameTemplate: '{{tenant}}-anthropic'\n      tenants: {{globex: {{secretRef: {{name: globex-keys}}}}}}\n    fallback: {fallback}"
+        )
+    };
+    let fp = |v: &str| fingerprint(v.as_bytes());
+    for fallback in ["Deny", "Default"] {
+        let text = format!(
+            "{GW}{}{}{secrets}",
+            route("a", "{provider: anthropic}"),
+            policy("p", "{name: a}", &selector(fallback))
+        );
+        let snap = compile(&text).unwrap();
+        let key = |tenant: Option<&str>| match snap.decide("api.anthropic.com", "/v1/messages", tenant) {
+            Decision::Inject { credential, .. } => Some(credential.fingerprint().to_owned()),
+            Decision::TenantNotMapped { .. } => None,
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(key(Some("acme")), Some(fp("sk-acme-0001")), "template");
+        assert_eq!(key(Some("globex")), Some(fp("sk-globex-0001")), "explicit map");
+        let fallback_key = (fallback == "Default").then(|| fp("sk-house-0001"));
+        assert_eq!(key(Some("initech")), fallback_key, "{fallback}: a tenant without a key");
+        assert_eq!(key(None), fallback_key, "{fallback}: anonymous");
+    }
+    let bad = format!(
+        "{GW}{}{}",
+        route("a", "{provider: anthropic}"),
+        policy(
+            "p",
+            "{name: a}",
+            "  target: Header\n  credentialSelector: {byTenant: {secretNameTemplate: 'static-name'}}"
+        )
+    );
+    let e = compile(&bad).unwrap_err();
+    assert!(e.contains("secretNameTemplate") && e.contains("{tenant}"), "{e}");
+}
+
+#[test]
+fn agent_auth_validators_are_checked_and_name_the_field() {
+    let gw = |validators: &str| {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: {validators}\n---\n")
+    };
+    for (validators, field, words) in [
+        ("[]", "spec.agentAuth.validators", "at least one"),
+        ("[{apiKeys: {}, sharedToken: {secretRef: {name: t}}}]", "spec.agentAuth.validators[0]", "exactly one"),
+        ("[{jwt: {issuer: i, audiences: [], jwksUrl: 'https://idp/jwks'}}]", "audiences", "at least one"),
+        ("[{jwt: {issuer: i, audiences: [a], jwksUrl: 'http://idp/jwks'}}]", "jwksUrl", "https://"),
+        ("[{jwt: {issuer: i, audiences: [a]}}]", "spec.agentAuth.validators[0].jwt", "needs keys"),
+        ("[{jwt: {issuer: i, audiences: [a], jwksFile: /nonexistent/jwks.json}}]", "jwksFile", "cannot read"),
+        ("[{edgeTrust: {agentHeader: x-agent}}]", "edgeTrust", "trusts nobody"),
+        ("[{edgeTrust: {agentHeader: x-agent, trustedCidrs: [10.0.0.0/40]}}]", "trustedCidrs[0]", "prefix"),
+        ("[{sharedToken: {secretRef: {name: missing}}}]", "sharedToken.secretRef", "default/missing"),
+    ] {
+        let e = compile(&gw(validators)).unwrap_err();
+        assert!(e.contains(field) && e.contains(words), "{validators}: {e}");
+    }
+    let token = "apiVersion: v1\nkind: Secret\nmetadata: {name: t1, labels: {keyswap.dev/agent-token: 'true'}}\nstringData: {sha256: nothex, agent: a}\n";
+    let e = compile(&format!("{}{token}", gw("[{apiKeys: {}}]"))).unwrap_err();
+    assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
+}
+
+#[test]
+fn catch_all_policy_on_the_gateway_binds_every_route_with_each_providers_header() {
+    let text = format!(
+        "{GW}{}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData: {{token: k}}\n",
+        route("a", "{provider: anthropic}"),
+        route("o", "{provider: openai}"),
+        policy("all", "{kind: EgressGateway, name: egress}", "  target: Header"),
+    );
+    let snap = compile(&text).unwrap();
+    let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/x", None) else { panic!() };
+    assert_eq!(credential.value(), b"Bearer k");
+    let Decision::Inject { credential, .. } = snap.decide("api.anthropic.com", "/v1/messages", None) else { panic!() };
+    assert_eq!(credential.value(), b"k");
+    assert!(format!("{credential:?}").contains("<redacted>"));
+}
+
+#[test]
+fn a_route_without_any_policy_fails_closed() {
+    let snap = compile(&format!("{GW}{}", route("r", "{provider: anthropic}"))).unwrap();
+    assert!(matches!(
+        snap.decide("api.anthropic.com", "/", None),
+        Decision::FailClosed { reason: Unresolved::NoPolicy, .. }
+    ));
+    assert!(matches!(snap.decide("other.test", "/", None), Decision::Deny));
+}
+
+#[test]
+fn wildcard_hosts_and_models_in_the_path_match() {
+    let text = format!(
+        "{GW}{}{}apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData: {{token: k}}\n",
+        route("az", "{provider: azure-openai, models: [gpt-4o*]}"),
+        policy("p", "{name: az}", "  target: Header"),
+    );
+    let snap = compile(&text).unwrap();
+    let d =
+        snap.decide("myres.openai.azure.com", "/openai/deployments/gpt-4o-mini/chat/completions?api-version=1", None);
+    let Decision::Inject { credential, .. } = d else { panic!("{d:?}") };
+    assert_eq!(credential.describe(), "header `api-key`");
+    assert!(matches!(
+        snap.decide("myres.openai.azure.com", "/openai/deployments/o1/chat/completions", None),
+        Decision::Deny
+    ));
+    assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x", None), Decision::Deny));
+}
+
+fn secret(data: &str) -> String {
+    format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData:\n{data}\n---\n")
+}
+
+#[test]
+fn header_values_must_travel_in_a_header_but_provider_auth_reads_multi_line_keys() {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("a", "{name: r}", "  target: Header"),
+        secret("  token: \"sk-live-value\\n\"")
+    );
+    let e = compile(&text).unwrap_err();
+    assert!(e.contains("Secret default/s: field `token`: ends with a newline"), "{e}");
+    assert!(!e.contains("sk-live-value"), "{e}");
+}
+
+#[test]
+fn provider_auth_compiles_and_names_missing_or_broken_keys() {
+    let aws = |data: &str, extra: &str| {
+        format!(
+            "{GW}{}{}{}",
+            route("r", &format!("{{provider: bedrock{extra}}}")),
+            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}"),
+            secret(data)
+        )
+    };
+    let full = aws("  AWS_ACCESS_KEY_ID: AKIAREAL\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value", "");
+    let snap = compile(&full).unwrap();
+    let Decision::Inject { credential, .. } =
+        snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/model/m/converse", None)
+    else {
+        panic!("bedrock should inject")
+    };
+    assert!(matches!(credential, Credential::AwsV4(_)));
+    assert!(!format!("{credential:?}").contains("s3cr3t"));
+    assert!(snap.secret_values().contains(&b"s3cr3t-value".as_slice()));
+
+    let missing = aws("  AWS_ACCESS_KEY_ID: AKIAREAL", "");
+    let snap = compile(&missing).unwrap();
+    let Decision::FailClosed { reason, .. } = snap.decide("bedrock-runtime.eu-west-1.amazonaws.com", "/", None) else {
+        panic!("missing secret key must fail closed")
+    };
+    assert_eq!(reason.to_string(), "Secret default/s has no key `AWS_SECRET_ACCESS_KEY`");
+
+    // An exact host that names no region needs spec.providerAuth.region.
+    let e = compile(&aws("  AWS_ACCESS_KEY_ID: A\n  AWS_SECRET_ACCESS_KEY: B", ", hosts: [bedrock.internal.example]"))
+        .unwrap_err();
+    assert!(e.contains("host `bedrock.internal.example` names no AWS region"), "{e}");
+
+    let gcp = |json: &str| {
+        format!(
+            "{GW}{}{}{}",
+            route("r", "{provider: google}"),
+            policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: GCPServiceAccount}"),
+            secret(&format!("  service-account.json: '{json}'"))
+        )
+    };
+    let snap = compile(&gcp("{\"type\": \"service_account\", \"client_email\": \"a@b\"}")).unwrap();
+    let Decision::FailClosed { reason, .. } = snap.decide("generativelanguage.googleapis.com", "/", None) else {
+        panic!("a broken key must fail closed")
+    };
+    assert_eq!(reason.reason(), "InvalidSecret");
+    assert!(
+        reason.to_string().starts_with(
+            "Secret default/s key `service-account.json` is not a service-account key: field `private_key`"
+        ),
+        "{reason}"
+    );
+}
+
+#[test]
+fn wildcard_hosts_keep_entry_order_across_index_and_scan() {
+    let custom = |name: &str, host: &str, endpoint: &str| {
+        format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: custom, hosts: ['{host}'], endpoints: ['{endpoint}']}}]}}]\n---\n"
+        )
+    };
+    let text = format!(
+        "{GW}{}{}{}{}{}",
+        custom("a-scan", "api.*.com", "/a/*"),
+        custom("b-label", "*.example.com", "/*"),
+        custom("c-scan", "*x.example.com", "/*"),
+        policy("p", "{kind: EgressGateway, name: egress}", "  target: Header\n  headerName: x-k"),
+        secret("  token: v")
+    );
+    let snap = compile(&text).unwrap();
+    let route = |host: &str, path: &str| match snap.decide(host, path, None) {
+        Decision::Inject { entry, .. } => entry.route.to_string(),
+        other => format!("{other:?}"),
+    };
+    // Both patterns match: the earlier route wins, whichever structure holds it.
+    assert_eq!(route("api.example.com", "/a/1"), "default/a-scan");
+    assert_eq!(route("api.example.com", "/b"), "default/b-label");
+    assert_eq!(route("box.example.com", "/b"), "default/b-label");
+    assert_eq!(route("API.Example.com:443", "/b"), "default/b-label");
+    // One label only: deeper hosts do not match `*.example.com`.
+    assert_eq!(route("a.b.example.com", "/b"), "Deny");
+    assert_eq!(route("example.com", "/b"), "Deny");
+}

@@ -1,0 +1,337 @@
+//! Validation: each gateway, route and policy on its own, and the references between them. Every
+//! error names the object and the field.
+
+use std::collections::HashSet;
+
+use super::{label, resolve_ref, Catalog};
+use crate::api::{
+    ByTenant, CredentialInjectionPolicySpec, ParentRef, ProviderAuth, ProviderAuthType, RouteMatch, Target,
+};
+use crate::config::error::ConfigError;
+use crate::config::load::{Key, Kind};
+use crate::inject::sigv4;
+use crate::provider;
+
+impl Catalog {
+    /// Gateways, then routes, then policies; the errors in that order.
+    pub(super) fn validate(&self, errors: &mut Vec<ConfigError>) {
+        self.validate_gateways(errors);
+        self.validate_routes(errors);
+        self.validate_policies(errors);
+    }
+
+    /// Each gateway: allowed hosts, listener names (unique) and ports.
+    fn validate_gateways(&self, errors: &mut Vec<ConfigError>) {
+        for (key, gw) in &self.gateways {
+            let err = |f: &str, m: String| {
+                ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, key)).field(f)
+            };
+            for (i, host) in gw.spec.allow.iter().enumerate() {
+                if let Err(m) = check_host(host) {
+                    errors.push(err(&format!("spec.allow[{i}]"), m));
+                }
+            }
+            let mut names = HashSet::new();
+            for (i, l) in gw.spec.listeners.iter().enumerate() {
+                if !names.insert(&l.name) {
+                    errors.push(err(&format!("spec.listeners[{i}].name"), format!("`{}` is used twice", l.name)));
+                }
+                if l.port == 0 {
+                    errors.push(err(&format!("spec.listeners[{i}].port"), "must be 1-65535".into()));
+                }
+            }
+        }
+    }
+
+    /// Each route: its gateways exist, it has rules, each rule has matches, each match is valid.
+    fn validate_routes(&self, errors: &mut Vec<ConfigError>) {
+        for (key, route) in &self.routes {
+            let err = |f: String, m: String| {
+                ConfigError::new(m).at(&route.origin).object(label(Kind::AIProviderRoute, key)).field(f)
+            };
+            self.check_parent_refs(&route.spec.parent_refs, key, &[Kind::EgressGateway], &err, errors);
+            if route.spec.rules.is_empty() {
+                errors.push(err("spec.rules".into(), "needs at least one rule".into()));
+            }
+            for (r, rule) in route.spec.rules.iter().enumerate() {
+                if rule.matches.is_empty() {
+                    errors.push(err(format!("spec.rules[{r}].matches"), "needs at least one match".into()));
+                }
+                for (m, mt) in rule.matches.iter().enumerate() {
+                    let at = |f: &str| format!("spec.rules[{r}].matches[{m}].{f}");
+                    check_route_match(mt, &at, &err, errors);
+                }
+            }
+        }
+    }
+
+    /// Each policy: its parents exist, its Secrets are in its own namespace, and it sets the
+    /// fields its target uses (and no others).
+    fn validate_policies(&self, errors: &mut Vec<ConfigError>) {
+        for (key, pol) in &self.policies {
+            let err = |f: String, m: String| {
+                ConfigError::new(m).at(&pol.origin).object(label(Kind::CredentialInjectionPolicy, key)).field(f)
+            };
+            let s = &pol.spec;
+            self.check_parent_refs(&s.parent_refs, key, &[Kind::AIProviderRoute, Kind::EgressGateway], &err, errors);
+            if s.secret_ref.namespace.is_some() {
+                errors.push(err(
+                    "spec.secretRef.namespace".into(),
+                    "is not allowed: a policy reads Secrets only in its own namespace".into(),
+                ));
+            }
+            if let Some(sel) = &s.credential_selector {
+                check_by_tenant(&sel.by_tenant, &err, errors);
+            }
+            if s.secret_ref.name.is_empty() {
+                errors.push(err("spec.secretRef.name".into(), "is required".into()));
+            }
+            match s.target {
+                Target::Header => check_header_target(s, &err, errors),
+                Target::QueryParam => check_query_param_target(s, &err, errors),
+                Target::ProviderAuth => check_provider_auth_target(s, &err, errors),
+            }
+            if s.provider_auth.is_some() && s.target != Target::ProviderAuth {
+                errors.push(err("spec.providerAuth".into(), "applies only to target ProviderAuth".into()));
+            }
+        }
+    }
+
+    /// `refs` name at least one parent, each of an `allowed` kind (the first one is the default)
+    /// and present in the catalog.
+    fn check_parent_refs(
+        &self,
+        refs: &[ParentRef],
+        own: &Key,
+        allowed: &[Kind],
+        err: &dyn Fn(String, String) -> ConfigError,
+        errors: &mut Vec<ConfigError>,
+    ) {
+        if refs.is_empty() {
+            errors.push(err("spec.parentRefs".into(), "needs at least one parent".into()));
+        }
+        for (i, r) in refs.iter().enumerate() {
+            let field = format!("spec.parentRefs[{i}]");
+            match resolve_ref(r, own, allowed[0]) {
+                Err(m) => errors.push(err(field, m)),
+                Ok((kind, key)) if !allowed.contains(&kind) => {
+                    let names = allowed.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(" or ");
+                    errors.push(err(format!("{field}.kind"), format!("must be {names}, not {}", kind.as_str())));
+                    let _ = key;
+                }
+                Ok((kind, key)) => {
+                    let exists = match kind {
+                        Kind::EgressGateway => self.gateways.contains_key(&key),
+                        Kind::AIProviderRoute => self.routes.contains_key(&key),
+                        _ => false,
+                    };
+                    if !exists && self.was_left_out(kind, &key) {
+                        errors.push(err(field, format!("{} {key} is invalid and left out", kind.as_str())));
+                    } else if !exists {
+                        errors.push(err(field, format!("{} {key} does not exist", kind.as_str())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One `matches[]` item of a route: a known provider, hosts (its own or the provider's),
+/// endpoint paths, and models only where the provider puts them in the path. `at` names a field
+/// of the match.
+fn check_route_match(
+    mt: &RouteMatch,
+    at: &dyn Fn(&str) -> String,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    let Some(p) = provider::lookup(&mt.provider) else {
+        let known = provider::names().collect::<Vec<_>>().join(", ");
+        errors.push(err(at("provider"), format!("unknown provider `{}`; known: {known}", mt.provider)));
+        return;
+    };
+    if mt.hosts.is_empty() && p.default_hosts.is_empty() {
+        errors.push(err(at("hosts"), format!("provider `{}` has no default hosts: list them", p.name)));
+    }
+    for (i, h) in mt.hosts.iter().enumerate() {
+        if let Err(msg) = check_host(h) {
+            errors.push(err(at(&format!("hosts[{i}]")), msg));
+        }
+    }
+    for (i, e) in mt.endpoints.iter().enumerate() {
+        if !e.starts_with('/') || e.contains('?') {
+            errors.push(err(
+                at(&format!("endpoints[{i}]")),
+                format!("`{e}` must be a path starting with `/`, without a query"),
+            ));
+        }
+    }
+    if !mt.models.is_empty() && p.model_in_path == provider::ModelInPath::No {
+        errors.push(err(
+            at("models"),
+            format!(
+                "provider `{}` sends the model in the request body; this build matches models only \
+                 where the provider puts them in the path (google, azure-openai, bedrock)",
+                p.name
+            ),
+        ));
+    }
+}
+
+/// `credentialSelector.byTenant`: a name template with `{tenant}` once, or explicit tenants,
+/// each reading a Secret of the policy's own namespace.
+fn check_by_tenant(bt: &ByTenant, err: &dyn Fn(String, String) -> ConfigError, errors: &mut Vec<ConfigError>) {
+    if bt.secret_name_template.is_none() && bt.tenants.is_empty() {
+        errors.push(err("spec.credentialSelector.byTenant".into(), "needs secretNameTemplate or tenants".into()));
+    }
+    if let Some(t) = &bt.secret_name_template {
+        if t.matches("{tenant}").count() != 1 || t == "{tenant}" {
+            errors.push(err(
+                "spec.credentialSelector.byTenant.secretNameTemplate".into(),
+                format!("`{t}` must contain `{{tenant}}` exactly once, with a fixed prefix or suffix"),
+            ));
+        }
+    }
+    for (tenant, ts) in &bt.tenants {
+        if ts.secret_ref.namespace.is_some() {
+            errors.push(err(
+                format!("spec.credentialSelector.byTenant.tenants.{tenant}.secretRef.namespace"),
+                "is not allowed: a policy reads Secrets only in its own namespace".into(),
+            ));
+        }
+    }
+}
+
+/// `target: Header`: a header name that can carry a credential, a prefix without line breaks.
+fn check_header_target(
+    s: &CredentialInjectionPolicySpec,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    if let Some(h) = &s.header_name {
+        if let Err(m) = check_header_name(h) {
+            errors.push(err("spec.headerName".into(), m));
+        }
+    }
+    if s.query_param_name.is_some() {
+        errors.push(err("spec.queryParamName".into(), "applies only to target QueryParam".into()));
+    }
+    if let Some(p) = &s.value_prefix {
+        if p.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            errors.push(err("spec.valuePrefix".into(), "must not contain CR, LF or NUL".into()));
+        }
+    }
+}
+
+/// `target: QueryParam`: a parameter name that cannot break the query, and no header fields.
+fn check_query_param_target(
+    s: &CredentialInjectionPolicySpec,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    match &s.query_param_name {
+        Some(q) if q.is_empty() || q.contains(['&', '=', '#', '?', ' ']) => {
+            errors.push(err("spec.queryParamName".into(), format!("`{q}` is not a valid query parameter name")));
+        }
+        _ => {}
+    }
+    if s.header_name.is_some() || s.value_prefix.is_some() {
+        errors.push(err("spec.headerName".into(), "headerName and valuePrefix apply only to target Header".into()));
+    }
+}
+
+/// `target: ProviderAuth`: no header or parameter fields, and `providerAuth` valid for its type.
+fn check_provider_auth_target(
+    s: &CredentialInjectionPolicySpec,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    if s.header_name.is_some() || s.value_prefix.is_some() || s.query_param_name.is_some() {
+        errors.push(err(
+            "spec.headerName".into(),
+            "headerName, valuePrefix and queryParamName do not apply to target ProviderAuth".into(),
+        ));
+    }
+    match &s.provider_auth {
+        None => errors.push(err(
+            "spec.providerAuth".into(),
+            "is required when target is ProviderAuth (type AWSv4 or GCPServiceAccount)".into(),
+        )),
+        Some(a) => match a.kind {
+            ProviderAuthType::AWSv4 => check_aws_v4(s, a, err, errors),
+            ProviderAuthType::GCPServiceAccount => check_gcp_service_account(a, err, errors),
+        },
+    }
+}
+
+/// `providerAuth` of type AWSv4: no scopes, no `secretKey` (the key names are fixed), and a
+/// well-formed region and service when set.
+fn check_aws_v4(
+    s: &CredentialInjectionPolicySpec,
+    a: &ProviderAuth,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    if !a.scopes.is_empty() {
+        errors.push(err("spec.providerAuth.scopes".into(), "applies only to type GCPServiceAccount".into()));
+    }
+    if s.secret_key.is_some() {
+        errors.push(err(
+            "spec.secretKey".into(),
+            format!(
+                "does not apply to AWSv4: the Secret holds the keys `{}`, `{}` and optionally `{}`",
+                sigv4::ACCESS_KEY_ID,
+                sigv4::SECRET_ACCESS_KEY,
+                sigv4::SESSION_TOKEN
+            ),
+        ));
+    }
+    for (f, v) in [("region", &a.region), ("service", &a.service)] {
+        if let Some(v) = v {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                errors.push(err(format!("spec.providerAuth.{f}"), format!("`{v}` is not a valid AWS {f}")));
+            }
+        }
+    }
+}
+
+/// `providerAuth` of type GCPServiceAccount: no region or service, and scopes without spaces.
+fn check_gcp_service_account(
+    a: &ProviderAuth,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    if a.region.is_some() || a.service.is_some() {
+        errors.push(err("spec.providerAuth.region".into(), "region and service apply only to type AWSv4".into()));
+    }
+    if a.scopes.iter().any(|sc| sc.is_empty() || sc.contains(char::is_whitespace)) {
+        errors.push(err("spec.providerAuth.scopes".into(), "each scope must be a non-empty URL without spaces".into()));
+    }
+}
+
+pub(super) fn check_host(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
+        && !h.starts_with('.')
+        && !h.ends_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{h}` is not a host name (no scheme, port or path; `*` stands for one DNS label)"))
+    }
+}
+
+pub(super) fn check_header_name(h: &str) -> Result<(), String> {
+    const FORBIDDEN: &[&str] = &["host", "content-length", "transfer-encoding", "connection", "te", "upgrade"];
+    if h.is_empty()
+        || h.starts_with(':')
+        || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        return Err(format!("`{h}` is not a valid HTTP header name"));
+    }
+    if FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(h)) {
+        return Err(format!("`{h}` cannot carry a credential"));
+    }
+    Ok(())
+}

@@ -1,0 +1,505 @@
+//! The Kubernetes source: kube-rs reflectors for the three resources, and one name-scoped watch
+//! per Secret the configuration names (never a cluster-wide Secret list). Two features need
+//! wider watches, in their own namespace only: `agentAuth.apiKeys` (Secrets labelled
+//! `keyswap.dev/agent-token=true`) and `credentialSelector.byTenant.secretNameTemplate` (every
+//! Secret of the policy's namespace: the template names them by pattern).
+//!
+//! Every change rebuilds the whole snapshot from the in-memory caches; an invalid result is
+//! logged and the last good snapshot keeps serving. Watch errors (dropped connections, an
+//! unreachable API server) are retried on a short bounded backoff (at most [`RETRY_CAP`] apart,
+//! reset on success) while the caches, and so the snapshot, stay as they were; an expired
+//! resourceVersion (410 Gone) is not a failure: the watch relists at once.
+//!
+//! This file holds the source's loop (watch, settle, follow the Secrets named, rebuild, publish)
+//! and the objects' status conditions; `kube/watch.rs` holds one watch: its retries, backoff and
+//! failure causes.
+
+mod watch;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use secrecy::SecretSlice;
+use tokio::sync::Notify;
+
+use self::watch::{watch, Watched};
+use super::error::Origin;
+use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
+use super::{log_changes, Catalog, GatewaySelector, SnapshotStore};
+use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway};
+
+/// How long the caches must be quiet before a rebuild: coalesces a burst (an initial list,
+/// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
+const SETTLE: Duration = Duration::from_millis(30);
+
+/// The first pause after a watch failure; it doubles on each further failure up to [`RETRY_CAP`]
+/// (with jitter, so the watches of one process do not retry in step) and resets on success.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts of a failing watch: once the API server answers again,
+/// every watch is back (and a relist done) within about this long.
+const RETRY_CAP: Duration = Duration::from_secs(1);
+/// A failing watch that, retried, raises no error for this long is taken as connected again (a
+/// resumed watch with nothing new to report sends no event). Longer than the client's connect
+/// timeout (4 s, set in `cli`), so a connection attempt hanging on an unreachable API server fails
+/// first.
+const QUIET: Duration = Duration::from_secs(5);
+
+/// What `/readyz` and the metrics report about the Kubernetes source.
+#[derive(Debug, Default)]
+pub struct KubeStatus {
+    /// Initial lists done and a first snapshot built.
+    pub synced: AtomicBool,
+    /// Watch failures (each retry of a failing watch counts once). Not an expired
+    /// resourceVersion (410 Gone): that is a relist, counted in `relists`.
+    pub watch_errors: AtomicU64,
+    /// Watches failing now (their last attempt failed and nothing succeeded since).
+    pub watches_failing: AtomicU64,
+    /// Relists after an expired resourceVersion (410 Gone).
+    pub relists: AtomicU64,
+    /// Secrets currently watched (and cached): exactly those policies reference.
+    pub secrets_watched: AtomicU64,
+    pub rebuilds: AtomicU64,
+    /// The latest watch failure (shown while `watches_failing` is not 0).
+    pub last_error: Mutex<Option<String>>,
+    /// Invalid objects left out of the snapshot in effect.
+    pub rejected: AtomicU64,
+}
+
+impl KubeStatus {
+    /// Prometheus lines for the Kubernetes source.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP keyswap_kube_watch_errors_total Kubernetes watch errors (retried with backoff).\n\
+             # TYPE keyswap_kube_watch_errors counter\nkeyswap_kube_watch_errors_total {}\n\
+             # HELP keyswap_kube_watches_failing Kubernetes watches failing now (retried at most 1 s apart).\n\
+             # TYPE keyswap_kube_watches_failing gauge\nkeyswap_kube_watches_failing {}\n\
+             # HELP keyswap_kube_relists_total Relists after an expired resourceVersion (410 Gone).\n\
+             # TYPE keyswap_kube_relists counter\nkeyswap_kube_relists_total {}\n\
+             # HELP keyswap_kube_secrets_watched Secrets watched and cached: those policies reference.\n\
+             # TYPE keyswap_kube_secrets_watched gauge\nkeyswap_kube_secrets_watched {}\n\
+             # HELP keyswap_kube_api_reachable Whether every Kubernetes watch is connected (none failing).\n\
+             # TYPE keyswap_kube_api_reachable gauge\nkeyswap_kube_api_reachable {}\n",
+            self.watch_errors.load(Ordering::Relaxed),
+            self.watches_failing.load(Ordering::Relaxed),
+            self.relists.load(Ordering::Relaxed),
+            self.secrets_watched.load(Ordering::Relaxed),
+            u8::from(self.watches_failing.load(Ordering::Relaxed) == 0),
+        )
+    }
+
+    pub fn detail(&self) -> String {
+        let failing = self.watches_failing.load(Ordering::Relaxed);
+        let err = match failing {
+            0 => None,
+            _ => Some(self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()),
+        };
+        match (self.synced.load(Ordering::Relaxed), err) {
+            (false, None) => "waiting for the initial sync with the Kubernetes API".into(),
+            (false, Some(e)) => format!("waiting for the initial sync; last watch error: {e}"),
+            (true, None) => "synced with the Kubernetes API".into(),
+            (true, Some(e)) => format!(
+                "Kubernetes API watch failing ({failing} failing; last error: {e}); serving the last good configuration"
+            ),
+        }
+    }
+
+    fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+}
+
+/// Converts a Kubernetes Secret into keyswap's form. Values are checked where a policy uses them.
+pub fn secret_data(secret: &Secret) -> SecretData {
+    let mut out = SecretData { labels: secret.labels().clone(), ..SecretData::default() };
+    let data = secret.data.iter().flatten().map(|(k, v)| (k, v.0.clone()));
+    let string_data = secret.string_data.iter().flatten().map(|(k, v)| (k, v.clone().into_bytes()));
+    for (k, bytes) in data.chain(string_data) {
+        out.entries.insert(k.clone(), SecretSlice::from(bytes));
+    }
+    out
+}
+
+/// Runs the Kubernetes source. Returns the store once the initial sync produced a valid
+/// snapshot; keeps it current in the background.
+pub async fn start(
+    client: Client,
+    namespace: Option<String>,
+    selector: GatewaySelector,
+    status: Arc<KubeStatus>,
+    write_status: bool,
+) -> anyhow::Result<SnapshotStore> {
+    let changed = Arc::new(Notify::new());
+    let (gateways, routes, policies) = watch_resources(&client, namespace.as_deref(), &changed, &status);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SnapshotStore>();
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
+    let source = Source {
+        client,
+        selector,
+        status,
+        write_status,
+        changed,
+        gateways,
+        routes,
+        policies,
+        secrets: HashMap::new(),
+        store: None,
+        ready_tx: Some(ready_tx),
+        written: HashMap::new(),
+    };
+    tokio::spawn(source.run(progress));
+    ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
+}
+
+/// Watches the three resources, in `namespace` or in all namespaces.
+fn watch_resources(
+    client: &Client,
+    namespace: Option<&str>,
+    changed: &Arc<Notify>,
+    status: &Arc<KubeStatus>,
+) -> (Watched<EgressGateway>, Watched<AIProviderRoute>, Watched<CredentialInjectionPolicy>) {
+    let api = |c: &Client| -> (Api<EgressGateway>, Api<AIProviderRoute>, Api<CredentialInjectionPolicy>) {
+        match namespace {
+            Some(ns) => {
+                (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns))
+            }
+            None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+        }
+    };
+    let (g, r, p) = api(client);
+    let cfg = watcher::Config::default;
+    let gateways = watch(g, cfg(), changed.clone(), status.clone());
+    let routes = watch(r, cfg(), changed.clone(), status.clone());
+    let policies = watch(p, cfg(), changed.clone(), status.clone());
+    (gateways, routes, policies)
+}
+
+/// The background loop of the Kubernetes source: its watches, and the store once built.
+struct Source {
+    client: Client,
+    selector: GatewaySelector,
+    status: Arc<KubeStatus>,
+    /// Write `status.conditions` on routes and policies.
+    write_status: bool,
+    /// Poked by every watch event.
+    changed: Arc<Notify>,
+    gateways: Watched<EgressGateway>,
+    routes: Watched<AIProviderRoute>,
+    policies: Watched<CredentialInjectionPolicy>,
+    secrets: HashMap<SecretWatch, Watched<Secret>>,
+    store: Option<SnapshotStore>,
+    /// Hands the store to [`start`] once the first snapshot is built.
+    ready_tx: Option<tokio::sync::oneshot::Sender<SnapshotStore>>,
+    /// The conditions last written on each object.
+    written: HashMap<(&'static str, Key), Verdict>,
+}
+
+impl Source {
+    /// On each change, once the caches are quiet and synced: follow the Secrets the configuration
+    /// names, then rebuild. Until the first sync, `progress` logs what it waits for.
+    async fn run(mut self, mut progress: tokio::time::Interval) {
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = progress.tick() => {
+                    if !self.status.synced.load(Ordering::Relaxed) {
+                        tracing::info!(status = %self.status.detail(), "waiting for the Kubernetes caches");
+                    }
+                    continue;
+                }
+            }
+            tokio::time::sleep(SETTLE).await;
+            if !self.resources_synced() {
+                continue;
+            }
+            self.watch_wanted_secrets();
+            if !self.secrets.values().all(|w| w.synced.load(Ordering::Relaxed)) {
+                continue;
+            }
+            self.rebuild().await;
+        }
+    }
+
+    /// Whether the initial lists of the three resources are done.
+    fn resources_synced(&self) -> bool {
+        self.gateways.synced.load(Ordering::Relaxed)
+            && self.routes.synced.load(Ordering::Relaxed)
+            && self.policies.synced.load(Ordering::Relaxed)
+    }
+
+    /// Watch exactly the Secrets the configuration names, each in its object's namespace: stops
+    /// the watches no longer wanted, starts the new ones.
+    fn watch_wanted_secrets(&mut self) {
+        let wanted = wanted_secrets(&self.gateways.store, &self.policies.store);
+        self.secrets.retain(|k, w| {
+            let keep = wanted.contains(k);
+            if !keep {
+                w.task.abort();
+                tracing::debug!(secret = %k, "no longer referenced; stopped watching");
+            }
+            keep
+        });
+        for k in &wanted {
+            if !self.secrets.contains_key(k) {
+                let (ns, cfg) = match k {
+                    SecretWatch::Named(k) => {
+                        (&k.namespace, watcher::Config::default().fields(&format!("metadata.name={}", k.name)))
+                    }
+                    SecretWatch::AgentTokens(ns) => {
+                        (ns, watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)))
+                    }
+                    SecretWatch::Namespace(ns) => (ns, watcher::Config::default()),
+                };
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+                self.secrets.insert(k.clone(), watch(api, cfg, self.changed.clone(), self.status.clone()));
+            }
+        }
+        self.status.secrets_watched.store(self.secrets.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Builds a snapshot from the caches and publishes it, then writes the objects' conditions
+    /// when asked to.
+    async fn rebuild(&mut self) {
+        let objects = collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.secrets);
+        // One team's invalid object is left out (Accepted=False on it); everything else,
+        // every Secret it references included, keeps following changes.
+        let built = objects.and_then(|objs| {
+            let catalog = Catalog::build_isolated(objs);
+            let key = self.selector.resolve(&catalog).map_err(|e| catalog.with_rejected(e))?;
+            catalog.compile_isolated(&key).map_err(|e| catalog.with_rejected(e))
+        });
+        if let Ok(snap) = &built {
+            super::log_rejected(snap);
+            self.status.rejected.store(snap.rejected.len() as u64, Ordering::Relaxed);
+        }
+        self.status.rebuilds.fetch_add(1, Ordering::Relaxed);
+        let verdicts = self.write_status.then(|| conditions(&built, &self.routes.store, &self.policies.store));
+        self.publish(built);
+        if let Some(v) = verdicts {
+            write_conditions(&self.client, v, &mut self.written).await;
+        }
+    }
+
+    /// Swaps a new snapshot in (the first one creates the store and ends [`start`]'s wait), or
+    /// logs why the last good one keeps serving.
+    fn publish(&mut self, built: Result<super::Snapshot, super::ConfigErrors>) {
+        match (built, &self.store) {
+            (Ok(snap), None) => {
+                log_changes(None, &snap);
+                let s = Arc::new(ArcSwap::from_pointee(snap));
+                self.store = Some(s.clone());
+                self.status.synced.store(true, Ordering::Relaxed);
+                if let Some(tx) = self.ready_tx.take() {
+                    let _ = tx.send(s);
+                }
+            }
+            (Ok(snap), Some(s)) => {
+                log_changes(Some(&s.load()), &snap);
+                s.store(Arc::new(snap));
+            }
+            (Err(errors), _) => {
+                for e in &errors.0 {
+                    tracing::error!(error = %e, "configuration rejected; the last good configuration keeps serving");
+                }
+            }
+        }
+    }
+}
+
+/// One Secret watch: by name (what a policy or validator names), the labelled agent-token
+/// Secrets of a gateway's namespace (`agentAuth.apiKeys`), or a whole namespace (a policy's
+/// `credentialSelector.byTenant.secretNameTemplate`, which names Secrets by pattern).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum SecretWatch {
+    Named(Key),
+    AgentTokens(String),
+    Namespace(String),
+}
+
+impl std::fmt::Display for SecretWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretWatch::Named(k) => write!(f, "{k}"),
+            SecretWatch::AgentTokens(ns) => write!(f, "agent tokens in {ns}"),
+            SecretWatch::Namespace(ns) => write!(f, "namespace {ns}"),
+        }
+    }
+}
+
+fn wanted_secrets(
+    gateways: &Store<EgressGateway>,
+    policies: &Store<CredentialInjectionPolicy>,
+) -> BTreeSet<SecretWatch> {
+    let ns_of = |m: &kube::core::ObjectMeta| m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    let mut wanted = BTreeSet::new();
+    for p in policies.state() {
+        let ns = ns_of(p.meta());
+        wanted.insert(SecretWatch::Named(Key::new(ns.clone(), p.spec.secret_ref.name.clone())));
+        if let Some(sel) = &p.spec.credential_selector {
+            for t in sel.by_tenant.tenants.values() {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), t.secret_ref.name.clone())));
+            }
+            if sel.by_tenant.secret_name_template.is_some() {
+                wanted.insert(SecretWatch::Namespace(ns));
+            }
+        }
+    }
+    for g in gateways.state() {
+        let ns = ns_of(g.meta());
+        for v in g.spec.agent_auth.iter().flat_map(|a| &a.validators) {
+            if v.api_keys.is_some() {
+                wanted.insert(SecretWatch::AgentTokens(ns.clone()));
+            }
+            if let Some(st) = &v.shared_token {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), st.secret_ref.name.clone())));
+            }
+            if let Some(r) = v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()) {
+                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), r.name.clone())));
+            }
+        }
+    }
+    wanted
+}
+
+/// One condition as keyswap computes it: (type, status, reason, message).
+type Verdict = Vec<(String, String, String, String)>;
+
+/// `Accepted` and `ResolvedRefs` for every route and policy, from the latest build.
+fn conditions(
+    built: &Result<super::Snapshot, super::ConfigErrors>,
+    routes: &Store<AIProviderRoute>,
+    policies: &Store<CredentialInjectionPolicy>,
+) -> Vec<((&'static str, Key), Verdict)> {
+    let key = |m: &kube::core::ObjectMeta| {
+        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+    };
+    let errors_for = |label: String| -> Option<String> {
+        let errs = match built {
+            Err(errs) => &errs.0,
+            Ok(snap) => &snap.rejected,
+        };
+        let mine: Vec<String> =
+            errs.iter().filter(|e| e.object.as_deref() == Some(label.as_str())).map(|e| e.to_string()).collect();
+        (!mine.is_empty()).then(|| mine.join("; "))
+    };
+    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
+        (t.to_owned(), if ok { "True" } else { "False" }.to_owned(), reason.to_owned(), msg)
+    };
+    let mut out = Vec::new();
+    for r in routes.state() {
+        let k = key(r.meta());
+        let accepted = match errors_for(format!("AIProviderRoute {k}")) {
+            Some(m) => cond("Accepted", false, "Invalid", m),
+            None => cond("Accepted", true, "Accepted", String::new()),
+        };
+        out.push((("aiproviderroutes", k), vec![accepted]));
+    }
+    for p in policies.state() {
+        let k = key(p.meta());
+        let accepted = match errors_for(format!("CredentialInjectionPolicy {k}")) {
+            Some(m) => cond("Accepted", false, "Invalid", m),
+            None => cond("Accepted", true, "Accepted", String::new()),
+        };
+        let name = k.to_string();
+        let resolved = match built {
+            Ok(snap) => {
+                let unresolved = snap
+                    .routes
+                    .entries
+                    .iter()
+                    .filter(|e| e.binding.policy.as_deref() == Some(name.as_str()))
+                    .find_map(|e| e.binding.credential.as_ref().err());
+                match unresolved {
+                    Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
+                    None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
+                }
+            }
+            Err(_) => cond("ResolvedRefs", false, "Invalid", "the configuration did not compile".into()),
+        };
+        out.push((("credentialinjectionpolicies", k), vec![accepted, resolved]));
+    }
+    out
+}
+
+/// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
+async fn write_conditions(
+    client: &Client,
+    verdicts: Vec<((&'static str, Key), Verdict)>,
+    written: &mut HashMap<(&'static str, Key), Verdict>,
+) {
+    use kube::api::{Patch, PatchParams};
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    for (id, verdict) in verdicts {
+        if written.get(&id) == Some(&verdict) {
+            continue;
+        }
+        let conditions: Vec<serde_json::Value> = verdict
+            .iter()
+            .map(|(t, st, reason, msg)| serde_json::json!({"type": t, "status": st, "reason": reason, "message": msg, "lastTransitionTime": now}))
+            .collect();
+        let patch = Patch::Merge(serde_json::json!({"status": {"conditions": conditions}}));
+        let (kind, key) = &id;
+        let params = PatchParams::default();
+        let res = match *kind {
+            "aiproviderroutes" => Api::<AIProviderRoute>::namespaced(client.clone(), &key.namespace)
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(|_| ()),
+            _ => Api::<CredentialInjectionPolicy>::namespaced(client.clone(), &key.namespace)
+                .patch_status(&key.name, &params, &patch)
+                .await
+                .map(|_| ()),
+        };
+        match res {
+            Ok(()) => {
+                written.insert(id, verdict);
+            }
+            Err(e) => {
+                tracing::warn!(object = %key, kind, error = %e, "cannot write status; will retry on the next change")
+            }
+        }
+    }
+}
+
+fn origin() -> Origin {
+    Origin { file: PathBuf::from("kubernetes"), document: 1 }
+}
+
+fn collect(
+    gateways: &Store<EgressGateway>,
+    routes: &Store<AIProviderRoute>,
+    policies: &Store<CredentialInjectionPolicy>,
+    secrets: &HashMap<SecretWatch, Watched<Secret>>,
+) -> Result<Vec<Object>, super::ConfigErrors> {
+    let key = |m: &kube::core::ObjectMeta| {
+        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+    };
+    let mut objects = Vec::new();
+    for g in gateways.state() {
+        objects.push(Object { origin: origin(), key: key(g.meta()), resource: Resource::Gateway(g.spec.clone()) });
+    }
+    for r in routes.state() {
+        objects.push(Object { origin: origin(), key: key(r.meta()), resource: Resource::Route(r.spec.clone()) });
+    }
+    for p in policies.state() {
+        objects.push(Object { origin: origin(), key: key(p.meta()), resource: Resource::Policy(p.spec.clone()) });
+    }
+    let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
+    for w in secrets.values() {
+        for s in w.store.state() {
+            by_key.insert(key(s.meta()), s);
+        }
+    }
+    for (k, s) in by_key {
+        objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) });
+    }
+    Ok(objects)
+}
