@@ -1,0 +1,336 @@
+//! Model and token usage read out of provider response bodies, incrementally.
+//!
+//! Envoy hands ext_proc a response body chunk by chunk, split anywhere: inside a UTF-8 character,
+//! an SSE line or a JSON value. [`UsageParser`] is fed those chunks as they pass and reports what the
+//! provider said about the call: the model that answered and the tokens it counted.
+//!
+//! Two body shapes are read:
+//! - a buffered JSON document (`application/json` and anything else that is not an event stream),
+//!   kept whole up to [`MAX_JSON_BYTES`] and parsed once, when [`UsageParser::finish`] is called;
+//! - a server-sent event stream (`text/event-stream`), parsed line by line as it arrives, keeping at
+//!   most one event's data ([`MAX_EVENT_BYTES`]).
+//!
+//! Memory is bounded either way, and malformed input of any kind yields `None` fields, never a panic.
+
+use serde::Deserialize;
+use serde_json::Value;
+use std::fmt;
+
+mod anthropic;
+mod bedrock;
+mod google;
+mod openai;
+mod sse;
+
+use sse::SseReader;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+
+/// The most a buffered JSON response body may weigh. Past it the parser drops what it had, stops
+/// buffering, and reports no usage for the response.
+pub const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most one server-sent event may carry (its `event:` name plus its `data:` lines, joined).
+/// A bigger event is skipped up to the blank line that ends it; the events after it still count.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// After an event bigger than this, the SSE data buffer is shrunk back to it, so one large event
+/// does not pin its memory for the rest of the stream.
+const SSE_KEEP_CAPACITY: usize = 64 * 1024;
+
+/// The wire format a provider reports model and usage in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenAI (and Azure OpenAI): chat completions and the Responses API, JSON or SSE.
+    OpenAi,
+    /// Anthropic messages, JSON or SSE.
+    Anthropic,
+    /// Google Gemini `generateContent` / `streamGenerateContent` (JSON, JSON array, or `alt=sse`).
+    Google,
+    /// Amazon Bedrock Converse, JSON.
+    Bedrock,
+}
+
+/// The response format of a provider named in the registry. azure-openai and openai share
+/// [`Format::OpenAi`]; `custom` (and any unknown name) is `None`: its bodies are not read.
+pub fn format_for(provider: &str) -> Option<Format> {
+    match provider {
+        "openai" | "azure-openai" => Some(Format::OpenAi),
+        "anthropic" => Some(Format::Anthropic),
+        "google" => Some(Format::Google),
+        "bedrock" => Some(Format::Bedrock),
+        _ => None,
+    }
+}
+
+/// Token counts a provider reported for one call. A field the provider did not report is `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens, as the provider counts them (OpenAI and Google include cached tokens here;
+    /// Anthropic and Bedrock count cached tokens only in the cache fields).
+    pub input_tokens: Option<u64>,
+    /// Generated tokens (for Google, candidates plus thoughts).
+    pub output_tokens: Option<u64>,
+    /// Prompt tokens served from the provider's cache.
+    pub cache_read_tokens: Option<u64>,
+    /// Prompt tokens written to the provider's cache (Anthropic, Bedrock).
+    pub cache_creation_tokens: Option<u64>,
+}
+
+/// What a response body said about the call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResponseInfo {
+    /// The model that answered, as the provider names it (`None` for Bedrock: its body has none).
+    pub model: Option<String>,
+    /// The token counts the response reported.
+    pub usage: Usage,
+}
+
+/// The `model` field of a JSON request body (openai, anthropic, azure with the model in the body).
+/// `None` when the body is not a JSON object, has no `model`, or its `model` is not a non-empty
+/// string. Never panics; other fields are skipped without being materialised.
+pub fn request_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ModelOnly {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    // A derived struct also deserializes from a JSON array (by position): only objects name fields.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let parsed: ModelOnly = serde_json::from_slice(body).ok()?;
+    parsed.model.filter(|m| !m.is_empty())
+}
+
+/// Reads model and usage out of one response body, fed chunk by chunk.
+pub struct UsageParser {
+    format: Format,
+    info: ResponseInfo,
+    body: Body,
+}
+
+enum Body {
+    Json(JsonBody),
+    Sse(SseReader),
+}
+
+impl UsageParser {
+    /// `content_type` is the response's `content-type` header: `text/event-stream` (parameters
+    /// allowed, any case) selects SSE, anything else a buffered JSON body. Bedrock is always read as
+    /// JSON.
+    pub fn new(format: Format, content_type: &str) -> Self {
+        let body = if format != Format::Bedrock && is_event_stream(content_type) {
+            Body::Sse(SseReader::new())
+        } else {
+            Body::Json(JsonBody::default())
+        };
+        Self { format, info: ResponseInfo::default(), body }
+    }
+
+    /// Takes the next chunk of the body, as it came off the wire.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.body {
+            Body::Json(json) => json.feed(chunk),
+            Body::Sse(sse) => {
+                let format = self.format;
+                let info = &mut self.info;
+                sse.feed(chunk, |event, data| apply_event(format, event, data, info));
+            }
+        }
+    }
+
+    /// Everything learned so far. Meant for after the last chunk, but may be called mid-stream
+    /// (and more than once): an event stream reports the events completed so far, a JSON body what
+    /// parses of it (nothing until it is complete).
+    pub fn finish(&mut self) -> ResponseInfo {
+        if let Body::Json(json) = &mut self.body {
+            if json.dirty {
+                json.dirty = false;
+                self.info = ResponseInfo::default();
+                if !json.overflowed {
+                    if let Ok(value) = serde_json::from_slice::<Value>(&json.buf) {
+                        apply_body(self.format, &value, &mut self.info);
+                    }
+                }
+            }
+        }
+        self.info.clone()
+    }
+
+    /// Bytes held for parsing: the JSON body so far, or the current event's name and data.
+    #[cfg(test)]
+    fn buffered_len(&self) -> usize {
+        match &self.body {
+            Body::Json(json) => json.buf.len(),
+            Body::Sse(sse) => sse.buffered_len(),
+        }
+    }
+
+    /// Memory reserved for those bytes.
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
+        match &self.body {
+            Body::Json(json) => json.buf.capacity(),
+            Body::Sse(sse) => sse.buffered_capacity(),
+        }
+    }
+}
+
+impl fmt::Debug for UsageParser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (mode, buffered) = match &self.body {
+            Body::Json(json) => ("json", json.buf.len()),
+            Body::Sse(sse) => ("sse", sse.buffered_len()),
+        };
+        f.debug_struct("UsageParser")
+            .field("format", &self.format)
+            .field("mode", &mode)
+            .field("buffered", &buffered)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+fn is_event_stream(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("");
+    essence.trim().eq_ignore_ascii_case("text/event-stream")
+}
+
+/// Appends `bytes` unless that would take `buf` past `limit` bytes; grows the allocation
+/// geometrically but never past `limit`. Returns whether the bytes were appended.
+fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) -> bool {
+    let needed = buf.len() + bytes.len();
+    if needed > limit {
+        return false;
+    }
+    if needed > buf.capacity() {
+        let target = needed.max(buf.capacity().saturating_mul(2)).min(limit);
+        buf.reserve_exact(target - buf.len());
+    }
+    buf.extend_from_slice(bytes);
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Buffered JSON.
+
+#[derive(Default)]
+struct JsonBody {
+    buf: Vec<u8>,
+    /// The body outgrew [`MAX_JSON_BYTES`]: the buffer was dropped and nothing more is kept.
+    overflowed: bool,
+    /// Bytes arrived (or the buffer overflowed) since `finish` last parsed.
+    dirty: bool,
+}
+
+impl JsonBody {
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.overflowed || chunk.is_empty() {
+            return;
+        }
+        self.dirty = true;
+        if !push_bounded(&mut self.buf, chunk, MAX_JSON_BYTES) {
+            self.overflowed = true;
+            self.buf = Vec::new();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What each provider reports: the dispatch to its module, and what they share.
+
+/// One server-sent event's data (`[DONE]` and events that cannot carry model or usage are skipped
+/// without parsing).
+fn apply_event(format: Format, event: &[u8], data: &[u8], info: &mut ResponseInfo) {
+    if data == b"[DONE]" || !worth_parsing(format, event, data, info) {
+        return;
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    match format {
+        Format::OpenAi => openai::apply_event(&value, info),
+        Format::Anthropic => anthropic::apply_event(event, &value, info),
+        Format::Google => google::apply_body(&value, info),
+        Format::Bedrock => bedrock::apply_body(&value, info),
+    }
+}
+
+/// A cheap look at an event before paying for a JSON parse: the event name, when the provider
+/// sends one, and once the model is known, whether the data mentions usage at all. Only events
+/// that cannot matter are skipped; unknown names are parsed.
+fn worth_parsing(format: Format, event: &[u8], data: &[u8], info: &ResponseInfo) -> bool {
+    match format {
+        Format::Anthropic => !matches!(
+            event,
+            b"ping" | b"content_block_start" | b"content_block_delta" | b"content_block_stop" | b"message_stop"
+        ),
+        Format::OpenAi if event.starts_with(b"response.") => matches!(
+            event,
+            b"response.created"
+                | b"response.queued"
+                | b"response.in_progress"
+                | b"response.completed"
+                | b"response.incomplete"
+                | b"response.failed"
+        ),
+        // Chat chunks carry `"usage":null` until the last one (with stream_options.include_usage).
+        Format::OpenAi => info.model.is_none() || has_object(data, b"\"usage\""),
+        Format::Google => info.model.is_none() || has_object(data, b"\"usageMetadata\""),
+        Format::Bedrock => true,
+    }
+}
+
+/// Whether `key` (quoted) occurs in `data` followed by `:` and an object, e.g. `"usage": {`.
+/// A byte scan for the closing quote's neighbours, no allocation.
+fn has_object(data: &[u8], key: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = find(&data[from..], key) {
+        let rest = &data[from + at + key.len()..];
+        let mut after = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        if after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return true;
+        }
+        from += at + 1;
+    }
+    false
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut i = 0;
+    while let Some(p) = haystack[i..].iter().position(|&b| b == first) {
+        let at = i + p;
+        if haystack[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// A complete buffered body.
+fn apply_body(format: Format, value: &Value, info: &mut ResponseInfo) {
+    match format {
+        Format::OpenAi => openai::apply_body(value, info),
+        Format::Anthropic => anthropic::apply_body(value, info),
+        Format::Google => google::apply_body(value, info),
+        Format::Bedrock => bedrock::apply_body(value, info),
+    }
+}
+
+fn uint(value: &Value, key: &str) -> Option<u64> {
+    value.get(key)?.as_u64()
+}
+
+fn set_model(info: &mut ResponseInfo, model: Option<&Value>) {
+    if let Some(model) = model.and_then(Value::as_str).filter(|m| !m.is_empty()) {
+        if info.model.as_deref() != Some(model) {
+            info.model = Some(model.to_owned());
+        }
+    }
+}

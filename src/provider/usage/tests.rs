@@ -1,0 +1,302 @@
+//! The machinery every provider shares: format selection, chunk boundaries, SSE framing, memory
+//! bounds, malformed input, and request bodies. Each provider's own bodies are tested next to
+//! its parser (`openai_tests.rs`, ...).
+
+use super::fixtures::{
+    fixtures, google_sse, info, parse, parse_chunks, usage, ANTHROPIC_JSON, ANTHROPIC_SSE, ANTHROPIC_SSE_UNTYPED,
+    GOOGLE_SSE_LF, JSON, OPENAI_CHAT_SSE, SSE, SSE_FRAMING,
+};
+use super::*;
+
+// ---- Format selection.
+
+#[test]
+fn providers_map_to_their_formats_and_custom_has_none() {
+    assert_eq!(format_for("openai"), Some(Format::OpenAi));
+    assert_eq!(format_for("azure-openai"), Some(Format::OpenAi));
+    assert_eq!(format_for("anthropic"), Some(Format::Anthropic));
+    assert_eq!(format_for("google"), Some(Format::Google));
+    assert_eq!(format_for("bedrock"), Some(Format::Bedrock));
+    assert_eq!(format_for("custom"), None);
+    assert_eq!(format_for("OpenAI"), None);
+    for name in crate::provider::names() {
+        assert_eq!(format_for(name).is_none(), name == "custom", "{name}");
+    }
+}
+
+#[test]
+fn event_stream_content_type_is_matched_with_parameters_in_any_case() {
+    for ct in ["text/event-stream", "Text/Event-Stream", "text/event-stream; charset=utf-8", " TEXT/EVENT-STREAM ;x=y"]
+    {
+        assert!(is_event_stream(ct), "{ct}");
+    }
+    for ct in ["", "application/json", "text/event-streams", "text/plain; text/event-stream"] {
+        assert!(!is_event_stream(ct), "{ct}");
+    }
+    // The same SSE body read as JSON yields nothing; read as SSE, everything.
+    assert_eq!(parse(Format::OpenAi, "application/json", OPENAI_CHAT_SSE), ResponseInfo::default());
+    assert!(parse(Format::OpenAi, "TEXT/EVENT-STREAM", OPENAI_CHAT_SSE).usage.input_tokens.is_some());
+}
+
+// ---- Chunking.
+
+#[test]
+fn finish_mid_stream_reports_what_the_events_so_far_said() {
+    let cut = ANTHROPIC_SSE.find("event: content_block_start").unwrap();
+    let mut parser = UsageParser::new(Format::Anthropic, SSE);
+    parser.feed(&ANTHROPIC_SSE.as_bytes()[..cut]);
+    assert_eq!(
+        parser.finish(),
+        info(Some("claude-sonnet-4-5-20250929"), usage(Some(472), Some(2), Some(2048), Some(312)))
+    );
+    parser.feed(&ANTHROPIC_SSE.as_bytes()[cut..]);
+    assert_eq!(parser.finish(), parse(Format::Anthropic, SSE, ANTHROPIC_SSE));
+
+    // A JSON body reports nothing until it is complete, then everything.
+    let mut parser = UsageParser::new(Format::Anthropic, JSON);
+    parser.feed(&ANTHROPIC_JSON.as_bytes()[..100]);
+    assert_eq!(parser.finish(), ResponseInfo::default());
+    parser.feed(&ANTHROPIC_JSON.as_bytes()[100..]);
+    assert_eq!(parser.finish(), parse(Format::Anthropic, JSON, ANTHROPIC_JSON));
+    assert_eq!(parser.finish(), parse(Format::Anthropic, JSON, ANTHROPIC_JSON));
+}
+
+#[test]
+fn every_body_gives_the_same_result_whatever_the_chunk_boundaries() {
+    for (format, content_type, body) in fixtures() {
+        let body = body.as_bytes();
+        let whole = parse_chunks(format, content_type, [body]);
+        assert_ne!(whole, ResponseInfo::default(), "{format:?} fixture parses to something");
+        for split in 0..=body.len() {
+            let (a, b) = body.split_at(split);
+            assert_eq!(parse_chunks(format, content_type, [a, b]), whole, "{format:?} split at {split}");
+        }
+        assert_eq!(parse_chunks(format, content_type, body.chunks(1)), whole, "{format:?} byte by byte");
+        for size in [2, 3, 7, 64] {
+            assert_eq!(parse_chunks(format, content_type, body.chunks(size)), whole, "{format:?} chunks of {size}");
+        }
+        // Empty chunks and mid-stream `finish` calls change nothing.
+        let mut parser = UsageParser::new(format, content_type);
+        for chunk in body.chunks(5) {
+            parser.feed(b"");
+            parser.feed(chunk);
+            let _ = parser.finish();
+        }
+        assert_eq!(parser.finish(), whole, "{format:?} with finish between chunks");
+    }
+}
+
+// ---- SSE framing.
+
+#[test]
+fn sse_line_endings_crlf_cr_and_lf_are_equivalent() {
+    let lf = parse(Format::Anthropic, SSE, ANTHROPIC_SSE);
+    assert_eq!(parse(Format::Anthropic, SSE, &ANTHROPIC_SSE.replace('\n', "\r\n")), lf);
+    assert_eq!(parse(Format::Anthropic, SSE, &ANTHROPIC_SSE.replace('\n', "\r")), lf);
+    assert_eq!(parse(Format::Google, SSE, &google_sse()), parse(Format::Google, SSE, GOOGLE_SSE_LF));
+    // With the event name and multi-line data depending on the framing, a CRLF read as two
+    // line ends would lose them.
+    for body in [ANTHROPIC_SSE_UNTYPED, SSE_FRAMING] {
+        let format = if body == SSE_FRAMING { Format::OpenAi } else { Format::Anthropic };
+        let lf = parse(format, SSE, body);
+        assert_ne!(lf, ResponseInfo::default());
+        assert_eq!(parse(format, SSE, &body.replace('\n', "\r\n")), lf);
+        assert_eq!(parse(format, SSE, &body.replace('\n', "\r")), lf);
+    }
+    // Mixed endings, a CRLF split across chunks included.
+    let mixed = "data: {\"model\":\"m\"}\r\n\rdata: {\"model\":\"m\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\r";
+    let mixed = format!("{mixed}\n\n");
+    assert_eq!(parse(Format::OpenAi, SSE, &mixed), info(Some("m"), usage(Some(1), Some(2), None, None)));
+}
+
+#[test]
+fn sse_data_lines_join_with_newline_and_comments_ids_and_one_space_are_handled() {
+    let body = SSE_FRAMING;
+    assert_eq!(parse(Format::OpenAi, SSE, body), info(Some("gpt-4o"), usage(Some(3), Some(5), None, None)));
+}
+
+#[test]
+fn sse_event_without_its_terminating_blank_line_is_not_dispatched() {
+    let body = "data: {\"model\":\"gpt-4o\",\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n";
+    assert_eq!(parse(Format::OpenAi, SSE, body), ResponseInfo::default());
+}
+
+#[test]
+fn oversized_sse_event_is_skipped_and_the_next_event_still_counts() {
+    // One huge line, then many lines: both overflow; a usage chunk follows each.
+    let usage_event =
+        "data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":9}}\n\n";
+    let huge_line = format!("data: {{\"model\":\"evil\",\"pad\":\"{}\"}}\n\n", "x".repeat(MAX_EVENT_BYTES));
+    let many_lines = format!(
+        "event: message\n{}\n",
+        "data: {\"model\":\"evil\",\"usage\":{\"prompt_tokens\":1}}\n".repeat(MAX_EVENT_BYTES / 40)
+    );
+    for oversized in [huge_line, many_lines] {
+        let body = format!("{oversized}{usage_event}");
+        let mut parser = UsageParser::new(Format::OpenAi, SSE);
+        for chunk in body.as_bytes().chunks(64 * 1024 + 3) {
+            parser.feed(chunk);
+            assert!(parser.buffered_len() <= MAX_EVENT_BYTES);
+            assert!(parser.buffered_capacity() <= MAX_EVENT_BYTES + SSE_KEEP_CAPACITY);
+        }
+        assert_eq!(parser.finish(), info(Some("gpt-4o"), usage(Some(7), Some(9), None, None)));
+    }
+}
+
+#[test]
+fn sse_event_just_under_the_cap_is_read() {
+    let head = "{\"model\":\"gpt-4o\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2},\"pad\":\"";
+    let tail = "\"}";
+    // The data buffer holds the value plus its line feed.
+    let pad = "y".repeat(MAX_EVENT_BYTES - 1 - head.len() - tail.len());
+    let body = format!("data: {head}{pad}{tail}\n\n");
+    assert_eq!(parse(Format::OpenAi, SSE, &body), info(Some("gpt-4o"), usage(Some(1), Some(2), None, None)));
+    let over = format!("data: {head}{pad}y{tail}\n\n");
+    assert_eq!(parse(Format::OpenAi, SSE, &over), ResponseInfo::default());
+}
+
+// ---- JSON bounds.
+
+#[test]
+fn json_over_the_cap_stays_bounded_and_reports_nothing() {
+    let body = format!(
+        "{{\"model\":\"gpt-4o\",\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}",
+        "z".repeat(MAX_JSON_BYTES)
+    );
+    let mut parser = UsageParser::new(Format::OpenAi, JSON);
+    for chunk in body.as_bytes().chunks(100 * 1024 + 1) {
+        parser.feed(chunk);
+        assert!(parser.buffered_len() <= MAX_JSON_BYTES);
+        assert!(parser.buffered_capacity() <= MAX_JSON_BYTES);
+        let _ = parser.finish();
+    }
+    assert_eq!(parser.buffered_len(), 0, "the buffer is released once over the cap");
+    assert_eq!(parser.finish(), ResponseInfo::default());
+}
+
+#[test]
+fn json_exactly_at_the_cap_is_read() {
+    let head = "{\"model\":\"gpt-4o\",\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2},\"pad\":\"";
+    let tail = "\"}";
+    let body = format!("{head}{}{tail}", "w".repeat(MAX_JSON_BYTES - head.len() - tail.len()));
+    assert_eq!(body.len(), MAX_JSON_BYTES);
+    let mut parser = UsageParser::new(Format::OpenAi, JSON);
+    for chunk in body.as_bytes().chunks(64 * 1024) {
+        parser.feed(chunk);
+    }
+    assert!(parser.buffered_capacity() <= MAX_JSON_BYTES);
+    assert_eq!(parser.finish(), info(Some("gpt-4o"), usage(Some(1), Some(2), None, None)));
+}
+
+// ---- Garbage.
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_yields_nothing_and_never_panics() {
+    let mut bodies: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        noise(64 * 1024, 1),
+        noise(4096, 2).into_iter().map(|b| if b % 7 == 0 { b'\n' } else { b }).collect(),
+        b"\xff\xfe\x00data: \xc3\x28\n\n".to_vec(),
+        "[".repeat(100_000).into_bytes(),
+        format!("data: {}\n\n", "{\"a\":".repeat(10_000)).into_bytes(),
+        b"\r\r\r\n\n\n::::\n\n".to_vec(),
+        b"data: {\"model\":\"gpt-4o\",\"usage\":{\"prompt_tokens\":1\n\n".to_vec(),
+        b"null".to_vec(),
+        b"\"usage\"".to_vec(),
+        b"[1, \"two\", null, {}]".to_vec(),
+        b"data: null\n\ndata: 17\n\ndata: []\n\n".to_vec(),
+        br#"{"model":5,"modelVersion":[],"usage":"lots","usageMetadata":7}"#.to_vec(),
+        br#"{"usage":{"prompt_tokens":-1,"completion_tokens":1.5,"input_tokens":"3","prompt_tokens_details":4,"inputTokens":null,"cache_read_input_tokens":1e99}}"#.to_vec(),
+        br#"{"usageMetadata":{"promptTokenCount":-4,"candidatesTokenCount":"x","thoughtsTokenCount":false}}"#.to_vec(),
+        b"data: {\"type\":\"message_start\",\"message\":null}\n\ndata: {\"type\":\"message_delta\",\"usage\":[1,2]}\n\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":\"no\"}}\n\n".to_vec(),
+        b"event: message_delta\ndata: {\"type\":5,\"usage\":{\"output_tokens\":-2}}\n\n".to_vec(),
+    ];
+    let sse_variants: Vec<Vec<u8>> =
+        bodies.iter().filter(|b| !b.starts_with(b"data")).map(|b| [b"data: ", &b[..], b"\n\n"].concat()).collect();
+    bodies.extend(sse_variants);
+    for format in [Format::OpenAi, Format::Anthropic, Format::Google, Format::Bedrock] {
+        for content_type in [JSON, SSE] {
+            for body in &bodies {
+                let whole = parse_chunks(format, content_type, [&body[..]]);
+                assert_eq!(
+                    whole,
+                    ResponseInfo::default(),
+                    "{format:?} {content_type} {:?}",
+                    String::from_utf8_lossy(&body[..body.len().min(80)])
+                );
+                assert_eq!(parse_chunks(format, content_type, body.chunks(3)), whole);
+            }
+        }
+    }
+}
+
+#[test]
+fn wrongly_typed_fields_are_none_while_their_neighbours_still_count() {
+    let body =
+        r#"{"model":"gpt-4o","usage":{"prompt_tokens":"12","completion_tokens":34,"prompt_tokens_details":null}}"#;
+    assert_eq!(parse(Format::OpenAi, JSON, body), info(Some("gpt-4o"), usage(None, Some(34), None, None)));
+}
+
+// ---- Request bodies.
+
+#[test]
+fn request_model_reads_the_model_field_of_a_json_object() {
+    assert_eq!(
+        request_model(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Grüß dich 👋"}],"stream":true}"#.as_bytes()
+        ),
+        Some("gpt-4o".into())
+    );
+    assert_eq!(
+        request_model(b" \n{\"max_tokens\":1024,\"messages\":[],\"model\":\"claude-sonnet-4-5\"}"),
+        Some("claude-sonnet-4-5".into())
+    );
+    assert_eq!(request_model(br#"{"model":"gpt\u002d4o"}"#), Some("gpt-4o".into()));
+    let big = format!("{{\"messages\":[{{\"content\":\"{}\"}}],\"model\":\"o3\"}}", "a".repeat(1 << 20));
+    assert_eq!(request_model(big.as_bytes()), Some("o3".into()));
+}
+
+#[test]
+fn request_model_is_none_for_absent_mistyped_or_non_json_bodies() {
+    for body in [
+        &b""[..],
+        b"   ",
+        b"{}",
+        b"{\"messages\":[]}",
+        b"{\"model\":\"\"}",
+        b"{\"model\":null}",
+        b"{\"model\":42}",
+        b"{\"model\":{\"name\":\"gpt-4o\"}}",
+        b"[\"gpt-4o\"]",
+        b"\"gpt-4o\"",
+        b"{\"model\":\"gpt-4o\"",
+        b"{\"model\":\"gpt-4o\"} trailing",
+        b"{\"model\":\"a\",\"model\":\"b\"}",
+        b"\xff\xfe{\"model\":\"x\"}",
+        b"{\"model\":\"\xc3\x28\"}",
+        b"model=gpt-4o&stream=true",
+    ] {
+        assert_eq!(request_model(body), None, "{:?}", String::from_utf8_lossy(body));
+    }
+    assert_eq!(request_model("[".repeat(100_000).as_bytes()), None);
+    assert_eq!(request_model(&noise(10_000, 3)), None);
+}
+
+#[test]
+fn usage_object_prefilter() {
+    assert!(!super::has_object(br#"{"choices":[],"usage":null}"#, br#""usage""#));
+    assert!(super::has_object(br#"{"usage" : {"prompt_tokens":1}}"#, br#""usage""#));
+    assert!(super::has_object(br#"{"x":"usage","usage":{"a":1}}"#, br#""usage""#));
+    assert!(!super::has_object(br#"{"text":""usage" is a word"}"#, br#""usage""#));
+    assert!(!super::has_object(br#"{"usage""#, br#""usage""#));
+}
