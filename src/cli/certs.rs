@@ -1,0 +1,106 @@
+//! `certs`: the gateway's CA and leaf certificate, and the gateway view that `certs`,
+//! `envoy-config` and `dev` build on.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::check::print_errors;
+use super::SourceArgs;
+use crate::config::file::FileSource;
+use crate::config::{ConfigErrors, GatewaySelector, Key, Snapshot};
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output directory. Default: certs/<gateway name>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The public CAs agents keep trusting: `ca-bundle.crt` is this bundle plus the gateway CA.
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    pub system_ca: PathBuf,
+}
+
+/// Everything about one gateway that certificates and Envoy need.
+pub(super) struct GatewayView {
+    pub(super) key: Key,
+    pub(super) spec: crate::api::EgressGatewaySpec,
+    pub(super) snapshot: Snapshot,
+}
+
+pub(super) fn gateway_view(source: &FileSource, selector: &GatewaySelector) -> Result<GatewayView, ConfigErrors> {
+    let catalog = source.load()?;
+    let key = selector.resolve(&catalog)?;
+    let snapshot = catalog.compile(&key)?;
+    let spec = catalog.gateways[&key].spec.clone();
+    Ok(GatewayView { key, spec, snapshot })
+}
+
+fn route_hosts(snap: &Snapshot) -> Vec<String> {
+    snap.routes.entries.iter().flat_map(|e| e.hosts.iter().map(|h| h.to_string())).collect()
+}
+
+pub(super) fn ensure_certs(view: &GatewayView, dir: &std::path::Path) -> anyhow::Result<crate::certs::GatewayCerts> {
+    let certs = crate::certs::ensure(
+        dir,
+        &view.key,
+        route_hosts(&view.snapshot),
+        time::OffsetDateTime::now_utc(),
+        crate::certs::LeafPolicy::default(),
+    )?;
+    for h in &certs.skipped {
+        tracing::warn!(host = %h, "host pattern cannot be put in a certificate (a `*` that is not the leftmost label); list explicit hosts to route it through the gateway");
+    }
+    crate::envoy::write_leaf_sds(&certs)?;
+    Ok(certs)
+}
+
+pub(super) fn default_certs_dir(key: &Key) -> PathBuf {
+    PathBuf::from("certs").join(&key.name)
+}
+
+/// Writes `ca-bundle.crt` beside the certificates: the public CAs (agents keep reaching tunnelled
+/// hosts) plus the gateway's CA. The same file from `certs` and `dev`.
+pub(super) fn write_ca_bundle(certs: &crate::certs::GatewayCerts, system_ca: &Path) -> anyhow::Result<PathBuf> {
+    let bundle = certs.dir.join("ca-bundle.crt");
+    let mut pem = match std::fs::read(system_ca) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(path = %system_ca.display(), error = %e, "no system CA bundle: ca-bundle.crt holds the gateway CA only");
+            Vec::new()
+        }
+    };
+    if !pem.is_empty() && !pem.ends_with(b"\n") {
+        pem.push(b'\n');
+    }
+    pem.extend_from_slice(&std::fs::read(&certs.ca_cert)?);
+    std::fs::write(&bundle, pem)?;
+    Ok(bundle)
+}
+
+pub(super) fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
+    let source = args.source.source()?;
+    let view = match gateway_view(&source, &args.source.selector()?) {
+        Ok(v) => v,
+        Err(errors) => return Ok(print_errors(&errors)),
+    };
+    let dir = args.out.unwrap_or_else(|| default_certs_dir(&view.key));
+    let certs = ensure_certs(&view, &dir)?;
+    let bundle = write_ca_bundle(&certs, &args.system_ca)?;
+    println!("gateway {}: certificates in {}", view.key, dir.display());
+    println!("  CA: {}{}", certs.ca_cert.display(), if certs.ca_created { " (new)" } else { "" });
+    println!("  give agents: {} (the public CAs plus the gateway CA: SSL_CERT_FILE, AWS_CA_BUNDLE)", bundle.display());
+    println!(
+        "  leaf: {} for {} (valid until {}){}",
+        certs.leaf_cert.display(),
+        certs.hosts.join(", "),
+        certs.leaf_not_after,
+        if certs.leaf_minted { " (minted)" } else { " (reused)" }
+    );
+    for h in &certs.skipped {
+        println!("  skipped host pattern {h}: a certificate cannot name it; list explicit hosts");
+    }
+    Ok(ExitCode::SUCCESS)
+}

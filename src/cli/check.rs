@@ -1,0 +1,142 @@
+//! `check`: validates the configuration and prints what each gateway compiles to.
+
+use std::process::ExitCode;
+
+use super::SourceArgs;
+use crate::config::snapshot::MatchEntry;
+use crate::config::{Catalog, ConfigErrors, GatewaySelector, Key, Snapshot};
+
+pub(super) fn print_errors(errors: &ConfigErrors) -> ExitCode {
+    eprintln!("keyswap: {errors}");
+    ExitCode::FAILURE
+}
+
+pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
+    let source = args.source()?;
+    let catalog = match source.load() {
+        Ok(c) => c,
+        Err(errors) => return Ok(print_errors(&errors)),
+    };
+    let gateways: Vec<Key> = match args.selector()? {
+        GatewaySelector::Only => catalog.gateways.keys().cloned().collect(),
+        sel => match sel.resolve(&catalog) {
+            Ok(k) => vec![k],
+            Err(errors) => return Ok(print_errors(&errors)),
+        },
+    };
+    if gateways.is_empty() {
+        eprintln!("keyswap: no EgressGateway found in {}", args.dir()?.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut unresolved = 0;
+    let mut failed = false;
+    for gw in &gateways {
+        match catalog.compile(gw) {
+            Ok(snap) => unresolved += print_snapshot(&catalog, &snap),
+            Err(errors) => {
+                eprintln!("keyswap: gateway {gw}: {errors}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    if unresolved > 0 {
+        eprintln!("keyswap: {unresolved} route match(es) have no usable credential; requests to them get 503");
+        return Ok(ExitCode::from(3));
+    }
+    println!("OK");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one gateway; returns how many entries are unresolved.
+fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
+    let allow = if snap.allow.is_empty() { "none".to_owned() } else { snap.allow.join(", ") };
+    println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
+    let mut unresolved = 0;
+    if let Some(chain) = &snap.agent_auth {
+        let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };
+        println!("  agent auth{optional}:");
+        for v in &chain.validators {
+            match v {
+                crate::auth::Validator::ApiKeys { name, keys } => {
+                    println!("    {name}: apiKeys, {} agent token(s)", keys.len())
+                }
+                crate::auth::Validator::SharedToken { name, identity, .. } => {
+                    println!("    {name}: sharedToken (agent {})", identity.agent)
+                }
+                crate::auth::Validator::Jwt(j) => {
+                    let keys = j.jwks.as_ref().map_or("no JWKS".to_owned(), |k| format!("JWKS {}", k.source));
+                    let hs = if j.hs256.is_some() { ", HS256 secret" } else { "" };
+                    println!("    {}: jwt, {keys}{hs}", j.name)
+                }
+                crate::auth::Validator::EdgeTrust(e) => println!(
+                    "    {}: edgeTrust, header {} (mTLS: {}, {} trusted network(s))",
+                    e.name,
+                    e.agent_header,
+                    e.trust_mtls,
+                    e.cidrs.len()
+                ),
+            }
+        }
+    }
+    for e in &snap.routes.entries {
+        println!("  {}", describe_match(e));
+        if let Some(t) = &e.binding.tenants {
+            let p = e.binding.policy.as_deref().unwrap_or("-");
+            println!("    policy {p}: per tenant ({} tenant key(s), fallback {:?})", t.by_tenant.len(), t.fallback);
+            let mut tenants: Vec<_> = t.by_tenant.iter().collect();
+            tenants.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, c) in tenants {
+                match c {
+                    Ok(c) => println!("      tenant {name}: writes {} = <redacted> {}", c.describe(), c.fingerprint()),
+                    Err(reason) => {
+                        unresolved += 1;
+                        println!(
+                            "      tenant {name}: UNRESOLVED ({}): {reason} -> its requests get 503",
+                            reason.reason()
+                        );
+                    }
+                }
+            }
+            if t.fallback == crate::api::TenantFallback::Deny {
+                continue;
+            }
+        }
+        match (&e.binding.policy, &e.binding.credential) {
+            (p, Ok(c)) => {
+                let p = p.as_deref().unwrap_or("-");
+                println!("    policy {p}: writes {} = <redacted> {}", c.describe(), c.fingerprint())
+            }
+            (p, Err(reason)) => {
+                unresolved += 1;
+                let p = p.as_deref().unwrap_or("(none)");
+                println!("    policy {p}: UNRESOLVED ({}): {reason} -> requests get 503", reason.reason());
+            }
+        }
+    }
+    if snap.routes.is_empty() {
+        println!("  (no routes)");
+    }
+    for s in &snap.secrets {
+        let fp = s.fingerprint.as_deref().unwrap_or("MISSING");
+        println!("  secret {} key {}: <redacted> {fp}", s.secret, s.key);
+    }
+    let _ = catalog;
+    unresolved
+}
+
+pub(super) fn describe_match(e: &MatchEntry) -> String {
+    let list = |v: &[Box<str>]| if v.is_empty() { "*".to_owned() } else { v.join(", ") };
+    format!(
+        "route {} rule {} match {}: provider {}, hosts [{}], endpoints [{}], models [{}]",
+        e.route,
+        e.rule,
+        e.index,
+        e.provider.name,
+        e.hosts.join(", "),
+        list(&e.endpoints),
+        list(&e.models)
+    )
+}

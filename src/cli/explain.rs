@@ -1,0 +1,144 @@
+//! `explain`: what keyswap would do with one request.
+
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::check::{describe_match, print_errors};
+use super::SourceArgs;
+use crate::config::{Decision, Snapshot};
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Request host (as in the Host header; a port is ignored).
+    #[arg(long)]
+    pub host: String,
+    /// Request path, with query if any.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// Request method. Routes do not match on it, but methods no provider uses (TRACE, …) are refused.
+    #[arg(long, default_value = "POST")]
+    pub method: String,
+    /// An agent token (gateways with `spec.agentAuth`): shows which validator admits it and which
+    /// tenant's key would be used. Prefer the environment variable to keep it out of shell history.
+    #[arg(long, env = "KEYSWAP_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let source = args.source.source()?;
+    let snap = match source.snapshot(&args.source.selector()?) {
+        Ok(s) => s,
+        Err(errors) => return Ok(print_errors(&errors)),
+    };
+    let path_only = args.path.split_once('?').map_or(args.path.as_str(), |(p, _)| p);
+    println!("request: {} https://{}{path_only}", args.method, args.host);
+    println!("gateway: {} (defaultPolicy: {})", snap.gateway, snap.default_policy.as_str());
+    let mut tenant = None;
+    if let Some(chain) = &snap.agent_auth {
+        match admit_agent(chain, args.token.as_deref())? {
+            ControlFlow::Continue(admitted_tenant) => tenant = admitted_tenant,
+            ControlFlow::Break(()) => return Ok(ExitCode::SUCCESS),
+        }
+    }
+    let decision = match crate::target::check_method(&args.method) {
+        Err(r) => Decision::Refused(r),
+        Ok(()) => snap.decide(&args.host, &args.path, tenant.as_deref()),
+    };
+    print_decision(&args, &snap, path_only, tenant.as_deref(), decision);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints how the gateway's agent auth treats `token`. Continues with the tenant whose key would
+/// be used (none for an anonymous caller), or breaks once it has printed the 401 the request gets.
+fn admit_agent(chain: &crate::auth::Chain, token: Option<&str>) -> anyhow::Result<ControlFlow<(), Option<String>>> {
+    use crate::auth::{Admission, Peer};
+    let token = token.map(|t| t.trim().as_bytes());
+    let admit = || chain.admit(token, &Peer::default(), |_| None, std::time::SystemTime::now());
+    let mut admission = admit();
+    if let Admission::NeedKeys(jwks) = &admission {
+        // A JWKS URL is fetched on first use: fetch it now, as the server would.
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(jwks.refresh());
+        admission = admit();
+    }
+    match &admission {
+        Admission::Admitted(id) => {
+            println!(
+                "agent auth: admitted by validator `{}`: agent `{}`, tenant `{}`",
+                id.validator,
+                id.agent,
+                id.tenant.as_deref().unwrap_or("-")
+            );
+            Ok(ControlFlow::Continue(id.tenant.as_deref().map(str::to_owned)))
+        }
+        Admission::Anonymous => {
+            println!("agent auth: no token; admitted as anonymous (agentAuth.optional)");
+            Ok(ControlFlow::Continue(None))
+        }
+        Admission::Rejected(r) => {
+            println!("agent auth: {}", r.message());
+            println!("decision: 401 {} (nothing is forwarded)", r.reason());
+            Ok(ControlFlow::Break(()))
+        }
+        Admission::NeedKeys(j) => {
+            println!("decision: 401 invalid_agent_token: the JWT's key is not in {}", j.source);
+            Ok(ControlFlow::Break(()))
+        }
+    }
+}
+
+/// Prints the decision for the request (`host`, `path_only` from `args`) and what it writes.
+fn print_decision(args: &ExplainArgs, snap: &Snapshot, path_only: &str, tenant: Option<&str>, decision: Decision<'_>) {
+    match decision {
+        Decision::Refused(r) => {
+            println!("decision: {} {}: {} (nothing is forwarded)", r.status(), r.reason(), r.message());
+        }
+        Decision::TenantNotMapped { entry } => {
+            println!(
+                "decision: 403: policy {} has no key for tenant `{}` and its fallback is Deny",
+                entry.binding.policy.as_deref().unwrap_or("-"),
+                tenant.unwrap_or("(anonymous)")
+            );
+            println!("  {}", describe_match(entry));
+        }
+        Decision::Inject { entry, credential } => {
+            println!("decision: inject");
+            println!("  {}", describe_match(entry));
+            println!("  policy {}", entry.binding.policy.as_deref().unwrap_or("-"));
+            println!(
+                "  writes {} = <redacted> {} (overwrites any value the agent sent)",
+                credential.describe(),
+                credential.fingerprint()
+            );
+            if let crate::config::Credential::AwsV4(signer) = credential {
+                match signer.scope(&args.host) {
+                    Ok((region, service)) => println!("  signs for region `{region}`, service `{service}`"),
+                    Err(e) => println!("  cannot sign: {e}"),
+                }
+                println!("  also strips every x-amz-* header the agent sends (its own signature)");
+            }
+            println!("  strips headers whenever the agent sends them: {}", entry.binding.strip.headers.join(", "));
+            if !entry.binding.strip.query.is_empty() {
+                println!("  strips query parameters: {}", entry.binding.strip.query.join(", "));
+            }
+        }
+        Decision::FailClosed { entry, reason } => {
+            println!("decision: 503 (fail closed): {reason}");
+            println!("  {}", describe_match(entry));
+            println!("  policy {}", entry.binding.policy.as_deref().unwrap_or("(none)"));
+        }
+        Decision::Deny => {
+            println!(
+                "decision: 403: no AIProviderRoute on {} matches host `{}` path `{path_only}`, and the gateway's \
+                 defaultPolicy is deny-all (add a route, or the host to spec.allow)",
+                snap.gateway, args.host
+            );
+        }
+        Decision::PassThrough { allowed_by } => {
+            println!("decision: pass through untouched (no route; allowed by {allowed_by})");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `serve`: the ext_proc server Envoy calls, configured from a directory of manifests or from the
+//! Kubernetes API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use clap::Args;
+
+use super::{parse_mode, runtime, SourceArgs, DEFAULT_UDS, DEFAULT_WORKER_THREADS};
+use crate::config::file::{self, FileSource};
+use crate::config::{log_changes, GatewaySelector, Snapshot};
+use crate::extproc::server::{self, Bound};
+use crate::extproc::Shared;
+use crate::telemetry::Metrics;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Also (or only) serve ext_proc on this TCP address. Anyone who can open a stream to it
+    /// and send request headers for a routed host gets the real key back in the answer: bind it
+    /// to loopback at most, and prefer the Unix socket. Without --uds, TCP replaces the socket.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Unix socket for the ext_proc server (what Envoy connects to). The default unless --listen
+    /// is given; created with --uds-mode permissions; a stale socket is replaced.
+    #[arg(long, value_name = "PATH", default_value_if("listen", clap::builder::ArgPredicate::IsPresent, None), default_value = DEFAULT_UDS)]
+    pub uds: Option<PathBuf>,
+    /// Permissions of the ext_proc socket, octal. Owner-only by default: run Envoy as the same
+    /// user (the deployment does), or use 660 with a shared group.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_mode)]
+    pub uds_mode: u32,
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
+    /// Admin HTTP address: /metrics (Prometheus), /healthz, /readyz. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics: SocketAddr,
+    /// Finished spans that may wait for the OTLP exporter; beyond this they are dropped (and
+    /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
+    #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
+    pub span_queue: usize,
+    /// Threads answering Envoy (tokio workers). One thread costs the least CPU per request (see
+    /// docs/benchmarks.md) and answers tens of thousands of ext_proc messages per second; raise it
+    /// for an Envoy with many busy workers.
+    #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256), default_value_t = DEFAULT_WORKER_THREADS)]
+    pub worker_threads: u16,
+    /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
+    /// reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
+    #[arg(long, conflicts_with = "secret_from_env")]
+    pub kubernetes: bool,
+    /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows.
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    pub namespace: Option<String>,
+    /// With --kubernetes: write `Accepted` and `ResolvedRefs` conditions to the status of routes
+    /// and policies (needs `patch` on their `/status` subresources).
+    #[arg(long, requires = "kubernetes")]
+    pub write_status: bool,
+}
+
+/// Which CONNECT destinations the tunnel guard lets through besides public addresses.
+#[derive(Debug, Args)]
+pub struct TunnelArgs {
+    /// Let tunnels to allowed hosts reach this non-public network (CIDR), e.g. an internal
+    /// service on the allow list. Repeatable. Loopback and link-local ranges also open the
+    /// gateway's own admin ports and cloud metadata to agents: never list them in production.
+    #[arg(long = "allow-private-destination", value_name = "CIDR")]
+    pub allow_private: Vec<crate::auth::Cidr>,
+}
+
+impl TunnelArgs {
+    pub(super) fn guard(&self) -> crate::extproc::tunnel::TunnelGuard {
+        crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone() }
+    }
+}
+
+pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.kubernetes {
+        if args.source.config.is_some() {
+            anyhow::bail!("--kubernetes and --config are exclusive: choose one source");
+        }
+        return serve_kubernetes(args);
+    }
+    let source = Arc::new(args.source.source()?);
+    let selector = args.source.selector()?;
+    // Invalid objects are left out (and logged) rather than keeping the gateway down; only a
+    // gateway that cannot compile stops the start.
+    let snapshot = match source.snapshot_isolated(&selector) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("keyswap: cannot start: {errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let rt = runtime(Some(args.worker_threads))?;
+    rt.block_on(async move {
+        let listeners = bind_listeners(&args).await?;
+        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+        run_extproc(source, snapshot, serving, args.metrics, shutdown_signal()).await
+    })?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
+    let mut listeners = Vec::new();
+    if let Some(path) = &args.uds {
+        let bound =
+            Bound::uds(path, args.uds_mode).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        listeners.push(bound);
+    }
+    if let Some(addr) = args.listen {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "ext_proc on a non-loopback TCP address: whoever reaches it can obtain real keys");
+        }
+        listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
+    }
+    Ok(listeners)
+}
+
+fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let selector = args.source.selector()?;
+    let rt = runtime(Some(args.worker_threads))?;
+    rt.block_on(async move {
+        let metrics = Arc::new(Metrics::default());
+        let status = Arc::new(crate::config::kube::KubeStatus::default());
+        let (s1, s2) = (status.clone(), status.clone());
+        let ready: crate::telemetry::admin::ReadyFn =
+            Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
+        let m = metrics.clone();
+        let render = Arc::new(move || {
+            m.config_rejected
+                .store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+            s2.render()
+        });
+        let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;
+        // No retries inside the client: its default policy retries a 503 up to 15 times with a
+        // delay doubling from 5 ms without bound (minutes in all), which held watches back long
+        // after an outage. Each watch retries on its own bounded backoff instead (config::kube).
+        let client = async {
+            let mut config = kube::Config::infer().await.map_err(|e| e.to_string())?;
+            config.default_retry = false;
+            // A connection attempt to an unreachable API server fails (and is retried) after 4 s,
+            // not kube-client's 30 s; the watches rely on it (config::kube::QUIET).
+            config.connect_timeout = Some(std::time::Duration::from_secs(4));
+            kube::Client::try_from(config).map_err(|e| e.to_string())
+        }
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot configure the Kubernetes client: {e} (run in a pod, or set KUBECONFIG)")
+        })?;
+        tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
+        let store =
+            crate::config::kube::start(client, args.namespace.clone(), selector, status, args.write_status).await?;
+        let listeners = bind_listeners(&args).await?;
+        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+        let result = serve_store(store, metrics, serving, shutdown_signal()).await;
+        admin.abort();
+        result
+    })?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How the ext_proc server runs: its sockets, the span queue, the tunnel guard.
+pub(super) struct Serving {
+    pub(super) listeners: Vec<Bound>,
+    pub(super) span_queue: usize,
+    pub(super) tunnel: crate::extproc::tunnel::TunnelGuard,
+}
+
+/// Serves `snapshot` and keeps it current from `source` until `shutdown`.
+pub(super) async fn run_extproc(
+    source: Arc<FileSource>,
+    snapshot: Snapshot,
+    serving: Serving,
+    metrics_addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    log_changes(None, &snapshot);
+    crate::config::log_rejected(&snapshot);
+    let metrics = Arc::new(Metrics::default());
+    metrics.config_rejected.store(snapshot.rejected.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    // From here on the gateway is pinned: a later edit adding a second gateway does not change it.
+    let gateway = snapshot.gateway.clone();
+    let selector = GatewaySelector::Named(gateway.clone());
+    let store = Arc::new(ArcSwap::from_pointee(snapshot));
+    let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("ok".into()));
+    let lr = last_reload.clone();
+    let src = source.clone();
+    let (st, m) = (store.clone(), metrics.clone());
+    let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
+        let left_out = st.load().rejected.len();
+        m.config_rejected.store(left_out as u64, std::sync::atomic::Ordering::Relaxed);
+        let text = match (res, src.refused().len(), left_out) {
+            (Ok(()), 0, 0) => "ok".to_owned(),
+            (Ok(()), 0, n) => format!("ok; {n} invalid object(s) left out (see the log or `keyswap check`)"),
+            (Ok(()), f, n) => format!("ok; {f} file(s) over the manifest limits set aside, {n} problem(s) left out"),
+            (Err(e), _, _) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
+        };
+        *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    })
+    .map_err(anyhow::Error::msg)?;
+    tracing::info!(dir = %source.dir.display(), "watching configuration directory");
+    let ready: crate::telemetry::admin::ReadyFn = Arc::new(move || {
+        let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (true, format!("gateway {gateway} loaded; last reload: {last}"))
+    });
+    let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, Arc::new(String::new)).await?;
+    let result = serve_store(store, metrics, serving, shutdown).await;
+    admin.abort();
+    result
+}
+
+/// The ext_proc server over `store`, with the OTLP exporter the gateway (or environment) names.
+async fn serve_store(
+    store: crate::config::SnapshotStore,
+    metrics: Arc<Metrics>,
+    serving: Serving,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Serving { listeners, span_queue, tunnel } = serving;
+    let otlp = store.load().otlp.clone();
+    let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
+        .map_err(anyhow::Error::msg)?
+    {
+        Some(settings) => {
+            let exporter = crate::telemetry::export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
+            tracing::info!(exporter = %settings, "tracing on: one span per transaction");
+            Some(crate::telemetry::export::spawn(exporter, metrics.clone(), span_queue.max(1)))
+        }
+        None => {
+            tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
+            None
+        }
+    };
+    let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
+    let shared = Arc::new(Shared { store, metrics, sink, tunnel });
+    server::run(shared, listeners, shutdown).await
+}
+
+/// Finished spans waiting for export; beyond this they are dropped and counted.
+pub(super) const SPAN_QUEUE: usize = 4096;
+
+pub(super) async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
