@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// Lines a source file may have, not counting its test module or `*tests.rs` siblings.
+const MAX_FILE_LINES: usize = 600;
+/// Lines a non-test function may have, signature to closing brace.
+const MAX_FN_LINES: usize = 100;
+
 fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -267,6 +272,75 @@ fn modules_depend_only_on_modules_before_them_in_the_order_lib_rs_declares() {
     assert!(against.is_empty(), "edges against the dependency order in src/lib.rs:\n{against}");
 }
 
+/// Non-test lines of a file: everything before a trailing `#[cfg(test)]` module; 0 for the
+/// test siblings (`tests.rs`, `*_tests.rs`).
+fn non_test_lines(file: &Path) -> usize {
+    let name = file.file_name().unwrap().to_string_lossy();
+    if name == "tests.rs" || name.ends_with("_tests.rs") {
+        return 0;
+    }
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = lines
+        .windows(2)
+        .position(|w| w[0].trim() == "#[cfg(test)]" && w[1].starts_with("mod tests"))
+        .unwrap_or(lines.len());
+    cut
+}
+
+#[test]
+fn no_source_file_is_longer_than_a_reader_can_hold() {
+    let long: Vec<String> = library_files()
+        .iter()
+        .map(|f| (f, non_test_lines(f)))
+        .filter(|(_, n)| *n > MAX_FILE_LINES)
+        .map(|(f, n)| format!("{}: {n} lines", f.strip_prefix(src()).unwrap().display()))
+        .collect();
+    assert!(
+        long.is_empty(),
+        "source files above {MAX_FILE_LINES} non-test lines (split along a seam):\n{}",
+        long.join("\n")
+    );
+}
+
+/// `(name, first line, length)` of every non-test function: `fn` at the start of a line, its
+/// body ending at the first line that closes it at the same indentation (rustfmt's layout).
+fn functions(file: &Path) -> Vec<(String, usize, usize)> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let end = non_test_lines(file).min(lines.len());
+    let mut out = Vec::new();
+    for (i, line) in lines[..end].iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let sig = ["pub(crate) ", "pub(super) ", "pub ", ""]
+            .iter()
+            .find_map(|v| trimmed.strip_prefix(v))
+            .map(|s| s.strip_prefix("async ").unwrap_or(s));
+        let Some(after) = sig.and_then(|s| s.strip_prefix("fn ")) else { continue };
+        let name = ident_at(after).to_owned();
+        let close = " ".repeat(indent) + "}";
+        let Some(len) = lines[i..end].iter().position(|l| *l == close || l.starts_with(&(close.clone() + " "))) else {
+            continue; // a declaration without a body (trait method)
+        };
+        out.push((name, i + 1, len + 1));
+    }
+    out
+}
+
+#[test]
+fn no_function_is_longer_than_a_screen() {
+    let mut long = Vec::new();
+    for file in library_files() {
+        for (name, line, len) in functions(&file) {
+            if len > MAX_FN_LINES {
+                long.push(format!("{}:{line}: fn {name}: {len} lines", file.strip_prefix(src()).unwrap().display()));
+            }
+        }
+    }
+    assert!(long.is_empty(), "functions above {MAX_FN_LINES} lines (split into named steps):\n{}", long.join("\n"));
+}
+
 #[test]
 fn the_checks_themselves_see_what_they_claim_to() {
     // The parsers above read real code; prove they find what a human sees, and only that.
@@ -282,4 +356,33 @@ fn the_checks_themselves_see_what_they_claim_to() {
     assert_eq!(module_path(&src().join("config").join("compile.rs")), ["config", "compile"]);
     assert_eq!(module_path(&src().join("config").join("mod.rs")), ["config"]);
     assert_eq!(module_path(&src().join("target.rs")), ["target"]);
+}
+
+#[test]
+fn every_source_path_the_readme_and_docs_link_exists() {
+    // "Where things are" is how a newcomer finds a room; a split must not leave it pointing at
+    // a file that moved.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![root.join("README.md")];
+    docs.extend(std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()));
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for doc in docs.iter().filter(|d| d.extension().is_some_and(|e| e == "md")) {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for (i, _) in text.match_indices("](") {
+            let target = &text[i + 2..];
+            let target = &target[..target.find(')').unwrap_or(0)];
+            let target = target.split('#').next().unwrap_or("");
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            seen += 1;
+            let base = doc.parent().unwrap();
+            if !base.join(target).exists() {
+                missing.push(format!("{}: {target}", doc.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    assert!(seen > 20, "found only {seen} relative links: is the parser reading the docs?");
+    assert!(missing.is_empty(), "links to paths that do not exist:\n{}", missing.join("\n"));
 }
