@@ -339,3 +339,41 @@ async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
         tokio::time::timeout(std::time::Duration::from_secs(5), server).await.expect("server stops after the drain");
     res.unwrap().unwrap();
 }
+
+/// A SigV4 route whose host pattern names no region, and a policy that sets none: the request
+/// cannot be signed, so it is refused (never forwarded unsigned) with a reason the operator can act on.
+#[tokio::test]
+async fn sigv4_without_a_region_fails_closed_and_says_the_region_is_unknown() {
+    let manifests = r#"apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: bedrock-anywhere}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: bedrock, hosts: ["*.bedrock.test"]}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: bedrock-sigv4}
+spec:
+  parentRefs: [{name: bedrock-anywhere}]
+  secretRef: {name: aws}
+  target: ProviderAuth
+  providerAuth: {type: AWSv4}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: aws}
+stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
+"#;
+    let s = common::start_in_process_with(&[("bedrock.yaml", manifests)]).await;
+    let mut c = grpc::connect(s.addr).await;
+    let head = req("runtime.bedrock.test", "/model/m/converse", &[("content-type", "application/json")]);
+    let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(b"{}")]).await;
+    let last = answers.last().unwrap().as_ref().expect("an answer");
+    let i = immediate(last);
+    assert_eq!(i.status.as_ref().unwrap().code, 503);
+    let body: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!(body["error"]["reason"], "RegionUnknown", "{body}");
+    assert!(!String::from_utf8_lossy(&i.body).contains("wJalr"));
+    assert_eq!(Metrics::get(&s.shared.metrics.denied_credential_unavailable), 1);
+}

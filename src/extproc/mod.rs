@@ -438,7 +438,9 @@ impl ProcessStream {
                 move || sign_body(&shared, &sign, &body)
             });
             let fut = async move {
-                task.await.unwrap_or_else(|e| signing_failed(&shared, &format!("signing task failed: {e}")))
+                task.await.unwrap_or_else(|e| {
+                    signing_failed(&shared, &sigv4::SignError::Failed(format!("signing task failed: {e}")))
+                })
             };
             self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestBody));
             return Ok(Handled::Pending);
@@ -450,7 +452,7 @@ impl ProcessStream {
 
 impl PendingSign {
     /// The signature headers for this request with `body`.
-    fn sign(&self, body: &[u8]) -> Result<Vec<(&'static str, String)>, String> {
+    fn sign(&self, body: &[u8]) -> Result<Vec<(&'static str, String)>, sigv4::SignError> {
         let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let req = sigv4::Request { method: &self.method, host: &self.host, path: &self.path, headers: &headers, body };
         self.signer.sign(&req, std::time::SystemTime::now())
@@ -468,13 +470,13 @@ fn sign_body(shared: &Shared, sign: &PendingSign, body: &[u8]) -> ProcessingResp
     }
 }
 
-pub(crate) fn signing_failed(shared: &Shared, error: &str) -> ProcessingResponse {
+pub(crate) fn signing_failed(shared: &Shared, error: &sigv4::SignError) -> ProcessingResponse {
     Metrics::inc(&shared.metrics.denied_credential_unavailable);
-    tracing::warn!(error, "SigV4 signing failed; answering 503 (fail closed)");
+    tracing::warn!(%error, "SigV4 signing failed; answering 503 (fail closed)");
     let body = json!({"error": {
         "type": "credential_unavailable",
         "message": "keyswap could not sign this request; it was not forwarded",
-        "reason": "SigningFailed",
+        "reason": error.reason(),
     }});
     mutation::immediate(503, &body, "keyswap_signing_failed")
 }

@@ -81,6 +81,31 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
+/// Why a request could not be signed. Nothing in it is secret: hosts and the signing library's
+/// messages, never a key.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The host names no AWS region and the policy sets none: the operator must set one.
+    #[error("host `{host}` names no AWS region; set spec.providerAuth.region on the policy")]
+    NoRegion { host: String },
+    /// The request itself cannot be signed (e.g. a header value the signer rejects).
+    #[error("cannot sign this request: {0}")]
+    Unsignable(String),
+    #[error("SigV4 signing failed: {0}")]
+    Failed(String),
+}
+
+impl SignError {
+    /// The `reason` keyswap's refusal carries, so an operator can tell a policy to fix from a
+    /// request that cannot be signed.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SignError::NoRegion { .. } => "RegionUnknown",
+            SignError::Unsignable(_) | SignError::Failed(_) => "SigningFailed",
+        }
+    }
+}
+
 impl Signer {
     pub fn new(
         access_key_id: &str,
@@ -95,12 +120,10 @@ impl Signer {
     }
 
     /// The region and service to sign `host` for: the policy's, else derived from the host.
-    pub fn scope(&self, host: &str) -> Result<(String, String), String> {
+    pub fn scope(&self, host: &str) -> Result<(String, String), SignError> {
         let region = match &self.region {
             Some(r) => r.to_string(),
-            None => region_from_host(host).ok_or_else(|| {
-                format!("host `{host}` names no AWS region; set spec.providerAuth.region on the policy")
-            })?,
+            None => region_from_host(host).ok_or_else(|| SignError::NoRegion { host: host.to_owned() })?,
         };
         let service = match &self.service {
             Some(s) => s.to_string(),
@@ -111,7 +134,7 @@ impl Signer {
 
     /// The headers to set on `req`: `authorization`, `x-amz-date`, and `x-amz-security-token`
     /// with temporary credentials. Values are secret-bearing only in the case of the token.
-    pub fn sign(&self, req: &Request<'_>, time: SystemTime) -> Result<Vec<(&'static str, String)>, String> {
+    pub fn sign(&self, req: &Request<'_>, time: SystemTime) -> Result<Vec<(&'static str, String)>, SignError> {
         let (region, service) = self.scope(req.host)?;
         sign(req, &self.identity, &region, &service, time, Options::default())
     }
@@ -130,7 +153,7 @@ pub fn sign(
     service: &str,
     time: SystemTime,
     opts: Options,
-) -> Result<Vec<(&'static str, String)>, String> {
+) -> Result<Vec<(&'static str, String)>, SignError> {
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::Headers;
     settings.uri_path_normalization_mode =
@@ -146,14 +169,14 @@ pub fn sign(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| format!("SigV4 parameters: {e}"))?
+        .map_err(|e| SignError::Failed(format!("parameters: {e}")))?
         .into();
     let uri = format!("https://{}{}", req.host, req.path);
     let headers = std::iter::once(("host", req.host)).chain(req.headers.iter().copied());
     let signable = SignableRequest::new(req.method, uri, headers, SignableBody::Bytes(req.body))
-        .map_err(|e| format!("cannot sign this request: {e}"))?;
+        .map_err(|e| SignError::Unsignable(e.to_string()))?;
     let (instructions, _signature) =
-        aws_sign(signable, &params).map_err(|e| format!("SigV4 signing failed: {e}"))?.into_parts();
+        aws_sign(signable, &params).map_err(|e| SignError::Failed(e.to_string()))?.into_parts();
     let (headers, _params) = instructions.into_parts();
     Ok(headers.into_iter().map(|h| (h.name(), h.value().to_owned())).collect())
 }

@@ -148,6 +148,39 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
     }))
 }
 
+/// Why a batch did not reach the collector. [`ExportError::retryable`] says whether sending the
+/// same batch again can succeed (the OTLP specification's retryable answers).
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// No connection, a reset, or a broken answer: the collector may be back soon.
+    #[error("{uri}: {reason}")]
+    Unreachable { uri: hyper::Uri, reason: String },
+    #[error("no answer from {uri} within {timeout:?}")]
+    Timeout { uri: hyper::Uri, timeout: Duration },
+    /// An OTLP/HTTP answer, or an HTTP status in front of OTLP/gRPC; `body` is its start.
+    #[error("collector answered {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Http { status: hyper::StatusCode, body: String },
+    #[error("collector answered grpc-status {code}: {message}")]
+    Grpc { code: u32, message: String },
+    /// The request could not be built: sending it again cannot help.
+    #[error("building the request: {0}")]
+    Request(String),
+}
+
+impl ExportError {
+    /// Retryable per the OTLP exporter specification: HTTP 429, 502, 503, 504; gRPC CANCELLED,
+    /// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS;
+    /// and no answer at all.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ExportError::Unreachable { .. } | ExportError::Timeout { .. } => true,
+            ExportError::Http { status, .. } => matches!(status.as_u16(), 429 | 502 | 503 | 504),
+            ExportError::Grpc { code, .. } => matches!(code, 1 | 4 | 8 | 10 | 11 | 14 | 15),
+            ExportError::Request(_) => false,
+        }
+    }
+}
+
 /// Sends batches of encoded spans to one collector.
 pub struct Exporter {
     transport: Transport,
@@ -186,7 +219,7 @@ impl Exporter {
     }
 
     /// One `ExportTraceServiceRequest` with `spans` (each an encoded OTLP `Span`).
-    pub async fn export(&self, spans: &[Vec<u8>]) -> Result<(), String> {
+    pub async fn export(&self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
         let message = self.envelope.request(spans);
         let mut req = hyper::Request::post(self.uri.clone());
         *req.headers_mut().unwrap() = self.headers.clone();
@@ -205,25 +238,21 @@ impl Exporter {
                 Bytes::from(framed)
             }
         };
-        let req = req.body(Full::new(body)).map_err(|e| format!("building the request: {e}"))?;
+        let req = req.body(Full::new(body)).map_err(|e| ExportError::Request(e.to_string()))?;
         let send = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| format!("{}: {}", self.uri, crate::http::error_chain(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
             let status = resp.status();
             let head_status = grpc_status(resp.headers());
             let collected =
-                resp.into_body().collect().await.map_err(|e| format!("{}: reading the answer: {e}", self.uri))?;
+                resp.into_body().collect().await.map_err(|e| self.unreachable(format!("reading the answer: {e}")))?;
             match self.transport {
                 Transport::HttpProtobuf if status.is_success() => Ok(()),
                 Transport::HttpProtobuf => {
                     let body = collected.to_bytes();
-                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-                    Err(format!("collector answered {status}: {}", text.trim()))
+                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+                    Err(ExportError::Http { status, body: text })
                 }
-                Transport::Grpc if !status.is_success() => Err(format!("collector answered HTTP {status}")),
+                Transport::Grpc if !status.is_success() => Err(ExportError::Http { status, body: String::new() }),
                 Transport::Grpc => {
                     let (code, message) = collected
                         .trailers()
@@ -233,15 +262,19 @@ impl Exporter {
                     if code == 0 {
                         Ok(())
                     } else {
-                        Err(format!("collector answered grpc-status {code}: {message}"))
+                        Err(ExportError::Grpc { code, message })
                     }
                 }
             }
         };
         match tokio::time::timeout(self.timeout, send).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer from {} within {:?}", self.uri, self.timeout)),
+            Err(_) => Err(ExportError::Timeout { uri: self.uri.clone(), timeout: self.timeout }),
         }
+    }
+
+    fn unreachable(&self, reason: String) -> ExportError {
+        ExportError::Unreachable { uri: self.uri.clone(), reason }
     }
 }
 
@@ -281,7 +314,9 @@ pub fn spawn(exporter: Exporter, metrics: Arc<Metrics>, capacity: usize) -> toki
                 Ok(()) => Metrics::add(&metrics.spans_exported, n),
                 Err(e) => {
                     Metrics::add(&metrics.spans_export_failed, n);
-                    tracing::warn!(error = %e, spans = n, "OTLP export failed; spans dropped");
+                    // Retrying is not implemented yet: `retryable` tells the operator whether the
+                    // collector refused the spans (fix it) or was away (it may come back).
+                    tracing::warn!(error = %e, retryable = e.retryable(), spans = n, "OTLP export failed; spans dropped");
                 }
             }
             batch.clear();
@@ -341,5 +376,58 @@ mod tests {
             |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization:Bearer s3cret".to_string());
         let e = settings(Some(&otlp("http://otel:4318")), secret_in_bad_list).unwrap_err();
         assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && !e.contains("s3cret"), "{e}");
+    }
+
+    /// A collector on a real socket that answers every request with `status` and closes.
+    async fn collector(status: &'static str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0; 65536];
+                let _ = s.read(&mut buf).await;
+                let body = "refused: bad batch";
+                let answer =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/v1/traces")
+    }
+
+    fn http_settings(endpoint: String) -> Settings {
+        Settings {
+            transport: Transport::HttpProtobuf,
+            endpoint,
+            headers: Vec::new(),
+            service_name: "keyswap".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn export_errors_say_whether_sending_again_can_help() {
+        let exporter = Exporter::new(&http_settings(collector("503 Service Unavailable").await)).unwrap();
+        let e = exporter.export(&[vec![]]).await.unwrap_err();
+        assert!(matches!(e, ExportError::Http { status, .. } if status == 503), "{e:?}");
+        assert!(e.retryable() && e.to_string().contains("503"), "{e}");
+
+        let exporter = Exporter::new(&http_settings(collector("400 Bad Request").await)).unwrap();
+        let e = exporter.export(&[vec![]]).await.unwrap_err();
+        assert!(!e.retryable(), "a collector that refuses the batch refuses it again: {e:?}");
+        assert!(e.to_string().contains("refused: bad batch"), "{e}");
+
+        let exporter = Exporter::new(&http_settings(collector("200 OK").await)).unwrap();
+        exporter.export(&[vec![]]).await.unwrap();
+
+        // Nobody listening: the collector may come back.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let exporter = Exporter::new(&http_settings(format!("http://{closed}/v1/traces"))).unwrap();
+        let e = exporter.export(&[vec![]]).await.unwrap_err();
+        assert!(matches!(e, ExportError::Unreachable { .. }) && e.retryable(), "{e:?}");
+
+        let grpc = |code| ExportError::Grpc { code, message: String::new() };
+        assert!(grpc(14).retryable() && grpc(4).retryable() && !grpc(3).retryable() && !grpc(16).retryable());
     }
 }

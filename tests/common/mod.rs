@@ -278,8 +278,16 @@ pub struct InProcess {
 }
 
 pub async fn start_in_process() -> InProcess {
+    start_in_process_with(&[]).await
+}
+
+/// As [`start_in_process`], with `files` (name, manifests) added to the configuration directory.
+pub async fn start_in_process_with(files: &[(&str, &str)]) -> InProcess {
     use keyswap::extproc::server::{self, Bound};
     let dir = config_dir();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let source = keyswap::config::file::FileSource::new(dir.path(), vec![]);
     let snapshot = source.snapshot(&keyswap::config::GatewaySelector::Only).expect("valid config");
     let store = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(snapshot));

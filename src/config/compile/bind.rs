@@ -311,7 +311,9 @@ fn gcp_credential(keys: &mut SecretKeys<'_>, auth: &ProviderAuth, key: String) -
 /// SigV4 needs a region: from the policy, or from every exact host of the match.
 pub(super) fn region_error(binding: &Binding, hosts: &[Box<str>]) -> Option<ConfigError> {
     let Ok(Credential::AwsV4(signer)) = &binding.credential else { return None };
-    let bad = hosts.iter().find(|h| !crate::glob::is_pattern(h) && signer.scope(h).is_err())?;
+    let bad = hosts
+        .iter()
+        .find(|h| !crate::glob::is_pattern(h) && matches!(signer.scope(h), Err(sigv4::SignError::NoRegion { .. })))?;
     Some(ConfigError::new(format!(
         "host `{bad}` names no AWS region and policy {} sets no spec.providerAuth.region",
         binding.policy.as_deref().unwrap_or("-")
