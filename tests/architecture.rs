@@ -363,7 +363,7 @@ fn every_source_path_the_readme_and_docs_link_exists() {
     // "Where things are" is how a newcomer finds a room; a split must not leave it pointing at
     // a file that moved.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut docs = vec![root.join("README.md")];
+    let mut docs = vec![root.join("README.md"), root.join("certs/README.md"), root.join("proto/README.md")];
     docs.extend(std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()));
     let mut missing = Vec::new();
     let mut seen = 0;
@@ -385,4 +385,19 @@ fn every_source_path_the_readme_and_docs_link_exists() {
     }
     assert!(seen > 20, "found only {seen} relative links: is the parser reading the docs?");
     assert!(missing.is_empty(), "links to paths that do not exist:\n{}", missing.join("\n"));
+}
+
+#[test]
+fn the_top_level_layout_is_the_one_the_project_was_specified_with() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let missing: Vec<&str> =
+        ["Cargo.toml", "src", "proto/README.md", "manifests", "certs/README.md", "tests", "benches", "docs"]
+            .into_iter()
+            .filter(|p| !root.join(p).exists())
+            .collect();
+    assert!(missing.is_empty(), "missing from the top level: {missing:?}");
+    // `keyswap certs` writes under certs/ by default: its output must never be committed.
+    let ignore = std::fs::read_to_string(root.join(".gitignore")).unwrap();
+    assert!(ignore.lines().any(|l| l.trim() == "/certs/*"), "certs/ contents are not ignored");
+    assert!(ignore.lines().any(|l| l.trim() == "!/certs/README.md"), "certs/README.md is ignored");
 }
