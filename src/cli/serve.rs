@@ -124,6 +124,9 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let selector = args.source.selector()?;
     let rt = runtime(Some(args.worker_threads))?;
     rt.block_on(async move {
+        // The sockets first: /readyz must never say ready before Envoy can connect (a connection
+        // made before the first sync waits in the backlog until the server runs).
+        let listeners = bind_listeners(&args).await?;
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(crate::config::kube::KubeStatus::default());
         let (s1, s2) = (status.clone(), status.clone());
@@ -154,7 +157,6 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
         let store =
             crate::config::kube::start(client, args.namespace.clone(), selector, status, args.write_status).await?;
-        let listeners = bind_listeners(&args).await?;
         let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
         let result = serve_store(store, metrics, serving, shutdown_signal()).await;
         admin.abort();
