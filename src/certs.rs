@@ -14,6 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -42,6 +43,8 @@ pub enum CertError {
     BadKey { path: PathBuf, reason: String },
     #[error("cannot issue a certificate: {0}")]
     Issue(#[from] rcgen::Error),
+    #[error("gateway CA from {origin}: {reason}")]
+    BadCa { origin: String, reason: String },
     #[error("no host of gateway {0} can be put in a certificate; list explicit hosts in its routes")]
     NoHosts(Key),
 }
@@ -84,6 +87,22 @@ pub fn certifiable(hosts: impl IntoIterator<Item = String>) -> (Vec<String>, Vec
     (ok, skipped)
 }
 
+/// Creates the gateway CA in `dir` (`ca.crt`, and `ca.key` readable by its owner only) unless
+/// both files exist. Returns whether it created one.
+pub fn ensure_ca(dir: &Path, gateway: &Key, now: OffsetDateTime) -> Result<bool, CertError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if ca_key.exists() && ca_cert.exists() {
+        return Ok(false);
+    }
+    let key = KeyPair::generate()?;
+    let cert = ca_params(gateway, now).self_signed(&key)?;
+    write_private(&ca_key, key.serialize_pem().as_bytes())?;
+    write_public(&ca_cert, cert.pem().as_bytes())?;
+    tracing::info!(gateway = %gateway, path = %ca_cert.display(), "created gateway CA");
+    Ok(true)
+}
+
 /// Creates or reuses the CA, and re-mints the leaf when it is missing, names other hosts, or
 /// expires within `policy.renew_before` of `now`.
 pub fn ensure(
@@ -97,25 +116,9 @@ pub fn ensure(
     if hosts.is_empty() {
         return Err(CertError::NoHosts(gateway.clone()));
     }
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    let ca_created = ensure_ca(dir, gateway, now)?;
     let ca_cert = dir.join("ca.crt");
-    let ca_key_path = dir.join("ca.key");
     let (leaf_cert, leaf_key, meta_path) = (dir.join("leaf.crt"), dir.join("leaf.key"), dir.join("leaf.json"));
-
-    let ca_params = ca_params(gateway, now);
-    let (ca_key, ca_created) = if ca_key_path.exists() && ca_cert.exists() {
-        let pem = read(&ca_key_path)?;
-        let key = KeyPair::from_pem(&pem)
-            .map_err(|e| CertError::BadKey { path: ca_key_path.clone(), reason: e.to_string() })?;
-        (key, false)
-    } else {
-        let key = KeyPair::generate()?;
-        let cert = ca_params.self_signed(&key)?;
-        write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
-        write_public(&ca_cert, cert.pem().as_bytes())?;
-        tracing::info!(gateway = %gateway, path = %ca_cert.display(), "created gateway CA");
-        (key, true)
-    };
 
     let existing: Option<LeafMeta> = std::fs::read(&meta_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let renew_at = |not_after: i64| not_after - policy.renew_before.as_secs() as i64;
@@ -138,24 +141,10 @@ pub fn ensure(
         });
     }
 
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, hosts[0].clone());
-    params.distinguished_name.push(DnType::OrganizationName, "keyswap gateway");
-    params.subject_alt_names =
-        hosts.iter().map(|h| h.clone().try_into().map(SanType::DnsName)).collect::<Result<Vec<_>, _>>()?;
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::seconds(policy.validity.as_secs() as i64);
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
-    let ca_pem = read(&ca_cert)?;
-    write_private(&leaf_key, key.serialize_pem().as_bytes())?;
-    write_public(&leaf_cert, format!("{}{}", cert.pem(), ca_pem).as_bytes())?;
-    let meta = LeafMeta { hosts: hosts.clone(), not_after: params.not_after.unix_timestamp() };
+    let leaf = Ca::load(dir)?.mint(&hosts, now, policy.validity)?;
+    write_private(&leaf_key, leaf.key_pem.expose_secret().as_bytes())?;
+    write_public(&leaf_cert, leaf.chain_pem.as_bytes())?;
+    let meta = LeafMeta { hosts: hosts.clone(), not_after: leaf.not_after.unix_timestamp() };
     write_public(&meta_path, &serde_json::to_vec_pretty(&meta).unwrap_or_default())?;
     let reason = match &existing {
         None => "no leaf yet",
@@ -163,18 +152,153 @@ pub fn ensure(
         Some(_) if ca_created => "new CA",
         Some(_) => "leaf near expiry",
     };
-    tracing::info!(gateway = %gateway, hosts = ?hosts, not_after = %params.not_after, reason, "minted gateway leaf certificate");
+    tracing::info!(gateway = %gateway, hosts = ?hosts, not_after = %leaf.not_after, reason, "minted gateway leaf certificate");
     Ok(GatewayCerts {
         dir: dir.to_path_buf(),
         ca_cert,
         leaf_cert,
         leaf_key,
         hosts,
-        leaf_not_after: params.not_after,
+        leaf_not_after: leaf.not_after,
         ca_created,
         leaf_minted: true,
         skipped,
     })
+}
+
+/// A gateway CA ready to sign: its certificate (what agents trust) and its private key, which
+/// never leaves the process: no `Debug` or `Display` shows it, and it is never written anywhere.
+pub struct Ca {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("sha256", &self.fingerprint).field("not_after", &self.not_after).finish()
+    }
+}
+
+impl Ca {
+    /// A CA from PEM: the certificate (the first one, when a chain is given) and its key in
+    /// PKCS#8, PKCS#1 or SEC1 PEM, as `keyswap certs` or cert-manager write them. `origin` names
+    /// where they came from, for errors.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, origin: &str) -> Result<Ca, CertError> {
+        let bad = |reason: String| CertError::BadCa { origin: origin.to_owned(), reason };
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("private key: {e}")))?;
+        let der = rustls_pem_first_cert(cert_pem).ok_or_else(|| bad("no PEM CERTIFICATE block".into()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("certificate: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(bad("the certificate is not a CA (basicConstraints CA:TRUE missing)".into()));
+        }
+        let cert_key = parsed.public_key().subject_public_key.data.as_ref();
+        if cert_key != key.public_key_raw() {
+            return Err(bad("the private key does not belong to the certificate".into()));
+        }
+        let not_after = OffsetDateTime::from_unix_timestamp(parsed.validity().not_after.timestamp())
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let fingerprint = crate::vocab::fingerprint(&der);
+        let issuer = Issuer::from_ca_cert_der(&der.into(), key).map_err(|e| bad(format!("certificate: {e}")))?;
+        Ok(Ca { cert_pem: cert_pem.to_owned(), issuer, not_after, fingerprint })
+    }
+
+    /// `ca.crt` and `ca.key` in `dir`, as `keyswap certs` writes them.
+    pub fn load(dir: &Path) -> Result<Ca, CertError> {
+        let cert = read(&dir.join("ca.crt"))?;
+        let key = read(&dir.join("ca.key"))?;
+        Ca::from_pem(&cert, &key, &dir.display().to_string())
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A short SHA-256 fingerprint of the certificate, for logs.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// A new leaf (fresh key) naming `hosts`, valid from an hour ago (clock skew) for `validity`
+    /// from `now`; its chain is the leaf then this CA. With no host, it names `keyswap.invalid`
+    /// (a gateway without routes still needs a certificate for Envoy to start its listeners).
+    pub fn mint(&self, hosts: &[String], now: OffsetDateTime, validity: Duration) -> Result<Leaf, CertError> {
+        let placeholder = ["keyswap.invalid".to_owned()];
+        let names = if hosts.is_empty() { &placeholder[..] } else { hosts };
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, names[0].clone());
+        params.distinguished_name.push(DnType::OrganizationName, "keyswap gateway");
+        params.subject_alt_names =
+            names.iter().map(|h| h.clone().try_into().map(SanType::DnsName)).collect::<Result<Vec<_>, _>>()?;
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::seconds(validity.as_secs() as i64);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain_pem = cert.pem();
+        if !chain_pem.ends_with('\n') {
+            chain_pem.push('\n');
+        }
+        chain_pem.push_str(&self.cert_pem);
+        Ok(Leaf { chain_pem, key_pem: key.serialize_pem().into(), hosts: hosts.to_vec(), not_after: params.not_after })
+    }
+}
+
+/// The DER of the first `CERTIFICATE` block of `pem`.
+fn rustls_pem_first_cert(pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok().map(|c| c.to_vec())
+}
+
+/// The gateway CA as it stands: replaced when its files or Secret change; `None` while there is
+/// none (routed hosts then fail TLS, closed).
+pub type CaCell = std::sync::Arc<arc_swap::ArcSwapOption<Ca>>;
+
+/// Follows `ca.crt` and `ca.key` in `dir` (checked every second): a CA that loads replaces the
+/// current one; one that does not is logged and the current one stays.
+pub fn watch_dir(dir: PathBuf, cell: CaCell) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let stamp = |f: &str| std::fs::metadata(dir.join(f)).ok().map(|m| (m.modified().ok(), m.len()));
+        let mut seen = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = (stamp("ca.crt"), stamp("ca.key"));
+            if seen.as_ref() == Some(&now) {
+                continue;
+            }
+            let first = seen.is_none();
+            seen = Some(now);
+            match Ca::load(&dir) {
+                Ok(ca) => {
+                    tracing::info!(dir = %dir.display(), ca = %ca.fingerprint(), not_after = %ca.not_after(), "loaded the gateway CA");
+                    cell.store(Some(std::sync::Arc::new(ca)));
+                }
+                Err(CertError::Io { source, .. }) if first && source.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(dir = %dir.display(), "no gateway CA (ca.crt, ca.key) yet: create one with `keyswap certs`; until then Envoy gets no leaf certificate over ADS (a static bootstrap does not need it)");
+                }
+                Err(e) => tracing::error!(error = %e, "cannot load the gateway CA; keeping the current one"),
+            }
+        }
+    })
+}
+
+/// A leaf certificate minted in memory: what Envoy presents for the routed hosts.
+#[derive(Debug)]
+pub struct Leaf {
+    /// The leaf, then the CA.
+    pub chain_pem: String,
+    pub key_pem: secrecy::SecretString,
+    pub hosts: Vec<String>,
+    pub not_after: OffsetDateTime,
 }
 
 /// The CA's parameters. Rebuilt identically from the gateway name each time, so a reused CA key

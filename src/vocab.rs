@@ -115,3 +115,15 @@ pub struct Identity {
 /// gRPC metadata Envoy's tunnel-guard filter sends on each stream (`initial_metadata`).
 pub const ROLE_METADATA: &str = "x-keyswap-role";
 pub const ROLE_TUNNEL: &str = "tunnel";
+
+/// Fingerprint shown instead of a secret: enough to tell two values apart, useless to an attacker
+/// holding logs (for any key with real entropy).
+pub fn fingerprint(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(value);
+    let mut s = String::from("sha256:");
+    for b in &digest[..6] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}

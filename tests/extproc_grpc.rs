@@ -307,7 +307,7 @@ async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
     let Bound::Tcp(l) = &bound else { unreachable!() };
     let addr = l.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(shared, vec![bound], async {
+    let server = tokio::spawn(server::run(shared, vec![bound], None, async {
         let _ = stop_rx.await;
     }));
 

@@ -26,7 +26,6 @@ pub struct CertsArgs {
 /// Everything about one gateway that certificates and Envoy need.
 pub(super) struct GatewayView {
     pub(super) key: Key,
-    pub(super) spec: crate::api::EgressGatewaySpec,
     pub(super) snapshot: Snapshot,
 }
 
@@ -34,19 +33,14 @@ pub(super) fn gateway_view(source: &FileSource, selector: &GatewaySelector) -> R
     let catalog = source.load()?;
     let key = selector.resolve(&catalog)?;
     let snapshot = catalog.compile(&key)?;
-    let spec = catalog.gateways[&key].spec.clone();
-    Ok(GatewayView { key, spec, snapshot })
-}
-
-fn route_hosts(snap: &Snapshot) -> Vec<String> {
-    snap.routes.entries.iter().flat_map(|e| e.hosts.iter().map(|h| h.to_string())).collect()
+    Ok(GatewayView { key, snapshot })
 }
 
 pub(super) fn ensure_certs(view: &GatewayView, dir: &std::path::Path) -> anyhow::Result<crate::certs::GatewayCerts> {
     let certs = crate::certs::ensure(
         dir,
         &view.key,
-        route_hosts(&view.snapshot),
+        crate::envoy::route_hosts(&view.snapshot),
         time::OffsetDateTime::now_utc(),
         crate::certs::LeafPolicy::default(),
     )?;
@@ -63,8 +57,8 @@ pub(super) fn default_certs_dir(key: &Key) -> PathBuf {
 
 /// Writes `ca-bundle.crt` beside the certificates: the public CAs (agents keep reaching tunnelled
 /// hosts) plus the gateway's CA. The same file from `certs` and `dev`.
-pub(super) fn write_ca_bundle(certs: &crate::certs::GatewayCerts, system_ca: &Path) -> anyhow::Result<PathBuf> {
-    let bundle = certs.dir.join("ca-bundle.crt");
+pub(super) fn write_ca_bundle(ca_cert: &Path, system_ca: &Path) -> anyhow::Result<PathBuf> {
+    let bundle = ca_cert.with_file_name("ca-bundle.crt");
     let mut pem = match std::fs::read(system_ca) {
         Ok(p) => p,
         Err(e) => {
@@ -75,7 +69,7 @@ pub(super) fn write_ca_bundle(certs: &crate::certs::GatewayCerts, system_ca: &Pa
     if !pem.is_empty() && !pem.ends_with(b"\n") {
         pem.push(b'\n');
     }
-    pem.extend_from_slice(&std::fs::read(&certs.ca_cert)?);
+    pem.extend_from_slice(&std::fs::read(ca_cert)?);
     std::fs::write(&bundle, pem)?;
     Ok(bundle)
 }
@@ -88,7 +82,7 @@ pub(super) fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
     };
     let dir = args.out.unwrap_or_else(|| default_certs_dir(&view.key));
     let certs = ensure_certs(&view, &dir)?;
-    let bundle = write_ca_bundle(&certs, &args.system_ca)?;
+    let bundle = write_ca_bundle(&certs.ca_cert, &args.system_ca)?;
     println!("gateway {}: certificates in {}", view.key, dir.display());
     println!("  CA: {}{}", certs.ca_cert.display(), if certs.ca_created { " (new)" } else { "" });
     println!("  give agents: {} (the public CAs plus the gateway CA: SSL_CERT_FILE, AWS_CA_BUNDLE)", bundle.display());

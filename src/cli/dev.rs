@@ -1,5 +1,5 @@
-//! `dev`: the whole gateway on one machine (certificates, Envoy config, Envoy and the ext_proc
-//! server).
+//! `dev`: the whole gateway on one machine: the gateway CA, Envoy on the ADS bootstrap, and
+//! keyswap serving ext_proc and ADS (routes, hosts and the leaf follow the manifests live).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::certs::{default_certs_dir, ensure_certs, gateway_view, write_ca_bundle, GatewayView};
+use super::certs::{default_certs_dir, gateway_view, write_ca_bundle};
 use super::envoy_config::find_envoy;
 use super::serve::{run_extproc, shutdown_signal, Serving, TunnelArgs, SPAN_QUEUE};
-use super::{runtime, SourceArgs};
-use crate::certs::GatewayCerts;
+use super::{parse_lifetime, runtime, SourceArgs};
 use crate::config::Key;
+use crate::envoy::control::ControlPlane;
 use crate::extproc::server::Bound;
 
 #[derive(Debug, Args)]
@@ -27,7 +27,8 @@ pub struct DevArgs {
     /// Take a Secret key from an environment variable, e.g. `anthropic/token=ANTHROPIC_API_KEY`. Repeatable.
     #[arg(long = "secret", alias = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
     pub secrets: Vec<String>,
-    /// Working directory: certificates, envoy.yaml, envoy.log, the ext_proc socket. Default: certs/<gateway name>.
+    /// Working directory: the gateway CA, envoy.yaml, envoy.log, the ext_proc and ADS socket.
+    /// Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
     /// Send a provider host to another address (see envoy-config --help). Repeatable; in the
@@ -40,6 +41,9 @@ pub struct DevArgs {
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
+    /// How long each leaf certificate is valid (renewed after two thirds of it), e.g. 30s, 24h.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_lifetime)]
+    pub leaf_lifetime: std::time::Duration,
     /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.
     /// (9465, beside `serve`'s 9464, so a dev gateway and a served one can run side by side.)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
@@ -63,23 +67,37 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let envoy_bin = find_envoy()?;
-    let work = args.work.clone().unwrap_or_else(|| default_certs_dir(&view.key));
-    let certs = ensure_certs(&view, &work)?;
-    let work = std::path::absolute(&work)?;
+    let work = std::path::absolute(args.work.clone().unwrap_or_else(|| default_certs_dir(&view.key)))?;
+    crate::certs::ensure_ca(&work, &view.key, time::OffsetDateTime::now_utc())?;
+    let ca_cert = work.join("ca.crt");
     let uds = work.join("keyswap.sock");
-    let envoy_yaml = write_envoy_yaml(&args, &view, &certs, &work, &uds)?;
-    let bundle = write_ca_bundle(&certs, &args.system_ca)?;
-    let (proxy_ports, _) = crate::envoy::ports(&view.spec).map_err(anyhow::Error::msg)?;
+    let envoy_yaml = work.join("envoy.yaml");
+    let extproc = crate::envoy::ExtProcAddress::Uds(uds.clone());
+    std::fs::write(
+        &envoy_yaml,
+        crate::envoy::to_yaml(&crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port)),
+    )?;
+    let bundle = write_ca_bundle(&ca_cert, &args.system_ca)?;
+    let (proxy_ports, _) = crate::envoy::ports(&view.snapshot.listeners).map_err(anyhow::Error::msg)?;
     let proxy_port =
         proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
     let snapshot = view.snapshot;
+    let options = crate::envoy::Options {
+        upstreams: args.upstreams.clone(),
+        bind: std::net::IpAddr::from([127, 0, 0, 1]),
+        system_ca: args.system_ca.clone(),
+        delivery: crate::envoy::Delivery::Ads,
+    };
 
     let rt = runtime(None)?;
     rt.block_on(async move {
         let listeners =
             vec![Bound::uds(&uds, 0o600).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", uds.display()))?];
+        let ca: crate::certs::CaCell = Arc::default();
+        let ca_watch = crate::certs::watch_dir(work.clone(), ca.clone());
+        let control = ControlPlane { ads: Default::default(), options, ca, leaf_lifetime: args.leaf_lifetime };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = Serving { listeners, span_queue: SPAN_QUEUE, tunnel: args.tunnel.guard() };
+        let serving = Serving { listeners, span_queue: SPAN_QUEUE, tunnel: args.tunnel.guard(), control: Some(control) };
         let server = tokio::spawn(run_extproc(source, snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));
@@ -87,14 +105,13 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let envoy_pid = envoy.id();
         wait_until_listening(&mut envoy, proxy_port, &work).await?;
         tracing::info!(port = proxy_port, log = %work.join("envoy.log").display(), "Envoy is up");
-        print_agent_env(&view.key, proxy_port, &certs, &bundle)?;
+        print_agent_env(&view.key, proxy_port, &ca_cert, &bundle)?;
 
-        let renew = spawn_leaf_renewal(work.clone(), view.key.clone(), certs.hosts.clone());
         let result = tokio::select! {
             _ = shutdown_signal() => Ok(()),
             status = envoy.wait() => Err(anyhow::anyhow!("Envoy exited ({}); see {}", status?, work.join("envoy.log").display())),
         };
-        renew.abort();
+        ca_watch.abort();
         if let Some(pid) = envoy_pid {
             let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
         }
@@ -105,30 +122,6 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes the gateway's Envoy bootstrap to `envoy.yaml` in `work` (ext_proc on `uds`, listeners on
-/// 127.0.0.1) and returns its path.
-fn write_envoy_yaml(
-    args: &DevArgs,
-    view: &GatewayView,
-    certs: &GatewayCerts,
-    work: &Path,
-    uds: &Path,
-) -> anyhow::Result<PathBuf> {
-    let opts = crate::envoy::Options {
-        extproc: crate::envoy::ExtProcAddress::Uds(uds.to_path_buf()),
-        upstreams: &args.upstreams,
-        certs,
-        admin_port: args.admin_port,
-        bind: std::net::IpAddr::from([127, 0, 0, 1]),
-        system_ca: args.system_ca.clone(),
-    };
-    let bootstrap =
-        crate::envoy::bootstrap(&view.key, &view.spec, &view.snapshot, &opts).map_err(anyhow::Error::msg)?;
-    let envoy_yaml = work.join("envoy.yaml");
-    std::fs::write(&envoy_yaml, crate::envoy::to_yaml(&bootstrap))?;
-    Ok(envoy_yaml)
 }
 
 /// Starts Envoy on `envoy_yaml`, its output in `envoy.log` in `work`; killed if dropped.
@@ -166,8 +159,8 @@ async fn wait_until_listening(envoy: &mut tokio::process::Child, proxy_port: u16
 }
 
 /// Prints the environment an agent needs to go through the gateway, and flushes stdout.
-fn print_agent_env(key: &Key, proxy_port: u16, certs: &GatewayCerts, bundle: &Path) -> std::io::Result<()> {
-    let ca = certs.ca_cert.display().to_string();
+fn print_agent_env(key: &Key, proxy_port: u16, ca_cert: &Path, bundle: &Path) -> std::io::Result<()> {
+    let ca = ca_cert.display().to_string();
     let b = bundle.display();
     println!("# keyswap dev: gateway {key} is running. Point an agent at it:");
     println!("export HTTPS_PROXY=http://127.0.0.1:{proxy_port}");
@@ -178,23 +171,4 @@ fn print_agent_env(key: &Key, proxy_port: u16, certs: &GatewayCerts, bundle: &Pa
     println!("# and give it placeholder keys, e.g. ANTHROPIC_API_KEY={}", crate::provider::PLACEHOLDER);
     use std::io::Write as _;
     std::io::stdout().flush()
-}
-
-/// Every hour, mints a new leaf certificate when the current one is due and rewrites its SDS file.
-fn spawn_leaf_renewal(dir: PathBuf, key: Key, hosts: Vec<String>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
-            let now = time::OffsetDateTime::now_utc();
-            match crate::certs::ensure(&dir, &key, hosts.clone(), now, crate::certs::LeafPolicy::default()) {
-                Ok(c) if c.leaf_minted => {
-                    if let Err(e) = crate::envoy::write_leaf_sds(&c) {
-                        tracing::error!(error = %e, "cannot update the leaf SDS file");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "leaf renewal failed; will retry in an hour"),
-            }
-        }
-    })
 }

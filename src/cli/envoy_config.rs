@@ -1,4 +1,5 @@
-//! `envoy-config`: the Envoy bootstrap for a gateway; and where the Envoy binary is found.
+//! `envoy-config`: the Envoy bootstrap for a gateway (by default the one that hands Envoy to
+//! keyswap's ADS); and where the Envoy binary is found.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,19 +9,18 @@ use clap::Args;
 use super::certs::{default_certs_dir, ensure_certs, gateway_view};
 use super::check::print_errors;
 use super::{SourceArgs, DEFAULT_UDS};
+use crate::envoy::{Delivery, ExtProcAddress, Options, UpstreamOverride};
 
-#[derive(Debug, Args)]
-pub struct EnvoyArgs {
-    /// Unix socket where keyswap's ext_proc server listens (what Envoy connects to).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_UDS)]
-    pub uds: PathBuf,
+/// What Envoy's listeners and clusters need besides the manifests: where they bind, which CAs
+/// they trust upstream, and redirected providers. `serve` puts them in the resources it serves
+/// over ADS; `envoy-config --static` and `dev` in theirs.
+#[derive(Clone, Debug, Args)]
+pub struct ResourceArgs {
     /// Send a provider host to another address, trusting FILE for its certificate (tests,
-    /// air-gapped mirrors). Repeatable; in the environment, space-separated.
+    /// air-gapped mirrors). Repeatable; in the environment, space-separated. Over ADS an override
+    /// for a host no route names yet waits, unused, until one does.
     #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]", env = "KEYSWAP_UPSTREAM", value_delimiter = ' ')]
-    pub upstreams: Vec<crate::envoy::UpstreamOverride>,
-    /// Envoy admin port, always on 127.0.0.1 (0 picks a free port).
-    #[arg(long, default_value_t = 9901)]
-    pub admin_port: u16,
+    pub upstreams: Vec<UpstreamOverride>,
     /// Address the gateway's listeners bind to.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
@@ -29,15 +29,38 @@ pub struct EnvoyArgs {
     pub system_ca: PathBuf,
 }
 
+impl ResourceArgs {
+    fn default_bind() -> std::net::IpAddr {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    }
+
+    pub(super) fn options(&self, delivery: Delivery) -> Options {
+        Options { upstreams: self.upstreams.clone(), bind: self.bind, system_ca: self.system_ca.clone(), delivery }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct EnvoyConfigArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    #[command(flatten)]
-    pub envoy: EnvoyArgs,
-    /// Directory of the gateway's certificates. Default: certs/<gateway name>.
-    #[arg(long, value_name = "DIR")]
+    /// Unix socket where keyswap serves ext_proc and ADS (what Envoy connects to).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_UDS)]
+    pub uds: PathBuf,
+    /// Envoy admin port, always on 127.0.0.1 (0 picks a free port).
+    #[arg(long, default_value_t = 9901)]
+    pub admin_port: u16,
+    /// Print a static bootstrap instead: every listener, route and cluster inline and the leaf
+    /// from files under --certs (minted when missing or stale). A route or host change then needs
+    /// a new bootstrap and an Envoy restart, and the leaf renewal is yours. Without --static the
+    /// bootstrap only points Envoy at keyswap's ADS, and `keyswap serve` sends the rest.
+    #[arg(long = "static")]
+    pub static_bootstrap: bool,
+    /// With --static: directory of the gateway's certificates. Default: certs/<gateway name>.
+    #[arg(long, value_name = "DIR", requires = "static_bootstrap")]
     pub certs: Option<PathBuf>,
+    /// With --static (over ADS, `serve` takes these flags).
+    #[command(flatten)]
+    pub resources: ResourceArgs,
 }
 
 pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
@@ -46,18 +69,21 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
         Ok(v) => v,
         Err(errors) => return Ok(print_errors(&errors)),
     };
-    let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
-    let certs = ensure_certs(&view, &dir)?;
-    let opts = crate::envoy::Options {
-        extproc: crate::envoy::ExtProcAddress::Uds(args.envoy.uds),
-        upstreams: &args.envoy.upstreams,
-        certs: &certs,
-        admin_port: args.envoy.admin_port,
-        bind: args.envoy.bind,
-        system_ca: args.envoy.system_ca,
+    let extproc = ExtProcAddress::Uds(args.uds);
+    let bootstrap = if args.static_bootstrap {
+        let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
+        let certs = ensure_certs(&view, &dir)?;
+        let opts = args.resources.options(Delivery::Static { certs_dir: certs.dir.clone(), extproc });
+        crate::envoy::bootstrap(&view.snapshot, &opts, args.admin_port).map_err(anyhow::Error::msg)?
+    } else {
+        let r = &args.resources;
+        if !r.upstreams.is_empty() || r.bind != ResourceArgs::default_bind() {
+            tracing::warn!(
+                "--upstream and --bind go to `keyswap serve` (or need --static): the ADS bootstrap does not use them"
+            );
+        }
+        crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port)
     };
-    let bootstrap =
-        crate::envoy::bootstrap(&view.key, &view.spec, &view.snapshot, &opts).map_err(anyhow::Error::msg)?;
     print!("{}", crate::envoy::to_yaml(&bootstrap));
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ mod token;
 
 pub use certs::CertsArgs;
 pub use dev::DevArgs;
-pub use envoy_config::{find_envoy, EnvoyArgs, EnvoyConfigArgs};
+pub use envoy_config::{find_envoy, EnvoyConfigArgs, ResourceArgs};
 pub use explain::ExplainArgs;
 pub use serve::{ServeArgs, TunnelArgs};
 pub use token::{TokenCommand, TokenCreateArgs};
@@ -126,6 +126,22 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| format!("`{s}` is not an octal file mode (e.g. 600 or 660)"))
+}
+
+/// A lifetime such as `30s`, `90m`, `24h` or `7d` (at least 10 s).
+fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("`{s}`: expected a number and a unit, s, m, h or d (e.g. 30s, 24h, 7d)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let unit = match &s[split..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit).filter(|v| *v >= 10).ok_or_else(|| format!("`{s}`: at least 10s"))?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// The runtime serving Envoy: `workers` threads, one by default. Measured through Envoy, one
@@ -250,6 +266,17 @@ pub fn run(cli: Cli) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lifetimes_parse() {
+        use std::time::Duration;
+        assert_eq!(super::parse_lifetime("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(super::parse_lifetime("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(super::parse_lifetime("7d"), Ok(Duration::from_secs(7 * 86400)));
+        for bad in ["", "30", "h", "5s", "1.5h", "-1h", "99999999999999999999d"] {
+            assert!(super::parse_lifetime(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn credential_bearing_libraries_stay_at_info_unless_named() {
         let f = super::log_filter(Some("trace"));

@@ -1,4 +1,5 @@
-//! `serve`: the ext_proc server Envoy calls, configured from a directory of manifests or from the
+//! `serve`: the ext_proc server Envoy calls, and the ADS server Envoy takes its listeners, routes,
+//! clusters and leaf certificate from; configured from a directory of manifests or from the
 //! Kubernetes API.
 
 use std::net::SocketAddr;
@@ -9,9 +10,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use clap::Args;
 
-use super::{parse_mode, runtime, SourceArgs, DEFAULT_UDS, DEFAULT_WORKER_THREADS};
+use super::envoy_config::ResourceArgs;
+use super::{parse_lifetime, parse_mode, runtime, SourceArgs, DEFAULT_UDS, DEFAULT_WORKER_THREADS};
+use crate::certs::CaCell;
 use crate::config::file::{self, FileSource};
 use crate::config::{log_changes, GatewaySelector, Snapshot};
+use crate::envoy::control::ControlPlane;
 use crate::extproc::server::{self, Bound};
 use crate::extproc::Shared;
 use crate::telemetry::Metrics;
@@ -35,6 +39,8 @@ pub struct ServeArgs {
     pub uds_mode: u32,
     #[command(flatten)]
     pub tunnel: TunnelArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
     /// Admin HTTP address: /metrics (Prometheus), /healthz, /readyz. Port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     pub metrics: SocketAddr,
@@ -70,6 +76,45 @@ pub struct TunnelArgs {
     pub allow_private: Vec<crate::auth::Cidr>,
 }
 
+/// keyswap as its Envoy's control plane: ADS on the ext_proc sockets, and the leaf certificate.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Directory holding the gateway CA, `ca.crt` and `ca.key` (as `keyswap certs` writes them).
+    /// keyswap mints the leaf Envoy presents from it, in memory, and re-reads the files when they
+    /// change. Default: certs/<gateway name> (with --kubernetes: none; see --ca-secret).
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// With --kubernetes: the gateway CA from this Secret of type kubernetes.io/tls (`tls.crt`,
+    /// `tls.key`, as cert-manager writes them), NAMESPACE/NAME or NAME in --namespace. Followed as
+    /// it rotates; a new CA re-mints the leaf at once.
+    #[arg(long, value_name = "[NAMESPACE/]NAME", requires = "kubernetes", conflicts_with = "ca_dir")]
+    pub ca_secret: Option<String>,
+    /// How long each leaf certificate is valid; a new one is minted after two thirds of it, and
+    /// at once when the routed hosts or the CA change. E.g. 30s, 90m, 24h, 7d.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_lifetime)]
+    pub leaf_lifetime: std::time::Duration,
+    #[command(flatten)]
+    pub resources: ResourceArgs,
+}
+
+impl ControlArgs {
+    /// The control plane for `gateway`, with its CA from a directory (watched) when one is given
+    /// or defaulted. The Kubernetes CA Secret is wired by the caller.
+    fn setup(&self, gateway: Option<&crate::config::Key>) -> ControlPlane {
+        let ca: CaCell = Arc::default();
+        let dir = self.ca_dir.clone().or_else(|| gateway.map(super::certs::default_certs_dir));
+        if let Some(dir) = dir {
+            crate::certs::watch_dir(dir, ca.clone());
+        }
+        ControlPlane {
+            ads: crate::envoy::ads::Ads::default(),
+            options: self.resources.options(crate::envoy::Delivery::Ads),
+            ca,
+            leaf_lifetime: self.leaf_lifetime,
+        }
+    }
+}
+
 impl TunnelArgs {
     pub(super) fn guard(&self) -> crate::extproc::tunnel::TunnelGuard {
         crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone() }
@@ -97,7 +142,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime(Some(args.worker_threads))?;
     rt.block_on(async move {
         let listeners = bind_listeners(&args).await?;
-        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+        let control = Some(args.control.setup(Some(&snapshot.gateway)));
+        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control };
         run_extproc(source, snapshot, serving, args.metrics, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
@@ -129,6 +175,7 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listeners = bind_listeners(&args).await?;
         let metrics = Arc::new(Metrics::default());
         let status = Arc::new(crate::config::kube::KubeStatus::default());
+        let kube_status = status.clone();
         let (s1, s2) = (status.clone(), status.clone());
         let ready: crate::telemetry::admin::ReadyFn =
             Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
@@ -156,8 +203,21 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         })?;
         tracing::info!(namespace = args.namespace.as_deref().unwrap_or("(all)"), "watching the Kubernetes API");
         let store =
-            crate::config::kube::start(client, args.namespace.clone(), selector, status, args.write_status).await?;
-        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard() };
+            crate::config::kube::start(client.clone(), args.namespace.clone(), selector, status, args.write_status)
+                .await?;
+        let control = args.control.setup(None);
+        match &args.control.ca_secret {
+            Some(name) => {
+                let key = ca_secret_key(name, args.namespace.as_deref())?;
+                crate::config::kube::watch_ca_secret(client, key, control.ca.clone(), kube_status.clone());
+            }
+            None if args.control.ca_dir.is_none() => tracing::warn!(
+                "no --ca-secret or --ca-dir: Envoy gets no leaf certificate over ADS, and routed hosts fail TLS"
+            ),
+            None => {}
+        }
+        let serving =
+            Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control: Some(control) };
         let result = serve_store(store, metrics, serving, shutdown_signal()).await;
         admin.abort();
         result
@@ -166,11 +226,23 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How the ext_proc server runs: its sockets, the span queue, the tunnel guard.
+/// How the ext_proc server runs: its sockets, the span queue, the tunnel guard, and the control
+/// plane serving ADS on the same sockets.
 pub(super) struct Serving {
     pub(super) listeners: Vec<Bound>,
     pub(super) span_queue: usize,
     pub(super) tunnel: crate::extproc::tunnel::TunnelGuard,
+    pub(super) control: Option<ControlPlane>,
+}
+
+/// `--ca-secret [NAMESPACE/]NAME`: the namespace defaults to --namespace.
+fn ca_secret_key(name: &str, namespace: Option<&str>) -> anyhow::Result<crate::config::Key> {
+    let key = crate::config::Key::parse(name)
+        .ok_or_else(|| anyhow::anyhow!("--ca-secret `{name}`: expected NAMESPACE/NAME, or NAME in --namespace"))?;
+    match namespace {
+        Some(ns) if !name.contains('/') => Ok(crate::config::Key::new(ns, key.name)),
+        _ => Ok(key),
+    }
 }
 
 /// Serves `snapshot` and keeps it current from `source` until `shutdown`.
@@ -223,7 +295,7 @@ async fn serve_store(
     serving: Serving,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let Serving { listeners, span_queue, tunnel } = serving;
+    let Serving { listeners, span_queue, tunnel, control } = serving;
     let otlp = store.load().otlp.clone();
     let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?
@@ -239,8 +311,14 @@ async fn serve_store(
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
+    let ads = control.as_ref().map(|c| c.ads.clone());
+    let plane = control.map(|c| tokio::spawn(c.run(store.clone())));
     let shared = Arc::new(Shared { store, metrics, sink, tunnel });
-    server::run(shared, listeners, shutdown).await
+    let result = server::run(shared, listeners, ads, shutdown).await;
+    if let Some(p) = plane {
+        p.abort();
+    }
+    result
 }
 
 /// Finished spans waiting for export; beyond this they are dropped and counted.

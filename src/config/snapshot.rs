@@ -19,6 +19,8 @@ use crate::provider::Provider;
 #[derive(Debug)]
 pub struct Snapshot {
     pub gateway: Key,
+    /// The gateway's listeners (`spec.listeners`): the ports Envoy opens.
+    pub listeners: Vec<crate::api::Listener>,
     pub default_policy: DefaultPolicy,
     /// Hosts reachable without a route on a deny-all gateway.
     pub allow: Vec<Box<str>>,

@@ -1,4 +1,5 @@
-//! Serving the ext_proc service (and gRPC health) on TCP and/or a Unix socket.
+//! Serving the ext_proc service (and gRPC health, and keyswap's ADS when it is Envoy's control
+//! plane) on TCP and/or a Unix socket.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -68,7 +69,14 @@ impl Bound {
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight streams finish (up to [`DRAIN_TIMEOUT`]).
-pub async fn run(shared: Arc<Shared>, listeners: Vec<Bound>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// `ads`: Envoy's aggregated discovery service on the same sockets (one cluster in Envoy's
+/// bootstrap reaches both).
+pub async fn run(
+    shared: Arc<Shared>,
+    listeners: Vec<Bound>,
+    ads: Option<crate::envoy::ads::Ads>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExternalProcessorServer<ExtProc>>().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -77,7 +85,11 @@ pub async fn run(shared: Arc<Shared>, listeners: Vec<Bound>, shutdown: impl Futu
         tracing::info!(address = %bound.describe(), "ext_proc server listening");
         let svc =
             ExternalProcessorServer::new(ExtProc::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let router = Server::builder().tcp_nodelay(true).add_service(health_service.clone()).add_service(svc);
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service.clone())
+            .add_service(svc)
+            .add_optional_service(ads.as_ref().map(|a| a.service()));
         let mut rx = stop_rx.clone();
         let signal = async move {
             let _ = rx.wait_for(|stop| *stop).await;

@@ -295,7 +295,7 @@ pub async fn start_in_process_with(files: &[(&str, &str)]) -> InProcess {
     let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let Bound::Tcp(l) = &bound else { unreachable!() };
     let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(shared.clone(), vec![bound], std::future::pending()));
+    tokio::spawn(server::run(shared.clone(), vec![bound], None, std::future::pending()));
     InProcess { addr, shared, _dir: dir }
 }
 

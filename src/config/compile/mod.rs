@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use secrecy::SecretSlice;
-use sha2::{Digest, Sha256};
 
 use self::bind::{region_error, strip_headers, strip_query};
 use self::isolate::rejected_binding;
@@ -52,16 +51,7 @@ pub struct Catalog {
     pub rejected: Rejected,
 }
 
-/// Fingerprint shown instead of a secret: enough to tell two values apart, useless to an attacker
-/// holding logs (for any key with real entropy).
-pub fn fingerprint(value: &[u8]) -> String {
-    let digest = Sha256::digest(value);
-    let mut s = String::from("sha256:");
-    for b in &digest[..6] {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
+pub use crate::vocab::fingerprint;
 
 impl Catalog {
     /// Collects objects, refusing duplicates, then validates each object and the references
@@ -357,6 +347,7 @@ impl<'a> GatewayCompile<'a> {
         secrets.dedup();
         Snapshot {
             gateway: self.gateway.clone(),
+            listeners: gw.listeners.clone(),
             default_policy: gw.default_policy,
             allow: gw.allow.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect(),
             routes: RouteMatcher::new(self.entries),

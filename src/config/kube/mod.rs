@@ -14,7 +14,10 @@
 //! and the objects' status conditions; `kube/watch.rs` holds one watch: its retries, backoff and
 //! failure causes.
 
+mod ca;
 mod watch;
+
+pub use ca::watch_ca_secret;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;

@@ -1,0 +1,253 @@
+//! keyswap's aggregated discovery service (state of the world): Envoy subscribes to clusters,
+//! listeners, route configurations and the leaf secret on one stream, and gets each type again
+//! whenever [`Ads::publish`] changes it.
+//!
+//! A type's version is a hash of its resources, so an unchanged type is never resent (a listener
+//! update would drain connections) and a keyswap restart serving the same configuration hands
+//! Envoy the versions it already has. Types go out in the order Envoy needs them: clusters and
+//! the leaf before the listeners and routes that use them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::xds;
+
+/// The order types are (re)sent in: what a resource refers to goes out before it.
+const ORDER: [&str; 4] = [xds::CLUSTER, xds::SECRET, xds::LISTENER, xds::ROUTE];
+
+/// One type's resources, by name, and their version.
+#[derive(Clone, Default)]
+pub struct TypeSet {
+    pub version: String,
+    resources: Vec<(String, Any)>,
+}
+
+impl TypeSet {
+    /// Named resources; the version hashes them.
+    pub fn new(mut resources: Vec<(String, Any)>) -> TypeSet {
+        use sha2::Digest as _;
+        resources.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut h = sha2::Sha256::new();
+        for (name, any) in &resources {
+            h.update((name.len() as u64).to_be_bytes());
+            h.update(name.as_bytes());
+            h.update((any.value.len() as u64).to_be_bytes());
+            h.update(&any.value);
+        }
+        let version = h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        TypeSet { version, resources }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.resources.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// The resources `wanted` names (all of them when it is empty: a wildcard subscription).
+    fn select(&self, wanted: &[String]) -> Vec<Any> {
+        self.resources.iter().filter(|(n, _)| wanted.is_empty() || wanted.contains(n)).map(|(_, a)| a.clone()).collect()
+    }
+}
+
+/// What Envoy gets: each type's resources. Holds the leaf's private key (encoded): no `Debug`.
+#[derive(Clone, Default)]
+pub struct XdsSnapshot {
+    types: HashMap<&'static str, TypeSet>,
+}
+
+impl XdsSnapshot {
+    pub fn insert(&mut self, type_url: &'static str, set: TypeSet) {
+        self.types.insert(type_url, set);
+    }
+
+    pub fn get(&self, type_url: &str) -> Option<&TypeSet> {
+        self.types.get(type_url)
+    }
+}
+
+/// Counters for /metrics and tests.
+#[derive(Debug, Default)]
+pub struct AdsStats {
+    /// Envoy streams open now.
+    pub streams: AtomicU64,
+    /// Responses sent.
+    pub pushes: AtomicU64,
+    /// Responses Envoy refused (NACK): it keeps its last good resources of that type.
+    pub rejected: AtomicU64,
+}
+
+/// The ADS server's state: the current snapshot, watched by every stream.
+#[derive(Clone)]
+pub struct Ads {
+    current: Arc<watch::Sender<Option<Arc<XdsSnapshot>>>>,
+    pub stats: Arc<AdsStats>,
+}
+
+impl Default for Ads {
+    fn default() -> Self {
+        Ads { current: Arc::new(watch::channel(None).0), stats: Arc::default() }
+    }
+}
+
+impl Ads {
+    /// Makes `next` current; streams resend the types whose version changed. Until the first
+    /// publish, streams wait (Envoy keeps its last resources, or has none yet).
+    pub fn publish(&self, next: XdsSnapshot) {
+        self.current.send_replace(Some(Arc::new(next)));
+    }
+
+    pub fn current(&self) -> Option<Arc<XdsSnapshot>> {
+        self.current.borrow().clone()
+    }
+
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<Ads> {
+        AggregatedDiscoveryServiceServer::new(self.clone()).max_decoding_message_size(4 * 1024 * 1024)
+    }
+}
+
+/// What one stream has sent of one type.
+#[derive(Default)]
+struct Subscription {
+    /// The names Envoy asked for (empty: all).
+    names: Vec<String>,
+    /// The version last sent and the names it was sent for; `None` until the first response.
+    sent: Option<(String, Vec<String>)>,
+    nonce: String,
+}
+
+/// One Envoy's stream.
+struct Stream {
+    subs: HashMap<&'static str, Subscription>,
+    nonce: u64,
+    node: String,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    stats: Arc<AdsStats>,
+}
+
+impl Stream {
+    /// Handles a request: a subscription (or change of names) gets an answer; an ACK of the
+    /// latest response needs none; a NACK is logged.
+    async fn on_request(&mut self, req: DiscoveryRequest, snap: Option<&XdsSnapshot>) -> bool {
+        if let Some(node) = &req.node {
+            if self.node.is_empty() {
+                self.node = node.id.clone();
+                tracing::info!(node = %self.node, "Envoy connected to ADS");
+            }
+        }
+        let Some(type_url) = ORDER.iter().copied().find(|t| *t == req.type_url) else {
+            tracing::debug!(type_url = %req.type_url, node = %self.node, "ADS: unserved type requested");
+            return true;
+        };
+        let sub = self.subs.entry(type_url).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce {
+            return true; // about an older response: superseded
+        }
+        if let Some(err) = &req.error_detail {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                node = %self.node, type_url, version = %sub.sent.as_ref().map(|s| s.0.as_str()).unwrap_or(""),
+                kept = %req.version_info, error = %err.message,
+                "Envoy rejected the resources keyswap sent; it keeps serving its last good ones"
+            );
+        }
+        sub.names = req.resource_names;
+        self.send(type_url, snap).await
+    }
+
+    /// Sends `type_url` when its version, or the names asked for, differ from what was sent.
+    async fn send(&mut self, type_url: &'static str, snap: Option<&XdsSnapshot>) -> bool {
+        let (Some(set), Some(sub)) = (snap.and_then(|s| s.get(type_url)), self.subs.get_mut(type_url)) else {
+            return true;
+        };
+        if sub.sent.as_ref().is_some_and(|(v, n)| *v == set.version && *n == sub.names) {
+            return true;
+        }
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
+        sub.sent = Some((set.version.clone(), sub.names.clone()));
+        let resp = DiscoveryResponse {
+            version_info: set.version.clone(),
+            resources: set.select(&sub.names),
+            type_url: type_url.to_owned(),
+            nonce: sub.nonce.clone(),
+            ..Default::default()
+        };
+        tracing::debug!(node = %self.node, type_url, version = %set.version, count = resp.resources.len(), "ADS push");
+        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+
+    /// After a publish: every subscribed type whose version changed, in [`ORDER`].
+    async fn on_publish(&mut self, snap: Option<&XdsSnapshot>) -> bool {
+        for t in ORDER {
+            if self.subs.contains_key(t) && !self.send(t, snap).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut current = self.current.subscribe();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            stats.streams.fetch_add(1, Ordering::Relaxed);
+            let mut s = Stream { subs: HashMap::new(), nonce: 0, node: String::new(), tx, stats: stats.clone() };
+            loop {
+                let open = tokio::select! {
+                    msg = inbound.next() => match msg {
+                        Some(Ok(req)) => {
+                            let snap = current.borrow_and_update().clone();
+                            s.on_request(req, snap.as_deref()).await
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(node = %s.node, error = %e, "ADS stream failed");
+                            false
+                        }
+                        None => false,
+                    },
+                    changed = current.changed() => {
+                        let snap = current.borrow_and_update().clone();
+                        changed.is_ok() && s.on_publish(snap.as_deref()).await
+                    }
+                };
+                if !open {
+                    break;
+                }
+            }
+            stats.streams.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!(node = %s.node, "Envoy disconnected from ADS");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented("keyswap serves state-of-the-world ADS (api_type: GRPC)"))
+    }
+}

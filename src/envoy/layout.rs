@@ -1,0 +1,372 @@
+//! The Envoy resources of one gateway, from its snapshot: listeners, clusters and route
+//! configurations. The static bootstrap and the ADS server both take them from here.
+
+use serde_json::{json, Value};
+
+use super::{
+    abs, cluster_name, headers_only, keyswap_cluster, leaf_sds_path, Delivery, NamedPort, Options, INTERNAL_TLS,
+    LEAF_SECRET,
+};
+use crate::api::DefaultPolicy;
+use crate::config::Snapshot;
+
+/// A gateway's hosts, sorted by how Envoy treats them, and the options the resources use.
+pub(super) struct Layout<'a> {
+    opts: &'a Options,
+    /// Resources for ADS (route configurations and the leaf by name) rather than inline.
+    ads: bool,
+    /// Hosts keyswap terminates TLS for: the routed hosts a certificate can name.
+    routed: Vec<String>,
+    /// Routed hosts without a wildcard: one cluster each.
+    exact: Vec<String>,
+    /// `*.` routed hosts: the dynamic forward proxy, with TLS.
+    wildcard: Vec<String>,
+    /// Unrouted hosts a deny-all gateway tunnels to.
+    allow: Vec<String>,
+    allow_all: bool,
+    /// Whether any CONNECT is tunnelled raw (allow-all, or an allow list): the tunnel guard.
+    tunnel: bool,
+}
+
+impl<'a> Layout<'a> {
+    /// `routed`: the hosts the leaf certificate names (see [`super::leaf_hosts`]).
+    pub(super) fn new(snap: &Snapshot, opts: &'a Options, routed: Vec<String>) -> Self {
+        let (wildcard, exact) = routed.iter().cloned().partition(|h: &String| h.starts_with("*."));
+        let allow: Vec<String> = snap.allow.iter().map(|h| h.to_string()).filter(|h| !routed.contains(h)).collect();
+        let allow_all = snap.default_policy == DefaultPolicy::AllowAll;
+        let tunnel = allow_all || !allow.is_empty();
+        let ads = matches!(opts.delivery, Delivery::Ads);
+        Layout { opts, ads, routed, exact, wildcard, allow, allow_all, tunnel }
+    }
+
+    /// Whether a route names `host` exactly (so it has a cluster an `--upstream` can redirect).
+    pub(super) fn routes_exactly(&self, host: &str) -> bool {
+        self.exact.iter().any(|h| h == host)
+    }
+
+    // === explicit proxy ===
+
+    /// A CONNECT listener: routed hosts go to the internal TLS listener, allowed hosts through
+    /// the tunnel guard to a raw tunnel, everything else is refused by Envoy.
+    pub(super) fn proxy_listener(&self, name: &str, port: u16) -> Value {
+        let mut l = json!({
+            "name": format!("proxy_{name}"),
+            "address": {"socket_address": {"address": self.opts.bind.to_string(), "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": format!("proxy_{name}"),
+                    // Python's http.client (urllib3: requests, boto3) sends `CONNECT … HTTP/1.0`;
+                    // Envoy refuses HTTP/1.0 with 426 unless told otherwise.
+                    "http_protocol_options": {"accept_http_10": true},
+                    "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                    "http_filters": self.proxy_filters(),
+                },
+            }]}],
+        });
+        let hcm = &mut l["filter_chains"][0]["filters"][0]["typed_config"];
+        self.attach_routes(hcm, self.proxy_routes());
+        hardened(hcm);
+        l
+    }
+
+    /// The route configuration of the explicit proxies. The CONNECT target keeps its port (the
+    /// tunnel guard and the tunnel need it); virtual hosts match on the host alone.
+    fn proxy_routes(&self) -> Value {
+        json!({"name": "proxy", "ignore_port_in_host_matching": true, "virtual_hosts": self.proxy_vhosts()})
+    }
+
+    /// The route configuration of the TLS chain.
+    fn tls_routes(&self) -> Value {
+        json!({"name": "providers", "virtual_hosts": self.tls_vhosts()})
+    }
+
+    /// The route configurations ADS serves by name (none inline).
+    pub(super) fn route_configs(&self) -> Vec<Value> {
+        vec![self.proxy_routes(), self.tls_routes()]
+    }
+
+    /// Inline in a static bootstrap; by name over ADS, so a route change never touches a
+    /// listener (a listener update drains its connections).
+    fn attach_routes(&self, hcm: &mut Value, routes: Value) {
+        if self.ads {
+            hcm["rds"] = json!({"config_source": {"ads": {}, "resource_api_version": "V3"},
+                "route_config_name": routes["name"]});
+        } else {
+            hcm["route_config"] = routes;
+        }
+    }
+
+    /// Only tunnels to unrouted hosts ask keyswap (the tunnel guard): routed hosts go to the
+    /// internal listener, and refusals are answered by Envoy.
+    fn proxy_vhosts(&self) -> Vec<Value> {
+        let no_guard = json!({"envoy.filters.http.ext_proc": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": true}});
+        let refuse_plain = json!({"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {
+            "inline_string": "keyswap gateway: plain HTTP is not forwarded; use HTTPS through this proxy (CONNECT)\n"}}});
+        let mut refuse_plain_unguarded = refuse_plain.clone();
+        refuse_plain_unguarded["typed_per_filter_config"] = no_guard.clone();
+        let mut vhosts = Vec::new();
+        if !self.routed.is_empty() {
+            vhosts.push(json!({"name": "routed", "domains": self.routed,
+                "routes": [connect_to(INTERNAL_TLS), refuse_plain], "typed_per_filter_config": no_guard}));
+        }
+        if !self.allow.is_empty() && !self.allow_all {
+            vhosts.push(json!({"name": "allowed", "domains": self.allow,
+                "routes": [connect_to("keyswap_tunnel"), refuse_plain_unguarded.clone()]}));
+        }
+        let fallback = if self.allow_all {
+            connect_to("keyswap_tunnel")
+        } else {
+            json!({"match": {"connect_matcher": {}}, "direct_response": {"status": 403},
+                "typed_per_filter_config": no_guard})
+        };
+        vhosts.push(json!({"name": "default", "domains": ["*"], "routes": [fallback, refuse_plain_unguarded]}));
+        vhosts
+    }
+
+    fn proxy_filters(&self) -> Vec<Value> {
+        let mut filters = Vec::new();
+        // Over ADS the filters are there whether or not anything tunnels (the guard is disabled
+        // on every other route), so the listener stays the same when the allow list changes.
+        if self.tunnel || self.ads {
+            // The tunnel guard: keyswap resolves the CONNECT target, refuses loopback, private,
+            // link-local and other non-public addresses, and pins the tunnel to the address it
+            // checked by rewriting `:authority` to it (so a second DNS answer cannot differ).
+            filters.push(json!({
+                "name": "envoy.filters.http.ext_proc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"},
+                        "initial_metadata": [{"key": crate::vocab::ROLE_METADATA, "value": crate::vocab::ROLE_TUNNEL}]},
+                    "failure_mode_allow": false,
+                    "message_timeout": "6s",
+                    // `:authority` is rewritten; a refused rewrite must fail the request, never
+                    // tunnel to the unchecked name.
+                    "mutation_rules": {"allow_all_routing": true, "disallow_is_error": true},
+                    "processing_mode": headers_only(),
+                },
+            }));
+            filters.push(dfp_filter());
+        }
+        filters.push(router());
+        filters
+    }
+
+    // === TLS termination (internal listener, and redirected TLS listeners) ===
+
+    /// The internal listener the proxy hands routed CONNECTs to, and one listener per
+    /// redirected TLS port; all share one filter chain.
+    pub(super) fn tls_listeners(&self, tls_ports: &[NamedPort]) -> Vec<Value> {
+        let tls_inspector = json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
+        let chain = self.tls_chain();
+        // SigV4 routes have Envoy buffer whole request bodies (ext_proc BUFFERED); the buffer must
+        // hold the largest body keyswap signs, or Envoy answers 413 first.
+        let buffer_limit = crate::inject::sigv4::MAX_BODY_BYTES + 1024 * 1024;
+        let mut listeners =
+            vec![json!({"name": INTERNAL_TLS, "internal_listener": {}, "listener_filters": tls_inspector,
+            "per_connection_buffer_limit_bytes": buffer_limit, "filter_chains": [chain.clone()]})];
+        for (name, port) in tls_ports {
+            listeners.push(json!({
+                "name": format!("tls_{name}"),
+                "address": {"socket_address": {"address": self.opts.bind.to_string(), "port_value": port}},
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "listener_filters": tls_inspector, "filter_chains": [chain.clone()]}));
+        }
+        listeners
+    }
+
+    /// TLS with the leaf certificate (SDS), then ext_proc (fail closed) and the router.
+    fn tls_chain(&self) -> Value {
+        let mut filters = vec![ext_proc_filter()];
+        if !self.wildcard.is_empty() || self.ads {
+            filters.push(dfp_filter());
+        }
+        filters.push(router());
+        let sds_config = match &self.opts.delivery {
+            Delivery::Static { certs_dir, .. } => json!({"path_config_source": {
+                "path": abs(&leaf_sds_path(certs_dir)), "watched_directory": {"path": abs(certs_dir)}},
+                "resource_api_version": "V3"}),
+            Delivery::Ads => json!({"ads": {}, "resource_api_version": "V3"}),
+        };
+        let mut chain = json!({
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificate_sds_secret_configs": [{"name": LEAF_SECRET, "sds_config": sds_config}],
+                },
+            }},
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "tls",
+                    "strip_any_host_port": true,
+                    // Paths are normalised before keyswap matches them (RFC 3986 dot-segments,
+                    // `%2E`, `//`); keyswap refuses what is left ambiguous. Escaped slashes are
+                    // kept: Bedrock model ARNs travel as `%2F`, and keyswap judges them decoded.
+                    "normalize_path": true,
+                    "merge_slashes": true,
+                    "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+                    "http_filters": filters,
+                },
+            }],
+        });
+        // A static bootstrap only terminates TLS for the routed names. Over ADS the chain matches
+        // any name, so a host change never touches the listener: an unrouted name gets the leaf
+        // (which does not name it) and, past that, 421 from the `misdirected` virtual host.
+        if !self.ads {
+            chain["filter_chain_match"] = json!({"server_names": self.routed});
+        }
+        let hcm = &mut chain["filters"][0]["typed_config"];
+        self.attach_routes(hcm, self.tls_routes());
+        hardened(hcm);
+        chain
+    }
+
+    fn tls_vhosts(&self) -> Vec<Value> {
+        let mut vhosts: Vec<Value> = self
+            .exact
+            .iter()
+            .map(|h| {
+                json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
+                    "route": {"cluster": cluster_name(h), "timeout": "600s"}}]})
+            })
+            .collect();
+        if !self.wildcard.is_empty() {
+            vhosts.push(json!({"name": "wildcard", "domains": self.wildcard, "routes": [{"match": {"prefix": "/"},
+                "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]}));
+        }
+        vhosts.push(json!({"name": "misdirected", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+            "direct_response": {"status": 421, "body": {"inline_string": "keyswap gateway: no route for this host\n"}}}]}));
+        vhosts
+    }
+
+    // === clusters ===
+
+    /// The clusters; over ADS without `keyswap` itself, which the bootstrap defines (Envoy
+    /// reaches ADS through it).
+    pub(super) fn clusters(&self) -> Vec<Value> {
+        let mut clusters = Vec::new();
+        if let Delivery::Static { extproc, .. } = &self.opts.delivery {
+            clusters.push(keyswap_cluster(extproc));
+        }
+        clusters.push(json!({
+                "name": INTERNAL_TLS, "type": "STATIC",
+                "load_assignment": {"cluster_name": INTERNAL_TLS, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                    {"envoy_internal_address": {"server_listener_name": INTERNAL_TLS}}}}]}]},
+        }));
+        clusters.extend(self.exact.iter().map(|h| self.provider_cluster(h)));
+        if !self.wildcard.is_empty() {
+            clusters.push(self.dfp_cluster("keyswap_dynamic_tls", true));
+        }
+        if self.tunnel {
+            clusters.push(self.dfp_cluster("keyswap_tunnel", false));
+        }
+        clusters
+    }
+
+    /// One routed host's upstream: TLS with SNI and a SAN check, at its address or an override.
+    fn provider_cluster(&self, host: &str) -> Value {
+        let over = self.opts.upstreams.iter().find(|o| o.host == host);
+        let (addr, port) = match over {
+            Some(o) => {
+                let (a, p) = o.address.rsplit_once(':').expect("validated");
+                (a.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().expect("validated"))
+            }
+            None => (host.to_owned(), 443),
+        };
+        let static_ip = addr.parse::<std::net::IpAddr>().is_ok();
+        let ca = over.and_then(|o| o.ca.as_deref()).map(abs).unwrap_or_else(|| abs(&self.opts.system_ca));
+        json!({
+            "name": cluster_name(host),
+            "type": if static_ip { "STATIC" } else { "LOGICAL_DNS" },
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": "5s",
+            "load_assignment": {"cluster_name": cluster_name(host), "endpoints": [{"lb_endpoints": [{"endpoint":
+                {"address": {"socket_address": {"address": addr, "port_value": port}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}]}},
+            }},
+        })
+    }
+
+    /// A dynamic forward proxy cluster: wildcard hosts (with TLS, SNI and SAN from the
+    /// request) or raw tunnels.
+    fn dfp_cluster(&self, name: &str, tls: bool) -> Value {
+        let mut c = json!({
+            "name": name, "connect_timeout": "5s", "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {"name": "envoy.clusters.dynamic_forward_proxy", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                "dns_cache_config": dns_cache()}},
+        });
+        if tls {
+            c["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"validation_context": {"trusted_ca": {"filename": abs(&self.opts.system_ca)}}}}});
+            c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                "explicit_http_config": {"http_protocol_options": {}}}});
+        }
+        c
+    }
+}
+
+/// The fail-closed ext_proc filter on the TLS chain: every routed request asks keyswap.
+fn ext_proc_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"}},
+            "failure_mode_allow": false,
+            "allow_mode_override": true,
+            "message_timeout": "2s",
+            "max_message_timeout": "10s",
+            // For spec.agentAuth edgeTrust: who is on the other end of the connection.
+            "request_attributes": ["source.address", "connection.mtls"],
+            "processing_mode": headers_only(),
+        },
+    })
+}
+
+/// What every connection manager does with agent input before any filter sees it: the peer
+/// address is the TCP peer (never X-Forwarded-For), and headers spelled with underscores
+/// (`x_api_key`) are dropped.
+fn hardened(hcm: &mut Value) {
+    hcm["use_remote_address"] = json!(true);
+    hcm["xff_num_trusted_hops"] = json!(0);
+    hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "DROP_HEADER"});
+}
+
+fn connect_to(cluster: &str) -> Value {
+    json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster,
+        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}})
+}
+
+fn dns_cache() -> Value {
+    json!({"name": "keyswap_dns", "dns_lookup_family": "V4_PREFERRED"})
+}
+
+fn dfp_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.dynamic_forward_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+            "dns_cache_config": dns_cache(),
+        },
+    })
+}
+
+fn router() -> Value {
+    json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+}
