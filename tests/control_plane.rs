@@ -1,0 +1,491 @@
+//! keyswap as its Envoy's control plane, through a real Envoy on the ADS bootstrap
+//! (`keyswap envoy-config`): routes and hosts follow the manifests without an Envoy restart, the
+//! leaf is minted in memory and renewed, either side restarts without serving a stale route.
+//! Agents are curl through the CONNECT proxy, trusting only the gateway CA.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const HOSTS: [&str; 2] = ["api.anthropic.com", "api.openai.com"];
+
+fn gateway(proxy_port: u16) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  defaultPolicy: deny-all
+  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
+"#
+    )
+}
+
+/// A route for `provider` with its policy and Secret.
+fn route(provider: &str, key: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: {provider}}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: {provider}}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: {provider}}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: {provider}}}]
+  secretRef: {{name: {provider}}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: {provider}}}
+stringData: {{token: "{key}"}}
+"#
+    )
+}
+
+/// Writes a manifest the way an editor or a ConfigMap update does: whole, then renamed in.
+fn write_manifest(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// keyswap serving ext_proc and ADS, Envoy on the ADS bootstrap, and TLS fake providers.
+struct Plane {
+    work: tempfile::TempDir,
+    config: PathBuf,
+    keyswap: Option<Proc>,
+    keyswap_args: Vec<String>,
+    envoy: Option<Proc>,
+    bootstrap: PathBuf,
+    proxy_port: u16,
+    admin_port: u16,
+    /// The gateway CA agents trust.
+    ca: PathBuf,
+    fake: FakeProvider,
+}
+
+impl Plane {
+    /// Starts the gateway with routes for `providers`, its leaves living `leaf_lifetime`.
+    async fn start(providers: &[&str], leaf_lifetime: &str) -> Plane {
+        let work = tempfile::tempdir().unwrap();
+        let config = work.path().join("config");
+        std::fs::create_dir(&config).unwrap();
+        let proxy_port = free_port();
+        write_manifest(&config, "gateway.yaml", &gateway(proxy_port));
+        for p in providers {
+            write_manifest(&config, &format!("{p}.yaml"), &route(p, key_of(p)));
+        }
+        let (fake, provider_ca) = FakeProvider::start_tls(&HOSTS, work.path()).await;
+        // `keyswap certs` creates the gateway CA; keyswap mints the leaves from it.
+        let ca_dir = work.path().join("ca");
+        let out = keyswap(&["certs", "--config", config.to_str().unwrap(), "--out", ca_dir.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut keyswap_args = vec!["--ca-dir".to_owned(), ca_dir.display().to_string()];
+        keyswap_args.extend(["--leaf-lifetime".to_owned(), leaf_lifetime.to_owned()]);
+        for h in HOSTS {
+            keyswap_args.extend(["--upstream".to_owned(), format!("{h}={},ca={}", fake.addr, provider_ca.display())]);
+        }
+        let admin_port = free_port();
+        let uds = work.path().join("keyswap.sock");
+        let out = keyswap(&[
+            "envoy-config",
+            "--config",
+            config.to_str().unwrap(),
+            "--uds",
+            uds.to_str().unwrap(),
+            "--admin-port",
+            &admin_port.to_string(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bootstrap = work.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, &out.stdout).unwrap();
+        let ca = ca_dir.join("ca.crt");
+        let mut plane = Plane {
+            work,
+            config,
+            keyswap: None,
+            keyswap_args,
+            envoy: None,
+            bootstrap,
+            proxy_port,
+            admin_port,
+            ca,
+            fake,
+        };
+        plane.start_keyswap();
+        plane.start_envoy();
+        plane
+    }
+
+    fn start_keyswap(&mut self) {
+        let args: Vec<&str> = self.keyswap_args.iter().map(String::as_str).collect();
+        let (p, _) = start_keyswap(&self.config, self.work.path(), &[], &args);
+        self.keyswap = Some(p);
+    }
+
+    /// Starts Envoy; returns once its proxy listener (from ADS) accepts connections.
+    fn start_envoy(&mut self) -> Instant {
+        let mut cmd = Command::new(envoy_bin());
+        cmd.arg("-c").arg(&self.bootstrap).args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"]);
+        let started = Instant::now();
+        let mut p = Proc::spawn("envoy", cmd, self.work.path().join("envoy.log"));
+        while std::net::TcpStream::connect(("127.0.0.1", self.proxy_port)).is_err() {
+            p.assert_running();
+            assert!(started.elapsed() < Duration::from_secs(30), "Envoy got no listener over ADS:\n{}", p.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.envoy = Some(p);
+        started
+    }
+
+    /// curl through the proxy to `host` with the placeholder key: the HTTP status (0 when
+    /// curl failed: a refused CONNECT, a TLS failure) and the serial of the leaf Envoy presented.
+    fn call(&self, host: &str) -> (u16, Option<String>, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}\n%{certs}"])
+            .args(["--proxy", &format!("http://127.0.0.1:{}", self.proxy_port), "--cacert"])
+            .arg(&self.ca)
+            .args(["-H", &format!("x-api-key: {PLACEHOLDER}"), "-H", &format!("authorization: Bearer {PLACEHOLDER}")])
+            .args(["-d", "{}", &format!("https://{host}/v1/messages")])
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .output()
+            .expect("curl is installed (apt-get install -y curl)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let code = stdout.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+        let serial = stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("Serial Number:"))
+            .next()
+            .map(|l| l.trim_start_matches("Serial Number:").trim().to_owned());
+        (code, serial, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn stat(&self, name: &str) -> Option<u64> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", &format!("http://127.0.0.1:{}/stats?filter=^{name}$", self.admin_port)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    fn logs(&self) -> String {
+        let k = self.keyswap.as_ref().map(Proc::output).unwrap_or_default();
+        let e = self.envoy.as_ref().map(Proc::output).unwrap_or_default();
+        format!("keyswap:\n{k}\nenvoy:\n{e}")
+    }
+
+    /// Every request the providers saw carried the real key of its host, and nothing else.
+    fn assert_only_real_keys(&self) {
+        for s in self.fake.seen() {
+            let all = s.everything();
+            assert!(!all.contains(PLACEHOLDER), "the placeholder reached a provider: {all}");
+            let want = key_of(if s.host == "api.openai.com" { "openai" } else { "anthropic" });
+            assert!(all.contains(want), "{} got no real key: {all}", s.host);
+        }
+    }
+}
+
+fn key_of(provider: &str) -> &'static str {
+    match provider {
+        "openai" => OPENAI_KEY,
+        _ => ANTHROPIC_KEY,
+    }
+}
+
+fn keyswap(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keyswap")).args(args).output().unwrap()
+}
+
+/// Calls `host` back to back from a thread until stopped: (calls, failures, serials seen).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    serials: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(plane: &Arc<Plane>, host: &'static str) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let serials = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let (p, s, c, f, se) = (plane.clone(), stop.clone(), calls.clone(), failures.clone(), serials.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (code, serial, err) = p.call(host);
+                c.fetch_add(1, Ordering::Relaxed);
+                if code != 200 {
+                    f.lock().unwrap().push(format!("{host}: {code} {err}"));
+                }
+                se.lock().unwrap().extend(serial);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Traffic { stop, calls, failures, serials, thread: Some(thread) }
+    }
+
+    /// Stops; returns (calls, failures, distinct leaf serials).
+    fn finish(mut self) -> (usize, Vec<String>, BTreeSet<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        let f = self.failures.lock().unwrap().clone();
+        let s = self.serials.lock().unwrap().clone();
+        (self.calls.load(Ordering::Relaxed), f, s)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_for_a_new_host_is_injected_within_a_second_without_restarting_envoy() {
+    let plane = Arc::new(Plane::start(&["anthropic"], "24h").await);
+    assert_eq!(plane.call("api.anthropic.com").0, 200, "{}", plane.logs());
+    assert_eq!(plane.call("api.openai.com").0, 0, "no route yet: the CONNECT is refused");
+    let envoy_pid = plane.envoy.as_ref().unwrap().child.id();
+    let modified = plane.stat("listener_manager.listener_modified").expect("Envoy admin stats");
+    // A connection opened before the change, reused after it.
+    let held = held_connection(&plane).await;
+
+    let traffic = Traffic::start(&plane, "api.anthropic.com");
+    std::thread::sleep(Duration::from_millis(500));
+    write_manifest(&plane.config, "openai.yaml", &route("openai", OPENAI_KEY));
+    let changed = Instant::now();
+    let took = loop {
+        let (code, _, err) = plane.call("api.openai.com");
+        if code == 200 {
+            break changed.elapsed();
+        }
+        assert!(changed.elapsed() < Duration::from_secs(10), "never routed ({code} {err}):\n{}", plane.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (calls, failures, _) = traffic.finish();
+    eprintln!("the new host was injected {took:?} after the manifest changed ({calls} calls to the other host meanwhile)");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(failures.is_empty(), "requests to the other host failed during the change: {failures:?}");
+    assert!(calls > 5, "too little traffic to tell: {calls}");
+    assert_eq!(held.reuse().await, 200, "the connection opened before the change was dropped");
+    assert_eq!(plane.envoy.as_ref().unwrap().child.id(), envoy_pid);
+    assert_eq!(plane.stat("listener_manager.listener_modified"), Some(modified), "a listener changed");
+    assert_eq!(plane.stat("listener_manager.lds.update_rejected"), Some(0));
+    assert_eq!(plane.stat("cluster_manager.cds.update_rejected"), Some(0));
+    plane.assert_only_real_keys();
+}
+
+/// One agent connection through the proxy (CONNECT, TLS with the gateway CA), kept open.
+struct Held {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl Held {
+    async fn reuse(mut self) -> u16 {
+        let req = hyper::Request::post("/v1/messages")
+            .header("host", "api.anthropic.com")
+            .header("x-api-key", PLACEHOLDER)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.send.send_request(req)).await;
+        resp.expect("timed out").expect("the held connection failed").status().as_u16()
+    }
+}
+
+async fn held_connection(plane: &Plane) -> Held {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", plane.proxy_port)).await.unwrap();
+    tcp.write_all(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\nHost: api.anthropic.com:443\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&plane.ca).unwrap();
+    use rustls::pki_types::pem::PemObject as _;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("api.anthropic.com".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS through the proxy");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/messages")
+        .header("host", "api.anthropic.com")
+        .header("x-api-key", PLACEHOLDER)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    Held { send }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_leaf_is_renewed_under_two_minutes_of_traffic_without_a_failure() {
+    let plane = Arc::new(Plane::start(&["anthropic"], "30s").await);
+    let traffic = Traffic::start(&plane, "api.anthropic.com");
+    std::thread::sleep(Duration::from_secs(120));
+    let (calls, failures, serials) = traffic.finish();
+    eprintln!("{calls} calls in 2 minutes, leaf serials seen: {serials:?}");
+    assert!(failures.is_empty(), "{} of {calls} calls failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(serials.len() >= 3, "only {} leaf serials in 2 minutes: {serials:?}", serials.len());
+    assert!(calls > 100, "{calls} calls");
+    let logs = plane.logs();
+    assert!(logs.matches("reason=\"renewal\"").count() >= 2, "{logs}");
+    assert_eq!(plane.stat("listener_manager.listener_modified"), Some(0), "a renewal touched a listener");
+    plane.assert_only_real_keys();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_restarted_gets_the_current_resources_within_two_seconds() {
+    let mut plane = Plane::start(&["anthropic"], "24h").await;
+    assert_eq!(plane.call("api.anthropic.com").0, 200, "{}", plane.logs());
+    plane.envoy.as_mut().unwrap().child.kill().unwrap();
+    plane.envoy.as_mut().unwrap().child.wait().unwrap();
+    // A route added while Envoy is down is there when it comes back.
+    write_manifest(&plane.config, "openai.yaml", &route("openai", OPENAI_KEY));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = plane.start_envoy();
+    let serving = loop {
+        if plane.call("api.openai.com").0 == 200 && plane.call("api.anthropic.com").0 == 200 {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not serving:\n{}", plane.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("Envoy restarted: serving both hosts {serving:?} after its start");
+    assert!(serving < Duration::from_secs(2), "{serving:?}");
+    plane.assert_only_real_keys();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyswap_restarted_fails_closed_meanwhile_and_envoy_never_serves_a_stale_route() {
+    let mut plane = Plane::start(&["anthropic", "openai"], "24h").await;
+    assert_eq!(plane.call("api.openai.com").0, 200, "{}", plane.logs());
+    let k = plane.keyswap.as_mut().unwrap();
+    k.child.kill().unwrap();
+    k.child.wait().unwrap();
+    let seen = plane.fake.seen().len();
+    // Envoy keeps its resources; without keyswap every request fails closed.
+    for host in HOSTS {
+        let (code, _, _) = plane.call(host);
+        assert!(code >= 500 || code == 0, "{host} answered {code} without keyswap");
+    }
+    assert_eq!(plane.fake.seen().len(), seen, "a request reached a provider while keyswap was down");
+    // Meanwhile the openai route is removed: once keyswap is back it is never served again.
+    std::fs::remove_file(plane.config.join("openai.yaml")).unwrap();
+    let started = Instant::now();
+    plane.start_keyswap();
+    let back = loop {
+        if plane.call("api.anthropic.com").0 == 200 {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not back:\n{}", plane.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("keyswap restarted: requests work {back:?} after its start");
+    assert!(back < Duration::from_secs(1), "{back:?}");
+    let removed_at = Instant::now();
+    while removed_at.elapsed() < Duration::from_secs(2) {
+        let (code, _, _) = plane.call("api.openai.com");
+        assert_ne!(code, 200, "the removed route was served after keyswap came back");
+    }
+    assert!(
+        plane.fake.seen().iter().all(|s| s.host != "api.openai.com" || s.at < started),
+        "the removed host got a request after keyswap came back"
+    );
+    plane.assert_only_real_keys();
+}
+
+/// Every example configuration's resources, served over ADS, are accepted by Envoy: nothing
+/// rejected, every listener active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_accepts_the_ads_resources_of_every_example_configuration() {
+    let examples = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/examples"));
+    let variants = tempfile::tempdir().unwrap();
+    let mut dirs = vec![(examples.to_path_buf(), None), (examples.join("echo-bot"), Some("keyswap-system/egress"))];
+    // Both policies with an allow list, a redirected TLS listener and wildcard hosts.
+    for (name, policy) in [("deny", "deny-all"), ("allow", "allow-all")] {
+        let d = variants.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let port = free_port();
+        let tls_port = free_port();
+        let text = format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  defaultPolicy: {policy}\n  allow: [\"pypi.org\", \"*.github.com\"]\n  listeners: [{{name: proxy, protocol: CONNECT, port: {port}}}, {{name: tls, protocol: HTTPS, port: {tls_port}, tls: {{mode: Terminate}}}}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: clouds}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: azure-openai}}, {{provider: bedrock}}, {{provider: anthropic}}]}}]\n"
+        );
+        std::fs::write(d.join("gateway.yaml"), text).unwrap();
+        dirs.push((d, None));
+    }
+    for (dir, gw) in dirs {
+        let work = tempfile::tempdir().unwrap();
+        let ca_dir = work.path().join("ca");
+        let mut args = vec!["certs", "--config", dir.to_str().unwrap(), "--out", ca_dir.to_str().unwrap()];
+        args.extend(gw.iter().flat_map(|g| ["--gateway", *g]));
+        let out = keyswap(&args);
+        assert!(out.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+        let gw_args: Vec<&str> = gw.iter().flat_map(|g| ["--gateway", *g]).collect();
+        let mut serve_args = vec!["--ca-dir", ca_dir.to_str().unwrap()];
+        serve_args.extend(&gw_args);
+        let (_keyswap, uds) = start_keyswap(&dir, work.path(), &[], &serve_args);
+        let admin_port = free_port();
+        let mut args = vec!["envoy-config", "--config", dir.to_str().unwrap(), "--uds", uds.to_str().unwrap()];
+        let admin = admin_port.to_string();
+        args.extend(["--admin-port", &admin]);
+        args.extend(&gw_args);
+        let out = keyswap(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bootstrap = work.path().join("envoy.yaml");
+        std::fs::write(&bootstrap, &out.stdout).unwrap();
+        let mut cmd = Command::new(envoy_bin());
+        cmd.arg("-c").arg(&bootstrap).args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"]);
+        let envoy = Proc::spawn("envoy", cmd, work.path().join("envoy.log"));
+        let stats = || {
+            let out = Command::new("curl")
+                .args(["-s", "--max-time", "5", &format!("http://127.0.0.1:{admin_port}/stats")])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let stat = |text: &str, name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse::<u64>().ok()))
+        };
+        let started = Instant::now();
+        let text = loop {
+            let text = stats();
+            let done = ["listener_manager.lds.update_success", "cluster_manager.cds.update_success"]
+                .iter()
+                .all(|s| stat(&text, s).unwrap_or(0) > 0)
+                && stat(&text, "listener_manager.total_listeners_warming") == Some(0)
+                && stat(&text, "listener_manager.total_listeners_active").unwrap_or(0) > 0;
+            if done {
+                break text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{}: Envoy never took the resources:\n{text}\n{}",
+                dir.display(),
+                envoy.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let rejected: Vec<&str> =
+            text.lines().filter(|l| l.contains("update_rejected") && !l.ends_with(": 0")).collect();
+        assert!(rejected.is_empty(), "{}: Envoy rejected resources: {rejected:?}\n{}", dir.display(), envoy.output());
+        for rds in ["http.tls.rds.providers.update_success", "sds.keyswap_leaf.update_success"] {
+            assert!(stat(&text, rds).unwrap_or(0) > 0, "{}: {rds}:\n{text}", dir.display());
+        }
+    }
+}
