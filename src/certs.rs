@@ -182,12 +182,20 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// A CA from PEM: the certificate (the first one, when a chain is given) and its key in
-    /// PKCS#8, PKCS#1 or SEC1 PEM, as `keyswap certs` or cert-manager write them. `origin` names
-    /// where they came from, for errors.
+    /// A CA from PEM: the certificate (the first one, when a chain is given) and its key, PKCS#8
+    /// (`keyswap certs`; cert-manager with `privateKey.encoding: PKCS8`) or PKCS#1 RSA. `origin`
+    /// names where they came from, for errors.
     pub fn from_pem(cert_pem: &str, key_pem: &str, origin: &str) -> Result<Ca, CertError> {
         let bad = |reason: String| CertError::BadCa { origin: origin.to_owned(), reason };
-        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(format!("private key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| {
+            let hint = if key_pem.contains("BEGIN EC PRIVATE KEY") {
+                " (an SEC1 EC key: give it as PKCS#8, e.g. cert-manager's privateKey.encoding: PKCS8, \
+                 or `openssl pkcs8 -topk8 -nocrypt`)"
+            } else {
+                " (expected a PKCS#8 or PKCS#1 RSA PEM key)"
+            };
+            bad(format!("private key: {e}{hint}"))
+        })?;
         let der = rustls_pem_first_cert(cert_pem).ok_or_else(|| bad("no PEM CERTIFICATE block".into()))?;
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("certificate: {e}")))?;
         if !parsed.is_ca() {
@@ -382,5 +390,45 @@ mod tests {
         let changed = ensure(dir.path(), &gw(), more, t0 + time::Duration::days(6), p).unwrap();
         assert!(changed.leaf_minted, "routes changed: new leaf");
         assert_eq!(std::fs::read(dir.path().join("ca.crt")).unwrap(), ca, "CA unchanged");
+    }
+
+    #[test]
+    fn a_ca_loads_mints_leaves_and_refuses_what_is_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let t0 = OffsetDateTime::now_utc();
+        assert!(ensure_ca(dir.path(), &gw(), t0).unwrap());
+        assert!(!ensure_ca(dir.path(), &gw(), t0).unwrap(), "an existing CA is kept");
+        ensure_ca(other.path(), &gw(), t0).unwrap();
+        let ca = Ca::load(dir.path()).unwrap();
+        let hosts = vec!["api.anthropic.com".to_owned(), "*.openai.azure.com".to_owned()];
+        let leaf = ca.mint(&hosts, t0, Duration::from_secs(30)).unwrap();
+        assert_eq!(leaf.chain_pem.matches("BEGIN CERTIFICATE").count(), 2, "leaf then CA");
+        assert!(leaf.chain_pem.ends_with(ca.cert_pem()));
+        assert_eq!(leaf.not_after.unix_timestamp(), (t0 + time::Duration::seconds(30)).unix_timestamp());
+        let again = ca.mint(&hosts, t0, Duration::from_secs(30)).unwrap();
+        assert_ne!(leaf.chain_pem, again.chain_pem, "every leaf is new (key and serial)");
+        assert!(ca.mint(&[], t0, Duration::from_secs(30)).is_ok(), "no host: a placeholder name");
+
+        let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        let key = read(dir.path(), "ca.key");
+        let secret_lines: Vec<&str> = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let no_key_in = |text: &str| secret_lines.iter().all(|l| !text.contains(l));
+        assert!(no_key_in(&format!("{ca:?} {leaf:?}")), "Debug shows key material");
+        // Another CA's key, a leaf as the CA, junk: refused, saying why, never quoting the key.
+        let cases = [
+            (read(dir.path(), "ca.crt"), read(other.path(), "ca.key"), "does not belong"),
+            (leaf.chain_pem.clone(), key.clone(), "not a CA"),
+            ("junk".to_owned(), key.clone(), "no PEM CERTIFICATE"),
+            (read(dir.path(), "ca.crt"), "junk".to_owned(), "private key"),
+        ];
+        for (cert, k, want) in cases {
+            let e = Ca::from_pem(&cert, &k, "test").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(no_key_in(&e), "{e}");
+        }
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n";
+        let e = Ca::from_pem(&read(dir.path(), "ca.crt"), sec1, "test").unwrap_err().to_string();
+        assert!(e.contains("PKCS#8"), "{e}");
     }
 }

@@ -150,27 +150,8 @@ impl Plane {
         started
     }
 
-    /// curl through the proxy to `host` with the placeholder key: the HTTP status (0 when
-    /// curl failed: a refused CONNECT, a TLS failure) and the serial of the leaf Envoy presented.
     fn call(&self, host: &str) -> (u16, Option<String>, String) {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}\n%{certs}"])
-            .args(["--proxy", &format!("http://127.0.0.1:{}", self.proxy_port), "--cacert"])
-            .arg(&self.ca)
-            .args(["-H", &format!("x-api-key: {PLACEHOLDER}"), "-H", &format!("authorization: Bearer {PLACEHOLDER}")])
-            .args(["-d", "{}", &format!("https://{host}/v1/messages")])
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .output()
-            .expect("curl is installed (apt-get install -y curl)");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let code = stdout.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-        let serial = stdout
-            .lines()
-            .skip_while(|l| !l.starts_with("Serial Number:"))
-            .next()
-            .map(|l| l.trim_start_matches("Serial Number:").trim().to_owned());
-        (code, serial, String::from_utf8_lossy(&out.stderr).into_owned())
+        call(self.proxy_port, &self.ca, host)
     }
 
     fn stat(&self, name: &str) -> Option<u64> {
@@ -197,6 +178,29 @@ impl Plane {
             assert!(all.contains(want), "{} got no real key: {all}", s.host);
         }
     }
+}
+
+/// curl through the proxy on `proxy_port` to `host` with the placeholder key, trusting only `ca`:
+/// the HTTP status (0 when curl failed: a refused CONNECT, a TLS failure) and the serial of the
+/// leaf Envoy presented.
+fn call(proxy_port: u16, ca: &Path, host: &str) -> (u16, Option<String>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}\n%{certs}"])
+        .args(["--proxy", &format!("http://127.0.0.1:{proxy_port}"), "--cacert"])
+        .arg(ca)
+        .args(["-H", &format!("x-api-key: {PLACEHOLDER}"), "-H", &format!("authorization: Bearer {PLACEHOLDER}")])
+        .args(["-d", "{}", &format!("https://{host}/v1/messages")])
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .output()
+        .expect("curl is installed (apt-get install -y curl)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let code = stdout.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let serial = stdout
+        .lines()
+        .find(|l| l.starts_with("Serial Number:"))
+        .map(|l| l.trim_start_matches("Serial Number:").trim().to_owned());
+    (code, serial, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn key_of(provider: &str) -> &'static str {
@@ -274,7 +278,9 @@ async fn a_route_for_a_new_host_is_injected_within_a_second_without_restarting_e
     };
     std::thread::sleep(Duration::from_millis(500));
     let (calls, failures, _) = traffic.finish();
-    eprintln!("the new host was injected {took:?} after the manifest changed ({calls} calls to the other host meanwhile)");
+    eprintln!(
+        "the new host was injected {took:?} after the manifest changed ({calls} calls to the other host meanwhile)"
+    );
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert!(failures.is_empty(), "requests to the other host failed during the change: {failures:?}");
     assert!(calls > 5, "too little traffic to tell: {calls}");
@@ -340,7 +346,12 @@ async fn a_thirty_second_leaf_is_renewed_under_two_minutes_of_traffic_without_a_
     std::thread::sleep(Duration::from_secs(120));
     let (calls, failures, serials) = traffic.finish();
     eprintln!("{calls} calls in 2 minutes, leaf serials seen: {serials:?}");
-    assert!(failures.is_empty(), "{} of {calls} calls failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(serials.len() >= 3, "only {} leaf serials in 2 minutes: {serials:?}", serials.len());
     assert!(calls > 100, "{calls} calls");
     let logs = plane.logs();
@@ -488,4 +499,119 @@ async fn envoy_accepts_the_ads_resources_of_every_example_configuration() {
             assert!(stat(&text, rds).unwrap_or(0) > 0, "{}: {rds}:\n{text}", dir.display());
         }
     }
+}
+
+/// `serve --kubernetes --ca-secret`: the CA comes from a kubernetes.io/tls Secret (as cert-manager
+/// writes it); rotating the Secret re-mints the leaf, signed by the new CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_ca_secret_signs_the_leaf_and_rotating_it_re_mints() {
+    use common::kubeapi::FakeKube;
+    use serde_json::json;
+    const NS: &str = "keyswap-system";
+    let work = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    // Two CAs, made by `keyswap certs` from a directory holding the gateway.
+    let config = work.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    let gw = gateway(proxy_port)
+        .replace("metadata: {name: egress}", &format!("metadata: {{name: egress, namespace: {NS}}}"));
+    std::fs::write(config.join("gateway.yaml"), &gw).unwrap();
+    let cas: Vec<PathBuf> = ["ca1", "ca2"]
+        .iter()
+        .map(|d| {
+            let dir = work.path().join(d);
+            let out = keyswap(&["certs", "--config", config.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            dir
+        })
+        .collect();
+    let tls_secret = |dir: &Path| {
+        let f = |n: &str| b64(&std::fs::read(dir.join(n)).unwrap());
+        json!({"type": "kubernetes.io/tls", "data": {"tls.crt": f("ca.crt"), "tls.key": f("ca.key")}})
+    };
+
+    let kube = FakeKube::start().await;
+    kube.put(
+        "egressgateways",
+        NS,
+        "egress",
+        json!({"spec": {"defaultPolicy": "deny-all", "listeners": [{"name": "proxy", "protocol": "CONNECT", "port": proxy_port}]}}),
+    );
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "anthropic",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "anthropic", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(ANTHROPIC_KEY.as_bytes())}}));
+    kube.put("secrets", NS, "egress-ca", tls_secret(&cas[0]));
+
+    let (fake, provider_ca) = FakeProvider::start_tls(&HOSTS, work.path()).await;
+    let uds = work.path().join("keyswap.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+    cmd.args(["serve", "--kubernetes", "--namespace", NS, "--metrics", "127.0.0.1:0", "--ca-secret", "egress-ca"])
+        .arg("--uds")
+        .arg(&uds)
+        .arg("--upstream")
+        .arg(format!("api.anthropic.com={},ca={}", fake.addr, provider_ca.display()))
+        .env("KUBECONFIG", kube.kubeconfig(work.path()))
+        .env("RUST_LOG", "debug");
+    let mut keyswap_proc = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
+    let bootstrap = keyswap(&[
+        "envoy-config",
+        "--config",
+        config.to_str().unwrap(),
+        "--uds",
+        uds.to_str().unwrap(),
+        "--admin-port",
+        "0",
+    ]);
+    assert!(bootstrap.status.success(), "{}", String::from_utf8_lossy(&bootstrap.stderr));
+    std::fs::write(work.path().join("envoy.yaml"), &bootstrap.stdout).unwrap();
+    let mut cmd = Command::new(envoy_bin());
+    cmd.arg("-c").arg(work.path().join("envoy.yaml")).args(["--concurrency", "1", "--disable-hot-restart"]);
+    let envoy = Proc::spawn("envoy", cmd, work.path().join("envoy.log"));
+    let (klog, elog) = (keyswap_proc.log.clone(), envoy.log.clone());
+    let logs = || {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        format!("keyswap:\n{}\nenvoy:\n{}", read(&klog), read(&elog))
+    };
+
+    let (ca1, ca2) = (cas[0].join("ca.crt"), cas[1].join("ca.crt"));
+    let since = Instant::now();
+    while call(proxy_port, &ca1, "api.anthropic.com").0 != 200 {
+        keyswap_proc.assert_running();
+        assert!(since.elapsed() < Duration::from_secs(30), "never served with the Secret's CA:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(call(proxy_port, &ca2, "api.anthropic.com").0, 0, "the leaf chains to the other CA");
+
+    kube.put("secrets", NS, "egress-ca", tls_secret(&cas[1]));
+    let rotated = Instant::now();
+    while call(proxy_port, &ca2, "api.anthropic.com").0 != 200 {
+        assert!(rotated.elapsed() < Duration::from_secs(10), "the rotated CA never signed the leaf:\n{}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("CA Secret rotated: the leaf signed by the new CA served {:?} later", rotated.elapsed());
+    assert_eq!(call(proxy_port, &ca1, "api.anthropic.com").0, 0, "the old CA still verifies the leaf");
+
+    // A broken CA Secret keeps the current CA (and says why, without the key).
+    kube.put(
+        "secrets",
+        NS,
+        "egress-ca",
+        json!({"type": "kubernetes.io/tls", "data": {"tls.crt": b64(b"junk"), "tls.key": b64(b"junk")}}),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(call(proxy_port, &ca2, "api.anthropic.com").0, 200, "{}", logs());
+    let out = keyswap_proc.output();
+    assert!(out.contains("cannot use the gateway CA Secret"), "{out}");
+    for dir in &cas {
+        let key = std::fs::read_to_string(dir.join("ca.key")).unwrap();
+        for line in key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!out.contains(line), "CA key material in keyswap's log");
+        }
+    }
+    keyswap_proc.terminate();
 }

@@ -252,6 +252,29 @@ fn static_and_ads_bootstraps_pass_envoy_validate() {
     }
 }
 
+/// The deployment's ConfigMap holds exactly the ADS bootstrap `keyswap envoy-config` prints with
+/// the arguments in its header (so it never goes stale as the generator changes).
+#[test]
+fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cm = std::fs::read_to_string(root.join("manifests/deploy/envoy-configmap.yaml")).unwrap();
+    let (_, body) = cm.split_once("  envoy.yaml: |\n").expect("data.envoy.yaml as a block scalar");
+    let inlined: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["envoy-config", "--config", "manifests/examples/echo-bot", "--gateway", "keyswap-system/egress"])
+        .args(["--uds", "/run/keyswap/keyswap.sock"])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        inlined,
+        String::from_utf8_lossy(&out.stdout),
+        "manifests/deploy/envoy-configmap.yaml is stale: regenerate it with the command in its header"
+    );
+    assert!(cm.contains("--uds /run/keyswap/keyswap.sock"), "the header's command has other arguments");
+}
+
 #[test]
 fn leaf_chains_to_the_gateway_ca_with_a_san_per_host() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,6 +81,17 @@ pub(super) fn certs_cmd(args: CertsArgs) -> anyhow::Result<ExitCode> {
         Err(errors) => return Ok(print_errors(&errors)),
     };
     let dir = args.out.unwrap_or_else(|| default_certs_dir(&view.key));
+    if crate::envoy::leaf_hosts(&view.snapshot).0.is_empty() {
+        // Nothing to put in a leaf yet: the CA alone is what `serve` and `dev` need.
+        let created = crate::certs::ensure_ca(&dir, &view.key, time::OffsetDateTime::now_utc())?;
+        let ca_cert = dir.join("ca.crt");
+        let bundle = write_ca_bundle(&ca_cert, &args.system_ca)?;
+        println!("gateway {}: CA in {}", view.key, dir.display());
+        println!("  CA: {}{}", ca_cert.display(), if created { " (new)" } else { "" });
+        println!("  give agents: {} (the public CAs plus the gateway CA)", bundle.display());
+        println!("  no leaf: no route names a host yet (keyswap serve mints leaves from the CA as routes appear)");
+        return Ok(ExitCode::SUCCESS);
+    }
     let certs = ensure_certs(&view, &dir)?;
     let bundle = write_ca_bundle(&certs.ca_cert, &args.system_ca)?;
     println!("gateway {}: certificates in {}", view.key, dir.display());

@@ -56,7 +56,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the ext_proc gRPC server Envoy calls (with gRPC health). Watches --config for changes.
+    /// Run the ext_proc gRPC server Envoy calls (with gRPC health) and Envoy's ADS (listeners,
+    /// routes, clusters, the leaf certificate). Watches --config for changes.
     Serve(ServeArgs),
     /// Validate the configuration and print what it compiles to (secrets as fingerprints only).
     /// Exits non-zero on any error or unresolved credential.
@@ -64,13 +65,15 @@ pub enum Command {
     /// Show what keyswap would do with one request: which route and policy, what it writes, or
     /// why it would deny.
     Explain(ExplainArgs),
-    /// Create or reuse the gateway's CA and mint its leaf certificate (a SAN per routed host).
+    /// Create or reuse the gateway's CA (what `serve` mints leaves from), and mint a leaf file (a
+    /// SAN per routed host) for a static bootstrap (`envoy-config --static`).
     Certs(CertsArgs),
-    /// Print the Envoy bootstrap for a gateway (mints certificates when missing or stale).
+    /// Print the Envoy bootstrap for a gateway: by default the one that hands Envoy to keyswap's
+    /// ADS (written once); with --static every resource inline.
     EnvoyConfig(EnvoyConfigArgs),
     /// Print the CustomResourceDefinitions (EgressGateway, AIProviderRoute, CredentialInjectionPolicy) as YAML.
     Crds,
-    /// Run the whole gateway locally: certificates, Envoy config, Envoy and the ext_proc server.
+    /// Run the whole gateway locally: the gateway CA, Envoy on keyswap's ADS, and keyswap.
     /// Prints the environment an agent needs. Ctrl-C stops both.
     Dev(DevArgs),
     /// Per-agent tokens for `EgressGateway.spec.agentAuth` (apiKeys validators).
