@@ -618,18 +618,20 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
     );
     let (keyswap, uds) = start_keyswap(config_dir.path(), work.path(), &[], &[]);
     let port = free_port();
-    let tls = format!(
-        "    filter_chains:\n    - transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n\
-         \x20         \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n\
-         \x20         require_client_certificate: false\n\
-         \x20         common_tls_context:\n\
-         \x20           tls_certificates: [{{certificate_chain: {{filename: {d}/server.pem}}, private_key: {{filename: {d}/server.key}}}}]\n\
-         \x20           validation_context: {{trusted_ca: {{filename: {d}/client-ca.pem}}}}\n\
-         \x20     filters:\n",
-        d = pki.display()
-    );
-    let cfg = envoy_config(port, &uds, fake.addr).replacen("    filter_chains:\n    - filters:\n", &tls, 1);
-    assert!(cfg.contains("DownstreamTlsContext"));
+    let mut cfg = envoy_config_value(port, &uds, fake.addr);
+    let pem = |f: &str| pki.join(f).display().to_string();
+    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = serde_json::json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": false,
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": pem("server.pem")}, "private_key": {"filename": pem("server.key")}}],
+                "validation_context": {"trusted_ca": {"filename": pem("client-ca.pem")}},
+            },
+        },
+    });
+    let cfg = keyswap::envoy::to_yaml(&cfg);
     let (envoy, port) = start_envoy_with(work.path(), port, cfg);
     let curl = |client_cert: bool| {
         let mut cmd = Command::new("curl");

@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    abs, cluster_name, headers_only, keyswap_cluster, leaf_sds_path, Delivery, NamedPort, Options, INTERNAL_TLS,
-    LEAF_SECRET,
+    abs, cluster_name, ext_proc_filter, headers_only, keyswap_cluster, leaf_sds_path, router, Delivery, NamedPort,
+    Options, INTERNAL_TLS, LEAF_SECRET,
 };
 use crate::api::DefaultPolicy;
 use crate::config::Snapshot;
@@ -320,24 +320,6 @@ impl<'a> Layout<'a> {
     }
 }
 
-/// The fail-closed ext_proc filter on the TLS chain: every routed request asks keyswap.
-fn ext_proc_filter() -> Value {
-    json!({
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"}},
-            "failure_mode_allow": false,
-            "allow_mode_override": true,
-            "message_timeout": "2s",
-            "max_message_timeout": "10s",
-            // For spec.agentAuth edgeTrust: who is on the other end of the connection.
-            "request_attributes": ["source.address", "connection.mtls"],
-            "processing_mode": headers_only(),
-        },
-    })
-}
-
 /// What every connection manager does with agent input before any filter sees it: the peer
 /// address is the TCP peer (never X-Forwarded-For), and headers spelled with underscores
 /// (`x_api_key`) are dropped.
@@ -364,9 +346,4 @@ fn dfp_filter() -> Value {
             "dns_cache_config": dns_cache(),
         },
     })
-}
-
-fn router() -> Value {
-    json!({"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
 }

@@ -268,7 +268,7 @@ pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16) -
 }
 
 /// The cluster of keyswap itself: ext_proc (and ADS) over HTTP/2.
-fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
+pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
     let address = match extproc {
         ExtProcAddress::Uds(p) => json!({"pipe": {"path": abs(p)}}),
         ExtProcAddress::Tcp(a) => json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}),
@@ -280,6 +280,30 @@ fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
             "explicit_http_config": {"http2_protocol_options": {}}}},
         "load_assignment": {"cluster_name": "keyswap", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
     })
+}
+
+/// The fail-closed ext_proc filter on the TLS chain: every routed request asks keyswap. Public for
+/// the test and bench harnesses, whose Envoys put it in front of stand-in providers.
+pub fn ext_proc_filter() -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"}},
+            "failure_mode_allow": false,
+            "allow_mode_override": true,
+            "message_timeout": "2s",
+            "max_message_timeout": "10s",
+            // For spec.agentAuth edgeTrust: who is on the other end of the connection.
+            "request_attributes": ["source.address", "connection.mtls"],
+            "processing_mode": headers_only(),
+        },
+    })
+}
+
+pub fn router() -> Value {
+    json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
 }
 
 #[cfg(test)]

@@ -321,69 +321,44 @@ pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], ext
     (p, uds)
 }
 
-/// Envoy with one plain-HTTP listener, the ext_proc filter pointed at `uds` (fail closed), and
-/// every request routed to `upstream`.
+/// Envoy with one plain-HTTP listener in front of `upstream` (every request, whatever its host),
+/// with keyswap's own ext_proc filter and keyswap cluster from the generator
+/// (`keyswap::envoy`), pointed at `uds`: the production filter (fail closed, request headers, the
+/// rest by `mode_override`) without the TLS and CONNECT around it.
+pub fn envoy_config_value(listen_port: u16, uds: &Path, upstream: SocketAddr) -> serde_json::Value {
+    use keyswap::envoy;
+    let address = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
+    serde_json::json!({
+        "node": {"id": "keyswap-test", "cluster": "keyswap-test"},
+        "admin": {"address": address("127.0.0.1".into(), 0)},
+        "static_resources": {
+            "listeners": [{
+                "name": "egress",
+                "address": address("127.0.0.1".into(), listen_port),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "egress",
+                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "10s"}}]}]},
+                        "http_filters": [envoy::ext_proc_filter(), envoy::router()],
+                    },
+                }]}],
+            }],
+            "clusters": [
+                envoy::keyswap_cluster(&envoy::ExtProcAddress::Uds(uds.to_path_buf())),
+                {"name": "provider", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+                    "cluster_name": "provider",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(upstream.ip().to_string(), upstream.port())}}]}]}},
+            ],
+        },
+    })
+}
+
+/// [`envoy_config_value`] as YAML.
 pub fn envoy_config(listen_port: u16, uds: &Path, upstream: SocketAddr) -> String {
-    format!(
-        r#"node: {{id: "keyswap-test", cluster: "keyswap-test"}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: egress
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: egress
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: provider, timeout: 10s}}}}]
-          http_filters:
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{cluster_name: keyswap}}
-                timeout: 2s
-              failure_mode_allow: false
-              allow_mode_override: true
-              message_timeout: 2s
-              request_attributes: ["source.address", "connection.mtls"]
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: NONE
-                response_body_mode: NONE
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: keyswap
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: keyswap
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{uds}"}}}}}}}}]}}]
-  - name: provider
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: provider
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
-"#,
-        uds = uds.display(),
-        ip = upstream.ip(),
-        port = upstream.port(),
-    )
+    keyswap::envoy::to_yaml(&envoy_config_value(listen_port, uds, upstream))
 }
 
 /// Starts Envoy and waits for its listener. Returns the process and the listener port.
