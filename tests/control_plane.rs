@@ -99,18 +99,7 @@ impl Plane {
         }
         let admin_port = free_port();
         let uds = work.path().join("keyswap.sock");
-        let out = keyswap(&[
-            "envoy-config",
-            "--config",
-            config.to_str().unwrap(),
-            "--uds",
-            uds.to_str().unwrap(),
-            "--admin-port",
-            &admin_port.to_string(),
-        ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let bootstrap = work.path().join("envoy.yaml");
-        std::fs::write(&bootstrap, &out.stdout).unwrap();
+        let bootstrap = ads_bootstrap(&config, &uds, admin_port, &[], work.path());
         let ca = ca_dir.join("ca.crt");
         let mut plane = Plane {
             work,
@@ -208,6 +197,20 @@ fn key_of(provider: &str) -> &'static str {
         "openai" => OPENAI_KEY,
         _ => ANTHROPIC_KEY,
     }
+}
+
+/// `keyswap envoy-config` (the ADS bootstrap) for the gateway in `config`, written to
+/// `work/envoy.yaml`.
+fn ads_bootstrap(config: &Path, uds: &Path, admin_port: u16, extra: &[&str], work: &Path) -> PathBuf {
+    let admin = admin_port.to_string();
+    let mut args = vec!["envoy-config", "--config", config.to_str().unwrap(), "--uds", uds.to_str().unwrap()];
+    args.extend(["--admin-port", &admin]);
+    args.extend(extra);
+    let out = keyswap(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = work.join("envoy.yaml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
 }
 
 fn keyswap(args: &[&str]) -> std::process::Output {
@@ -452,14 +455,7 @@ async fn envoy_accepts_the_ads_resources_of_every_example_configuration() {
         serve_args.extend(&gw_args);
         let (_keyswap, uds) = start_keyswap(&dir, work.path(), &[], &serve_args);
         let admin_port = free_port();
-        let mut args = vec!["envoy-config", "--config", dir.to_str().unwrap(), "--uds", uds.to_str().unwrap()];
-        let admin = admin_port.to_string();
-        args.extend(["--admin-port", &admin]);
-        args.extend(&gw_args);
-        let out = keyswap(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let bootstrap = work.path().join("envoy.yaml");
-        std::fs::write(&bootstrap, &out.stdout).unwrap();
+        let bootstrap = ads_bootstrap(&dir, &uds, admin_port, &gw_args, work.path());
         let mut cmd = Command::new(envoy_bin());
         cmd.arg("-c").arg(&bootstrap).args(["--concurrency", "1", "--disable-hot-restart", "-l", "info"]);
         let envoy = Proc::spawn("envoy", cmd, work.path().join("envoy.log"));
@@ -558,19 +554,9 @@ async fn kubernetes_ca_secret_signs_the_leaf_and_rotating_it_re_mints() {
         .env("KUBECONFIG", kube.kubeconfig(work.path()))
         .env("RUST_LOG", "debug");
     let mut keyswap_proc = Proc::spawn("keyswap", cmd, work.path().join("keyswap.log"));
-    let bootstrap = keyswap(&[
-        "envoy-config",
-        "--config",
-        config.to_str().unwrap(),
-        "--uds",
-        uds.to_str().unwrap(),
-        "--admin-port",
-        "0",
-    ]);
-    assert!(bootstrap.status.success(), "{}", String::from_utf8_lossy(&bootstrap.stderr));
-    std::fs::write(work.path().join("envoy.yaml"), &bootstrap.stdout).unwrap();
+    let bootstrap = ads_bootstrap(&config, &uds, 0, &[], work.path());
     let mut cmd = Command::new(envoy_bin());
-    cmd.arg("-c").arg(work.path().join("envoy.yaml")).args(["--concurrency", "1", "--disable-hot-restart"]);
+    cmd.arg("-c").arg(&bootstrap).args(["--concurrency", "1", "--disable-hot-restart"]);
     let envoy = Proc::spawn("envoy", cmd, work.path().join("envoy.log"));
     let (klog, elog) = (keyswap_proc.log.clone(), envoy.log.clone());
     let logs = || {
