@@ -92,12 +92,19 @@ pub struct AdsStats {
 #[derive(Clone)]
 pub struct Ads {
     current: Arc<watch::Sender<Option<Arc<XdsSnapshot>>>>,
+    /// Set on shutdown: streams end at once (they never finish on their own, and Envoy keeps its
+    /// resources and reconnects to whoever serves the socket next).
+    closing: Arc<watch::Sender<bool>>,
     pub stats: Arc<AdsStats>,
 }
 
 impl Default for Ads {
     fn default() -> Self {
-        Ads { current: Arc::new(watch::channel(None).0), stats: Arc::default() }
+        Ads {
+            current: Arc::new(watch::channel(None).0),
+            closing: Arc::new(watch::channel(false).0),
+            stats: Arc::default(),
+        }
     }
 }
 
@@ -106,6 +113,11 @@ impl Ads {
     /// publish, streams wait (Envoy keeps its last resources, or has none yet).
     pub fn publish(&self, next: XdsSnapshot) {
         self.current.send_replace(Some(Arc::new(next)));
+    }
+
+    /// Ends every stream (shutdown), so draining the server does not wait for them.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     pub fn current(&self) -> Option<Arc<XdsSnapshot>> {
@@ -212,6 +224,7 @@ impl AggregatedDiscoveryService for Ads {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let mut current = self.current.subscribe();
+        let mut closing = self.closing.subscribe();
         let stats = self.stats.clone();
         tokio::spawn(async move {
             stats.streams.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +246,7 @@ impl AggregatedDiscoveryService for Ads {
                         let snap = current.borrow_and_update().clone();
                         changed.is_ok() && s.on_publish(snap.as_deref()).await
                     }
+                    _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => false,
                 };
                 if !open {
                     break;

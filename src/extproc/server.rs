@@ -108,6 +108,9 @@ pub async fn run(
     tokio::select! {
         _ = shutdown => {
             tracing::info!("shutting down: no new connections, draining in-flight streams");
+            if let Some(a) = &ads {
+                a.close();
+            }
             health_reporter.set_not_serving::<ExternalProcessorServer<ExtProc>>().await;
             let _ = stop_tx.send(true);
         }
