@@ -143,6 +143,18 @@ impl Plane {
         call(self.proxy_port, &self.ca, host)
     }
 
+    /// keyswap's /metrics (its admin port is in its log: `--metrics 127.0.0.1:0`).
+    async fn keyswap_metrics(&self) -> String {
+        let log = self.keyswap.as_ref().unwrap().output();
+        let port: u16 = log
+            .lines()
+            .find(|l| l.contains("admin endpoints"))
+            .and_then(|l| l.rsplit_once("127.0.0.1:"))
+            .and_then(|(_, p)| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in keyswap's log:\n{log}"));
+        scrape(port, "/metrics").await.1
+    }
+
     fn stat(&self, name: &str) -> Option<u64> {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "5", &format!("http://127.0.0.1:{}/stats?filter=^{name}$", self.admin_port)])
@@ -360,6 +372,14 @@ async fn a_thirty_second_leaf_is_renewed_under_two_minutes_of_traffic_without_a_
     let logs = plane.logs();
     assert!(logs.matches("reason=\"renewal\"").count() >= 2, "{logs}");
     assert_eq!(plane.stat("listener_manager.listener_modified"), Some(0), "a renewal touched a listener");
+    // keyswap's /metrics tell the same story.
+    let m = plane.keyswap_metrics().await;
+    assert!(metric(&m, "keyswap_leaf_mints_total") >= serials.len() as f64, "{m}");
+    assert_eq!(metric(&m, "keyswap_envoy_ads_streams"), 1.0, "{m}");
+    assert_eq!(metric(&m, "keyswap_envoy_ads_rejected_total"), 0.0, "{m}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let not_after = metric(&m, "keyswap_leaf_not_after_seconds");
+    assert!(not_after > now && not_after <= now + 31.0, "leaf not after {not_after}, now {now}");
     plane.assert_only_real_keys();
 }
 

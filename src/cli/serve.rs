@@ -311,6 +311,10 @@ async fn serve_store(
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
+    let control = control.map(|mut c| {
+        c.ads.stats = metrics.xds.clone();
+        c
+    });
     let ads = control.as_ref().map(|c| c.ads.clone());
     let plane = control.map(|c| tokio::spawn(c.run(store.clone())));
     let shared = Arc::new(Shared { store, metrics, sink, tunnel });

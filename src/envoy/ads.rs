@@ -8,7 +8,7 @@
 //! the leaf before the listeners and routes that use them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -24,6 +24,7 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::xds;
+use crate::telemetry::XdsStats;
 
 /// The order types are (re)sent in: what a resource refers to goes out before it.
 const ORDER: [&str; 4] = [xds::CLUSTER, xds::SECRET, xds::LISTENER, xds::ROUTE];
@@ -77,17 +78,6 @@ impl XdsSnapshot {
     }
 }
 
-/// Counters for /metrics and tests.
-#[derive(Debug, Default)]
-pub struct AdsStats {
-    /// Envoy streams open now.
-    pub streams: AtomicU64,
-    /// Responses sent.
-    pub pushes: AtomicU64,
-    /// Responses Envoy refused (NACK): it keeps its last good resources of that type.
-    pub rejected: AtomicU64,
-}
-
 /// The ADS server's state: the current snapshot, watched by every stream.
 #[derive(Clone)]
 pub struct Ads {
@@ -95,7 +85,7 @@ pub struct Ads {
     /// Set on shutdown: streams end at once (they never finish on their own, and Envoy keeps its
     /// resources and reconnects to whoever serves the socket next).
     closing: Arc<watch::Sender<bool>>,
-    pub stats: Arc<AdsStats>,
+    pub stats: Arc<XdsStats>,
 }
 
 impl Default for Ads {
@@ -145,7 +135,7 @@ struct Stream {
     nonce: u64,
     node: String,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    stats: Arc<AdsStats>,
+    stats: Arc<XdsStats>,
 }
 
 impl Stream {

@@ -78,6 +78,10 @@ impl ControlPlane {
                 match ca.mint(&hosts, now, self.leaf_lifetime) {
                     Ok(leaf) => {
                         tracing::info!(hosts = ?hosts, not_after = %leaf.not_after, ca = %ca.fingerprint(), reason, "minted the gateway leaf certificate");
+                        let stats = &self.ads.stats;
+                        stats.leaf_mints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let not_after = u64::try_from(leaf.not_after.unix_timestamp()).unwrap_or(0);
+                        stats.leaf_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
                         minted = Some(Minted { leaf, issued: now, ca: ca.clone() });
                     }
                     Err(e) => tracing::error!(error = %e, "cannot mint the gateway leaf; keeping the current one"),

@@ -88,9 +88,26 @@ pub struct Metrics {
     /// Spans lost because the collector refused them or did not answer in time.
     pub spans_export_failed: AtomicU64,
     phases: [Histogram; 5],
+    /// keyswap as Envoy's control plane (zero when Envoy does not use its ADS).
+    pub xds: Arc<XdsStats>,
     /// (provider, model, tenant) → (input, output) tokens. Touched once per finished LLM call.
     /// The tenant is "" without `spec.agentAuth`, else a bounded label (`metricsTenants` or "other").
     tokens: Mutex<BTreeMap<TokenKey, (u64, u64)>>,
+}
+
+/// The ADS server and the leaf it serves.
+#[derive(Debug, Default)]
+pub struct XdsStats {
+    /// Envoy streams open now.
+    pub streams: AtomicU64,
+    /// Responses sent.
+    pub pushes: AtomicU64,
+    /// Responses Envoy refused (NACK): it keeps its last good resources of that type.
+    pub rejected: AtomicU64,
+    /// Leaves minted.
+    pub leaf_mints: AtomicU64,
+    /// When the leaf being served expires (Unix seconds; 0 before the first).
+    pub leaf_not_after: AtomicU64,
 }
 
 impl Metrics {
@@ -218,6 +235,7 @@ impl Metrics {
             g(&self.config_rejected)
         );
         self.render_phases(&mut out);
+        self.render_xds(&mut out);
         out.push_str(&crate::auth::render_metrics());
         let _ = writeln!(
             out,
@@ -225,6 +243,30 @@ impl Metrics {
             u8::from(ready)
         );
         out
+    }
+
+    /// The control plane's counters and gauges.
+    fn render_xds(&self, out: &mut String) {
+        let x = &self.xds;
+        let g = Self::get;
+        let _ = write!(
+            out,
+            "# HELP keyswap_envoy_ads_streams Envoy ADS streams open now.\n# TYPE keyswap_envoy_ads_streams gauge\n\
+             keyswap_envoy_ads_streams {}\n\
+             # HELP keyswap_envoy_ads_pushes_total Resource updates sent to Envoy over ADS.\n# TYPE keyswap_envoy_ads_pushes_total counter\n\
+             keyswap_envoy_ads_pushes_total {}\n\
+             # HELP keyswap_envoy_ads_rejected_total Updates Envoy rejected (it keeps its last good resources; see keyswap's log).\n\
+             # TYPE keyswap_envoy_ads_rejected_total counter\nkeyswap_envoy_ads_rejected_total {}\n\
+             # HELP keyswap_leaf_mints_total Leaf certificates minted for Envoy.\n# TYPE keyswap_leaf_mints_total counter\n\
+             keyswap_leaf_mints_total {}\n\
+             # HELP keyswap_leaf_not_after_seconds When the leaf Envoy serves expires (Unix time; 0: none yet).\n\
+             # TYPE keyswap_leaf_not_after_seconds gauge\nkeyswap_leaf_not_after_seconds {}\n",
+            g(&x.streams),
+            g(&x.pushes),
+            g(&x.rejected),
+            g(&x.leaf_mints),
+            g(&x.leaf_not_after),
+        );
     }
 
     /// `gen_ai_client_token_usage` samples: labels and count, per (provider, model, tenant, type).
