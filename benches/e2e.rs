@@ -16,8 +16,11 @@
 //!   collector: a minimal OTLP/HTTP sink in this process that answers 200 to `POST /v1/traces`;
 //! - (f) as (e), but the collector hangs: a TCP listener that accepts and never answers.
 //!
-//! With tracing on, keyswap asks Envoy (mode_override) for the streamed response body too, so the
-//! ext_proc filter of (c)–(f) sets `allow_mode_override: true` (the no-op sidecar never uses it).
+//! The ext_proc filter and cluster of (c)–(f) are keyswap's own, from its generator
+//! (`keyswap::envoy::ext_proc_filter`, `keyswap_cluster`: fail closed, `allow_mode_override`, the
+//! request attributes), with response headers sent by default so that the floor does the phases
+//! keyswap asks for (keyswap overrides to get them: it scrubs echoed secrets). With tracing on,
+//! keyswap also asks (mode_override) for the streamed response body.
 //!
 //! The sidecars listen on Unix sockets. `wrk` drives each setup in turn (a b c d e f, a b c d e f,
 //! …) for several rounds; the summary reports medians and the median of the per-round ratios.
@@ -55,6 +58,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyswap::envoy::ExtProcAddress;
 use serde_json::{json, Value};
 
 const HOST: &str = "api.anthropic.com";
@@ -553,8 +557,16 @@ fn socket_address(port: u16) -> Value {
 }
 
 /// A complete Envoy bootstrap (JSON, which Envoy reads by the `.json` extension).
-/// `sidecar`: the ext_proc server's address (a `pipe` or a `socket_address`).
-fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, sidecar: Option<Value>) -> Value {
+/// `sidecar`: the ext_proc server's address. The sidecar's filter and cluster are keyswap's own,
+/// from its generator (`keyswap::envoy`).
+fn envoy_config(
+    kind: Kind,
+    listen: u16,
+    admin: u16,
+    upstream: u16,
+    sds: &Path,
+    sidecar: Option<ExtProcAddress>,
+) -> Value {
     let mut http_filters = Vec::new();
     match kind {
         Kind::EnvoyAlone => {}
@@ -579,25 +591,13 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
         // One filter for (c)-(f). keyswap with tracing on asks for response headers and the
         // streamed response body through mode_override, which Envoy ignores without
         // allow_mode_override; the no-op sidecar and keyswap without tracing never override.
+        // The production filter, with response headers sent by default: keyswap asks for them
+        // anyway (mode_override: it scrubs echoed secrets), and the no-op floor must do the same
+        // phases to be a floor.
         Kind::Noop | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp => {
-            http_filters.push(json!({
-                "name": "envoy.filters.http.ext_proc",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": "1s"},
-                    "failure_mode_allow": false,
-                    "allow_mode_override": true,
-                    "message_timeout": "1s",
-                    "processing_mode": {
-                        "request_header_mode": "SEND",
-                        "response_header_mode": "SEND",
-                        "request_body_mode": "NONE",
-                        "response_body_mode": "NONE",
-                        "request_trailer_mode": "SKIP",
-                        "response_trailer_mode": "SKIP",
-                    },
-                },
-            }))
+            let mut f = keyswap::envoy::ext_proc_filter();
+            f["typed_config"]["processing_mode"]["response_header_mode"] = json!("SEND");
+            http_filters.push(f);
         }
     }
     http_filters.push(json!({
@@ -615,21 +615,7 @@ fn envoy_config(kind: Kind, listen: u16, admin: u16, upstream: u16, sds: &Path, 
         },
     })];
     if let Some(address) = sidecar {
-        clusters.push(json!({
-            "name": "extproc",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                },
-            },
-            "load_assignment": {
-                "cluster_name": "extproc",
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
-            },
-        }));
+        clusters.push(keyswap::envoy::keyswap_cluster(&address));
     }
 
     json!({
@@ -1237,8 +1223,8 @@ fn main() {
         let (port, admin) = (free_port(), free_port());
         let cfg = dir.join(format!("envoy-{}.json", kind.tag()));
         let address = match (tcp, &uds) {
-            (Some(p), _) => Some(socket_address(p)),
-            (None, Some(uds)) => Some(json!({"pipe": {"path": uds.display().to_string()}})),
+            (Some(p), _) => Some(ExtProcAddress::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], p)))),
+            (None, Some(uds)) => Some(ExtProcAddress::Uds(uds.clone())),
             (None, None) => None,
         };
         let config = envoy_config(kind, port, admin, upstream_port, &sds, address);
