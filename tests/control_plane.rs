@@ -307,6 +307,47 @@ async fn a_route_for_a_new_host_is_injected_within_a_second_without_restarting_e
     plane.assert_only_real_keys();
 }
 
+/// Edits that cannot become Envoy resources (a listener mode the generator refuses, a manifest
+/// that does not parse) leave Envoy with the last good ones; the next good edit goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_edit_leaves_the_last_good_resources_in_envoy() {
+    let plane = Plane::start(&["anthropic", "openai"], "24h").await;
+    let both_served = |what: &str| {
+        for host in HOSTS {
+            let (code, _, err) = plane.call(host);
+            assert_eq!(code, 200, "{what}: {host}: {err}\n{}", plane.logs());
+        }
+    };
+    both_served("before");
+    let listeners = plane.stat("listener_manager.total_listeners_active");
+    let good = gateway(plane.proxy_port);
+    let passthrough = good.replace(
+        "listeners: [",
+        &format!("listeners: [{{name: tls, protocol: HTTPS, port: {}, tls: {{mode: Passthrough}}}}, ", free_port()),
+    );
+    for (what, text) in
+        [("a listener mode Envoy resources cannot express", passthrough.as_str()), ("broken YAML", "spec: [")]
+    {
+        write_manifest(&plane.config, "gateway.yaml", text);
+        std::thread::sleep(Duration::from_millis(1000));
+        both_served(what);
+        assert_eq!(plane.stat("listener_manager.total_listeners_active"), listeners, "{what}");
+    }
+    let logs = plane.logs();
+    assert!(logs.contains("cannot generate Envoy's resources"), "{logs}");
+    assert_eq!(plane.stat("listener_manager.lds.update_rejected"), Some(0));
+    // Back to a good gateway, without the openai route: in effect within a second.
+    write_manifest(&plane.config, "gateway.yaml", &good);
+    std::fs::remove_file(plane.config.join("openai.yaml")).unwrap();
+    let changed = Instant::now();
+    while plane.call("api.openai.com").0 == 200 {
+        assert!(changed.elapsed() < Duration::from_secs(1), "the good edit never reached Envoy:\n{}", plane.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(plane.call("api.anthropic.com").0, 200);
+    plane.assert_only_real_keys();
+}
+
 /// One agent connection through the proxy (CONNECT, TLS with the gateway CA), kept open.
 struct Held {
     send: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
