@@ -87,9 +87,6 @@ impl ControlPlane {
                     Err(e) => tracing::error!(error = %e, "cannot mint the gateway leaf; keeping the current one"),
                 }
             }
-            if minted.is_none() && ca.is_none() {
-                tracing::warn!("no gateway CA yet: routed hosts fail TLS until there is one");
-            }
             match self.xds_snapshot(&snap, minted.as_ref().map(|m| &m.leaf)) {
                 Ok(x) => self.ads.publish(x),
                 Err(e) => tracing::error!(
