@@ -1,0 +1,71 @@
+//! `manifests/deploy` as it is applied: rendered as `kubectl apply -k` would render it
+//! (`scripts/render-deploy`: the kustomization's namespace and image transformers) and validated
+//! strictly (unknown fields are errors) against the oldest and newest Kubernetes it supports.
+
+use std::process::Command;
+
+/// 1.29: native sidecars (init containers with `restartPolicy: Always`) are on by default.
+const KUBERNETES: [&str; 2] = ["1.29.0", "1.37.0"];
+
+fn render() -> String {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/render-deploy"))
+        .output()
+        .expect("python3 with PyYAML runs scripts/render-deploy");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn validate(path: &std::path::Path, version: &str) -> (bool, String) {
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", version])
+        .arg(path)
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("No module named kubernetes_validate"),
+        "kubernetes-validate is missing: pip install kubernetes-validate (scripts/test installs it)"
+    );
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn the_kustomization_renders_manifests_that_validate_strictly() {
+    let text = render();
+    let docs: Vec<serde_yaml_ng::Value> =
+        serde_yaml_ng::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for want in ["Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap", "Role", "RoleBinding"] {
+        assert!(kinds.contains(&want), "no {want} in {kinds:?}");
+    }
+    for d in docs.iter().filter(|d| d["kind"].as_str() != Some("Namespace")) {
+        assert_eq!(d["metadata"]["namespace"].as_str(), Some("keyswap-system"), "{:?}", d["metadata"]);
+    }
+    // The image is the one scripts/image builds, by the crate version's tag.
+    let deployment = docs.iter().find(|d| d["kind"].as_str() == Some("Deployment")).unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let keyswap = &pod["initContainers"][0];
+    assert_eq!(keyswap["image"].as_str(), Some(format!("keyswap:{}", env!("CARGO_PKG_VERSION")).as_str()));
+    assert_eq!(keyswap["restartPolicy"].as_str(), Some("Always"), "a native sidecar");
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert!(keyswap[probe]["httpGet"]["path"].is_string(), "keyswap has no {probe}");
+    }
+    assert_eq!(keyswap["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(keyswap["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    assert_eq!(keyswap["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert!(keyswap["resources"]["requests"]["memory"].is_string());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rendered.yaml");
+    std::fs::write(&path, &text).unwrap();
+    for v in KUBERNETES {
+        let (ok, out) = validate(&path, v);
+        assert!(ok, "Kubernetes {v}: {out}");
+    }
+    // Strict means strict: an unknown field fails.
+    let bogus = dir.path().join("bogus.yaml");
+    std::fs::write(&bogus, text.replacen("  maxUnavailable: 1\n", "  maxUnavailable: 1\n  maxUnavailible: 1\n", 1))
+        .unwrap();
+    let (ok, out) = validate(&bogus, KUBERNETES[0]);
+    assert!(!ok, "a misspelt field passed: {out}");
+}
