@@ -37,8 +37,9 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The io error is part of the message, not a `source`: printed as a chain it would repeat.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("{path}: not a usable private key ({reason})")]
     BadKey { path: PathBuf, reason: String },
     #[error("cannot issue a certificate: {0}")]
@@ -90,7 +91,7 @@ pub fn certifiable(hosts: impl IntoIterator<Item = String>) -> (Vec<String>, Vec
 /// Creates the gateway CA in `dir` (`ca.crt`, and `ca.key` readable by its owner only) unless
 /// both files exist. Returns whether it created one.
 pub fn ensure_ca(dir: &Path, gateway: &Key, now: OffsetDateTime) -> Result<bool, CertError> {
-    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|cause| CertError::Io { path: dir.to_path_buf(), cause })?;
     let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
     if ca_key.exists() && ca_cert.exists() {
         return Ok(false);
@@ -290,7 +291,7 @@ pub fn watch_dir(dir: PathBuf, cell: CaCell) -> tokio::task::JoinHandle<()> {
                     tracing::info!(dir = %dir.display(), ca = %ca.fingerprint(), not_after = %ca.not_after(), "loaded the gateway CA");
                     cell.store(Some(std::sync::Arc::new(ca)));
                 }
-                Err(CertError::Io { source, .. }) if first && source.kind() == std::io::ErrorKind::NotFound => {
+                Err(CertError::Io { cause, .. }) if first && cause.kind() == std::io::ErrorKind::NotFound => {
                     tracing::warn!(dir = %dir.display(), "no gateway CA (ca.crt, ca.key) yet: create one with `keyswap certs`; until then Envoy gets no leaf certificate over ADS (a static bootstrap does not need it)");
                 }
                 Err(e) => tracing::error!(error = %e, "cannot load the gateway CA; keeping the current one"),
@@ -324,13 +325,13 @@ fn ca_params(gateway: &Key, now: OffsetDateTime) -> CertificateParams {
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    std::fs::read_to_string(path).map_err(|source| CertError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|cause| CertError::Io { path: path.to_path_buf(), cause })
 }
 
 /// Writes through a temporary file and a rename, so Envoy never reads half a file.
 fn write_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
     let tmp = path.with_extension("tmp");
-    let io = |source| CertError::Io { path: path.to_path_buf(), source };
+    let io = |cause| CertError::Io { path: path.to_path_buf(), cause };
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
@@ -427,6 +428,8 @@ mod tests {
             assert!(e.contains(want), "{e}");
             assert!(no_key_in(&e), "{e}");
         }
+        let io = anyhow::Error::from(Ca::load(&dir.path().join("missing")).unwrap_err());
+        assert_eq!(format!("{io:#}").matches("No such file").count(), 1, "{io:#}");
         let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n";
         let e = Ca::from_pem(&read(dir.path(), "ca.crt"), sec1, "test").unwrap_err().to_string();
         assert!(e.contains("PKCS#8"), "{e}");
