@@ -238,6 +238,53 @@ fn ext_proc_socket_is_owner_only_and_tcp_needs_listen() {
     assert!(help.contains("gets the real key back"), "serve --help must say TCP ext_proc is secret-bearing: {help}");
 }
 
+/// ADS hands Envoy the leaf's private key: it is served on the owner-only Unix socket and never on
+/// a TCP `--listen` address, where more than the socket's owner could ask for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_and_the_leaf_key_are_never_served_on_tcp() {
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    let (work, config) = (tempfile::tempdir().unwrap(), config_dir());
+    let ca = work.path().join("ca");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["certs", "--config"])
+        .arg(config.path())
+        .arg("--out")
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let (proc, uds) = tokio::task::block_in_place(|| {
+        start_keyswap(config.path(), work.path(), &[], &["--listen", &tcp, "--ca-dir", ca.to_str().unwrap()])
+    });
+    let ask = |mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>| async move {
+        let req = DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+            resource_names: vec!["keyswap_leaf".into()],
+            ..Default::default()
+        };
+        let mut stream = client.stream_aggregated_resources(tokio_stream::iter(vec![req])).await?.into_inner();
+        tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("no answer in 10 s")
+    };
+    // TCP: no such service.
+    let client = AggregatedDiscoveryServiceClient::connect(format!("http://{tcp}")).await.unwrap();
+    let err = ask(client).await.expect_err("ADS answered on TCP");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    // The Unix socket: the leaf, as Envoy gets it.
+    let path = uds.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://keyswap.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .unwrap();
+    let resp = ask(AggregatedDiscoveryServiceClient::new(channel)).await.unwrap().expect("a response");
+    assert_eq!(resp.resources.len(), 1, "the leaf over the socket:\n{}", proc.output());
+    assert!(proc.output().contains("ext_proc server listening address=tcp://"), "{}", proc.output());
+}
+
 // === 4. path and method tricks ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,8 +69,9 @@ impl Bound {
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight streams finish (up to [`DRAIN_TIMEOUT`]).
-/// `ads`: Envoy's aggregated discovery service on the same sockets (one cluster in Envoy's
-/// bootstrap reaches both).
+/// `ads`: Envoy's aggregated discovery service on the same Unix sockets (one cluster in Envoy's
+/// bootstrap reaches both). Never on TCP: ADS hands out the leaf's private key, and a TCP port is
+/// reachable by more than the socket's owner.
 pub async fn run(
     shared: Arc<Shared>,
     listeners: Vec<Bound>,
@@ -82,14 +83,18 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     for bound in listeners {
-        tracing::info!(address = %bound.describe(), "ext_proc server listening");
+        let ads = ads.as_ref().filter(|_| matches!(bound, Bound::Uds(..)));
+        match ads {
+            Some(_) => tracing::info!(address = %bound.describe(), "ext_proc and ADS server listening"),
+            None => tracing::info!(address = %bound.describe(), "ext_proc server listening"),
+        }
         let svc =
             ExternalProcessorServer::new(ExtProc::new(shared.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let router = Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service.clone())
             .add_service(svc)
-            .add_optional_service(ads.as_ref().map(|a| a.service()));
+            .add_optional_service(ads.map(|a| a.service()));
         let mut rx = stop_rx.clone();
         let signal = async move {
             let _ = rx.wait_for(|stop| *stop).await;
