@@ -27,6 +27,7 @@ pub struct ServeArgs {
     /// Also (or only) serve ext_proc on this TCP address. Anyone who can open a stream to it
     /// and send request headers for a routed host gets the real key back in the answer: bind it
     /// to loopback at most, and prefer the Unix socket. Without --uds, TCP replaces the socket.
+    /// Envoy's ADS (which carries the leaf's private key) is served on the Unix socket only.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Unix socket for the ext_proc server (what Envoy connects to). The default unless --listen
