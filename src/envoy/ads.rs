@@ -227,7 +227,9 @@ impl AggregatedDiscoveryService for Ads {
                             s.on_request(req, snap.as_deref()).await
                         }
                         Some(Err(e)) => {
+                            // Undecodable or broken: the stream ends with the error, not with OK.
                             tracing::debug!(node = %s.node, error = %e, "ADS stream failed");
+                            let _ = s.tx.send(Err(e)).await;
                             false
                         }
                         None => false,
