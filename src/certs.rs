@@ -40,8 +40,6 @@ pub enum CertError {
     /// The io error is part of the message, not a `source`: printed as a chain it would repeat.
     #[error("{path}: {cause}")]
     Io { path: PathBuf, cause: std::io::Error },
-    #[error("{path}: not a usable private key ({reason})")]
-    BadKey { path: PathBuf, reason: String },
     #[error("cannot issue a certificate: {0}")]
     Issue(#[from] rcgen::Error),
     #[error("gateway CA from {origin}: {reason}")]

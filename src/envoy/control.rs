@@ -18,6 +18,9 @@ use crate::config::{Snapshot, SnapshotStore};
 /// change reaches Envoy (plus one ADS round trip).
 pub const POLL: Duration = Duration::from_millis(100);
 
+/// How long after a failed mint the next attempt waits.
+const MINT_RETRY: Duration = Duration::from_secs(10);
+
 /// The default lifetime of a leaf (`--leaf-lifetime`).
 pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -50,13 +53,20 @@ impl ControlPlane {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen: Option<(Arc<Snapshot>, Option<Arc<Ca>>)> = None;
         let mut minted: Option<Minted> = None;
+        // The routed hosts of the snapshot last seen (recomputed only when it changes), and when a
+        // failed mint may be tried again.
+        let mut hosts: Vec<String> = Vec::new();
+        let mut retry_mint_at: Option<OffsetDateTime> = None;
         loop {
             tick.tick().await;
             let snap = store.load_full();
             let ca = self.ca.load_full();
             let now = OffsetDateTime::now_utc();
-            let (hosts, _) = leaf_hosts(&snap);
+            if !seen.as_ref().is_some_and(|(s, _)| Arc::ptr_eq(s, &snap)) {
+                hosts = leaf_hosts(&snap).0;
+            }
             let mint_reason = match (&ca, &minted) {
+                _ if retry_mint_at.is_some_and(|t| now < t) => None,
                 (None, _) => None,
                 (Some(_), None) => Some("first leaf"),
                 (Some(ca), Some(m)) if !Arc::ptr_eq(ca, &m.ca) => Some("gateway CA changed"),
@@ -83,8 +93,12 @@ impl ControlPlane {
                         let not_after = u64::try_from(leaf.not_after.unix_timestamp()).unwrap_or(0);
                         stats.leaf_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
                         minted = Some(Minted { leaf, issued: now, ca: ca.clone() });
+                        retry_mint_at = None;
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot mint the gateway leaf; keeping the current one"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot mint the gateway leaf; keeping the current one, retrying in 10 s");
+                        retry_mint_at = Some(now + MINT_RETRY);
+                    }
                 }
             }
             match self.xds_snapshot(&snap, minted.as_ref().map(|m| &m.leaf)) {
