@@ -160,7 +160,7 @@ impl Stream {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 node = %self.node, type_url, version = %sub.sent.as_ref().map(|s| s.0.as_str()).unwrap_or(""),
-                kept = %req.version_info, error = %err.message,
+                kept = %req.version_info, error = %nack_detail(type_url, &err.message),
                 "Envoy rejected the resources keyswap sent; it keeps serving its last good ones"
             );
         }
@@ -199,6 +199,16 @@ impl Stream {
             }
         }
         true
+    }
+}
+
+/// What of Envoy's reason for a rejection may be logged. Envoy's validation errors can quote the
+/// resource, and the leaf secret's resource is its private key: for secrets, only the length.
+fn nack_detail<'a>(type_url: &str, message: &'a str) -> std::borrow::Cow<'a, str> {
+    if type_url == xds::SECRET {
+        format!("(withheld: a rejected secret's message may quote the key; {} bytes)", message.len()).into()
+    } else {
+        message.into()
     }
 }
 
@@ -255,5 +265,16 @@ impl AggregatedDiscoveryService for Ads {
         _request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Err(Status::unimplemented("keyswap serves state-of-the-world ADS (api_type: GRPC)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_rejected_secret_is_never_quoted_in_the_log() {
+        let envoy = "Proto constraint validation failed: private_key { inline_string: \"-----BEGIN PRIVATE KEY-----\\nMIGHAgEA\" }";
+        let logged = super::nack_detail(super::xds::SECRET, envoy);
+        assert!(!logged.contains("MIGHAgEA") && !logged.contains("BEGIN"), "{logged}");
+        assert_eq!(super::nack_detail(super::xds::LISTENER, "bad port"), "bad port");
     }
 }
