@@ -258,7 +258,8 @@ fn start_with_ca(extra: &[&str]) -> (Proc, std::path::PathBuf, [tempfile::TempDi
 
 type AdsClient = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient<tonic::transport::Channel>;
 
-/// Asks ADS for the leaf secret, as Envoy does: the first response, or the stream's error.
+/// Asks ADS for the leaf secret, as Envoy does: the first response that carries it (the leaf is
+/// minted just after the CA loads, and pushed on the same stream), or the stream's error.
 async fn ask_for_the_leaf(
     mut client: AdsClient,
 ) -> Result<Option<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>, tonic::Status> {
@@ -267,8 +268,18 @@ async fn ask_for_the_leaf(
         resource_names: vec!["keyswap_leaf".into()],
         ..Default::default()
     };
-    let mut stream = client.stream_aggregated_resources(tokio_stream::iter(vec![req])).await?.into_inner();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message()).await.expect("no answer in 10 s")
+    // The request stream stays open (as Envoy's does), so later pushes arrive.
+    let requests = tokio_stream::StreamExt::chain(tokio_stream::iter(vec![req]), tokio_stream::pending());
+    let mut stream = client.stream_aggregated_resources(requests).await?.into_inner();
+    let leaf = async {
+        loop {
+            match stream.message().await? {
+                Some(r) if r.resources.is_empty() => continue,
+                other => return Ok(other),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), leaf).await.expect("no leaf in 10 s")
 }
 
 /// An ADS client over the Unix socket at `uds`.
