@@ -111,7 +111,13 @@ fn request_headers(c: &mut Criterion) {
         // With tracing on, spans would go to this channel; the bench drops them unfinished.
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let sink = Sink::new(metrics.clone(), tracing.then_some(tx));
-        let shared = Shared { store: Arc::new(ArcSwap::from(snap.clone())), metrics, sink, tunnel: Default::default() };
+        let shared = Shared {
+            store: Arc::new(ArcSwap::from(snap.clone())),
+            metrics,
+            sink,
+            tunnel: Default::default(),
+            budgets: Arc::new(keyswap::budget::Engine::new(Default::default())),
+        };
         let name = if tracing { "decide_and_mutate_tracing_on" } else { "decide_and_mutate_tracing_off" };
         g.bench_function(name, |b| {
             b.iter(|| {

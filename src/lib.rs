@@ -32,6 +32,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod certs;
 pub mod cli;
 pub mod config;

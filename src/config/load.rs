@@ -11,7 +11,8 @@ use serde_yaml_ng::Value;
 
 use super::error::{ConfigError, Origin};
 use crate::api::{
-    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ObjectMeta, API_VERSION, GROUP,
+    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ObjectMeta, TokenBudgetSpec, API_VERSION,
+    GROUP,
 };
 pub use crate::vocab::{Key, DEFAULT_NAMESPACE};
 
@@ -20,6 +21,7 @@ pub enum Kind {
     EgressGateway,
     AIProviderRoute,
     CredentialInjectionPolicy,
+    TokenBudget,
     Secret,
 }
 
@@ -29,6 +31,7 @@ impl Kind {
             Kind::EgressGateway => "EgressGateway",
             Kind::AIProviderRoute => "AIProviderRoute",
             Kind::CredentialInjectionPolicy => "CredentialInjectionPolicy",
+            Kind::TokenBudget => "TokenBudget",
             Kind::Secret => "Secret",
         }
     }
@@ -62,6 +65,7 @@ pub enum Resource {
     Gateway(EgressGatewaySpec),
     Route(AIProviderRouteSpec),
     Policy(CredentialInjectionPolicySpec),
+    Budget(TokenBudgetSpec),
     Secret(SecretData),
 }
 
@@ -71,6 +75,7 @@ impl Resource {
             Resource::Gateway(_) => Kind::EgressGateway,
             Resource::Route(_) => Kind::AIProviderRoute,
             Resource::Policy(_) => Kind::CredentialInjectionPolicy,
+            Resource::Budget(_) => Kind::TokenBudget,
             Resource::Secret(_) => Kind::Secret,
         }
     }
@@ -344,10 +349,11 @@ fn parse_object(value: Value, origin: &Origin) -> Result<Option<Object>, ConfigE
         (API_VERSION, "EgressGateway") => Kind::EgressGateway,
         (API_VERSION, "AIProviderRoute") => Kind::AIProviderRoute,
         (API_VERSION, "CredentialInjectionPolicy") => Kind::CredentialInjectionPolicy,
+        (API_VERSION, "TokenBudget") => Kind::TokenBudget,
         (v, k) if v.starts_with(&format!("{GROUP}/")) => {
             return Err(ConfigError::new(format!(
                 "unknown keyswap resource `{v}` `{k}`; this build reads {API_VERSION} EgressGateway, \
-                 AIProviderRoute and CredentialInjectionPolicy"
+                 AIProviderRoute, CredentialInjectionPolicy and TokenBudget"
             ))
             .at(origin));
         }
@@ -385,6 +391,7 @@ fn parse_object(value: Value, origin: &Origin) -> Result<Option<Object>, ConfigE
             Kind::EgressGateway => Resource::Gateway(typed(spec, "spec").map_err(err)?),
             Kind::AIProviderRoute => Resource::Route(typed(spec, "spec").map_err(err)?),
             Kind::CredentialInjectionPolicy => Resource::Policy(typed(spec, "spec").map_err(err)?),
+            Kind::TokenBudget => Resource::Budget(typed(spec, "spec").map_err(err)?),
             Kind::Secret => unreachable!(),
         }
     };

@@ -35,6 +35,11 @@ pub struct Snapshot {
     pub otlp: Option<crate::api::Otlp>,
     /// `spec.agentAuth`: who may use the gateway. `None` admits everyone.
     pub agent_auth: Option<crate::auth::Chain>,
+    /// `spec.budgetStore`: Redis for the budgets (`Err`: its Secret is missing or unusable; budgeted
+    /// requests then follow their fail mode). `None`: budgets are counted in this process.
+    pub budget_store: Option<Result<crate::budget::redis::RedisTarget, String>>,
+    /// Every TokenBudget that applies to a route of this gateway.
+    pub budgets: Vec<Arc<crate::budget::Budget>>,
     /// Invalid objects left out of this snapshot (isolated compiles), with why; what depended on
     /// them fails closed.
     pub rejected: Vec<super::error::ConfigError>,
@@ -81,6 +86,8 @@ pub struct MatchEntry {
     pub binding: Arc<Binding>,
     /// `spec.scrubResponseBodies` of the route: response bodies are scrubbed of secrets too.
     pub scrub_response_bodies: bool,
+    /// The TokenBudgets this match's requests are admitted against (the gateway's and the route's).
+    pub budgets: Arc<[Arc<crate::budget::Budget>]>,
 }
 
 /// What to do to a request that matched: which policy, which credential, what to strip.

@@ -3,6 +3,7 @@
 //! One gRPC stream per HTTP request. Each stream is a small state machine polled in place: no
 //! task, no channel, no lock. Every message is answered synchronously from the current snapshot.
 
+pub mod budget;
 pub mod mutation;
 mod request;
 mod response;
@@ -46,13 +47,16 @@ pub struct Shared {
     pub sink: Sink,
     /// Which tunnel destinations are reachable besides public addresses.
     pub tunnel: tunnel::TunnelGuard,
+    /// Token budget counters (in this process, or the gateway's Redis).
+    pub budgets: Arc<crate::budget::Engine>,
 }
 
 impl Shared {
     /// Shared state with tracing off.
     pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
         let sink = Sink::new(metrics.clone(), None);
-        Shared { store, metrics, sink, tunnel: Default::default() }
+        let budgets = Arc::new(crate::budget::Engine::new(metrics.clone()));
+        Shared { store, metrics, sink, tunnel: Default::default(), budgets }
     }
 }
 
@@ -87,6 +91,7 @@ impl ExternalProcessor for ExtProc {
             waiting: None,
             pending: None,
             scrub: None,
+            budget: None,
         }))
     }
 }
@@ -169,11 +174,14 @@ pub struct ProcessStream {
     sign: Option<Box<PendingSign>>,
     waiting: Option<Box<Waiting>>,
     /// An answer being computed off the stream (a large body signed on the blocking pool, a
-    /// tunnel target resolved), when its message arrived, and its phase.
-    pending: Option<(BoxFuture<'static, ProcessingResponse>, Instant, TelemetryPhase)>,
+    /// tunnel target resolved, a budget reserved in Redis), when its message arrived, and its
+    /// phase; with the budget decision, if it made one.
+    pending: Option<(BoxFuture<'static, (ProcessingResponse, Option<crate::budget::Admit>)>, Instant, TelemetryPhase)>,
     /// A request that got a real credential: its response headers are scrubbed of live secret
     /// values before the agent (or a span) sees them.
     scrub: Option<response::Scrub>,
+    /// A request on a route with token budgets: its reservation, settled when the response ends.
+    budget: Option<Box<budget::Budgeted>>,
 }
 
 /// A request that got a real credential.
@@ -230,18 +238,29 @@ impl Stream for ProcessStream {
                     return self.poll_next(cx);
                 }
             };
-            this.shared.metrics.observe(TelemetryPhase::RequestHeaders, w.started.elapsed());
             let (resp, end) = this.accept(outcome, w.snapshot);
-            if end {
-                this.finish_span();
-            }
-            return Poll::Ready(Some(Ok(resp)));
+            return match this.after_headers(resp, end, w.has_body, w.started) {
+                Handled::Answer(resp, phase, end) => {
+                    this.shared.metrics.observe(phase, w.started.elapsed());
+                    if end {
+                        this.finish_span();
+                    }
+                    Poll::Ready(Some(Ok(resp)))
+                }
+                _ => self.poll_next(cx),
+            };
         }
         if let Some((fut, started, phase)) = self.pending.as_mut() {
-            let Poll::Ready(resp) = fut.as_mut().poll(cx) else { return Poll::Pending };
+            let Poll::Ready((resp, admit)) = fut.as_mut().poll(cx) else { return Poll::Pending };
             let (started, phase) = (*started, *phase);
             self.pending = None;
             self.shared.metrics.observe(phase, started.elapsed());
+            if let Some(admit) = admit {
+                if self.record(admit).is_some() {
+                    self.phase = Phase::Done;
+                    self.finish_span();
+                }
+            }
             return Poll::Ready(Some(Ok(resp)));
         }
         let msg = match Pin::new(&mut self.inner).poll_next(cx) {
@@ -319,6 +338,8 @@ pub struct Outcome {
     pub sign: Option<Box<PendingSign>>,
     /// `Some` when a real credential was written: then the response is scrubbed.
     pub injected: Option<Injected>,
+    /// The route has token budgets: reserved before the request goes on.
+    pub budget: Option<Box<budget::Budgeted>>,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -340,7 +361,17 @@ impl ProcessStream {
         }
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
         self.sign = outcome.sign;
+        self.budget = outcome.budget;
         (outcome.resp, done)
+    }
+
+    /// After the request-headers decision: a budgeted request without a body reserves now
+    /// (one with a body reserves when the body arrives).
+    fn after_headers(&mut self, resp: ProcessingResponse, end: bool, has_body: bool, started: Instant) -> Handled {
+        if end || has_body || self.budget.is_none() {
+            return Handled::Answer(resp, TelemetryPhase::RequestHeaders, end);
+        }
+        self.admit(budget::Continue::Ready(resp), b"", TelemetryPhase::RequestHeaders, started)
     }
 
     /// Answers one message.
@@ -387,7 +418,7 @@ impl ProcessStream {
             (self.shared.tunnel.clone(), self.shared.store.load_full(), self.shared.clone());
         let fut = async move {
             let decision = tunnel::decide(authority.clone(), snapshot, guard).await;
-            tunnel::answer(&shared, &authority, decision)
+            (tunnel::answer(&shared, &authority, decision), None)
         };
         self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestHeaders));
         Handled::Pending
@@ -406,7 +437,7 @@ impl ProcessStream {
         match on_request_headers(&snapshot, &self.shared, &headers, has_body, Resume::First, &peer) {
             Step::Answer(outcome) => {
                 let (resp, end) = self.accept(outcome, snapshot);
-                Handled::Answer(resp, TelemetryPhase::RequestHeaders, end)
+                self.after_headers(resp, end, has_body, started)
             }
             Step::Wait(w) => {
                 let wait = WaitFor::of(w);
@@ -417,36 +448,37 @@ impl ProcessStream {
     }
 
     /// A request body chunk: captured for the span; for SigV4, the whole body, signed.
-    fn on_request_body(&mut self, body: Vec<u8>, end: bool, started: Instant) -> Result<Handled, Status> {
+    fn on_request_body(&mut self, mut body: Vec<u8>, end: bool, started: Instant) -> Result<Handled, Status> {
         if let Some(t) = &mut self.tx {
             t.tx.on_request_body(&body);
         }
-        let Some(sign) = self.sign.take() else {
-            return Ok(Handled::Answer(mutation::request_body(), TelemetryPhase::RequestBody, false));
-        };
-        if !end {
-            // BUFFERED sends the whole body at once; anything else cannot be signed.
+        let budgeted = self.budget.is_some();
+        if (self.sign.is_some() || budgeted) && !end {
+            // BUFFERED sends the whole body at once; anything else cannot be signed or reserved.
             return Err(Status::failed_precondition(
-                "SigV4 needs the whole request body in one message (request_body_mode BUFFERED)",
+                "SigV4 and token budgets need the whole request body in one message (request_body_mode BUFFERED)",
             ));
         }
-        if body.len() > SIGN_INLINE_MAX_BYTES {
-            // Hashing megabytes would hold up every other stream on this worker.
-            let shared = self.shared.clone();
-            let task = tokio::task::spawn_blocking({
-                let shared = shared.clone();
-                move || sign_body(&shared, &sign, &body)
-            });
-            let fut = async move {
-                task.await.unwrap_or_else(|e| {
-                    signing_failed(&shared, &sigv4::SignError::Failed(format!("signing task failed: {e}")))
-                })
-            };
-            self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestBody));
-            return Ok(Handled::Pending);
-        }
-        let resp = sign_body(&self.shared, &sign, &body);
-        Ok(Handled::Answer(resp, TelemetryPhase::RequestBody, false))
+        let cont = match self.sign.take() {
+            None => budget::Continue::Ready(mutation::request_body()),
+            Some(sign) if body.len() > SIGN_INLINE_MAX_BYTES => {
+                // Hashing megabytes would hold up every other stream on this worker.
+                let shared = self.shared.clone();
+                // The budget reads the body too (rare: SigV4 bodies this large on a budgeted route).
+                let signed = if budgeted { body.clone() } else { std::mem::take(&mut body) };
+                let task = tokio::task::spawn_blocking({
+                    let shared = shared.clone();
+                    move || sign_body(&shared, &sign, &signed)
+                });
+                budget::Continue::Later(Box::pin(async move {
+                    task.await.unwrap_or_else(|e| {
+                        signing_failed(&shared, &sigv4::SignError::Failed(format!("signing task failed: {e}")))
+                    })
+                }))
+            }
+            Some(sign) => budget::Continue::Ready(sign_body(&self.shared, &sign, &body)),
+        };
+        Ok(self.admit(cont, &body, TelemetryPhase::RequestBody, started))
     }
 }
 

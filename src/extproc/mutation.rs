@@ -153,8 +153,19 @@ pub fn response_trailers() -> ProcessingResponse {
 
 /// End the request here with a JSON body; the upstream is never contacted.
 pub fn immediate(status: u16, body: &serde_json::Value, details: &str) -> ProcessingResponse {
-    let headers =
-        HeaderMutation { set_headers: vec![set("content-type", b"application/json")], remove_headers: vec![] };
+    immediate_with(status, body, details, &[])
+}
+
+/// [`immediate`], with `extra` headers (`retry-after`).
+pub fn immediate_with(
+    status: u16,
+    body: &serde_json::Value,
+    details: &str,
+    extra: &[(&str, &[u8])],
+) -> ProcessingResponse {
+    let mut set_headers = vec![set("content-type", b"application/json")];
+    set_headers.extend(extra.iter().map(|(k, v)| set(k, v)));
+    let headers = HeaderMutation { set_headers, remove_headers: vec![] };
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: i32::from(status) }),

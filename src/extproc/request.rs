@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 /// `resume` says whether this is the first pass or a retry after a wait (a GCP token fetch, with
 /// its outcome, or a JWKS refetch); `peer` is the downstream connection as Envoy reports it.
 pub fn on_request_headers(
-    snapshot: &Snapshot,
+    snapshot: &Arc<Snapshot>,
     shared: &Shared,
     headers: &[HeaderValue],
     has_body: bool,
@@ -74,7 +74,7 @@ pub fn on_request_headers(
 
 /// One request's headers as the decision reads them, borrowed from the message and snapshot.
 struct Incoming<'a> {
-    snapshot: &'a Snapshot,
+    snapshot: &'a Arc<Snapshot>,
     shared: &'a Shared,
     headers: &'a [HeaderValue],
     has_body: bool,
@@ -95,7 +95,7 @@ struct Incoming<'a> {
 type SpanRoute<'a> = Option<&'a MatchEntry>;
 
 impl<'a> Incoming<'a> {
-    fn new(snapshot: &'a Snapshot, shared: &'a Shared, headers: &'a [HeaderValue], has_body: bool) -> Self {
+    fn new(snapshot: &'a Arc<Snapshot>, shared: &'a Shared, headers: &'a [HeaderValue], has_body: bool) -> Self {
         let path = find(headers, ":path").unwrap_or("/");
         Incoming {
             snapshot,
@@ -347,7 +347,10 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let body_mode = if sign.is_some() { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
+        let budget = super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.path);
+        // SigV4 signs the whole body; budgets reserve by it (Envoy holds the headers meanwhile).
+        let whole = sign.is_some() || (budget.is_some() && self.has_body);
+        let body_mode = if whole { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
         let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
         let (tx, traceparent) = if self.shared.sink.tracing() {
             let (tx, traceparent) = self.span(Some(entry), true, !plan.smuggled.is_empty(), None);
@@ -367,12 +370,12 @@ impl<'a> Incoming<'a> {
         let m = mutation::header_mutation(plan, &extra);
         // The response headers come back to keyswap to be scrubbed of secrets (the mode).
         let resp = mutation::request_headers(Some(m), Some(mutation::mode(body_mode, false)));
-        Step::Answer(Outcome { resp, tx, sign, injected: Some(injected) })
+        Step::Answer(Outcome { resp, tx, sign, injected: Some(injected), budget })
     }
 }
 
 fn answer(resp: ProcessingResponse, tx: Option<Box<Transaction>>, sign: Option<Box<PendingSign>>) -> Step {
-    Step::Answer(Outcome { resp, tx, sign, injected: None })
+    Step::Answer(Outcome { resp, tx, sign, injected: None, budget: None })
 }
 
 fn too_large(metrics: &Metrics, entry: &MatchEntry, len: usize) -> ProcessingResponse {

@@ -97,6 +97,14 @@ impl ProcessStream {
                 mode = Some(mutation::mode(mutation::RequestBody::None, true));
             }
         }
+        if self.budget.is_some() {
+            let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
+            let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+            let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
+            if self.budget_response_headers(status, content_type, end) {
+                mode = Some(mutation::mode(mutation::RequestBody::None, true));
+            }
+        }
         let mut m = scrubbed.map(|(_, m)| m);
         if !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
             // Scrubbing changes the body's length: the agent gets it chunked.
@@ -111,6 +119,7 @@ impl ProcessStream {
         if let Some(t) = &mut self.tx {
             t.tx.on_response_body(body);
         }
+        self.budget_response_body(body, end);
         let replaced = self.scrub.as_mut().and_then(|s| s.response_body(body, end));
         let resp = match replaced {
             Some((body, found)) => {

@@ -90,6 +90,8 @@ pub struct Metrics {
     phases: [Histogram; 5],
     /// keyswap as Envoy's control plane (zero when Envoy does not use its ADS).
     pub xds: Arc<XdsStats>,
+    /// Per-budget admissions and tokens (`TokenBudget`).
+    pub budgets: crate::budget::Registry,
     /// (provider, model, tenant) → (input, output) tokens. Touched once per finished LLM call.
     /// The tenant is "" without `spec.agentAuth`, else a bounded label (`metricsTenants` or "other").
     tokens: Mutex<BTreeMap<TokenKey, (u64, u64)>>,
@@ -236,6 +238,7 @@ impl Metrics {
         );
         self.render_phases(&mut out);
         self.render_xds(&mut out);
+        self.budgets.render(&mut out);
         out.push_str(&crate::auth::render_metrics());
         let _ = writeln!(
             out,

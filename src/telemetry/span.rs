@@ -290,6 +290,24 @@ impl Transaction {
         (tx, traceparent)
     }
 
+    /// The budget decision on this request (`admitted`, `limited`, `store_unavailable`,
+    /// `admitted_uncounted`), the budget that decided a refusal, and the fewest tokens any of its
+    /// budgets has left. A refusal ends the transaction as keyswap's own 429/503.
+    pub fn on_budget(&mut self, decision: &str, budget: Option<&str>, remaining: Option<i64>, refused: Option<(&'static str, i64)>) {
+        let buf = &mut self.encoded;
+        otlp::attribute(buf, field::ATTRIBUTES, &["keyswap.budget.decision"], Value::Str(decision));
+        if let Some(b) = budget {
+            otlp::attribute(buf, field::ATTRIBUTES, &["keyswap.budget.name"], Value::Str(b));
+        }
+        if let Some(r) = remaining {
+            otlp::attribute(buf, field::ATTRIBUTES, &["keyswap.budget.remaining_tokens"], Value::Int(r));
+        }
+        if let Some((error, status)) = refused {
+            self.error = Some(error);
+            self.status_code = Some(status);
+        }
+    }
+
     /// Whether keyswap answered the request itself (the span ends at once).
     pub fn is_denial(&self) -> bool {
         self.error.is_some()

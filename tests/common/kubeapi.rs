@@ -55,6 +55,7 @@ fn kind_of(resource: &str) -> (&'static str, &'static str) {
         "egressgateways" => ("keyswap.dev/v1alpha1", "EgressGateway"),
         "aiproviderroutes" => ("keyswap.dev/v1alpha1", "AIProviderRoute"),
         "credentialinjectionpolicies" => ("keyswap.dev/v1alpha1", "CredentialInjectionPolicy"),
+        "tokenbudgets" => ("keyswap.dev/v1alpha1", "TokenBudget"),
         _ => ("v1", "Secret"),
     }
 }

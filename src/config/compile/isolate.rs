@@ -27,6 +27,7 @@ pub struct Rejected {
     pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
     pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
     pub secrets: BTreeSet<Key>,
+    pub budgets: BTreeSet<Key>,
 }
 
 impl Catalog {
@@ -67,6 +68,9 @@ impl Catalog {
         } else if let Some(k) = find(Kind::CredentialInjectionPolicy, self.policies.keys(), object) {
             let e = self.policies.remove(&k).expect("found");
             self.rejected.policies.insert(k, e);
+        } else if let Some(k) = find(Kind::TokenBudget, self.budgets.keys(), object) {
+            self.budgets.remove(&k);
+            self.rejected.budgets.insert(k);
         } else if let Some(k) = find(Kind::Secret, self.secrets.keys(), object) {
             self.secrets.remove(&k);
             self.rejected.secrets.insert(k);
@@ -86,6 +90,7 @@ impl Catalog {
             Kind::EgressGateway => self.rejected.gateways.contains(key),
             Kind::AIProviderRoute => self.rejected.routes.contains_key(key),
             Kind::CredentialInjectionPolicy => self.rejected.policies.contains_key(key),
+            Kind::TokenBudget => self.rejected.budgets.contains(key),
             Kind::Secret => self.rejected.secrets.contains(key),
         }
     }
@@ -151,6 +156,7 @@ impl<'a> GatewayCompile<'a> {
                         models: Vec::new(),
                         binding: Arc::new(rejected_binding(p, None, why)),
                         scrub_response_bodies: true,
+                        budgets: Arc::new([]),
                     });
                 }
             }

@@ -10,6 +10,7 @@
 
 mod agent_auth;
 mod bind;
+mod budgets;
 mod isolate;
 #[cfg(test)]
 mod tests;
@@ -26,7 +27,9 @@ pub use self::isolate::Rejected;
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{Key, Kind, Object, Resource, SecretData};
 use super::snapshot::{Binding, MatchEntry, RouteMatcher, SecretUse, Snapshot, Unresolved};
-use crate::api::{AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, GROUP};
+use crate::api::{
+    AIProviderRouteSpec, CredentialInjectionPolicySpec, EgressGatewaySpec, ParentRef, TokenBudgetSpec, GROUP,
+};
 use crate::auth;
 use crate::inject::Strip;
 use crate::provider::{self, Provider};
@@ -47,6 +50,7 @@ pub struct Catalog {
     pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
     pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
     pub secrets: BTreeMap<Key, Entry<SecretData>>,
+    pub budgets: BTreeMap<Key, Entry<TokenBudgetSpec>>,
     /// [`Catalog::build_isolated`]: the invalid objects left out, and why.
     pub rejected: Rejected,
 }
@@ -79,6 +83,7 @@ impl Catalog {
                 Resource::Route(spec) => insert(&mut cat.routes, key, origin.clone(), spec),
                 Resource::Policy(spec) => insert(&mut cat.policies, key, origin.clone(), spec),
                 Resource::Secret(data) => insert(&mut cat.secrets, key, origin.clone(), data),
+                Resource::Budget(spec) => insert(&mut cat.budgets, key, origin.clone(), spec),
             };
             if let Some(first) = first {
                 errors.push(ConfigError::new(format!("{dup} {first}")).at(&origin).object(label));
@@ -157,6 +162,8 @@ struct GatewayCompile<'a> {
     secrets: Vec<SecretUse>,
     /// Every secret value read, for scrubbing.
     live: Vec<SecretSlice<u8>>,
+    /// The TokenBudgets that apply to this gateway's routes, compiled.
+    budgets: budgets::GatewayBudgets,
 }
 
 /// How the matches of one route are bound.
@@ -191,6 +198,7 @@ impl<'a> GatewayCompile<'a> {
             entries: Vec::new(),
             secrets: Vec::new(),
             live: Vec::new(),
+            budgets: budgets::GatewayBudgets::new(catalog, gateway),
         }
     }
 
@@ -219,6 +227,7 @@ impl<'a> GatewayCompile<'a> {
     fn route(&mut self, rkey: &Key, route: &Entry<AIProviderRouteSpec>) {
         let Some(policy) = self.route_policy(rkey, route) else { return };
         let route_name: Arc<str> = rkey.to_string().into();
+        let budgets = self.budgets.of(rkey);
         for (r, rule) in route.spec.rules.iter().enumerate() {
             for (m, mt) in rule.matches.iter().enumerate() {
                 let Some(p) = provider::lookup(&mt.provider) else { continue };
@@ -241,6 +250,7 @@ impl<'a> GatewayCompile<'a> {
                     models: mt.models.iter().map(|e| e.as_str().into()).collect(),
                     binding: Arc::new(binding),
                     scrub_response_bodies: route.spec.scrub_response_bodies.unwrap_or(p.scrub_bodies_by_default),
+                    budgets: budgets.clone(),
                 });
             }
         }
@@ -345,6 +355,9 @@ impl<'a> GatewayCompile<'a> {
         let mut secrets = self.secrets;
         secrets.sort_by(|a, b| (&a.secret, &a.key).cmp(&(&b.secret, &b.key)));
         secrets.dedup();
+        let mut budgets: Vec<_> = self.entries.iter().flat_map(|e| e.budgets.iter().cloned()).collect();
+        budgets.sort_by(|a, b| a.name.cmp(&b.name));
+        budgets.dedup_by(|a, b| a.name == b.name);
         Snapshot {
             gateway: self.gateway.clone(),
             listeners: gw.listeners.clone(),
@@ -356,6 +369,8 @@ impl<'a> GatewayCompile<'a> {
             capture: Arc::new(capture_policy(gw.otlp.as_ref())),
             otlp: gw.otlp.clone(),
             agent_auth,
+            budget_store: self.catalog.budget_store(self.gateway, gw),
+            budgets,
             rejected,
         }
     }

@@ -18,6 +18,7 @@ impl Catalog {
         self.validate_gateways(errors);
         self.validate_routes(errors);
         self.validate_policies(errors);
+        self.validate_budgets(errors);
     }
 
     /// Each gateway: allowed hosts, listener names (unique) and ports.
@@ -99,7 +100,7 @@ impl Catalog {
 
     /// `refs` name at least one parent, each of an `allowed` kind (the first one is the default)
     /// and present in the catalog.
-    fn check_parent_refs(
+    pub(super) fn check_parent_refs(
         &self,
         refs: &[ParentRef],
         own: &Key,

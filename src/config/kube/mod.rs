@@ -37,7 +37,7 @@ use self::watch::{watch, Watched};
 use super::error::Origin;
 use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
 use super::{log_changes, Catalog, GatewaySelector, SnapshotStore};
-use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway};
+use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway, TokenBudget};
 
 /// How long the caches must be quiet before a rebuild: coalesces a burst (an initial list,
 /// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
@@ -140,7 +140,7 @@ pub async fn start(
     write_status: bool,
 ) -> anyhow::Result<SnapshotStore> {
     let changed = Arc::new(Notify::new());
-    let (gateways, routes, policies) = watch_resources(&client, namespace.as_deref(), &changed, &status);
+    let (gateways, routes, policies, budgets) = watch_resources(&client, namespace.as_deref(), &changed, &status);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<SnapshotStore>();
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
@@ -153,6 +153,7 @@ pub async fn start(
         gateways,
         routes,
         policies,
+        budgets,
         secrets: HashMap::new(),
         store: None,
         ready_tx: Some(ready_tx),
@@ -162,27 +163,27 @@ pub async fn start(
     ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
 }
 
-/// Watches the three resources, in `namespace` or in all namespaces.
-fn watch_resources(
-    client: &Client,
-    namespace: Option<&str>,
-    changed: &Arc<Notify>,
-    status: &Arc<KubeStatus>,
-) -> (Watched<EgressGateway>, Watched<AIProviderRoute>, Watched<CredentialInjectionPolicy>) {
-    let api = |c: &Client| -> (Api<EgressGateway>, Api<AIProviderRoute>, Api<CredentialInjectionPolicy>) {
+/// The watched keyswap resources.
+type Watches = (Watched<EgressGateway>, Watched<AIProviderRoute>, Watched<CredentialInjectionPolicy>, Watched<TokenBudget>);
+
+/// Watches keyswap's four resources, in `namespace` or in all namespaces.
+fn watch_resources(client: &Client, namespace: Option<&str>, changed: &Arc<Notify>, status: &Arc<KubeStatus>) -> Watches {
+    fn api<K>(c: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
         match namespace {
-            Some(ns) => {
-                (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns))
-            }
-            None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
         }
-    };
-    let (g, r, p) = api(client);
+    }
     let cfg = watcher::Config::default;
-    let gateways = watch(g, cfg(), changed.clone(), status.clone());
-    let routes = watch(r, cfg(), changed.clone(), status.clone());
-    let policies = watch(p, cfg(), changed.clone(), status.clone());
-    (gateways, routes, policies)
+    let gateways = watch(api(client, namespace), cfg(), changed.clone(), status.clone());
+    let routes = watch(api(client, namespace), cfg(), changed.clone(), status.clone());
+    let policies = watch(api(client, namespace), cfg(), changed.clone(), status.clone());
+    let budgets = watch(api(client, namespace), cfg(), changed.clone(), status.clone());
+    (gateways, routes, policies, budgets)
 }
 
 /// The background loop of the Kubernetes source: its watches, and the store once built.
@@ -197,6 +198,7 @@ struct Source {
     gateways: Watched<EgressGateway>,
     routes: Watched<AIProviderRoute>,
     policies: Watched<CredentialInjectionPolicy>,
+    budgets: Watched<TokenBudget>,
     secrets: HashMap<SecretWatch, Watched<Secret>>,
     store: Option<SnapshotStore>,
     /// Hands the store to [`start`] once the first snapshot is built.
@@ -231,11 +233,12 @@ impl Source {
         }
     }
 
-    /// Whether the initial lists of the three resources are done.
+    /// Whether the initial lists of the four resources are done.
     fn resources_synced(&self) -> bool {
         self.gateways.synced.load(Ordering::Relaxed)
             && self.routes.synced.load(Ordering::Relaxed)
             && self.policies.synced.load(Ordering::Relaxed)
+            && self.budgets.synced.load(Ordering::Relaxed)
     }
 
     /// Watch exactly the Secrets the configuration names, each in its object's namespace: stops
@@ -271,7 +274,8 @@ impl Source {
     /// Builds a snapshot from the caches and publishes it, then writes the objects' conditions
     /// when asked to.
     async fn rebuild(&mut self) {
-        let objects = collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.secrets);
+        let objects =
+            collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.budgets.store, &self.secrets);
         // One team's invalid object is left out (Accepted=False on it); everything else,
         // every Secret it references included, keeps following changes.
         let built = objects.and_then(|objs| {
@@ -367,6 +371,9 @@ fn wanted_secrets(
             if let Some(r) = v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()) {
                 wanted.insert(SecretWatch::Named(Key::new(ns.clone(), r.name.clone())));
             }
+        }
+        if let Some(store) = &g.spec.budget_store {
+            wanted.insert(SecretWatch::Named(Key::new(ns.clone(), store.redis.secret_ref.name.clone())));
         }
     }
     wanted
@@ -480,6 +487,7 @@ fn collect(
     gateways: &Store<EgressGateway>,
     routes: &Store<AIProviderRoute>,
     policies: &Store<CredentialInjectionPolicy>,
+    budgets: &Store<TokenBudget>,
     secrets: &HashMap<SecretWatch, Watched<Secret>>,
 ) -> Result<Vec<Object>, super::ConfigErrors> {
     let key = |m: &kube::core::ObjectMeta| {
@@ -494,6 +502,9 @@ fn collect(
     }
     for p in policies.state() {
         objects.push(Object { origin: origin(), key: key(p.meta()), resource: Resource::Policy(p.spec.clone()) });
+    }
+    for b in budgets.state() {
+        objects.push(Object { origin: origin(), key: key(b.meta()), resource: Resource::Budget(b.spec.clone()) });
     }
     let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
     for w in secrets.values() {

@@ -1,0 +1,166 @@
+//! The in-process budget store: one set of atomic counters per budget, key and window.
+//!
+//! The map of counters is read without a lock (an `ArcSwap` of a hash map, copied only when a
+//! key first appears in a window); each limit is checked and taken with a compare-and-swap, and
+//! the dimensions already taken are given back when a later one does not fit.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+
+use super::{Amounts, Claim, Limited, DIMENSIONS};
+
+/// The counters of one budget, key and window.
+#[derive(Debug)]
+pub struct Counter {
+    budget: Arc<str>,
+    key: Box<str>,
+    window_start: i64,
+    window_end: i64,
+    used: [AtomicI64; 4],
+}
+
+impl Counter {
+    /// Adds `delta` (negative: gives back).
+    pub fn add(&self, delta: &Amounts) {
+        for (u, d) in self.used.iter().zip(delta) {
+            if *d != 0 {
+                u.fetch_add(*d, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// What has been used so far.
+    pub fn used(&self) -> Amounts {
+        std::array::from_fn(|d| self.used[d].load(Ordering::Acquire))
+    }
+
+    fn is(&self, c: &Claim) -> bool {
+        *self.budget == *c.budget.name && self.key == c.key && self.window_start == c.window_start
+    }
+
+    /// Takes `amounts` if every limit allows it; else gives back what it took and says which
+    /// dimension did not fit, with what was used.
+    fn take(&self, limits: &[Option<u64>; 4], amounts: &Amounts) -> Result<Amounts, (usize, i64)> {
+        let mut after = [0i64; 4];
+        for d in 0..4 {
+            let a = amounts[d];
+            let r = match limits[d] {
+                None => Ok(self.used[d].fetch_add(a, Ordering::AcqRel)),
+                Some(limit) => self.used[d].fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    (u.saturating_add(a) <= limit as i64).then_some(u + a)
+                }),
+            };
+            match r {
+                Ok(before) => after[d] = before + a,
+                Err(used) => {
+                    for (undo, amount) in amounts.iter().enumerate().take(d) {
+                        self.used[undo].fetch_sub(*amount, Ordering::AcqRel);
+                    }
+                    return Err((d, used));
+                }
+            }
+        }
+        Ok(after)
+    }
+}
+
+/// Counters by a hash of (budget, key, window start).
+#[derive(Default)]
+pub struct Local {
+    counters: ArcSwap<HashMap<u64, Vec<Arc<Counter>>>>,
+}
+
+fn slot(c: &Claim) -> u64 {
+    let mut h = DefaultHasher::new();
+    (&*c.budget.name, &*c.key, c.window_start).hash(&mut h);
+    h.finish()
+}
+
+impl Local {
+    /// Reserves every claim, all or nothing; returns the counters (for settling) and the least
+    /// any limit has left.
+    pub fn reserve(&self, claims: &[Claim], now: SystemTime) -> Result<(Vec<Arc<Counter>>, Option<i64>), Limited> {
+        let mut taken: Vec<Arc<Counter>> = Vec::with_capacity(claims.len());
+        let mut remaining: Option<i64> = None;
+        for c in claims {
+            let counter = self.counter(c, now);
+            match counter.take(&c.budget.limits, &c.reserved) {
+                Ok(after) => {
+                    for d in 0..4 {
+                        if let Some(limit) = c.budget.limits[d].filter(|_| d > 0) {
+                            let left = limit as i64 - after[d];
+                            remaining = Some(remaining.map_or(left, |r| r.min(left)));
+                        }
+                    }
+                    taken.push(counter);
+                }
+                Err((d, used)) => {
+                    for (t, claim) in taken.iter().zip(claims) {
+                        t.add(&claim.reserved.map(|a| -a));
+                    }
+                    let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                    return Err(Limited {
+                        budget: c.budget.name.clone(),
+                        dimension: DIMENSIONS[d],
+                        limit: c.budget.limits[d].unwrap_or(0),
+                        used,
+                        requested: c.reserved[d],
+                        retry_after: (c.window_end - now_s).max(1) as u64,
+                    });
+                }
+            }
+        }
+        Ok((taken, remaining))
+    }
+
+    /// The counter of `c`'s budget, key and window, made on first use (sweeping out windows
+    /// that have ended).
+    fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
+        let slot = slot(c);
+        if let Some(found) = self.counters.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
+            return found.clone();
+        }
+        let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let mut made = None;
+        self.counters.rcu(|map| {
+            let mut map: HashMap<u64, Vec<Arc<Counter>>> = map
+                .iter()
+                .map(|(k, v)| (*k, v.iter().filter(|c| c.window_end > now_s).cloned().collect::<Vec<_>>()))
+                .filter(|(_, v)| !v.is_empty())
+                .collect();
+            let list = map.entry(slot).or_default();
+            let counter = match list.iter().find(|k| k.is(c)) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = Arc::new(Counter {
+                        budget: c.budget.name.clone(),
+                        key: c.key.clone(),
+                        window_start: c.window_start,
+                        window_end: c.window_end,
+                        used: Default::default(),
+                    });
+                    list.push(k.clone());
+                    k
+                }
+            };
+            made = Some(counter);
+            map
+        });
+        made.expect("rcu ran")
+    }
+
+    /// What the counter of (budget, key, window start) has used (tests, `explain`).
+    pub fn used(&self, budget: &str, key: &str, window_start: i64) -> Option<Amounts> {
+        let map = self.counters.load();
+        map.values()
+            .flatten()
+            .find(|c| &*c.budget == budget && &*c.key == key && c.window_start == window_start)
+            .map(|c| c.used())
+    }
+}

@@ -1,0 +1,532 @@
+//! Token budgets: admission before the provider, by reservation.
+//!
+//! A request on a route with [`Budget`]s reserves what it may cost before it is forwarded: one
+//! request, its input tokens (bounded by its body's bytes, see [`Demand`]) and its output tokens
+//! (its `max_tokens`, or the budget's default). The reservation is checked against every limit and
+//! taken in one step; a request that does not fit is refused with 429 and never reaches the
+//! provider. When the response ends, the reservation is settled to what the provider reported
+//! ([`Held::settle`]); an error or aborted response releases what it did not use.
+//!
+//! Windows are fixed and aligned to UTC (a minute, hour, day or calendar month): one counter per
+//! budget, key and window, which one Redis hash holds and `Retry-After` names the end of. A
+//! sliding window would need one entry per request (or an approximation that blurs the bound
+//! below); the price of fixed windows is that a key may spend its limit at the end of one window
+//! and again at the start of the next.
+//!
+//! Worst-case overshoot: the sum over in-flight requests of what each used beyond its
+//! reservation. With the defaults (input bounded by body bytes) and a `max_tokens` on every
+//! request, that is zero; a request without one may overshoot by what it generates past
+//! `reservation.defaultOutputTokens`.
+//!
+//! Two stores behind [`Engine`]: in this process ([`local`], lock-free counters), or Redis
+//! ([`redis`], shared by every replica; one round trip to reserve, one to settle).
+
+pub mod local;
+pub mod redis;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
+
+use crate::api::{BudgetKey, BudgetWindow};
+use crate::vocab::Identity;
+
+/// Counter dimensions, in this order everywhere: requests, input, output, total tokens.
+pub const DIMENSIONS: [&str; 4] = ["requests", "input_tokens", "output_tokens", "total_tokens"];
+
+/// One amount per dimension.
+pub type Amounts = [i64; 4];
+
+/// A compiled `TokenBudget`.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// `namespace/name`.
+    pub name: Arc<str>,
+    pub key: KeyBy,
+    pub window: BudgetWindow,
+    /// Per dimension; `None`: not limited (still counted).
+    pub limits: [Option<u64>; 4],
+    /// Model globs and their weight, first match wins.
+    pub weights: Vec<(Box<str>, f64)>,
+    pub default_output_tokens: u64,
+    pub bytes_per_input_token: u64,
+    /// The store cannot be reached: refuse (503) instead of admitting uncounted.
+    pub fail_closed: bool,
+}
+
+/// Whose use a budget counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyBy {
+    Tenant,
+    Agent,
+    Route,
+    Gateway,
+    Label(Box<str>),
+}
+
+impl KeyBy {
+    pub fn of(key: BudgetKey, label: Option<&str>) -> KeyBy {
+        match key {
+            BudgetKey::Tenant => KeyBy::Tenant,
+            BudgetKey::Agent => KeyBy::Agent,
+            BudgetKey::Route => KeyBy::Route,
+            BudgetKey::Gateway => KeyBy::Gateway,
+            BudgetKey::Label => KeyBy::Label(label.unwrap_or_default().into()),
+        }
+    }
+
+    /// The counter key of a request. Callers without one (anonymous callers of a tenant budget,
+    /// an agent without the label) share the key `-`.
+    pub fn value<'a>(&self, identity: Option<&'a Identity>, route: &'a str) -> &'a str {
+        let v = match self {
+            KeyBy::Tenant => identity.and_then(|i| i.tenant.as_deref()),
+            KeyBy::Agent => identity.map(|i| &*i.agent),
+            KeyBy::Route => Some(route),
+            KeyBy::Gateway => Some("*"),
+            KeyBy::Label(l) => {
+                identity.and_then(|i| i.labels.iter().find(|(k, _)| **k == **l)).map(|(_, v)| &**v)
+            }
+        };
+        v.filter(|v| !v.is_empty()).unwrap_or("-")
+    }
+}
+
+impl Budget {
+    /// The weight of `model`'s tokens (1 when no weight matches or the model is unknown).
+    pub fn weight(&self, model: Option<&str>) -> f64 {
+        let Some(model) = model else { return 1.0 };
+        self.weights.iter().find(|(g, _)| crate::glob::matches(g, model, None)).map_or(1.0, |(_, w)| *w)
+    }
+
+    /// What `demand` reserves in this budget: one request and its weighted tokens.
+    pub fn reserve_amounts(&self, demand: &Demand) -> Amounts {
+        let w = self.weight(demand.model.as_deref());
+        let input = weighted(demand.body_bytes.div_ceil(self.bytes_per_input_token.max(1)), w);
+        let output = weighted(demand.max_output_tokens.unwrap_or(self.default_output_tokens), w);
+        [1, input, output, input + output]
+    }
+
+    /// What a call that used `usage` costs in this budget (`None` fields: not reported).
+    pub fn used_amounts(&self, model: Option<&str>, input: u64, output: u64) -> Amounts {
+        let w = self.weight(model);
+        let (i, o) = (weighted(input, w), weighted(output, w));
+        [1, i, o, i + o]
+    }
+}
+
+fn weighted(tokens: u64, weight: f64) -> i64 {
+    let v = (tokens as f64 * weight).ceil();
+    if v >= i64::MAX as f64 {
+        i64::MAX / 4
+    } else {
+        v as i64
+    }
+}
+
+/// The window containing `now`: its start and end, in Unix seconds (UTC).
+pub fn window_bounds(window: BudgetWindow, now: SystemTime) -> (i64, i64) {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let fixed = |len: i64| {
+        let start = secs - secs.rem_euclid(len);
+        (start, start + len)
+    };
+    match window {
+        BudgetWindow::Minute => fixed(60),
+        BudgetWindow::Hour => fixed(3600),
+        BudgetWindow::Day => fixed(86_400),
+        BudgetWindow::Month => {
+            let Ok(t) = time::OffsetDateTime::from_unix_timestamp(secs) else { return fixed(86_400) };
+            let first = time::Date::from_calendar_date(t.year(), t.month(), 1).expect("day 1 exists");
+            let next = match t.month() {
+                time::Month::December => time::Date::from_calendar_date(t.year() + 1, time::Month::January, 1),
+                m => time::Date::from_calendar_date(t.year(), m.next(), 1),
+            }
+            .expect("day 1 exists");
+            let at = |d: time::Date| d.midnight().assume_utc().unix_timestamp();
+            (at(first), at(next))
+        }
+    }
+}
+
+/// What a request asks for, read from its body: the model, the most output it allows, and the
+/// body's size (an upper bound on its input tokens: a token is at least one byte).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub model: Option<String>,
+    pub max_output_tokens: Option<u64>,
+    pub body_bytes: u64,
+}
+
+impl Demand {
+    /// Reads a JSON request body: `model`, and the output limit under any provider's name for it
+    /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
+    /// `generationConfig.maxOutputTokens`, Bedrock's `inferenceConfig.maxTokens`). Anything else
+    /// (not JSON, no limit) leaves the fields `None`; never fails.
+    pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(rename_all = "camelCase")]
+        struct Nested {
+            #[serde(default)]
+            max_output_tokens: Option<u64>,
+            #[serde(default)]
+            max_tokens: Option<u64>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        struct Fields {
+            #[serde(default)]
+            model: Option<String>,
+            #[serde(default)]
+            max_tokens: Option<u64>,
+            #[serde(default)]
+            max_completion_tokens: Option<u64>,
+            #[serde(default)]
+            max_output_tokens: Option<u64>,
+            #[serde(default, rename = "generationConfig")]
+            generation_config: Option<Nested>,
+            #[serde(default, rename = "inferenceConfig")]
+            inference_config: Option<Nested>,
+        }
+        let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let f: Fields = if is_object { serde_json::from_slice(body).unwrap_or_default() } else { Fields::default() };
+        let nested = |n: Option<Nested>| n.and_then(|n| n.max_output_tokens.or(n.max_tokens));
+        let max = [f.max_tokens, f.max_completion_tokens, f.max_output_tokens]
+            .into_iter()
+            .flatten()
+            .chain(nested(f.generation_config))
+            .chain(nested(f.inference_config))
+            .max();
+        Demand {
+            model: f.model.filter(|m| !m.is_empty()).or_else(|| path_model.map(str::to_owned)),
+            max_output_tokens: max,
+            body_bytes: body.len() as u64,
+        }
+    }
+}
+
+/// One budget's share of a request: which counter, and what was taken from it.
+#[derive(Debug)]
+pub struct Claim {
+    pub budget: Arc<Budget>,
+    /// The counter key (tenant, agent …), as given to the store.
+    pub key: Box<str>,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub reserved: Amounts,
+}
+
+/// A refusal: the first budget a request did not fit in.
+#[derive(Debug)]
+pub struct Limited {
+    pub budget: Arc<str>,
+    pub dimension: &'static str,
+    pub limit: u64,
+    pub used: i64,
+    pub requested: i64,
+    /// Seconds until the window ends.
+    pub retry_after: u64,
+}
+
+/// The store could not answer.
+#[derive(Debug)]
+pub struct StoreDown {
+    pub error: String,
+}
+
+/// The outcome of a reservation.
+#[derive(Debug)]
+pub enum Admit {
+    /// Reserved: hold it until the response ends. `remaining`: the least any limit has left.
+    Held(Held, Option<i64>),
+    Limited(Limited),
+    /// The store is down and a budget fails closed: refused (503).
+    Unavailable { error: String, budgets: Vec<Arc<str>> },
+    /// The store is down and every budget fails open: admitted, counted nowhere.
+    AdmittedUncounted(Held),
+}
+
+/// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
+/// whole when dropped unsettled (the request never reached the provider).
+#[derive(Debug)]
+pub struct Held {
+    claims: Vec<Claim>,
+    on: HeldIn,
+    engine: Arc<Engine>,
+    /// The model the request named (weights apply to it).
+    pub model: Option<String>,
+}
+
+#[derive(Debug)]
+enum HeldIn {
+    Local(Vec<Arc<local::Counter>>),
+    Redis(Arc<redis::RedisStore>),
+    /// Admitted uncounted (the store was down, fail-open), or already settled.
+    Nothing,
+}
+
+/// What is known about a call when its reservation is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// The response ended. Tokens the provider reported count; a count it did not report keeps
+    /// its reservation (an error status without usage: nothing was generated, both are released).
+    Ended { success: bool, input: Option<u64>, output: Option<u64> },
+    /// The response was cut off (client gone, upstream reset). Reported counts count; otherwise
+    /// the input counts once the provider answered, and the output up to the response bytes
+    /// that passed (a token is at least one byte), never more than reserved.
+    Aborted { answered: bool, input: Option<u64>, output: Option<u64>, response_bytes: u64 },
+}
+
+impl Held {
+    pub fn claims(&self) -> &[Claim] {
+        &self.claims
+    }
+
+    /// Settles every claim to what the call used, per `observed`; releases the rest.
+    pub fn settle(mut self, observed: Observed) {
+        let model = self.model.take();
+        let deltas: Vec<Amounts> = self
+            .claims
+            .iter()
+            .map(|c| {
+                let b = &c.budget;
+                let w = b.weight(model.as_deref());
+                let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
+                let (input, output) = match observed {
+                    Observed::Ended { success: false, input: None, output: None } => (0, 0),
+                    Observed::Ended { input, output, .. } => (count(input, c.reserved[1]), count(output, c.reserved[2])),
+                    Observed::Aborted { answered, input, output, response_bytes } => (
+                        count(input, if answered { c.reserved[1] } else { 0 }),
+                        count(output, c.reserved[2].min(weighted(response_bytes, w))),
+                    ),
+                };
+                let used = [1, input, output, input + output];
+                std::array::from_fn(|d| used[d] - c.reserved[d])
+            })
+            .collect();
+        for (c, d) in self.claims.iter().zip(&deltas) {
+            let settled = (c.reserved[3] + d[3]).max(0) as u64;
+            self.engine.metrics(&c.budget.name).settled_tokens.fetch_add(settled, Ordering::Relaxed);
+        }
+        self.apply(deltas);
+    }
+
+    fn apply(&mut self, deltas: Vec<Amounts>) {
+        match std::mem::replace(&mut self.on, HeldIn::Nothing) {
+            HeldIn::Local(counters) => {
+                for (counter, d) in counters.iter().zip(&deltas) {
+                    counter.add(d);
+                }
+            }
+            HeldIn::Redis(store) => store.settle(&self.claims, deltas),
+            HeldIn::Nothing => {}
+        }
+    }
+}
+
+impl Drop for Held {
+    /// Never settled: the request was refused or abandoned before it was forwarded.
+    fn drop(&mut self) {
+        if !matches!(self.on, HeldIn::Nothing) {
+            let deltas = self.claims.iter().map(|c| c.reserved.map(|a| -a)).collect();
+            self.apply(deltas);
+        }
+    }
+}
+
+/// Per-budget counts for `/metrics` (labels: budget names only, bounded by configuration).
+#[derive(Debug, Default)]
+pub struct BudgetMetrics {
+    pub admitted: AtomicU64,
+    pub limited: AtomicU64,
+    pub store_unavailable_admitted: AtomicU64,
+    pub store_unavailable_refused: AtomicU64,
+    pub reserved_tokens: AtomicU64,
+    pub settled_tokens: AtomicU64,
+}
+
+/// Per-budget metrics, by budget name (bounded by configuration).
+#[derive(Default)]
+pub struct Registry(ArcSwap<HashMap<Arc<str>, Arc<BudgetMetrics>>>);
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("budgets", &self.0.load().len()).finish()
+    }
+}
+
+impl Registry {
+    /// The metrics of `budget`, made on first use.
+    pub fn of(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
+        if let Some(m) = self.0.load().get(budget) {
+            return m.clone();
+        }
+        let mut made = None;
+        self.0.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            made = Some(map.entry(budget.clone()).or_default().clone());
+            map
+        });
+        made.expect("rcu ran")
+    }
+
+    /// Prometheus text: one family per measure, one sample per budget.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let map = self.0.load();
+        if map.is_empty() {
+            return;
+        }
+        let mut all: Vec<_> = map.iter().collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_budget_decisions_total Budgeted requests by decision.\n# TYPE keyswap_budget_decisions_total counter"
+        );
+        for (name, m) in &all {
+            for (decision, v) in [
+                ("admitted", g(&m.admitted)),
+                ("limited", g(&m.limited)),
+                ("store_unavailable_admitted", g(&m.store_unavailable_admitted)),
+                ("store_unavailable_refused", g(&m.store_unavailable_refused)),
+            ] {
+                let _ = writeln!(out, "keyswap_budget_decisions_total{{budget=\"{name}\",decision=\"{decision}\"}} {v}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP keyswap_budget_tokens_total Weighted tokens reserved before forwarding and settled after the response.\n\
+             # TYPE keyswap_budget_tokens_total counter"
+        );
+        for (name, m) in &all {
+            for (kind, v) in [("reserved", g(&m.reserved_tokens)), ("settled", g(&m.settled_tokens))] {
+                let _ = writeln!(out, "keyswap_budget_tokens_total{{budget=\"{name}\",kind=\"{kind}\"}} {v}");
+            }
+        }
+    }
+}
+
+/// Where budgets are counted: this process, or the gateway's Redis. Shared by every stream;
+/// counters outlive configuration changes (a raised limit applies to what was already used).
+pub struct Engine {
+    local: local::Local,
+    redis: ArcSwap<Option<Arc<redis::RedisStore>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// The outcome of [`Engine::reserve`]: now (in-process) or after one Redis round trip.
+pub enum Reserve {
+    Now(Admit),
+    Later(BoxFuture<'static, Admit>),
+}
+
+impl Engine {
+    pub fn new(metrics: Arc<Metrics>) -> Engine {
+        Engine { local: local::Local::default(), redis: ArcSwap::from_pointee(None), metrics }
+    }
+
+    fn metrics(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
+        self.metrics.budgets.of(budget)
+    }
+
+    /// Reserves `claims` in the store the snapshot names (`store`: its `budgetStore`; `None`:
+    /// this process). `model`: the request's, for weights.
+    pub fn reserve(
+        self: &Arc<Self>,
+        store: Option<&Result<redis::RedisTarget, String>>,
+        claims: Vec<Claim>,
+        model: Option<String>,
+        now: SystemTime,
+    ) -> Reserve {
+        for c in &claims {
+            self.metrics(&c.budget.name).reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
+        }
+        let target = match store {
+            None => {
+                let admit = match self.local.reserve(&claims, now) {
+                    Ok((counters, remaining)) => {
+                        let on = HeldIn::Local(counters);
+                        Admit::Held(Held { claims, on, engine: self.clone(), model }, remaining)
+                    }
+                    Err(l) => Admit::Limited(l),
+                };
+                return Reserve::Now(self.count(admit));
+            }
+            Some(Err(e)) => {
+                let error = format!("the gateway's budgetStore is unusable: {e}");
+                return Reserve::Now(self.count(self.unavailable(claims, model, error)));
+            }
+            Some(Ok(t)) => t,
+        };
+        let store = self.redis_for(target);
+        let engine = self.clone();
+        Reserve::Later(Box::pin(async move {
+            let admit = match store.reserve(&claims, now).await {
+                Ok(Ok(remaining)) => {
+                    Admit::Held(Held { claims, on: HeldIn::Redis(store), engine: engine.clone(), model }, remaining)
+                }
+                Ok(Err(l)) => Admit::Limited(l),
+                Err(e) => engine.unavailable(claims, model, e.error),
+            };
+            engine.count(admit)
+        }))
+    }
+
+    /// The store could not answer: refused when any budget fails closed, else admitted uncounted.
+    fn unavailable(self: &Arc<Self>, claims: Vec<Claim>, model: Option<String>, error: String) -> Admit {
+        let budgets: Vec<Arc<str>> = claims.iter().map(|c| c.budget.name.clone()).collect();
+        if claims.iter().any(|c| c.budget.fail_closed) {
+            return Admit::Unavailable { error, budgets };
+        }
+        tracing::debug!(%error, budgets = ?budgets, "budget store unavailable; admitted uncounted (onStoreUnavailable: FailOpen)");
+        Admit::AdmittedUncounted(Held { claims, on: HeldIn::Nothing, engine: self.clone(), model })
+    }
+
+    fn count(&self, admit: Admit) -> Admit {
+        match &admit {
+            Admit::Held(h, _) => {
+                for c in &h.claims {
+                    Metrics::inc(&self.metrics(&c.budget.name).admitted);
+                }
+            }
+            Admit::Limited(l) => Metrics::inc(&self.metrics(&l.budget).limited),
+            Admit::Unavailable { budgets, .. } => {
+                for b in budgets {
+                    Metrics::inc(&self.metrics(b).store_unavailable_refused);
+                }
+            }
+            Admit::AdmittedUncounted(h) => {
+                for c in &h.claims {
+                    Metrics::inc(&self.metrics(&c.budget.name).store_unavailable_admitted);
+                }
+            }
+        }
+        admit
+    }
+
+    /// The Redis client for `target`, made (without connecting) when its URL changes.
+    fn redis_for(&self, target: &redis::RedisTarget) -> Arc<redis::RedisStore> {
+        if let Some(s) = &**self.redis.load() {
+            if s.fingerprint() == target.fingerprint() {
+                return s.clone();
+            }
+        }
+        let store = Arc::new(redis::RedisStore::new(target));
+        self.redis.store(Arc::new(Some(store.clone())));
+        store
+    }
+}
+
+use crate::telemetry::Metrics;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+//! The Redis budget store: counters every replica of a gateway shares.
+//!
+//! One hash per budget, key and window (`keyswap:budget:{<ns/name>}:<window start>:<key>`, fields
+//! `r i o t`), expiring an hour after its window ends. A reservation is one Lua script (check every
+//! limit of every budget, then take; all or nothing): one round trip on the request path. A
+//! settlement is one pipeline of `HINCRBY`s, sent off the response path.
+//!
+//! Unreachable Redis answers each request within [`TIMEOUT`]; after a failure the store is not
+//! tried again for [`BACKOFF`] (requests follow their budgets' fail mode at once meanwhile).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret as _, SecretString};
+
+use super::{Amounts, Claim, Limited, StoreDown, DIMENSIONS};
+
+/// How long one Redis call may take before the request follows its fail mode.
+pub const TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failure, how long requests skip Redis (and follow their fail mode at once).
+pub const BACKOFF: Duration = Duration::from_secs(1);
+/// Counters outlive their window by this much (late settlements still land).
+const EXPIRE_AFTER_WINDOW_SECS: i64 = 3600;
+
+/// A gateway's Redis, as its Secret says (`spec.budgetStore.redis`). The URL may carry a
+/// password: never shown, only its fingerprint.
+#[derive(Clone)]
+pub struct RedisTarget {
+    pub url: SecretString,
+    pub ca: Option<Vec<u8>>,
+    /// The Secret it came from (`namespace/name`).
+    pub secret: Arc<str>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget").field("secret", &self.secret).field("url", &self.fingerprint).finish()
+    }
+}
+
+impl RedisTarget {
+    /// Checks that `url` is a Redis URL keyswap can use (`redis://`, `rediss://`, `unix://`).
+    pub fn new(url: &str, ca: Option<Vec<u8>>, secret: Arc<str>) -> Result<RedisTarget, String> {
+        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+        if !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(format!("is not a Redis URL (redis://, rediss:// or unix://); scheme `{scheme}`"));
+        }
+        if let Err(e) = ::redis::Client::open(url) {
+            // Only the kind: the parser's detail could quote the URL, and its password.
+            return Err(format!("is not a valid Redis URL ({:?})", e.kind()));
+        }
+        let mut seed = url.as_bytes().to_vec();
+        seed.extend_from_slice(ca.as_deref().unwrap_or_default());
+        Ok(RedisTarget { url: url.into(), ca, secret, fingerprint: crate::vocab::fingerprint(&seed) })
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Where it connects, without credentials: `host:port` (for logs).
+    pub fn endpoint(&self) -> String {
+        let url = self.url.expose_secret();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        host.split('/').next().unwrap_or("").to_owned()
+    }
+}
+
+/// A connection (made lazily, kept and reconnected by redis-rs) to one [`RedisTarget`].
+pub struct RedisStore {
+    fingerprint: String,
+    endpoint: String,
+    conn: Result<ConnectionManager, String>,
+    /// Milliseconds since `epoch` until which Redis is not tried (after a failure).
+    down_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+const RESERVE: &str = r#"
+local fields = {'r', 'i', 'o', 't'}
+for k = 1, #KEYS do
+  local b = (k - 1) * 9
+  local used = redis.call('HMGET', KEYS[k], 'r', 'i', 'o', 't')
+  for d = 1, 4 do
+    local limit = tonumber(ARGV[b + 1 + d])
+    local u = tonumber(used[d]) or 0
+    if limit >= 0 and u + tonumber(ARGV[b + 5 + d]) > limit then
+      return {0, k - 1, d - 1, u}
+    end
+  end
+end
+local remaining, limited = 0, 0
+for k = 1, #KEYS do
+  local b = (k - 1) * 9
+  for d = 1, 4 do
+    local after = redis.call('HINCRBY', KEYS[k], fields[d], ARGV[b + 5 + d])
+    local limit = tonumber(ARGV[b + 1 + d])
+    if d > 1 and limit >= 0 and (limited == 0 or limit - after < remaining) then
+      remaining, limited = limit - after, 1
+    end
+  end
+  redis.call('EXPIREAT', KEYS[k], ARGV[b + 1])
+end
+return {1, remaining, limited}
+"#;
+
+/// The Redis key of a claim's counter. Keys longer than 128 bytes or with control characters
+/// are replaced by their fingerprint.
+pub fn counter_key(c: &Claim) -> String {
+    let key: std::borrow::Cow<'_, str> = if c.key.len() > 128 || c.key.chars().any(char::is_control) {
+        crate::vocab::fingerprint(c.key.as_bytes()).into()
+    } else {
+        (&*c.key).into()
+    };
+    format!("keyswap:budget:{{{}}}:{}:{}", c.budget.name, c.window_start, key)
+}
+
+impl RedisStore {
+    /// A client for `target`; connects on first use.
+    pub fn new(target: &RedisTarget) -> RedisStore {
+        let endpoint = target.endpoint();
+        let conn = client(target).and_then(|client| {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(TIMEOUT))
+                .set_response_timeout(Some(TIMEOUT))
+                .set_number_of_retries(1);
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| describe(&e))
+        });
+        tracing::info!(endpoint, "token budgets are counted in Redis");
+        RedisStore {
+            fingerprint: target.fingerprint.clone(),
+            endpoint,
+            conn,
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn available(&self) -> Result<ConnectionManager, StoreDown> {
+        let conn = self.conn.as_ref().map_err(|e| StoreDown { error: e.clone() })?;
+        if (self.epoch.elapsed().as_millis() as u64) < self.down_until.load(Ordering::Relaxed) {
+            return Err(StoreDown { error: format!("Redis at {} failed less than {BACKOFF:?} ago", self.endpoint) });
+        }
+        Ok(conn.clone())
+    }
+
+    fn failed(&self, what: &str, e: &::redis::RedisError) -> StoreDown {
+        let until = (self.epoch.elapsed() + BACKOFF).as_millis() as u64;
+        let was_up = self.down_until.swap(until, Ordering::Relaxed) < self.epoch.elapsed().as_millis() as u64;
+        let error = format!("Redis at {}: {what}: {}", self.endpoint, describe(e));
+        if was_up {
+            tracing::error!(%error, "budget store unavailable; budgets follow onStoreUnavailable for the next {BACKOFF:?}");
+        }
+        StoreDown { error }
+    }
+
+    /// Reserves every claim in one script run. `Ok(Ok(remaining))`, `Ok(Err(limited))`, or the
+    /// store could not answer.
+    pub async fn reserve(&self, claims: &[Claim], now: SystemTime) -> Result<Result<Option<i64>, Limited>, StoreDown> {
+        let mut conn = self.available()?;
+        let script = ::redis::Script::new(RESERVE);
+        let mut inv = script.prepare_invoke();
+        for c in claims {
+            inv.key(counter_key(c));
+            inv.arg(c.window_end + EXPIRE_AFTER_WINDOW_SECS);
+            for l in c.budget.limits {
+                inv.arg(l.map_or(-1, |l| l.min(i64::MAX as u64) as i64));
+            }
+            for a in c.reserved {
+                inv.arg(a);
+            }
+        }
+        let reply: Vec<i64> = match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(self.failed("reserving", &e)),
+            Err(_) => return Err(self.failed("reserving", &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))),
+        };
+        match reply.as_slice() {
+            [1, remaining, limited] => Ok(Ok((*limited == 1).then_some(*remaining))),
+            [0, k, d, used] => {
+                let (c, d) = (&claims[(*k as usize).min(claims.len() - 1)], (*d as usize).min(3));
+                let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                Ok(Err(Limited {
+                    budget: c.budget.name.clone(),
+                    dimension: DIMENSIONS[d],
+                    limit: c.budget.limits[d].unwrap_or(0),
+                    used: *used,
+                    requested: c.reserved[d],
+                    retry_after: (c.window_end - now_s).max(1) as u64,
+                }))
+            }
+            other => Err(StoreDown { error: format!("unexpected reply from the reserve script: {other:?}") }),
+        }
+    }
+
+    /// Adds `deltas` to the claims' counters, off the response path.
+    pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>) {
+        const FIELDS: [&str; 4] = ["r", "i", "o", "t"];
+        let mut pipe = ::redis::pipe();
+        let mut any = false;
+        for (c, d) in claims.iter().zip(&deltas) {
+            let key = counter_key(c);
+            for (f, v) in FIELDS.iter().zip(d) {
+                if *v != 0 {
+                    pipe.hincr(&key, *f, *v).ignore();
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return;
+        }
+        let Ok(mut conn) = self.conn.clone() else { return };
+        tokio::spawn(async move {
+            let r: Result<Result<(), _>, _> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(endpoint = %self.endpoint, error = %describe(&e), "settling a budget reservation failed; the reservation stands");
+                }
+                Err(_) => tracing::warn!(endpoint = %self.endpoint, "settling a budget reservation timed out; the reservation stands"),
+            }
+        });
+    }
+}
+
+fn client(target: &RedisTarget) -> Result<::redis::Client, String> {
+    let url = target.url.expose_secret();
+    let made = match &target.ca {
+        Some(ca) => ::redis::Client::build_with_tls(
+            url,
+            ::redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone()) },
+        ),
+        None => ::redis::Client::open(url),
+    };
+    made.map_err(|e| describe(&e))
+}
+
+/// A Redis error without anything that could quote the URL (and its password).
+fn describe(e: &::redis::RedisError) -> String {
+    let kind = format!("{:?}", e.kind());
+    match e.detail() {
+        Some(d) if !d.contains("://") => format!("{kind}: {d}"),
+        _ if e.is_timeout() => format!("{kind}: timed out"),
+        _ if e.is_connection_refusal() => format!("{kind}: connection refused"),
+        _ if e.is_io_error() => format!("{kind}: I/O error"),
+        _ => kind,
+    }
+}

@@ -1,0 +1,248 @@
+//! Token budgets on the ext_proc stream: reserve before the request is forwarded, settle when
+//! the response ends (or is cut off).
+//!
+//! A budgeted request with a body has it buffered (request_body_mode BUFFERED): Envoy holds the
+//! headers until keyswap answers the body, so a refusal there still reaches nothing upstream.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use futures_util::future::BoxFuture;
+use serde_json::json;
+
+use super::{mutation, Handled, ProcessStream};
+use crate::budget::{window_bounds, Admit, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
+use crate::config::snapshot::MatchEntry;
+use crate::config::Snapshot;
+use crate::provider::usage::{Format, UsageParser};
+use crate::telemetry::Phase as TelemetryPhase;
+use crate::vocab::Identity;
+
+/// A request on a route with budgets: who it is counted as, and its reservation once made.
+pub struct Budgeted {
+    snapshot: Arc<Snapshot>,
+    budgets: Arc<[Arc<Budget>]>,
+    /// The counter key of each budget, in order.
+    keys: Vec<Box<str>>,
+    /// The model named in the path (Gemini, Bedrock), when the body names none.
+    path_model: Option<String>,
+    format: Option<Format>,
+    held: Option<Held>,
+    /// The response's status was 2xx (once response headers arrived).
+    success: Option<bool>,
+    parser: Option<UsageParser>,
+    response_bytes: u64,
+}
+
+/// The answer that lets a request go on: ready, or being computed (a large body signed).
+pub enum Continue {
+    Ready(ProcessingResponse),
+    Later(BoxFuture<'static, ProcessingResponse>),
+}
+
+impl Budgeted {
+    /// `None` when no budget applies to `entry`.
+    pub fn new(
+        snapshot: &Arc<Snapshot>,
+        entry: &MatchEntry,
+        identity: Option<&Identity>,
+        path: &str,
+    ) -> Option<Box<Budgeted>> {
+        if entry.budgets.is_empty() {
+            return None;
+        }
+        let keys = entry.budgets.iter().map(|b| Box::from(b.key.value(identity, &entry.route))).collect();
+        Some(Box::new(Budgeted {
+            budgets: entry.budgets.clone(),
+            keys,
+            path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
+            format: crate::provider::usage::format_for(entry.provider.name),
+            snapshot: snapshot.clone(),
+            held: None,
+            success: None,
+            parser: None,
+            response_bytes: 0,
+        }))
+    }
+
+    fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
+        self.budgets
+            .iter()
+            .zip(&self.keys)
+            .map(|(b, key)| {
+                let (window_start, window_end) = window_bounds(b.window, now);
+                let reserved = b.reserve_amounts(demand);
+                Claim { budget: b.clone(), key: key.clone(), window_start, window_end, reserved }
+            })
+            .collect()
+    }
+
+    /// Settles the reservation (once): the response ended, or was cut off.
+    fn settle(&mut self, ended: bool) {
+        let Some(held) = self.held.take() else { return };
+        let usage = self.parser.as_mut().map(|p| p.finish().usage).unwrap_or_default();
+        // Anthropic and Bedrock count cached prompt tokens apart from input_tokens.
+        let cached = match self.format {
+            Some(Format::Anthropic | Format::Bedrock) => {
+                usage.cache_read_tokens.unwrap_or(0) + usage.cache_creation_tokens.unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let input = usage.input_tokens.map(|i| i + cached);
+        let output = usage.output_tokens;
+        let observed = if ended {
+            Observed::Ended { success: self.success.unwrap_or(false), input, output }
+        } else {
+            Observed::Aborted { answered: self.success.is_some(), input, output, response_bytes: self.response_bytes }
+        };
+        held.settle(observed);
+    }
+}
+
+impl Drop for Budgeted {
+    /// A stream that ends before its response did: settled as cut off.
+    fn drop(&mut self) {
+        self.settle(false);
+    }
+}
+
+impl ProcessStream {
+    /// Passes `cont` through the request's budgets, reserving what `body` may cost: the answer
+    /// now, or after the store answers. Without budgets (or already reserved), `cont` as is.
+    pub(super) fn admit(&mut self, cont: Continue, body: &[u8], phase: TelemetryPhase, started: Instant) -> Handled {
+        let Some(b) = self.budget.as_ref().filter(|b| b.held.is_none()) else {
+            return self.go_on(cont, phase, started);
+        };
+        let now = SystemTime::now();
+        let demand = Demand::from_body(body, b.path_model.as_deref());
+        let claims = b.claims(&demand, now);
+        let store = b.snapshot.budget_store.as_ref();
+        match self.shared.budgets.reserve(store, claims, demand.model, now) {
+            Reserve::Now(admit) => match self.record(admit) {
+                Some(refusal) => Handled::Answer(refusal, phase, true),
+                None => self.go_on(cont, phase, started),
+            },
+            Reserve::Later(fut) => {
+                let fut = async move {
+                    let admit = fut.await;
+                    match refusal(&admit) {
+                        Some(r) => (r, Some(admit)),
+                        None => match cont {
+                            Continue::Ready(r) => (r, Some(admit)),
+                            Continue::Later(f) => (f.await, Some(admit)),
+                        },
+                    }
+                };
+                self.pending = Some((Box::pin(fut), started, phase));
+                Handled::Pending
+            }
+        }
+    }
+
+    fn go_on(&mut self, cont: Continue, phase: TelemetryPhase, started: Instant) -> Handled {
+        match cont {
+            Continue::Ready(r) => Handled::Answer(r, phase, false),
+            Continue::Later(f) => {
+                self.pending = Some((Box::pin(async move { (f.await, None) }), started, phase));
+                Handled::Pending
+            }
+        }
+    }
+
+    /// Keeps what `admit` reserved and notes the decision on the span; the refusal, if it is one.
+    pub(super) fn record(&mut self, admit: Admit) -> Option<ProcessingResponse> {
+        let answer = refusal(&admit);
+        let tx = self.tx.as_mut().map(|t| &mut t.tx);
+        match admit {
+            Admit::Held(held, remaining) => {
+                if let Some(tx) = tx {
+                    tx.on_budget("admitted", None, remaining, None);
+                }
+                if let Some(b) = &mut self.budget {
+                    b.held = Some(held);
+                }
+            }
+            Admit::AdmittedUncounted(held) => {
+                if let Some(tx) = tx {
+                    tx.on_budget("admitted_uncounted", None, None, None);
+                }
+                if let Some(b) = &mut self.budget {
+                    b.held = Some(held);
+                }
+            }
+            Admit::Limited(l) => {
+                tracing::debug!(budget = %l.budget, limit = l.dimension, used = l.used, requested = l.requested, "budget exhausted; answering 429");
+                if let Some(tx) = tx {
+                    tx.on_budget("limited", Some(&l.budget), Some(l.limit as i64 - l.used), Some(("budget_exhausted", 429)));
+                }
+            }
+            Admit::Unavailable { error, budgets } => {
+                tracing::warn!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
+                if let Some(tx) = tx {
+                    tx.on_budget("store_unavailable", budgets.first().map(|b| &**b), None, Some(("budget_store_unavailable", 503)));
+                }
+            }
+        }
+        answer
+    }
+
+    /// The response headers of a budgeted request: its status, and its body read for usage.
+    /// `true` when the response body is wanted.
+    pub(super) fn budget_response_headers(&mut self, status: Option<u16>, content_type: &str, end: bool) -> bool {
+        let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return false };
+        b.success = Some(status.is_some_and(|s| (200..300).contains(&s)));
+        if end {
+            b.settle(true);
+            return false;
+        }
+        b.parser = b.format.map(|f| UsageParser::new(f, content_type));
+        true
+    }
+
+    /// A response body chunk of a budgeted request.
+    pub(super) fn budget_response_body(&mut self, chunk: &[u8], end: bool) {
+        let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return };
+        b.response_bytes += chunk.len() as u64;
+        if let Some(p) = &mut b.parser {
+            p.feed(chunk);
+        }
+        if end {
+            b.settle(true);
+        }
+    }
+}
+
+/// keyswap's own answer for a request its budgets refuse; `None` when admitted.
+fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
+    match admit {
+        Admit::Held(..) | Admit::AdmittedUncounted(_) => None,
+        Admit::Limited(l) => Some(limited(l)),
+        Admit::Unavailable { budgets, .. } => {
+            let body = json!({"error": {
+                "type": "budget_store_unavailable",
+                "message": "keyswap could not reach the store of this route's token budgets, which fail closed; the request was not forwarded",
+                "budgets": budgets.iter().map(|b| &**b).collect::<Vec<_>>(),
+            }});
+            Some(mutation::immediate_with(503, &body, "keyswap_budget_store_unavailable", &[("retry-after", b"1")]))
+        }
+    }
+}
+
+/// 429 with `Retry-After` (the end of the window) and what did not fit.
+fn limited(l: &Limited) -> ProcessingResponse {
+    let body = json!({"error": {
+        "type": "budget_exhausted",
+        "message": format!(
+            "this request would exceed the {} limit of TokenBudget {}; it was not forwarded", l.dimension, l.budget
+        ),
+        "budget": &*l.budget,
+        "limit": l.dimension,
+        "limit_value": l.limit,
+        "used": l.used,
+        "requested": l.requested,
+        "retry_after_seconds": l.retry_after,
+    }});
+    let retry = l.retry_after.to_string();
+    mutation::immediate_with(429, &body, "keyswap_budget_exhausted", &[("retry-after", retry.as_bytes())])
+}
