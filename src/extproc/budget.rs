@@ -117,6 +117,7 @@ impl ProcessStream {
         let now = SystemTime::now();
         let demand = Demand::from_body(body, b.path_model.as_deref());
         let claims = b.claims(&demand, now);
+        tracing::debug!(keys = ?b.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
         let store = b.snapshot.budget_store.as_ref();
         match self.shared.budgets.reserve(store, claims, demand.model, now) {
             Reserve::Now(admit) => match self.record(admit) {

@@ -1,0 +1,332 @@
+//! Token budgets through a real Envoy: admission by reservation before the provider, settlement
+//! from the usage the provider reports (JSON and SSE), the in-process store and a real Redis
+//! (Debian's `redis-server`, started by the tests on loopback) shared by two replicas.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use common::*;
+
+const OPENAI: &str = "api.openai.com";
+const ANTHROPIC: &str = "api.anthropic.com";
+const REAL_KEY: &str = "sk-real-budget-test-0001-do-not-leak";
+const ACME_TOKEN: &str = "acme-agent-token-0001-xxxxxxxxxxxxxxxx";
+const GLOBEX_TOKEN: &str = "globex-agent-token-0002-xxxxxxxxxxxxxx";
+/// What the metered provider reports as each call's input tokens.
+const INPUT_TOKENS: u64 = 10;
+
+// === a metered provider ===
+
+/// A provider stand-in that reports usage like the real ones: `INPUT_TOKENS` in, and as many
+/// tokens out as the request allowed (`max_tokens`, the worst case for a budget), after a delay
+/// that keeps concurrent requests in flight together. Tallies every token it served.
+#[derive(Clone)]
+struct Meter {
+    addr: SocketAddr,
+    served: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    delay: Duration,
+    /// `?hold` streams send their first event, then wait here (for abort tests).
+    hold: Arc<tokio::sync::Notify>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Meter {
+    async fn start(delay: Duration) -> Meter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let m = Meter {
+            addr: listener.local_addr().unwrap(),
+            served: Arc::default(),
+            requests: Arc::default(),
+            delay,
+            hold: Arc::default(),
+            seen: Arc::default(),
+        };
+        let meter = m.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let meter = meter.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let meter = meter.clone();
+                        async move { Ok::<_, Infallible>(meter.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        m
+    }
+
+    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<FakeBody> {
+        let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+        let headers = format!("{:?}", req.headers());
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        self.seen.lock().unwrap().push(format!("{path} {headers} {}", String::from_utf8_lossy(&body)));
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let out = v["max_tokens"].as_u64().or(v["max_completion_tokens"].as_u64()).unwrap_or(50);
+        let model = v["model"].as_str().unwrap_or("m").to_owned();
+        let stream = v["stream"].as_bool() == Some(true);
+        tokio::time::sleep(self.delay).await;
+        self.served.fetch_add(INPUT_TOKENS + out, Ordering::SeqCst);
+        let anthropic = path.starts_with("/v1/messages");
+        let (ctype, events): (&str, Vec<String>) = match (anthropic, stream) {
+            (false, false) => ("application/json", vec![serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out},
+            }).to_string()]),
+            (true, false) => ("application/json", vec![serde_json::json!({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": out},
+            }).to_string()]),
+            (false, true) => {
+                let chunk = |content: &str| format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+                        "choices": [{"index": 0, "delta": {"content": content}}]})
+                );
+                let usage = format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [],
+                        "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out}})
+                );
+                ("text/event-stream", vec![chunk("o"), chunk("k"), usage, "data: [DONE]\n\n".into()])
+            }
+            (true, true) => {
+                let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+                ("text/event-stream", vec![
+                    ev("message_start", serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                        "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})),
+                    ev("content_block_delta", serde_json::json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": "ok"}})),
+                    ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                        "usage": {"output_tokens": out}})),
+                    ev("message_stop", serde_json::json!({"type": "message_stop"})),
+                ])
+            }
+        };
+        let body: FakeBody = if path.contains("hold") {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let (first, hold) = (events[0].clone(), self.hold.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from(first)))).await;
+                hold.notified().await;
+                drop(tx);
+            });
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        } else {
+            http_body_util::BodyExt::boxed(Full::new(Bytes::from(events.concat())))
+        };
+        hyper::Response::builder().status(200).header("content-type", ctype).body(body).unwrap()
+    }
+}
+
+// === the gateway ===
+
+/// The gateway, routes for OpenAI and Anthropic with a catch-all key, agentAuth admitting the
+/// acme and globex tenants by shared token (and anonymous callers), and `extra` documents
+/// (budgets). `store` is the gateway's `budgetStore` block, if any.
+fn gateway(extra: &str, store: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  defaultPolicy: deny-all
+  {store}
+  agentAuth:
+    optional: true
+    validators:
+    - name: acme
+      sharedToken: {{secretRef: {{name: acme-token}}, agent: acme-bot, tenant: acme}}
+    - name: globex
+      sharedToken: {{secretRef: {{name: globex-token}}, agent: globex-bot, tenant: globex}}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: openai}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: openai}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: anthropic}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: anthropic}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: keys}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  secretRef: {{name: provider-keys}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider-keys}}
+stringData: {{token: {REAL_KEY}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: acme-token}}
+stringData: {{token: {ACME_TOKEN}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: globex-token}}
+stringData: {{token: {GLOBEX_TOKEN}}}
+{extra}"#
+    )
+}
+
+/// A TokenBudget document.
+fn budget(name: &str, parent: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{parent}]\n{spec}\n"
+    )
+}
+
+/// One replica: `keyswap serve` on the config directory and an Envoy in front of the meter.
+struct Replica {
+    keyswap: Proc,
+    _envoy: Proc,
+    port: u16,
+    metrics: u16,
+    _work: tempfile::TempDir,
+}
+
+impl Replica {
+    fn start(config: &Path, upstream: SocketAddr) -> Replica {
+        let work = tempfile::tempdir().unwrap();
+        let metrics = free_port();
+        let (keyswap, uds) =
+            start_keyswap(config, work.path(), &[], &["--metrics", &format!("127.0.0.1:{metrics}")]);
+        let (envoy, port) = start_envoy(work.path(), &uds, upstream);
+        Replica { keyswap, _envoy: envoy, port, metrics, _work: work }
+    }
+
+    /// Restarts keyswap on the same socket (Envoy reconnects).
+    fn restart_keyswap(&mut self, config: &Path) {
+        self.keyswap.terminate();
+        let (keyswap, _) =
+            start_keyswap(config, self._work.path(), &[], &["--metrics", &format!("127.0.0.1:{}", self.metrics)]);
+        self.keyswap = keyswap;
+    }
+
+    async fn metric(&self, sample: &str) -> f64 {
+        metric(&scrape(self.metrics, "/metrics").await.1, sample)
+    }
+}
+
+/// A call as the agent makes it: (status, retry-after, body).
+async fn call(port: u16, host: &str, token: Option<&str>, body: &str) -> (u16, Option<String>, String) {
+    let path = if host == ANTHROPIC { "/v1/messages" } else { "/v1/chat/completions" };
+    call_path(port, host, path, token, body).await
+}
+
+async fn call_path(port: u16, host: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Option<String>, String) {
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", host)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(15), client().request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, retry, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn chat(max_tokens: u64) -> String {
+    format!(r#"{{"model":"gpt-4o-mini","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+fn write(dir: &Path, text: &str) {
+    // Written beside, then renamed: the watcher never sees half a file.
+    let tmp = dir.join(".gateway.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join("gateway.yaml")).unwrap();
+}
+
+/// A refusal is keyswap's 429: `Retry-After`, a JSON reason naming the budget, no secret.
+fn assert_budget_refusal(status: u16, retry: Option<&str>, body: &str, budget: &str) {
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = retry.expect("Retry-After").parse().expect("Retry-After is seconds");
+    assert!(retry >= 1 && retry <= 86_400 * 31, "Retry-After {retry}");
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON reason");
+    assert_eq!(v["error"]["type"], "budget_exhausted", "{body}");
+    assert_eq!(v["error"]["budget"], budget, "{body}");
+    for secret in [REAL_KEY, ACME_TOKEN, GLOBEX_TOKEN] {
+        assert!(!body.contains(secret), "a refusal quoted a secret: {body}");
+    }
+}
+
+// === in-process ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
+    let meter = Meter::start(Duration::from_millis(300)).await;
+    let config = tempfile::tempdir().unwrap();
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    write(config.path(), &gateway(&b, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+
+    let body = chat(100);
+    let calls = (0..20).map(|_| call(r.port, OPENAI, Some(ACME_TOKEN), &body));
+    let results = futures_util::future::join_all(calls).await;
+    let admitted = results.iter().filter(|(s, _, _)| *s == 200).count() as u64;
+    for (status, retry, body) in results.iter().filter(|(s, _, _)| *s != 200) {
+        assert_budget_refusal(*status, retry.as_deref(), body, "default/acme-daily");
+    }
+    // Worst case stated in docs/budgets.md: zero overshoot when every request sets max_tokens
+    // and input is bounded by body bytes (the default).
+    let served = meter.served.load(Ordering::SeqCst);
+    assert!(served <= 1000, "the provider served {served} tokens on a 1000-token budget");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), admitted, "a refused request reached the provider");
+    assert!(admitted >= 3, "only {admitted} admitted: reservations must leave room for several in flight");
+    // Sequential requests fill what settlement gave back, and stop at the limit.
+    let mut more = 0;
+    loop {
+        let (status, retry, body) = call(r.port, OPENAI, Some(ACME_TOKEN), &body).await;
+        if status != 200 {
+            assert_budget_refusal(status, retry.as_deref(), &body, "default/acme-daily");
+            break;
+        }
+        more += 1;
+        assert!(more < 20, "never refused");
+    }
+    let served = meter.served.load(Ordering::SeqCst);
+    assert!(served <= 1000 && served > 1000 - 2 * (INPUT_TOKENS + 100) - 200, "served {served}");
+    // Another tenant's budget is its own.
+    let (status, _, body) = call(r.port, OPENAI, Some(GLOBEX_TOKEN), &body).await;
+    assert_eq!(status, 200, "globex was refused by acme's budget: {body}\n{}", r.keyswap.output());
+    let decisions = |d: &str| format!("keyswap_budget_decisions_total{{budget=\"default/acme-daily\",decision=\"{d}\"}}");
+    assert_eq!(r.metric(&decisions("admitted")).await as u64, admitted + more + 1);
+    assert!(r.metric(&decisions("limited")).await >= 1.0);
+}
