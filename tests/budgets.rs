@@ -330,3 +330,197 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
     assert_eq!(r.metric(&decisions("admitted")).await as u64, admitted + more + 1);
     assert!(r.metric(&decisions("limited")).await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let b = budget("shared", "{kind: EgressGateway, name: egress}", "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}");
+    write(config.path(), &gateway(&b, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
+    let cases = [
+        (OPENAI, r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":300,"messages":[]}"#, 37),
+        (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":300,"messages":[]}"#, 41),
+        (OPENAI, r#"{"model":"gpt-4o","max_tokens":300,"messages":[]}"#, 43),
+        (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","max_tokens":300,"messages":[]}"#, 47),
+    ];
+    for (host, template, out) in cases {
+        // The meter reports `max_tokens` as output: ask for `out` after reserving 300.
+        let body = template.replace("300", &out.to_string());
+        let (s0, r0) = (settled().await, reserved().await);
+        let (status, _, text) = call(r.port, host, None, &body).await;
+        assert_eq!(status, 200, "{host}: {text}");
+        if body.contains("\"stream\":true") {
+            assert!(text.contains("data: "), "{host}: not a stream: {text}");
+        }
+        let want = (INPUT_TOKENS + out) as f64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while settled().await - s0 != want {
+            assert!(Instant::now() < deadline, "{host} {body}: settled {} of {want}", settled().await - s0);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // It had reserved more: body bytes (≥ input tokens) plus max_tokens.
+        assert_eq!(reserved().await - r0, (body.len() as u64 + out) as f64, "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let b = budget("tight", "{kind: EgressGateway, name: egress}", "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}");
+    write(config.path(), &gateway(&b, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/tight\",kind=\"settled\"}");
+    let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":2000,"messages":[]}"#;
+    // The agent reads the first event, then hangs up before the usage event.
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/chat/completions?hold", r.port))
+        .header("host", OPENAI)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let mut resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    drop(resp);
+    // Settled: the prompt (the provider answered, so it read it: reserved as body bytes) and
+    // no more output than the bytes that passed; the rest of the 2000 is released.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled().await == 0.0 {
+        assert!(Instant::now() < deadline, "an aborted stream was never settled:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let charged = settled().await as u64;
+    assert!(charged >= body.len() as u64, "charged {charged}: less than the prompt");
+    assert!(charged <= body.len() as u64 + first.len() as u64 * 2, "charged {charged}: the unused output was not released");
+    // What was released is spendable again: a 2000-token request fits.
+    let (status, _, text) = call(r.port, OPENAI, None, &chat(2000)).await;
+    assert_eq!(status, 200, "{text}");
+    meter.hold.notify_waiters();
+}
+
+// === Redis ===
+
+const REDIS_PASSWORD: &str = "redis-pass-0003-do-not-leak";
+
+fn redis_bin() -> &'static str {
+    match Command::new("redis-server").arg("--version").output() {
+        Ok(o) if o.status.success() => "redis-server",
+        _ => panic!("redis-server is missing: apt-get install redis-server (scripts/test installs it)"),
+    }
+}
+
+/// Debian's redis-server on loopback, with a password, no persistence.
+fn start_redis(work: &Path, port: u16) -> Proc {
+    let mut cmd = Command::new(redis_bin());
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--requirepass", REDIS_PASSWORD])
+        .arg("--dir")
+        .arg(work);
+    let mut p = Proc::spawn("redis-server", cmd, work.join(format!("redis-{port}.log")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        p.assert_running();
+        assert!(Instant::now() < deadline, "redis-server did not listen in 10 s:\n{}", p.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn redis_store(port: u16) -> (String, String) {
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: budget-redis}}\nstringData: {{url: \"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0\"}}\n"
+    );
+    ("budgetStore: {redis: {secretRef: {name: budget-redis}}}".to_owned(), secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_restart_and_follow_the_fail_mode() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let mut redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let config = tempfile::tempdir().unwrap();
+    let (store, secret) = redis_store(redis_port);
+    let budgets = [
+        budget("openai-requests", "{name: openai}", "  key: Route\n  window: Day\n  limits: {requests: 6}"),
+        budget(
+            "anthropic-tokens",
+            "{name: anthropic}",
+            "  key: Route\n  window: Minute\n  limits: {totalTokens: 100000}\n  onStoreUnavailable: FailClosed",
+        ),
+        secret,
+    ]
+    .concat();
+    write(config.path(), &gateway(&budgets, &store));
+    let (mut a, b) = tokio::task::block_in_place(|| {
+        (Replica::start(config.path(), meter.addr), Replica::start(config.path(), meter.addr))
+    });
+
+    // One limit across both replicas: 6 requests a day on the route, whoever serves them.
+    let mut admitted = 0;
+    for i in 0..10 {
+        let port = if i % 2 == 0 { a.port } else { b.port };
+        let (status, retry, body) = call(port, OPENAI, None, &chat(10)).await;
+        match status {
+            200 => admitted += 1,
+            _ => assert_budget_refusal(status, retry.as_deref(), &body, "default/openai-requests"),
+        }
+    }
+    assert_eq!(admitted, 6, "two replicas admitted {admitted} requests on a shared limit of 6");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 6);
+
+    // A restarted replica finds the counts where they were.
+    tokio::task::block_in_place(|| a.restart_keyswap(config.path()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, retry, body) = loop {
+        let r = call(a.port, OPENAI, None, &chat(10)).await;
+        // Envoy answers 500 until it reconnects to the new keyswap (fail closed).
+        if r.0 != 500 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_budget_refusal(status, retry.as_deref(), &body, "default/openai-requests");
+    let (status, _, body) = call(a.port, ANTHROPIC, None, &chat(10)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Redis gone: the openai budget fails open (admitted, uncounted), anthropic's fails closed.
+    redis.terminate();
+    let (status, _, body) = call(b.port, OPENAI, None, &chat(10)).await;
+    assert_eq!(status, 200, "FailOpen (the default) refused while Redis was down: {body}");
+    let (status, retry, body) = call(b.port, ANTHROPIC, None, &chat(10)).await;
+    assert_eq!(status, 503, "FailClosed admitted while Redis was down: {body}");
+    assert!(retry.is_some(), "503 without Retry-After");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "budget_store_unavailable", "{body}");
+    let m = |d: &str, budget: &str| format!("keyswap_budget_decisions_total{{budget=\"default/{budget}\",decision=\"{d}\"}}");
+    assert!(b.metric(&m("store_unavailable_admitted", "openai-requests")).await >= 1.0);
+    assert!(b.metric(&m("store_unavailable_refused", "anthropic-tokens")).await >= 1.0);
+
+    // Redis back: served again once the replica reconnects.
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = call(b.port, ANTHROPIC, None, &chat(10)).await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served after Redis came back: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The outage is logged with where Redis is, never with the URL's password.
+    let log = b.keyswap.output();
+    assert!(log.contains(&format!("Redis at 127.0.0.1:{redis_port}")) && log.contains("budget store unavailable"), "{log}");
+    for r in [&a, &b] {
+        let log = r.keyswap.output();
+        assert!(!log.contains(REDIS_PASSWORD), "the Redis password reached the log:\n{log}");
+        let metrics = scrape(r.metrics, "/metrics").await.1;
+        assert!(!metrics.contains(REDIS_PASSWORD));
+    }
+}
