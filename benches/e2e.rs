@@ -123,9 +123,11 @@ enum Kind {
     KeyswapOtlp,
     KeyswapOtlpHung,
     KeyswapTcp,
+    KeyswapBudget,
+    KeyswapBudgetRedis,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 9] = [
     Kind::EnvoyAlone,
     Kind::Native,
     Kind::Noop,
@@ -133,6 +135,8 @@ const KINDS: [Kind; 7] = [
     Kind::KeyswapOtlp,
     Kind::KeyswapOtlpHung,
     Kind::KeyswapTcp,
+    Kind::KeyswapBudget,
+    Kind::KeyswapBudgetRedis,
 ];
 
 impl Kind {
@@ -145,6 +149,8 @@ impl Kind {
             Kind::KeyswapOtlp => "(e) envoy + keyswap + OTLP",
             Kind::KeyswapOtlpHung => "(f) envoy + keyswap + hung OTLP",
             Kind::KeyswapTcp => "(g) envoy + keyswap over TCP",
+            Kind::KeyswapBudget => "(h) envoy + keyswap + budget",
+            Kind::KeyswapBudgetRedis => "(i) envoy + keyswap + Redis budget",
         }
     }
 
@@ -157,12 +163,14 @@ impl Kind {
             Kind::KeyswapOtlp => "e",
             Kind::KeyswapOtlpHung => "f",
             Kind::KeyswapTcp => "g",
+            Kind::KeyswapBudget => "h",
+            Kind::KeyswapBudgetRedis => "i",
         }
     }
 
     /// Whether the upstream must see the real key (otherwise it sees the placeholder).
     fn injects(self) -> bool {
-        matches!(self, Kind::Native | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp)
+        matches!(self, Kind::Native) || self.is_keyswap()
     }
 
     fn has_sidecar(self) -> bool {
@@ -170,7 +178,15 @@ impl Kind {
     }
 
     fn is_keyswap(self) -> bool {
-        matches!(self, Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp)
+        matches!(
+            self,
+            Kind::Keyswap
+                | Kind::KeyswapOtlp
+                | Kind::KeyswapOtlpHung
+                | Kind::KeyswapTcp
+                | Kind::KeyswapBudget
+                | Kind::KeyswapBudgetRedis
+        )
     }
 
     fn tracing(self) -> bool {
@@ -540,6 +556,58 @@ stringData:
     fs::write(dir.join("secrets.yaml"), secret).expect("write secrets.yaml");
 }
 
+/// keyswap's configuration with a TokenBudget on the route, far above what a run spends (every
+/// request is admitted, reserved and settled); with `redis_port`, counted in that Redis.
+fn budget_config(base: &Path, dir: &Path, redis_port: Option<u16>) {
+    fs::create_dir_all(dir).expect("budget config dir");
+    for f in ["gateway.yaml", "anthropic.yaml", "secrets.yaml"] {
+        fs::copy(base.join(f), dir.join(f)).expect("copy config");
+    }
+    let mut budget = "\
+apiVersion: keyswap.dev/v1alpha1
+kind: TokenBudget
+metadata:
+  name: bench
+  namespace: default
+spec:
+  parentRefs:
+    - name: anthropic
+  key: Gateway
+  window: Day
+  limits:
+    totalTokens: 1000000000000
+"
+    .to_owned();
+    if let Some(port) = redis_port {
+        let gateway = fs::read_to_string(dir.join("gateway.yaml")).expect("gateway.yaml");
+        let gateway = gateway.replace("  allow: []\n", "  allow: []\n  budgetStore:\n    redis:\n      secretRef: {name: bench-redis}\n");
+        fs::write(dir.join("gateway.yaml"), gateway).expect("write gateway.yaml");
+        budget.push_str(&format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: bench-redis\n  namespace: default\nstringData:\n  url: redis://127.0.0.1:{port}/0\n"
+        ));
+    }
+    fs::write(dir.join("budget.yaml"), budget).expect("write budget.yaml");
+}
+
+/// Debian's redis-server on loopback, no persistence, for (i).
+fn start_redis(dir: &Path, port: u16) -> Proc {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
+    let mut p = Proc::spawn("redis-server", &mut cmd, dir.join("redis.log"));
+    wait_for_port(&mut p, port);
+    p
+}
+
+/// `INFO commandstats` calls of `command` (redis-cli, from Debian's redis-tools).
+fn redis_calls(port: u16, command: &str) -> u64 {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "info", "commandstats"]).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The SDS file the credential_injector reads (a DiscoveryResponse with one generic secret).
 fn sds_file(path: &Path) {
     let sds = json!({
@@ -594,7 +662,13 @@ fn envoy_config(
         // The production filter, with response headers sent by default: keyswap asks for them
         // anyway (mode_override: it scrubs echoed secrets), and the no-op floor must do the same
         // phases to be a floor.
-        Kind::Noop | Kind::Keyswap | Kind::KeyswapOtlp | Kind::KeyswapOtlpHung | Kind::KeyswapTcp => {
+        Kind::Noop
+        | Kind::Keyswap
+        | Kind::KeyswapOtlp
+        | Kind::KeyswapOtlpHung
+        | Kind::KeyswapTcp
+        | Kind::KeyswapBudget
+        | Kind::KeyswapBudgetRedis => {
             let mut f = keyswap::envoy::ext_proc_filter();
             f["typed_config"]["processing_mode"]["response_header_mode"] = json!("SEND");
             http_filters.push(f);
@@ -832,6 +906,12 @@ impl Setup {
 fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64, read_bodies: bool) -> String {
     let label = s.kind.label();
     let body_msgs = s.keyswap_phase_count("response_body");
+    if matches!(s.kind, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis) {
+        // Settlement reads the response body for usage.
+        let admitted = s.keyswap_metric("keyswap_budget_decisions_total{budget=\"default/bench\",decision=\"admitted\"}");
+        assert!(admitted >= 1 && body_msgs >= 1, "{label}: budget admitted {admitted}, response_body messages {body_msgs}");
+        return ", budget admitted and settled from the response body".to_owned();
+    }
     if !s.kind.tracing() {
         assert!(body_msgs == 0, "{label}: tracing is off, yet keyswap answered {body_msgs} response_body messages");
         return ", tracing off".to_owned();
@@ -1169,6 +1249,17 @@ fn main() {
         String::from_utf8_lossy(&check.stderr)
     );
 
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        panic!("redis-server is missing (setup (i)): apt-get install redis-server");
+    }
+    let redis_port = free_port();
+    let redis_dir = dir.join("redis");
+    fs::create_dir_all(&redis_dir).expect("redis dir");
+    let _redis = start_redis(&redis_dir, redis_port);
+    let (budget_dir, redis_budget_dir) = (dir.join("keyswap-budget"), dir.join("keyswap-budget-redis"));
+    budget_config(&ks_config, &budget_dir, None);
+    budget_config(&ks_config, &redis_budget_dir, Some(redis_port));
+
     let sds = dir.join("sds-anthropic.json");
     sds_file(&sds);
     let script = dir.join("wrk.lua");
@@ -1186,7 +1277,12 @@ fn main() {
             let log = dir.join(format!("sidecar-{}.log", kind.tag()));
             let mut proc = if let Some(metrics) = metrics {
                 let mut cmd = Command::new(keyswap_bin);
-                cmd.arg("serve").arg("--config").arg(&ks_config);
+                let config_dir = match kind {
+                    Kind::KeyswapBudget => &budget_dir,
+                    Kind::KeyswapBudgetRedis => &redis_budget_dir,
+                    _ => &ks_config,
+                };
+                cmd.arg("serve").arg("--config").arg(config_dir);
                 match tcp {
                     Some(p) => cmd.args(["--listen", &format!("127.0.0.1:{p}")]),
                     None => cmd.arg("--uds").arg(uds),
@@ -1325,6 +1421,30 @@ fn main() {
             s.keyswap_metric("keyswap_spans_dropped_total{reason=\"export_failed\"}"),
             s.keyswap_phase_count("response_body"),
         );
+    }
+    for s in setups.iter().filter(|s| matches!(s.kind, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis)) {
+        let d = |decision: &str| {
+            s.keyswap_metric(&format!("keyswap_budget_decisions_total{{budget=\"default/bench\",decision=\"{decision}\"}}"))
+        };
+        println!(
+            "keyswap {}: budget admitted {}, limited {}, store unavailable {}; response_body messages {}",
+            s.kind.label(),
+            d("admitted"),
+            d("limited"),
+            d("store_unavailable_admitted") + d("store_unavailable_refused"),
+            s.keyswap_phase_count("response_body"),
+        );
+        if s.kind == Kind::KeyswapBudgetRedis {
+            let requests = d("admitted").max(1);
+            let (evalsha, eval, hincrby) =
+                (redis_calls(redis_port, "evalsha"), redis_calls(redis_port, "eval"), redis_calls(redis_port, "hincrby"));
+            println!(
+                "Redis (i): {evalsha} EVALSHA + {eval} EVAL (reserve: {:.2} round trips per request), {hincrby} HINCRBY \
+                 (settle: pipelined, {:.2} per request, one round trip each)",
+                (evalsha + eval) as f64 / requests as f64,
+                hincrby as f64 / requests as f64
+            );
+        }
     }
     println!(
         "OTLP sink (e): {} exports, {} bytes, {} other requests; hung collector (f): {} connections accepted, \

@@ -6,6 +6,7 @@
 //! - [`auth`]: who is calling (the gateway's agent-token validators).
 //! - [`inject`]: the security contract — strip every agent credential, write the real one.
 //! - [`config`]: manifests → validated, immutable [`config::Snapshot`], swapped atomically.
+//! - [`budget`]: token budgets, reserved before the provider and settled from its usage.
 //! - [`provider`]: the provider registry (hosts, credential headers, endpoints, usage formats).
 //! - [`telemetry`]: spans, metrics and the admin server.
 //! - [`envoy`]: the Envoy configuration keyswap generates (half of the boundary).
@@ -16,7 +17,7 @@
 //! in its own line). `tests/architecture.rs` reads this list and fails on any edge against it.
 //!
 //! 1. vocabulary: `vocab`, `glob`, `http`, `scrub`, `target`, `api`
-//! 2. mechanisms: `provider`, `auth`, `inject`, `certs`
+//! 2. mechanisms: `provider`, `auth`, `inject`, `certs`, `budget`
 //! 3. configuration: `config`
 //! 4. telemetry: `telemetry`
 //! 5. serving: `envoy`, `extproc`

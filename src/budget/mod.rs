@@ -414,7 +414,7 @@ impl Registry {
 pub struct Engine {
     local: local::Local,
     redis: ArcSwap<Option<Arc<redis::RedisStore>>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -430,12 +430,13 @@ pub enum Reserve {
 }
 
 impl Engine {
-    pub fn new(metrics: Arc<Metrics>) -> Engine {
+    /// Counts into `metrics` (the one `/metrics` renders).
+    pub fn new(metrics: Arc<Registry>) -> Engine {
         Engine { local: local::Local::default(), redis: ArcSwap::from_pointee(None), metrics }
     }
 
     fn metrics(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
-        self.metrics.budgets.of(budget)
+        self.metrics.of(budget)
     }
 
     /// Reserves `claims` in the store the snapshot names (`store`: its `budgetStore`; `None`:
@@ -495,18 +496,18 @@ impl Engine {
         match &admit {
             Admit::Held(h, _) => {
                 for c in &h.claims {
-                    Metrics::inc(&self.metrics(&c.budget.name).admitted);
+                    inc(&self.metrics(&c.budget.name).admitted);
                 }
             }
-            Admit::Limited(l) => Metrics::inc(&self.metrics(&l.budget).limited),
+            Admit::Limited(l) => inc(&self.metrics(&l.budget).limited),
             Admit::Unavailable { budgets, .. } => {
                 for b in budgets {
-                    Metrics::inc(&self.metrics(b).store_unavailable_refused);
+                    inc(&self.metrics(b).store_unavailable_refused);
                 }
             }
             Admit::AdmittedUncounted(h) => {
                 for c in &h.claims {
-                    Metrics::inc(&self.metrics(&c.budget.name).store_unavailable_admitted);
+                    inc(&self.metrics(&c.budget.name).store_unavailable_admitted);
                 }
             }
         }
@@ -526,7 +527,9 @@ impl Engine {
     }
 }
 
-use crate::telemetry::Metrics;
+fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
 
 #[cfg(test)]
 mod tests;

@@ -55,7 +55,7 @@ impl Shared {
     /// Shared state with tracing off.
     pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
         let sink = Sink::new(metrics.clone(), None);
-        let budgets = Arc::new(crate::budget::Engine::new(metrics.clone()));
+        let budgets = Arc::new(crate::budget::Engine::new(metrics.budgets.clone()));
         Shared { store, metrics, sink, tunnel: Default::default(), budgets }
     }
 }
@@ -250,18 +250,8 @@ impl Stream for ProcessStream {
                 _ => self.poll_next(cx),
             };
         }
-        if let Some((fut, started, phase)) = self.pending.as_mut() {
-            let Poll::Ready((resp, admit)) = fut.as_mut().poll(cx) else { return Poll::Pending };
-            let (started, phase) = (*started, *phase);
-            self.pending = None;
-            self.shared.metrics.observe(phase, started.elapsed());
-            if let Some(admit) = admit {
-                if self.record(admit).is_some() {
-                    self.phase = Phase::Done;
-                    self.finish_span();
-                }
-            }
-            return Poll::Ready(Some(Ok(resp)));
+        if self.pending.is_some() {
+            return self.poll_pending(cx).map(|resp| Some(Ok(resp)));
         }
         let msg = match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => return Poll::Pending,
@@ -309,6 +299,24 @@ impl Stream for ProcessStream {
                 Poll::Ready(Some(Err(status)))
             }
         }
+    }
+}
+
+impl ProcessStream {
+    /// The answer being computed off the stream, once ready; a budget refusal ends the stream.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<ProcessingResponse> {
+        let Some((fut, started, phase)) = self.pending.as_mut() else { return Poll::Pending };
+        let Poll::Ready((resp, admit)) = fut.as_mut().poll(cx) else { return Poll::Pending };
+        let (started, phase) = (*started, *phase);
+        self.pending = None;
+        self.shared.metrics.observe(phase, started.elapsed());
+        if let Some(admit) = admit {
+            if self.record(admit).is_some() {
+                self.phase = Phase::Done;
+                self.finish_span();
+            }
+        }
+        Poll::Ready(resp)
     }
 }
 

@@ -91,7 +91,7 @@ pub struct Metrics {
     /// keyswap as Envoy's control plane (zero when Envoy does not use its ADS).
     pub xds: Arc<XdsStats>,
     /// Per-budget admissions and tokens (`TokenBudget`).
-    pub budgets: crate::budget::Registry,
+    pub budgets: Arc<crate::budget::Registry>,
     /// (provider, model, tenant) → (input, output) tokens. Touched once per finished LLM call.
     /// The tenant is "" without `spec.agentAuth`, else a bounded label (`metricsTenants` or "other").
     tokens: Mutex<BTreeMap<TokenKey, (u64, u64)>>,
