@@ -524,3 +524,116 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
         assert!(!metrics.contains(REDIS_PASSWORD));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let with_limit = |requests: u32| {
+        gateway(&budget("hourly", "{name: openai}", &format!("  key: Route\n  window: Hour\n  limits: {{requests: {requests}}}")), "")
+    };
+    write(config.path(), &with_limit(1));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 200);
+    let (status, retry, body) = call(r.port, OPENAI, None, &chat(5)).await;
+    assert_budget_refusal(status, retry.as_deref(), &body, "default/hourly");
+    // Raised: the request already counted stays counted, one more fits.
+    write(config.path(), &with_limit(2));
+    let since = Instant::now();
+    while call(r.port, OPENAI, None, &chat(5)).await.0 != 200 {
+        assert!(since.elapsed() < Duration::from_secs(3), "the raised limit never applied:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 429, "2 of 2 used");
+    // A broken edit (a limit that is not a number) is refused; the last good budget keeps serving.
+    write(config.path(), &with_limit(2).replace("requests: 2", "requests: lots"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 429, "a broken edit dropped the budget");
+    let log = r.keyswap.output();
+    assert!(log.contains("TokenBudget default/hourly") && log.contains("spec.limits.requests"), "{log}");
+    // Removed: no limit.
+    write(config.path(), &gateway("", ""));
+    let since = Instant::now();
+    while call(r.port, OPENAI, None, &chat(5)).await.0 != 200 {
+        assert!(since.elapsed() < Duration::from_secs(3), "the removed budget still applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// === attacks: the agent tries to spend past its budget ===
+
+/// A gateway whose `acme` tenant has 1,000 tokens a day; returns the replica.
+async fn acme_budget(meter: &Meter, config: &Path) -> Replica {
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    write(config, &gateway(&b, ""));
+    tokio::task::block_in_place(|| Replica::start(config, meter.addr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_dodge_its_budget_by_omitting_or_garbling_max_tokens() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let r = acme_budget(&meter, config.path()).await;
+    // No max_tokens, a string, a negative number, a float, a huge number: each reserves the
+    // budget's default (4096 > 1000) or more, so none fits; nothing reaches the provider.
+    for limit in ["", r#","max_tokens":"1""#, r#","max_tokens":-5"#, r#","max_tokens":1.5"#, r#","max_tokens":18446744073709551615"#, r#","max_tokens":1e30"#] {
+        let body = format!(r#"{{"model":"gpt-4o"{limit},"messages":[]}}"#);
+        let (status, retry, text) = call(r.port, OPENAI, Some(ACME_TOKEN), &body).await;
+        assert_budget_refusal(status, retry.as_deref(), &text, "default/acme-daily");
+    }
+    // Two names for the limit: the larger counts.
+    let (status, _, text) = call(r.port, OPENAI, Some(ACME_TOKEN), r#"{"max_tokens":1,"max_completion_tokens":5000}"#).await;
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a refused request reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_spend_another_tenants_budget_or_escape_its_own_by_sending_headers() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let r = acme_budget(&meter, config.path()).await;
+    // Spend acme's budget.
+    while call(r.port, OPENAI, Some(ACME_TOKEN), &chat(200)).await.0 == 200 {}
+    // Identity headers an agent might try: the tenant comes from the verified token only.
+    let mut b = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/chat/completions", r.port))
+        .header("host", OPENAI)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {ACME_TOKEN}"));
+    for (k, v) in [("x-keyswap-tenant", "globex"), ("x-tenant", "globex"), ("x-keyswap-agent", "globex-bot")] {
+        b = b.header(k, v);
+    }
+    let resp = client().request(b.body(Full::new(Bytes::from(chat(200)))).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 429, "a header moved acme's request to another tenant's budget");
+    // Anonymous callers share one counter of their own, not acme's.
+    assert_eq!(call(r.port, OPENAI, None, &chat(200)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_larger_than_the_budget_is_refused_before_it_reaches_the_provider() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let r = acme_budget(&meter, config.path()).await;
+    // 2,000 bytes of prompt with max_tokens 1: its input alone may be 2,000 tokens.
+    let big = format!(r#"{{"model":"gpt-4o","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(2000));
+    let (status, retry, text) = call(r.port, OPENAI, Some(ACME_TOKEN), &big).await;
+    assert_budget_refusal(status, retry.as_deref(), &text, "default/acme-daily");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(v["error"]["requested"].as_u64().unwrap() > 2000, "{text}");
+    // Sent chunked, without a content-length: Envoy buffers it all the same.
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/chat/completions", r.port))
+        .header("host", OPENAI)
+        .header("authorization", format!("Bearer {ACME_TOKEN}"))
+        .body(http_body_util::StreamBody::new(tokio_stream::iter(
+            big.into_bytes().chunks(100).map(|c| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c)))).collect::<Vec<_>>(),
+        )))
+        .unwrap();
+    let chunked: hyper_util::client::legacy::Client<_, http_body_util::StreamBody<_>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = chunked.request(req).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a refused request reached the provider");
+}

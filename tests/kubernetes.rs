@@ -583,3 +583,58 @@ async fn an_unparseable_secret_never_reaches_the_log_and_the_failure_names_the_w
 async fn an_unparseable_secret_never_reaches_the_log_at_debug_either() {
     unparseable_secret("debug").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_applies_token_budget_changes_without_a_restart() {
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-budget");
+    let budget = |requests: u64| {
+        json!({"spec": {"parentRefs": [{"name": "anthropic"}], "key": "Route", "window": "Hour",
+            "limits": {"requests": requests}}})
+    };
+    kube.put("tokenbudgets", NS, "anthropic-hourly", budget(2));
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (keyswap, grpc_port, metrics_port) = start_ready(&kubeconfig, work.path(), &[], "debug").await;
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    // Bodiless requests reserve at their headers.
+    let ask = |c: &mut grpc::Client| {
+        let mut c = c.clone();
+        async move {
+            let mut h = grpc::headers(&[(":authority", "api.anthropic.com"), (":path", "/v1/models"), (":method", "GET")]);
+            if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request::RequestHeaders(r)) =
+                &mut h.request
+            {
+                r.end_of_stream = true;
+            }
+            let r = grpc::exchange(&mut c, vec![h]).await.remove(0).expect("an answer");
+            match &r.response {
+                Some(
+                    envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_),
+                ) => immediate(&r).status.as_ref().unwrap().code as u32,
+                _ => 200,
+            }
+        }
+    };
+    assert_eq!((ask(&mut c).await, ask(&mut c).await), (200, 200), "{}", keyswap.output());
+    assert_eq!(ask(&mut c).await, 429, "the third request of a 2-request budget was admitted");
+    // Raised with `kubectl apply`: the requests already counted stay counted.
+    kube.put("tokenbudgets", NS, "anthropic-hourly", budget(3));
+    let since = Instant::now();
+    while ask(&mut c).await != 200 {
+        assert!(since.elapsed() < Duration::from_secs(2), "the raised budget never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ask(&mut c).await, 429, "3 of 3 used");
+    // Deleted: no limit.
+    kube.delete("tokenbudgets", NS, "anthropic-hourly");
+    let since = Instant::now();
+    while ask(&mut c).await != 200 {
+        assert!(since.elapsed() < Duration::from_secs(2), "the deleted budget still applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, text) = scrape(metrics_port, "/metrics").await;
+    // Two refusals above, and any while the changes were on their way.
+    assert!(metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"limited\"}") >= 2.0);
+    assert_eq!(metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"admitted\"}"), 3.0);
+}

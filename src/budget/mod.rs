@@ -96,6 +96,33 @@ impl KeyBy {
 }
 
 impl Budget {
+    /// One line for `check` and `explain`: key, window, limits, reservation, fail mode.
+    pub fn describe(&self) -> String {
+        let names = ["requests", "inputTokens", "outputTokens", "totalTokens"];
+        let limits: Vec<String> =
+            names.iter().zip(self.limits).filter_map(|(n, l)| l.map(|l| format!("{n} {l}"))).collect();
+        let key = match &self.key {
+            KeyBy::Label(l) => format!("Label `{l}`"),
+            k => format!("{k:?}"),
+        };
+        let weights = if self.weights.is_empty() {
+            String::new()
+        } else {
+            let w: Vec<String> = self.weights.iter().map(|(g, w)| format!("{g} x{w}")).collect();
+            format!(", weights {}", w.join(", "))
+        };
+        format!(
+            "TokenBudget {}: per {key} per {:?} (UTC): {}{weights}; reserves max_tokens or {} output tokens, 1 input \
+             token per {} body byte(s); store unavailable: {}",
+            self.name,
+            self.window,
+            limits.join(", "),
+            self.default_output_tokens,
+            self.bytes_per_input_token,
+            if self.fail_closed { "FailClosed (503)" } else { "FailOpen (admitted uncounted)" }
+        )
+    }
+
     /// The weight of `model`'s tokens (1 when no weight matches or the model is unknown).
     pub fn weight(&self, model: Option<&str>) -> f64 {
         let Some(model) = model else { return 1.0 };

@@ -83,6 +83,10 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     }
     for e in &snap.routes.entries {
         println!("  {}", describe_match(e));
+        if !e.budgets.is_empty() {
+            let names: Vec<&str> = e.budgets.iter().map(|b| &*b.name).collect();
+            println!("    budgets: {}", names.join(", "));
+        }
         if let Some(t) = &e.binding.tenants {
             let p = e.binding.policy.as_deref().unwrap_or("-");
             println!("    policy {p}: per tenant ({} tenant key(s), fallback {:?})", t.by_tenant.len(), t.fallback);
@@ -118,6 +122,12 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     }
     if snap.routes.is_empty() {
         println!("  (no routes)");
+    }
+    if !snap.budgets.is_empty() || snap.budget_store.is_some() {
+        println!("  token budgets ({}):", super::explain::describe_store(snap));
+        for b in &snap.budgets {
+            println!("    {}", b.describe());
+        }
     }
     for s in &snap.secrets {
         let fp = s.fingerprint.as_deref().unwrap_or("MISSING");

@@ -37,24 +37,51 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let path_only = args.path.split_once('?').map_or(args.path.as_str(), |(p, _)| p);
     println!("request: {} https://{}{path_only}", args.method, args.host);
     println!("gateway: {} (defaultPolicy: {})", snap.gateway, snap.default_policy.as_str());
-    let mut tenant = None;
+    let mut identity = None;
     if let Some(chain) = &snap.agent_auth {
         match admit_agent(chain, args.token.as_deref())? {
-            ControlFlow::Continue(admitted_tenant) => tenant = admitted_tenant,
+            ControlFlow::Continue(admitted) => identity = admitted,
             ControlFlow::Break(()) => return Ok(ExitCode::SUCCESS),
         }
     }
+    let tenant = identity.as_ref().and_then(|i: &crate::auth::Identity| i.tenant.as_deref().map(str::to_owned));
     let decision = match crate::target::check_method(&args.method) {
         Err(r) => Decision::Refused(r),
         Ok(()) => snap.decide(&args.host, &args.path, tenant.as_deref()),
     };
-    print_decision(&args, &snap, path_only, tenant.as_deref(), decision);
+    print_decision(&args, &snap, path_only, tenant.as_deref(), &decision);
+    if let Decision::Inject { entry, .. } = decision {
+        print_budgets(&snap, entry, identity.as_ref());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints how the gateway's agent auth treats `token`. Continues with the tenant whose key would
-/// be used (none for an anonymous caller), or breaks once it has printed the 401 the request gets.
-fn admit_agent(chain: &crate::auth::Chain, token: Option<&str>) -> anyhow::Result<ControlFlow<(), Option<String>>> {
+/// The budgets an injected request is admitted against, and the counter it would use in each.
+fn print_budgets(snap: &Snapshot, entry: &crate::config::snapshot::MatchEntry, identity: Option<&crate::auth::Identity>) {
+    if entry.budgets.is_empty() {
+        return;
+    }
+    println!("  token budgets (reserved before forwarding; {}):", describe_store(snap));
+    for b in entry.budgets.iter() {
+        println!("    {}; this request counts as `{}`", b.describe(), b.key.value(identity, &entry.route));
+    }
+}
+
+/// Where a snapshot's budgets are counted.
+pub(super) fn describe_store(snap: &Snapshot) -> String {
+    match &snap.budget_store {
+        None => "counted in this process".to_owned(),
+        Some(Ok(t)) => format!("counted in Redis at {} (Secret {})", t.endpoint(), t.secret),
+        Some(Err(e)) => format!("store UNUSABLE: {e}; each budget's onStoreUnavailable decides"),
+    }
+}
+
+/// Prints how the gateway's agent auth treats `token`. Continues with the identity it admits
+/// (none for an anonymous caller), or breaks once it has printed the 401 the request gets.
+fn admit_agent(
+    chain: &crate::auth::Chain,
+    token: Option<&str>,
+) -> anyhow::Result<ControlFlow<(), Option<crate::auth::Identity>>> {
     use crate::auth::{Admission, Peer};
     let token = token.map(|t| t.trim().as_bytes());
     let admit = || chain.admit(token, &Peer::default(), |_| None, std::time::SystemTime::now());
@@ -72,7 +99,7 @@ fn admit_agent(chain: &crate::auth::Chain, token: Option<&str>) -> anyhow::Resul
                 id.agent,
                 id.tenant.as_deref().unwrap_or("-")
             );
-            Ok(ControlFlow::Continue(id.tenant.as_deref().map(str::to_owned)))
+            Ok(ControlFlow::Continue(Some(id.clone().into_owned())))
         }
         Admission::Anonymous => {
             println!("agent auth: no token; admitted as anonymous (agentAuth.optional)");
@@ -91,7 +118,7 @@ fn admit_agent(chain: &crate::auth::Chain, token: Option<&str>) -> anyhow::Resul
 }
 
 /// Prints the decision for the request (`host`, `path_only` from `args`) and what it writes.
-fn print_decision(args: &ExplainArgs, snap: &Snapshot, path_only: &str, tenant: Option<&str>, decision: Decision<'_>) {
+fn print_decision(args: &ExplainArgs, snap: &Snapshot, path_only: &str, tenant: Option<&str>, decision: &Decision<'_>) {
     match decision {
         Decision::Refused(r) => {
             println!("decision: {} {}: {} (nothing is forwarded)", r.status(), r.reason(), r.message());
