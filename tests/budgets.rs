@@ -216,10 +216,14 @@ struct Replica {
 
 impl Replica {
     fn start(config: &Path, upstream: SocketAddr) -> Replica {
+        Replica::start_env(config, upstream, &[])
+    }
+
+    fn start_env(config: &Path, upstream: SocketAddr, env: &[(&str, &str)]) -> Replica {
         let work = tempfile::tempdir().unwrap();
         let metrics = free_port();
         let (keyswap, uds) =
-            start_keyswap(config, work.path(), &[], &["--metrics", &format!("127.0.0.1:{metrics}")]);
+            start_keyswap(config, work.path(), env, &["--metrics", &format!("127.0.0.1:{metrics}")]);
         let (envoy, port) = start_envoy(work.path(), &uds, upstream);
         Replica { keyswap, _envoy: envoy, port, metrics, _work: work }
     }
@@ -289,16 +293,12 @@ fn assert_budget_refusal(status: u16, retry: Option<&str>, body: &str, budget: &
 
 // === in-process ===
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
-    let meter = Meter::start(Duration::from_millis(300)).await;
-    let config = tempfile::tempdir().unwrap();
-    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
-    write(config.path(), &gateway(&b, ""));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
-
+/// 20 concurrent acme requests with `max_tokens: 100`, spread over `ports`, at a 1,000-token
+/// budget: the provider never serves more than 1,000 tokens, every refusal is a 429 that reached
+/// nothing. Returns how many were admitted.
+async fn twenty_concurrent(ports: &[u16], meter: &Meter) -> u64 {
     let body = chat(100);
-    let calls = (0..20).map(|_| call(r.port, OPENAI, Some(ACME_TOKEN), &body));
+    let calls = (0..20).map(|i| call(ports[i % ports.len()], OPENAI, Some(ACME_TOKEN), &body));
     let results = futures_util::future::join_all(calls).await;
     let admitted = results.iter().filter(|(s, _, _)| *s == 200).count() as u64;
     for (status, retry, body) in results.iter().filter(|(s, _, _)| *s != 200) {
@@ -310,6 +310,19 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
     assert!(served <= 1000, "the provider served {served} tokens on a 1000-token budget");
     assert_eq!(meter.requests.load(Ordering::SeqCst), admitted, "a refused request reached the provider");
     assert!(admitted >= 3, "only {admitted} admitted: reservations must leave room for several in flight");
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
+    let meter = Meter::start(Duration::from_millis(300)).await;
+    let config = tempfile::tempdir().unwrap();
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    write(config.path(), &gateway(&b, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+
+    let admitted = twenty_concurrent(&[r.port], &meter).await;
+    let body = chat(100);
     // Sequential requests fill what settlement gave back, and stop at the limit.
     let mut more = 0;
     loop {
@@ -405,6 +418,22 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
 }
 
 // === Redis ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_requests_over_two_replicas_sharing_redis_never_overspend() {
+    let meter = Meter::start(Duration::from_millis(300)).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let (store, secret) = redis_store(redis_port);
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    let config = tempfile::tempdir().unwrap();
+    write(config.path(), &gateway(&(b + &secret), &store));
+    let (a, b) = tokio::task::block_in_place(|| {
+        (Replica::start(config.path(), meter.addr), Replica::start(config.path(), meter.addr))
+    });
+    twenty_concurrent(&[a.port, b.port], &meter).await;
+}
 
 const REDIS_PASSWORD: &str = "redis-pass-0003-do-not-leak";
 
@@ -636,4 +665,96 @@ async fn a_prompt_larger_than_the_budget_is_refused_before_it_reaches_the_provid
     let resp = chunked.request(req).await.unwrap();
     assert_eq!(resp.status(), 429);
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a refused request reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_private_ca_and_a_password() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let (ca, _, _) = provider_certs(&["127.0.0.1"], redis_dir.path());
+    let port = free_port();
+    let mut cmd = Command::new(redis_bin());
+    cmd.args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--requirepass", REDIS_PASSWORD, "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(redis_dir.path().join("provider-leaf.pem"))
+        .arg("--tls-key-file")
+        .arg(redis_dir.path().join("provider-leaf.key"))
+        .arg("--dir")
+        .arg(redis_dir.path());
+    let mut redis = Proc::spawn("redis-server", cmd, redis_dir.path().join("redis.log"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        redis.assert_running();
+        assert!(Instant::now() < deadline, "redis-server (TLS) did not listen:\n{}", redis.output());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ca_pem = std::fs::read_to_string(ca).unwrap().replace('\n', "\n    ");
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: budget-redis}}\nstringData:\n  url: \"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/0\"\n  ca.crt: |\n    {ca_pem}\n"
+    );
+    let store = "budgetStore: {redis: {secretRef: {name: budget-redis}, caKey: ca.crt}}";
+    let b = budget("tls", "{name: openai}", "  key: Route\n  window: Day\n  limits: {requests: 2}\n  onStoreUnavailable: FailClosed");
+    let config = tempfile::tempdir().unwrap();
+    write(config.path(), &gateway(&(b + &secret), store));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    // Counted in Redis over TLS (FailClosed: a failed handshake would answer 503).
+    for _ in 0..2 {
+        let (status, _, body) = call(r.port, OPENAI, None, &chat(5)).await;
+        assert_eq!(status, 200, "{body}\n{}", r.keyswap.output());
+    }
+    let (status, retry, body) = call(r.port, OPENAI, None, &chat(5)).await;
+    assert_budget_refusal(status, retry.as_deref(), &body, "default/tls");
+    assert!(!r.keyswap.output().contains(REDIS_PASSWORD));
+    // The wrong CA: the handshake fails, and the budget fails closed.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = provider_certs(&["127.0.0.1"], other_dir.path());
+    let wrong = secret.replace(
+        &std::fs::read_to_string(redis_dir.path().join("provider-ca.pem")).unwrap().replace('\n', "\n    "),
+        &std::fs::read_to_string(other_ca).unwrap().replace('\n', "\n    "),
+    );
+    assert_ne!(wrong, secret);
+    let b = budget("tls", "{name: openai}", "  key: Route\n  window: Day\n  limits: {requests: 100}\n  onStoreUnavailable: FailClosed");
+    write(config.path(), &gateway(&(b + &wrong), store));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = call(r.port, OPENAI, None, &chat(5)).await;
+        if status == 503 {
+            assert!(body.contains("budget_store_unavailable"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a Redis with an untrusted certificate was used: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_budget_decision_and_what_is_left() {
+    use common::otlp::{i, s, Receiver};
+    let (collector, collector_addr) = Receiver::start().await;
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    write(config.path(), &gateway(&b, ""));
+    let endpoint = format!("http://{collector_addr}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    let r = tokio::task::block_in_place(|| Replica::start_env(config.path(), meter.addr, &env));
+    let body = chat(100);
+    assert_eq!(call(r.port, OPENAI, Some(ACME_TOKEN), &body).await.0, 200);
+    let big = chat(5000);
+    assert_eq!(call(r.port, OPENAI, Some(ACME_TOKEN), &big).await.0, 429);
+    let spans = collector.wait_for(2).await;
+    let (_, admitted) = spans.iter().find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(200)).expect("admitted span");
+    assert_eq!(s(&admitted.attributes, "keyswap.budget.decision").as_deref(), Some("admitted"));
+    // What was left after reserving: 1000 − (body bytes + 100).
+    let left = 1000 - (body.len() as i64 + 100);
+    assert_eq!(i(&admitted.attributes, "keyswap.budget.remaining_tokens"), Some(left));
+    let (_, limited) = spans.iter().find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(429)).expect("refused span");
+    assert_eq!(s(&limited.attributes, "keyswap.budget.decision").as_deref(), Some("limited"));
+    assert_eq!(s(&limited.attributes, "keyswap.budget.name").as_deref(), Some("default/acme-daily"));
+    assert_eq!(s(&limited.attributes, "error.type").as_deref(), Some("budget_exhausted"));
+    let raw = String::from_utf8_lossy(&collector.raw_bytes()).into_owned();
+    for secret in [REAL_KEY, ACME_TOKEN] {
+        assert!(!raw.contains(secret), "a secret reached a span");
+    }
 }
