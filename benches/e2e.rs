@@ -580,7 +580,10 @@ spec:
     .to_owned();
     if let Some(port) = redis_port {
         let gateway = fs::read_to_string(dir.join("gateway.yaml")).expect("gateway.yaml");
-        let gateway = gateway.replace("  allow: []\n", "  allow: []\n  budgetStore:\n    redis:\n      secretRef: {name: bench-redis}\n");
+        let gateway = gateway.replace(
+            "  allow: []\n",
+            "  allow: []\n  budgetStore:\n    redis:\n      secretRef: {name: bench-redis}\n",
+        );
         fs::write(dir.join("gateway.yaml"), gateway).expect("write gateway.yaml");
         budget.push_str(&format!(
             "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: bench-redis\n  namespace: default\nstringData:\n  url: redis://127.0.0.1:{port}/0\n"
@@ -592,7 +595,9 @@ spec:
 /// Debian's redis-server on loopback, no persistence, for (i).
 fn start_redis(dir: &Path, port: u16) -> Proc {
     let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir);
     let mut p = Proc::spawn("redis-server", &mut cmd, dir.join("redis.log"));
     wait_for_port(&mut p, port);
     p
@@ -908,8 +913,12 @@ fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64, read_bodi
     let body_msgs = s.keyswap_phase_count("response_body");
     if matches!(s.kind, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis) {
         // Settlement reads the response body for usage.
-        let admitted = s.keyswap_metric("keyswap_budget_decisions_total{budget=\"default/bench\",decision=\"admitted\"}");
-        assert!(admitted >= 1 && body_msgs >= 1, "{label}: budget admitted {admitted}, response_body messages {body_msgs}");
+        let admitted =
+            s.keyswap_metric("keyswap_budget_decisions_total{budget=\"default/bench\",decision=\"admitted\"}");
+        assert!(
+            admitted >= 1 && body_msgs >= 1,
+            "{label}: budget admitted {admitted}, response_body messages {body_msgs}"
+        );
         return ", budget admitted and settled from the response body".to_owned();
     }
     if !s.kind.tracing() {
@@ -1427,7 +1436,9 @@ fn main() {
     }
     for s in setups.iter().filter(|s| matches!(s.kind, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis)) {
         let d = |decision: &str| {
-            s.keyswap_metric(&format!("keyswap_budget_decisions_total{{budget=\"default/bench\",decision=\"{decision}\"}}"))
+            s.keyswap_metric(&format!(
+                "keyswap_budget_decisions_total{{budget=\"default/bench\",decision=\"{decision}\"}}"
+            ))
         };
         println!(
             "keyswap {}: budget admitted {}, limited {}, store unavailable {}; response_body messages {}",
@@ -1439,8 +1450,11 @@ fn main() {
         );
         if s.kind == Kind::KeyswapBudgetRedis {
             let requests = d("admitted").max(1);
-            let (evalsha, eval, hincrby) =
-                (redis_calls(redis_port, "evalsha"), redis_calls(redis_port, "eval"), redis_calls(redis_port, "hincrby"));
+            let (evalsha, eval, hincrby) = (
+                redis_calls(redis_port, "evalsha"),
+                redis_calls(redis_port, "eval"),
+                redis_calls(redis_port, "hincrby"),
+            );
             // commandstats counts the script's own HINCRBYs (4 per budget): the rest are settlements.
             let settle = hincrby.saturating_sub(4 * (evalsha + eval));
             println!(

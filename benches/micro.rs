@@ -397,9 +397,51 @@ fn agent_auth(c: &mut Criterion) {
     g.finish();
 }
 
+/// A budgeted request's own cost in the in-process store: reading the body's model and output
+/// limit, reserving one claim, settling it.
+fn budget(c: &mut Criterion) {
+    use keyswap::api::BudgetWindow;
+    use keyswap::budget::{window_bounds, Admit, Budget, Claim, Demand, Engine, KeyBy, Observed, Reserve};
+    let engine = Arc::new(Engine::new(Default::default()));
+    let budget = Arc::new(Budget {
+        name: "default/bench".into(),
+        key: KeyBy::Tenant,
+        window: BudgetWindow::Day,
+        limits: [None, None, None, Some(u64::MAX / 8)],
+        weights: Vec::new(),
+        default_output_tokens: 4096,
+        bytes_per_input_token: 1,
+        fail_closed: false,
+    });
+    let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Say hello in five words."}]}"#;
+    let mut g = c.benchmark_group("budget");
+    g.bench_function("demand_from_body", |b| b.iter(|| black_box(Demand::from_body(black_box(body), None))));
+    g.bench_function("reserve_and_settle_in_process", |b| {
+        b.iter(|| {
+            let now = SystemTime::now();
+            let demand = Demand::from_body(body, None);
+            let (window_start, window_end) = window_bounds(budget.window, now);
+            let claim = Claim {
+                budget: budget.clone(),
+                key: "acme".into(),
+                window_start,
+                window_end,
+                reserved: budget.reserve_amounts(&demand),
+            };
+            match engine.reserve(None, vec![claim], demand.model, now) {
+                Reserve::Now(Admit::Held(h, _)) => {
+                    h.settle(Observed::Ended { success: true, input: Some(12), output: Some(9) })
+                }
+                _ => panic!("admitted"),
+            }
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span, agent_auth
+    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span, agent_auth, budget
 }
 criterion_main!(benches);

@@ -64,7 +64,8 @@ impl Meter {
                         let meter = meter.clone();
                         async move { Ok::<_, Infallible>(meter.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
             }
         });
@@ -85,22 +86,31 @@ impl Meter {
         self.served.fetch_add(INPUT_TOKENS + out, Ordering::SeqCst);
         let anthropic = path.starts_with("/v1/messages");
         let (ctype, events): (&str, Vec<String>) = match (anthropic, stream) {
-            (false, false) => ("application/json", vec![serde_json::json!({
+            (false, false) => (
+                "application/json",
+                vec![serde_json::json!({
                 "id": "chatcmpl-1", "object": "chat.completion", "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out},
-            }).to_string()]),
-            (true, false) => ("application/json", vec![serde_json::json!({
-                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
-                "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": out},
-            }).to_string()]),
+            }).to_string()],
+            ),
+            (true, false) => (
+                "application/json",
+                vec![serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                    "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": out},
+                })
+                .to_string()],
+            ),
             (false, true) => {
-                let chunk = |content: &str| format!(
-                    "data: {}\n\n",
-                    serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+                let chunk = |content: &str| {
+                    format!(
+                        "data: {}\n\n",
+                        serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
                         "choices": [{"index": 0, "delta": {"content": content}}]})
-                );
+                    )
+                };
                 let usage = format!(
                     "data: {}\n\n",
                     serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [],
@@ -110,15 +120,27 @@ impl Meter {
             }
             (true, true) => {
                 let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
-                ("text/event-stream", vec![
-                    ev("message_start", serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
-                        "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}})),
-                    ev("content_block_delta", serde_json::json!({"type": "content_block_delta", "index": 0,
-                        "delta": {"type": "text_delta", "text": "ok"}})),
-                    ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                        "usage": {"output_tokens": out}})),
-                    ev("message_stop", serde_json::json!({"type": "message_stop"})),
-                ])
+                (
+                    "text/event-stream",
+                    vec![
+                        ev(
+                            "message_start",
+                            serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
+                        "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}}),
+                        ),
+                        ev(
+                            "content_block_delta",
+                            serde_json::json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": "ok"}}),
+                        ),
+                        ev(
+                            "message_delta",
+                            serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                        "usage": {"output_tokens": out}}),
+                        ),
+                        ev("message_stop", serde_json::json!({"type": "message_stop"})),
+                    ],
+                )
             }
         };
         let body: FakeBody = if path.contains("hold") {
@@ -129,7 +151,9 @@ impl Meter {
                 hold.notified().await;
                 drop(tx);
             });
-            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
         } else {
             http_body_util::BodyExt::boxed(Full::new(Bytes::from(events.concat())))
         };
@@ -222,8 +246,7 @@ impl Replica {
     fn start_env(config: &Path, upstream: SocketAddr, env: &[(&str, &str)]) -> Replica {
         let work = tempfile::tempdir().unwrap();
         let metrics = free_port();
-        let (keyswap, uds) =
-            start_keyswap(config, work.path(), env, &["--metrics", &format!("127.0.0.1:{metrics}")]);
+        let (keyswap, uds) = start_keyswap(config, work.path(), env, &["--metrics", &format!("127.0.0.1:{metrics}")]);
         let (envoy, port) = start_envoy(work.path(), &uds, upstream);
         Replica { keyswap, _envoy: envoy, port, metrics, _work: work }
     }
@@ -247,7 +270,13 @@ async fn call(port: u16, host: &str, token: Option<&str>, body: &str) -> (u16, O
     call_path(port, host, path, token, body).await
 }
 
-async fn call_path(port: u16, host: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Option<String>, String) {
+async fn call_path(
+    port: u16,
+    host: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Option<String>, String) {
     let mut b = hyper::Request::builder()
         .method("POST")
         .uri(format!("http://127.0.0.1:{port}{path}"))
@@ -282,7 +311,7 @@ fn write(dir: &Path, text: &str) {
 fn assert_budget_refusal(status: u16, retry: Option<&str>, body: &str, budget: &str) {
     assert_eq!(status, 429, "{body}");
     let retry: u64 = retry.expect("Retry-After").parse().expect("Retry-After is seconds");
-    assert!(retry >= 1 && retry <= 86_400 * 31, "Retry-After {retry}");
+    assert!((1..=86_400 * 31).contains(&retry), "Retry-After {retry}");
     let v: serde_json::Value = serde_json::from_str(body).expect("JSON reason");
     assert_eq!(v["error"]["type"], "budget_exhausted", "{body}");
     assert_eq!(v["error"]["budget"], budget, "{body}");
@@ -317,7 +346,11 @@ async fn twenty_concurrent(ports: &[u16], meter: &Meter) -> u64 {
 async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
     let meter = Meter::start(Duration::from_millis(300)).await;
     let config = tempfile::tempdir().unwrap();
-    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    let b = budget(
+        "acme-daily",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
+    );
     write(config.path(), &gateway(&b, ""));
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
 
@@ -339,7 +372,8 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
     // Another tenant's budget is its own.
     let (status, _, body) = call(r.port, OPENAI, Some(GLOBEX_TOKEN), &body).await;
     assert_eq!(status, 200, "globex was refused by acme's budget: {body}\n{}", r.keyswap.output());
-    let decisions = |d: &str| format!("keyswap_budget_decisions_total{{budget=\"default/acme-daily\",decision=\"{d}\"}}");
+    let decisions =
+        |d: &str| format!("keyswap_budget_decisions_total{{budget=\"default/acme-daily\",decision=\"{d}\"}}");
     assert_eq!(r.metric(&decisions("admitted")).await as u64, admitted + more + 1);
     assert!(r.metric(&decisions("limited")).await >= 1.0);
 }
@@ -348,13 +382,21 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
 async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();
-    let b = budget("shared", "{kind: EgressGateway, name: egress}", "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}");
+    let b = budget(
+        "shared",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}",
+    );
     write(config.path(), &gateway(&b, ""));
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
     let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
     let cases = [
-        (OPENAI, r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":300,"messages":[]}"#, 37),
+        (
+            OPENAI,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":300,"messages":[]}"#,
+            37,
+        ),
         (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":300,"messages":[]}"#, 41),
         (OPENAI, r#"{"model":"gpt-4o","max_tokens":300,"messages":[]}"#, 43),
         (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","max_tokens":300,"messages":[]}"#, 47),
@@ -383,7 +425,11 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
 async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received() {
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();
-    let b = budget("tight", "{kind: EgressGateway, name: egress}", "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}");
+    let b = budget(
+        "tight",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}",
+    );
     write(config.path(), &gateway(&b, ""));
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/tight\",kind=\"settled\"}");
@@ -410,7 +456,10 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     }
     let charged = settled().await as u64;
     assert!(charged >= body.len() as u64, "charged {charged}: less than the prompt");
-    assert!(charged <= body.len() as u64 + first.len() as u64 * 2, "charged {charged}: the unused output was not released");
+    assert!(
+        charged <= body.len() as u64 + first.len() as u64 * 2,
+        "charged {charged}: the unused output was not released"
+    );
     // What was released is spendable again: a 2000-token request fits.
     let (status, _, text) = call(r.port, OPENAI, None, &chat(2000)).await;
     assert_eq!(status, 200, "{text}");
@@ -426,7 +475,11 @@ async fn twenty_concurrent_requests_over_two_replicas_sharing_redis_never_oversp
     let redis_port = free_port();
     let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
     let (store, secret) = redis_store(redis_port);
-    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    let b = budget(
+        "acme-daily",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
+    );
     let config = tempfile::tempdir().unwrap();
     write(config.path(), &gateway(&(b + &secret), &store));
     let (a, b) = tokio::task::block_in_place(|| {
@@ -528,7 +581,9 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
     assert!(retry.is_some(), "503 without Retry-After");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "budget_store_unavailable", "{body}");
-    let m = |d: &str, budget: &str| format!("keyswap_budget_decisions_total{{budget=\"default/{budget}\",decision=\"{d}\"}}");
+    let m = |d: &str, budget: &str| {
+        format!("keyswap_budget_decisions_total{{budget=\"default/{budget}\",decision=\"{d}\"}}")
+    };
     assert!(b.metric(&m("store_unavailable_admitted", "openai-requests")).await >= 1.0);
     assert!(b.metric(&m("store_unavailable_refused", "anthropic-tokens")).await >= 1.0);
 
@@ -545,7 +600,10 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
     }
     // The outage is logged with where Redis is, never with the URL's password.
     let log = b.keyswap.output();
-    assert!(log.contains(&format!("Redis at 127.0.0.1:{redis_port}")) && log.contains("budget store unavailable"), "{log}");
+    assert!(
+        log.contains(&format!("Redis at 127.0.0.1:{redis_port}")) && log.contains("budget store unavailable"),
+        "{log}"
+    );
     for r in [&a, &b] {
         let log = r.keyswap.output();
         assert!(!log.contains(REDIS_PASSWORD), "the Redis password reached the log:\n{log}");
@@ -559,7 +617,14 @@ async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();
     let with_limit = |requests: u32| {
-        gateway(&budget("hourly", "{name: openai}", &format!("  key: Route\n  window: Hour\n  limits: {{requests: {requests}}}")), "")
+        gateway(
+            &budget(
+                "hourly",
+                "{name: openai}",
+                &format!("  key: Route\n  window: Hour\n  limits: {{requests: {requests}}}"),
+            ),
+            "",
+        )
     };
     write(config.path(), &with_limit(1));
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
@@ -593,7 +658,11 @@ async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
 
 /// A gateway whose `acme` tenant has 1,000 tokens a day; returns the replica.
 async fn acme_budget(meter: &Meter, config: &Path) -> Replica {
-    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    let b = budget(
+        "acme-daily",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
+    );
     write(config, &gateway(&b, ""));
     tokio::task::block_in_place(|| Replica::start(config, meter.addr))
 }
@@ -605,13 +674,21 @@ async fn an_agent_cannot_dodge_its_budget_by_omitting_or_garbling_max_tokens() {
     let r = acme_budget(&meter, config.path()).await;
     // No max_tokens, a string, a negative number, a float, a huge number: each reserves the
     // budget's default (4096 > 1000) or more, so none fits; nothing reaches the provider.
-    for limit in ["", r#","max_tokens":"1""#, r#","max_tokens":-5"#, r#","max_tokens":1.5"#, r#","max_tokens":18446744073709551615"#, r#","max_tokens":1e30"#] {
+    for limit in [
+        "",
+        r#","max_tokens":"1""#,
+        r#","max_tokens":-5"#,
+        r#","max_tokens":1.5"#,
+        r#","max_tokens":18446744073709551615"#,
+        r#","max_tokens":1e30"#,
+    ] {
         let body = format!(r#"{{"model":"gpt-4o"{limit},"messages":[]}}"#);
         let (status, retry, text) = call(r.port, OPENAI, Some(ACME_TOKEN), &body).await;
         assert_budget_refusal(status, retry.as_deref(), &text, "default/acme-daily");
     }
     // Two names for the limit: the larger counts.
-    let (status, _, text) = call(r.port, OPENAI, Some(ACME_TOKEN), r#"{"max_tokens":1,"max_completion_tokens":5000}"#).await;
+    let (status, _, text) =
+        call(r.port, OPENAI, Some(ACME_TOKEN), r#"{"max_tokens":1,"max_completion_tokens":5000}"#).await;
     assert_eq!(status, 429, "{text}");
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a refused request reached the provider");
 }
@@ -645,7 +722,10 @@ async fn a_prompt_larger_than_the_budget_is_refused_before_it_reaches_the_provid
     let config = tempfile::tempdir().unwrap();
     let r = acme_budget(&meter, config.path()).await;
     // 2,000 bytes of prompt with max_tokens 1: its input alone may be 2,000 tokens.
-    let big = format!(r#"{{"model":"gpt-4o","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(2000));
+    let big = format!(
+        r#"{{"model":"gpt-4o","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(2000)
+    );
     let (status, retry, text) = call(r.port, OPENAI, Some(ACME_TOKEN), &big).await;
     assert_budget_refusal(status, retry.as_deref(), &text, "default/acme-daily");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -657,7 +737,10 @@ async fn a_prompt_larger_than_the_budget_is_refused_before_it_reaches_the_provid
         .header("host", OPENAI)
         .header("authorization", format!("Bearer {ACME_TOKEN}"))
         .body(http_body_util::StreamBody::new(tokio_stream::iter(
-            big.into_bytes().chunks(100).map(|c| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c)))).collect::<Vec<_>>(),
+            big.into_bytes()
+                .chunks(100)
+                .map(|c| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+                .collect::<Vec<_>>(),
         )))
         .unwrap();
     let chunked: hyper_util::client::legacy::Client<_, http_body_util::StreamBody<_>> =
@@ -674,14 +757,25 @@ async fn redis_over_tls_with_a_private_ca_and_a_password() {
     let (ca, _, _) = provider_certs(&["127.0.0.1"], redis_dir.path());
     let port = free_port();
     let mut cmd = Command::new(redis_bin());
-    cmd.args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--requirepass", REDIS_PASSWORD, "--tls-auth-clients", "no"])
-        .arg("--tls-cert-file")
-        .arg(redis_dir.path().join("provider-leaf.pem"))
-        .arg("--tls-key-file")
-        .arg(redis_dir.path().join("provider-leaf.key"))
-        .arg("--dir")
-        .arg(redis_dir.path());
+    cmd.args([
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .args(["--requirepass", REDIS_PASSWORD, "--tls-auth-clients", "no"])
+    .arg("--tls-cert-file")
+    .arg(redis_dir.path().join("provider-leaf.pem"))
+    .arg("--tls-key-file")
+    .arg(redis_dir.path().join("provider-leaf.key"))
+    .arg("--dir")
+    .arg(redis_dir.path());
     let mut redis = Proc::spawn("redis-server", cmd, redis_dir.path().join("redis.log"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -694,7 +788,11 @@ async fn redis_over_tls_with_a_private_ca_and_a_password() {
         "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: budget-redis}}\nstringData:\n  url: \"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/0\"\n  ca.crt: |\n    {ca_pem}\n"
     );
     let store = "budgetStore: {redis: {secretRef: {name: budget-redis}, caKey: ca.crt}}";
-    let b = budget("tls", "{name: openai}", "  key: Route\n  window: Day\n  limits: {requests: 2}\n  onStoreUnavailable: FailClosed");
+    let b = budget(
+        "tls",
+        "{name: openai}",
+        "  key: Route\n  window: Day\n  limits: {requests: 2}\n  onStoreUnavailable: FailClosed",
+    );
     let config = tempfile::tempdir().unwrap();
     write(config.path(), &gateway(&(b + &secret), store));
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
@@ -714,7 +812,11 @@ async fn redis_over_tls_with_a_private_ca_and_a_password() {
         &std::fs::read_to_string(other_ca).unwrap().replace('\n', "\n    "),
     );
     assert_ne!(wrong, secret);
-    let b = budget("tls", "{name: openai}", "  key: Route\n  window: Day\n  limits: {requests: 100}\n  onStoreUnavailable: FailClosed");
+    let b = budget(
+        "tls",
+        "{name: openai}",
+        "  key: Route\n  window: Day\n  limits: {requests: 100}\n  onStoreUnavailable: FailClosed",
+    );
     write(config.path(), &gateway(&(b + &wrong), store));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -734,7 +836,11 @@ async fn spans_carry_the_budget_decision_and_what_is_left() {
     let (collector, collector_addr) = Receiver::start().await;
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();
-    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}");
+    let b = budget(
+        "acme-daily",
+        "{kind: EgressGateway, name: egress}",
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
+    );
     write(config.path(), &gateway(&b, ""));
     let endpoint = format!("http://{collector_addr}");
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
@@ -744,12 +850,16 @@ async fn spans_carry_the_budget_decision_and_what_is_left() {
     let big = chat(5000);
     assert_eq!(call(r.port, OPENAI, Some(ACME_TOKEN), &big).await.0, 429);
     let spans = collector.wait_for(2).await;
-    let (_, admitted) = spans.iter().find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(200)).expect("admitted span");
+    let (_, admitted) = spans
+        .iter()
+        .find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(200))
+        .expect("admitted span");
     assert_eq!(s(&admitted.attributes, "keyswap.budget.decision").as_deref(), Some("admitted"));
     // What was left after reserving: 1000 − (body bytes + 100).
     let left = 1000 - (body.len() as i64 + 100);
     assert_eq!(i(&admitted.attributes, "keyswap.budget.remaining_tokens"), Some(left));
-    let (_, limited) = spans.iter().find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(429)).expect("refused span");
+    let (_, limited) =
+        spans.iter().find(|(_, sp)| i(&sp.attributes, "http.response.status_code") == Some(429)).expect("refused span");
     assert_eq!(s(&limited.attributes, "keyswap.budget.decision").as_deref(), Some("limited"));
     assert_eq!(s(&limited.attributes, "keyswap.budget.name").as_deref(), Some("default/acme-daily"));
     assert_eq!(s(&limited.attributes, "error.type").as_deref(), Some("budget_exhausted"));

@@ -601,7 +601,8 @@ async fn kubernetes_mode_applies_token_budget_changes_without_a_restart() {
     let ask = |c: &mut grpc::Client| {
         let mut c = c.clone();
         async move {
-            let mut h = grpc::headers(&[(":authority", "api.anthropic.com"), (":path", "/v1/models"), (":method", "GET")]);
+            let mut h =
+                grpc::headers(&[(":authority", "api.anthropic.com"), (":path", "/v1/models"), (":method", "GET")]);
             if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request::RequestHeaders(r)) =
                 &mut h.request
             {
@@ -635,6 +636,11 @@ async fn kubernetes_mode_applies_token_budget_changes_without_a_restart() {
     }
     let (_, text) = scrape(metrics_port, "/metrics").await;
     // Two refusals above, and any while the changes were on their way.
-    assert!(metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"limited\"}") >= 2.0);
-    assert_eq!(metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"admitted\"}"), 3.0);
+    assert!(
+        metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"limited\"}") >= 2.0
+    );
+    assert_eq!(
+        metric(&text, "keyswap_budget_decisions_total{budget=\"agents/anthropic-hourly\",decision=\"admitted\"}"),
+        3.0
+    );
 }

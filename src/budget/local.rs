@@ -92,9 +92,10 @@ impl Local {
             let counter = self.counter(c, now);
             match counter.take(&c.budget.limits, &c.reserved) {
                 Ok(after) => {
-                    for d in 0..4 {
-                        if let Some(limit) = c.budget.limits[d].filter(|_| d > 0) {
-                            let left = limit as i64 - after[d];
+                    // Tokens left (requests are not tokens).
+                    for (limit, used) in c.budget.limits.iter().zip(after).skip(1) {
+                        if let Some(limit) = limit {
+                            let left = *limit as i64 - used;
                             remaining = Some(remaining.map_or(left, |r| r.min(left)));
                         }
                     }

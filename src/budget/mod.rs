@@ -87,9 +87,7 @@ impl KeyBy {
             KeyBy::Agent => identity.map(|i| &*i.agent),
             KeyBy::Route => Some(route),
             KeyBy::Gateway => Some("*"),
-            KeyBy::Label(l) => {
-                identity.and_then(|i| i.labels.iter().find(|(k, _)| **k == **l)).map(|(_, v)| &**v)
-            }
+            KeyBy::Label(l) => identity.and_then(|i| i.labels.iter().find(|(k, _)| **k == **l)).map(|(_, v)| &**v),
         };
         v.filter(|v| !v.is_empty()).unwrap_or("-")
     }
@@ -270,7 +268,10 @@ pub enum Admit {
     Held(Held, Option<i64>),
     Limited(Limited),
     /// The store is down and a budget fails closed: refused (503).
-    Unavailable { error: String, budgets: Vec<Arc<str>> },
+    Unavailable {
+        error: String,
+        budgets: Vec<Arc<str>>,
+    },
     /// The store is down and every budget fails open: admitted, counted nowhere.
     AdmittedUncounted(Held),
 }
@@ -323,7 +324,9 @@ impl Held {
                 let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
                 let (input, output) = match observed {
                     Observed::Ended { success: false, input: None, output: None } => (0, 0),
-                    Observed::Ended { input, output, .. } => (count(input, c.reserved[1]), count(output, c.reserved[2])),
+                    Observed::Ended { input, output, .. } => {
+                        (count(input, c.reserved[1]), count(output, c.reserved[2]))
+                    }
                     Observed::Aborted { answered, input, output, response_bytes } => (
                         count(input, if answered { c.reserved[1] } else { 0 }),
                         count(output, c.reserved[2].min(weighted(response_bytes, w))),
@@ -420,7 +423,8 @@ impl Registry {
                 ("store_unavailable_admitted", g(&m.store_unavailable_admitted)),
                 ("store_unavailable_refused", g(&m.store_unavailable_refused)),
             ] {
-                let _ = writeln!(out, "keyswap_budget_decisions_total{{budget=\"{name}\",decision=\"{decision}\"}} {v}");
+                let _ =
+                    writeln!(out, "keyswap_budget_decisions_total{{budget=\"{name}\",decision=\"{decision}\"}} {v}");
             }
         }
         let _ = writeln!(

@@ -187,7 +187,12 @@ impl RedisStore {
         let reply: Vec<i64> = match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.failed("reserving", &e)),
-            Err(_) => return Err(self.failed("reserving", &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))),
+            Err(_) => {
+                return Err(self.failed(
+                    "reserving",
+                    &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                ))
+            }
         };
         match reply.as_slice() {
             [1, remaining, limited] => Ok(Ok((*limited == 1).then_some(*remaining))),
@@ -232,7 +237,9 @@ impl RedisStore {
                 Ok(Err(e)) => {
                     tracing::warn!(endpoint = %self.endpoint, error = %describe(&e), "settling a budget reservation failed; the reservation stands");
                 }
-                Err(_) => tracing::warn!(endpoint = %self.endpoint, "settling a budget reservation timed out; the reservation stands"),
+                Err(_) => {
+                    tracing::warn!(endpoint = %self.endpoint, "settling a budget reservation timed out; the reservation stands")
+                }
             }
         });
     }

@@ -69,10 +69,13 @@ fn reservations_are_weighted_by_model_and_default_when_the_request_sets_no_limit
 fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
     let engine = Arc::new(Engine::new(Default::default()));
     let now = at(1_796_174_941);
-    let roomy = Arc::new(Budget { name: "default/roomy".into(), ..(*budget([None, None, None, Some(10_000)])).clone() });
+    let roomy =
+        Arc::new(Budget { name: "default/roomy".into(), ..(*budget([None, None, None, Some(10_000)])).clone() });
     let tight = budget([Some(5), None, None, Some(100)]);
     let claims = |n: i64| vec![claim(&roomy, "t", [1, n, 0, n], now), claim(&tight, "t", [1, n, 0, n], now)];
-    let Reserve::Now(Admit::Held(h, remaining)) = engine.reserve(None, claims(60), None, now) else { panic!("admitted") };
+    let Reserve::Now(Admit::Held(h, remaining)) = engine.reserve(None, claims(60), None, now) else {
+        panic!("admitted")
+    };
     assert_eq!(remaining, Some(40));
     let Reserve::Now(Admit::Limited(l)) = engine.reserve(None, claims(60), None, now) else { panic!("limited") };
     assert_eq!((&*l.budget, l.dimension, l.limit, l.used, l.requested), ("default/team", "total_tokens", 100, 60, 60));
@@ -97,7 +100,8 @@ fn concurrent_reservations_never_exceed_the_limit() {
         for _ in 0..8 {
             s.spawn(|| {
                 for _ in 0..100 {
-                    if let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, "k", [1, 0, 7, 7], now)], None, now)
+                    if let Reserve::Now(Admit::Held(h, _)) =
+                        engine.reserve(None, vec![claim(&b, "k", [1, 0, 7, 7], now)], None, now)
                     {
                         admitted.fetch_add(1, Ordering::Relaxed);
                         std::mem::forget(h);

@@ -57,7 +57,11 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The budgets an injected request is admitted against, and the counter it would use in each.
-fn print_budgets(snap: &Snapshot, entry: &crate::config::snapshot::MatchEntry, identity: Option<&crate::auth::Identity>) {
+fn print_budgets(
+    snap: &Snapshot,
+    entry: &crate::config::snapshot::MatchEntry,
+    identity: Option<&crate::auth::Identity>,
+) {
     if entry.budgets.is_empty() {
         return;
     }

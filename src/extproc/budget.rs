@@ -36,6 +36,8 @@ pub struct Budgeted {
 }
 
 /// The answer that lets a request go on: ready, or being computed (a large body signed).
+// Built once per message and moved straight into the answer: boxing it would allocate.
+#[allow(clippy::large_enum_variant)]
 pub enum Continue {
     Ready(ProcessingResponse),
     Later(BoxFuture<'static, ProcessingResponse>),
@@ -175,13 +177,23 @@ impl ProcessStream {
             Admit::Limited(l) => {
                 tracing::debug!(budget = %l.budget, limit = l.dimension, used = l.used, requested = l.requested, "budget exhausted; answering 429");
                 if let Some(tx) = tx {
-                    tx.on_budget("limited", Some(&l.budget), Some(l.limit as i64 - l.used), Some(("budget_exhausted", 429)));
+                    tx.on_budget(
+                        "limited",
+                        Some(&l.budget),
+                        Some(l.limit as i64 - l.used),
+                        Some(("budget_exhausted", 429)),
+                    );
                 }
             }
             Admit::Unavailable { error, budgets } => {
                 tracing::warn!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
                 if let Some(tx) = tx {
-                    tx.on_budget("store_unavailable", budgets.first().map(|b| &**b), None, Some(("budget_store_unavailable", 503)));
+                    tx.on_budget(
+                        "store_unavailable",
+                        budgets.first().map(|b| &**b),
+                        None,
+                        Some(("budget_store_unavailable", 503)),
+                    );
                 }
             }
         }

@@ -39,6 +39,9 @@ use crate::inject::sigv4::{self, Signer};
 use crate::telemetry::span::Transaction;
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 
+/// An answer computed off the stream, with the budget decision it made, if any.
+type OffStream = BoxFuture<'static, (ProcessingResponse, Option<crate::budget::Admit>)>;
+
 /// State shared by every stream.
 pub struct Shared {
     pub store: SnapshotStore,
@@ -176,7 +179,7 @@ pub struct ProcessStream {
     /// An answer being computed off the stream (a large body signed on the blocking pool, a
     /// tunnel target resolved, a budget reserved in Redis), when its message arrived, and its
     /// phase; with the budget decision, if it made one.
-    pending: Option<(BoxFuture<'static, (ProcessingResponse, Option<crate::budget::Admit>)>, Instant, TelemetryPhase)>,
+    pending: Option<(OffStream, Instant, TelemetryPhase)>,
     /// A request that got a real credential: its response headers are scrubbed of live secret
     /// values before the agent (or a span) sees them.
     scrub: Option<response::Scrub>,

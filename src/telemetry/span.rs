@@ -293,7 +293,13 @@ impl Transaction {
     /// The budget decision on this request (`admitted`, `limited`, `store_unavailable`,
     /// `admitted_uncounted`), the budget that decided a refusal, and the fewest tokens any of its
     /// budgets has left. A refusal ends the transaction as keyswap's own 429/503.
-    pub fn on_budget(&mut self, decision: &str, budget: Option<&str>, remaining: Option<i64>, refused: Option<(&'static str, i64)>) {
+    pub fn on_budget(
+        &mut self,
+        decision: &str,
+        budget: Option<&str>,
+        remaining: Option<i64>,
+        refused: Option<(&'static str, i64)>,
+    ) {
         let buf = &mut self.encoded;
         otlp::attribute(buf, field::ATTRIBUTES, &["keyswap.budget.decision"], Value::Str(decision));
         if let Some(b) = budget {

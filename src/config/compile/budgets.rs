@@ -23,9 +23,8 @@ impl Catalog {
     /// reservation values in range.
     pub(super) fn validate_budgets(&self, errors: &mut Vec<ConfigError>) {
         for (key, b) in &self.budgets {
-            let err = |f: String, m: String| {
-                ConfigError::new(m).at(&b.origin).object(label(Kind::TokenBudget, key)).field(f)
-            };
+            let err =
+                |f: String, m: String| ConfigError::new(m).at(&b.origin).object(label(Kind::TokenBudget, key)).field(f);
             let s = &b.spec;
             self.check_parent_refs(&s.parent_refs, key, &[Kind::AIProviderRoute, Kind::EgressGateway], &err, errors);
             let l = &s.limits;
@@ -88,14 +87,21 @@ impl Catalog {
                     .to_owned());
             }
             let secret = self.secrets.get(&skey).ok_or_else(|| format!("Secret {skey} not found"))?;
-            let value = secret.spec.entries.get(url_key).ok_or_else(|| format!("Secret {skey} has no key `{url_key}`"))?;
+            let value =
+                secret.spec.entries.get(url_key).ok_or_else(|| format!("Secret {skey} has no key `{url_key}`"))?;
             let url = std::str::from_utf8(value.expose_secret())
                 .map_err(|_| format!("Secret {skey} key `{url_key}` is not UTF-8"))?
                 .trim();
             let ca = match &redis.ca_key {
                 None => None,
                 Some(k) => Some(
-                    secret.spec.entries.get(k).ok_or_else(|| format!("Secret {skey} has no key `{k}`"))?.expose_secret().to_vec(),
+                    secret
+                        .spec
+                        .entries
+                        .get(k)
+                        .ok_or_else(|| format!("Secret {skey} has no key `{k}`"))?
+                        .expose_secret()
+                        .to_vec(),
                 ),
             };
             RedisTarget::new(url, ca, skey.to_string().into()).map_err(|m| format!("Secret {skey} key `{url_key}` {m}"))

@@ -164,10 +164,16 @@ pub async fn start(
 }
 
 /// The watched keyswap resources.
-type Watches = (Watched<EgressGateway>, Watched<AIProviderRoute>, Watched<CredentialInjectionPolicy>, Watched<TokenBudget>);
+type Watches =
+    (Watched<EgressGateway>, Watched<AIProviderRoute>, Watched<CredentialInjectionPolicy>, Watched<TokenBudget>);
 
 /// Watches keyswap's four resources, in `namespace` or in all namespaces.
-fn watch_resources(client: &Client, namespace: Option<&str>, changed: &Arc<Notify>, status: &Arc<KubeStatus>) -> Watches {
+fn watch_resources(
+    client: &Client,
+    namespace: Option<&str>,
+    changed: &Arc<Notify>,
+    status: &Arc<KubeStatus>,
+) -> Watches {
     fn api<K>(c: &Client, namespace: Option<&str>) -> Api<K>
     where
         K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
