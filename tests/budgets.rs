@@ -868,3 +868,47 @@ async fn spans_carry_the_budget_decision_and_what_is_left() {
         assert!(!raw.contains(secret), "a secret reached a span");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_before_the_answer_does_not_make_a_prompt_free() {
+    let meter = Meter::start(Duration::from_millis(500)).await;
+    let config = tempfile::tempdir().unwrap();
+    let r = acme_budget(&meter, config.path()).await;
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/acme-daily\",kind=\"settled\"}");
+    let prompt = format!(r#"{{"model":"gpt-4o","max_tokens":10,"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(300));
+    // The agent gives up before the provider answers: the request was forwarded all the same.
+    let gave_up = tokio::time::timeout(Duration::from_millis(150), call(r.port, OPENAI, Some(ACME_TOKEN), &prompt)).await;
+    assert!(gave_up.is_err(), "answered before the agent hung up");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled().await == 0.0 {
+        assert!(Instant::now() < deadline, "the abandoned request was never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(settled().await >= prompt.len() as f64, "the prompt was released: {}", settled().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_gets_budget_exhaustion_at_once_without_retrying() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let r = acme_budget(&meter, config.path()).await;
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key=sys.argv[2],
+                  default_headers={"Host": "api.openai.com"}, max_retries=2)
+try:
+    c.chat.completions.create(model="gpt-4o", max_tokens=5000, messages=[{"role": "user", "content": "hi"}])
+    print("admitted")
+except openai.RateLimitError as e:
+    print("limited", e.body["type"] if isinstance(e.body, dict) else e.body)
+"#;
+    let out = tokio::task::block_in_place(|| {
+        Command::new("python3").args(["-c", script, &r.port.to_string(), ACME_TOKEN]).output().unwrap()
+    });
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the openai SDK is missing (pip install openai) or failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "limited budget_exhausted", "{stderr}");
+    let limited = r.metric("keyswap_budget_decisions_total{budget=\"default/acme-daily\",decision=\"limited\"}").await;
+    assert_eq!(limited, 1.0, "the SDK retried a request that could never fit");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0);
+}

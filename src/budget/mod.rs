@@ -187,7 +187,7 @@ pub struct Demand {
 }
 
 impl Demand {
-    /// Reads a JSON request body: `model`, and the output limit under any provider's name for it
+    /// Reads a JSON request body: `model` (unless `path_model`, the model the path names), and the output limit under any provider's name for it
     /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
     /// `generationConfig.maxOutputTokens`, Bedrock's `inferenceConfig.maxTokens`). Anything else
     /// (not JSON, no limit) leaves the fields `None`; never fails.
@@ -224,8 +224,10 @@ impl Demand {
             .chain(nested(f.generation_config))
             .chain(nested(f.inference_config))
             .max();
+        // Where the provider reads the model from the path, a `model` in the body is ignored by
+        // it: the path's counts (an agent must not pick a cheaper weight that way).
         Demand {
-            model: f.model.filter(|m| !m.is_empty()).or_else(|| path_model.map(str::to_owned)),
+            model: path_model.map(str::to_owned).or_else(|| f.model.filter(|m| !m.is_empty())),
             max_output_tokens: max,
             body_bytes: body.len() as u64,
         }
@@ -301,10 +303,11 @@ pub enum Observed {
     /// The response ended. Tokens the provider reported count; a count it did not report keeps
     /// its reservation (an error status without usage: nothing was generated, both are released).
     Ended { success: bool, input: Option<u64>, output: Option<u64> },
-    /// The response was cut off (client gone, upstream reset). Reported counts count; otherwise
-    /// the input counts once the provider answered, and the output up to the response bytes
-    /// that passed (a token is at least one byte), never more than reserved.
-    Aborted { answered: bool, input: Option<u64>, output: Option<u64>, response_bytes: u64 },
+    /// The request was forwarded, then cut off (client gone, upstream reset). Reported counts
+    /// count; otherwise the input counts as reserved (the provider may have read the prompt
+    /// whether or not it answered), and the output up to the response bytes that passed (a token
+    /// is at least one byte), never more than reserved.
+    Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64 },
 }
 
 impl Held {
@@ -327,8 +330,8 @@ impl Held {
                     Observed::Ended { input, output, .. } => {
                         (count(input, c.reserved[1]), count(output, c.reserved[2]))
                     }
-                    Observed::Aborted { answered, input, output, response_bytes } => (
-                        count(input, if answered { c.reserved[1] } else { 0 }),
+                    Observed::Aborted { input, output, response_bytes } => (
+                        count(input, c.reserved[1]),
                         count(output, c.reserved[2].min(weighted(response_bytes, w))),
                     ),
                 };

@@ -51,6 +51,8 @@ fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
     assert_eq!(Demand::from_body(br#"{"max_tokens":5,"max_completion_tokens":50}"#, None).max_output_tokens, Some(50));
     let d = Demand::from_body(b"not json", Some("gemini-2.0-flash"));
     assert_eq!((d.model.as_deref(), d.max_output_tokens, d.body_bytes), (Some("gemini-2.0-flash"), None, 8));
+    // The model the path names wins over one the body claims (a cheaper weight).
+    assert_eq!(Demand::from_body(br#"{"model":"cheap"}"#, Some("gemini-ultra")).model.as_deref(), Some("gemini-ultra"));
     // A limit of the wrong type is no limit: the budget's default applies.
     assert_eq!(Demand::from_body(br#"{"max_tokens":"100"}"#, None).max_output_tokens, None);
 }

@@ -96,7 +96,7 @@ impl Budgeted {
         let observed = if ended {
             Observed::Ended { success: self.success.unwrap_or(false), input, output }
         } else {
-            Observed::Aborted { answered: self.success.is_some(), input, output, response_bytes: self.response_bytes }
+            Observed::Aborted { input, output, response_bytes: self.response_bytes }
         };
         held.settle(observed);
     }
@@ -257,5 +257,12 @@ fn limited(l: &Limited) -> ProcessingResponse {
         "retry_after_seconds": l.retry_after,
     }});
     let retry = l.retry_after.to_string();
-    mutation::immediate_with(429, &body, "keyswap_budget_exhausted", &[("retry-after", retry.as_bytes())])
+    // The official SDKs retry a 429 after `Retry-After` when it is at most a minute away, and
+    // honour `x-should-retry`: no retries when the window is longer, or the request alone is over.
+    let hopeless = l.retry_after > 60 || l.requested > l.limit as i64;
+    let mut headers: Vec<(&str, &[u8])> = vec![("retry-after", retry.as_bytes())];
+    if hopeless {
+        headers.push(("x-should-retry", b"false"));
+    }
+    mutation::immediate_with(429, &body, "keyswap_budget_exhausted", &headers)
 }
