@@ -412,6 +412,7 @@ fn budget(c: &mut Criterion) {
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
         fail_closed: false,
+        invalid: None,
     });
     let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Say hello in five words."}]}"#;
     let mut g = c.benchmark_group("budget");

@@ -912,3 +912,41 @@ except openai.RateLimitError as e:
     assert_eq!(limited, 1.0, "the SDK retried a request that could never fit");
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_budget_fails_its_route_closed_instead_of_lifting_the_limit() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let good = budget("hourly", "{name: openai}", "  key: Route\n  window: Hour\n  limits: {requests: 100}");
+    write(config.path(), &gateway(&good, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 200);
+    // Valid YAML, invalid budget (no limit at all): left out, and its route refused meanwhile.
+    let bad = budget("hourly", "{name: openai}", "  key: Route\n  window: Hour\n  limits: {}");
+    write(config.path(), &gateway(&bad, ""));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let body = loop {
+        let (status, _, body) = call(r.port, OPENAI, None, &chat(5)).await;
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "the invalid budget was never applied:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "budget_invalid", "{body}");
+    assert_eq!(v["error"]["budget"], "default/hourly", "{body}");
+    // Other routes are untouched; the log names the object and field.
+    assert_eq!(call(r.port, ANTHROPIC, None, &chat(5)).await.0, 200);
+    let log = r.keyswap.output();
+    assert!(log.contains("TokenBudget default/hourly") && log.contains("spec.limits"), "{log}");
+    let requests = meter.requests.load(Ordering::SeqCst);
+    write(config.path(), &gateway(&good, ""));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while call(r.port, OPENAI, None, &chat(5)).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the fixed budget never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(meter.requests.load(Ordering::SeqCst) > requests);
+}

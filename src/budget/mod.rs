@@ -56,6 +56,9 @@ pub struct Budget {
     pub bytes_per_input_token: u64,
     /// The store cannot be reached: refuse (503) instead of admitting uncounted.
     pub fail_closed: bool,
+    /// The TokenBudget is invalid and left out of the configuration: its requests are refused
+    /// (503) until it is fixed, rather than run without the limit. Why, for the answer.
+    pub invalid: Option<Arc<str>>,
 }
 
 /// Whose use a budget counts.
@@ -276,6 +279,8 @@ pub enum Admit {
     },
     /// The store is down and every budget fails open: admitted, counted nowhere.
     AdmittedUncounted(Held),
+    /// A budget of the route is invalid: refused (503) until it is fixed.
+    Invalid { budget: Arc<str>, why: Arc<str> },
 }
 
 /// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
@@ -376,6 +381,7 @@ pub struct BudgetMetrics {
     pub limited: AtomicU64,
     pub store_unavailable_admitted: AtomicU64,
     pub store_unavailable_refused: AtomicU64,
+    pub invalid: AtomicU64,
     pub reserved_tokens: AtomicU64,
     pub settled_tokens: AtomicU64,
 }
@@ -425,6 +431,7 @@ impl Registry {
                 ("limited", g(&m.limited)),
                 ("store_unavailable_admitted", g(&m.store_unavailable_admitted)),
                 ("store_unavailable_refused", g(&m.store_unavailable_refused)),
+                ("invalid", g(&m.invalid)),
             ] {
                 let _ =
                     writeln!(out, "keyswap_budget_decisions_total{{budget=\"{name}\",decision=\"{decision}\"}} {v}");
@@ -482,6 +489,10 @@ impl Engine {
         model: Option<String>,
         now: SystemTime,
     ) -> Reserve {
+        if let Some(b) = claims.iter().map(|c| &c.budget).find(|b| b.invalid.is_some()) {
+            let why = b.invalid.clone().unwrap_or_default();
+            return Reserve::Now(self.count(Admit::Invalid { budget: b.name.clone(), why }));
+        }
         for c in &claims {
             self.metrics(&c.budget.name).reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
         }
@@ -544,6 +555,7 @@ impl Engine {
                     inc(&self.metrics(&c.budget.name).store_unavailable_admitted);
                 }
             }
+            Admit::Invalid { budget, .. } => inc(&self.metrics(budget).invalid),
         }
         admit
     }

@@ -17,6 +17,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
         fail_closed: false,
+        invalid: None,
     })
 }
 

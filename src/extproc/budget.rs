@@ -185,6 +185,12 @@ impl ProcessStream {
                     );
                 }
             }
+            Admit::Invalid { budget, why } => {
+                tracing::debug!(%budget, %why, "a token budget of this route is invalid; answering 503 (fail closed)");
+                if let Some(tx) = tx {
+                    tx.on_budget("invalid", Some(&budget), None, Some(("budget_invalid", 503)));
+                }
+            }
             Admit::Unavailable { error, budgets } => {
                 tracing::warn!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
                 if let Some(tx) = tx {
@@ -231,6 +237,14 @@ fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
     match admit {
         Admit::Held(..) | Admit::AdmittedUncounted(_) => None,
         Admit::Limited(l) => Some(limited(l)),
+        Admit::Invalid { budget, why } => {
+            let body = json!({"error": {
+                "type": "budget_invalid",
+                "message": format!("{why}; requests of its routes are refused until it is fixed, never run without the limit"),
+                "budget": &**budget,
+            }});
+            Some(mutation::immediate(503, &body, "keyswap_budget_invalid"))
+        }
         Admit::Unavailable { budgets, .. } => {
             let body = json!({"error": {
                 "type": "budget_store_unavailable",

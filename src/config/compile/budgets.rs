@@ -120,8 +120,12 @@ pub(super) struct GatewayBudgets {
 impl GatewayBudgets {
     pub(super) fn new(catalog: &Catalog, gateway: &Key) -> GatewayBudgets {
         let mut g = GatewayBudgets { on_gateway: Vec::new(), on_route: BTreeMap::new() };
-        for (key, b) in &catalog.budgets {
-            let compiled = Arc::new(compile(key, &b.spec));
+        let valid = catalog.budgets.iter().map(|(k, b)| (k, b, None));
+        let left_out = catalog.rejected.budgets.iter().map(|(k, b)| {
+            (k, b, Some(Arc::from(format!("TokenBudget {k} is invalid and left out (see `keyswap check`)"))))
+        });
+        for (key, b, invalid) in valid.chain(left_out) {
+            let compiled = Arc::new(Budget { invalid, ..compile(key, &b.spec) });
             for r in &b.spec.parent_refs {
                 match resolve_ref(r, key, Kind::AIProviderRoute) {
                     Ok((Kind::EgressGateway, k)) if &k == gateway => g.on_gateway.push(compiled.clone()),
@@ -155,5 +159,6 @@ fn compile(key: &Key, s: &TokenBudgetSpec) -> Budget {
         default_output_tokens: reservation.default_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS),
         bytes_per_input_token: u64::from(reservation.bytes_per_input_token.unwrap_or(1).max(1)),
         fail_closed: s.on_store_unavailable == crate::api::StoreFailure::FailClosed,
+        invalid: None,
     }
 }

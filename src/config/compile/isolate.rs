@@ -27,7 +27,8 @@ pub struct Rejected {
     pub routes: BTreeMap<Key, Entry<AIProviderRouteSpec>>,
     pub policies: BTreeMap<Key, Entry<CredentialInjectionPolicySpec>>,
     pub secrets: BTreeSet<Key>,
-    pub budgets: BTreeSet<Key>,
+    /// Budgets left out: the routes they attach to fail closed (a limit is never lifted by a typo).
+    pub budgets: BTreeMap<Key, Entry<crate::api::TokenBudgetSpec>>,
 }
 
 impl Catalog {
@@ -69,8 +70,8 @@ impl Catalog {
             let e = self.policies.remove(&k).expect("found");
             self.rejected.policies.insert(k, e);
         } else if let Some(k) = find(Kind::TokenBudget, self.budgets.keys(), object) {
-            self.budgets.remove(&k);
-            self.rejected.budgets.insert(k);
+            let e = self.budgets.remove(&k).expect("found");
+            self.rejected.budgets.insert(k, e);
         } else if let Some(k) = find(Kind::Secret, self.secrets.keys(), object) {
             self.secrets.remove(&k);
             self.rejected.secrets.insert(k);
@@ -90,7 +91,7 @@ impl Catalog {
             Kind::EgressGateway => self.rejected.gateways.contains(key),
             Kind::AIProviderRoute => self.rejected.routes.contains_key(key),
             Kind::CredentialInjectionPolicy => self.rejected.policies.contains_key(key),
-            Kind::TokenBudget => self.rejected.budgets.contains(key),
+            Kind::TokenBudget => self.rejected.budgets.contains_key(key),
             Kind::Secret => self.rejected.secrets.contains(key),
         }
     }
