@@ -875,9 +875,13 @@ async fn hanging_up_before_the_answer_does_not_make_a_prompt_free() {
     let config = tempfile::tempdir().unwrap();
     let r = acme_budget(&meter, config.path()).await;
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/acme-daily\",kind=\"settled\"}");
-    let prompt = format!(r#"{{"model":"gpt-4o","max_tokens":10,"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(300));
+    let prompt = format!(
+        r#"{{"model":"gpt-4o","max_tokens":10,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(300)
+    );
     // The agent gives up before the provider answers: the request was forwarded all the same.
-    let gave_up = tokio::time::timeout(Duration::from_millis(150), call(r.port, OPENAI, Some(ACME_TOKEN), &prompt)).await;
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(150), call(r.port, OPENAI, Some(ACME_TOKEN), &prompt)).await;
     assert!(gave_up.is_err(), "answered before the agent hung up");
     let deadline = Instant::now() + Duration::from_secs(5);
     while settled().await == 0.0 {

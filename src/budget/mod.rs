@@ -193,7 +193,8 @@ impl Demand {
     /// Reads a JSON request body: `model` (unless `path_model`, the model the path names), and the output limit under any provider's name for it
     /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
     /// `generationConfig.maxOutputTokens`, Bedrock's `inferenceConfig.maxTokens`). Anything else
-    /// (not JSON, no limit) leaves the fields `None`; never fails.
+    /// (not JSON, no limit) leaves the fields `None`; never fails. A request without a body (a
+    /// model list) generates nothing: its output limit is 0.
     pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
         #[derive(serde::Deserialize, Default)]
         #[serde(rename_all = "camelCase")]
@@ -217,6 +218,9 @@ impl Demand {
             generation_config: Option<Nested>,
             #[serde(default, rename = "inferenceConfig")]
             inference_config: Option<Nested>,
+        }
+        if body.is_empty() {
+            return Demand { model: path_model.map(str::to_owned), max_output_tokens: Some(0), body_bytes: 0 };
         }
         let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         let f: Fields = if is_object { serde_json::from_slice(body).unwrap_or_default() } else { Fields::default() };
@@ -280,7 +284,10 @@ pub enum Admit {
     /// The store is down and every budget fails open: admitted, counted nowhere.
     AdmittedUncounted(Held),
     /// A budget of the route is invalid: refused (503) until it is fixed.
-    Invalid { budget: Arc<str>, why: Arc<str> },
+    Invalid {
+        budget: Arc<str>,
+        why: Arc<str>,
+    },
 }
 
 /// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
@@ -305,8 +312,10 @@ enum HeldIn {
 /// What is known about a call when its reservation is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observed {
-    /// The response ended. Tokens the provider reported count; a count it did not report keeps
-    /// its reservation (an error status without usage: nothing was generated, both are released).
+    /// The response ended. Tokens the provider reported count, and a count missing beside a
+    /// reported one is zero (embeddings report no output). A response that reports no usage at
+    /// all keeps its reservation (an OpenAI stream without `include_usage`); an error status
+    /// without usage generated nothing: both are released.
     Ended { success: bool, input: Option<u64>, output: Option<u64> },
     /// The request was forwarded, then cut off (client gone, upstream reset). Reported counts
     /// count; otherwise the input counts as reserved (the provider may have read the prompt
@@ -332,13 +341,11 @@ impl Held {
                 let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
                 let (input, output) = match observed {
                     Observed::Ended { success: false, input: None, output: None } => (0, 0),
-                    Observed::Ended { input, output, .. } => {
-                        (count(input, c.reserved[1]), count(output, c.reserved[2]))
+                    Observed::Ended { input: None, output: None, .. } => (c.reserved[1], c.reserved[2]),
+                    Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
+                    Observed::Aborted { input, output, response_bytes } => {
+                        (count(input, c.reserved[1]), count(output, c.reserved[2].min(weighted(response_bytes, w))))
                     }
-                    Observed::Aborted { input, output, response_bytes } => (
-                        count(input, c.reserved[1]),
-                        count(output, c.reserved[2].min(weighted(response_bytes, w))),
-                    ),
                 };
                 let used = [1, input, output, input + output];
                 std::array::from_fn(|d| used[d] - c.reserved[d])

@@ -52,6 +52,8 @@ fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
     assert_eq!(Demand::from_body(br#"{"max_tokens":5,"max_completion_tokens":50}"#, None).max_output_tokens, Some(50));
     let d = Demand::from_body(b"not json", Some("gemini-2.0-flash"));
     assert_eq!((d.model.as_deref(), d.max_output_tokens, d.body_bytes), (Some("gemini-2.0-flash"), None, 8));
+    // No body, nothing generated.
+    assert_eq!(Demand::from_body(b"", None).max_output_tokens, Some(0));
     // The model the path names wins over one the body claims (a cheaper weight).
     assert_eq!(Demand::from_body(br#"{"model":"cheap"}"#, Some("gemini-ultra")).model.as_deref(), Some("gemini-ultra"));
     // A limit of the wrong type is no limit: the budget's default applies.
@@ -133,4 +135,37 @@ fn keys_of_callers_without_one_share_a_counter() {
     assert_eq!(KeyBy::Label("cost-center".into()).value(Some(&id), "default/r"), "-");
     assert_eq!(KeyBy::Route.value(None, "default/r"), "default/r");
     assert_eq!(KeyBy::Gateway.value(None, "default/r"), "*");
+}
+
+#[test]
+fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothing_was() {
+    let engine = Arc::new(Engine::new(Default::default()));
+    let now = at(1_796_174_941);
+    let b = budget([None, None, None, None]);
+    let start = window_bounds(BudgetWindow::Day, now).0;
+    let settle = |key: &str, observed: Observed| {
+        let Reserve::Now(Admit::Held(h, _)) =
+            engine.reserve(None, vec![claim(&b, key, [1, 30, 4096, 4126], now)], None, now)
+        else {
+            panic!("admitted")
+        };
+        h.settle(observed);
+        engine.local.used("default/team", key, start).unwrap()
+    };
+    // Embeddings: input reported, no output: the output reservation is released.
+    assert_eq!(settle("embed", Observed::Ended { success: true, input: Some(10), output: None }), [1, 10, 0, 10]);
+    // No usage at all on a success: the reservation stands.
+    assert_eq!(settle("silent", Observed::Ended { success: true, input: None, output: None }), [1, 30, 4096, 4126]);
+    // An error without usage generated nothing.
+    assert_eq!(settle("error", Observed::Ended { success: false, input: None, output: None }), [1, 0, 0, 0]);
+    // Cut off after 200 bytes: the input stands, output up to the bytes seen.
+    assert_eq!(settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200 }), [1, 30, 200, 230]);
+    // Dropped unsettled (never forwarded): everything released, the request too.
+    let Reserve::Now(Admit::Held(h, _)) =
+        engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], None, now)
+    else {
+        panic!("admitted")
+    };
+    drop(h);
+    assert_eq!(engine.local.used("default/team", "dropped", start), Some([0, 0, 0, 0]));
 }
