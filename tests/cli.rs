@@ -302,3 +302,84 @@ fn every_flag_the_docs_give_a_command_is_in_its_help() {
     }
     assert!(checked > 20, "only {checked} flags found in the docs");
 }
+
+#[test]
+fn check_and_explain_show_budgets_and_the_store_but_never_the_redis_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = "redis-password-do-not-leak";
+    let config = format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  budgetStore: {{redis: {{secretRef: {{name: budget-redis}}}}}}
+  agentAuth:
+    validators: [{{sharedToken: {{secretRef: {{name: team-token}}, agent: builder, tenant: acme}}}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: openai}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: openai}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: key}}
+spec:
+  parentRefs: [{{name: openai}}]
+  secretRef: {{name: openai}}
+  target: Header
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: TokenBudget
+metadata: {{name: acme-daily}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  key: Tenant
+  window: Day
+  limits: {{totalTokens: 5000000, requests: 20000}}
+  modelWeights: [{{model: "gpt-4o*", weight: 2}}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: budget-redis}}
+stringData: {{url: "rediss://keyswap:{password}@redis.internal:6380/0"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: team-token}}
+stringData: {{token: team-token-0001-do-not-leak}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: openai}}
+stringData: {{token: {OPENAI_KEY}}}
+"#
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", d]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("budgets: default/acme-daily"), "{out}");
+    assert!(out.contains("counted in Redis at redis.internal:6380 (Secret default/budget-redis)"), "{out}");
+    assert!(out.contains("TokenBudget default/acme-daily: per Tenant per Day (UTC): requests 20000, totalTokens 5000000, weights gpt-4o* x2"), "{out}");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["explain", "--config", d, "--host", "api.openai.com", "--path", "/v1/chat/completions"])
+        .env("KEYSWAP_AGENT_TOKEN", "team-token-0001-do-not-leak")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("this request counts as `acme`"), "{text}");
+    for t in [&text, &err] {
+        assert!(!t.contains(password), "the Redis password was printed:\n{t}");
+        assert_no_secrets(t);
+    }
+    // A URL that is not one: named with the Secret and key, without quoting it.
+    let bad = std::fs::read_to_string(dir.path().join("gateway.yaml")).unwrap().replace("rediss://", "http://");
+    std::fs::write(dir.path().join("gateway.yaml"), bad).unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", d]);
+    assert_eq!(code, 3, "an unusable budget store is like an unresolved credential: exit 3");
+    assert!(out.contains("store UNUSABLE: Secret default/budget-redis key `url` is not a Redis URL"), "{out}{err}");
+    assert!(!out.contains(password) && !err.contains(password));
+}

@@ -29,10 +29,14 @@ pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut unresolved = 0;
+    let mut store_unusable = 0;
     let mut failed = false;
     for gw in &gateways {
         match catalog.compile(gw) {
-            Ok(snap) => unresolved += print_snapshot(&catalog, &snap),
+            Ok(snap) => {
+                unresolved += print_snapshot(&catalog, &snap);
+                store_unusable += usize::from(matches!(snap.budget_store, Some(Err(_))));
+            }
             Err(errors) => {
                 eprintln!("keyswap: gateway {gw}: {errors}");
                 failed = true;
@@ -44,6 +48,11 @@ pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
     }
     if unresolved > 0 {
         eprintln!("keyswap: {unresolved} route match(es) have no usable credential; requests to them get 503");
+    }
+    if store_unusable > 0 {
+        eprintln!("keyswap: a gateway's budgetStore is unusable; its budgeted requests follow onStoreUnavailable");
+    }
+    if unresolved > 0 || store_unusable > 0 {
         return Ok(ExitCode::from(3));
     }
     println!("OK");

@@ -59,11 +59,12 @@ pub enum Command {
     /// Run the ext_proc gRPC server Envoy calls (with gRPC health) and Envoy's ADS (listeners,
     /// routes, clusters, the leaf certificate). Watches --config for changes.
     Serve(ServeArgs),
-    /// Validate the configuration and print what it compiles to (secrets as fingerprints only).
-    /// Exits non-zero on any error or unresolved credential.
+    /// Validate the configuration and print what it compiles to (secrets as fingerprints only),
+    /// token budgets included. Exits 1 on any error, 3 on an unresolved credential or an unusable
+    /// budget store.
     Check(SourceArgs),
-    /// Show what keyswap would do with one request: which route and policy, what it writes, or
-    /// why it would deny.
+    /// Show what keyswap would do with one request: which route and policy, what it writes, which
+    /// token budgets it is counted in, or why it would deny.
     Explain(ExplainArgs),
     /// Create or reuse the gateway's CA (what `serve` mints leaves from), and mint a leaf file (a
     /// SAN per routed host) for a static bootstrap (`envoy-config --static`).
