@@ -264,6 +264,15 @@ impl Replica {
     }
 }
 
+/// A gateway with one budget (`name`, attached to `parent`, with `spec` lines), served by one
+/// replica in front of `meter`; the config directory lives as long as the first value.
+fn one_budget(meter: &Meter, name: &str, parent: &str, spec: &str) -> (tempfile::TempDir, Replica) {
+    let config = tempfile::tempdir().unwrap();
+    write(config.path(), &gateway(&budget(name, parent, spec), ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    (config, r)
+}
+
 /// A call as the agent makes it: (status, retry-after, body).
 async fn call(port: u16, host: &str, token: Option<&str>, body: &str) -> (u16, Option<String>, String) {
     let path = if host == ANTHROPIC { "/v1/messages" } else { "/v1/chat/completions" };
@@ -345,14 +354,7 @@ async fn twenty_concurrent(ports: &[u16], meter: &Meter) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
     let meter = Meter::start(Duration::from_millis(300)).await;
-    let config = tempfile::tempdir().unwrap();
-    let b = budget(
-        "acme-daily",
-        "{kind: EgressGateway, name: egress}",
-        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
-    );
-    write(config.path(), &gateway(&b, ""));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let (_config, r) = acme_budget(&meter);
 
     let admitted = twenty_concurrent(&[r.port], &meter).await;
     let body = chat(100);
@@ -381,14 +383,12 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let b = budget(
+    let (_config, r) = one_budget(
+        &meter,
         "shared",
         "{kind: EgressGateway, name: egress}",
         "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}",
     );
-    write(config.path(), &gateway(&b, ""));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
     let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
     let cases = [
@@ -424,14 +424,12 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let b = budget(
+    let (_config, r) = one_budget(
+        &meter,
         "tight",
         "{kind: EgressGateway, name: egress}",
         "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}",
     );
-    write(config.path(), &gateway(&b, ""));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/tight\",kind=\"settled\"}");
     let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":2000,"messages":[]}"#;
     // The agent reads the first event, then hangs up before the usage event.
@@ -475,11 +473,7 @@ async fn twenty_concurrent_requests_over_two_replicas_sharing_redis_never_oversp
     let redis_port = free_port();
     let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
     let (store, secret) = redis_store(redis_port);
-    let b = budget(
-        "acme-daily",
-        "{kind: EgressGateway, name: egress}",
-        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
-    );
+    let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", ACME_DAILY);
     let config = tempfile::tempdir().unwrap();
     write(config.path(), &gateway(&(b + &secret), &store));
     let (a, b) = tokio::task::block_in_place(|| {
@@ -656,22 +650,17 @@ async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
 
 // === attacks: the agent tries to spend past its budget ===
 
-/// A gateway whose `acme` tenant has 1,000 tokens a day; returns the replica.
-async fn acme_budget(meter: &Meter, config: &Path) -> Replica {
-    let b = budget(
-        "acme-daily",
-        "{kind: EgressGateway, name: egress}",
-        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
-    );
-    write(config, &gateway(&b, ""));
-    tokio::task::block_in_place(|| Replica::start(config, meter.addr))
+/// A gateway whose `acme` tenant (and every other) has 1,000 tokens a day.
+fn acme_budget(meter: &Meter) -> (tempfile::TempDir, Replica) {
+    one_budget(meter, "acme-daily", "{kind: EgressGateway, name: egress}", ACME_DAILY)
 }
+
+const ACME_DAILY: &str = "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_dodge_its_budget_by_omitting_or_garbling_max_tokens() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let r = acme_budget(&meter, config.path()).await;
+    let (_config, r) = acme_budget(&meter);
     // No max_tokens, a string, a negative number, a float, a huge number: each reserves the
     // budget's default (4096 > 1000) or more, so none fits; nothing reaches the provider.
     for limit in [
@@ -696,8 +685,7 @@ async fn an_agent_cannot_dodge_its_budget_by_omitting_or_garbling_max_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_spend_another_tenants_budget_or_escape_its_own_by_sending_headers() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let r = acme_budget(&meter, config.path()).await;
+    let (_config, r) = acme_budget(&meter);
     // Spend acme's budget.
     while call(r.port, OPENAI, Some(ACME_TOKEN), &chat(200)).await.0 == 200 {}
     // Identity headers an agent might try: the tenant comes from the verified token only.
@@ -719,8 +707,7 @@ async fn an_agent_cannot_spend_another_tenants_budget_or_escape_its_own_by_sendi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_larger_than_the_budget_is_refused_before_it_reaches_the_provider() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let r = acme_budget(&meter, config.path()).await;
+    let (_config, r) = acme_budget(&meter);
     // 2,000 bytes of prompt with max_tokens 1: its input alone may be 2,000 tokens.
     let big = format!(
         r#"{{"model":"gpt-4o","max_tokens":1,"messages":[{{"role":"user","content":"{}"}}]}}"#,
@@ -836,12 +823,7 @@ async fn spans_carry_the_budget_decision_and_what_is_left() {
     let (collector, collector_addr) = Receiver::start().await;
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();
-    let b = budget(
-        "acme-daily",
-        "{kind: EgressGateway, name: egress}",
-        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}",
-    );
-    write(config.path(), &gateway(&b, ""));
+    write(config.path(), &gateway(&budget("acme-daily", "{kind: EgressGateway, name: egress}", ACME_DAILY), ""));
     let endpoint = format!("http://{collector_addr}");
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
     let r = tokio::task::block_in_place(|| Replica::start_env(config.path(), meter.addr, &env));
@@ -872,8 +854,7 @@ async fn spans_carry_the_budget_decision_and_what_is_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_up_before_the_answer_does_not_make_a_prompt_free() {
     let meter = Meter::start(Duration::from_millis(500)).await;
-    let config = tempfile::tempdir().unwrap();
-    let r = acme_budget(&meter, config.path()).await;
+    let (_config, r) = acme_budget(&meter);
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/acme-daily\",kind=\"settled\"}");
     let prompt = format!(
         r#"{{"model":"gpt-4o","max_tokens":10,"messages":[{{"role":"user","content":"{}"}}]}}"#,
@@ -894,8 +875,7 @@ async fn hanging_up_before_the_answer_does_not_make_a_prompt_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_sdk_gets_budget_exhaustion_at_once_without_retrying() {
     let meter = Meter::start(Duration::ZERO).await;
-    let config = tempfile::tempdir().unwrap();
-    let r = acme_budget(&meter, config.path()).await;
+    let (_config, r) = acme_budget(&meter);
     let script = r#"
 import sys, openai
 c = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key=sys.argv[2],
