@@ -934,3 +934,25 @@ async fn an_invalid_budget_fails_its_route_closed_instead_of_lifting_the_limit()
     }
     assert!(meter.requests.load(Ordering::SeqCst) > requests);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_of_requests_only_reads_no_bodies_and_a_token_budget_reads_both() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let phase = |p: &str| format!("keyswap_extproc_phase_duration_seconds_count{{phase=\"{p}\"}}");
+    for (spec, reads) in [
+        ("  key: Route\n  window: Hour\n  limits: {requests: 100}", false),
+        ("  key: Route\n  window: Hour\n  limits: {outputTokens: 100000}", true),
+    ] {
+        let (_config, r) = one_budget(&meter, "b", "{name: openai}", spec);
+        let (status, _, body) = call(r.port, OPENAI, None, &chat(10)).await;
+        assert_eq!(status, 200, "{body}");
+        let admitted = r.metric("keyswap_budget_decisions_total{budget=\"default/b\",decision=\"admitted\"}").await;
+        assert_eq!(admitted, 1.0, "{spec}");
+        let bodies = (r.metric(&phase("request_body")).await, r.metric(&phase("response_body")).await);
+        if reads {
+            assert!(bodies.0 >= 1.0 && bodies.1 >= 1.0, "a token budget must read both bodies: {bodies:?}");
+        } else {
+            assert_eq!(bodies, (0.0, 0.0), "a requests-only budget read a body");
+        }
+    }
+}

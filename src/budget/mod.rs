@@ -130,19 +130,21 @@ impl Budget {
         self.weights.iter().find(|(g, _)| crate::glob::matches(g, model, None)).map_or(1.0, |(_, w)| *w)
     }
 
-    /// What `demand` reserves in this budget: one request and its weighted tokens.
+    /// Whether the budget limits tokens (else only requests: no body is read for it).
+    pub fn counts_tokens(&self) -> bool {
+        self.limits[1..].iter().any(Option::is_some)
+    }
+
+    /// What `demand` reserves in this budget: one request and its weighted tokens (none when
+    /// the budget limits only requests).
     pub fn reserve_amounts(&self, demand: &Demand) -> Amounts {
+        if !self.counts_tokens() {
+            return [1, 0, 0, 0];
+        }
         let w = self.weight(demand.model.as_deref());
         let input = weighted(demand.body_bytes.div_ceil(self.bytes_per_input_token.max(1)), w);
         let output = weighted(demand.max_output_tokens.unwrap_or(self.default_output_tokens), w);
         [1, input, output, input + output]
-    }
-
-    /// What a call that used `usage` costs in this budget (`None` fields: not reported).
-    pub fn used_amounts(&self, model: Option<&str>, input: u64, output: u64) -> Amounts {
-        let w = self.weight(model);
-        let (i, o) = (weighted(input, w), weighted(output, w));
-        [1, i, o, i + o]
     }
 }
 

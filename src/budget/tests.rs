@@ -67,7 +67,10 @@ fn reservations_are_weighted_by_model_and_default_when_the_request_sets_no_limit
     assert_eq!(b.reserve_amounts(&d), [1, 60, 200, 260]);
     let d = Demand { model: Some("claude".into()), max_output_tokens: None, body_bytes: 30 };
     assert_eq!(b.reserve_amounts(&d), [1, 30, 4096, 4126]);
-    assert_eq!(b.used_amounts(Some("gpt-4o"), 10, 5), [1, 20, 10, 30]);
+    // A budget of requests only reserves (and reads) no tokens.
+    let requests_only = Budget { limits: [Some(10), None, None, None], ..(*b).clone() };
+    assert!(!requests_only.counts_tokens());
+    assert_eq!(requests_only.reserve_amounts(&d), [1, 0, 0, 0]);
 }
 
 #[test]

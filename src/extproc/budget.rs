@@ -33,6 +33,9 @@ pub struct Budgeted {
     success: Option<bool>,
     parser: Option<UsageParser>,
     response_bytes: u64,
+    /// Some budget limits tokens: the request body is read to reserve, the response body to
+    /// settle. Budgets of requests only need neither.
+    reads_bodies: bool,
 }
 
 /// The answer that lets a request go on: ready, or being computed (a large body signed).
@@ -65,7 +68,18 @@ impl Budgeted {
             success: None,
             parser: None,
             response_bytes: 0,
+            reads_bodies: entry.budgets.iter().any(|b| b.counts_tokens()),
         }))
+    }
+
+    /// Whether the request and response bodies are read (some budget limits tokens).
+    pub fn reads_bodies(&self) -> bool {
+        self.reads_bodies
+    }
+
+    /// Whether the reservation waits for the request body (read whole, in one message).
+    pub fn waits_for_body(&self) -> bool {
+        self.reads_bodies && self.held.is_none()
     }
 
     fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
@@ -180,7 +194,7 @@ impl ProcessStream {
                     tx.on_budget(
                         "limited",
                         Some(&l.budget),
-                        Some(l.limit as i64 - l.used),
+                        (l.dimension != "requests").then(|| l.limit as i64 - l.used),
                         Some(("budget_exhausted", 429)),
                     );
                 }
@@ -192,7 +206,8 @@ impl ProcessStream {
                 }
             }
             Admit::Unavailable { error, budgets } => {
-                tracing::warn!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
+                // The store logs the outage once (at ERROR); each refusal is counted in metrics.
+                tracing::debug!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
                 if let Some(tx) = tx {
                     tx.on_budget(
                         "store_unavailable",
@@ -211,7 +226,7 @@ impl ProcessStream {
     pub(super) fn budget_response_headers(&mut self, status: Option<u16>, content_type: &str, end: bool) -> bool {
         let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return false };
         b.success = Some(status.is_some_and(|s| (200..300).contains(&s)));
-        if end {
+        if end || !b.reads_bodies {
             b.settle(true);
             return false;
         }

@@ -376,10 +376,11 @@ impl ProcessStream {
         (outcome.resp, done)
     }
 
-    /// After the request-headers decision: a budgeted request without a body reserves now
-    /// (one with a body reserves when the body arrives).
+    /// After the request-headers decision: a budgeted request without a body (or whose budgets
+    /// limit only requests) reserves now; one with a body reserves when the body arrives.
     fn after_headers(&mut self, resp: ProcessingResponse, end: bool, has_body: bool, started: Instant) -> Handled {
-        if end || has_body || self.budget.is_none() {
+        let reserve_now = self.budget.as_ref().is_some_and(|b| !has_body || !b.reads_bodies());
+        if end || !reserve_now {
             return Handled::Answer(resp, TelemetryPhase::RequestHeaders, end);
         }
         self.admit(budget::Continue::Ready(resp), b"", TelemetryPhase::RequestHeaders, started)
@@ -463,7 +464,7 @@ impl ProcessStream {
         if let Some(t) = &mut self.tx {
             t.tx.on_request_body(&body);
         }
-        let budgeted = self.budget.is_some();
+        let budgeted = self.budget.as_ref().is_some_and(|b| b.waits_for_body());
         if (self.sign.is_some() || budgeted) && !end {
             // BUFFERED sends the whole body at once; anything else cannot be signed or reserved.
             return Err(Status::failed_precondition(

@@ -349,7 +349,7 @@ impl<'a> Incoming<'a> {
     ) -> Step {
         let budget = super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.path);
         // SigV4 signs the whole body; budgets reserve by it (Envoy holds the headers meanwhile).
-        let whole = sign.is_some() || (budget.is_some() && self.has_body);
+        let whole = sign.is_some() || (budget.as_ref().is_some_and(|b| b.reads_bodies()) && self.has_body);
         let body_mode = if whole { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
         let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
         let (tx, traceparent) = if self.shared.sink.tracing() {
