@@ -519,3 +519,76 @@ async fn http_protobuf_export(tls: bool) {
     assert!(!logs.contains("collector-secret-777"), "collector header value logged:\n{logs}");
     assert!(!String::from_utf8_lossy(&body).contains(ANTHROPIC_KEY));
 }
+
+/// keyswap with `sampler` env (none: the default), Envoy in front of a fake provider, and a
+/// collector. Sends `n` anthropic requests, each with `traceparent(i)` if given; returns the spans
+/// the collector received once a final marker request (always sampled) arrived.
+async fn sampled_spans(
+    sampler: &[(&str, &str)],
+    n: usize,
+    traceparent: impl Fn(usize) -> Option<String>,
+) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+    let (collector, collector_addr) = Receiver::start().await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let mut env = otel_env(&format!("http://{collector_addr}"));
+    env.extend(sampler.iter().map(|(k, v)| (*k, v.to_string())));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    for i in 0..n {
+        let tp = traceparent(i);
+        let mut headers = vec![("x-api-key", PLACEHOLDER)];
+        if let Some(tp) = &tp {
+            headers.push(("traceparent", tp));
+        }
+        let (st, body) = send(&c, port, "api.anthropic.com", "/v1/messages", &headers).await;
+        assert_eq!(st, 200, "{body}\n{}", keyswap.output());
+    }
+    // The marker: a sampled parent whose trace id ends in small bytes, so that every sampler but
+    // always_off samples it; spans leave in order, so once it arrives the others have.
+    let marker = format!("00-{:032x}-{:016x}-01", 0xfeed, 0xbeef);
+    let (st, _) =
+        send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER), ("traceparent", &marker)])
+            .await;
+    assert_eq!(st, 200);
+    if !sampler.iter().any(|(_, v)| *v == "always_off") {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !collector.spans().iter().any(|(_, s)| otlp::hex(&s.trace_id) == format!("{:032x}", 0xfeed)) {
+            assert!(Instant::now() < deadline, "the marker span never arrived:\n{}", keyswap.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        // Nothing can be awaited when nothing is sent: the exporter sends a span within 200 ms of
+        // its arrival, so two seconds without one is none.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    collector.spans().into_iter().filter(|(_, s)| otlp::hex(&s.trace_id) != format!("{:032x}", 0xfeed)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_unsampled_traceparent_gets_no_span_by_default() {
+    let tp = |i: usize| Some(format!("00-{:032x}-{:016x}-0{}", 0xa000 + i, 0xb000 + i, i % 2));
+    let spans = sampled_spans(&[], 6, tp).await;
+    let mut traces: Vec<String> = spans.iter().map(|(_, s)| otlp::hex(&s.trace_id)).collect();
+    traces.sort();
+    // Only the sampled ones (flag 01: odd i).
+    let want: Vec<String> = [1, 3, 5].iter().map(|i| format!("{:032x}", 0xa000 + i)).collect();
+    assert_eq!(traces, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_off_exports_nothing() {
+    let spans = sampled_spans(&[("OTEL_TRACES_SAMPLER", "always_off")], 5, |_| None).await;
+    assert!(spans.is_empty(), "{} spans with always_off", spans.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarter_ratio_exports_about_a_quarter() {
+    let sampler = [("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.25")];
+    let spans = sampled_spans(&sampler, 200, |_| None).await;
+    // Binomial(200, 0.25): mean 50, standard deviation 6.1; this range is ±4 of them.
+    assert!((26..=74).contains(&spans.len()), "{} of 200 sampled at 0.25", spans.len());
+}

@@ -298,12 +298,13 @@ async fn serve_store(
 ) -> anyhow::Result<()> {
     let Serving { listeners, span_queue, tunnel, control } = serving;
     let otlp = store.load().otlp.clone();
+    let sampler = crate::telemetry::sample::Sampler::from_env(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
     let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?
     {
         Some(settings) => {
             let exporter = crate::telemetry::export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
-            tracing::info!(exporter = %settings, "tracing on: one span per transaction");
+            tracing::info!(exporter = %settings, sampler = ?sampler, "tracing on: one span per sampled transaction");
             Some(crate::telemetry::export::spawn(exporter, metrics.clone(), span_queue.max(1)))
         }
         None => {
@@ -311,7 +312,7 @@ async fn serve_store(
             None
         }
     };
-    let sink = crate::telemetry::Sink::new(metrics.clone(), tx);
+    let sink = crate::telemetry::Sink::new(metrics.clone(), tx).with_sampler(sampler);
     let control = control.map(|mut c| {
         c.ads.stats = metrics.xds.clone();
         c

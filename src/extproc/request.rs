@@ -112,6 +112,11 @@ impl<'a> Incoming<'a> {
         }
     }
 
+    /// Whether this request gets a span: tracing is on and the sampler says so.
+    fn sampled(&self) -> bool {
+        self.shared.sink.sampled(find(self.headers, "traceparent"))
+    }
+
     fn pairs_iter(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + Clone {
         self.headers.iter().map(|h| (h.key.as_str(), header_bytes(h)))
     }
@@ -171,7 +176,7 @@ impl<'a> Incoming<'a> {
         body: &serde_json::Value,
         details: &str,
     ) -> Step {
-        let tx = self.shared.sink.tracing().then(|| Box::new(self.span(route, false, false, Some(error)).0));
+        let tx = self.sampled().then(|| Box::new(self.span(route, false, false, Some(error)).0));
         answer(mutation::immediate(status, body, details), tx, None)
     }
 
@@ -352,7 +357,7 @@ impl<'a> Incoming<'a> {
         let whole = sign.is_some() || (budget.as_ref().is_some_and(|b| b.reads_bodies()) && self.has_body);
         let body_mode = if whole { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
         let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let (tx, traceparent) = if self.shared.sink.tracing() {
+        let (tx, traceparent) = if self.sampled() {
             let (tx, traceparent) = self.span(Some(entry), true, !plan.smuggled.is_empty(), None);
             (Some(Box::new(tx)), traceparent)
         } else {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod capture;
 pub mod export;
 pub mod otlp;
+pub mod sample;
 pub mod span;
 
 use std::collections::BTreeMap;
@@ -327,11 +328,28 @@ impl Metrics {
 pub struct Sink {
     pub metrics: Arc<Metrics>,
     tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    sampler: sample::Sampler,
 }
 
 impl Sink {
+    /// Spans go to `tx` (none: tracing off), sampled by the default sampler
+    /// (`parentbased_always_on`).
     pub fn new(metrics: Arc<Metrics>, tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>) -> Self {
-        Sink { metrics, tx }
+        Sink { metrics, tx, sampler: sample::Sampler::default() }
+    }
+
+    /// The same sink with `sampler` (`OTEL_TRACES_SAMPLER`).
+    pub fn with_sampler(self, sampler: sample::Sampler) -> Self {
+        Sink { sampler, ..self }
+    }
+
+    /// Whether the transaction whose agent sent `traceparent` (if any) gets a span.
+    pub fn sampled(&self, traceparent: Option<&str>) -> bool {
+        if self.tx.is_none() {
+            return false;
+        }
+        let parent = traceparent.and_then(span::parse_traceparent).map(|(t, _, flags)| (t, flags));
+        self.sampler.sampled(parent, span::random_trace_id)
     }
 
     /// Whether spans are recorded at all.

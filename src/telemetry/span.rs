@@ -116,6 +116,14 @@ fn random_u64() -> u64 {
     })
 }
 
+/// A random trace id (what a root span gets).
+pub fn random_trace_id() -> TraceId {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&nonzero_random().to_be_bytes());
+    t[8..].copy_from_slice(&random_u64().to_be_bytes());
+    t
+}
+
 fn nonzero_random() -> u64 {
     loop {
         let v = random_u64();
@@ -209,12 +217,7 @@ impl Transaction {
         };
         let (trace_id, parent, flags) = match find("traceparent").and_then(parse_traceparent) {
             Some((t, p, f)) => (t, Some(p), f),
-            None => {
-                let mut t = [0u8; 16];
-                t[..8].copy_from_slice(&nonzero_random().to_be_bytes());
-                t[8..].copy_from_slice(&random_u64().to_be_bytes());
-                (t, None, 1)
-            }
+            None => (random_trace_id(), None, 1),
         };
         let span_id = nonzero_random().to_be_bytes();
         let tracestate = find("tracestate").filter(|v| parent.is_some() && valid_tracestate(v)).map(str::to_owned);
