@@ -522,12 +522,13 @@ async fn http_protobuf_export(tls: bool) {
 
 /// keyswap with `sampler` env (none: the default), Envoy in front of a fake provider, and a
 /// collector. Sends `n` anthropic requests, each with `traceparent(i)` if given; returns the spans
-/// the collector received once a final marker request (always sampled) arrived.
+/// the collector received once a final marker request (always sampled) arrived, and the resource
+/// attributes of the first export.
 async fn sampled_spans(
     sampler: &[(&str, &str)],
     n: usize,
     traceparent: impl Fn(usize) -> Option<String>,
-) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+) -> (Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>, Vec<(String, String)>) {
     let (collector, collector_addr) = Receiver::start().await;
     let config = telemetry_config();
     let work = tempfile::tempdir().unwrap();
@@ -565,13 +566,35 @@ async fn sampled_spans(
         // its arrival, so two seconds without one is none.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    collector.spans().into_iter().filter(|(_, s)| otlp::hex(&s.trace_id) != format!("{:032x}", 0xfeed)).collect()
+    let resource = collector
+        .requests
+        .lock()
+        .unwrap()
+        .first()
+        .and_then(|r| r.resource_spans.first()?.resource.clone())
+        .map(|r| {
+            r.attributes
+                .iter()
+                .map(|a| (a.key.clone(), otlp::s(std::slice::from_ref(a), &a.key).unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spans =
+        collector.spans().into_iter().filter(|(_, s)| otlp::hex(&s.trace_id) != format!("{:032x}", 0xfeed)).collect();
+    (spans, resource)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_unsampled_traceparent_gets_no_span_by_default() {
     let tp = |i: usize| Some(format!("00-{:032x}-{:016x}-0{}", 0xa000 + i, 0xb000 + i, i % 2));
-    let spans = sampled_spans(&[], 6, tp).await;
+    let resource = [("OTEL_RESOURCE_ATTRIBUTES", "openinference.project.name=keyswap-agents,k8s.pod.name=gw-0")];
+    let (spans, attributes) = sampled_spans(&resource, 6, tp).await;
+    // OTEL_RESOURCE_ATTRIBUTES reach the collector (Phoenix files spans by the project name).
+    for (k, v) in
+        [("service.name", "keyswap-test"), ("openinference.project.name", "keyswap-agents"), ("k8s.pod.name", "gw-0")]
+    {
+        assert!(attributes.contains(&(k.to_string(), v.to_string())), "{k}={v} missing from {attributes:?}");
+    }
     let mut traces: Vec<String> = spans.iter().map(|(_, s)| otlp::hex(&s.trace_id)).collect();
     traces.sort();
     // Only the sampled ones (flag 01: odd i).
@@ -581,14 +604,14 @@ async fn an_agents_unsampled_traceparent_gets_no_span_by_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_off_exports_nothing() {
-    let spans = sampled_spans(&[("OTEL_TRACES_SAMPLER", "always_off")], 5, |_| None).await;
+    let (spans, _) = sampled_spans(&[("OTEL_TRACES_SAMPLER", "always_off")], 5, |_| None).await;
     assert!(spans.is_empty(), "{} spans with always_off", spans.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarter_ratio_exports_about_a_quarter() {
     let sampler = [("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.25")];
-    let spans = sampled_spans(&sampler, 200, |_| None).await;
+    let (spans, _) = sampled_spans(&sampler, 200, |_| None).await;
     // Binomial(200, 0.25): mean 50, standard deviation 6.1; this range is ±4 of them.
     assert!((26..=74).contains(&spans.len()), "{} of 200 sampled at 0.25", spans.len());
 }

@@ -35,6 +35,8 @@ pub struct Settings {
     /// Standard variables first, the gateway's `spec.otlp.headers` over them.
     pub headers: Vec<(String, String)>,
     pub service_name: String,
+    /// `OTEL_RESOURCE_ATTRIBUTES` (`service.name` among them yields to `OTEL_SERVICE_NAME`).
+    pub resource: Vec<(String, String)>,
     pub timeout: Duration,
 }
 
@@ -46,7 +48,12 @@ impl std::fmt::Display for Settings {
         };
         // Header values may be credentials for the collector: names only.
         let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
-        write!(f, "{t} {} headers {names:?} timeout {:?}", self.endpoint, self.timeout)
+        let resource: Vec<&str> = self.resource.iter().map(|(k, _)| k.as_str()).collect();
+        write!(
+            f,
+            "{t} {} headers {names:?} timeout {:?} service.name {} resource {resource:?}",
+            self.endpoint, self.timeout, self.service_name
+        )
     }
 }
 
@@ -139,11 +146,19 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
             tracing::warn!("{var}={c} ignored: keyswap sends OTLP uncompressed");
         }
     }
+    let resource = match first(&["OTEL_RESOURCE_ATTRIBUTES"]) {
+        Some((var, v)) => parse_header_list(var, &v)?,
+        None => Vec::new(),
+    };
     Ok(Some(Settings {
         transport,
         endpoint,
         headers: merged,
-        service_name: first(&["OTEL_SERVICE_NAME"]).map_or_else(|| "keyswap".into(), |(_, v)| v),
+        service_name: first(&["OTEL_SERVICE_NAME"])
+            .map(|(_, v)| v)
+            .or_else(|| resource.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
+            .unwrap_or_else(|| "keyswap".into()),
+        resource,
         timeout,
     }))
 }
@@ -214,7 +229,7 @@ impl Exporter {
             headers,
             timeout: s.timeout,
             client,
-            envelope: Envelope::new(&s.service_name),
+            envelope: Envelope::with_resource(&s.service_name, &s.resource),
         })
     }
 
@@ -402,8 +417,34 @@ mod tests {
             endpoint,
             headers: Vec::new(),
             service_name: "keyswap".into(),
+            resource: Vec::new(),
             timeout: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn resource_attributes_come_from_the_standard_variable_and_the_service_name_wins() {
+        let vars = |service: Option<&'static str>| {
+            move |k: &str| match k {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_string()),
+                "OTEL_RESOURCE_ATTRIBUTES" => Some(
+                    "openinference.project.name=agents, k8s.namespace.name=team%2Fa,service.name=from-resource".into(),
+                ),
+                "OTEL_SERVICE_NAME" => service.map(str::to_owned),
+                _ => None,
+            }
+        };
+        let s = settings(None, vars(None)).unwrap().unwrap();
+        assert_eq!(s.service_name, "from-resource");
+        assert_eq!(s.resource[0], ("openinference.project.name".to_string(), "agents".to_string()));
+        assert_eq!(s.resource[1], ("k8s.namespace.name".to_string(), "team/a".to_string()));
+        assert_eq!(settings(None, vars(Some("egress"))).unwrap().unwrap().service_name, "egress");
+        let bad = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_string()),
+            "OTEL_RESOURCE_ATTRIBUTES" => Some("no-equals-sign".to_string()),
+            _ => None,
+        };
+        assert!(settings(None, bad).unwrap_err().contains("OTEL_RESOURCE_ATTRIBUTES"));
     }
 
     #[tokio::test]

@@ -202,8 +202,16 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn new(service_name: &str) -> Self {
+        Envelope::with_resource(service_name, &[])
+    }
+
+    /// `service.name`, then the other resource attributes (`OTEL_RESOURCE_ATTRIBUTES`).
+    pub fn with_resource(service_name: &str, attributes: &[(String, String)]) -> Self {
         let mut resource = Vec::new();
         attribute(&mut resource, 1, &["service.name"], Value::Str(service_name));
+        for (k, v) in attributes.iter().filter(|(k, _)| k != "service.name") {
+            attribute(&mut resource, 1, &[k], Value::Str(v));
+        }
         let mut scope = Vec::new();
         string(&mut scope, 1, "keyswap");
         string(&mut scope, 2, env!("CARGO_PKG_VERSION"));
