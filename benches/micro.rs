@@ -283,7 +283,7 @@ fn span(c: &mut Criterion) {
     let policy = Arc::new(capture::CapturePolicy { read_bodies: false, ..capture::CapturePolicy::default() });
     let start = Start {
         provider: keyswap::provider::lookup("anthropic"),
-        route: "default/zz-anthropic",
+        route: Some("default/zz-anthropic"),
         policy: Some("default/custom"),
         method: "POST",
         scheme: "https",

@@ -289,6 +289,12 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
         .unwrap();
     assert_eq!(otlp::s(&denied.attributes, "error.type").as_deref(), Some("no_route"));
     assert_eq!(denied.name, "POST exfil.example.com");
+    // Readable in a viewer: keyswap's own status, no placeholder route, no body event for a body
+    // that was never read.
+    assert_eq!(otlp::i(&denied.attributes, "http.response.status_code"), Some(403));
+    assert_eq!(otlp::s(&denied.attributes, "keyswap.route"), None);
+    let events: Vec<&str> = denied.events.iter().map(|e| e.name.as_str()).collect();
+    assert!(!events.iter().any(|e| e.contains("body")), "a denial claims a body: {events:?}");
 
     // Metrics moved as expected. (The exporter counts a batch once the collector has answered.)
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -147,7 +147,7 @@ impl<'a> Incoming<'a> {
         let identity = self.identity.as_deref();
         let s = Start {
             provider,
-            route: route.map_or("-", |e| &e.route),
+            route: route.map(|e| &*e.route),
             policy: binding.and_then(|b| b.policy.as_deref()),
             method: self.method,
             scheme: find(self.headers, ":scheme").unwrap_or("https"),
@@ -176,7 +176,11 @@ impl<'a> Incoming<'a> {
         body: &serde_json::Value,
         details: &str,
     ) -> Step {
-        let tx = self.sampled().then(|| Box::new(self.span(route, false, false, Some(error)).0));
+        let tx = self.sampled().then(|| {
+            let mut tx = Box::new(self.span(route, false, false, Some(error)).0);
+            tx.answered(status);
+            tx
+        });
         answer(mutation::immediate(status, body, details), tx, None)
     }
 

@@ -14,7 +14,8 @@ use crate::provider::{is_redacted, Provider};
 /// What the request-headers phase knows about a transaction.
 pub struct Start<'a> {
     pub provider: Option<&'static Provider>,
-    pub route: &'a str,
+    /// `None`: refused before any route matched (no `keyswap.route` attribute).
+    pub route: Option<&'a str>,
     pub policy: Option<&'a str>,
     pub method: &'a str,
     pub scheme: &'a str,
@@ -239,7 +240,9 @@ impl Transaction {
         attr("http.request.method", Value::Str(s.method));
         attr("url.full", Value::Concat(&[s.scheme, "://", s.authority, s.redacted_path]));
         attr("server.address", Value::Str(s.host));
-        attr("keyswap.route", Value::Str(s.route));
+        if let Some(r) = s.route {
+            attr("keyswap.route", Value::Str(r));
+        }
         attr("keyswap.credential.injected", Value::Bool(s.injected));
         attr("keyswap.smuggle.detected", Value::Bool(s.smuggled));
         if let Some(p) = s.policy {
@@ -261,11 +264,13 @@ impl Transaction {
         }
         header_event(&mut encoded, "http.request.headers", REQUEST_PREFIX, headers, s.redact_also);
         let content_type = find("content-type").unwrap_or("");
-        let req_body = capture.wants(content_type).then(|| Capture::new(capture.max_bytes));
+        // A request keyswap answers itself never has its body read: no body event claims one.
+        let req_body = (s.error.is_none() && capture.wants(content_type)).then(|| Capture::new(capture.max_bytes));
         let format =
             s.provider.and_then(|p| crate::provider::usage::format_for(p.name)).filter(|_| capture.read_bodies);
         // openai/anthropic put the model in the JSON body: keep enough of it to read the model.
-        let req_model_buf = (s.request_model.is_none() && format.is_some()).then(|| Capture::new(64 * 1024));
+        let req_model_buf =
+            (s.error.is_none() && s.request_model.is_none() && format.is_some()).then(|| Capture::new(64 * 1024));
         let tx = Transaction {
             trace_id,
             span_id,
@@ -315,6 +320,11 @@ impl Transaction {
             self.error = Some(error);
             self.status_code = Some(status);
         }
+    }
+
+    /// keyswap answered the request itself with `status` (401, 403, 405, 413, 429, 503).
+    pub fn answered(&mut self, status: u16) {
+        self.status_code = Some(i64::from(status));
     }
 
     /// Whether keyswap answered the request itself (the span ends at once).
@@ -463,7 +473,7 @@ mod tests {
     fn start_with(capture: CapturePolicy, headers: &[(&str, &[u8])]) -> (Transaction, String) {
         let s = Start {
             provider: crate::provider::lookup("anthropic"),
-            route: "default/anthropic",
+            route: Some("default/anthropic"),
             policy: Some("default/key"),
             method: "POST",
             scheme: "https",
