@@ -621,3 +621,39 @@ async fn a_quarter_ratio_exports_about_a_quarter() {
     // Binomial(200, 0.25): mean 50, standard deviation 6.1; this range is ±4 of them.
     assert!((26..=74).contains(&spans.len()), "{} of 200 sampled at 0.25", spans.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_is_gzipped_when_the_standard_variable_says_so() {
+    // A collector that takes gzip gets the span; one that does not refuses the message (tonic:
+    // "compressed with gzip, which isn't supported"), which proves keyswap compressed it.
+    for accepts_gzip in [true, false] {
+        let (collector, collector_addr) = Receiver::start_with(accepts_gzip).await;
+        let config = telemetry_config();
+        let work = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::start().await;
+        let mut env = otel_env(&format!("http://{collector_addr}"));
+        env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let metrics_port = free_port();
+        let m = format!("127.0.0.1:{metrics_port}");
+        let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &["--metrics", &m]);
+        let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+        let (st, _) = send(&client(), port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+        assert_eq!(st, 200);
+        if accepts_gzip {
+            let spans = collector.wait_for(1).await;
+            assert_eq!(spans.len(), 1, "no span through a gzip collector:\n{}", keyswap.output());
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(
+                &scrape(metrics_port, "/metrics").await.1,
+                "keyswap_spans_dropped_total{reason=\"export_failed\"}",
+            ) < 1.0
+            {
+                assert!(Instant::now() < deadline, "a collector without gzip took the span: not compressed?");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(collector.spans().is_empty());
+        }
+    }
+}

@@ -38,6 +38,8 @@ pub struct Settings {
     /// `OTEL_RESOURCE_ATTRIBUTES` (`service.name` among them yields to `OTEL_SERVICE_NAME`).
     pub resource: Vec<(String, String)>,
     pub timeout: Duration,
+    /// `OTEL_EXPORTER_OTLP[_TRACES]_COMPRESSION=gzip`.
+    pub gzip: bool,
 }
 
 impl std::fmt::Display for Settings {
@@ -51,8 +53,11 @@ impl std::fmt::Display for Settings {
         let resource: Vec<&str> = self.resource.iter().map(|(k, _)| k.as_str()).collect();
         write!(
             f,
-            "{t} {} headers {names:?} timeout {:?} service.name {} resource {resource:?}",
-            self.endpoint, self.timeout, self.service_name
+            "{t} {} headers {names:?} timeout {:?} service.name {} resource {resource:?}{}",
+            self.endpoint,
+            self.timeout,
+            self.service_name,
+            if self.gzip { " gzip" } else { "" }
         )
     }
 }
@@ -141,11 +146,12 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
             _ => return Err(format!("{var} `{ms}` must be a positive number of milliseconds")),
         },
     };
-    if let Some((var, c)) = first(&["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
-        if c != "none" {
-            tracing::warn!("{var}={c} ignored: keyswap sends OTLP uncompressed");
-        }
-    }
+    let gzip = match first(&["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
+        None => false,
+        Some((_, c)) if c.trim().eq_ignore_ascii_case("gzip") => true,
+        Some((_, c)) if c.trim().eq_ignore_ascii_case("none") => false,
+        Some((var, c)) => return Err(format!("{var}={c}: keyswap sends `gzip` or `none`")),
+    };
     let resource = match first(&["OTEL_RESOURCE_ATTRIBUTES"]) {
         Some((var, v)) => parse_header_list(var, &v)?,
         None => Vec::new(),
@@ -160,6 +166,7 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
             .unwrap_or_else(|| "keyswap".into()),
         resource,
         timeout,
+        gzip,
     }))
 }
 
@@ -204,7 +211,14 @@ pub struct Exporter {
     timeout: Duration,
     client: crate::http::HttpClient,
     envelope: Envelope,
+    gzip: bool,
 }
+
+/// How often a batch is sent again after a retryable failure (429, 502–504, UNAVAILABLE …, no
+/// answer), waiting [`RETRY_FIRST_PAUSE`] and doubling: at most about 1.4 s of pauses, while new
+/// spans wait in the bounded queue (full: dropped and counted).
+pub const RETRIES: u32 = 3;
+pub const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(200);
 
 impl Exporter {
     /// Builds the client; an `https` endpoint verifies the collector against the system roots.
@@ -230,24 +244,34 @@ impl Exporter {
             timeout: s.timeout,
             client,
             envelope: Envelope::with_resource(&s.service_name, &s.resource),
+            gzip: s.gzip,
         })
     }
 
     /// One `ExportTraceServiceRequest` with `spans` (each an encoded OTLP `Span`).
     pub async fn export(&self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
-        let message = self.envelope.request(spans);
+        let mut message = self.envelope.request(spans);
+        if self.gzip {
+            message = gzip(&message).map_err(|e| ExportError::Request(format!("gzip: {e}")))?;
+        }
         let mut req = hyper::Request::post(self.uri.clone());
         *req.headers_mut().unwrap() = self.headers.clone();
         let body = match self.transport {
             Transport::HttpProtobuf => {
                 req = req.header(CONTENT_TYPE, "application/x-protobuf");
+                if self.gzip {
+                    req = req.header("content-encoding", "gzip");
+                }
                 Bytes::from(message)
             }
             Transport::Grpc => {
                 req = req.header(CONTENT_TYPE, "application/grpc").header("te", "trailers");
-                // gRPC length-prefixed message: uncompressed flag, big-endian length.
+                if self.gzip {
+                    req = req.header("grpc-encoding", "gzip");
+                }
+                // gRPC length-prefixed message: the compressed flag, big-endian length.
                 let mut framed = Vec::with_capacity(5 + message.len());
-                framed.push(0);
+                framed.push(u8::from(self.gzip));
                 framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
                 framed.extend_from_slice(&message);
                 Bytes::from(framed)
@@ -293,6 +317,30 @@ impl Exporter {
     }
 }
 
+/// Sends `batch`, again after retryable failures ([`RETRIES`], doubling pauses).
+async fn export_with_retries(exporter: &Exporter, batch: &[Vec<u8>]) -> Result<(), ExportError> {
+    let mut pause = RETRY_FIRST_PAUSE;
+    let mut attempt = 0;
+    loop {
+        match exporter.export(batch).await {
+            Err(e) if e.retryable() && attempt < RETRIES => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "OTLP export failed; sending the batch again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::fast());
+    e.write_all(data)?;
+    e.finish()
+}
+
 fn grpc_status(h: &hyper::HeaderMap) -> Option<(u32, String)> {
     let code = h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
     let message = h
@@ -325,12 +373,11 @@ pub fn spawn(exporter: Exporter, metrics: Arc<Metrics>, capacity: usize) -> toki
                 }
             }
             let n = batch.len() as u64;
-            match exporter.export(&batch).await {
+            match export_with_retries(&exporter, &batch).await {
                 Ok(()) => Metrics::add(&metrics.spans_exported, n),
                 Err(e) => {
                     Metrics::add(&metrics.spans_export_failed, n);
-                    // Retrying is not implemented yet: `retryable` tells the operator whether the
-                    // collector refused the spans (fix it) or was away (it may come back).
+                    // `retryable`: the collector was away (retries exhausted) or refused the spans.
                     tracing::warn!(error = %e, retryable = e.retryable(), spans = n, "OTLP export failed; spans dropped");
                 }
             }
@@ -411,6 +458,93 @@ mod tests {
         format!("http://{addr}/v1/traces")
     }
 
+    /// Each request a test collector received: its headers (as text) and body.
+    type Requests = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+    /// An OTLP/HTTP collector that answers 503 to its first `failures` requests, then 200; keeps
+    /// every request's headers and body.
+    async fn flaky_collector(failures: usize) -> (String, Requests) {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Requests = Arc::default();
+        let s = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let s = s.clone();
+                        async move {
+                            let headers = format!("{:?}", req.headers());
+                            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                            let n = {
+                                let mut seen = s.lock().unwrap();
+                                seen.push((headers, body));
+                                seen.len()
+                            };
+                            let status = if n <= failures { 503 } else { 200 };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
+                            )
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+        (format!("http://{addr}/v1/traces"), seen)
+    }
+
+    #[tokio::test]
+    async fn a_collector_answering_503_twice_then_200_loses_no_span_and_gets_them_gzipped() {
+        use prost::Message as _;
+        let (endpoint, seen) = flaky_collector(2).await;
+        let exporter = Exporter::new(&Settings { gzip: true, ..http_settings(endpoint) }).unwrap();
+        let metrics: Arc<Metrics> = Arc::default();
+        let tx = spawn(exporter, metrics.clone(), 16);
+        let span = |i: u8| {
+            let mut s = Vec::new();
+            crate::telemetry::otlp::bytes(&mut s, 1, &[i; 16]);
+            s
+        };
+        for i in 1..=3 {
+            tx.send(span(i)).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.spans_exported.load(std::sync::atomic::Ordering::Relaxed) < 3 {
+            assert!(std::time::Instant::now() < deadline, "the spans never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "two 503s, then the batch again");
+        for (headers, body) in seen.iter() {
+            assert!(headers.contains(r#""content-encoding": "gzip""#), "{headers}");
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain).unwrap();
+            let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(&plain[..])
+                .unwrap();
+            assert_eq!(req.resource_spans[0].scope_spans[0].spans.len(), 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_collector_that_keeps_failing_gets_a_bounded_number_of_attempts() {
+        let (endpoint, seen) = flaky_collector(usize::MAX).await;
+        let exporter = Exporter::new(&http_settings(endpoint)).unwrap();
+        let metrics: Arc<Metrics> = Arc::default();
+        let tx = spawn(exporter, metrics.clone(), 16);
+        tx.send(vec![]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed) < 1 {
+            assert!(std::time::Instant::now() < deadline, "never gave up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1 + RETRIES as usize);
+    }
+
     fn http_settings(endpoint: String) -> Settings {
         Settings {
             transport: Transport::HttpProtobuf,
@@ -419,6 +553,7 @@ mod tests {
             service_name: "keyswap".into(),
             resource: Vec::new(),
             timeout: Duration::from_secs(5),
+            gzip: false,
         }
     }
 

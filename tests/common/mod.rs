@@ -963,10 +963,18 @@ pub mod otlp {
     impl Receiver {
         /// An OTLP/gRPC collector on loopback.
         pub async fn start() -> (Receiver, SocketAddr) {
+            Receiver::start_with(false).await
+        }
+
+        /// [`Receiver::start`], accepting gzip-compressed messages too (plain ones always).
+        pub async fn start_with(gzip: bool) -> (Receiver, SocketAddr) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let r = Receiver::default();
-            let svc = TraceServiceServer::new(r.clone());
+            let mut svc = TraceServiceServer::new(r.clone());
+            if gzip {
+                svc = svc.accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+            }
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(svc)
