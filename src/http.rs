@@ -14,8 +14,68 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// A client for `uri`'s scheme: `http2_only` for gRPC (h2c on `http`, ALPN h2 on `https`).
 /// System CA certificates are loaded only for `https` (a missing store is then an error).
 pub fn client(uri: &hyper::Uri, http2_only: bool) -> Result<HttpClient, String> {
+    client_with(uri, http2_only, &Tls::default())
+}
+
+/// TLS settings of a client beyond the defaults: its own trusted CAs instead of the system's, and
+/// a client certificate (mutual TLS). PEM, as read from files.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub roots: Option<Vec<u8>>,
+    /// Certificate chain and private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Tls {
+    /// The key is never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("roots", &self.roots.is_some()).field("identity", &self.identity.is_some()).finish()
+    }
+}
+
+/// [`client`] with `tls`: an `https` endpoint is verified against `tls.roots` when given, and
+/// keyswap presents `tls.identity` when given.
+pub fn client_with(uri: &hyper::Uri, http2_only: bool, tls: &Tls) -> Result<HttpClient, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = if uri.scheme_str() == Some("https") {
+    let https = uri.scheme_str() == Some("https");
+    let tls = if https && (tls.roots.is_some() || tls.identity.is_some()) {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.roots {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("the trusted certificate file: {e}"))?;
+                    roots.add(cert).map_err(|e| format!("the trusted certificate file: {e}"))?;
+                }
+                if roots.is_empty() {
+                    return Err("the trusted certificate file holds no certificate".into());
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_root_certificates(roots);
+        // ALPN is set by the connector builder (enable_http1 / enable_http2).
+        let config = match &tls.identity {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("the client certificate file: {e}"))?;
+                // The parser's error never quotes the key.
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|_| "the client key file holds no usable PEM private key".to_owned())?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| format!("the client certificate and key: {e}"))?
+            }
+        };
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+    } else if https {
         hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)
             .map_err(|e| format!("{uri}: no system CA certificates to verify it ({e})"))?

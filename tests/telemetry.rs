@@ -425,17 +425,38 @@ async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are
 /// the header's value nor any secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_export_uses_the_gateway_endpoint_and_headers() {
-    http_protobuf_export(false).await;
+    http_protobuf_export(Collector::Plain).await;
 }
 
 /// The same over HTTPS: keyswap verifies the collector against the system roots
 /// (`SSL_CERT_FILE` names the test CA here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_export_over_tls_verifies_the_collector() {
-    http_protobuf_export(true).await;
+    http_protobuf_export(Collector::SystemRoots).await;
 }
 
-async fn http_protobuf_export(tls: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_trusts_otel_exporter_otlp_certificate() {
+    http_protobuf_export(Collector::CertificateVar).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_presents_a_client_certificate_to_a_collector_that_requires_one() {
+    http_protobuf_export(Collector::Mutual).await;
+}
+
+/// How the test collector is reached: plain HTTP, TLS trusted through `SSL_CERT_FILE`, TLS trusted
+/// through `OTEL_EXPORTER_OTLP_CERTIFICATE`, or mutual TLS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Collector {
+    Plain,
+    SystemRoots,
+    CertificateVar,
+    Mutual,
+}
+
+async fn http_protobuf_export(mode: Collector) {
+    let tls = mode != Collector::Plain;
     use prost::Message as _;
     type Received = std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<u8>)>>>;
     let received: Received = Default::default();
@@ -445,8 +466,24 @@ async fn http_protobuf_export(tls: bool) {
     let (acceptor, ca) = if tls {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (ca, leaf, key) = provider_certs(&["localhost"], certs.path());
-        let mut cfg = rustls::ServerConfig::builder()
-            .with_no_client_auth()
+        let builder = rustls::ServerConfig::builder();
+        let builder = if mode == Collector::Mutual {
+            // Clients must present a certificate from their own CA (in certs/client).
+            let dir = certs.path().join("client");
+            std::fs::create_dir(&dir).unwrap();
+            let (client_ca, _, _) = provider_certs(&["keyswap"], &dir);
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(client_ca).unwrap();
+            use rustls::pki_types::pem::PemObject as _;
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots)).build().unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut cfg = builder
             .with_single_cert(
                 vec![leaf.der().clone()],
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
@@ -502,14 +539,25 @@ async fn http_protobuf_export(tls: bool) {
     let work = tempfile::tempdir().unwrap();
     let fake = FakeProvider::start().await;
     let ca = ca.map(|p| p.display().to_string()).unwrap_or_default();
+    let (client_cert, client_key) = (
+        certs.path().join("client/provider-leaf.pem").display().to_string(),
+        certs.path().join("client/provider-leaf.key").display().to_string(),
+    );
     let mut env = vec![("OTEL_SERVICE_NAME", "keyswap-http")];
-    if tls {
-        env.push(("SSL_CERT_FILE", ca.as_str()));
+    match mode {
+        Collector::Plain => {}
+        Collector::SystemRoots => env.push(("SSL_CERT_FILE", ca.as_str())),
+        Collector::CertificateVar => env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())),
+        Collector::Mutual => env.extend([
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", client_cert.as_str()),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", client_key.as_str()),
+        ]),
     }
     let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
     let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
     let (st, _) = send(&client(), port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
-    assert_eq!(st, 200);
+    assert_eq!(st, 200, "{}", keyswap.output());
     let deadline = Instant::now() + Duration::from_secs(10);
     while received.lock().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "no HTTP export arrived:\n{}", keyswap.output());

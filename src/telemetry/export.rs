@@ -40,6 +40,11 @@ pub struct Settings {
     pub timeout: Duration,
     /// `OTEL_EXPORTER_OTLP[_TRACES]_COMPRESSION=gzip`.
     pub gzip: bool,
+    /// `OTEL_EXPORTER_OTLP[_TRACES]_CERTIFICATE`, `…_CLIENT_CERTIFICATE`, `…_CLIENT_KEY`: the files,
+    /// read when the exporter is made.
+    pub certificate: Option<std::path::PathBuf>,
+    pub client_certificate: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Display for Settings {
@@ -156,6 +161,14 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
         Some((var, v)) => parse_header_list(var, &v)?,
         None => Vec::new(),
     };
+    let file = |names: &[&'static str]| first(names).map(|(_, v)| std::path::PathBuf::from(v));
+    let certificate = file(&["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]);
+    let client_certificate =
+        file(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"]);
+    let client_key = file(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]);
+    if client_certificate.is_some() != client_key.is_some() {
+        return Err("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together".into());
+    }
     Ok(Some(Settings {
         transport,
         endpoint,
@@ -167,6 +180,9 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
         resource,
         timeout,
         gzip,
+        certificate,
+        client_certificate,
+        client_key,
     }))
 }
 
@@ -228,8 +244,18 @@ impl Exporter {
             Transport::Grpc => format!("{}{GRPC_EXPORT_PATH}", s.endpoint).parse(),
         }
         .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?;
-        let client =
-            crate::http::client(&uri, s.transport == Transport::Grpc).map_err(|e| format!("OTLP endpoint {e}"))?;
+        let read = |p: &std::path::Path, var: &str| std::fs::read(p).map_err(|e| format!("{var}={}: {e}", p.display()));
+        let tls = crate::http::Tls {
+            roots: s.certificate.as_deref().map(|p| read(p, "OTEL_EXPORTER_OTLP_CERTIFICATE")).transpose()?,
+            identity: match (&s.client_certificate, &s.client_key) {
+                (Some(c), Some(k)) => {
+                    Some((read(c, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?, read(k, "OTEL_EXPORTER_OTLP_CLIENT_KEY")?))
+                }
+                _ => None,
+            },
+        };
+        let client = crate::http::client_with(&uri, s.transport == Transport::Grpc, &tls)
+            .map_err(|e| format!("OTLP endpoint {uri}: {e}"))?;
         let mut headers = hyper::HeaderMap::new();
         for (k, v) in &s.headers {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}`: not a name"))?;
@@ -554,6 +580,9 @@ mod tests {
             resource: Vec::new(),
             timeout: Duration::from_secs(5),
             gzip: false,
+            certificate: None,
+            client_certificate: None,
+            client_key: None,
         }
     }
 
