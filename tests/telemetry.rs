@@ -705,3 +705,58 @@ async fn grpc_export_is_gzipped_when_the_standard_variable_says_so() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_prompt_and_the_completion_as_text_for_json_and_streams() {
+    let (collector, collector_addr) = Receiver::start().await;
+    // Capture at its default size (this file's other tests cap it at 200 bytes).
+    let config = config_dir();
+    let text = standard_config().replace("  defaultPolicy: deny-all\n", "  defaultPolicy: deny-all\n  otlp: {}\n");
+    std::fs::write(config.path().join("config.yaml"), text).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let env = otel_env(&format!("http://{collector_addr}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    let cases = [
+        (
+            "api.anthropic.com",
+            "/v1/messages",
+            r#"{"model":"claude-sonnet-4-5","max_tokens":20,"system":"Be brief.","messages":[{"role":"user","content":"Say hello"}]}"#,
+        ),
+        (
+            "api.anthropic.com",
+            "/v1/messages",
+            r#"{"model":"claude-sonnet-4-5","max_tokens":20,"stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
+        ),
+        (
+            "api.openai.com",
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
+        ),
+    ];
+    for (host, path, body) in cases {
+        let key = if host.contains("openai") {
+            ("authorization", format!("Bearer {PLACEHOLDER}"))
+        } else {
+            ("x-api-key", PLACEHOLDER.to_owned())
+        };
+        let (st, text) = send_body(&c, port, host, path, &[(key.0, &key.1)], body).await;
+        assert_eq!(st, 200, "{text}\n{}", keyswap.output());
+    }
+    let spans = collector.wait_for(cases.len()).await;
+    assert_eq!(spans.len(), cases.len());
+    for ((_, span), (host, _, body)) in spans.iter().zip(cases) {
+        let a = &span.attributes;
+        assert_eq!(otlp::s(a, "input.value").as_deref(), Some(body), "{host}");
+        let input: serde_json::Value = serde_json::from_str(&otlp::s(a, "gen_ai.input.messages").unwrap()).unwrap();
+        assert!(input.to_string().contains(r#"{"content":"Say hello","type":"text"}"#), "{input}");
+        // The completion's text, JSON or reassembled from the stream's events.
+        assert_eq!(otlp::s(a, "output.value").as_deref(), Some("Hello from the fake provider"), "{host}: {a:?}");
+        let output = otlp::s(a, "gen_ai.output.messages").unwrap();
+        assert!(output.contains("Hello from the fake provider"), "{output}");
+        assert!(!otlp::s(a, "input.value").unwrap_or_default().contains(ANTHROPIC_KEY));
+    }
+}

@@ -21,6 +21,8 @@ pub struct Captured {
     pub base64: String,
     pub original_length: usize,
     pub truncated: bool,
+    /// The captured bytes, scrubbed (what `base64` encodes).
+    pub bytes: Vec<u8>,
 }
 
 impl Capture {
@@ -50,6 +52,7 @@ impl Capture {
             base64: base64::engine::general_purpose::STANDARD.encode(&self.buf),
             original_length: self.total,
             truncated,
+            bytes: self.buf,
         }
     }
 }

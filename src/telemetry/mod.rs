@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod content;
 pub mod export;
 pub mod otlp;
 pub mod sample;

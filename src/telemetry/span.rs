@@ -161,6 +161,8 @@ pub struct Transaction {
     resp_body: Option<Capture>,
     req_model_buf: Option<Capture>,
     parser: Option<UsageParser>,
+    /// The response is a server-sent event stream (its text is reassembled from the events).
+    resp_sse: bool,
     redact_also: Option<String>,
     tenant_label: Option<std::sync::Arc<str>>,
 }
@@ -292,10 +294,39 @@ impl Transaction {
             resp_body: None,
             req_model_buf,
             parser: None,
+            resp_sse: false,
             redact_also: s.redact_also.map(str::to_owned),
             tenant_label: s.tenant_label.clone(),
         };
         (tx, traceparent)
+    }
+
+    /// What viewers show as the prompt or the completion, from a captured body (scrubbed):
+    /// OpenInference's `input.value` / `output.value` and the GenAI conventions' messages.
+    fn content_attributes(&self, buf: &mut Vec<u8>, request: bool, body: &[u8]) {
+        use super::content;
+        let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
+        let raw = String::from_utf8_lossy(body);
+        let json = |b: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
+        if request {
+            attr("input.value", Value::Str(&raw));
+            attr("input.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
+            if let Some(m) = self.format.and_then(|f| content::input_messages(f, body)) {
+                attr("gen_ai.input.messages", Value::Str(&m));
+            }
+            return;
+        }
+        match self.format.and_then(|f| content::output_text(f, self.resp_sse, body)) {
+            Some(text) => {
+                attr("output.value", Value::Str(&text));
+                attr("output.mime_type", Value::Str("text/plain"));
+                attr("gen_ai.output.messages", Value::Str(&content::output_messages(&text)));
+            }
+            None => {
+                attr("output.value", Value::Str(&raw));
+                attr("output.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
+            }
+        }
     }
 
     /// The budget decision on this request (`admitted`, `limited`, `store_unavailable`,
@@ -353,6 +384,7 @@ impl Transaction {
         self.status_code = find(":status").and_then(|s| s.parse().ok());
         let content_type = find("content-type").unwrap_or("");
         header_event(&mut self.encoded, "http.response.headers", RESPONSE_PREFIX, headers, self.redact_also.as_deref());
+        self.resp_sse = content_type.trim_start().to_ascii_lowercase().starts_with("text/event-stream");
         if self.capture.wants(content_type) {
             self.resp_body = Some(Capture::new(self.capture.max_bytes));
         }
@@ -432,6 +464,7 @@ impl Transaction {
                     );
                     otlp::attribute(e, event::ATTRIBUTES, &["body.truncated"], Value::Bool(done.truncated));
                 });
+                self.content_attributes(buf, name == "http.request.body", &done.bytes);
             }
         }
         match &self.request_model {

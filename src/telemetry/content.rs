@@ -1,0 +1,204 @@
+//! The content attributes trace viewers show: the prompt and the completion as text, read from
+//! the captured (already scrubbed, capped) bodies when the span ends. Streamed responses are
+//! reassembled from their events. Only with body capture on: capture is the opt-in the GenAI
+//! semantic conventions ask content recording to be.
+//!
+//! - OpenInference (Arize Phoenix): `input.value`, `input.mime_type`, `output.value`,
+//!   `output.mime_type`.
+//! - GenAI semantic conventions: `gen_ai.input.messages`, `gen_ai.output.messages` (JSON text:
+//!   `[{"role": …, "parts": [{"type": "text", "content": …}]}]`).
+
+use serde_json::{json, Value};
+
+use crate::provider::usage::Format;
+
+/// The completion's text: from a JSON body, or from the events of a stream. `None` when the body
+/// holds no text this reader knows (a tool call only, another API, a body cut by the capture
+/// limit before any text).
+pub fn output_text(format: Format, sse: bool, body: &[u8]) -> Option<String> {
+    let mut text = String::new();
+    if sse {
+        for (event, data) in sse_events(body) {
+            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            delta_text(format, event, &v, &mut text);
+        }
+    } else {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        body_text(format, &v, &mut text);
+    }
+    (!text.is_empty()).then_some(text)
+}
+
+/// `event:` names and `data:` payloads of a server-sent event stream (events end at a blank line;
+/// `\n` or `\r\n`; one `data:` line per event, as the providers send them).
+fn sse_events(body: &[u8]) -> Vec<(&str, &str)> {
+    let text = std::str::from_utf8(body).unwrap_or_else(|e| {
+        // A capture cut inside a character: the valid prefix.
+        std::str::from_utf8(&body[..e.valid_up_to()]).unwrap_or_default()
+    });
+    let mut out = Vec::new();
+    let (mut event, mut data) = ("", None);
+    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.is_empty() {
+            if let Some(d) = data.take().filter(|d| *d != "[DONE]") {
+                out.push((event, d));
+            }
+            event = "";
+        } else if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data = Some(d.trim());
+        }
+    }
+    out
+}
+
+fn push(out: &mut String, v: &Value) {
+    if let Some(s) = v.as_str() {
+        out.push_str(s);
+    }
+}
+
+/// The text one streamed event adds.
+fn delta_text(format: Format, event: &str, v: &Value, out: &mut String) {
+    match format {
+        Format::OpenAi if event == "response.output_text.delta" || v["type"] == "response.output_text.delta" => {
+            push(out, &v["delta"])
+        }
+        Format::OpenAi => push(out, &v["choices"][0]["delta"]["content"]),
+        Format::Anthropic if v["type"] == "content_block_delta" => push(out, &v["delta"]["text"]),
+        Format::Anthropic => {}
+        Format::Google => gemini_parts(v, out),
+        Format::Bedrock => body_text(format, v, out),
+    }
+}
+
+/// The text of a whole JSON response.
+fn body_text(format: Format, v: &Value, out: &mut String) {
+    match format {
+        Format::OpenAi => {
+            push(out, &v["choices"][0]["message"]["content"]);
+            for item in v["output"].as_array().into_iter().flatten() {
+                for c in item["content"].as_array().into_iter().flatten() {
+                    push(out, &c["text"]);
+                }
+            }
+        }
+        Format::Anthropic => {
+            for c in v["content"].as_array().into_iter().flatten() {
+                push(out, &c["text"]);
+            }
+        }
+        Format::Google => match v.as_array() {
+            // streamGenerateContent without alt=sse: a JSON array of chunks.
+            Some(chunks) => chunks.iter().for_each(|c| gemini_parts(c, out)),
+            None => gemini_parts(v, out),
+        },
+        Format::Bedrock => {
+            for c in v["output"]["message"]["content"].as_array().into_iter().flatten() {
+                push(out, &c["text"]);
+            }
+        }
+    }
+}
+
+fn gemini_parts(v: &Value, out: &mut String) {
+    for p in v["candidates"][0]["content"]["parts"].as_array().into_iter().flatten() {
+        push(out, &p["text"]);
+    }
+}
+
+/// `gen_ai.input.messages`: the request's messages (and system prompt) as the convention's
+/// role-and-parts list, text parts only. `None` when the body is not one this reader knows.
+pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let mut out = Vec::new();
+    let text_parts = |content: &Value| -> Vec<Value> {
+        match content {
+            Value::String(s) => vec![json!({"type": "text", "content": s})],
+            Value::Array(items) => items
+                .iter()
+                .filter_map(|i| i["text"].as_str().or_else(|| i.as_str()))
+                .map(|t| json!({"type": "text", "content": t}))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    // Anthropic's and Gemini's system prompt live beside the messages.
+    for system in [&v["system"], &v["systemInstruction"]["parts"]] {
+        let parts = text_parts(system);
+        if !parts.is_empty() {
+            out.push(json!({"role": "system", "parts": parts}));
+        }
+    }
+    let messages = match format {
+        Format::Google => &v["contents"],
+        _ if v["messages"].is_array() => &v["messages"],
+        _ => &v["input"],
+    };
+    match messages {
+        Value::String(s) => out.push(json!({"role": "user", "parts": [{"type": "text", "content": s}]})),
+        Value::Array(items) => {
+            for m in items {
+                let role = m["role"].as_str().unwrap_or("user");
+                let role = if role == "model" { "assistant" } else { role };
+                let parts = match format {
+                    Format::Google => text_parts(&m["parts"]),
+                    _ => text_parts(&m["content"]),
+                };
+                out.push(json!({"role": role, "parts": parts}));
+            }
+        }
+        _ => {}
+    }
+    (!out.is_empty()).then(|| Value::Array(out).to_string())
+}
+
+/// `gen_ai.output.messages` for the completion `text`.
+pub fn output_messages(text: &str) -> String {
+    json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_completions_are_reassembled_for_each_provider() {
+        let openai = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(output_text(Format::OpenAi, true, openai.as_bytes()).as_deref(), Some("Hello"));
+        let anthropic = "event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"there\"}}\n\n";
+        assert_eq!(output_text(Format::Anthropic, true, anthropic.as_bytes()).as_deref(), Some("Hi there"));
+        let gemini = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"A\"}]}}]}\r\n\r\ndata: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"B\"}]}}]}\n\n";
+        assert_eq!(output_text(Format::Google, true, gemini.as_bytes()).as_deref(), Some("AB"));
+        let responses =
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"ok\"}\n\n";
+        assert_eq!(output_text(Format::OpenAi, true, responses.as_bytes()).as_deref(), Some("ok"));
+        // Cut inside a character by the capture limit: the text before it.
+        let mut cut = openai.as_bytes()[..70].to_vec();
+        cut.extend_from_slice(&[0xe2, 0x82]);
+        assert!(output_text(Format::OpenAi, true, &cut).is_none_or(|t| t.is_char_boundary(t.len())));
+    }
+
+    #[test]
+    fn json_completions_and_request_messages_read_as_text() {
+        let body = br#"{"choices":[{"message":{"role":"assistant","content":"Paris."}}]}"#;
+        assert_eq!(output_text(Format::OpenAi, false, body).as_deref(), Some("Paris."));
+        let body = br#"{"content":[{"type":"text","text":"Bonjour"}]}"#;
+        assert_eq!(output_text(Format::Anthropic, false, body).as_deref(), Some("Bonjour"));
+        let body = br#"{"output":{"message":{"content":[{"text":"hola"}]}}}"#;
+        assert_eq!(output_text(Format::Bedrock, false, body).as_deref(), Some("hola"));
+        assert_eq!(output_text(Format::OpenAi, false, b"not json"), None);
+
+        let req = br#"{"model":"claude","system":"Be brief.","messages":[{"role":"user","content":[{"type":"text","text":"Capital of France?"}]}]}"#;
+        let m: Value = serde_json::from_str(&input_messages(Format::Anthropic, req).unwrap()).unwrap();
+        assert_eq!(m[0], json!({"role": "system", "parts": [{"type": "text", "content": "Be brief."}]}));
+        assert_eq!(m[1], json!({"role": "user", "parts": [{"type": "text", "content": "Capital of France?"}]}));
+        let req =
+            br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]},{"role":"model","parts":[{"text":"hello"}]}]}"#;
+        let m: Value = serde_json::from_str(&input_messages(Format::Google, req).unwrap()).unwrap();
+        assert_eq!(m[1]["role"], "assistant");
+        let m: Value = serde_json::from_str(&output_messages("Paris.")).unwrap();
+        assert_eq!(m[0]["parts"][0]["content"], "Paris.");
+    }
+}
