@@ -240,7 +240,7 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
         metrics
             .lines()
             .filter(|l| {
-                l.starts_with("gen_ai_client_token_usage_total{") && l.contains(&format!("keyswap_tenant=\"{tenant}\""))
+                l.starts_with("gen_ai_client_token_usage_count{") && l.contains(&format!("keyswap_tenant=\"{tenant}\""))
             })
             .count()
     };

@@ -310,9 +310,17 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     assert_eq!(delta("keyswap_requests_total"), (cases().len() + 2) as f64, "{after}");
     assert_eq!(delta("keyswap_injections_total"), (cases().len() + 1) as f64);
     assert_eq!(delta("keyswap_denials_total{reason=\"no_route\"}"), 1.0);
-    assert_eq!(
-        metric(&after, "gen_ai_client_token_usage_total{gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude-sonnet-4-5\",gen_ai_token_type=\"output\"}"),
-        14.0,
+    // The GenAI conventions' histograms: two anthropic calls (JSON and SSE) of 7 output tokens.
+    let labels =
+        "gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude-sonnet-4-5\"";
+    let sample =
+        |s: &str| metric(&after, &format!("gen_ai_client_token_usage_{s}{{{labels},gen_ai_token_type=\"output\"}}"));
+    assert_eq!((sample("sum"), sample("count")), (14.0, 2.0), "{after}");
+    let le16 = format!("gen_ai_client_token_usage_bucket{{{labels},gen_ai_token_type=\"output\",le=\"16\"}}");
+    assert_eq!(metric(&after, &le16), 2.0, "the conventions' buckets: 7 tokens fall under 16");
+    assert!(metric(&after, &format!("gen_ai_client_operation_duration_seconds_count{{{labels}}}")) >= 2.0, "{after}");
+    assert!(
+        metric(&after, &format!("gen_ai_client_operation_time_to_first_chunk_seconds_count{{{labels}}}")) >= 1.0,
         "{after}"
     );
     assert!(

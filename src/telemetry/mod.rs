@@ -5,14 +5,14 @@ pub mod admin;
 pub mod capture;
 pub mod content;
 pub mod export;
+pub mod genai;
 pub mod otlp;
 pub mod sample;
 pub mod span;
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Distinct (provider, model) pairs kept in token metrics; further models count as "other".
@@ -44,9 +44,6 @@ struct Histogram {
     count: AtomicU64,
     sum_ns: AtomicU64,
 }
-
-/// (provider, model, tenant label).
-type TokenKey = (String, String, String);
 
 /// Counters the request path bumps without locks.
 #[derive(Debug, Default)]
@@ -94,9 +91,10 @@ pub struct Metrics {
     pub xds: Arc<XdsStats>,
     /// Per-budget admissions and tokens (`TokenBudget`).
     pub budgets: Arc<crate::budget::Registry>,
-    /// (provider, model, tenant) → (input, output) tokens. Touched once per finished LLM call.
-    /// The tenant is "" without `spec.agentAuth`, else a bounded label (`metricsTenants` or "other").
-    tokens: Mutex<BTreeMap<TokenKey, (u64, u64)>>,
+    /// The GenAI conventions' client histograms (tokens, duration, time to first chunk), touched
+    /// once per finished LLM call. The tenant label is "" without `spec.agentAuth`, else bounded
+    /// (`metricsTenants` or "other").
+    pub genai: genai::GenAiMetrics,
 }
 
 /// The ADS server and the leaf it serves.
@@ -147,26 +145,9 @@ impl Metrics {
         h.sum_ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    pub fn record_tokens(&self, provider: &str, model: &str, tenant: &str, input: u64, output: u64) {
-        let mut map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (provider.to_owned(), model.to_owned(), tenant.to_owned());
-        let key = if map.len() >= MAX_MODELS && !map.contains_key(&key) {
-            (provider.to_owned(), "other".into(), tenant.to_owned())
-        } else {
-            key
-        };
-        let e = map.entry(key).or_default();
-        e.0 = e.0.saturating_add(input);
-        e.1 = e.1.saturating_add(output);
-    }
-
-    /// Tokens counted so far for (provider, model), every tenant together: (input, output).
+    /// Token totals recorded for `provider` and `model` (input, output).
     pub fn tokens(&self, provider: &str, model: &str) -> Option<(u64, u64)> {
-        let map = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|((p, m, _), _)| p == provider && m == model)
-            .map(|(_, v)| *v)
-            .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
+        self.genai.tokens(provider, model)
     }
 
     /// Prometheus text exposition.
@@ -229,9 +210,6 @@ impl Metrics {
                 ("{reason=\"export_failed\"}", g(&self.spans_export_failed)),
             ],
         );
-        let samples = self.token_samples();
-        let refs: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        counter("gen_ai_client_token_usage", "Tokens reported by providers.", &refs);
         let _ = writeln!(
             out,
             "# HELP keyswap_config_rejected_objects Invalid objects left out of the configuration in effect (their dependents fail closed).\n\
@@ -241,6 +219,7 @@ impl Metrics {
         self.render_phases(&mut out);
         self.render_xds(&mut out);
         self.budgets.render(&mut out);
+        self.genai.render(&mut out);
         out.push_str(&crate::auth::render_metrics());
         let _ = writeln!(
             out,
@@ -272,27 +251,6 @@ impl Metrics {
             g(&x.leaf_mints),
             g(&x.leaf_not_after),
         );
-    }
-
-    /// `gen_ai_client_token_usage` samples: labels and count, per (provider, model, tenant, type).
-    fn token_samples(&self) -> Vec<(String, u64)> {
-        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut samples = Vec::new();
-        for ((provider, model, tenant), (input, output)) in &tokens {
-            let model = model.replace(['\\', '"', '\n'], "_");
-            let tenant = if tenant.is_empty() {
-                String::new()
-            } else {
-                format!(",keyswap_tenant=\"{}\"", tenant.replace(['\\', '"', '\n'], "_"))
-            };
-            for (kind, v) in [("input", input), ("output", output)] {
-                samples.push((
-                    format!("{{gen_ai_provider_name=\"{provider}\",gen_ai_request_model=\"{model}\",gen_ai_token_type=\"{kind}\"{tenant}}}"),
-                    *v,
-                ));
-            }
-        }
-        samples
     }
 
     /// The phase-latency histogram, in Prometheus text.

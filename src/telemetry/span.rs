@@ -163,6 +163,8 @@ pub struct Transaction {
     parser: Option<UsageParser>,
     /// The response is a server-sent event stream (its text is reassembled from the events).
     resp_sse: bool,
+    /// When the first chunk of a streamed response arrived (Unix nanoseconds).
+    first_chunk: Option<u64>,
     redact_also: Option<String>,
     tenant_label: Option<std::sync::Arc<str>>,
 }
@@ -295,6 +297,7 @@ impl Transaction {
             req_model_buf,
             parser: None,
             resp_sse: false,
+            first_chunk: None,
             redact_also: s.redact_also.map(str::to_owned),
             tenant_label: s.tenant_label.clone(),
         };
@@ -399,6 +402,9 @@ impl Transaction {
     }
 
     pub fn on_response_body(&mut self, chunk: &[u8]) {
+        if self.resp_sse && self.first_chunk.is_none() && !chunk.is_empty() {
+            self.first_chunk = Some(unix_nanos(SystemTime::now()));
+        }
         if let Some(c) = &mut self.resp_body {
             c.push(chunk);
         }
@@ -471,9 +477,17 @@ impl Transaction {
             Some(m) => otlp::string_parts(buf, field::NAME, &[self.operation, " ", m]),
             None => otlp::string_parts(buf, field::NAME, &[&self.method, " ", &self.host]),
         }
-        if let (Some(input), Some(output)) = (u.input_tokens, u.output_tokens) {
-            let model = info.model.as_deref().or(self.request_model.as_deref()).unwrap_or("unknown");
-            sink.metrics.record_tokens(self.provider, model, self.tenant_label.as_deref().unwrap_or(""), input, output);
+        if self.error.is_none() && self.provider != "-" {
+            let seconds = |at: u64| at.saturating_sub(self.start) as f64 / 1e9;
+            sink.metrics.genai.record(&super::genai::Observation {
+                provider: self.provider,
+                operation: self.operation,
+                model: self.request_model.as_deref().or(info.model.as_deref()).unwrap_or("unknown"),
+                tenant: self.tenant_label.as_deref().unwrap_or(""),
+                tokens: u.input_tokens.zip(u.output_tokens),
+                duration_s: seconds(end),
+                first_chunk_s: self.first_chunk.map(seconds),
+            });
         }
         otlp::bytes(buf, field::TRACE_ID, &self.trace_id);
         otlp::bytes(buf, field::SPAN_ID, &self.span_id);
@@ -573,7 +587,10 @@ mod tests {
         };
         assert_eq!(int("gen_ai.usage.input_tokens"), i64::MAX);
         assert_eq!(int("gen_ai.usage.output_tokens"), i64::MAX);
-        assert_eq!(metrics.tokens("anthropic", "m"), Some((u64::MAX, 9223372036854775809)));
+        // Histogram sums are floats: the totals stay at the top of the range, never wrap.
+        let (input, output) = metrics.tokens("anthropic", "m").unwrap();
+        assert_eq!(input, u64::MAX);
+        assert!(output >= i64::MAX as u64, "{output}");
     }
 
     #[test]

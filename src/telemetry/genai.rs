@@ -1,0 +1,224 @@
+//! The GenAI semantic conventions' client metrics, as Prometheus histograms with the
+//! conventions' bucket boundaries: `gen_ai.client.token.usage`, `gen_ai.client.operation.duration`
+//! and, for streams, `gen_ai.client.operation.time_to_first_chunk`.
+//!
+//! One entry per (provider, operation, model, tenant label), at most [`super::MAX_MODELS`] models
+//! (then `other`). Recording looks the entry up without allocating (a short linear scan under a
+//! lock taken once per finished transaction, never per ext_proc message); only a new label set
+//! allocates.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+/// `gen_ai.client.token.usage` boundaries.
+pub const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+/// `gen_ai.client.operation.duration` and time-to-first-chunk boundaries, in seconds.
+pub const SECONDS_BUCKETS: [f64; 14] =
+    [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92];
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    /// Per bucket (not cumulative), then +Inf.
+    counts: [u64; 15],
+    sum: f64,
+}
+
+impl Histogram {
+    fn record(&mut self, bounds: &[f64; 14], v: f64) {
+        let i = bounds.iter().position(|b| v <= *b).unwrap_or(14);
+        self.counts[i] += 1;
+        self.sum += v;
+    }
+
+    fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    provider: &'static str,
+    operation: &'static str,
+    model: Box<str>,
+    tenant: Box<str>,
+    input: Histogram,
+    output: Histogram,
+    duration: Histogram,
+    first_chunk: Histogram,
+}
+
+/// What one finished transaction adds.
+pub struct Observation<'a> {
+    pub provider: &'static str,
+    pub operation: &'static str,
+    pub model: &'a str,
+    /// The bounded tenant label (`""`: none).
+    pub tenant: &'a str,
+    pub tokens: Option<(u64, u64)>,
+    pub duration_s: f64,
+    /// Streams only.
+    pub first_chunk_s: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct GenAiMetrics {
+    entries: Mutex<Vec<Entry>>,
+}
+
+impl GenAiMetrics {
+    pub fn record(&self, o: &Observation<'_>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let find = |entries: &[Entry], model: &str| {
+            entries.iter().position(|e| {
+                e.provider == o.provider && e.operation == o.operation && &*e.model == model && &*e.tenant == o.tenant
+            })
+        };
+        let models = || entries.iter().map(|e| &*e.model).collect::<std::collections::BTreeSet<_>>().len();
+        let i = match find(&entries, o.model) {
+            Some(i) => i,
+            None => {
+                let model = if models() >= super::MAX_MODELS { "other" } else { o.model };
+                match find(&entries, model) {
+                    Some(i) => i,
+                    None => {
+                        entries.push(Entry {
+                            provider: o.provider,
+                            operation: o.operation,
+                            model: model.into(),
+                            tenant: o.tenant.into(),
+                            input: Histogram::default(),
+                            output: Histogram::default(),
+                            duration: Histogram::default(),
+                            first_chunk: Histogram::default(),
+                        });
+                        entries.len() - 1
+                    }
+                }
+            }
+        };
+        let e = &mut entries[i];
+        if let Some((input, output)) = o.tokens {
+            e.input.record(&TOKEN_BUCKETS, input as f64);
+            e.output.record(&TOKEN_BUCKETS, output as f64);
+        }
+        e.duration.record(&SECONDS_BUCKETS, o.duration_s);
+        if let Some(t) = o.first_chunk_s {
+            e.first_chunk.record(&SECONDS_BUCKETS, t);
+        }
+    }
+
+    /// Prometheus text of the three histograms.
+    pub fn render(&self, out: &mut String) {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let clean = |s: &str| s.replace(['\\', '"', '\n'], "_");
+        let labels = |e: &Entry| {
+            let tenant =
+                if e.tenant.is_empty() { String::new() } else { format!(",keyswap_tenant=\"{}\"", clean(&e.tenant)) };
+            format!(
+                "gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\",gen_ai_request_model=\"{}\"{tenant}",
+                e.operation,
+                e.provider,
+                clean(&e.model)
+            )
+        };
+        type Pick = fn(&Entry) -> [(&'static str, &Histogram); 2];
+        let families: [(&str, &str, &[f64; 14], Pick); 3] = [
+            (
+                "gen_ai_client_token_usage",
+                "Input and output tokens per operation, as the provider reported them.",
+                &TOKEN_BUCKETS,
+                |e| [("gen_ai_token_type=\"input\"", &e.input), ("gen_ai_token_type=\"output\"", &e.output)],
+            ),
+            (
+                "gen_ai_client_operation_duration_seconds",
+                "Time from the request to the end of the response, through keyswap.",
+                &SECONDS_BUCKETS,
+                |e| [("", &e.duration), ("", &e.duration)],
+            ),
+            (
+                "gen_ai_client_operation_time_to_first_chunk_seconds",
+                "Streams: time from the request to the first response chunk.",
+                &SECONDS_BUCKETS,
+                |e| [("", &e.first_chunk), ("", &e.first_chunk)],
+            ),
+        ];
+        for (name, help, bounds, pick) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for e in entries.iter() {
+                let base = labels(e);
+                let hists = pick(e);
+                // Duration families have one histogram per entry (listed twice to share the shape).
+                let hists: &[(&str, &Histogram)] = if hists[0].0.is_empty() { &hists[..1] } else { &hists };
+                for (extra, h) in hists {
+                    if h.count() == 0 {
+                        continue;
+                    }
+                    let l = if extra.is_empty() { base.clone() } else { format!("{base},{extra}") };
+                    let mut cumulative = 0;
+                    for (i, b) in bounds.iter().enumerate() {
+                        cumulative += h.counts[i];
+                        let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {cumulative}");
+                    }
+                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count());
+                    let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
+                    let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count());
+                }
+            }
+        }
+    }
+
+    /// Token totals recorded for `provider` and `model` (input, output), for tests.
+    pub fn tokens(&self, provider: &str, model: &str) -> Option<(u64, u64)> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .filter(|e| e.provider == provider && &*e.model == model)
+            .map(|e| (e.input.sum as u64, e.output.sum as u64))
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_use_the_conventions_buckets_and_bound_the_models() {
+        let m = GenAiMetrics::default();
+        fn obs(model: &str, tokens: Option<(u64, u64)>, first: Option<f64>) -> Observation<'_> {
+            Observation {
+                provider: "anthropic",
+                operation: "chat",
+                model,
+                tenant: "",
+                tokens,
+                duration_s: 0.3,
+                first_chunk_s: first,
+            }
+        }
+        m.record(&obs("claude", Some((12, 700)), None));
+        m.record(&obs("claude", Some((3, 5)), Some(0.05)));
+        let mut out = String::new();
+        m.render(&mut out);
+        let labels =
+            "gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude\"";
+        for line in [
+            format!("gen_ai_client_token_usage_bucket{{{labels},gen_ai_token_type=\"output\",le=\"16\"}} 1"),
+            format!("gen_ai_client_token_usage_bucket{{{labels},gen_ai_token_type=\"output\",le=\"1024\"}} 2"),
+            format!("gen_ai_client_token_usage_sum{{{labels},gen_ai_token_type=\"input\"}} 15"),
+            format!("gen_ai_client_operation_duration_seconds_bucket{{{labels},le=\"0.32\"}} 2"),
+            format!("gen_ai_client_operation_duration_seconds_count{{{labels}}} 2"),
+            format!("gen_ai_client_operation_time_to_first_chunk_seconds_count{{{labels}}} 1"),
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing `{line}` in\n{out}");
+        }
+        for i in 0..super::super::MAX_MODELS + 10 {
+            m.record(&obs(&format!("m{i}"), Some((1, 1)), None));
+        }
+        assert!(m.tokens("anthropic", "other").is_some());
+        assert!(m.entries.lock().unwrap().len() <= super::super::MAX_MODELS + 1);
+    }
+}
