@@ -230,7 +230,9 @@ impl RedisStore {
             return;
         }
         let Ok(mut conn) = self.conn.clone() else { return };
-        tokio::spawn(async move {
+        // A stream dropped outside the runtime (at shutdown) cannot settle: its reservation stands.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
             let r: Result<Result<(), _>, _> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await;
             match r {
                 Ok(Ok(())) => {}
