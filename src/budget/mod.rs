@@ -502,9 +502,6 @@ impl Engine {
             let why = b.invalid.clone().unwrap_or_default();
             return Reserve::Now(self.count(Admit::Invalid { budget: b.name.clone(), why }));
         }
-        for c in &claims {
-            self.metrics(&c.budget.name).reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
-        }
         let target = match store {
             None => {
                 let admit = match self.local.reserve(&claims, now) {
@@ -550,7 +547,10 @@ impl Engine {
         match &admit {
             Admit::Held(h, _) => {
                 for c in &h.claims {
-                    inc(&self.metrics(&c.budget.name).admitted);
+                    let m = self.metrics(&c.budget.name);
+                    inc(&m.admitted);
+                    // Only what was taken: a refusal reserves nothing.
+                    m.reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
                 }
             }
             Admit::Limited(l) => inc(&self.metrics(&l.budget).limited),
