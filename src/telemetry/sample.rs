@@ -122,6 +122,8 @@ mod tests {
         assert!(s.sampled(Some(([7; 16], 1)), || unreachable!()));
         assert!(s.sampled(None, || [1; 16]));
         assert!(!Sampler::AlwaysOff.sampled(Some(([7; 16], 1)), || [1; 16]));
+        // always_on traces an agent that asks not to be sampled (docs/security.md).
+        assert!(Sampler::AlwaysOn.sampled(Some(([7; 16], 0)), || [1; 16]));
         // The same trace id, the same decision; about a quarter of random ids.
         let r = Sampler::TraceIdRatio(0.25);
         let mut low = [0u8; 16];
