@@ -18,39 +18,15 @@ use crate::provider::usage::Format;
 pub fn output_text(format: Format, sse: bool, body: &[u8]) -> Option<String> {
     let mut text = String::new();
     if sse {
-        for (event, data) in sse_events(body) {
-            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
-            delta_text(format, event, &v, &mut text);
-        }
+        crate::provider::usage::for_each_event(body, |event, data| {
+            let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
+            delta_text(format, std::str::from_utf8(event).unwrap_or(""), &v, &mut text);
+        });
     } else {
         let v: Value = serde_json::from_slice(body).ok()?;
         body_text(format, &v, &mut text);
     }
     (!text.is_empty()).then_some(text)
-}
-
-/// `event:` names and `data:` payloads of a server-sent event stream (events end at a blank line;
-/// `\n` or `\r\n`; one `data:` line per event, as the providers send them).
-fn sse_events(body: &[u8]) -> Vec<(&str, &str)> {
-    let text = std::str::from_utf8(body).unwrap_or_else(|e| {
-        // A capture cut inside a character: the valid prefix.
-        std::str::from_utf8(&body[..e.valid_up_to()]).unwrap_or_default()
-    });
-    let mut out = Vec::new();
-    let (mut event, mut data) = ("", None);
-    for line in text.lines().map(|l| l.trim_end_matches('\r')) {
-        if line.is_empty() {
-            if let Some(d) = data.take().filter(|d| *d != "[DONE]") {
-                out.push((event, d));
-            }
-            event = "";
-        } else if let Some(e) = line.strip_prefix("event:") {
-            event = e.trim();
-        } else if let Some(d) = line.strip_prefix("data:") {
-            data = Some(d.trim());
-        }
-    }
-    out
 }
 
 fn push(out: &mut String, v: &Value) {

@@ -106,6 +106,12 @@ pub fn request_model(body: &[u8]) -> Option<String> {
     parsed.model.filter(|m| !m.is_empty())
 }
 
+/// Calls `on_event(event name, data)` for every complete event of a server-sent event stream
+/// (the same reader [`UsageParser`] uses; the events a stream cut short did not finish are left out).
+pub fn for_each_event(body: &[u8], on_event: impl FnMut(&[u8], &[u8])) {
+    SseReader::new().feed(body, on_event);
+}
+
 /// Reads model and usage out of one response body, fed chunk by chunk.
 pub struct UsageParser {
     format: Format,
