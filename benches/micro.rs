@@ -117,6 +117,7 @@ fn request_headers(c: &mut Criterion) {
             sink,
             tunnel: Default::default(),
             budgets: Arc::new(keyswap::budget::Engine::new(Default::default())),
+            handoffs: Default::default(),
         };
         let name = if tracing { "decide_and_mutate_tracing_on" } else { "decide_and_mutate_tracing_off" };
         g.bench_function(name, |b| {

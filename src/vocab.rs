@@ -115,6 +115,14 @@ pub struct Identity {
 /// gRPC metadata Envoy's tunnel-guard filter sends on each stream (`initial_metadata`).
 pub const ROLE_METADATA: &str = "x-keyswap-role";
 pub const ROLE_TUNNEL: &str = "tunnel";
+/// The role of the observing filter's streams (response bodies, send and go).
+pub const ROLE_OBSERVE: &str = "observe";
+/// gRPC metadata on a deciding stream: the observing filter runs on this request's route, so
+/// response bodies are read there.
+pub const OBSERVED_METADATA: &str = "x-keyswap-observed";
+/// The dynamic metadata namespace keyswap's deciding filter writes (and the observing filter
+/// forwards).
+pub const METADATA_NAMESPACE: &str = "keyswap";
 
 /// Fingerprint shown instead of a secret: enough to tell two values apart, useless to an attacker
 /// holding logs (for any key with real entropy).

@@ -377,3 +377,53 @@ stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFE
     assert!(!String::from_utf8_lossy(&i.body).contains("wJalr"));
     assert_eq!(Metrics::get(&s.shared.metrics.denied_credential_unavailable), 1);
 }
+
+/// An observing stream naming parked state keyswap never handed out (a forged or stale number,
+/// a number of the wrong type, no number at all) claims nothing, gets no answer, and breaks
+/// nothing: no protocol error, no counted response, the server keeps serving.
+#[tokio::test]
+async fn an_observing_stream_naming_a_number_never_handed_out_claims_nothing() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{processing_request::Request, HttpBody, ProcessingRequest};
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use tokio_stream::StreamExt;
+
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let chunk = |tx: Option<Kind>, end: bool| {
+        let fields = tx.map(|k| ("tx".to_owned(), Value { kind: Some(k) })).into_iter().collect();
+        ProcessingRequest {
+            request: Some(Request::ResponseBody(HttpBody {
+                body: br#"{"usage":{"input_tokens":5,"output_tokens":7}}"#.to_vec(),
+                end_of_stream: end,
+                ..Default::default()
+            })),
+            metadata_context: Some(Metadata {
+                filter_metadata: [(keyswap::vocab::METADATA_NAMESPACE.to_owned(), Struct { fields })]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+            observability_mode: true,
+            ..Default::default()
+        }
+    };
+    let forged = [
+        vec![chunk(Some(Kind::StringValue("987654321".into())), false), chunk(None, true)],
+        vec![chunk(Some(Kind::NumberValue(1.0)), true)],
+        vec![chunk(Some(Kind::StringValue("-1; DROP".into())), true)],
+        vec![chunk(None, true)],
+        vec![grpc::headers(&[(":authority", "api.anthropic.com")]), chunk(Some(Kind::StringValue("1".into())), true)],
+    ];
+    for msgs in forged {
+        let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+        req.metadata_mut().insert(keyswap::vocab::ROLE_METADATA, keyswap::vocab::ROLE_OBSERVE.parse().unwrap());
+        let answers: Vec<_> = c.process(req).await.expect("stream accepted").into_inner().collect().await;
+        assert!(answers.is_empty(), "an observing stream is never answered: {answers:?}");
+    }
+    let m = &s.shared.metrics;
+    assert_eq!(Metrics::get(&m.protocol_errors), 0);
+    assert_eq!(Metrics::get(&m.observed_ended) + Metrics::get(&m.observed_cut_off), 0);
+    let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[])).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+}

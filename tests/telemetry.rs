@@ -323,9 +323,14 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
         metric(&after, &format!("gen_ai_client_operation_time_to_first_chunk_seconds_count{{{labels}}}")) >= 1.0,
         "{after}"
     );
-    assert!(
-        metric(&after, "keyswap_extproc_phase_duration_seconds_count{phase=\"response_body\"}") >= cases().len() as f64
+    // Every response body was read off the request path, by the observing filter, except the
+    // custom upstream's: keyswap rewrites that one (scrubbed toward the agent), so it waits.
+    assert_eq!(
+        metric(&after, "keyswap_extproc_phase_duration_seconds_count{phase=\"response_body\"}"),
+        1.0,
+        "a body only telemetry reads was answered on the deciding stream"
     );
+    assert!(delta("keyswap_observed_responses_total{outcome=\"ended\"}") >= cases().len() as f64, "{after}");
     assert!(metric(&after, "keyswap_spans_exported_total") >= n as f64);
     let (st, ready) = scrape(metrics_port, "/readyz").await;
     assert_eq!(st, 200, "{ready}");
@@ -716,6 +721,22 @@ async fn grpc_export_is_gzipped_when_the_standard_variable_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_carry_the_prompt_and_the_completion_as_text_for_json_and_streams() {
+    prompt_and_completion_spans(true, &[]).await;
+}
+
+/// An Envoy configured before the observing filter existed: keyswap reads the bodies on the
+/// deciding stream. The agent's headers named like keyswap's gRPC metadata must not make keyswap
+/// hand the body to an observing stream that will never come (the span would then lack its
+/// completion, and the test would wait for it in vain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_header_posing_as_the_observing_filter_changes_nothing_without_one() {
+    let spoof = [("x-keyswap-observed", "1"), ("x-keyswap-role", "observe")];
+    prompt_and_completion_spans(false, &spoof).await;
+}
+
+/// Sends a JSON and two streamed calls through Envoy (with the observing filter or without it),
+/// with `extra` headers, and checks each span carries the prompt and the completion as text.
+async fn prompt_and_completion_spans(observer: bool, extra: &[(&str, &str)]) {
     let (collector, collector_addr) = Receiver::start().await;
     // Capture at its default size (this file's other tests cap it at 200 bytes).
     let config = config_dir();
@@ -726,7 +747,12 @@ async fn spans_carry_the_prompt_and_the_completion_as_text_for_json_and_streams(
     let env = otel_env(&format!("http://{collector_addr}"));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let envoy_port = free_port();
+    let mut cfg = envoy_config_value(envoy_port, &uds, fake.addr);
+    if !observer {
+        cfg = without_observer(cfg);
+    }
+    let (_envoy, port) = start_envoy_with(work.path(), envoy_port, keyswap::envoy::to_yaml(&cfg));
     let c = client();
     let cases = [
         (
@@ -751,7 +777,9 @@ async fn spans_carry_the_prompt_and_the_completion_as_text_for_json_and_streams(
         } else {
             ("x-api-key", PLACEHOLDER.to_owned())
         };
-        let (st, text) = send_body(&c, port, host, path, &[(key.0, &key.1)], body).await;
+        let mut headers = vec![(key.0, key.1.as_str())];
+        headers.extend_from_slice(extra);
+        let (st, text) = send_body(&c, port, host, path, &headers, body).await;
         assert_eq!(st, 200, "{text}\n{}", keyswap.output());
     }
     let spans = collector.wait_for(cases.len()).await;

@@ -38,6 +38,27 @@ pub struct Peer {
     pub source: Option<IpAddr>,
 }
 
+impl Peer {
+    /// The downstream connection as Envoy reports it in `request_attributes` (`source.address`,
+    /// `connection.mtls`); absent attributes mean "not trusted".
+    pub fn from_attributes(
+        attributes: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Struct>,
+    ) -> Peer {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let Some(fields) = attributes.get("envoy.filters.http.ext_proc").map(|s| &s.fields) else {
+            return Peer::default();
+        };
+        let mtls = matches!(fields.get("connection.mtls").and_then(|v| v.kind.as_ref()), Some(Kind::BoolValue(true)));
+        let source = match fields.get("source.address").and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(a)) => {
+                a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok().or_else(|| a.parse::<std::net::IpAddr>().ok())
+            }
+            _ => None,
+        };
+        Peer { mtls, source }
+    }
+}
+
 /// An IP network (`10.0.0.0/8`, `fd00::/8`, or one address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {

@@ -87,6 +87,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         bind: std::net::IpAddr::from([127, 0, 0, 1]),
         system_ca: args.system_ca.clone(),
         delivery: crate::envoy::Delivery::Ads,
+        traces_from_env: crate::envoy::traces_from_env(),
     };
 
     let rt = runtime(None)?;

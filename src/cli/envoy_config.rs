@@ -35,7 +35,13 @@ impl ResourceArgs {
     }
 
     pub(super) fn options(&self, delivery: Delivery) -> Options {
-        Options { upstreams: self.upstreams.clone(), bind: self.bind, system_ca: self.system_ca.clone(), delivery }
+        Options {
+            upstreams: self.upstreams.clone(),
+            bind: self.bind,
+            system_ca: self.system_ca.clone(),
+            delivery,
+            traces_from_env: crate::envoy::traces_from_env(),
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    abs, cluster_name, ext_proc_filter, headers_only, keyswap_cluster, leaf_sds_path, router, Delivery, NamedPort,
-    Options, INTERNAL_TLS, LEAF_SECRET,
+    abs, cluster_name, ext_proc_filter, headers_only, keyswap_cluster, leaf_sds_path, observe_filter, observe_on_route,
+    router, Delivery, NamedPort, Options, INTERNAL_TLS, LEAF_SECRET,
 };
 use crate::api::DefaultPolicy;
 use crate::config::Snapshot;
@@ -26,6 +26,9 @@ pub(super) struct Layout<'a> {
     allow_all: bool,
     /// Whether any CONNECT is tunnelled raw (allow-all, or an allow list): the tunnel guard.
     tunnel: bool,
+    /// Route host patterns whose response bodies keyswap reads (spans with bodies, token
+    /// budgets): their virtual hosts turn the observing filter on.
+    observed: Vec<String>,
 }
 
 impl<'a> Layout<'a> {
@@ -36,7 +39,12 @@ impl<'a> Layout<'a> {
         let allow_all = snap.default_policy == DefaultPolicy::AllowAll;
         let tunnel = allow_all || !allow.is_empty();
         let ads = matches!(opts.delivery, Delivery::Ads);
-        Layout { opts, ads, routed, exact, wildcard, allow, allow_all, tunnel }
+        let observed = observed_hosts(snap, opts);
+        Layout { opts, ads, routed, exact, wildcard, allow, allow_all, tunnel, observed }
+    }
+
+    fn observes(&self, host: &str) -> bool {
+        self.observed.iter().any(|h| h == host)
     }
 
     /// Whether a route names `host` exactly (so it has a cluster an `--upstream` can redirect).
@@ -180,7 +188,9 @@ impl<'a> Layout<'a> {
 
     /// TLS with the leaf certificate (SDS), then ext_proc (fail closed) and the router.
     fn tls_chain(&self) -> Value {
-        let mut filters = vec![ext_proc_filter()];
+        // The observing filter is always there (off by default), so turning it on for a route
+        // is a route change, never a listener change.
+        let mut filters = vec![observe_filter(), ext_proc_filter()];
         if !self.wildcard.is_empty() || self.ads {
             filters.push(dfp_filter());
         }
@@ -232,13 +242,21 @@ impl<'a> Layout<'a> {
             .exact
             .iter()
             .map(|h| {
-                json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
-                    "route": {"cluster": cluster_name(h), "timeout": "600s"}}]})
+                let mut v = json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
+                    "route": {"cluster": cluster_name(h), "timeout": "600s"}}]});
+                if self.observes(h) {
+                    v["typed_per_filter_config"] = observe_on_route();
+                }
+                v
             })
             .collect();
         if !self.wildcard.is_empty() {
-            vhosts.push(json!({"name": "wildcard", "domains": self.wildcard, "routes": [{"match": {"prefix": "/"},
-                "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]}));
+            let mut v = json!({"name": "wildcard", "domains": self.wildcard, "routes": [{"match": {"prefix": "/"},
+                "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]});
+            if self.wildcard.iter().any(|h| self.observes(h)) {
+                v["typed_per_filter_config"] = observe_on_route();
+            }
+            vhosts.push(v);
         }
         vhosts.push(json!({"name": "misdirected", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
             "direct_response": {"status": 421, "body": {"inline_string": "keyswap gateway: no route for this host\n"}}}]}));
@@ -318,6 +336,25 @@ impl<'a> Layout<'a> {
         }
         c
     }
+}
+
+/// The route host patterns whose response bodies keyswap reads: every routed host when spans
+/// read bodies (`spec.otlp.readBodies`, the default, with tracing on), and the hosts of routes
+/// with a budget on tokens.
+fn observed_hosts(snap: &Snapshot, opts: &Options) -> Vec<String> {
+    let tracing = opts.traces_from_env
+        || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
+    let spans_read_bodies = tracing && snap.capture.read_bodies;
+    let mut hosts: Vec<String> = snap
+        .routes
+        .entries
+        .iter()
+        .filter(|e| spans_read_bodies || e.budgets.iter().any(|b| b.counts_tokens()))
+        .flat_map(|e| e.hosts.iter().map(|h| h.to_ascii_lowercase()))
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
 }
 
 /// What every connection manager does with agent input before any filter sees it: the peer

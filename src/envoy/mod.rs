@@ -80,6 +80,14 @@ pub struct Options {
     pub bind: std::net::IpAddr,
     pub system_ca: PathBuf,
     pub delivery: Delivery,
+    /// keyswap's environment turns tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT` …) even where the
+    /// gateway names no collector: routes then get the observing filter for response bodies.
+    pub traces_from_env: bool,
+}
+
+/// Whether keyswap's environment turns tracing on, as `serve` will read it.
+pub fn traces_from_env() -> bool {
+    crate::telemetry::export::settings(None, |k| std::env::var(k).ok()).ok().flatten().is_some()
 }
 
 /// How the resources reach Envoy.
@@ -296,8 +304,55 @@ pub fn ext_proc_filter() -> Value {
             "max_message_timeout": "10s",
             // For spec.agentAuth edgeTrust: who is on the other end of the connection.
             "request_attributes": ["source.address", "connection.mtls"],
+            // keyswap names a parked transaction here for the observing filter.
+            "metadata_options": {"receiving_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
             "processing_mode": headers_only(),
         },
+    })
+}
+
+/// The observing filter's name in the HTTP filter chain (per-route configurations name it).
+pub const OBSERVE_FILTER: &str = "keyswap.observe";
+
+/// The observing ext_proc filter (observability mode: Envoy sends and goes on, never waits):
+/// response body chunks that only spans and budget settlement read, off the path the agent waits
+/// on. Off unless a route turns it on ([`observe_on_route`]); it never fails a request. It comes
+/// before the deciding filter, so responses reach it after keyswap answered their headers (and
+/// named the parked transaction in the dynamic metadata it forwards).
+pub fn observe_filter() -> Value {
+    json!({
+        "name": OBSERVE_FILTER,
+        "disabled": true,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            // Its own Envoy stats (`http.<hcm>.ext_proc.keyswap_observe.*`).
+            "stat_prefix": "keyswap_observe",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"},
+                "initial_metadata": [{"key": crate::vocab::ROLE_METADATA, "value": crate::vocab::ROLE_OBSERVE}]},
+            "observability_mode": true,
+            "failure_mode_allow": true,
+            "metadata_options": {"forwarding_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    })
+}
+
+/// `typed_per_filter_config` for a virtual host or route whose response bodies keyswap reads:
+/// turns the observing filter on, and tells keyswap's deciding stream (gRPC metadata) that it
+/// runs, so the body is read there rather than on the path the agent waits on.
+pub fn observe_on_route() -> Value {
+    let per_route = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute";
+    json!({
+        OBSERVE_FILTER: {"@type": per_route, "overrides": {}},
+        "envoy.filters.http.ext_proc": {"@type": per_route, "overrides": {
+            "grpc_initial_metadata": [{"key": crate::vocab::OBSERVED_METADATA, "value": "1"}]}},
     })
 }
 

@@ -236,13 +236,24 @@ impl ProcessStream {
 
     /// A response body chunk of a budgeted request.
     pub(super) fn budget_response_body(&mut self, chunk: &[u8], end: bool) {
-        let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return };
-        b.response_bytes += chunk.len() as u64;
-        if let Some(p) = &mut b.parser {
+        if let Some(b) = self.budget.as_mut() {
+            b.response_body(chunk, end);
+        }
+    }
+}
+
+impl Budgeted {
+    /// A response body chunk: read for usage; settled when it is the last.
+    pub(super) fn response_body(&mut self, chunk: &[u8], end: bool) {
+        if self.held.is_none() {
+            return;
+        }
+        self.response_bytes += chunk.len() as u64;
+        if let Some(p) = &mut self.parser {
             p.feed(chunk);
         }
         if end {
-            b.settle(true);
+            self.settle(true);
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod mutation;
+pub mod observe;
 mod request;
 mod response;
 pub mod server;
@@ -12,7 +13,7 @@ pub mod tunnel;
 
 pub use request::on_request_headers;
 
-pub use crate::vocab::{ROLE_METADATA, ROLE_TUNNEL};
+pub use crate::vocab::{ROLE_METADATA, ROLE_OBSERVE, ROLE_TUNNEL};
 
 use std::future::Future as _;
 
@@ -52,6 +53,8 @@ pub struct Shared {
     pub tunnel: tunnel::TunnelGuard,
     /// Token budget counters (in this process, or the gateway's Redis).
     pub budgets: Arc<crate::budget::Engine>,
+    /// Transactions waiting for their response body on an observing stream.
+    pub handoffs: observe::Handoffs,
 }
 
 impl Shared {
@@ -59,7 +62,7 @@ impl Shared {
     pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
         let sink = Sink::new(metrics.clone(), None);
         let budgets = Arc::new(crate::budget::Engine::new(metrics.budgets.clone()));
-        Shared { store, metrics, sink, tunnel: Default::default(), budgets }
+        Shared { store, metrics, sink, tunnel: Default::default(), budgets, handoffs: Default::default() }
     }
 }
 
@@ -76,17 +79,28 @@ impl ExtProc {
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProc {
-    type ProcessStream = ProcessStream;
+    type ProcessStream = AnyStream;
 
     async fn process(
         &self,
         request: tonic::Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
-        // Envoy's tunnel-guard filter names itself in the stream's metadata.
-        let tunnel = request.metadata().get(ROLE_METADATA).is_some_and(|v| v.as_bytes() == ROLE_TUNNEL.as_bytes());
-        Ok(tonic::Response::new(ProcessStream {
+        // Envoy's tunnel-guard and observing filters name themselves in the stream's metadata
+        // (gRPC metadata comes from Envoy's configuration, never from the agent's request).
+        let meta = request.metadata();
+        let role = |r: &str| meta.get(ROLE_METADATA).is_some_and(|v| v.as_bytes() == r.as_bytes());
+        let (tunnel, observing) = (role(ROLE_TUNNEL), role(ROLE_OBSERVE));
+        let observed = meta.get(observe::OBSERVED_METADATA).is_some();
+        if observing {
+            return Ok(tonic::Response::new(AnyStream::Observe(observe::ObserveStream::new(
+                request.into_inner(),
+                self.shared.clone(),
+            ))));
+        }
+        Ok(tonic::Response::new(AnyStream::Decide(ProcessStream {
             inner: request.into_inner(),
             tunnel,
+            observed,
             phase: Phase::AwaitRequestHeaders,
             shared: self.shared.clone(),
             tx: None,
@@ -95,7 +109,26 @@ impl ExternalProcessor for ExtProc {
             pending: None,
             scrub: None,
             budget: None,
-        }))
+        })))
+    }
+}
+
+/// A deciding stream (the request waits for its answers) or an observing one (never answered).
+// One per stream, moved once into tonic: boxing the larger variant would allocate per request.
+#[allow(clippy::large_enum_variant)]
+pub enum AnyStream {
+    Decide(ProcessStream),
+    Observe(observe::ObserveStream),
+}
+
+impl Stream for AnyStream {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            AnyStream::Decide(s) => Pin::new(s).poll_next(cx),
+            AnyStream::Observe(s) => Pin::new(s).poll_next(cx),
+        }
     }
 }
 
@@ -110,6 +143,12 @@ enum Phase {
 struct Traced {
     tx: Box<Transaction>,
     snapshot: Arc<Snapshot>,
+}
+
+impl Traced {
+    fn finish(self, sink: &Sink) {
+        self.tx.finish(sink, &self.snapshot.secret_values());
+    }
 }
 
 /// A SigV4 request whose body Envoy is buffering: signed when the body arrives.
@@ -171,6 +210,8 @@ pub struct ProcessStream {
     inner: Streaming<ProcessingRequest>,
     /// A stream of the tunnel guard (CONNECT to an unrouted host), not of a provider request.
     tunnel: bool,
+    /// The observing filter runs on this request's route: response bodies are read there.
+    observed: bool,
     phase: Phase,
     shared: Arc<Shared>,
     tx: Option<Traced>,
@@ -197,7 +238,7 @@ pub struct Injected {
 impl ProcessStream {
     fn finish_span(&mut self) {
         if let Some(t) = self.tx.take() {
-            t.tx.finish(&self.shared.sink, &t.snapshot.secret_values());
+            t.finish(&self.shared.sink);
         }
     }
 }
@@ -445,7 +486,7 @@ impl ProcessStream {
         started: Instant,
     ) -> Handled {
         let snapshot = self.shared.store.load_full();
-        let peer = peer(attributes);
+        let peer = Peer::from_attributes(attributes);
         match on_request_headers(&snapshot, &self.shared, &headers, has_body, Resume::First, &peer) {
             Step::Answer(outcome) => {
                 let (resp, end) = self.accept(outcome, snapshot);
@@ -534,23 +575,6 @@ fn phase_name(r: &Request) -> &'static str {
         Request::RequestTrailers(_) => "request_trailers",
         Request::ResponseTrailers(_) => "response_trailers",
     }
-}
-
-/// The downstream connection as Envoy reports it in `request_attributes` (`source.address`,
-/// `connection.mtls`); absent attributes mean "not trusted".
-fn peer(attributes: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Struct>) -> Peer {
-    use envoy_types::pb::google::protobuf::value::Kind;
-    let Some(fields) = attributes.get("envoy.filters.http.ext_proc").map(|s| &s.fields) else {
-        return Peer::default();
-    };
-    let mtls = matches!(fields.get("connection.mtls").and_then(|v| v.kind.as_ref()), Some(Kind::BoolValue(true)));
-    let source = match fields.get("source.address").and_then(|v| v.kind.as_ref()) {
-        Some(Kind::StringValue(a)) => {
-            a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok().or_else(|| a.parse::<std::net::IpAddr>().ok())
-        }
-        _ => None,
-    };
-    Peer { mtls, source }
 }
 
 /// A header's bytes: Envoy sends `raw_value`; older senders use `value`.

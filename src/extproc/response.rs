@@ -79,9 +79,11 @@ impl Scrub {
 
 impl ProcessStream {
     /// The upstream's response headers: scrubbed of live secrets, recorded on the span, and the
-    /// body asked for when the span or the scrubber needs it.
+    /// body asked for when the span, the budget or the scrubber needs it. A body only telemetry
+    /// and the budget read goes to the observing filter when it runs on the route (nothing
+    /// waits for it); one the scrubber rewrites, or any without the observing filter, comes here.
     pub(super) fn on_response_headers(&mut self, headers: &[HeaderValue], end: bool) -> Handled {
-        let mut mode = None;
+        let mut wants_body = false;
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
         if scrubbed.is_some() {
             Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
@@ -93,25 +95,33 @@ impl ProcessStream {
                 None => headers.iter().map(|h| (h.key.as_str(), header_bytes(h))).collect(),
             };
             t.tx.on_response_headers(&pairs);
-            if !end && t.tx.wants_response_body() {
-                mode = Some(mutation::mode(mutation::RequestBody::None, true));
-            }
+            wants_body |= !end && t.tx.wants_response_body();
         }
         if self.budget.is_some() {
             let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
             let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
             let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
-            if self.budget_response_headers(status, content_type, end) {
-                mode = Some(mutation::mode(mutation::RequestBody::None, true));
-            }
+            wants_body |= self.budget_response_headers(status, content_type, end);
         }
         let mut m = scrubbed.map(|(_, m)| m);
-        if !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+        let scrub_body = !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some());
+        if scrub_body {
             // Scrubbing changes the body's length: the agent gets it chunked.
             m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
-            mode = Some(mutation::mode(mutation::RequestBody::None, true));
         }
-        Handled::Answer(mutation::response_headers(m, mode), TelemetryPhase::ResponseHeaders, end)
+        let mut handoff = None;
+        let mode = if scrub_body || (wants_body && !self.observed) {
+            Some(mutation::mode(mutation::RequestBody::None, true))
+        } else {
+            if wants_body {
+                let id = self.shared.handoffs.park(self.tx.take(), self.budget.take());
+                handoff = Some(super::observe::metadata(id));
+            }
+            None
+        };
+        let mut resp = mutation::response_headers(m, mode);
+        resp.dynamic_metadata = handoff;
+        Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end)
     }
 
     /// A response body chunk: recorded on the span, and scrubbed when the route says so.

@@ -81,6 +81,7 @@ pub async fn run(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExternalProcessorServer<ExtProc>>().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = super::observe::spawn_sweeper(&shared);
     let mut servers = tokio::task::JoinSet::new();
     for bound in listeners {
         let ads = ads.as_ref().filter(|_| matches!(bound, Bound::Uds(..)));
@@ -131,7 +132,9 @@ pub async fn run(
         }
         anyhow::Ok(())
     };
-    match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    sweeper.abort();
+    match drained {
         Ok(r) => r,
         Err(_) => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "streams still open after the drain timeout; exiting anyway");

@@ -86,6 +86,11 @@ pub struct Metrics {
     pub spans_dropped: AtomicU64,
     /// Spans lost because the collector refused them or did not answer in time.
     pub spans_export_failed: AtomicU64,
+    /// Response bodies read on the observing stream: to the end, cut off, and never arrived (the
+    /// transaction was handed off but no observing stream claimed it).
+    pub observed_ended: AtomicU64,
+    pub observed_cut_off: AtomicU64,
+    pub observed_never_arrived: AtomicU64,
     phases: [Histogram; 5],
     /// keyswap as Envoy's control plane (zero when Envoy does not use its ADS).
     pub xds: Arc<XdsStats>,
@@ -208,6 +213,15 @@ impl Metrics {
             &[
                 ("{reason=\"queue_full\"}", g(&self.spans_dropped)),
                 ("{reason=\"export_failed\"}", g(&self.spans_export_failed)),
+            ],
+        );
+        counter(
+            "keyswap_observed_responses",
+            "Response bodies read off the request path by the observing filter, by how they ended (never_arrived: none came within 610 s).",
+            &[
+                ("{outcome=\"ended\"}", g(&self.observed_ended)),
+                ("{outcome=\"cut_off\"}", g(&self.observed_cut_off)),
+                ("{outcome=\"never_arrived\"}", g(&self.observed_never_arrived)),
             ],
         );
         let _ = writeln!(

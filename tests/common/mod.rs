@@ -322,9 +322,10 @@ pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], ext
 }
 
 /// Envoy with one plain-HTTP listener in front of `upstream` (every request, whatever its host),
-/// with keyswap's own ext_proc filter and keyswap cluster from the generator
-/// (`keyswap::envoy`), pointed at `uds`: the production filter (fail closed, request headers, the
-/// rest by `mode_override`) without the TLS and CONNECT around it.
+/// with keyswap's own ext_proc filters and keyswap cluster from the generator
+/// (`keyswap::envoy`), pointed at `uds`: the production filters (the deciding one: fail closed,
+/// request headers, the rest by `mode_override`; the observing one, on for the route: response
+/// bodies sent and not waited for) without the TLS and CONNECT around them.
 pub fn envoy_config_value(listen_port: u16, uds: &Path, upstream: SocketAddr) -> serde_json::Value {
     use keyswap::envoy;
     let address = |ip: String, port: u16| serde_json::json!({"socket_address": {"address": ip, "port_value": port}});
@@ -341,8 +342,9 @@ pub fn envoy_config_value(listen_port: u16, uds: &Path, upstream: SocketAddr) ->
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "egress",
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "10s"}}]}]},
-                        "http_filters": [envoy::ext_proc_filter(), envoy::router()],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "10s"}}],
+                            "typed_per_filter_config": envoy::observe_on_route()}]},
+                        "http_filters": [envoy::observe_filter(), envoy::ext_proc_filter(), envoy::router()],
                     },
                 }]}],
             }],
@@ -354,6 +356,15 @@ pub fn envoy_config_value(listen_port: u16, uds: &Path, upstream: SocketAddr) ->
             ],
         },
     })
+}
+
+/// `cfg` (from [`envoy_config_value`]) without the observing filter: an Envoy configured before
+/// it existed, where keyswap reads response bodies on the deciding stream.
+pub fn without_observer(mut cfg: serde_json::Value) -> serde_json::Value {
+    let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["http_filters"].as_array_mut().expect("filters").retain(|f| f["name"] != keyswap::envoy::OBSERVE_FILTER);
+    hcm["route_config"]["virtual_hosts"][0].as_object_mut().expect("vhost").remove("typed_per_filter_config");
+    cfg
 }
 
 /// [`envoy_config_value`] as YAML.

@@ -1,0 +1,315 @@
+//! Telemetry off the path the agent waits on: response bodies that only spans and budget
+//! settlement read come from Envoy's second ext_proc filter, in observability mode (Envoy sends
+//! each chunk and goes on; keyswap never answers).
+//!
+//! ```text
+//! decode: observe (skips) → keyswap (decides, waits) → router
+//! encode: keyswap (response headers: scrub, span; waits) → observe (body chunks: send and go)
+//! ```
+//!
+//! The deciding stream answers the response headers, then parks its transaction and budget
+//! reservation here under a number it writes into the request's dynamic metadata (namespace
+//! [`METADATA_NAMESPACE`], which only keyswap's filter may write and the agent cannot reach).
+//! The observing filter forwards that metadata with every chunk; its stream claims the parked
+//! state with the first chunk and finishes the span and settles the budget when the body ends (or
+//! the stream does: a response cut off). Envoy sends the body to the observing filter only after
+//! the deciding filter answered the headers, so the state is always parked before it is claimed.
+//!
+//! The deciding stream hands off only when Envoy says the observing filter runs on the request's
+//! route (gRPC metadata [`OBSERVED_METADATA`], set per virtual host by the generated config);
+//! otherwise it reads the body itself, as before. A stale Envoy configuration is therefore slower,
+//! never wrong.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request::Request, ProcessingRequest, ProcessingResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use tokio_stream::Stream;
+use tonic::{Status, Streaming};
+
+use super::budget::Budgeted;
+use super::{Shared, Traced};
+use crate::telemetry::Metrics;
+
+pub use crate::vocab::{METADATA_NAMESPACE, OBSERVED_METADATA};
+
+/// The field of [`METADATA_NAMESPACE`] that names the parked state.
+const TX_FIELD: &str = "tx";
+
+/// Parked state no observing stream claimed within this long is finished as cut off: longer than
+/// any response may take (the generated routes time out after 600 s), so only a response whose
+/// body never came (the agent hung up between the headers and the first chunk) waits this long.
+pub const UNCLAIMED_TTL: Duration = Duration::from_secs(610);
+
+/// How often unclaimed state is looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+const SHARDS: usize = 8;
+
+/// What the deciding stream leaves for the observing one.
+pub(super) struct Parked {
+    pub(super) tx: Option<Traced>,
+    pub(super) budget: Option<Box<Budgeted>>,
+    at: Instant,
+}
+
+impl Parked {
+    /// Ends what is parked: the span exported, the reservation settled (`ended`: the response
+    /// ended; otherwise it was cut off).
+    fn finish(self, shared: &Shared, ended: bool) {
+        let m = &shared.metrics;
+        Metrics::inc(if ended { &m.observed_ended } else { &m.observed_cut_off });
+        self.end(shared, ended);
+    }
+
+    fn end(mut self, shared: &Shared, ended: bool) {
+        if let Some(b) = self.budget.as_mut() {
+            if ended {
+                b.response_body(&[], true);
+            }
+        }
+        // Dropping an unsettled reservation settles it as cut off.
+        drop(self.budget.take());
+        if let Some(t) = self.tx.take() {
+            t.finish(&shared.sink);
+        }
+    }
+}
+
+/// Parked transactions by number. A short critical section per hand-off and per claim, spread
+/// over a few shards: the only lock on the response path, and only on requests that hand off.
+pub struct Handoffs {
+    next: AtomicU64,
+    shards: [Mutex<HashMap<u64, Parked>>; SHARDS],
+}
+
+impl Default for Handoffs {
+    fn default() -> Self {
+        Handoffs { next: AtomicU64::new(1), shards: std::array::from_fn(|_| Mutex::default()) }
+    }
+}
+
+impl Handoffs {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Parked>> {
+        // A poisoned shard only means a panic elsewhere while it was held: the map is still whole.
+        self.shards[(id as usize) % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks `tx` and `budget`; returns the number the observing stream claims them by.
+    pub(super) fn park(&self, tx: Option<Traced>, budget: Option<Box<Budgeted>>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.shard(id).insert(id, Parked { tx, budget, at: Instant::now() });
+        id
+    }
+
+    fn claim(&self, id: u64) -> Option<Parked> {
+        self.shard(id).remove(&id)
+    }
+
+    /// How many are parked.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes out what was parked before `now - ttl`.
+    fn expired(&self, now: Instant, ttl: Duration) -> Vec<Parked> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let old: Vec<u64> =
+                map.iter().filter(|(_, p)| now.saturating_duration_since(p.at) >= ttl).map(|(k, _)| *k).collect();
+            out.extend(old.into_iter().filter_map(|k| map.remove(&k)));
+        }
+        out
+    }
+}
+
+/// Finishes state no observing stream claimed in time, every [`SWEEP_EVERY`], until `shared` is
+/// gone.
+pub fn spawn_sweeper(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { return };
+            sweep(&shared, Instant::now(), UNCLAIMED_TTL);
+        }
+    })
+}
+
+/// Finishes (as cut off) what was parked longer than `ttl`; returns how many.
+pub fn sweep(shared: &Shared, now: Instant, ttl: Duration) -> usize {
+    let expired = shared.handoffs.expired(now, ttl);
+    let n = expired.len();
+    if n > 0 {
+        Metrics::add(&shared.metrics.observed_never_arrived, n as u64);
+        tracing::warn!(
+            count = n,
+            "response bodies never reached keyswap's observing filter; spans ended and reservations settled as cut off \
+             (the agent hung up before the body, or Envoy's configuration is not the one keyswap generates)"
+        );
+    }
+    for p in expired {
+        p.end(shared, false);
+    }
+    n
+}
+
+/// The dynamic metadata that names parked state `id` (set with the response headers' answer).
+pub(super) fn metadata(id: u64) -> Struct {
+    let inner = Struct {
+        fields: [(TX_FIELD.to_owned(), Value { kind: Some(Kind::StringValue(id.to_string())) })].into_iter().collect(),
+    };
+    Struct {
+        fields: [(METADATA_NAMESPACE.to_owned(), Value { kind: Some(Kind::StructValue(inner)) })].into_iter().collect(),
+    }
+}
+
+/// The parked state a message names, if any.
+fn named(msg: &ProcessingRequest) -> Option<u64> {
+    let ns = msg.metadata_context.as_ref()?.filter_metadata.get(METADATA_NAMESPACE)?;
+    match ns.fields.get(TX_FIELD)?.kind.as_ref()? {
+        Kind::StringValue(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// One observing stream: the response body chunks of one request. Never answers.
+pub struct ObserveStream {
+    inner: Streaming<ProcessingRequest>,
+    shared: Arc<Shared>,
+    claimed: Option<Parked>,
+    /// The first message was looked at (claimed or not).
+    looked: bool,
+}
+
+impl ObserveStream {
+    pub(super) fn new(inner: Streaming<ProcessingRequest>, shared: Arc<Shared>) -> Self {
+        ObserveStream { inner, shared, claimed: None, looked: false }
+    }
+
+    /// One message; `true` when the stream has nothing more to observe.
+    fn on_message(&mut self, msg: ProcessingRequest) -> bool {
+        if !self.looked {
+            self.looked = true;
+            self.claimed = named(&msg).and_then(|id| self.shared.handoffs.claim(id));
+            if self.claimed.is_none() {
+                // A route the observing filter runs on whose request needed no body (tracing off,
+                // no token budget), or a number keyswap never handed out.
+                tracing::trace!("observing stream without parked state; ignored");
+            }
+        }
+        let Some(p) = self.claimed.as_mut() else { return true };
+        match msg.request {
+            Some(Request::ResponseBody(b)) => {
+                if let Some(t) = &mut p.tx {
+                    t.tx.on_response_body(&b.body);
+                }
+                if let Some(budget) = &mut p.budget {
+                    budget.response_body(&b.body, b.end_of_stream);
+                }
+                if b.end_of_stream {
+                    let p = self.claimed.take().expect("claimed");
+                    p.finish(&self.shared, true);
+                    return true;
+                }
+                false
+            }
+            // Only response bodies are configured; anything else changes nothing.
+            _ => false,
+        }
+    }
+}
+
+impl Drop for ObserveStream {
+    /// The stream ended before the body did (the agent hung up, the upstream reset): cut off.
+    fn drop(&mut self) {
+        if let Some(p) = self.claimed.take() {
+            p.finish(&self.shared, false);
+        }
+    }
+}
+
+impl Stream for ObserveStream {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(msg))) => {
+                    if self.on_message(msg) {
+                        // Ending the stream here frees it at once (Envoy would hold it open for its
+                        // deferred-close timeout).
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    if status.code() == tonic::Code::Internal {
+                        Metrics::inc(&self.shared.metrics.protocol_errors);
+                        tracing::warn!(error = status.message(), "undecodable message on an observing stream; ended");
+                    }
+                    if let Some(p) = self.claimed.take() {
+                        p.finish(&self.shared, false);
+                    }
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(None) => {
+                    if let Some(p) = self.claimed.take() {
+                        p.finish(&self.shared, false);
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_through_the_forwarded_context() {
+        use envoy_types::pb::envoy::config::core::v3::Metadata;
+        let m = metadata(42);
+        let Some(Kind::StructValue(ns)) = m.fields[METADATA_NAMESPACE].kind.clone() else { panic!("namespace") };
+        let msg = ProcessingRequest {
+            metadata_context: Some(Metadata {
+                filter_metadata: [(METADATA_NAMESPACE.to_owned(), ns)].into_iter().collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(named(&msg), Some(42));
+        assert_eq!(named(&ProcessingRequest::default()), None);
+    }
+
+    #[test]
+    fn parked_state_is_claimed_once_and_expires_when_unclaimed() {
+        let h = Handoffs::default();
+        let a = h.park(None, None);
+        let b = h.park(None, None);
+        assert_ne!(a, b);
+        assert_eq!(h.len(), 2);
+        assert!(h.claim(a).is_some());
+        assert!(h.claim(a).is_none(), "a second stream naming the same number gets nothing");
+        assert!(h.expired(Instant::now(), Duration::from_secs(60)).is_empty());
+        assert_eq!(h.expired(Instant::now() + Duration::from_secs(61), Duration::from_secs(60)).len(), 1);
+        assert!(h.is_empty());
+        assert!(h.claim(b).is_none());
+    }
+}
