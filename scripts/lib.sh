@@ -27,6 +27,18 @@ ensure_pip() {
   python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
 }
 
+# Arize Phoenix (the OTLP trace viewer tests/phoenix.rs reads back) in its own virtualenv: its
+# dependencies pin versions (the anthropic SDK among them) the SDK tests must not inherit.
+ensure_phoenix() {
+  local venv="${KEYSWAP_PHOENIX_VENV:-$HOME/.cache/keyswap/phoenix-venv}"
+  if [ ! -x "$venv/bin/phoenix" ]; then
+    echo "==> installing Arize Phoenix into $venv (pip install arize-phoenix)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check arize-phoenix
+  fi
+  export PHOENIX_BIN="$venv/bin/phoenix"
+}
+
 # Debian packages the tests call (curl, openssl).
 ensure_debs() {
   local missing=()

@@ -345,6 +345,37 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     }
 }
 
+/// The observing filter only watches: a JSON answer whose body keyswap reads off the path keeps
+/// its `content-length` (Envoy drops it for a streamed body mode unless the filter also observes
+/// the headers), and its body, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observing_filter_leaves_the_agents_response_framing_as_the_provider_sent_it() {
+    let (collector, collector_addr) = Receiver::start().await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let env = otel_env(&format!("http://{collector_addr}"));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{port}/v1/messages"))
+        .header("host", "api.anthropic.com")
+        .header("x-api-key", PLACEHOLDER)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"claude-sonnet-4-5"}"#)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let length = resp.headers().get("content-length").map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+    assert!(resp.headers().get("transfer-encoding").is_none(), "{:?}", resp.headers());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(length, Some(body.len()), "the provider's content-length was dropped");
+    let spans = collector.wait_for(1).await;
+    assert_eq!(otlp::i(&spans[0].1.attributes, "gen_ai.usage.output_tokens"), Some(7), "{}", keyswap.output());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
     let (collector, collector_addr) = Receiver::start().await;

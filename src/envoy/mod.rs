@@ -332,9 +332,13 @@ pub fn observe_filter() -> Value {
             "observability_mode": true,
             "failure_mode_allow": true,
             "metadata_options": {"forwarding_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
+            // Response headers too: their message opens the stream (so a response cut off before
+            // its first chunk still ends its span), and in observability mode Envoy then keeps the
+            // response's content-length (with headers skipped, a STREAMED body mode drops it and
+            // the agent gets the body chunked).
             "processing_mode": {
                 "request_header_mode": "SKIP",
-                "response_header_mode": "SKIP",
+                "response_header_mode": "SEND",
                 "request_body_mode": "NONE",
                 "response_body_mode": "STREAMED",
                 "request_trailer_mode": "SKIP",

@@ -10,10 +10,11 @@
 //! The deciding stream answers the response headers, then parks its transaction and budget
 //! reservation here under a number it writes into the request's dynamic metadata (namespace
 //! [`METADATA_NAMESPACE`], which only keyswap's filter may write and the agent cannot reach).
-//! The observing filter forwards that metadata with every chunk; its stream claims the parked
-//! state with the first chunk and finishes the span and settles the budget when the body ends (or
-//! the stream does: a response cut off). Envoy sends the body to the observing filter only after
-//! the deciding filter answered the headers, so the state is always parked before it is claimed.
+//! The observing filter forwards that metadata with every message; its stream claims the parked
+//! state with the response headers and finishes the span and settles the budget when the body ends
+//! (or the stream does: a response cut off). Envoy passes the response to the observing filter
+//! only after the deciding filter answered its headers, so the state is always parked before it is
+//! claimed.
 //!
 //! The deciding stream hands off only when Envoy says the observing filter runs on the request's
 //! route (gRPC metadata [`OBSERVED_METADATA`], set per virtual host by the generated config);
@@ -43,9 +44,11 @@ pub use crate::vocab::{METADATA_NAMESPACE, OBSERVED_METADATA};
 /// The field of [`METADATA_NAMESPACE`] that names the parked state.
 const TX_FIELD: &str = "tx";
 
-/// Parked state no observing stream claimed within this long is finished as cut off: longer than
-/// any response may take (the generated routes time out after 600 s), so only a response whose
-/// body never came (the agent hung up between the headers and the first chunk) waits this long.
+/// Parked state no observing stream claimed within this long is finished as cut off. The
+/// observing stream claims it with the response headers, right after keyswap answered them, so
+/// only a response Envoy never passed on to the observing filter (an Envoy configuration that
+/// promises the filter but lacks it) waits this long; longer than any response may take (the
+/// generated routes time out after 600 s).
 pub const UNCLAIMED_TTL: Duration = Duration::from_secs(610);
 
 /// How often unclaimed state is looked for.
@@ -228,7 +231,8 @@ impl ObserveStream {
                 }
                 false
             }
-            // Only response bodies are configured; anything else changes nothing.
+            // Response headers open the stream (the deciding stream recorded them); nothing else
+            // is configured, and nothing else changes anything.
             _ => false,
         }
     }
