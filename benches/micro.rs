@@ -441,9 +441,40 @@ fn budget(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the request path records in metrics (counters, the phase histogram, a tenant's
+/// admission, a budget's counters, a finished call's GenAI histograms); `tests/alloc_free.rs`
+/// checks none of it allocates.
+fn metrics(c: &mut Criterion) {
+    use keyswap::telemetry::{genai::Observation, Metrics, Phase};
+    let m = Metrics::default();
+    let budget = m.budgets.of(&Arc::from("default/daily"));
+    let call = Observation {
+        provider: "anthropic",
+        operation: "chat",
+        model: "claude-sonnet-4-5",
+        tenant: "",
+        tokens: Some((12, 700)),
+        duration_s: 0.4,
+        first_chunk_s: Some(0.05),
+    };
+    m.genai.record(&call);
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("request_counters_and_phase", |b| {
+        b.iter(|| {
+            Metrics::inc(&m.requests);
+            Metrics::inc(&m.injections);
+            m.observe(Phase::RequestHeaders, black_box(Duration::from_micros(20)));
+            Metrics::inc(&budget.admitted);
+            Metrics::add(&budget.reserved_tokens, 4096);
+        })
+    });
+    g.bench_function("genai_call_known_labels", |b| b.iter(|| m.genai.record(black_box(&call))));
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span, agent_auth, budget
+    targets = route_match, request_headers, header_mutation, redaction, sse_usage, sigv4, span, agent_auth, budget, metrics
 }
 criterion_main!(benches);

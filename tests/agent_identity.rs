@@ -223,8 +223,10 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
         assert!(!logs.contains(secret), "logs contain a secret");
     }
 
-    // Metrics: admissions by tenant (tenant-a named, others "other"), refusals counted.
+    // Metrics: admissions by tenant (tenant-a named, others "other"), refusals counted; the page
+    // as a strict parser reads it.
     let (_, metrics) = scrape(metrics_port, "/metrics").await;
+    assert_eq!(keyswap::telemetry::prom::lint(&metrics), Vec::<String>::new(), "{metrics}");
     assert!(
         metric(&metrics, "keyswap_agent_admissions_total{result=\"admitted\",tenant=\"tenant-a\"}") >= 2.0,
         "{metrics}"
@@ -240,7 +242,7 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
         metrics
             .lines()
             .filter(|l| {
-                l.starts_with("gen_ai_client_token_usage_count{") && l.contains(&format!("keyswap_tenant=\"{tenant}\""))
+                l.starts_with("gen_ai_client_token_usage_count{") && l.contains(&format!(",tenant=\"{tenant}\""))
             })
             .count()
     };

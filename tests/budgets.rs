@@ -240,14 +240,27 @@ struct Replica {
 
 impl Replica {
     fn start(config: &Path, upstream: SocketAddr) -> Replica {
-        Replica::start_env(config, upstream, &[])
+        Replica::start_with(config, upstream, false)
+    }
+
+    /// `observe`: Envoy's observing filter reads the response bodies (`--observe-response-bodies`).
+    fn start_with(config: &Path, upstream: SocketAddr, observe: bool) -> Replica {
+        Replica::start_env_with(config, upstream, &[], observe)
     }
 
     fn start_env(config: &Path, upstream: SocketAddr, env: &[(&str, &str)]) -> Replica {
+        Replica::start_env_with(config, upstream, env, false)
+    }
+
+    fn start_env_with(config: &Path, upstream: SocketAddr, env: &[(&str, &str)], observe: bool) -> Replica {
         let work = tempfile::tempdir().unwrap();
         let metrics = free_port();
         let (keyswap, uds) = start_keyswap(config, work.path(), env, &["--metrics", &format!("127.0.0.1:{metrics}")]);
-        let (envoy, port) = start_envoy(work.path(), &uds, upstream);
+        let (envoy, port) = if observe {
+            start_envoy_observed(work.path(), &uds, upstream)
+        } else {
+            start_envoy(work.path(), &uds, upstream)
+        };
         Replica { keyswap, _envoy: envoy, port, metrics, _work: work }
     }
 
@@ -267,9 +280,14 @@ impl Replica {
 /// A gateway with one budget (`name`, attached to `parent`, with `spec` lines), served by one
 /// replica in front of `meter`; the config directory lives as long as the first value.
 fn one_budget(meter: &Meter, name: &str, parent: &str, spec: &str) -> (tempfile::TempDir, Replica) {
+    one_budget_with(meter, name, parent, spec, false)
+}
+
+/// [`one_budget`]; `observe`: the observing filter reads the response bodies.
+fn one_budget_with(meter: &Meter, name: &str, parent: &str, spec: &str, observe: bool) -> (tempfile::TempDir, Replica) {
     let config = tempfile::tempdir().unwrap();
     write(config.path(), &gateway(&budget(name, parent, spec), ""));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let r = tokio::task::block_in_place(|| Replica::start_with(config.path(), meter.addr, observe));
     (config, r)
 }
 
@@ -382,12 +400,22 @@ async fn twenty_concurrent_requests_never_spend_past_a_tenants_daily_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
+    streamed_openai_and_anthropic_responses_settle_their_reported_usage_with(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_off_the_request_path() {
+    streamed_openai_and_anthropic_responses_settle_their_reported_usage_with(true).await;
+}
+
+async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_with(observe: bool) {
     let meter = Meter::start(Duration::ZERO).await;
-    let (_config, r) = one_budget(
+    let (_config, r) = one_budget_with(
         &meter,
         "shared",
         "{kind: EgressGateway, name: egress}",
         "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}",
+        observe,
     );
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
     let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
@@ -419,16 +447,29 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage() {
         // It had reserved more: body bytes (≥ input tokens) plus max_tokens.
         assert_eq!(reserved().await - r0, (body.len() as u64 + out) as f64, "{host}");
     }
+    // Read by the observing filter exactly when it runs.
+    let observed = r.metric("keyswap_observed_responses_total{outcome=\"ended\"}").await;
+    assert_eq!(observed > 0.0, observe, "responses read by the observing filter: {observed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received() {
+    an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received_with(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received_off_the_request_path() {
+    an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received_with(true).await;
+}
+
+async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received_with(observe: bool) {
     let meter = Meter::start(Duration::ZERO).await;
-    let (_config, r) = one_budget(
+    let (_config, r) = one_budget_with(
         &meter,
         "tight",
         "{kind: EgressGateway, name: egress}",
         "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}",
+        observe,
     );
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/tight\",kind=\"settled\"}");
     let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":2000,"messages":[]}"#;
@@ -464,6 +505,8 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     let (status, _, text) = call(r.port, OPENAI, None, &chat(2000)).await;
     assert_eq!(status, 200, "{text}");
     meter.hold.notify_waiters();
+    let cut_off = r.metric("keyswap_observed_responses_total{outcome=\"cut_off\"}").await;
+    assert_eq!(cut_off > 0.0, observe, "responses cut off on the observing stream: {cut_off}");
 }
 
 // === Redis ===

@@ -170,7 +170,7 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let metrics_arg = format!("127.0.0.1:{metrics_port}");
     let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &["--metrics", &metrics_arg]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let (_envoy, port) = start_envoy_observed(work.path(), &uds, fake.addr);
     let c = client();
     let (_, before) = scrape(metrics_port, "/metrics").await;
 
@@ -308,6 +308,7 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     };
     let delta = |sample: &str| metric(&after, sample) - metric(&before, sample);
     assert_eq!(delta("keyswap_requests_total"), (cases().len() + 2) as f64, "{after}");
+    assert_eq!(keyswap::telemetry::prom::lint(&after), Vec::<String>::new(), "{after}");
     assert_eq!(delta("keyswap_injections_total"), (cases().len() + 1) as f64);
     assert_eq!(delta("keyswap_denials_total{reason=\"no_route\"}"), 1.0);
     // The GenAI conventions' histograms: two anthropic calls (JSON and SSE) of 7 output tokens.
@@ -357,7 +358,7 @@ async fn the_observing_filter_leaves_the_agents_response_framing_as_the_provider
     let env = otel_env(&format!("http://{collector_addr}"));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let (_envoy, port) = start_envoy_observed(work.path(), &uds, fake.addr);
     let req = hyper::Request::builder()
         .method("POST")
         .uri(format!("http://127.0.0.1:{port}/v1/messages"))
@@ -752,13 +753,18 @@ async fn grpc_export_is_gzipped_when_the_standard_variable_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_carry_the_prompt_and_the_completion_as_text_for_json_and_streams() {
+    prompt_and_completion_spans(false, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_carry_the_prompt_and_the_completion_when_the_observing_filter_reads_the_bodies() {
     prompt_and_completion_spans(true, &[]).await;
 }
 
-/// An Envoy configured before the observing filter existed: keyswap reads the bodies on the
-/// deciding stream. The agent's headers named like keyswap's gRPC metadata must not make keyswap
-/// hand the body to an observing stream that will never come (the span would then lack its
-/// completion, and the test would wait for it in vain).
+/// Without the observing filter (the default), keyswap reads the bodies on the deciding stream.
+/// The agent's headers named like keyswap's gRPC metadata must not make keyswap hand the body to
+/// an observing stream that will never come (the span would then lack its completion, and the
+/// test would wait for it in vain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_header_posing_as_the_observing_filter_changes_nothing_without_one() {
     let spoof = [("x-keyswap-observed", "1"), ("x-keyswap-role", "observe")];
@@ -780,8 +786,8 @@ async fn prompt_and_completion_spans(observer: bool, extra: &[(&str, &str)]) {
     let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
     let envoy_port = free_port();
     let mut cfg = envoy_config_value(envoy_port, &uds, fake.addr);
-    if !observer {
-        cfg = without_observer(cfg);
+    if observer {
+        cfg = with_observer(cfg);
     }
     let (_envoy, port) = start_envoy_with(work.path(), envoy_port, keyswap::envoy::to_yaml(&cfg));
     let c = client();
@@ -825,5 +831,81 @@ async fn prompt_and_completion_spans(observer: bool, extra: &[(&str, &str)]) {
         let output = otlp::s(a, "gen_ai.output.messages").unwrap();
         assert!(output.contains("Hello from the fake provider"), "{output}");
         assert!(!otlp::s(a, "input.value").unwrap_or_default().contains(ANTHROPIC_KEY));
+    }
+}
+
+/// `OTEL_METRICS_EXPORTER=otlp`: the registry `/metrics` serves is pushed to the collector too,
+/// gzipped like the spans, under OpenTelemetry's names: the GenAI histograms with the conventions'
+/// attributes, keyswap's counters as cumulative monotonic sums; no secret in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_pushed_over_otlp_with_the_families_the_scrape_serves() {
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value};
+    let (collector, collector_addr) = Receiver::start_with(true).await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let mut env = otel_env(&format!("http://{collector_addr}"));
+    env.push(("OTEL_METRICS_EXPORTER", "otlp".into()));
+    env.push(("OTEL_METRIC_EXPORT_INTERVAL", "200".into()));
+    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".into()));
+    env.push(("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=agents".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    let (st, body) = send_body(
+        &c,
+        port,
+        "api.anthropic.com",
+        "/v1/messages",
+        &[("x-api-key", PLACEHOLDER)],
+        r#"{"model":"claude-sonnet-4-5"}"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    // A push after the call ended carries it (cumulative): wait for one with the token histogram.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let export = loop {
+        let found = collector
+            .metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| {
+                r.resource_metrics[0].scope_metrics[0].metrics.iter().any(|m| {
+                    m.name == "gen_ai.client.token.usage"
+                        && matches!(&m.data, Some(Data::Histogram(h)) if !h.data_points.is_empty())
+                })
+            })
+            .cloned();
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no metrics export with token usage in 15 s:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rm = &export.resource_metrics[0];
+    let resource = rm.resource.as_ref().unwrap();
+    assert!(resource.attributes.iter().any(|a| a.key == "k8s.namespace.name"), "{resource:?}");
+    let metrics = &rm.scope_metrics[0].metrics;
+    let find = |n: &str| metrics.iter().find(|m| m.name == n).unwrap_or_else(|| panic!("no {n} in {metrics:#?}"));
+    let Some(Data::Sum(requests)) = &find("keyswap.requests").data else { panic!("keyswap.requests is a sum") };
+    assert!(requests.is_monotonic);
+    assert!(matches!(requests.data_points[0].value, Some(Value::AsInt(n)) if n >= 1), "{requests:?}");
+    let usage = find("gen_ai.client.token.usage");
+    assert_eq!(usage.unit, "{token}");
+    let Some(Data::Histogram(h)) = &usage.data else { panic!("a histogram") };
+    let output = h
+        .data_points
+        .iter()
+        .find(|p| p.attributes.iter().any(|a| a.key == "gen_ai.token.type" && format!("{a:?}").contains("output")))
+        .expect("an output-tokens point");
+    assert_eq!(output.sum, Some(7.0));
+    assert!(output.attributes.iter().any(|a| a.key == "gen_ai.request.model"), "{output:?}");
+    assert_eq!(find("gen_ai.client.operation.duration").unit, "s");
+    let raw = String::from_utf8_lossy(&collector.raw_bytes()).into_owned();
+    for s in secrets() {
+        assert!(!raw.contains(&s), "a secret in the OTLP exports");
     }
 }

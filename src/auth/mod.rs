@@ -366,26 +366,25 @@ impl TenantCounters {
     }
 }
 
-/// Prometheus lines for agent admission (empty when no gateway ever used `agentAuth`).
-pub fn render_metrics() -> String {
+/// Agent admissions (nothing when no gateway ever used `agentAuth`).
+pub fn render_metrics(p: &mut dyn crate::telemetry::prom::Families) {
+    const NAME: &str = "keyswap_agent_admissions_total";
     let reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     if reg.is_empty() {
-        return String::new();
+        return;
     }
-    let mut out = String::from(
-        "# HELP keyswap_agent_admissions Requests admitted or refused by spec.agentAuth.\n# TYPE keyswap_agent_admissions counter\n",
-    );
-    for (label, c) in reg.iter() {
+    p.family(NAME, "Requests admitted or refused by spec.agentAuth.", crate::telemetry::prom::Kind::Counter);
+    let mut all: Vec<_> = reg.iter().collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    for (label, c) in all {
         let (result, tenant) = label.split_once('\0').unwrap_or((label, ""));
-        let tenant = tenant.replace(['\\', '"', '\n'], "_");
-        let v = c.load(Ordering::Relaxed);
+        let v = c.load(Ordering::Relaxed) as f64;
         if tenant.is_empty() {
-            out.push_str(&format!("keyswap_agent_admissions_total{{result=\"{result}\"}} {v}\n"));
+            p.sample(NAME, &[("result", result)], v);
         } else {
-            out.push_str(&format!("keyswap_agent_admissions_total{{result=\"{result}\",tenant=\"{tenant}\"}} {v}\n"));
+            p.sample(NAME, &[("result", result), ("tenant", tenant)], v);
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -420,20 +420,18 @@ impl Registry {
         made.expect("rcu ran")
     }
 
-    /// Prometheus text: one family per measure, one sample per budget.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
+    /// One family per measure, one sample per budget.
+    pub fn render(&self, p: &mut dyn crate::telemetry::prom::Families) {
+        use crate::telemetry::prom::Kind::Counter;
         let map = self.0.load();
         if map.is_empty() {
             return;
         }
         let mut all: Vec<_> = map.iter().collect();
         all.sort_by(|a, b| a.0.cmp(b.0));
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_budget_decisions_total Budgeted requests by decision.\n# TYPE keyswap_budget_decisions_total counter"
-        );
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        const DECISIONS: &str = "keyswap_budget_decisions_total";
+        p.family(DECISIONS, "Budgeted requests by decision.", Counter);
         for (name, m) in &all {
             for (decision, v) in [
                 ("admitted", g(&m.admitted)),
@@ -442,18 +440,14 @@ impl Registry {
                 ("store_unavailable_refused", g(&m.store_unavailable_refused)),
                 ("invalid", g(&m.invalid)),
             ] {
-                let _ =
-                    writeln!(out, "keyswap_budget_decisions_total{{budget=\"{name}\",decision=\"{decision}\"}} {v}");
+                p.sample(DECISIONS, &[("budget", name), ("decision", decision)], v);
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_budget_tokens_total Weighted tokens reserved before forwarding and settled after the response.\n\
-             # TYPE keyswap_budget_tokens_total counter"
-        );
+        const TOKENS: &str = "keyswap_budget_tokens_total";
+        p.family(TOKENS, "Weighted tokens reserved before forwarding and settled after the response.", Counter);
         for (name, m) in &all {
             for (kind, v) in [("reserved", g(&m.reserved_tokens)), ("settled", g(&m.settled_tokens))] {
-                let _ = writeln!(out, "keyswap_budget_tokens_total{{budget=\"{name}\",kind=\"{kind}\"}} {v}");
+                p.sample(TOKENS, &[("budget", name), ("kind", kind)], v);
             }
         }
     }

@@ -88,6 +88,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         system_ca: args.system_ca.clone(),
         delivery: crate::envoy::Delivery::Ads,
         traces_from_env: crate::envoy::traces_from_env(),
+        observe_response_bodies: false,
     };
 
     let rt = runtime(None)?;

@@ -27,6 +27,13 @@ pub struct ResourceArgs {
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
+    /// Read response bodies that only spans and token budgets need with a second ext_proc filter
+    /// in Envoy's observability mode, so response chunks never wait for keyswap. It costs a second
+    /// gRPC stream per request: measured here, about twice keyswap's CPU per request and 0.6x the
+    /// requests/s at saturation (docs/benchmarks.md, run 13), for about one ext_proc round trip
+    /// less per chunk. Off: the deciding filter reads them (the default).
+    #[arg(long, env = "KEYSWAP_OBSERVE_RESPONSE_BODIES")]
+    pub observe_response_bodies: bool,
 }
 
 impl ResourceArgs {
@@ -41,6 +48,7 @@ impl ResourceArgs {
             system_ca: self.system_ca.clone(),
             delivery,
             traces_from_env: crate::envoy::traces_from_env(),
+            observe_response_bodies: self.observe_response_bodies,
         }
     }
 }

@@ -181,10 +181,10 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let ready: crate::telemetry::admin::ReadyFn =
             Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
         let m = metrics.clone();
-        let render = Arc::new(move || {
+        let render = Arc::new(move |p: &mut dyn crate::telemetry::prom::Families| {
             m.config_rejected
                 .store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-            s2.render()
+            s2.render(p)
         });
         let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;
         // No retries inside the client: its default policy retries a 503 up to 15 times with a
@@ -283,7 +283,13 @@ pub(super) async fn run_extproc(
         let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (true, format!("gateway {gateway} loaded; last reload: {last}"))
     });
-    let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, Arc::new(String::new)).await?;
+    let admin = crate::telemetry::admin::spawn(
+        metrics_addr,
+        metrics.clone(),
+        ready,
+        Arc::new(|_: &mut dyn crate::telemetry::prom::Families| {}),
+    )
+    .await?;
     let result = serve_store(store, metrics, serving, shutdown).await;
     admin.abort();
     result
@@ -313,6 +319,7 @@ async fn serve_store(
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx).with_sampler(sampler);
+    let metrics_push = metrics_push(otlp.as_ref(), &metrics)?;
     let control = control.map(|mut c| {
         c.ads.stats = metrics.xds.clone();
         c
@@ -323,6 +330,9 @@ async fn serve_store(
     let shared = Arc::new(Shared { store, metrics, sink, tunnel, budgets, handoffs: Default::default() });
     let result = server::run(shared, listeners, ads, shutdown).await;
     if let Some(p) = plane {
+        p.abort();
+    }
+    if let Some(p) = metrics_push {
         p.abort();
     }
     result
@@ -339,4 +349,25 @@ pub(super) async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// `OTEL_METRICS_EXPORTER=otlp`: the registry pushed to the OTLP endpoint (the spans' endpoint
+/// and settings unless `OTEL_EXPORTER_OTLP_METRICS_*` say otherwise) every
+/// `OTEL_METRIC_EXPORT_INTERVAL`.
+fn metrics_push(
+    otlp: Option<&crate::api::Otlp>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    use crate::telemetry::{export, otlp_metrics};
+    let env = |k: &str| std::env::var(k).ok();
+    let Some(interval) = otlp_metrics::push_interval(env).map_err(anyhow::Error::msg)? else { return Ok(None) };
+    let Some(settings) = export::settings_for(export::Signal::Metrics, otlp, env).map_err(anyhow::Error::msg)? else {
+        anyhow::bail!(
+            "OTEL_METRICS_EXPORTER=otlp needs an endpoint: OTEL_EXPORTER_OTLP_ENDPOINT, \
+             OTEL_EXPORTER_OTLP_METRICS_ENDPOINT or the gateway's spec.otlp.endpoint"
+        );
+    };
+    let exporter = export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
+    tracing::info!(exporter = %settings, ?interval, "metrics pushed over OTLP");
+    Ok(Some(otlp_metrics::spawn(exporter, metrics.clone(), interval, settings)))
 }

@@ -338,10 +338,13 @@ impl<'a> Layout<'a> {
     }
 }
 
-/// The route host patterns whose response bodies keyswap reads: every routed host when spans
-/// read bodies (`spec.otlp.readBodies`, the default, with tracing on), and the hosts of routes
-/// with a budget on tokens.
+/// With `--observe-response-bodies`, the route host patterns whose response bodies keyswap
+/// reads: every routed host when spans read bodies (`spec.otlp.readBodies`, the default, with
+/// tracing on), and the hosts of routes with a budget on tokens. Without it, none.
 fn observed_hosts(snap: &Snapshot, opts: &Options) -> Vec<String> {
+    if !opts.observe_response_bodies {
+        return Vec::new();
+    }
     let tracing = opts.traces_from_env
         || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
     let spans_read_bodies = tracing && snap.capture.read_bodies;

@@ -83,6 +83,9 @@ pub struct Options {
     /// keyswap's environment turns tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT` …) even where the
     /// gateway names no collector: routes then get the observing filter for response bodies.
     pub traces_from_env: bool,
+    /// Routes whose response bodies keyswap reads get the observing filter
+    /// (`--observe-response-bodies`); off, the deciding filter reads them.
+    pub observe_response_bodies: bool,
 }
 
 /// Whether keyswap's environment turns tracing on, as `serve` will read it.

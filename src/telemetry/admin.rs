@@ -12,8 +12,8 @@ use super::Metrics;
 
 /// Whether keyswap is ready, and a line saying why (for `/readyz`).
 pub type ReadyFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
-/// More Prometheus lines (a source's own metrics).
-pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+/// More families on the page (a configuration source's own metrics).
+pub type ExtraMetrics = Arc<dyn Fn(&mut dyn super::prom::Families) + Send + Sync>;
 
 /// Binds the admin address (errors name it) and serves in the background.
 pub async fn spawn(
@@ -40,11 +40,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, rea
                 async move {
                     let (is_ready, detail) = ready();
                     let (status, ctype, body) = match req.uri().path() {
-                        "/metrics" => {
-                            // The source's lines first: they may update gauges the registry renders.
-                            let source = extra();
-                            (200, "text/plain; version=0.0.4", metrics.render(is_ready) + &source)
-                        }
+                        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render_with(is_ready, |p| extra(p))),
                         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
                         "/readyz" if is_ready => (200, "text/plain", format!("ready: {detail}\n")),
                         "/readyz" => (503, "text/plain", format!("not ready: {detail}\n")),

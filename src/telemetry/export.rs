@@ -17,8 +17,38 @@ use crate::api::Otlp;
 /// Used when `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` is unset.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The OTLP/gRPC method every collector serves.
-const GRPC_EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// What an exporter sends: spans, or metrics (`OTEL_METRICS_EXPORTER=otlp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    /// The signal's part of the standard variables' names (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
+    fn var(self) -> &'static str {
+        match self {
+            Signal::Traces => "TRACES",
+            Signal::Metrics => "METRICS",
+        }
+    }
+
+    /// The OTLP/HTTP path a base endpoint gets.
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+        }
+    }
+
+    /// The OTLP/gRPC method every collector serves.
+    fn grpc_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -29,6 +59,7 @@ pub enum Transport {
 /// Where spans go, or `None` when tracing is off.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Settings {
+    pub signal: Signal,
     pub transport: Transport,
     /// The full URL spans are sent to (`…/v1/traces` for HTTP; scheme and authority for gRPC).
     pub endpoint: String,
@@ -93,11 +124,24 @@ fn name_of(item: &str) -> &str {
 
 /// Tracing is on when the gateway names an endpoint or the environment does.
 pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>, String> {
-    let first = |names: &[&'static str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n, v)));
-    if first(&["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none") {
+    settings_for(Signal::Traces, otlp, env)
+}
+
+/// [`settings`] for `signal`: its own variables (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` …) over
+/// the general ones. Whether the signal is exported at all is the caller's question for metrics
+/// ([`super::otlp_metrics::push_interval`]).
+pub fn settings_for(
+    signal: Signal,
+    otlp: Option<&Otlp>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Settings>, String> {
+    let first =
+        |names: &[&str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n.to_owned(), v)));
+    let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.var());
+    if signal == Signal::Traces && first(&["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none") {
         return Ok(None);
     }
-    let transport = match first(&["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+    let transport = match first(&[&var("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
         None => Transport::HttpProtobuf,
         Some((_, p)) if p == "http/protobuf" => Transport::HttpProtobuf,
         Some((_, p)) if p == "grpc" => Transport::Grpc,
@@ -105,8 +149,8 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
     };
     let spec = otlp.and_then(|o| o.endpoint.clone()).filter(|e| !e.is_empty());
     // A base URL gets the signal path for HTTP; OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used as is.
-    let (source, endpoint, base) = match (spec, first(&["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])) {
-        (Some(e), _) => ("spec.otlp.endpoint", e, true),
+    let (source, endpoint, base) = match (spec, first(&[&var("ENDPOINT")])) {
+        (Some(e), _) => ("spec.otlp.endpoint".to_owned(), e, true),
         (None, Some((var, e))) => (var, e, false),
         (None, None) => match first(&["OTEL_EXPORTER_OTLP_ENDPOINT"]) {
             Some((var, e)) => (var, e, true),
@@ -118,8 +162,8 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
         return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
     }
     let endpoint = match transport {
-        Transport::HttpProtobuf if base && !endpoint.trim_end_matches('/').ends_with("/v1/traces") => {
-            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        Transport::HttpProtobuf if base && !endpoint.trim_end_matches('/').ends_with(signal.http_path()) => {
+            format!("{}{}", endpoint.trim_end_matches('/'), signal.http_path())
         }
         Transport::HttpProtobuf => endpoint,
         Transport::Grpc => {
@@ -127,9 +171,9 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
         }
     };
     let mut headers = Vec::new();
-    for var in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
-        if let Some(v) = env(var) {
-            headers.extend(parse_header_list(var, &v)?);
+    for var in ["OTEL_EXPORTER_OTLP_HEADERS".to_owned(), var("HEADERS")] {
+        if let Some(v) = env(&var) {
+            headers.extend(parse_header_list(&var, &v)?);
         }
     }
     if let Some(o) = otlp {
@@ -144,32 +188,32 @@ pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Re
         merged.retain(|(old, _)| *old != k);
         merged.push((k, v));
     }
-    let timeout = match first(&["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
+    let timeout = match first(&[&var("TIMEOUT"), "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
         None => EXPORT_TIMEOUT,
         Some((var, ms)) => match ms.trim().parse::<u64>() {
             Ok(ms) if ms > 0 => Duration::from_millis(ms),
             _ => return Err(format!("{var} `{ms}` must be a positive number of milliseconds")),
         },
     };
-    let gzip = match first(&["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
+    let gzip = match first(&[&var("COMPRESSION"), "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
         None => false,
         Some((_, c)) if c.trim().eq_ignore_ascii_case("gzip") => true,
         Some((_, c)) if c.trim().eq_ignore_ascii_case("none") => false,
         Some((var, c)) => return Err(format!("{var}={c}: keyswap sends `gzip` or `none`")),
     };
     let resource = match first(&["OTEL_RESOURCE_ATTRIBUTES"]) {
-        Some((var, v)) => parse_header_list(var, &v)?,
+        Some((var, v)) => parse_header_list(&var, &v)?,
         None => Vec::new(),
     };
-    let file = |names: &[&'static str]| first(names).map(|(_, v)| std::path::PathBuf::from(v));
-    let certificate = file(&["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"]);
-    let client_certificate =
-        file(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"]);
-    let client_key = file(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"]);
+    let file = |names: &[&str]| first(names).map(|(_, v)| std::path::PathBuf::from(v));
+    let certificate = file(&[&var("CERTIFICATE"), "OTEL_EXPORTER_OTLP_CERTIFICATE"]);
+    let client_certificate = file(&[&var("CLIENT_CERTIFICATE"), "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"]);
+    let client_key = file(&[&var("CLIENT_KEY"), "OTEL_EXPORTER_OTLP_CLIENT_KEY"]);
     if client_certificate.is_some() != client_key.is_some() {
         return Err("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together".into());
     }
     Ok(Some(Settings {
+        signal,
         transport,
         endpoint,
         headers: merged,
@@ -241,7 +285,7 @@ impl Exporter {
     pub fn new(s: &Settings) -> Result<Exporter, String> {
         let uri: hyper::Uri = match s.transport {
             Transport::HttpProtobuf => s.endpoint.parse(),
-            Transport::Grpc => format!("{}{GRPC_EXPORT_PATH}", s.endpoint).parse(),
+            Transport::Grpc => format!("{}{}", s.endpoint, s.signal.grpc_path()).parse(),
         }
         .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?;
         let read = |p: &std::path::Path, var: &str| std::fs::read(p).map_err(|e| format!("{var}={}: {e}", p.display()));
@@ -276,7 +320,12 @@ impl Exporter {
 
     /// One `ExportTraceServiceRequest` with `spans` (each an encoded OTLP `Span`).
     pub async fn export(&self, spans: &[Vec<u8>]) -> Result<(), ExportError> {
-        let mut message = self.envelope.request(spans);
+        self.send(self.envelope.request(spans)).await
+    }
+
+    /// One encoded export request (of the exporter's signal), compressed and framed as the
+    /// transport wants it.
+    pub async fn send(&self, mut message: Vec<u8>) -> Result<(), ExportError> {
         if self.gzip {
             message = gzip(&message).map_err(|e| ExportError::Request(format!("gzip: {e}")))?;
         }
@@ -573,6 +622,7 @@ mod tests {
 
     fn http_settings(endpoint: String) -> Settings {
         Settings {
+            signal: Signal::Traces,
             transport: Transport::HttpProtobuf,
             endpoint,
             headers: Vec::new(),

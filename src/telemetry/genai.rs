@@ -7,7 +7,6 @@
 //! lock taken once per finished transaction, never per ext_proc message); only a new label set
 //! allocates.
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
 
 /// `gen_ai.client.token.usage` boundaries.
@@ -110,61 +109,53 @@ impl GenAiMetrics {
         }
     }
 
-    /// Prometheus text of the three histograms.
-    pub fn render(&self, out: &mut String) {
+    /// The three histograms. The tenant label (`tenant`, as on keyswap's other families) only
+    /// when `spec.agentAuth` names tenants.
+    pub fn render(&self, p: &mut dyn super::prom::Families) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let clean = |s: &str| s.replace(['\\', '"', '\n'], "_");
-        let labels = |e: &Entry| {
-            let tenant =
-                if e.tenant.is_empty() { String::new() } else { format!(",keyswap_tenant=\"{}\"", clean(&e.tenant)) };
-            format!(
-                "gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\",gen_ai_request_model=\"{}\"{tenant}",
-                e.operation,
-                e.provider,
-                clean(&e.model)
-            )
-        };
-        type Pick = fn(&Entry) -> [(&'static str, &Histogram); 2];
+        type Pick = fn(&Entry) -> [(Option<&'static str>, &Histogram); 2];
         let families: [(&str, &str, &[f64; 14], Pick); 3] = [
             (
                 "gen_ai_client_token_usage",
                 "Input and output tokens per operation, as the provider reported them.",
                 &TOKEN_BUCKETS,
-                |e| [("gen_ai_token_type=\"input\"", &e.input), ("gen_ai_token_type=\"output\"", &e.output)],
+                |e| [(Some("input"), &e.input), (Some("output"), &e.output)],
             ),
             (
                 "gen_ai_client_operation_duration_seconds",
                 "Time from the request to the end of the response, through keyswap.",
                 &SECONDS_BUCKETS,
-                |e| [("", &e.duration), ("", &e.duration)],
+                |e| [(None, &e.duration), (None, &e.duration)],
             ),
             (
                 "gen_ai_client_operation_time_to_first_chunk_seconds",
                 "Streams: time from the request to the first response chunk.",
                 &SECONDS_BUCKETS,
-                |e| [("", &e.first_chunk), ("", &e.first_chunk)],
+                |e| [(None, &e.first_chunk), (None, &e.first_chunk)],
             ),
         ];
         for (name, help, bounds, pick) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            p.family(name, help, super::prom::Kind::Histogram);
             for e in entries.iter() {
-                let base = labels(e);
                 let hists = pick(e);
                 // Duration families have one histogram per entry (listed twice to share the shape).
-                let hists: &[(&str, &Histogram)] = if hists[0].0.is_empty() { &hists[..1] } else { &hists };
-                for (extra, h) in hists {
+                let hists: &[(Option<&str>, &Histogram)] = if hists[0].0.is_none() { &hists[..1] } else { &hists };
+                for (token_type, h) in hists {
                     if h.count() == 0 {
                         continue;
                     }
-                    let l = if extra.is_empty() { base.clone() } else { format!("{base},{extra}") };
-                    let mut cumulative = 0;
-                    for (i, b) in bounds.iter().enumerate() {
-                        cumulative += h.counts[i];
-                        let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {cumulative}");
+                    let mut labels = vec![
+                        ("gen_ai_operation_name", e.operation),
+                        ("gen_ai_provider_name", e.provider),
+                        ("gen_ai_request_model", &*e.model),
+                    ];
+                    if !e.tenant.is_empty() {
+                        labels.push(("tenant", &*e.tenant));
                     }
-                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count());
-                    let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
-                    let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count());
+                    if let Some(t) = token_type {
+                        labels.push(("gen_ai_token_type", t));
+                    }
+                    p.histogram(name, &labels, bounds, &h.counts, h.sum);
                 }
             }
         }
@@ -201,8 +192,10 @@ mod tests {
         }
         m.record(&obs("claude", Some((12, 700)), None));
         m.record(&obs("claude", Some((3, 5)), Some(0.05)));
-        let mut out = String::new();
-        m.render(&mut out);
+        let mut page = super::super::prom::Page::new();
+        m.render(&mut page);
+        let out = page.finish();
+        assert_eq!(super::super::prom::lint(&out), Vec::<String>::new());
         let labels =
             "gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude\"";
         for line in [

@@ -7,10 +7,11 @@ pub mod content;
 pub mod export;
 pub mod genai;
 pub mod otlp;
+pub mod otlp_metrics;
+pub mod prom;
 pub mod sample;
 pub mod span;
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +87,8 @@ pub struct Metrics {
     pub spans_dropped: AtomicU64,
     /// Spans lost because the collector refused them or did not answer in time.
     pub spans_export_failed: AtomicU64,
+    /// OTLP metrics pushes that failed (`OTEL_METRICS_EXPORTER=otlp`).
+    pub metric_exports_failed: AtomicU64,
     /// Response bodies read on the observing stream: to the end, cut off, and never arrived (the
     /// transaction was handed off but no observing stream claimed it).
     pub observed_ended: AtomicU64,
@@ -157,142 +160,158 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self, ready: bool) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        self.render_with(ready, |_| {})
+    }
+
+    /// [`Metrics::render`], with a configuration source's own families (`extra`, written first).
+    pub fn render_with(&self, ready: bool, extra: impl FnOnce(&mut dyn prom::Families)) -> String {
+        let mut page = prom::Page::new();
+        self.write(&mut page, ready, extra);
+        page.finish()
+    }
+
+    /// Every family of the registry, into `p` (the `/metrics` page, or an OTLP export).
+    pub fn write(&self, p: &mut dyn prom::Families, ready: bool, extra: impl FnOnce(&mut dyn prom::Families)) {
+        use prom::Kind::{Counter, Gauge};
+        let p = &mut *p;
+        // The source's families first: they may update gauges written below.
+        extra(&mut *p);
+        let counter = |p: &mut dyn prom::Families, name: &str, help: &str, samples: &[(&[(&str, &str)], u64)]| {
+            p.family(name, help, Counter);
             for (labels, v) in samples {
-                let _ = writeln!(out, "{name}_total{labels} {v}");
+                p.sample(name, labels, *v as f64);
             }
         };
         let g = Self::get;
-        counter("keyswap_requests", "Requests keyswap was asked about.", &[("", g(&self.requests))]);
-        counter("keyswap_injections", "Requests that got the real credential.", &[("", g(&self.injections))]);
+        counter(p, "keyswap_requests_total", "Requests keyswap was asked about.", &[(&[], g(&self.requests))]);
+        counter(p, "keyswap_injections_total", "Requests that got the real credential.", &[(&[], g(&self.injections))]);
+        let denial = |r: &'static str| -> [(&'static str, &'static str); 1] { [("reason", r)] };
         counter(
-            "keyswap_denials",
+            p,
+            "keyswap_denials_total",
             "Requests answered by keyswap without reaching the provider.",
             &[
-                ("{reason=\"no_route\"}", g(&self.denied_no_route)),
-                ("{reason=\"credential_unavailable\"}", g(&self.denied_credential_unavailable)),
-                ("{reason=\"body_too_large\"}", g(&self.denied_too_large)),
-                ("{reason=\"agent_unauthenticated\"}", g(&self.denied_unauthenticated)),
-                ("{reason=\"tenant_not_mapped\"}", g(&self.denied_tenant_not_mapped)),
-                ("{reason=\"malformed_authority\"}", g(&self.denied_malformed_authority)),
-                ("{reason=\"malformed_path\"}", g(&self.denied_malformed_path)),
-                ("{reason=\"method_not_allowed\"}", g(&self.denied_method)),
+                (&denial("no_route"), g(&self.denied_no_route)),
+                (&denial("credential_unavailable"), g(&self.denied_credential_unavailable)),
+                (&denial("body_too_large"), g(&self.denied_too_large)),
+                (&denial("agent_unauthenticated"), g(&self.denied_unauthenticated)),
+                (&denial("tenant_not_mapped"), g(&self.denied_tenant_not_mapped)),
+                (&denial("malformed_authority"), g(&self.denied_malformed_authority)),
+                (&denial("malformed_path"), g(&self.denied_malformed_path)),
+                (&denial("method_not_allowed"), g(&self.denied_method)),
             ],
         );
         counter(
-            "keyswap_passthrough",
+            p,
+            "keyswap_passthrough_total",
             "Unrouted requests passed untouched (allow-all or allow list).",
-            &[("", g(&self.passed_through))],
+            &[(&[], g(&self.passed_through))],
         );
         counter(
-            "keyswap_tunnels",
+            p,
+            "keyswap_tunnels_total",
             "CONNECT tunnels to unrouted hosts, by the tunnel guard's decision.",
-            &[("{result=\"allowed\"}", g(&self.tunnels_allowed)), ("{result=\"refused\"}", g(&self.tunnels_refused))],
+            &[
+                (&[("result", "allowed")], g(&self.tunnels_allowed)),
+                (&[("result", "refused")], g(&self.tunnels_refused)),
+            ],
         );
         counter(
-            "keyswap_smuggle_attempts",
+            p,
+            "keyswap_smuggle_attempts_total",
             "Requests carrying an agent-supplied credential (stripped).",
-            &[("", g(&self.smuggle_attempts))],
+            &[(&[], g(&self.smuggle_attempts))],
         );
         counter(
-            "keyswap_response_secrets_scrubbed",
+            p,
+            "keyswap_response_secrets_scrubbed_total",
             "Responses whose headers echoed a live secret value (scrubbed before the agent saw them).",
-            &[("", g(&self.secrets_scrubbed_from_responses))],
+            &[(&[], g(&self.secrets_scrubbed_from_responses))],
         );
         counter(
-            "keyswap_protocol_errors",
+            p,
+            "keyswap_protocol_errors_total",
             "ext_proc streams ended because a message broke the protocol.",
-            &[("", g(&self.protocol_errors))],
+            &[(&[], g(&self.protocol_errors))],
         );
-        counter("keyswap_spans_exported", "Spans accepted by the OTLP collector.", &[("", g(&self.spans_exported))]);
         counter(
-            "keyswap_spans_dropped",
+            p,
+            "keyswap_spans_exported_total",
+            "Spans accepted by the OTLP collector.",
+            &[(&[], g(&self.spans_exported))],
+        );
+        counter(
+            p,
+            "keyswap_spans_dropped_total",
             "Spans lost: export queue full, or the collector failed or timed out.",
             &[
-                ("{reason=\"queue_full\"}", g(&self.spans_dropped)),
-                ("{reason=\"export_failed\"}", g(&self.spans_export_failed)),
+                (&[("reason", "queue_full")], g(&self.spans_dropped)),
+                (&[("reason", "export_failed")], g(&self.spans_export_failed)),
             ],
         );
         counter(
-            "keyswap_observed_responses",
+            p,
+            "keyswap_metric_exports_failed_total",
+            "OTLP metrics pushes the collector refused or did not answer (OTEL_METRICS_EXPORTER=otlp).",
+            &[(&[], g(&self.metric_exports_failed))],
+        );
+        counter(
+            p,
+            "keyswap_observed_responses_total",
             "Response bodies read off the request path by the observing filter, by how they ended (never_arrived: none came within 610 s).",
             &[
-                ("{outcome=\"ended\"}", g(&self.observed_ended)),
-                ("{outcome=\"cut_off\"}", g(&self.observed_cut_off)),
-                ("{outcome=\"never_arrived\"}", g(&self.observed_never_arrived)),
+                (&[("outcome", "ended")], g(&self.observed_ended)),
+                (&[("outcome", "cut_off")], g(&self.observed_cut_off)),
+                (&[("outcome", "never_arrived")], g(&self.observed_never_arrived)),
             ],
         );
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_config_rejected_objects Invalid objects left out of the configuration in effect (their dependents fail closed).\n\
-             # TYPE keyswap_config_rejected_objects gauge\nkeyswap_config_rejected_objects {}",
-            g(&self.config_rejected)
+        p.single(
+            "keyswap_config_rejected_objects",
+            "Invalid objects left out of the configuration in effect (their dependents fail closed).",
+            Gauge,
+            g(&self.config_rejected) as f64,
         );
-        self.render_phases(&mut out);
-        self.render_xds(&mut out);
-        self.budgets.render(&mut out);
-        self.genai.render(&mut out);
-        out.push_str(&crate::auth::render_metrics());
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_ready Whether a configuration is loaded.\n# TYPE keyswap_ready gauge\nkeyswap_ready {}",
-            u8::from(ready)
-        );
-        out
+        self.render_phases(p);
+        self.render_xds(p);
+        self.budgets.render(p);
+        self.genai.render(p);
+        crate::auth::render_metrics(p);
+        p.single("keyswap_ready", "Whether a configuration is loaded.", Gauge, f64::from(u8::from(ready)));
     }
 
     /// The control plane's counters and gauges.
-    fn render_xds(&self, out: &mut String) {
+    fn render_xds(&self, p: &mut dyn prom::Families) {
+        use prom::Kind::{Counter, Gauge};
         let x = &self.xds;
-        let g = Self::get;
-        let _ = write!(
-            out,
-            "# HELP keyswap_envoy_ads_streams Envoy ADS streams open now.\n# TYPE keyswap_envoy_ads_streams gauge\n\
-             keyswap_envoy_ads_streams {}\n\
-             # HELP keyswap_envoy_ads_pushes_total Resource updates sent to Envoy over ADS.\n# TYPE keyswap_envoy_ads_pushes_total counter\n\
-             keyswap_envoy_ads_pushes_total {}\n\
-             # HELP keyswap_envoy_ads_rejected_total Updates Envoy rejected (it keeps its last good resources; see keyswap's log).\n\
-             # TYPE keyswap_envoy_ads_rejected_total counter\nkeyswap_envoy_ads_rejected_total {}\n\
-             # HELP keyswap_leaf_mints_total Leaf certificates minted for Envoy.\n# TYPE keyswap_leaf_mints_total counter\n\
-             keyswap_leaf_mints_total {}\n\
-             # HELP keyswap_leaf_not_after_seconds When the leaf Envoy serves expires (Unix time; 0: none yet).\n\
-             # TYPE keyswap_leaf_not_after_seconds gauge\nkeyswap_leaf_not_after_seconds {}\n",
-            g(&x.streams),
-            g(&x.pushes),
+        let g = |a: &AtomicU64| Self::get(a) as f64;
+        p.single("keyswap_envoy_ads_streams", "Envoy ADS streams open now.", Gauge, g(&x.streams));
+        p.single("keyswap_envoy_ads_pushes_total", "Resource updates sent to Envoy over ADS.", Counter, g(&x.pushes));
+        p.single(
+            "keyswap_envoy_ads_rejected_total",
+            "Updates Envoy rejected (it keeps its last good resources; see keyswap's log).",
+            Counter,
             g(&x.rejected),
-            g(&x.leaf_mints),
+        );
+        p.single("keyswap_leaf_mints_total", "Leaf certificates minted for Envoy.", Counter, g(&x.leaf_mints));
+        p.single(
+            "keyswap_leaf_not_after_seconds",
+            "When the leaf Envoy serves expires (Unix time; 0: none yet).",
+            Gauge,
             g(&x.leaf_not_after),
         );
     }
 
-    /// The phase-latency histogram, in Prometheus text.
-    fn render_phases(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP keyswap_extproc_phase_duration_seconds Time keyswap spent answering one ext_proc message.\n\
-             # TYPE keyswap_extproc_phase_duration_seconds histogram"
-        );
+    /// The phase-latency histogram.
+    fn render_phases(&self, p: &mut dyn prom::Families) {
+        const NAME: &str = "keyswap_extproc_phase_duration_seconds";
+        p.family(NAME, "Time keyswap spent answering one ext_proc message.", prom::Kind::Histogram);
+        let bounds: Vec<f64> = BUCKETS_US.iter().map(|us| *us as f64 / 1e6).collect();
         for ((_, name), h) in PHASES.iter().zip(&self.phases) {
-            let mut cumulative = 0;
-            for (b, le) in h.buckets.iter().zip(BUCKETS_US) {
-                cumulative += b.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "keyswap_extproc_phase_duration_seconds_bucket{{phase=\"{name}\",le=\"{}\"}} {cumulative}",
-                    le as f64 / 1e6
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ =
-                writeln!(out, "keyswap_extproc_phase_duration_seconds_bucket{{phase=\"{name}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(
-                out,
-                "keyswap_extproc_phase_duration_seconds_sum{{phase=\"{name}\"}} {}",
-                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
-            );
-            let _ = writeln!(out, "keyswap_extproc_phase_duration_seconds_count{{phase=\"{name}\"}} {count}");
+            let mut counts: Vec<u64> = h.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+            let total = h.count.load(Ordering::Relaxed);
+            counts.push(total.saturating_sub(counts.iter().sum()));
+            let sum = h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            p.histogram(NAME, &[("phase", name)], &bounds, &counts, sum);
         }
     }
 }

@@ -77,25 +77,41 @@ pub struct KubeStatus {
 }
 
 impl KubeStatus {
-    /// Prometheus lines for the Kubernetes source.
-    pub fn render(&self) -> String {
-        format!(
-            "# HELP keyswap_kube_watch_errors_total Kubernetes watch errors (retried with backoff).\n\
-             # TYPE keyswap_kube_watch_errors counter\nkeyswap_kube_watch_errors_total {}\n\
-             # HELP keyswap_kube_watches_failing Kubernetes watches failing now (retried at most 1 s apart).\n\
-             # TYPE keyswap_kube_watches_failing gauge\nkeyswap_kube_watches_failing {}\n\
-             # HELP keyswap_kube_relists_total Relists after an expired resourceVersion (410 Gone).\n\
-             # TYPE keyswap_kube_relists counter\nkeyswap_kube_relists_total {}\n\
-             # HELP keyswap_kube_secrets_watched Secrets watched and cached: those policies reference.\n\
-             # TYPE keyswap_kube_secrets_watched gauge\nkeyswap_kube_secrets_watched {}\n\
-             # HELP keyswap_kube_api_reachable Whether every Kubernetes watch is connected (none failing).\n\
-             # TYPE keyswap_kube_api_reachable gauge\nkeyswap_kube_api_reachable {}\n",
-            self.watch_errors.load(Ordering::Relaxed),
-            self.watches_failing.load(Ordering::Relaxed),
-            self.relists.load(Ordering::Relaxed),
-            self.secrets_watched.load(Ordering::Relaxed),
-            u8::from(self.watches_failing.load(Ordering::Relaxed) == 0),
-        )
+    /// The Kubernetes source's families.
+    pub fn render(&self, p: &mut dyn crate::telemetry::prom::Families) {
+        use crate::telemetry::prom::Kind::{Counter, Gauge};
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let failing = g(&self.watches_failing);
+        p.single(
+            "keyswap_kube_watch_errors_total",
+            "Kubernetes watch errors (retried with backoff).",
+            Counter,
+            g(&self.watch_errors),
+        );
+        p.single(
+            "keyswap_kube_watches_failing",
+            "Kubernetes watches failing now (retried at most 1 s apart).",
+            Gauge,
+            failing,
+        );
+        p.single(
+            "keyswap_kube_relists_total",
+            "Relists after an expired resourceVersion (410 Gone).",
+            Counter,
+            g(&self.relists),
+        );
+        p.single(
+            "keyswap_kube_secrets_watched",
+            "Secrets watched and cached: those policies reference.",
+            Gauge,
+            g(&self.secrets_watched),
+        );
+        p.single(
+            "keyswap_kube_api_reachable",
+            "Whether every Kubernetes watch is connected (none failing).",
+            Gauge,
+            f64::from(u8::from(failing == 0.0)),
+        );
     }
 
     pub fn detail(&self) -> String {
