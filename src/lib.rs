@@ -16,7 +16,7 @@
 //! Dependencies run one way: a module uses only modules listed before it (above it, or earlier
 //! in its own line). `tests/architecture.rs` reads this list and fails on any edge against it.
 //!
-//! 1. vocabulary: `vocab`, `glob`, `http`, `scrub`, `target`, `api`
+//! 1. vocabulary: `vocab`, `glob`, `http`, `scrub`, `target`, `prom`, `api`
 //! 2. mechanisms: `provider`, `auth`, `inject`, `certs`, `budget`
 //! 3. configuration: `config`
 //! 4. telemetry: `telemetry`
@@ -42,6 +42,7 @@ pub mod extproc;
 pub mod glob;
 pub mod http;
 pub mod inject;
+pub mod prom;
 pub mod provider;
 pub mod scrub;
 pub mod target;

@@ -226,7 +226,7 @@ async fn each_agent_gets_its_tenants_key_and_everyone_else_is_refused() {
     // Metrics: admissions by tenant (tenant-a named, others "other"), refusals counted; the page
     // as a strict parser reads it.
     let (_, metrics) = scrape(metrics_port, "/metrics").await;
-    assert_eq!(keyswap::telemetry::prom::lint(&metrics), Vec::<String>::new(), "{metrics}");
+    assert_eq!(keyswap::prom::lint(&metrics), Vec::<String>::new(), "{metrics}");
     assert!(
         metric(&metrics, "keyswap_agent_admissions_total{result=\"admitted\",tenant=\"tenant-a\"}") >= 2.0,
         "{metrics}"

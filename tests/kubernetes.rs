@@ -278,7 +278,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     let (_, m) = scrape(metrics_port, "/metrics").await;
     assert!(metric(&m, "keyswap_kube_watch_errors_total") > 0.0, "{m}");
     assert_eq!(metric(&m, "keyswap_kube_api_reachable"), 0.0, "{m}");
-    assert_eq!(keyswap::telemetry::prom::lint(&m), Vec::<String>::new(), "{m}");
+    assert_eq!(keyswap::prom::lint(&m), Vec::<String>::new(), "{m}");
     kube.set_down(false);
 
     let logs = keyswap.output();

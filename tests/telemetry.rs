@@ -308,7 +308,7 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     };
     let delta = |sample: &str| metric(&after, sample) - metric(&before, sample);
     assert_eq!(delta("keyswap_requests_total"), (cases().len() + 2) as f64, "{after}");
-    assert_eq!(keyswap::telemetry::prom::lint(&after), Vec::<String>::new(), "{after}");
+    assert_eq!(keyswap::prom::lint(&after), Vec::<String>::new(), "{after}");
     assert_eq!(delta("keyswap_injections_total"), (cases().len() + 1) as f64);
     assert_eq!(delta("keyswap_denials_total{reason=\"no_route\"}"), 1.0);
     // The GenAI conventions' histograms: two anthropic calls (JSON and SSE) of 7 output tokens.

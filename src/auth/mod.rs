@@ -367,13 +367,13 @@ impl TenantCounters {
 }
 
 /// Agent admissions (nothing when no gateway ever used `agentAuth`).
-pub fn render_metrics(p: &mut dyn crate::telemetry::prom::Families) {
+pub fn render_metrics(p: &mut dyn crate::prom::Families) {
     const NAME: &str = "keyswap_agent_admissions_total";
     let reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     if reg.is_empty() {
         return;
     }
-    p.family(NAME, "Requests admitted or refused by spec.agentAuth.", crate::telemetry::prom::Kind::Counter);
+    p.family(NAME, "Requests admitted or refused by spec.agentAuth.", crate::prom::Kind::Counter);
     let mut all: Vec<_> = reg.iter().collect();
     all.sort_by(|a, b| a.0.cmp(b.0));
     for (label, c) in all {

@@ -421,8 +421,8 @@ impl Registry {
     }
 
     /// One family per measure, one sample per budget.
-    pub fn render(&self, p: &mut dyn crate::telemetry::prom::Families) {
-        use crate::telemetry::prom::Kind::Counter;
+    pub fn render(&self, p: &mut dyn crate::prom::Families) {
+        use crate::prom::Kind::Counter;
         let map = self.0.load();
         if map.is_empty() {
             return;

@@ -181,7 +181,7 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let ready: crate::telemetry::admin::ReadyFn =
             Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
         let m = metrics.clone();
-        let render = Arc::new(move |p: &mut dyn crate::telemetry::prom::Families| {
+        let render = Arc::new(move |p: &mut dyn crate::prom::Families| {
             m.config_rejected
                 .store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
             s2.render(p)
@@ -287,7 +287,7 @@ pub(super) async fn run_extproc(
         metrics_addr,
         metrics.clone(),
         ready,
-        Arc::new(|_: &mut dyn crate::telemetry::prom::Families| {}),
+        Arc::new(|_: &mut dyn crate::prom::Families| {}),
     )
     .await?;
     let result = serve_store(store, metrics, serving, shutdown).await;

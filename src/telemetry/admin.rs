@@ -13,7 +13,7 @@ use super::Metrics;
 /// Whether keyswap is ready, and a line saying why (for `/readyz`).
 pub type ReadyFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 /// More families on the page (a configuration source's own metrics).
-pub type ExtraMetrics = Arc<dyn Fn(&mut dyn super::prom::Families) + Send + Sync>;
+pub type ExtraMetrics = Arc<dyn Fn(&mut dyn crate::prom::Families) + Send + Sync>;
 
 /// Binds the admin address (errors name it) and serves in the background.
 pub async fn spawn(

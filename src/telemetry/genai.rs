@@ -111,7 +111,7 @@ impl GenAiMetrics {
 
     /// The three histograms. The tenant label (`tenant`, as on keyswap's other families) only
     /// when `spec.agentAuth` names tenants.
-    pub fn render(&self, p: &mut dyn super::prom::Families) {
+    pub fn render(&self, p: &mut dyn crate::prom::Families) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         type Pick = fn(&Entry) -> [(Option<&'static str>, &Histogram); 2];
         let families: [(&str, &str, &[f64; 14], Pick); 3] = [
@@ -135,7 +135,7 @@ impl GenAiMetrics {
             ),
         ];
         for (name, help, bounds, pick) in families {
-            p.family(name, help, super::prom::Kind::Histogram);
+            p.family(name, help, crate::prom::Kind::Histogram);
             for e in entries.iter() {
                 let hists = pick(e);
                 // Duration families have one histogram per entry (listed twice to share the shape).
@@ -192,10 +192,10 @@ mod tests {
         }
         m.record(&obs("claude", Some((12, 700)), None));
         m.record(&obs("claude", Some((3, 5)), Some(0.05)));
-        let mut page = super::super::prom::Page::new();
+        let mut page = crate::prom::Page::new();
         m.render(&mut page);
         let out = page.finish();
-        assert_eq!(super::super::prom::lint(&out), Vec::<String>::new());
+        assert_eq!(crate::prom::lint(&out), Vec::<String>::new());
         let labels =
             "gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"anthropic\",gen_ai_request_model=\"claude\"";
         for line in [

@@ -8,12 +8,13 @@ pub mod export;
 pub mod genai;
 pub mod otlp;
 pub mod otlp_metrics;
-pub mod prom;
 pub mod sample;
 pub mod span;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use crate::prom;
 use std::time::Duration;
 
 /// Distinct (provider, model) pairs kept in token metrics; further models count as "other".
@@ -172,10 +173,26 @@ impl Metrics {
 
     /// Every family of the registry, into `p` (the `/metrics` page, or an OTLP export).
     pub fn write(&self, p: &mut dyn prom::Families, ready: bool, extra: impl FnOnce(&mut dyn prom::Families)) {
-        use prom::Kind::{Counter, Gauge};
-        let p = &mut *p;
         // The source's families first: they may update gauges written below.
         extra(&mut *p);
+        self.write_counters(p);
+        p.single(
+            "keyswap_config_rejected_objects",
+            "Invalid objects left out of the configuration in effect (their dependents fail closed).",
+            prom::Kind::Gauge,
+            Self::get(&self.config_rejected) as f64,
+        );
+        self.render_phases(p);
+        self.render_xds(p);
+        self.budgets.render(p);
+        self.genai.render(p);
+        crate::auth::render_metrics(p);
+        p.single("keyswap_ready", "Whether a configuration is loaded.", prom::Kind::Gauge, f64::from(u8::from(ready)));
+    }
+
+    /// The request path's counters.
+    fn write_counters(&self, p: &mut dyn prom::Families) {
+        use prom::Kind::Counter;
         let counter = |p: &mut dyn prom::Families, name: &str, help: &str, samples: &[(&[(&str, &str)], u64)]| {
             p.family(name, help, Counter);
             for (labels, v) in samples {
@@ -265,18 +282,6 @@ impl Metrics {
                 (&[("outcome", "never_arrived")], g(&self.observed_never_arrived)),
             ],
         );
-        p.single(
-            "keyswap_config_rejected_objects",
-            "Invalid objects left out of the configuration in effect (their dependents fail closed).",
-            Gauge,
-            g(&self.config_rejected) as f64,
-        );
-        self.render_phases(p);
-        self.render_xds(p);
-        self.budgets.render(p);
-        self.genai.render(p);
-        crate::auth::render_metrics(p);
-        p.single("keyswap_ready", "Whether a configuration is loaded.", Gauge, f64::from(u8::from(ready)));
     }
 
     /// The control plane's counters and gauges.

@@ -21,8 +21,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message as _;
 
-use super::prom::{Families, Kind};
 use super::Metrics;
+use crate::prom::{Families, Kind};
 
 /// `OTEL_METRIC_EXPORT_INTERVAL`'s default (the specification's: 60 s).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);

@@ -78,8 +78,8 @@ pub struct KubeStatus {
 
 impl KubeStatus {
     /// The Kubernetes source's families.
-    pub fn render(&self, p: &mut dyn crate::telemetry::prom::Families) {
-        use crate::telemetry::prom::Kind::{Counter, Gauge};
+    pub fn render(&self, p: &mut dyn crate::prom::Families) {
+        use crate::prom::Kind::{Counter, Gauge};
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let failing = g(&self.watches_failing);
         p.single(
