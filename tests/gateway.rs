@@ -10,65 +10,6 @@ use std::process::Command;
 use common::dev::*;
 use common::*;
 
-fn gateway_config(policy: &str, proxy_port: u16, allow: &str) -> String {
-    format!(
-        r#"apiVersion: keyswap.dev/v1alpha1
-kind: EgressGateway
-metadata: {{name: egress}}
-spec:
-  defaultPolicy: {policy}
-  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
-  allow: [{allow}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {{name: providers}}
-spec:
-  parentRefs: [{{name: egress}}]
-  rules:
-  - matches: [{{provider: anthropic}}, {{provider: openai}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: keys}}
-spec:
-  parentRefs: [{{kind: EgressGateway, name: egress}}]
-  secretRef: {{name: provider-keys}}
-  target: Header
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: provider-keys}}
-stringData: {{token: {ANTHROPIC_KEY}}}
-"#
-    )
-}
-
-fn python() -> String {
-    let out = Command::new("python3").args(["-c", "import sys, openai, anthropic; print(sys.executable)"]).output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        _ => panic!("the official SDKs are missing: pip install openai anthropic"),
-    }
-}
-
-/// The SDK script with a clean environment: only what `keyswap dev` printed, PATH and HOME.
-fn sdk(dev: &Dev, provider: &str, mode: &str) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/chat.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args([provider, mode])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
-        .envs(&dev.env)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{provider} {mode} failed:\n{stdout}\n{stderr}\nkeyswap:\n{}", dev.proc.output());
-    stdout.into_owned()
-}
-
 fn assert_only_real_keys(fake: &FakeProvider) {
     for s in fake.seen() {
         let all = s.everything();
@@ -233,12 +174,15 @@ fn static_and_ads_bootstraps_pass_envoy_validate() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
         cmd.arg("envoy-config").arg("--config").arg(dir).arg("--uds").arg(work.path().join("k.sock"));
         if delivery == "--static" {
-            cmd.arg("--static").arg("--certs").arg(work.path().join("certs"));
+            // With the observing filter on every routed host (tracing on, from the environment).
+            cmd.arg("--static").arg("--certs").arg(work.path().join("certs")).arg("--observe-response-bodies");
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{} {delivery}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.contains("dynamic_resources"), delivery == "ads", "{text}");
+        assert_eq!(text.contains("x-keyswap-observed"), delivery == "--static", "observing filter on routes: {text}");
         let cfg = work.path().join("envoy.yaml");
         std::fs::write(&cfg, &out.stdout).unwrap();
         let v = Command::new(envoy_bin()).args(["--mode", "validate", "-c"]).arg(&cfg).output().unwrap();

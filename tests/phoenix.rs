@@ -90,62 +90,12 @@ fn spans(port: u16, n: usize, keyswap: &Proc) -> Vec<serde_json::Value> {
     }
 }
 
-fn gateway_config(proxy_port: u16) -> String {
-    format!(
-        r#"apiVersion: keyswap.dev/v1alpha1
-kind: EgressGateway
-metadata: {{name: egress}}
-spec:
-  defaultPolicy: deny-all
-  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
-  otlp: {{captureBody: {{maxBytes: 65536}}}}
----
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {{name: providers}}
-spec:
-  parentRefs: [{{name: egress}}]
-  rules:
-  - matches: [{{provider: anthropic}}, {{provider: openai, endpoints: ["/v1/chat/*"]}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: keys}}
-spec:
-  parentRefs: [{{kind: EgressGateway, name: egress}}]
-  secretRef: {{name: provider-keys}}
-  target: Header
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: provider-keys}}
-stringData: {{token: {ANTHROPIC_KEY}}}
-"#
-    )
-}
-
-fn python() -> String {
-    let out = Command::new("python3").args(["-c", "import sys, openai, anthropic; print(sys.executable)"]).output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        _ => panic!("the official SDKs are missing: pip install openai anthropic"),
-    }
-}
-
-/// An official SDK through the gateway, configured only by what `keyswap dev` printed.
-fn sdk(dev: &Dev, provider: &str, mode: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/chat.py");
-    let out = Command::new(python())
-        .arg(script)
-        .args([provider, mode])
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
-        .envs(&dev.env)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{provider} {mode} failed:\n{stdout}\n{stderr}\nkeyswap:\n{}", dev.proc.output());
+/// The gateway of `tests/gateway.rs`, tracing with body capture, and the openai route limited
+/// to chat (so another path is a denial keyswap answers).
+fn phoenix_gateway(proxy_port: u16) -> String {
+    gateway_config("deny-all", proxy_port, "")
+        .replace("  allow: []\n", "  allow: []\n  otlp: {captureBody: {maxBytes: 65536}}\n")
+        .replace("{provider: openai}]", "{provider: openai, endpoints: [\"/v1/chat/*\"]}]")
 }
 
 /// A span attribute as Phoenix serves it: flat (`"a.b": v`) or nested (`"a": {"b": v}`).
@@ -164,7 +114,7 @@ async fn phoenix_shows_llm_spans_with_tokens_prompt_completion_and_denials_in_th
     let (phoenix, phoenix_port) = tokio::task::block_in_place(|| start_phoenix(work.path()));
     let config = tempfile::tempdir().unwrap();
     let proxy_port = free_port();
-    std::fs::write(config.path().join("gateway.yaml"), gateway_config(proxy_port)).unwrap();
+    std::fs::write(config.path().join("gateway.yaml"), phoenix_gateway(proxy_port)).unwrap();
     let (fake, provider_ca) = FakeProvider::start_tls(&["api.anthropic.com", "api.openai.com"], work.path()).await;
     fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
     let ca = provider_ca.display();

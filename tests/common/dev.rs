@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{envoy_bin, Proc};
+use super::{envoy_bin, Proc, ANTHROPIC_KEY};
 
 /// `keyswap dev` as a process, and the environment it printed for agents.
 pub struct Dev {
@@ -79,4 +79,65 @@ pub fn curl(dev: &Dev, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A deny-all or allow-all gateway with one CONNECT listener, anthropic and openai routes and
+/// one key for both (`ANTHROPIC_KEY`).
+pub fn gateway_config(policy: &str, proxy_port: u16, allow: &str) -> String {
+    format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  defaultPolicy: {policy}
+  listeners: [{{name: proxy, protocol: CONNECT, port: {proxy_port}}}]
+  allow: [{allow}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: providers}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules:
+  - matches: [{{provider: anthropic}}, {{provider: openai}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: keys}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  secretRef: {{name: provider-keys}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider-keys}}
+stringData: {{token: {ANTHROPIC_KEY}}}
+"#
+    )
+}
+
+pub fn python() -> String {
+    let out = Command::new("python3").args(["-c", "import sys, openai, anthropic; print(sys.executable)"]).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        _ => panic!("the official SDKs are missing: pip install openai anthropic"),
+    }
+}
+
+/// The SDK script with a clean environment: only what `keyswap dev` printed, PATH and HOME.
+pub fn sdk(dev: &Dev, provider: &str, mode: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/chat.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args([provider, mode])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()))
+        .envs(&dev.env)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{provider} {mode} failed:\n{stdout}\n{stderr}\nkeyswap:\n{}", dev.proc.output());
+    stdout.into_owned()
 }
