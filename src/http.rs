@@ -36,6 +36,17 @@ impl std::fmt::Debug for Tls {
 /// [`client`] with `tls`: an `https` endpoint is verified against `tls.roots` when given, and
 /// keyswap presents `tls.identity` when given.
 pub fn client_with(uri: &hyper::Uri, http2_only: bool, tls: &Tls) -> Result<HttpClient, String> {
+    let connector = connector_with(uri, http2_only, tls)?;
+    let mut builder = Client::builder(TokioExecutor::new());
+    if http2_only {
+        builder.http2_only(true);
+    }
+    Ok(builder.build(connector))
+}
+
+/// The connector [`client_with`] uses (also under tonic channels): plain or rustls TLS as `uri`'s
+/// scheme says, ALPN h2 when `http2_only`.
+pub fn connector_with(uri: &hyper::Uri, http2_only: bool, tls: &Tls) -> Result<HttpsConnector<HttpConnector>, String> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -87,14 +98,7 @@ pub fn client_with(uri: &hyper::Uri, http2_only: bool, tls: &Tls) -> Result<Http
             .with_no_client_auth();
         hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
     };
-    let mut builder = Client::builder(TokioExecutor::new());
-    let connector = if http2_only {
-        builder.http2_only(true);
-        tls.https_or_http().enable_http2().build()
-    } else {
-        tls.https_or_http().enable_http1().build()
-    };
-    Ok(builder.build(connector))
+    Ok(if http2_only { tls.https_or_http().enable_http2().build() } else { tls.https_or_http().enable_http1().build() })
 }
 
 /// An error with its sources, for logs (`client error (Connect): invalid peer certificate: …`).

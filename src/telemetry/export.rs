@@ -1,6 +1,7 @@
 //! The OTLP exporter: the standard `OTEL_*` variables, overridden by `EgressGateway.spec.otlp`;
-//! one task that batches encoded spans and sends them over OTLP/HTTP (protobuf) or OTLP/gRPC,
-//! plain or TLS, with one HTTP client.
+//! one task that batches encoded spans and sends them over OTLP/HTTP (protobuf, hyper) or
+//! OTLP/gRPC (a tonic channel with a pass-through codec: keyswap's encoder makes the message
+//! bytes, tonic frames, compresses and reads the status), plain or TLS.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,13 +266,58 @@ impl ExportError {
 
 /// Sends batches of encoded spans to one collector.
 pub struct Exporter {
-    transport: Transport,
+    signal: Signal,
     uri: hyper::Uri,
     headers: hyper::HeaderMap,
     timeout: Duration,
-    client: crate::http::HttpClient,
+    wire: Wire,
     envelope: Envelope,
     gzip: bool,
+}
+
+/// How requests travel: hyper for OTLP/HTTP, a tonic channel for OTLP/gRPC (both over the same
+/// rustls connector).
+enum Wire {
+    Http(crate::http::HttpClient),
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
+}
+
+/// The gRPC codec for bytes already encoded (the request) and an answer keyswap does not read
+/// (`Export…ServiceResponse`: partial success is not acted on).
+#[derive(Clone, Copy, Default)]
+struct PassThrough;
+
+impl tonic::codec::Codec for PassThrough {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = PassThrough;
+    type Decoder = PassThrough;
+    fn encoder(&mut self) -> PassThrough {
+        PassThrough
+    }
+    fn decoder(&mut self) -> PassThrough {
+        PassThrough
+    }
+}
+
+impl tonic::codec::Encoder for PassThrough {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for PassThrough {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf as _;
+        src.advance(src.remaining());
+        Ok(Some(()))
+    }
 }
 
 /// How often a batch is sent again after a retryable failure (429, 502–504, UNAVAILABLE …, no
@@ -298,8 +344,23 @@ impl Exporter {
                 _ => None,
             },
         };
-        let client = crate::http::client_with(&uri, s.transport == Transport::Grpc, &tls)
-            .map_err(|e| format!("OTLP endpoint {uri}: {e}"))?;
+        let wire = match s.transport {
+            Transport::HttpProtobuf => Wire::Http(
+                crate::http::client_with(&uri, false, &tls).map_err(|e| format!("OTLP endpoint {uri}: {e}"))?,
+            ),
+            Transport::Grpc => {
+                let connector =
+                    crate::http::connector_with(&uri, true, &tls).map_err(|e| format!("OTLP endpoint {uri}: {e}"))?;
+                let channel = tonic::transport::Endpoint::from_shared(s.endpoint.clone())
+                    .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?
+                    .connect_with_connector_lazy(connector);
+                let mut grpc = tonic::client::Grpc::new(channel);
+                if s.gzip {
+                    grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                }
+                Wire::Grpc(grpc)
+            }
+        };
         let mut headers = hyper::HeaderMap::new();
         for (k, v) in &s.headers {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}`: not a name"))?;
@@ -308,11 +369,11 @@ impl Exporter {
             headers.append(name, value);
         }
         Ok(Exporter {
-            transport: s.transport,
+            signal: s.signal,
             uri,
             headers,
             timeout: s.timeout,
-            client,
+            wire,
             envelope: Envelope::with_resource(&s.service_name, &s.resource),
             gzip: s.gzip,
         })
@@ -324,66 +385,60 @@ impl Exporter {
     }
 
     /// One encoded export request (of the exporter's signal), compressed and framed as the
-    /// transport wants it.
-    pub async fn send(&self, mut message: Vec<u8>) -> Result<(), ExportError> {
-        if self.gzip {
-            message = gzip(&message).map_err(|e| ExportError::Request(format!("gzip: {e}")))?;
-        }
-        let mut req = hyper::Request::post(self.uri.clone());
-        *req.headers_mut().unwrap() = self.headers.clone();
-        let body = match self.transport {
-            Transport::HttpProtobuf => {
-                req = req.header(CONTENT_TYPE, "application/x-protobuf");
-                if self.gzip {
-                    req = req.header("content-encoding", "gzip");
-                }
-                Bytes::from(message)
-            }
-            Transport::Grpc => {
-                req = req.header(CONTENT_TYPE, "application/grpc").header("te", "trailers");
-                if self.gzip {
-                    req = req.header("grpc-encoding", "gzip");
-                }
-                // gRPC length-prefixed message: the compressed flag, big-endian length.
-                let mut framed = Vec::with_capacity(5 + message.len());
-                framed.push(u8::from(self.gzip));
-                framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-                framed.extend_from_slice(&message);
-                Bytes::from(framed)
-            }
-        };
-        let req = req.body(Full::new(body)).map_err(|e| ExportError::Request(e.to_string()))?;
+    /// transport wants it, within the timeout.
+    pub async fn send(&self, message: Vec<u8>) -> Result<(), ExportError> {
         let send = async {
-            let resp = self.client.request(req).await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
-            let status = resp.status();
-            let head_status = grpc_status(resp.headers());
-            let collected =
-                resp.into_body().collect().await.map_err(|e| self.unreachable(format!("reading the answer: {e}")))?;
-            match self.transport {
-                Transport::HttpProtobuf if status.is_success() => Ok(()),
-                Transport::HttpProtobuf => {
-                    let body = collected.to_bytes();
-                    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
-                    Err(ExportError::Http { status, body: text })
-                }
-                Transport::Grpc if !status.is_success() => Err(ExportError::Http { status, body: String::new() }),
-                Transport::Grpc => {
-                    let (code, message) = collected
-                        .trailers()
-                        .and_then(grpc_status)
-                        .or(head_status)
-                        .unwrap_or((u32::MAX, "no grpc-status in the answer".into()));
-                    if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(ExportError::Grpc { code, message })
-                    }
-                }
+            match &self.wire {
+                Wire::Http(client) => self.send_http(client, message).await,
+                Wire::Grpc(grpc) => self.send_grpc(grpc.clone(), message).await,
             }
         };
         match tokio::time::timeout(self.timeout, send).await {
             Ok(r) => r,
             Err(_) => Err(ExportError::Timeout { uri: self.uri.clone(), timeout: self.timeout }),
+        }
+    }
+
+    async fn send_http(&self, client: &crate::http::HttpClient, mut message: Vec<u8>) -> Result<(), ExportError> {
+        let mut req = hyper::Request::post(self.uri.clone());
+        *req.headers_mut().unwrap() = self.headers.clone();
+        req = req.header(CONTENT_TYPE, "application/x-protobuf");
+        if self.gzip {
+            message = gzip(&message).map_err(|e| ExportError::Request(format!("gzip: {e}")))?;
+            req = req.header("content-encoding", "gzip");
+        }
+        let req = req.body(Full::new(Bytes::from(message))).map_err(|e| ExportError::Request(e.to_string()))?;
+        let resp = client.request(req).await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
+        let status = resp.status();
+        let collected =
+            resp.into_body().collect().await.map_err(|e| self.unreachable(format!("reading the answer: {e}")))?;
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = collected.to_bytes();
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+        Err(ExportError::Http { status, body: text })
+    }
+
+    async fn send_grpc(
+        &self,
+        mut grpc: tonic::client::Grpc<tonic::transport::Channel>,
+        message: Vec<u8>,
+    ) -> Result<(), ExportError> {
+        grpc.ready().await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
+        let mut req = tonic::Request::new(Bytes::from(message));
+        for (name, value) in &self.headers {
+            let key = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes());
+            let value = tonic::metadata::MetadataValue::try_from(value.as_bytes());
+            if let (Ok(key), Ok(mut value)) = (key, value) {
+                value.set_sensitive(true);
+                req.metadata_mut().insert(key, value);
+            }
+        }
+        let path = hyper::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
+        match grpc.unary(req, path, PassThrough).await {
+            Ok(_) => Ok(()),
+            Err(status) => Err(ExportError::Grpc { code: status.code() as u32, message: status.message().to_owned() }),
         }
     }
 
@@ -414,16 +469,6 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::fast());
     e.write_all(data)?;
     e.finish()
-}
-
-fn grpc_status(h: &hyper::HeaderMap) -> Option<(u32, String)> {
-    let code = h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
-    let message = h
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .map(|m| percent_decode_str(m).decode_utf8_lossy().into_owned())
-        .unwrap_or_default();
-    Some((code, message))
 }
 
 /// The exporter side: a bounded queue drained by one task that batches and exports.
