@@ -909,3 +909,30 @@ async fn metrics_are_pushed_over_otlp_with_the_families_the_scrape_serves() {
         assert!(!raw.contains(&s), "a secret in the OTLP exports");
     }
 }
+
+/// OTLP/gRPC to an `https` collector signed by a private CA (`OTEL_EXPORTER_OTLP_CERTIFICATE`):
+/// tonic's channel over keyswap's rustls connector, ALPN h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_over_tls_trusts_otel_exporter_otlp_certificate() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, leaf, key) = provider_certs(&["localhost"], certs.path());
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let (collector, addr) = Receiver::start_tls(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))).await;
+    let config = telemetry_config();
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    let mut env = otel_env(&format!("https://localhost:{}", addr.port()));
+    env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let (st, body) = send(&client(), port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+    assert_eq!(st, 200, "{body}");
+    let spans = collector.wait_for(1).await;
+    assert_eq!(spans.len(), 1, "no span over gRPC+TLS:\n{}", keyswap.output());
+}

@@ -1022,6 +1022,21 @@ pub mod otlp {
             (r, addr)
         }
 
+        /// [`Receiver::start_with`] behind TLS (`acceptor`, ALPN h2): an `https` OTLP/gRPC
+        /// collector.
+        pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> (Receiver, SocketAddr) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let r = Receiver::default();
+            let incoming = async_stream_of(listener, acceptor);
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(r.clone()))
+                    .serve_with_incoming(incoming),
+            );
+            (r, addr)
+        }
+
         pub fn spans(&self) -> Vec<(String, Span)> {
             let mut out = Vec::new();
             for req in self.requests.lock().unwrap().iter() {
@@ -1053,6 +1068,66 @@ pub mod otlp {
 
         pub fn raw_bytes(&self) -> Vec<u8> {
             self.raw.lock().unwrap().concat()
+        }
+    }
+
+    /// TLS connections accepted on `listener`, as tonic's server takes them (a failed handshake
+    /// is skipped).
+    fn async_stream_of(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsConn>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// A server-side TLS connection tonic can serve.
+    pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+    impl tonic::transport::server::Connected for TlsConn {
+        type ConnectInfo = ();
+        fn connect_info(&self) {}
+    }
+
+    impl tokio::io::AsyncRead for TlsConn {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for TlsConn {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
         }
     }
 
