@@ -424,6 +424,22 @@ async fn an_observing_stream_naming_a_number_never_handed_out_claims_nothing() {
     let m = &s.shared.metrics;
     assert_eq!(Metrics::get(&m.protocol_errors), 0);
     assert_eq!(Metrics::get(&m.observed_ended) + Metrics::get(&m.observed_cut_off), 0);
+
+    // Bytes that are no protobuf, on an observing stream: ended, counted, never answered.
+    let mut raw = tonic::client::Grpc::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", s.addr)).unwrap().connect().await.unwrap(),
+    );
+    raw.ready().await.unwrap();
+    let garbage = tokio_stream::iter(vec![bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0x07, 0x00, 0x01])]);
+    let mut request = tonic::Request::new(garbage);
+    request.metadata_mut().insert(keyswap::vocab::ROLE_METADATA, keyswap::vocab::ROLE_OBSERVE.parse().unwrap());
+    let path = http::uri::PathAndQuery::from_static("/envoy.service.ext_proc.v3.ExternalProcessor/Process");
+    if let Ok(resp) = raw.streaming(request, path, RawCodec).await {
+        let answers: Vec<_> = resp.into_inner().collect().await;
+        assert!(answers.iter().all(|a| a.is_err()), "garbage was answered: {answers:?}");
+    }
+    assert_eq!(Metrics::get(&m.protocol_errors), 1, "the undecodable message is counted");
+
     let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[])).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
 }

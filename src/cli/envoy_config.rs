@@ -29,9 +29,10 @@ pub struct ResourceArgs {
     pub system_ca: PathBuf,
     /// Read response bodies that only spans and token budgets need with a second ext_proc filter
     /// in Envoy's observability mode, so response chunks never wait for keyswap. It costs a second
-    /// gRPC stream per request: measured here, about twice keyswap's CPU per request and 0.6x the
-    /// requests/s at saturation (docs/benchmarks.md, run 13), for about one ext_proc round trip
-    /// less per chunk. Off: the deciding filter reads them (the default).
+    /// gRPC stream per request: measured with traced bodies, keyswap's CPU per request went from
+    /// 1.5x to 1.8x that of untraced requests and requests/s at saturation from 0.93x to 0.65x,
+    /// with no gain in time to the first streamed chunk (docs/benchmarks.md, run 13). Off: the
+    /// deciding filter reads them (the default).
     #[arg(long, env = "KEYSWAP_OBSERVE_RESPONSE_BODIES")]
     pub observe_response_bodies: bool,
 }

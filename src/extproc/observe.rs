@@ -64,23 +64,18 @@ pub(super) struct Parked {
 }
 
 impl Parked {
-    /// Ends what is parked: the span exported, the reservation settled (`ended`: the response
-    /// ended; otherwise it was cut off).
+    /// Ends what is parked: the span exported; a reservation the last chunk did not settle is
+    /// settled as cut off (dropping it does). `ended`: the body ended (counted as such).
     fn finish(self, shared: &Shared, ended: bool) {
         let m = &shared.metrics;
         Metrics::inc(if ended { &m.observed_ended } else { &m.observed_cut_off });
-        self.end(shared, ended);
+        self.end(shared);
     }
 
-    fn end(mut self, shared: &Shared, ended: bool) {
-        if let Some(b) = self.budget.as_mut() {
-            if ended {
-                b.response_body(&[], true);
-            }
-        }
-        // Dropping an unsettled reservation settles it as cut off.
-        drop(self.budget.take());
-        if let Some(t) = self.tx.take() {
+    fn end(self, shared: &Shared) {
+        let Parked { tx, budget, .. } = self;
+        drop(budget);
+        if let Some(t) = tx {
             t.finish(&shared.sink);
         }
     }
@@ -166,7 +161,7 @@ pub fn sweep(shared: &Shared, now: Instant, ttl: Duration) -> usize {
         );
     }
     for p in expired {
-        p.end(shared, false);
+        p.end(shared);
     }
     n
 }
