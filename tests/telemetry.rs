@@ -42,6 +42,38 @@ fn telemetry_config() -> tempfile::TempDir {
     dir
 }
 
+/// keyswap traced to a gRPC collector (`otel_env` plus `extra`), behind Envoy in front of a fake
+/// provider; everything lives as long as the value.
+struct Traced {
+    collector: Receiver,
+    keyswap: Proc,
+    port: u16,
+    fake: FakeProvider,
+    _envoy: Proc,
+    _config: tempfile::TempDir,
+    _work: tempfile::TempDir,
+}
+
+impl Traced {
+    /// `gzip`: the collector accepts gzip; `observed`: Envoy's observing filter reads the bodies.
+    async fn start(extra: &[(&str, &str)], gzip: bool, observed: bool) -> Traced {
+        let (collector, collector_addr) = Receiver::start_with(gzip).await;
+        let config = telemetry_config();
+        let work = tempfile::tempdir().unwrap();
+        let fake = FakeProvider::start().await;
+        let mut env = otel_env(&format!("http://{collector_addr}"));
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+        let (envoy, port) = if observed {
+            start_envoy_observed(work.path(), &uds, fake.addr)
+        } else {
+            start_envoy(work.path(), &uds, fake.addr)
+        };
+        Traced { collector, keyswap, port, fake, _envoy: envoy, _config: config, _work: work }
+    }
+}
+
 fn otel_env(collector: &str) -> Vec<(&'static str, String)> {
     vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.to_owned()),
@@ -351,14 +383,8 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
 /// the headers), and its body, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_observing_filter_leaves_the_agents_response_framing_as_the_provider_sent_it() {
-    let (collector, collector_addr) = Receiver::start().await;
-    let config = telemetry_config();
-    let work = tempfile::tempdir().unwrap();
-    let fake = FakeProvider::start().await;
-    let env = otel_env(&format!("http://{collector_addr}"));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy_observed(work.path(), &uds, fake.addr);
+    let Traced { collector, keyswap, port, .. } = &Traced::start(&[], false, true).await;
+    let port = *port;
     let req = hyper::Request::builder()
         .method("POST")
         .uri(format!("http://127.0.0.1:{port}/v1/messages"))
@@ -379,14 +405,8 @@ async fn the_observing_filter_leaves_the_agents_response_framing_as_the_provider
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
-    let (collector, collector_addr) = Receiver::start().await;
-    let config = telemetry_config();
-    let work = tempfile::tempdir().unwrap();
-    let fake = FakeProvider::start().await;
-    let env = otel_env(&format!("http://{collector_addr}"));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (_keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let Traced { collector, port, fake, .. } = &Traced::start(&[], false, false).await;
+    let port = *port;
 
     let req = hyper::Request::builder()
         .method("POST")
@@ -628,15 +648,8 @@ async fn sampled_spans(
     n: usize,
     traceparent: impl Fn(usize) -> Option<String>,
 ) -> (Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>, Vec<(String, String)>) {
-    let (collector, collector_addr) = Receiver::start().await;
-    let config = telemetry_config();
-    let work = tempfile::tempdir().unwrap();
-    let fake = FakeProvider::start().await;
-    let mut env = otel_env(&format!("http://{collector_addr}"));
-    env.extend(sampler.iter().map(|(k, v)| (*k, v.to_string())));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let Traced { collector, keyswap, port, .. } = &Traced::start(sampler, false, false).await;
+    let port = *port;
     let c = client();
     for i in 0..n {
         let tp = traceparent(i);
@@ -840,18 +853,14 @@ async fn prompt_and_completion_spans(observer: bool, extra: &[(&str, &str)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_pushed_over_otlp_with_the_families_the_scrape_serves() {
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point::Value};
-    let (collector, collector_addr) = Receiver::start_with(true).await;
-    let config = telemetry_config();
-    let work = tempfile::tempdir().unwrap();
-    let fake = FakeProvider::start().await;
-    let mut env = otel_env(&format!("http://{collector_addr}"));
-    env.push(("OTEL_METRICS_EXPORTER", "otlp".into()));
-    env.push(("OTEL_METRIC_EXPORT_INTERVAL", "200".into()));
-    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".into()));
-    env.push(("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=agents".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let extra = [
+        ("OTEL_METRICS_EXPORTER", "otlp"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "k8s.namespace.name=agents"),
+    ];
+    let Traced { collector, keyswap, port, .. } = &Traced::start(&extra, true, false).await;
+    let port = *port;
     let c = client();
     let (st, body) = send_body(
         &c,
