@@ -68,13 +68,25 @@ async fn start_ready(
     extra: &[&str],
     rust_log: &str,
 ) -> (Proc, u16, u16) {
+    start_ready_env(kubeconfig, work, extra, rust_log, &[]).await
+}
+
+/// [`start_ready`] with `env` set.
+async fn start_ready_env(
+    kubeconfig: &std::path::Path,
+    work: &std::path::Path,
+    extra: &[&str],
+    rust_log: &str,
+    env: &[(&str, &str)],
+) -> (Proc, u16, u16) {
     let (grpc_port, metrics_port) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
     cmd.args(["serve", "--kubernetes", "--namespace", NS])
         .args(extra)
         .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
         .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", rust_log);
+        .env("RUST_LOG", rust_log)
+        .envs(env.iter().copied());
     let mut keyswap = Proc::spawn("keyswap", cmd, work.join("keyswap.log"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -583,6 +595,53 @@ async fn an_unparseable_secret_never_reaches_the_log_and_the_failure_names_the_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unparseable_secret_never_reaches_the_log_at_debug_either() {
     unparseable_secret("debug").await;
+}
+
+/// `OTEL_METRICS_EXPORTER=otlp` pushes what `/metrics` and `/readyz` report in Kubernetes mode:
+/// the watches' own families, and readiness from the initial sync (not a constant 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_mode_pushes_its_watch_metrics_and_readiness_over_otlp() {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let (collector, addr) = common::otlp::Receiver::start().await;
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-otlp-0001");
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let endpoint = format!("http://{addr}");
+    let env = [
+        ("OTEL_METRICS_EXPORTER", "otlp"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+    ];
+    let (keyswap, _, metrics_port) = start_ready_env(&kubeconfig, work.path(), &[], "info", &env).await;
+    // The first push after the sync.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let pushed = loop {
+        let last = collector.metrics.lock().unwrap().last().cloned();
+        if let Some(r) = last {
+            break r.resource_metrics[0].scope_metrics[0].metrics.clone();
+        }
+        assert!(Instant::now() < deadline, "no metrics push in 15 s:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let value = |name: &str| {
+        let m = pushed.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no {name} pushed: {pushed:#?}"));
+        let points = match &m.data {
+            Some(Data::Gauge(g)) => &g.data_points,
+            Some(Data::Sum(s)) => &s.data_points,
+            other => panic!("{name}: {other:?}"),
+        };
+        format!("{:?}", points[0].value)
+    };
+    assert!(value("keyswap.ready").contains('1'), "ready after the sync: {}", value("keyswap.ready"));
+    assert!(value("keyswap.kube.secrets.watched").contains('1'), "{}", value("keyswap.kube.secrets.watched"));
+    let _ = value("keyswap.kube.watch.errors");
+    // The scrape says the same.
+    let (_, text) = scrape(metrics_port, "/metrics").await;
+    assert!(text.contains("keyswap_kube_secrets_watched 1"), "{text}");
+    let raw = String::from_utf8_lossy(&collector.raw_bytes()).into_owned();
+    assert!(!raw.contains("sk-ant-k8s-otlp-0001"), "a secret in the OTLP exports");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

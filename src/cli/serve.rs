@@ -186,6 +186,7 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .store(s2.rejected.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
             s2.render(p)
         });
+        let report = Report { ready: ready.clone(), extra: render.clone() };
         let admin = crate::telemetry::admin::spawn(args.metrics, metrics.clone(), ready, render).await?;
         // No retries inside the client: its default policy retries a 503 up to 15 times with a
         // delay doubling from 5 ms without bound (minutes in all), which held watches back long
@@ -219,7 +220,7 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         let serving =
             Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control: Some(control) };
-        let result = serve_store(store, metrics, serving, shutdown_signal()).await;
+        let result = serve_store(store, metrics, serving, report, shutdown_signal()).await;
         admin.abort();
         result
     })?;
@@ -234,6 +235,13 @@ pub(super) struct Serving {
     pub(super) span_queue: usize,
     pub(super) tunnel: crate::extproc::tunnel::TunnelGuard,
     pub(super) control: Option<ControlPlane>,
+}
+
+/// What `/metrics` and `/readyz` report beside the registry, for the OTLP metrics push to report
+/// the same: readiness, and the configuration source's own families (the Kubernetes watches).
+pub(super) struct Report {
+    pub(super) ready: crate::telemetry::admin::ReadyFn,
+    pub(super) extra: crate::telemetry::admin::ExtraMetrics,
 }
 
 /// `--ca-secret [NAMESPACE/]NAME`: the namespace defaults to --namespace.
@@ -283,14 +291,9 @@ pub(super) async fn run_extproc(
         let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (true, format!("gateway {gateway} loaded; last reload: {last}"))
     });
-    let admin = crate::telemetry::admin::spawn(
-        metrics_addr,
-        metrics.clone(),
-        ready,
-        Arc::new(|_: &mut dyn crate::prom::Families| {}),
-    )
-    .await?;
-    let result = serve_store(store, metrics, serving, shutdown).await;
+    let report = Report { ready: ready.clone(), extra: Arc::new(|_: &mut dyn crate::prom::Families| {}) };
+    let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, report.extra.clone()).await?;
+    let result = serve_store(store, metrics, serving, report, shutdown).await;
     admin.abort();
     result
 }
@@ -300,6 +303,7 @@ async fn serve_store(
     store: crate::config::SnapshotStore,
     metrics: Arc<Metrics>,
     serving: Serving,
+    report: Report,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let Serving { listeners, span_queue, tunnel, control } = serving;
@@ -319,7 +323,7 @@ async fn serve_store(
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx).with_sampler(sampler);
-    let metrics_push = metrics_push(otlp.as_ref(), &metrics)?;
+    let metrics_push = metrics_push(otlp.as_ref(), &metrics, report)?;
     let control = control.map(|mut c| {
         c.ads.stats = metrics.xds.clone();
         c
@@ -357,6 +361,7 @@ pub(super) async fn shutdown_signal() {
 fn metrics_push(
     otlp: Option<&crate::api::Otlp>,
     metrics: &Arc<Metrics>,
+    report: Report,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     use crate::telemetry::{export, otlp_metrics};
     let env = |k: &str| std::env::var(k).ok();
@@ -369,5 +374,6 @@ fn metrics_push(
     };
     let exporter = export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(exporter = %settings, ?interval, "metrics pushed over OTLP");
-    Ok(Some(otlp_metrics::spawn(exporter, metrics.clone(), interval, settings)))
+    let Report { ready, extra } = report;
+    Ok(Some(otlp_metrics::spawn(exporter, metrics.clone(), interval, settings, ready, extra)))
 }

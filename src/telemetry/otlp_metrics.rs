@@ -205,6 +205,8 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     interval: Duration,
     settings: super::export::Settings,
+    ready: super::admin::ReadyFn,
+    extra: super::admin::ExtraMetrics,
 ) -> tokio::task::JoinHandle<()> {
     let started = SystemTime::now();
     tokio::spawn(async move {
@@ -213,7 +215,8 @@ pub fn spawn(
         loop {
             tick.tick().await;
             let mut c = Collect::new(started, SystemTime::now());
-            metrics.write(&mut c, true, |_| {});
+            // What /readyz and /metrics say: readiness and the source's families included.
+            metrics.write(&mut c, ready().0, |p| extra(p));
             let body = c.request(&settings.service_name, &settings.resource).encode_to_vec();
             if let Err(e) = exporter.send(body).await {
                 Metrics::inc(&metrics.metric_exports_failed);
