@@ -86,14 +86,25 @@ impl Meter {
         self.served.fetch_add(INPUT_TOKENS + out, Ordering::SeqCst);
         let anthropic = path.starts_with("/v1/messages");
         let (ctype, events): (&str, Vec<String>) = match (anthropic, stream) {
-            (false, false) => (
-                "application/json",
-                vec![serde_json::json!({
-                "id": "chatcmpl-1", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out},
-            }).to_string()],
-            ),
+            (false, false) => {
+                // `?echo`: the model writes usage-looking JSON in its answer (an agent can ask it
+                // to); `?pad`: a large answer (1.2 MB).
+                let content = if path.contains("echo") {
+                    r#"{"usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}"#
+                } else {
+                    "ok"
+                };
+                let padding = if path.contains("pad") { "x".repeat(1_200_000) } else { String::new() };
+                (
+                    "application/json",
+                    vec![serde_json::json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "model": model, "system_fingerprint": padding,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out},
+                })
+                    .to_string()],
+                )
+            }
             (true, false) => (
                 "application/json",
                 vec![serde_json::json!({
@@ -450,6 +461,25 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
     // Read by the observing filter exactly when it runs.
     let observed = r.metric("keyswap_observed_responses_total{outcome=\"ended\"}").await;
     assert_eq!(observed > 0.0, observe, "responses read by the observing filter: {observed}");
+}
+
+/// An agent can make the model write anything, usage-looking JSON included; only the provider's
+/// own `usage` object counts, in a small answer and in a large one (1.2 MB, read as it streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_the_model_writes_in_its_answer_is_not_mistaken_for_what_the_provider_counted() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let (_config, r) =
+        one_budget(&meter, "b", "{name: openai}", "  key: Route\n  window: Hour\n  limits: {totalTokens: 100000}");
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/b\",kind=\"settled\"}");
+    let (status, _, text) = call_path(r.port, OPENAI, "/v1/chat/completions?echo", None, &chat(25)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains(r#"\"completion_tokens\": 0"#), "the answer carries the fake usage: {text}");
+    assert_eq!(settled().await, (INPUT_TOKENS + 25) as f64);
+    let (status, _, text) = call_path(r.port, OPENAI, "/v1/chat/completions?echo&pad", None, &chat(35)).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("the whole JSON answer");
+    assert_eq!(v["system_fingerprint"].as_str().map(str::len), Some(1_200_000));
+    assert_eq!(settled().await, (2 * INPUT_TOKENS + 60) as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
