@@ -22,8 +22,10 @@
 //! keyswap asks for (keyswap overrides to get them: it scrubs echoed secrets). With tracing on,
 //! keyswap also asks (mode_override) for the streamed response body.
 //!
-//! The sidecars listen on Unix sockets. `wrk` drives each setup in turn (a b c d e f, a b c d e f,
-//! …) for several rounds; the summary reports medians and the median of the per-round ratios.
+//! The sidecars listen on Unix sockets. `wrk` drives each setup in turn for several rounds, forward
+//! and backward in alternate rounds (a … i, i … a, …: the machine's drift within a round then
+//! leans each ratio one way in one round and the other way in the next); the summary reports
+//! medians and the median of the per-round ratios (use an even number of rounds).
 //! Before measuring, one request through each Envoy must get 200, the upstream must have received
 //! the real key instead of the placeholder in (b), (d), (e), (f), (e)'s sink must have received an
 //! export and (f)'s hanging collector a connection.
@@ -34,7 +36,7 @@
 //! Knobs (environment variables):
 //!
 //! - `E2E_SECONDS` (5): length of one measured wrk run;
-//! - `E2E_ROUNDS` (5): rounds of a b c d e f;
+//! - `E2E_ROUNDS` (5): rounds of every setup, alternately forward and backward;
 //! - `E2E_CONNECTIONS` (16): wrk connections (wrk always uses 1 thread);
 //! - `E2E_WARMUP` (2): seconds of discarded load per setup before round 1;
 //! - `E2E_BODY_BYTES` (0): 0 sends `GET /v1/messages`; N > 0 sends `POST /v1/messages` with an
@@ -1554,7 +1556,13 @@ fn main() {
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); KINDS.len()];
     for round in 1..=knobs.rounds {
-        for (i, s) in setups.iter_mut().enumerate() {
+        // Odd rounds run the setups forward, even rounds backward: this machine's speed drifts
+        // within a round, and a fixed order would put the drift into every ratio the same way.
+        let mut order: Vec<(usize, &mut Setup)> = setups.iter_mut().enumerate().collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (i, s) in order {
             std::thread::sleep(Duration::from_millis(250));
             let x = measure(s, &wrk, &script, &knobs, &upstream, tck);
             println!(
