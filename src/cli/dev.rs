@@ -50,6 +50,8 @@ pub struct DevArgs {
     pub metrics: SocketAddr,
     #[command(flatten)]
     pub tunnel: TunnelArgs,
+    #[command(flatten)]
+    pub observe: super::envoy_config::ObserveArgs,
 }
 
 pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -88,7 +90,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         system_ca: args.system_ca.clone(),
         delivery: crate::envoy::Delivery::Ads,
         traces_from_env: crate::envoy::traces_from_env(),
-        observe_response_bodies: false,
+        observe_response_bodies: args.observe.observe_response_bodies,
     };
 
     let rt = runtime(None)?;

@@ -27,6 +27,13 @@ pub struct ResourceArgs {
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+}
+
+/// Where response bodies are read (`envoy-config`, `serve`, `dev`).
+#[derive(Clone, Copy, Debug, Args)]
+pub struct ObserveArgs {
     /// Read response bodies that only spans and token budgets need with a second ext_proc filter
     /// in Envoy's observability mode, so response chunks never wait for keyswap. It costs a second
     /// gRPC stream per request: measured with traced bodies, keyswap's CPU per request went from
@@ -49,7 +56,7 @@ impl ResourceArgs {
             system_ca: self.system_ca.clone(),
             delivery,
             traces_from_env: crate::envoy::traces_from_env(),
-            observe_response_bodies: self.observe_response_bodies,
+            observe_response_bodies: self.observe.observe_response_bodies,
         }
     }
 }
