@@ -158,6 +158,15 @@ async fn boto3_bedrock_calls_are_signed_with_the_real_keys() {
     tokio::task::block_in_place(|| bedrock_through_the_gateway(collector_addr));
     // One span per request that reached keyswap (2 boto3, 3 curl, the negative and final boto3 calls).
     spans_without(&collector, 6, &[AWS_SECRET, AWS_TOKEN]).await;
+    // The 413 keyswap answered itself is one of them, readable as such in a viewer.
+    let spans = collector.spans();
+    let refused = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| otlp::i(&s.attributes, "http.response.status_code") == Some(413))
+        .expect("a span for the 413");
+    assert_eq!(otlp::s(&refused.attributes, "error.type").as_deref(), Some("request_too_large"));
+    assert_eq!(otlp::s(&refused.attributes, "keyswap.route").as_deref(), Some("default/bedrock"));
 }
 
 fn bedrock_through_the_gateway(collector: std::net::SocketAddr) {

@@ -222,6 +222,26 @@ impl<'a> Incoming<'a> {
         self.deny(Some(entry), "credential_unavailable", 503, &body, "keyswap_credential_unavailable")
     }
 
+    /// A body SigV4 would have to sign whole, larger than keyswap signs: 413 before anything is
+    /// buffered or sent.
+    fn too_large(&self, entry: &MatchEntry, len: usize) -> Step {
+        Metrics::inc(&self.shared.metrics.denied_too_large);
+        tracing::warn!(
+            route = %entry.route, content_length = len, limit = sigv4::MAX_BODY_BYTES,
+            "request body too large to sign; answering 413"
+        );
+        let body = json!({"error": {
+            "type": "request_too_large",
+            "message": format!(
+                "SigV4 signing needs the whole request body; keyswap signs bodies up to {} bytes and this one is {len}",
+                sigv4::MAX_BODY_BYTES
+            ),
+            "route": &*entry.route,
+            "limit": sigv4::MAX_BODY_BYTES,
+        }});
+        self.deny(Some(entry), "request_too_large", 413, &body, "keyswap_body_too_large")
+    }
+
     fn tenant_not_mapped(&self, entry: &MatchEntry) -> Step {
         Metrics::inc(&self.shared.metrics.denied_tenant_not_mapped);
         let policy = entry.binding.policy.as_deref();
@@ -296,7 +316,7 @@ impl<'a> Incoming<'a> {
         if signer.is_some() && self.has_body {
             let len = find(self.headers, "content-length").and_then(|v| v.trim().parse::<usize>().ok());
             if let Some(len) = len.filter(|l| *l > sigv4::MAX_BODY_BYTES) {
-                return answer(too_large(&self.shared.metrics, entry, len), None, None);
+                return self.too_large(entry, len);
             }
         }
         let agent_token = self.agent_token.map(|(_, t)| t);
@@ -385,22 +405,4 @@ impl<'a> Incoming<'a> {
 
 fn answer(resp: ProcessingResponse, tx: Option<Box<Transaction>>, sign: Option<Box<PendingSign>>) -> Step {
     Step::Answer(Outcome { resp, tx, sign, injected: None, budget: None })
-}
-
-fn too_large(metrics: &Metrics, entry: &MatchEntry, len: usize) -> ProcessingResponse {
-    Metrics::inc(&metrics.denied_too_large);
-    tracing::warn!(
-        route = %entry.route, content_length = len, limit = sigv4::MAX_BODY_BYTES,
-        "request body too large to sign; answering 413"
-    );
-    let body = json!({"error": {
-        "type": "request_too_large",
-        "message": format!(
-            "SigV4 signing needs the whole request body; keyswap signs bodies up to {} bytes and this one is {len}",
-            sigv4::MAX_BODY_BYTES
-        ),
-        "route": &*entry.route,
-        "limit": sigv4::MAX_BODY_BYTES,
-    }});
-    mutation::immediate(413, &body, "keyswap_body_too_large")
 }
