@@ -61,6 +61,11 @@ struct Gateway {
 }
 
 async fn start_gateway(policy: &str, extra_spec: &str, args: &[&str]) -> Gateway {
+    start_gateway_env(policy, extra_spec, args, &[]).await
+}
+
+/// [`start_gateway`] with keyswap's environment extended (OTLP settings, say).
+async fn start_gateway_env(policy: &str, extra_spec: &str, args: &[&str], env: &[(&str, &str)]) -> Gateway {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (proxy_port, tls_port) = (free_port(), free_port());
     std::fs::write(config.path().join("gateway.yaml"), gateway(policy, proxy_port, tls_port, extra_spec)).unwrap();
@@ -70,7 +75,7 @@ async fn start_gateway(policy: &str, extra_spec: &str, args: &[&str]) -> Gateway
     let upstreams: Vec<String> = hosts.iter().map(|h| format!("{h}={},ca={}", fake.addr, ca.display())).collect();
     let mut all = vec!["dev"];
     all.extend_from_slice(args);
-    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &upstreams, &[], &all));
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &upstreams, env, &all));
     Gateway { dev, fake, tls_port, _dirs: (work, config) }
 }
 
@@ -162,7 +167,10 @@ async fn forged_x_forwarded_for_does_not_buy_an_edge_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_to_loopback_private_or_metadata_addresses_is_refused() {
     let inside = FakeProvider::start().await; // a service on the gateway's own loopback
-    let g = start_gateway("allow-all", "", &[]).await;
+    let (collector, collector_addr) = otlp::Receiver::start().await;
+    let endpoint = format!("http://{collector_addr}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    let g = start_gateway_env("allow-all", "", &[], &env).await;
     let port = inside.addr.port();
     let proxy = g.dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
     let targets = [
@@ -196,6 +204,23 @@ async fn tunnel_to_loopback_private_or_metadata_addresses_is_refused() {
     let (_, metrics) = scrape(metrics_port(&g.dev), "/metrics").await;
     assert!(metric(&metrics, "keyswap_tunnels_total{result=\"refused\"}") >= 10.0, "{metrics}");
     assert_eq!(metric(&metrics, "keyswap_tunnels_total{result=\"allowed\"}"), 0.0, "{metrics}");
+    // Each refusal keyswap made is a span a viewer shows: CONNECT, the target, 403 and why.
+    let refused = metric(&metrics, "keyswap_tunnels_total{result=\"refused\"}") as usize;
+    let spans = collector.wait_for(refused).await;
+    let connects: Vec<_> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| otlp::s(&s.attributes, "http.request.method").as_deref() == Some("CONNECT"))
+        .collect();
+    assert_eq!(connects.len(), refused, "a span per refused tunnel: {connects:#?}");
+    let metadata = connects
+        .iter()
+        .find(|s| otlp::s(&s.attributes, "server.address").as_deref() == Some("169.254.169.254"))
+        .expect("the metadata service attempt");
+    assert_eq!(metadata.name, "CONNECT 169.254.169.254");
+    assert_eq!(otlp::i(&metadata.attributes, "http.response.status_code"), Some(403));
+    assert_eq!(otlp::s(&metadata.attributes, "error.type").as_deref(), Some("private_destination"));
+    assert_eq!(otlp::s(&metadata.attributes, "url.full"), None);
     // An allow-list entry that resolves to loopback is refused the same way.
     let g = start_gateway("deny-all", "  allow: [localhost, \"127.0.0.1\"]", &[]).await;
     for t in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {

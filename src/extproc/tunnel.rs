@@ -160,6 +160,36 @@ pub async fn decide(
     pick.ok_or((Refusal::Unresolvable, None))
 }
 
+/// A sampled tunnel request's headers, owned (the decision is made off the stream).
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+/// The span of a refused tunnel: `CONNECT host:port`, keyswap's status and the refusal as
+/// `error.type`; no route, no body.
+pub fn refusal_span(shared: &Shared, snapshot: &Snapshot, authority: &str, refusal: Refusal, headers: &Headers) {
+    let host = target(authority).map(|(h, _)| h);
+    let start = crate::telemetry::span::Start {
+        provider: None,
+        route: None,
+        policy: None,
+        method: "CONNECT",
+        scheme: "",
+        authority,
+        host: host.as_deref().unwrap_or(authority),
+        redacted_path: "",
+        request_model: None,
+        injected: false,
+        smuggled: false,
+        redact_also: None,
+        error: Some(refusal.reason()),
+        identity: None,
+        tenant_label: None,
+    };
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let (mut tx, _) = crate::telemetry::span::Transaction::start(&start, &pairs, &snapshot.capture);
+    tx.answered(refusal.status());
+    tx.finish(&shared.sink, &[]);
+}
+
 /// The answer Envoy gets for a tunnel decision.
 pub fn answer(
     shared: &Shared,

@@ -18,6 +18,7 @@ pub struct Start<'a> {
     pub route: Option<&'a str>,
     pub policy: Option<&'a str>,
     pub method: &'a str,
+    /// Empty for a CONNECT: no `url.full`.
     pub scheme: &'a str,
     pub authority: &'a str,
     pub host: &'a str,
@@ -242,7 +243,10 @@ impl Transaction {
             attr("gen_ai.operation.name", Value::Str(operation));
         }
         attr("http.request.method", Value::Str(s.method));
-        attr("url.full", Value::Concat(&[s.scheme, "://", s.authority, s.redacted_path]));
+        // A CONNECT has no URL (`scheme` empty): its target is the server address.
+        if !s.scheme.is_empty() {
+            attr("url.full", Value::Concat(&[s.scheme, "://", s.authority, s.redacted_path]));
+        }
         attr("server.address", Value::Str(s.host));
         if let Some(r) = s.route {
             attr("keyswap.route", Value::Str(r));
