@@ -206,20 +206,7 @@ metadata: {{name: anthropic}}
 spec:
   parentRefs: [{{name: egress}}]
   rules: [{{matches: [{{provider: anthropic}}]}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: keys}}
-spec:
-  parentRefs: [{{kind: EgressGateway, name: egress}}]
-  secretRef: {{name: provider-keys}}
-  target: Header
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: provider-keys}}
-stringData: {{token: {REAL_KEY}}}
----
+{keys}---
 apiVersion: v1
 kind: Secret
 metadata: {{name: acme-token}}
@@ -229,7 +216,8 @@ apiVersion: v1
 kind: Secret
 metadata: {{name: globex-token}}
 stringData: {{token: {GLOBEX_TOKEN}}}
-{extra}"#
+{extra}"#,
+        keys = gateway_keys(REAL_KEY)
     )
 }
 

@@ -100,20 +100,8 @@ spec:
   parentRefs: [{{name: egress}}]
   rules:
   - matches: [{{provider: anthropic}}, {{provider: openai}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: keys}}
-spec:
-  parentRefs: [{{kind: EgressGateway, name: egress}}]
-  secretRef: {{name: provider-keys}}
-  target: Header
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: provider-keys}}
-stringData: {{token: {ANTHROPIC_KEY}}}
-"#
+{keys}"#,
+        keys = super::gateway_keys(ANTHROPIC_KEY)
     )
 }
 

@@ -321,6 +321,27 @@ pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], ext
     (p, uds)
 }
 
+/// The documents that key every route of gateway `egress` with `key` (a CredentialInjectionPolicy
+/// on the gateway, header target, and its Secret), each opening with `---`.
+pub fn gateway_keys(key: &str) -> String {
+    format!(
+        r#"---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: keys}}
+spec:
+  parentRefs: [{{kind: EgressGateway, name: egress}}]
+  secretRef: {{name: provider-keys}}
+  target: Header
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: provider-keys}}
+stringData: {{token: {key}}}
+"#
+    )
+}
+
 /// Envoy with one plain-HTTP listener in front of `upstream` (every request, whatever its host),
 /// with keyswap's own ext_proc filters and keyswap cluster from the generator
 /// (`keyswap::envoy`), pointed at `uds`: the production filters (the deciding one: fail closed,
