@@ -466,23 +466,8 @@ impl ProcessStream {
     /// A CONNECT on the proxy listener: the tunnel guard resolves and checks the target off the
     /// stream.
     fn on_tunnel_headers(&mut self, headers: &[HeaderValue], started: Instant) -> Handled {
-        let authority = find(headers, ":authority").unwrap_or("").to_owned();
-        let (guard, snapshot, shared) =
-            (self.shared.tunnel.clone(), self.shared.store.load_full(), self.shared.clone());
-        // A refusal gets a span (an agent reaching for the inside is what a viewer should show);
-        // the headers are kept for it only when the request is sampled.
-        let traced: Option<tunnel::Headers> = self
-            .shared
-            .sink
-            .sampled(find(headers, "traceparent"))
-            .then(|| headers.iter().map(|h| (h.key.clone(), header_bytes(h).to_vec())).collect());
-        let fut = async move {
-            let decision = tunnel::decide(authority.clone(), snapshot.clone(), guard).await;
-            if let (Err((refusal, _)), Some(headers)) = (&decision, traced) {
-                tunnel::refusal_span(&shared, &snapshot, &authority, *refusal, &headers);
-            }
-            (tunnel::answer(&shared, &authority, decision), None)
-        };
+        let decided = tunnel::decide_headers(self.shared.clone(), headers);
+        let fut = async move { (decided.await, None) };
         self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestHeaders));
         Handled::Pending
     }

@@ -12,10 +12,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use serde_json::json;
 
-use super::{mutation, Shared};
+use super::{find, header_bytes, mutation, Shared};
 use crate::auth::Cidr;
 use crate::config::Snapshot;
 use crate::telemetry::Metrics;
@@ -163,9 +164,31 @@ pub async fn decide(
 /// A sampled tunnel request's headers, owned (the decision is made off the stream).
 pub type Headers = Vec<(String, Vec<u8>)>;
 
+/// The answer for a CONNECT's request headers, decided off the stream. A refusal gets a span (an
+/// agent reaching for the inside is what a viewer should show); the headers are kept for it only
+/// when the request is sampled.
+pub(super) fn decide_headers(
+    shared: Arc<Shared>,
+    headers: &[HeaderValue],
+) -> impl std::future::Future<Output = ProcessingResponse> + Send + 'static {
+    let authority = find(headers, ":authority").unwrap_or("").to_owned();
+    let (guard, snapshot) = (shared.tunnel.clone(), shared.store.load_full());
+    let traced: Option<Headers> = shared
+        .sink
+        .sampled(find(headers, "traceparent"))
+        .then(|| headers.iter().map(|h| (h.key.clone(), header_bytes(h).to_vec())).collect());
+    async move {
+        let decision = decide(authority.clone(), snapshot.clone(), guard).await;
+        if let (Err((refusal, _)), Some(headers)) = (&decision, traced) {
+            refusal_span(&shared, &snapshot, &authority, *refusal, &headers);
+        }
+        answer(&shared, &authority, decision)
+    }
+}
+
 /// The span of a refused tunnel: `CONNECT host:port`, keyswap's status and the refusal as
 /// `error.type`; no route, no body.
-pub fn refusal_span(shared: &Shared, snapshot: &Snapshot, authority: &str, refusal: Refusal, headers: &Headers) {
+fn refusal_span(shared: &Shared, snapshot: &Snapshot, authority: &str, refusal: Refusal, headers: &Headers) {
     let host = target(authority).map(|(h, _)| h);
     let start = crate::telemetry::span::Start {
         provider: None,
