@@ -402,7 +402,7 @@ fn agent_auth(c: &mut Criterion) {
 /// limit, reserving one claim, settling it.
 fn budget(c: &mut Criterion) {
     use keyswap::api::BudgetWindow;
-    use keyswap::budget::{window_bounds, Admit, Budget, Claim, Demand, Engine, KeyBy, Observed, Reserve};
+    use keyswap::budget::{Admit, Budget, Demand, Engine, KeyBy, Observed, Reserve};
     let engine = Arc::new(Engine::new(Default::default()));
     let budget = Arc::new(Budget {
         name: "default/bench".into(),
@@ -422,15 +422,8 @@ fn budget(c: &mut Criterion) {
         b.iter(|| {
             let now = SystemTime::now();
             let demand = Demand::from_body(body, None);
-            let (window_start, window_end) = window_bounds(budget.window, now);
-            let claim = Claim {
-                budget: budget.clone(),
-                key: "acme".into(),
-                window_start,
-                window_end,
-                reserved: budget.reserve_amounts(&demand),
-            };
-            match engine.reserve(None, vec![claim], demand.model, now) {
+            let claim = budget.claim("acme".into(), &demand, now);
+            match engine.reserve(None, vec![claim], now) {
                 Reserve::Now(Admit::Held(h, _)) => {
                     h.settle(Observed::Ended { success: true, input: Some(12), output: Some(9) })
                 }

@@ -79,7 +79,14 @@ impl Meter {
         self.seen.lock().unwrap().push(format!("{path} {headers} {}", String::from_utf8_lossy(&body)));
         self.requests.fetch_add(1, Ordering::SeqCst);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        let out = v["max_tokens"].as_u64().or(v["max_completion_tokens"].as_u64()).unwrap_or(50);
+        // Read the way a lenient provider reads it (the last of repeated keys, `5000.0` and
+        // `"5000"` as numbers), generating the limit once per choice (`n`).
+        let lax = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.fract() == 0.0).map(|f| f as u64),
+            v => v.as_u64().or(v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+        };
+        let out =
+            lax(&v["max_tokens"]).or(lax(&v["max_completion_tokens"])).unwrap_or(50) * lax(&v["n"]).unwrap_or(1).max(1);
         let model = v["model"].as_str().unwrap_or("m").to_owned();
         let stream = v["stream"].as_bool() == Some(true);
         tokio::time::sleep(self.delay).await;
@@ -743,6 +750,66 @@ async fn an_agent_cannot_dodge_its_budget_by_omitting_or_garbling_max_tokens() {
         call(r.port, OPENAI, Some(ACME_TOKEN), r#"{"max_tokens":1,"max_completion_tokens":5000}"#).await;
     assert_eq!(status, 429, "{text}");
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a refused request reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_shrink_its_reservation_with_repeated_keys_lax_numbers_several_choices_or_a_compressed_body() {
+    let meter = Meter::start(Duration::ZERO).await;
+    // 1,000 tokens a day, 50 output tokens reserved when a request sets no limit: a request the
+    // budget cannot read must not be reserved at 50 and then generate thousands.
+    let spec = "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}\n  reservation: {defaultOutputTokens: 50}";
+    let (_config, r) = one_budget(&meter, "acme-daily", "{kind: EgressGateway, name: egress}", spec);
+    for body in [
+        // The provider's parser takes the last of a repeated key.
+        r#"{"model":"gpt-4o-mini","max_tokens":1,"max_tokens":5000,"messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","max_tokens":5000,"max_tokens":1,"messages":[]}"#,
+        // A lenient provider reads these as 5000.
+        r#"{"model":"gpt-4o-mini","max_tokens":"5000","messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","max_tokens":5000.0,"messages":[]}"#,
+        r#"{"model":"gpt-4o-mini","max\u005ftokens":5000,"messages":[]}"#,
+        // 20 choices of 100 tokens each.
+        r#"{"model":"gpt-4o-mini","max_tokens":100,"n":20,"messages":[]}"#,
+    ] {
+        let (status, retry, text) = call(r.port, OPENAI, Some(ACME_TOKEN), body).await;
+        assert_budget_refusal(status, retry.as_deref(), &text, "default/acme-daily");
+    }
+    // A gzip body: its bytes bound nothing and its limit is unreadable until decompressed.
+    let json = br#"{"model":"gpt-4o-mini","max_tokens":5000,"messages":[]}"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, json).unwrap();
+    let gzipped = Bytes::from(gz.finish().unwrap());
+    for encoding in ["gzip", "GZIP", "identity, gzip", "br"] {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1:{}/v1/chat/completions", r.port))
+            .header("host", OPENAI)
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .header("authorization", format!("Bearer {ACME_TOKEN}"))
+            .body(Full::new(gzipped.clone()))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        assert_eq!(status, 415, "content-encoding {encoding}: {text}");
+        assert!(text.contains("request_body_encoded") && !text.contains(REAL_KEY), "{text}");
+    }
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "a request the budget could not read reached the provider");
+    // What the budget can read still goes through, and is counted.
+    let (status, _, text) = call(r.port, OPENAI, Some(ACME_TOKEN), &chat(100)).await;
+    assert_eq!(status, 200, "{text}");
+    // `identity` is no encoding.
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/chat/completions", r.port))
+        .header("host", OPENAI)
+        .header("content-encoding", "identity")
+        .header("authorization", format!("Bearer {ACME_TOKEN}"))
+        .body(Full::new(Bytes::from(chat(100))))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    assert!(meter.served.load(Ordering::SeqCst) <= 1000, "the provider served past the budget");
+    assert_eq!(r.metric(r#"keyswap_denials_total{reason="body_encoded"}"#).await, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,13 +16,17 @@
 //! Worst-case overshoot: the sum over in-flight requests of what each used beyond its
 //! reservation. With the defaults (input bounded by body bytes) and a `max_tokens` on every
 //! request, that is zero; a request without one may overshoot by what it generates past
-//! `reservation.defaultOutputTokens`.
+//! `reservation.defaultOutputTokens`. The body is read the way that counts most against the
+//! agent ([`Demand`]).
 //!
 //! Two stores behind [`Engine`]: in this process ([`local`], lock-free counters), or Redis
 //! ([`redis`], shared by every replica; one round trip to reserve, one to settle).
 
+mod demand;
 pub mod local;
 pub mod redis;
+
+pub use demand::Demand;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,10 +128,25 @@ impl Budget {
         )
     }
 
-    /// The weight of `model`'s tokens (1 when no weight matches or the model is unknown).
-    pub fn weight(&self, model: Option<&str>) -> f64 {
-        let Some(model) = model else { return 1.0 };
+    /// The weight of `model`'s tokens (1 when no weight matches).
+    pub fn weight(&self, model: &str) -> f64 {
         self.weights.iter().find(|(g, _)| crate::glob::matches(g, model, None)).map_or(1.0, |(_, w)| *w)
+    }
+
+    /// The weight of a request's tokens: its model's (1 when it names none); the heaviest of
+    /// them when it names several, or of the whole table when it names more than are kept.
+    pub fn weight_of(&self, demand: &Demand) -> f64 {
+        if demand.models_overflow {
+            return self.weights.iter().map(|(_, w)| *w).fold(1.0, f64::max);
+        }
+        demand.models.iter().map(|m| self.weight(m)).reduce(f64::max).unwrap_or(1.0)
+    }
+
+    /// This budget's claim on `demand` under counter `key`, in the window containing `now`.
+    pub fn claim(self: &Arc<Self>, key: Box<str>, demand: &Demand, now: SystemTime) -> Claim {
+        let (window_start, window_end) = window_bounds(self.window, now);
+        let weight = self.weight_of(demand);
+        Claim { budget: self.clone(), key, window_start, window_end, reserved: self.reserve_amounts(demand), weight }
     }
 
     /// Whether the budget limits tokens (else only requests: no body is read for it).
@@ -141,9 +160,9 @@ impl Budget {
         if !self.counts_tokens() {
             return [1, 0, 0, 0];
         }
-        let w = self.weight(demand.model.as_deref());
+        let w = self.weight_of(demand);
         let input = weighted(demand.body_bytes.div_ceil(self.bytes_per_input_token.max(1)), w);
-        let output = weighted(demand.max_output_tokens.unwrap_or(self.default_output_tokens), w);
+        let output = weighted(demand.output_tokens(self.default_output_tokens), w);
         [1, input, output, input + output]
     }
 }
@@ -182,67 +201,6 @@ pub fn window_bounds(window: BudgetWindow, now: SystemTime) -> (i64, i64) {
     }
 }
 
-/// What a request asks for, read from its body: the model, the most output it allows, and the
-/// body's size (an upper bound on its input tokens: a token is at least one byte).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Demand {
-    pub model: Option<String>,
-    pub max_output_tokens: Option<u64>,
-    pub body_bytes: u64,
-}
-
-impl Demand {
-    /// Reads a JSON request body: `model` (unless `path_model`, the model the path names), and the output limit under any provider's name for it
-    /// (`max_tokens`, `max_completion_tokens`, `max_output_tokens`, Gemini's
-    /// `generationConfig.maxOutputTokens`, Bedrock's `inferenceConfig.maxTokens`). Anything else
-    /// (not JSON, no limit) leaves the fields `None`; never fails. A request without a body (a
-    /// model list) generates nothing: its output limit is 0.
-    pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
-        #[derive(serde::Deserialize, Default)]
-        #[serde(rename_all = "camelCase")]
-        struct Nested {
-            #[serde(default)]
-            max_output_tokens: Option<u64>,
-            #[serde(default)]
-            max_tokens: Option<u64>,
-        }
-        #[derive(serde::Deserialize, Default)]
-        struct Fields {
-            #[serde(default)]
-            model: Option<String>,
-            #[serde(default)]
-            max_tokens: Option<u64>,
-            #[serde(default)]
-            max_completion_tokens: Option<u64>,
-            #[serde(default)]
-            max_output_tokens: Option<u64>,
-            #[serde(default, rename = "generationConfig")]
-            generation_config: Option<Nested>,
-            #[serde(default, rename = "inferenceConfig")]
-            inference_config: Option<Nested>,
-        }
-        if body.is_empty() {
-            return Demand { model: path_model.map(str::to_owned), max_output_tokens: Some(0), body_bytes: 0 };
-        }
-        let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        let f: Fields = if is_object { serde_json::from_slice(body).unwrap_or_default() } else { Fields::default() };
-        let nested = |n: Option<Nested>| n.and_then(|n| n.max_output_tokens.or(n.max_tokens));
-        let max = [f.max_tokens, f.max_completion_tokens, f.max_output_tokens]
-            .into_iter()
-            .flatten()
-            .chain(nested(f.generation_config))
-            .chain(nested(f.inference_config))
-            .max();
-        // Where the provider reads the model from the path, a `model` in the body is ignored by
-        // it: the path's counts (an agent must not pick a cheaper weight that way).
-        Demand {
-            model: path_model.map(str::to_owned).or_else(|| f.model.filter(|m| !m.is_empty())),
-            max_output_tokens: max,
-            body_bytes: body.len() as u64,
-        }
-    }
-}
-
 /// One budget's share of a request: which counter, and what was taken from it.
 #[derive(Debug)]
 pub struct Claim {
@@ -252,6 +210,8 @@ pub struct Claim {
     pub window_start: i64,
     pub window_end: i64,
     pub reserved: Amounts,
+    /// The weight of the request's tokens in this budget, decided when it was reserved.
+    pub weight: f64,
 }
 
 /// A refusal: the first budget a request did not fit in.
@@ -299,8 +259,6 @@ pub struct Held {
     claims: Vec<Claim>,
     on: HeldIn,
     engine: Arc<Engine>,
-    /// The model the request named (weights apply to it).
-    pub model: Option<String>,
 }
 
 #[derive(Debug)]
@@ -333,13 +291,11 @@ impl Held {
 
     /// Settles every claim to what the call used, per `observed`; releases the rest.
     pub fn settle(mut self, observed: Observed) {
-        let model = self.model.take();
         let deltas: Vec<Amounts> = self
             .claims
             .iter()
             .map(|c| {
-                let b = &c.budget;
-                let w = b.weight(model.as_deref());
+                let w = c.weight;
                 let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
                 let (input, output) = match observed {
                     Observed::Ended { success: false, input: None, output: None } => (0, 0),
@@ -484,12 +440,11 @@ impl Engine {
     }
 
     /// Reserves `claims` in the store the snapshot names (`store`: its `budgetStore`; `None`:
-    /// this process). `model`: the request's, for weights.
+    /// this process).
     pub fn reserve(
         self: &Arc<Self>,
         store: Option<&Result<redis::RedisTarget, String>>,
         claims: Vec<Claim>,
-        model: Option<String>,
         now: SystemTime,
     ) -> Reserve {
         if let Some(b) = claims.iter().map(|c| &c.budget).find(|b| b.invalid.is_some()) {
@@ -501,7 +456,7 @@ impl Engine {
                 let admit = match self.local.reserve(&claims, now) {
                     Ok((counters, remaining)) => {
                         let on = HeldIn::Local(counters);
-                        Admit::Held(Held { claims, on, engine: self.clone(), model }, remaining)
+                        Admit::Held(Held { claims, on, engine: self.clone() }, remaining)
                     }
                     Err(l) => Admit::Limited(l),
                 };
@@ -509,7 +464,7 @@ impl Engine {
             }
             Some(Err(e)) => {
                 let error = format!("the gateway's budgetStore is unusable: {e}");
-                return Reserve::Now(self.count(self.unavailable(claims, model, error)));
+                return Reserve::Now(self.count(self.unavailable(claims, error)));
             }
             Some(Ok(t)) => t,
         };
@@ -518,23 +473,23 @@ impl Engine {
         Reserve::Later(Box::pin(async move {
             let admit = match store.reserve(&claims, now).await {
                 Ok(Ok(remaining)) => {
-                    Admit::Held(Held { claims, on: HeldIn::Redis(store), engine: engine.clone(), model }, remaining)
+                    Admit::Held(Held { claims, on: HeldIn::Redis(store), engine: engine.clone() }, remaining)
                 }
                 Ok(Err(l)) => Admit::Limited(l),
-                Err(e) => engine.unavailable(claims, model, e.error),
+                Err(e) => engine.unavailable(claims, e.error),
             };
             engine.count(admit)
         }))
     }
 
     /// The store could not answer: refused when any budget fails closed, else admitted uncounted.
-    fn unavailable(self: &Arc<Self>, claims: Vec<Claim>, model: Option<String>, error: String) -> Admit {
+    fn unavailable(self: &Arc<Self>, claims: Vec<Claim>, error: String) -> Admit {
         let budgets: Vec<Arc<str>> = claims.iter().map(|c| c.budget.name.clone()).collect();
         if claims.iter().any(|c| c.budget.fail_closed) {
             return Admit::Unavailable { error, budgets };
         }
         tracing::debug!(%error, budgets = ?budgets, "budget store unavailable; admitted uncounted (onStoreUnavailable: FailOpen)");
-        Admit::AdmittedUncounted(Held { claims, on: HeldIn::Nothing, engine: self.clone(), model })
+        Admit::AdmittedUncounted(Held { claims, on: HeldIn::Nothing, engine: self.clone() })
     }
 
     fn count(&self, admit: Admit) -> Admit {

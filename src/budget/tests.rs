@@ -23,7 +23,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
 
 fn claim(b: &Arc<Budget>, key: &str, reserved: Amounts, now: SystemTime) -> Claim {
     let (window_start, window_end) = window_bounds(b.window, now);
-    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved }
+    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved, weight: 1.0 }
 }
 
 #[test]
@@ -40,32 +40,117 @@ fn windows_are_fixed_and_aligned_to_utc() {
     assert_eq!(e - s, 29 * 86_400);
 }
 
+fn demand(body: &str) -> Demand {
+    Demand::from_body(body.as_bytes(), None)
+}
+
 #[test]
 fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
-    let d = Demand::from_body(br#"{"model":"gpt-4o","max_tokens":100,"messages":[]}"#, None);
-    assert_eq!((d.model.as_deref(), d.max_output_tokens, d.body_bytes), (Some("gpt-4o"), Some(100), 49));
-    assert_eq!(Demand::from_body(br#"{"max_completion_tokens":7}"#, None).max_output_tokens, Some(7));
-    assert_eq!(Demand::from_body(br#"{"max_output_tokens":8}"#, None).max_output_tokens, Some(8));
-    assert_eq!(Demand::from_body(br#"{"generationConfig":{"maxOutputTokens":9}}"#, None).max_output_tokens, Some(9));
-    assert_eq!(Demand::from_body(br#"{"inferenceConfig":{"maxTokens":10}}"#, None).max_output_tokens, Some(10));
-    // Two names for the limit: the larger counts (the provider may honour either).
-    assert_eq!(Demand::from_body(br#"{"max_tokens":5,"max_completion_tokens":50}"#, None).max_output_tokens, Some(50));
+    let d = demand(r#"{"model":"gpt-4o","max_tokens":100,"messages":[]}"#);
+    assert_eq!((d.models.as_slice(), d.max_output_tokens, d.body_bytes), (&["gpt-4o".to_owned()][..], Some(100), 49));
+    assert_eq!(d.output_tokens(4096), 100);
+    for (body, limit) in [
+        (r#"{"max_completion_tokens":7}"#, 7),
+        (r#"{"max_output_tokens":8}"#, 8),
+        (r#"{"generationConfig":{"maxOutputTokens":9}}"#, 9),
+        (r#"{"generation_config":{"max_output_tokens":9}}"#, 9),
+        (r#"{"inferenceConfig":{"maxTokens":10}}"#, 10),
+        (r#"{"textGenerationConfig":{"maxTokenCount":11}}"#, 11),
+        (r#"{"max_gen_len":12}"#, 12),
+        (r#"{"maxTokens":13}"#, 13),
+        // Two names for the limit: the larger counts (the provider may honour either).
+        (r#"{"max_tokens":5,"max_completion_tokens":50}"#, 50),
+    ] {
+        assert_eq!(demand(body).output_tokens(4096), limit, "{body}");
+    }
     let d = Demand::from_body(b"not json", Some("gemini-2.0-flash"));
-    assert_eq!((d.model.as_deref(), d.max_output_tokens, d.body_bytes), (Some("gemini-2.0-flash"), None, 8));
+    assert_eq!(
+        (d.models.as_slice(), d.max_output_tokens, d.body_bytes),
+        (&["gemini-2.0-flash".to_owned()][..], None, 8)
+    );
     // No body, nothing generated.
-    assert_eq!(Demand::from_body(b"", None).max_output_tokens, Some(0));
+    assert_eq!(demand("").output_tokens(4096), 0);
     // The model the path names wins over one the body claims (a cheaper weight).
-    assert_eq!(Demand::from_body(br#"{"model":"cheap"}"#, Some("gemini-ultra")).model.as_deref(), Some("gemini-ultra"));
-    // A limit of the wrong type is no limit: the budget's default applies.
-    assert_eq!(Demand::from_body(br#"{"max_tokens":"100"}"#, None).max_output_tokens, None);
+    assert_eq!(Demand::from_body(br#"{"model":"cheap"}"#, Some("gemini-ultra")).models, ["gemini-ultra"]);
+}
+
+#[test]
+fn demand_reads_an_agents_body_the_way_most_against_it() {
+    // A key given twice: parsers disagree on which wins (Python, Go, JavaScript: the last).
+    assert_eq!(demand(r#"{"max_tokens":1,"max_tokens":5000}"#).output_tokens(4096), 5000);
+    assert_eq!(demand(r#"{"max_tokens":5000,"max_tokens":1}"#).output_tokens(4096), 5000);
+    assert_eq!(
+        demand(r#"{"generationConfig":{"maxOutputTokens":1},"generationConfig":{"maxOutputTokens":900}}"#)
+            .output_tokens(10),
+        900
+    );
+    // An escaped key is the same key to every JSON parser.
+    assert_eq!(demand(r#"{"max\u005ftokens":7000}"#).output_tokens(4096), 7000);
+    // Not a plain non-negative integer: the default counts as well as what it might mean.
+    for (body, reserved) in [
+        (r#"{"max_tokens":"1"}"#, 4096),
+        (r#"{"max_tokens":"5000"}"#, 5000),
+        (r#"{"max_tokens":5000.0}"#, 5000),
+        (r#"{"max_tokens":1.5}"#, 4096),
+        (r#"{"max_tokens":-5}"#, 4096),
+        (r#"{"max_tokens":true}"#, 4096),
+        (r#"{"max_tokens":[1]}"#, 4096),
+        (r#"{"max_tokens":{"value":1}}"#, 4096),
+        (r#"{"max_tokens":1e30}"#, u64::MAX),
+        (r#"{"max_tokens":"NaN"}"#, 4096),
+        // null sets no limit: the provider's own default applies, so the budget's does.
+        (r#"{"max_tokens":null}"#, 4096),
+        // Invalid JSON after a limit: what was read counts, and so does the default.
+        (r#"{"max_tokens":1,"messages":[}"#, 4096),
+        (r#"{"max_tokens":9000,"messages":[}"#, 9000),
+        (r#"{"max_tokens":1} trailing"#, 4096),
+    ] {
+        assert_eq!(demand(body).output_tokens(4096), reserved, "{body}");
+    }
+    // Several completions at once: each may generate the whole limit.
+    assert_eq!(demand(r#"{"max_tokens":100,"n":10}"#).output_tokens(4096), 1000);
+    assert_eq!(demand(r#"{"max_tokens":100,"best_of":3,"n":2}"#).output_tokens(4096), 300);
+    assert_eq!(demand(r#"{"generationConfig":{"maxOutputTokens":100,"candidateCount":4}}"#).output_tokens(4096), 400);
+    assert_eq!(demand(r#"{"max_tokens":100,"n":0}"#).output_tokens(4096), 100);
+    assert_eq!(demand(r#"{"max_tokens":100,"n":1000000000000}"#).output_tokens(4096), 100_000_000_000_000);
+}
+
+#[test]
+fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
+    let b = budget([None, None, None, Some(1000)]);
+    // gpt-4o* weighs 2.
+    for body in [r#"{"model":"gpt-4o","model":"cheap"}"#, r#"{"model":"cheap","model":"gpt-4o"}"#] {
+        assert_eq!(b.weight_of(&demand(body)), 2.0, "{body}");
+    }
+    assert_eq!(b.weight_of(&demand(r#"{"model":"cheap"}"#)), 1.0);
+    // More names than are kept: the heaviest weight of the table.
+    let many: Vec<String> = (0..20).map(|i| format!(r#""model":"m{i}""#)).collect();
+    let d = demand(&format!("{{{}}}", many.join(",")));
+    assert!(d.models_overflow && d.models.len() < 20);
+    assert_eq!(b.weight_of(&d), 2.0);
+    // The weight decided at reservation is the one settled with.
+    let c = b.claim("k".into(), &demand(r#"{"model":"cheap","model":"gpt-4o","max_tokens":10}"#), at(1_796_174_941));
+    assert_eq!((c.weight, c.reserved[2]), (2.0, 20));
 }
 
 #[test]
 fn reservations_are_weighted_by_model_and_default_when_the_request_sets_no_limit() {
     let b = budget([None, None, None, Some(1000)]);
-    let d = Demand { model: Some("gpt-4o-mini".into()), max_output_tokens: Some(100), body_bytes: 30 };
+    let d = Demand {
+        models: vec!["gpt-4o-mini".into()],
+        max_output_tokens: Some(100),
+        body_bytes: 30,
+        choices: 1,
+        ..Demand::default()
+    };
     assert_eq!(b.reserve_amounts(&d), [1, 60, 200, 260]);
-    let d = Demand { model: Some("claude".into()), max_output_tokens: None, body_bytes: 30 };
+    let d = Demand {
+        models: vec!["claude".into()],
+        max_output_tokens: None,
+        body_bytes: 30,
+        choices: 1,
+        ..Demand::default()
+    };
     assert_eq!(b.reserve_amounts(&d), [1, 30, 4096, 4126]);
     // A budget of requests only reserves (and reads) no tokens.
     let requests_only = Budget { limits: [Some(10), None, None, None], ..(*b).clone() };
@@ -81,11 +166,9 @@ fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
         Arc::new(Budget { name: "default/roomy".into(), ..(*budget([None, None, None, Some(10_000)])).clone() });
     let tight = budget([Some(5), None, None, Some(100)]);
     let claims = |n: i64| vec![claim(&roomy, "t", [1, n, 0, n], now), claim(&tight, "t", [1, n, 0, n], now)];
-    let Reserve::Now(Admit::Held(h, remaining)) = engine.reserve(None, claims(60), None, now) else {
-        panic!("admitted")
-    };
+    let Reserve::Now(Admit::Held(h, remaining)) = engine.reserve(None, claims(60), now) else { panic!("admitted") };
     assert_eq!(remaining, Some(40));
-    let Reserve::Now(Admit::Limited(l)) = engine.reserve(None, claims(60), None, now) else { panic!("limited") };
+    let Reserve::Now(Admit::Limited(l)) = engine.reserve(None, claims(60), now) else { panic!("limited") };
     assert_eq!((&*l.budget, l.dimension, l.limit, l.used, l.requested), ("default/team", "total_tokens", 100, 60, 60));
     assert_eq!(l.retry_after, 1_796_256_000 - 1_796_174_941);
     let start = window_bounds(BudgetWindow::Day, now).0;
@@ -95,7 +178,7 @@ fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
     // Settling gives back what was not used.
     h.settle(Observed::Ended { success: true, input: Some(10), output: Some(0) });
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 10, 0, 10]));
-    assert!(matches!(engine.reserve(None, claims(60), None, now), Reserve::Now(Admit::Held(..))));
+    assert!(matches!(engine.reserve(None, claims(60), now), Reserve::Now(Admit::Held(..))));
 }
 
 #[test]
@@ -109,7 +192,7 @@ fn concurrent_reservations_never_exceed_the_limit() {
             s.spawn(|| {
                 for _ in 0..100 {
                     if let Reserve::Now(Admit::Held(h, _)) =
-                        engine.reserve(None, vec![claim(&b, "k", [1, 0, 7, 7], now)], None, now)
+                        engine.reserve(None, vec![claim(&b, "k", [1, 0, 7, 7], now)], now)
                     {
                         admitted.fetch_add(1, Ordering::Relaxed);
                         std::mem::forget(h);
@@ -147,8 +230,7 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     let b = budget([None, None, None, None]);
     let start = window_bounds(BudgetWindow::Day, now).0;
     let settle = |key: &str, observed: Observed| {
-        let Reserve::Now(Admit::Held(h, _)) =
-            engine.reserve(None, vec![claim(&b, key, [1, 30, 4096, 4126], now)], None, now)
+        let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, key, [1, 30, 4096, 4126], now)], now)
         else {
             panic!("admitted")
         };
@@ -165,7 +247,7 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     assert_eq!(settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200 }), [1, 30, 200, 230]);
     // Dropped unsettled (never forwarded): everything released, the request too.
     let Reserve::Now(Admit::Held(h, _)) =
-        engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], None, now)
+        engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], now)
     else {
         panic!("admitted")
     };

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use super::{mutation, Handled, ProcessStream};
-use crate::budget::{window_bounds, Admit, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
+use crate::budget::{Admit, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
 use crate::config::snapshot::MatchEntry;
 use crate::config::Snapshot;
 use crate::provider::usage::{Format, UsageParser};
@@ -25,7 +25,7 @@ pub struct Budgeted {
     budgets: Arc<[Arc<Budget>]>,
     /// The counter key of each budget, in order.
     keys: Vec<Box<str>>,
-    /// The model named in the path (Gemini, Bedrock), when the body names none.
+    /// The model named in the path (Gemini, Bedrock): the provider ignores the body's.
     path_model: Option<String>,
     format: Option<Format>,
     held: Option<Held>,
@@ -83,15 +83,7 @@ impl Budgeted {
     }
 
     fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
-        self.budgets
-            .iter()
-            .zip(&self.keys)
-            .map(|(b, key)| {
-                let (window_start, window_end) = window_bounds(b.window, now);
-                let reserved = b.reserve_amounts(demand);
-                Claim { budget: b.clone(), key: key.clone(), window_start, window_end, reserved }
-            })
-            .collect()
+        self.budgets.iter().zip(&self.keys).map(|(b, key)| b.claim(key.clone(), demand, now)).collect()
     }
 
     /// Settles the reservation (once): the response ended, or was cut off.
@@ -135,7 +127,7 @@ impl ProcessStream {
         let claims = b.claims(&demand, now);
         tracing::debug!(keys = ?b.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
         let store = b.snapshot.budget_store.as_ref();
-        match self.shared.budgets.reserve(store, claims, demand.model, now) {
+        match self.shared.budgets.reserve(store, claims, now) {
             Reserve::Now(admit) => match self.record(admit) {
                 Some(refusal) => Handled::Answer(refusal, phase, true),
                 None => self.go_on(cont, phase, started),

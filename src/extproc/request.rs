@@ -242,6 +242,19 @@ impl<'a> Incoming<'a> {
         self.deny(Some(entry), "request_too_large", 413, &body, "keyswap_body_too_large")
     }
 
+    /// A compressed body on a route whose token budgets read it: its size bounds nothing and its
+    /// output limit cannot be read, so it is refused (415) rather than reserved for too little.
+    fn encoded_body(&self, entry: &MatchEntry, encoding: &str) -> Step {
+        Metrics::inc(&self.shared.metrics.denied_encoded_body);
+        tracing::warn!(route = %entry.route, content_encoding = ?encoding, "compressed request body on a route with token budgets; answering 415");
+        let body = json!({"error": {
+            "type": "request_body_encoded",
+            "message": "this route's token budgets read the request body to reserve what it may cost; send it without content-encoding",
+            "route": &*entry.route,
+        }});
+        self.deny(Some(entry), "request_body_encoded", 415, &body, "keyswap_body_encoded")
+    }
+
     fn tenant_not_mapped(&self, entry: &MatchEntry) -> Step {
         Metrics::inc(&self.shared.metrics.denied_tenant_not_mapped);
         let policy = entry.binding.policy.as_deref();
@@ -377,6 +390,14 @@ impl<'a> Incoming<'a> {
         injected: Injected,
     ) -> Step {
         let budget = super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.path);
+        if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
+            let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
+            if let Some(e) =
+                encoding.map(super::header_bytes).find(|v| !v.trim_ascii().eq_ignore_ascii_case(b"identity"))
+            {
+                return self.encoded_body(entry, &String::from_utf8_lossy(&e[..e.len().min(64)]));
+            }
+        }
         // SigV4 signs the whole body; budgets reserve by it (Envoy holds the headers meanwhile).
         let whole = sign.is_some() || (budget.as_ref().is_some_and(|b| b.reads_bodies()) && self.has_body);
         let body_mode = if whole { mutation::RequestBody::Whole } else { mutation::RequestBody::None };

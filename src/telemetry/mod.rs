@@ -63,6 +63,8 @@ pub struct Metrics {
     pub denied_tenant_not_mapped: AtomicU64,
     /// 413: a body too large to sign (SigV4).
     pub denied_too_large: AtomicU64,
+    /// 415: a compressed body on a route whose token budgets read it.
+    pub denied_encoded_body: AtomicU64,
     /// 400: an authority that is not a plain `host[:port]`.
     pub denied_malformed_authority: AtomicU64,
     /// 400: a path with dot-segments, backslashes, double encoding or control characters.
@@ -211,6 +213,7 @@ impl Metrics {
                 (&denial("no_route"), g(&self.denied_no_route)),
                 (&denial("credential_unavailable"), g(&self.denied_credential_unavailable)),
                 (&denial("body_too_large"), g(&self.denied_too_large)),
+                (&denial("body_encoded"), g(&self.denied_encoded_body)),
                 (&denial("agent_unauthenticated"), g(&self.denied_unauthenticated)),
                 (&denial("tenant_not_mapped"), g(&self.denied_tenant_not_mapped)),
                 (&denial("malformed_authority"), g(&self.denied_malformed_authority)),

@@ -1,0 +1,334 @@
+//! What a request may cost, read from its body before it is forwarded.
+//!
+//! The body is the agent's, so it is read the way the most lenient provider would read it, and
+//! every doubt goes against the agent: a key given twice counts with its larger value (JSON
+//! parsers disagree on which one wins: Python, Go and JavaScript take the last), a limit that is
+//! not a plain non-negative integer counts as at least the budget's default, several completions
+//! asked for at once (`n`, `best_of`, `candidateCount`) each may generate the limit, and a body
+//! naming several models is weighted as the heaviest of them.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
+const MAX_MODELS: usize = 8;
+
+/// What a request asks for: the models it names, the most output it allows, and the body's size
+/// (an upper bound on its input tokens: a token is at least one byte).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// The model the path names (the provider reads it there and ignores the body's), else every
+    /// distinct `model` of the body. Empty: none named.
+    pub models: Vec<String>,
+    /// The body names more models than are kept: weighted as the budget's heaviest.
+    pub models_overflow: bool,
+    /// The largest output limit the body sets, under any provider's name for it.
+    pub max_output_tokens: Option<u64>,
+    /// Some output limit is not a plain non-negative integer (a string, a fraction, a negative
+    /// number, a body that is not valid JSON): the budget's default counts as well.
+    pub unreadable_limit: bool,
+    /// Completions generated at once (at least 1); each may use the whole output limit.
+    pub choices: u64,
+    pub body_bytes: u64,
+}
+
+impl Demand {
+    /// Reads a request body (JSON; anything else names nothing): the models, and the output limit
+    /// under any provider's name for it — `max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`, `maxTokens`, `max_gen_len` (Llama on Bedrock), Gemini's
+    /// `generationConfig.maxOutputTokens` (or `generation_config.max_output_tokens`: its JSON
+    /// mapping accepts both), Bedrock's `inferenceConfig.maxTokens` and
+    /// `textGenerationConfig.maxTokenCount` — with the completions asked for (`n`, `best_of`,
+    /// `generationConfig.candidateCount`). Never fails. A request without a body (a model list)
+    /// generates nothing: its output limit is 0.
+    pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
+        let mut d = Demand { choices: 1, body_bytes: body.len() as u64, ..Demand::default() };
+        if body.is_empty() {
+            d.max_output_tokens = Some(0);
+        } else if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            let mut de = serde_json::Deserializer::from_slice(body);
+            // What was read before an error counts; the error makes every limit doubtful.
+            if Section::Top.read(Acc(&mut d), &mut de).and_then(|()| de.end()).is_err() {
+                d.unreadable_limit = true;
+            }
+        }
+        // Where the provider reads the model from the path, a `model` in the body is ignored by
+        // it: the path's counts (an agent must not pick a cheaper weight that way).
+        if let Some(m) = path_model {
+            d.models = vec![m.to_owned()];
+            d.models_overflow = false;
+        }
+        d
+    }
+
+    /// The output tokens to reserve when the budget's default is `default`.
+    pub fn output_tokens(&self, default: u64) -> u64 {
+        let limit = match self.max_output_tokens {
+            Some(m) if self.unreadable_limit => m.max(default),
+            Some(m) => m,
+            None => default,
+        };
+        limit.saturating_mul(self.choices.max(1))
+    }
+
+    fn limit(&mut self, c: Count) {
+        self.unreadable_limit |= c.unreadable;
+        if c.value.is_some() {
+            self.max_output_tokens = self.max_output_tokens.max(c.value);
+        }
+    }
+
+    fn choices(&mut self, c: Count) {
+        if let Some(n) = c.value {
+            self.choices = self.choices.max(n);
+        }
+    }
+
+    fn model(&mut self, m: String) {
+        if m.is_empty() || self.models.contains(&m) {
+            return;
+        }
+        if self.models.len() == MAX_MODELS {
+            self.models_overflow = true;
+        } else {
+            self.models.push(m);
+        }
+    }
+}
+
+/// Which object is being read: the body, or one of the providers' nested generation settings.
+#[derive(Clone, Copy)]
+enum Section {
+    Top,
+    Nested,
+}
+
+/// The keys that matter, recognised without allocating.
+enum Key {
+    Model,
+    Limit,
+    Choices,
+    Nested,
+    Other,
+}
+
+impl Section {
+    fn key(self, name: &str) -> Key {
+        match (self, name) {
+            (Section::Top, "model") => Key::Model,
+            (
+                Section::Top,
+                "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "maxTokens" | "max_gen_len",
+            ) => Key::Limit,
+            (Section::Top, "n" | "best_of") => Key::Choices,
+            (
+                Section::Top,
+                "generationConfig"
+                | "generation_config"
+                | "inferenceConfig"
+                | "inference_config"
+                | "textGenerationConfig",
+            ) => Key::Nested,
+            (
+                Section::Nested,
+                "maxOutputTokens" | "max_output_tokens" | "maxTokens" | "max_tokens" | "maxTokenCount",
+            ) => Key::Limit,
+            (Section::Nested, "candidateCount" | "candidate_count") => Key::Choices,
+            _ => Key::Other,
+        }
+    }
+}
+
+/// The demand being filled in while one object is read.
+struct Acc<'a>(&'a mut Demand);
+
+impl Section {
+    /// Reads one object of this section into `acc`.
+    fn read<'de, D: Deserializer<'de>>(self, acc: Acc<'_>, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(ObjectVisitor { section: self, acc })
+    }
+}
+
+struct ObjectVisitor<'a> {
+    section: Section,
+    acc: Acc<'a>,
+}
+
+impl<'de> Visitor<'de> for ObjectVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let ObjectVisitor { section, acc: Acc(d) } = self;
+        while let Some(key) = map.next_key_seed(KeySeed(section))? {
+            match key {
+                Key::Model => {
+                    if let Some(m) = map.next_value::<Option<Model>>()?.and_then(|m| m.0) {
+                        d.model(m);
+                    }
+                }
+                Key::Limit => d.limit(map.next_value()?),
+                Key::Choices => d.choices(map.next_value()?),
+                Key::Nested => map.next_value_seed(NestedSeed(Acc(d)))?,
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // Anything but an object (where one is read) names nothing.
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        IgnoredAny.visit_seq(seq).map(drop)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+struct NestedSeed<'a>(Acc<'a>);
+
+impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        Section::Nested.read(self.0, de)
+    }
+}
+
+struct KeySeed(Section);
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Key, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = Key;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    // serde_json hands over keys with escapes resolved (`max\u005ftokens` is `max_tokens`).
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+        Ok(self.0.key(name))
+    }
+}
+
+/// A `model` value: its name when it is a string (anything else is no model to a provider).
+struct Model(Option<String>);
+
+impl<'de> de::Deserialize<'de> for Model {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Model, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Model;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a model name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Model, E> {
+                Ok(Model(Some(s.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Model(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Model(None))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// A count (an output limit, a number of completions) as a lenient provider might read it.
+/// `null` sets nothing; a plain non-negative integer is exact; a float or a numeric string
+/// counts rounded up but is `unreadable` (the default counts as well); anything else is
+/// `unreadable` with no value.
+#[derive(Default)]
+struct Count {
+    value: Option<u64>,
+    unreadable: bool,
+}
+
+impl Count {
+    fn float(f: f64) -> Count {
+        let value = (f.is_finite() && f >= 0.0).then(|| if f >= u64::MAX as f64 { u64::MAX } else { f.ceil() as u64 });
+        Count { value, unreadable: true }
+    }
+
+    fn garbled() -> Count {
+        Count { value: None, unreadable: true }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Count, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count { value: Some(v), unreadable: false })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                Ok(if v >= 0 { Count { value: Some(v as u64), unreadable: false } } else { Count::garbled() })
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                Ok(Count::float(v))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Count, E> {
+                Ok(s.trim().parse::<f64>().map_or_else(|_| Count::garbled(), Count::float))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+                Ok(Count::garbled())
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Count::garbled())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Count::garbled())
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
