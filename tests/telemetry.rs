@@ -30,6 +30,14 @@ fn telemetry_config() -> tempfile::TempDir {
         ),
     )
     .unwrap();
+    // SigV4 on a host pattern that names no region, and a policy that sets none: unsignable.
+    std::fs::write(
+        dir.path().join("bedrock-anywhere.yaml"),
+        "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: bedrock-anywhere}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: bedrock, hosts: [\"*.bedrock.test\"]}]}]\n---\n\
+         apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: bedrock-sigv4}\nspec:\n  parentRefs: [{name: bedrock-anywhere}]\n  secretRef: {name: aws}\n  target: ProviderAuth\n  providerAuth: {type: AWSv4}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: aws}\nstringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY}\n",
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("azure.yaml"),
         format!(
@@ -712,6 +720,46 @@ async fn an_agents_unsampled_traceparent_gets_no_span_by_default() {
     // Only the sampled ones (flag 01: odd i).
     let want: Vec<String> = [1, 3, 5].iter().map(|i| format!("{:032x}", 0xa000 + i)).collect();
     assert_eq!(traces, want);
+}
+
+/// SigV4 signing fails at the request headers (no body) and at the body (signed whole): both
+/// refusals are spans with keyswap's status and the reason, like every other refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_keyswap_cannot_sign_is_a_span_with_its_status_and_reason() {
+    let Traced { collector, keyswap, port, fake, .. } = &Traced::start(&[], false, false).await;
+    let c = client();
+    for method in ["GET", "POST"] {
+        let b = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{port}/model/m/converse?{method}"))
+            .header("host", "runtime.bedrock.test");
+        let body = if method == "POST" { hyper::body::Bytes::from_static(b"{}") } else { hyper::body::Bytes::new() };
+        let resp = c.request(b.body(http_body_util::Full::new(body)).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        assert_eq!(status, 503, "{method}: {text}\n{}", keyswap.output());
+        assert!(text.contains("RegionUnknown") && !text.contains("wJalr"), "{text}");
+    }
+    assert!(fake.seen().is_empty(), "an unsigned request reached the provider");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let spans = collector.spans();
+        let refused: Vec<_> = spans
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| otlp::s(&s.attributes, "keyswap.route").as_deref() == Some("default/bedrock-anywhere"))
+            .collect();
+        if refused.len() == 2 {
+            for s in refused {
+                assert_eq!(otlp::i(&s.attributes, "http.response.status_code"), Some(503), "{s:?}");
+                assert_eq!(otlp::s(&s.attributes, "error.type").as_deref(), Some("signing_failed"), "{s:?}");
+                assert!(!format!("{s:?}").contains("wJalr"));
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} refusal spans of 2: {spans:?}", refused.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,11 @@ pub mod observe;
 mod request;
 mod response;
 pub mod server;
+mod sign;
 pub mod tunnel;
+
+pub use sign::PendingSign;
+use sign::{sign_body, signing_failed, SIGNING_FAILED, SIGN_INLINE_MAX_BYTES};
 
 pub use request::on_request_headers;
 
@@ -27,7 +31,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     processing_request::Request, ProcessingRequest, ProcessingResponse,
 };
-use serde_json::json;
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
@@ -36,7 +39,7 @@ use std::time::Instant;
 use crate::auth::Peer;
 use crate::config::{Snapshot, SnapshotStore};
 use crate::inject::gcp::{Token, TokenSource};
-use crate::inject::sigv4::{self, Signer};
+use crate::inject::sigv4;
 use crate::telemetry::span::Transaction;
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 
@@ -151,16 +154,6 @@ impl Traced {
     }
 }
 
-/// A SigV4 request whose body Envoy is buffering: signed when the body arrives.
-pub struct PendingSign {
-    signer: Arc<Signer>,
-    method: String,
-    host: String,
-    path: String,
-    /// The allowlisted headers the agent sent ([`sigv4::SIGNED_HEADERS`]).
-    headers: Vec<(&'static str, String)>,
-}
-
 /// Request headers waiting for a GCP access token (the first request, or after expiry) or for
 /// a JWKS refetch (a JWT naming a key not held yet).
 struct Waiting {
@@ -240,6 +233,18 @@ impl ProcessStream {
         if let Some(t) = self.tx.take() {
             t.finish(&self.shared.sink);
         }
+    }
+
+    /// An answer keyswap made itself (an immediate response, here a body it could not sign)
+    /// ends the transaction: the span records its status, and its reason when no step named one.
+    fn answered_itself(&mut self, resp: &ProcessingResponse) -> bool {
+        use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+        let Some(Response::ImmediateResponse(i)) = &resp.response else { return false };
+        if let Some(t) = &mut self.tx {
+            let error = if i.details == SIGNING_FAILED { "signing_failed" } else { "keyswap_answered" };
+            t.tx.refused(error, i.status.as_ref().map_or(500, |s| s.code as u16));
+        }
+        true
     }
 }
 
@@ -326,7 +331,7 @@ impl Stream for ProcessStream {
         match this.handle(msg, started) {
             Ok(Handled::Answer(resp, phase, end)) => {
                 this.shared.metrics.observe(phase, started.elapsed());
-                if end {
+                if end || this.answered_itself(&resp) {
                     this.finish_span();
                 }
                 Poll::Ready(Some(Ok(resp)))
@@ -360,13 +365,12 @@ impl ProcessStream {
                 self.finish_span();
             }
         }
+        if self.answered_itself(&resp) {
+            self.finish_span();
+        }
         Poll::Ready(resp)
     }
 }
-
-/// Bodies up to this size are signed in place; larger ones on the blocking pool (SHA-256 runs at
-/// roughly 500 MiB/s here: 256 KiB is half a millisecond).
-const SIGN_INLINE_MAX_BYTES: usize = 256 * 1024;
 
 /// How long Envoy is asked to wait for request headers that wait for a GCP token: the fetch
 /// timeout plus slack, within the filter's `max_message_timeout` (10 s in generated configs).
@@ -528,37 +532,6 @@ impl ProcessStream {
         };
         Ok(self.admit(cont, &body, TelemetryPhase::RequestBody, started))
     }
-}
-
-impl PendingSign {
-    /// The signature headers for this request with `body`.
-    fn sign(&self, body: &[u8]) -> Result<Vec<(&'static str, String)>, sigv4::SignError> {
-        let headers: Vec<(&str, &str)> = self.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let req = sigv4::Request { method: &self.method, host: &self.host, path: &self.path, headers: &headers, body };
-        self.signer.sign(&req, std::time::SystemTime::now())
-    }
-}
-
-/// Signs a buffered request body; the signature headers go out with it.
-fn sign_body(shared: &Shared, sign: &PendingSign, body: &[u8]) -> ProcessingResponse {
-    match sign.sign(body) {
-        Ok(signed) => {
-            let pairs: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-            mutation::request_body_with(mutation::set_headers(&pairs))
-        }
-        Err(e) => signing_failed(shared, &e),
-    }
-}
-
-pub(crate) fn signing_failed(shared: &Shared, error: &sigv4::SignError) -> ProcessingResponse {
-    Metrics::inc(&shared.metrics.denied_credential_unavailable);
-    tracing::warn!(%error, "SigV4 signing failed; answering 503 (fail closed)");
-    let body = json!({"error": {
-        "type": "credential_unavailable",
-        "message": "keyswap could not sign this request; it was not forwarded",
-        "reason": error.reason(),
-    }});
-    mutation::immediate(503, &body, "keyswap_signing_failed")
 }
 
 fn phase_name(r: &Request) -> &'static str {

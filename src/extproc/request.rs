@@ -356,7 +356,10 @@ impl<'a> Incoming<'a> {
             } else {
                 match pending.sign(b"") {
                     Ok(h) => signed = h,
-                    Err(e) => return answer(super::signing_failed(self.shared, &e), None, None),
+                    Err(e) => {
+                        let body = super::sign::signing_failed_body(self.shared, &e);
+                        return self.deny(Some(entry), "signing_failed", 503, &body, super::sign::SIGNING_FAILED);
+                    }
                 }
             }
         }

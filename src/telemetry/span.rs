@@ -355,9 +355,15 @@ impl Transaction {
             otlp::attribute(buf, field::ATTRIBUTES, &["keyswap.budget.remaining_tokens"], Value::Int(r));
         }
         if let Some((error, status)) = refused {
-            self.error = Some(error);
-            self.status_code = Some(status);
+            self.refused(error, status as u16);
         }
+    }
+
+    /// keyswap refused the request itself with `status`, for `error` (the `error.type`); a
+    /// reason already named stays.
+    pub fn refused(&mut self, error: &'static str, status: u16) {
+        self.error.get_or_insert(error);
+        self.status_code.get_or_insert(i64::from(status));
     }
 
     /// keyswap answered the request itself with `status` (401, 403, 405, 413, 429, 503).
