@@ -412,6 +412,7 @@ fn budget(c: &mut Criterion) {
         weights: Vec::new(),
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
+        referenced_input_tokens: 16_384,
         fail_closed: false,
         invalid: None,
     });

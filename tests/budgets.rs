@@ -26,6 +26,8 @@ const ACME_TOKEN: &str = "acme-agent-token-0001-xxxxxxxxxxxxxxxx";
 const GLOBEX_TOKEN: &str = "globex-agent-token-0002-xxxxxxxxxxxxxx";
 /// What the metered provider reports as each call's input tokens.
 const INPUT_TOKENS: u64 = 10;
+/// What a stored conversation (`previous_response_id`) adds to a call's input tokens.
+const STORED_CONVERSATION_TOKENS: u64 = 300;
 
 // === a metered provider ===
 
@@ -90,7 +92,10 @@ impl Meter {
         let model = v["model"].as_str().unwrap_or("m").to_owned();
         let stream = v["stream"].as_bool() == Some(true);
         tokio::time::sleep(self.delay).await;
-        self.served.fetch_add(INPUT_TOKENS + out, Ordering::SeqCst);
+        // A stored conversation the request continues counts as input it did not carry.
+        let stored = if v["previous_response_id"].is_string() { STORED_CONVERSATION_TOKENS } else { 0 };
+        let input = INPUT_TOKENS + stored;
+        self.served.fetch_add(input + out, Ordering::SeqCst);
         let anthropic = path.starts_with("/v1/messages");
         let (ctype, events): (&str, Vec<String>) = match (anthropic, stream) {
             (false, false) => {
@@ -107,7 +112,7 @@ impl Meter {
                     vec![serde_json::json!({
                     "id": "chatcmpl-1", "object": "chat.completion", "model": model, "system_fingerprint": padding,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out},
+                    "usage": {"prompt_tokens": input, "completion_tokens": out, "total_tokens": input + out},
                 })
                     .to_string()],
                 )
@@ -117,7 +122,7 @@ impl Meter {
                 vec![serde_json::json!({
                     "id": "msg_1", "type": "message", "role": "assistant", "model": model,
                     "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
-                    "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": out},
+                    "usage": {"input_tokens": input, "output_tokens": out},
                 })
                 .to_string()],
             ),
@@ -132,7 +137,7 @@ impl Meter {
                 let usage = format!(
                     "data: {}\n\n",
                     serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [],
-                        "usage": {"prompt_tokens": INPUT_TOKENS, "completion_tokens": out, "total_tokens": INPUT_TOKENS + out}})
+                        "usage": {"prompt_tokens": input, "completion_tokens": out, "total_tokens": input + out}})
                 );
                 ("text/event-stream", vec![chunk("o"), chunk("k"), usage, "data: [DONE]\n\n".into()])
             }
@@ -144,7 +149,7 @@ impl Meter {
                         ev(
                             "message_start",
                             serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message",
-                        "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": INPUT_TOKENS, "output_tokens": 1}}}),
+                        "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": input, "output_tokens": 1}}}),
                         ),
                         ev(
                             "content_block_delta",
@@ -810,6 +815,26 @@ async fn an_agent_cannot_shrink_its_reservation_with_repeated_keys_lax_numbers_s
     assert_eq!(client().request(req).await.unwrap().status(), 200);
     assert!(meter.served.load(Ordering::SeqCst) <= 1000, "the provider served past the budget");
     assert_eq!(r.metric(r#"keyswap_denials_total{reason="body_encoded"}"#).await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_cannot_overspend_by_continuing_a_stored_conversation_its_body_does_not_carry() {
+    let meter = Meter::start(Duration::from_millis(300)).await;
+    // Each continued conversation adds 300 input tokens the 100-byte body does not bound.
+    let spec =
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 1000}\n  reservation: {referencedInputTokens: 300}";
+    let (_config, r) = one_budget(&meter, "acme-daily", "{kind: EgressGateway, name: egress}", spec);
+    let body = r#"{"model":"gpt-4o-mini","previous_response_id":"resp_abc","max_tokens":100,"messages":[]}"#;
+    let calls = (0..20).map(|_| call(r.port, OPENAI, Some(ACME_TOKEN), body));
+    let results = futures_util::future::join_all(calls).await;
+    let admitted = results.iter().filter(|(s, _, _)| *s == 200).count() as u64;
+    for (status, retry, text) in results.iter().filter(|(s, _, _)| *s != 200) {
+        assert_budget_refusal(*status, retry.as_deref(), text, "default/acme-daily");
+    }
+    let served = meter.served.load(Ordering::SeqCst);
+    assert!(served <= 1000, "the provider served {served} tokens on a 1000-token budget ({admitted} admitted)");
+    assert!(admitted >= 1, "nothing admitted");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), admitted, "a refused request reached the provider");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

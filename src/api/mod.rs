@@ -558,6 +558,12 @@ pub struct Reservation {
     /// bound (a token is at least one byte); 4 is typical of English text but may under-reserve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_input_token: Option<u32>,
+    /// Input tokens reserved for each piece of input the body refers to instead of carrying:
+    /// a stored conversation (`previous_response_id`, `conversation`), cached content
+    /// (`cachedContent`), an assistant, an uploaded file (`file_id`, `fileUri`) or a URL the
+    /// provider fetches (`image_url`, a `source` URL). Default 16384.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_input_tokens: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

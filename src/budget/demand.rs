@@ -4,8 +4,10 @@
 //! every doubt goes against the agent: a key given twice counts with its larger value (JSON
 //! parsers disagree on which one wins: Python, Go and JavaScript take the last), a limit that is
 //! not a plain non-negative integer counts as at least the budget's default, several completions
-//! asked for at once (`n`, `best_of`, `candidateCount`) each may generate the limit, and a body
-//! naming several models is weighted as the heaviest of them.
+//! asked for at once (`n`, `best_of`, `candidateCount`) each may generate the limit, a body
+//! naming several models is weighted as the heaviest of them, and input the body refers to
+//! instead of carrying (a stored conversation, an uploaded file, a URL the provider fetches) is
+//! counted wherever in the body it appears.
 
 use std::fmt;
 
@@ -30,6 +32,13 @@ pub struct Demand {
     pub unreadable_limit: bool,
     /// Completions generated at once (at least 1); each may use the whole output limit.
     pub choices: u64,
+    /// Pieces of input the body refers to instead of carrying, which its size does not bound:
+    /// a stored conversation or response (`previous_response_id`, `conversation`), cached
+    /// content (`cachedContent`), an assistant (`assistant_id`), a stored prompt (`prompt` as an
+    /// object), and at any depth an uploaded file (`file_id`, `fileUri`) or a URL the provider
+    /// fetches (`image_url`, `file_url`, `audio_url`, `video_url`, the `url` of a `source`; not
+    /// `data:` URLs, which the body carries).
+    pub references: u64,
     pub body_bytes: u64,
 }
 
@@ -85,6 +94,13 @@ impl Demand {
         }
     }
 
+    /// A URL the provider fetches: counted unless the body carries the data itself.
+    fn fetched(&mut self, url: Shape) {
+        if matches!(url, Shape::Other) {
+            self.references += 1;
+        }
+    }
+
     fn model(&mut self, m: String) {
         if m.is_empty() || self.models.contains(&m) {
             return;
@@ -110,6 +126,10 @@ enum Key {
     Limit,
     Choices,
     Nested,
+    /// Refers to stored input when it has a value (a string or an object).
+    Reference,
+    /// `prompt`: a stored prompt when an object (`{"id": …}`), text when a string.
+    Prompt,
     Other,
 }
 
@@ -135,6 +155,11 @@ impl Section {
                 "maxOutputTokens" | "max_output_tokens" | "maxTokens" | "max_tokens" | "maxTokenCount",
             ) => Key::Limit,
             (Section::Nested, "candidateCount" | "candidate_count") => Key::Choices,
+            (
+                Section::Top,
+                "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id",
+            ) => Key::Reference,
+            (Section::Top, "prompt") => Key::Prompt,
             _ => Key::Other,
         }
     }
@@ -174,9 +199,17 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
                 Key::Limit => d.limit(map.next_value()?),
                 Key::Choices => d.choices(map.next_value()?),
                 Key::Nested => map.next_value_seed(NestedSeed(Acc(d)))?,
-                Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                Key::Reference => {
+                    if !matches!(map.next_value::<Shape>()?, Shape::Nothing) {
+                        d.references += 1;
+                    }
                 }
+                Key::Prompt => {
+                    if matches!(map.next_value::<Shape>()?, Shape::Object) {
+                        d.references += 1;
+                    }
+                }
+                Key::Other => map.next_value_seed(Scan { d, url_holder: false })?,
             }
         }
         Ok(())
@@ -203,6 +236,218 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         Ok(())
+    }
+}
+
+/// Any other value, searched at every depth for input it refers to.
+struct Scan<'a> {
+    d: &'a mut Demand,
+    /// An object whose `url` the provider fetches (a `source`, an `image_url` object).
+    url_holder: bool,
+}
+
+/// Keys whose value is input the provider fetches or holds, at any depth.
+fn referring(key: &str) -> Option<KeyKind> {
+    match key {
+        "url" => Some(KeyKind::Url),
+        // A URL, or an object whose `url` is one.
+        "image_url" | "file_url" | "audio_url" | "video_url" => Some(KeyKind::Fetched),
+        // An object whose `url` is one (Anthropic's `source`); a string there is no URL.
+        "source" => Some(KeyKind::Holder),
+        "file_id" | "fileUri" | "file_uri" => Some(KeyKind::Stored),
+        _ => None,
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Scan { d, url_holder } = self;
+        while let Some(key) = map.next_key::<KeyText>()? {
+            match key.0 {
+                Some(KeyKind::Url) if url_holder => d.fetched(map.next_value::<Shape>()?),
+                Some(KeyKind::Fetched) => map.next_value_seed(Scan { d: &mut *d, url_holder: true })?,
+                Some(KeyKind::Holder) => map.next_value_seed(Holder(Scan { d: &mut *d, url_holder: true }))?,
+                Some(KeyKind::Stored) => {
+                    if !matches!(map.next_value::<Shape>()?, Shape::Nothing) {
+                        d.references += 1;
+                    }
+                }
+                _ => map.next_value_seed(Scan { d: &mut *d, url_holder: false })?,
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Scan { d, .. } = self;
+        while seq.next_element_seed(Scan { d: &mut *d, url_holder: false })?.is_some() {}
+        Ok(())
+    }
+
+    /// A URL given directly as the value of a referring key (`"image_url": "https://…"`).
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+        if self.url_holder {
+            self.d.fetched(Shape::of_str(s));
+        }
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Url,
+    Fetched,
+    Holder,
+    Stored,
+}
+
+/// The value of a `source`: an object is scanned as a URL holder; anything else names nothing.
+struct Holder<'a>(Scan<'a>);
+
+impl<'de> DeserializeSeed<'de> for Holder<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Holder<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        self.0.visit_map(map)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        Scan { url_holder: false, ..self.0 }.visit_seq(seq)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// An object key inside the scan, recognised without allocating.
+struct KeyText(Option<KeyKind>);
+
+impl<'de> de::Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<KeyText, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeyText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyText, E> {
+                Ok(KeyText(referring(key)))
+            }
+        }
+        de.deserialize_str(V)
+    }
+}
+
+/// What a value is, read without keeping it: nothing (`null`, an empty string), inline data (a
+/// `data:` URL), an object, or something else.
+enum Shape {
+    Nothing,
+    Inline,
+    Object,
+    Other,
+}
+
+impl Shape {
+    fn of_str(s: &str) -> Shape {
+        let s = s.trim_start();
+        if s.is_empty() {
+            Shape::Nothing
+        } else if s.len() >= 5 && s[..5].eq_ignore_ascii_case("data:") {
+            Shape::Inline
+        } else {
+            Shape::Other
+        }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Shape, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Shape;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Shape, E> {
+                Ok(Shape::of_str(s))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+                Ok(Shape::Nothing)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
+                Ok(Shape::Nothing)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+                Ok(Shape::Other)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Shape, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Shape::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Shape::Object)
+            }
+        }
+        de.deserialize_any(V)
     }
 }
 

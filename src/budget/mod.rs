@@ -16,8 +16,9 @@
 //! Worst-case overshoot: the sum over in-flight requests of what each used beyond its
 //! reservation. With the defaults (input bounded by body bytes) and a `max_tokens` on every
 //! request, that is zero; a request without one may overshoot by what it generates past
-//! `reservation.defaultOutputTokens`. The body is read the way that counts most against the
-//! agent ([`Demand`]).
+//! `reservation.defaultOutputTokens`, and one referring to input it does not carry (a stored
+//! conversation, a file, a URL) by what that is worth past `reservation.referencedInputTokens`.
+//! The body is read the way that counts most against the agent ([`Demand`]).
 //!
 //! Two stores behind [`Engine`]: in this process ([`local`], lock-free counters), or Redis
 //! ([`redis`], shared by every replica; one round trip to reserve, one to settle).
@@ -58,6 +59,8 @@ pub struct Budget {
     pub weights: Vec<(Box<str>, f64)>,
     pub default_output_tokens: u64,
     pub bytes_per_input_token: u64,
+    /// Input tokens reserved per piece of input the body refers to ([`Demand::references`]).
+    pub referenced_input_tokens: u64,
     /// The store cannot be reached: refuse (503) instead of admitting uncounted.
     pub fail_closed: bool,
     /// The TokenBudget is invalid and left out of the configuration: its requests are refused
@@ -118,12 +121,13 @@ impl Budget {
         };
         format!(
             "TokenBudget {}: per {key} per {:?} (UTC): {}{weights}; reserves max_tokens or {} output tokens, 1 input \
-             token per {} body byte(s); store unavailable: {}",
+             token per {} body byte(s) and {} per referenced input; store unavailable: {}",
             self.name,
             self.window,
             limits.join(", "),
             self.default_output_tokens,
             self.bytes_per_input_token,
+            self.referenced_input_tokens,
             if self.fail_closed { "FailClosed (503)" } else { "FailOpen (admitted uncounted)" }
         )
     }
@@ -161,7 +165,8 @@ impl Budget {
             return [1, 0, 0, 0];
         }
         let w = self.weight_of(demand);
-        let input = weighted(demand.body_bytes.div_ceil(self.bytes_per_input_token.max(1)), w);
+        let carried = demand.body_bytes.div_ceil(self.bytes_per_input_token.max(1));
+        let input = weighted(carried.saturating_add(demand.references.saturating_mul(self.referenced_input_tokens)), w);
         let output = weighted(demand.output_tokens(self.default_output_tokens), w);
         [1, input, output, input + output]
     }

@@ -16,6 +16,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
         weights: vec![("gpt-4o*".into(), 2.0)],
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
+        referenced_input_tokens: 16_384,
         fail_closed: false,
         invalid: None,
     })
@@ -113,6 +114,54 @@ fn demand_reads_an_agents_body_the_way_most_against_it() {
     assert_eq!(demand(r#"{"generationConfig":{"maxOutputTokens":100,"candidateCount":4}}"#).output_tokens(4096), 400);
     assert_eq!(demand(r#"{"max_tokens":100,"n":0}"#).output_tokens(4096), 100);
     assert_eq!(demand(r#"{"max_tokens":100,"n":1000000000000}"#).output_tokens(4096), 100_000_000_000_000);
+}
+
+#[test]
+fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears() {
+    for (body, refs) in [
+        (r#"{"model":"gpt-4o","previous_response_id":"resp_1","input":"go on"}"#, 1),
+        (r#"{"conversation":{"id":"conv_1"},"input":"go on"}"#, 1),
+        (r#"{"contents":[],"cachedContent":"cachedContents/abc"}"#, 1),
+        (r#"{"prompt":{"id":"pmpt_1"}}"#, 1),
+        // Text, not a stored prompt; a null reference refers to nothing.
+        (r#"{"prompt":"Say hi","previous_response_id":null}"#, 0),
+        // OpenAI chat: an image by URL counts, inline data does not (the body carries it).
+        (
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}},
+               {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+            1,
+        ),
+        // OpenAI responses: image_url as a string, a file by id and by URL.
+        (
+            r#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"https://x/b.png"},
+               {"type":"input_file","file_id":"file-1"},{"type":"input_file","file_url":"https://x/c.pdf"}]}]}"#,
+            3,
+        ),
+        // Anthropic: a URL source and a file source; base64 is carried.
+        (
+            r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"https://x/d.png"}},
+               {"type":"document","source":{"type":"file","file_id":"file_2"}},
+               {"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}}]}]}"#,
+            2,
+        ),
+        // Gemini: fileData by URI, either spelling.
+        (
+            r#"{"contents":[{"parts":[{"fileData":{"mimeType":"video/mp4","fileUri":"https://youtu.be/x"}},
+               {"file_data":{"file_uri":"gs://b/o"}}]}]}"#,
+            2,
+        ),
+        // Escaped keys are the same keys.
+        (r#"{"messages":[{"content":[{"image\u005furl":"https://x/e.png"}]}]}"#, 1),
+        // A `source` or `url` that is just text names nothing.
+        (r#"{"messages":[{"content":"see source","source":"wiki","url":"https://x"}]}"#, 0),
+    ] {
+        assert_eq!(demand(body).references, refs, "{body}");
+    }
+    let b = Budget { referenced_input_tokens: 1000, ..(*budget([None, None, None, Some(1)])).clone() };
+    let body = r#"{"model":"claude","previous_response_id":"resp_1","max_tokens":10}"#;
+    // The body's bytes at 1 byte per token, plus 1,000 for the stored conversation.
+    let input = body.len() as i64 + 1000;
+    assert_eq!(b.reserve_amounts(&demand(body)), [1, input, 10, input + 10]);
 }
 
 #[test]

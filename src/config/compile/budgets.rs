@@ -15,6 +15,8 @@ use crate::config::load::{Key, Kind};
 
 /// The default `reservation.defaultOutputTokens`.
 pub const DEFAULT_OUTPUT_TOKENS: u64 = 4096;
+/// `reservation.referencedInputTokens` when unset.
+pub const DEFAULT_REFERENCED_INPUT_TOKENS: u64 = 16_384;
 /// The largest model weight.
 const MAX_WEIGHT: f64 = 1000.0;
 
@@ -69,6 +71,9 @@ impl Catalog {
                 }
                 if r.default_output_tokens.is_some_and(|v| v > i64::MAX as u64 / 4) {
                     errors.push(err("spec.reservation.defaultOutputTokens".into(), "is too large".into()));
+                }
+                if r.referenced_input_tokens.is_some_and(|v| v > i64::MAX as u64 / 4) {
+                    errors.push(err("spec.reservation.referencedInputTokens".into(), "is too large".into()));
                 }
             }
         }
@@ -158,6 +163,7 @@ fn compile(key: &Key, s: &TokenBudgetSpec) -> Budget {
         weights: s.model_weights.iter().map(|w| (w.model.as_str().into(), w.weight)).collect(),
         default_output_tokens: reservation.default_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS),
         bytes_per_input_token: u64::from(reservation.bytes_per_input_token.unwrap_or(1).max(1)),
+        referenced_input_tokens: reservation.referenced_input_tokens.unwrap_or(DEFAULT_REFERENCED_INPUT_TOKENS),
         fail_closed: s.on_store_unavailable == crate::api::StoreFailure::FailClosed,
         invalid: None,
     }
