@@ -1053,6 +1053,43 @@ except openai.RateLimitError as e:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_with_a_typo_never_lifts_its_limit_at_startup_or_on_an_edit() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    // A field name that does not exist: the spec does not parse. With no earlier version of the
+    // file in effect, the route it names is refused, not run without a limit.
+    let typo = budget("hourly", "{name: openai}", "  key: Route\n  window: Hour\n  limits: {request: 1}");
+    write(config.path(), &gateway(&typo, ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let (status, _, body) = call(r.port, OPENAI, None, &chat(5)).await;
+    assert_eq!(status, 503, "{body}\n{}", r.keyswap.output());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "budget_invalid", "{body}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0);
+    let log = r.keyswap.output();
+    assert!(log.contains("TokenBudget default/hourly") && log.contains("spec.limits"), "{log}");
+    // Other routes are untouched.
+    assert_eq!(call(r.port, ANTHROPIC, None, &chat(5)).await.0, 200);
+    // Fixed: one request an hour.
+    write(
+        config.path(),
+        &gateway(&budget("hourly", "{name: openai}", "  key: Route\n  window: Hour\n  limits: {requests: 1}"), ""),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while call(r.port, OPENAI, None, &chat(5)).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the fixed budget never applied:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The typo again, on an edit: the last good version keeps counting (429, not lifted).
+    let forwarded = meter.requests.load(Ordering::SeqCst);
+    write(config.path(), &gateway(&typo, ""));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, body) = call(r.port, OPENAI, None, &chat(5)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), forwarded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_budget_fails_its_route_closed_instead_of_lifting_the_limit() {
     let meter = Meter::start(Duration::ZERO).await;
     let config = tempfile::tempdir().unwrap();

@@ -323,7 +323,13 @@ pub fn parse_file(origin_file: &std::path::Path, text: &str) -> (Vec<Object>, Ve
             }
         };
         match parse_object(value, &origin) {
-            Ok(Some(obj)) => objects.push(obj),
+            Ok(Some(obj)) => {
+                if let Resource::Budget(TokenBudgetSpec { unparsed: Some((field, message)), .. }) = &obj.resource {
+                    let object = format!("{} {}", Kind::TokenBudget.as_str(), obj.key);
+                    errors.push(ConfigError::new(message.clone()).at(&origin).object(object).field(field.clone()));
+                }
+                objects.push(obj)
+            }
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
@@ -391,11 +397,28 @@ fn parse_object(value: Value, origin: &Origin) -> Result<Option<Object>, ConfigE
             Kind::EgressGateway => Resource::Gateway(typed(spec, "spec").map_err(err)?),
             Kind::AIProviderRoute => Resource::Route(typed(spec, "spec").map_err(err)?),
             Kind::CredentialInjectionPolicy => Resource::Policy(typed(spec, "spec").map_err(err)?),
-            Kind::TokenBudget => Resource::Budget(typed(spec, "spec").map_err(err)?),
+            Kind::TokenBudget => Resource::Budget(budget_spec(spec).map_err(err)?),
             Kind::Secret => unreachable!(),
         }
     };
     Ok(Some(Object { origin: origin.clone(), key, resource }))
+}
+
+/// A TokenBudget's spec. One that does not parse but still names its parents is kept as
+/// [`TokenBudgetSpec::unparsed`]: its routes fail closed (a typo never lifts a limit, even when no
+/// earlier version of the file is in effect); [`parse_file`] reports the error all the same.
+fn budget_spec(spec: Value) -> Result<TokenBudgetSpec, ConfigError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Parents {
+        parent_refs: Vec<crate::api::ParentRef>,
+    }
+    typed(spec.clone(), "spec").or_else(|e| match serde_yaml_ng::from_value::<Parents>(spec) {
+        Ok(p) if !p.parent_refs.is_empty() => {
+            Ok(TokenBudgetSpec::unparsed(p.parent_refs, e.field.unwrap_or_else(|| "spec".into()), e.message))
+        }
+        _ => Err(e),
+    })
 }
 
 fn take_str(map: &mut serde_yaml_ng::Mapping, field: &str) -> Result<String, ConfigError> {

@@ -29,6 +29,11 @@ impl Catalog {
                 |f: String, m: String| ConfigError::new(m).at(&b.origin).object(label(Kind::TokenBudget, key)).field(f);
             let s = &b.spec;
             self.check_parent_refs(&s.parent_refs, key, &[Kind::AIProviderRoute, Kind::EgressGateway], &err, errors);
+            if let Some((field, _)) = &s.unparsed {
+                let why = "did not parse (see the error above); the routes it attaches to answer 503 budget_invalid until it is fixed";
+                errors.push(err(field.clone(), why.into()));
+                continue;
+            }
             let l = &s.limits;
             let limits = [l.requests, l.input_tokens, l.output_tokens, l.total_tokens];
             if limits.iter().all(Option::is_none) {
