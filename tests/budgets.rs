@@ -77,6 +77,8 @@ impl Meter {
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<FakeBody> {
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
         let headers = format!("{:?}", req.headers());
+        // Like the real APIs, a JSON answer is gzipped for a client that accepts it.
+        let gzip = req.headers().get_all("accept-encoding").iter().any(|v| v.to_str().unwrap_or("").contains("gzip"));
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         self.seen.lock().unwrap().push(format!("{path} {headers} {}", String::from_utf8_lossy(&body)));
         self.requests.fetch_add(1, Ordering::SeqCst);
@@ -177,6 +179,12 @@ impl Meter {
             http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ))
+        } else if gzip && !stream {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, events.concat().as_bytes()).unwrap();
+            let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from(gz.finish().unwrap())));
+            let resp = hyper::Response::builder().status(200).header("content-type", ctype);
+            return resp.header("content-encoding", "gzip").body(body).unwrap();
         } else {
             http_body_util::BodyExt::boxed(Full::new(Bytes::from(events.concat())))
         };
@@ -835,6 +843,41 @@ async fn an_agent_cannot_overspend_by_continuing_a_stored_conversation_its_body_
     assert!(served <= 1000, "the provider served {served} tokens on a 1000-token budget ({admitted} admitted)");
     assert!(admitted >= 1, "nothing admitted");
     assert_eq!(meter.requests.load(Ordering::SeqCst), admitted, "a refused request reached the provider");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_asking_for_compressed_answers_cannot_hide_its_usage_from_its_budget() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let (_config, r) = acme_budget(&meter);
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/acme-daily\",kind=\"settled\"}");
+    // The official SDKs send `accept-encoding: gzip, deflate`; the provider gzips JSON for them.
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/chat/completions", r.port))
+        .header("host", OPENAI)
+        .header("content-type", "application/json")
+        .header("accept-encoding", "gzip, deflate")
+        .header("authorization", format!("Bearer {ACME_TOKEN}"))
+        .body(Full::new(Bytes::from(chat(40))))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    // keyswap asked for the answer uncompressed: it read the usage, the agent got plain JSON.
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("an uncompressed answer");
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    assert!(
+        meter.seen.lock().unwrap()[0].contains(r#""accept-encoding": "identity""#),
+        "{:?}",
+        meter.seen.lock().unwrap()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled().await == 0.0 {
+        assert!(Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Settled to what the provider counted, not kept at the reservation (body bytes + 40).
+    assert_eq!(settled().await, (INPUT_TOKENS + 40) as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -577,6 +577,9 @@ impl FakeProvider {
             .iter()
             .find_map(|n| seen.header(n).first().map(|v| v.to_vec()))
             .unwrap_or_default();
+        // Like the real APIs, a JSON answer is gzipped for a client that accepts it (the official
+        // SDKs do): keyswap must ask for it uncompressed where it reads it.
+        let gzip = seen.header("accept-encoding").iter().any(|v| String::from_utf8_lossy(v).contains("gzip"));
         self.seen.lock().unwrap().push(seen);
         let stream = stream || path.contains("alt=sse");
         let (status, content_type, body) = match (ok, stream) {
@@ -601,6 +604,12 @@ impl FakeProvider {
             let release = self.release.clone();
             let stream = async_stream(first, rest, release);
             http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream))
+        } else if gzip && status == 200 && !stream && !path.starts_with("/echo") {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
+            let resp = hyper::Response::builder().status(status).header("content-type", content_type);
+            let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from(gz.finish().unwrap())));
+            return resp.header("content-encoding", "gzip").body(body).unwrap();
         } else {
             http_body_util::BodyExt::boxed(Full::new(Bytes::from(body)))
         };
