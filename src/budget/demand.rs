@@ -13,6 +13,31 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+/// The scalar `visit_*` methods of a visitor to which any number, boolean (and `null`, with
+/// `unit`) means the same `value`.
+macro_rules! scalars_are {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+    ($value:expr, unit) => {
+        scalars_are!($value);
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
 const MAX_MODELS: usize = 8;
 
@@ -222,21 +247,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
         Ok(())
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_are!((), unit);
 }
 
 /// Any other value, searched at every depth for input it refers to.
@@ -304,21 +315,7 @@ impl<'de> Visitor<'de> for Scan<'_> {
         }
         Ok(())
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_are!((), unit);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -353,21 +350,7 @@ impl<'de> Visitor<'de> for Holder<'_> {
     fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
         Ok(())
     }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
+    scalars_are!((), unit);
 }
 
 /// An object key inside the scan, recognised without allocating.
@@ -428,18 +411,7 @@ impl<'de> de::Deserialize<'de> for Shape {
             fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
                 Ok(Shape::Nothing)
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
-                Ok(Shape::Other)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
-                Ok(Shape::Other)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
-                Ok(Shape::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
-                Ok(Shape::Other)
-            }
+            scalars_are!(Shape::Other);
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Shape, A::Error> {
                 IgnoredAny.visit_seq(seq).map(|_| Shape::Other)
             }
@@ -494,18 +466,7 @@ impl<'de> de::Deserialize<'de> for Model {
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Model, E> {
                 Ok(Model(Some(s.to_owned())))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
+            scalars_are!(Model(None));
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
                 IgnoredAny.visit_seq(seq).map(|_| Model(None))
             }
