@@ -165,6 +165,21 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
 }
 
 #[test]
+fn a_deeply_nested_or_truncated_body_cannot_crash_the_reader_or_shrink_the_reservation() {
+    // serde_json stops at 128 levels: an error, so the default counts on top of what was read.
+    let deep = format!(r#"{{"max_tokens":1,"messages":{}"#, "[".repeat(100_000));
+    let d = demand(&deep);
+    assert!(d.unreadable_limit);
+    assert_eq!(d.output_tokens(4096), 4096);
+    let deep_objects = format!(r#"{{"max_tokens":1,"messages":{}"#, r#"{"a":"#.repeat(100_000));
+    assert_eq!(demand(&deep_objects).output_tokens(4096), 4096);
+    // Cut off mid-key, mid-string, mid-number.
+    for body in [r#"{"max_tok"#, r#"{"model":"gpt-4"#, r#"{"max_tokens":12"#] {
+        assert_eq!(demand(body).output_tokens(4096), 4096, "{body}");
+    }
+}
+
+#[test]
 fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
     let b = budget([None, None, None, Some(1000)]);
     // gpt-4o* weighs 2.
