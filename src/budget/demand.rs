@@ -78,6 +78,10 @@ impl Demand {
     /// generates nothing: its output limit is 0.
     pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
         let mut d = Demand { choices: 1, body_bytes: body.len() as u64, ..Demand::default() };
+        // JSON with a byte-order mark, or in UTF-16/32: parsers that detect the encoding (Python's
+        // `json.loads` on bytes) read it, so keyswap reads it too.
+        let decoded = utf8_json(body);
+        let body = decoded.as_deref().map_or(body, str::as_bytes);
         if body.is_empty() {
             d.max_output_tokens = Some(0);
         } else if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
@@ -136,6 +140,43 @@ impl Demand {
             self.models.push(m);
         }
     }
+}
+
+/// `body` as UTF-8 when it is not already: without a UTF-8 byte-order mark, or decoded from
+/// UTF-16/32 (with or without a mark, detected as Python's `json.detect_encoding` does). `None`:
+/// plain UTF-8 (or not text at all), read as it is.
+fn utf8_json(body: &[u8]) -> Option<String> {
+    let units = |width: usize, big: bool, skip: usize| -> Option<String> {
+        let rest = body.get(skip..)?;
+        let word = |c: &[u8]| {
+            let mut v = 0u32;
+            for i in 0..width {
+                let b = u32::from(c[if big { i } else { width - 1 - i }]);
+                v = (v << 8) | b;
+            }
+            v
+        };
+        let words = rest.chunks_exact(width).map(word);
+        if width == 2 {
+            char::decode_utf16(words.map(|w| w as u16)).collect::<Result<String, _>>().ok()
+        } else {
+            words.map(char::from_u32).collect()
+        }
+    };
+    let decoded = match body {
+        [0xEF, 0xBB, 0xBF, rest @ ..] => String::from_utf8(rest.to_vec()).ok(),
+        [0x00, 0x00, 0xFE, 0xFF, ..] => units(4, true, 4),
+        [0xFF, 0xFE, 0x00, 0x00, ..] => units(4, false, 4),
+        [0xFE, 0xFF, ..] => units(2, true, 2),
+        [0xFF, 0xFE, ..] => units(2, false, 2),
+        [0, 0, _, _, ..] => units(4, true, 0),
+        [0, _, ..] => units(2, true, 0),
+        [_, 0, 0, 0, ..] => units(4, false, 0),
+        [_, 0, ..] => units(2, false, 0),
+        _ => return None,
+    };
+    // Undecodable: nothing a provider reads either; an empty text keeps the default reservation.
+    Some(decoded.unwrap_or_default())
 }
 
 /// Which object is being read: the body, or one of the providers' nested generation settings.

@@ -180,6 +180,32 @@ fn a_deeply_nested_or_truncated_body_cannot_crash_the_reader_or_shrink_the_reser
 }
 
 #[test]
+fn a_body_with_a_byte_order_mark_or_in_utf16_or_utf32_is_read_like_any_other() {
+    let json = r#"{"model":"gpt-4o","max_tokens":100000}"#;
+    let utf16 = |big: bool| -> Vec<u8> {
+        json.encode_utf16().flat_map(|u| if big { u.to_be_bytes() } else { u.to_le_bytes() }).collect()
+    };
+    let utf32 = |big: bool| -> Vec<u8> {
+        json.chars().flat_map(|c| if big { (c as u32).to_be_bytes() } else { (c as u32).to_le_bytes() }).collect()
+    };
+    let bodies: Vec<Vec<u8>> = vec![
+        [b"\xEF\xBB\xBF".as_slice(), json.as_bytes()].concat(),
+        utf16(false),
+        utf16(true),
+        [[0xFF, 0xFE].as_slice(), &utf16(false)].concat(),
+        [[0xFE, 0xFF].as_slice(), &utf16(true)].concat(),
+        utf32(false),
+        utf32(true),
+    ];
+    for body in bodies {
+        let d = Demand::from_body(&body, None);
+        assert_eq!((d.output_tokens(4096), d.models.as_slice()), (100_000, &["gpt-4o".to_owned()][..]), "{body:?}");
+        // Input is still bounded by the bytes that arrived.
+        assert_eq!(d.body_bytes, body.len() as u64);
+    }
+}
+
+#[test]
 fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
     let b = budget([None, None, None, Some(1000)]);
     // gpt-4o* weighs 2.
