@@ -443,3 +443,52 @@ async fn an_observing_stream_naming_a_number_never_handed_out_claims_nothing() {
     let r = grpc::request(&mut c, &req("api.anthropic.com", "/v1/messages", &[])).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
 }
+
+/// The answer that ends a transaction does not wait for its span: the span ends at that answer,
+/// and is encoded and handed to the exporter once Envoy closes the stream.
+#[tokio::test]
+async fn a_span_ends_at_the_last_answer_and_is_encoded_after_it_went_out() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use tokio_stream::StreamExt;
+
+    let dir = config_dir();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
+    let (spans_tx, mut spans) = tokio::sync::mpsc::channel(8);
+    let metrics: Arc<Metrics> = Arc::default();
+    let shared = Arc::new(Shared {
+        sink: keyswap::telemetry::Sink::new(metrics.clone(), Some(spans_tx)),
+        ..Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics)
+    });
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared, vec![bound], None, std::future::pending()));
+
+    let mut c = grpc::connect(addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(grpc::headers(&req("api.anthropic.com", "/v1/messages", &[]))).await.unwrap();
+    let mut answers = c.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    answers.next().await.unwrap().unwrap();
+    // Response headers that end the response: the transaction's last answer.
+    let mut last = grpc::response_headers(&[(":status", "200"), ("content-type", "application/json")]);
+    let Some(Request::ResponseHeaders(h)) = &mut last.request else { unreachable!() };
+    h.end_of_stream = true;
+    tx.send(last).await.unwrap();
+    answers.next().await.unwrap().unwrap();
+    let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let answered = nanos(SystemTime::now());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(spans.try_recv().is_err(), "the span was encoded before the stream closed");
+    let closed = nanos(SystemTime::now());
+    drop(tx);
+    assert!(answers.next().await.is_none());
+    let encoded = tokio::time::timeout(Duration::from_secs(5), spans.recv()).await.expect("span after close").unwrap();
+    let span = Span::decode(&encoded[..]).unwrap();
+    assert!(span.end_time_unix_nano <= answered, "the span ends at the last answer, not when the stream closed");
+    assert!(span.end_time_unix_nano + 250_000_000 < closed);
+    assert!(span.start_time_unix_nano <= span.end_time_unix_nano);
+}

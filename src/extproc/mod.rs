@@ -235,6 +235,15 @@ impl ProcessStream {
         }
     }
 
+    /// The transaction is complete: its span ends now, but is encoded and handed to the
+    /// exporter only when the stream closes (Envoy closes it once it has the last answer, or the
+    /// stream is dropped), so the last answer, the one the agent waits for, goes out first.
+    fn end_span(&mut self) {
+        if let Some(t) = &mut self.tx {
+            t.tx.mark_ended();
+        }
+    }
+
     /// An answer keyswap made itself (an immediate response, here a body it could not sign)
     /// ends the transaction: the span records its status, and its reason when no step named one.
     fn answered_itself(&mut self, resp: &ProcessingResponse) -> bool {
@@ -292,7 +301,7 @@ impl Stream for ProcessStream {
                 Handled::Answer(resp, phase, end) => {
                     this.shared.metrics.observe(phase, w.started.elapsed());
                     if end {
-                        this.finish_span();
+                        this.end_span();
                     }
                     Poll::Ready(Some(Ok(resp)))
                 }
@@ -332,7 +341,7 @@ impl Stream for ProcessStream {
             Ok(Handled::Answer(resp, phase, end)) => {
                 this.shared.metrics.observe(phase, started.elapsed());
                 if end || this.answered_itself(&resp) {
-                    this.finish_span();
+                    this.end_span();
                 }
                 Poll::Ready(Some(Ok(resp)))
             }
@@ -362,11 +371,11 @@ impl ProcessStream {
         if let Some(admit) = admit {
             if self.record(admit).is_some() {
                 self.phase = Phase::Done;
-                self.finish_span();
+                self.end_span();
             }
         }
         if self.answered_itself(&resp) {
-            self.finish_span();
+            self.end_span();
         }
         Poll::Ready(resp)
     }

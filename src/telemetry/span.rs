@@ -168,6 +168,9 @@ pub struct Transaction {
     first_chunk: Option<u64>,
     redact_also: Option<String>,
     tenant_label: Option<std::sync::Arc<str>>,
+    /// When the transaction ended (Unix nanoseconds), if [`Transaction::mark_ended`] was called
+    /// before [`Transaction::finish`].
+    ended: Option<u64>,
 }
 
 /// An event named `name` with one `{prefix}{header}` string-array attribute per header name
@@ -304,6 +307,7 @@ impl Transaction {
             first_chunk: None,
             redact_also: s.redact_also.map(str::to_owned),
             tenant_label: s.tenant_label.clone(),
+            ended: None,
         };
         (tx, traceparent)
     }
@@ -337,8 +341,9 @@ impl Transaction {
     }
 
     /// The budget decision on this request (`admitted`, `limited`, `store_unavailable`,
-    /// `admitted_uncounted`), the budget that decided a refusal, and the fewest tokens any of its
-    /// budgets has left. A refusal ends the transaction as keyswap's own 429/503.
+    /// `admitted_uncounted`, `invalid`, `unmetered`), the budget that decided a refusal, and the
+    /// fewest tokens any of its budgets has left. A refusal ends the transaction as keyswap's own
+    /// 429/403/503.
     pub fn on_budget(
         &mut self,
         decision: &str,
@@ -423,9 +428,16 @@ impl Transaction {
         }
     }
 
-    /// Ends the span and hands it to the exporter; records usage metrics.
+    /// Takes the span's end time now (the first call counts); [`Transaction::finish`] may then
+    /// run later, once the last answer has gone out, without moving the end.
+    pub fn mark_ended(&mut self) {
+        self.ended.get_or_insert_with(|| unix_nanos(SystemTime::now()));
+    }
+
+    /// Ends the span (at the time [`Transaction::mark_ended`] took, or now) and hands it to the
+    /// exporter; records usage metrics.
     pub fn finish(mut self, sink: &Sink, secrets: &[&[u8]]) {
-        let end = unix_nanos(SystemTime::now());
+        let end = self.ended.unwrap_or_else(|| unix_nanos(SystemTime::now()));
         if self.request_model.is_none() {
             if let Some(buf) = self.req_model_buf.take() {
                 self.request_model = crate::provider::usage::request_model(&buf.into_bytes());
