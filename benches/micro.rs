@@ -311,6 +311,33 @@ fn span(c: &mut Criterion) {
             black_box((traceparent, envelope.request(std::slice::from_ref(&encoded))))
         })
     });
+
+    // A JSON call with bodies read (usage, 64 KiB capture, the prompt and completion as content
+    // attributes): what `finish` costs is work the last answer no longer waits for (the stream
+    // encodes the span when Envoy closes it).
+    let bodies = Arc::new(capture::CapturePolicy::default());
+    let request_body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Summarise the release notes of Envoy 1.40 in three bullet points."}]}"#;
+    let response_body = br#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"- ext_proc gains a new processing mode\n- HTTP/3 upstreams are stable\n- Many fixes"}],"stop_reason":"end_turn","usage":{"input_tokens":27,"output_tokens":31}}"#;
+    let record = |policy: &Arc<capture::CapturePolicy>| {
+        let (mut t, _) = Transaction::start(&start, &pairs, policy);
+        t.on_request_body(request_body);
+        t.on_response_headers(&response);
+        t.on_response_body(response_body);
+        t
+    };
+    let mut g = c.benchmark_group("span");
+    g.bench_function("json_bodies_start_and_record", |b| b.iter(|| black_box(record(black_box(&bodies)))));
+    g.bench_function("json_bodies_finish_encode", |b| {
+        b.iter_batched(
+            || record(&bodies),
+            |t| {
+                t.finish(&sink, &[]);
+                black_box(rx.try_recv().unwrap())
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
 }
 
 fn agent_auth(c: &mut Criterion) {
@@ -414,6 +441,7 @@ fn budget(c: &mut Criterion) {
         bytes_per_input_token: 1,
         referenced_input_tokens: 16_384,
         fail_closed: false,
+        refuse_unmetered: true,
         invalid: None,
     });
     let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Say hello in five words."}]}"#;

@@ -1193,3 +1193,69 @@ async fn a_budget_of_requests_only_reads_no_bodies_and_a_token_budget_reads_both
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_spend_past_its_budget_through_a_batch_a_background_response_or_an_assistant_run() {
+    let meter = Meter::start(Duration::ZERO).await;
+    // Room for every one of these requests' reservations: only what they are decides.
+    let spec =
+        "  key: Tenant\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 100}";
+    let (config, r) = one_budget(&meter, "acme-daily", "{kind: EgressGateway, name: egress}", spec);
+    let batch = r#"{"input_file_id":"file-abc","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
+    let background = |flag: &str| format!(r#"{{"model":"gpt-4o","max_output_tokens":10,"input":"hi",{flag}}}"#);
+    let attacks = [
+        (OPENAI, "/v1/batches", batch.to_owned()),
+        (OPENAI, "/v1/b%61tches/", batch.to_owned()),
+        (OPENAI, "/v1//batches?limit=1", batch.to_owned()),
+        (ANTHROPIC, "/v1/messages/batches", r#"{"requests":[]}"#.to_owned()),
+        (OPENAI, "/v1/threads/thread_abc/runs", r#"{"assistant_id":"asst_1"}"#.to_owned()),
+        (OPENAI, "/v1/responses", background(r#""background":true"#)),
+        (OPENAI, "/v1/responses", background(r#""background":"true""#)),
+        (OPENAI, "/v1/responses", background(r#""background":false,"background":1"#)),
+    ];
+    for (host, path, body) in &attacks {
+        let (status, _, text) = call_path(r.port, host, path, Some(ACME_TOKEN), body).await;
+        assert_eq!(status, 403, "{host}{path} {body}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON reason");
+        assert_eq!(v["error"]["type"], "budget_unmetered_request", "{text}");
+        assert_eq!(v["error"]["budget"], "default/acme-daily", "{text}");
+        for secret in [REAL_KEY, ACME_TOKEN] {
+            assert!(!text.contains(secret), "a refusal quoted a secret: {text}");
+        }
+    }
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "an unmetered request reached the provider");
+    let refused =
+        r.metric("keyswap_budget_decisions_total{budget=\"default/acme-daily\",decision=\"unmetered\"}").await;
+    assert_eq!(refused, attacks.len() as f64);
+
+    // A foreground response, and a batch's cancellation, are metered or free: forwarded.
+    let (status, _, text) =
+        call_path(r.port, OPENAI, "/v1/responses", Some(ACME_TOKEN), &background(r#""background":false"#)).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, _, text) = call_path(r.port, OPENAI, "/v1/batches/batch_1/cancel", Some(ACME_TOKEN), "{}").await;
+    assert_eq!(status, 200, "{text}");
+
+    // The operator's choice, applied without a restart: such requests are admitted, counted as
+    // their reservation.
+    write(
+        config.path(),
+        &gateway(
+            &budget(
+                "acme-daily",
+                "{kind: EgressGateway, name: egress}",
+                &format!("{spec}\n  unmeteredRequests: Admit"),
+            ),
+            "",
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, text) = call_path(r.port, OPENAI, "/v1/batches", Some(ACME_TOKEN), batch).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 403, "{text}");
+        assert!(Instant::now() < deadline, "unmeteredRequests: Admit never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -41,6 +41,12 @@ pub struct TokenBudgetSpec {
     /// or `FailClosed` (503).
     #[serde(default)]
     pub on_store_unavailable: StoreFailure,
+    /// Requests that would spend tokens whose use keyswap never sees (a batch, a background
+    /// response, an assistant run, fine-tuning, a realtime session: the provider registry lists
+    /// them): `Refuse` (default: 403 `budget_unmetered_request`) or `Admit` (forwarded, counted
+    /// as their reservation only). Only budgets that limit tokens refuse.
+    #[serde(default)]
+    pub unmetered_requests: UnmeteredRequests,
     /// Set by the file loader when the spec did not parse (the field and the error): such a
     /// budget is kept as invalid, so that its routes fail closed instead of running without it.
     #[serde(skip)]
@@ -60,6 +66,7 @@ impl TokenBudgetSpec {
             model_weights: Vec::new(),
             reservation: None,
             on_store_unavailable: StoreFailure::FailClosed,
+            unmetered_requests: UnmeteredRequests::Refuse,
             unparsed: Some((field, message)),
         }
     }
@@ -122,6 +129,13 @@ pub struct Reservation {
     /// provider fetches (`image_url`, a `source` URL). Default 16384.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub referenced_input_tokens: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum UnmeteredRequests {
+    #[default]
+    Refuse,
+    Admit,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -63,6 +63,10 @@ pub struct Budget {
     pub referenced_input_tokens: u64,
     /// The store cannot be reached: refuse (503) instead of admitting uncounted.
     pub fail_closed: bool,
+    /// Refuse (403) requests that spend tokens out of keyswap's sight
+    /// ([`crate::provider::Provider::unmetered`], a background response), when the budget
+    /// limits tokens.
+    pub refuse_unmetered: bool,
     /// The TokenBudget is invalid and left out of the configuration: its requests are refused
     /// (503) until it is fixed, rather than run without the limit. Why, for the answer.
     pub invalid: Option<Arc<str>>,
@@ -121,13 +125,14 @@ impl Budget {
         };
         format!(
             "TokenBudget {}: per {key} per {:?} (UTC): {}{weights}; reserves max_tokens or {} output tokens, 1 input \
-             token per {} body byte(s) and {} per referenced input; store unavailable: {}",
+             token per {} body byte(s) and {} per referenced input; unmetered requests: {}; store unavailable: {}",
             self.name,
             self.window,
             limits.join(", "),
             self.default_output_tokens,
             self.bytes_per_input_token,
             self.referenced_input_tokens,
+            if self.refuses_unmetered() { "Refuse (403)" } else { "Admit" },
             if self.fail_closed { "FailClosed (503)" } else { "FailOpen (admitted uncounted)" }
         )
     }
@@ -156,6 +161,12 @@ impl Budget {
     /// Whether the budget limits tokens (else only requests: no body is read for it).
     pub fn counts_tokens(&self) -> bool {
         self.limits[1..].iter().any(Option::is_some)
+    }
+
+    /// Whether requests that spend tokens out of keyswap's sight are refused: the budget limits
+    /// tokens and says `unmeteredRequests: Refuse` (the default).
+    pub fn refuses_unmetered(&self) -> bool {
+        self.refuse_unmetered && self.counts_tokens()
     }
 
     /// What `demand` reserves in this budget: one request and its weighted tokens (none when
@@ -255,6 +266,11 @@ pub enum Admit {
         budget: Arc<str>,
         why: Arc<str>,
     },
+    /// The request would spend tokens the budget cannot count (`what`): refused (403).
+    Unmetered {
+        budget: Arc<str>,
+        what: &'static str,
+    },
 }
 
 /// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
@@ -352,6 +368,7 @@ pub struct BudgetMetrics {
     pub store_unavailable_admitted: AtomicU64,
     pub store_unavailable_refused: AtomicU64,
     pub invalid: AtomicU64,
+    pub unmetered: AtomicU64,
     pub reserved_tokens: AtomicU64,
     pub settled_tokens: AtomicU64,
 }
@@ -400,6 +417,7 @@ impl Registry {
                 ("store_unavailable_admitted", g(&m.store_unavailable_admitted)),
                 ("store_unavailable_refused", g(&m.store_unavailable_refused)),
                 ("invalid", g(&m.invalid)),
+                ("unmetered", g(&m.unmetered)),
             ] {
                 p.sample(DECISIONS, &[("budget", name), ("decision", decision)], v);
             }
@@ -497,7 +515,7 @@ impl Engine {
         Admit::AdmittedUncounted(Held { claims, on: HeldIn::Nothing, engine: self.clone() })
     }
 
-    fn count(&self, admit: Admit) -> Admit {
+    pub fn count(&self, admit: Admit) -> Admit {
         match &admit {
             Admit::Held(h, _) => {
                 for c in &h.claims {
@@ -519,6 +537,7 @@ impl Engine {
                 }
             }
             Admit::Invalid { budget, .. } => inc(&self.metrics(budget).invalid),
+            Admit::Unmetered { budget, .. } => inc(&self.metrics(budget).unmetered),
         }
         admit
     }

@@ -18,6 +18,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
         bytes_per_input_token: 1,
         referenced_input_tokens: 16_384,
         fail_closed: false,
+        refuse_unmetered: true,
         invalid: None,
     })
 }
@@ -114,6 +115,27 @@ fn demand_reads_an_agents_body_the_way_most_against_it() {
     assert_eq!(demand(r#"{"generationConfig":{"maxOutputTokens":100,"candidateCount":4}}"#).output_tokens(4096), 400);
     assert_eq!(demand(r#"{"max_tokens":100,"n":0}"#).output_tokens(4096), 100);
     assert_eq!(demand(r#"{"max_tokens":100,"n":1000000000000}"#).output_tokens(4096), 100_000_000_000_000);
+}
+
+#[test]
+fn a_background_run_is_recognised_however_the_flag_is_written() {
+    for (body, background) in [
+        (r#"{"model":"gpt-4o","input":"hi","background":true}"#, true),
+        (r#"{"background":"true"}"#, true),
+        (r#"{"background":"false"}"#, true),
+        (r#"{"background":1}"#, true),
+        (r#"{"background":{}}"#, true),
+        (r#"{"background":false,"background":true}"#, true),
+        (r#"{"background":true,"background":false}"#, true),
+        (r#"{"background\u0020":true}"#, false),
+        (r#"{"backgr\u006fund":true}"#, true),
+        (r#"{"background":false}"#, false),
+        (r#"{"background":null}"#, false),
+        // Only the body's own flag: a `background` inside the input is text.
+        (r#"{"input":[{"background":true}],"metadata":{"background":"true"}}"#, false),
+    ] {
+        assert_eq!(demand(body).background, background, "{body}");
+    }
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub struct Budgeted {
     keys: Vec<Box<str>>,
     /// The model named in the path (Gemini, Bedrock): the provider ignores the body's.
     path_model: Option<String>,
+    /// The request creates something that spends tokens out of keyswap's sight (the provider
+    /// registry's glob it matches).
+    unmetered: Option<&'static str>,
     format: Option<Format>,
     held: Option<Held>,
     /// The response's status was 2xx (once response headers arrived).
@@ -52,6 +55,7 @@ impl Budgeted {
         snapshot: &Arc<Snapshot>,
         entry: &MatchEntry,
         identity: Option<&Identity>,
+        method: &str,
         path: &str,
     ) -> Option<Box<Budgeted>> {
         if entry.budgets.is_empty() {
@@ -62,6 +66,7 @@ impl Budgeted {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
+            unmetered: entry.provider.unmetered(method, path),
             format: crate::provider::usage::format_for(entry.provider.name),
             snapshot: snapshot.clone(),
             held: None,
@@ -80,6 +85,15 @@ impl Budgeted {
     /// Whether the reservation waits for the request body (read whole, in one message).
     pub fn waits_for_body(&self) -> bool {
         self.reads_bodies && self.held.is_none()
+    }
+
+    /// The refusal of a request that would spend tokens a budget of the route cannot count and
+    /// refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a background
+    /// run.
+    fn unmetered(&self, demand: &Demand) -> Option<Admit> {
+        let what = self.unmetered.or(demand.background.then_some("background: true"))?;
+        let budget = self.budgets.iter().find(|b| b.refuses_unmetered())?;
+        Some(Admit::Unmetered { budget: budget.name.clone(), what })
     }
 
     fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
@@ -124,6 +138,11 @@ impl ProcessStream {
         };
         let now = SystemTime::now();
         let demand = Demand::from_body(body, b.path_model.as_deref());
+        if let Some(refused) = b.unmetered(&demand) {
+            let admit = self.shared.budgets.count(refused);
+            let refusal = self.record(admit).expect("an unmetered request is refused");
+            return Handled::Answer(refusal, phase, true);
+        }
         let claims = b.claims(&demand, now);
         tracing::debug!(keys = ?b.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
         let store = b.snapshot.budget_store.as_ref();
@@ -197,6 +216,12 @@ impl ProcessStream {
                     tx.on_budget("invalid", Some(&budget), None, Some(("budget_invalid", 503)));
                 }
             }
+            Admit::Unmetered { budget, what } => {
+                tracing::debug!(%budget, request = what, "the request would spend tokens its token budget cannot count; answering 403");
+                if let Some(tx) = tx {
+                    tx.on_budget("unmetered", Some(&budget), None, Some(("budget_unmetered_request", 403)));
+                }
+            }
             Admit::Unavailable { error, budgets } => {
                 // The store logs the outage once (at ERROR); each refusal is counted in metrics.
                 tracing::debug!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
@@ -255,6 +280,19 @@ fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
     match admit {
         Admit::Held(..) | Admit::AdmittedUncounted(_) => None,
         Admit::Limited(l) => Some(limited(l)),
+        Admit::Unmetered { budget, what } => {
+            let body = json!({"error": {
+                "type": "budget_unmetered_request",
+                "message": format!(
+                    "TokenBudget {budget} limits tokens, and this request ({what}) would spend tokens whose count never \
+                     comes back through the gateway; it was not forwarded (spec.unmeteredRequests: Admit on the budget \
+                     allows such requests)"
+                ),
+                "budget": &**budget,
+                "request": what,
+            }});
+            Some(mutation::immediate(403, &body, "keyswap_budget_unmetered_request"))
+        }
         Admit::Invalid { budget, why } => {
             let body = json!({"error": {
                 "type": "budget_invalid",

@@ -392,7 +392,8 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let budget = super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.path);
+        let budget =
+            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.method, self.path);
         if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
             let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
             if let Some(e) =

@@ -48,11 +48,32 @@ pub struct Provider {
     pub credential_query_params: &'static [&'static str],
     pub model_in_path: ModelInPath,
     pub endpoints: &'static [Endpoint],
+    /// Path globs of requests that spend tokens whose use never comes back in the answer keyswap
+    /// sees (batches, background and assistant runs, fine-tuning, realtime sessions, speech):
+    /// a route with a token budget refuses them (`TokenBudget.spec.unmeteredRequests`). Only
+    /// requests that create something (POST, PUT, PATCH) count; reading a batch's status is free.
+    pub unmetered: &'static [&'static str],
     /// Whether response bodies are scrubbed of secrets toward the agent unless the route says
     /// (`spec.scrubResponseBodies`): the known providers never echo credentials in bodies; an
     /// unknown upstream (`custom`) may.
     pub scrub_bodies_by_default: bool,
 }
+
+const OPENAI_UNMETERED: &[&str] = &[
+    "/v1/batches",
+    "/v1/threads/runs",
+    "/v1/threads/*/runs",
+    "/v1/threads/*/runs/*/submit_tool_outputs",
+    "/v1/fine_tuning/jobs",
+    "/v1/evals/*/runs",
+    "/v1/vector_stores",
+    "/v1/vector_stores/*/files",
+    "/v1/vector_stores/*/file_batches",
+    "/v1/realtime/*",
+    "/v1/audio/speech",
+    "/v1/videos",
+    "/v1/videos/*/remix",
+];
 
 const OPENAI_ENDPOINTS: &[Endpoint] = &[
     Endpoint { path: "/v1/chat/completions", operation: "chat" },
@@ -69,6 +90,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: OPENAI_ENDPOINTS,
+        unmetered: OPENAI_UNMETERED,
         scrub_bodies_by_default: false,
     },
     Provider {
@@ -78,6 +100,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: &[Endpoint { path: "/v1/messages", operation: "chat" }],
+        unmetered: &["/v1/messages/batches"],
         scrub_bodies_by_default: false,
     },
     Provider {
@@ -91,6 +114,8 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/*:streamGenerateContent", operation: "generate_content" },
             Endpoint { path: "/*:embedContent", operation: "embeddings" },
         ],
+        // Lowercase, as every `unmetered` glob: paths are compared lowercased.
+        unmetered: &["/*:batchgeneratecontent", "/*:asyncbatchembedcontent", "/*:predictlongrunning"],
         scrub_bodies_by_default: false,
     },
     Provider {
@@ -104,6 +129,20 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/openai/deployments/*/embeddings", operation: "embeddings" },
             Endpoint { path: "/openai/v1/chat/completions", operation: "chat" },
             Endpoint { path: "/openai/v1/responses", operation: "chat" },
+        ],
+        // Both API shapes: `/openai/…` with `api-version`, and `/openai/v1/…`.
+        unmetered: &[
+            "/openai/*batches",
+            "/openai/*threads/runs",
+            "/openai/*threads/*/runs",
+            "/openai/*threads/*/runs/*/submit_tool_outputs",
+            "/openai/*fine_tuning/jobs",
+            "/openai/*vector_stores",
+            "/openai/*vector_stores/*/files",
+            "/openai/*vector_stores/*/file_batches",
+            "/openai/*realtime*",
+            "/openai/*audio/speech",
+            "/openai/*video/*",
         ],
         scrub_bodies_by_default: false,
     },
@@ -120,6 +159,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/model/*/invoke", operation: "chat" },
             Endpoint { path: "/model/*/invoke-with-response-stream", operation: "chat" },
         ],
+        unmetered: &["/async-invoke", "/model/*/invoke-with-bidirectional-stream", "/model-invocation-job"],
         scrub_bodies_by_default: false,
     },
     Provider {
@@ -129,6 +169,7 @@ pub const REGISTRY: &[Provider] = &[
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
         endpoints: &[],
+        unmetered: &[],
         scrub_bodies_by_default: true,
     },
 ];
@@ -160,6 +201,30 @@ impl Provider {
         Some(percent_encoding::percent_decode_str(model).decode_utf8_lossy())
     }
 
+    /// The [`Provider::unmetered`] glob a request matches, if it creates something there. The
+    /// path is compared the way a lenient router may read it: percent-decoded, lowercased, empty
+    /// and `.` segments dropped, `..` applied, without the query (an agent must not slip past
+    /// with `/v1/b%61tches/` or `/v1//./batches`, whether or not Envoy normalized the path).
+    pub fn unmetered(&self, method: &str, path: &str) -> Option<&'static str> {
+        if self.unmetered.is_empty() || !matches!(method, "POST" | "PUT" | "PATCH") {
+            return None;
+        }
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy().to_ascii_lowercase();
+        let mut segments: Vec<&str> = Vec::new();
+        for s in decoded.split('/') {
+            match s {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                s => segments.push(s),
+            }
+        }
+        let path = format!("/{}", segments.join("/"));
+        self.unmetered.iter().copied().find(|g| glob::matches(g, &path, None))
+    }
+
     /// The GenAI operation for a request path, when it is a known endpoint.
     pub fn operation(&self, path: &str) -> Option<&'static str> {
         let path = path.split('?').next().unwrap_or(path);
@@ -170,6 +235,41 @@ impl Provider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_that_spend_tokens_out_of_sight_are_recognised_however_the_path_is_spelled() {
+        let openai = lookup("openai").unwrap();
+        for path in [
+            "/v1/batches",
+            "/v1/batches/",
+            "/v1/b%61tches",
+            "/V1/Batches?x=1",
+            "//v1//batches",
+            "/v1/./batches",
+            "/v1/x/../batches",
+            "/v1/%2e/batches",
+            "/v1/threads/thread_1/runs",
+        ] {
+            assert!(openai.unmetered("POST", path).is_some(), "{path}");
+        }
+        // Reading a batch's status, or a metered endpoint, is not refused.
+        assert_eq!(openai.unmetered("GET", "/v1/batches"), None);
+        assert_eq!(openai.unmetered("POST", "/v1/chat/completions"), None);
+        assert_eq!(openai.unmetered("POST", "/v1/batches/batch_1/cancel"), None);
+        let google = lookup("google").unwrap();
+        assert!(google.unmetered("POST", "/v1beta/models/gemini-2.5-pro:batchGenerateContent").is_some());
+        assert!(google.unmetered("POST", "/v1beta/models/gemini-2.5-pro:generateContent").is_none());
+        assert!(lookup("anthropic").unwrap().unmetered("POST", "/v1/messages/batches").is_some());
+        assert!(lookup("anthropic").unwrap().unmetered("POST", "/v1/messages").is_none());
+        assert!(lookup("azure-openai").unwrap().unmetered("POST", "/openai/v1/batches").is_some());
+        assert!(lookup("azure-openai").unwrap().unmetered("POST", "/openai/batches?api-version=2024-10-21").is_some());
+        assert!(lookup("bedrock").unwrap().unmetered("POST", "/async-invoke").is_some());
+        for p in REGISTRY {
+            for g in p.unmetered {
+                assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);
+            }
+        }
+    }
 
     #[test]
     fn every_provider_is_found_by_name() {

@@ -38,6 +38,9 @@ macro_rules! scalars_are {
     };
 }
 
+mod values;
+use values::{Count, Enabled, Model, Shape};
+
 /// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
 const MAX_MODELS: usize = 8;
 
@@ -65,6 +68,10 @@ pub struct Demand {
     /// `data:` URLs, which the body carries).
     pub references: u64,
     pub body_bytes: u64,
+    /// The body asks for the work to run in the background (OpenAI's `"background": true`): the
+    /// answer comes before the tokens are spent and never carries their count. Anything but
+    /// `false` or `null` counts, as a lax parser may read a string or a number as true.
+    pub background: bool,
 }
 
 impl Demand {
@@ -196,6 +203,7 @@ enum Key {
     Reference,
     /// `prompt`: a stored prompt when an object (`{"id": …}`), text when a string.
     Prompt,
+    Background,
     Other,
 }
 
@@ -226,6 +234,7 @@ impl Section {
                 "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id",
             ) => Key::Reference,
             (Section::Top, "prompt") => Key::Prompt,
+            (Section::Top, "background") => Key::Background,
             _ => Key::Other,
         }
     }
@@ -275,6 +284,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
                         d.references += 1;
                     }
                 }
+                Key::Background => d.background |= map.next_value::<Enabled>()?.0,
                 Key::Other => map.next_value_seed(Scan { d, url_holder: false })?,
             }
         }
@@ -413,57 +423,6 @@ impl<'de> de::Deserialize<'de> for KeyText {
     }
 }
 
-/// What a value is, read without keeping it: nothing (`null`, an empty string), inline data (a
-/// `data:` URL), an object, or something else.
-enum Shape {
-    Nothing,
-    Inline,
-    Object,
-    Other,
-}
-
-impl Shape {
-    fn of_str(s: &str) -> Shape {
-        let s = s.trim_start();
-        if s.is_empty() {
-            Shape::Nothing
-        } else if s.len() >= 5 && s[..5].eq_ignore_ascii_case("data:") {
-            Shape::Inline
-        } else {
-            Shape::Other
-        }
-    }
-}
-
-impl<'de> de::Deserialize<'de> for Shape {
-    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Shape, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Shape;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Shape, E> {
-                Ok(Shape::of_str(s))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
-                Ok(Shape::Nothing)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
-                Ok(Shape::Nothing)
-            }
-            scalars_are!(Shape::Other);
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Shape, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Shape::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Shape::Object)
-            }
-        }
-        de.deserialize_any(V)
-    }
-}
-
 struct NestedSeed<'a>(Acc<'a>);
 
 impl<'de> DeserializeSeed<'de> for NestedSeed<'_> {
@@ -490,92 +449,5 @@ impl<'de> Visitor<'de> for KeySeed {
     // serde_json hands over keys with escapes resolved (`max\u005ftokens` is `max_tokens`).
     fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
         Ok(self.0.key(name))
-    }
-}
-
-/// A `model` value: its name when it is a string (anything else is no model to a provider).
-struct Model(Option<String>);
-
-impl<'de> de::Deserialize<'de> for Model {
-    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Model, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Model;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a model name")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Model, E> {
-                Ok(Model(Some(s.to_owned())))
-            }
-            scalars_are!(Model(None));
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Model(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Model(None))
-            }
-        }
-        de.deserialize_any(V)
-    }
-}
-
-/// A count (an output limit, a number of completions) as a lenient provider might read it.
-/// `null` sets nothing; a plain non-negative integer is exact; a float or a numeric string
-/// counts rounded up but is `unreadable` (the default counts as well); anything else is
-/// `unreadable` with no value.
-#[derive(Default)]
-struct Count {
-    value: Option<u64>,
-    unreadable: bool,
-}
-
-impl Count {
-    fn float(f: f64) -> Count {
-        let value = (f.is_finite() && f >= 0.0).then(|| if f >= u64::MAX as f64 { u64::MAX } else { f.ceil() as u64 });
-        Count { value, unreadable: true }
-    }
-
-    fn garbled() -> Count {
-        Count { value: None, unreadable: true }
-    }
-}
-
-impl<'de> de::Deserialize<'de> for Count {
-    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Count, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a count")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
-                Ok(Count { value: Some(v), unreadable: false })
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
-                Ok(if v >= 0 { Count { value: Some(v as u64), unreadable: false } } else { Count::garbled() })
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
-                Ok(Count::float(v))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Count, E> {
-                Ok(s.trim().parse::<f64>().map_or_else(|_| Count::garbled(), Count::float))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count::default())
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count::default())
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                Ok(Count::garbled())
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Count::garbled())
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Count::garbled())
-            }
-        }
-        de.deserialize_any(V)
     }
 }

@@ -170,6 +170,7 @@ fn compile(key: &Key, s: &TokenBudgetSpec) -> Budget {
         bytes_per_input_token: u64::from(reservation.bytes_per_input_token.unwrap_or(1).max(1)),
         referenced_input_tokens: reservation.referenced_input_tokens.unwrap_or(DEFAULT_REFERENCED_INPUT_TOKENS),
         fail_closed: s.on_store_unavailable == crate::api::StoreFailure::FailClosed,
+        refuse_unmetered: s.unmetered_requests == crate::api::UnmeteredRequests::Refuse,
         invalid: None,
     }
 }

@@ -1,0 +1,189 @@
+//! The values the demand reader reads without keeping them: a flag, the shape of a reference, a
+//! model name, a count. Each reads any JSON value (never an error for an unexpected type: the
+//! body is the agent's, and what it cannot mean is decided by the reader).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// Whether a flag is on: anything but `false` and `null` (a lax provider reads `"true"` or `1`
+/// as true; erring the other way would let an agent slip a background run past its budget).
+pub(super) struct Enabled(pub(super) bool);
+
+impl<'de> de::Deserialize<'de> for Enabled {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Enabled, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Enabled;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Enabled, E> {
+                Ok(Enabled(b))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Enabled, E> {
+                Ok(Enabled(false))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Enabled, E> {
+                Ok(Enabled(false))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Enabled, E> {
+                Ok(Enabled(true))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Enabled, E> {
+                Ok(Enabled(true))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Enabled, E> {
+                Ok(Enabled(true))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Enabled, E> {
+                Ok(Enabled(true))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Enabled, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Enabled(true))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Enabled, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Enabled(true))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// What a value is, read without keeping it: nothing (`null`, an empty string), inline data (a
+/// `data:` URL), an object, or something else.
+pub(super) enum Shape {
+    Nothing,
+    Inline,
+    Object,
+    Other,
+}
+
+impl Shape {
+    pub(super) fn of_str(s: &str) -> Shape {
+        let s = s.trim_start();
+        if s.is_empty() {
+            Shape::Nothing
+        } else if s.len() >= 5 && s[..5].eq_ignore_ascii_case("data:") {
+            Shape::Inline
+        } else {
+            Shape::Other
+        }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Shape, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Shape;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Shape, E> {
+                Ok(Shape::of_str(s))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+                Ok(Shape::Nothing)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Shape, E> {
+                Ok(Shape::Nothing)
+            }
+            scalars_are!(Shape::Other);
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Shape, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Shape::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Shape::Object)
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// A `model` value: its name when it is a string (anything else is no model to a provider).
+pub(super) struct Model(pub(super) Option<String>);
+
+impl<'de> de::Deserialize<'de> for Model {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Model, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Model;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a model name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Model, E> {
+                Ok(Model(Some(s.to_owned())))
+            }
+            scalars_are!(Model(None));
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Model(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Model(None))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// A count (an output limit, a number of completions) as a lenient provider might read it.
+/// `null` sets nothing; a plain non-negative integer is exact; a float or a numeric string
+/// counts rounded up but is `unreadable` (the default counts as well); anything else is
+/// `unreadable` with no value.
+#[derive(Default)]
+pub(super) struct Count {
+    pub(super) value: Option<u64>,
+    pub(super) unreadable: bool,
+}
+
+impl Count {
+    fn float(f: f64) -> Count {
+        let value = (f.is_finite() && f >= 0.0).then(|| if f >= u64::MAX as f64 { u64::MAX } else { f.ceil() as u64 });
+        Count { value, unreadable: true }
+    }
+
+    fn garbled() -> Count {
+        Count { value: None, unreadable: true }
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Count, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count { value: Some(v), unreadable: false })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                Ok(if v >= 0 { Count { value: Some(v as u64), unreadable: false } } else { Count::garbled() })
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                Ok(Count::float(v))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Count, E> {
+                Ok(s.trim().parse::<f64>().map_or_else(|_| Count::garbled(), Count::float))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Count, E> {
+                Ok(Count::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
+                Ok(Count::garbled())
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| Count::garbled())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| Count::garbled())
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
