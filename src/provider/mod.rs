@@ -203,16 +203,18 @@ impl Provider {
 
     /// The [`Provider::unmetered`] glob a request matches, if it creates something there. The
     /// path is compared the way a lenient router may read it: percent-decoded, lowercased, empty
-    /// and `.` segments dropped, `..` applied, without the query (an agent must not slip past
+    /// and `.` segments dropped, `..` applied, `;parameters` cut off, without the query (an agent must not slip past
     /// with `/v1/b%61tches/` or `/v1//./batches`, whether or not Envoy normalized the path).
     pub fn unmetered(&self, method: &str, path: &str) -> Option<&'static str> {
-        if self.unmetered.is_empty() || !matches!(method, "POST" | "PUT" | "PATCH") {
+        let creates = ["POST", "PUT", "PATCH"].iter().any(|m| m.eq_ignore_ascii_case(method));
+        if self.unmetered.is_empty() || !creates {
             return None;
         }
         let path = path.split(['?', '#']).next().unwrap_or(path);
         let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy().to_ascii_lowercase();
         let mut segments: Vec<&str> = Vec::new();
-        for s in decoded.split('/') {
+        // A `;parameter` on a segment is dropped by routers that read path parameters.
+        for s in decoded.split('/').map(|s| s.split(';').next().unwrap_or(s)) {
             match s {
                 "" | "." => {}
                 ".." => {
@@ -248,10 +250,13 @@ mod tests {
             "/v1/./batches",
             "/v1/x/../batches",
             "/v1/%2e/batches",
+            "/v1/batches;jsessionid=1",
+            "/v1%2fbatches",
             "/v1/threads/thread_1/runs",
         ] {
             assert!(openai.unmetered("POST", path).is_some(), "{path}");
         }
+        assert!(openai.unmetered("post", "/v1/batches").is_some(), "a method in lowercase");
         // Reading a batch's status, or a metered endpoint, is not refused.
         assert_eq!(openai.unmetered("GET", "/v1/batches"), None);
         assert_eq!(openai.unmetered("POST", "/v1/chat/completions"), None);
