@@ -1235,19 +1235,23 @@ async fn an_agent_cannot_spend_past_its_budget_through_a_batch_a_background_resp
     let (status, _, text) = call_path(r.port, OPENAI, "/v1/batches/batch_1/cancel", Some(ACME_TOKEN), "{}").await;
     assert_eq!(status, 200, "{text}");
 
+    // A value the field does not take: the edit is refused (the log names the field) and the
+    // last good budget keeps refusing.
+    let with = |v: &str| {
+        let spec = format!("{spec}\n  unmeteredRequests: {v}");
+        gateway(&budget("acme-daily", "{kind: EgressGateway, name: egress}", &spec), "")
+    };
+    write(config.path(), &with("Allow"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.keyswap.output().contains("unmeteredRequests") {
+        assert!(Instant::now() < deadline, "the bad edit was not reported:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call_path(r.port, OPENAI, "/v1/batches", Some(ACME_TOKEN), batch).await.0, 403);
+
     // The operator's choice, applied without a restart: such requests are admitted, counted as
     // their reservation.
-    write(
-        config.path(),
-        &gateway(
-            &budget(
-                "acme-daily",
-                "{kind: EgressGateway, name: egress}",
-                &format!("{spec}\n  unmeteredRequests: Admit"),
-            ),
-            "",
-        ),
-    );
+    write(config.path(), &with("Admit"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, _, text) = call_path(r.port, OPENAI, "/v1/batches", Some(ACME_TOKEN), batch).await;
