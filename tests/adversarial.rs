@@ -537,6 +537,80 @@ async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
     assert!(out.contains("message_stop"), "{out}");
 }
 
+// === 8b. protocol switches past the request decision ===
+
+/// Once a connection switches protocol (a WebSocket, h2c, a nested CONNECT), its bytes are no
+/// longer requests keyswap sees: an agent holding an upgraded stream to a keyed route could send
+/// anything over it, unmetered by budgets and unread by spans. Only the CONNECT of the explicit
+/// proxy may switch; nothing inside a terminated TLS session may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_h2c_and_nested_connect_upgrades_never_switch_a_keyed_stream() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let messages = "https://api.anthropic.com/v1/messages";
+    let ws = [
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    let before = g.fake.seen().len();
+    // A WebSocket upgrade through the proxy's tunnel and on the redirected TLS listener, and
+    // the other upgrade tokens an agent might try (MASQUE, a CONNECT spelled as an upgrade).
+    // Envoy answers 403 to an upgrade it was not configured for, and 404 to a CONNECT-UDP
+    // whose path is not a MASQUE template.
+    let refused = |out: &str| [" 400", " 403", " 404"].contains(&status_line(out));
+    let masque = "/.well-known/masque/udp/127.0.0.1/443/";
+    for (upgrade, path) in [
+        ("websocket", "/v1/messages"),
+        ("connect-udp", "/v1/messages"),
+        ("connect-udp", masque),
+        ("CONNECT", "/v1/messages"),
+        ("websocket, h2c", "/v1/messages"),
+    ] {
+        let headers = ws.map(|h| if h == "Upgrade: websocket" { format!("Upgrade: {upgrade}") } else { h.to_owned() });
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let url = format!("https://api.anthropic.com{path}");
+        let (_, out, err) = g.curl(&[&headers[..], &[&url]].concat());
+        assert!(refused(&out), "Upgrade: {upgrade} {path} through the tunnel: {out}\n{err}");
+        let (_, out, err) =
+            g.curl_tls("api.anthropic.com", &[&headers[..], &[&g.url("api.anthropic.com", path)]].concat());
+        assert!(refused(&out), "Upgrade: {upgrade} {path} on the TLS listener: {out}\n{err}");
+    }
+    g.assert_nothing_forwarded(before, "a protocol upgrade");
+    // A CONNECT inside the terminated TLS session: a tunnel from the keyed host to anywhere.
+    for target in ["exfil.example.com:443", "api.anthropic.com:443", "127.0.0.1:22"] {
+        let (_, out, err) = g.curl(&["-X", "CONNECT", "--request-target", target, "https://api.anthropic.com/"]);
+        let status = status_line(&out);
+        assert!([" 400", " 403", " 404", " 405"].contains(&status), "CONNECT {target} inside TLS: {out}\n{err}");
+    }
+    g.assert_nothing_forwarded(before, "a CONNECT inside the TLS session");
+    // h2c is not a switch Envoy makes: the upgrade headers are dropped and the request is
+    // decided like any other, keyed, with the agent's upgrade never reaching the provider.
+    let (_, out, err) = g.curl(&[
+        "-H",
+        "Connection: Upgrade, HTTP2-Settings",
+        "-H",
+        "Upgrade: h2c",
+        "-H",
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+        "-d",
+        "{}",
+        messages,
+    ]);
+    assert_eq!(status_line(&out), " 200", "{out}\n{err}");
+    let seen = g.fake.seen();
+    assert_eq!(seen.len(), before + 1);
+    let got = seen.last().unwrap();
+    assert_eq!(got.header_str("x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    for h in ["upgrade", "http2-settings"] {
+        assert!(got.header(h).is_empty(), "the agent's {h} header reached the provider: {}", got.everything());
+    }
+}
+
 // === 9. malformed authorities ===
 
 async fn direct() -> InProcess {
