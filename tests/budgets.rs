@@ -427,15 +427,18 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_off
     streamed_openai_and_anthropic_responses_settle_their_reported_usage_with(true).await;
 }
 
+/// Also traced: the budget and the span read one response, and both see its usage (the span
+/// takes the budget's reading rather than parsing the body again).
 async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_with(observe: bool) {
+    use common::otlp::{i, Receiver};
+    let (collector, collector_addr) = Receiver::start().await;
     let meter = Meter::start(Duration::ZERO).await;
-    let (_config, r) = one_budget_with(
-        &meter,
-        "shared",
-        "{kind: EgressGateway, name: egress}",
-        "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}",
-        observe,
-    );
+    let config = tempfile::tempdir().unwrap();
+    let spec = "  key: Gateway\n  window: Hour\n  limits: {totalTokens: 100000}";
+    write(config.path(), &gateway(&budget("shared", "{kind: EgressGateway, name: egress}", spec), ""));
+    let endpoint = format!("http://{collector_addr}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+    let r = tokio::task::block_in_place(|| Replica::start_env_with(config.path(), meter.addr, &env, observe));
     let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
     let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
     let cases = [
@@ -466,6 +469,17 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
         // It had reserved more: body bytes (≥ input tokens) plus max_tokens.
         assert_eq!(reserved().await - r0, (body.len() as u64 + out) as f64, "{host}");
     }
+    let spans = collector.wait_for(cases.len()).await;
+    let mut outputs: Vec<i64> = spans
+        .iter()
+        .map(|(_, sp)| {
+            let input = i(&sp.attributes, "gen_ai.usage.input_tokens");
+            assert_eq!(input, Some(INPUT_TOKENS as i64), "a span without the usage the budget read: {sp:?}");
+            i(&sp.attributes, "gen_ai.usage.output_tokens").expect("output tokens")
+        })
+        .collect();
+    outputs.sort();
+    assert_eq!(outputs, [37, 41, 43, 47], "the spans' output tokens");
     // Read by the observing filter exactly when it runs.
     let observed = r.metric("keyswap_observed_responses_total{outcome=\"ended\"}").await;
     assert_eq!(observed > 0.0, observe, "responses read by the observing filter: {observed}");

@@ -260,6 +260,17 @@ impl ProcessStream {
 }
 
 impl Budgeted {
+    /// Whether this budget reads the response's usage (a span on the same response then
+    /// borrows it rather than parsing the body again).
+    pub(super) fn parses_usage(&self) -> bool {
+        self.parser.is_some()
+    }
+
+    /// The usage read from the response so far (all of it once the body ended).
+    pub(super) fn usage(&mut self) -> Option<crate::provider::usage::ResponseInfo> {
+        self.parser.as_mut().map(|p| p.finish())
+    }
+
     /// A response body chunk: read for usage; settled when it is the last.
     pub(super) fn response_body(&mut self, chunk: &[u8], end: bool) {
         if self.held.is_none() {

@@ -149,7 +149,11 @@ struct Traced {
 }
 
 impl Traced {
-    fn finish(self, sink: &Sink) {
+    /// Exports the span; its usage comes from `budget` when the budget read it for both.
+    fn finish(mut self, sink: &Sink, budget: Option<&mut budget::Budgeted>) {
+        if let Some(info) = budget.and_then(|b| b.usage()) {
+            self.tx.lend_usage(info);
+        }
         self.tx.finish(sink, &self.snapshot.secret_values());
     }
 }
@@ -231,7 +235,7 @@ pub struct Injected {
 impl ProcessStream {
     fn finish_span(&mut self) {
         if let Some(t) = self.tx.take() {
-            t.finish(&self.shared.sink);
+            t.finish(&self.shared.sink, self.budget.as_deref_mut());
         }
     }
 

@@ -73,11 +73,11 @@ impl Parked {
     }
 
     fn end(self, shared: &Shared) {
-        let Parked { tx, budget, .. } = self;
-        drop(budget);
+        let Parked { tx, mut budget, .. } = self;
         if let Some(t) = tx {
-            t.finish(&shared.sink);
+            t.finish(&shared.sink, budget.as_deref_mut());
         }
+        drop(budget);
     }
 }
 

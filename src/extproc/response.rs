@@ -89,6 +89,12 @@ impl ProcessStream {
             Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
             tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
         }
+        if self.budget.is_some() {
+            let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
+            let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+            let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
+            wants_body |= self.budget_response_headers(status, content_type, end);
+        }
         if let Some(t) = &mut self.tx {
             let pairs: Vec<(&str, &[u8])> = match &scrubbed {
                 Some((s, _)) => s.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect(),
@@ -96,12 +102,10 @@ impl ProcessStream {
             };
             t.tx.on_response_headers(&pairs);
             wants_body |= !end && t.tx.wants_response_body();
-        }
-        if self.budget.is_some() {
-            let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
-            let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
-            let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
-            wants_body |= self.budget_response_headers(status, content_type, end);
+            // One reader of usage per response: the budget's, lent to the span when it ends.
+            if self.budget.as_ref().is_some_and(|b| b.parses_usage()) {
+                t.tx.usage_read_elsewhere();
+            }
         }
         let mut m = scrubbed.map(|(_, m)| m);
         let scrub_body = !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some());

@@ -162,6 +162,9 @@ pub struct Transaction {
     resp_body: Option<Capture>,
     req_model_buf: Option<Capture>,
     parser: Option<UsageParser>,
+    /// The response's usage is read by another reader of the same body (a token budget's) and
+    /// handed over at [`Transaction::finish`], instead of being parsed twice.
+    usage: Option<Borrowed>,
     /// The response is a server-sent event stream (its text is reassembled from the events).
     resp_sse: bool,
     /// When the first chunk of a streamed response arrived (Unix nanoseconds).
@@ -171,6 +174,12 @@ pub struct Transaction {
     /// When the transaction ended (Unix nanoseconds), if [`Transaction::mark_ended`] was called
     /// before [`Transaction::finish`].
     ended: Option<u64>,
+}
+
+/// A span's usage read by another reader: not yet handed over, or handed over.
+enum Borrowed {
+    Awaited,
+    Got(ResponseInfo),
 }
 
 /// An event named `name` with one `{prefix}{header}` string-array attribute per header name
@@ -303,6 +312,7 @@ impl Transaction {
             resp_body: None,
             req_model_buf,
             parser: None,
+            usage: None,
             resp_sse: false,
             first_chunk: None,
             redact_also: s.redact_also.map(str::to_owned),
@@ -411,6 +421,22 @@ impl Transaction {
         }
     }
 
+    /// Another reader parses this response's usage (a token budget, fed the same chunks): this
+    /// span stops parsing its own and takes the result by [`Transaction::lend_usage`] before
+    /// [`Transaction::finish`]. Does nothing when the span reads no usage (header-only spans).
+    pub fn usage_read_elsewhere(&mut self) {
+        if self.parser.take().is_some() {
+            self.usage = Some(Borrowed::Awaited);
+        }
+    }
+
+    /// What the other reader found (see [`Transaction::usage_read_elsewhere`]).
+    pub fn lend_usage(&mut self, info: ResponseInfo) {
+        if self.usage.is_some() {
+            self.usage = Some(Borrowed::Got(info));
+        }
+    }
+
     /// Whether the response body is worth asking Envoy for (after response headers).
     pub fn wants_response_body(&self) -> bool {
         self.resp_body.is_some() || self.parser.is_some()
@@ -443,7 +469,10 @@ impl Transaction {
                 self.request_model = crate::provider::usage::request_model(&buf.into_bytes());
             }
         }
-        let info: ResponseInfo = self.parser.as_mut().map(|p| p.finish()).unwrap_or_default();
+        let info: ResponseInfo = match self.usage.take() {
+            Some(Borrowed::Got(info)) => info,
+            _ => self.parser.as_mut().map(|p| p.finish()).unwrap_or_default(),
+        };
         let mut out = std::mem::take(&mut self.encoded);
         let buf = &mut out;
         let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
