@@ -48,6 +48,10 @@
 //! - `E2E_OBSERVE` (0): 1 puts keyswap's observing filter on the route of (e), (f), (h) and (i), as
 //!   `--observe-response-bodies` does; 0 reads the response body on the deciding stream (the
 //!   default deployment);
+//! - `E2E_NOWAIT` (0): 1 gives (e), (f), (h) and (i) a fixed processing mode that streams the
+//!   response body to keyswap without waiting for the answer to the response headers
+//!   (`send_body_without_waiting_for_header_response`; an experiment, run 18 in
+//!   docs/benchmarks.md: Envoy then ignores keyswap's `mode_override`);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
 //!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
@@ -100,6 +104,9 @@ struct Knobs {
     read_bodies: bool,
     /// Setups that read response bodies get keyswap's observing filter (as generated gateways do).
     observe: bool,
+    /// Setups that read response bodies get a fixed processing mode that streams the response
+    /// body to keyswap without waiting for the answer to the response headers (an experiment).
+    nowait: bool,
     /// Streamed requests per run for time to first chunk.
     ttft_requests: usize,
     /// The setups that run (`E2E_SETUPS`), in the order of [`KINDS`].
@@ -127,6 +134,7 @@ impl Knobs {
             capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             observe: env_or("E2E_OBSERVE", 0) != 0,
+            nowait: env_or("E2E_NOWAIT", 0) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
@@ -536,6 +544,20 @@ fn start_hung_collector() -> (u16, Arc<AtomicU64>) {
 // ---------------------------------------------------------------------------------------------
 // A tiny blocking HTTP/1.1 client for readiness and sanity checks (Connection: close).
 
+/// An HTTP/1.1 chunked body, decoded; `None` when `body` is not one.
+fn dechunk(body: &str) -> Option<String> {
+    let (mut rest, mut out) = (body, String::new());
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        if n == 0 {
+            return (after == "\r\n").then_some(out);
+        }
+        out.push_str(after.get(..n)?);
+        rest = after.get(n..)?.strip_prefix("\r\n")?;
+    }
+}
+
 fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -706,9 +728,16 @@ fn socket_address(port: u16) -> Value {
 /// A complete Envoy bootstrap (JSON, which Envoy reads by the `.json` extension).
 /// `sidecar`: the ext_proc server's address. The sidecar's filter and cluster are keyswap's own,
 /// from its generator (`keyswap::envoy`).
+/// How a setup that reads response bodies has Envoy send them (`E2E_OBSERVE`, `E2E_NOWAIT`).
+#[derive(Clone, Copy)]
+struct BodyPath {
+    observe: bool,
+    nowait: bool,
+}
+
 fn envoy_config(
     kind: Kind,
-    observe: bool,
+    BodyPath { observe, nowait }: BodyPath,
     listen: u16,
     admin: u16,
     upstream: u16,
@@ -751,6 +780,10 @@ fn envoy_config(
         | Kind::KeyswapBudgetRedis => {
             let mut f = keyswap::envoy::ext_proc_filter();
             f["typed_config"]["processing_mode"]["response_header_mode"] = json!("SEND");
+            if nowait {
+                f["typed_config"]["processing_mode"]["response_body_mode"] = json!("STREAMED");
+                f["typed_config"]["send_body_without_waiting_for_header_response"] = json!(true);
+            }
             if observe {
                 http_filters.push(keyswap::envoy::observe_filter());
             }
@@ -960,7 +993,12 @@ impl Setup {
         let seen = upstream.snapshot().since(before);
         let label = self.kind.label();
         assert!(status == 200, "{label}: sanity request got HTTP {status}: {body}\n{}", self.stats());
-        assert!(body == UPSTREAM_BODY, "{label}: unexpected body {body:?}");
+        // Envoy sends a body it streams to ext_proc before the header answer chunked (E2E_NOWAIT).
+        let dechunked = dechunk(&body);
+        assert!(
+            body == UPSTREAM_BODY || dechunked.as_deref() == Some(UPSTREAM_BODY),
+            "{label}: unexpected body {body:?}"
+        );
         assert!(seen.total == 1, "{label}: upstream saw {} requests for one sanity request", seen.total);
         if self.kind.injects() {
             assert!(
@@ -1543,7 +1581,8 @@ fn main() {
             (None, None) => None,
         };
         let observe = knobs.observe && kind.reads_response_bodies(knobs.read_bodies);
-        let config = envoy_config(kind, observe, port, admin, upstream_port, &sds, address);
+        let nowait = knobs.nowait && kind.reads_response_bodies(knobs.read_bodies);
+        let config = envoy_config(kind, BodyPath { observe, nowait }, port, admin, upstream_port, &sds, address);
         fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
         let mut cmd = Command::new(&envoy_bin);
         cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);
