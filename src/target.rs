@@ -62,6 +62,30 @@ pub fn check_method(method: &str) -> Result<(), Refused> {
     }
 }
 
+/// Headers by which some APIs (Google's among them) let a request stand for another method.
+pub const METHOD_OVERRIDE_HEADERS: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Whether `name` is one of [`METHOD_OVERRIDE_HEADERS`].
+pub fn is_method_override(name: &str) -> bool {
+    METHOD_OVERRIDE_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// [`check_method`], and every method an override header names (`overrides`: the values of
+/// [`METHOD_OVERRIDE_HEADERS`] the request carries): an upstream that honours the override acts
+/// on that method, so `POST` with `X-HTTP-Method-Override: TRACE` is refused like `TRACE`. An
+/// override is read as a lenient server would (surrounding space, any case); anything that is
+/// not one allowed method (a list, bytes that are not text) is refused.
+pub fn check_methods<'a>(method: &str, overrides: impl Iterator<Item = &'a [u8]>) -> Result<(), Refused> {
+    check_method(method)?;
+    for value in overrides {
+        let named = std::str::from_utf8(value).map(str::trim).unwrap_or("");
+        if !ALLOWED_METHODS.iter().any(|m| m.eq_ignore_ascii_case(named)) {
+            return Err(Refused::MethodNotAllowed);
+        }
+    }
+    Ok(())
+}
+
 /// The lowercase host named by `authority` (`host`, `host:port`, `[v6]`, `[v6]:port`; a trailing
 /// dot dropped), or `MalformedAuthority`. Allocates nothing for hosts that fit `buf`.
 pub fn host<'a>(authority: &'a str, buf: &'a mut [u8; 256]) -> Result<&'a str, Refused> {
@@ -255,5 +279,21 @@ mod tests {
         for m in ["TRACE", "TRACK", "CONNECT", "PROPFIND", "get", "DEBUG", ""] {
             assert_eq!(check_method(m), Err(Refused::MethodNotAllowed), "{m}");
         }
+    }
+
+    #[test]
+    fn a_method_override_naming_a_refused_method_is_refused_like_the_method() {
+        let none: [&[u8]; 0] = [];
+        assert_eq!(check_methods("POST", none.into_iter()), Ok(()));
+        for ok in [&b"PATCH"[..], b" delete ", b"Get"] {
+            assert_eq!(check_methods("POST", [ok].into_iter()), Ok(()), "{ok:?}");
+        }
+        for bad in [&b"TRACE"[..], b"trace", b" TRACK", b"PATCH, TRACE", b"PROPFIND", b"", b"\xffGET", b"CONNECT"] {
+            assert_eq!(check_methods("POST", [bad].into_iter()), Err(Refused::MethodNotAllowed), "{bad:?}");
+        }
+        // Every override must pass, not just the first.
+        assert_eq!(check_methods("POST", [&b"PATCH"[..], b"TRACE"].into_iter()), Err(Refused::MethodNotAllowed));
+        assert!(is_method_override("X-HTTP-Method-Override") && is_method_override("x-method-override"));
+        assert!(!is_method_override("x-http-method-overrides"));
     }
 }

@@ -439,6 +439,16 @@ async fn dot_segments_encoded_slashes_and_trace_do_not_reach_excluded_endpoints_
         let (_, out, _) = g.curl(&["-X", method, &anthropic("/v1/messages")]);
         assert!(status_line(&out).contains(" 405") || status_line(&out).contains(" 400"), "{method}: {out}");
     }
+    // The same methods named by an override header, which Google's front ends honour on POST.
+    for (header, method) in
+        [("X-HTTP-Method-Override", "TRACE"), ("X-HTTP-Method", "trace"), ("X-Method-Override", "PROPFIND")]
+    {
+        let h = format!("{header}: {method}");
+        for url in [anthropic("/v1/messages"), google("/v1beta/models/gemini-allowed:generateContent")] {
+            let (_, out, _) = g.curl(&["-H", &h, "-d", "{}", &url]);
+            assert_eq!(status_line(&out), " 405", "{h} {url}: {out}");
+        }
+    }
     g.assert_nothing_forwarded(before, "odd methods");
     // The allowed endpoint and model still work.
     let (_, out, _) = g.curl(&["-d", "{}", &anthropic("/v1/messages")]);

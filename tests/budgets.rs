@@ -323,11 +323,26 @@ async fn call_path(
     token: Option<&str>,
     body: &str,
 ) -> (u16, Option<String>, String) {
+    call_with(port, host, ("POST", path), &[], token, body).await
+}
+
+/// [`call_path`] with another method and more headers.
+async fn call_with(
+    port: u16,
+    host: &str,
+    (method, path): (&str, &str),
+    headers: &[(&str, &str)],
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Option<String>, String) {
     let mut b = hyper::Request::builder()
-        .method("POST")
+        .method(method)
         .uri(format!("http://127.0.0.1:{port}{path}"))
         .header("host", host)
         .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
     }
@@ -1237,10 +1252,22 @@ async fn an_agent_cannot_spend_past_its_budget_through_a_batch_a_background_resp
             assert!(!text.contains(secret), "a refusal quoted a secret: {text}");
         }
     }
+    // The same batch behind a method override: a server that honours it creates the batch.
+    let overridden = [
+        ("GET", "x-http-method-override", "POST"),
+        ("DELETE", "X-HTTP-Method", " post "),
+        ("GET", "x-method-override", "PUT"),
+    ];
+    for (method, header, named) in overridden {
+        let (status, _, text) =
+            call_with(r.port, OPENAI, (method, "/v1/batches"), &[(header, named)], Some(ACME_TOKEN), batch).await;
+        assert_eq!(status, 403, "{method} with {header}: {named}: {text}");
+        assert!(text.contains("budget_unmetered_request"), "{text}");
+    }
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "an unmetered request reached the provider");
     let refused =
         r.metric("keyswap_budget_decisions_total{budget=\"default/acme-daily\",decision=\"unmetered\"}").await;
-    assert_eq!(refused, attacks.len() as f64);
+    assert_eq!(refused, (attacks.len() + overridden.len()) as f64);
 
     // A foreground response, and a batch's cancellation, are metered or free: forwarded.
     let (status, _, text) =

@@ -58,7 +58,8 @@ pub fn on_request_headers(
             Admission::NeedKeys(jwks) => return Step::Wait(Wait::Keys(jwks)),
         }
     }
-    let decision = match crate::target::check_method(req.method) {
+    let overrides = headers.iter().filter(|h| crate::target::is_method_override(&h.key)).map(super::header_bytes);
+    let decision = match crate::target::check_methods(req.method, overrides) {
         Err(r) => Decision::Refused(r),
         Ok(()) => snapshot.decide(req.authority, req.path, req.tenant()),
     };
@@ -69,6 +70,25 @@ pub fn on_request_headers(
         Decision::TenantNotMapped { entry } => req.tenant_not_mapped(entry),
         Decision::Deny => req.no_route(),
         Decision::PassThrough { allowed_by } => req.pass_through(allowed_by),
+    }
+}
+
+impl Incoming<'_> {
+    /// The method a budget judges the request by: the request's own when it creates something
+    /// (POST, PUT, PATCH), else a creating method an override header names. A server that
+    /// honours the override creates; one that ignores it acts on the request's method; the
+    /// request counts as creating if either does.
+    fn budget_method(&self) -> &str {
+        let creates = |m: &str| ["POST", "PUT", "PATCH"].iter().any(|c| c.eq_ignore_ascii_case(m));
+        if creates(self.method) {
+            return self.method;
+        }
+        let overrides = self.headers.iter().filter(|h| crate::target::is_method_override(&h.key));
+        overrides
+            .filter_map(|h| std::str::from_utf8(super::header_bytes(h)).ok())
+            .map(str::trim)
+            .find(|m| creates(m))
+            .unwrap_or(self.method)
     }
 }
 
@@ -392,8 +412,13 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let budget =
-            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.method, self.path);
+        let budget = super::budget::Budgeted::new(
+            self.snapshot,
+            entry,
+            self.identity.as_deref(),
+            self.budget_method(),
+            self.path,
+        );
         if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
             let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
             if let Some(e) =
