@@ -70,20 +70,30 @@ pub fn is_method_override(name: &str) -> bool {
     METHOD_OVERRIDE_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// Whether `method` (any case) creates something upstream: POST, PUT or PATCH.
+pub fn creates(method: &str) -> bool {
+    ["POST", "PUT", "PATCH"].iter().any(|m| m.eq_ignore_ascii_case(method))
+}
+
 /// [`check_method`], and every method an override header names (`overrides`: the values of
 /// [`METHOD_OVERRIDE_HEADERS`] the request carries): an upstream that honours the override acts
 /// on that method, so `POST` with `X-HTTP-Method-Override: TRACE` is refused like `TRACE`. An
 /// override is read as a lenient server would (surrounding space, any case); anything that is
 /// not one allowed method (a list, bytes that are not text) is refused.
-pub fn check_methods<'a>(method: &str, overrides: impl Iterator<Item = &'a [u8]>) -> Result<(), Refused> {
+///
+/// `Ok(creates)`: whether the request [`creates`] by its own method or by an override (a server
+/// that honours the override creates, one that ignores it acts on the method: either counts).
+pub fn check_methods<'a>(method: &str, overrides: impl Iterator<Item = &'a [u8]>) -> Result<bool, Refused> {
     check_method(method)?;
+    let mut creating = creates(method);
     for value in overrides {
         let named = std::str::from_utf8(value).map(str::trim).unwrap_or("");
         if !ALLOWED_METHODS.iter().any(|m| m.eq_ignore_ascii_case(named)) {
             return Err(Refused::MethodNotAllowed);
         }
+        creating |= creates(named);
     }
-    Ok(())
+    Ok(creating)
 }
 
 /// The lowercase host named by `authority` (`host`, `host:port`, `[v6]`, `[v6]:port`; a trailing
@@ -284,10 +294,16 @@ mod tests {
     #[test]
     fn a_method_override_naming_a_refused_method_is_refused_like_the_method() {
         let none: [&[u8]; 0] = [];
-        assert_eq!(check_methods("POST", none.into_iter()), Ok(()));
+        assert_eq!(check_methods("POST", none.into_iter()), Ok(true));
+        assert_eq!(check_methods("GET", none.into_iter()), Ok(false));
         for ok in [&b"PATCH"[..], b" delete ", b"Get"] {
-            assert_eq!(check_methods("POST", [ok].into_iter()), Ok(()), "{ok:?}");
+            assert_eq!(check_methods("POST", [ok].into_iter()), Ok(true), "{ok:?}");
         }
+        // A GET or DELETE whose override names a creating method creates, in any case.
+        assert_eq!(check_methods("GET", [&b" post "[..]].into_iter()), Ok(true));
+        assert_eq!(check_methods("DELETE", [&b"Put"[..]].into_iter()), Ok(true));
+        assert_eq!(check_methods("GET", [&b"DELETE"[..]].into_iter()), Ok(false));
+        assert!(creates("patch") && !creates("OPTIONS"));
         for bad in [&b"TRACE"[..], b"trace", b" TRACK", b"PATCH, TRACE", b"PROPFIND", b"", b"\xffGET", b"CONNECT"] {
             assert_eq!(check_methods("POST", [bad].into_iter()), Err(Refused::MethodNotAllowed), "{bad:?}");
         }

@@ -55,7 +55,7 @@ impl Budgeted {
         snapshot: &Arc<Snapshot>,
         entry: &MatchEntry,
         identity: Option<&Identity>,
-        method: &str,
+        creates: bool,
         path: &str,
     ) -> Option<Box<Budgeted>> {
         if entry.budgets.is_empty() {
@@ -66,7 +66,7 @@ impl Budgeted {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
-            unmetered: entry.provider.unmetered(method, path),
+            unmetered: entry.provider.unmetered(creates, path),
             format: crate::provider::usage::format_for(entry.provider.name),
             snapshot: snapshot.clone(),
             held: None,

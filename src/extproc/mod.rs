@@ -151,8 +151,10 @@ struct Traced {
 impl Traced {
     /// Exports the span; its usage comes from `budget` when the budget read it for both.
     fn finish(mut self, sink: &Sink, budget: Option<&mut budget::Budgeted>) {
-        if let Some(info) = budget.and_then(|b| b.usage()) {
-            self.tx.lend_usage(info);
+        if self.tx.borrows_usage() {
+            if let Some(info) = budget.and_then(|b| b.usage()) {
+                self.tx.lend_usage(info);
+            }
         }
         self.tx.finish(sink, &self.snapshot.secret_values());
     }

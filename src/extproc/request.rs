@@ -61,7 +61,10 @@ pub fn on_request_headers(
     let overrides = headers.iter().filter(|h| crate::target::is_method_override(&h.key)).map(super::header_bytes);
     let decision = match crate::target::check_methods(req.method, overrides) {
         Err(r) => Decision::Refused(r),
-        Ok(()) => snapshot.decide(req.authority, req.path, req.tenant()),
+        Ok(creates) => {
+            req.creates = creates;
+            snapshot.decide(req.authority, req.path, req.tenant())
+        }
     };
     match decision {
         Decision::Refused(r) => req.refused(r),
@@ -70,25 +73,6 @@ pub fn on_request_headers(
         Decision::TenantNotMapped { entry } => req.tenant_not_mapped(entry),
         Decision::Deny => req.no_route(),
         Decision::PassThrough { allowed_by } => req.pass_through(allowed_by),
-    }
-}
-
-impl Incoming<'_> {
-    /// The method a budget judges the request by: the request's own when it creates something
-    /// (POST, PUT, PATCH), else a creating method an override header names. A server that
-    /// honours the override creates; one that ignores it acts on the request's method; the
-    /// request counts as creating if either does.
-    fn budget_method(&self) -> &str {
-        let creates = |m: &str| ["POST", "PUT", "PATCH"].iter().any(|c| c.eq_ignore_ascii_case(m));
-        if creates(self.method) {
-            return self.method;
-        }
-        let overrides = self.headers.iter().filter(|h| crate::target::is_method_override(&h.key));
-        overrides
-            .filter_map(|h| std::str::from_utf8(super::header_bytes(h)).ok())
-            .map(str::trim)
-            .find(|m| creates(m))
-            .unwrap_or(self.method)
     }
 }
 
@@ -103,6 +87,9 @@ struct Incoming<'a> {
     /// `path` without its query (for logs).
     path_only: &'a str,
     method: &'a str,
+    /// The request creates something upstream, by its method or a method override
+    /// ([`crate::target::check_methods`]).
+    creates: bool,
     /// Who the gateway's agentAuth admitted (`None`: no agentAuth, or anonymous).
     identity: Option<Cow<'a, Identity>>,
     /// The agent's gateway token: stripped like any credential, but not counted as smuggling.
@@ -126,6 +113,7 @@ impl<'a> Incoming<'a> {
             path,
             path_only: path.split_once('?').map_or(path, |(p, _)| p),
             method: find(headers, ":method").unwrap_or("GET"),
+            creates: false,
             identity: None,
             agent_token: None,
             edge_headers: snapshot.agent_auth.as_ref().map_or(&[], |c| &c.edge_headers),
@@ -412,13 +400,8 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let budget = super::budget::Budgeted::new(
-            self.snapshot,
-            entry,
-            self.identity.as_deref(),
-            self.budget_method(),
-            self.path,
-        );
+        let budget =
+            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path);
         if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
             let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
             if let Some(e) =

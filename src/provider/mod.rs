@@ -201,12 +201,12 @@ impl Provider {
         Some(percent_encoding::percent_decode_str(model).decode_utf8_lossy())
     }
 
-    /// The [`Provider::unmetered`] glob a request matches, if it creates something there. The
+    /// The [`Provider::unmetered`] glob a request matches, if it `creates` something there
+    /// ([`crate::target::check_methods`] says whether it does). The
     /// path is compared the way a lenient router may read it: percent-decoded, lowercased, empty
     /// and `.` segments dropped, `..` applied, `;parameters` cut off, without the query (an agent must not slip past
     /// with `/v1/b%61tches/` or `/v1//./batches`, whether or not Envoy normalized the path).
-    pub fn unmetered(&self, method: &str, path: &str) -> Option<&'static str> {
-        let creates = ["POST", "PUT", "PATCH"].iter().any(|m| m.eq_ignore_ascii_case(method));
+    pub fn unmetered(&self, creates: bool, path: &str) -> Option<&'static str> {
         if self.unmetered.is_empty() || !creates {
             return None;
         }
@@ -254,21 +254,20 @@ mod tests {
             "/v1%2fbatches",
             "/v1/threads/thread_1/runs",
         ] {
-            assert!(openai.unmetered("POST", path).is_some(), "{path}");
+            assert!(openai.unmetered(true, path).is_some(), "{path}");
         }
-        assert!(openai.unmetered("post", "/v1/batches").is_some(), "a method in lowercase");
         // Reading a batch's status, or a metered endpoint, is not refused.
-        assert_eq!(openai.unmetered("GET", "/v1/batches"), None);
-        assert_eq!(openai.unmetered("POST", "/v1/chat/completions"), None);
-        assert_eq!(openai.unmetered("POST", "/v1/batches/batch_1/cancel"), None);
+        assert_eq!(openai.unmetered(false, "/v1/batches"), None);
+        assert_eq!(openai.unmetered(true, "/v1/chat/completions"), None);
+        assert_eq!(openai.unmetered(true, "/v1/batches/batch_1/cancel"), None);
         let google = lookup("google").unwrap();
-        assert!(google.unmetered("POST", "/v1beta/models/gemini-2.5-pro:batchGenerateContent").is_some());
-        assert!(google.unmetered("POST", "/v1beta/models/gemini-2.5-pro:generateContent").is_none());
-        assert!(lookup("anthropic").unwrap().unmetered("POST", "/v1/messages/batches").is_some());
-        assert!(lookup("anthropic").unwrap().unmetered("POST", "/v1/messages").is_none());
-        assert!(lookup("azure-openai").unwrap().unmetered("POST", "/openai/v1/batches").is_some());
-        assert!(lookup("azure-openai").unwrap().unmetered("POST", "/openai/batches?api-version=2024-10-21").is_some());
-        assert!(lookup("bedrock").unwrap().unmetered("POST", "/async-invoke").is_some());
+        assert!(google.unmetered(true, "/v1beta/models/gemini-2.5-pro:batchGenerateContent").is_some());
+        assert!(google.unmetered(true, "/v1beta/models/gemini-2.5-pro:generateContent").is_none());
+        assert!(lookup("anthropic").unwrap().unmetered(true, "/v1/messages/batches").is_some());
+        assert!(lookup("anthropic").unwrap().unmetered(true, "/v1/messages").is_none());
+        assert!(lookup("azure-openai").unwrap().unmetered(true, "/openai/v1/batches").is_some());
+        assert!(lookup("azure-openai").unwrap().unmetered(true, "/openai/batches?api-version=2024-10-21").is_some());
+        assert!(lookup("bedrock").unwrap().unmetered(true, "/async-invoke").is_some());
         for p in REGISTRY {
             for g in p.unmetered {
                 assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);

@@ -430,6 +430,11 @@ impl Transaction {
         }
     }
 
+    /// Whether the span waits for another reader's usage ([`Transaction::usage_read_elsewhere`]).
+    pub fn borrows_usage(&self) -> bool {
+        matches!(self.usage, Some(Borrowed::Awaited))
+    }
+
     /// What the other reader found (see [`Transaction::usage_read_elsewhere`]).
     pub fn lend_usage(&mut self, info: ResponseInfo) {
         if self.usage.is_some() {
