@@ -137,9 +137,8 @@ async fn phoenix_shows_llm_spans_with_tokens_prompt_completion_and_denials_in_th
     // A denial keyswap answers itself: an endpoint the route does not allow. Without a body: over
     // HTTP/2 a denial answered before curl 7.88 has closed its upload races curl's early-response
     // handling (about 1 in 100 such calls ends in curl error 92 though the 403 arrived).
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        curl(&dev, &["-w", "\n%{http_code}", "https://api.openai.com/v1/files"])
-    });
+    let (code, out, err) =
+        tokio::task::block_in_place(|| curl(&dev, &["-w", "\n%{http_code}", "https://api.openai.com/v1/files"]));
     assert_eq!(code, 0, "{err}");
     assert!(out.ends_with("403"), "{out}");
 
