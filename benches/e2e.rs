@@ -48,10 +48,11 @@
 //! - `E2E_OBSERVE` (0): 1 puts keyswap's observing filter on the route of (e), (f), (h) and (i), as
 //!   `--observe-response-bodies` does; 0 reads the response body on the deciding stream (the
 //!   default deployment);
-//! - `E2E_NOWAIT` (0): 1 gives (e), (f), (h) and (i) a fixed processing mode that streams the
-//!   response body to keyswap without waiting for the answer to the response headers
-//!   (`send_body_without_waiting_for_header_response`; an experiment, run 18 in
-//!   docs/benchmarks.md: Envoy then ignores keyswap's `mode_override`);
+//! - `E2E_NOWAIT` (1): the route of (e), (f), (h) and (i) turns on the body-streaming deciding
+//!   filter, as the generator does for hosts whose response bodies keyswap reads
+//!   (`keyswap::envoy::bodies_filter`, `bodies_on_route`: fixed phases, the response body sent
+//!   without waiting for the answer to the response headers); 0: the deciding filter asks for
+//!   the body by `mode_override`, as before run 19 in docs/benchmarks.md;
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
 //!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
@@ -134,7 +135,7 @@ impl Knobs {
             capture_bytes: env_or("E2E_CAPTURE_BYTES", 65536),
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             observe: env_or("E2E_OBSERVE", 0) != 0,
-            nowait: env_or("E2E_NOWAIT", 0) != 0,
+            nowait: env_or("E2E_NOWAIT", 1) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
@@ -733,11 +734,13 @@ fn socket_address(port: u16) -> Value {
 struct BodyPath {
     observe: bool,
     nowait: bool,
+    /// The request body the fixed phases send (`nowait`).
+    request_body: keyswap::envoy::RequestBody,
 }
 
 fn envoy_config(
     kind: Kind,
-    BodyPath { observe, nowait }: BodyPath,
+    BodyPath { observe, nowait, request_body }: BodyPath,
     listen: u16,
     admin: u16,
     upstream: u16,
@@ -780,14 +783,12 @@ fn envoy_config(
         | Kind::KeyswapBudgetRedis => {
             let mut f = keyswap::envoy::ext_proc_filter();
             f["typed_config"]["processing_mode"]["response_header_mode"] = json!("SEND");
-            if nowait {
-                f["typed_config"]["processing_mode"]["response_body_mode"] = json!("STREAMED");
-                f["typed_config"]["send_body_without_waiting_for_header_response"] = json!(true);
-            }
             if observe {
                 http_filters.push(keyswap::envoy::observe_filter());
             }
             http_filters.push(f);
+            // Off unless the route turns it on (`nowait`), as in the generator's chain.
+            http_filters.push(keyswap::envoy::bodies_filter());
         }
     }
     http_filters.push(json!({
@@ -827,8 +828,13 @@ fn envoy_config(
                                 "name": "all",
                                 "domains": ["*"],
                                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-                                "typed_per_filter_config":
-                                    if observe { keyswap::envoy::observe_on_route() } else { json!({}) },
+                                "typed_per_filter_config": if observe {
+                                    keyswap::envoy::observe_on_route()
+                                } else if nowait {
+                                    keyswap::envoy::bodies_on_route(request_body)
+                                } else {
+                                    json!({})
+                                },
                             }],
                         },
                         "http_filters": http_filters,
@@ -985,8 +991,11 @@ impl Setup {
     /// One request; checks status, body, which key reached the upstream, and (for the ext_proc
     /// setups) that Envoy really opened an ext_proc stream for it.
     fn sanity_check(&self, upstream: &UpstreamCounters) {
+        // Streams of either deciding filter (the body-streaming one has its own stat prefix).
         const STREAMS: &str = "http.ingress.ext_proc.streams_started";
-        let streams_before = self.kind.has_sidecar().then(|| self.stat(STREAMS));
+        const BODIES_STREAMS: &str = "http.ingress.ext_proc.keyswap_bodies.streams_started";
+        let streams = || self.stat(STREAMS) + self.stat(BODIES_STREAMS);
+        let streams_before = self.kind.has_sidecar().then(streams);
         let before = upstream.snapshot();
         let (status, body) = http_get(self.port, REQUEST_PATH, &request_headers())
             .unwrap_or_else(|e| panic!("{}: sanity request failed: {e}", self.kind.label()));
@@ -1013,10 +1022,10 @@ impl Setup {
             // Once this read 0 although the request had gone through keyswap: poll for a while
             // rather than trust a single read of Envoy's /stats.
             let deadline = Instant::now() + Duration::from_secs(12);
-            let mut started = self.stat(STREAMS) - n;
+            let mut started = streams() - n;
             while started == 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(200));
-                started = self.stat(STREAMS) - n;
+                started = streams() - n;
             }
             assert!(started == 1, "{label}: {started} ext_proc streams started for one request\n{}", self.stats());
         }
@@ -1581,8 +1590,16 @@ fn main() {
             (None, None) => None,
         };
         let observe = knobs.observe && kind.reads_response_bodies(knobs.read_bodies);
-        let nowait = knobs.nowait && kind.reads_response_bodies(knobs.read_bodies);
-        let config = envoy_config(kind, BodyPath { observe, nowait }, port, admin, upstream_port, &sds, address);
+        let nowait = knobs.nowait && !knobs.observe && kind.reads_response_bodies(knobs.read_bodies);
+        // What the generator fixes: the whole body for a budget on tokens, the captured part for
+        // spans that capture bodies.
+        let request_body = match kind {
+            Kind::KeyswapBudget | Kind::KeyswapBudgetRedis => keyswap::envoy::RequestBody::Whole,
+            _ if knobs.capture_bytes > 0 => keyswap::envoy::RequestBody::Capture,
+            _ => keyswap::envoy::RequestBody::None,
+        };
+        let body_path = BodyPath { observe, nowait, request_body };
+        let config = envoy_config(kind, body_path, port, admin, upstream_port, &sds, address);
         fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
         let mut cmd = Command::new(&envoy_bin);
         cmd.args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "-c"]).arg(&cfg);

@@ -673,6 +673,37 @@ async fn bracketed_or_decorated_authorities_never_match_a_route() {
     let _ = &s.shared;
 }
 
+/// A host with a token budget runs the body-streaming deciding filter with the whole request
+/// body in its phases (reservation reads `max_tokens`). Spelling the host another way — case, a
+/// port, a trailing dot, the TLS listener instead of CONNECT — must not land the request on a
+/// virtual host whose phases lack the body, to have it forwarded unreserved: every spelling is
+/// metered (here refused: the budget is smaller than any reservation) or refused, none reaches
+/// the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_spellings_never_carry_a_request_past_a_token_budget() {
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: tiny}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 5}\n";
+    let g = start_gateway("deny-all", budget, &[]).await;
+    let body = r#"{"model":"claude-x","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let json = "content-type: application/json";
+    let before = g.fake.seen().len();
+    // The canonical spelling is metered: the budget refuses it by name.
+    let (_, out, _) = g.curl(&["-H", json, "-d", body, "https://api.anthropic.com/v1/messages"]);
+    assert_eq!(status_line(&out), " 429", "{out}");
+    assert!(out.contains("budget_exhausted"), "{out}");
+    let spellings = ["API.ANTHROPIC.COM", "Api.Anthropic.Com:443", "api.anthropic.com:443", "api.anthropic.com."];
+    for host in spellings {
+        let h = format!("Host: {host}");
+        let (_, out, _) = g.curl(&["-H", &h, "-H", json, "-d", body, "https://api.anthropic.com/v1/messages"]);
+        let status = status_line(&out);
+        assert!(status.starts_with(" 4"), "{host} through CONNECT: {status}\n{out}");
+        let url = g.url("api.anthropic.com", "/v1/messages");
+        let (_, out, _) = g.curl_tls("api.anthropic.com", &["-H", &h, "-H", json, "-d", body, &url]);
+        let status = status_line(&out);
+        assert!(status.starts_with(" 4"), "{host} on the TLS listener: {status}\n{out}");
+    }
+    g.assert_nothing_forwarded(before, "host spellings past a token budget");
+}
+
 #[tokio::test]
 async fn trace_and_dot_segments_sent_straight_to_keyswap_get_no_key() {
     let s = direct().await;

@@ -275,11 +275,7 @@ impl Replica {
         let work = tempfile::tempdir().unwrap();
         let metrics = free_port();
         let (keyswap, uds) = start_keyswap(config, work.path(), env, &["--metrics", &format!("127.0.0.1:{metrics}")]);
-        let (envoy, port) = if observe {
-            start_envoy_observed(work.path(), &uds, upstream)
-        } else {
-            start_envoy(work.path(), &uds, upstream)
-        };
+        let (envoy, port) = start_envoy_as_generated(config, env, observe, work.path(), &uds, upstream);
         Replica { keyswap, _envoy: envoy, port, metrics, _work: work }
     }
 

@@ -492,3 +492,157 @@ async fn a_span_ends_at_the_last_answer_and_is_encoded_after_it_went_out() {
     assert!(span.end_time_unix_nano + 250_000_000 < closed);
     assert!(span.start_time_unix_nano <= span.end_time_unix_nano);
 }
+
+// === routes with fixed phases (the body-streaming deciding filter) ===
+
+/// The first message of a stream of the body-streaming deciding filter: Envoy names the route's
+/// fixed request body mode and the flag in `protocol_config`.
+fn fixed(
+    mut first: envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest,
+    request_body: envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
+) -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    first.protocol_config = Some(envoy_types::pb::envoy::service::ext_proc::v3::ProtocolConfiguration {
+        request_body_mode: request_body as i32,
+        response_body_mode: BodySendMode::Streamed as i32,
+        send_body_without_waiting_for_header_response: true,
+    });
+    first
+}
+
+fn response_body(bytes: &[u8]) -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, ProcessingRequest};
+    ProcessingRequest {
+        request: Some(Request::ResponseBody(HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+const BUDGET_AND_SIGV4: &str = r#"apiVersion: keyswap.dev/v1alpha1
+kind: TokenBudget
+metadata: {name: daily}
+spec:
+  parentRefs: [{name: anthropic}]
+  key: Gateway
+  window: Day
+  limits: {totalTokens: 100000}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: bedrock}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: bedrock, hosts: [bedrock-runtime.us-east-1.amazonaws.com]}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: bedrock-sigv4}
+spec:
+  parentRefs: [{name: bedrock}]
+  secretRef: {name: aws}
+  target: ProviderAuth
+  providerAuth: {type: AWSv4}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: aws}
+stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
+"#;
+
+/// For a moment after a TokenBudget or a SigV4 key is added, Envoy can still have the route's old
+/// phases, which do not send the request body that reservation and signing need. A request
+/// then is refused (503, retry), never forwarded unreserved past its budget or unsigned; with the
+/// route's phases sending the whole body, the same requests go on.
+#[tokio::test]
+async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuses_instead_of_forwarding() {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let s = common::start_in_process_with(&[("more.yaml", BUDGET_AND_SIGV4)]).await;
+    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
+    let budgeted = req("api.anthropic.com", "/v1/messages", &json);
+    let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
+    let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
+    for (what, head) in [("budgeted", &budgeted), ("SigV4", &signed)] {
+        for mode in [BodySendMode::None, BodySendMode::BufferedPartial, BodySendMode::Streamed] {
+            let mut c = grpc::connect(s.addr).await;
+            let answers = grpc::exchange(&mut c, vec![fixed(grpc::headers(head), mode), grpc::body(body)]).await;
+            let first = answers[0].as_ref().expect("an answer");
+            let i = immediate(first);
+            assert_eq!(i.status.as_ref().unwrap().code, 503, "{what} {mode:?}");
+            let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+            assert_eq!(reason["error"]["reason"], "phases_mismatch", "{what} {mode:?}: {reason}");
+            assert!(!String::from_utf8_lossy(&i.body).contains("wJalr"), "{what}: a secret in the refusal");
+        }
+        let mut c = grpc::connect(s.addr).await;
+        let answers =
+            grpc::exchange(&mut c, vec![fixed(grpc::headers(head), BodySendMode::Buffered), grpc::body(body)]).await;
+        let kinds: Vec<_> = answers
+            .iter()
+            .map(|a| match a.as_ref().expect("an answer").response.as_ref().unwrap() {
+                Response::RequestHeaders(_) => "request_headers",
+                Response::RequestBody(_) => "request_body",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["request_headers", "request_body"], "{what} with the whole body: {answers:?}");
+    }
+    // A body-less request on the budgeted route needs no body: it goes on.
+    let mut get = budgeted.clone();
+    get[0] = (":method", "GET");
+    let mut c = grpc::connect(s.addr).await;
+    let mut head = fixed(grpc::headers(&get), BodySendMode::None);
+    if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request::RequestHeaders(h)) =
+        head.request.as_mut()
+    {
+        h.end_of_stream = true;
+    }
+    let answers = grpc::exchange(&mut c, vec![head]).await;
+    assert!(
+        matches!(answers[0].as_ref().unwrap().response, Some(Response::RequestHeaders(_))),
+        "a body-less GET on a budgeted route: {answers:?}"
+    );
+}
+
+/// On a route with fixed phases, Envoy sends bodies a request does not read (an unsampled span,
+/// no budget, no scrubbing): each is answered with a plain continue, nothing replaced or
+/// counted, and the stream stays healthy.
+#[tokio::test]
+async fn bodies_a_fixed_route_sends_that_a_request_does_not_read_pass_untouched() {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let s = start().await;
+    let mut c = grpc::connect(s.addr).await;
+    let head = req("api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]);
+    let answers = grpc::exchange(
+        &mut c,
+        vec![
+            fixed(grpc::headers(&head), BodySendMode::Buffered),
+            grpc::body(br#"{"model":"claude-x"}"#),
+            grpc::response_headers(&[(":status", "200"), ("content-type", "application/json")]),
+            response_body(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#),
+        ],
+    )
+    .await;
+    let answers: Vec<_> = answers.into_iter().map(|a| a.expect("an answer")).collect();
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    let key = set_value(&mutation(&answers[0]), "x-api-key");
+    assert_eq!(key.as_deref(), Some(ANTHROPIC_KEY), "the key is still written");
+    let answers: Vec<Response> = answers.into_iter().map(|a| a.response.unwrap()).collect();
+    match &answers[1] {
+        Response::RequestBody(b) => assert!(
+            b.response.as_ref().is_none_or(|c| c.header_mutation.is_none() && c.body_mutation.is_none()),
+            "{b:?}"
+        ),
+        other => panic!("expected a request_body answer, got {other:?}"),
+    }
+    match &answers[3] {
+        Response::ResponseBody(b) => assert!(b.response.as_ref().is_none_or(|c| c.body_mutation.is_none()), "{b:?}"),
+        other => panic!("expected a response_body answer, got {other:?}"),
+    }
+    assert_eq!(Metrics::get(&s.shared.metrics.protocol_errors), 0);
+}

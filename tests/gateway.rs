@@ -169,20 +169,29 @@ fn static_and_ads_bootstraps_pass_envoy_validate() {
     }
     // The static bootstrap (every resource inline) and the ADS one; what ADS serves is checked
     // through a running Envoy in tests/control_plane.rs.
-    for (dir, delivery) in dirs.iter().flat_map(|d| [(d, "--static"), (d, "ads")]) {
+    for (dir, delivery) in dirs.iter().flat_map(|d| [(d, "--static"), (d, "--static-observed"), (d, "ads")]) {
         let work = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
         cmd.arg("envoy-config").arg("--config").arg(dir).arg("--uds").arg(work.path().join("k.sock"));
-        if delivery == "--static" {
-            // With the observing filter on every routed host (tracing on, from the environment).
-            cmd.arg("--static").arg("--certs").arg(work.path().join("certs")).arg("--observe-response-bodies");
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        if delivery != "ads" {
+            // Tracing on, from the environment: every routed host gets the body-streaming
+            // deciding filter, or with --observe-response-bodies the observing one.
+            cmd.arg("--static").arg("--certs").arg(work.path().join("certs"));
             cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+        }
+        if delivery == "--static-observed" {
+            cmd.arg("--observe-response-bodies");
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{} {delivery}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.contains("dynamic_resources"), delivery == "ads", "{text}");
-        assert_eq!(text.contains("x-keyswap-observed"), delivery == "--static", "observing filter on routes: {text}");
+        let observed = delivery == "--static-observed";
+        assert_eq!(text.contains("x-keyswap-observed"), observed, "observing filter on routes: {text}");
+        let parsed: serde_json::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+        let streams_bodies = static_vhosts(&parsed).any(|vh| deciding_filters(vh).0 == [keyswap::envoy::BODIES_FILTER]);
+        assert_eq!(streams_bodies, delivery == "--static", "body-streaming filter on routes: {text}");
         let cfg = work.path().join("envoy.yaml");
         std::fs::write(&cfg, &out.stdout).unwrap();
         let v = Command::new(envoy_bin()).args(["--mode", "validate", "-c"]).arg(&cfg).output().unwrap();
@@ -255,5 +264,192 @@ fn leaf_chains_to_the_gateway_ca_with_a_san_per_host() {
     {
         let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(!all.contains(line), "CA key printed");
+    }
+}
+
+/// The virtual hosts of a static bootstrap's listeners.
+fn static_vhosts(config: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    config["static_resources"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["filter_chains"].as_array().into_iter().flatten())
+        .flat_map(|c| c["filters"][0]["typed_config"]["route_config"]["virtual_hosts"].as_array().into_iter().flatten())
+}
+
+/// The deciding filters a virtual host runs (by their names in the chain), and the request body
+/// mode the body-streaming one sends there.
+fn deciding_filters(vhost: &serde_json::Value) -> (Vec<&'static str>, Option<String>) {
+    use keyswap::envoy::{BODIES_FILTER, DECIDE_FILTER};
+    let per = &vhost["typed_per_filter_config"];
+    let on = |name: &str, by_default: bool| match per.get(name) {
+        None => by_default,
+        Some(c) => c["disabled"] != serde_json::json!(true),
+    };
+    let mut running = Vec::new();
+    if on(DECIDE_FILTER, true) {
+        running.push(DECIDE_FILTER);
+    }
+    if on(BODIES_FILTER, false) {
+        running.push(BODIES_FILTER);
+    }
+    let mode = per[BODIES_FILTER]["overrides"]["processing_mode"]["request_body_mode"].as_str().map(str::to_owned);
+    (running, mode)
+}
+
+/// Every virtual host of every generated configuration runs exactly one deciding filter: a host
+/// whose response bodies keyswap reads on every request turns the body-streaming one on and the
+/// other off in one map, and nothing turns both off (a request would then reach the provider
+/// undecided: no key, but no budget and no policy either). The phases it fixes send what its
+/// routes read: the whole request body for SigV4 and a budget on tokens, the captured part for
+/// spans, nothing more where only the response is read.
+#[test]
+fn every_virtual_host_runs_exactly_one_deciding_filter_with_the_phases_its_routes_need() {
+    use keyswap::envoy::{BODIES_FILTER, DECIDE_FILTER};
+    let gateway = gateway_config("deny-all", 10000, "").replace(
+        "listeners: [{name: proxy, protocol: CONNECT, port: 10000}]",
+        "listeners: [{name: proxy, protocol: CONNECT, port: 10000}, {name: tls, protocol: HTTPS, port: 10443, tls: {mode: Terminate}}]",
+    );
+    let bedrock = "---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: bedrock}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: bedrock, hosts: [bedrock-runtime.us-east-1.amazonaws.com]}]}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {name: bedrock-sigv4}
+spec:
+  parentRefs: [{name: bedrock}]
+  secretRef: {name: aws}
+  target: ProviderAuth
+  providerAuth: {type: AWSv4}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: aws}
+stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {name: azure}
+spec:
+  parentRefs: [{name: egress}]
+  rules: [{matches: [{provider: azure-openai}]}]
+";
+    let budget = |parent: &str| {
+        format!(
+            "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {{name: b}}\nspec:\n  parentRefs: [{parent}]\n  key: Gateway\n  window: Day\n  limits: {{totalTokens: 1000}}\n"
+        )
+    };
+    let requests_only = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: r}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {requests: 1000}\n";
+    let scrub = gateway.replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
+    const A: &str = "api.anthropic.com";
+    const B: &str = "bedrock-runtime.us-east-1.amazonaws.com";
+    const W: &str = "wildcard";
+    // (case, manifests, tracing on, --observe-response-bodies, the body-streaming filter's
+    // request body mode by virtual host; hosts not named run the other deciding filter).
+    type Case<'a> = (&'a str, String, bool, bool, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
+        ("nothing reads bodies", format!("{gateway}{bedrock}{requests_only}"), false, false, vec![]),
+        (
+            "spans read bodies",
+            format!("{gateway}{bedrock}"),
+            true,
+            false,
+            vec![
+                (A, "BUFFERED_PARTIAL"),
+                ("api.openai.com", "BUFFERED_PARTIAL"),
+                (B, "BUFFERED"),
+                (W, "BUFFERED_PARTIAL"),
+            ],
+        ),
+        (
+            "a budget on one route",
+            format!("{gateway}{bedrock}{}", budget("{name: providers}")),
+            false,
+            false,
+            vec![(A, "BUFFERED"), ("api.openai.com", "BUFFERED")],
+        ),
+        (
+            "a budget on the gateway",
+            format!("{gateway}{bedrock}{}", budget("{kind: EgressGateway, name: egress}")),
+            false,
+            false,
+            vec![(A, "BUFFERED"), ("api.openai.com", "BUFFERED"), (B, "BUFFERED"), (W, "BUFFERED")],
+        ),
+        (
+            "scrubResponseBodies",
+            format!("{scrub}{bedrock}"),
+            false,
+            false,
+            vec![(A, "NONE"), ("api.openai.com", "NONE")],
+        ),
+        ("observed instead", format!("{gateway}{bedrock}{}", budget("{name: providers}")), true, true, vec![]),
+        (
+            "capture off",
+            format!("{gateway}{bedrock}")
+                .replace("  allow: []\n", "  allow: []\n  otlp: {captureBody: {maxBytes: 0}}\n"),
+            true,
+            false,
+            vec![(A, "NONE"), ("api.openai.com", "NONE"), (B, "BUFFERED"), (W, "NONE")],
+        ),
+    ];
+    for (case, manifests, tracing, observe, expected) in cases {
+        assert!(!case.starts_with("capture") || manifests.contains("maxBytes: 0"), "{case}: {manifests}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.yaml"), &manifests).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+        cmd.arg("envoy-config").arg("--config").arg(dir.path()).arg("--static");
+        cmd.arg("--certs").arg(work.path().join("certs")).arg("--uds").arg(work.path().join("k.sock"));
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+        if tracing {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+        }
+        if observe {
+            cmd.arg("--observe-response-bodies");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let config: serde_json::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+        let mut tls_vhosts = 0;
+        for hcm in config["static_resources"]["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|l| l["filter_chains"].as_array().unwrap())
+            .map(|c| &c["filters"][0]["typed_config"])
+        {
+            let chain: Vec<&serde_json::Value> = hcm["http_filters"].as_array().unwrap().iter().collect();
+            let named = |n: &str| chain.iter().find(|f| f["name"] == n).copied();
+            let Some(bodies) = named(BODIES_FILTER) else {
+                // The proxy listener: the tunnel guard only, never turned off by a host.
+                for vh in hcm["route_config"]["virtual_hosts"].as_array().unwrap() {
+                    assert!(vh["typed_per_filter_config"].get(BODIES_FILTER).is_none(), "{case}: {vh}");
+                }
+                continue;
+            };
+            assert!(named(DECIDE_FILTER).is_some(), "{case}: a chain without the deciding filter: {hcm}");
+            assert_eq!(bodies["disabled"], true, "{case}: the body-streaming filter must be off by default");
+            let c = &bodies["typed_config"];
+            assert_eq!(c["send_body_without_waiting_for_header_response"], true, "{case}");
+            assert_eq!(c["failure_mode_allow"], false, "{case}: the body-streaming filter must fail closed");
+            for vh in hcm["route_config"]["virtual_hosts"].as_array().unwrap() {
+                tls_vhosts += 1;
+                let name = vh["name"].as_str().unwrap();
+                let (running, mode) = deciding_filters(vh);
+                assert_eq!(running.len(), 1, "{case}: virtual host {name} runs {running:?}: {vh}");
+                let want = expected.iter().find(|(h, _)| *h == name).map(|(_, m)| m.to_string());
+                match &want {
+                    Some(_) => assert_eq!(running, [BODIES_FILTER], "{case}: {name}: {vh}"),
+                    None => assert_eq!(running, [DECIDE_FILTER], "{case}: {name}: {vh}"),
+                }
+                assert_eq!(mode, want, "{case}: {name}: request body mode");
+            }
+        }
+        assert!(tls_vhosts > 0, "{case}: no TLS chain checked: {config}");
     }
 }

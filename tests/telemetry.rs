@@ -73,11 +73,7 @@ impl Traced {
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
-        let (envoy, port) = if observed {
-            start_envoy_observed(work.path(), &uds, fake.addr)
-        } else {
-            start_envoy(work.path(), &uds, fake.addr)
-        };
+        let (envoy, port) = start_envoy_as_generated(config.path(), &env, observed, work.path(), &uds, fake.addr);
         Traced { collector, keyswap, port, fake, _envoy: envoy, _config: config, _work: work }
     }
 }

@@ -38,8 +38,10 @@ pub struct ObserveArgs {
     /// in Envoy's observability mode, so response chunks never wait for keyswap. It costs a second
     /// gRPC stream per request: measured with traced bodies, keyswap's CPU per request went from
     /// 1.5x to 1.8x that of untraced requests and requests/s at saturation from 0.93x to 0.65x,
-    /// with no gain in time to the first streamed chunk (docs/benchmarks.md, run 13). Off: the
-    /// deciding filter reads them (the default).
+    /// with no gain in time to the first streamed chunk (docs/benchmarks.md, run 13). Off (the
+    /// default): hosts whose response bodies keyswap reads on every request get the deciding
+    /// filter that streams them to keyswap without waiting for its answer to the response
+    /// headers (keyswap.decide_bodies; docs/tracing.md).
     #[arg(long, env = "KEYSWAP_OBSERVE_RESPONSE_BODIES")]
     pub observe_response_bodies: bool,
 }

@@ -120,6 +120,13 @@ pub enum NoCredential<'a> {
 }
 
 impl Binding {
+    /// Whether a credential of this binding signs requests (SigV4): then keyswap reads whole
+    /// request bodies.
+    pub fn signs_bodies(&self) -> bool {
+        let sigv4 = |c: &Result<Credential, Unresolved>| matches!(c, Ok(Credential::AwsV4(_)));
+        sigv4(&self.credential) || self.tenants.as_ref().is_some_and(|t| t.by_tenant.values().any(sigv4))
+    }
+
     /// The credential for a caller of `tenant` (`None`: anonymous or no agent auth).
     pub fn credential_for(&self, tenant: Option<&str>) -> Result<&Credential, NoCredential<'_>> {
         let chosen = match &self.tenants {

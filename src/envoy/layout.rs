@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use super::{
-    abs, cluster_name, ext_proc_filter, headers_only, keyswap_cluster, leaf_sds_path, observe_filter, observe_on_route,
-    router, Delivery, NamedPort, Options, INTERNAL_TLS, LEAF_SECRET,
+    abs, bodies_filter, bodies_on_route, cluster_name, ext_proc_filter, headers_only, keyswap_cluster, leaf_sds_path,
+    observe_filter, observe_on_route, router, Delivery, NamedPort, Options, RequestBody, INTERNAL_TLS, LEAF_SECRET,
 };
 use crate::api::DefaultPolicy;
 use crate::config::Snapshot;
@@ -26,9 +26,10 @@ pub(super) struct Layout<'a> {
     allow_all: bool,
     /// Whether any CONNECT is tunnelled raw (allow-all, or an allow list): the tunnel guard.
     tunnel: bool,
-    /// Route host patterns whose response bodies keyswap reads (spans with bodies, token
-    /// budgets): their virtual hosts turn the observing filter on.
-    observed: Vec<String>,
+    /// Route host patterns whose response bodies keyswap reads on every request, with the
+    /// request body it reads there: their virtual hosts turn on the body-streaming deciding
+    /// filter, or with `--observe-response-bodies` the observing one.
+    bodies: Vec<(String, RequestBody)>,
 }
 
 impl<'a> Layout<'a> {
@@ -39,12 +40,20 @@ impl<'a> Layout<'a> {
         let allow_all = snap.default_policy == DefaultPolicy::AllowAll;
         let tunnel = allow_all || !allow.is_empty();
         let ads = matches!(opts.delivery, Delivery::Ads);
-        let observed = observed_hosts(snap, opts);
-        Layout { opts, ads, routed, exact, wildcard, allow, allow_all, tunnel, observed }
+        let bodies = body_hosts(snap, opts);
+        Layout { opts, ads, routed, exact, wildcard, allow, allow_all, tunnel, bodies }
     }
 
-    fn observes(&self, host: &str) -> bool {
-        self.observed.iter().any(|h| h == host)
+    /// The per-filter configuration of a virtual host for `hosts`: the filter that reads their
+    /// response bodies, when keyswap reads those of any of them.
+    fn body_filters(&self, hosts: &[String]) -> Option<Value> {
+        let reads = self.bodies.iter().filter(|(h, _)| hosts.contains(h)).map(|(_, r)| *r).max()?;
+        Some(if self.opts.observe_response_bodies { observe_on_route() } else { bodies_on_route(reads) })
+    }
+
+    /// [`Self::body_filters`] of one virtual host for every routed host.
+    pub(super) fn every_host_filters(&self) -> Option<Value> {
+        self.body_filters(&self.routed)
     }
 
     /// Whether a route names `host` exactly (so it has a cluster an `--upstream` can redirect).
@@ -190,7 +199,8 @@ impl<'a> Layout<'a> {
     fn tls_chain(&self) -> Value {
         // The observing filter is always there (off by default), so turning it on for a route
         // is a route change, never a listener change.
-        let mut filters = vec![observe_filter(), ext_proc_filter()];
+        // So are both deciding filters: a route turns on the one that streams bodies.
+        let mut filters = vec![observe_filter(), ext_proc_filter(), bodies_filter()];
         if !self.wildcard.is_empty() || self.ads {
             filters.push(dfp_filter());
         }
@@ -244,8 +254,8 @@ impl<'a> Layout<'a> {
             .map(|h| {
                 let mut v = json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
                     "route": {"cluster": cluster_name(h), "timeout": "600s"}}]});
-                if self.observes(h) {
-                    v["typed_per_filter_config"] = observe_on_route();
+                if let Some(filters) = self.body_filters(std::slice::from_ref(h)) {
+                    v["typed_per_filter_config"] = filters;
                 }
                 v
             })
@@ -253,8 +263,8 @@ impl<'a> Layout<'a> {
         if !self.wildcard.is_empty() {
             let mut v = json!({"name": "wildcard", "domains": self.wildcard, "routes": [{"match": {"prefix": "/"},
                 "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]});
-            if self.wildcard.iter().any(|h| self.observes(h)) {
-                v["typed_per_filter_config"] = observe_on_route();
+            if let Some(filters) = self.body_filters(&self.wildcard) {
+                v["typed_per_filter_config"] = filters;
             }
             vhosts.push(v);
         }
@@ -338,25 +348,35 @@ impl<'a> Layout<'a> {
     }
 }
 
-/// With `--observe-response-bodies`, the route host patterns whose response bodies keyswap
-/// reads: every routed host when spans read bodies (`spec.otlp.readBodies`, the default, with
-/// tracing on), and the hosts of routes with a budget on tokens. Without it, none.
-fn observed_hosts(snap: &Snapshot, opts: &Options) -> Vec<String> {
-    if !opts.observe_response_bodies {
-        return Vec::new();
-    }
+/// The route host patterns whose response bodies keyswap reads on every request, each with the
+/// most of the request body a route of it needs: every routed host when spans read bodies
+/// (`spec.otlp.readBodies`, the default, with tracing on; the request body too when
+/// `captureBody.maxBytes` is not 0), the hosts of routes with a budget on tokens (and their whole
+/// request bodies, as SigV4's), and those of routes with `scrubResponseBodies` (only without
+/// `--observe-response-bodies`: the observing filter never rewrites a body).
+fn body_hosts(snap: &Snapshot, opts: &Options) -> Vec<(String, RequestBody)> {
     let tracing = opts.traces_from_env
         || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
     let spans_read_bodies = tracing && snap.capture.read_bodies;
-    let mut hosts: Vec<String> = snap
-        .routes
-        .entries
-        .iter()
-        .filter(|e| spans_read_bodies || e.budgets.iter().any(|b| b.counts_tokens()))
-        .flat_map(|e| e.hosts.iter().map(|h| h.to_ascii_lowercase()))
-        .collect();
-    hosts.sort();
-    hosts.dedup();
+    let mut hosts: Vec<(String, RequestBody)> = Vec::new();
+    for e in &snap.routes.entries {
+        let budget_reads = e.budgets.iter().any(|b| b.counts_tokens());
+        let scrubs = e.scrub_response_bodies && !opts.observe_response_bodies;
+        if !(spans_read_bodies || budget_reads || scrubs) {
+            continue;
+        }
+        let request_body = if budget_reads || e.binding.signs_bodies() {
+            RequestBody::Whole
+        } else if spans_read_bodies && snap.capture.max_bytes > 0 {
+            RequestBody::Capture
+        } else {
+            RequestBody::None
+        };
+        hosts.extend(e.hosts.iter().map(|h| (h.to_ascii_lowercase(), request_body)));
+    }
+    // One entry per host, with the most any of its routes reads.
+    hosts.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    hosts.dedup_by(|a, b| a.0 == b.0);
     hosts
 }
 

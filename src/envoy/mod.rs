@@ -81,16 +81,36 @@ pub struct Options {
     pub system_ca: PathBuf,
     pub delivery: Delivery,
     /// keyswap's environment turns tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT` …) even where the
-    /// gateway names no collector: routes then get the observing filter for response bodies.
+    /// gateway names no collector: routes then read response bodies.
     pub traces_from_env: bool,
     /// Routes whose response bodies keyswap reads get the observing filter
-    /// (`--observe-response-bodies`); off, the deciding filter reads them.
+    /// (`--observe-response-bodies`); off, the body-streaming deciding filter ([`bodies_filter`]).
     pub observe_response_bodies: bool,
 }
 
 /// Whether keyswap's environment turns tracing on, as `serve` will read it.
 pub fn traces_from_env() -> bool {
-    crate::telemetry::export::settings(None, |k| std::env::var(k).ok()).ok().flatten().is_some()
+    traces_from(|k| std::env::var(k).ok())
+}
+
+/// Whether the environment `env` reads from turns tracing on.
+pub fn traces_from(env: impl Fn(&str) -> Option<String>) -> bool {
+    crate::telemetry::export::settings(None, env).ok().flatten().is_some()
+}
+
+/// The per-filter configuration the generator gives a virtual host serving every routed host of
+/// `snap` (the test and bench harnesses' one catch-all virtual host), with keyswap's tracing on
+/// or off: `None` when keyswap reads no host's response bodies on every request.
+pub fn catch_all_filters(snap: &Snapshot, traces_from_env: bool, observe_response_bodies: bool) -> Option<Value> {
+    let opts = Options {
+        upstreams: Vec::new(),
+        bind: std::net::IpAddr::from([127, 0, 0, 1]),
+        system_ca: PathBuf::new(),
+        delivery: Delivery::Ads,
+        traces_from_env,
+        observe_response_bodies,
+    };
+    Layout::new(snap, &opts, leaf_hosts(snap).0).every_host_filters()
 }
 
 /// How the resources reach Envoy.
@@ -297,7 +317,7 @@ pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
 /// the test and bench harnesses, whose Envoys put it in front of stand-in providers.
 pub fn ext_proc_filter() -> Value {
     json!({
-        "name": "envoy.filters.http.ext_proc",
+        "name": DECIDE_FILTER,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": "keyswap"}},
@@ -311,6 +331,74 @@ pub fn ext_proc_filter() -> Value {
             "metadata_options": {"receiving_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
             "processing_mode": headers_only(),
         },
+    })
+}
+
+/// How much of the request body keyswap asks Envoy for (ordered: more reads more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RequestBody {
+    None,
+    /// For the span: BUFFERED_PARTIAL, never a 413 for size.
+    Capture,
+    /// For SigV4: BUFFERED, the whole body in one message (Envoy answers 413 beyond its buffer limit).
+    Whole,
+}
+
+/// The deciding filter's name in the HTTP filter chain.
+pub const DECIDE_FILTER: &str = "envoy.filters.http.ext_proc";
+
+/// The name of the deciding filter that streams bodies ([`bodies_filter`]).
+pub const BODIES_FILTER: &str = "keyswap.decide_bodies";
+
+/// The deciding filter of routes whose response bodies keyswap reads on every request (a budget
+/// on tokens, `scrubResponseBodies`, spans that read bodies): the same fail-closed filter, with
+/// `send_body_without_waiting_for_header_response` and the phases the route fixes
+/// ([`bodies_on_route`]). Envoy streams the response body to keyswap as it arrives instead of
+/// holding it until keyswap has answered the response headers, so the headers and the first
+/// chunk are read and answered in one wake-up (docs/benchmarks.md, runs 18 and 19). Envoy ignores
+/// `mode_override` on such a filter: keyswap answers the phases a request did not need with a
+/// plain continue, and refuses one that needs a body the route's phases do not deliver. Off
+/// unless a route turns it on, and a route that does turns the other deciding filter off: exactly
+/// one of the two decides every request.
+pub fn bodies_filter() -> Value {
+    let mut f = ext_proc_filter();
+    f["name"] = json!(BODIES_FILTER);
+    f["disabled"] = json!(true);
+    let c = &mut f["typed_config"];
+    c["stat_prefix"] = json!("keyswap_bodies");
+    c["allow_mode_override"] = json!(false);
+    c["send_body_without_waiting_for_header_response"] = json!(true);
+    c["processing_mode"] = fixed_phases(RequestBody::None);
+    f
+}
+
+/// The phases of the body-streaming deciding filter on a route: headers both ways, the request
+/// body as `request_body` says (BUFFERED for SigV4 and token budgets, BUFFERED_PARTIAL for
+/// captured spans), the response body STREAMED.
+fn fixed_phases(request_body: RequestBody) -> Value {
+    let request_body_mode = match request_body {
+        RequestBody::None => "NONE",
+        RequestBody::Capture => "BUFFERED_PARTIAL",
+        RequestBody::Whole => "BUFFERED",
+    };
+    json!({
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": request_body_mode,
+        "response_body_mode": "STREAMED",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    })
+}
+
+/// `typed_per_filter_config` for a virtual host whose response bodies keyswap reads on every
+/// request: the body-streaming deciding filter on, with the route's phases, and the other one
+/// off, in one map (one cannot be written without the other).
+pub fn bodies_on_route(request_body: RequestBody) -> Value {
+    let per_route = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute";
+    json!({
+        DECIDE_FILTER: {"@type": per_route, "disabled": true},
+        BODIES_FILTER: {"@type": per_route, "overrides": {"processing_mode": fixed_phases(request_body)}},
     })
 }
 
@@ -358,7 +446,7 @@ pub fn observe_on_route() -> Value {
     let per_route = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute";
     json!({
         OBSERVE_FILTER: {"@type": per_route, "overrides": {}},
-        "envoy.filters.http.ext_proc": {"@type": per_route, "overrides": {
+        DECIDE_FILTER: {"@type": per_route, "overrides": {
             "grpc_initial_metadata": [{"key": crate::vocab::OBSERVED_METADATA, "value": "1"}]}},
     })
 }

@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod mutation;
 pub mod observe;
+mod phases;
 mod request;
 mod response;
 pub mod server;
@@ -112,6 +113,7 @@ impl ExternalProcessor for ExtProc {
             pending: None,
             scrub: None,
             budget: None,
+            fixed: None,
         })))
     }
 }
@@ -225,6 +227,8 @@ pub struct ProcessStream {
     scrub: Option<response::Scrub>,
     /// A request on a route with token budgets: its reservation, settled when the response ends.
     budget: Option<Box<budget::Budgeted>>,
+    /// The route fixed the phases (the body-streaming deciding filter): what Envoy sends.
+    fixed: Option<phases::Fixed>,
 }
 
 /// A request that got a real credential.
@@ -439,6 +443,9 @@ impl ProcessStream {
     /// After the request-headers decision: a budgeted request without a body (or whose budgets
     /// limit only requests) reserves now; one with a body reserves when the body arrives.
     fn after_headers(&mut self, resp: ProcessingResponse, end: bool, has_body: bool, started: Instant) -> Handled {
+        if let Some(refused) = self.fixed_request(&resp, has_body && !end) {
+            return refused;
+        }
         let reserve_now = self.budget.as_ref().is_some_and(|b| !has_body || !b.reads_bodies());
         if end || !reserve_now {
             return Handled::Answer(resp, TelemetryPhase::RequestHeaders, end);
@@ -454,6 +461,7 @@ impl ProcessStream {
         match (request, self.phase) {
             (Request::RequestHeaders(h), Phase::AwaitRequestHeaders) => {
                 self.phase = Phase::AfterRequestHeaders;
+                self.fixed = phases::Fixed::of(&msg);
                 let headers = h.headers.map(|m| m.headers).unwrap_or_default();
                 if self.tunnel {
                     Ok(self.on_tunnel_headers(&headers, started))
@@ -516,6 +524,9 @@ impl ProcessStream {
 
     /// A request body chunk: captured for the span; for SigV4, the whole body, signed.
     fn on_request_body(&mut self, mut body: Vec<u8>, end: bool, started: Instant) -> Result<Handled, Status> {
+        if self.skips_request_body() {
+            return Ok(Handled::Answer(mutation::request_body(), TelemetryPhase::RequestBody, false));
+        }
         if let Some(t) = &mut self.tx {
             t.tx.on_request_body(&body);
         }

@@ -67,15 +67,7 @@ pub fn response_headers(mutation: Option<HeaderMutation>, mode: Option<Processin
     }
 }
 
-/// How much of the request body keyswap asks Envoy for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestBody {
-    None,
-    /// For the span: BUFFERED_PARTIAL, never a 413 for size.
-    Capture,
-    /// For SigV4: BUFFERED, the whole body in one message (Envoy answers 413 beyond its buffer limit).
-    Whole,
-}
+pub use crate::envoy::RequestBody;
 
 /// The phases a transaction needs after its request headers: response headers always (status,
 /// content type), the request body as `request_body` says, and the response body when

@@ -123,6 +123,7 @@ impl ProcessStream {
             }
             None
         };
+        self.fixed_response(mode.is_some());
         let mut resp = mutation::response_headers(m, mode);
         resp.dynamic_metadata = handoff;
         Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end)
@@ -130,6 +131,9 @@ impl ProcessStream {
 
     /// A response body chunk: recorded on the span, and scrubbed when the route says so.
     pub(super) fn on_response_body(&mut self, body: &[u8], end: bool) -> Handled {
+        if self.skips_response_body() {
+            return Handled::Answer(mutation::response_body(), TelemetryPhase::ResponseBody, end);
+        }
         if let Some(t) = &mut self.tx {
             t.tx.on_response_body(body);
         }

@@ -364,7 +364,7 @@ pub fn envoy_config_value(listen_port: u16, uds: &Path, upstream: SocketAddr) ->
                         "stat_prefix": "egress",
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "10s"}}]}]},
-                        "http_filters": [envoy::observe_filter(), envoy::ext_proc_filter(), envoy::router()],
+                        "http_filters": [envoy::observe_filter(), envoy::ext_proc_filter(), envoy::bodies_filter(), envoy::router()],
                     },
                 }]}],
             }],
@@ -385,6 +385,32 @@ pub fn with_observer(mut cfg: serde_json::Value) -> serde_json::Value {
     let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"] = keyswap::envoy::observe_on_route();
     cfg
+}
+
+/// [`start_envoy`], its one virtual host configured as the generator configures the hosts of
+/// the gateway in `config` for a keyswap started with `env` (tracing on or off) and, when
+/// `observe`, `--observe-response-bodies`: hosts whose response bodies keyswap reads on every
+/// request get the body-streaming deciding filter with their fixed phases, or the observing one.
+pub fn start_envoy_as_generated(
+    config: &Path,
+    env: &[(&str, &str)],
+    observe: bool,
+    work: &Path,
+    uds: &Path,
+    upstream: SocketAddr,
+) -> (Proc, u16) {
+    // As `serve` starts: objects that do not compile are left out, the rest serve.
+    let snap = keyswap::config::file::FileSource::new(config, vec![])
+        .snapshot_isolated(&keyswap::config::GatewaySelector::Only)
+        .expect("a gateway to serve");
+    let traces = keyswap::envoy::traces_from(|k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+    let port = free_port();
+    let mut cfg = envoy_config_value(port, uds, upstream);
+    if let Some(filters) = keyswap::envoy::catch_all_filters(&snap, traces, observe) {
+        let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"] = filters;
+    }
+    start_envoy_with(work, port, keyswap::envoy::to_yaml(&cfg))
 }
 
 /// [`start_envoy`] with [`with_observer`].
