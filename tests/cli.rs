@@ -122,6 +122,33 @@ fn explain_shows_route_policy_and_target_or_the_denial() {
     assert!(out.contains("pass through untouched (no route; allowed by allow-list)"), "{out}");
 }
 
+/// `explain` says which deciding filter Envoy runs for the host and what it sends keyswap: the
+/// per-request phases without tracing, the fixed ones with tracing on from the environment.
+#[test]
+fn explain_shows_the_phases_envoy_sends_for_the_host() {
+    let dir = config_dir();
+    let explain = |otel: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+        cmd.args(["explain", "-c", dir.path().to_str().unwrap(), "--host", "api.openai.com"]);
+        cmd.args(["--path", "/v1/chat/completions"]);
+        for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"] {
+            cmd.env_remove(k);
+        }
+        if let Some(endpoint) = otel {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = explain(None);
+    assert!(out.contains("Envoy phases (with tracing off in this environment): request headers, response headers; the request body only when this request needs it (filter envoy.filters.http.ext_proc)"), "{out}");
+    let out = explain(Some("http://127.0.0.1:4318"));
+    assert!(out.contains("Envoy phases (with tracing on, from this environment): fixed for this host"), "{out}");
+    assert!(out.contains("the request body up to Envoy's buffer (BUFFERED_PARTIAL)"), "{out}");
+    assert!(out.contains("filter keyswap.decide_bodies"), "{out}");
+}
+
 #[test]
 fn secret_from_env_fills_a_missing_secret_and_never_prints_it() {
     let dir = config_dir();

@@ -52,6 +52,7 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     print_decision(&args, &snap, path_only, tenant.as_deref(), &decision);
     if let Decision::Inject { entry, .. } = decision {
         print_budgets(&snap, entry, identity.as_ref());
+        print_phases(&snap, entry);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -68,6 +69,33 @@ fn print_budgets(
     println!("  token budgets (reserved before forwarding; {}):", describe_store(snap));
     for b in entry.budgets.iter() {
         println!("    {}; this request counts as `{}`", b.describe(), b.key.value(identity, &entry.route));
+    }
+}
+
+/// Which deciding filter Envoy runs for the request's host, and what it sends keyswap.
+fn print_phases(snap: &Snapshot, entry: &crate::config::snapshot::MatchEntry) {
+    let traces = crate::envoy::traces_from_env();
+    let Some(host) = entry.hosts.first() else { return };
+    let tracing =
+        if traces { "with tracing on, from this environment" } else { "with tracing off in this environment" };
+    match crate::envoy::fixed_phases_of(snap, traces, host) {
+        None => println!(
+            "  Envoy phases ({tracing}): request headers, response headers; the request body only when this request \
+             needs it (filter envoy.filters.http.ext_proc)"
+        ),
+        Some(body) => {
+            let body = match body {
+                crate::envoy::RequestBody::None => "no request body",
+                crate::envoy::RequestBody::Capture => "the request body up to Envoy's buffer (BUFFERED_PARTIAL)",
+                crate::envoy::RequestBody::Whole => "the whole request body (BUFFERED)",
+            };
+            println!(
+                "  Envoy phases ({tracing}): fixed for this host, keyswap reads its response bodies on every request: \
+                 headers, {body}, the response body streamed without waiting for keyswap's header answer (filter {}; \
+                 with --observe-response-bodies the observing filter reads them instead)",
+                crate::envoy::BODIES_FILTER
+            );
+        }
     }
 }
 

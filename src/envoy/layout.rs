@@ -47,8 +47,25 @@ impl<'a> Layout<'a> {
     /// The per-filter configuration of a virtual host for `hosts`: the filter that reads their
     /// response bodies, when keyswap reads those of any of them.
     fn body_filters(&self, hosts: &[String]) -> Option<Value> {
-        let reads = self.bodies.iter().filter(|(h, _)| hosts.contains(h)).map(|(_, r)| *r).max()?;
+        let reads = self.reads_bodies(hosts)?;
         Some(if self.opts.observe_response_bodies { observe_on_route() } else { bodies_on_route(reads) })
+    }
+
+    /// The most of the request body a virtual host for `hosts` reads, when keyswap reads the
+    /// response bodies of any of them on every request.
+    fn reads_bodies(&self, hosts: &[String]) -> Option<RequestBody> {
+        self.bodies.iter().filter(|(h, _)| hosts.contains(h)).map(|(_, r)| *r).max()
+    }
+
+    /// [`Self::reads_bodies`] for the virtual host that serves the route host pattern `host`
+    /// (the one for all `*.` patterns, or its own).
+    pub(super) fn reads_bodies_of(&self, host: &str) -> Option<RequestBody> {
+        let host = host.to_ascii_lowercase();
+        if host.starts_with("*.") {
+            self.reads_bodies(&self.wildcard)
+        } else {
+            self.reads_bodies(std::slice::from_ref(&host))
+        }
     }
 
     /// [`Self::body_filters`] of one virtual host for every routed host.

@@ -98,18 +98,31 @@ pub fn traces_from(env: impl Fn(&str) -> Option<String>) -> bool {
     crate::telemetry::export::settings(None, env).ok().flatten().is_some()
 }
 
-/// The per-filter configuration the generator gives a virtual host serving every routed host of
-/// `snap` (the test and bench harnesses' one catch-all virtual host), with keyswap's tracing on
-/// or off: `None` when keyswap reads no host's response bodies on every request.
-pub fn catch_all_filters(snap: &Snapshot, traces_from_env: bool, observe_response_bodies: bool) -> Option<Value> {
-    let opts = Options {
+/// The request body the body-streaming deciding filter sends for the virtual host of the route
+/// host pattern `host`, when keyswap reads its response bodies on every request (`None`: the
+/// first deciding filter, phases chosen per request), for a keyswap with tracing on or off.
+pub fn fixed_phases_of(snap: &Snapshot, traces_from_env: bool, host: &str) -> Option<RequestBody> {
+    let opts = harness_options(traces_from_env, false);
+    Layout::new(snap, &opts, leaf_hosts(snap).0).reads_bodies_of(host)
+}
+
+/// Options for resources outside a gateway's own configuration (`explain`, the harnesses).
+fn harness_options(traces_from_env: bool, observe_response_bodies: bool) -> Options {
+    Options {
         upstreams: Vec::new(),
         bind: std::net::IpAddr::from([127, 0, 0, 1]),
         system_ca: PathBuf::new(),
         delivery: Delivery::Ads,
         traces_from_env,
         observe_response_bodies,
-    };
+    }
+}
+
+/// The per-filter configuration the generator gives a virtual host serving every routed host of
+/// `snap` (the test and bench harnesses' one catch-all virtual host), with keyswap's tracing on
+/// or off: `None` when keyswap reads no host's response bodies on every request.
+pub fn catch_all_filters(snap: &Snapshot, traces_from_env: bool, observe_response_bodies: bool) -> Option<Value> {
+    let opts = harness_options(traces_from_env, observe_response_bodies);
     Layout::new(snap, &opts, leaf_hosts(snap).0).every_host_filters()
 }
 

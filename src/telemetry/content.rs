@@ -10,7 +10,13 @@
 
 use serde_json::{json, Value};
 
-use crate::provider::usage::Format;
+use crate::provider::usage::{parse_picked, Format};
+
+/// The members of an answer or event the completion's text is read from (the rest is skipped
+/// unbuilt: ids, usage, logprobs, safety ratings).
+const OUTPUT_KEYS: &[&str] = &["choices", "output", "content", "candidates", "type", "delta"];
+/// The members of a request the messages are read from (tools, schemas and settings skipped).
+const INPUT_KEYS: &[&str] = &["system", "systemInstruction", "contents", "messages", "input"];
 
 /// The completion's text: from a JSON body, or from the events of a stream. `None` when the body
 /// holds no text this reader knows (a tool call only, another API, a body cut by the capture
@@ -19,11 +25,11 @@ pub fn output_text(format: Format, sse: bool, body: &[u8]) -> Option<String> {
     let mut text = String::new();
     if sse {
         crate::provider::usage::for_each_event(body, |event, data| {
-            let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
+            let Some(v) = parse_picked(data, OUTPUT_KEYS, &[]) else { return };
             delta_text(format, std::str::from_utf8(event).unwrap_or(""), &v, &mut text);
         });
     } else {
-        let v: Value = serde_json::from_slice(body).ok()?;
+        let v = parse_picked(body, OUTPUT_KEYS, &[])?;
         body_text(format, &v, &mut text);
     }
     (!text.is_empty()).then_some(text)
@@ -87,7 +93,7 @@ fn gemini_parts(v: &Value, out: &mut String) {
 /// `gen_ai.input.messages`: the request's messages (and system prompt) as the convention's
 /// role-and-parts list, text parts only. `None` when the body is not one this reader knows.
 pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
+    let v = parse_picked(body, INPUT_KEYS, &[])?;
     let mut out = Vec::new();
     let text_parts = |content: &Value| -> Vec<Value> {
         match content {
@@ -132,7 +138,13 @@ pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
 
 /// `gen_ai.output.messages` for the completion `text`.
 pub fn output_messages(text: &str) -> String {
-    json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]).to_string()
+    // Written out rather than built as a `Value` and serialized (a map per level); the text is
+    // escaped by serde_json. Same bytes as `json!(…).to_string()` (members in sorted order).
+    let mut out = String::with_capacity(text.len() + 72);
+    out.push_str(r#"[{"parts":[{"content":"#);
+    out.push_str(&serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into()));
+    out.push_str(r#","type":"text"}],"role":"assistant"}]"#);
+    out
 }
 
 #[cfg(test)]
@@ -174,6 +186,10 @@ mod tests {
             br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]},{"role":"model","parts":[{"text":"hello"}]}]}"#;
         let m: Value = serde_json::from_str(&input_messages(Format::Google, req).unwrap()).unwrap();
         assert_eq!(m[1]["role"], "assistant");
+        for text in ["Paris.", "quote \" back\\slash\nnewline \u{1} é"] {
+            let expected = json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]).to_string();
+            assert_eq!(output_messages(text), expected);
+        }
         let m: Value = serde_json::from_str(&output_messages("Paris.")).unwrap();
         assert_eq!(m[0]["parts"][0]["content"], "Paris.");
     }

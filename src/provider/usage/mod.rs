@@ -20,7 +20,16 @@ mod anthropic;
 mod bedrock;
 mod google;
 mod openai;
+mod pick;
 mod sse;
+
+pub use pick::parse_picked;
+
+/// The members of a provider's answer (or event) usage and model are read from, every format's:
+/// the rest is skipped unbuilt. `response` (a Responses API event) and `message` (Anthropic's
+/// `message_start`) hold an answer of their own, picked the same way.
+const USAGE_KEYS: &[&str] = &["model", "usage", "type", "modelVersion", "usageMetadata"];
+const USAGE_NESTED: &[&str] = &["response", "message"];
 
 use sse::SseReader;
 
@@ -158,7 +167,7 @@ impl UsageParser {
                 json.dirty = false;
                 self.info = ResponseInfo::default();
                 if !json.overflowed {
-                    if let Ok(value) = serde_json::from_slice::<Value>(&json.buf) {
+                    if let Some(value) = parse_picked(&json.buf, USAGE_KEYS, USAGE_NESTED) {
                         apply_body(self.format, &value, &mut self.info);
                     }
                 }
@@ -255,7 +264,7 @@ fn apply_event(format: Format, event: &[u8], data: &[u8], info: &mut ResponseInf
     if data == b"[DONE]" || !worth_parsing(format, event, data, info) {
         return;
     }
-    let Ok(value) = serde_json::from_slice::<Value>(data) else {
+    let Some(value) = parse_picked(data, USAGE_KEYS, USAGE_NESTED) else {
         return;
     };
     match format {
