@@ -1680,10 +1680,13 @@ fn main() {
 
     println!();
     for s in setups.iter().filter(|s| s.kind.has_sidecar()) {
-        let c = |n: &str| s.stat(&format!("http.ingress.ext_proc.{n}"));
+        // Both deciding filters: the body-streaming one has its own stat prefix.
+        let c = |n: &str| {
+            s.stat(&format!("http.ingress.ext_proc.{n}")) + s.stat(&format!("http.ingress.ext_proc.keyswap_bodies.{n}"))
+        };
         println!(
-            "Envoy ext_proc counters {}: streams_started {}, streams_failed {}, message_timeouts {}, \
-             failure_mode_allowed {}",
+            "Envoy ext_proc counters {} (both deciding filters): streams_started {}, streams_failed {}, \
+             message_timeouts {}, failure_mode_allowed {}",
             s.kind.label(),
             c("streams_started"),
             c("streams_failed"),
