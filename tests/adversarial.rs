@@ -704,6 +704,54 @@ async fn host_spellings_never_carry_a_request_past_a_token_budget() {
     g.assert_nothing_forwarded(before, "host spellings past a token budget");
 }
 
+/// A TokenBudget added while a traced gateway serves: its hosts already run the body-streaming
+/// deciding filter, with only the captured part of the request body in their phases, and now need
+/// the whole body to reserve. Until Envoy has the new route (ADS), a request is refused
+/// (`phases_mismatch`, 503), never forwarded unreserved; once it has it, every request is metered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_added_to_a_traced_gateway_meters_every_request_after_it_applies() {
+    let collector = format!("http://127.0.0.1:{}", free_port());
+    let g = start_gateway_env("deny-all", "", &[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &collector)]).await;
+    let body = r#"{"model":"claude-x","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let call = || {
+        let (_, out, _) =
+            g.curl(&["-H", "content-type: application/json", "-d", body, "https://api.anthropic.com/v1/messages"]);
+        out
+    };
+    assert_eq!(status_line(&call()), " 200", "before the budget");
+    let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: tiny}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 5}\n";
+    std::fs::write(g._dirs.1.path().join("budget.yaml"), budget).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let mut forwarded_after_change = None;
+    loop {
+        let before = g.fake.seen().len();
+        let out = call();
+        let status = status_line(&out).to_owned();
+        if status != " 200" && forwarded_after_change.is_none() {
+            forwarded_after_change = Some(before);
+        }
+        if forwarded_after_change.is_some() {
+            assert!(
+                status == " 429" || (status == " 503" && out.contains("phases_mismatch")),
+                "after the budget applied: {status}\n{out}"
+            );
+        }
+        seen.push(status.clone());
+        if status == " 429" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the budget never metered a request: {seen:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for _ in 0..5 {
+        let out = call();
+        assert_eq!(status_line(&out), " 429", "{out}");
+        assert!(out.contains("budget_exhausted"), "{out}");
+    }
+    g.assert_nothing_forwarded(forwarded_after_change.unwrap(), "requests after the budget applied");
+}
+
 #[tokio::test]
 async fn trace_and_dot_segments_sent_straight_to_keyswap_get_no_key() {
     let s = direct().await;
