@@ -344,28 +344,8 @@ async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
 /// cannot be signed, so it is refused (never forwarded unsigned) with a reason the operator can act on.
 #[tokio::test]
 async fn sigv4_without_a_region_fails_closed_and_says_the_region_is_unknown() {
-    let manifests = r#"apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {name: bedrock-anywhere}
-spec:
-  parentRefs: [{name: egress}]
-  rules: [{matches: [{provider: bedrock, hosts: ["*.bedrock.test"]}]}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {name: bedrock-sigv4}
-spec:
-  parentRefs: [{name: bedrock-anywhere}]
-  secretRef: {name: aws}
-  target: ProviderAuth
-  providerAuth: {type: AWSv4}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: aws}
-stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
-"#;
-    let s = common::start_in_process_with(&[("bedrock.yaml", manifests)]).await;
+    let manifests = bedrock_sigv4("bedrock-anywhere", "*.bedrock.test");
+    let s = common::start_in_process_with(&[("bedrock.yaml", &manifests)]).await;
     let mut c = grpc::connect(s.addr).await;
     let head = req("runtime.bedrock.test", "/model/m/converse", &[("content-type", "application/json")]);
     let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(b"{}")]).await;
@@ -523,36 +503,11 @@ fn response_body(bytes: &[u8]) -> envoy_types::pb::envoy::service::ext_proc::v3:
     }
 }
 
-const BUDGET_AND_SIGV4: &str = r#"apiVersion: keyswap.dev/v1alpha1
-kind: TokenBudget
-metadata: {name: daily}
-spec:
-  parentRefs: [{name: anthropic}]
-  key: Gateway
-  window: Day
-  limits: {totalTokens: 100000}
----
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {name: bedrock}
-spec:
-  parentRefs: [{name: egress}]
-  rules: [{matches: [{provider: bedrock, hosts: [bedrock-runtime.us-east-1.amazonaws.com]}]}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {name: bedrock-sigv4}
-spec:
-  parentRefs: [{name: bedrock}]
-  secretRef: {name: aws}
-  target: ProviderAuth
-  providerAuth: {type: AWSv4}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: aws}
-stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}
-"#;
+/// A token budget on the anthropic route, and a Bedrock route signed with SigV4.
+fn budget_and_sigv4() -> String {
+    let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: daily}\nspec:\n  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n";
+    budget.to_owned() + &bedrock_sigv4("bedrock", "bedrock-runtime.us-east-1.amazonaws.com")
+}
 
 /// For a moment after a TokenBudget or a SigV4 key is added, Envoy can still have the route's old
 /// phases, which do not send the request body that reservation and signing need. A request
@@ -562,7 +517,7 @@ stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFE
 async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuses_instead_of_forwarding() {
     use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
-    let s = common::start_in_process_with(&[("more.yaml", BUDGET_AND_SIGV4)]).await;
+    let s = common::start_in_process_with(&[("more.yaml", &budget_and_sigv4())]).await;
     let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
     let budgeted = req("api.anthropic.com", "/v1/messages", &json);
     let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);

@@ -310,28 +310,8 @@ fn every_virtual_host_runs_exactly_one_deciding_filter_with_the_phases_its_route
         "listeners: [{name: proxy, protocol: CONNECT, port: 10000}]",
         "listeners: [{name: proxy, protocol: CONNECT, port: 10000}, {name: tls, protocol: HTTPS, port: 10443, tls: {mode: Terminate}}]",
     );
-    let bedrock = "---
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {name: bedrock}
-spec:
-  parentRefs: [{name: egress}]
-  rules: [{matches: [{provider: bedrock, hosts: [bedrock-runtime.us-east-1.amazonaws.com]}]}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {name: bedrock-sigv4}
-spec:
-  parentRefs: [{name: bedrock}]
-  secretRef: {name: aws}
-  target: ProviderAuth
-  providerAuth: {type: AWSv4}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: aws}
-stringData: {AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI}
----
+    let bedrock = bedrock_sigv4("bedrock", "bedrock-runtime.us-east-1.amazonaws.com")
+        + "---
 apiVersion: keyswap.dev/v1alpha1
 kind: AIProviderRoute
 metadata: {name: azure}

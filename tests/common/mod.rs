@@ -157,6 +157,35 @@ stringData: {{token: {CUSTOM_KEY}}}
     )
 }
 
+/// A Bedrock AIProviderRoute `name` on `host` (a pattern), a SigV4 policy for it, and its AWS
+/// Secret (the AWS documentation's example keys; the secret starts `wJalr`).
+pub fn bedrock_sigv4(name: &str, host: &str) -> String {
+    format!(
+        r#"---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: bedrock, hosts: ["{host}"]}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: {name}-sigv4}}
+spec:
+  parentRefs: [{{name: {name}}}]
+  secretRef: {{name: aws}}
+  target: ProviderAuth
+  providerAuth: {{type: AWSv4}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: aws}}
+stringData: {{AWS_ACCESS_KEY_ID: AKIDEXAMPLE, AWS_SECRET_ACCESS_KEY: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"}}
+"#
+    )
+}
+
 pub fn secret_manifest(name: &str, key: &str, value: &str) -> String {
     format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\nstringData: {{{key}: \"{value}\"}}\n")
 }
