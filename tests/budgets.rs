@@ -1300,3 +1300,31 @@ async fn an_agent_cannot_spend_past_its_budget_through_a_batch_a_background_resp
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A budget on one route has its host's phases send request bodies (whole up to Envoy's buffer:
+/// BUFFERED_PARTIAL). A request to another route there that reads no body, a file upload larger
+/// than the buffer, still goes through untouched; a budgeted request larger than the buffer is
+/// refused (413, `request_too_large`) and never reaches the provider unreserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_larger_than_the_buffer_passes_where_no_budget_reads_it_and_is_refused_where_one_does() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let (_config, r) = one_budget(
+        &meter,
+        "b",
+        "{name: anthropic}",
+        "  key: Route\n  window: Hour\n  limits: {totalTokens: 100000000}",
+    );
+    // Over the test Envoy's 1 MiB listener buffer.
+    let big = "x".repeat(3 << 20);
+    let upload = format!(r#"{{"purpose":"batch","file":"{big}"}}"#);
+    let (status, _, body) = call_path(r.port, OPENAI, "/v1/files", None, &upload).await;
+    assert_eq!(status, 200, "an upload on a route without a budget: {body}");
+    let seen = meter.seen.lock().unwrap().last().cloned().unwrap_or_default();
+    assert!(seen.starts_with("/v1/files") && seen.len() > 3 << 20, "the provider got the whole upload");
+    let before = meter.requests.load(Ordering::SeqCst);
+    let chat = format!(r#"{{"model":"m","max_tokens":10,"messages":[{{"role":"user","content":"{big}"}}]}}"#);
+    let (status, _, body) = call(r.port, ANTHROPIC, None, &chat).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("request_too_large"), "{body}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), before, "the budgeted request reached the provider");
+}

@@ -512,7 +512,8 @@ fn budget_and_sigv4() -> String {
 /// For a moment after a TokenBudget or a SigV4 key is added, Envoy can still have the route's old
 /// phases, which do not send the request body that reservation and signing need. A request
 /// then is refused (503, retry), never forwarded unreserved past its budget or unsigned; with the
-/// route's phases sending the whole body, the same requests go on.
+/// route's phases sending the body, the same requests go on, and one whose body is larger than
+/// Envoy's buffer (it arrives partial) is refused with 413.
 #[tokio::test]
 async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuses_instead_of_forwarding() {
     use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
@@ -523,7 +524,7 @@ async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuse
     let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
     let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
     for (what, head) in [("budgeted", &budgeted), ("SigV4", &signed)] {
-        for mode in [BodySendMode::None, BodySendMode::BufferedPartial, BodySendMode::Streamed] {
+        for mode in [BodySendMode::None, BodySendMode::Streamed] {
             let mut c = grpc::connect(s.addr).await;
             let answers = grpc::exchange(&mut c, vec![fixed(grpc::headers(head), mode), grpc::body(body)]).await;
             let first = answers[0].as_ref().expect("an answer");
@@ -533,18 +534,35 @@ async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuse
             assert_eq!(reason["error"]["reason"], "phases_mismatch", "{what} {mode:?}: {reason}");
             assert!(!String::from_utf8_lossy(&i.body).contains("wJalr"), "{what}: a secret in the refusal");
         }
+        // The generated phases (BUFFERED_PARTIAL) and BUFFERED both send a body that fits whole.
+        for mode in [BodySendMode::BufferedPartial, BodySendMode::Buffered] {
+            let mut c = grpc::connect(s.addr).await;
+            let answers = grpc::exchange(&mut c, vec![fixed(grpc::headers(head), mode), grpc::body(body)]).await;
+            let kinds: Vec<_> = answers
+                .iter()
+                .map(|a| match a.as_ref().expect("an answer").response.as_ref().unwrap() {
+                    Response::RequestHeaders(_) => "request_headers",
+                    Response::RequestBody(_) => "request_body",
+                    _ => "other",
+                })
+                .collect();
+            assert_eq!(kinds, ["request_headers", "request_body"], "{what} {mode:?} with the whole body: {answers:?}");
+        }
+        // A body larger than Envoy's buffer arrives partial (BUFFERED_PARTIAL): it cannot be
+        // signed or reserved by a part, so it is refused with 413, nothing forwarded.
+        let mut partial = grpc::body(body);
+        if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request::RequestBody(b)) =
+            partial.request.as_mut()
+        {
+            b.end_of_stream = false;
+        }
         let mut c = grpc::connect(s.addr).await;
         let answers =
-            grpc::exchange(&mut c, vec![fixed(grpc::headers(head), BodySendMode::Buffered), grpc::body(body)]).await;
-        let kinds: Vec<_> = answers
-            .iter()
-            .map(|a| match a.as_ref().expect("an answer").response.as_ref().unwrap() {
-                Response::RequestHeaders(_) => "request_headers",
-                Response::RequestBody(_) => "request_body",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(kinds, ["request_headers", "request_body"], "{what} with the whole body: {answers:?}");
+            grpc::exchange(&mut c, vec![fixed(grpc::headers(head), BodySendMode::BufferedPartial), partial]).await;
+        let last = answers.last().unwrap().as_ref().expect("an answer, not a stream error");
+        let i = immediate(last);
+        assert_eq!(i.status.as_ref().unwrap().code, 413, "{what} with a partial body");
+        assert!(String::from_utf8_lossy(&i.body).contains("request_too_large"), "{what}");
     }
     // A body-less request on the budgeted route needs no body: it goes on.
     let mut get = budgeted.clone();

@@ -301,8 +301,8 @@ fn deciding_filters(vhost: &serde_json::Value) -> (Vec<&'static str>, Option<Str
 /// whose response bodies keyswap reads on every request turns the body-streaming one on and the
 /// other off in one map, and nothing turns both off (a request would then reach the provider
 /// undecided: no key, but no budget and no policy either). The phases it fixes send what its
-/// routes read: the whole request body for SigV4 and a budget on tokens, the captured part for
-/// spans, nothing more where only the response is read.
+/// routes read: the request body (BUFFERED_PARTIAL: whole up to Envoy's buffer) for SigV4, a
+/// budget on tokens or captured spans, none where only the response is read.
 #[test]
 fn every_virtual_host_runs_exactly_one_deciding_filter_with_the_phases_its_routes_need() {
     use keyswap::envoy::{BODIES_FILTER, DECIDE_FILTER};
@@ -342,7 +342,7 @@ spec:
             vec![
                 (A, "BUFFERED_PARTIAL"),
                 ("api.openai.com", "BUFFERED_PARTIAL"),
-                (B, "BUFFERED"),
+                (B, "BUFFERED_PARTIAL"),
                 (W, "BUFFERED_PARTIAL"),
             ],
         ),
@@ -351,14 +351,19 @@ spec:
             format!("{gateway}{bedrock}{}", budget("{name: providers}")),
             false,
             false,
-            vec![(A, "BUFFERED"), ("api.openai.com", "BUFFERED")],
+            vec![(A, "BUFFERED_PARTIAL"), ("api.openai.com", "BUFFERED_PARTIAL")],
         ),
         (
             "a budget on the gateway",
             format!("{gateway}{bedrock}{}", budget("{kind: EgressGateway, name: egress}")),
             false,
             false,
-            vec![(A, "BUFFERED"), ("api.openai.com", "BUFFERED"), (B, "BUFFERED"), (W, "BUFFERED")],
+            vec![
+                (A, "BUFFERED_PARTIAL"),
+                ("api.openai.com", "BUFFERED_PARTIAL"),
+                (B, "BUFFERED_PARTIAL"),
+                (W, "BUFFERED_PARTIAL"),
+            ],
         ),
         (
             "scrubResponseBodies",
@@ -374,7 +379,7 @@ spec:
                 .replace("  allow: []\n", "  allow: []\n  otlp: {captureBody: {maxBytes: 0}}\n"),
             true,
             false,
-            vec![(A, "NONE"), ("api.openai.com", "NONE"), (B, "BUFFERED"), (W, "NONE")],
+            vec![(A, "NONE"), ("api.openai.com", "NONE"), (B, "BUFFERED_PARTIAL"), (W, "NONE")],
         ),
     ];
     for (case, manifests, tracing, observe, expected) in cases {

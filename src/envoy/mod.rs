@@ -98,9 +98,10 @@ pub fn traces_from(env: impl Fn(&str) -> Option<String>) -> bool {
     crate::telemetry::export::settings(None, env).ok().flatten().is_some()
 }
 
-/// The request body the body-streaming deciding filter sends for the virtual host of the route
-/// host pattern `host`, when keyswap reads its response bodies on every request (`None`: the
-/// first deciding filter, phases chosen per request), for a keyswap with tracing on or off.
+/// The request body the body-streaming deciding filter sends for a request to the routed `host`
+/// (no port), when keyswap reads the response bodies of its virtual host on every request
+/// (`None`: the first deciding filter, phases chosen per request), for a keyswap with tracing on
+/// or off.
 pub fn fixed_phases_of(snap: &Snapshot, traces_from_env: bool, host: &str) -> Option<RequestBody> {
     let opts = harness_options(traces_from_env, false);
     Layout::new(snap, &opts, leaf_hosts(snap).0).reads_bodies_of(host)
@@ -386,13 +387,15 @@ pub fn bodies_filter() -> Value {
 }
 
 /// The phases of the body-streaming deciding filter on a route: headers both ways, the request
-/// body as `request_body` says (BUFFERED for SigV4 and token budgets, BUFFERED_PARTIAL for
-/// captured spans), the response body STREAMED.
+/// body when `request_body` reads it, the response body STREAMED. The request body is
+/// BUFFERED_PARTIAL even where SigV4 or a token budget needs it whole: the phases hold for every
+/// request to the host, and BUFFERED would have Envoy answer 413 to any body over its buffer (a
+/// file upload on another route of the host). Up to the buffer the body arrives whole; a request
+/// that needs it whole and is larger is refused with 413 by keyswap.
 fn fixed_phases(request_body: RequestBody) -> Value {
     let request_body_mode = match request_body {
         RequestBody::None => "NONE",
-        RequestBody::Capture => "BUFFERED_PARTIAL",
-        RequestBody::Whole => "BUFFERED",
+        RequestBody::Capture | RequestBody::Whole => "BUFFERED_PARTIAL",
     };
     json!({
         "request_header_mode": "SEND",

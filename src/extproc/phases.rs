@@ -19,8 +19,8 @@ pub(super) const PHASES_MISMATCH: &str = "keyswap_phases_mismatch";
 /// The phases of a stream whose route fixed them, from its first message's `protocol_config`.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Fixed {
-    /// Envoy sends the whole request body in one message (BUFFERED).
-    whole_request_body: bool,
+    /// Envoy sends the request body (BUFFERED_PARTIAL as generated: whole up to its buffer).
+    sends_request_body: bool,
     /// What this request's decision reads (what it would have asked for with `mode_override`).
     reads_request_body: bool,
     reads_response_body: bool,
@@ -33,9 +33,10 @@ impl Fixed {
         if !c.send_body_without_waiting_for_header_response {
             return None;
         }
-        let whole_request_body = c.request_body_mode == BodySendMode::Buffered as i32;
+        let sends = [BodySendMode::Buffered, BodySendMode::BufferedPartial].map(|m| m as i32);
+        let sends_request_body = sends.contains(&c.request_body_mode);
         tracing::trace!(request_body_mode = c.request_body_mode, "a stream with the phases its route fixed");
-        Some(Fixed { whole_request_body, ..Fixed::default() })
+        Some(Fixed { sends_request_body, ..Fixed::default() })
     }
 }
 
@@ -55,7 +56,7 @@ impl ProcessStream {
         let fixed = self.fixed.as_mut()?;
         let asked = asked_request_body(resp);
         fixed.reads_request_body = asked != BodySendMode::None;
-        if !(has_body && asked == BodySendMode::Buffered && !fixed.whole_request_body) {
+        if !(has_body && asked == BodySendMode::Buffered && !fixed.sends_request_body) {
             return None;
         }
         Metrics::inc(&self.shared.metrics.protocol_errors);
@@ -69,6 +70,23 @@ impl ProcessStream {
             "message": "the gateway's route configuration is being updated; retry"}});
         let resp = mutation::immediate_with(503, &body, PHASES_MISMATCH, &[("retry-after", b"1")]);
         Some(Handled::Answer(resp, TelemetryPhase::RequestHeaders, true))
+    }
+
+    /// On a stream with fixed phases, a request body that needs to arrive whole (SigV4, a token
+    /// budget) and came partial, being larger than Envoy's buffer: refused with 413, never
+    /// signed or reserved by a part. `None` elsewhere (keyswap asked for BUFFERED there).
+    pub(super) fn partial_body_refused(&mut self) -> Option<Handled> {
+        self.fixed?;
+        Metrics::inc(&self.shared.metrics.denied_too_large);
+        tracing::warn!(
+            "a request body SigV4 or a token budget needs whole is larger than Envoy's buffer; answering 413"
+        );
+        self.sign = None;
+        self.budget = None;
+        let body = json!({"error": {"type": "request_too_large",
+            "message": "SigV4 signing and token budgets need the whole request body; this one is larger than the gateway buffers"}});
+        let resp = mutation::immediate(413, &body, "keyswap_body_too_large");
+        Some(Handled::Answer(resp, TelemetryPhase::RequestBody, true))
     }
 
     /// Whether a request body that arrived is one this request does not read.
