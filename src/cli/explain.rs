@@ -52,7 +52,7 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     print_decision(&args, &snap, path_only, tenant.as_deref(), &decision);
     if let Decision::Inject { entry, .. } = decision {
         print_budgets(&snap, entry, identity.as_ref());
-        print_phases(&snap, entry);
+        print_phases(&snap, &args.host);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -73,9 +73,10 @@ fn print_budgets(
 }
 
 /// Which deciding filter Envoy runs for the request's host, and what it sends keyswap.
-fn print_phases(snap: &Snapshot, entry: &crate::config::snapshot::MatchEntry) {
+fn print_phases(snap: &Snapshot, authority: &str) {
     let traces = crate::envoy::traces_from_env();
-    let Some(host) = entry.hosts.first() else { return };
+    let mut buf = [0u8; 256];
+    let host = crate::target::host(authority, &mut buf).unwrap_or(authority);
     let tracing =
         if traces { "with tracing on, from this environment" } else { "with tracing off in this environment" };
     match crate::envoy::fixed_phases_of(snap, traces, host) {
@@ -87,7 +88,10 @@ fn print_phases(snap: &Snapshot, entry: &crate::config::snapshot::MatchEntry) {
             let body = match body {
                 crate::envoy::RequestBody::None => "no request body",
                 crate::envoy::RequestBody::Capture => "the request body up to Envoy's buffer (BUFFERED_PARTIAL)",
-                crate::envoy::RequestBody::Whole => "the whole request body (BUFFERED)",
+                crate::envoy::RequestBody::Whole => {
+                    "the request body up to Envoy's buffer (BUFFERED_PARTIAL; SigV4 or a token budget here needs it \
+                     whole, and such a request with a larger body is refused with 413)"
+                }
             };
             println!(
                 "  Envoy phases ({tracing}): fixed for this host, keyswap reads its response bodies on every request: \

@@ -57,14 +57,14 @@ impl<'a> Layout<'a> {
         self.bodies.iter().filter(|(h, _)| hosts.contains(h)).map(|(_, r)| *r).max()
     }
 
-    /// [`Self::reads_bodies`] for the virtual host that serves the route host pattern `host`
-    /// (the one for all `*.` patterns, or its own).
+    /// [`Self::reads_bodies`] for the virtual host that serves a request to the routed `host`:
+    /// its own when a route names it exactly, else the one for all `*.` patterns.
     pub(super) fn reads_bodies_of(&self, host: &str) -> Option<RequestBody> {
         let host = host.to_ascii_lowercase();
-        if host.starts_with("*.") {
-            self.reads_bodies(&self.wildcard)
-        } else {
+        if self.routes_exactly(&host) {
             self.reads_bodies(std::slice::from_ref(&host))
+        } else {
+            self.reads_bodies(&self.wildcard)
         }
     }
 

@@ -115,4 +115,23 @@ mod tests {
         assert!(parse_picked(b"{} x", &["model"], &[]).is_none());
         assert_eq!(parse_picked(b" 7 ", &[], &[]), Some(json!(7)));
     }
+
+    /// The prompt is read from the agent's request body: nesting it 100,000 deep, in a member
+    /// that is kept, one that is picked again or the top-level array, ends in serde_json's depth
+    /// limit (a parse error: no content attributes), never in a stack overflow.
+    #[test]
+    fn an_agents_deeply_nested_body_ends_in_a_parse_error_not_a_stack_overflow() {
+        let deep = |open: &str, close: &str| format!("{}1{}", open.repeat(100_000), close.repeat(100_000));
+        let cases = [
+            deep("[", "]"),
+            format!(r#"{{"messages":{}}}"#, deep("[", "]")),
+            format!("{}{{}}{}", r#"{"response":"#.repeat(100_000), "}".repeat(100_000)),
+        ];
+        for body in &cases {
+            assert_eq!(parse_picked(body.as_bytes(), &["messages", "model"], &["response"]), None);
+        }
+        // Within the limit it parses.
+        let ok = format!("{}{{}}{}", r#"{"response":"#.repeat(50), "}".repeat(50));
+        assert!(parse_picked(ok.as_bytes(), &[], &["response"]).is_some());
+    }
 }
