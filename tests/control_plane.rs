@@ -136,6 +136,22 @@ impl Plane {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.envoy = Some(p);
+        // The port answering is Envoy's own listener, not some other process's server.
+        while self.stat("listener_manager.total_listeners_active").unwrap_or(0) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "Envoy's listener never became active:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            self.stat("listener_manager.lds.update_rejected"),
+            Some(0),
+            "Envoy refused its listener (port {} taken?):\n{}",
+            self.proxy_port,
+            self.logs()
+        );
         started
     }
 
@@ -168,6 +184,17 @@ impl Plane {
         let k = self.keyswap.as_ref().map(Proc::output).unwrap_or_default();
         let e = self.envoy.as_ref().map(Proc::output).unwrap_or_default();
         format!("keyswap:\n{k}\nenvoy:\n{e}")
+    }
+
+    /// The last lines of both logs, for a failure after minutes of traffic.
+    fn logs_tail(&self) -> String {
+        let tail = |text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        let k = self.keyswap.as_ref().map(Proc::output).unwrap_or_default();
+        let e = self.envoy.as_ref().map(Proc::output).unwrap_or_default();
+        format!("keyswap (last lines):\n{}\nenvoy (last lines):\n{}", tail(k), tail(e))
     }
 
     /// Every request the providers saw carried the real key of its host, and nothing else.
@@ -404,9 +431,10 @@ async fn a_thirty_second_leaf_is_renewed_under_two_minutes_of_traffic_without_a_
     eprintln!("{calls} calls in 2 minutes, leaf serials seen: {serials:?}");
     assert!(
         failures.is_empty(),
-        "{} of {calls} calls failed: {:?}",
+        "{} of {calls} calls failed: {:?}\n{}",
         failures.len(),
-        &failures[..failures.len().min(5)]
+        &failures[..failures.len().min(5)],
+        plane.logs_tail()
     );
     assert!(serials.len() >= 3, "only {} leaf serials in 2 minutes: {serials:?}", serials.len());
     assert!(calls > 100, "{calls} calls");

