@@ -127,28 +127,31 @@ fn explain_shows_route_policy_and_target_or_the_denial() {
 #[test]
 fn explain_shows_the_phases_envoy_sends_for_the_host() {
     let dir = config_dir();
-    let explain = |otel: Option<&str>, host: &str| {
+    let explain = |env: &[(&str, &str)], host: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
         cmd.args(["explain", "-c", dir.path().to_str().unwrap(), "--host", host]);
         cmd.args(["--path", "/v1/chat/completions"]);
         for k in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"] {
             cmd.env_remove(k);
         }
-        if let Some(endpoint) = otel {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
-        }
+        cmd.env_remove("OTEL_TRACES_SAMPLER").envs(env.iter().copied());
         let out = cmd.output().unwrap();
         assert!(out.status.success());
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let out = explain(None, "api.openai.com");
-    assert!(out.contains("Envoy phases (with tracing off in this environment): request headers, response headers; the request body only when this request needs it (filter envoy.filters.http.ext_proc)"), "{out}");
+    let out = explain(&[], "api.openai.com");
+    assert!(out.contains("Envoy phases (tracing off in this environment): request headers, response headers; the request body only when this request needs it (filter envoy.filters.http.ext_proc)"), "{out}");
     // The host as an agent may spell it: another case, a port.
-    let out = explain(Some("http://127.0.0.1:4318"), "API.OpenAI.com:443");
-    assert!(out.contains("Envoy phases (with tracing on, from this environment): fixed for this host"), "{out}");
+    let on = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+    let out = explain(&[on], "API.OpenAI.com:443");
+    assert!(out.contains("Envoy phases (tracing on, every request sampled): fixed for this host"), "{out}");
     assert!(out.contains("the request body up to Envoy's buffer (BUFFERED_PARTIAL)"), "{out}");
     assert!(!out.contains("SigV4 or a token budget here needs it whole"), "{out}");
     assert!(out.contains("filter keyswap.decide_bodies"), "{out}");
+    // Spans of a fraction of the requests ask for bodies per request.
+    let ratio = [on, ("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.1")];
+    let out = explain(&ratio, "api.openai.com");
+    assert!(out.contains("Envoy phases (tracing on, some requests sampled: their bodies asked for per request): request headers, response headers; the request body only when this request needs it (filter envoy.filters.http.ext_proc)"), "{out}");
 }
 
 #[test]

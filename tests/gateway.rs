@@ -329,34 +329,74 @@ spec:
     const A: &str = "api.anthropic.com";
     const B: &str = "bedrock-runtime.us-east-1.amazonaws.com";
     const W: &str = "wildcard";
-    // (case, manifests, tracing on, --observe-response-bodies, the body-streaming filter's
-    // request body mode by virtual host; hosts not named run the other deciding filter).
-    type Case<'a> = (&'a str, String, bool, bool, Vec<(&'a str, &'a str)>);
+    // (case, manifests, keyswap's environment, --observe-response-bodies, the body-streaming
+    // filter's request body mode by virtual host; hosts not named run the other deciding filter).
+    type Case<'a> = (&'a str, String, &'a [(&'a str, &'a str)], bool, Vec<(&'a str, &'a str)>);
+    const OFF: &[(&str, &str)] = &[];
+    const ON: &[(&str, &str)] = &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")];
+    const RATIO: &[(&str, &str)] = &[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+    ];
+    const RATIO_ONE: &[(&str, &str)] = &[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+        ("OTEL_TRACES_SAMPLER", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1"),
+    ];
+    const NEVER: &[(&str, &str)] =
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_TRACES_SAMPLER", "always_off")];
+    const PARENT_ONLY: &[(&str, &str)] =
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("OTEL_TRACES_SAMPLER", "parentbased_always_off")];
+    let every = || {
+        vec![
+            (A, "BUFFERED_PARTIAL"),
+            ("api.openai.com", "BUFFERED_PARTIAL"),
+            (B, "BUFFERED_PARTIAL"),
+            (W, "BUFFERED_PARTIAL"),
+        ]
+    };
     let cases: Vec<Case> = vec![
-        ("nothing reads bodies", format!("{gateway}{bedrock}{requests_only}"), false, false, vec![]),
+        ("nothing reads bodies", format!("{gateway}{bedrock}{requests_only}"), OFF, false, vec![]),
+        ("spans read bodies", format!("{gateway}{bedrock}"), ON, false, every()),
+        ("spans sampled at a ratio of 1", format!("{gateway}{bedrock}"), RATIO_ONE, false, every()),
+        // Spans of a fraction (or of what agents mark sampled) ask for bodies per request: an
+        // unsampled request costs no body messages.
+        ("spans sampled at a ratio", format!("{gateway}{bedrock}"), RATIO, false, vec![]),
+        ("spans only of sampled parents", format!("{gateway}{bedrock}"), PARENT_ONLY, false, vec![]),
         (
-            "spans read bodies",
-            format!("{gateway}{bedrock}"),
-            true,
+            "spans at a ratio and a budget on one route",
+            format!("{gateway}{bedrock}{}", budget("{name: providers}")),
+            RATIO,
             false,
-            vec![
-                (A, "BUFFERED_PARTIAL"),
-                ("api.openai.com", "BUFFERED_PARTIAL"),
-                (B, "BUFFERED_PARTIAL"),
-                (W, "BUFFERED_PARTIAL"),
-            ],
+            vec![(A, "BUFFERED_PARTIAL"), ("api.openai.com", "BUFFERED_PARTIAL")],
+        ),
+        // Fixed for scrubbing, the phases still send what a sampled span captures.
+        (
+            "spans at a ratio and scrubResponseBodies",
+            format!("{scrub}{bedrock}"),
+            RATIO,
+            false,
+            vec![(A, "BUFFERED_PARTIAL"), ("api.openai.com", "BUFFERED_PARTIAL")],
+        ),
+        (
+            "no span sampled and scrubResponseBodies",
+            format!("{scrub}{bedrock}"),
+            NEVER,
+            false,
+            vec![(A, "NONE"), ("api.openai.com", "NONE")],
         ),
         (
             "a budget on one route",
             format!("{gateway}{bedrock}{}", budget("{name: providers}")),
-            false,
+            OFF,
             false,
             vec![(A, "BUFFERED_PARTIAL"), ("api.openai.com", "BUFFERED_PARTIAL")],
         ),
         (
             "a budget on the gateway",
             format!("{gateway}{bedrock}{}", budget("{kind: EgressGateway, name: egress}")),
-            false,
+            OFF,
             false,
             vec![
                 (A, "BUFFERED_PARTIAL"),
@@ -365,24 +405,18 @@ spec:
                 (W, "BUFFERED_PARTIAL"),
             ],
         ),
-        (
-            "scrubResponseBodies",
-            format!("{scrub}{bedrock}"),
-            false,
-            false,
-            vec![(A, "NONE"), ("api.openai.com", "NONE")],
-        ),
-        ("observed instead", format!("{gateway}{bedrock}{}", budget("{name: providers}")), true, true, vec![]),
+        ("scrubResponseBodies", format!("{scrub}{bedrock}"), OFF, false, vec![(A, "NONE"), ("api.openai.com", "NONE")]),
+        ("observed instead", format!("{gateway}{bedrock}{}", budget("{name: providers}")), ON, true, vec![]),
         (
             "capture off",
             format!("{gateway}{bedrock}")
                 .replace("  allow: []\n", "  allow: []\n  otlp: {captureBody: {maxBytes: 0}}\n"),
-            true,
+            ON,
             false,
             vec![(A, "NONE"), ("api.openai.com", "NONE"), (B, "BUFFERED_PARTIAL"), (W, "NONE")],
         ),
     ];
-    for (case, manifests, tracing, observe, expected) in cases {
+    for (case, manifests, env, observe, expected) in cases {
         assert!(!case.starts_with("capture") || manifests.contains("maxBytes: 0"), "{case}: {manifests}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gateway.yaml"), &manifests).unwrap();
@@ -390,10 +424,10 @@ spec:
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
         cmd.arg("envoy-config").arg("--config").arg(dir.path()).arg("--static");
         cmd.arg("--certs").arg(work.path().join("certs")).arg("--uds").arg(work.path().join("k.sock"));
-        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-        if tracing {
-            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318");
+        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"] {
+            cmd.env_remove(var);
         }
+        cmd.envs(env.iter().copied());
         if observe {
             cmd.arg("--observe-response-bodies");
         }

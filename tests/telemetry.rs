@@ -56,6 +56,8 @@ struct Traced {
     collector: Receiver,
     keyswap: Proc,
     port: u16,
+    /// keyswap's admin port (`/metrics`).
+    metrics_port: u16,
     fake: FakeProvider,
     _envoy: Proc,
     _config: tempfile::TempDir,
@@ -72,9 +74,11 @@ impl Traced {
         let mut env = otel_env(&format!("http://{collector_addr}"));
         env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &[]);
+        let metrics_port = free_port();
+        let metrics = format!("127.0.0.1:{metrics_port}");
+        let (keyswap, uds) = start_keyswap(config.path(), work.path(), &env, &["--metrics", &metrics]);
         let (envoy, port) = start_envoy_as_generated(config.path(), &env, observed, work.path(), &uds, fake.addr);
-        Traced { collector, keyswap, port, fake, _envoy: envoy, _config: config, _work: work }
+        Traced { collector, keyswap, port, metrics_port, fake, _envoy: envoy, _config: config, _work: work }
     }
 }
 
@@ -643,16 +647,22 @@ async fn http_protobuf_export(mode: Collector) {
     assert!(!String::from_utf8_lossy(&body).contains(ANTHROPIC_KEY));
 }
 
-/// keyswap with `sampler` env (none: the default), Envoy in front of a fake provider, and a
-/// collector. Sends `n` anthropic requests, each with `traceparent(i)` if given; returns the spans
-/// the collector received once a final marker request (always sampled) arrived, and the resource
-/// attributes of the first export.
-async fn sampled_spans(
-    sampler: &[(&str, &str)],
-    n: usize,
-    traceparent: impl Fn(usize) -> Option<String>,
-) -> (Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>, Vec<(String, String)>) {
-    let Traced { collector, keyswap, port, .. } = &Traced::start(sampler, false, false).await;
+/// What [`sampled_spans`] saw.
+struct Sampled {
+    /// The spans other than the marker's.
+    spans: Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>,
+    /// The resource attributes of the first export.
+    resource: Vec<(String, String)>,
+    /// Response body messages keyswap answered on the deciding streams.
+    body_messages: f64,
+}
+
+/// keyswap with `sampler` env (none: the default), Envoy in front of a fake provider as the
+/// generator configures it for that environment, and a collector. Sends `n` anthropic requests,
+/// each with `traceparent(i)` if given; returns what was exported once a final marker request
+/// (always sampled) arrived.
+async fn sampled_spans(sampler: &[(&str, &str)], n: usize, traceparent: impl Fn(usize) -> Option<String>) -> Sampled {
+    let Traced { collector, keyswap, port, metrics_port, .. } = &Traced::start(sampler, false, false).await;
     let port = *port;
     let c = client();
     for i in 0..n {
@@ -697,14 +707,16 @@ async fn sampled_spans(
         .unwrap_or_default();
     let spans =
         collector.spans().into_iter().filter(|(_, s)| otlp::hex(&s.trace_id) != format!("{:032x}", 0xfeed)).collect();
-    (spans, resource)
+    let m = scrape(*metrics_port, "/metrics").await.1;
+    let body_messages = metric(&m, "keyswap_extproc_phase_duration_seconds_count{phase=\"response_body\"}");
+    Sampled { spans, resource, body_messages }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agents_unsampled_traceparent_gets_no_span_by_default() {
     let tp = |i: usize| Some(format!("00-{:032x}-{:016x}-0{}", 0xa000 + i, 0xb000 + i, i % 2));
     let resource = [("OTEL_RESOURCE_ATTRIBUTES", "openinference.project.name=keyswap-agents,k8s.pod.name=gw-0")];
-    let (spans, attributes) = sampled_spans(&resource, 6, tp).await;
+    let Sampled { spans, resource: attributes, .. } = sampled_spans(&resource, 6, tp).await;
     // OTEL_RESOURCE_ATTRIBUTES reach the collector (Phoenix files spans by the project name).
     for (k, v) in
         [("service.name", "keyswap-test"), ("openinference.project.name", "keyswap-agents"), ("k8s.pod.name", "gw-0")]
@@ -760,16 +772,29 @@ async fn a_request_keyswap_cannot_sign_is_a_span_with_its_status_and_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_off_exports_nothing() {
-    let (spans, _) = sampled_spans(&[("OTEL_TRACES_SAMPLER", "always_off")], 5, |_| None).await;
+    let Sampled { spans, body_messages, .. } =
+        sampled_spans(&[("OTEL_TRACES_SAMPLER", "always_off")], 5, |_| None).await;
     assert!(spans.is_empty(), "{} spans with always_off", spans.len());
+    assert_eq!(body_messages, 0.0, "no span reads a body, yet Envoy sent response bodies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quarter_ratio_exports_about_a_quarter() {
+async fn a_quarter_ratio_exports_about_a_quarter_and_reads_only_their_bodies() {
     let sampler = [("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.25")];
-    let (spans, _) = sampled_spans(&sampler, 200, |_| None).await;
+    let Sampled { spans, body_messages, .. } = sampled_spans(&sampler, 200, |_| None).await;
     // Binomial(200, 0.25): mean 50, standard deviation 6.1; this range is ±4 of them.
     assert!((26..=74).contains(&spans.len()), "{} of 200 sampled at 0.25", spans.len());
+    // The sampled ones read their response bodies (usage), asked for per request: the other
+    // three quarters cost no body messages (at most two per read response: data, end of stream;
+    // the marker is the one more).
+    for (_, span) in &spans {
+        assert!(otlp::i(&span.attributes, "gen_ai.usage.output_tokens").is_some_and(|t| t > 0), "{span:?}");
+    }
+    let read = spans.len() as f64 + 1.0;
+    assert!(
+        (read..=2.0 * read).contains(&body_messages),
+        "{body_messages} response body messages for {read} sampled of 201 requests"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

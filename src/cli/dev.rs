@@ -89,7 +89,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         bind: std::net::IpAddr::from([127, 0, 0, 1]),
         system_ca: args.system_ca.clone(),
         delivery: crate::envoy::Delivery::Ads,
-        traces_from_env: crate::envoy::traces_from_env(),
+        spans: crate::envoy::span_env(),
         observe_response_bodies: args.observe.observe_response_bodies,
     };
 

@@ -39,9 +39,10 @@ pub struct ObserveArgs {
     /// gRPC stream per request: measured with traced bodies, keyswap's CPU per request went from
     /// 1.5x to 1.8x that of untraced requests and requests/s at saturation from 0.93x to 0.65x,
     /// with no gain in time to the first streamed chunk (docs/benchmarks.md, run 13). Off (the
-    /// default): hosts whose response bodies keyswap reads on every request get the deciding
-    /// filter that streams them to keyswap without waiting for its answer to the response
-    /// headers (keyswap.decide_bodies; docs/tracing.md).
+    /// default): hosts whose response bodies keyswap reads on every request (token budgets,
+    /// scrubResponseBodies, spans when OTEL_TRACES_SAMPLER samples every request) get the
+    /// deciding filter that streams them to keyswap without waiting for its answer to the
+    /// response headers (keyswap.decide_bodies; docs/tracing.md).
     #[arg(long, env = "KEYSWAP_OBSERVE_RESPONSE_BODIES")]
     pub observe_response_bodies: bool,
 }
@@ -57,7 +58,7 @@ impl ResourceArgs {
             bind: self.bind,
             system_ca: self.system_ca.clone(),
             delivery,
-            traces_from_env: crate::envoy::traces_from_env(),
+            spans: crate::envoy::span_env(),
             observe_response_bodies: self.observe.observe_response_bodies,
         }
     }

@@ -74,12 +74,17 @@ fn print_budgets(
 
 /// Which deciding filter Envoy runs for the request's host, and what it sends keyswap.
 fn print_phases(snap: &Snapshot, authority: &str) {
-    let traces = crate::envoy::traces_from_env();
+    let spans = crate::envoy::span_env();
     let mut buf = [0u8; 256];
     let host = crate::target::host(authority, &mut buf).unwrap_or(authority);
-    let tracing =
-        if traces { "with tracing on, from this environment" } else { "with tracing off in this environment" };
-    match crate::envoy::fixed_phases_of(snap, traces, host) {
+    let on = spans.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
+    let tracing = match (on, spans.sampling) {
+        (false, _) => "tracing off in this environment",
+        (true, crate::envoy::Sampling::Every) => "tracing on, every request sampled",
+        (true, crate::envoy::Sampling::Some) => "tracing on, some requests sampled: their bodies asked for per request",
+        (true, crate::envoy::Sampling::None) => "tracing on, no request sampled",
+    };
+    match crate::envoy::fixed_phases_of(snap, spans, host) {
         None => println!(
             "  Envoy phases ({tracing}): request headers, response headers; the request body only when this request \
              needs it (filter envoy.filters.http.ext_proc)"

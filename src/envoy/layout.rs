@@ -68,9 +68,15 @@ impl<'a> Layout<'a> {
         }
     }
 
-    /// [`Self::body_filters`] of one virtual host for every routed host.
-    pub(super) fn every_host_filters(&self) -> Option<Value> {
-        self.body_filters(&self.routed)
+    /// The routed virtual hosts of a TLS chain: one per host a route names exactly, then one for
+    /// every `*.` pattern, each with its domains and [`Self::body_filters`].
+    pub(super) fn routed_virtual_hosts(&self) -> Vec<(Vec<String>, Option<Value>)> {
+        let mut vhosts: Vec<(Vec<String>, Option<Value>)> =
+            self.exact.iter().map(|h| (vec![h.clone()], self.body_filters(std::slice::from_ref(h)))).collect();
+        if !self.wildcard.is_empty() {
+            vhosts.push((self.wildcard.clone(), self.body_filters(&self.wildcard)));
+        }
+        vhosts
     }
 
     /// Whether a route names `host` exactly (so it has a cluster an `--upstream` can redirect).
@@ -266,25 +272,21 @@ impl<'a> Layout<'a> {
 
     fn tls_vhosts(&self) -> Vec<Value> {
         let mut vhosts: Vec<Value> = self
-            .exact
-            .iter()
-            .map(|h| {
-                let mut v = json!({"name": h, "domains": [h], "routes": [{"match": {"prefix": "/"},
-                    "route": {"cluster": cluster_name(h), "timeout": "600s"}}]});
-                if let Some(filters) = self.body_filters(std::slice::from_ref(h)) {
+            .routed_virtual_hosts()
+            .into_iter()
+            .map(|(domains, filters)| {
+                let (name, cluster) = match domains.as_slice() {
+                    [h] if self.routes_exactly(h) => (h.clone(), cluster_name(h)),
+                    _ => ("wildcard".to_owned(), "keyswap_dynamic_tls".to_owned()),
+                };
+                let mut v = json!({"name": name, "domains": domains, "routes": [{"match": {"prefix": "/"},
+                    "route": {"cluster": cluster, "timeout": "600s"}}]});
+                if let Some(filters) = filters {
                     v["typed_per_filter_config"] = filters;
                 }
                 v
             })
             .collect();
-        if !self.wildcard.is_empty() {
-            let mut v = json!({"name": "wildcard", "domains": self.wildcard, "routes": [{"match": {"prefix": "/"},
-                "route": {"cluster": "keyswap_dynamic_tls", "timeout": "600s"}}]});
-            if let Some(filters) = self.body_filters(&self.wildcard) {
-                v["typed_per_filter_config"] = filters;
-            }
-            vhosts.push(v);
-        }
         vhosts.push(json!({"name": "misdirected", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
             "direct_response": {"status": 421, "body": {"inline_string": "keyswap gateway: no route for this host\n"}}}]}));
         vhosts
@@ -367,24 +369,28 @@ impl<'a> Layout<'a> {
 
 /// The route host patterns whose response bodies keyswap reads on every request, each with the
 /// most of the request body a route of it needs: every routed host when spans read bodies
-/// (`spec.otlp.readBodies`, the default, with tracing on; the request body too when
-/// `captureBody.maxBytes` is not 0), the hosts of routes with a budget on tokens (and their whole
+/// (`spec.otlp.readBodies`, the default, with tracing on and a sampler that samples every
+/// request; the request body too when `captureBody.maxBytes` is not 0), the hosts of routes with a budget on tokens (and their whole
 /// request bodies, as SigV4's), and those of routes with `scrubResponseBodies` (only without
 /// `--observe-response-bodies`: the observing filter never rewrites a body).
 fn body_hosts(snap: &Snapshot, opts: &Options) -> Vec<(String, RequestBody)> {
-    let tracing = opts.traces_from_env
-        || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
-    let spans_read_bodies = tracing && snap.capture.read_bodies;
+    use super::Sampling;
+    let tracing =
+        opts.spans.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
+    // Spans read bodies of sampled requests only: of every request under the default sampler, of
+    // a fraction under a ratio (then a host is fixed only for what reads every request).
+    let spans_may_read = tracing && snap.capture.read_bodies && opts.spans.sampling != Sampling::None;
+    let spans_read_every = spans_may_read && opts.spans.sampling == Sampling::Every;
     let mut hosts: Vec<(String, RequestBody)> = Vec::new();
     for e in &snap.routes.entries {
         let budget_reads = e.budgets.iter().any(|b| b.counts_tokens());
         let scrubs = e.scrub_response_bodies && !opts.observe_response_bodies;
-        if !(spans_read_bodies || budget_reads || scrubs) {
+        if !(spans_read_every || budget_reads || scrubs) {
             continue;
         }
         let request_body = if budget_reads || e.binding.signs_bodies() {
             RequestBody::Whole
-        } else if spans_read_bodies && snap.capture.max_bytes > 0 {
+        } else if spans_may_read && snap.capture.max_bytes > 0 {
             RequestBody::Capture
         } else {
             RequestBody::None

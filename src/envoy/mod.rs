@@ -80,51 +80,103 @@ pub struct Options {
     pub bind: std::net::IpAddr,
     pub system_ca: PathBuf,
     pub delivery: Delivery,
-    /// keyswap's environment turns tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT` …) even where the
-    /// gateway names no collector: routes then read response bodies.
-    pub traces_from_env: bool,
+    /// What keyswap's environment says of spans: an exporter (`OTEL_EXPORTER_OTLP_ENDPOINT` …)
+    /// turns tracing on even where the gateway names no collector, and the sampler says whether
+    /// spans read the response bodies of every request (fixed phases) or of some (per request).
+    pub spans: SpanEnv,
     /// Routes whose response bodies keyswap reads get the observing filter
     /// (`--observe-response-bodies`); off, the body-streaming deciding filter ([`bodies_filter`]).
     pub observe_response_bodies: bool,
 }
 
-/// Whether keyswap's environment turns tracing on, as `serve` will read it.
-pub fn traces_from_env() -> bool {
-    traces_from(|k| std::env::var(k).ok())
+/// What keyswap's environment says of its spans, as `serve` reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanEnv {
+    /// An exporter is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` …).
+    pub exporter: bool,
+    /// How many transactions the sampler (`OTEL_TRACES_SAMPLER`) gives a span.
+    pub sampling: Sampling,
 }
 
-/// Whether the environment `env` reads from turns tracing on.
-pub fn traces_from(env: impl Fn(&str) -> Option<String>) -> bool {
-    crate::telemetry::export::settings(None, env).ok().flatten().is_some()
+/// How many transactions a sampler gives a span: what decides whether spans read the response
+/// bodies of a host on every request (Envoy's phases fixed for it) or only of the sampled ones
+/// (asked for per request, so that an unsampled request costs no body messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampling {
+    /// Every transaction an agent does not mark unsampled (`parentbased_always_on`, the default;
+    /// `always_on`; a ratio of 1).
+    Every,
+    /// A fraction of them (`traceidratio`, `parentbased_traceidratio` below 1), or only those
+    /// whose agent marks them sampled (`parentbased_always_off`).
+    Some,
+    /// None (`always_off`, a ratio of 0).
+    None,
+}
+
+impl SpanEnv {
+    /// Tracing off: no exporter in the environment, the default sampler.
+    pub const OFF: SpanEnv = SpanEnv { exporter: false, sampling: Sampling::Every };
+}
+
+/// What keyswap's environment says of spans, as `serve` will read it.
+pub fn span_env() -> SpanEnv {
+    span_env_from(|k| std::env::var(k).ok())
+}
+
+/// What the environment `env` reads from says of spans. A sampler `serve` would refuse counts as
+/// the default: keyswap does not start with it.
+pub fn span_env_from(env: impl Fn(&str) -> Option<String>) -> SpanEnv {
+    use crate::telemetry::sample::{Root, Sampler};
+    let ratio = |r: f64| match r {
+        r if r >= 1.0 => Sampling::Every,
+        r if r <= 0.0 => Sampling::None,
+        _ => Sampling::Some,
+    };
+    let sampling = match Sampler::from_env(&env).unwrap_or_default() {
+        Sampler::AlwaysOn | Sampler::ParentBased(Root::AlwaysOn) => Sampling::Every,
+        Sampler::AlwaysOff => Sampling::None,
+        Sampler::TraceIdRatio(r) => ratio(r),
+        Sampler::ParentBased(Root::TraceIdRatio(r)) => match ratio(r) {
+            Sampling::None => Sampling::Some,
+            other => other,
+        },
+        Sampler::ParentBased(Root::AlwaysOff) => Sampling::Some,
+    };
+    SpanEnv { exporter: crate::telemetry::export::settings(None, env).ok().flatten().is_some(), sampling }
 }
 
 /// The request body the body-streaming deciding filter sends for a request to the routed `host`
 /// (no port), when keyswap reads the response bodies of its virtual host on every request
-/// (`None`: the first deciding filter, phases chosen per request), for a keyswap with tracing on
-/// or off.
-pub fn fixed_phases_of(snap: &Snapshot, traces_from_env: bool, host: &str) -> Option<RequestBody> {
-    let opts = harness_options(traces_from_env, false);
+/// (`None`: the first deciding filter, phases chosen per request), for a keyswap whose
+/// environment says `spans`.
+pub fn fixed_phases_of(snap: &Snapshot, spans: SpanEnv, host: &str) -> Option<RequestBody> {
+    let opts = harness_options(spans, false);
     Layout::new(snap, &opts, leaf_hosts(snap).0).reads_bodies_of(host)
 }
 
 /// Options for resources outside a gateway's own configuration (`explain`, the harnesses).
-fn harness_options(traces_from_env: bool, observe_response_bodies: bool) -> Options {
+fn harness_options(spans: SpanEnv, observe_response_bodies: bool) -> Options {
     Options {
         upstreams: Vec::new(),
         bind: std::net::IpAddr::from([127, 0, 0, 1]),
         system_ca: PathBuf::new(),
         delivery: Delivery::Ads,
-        traces_from_env,
+        spans,
         observe_response_bodies,
     }
 }
 
-/// The per-filter configuration the generator gives a virtual host serving every routed host of
-/// `snap` (the test and bench harnesses' one catch-all virtual host), with keyswap's tracing on
-/// or off: `None` when keyswap reads no host's response bodies on every request.
-pub fn catch_all_filters(snap: &Snapshot, traces_from_env: bool, observe_response_bodies: bool) -> Option<Value> {
-    let opts = harness_options(traces_from_env, observe_response_bodies);
-    Layout::new(snap, &opts, leaf_hosts(snap).0).every_host_filters()
+/// The routed virtual hosts the generator gives `snap`'s TLS chains (one per host a route names
+/// exactly, one for every `*.` pattern), as their domains and their per-filter configuration
+/// (`None`: the first deciding filter, phases chosen per request), for a keyswap whose
+/// environment says `spans`. The test harnesses build their Envoy's virtual hosts from it.
+pub fn routed_virtual_hosts(
+    snap: &Snapshot,
+    spans: SpanEnv,
+    observe_response_bodies: bool,
+) -> Vec<(Vec<String>, Option<Value>)> {
+    let opts = harness_options(spans, observe_response_bodies);
+    Layout::new(snap, &opts, leaf_hosts(snap).0).routed_virtual_hosts()
 }
 
 /// How the resources reach Envoy.

@@ -445,10 +445,11 @@ pub fn with_observer(mut cfg: serde_json::Value) -> serde_json::Value {
     cfg
 }
 
-/// [`start_envoy`], its one virtual host configured as the generator configures the hosts of
-/// the gateway in `config` for a keyswap started with `env` (tracing on or off) and, when
-/// `observe`, `--observe-response-bodies`: hosts whose response bodies keyswap reads on every
-/// request get the body-streaming deciding filter with their fixed phases, or the observing one.
+/// [`start_envoy`] with the routed virtual hosts the generator gives the gateway in `config` for
+/// a keyswap started with `env` (tracing on or off, its sampler) and, when `observe`,
+/// `--observe-response-bodies`: hosts whose response bodies keyswap reads on every request get
+/// the body-streaming deciding filter with their fixed phases, or the observing one. Other hosts
+/// reach the first deciding filter through the catch-all virtual host.
 pub fn start_envoy_as_generated(
     config: &Path,
     env: &[(&str, &str)],
@@ -461,13 +462,22 @@ pub fn start_envoy_as_generated(
     let snap = keyswap::config::file::FileSource::new(config, vec![])
         .snapshot_isolated(&keyswap::config::GatewaySelector::Only)
         .expect("a gateway to serve");
-    let traces = keyswap::envoy::traces_from(|k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
+    let spans = keyswap::envoy::span_env_from(|k| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()));
     let port = free_port();
     let mut cfg = envoy_config_value(port, uds, upstream);
-    if let Some(filters) = keyswap::envoy::catch_all_filters(&snap, traces, observe) {
-        let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
-        hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"] = filters;
+    let mut vhosts = Vec::new();
+    for (domains, filters) in keyswap::envoy::routed_virtual_hosts(&snap, spans, observe) {
+        let mut v = serde_json::json!({"name": domains[0], "domains": domains,
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "provider", "timeout": "10s"}}]});
+        if let Some(filters) = filters {
+            v["typed_per_filter_config"] = filters;
+        }
+        vhosts.push(v);
     }
+    let hcm = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let all = hcm["route_config"]["virtual_hosts"][0].take();
+    vhosts.push(all);
+    hcm["route_config"]["virtual_hosts"] = serde_json::Value::Array(vhosts);
     start_envoy_with(work, port, keyswap::envoy::to_yaml(&cfg))
 }
 
