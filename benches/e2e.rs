@@ -53,6 +53,9 @@
 //!   (`keyswap::envoy::bodies_filter`, `bodies_on_route`: fixed phases, the response body sent
 //!   without waiting for the answer to the response headers); 0: the deciding filter asks for
 //!   the body by `mode_override`, as before run 19 in docs/benchmarks.md;
+//! - `E2E_UPSTREAM_H2` (0): 1 has Envoy speak HTTP/2 to the upstream (the upstream then ends
+//!   a JSON answer with its last DATA frame, and Envoy sends ext_proc one body message instead
+//!   of the data and an empty end of stream: run 20 in docs/benchmarks.md);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
 //!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
@@ -108,6 +111,8 @@ struct Knobs {
     /// Setups that read response bodies get a fixed processing mode that streams the response
     /// body to keyswap without waiting for the answer to the response headers (an experiment).
     nowait: bool,
+    /// Envoy speaks HTTP/2 to the upstream (`E2E_UPSTREAM_H2`).
+    upstream_h2: bool,
     /// Streamed requests per run for time to first chunk.
     ttft_requests: usize,
     /// The setups that run (`E2E_SETUPS`), in the order of [`KINDS`].
@@ -136,6 +141,7 @@ impl Knobs {
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             observe: env_or("E2E_OBSERVE", 0) != 0,
             nowait: env_or("E2E_NOWAIT", 1) != 0,
+            upstream_h2: env_or("E2E_UPSTREAM_H2", 0) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
@@ -376,7 +382,8 @@ impl UpstreamSnapshot {
     }
 }
 
-fn start_upstream() -> (u16, Arc<UpstreamCounters>) {
+/// The in-process upstream, speaking HTTP/1.1, or HTTP/2 when `h2` (`E2E_UPSTREAM_H2`).
+fn start_upstream(h2: bool) -> (u16, Arc<UpstreamCounters>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
     listener.set_nonblocking(true).expect("nonblocking upstream listener");
     let port = listener.local_addr().expect("upstream address").port();
@@ -386,13 +393,13 @@ fn start_upstream() -> (u16, Arc<UpstreamCounters>) {
         .name("upstream".into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("upstream runtime");
-            rt.block_on(serve_upstream(listener, c));
+            rt.block_on(serve_upstream(listener, c, h2));
         })
         .expect("spawn upstream thread");
     (port, counters)
 }
 
-async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) {
+async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>, h2: bool) {
     use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::{Bytes, Frame, Incoming};
     use hyper::{Request, Response};
@@ -447,7 +454,13 @@ async fn serve_upstream(listener: TcpListener, counters: Arc<UpstreamCounters>) 
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            if h2 {
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(io, svc)
+                    .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            }
         });
     }
 }
@@ -733,6 +746,8 @@ fn socket_address(port: u16) -> Value {
 #[derive(Clone, Copy)]
 struct BodyPath {
     observe: bool,
+    /// Envoy speaks HTTP/2 to the upstream (`E2E_UPSTREAM_H2`).
+    upstream_h2: bool,
     nowait: bool,
     /// The request body the fixed phases send (`nowait`).
     request_body: keyswap::envoy::RequestBody,
@@ -740,7 +755,7 @@ struct BodyPath {
 
 fn envoy_config(
     kind: Kind,
-    BodyPath { observe, nowait, request_body }: BodyPath,
+    BodyPath { observe, upstream_h2, nowait, request_body }: BodyPath,
     listen: u16,
     admin: u16,
     upstream: u16,
@@ -805,6 +820,11 @@ fn envoy_config(
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(upstream)}}]}],
         },
     })];
+    if upstream_h2 {
+        clusters[0]["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}});
+    }
     if let Some(address) = sidecar {
         clusters.push(keyswap::envoy::keyswap_cluster(&address));
     }
@@ -1497,7 +1517,7 @@ fn main() {
     );
     println!("  work dir {}", dir.display());
 
-    let (upstream_port, upstream) = start_upstream();
+    let (upstream_port, upstream) = start_upstream(knobs.upstream_h2);
     let (sink_port, sink) = start_otlp_sink();
     let (hung_port, hung_accepted) = start_hung_collector();
 
@@ -1598,7 +1618,7 @@ fn main() {
             _ if knobs.capture_bytes > 0 => keyswap::envoy::RequestBody::Capture,
             _ => keyswap::envoy::RequestBody::None,
         };
-        let body_path = BodyPath { observe, nowait, request_body };
+        let body_path = BodyPath { observe, upstream_h2: knobs.upstream_h2, nowait, request_body };
         let config = envoy_config(kind, body_path, port, admin, upstream_port, &sds, address);
         fs::write(&cfg, serde_json::to_string_pretty(&config).expect("json")).expect("write envoy config");
         let mut cmd = Command::new(&envoy_bin);
