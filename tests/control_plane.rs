@@ -79,6 +79,11 @@ struct Plane {
 impl Plane {
     /// Starts the gateway with routes for `providers`, its leaves living `leaf_lifetime`.
     async fn start(providers: &[&str], leaf_lifetime: &str) -> Plane {
+        Self::start_with(providers, leaf_lifetime, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// [`Plane::start`], the providers offering the protocols `alpn` in their TLS handshakes.
+    async fn start_with(providers: &[&str], leaf_lifetime: &str, alpn: &[&[u8]]) -> Plane {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("config");
         std::fs::create_dir(&config).unwrap();
@@ -87,7 +92,7 @@ impl Plane {
         for p in providers {
             write_manifest(&config, &format!("{p}.yaml"), &route(p, key_of(p)));
         }
-        let (fake, provider_ca) = FakeProvider::start_tls(&HOSTS, work.path()).await;
+        let (fake, provider_ca) = FakeProvider::start_tls_with(&HOSTS, work.path(), alpn).await;
         // `keyswap certs` creates the gateway CA; keyswap mints the leaves from it.
         let ca_dir = work.path().join("ca");
         let out = keyswap(&["certs", "--config", config.to_str().unwrap(), "--out", ca_dir.to_str().unwrap()]);
@@ -332,6 +337,31 @@ async fn a_route_for_a_new_host_is_injected_within_a_second_without_restarting_e
     assert_eq!(plane.stat("listener_manager.lds.update_rejected"), Some(0));
     assert_eq!(plane.stat("cluster_manager.cds.update_rejected"), Some(0));
     plane.assert_only_real_keys();
+}
+
+/// Envoy speaks HTTP/2 to a provider whose TLS handshake offers it (an answer then reaches
+/// keyswap as one body message, and agents share the connection) and HTTP/1.1 to one that does
+/// not; either way the provider gets the real key and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_get_http2_when_their_handshake_offers_it_and_http1_otherwise() {
+    for (alpn, h2) in [(&[b"h2".as_slice(), b"http/1.1"][..], true), (&[b"http/1.1".as_slice()][..], false)] {
+        let plane = Plane::start_with(&["anthropic"], "24h", alpn).await;
+        for _ in 0..3 {
+            let (code, _, err) = plane.call("api.anthropic.com");
+            assert_eq!(code, 200, "{err}\n{}", plane.logs());
+        }
+        let cluster = "cluster.provider_api_anthropic_com";
+        let http2 = plane.stat(&format!("{cluster}.upstream_cx_http2_total")).unwrap_or(0);
+        let http1 = plane.stat(&format!("{cluster}.upstream_cx_http1_total")).unwrap_or(0);
+        assert_eq!(
+            (http2 > 0, http1 > 0),
+            (h2, !h2),
+            "offering {alpn:?}: {http2} HTTP/2, {http1} HTTP/1.1 connections"
+        );
+        assert_eq!(plane.fake.h2_connections.load(Ordering::Relaxed) > 0, h2);
+        assert_eq!(plane.fake.seen().len(), 3);
+        plane.assert_only_real_keys();
+    }
 }
 
 /// Edits that cannot become Envoy resources (a listener mode the generator refuses, a manifest

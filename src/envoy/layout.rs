@@ -342,6 +342,7 @@ impl<'a> Layout<'a> {
                     "trusted_ca": {"filename": ca},
                     "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}]}},
             }},
+            "typed_extension_protocol_options": negotiated_http(json!({})),
         })
     }
 
@@ -358,10 +359,8 @@ impl<'a> Layout<'a> {
             c["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "common_tls_context": {"validation_context": {"trusted_ca": {"filename": abs(&self.opts.system_ca)}}}}});
-            c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
-                "explicit_http_config": {"http_protocol_options": {}}}});
+            c["typed_extension_protocol_options"] =
+                negotiated_http(json!({"auto_sni": true, "auto_san_validation": true}));
         }
         c
     }
@@ -401,6 +400,17 @@ fn body_hosts(snap: &Snapshot, opts: &Options) -> Vec<(String, RequestBody)> {
     hosts.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     hosts.dedup_by(|a, b| a.0 == b.0);
     hosts
+}
+
+/// HTTP to a provider: HTTP/2 when its TLS handshake offers it (ALPN `h2`), else HTTP/1.1.
+/// Over HTTP/2 a provider's answer ends with its last DATA frame, so Envoy sends keyswap one body
+/// message where HTTP/1.1 takes two (the data, then an empty end of stream: benchmarks.md, run
+/// 20), and one TLS connection carries many agents' requests.
+fn negotiated_http(upstream_options: Value) -> Value {
+    json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "upstream_http_protocol_options": upstream_options,
+        "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}})
 }
 
 /// What every connection manager does with agent input before any filter sees it: the peer

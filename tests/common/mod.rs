@@ -588,6 +588,8 @@ pub struct FakeProvider {
     pub release: Arc<tokio::sync::Notify>,
     /// Every response body sent, in order.
     pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// TLS connections that negotiated HTTP/2.
+    pub h2_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeProvider {
@@ -598,6 +600,12 @@ impl FakeProvider {
     /// The same provider behind TLS, with a certificate for `hosts` from a test CA written to
     /// `dir/provider-ca.pem` (what Envoy is told to trust with `--upstream HOST=ADDR,ca=FILE`).
     pub async fn start_tls(hosts: &[&str], dir: &Path) -> (FakeProvider, PathBuf) {
+        // As the providers' endpoints do: HTTP/2 to a client that offers it, else HTTP/1.1.
+        Self::start_tls_with(hosts, dir, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// [`FakeProvider::start_tls`], offering the protocols `alpn` in its TLS handshake.
+    pub async fn start_tls_with(hosts: &[&str], dir: &Path, alpn: &[&[u8]]) -> (FakeProvider, PathBuf) {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (ca_path, leaf, leaf_key) = provider_certs(hosts, dir);
         let mut cfg = rustls::ServerConfig::builder()
@@ -607,7 +615,7 @@ impl FakeProvider {
                 rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
             )
             .unwrap();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         (Self::serve(Some(acceptor)).await, ca_path)
     }
@@ -620,12 +628,14 @@ impl FakeProvider {
             accept: Arc::new(Mutex::new(standard_accepts())),
             release: Arc::default(),
             sent: Arc::default(),
+            h2_connections: Arc::default(),
         };
         let f = fake.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 let f = f.clone();
+                let f2 = f.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -638,7 +648,12 @@ impl FakeProvider {
                             let _ = http.serve_connection(TokioIo::new(stream), svc).await;
                         }
                         Some(acceptor) => {
-                            if let Ok(s) = acceptor.accept(stream).await {
+                            let Ok(s) = acceptor.accept(stream).await else { return };
+                            if s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                f2.h2_connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                                let _ = h2.serve_connection(TokioIo::new(s), svc).await;
+                            } else {
                                 let _ = http.serve_connection(TokioIo::new(s), svc).await;
                             }
                         }
@@ -650,7 +665,9 @@ impl FakeProvider {
     }
 
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<FakeBody> {
-        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
+        // HTTP/1.1 names the host in `host`, HTTP/2 in `:authority` (the URI).
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_owned);
+        let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
         let host = host.split(':').next().unwrap_or("").to_owned();
         let seen = Seen {
             at: Instant::now(),
