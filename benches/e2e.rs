@@ -53,9 +53,10 @@
 //!   (`keyswap::envoy::bodies_filter`, `bodies_on_route`: fixed phases, the response body sent
 //!   without waiting for the answer to the response headers); 0: the deciding filter asks for
 //!   the body by `mode_override`, as before run 19 in docs/benchmarks.md;
-//! - `E2E_UPSTREAM_H2` (0): 1 has Envoy speak HTTP/2 to the upstream (the upstream then ends
-//!   a JSON answer with its last DATA frame, and Envoy sends ext_proc one body message instead
-//!   of the data and an empty end of stream: run 20 in docs/benchmarks.md);
+//! - `E2E_UPSTREAM_H2` (1): Envoy speaks HTTP/2 to the upstream, as generated gateways do to a
+//!   provider that offers it (the upstream ends a JSON answer with its last DATA frame, and Envoy
+//!   sends ext_proc one body message); 0: HTTP/1.1, as before run 21 (Envoy then sends the data
+//!   and an empty end of stream: run 20 in docs/benchmarks.md);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
 //! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
 //!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
@@ -141,7 +142,7 @@ impl Knobs {
             read_bodies: env_or("E2E_READ_BODIES", 1) != 0,
             observe: env_or("E2E_OBSERVE", 0) != 0,
             nowait: env_or("E2E_NOWAIT", 1) != 0,
-            upstream_h2: env_or("E2E_UPSTREAM_H2", 0) != 0,
+            upstream_h2: env_or("E2E_UPSTREAM_H2", 1) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
             kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
