@@ -313,9 +313,10 @@ async fn serve_store(
         .map_err(anyhow::Error::msg)?
     {
         Some(settings) => {
-            let exporter = crate::telemetry::export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
+            let queue = crate::telemetry::export::spawn(&settings, metrics.clone(), span_queue.max(1))
+                .map_err(anyhow::Error::msg)?;
             tracing::info!(exporter = %settings, sampler = ?sampler, "tracing on: one span per sampled transaction");
-            Some(crate::telemetry::export::spawn(exporter, metrics.clone(), span_queue.max(1)))
+            Some(queue)
         }
         None => {
             tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");

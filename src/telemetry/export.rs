@@ -471,40 +471,95 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     e.finish()
 }
 
-/// The exporter side: a bounded queue drained by one task that batches and exports.
-pub fn spawn(exporter: Exporter, metrics: Arc<Metrics>, capacity: usize) -> tokio::sync::mpsc::Sender<Vec<u8>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
-    tokio::spawn(async move {
-        // A batch never holds more than the queue: what waits for a hung collector stays bounded.
-        let batch_max = capacity.min(512);
-        let mut batch = Vec::with_capacity(batch_max);
+/// How often the exporter thread takes the spans that finished meanwhile.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// The exporter side: a bounded queue, drained every [`DRAIN_EVERY`] by a thread of its own that
+/// batches and exports with an exporter built from `settings`; an exporter that cannot be built is
+/// the error.
+///
+/// Off the request path twice over: batching, framing, compressing and sending (a batch is up to
+/// 512 spans, most of a megabyte) never hold up the workers that answer Envoy, and the thread
+/// polls the queue instead of waiting on it, so finishing a span never wakes another thread
+/// (a waiting receiver would be woken by every span: a system call per request).
+pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Result<SpanQueue, String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
+    let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let settings = settings.clone();
+    std::thread::Builder::new()
+        .name("keyswap-otlp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(ready.send(Err(format!("cannot start the OTLP exporter: {e}")))),
+            };
+            rt.block_on(async move {
+                // Built here: its connections (and tonic's channel task) live on this thread.
+                match Exporter::new(&settings) {
+                    Ok(exporter) => {
+                        let _ = ready.send(Ok(()));
+                        drain(exporter, rx, metrics, capacity).await;
+                    }
+                    Err(e) => drop(ready.send(Err(e))),
+                }
+            });
+        })
+        .map_err(|e| format!("cannot start the OTLP exporter thread: {e}"))?;
+    started.recv().map_err(|_| "the OTLP exporter thread ended".to_owned())??;
+    Ok(tx)
+}
+
+/// Where finished spans wait for the exporter.
+pub type SpanQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+async fn drain(
+    exporter: Exporter,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+) {
+    use tokio::sync::mpsc::error::TryRecvError;
+    // A batch never holds more than the queue: what waits for a hung collector stays bounded.
+    let batch_max = capacity.min(512);
+    let mut batch = Vec::with_capacity(batch_max);
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Batches until the queue is empty (a burst larger than one batch goes out at once).
         loop {
-            if rx.recv_many(&mut batch, batch_max).await == 0 {
+            let mut closed = false;
+            while batch.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            let full = batch.len() == batch_max;
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                match export_with_retries(&exporter, &batch).await {
+                    Ok(()) => Metrics::add(&metrics.spans_exported, n),
+                    Err(e) => {
+                        Metrics::add(&metrics.spans_export_failed, n);
+                        // `retryable`: the collector was away (retries exhausted) or refused the spans.
+                        tracing::warn!(error = %e, retryable = e.retryable(), spans = n, "OTLP export failed; spans dropped");
+                    }
+                }
+                batch.clear();
+            }
+            if closed {
                 return;
             }
-            // Let a burst fill the batch a little before exporting.
-            let deadline = tokio::time::sleep(Duration::from_millis(200));
-            tokio::pin!(deadline);
-            while batch.len() < batch_max {
-                let room = batch_max - batch.len();
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                    _ = &mut deadline => break,
-                }
+            if !full {
+                break;
             }
-            let n = batch.len() as u64;
-            match export_with_retries(&exporter, &batch).await {
-                Ok(()) => Metrics::add(&metrics.spans_exported, n),
-                Err(e) => {
-                    Metrics::add(&metrics.spans_export_failed, n);
-                    // `retryable`: the collector was away (retries exhausted) or refused the spans.
-                    tracing::warn!(error = %e, retryable = e.retryable(), spans = n, "OTLP export failed; spans dropped");
-                }
-            }
-            batch.clear();
         }
-    });
-    tx
+    }
 }
 
 #[cfg(test)]
@@ -621,9 +676,8 @@ mod tests {
     async fn a_collector_answering_503_twice_then_200_loses_no_span_and_gets_them_gzipped() {
         use prost::Message as _;
         let (endpoint, seen) = flaky_collector(2).await;
-        let exporter = Exporter::new(&Settings { gzip: true, ..http_settings(endpoint) }).unwrap();
         let metrics: Arc<Metrics> = Arc::default();
-        let tx = spawn(exporter, metrics.clone(), 16);
+        let tx = spawn(&Settings { gzip: true, ..http_settings(endpoint) }, metrics.clone(), 16).unwrap();
         let span = |i: u8| {
             let mut s = Vec::new();
             crate::telemetry::otlp::bytes(&mut s, 1, &[i; 16]);
@@ -653,9 +707,8 @@ mod tests {
     #[tokio::test]
     async fn a_collector_that_keeps_failing_gets_a_bounded_number_of_attempts() {
         let (endpoint, seen) = flaky_collector(usize::MAX).await;
-        let exporter = Exporter::new(&http_settings(endpoint)).unwrap();
         let metrics: Arc<Metrics> = Arc::default();
-        let tx = spawn(exporter, metrics.clone(), 16);
+        let tx = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
         tx.send(vec![]).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed) < 1 {
@@ -663,6 +716,44 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(seen.lock().unwrap().len(), 1 + RETRIES as usize);
+    }
+
+    /// The exporter runs on a thread of its own: spans go out while the runtime whose worker
+    /// finished them is busy and never yields (as a worker answering Envoy is, under load), and
+    /// batching and sending them never holds that worker up.
+    #[test]
+    fn spans_are_exported_while_the_runtime_that_finished_them_never_yields() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (collector_tx, collector) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                collector_tx.send(flaky_collector(0).await).unwrap();
+                std::future::pending::<()>().await
+            });
+        });
+        let (endpoint, seen) = collector.recv().unwrap();
+        let metrics: Arc<Metrics> = Arc::default();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let tx = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+            for i in 0..3 {
+                tx.try_send(vec![i]).unwrap();
+            }
+            // Blocks this runtime's only thread: nothing on it runs until the spans are out.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while metrics.spans_exported.load(Relaxed) < 3 {
+                assert!(std::time::Instant::now() < deadline, "the spans wait for the runtime that finished them");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        assert_eq!(seen.lock().unwrap().len(), 1, "one batch");
+    }
+
+    #[test]
+    fn an_exporter_that_cannot_be_built_is_an_error_at_start() {
+        let err = spawn(&http_settings("not a uri".into()), Arc::default(), 16).unwrap_err();
+        assert!(err.contains("OTLP endpoint"), "{err}");
     }
 
     fn http_settings(endpoint: String) -> Settings {
