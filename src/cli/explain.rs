@@ -77,8 +77,7 @@ fn print_phases(snap: &Snapshot, authority: &str) {
     let spans = crate::envoy::span_env();
     let mut buf = [0u8; 256];
     let host = crate::target::host(authority, &mut buf).unwrap_or(authority);
-    let on = spans.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
-    let tracing = match (on, spans.sampling) {
+    let tracing = match (spans.traces(snap), spans.sampling) {
         (false, _) => "tracing off in this environment",
         (true, crate::envoy::Sampling::Every) => "tracing on, every request sampled",
         (true, crate::envoy::Sampling::Some) => "tracing on, some requests sampled: their bodies asked for per request",

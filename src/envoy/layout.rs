@@ -374,8 +374,7 @@ impl<'a> Layout<'a> {
 /// `--observe-response-bodies`: the observing filter never rewrites a body).
 fn body_hosts(snap: &Snapshot, opts: &Options) -> Vec<(String, RequestBody)> {
     use super::Sampling;
-    let tracing =
-        opts.spans.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
+    let tracing = opts.spans.traces(snap);
     // Spans read bodies of sampled requests only: of every request under the default sampler, of
     // a fraction under a ratio (then a host is fixed only for what reads every request).
     let spans_may_read = tracing && snap.capture.read_bodies && opts.spans.sampling != Sampling::None;

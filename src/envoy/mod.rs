@@ -114,8 +114,11 @@ pub enum Sampling {
 }
 
 impl SpanEnv {
-    /// Tracing off: no exporter in the environment, the default sampler.
-    pub const OFF: SpanEnv = SpanEnv { exporter: false, sampling: Sampling::Every };
+    /// Whether keyswap traces the gateway of `snap`: an exporter in the environment, or a
+    /// collector the gateway names (`spec.otlp.endpoint`).
+    pub fn traces(&self, snap: &Snapshot) -> bool {
+        self.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()))
+    }
 }
 
 /// What keyswap's environment says of spans, as `serve` will read it.
