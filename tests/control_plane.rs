@@ -364,6 +364,49 @@ async fn providers_get_http2_when_their_handshake_offers_it_and_http1_otherwise(
     }
 }
 
+/// A hostile agent speaking HTTP/1.1 sends what has no place on the HTTP/2 connection its
+/// requests share with other agents' at the provider: connection-specific headers (one nominating
+/// the credential header as hop-by-hop), `te` other than trailers, an h2c upgrade, chunked
+/// framing. None of it reaches the provider, the connection keeps serving the next agent, and
+/// the provider only ever sees the real key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_only_headers_from_an_agent_never_reach_or_break_the_shared_http2_provider_connection() {
+    let plane = Plane::start(&["anthropic"], "24h").await;
+    let attacks: &[&[&str]] = &[
+        &["connection: keep-alive, x-api-key", "keep-alive: timeout=5"],
+        &["proxy-connection: keep-alive"],
+        &["te: gzip"],
+        &["upgrade: h2c", "connection: Upgrade, HTTP2-Settings", "http2-settings: AAMAAABkAAQAAP__"],
+        &["transfer-encoding: chunked"],
+    ];
+    for headers in attacks {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--http1.1", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--proxy", &format!("http://127.0.0.1:{}", plane.proxy_port), "--cacert"])
+            .arg(&plane.ca)
+            .args(["-H", &format!("x-api-key: {PLACEHOLDER}")]);
+        for h in *headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.args(["-d", "{}", "https://api.anthropic.com/v1/messages"]).output().unwrap();
+        let code: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        // Answered (or refused by Envoy as malformed), never a broken upstream stream.
+        assert!(code == 200 || (400..500).contains(&code), "{headers:?}: {code}\n{}", plane.logs());
+        // The next agent on the same provider connection is served.
+        let (next, _, err) = plane.call("api.anthropic.com");
+        assert_eq!(next, 200, "after {headers:?}: {err}\n{}", plane.logs());
+    }
+    let cluster = "cluster.provider_api_anthropic_com";
+    assert!(plane.stat(&format!("{cluster}.upstream_cx_http2_total")).unwrap_or(0) > 0, "not over HTTP/2");
+    for seen in plane.fake.seen() {
+        for name in ["connection", "keep-alive", "proxy-connection", "upgrade", "http2-settings", "transfer-encoding"] {
+            assert!(seen.header(name).is_empty(), "{name} reached the provider: {:?}", seen.headers);
+        }
+        assert!(seen.header("te").iter().all(|v| v.eq_ignore_ascii_case(b"trailers")), "{:?}", seen.headers);
+    }
+    plane.assert_only_real_keys();
+}
+
 /// Edits that cannot become Envoy resources (a listener mode the generator refuses, a manifest
 /// that does not parse) leave Envoy with the last good ones; the next good edit goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
