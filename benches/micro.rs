@@ -243,6 +243,32 @@ fn sse_usage(c: &mut Criterion) {
             })
         });
     }
+    // A whole JSON answer, as a budget settles it: buffered, parsed once for model and usage.
+    let answers: [(&str, Format, &[u8]); 2] = [
+        (
+            "anthropic_json_answer",
+            Format::Anthropic,
+            br#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"- ext_proc gains a new processing mode\n- HTTP/3 upstreams are stable\n- Many fixes"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":27,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":31,"service_tier":"standard"}}"#,
+        ),
+        (
+            "openai_json_answer",
+            Format::OpenAi,
+            br#"{"id":"chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG","object":"chat.completion","created":1741570283,"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how may I assist you today?","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"service_tier":"default","system_fingerprint":"fp_fc9f1d7035"}"#,
+        ),
+    ];
+    for (name, format, body) in answers {
+        let mut p = UsageParser::new(format, "application/json");
+        p.feed(body);
+        assert!(p.finish().usage.output_tokens.is_some(), "{name}: usage parsed");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut p = UsageParser::new(format, "application/json");
+                p.feed(black_box(body));
+                black_box(p.finish().usage.output_tokens)
+            })
+        });
+    }
     g.finish();
 }
 

@@ -103,7 +103,7 @@ impl Budgeted {
     /// Settles the reservation (once): the response ended, or was cut off.
     fn settle(&mut self, ended: bool) {
         let Some(held) = self.held.take() else { return };
-        let usage = self.parser.as_mut().map(|p| p.finish().usage).unwrap_or_default();
+        let usage = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
         // Anthropic and Bedrock count cached prompt tokens apart from input_tokens.
         let cached = match self.format {
             Some(Format::Anthropic | Format::Bedrock) => {

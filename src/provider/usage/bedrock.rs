@@ -1,18 +1,18 @@
 //! Amazon Bedrock Converse, JSON.
 
-use super::{uint, ResponseInfo, Usage};
-use serde_json::Value;
+use super::answer::{Answer, Field};
+use super::{ResponseInfo, Usage};
 
 /// A Converse response: `usage` in camelCase, no model (it is in the request path).
-pub(super) fn apply_body(value: &Value, info: &mut ResponseInfo) {
-    let Some(usage) = value.get("usage").filter(|u| u.is_object()) else {
+pub(super) fn apply_body(a: &Answer<'_>, info: &mut ResponseInfo) {
+    let Some(usage) = &a.usage else {
         return;
     };
     info.usage = Usage {
-        input_tokens: uint(usage, "inputTokens"),
-        output_tokens: uint(usage, "outputTokens"),
-        cache_read_tokens: uint(usage, "cacheReadInputTokens"),
-        cache_creation_tokens: uint(usage, "cacheWriteInputTokens"),
+        input_tokens: usage.get(Field::InputTokensCamel),
+        output_tokens: usage.get(Field::OutputTokensCamel),
+        cache_read_tokens: usage.get(Field::CacheReadInputTokensCamel),
+        cache_creation_tokens: usage.get(Field::CacheWriteInputTokensCamel),
     };
 }
 

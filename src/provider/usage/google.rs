@@ -1,33 +1,33 @@
 //! Google Gemini `generateContent` / `streamGenerateContent` (JSON, JSON array, or `alt=sse`).
 
-use super::{set_model, uint, ResponseInfo, Usage};
-use serde_json::Value;
+use super::answer::{Answer, Field, Parsed};
+use super::{set_model, ResponseInfo, Usage};
 
 /// A `GenerateContentResponse`, or the JSON array `streamGenerateContent` returns without
 /// `alt=sse`: the last element with `usageMetadata` (resp. `modelVersion`) wins. Each event of an
 /// `alt=sse` stream is one such response.
-pub(super) fn apply_body(value: &Value, info: &mut ResponseInfo) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|item| apply_response(item, info)),
-        _ => apply_response(value, info),
+pub(super) fn apply_body(parsed: &Parsed<'_>, info: &mut ResponseInfo) {
+    match parsed {
+        Parsed::Many(items) => items.iter().for_each(|item| apply_response(item, info)),
+        Parsed::One(a) => apply_response(a, info),
     }
 }
 
-fn apply_response(value: &Value, info: &mut ResponseInfo) {
-    set_model(info, value.get("modelVersion"));
-    let Some(usage) = value.get("usageMetadata").filter(|u| u.is_object()) else {
+fn apply_response(a: &Answer<'_>, info: &mut ResponseInfo) {
+    set_model(info, a.model_version.as_deref());
+    let Some(usage) = &a.usage_metadata else {
         return;
     };
-    let candidates = uint(usage, "candidatesTokenCount");
-    let thoughts = uint(usage, "thoughtsTokenCount");
+    let candidates = usage.get(Field::CandidatesTokenCount);
+    let thoughts = usage.get(Field::ThoughtsTokenCount);
     let output = match (candidates, thoughts) {
         (None, None) => None,
         (c, t) => Some(c.unwrap_or(0).saturating_add(t.unwrap_or(0))),
     };
     info.usage = Usage {
-        input_tokens: uint(usage, "promptTokenCount"),
+        input_tokens: usage.get(Field::PromptTokenCount),
         output_tokens: output,
-        cache_read_tokens: uint(usage, "cachedContentTokenCount"),
+        cache_read_tokens: usage.get(Field::CachedContentTokenCount),
         cache_creation_tokens: None,
     };
 }

@@ -13,9 +13,9 @@
 //! Memory is bounded either way, and malformed input of any kind yields `None` fields, never a panic.
 
 use serde::Deserialize;
-use serde_json::Value;
 use std::fmt;
 
+mod answer;
 mod anthropic;
 mod bedrock;
 mod google;
@@ -25,12 +25,7 @@ mod sse;
 
 pub use pick::parse_picked;
 
-/// The members of a provider's answer (or event) usage and model are read from, every format's:
-/// the rest is skipped unbuilt. `response` (a Responses API event) and `message` (Anthropic's
-/// `message_start`) hold an answer of their own, picked the same way.
-const USAGE_KEYS: &[&str] = &["model", "usage", "type", "modelVersion", "usageMetadata"];
-const USAGE_NESTED: &[&str] = &["response", "message"];
-
+use answer::Parsed;
 use sse::SseReader;
 
 #[cfg(test)]
@@ -76,7 +71,7 @@ pub fn format_for(provider: &str) -> Option<Format> {
 }
 
 /// Token counts a provider reported for one call. A field the provider did not report is `None`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Prompt tokens, as the provider counts them (OpenAI and Google include cached tokens here;
     /// Anthropic and Bedrock count cached tokens only in the cache fields).
@@ -162,18 +157,27 @@ impl UsageParser {
     /// (and more than once): an event stream reports the events completed so far, a JSON body what
     /// parses of it (nothing until it is complete).
     pub fn finish(&mut self) -> ResponseInfo {
+        self.read().clone()
+    }
+
+    /// The token counts of [`UsageParser::finish`], without copying the model's name.
+    pub fn usage(&mut self) -> Usage {
+        self.read().usage
+    }
+
+    fn read(&mut self) -> &ResponseInfo {
         if let Body::Json(json) = &mut self.body {
             if json.dirty {
                 json.dirty = false;
                 self.info = ResponseInfo::default();
                 if !json.overflowed {
-                    if let Some(value) = parse_picked(&json.buf, USAGE_KEYS, USAGE_NESTED) {
-                        apply_body(self.format, &value, &mut self.info);
+                    if let Some(parsed) = answer::parse(&json.buf) {
+                        apply_body(self.format, &parsed, &mut self.info);
                     }
                 }
             }
         }
-        self.info.clone()
+        &self.info
     }
 
     /// Bytes held for parsing: the JSON body so far, or the current event's name and data.
@@ -264,14 +268,16 @@ fn apply_event(format: Format, event: &[u8], data: &[u8], info: &mut ResponseInf
     if data == b"[DONE]" || !worth_parsing(format, event, data, info) {
         return;
     }
-    let Some(value) = parse_picked(data, USAGE_KEYS, USAGE_NESTED) else {
+    let Some(parsed) = answer::parse(data) else {
         return;
     };
-    match format {
-        Format::OpenAi => openai::apply_event(&value, info),
-        Format::Anthropic => anthropic::apply_event(event, &value, info),
-        Format::Google => google::apply_body(&value, info),
-        Format::Bedrock => bedrock::apply_body(&value, info),
+    match (format, &parsed) {
+        (Format::OpenAi, Parsed::One(a)) => openai::apply_event(a, info),
+        (Format::Anthropic, Parsed::One(a)) => anthropic::apply_event(event, a, info),
+        (Format::Google, _) => google::apply_body(&parsed, info),
+        (Format::Bedrock, Parsed::One(a)) => bedrock::apply_body(a, info),
+        // Only Gemini answers with an array of answers.
+        (_, Parsed::Many(_)) => {}
     }
 }
 
@@ -329,21 +335,18 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// A complete buffered body.
-fn apply_body(format: Format, value: &Value, info: &mut ResponseInfo) {
-    match format {
-        Format::OpenAi => openai::apply_body(value, info),
-        Format::Anthropic => anthropic::apply_body(value, info),
-        Format::Google => google::apply_body(value, info),
-        Format::Bedrock => bedrock::apply_body(value, info),
+fn apply_body(format: Format, parsed: &Parsed<'_>, info: &mut ResponseInfo) {
+    match (format, parsed) {
+        (Format::OpenAi, Parsed::One(a)) => openai::apply_body(a, info),
+        (Format::Anthropic, Parsed::One(a)) => anthropic::apply_body(a, info),
+        (Format::Google, _) => google::apply_body(parsed, info),
+        (Format::Bedrock, Parsed::One(a)) => bedrock::apply_body(a, info),
+        (_, Parsed::Many(_)) => {}
     }
 }
 
-fn uint(value: &Value, key: &str) -> Option<u64> {
-    value.get(key)?.as_u64()
-}
-
-fn set_model(info: &mut ResponseInfo, model: Option<&Value>) {
-    if let Some(model) = model.and_then(Value::as_str).filter(|m| !m.is_empty()) {
+fn set_model(info: &mut ResponseInfo, model: Option<&str>) {
+    if let Some(model) = model.filter(|m| !m.is_empty()) {
         if info.model.as_deref() != Some(model) {
             info.model = Some(model.to_owned());
         }

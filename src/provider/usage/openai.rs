@@ -1,29 +1,26 @@
 //! OpenAI (and Azure OpenAI): chat completions and the Responses API, JSON or SSE.
 
-use super::{set_model, uint, ResponseInfo, Usage};
-use serde_json::Value;
+use super::answer::{Answer, Field};
+use super::{set_model, ResponseInfo, Usage};
 
 /// One server-sent event. Responses API events carry the response object under `response`; chat
 /// chunks are flat.
-pub(super) fn apply_event(value: &Value, info: &mut ResponseInfo) {
-    match value.get("response") {
-        Some(response) if response.is_object() => apply_body(response, info),
-        _ => apply_body(value, info),
-    }
+pub(super) fn apply_event(a: &Answer<'_>, info: &mut ResponseInfo) {
+    apply_body(a.response.as_deref().unwrap_or(a), info);
 }
 
 /// A chat completion (or chunk), or a Responses API response object: `model` and `usage`, the
 /// latter in either API's naming. Azure's first stream chunk has `"model": ""`, which is skipped.
-pub(super) fn apply_body(value: &Value, info: &mut ResponseInfo) {
-    set_model(info, value.get("model"));
-    let Some(usage) = value.get("usage").filter(|u| u.is_object()) else {
+pub(super) fn apply_body(a: &Answer<'_>, info: &mut ResponseInfo) {
+    set_model(info, a.model.as_deref());
+    let Some(usage) = &a.usage else {
         return;
     };
-    let cached = |details: &str| usage.get(details).and_then(|d| uint(d, "cached_tokens"));
+    let either = |chat: Field, responses: Field| usage.get(chat).or_else(|| usage.get(responses));
     info.usage = Usage {
-        input_tokens: uint(usage, "prompt_tokens").or_else(|| uint(usage, "input_tokens")),
-        output_tokens: uint(usage, "completion_tokens").or_else(|| uint(usage, "output_tokens")),
-        cache_read_tokens: cached("prompt_tokens_details").or_else(|| cached("input_tokens_details")),
+        input_tokens: either(Field::PromptTokens, Field::InputTokens),
+        output_tokens: either(Field::CompletionTokens, Field::OutputTokens),
+        cache_read_tokens: either(Field::PromptCached, Field::InputCached),
         cache_creation_tokens: None,
     };
 }

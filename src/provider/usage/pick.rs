@@ -3,7 +3,6 @@
 //! `serde_json::Value` (a map and a `String` per member) only to read three numbers was the larger
 //! part of a traced request's span work. Members not named are skipped by the parser, unbuilt.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -43,7 +42,7 @@ impl<'de> Visitor<'de> for Pick<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
-        while let Some(key) = m.next_key::<Cow<'de, str>>()? {
+        while let Some(key) = m.next_key_seed(super::answer::Key)? {
             if self.recurse.contains(&&*key) {
                 let v = m.next_value_seed(self)?;
                 out.insert(key.into_owned(), v);
