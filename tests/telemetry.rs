@@ -446,6 +446,50 @@ async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
     );
 }
 
+/// SIGTERM while a streamed answer is still coming (a rolling restart): keyswap lets the stream
+/// finish, and the span that ends with it and the metrics' final totals reach the collector
+/// before the process exits (the metrics' interval is an hour: only the last push can carry them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_still_exports_its_span_and_the_final_metrics() {
+    let extra = [("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "3600000")];
+    let mut t = Traced::start(&extra, false, false).await;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/slow-stream", t.port))
+        .header("host", "api.anthropic.com")
+        .header("x-api-key", PLACEHOLDER)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"claude-sonnet-4-5","stream":true}"#)))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first =
+        tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("first event").unwrap().unwrap();
+    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("message_start"));
+    assert!(t.collector.spans().is_empty(), "no span before the stream ends");
+
+    let pid = t.keyswap.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // keyswap drains: the stream goes on to its end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.fake.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
+    let status = tokio::task::block_in_place(|| t.keyswap.terminate());
+    let log = t.keyswap.output();
+    assert!(status.success(), "{status}\n{log}");
+
+    let spans = t.collector.spans();
+    assert_eq!(spans.len(), 1, "the stream's span was exported before exit:\n{log}");
+    assert_eq!(otlp::i(&spans[0].1.attributes, "gen_ai.usage.output_tokens"), Some(7), "with its usage");
+    let metrics = t.collector.metrics.lock().unwrap().clone();
+    assert_eq!(metrics.len(), 1, "one push, at shutdown:\n{log}");
+    let pushed = &metrics[0].resource_metrics[0].scope_metrics[0].metrics;
+    assert!(pushed.iter().any(|m| m.name == "gen_ai.client.token.usage"), "the call is in the final totals");
+    assert!(log.contains("OTLP spans flushed") && log.contains("OTLP metrics flushed"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are_counted() {
     // A collector that accepts connections and never answers, and one that refuses them.

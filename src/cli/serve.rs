@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Args;
@@ -309,18 +310,18 @@ async fn serve_store(
     let Serving { listeners, span_queue, tunnel, control } = serving;
     let otlp = store.load().otlp.clone();
     let sampler = crate::telemetry::sample::Sampler::from_env(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
-    let tx = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
+    let (tx, spans_flush) = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?
     {
         Some(settings) => {
-            let queue = crate::telemetry::export::spawn(&settings, metrics.clone(), span_queue.max(1))
+            let (queue, flush) = crate::telemetry::export::spawn(&settings, metrics.clone(), span_queue.max(1))
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(exporter = %settings, sampler = ?sampler, "tracing on: one span per sampled transaction");
-            Some(queue)
+            (Some(queue), Some((flush, settings.timeout)))
         }
         None => {
             tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
-            None
+            (None, None)
         }
     };
     let sink = crate::telemetry::Sink::new(metrics.clone(), tx).with_sampler(sampler);
@@ -337,9 +338,19 @@ async fn serve_store(
     if let Some(p) = plane {
         p.abort();
     }
-    if let Some(p) = metrics_push {
-        p.abort();
-    }
+    // The spans of the streams just drained, and the metrics' final totals, before the process
+    // ends: each bounded by its exporter's timeout.
+    let flushes = [("spans", spans_flush), ("metrics", metrics_push)];
+    futures_util::future::join_all(flushes.into_iter().filter_map(|(what, f)| {
+        let (flush, within) = f?;
+        Some(async move {
+            match flush.finish(within).await {
+                true => tracing::info!("OTLP {what} flushed"),
+                false => tracing::warn!(timeout = ?within, "the OTLP collector did not take the last {what} in time; they are lost"),
+            }
+        })
+    }))
+    .await;
     result
 }
 
@@ -363,7 +374,7 @@ fn metrics_push(
     otlp: Option<&crate::api::Otlp>,
     metrics: &Arc<Metrics>,
     report: Report,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<(crate::telemetry::export::Flush, Duration)>> {
     use crate::telemetry::{export, otlp_metrics};
     let env = |k: &str| std::env::var(k).ok();
     let Some(interval) = otlp_metrics::push_interval(env).map_err(anyhow::Error::msg)? else { return Ok(None) };
@@ -376,5 +387,6 @@ fn metrics_push(
     let exporter = export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(exporter = %settings, ?interval, "metrics pushed over OTLP");
     let Report { ready, extra } = report;
-    Ok(Some(otlp_metrics::spawn(exporter, metrics.clone(), interval, settings, ready, extra)))
+    let timeout = settings.timeout;
+    Ok(Some((otlp_metrics::spawn(exporter, metrics.clone(), interval, settings, ready, extra), timeout)))
 }

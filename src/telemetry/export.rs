@@ -476,15 +476,16 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 /// The exporter side: a bounded queue, drained every [`DRAIN_EVERY`] by a thread of its own that
 /// batches and exports with an exporter built from `settings`; an exporter that cannot be built is
-/// the error.
+/// the error. The [`Flush`] sends what is queued when keyswap stops.
 ///
 /// Off the request path twice over: batching, framing, compressing and sending (a batch is up to
 /// 512 spans, most of a megabyte) never hold up the workers that answer Envoy, and the thread
 /// polls the queue instead of waiting on it, so finishing a span never wakes another thread
 /// (a waiting receiver would be woken by every span: a system call per request).
-pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Result<SpanQueue, String> {
+pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Result<(SpanQueue, Flush), String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
     let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let (flush, stop, done) = Flush::new();
     let settings = settings.clone();
     std::thread::Builder::new()
         .name("keyswap-otlp".into())
@@ -498,7 +499,8 @@ pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Res
                 match Exporter::new(&settings) {
                     Ok(exporter) => {
                         let _ = ready.send(Ok(()));
-                        drain(exporter, rx, metrics, capacity).await;
+                        drain(exporter, rx, metrics, capacity, stop).await;
+                        let _ = done.send(());
                     }
                     Err(e) => drop(ready.send(Err(e))),
                 }
@@ -506,17 +508,43 @@ pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Res
         })
         .map_err(|e| format!("cannot start the OTLP exporter thread: {e}"))?;
     started.recv().map_err(|_| "the OTLP exporter thread ended".to_owned())??;
-    Ok(tx)
+    Ok((tx, flush))
 }
 
 /// Where finished spans wait for the exporter.
 pub type SpanQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// A background exporter's last act, as the OpenTelemetry SDKs' `Shutdown` (which includes a
+/// `ForceFlush`): told to stop, it sends what it holds (the spans of the streams that ended while
+/// keyswap drained them, the metrics' final totals) and ends.
+pub struct Flush {
+    stop: Arc<tokio::sync::Notify>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Flush {
+    /// The flush, what its exporter waits on, and what it says when done.
+    pub fn new() -> (Flush, Arc<tokio::sync::Notify>, tokio::sync::oneshot::Sender<()>) {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        (Flush { stop: stop.clone(), done }, stop, done_tx)
+    }
+
+    /// Tells the exporter to send what it holds, and waits for it at most `within`: whether it
+    /// finished in time.
+    pub async fn finish(self, within: Duration) -> bool {
+        // A permit if the exporter is busy sending: it stops at its next look.
+        self.stop.notify_one();
+        matches!(tokio::time::timeout(within, self.done).await, Ok(Ok(())))
+    }
+}
 
 async fn drain(
     exporter: Exporter,
     mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     metrics: Arc<Metrics>,
     capacity: usize,
+    stop: Arc<tokio::sync::Notify>,
 ) {
     use tokio::sync::mpsc::error::TryRecvError;
     // A batch never holds more than the queue: what waits for a hung collector stays bounded.
@@ -525,10 +553,14 @@ async fn drain(
     let mut tick = tokio::time::interval(DRAIN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let last = tokio::select! {
+            biased;
+            _ = stop.notified() => true,
+            _ = tick.tick() => false,
+        };
         // Batches until the queue is empty (a burst larger than one batch goes out at once).
         loop {
-            let mut closed = false;
+            let mut closed = last;
             while batch.len() < batch_max {
                 match rx.try_recv() {
                     Ok(span) => batch.push(span),
@@ -552,12 +584,13 @@ async fn drain(
                 }
                 batch.clear();
             }
+            if full {
+                continue;
+            }
             if closed {
                 return;
             }
-            if !full {
-                break;
-            }
+            break;
         }
     }
 }
@@ -677,7 +710,7 @@ mod tests {
         use prost::Message as _;
         let (endpoint, seen) = flaky_collector(2).await;
         let metrics: Arc<Metrics> = Arc::default();
-        let tx = spawn(&Settings { gzip: true, ..http_settings(endpoint) }, metrics.clone(), 16).unwrap();
+        let (tx, _flush) = spawn(&Settings { gzip: true, ..http_settings(endpoint) }, metrics.clone(), 16).unwrap();
         let span = |i: u8| {
             let mut s = Vec::new();
             crate::telemetry::otlp::bytes(&mut s, 1, &[i; 16]);
@@ -708,7 +741,7 @@ mod tests {
     async fn a_collector_that_keeps_failing_gets_a_bounded_number_of_attempts() {
         let (endpoint, seen) = flaky_collector(usize::MAX).await;
         let metrics: Arc<Metrics> = Arc::default();
-        let tx = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+        let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
         tx.send(vec![]).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed) < 1 {
@@ -716,6 +749,43 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(seen.lock().unwrap().len(), 1 + RETRIES as usize);
+    }
+
+    /// Stopping (SIGTERM) sends what is queued at once, while senders are still alive (streams
+    /// that outlived the drain still hold the queue), and waits for the collector's answer.
+    #[tokio::test]
+    async fn stopping_sends_the_spans_still_queued_and_waits_for_them() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (endpoint, seen) = flaky_collector(0).await;
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+        for i in 0..3 {
+            tx.try_send(vec![i]).unwrap();
+        }
+        assert!(flush.finish(Duration::from_secs(10)).await, "the flush finished");
+        assert_eq!(metrics.spans_exported.load(Relaxed), 3, "every queued span is out when it returns");
+        assert!(!seen.lock().unwrap().is_empty());
+        // The thread is gone: the queue takes no more spans.
+        assert!(tx.try_send(vec![9]).is_err());
+    }
+
+    /// A collector that takes the connection and never answers holds shutdown no longer than
+    /// the bound keyswap gives it.
+    #[tokio::test]
+    async fn a_collector_that_never_answers_holds_the_flush_only_up_to_its_bound() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let (tx, flush) = spawn(&http_settings(endpoint), Arc::default(), 16).unwrap();
+        tx.try_send(vec![1]).unwrap();
+        let started = std::time::Instant::now();
+        assert!(!flush.finish(Duration::from_millis(300)).await, "a hung collector cannot finish");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     }
 
     /// The exporter runs on a thread of its own: spans go out while the runtime whose worker
@@ -736,7 +806,7 @@ mod tests {
         let metrics: Arc<Metrics> = Arc::default();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let tx = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+            let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
             for i in 0..3 {
                 tx.try_send(vec![i]).unwrap();
             }
@@ -752,7 +822,7 @@ mod tests {
 
     #[test]
     fn an_exporter_that_cannot_be_built_is_an_error_at_start() {
-        let err = spawn(&http_settings("not a uri".into()), Arc::default(), 16).unwrap_err();
+        let Err(err) = spawn(&http_settings("not a uri".into()), Arc::default(), 16) else { panic!("built") };
         assert!(err.contains("OTLP endpoint"), "{err}");
     }
 

@@ -198,8 +198,10 @@ pub fn push_interval(env: impl Fn(&str) -> Option<String>) -> Result<Option<Dura
     }
 }
 
-/// Pushes the registry every `interval` until the task is dropped (a failed push is logged and
-/// counted; the next one carries the cumulative values anyway).
+/// Pushes the registry every `interval`, and once more when the [`Flush`] says stop (a failed
+/// push is logged and counted; the next one carries the cumulative values anyway).
+///
+/// [`Flush`]: super::export::Flush
 pub fn spawn(
     exporter: super::export::Exporter,
     metrics: Arc<Metrics>,
@@ -207,13 +209,18 @@ pub fn spawn(
     settings: super::export::Settings,
     ready: super::admin::ReadyFn,
     extra: super::admin::ExtraMetrics,
-) -> tokio::task::JoinHandle<()> {
+) -> super::export::Flush {
     let started = SystemTime::now();
+    let (flush, stop, done) = super::export::Flush::new();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            let last = tokio::select! {
+                biased;
+                _ = stop.notified() => true,
+                _ = tick.tick() => false,
+            };
             let mut c = Collect::new(started, SystemTime::now());
             // What /readyz and /metrics say: readiness and the source's families included.
             metrics.write(&mut c, ready().0, |p| extra(p));
@@ -222,8 +229,13 @@ pub fn spawn(
                 Metrics::inc(&metrics.metric_exports_failed);
                 tracing::warn!(error = %e, "OTLP metrics push failed; the next push carries the totals");
             }
+            if last {
+                let _ = done.send(());
+                return;
+            }
         }
-    })
+    });
+    flush
 }
 
 #[cfg(test)]
