@@ -317,7 +317,7 @@ async fn serve_store(
             let (queue, flush) = crate::telemetry::export::spawn(&settings, metrics.clone(), span_queue.max(1))
                 .map_err(anyhow::Error::msg)?;
             tracing::info!(exporter = %settings, sampler = ?sampler, "tracing on: one span per sampled transaction");
-            (Some(queue), Some((flush, settings.timeout)))
+            (Some(queue), Some((flush, settings.timeout * 2)))
         }
         None => {
             tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
@@ -339,7 +339,8 @@ async fn serve_store(
         p.abort();
     }
     // The spans of the streams just drained, and the metrics' final totals, before the process
-    // ends: each bounded by its exporter's timeout.
+    // ends: each bounded by twice its exporter's timeout (an export already under way, then the
+    // last one).
     let flushes = [("spans", spans_flush), ("metrics", metrics_push)];
     futures_util::future::join_all(flushes.into_iter().filter_map(|(what, f)| {
         let (flush, within) = f?;
@@ -387,6 +388,6 @@ fn metrics_push(
     let exporter = export::Exporter::new(&settings).map_err(anyhow::Error::msg)?;
     tracing::info!(exporter = %settings, ?interval, "metrics pushed over OTLP");
     let Report { ready, extra } = report;
-    let timeout = settings.timeout;
-    Ok(Some((otlp_metrics::spawn(exporter, metrics.clone(), interval, settings, ready, extra), timeout)))
+    let within = settings.timeout * 2;
+    Ok(Some((otlp_metrics::spawn(exporter, metrics.clone(), interval, settings, ready, extra), within)))
 }

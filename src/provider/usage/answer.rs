@@ -5,7 +5,11 @@
 //!
 //! Lenient as the providers' readers need: a member of the wrong type reads as absent, its
 //! neighbours still count; a member named twice counts as its last occurrence (as a JSON object
-//! read into a map). Not JSON, or JSON followed by anything, reads as nothing.
+//! read into a map). Not JSON, or JSON followed by anything, reads as nothing. What is skipped is
+//! checked only for its JSON structure, as serde_json skips (iteratively, so no depth limit, and
+//! without checking strings' UTF-8 or numbers' range): a lone surrogate or `1e400` in a member
+//! nobody reads, even inside `usage`, leaves the counts readable (the `Value` reader this replaced
+//! read nothing then).
 
 use std::borrow::Cow;
 use std::fmt;

@@ -145,3 +145,30 @@ fn a_deeply_nested_body_never_overflows_the_stack() {
     }
     assert_eq!(a.model.as_deref(), Some("m"));
 }
+
+/// Members nobody reads are skipped for their structure only: text a provider got wrong there
+/// (a lone surrogate, invalid UTF-8, a number out of range, nesting past serde_json's depth
+/// limit) does not hide the counts beside it.
+#[test]
+fn what_is_skipped_is_checked_for_structure_only() {
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let bodies = [
+        r#"{"model":"m","usage":{"prompt_tokens":3,"foo":"\ud800"}}"#.to_string(),
+        r#"{"model":"m","usage":{"prompt_tokens":3,"foo":1e400}}"#.to_string(),
+        format!(r#"{{"model":"m","usage":{{"prompt_tokens":3,"x":{deep}}}}}"#),
+    ];
+    for body in &bodies {
+        let a = one(body);
+        assert_eq!(a.model.as_deref(), Some("m"), "{body}");
+        assert_eq!(a.usage.unwrap().get(Field::PromptTokens), Some(3), "{body}");
+    }
+    let mut raw = br#"{"model":"m","usage":{"prompt_tokens":3,"foo":"x"}}"#.to_vec();
+    let at = raw.iter().position(|&b| b == b'x').unwrap();
+    raw[at] = 0xff;
+    match parse(&raw) {
+        Some(Parsed::One(a)) => assert_eq!(a.usage.unwrap().get(Field::PromptTokens), Some(3)),
+        other => panic!("{other:?}"),
+    }
+    // Still JSON structure: a member cut short, or a bare word, is not.
+    assert_eq!(parse(br#"{"usage":{"prompt_tokens":3,"foo":tru}}"#), None);
+}
