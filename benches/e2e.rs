@@ -23,7 +23,7 @@
 //! keyswap also asks (mode_override) for the streamed response body.
 //!
 //! The sidecars listen on Unix sockets. `wrk` drives each setup in turn for several rounds, forward
-//! and backward in alternate rounds (a … i, i … a, …: the machine's drift within a round then
+//! and backward in alternate rounds (a … j, j … a, …: the machine's drift within a round then
 //! leans each ratio one way in one round and the other way in the next); the summary reports
 //! medians and the median of the per-round ratios (use an even number of rounds).
 //! Before measuring, one request through each Envoy must get 200, the upstream must have received
@@ -164,7 +164,7 @@ fn kinds_from_env() -> Vec<Kind> {
     for t in &wanted {
         assert!(
             KINDS.iter().any(|k| k.tag() == *t),
-            "E2E_SETUPS={list:?}: {t:?} is not a setup (use the letters a to i, e.g. E2E_SETUPS=c,d,e,h)"
+            "E2E_SETUPS={list:?}: {t:?} is not a setup (use the letters a to j, e.g. E2E_SETUPS=c,d,e,h)"
         );
     }
     KINDS.into_iter().filter(|k| wanted.contains(&k.tag())).collect()
@@ -184,9 +184,10 @@ enum Kind {
     KeyswapTcp,
     KeyswapBudget,
     KeyswapBudgetRedis,
+    NoopBodies,
 }
 
-const KINDS: [Kind; 9] = [
+const KINDS: [Kind; 10] = [
     Kind::EnvoyAlone,
     Kind::Native,
     Kind::Noop,
@@ -196,6 +197,7 @@ const KINDS: [Kind; 9] = [
     Kind::KeyswapTcp,
     Kind::KeyswapBudget,
     Kind::KeyswapBudgetRedis,
+    Kind::NoopBodies,
 ];
 
 impl Kind {
@@ -210,6 +212,7 @@ impl Kind {
             Kind::KeyswapTcp => "(g) envoy + keyswap over TCP",
             Kind::KeyswapBudget => "(h) envoy + keyswap + budget",
             Kind::KeyswapBudgetRedis => "(i) envoy + keyswap + Redis budget",
+            Kind::NoopBodies => "(j) envoy + noop, body read",
         }
     }
 
@@ -224,6 +227,7 @@ impl Kind {
             Kind::KeyswapTcp => "g",
             Kind::KeyswapBudget => "h",
             Kind::KeyswapBudgetRedis => "i",
+            Kind::NoopBodies => "j",
         }
     }
 
@@ -233,7 +237,7 @@ impl Kind {
     }
 
     fn has_sidecar(self) -> bool {
-        self == Kind::Noop || self.is_keyswap()
+        matches!(self, Kind::Noop | Kind::NoopBodies) || self.is_keyswap()
     }
 
     fn is_keyswap(self) -> bool {
@@ -258,7 +262,7 @@ impl Kind {
 
     /// Whether keyswap reads this setup's response bodies, given `spec.otlp.readBodies`.
     fn reads_response_bodies(self, read_bodies: bool) -> bool {
-        self.budget() || (self.tracing() && read_bodies)
+        self.budget() || (self.tracing() && read_bodies) || self == Kind::NoopBodies
     }
 }
 
@@ -791,6 +795,7 @@ fn envoy_config(
         // anyway (mode_override: it scrubs echoed secrets), and the no-op floor must do the same
         // phases to be a floor.
         Kind::Noop
+        | Kind::NoopBodies
         | Kind::Keyswap
         | Kind::KeyswapOtlp
         | Kind::KeyswapOtlpHung
@@ -1017,6 +1022,11 @@ impl Setup {
         const BODIES_STREAMS: &str = "http.ingress.ext_proc.keyswap_bodies.streams_started";
         let streams = || self.stat(STREAMS) + self.stat(BODIES_STREAMS);
         let streams_before = self.kind.has_sidecar().then(streams);
+        const MSGS: &str = "http.ingress.ext_proc.stream_msgs_sent";
+        const BODIES_MSGS: &str = "http.ingress.ext_proc.keyswap_bodies.stream_msgs_sent";
+        let msgs = || self.stat(MSGS) + self.stat(BODIES_MSGS);
+        // Only the setups the count is known for whatever the knobs say.
+        let msgs_before = matches!(self.kind, Kind::Noop | Kind::NoopBodies).then(msgs);
         let before = upstream.snapshot();
         let (status, body) = http_get(self.port, REQUEST_PATH, &request_headers())
             .unwrap_or_else(|e| panic!("{}: sanity request failed: {e}", self.kind.label()));
@@ -1049,6 +1059,16 @@ impl Setup {
                 started = streams() - n;
             }
             assert!(started == 1, "{label}: {started} ext_proc streams started for one request\n{}", self.stats());
+        }
+        if let Some(n) = msgs_before {
+            // Request headers, response headers, and the response body when the setup reads it.
+            let want = if self.kind.reads_response_bodies(true) { 3 } else { 2 };
+            let sent = msgs() - n;
+            assert!(
+                sent == want,
+                "{label}: Envoy sent {sent} ext_proc messages for one request, not {want}\n{}",
+                self.stats()
+            );
         }
     }
 }
@@ -1449,6 +1469,7 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
         ("(h)/(d) budget / none", Kind::KeyswapBudget, Kind::Keyswap),
         ("(h)/(e) budget / usage traced", Kind::KeyswapBudget, Kind::KeyswapOtlp),
         ("(i)/(h) Redis / in-process", Kind::KeyswapBudgetRedis, Kind::KeyswapBudget),
+        ("(j)/(c) noop, body read / not", Kind::NoopBodies, Kind::Noop),
     ] {
         let (Some(n), Some(d)) = (by(num), by(den)) else {
             println!(
