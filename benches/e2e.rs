@@ -4,8 +4,8 @@
 //! cargo bench --bench e2e
 //! ```
 //!
-//! Six setups run side by side, each with its own Envoy (`--concurrency 1`) in front of one fast
-//! in-process HTTP/1.1 upstream:
+//! Ten setups run side by side, each with its own Envoy (`--concurrency 1`) in front of one fast
+//! in-process upstream (HTTP/2 by default, `E2E_UPSTREAM_H2`):
 //!
 //! - (a) Envoy alone: listener → router → upstream;
 //! - (b) Envoy + the native `envoy.filters.http.credential_injector` filter (generic credential,
@@ -14,7 +14,11 @@
 //! - (d) Envoy + `keyswap serve`, injecting `x-api-key` (same processing mode as (c)), tracing off;
 //! - (e) as (d), with OTLP tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT`, http/protobuf) to a live
 //!   collector: a minimal OTLP/HTTP sink in this process that answers 200 to `POST /v1/traces`;
-//! - (f) as (e), but the collector hangs: a TCP listener that accepts and never answers.
+//! - (f) as (e), but the collector hangs: a TCP listener that accepts and never answers;
+//! - (g) as (d), over loopback TCP instead of a Unix socket;
+//! - (h) as (d), with an in-process token budget on the route; (i) the same budget in Redis;
+//! - (j) as (c), with the response body sent to the no-op sidecar as to (h): what one more
+//!   ext_proc message costs a sidecar that does nothing with it.
 //!
 //! The ext_proc filter and cluster of (c)–(f) are keyswap's own, from its generator
 //! (`keyswap::envoy::ext_proc_filter`, `keyswap_cluster`: fail closed, `allow_mode_override`, the
