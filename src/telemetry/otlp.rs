@@ -112,7 +112,7 @@ fn delimited_len(len: usize) -> usize {
 
 /// A nested message whose length is not known in advance: written in place, then the one-byte
 /// length placeholder is widened if the content outgrew it (a short memmove, only for large
-/// messages).
+/// messages; the length's bytes are made on the stack).
 pub fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
     encode_key(field, WireType::LengthDelimited, buf);
     let at = buf.len();
@@ -122,9 +122,21 @@ pub fn message(buf: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) 
     if len < 0x80 {
         buf[at] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(10);
-        encode_varint(len as u64, &mut prefix);
-        buf.splice(at..at + 1, prefix);
+        let mut prefix = [0u8; 10];
+        let mut n = 0;
+        let mut v = len as u64;
+        while v >= 0x80 {
+            prefix[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        prefix[n] = v as u8;
+        let n = n + 1;
+        // Room for the extra bytes, the content moved up once, the length written in.
+        let end = buf.len();
+        buf.resize(end + n - 1, 0);
+        buf.copy_within(at + 1..end, at + n);
+        buf[at..at + n].copy_from_slice(&prefix[..n]);
     }
 }
 
@@ -244,6 +256,22 @@ mod tests {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
     use prost::Message as _;
+
+    /// A nested message's length takes as many bytes as its varint needs, whatever was before it.
+    #[test]
+    fn nested_messages_of_every_length_width_decode() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 2_097_151, 2_097_152] {
+            let mut buf = vec![0xAB; 3];
+            message(&mut buf, 5, |b| b.extend((0..len).map(|i| i as u8)));
+            let mut rest = &buf[3..];
+            let (field, wire) = prost::encoding::decode_key(&mut rest).unwrap();
+            assert_eq!((field, wire), (5, WireType::LengthDelimited));
+            assert_eq!(prost::encoding::decode_varint(&mut rest).unwrap(), len as u64, "{len}");
+            assert_eq!(rest.len(), len, "{len}");
+            assert!(rest.iter().enumerate().all(|(i, &b)| b == i as u8), "{len}: content moved intact");
+            assert_eq!(&buf[..3], &[0xAB; 3]);
+        }
+    }
 
     #[test]
     fn encoded_spans_decode_with_the_reference_types() {
