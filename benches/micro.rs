@@ -118,6 +118,7 @@ fn request_headers(c: &mut Criterion) {
             tunnel: Default::default(),
             budgets: Arc::new(keyswap::budget::Engine::new(Default::default())),
             handoffs: Default::default(),
+            streams: Default::default(),
         };
         let name = if tracing { "decide_and_mutate_tracing_on" } else { "decide_and_mutate_tracing_off" };
         g.bench_function(name, |b| {

@@ -411,11 +411,9 @@ async fn the_observing_filter_leaves_the_agents_response_framing_as_the_provider
     assert_eq!(otlp::i(&spans[0].1.attributes, "gen_ai.usage.output_tokens"), Some(7), "{}", keyswap.output());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
-    let Traced { collector, port, fake, .. } = &Traced::start(&[], false, false).await;
-    let port = *port;
-
+/// A streamed Anthropic call through the gateway to the fake's `/slow-stream`, which sends its
+/// first event and holds the rest until `fake.release`: the body once that first event arrived.
+async fn slow_stream_started(port: u16) -> hyper::body::Incoming {
     let req = hyper::Request::builder()
         .method("POST")
         .uri(format!("http://127.0.0.1:{port}/slow-stream"))
@@ -435,6 +433,13 @@ async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
         .into_data()
         .unwrap();
     assert!(String::from_utf8_lossy(&first).contains("message_start"), "{first:?}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
+    let Traced { collector, port, fake, .. } = &Traced::start(&[], false, false).await;
+    let body = slow_stream_started(*port).await;
     fake.release.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&rest).contains("message_stop"));
@@ -453,20 +458,7 @@ async fn the_first_sse_event_arrives_while_the_provider_holds_back_the_rest() {
 async fn sigterm_mid_stream_still_exports_its_span_and_the_final_metrics() {
     let extra = [("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "3600000")];
     let mut t = Traced::start(&extra, false, false).await;
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1:{}/slow-stream", t.port))
-        .header("host", "api.anthropic.com")
-        .header("x-api-key", PLACEHOLDER)
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"model":"claude-sonnet-4-5","stream":true}"#)))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let first =
-        tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("first event").unwrap().unwrap();
-    assert!(String::from_utf8_lossy(first.data_ref().unwrap()).contains("message_start"));
+    let body = slow_stream_started(t.port).await;
     assert!(t.collector.spans().is_empty(), "no span before the stream ends");
 
     let pid = t.keyswap.child.id().to_string();

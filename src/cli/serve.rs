@@ -333,7 +333,15 @@ async fn serve_store(
     let ads = control.as_ref().map(|c| c.ads.clone());
     let plane = control.map(|c| tokio::spawn(c.run(store.clone())));
     let budgets = Arc::new(crate::budget::Engine::new(metrics.budgets.clone()));
-    let shared = Arc::new(Shared { store, metrics, sink, tunnel, budgets, handoffs: Default::default() });
+    let shared = Arc::new(Shared {
+        store,
+        metrics,
+        sink,
+        tunnel,
+        budgets,
+        handoffs: Default::default(),
+        streams: Default::default(),
+    });
     let result = server::run(shared, listeners, ads, shutdown).await;
     if let Some(p) = plane {
         p.abort();

@@ -59,6 +59,8 @@ pub struct Shared {
     pub budgets: Arc<crate::budget::Engine>,
     /// Transactions waiting for their response body on an observing stream.
     pub handoffs: observe::Handoffs,
+    /// The streams alive, deciding and observing.
+    pub streams: server::LiveStreams,
 }
 
 impl Shared {
@@ -66,7 +68,15 @@ impl Shared {
     pub fn new(store: SnapshotStore, metrics: Arc<Metrics>) -> Self {
         let sink = Sink::new(metrics.clone(), None);
         let budgets = Arc::new(crate::budget::Engine::new(metrics.budgets.clone()));
-        Shared { store, metrics, sink, tunnel: Default::default(), budgets, handoffs: Default::default() }
+        Shared {
+            store,
+            metrics,
+            sink,
+            tunnel: Default::default(),
+            budgets,
+            handoffs: Default::default(),
+            streams: Default::default(),
+        }
     }
 }
 
@@ -95,6 +105,7 @@ impl ExternalProcessor for ExtProc {
         let role = |r: &str| meta.get(ROLE_METADATA).is_some_and(|v| v.as_bytes() == r.as_bytes());
         let (tunnel, observing) = (role(ROLE_TUNNEL), role(ROLE_OBSERVE));
         let observed = meta.get(observe::OBSERVED_METADATA).is_some();
+        self.shared.streams.enter();
         if observing {
             return Ok(tonic::Response::new(AnyStream::Observe(observe::ObserveStream::new(
                 request.into_inner(),
@@ -271,6 +282,7 @@ impl Drop for ProcessStream {
     /// A stream can end anywhere (client gone, upstream reset): its span still ends.
     fn drop(&mut self) {
         self.finish_span();
+        self.shared.streams.leave();
     }
 }
 

@@ -239,6 +239,7 @@ impl Drop for ObserveStream {
         if let Some(p) = self.claimed.take() {
             p.finish(&self.shared, false);
         }
+        self.shared.streams.leave();
     }
 }
 

@@ -132,13 +132,53 @@ pub async fn run(
         }
         anyhow::Ok(())
     };
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    let drained = tokio::time::timeout_at(deadline, drain).await;
     sweeper.abort();
+    // The connections are closed; their streams' tasks may still be dropping them (and handing
+    // over their spans).
+    let ended = shared.streams.ended(deadline).await;
     match drained {
-        Ok(r) => r,
+        Ok(r) if ended => r,
+        Ok(r) => {
+            let open = shared.streams.count();
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, open, "streams still alive after the drain timeout; exiting anyway");
+            r
+        }
         Err(_) => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "streams still open after the drain timeout; exiting anyway");
             Ok(())
         }
+    }
+}
+
+/// How many ext_proc streams are alive. Each hands its span to the exporter when it is dropped,
+/// which hyper does on a task of the stream's own, possibly after its connection has closed:
+/// shutdown waits for the count to reach zero before the exporter's last flush.
+#[derive(Default)]
+pub struct LiveStreams(std::sync::atomic::AtomicUsize);
+
+impl LiveStreams {
+    pub(super) fn enter(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn leave(&self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until no stream is alive, or `deadline`: whether none is.
+    pub async fn ended(&self, deadline: tokio::time::Instant) -> bool {
+        while self.count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 }

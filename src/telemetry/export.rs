@@ -574,6 +574,7 @@ async fn drain(
             let full = batch.len() == batch_max;
             if !batch.is_empty() {
                 let n = batch.len() as u64;
+                tracing::trace!(spans = n, last, "exporting a batch of spans");
                 match export_with_retries(&exporter, &batch).await {
                     Ok(()) => Metrics::add(&metrics.spans_exported, n),
                     Err(e) => {
@@ -588,6 +589,7 @@ async fn drain(
                 continue;
             }
             if closed {
+                tracing::debug!(last, "span exporter stopping: the queue is empty");
                 return;
             }
             break;

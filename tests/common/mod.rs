@@ -365,7 +365,8 @@ pub fn start_keyswap(config: &Path, work: &Path, extra_env: &[(&str, &str)], ext
     if !extra_args.contains(&"--metrics") {
         cmd.args(["--metrics", "127.0.0.1:0"]);
     }
-    cmd.env("RUST_LOG", "debug");
+    // `KS_TEST_LOG` (a RUST_LOG filter) to see more of keyswap while debugging a test.
+    cmd.env("RUST_LOG", std::env::var("KS_TEST_LOG").unwrap_or_else(|_| "debug".into()));
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
