@@ -482,6 +482,25 @@ async fn sigterm_mid_stream_still_exports_its_span_and_the_final_metrics() {
     assert!(log.contains("OTLP spans flushed") && log.contains("OTLP metrics flushed"), "{log}");
 }
 
+/// Attack: an agent keeps a streamed answer open (the provider holds it back) to stall a rolling
+/// restart. keyswap waits for it no longer than its drain timeout (10 s), still flushes what it
+/// has, and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holding_a_stream_open_cannot_stall_shutdown_past_the_drain_timeout() {
+    let mut t = Traced::start(&[], false, false).await;
+    let _held = slow_stream_started(t.port).await;
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| t.keyswap.terminate());
+    let took = started.elapsed();
+    let log = t.keyswap.output();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(took >= Duration::from_secs(9), "it waited for the stream in flight ({took:?})\n{log}");
+    assert!(took < Duration::from_secs(14), "the drain timeout bounds the wait ({took:?})\n{log}");
+    // Whichever side gives up first at the deadline (keyswap's drain, or Envoy closing its
+    // connection after keyswap's GOAWAY), the flush still runs.
+    assert!(log.contains("OTLP spans flushed"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_or_hanging_collector_never_fails_or_slows_requests_and_drops_are_counted() {
     // A collector that accepts connections and never answers, and one that refuses them.

@@ -3,7 +3,6 @@
 //! OTLP/gRPC (a tonic channel with a pass-through codec: keyswap's encoder makes the message
 //! bytes, tonic frames, compresses and reads the status), plain or TLS.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +11,6 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use percent_encoding::percent_decode_str;
 
 use super::otlp::Envelope;
-use super::Metrics;
 use crate::api::Otlp;
 
 /// Used when `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` is unset.
@@ -448,7 +446,7 @@ impl Exporter {
 }
 
 /// Sends `batch`, again after retryable failures ([`RETRIES`], doubling pauses).
-async fn export_with_retries(exporter: &Exporter, batch: &[Vec<u8>]) -> Result<(), ExportError> {
+pub(super) async fn export_with_retries(exporter: &Exporter, batch: &[Vec<u8>]) -> Result<(), ExportError> {
     let mut pause = RETRY_FIRST_PAUSE;
     let mut attempt = 0;
     loop {
@@ -471,135 +469,13 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     e.finish()
 }
 
-/// How often the exporter thread takes the spans that finished meanwhile.
-const DRAIN_EVERY: Duration = Duration::from_millis(50);
-
-/// The exporter side: a bounded queue, drained every [`DRAIN_EVERY`] by a thread of its own that
-/// batches and exports with an exporter built from `settings`; an exporter that cannot be built is
-/// the error. The [`Flush`] sends what is queued when keyswap stops.
-///
-/// Off the request path twice over: batching, framing, compressing and sending (a batch is up to
-/// 512 spans, most of a megabyte) never hold up the workers that answer Envoy, and the thread
-/// polls the queue instead of waiting on it, so finishing a span never wakes another thread
-/// (a waiting receiver would be woken by every span: a system call per request).
-pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Result<(SpanQueue, Flush), String> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
-    let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
-    let (flush, stop, done) = Flush::new();
-    let settings = settings.clone();
-    std::thread::Builder::new()
-        .name("keyswap-otlp".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return drop(ready.send(Err(format!("cannot start the OTLP exporter: {e}")))),
-            };
-            rt.block_on(async move {
-                // Built here: its connections (and tonic's channel task) live on this thread.
-                match Exporter::new(&settings) {
-                    Ok(exporter) => {
-                        let _ = ready.send(Ok(()));
-                        drain(exporter, rx, metrics, capacity, stop).await;
-                        let _ = done.send(());
-                    }
-                    Err(e) => drop(ready.send(Err(e))),
-                }
-            });
-        })
-        .map_err(|e| format!("cannot start the OTLP exporter thread: {e}"))?;
-    started.recv().map_err(|_| "the OTLP exporter thread ended".to_owned())??;
-    Ok((tx, flush))
-}
-
-/// Where finished spans wait for the exporter.
-pub type SpanQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
-
-/// A background exporter's last act, as the OpenTelemetry SDKs' `Shutdown` (which includes a
-/// `ForceFlush`): told to stop, it sends what it holds (the spans of the streams that ended while
-/// keyswap drained them, the metrics' final totals) and ends.
-pub struct Flush {
-    stop: Arc<tokio::sync::Notify>,
-    done: tokio::sync::oneshot::Receiver<()>,
-}
-
-impl Flush {
-    /// The flush, what its exporter waits on, and what it says when done.
-    pub fn new() -> (Flush, Arc<tokio::sync::Notify>, tokio::sync::oneshot::Sender<()>) {
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let (done_tx, done) = tokio::sync::oneshot::channel();
-        (Flush { stop: stop.clone(), done }, stop, done_tx)
-    }
-
-    /// Tells the exporter to send what it holds, and waits for it at most `within`: whether it
-    /// finished in time.
-    pub async fn finish(self, within: Duration) -> bool {
-        // A permit if the exporter is busy sending: it stops at its next look.
-        self.stop.notify_one();
-        matches!(tokio::time::timeout(within, self.done).await, Ok(Ok(())))
-    }
-}
-
-async fn drain(
-    exporter: Exporter,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    metrics: Arc<Metrics>,
-    capacity: usize,
-    stop: Arc<tokio::sync::Notify>,
-) {
-    use tokio::sync::mpsc::error::TryRecvError;
-    // A batch never holds more than the queue: what waits for a hung collector stays bounded.
-    let batch_max = capacity.min(512);
-    let mut batch = Vec::with_capacity(batch_max);
-    let mut tick = tokio::time::interval(DRAIN_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let last = tokio::select! {
-            biased;
-            _ = stop.notified() => true,
-            _ = tick.tick() => false,
-        };
-        // Batches until the queue is empty (a burst larger than one batch goes out at once).
-        loop {
-            let mut closed = last;
-            while batch.len() < batch_max {
-                match rx.try_recv() {
-                    Ok(span) => batch.push(span),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            let full = batch.len() == batch_max;
-            if !batch.is_empty() {
-                let n = batch.len() as u64;
-                tracing::trace!(spans = n, last, "exporting a batch of spans");
-                match export_with_retries(&exporter, &batch).await {
-                    Ok(()) => Metrics::add(&metrics.spans_exported, n),
-                    Err(e) => {
-                        Metrics::add(&metrics.spans_export_failed, n);
-                        // `retryable`: the collector was away (retries exhausted) or refused the spans.
-                        tracing::warn!(error = %e, retryable = e.retryable(), spans = n, "OTLP export failed; spans dropped");
-                    }
-                }
-                batch.clear();
-            }
-            if full {
-                continue;
-            }
-            if closed {
-                tracing::debug!(last, "span exporter stopping: the queue is empty");
-                return;
-            }
-            break;
-        }
-    }
-}
+pub use super::queue::{spawn, Flush, Rounds, SpanQueue};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::Metrics;
+    use std::sync::Arc;
 
     fn otlp(endpoint: &str) -> Otlp {
         Otlp {

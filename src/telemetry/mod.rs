@@ -8,6 +8,7 @@ pub mod export;
 pub mod genai;
 pub mod otlp;
 pub mod otlp_metrics;
+mod queue;
 pub mod sample;
 pub mod span;
 

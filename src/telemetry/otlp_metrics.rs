@@ -211,16 +211,10 @@ pub fn spawn(
     extra: super::admin::ExtraMetrics,
 ) -> super::export::Flush {
     let started = SystemTime::now();
-    let (flush, stop, done) = super::export::Flush::new();
+    let (flush, mut rounds) = super::export::Flush::new(interval, interval);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let last = tokio::select! {
-                biased;
-                _ = stop.notified() => true,
-                _ = tick.tick() => false,
-            };
+            let last = rounds.next().await;
             let mut c = Collect::new(started, SystemTime::now());
             // What /readyz and /metrics say: readiness and the source's families included.
             metrics.write(&mut c, ready().0, |p| extra(p));
@@ -230,7 +224,7 @@ pub fn spawn(
                 tracing::warn!(error = %e, "OTLP metrics push failed; the next push carries the totals");
             }
             if last {
-                let _ = done.send(());
+                rounds.done();
                 return;
             }
         }
