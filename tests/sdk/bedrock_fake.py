@@ -223,6 +223,9 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status, payload, extra_headers=()):
         data = json.dumps(payload).encode()
         self.entry["status"] = status
+        # Logged before the answer leaves: a test reads the log as soon as its client has the
+        # answer.
+        self._log_once()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -260,6 +263,7 @@ class Handler(BaseHTTPRequestHandler):
             "status": None,
         }
         self.entry = entry
+        self.logged = False
         try:
             try:
                 body = self._read_body()
@@ -299,7 +303,12 @@ class Handler(BaseHTTPRequestHandler):
             except Exception:
                 pass
         finally:
-            self.server.write_log(entry)
+            self._log_once()
+
+    def _log_once(self):
+        if not self.logged:
+            self.logged = True
+            self.server.write_log(self.entry)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
