@@ -135,3 +135,33 @@ pub fn fingerprint(value: &[u8]) -> String {
     }
     s
 }
+
+/// How many of something are under way (streams, settlements), for a shutdown that waits for
+/// them: one atomic add when one starts, one subtract when it ends.
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::atomic::AtomicUsize);
+
+impl InFlight {
+    pub fn enter(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn leave(&self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until none is under way, or `deadline`: whether none is.
+    pub async fn ended(&self, deadline: tokio::time::Instant) -> bool {
+        while self.count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+}

@@ -714,6 +714,82 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
     }
 }
 
+/// Debian's `redis-cli` (beside `redis-server`) against the test Redis on `port`: its output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "-a", REDIS_PASSWORD, "--no-auth-warning"])
+        .args(args)
+        .output()
+        .expect("redis-cli is missing: apt-get install redis-tools (scripts/test installs redis-server with it)");
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What Redis holds for every budget counter: (key, field → value).
+fn redis_counters(port: u16) -> Vec<(String, std::collections::BTreeMap<String, i64>)> {
+    let cli = |args: &[&str]| redis_cli(port, args);
+    let keys = cli(&["--scan", "--pattern", "keyswap:budget:*"]);
+    let mut keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    keys.sort();
+    keys.into_iter()
+        .map(|k| {
+            let all = cli(&["HGETALL", k]);
+            let lines: Vec<&str> = all.lines().collect();
+            let fields = lines.chunks(2).map(|p| (p[0].to_owned(), p[1].parse().unwrap())).collect();
+            (k.to_owned(), fields)
+        })
+        .collect()
+}
+
+/// A rolling restart with a streamed answer in flight: keyswap drains the stream, and the
+/// settlement it ends with reaches Redis before the process exits, so the replicas see what the
+/// call used, not the 5,000 tokens it reserved (kept until the window ends, a day here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_mid_stream_settles_its_redis_reservation_before_it_exits() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let config = tempfile::tempdir().unwrap();
+    let (store, secret) = redis_store(redis_port);
+    let spec = "  key: Route\n  window: Day\n  limits: {totalTokens: 1000000}";
+    write(config.path(), &gateway(&[budget("anthropic-tokens", "{name: anthropic}", spec), secret].concat(), &store));
+    let mut r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let port = r.port;
+    let body = r#"{"model":"claude-x","max_tokens":5000,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let call = tokio::spawn(async move { call_path(port, ANTHROPIC, "/v1/messages?hold", None, body).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while meter.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the stream never reached the provider:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reserved = redis_counters(redis_port);
+    assert!(reserved.len() == 1 && reserved[0].1["o"] >= 5000, "reserved before the answer: {reserved:?}");
+
+    let pid = r.keyswap.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // keyswap drains: the stream goes on to its end (its first event, the one with usage).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    meter.hold.notify_one();
+    let (status, _, text) = call.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("message_start"), "{text}");
+    let exit = tokio::task::block_in_place(|| r.keyswap.terminate());
+    let log = r.keyswap.output();
+    assert!(exit.success(), "{exit}\n{log}");
+
+    // The stream ended after `message_start`: 10 tokens in, 1 out, as the provider reported.
+    let settled = redis_counters(redis_port);
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    let want: std::collections::BTreeMap<String, i64> =
+        [("r", 1), ("i", INPUT_TOKENS as i64), ("o", 1), ("t", INPUT_TOKENS as i64 + 1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+    assert_eq!(settled[0].1, want, "the settlement did not reach Redis before exit:\n{log}");
+    assert!(!log.contains("did not reach Redis"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
     let meter = Meter::start(Duration::ZERO).await;

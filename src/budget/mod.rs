@@ -344,7 +344,7 @@ impl Held {
                     counter.add(d);
                 }
             }
-            HeldIn::Redis(store) => store.settle(&self.claims, deltas),
+            HeldIn::Redis(store) => store.settle(&self.claims, deltas, Settling::new(&self.engine)),
             HeldIn::Nothing => {}
         }
     }
@@ -438,6 +438,25 @@ pub struct Engine {
     local: local::Local,
     redis: ArcSwap<Option<Arc<redis::RedisStore>>>,
     metrics: Arc<Registry>,
+    /// Settlements on their way to Redis (shutdown waits for them: [`Engine::settled`]).
+    settling: crate::vocab::InFlight,
+}
+
+/// A settlement under way in the store, counted until it is dropped (answered, failed, or never
+/// sent).
+pub struct Settling(Arc<Engine>);
+
+impl Settling {
+    fn new(engine: &Arc<Engine>) -> Settling {
+        engine.settling.enter();
+        Settling(engine.clone())
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.0.settling.leave();
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -455,7 +474,24 @@ pub enum Reserve {
 impl Engine {
     /// Counts into `metrics` (the one `/metrics` renders).
     pub fn new(metrics: Arc<Registry>) -> Engine {
-        Engine { local: local::Local::default(), redis: ArcSwap::from_pointee(None), metrics }
+        Engine {
+            local: local::Local::default(),
+            redis: ArcSwap::from_pointee(None),
+            metrics,
+            settling: Default::default(),
+        }
+    }
+
+    /// Waits (at shutdown) for the settlements on their way to Redis, each bounded by the
+    /// store's timeout: whether they all finished. A reservation a replica could not settle
+    /// before it exits would stay counted until its window ends.
+    pub async fn settled(&self) -> bool {
+        let pending = self.settling.count();
+        if pending == 0 {
+            return true;
+        }
+        tracing::debug!(pending, "waiting for budget settlements on their way to Redis");
+        self.settling.ended(tokio::time::Instant::now() + redis::TIMEOUT * 2).await
     }
 
     fn metrics(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {

@@ -213,7 +213,8 @@ impl RedisStore {
     }
 
     /// Adds `deltas` to the claims' counters, off the response path.
-    pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>) {
+    /// `settling` is held until the store answers (shutdown waits for it).
+    pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>, settling: super::Settling) {
         const FIELDS: [&str; 4] = ["r", "i", "o", "t"];
         let mut pipe = ::redis::pipe();
         let mut any = false;
@@ -233,6 +234,7 @@ impl RedisStore {
         // A stream dropped outside the runtime (at shutdown) cannot settle: its reservation stands.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
+            let _settling = settling;
             let r: Result<Result<(), _>, _> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await;
             match r {
                 Ok(Ok(())) => {}

@@ -338,7 +338,7 @@ async fn serve_store(
         metrics,
         sink,
         tunnel,
-        budgets,
+        budgets: budgets.clone(),
         handoffs: Default::default(),
         streams: Default::default(),
     });
@@ -349,8 +349,9 @@ async fn serve_store(
     // The spans of the streams just drained, and the metrics' final totals, before the process
     // ends: each bounded by twice its exporter's timeout (an export already under way, then the
     // last one).
+    // Beside them, the budget settlements still on their way to Redis.
     let flushes = [("spans", spans_flush), ("metrics", metrics_push)];
-    futures_util::future::join_all(flushes.into_iter().filter_map(|(what, f)| {
+    let flushed = futures_util::future::join_all(flushes.into_iter().filter_map(|(what, f)| {
         let (flush, within) = f?;
         Some(async move {
             match flush.finish(within).await {
@@ -358,8 +359,13 @@ async fn serve_store(
                 false => tracing::warn!(timeout = ?within, "the OTLP collector did not take the last {what} in time; they are lost"),
             }
         })
-    }))
-    .await;
+    }));
+    let settled = async {
+        if !budgets.settled().await {
+            tracing::warn!("budget settlements did not reach Redis before exit; those reservations stay counted until their windows end");
+        }
+    };
+    tokio::join!(flushed, settled);
     result
 }
 

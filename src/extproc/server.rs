@@ -138,6 +138,9 @@ pub async fn run(
     // The connections are closed; their streams' tasks may still be dropping them (and handing
     // over their spans).
     let ended = shared.streams.ended(deadline).await;
+    // State parked for an observing stream that can no longer come (the connections are closed):
+    // ended as cut off now, so its span is flushed and its reservation settled before exit.
+    super::observe::sweep(&shared, std::time::Instant::now(), Duration::ZERO);
     match drained {
         Ok(r) if ended => r,
         Ok(r) => {
@@ -152,33 +155,8 @@ pub async fn run(
     }
 }
 
-/// How many ext_proc streams are alive. Each hands its span to the exporter when it is dropped,
-/// which hyper does on a task of the stream's own, possibly after its connection has closed:
-/// shutdown waits for the count to reach zero before the exporter's last flush.
-#[derive(Default)]
-pub struct LiveStreams(std::sync::atomic::AtomicUsize);
-
-impl LiveStreams {
-    pub(super) fn enter(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub(super) fn leave(&self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Release);
-    }
-
-    pub fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Waits until no stream is alive, or `deadline`: whether none is.
-    pub async fn ended(&self, deadline: tokio::time::Instant) -> bool {
-        while self.count() > 0 {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        true
-    }
-}
+/// How many ext_proc streams are alive. Each hands its span to the exporter (and settles its
+/// budget) when it is dropped, which hyper does on a task of the stream's own, possibly after its
+/// connection has closed: shutdown waits for the count to reach zero before the exporter's last
+/// flush.
+pub type LiveStreams = crate::vocab::InFlight;
