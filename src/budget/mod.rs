@@ -332,7 +332,7 @@ impl Held {
             .collect();
         for (c, d) in self.claims.iter().zip(&deltas) {
             let settled = (c.reserved[3] + d[3]).max(0) as u64;
-            self.engine.metrics(&c.budget.name).settled_tokens.fetch_add(settled, Ordering::Relaxed);
+            self.engine.metrics.with(&c.budget.name, |m| m.settled_tokens.fetch_add(settled, Ordering::Relaxed));
         }
         self.apply(deltas);
     }
@@ -396,6 +396,15 @@ impl Registry {
             map
         });
         made.expect("rcu ran")
+    }
+
+    /// `f` on the metrics of `budget` (made on first use), borrowed: no reference count is
+    /// touched on the request path (every request of a budget would contend for it).
+    pub fn with<R>(&self, budget: &Arc<str>, f: impl FnOnce(&BudgetMetrics) -> R) -> R {
+        if let Some(m) = self.0.load().get(budget) {
+            return f(m);
+        }
+        f(&self.of(budget))
     }
 
     /// One family per measure, one sample per budget.
@@ -494,8 +503,9 @@ impl Engine {
         self.settling.ended(tokio::time::Instant::now() + redis::TIMEOUT * 2).await
     }
 
-    fn metrics(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
-        self.metrics.of(budget)
+    /// Adds one to `budget`'s `counter`.
+    fn inc(&self, budget: &Arc<str>, counter: fn(&BudgetMetrics) -> &AtomicU64) {
+        self.metrics.with(budget, |m| inc(counter(m)));
     }
 
     /// Reserves `claims` in the store the snapshot names (`store`: its `budgetStore`; `None`:
@@ -555,25 +565,26 @@ impl Engine {
         match &admit {
             Admit::Held(h, _) => {
                 for c in &h.claims {
-                    let m = self.metrics(&c.budget.name);
-                    inc(&m.admitted);
-                    // Only what was taken: a refusal reserves nothing.
-                    m.reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
+                    self.metrics.with(&c.budget.name, |m| {
+                        inc(&m.admitted);
+                        // Only what was taken: a refusal reserves nothing.
+                        m.reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
+                    });
                 }
             }
-            Admit::Limited(l) => inc(&self.metrics(&l.budget).limited),
+            Admit::Limited(l) => self.inc(&l.budget, |m| &m.limited),
             Admit::Unavailable { budgets, .. } => {
                 for b in budgets {
-                    inc(&self.metrics(b).store_unavailable_refused);
+                    self.inc(b, |m| &m.store_unavailable_refused);
                 }
             }
             Admit::AdmittedUncounted(h) => {
                 for c in &h.claims {
-                    inc(&self.metrics(&c.budget.name).store_unavailable_admitted);
+                    self.inc(&c.budget.name, |m| &m.store_unavailable_admitted);
                 }
             }
-            Admit::Invalid { budget, .. } => inc(&self.metrics(budget).invalid),
-            Admit::Unmetered { budget, .. } => inc(&self.metrics(budget).unmetered),
+            Admit::Invalid { budget, .. } => self.inc(budget, |m| &m.invalid),
+            Admit::Unmetered { budget, .. } => self.inc(budget, |m| &m.unmetered),
         }
         admit
     }
