@@ -79,8 +79,22 @@ pub fn same_header(a: &str, b: &str) -> bool {
 /// Whether telemetry shows `[redacted]` instead of this header's value: every credential header,
 /// and cookies.
 pub fn is_redacted(lowercase_name: &str) -> bool {
-    CREDENTIAL_HEADERS.iter().any(|h| same_header(h, lowercase_name)) || same_header(lowercase_name, "set-cookie")
+    // Most names have a length no redacted name has: answered without comparing.
+    REDACTED_LENGTHS & (1 << (lowercase_name.len() % 64)) != 0
+        && (CREDENTIAL_HEADERS.iter().any(|h| same_header(h, lowercase_name))
+            || same_header(lowercase_name, "set-cookie"))
 }
+
+/// The lengths (modulo 64) of the names [`is_redacted`] redacts, one bit each.
+const REDACTED_LENGTHS: u64 = {
+    let mut mask = 1 << ("set-cookie".len() % 64);
+    let mut i = 0;
+    while i < CREDENTIAL_HEADERS.len() {
+        mask |= 1 << (CREDENTIAL_HEADERS[i].len() % 64);
+        i += 1;
+    }
+    mask
+};
 
 /// What the agent is told to send instead of a key.
 pub const PLACEHOLDER: &str = "keyswap-injected-by-proxy";
@@ -163,5 +177,24 @@ impl InFlight {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The length filter only skips comparisons: every credential header and cookie is redacted
+    /// in any spelling a lenient server folds to it, and names of the same lengths that are not
+    /// credentials are not.
+    #[test]
+    fn every_credential_header_is_redacted_in_every_spelling_and_nothing_else() {
+        for name in CREDENTIAL_HEADERS.iter().chain(&["set-cookie"]) {
+            assert!(is_redacted(name), "{name}");
+            assert!(is_redacted(&name.replace('-', "_")), "{name} with underscores");
+        }
+        for other in ["accept", "content-type", "user-agent", "x-api-kez", "api_keys", "cookies", "x-request-id", ""] {
+            assert!(!is_redacted(other), "{other}");
+        }
     }
 }

@@ -185,11 +185,21 @@ enum Borrowed {
 /// An event named `name` with one `{prefix}{header}` string-array attribute per header name
 /// (repeated headers share one array); credential headers are `[redacted]`.
 fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &[u8])], redact_also: Option<&str>) {
+    // Names whose sketches differ are different names: only those sharing a bit with another
+    // are compared with the rest (repeated headers are rare; comparing every pair was a quarter
+    // of a span's start).
+    let (mut seen, mut shared) = (0u64, 0u64);
+    for (k, _) in headers {
+        let bit = name_sketch(k);
+        shared |= seen & bit;
+        seen |= bit;
+    }
     otlp::message(buf, field::EVENTS, |e| {
         otlp::fixed64(e, event::TIME, unix_nanos(SystemTime::now()));
         otlp::string(e, event::NAME, name);
         for (i, (k, _)) in headers.iter().enumerate() {
-            if k.starts_with(':') || headers[..i].iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+            let maybe_repeated = shared & name_sketch(k) != 0;
+            if k.starts_with(':') || maybe_repeated && headers[..i].iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
                 continue;
             }
             // Envoy sends lowercase names; other senders may not.
@@ -202,7 +212,7 @@ fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &
             let text = |v| header_text(v, redacted);
             let key = [prefix, &*key];
             let rest = &headers[i + 1..];
-            if rest.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
+            if maybe_repeated && rest.iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
                 let values = headers[i..].iter().filter(|(p, _)| p.eq_ignore_ascii_case(k)).map(|(_, v)| text(v));
                 otlp::string_array_attribute(e, event::ATTRIBUTES, &key, values);
             } else {
@@ -210,6 +220,15 @@ fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &
             }
         }
     });
+}
+
+/// One of 64 bits for a header name, from its length and its first and last bytes (ASCII case
+/// ignored, as header names compare): equal names get the same bit.
+fn name_sketch(name: &str) -> u64 {
+    let b = name.as_bytes();
+    let end = |c: Option<&u8>| u32::from(c.map_or(0, u8::to_ascii_lowercase));
+    let h = (b.len() as u32).wrapping_mul(0x9E37_79B9) ^ end(b.first()).wrapping_mul(31) ^ end(b.last());
+    1 << (h.wrapping_mul(0x85EB_CA6B) >> 26)
 }
 
 fn header_text(v: &[u8], redacted: bool) -> Cow<'_, str> {
@@ -685,6 +704,41 @@ mod tests {
         let st = span.status.as_ref().unwrap();
         assert_eq!((st.code, st.message.as_str()), (2, "429"));
         assert!(!span.encode_to_vec().windows(9).any(|w| w == b"sk-secret"));
+    }
+
+    /// The sketch only skips comparisons: with many names (sketch bits shared by different
+    /// names) and repeats in any case anywhere, every name is one attribute holding all its values.
+    #[test]
+    fn repeated_headers_are_grouped_whatever_names_share_a_sketch_bit() {
+        let mut names: Vec<String> = (0..150).map(|i| format!("x-h{}-{}", "a".repeat(i % 7), i)).collect();
+        names.extend(["accept", "Accept", "ACCEPT", "x-h-3", "X-H-3", "via", "VIA"].map(str::to_owned));
+        let headers: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), n.as_bytes())).collect();
+        let (tx, _) = start_with(CapturePolicy::default(), &headers);
+        let span = finish(tx);
+        let ev = span.events.iter().find(|e| e.name == "http.request.headers").unwrap();
+        let mut want: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for n in &names {
+            want.entry(format!("http.request.header.{}", n.to_ascii_lowercase())).or_default().push(n.clone());
+        }
+        let got: std::collections::BTreeMap<String, Vec<String>> = ev
+            .attributes
+            .iter()
+            .map(|a| match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(Any::ArrayValue(list)) => (
+                    a.key.clone(),
+                    list.values
+                        .iter()
+                        .map(|v| match &v.value {
+                            Some(Any::StringValue(s)) => s.clone(),
+                            other => panic!("{other:?}"),
+                        })
+                        .collect(),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ev.attributes.len(), want.len(), "one attribute per name");
+        assert_eq!(got, want);
     }
 
     #[test]
