@@ -668,6 +668,21 @@ mod tests {
         assert!(output >= i64::MAX as u64, "{output}");
     }
 
+    /// The strings of a string-array attribute.
+    fn string_array(a: &opentelemetry_proto::tonic::common::v1::KeyValue) -> Vec<String> {
+        match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(Any::ArrayValue(list)) => list
+                .values
+                .iter()
+                .map(|v| match &v.value {
+                    Some(Any::StringValue(s)) => s.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+            other => panic!("{}: {other:?}", a.key),
+        }
+    }
+
     #[test]
     fn header_events_use_lowercase_names_group_repeats_and_redact_credentials() {
         let headers: [(&str, &[u8]); 5] = [
@@ -681,19 +696,8 @@ mod tests {
         tx.on_response_headers(&[(":status", b"429"), ("retry-after", b"3")]);
         let span = finish(tx);
         let ev = |n: &str| span.events.iter().find(|e| e.name == n).unwrap();
-        let get = |e: &str, k: &str| -> Vec<String> {
-            let a = ev(e).attributes.iter().find(|a| a.key == k).unwrap_or_else(|| panic!("{k}"));
-            match a.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(Any::ArrayValue(list)) => list
-                    .values
-                    .iter()
-                    .map(|v| match &v.value {
-                        Some(Any::StringValue(s)) => s.clone(),
-                        other => panic!("{other:?}"),
-                    })
-                    .collect(),
-                other => panic!("{other:?}"),
-            }
+        let get = |e: &str, k: &str| {
+            string_array(ev(e).attributes.iter().find(|a| a.key == k).unwrap_or_else(|| panic!("{k}")))
         };
         let req = "http.request.headers";
         assert_eq!(get(req, "http.request.header.x-api-key"), ["[redacted]"]);
@@ -720,23 +724,8 @@ mod tests {
         for n in &names {
             want.entry(format!("http.request.header.{}", n.to_ascii_lowercase())).or_default().push(n.clone());
         }
-        let got: std::collections::BTreeMap<String, Vec<String>> = ev
-            .attributes
-            .iter()
-            .map(|a| match a.value.as_ref().and_then(|v| v.value.as_ref()) {
-                Some(Any::ArrayValue(list)) => (
-                    a.key.clone(),
-                    list.values
-                        .iter()
-                        .map(|v| match &v.value {
-                            Some(Any::StringValue(s)) => s.clone(),
-                            other => panic!("{other:?}"),
-                        })
-                        .collect(),
-                ),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let got: std::collections::BTreeMap<String, Vec<String>> =
+            ev.attributes.iter().map(|a| (a.key.clone(), string_array(a))).collect();
         assert_eq!(ev.attributes.len(), want.len(), "one attribute per name");
         assert_eq!(got, want);
     }
