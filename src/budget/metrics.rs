@@ -1,0 +1,88 @@
+//! Per-budget counters for `/metrics`: labels are budget names only, bounded by configuration.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// Per-budget counts for `/metrics` (labels: budget names only, bounded by configuration).
+#[derive(Debug, Default)]
+pub struct BudgetMetrics {
+    pub admitted: AtomicU64,
+    pub limited: AtomicU64,
+    pub store_unavailable_admitted: AtomicU64,
+    pub store_unavailable_refused: AtomicU64,
+    pub invalid: AtomicU64,
+    pub unmetered: AtomicU64,
+    pub reserved_tokens: AtomicU64,
+    pub settled_tokens: AtomicU64,
+}
+
+/// Per-budget metrics, by budget name (bounded by configuration).
+#[derive(Default)]
+pub struct Registry(ArcSwap<HashMap<Arc<str>, Arc<BudgetMetrics>>>);
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("budgets", &self.0.load().len()).finish()
+    }
+}
+
+impl Registry {
+    /// The metrics of `budget`, made on first use.
+    pub fn of(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
+        if let Some(m) = self.0.load().get(budget) {
+            return m.clone();
+        }
+        let mut made = None;
+        self.0.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            made = Some(map.entry(budget.clone()).or_default().clone());
+            map
+        });
+        made.expect("rcu ran")
+    }
+
+    /// `f` on the metrics of `budget` (made on first use), borrowed: no reference count is
+    /// touched on the request path (every request of a budget would contend for it).
+    pub fn with<R>(&self, budget: &Arc<str>, f: impl FnOnce(&BudgetMetrics) -> R) -> R {
+        if let Some(m) = self.0.load().get(budget) {
+            return f(m);
+        }
+        f(&self.of(budget))
+    }
+
+    /// One family per measure, one sample per budget.
+    pub fn render(&self, p: &mut dyn crate::prom::Families) {
+        use crate::prom::Kind::Counter;
+        let map = self.0.load();
+        if map.is_empty() {
+            return;
+        }
+        let mut all: Vec<_> = map.iter().collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        const DECISIONS: &str = "keyswap_budget_decisions_total";
+        p.family(DECISIONS, "Budgeted requests by decision.", Counter);
+        for (name, m) in &all {
+            for (decision, v) in [
+                ("admitted", g(&m.admitted)),
+                ("limited", g(&m.limited)),
+                ("store_unavailable_admitted", g(&m.store_unavailable_admitted)),
+                ("store_unavailable_refused", g(&m.store_unavailable_refused)),
+                ("invalid", g(&m.invalid)),
+                ("unmetered", g(&m.unmetered)),
+            ] {
+                p.sample(DECISIONS, &[("budget", name), ("decision", decision)], v);
+            }
+        }
+        const TOKENS: &str = "keyswap_budget_tokens_total";
+        p.family(TOKENS, "Weighted tokens reserved before forwarding and settled after the response.", Counter);
+        for (name, m) in &all {
+            for (kind, v) in [("reserved", g(&m.reserved_tokens)), ("settled", g(&m.settled_tokens))] {
+                p.sample(TOKENS, &[("budget", name), ("kind", kind)], v);
+            }
+        }
+    }
+}
