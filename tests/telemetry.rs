@@ -482,6 +482,51 @@ async fn sigterm_mid_stream_still_exports_its_span_and_the_final_metrics() {
     assert!(log.contains("OTLP spans flushed") && log.contains("OTLP metrics flushed"), "{log}");
 }
 
+/// The batch span processor's variables: `OTEL_BSP_SCHEDULE_DELAY` of a minute holds the spans
+/// until the shutdown flush, which sends them in batches of `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_bsp_variables_set_the_schedule_and_the_batch_size() {
+    let extra = [("OTEL_BSP_SCHEDULE_DELAY", "60000"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2")];
+    let mut t = Traced::start(&extra, false, false).await;
+    let c = client();
+    // The first round comes at once: spans finished later wait for the next, a minute away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let (st, _) = send(&c, t.port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+        assert_eq!(st, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(t.collector.spans().is_empty(), "exported before the schedule's next round");
+    let status = tokio::task::block_in_place(|| t.keyswap.terminate());
+    let log = t.keyswap.output();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("batch: 2"), "the log shows the batching in force:\n{log}");
+    let sizes: Vec<usize> = t
+        .collector
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.resource_spans.iter().flat_map(|rs| &rs.scope_spans).map(|ss| ss.spans.len()).sum())
+        .collect();
+    assert_eq!(sizes, [2, 2, 1], "five spans in batches of two, at shutdown:\n{log}");
+}
+
+/// `OTEL_SDK_DISABLED=true` turns tracing off even where an endpoint is set, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_sdk_disabled_exports_nothing() {
+    let extra = [("OTEL_SDK_DISABLED", "true"), ("OTEL_METRICS_EXPORTER", "otlp")];
+    let mut t = Traced::start(&extra, false, false).await;
+    let c = client();
+    let (st, _) = send(&c, t.port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+    assert_eq!(st, 200, "requests are served as ever");
+    let status = tokio::task::block_in_place(|| t.keyswap.terminate());
+    let log = t.keyswap.output();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("tracing off (OTEL_SDK_DISABLED=true)"), "{log}");
+    assert!(t.collector.spans().is_empty() && t.collector.metrics.lock().unwrap().is_empty(), "{log}");
+}
+
 /// How many times keyswap's OTLP exporter thread (`keyswap-otlp`) has gone to sleep and been
 /// woken: its voluntary context switches, from `/proc`.
 fn exporter_wakeups(pid: u32) -> u64 {

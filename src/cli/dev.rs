@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::certs::{default_certs_dir, gateway_view, write_ca_bundle};
 use super::envoy_config::find_envoy;
-use super::serve::{run_extproc, shutdown_signal, Serving, TunnelArgs, SPAN_QUEUE};
+use super::serve::{run_extproc, shutdown_signal, Serving, TunnelArgs};
 use super::{parse_lifetime, runtime, SourceArgs};
 use crate::config::Key;
 use crate::envoy::control::ControlPlane;
@@ -101,7 +101,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let ca_watch = crate::certs::watch_dir(work.clone(), ca.clone());
         let control = ControlPlane { ads: Default::default(), options, ca, leaf_lifetime: args.leaf_lifetime };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = Serving { listeners, span_queue: SPAN_QUEUE, tunnel: args.tunnel.guard(), control: Some(control) };
+        let serving = Serving { listeners, span_queue: None, tunnel: args.tunnel.guard(), control: Some(control) };
         let server = tokio::spawn(run_extproc(source, snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));

@@ -48,8 +48,9 @@ pub struct ServeArgs {
     pub metrics: SocketAddr,
     /// Finished spans that may wait for the OTLP exporter; beyond this they are dropped (and
     /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
-    #[arg(long, value_name = "N", default_value_t = SPAN_QUEUE)]
-    pub span_queue: usize,
+    /// Default: OTEL_BSP_MAX_QUEUE_SIZE, else 4096.
+    #[arg(long, value_name = "N")]
+    pub span_queue: Option<usize>,
     /// Threads answering Envoy (tokio workers). One thread costs the least CPU per request (see
     /// docs/benchmarks.md) and answers tens of thousands of ext_proc messages per second; raise it
     /// for an Envoy with many busy workers.
@@ -233,7 +234,8 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// plane serving ADS on the same sockets.
 pub(super) struct Serving {
     pub(super) listeners: Vec<Bound>,
-    pub(super) span_queue: usize,
+    /// `--span-queue`, if given (over `OTEL_BSP_MAX_QUEUE_SIZE`).
+    pub(super) span_queue: Option<usize>,
     pub(super) tunnel: crate::extproc::tunnel::TunnelGuard,
     pub(super) control: Option<ControlPlane>,
 }
@@ -314,10 +316,16 @@ async fn serve_store(
         .map_err(anyhow::Error::msg)?
     {
         Some(settings) => {
-            let (queue, flush) = crate::telemetry::export::spawn(&settings, metrics.clone(), span_queue.max(1))
-                .map_err(anyhow::Error::msg)?;
-            tracing::info!(exporter = %settings, sampler = ?sampler, "tracing on: one span per sampled transaction");
+            let env = |k: &str| std::env::var(k).ok();
+            let batching = crate::telemetry::export::Batching::from_env(span_queue, env).map_err(anyhow::Error::msg)?;
+            let (queue, flush) =
+                crate::telemetry::export::spawn(&settings, metrics.clone(), batching).map_err(anyhow::Error::msg)?;
+            tracing::info!(exporter = %settings, sampler = ?sampler, ?batching, "tracing on: one span per sampled transaction");
             (Some(queue), Some((flush, settings.timeout * 2)))
+        }
+        None if crate::telemetry::export::sdk_disabled(|k| std::env::var(k).ok()) => {
+            tracing::info!("tracing off (OTEL_SDK_DISABLED=true)");
+            (None, None)
         }
         None => {
             tracing::info!("tracing off (set OTEL_EXPORTER_OTLP_ENDPOINT or EgressGateway spec.otlp.endpoint)");
@@ -368,9 +376,6 @@ async fn serve_store(
     tokio::join!(flushed, settled);
     result
 }
-
-/// Finished spans waiting for export; beyond this they are dropped and counted.
-pub(super) const SPAN_QUEUE: usize = 4096;
 
 pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

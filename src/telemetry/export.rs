@@ -121,6 +121,19 @@ fn name_of(item: &str) -> &str {
     item.split([':', ' ']).next().unwrap_or("")
 }
 
+/// `OTEL_SDK_DISABLED=true` (case ignored; any other value, empty included, is false, as the
+/// specification says): no signal is exported, whatever else is set.
+pub fn sdk_disabled(env: impl Fn(&str) -> Option<String>) -> bool {
+    env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// Whether `signal` may be exported at all: not with `OTEL_SDK_DISABLED=true`, nor traces with
+/// `OTEL_TRACES_EXPORTER=none`.
+fn exported(signal: Signal, env: impl Fn(&str) -> Option<String>) -> bool {
+    let traces_off = signal == Signal::Traces && env("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none");
+    !traces_off && !sdk_disabled(env)
+}
+
 /// Tracing is on when the gateway names an endpoint or the environment does.
 pub fn settings(otlp: Option<&Otlp>, env: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>, String> {
     settings_for(Signal::Traces, otlp, env)
@@ -137,7 +150,7 @@ pub fn settings_for(
     let first =
         |names: &[&str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n.to_owned(), v)));
     let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.var());
-    if signal == Signal::Traces && first(&["OTEL_TRACES_EXPORTER"]).is_some_and(|(_, v)| v == "none") {
+    if !exported(signal, &env) {
         return Ok(None);
     }
     let transport = match first(&[&var("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
@@ -469,11 +482,16 @@ fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     e.finish()
 }
 
-pub use super::queue::{spawn, Flush, Rounds, SpanQueue};
+pub use super::queue::{spawn, Batching, Flush, Rounds, SpanQueue};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default batching with a queue of `n`.
+    fn queue_of(n: usize) -> Batching {
+        Batching { queue: n, ..Batching::default() }
+    }
     use crate::telemetry::Metrics;
     use std::sync::Arc;
 
@@ -518,6 +536,13 @@ mod tests {
         assert!(settings(Some(&otlp("http://otel:4318")), bad).unwrap_err().contains("http/json"));
         let off = |k: &str| (k == "OTEL_TRACES_EXPORTER").then(|| "none".to_string());
         assert_eq!(settings(Some(&otlp("http://otel:4318")), off).unwrap(), None);
+        for (v, on) in [("true", false), ("TRUE", false), (" True ", false), ("false", true), ("1", true), ("", true)] {
+            let disabled = |k: &str| (k == "OTEL_SDK_DISABLED").then(|| v.to_string());
+            let s = settings_for(Signal::Traces, Some(&otlp("http://otel:4318")), disabled).unwrap();
+            assert_eq!(s.is_some(), on, "OTEL_SDK_DISABLED={v:?}: only true (any case) disables");
+            let m = settings_for(Signal::Metrics, Some(&otlp("http://otel:4318")), disabled).unwrap();
+            assert_eq!(m.is_some(), on, "metrics, OTEL_SDK_DISABLED={v:?}");
+        }
         let e = settings(Some(&otlp("otel:4318")), none).unwrap_err();
         assert!(e.contains("spec.otlp.endpoint") && e.contains("http://"), "{e}");
         let secret_in_bad_list =
@@ -588,7 +613,8 @@ mod tests {
         use prost::Message as _;
         let (endpoint, seen) = flaky_collector(2).await;
         let metrics: Arc<Metrics> = Arc::default();
-        let (tx, _flush) = spawn(&Settings { gzip: true, ..http_settings(endpoint) }, metrics.clone(), 16).unwrap();
+        let (tx, _flush) =
+            spawn(&Settings { gzip: true, ..http_settings(endpoint) }, metrics.clone(), queue_of(16)).unwrap();
         let span = |i: u8| {
             let mut s = Vec::new();
             crate::telemetry::otlp::bytes(&mut s, 1, &[i; 16]);
@@ -619,7 +645,7 @@ mod tests {
     async fn a_collector_that_keeps_failing_gets_a_bounded_number_of_attempts() {
         let (endpoint, seen) = flaky_collector(usize::MAX).await;
         let metrics: Arc<Metrics> = Arc::default();
-        let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+        let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(16)).unwrap();
         tx.send(vec![]).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed) < 1 {
@@ -636,7 +662,7 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         let (endpoint, seen) = flaky_collector(0).await;
         let metrics: Arc<Metrics> = Arc::default();
-        let (tx, flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+        let (tx, flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(16)).unwrap();
         for i in 0..3 {
             tx.try_send(vec![i]).unwrap();
         }
@@ -659,7 +685,7 @@ mod tests {
                 held.push(stream);
             }
         });
-        let (tx, flush) = spawn(&http_settings(endpoint), Arc::default(), 16).unwrap();
+        let (tx, flush) = spawn(&http_settings(endpoint), Arc::default(), queue_of(16)).unwrap();
         tx.try_send(vec![1]).unwrap();
         let started = std::time::Instant::now();
         assert!(!flush.finish(Duration::from_millis(300)).await, "a hung collector cannot finish");
@@ -684,7 +710,7 @@ mod tests {
         let metrics: Arc<Metrics> = Arc::default();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), 16).unwrap();
+            let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(16)).unwrap();
             for i in 0..3 {
                 tx.try_send(vec![i]).unwrap();
             }
@@ -700,7 +726,7 @@ mod tests {
 
     #[test]
     fn an_exporter_that_cannot_be_built_is_an_error_at_start() {
-        let Err(err) = spawn(&http_settings("not a uri".into()), Arc::default(), 16) else { panic!("built") };
+        let Err(err) = spawn(&http_settings("not a uri".into()), Arc::default(), queue_of(16)) else { panic!("built") };
         assert!(err.contains("OTLP endpoint"), "{err}");
     }
 

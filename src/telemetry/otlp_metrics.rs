@@ -186,7 +186,7 @@ pub fn push_interval(env: impl Fn(&str) -> Option<String>) -> Result<Option<Dura
             }
         }
     }
-    if !otlp {
+    if !otlp || super::export::sdk_disabled(&env) {
         return Ok(None);
     }
     match env("OTEL_METRIC_EXPORT_INTERVAL").filter(|v| !v.trim().is_empty()) {
@@ -287,6 +287,8 @@ mod tests {
             Ok(Some(Duration::from_millis(500)))
         );
         assert!(push_interval(env(&[("OTEL_METRICS_EXPORTER", "console")])).unwrap_err().contains("console"));
+        let disabled = env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_SDK_DISABLED", "true")]);
+        assert_eq!(push_interval(disabled), Ok(None), "OTEL_SDK_DISABLED=true: no push");
         assert!(push_interval(env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "0")])).is_err());
     }
 }

@@ -7,23 +7,73 @@ use std::time::Duration;
 use super::export::{export_with_retries, Exporter, Settings};
 use super::Metrics;
 
-/// How often the exporter thread takes the spans that finished meanwhile.
-const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// How finished spans are batched: the OpenTelemetry SDK's batch span processor settings
+/// (`OTEL_BSP_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// `OTEL_BSP_SCHEDULE_DELAY`: how often the exporter takes the spans that finished meanwhile.
+    pub delay: Duration,
+    /// `--span-queue` or `OTEL_BSP_MAX_QUEUE_SIZE`: finished spans that may wait for the exporter;
+    /// beyond this they are dropped and counted, so a slow collector never slows a request.
+    pub queue: usize,
+    /// `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: spans per export at most.
+    pub batch: usize,
+}
 
-/// The exporter side: a bounded queue, drained every [`DRAIN_EVERY`] by a thread of its own that
+impl Default for Batching {
+    /// 50 ms, not the specification's 5 s: spans show up in a viewer at once, and a burst is sent
+    /// in several batches instead of one of seconds of traffic (at 8,000 requests a second, 5 s
+    /// would overflow any sensible queue). A queue of 4,096 (the specification's 2,048 holds a
+    /// quarter of a second at that rate), batches of 512 (the specification's).
+    fn default() -> Batching {
+        Batching { delay: Duration::from_millis(50), queue: 4096, batch: 512 }
+    }
+}
+
+impl Batching {
+    /// From the environment, `queue` (a command-line flag) over `OTEL_BSP_MAX_QUEUE_SIZE`. A
+    /// value that is not a positive integer, or a batch larger than the queue, is the error.
+    pub fn from_env(queue: Option<usize>, env: impl Fn(&str) -> Option<String>) -> Result<Batching, String> {
+        let d = Batching::default();
+        let read = |var: &str, default: u64| -> Result<u64, String> {
+            match env(var).filter(|v| !v.trim().is_empty()) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(format!("{var} `{v}` must be a positive integer")),
+                },
+            }
+        };
+        let delay = Duration::from_millis(read("OTEL_BSP_SCHEDULE_DELAY", d.delay.as_millis() as u64)?);
+        let queue = match queue {
+            Some(0) => return Err("--span-queue must be at least 1".to_owned()),
+            Some(n) => n,
+            None => read("OTEL_BSP_MAX_QUEUE_SIZE", d.queue as u64)? as usize,
+        };
+        let batch = read("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.batch.min(queue) as u64)? as usize;
+        if batch > queue {
+            return Err(format!(
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not exceed the span queue ({queue}: --span-queue or OTEL_BSP_MAX_QUEUE_SIZE)"
+            ));
+        }
+        Ok(Batching { delay, queue, batch })
+    }
+}
+
+/// The exporter side: a bounded queue, drained every `batching.delay` by a thread of its own that
 /// batches and exports with an exporter built from `settings`; an exporter that cannot be built is
 /// the error. The [`Flush`] sends what is queued when keyswap stops.
 ///
 /// Off the request path twice over: batching, framing, compressing and sending (a batch is up to
-/// 512 spans, most of a megabyte) never hold up the workers that answer Envoy, and while spans
+/// 512 spans by default, most of a megabyte) never hold up the workers that answer Envoy, and while spans
 /// keep coming the thread polls the queue instead of waiting on it, so finishing a span never
 /// wakes another thread (a waiting receiver would be woken by every span: a system call per
 /// request). After a round that found nothing it waits on the queue instead: an idle sidecar's
 /// exporter sleeps until the next span, rather than waking 20 times a second.
-pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Result<(SpanQueue, Flush), String> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(capacity);
+pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, batching: Batching) -> Result<(SpanQueue, Flush), String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(batching.queue.max(1));
     let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
-    let (flush, rounds) = Flush::new(Duration::ZERO, DRAIN_EVERY);
+    let (flush, rounds) = Flush::new(Duration::ZERO, batching.delay);
     let settings = settings.clone();
     std::thread::Builder::new()
         .name("keyswap-otlp".into())
@@ -38,7 +88,7 @@ pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, capacity: usize) -> Res
                     Ok(exporter) => {
                         let _ = ready.send(Ok(()));
                         // Done once the queue is gone too: nothing takes spans any more.
-                        drain(exporter, rx, metrics, capacity, rounds).await.done();
+                        drain(exporter, rx, metrics, batching, rounds).await.done();
                     }
                     Err(e) => drop(ready.send(Err(e))),
                 }
@@ -120,12 +170,12 @@ async fn drain(
     exporter: Exporter,
     mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
     metrics: Arc<Metrics>,
-    capacity: usize,
+    batching: Batching,
     mut rounds: Rounds,
 ) -> Rounds {
     use tokio::sync::mpsc::error::TryRecvError;
     // A batch never holds more than the queue: what waits for a hung collector stays bounded.
-    let batch_max = capacity.min(512);
+    let batch_max = batching.batch.clamp(1, batching.queue.max(1));
     let mut batch = Vec::with_capacity(batch_max);
     // The last round found nothing: wait on the queue rather than the clock.
     let mut idle = false;
@@ -185,5 +235,45 @@ async fn drain(
             }
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(flag: Option<usize>, vars: &[(&str, &str)]) -> Result<Batching, String> {
+        Batching::from_env(flag, |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn batching_reads_the_otel_bsp_variables_with_the_flag_over_the_queue_size() {
+        assert_eq!(from(None, &[]), Ok(Batching::default()));
+        let vars = [
+            ("OTEL_BSP_SCHEDULE_DELAY", "2000"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10"),
+        ];
+        assert_eq!(from(None, &vars), Ok(Batching { delay: Duration::from_secs(2), queue: 100, batch: 10 }));
+        assert_eq!(from(Some(50), &vars).map(|b| b.queue), Ok(50), "--span-queue over the variable");
+        // A queue smaller than the default batch: batches of the queue's size.
+        assert_eq!(from(Some(16), &[]).map(|b| b.batch), Ok(16));
+        assert_eq!(from(None, &[("OTEL_BSP_SCHEDULE_DELAY", " ")]), Ok(Batching::default()), "empty is unset");
+    }
+
+    #[test]
+    fn a_malformed_batching_variable_names_itself() {
+        for (var, v) in [
+            ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
+        ] {
+            let e = from(None, &[(var, v)]).unwrap_err();
+            assert!(e.contains(var) && e.contains(v), "{e}");
+        }
+        let e = from(Some(8), &[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "9")]).unwrap_err();
+        assert!(e.contains("must not exceed the span queue (8"), "{e}");
+        assert!(from(Some(0), &[]).unwrap_err().contains("--span-queue"));
     }
 }
