@@ -527,51 +527,6 @@ async fn otel_sdk_disabled_exports_nothing() {
     assert!(t.collector.spans().is_empty() && t.collector.metrics.lock().unwrap().is_empty(), "{log}");
 }
 
-/// How many times keyswap's OTLP exporter thread (`keyswap-otlp`) has gone to sleep and been
-/// woken: its voluntary context switches, from `/proc`.
-fn exporter_wakeups(pid: u32) -> u64 {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != "keyswap-otlp" {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:")).unwrap();
-        return line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    }
-    panic!("keyswap (pid {pid}) has no keyswap-otlp thread");
-}
-
-/// An idle sidecar's exporter sleeps until a span comes (it polled 20 times a second before),
-/// and the span that wakes it is still exported.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_exporter_sleeps_until_a_span_comes() {
-    let t = Traced::start(&[], false, false).await;
-    let c = client();
-    let (st, _) = send(&c, t.port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
-    assert_eq!(st, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while t.collector.spans().is_empty() {
-        assert!(Instant::now() < deadline, "no span exported:\n{}", t.keyswap.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Idle: a round that finds nothing, then no wakeup for two seconds (40 at 20 a second).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = t.keyswap.child.id();
-    let before = exporter_wakeups(pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let woken = exporter_wakeups(pid) - before;
-    assert!(woken <= 2, "the idle exporter woke {woken} times in 2 s");
-
-    let (st, _) = send(&c, t.port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
-    assert_eq!(st, 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while t.collector.spans().len() < 2 {
-        assert!(Instant::now() < deadline, "the span after the idle time was not exported:\n{}", t.keyswap.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Attack: an agent keeps a streamed answer open (the provider holds it back) to stall a rolling
 /// restart. keyswap waits for it no longer than its drain timeout (10 s), still flushes what it
 /// has, and exits cleanly.

@@ -65,11 +65,9 @@ impl Batching {
 /// the error. The [`Flush`] sends what is queued when keyswap stops.
 ///
 /// Off the request path twice over: batching, framing, compressing and sending (a batch is up to
-/// 512 spans by default, most of a megabyte) never hold up the workers that answer Envoy, and while spans
-/// keep coming the thread polls the queue instead of waiting on it, so finishing a span never
-/// wakes another thread (a waiting receiver would be woken by every span: a system call per
-/// request). After a round that found nothing it waits on the queue instead: an idle sidecar's
-/// exporter sleeps until the next span, rather than waking 20 times a second.
+/// 512 spans by default, most of a megabyte) never hold up the workers that answer Envoy, and the
+/// thread polls the queue instead of waiting on it, so finishing a span never wakes another thread
+/// (a waiting receiver would be woken by every span: a system call per request).
 pub fn spawn(settings: &Settings, metrics: Arc<Metrics>, batching: Batching) -> Result<(SpanQueue, Flush), String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(batching.queue.max(1));
     let (ready, started) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
@@ -155,11 +153,6 @@ impl Rounds {
         }
     }
 
-    /// Waits for stop to be asked (and nothing else).
-    async fn stopped(&self) {
-        self.stop.notified().await
-    }
-
     /// The last round is over: the flush finished.
     pub fn done(self) {
         let _ = self.done.send(());
@@ -177,30 +170,11 @@ async fn drain(
     // A batch never holds more than the queue: what waits for a hung collector stays bounded.
     let batch_max = batching.batch.clamp(1, batching.queue.max(1));
     let mut batch = Vec::with_capacity(batch_max);
-    // The last round found nothing: wait on the queue rather than the clock.
-    let mut idle = false;
     loop {
-        let mut closed = false;
-        let last = if idle {
-            tokio::select! {
-                biased;
-                _ = rounds.stopped() => true,
-                span = rx.recv() => {
-                    match span {
-                        Some(span) => batch.push(span),
-                        None => closed = true,
-                    }
-                    // The spans that follow it within a tick go out with it.
-                    rounds.next().await
-                }
-            }
-        } else {
-            rounds.next().await
-        };
-        idle = true;
+        let last = rounds.next().await;
         // Batches until the queue is empty (a burst larger than one batch goes out at once).
         loop {
-            closed |= last;
+            let mut closed = last;
             while batch.len() < batch_max {
                 match rx.try_recv() {
                     Ok(span) => batch.push(span),
@@ -213,7 +187,6 @@ async fn drain(
             }
             let full = batch.len() == batch_max;
             if !batch.is_empty() {
-                idle = false;
                 let n = batch.len() as u64;
                 tracing::trace!(spans = n, last, "exporting a batch of spans");
                 match export_with_retries(&exporter, &batch).await {
