@@ -121,6 +121,18 @@ fn name_of(item: &str) -> &str {
     item.split([':', ' ']).next().unwrap_or("")
 }
 
+/// The longest time an `OTEL_*` millisecond variable may name: a day (a schedule or timeout
+/// longer than that is a mistake, e.g. a value meant in microseconds).
+const MAX_MILLIS: u64 = 86_400_000;
+
+/// `v`, the value of `var`, as a positive number of milliseconds, at most a day.
+pub fn millis(var: &str, v: &str) -> Result<Duration, String> {
+    match v.trim().parse::<u64>() {
+        Ok(ms) if (1..=MAX_MILLIS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("{var} `{v}` must be a positive number of milliseconds, at most a day ({MAX_MILLIS})")),
+    }
+}
+
 /// `OTEL_SDK_DISABLED=true` (case ignored; any other value, empty included, is false, as the
 /// specification says): no signal is exported, whatever else is set.
 pub fn sdk_disabled(env: impl Fn(&str) -> Option<String>) -> bool {
@@ -202,10 +214,7 @@ pub fn settings_for(
     }
     let timeout = match first(&[&var("TIMEOUT"), "OTEL_EXPORTER_OTLP_TIMEOUT"]) {
         None => EXPORT_TIMEOUT,
-        Some((var, ms)) => match ms.trim().parse::<u64>() {
-            Ok(ms) if ms > 0 => Duration::from_millis(ms),
-            _ => return Err(format!("{var} `{ms}` must be a positive number of milliseconds")),
-        },
+        Some((var, ms)) => millis(&var, &ms)?,
     };
     let gzip = match first(&[&var("COMPRESSION"), "OTEL_EXPORTER_OTLP_COMPRESSION"]) {
         None => false,
@@ -543,6 +552,9 @@ mod tests {
             let m = settings_for(Signal::Metrics, Some(&otlp("http://otel:4318")), disabled).unwrap();
             assert_eq!(m.is_some(), on, "metrics, OTEL_SDK_DISABLED={v:?}");
         }
+        // A timeout past a day is a mistake (it would also hold a shutdown flush that long).
+        let huge = |k: &str| (k == "OTEL_EXPORTER_OTLP_TIMEOUT").then(|| u64::MAX.to_string());
+        assert!(settings(Some(&otlp("http://otel:4318")), huge).unwrap_err().contains("OTEL_EXPORTER_OTLP_TIMEOUT"));
         let e = settings(Some(&otlp("otel:4318")), none).unwrap_err();
         assert!(e.contains("spec.otlp.endpoint") && e.contains("http://"), "{e}");
         let secret_in_bad_list =

@@ -191,10 +191,7 @@ pub fn push_interval(env: impl Fn(&str) -> Option<String>) -> Result<Option<Dura
     }
     match env("OTEL_METRIC_EXPORT_INTERVAL").filter(|v| !v.trim().is_empty()) {
         None => Ok(Some(DEFAULT_INTERVAL)),
-        Some(ms) => match ms.trim().parse::<u64>() {
-            Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
-            _ => Err(format!("OTEL_METRIC_EXPORT_INTERVAL `{ms}` must be a positive number of milliseconds")),
-        },
+        Some(ms) => super::export::millis("OTEL_METRIC_EXPORT_INTERVAL", &ms).map(Some),
     }
 }
 
@@ -290,5 +287,8 @@ mod tests {
         let disabled = env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_SDK_DISABLED", "true")]);
         assert_eq!(push_interval(disabled), Ok(None), "OTEL_SDK_DISABLED=true: no push");
         assert!(push_interval(env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "0")])).is_err());
+        // Past a day: an error naming the variable.
+        let huge = env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "18446744073709551615")]);
+        assert!(push_interval(huge).unwrap_err().contains("OTEL_METRIC_EXPORT_INTERVAL"));
     }
 }

@@ -7,6 +7,10 @@ use std::time::Duration;
 use super::export::{export_with_retries, Exporter, Settings};
 use super::Metrics;
 
+/// The most spans a queue or a batch may hold (a queue takes memory as spans wait in it, and
+/// tokio refuses a channel past `usize::MAX >> 3`).
+pub const MAX_SPANS: usize = 1 << 20;
+
 /// How finished spans are batched: the OpenTelemetry SDK's batch span processor settings
 /// (`OTEL_BSP_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,25 +36,28 @@ impl Default for Batching {
 
 impl Batching {
     /// From the environment, `queue` (a command-line flag) over `OTEL_BSP_MAX_QUEUE_SIZE`. A
-    /// value that is not a positive integer, or a batch larger than the queue, is the error.
+    /// value out of range (sizes 1 to [`MAX_SPANS`], a delay of 1 ms to a day), or a batch larger
+    /// than the queue, is the error.
     pub fn from_env(queue: Option<usize>, env: impl Fn(&str) -> Option<String>) -> Result<Batching, String> {
         let d = Batching::default();
-        let read = |var: &str, default: u64| -> Result<u64, String> {
-            match env(var).filter(|v| !v.trim().is_empty()) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(n),
-                    _ => Err(format!("{var} `{v}` must be a positive integer")),
-                },
-            }
+        let set = |var: &str| env(var).filter(|v| !v.trim().is_empty());
+        let count = |var: &str, v: &str| match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_SPANS).contains(&n) => Ok(n),
+            _ => Err(format!("{var} `{v}` must be a number of spans from 1 to {MAX_SPANS}")),
         };
-        let delay = Duration::from_millis(read("OTEL_BSP_SCHEDULE_DELAY", d.delay.as_millis() as u64)?);
-        let queue = match queue {
-            Some(0) => return Err("--span-queue must be at least 1".to_owned()),
-            Some(n) => n,
-            None => read("OTEL_BSP_MAX_QUEUE_SIZE", d.queue as u64)? as usize,
+        let delay = match set("OTEL_BSP_SCHEDULE_DELAY") {
+            Some(v) => super::export::millis("OTEL_BSP_SCHEDULE_DELAY", &v)?,
+            None => d.delay,
         };
-        let batch = read("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.batch.min(queue) as u64)? as usize;
+        let queue = match (queue, set("OTEL_BSP_MAX_QUEUE_SIZE")) {
+            (Some(n), _) => count("--span-queue", &n.to_string())?,
+            (None, Some(v)) => count("OTEL_BSP_MAX_QUEUE_SIZE", &v)?,
+            (None, None) => d.queue,
+        };
+        let batch = match set("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") {
+            Some(v) => count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", &v)?,
+            None => d.batch.min(queue),
+        };
         if batch > queue {
             return Err(format!(
                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must not exceed the span queue ({queue}: --span-queue or OTEL_BSP_MAX_QUEUE_SIZE)"
@@ -245,6 +252,18 @@ mod tests {
             let e = from(None, &[(var, v)]).unwrap_err();
             assert!(e.contains(var) && e.contains(v), "{e}");
         }
+        // Out of range: errors naming the variable (a queue past tokio's channel limit panicked
+        // at start before).
+        for (var, v) in [
+            ("OTEL_BSP_SCHEDULE_DELAY", "18446744073709551615"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "86400001"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "18446744073709551615"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1048577"),
+        ] {
+            let e = from(None, &[(var, v)]).unwrap_err();
+            assert!(e.contains(var) && e.contains(v), "{e}");
+        }
+        assert!(from(Some(usize::MAX), &[]).unwrap_err().contains("--span-queue"));
         let e = from(Some(8), &[("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "9")]).unwrap_err();
         assert!(e.contains("must not exceed the span queue (8"), "{e}");
         assert!(from(Some(0), &[]).unwrap_err().contains("--span-queue"));
