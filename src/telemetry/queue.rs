@@ -248,13 +248,7 @@ mod tests {
             ("OTEL_BSP_SCHEDULE_DELAY", "0"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "-1"),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "many"),
-        ] {
-            let e = from(None, &[(var, v)]).unwrap_err();
-            assert!(e.contains(var) && e.contains(v), "{e}");
-        }
-        // Out of range: errors naming the variable (a queue past tokio's channel limit panicked
-        // at start before).
-        for (var, v) in [
+            // Out of range (a queue past tokio's channel limit panicked at start before).
             ("OTEL_BSP_SCHEDULE_DELAY", "18446744073709551615"),
             ("OTEL_BSP_SCHEDULE_DELAY", "86400001"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "18446744073709551615"),
