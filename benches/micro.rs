@@ -470,6 +470,7 @@ fn budget(c: &mut Criterion) {
         fail_closed: false,
         refuse_unmetered: true,
         invalid: None,
+        metrics: Default::default(),
     });
     let body = br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Say hello in five words."}]}"#;
     let mut g = c.benchmark_group("budget");

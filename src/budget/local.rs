@@ -4,9 +4,8 @@
 //! key first appears in a window); each limit is checked and taken with a compare-and-swap, and
 //! the dimensions already taken are given back when a later one does not fit.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +18,7 @@ use super::{Amounts, Claim, Limited, DIMENSIONS};
 #[derive(Debug)]
 pub struct Counter {
     budget: Arc<str>,
-    key: Box<str>,
+    key: Arc<str>,
     window_start: i64,
     window_end: i64,
     used: [AtomicI64; 4],
@@ -70,16 +69,34 @@ impl Counter {
     }
 }
 
-/// Counters by a hash of (budget, key, window start).
+/// Counters by a hash of (budget, key, window start), keyed at random per process (keys may be
+/// chosen by agents); the map takes that hash as it is instead of hashing it again.
 #[derive(Default)]
 pub struct Local {
-    counters: ArcSwap<HashMap<u64, Vec<Arc<Counter>>>>,
+    counters: ArcSwap<Slots>,
+    hasher: RandomState,
 }
 
-fn slot(c: &Claim) -> u64 {
-    let mut h = DefaultHasher::new();
-    (&*c.budget.name, &*c.key, c.window_start).hash(&mut h);
-    h.finish()
+type Slots = HashMap<u64, Vec<Arc<Counter>>, BuildHasherDefault<Prehashed>>;
+
+/// The hasher of a map whose keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 impl Local {
@@ -123,14 +140,14 @@ impl Local {
     /// The counter of `c`'s budget, key and window, made on first use (sweeping out windows
     /// that have ended).
     fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
-        let slot = slot(c);
+        let slot = self.hasher.hash_one((&*c.budget.name, &*c.key, c.window_start));
         if let Some(found) = self.counters.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
             return found.clone();
         }
         let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let mut made = None;
         self.counters.rcu(|map| {
-            let mut map: HashMap<u64, Vec<Arc<Counter>>> = map
+            let mut map: Slots = map
                 .iter()
                 .map(|(k, v)| (*k, v.iter().filter(|c| c.window_end > now_s).cloned().collect::<Vec<_>>()))
                 .filter(|(_, v)| !v.is_empty())

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -17,6 +17,23 @@ pub struct BudgetMetrics {
     pub unmetered: AtomicU64,
     pub reserved_tokens: AtomicU64,
     pub settled_tokens: AtomicU64,
+}
+
+/// A budget's metrics, found in the [`Registry`] on first use and kept: the request path then
+/// hashes no name and loads no map. A clone starts empty (its copy may be renamed).
+#[derive(Default)]
+pub struct Cached(OnceLock<Arc<BudgetMetrics>>);
+
+impl Clone for Cached {
+    fn clone(&self) -> Cached {
+        Cached::default()
+    }
+}
+
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Cached" } else { "Cached(empty)" })
+    }
 }
 
 /// Per-budget metrics, by budget name (bounded by configuration).
@@ -42,6 +59,12 @@ impl Registry {
             map
         });
         made.expect("rcu ran")
+    }
+
+    /// The metrics of `budget`, through its cache: one registry per process, so the first
+    /// registry asked is the one kept.
+    pub fn of_budget<'a>(&self, budget: &'a super::Budget) -> &'a BudgetMetrics {
+        budget.metrics.0.get_or_init(|| self.of(&budget.name))
     }
 
     /// `f` on the metrics of `budget` (made on first use), borrowed: no reference count is

@@ -29,7 +29,7 @@ mod metrics;
 pub mod redis;
 
 pub use demand::Demand;
-pub use metrics::{BudgetMetrics, Registry};
+pub use metrics::{BudgetMetrics, Cached, Registry};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,6 +71,8 @@ pub struct Budget {
     /// The TokenBudget is invalid and left out of the configuration: its requests are refused
     /// (503) until it is fixed, rather than run without the limit. Why, for the answer.
     pub invalid: Option<Arc<str>>,
+    /// Its metrics, once counted ([`Registry::of_budget`]).
+    pub metrics: Cached,
 }
 
 /// Whose use a budget counts.
@@ -153,7 +155,7 @@ impl Budget {
     }
 
     /// This budget's claim on `demand` under counter `key`, in the window containing `now`.
-    pub fn claim(self: &Arc<Self>, key: Box<str>, demand: &Demand, now: SystemTime) -> Claim {
+    pub fn claim(self: &Arc<Self>, key: Arc<str>, demand: &Demand, now: SystemTime) -> Claim {
         let (window_start, window_end) = window_bounds(self.window, now);
         let weight = self.weight_of(demand);
         Claim { budget: self.clone(), key, window_start, window_end, reserved: self.reserve_amounts(demand), weight }
@@ -223,7 +225,7 @@ pub fn window_bounds(window: BudgetWindow, now: SystemTime) -> (i64, i64) {
 pub struct Claim {
     pub budget: Arc<Budget>,
     /// The counter key (tenant, agent …), as given to the store.
-    pub key: Box<str>,
+    pub key: Arc<str>,
     pub window_start: i64,
     pub window_end: i64,
     pub reserved: Amounts,
@@ -313,41 +315,47 @@ impl Held {
 
     /// Settles every claim to what the call used, per `observed`; releases the rest.
     pub fn settle(mut self, observed: Observed) {
-        let deltas: Vec<Amounts> = self
-            .claims
-            .iter()
-            .map(|c| {
-                let w = c.weight;
-                let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
-                let (input, output) = match observed {
-                    Observed::Ended { success: false, input: None, output: None } => (0, 0),
-                    Observed::Ended { input: None, output: None, .. } => (c.reserved[1], c.reserved[2]),
-                    Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
-                    Observed::Aborted { input, output, response_bytes } => {
-                        (count(input, c.reserved[1]), count(output, c.reserved[2].min(weighted(response_bytes, w))))
-                    }
-                };
-                let used = [1, input, output, input + output];
-                std::array::from_fn(|d| used[d] - c.reserved[d])
-            })
-            .collect();
-        for (c, d) in self.claims.iter().zip(&deltas) {
-            let settled = (c.reserved[3] + d[3]).max(0) as u64;
-            self.engine.metrics.with(&c.budget.name, |m| m.settled_tokens.fetch_add(settled, Ordering::Relaxed));
+        for c in &self.claims {
+            let settled = c.used(observed)[3].max(0) as u64;
+            self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
         }
-        self.apply(deltas);
+        self.apply(|c| {
+            let used = c.used(observed);
+            std::array::from_fn(|d| used[d] - c.reserved[d])
+        });
     }
 
-    fn apply(&mut self, deltas: Vec<Amounts>) {
+    /// Adds `delta` of each claim to its counter (negative: gives back).
+    fn apply(&mut self, delta: impl Fn(&Claim) -> Amounts) {
         match std::mem::replace(&mut self.on, HeldIn::Nothing) {
             HeldIn::Local(counters) => {
-                for (counter, d) in counters.iter().zip(&deltas) {
-                    counter.add(d);
+                for (counter, c) in counters.iter().zip(&self.claims) {
+                    counter.add(&delta(c));
                 }
             }
-            HeldIn::Redis(store) => store.settle(&self.claims, deltas, Settling::new(&self.engine)),
+            HeldIn::Redis(store) => {
+                let deltas = self.claims.iter().map(delta).collect();
+                store.settle(&self.claims, deltas, Settling::new(&self.engine))
+            }
             HeldIn::Nothing => {}
         }
+    }
+}
+
+impl Claim {
+    /// What the call counts as in this claim's budget, per `observed`.
+    fn used(&self, observed: Observed) -> Amounts {
+        let (w, reserved) = (self.weight, &self.reserved);
+        let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
+        let (input, output) = match observed {
+            Observed::Ended { success: false, input: None, output: None } => (0, 0),
+            Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
+            Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
+            Observed::Aborted { input, output, response_bytes } => {
+                (count(input, reserved[1]), count(output, reserved[2].min(weighted(response_bytes, w))))
+            }
+        };
+        [1, input, output, input + output]
     }
 }
 
@@ -355,8 +363,7 @@ impl Drop for Held {
     /// Never settled: the request was refused or abandoned before it was forwarded.
     fn drop(&mut self) {
         if !matches!(self.on, HeldIn::Nothing) {
-            let deltas = self.claims.iter().map(|c| c.reserved.map(|a| -a)).collect();
-            self.apply(deltas);
+            self.apply(|c| c.reserved.map(|a| -a));
         }
     }
 }
@@ -485,11 +492,10 @@ impl Engine {
         match &admit {
             Admit::Held(h, _) => {
                 for c in &h.claims {
-                    self.metrics.with(&c.budget.name, |m| {
-                        inc(&m.admitted);
-                        // Only what was taken: a refusal reserves nothing.
-                        m.reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
-                    });
+                    let m = self.metrics.of_budget(&c.budget);
+                    inc(&m.admitted);
+                    // Only what was taken: a refusal reserves nothing.
+                    m.reserved_tokens.fetch_add(c.reserved[3] as u64, Ordering::Relaxed);
                 }
             }
             Admit::Limited(l) => self.inc(&l.budget, |m| &m.limited),
@@ -500,7 +506,7 @@ impl Engine {
             }
             Admit::AdmittedUncounted(h) => {
                 for c in &h.claims {
-                    self.inc(&c.budget.name, |m| &m.store_unavailable_admitted);
+                    inc(&self.metrics.of_budget(&c.budget).store_unavailable_admitted);
                 }
             }
             Admit::Invalid { budget, .. } => self.inc(budget, |m| &m.invalid),

@@ -172,8 +172,10 @@ impl RedisStore {
     /// store could not answer.
     pub async fn reserve(&self, claims: &[Claim], now: SystemTime) -> Result<Result<Option<i64>, Limited>, StoreDown> {
         let mut conn = self.available()?;
-        let script = ::redis::Script::new(RESERVE);
-        let mut inv = script.prepare_invoke();
+        // Its SHA-1 computed once, not per request.
+        static SCRIPT: std::sync::LazyLock<::redis::Script> =
+            std::sync::LazyLock::new(|| ::redis::Script::new(RESERVE));
+        let mut inv = SCRIPT.prepare_invoke();
         for c in claims {
             inv.key(counter_key(c));
             inv.arg(c.window_end + EXPIRE_AFTER_WINDOW_SECS);

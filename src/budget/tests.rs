@@ -20,6 +20,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
         fail_closed: false,
         refuse_unmetered: true,
         invalid: None,
+        metrics: Default::default(),
     })
 }
 
@@ -365,4 +366,27 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     };
     drop(h);
     assert_eq!(engine.local.used("default/team", "dropped", start), Some([0, 0, 0, 0]));
+}
+
+#[test]
+fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
+    let registry = Arc::new(Registry::default());
+    let engine = Arc::new(Engine::new(registry.clone()));
+    let now = at(1_796_174_941);
+    let team = budget([None, None, None, Some(10_000)]);
+    let admit = |b: &Arc<Budget>| match engine.reserve(None, vec![claim(b, "t", [1, 5, 0, 5], now)], now) {
+        Reserve::Now(Admit::Held(h, _)) => h.settle(Observed::Ended { success: true, input: Some(3), output: Some(1) }),
+        _ => panic!("admitted"),
+    };
+    admit(&team);
+    // Copied after its metrics were found: the copy must not count into the original's.
+    let other = Arc::new(Budget { name: "default/other".into(), ..(*team).clone() });
+    admit(&other);
+    admit(&other);
+    let counts = |name: &str| {
+        let m = registry.of(&Arc::from(name));
+        [&m.admitted, &m.reserved_tokens, &m.settled_tokens].map(|a| a.load(Ordering::Relaxed))
+    };
+    assert_eq!(counts("default/team"), [1, 5, 4]);
+    assert_eq!(counts("default/other"), [2, 10, 8]);
 }

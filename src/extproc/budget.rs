@@ -24,7 +24,7 @@ pub struct Budgeted {
     snapshot: Arc<Snapshot>,
     budgets: Arc<[Arc<Budget>]>,
     /// The counter key of each budget, in order.
-    keys: Vec<Box<str>>,
+    keys: Vec<Arc<str>>,
     /// The model named in the path (Gemini, Bedrock): the provider ignores the body's.
     path_model: Option<String>,
     /// The request creates something that spends tokens out of keyswap's sight (the provider
@@ -61,7 +61,7 @@ impl Budgeted {
         if entry.budgets.is_empty() {
             return None;
         }
-        let keys = entry.budgets.iter().map(|b| Box::from(b.key.value(identity, &entry.route))).collect();
+        let keys = entry.budgets.iter().map(|b| Arc::from(b.key.value(identity, &entry.route))).collect();
         Some(Box::new(Budgeted {
             budgets: entry.budgets.clone(),
             keys,
@@ -277,8 +277,10 @@ impl Budgeted {
             return;
         }
         self.response_bytes += chunk.len() as u64;
-        if let Some(p) = &mut self.parser {
-            p.feed(chunk);
+        match &mut self.parser {
+            Some(p) if end => p.feed_last(chunk),
+            Some(p) => p.feed(chunk),
+            None => {}
         }
         if end {
             self.settle(true);

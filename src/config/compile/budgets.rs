@@ -172,5 +172,6 @@ fn compile(key: &Key, s: &TokenBudgetSpec) -> Budget {
         fail_closed: s.on_store_unavailable == crate::api::StoreFailure::FailClosed,
         refuse_unmetered: s.unmetered_requests == crate::api::UnmeteredRequests::Refuse,
         invalid: None,
+        metrics: Default::default(),
     }
 }

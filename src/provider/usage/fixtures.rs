@@ -113,6 +113,17 @@ pub(super) fn parse_chunks<'a>(
     parser.finish()
 }
 
+/// As [`parse_chunks`], the last chunk given as the last ([`UsageParser::feed_last`]).
+pub(super) fn parse_chunks_ending(format: Format, content_type: &str, chunks: &[&[u8]]) -> ResponseInfo {
+    let mut parser = UsageParser::new(format, content_type);
+    let (last, before) = chunks.split_last().expect("a last chunk");
+    for chunk in before {
+        parser.feed(chunk);
+    }
+    parser.feed_last(last);
+    parser.finish()
+}
+
 pub(super) fn parse(format: Format, content_type: &str, body: &str) -> ResponseInfo {
     parse_chunks(format, content_type, [body.as_bytes()])
 }

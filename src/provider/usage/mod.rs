@@ -153,6 +153,22 @@ impl UsageParser {
         }
     }
 
+    /// Takes the last chunk of the body. A JSON body that is all in this chunk (a short answer,
+    /// in one message) is parsed where it lies instead of being copied first.
+    pub fn feed_last(&mut self, chunk: &[u8]) {
+        match &mut self.body {
+            Body::Json(json) if !json.dirty && !json.closed && json.buf.is_empty() && chunk.len() <= MAX_JSON_BYTES => {
+                self.info = ResponseInfo::default();
+                if let Some(parsed) = answer::parse(chunk) {
+                    apply_body(self.format, &parsed, &mut self.info);
+                }
+                // Read for good: anything fed after the last chunk would be read without it.
+                json.closed = true;
+            }
+            _ => self.feed(chunk),
+        }
+    }
+
     /// Everything learned so far. Meant for after the last chunk, but may be called mid-stream
     /// (and more than once): an event stream reports the events completed so far, a JSON body what
     /// parses of it (nothing until it is complete).
@@ -170,7 +186,7 @@ impl UsageParser {
             if json.dirty {
                 json.dirty = false;
                 self.info = ResponseInfo::default();
-                if !json.overflowed {
+                if !json.closed {
                     if let Some(parsed) = answer::parse(&json.buf) {
                         apply_body(self.format, &parsed, &mut self.info);
                     }
@@ -240,20 +256,21 @@ fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) -> bool {
 #[derive(Default)]
 struct JsonBody {
     buf: Vec<u8>,
-    /// The body outgrew [`MAX_JSON_BYTES`]: the buffer was dropped and nothing more is kept.
-    overflowed: bool,
+    /// Nothing more is kept: the body outgrew [`MAX_JSON_BYTES`] (the buffer was dropped), or it
+    /// was read whole from its last chunk ([`UsageParser::feed_last`]).
+    closed: bool,
     /// Bytes arrived (or the buffer overflowed) since `finish` last parsed.
     dirty: bool,
 }
 
 impl JsonBody {
     fn feed(&mut self, chunk: &[u8]) {
-        if self.overflowed || chunk.is_empty() {
+        if self.closed || chunk.is_empty() {
             return;
         }
         self.dirty = true;
         if !push_bounded(&mut self.buf, chunk, MAX_JSON_BYTES) {
-            self.overflowed = true;
+            self.closed = true;
             self.buf = Vec::new();
         }
     }

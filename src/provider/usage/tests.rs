@@ -3,8 +3,8 @@
 //! its parser (`openai_tests.rs`, ...).
 
 use super::fixtures::{
-    fixtures, google_sse, info, parse, parse_chunks, usage, ANTHROPIC_JSON, ANTHROPIC_SSE, ANTHROPIC_SSE_UNTYPED,
-    GOOGLE_SSE_LF, JSON, OPENAI_CHAT_SSE, SSE, SSE_FRAMING,
+    fixtures, google_sse, info, parse, parse_chunks, parse_chunks_ending, usage, ANTHROPIC_JSON, ANTHROPIC_SSE,
+    ANTHROPIC_SSE_UNTYPED, GOOGLE_SSE_LF, JSON, OPENAI_CHAT_SSE, SSE, SSE_FRAMING,
 };
 use super::*;
 
@@ -70,6 +70,26 @@ fn every_body_gives_the_same_result_whatever_the_chunk_boundaries() {
         for split in 0..=body.len() {
             let (a, b) = body.split_at(split);
             assert_eq!(parse_chunks(format, content_type, [a, b]), whole, "{format:?} split at {split}");
+            assert_eq!(
+                parse_chunks_ending(format, content_type, &[a, b]),
+                whole,
+                "{format:?} split at {split}, b last"
+            );
+        }
+        // The whole body as the last chunk (read where it lies), or an empty last chunk.
+        assert_eq!(parse_chunks_ending(format, content_type, &[body]), whole, "{format:?} whole as the last");
+        assert_eq!(parse_chunks_ending(format, content_type, &[body, b""]), whole, "{format:?} empty last");
+        if content_type == JSON {
+            let mut parser = UsageParser::new(format, content_type);
+            parser.feed_last(body);
+            for more in [&b"{}"[..], b"garbage", body] {
+                parser.feed(more);
+                assert_eq!(
+                    parser.finish(),
+                    whole,
+                    "{format:?}: a JSON body's bytes after its last chunk change nothing"
+                );
+            }
         }
         assert_eq!(parse_chunks(format, content_type, body.chunks(1)), whole, "{format:?} byte by byte");
         for size in [2, 3, 7, 64] {
@@ -172,6 +192,11 @@ fn json_over_the_cap_stays_bounded_and_reports_nothing() {
     }
     assert_eq!(parser.buffered_len(), 0, "the buffer is released once over the cap");
     assert_eq!(parser.finish(), ResponseInfo::default());
+    assert_eq!(
+        parse_chunks_ending(Format::OpenAi, JSON, &[body.as_bytes()]),
+        ResponseInfo::default(),
+        "in one last chunk"
+    );
 }
 
 #[test]
@@ -186,6 +211,8 @@ fn json_exactly_at_the_cap_is_read() {
     }
     assert!(parser.buffered_capacity() <= MAX_JSON_BYTES);
     assert_eq!(parser.finish(), info(Some("gpt-4o"), usage(Some(1), Some(2), None, None)));
+    let last = parse_chunks_ending(Format::OpenAi, JSON, &[body.as_bytes()]);
+    assert_eq!(last, info(Some("gpt-4o"), usage(Some(1), Some(2), None, None)), "in one last chunk");
 }
 
 // ---- Garbage.
