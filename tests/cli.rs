@@ -122,6 +122,32 @@ fn explain_shows_route_policy_and_target_or_the_denial() {
     assert!(out.contains("pass through untouched (no route; allowed by allow-list)"), "{out}");
 }
 
+/// An agent that cannot send TRACE sends POST with `X-HTTP-Method-Override: TRACE`; `explain`
+/// judges the request as keyswap does on the wire.
+#[test]
+fn explain_judges_a_method_override_header_like_the_method_it_names() {
+    let dir = config_dir();
+    let d = dir.path().to_str().unwrap();
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["explain", "-c", d, "--host", "api.openai.com", "--path", "/v1/chat/completions"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = keyswap(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    for refused in
+        [&["--method-override", "TRACE"][..], &["--method-override", " trace "], &["--method-override", "GET, TRACE"]]
+    {
+        let out = explain(refused);
+        assert!(out.contains("decision: 405 method_not_allowed"), "{refused:?}: {out}");
+        assert!(out.contains("with a method-override header"), "{refused:?}: {out}");
+    }
+    let out = explain(&["--method-override", "GET", "--method-override", "TRACE"]);
+    assert!(out.contains("decision: 405"), "every override counts: {out}");
+    let out = explain(&["--method", "POST", "--method-override", "patch"]);
+    assert!(out.contains("decision: inject"), "an allowed override changes nothing: {out}");
+}
+
 /// `explain` says which deciding filter Envoy runs for the host and what it sends keyswap: the
 /// per-request phases without tracing, the fixed ones with tracing on from the environment.
 #[test]

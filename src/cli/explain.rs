@@ -22,6 +22,12 @@ pub struct ExplainArgs {
     /// Request method. Routes do not match on it, but methods no provider uses (TRACE, …) are refused.
     #[arg(long, default_value = "POST")]
     pub method: String,
+    /// The value of a method-override header the request carries (`X-HTTP-Method-Override`,
+    /// `X-HTTP-Method` or `X-Method-Override`; repeatable). keyswap judges the request by every
+    /// method it may stand for, as it does on the wire: `--method POST --method-override TRACE`
+    /// is refused like TRACE.
+    #[arg(long, value_name = "METHOD")]
+    pub method_override: Vec<String>,
     /// An agent token (gateways with `spec.agentAuth`): shows which validator admits it and which
     /// tenant's key would be used. Prefer the environment variable to keep it out of shell history.
     #[arg(long, env = "KEYSWAP_AGENT_TOKEN", hide_env_values = true)]
@@ -36,6 +42,9 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     };
     let path_only = args.path.split_once('?').map_or(args.path.as_str(), |(p, _)| p);
     println!("request: {} https://{}{path_only}", args.method, args.host);
+    for m in &args.method_override {
+        println!("  with a method-override header: {m:?}");
+    }
     println!("gateway: {} (defaultPolicy: {})", snap.gateway, snap.default_policy.as_str());
     let mut identity = None;
     if let Some(chain) = &snap.agent_auth {
@@ -45,9 +54,10 @@ pub(super) fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let tenant = identity.as_ref().and_then(|i: &crate::auth::Identity| i.tenant.as_deref().map(str::to_owned));
-    let decision = match crate::target::check_method(&args.method) {
+    let overrides = args.method_override.iter().map(|m| m.as_bytes());
+    let decision = match crate::target::check_methods(&args.method, overrides) {
         Err(r) => Decision::Refused(r),
-        Ok(()) => snap.decide(&args.host, &args.path, tenant.as_deref()),
+        Ok(_) => snap.decide(&args.host, &args.path, tenant.as_deref()),
     };
     print_decision(&args, &snap, path_only, tenant.as_deref(), &decision);
     if let Decision::Inject { entry, .. } = decision {
