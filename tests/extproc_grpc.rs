@@ -619,3 +619,57 @@ async fn bodies_a_fixed_route_sends_that_a_request_does_not_read_pass_untouched(
     }
     assert_eq!(Metrics::get(&s.shared.metrics.protocol_errors), 0);
 }
+
+/// A response whose body never reached keyswap's observing filter (the agent hung up between the
+/// response headers and the body, say) leaves the deciding stream's state parked. Stopping keyswap
+/// ends it as cut off: its token reservation is settled and the outcome counted, rather than the
+/// state dropped with the sweeper (a Redis reservation would then stay counted all window).
+#[tokio::test]
+async fn state_parked_for_an_observing_stream_that_never_came_is_settled_at_shutdown() {
+    use tokio_stream::StreamExt;
+    let dir = config_dir();
+    let budget =
+        "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: anthropic-tokens}\nspec:\n  \
+                  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 1000000}\n";
+    std::fs::write(dir.path().join("budget.yaml"), budget).unwrap();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
+    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(shared.clone(), vec![bound], None, async {
+        let _ = stop_rx.await;
+    }));
+
+    // The deciding stream of a route Envoy's observing filter runs on: request, its body (the
+    // reservation), response headers (the hand-off); then it ends, and no observing stream comes.
+    let body = br#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#;
+    let msgs = vec![
+        grpc::headers(&req("api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)])),
+        grpc::body(body),
+        grpc::response_headers(&[(":status", "200"), ("content-type", "application/json")]),
+    ];
+    let mut request = tonic::Request::new(tokio_stream::iter(msgs));
+    request.metadata_mut().insert(keyswap::vocab::OBSERVED_METADATA, "1".parse().unwrap());
+    let mut c = grpc::connect(addr).await;
+    let answers: Vec<_> = c.process(request).await.expect("stream accepted").into_inner().collect().await;
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    drop(c);
+
+    let m = &shared.metrics;
+    let budget = m.budgets.of(&Arc::from("default/anthropic-tokens"));
+    let settled = || budget.settled_tokens.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(shared.handoffs.len(), 1, "the response's state is parked for the observing stream");
+    assert_eq!(budget.admitted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!((settled(), Metrics::get(&m.observed_never_arrived)), (0, 0), "nothing settled while parked");
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), server).await.expect("stopped").unwrap().unwrap();
+    assert_eq!(shared.handoffs.len(), 0, "parked state ended at shutdown");
+    assert_eq!(Metrics::get(&m.observed_never_arrived), 1);
+    // Cut off before any response byte: the input counts as reserved (the provider may have read
+    // the prompt), the output as nothing.
+    assert_eq!(settled(), body.len() as u64, "settled as cut off");
+}
