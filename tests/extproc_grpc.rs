@@ -298,18 +298,27 @@ impl tonic::codec::Decoder for RawCodec {
     }
 }
 
-#[tokio::test]
-async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
-    let dir = config_dir();
+/// keyswap's service on loopback over the configuration in `dir`, until the sender is used.
+async fn serve_until_stopped(
+    dir: &tempfile::TempDir,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>, Arc<Shared>)
+{
     let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
     let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
     let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let Bound::Tcp(l) = &bound else { unreachable!() };
     let addr = l.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(shared, vec![bound], None, async {
+    let server = tokio::spawn(server::run(shared.clone(), vec![bound], None, async {
         let _ = stop_rx.await;
     }));
+    (addr, stop_tx, server, shared)
+}
+
+#[tokio::test]
+async fn health_reports_serving_and_shutdown_lets_in_flight_streams_finish() {
+    let dir = config_dir();
+    let (addr, stop_tx, server, _) = serve_until_stopped(&dir).await;
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -632,15 +641,7 @@ async fn state_parked_for_an_observing_stream_that_never_came_is_settled_at_shut
         "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: anthropic-tokens}\nspec:\n  \
                   parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 1000000}\n";
     std::fs::write(dir.path().join("budget.yaml"), budget).unwrap();
-    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
-    let shared = Arc::new(Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), Arc::default()));
-    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Bound::Tcp(l) = &bound else { unreachable!() };
-    let addr = l.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(shared.clone(), vec![bound], None, async {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop_tx, server, shared) = serve_until_stopped(&dir).await;
 
     // The deciding stream of a route Envoy's observing filter runs on: request, its body (the
     // reservation), response headers (the hand-off); then it ends, and no observing stream comes.
