@@ -390,3 +390,39 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     assert_eq!(counts("default/team"), [1, 5, 4]);
     assert_eq!(counts("default/other"), [2, 10, 8]);
 }
+
+/// An agent that can choose its counter key (a label, a tenant or agent name it mints) cannot
+/// make two keys share a counter, whatever their bytes: thousands of keys, keys that are
+/// prefixes of each other, and a budget name and key that concatenate to another pair's.
+#[test]
+fn chosen_counter_keys_never_share_a_counter() {
+    let engine = Arc::new(Engine::new(Default::default()));
+    let now = at(1_796_174_941);
+    let start = window_bounds(BudgetWindow::Day, now).0;
+    let b = budget([None, None, None, Some(1_000_000)]);
+    let mut keys: Vec<String> = (0..2_000).map(|i| format!("agent-{i}")).collect();
+    keys.extend(["", "a", "aa", "a\u{0}", "a\u{ff}", "\u{ff}a"].map(String::from));
+    for (i, key) in keys.iter().enumerate() {
+        let n = i as i64 + 1;
+        let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, key, [1, n, 0, n], now)], now) else {
+            panic!("admitted")
+        };
+        h.settle(Observed::Ended { success: true, input: Some(n as u64), output: Some(0) });
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let n = i as i64 + 1;
+        assert_eq!(engine.local.used("default/team", key, start), Some([1, n, 0, n]), "key {key:?}");
+    }
+    // ("default/team", "x") against ("default/tea", "mx"): the same bytes end to end.
+    let other = Arc::new(Budget { name: "default/tea".into(), ..(*b).clone() });
+    let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&other, "mx", [1, 7, 0, 7], now)], now)
+    else {
+        panic!("admitted")
+    };
+    drop(h);
+    let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, "x", [1, 5, 0, 5], now)], now) else {
+        panic!("admitted")
+    };
+    assert_eq!(engine.local.used("default/team", "x", start), Some([1, 5, 0, 5]));
+    drop(h);
+}
