@@ -158,10 +158,7 @@ impl UsageParser {
     pub fn feed_last(&mut self, chunk: &[u8]) {
         match &mut self.body {
             Body::Json(json) if !json.dirty && !json.closed && json.buf.is_empty() && chunk.len() <= MAX_JSON_BYTES => {
-                self.info = ResponseInfo::default();
-                if let Some(parsed) = answer::parse(chunk) {
-                    apply_body(self.format, &parsed, &mut self.info);
-                }
+                self.info = read_whole(self.format, chunk);
                 // Read for good: anything fed after the last chunk would be read without it.
                 json.closed = true;
             }
@@ -185,12 +182,8 @@ impl UsageParser {
         if let Body::Json(json) = &mut self.body {
             if json.dirty {
                 json.dirty = false;
-                self.info = ResponseInfo::default();
-                if !json.closed {
-                    if let Some(parsed) = answer::parse(&json.buf) {
-                        apply_body(self.format, &parsed, &mut self.info);
-                    }
-                }
+                // Closed here: the buffer overflowed and was dropped.
+                self.info = if json.closed { ResponseInfo::default() } else { read_whole(self.format, &json.buf) };
             }
         }
         &self.info
@@ -352,6 +345,15 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// A complete buffered body.
+/// What a whole JSON body says (nothing when it is not JSON).
+fn read_whole(format: Format, body: &[u8]) -> ResponseInfo {
+    let mut info = ResponseInfo::default();
+    if let Some(parsed) = answer::parse(body) {
+        apply_body(format, &parsed, &mut info);
+    }
+    info
+}
+
 fn apply_body(format: Format, parsed: &Parsed<'_>, info: &mut ResponseInfo) {
     match (format, parsed) {
         (Format::OpenAi, Parsed::One(a)) => openai::apply_body(a, info),
