@@ -344,7 +344,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-/// A complete buffered body.
 /// What a whole JSON body says (nothing when it is not JSON).
 fn read_whole(format: Format, body: &[u8]) -> ResponseInfo {
     let mut info = ResponseInfo::default();
