@@ -58,22 +58,22 @@ const COUNTS: usize = Field::CacheWriteInputTokensCamel as usize + 1;
 
 impl Field {
     /// The count a usage object's member `name` holds (the details objects are read apart).
-    fn named(name: &str) -> Option<Field> {
+    fn named(name: &[u8]) -> Option<Field> {
         Some(match name {
-            "prompt_tokens" => Field::PromptTokens,
-            "completion_tokens" => Field::CompletionTokens,
-            "input_tokens" => Field::InputTokens,
-            "output_tokens" => Field::OutputTokens,
-            "cache_read_input_tokens" => Field::CacheReadInputTokens,
-            "cache_creation_input_tokens" => Field::CacheCreationInputTokens,
-            "promptTokenCount" => Field::PromptTokenCount,
-            "candidatesTokenCount" => Field::CandidatesTokenCount,
-            "thoughtsTokenCount" => Field::ThoughtsTokenCount,
-            "cachedContentTokenCount" => Field::CachedContentTokenCount,
-            "inputTokens" => Field::InputTokensCamel,
-            "outputTokens" => Field::OutputTokensCamel,
-            "cacheReadInputTokens" => Field::CacheReadInputTokensCamel,
-            "cacheWriteInputTokens" => Field::CacheWriteInputTokensCamel,
+            b"prompt_tokens" => Field::PromptTokens,
+            b"completion_tokens" => Field::CompletionTokens,
+            b"input_tokens" => Field::InputTokens,
+            b"output_tokens" => Field::OutputTokens,
+            b"cache_read_input_tokens" => Field::CacheReadInputTokens,
+            b"cache_creation_input_tokens" => Field::CacheCreationInputTokens,
+            b"promptTokenCount" => Field::PromptTokenCount,
+            b"candidatesTokenCount" => Field::CandidatesTokenCount,
+            b"thoughtsTokenCount" => Field::ThoughtsTokenCount,
+            b"cachedContentTokenCount" => Field::CachedContentTokenCount,
+            b"inputTokens" => Field::InputTokensCamel,
+            b"outputTokens" => Field::OutputTokensCamel,
+            b"cacheReadInputTokens" => Field::CacheReadInputTokensCamel,
+            b"cacheWriteInputTokens" => Field::CacheWriteInputTokensCamel,
             _ => return None,
         })
     }
@@ -283,6 +283,30 @@ impl<'de> DeserializeSeed<'de> for Key {
     }
 }
 
+/// A member name of the objects read here, as its bytes: no UTF-8 check (the names wanted are
+/// ASCII; one that is not UTF-8 matches none and its value is skipped, as any unknown member's).
+struct Name;
+
+impl<'de> Visitor<'de> for Name {
+    type Value = Cow<'de, [u8]>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Name {
+    type Value = Cow<'de, [u8]>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_bytes(self)
+    }
+}
+
 /// A count: a non-negative integer (a negative, fractional or quoted number is none).
 struct Uint;
 
@@ -313,8 +337,8 @@ struct Cached(Option<u64>);
 impl<'de> FromMap<'de> for Cached {
     fn from_map<A: MapAccess<'de>>(mut m: A) -> Result<Self, A::Error> {
         let mut cached = None;
-        while let Some(key) = m.next_key_seed(Key)? {
-            if key == "cached_tokens" {
+        while let Some(key) = m.next_key_seed(Name)? {
+            if *key == *b"cached_tokens" {
                 cached = m.next_value_seed(Uint)?;
             } else {
                 m.next_value::<IgnoredAny>()?;
@@ -327,10 +351,10 @@ impl<'de> FromMap<'de> for Cached {
 impl<'de> FromMap<'de> for Counts {
     fn from_map<A: MapAccess<'de>>(mut m: A) -> Result<Self, A::Error> {
         let mut counts = Counts::default();
-        while let Some(key) = m.next_key_seed(Key)? {
+        while let Some(key) = m.next_key_seed(Name)? {
             let details = match &*key {
-                "prompt_tokens_details" => Some(Field::PromptCached),
-                "input_tokens_details" => Some(Field::InputCached),
+                b"prompt_tokens_details" => Some(Field::PromptCached),
+                b"input_tokens_details" => Some(Field::InputCached),
                 _ => None,
             };
             if let Some(slot) = details {
@@ -348,15 +372,15 @@ impl<'de> FromMap<'de> for Counts {
 impl<'de> FromMap<'de> for Answer<'de> {
     fn from_map<A: MapAccess<'de>>(mut m: A) -> Result<Self, A::Error> {
         let mut a = Answer::default();
-        while let Some(key) = m.next_key_seed(Key)? {
+        while let Some(key) = m.next_key_seed(Name)? {
             match &*key {
-                "model" => a.model = m.next_value_seed(Str)?,
-                "modelVersion" => a.model_version = m.next_value_seed(Str)?,
-                "type" => a.kind = m.next_value_seed(Str)?,
-                "usage" => a.usage = m.next_value_seed(Object::seed())?,
-                "usageMetadata" => a.usage_metadata = m.next_value_seed(Object::seed())?,
-                "response" => a.response = m.next_value_seed(Object::seed())?.map(Box::new),
-                "message" => a.message = m.next_value_seed(Object::seed())?.map(Box::new),
+                b"model" => a.model = m.next_value_seed(Str)?,
+                b"modelVersion" => a.model_version = m.next_value_seed(Str)?,
+                b"type" => a.kind = m.next_value_seed(Str)?,
+                b"usage" => a.usage = m.next_value_seed(Object::seed())?,
+                b"usageMetadata" => a.usage_metadata = m.next_value_seed(Object::seed())?,
+                b"response" => a.response = m.next_value_seed(Object::seed())?.map(Box::new),
+                b"message" => a.message = m.next_value_seed(Object::seed())?.map(Box::new),
                 _ => {
                     m.next_value::<IgnoredAny>()?;
                 }

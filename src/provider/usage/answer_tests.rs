@@ -148,7 +148,8 @@ fn a_deeply_nested_body_never_overflows_the_stack() {
 
 /// Members nobody reads are skipped for their structure only: text a provider got wrong there
 /// (a lone surrogate, invalid UTF-8, a number out of range, nesting past serde_json's depth
-/// limit) does not hide the counts beside it.
+/// limit), or a member name nobody reads (a lone surrogate, not UTF-8), does not hide the counts
+/// beside it.
 #[test]
 fn what_is_skipped_is_checked_for_structure_only() {
     let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
@@ -156,6 +157,8 @@ fn what_is_skipped_is_checked_for_structure_only() {
         r#"{"model":"m","usage":{"prompt_tokens":3,"foo":"\ud800"}}"#.to_string(),
         r#"{"model":"m","usage":{"prompt_tokens":3,"foo":1e400}}"#.to_string(),
         format!(r#"{{"model":"m","usage":{{"prompt_tokens":3,"x":{deep}}}}}"#),
+        // Member names nobody reads, beside those read: a lone surrogate, at each level read.
+        r#"{"\udc00":1,"model":"m","usage":{"\ud800":2,"prompt_tokens":3}}"#.to_string(),
     ];
     for body in &bodies {
         let a = one(body);
@@ -167,6 +170,16 @@ fn what_is_skipped_is_checked_for_structure_only() {
     raw[at] = 0xff;
     match parse(&raw) {
         Some(Parsed::One(a)) => assert_eq!(a.usage.unwrap().get(Field::PromptTokens), Some(3)),
+        other => panic!("{other:?}"),
+    }
+    // A member name that is not UTF-8, at each level read.
+    let mut raw = br#"{"N":1,"model":"m","usage":{"N":2,"prompt_tokens":3}}"#.to_vec();
+    raw.iter_mut().filter(|b| **b == b'N').for_each(|b| *b = 0xff);
+    match parse(&raw) {
+        Some(Parsed::One(a)) => {
+            assert_eq!(a.model.as_deref(), Some("m"));
+            assert_eq!(a.usage.unwrap().get(Field::PromptTokens), Some(3));
+        }
         other => panic!("{other:?}"),
     }
     // Still JSON structure: a member cut short, or a bare word, is not.
