@@ -361,6 +361,100 @@ fn every_flag_the_docs_give_a_command_is_in_its_help() {
     assert!(checked > 20, "only {checked} flags found in the docs");
 }
 
+/// Every kind `keyswap crds` defines is named wherever the help lists the kinds keyswap reads,
+/// and every `kubectl get` of keyswap's kinds in the docs names each short name: a new kind
+/// cannot be left out of them.
+#[test]
+fn every_kind_the_crds_define_is_named_in_the_help_and_the_docs_kubectl_lines() {
+    let (code, crds, err) = keyswap(&["crds"]);
+    assert_eq!(code, 0, "{err}");
+    let field = |prefix: &str| -> Vec<String> {
+        let lines: Vec<&str> = crds.lines().collect();
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with(prefix))
+            .map(|(i, l)| {
+                let v = l.trim_start()[prefix.len()..].trim();
+                // `shortNames:` holds a list on the next line.
+                if v.is_empty() {
+                    lines[i + 1].trim().trim_start_matches("- ").to_owned()
+                } else {
+                    v.to_owned()
+                }
+            })
+            .collect()
+    };
+    let kinds: Vec<String> = field("kind: ").into_iter().filter(|k| k != "CustomResourceDefinition").collect();
+    let shorts = field("shortNames:");
+    assert!(kinds.len() >= 4 && shorts.len() == kinds.len(), "kinds {kinds:?}, short names {shorts:?}");
+    let (_, top, _) = keyswap(&["--help"]);
+    let (_, crds_help, _) = keyswap(&["crds", "--help"]);
+    let (_, serve, _) = keyswap(&["serve", "--help"]);
+    let kubernetes_flag = serve.split("  --kubernetes\n").nth(1).and_then(|t| t.split("  --").next()).unwrap_or("");
+    for kind in &kinds {
+        assert!(top.contains(kind.as_str()), "`keyswap --help` does not name {kind}:\n{top}");
+        assert!(crds_help.contains(kind.as_str()), "`keyswap crds --help` does not name {kind}:\n{crds_help}");
+        let plural = format!("{kind}s").replace("Policys", "Policies");
+        assert!(kubernetes_flag.contains(&plural), "`serve --kubernetes` help does not name {plural}:\n{serve}");
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut checked = 0;
+    for e in std::fs::read_dir(format!("{root}/docs")).unwrap() {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for line in text.lines().filter(|l| l.contains("get egw,") || l.contains("watches egw,")) {
+            for short in &shorts {
+                assert!(line.contains(short.as_str()), "{}: `{short}` missing from: {line}", path.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} kubectl lines found in docs/");
+}
+
+/// providers.md and configuration.md list what is stripped from every routed request: each
+/// credential header and query parameter of the one list the code strips by.
+#[test]
+fn the_docs_name_every_credential_header_and_query_parameter_keyswap_strips() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let providers = std::fs::read_to_string(format!("{root}/docs/providers.md")).unwrap();
+    let configuration = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    for h in keyswap::vocab::CREDENTIAL_HEADERS {
+        assert!(providers.contains(&format!("`{h}`")), "docs/providers.md does not name the stripped header `{h}`");
+    }
+    for q in keyswap::vocab::CREDENTIAL_QUERY_PARAMS {
+        for (doc, text) in [("providers", &providers), ("configuration", &configuration)] {
+            assert!(text.contains(&format!("`{q}`")), "docs/{doc}.md does not name the stripped query parameter `{q}`");
+        }
+    }
+}
+
+/// Without --static, `envoy-config` prints the ADS bootstrap, which the listener and cluster
+/// flags do not shape: each one given is named in a warning, and the output is the same.
+#[test]
+fn envoy_config_over_ads_names_every_static_only_flag_it_was_given() {
+    let dir = config_dir();
+    let d = dir.path().to_str().unwrap();
+    let (code, plain, err) = keyswap(&["envoy-config", "--config", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("ADS bootstrap does not use"), "{err}");
+    let given = [
+        ["--upstream", "api.anthropic.com=127.0.0.1:9"].as_slice(),
+        &["--bind", "0.0.0.0"],
+        &["--system-ca", "/nonexistent/ca.pem"],
+        &["--observe-response-bodies"],
+    ];
+    for flag in given {
+        let mut args = vec!["envoy-config", "--config", d];
+        args.extend_from_slice(flag);
+        let (code, out, err) = keyswap(&args);
+        assert_eq!(code, 0, "{flag:?}: {err}");
+        assert_eq!(out, plain, "{flag:?} changed the ADS bootstrap");
+        assert!(err.contains(&format!("{} set, but the ADS bootstrap does not use them", flag[0])), "{flag:?}: {err}");
+    }
+}
+
 #[test]
 fn check_and_explain_show_budgets_and_the_store_but_never_the_redis_password() {
     let dir = tempfile::tempdir().unwrap();

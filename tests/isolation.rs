@@ -80,6 +80,39 @@ async fn within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
     since.elapsed()
 }
 
+/// An invalid object already in the directory when `serve` starts is left out, and `/readyz`
+/// says so from the start (it said `ok` until the first reload); a file over the manifest limits
+/// there is set aside, and keyswap serves the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_what_was_left_out_or_set_aside_at_start() {
+    let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(config.path().join("config.yaml"), CONFIG).unwrap();
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-one")).unwrap();
+    std::fs::write(config.path().join("team-c.yaml"), INVALID_POLICY).unwrap();
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
+    let (_keyswap, _uds) =
+        start_keyswap(config.path(), work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
+    let (status, ready) = scrape(metrics_port, "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("1 invalid object(s) left out"), "{ready}");
+    let (_, m) = scrape(metrics_port, "/metrics").await;
+    assert_eq!(metric(&m, "keyswap_config_rejected_objects"), 1.0, "{m}");
+
+    // The same directory with a file over 1 MiB in it: set aside, the rest served.
+    let huge = format!("# {}\n", "x".repeat(1_100_000));
+    std::fs::write(config.path().join("huge.yaml"), huge).unwrap();
+    let work2 = tempfile::tempdir().unwrap();
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
+    let (keyswap, _uds) =
+        start_keyswap(config.path(), work2.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
+    let (status, ready) = scrape(metrics_port, "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("1 file(s) over the manifest limits set aside"), "{ready}");
+    assert!(keyswap.output().contains("huge.yaml"), "{}", keyswap.output());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_policy_and_a_broken_file_do_not_freeze_rotation_or_revocation() {
     let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

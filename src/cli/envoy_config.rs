@@ -52,6 +52,17 @@ impl ResourceArgs {
         std::net::IpAddr::from([127, 0, 0, 1])
     }
 
+    /// The flags set away from their defaults (by flag or environment), by name.
+    fn given(&self) -> Vec<&'static str> {
+        let set = [
+            (!self.upstreams.is_empty(), "--upstream"),
+            (self.bind != Self::default_bind(), "--bind"),
+            (self.system_ca.as_os_str() != crate::envoy::SYSTEM_CA_BUNDLE, "--system-ca"),
+            (self.observe.observe_response_bodies, "--observe-response-bodies"),
+        ];
+        set.into_iter().filter_map(|(given, name)| given.then_some(name)).collect()
+    }
+
     pub(super) fn options(&self, delivery: Delivery) -> Options {
         Options {
             upstreams: self.upstreams.clone(),
@@ -83,8 +94,8 @@ pub struct EnvoyConfigArgs {
     /// With --static: directory of the gateway's certificates. Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR", requires = "static_bootstrap")]
     pub certs: Option<PathBuf>,
-    /// With --static (over ADS, `serve` takes these flags).
-    #[command(flatten)]
+    /// With --static only: over ADS, `keyswap serve` takes these flags.
+    #[command(flatten, next_help_heading = "With --static only (over ADS, `keyswap serve` takes these)")]
     pub resources: ResourceArgs,
 }
 
@@ -101,10 +112,12 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
         let opts = args.resources.options(Delivery::Static { certs_dir: certs.dir.clone(), extproc });
         crate::envoy::bootstrap(&view.snapshot, &opts, args.admin_port).map_err(anyhow::Error::msg)?
     } else {
-        let r = &args.resources;
-        if !r.upstreams.is_empty() || r.bind != ResourceArgs::default_bind() {
+        let ignored = args.resources.given();
+        if !ignored.is_empty() {
             tracing::warn!(
-                "--upstream and --bind go to `keyswap serve` (or need --static): the ADS bootstrap does not use them"
+                "{} set, but the ADS bootstrap does not use them: the listeners and clusters they shape \
+                 come from `keyswap serve` over ADS (give them there), or add --static",
+                ignored.join(", ")
             );
         }
         crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port)

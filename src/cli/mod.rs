@@ -35,7 +35,7 @@ the request to an AIProviderRoute, removes every credential the agent sent, and 
 one from a Secret. Agents only ever hold the placeholder `keyswap-injected-by-proxy`.
 
 Configuration is a directory of Kubernetes-style manifests (EgressGateway, AIProviderRoute,
-CredentialInjectionPolicy, v1 Secret). Edits take effect without a restart; a bad edit is logged
+CredentialInjectionPolicy, TokenBudget, v1 Secret). Edits take effect without a restart; a bad edit is logged
 and the last good configuration keeps serving.";
 
 #[derive(Debug, Parser)]
@@ -72,7 +72,8 @@ pub enum Command {
     /// Print the Envoy bootstrap for a gateway: by default the one that hands Envoy to keyswap's
     /// ADS (written once); with --static every resource inline.
     EnvoyConfig(EnvoyConfigArgs),
-    /// Print the CustomResourceDefinitions (EgressGateway, AIProviderRoute, CredentialInjectionPolicy) as YAML.
+    /// Print the CustomResourceDefinitions (EgressGateway, AIProviderRoute, CredentialInjectionPolicy,
+    /// TokenBudget) as YAML.
     Crds,
     /// Run the whole gateway locally: the gateway CA, Envoy on keyswap's ADS, and keyswap.
     /// Prints the environment an agent needs. Ctrl-C stops both.

@@ -56,8 +56,8 @@ pub struct ServeArgs {
     /// for an Envoy with many busy workers.
     #[arg(long, value_name = "N", env = "KEYSWAP_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256), default_value_t = DEFAULT_WORKER_THREADS)]
     pub worker_threads: u16,
-    /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies and the Secrets they
-    /// reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
+    /// Read EgressGateways, AIProviderRoutes, CredentialInjectionPolicies, TokenBudgets and the
+    /// Secrets they reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
     #[arg(long, conflicts_with = "secret_from_env")]
     pub kubernetes: bool,
     /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows.
@@ -273,19 +273,15 @@ pub(super) async fn run_extproc(
     let gateway = snapshot.gateway.clone();
     let selector = GatewaySelector::Named(gateway.clone());
     let store = Arc::new(ArcSwap::from_pointee(snapshot));
-    let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new("ok".into()));
+    let at_start = load_text(Ok(()), source.refused().len(), store.load().rejected.len());
+    let last_reload: Arc<std::sync::Mutex<String>> = Arc::new(std::sync::Mutex::new(at_start));
     let lr = last_reload.clone();
     let src = source.clone();
     let (st, m) = (store.clone(), metrics.clone());
     let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
         let left_out = st.load().rejected.len();
         m.config_rejected.store(left_out as u64, std::sync::atomic::Ordering::Relaxed);
-        let text = match (res, src.refused().len(), left_out) {
-            (Ok(()), 0, 0) => "ok".to_owned(),
-            (Ok(()), 0, n) => format!("ok; {n} invalid object(s) left out (see the log or `keyswap check`)"),
-            (Ok(()), f, n) => format!("ok; {f} file(s) over the manifest limits set aside, {n} problem(s) left out"),
-            (Err(e), _, _) => format!("rejected ({} error(s); last good configuration serving)", e.0.len()),
-        };
+        let text = load_text(res.as_ref().map(|_| ()).map_err(|e| e.0.len()), src.refused().len(), left_out);
         *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
     })
     .map_err(anyhow::Error::msg)?;
@@ -299,6 +295,17 @@ pub(super) async fn run_extproc(
     let result = serve_store(store, metrics, serving, report, shutdown).await;
     admin.abort();
     result
+}
+
+/// What `/readyz` says of the last load (the start, then each reload): `errors` when the whole
+/// directory was refused, else the files set aside and the invalid objects left out.
+fn load_text(errors: Result<(), usize>, files_set_aside: usize, left_out: usize) -> String {
+    match (errors, files_set_aside, left_out) {
+        (Ok(()), 0, 0) => "ok".to_owned(),
+        (Ok(()), 0, n) => format!("ok; {n} invalid object(s) left out (see the log or `keyswap check`)"),
+        (Ok(()), f, n) => format!("ok; {f} file(s) over the manifest limits set aside, {n} problem(s) left out"),
+        (Err(n), _, _) => format!("rejected ({n} error(s); last good configuration serving)"),
+    }
 }
 
 /// The ext_proc server over `store`, with the OTLP exporter the gateway (or environment) names.

@@ -152,8 +152,8 @@ impl FileSource {
 
     /// `set_aside`: files over the manifest limits are not errors but left out (their last good
     /// version kept), so that a file nobody could have meant as configuration does not hold up
-    /// the rest of the directory — a Secret rotation above all. Reloads do this; the first load
-    /// and `check` do not.
+    /// the rest of the directory — a Secret rotation above all. `serve` does this, at start and on
+    /// every reload; `check` does not.
     fn load_with(&self, set_aside: bool) -> Result<Catalog, ConfigErrors> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.last = None;
