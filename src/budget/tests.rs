@@ -180,6 +180,25 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
     ] {
         assert_eq!(demand(body).references, refs, "{body}");
     }
+    // The attack: a reference whose fifth byte falls inside a character (`é`, `€`), in every key
+    // that names one (once a panic in the stream's task); inline data in capitals is still inline.
+    let keys = [
+        r#"{"previous_response_id":"%"}"#,
+        r#"{"messages":[{"content":[{"image_url":"%"}]}]}"#,
+        r#"{"input":[{"content":[{"type":"input_file","file_id":"%"}]}]}"#,
+        r#"{"input":[{"content":[{"type":"input_file","file_url":"%"}]}]}"#,
+        r#"{"messages":[{"content":[{"source":{"type":"url","url":"%"}}]}]}"#,
+        r#"{"contents":[{"parts":[{"fileData":{"fileUri":"%"}}]}]}"#,
+        r#"{"contents":[],"cachedContent":"%"}"#,
+    ];
+    for key in keys {
+        for text in ["abcdé", "a€€", "dat€", "データ:x", "é"] {
+            let body = key.replace('%', text);
+            assert_eq!(demand(&body).references, 1, "{body}");
+        }
+    }
+    let inline = r#"{"messages":[{"content":[{"image_url":"DATA:image/png;base64,AAAA"}]}]}"#;
+    assert_eq!(demand(inline).references, 0, "{inline}");
     let b = Budget { referenced_input_tokens: 1000, ..(*budget([None, None, None, Some(1)])).clone() };
     let body = r#"{"model":"claude","previous_response_id":"resp_1","max_tokens":10}"#;
     // The body's bytes at 1 byte per token, plus 1,000 for the stored conversation.

@@ -64,7 +64,8 @@ impl Shape {
         let s = s.trim_start();
         if s.is_empty() {
             Shape::Nothing
-        } else if s.len() >= 5 && s[..5].eq_ignore_ascii_case("data:") {
+        // Bytes, not `&s[..5]`: the fifth byte of the agent's text may fall inside a character.
+        } else if s.as_bytes().get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"data:")) {
             Shape::Inline
         } else {
             Shape::Other
