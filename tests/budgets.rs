@@ -170,7 +170,9 @@ impl Meter {
         };
         let body: FakeBody = if path.contains("hold") {
             let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let (first, hold) = (events[0].clone(), self.hold.clone());
+            // `?hold&pad`: a long answer (200 text deltas) before the hold.
+            let pad = if path.contains("pad") { events[1].repeat(200) } else { String::new() };
+            let (first, hold) = (events[0].clone() + &pad, self.hold.clone());
             tokio::spawn(async move {
                 let _ = tx.send(Ok(hyper::body::Frame::data(Bytes::from(first)))).await;
                 hold.notified().await;
@@ -570,6 +572,42 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     meter.hold.notify_waiters();
     let cut_off = r.metric("keyswap_observed_responses_total{outcome=\"cut_off\"}").await;
     assert_eq!(cut_off > 0.0, observe, "responses cut off on the observing stream: {cut_off}");
+}
+
+/// The attack: read a long Anthropic stream and hang up before its `message_delta`, the only
+/// event with the real output count (`message_start` says 1, a placeholder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_placeholder_count() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/roomy\",kind=\"settled\"}");
+    let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://127.0.0.1:{}/v1/messages?hold&pad", r.port))
+        .header("host", ANTHROPIC)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let mut resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut received = 0;
+    while received < 20_000 {
+        let frame = resp.body_mut().frame().await.expect("more of the stream").unwrap();
+        received += frame.into_data().map_or(0, |d| d.len());
+    }
+    drop(resp);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while settled().await == 0.0 {
+        assert!(Instant::now() < deadline, "an aborted stream was never settled:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Over 20 KB passed: the whole 2,000-token output reservation is charged, with the input
+    // `message_start` reported; not the placeholder's 1 output token.
+    let charged = settled().await as u64;
+    assert_eq!(charged, INPUT_TOKENS + 2000, "charged {charged} for a cut-off stream of {received} bytes");
+    meter.hold.notify_waiters();
 }
 
 // === Redis ===

@@ -301,10 +301,11 @@ pub enum Observed {
     /// all keeps its reservation (an OpenAI stream without `include_usage`); an error status
     /// without usage generated nothing: both are released.
     Ended { success: bool, input: Option<u64>, output: Option<u64> },
-    /// The request was forwarded, then cut off (client gone, upstream reset). Reported counts
-    /// count; otherwise the input counts as reserved (the provider may have read the prompt
-    /// whether or not it answered), and the output up to the response bytes that passed (a token
-    /// is at least one byte), never more than reserved.
+    /// The request was forwarded, then cut off (client gone, upstream reset). The reported input
+    /// counts, or else the input as reserved (the provider may have read the prompt whether or not
+    /// it answered); the output is the larger of the reported count and the response bytes that
+    /// passed, those capped at the output reserved (a token is at least one byte; a count
+    /// reported before the end can be a placeholder).
     Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64 },
 }
 
@@ -352,7 +353,10 @@ impl Claim {
             Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
             Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
             Observed::Aborted { input, output, response_bytes } => {
-                (count(input, reserved[1]), count(output, reserved[2].min(weighted(response_bytes, w))))
+                // What passed bounds the output from below too: a count reported before the end
+                // can be a placeholder (Anthropic's `message_start` says 1 or 2 output tokens).
+                let passed = reserved[2].min(weighted(response_bytes, w));
+                (count(input, reserved[1]), count(output, passed).max(passed))
             }
         };
         [1, input, output, input + output]

@@ -377,6 +377,15 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     assert_eq!(settle("error", Observed::Ended { success: false, input: None, output: None }), [1, 0, 0, 0]);
     // Cut off after 200 bytes: the input stands, output up to the bytes seen.
     assert_eq!(settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200 }), [1, 30, 200, 230]);
+    // The attack: a long stream cut off after a placeholder count (Anthropic's `message_start`
+    // says 1 output token) is charged the bytes that passed, capped at the reservation.
+    let placeholder = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 50_000 };
+    assert_eq!(settle("placeholder", placeholder), [1, 12, 4096, 4108]);
+    let short = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 300 };
+    assert_eq!(settle("short", short), [1, 12, 300, 312]);
+    // A count above what the bytes bound (a final count before the cut) stands.
+    let counted = Observed::Aborted { input: Some(12), output: Some(900), response_bytes: 300 };
+    assert_eq!(settle("counted", counted), [1, 12, 900, 912]);
     // Dropped unsettled (never forwarded): everything released, the request too.
     let Reserve::Now(Admit::Held(h, _)) =
         engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], now)
