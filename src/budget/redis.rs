@@ -114,16 +114,24 @@ end
 return {1, remaining, limited}
 "#;
 
-/// The Redis key of a claim's counter. Keys longer than 128 bytes or with control characters
-/// are replaced by their fingerprint.
+/// The Redis key of a claim's counter. A key longer than 128 bytes, with control characters or
+/// spelled like a digest (`sha256:` first) is replaced by its whole SHA-256, so no key an agent
+/// chooses can name another key's counter (with the 48-bit display fingerprint, one it could
+/// search for).
 pub fn counter_key(c: &Claim) -> String {
-    let key: std::borrow::Cow<'_, str> = if c.key.len() > 128 || c.key.chars().any(char::is_control) {
-        crate::vocab::fingerprint(c.key.as_bytes()).into()
+    let (name, start) = (&c.budget.name, c.window_start);
+    if c.key.len() > 128 || c.key.chars().any(char::is_control) || c.key.starts_with(DIGEST_PREFIX) {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(c.key.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("keyswap:budget:{{{name}}}:{start}:{DIGEST_PREFIX}{hex}")
     } else {
-        (&*c.key).into()
-    };
-    format!("keyswap:budget:{{{}}}:{}:{}", c.budget.name, c.window_start, key)
+        format!("keyswap:budget:{{{name}}}:{start}:{}", c.key)
+    }
 }
+
+/// What a counter key replaced by its digest starts with.
+const DIGEST_PREFIX: &str = "sha256:";
 
 impl RedisStore {
     /// A client for `target`; connects on first use.

@@ -454,3 +454,21 @@ fn chosen_counter_keys_never_share_a_counter() {
     assert_eq!(engine.local.used("default/team", "x", start), Some([1, 5, 0, 5]));
     drop(h);
 }
+
+/// In Redis a key too long or with control characters is stored by its digest: a key spelled
+/// like that digest, or like another key's display fingerprint, still gets a counter of its own.
+#[test]
+fn a_key_spelled_like_another_keys_redis_digest_gets_its_own_counter() {
+    let now = at(1_796_174_941);
+    let b = budget([None, None, None, Some(1_000)]);
+    let key = |k: &str| super::redis::counter_key(&claim(&b, k, [1, 0, 0, 0], now));
+    for hidden in ["a\u{0}", &"x".repeat(129)] {
+        let stored = key(hidden);
+        let suffix = stored.rsplit_once(":sha256:").map(|(_, hex)| format!("sha256:{hex}")).expect("a digest");
+        assert_ne!(key(&suffix), stored, "{hidden:?}: the key {suffix:?} names its counter");
+        let display = crate::vocab::fingerprint(hidden.as_bytes());
+        assert_ne!(key(&display), stored, "{hidden:?}: the key {display:?} names its counter");
+        assert_eq!(key(hidden), stored, "one key, one counter");
+    }
+    assert!(key("agent-1").ends_with(":agent-1"), "{}", key("agent-1"));
+}
