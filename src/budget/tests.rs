@@ -61,6 +61,10 @@ fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
         (r#"{"textGenerationConfig":{"maxTokenCount":11}}"#, 11),
         (r#"{"max_gen_len":12}"#, 12),
         (r#"{"maxTokens":13}"#, 13),
+        // Amazon Nova on Bedrock's invoke API; text-generation servers' `parameters`.
+        (r#"{"inferenceConfig":{"max_new_tokens":14}}"#, 14),
+        (r#"{"inputs":"hi","parameters":{"max_new_tokens":15}}"#, 15),
+        (r#"{"max_new_tokens":16}"#, 16),
         // Two names for the limit: the larger counts (the provider may honour either).
         (r#"{"max_tokens":5,"max_completion_tokens":50}"#, 50),
     ] {

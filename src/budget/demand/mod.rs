@@ -213,7 +213,12 @@ impl Section {
             (Section::Top, "model") => Key::Model,
             (
                 Section::Top,
-                "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "maxTokens" | "max_gen_len",
+                "max_tokens"
+                | "max_completion_tokens"
+                | "max_output_tokens"
+                | "maxTokens"
+                | "max_gen_len"
+                | "max_new_tokens",
             ) => Key::Limit,
             (Section::Top, "n" | "best_of") => Key::Choices,
             (
@@ -222,11 +227,13 @@ impl Section {
                 | "generation_config"
                 | "inferenceConfig"
                 | "inference_config"
-                | "textGenerationConfig",
+                | "textGenerationConfig"
+                | "parameters",
             ) => Key::Nested,
             (
                 Section::Nested,
-                "maxOutputTokens" | "max_output_tokens" | "maxTokens" | "max_tokens" | "maxTokenCount",
+                "maxOutputTokens" | "max_output_tokens" | "maxTokens" | "max_tokens" | "maxTokenCount"
+                | "max_new_tokens",
             ) => Key::Limit,
             (Section::Nested, "candidateCount" | "candidate_count") => Key::Choices,
             (

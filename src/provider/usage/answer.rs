@@ -44,6 +44,8 @@ pub(super) enum Field {
     ThoughtsTokenCount,
     /// `cachedContentTokenCount` (Google).
     CachedContentTokenCount,
+    /// `toolUsePromptTokenCount` (Google: what its own tools fetched, billed as input).
+    ToolUsePromptTokenCount,
     /// `inputTokens` (Bedrock).
     InputTokensCamel,
     /// `outputTokens` (Bedrock).
@@ -70,6 +72,7 @@ impl Field {
             b"candidatesTokenCount" => Field::CandidatesTokenCount,
             b"thoughtsTokenCount" => Field::ThoughtsTokenCount,
             b"cachedContentTokenCount" => Field::CachedContentTokenCount,
+            b"toolUsePromptTokenCount" => Field::ToolUsePromptTokenCount,
             b"inputTokens" => Field::InputTokensCamel,
             b"outputTokens" => Field::OutputTokensCamel,
             b"cacheReadInputTokens" => Field::CacheReadInputTokensCamel,
@@ -84,19 +87,19 @@ impl Field {
 /// moves around.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Counts {
-    present: u16,
+    present: u32,
     n: [u64; COUNTS],
 }
 
-const _: () = assert!(COUNTS <= u16::BITS as usize);
+const _: () = assert!(COUNTS <= u32::BITS as usize);
 
 impl Counts {
     pub(super) fn get(&self, c: Field) -> Option<u64> {
-        (self.present & (1 << c as u16) != 0).then_some(self.n[c as usize])
+        (self.present & (1 << c as u32) != 0).then_some(self.n[c as usize])
     }
 
     fn set(&mut self, c: Field, v: Option<u64>) {
-        let bit = 1 << c as u16;
+        let bit = 1 << c as u32;
         match v {
             Some(v) => {
                 self.present |= bit;

@@ -18,14 +18,15 @@ fn apply_response(a: &Answer<'_>, info: &mut ResponseInfo) {
     let Some(usage) = &a.usage_metadata else {
         return;
     };
-    let candidates = usage.get(Field::CandidatesTokenCount);
-    let thoughts = usage.get(Field::ThoughtsTokenCount);
-    let output = match (candidates, thoughts) {
+    // Input is the prompt plus what Gemini's own tools (URL context, search) fetched into it;
+    // output is the candidates plus the thoughts.
+    let sum = |a: Field, b: Field| match (usage.get(a), usage.get(b)) {
         (None, None) => None,
-        (c, t) => Some(c.unwrap_or(0).saturating_add(t.unwrap_or(0))),
+        (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
     };
+    let output = sum(Field::CandidatesTokenCount, Field::ThoughtsTokenCount);
     info.usage = Usage {
-        input_tokens: usage.get(Field::PromptTokenCount),
+        input_tokens: sum(Field::PromptTokenCount, Field::ToolUsePromptTokenCount),
         output_tokens: output,
         cache_read_tokens: usage.get(Field::CachedContentTokenCount),
         cache_creation_tokens: None,

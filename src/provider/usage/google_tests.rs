@@ -27,6 +27,19 @@ fn google_stream_as_a_json_array_takes_the_last_element_with_usage_metadata() {
     );
 }
 
+/// The attack: a prompt that makes Gemini's own tools (URL context, Google Search) fetch pages,
+/// billed as input under `toolUsePromptTokenCount` and not in `promptTokenCount`.
+#[test]
+fn google_input_counts_what_its_tools_fetched() {
+    let body = r#"{"usageMetadata":{"promptTokenCount":40,"candidatesTokenCount":5,"toolUsePromptTokenCount":5000,"totalTokenCount":5045},"modelVersion":"gemini-2.5-flash"}"#;
+    assert_eq!(
+        parse(Format::Google, JSON, body),
+        info(Some("gemini-2.5-flash"), usage(Some(5040), Some(5), None, None))
+    );
+    let alone = r#"{"usageMetadata":{"toolUsePromptTokenCount":7}}"#;
+    assert_eq!(parse(Format::Google, JSON, alone).usage, usage(Some(7), None, None, None));
+}
+
 #[test]
 fn google_output_is_thoughts_alone_when_candidates_are_not_counted() {
     let body = r#"{"usageMetadata":{"promptTokenCount":4,"totalTokenCount":1004,"thoughtsTokenCount":1000},"modelVersion":"gemini-2.5-pro"}"#;
