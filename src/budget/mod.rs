@@ -186,10 +186,16 @@ impl Budget {
     }
 }
 
+/// The most one request reserves or settles in one dimension: 2^40, about 10^12 tokens, far
+/// beyond any provider's output limit or context window. Counters of the dimensions a budget does
+/// not limit still add up every request in flight; at this cap, overflowing an `i64` (in memory,
+/// or Redis's `HINCRBY`, which fails the whole script) would take millions of them at once.
+pub const MAX_PER_REQUEST: i64 = 1 << 40;
+
 fn weighted(tokens: u64, weight: f64) -> i64 {
     let v = (tokens as f64 * weight).ceil();
-    if v >= i64::MAX as f64 {
-        i64::MAX / 4
+    if v >= MAX_PER_REQUEST as f64 {
+        MAX_PER_REQUEST
     } else {
         v as i64
     }

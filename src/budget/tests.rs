@@ -459,6 +459,36 @@ fn chosen_counter_keys_never_share_a_counter() {
     drop(h);
 }
 
+/// The attack: `max_tokens` near `u64::MAX` on a budget that limits only input tokens. The output
+/// and total counters, never checked against a limit, still add every reservation in flight:
+/// uncapped, five such requests overflowed them (in Redis, `HINCRBY` failed the script, which
+/// read as the store being down: every budget of the replica failed open or closed for a second).
+#[test]
+fn huge_output_limits_on_a_budget_of_input_only_never_overflow_its_counters() {
+    let engine = Arc::new(Engine::new(Default::default()));
+    let now = at(1_796_174_941);
+    let start = window_bounds(BudgetWindow::Day, now).0;
+    let b = budget([None, Some(1_000_000), None, None]);
+    let mut held = Vec::new();
+    for body in
+        [r#"{"max_tokens":18446744073709551615}"#, r#"{"max_tokens":1e300}"#, r#"{"n":1e300,"max_tokens":1e300}"#]
+    {
+        let amounts = b.reserve_amounts(&Demand::from_body(body.as_bytes(), None));
+        assert!(amounts.iter().all(|a| (0..=2 * MAX_PER_REQUEST).contains(a)), "{body}: {amounts:?}");
+        for _ in 0..20 {
+            let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, "k", amounts, now)], now) else {
+                panic!("admitted: the input fits")
+            };
+            held.push(h);
+        }
+    }
+    let used = engine.local.used("default/team", "k", start).unwrap();
+    assert!(used.iter().all(|u| *u >= 0), "a counter overflowed: {used:?}");
+    assert_eq!(used[2], 60 * MAX_PER_REQUEST, "{used:?}");
+    drop(held);
+    assert_eq!(engine.local.used("default/team", "k", start), Some([0, 0, 0, 0]));
+}
+
 /// In Redis a key too long or with control characters is stored by its digest: a key spelled
 /// like that digest, or like another key's display fingerprint, still gets a counter of its own.
 #[test]
