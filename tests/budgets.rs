@@ -753,6 +753,54 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
 }
 
 /// Debian's `redis-cli` (beside `redis-server`) against the test Redis on `port`: its output.
+/// The attack: ask for most of a shared key's budget and hang up while Redis reserves it. The
+/// script runs all the same; before, the future that would have held (and given back) the
+/// reservation was dropped with the stream, and the key stayed spent, for every agent on it,
+/// until its window ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let (store, secret) = redis_store(redis_port);
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}";
+    let b = budget("shared", "{kind: EgressGateway, name: egress}", limits);
+    let config = tempfile::tempdir().unwrap();
+    write(config.path(), &gateway(&(b + &secret), &store));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let total = || redis_counters(redis_port).iter().map(|(_, f)| f.get("t").copied().unwrap_or(0)).sum::<i64>();
+    // A first call: keyswap's connection to Redis is up, and what it used is counted.
+    let (status, _, text) = call(r.port, OPENAI, None, &chat(10)).await;
+    assert_eq!(status, 200, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while total() != (INPUT_TOKENS + 10) as i64 {
+        assert!(Instant::now() < deadline, "the first call was not settled: {:?}", redis_counters(redis_port));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Redis holds every command for 300 ms (under keyswap's 500 ms timeout) while the agent asks
+    // for 2,500 tokens and hangs up after 100 ms.
+    assert_eq!(redis_cli(redis_port, &["CLIENT", "PAUSE", "300", "ALL"]).trim(), "OK");
+    let port = r.port;
+    let hung_up = tokio::spawn(async move { call(port, OPENAI, None, &chat(2500)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hung_up.abort();
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "the hung-up request reached the provider");
+    // Whatever the script took is given back: the counters return to the first call's usage.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while total() != (INPUT_TOKENS + 10) as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "a reservation outlived the request that hung up: {:?}\n{}",
+            redis_counters(redis_port),
+            r.keyswap.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, text) = call(r.port, OPENAI, None, &chat(2500)).await;
+    assert_eq!(status, 200, "{text}");
+}
+
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "-a", REDIS_PASSWORD, "--no-auth-warning"])

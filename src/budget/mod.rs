@@ -476,7 +476,12 @@ impl Engine {
         };
         let store = self.redis_for(target);
         let engine = self.clone();
-        Reserve::Later(Box::pin(async move {
+        let budgets: Vec<Arc<str>> = claims.iter().map(|c| c.budget.name.clone()).collect();
+        // A task of its own, not the stream's: the script is sent and will run even if the agent
+        // hangs up meanwhile (the stream and its future dropped). Its `Held` then has no one to
+        // take it and is dropped when the task ends, giving the reservation back; a future on
+        // the stream would have been dropped mid-flight, leaving Redis holding it for the window.
+        let task = tokio::spawn(async move {
             let admit = match store.reserve(&claims, now).await {
                 Ok(Ok(remaining)) => {
                     Admit::Held(Held { claims, on: HeldIn::Redis(store), engine: engine.clone() }, remaining)
@@ -485,6 +490,9 @@ impl Engine {
                 Err(e) => engine.unavailable(claims, e.error),
             };
             engine.count(admit)
+        });
+        Reserve::Later(Box::pin(async move {
+            task.await.unwrap_or_else(|e| Admit::Unavailable { error: format!("reserving failed: {e}"), budgets })
         }))
     }
 
