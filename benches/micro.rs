@@ -456,7 +456,7 @@ fn agent_auth(c: &mut Criterion) {
 /// limit, reserving one claim, settling it.
 fn budget(c: &mut Criterion) {
     use keyswap::api::BudgetWindow;
-    use keyswap::budget::{Admit, Budget, Demand, Engine, KeyBy, Observed, Reserve};
+    use keyswap::budget::{Admit, Answered, Budget, Demand, Engine, KeyBy, Observed, Reserve};
     let engine = Arc::new(Engine::new(Default::default()));
     let budget = Arc::new(Budget {
         name: "default/bench".into(),
@@ -482,7 +482,7 @@ fn budget(c: &mut Criterion) {
             let claim = budget.claim("acme".into(), &demand, now);
             match engine.reserve(None, vec![claim], now) {
                 Reserve::Now(Admit::Held(h, _)) => {
-                    h.settle(Observed::Ended { success: true, input: Some(12), output: Some(9) })
+                    h.settle(Observed::Ended { answered: Answered::Success, input: Some(12), output: Some(9) })
                 }
                 _ => panic!("admitted"),
             }

@@ -82,6 +82,12 @@ impl Meter {
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         self.seen.lock().unwrap().push(format!("{path} {headers} {}", String::from_utf8_lossy(&body)));
         self.requests.fetch_add(1, Ordering::SeqCst);
+        // `?status=NNN`: an error without usage, as Envoy's own replies (504 after the route's
+        // timeout, 408 after the stream idle timeout) or a provider's.
+        if let Some(code) = path.split("status=").nth(1).and_then(|c| c.get(..3)?.parse::<u16>().ok()) {
+            let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from("upstream request timeout")));
+            return hyper::Response::builder().status(code).header("content-type", "text/plain").body(body).unwrap();
+        }
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         // Read the way a lenient provider reads it (the last of repeated keys, `5000.0` and
         // `"5000"` as numbers), generating the limit once per choice (`n`).
@@ -610,6 +616,37 @@ async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_pla
     meter.hold.notify_waiters();
 }
 
+/// The attack: make a call outlive the gateway's timeouts (a long generation, answered by Envoy
+/// with 504 or 408 and no usage). The provider may have run it to the end; before, a status
+/// without usage released the whole reservation, and such calls were free. Any other error
+/// without usage still gives its tokens back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_that_times_out_after_forwarding_is_not_free() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
+    let metric = |kind: &'static str| {
+        let r = &r;
+        async move { r.metric(&format!("keyswap_budget_tokens_total{{budget=\"default/roomy\",kind=\"{kind}\"}}")).await }
+    };
+    let mut settled = 0.0;
+    for (status, kept) in [(504, true), (408, true), (500, false), (429, false)] {
+        let path = format!("/v1/chat/completions?status={status}");
+        let (got, _, text) = call_path(r.port, OPENAI, &path, None, &chat(2000)).await;
+        assert_eq!(got, status, "{text}");
+        // In memory, settled before the end of the response reached the agent.
+        let now = metric("settled").await;
+        let charged = now - settled;
+        settled = now;
+        if kept {
+            assert!(charged >= 2000.0, "{status}: charged {charged}, not the 2,000-token reservation");
+        } else {
+            assert!(charged <= 1.0, "{status}: charged {charged} for an error without usage");
+        }
+    }
+}
+
+// === Redis ===
 // === Redis ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -304,15 +304,40 @@ enum HeldIn {
 pub enum Observed {
     /// The response ended. Tokens the provider reported count, and a count missing beside a
     /// reported one is zero (embeddings report no output). A response that reports no usage at
-    /// all keeps its reservation (an OpenAI stream without `include_usage`); an error status
-    /// without usage generated nothing: both are released.
-    Ended { success: bool, input: Option<u64>, output: Option<u64> },
+    /// all keeps its reservation when it succeeded (an OpenAI stream without `include_usage`) or
+    /// timed out ([`Answered::TimedOut`]); an error status without usage generated nothing: its
+    /// tokens are released.
+    Ended { answered: Answered, input: Option<u64>, output: Option<u64> },
     /// The request was forwarded, then cut off (client gone, upstream reset). The reported input
     /// counts, or else the input as reserved (the provider may have read the prompt whether or not
     /// it answered); the output is the larger of the reported count and the response bytes that
     /// passed, those capped at the output reserved (a token is at least one byte; a count
     /// reported before the end can be a placeholder).
     Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64 },
+}
+
+/// What a response's status says about a call, for settling one that reported no usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// 2xx.
+    Success,
+    /// 408 or 504: Envoy or the provider gave up waiting (a long generation past the route's
+    /// timeout or the stream idle timeout). The provider may have run the call to its end, and
+    /// nothing says what it used: settled like a success without usage, the reservation stands.
+    TimedOut,
+    /// Any other status: the provider refused or failed the call.
+    Error,
+}
+
+impl Answered {
+    /// The answer a response status gives.
+    pub fn of_status(status: Option<u16>) -> Answered {
+        match status {
+            Some(200..=299) => Answered::Success,
+            Some(408 | 504) => Answered::TimedOut,
+            _ => Answered::Error,
+        }
+    }
 }
 
 impl Held {
@@ -355,7 +380,7 @@ impl Claim {
         let (w, reserved) = (self.weight, &self.reserved);
         let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
         let (input, output) = match observed {
-            Observed::Ended { success: false, input: None, output: None } => (0, 0),
+            Observed::Ended { answered: Answered::Error, input: None, output: None } => (0, 0),
             Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
             Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
             Observed::Aborted { input, output, response_bytes } => {

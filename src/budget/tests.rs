@@ -312,7 +312,7 @@ fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
     assert_eq!(engine.local.used("default/roomy", "t", start), Some([1, 60, 0, 60]));
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 60, 0, 60]));
     // Settling gives back what was not used.
-    h.settle(Observed::Ended { success: true, input: Some(10), output: Some(0) });
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(0) });
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 10, 0, 10]));
     assert!(matches!(engine.reserve(None, claims(60), now), Reserve::Now(Admit::Held(..))));
 }
@@ -374,11 +374,25 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
         engine.local.used("default/team", key, start).unwrap()
     };
     // Embeddings: input reported, no output: the output reservation is released.
-    assert_eq!(settle("embed", Observed::Ended { success: true, input: Some(10), output: None }), [1, 10, 0, 10]);
+    assert_eq!(
+        settle("embed", Observed::Ended { answered: Answered::Success, input: Some(10), output: None }),
+        [1, 10, 0, 10]
+    );
     // No usage at all on a success: the reservation stands.
-    assert_eq!(settle("silent", Observed::Ended { success: true, input: None, output: None }), [1, 30, 4096, 4126]);
+    assert_eq!(
+        settle("silent", Observed::Ended { answered: Answered::Success, input: None, output: None }),
+        [1, 30, 4096, 4126]
+    );
+    // Timed out (Envoy's 504 after the route's timeout, 408 after the stream idle timeout): the
+    // provider may have run the call to its end; the reservation stands.
+    let timed_out = Observed::Ended { answered: Answered::TimedOut, input: None, output: None };
+    assert_eq!(settle("timeout", timed_out), [1, 30, 4096, 4126]);
+    let statuses = [(Some(200), Answered::Success), (Some(504), Answered::TimedOut), (Some(408), Answered::TimedOut)];
+    for (status, answered) in statuses.into_iter().chain([(Some(500), Answered::Error), (None, Answered::Error)]) {
+        assert_eq!(Answered::of_status(status), answered, "{status:?}");
+    }
     // An error without usage generated nothing.
-    assert_eq!(settle("error", Observed::Ended { success: false, input: None, output: None }), [1, 0, 0, 0]);
+    assert_eq!(settle("error", Observed::Ended { answered: Answered::Error, input: None, output: None }), [1, 0, 0, 0]);
     // Cut off after 200 bytes: the input stands, output up to the bytes seen.
     assert_eq!(settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200 }), [1, 30, 200, 230]);
     // The attack: a long stream cut off after a placeholder count (Anthropic's `message_start`
@@ -407,7 +421,9 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     let now = at(1_796_174_941);
     let team = budget([None, None, None, Some(10_000)]);
     let admit = |b: &Arc<Budget>| match engine.reserve(None, vec![claim(b, "t", [1, 5, 0, 5], now)], now) {
-        Reserve::Now(Admit::Held(h, _)) => h.settle(Observed::Ended { success: true, input: Some(3), output: Some(1) }),
+        Reserve::Now(Admit::Held(h, _)) => {
+            h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1) })
+        }
         _ => panic!("admitted"),
     };
     admit(&team);
@@ -439,7 +455,7 @@ fn chosen_counter_keys_never_share_a_counter() {
         let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, key, [1, n, 0, n], now)], now) else {
             panic!("admitted")
         };
-        h.settle(Observed::Ended { success: true, input: Some(n as u64), output: Some(0) });
+        h.settle(Observed::Ended { answered: Answered::Success, input: Some(n as u64), output: Some(0) });
     }
     for (i, key) in keys.iter().enumerate() {
         let n = i as i64 + 1;

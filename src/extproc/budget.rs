@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use super::{mutation, Handled, ProcessStream};
-use crate::budget::{Admit, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
+use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
 use crate::config::snapshot::MatchEntry;
 use crate::config::Snapshot;
 use crate::provider::usage::{Format, UsageParser};
@@ -32,8 +32,8 @@ pub struct Budgeted {
     unmetered: Option<&'static str>,
     format: Option<Format>,
     held: Option<Held>,
-    /// The response's status was 2xx (once response headers arrived).
-    success: Option<bool>,
+    /// What the response's status says (once response headers arrived).
+    answered: Option<Answered>,
     parser: Option<UsageParser>,
     response_bytes: u64,
     /// Some budget limits tokens: the request body is read to reserve, the response body to
@@ -70,7 +70,7 @@ impl Budgeted {
             format: crate::provider::usage::format_for(entry.provider.name),
             snapshot: snapshot.clone(),
             held: None,
-            success: None,
+            answered: None,
             parser: None,
             response_bytes: 0,
             reads_bodies: entry.budgets.iter().any(|b| b.counts_tokens()),
@@ -114,7 +114,7 @@ impl Budgeted {
         let input = usage.input_tokens.map(|i| i + cached);
         let output = usage.output_tokens;
         let observed = if ended {
-            Observed::Ended { success: self.success.unwrap_or(false), input, output }
+            Observed::Ended { answered: self.answered.unwrap_or(Answered::Error), input, output }
         } else {
             Observed::Aborted { input, output, response_bytes: self.response_bytes }
         };
@@ -242,7 +242,7 @@ impl ProcessStream {
     /// `true` when the response body is wanted.
     pub(super) fn budget_response_headers(&mut self, status: Option<u16>, content_type: &str, end: bool) -> bool {
         let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return false };
-        b.success = Some(status.is_some_and(|s| (200..300).contains(&s)));
+        b.answered = Some(Answered::of_status(status));
         if end || !b.reads_bodies {
             b.settle(true);
             return false;
