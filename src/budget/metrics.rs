@@ -15,6 +15,7 @@ pub struct BudgetMetrics {
     pub store_unavailable_refused: AtomicU64,
     pub invalid: AtomicU64,
     pub unmetered: AtomicU64,
+    pub unreadable: AtomicU64,
     pub reserved_tokens: AtomicU64,
     pub settled_tokens: AtomicU64,
 }
@@ -96,6 +97,7 @@ impl Registry {
                 ("store_unavailable_refused", g(&m.store_unavailable_refused)),
                 ("invalid", g(&m.invalid)),
                 ("unmetered", g(&m.unmetered)),
+                ("unreadable", g(&m.unreadable)),
             ] {
                 p.sample(DECISIONS, &[("budget", name), ("decision", decision)], v);
             }

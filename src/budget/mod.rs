@@ -280,6 +280,12 @@ pub enum Admit {
         budget: Arc<str>,
         what: &'static str,
     },
+    /// The body starts as a JSON object but cannot be read to its end (an escape or nesting
+    /// serde_json refuses and more lenient parsers accept, a body cut short): a limit after the
+    /// point where reading stopped would go unseen, so a budget on tokens refuses it (400).
+    Unreadable {
+        budget: Arc<str>,
+    },
 }
 
 /// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
@@ -554,6 +560,7 @@ impl Engine {
             }
             Admit::Invalid { budget, .. } => self.inc(budget, |m| &m.invalid),
             Admit::Unmetered { budget, .. } => self.inc(budget, |m| &m.unmetered),
+            Admit::Unreadable { budget } => self.inc(budget, |m| &m.unreadable),
         }
         admit
     }

@@ -215,7 +215,15 @@ fn a_deeply_nested_or_truncated_body_cannot_crash_the_reader_or_shrink_the_reser
     // serde_json stops at 128 levels: an error, so the default counts on top of what was read.
     let deep = format!(r#"{{"max_tokens":1,"messages":{}"#, "[".repeat(100_000));
     let d = demand(&deep);
-    assert!(d.unreadable_limit);
+    assert!(d.unreadable_limit && d.unreadable_body);
+    // A lone surrogate, bytes after the object: unreadable to the end (a budget refuses them).
+    for body in [r#"{"messages":"\ud800","max_tokens":9}"#, r#"{"max_tokens":9} {}"#] {
+        assert!(demand(body).unreadable_body, "{body}");
+    }
+    // What is read whole is not, whatever its limits say.
+    for body in [r#"{"max_tokens":"9"}"#, r#"{"messages":"\u00e9"}"#, "not json", ""] {
+        assert!(!demand(body).unreadable_body, "{body}");
+    }
     assert_eq!(d.output_tokens(4096), 4096);
     let deep_objects = format!(r#"{{"max_tokens":1,"messages":{}"#, r#"{"a":"#.repeat(100_000));
     assert_eq!(demand(&deep_objects).output_tokens(4096), 4096);

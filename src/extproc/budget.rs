@@ -91,6 +91,10 @@ impl Budgeted {
     /// refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a background
     /// run.
     fn unmetered(&self, demand: &Demand) -> Option<Admit> {
+        if demand.unreadable_body {
+            let budget = self.budgets.iter().find(|b| b.counts_tokens())?;
+            return Some(Admit::Unreadable { budget: budget.name.clone() });
+        }
         let what = self.unmetered.or(demand.background.then_some("background: true"))?;
         let budget = self.budgets.iter().find(|b| b.refuses_unmetered())?;
         Some(Admit::Unmetered { budget: budget.name.clone(), what })
@@ -222,6 +226,12 @@ impl ProcessStream {
                     tx.on_budget("unmetered", Some(&budget), None, Some(("budget_unmetered_request", 403)));
                 }
             }
+            Admit::Unreadable { budget } => {
+                tracing::debug!(%budget, "the request body is JSON keyswap cannot read to its end; answering 400");
+                if let Some(tx) = tx {
+                    tx.on_budget("unreadable", Some(&budget), None, Some(("budget_unreadable_request", 400)));
+                }
+            }
             Admit::Unavailable { error, budgets } => {
                 // The store logs the outage once (at ERROR); each refusal is counted in metrics.
                 tracing::debug!(%error, ?budgets, "budget store unavailable and a budget fails closed; answering 503");
@@ -305,6 +315,18 @@ fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
                 "request": what,
             }});
             Some(mutation::immediate(403, &body, "keyswap_budget_unmetered_request"))
+        }
+        Admit::Unreadable { budget } => {
+            let body = json!({"error": {
+                "type": "budget_unreadable_request",
+                "message": format!(
+                    "TokenBudget {budget} reads the request body to reserve what it may cost, and this body is not JSON \
+                     keyswap can read to its end (a lone surrogate escape such as \\ud800, nesting deeper than 128 \
+                     levels, or a body cut short); it was not forwarded"
+                ),
+                "budget": &**budget,
+            }});
+            Some(mutation::immediate(400, &body, "keyswap_budget_unreadable_request"))
         }
         Admit::Invalid { budget, why } => {
             let body = json!({"error": {

@@ -58,6 +58,9 @@ pub struct Demand {
     /// Some output limit is not a plain non-negative integer (a string, a fraction, a negative
     /// number, a body that is not valid JSON): the budget's default counts as well.
     pub unreadable_limit: bool,
+    /// The body starts as a JSON object but could not be read to its end: what comes after the
+    /// point where reading stopped (a limit, a reference) was not seen.
+    pub unreadable_body: bool,
     /// Completions generated at once (at least 1); each may use the whole output limit.
     pub choices: u64,
     /// Pieces of input the body refers to instead of carrying, which its size does not bound:
@@ -96,6 +99,7 @@ impl Demand {
             // What was read before an error counts; the error makes every limit doubtful.
             if Section::Top.read(Acc(&mut d), &mut de).and_then(|()| de.end()).is_err() {
                 d.unreadable_limit = true;
+                d.unreadable_body = true;
             }
         }
         // Where the provider reads the model from the path, a `model` in the body is ignored by
