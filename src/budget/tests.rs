@@ -181,6 +181,26 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
         (r#"{"messages":[{"content":[{"image\u005furl":"https://x/e.png"}]}]}"#, 1),
         // A `source` or `url` that is just text names nothing.
         (r#"{"messages":[{"content":"see source","source":"wiki","url":"https://x"}]}"#, 0),
+        // Tools the provider runs itself, whose results are input the body does not carry:
+        // Anthropic's web search and fetch (not the results of earlier searches, carried), its
+        // remote MCP servers; OpenAI's web and file search and remote MCP, chat's search options;
+        // Gemini's URL context and Google Search.
+        (
+            r#"{"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5},{"type":"web_fetch_20250910","name":"web_fetch"}],
+               "messages":[{"role":"assistant","content":[{"type":"web_search_tool_result","content":[]}]}]}"#,
+            2,
+        ),
+        (r#"{"mcp_servers":[{"type":"url","url":"https://mcp.example/sse","name":"x"}]}"#, 1),
+        (
+            r#"{"tools":[{"type":"web_search"},{"type":"file_search","vector_store_ids":["vs_1"]},{"type":"mcp","server_url":"https://x"}],
+               "input":[{"type":"web_search_call"},{"type":"mcp_call"}]}"#,
+            3,
+        ),
+        (r#"{"model":"gpt-4o-search-preview","web_search_options":{}}"#, 1),
+        (r#"{"tools":[{"url_context":{}},{"google_search":{}}]}"#, 2),
+        (r#"{"tools":[{"googleSearch":{}}]}"#, 1),
+        // Tools the agent runs (functions) fetch nothing on the provider's side.
+        (r#"{"tools":[{"type":"function","function":{"name":"web_search"}}]}"#, 0),
     ] {
         assert_eq!(demand(body).references, refs, "{body}");
     }

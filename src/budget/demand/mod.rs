@@ -39,7 +39,7 @@ macro_rules! scalars_are {
 }
 
 mod values;
-use values::{Count, Enabled, Model, Shape};
+use values::{Count, Enabled, Model, ServerTool, Shape};
 
 /// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
 const MAX_MODELS: usize = 8;
@@ -242,7 +242,9 @@ impl Section {
             (Section::Nested, "candidateCount" | "candidate_count") => Key::Choices,
             (
                 Section::Top,
-                "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id",
+                "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id"
+                // Remote MCP servers (Anthropic), web search options (OpenAI search models).
+                | "mcp_servers" | "web_search_options",
             ) => Key::Reference,
             (Section::Top, "prompt") => Key::Prompt,
             (Section::Top, "background") => Key::Background,
@@ -328,6 +330,15 @@ fn referring(key: &str) -> Option<KeyKind> {
         // An object whose `url` is one (Anthropic's `source`); a string there is no URL.
         "source" => Some(KeyKind::Holder),
         "file_id" | "fileUri" | "file_uri" => Some(KeyKind::Stored),
+        // A tool the provider runs itself: by its `type` (OpenAI, Anthropic), or by its key
+        // (Gemini's `tools: [{"url_context": {}}]`).
+        "type" => Some(KeyKind::Type),
+        "url_context"
+        | "urlContext"
+        | "google_search"
+        | "googleSearch"
+        | "google_search_retrieval"
+        | "googleSearchRetrieval" => Some(KeyKind::Tool),
         _ => None,
     }
 }
@@ -355,6 +366,12 @@ impl<'de> Visitor<'de> for Scan<'_> {
                 Some(KeyKind::Holder) => map.next_value_seed(Holder(Scan { d: &mut *d, url_holder: true }))?,
                 Some(KeyKind::Stored) => {
                     if !matches!(map.next_value::<Shape>()?, Shape::Nothing) {
+                        d.references += 1;
+                    }
+                }
+                Some(KeyKind::Type) => d.references += u64::from(map.next_value::<ServerTool>()?.0),
+                Some(KeyKind::Tool) => {
+                    if matches!(map.next_value::<Shape>()?, Shape::Object) {
                         d.references += 1;
                     }
                 }
@@ -386,6 +403,8 @@ enum KeyKind {
     Fetched,
     Holder,
     Stored,
+    Type,
+    Tool,
 }
 
 /// The value of a `source`: an object is scanned as a URL holder; anything else names nothing.

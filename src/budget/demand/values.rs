@@ -102,6 +102,44 @@ impl<'de> de::Deserialize<'de> for Shape {
     }
 }
 
+/// A `type` value: whether it names a tool the provider runs itself and whose results become
+/// input the body does not carry (a web search, a page fetch, a file search, a remote MCP
+/// server). The conversation items those tools leave (`web_search_call`,
+/// `web_search_tool_result`) are carried in the body, so they are not counted.
+pub(super) struct ServerTool(pub(super) bool);
+
+impl ServerTool {
+    fn named(t: &str) -> bool {
+        matches!(t, "web_search" | "web_search_preview" | "file_search" | "mcp" | "url_context")
+            || t.starts_with("web_search_preview_")
+            // Anthropic's dated tool types: `web_search_20250305`, `web_fetch_20250910`.
+            || ["web_search_2", "web_fetch_2"].iter().any(|p| t.starts_with(p))
+    }
+}
+
+impl<'de> de::Deserialize<'de> for ServerTool {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<ServerTool, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ServerTool;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a type")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ServerTool, E> {
+                Ok(ServerTool(ServerTool::named(s)))
+            }
+            scalars_are!(ServerTool(false), unit);
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<ServerTool, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| ServerTool(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerTool, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| ServerTool(false))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
 /// A `model` value: its name when it is a string (anything else is no model to a provider).
 pub(super) struct Model(pub(super) Option<String>);
 
