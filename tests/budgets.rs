@@ -298,6 +298,39 @@ impl Replica {
     async fn metric(&self, sample: &str) -> f64 {
         metric(&scrape(self.metrics, "/metrics").await.1, sample)
     }
+
+    /// A streamed call whose body the test reads itself (and may hang up on): answered 200.
+    async fn open_stream(&self, host: &str, path: &str, body: &'static str) -> hyper::Response<hyper::body::Incoming> {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://127.0.0.1:{}{path}", self.port))
+            .header("host", host)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp
+    }
+
+    /// The tokens `budget` settled, once it has settled any (a stream the agent hung up on is
+    /// settled when Envoy closes its ext_proc stream: up to 5 s later on the observing filter).
+    async fn settled_once_any(&self, budget: &str) -> u64 {
+        let sample = format!("keyswap_budget_tokens_total{{budget=\"{budget}\",kind=\"settled\"}}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let settled = self.metric(&sample).await;
+            if settled > 0.0 {
+                return settled as u64;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{budget}: an aborted stream was never settled:\n{}",
+                self.keyswap.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// A gateway with one budget (`name`, attached to `parent`, with `spec` lines), served by one
@@ -542,18 +575,9 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
         "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}",
         observe,
     );
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/tight\",kind=\"settled\"}");
     let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":2000,"messages":[]}"#;
     // The agent reads the first event, then hangs up before the usage event.
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1:{}/v1/chat/completions?hold", r.port))
-        .header("host", OPENAI)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let mut resp = client().request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    let mut resp = r.open_stream(OPENAI, "/v1/chat/completions?hold", body).await;
     let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
     drop(resp);
@@ -561,12 +585,7 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     // no more output than the bytes that passed; the rest of the 2000 is released. The body is
     // read by the observing filter, whose stream Envoy closes 5 s (its deferred-close timeout)
     // after the agent hung up.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while settled().await == 0.0 {
-        assert!(Instant::now() < deadline, "an aborted stream was never settled:\n{}", r.keyswap.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let charged = settled().await as u64;
+    let charged = r.settled_once_any("default/tight").await;
     assert!(charged >= body.len() as u64, "charged {charged}: less than the prompt");
     assert!(
         charged <= body.len() as u64 + first.len() as u64 * 2,
@@ -587,31 +606,17 @@ async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_pla
     let meter = Meter::start(Duration::ZERO).await;
     let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
     let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/roomy\",kind=\"settled\"}");
     let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://127.0.0.1:{}/v1/messages?hold&pad", r.port))
-        .header("host", ANTHROPIC)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let mut resp = client().request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    let mut resp = r.open_stream(ANTHROPIC, "/v1/messages?hold&pad", body).await;
     let mut received = 0;
     while received < 20_000 {
         let frame = resp.body_mut().frame().await.expect("more of the stream").unwrap();
         received += frame.into_data().map_or(0, |d| d.len());
     }
     drop(resp);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while settled().await == 0.0 {
-        assert!(Instant::now() < deadline, "an aborted stream was never settled:\n{}", r.keyswap.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // Over 20 KB passed: the whole 2,000-token output reservation is charged, with the input
     // `message_start` reported; not the placeholder's 1 output token.
-    let charged = settled().await as u64;
+    let charged = r.settled_once_any("default/roomy").await;
     assert_eq!(charged, INPUT_TOKENS + 2000, "charged {charged} for a cut-off stream of {received} bytes");
     meter.hold.notify_waiters();
 }

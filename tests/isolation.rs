@@ -85,32 +85,33 @@ async fn within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
 /// there is set aside, and keyswap serves the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_names_what_was_left_out_or_set_aside_at_start() {
-    let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = tempfile::tempdir().unwrap();
     std::fs::write(config.path().join("config.yaml"), CONFIG).unwrap();
     std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-one")).unwrap();
     std::fs::write(config.path().join("team-c.yaml"), INVALID_POLICY).unwrap();
-    let (grpc_port, metrics_port) = (free_port(), free_port());
-    let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
-    let (_keyswap, _uds) =
-        start_keyswap(config.path(), work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
-    let (status, ready) = scrape(metrics_port, "/readyz").await;
-    assert_eq!(status, 200, "{ready}");
+    let token = token(config.path());
+    // `serve` on the directory as it is now: its readiness text, and whether it injects.
+    let start = async |config: &std::path::Path| {
+        let work = tempfile::tempdir().unwrap();
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
+        let (keyswap, _uds) = start_keyswap(config, work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
+        let (status, ready) = scrape(metrics_port, "/readyz").await;
+        assert_eq!(status, 200, "{ready}");
+        let (_, m) = scrape(metrics_port, "/metrics").await;
+        let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-one"), "{ready}");
+        (ready, metric(&m, "keyswap_config_rejected_objects"), keyswap.output())
+    };
+    let (ready, rejected, _) = start(config.path()).await;
     assert!(ready.contains("1 invalid object(s) left out"), "{ready}");
-    let (_, m) = scrape(metrics_port, "/metrics").await;
-    assert_eq!(metric(&m, "keyswap_config_rejected_objects"), 1.0, "{m}");
-
+    assert_eq!(rejected, 1.0);
     // The same directory with a file over 1 MiB in it: set aside, the rest served.
-    let huge = format!("# {}\n", "x".repeat(1_100_000));
-    std::fs::write(config.path().join("huge.yaml"), huge).unwrap();
-    let work2 = tempfile::tempdir().unwrap();
-    let (grpc_port, metrics_port) = (free_port(), free_port());
-    let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
-    let (keyswap, _uds) =
-        start_keyswap(config.path(), work2.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
-    let (status, ready) = scrape(metrics_port, "/readyz").await;
-    assert_eq!(status, 200, "{ready}");
+    std::fs::write(config.path().join("huge.yaml"), format!("# {}\n", "x".repeat(1_100_000))).unwrap();
+    let (ready, _, log) = start(config.path()).await;
     assert!(ready.contains("1 file(s) over the manifest limits set aside"), "{ready}");
-    assert!(keyswap.output().contains("huge.yaml"), "{}", keyswap.output());
+    assert!(log.contains("huge.yaml"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
