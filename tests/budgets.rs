@@ -82,8 +82,8 @@ impl Meter {
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         self.seen.lock().unwrap().push(format!("{path} {headers} {}", String::from_utf8_lossy(&body)));
         self.requests.fetch_add(1, Ordering::SeqCst);
-        // `?status=NNN`: an error without usage, as Envoy's own replies (504 after the route's
-        // timeout, 408 after the stream idle timeout) or a provider's.
+        // `?status=NNN`: an error without usage, as a provider's (or its edge's: 504 after a long
+        // generation).
         if let Some(code) = path.split("status=").nth(1).and_then(|c| c.get(..3)?.parse::<u16>().ok()) {
             let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from("upstream request timeout")));
             return hyper::Response::builder().status(code).header("content-type", "text/plain").body(body).unwrap();
@@ -621,10 +621,10 @@ async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_pla
     meter.hold.notify_waiters();
 }
 
-/// The attack: make a call outlive the gateway's timeouts (a long generation, answered by Envoy
-/// with 504 or 408 and no usage). The provider may have run it to the end; before, a status
-/// without usage released the whole reservation, and such calls were free. Any other error
-/// without usage still gives its tokens back.
+/// The attack: make a call outlive the timeouts of a gateway in front of the model (a long
+/// generation, answered 504 or 408 with no usage). The model may have run it to the end; before,
+/// a status without usage released the whole reservation, and such calls were free. Any other
+/// error without usage still gives its tokens back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_that_times_out_after_forwarding_is_not_free() {
     let meter = Meter::start(Duration::ZERO).await;

@@ -327,9 +327,11 @@ pub enum Observed {
 pub enum Answered {
     /// 2xx.
     Success,
-    /// 408 or 504: Envoy or the provider gave up waiting (a long generation past the route's
-    /// timeout or the stream idle timeout). The provider may have run the call to its end, and
-    /// nothing says what it used: settled like a success without usage, the reservation stands.
+    /// 408 or 504 from upstream: a gateway in front of the model (the provider's edge, a proxy on
+    /// the way) gave up waiting on a long generation. The model may have run the call to its end,
+    /// and nothing says what it used: settled like a success without usage, the reservation
+    /// stands. (Envoy's own timeouts never reach keyswap as a status: ext_proc skips its local
+    /// replies, the stream closes, and the call is settled as cut off.)
     TimedOut,
     /// Any other status: the provider refused or failed the call.
     Error,
