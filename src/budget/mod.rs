@@ -280,9 +280,10 @@ pub enum Admit {
         budget: Arc<str>,
         what: &'static str,
     },
-    /// The body starts as a JSON object but cannot be read to its end (an escape or nesting
-    /// serde_json refuses and more lenient parsers accept, a body cut short): a limit after the
-    /// point where reading stopped would go unseen, so a budget on tokens refuses it (400).
+    /// The body starts as a JSON object but cannot be read to its end (bytes that are not UTF-8,
+    /// nesting deeper than serde_json reads and more lenient parsers accept, a body cut short): a
+    /// limit after the point where reading stopped would go unseen, so a budget on tokens refuses
+    /// it (400).
     Unreadable {
         budget: Arc<str>,
     },

@@ -236,10 +236,26 @@ fn a_deeply_nested_or_truncated_body_cannot_crash_the_reader_or_shrink_the_reser
     let deep = format!(r#"{{"max_tokens":1,"messages":{}"#, "[".repeat(100_000));
     let d = demand(&deep);
     assert!(d.unreadable_limit && d.unreadable_body);
-    // A lone surrogate, bytes after the object: unreadable to the end (a budget refuses them).
-    for body in [r#"{"messages":"\ud800","max_tokens":9}"#, r#"{"max_tokens":9} {}"#] {
-        assert!(demand(body).unreadable_body, "{body}");
+    // Cut short, or not UTF-8: unreadable to the end (a budget refuses them).
+    for body in [&br#"{"max_tokens":9,"messages":"#[..], b"{\"messages\":\"\xff\",\"max_tokens\":9}"] {
+        assert!(Demand::from_body(body, None).unreadable_body, "{body:?}");
     }
+    // A limit after a lone surrogate escape (a JavaScript client's string cut inside an emoji):
+    // read as lenient parsers read it, the escape as U+FFFD. Pairs and escaped backslashes stay.
+    for (body, limit) in [
+        (r#"{"messages":"\ud800","max_tokens":5000}"#, 5000),
+        (r#"{"messages":"x\udc00y\ud83d\ude00z","max_tokens":5001}"#, 5001),
+        (r#"{"messages":"\\ud800 \ud83d\ude00","max_tokens":5002}"#, 5002),
+    ] {
+        let d = demand(body);
+        assert!(!d.unreadable_body && !d.unreadable_limit, "{body}");
+        assert_eq!((d.max_output_tokens, d.body_bytes), (Some(limit), body.len() as u64), "{body}");
+    }
+    // Bytes after the object (JSON Lines: a batch file uploaded raw): the first object is what
+    // any parser that accepts the body reads; the default counts as well.
+    let jsonl = demand("{\"max_tokens\":9}\n{\"max_tokens\":7}\n");
+    assert!(jsonl.unreadable_limit && !jsonl.unreadable_body);
+    assert_eq!(jsonl.output_tokens(4096), 4096);
     // What is read whole is not, whatever its limits say.
     for body in [r#"{"max_tokens":"9"}"#, r#"{"messages":"\u00e9"}"#, "not json", ""] {
         assert!(!demand(body).unreadable_body, "{body}");

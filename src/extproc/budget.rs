@@ -321,8 +321,8 @@ fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
                 "type": "budget_unreadable_request",
                 "message": format!(
                     "TokenBudget {budget} reads the request body to reserve what it may cost, and this body is not JSON \
-                     keyswap can read to its end (a lone surrogate escape such as \\ud800, bytes that are not UTF-8, \
-                     nesting deeper than 128 levels, bytes after the object); it was not forwarded"
+                     keyswap can read to its end (bytes that are not UTF-8, nesting deeper than 128 levels, or a body \
+                     cut short); it was not forwarded"
                 ),
                 "budget": &**budget,
             }});

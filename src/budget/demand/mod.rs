@@ -95,11 +95,24 @@ impl Demand {
         if body.is_empty() {
             d.max_output_tokens = Some(0);
         } else if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-            let mut de = serde_json::Deserializer::from_slice(body);
-            // What was read before an error counts; the error makes every limit doubtful.
-            if Section::Top.read(Acc(&mut d), &mut de).and_then(|()| de.end()).is_err() {
-                d.unreadable_limit = true;
-                d.unreadable_body = true;
+            // A lone surrogate escape (a string a JavaScript client cut inside an emoji) stops
+            // serde_json; Go reads it as U+FFFD and Python and JavaScript keep it, so the body is
+            // read again that way.
+            let read = d.read_object(body).or_else(|()| {
+                let replaced = lone_surrogates_replaced(body).ok_or(())?;
+                d = Demand { choices: 1, body_bytes: d.body_bytes, ..Demand::default() };
+                d.read_object(&replaced)
+            });
+            match read {
+                Ok(true) => {}
+                // Bytes after the object: Python and JavaScript refuse such a body, Go and Java
+                // read its first object, read whole here. The default counts as well.
+                Ok(false) => d.unreadable_limit = true,
+                // What was read before the error counts; what comes after it went unseen.
+                Err(()) => {
+                    d.unreadable_limit = true;
+                    d.unreadable_body = true;
+                }
             }
         }
         // Where the provider reads the model from the path, a `model` in the body is ignored by
@@ -109,6 +122,14 @@ impl Demand {
             d.models_overflow = false;
         }
         d
+    }
+
+    /// Reads the object `body` starts with: `Ok(true)` when nothing but whitespace follows it,
+    /// `Ok(false)` when more does, `Err` when the object itself cannot be read to its end.
+    fn read_object(&mut self, body: &[u8]) -> Result<bool, ()> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        Section::Top.read(Acc(self), &mut de).map_err(drop)?;
+        Ok(de.end().is_ok())
     }
 
     /// The output tokens to reserve when the budget's default is `default`.
@@ -151,6 +172,38 @@ impl Demand {
             self.models.push(m);
         }
     }
+}
+
+/// `body` with every `\u` escape of a lone surrogate (a high one not followed by a low one, or a
+/// low one alone) written as `\ufffd`, the same length; `None` when it has none.
+fn lone_surrogates_replaced(body: &[u8]) -> Option<Vec<u8>> {
+    let unit = |at: usize| -> Option<u16> {
+        let hex = body.get(at..at + 6).filter(|e| e.starts_with(b"\\u"))?;
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    };
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let Some(u) = unit(i) else {
+            // Any other escape (`\\` among them): the escaped byte is skipped with it.
+            i += 2;
+            continue;
+        };
+        let paired = (0xD800..0xDC00).contains(&u) && unit(i + 6).is_some_and(|l| (0xDC00..0xE000).contains(&l));
+        if paired {
+            i += 12;
+        } else {
+            if (0xD800..0xE000).contains(&u) {
+                out.get_or_insert_with(|| body.to_vec())[i..i + 6].copy_from_slice(b"\\ufffd");
+            }
+            i += 6;
+        }
+    }
+    out
 }
 
 /// `body` as UTF-8 when it is not already: without a UTF-8 byte-order mark, or decoded from
