@@ -652,7 +652,6 @@ async fn a_call_that_times_out_after_forwarding_is_not_free() {
 }
 
 // === Redis ===
-// === Redis ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_requests_over_two_replicas_sharing_redis_never_overspend() {
@@ -794,7 +793,6 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
     }
 }
 
-/// Debian's `redis-cli` (beside `redis-server`) against the test Redis on `port`: its output.
 /// The attack: ask for most of a shared key's budget and hang up while Redis reserves it. The
 /// script runs all the same; before, the future that would have held (and given back) the
 /// reservation was dropped with the stream, and the key stayed spent, for every agent on it,
@@ -843,6 +841,48 @@ async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
     assert_eq!(status, 200, "{text}");
 }
 
+/// The attack: `max_tokens` far past any model's on a budget that limits only input tokens, in
+/// Redis. The output and total counters, checked against no limit, add every reservation; at the
+/// top of an `i64`, `HINCRBY` fails the script, which read as the store being down (every budget
+/// of the replica then failed open or closed). They saturate instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_reservations_on_an_input_only_redis_budget_saturate_instead_of_failing_the_store() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let (store, secret) = redis_store(redis_port);
+    let limits = "  key: Gateway\n  window: Day\n  limits: {inputTokens: 1000000}";
+    let config = tempfile::tempdir().unwrap();
+    write(
+        config.path(),
+        &gateway(&(budget("input-only", "{kind: EgressGateway, name: egress}", limits) + &secret), &store),
+    );
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    // Counters already at the top, as a window of such requests leaves them.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let key = format!("keyswap:budget:{{default/input-only}}:{}:*", now - now % 86_400);
+    let top = (i64::MAX - 10).to_string();
+    redis_cli(redis_port, &["HSET", &key, "o", &top, "t", &top]);
+    for _ in 0..2 {
+        let (status, _, text) = call(r.port, OPENAI, None, &chat(1_000_000_000_000_000)).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let decisions = |d: &'static str| {
+        let r = &r;
+        async move {
+            r.metric(&format!("keyswap_budget_decisions_total{{budget=\"default/input-only\",decision=\"{d}\"}}")).await
+        }
+    };
+    assert_eq!(decisions("admitted").await, 2.0, "{}", r.keyswap.output());
+    assert_eq!(decisions("store_unavailable_admitted").await, 0.0, "{}", r.keyswap.output());
+    let fields: std::collections::BTreeMap<String, i64> =
+        redis_counters(redis_port).into_iter().find(|(k, _)| *k == key).expect("the counter").1;
+    assert!(fields["o"] > 0 && fields["t"] > 0, "{fields:?}");
+    assert!(fields["i"] > 0 && fields["i"] < 1_000_000, "{fields:?}");
+}
+
+/// Debian's `redis-cli` (beside `redis-server`) against the test Redis on `port`: its output.
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "-a", REDIS_PASSWORD, "--no-auth-warning"])

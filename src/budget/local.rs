@@ -14,6 +14,9 @@ use arc_swap::ArcSwap;
 
 use super::{Amounts, Claim, Limited, DIMENSIONS};
 
+/// Where a counter no limit checks stops growing: 2^62 (Redis's reserve script saturates there too).
+const CEILING: i64 = 1 << 62;
+
 /// The counters of one budget, key and window.
 #[derive(Debug)]
 pub struct Counter {
@@ -50,13 +53,16 @@ impl Counter {
         for d in 0..4 {
             let a = amounts[d];
             let r = match limits[d] {
-                None => Ok(self.used[d].fetch_add(a, Ordering::AcqRel)),
+                // No limit checks it: it saturates rather than overflow (as in Redis).
+                None => Ok(self.used[d]
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_add(a).min(CEILING)))
+                    .unwrap_or_else(|u| u)),
                 Some(limit) => self.used[d].fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                     (u.saturating_add(a) <= limit as i64).then_some(u + a)
                 }),
             };
             match r {
-                Ok(before) => after[d] = before + a,
+                Ok(before) => after[d] = before.saturating_add(a).min(CEILING),
                 Err(used) => {
                     for (undo, amount) in amounts.iter().enumerate().take(d) {
                         self.used[undo].fetch_sub(*amount, Ordering::AcqRel);

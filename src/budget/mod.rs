@@ -188,8 +188,9 @@ impl Budget {
 
 /// The most one request reserves or settles in one dimension: 2^40, about 10^12 tokens, far
 /// beyond any provider's output limit or context window. Counters of the dimensions a budget does
-/// not limit still add up every request in flight; at this cap, overflowing an `i64` (in memory,
-/// or Redis's `HINCRBY`, which fails the whole script) would take millions of them at once.
+/// not limit still add up every request (and keep what calls without usage reserved); they
+/// saturate at 2^62, in memory and in Redis, where an overflowing `HINCRBY` would fail the script
+/// and read as the store being down.
 pub const MAX_PER_REQUEST: i64 = 1 << 40;
 
 fn weighted(tokens: u64, weight: f64) -> i64 {

@@ -88,9 +88,11 @@ impl std::fmt::Debug for RedisStore {
 
 const RESERVE: &str = r#"
 local fields = {'r', 'i', 'o', 't'}
+local seen = {}
 for k = 1, #KEYS do
   local b = (k - 1) * 9
   local used = redis.call('HMGET', KEYS[k], 'r', 'i', 'o', 't')
+  seen[k] = used
   for d = 1, 4 do
     local limit = tonumber(ARGV[b + 1 + d])
     local u = tonumber(used[d]) or 0
@@ -99,11 +101,20 @@ for k = 1, #KEYS do
     end
   end
 end
+-- A dimension no limit checks saturates at 2^62 instead of overflowing HINCRBY (an error that
+-- would read as the store being down).
+local ceiling = 4611686018427387904
 local remaining, limited = 0, 0
 for k = 1, #KEYS do
   local b = (k - 1) * 9
   for d = 1, 4 do
-    local after = redis.call('HINCRBY', KEYS[k], fields[d], ARGV[b + 5 + d])
+    local after
+    if (tonumber(seen[k][d]) or 0) + tonumber(ARGV[b + 5 + d]) >= ceiling then
+      redis.call('HSET', KEYS[k], fields[d], '4611686018427387904')
+      after = ceiling
+    else
+      after = redis.call('HINCRBY', KEYS[k], fields[d], ARGV[b + 5 + d])
+    end
     local limit = tonumber(ARGV[b + 1 + d])
     if d > 1 and limit >= 0 and (limited == 0 or limit - after < remaining) then
       remaining, limited = limit - after, 1

@@ -547,6 +547,17 @@ fn huge_output_limits_on_a_budget_of_input_only_never_overflow_its_counters() {
     assert_eq!(used[2], 60 * MAX_PER_REQUEST, "{used:?}");
     drop(held);
     assert_eq!(engine.local.used("default/team", "k", start), Some([0, 0, 0, 0]));
+    // Counters already at the top (a window of reservations kept by calls that reported no
+    // usage): they saturate at 2^62, never wrap.
+    let Ok((counters, _)) = engine.local.reserve(&[claim(&b, "top", [0, 0, 0, 0], now)], now) else { panic!() };
+    counters[0].add(&[0, 0, i64::MAX - 10, i64::MAX - 10]);
+    let huge = b.reserve_amounts(&Demand::from_body(br#"{"max_tokens":1e300}"#, None));
+    let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, "top", huge, now)], now) else {
+        panic!("admitted: the input fits")
+    };
+    let used = engine.local.used("default/team", "top", start).unwrap();
+    assert_eq!((used[2], used[3]), (1 << 62, 1 << 62), "{used:?}");
+    h.settle(Observed::Ended { answered: Answered::Success, input: None, output: None });
 }
 
 /// In Redis a key too long or with control characters is stored by its digest: a key spelled
