@@ -825,7 +825,6 @@ async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
     let hung_up = tokio::spawn(async move { call(port, OPENAI, None, &chat(2500)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     hung_up.abort();
-    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "the hung-up request reached the provider");
     // Whatever the script took is given back: the counters return to the first call's usage.
     let deadline = Instant::now() + Duration::from_secs(5);
     while total() != (INPUT_TOKENS + 10) as i64 {
@@ -837,6 +836,10 @@ async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The reservation was made (admitted, then given back), and nothing was forwarded.
+    let admitted = r.metric("keyswap_budget_decisions_total{budget=\"default/shared\",decision=\"admitted\"}").await;
+    assert_eq!(admitted, 2.0, "the hung-up request was never reserved: the test proved nothing");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "the hung-up request reached the provider");
     let (status, _, text) = call(r.port, OPENAI, None, &chat(2500)).await;
     assert_eq!(status, 200, "{text}");
 }

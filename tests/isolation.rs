@@ -96,7 +96,15 @@ async fn readyz_names_what_was_left_out_or_set_aside_at_start() {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
         let (keyswap, _uds) = start_keyswap(config, work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
-        let (status, ready) = scrape(metrics_port, "/readyz").await;
+        // The admin port opens after the socket `start_keyswap` waits for.
+        let since = Instant::now();
+        let (status, ready) = loop {
+            if let Some(answer) = try_scrape(metrics_port, "/readyz").await {
+                break answer;
+            }
+            assert!(since.elapsed() < Duration::from_secs(10), "no admin port:\n{}", keyswap.output());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert_eq!(status, 200, "{ready}");
         let (_, m) = scrape(metrics_port, "/metrics").await;
         let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;

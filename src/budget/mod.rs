@@ -24,11 +24,14 @@
 //! ([`redis`], shared by every replica; one round trip to reserve, one to settle).
 
 mod demand;
+mod held;
 pub mod local;
 mod metrics;
 pub mod redis;
 
 pub use demand::Demand;
+use held::HeldIn;
+pub use held::{Answered, Held, Observed};
 pub use metrics::{BudgetMetrics, Cached, Registry};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -290,129 +293,6 @@ pub enum Admit {
     },
 }
 
-/// Reservations taken for one request, settled exactly once: by [`Held::settle`], or released
-/// whole when dropped unsettled (the request never reached the provider).
-#[derive(Debug)]
-pub struct Held {
-    claims: Vec<Claim>,
-    on: HeldIn,
-    engine: Arc<Engine>,
-}
-
-#[derive(Debug)]
-enum HeldIn {
-    Local(Vec<Arc<local::Counter>>),
-    Redis(Arc<redis::RedisStore>),
-    /// Admitted uncounted (the store was down, fail-open), or already settled.
-    Nothing,
-}
-
-/// What is known about a call when its reservation is settled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Observed {
-    /// The response ended. Tokens the provider reported count, and a count missing beside a
-    /// reported one is zero (embeddings report no output). A response that reports no usage at
-    /// all keeps its reservation when it succeeded (an OpenAI stream without `include_usage`) or
-    /// timed out ([`Answered::TimedOut`]); an error status without usage generated nothing: its
-    /// tokens are released.
-    Ended { answered: Answered, input: Option<u64>, output: Option<u64> },
-    /// The request was forwarded, then cut off (client gone, upstream reset). The reported input
-    /// counts, or else the input as reserved (the provider may have read the prompt whether or not
-    /// it answered); the output is the larger of the reported count and the response bytes that
-    /// passed, those capped at the output reserved (a token is at least one byte; a count
-    /// reported before the end can be a placeholder).
-    Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64 },
-}
-
-/// What a response's status says about a call, for settling one that reported no usage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Answered {
-    /// 2xx.
-    Success,
-    /// 408 or 504 from upstream: a gateway in front of the model (the provider's edge, a proxy on
-    /// the way) gave up waiting on a long generation. The model may have run the call to its end,
-    /// and nothing says what it used: settled like a success without usage, the reservation
-    /// stands. (Envoy's own timeouts never reach keyswap as a status: ext_proc skips its local
-    /// replies, the stream closes, and the call is settled as cut off.)
-    TimedOut,
-    /// Any other status: the provider refused or failed the call.
-    Error,
-}
-
-impl Answered {
-    /// The answer a response status gives.
-    pub fn of_status(status: Option<u16>) -> Answered {
-        match status {
-            Some(200..=299) => Answered::Success,
-            Some(408 | 504) => Answered::TimedOut,
-            _ => Answered::Error,
-        }
-    }
-}
-
-impl Held {
-    pub fn claims(&self) -> &[Claim] {
-        &self.claims
-    }
-
-    /// Settles every claim to what the call used, per `observed`; releases the rest.
-    pub fn settle(mut self, observed: Observed) {
-        for c in &self.claims {
-            let settled = c.used(observed)[3].max(0) as u64;
-            self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
-        }
-        self.apply(|c| {
-            let used = c.used(observed);
-            std::array::from_fn(|d| used[d] - c.reserved[d])
-        });
-    }
-
-    /// Adds `delta` of each claim to its counter (negative: gives back).
-    fn apply(&mut self, delta: impl Fn(&Claim) -> Amounts) {
-        match std::mem::replace(&mut self.on, HeldIn::Nothing) {
-            HeldIn::Local(counters) => {
-                for (counter, c) in counters.iter().zip(&self.claims) {
-                    counter.add(&delta(c));
-                }
-            }
-            HeldIn::Redis(store) => {
-                let deltas = self.claims.iter().map(delta).collect();
-                store.settle(&self.claims, deltas, Settling::new(&self.engine))
-            }
-            HeldIn::Nothing => {}
-        }
-    }
-}
-
-impl Claim {
-    /// What the call counts as in this claim's budget, per `observed`.
-    fn used(&self, observed: Observed) -> Amounts {
-        let (w, reserved) = (self.weight, &self.reserved);
-        let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
-        let (input, output) = match observed {
-            Observed::Ended { answered: Answered::Error, input: None, output: None } => (0, 0),
-            Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
-            Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
-            Observed::Aborted { input, output, response_bytes } => {
-                // What passed bounds the output from below too: a count reported before the end
-                // can be a placeholder (Anthropic's `message_start` says 1 or 2 output tokens).
-                let passed = reserved[2].min(weighted(response_bytes, w));
-                (count(input, reserved[1]), count(output, passed).max(passed))
-            }
-        };
-        [1, input, output, input + output]
-    }
-}
-
-impl Drop for Held {
-    /// Never settled: the request was refused or abandoned before it was forwarded.
-    fn drop(&mut self) {
-        if !matches!(self.on, HeldIn::Nothing) {
-            self.apply(|c| c.reserved.map(|a| -a));
-        }
-    }
-}
-
 /// Where budgets are counted: this process, or the gateway's Redis. Shared by every stream;
 /// counters outlive configuration changes (a raised limit applies to what was already used).
 pub struct Engine {
@@ -512,11 +392,15 @@ impl Engine {
         let store = self.redis_for(target);
         let engine = self.clone();
         let budgets: Vec<Arc<str>> = claims.iter().map(|c| c.budget.name.clone()).collect();
+        let fail_closed = claims.iter().any(|c| c.budget.fail_closed);
         // A task of its own, not the stream's: the script is sent and will run even if the agent
         // hangs up meanwhile (the stream and its future dropped). Its `Held` then has no one to
-        // take it and is dropped when the task ends, giving the reservation back; a future on
-        // the stream would have been dropped mid-flight, leaving Redis holding it for the window.
-        let task = tokio::spawn(async move {
+        // take it and is dropped in the task, giving the reservation back; a future on the stream
+        // would have been dropped mid-flight, leaving Redis holding it for the window. Shutdown
+        // waits for the task as for a settlement.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _under_way = Settling::new(&engine);
             let admit = match store.reserve(&claims, now).await {
                 Ok(Ok(remaining)) => {
                     Admit::Held(Held { claims, on: HeldIn::Redis(store), engine: engine.clone() }, remaining)
@@ -524,10 +408,26 @@ impl Engine {
                 Ok(Err(l)) => Admit::Limited(l),
                 Err(e) => engine.unavailable(claims, e.error),
             };
-            engine.count(admit)
+            if let Err(unclaimed) = tx.send(engine.count(admit)) {
+                drop(unclaimed);
+            }
         });
+        let engine = self.clone();
         Reserve::Later(Box::pin(async move {
-            task.await.unwrap_or_else(|e| Admit::Unavailable { error: format!("reserving failed: {e}"), budgets })
+            match rx.await {
+                Ok(admit) => admit,
+                // The task panicked or was cancelled: the budgets' fail mode decides.
+                Err(_) if fail_closed => {
+                    let error = "the budget reservation ended without an answer".to_owned();
+                    engine.count(Admit::Unavailable { error, budgets })
+                }
+                Err(_) => {
+                    for b in &budgets {
+                        engine.inc(b, |m| &m.store_unavailable_admitted);
+                    }
+                    Admit::AdmittedUncounted(Held { claims: Vec::new(), on: HeldIn::Nothing, engine })
+                }
+            }
         }))
     }
 

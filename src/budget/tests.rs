@@ -64,6 +64,10 @@ fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
         // Amazon Nova on Bedrock's invoke API; text-generation servers' `parameters`.
         (r#"{"inferenceConfig":{"max_new_tokens":14}}"#, 14),
         (r#"{"inputs":"hi","parameters":{"max_new_tokens":15}}"#, 15),
+        // Several sequences at once, in `parameters` as at the top.
+        (r#"{"inputs":"hi","parameters":{"max_new_tokens":15,"best_of":3}}"#, 45),
+        (r#"{"parameters":{"num_return_sequences":2,"max_new_tokens":10}}"#, 20),
+        (r#"{"num_return_sequences":2,"max_tokens":10}"#, 20),
         (r#"{"max_new_tokens":16}"#, 16),
         // Two names for the limit: the larger counts (the provider may honour either).
         (r#"{"max_tokens":5,"max_completion_tokens":50}"#, 50),
@@ -199,6 +203,8 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
         (r#"{"model":"gpt-4o-search-preview","web_search_options":{}}"#, 1),
         (r#"{"tools":[{"url_context":{}},{"google_search":{}}]}"#, 2),
         (r#"{"tools":[{"googleSearch":{}}]}"#, 1),
+        // A referring key straight in the body, or in an object read for its limits.
+        (r#"{"image_url":"https://x/f.png","parameters":{"file_id":"file-9","max_new_tokens":5}}"#, 2),
         // Tools the agent runs (functions) fetch nothing on the provider's side.
         (r#"{"tools":[{"type":"function","function":{"name":"web_search"}}]}"#, 0),
     ] {

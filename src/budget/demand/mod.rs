@@ -82,10 +82,11 @@ impl Demand {
     /// under any provider's name for it — `max_tokens`, `max_completion_tokens`,
     /// `max_output_tokens`, `maxTokens`, `max_gen_len` (Llama on Bedrock), Gemini's
     /// `generationConfig.maxOutputTokens` (or `generation_config.max_output_tokens`: its JSON
-    /// mapping accepts both), Bedrock's `inferenceConfig.maxTokens` and
-    /// `textGenerationConfig.maxTokenCount` — with the completions asked for (`n`, `best_of`,
-    /// `generationConfig.candidateCount`). Never fails. A request without a body (a model list)
-    /// generates nothing: its output limit is 0.
+    /// mapping accepts both), Bedrock's `inferenceConfig.maxTokens` (`.max_new_tokens` for Nova)
+    /// and `textGenerationConfig.maxTokenCount`, `max_new_tokens` (also in text-generation
+    /// servers' `parameters`) — with the completions asked for (`n`, `best_of`,
+    /// `num_return_sequences`, `generationConfig.candidateCount`). Never fails. A request without
+    /// a body (a model list) generates nothing: its output limit is 0.
     pub fn from_body(body: &[u8], path_model: Option<&str>) -> Demand {
         let mut d = Demand { choices: 1, body_bytes: body.len() as u64, ..Demand::default() };
         // JSON with a byte-order mark, or in UTF-16/32: parsers that detect the encoding (Python's
@@ -261,7 +262,9 @@ enum Key {
     /// `prompt`: a stored prompt when an object (`{"id": …}`), text when a string.
     Prompt,
     Background,
-    Other,
+    /// Any other key: its value is scanned for input it refers to (`referring` names the key's
+    /// own kind, if any).
+    Other(Option<KeyKind>),
 }
 
 impl Section {
@@ -277,7 +280,7 @@ impl Section {
                 | "max_gen_len"
                 | "max_new_tokens",
             ) => Key::Limit,
-            (Section::Top, "n" | "best_of") => Key::Choices,
+            (Section::Top, "n" | "best_of" | "num_return_sequences") => Key::Choices,
             (
                 Section::Top,
                 "generationConfig"
@@ -292,7 +295,10 @@ impl Section {
                 "maxOutputTokens" | "max_output_tokens" | "maxTokens" | "max_tokens" | "maxTokenCount"
                 | "max_new_tokens",
             ) => Key::Limit,
-            (Section::Nested, "candidateCount" | "candidate_count") => Key::Choices,
+            (
+                Section::Nested,
+                "candidateCount" | "candidate_count" | "n" | "best_of" | "num_return_sequences",
+            ) => Key::Choices,
             (
                 Section::Top,
                 "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id"
@@ -301,7 +307,7 @@ impl Section {
             ) => Key::Reference,
             (Section::Top, "prompt") => Key::Prompt,
             (Section::Top, "background") => Key::Background,
-            _ => Key::Other,
+            _ => Key::Other(referring(name)),
         }
     }
 }
@@ -351,7 +357,7 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
                     }
                 }
                 Key::Background => d.background |= map.next_value::<Enabled>()?.0,
-                Key::Other => map.next_value_seed(Scan { d, url_holder: false })?,
+                Key::Other(kind) => read_value(d, kind, false, &mut map)?,
             }
         }
         Ok(())
@@ -372,6 +378,34 @@ struct Scan<'a> {
     d: &'a mut Demand,
     /// An object whose `url` the provider fetches (a `source`, an `image_url` object).
     url_holder: bool,
+}
+
+/// The value of a key named `kind` ([`referring`]; `None`: any other key), read for the input
+/// it refers to; `url_holder`: the object it is in is one whose `url` the provider fetches.
+fn read_value<'de, A: MapAccess<'de>>(
+    d: &mut Demand,
+    kind: Option<KeyKind>,
+    url_holder: bool,
+    map: &mut A,
+) -> Result<(), A::Error> {
+    match kind {
+        Some(KeyKind::Url) if url_holder => d.fetched(map.next_value::<Shape>()?),
+        Some(KeyKind::Fetched) => map.next_value_seed(Scan { d, url_holder: true })?,
+        Some(KeyKind::Holder) => map.next_value_seed(Holder(Scan { d, url_holder: true }))?,
+        Some(KeyKind::Stored) => {
+            if !matches!(map.next_value::<Shape>()?, Shape::Nothing) {
+                d.references += 1;
+            }
+        }
+        Some(KeyKind::Type) => d.references += u64::from(map.next_value::<ServerTool>()?.0),
+        Some(KeyKind::Tool) => {
+            if matches!(map.next_value::<Shape>()?, Shape::Object) {
+                d.references += 1;
+            }
+        }
+        _ => map.next_value_seed(Scan { d, url_holder: false })?,
+    }
+    Ok(())
 }
 
 /// Keys whose value is input the provider fetches or holds, at any depth.
@@ -413,23 +447,7 @@ impl<'de> Visitor<'de> for Scan<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Scan { d, url_holder } = self;
         while let Some(key) = map.next_key::<KeyText>()? {
-            match key.0 {
-                Some(KeyKind::Url) if url_holder => d.fetched(map.next_value::<Shape>()?),
-                Some(KeyKind::Fetched) => map.next_value_seed(Scan { d: &mut *d, url_holder: true })?,
-                Some(KeyKind::Holder) => map.next_value_seed(Holder(Scan { d: &mut *d, url_holder: true }))?,
-                Some(KeyKind::Stored) => {
-                    if !matches!(map.next_value::<Shape>()?, Shape::Nothing) {
-                        d.references += 1;
-                    }
-                }
-                Some(KeyKind::Type) => d.references += u64::from(map.next_value::<ServerTool>()?.0),
-                Some(KeyKind::Tool) => {
-                    if matches!(map.next_value::<Shape>()?, Shape::Object) {
-                        d.references += 1;
-                    }
-                }
-                _ => map.next_value_seed(Scan { d: &mut *d, url_holder: false })?,
-            }
+            read_value(d, key.0, url_holder, &mut map)?;
         }
         Ok(())
     }
