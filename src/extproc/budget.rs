@@ -87,10 +87,11 @@ impl Budgeted {
         self.reads_bodies && self.held.is_none()
     }
 
-    /// The refusal of a request that would spend tokens a budget of the route cannot count and
-    /// refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a background
-    /// run.
-    fn unmetered(&self, demand: &Demand) -> Option<Admit> {
+    /// The refusal of a request a budget of the route cannot meter: a body it cannot read to its
+    /// end (every budget on tokens refuses it), or one that would spend tokens a budget cannot
+    /// count and refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a
+    /// background run.
+    fn cannot_meter(&self, demand: &Demand) -> Option<Admit> {
         if demand.unreadable_body {
             let budget = self.budgets.iter().find(|b| b.counts_tokens())?;
             return Some(Admit::Unreadable { budget: budget.name.clone() });
@@ -142,9 +143,9 @@ impl ProcessStream {
         };
         let now = SystemTime::now();
         let demand = Demand::from_body(body, b.path_model.as_deref());
-        if let Some(refused) = b.unmetered(&demand) {
+        if let Some(refused) = b.cannot_meter(&demand) {
             let admit = self.shared.budgets.count(refused);
-            let refusal = self.record(admit).expect("an unmetered request is refused");
+            let refusal = self.record(admit).expect("a request no budget can meter is refused");
             return Handled::Answer(refusal, phase, true);
         }
         let claims = b.claims(&demand, now);
