@@ -38,6 +38,22 @@ macro_rules! scalars_are {
     };
 }
 
+/// The `visit_seq` and `visit_map` methods of a visitor to which an array means `$seq` and an
+/// object `$map` (one value: both), each skipped unread.
+macro_rules! containers_are {
+    ($seq:expr, $map:expr) => {
+        fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            IgnoredAny.visit_seq(seq).map(|_| $seq)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            IgnoredAny.visit_map(map).map(|_| $map)
+        }
+    };
+    ($both:expr) => {
+        containers_are!($both, $both);
+    };
+}
+
 mod values;
 use values::{Count, Enabled, Model, ServerTool, Shape};
 

@@ -39,12 +39,7 @@ impl<'de> de::Deserialize<'de> for Enabled {
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Enabled, E> {
                 Ok(Enabled(true))
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Enabled, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Enabled(true))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Enabled, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Enabled(true))
-            }
+            containers_are!(Enabled(true));
         }
         de.deserialize_any(V)
     }
@@ -91,12 +86,7 @@ impl<'de> de::Deserialize<'de> for Shape {
                 Ok(Shape::Nothing)
             }
             scalars_are!(Shape::Other);
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Shape, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Shape::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Shape::Object)
-            }
+            containers_are!(Shape::Other, Shape::Object);
         }
         de.deserialize_any(V)
     }
@@ -129,12 +119,7 @@ impl<'de> de::Deserialize<'de> for ServerTool {
                 Ok(ServerTool(ServerTool::named(s)))
             }
             scalars_are!(ServerTool(false), unit);
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<ServerTool, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| ServerTool(false))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ServerTool, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| ServerTool(false))
-            }
+            containers_are!(ServerTool(false));
         }
         de.deserialize_any(V)
     }
@@ -155,12 +140,7 @@ impl<'de> de::Deserialize<'de> for Model {
                 Ok(Model(Some(s.to_owned())))
             }
             scalars_are!(Model(None));
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Model(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Model(None))
-            }
+            containers_are!(Model(None));
         }
         de.deserialize_any(V)
     }
@@ -216,12 +196,7 @@ impl<'de> de::Deserialize<'de> for Count {
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
                 Ok(Count::garbled())
             }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Count, A::Error> {
-                IgnoredAny.visit_seq(seq).map(|_| Count::garbled())
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Count, A::Error> {
-                IgnoredAny.visit_map(map).map(|_| Count::garbled())
-            }
+            containers_are!(Count::garbled());
         }
         de.deserialize_any(V)
     }
