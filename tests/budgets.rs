@@ -656,16 +656,11 @@ async fn a_call_that_times_out_after_forwarding_is_not_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_requests_over_two_replicas_sharing_redis_never_overspend() {
     let meter = Meter::start(Duration::from_millis(300)).await;
-    let redis_dir = tempfile::tempdir().unwrap();
-    let redis_port = free_port();
-    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
-    let (store, secret) = redis_store(redis_port);
     let b = budget("acme-daily", "{kind: EgressGateway, name: egress}", ACME_DAILY);
-    let config = tempfile::tempdir().unwrap();
-    write(config.path(), &gateway(&(b + &secret), &store));
-    let (a, b) = tokio::task::block_in_place(|| {
-        (Replica::start(config.path(), meter.addr), Replica::start(config.path(), meter.addr))
-    });
+    let redis = tokio::task::block_in_place(|| RedisConfig::start(&b));
+    let config = redis.config.path();
+    let (a, b) =
+        tokio::task::block_in_place(|| (Replica::start(config, meter.addr), Replica::start(config, meter.addr)));
     twenty_concurrent(&[a.port, b.port], &meter).await;
 }
 
@@ -700,6 +695,37 @@ fn redis_store(port: u16) -> (String, String) {
         "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: budget-redis}}\nstringData: {{url: \"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0\"}}\n"
     );
     ("budgetStore: {redis: {secretRef: {name: budget-redis}}}".to_owned(), secret)
+}
+
+/// A Debian redis-server on loopback, and a config directory whose gateway counts `budgets`
+/// (TokenBudget documents) in it. Both live as long as this value.
+struct RedisConfig {
+    _redis: Proc,
+    _redis_dir: tempfile::TempDir,
+    port: u16,
+    config: tempfile::TempDir,
+}
+
+impl RedisConfig {
+    fn start(budgets: &str) -> RedisConfig {
+        let redis_dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let redis = start_redis(redis_dir.path(), port);
+        let (store, secret) = redis_store(port);
+        let config = tempfile::tempdir().unwrap();
+        write(config.path(), &gateway(&(budgets.to_owned() + &secret), &store));
+        RedisConfig { _redis: redis, _redis_dir: redis_dir, port, config }
+    }
+}
+
+/// One budget on the gateway (`name`, on every route), counted in a Redis of its own, served by
+/// one replica in front of `meter`.
+fn one_redis_budget(meter: &Meter, name: &str, spec: &str) -> (RedisConfig, Replica) {
+    tokio::task::block_in_place(|| {
+        let redis = RedisConfig::start(&budget(name, "{kind: EgressGateway, name: egress}", spec));
+        let r = Replica::start(redis.config.path(), meter.addr);
+        (redis, r)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -800,15 +826,9 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
     let meter = Meter::start(Duration::ZERO).await;
-    let redis_dir = tempfile::tempdir().unwrap();
-    let redis_port = free_port();
-    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
-    let (store, secret) = redis_store(redis_port);
     let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}";
-    let b = budget("shared", "{kind: EgressGateway, name: egress}", limits);
-    let config = tempfile::tempdir().unwrap();
-    write(config.path(), &gateway(&(b + &secret), &store));
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let (redis, r) = one_redis_budget(&meter, "shared", limits);
+    let redis_port = redis.port;
     let total = || redis_counters(redis_port).iter().map(|(_, f)| f.get("t").copied().unwrap_or(0)).sum::<i64>();
     // A first call: keyswap's connection to Redis is up, and what it used is counted.
     let (status, _, text) = call(r.port, OPENAI, None, &chat(10)).await;
@@ -851,17 +871,9 @@ async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_reservations_on_an_input_only_redis_budget_saturate_instead_of_failing_the_store() {
     let meter = Meter::start(Duration::ZERO).await;
-    let redis_dir = tempfile::tempdir().unwrap();
-    let redis_port = free_port();
-    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
-    let (store, secret) = redis_store(redis_port);
     let limits = "  key: Gateway\n  window: Day\n  limits: {inputTokens: 1000000}";
-    let config = tempfile::tempdir().unwrap();
-    write(
-        config.path(),
-        &gateway(&(budget("input-only", "{kind: EgressGateway, name: egress}", limits) + &secret), &store),
-    );
-    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let (redis, r) = one_redis_budget(&meter, "input-only", limits);
+    let redis_port = redis.port;
     // Counters already at the top, as a window of such requests leaves them.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let key = format!("keyswap:budget:{{default/input-only}}:{}:*", now - now % 86_400);
@@ -918,14 +930,11 @@ fn redis_counters(port: u16) -> Vec<(String, std::collections::BTreeMap<String, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_stopped_mid_stream_settles_its_redis_reservation_before_it_exits() {
     let meter = Meter::start(Duration::ZERO).await;
-    let redis_dir = tempfile::tempdir().unwrap();
-    let redis_port = free_port();
-    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
-    let config = tempfile::tempdir().unwrap();
-    let (store, secret) = redis_store(redis_port);
     let spec = "  key: Route\n  window: Day\n  limits: {totalTokens: 1000000}";
-    write(config.path(), &gateway(&[budget("anthropic-tokens", "{name: anthropic}", spec), secret].concat(), &store));
-    let mut r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let redis =
+        tokio::task::block_in_place(|| RedisConfig::start(&budget("anthropic-tokens", "{name: anthropic}", spec)));
+    let redis_port = redis.port;
+    let mut r = tokio::task::block_in_place(|| Replica::start(redis.config.path(), meter.addr));
     let port = r.port;
     let body = r#"{"model":"claude-x","max_tokens":5000,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let call = tokio::spawn(async move { call_path(port, ANTHROPIC, "/v1/messages?hold", None, body).await });
