@@ -502,6 +502,7 @@ fn metrics(c: &mut Criterion) {
         provider: "anthropic",
         operation: "chat",
         model: "claude-sonnet-4-5",
+        answered: true,
         tenant: "",
         tokens: Some((12, 700)),
         duration_s: 0.4,

@@ -64,6 +64,7 @@ fn recording_metrics_on_the_request_path_allocates_nothing() {
         provider: "anthropic",
         operation: "chat",
         model: "claude-sonnet-4-5",
+        answered: true,
         tenant: "team-a",
         tokens: Some((12, 700)),
         duration_s: 0.4,

@@ -295,6 +295,11 @@ impl Replica {
         self.keyswap = keyswap;
     }
 
+    /// A counter or gauge of this replica's Envoy.
+    async fn envoy_stat(&self, name: &str) -> u64 {
+        envoy_stat(self._work.path(), name).await
+    }
+
     async fn metric(&self, sample: &str) -> f64 {
         metric(&scrape(self.metrics, "/metrics").await.1, sample)
     }
@@ -825,12 +830,39 @@ async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_resta
 /// until its window ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
+    // Redis holds every command for 300 ms (under keyswap's 500 ms timeout); the agent asks for
+    // 2,500 tokens and hangs up after 100 ms.
+    let outcome = reservation_no_one_waits_for("300", "  onStoreUnavailable: FailClosed", true).await;
+    assert_eq!(outcome, None, "the hung-up request got an answer");
+}
+
+/// The attack: an agent (or a burst of them) slows Redis past keyswap's 500 ms timeout. Each
+/// request then follows its fail mode, but the script still runs when Redis catches up; what it
+/// took was held until the window ended, draining the budget for every agent that shares it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reservations_redis_makes_after_the_timeout_are_given_back_not_held_for_the_window() {
+    // Redis holds every command for 1.5 s: the request stops waiting after 500 ms.
+    let closed = reservation_no_one_waits_for("1500", "  onStoreUnavailable: FailClosed", false).await;
+    let (status, body) = closed.expect("an answer");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("budget_store_unavailable"), "{body}");
+    let open = reservation_no_one_waits_for("1500", "", false).await;
+    let (status, body) = open.expect("an answer");
+    assert_eq!(status, 200, "FailOpen (the default) refused while Redis was slow: {body}");
+}
+
+/// One call counted in a Redis of its own, then one for 2,500 tokens while Redis is paused for
+/// `pause_ms`, which the agent abandons after 100 ms (`hang_up`) or keyswap after its timeout.
+/// Asserts that the script ran for it and that its reservation is given back; returns its
+/// answer (status and body), if the agent waited for one.
+async fn reservation_no_one_waits_for(pause_ms: &str, fail_mode: &str, hang_up: bool) -> Option<(u16, String)> {
     let meter = Meter::start(Duration::ZERO).await;
-    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}";
-    let (redis, r) = one_redis_budget(&meter, "shared", limits);
+    let limits = format!("  key: Gateway\n  window: Day\n  limits: {{totalTokens: 3000}}\n{fail_mode}");
+    let (redis, r) = one_redis_budget(&meter, "shared", &limits);
     let redis_port = redis.port;
     let total = || redis_counters(redis_port).iter().map(|(_, f)| f.get("t").copied().unwrap_or(0)).sum::<i64>();
-    // A first call: keyswap's connection to Redis is up, and what it used is counted.
+    // A first call: keyswap's connection to Redis is up, the script loaded, and what it used is
+    // counted.
     let (status, _, text) = call(r.port, OPENAI, None, &chat(10)).await;
     assert_eq!(status, 200, "{text}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -838,30 +870,102 @@ async fn hanging_up_while_redis_reserves_leaves_no_reservation_behind() {
         assert!(Instant::now() < deadline, "the first call was not settled: {:?}", redis_counters(redis_port));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Redis holds every command for 300 ms (under keyswap's 500 ms timeout) while the agent asks
-    // for 2,500 tokens and hangs up after 100 ms.
-    assert_eq!(redis_cli(redis_port, &["CLIENT", "PAUSE", "300", "ALL"]).trim(), "OK");
+    let runs_before = script_runs(redis_port);
+    let forwarded_before = meter.requests.load(Ordering::SeqCst);
+    assert_eq!(redis_cli(redis_port, &["CLIENT", "PAUSE", pause_ms, "ALL"]).trim(), "OK");
     let port = r.port;
-    let hung_up = tokio::spawn(async move { call(port, OPENAI, None, &chat(2500)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    hung_up.abort();
-    // Whatever the script took is given back: the counters return to the first call's usage.
+    let second = tokio::spawn(async move { call(port, OPENAI, None, &chat(2500)).await });
+    let answer = if hang_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        second.abort();
+        None
+    } else {
+        let (status, _, body) = second.await.unwrap();
+        Some((status, body))
+    };
+    // The script ran for it once Redis went on (proof that there was something to give back) …
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while script_runs(redis_port) == runs_before {
+        assert!(Instant::now() < deadline, "the reservation never ran: the test proved nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(script_runs(redis_port), runs_before + 1);
+    // … and whatever it took is given back: the counters return to the first call's usage.
     let deadline = Instant::now() + Duration::from_secs(5);
     while total() != (INPUT_TOKENS + 10) as i64 {
         assert!(
             Instant::now() < deadline,
-            "a reservation outlived the request that hung up: {:?}\n{}",
+            "a reservation outlived the request that stopped waiting for it: {:?}\n{}",
             redis_counters(redis_port),
             r.keyswap.output()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The reservation was made (admitted, then given back), and nothing was forwarded.
+    // Counted once, as what the request got: never also as admitted.
     let admitted = r.metric("keyswap_budget_decisions_total{budget=\"default/shared\",decision=\"admitted\"}").await;
-    assert_eq!(admitted, 2.0, "the hung-up request was never reserved: the test proved nothing");
-    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "the hung-up request reached the provider");
+    assert_eq!(admitted, 1.0, "{}", r.keyswap.output());
+    let forwarded = meter.requests.load(Ordering::SeqCst) - forwarded_before;
+    let admitted_uncounted = matches!(answer, Some((200, _)));
+    assert_eq!(forwarded, u64::from(admitted_uncounted), "forwarded without an admission");
+    // Redis is usable again at once for the next request.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, _, text) = call(r.port, OPENAI, None, &chat(2500)).await;
     assert_eq!(status, 200, "{text}");
+    answer
+}
+
+/// How many times Redis has run keyswap's reservation script (`EVALSHA`, once it is loaded).
+fn script_runs(port: u16) -> u64 {
+    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or("");
+    line.split(['=', ',']).nth(1).map_or(0, |n| n.parse().unwrap())
+}
+
+/// The attack: one agent opens 1,100 requests on one HTTP/2 connection and never finishes their
+/// bodies. Each holds an ext_proc stream to keyswap open (a budget reads the whole body first);
+/// with Envoy's default of 1,024 requests per cluster, every other agent's request then failed
+/// closed with 500. (A busy hour of long streamed answers did the same.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_holding_a_thousand_requests_open_does_not_shut_the_gateway_for_others() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000000}";
+    let (_config, r) = one_budget(&meter, "big", "{kind: EgressGateway, name: egress}", limits);
+    // Over two connections: Envoy lets a downstream HTTP/2 connection have 1,024 streams at once.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..550 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(1);
+            tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{")))).await.unwrap();
+            let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("http://{OPENAI}/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            sender.ready().await.unwrap();
+            let pending = sender.send_request(req);
+            held.push((tx, tokio::spawn(pending)));
+        }
+    }
+    // Envoy has every held request (and has opened an ext_proc stream to keyswap for each).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.envoy_stat("http.egress.downstream_rq_active").await < 1100 {
+        assert!(Instant::now() < deadline, "Envoy never held 1,100 requests: the test proved nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, text) = call(r.port, OPENAI, None, &chat(10)).await;
+    assert_eq!(status, 200, "another agent's request failed while one agent held requests open: {text}");
+    assert_eq!(r.envoy_stat("cluster.keyswap.upstream_rq_pending_overflow").await, 0);
+    assert!(r.envoy_stat("cluster.keyswap.upstream_rq_active").await >= 1100, "the held streams were not open");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "a held request reached the provider");
+    drop(held);
 }
 
 /// The attack: `max_tokens` far past any model's on a budget that limits only input tokens, in

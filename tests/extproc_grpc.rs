@@ -630,9 +630,10 @@ async fn bodies_a_fixed_route_sends_that_a_request_does_not_read_pass_untouched(
 }
 
 /// A response whose body never reached keyswap's observing filter (the agent hung up between the
-/// response headers and the body, say) leaves the deciding stream's state parked. Stopping keyswap
-/// ends it as cut off: its token reservation is settled and the outcome counted, rather than the
-/// state dropped with the sweeper (a Redis reservation would then stay counted all window).
+/// response headers and the body, or Envoy could not open the observing stream and, failing open,
+/// let the body through unseen) leaves the deciding stream's state parked. Stopping keyswap ends
+/// it: its token reservation is settled and the outcome counted, rather than the state dropped
+/// with the sweeper (a Redis reservation would then stay counted all window).
 #[tokio::test]
 async fn state_parked_for_an_observing_stream_that_never_came_is_settled_at_shutdown() {
     use tokio_stream::StreamExt;
@@ -670,7 +671,8 @@ async fn state_parked_for_an_observing_stream_that_never_came_is_settled_at_shut
     tokio::time::timeout(std::time::Duration::from_secs(15), server).await.expect("stopped").unwrap().unwrap();
     assert_eq!(shared.handoffs.len(), 0, "parked state ended at shutdown");
     assert_eq!(Metrics::get(&m.observed_never_arrived), 1);
-    // Cut off before any response byte: the input counts as reserved (the provider may have read
-    // the prompt), the output as nothing.
-    assert_eq!(settled(), body.len() as u64, "settled as cut off");
+    // The attack this guards against: the observing stream never opened, the whole answer went to
+    // the agent unseen. What passed is unknown, so the reservation is kept: input and the 50
+    // output tokens (a cut-off count of nothing would have let the answer go free).
+    assert_eq!(settled(), body.len() as u64 + 50, "settled as reserved");
 }

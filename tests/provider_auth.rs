@@ -363,6 +363,14 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     // Cached: more requests, no more fetches.
     assert!(tokio::task::block_in_place(|| gemini(&dev)).1.ends_with("\n200"));
     assert_eq!(tokens.issued.load(Ordering::SeqCst), 1);
+    // The attack: a path whose answer echoes the credential it got (a debug endpoint, an error
+    // page). The minted token must not reach the span's captured body (checked below).
+    let echo = format!("https://{GEMINI_HOST}/echo");
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(&dev, &["-w", "\n%{http_code}", "-H", "x-goog-api-key: keyswap-injected-by-proxy", "-d", "{}", &echo])
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n200") && out.contains("credential"), "{out}");
 
     // Rotating the key drops the cached token: the next request uses a token of the new key.
     let sa2 = tokens.service_account(work.path(), "agent-two@keyswap-test.iam.gserviceaccount.com");
@@ -414,8 +422,9 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
             key_lines.push(line.to_owned());
         }
     }
-    // Nor in the spans (one per request: 12 + 1 first, the rotation, the 503s, the recovery).
+    // Nor in the spans (one per request: 12 + 1 first, the echo, the rotation, the 503s, the
+    // recovery).
     let mut secrets: Vec<&str> = key_lines.iter().map(String::as_str).collect();
     secrets.push("ya29.fake");
-    spans_without(&collector, 16, &secrets).await;
+    spans_without(&collector, 17, &secrets).await;
 }

@@ -231,7 +231,7 @@ pub fn window_bounds(window: BudgetWindow, now: SystemTime) -> (i64, i64) {
 }
 
 /// One budget's share of a request: which counter, and what was taken from it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Claim {
     pub budget: Arc<Budget>,
     /// The counter key (tenant, agent …), as given to the store.
@@ -390,14 +390,13 @@ impl Engine {
             Some(Ok(t)) => t,
         };
         let store = self.redis_for(target);
-        let engine = self.clone();
-        let budgets: Vec<Arc<str>> = claims.iter().map(|c| c.budget.name.clone()).collect();
-        let fail_closed = claims.iter().any(|c| c.budget.fail_closed);
-        // A task of its own, not the stream's: the script is sent and will run even if the agent
-        // hangs up meanwhile (the stream and its future dropped). Its `Held` then has no one to
-        // take it and is dropped in the task, giving the reservation back; a future on the stream
-        // would have been dropped mid-flight, leaving Redis holding it for the window. Shutdown
-        // waits for the task as for a settlement.
+        let (engine, waited, kept) = (self.clone(), store.clone(), claims.clone());
+        // A task of its own, not the stream's: the script is sent and will run even if no one
+        // waits for it any more (the agent hung up, or the request stopped waiting after TIMEOUT
+        // and followed its fail mode). Its answer is still awaited (up to LATE_ANSWER); a `Held`
+        // no one takes is dropped in the task, giving the reservation back, where a future on the
+        // stream would have been dropped mid-flight and left Redis holding it for the window.
+        // Shutdown waits for the task as for a settlement.
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _under_way = Settling::new(&engine);
@@ -408,26 +407,20 @@ impl Engine {
                 Ok(Err(l)) => Admit::Limited(l),
                 Err(e) => engine.unavailable(claims, e.error),
             };
-            if let Err(unclaimed) = tx.send(engine.count(admit)) {
-                drop(unclaimed);
+            // Counted only when taken: a request that stopped waiting was counted then.
+            if !tx.is_closed() {
+                let _ = tx.send(engine.count(admit));
             }
         });
         let engine = self.clone();
         Reserve::Later(Box::pin(async move {
-            match rx.await {
-                Ok(admit) => admit,
-                // The task panicked or was cancelled: the budgets' fail mode decides.
-                Err(_) if fail_closed => {
-                    let error = "the budget reservation ended without an answer".to_owned();
-                    engine.count(Admit::Unavailable { error, budgets })
-                }
-                Err(_) => {
-                    for b in &budgets {
-                        engine.inc(b, |m| &m.store_unavailable_admitted);
-                    }
-                    Admit::AdmittedUncounted(Held { claims: Vec::new(), on: HeldIn::Nothing, engine })
-                }
-            }
+            let error = match tokio::time::timeout(redis::TIMEOUT, rx).await {
+                Ok(Ok(admit)) => return admit,
+                Ok(Err(_)) => "the budget reservation ended without an answer".to_owned(),
+                Err(_) => waited.timed_out("reserving").error,
+            };
+            // No answer in time, or the task panicked: the budgets' fail mode decides.
+            engine.count(engine.unavailable(kept, error))
         }))
     }
 

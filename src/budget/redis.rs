@@ -19,6 +19,10 @@ use super::{Amounts, Claim, Limited, StoreDown, DIMENSIONS};
 
 /// How long one Redis call may take before the request follows its fail mode.
 pub const TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a reservation's answer is still awaited after its request stopped waiting (timed out,
+/// or the agent hung up), so that what the script took is given back rather than held for the
+/// window.
+pub const LATE_ANSWER: Duration = Duration::from_secs(5);
 /// After a failure, how long requests skip Redis (and follow their fail mode at once).
 pub const BACKOFF: Duration = Duration::from_secs(1);
 /// Counters outlive their window by this much (late settlements still land).
@@ -151,7 +155,8 @@ impl RedisStore {
         let conn = client(target).and_then(|client| {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(TIMEOUT))
-                .set_response_timeout(Some(TIMEOUT))
+                // A reservation's answer is awaited past the request's TIMEOUT (see LATE_ANSWER).
+                .set_response_timeout(Some(LATE_ANSWER))
                 .set_number_of_retries(1);
             ConnectionManager::new_lazy_with_config(client, config).map_err(|e| describe(&e))
         });
@@ -177,6 +182,11 @@ impl RedisStore {
         Ok(conn.clone())
     }
 
+    /// `what` got no answer in time: the store counts as down for [`BACKOFF`].
+    pub fn timed_out(&self, what: &str) -> StoreDown {
+        self.failed(what, &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+    }
+
     fn failed(&self, what: &str, e: &::redis::RedisError) -> StoreDown {
         let until = (self.epoch.elapsed() + BACKOFF).as_millis() as u64;
         let was_up = self.down_until.swap(until, Ordering::Relaxed) < self.epoch.elapsed().as_millis() as u64;
@@ -188,7 +198,8 @@ impl RedisStore {
     }
 
     /// Reserves every claim in one script run. `Ok(Ok(remaining))`, `Ok(Err(limited))`, or the
-    /// store could not answer.
+    /// store could not answer within [`LATE_ANSWER`] (the request waits [`TIMEOUT`] of it:
+    /// [`super::Engine::reserve`]).
     pub async fn reserve(&self, claims: &[Claim], now: SystemTime) -> Result<Result<Option<i64>, Limited>, StoreDown> {
         let mut conn = self.available()?;
         // Its SHA-1 computed once, not per request.
@@ -205,15 +216,10 @@ impl RedisStore {
                 inv.arg(a);
             }
         }
-        let reply: Vec<i64> = match tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut conn)).await {
+        let reply: Vec<i64> = match tokio::time::timeout(LATE_ANSWER, inv.invoke_async(&mut conn)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.failed("reserving", &e)),
-            Err(_) => {
-                return Err(self.failed(
-                    "reserving",
-                    &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-                ))
-            }
+            Err(_) => return Err(self.timed_out("reserving")),
         };
         match reply.as_slice() {
             [1, remaining, limited] => Ok(Ok((*limited == 1).then_some(*remaining))),

@@ -367,6 +367,14 @@ pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16) -
     })
 }
 
+/// Circuit-breaker thresholds of the keyswap cluster. Every request Envoy holds has an ext_proc
+/// stream open to keyswap for as long as it runs (a streamed answer, a body being uploaded), and
+/// Envoy's default of 1,024 requests per cluster would make the 1,025th request in flight, any
+/// agent's, fail closed with 500: one agent holding slow requests open (or a busy hour of long
+/// streams) would shut the gateway. The bound on concurrency is downstream (connections, streams
+/// per connection), not here.
+const KEYSWAP_CLUSTER_LIMIT: u64 = 1_000_000;
+
 /// The cluster of keyswap itself: ext_proc (and ADS) over HTTP/2.
 pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
     let address = match extproc {
@@ -375,6 +383,10 @@ pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
     };
     json!({
         "name": "keyswap", "type": "STATIC", "connect_timeout": "1s",
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": KEYSWAP_CLUSTER_LIMIT, "max_pending_requests": KEYSWAP_CLUSTER_LIMIT,
+            "max_requests": KEYSWAP_CLUSTER_LIMIT, "max_retries": KEYSWAP_CLUSTER_LIMIT,
+        }]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}},

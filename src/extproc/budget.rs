@@ -105,6 +105,13 @@ impl Budgeted {
         self.budgets.iter().zip(&self.keys).map(|(b, key)| b.claim(key.clone(), demand, now)).collect()
     }
 
+    /// Settles the reservation (once) for a response that went on unseen: as cut off after an
+    /// unknown number of bytes, so what was reserved stays counted unless usage was read.
+    pub(super) fn settle_unseen(&mut self) {
+        self.response_bytes = u64::MAX;
+        self.settle(false);
+    }
+
     /// Settles the reservation (once): the response ended, or was cut off.
     fn settle(&mut self, ended: bool) {
         let Some(held) = self.held.take() else { return };

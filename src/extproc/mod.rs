@@ -159,6 +159,9 @@ enum Phase {
 struct Traced {
     tx: Box<Transaction>,
     snapshot: Arc<Snapshot>,
+    /// The credential minted for this request (a GCP access token): scrubbed from the span's
+    /// captured bodies like the snapshot's secrets.
+    minted: Option<Box<[u8]>>,
 }
 
 impl Traced {
@@ -169,7 +172,9 @@ impl Traced {
                 self.tx.lend_usage(info);
             }
         }
-        self.tx.finish(sink, &self.snapshot.secret_values());
+        let mut secrets = self.snapshot.secret_values();
+        secrets.extend(self.minted.as_deref());
+        self.tx.finish(sink, &secrets);
     }
 }
 
@@ -442,11 +447,13 @@ impl ProcessStream {
     /// transaction already ended (a denial).
     fn accept(&mut self, outcome: Outcome, snapshot: Arc<Snapshot>) -> (ProcessingResponse, bool) {
         let done = outcome.tx.as_ref().is_some_and(|t| t.is_denial());
+        let mut minted = None;
         if let Some(i) = outcome.injected {
             let body = i.scrub_bodies.then(crate::scrub::Streaming::default);
+            minted = outcome.tx.as_ref().and(i.minted.clone());
             self.scrub = Some(response::Scrub { snapshot: snapshot.clone(), minted: i.minted, body });
         }
-        self.tx = outcome.tx.map(|tx| Traced { tx, snapshot });
+        self.tx = outcome.tx.map(|tx| Traced { tx, snapshot, minted });
         self.sign = outcome.sign;
         self.budget = outcome.budget;
         (outcome.resp, done)
@@ -485,7 +492,7 @@ impl ProcessStream {
                 Err(Status::failed_precondition("request_headers received twice on one stream"))
             }
             (other, Phase::AwaitRequestHeaders) => {
-                Err(Status::failed_precondition(format!("{} received before request_headers", phase_name(&other))))
+                Err(Status::failed_precondition(format!("{} received before request_headers", phases::name(&other))))
             }
             (Request::RequestBody(b), _) => self.on_request_body(b.body, b.end_of_stream, started),
             (Request::ResponseHeaders(h), _) => {
@@ -572,17 +579,6 @@ impl ProcessStream {
             Some(sign) => budget::Continue::Ready(sign_body(&self.shared, &sign, &body)),
         };
         Ok(self.admit(cont, &body, TelemetryPhase::RequestBody, started))
-    }
-}
-
-fn phase_name(r: &Request) -> &'static str {
-    match r {
-        Request::RequestHeaders(_) => "request_headers",
-        Request::ResponseHeaders(_) => "response_headers",
-        Request::RequestBody(_) => "request_body",
-        Request::ResponseBody(_) => "response_body",
-        Request::RequestTrailers(_) => "request_trailers",
-        Request::ResponseTrailers(_) => "response_trailers",
     }
 }
 

@@ -79,6 +79,16 @@ impl Parked {
         }
         drop(budget);
     }
+
+    /// Ends what no observing stream claimed: its response went on unseen (the observing filter
+    /// fails open: a stream Envoy could not open to keyswap lets the whole body through), so a
+    /// reservation is settled keeping what it reserved, not as a cut with nothing passed.
+    fn end_unseen(mut self, shared: &Shared) {
+        if let Some(b) = self.budget.as_mut() {
+            b.settle_unseen();
+        }
+        self.end(shared);
+    }
 }
 
 /// Parked transactions by number. A short critical section per hand-off and per claim, spread
@@ -148,7 +158,7 @@ pub fn spawn_sweeper(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Finishes (as cut off) what was parked longer than `ttl`; returns how many.
+/// Finishes (unseen: [`Parked::end_unseen`]) what was parked longer than `ttl`; returns how many.
 pub fn sweep(shared: &Shared, now: Instant, ttl: Duration) -> usize {
     let expired = shared.handoffs.expired(now, ttl);
     let n = expired.len();
@@ -156,12 +166,13 @@ pub fn sweep(shared: &Shared, now: Instant, ttl: Duration) -> usize {
         Metrics::add(&shared.metrics.observed_never_arrived, n as u64);
         tracing::warn!(
             count = n,
-            "response bodies never reached keyswap's observing filter; spans ended and reservations settled as cut off \
-             (the agent hung up before the body, or Envoy's configuration is not the one keyswap generates)"
+            "response bodies never reached keyswap's observing filter; spans ended and reservations kept as reserved \
+             (the agent hung up before the body, Envoy could not open the observing stream, or Envoy's configuration \
+             is not the one keyswap generates)"
         );
     }
     for p in expired {
-        p.end(shared);
+        p.end_unseen(shared);
     }
     n
 }

@@ -106,3 +106,16 @@ impl ProcessStream {
         self.fixed.is_some_and(|f| !f.reads_response_body)
     }
 }
+
+/// The name of a message's phase, as errors say it.
+pub(super) fn name(r: &envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request) -> &'static str {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    match r {
+        Request::RequestHeaders(_) => "request_headers",
+        Request::ResponseHeaders(_) => "response_headers",
+        Request::RequestBody(_) => "request_body",
+        Request::ResponseBody(_) => "response_body",
+        Request::RequestTrailers(_) => "request_trailers",
+        Request::ResponseTrailers(_) => "response_trailers",
+    }
+}

@@ -91,10 +91,12 @@ fn gemini_parts(v: &Value, out: &mut String) {
 }
 
 /// `gen_ai.input.messages`: the request's messages (and system prompt) as the convention's
-/// role-and-parts list, text parts only. `None` when the body is not one this reader knows.
-pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
+/// role-and-parts list, text parts only, at most `cap` bytes (the messages that fit, in order:
+/// an agent's thousands of empty messages would otherwise grow nine-fold). `None` when the body
+/// is not one this reader knows.
+pub fn input_messages(format: Format, body: &[u8], cap: usize) -> Option<String> {
     let v = parse_picked(body, INPUT_KEYS, &[])?;
-    let mut out = Vec::new();
+    let mut out = Listed { text: String::from("["), cap, full: false };
     let text_parts = |content: &Value| -> Vec<Value> {
         match content {
             Value::String(s) => vec![json!({"type": "text", "content": s})],
@@ -122,6 +124,9 @@ pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
         Value::String(s) => out.push(json!({"role": "user", "parts": [{"type": "text", "content": s}]})),
         Value::Array(items) => {
             for m in items {
+                if out.full {
+                    break;
+                }
                 let role = m["role"].as_str().unwrap_or("user");
                 let role = if role == "model" { "assistant" } else { role };
                 let parts = match format {
@@ -133,7 +138,32 @@ pub fn input_messages(format: Format, body: &[u8]) -> Option<String> {
         }
         _ => {}
     }
-    (!out.is_empty()).then(|| Value::Array(out).to_string())
+    (out.text.len() > 1).then(|| out.text + "]")
+}
+
+/// A JSON array written one element at a time, up to a size.
+struct Listed {
+    text: String,
+    cap: usize,
+    full: bool,
+}
+
+impl Listed {
+    /// Appends `v` when it fits (with the closing bracket) and nothing was left out before it.
+    fn push(&mut self, v: Value) {
+        let mark = self.text.len();
+        if self.full {
+            return;
+        }
+        if mark > 1 {
+            self.text.push(',');
+        }
+        self.text.push_str(&v.to_string());
+        if self.text.len() + 1 > self.cap {
+            self.text.truncate(mark);
+            self.full = true;
+        }
+    }
 }
 
 /// `gen_ai.output.messages` for the completion `text`.
@@ -179,12 +209,12 @@ mod tests {
         assert_eq!(output_text(Format::OpenAi, false, b"not json"), None);
 
         let req = br#"{"model":"claude","system":"Be brief.","messages":[{"role":"user","content":[{"type":"text","text":"Capital of France?"}]}]}"#;
-        let m: Value = serde_json::from_str(&input_messages(Format::Anthropic, req).unwrap()).unwrap();
+        let m: Value = serde_json::from_str(&input_messages(Format::Anthropic, req, 4096).unwrap()).unwrap();
         assert_eq!(m[0], json!({"role": "system", "parts": [{"type": "text", "content": "Be brief."}]}));
         assert_eq!(m[1], json!({"role": "user", "parts": [{"type": "text", "content": "Capital of France?"}]}));
         let req =
             br#"{"contents":[{"role":"user","parts":[{"text":"hi"}]},{"role":"model","parts":[{"text":"hello"}]}]}"#;
-        let m: Value = serde_json::from_str(&input_messages(Format::Google, req).unwrap()).unwrap();
+        let m: Value = serde_json::from_str(&input_messages(Format::Google, req, 4096).unwrap()).unwrap();
         assert_eq!(m[1]["role"], "assistant");
         for text in ["Paris.", "quote \" back\\slash\nnewline \u{1} é"] {
             let expected = json!([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]).to_string();

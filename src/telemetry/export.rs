@@ -667,6 +667,38 @@ mod tests {
         assert_eq!(seen.lock().unwrap().len(), 1 + RETRIES as usize);
     }
 
+    /// Spans with captured bodies run to hundreds of KB: a batch of them is split before it
+    /// passes what a collector takes in one message (4 MiB by default), and no span is lost.
+    #[tokio::test]
+    async fn large_spans_are_sent_in_batches_a_collector_accepts() {
+        use prost::Message as _;
+        let (endpoint, seen) = flaky_collector(0).await;
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(64)).unwrap();
+        let big = |i: u8| {
+            let mut s = Vec::new();
+            crate::telemetry::otlp::bytes(&mut s, 1, &[i; 16]);
+            crate::telemetry::otlp::bytes(&mut s, 5, &vec![b'x'; 900_000]);
+            s
+        };
+        // Queued before the first round: one batch by count.
+        for i in 0..12 {
+            tx.try_send(big(i)).unwrap();
+        }
+        assert!(flush.finish(Duration::from_secs(20)).await, "the flush finished");
+        assert_eq!(metrics.spans_exported.load(std::sync::atomic::Ordering::Relaxed), 12);
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() >= 3, "{} exports", seen.len());
+        let mut ids = Vec::new();
+        for (_, body) in seen.iter() {
+            assert!(body.len() <= 4 << 20, "an export of {} bytes", body.len());
+            let req =
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(&body[..]).unwrap();
+            ids.extend(req.resource_spans[0].scope_spans[0].spans.iter().map(|s| s.trace_id[0]));
+        }
+        assert_eq!(ids, (0..12).collect::<Vec<u8>>(), "every span once, in order");
+    }
+
     /// Stopping (SIGTERM) sends what is queued at once, while senders are still alive (streams
     /// that outlived the drain still hold the queue), and waits for the collector's answer.
     #[tokio::test]

@@ -3,7 +3,10 @@
 //! and, for streams, `gen_ai.client.operation.time_to_first_chunk`.
 //!
 //! One entry per (provider, operation, model, tenant label), at most [`super::MAX_MODELS`] models
-//! (then `other`). Recording looks the entry up without allocating (a short linear scan under a
+//! (then `other`). The model comes from the agent's request, so a name becomes a label only when
+//! the provider answered it with success (an agent naming 256 models that do not exist would
+//! otherwise take every slot, each 404 free of charge) and only when it looks like a model name
+//! (at most [`MAX_MODEL_LABEL`] bytes of `A-Z a-z 0-9 . _ - : / @`); anything else is `other`. Recording looks the entry up without allocating (a short linear scan under a
 //! lock taken once per finished transaction, never per ext_proc message); only a new label set
 //! allocates. A lock-free version (an `ArcSwap`ed list, atomic buckets and sums) measured slower
 //! with the default single worker (micro `metrics/genai_call_known_labels` 130–138 ns against 100):
@@ -51,11 +54,22 @@ struct Entry {
     first_chunk: Histogram,
 }
 
+/// The longest model name kept as a label (longer ones are `other`).
+pub const MAX_MODEL_LABEL: usize = 128;
+
+/// Whether `model` may be a label value: short, and of the characters model names use.
+fn label_worthy(model: &str) -> bool {
+    model.len() <= MAX_MODEL_LABEL
+        && model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/' | b'@'))
+}
+
 /// What one finished transaction adds.
 pub struct Observation<'a> {
     pub provider: &'static str,
     pub operation: &'static str,
     pub model: &'a str,
+    /// The provider answered with success: `model` may become a new label.
+    pub answered: bool,
     /// The bounded tenant label (`""`: none).
     pub tenant: &'a str,
     pub tokens: Option<(u64, u64)>,
@@ -81,7 +95,8 @@ impl GenAiMetrics {
         let i = match find(&entries, o.model) {
             Some(i) => i,
             None => {
-                let model = if models() >= super::MAX_MODELS { "other" } else { o.model };
+                let new = o.answered && label_worthy(o.model) && models() < super::MAX_MODELS;
+                let model = if new { o.model } else { "other" };
                 match find(&entries, model) {
                     Some(i) => i,
                     None => {
@@ -186,6 +201,7 @@ mod tests {
                 provider: "anthropic",
                 operation: "chat",
                 model,
+                answered: true,
                 tenant: "",
                 tokens,
                 duration_s: 0.3,
@@ -215,5 +231,36 @@ mod tests {
         }
         assert!(m.tokens("anthropic", "other").is_some());
         assert!(m.entries.lock().unwrap().len() <= super::super::MAX_MODELS + 1);
+    }
+
+    /// The attack: models that do not exist (each a free 404), or names of 60 KB, to take the
+    /// label slots or grow every scrape.
+    #[test]
+    fn models_the_provider_refused_or_that_are_no_model_name_never_become_labels() {
+        let m = GenAiMetrics::default();
+        let obs = |model: &'static str, answered: bool| Observation {
+            provider: "openai",
+            operation: "chat",
+            model,
+            answered,
+            tenant: "",
+            tokens: Some((1, 1)),
+            duration_s: 0.1,
+            first_chunk_s: None,
+        };
+        m.record(&obs("gpt-4o", true));
+        // A known model's failures still count under its name.
+        m.record(&obs("gpt-4o", false));
+        for _ in 0..3 {
+            m.record(&obs("no-such-model", false));
+        }
+        let huge: &'static str = "m".repeat(MAX_MODEL_LABEL + 1).leak();
+        m.record(&obs(huge, true));
+        m.record(&obs("gpt\"} 1\nevil", true));
+        m.record(&obs("models/gemini-2.0-flash-001", true));
+        let labels: Vec<String> = m.entries.lock().unwrap().iter().map(|e| e.model.to_string()).collect();
+        assert_eq!(labels, ["gpt-4o", "other", "models/gemini-2.0-flash-001"]);
+        assert_eq!(m.entries.lock().unwrap()[0].duration.count(), 2);
+        assert_eq!(m.entries.lock().unwrap()[1].duration.count(), 5);
     }
 }

@@ -166,6 +166,12 @@ impl Rounds {
     }
 }
 
+/// The most span bytes one export carries (a span larger than this goes alone): under the 4 MiB
+/// an OpenTelemetry Collector accepts in one OTLP/gRPC message by default, which spans with
+/// captured bodies (up to several hundred KB each) would pass long before a batch of 512 is full.
+/// A batch the collector refuses for its size is retried, then lost whole.
+pub const MAX_BATCH_BYTES: usize = 4_000_000;
+
 async fn drain(
     exporter: Exporter,
     mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
@@ -177,22 +183,31 @@ async fn drain(
     // A batch never holds more than the queue: what waits for a hung collector stays bounded.
     let batch_max = batching.batch.clamp(1, batching.queue.max(1));
     let mut batch = Vec::with_capacity(batch_max);
+    // The span that would have made the last batch too large: the next batch's first.
+    let mut carried: Option<Vec<u8>> = None;
     loop {
         let last = rounds.next().await;
         // Batches until the queue is empty (a burst larger than one batch goes out at once).
         loop {
             let mut closed = last;
+            let mut bytes = 0;
             while batch.len() < batch_max {
-                match rx.try_recv() {
-                    Ok(span) => batch.push(span),
+                let span = match carried.take().map_or_else(|| rx.try_recv(), Ok) {
+                    Ok(span) => span,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         closed = true;
                         break;
                     }
+                };
+                if !batch.is_empty() && bytes + span.len() > MAX_BATCH_BYTES {
+                    carried = Some(span);
+                    break;
                 }
+                bytes += span.len();
+                batch.push(span);
             }
-            let full = batch.len() == batch_max;
+            let full = batch.len() == batch_max || carried.is_some();
             if !batch.is_empty() {
                 let n = batch.len() as u64;
                 tracing::trace!(spans = n, last, "exporting a batch of spans");

@@ -346,12 +346,16 @@ impl Transaction {
     fn content_attributes(&self, buf: &mut Vec<u8>, request: bool, body: &[u8]) {
         use super::content;
         let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
-        let raw = String::from_utf8_lossy(body);
+        // Each attribute stays near the captured body's size: bytes that are not UTF-8 would
+        // triple as replacement characters, and the messages list is JSON around the texts.
+        let lossy = String::from_utf8_lossy(body);
+        let cut = (0..=body.len().min(lossy.len())).rev().find(|&i| lossy.is_char_boundary(i)).unwrap_or(0);
+        let raw = &lossy[..cut];
         let json = |b: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
         if request {
-            attr("input.value", Value::Str(&raw));
+            attr("input.value", Value::Str(raw));
             attr("input.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
-            if let Some(m) = self.format.and_then(|f| content::input_messages(f, body)) {
+            if let Some(m) = self.format.and_then(|f| content::input_messages(f, body, 2 * body.len() + 1024)) {
                 attr("gen_ai.input.messages", Value::Str(&m));
             }
             return;
@@ -363,7 +367,7 @@ impl Transaction {
                 attr("gen_ai.output.messages", Value::Str(&content::output_messages(&text)));
             }
             None => {
-                attr("output.value", Value::Str(&raw));
+                attr("output.value", Value::Str(raw));
                 attr("output.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
             }
         }
@@ -558,6 +562,7 @@ impl Transaction {
                 provider: self.provider,
                 operation: self.operation,
                 model: self.request_model.as_deref().or(info.model.as_deref()).unwrap_or("unknown"),
+                answered: matches!(self.status_code, Some(200..=299)),
                 tenant: self.tenant_label.as_deref().unwrap_or(""),
                 tokens: u.input_tokens.zip(u.output_tokens),
                 duration_s: seconds(end),
@@ -666,6 +671,39 @@ mod tests {
         let (input, output) = metrics.tokens("anthropic", "m").unwrap();
         assert_eq!(input, u64::MAX);
         assert!(output >= i64::MAX as u64, "{output}");
+    }
+
+    /// The attack: a request body that grows when a viewer's attributes are made from it:
+    /// thousands of empty messages (`{}` becomes a 27-byte message each), or bytes that are not
+    /// UTF-8 (each a 3-byte replacement character). Every content attribute stays near the
+    /// capture limit, and the span with it.
+    #[test]
+    fn an_agents_body_cannot_grow_the_content_attributes_past_the_capture_limit() {
+        const LIMIT: usize = 16 * 1024;
+        let capture = || CapturePolicy { max_bytes: LIMIT, ..CapturePolicy::default() };
+        let mut empties = String::from(r#"{"messages":["#);
+        while empties.len() < LIMIT - 8 {
+            empties.push_str("{},");
+        }
+        empties.push_str("{}]}");
+        for body in [empties.into_bytes(), vec![0xff; LIMIT]] {
+            let mut tx = start(capture());
+            tx.on_request_body(&body);
+            tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+            tx.on_response_body(br#"{"content":[{"type":"text","text":"ok"}]}"#);
+            let span = finish(tx);
+            for a in &span.attributes {
+                if let Some(Any::StringValue(v)) = a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    assert!(v.len() <= 2 * LIMIT + 1024, "{}: {} bytes", a.key, v.len());
+                }
+            }
+            let messages = span.attributes.iter().find(|a| a.key == "gen_ai.input.messages");
+            if let Some(Any::StringValue(m)) = messages.and_then(|a| a.value.as_ref()?.value.as_ref()) {
+                let list: serde_json::Value = serde_json::from_str(m).expect("still a JSON list");
+                assert!(!list.as_array().unwrap().is_empty());
+            }
+            assert!(span.encoded_len() < 6 * LIMIT, "{} bytes", span.encoded_len());
+        }
     }
 
     /// The strings of a string-array attribute.

@@ -505,6 +505,7 @@ pub fn start_envoy_with(work: &Path, port: u16, config: String) -> (Proc, u16) {
     std::fs::write(&cfg, config).unwrap();
     let mut cmd = Command::new(envoy_bin());
     cmd.arg("-c").arg(&cfg).args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"]);
+    cmd.arg("--admin-address-path").arg(work.join(ENVOY_ADMIN_FILE));
     let mut p = Proc::spawn("envoy", cmd, work.join("envoy.log"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -513,6 +514,20 @@ pub fn start_envoy_with(work: &Path, port: u16, config: String) -> (Proc, u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, port)
+}
+
+/// Where [`start_envoy_with`]'s Envoy writes its admin address, in its work directory.
+const ENVOY_ADMIN_FILE: &str = "envoy-admin.txt";
+
+/// One counter or gauge of the Envoy started in `work` (`/stats`, by its full name).
+pub async fn envoy_stat(work: &Path, name: &str) -> u64 {
+    let admin = std::fs::read_to_string(work.join(ENVOY_ADMIN_FILE)).expect("Envoy wrote its admin address");
+    let uri = format!("http://{}/stats?filter=^{name}$", admin.trim());
+    let resp = client().get(uri.parse().unwrap()).await.expect("Envoy's admin answers");
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "));
+    value.unwrap_or_else(|| panic!("no {name} in Envoy's stats: {text}")).trim().parse().unwrap()
 }
 
 // === fake provider ===
