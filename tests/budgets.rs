@@ -147,6 +147,8 @@ impl Meter {
                     serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [],
                         "usage": {"prompt_tokens": input, "completion_tokens": out, "total_tokens": input + out}})
                 );
+                // As OpenAI: a Chat Completions stream reports its usage only when asked.
+                let usage = if v["stream_options"]["include_usage"] == true { usage } else { String::new() };
                 ("text/event-stream", vec![chunk("o"), chunk("k"), usage, "data: [DONE]\n\n".into()])
             }
             (true, true) => {
@@ -505,6 +507,8 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
             37,
         ),
         (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":300,"messages":[]}"#, 41),
+        // Not asked for by the agent: keyswap asks for it.
+        (OPENAI, r#"{"model":"gpt-4o","stream":true,"max_tokens":300,"messages":[]}"#, 39),
         (OPENAI, r#"{"model":"gpt-4o","max_tokens":300,"messages":[]}"#, 43),
         (ANTHROPIC, r#"{"model":"claude-sonnet-4-5","max_tokens":300,"messages":[]}"#, 47),
     ];
@@ -536,10 +540,61 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
         })
         .collect();
     outputs.sort();
-    assert_eq!(outputs, [37, 41, 43, 47], "the spans' output tokens");
+    assert_eq!(outputs, [37, 39, 41, 43, 47], "the spans' output tokens");
     // Read by the observing filter exactly when it runs.
     let observed = r.metric("keyswap_observed_responses_total{outcome=\"ended\"}").await;
     assert_eq!(observed > 0.0, observe, "responses read by the observing filter: {observed}");
+}
+
+/// The attack: a Chat Completions stream with no `max_tokens` and no `stream_options`. It is
+/// reserved the budget's default output, and OpenAI's stream reports no usage unless asked, so
+/// it was settled at that default however much the model wrote. keyswap asks for the usage
+/// (the agent sees one more chunk, with empty `choices`, as OpenAI documents); a body that says
+/// `include_usage` is not true is refused as unmetered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let spec =
+        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let (_config, r) = one_budget(&meter, "shared", "{kind: EgressGateway, name: egress}", spec);
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    // The meter writes 50 output tokens when no max_tokens is set: more than the 10 reserved.
+    for body in [
+        r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"  {}"#.replace("{}", r#"{"stream":1,"model":"gpt-4o","messages":[]}"#).leak(),
+    ] {
+        let before = settled().await;
+        let (status, _, text) = call(r.port, OPENAI, None, body).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains(r#""usage""#), "the agent does not see the usage chunk: {text}");
+        let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
+        assert!(forwarded.contains(r#""stream_options":{"include_usage":true}"#), "{forwarded}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while settled().await - before != (INPUT_TOKENS + 50) as f64 {
+            assert!(Instant::now() < deadline, "{body}: settled {} (reserved 10 output)", settled().await - before);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Told not to report it (also by a repeated key, or a value other than `true`): refused.
+    let seen = meter.requests.load(Ordering::SeqCst);
+    for options in [
+        r#"{"include_usage":false}"#,
+        r#"{"include_usage":true,"include_usage":false}"#,
+        r#"{"include_usage":"true"}"#,
+        "null",
+        r#"{}"#,
+    ] {
+        let body = format!(r#"{{"model":"gpt-4o","stream":true,"stream_options":{options},"messages":[]}}"#);
+        let (status, _, text) = call(r.port, OPENAI, None, &body).await;
+        assert_eq!(status, 403, "{options}: {text}");
+        assert!(text.contains("budget_unmetered_request") && text.contains("include_usage"), "{text}");
+    }
+    // Asked for by the agent: forwarded as it is.
+    let body = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let (status, _, text) = call(r.port, OPENAI, None, body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(meter.seen.lock().unwrap().last().unwrap().ends_with(body), "the body was rewritten");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), seen + 1, "a refused stream reached the provider");
 }
 
 /// An agent can make the model write anything, usage-looking JSON included; only the provider's
@@ -1484,6 +1539,13 @@ async fn the_official_sdk_gets_budget_exhaustion_at_once_without_retrying() {
 import sys, openai
 c = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key=sys.argv[2],
                   default_headers={"Host": "api.openai.com"}, max_retries=2)
+# A stream that does not ask for its usage: keyswap asks for it, and the SDK takes the extra chunk.
+text, used = "", None
+for chunk in c.chat.completions.create(model="gpt-4o", max_tokens=20, stream=True,
+                                       messages=[{"role": "user", "content": "hi"}]):
+    text += "".join(ch.delta.content or "" for ch in chunk.choices)
+    used = chunk.usage.completion_tokens if chunk.usage else used
+print("streamed", text, used)
 try:
     c.chat.completions.create(model="gpt-4o", max_tokens=5000, messages=[{"role": "user", "content": "hi"}])
     print("admitted")
@@ -1495,10 +1557,10 @@ except openai.RateLimitError as e:
     });
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the openai SDK is missing (pip install openai) or failed:\n{stdout}\n{stderr}");
-    assert_eq!(stdout.trim(), "limited budget_exhausted", "{stderr}");
+    assert_eq!(stdout.trim(), "streamed ok 20\nlimited budget_exhausted", "{stderr}");
     let limited = r.metric("keyswap_budget_decisions_total{budget=\"default/acme-daily\",decision=\"limited\"}").await;
     assert_eq!(limited, 1.0, "the SDK retried a request that could never fit");
-    assert_eq!(meter.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "only the stream reached the provider");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ pub mod local;
 mod metrics;
 pub mod redis;
 
-pub use demand::Demand;
+pub use demand::{Demand, StreamUsage};
 use held::HeldIn;
 pub use held::{Answered, Held, Observed};
 pub use metrics::{BudgetMetrics, Cached, Registry};

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use serde_json::json;
 
 use super::{mutation, Handled, ProcessStream};
-use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Reserve};
+use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Reserve, StreamUsage};
 use crate::config::snapshot::MatchEntry;
 use crate::config::Snapshot;
 use crate::provider::usage::{Format, UsageParser};
@@ -31,6 +31,9 @@ pub struct Budgeted {
     /// registry's glob it matches).
     unmetered: Option<&'static str>,
     format: Option<Format>,
+    /// A Chat Completions (or legacy Completions) endpoint: its streams report usage only when
+    /// the body asks (`stream_options.include_usage`).
+    streams_need_asking: bool,
     held: Option<Held>,
     /// What the response's status says (once response headers arrived).
     answered: Option<Answered>,
@@ -68,6 +71,8 @@ impl Budgeted {
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             unmetered: entry.provider.unmetered(creates, path),
             format: crate::provider::usage::format_for(entry.provider.name),
+            streams_need_asking: crate::provider::usage::format_for(entry.provider.name) == Some(Format::OpenAi)
+                && path.split('?').next().is_some_and(|p| p.ends_with("/completions")),
             snapshot: snapshot.clone(),
             held: None,
             answered: None,
@@ -91,14 +96,42 @@ impl Budgeted {
     /// end (every budget on tokens refuses it), or one that would spend tokens a budget cannot
     /// count and refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a
     /// background run.
-    fn cannot_meter(&self, demand: &Demand) -> Option<Admit> {
+    fn cannot_meter(&self, demand: &Demand, body: &[u8]) -> Option<Admit> {
         if demand.unreadable_body {
             let budget = self.budgets.iter().find(|b| b.counts_tokens())?;
             return Some(Admit::Unreadable { budget: budget.name.clone() });
         }
-        let what = self.unmetered.or(demand.background.then_some("background: true"))?;
+        let unasked = self.streams_need_asking
+            && demand.stream
+            && match demand.stream_usage {
+                StreamUsage::Asked => false,
+                StreamUsage::NotAsked => true,
+                // Asked by keyswap, where the body can be written to.
+                StreamUsage::Unset => opening_brace(body).is_none(),
+            };
+        let what = (self.unmetered)
+            .or(demand.background.then_some("background: true"))
+            .or(unasked.then_some("a stream with stream_options.include_usage not true"))?;
         let budget = self.budgets.iter().find(|b| b.refuses_unmetered())?;
         Some(Admit::Unmetered { budget: budget.name.clone(), what })
+    }
+
+    /// The body to forward in place of `body`: a stream that does not ask for its usage, asked
+    /// (`"stream_options":{"include_usage":true}` added), so that it is settled by what it used
+    /// rather than by its reservation. `None`: forwarded as it is.
+    fn asking_for_usage(&self, demand: &Demand, body: &[u8]) -> Option<Vec<u8>> {
+        if !(self.streams_need_asking && demand.stream && demand.stream_usage == StreamUsage::Unset) {
+            return None;
+        }
+        let open = opening_brace(body)?;
+        let rest = &body[open + 1..];
+        let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+        let member: &[u8] = if empty {
+            br#""stream_options":{"include_usage":true}"#
+        } else {
+            br#""stream_options":{"include_usage":true},"#
+        };
+        Some([&body[..=open], member, rest].concat())
     }
 
     fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
@@ -150,11 +183,18 @@ impl ProcessStream {
         };
         let now = SystemTime::now();
         let demand = Demand::from_body(body, b.path_model.as_deref());
-        if let Some(refused) = b.cannot_meter(&demand) {
+        if let Some(refused) = b.cannot_meter(&demand, body) {
             let admit = self.shared.budgets.count(refused);
             let refusal = self.record(admit).expect("a request no budget can meter is refused");
             return Handled::Answer(refusal, phase, true);
         }
+        let cont = match b.asking_for_usage(&demand, body) {
+            // Only an answer that changes nothing else (SigV4 never signs Chat Completions).
+            Some(asked) if matches!(&cont, Continue::Ready(r) if *r == mutation::request_body()) => {
+                Continue::Ready(mutation::request_body_replaced(asked))
+            }
+            _ => cont,
+        };
         let claims = b.claims(&demand, now);
         tracing::debug!(keys = ?b.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
         let store = b.snapshot.budget_store.as_ref();
@@ -304,6 +344,15 @@ impl Budgeted {
             self.settle(true);
         }
     }
+}
+
+/// Where a JSON object body opens, when keyswap can write a member into it: plain UTF-8 text (no
+/// byte-order mark, not UTF-16/32, which have a zero among their first bytes).
+fn opening_brace(body: &[u8]) -> Option<usize> {
+    if body.starts_with(&[0xEF, 0xBB, 0xBF]) || body.iter().take(4).any(|&b| b == 0) {
+        return None;
+    }
+    body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{')
 }
 
 /// keyswap's own answer for a request its budgets refuse; `None` when admitted.

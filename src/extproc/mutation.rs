@@ -119,6 +119,24 @@ pub fn request_body() -> ProcessingResponse {
     ProcessingResponse { response: Some(Response::RequestBody(BodyResponse::default())), ..Default::default() }
 }
 
+/// Continue the request with `body` in place of the one Envoy buffered, and its length (Envoy
+/// requires a matching `content-length` for a BUFFERED body it replaces).
+pub fn request_body_replaced(body: Vec<u8>) -> ProcessingResponse {
+    use envoy_types::pb::envoy::service::ext_proc::v3::{body_mutation::Mutation, BodyMutation};
+    let length = body.len().to_string();
+    let header_mutation = set_headers(&[("content-length", length.as_bytes())]);
+    let body_mutation = BodyMutation { mutation: Some(Mutation::Body(body)) };
+    let response = CommonResponse {
+        header_mutation: Some(header_mutation),
+        body_mutation: Some(body_mutation),
+        ..Default::default()
+    };
+    ProcessingResponse {
+        response: Some(Response::RequestBody(BodyResponse { response: Some(response) })),
+        ..Default::default()
+    }
+}
+
 /// Continue the response with this chunk in place of the one Envoy sent (STREAMED mode).
 pub fn response_body_with(body: Vec<u8>) -> ProcessingResponse {
     use envoy_types::pb::envoy::service::ext_proc::v3::{body_mutation::Mutation, BodyMutation};

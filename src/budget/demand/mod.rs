@@ -55,7 +55,20 @@ macro_rules! containers_are {
 }
 
 mod values;
-use values::{Count, Enabled, Model, ServerTool, Shape};
+use values::{Count, Enabled, Model, ServerTool, Shape, UsageAsked};
+
+/// Whether a streamed answer will report its usage: OpenAI's `stream_options.include_usage`
+/// (Chat Completions streams carry no usage without it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// No `stream_options` at all.
+    #[default]
+    Unset,
+    /// Every `stream_options` is an object whose every `include_usage` is `true`.
+    Asked,
+    /// Some `stream_options` is not, as a provider reading the last key may see it.
+    NotAsked,
+}
 
 /// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
 const MAX_MODELS: usize = 8;
@@ -91,6 +104,9 @@ pub struct Demand {
     /// answer comes before the tokens are spent and never carries their count. Anything but
     /// `false` or `null` counts, as a lax parser may read a string or a number as true.
     pub background: bool,
+    /// `stream` is anything but `false` or `null` (read as a lax parser may).
+    pub stream: bool,
+    pub stream_usage: StreamUsage,
 }
 
 impl Demand {
@@ -278,6 +294,8 @@ enum Key {
     /// `prompt`: a stored prompt when an object (`{"id": …}`), text when a string.
     Prompt,
     Background,
+    Stream,
+    StreamOptions,
     /// Any other key: its value is scanned for input it refers to (`referring` names the key's
     /// own kind, if any).
     Other(Option<KeyKind>),
@@ -323,6 +341,8 @@ impl Section {
             ) => Key::Reference,
             (Section::Top, "prompt") => Key::Prompt,
             (Section::Top, "background") => Key::Background,
+            (Section::Top, "stream") => Key::Stream,
+            (Section::Top, "stream_options") => Key::StreamOptions,
             _ => Key::Other(referring(name)),
         }
     }
@@ -373,6 +393,11 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
                     }
                 }
                 Key::Background => d.background |= map.next_value::<Enabled>()?.0,
+                Key::Stream => d.stream |= map.next_value::<Enabled>()?.0,
+                Key::StreamOptions => {
+                    let asked = map.next_value::<UsageAsked>()?.0 && d.stream_usage != StreamUsage::NotAsked;
+                    d.stream_usage = if asked { StreamUsage::Asked } else { StreamUsage::NotAsked };
+                }
                 Key::Other(kind) => read_value(d, kind, false, &mut map)?,
             }
         }

@@ -201,3 +201,93 @@ impl<'de> de::Deserialize<'de> for Count {
         de.deserialize_any(V)
     }
 }
+
+/// A `stream_options` value: `true` when it is an object whose every `include_usage` is `true`
+/// (and it has one).
+pub(super) struct UsageAsked(pub(super) bool);
+
+impl<'de> de::Deserialize<'de> for UsageAsked {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<UsageAsked, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UsageAsked;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<UsageAsked, A::Error> {
+                let (mut seen, mut all_true) = (false, true);
+                while let Some(IncludeUsage(is)) = map.next_key()? {
+                    if is {
+                        seen = true;
+                        all_true &= map.next_value::<IsTrue>()?.0;
+                    } else {
+                        map.next_value::<de::IgnoredAny>()?;
+                    }
+                }
+                Ok(UsageAsked(seen && all_true))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<UsageAsked, E> {
+                Ok(UsageAsked(false))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<UsageAsked, A::Error> {
+                IgnoredAny.visit_seq(seq).map(|_| UsageAsked(false))
+            }
+            scalars_are!(UsageAsked(false), unit);
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// An object key: whether it is `include_usage` (escapes resolved).
+struct IncludeUsage(bool);
+
+impl<'de> de::Deserialize<'de> for IncludeUsage {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<IncludeUsage, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IncludeUsage;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<IncludeUsage, E> {
+                Ok(IncludeUsage(name == "include_usage"))
+            }
+        }
+        de.deserialize_str(V)
+    }
+}
+
+/// A value that is exactly `true` (anything else, of any type, is not).
+struct IsTrue(bool);
+
+impl<'de> de::Deserialize<'de> for IsTrue {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<IsTrue, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IsTrue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<IsTrue, E> {
+                Ok(IsTrue(b))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<IsTrue, E> {
+                Ok(IsTrue(false))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<IsTrue, E> {
+                Ok(IsTrue(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<IsTrue, E> {
+                Ok(IsTrue(false))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<IsTrue, E> {
+                Ok(IsTrue(false))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<IsTrue, E> {
+                Ok(IsTrue(false))
+            }
+            containers_are!(IsTrue(false));
+        }
+        de.deserialize_any(V)
+    }
+}
