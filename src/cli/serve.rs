@@ -48,7 +48,7 @@ pub struct ServeArgs {
     pub metrics: SocketAddr,
     /// Finished spans that may wait for the OTLP exporter; beyond this they are dropped (and
     /// counted in keyswap_spans_dropped_total) so a slow collector never slows a request.
-    /// Default: OTEL_BSP_MAX_QUEUE_SIZE, else 4096.
+    /// Default: OTEL_BSP_MAX_QUEUE_SIZE, else 4096. The queue also holds at most 64 MiB of spans.
     #[arg(long, value_name = "N")]
     pub span_queue: Option<usize>,
     /// Threads answering Envoy (tokio workers). One thread costs the least CPU per request (see

@@ -150,7 +150,11 @@ impl<'a> Incoming<'a> {
         let host = crate::target::host(self.authority, &mut buf).unwrap_or(self.authority).to_owned();
         let binding = route.map(|e| &*e.binding);
         let provider = route.map(|e| e.provider);
-        let redacted = binding.map_or(Cow::Borrowed(self.path), |b| inject::query::redact(self.path, &b.strip.query));
+        // A request that matched no route: the parameters every route strips.
+        static EVERY_ROUTE: std::sync::LazyLock<Box<[Box<str>]>> = std::sync::LazyLock::new(|| {
+            crate::provider::CREDENTIAL_QUERY_PARAMS.iter().map(|q| Box::from(*q)).collect()
+        });
+        let redacted = inject::query::redact(self.path, binding.map_or(&EVERY_ROUTE[..], |b| &b.strip.query));
         let path_model = provider.and_then(|p| p.model_from_path(self.path));
         let identity = self.identity.as_deref();
         let s = Start {

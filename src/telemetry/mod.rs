@@ -21,6 +21,10 @@ use std::time::Duration;
 /// Distinct (provider, model) pairs kept in token metrics; further models count as "other".
 pub const MAX_MODELS: usize = 256;
 
+/// The most bytes of finished spans that wait for the exporter: spans with captured bodies run to
+/// hundreds of KB, so a queue of 4,096 of them behind a dead collector would hold gigabytes.
+pub const MAX_QUEUED_SPAN_BYTES: u64 = 64 << 20;
+
 /// Upper bounds of the phase-latency histogram buckets, in microseconds.
 const BUCKETS_US: [u64; 11] = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
 
@@ -89,6 +93,8 @@ pub struct Metrics {
     pub spans_exported: AtomicU64,
     /// Spans dropped because the export queue was full (collector slow or down).
     pub spans_dropped: AtomicU64,
+    /// Bytes of the spans waiting in the export queue (bounded by [`MAX_QUEUED_SPAN_BYTES`]).
+    pub span_queue_bytes: AtomicU64,
     /// Spans lost because the collector refused them or did not answer in time.
     pub spans_export_failed: AtomicU64,
     /// OTLP metrics pushes that failed (`OTEL_METRICS_EXPORTER=otlp`).
@@ -125,6 +131,14 @@ pub struct XdsStats {
 }
 
 impl Metrics {
+    /// `span` left the export queue (the exporter took it): its bytes no longer count against
+    /// [`MAX_QUEUED_SPAN_BYTES`].
+    pub fn left_queue(&self, span: &[u8]) {
+        let len = span.len() as u64;
+        let _ =
+            self.span_queue_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(len)));
+    }
+
     /// The denial counter of a refused request target.
     pub fn refused(&self, r: crate::target::Refused) -> &AtomicU64 {
         match r {
@@ -358,12 +372,42 @@ impl Sink {
         self.tx.is_some()
     }
 
-    /// Never waits: a full queue drops the span and counts it. `span` is an encoded OTLP `Span`.
+    /// Never waits: a full queue (by count, or by [`MAX_QUEUED_SPAN_BYTES`]) drops the span and
+    /// counts it. `span` is an encoded OTLP `Span`.
     pub fn send(&self, span: Vec<u8>) {
         if let Some(tx) = &self.tx {
-            if tx.try_send(span).is_err() {
+            let (bytes, len) = (&self.metrics.span_queue_bytes, span.len() as u64);
+            let queued = bytes.fetch_add(len, Ordering::Relaxed);
+            if queued + len > MAX_QUEUED_SPAN_BYTES || tx.try_send(span).is_err() {
+                bytes.fetch_sub(len, Ordering::Relaxed);
                 Metrics::inc(&self.metrics.spans_dropped);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spans with captured bodies behind a collector that is down: the queue holds at most
+    /// [`MAX_QUEUED_SPAN_BYTES`], not its 4,096 spans of any size; what the exporter takes frees
+    /// room again.
+    #[test]
+    fn the_span_queue_is_bounded_by_bytes_as_well_as_by_count() {
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
+        let sink = Sink::new(metrics.clone(), Some(tx));
+        let span = vec![7u8; 1 << 20];
+        let fit = (MAX_QUEUED_SPAN_BYTES >> 20) as usize;
+        for _ in 0..fit + 10 {
+            sink.send(span.clone());
+        }
+        assert_eq!(Metrics::get(&metrics.spans_dropped), 10);
+        assert_eq!(Metrics::get(&metrics.span_queue_bytes), MAX_QUEUED_SPAN_BYTES);
+        let taken = rx.try_recv().unwrap();
+        metrics.left_queue(&taken);
+        sink.send(span);
+        assert_eq!(Metrics::get(&metrics.spans_dropped), 10, "room again once the exporter took one");
     }
 }

@@ -192,13 +192,19 @@ async fn drain(
             let mut closed = last;
             let mut bytes = 0;
             while batch.len() < batch_max {
-                let span = match carried.take().map_or_else(|| rx.try_recv(), Ok) {
-                    Ok(span) => span,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
+                let span = match carried.take() {
+                    Some(span) => span,
+                    None => match rx.try_recv() {
+                        Ok(span) => {
+                            metrics.left_queue(&span);
+                            span
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    },
                 };
                 if !batch.is_empty() && bytes + span.len() > MAX_BATCH_BYTES {
                     carried = Some(span);

@@ -242,6 +242,10 @@ fn header_text(v: &[u8], redacted: bool) -> Cow<'_, str> {
 const REQUEST_PREFIX: &str = "http.request.header.";
 const RESPONSE_PREFIX: &str = "http.response.header.";
 
+/// W3C trace flags: sampled, and (Trace Context level 2) a random trace id.
+const FLAG_SAMPLED: u8 = 0x01;
+const FLAG_RANDOM: u8 = 0x02;
+
 impl Transaction {
     /// Starts a transaction. Returns it and the `traceparent` to forward upstream.
     pub fn start(
@@ -252,9 +256,12 @@ impl Transaction {
         let find = |n: &str| {
             headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
+        // A transaction exists only when sampled: the sampled flag is set whatever the agent sent
+        // (`always_on` traces a parent that said no), the random-trace-id flag kept, and the bits
+        // W3C reserves zeroed rather than passed upstream and into the span.
         let (trace_id, parent, flags) = match find("traceparent").and_then(parse_traceparent) {
-            Some((t, p, f)) => (t, Some(p), f),
-            None => (random_trace_id(), None, 1),
+            Some((t, p, f)) => (t, Some(p), (f & FLAG_RANDOM) | FLAG_SAMPLED),
+            None => (random_trace_id(), None, FLAG_SAMPLED),
         };
         let span_id = nonzero_random().to_be_bytes();
         let tracestate = find("tracestate").filter(|v| parent.is_some() && valid_tracestate(v)).map(str::to_owned);
@@ -790,6 +797,15 @@ mod tests {
         push_hex(&mut expect, &span.span_id);
         expect.push_str("-01");
         assert_eq!(forwarded, expect);
+
+        // The attack: reserved flag bits (or "not sampled" on a span `always_on` records) passed
+        // upstream and into the span as the agent wrote them.
+        for (sent, kept) in [("ff", 0x03), ("00", 0x01), ("fc", 0x01)] {
+            let parent = format!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{sent}");
+            let (tx, forwarded) = start_with(CapturePolicy::default(), &[("traceparent", parent.as_bytes())]);
+            assert!(forwarded.ends_with(&format!("-{kept:02x}")), "{sent}: {forwarded}");
+            assert_eq!(finish(tx).flags, 0x300 | kept, "{sent}");
+        }
 
         for bad in [
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
