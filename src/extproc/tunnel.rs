@@ -24,6 +24,40 @@ use crate::telemetry::Metrics;
 /// How long a tunnel target's DNS lookup may take (within the filter's 6 s message timeout).
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// Name lookups in flight at once. `getaddrinfo` holds a thread of the blocking pool until it
+/// answers, and a timeout does not stop it: CONNECTs to names whose servers never answer would
+/// otherwise take every thread of the pool (which also signs large SigV4 bodies). A lookup keeps
+/// its permit until `getaddrinfo` returns; a request that gets none within [`RESOLVE_TIMEOUT`]
+/// is refused as unresolvable.
+const MAX_LOOKUPS: usize = 64;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+
+/// A blocking name lookup (`getaddrinfo`, or a stand-in in tests).
+type Lookup = fn(&str, u16) -> std::io::Result<Vec<SocketAddr>>;
+
+/// `host:port`'s addresses, looked up on the blocking pool under `slots`, within `timeout`.
+async fn resolve(
+    slots: &'static tokio::sync::Semaphore,
+    timeout: Duration,
+    host: String,
+    port: u16,
+    lookup: Lookup,
+) -> Option<Vec<SocketAddr>> {
+    let found = tokio::time::timeout(timeout, async move {
+        let permit = slots.acquire().await.ok()?;
+        let task = tokio::task::spawn_blocking(move || {
+            let _held = permit;
+            lookup(&host, port)
+        });
+        task.await.ok()?.ok()
+    });
+    found.await.ok().flatten()
+}
+
+fn getaddrinfo(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(Iterator::collect)
+}
+
 /// Non-public networks an operator lets tunnels reach anyway (`--allow-private-destination`).
 #[derive(Clone, Debug, Default)]
 pub struct TunnelGuard {
@@ -148,9 +182,9 @@ pub async fn decide(
     }
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await {
-            Ok(Ok(a)) => a.collect(),
-            _ => return Err((Refusal::Unresolvable, None)),
+        Err(_) => match resolve(&LOOKUPS, RESOLVE_TIMEOUT, host, port, getaddrinfo).await {
+            Some(a) => a,
+            None => return Err((Refusal::Unresolvable, None)),
         },
     };
     // Every answer must be public: a name with one private record is a rebinding attempt.
@@ -244,6 +278,45 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static MOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A name server that answers after `ms` (a stand-in: no resolver here can be made slow).
+    fn slow(ms: u64) -> std::io::Result<Vec<SocketAddr>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = RUNNING.fetch_add(1, SeqCst) + 1;
+        MOST.fetch_max(now, SeqCst);
+        std::thread::sleep(Duration::from_millis(ms));
+        RUNNING.fetch_sub(1, SeqCst);
+        Ok(vec![SocketAddr::from(([203, 0, 113, 7], 443))])
+    }
+
+    /// The attack: CONNECTs to names whose servers never answer. Each lookup holds a blocking
+    /// thread past its timeout; bounded, they cannot take the whole pool, and a lookup that timed
+    /// out still holds its slot until it returns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_name_servers_cannot_take_more_than_their_lookup_slots() {
+        let lookups: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(resolve(&SLOTS, Duration::from_secs(10), "a.test".into(), 443, |_, _| slow(100))))
+            .collect();
+        for l in lookups {
+            assert!(l.await.unwrap().is_some());
+        }
+        assert_eq!(MOST.load(std::sync::atomic::Ordering::SeqCst), 2, "lookups at once");
+        // Two that never come back in time: both slots stay taken until they return, so a
+        // third (fast) lookup waits, and is refused when its own time runs out.
+        let stuck = |_: &str, _: u16| slow(1500);
+        let short = Duration::from_millis(200);
+        for _ in 0..2 {
+            assert!(resolve(&SLOTS, short, "b.test".into(), 443, stuck).await.is_none());
+        }
+        assert_eq!(SLOTS.available_permits(), 0);
+        assert!(resolve(&SLOTS, short, "c.test".into(), 443, |_, _| slow(0)).await.is_none());
+        let back = resolve(&SLOTS, Duration::from_secs(5), "c.test".into(), 443, |_, _| slow(0)).await;
+        assert!(back.is_some(), "the slots came back once the stuck lookups returned");
+    }
 
     #[test]
     fn only_public_unicast_addresses_are_public() {
