@@ -1023,6 +1023,54 @@ async fn an_agent_holding_a_thousand_requests_open_does_not_shut_the_gateway_for
     drop(held);
 }
 
+/// The attack: HTTP/2 request headers without END_STREAM, then trailers and no DATA. Envoy sends
+/// keyswap no body message for such a request, and the budget waited for one before reserving:
+/// the request went on with the key and was never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_headers_and_trailers_only_cannot_skip_its_budget() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (_config, r) = one_budget(&meter, "big", "{kind: EgressGateway, name: egress}", limits);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-end", "1".parse().unwrap());
+    let frames = vec![Ok::<_, Infallible>(hyper::body::Frame::<Bytes>::trailers(trailers))];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{OPENAI}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    sender.ready().await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "forwarded without a budget decision: {status} {text}");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("body_required"), "{text}");
+    // A body followed by trailers: Envoy sends it as a body that has not ended, which keyswap
+    // cannot reserve by either (refused, as a body larger than the buffer is).
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-end", "1".parse().unwrap());
+    let body = Bytes::from(chat(10));
+    let frames = vec![Ok::<_, Infallible>(hyper::body::Frame::data(body)), Ok(hyper::body::Frame::trailers(trailers))];
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{OPENAI}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+    let status = resp.status().as_u16();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert_eq!((status, meter.requests.load(Ordering::SeqCst)), (413, 0), "{text}");
+}
+
 /// The attack: `max_tokens` far past any model's on a budget that limits only input tokens, in
 /// Redis. The output and total counters, checked against no limit, add every reservation; at the
 /// top of an `i64`, `HINCRBY` fails the script, which read as the store being down (every budget

@@ -469,9 +469,16 @@ fn fixed_phases(request_body: RequestBody) -> Value {
         "response_header_mode": "SEND",
         "request_body_mode": request_body_mode,
         "response_body_mode": "STREAMED",
-        "request_trailer_mode": "SKIP",
+        "request_trailer_mode": if sends_request_trailers(request_body) { "SEND" } else { "SKIP" },
         "response_trailer_mode": "SKIP",
     })
+}
+
+/// Request trailers are sent where keyswap needs the whole body (SigV4, a token budget): a
+/// request of headers and trailers only has no body message, and its trailers are where keyswap
+/// learns that the body it waits for will not come.
+pub fn sends_request_trailers(request_body: RequestBody) -> bool {
+    request_body == RequestBody::Whole
 }
 
 /// `typed_per_filter_config` for a virtual host whose response bodies keyswap reads on every

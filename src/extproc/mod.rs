@@ -500,9 +500,11 @@ impl ProcessStream {
                 Ok(self.on_response_headers(&headers, h.end_of_stream))
             }
             (Request::ResponseBody(b), _) => Ok(self.on_response_body(&b.body, b.end_of_stream)),
-            (Request::RequestTrailers(_), _) => {
-                Ok(Handled::Answer(mutation::request_trailers(), TelemetryPhase::Trailers, false))
-            }
+            (Request::RequestTrailers(_), _) => Ok(self.trailers_before_body().unwrap_or(Handled::Answer(
+                mutation::request_trailers(),
+                TelemetryPhase::Trailers,
+                false,
+            ))),
             (Request::ResponseTrailers(_), _) => {
                 Ok(Handled::Answer(mutation::response_trailers(), TelemetryPhase::Trailers, true))
             }

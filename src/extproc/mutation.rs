@@ -83,7 +83,11 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
         response_header_mode: HeaderSendMode::Send as i32,
         request_body_mode: request_body_mode as i32,
         response_body_mode: if response_body { BodySendMode::Streamed } else { BodySendMode::None } as i32,
-        request_trailer_mode: HeaderSendMode::Skip as i32,
+        request_trailer_mode: if crate::envoy::sends_request_trailers(request_body) {
+            HeaderSendMode::Send
+        } else {
+            HeaderSendMode::Skip
+        } as i32,
         response_trailer_mode: HeaderSendMode::Skip as i32,
     }
 }

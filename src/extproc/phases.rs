@@ -84,9 +84,25 @@ impl ProcessStream {
         self.sign = None;
         self.budget = None;
         let body = json!({"error": {"type": "request_too_large",
-            "message": "SigV4 signing and token budgets need the whole request body; this one is larger than the gateway buffers"}});
+            "message": "SigV4 signing and token budgets need the whole request body; this one is larger than the gateway buffers (or ends with trailers)"}});
         let resp = mutation::immediate(413, &body, "keyswap_body_too_large");
         Some(Handled::Answer(resp, TelemetryPhase::RequestBody, true))
+    }
+
+    /// Request trailers while the request still waits for the whole body SigV4 or a token
+    /// budget needs (Envoy sends no body message for a request of headers and trailers only):
+    /// refused with 400, never forwarded unsigned or unreserved.
+    pub(super) fn trailers_before_body(&mut self) -> Option<Handled> {
+        if self.sign.is_none() && !self.budget.as_ref().is_some_and(|b| b.waits_for_body()) {
+            return None;
+        }
+        tracing::debug!("request trailers before the body SigV4 or a token budget needs; answering 400");
+        self.sign = None;
+        self.budget = None;
+        let body = json!({"error": {"type": "body_required",
+            "message": "SigV4 signing and token budgets read the whole request body; a request that ends with trailers and no body is refused"}});
+        let resp = mutation::immediate(400, &body, "keyswap_body_required");
+        Some(Handled::Answer(resp, TelemetryPhase::Trailers, true))
     }
 
     /// Whether a request body that arrived is one this request does not read.
