@@ -988,22 +988,11 @@ async fn an_agent_holding_a_thousand_requests_open_does_not_shut_the_gateway_for
     // Over two connections: Envoy lets a downstream HTTP/2 connection have 1,024 streams at once.
     let mut held = Vec::new();
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut sender = h2_connection(r.port).await;
         for _ in 0..550 {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(1);
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
             tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{")))).await.unwrap();
-            let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-            let req = hyper::Request::builder()
-                .method("POST")
-                .uri(format!("http://{OPENAI}/v1/chat/completions"))
-                .header("content-type", "application/json")
-                .body(body)
-                .unwrap();
+            let req = openai_frames(tokio_stream::wrappers::ReceiverStream::new(rx));
             sender.ready().await.unwrap();
             let pending = sender.send_request(req);
             held.push((tx, tokio::spawn(pending)));
@@ -1031,44 +1020,56 @@ async fn a_request_of_headers_and_trailers_only_cannot_skip_its_budget() {
     let meter = Meter::start(Duration::ZERO).await;
     let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
     let (_config, r) = one_budget(&meter, "big", "{kind: EgressGateway, name: egress}", limits);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", r.port)).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(conn);
-    let mut trailers = hyper::HeaderMap::new();
-    trailers.insert("x-end", "1".parse().unwrap());
-    let frames = vec![Ok::<_, Infallible>(hyper::body::Frame::<Bytes>::trailers(trailers))];
-    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
-    let req = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://{OPENAI}/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(body)
-        .unwrap();
-    sender.ready().await.unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
-    let status = resp.status().as_u16();
-    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    let mut sender = h2_connection(r.port).await;
+    let trailers = || {
+        let mut t = hyper::HeaderMap::new();
+        t.insert("x-end", "1".parse().unwrap());
+        Ok(hyper::body::Frame::trailers(t))
+    };
+    let (status, text) = h2_call(&mut sender, openai_frames(tokio_stream::iter([trailers()]))).await;
     assert_eq!(meter.requests.load(Ordering::SeqCst), 0, "forwarded without a budget decision: {status} {text}");
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("body_required"), "{text}");
     // A body followed by trailers: Envoy sends it as a body that has not ended, which keyswap
     // cannot reserve by either (refused, as a body larger than the buffer is).
-    let mut trailers = hyper::HeaderMap::new();
-    trailers.insert("x-end", "1".parse().unwrap());
-    let body = Bytes::from(chat(10));
-    let frames = vec![Ok::<_, Infallible>(hyper::body::Frame::data(body)), Ok(hyper::body::Frame::trailers(trailers))];
-    let req = hyper::Request::builder()
+    let frames = [Ok(hyper::body::Frame::data(Bytes::from(chat(10)))), trailers()];
+    let (status, text) = h2_call(&mut sender, openai_frames(tokio_stream::iter(frames))).await;
+    assert_eq!((status, meter.requests.load(Ordering::SeqCst)), (413, 0), "{text}");
+}
+
+/// A request body sent frame by frame over an agent's HTTP/2 connection.
+type Frames = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// An agent's HTTP/2 connection (prior knowledge) to the Envoy listening on `port`.
+async fn h2_connection(port: u16) -> hyper::client::conn::http2::SendRequest<Frames> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A Chat Completions POST whose body is `frames`, as they come (data, trailers, or held open).
+fn openai_frames(
+    frames: impl futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, Infallible>> + Send + 'static,
+) -> hyper::Request<Frames> {
+    hyper::Request::builder()
         .method("POST")
         .uri(format!("http://{OPENAI}/v1/chat/completions"))
         .header("content-type", "application/json")
-        .body(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
-        .unwrap();
+        .body(http_body_util::BodyExt::boxed_unsync(http_body_util::StreamBody::new(frames)))
+        .unwrap()
+}
+
+/// Sends `req` on `sender`: the status and body of the answer.
+async fn h2_call(
+    sender: &mut hyper::client::conn::http2::SendRequest<Frames>,
+    req: hyper::Request<Frames>,
+) -> (u16, String) {
     sender.ready().await.unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
     let status = resp.status().as_u16();
-    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
-    assert_eq!((status, meter.requests.load(Ordering::SeqCst)), (413, 0), "{text}");
+    (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
 }
 
 /// The attack: `max_tokens` far past any model's on a budget that limits only input tokens, in
