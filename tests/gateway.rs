@@ -6,6 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use common::dev::*;
 use common::*;
@@ -149,6 +150,27 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
             assert_eq!(other.seen().len(), before);
         }
     }
+}
+
+/// The attack: connections that send half a request and stop (slowloris), each holding a slot of
+/// Envoy's for as long as Envoy waits. The generated listeners give headers 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_headers_never_finish_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", port, "")).unwrap();
+    let _dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &["dev"]));
+    let mut half = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    half.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), half.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "Envoy still waits for the headers after 30 s");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "cut off after {waited:?}: {}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&answer));
 }
 
 #[test]

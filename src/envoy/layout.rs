@@ -413,13 +413,19 @@ fn negotiated_http(upstream_options: Value) -> Value {
 }
 
 /// What every connection manager does with agent input before any filter sees it: the peer
-/// address is the TCP peer (never X-Forwarded-For), and headers spelled with underscores
-/// (`x_api_key`) are dropped.
+/// address is the TCP peer (never X-Forwarded-For), headers spelled with underscores
+/// (`x_api_key`) are dropped, and a request's headers must arrive within
+/// [`REQUEST_HEADERS_TIMEOUT`] (Envoy waits forever by default: a connection that sends half a
+/// request line and stops holds its slot until the hour-long idle timeout).
 fn hardened(hcm: &mut Value) {
+    hcm["request_headers_timeout"] = json!(REQUEST_HEADERS_TIMEOUT);
     hcm["use_remote_address"] = json!(true);
     hcm["xff_num_trusted_hops"] = json!(0);
     hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "DROP_HEADER"});
 }
+
+/// How long an agent's request headers may take to arrive, from the request's first byte.
+pub const REQUEST_HEADERS_TIMEOUT: &str = "10s";
 
 fn connect_to(cluster: &str) -> Value {
     json!({"match": {"connect_matcher": {}}, "route": {"cluster": cluster,
