@@ -597,6 +597,37 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     assert_eq!(meter.requests.load(Ordering::SeqCst), seen + 1, "a refused stream reached the provider");
 }
 
+/// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to
+/// parse, which would hold up every other agent on the worker): they are decided as small ones
+/// are, reserved, refused, or asked for their stream's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_body_is_reserved_refused_and_asked_for_usage_as_a_small_one_is() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let spec = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 700000}";
+    let (_config, r) = one_budget(&meter, "big", "{kind: EgressGateway, name: egress}", spec);
+    let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/big\",kind=\"reserved\"}");
+    let prompt = "x".repeat(300 * 1024);
+    let body = |extra: &str| {
+        format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{prompt}"}}]{extra},"max_tokens":10}}"#)
+    };
+    // Reserved by its bytes and max_tokens, and streamed with its usage asked for.
+    let streamed = body(r#","stream":true"#);
+    let (status, _, text) = call(r.port, OPENAI, None, &streamed).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(reserved().await, (streamed.len() + 10) as f64);
+    let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(forwarded.contains(r#""stream_options":{"include_usage":true}"#), "not asked for its usage");
+    // Unmetered: refused before anything is reserved.
+    let (status, _, text) = call(r.port, OPENAI, None, &body(r#","background":true"#)).await;
+    assert_eq!(status, 403, "{text}");
+    // Past what is left (700,000 − what the first call used): refused, not forwarded.
+    let huge = format!(r#"{{"model":"gpt-4o","messages":[],"max_tokens":600000,"pad":"{prompt}"}}"#);
+    let (status, _, text) = call(r.port, OPENAI, None, &huge).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("budget_exhausted"), "{text}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "a refused body reached the provider");
+}
+
 /// An agent can make the model write anything, usage-looking JSON included; only the provider's
 /// own `usage` object counts, in a small answer and in a large one (1.2 MB, read as it streams).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,19 +21,8 @@ use crate::vocab::Identity;
 
 /// A request on a route with budgets: who it is counted as, and its reservation once made.
 pub struct Budgeted {
-    snapshot: Arc<Snapshot>,
-    budgets: Arc<[Arc<Budget>]>,
-    /// The counter key of each budget, in order.
-    keys: Vec<Arc<str>>,
-    /// The model named in the path (Gemini, Bedrock): the provider ignores the body's.
-    path_model: Option<String>,
-    /// The request creates something that spends tokens out of keyswap's sight (the provider
-    /// registry's glob it matches).
-    unmetered: Option<&'static str>,
+    plan: Plan,
     format: Option<Format>,
-    /// A Chat Completions (or legacy Completions) endpoint: its streams report usage only when
-    /// the body asks (`stream_options.include_usage`).
-    streams_need_asking: bool,
     held: Option<Held>,
     /// What the response's status says (once response headers arrived).
     answered: Option<Answered>,
@@ -43,6 +32,28 @@ pub struct Budgeted {
     /// settle. Budgets of requests only need neither.
     reads_bodies: bool,
 }
+
+/// What admitting a budgeted request takes besides its body: cloned into the task that reads a
+/// large body off the worker.
+#[derive(Clone)]
+struct Plan {
+    snapshot: Arc<Snapshot>,
+    budgets: Arc<[Arc<Budget>]>,
+    /// The counter key of each budget, in order.
+    keys: Vec<Arc<str>>,
+    /// The model named in the path (Gemini, Bedrock): the provider ignores the body's.
+    path_model: Option<String>,
+    /// The request creates something that spends tokens out of keyswap's sight (the provider
+    /// registry's glob it matches).
+    unmetered: Option<&'static str>,
+    /// A Chat Completions (or legacy Completions) endpoint: its streams report usage only when
+    /// the body asks (`stream_options.include_usage`).
+    streams_need_asking: bool,
+}
+
+/// Request bodies larger than this are read for their demand on the blocking pool: a 9 MiB body
+/// takes milliseconds to parse, which on the worker would hold up every other agent's messages.
+const PARSE_INLINE_MAX_BYTES: usize = 256 * 1024;
 
 /// The answer that lets a request go on: ready, or being computed (a large body signed).
 // Built once per message and moved straight into the answer: boxing it would allocate.
@@ -65,15 +76,19 @@ impl Budgeted {
             return None;
         }
         let keys = entry.budgets.iter().map(|b| Arc::from(b.key.value(identity, &entry.route))).collect();
-        Some(Box::new(Budgeted {
+        let format = crate::provider::usage::format_for(entry.provider.name);
+        let plan = Plan {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             unmetered: entry.provider.unmetered(creates, path),
-            format: crate::provider::usage::format_for(entry.provider.name),
-            streams_need_asking: crate::provider::usage::format_for(entry.provider.name) == Some(Format::OpenAi)
+            streams_need_asking: format == Some(Format::OpenAi)
                 && path.split('?').next().is_some_and(|p| p.ends_with("/completions")),
             snapshot: snapshot.clone(),
+        };
+        Some(Box::new(Budgeted {
+            plan,
+            format,
             held: None,
             answered: None,
             parser: None,
@@ -90,6 +105,34 @@ impl Budgeted {
     /// Whether the reservation waits for the request body (read whole, in one message).
     pub fn waits_for_body(&self) -> bool {
         self.reads_bodies && self.held.is_none()
+    }
+}
+
+impl Plan {
+    /// Admits a request whose body (`body`) reads as `demand`: refused before anything is
+    /// reserved (`Err`, counted), or its reservation, now or being made, with the answer that lets
+    /// it go on once admitted (its body asking for usage where it did not).
+    fn admission(
+        &self,
+        engine: &Arc<crate::budget::Engine>,
+        demand: &Demand,
+        body: &[u8],
+        cont: Continue,
+        now: SystemTime,
+    ) -> Result<(Reserve, Continue), Admit> {
+        if let Some(refused) = self.cannot_meter(demand, body) {
+            return Err(engine.count(refused));
+        }
+        let cont = match self.asking_for_usage(demand, body) {
+            // Only an answer that changes nothing else (SigV4 never signs Chat Completions).
+            Some(asked) if matches!(&cont, Continue::Ready(r) if *r == mutation::request_body()) => {
+                Continue::Ready(mutation::request_body_replaced(asked))
+            }
+            _ => cont,
+        };
+        let claims = self.claims(demand, now);
+        tracing::debug!(keys = ?self.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
+        Ok((engine.reserve(self.snapshot.budget_store.as_ref(), claims, now), cont))
     }
 
     /// The refusal of a request a budget of the route cannot meter: a body it cannot read to its
@@ -137,7 +180,9 @@ impl Budgeted {
     fn claims(&self, demand: &Demand, now: SystemTime) -> Vec<Claim> {
         self.budgets.iter().zip(&self.keys).map(|(b, key)| b.claim(key.clone(), demand, now)).collect()
     }
+}
 
+impl Budgeted {
     /// Settles the reservation (once) for a response that went on unseen: as cut off after an
     /// unknown number of bytes, so what was reserved stays counted unless usage was read.
     pub(super) fn settle_unseen(&mut self) {
@@ -177,44 +222,40 @@ impl Drop for Budgeted {
 impl ProcessStream {
     /// Passes `cont` through the request's budgets, reserving what `body` may cost: the answer
     /// now, or after the store answers. Without budgets (or already reserved), `cont` as is.
-    pub(super) fn admit(&mut self, cont: Continue, body: &[u8], phase: TelemetryPhase, started: Instant) -> Handled {
+    pub(super) fn admit(&mut self, cont: Continue, body: Vec<u8>, phase: TelemetryPhase, started: Instant) -> Handled {
         let Some(b) = self.budget.as_ref().filter(|b| b.held.is_none()) else {
             return self.go_on(cont, phase, started);
         };
-        let now = SystemTime::now();
-        let demand = Demand::from_body(body, b.path_model.as_deref());
-        if let Some(refused) = b.cannot_meter(&demand, body) {
-            let admit = self.shared.budgets.count(refused);
-            let refusal = self.record(admit).expect("a request no budget can meter is refused");
-            return Handled::Answer(refusal, phase, true);
+        let (now, engine) = (SystemTime::now(), &self.shared.budgets);
+        if body.len() > PARSE_INLINE_MAX_BYTES {
+            let (plan, engine) = (b.plan.clone(), engine.clone());
+            let fut = async move {
+                let path_model = plan.path_model.clone();
+                let read = tokio::task::spawn_blocking(move || (Demand::from_body(&body, path_model.as_deref()), body));
+                // The reader never panics; if it did, the body counts as one it could not read.
+                let unread = || (Demand { unreadable_body: true, unreadable_limit: true, ..Demand::default() }, vec![]);
+                let (demand, body) = read.await.unwrap_or_else(|_| unread());
+                match plan.admission(&engine, &demand, &body, cont, now) {
+                    Err(admit) => (refusal(&admit).expect("a request no budget can meter is refused"), Some(admit)),
+                    Ok((Reserve::Now(admit), cont)) => admitted(admit, cont).await,
+                    Ok((Reserve::Later(fut), cont)) => admitted(fut.await, cont).await,
+                }
+            };
+            self.pending = Some((Box::pin(fut), started, phase));
+            return Handled::Pending;
         }
-        let cont = match b.asking_for_usage(&demand, body) {
-            // Only an answer that changes nothing else (SigV4 never signs Chat Completions).
-            Some(asked) if matches!(&cont, Continue::Ready(r) if *r == mutation::request_body()) => {
-                Continue::Ready(mutation::request_body_replaced(asked))
+        let demand = Demand::from_body(&body, b.plan.path_model.as_deref());
+        match b.plan.admission(engine, &demand, &body, cont, now) {
+            Err(admit) => {
+                let refusal = self.record(admit).expect("a request no budget can meter is refused");
+                Handled::Answer(refusal, phase, true)
             }
-            _ => cont,
-        };
-        let claims = b.claims(&demand, now);
-        tracing::debug!(keys = ?b.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
-        let store = b.snapshot.budget_store.as_ref();
-        match self.shared.budgets.reserve(store, claims, now) {
-            Reserve::Now(admit) => match self.record(admit) {
+            Ok((Reserve::Now(admit), cont)) => match self.record(admit) {
                 Some(refusal) => Handled::Answer(refusal, phase, true),
                 None => self.go_on(cont, phase, started),
             },
-            Reserve::Later(fut) => {
-                let fut = async move {
-                    let admit = fut.await;
-                    match refusal(&admit) {
-                        Some(r) => (r, Some(admit)),
-                        None => match cont {
-                            Continue::Ready(r) => (r, Some(admit)),
-                            Continue::Later(f) => (f.await, Some(admit)),
-                        },
-                    }
-                };
-                self.pending = Some((Box::pin(fut), started, phase));
+            Ok((Reserve::Later(fut), cont)) => {
+                self.pending = Some((Box::pin(async move { admitted(fut.await, cont).await }), started, phase));
                 Handled::Pending
             }
         }
@@ -353,6 +394,17 @@ fn opening_brace(body: &[u8]) -> Option<usize> {
         return None;
     }
     body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{')
+}
+
+/// The answer for a request the store decided on: its refusal, or `cont`'s answer.
+async fn admitted(admit: Admit, cont: Continue) -> (ProcessingResponse, Option<Admit>) {
+    match refusal(&admit) {
+        Some(r) => (r, Some(admit)),
+        None => match cont {
+            Continue::Ready(r) => (r, Some(admit)),
+            Continue::Later(f) => (f.await, Some(admit)),
+        },
+    }
 }
 
 /// keyswap's own answer for a request its budgets refuse; `None` when admitted.

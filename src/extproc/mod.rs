@@ -469,7 +469,7 @@ impl ProcessStream {
         if end || !reserve_now {
             return Handled::Answer(resp, TelemetryPhase::RequestHeaders, end);
         }
-        self.admit(budget::Continue::Ready(resp), b"", TelemetryPhase::RequestHeaders, started)
+        self.admit(budget::Continue::Ready(resp), Vec::new(), TelemetryPhase::RequestHeaders, started)
     }
 
     /// Answers one message.
@@ -580,7 +580,7 @@ impl ProcessStream {
             }
             Some(sign) => budget::Continue::Ready(sign_body(&self.shared, &sign, &body)),
         };
-        Ok(self.admit(cont, &body, TelemetryPhase::RequestBody, started))
+        Ok(self.admit(cont, body, TelemetryPhase::RequestBody, started))
     }
 }
 
