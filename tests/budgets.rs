@@ -96,7 +96,8 @@ impl Meter {
             v => v.as_u64().or(v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
         };
         let out =
-            lax(&v["max_tokens"]).or(lax(&v["max_completion_tokens"])).unwrap_or(50) * lax(&v["n"]).unwrap_or(1).max(1);
+            lax(&v["max_tokens"]).or(lax(&v["max_completion_tokens"])).or(lax(&v["inferenceConfig"]["maxTokens"]));
+        let out = out.unwrap_or(50) * lax(&v["n"]).unwrap_or(1).max(1);
         let model = v["model"].as_str().unwrap_or("m").to_owned();
         let stream = v["stream"].as_bool() == Some(true);
         tokio::time::sleep(self.delay).await;
@@ -104,6 +105,9 @@ impl Meter {
         let stored = if v["previous_response_id"].is_string() { STORED_CONVERSATION_TOKENS } else { 0 };
         let input = INPUT_TOKENS + stored;
         self.served.fetch_add(input + out, Ordering::SeqCst);
+        if path.ends_with("/converse-stream") {
+            return converse_stream(input, out);
+        }
         let anthropic = path.starts_with("/v1/messages");
         let (ctype, events): (&str, Vec<String>) = match (anthropic, stream) {
             (false, false) => {
@@ -200,6 +204,36 @@ impl Meter {
         };
         hyper::Response::builder().status(200).header("content-type", ctype).body(body).unwrap()
     }
+}
+
+/// A Bedrock `converse-stream` answer: AWS event stream frames (written with the AWS SDK's
+/// encoder), the usage in the last, `metadata` event.
+fn converse_stream(input: u64, output: u64) -> hyper::Response<FakeBody> {
+    use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+    let frame = |event: &str, payload: serde_json::Value| {
+        let message = Message::new(payload.to_string().into_bytes())
+            .add_header(Header::new(":event-type", HeaderValue::String(event.to_owned().into())))
+            .add_header(Header::new(":message-type", HeaderValue::String("event".into())));
+        let mut out = Vec::new();
+        aws_smithy_eventstream::frame::write_message_to(&message, &mut out).unwrap();
+        out
+    };
+    let frames = [
+        frame("messageStart", serde_json::json!({"role": "assistant"})),
+        frame("contentBlockDelta", serde_json::json!({"contentBlockIndex": 0, "delta": {"text": "ok"}})),
+        frame("messageStop", serde_json::json!({"stopReason": "end_turn"})),
+        frame(
+            "metadata",
+            serde_json::json!({"usage": {"inputTokens": input, "outputTokens": output,
+            "totalTokens": input + output}, "metrics": {"latencyMs": 10}}),
+        ),
+    ];
+    let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from(frames.concat())));
+    hyper::Response::builder()
+        .status(200)
+        .header("content-type", "application/vnd.amazon.eventstream")
+        .body(body)
+        .unwrap()
 }
 
 // === the gateway ===
@@ -626,6 +660,37 @@ async fn a_large_request_body_is_reserved_refused_and_asked_for_usage_as_a_small
     assert_eq!(status, 429, "{text}");
     assert!(text.contains("budget_exhausted"), "{text}");
     assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "a refused body reached the provider");
+}
+
+/// The attack: a Bedrock `converse-stream` call without `maxTokens`, reserved the budget's default
+/// output. Its answer is an AWS event stream (binary frames), which keyswap read as JSON and
+/// could not: it was settled at the reservation however much the model wrote. The usage in its
+/// `metadata` event settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bedrock_stream_is_settled_by_the_usage_in_its_event_stream() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let route = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: bedrock}\nspec:\n  \
+                 parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: bedrock}]}]\n";
+    let spec =
+        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let config = tempfile::tempdir().unwrap();
+    write(
+        config.path(),
+        &gateway(&(route.to_owned() + &budget("shared", "{kind: EgressGateway, name: egress}", spec)), ""),
+    );
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let body = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
+    let host = "bedrock-runtime.us-east-1.amazonaws.com";
+    let (status, _, text) =
+        call_path(r.port, host, "/model/anthropic.claude-sonnet-4-5/converse-stream", None, body).await;
+    assert_eq!(status, 200, "{text}");
+    // The meter wrote 50 output tokens where 10 were reserved.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled().await != (INPUT_TOKENS + 50) as f64 {
+        assert!(Instant::now() < deadline, "settled {} (reserved {} input, 10 output)", settled().await, body.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An agent can make the model write anything, usage-looking JSON included; only the provider's

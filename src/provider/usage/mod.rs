@@ -18,6 +18,7 @@ use std::fmt;
 mod answer;
 mod anthropic;
 mod bedrock;
+mod eventstream;
 mod google;
 mod openai;
 mod pick;
@@ -126,14 +127,18 @@ pub struct UsageParser {
 enum Body {
     Json(JsonBody),
     Sse(SseReader),
+    /// Bedrock's streams (AWS event stream frames).
+    Aws(eventstream::EventStream),
 }
 
 impl UsageParser {
     /// `content_type` is the response's `content-type` header: `text/event-stream` (parameters
-    /// allowed, any case) selects SSE, anything else a buffered JSON body. Bedrock is always read as
-    /// JSON.
+    /// allowed, any case) selects SSE, Bedrock's `application/vnd.amazon.eventstream` its binary
+    /// frames, anything else a buffered JSON body.
     pub fn new(format: Format, content_type: &str) -> Self {
-        let body = if format != Format::Bedrock && is_event_stream(content_type) {
+        let body = if format == Format::Bedrock && is_aws_event_stream(content_type) {
+            Body::Aws(eventstream::EventStream::default())
+        } else if format != Format::Bedrock && is_event_stream(content_type) {
             Body::Sse(SseReader::new())
         } else {
             Body::Json(JsonBody::default())
@@ -150,6 +155,7 @@ impl UsageParser {
                 let info = &mut self.info;
                 sse.feed(chunk, |event, data| apply_event(format, event, data, info));
             }
+            Body::Aws(frames) => frames.feed(chunk, &mut self.info),
         }
     }
 
@@ -195,6 +201,7 @@ impl UsageParser {
         match &self.body {
             Body::Json(json) => json.buf.len(),
             Body::Sse(sse) => sse.buffered_len(),
+            Body::Aws(frames) => frames.buffered_len(),
         }
     }
 
@@ -204,6 +211,7 @@ impl UsageParser {
         match &self.body {
             Body::Json(json) => json.buf.capacity(),
             Body::Sse(sse) => sse.buffered_capacity(),
+            Body::Aws(frames) => frames.buffered_capacity(),
         }
     }
 }
@@ -213,6 +221,7 @@ impl fmt::Debug for UsageParser {
         let (mode, buffered) = match &self.body {
             Body::Json(json) => ("json", json.buf.len()),
             Body::Sse(sse) => ("sse", sse.buffered_len()),
+            Body::Aws(frames) => ("aws_event_stream", frames.buffered_len()),
         };
         f.debug_struct("UsageParser")
             .field("format", &self.format)
@@ -221,6 +230,11 @@ impl fmt::Debug for UsageParser {
             .field("info", &self.info)
             .finish()
     }
+}
+
+fn is_aws_event_stream(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/vnd.amazon.eventstream")
 }
 
 fn is_event_stream(content_type: &str) -> bool {
