@@ -364,13 +364,15 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     assert!(tokio::task::block_in_place(|| gemini(&dev)).1.ends_with("\n200"));
     assert_eq!(tokens.issued.load(Ordering::SeqCst), 1);
     // The attack: a path whose answer echoes the credential it got (a debug endpoint, an error
-    // page). The minted token must not reach the span's captured body (checked below).
+    // page). The minted token reaches neither the agent (its body is scrubbed whatever the route's
+    // scrubResponseBodies says) nor the span's captured body (checked below).
     let echo = format!("https://{GEMINI_HOST}/echo");
     let (code, out, err) = tokio::task::block_in_place(|| {
         curl(&dev, &["-w", "\n%{http_code}", "-H", "x-goog-api-key: keyswap-injected-by-proxy", "-d", "{}", &echo])
     });
     assert_eq!(code, 0, "{err}");
-    assert!(out.ends_with("\n200") && out.contains("credential"), "{out}");
+    assert!(out.ends_with("\n200") && out.contains(r#""credential":"Bearer [redacted]""#), "{out}");
+    assert!(!out.contains("ya29.fake"), "the agent got the minted token from an echoing upstream: {out}");
 
     // Rotating the key drops the cached token: the next request uses a token of the new key.
     let sa2 = tokens.service_account(work.path(), "agent-two@keyswap-test.iam.gserviceaccount.com");

@@ -352,7 +352,8 @@ impl Engine {
             return true;
         }
         tracing::debug!(pending, "waiting for budget settlements on their way to Redis");
-        self.settling.ended(tokio::time::Instant::now() + redis::TIMEOUT * 2).await
+        // A reservation whose script answers late is awaited up to LATE_ANSWER, then given back.
+        self.settling.ended(tokio::time::Instant::now() + redis::LATE_ANSWER + redis::TIMEOUT).await
     }
 
     /// Adds one to `budget`'s `counter`.
@@ -407,15 +408,14 @@ impl Engine {
                 Ok(Err(l)) => Admit::Limited(l),
                 Err(e) => engine.unavailable(claims, e.error),
             };
-            // Counted only when taken: a request that stopped waiting was counted then.
-            if !tx.is_closed() {
-                let _ = tx.send(engine.count(admit));
-            }
+            // Counted by whoever takes it (a request that stopped waiting was counted then); an
+            // answer no one takes is dropped here, giving back what it reserved.
+            let _ = tx.send(admit);
         });
         let engine = self.clone();
         Reserve::Later(Box::pin(async move {
             let error = match tokio::time::timeout(redis::TIMEOUT, rx).await {
-                Ok(Ok(admit)) => return admit,
+                Ok(Ok(admit)) => return engine.count(admit),
                 Ok(Err(_)) => "the budget reservation ended without an answer".to_owned(),
                 Err(_) => waited.timed_out("reserving").error,
             };

@@ -127,6 +127,13 @@ impl Binding {
         sigv4(&self.credential) || self.tenants.as_ref().is_some_and(|t| t.by_tenant.values().any(sigv4))
     }
 
+    /// Whether a credential of this binding is minted per request (a GCP access token): a live
+    /// credential no manifest holds, which an echoing upstream could hand the agent in a body.
+    pub fn mints_tokens(&self) -> bool {
+        let minted = |c: &Result<Credential, Unresolved>| matches!(c, Ok(Credential::GcpToken(_)));
+        minted(&self.credential) || self.tenants.as_ref().is_some_and(|t| t.by_tenant.values().any(minted))
+    }
+
     /// The credential for a caller of `tenant` (`None`: anonymous or no agent auth).
     pub fn credential_for(&self, tenant: Option<&str>) -> Result<&Credential, NoCredential<'_>> {
         let chosen = match &self.tenants {

@@ -369,11 +369,12 @@ pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16) -
 
 /// Circuit-breaker thresholds of the keyswap cluster. Every request Envoy holds has an ext_proc
 /// stream open to keyswap for as long as it runs (a streamed answer, a body being uploaded), and
-/// Envoy's default of 1,024 requests per cluster would make the 1,025th request in flight, any
-/// agent's, fail closed with 500: one agent holding slow requests open (or a busy hour of long
-/// streams) would shut the gateway. The bound on concurrency is downstream (connections, streams
-/// per connection), not here.
-const KEYSWAP_CLUSTER_LIMIT: u64 = 1_000_000;
+/// Envoy's default of 1,024 requests per cluster made the 1,025th request in flight, any agent's,
+/// fail closed with 500: one agent holding slow requests open (or a busy hour of long streams)
+/// shut the gateway. Raised, but finite: no generated limit bounds one agent's concurrency
+/// (connections, or an overload manager), so this is what stands between many held requests and
+/// the gateway's memory; past it requests fail closed rather than the pod being killed.
+const KEYSWAP_CLUSTER_LIMIT: u64 = 65_536;
 
 /// The cluster of keyswap itself: ext_proc (and ADS) over HTTP/2.
 pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {

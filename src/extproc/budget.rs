@@ -82,8 +82,7 @@ impl Budgeted {
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             unmetered: entry.provider.unmetered(creates, path),
-            streams_need_asking: format == Some(Format::OpenAi)
-                && path.split('?').next().is_some_and(|p| p.ends_with("/completions")),
+            streams_need_asking: format == Some(Format::OpenAi) && streams_can_ask(entry.provider.name, path),
             snapshot: snapshot.clone(),
         };
         Some(Box::new(Budgeted {
@@ -387,6 +386,21 @@ impl Budgeted {
     }
 }
 
+/// Whether `path` is a Chat Completions (or Completions) endpoint whose streams report usage when
+/// asked: OpenAI's; Azure OpenAI's v1 API, or an `api-version` of 2024-09-01 or later (earlier ones
+/// refuse `stream_options` with 400, and their streams keep their reservation).
+fn streams_can_ask(provider: &str, path: &str) -> bool {
+    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    if !route.ends_with("/completions") {
+        return false;
+    }
+    if provider != "azure-openai" || route.starts_with("/openai/v1/") {
+        return true;
+    }
+    let version = query.split('&').find_map(|p| p.strip_prefix("api-version="));
+    version.is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01"))
+}
+
 /// Where a JSON object body opens, when keyswap can write a member into it: plain UTF-8 text (no
 /// byte-order mark, not UTF-16/32, which have a zero among their first bytes).
 fn opening_brace(body: &[u8]) -> Option<usize> {
@@ -479,4 +493,27 @@ fn limited(l: &Limited) -> ProcessingResponse {
         headers.push(("x-should-retry", b"false"));
     }
     mutation::immediate_with(429, &body, "keyswap_budget_exhausted", &headers)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Azure OpenAI answers 400 to `stream_options` before api-version 2024-09-01-preview: a
+    /// legitimate client pinned to an older version must not be broken by the usage keyswap asks.
+    #[test]
+    fn only_endpoints_that_accept_stream_options_are_asked_for_usage() {
+        let asks = |provider: &str, path: &str| super::streams_can_ask(provider, path);
+        assert!(asks("openai", "/v1/chat/completions"));
+        assert!(asks("openai", "/v1/completions"));
+        assert!(!asks("openai", "/v1/responses"));
+        assert!(!asks("openai", "/v1/embeddings"));
+        let deployment = "/openai/deployments/gpt-4o/chat/completions";
+        assert!(asks("azure-openai", &format!("{deployment}?api-version=2024-10-21")));
+        assert!(asks("azure-openai", &format!("{deployment}?x=1&api-version=2024-09-01-preview")));
+        assert!(asks("azure-openai", &format!("{deployment}?api-version=2025-04-01-preview")));
+        assert!(!asks("azure-openai", &format!("{deployment}?api-version=2024-06-01")));
+        assert!(!asks("azure-openai", &format!("{deployment}?api-version=2024-02-15-preview")));
+        assert!(!asks("azure-openai", &format!("{deployment}?api-version=latest")));
+        assert!(!asks("azure-openai", deployment));
+        assert!(asks("azure-openai", "/openai/v1/chat/completions"));
+    }
 }

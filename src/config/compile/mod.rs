@@ -240,6 +240,9 @@ impl<'a> GatewayCompile<'a> {
                 let Some(binding) = self.check_region(rkey, &route.origin, (r, m), p, binding, &hosts) else {
                     continue;
                 };
+                // A minted token is scrubbed from bodies whatever the route says.
+                let scrub_response_bodies =
+                    route.spec.scrub_response_bodies.unwrap_or(p.scrub_bodies_by_default) || binding.mints_tokens();
                 self.entries.push(MatchEntry {
                     route: route_name.clone(),
                     rule: r,
@@ -249,7 +252,7 @@ impl<'a> GatewayCompile<'a> {
                     endpoints: mt.endpoints.iter().map(|e| e.as_str().into()).collect(),
                     models: mt.models.iter().map(|e| e.as_str().into()).collect(),
                     binding: Arc::new(binding),
-                    scrub_response_bodies: route.spec.scrub_response_bodies.unwrap_or(p.scrub_bodies_by_default),
+                    scrub_response_bodies,
                     budgets: budgets.clone(),
                 });
             }
