@@ -609,7 +609,8 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // Told not to report it (also by a repeated key, or a value other than `true`): refused.
+    // Told not to report it (also by a repeated key, or a value other than `true`), with no
+    // output limit: refused.
     let seen = meter.requests.load(Ordering::SeqCst);
     for options in [
         r#"{"include_usage":false}"#,
@@ -629,6 +630,18 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     assert_eq!(status, 200, "{text}");
     assert!(meter.seen.lock().unwrap().last().unwrap().ends_with(body), "the body was rewritten");
     assert_eq!(meter.requests.load(Ordering::SeqCst), seen + 1, "a refused stream reached the provider");
+    // Told not to report it, but with max_tokens: its reservation bounds what it can use, and it
+    // is settled at that reservation.
+    let body =
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":false},"max_tokens":30,"messages":[]}"#;
+    let before = settled().await;
+    let (status, _, text) = call(r.port, OPENAI, None, body).await;
+    assert_eq!(status, 200, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while settled().await - before != (body.len() + 30) as f64 {
+        assert!(Instant::now() < deadline, "settled {} of its reservation", settled().await - before);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to

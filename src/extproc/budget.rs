@@ -48,7 +48,9 @@ struct Plan {
     unmetered: Option<&'static str>,
     /// A Chat Completions (or legacy Completions) endpoint: its streams report usage only when
     /// the body asks (`stream_options.include_usage`).
-    streams_need_asking: bool,
+    completions: bool,
+    /// … and one that accepts being asked (not Azure before api-version 2024-09-01).
+    can_ask: bool,
 }
 
 /// Request bodies larger than this are read for their demand on the blocking pool: a 9 MiB body
@@ -82,7 +84,8 @@ impl Budgeted {
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             unmetered: entry.provider.unmetered(creates, path),
-            streams_need_asking: format == Some(Format::OpenAi) && streams_can_ask(entry.provider.name, path),
+            completions: format == Some(Format::OpenAi) && is_completions(path),
+            can_ask: accepts_stream_options(entry.provider.name, path),
             snapshot: snapshot.clone(),
         };
         Some(Box::new(Budgeted {
@@ -143,17 +146,18 @@ impl Plan {
             let budget = self.budgets.iter().find(|b| b.counts_tokens())?;
             return Some(Admit::Unreadable { budget: budget.name.clone() });
         }
-        let unasked = self.streams_need_asking
-            && demand.stream
-            && match demand.stream_usage {
-                StreamUsage::Asked => false,
-                StreamUsage::NotAsked => true,
-                // Asked by keyswap, where the body can be written to.
-                StreamUsage::Unset => opening_brace(body).is_none(),
-            };
-        let what = (self.unmetered)
-            .or(demand.background.then_some("background: true"))
-            .or(unasked.then_some("a stream with stream_options.include_usage not true"))?;
+        // A stream that will report no usage is settled at its reservation: unmetered when that
+        // reservation does not bound its output (no readable output limit, the default reserved).
+        let reports = match demand.stream_usage {
+            StreamUsage::Asked => true,
+            StreamUsage::NotAsked => false,
+            // Asked by keyswap, where the endpoint takes it and the body can be written to.
+            StreamUsage::Unset => self.can_ask && opening_brace(body).is_some(),
+        };
+        let bounded = demand.max_output_tokens.is_some() && !demand.unreadable_limit;
+        let unasked = self.completions && demand.stream && !reports && !bounded;
+        let what = (self.unmetered).or(demand.background.then_some("background: true")).or(unasked
+            .then_some("a stream that will report no usage (stream_options.include_usage) and sets no max_tokens"))?;
         let budget = self.budgets.iter().find(|b| b.refuses_unmetered())?;
         Some(Admit::Unmetered { budget: budget.name.clone(), what })
     }
@@ -162,7 +166,7 @@ impl Plan {
     /// (`"stream_options":{"include_usage":true}` added), so that it is settled by what it used
     /// rather than by its reservation. `None`: forwarded as it is.
     fn asking_for_usage(&self, demand: &Demand, body: &[u8]) -> Option<Vec<u8>> {
-        if !(self.streams_need_asking && demand.stream && demand.stream_usage == StreamUsage::Unset) {
+        if !(self.completions && self.can_ask && demand.stream && demand.stream_usage == StreamUsage::Unset) {
             return None;
         }
         let open = opening_brace(body)?;
@@ -386,14 +390,16 @@ impl Budgeted {
     }
 }
 
-/// Whether `path` is a Chat Completions (or Completions) endpoint whose streams report usage when
-/// asked: OpenAI's; Azure OpenAI's v1 API, or an `api-version` of 2024-09-01 or later (earlier ones
-/// refuse `stream_options` with 400, and their streams keep their reservation).
-fn streams_can_ask(provider: &str, path: &str) -> bool {
+/// Whether `path` is a Chat Completions (or legacy Completions) endpoint.
+fn is_completions(path: &str) -> bool {
+    path.split('?').next().is_some_and(|p| p.ends_with("/completions"))
+}
+
+/// Whether the provider takes `stream_options` on `path`: OpenAI; Azure OpenAI's v1 API, or an
+/// `api-version` of 2024-09-01 or later (earlier ones answer 400 to it, so their streams are not
+/// asked, and one that sets no output limit is unmetered).
+fn accepts_stream_options(provider: &str, path: &str) -> bool {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if !route.ends_with("/completions") {
-        return false;
-    }
     if provider != "azure-openai" || route.starts_with("/openai/v1/") {
         return true;
     }
@@ -501,7 +507,8 @@ mod tests {
     /// legitimate client pinned to an older version must not be broken by the usage keyswap asks.
     #[test]
     fn only_endpoints_that_accept_stream_options_are_asked_for_usage() {
-        let asks = |provider: &str, path: &str| super::streams_can_ask(provider, path);
+        let asks =
+            |provider: &str, path: &str| super::is_completions(path) && super::accepts_stream_options(provider, path);
         assert!(asks("openai", "/v1/chat/completions"));
         assert!(asks("openai", "/v1/completions"));
         assert!(!asks("openai", "/v1/responses"));
