@@ -6,7 +6,8 @@
 //! (then `other`). The model comes from the agent's request, so a name becomes a label only when
 //! the provider answered it with success (an agent naming 256 models that do not exist would
 //! otherwise take every slot, each 404 free of charge) and only when it looks like a model name
-//! (at most [`MAX_MODEL_LABEL`] bytes of `A-Z a-z 0-9 . _ - : / @`); anything else is `other`. Recording looks the entry up without allocating (a short linear scan under a
+//! (at most [`MAX_MODEL_LABEL`] bytes of `A-Z a-z 0-9 . _ - : / @`); anything else is `other`.
+//! Recording looks the entry up without allocating (a short linear scan under a
 //! lock taken once per finished transaction, never per ext_proc message); only a new label set
 //! allocates. A lock-free version (an `ArcSwap`ed list, atomic buckets and sums) measured slower
 //! with the default single worker (micro `metrics/genai_call_known_labels` 130–138 ns against 100):

@@ -20,6 +20,19 @@ macro_rules! scalars_are {
         fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
             Ok($value)
         }
+        numbers_are!($value);
+    };
+    ($value:expr, unit) => {
+        scalars_are!($value);
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
+/// The number `visit_*` methods of a visitor to which any number means the same `value`.
+macro_rules! numbers_are {
+    ($value:expr) => {
         fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
             Ok($value)
         }
@@ -27,12 +40,6 @@ macro_rules! scalars_are {
             Ok($value)
         }
         fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($value)
-        }
-    };
-    ($value:expr, unit) => {
-        scalars_are!($value);
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok($value)
         }
     };
@@ -55,20 +62,8 @@ macro_rules! containers_are {
 }
 
 mod values;
+pub use values::StreamUsage;
 use values::{Count, Enabled, Model, ServerTool, Shape, UsageAsked};
-
-/// Whether a streamed answer will report its usage: OpenAI's `stream_options.include_usage`
-/// (Chat Completions streams carry no usage without it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StreamUsage {
-    /// No `stream_options` at all.
-    #[default]
-    Unset,
-    /// Every `stream_options` is an object whose every `include_usage` is `true`.
-    Asked,
-    /// Some `stream_options` is not, as a provider reading the last key may see it.
-    NotAsked,
-}
 
 /// Distinct model names kept from one body; past this, the budget's heaviest weight applies.
 const MAX_MODELS: usize = 8;

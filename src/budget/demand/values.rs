@@ -27,15 +27,7 @@ impl<'de> de::Deserialize<'de> for Enabled {
             fn visit_none<E: de::Error>(self) -> Result<Enabled, E> {
                 Ok(Enabled(false))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Enabled, E> {
-                Ok(Enabled(true))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Enabled, E> {
-                Ok(Enabled(true))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Enabled, E> {
-                Ok(Enabled(true))
-            }
+            numbers_are!(Enabled(true));
             fn visit_str<E: de::Error>(self, _: &str) -> Result<Enabled, E> {
                 Ok(Enabled(true))
             }
@@ -202,6 +194,19 @@ impl<'de> de::Deserialize<'de> for Count {
     }
 }
 
+/// Whether a streamed answer will report its usage: OpenAI's `stream_options.include_usage`
+/// (Chat Completions streams carry no usage without it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// No `stream_options` at all.
+    #[default]
+    Unset,
+    /// Every `stream_options` is an object whose every `include_usage` is `true`.
+    Asked,
+    /// Some `stream_options` is not, as a provider reading the last key may see it.
+    NotAsked,
+}
+
 /// A `stream_options` value: `true` when it is an object whose every `include_usage` is `true`
 /// (and it has one).
 pub(super) struct UsageAsked(pub(super) bool);
@@ -271,15 +276,7 @@ impl<'de> de::Deserialize<'de> for IsTrue {
             fn visit_bool<E: de::Error>(self, b: bool) -> Result<IsTrue, E> {
                 Ok(IsTrue(b))
             }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<IsTrue, E> {
-                Ok(IsTrue(false))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<IsTrue, E> {
-                Ok(IsTrue(false))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<IsTrue, E> {
-                Ok(IsTrue(false))
-            }
+            numbers_are!(IsTrue(false));
             fn visit_unit<E: de::Error>(self) -> Result<IsTrue, E> {
                 Ok(IsTrue(false))
             }
