@@ -237,7 +237,7 @@ fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
     let inlined: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .args(["envoy-config", "--config", "manifests/examples/echo-bot", "--gateway", "keyswap-system/egress"])
-        .args(["--uds", "/run/keyswap/keyswap.sock"])
+        .args(["--uds", "/run/keyswap/keyswap.sock", "--envoy-max-heap", "384Mi"])
         .current_dir(&root)
         .output()
         .unwrap();
@@ -247,7 +247,17 @@ fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
         String::from_utf8_lossy(&out.stdout),
         "manifests/deploy/envoy-configmap.yaml is stale: regenerate it with the command in its header"
     );
-    assert!(cm.contains("--uds /run/keyswap/keyswap.sock"), "the header's command has other arguments");
+    assert!(
+        cm.contains("--uds /run/keyswap/keyswap.sock --envoy-max-heap 384Mi"),
+        "the header's command has other arguments"
+    );
+    // Three quarters of the Envoy container's memory limit.
+    let deployment = std::fs::read_to_string(root.join("manifests/deploy/deployment.yaml")).unwrap();
+    let envoy = deployment.split("- name: envoy").nth(1).expect("the envoy container");
+    assert!(
+        envoy.contains("limits:\n              cpu: \"1\"\n              memory: 512Mi"),
+        "Envoy's memory limit changed"
+    );
 }
 
 #[test]
@@ -493,4 +503,155 @@ spec:
         }
         assert!(tls_vhosts > 0, "{case}: no TLS chain checked: {config}");
     }
+}
+
+/// A request body sent frame by frame through [`tunnel_h2`].
+type Body = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+>;
+
+/// `keyswap dev` (`args`) in `work` with a token budget on the gateway, whose every request body
+/// Envoy buffers for keyswap to read whole, in front of a fake api.openai.com.
+async fn budgeted_dev(work: &std::path::Path, args: &[&str]) -> (Dev, FakeProvider) {
+    let port = free_port();
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: b}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000000}\n";
+    let config = work.join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", port, "") + budget).unwrap();
+    let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work).await;
+    fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
+    let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev_with(&config, work, &upstreams, &[], args));
+    (dev, fake)
+}
+
+/// A Chat Completions POST whose body is `frames`.
+fn chat_post(
+    frames: futures_util::stream::BoxStream<
+        'static,
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >,
+) -> hyper::Request<Body> {
+    hyper::Request::post("https://api.openai.com/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap()
+}
+
+/// The attack: a request body past the buffer Envoy keeps for a body keyswap reads whole (a
+/// token budget, SigV4), sent over HTTP/2. Envoy buffers an HTTP/2 request up to its stream's
+/// flow-control window, 256 MiB by default, not the listener's buffer limit: a 40 MiB body went to
+/// keyswap in one message where HTTP/1.1 got 413. The generated window is the buffer limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_envoys_buffer_is_refused_over_http2_as_over_http1() {
+    use futures_util::StreamExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (dev, fake) = budgeted_dev(work.path(), &["dev"]).await;
+    let mut sender = tunnel_h2::<Body>(&dev, "api.openai.com").await;
+    for (mib, expected) in [(8, 200), (12, 413), (40, 413)] {
+        let body = bytes::Bytes::from(vec![b' '; mib << 20]);
+        let req = chat_post(futures_util::stream::iter([Ok(hyper::body::Frame::data(body))]).boxed());
+        sender.ready().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req)).await.unwrap().unwrap();
+        assert_eq!(resp.status().as_u16(), expected, "a body of {mib} MiB");
+    }
+    assert_eq!(fake.seen().len(), 1, "a body past the buffer reached the provider");
+}
+
+/// The attack: one agent opens many requests whose bodies it sends almost whole (8 MiB, under
+/// the buffer a token budget or SigV4 needs) and never finishes. Envoy holds every such body in
+/// memory until it ends: 60 of them took its heap from 8 MiB to 500 MiB, past the memory limit of
+/// its container, and a killed Envoy is a gateway down for every agent. The generated bootstrap
+/// has Envoy's overload manager reset the streams holding the most memory as its heap nears
+/// `--envoy-max-heap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_the_gateway_falls() {
+    use futures_util::StreamExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (dev, _fake) = budgeted_dev(work.path(), &["dev", "--envoy-max-heap", "160Mi"]).await;
+
+    // 120 uploads of 8 MiB over four connections: 960 MiB if Envoy kept them.
+    let chunk = bytes::Bytes::from(vec![b' '; 64 * 1024]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut sender = tunnel_h2::<Body>(&dev, "api.openai.com").await;
+        for _ in 0..30 {
+            let data = futures_util::stream::iter(vec![chunk.clone(); 128]).map(|c| Ok(hyper::body::Frame::data(c)));
+            let req = chat_post(data.chain(futures_util::stream::pending()).boxed());
+            sender.ready().await.unwrap();
+            held.push(tokio::spawn(sender.send_request(req)));
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while held.iter().any(|h| !h.is_finished()) {
+        assert!(std::time::Instant::now() < deadline, "Envoy still holds uploads after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for h in held {
+        let err = h.await.unwrap().expect_err("an upload that never ended was answered");
+        assert!(format!("{err:?}").contains("Reset("), "{err:?}");
+    }
+    assert!(envoy_stat(work.path(), "envoy.overload_actions.reset_high_memory_stream.count").await >= 1);
+    // The most Envoy ever had resident: its heap's limit, what arrives between two of the overload
+    // manager's looks (100 ms apart), and Envoy's code. Without the limit it passed 900 MiB.
+    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
+    let peak_kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    assert!(peak_kib < 400 << 10, "Envoy's resident memory reached {} MiB", peak_kib >> 10);
+
+    // The gateway takes requests again as soon as the memory is freed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while envoy_stat(work.path(), "overload.envoy.overload_actions.stop_accepting_requests.active").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "Envoy still refuses requests 10 s after the attack");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) =
+        curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"]);
+    assert!(out.ends_with("200"), "another request after the attack: {code} {out} {err}");
+}
+
+/// The attack: an agent opening connections and leaving them open (each costs Envoy a file
+/// descriptor, buffers and TLS state) until the gateway has none left for anyone. Past
+/// `--envoy-max-connections`, all listeners together, Envoy closes a new connection at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_gateways_limit_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", port, "")).unwrap();
+    let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work.path()).await;
+    fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
+    let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
+    let args = ["dev", "--envoy-max-connections", "6"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &upstreams, &[], &args));
+    let call = || curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"]);
+    let (_, out, err) = tokio::task::block_in_place(call);
+    assert!(out.ends_with("200"), "before the attack: {out} {err}");
+
+    let mut held = Vec::new();
+    let mut closed = None;
+    for n in 0..10 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\n").await.unwrap();
+        let mut byte = [0u8];
+        match tokio::time::timeout(Duration::from_millis(500), c.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = Some(n);
+                break;
+            }
+            Ok(Ok(_)) => panic!("Envoy answered half a request line"),
+            Err(_) => held.push(c),
+        }
+    }
+    eprintln!("closed at {closed:?}");
+    assert_eq!(closed, Some(6), "the connection past the limit");
+    assert!(envoy_stat(work.path(), &format!("listener.127.0.0.1_{port}.downstream_global_cx_overflow")).await >= 1);
+    let (_, out, _) = tokio::task::block_in_place(call);
+    assert!(!out.ends_with("200"), "a request went through past the limit: {out}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, out, err) = tokio::task::block_in_place(call);
+    assert!(out.ends_with("200"), "after the agent let go: {out} {err}");
 }

@@ -27,7 +27,8 @@ pub struct DevArgs {
     /// Take a Secret key from an environment variable, e.g. `anthropic/token=ANTHROPIC_API_KEY`. Repeatable.
     #[arg(long = "secret", alias = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
     pub secrets: Vec<String>,
-    /// Working directory: the gateway CA, envoy.yaml, envoy.log, the ext_proc and ADS socket.
+    /// Working directory: the gateway CA, envoy.yaml, envoy.log, envoy-admin.txt (Envoy's admin
+    /// address), the ext_proc and ADS socket.
     /// Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
@@ -52,6 +53,8 @@ pub struct DevArgs {
     pub tunnel: TunnelArgs,
     #[command(flatten)]
     pub observe: super::envoy_config::ObserveArgs,
+    #[command(flatten)]
+    pub bounds: super::envoy_config::BoundsArgs,
 }
 
 pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
@@ -77,7 +80,12 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let extproc = crate::envoy::ExtProcAddress::Uds(uds.clone());
     std::fs::write(
         &envoy_yaml,
-        crate::envoy::to_yaml(&crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port)),
+        crate::envoy::to_yaml(&crate::envoy::ads_bootstrap(
+            &view.key,
+            &extproc,
+            args.admin_port,
+            &args.bounds.bounds(),
+        )),
     )?;
     let bundle = write_ca_bundle(&ca_cert, &args.system_ca)?;
     let (proxy_ports, _) = crate::envoy::ports(&view.snapshot.listeners).map_err(anyhow::Error::msg)?;
@@ -128,6 +136,9 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where `dev` has Envoy write its admin address, in the working directory.
+pub const ENVOY_ADMIN_FILE: &str = "envoy-admin.txt";
+
 /// Starts Envoy on `envoy_yaml`, its output in `envoy.log` in `work`; killed if dropped.
 fn spawn_envoy(envoy_bin: &Path, envoy_yaml: &Path, work: &Path) -> anyhow::Result<tokio::process::Child> {
     let log = std::fs::File::create(work.join("envoy.log"))?;
@@ -135,6 +146,9 @@ fn spawn_envoy(envoy_bin: &Path, envoy_yaml: &Path, work: &Path) -> anyhow::Resu
         .arg("-c")
         .arg(envoy_yaml)
         .args(["--disable-hot-restart", "-l", "warning"])
+        // With --admin-port 0 the port is Envoy's choice; it is written here.
+        .arg("--admin-address-path")
+        .arg(work.join(ENVOY_ADMIN_FILE))
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true)

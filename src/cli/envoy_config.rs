@@ -47,6 +47,29 @@ pub struct ObserveArgs {
     pub observe_response_bodies: bool,
 }
 
+/// What bounds Envoy itself: its overload manager, in the bootstrap (`envoy-config`, `dev`).
+#[derive(Clone, Copy, Debug, Args)]
+pub struct BoundsArgs {
+    /// The heap Envoy's overload manager measures against: set it to about three quarters of
+    /// the memory limit of Envoy's container (e.g. 384Mi under 512Mi). As the heap nears it,
+    /// Envoy resets the requests holding the most memory (over 1 MiB each: bodies an agent
+    /// sends and never finishes), the largest first, from 80 % of it; at 98 % it answers new
+    /// requests 503 until memory is freed. Ki, Mi, Gi or bytes; at least 64Mi.
+    #[arg(long, value_name = "SIZE", default_value = "1Gi", value_parser = crate::envoy::overload::parse_size)]
+    pub envoy_max_heap: u64,
+    /// Agents' connections Envoy keeps open at once, all its listeners together; past it a new
+    /// connection is closed at once (counted in `downstream_global_cx_overflow`).
+    #[arg(long, value_name = "N", default_value_t = crate::envoy::overload::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub envoy_max_connections: u64,
+}
+
+impl BoundsArgs {
+    pub(super) fn bounds(&self) -> crate::envoy::Bounds {
+        crate::envoy::Bounds { max_heap: self.envoy_max_heap, max_connections: self.envoy_max_connections }
+    }
+}
+
 impl ResourceArgs {
     fn default_bind() -> std::net::IpAddr {
         std::net::IpAddr::from([127, 0, 0, 1])
@@ -91,6 +114,8 @@ pub struct EnvoyConfigArgs {
     /// bootstrap only points Envoy at keyswap's ADS, and `keyswap serve` sends the rest.
     #[arg(long = "static")]
     pub static_bootstrap: bool,
+    #[command(flatten)]
+    pub bounds: BoundsArgs,
     /// With --static: directory of the gateway's certificates. Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR", requires = "static_bootstrap")]
     pub certs: Option<PathBuf>,
@@ -110,7 +135,8 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
         let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
         let certs = ensure_certs(&view, &dir)?;
         let opts = args.resources.options(Delivery::Static { certs_dir: certs.dir.clone(), extproc });
-        crate::envoy::bootstrap(&view.snapshot, &opts, args.admin_port).map_err(anyhow::Error::msg)?
+        crate::envoy::bootstrap(&view.snapshot, &opts, args.admin_port, &args.bounds.bounds())
+            .map_err(anyhow::Error::msg)?
     } else {
         let ignored = args.resources.given();
         if !ignored.is_empty() {
@@ -120,7 +146,7 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
                 ignored.join(", ")
             );
         }
-        crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port)
+        crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port, &args.bounds.bounds())
     };
     print!("{}", crate::envoy::to_yaml(&bootstrap));
     Ok(ExitCode::SUCCESS)

@@ -202,9 +202,7 @@ impl<'a> Layout<'a> {
         let tls_inspector = json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]);
         let chain = self.tls_chain();
-        // SigV4 routes have Envoy buffer whole request bodies (ext_proc BUFFERED); the buffer must
-        // hold the largest body keyswap signs, or Envoy answers 413 first.
-        let buffer_limit = crate::inject::sigv4::MAX_BODY_BYTES + 1024 * 1024;
+        let buffer_limit = REQUEST_BUFFER_BYTES;
         let mut listeners =
             vec![json!({"name": INTERNAL_TLS, "internal_listener": {}, "listener_filters": tls_inspector,
             "per_connection_buffer_limit_bytes": buffer_limit, "filter_chains": [chain.clone()]})];
@@ -267,6 +265,11 @@ impl<'a> Layout<'a> {
         let hcm = &mut chain["filters"][0]["typed_config"];
         self.attach_routes(hcm, self.tls_routes());
         hardened(hcm);
+        // Over HTTP/2 a request's buffer is its stream's flow-control window, not the listener's
+        // buffer limit: at Envoy's default window (256 MiB) a 40 MiB body went to keyswap whole
+        // where HTTP/1.1 gets 413. The same limit for both. (Not smaller: a 64 KiB window, Envoy's
+        // edge guidance, made every body over 64 KiB that a budget or SigV4 reads whole a 413.)
+        hcm["http2_protocol_options"]["initial_stream_window_size"] = json!(REQUEST_BUFFER_BYTES);
         chain
     }
 
@@ -416,13 +419,27 @@ fn negotiated_http(upstream_options: Value) -> Value {
 /// address is the TCP peer (never X-Forwarded-For), headers spelled with underscores
 /// (`x_api_key`) are dropped, and a request's headers must arrive within
 /// [`REQUEST_HEADERS_TIMEOUT`] (Envoy waits forever by default: a connection that sends half a
-/// request line and stops holds its slot until the hour-long idle timeout).
+/// request line and stops holds its slot until the hour-long idle timeout). An agent's HTTP/2
+/// connection carries at most [`MAX_CONCURRENT_STREAMS`] requests at once (Envoy's default is
+/// 2^31 - 1); what bounds all agents' memory together is the overload manager
+/// ([`super::overload`]).
 fn hardened(hcm: &mut Value) {
     hcm["request_headers_timeout"] = json!(REQUEST_HEADERS_TIMEOUT);
+    hcm["http2_protocol_options"] = json!({"max_concurrent_streams": MAX_CONCURRENT_STREAMS});
     hcm["use_remote_address"] = json!(true);
     hcm["xff_num_trusted_hops"] = json!(0);
     hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "DROP_HEADER"});
 }
+
+/// What Envoy buffers of one request on the TLS chain (listener buffer limit, HTTP/2 stream
+/// window). SigV4 routes have Envoy buffer whole request bodies (ext_proc BUFFERED), token budgets
+/// and body spans up to this (BUFFERED_PARTIAL); it must hold the largest body keyswap signs, or
+/// Envoy answers 413 first.
+const REQUEST_BUFFER_BYTES: usize = crate::inject::sigv4::MAX_BODY_BYTES + 1024 * 1024;
+
+/// Requests one HTTP/2 connection of an agent's may have open at once; a client library waits
+/// for a slot past it (Envoy's edge guidance says 100).
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
 /// How long an agent's request headers may take to arrive, from the request's first byte.
 pub const REQUEST_HEADERS_TIMEOUT: &str = "10s";

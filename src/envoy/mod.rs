@@ -16,6 +16,7 @@
 pub mod ads;
 pub mod control;
 mod layout;
+pub mod overload;
 pub mod xds;
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use serde_json::{json, Value};
 use crate::api::{Listener, ListenerProtocol, TlsMode};
 use crate::config::{Key, Snapshot};
 use layout::Layout;
+pub use overload::Bounds;
 
 /// Debian's (and most distributions') system CA bundle.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -333,24 +335,26 @@ fn internal_listener_extension() -> Value {
 
 /// The static bootstrap for the gateway of `snap` (`opts.delivery` must be static): every
 /// resource inline.
-pub fn bootstrap(snap: &Snapshot, opts: &Options, admin_port: u16) -> Result<Value, String> {
+pub fn bootstrap(snap: &Snapshot, opts: &Options, admin_port: u16, bounds: &Bounds) -> Result<Value, String> {
     let r = resources(snap, opts)?;
     Ok(json!({
         "node": node(&snap.gateway),
         "admin": admin(admin_port),
         "bootstrap_extensions": internal_listener_extension(),
+        "overload_manager": overload::overload_manager(bounds),
         "static_resources": {"listeners": r.listeners, "clusters": r.clusters},
     }))
 }
 
 /// The bootstrap that hands Envoy to keyswap's ADS: only the `keyswap` cluster (ext_proc and ADS
 /// on one socket). It names no route, host or certificate, so it never changes when they do.
-pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16) -> Value {
+pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16, bounds: &Bounds) -> Value {
     let ads = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
         "node": node(gateway),
         "admin": admin(admin_port),
         "bootstrap_extensions": internal_listener_extension(),
+        "overload_manager": overload::overload_manager(bounds),
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",
@@ -371,9 +375,8 @@ pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16) -
 /// stream open to keyswap for as long as it runs (a streamed answer, a body being uploaded), and
 /// Envoy's default of 1,024 requests per cluster made the 1,025th request in flight, any agent's,
 /// fail closed with 500: one agent holding slow requests open (or a busy hour of long streams)
-/// shut the gateway. Raised, but finite: no generated limit bounds one agent's concurrency
-/// (connections, or an overload manager), so this is what stands between many held requests and
-/// the gateway's memory; past it requests fail closed rather than the pod being killed.
+/// shut the gateway. Raised, but finite: nothing generated bounds one agent's concurrency (only
+/// all agents' connections, and each HTTP/2 connection's streams), so past it requests fail closed.
 const KEYSWAP_CLUSTER_LIMIT: u64 = 65_536;
 
 /// The cluster of keyswap itself: ext_proc (and ADS) over HTTP/2.

@@ -1,0 +1,106 @@
+//! What bounds Envoy itself against an agent that holds resources on purpose: its overload
+//! manager, in every bootstrap keyswap generates (static or ADS).
+//!
+//! A request body that a token budget, SigV4 or a body span needs whole is buffered by Envoy
+//! until it ends (up to 9 MiB a request). One agent opening 60 such requests on three HTTP/2
+//! connections and never finishing them took Envoy's heap from 8 MiB to 500 MiB: past the memory
+//! limit of its container, the gateway is killed for every agent. With these bounds Envoy resets
+//! the streams that hold the most memory as its heap nears [`Bounds::max_heap`], before it stops
+//! taking requests at all.
+
+use serde_json::{json, Value};
+
+/// Envoy's limits, from `--envoy-max-heap` and `--envoy-max-connections`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    /// The heap Envoy's overload manager measures pressure against, in bytes: about three
+    /// quarters of the memory limit of Envoy's container.
+    pub max_heap: u64,
+    /// Agents' connections, all listeners together; past it Envoy closes new ones at once.
+    pub max_connections: u64,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds { max_heap: DEFAULT_MAX_HEAP, max_connections: DEFAULT_MAX_CONNECTIONS }
+    }
+}
+
+/// 1 GiB.
+pub const DEFAULT_MAX_HEAP: u64 = 1 << 30;
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+
+/// Streams holding at least this much buffered memory (2^20 bytes: 1 MiB) are tracked, and the
+/// ones Envoy resets under pressure, the largest first; an ordinary chat request never is.
+const TRACKED_STREAM_POWER_OF_TWO: u32 = 20;
+
+/// The bootstrap's `overload_manager`. Heap pressure (the heap in use over `max_heap`):
+/// - from 0.80, streams holding over 1 MiB are reset, the largest buckets first, all of them by
+///   0.95 (`reset_high_memory_stream`); the agent holding them gets a reset stream;
+/// - at 0.90, freed memory is given back to the system (`shrink_heap`);
+/// - at 0.98, new requests are answered 503 until the pressure falls (`stop_accepting_requests`).
+pub fn overload_manager(bounds: &Bounds) -> Value {
+    const HEAP: &str = "envoy.resource_monitors.fixed_heap";
+    const CONNECTIONS: &str = "envoy.resource_monitors.global_downstream_max_connections";
+    let at = |value: f64| json!([{"name": HEAP, "threshold": {"value": value}}]);
+    json!({
+        "refresh_interval": "0.1s",
+        "resource_monitors": [
+            {"name": HEAP, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": bounds.max_heap}},
+            {"name": CONNECTIONS, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": bounds.max_connections}},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": [{"name": HEAP,
+                "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95}}]},
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": at(0.90)},
+            {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(0.98)},
+        ],
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": TRACKED_STREAM_POWER_OF_TWO},
+    })
+}
+
+/// A size such as `384Mi`, `1Gi`, `512Ki` or a number of bytes (as a Kubernetes memory limit is
+/// written; `M` and `G` are the decimal units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("`{s}`: expected a size such as 384Mi, 1Gi or a number of bytes");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let unit: u64 = match &s[split..] {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(unit).ok_or_else(bad)?;
+    if bytes < MIN_HEAP {
+        return Err(format!("`{s}`: at least 64Mi (Envoy's own heap is about 10 MiB before any traffic)"));
+    }
+    Ok(bytes)
+}
+
+const MIN_HEAP: u64 = 64 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_as_kubernetes_writes_memory_limits() {
+        assert_eq!(parse_size("384Mi"), Ok(384 << 20));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("100M"), Ok(100_000_000));
+        assert_eq!(parse_size("134217728"), Ok(128 << 20));
+        for bad in ["", "Mi", "1.5Gi", "384MB", "-1Gi", "99999999999999999999Gi", "1 Gi"] {
+            assert!(parse_size(bad).unwrap_err().contains("expected a size"), "{bad}");
+        }
+        assert!(parse_size("16Mi").unwrap_err().contains("at least 64Mi"));
+    }
+}
