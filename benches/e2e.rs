@@ -843,6 +843,9 @@ fn envoy_config(
         // Required once SDS files are in use; harmless elsewhere. Strings, not YAML scalars.
         "node": {"id": "bench", "cluster": "bench"},
         "admin": {"address": socket_address(admin)},
+        // Every setup's Envoy watches its heap as generated gateways do (the overload manager
+        // tracks each stream's buffers for it).
+        "overload_manager": keyswap::envoy::overload::overload_manager(&keyswap::envoy::Bounds::default()),
         "static_resources": {
             "listeners": [{
                 "name": "ingress",

@@ -582,9 +582,10 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
 
 /// The attack: a Chat Completions stream with no `max_tokens` and no `stream_options`. It is
 /// reserved the budget's default output, and OpenAI's stream reports no usage unless asked, so
-/// it was settled at that default however much the model wrote. keyswap asks for the usage
-/// (the agent sees one more chunk, with empty `choices`, as OpenAI documents); a body that says
-/// `include_usage` is not true is refused as unmetered.
+/// it was settled at that default however much the model wrote. keyswap asks for the usage and
+/// keeps the chunk that carries it (empty `choices`) from the agent, which did not ask for it and
+/// may index `choices[0]` of every chunk; a body that says `include_usage` is not true is refused
+/// as unmetered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used() {
     let meter = Meter::start(Duration::ZERO).await;
@@ -600,7 +601,10 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
         let before = settled().await;
         let (status, _, text) = call(r.port, OPENAI, None, body).await;
         assert_eq!(status, 200, "{text}");
-        assert!(text.contains(r#""usage""#), "the agent does not see the usage chunk: {text}");
+        assert!(!text.contains(r#""choices":[]"#), "the agent got the usage chunk it did not ask for: {text}");
+        if body.contains(r#""stream":true"#) {
+            assert!(text.contains(r#"{"content":"k"}"#) && text.ends_with("data: [DONE]\n\n"), "{text}");
+        }
         let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
         assert!(forwarded.contains(r#""stream_options":{"include_usage":true}"#), "{forwarded}");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -628,6 +632,7 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     let body = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
     let (status, _, text) = call(r.port, OPENAI, None, body).await;
     assert_eq!(status, 200, "{text}");
+    assert!(text.contains(r#""choices":[]"#) && text.contains(r#""usage":{"#), "the usage chunk it asked for: {text}");
     assert!(meter.seen.lock().unwrap().last().unwrap().ends_with(body), "the body was rewritten");
     assert_eq!(meter.requests.load(Ordering::SeqCst), seen + 1, "a refused stream reached the provider");
     // Told not to report it, but with max_tokens: its reservation bounds what it can use, and it
@@ -744,7 +749,10 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
         "  key: Gateway\n  window: Day\n  limits: {totalTokens: 3000}",
         observe,
     );
-    let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":2000,"messages":[]}"#;
+    // Asking for its usage itself: a stream keyswap asks is read on the deciding filter, which
+    // keeps the usage chunk from the agent, never on the observing one.
+    let body =
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":2000,"messages":[]}"#;
     // The agent reads the first event, then hangs up before the usage event.
     let mut resp = r.open_stream(OPENAI, "/v1/chat/completions?hold", body).await;
     let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
@@ -1697,11 +1705,12 @@ async fn the_official_sdk_gets_budget_exhaustion_at_once_without_retrying() {
 import sys, openai
 c = openai.OpenAI(base_url=f"http://127.0.0.1:{sys.argv[1]}/v1", api_key=sys.argv[2],
                   default_headers={"Host": "api.openai.com"}, max_retries=2)
-# A stream that does not ask for its usage: keyswap asks for it, and the SDK takes the extra chunk.
+# A stream that does not ask for its usage, read as the OpenAI cookbook read streams for years
+# (`choices[0]` of every chunk): keyswap asks for the usage, and keeps that chunk to itself.
 text, used = "", None
 for chunk in c.chat.completions.create(model="gpt-4o", max_tokens=20, stream=True,
                                        messages=[{"role": "user", "content": "hi"}]):
-    text += "".join(ch.delta.content or "" for ch in chunk.choices)
+    text += chunk.choices[0].delta.content or ""
     used = chunk.usage.completion_tokens if chunk.usage else used
 print("streamed", text, used)
 try:
@@ -1715,7 +1724,7 @@ except openai.RateLimitError as e:
     });
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the openai SDK is missing (pip install openai) or failed:\n{stdout}\n{stderr}");
-    assert_eq!(stdout.trim(), "streamed ok 20\nlimited budget_exhausted", "{stderr}");
+    assert_eq!(stdout.trim(), "streamed ok None\nlimited budget_exhausted", "{stderr}");
     let limited = r.metric("keyswap_budget_decisions_total{budget=\"default/acme-daily\",decision=\"limited\"}").await;
     assert_eq!(limited, 1.0, "the SDK retried a request that could never fit");
     assert_eq!(meter.requests.load(Ordering::SeqCst), 1, "only the stream reached the provider");

@@ -253,7 +253,7 @@ fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
     );
     // Three quarters of the Envoy container's memory limit.
     let deployment = std::fs::read_to_string(root.join("manifests/deploy/deployment.yaml")).unwrap();
-    let envoy = deployment.split("- name: envoy").nth(1).expect("the envoy container");
+    let envoy = deployment.split("- name: envoy\n          image:").nth(1).expect("the envoy container");
     assert!(
         envoy.contains("limits:\n              cpu: \"1\"\n              memory: 512Mi"),
         "Envoy's memory limit changed"

@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use futures_util::future::BoxFuture;
 use serde_json::json;
 
+use super::usage_chunk::UsageChunkFilter;
 use super::{mutation, Handled, ProcessStream};
 use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Reserve, StreamUsage};
 use crate::config::snapshot::MatchEntry;
@@ -31,6 +32,10 @@ pub struct Budgeted {
     /// Some budget limits tokens: the request body is read to reserve, the response body to
     /// settle. Budgets of requests only need neither.
     reads_bodies: bool,
+    /// keyswap asked the stream for its usage where the agent did not: the usage chunk is read
+    /// here and kept from the agent (`Some` once the response is a stream of events).
+    asked_for_usage: bool,
+    usage_chunk: Option<UsageChunkFilter>,
 }
 
 /// What admitting a budgeted request takes besides its body: cloned into the task that reads a
@@ -96,6 +101,8 @@ impl Budgeted {
             parser: None,
             response_bytes: 0,
             reads_bodies: entry.budgets.iter().any(|b| b.counts_tokens()),
+            asked_for_usage: false,
+            usage_chunk: None,
         }))
     }
 
@@ -113,7 +120,7 @@ impl Budgeted {
 impl Plan {
     /// Admits a request whose body (`body`) reads as `demand`: refused before anything is
     /// reserved (`Err`, counted), or its reservation, now or being made, with the answer that lets
-    /// it go on once admitted (its body asking for usage where it did not).
+    /// it go on once admitted (its body asking for usage where it did not: then `true`).
     fn admission(
         &self,
         engine: &Arc<crate::budget::Engine>,
@@ -121,20 +128,20 @@ impl Plan {
         body: &[u8],
         cont: Continue,
         now: SystemTime,
-    ) -> Result<(Reserve, Continue), Admit> {
+    ) -> Result<(Reserve, Continue, bool), Admit> {
         if let Some(refused) = self.cannot_meter(demand, body) {
             return Err(engine.count(refused));
         }
-        let cont = match self.asking_for_usage(demand, body) {
+        let (cont, asked) = match self.asking_for_usage(demand, body) {
             // Only an answer that changes nothing else (SigV4 never signs Chat Completions).
             Some(asked) if matches!(&cont, Continue::Ready(r) if *r == mutation::request_body()) => {
-                Continue::Ready(mutation::request_body_replaced(asked))
+                (Continue::Ready(mutation::request_body_replaced(asked)), true)
             }
-            _ => cont,
+            _ => (cont, false),
         };
         let claims = self.claims(demand, now);
         tracing::debug!(keys = ?self.keys, reserve = ?claims.iter().map(|c| c.reserved[3]).collect::<Vec<_>>(), "reserving token budgets");
-        Ok((engine.reserve(self.snapshot.budget_store.as_ref(), claims, now), cont))
+        Ok((engine.reserve(self.snapshot.budget_store.as_ref(), claims, now), cont, asked))
     }
 
     /// The refusal of a request a budget of the route cannot meter: a body it cannot read to its
@@ -239,9 +246,11 @@ impl ProcessStream {
                 let unread = || (Demand { unreadable_body: true, unreadable_limit: true, ..Demand::default() }, vec![]);
                 let (demand, body) = read.await.unwrap_or_else(|_| unread());
                 match plan.admission(&engine, &demand, &body, cont, now) {
-                    Err(admit) => (refusal(&admit).expect("a request no budget can meter is refused"), Some(admit)),
-                    Ok((Reserve::Now(admit), cont)) => admitted(admit, cont).await,
-                    Ok((Reserve::Later(fut), cont)) => admitted(fut.await, cont).await,
+                    Err(admit) => {
+                        (refusal(&admit).expect("a request no budget can meter is refused"), Some((admit, false)))
+                    }
+                    Ok((Reserve::Now(admit), cont, asked)) => admitted(admit, cont, asked).await,
+                    Ok((Reserve::Later(fut), cont, asked)) => admitted(fut.await, cont, asked).await,
                 }
             };
             self.pending = Some((Box::pin(fut), started, phase));
@@ -250,15 +259,15 @@ impl ProcessStream {
         let demand = Demand::from_body(&body, b.plan.path_model.as_deref());
         match b.plan.admission(engine, &demand, &body, cont, now) {
             Err(admit) => {
-                let refusal = self.record(admit).expect("a request no budget can meter is refused");
+                let refusal = self.record(admit, false).expect("a request no budget can meter is refused");
                 Handled::Answer(refusal, phase, true)
             }
-            Ok((Reserve::Now(admit), cont)) => match self.record(admit) {
+            Ok((Reserve::Now(admit), cont, asked)) => match self.record(admit, asked) {
                 Some(refusal) => Handled::Answer(refusal, phase, true),
                 None => self.go_on(cont, phase, started),
             },
-            Ok((Reserve::Later(fut), cont)) => {
-                self.pending = Some((Box::pin(async move { admitted(fut.await, cont).await }), started, phase));
+            Ok((Reserve::Later(fut), cont, asked)) => {
+                self.pending = Some((Box::pin(async move { admitted(fut.await, cont, asked).await }), started, phase));
                 Handled::Pending
             }
         }
@@ -275,7 +284,11 @@ impl ProcessStream {
     }
 
     /// Keeps what `admit` reserved and notes the decision on the span; the refusal, if it is one.
-    pub(super) fn record(&mut self, admit: Admit) -> Option<ProcessingResponse> {
+    /// `asked_for_usage`: the request goes on asking for the usage its agent did not.
+    pub(super) fn record(&mut self, admit: Admit, asked_for_usage: bool) -> Option<ProcessingResponse> {
+        if let Some(b) = &mut self.budget {
+            b.asked_for_usage = asked_for_usage;
+        }
         let answer = refusal(&admit);
         let tx = self.tx.as_mut().map(|t| &mut t.tx);
         match admit {
@@ -350,7 +363,21 @@ impl ProcessStream {
             return false;
         }
         b.parser = b.format.map(|f| UsageParser::new(f, content_type));
+        if b.asked_for_usage && content_type.starts_with("text/event-stream") {
+            b.usage_chunk = Some(UsageChunkFilter::default());
+        }
         true
+    }
+
+    /// Whether the response body goes to the agent changed: without the usage chunk keyswap
+    /// asked for (read on the deciding filter, never handed to the observing one).
+    pub(super) fn strips_usage_chunk(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.usage_chunk.is_some())
+    }
+
+    /// `chunk` (already read by the budget) as the agent gets it: `None`, unchanged.
+    pub(super) fn without_usage_chunk(&mut self, chunk: &[u8], end: bool) -> Option<Vec<u8>> {
+        self.budget.as_mut()?.usage_chunk.as_mut()?.filter(chunk, end)
     }
 
     /// A response body chunk of a budgeted request.
@@ -417,12 +444,12 @@ fn opening_brace(body: &[u8]) -> Option<usize> {
 }
 
 /// The answer for a request the store decided on: its refusal, or `cont`'s answer.
-async fn admitted(admit: Admit, cont: Continue) -> (ProcessingResponse, Option<Admit>) {
+async fn admitted(admit: Admit, cont: Continue, asked: bool) -> (ProcessingResponse, Option<(Admit, bool)>) {
     match refusal(&admit) {
-        Some(r) => (r, Some(admit)),
+        Some(r) => (r, Some((admit, asked))),
         None => match cont {
-            Continue::Ready(r) => (r, Some(admit)),
-            Continue::Later(f) => (f.await, Some(admit)),
+            Continue::Ready(r) => (r, Some((admit, asked))),
+            Continue::Later(f) => (f.await, Some((admit, asked))),
         },
     }
 }

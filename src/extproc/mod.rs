@@ -12,6 +12,7 @@ mod response;
 pub mod server;
 mod sign;
 pub mod tunnel;
+mod usage_chunk;
 
 pub use sign::PendingSign;
 use sign::{sign_body, signing_failed, SIGNING_FAILED, SIGN_INLINE_MAX_BYTES};
@@ -45,7 +46,7 @@ use crate::telemetry::span::Transaction;
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
 
 /// An answer computed off the stream, with the budget decision it made, if any.
-type OffStream = BoxFuture<'static, (ProcessingResponse, Option<crate::budget::Admit>)>;
+type OffStream = BoxFuture<'static, (ProcessingResponse, Option<(crate::budget::Admit, bool)>)>;
 
 /// State shared by every stream.
 pub struct Shared {
@@ -395,8 +396,8 @@ impl ProcessStream {
         let (started, phase) = (*started, *phase);
         self.pending = None;
         self.shared.metrics.observe(phase, started.elapsed());
-        if let Some(admit) = admit {
-            if self.record(admit).is_some() {
+        if let Some((admit, asked_for_usage)) = admit {
+            if self.record(admit, asked_for_usage).is_some() {
                 self.phase = Phase::Done;
                 self.end_span();
             }

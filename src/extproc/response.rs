@@ -108,9 +108,10 @@ impl ProcessStream {
             }
         }
         let mut m = scrubbed.map(|(_, m)| m);
-        let scrub_body = !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some());
+        let scrub_body = !end && (self.scrub.as_ref().is_some_and(|s| s.body.is_some()) || self.strips_usage_chunk());
         if scrub_body {
-            // Scrubbing changes the body's length: the agent gets it chunked.
+            // Scrubbing (or the usage chunk kept back) changes the body's length: the agent gets
+            // it chunked.
             m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
         }
         let mut handoff = None;
@@ -139,16 +140,18 @@ impl ProcessStream {
         }
         self.budget_response_body(body, end);
         let replaced = self.scrub.as_mut().and_then(|s| s.response_body(body, end));
-        let resp = match replaced {
-            Some((body, found)) => {
-                if found {
-                    Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
-                    tracing::warn!("the upstream's response body carried a live secret value; scrubbed");
-                }
-                mutation::response_body_with(body)
+        let mut replaced = replaced.map(|(body, found)| {
+            if found {
+                Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
+                tracing::warn!("the upstream's response body carried a live secret value; scrubbed");
             }
-            None => mutation::response_body(),
-        };
+            body
+        });
+        let scrubbed = replaced.as_deref().unwrap_or(body);
+        if let Some(without) = self.without_usage_chunk(scrubbed, end) {
+            replaced = Some(without);
+        }
+        let resp = replaced.map_or_else(mutation::response_body, mutation::response_body_with);
         Handled::Answer(resp, TelemetryPhase::ResponseBody, end)
     }
 }
