@@ -62,6 +62,8 @@
 //!   sends ext_proc one body message); 0: HTTP/1.1, as before run 21 (Envoy then sends the data
 //!   and an empty end of stream: run 20 in docs/benchmarks.md);
 //! - `E2E_READ_BODIES` (1): 0 sets `otlp.readBodies: false`: header-only spans, no body phases;
+//! - `E2E_OVERLOAD` (1): every Envoy carries the overload manager generated bootstraps carry
+//!   (`keyswap::envoy::overload`); 0: none, as before run 36;
 //! - `E2E_SETUPS` (all): the setups to run, by letter, e.g. `c,d,e,h` (fewer setups, more rounds
 //!   in the same time: the medians of a focused comparison settle sooner); ratios whose setups
 //!   did not run print `-`;
@@ -839,12 +841,12 @@ fn envoy_config(
         clusters.push(keyswap::envoy::keyswap_cluster(&address));
     }
 
-    json!({
+    let mut bootstrap = json!({
         // Required once SDS files are in use; harmless elsewhere. Strings, not YAML scalars.
         "node": {"id": "bench", "cluster": "bench"},
         "admin": {"address": socket_address(admin)},
         // Every setup's Envoy watches its heap as generated gateways do (the overload manager
-        // tracks each stream's buffers for it).
+        // tracks each stream's buffers for it), unless `E2E_OVERLOAD=0`.
         "overload_manager": keyswap::envoy::overload::overload_manager(&keyswap::envoy::Bounds::default()),
         "static_resources": {
             "listeners": [{
@@ -876,7 +878,11 @@ fn envoy_config(
             }],
             "clusters": clusters,
         },
-    })
+    });
+    if env_or("E2E_OVERLOAD", 1) == 0 {
+        bootstrap.as_object_mut().expect("an object").remove("overload_manager");
+    }
+    bootstrap
 }
 
 // ---------------------------------------------------------------------------------------------

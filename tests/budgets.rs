@@ -798,6 +798,36 @@ async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_pla
     meter.hold.notify_waiters();
 }
 
+/// An Anthropic stream the provider ends after its content and before `message_delta` (an error
+/// event mid-stream, a connection closed early): its only count is `message_start`'s placeholder
+/// (1 output token), and it was settled at that however much passed. It says no more than a
+/// stream cut off does, and is settled like one: by the bytes that passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_anthropic_stream_ended_before_its_final_count_is_charged_for_what_passed() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
+    let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
+    let mut resp = r.open_stream(ANTHROPIC, "/v1/messages?hold&pad", body).await;
+    let mut received = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap().len();
+    // The provider ends the stream there (told until it has: it may not be waiting yet); the
+    // agent reads it to its end.
+    let hold = meter.hold.clone();
+    let end = tokio::spawn(async move {
+        loop {
+            hold.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    while let Some(frame) = resp.body_mut().frame().await {
+        received += frame.unwrap().into_data().map_or(0, |d| d.len());
+    }
+    end.abort();
+    assert!(received > 20_000, "{received} bytes");
+    let charged = r.settled_once_any("default/roomy").await;
+    assert_eq!(charged, INPUT_TOKENS + 2000, "charged {charged} for a stream of {received} bytes without its count");
+}
+
 /// The attack: make a call outlive the timeouts of a gateway in front of the model (a long
 /// generation, answered 504 or 408 with no usage). The model may have run it to the end; before,
 /// a status without usage released the whole reservation, and such calls were free. Any other
@@ -1283,11 +1313,13 @@ async fn a_replica_stopped_mid_stream_settles_its_redis_reservation_before_it_ex
     let log = r.keyswap.output();
     assert!(exit.success(), "{exit}\n{log}");
 
-    // The stream ended after `message_start`: 10 tokens in, 1 out, as the provider reported.
+    // The stream ended after `message_start`, without its final count: 10 tokens in, as the
+    // provider reported, and as output the bytes that passed (its 1 was a placeholder).
     let settled = redis_counters(redis_port);
     assert_eq!(settled.len(), 1, "{settled:?}");
+    let out = text.len() as i64;
     let want: std::collections::BTreeMap<String, i64> =
-        [("r", 1), ("i", INPUT_TOKENS as i64), ("o", 1), ("t", INPUT_TOKENS as i64 + 1)]
+        [("r", 1), ("i", INPUT_TOKENS as i64), ("o", out), ("t", INPUT_TOKENS as i64 + out)]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();

@@ -237,7 +237,7 @@ fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
     let inlined: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
         .args(["envoy-config", "--config", "manifests/examples/echo-bot", "--gateway", "keyswap-system/egress"])
-        .args(["--uds", "/run/keyswap/keyswap.sock", "--envoy-max-heap", "384Mi"])
+        .args(["--uds", "/run/keyswap/keyswap.sock", "--envoy-max-heap", "320Mi"])
         .current_dir(&root)
         .output()
         .unwrap();
@@ -248,10 +248,10 @@ fn the_deploy_configmap_is_the_generated_ads_bootstrap() {
         "manifests/deploy/envoy-configmap.yaml is stale: regenerate it with the command in its header"
     );
     assert!(
-        cm.contains("--uds /run/keyswap/keyswap.sock --envoy-max-heap 384Mi"),
+        cm.contains("--uds /run/keyswap/keyswap.sock --envoy-max-heap 320Mi"),
         "the header's command has other arguments"
     );
-    // Three quarters of the Envoy container's memory limit.
+    // About 60 % of the Envoy container's memory limit.
     let deployment = std::fs::read_to_string(root.join("manifests/deploy/deployment.yaml")).unwrap();
     let envoy = deployment.split("- name: envoy\n          image:").nth(1).expect("the envoy container");
     assert!(
@@ -654,4 +654,60 @@ async fn connections_past_the_gateways_limit_are_closed_at_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, out, err) = tokio::task::block_in_place(call);
     assert!(out.ends_with("200"), "after the agent let go: {out} {err}");
+}
+
+/// The attack, over HTTP/1.1: Envoy cannot reset an HTTP/1.1 request for the memory it holds, so
+/// held uploads took its heap to the top and every agent's new request got 503 for as long as
+/// Envoy's stream idle timeout (300 s; for ever, had the agent kept sending). Once memory is
+/// short the idle timeouts shrink to 10 s: uploads that went quiet are closed and the gateway
+/// takes requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_http1_uploads_that_went_quiet_are_closed_once_memory_is_short() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let work = tempfile::tempdir().unwrap();
+    let (dev, _fake) = budgeted_dev(work.path(), &["dev", "--envoy-max-heap", "160Mi"]).await;
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.openai.com\r\ncontent-type: application/json\r\ncontent-length: 9000000\r\n\r\n";
+    let mut held = Vec::new();
+    let mut refused = None;
+    for n in 0..60 {
+        let mut tls = match try_tunnel_tls(&dev, "api.openai.com", b"http/1.1").await {
+            Ok(tls) => tls,
+            Err(e) => {
+                refused = Some((n, e));
+                break;
+            }
+        };
+        // Refused as a request (503 and closed) while Envoy refuses requests.
+        let mut sent = tls.write_all(head).await;
+        for _ in 0..8 {
+            sent = sent.and(tls.write_all(&[b' '; 1 << 20]).await);
+        }
+        if let Err(e) = sent {
+            refused = Some((n, e.to_string()));
+            break;
+        }
+        held.push(tokio::spawn(async move { tls.read(&mut [0u8; 1024]).await.map_err(|e| e.to_string()) }));
+    }
+    let (n, why) = refused.expect("Envoy took 60 held uploads of 8 MiB: the heap limit did nothing");
+    let stop = "overload.envoy.overload_actions.stop_accepting_requests.active";
+    assert_eq!(envoy_stat(work.path(), stop).await, 1, "refused after {n} uploads, but not for memory: {why}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while envoy_stat(work.path(), stop).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "Envoy still refuses requests 40 s after the uploads went quiet");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !held.iter().any(|h| h.is_finished()) {
+        assert!(std::time::Instant::now() < deadline, "Envoy takes requests again, yet no held upload was closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"])
+    });
+    assert!(out.ends_with("200"), "another request after the attack: {code} {out} {err}");
+    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
+    let peak_kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    assert!(peak_kib < 400 << 10, "Envoy's resident memory reached {} MiB", peak_kib >> 10);
 }

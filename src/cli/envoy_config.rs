@@ -50,11 +50,13 @@ pub struct ObserveArgs {
 /// What bounds Envoy itself: its overload manager, in the bootstrap (`envoy-config`, `dev`).
 #[derive(Clone, Copy, Debug, Args)]
 pub struct BoundsArgs {
-    /// The heap Envoy's overload manager measures against: set it to about three quarters of
-    /// the memory limit of Envoy's container (e.g. 384Mi under 512Mi). As the heap nears it,
-    /// Envoy resets the requests holding the most memory (over 1 MiB each: bodies an agent
-    /// sends and never finishes), the largest first, from 80 % of it; at 98 % it answers new
-    /// requests 503 until memory is freed. Ki, Mi, Gi or bytes; at least 64Mi.
+    /// The heap Envoy's overload manager measures against: set it to about 60 % of the memory
+    /// limit of Envoy's container (e.g. 320Mi under 512Mi: Envoy has memory outside its heap,
+    /// and bodies arrive between two of its looks, 100 ms apart). From 80 % of it Envoy resets
+    /// the HTTP/2 requests holding the most memory (bodies an agent sends and never finishes),
+    /// the largest first, and closes requests and connections idle for 10 s (HTTP/1.1 ones
+    /// cannot be reset); at 98 % it answers new requests 503 until memory is freed. Ki, Mi, Gi
+    /// or bytes; at least 64Mi.
     #[arg(long, value_name = "SIZE", default_value = "1Gi", value_parser = crate::envoy::overload::parse_size)]
     pub envoy_max_heap: u64,
     /// Agents' connections Envoy keeps open at once, all its listeners together; past it a new

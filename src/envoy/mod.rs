@@ -324,8 +324,11 @@ fn node(gateway: &Key) -> Value {
     json!({"id": format!("keyswap-{}-{}", gateway.namespace, gateway.name), "cluster": "keyswap"})
 }
 
+/// Envoy's admin interface, on loopback; reachable when agents hold every connection Envoy takes
+/// (`--envoy-max-connections`), so an operator can still read why.
 fn admin(port: u16) -> Value {
-    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}})
+    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "ignore_global_conn_limit": true})
 }
 
 fn internal_listener_extension() -> Value {

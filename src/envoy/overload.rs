@@ -5,8 +5,12 @@
 //! until it ends (up to 9 MiB a request). One agent opening 60 such requests on three HTTP/2
 //! connections and never finishing them took Envoy's heap from 8 MiB to 500 MiB: past the memory
 //! limit of its container, the gateway is killed for every agent. With these bounds Envoy resets
-//! the streams that hold the most memory as its heap nears [`Bounds::max_heap`], before it stops
-//! taking requests at all.
+//! the HTTP/2 streams that hold the most memory and closes idle HTTP/1.1 requests as its heap
+//! nears [`Bounds::max_heap`], before it stops taking requests at all.
+//!
+//! What they do not stop: an HTTP/1.1 agent that keeps sending a byte of each held body every few
+//! seconds holds its memory (Envoy cannot reset HTTP/1.1 streams for memory), and past 98 % of
+//! the heap every new request is answered 503 until it lets go. The pod is not OOM-killed.
 
 use serde_json::{json, Value};
 
@@ -30,13 +34,21 @@ impl Default for Bounds {
 pub const DEFAULT_MAX_HEAP: u64 = 1 << 30;
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
 
-/// Streams holding at least this much buffered memory (2^20 bytes: 1 MiB) are tracked, and the
-/// ones Envoy resets under pressure, the largest first; an ordinary chat request never is.
-const TRACKED_STREAM_POWER_OF_TWO: u32 = 20;
+/// How long a request may sit idle (nothing sent or received) when Envoy's heap is full; 300 s
+/// (Envoy's stream idle timeout) when it is not, scaled down in between.
+const STREAM_IDLE_UNDER_PRESSURE: &str = "10s";
+
+/// Streams holding at least this much buffered memory (2^16 bytes: 64 KiB) are tracked: the ones
+/// Envoy resets under pressure, the largest first (8 buckets, doubling from 64 KiB).
+const TRACKED_STREAM_POWER_OF_TWO: u32 = 16;
 
 /// The bootstrap's `overload_manager`. Heap pressure (the heap in use over `max_heap`):
-/// - from 0.80, streams holding over 1 MiB are reset, the largest buckets first, all of them by
-///   0.95 (`reset_high_memory_stream`); the agent holding them gets a reset stream;
+/// - from 0.80, HTTP/2 streams holding over 64 KiB are reset, the largest first, all of them by
+///   0.95 (`reset_high_memory_stream`); the agent holding them gets a reset stream. Envoy resets
+///   only HTTP/2 streams this way;
+/// - from 0.80, the idle timeouts of requests and connections shrink, from Envoy's 300 s and 1 h
+///   to 10 s at 0.95 (`reduce_timeouts`): an HTTP/1.1 request whose agent stopped sending its
+///   body is closed within seconds once memory is short;
 /// - at 0.90, freed memory is given back to the system (`shrink_heap`);
 /// - at 0.98, new requests are answered 503 until the pressure falls (`stop_accepting_requests`).
 pub fn overload_manager(bounds: &Bounds) -> Value {
@@ -56,6 +68,14 @@ pub fn overload_manager(bounds: &Bounds) -> Value {
         "actions": [
             {"name": "envoy.overload_actions.reset_high_memory_stream", "triggers": [{"name": HEAP,
                 "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95}}]},
+            {"name": "envoy.overload_actions.reduce_timeouts", "triggers": [{"name": HEAP,
+                "scaled": {"scaling_threshold": 0.80, "saturation_threshold": 0.95}}],
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.config.overload.v3.ScaleTimersOverloadActionConfig",
+                    "timer_scale_factors": [
+                        {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_timeout": STREAM_IDLE_UNDER_PRESSURE},
+                        {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": STREAM_IDLE_UNDER_PRESSURE},
+                    ]}},
             {"name": "envoy.overload_actions.shrink_heap", "triggers": at(0.90)},
             {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": at(0.98)},
         ],

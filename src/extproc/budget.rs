@@ -203,7 +203,7 @@ impl Budgeted {
     /// Settles the reservation (once): the response ended, or was cut off.
     fn settle(&mut self, ended: bool) {
         let Some(held) = self.held.take() else { return };
-        let usage = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
+        let (usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
         // Anthropic and Bedrock count cached prompt tokens apart from input_tokens.
         let cached = match self.format {
             Some(Format::Anthropic | Format::Bedrock) => {
@@ -213,7 +213,9 @@ impl Budgeted {
         };
         let input = usage.input_tokens.map(|i| i + cached);
         let output = usage.output_tokens;
-        let observed = if ended {
+        // A stream that ended without its final count (an error event after the content, a
+        // provider that closed early) said no more than one cut off does.
+        let observed = if ended && !provisional {
             Observed::Ended { answered: self.answered.unwrap_or(Answered::Error), input, output }
         } else {
             Observed::Aborted { input, output, response_bytes: self.response_bytes }

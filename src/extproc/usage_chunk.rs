@@ -27,7 +27,12 @@ impl UsageChunkFilter {
         }
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(chunk);
-        let complete = if end { buf.len() } else { last_boundary(&buf) };
+        let mut complete = if end { buf.len() } else { last_boundary(&buf) };
+        // A usage chunk is a few hundred bytes: an event past this is not one, and goes on as it
+        // comes (held, a stream with no blank line would be held whole).
+        if buf.len() - complete > MAX_HELD {
+            complete = buf.len();
+        }
         self.held = buf[complete..].to_vec();
         buf.truncate(complete);
         let mut out = Vec::with_capacity(buf.len());
@@ -43,6 +48,9 @@ impl UsageChunkFilter {
         Some(out)
     }
 }
+
+/// The most of an unfinished event held back.
+const MAX_HELD: usize = 64 * 1024;
 
 /// Whether `bytes` could hold a usage chunk: its two marks, without parsing.
 fn may_be_usage_chunk(bytes: &[u8]) -> bool {
@@ -165,6 +173,23 @@ mod tests {
         for event in kept {
             assert_eq!(String::from_utf8_lossy(&through(event.as_bytes(), &[])), event);
         }
+    }
+
+    #[test]
+    fn a_stream_without_blank_lines_is_not_held_whole() {
+        let mut f = UsageChunkFilter::default();
+        let line = vec![b'x'; 16 * 1024];
+        let mut out = 0;
+        for _ in 0..64 {
+            out += f.filter(&line, false).map_or(line.len(), |o| o.len());
+            assert!(f.held.len() <= MAX_HELD, "{}", f.held.len());
+        }
+        assert!(out >= 64 * line.len() - MAX_HELD, "{out} bytes went on");
+        // The rest of an event let go early is delivered, not taken for a usage chunk.
+        let rest = b"\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n";
+        let last = f.filter(rest, true).unwrap();
+        assert!(last.ends_with(rest));
+        assert_eq!(out + last.len(), 64 * line.len() + rest.len(), "every byte, once");
     }
 
     #[test]

@@ -130,14 +130,18 @@ pub fn sdk(dev: &Dev, provider: &str, mode: &str) -> String {
     stdout.into_owned()
 }
 
-/// An agent's HTTP/2 connection to `host` through the gateway, as a client library makes it:
-/// CONNECT on the proxy port, then TLS trusting only the gateway CA, ALPN `h2`.
-pub async fn tunnel_h2<B>(dev: &Dev, host: &str) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+/// An agent's TLS connection to `host` through the gateway, as a client library makes it: CONNECT
+/// on the proxy port, then TLS trusting only the gateway CA, offering `alpn`.
+pub async fn tunnel_tls(dev: &Dev, host: &str, alpn: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tunnel_tls(dev, host, alpn).await.unwrap()
+}
+
+/// [`tunnel_tls`], or the proxy's refusal.
+pub async fn try_tunnel_tls(
+    dev: &Dev,
+    host: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
@@ -146,20 +150,33 @@ where
     let mut answer = Vec::new();
     while !answer.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8];
-        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "the proxy hung up: {}", String::from_utf8_lossy(&answer));
+        if tcp.read(&mut byte).await.unwrap_or(0) != 1 {
+            return Err(format!("the proxy hung up: {}", String::from_utf8_lossy(&answer)));
+        }
         answer.push(byte[0]);
     }
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "CONNECT refused: {}", String::from_utf8_lossy(&answer));
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        return Err(format!("CONNECT refused: {}", String::from_utf8_lossy(&answer)));
+    }
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(&dev.env["NODE_EXTRA_CA_CERTS"]).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let name = rustls::pki_types::ServerName::try_from(host.to_owned()).unwrap();
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await.unwrap();
-    let io = hyper_util::rt::TokioIo::new(stream);
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await.map_err(|e| e.to_string())
+}
+
+/// An agent's HTTP/2 connection to `host` through the gateway ([`tunnel_tls`], ALPN `h2`).
+pub async fn tunnel_h2<B>(dev: &Dev, host: &str) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = hyper_util::rt::TokioIo::new(tunnel_tls(dev, host, b"h2").await);
     let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
     tokio::spawn(conn);
     sender

@@ -12,11 +12,13 @@ pub(super) fn apply_event(event: &[u8], a: &Answer<'_>, info: &mut ResponseInfo)
         Some("message_start") => {
             if let Some(message) = &a.message {
                 apply_body(message, info);
+                info.provisional |= message.usage.is_some();
             }
         }
         Some("message_delta") => {
             if let Some(usage) = &a.usage {
                 apply_usage(usage, &mut info.usage);
+                info.provisional = false;
             }
         }
         _ => {}

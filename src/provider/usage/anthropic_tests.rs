@@ -45,3 +45,26 @@ fn anthropic_event_name_is_used_when_the_data_has_no_type() {
         info(Some("claude-3-5-haiku-20241022"), usage(Some(3), Some(7), None, None))
     );
 }
+
+#[test]
+fn counts_are_provisional_from_message_start_until_message_delta() {
+    let start = concat!(
+        "event: message_start\n",
+        r#"data: {"type":"message_start","message":{"model":"claude-x","usage":{"input_tokens":10,"output_tokens":1}}}"#,
+        "\n\nevent: content_block_delta\n",
+        r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        "\n\n",
+    );
+    let cut = parse(Format::Anthropic, SSE, start);
+    assert!(cut.provisional, "{cut:?}");
+    assert_eq!(cut.usage, usage(Some(10), Some(1), None, None));
+    let delta = concat!(
+        "event: message_delta\n",
+        r#"data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":12}}"#,
+        "\n\n"
+    );
+    let whole = parse(Format::Anthropic, SSE, &format!("{start}{delta}"));
+    assert!(!whole.provisional && whole.usage.output_tokens == Some(12), "{whole:?}");
+    // A JSON message is final as it is.
+    assert!(!parse(Format::Anthropic, JSON, ANTHROPIC_JSON).provisional);
+}

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use bytes::BytesMut;
 
 use super::answer;
-use super::{anthropic, bedrock, ResponseInfo, Usage};
+use super::{anthropic, bedrock, ResponseInfo};
 
 /// The most bytes of one frame held while it arrives (the decoder's own limit is 16 MiB); a larger
 /// one stops the reading, and the reservation stands.
@@ -78,14 +78,14 @@ fn apply(kind: &str, payload: &[u8], info: &mut ResponseInfo) {
             if let Some(answer::Parsed::One(a)) = answer::parse(&event) {
                 anthropic::apply_event(b"", &a, info);
             }
-            invocation_metrics(&event, &mut info.usage);
+            invocation_metrics(&event, info);
         }
         _ => {}
     }
 }
 
 /// `amazon-bedrock-invocationMetrics`, in the last chunk of every model's stream.
-fn invocation_metrics(event: &[u8], usage: &mut Usage) {
+fn invocation_metrics(event: &[u8], info: &mut ResponseInfo) {
     const KEY: &[u8] = b"amazon-bedrock-invocationMetrics";
     if !event.windows(KEY.len()).any(|w| w == KEY) {
         return;
@@ -102,8 +102,10 @@ fn invocation_metrics(event: &[u8], usage: &mut Usage) {
         output_token_count: Option<u64>,
     }
     if let Ok(last) = serde_json::from_slice::<Last>(event) {
+        let usage = &mut info.usage;
         usage.input_tokens = last.metrics.input_token_count.or(usage.input_tokens);
         usage.output_tokens = last.metrics.output_token_count.or(usage.output_tokens);
+        info.provisional &= last.metrics.output_token_count.is_none();
     }
 }
 
@@ -140,7 +142,8 @@ mod tests {
                 for piece in stream.chunks(n) {
                     p.feed(piece);
                 }
-                let u = p.usage();
+                let (u, provisional) = p.usage();
+                assert!(!provisional, "the stream's last counts are final");
                 (u.input_tokens, u.output_tokens)
             })
             .collect()
@@ -198,7 +201,7 @@ mod tests {
             huge.feed(piece);
         }
         huge.feed(&good);
-        assert_eq!(huge.usage().input_tokens, None);
+        assert_eq!(huge.usage().0.input_tokens, None);
         assert!(huge.buffered_capacity() <= 2 << 20, "{}", huge.buffered_capacity());
     }
 }

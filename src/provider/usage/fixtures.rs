@@ -143,5 +143,5 @@ pub(super) fn usage(
 }
 
 pub(super) fn info(model: Option<&str>, usage: Usage) -> ResponseInfo {
-    ResponseInfo { model: model.map(str::to_owned), usage }
+    ResponseInfo { model: model.map(str::to_owned), usage, provisional: false }
 }

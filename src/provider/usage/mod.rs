@@ -92,6 +92,11 @@ pub struct ResponseInfo {
     pub model: Option<String>,
     /// The token counts the response reported.
     pub usage: Usage,
+    /// The counts so far are ones the stream reports again before it ends: Anthropic's
+    /// `message_start` says 1 or 2 output tokens, and only `message_delta` (or Bedrock's
+    /// invocation metrics) says what the call used. A stream that ends still provisional did not
+    /// say what it used.
+    pub provisional: bool,
 }
 
 /// The `model` field of a JSON request body (openai, anthropic, azure with the model in the body).
@@ -179,9 +184,11 @@ impl UsageParser {
         self.read().clone()
     }
 
-    /// The token counts of [`UsageParser::finish`], without copying the model's name.
-    pub fn usage(&mut self) -> Usage {
-        self.read().usage
+    /// The token counts of [`UsageParser::finish`], without copying the model's name, and
+    /// whether they are provisional ([`ResponseInfo::provisional`]).
+    pub fn usage(&mut self) -> (Usage, bool) {
+        let info = self.read();
+        (info.usage, info.provisional)
     }
 
     fn read(&mut self) -> &ResponseInfo {
