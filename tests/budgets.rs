@@ -776,15 +776,23 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     assert_eq!(cut_off > 0.0, observe, "responses cut off on the observing stream: {cut_off}");
 }
 
+/// A replica with budget `default/roomy` (100,000 tokens a day) and an Anthropic stream through
+/// it that reserved 2,000 output tokens: `message_start` (the placeholder count) and 200 text
+/// deltas, then held until `meter.hold` is notified, when it ends without `message_delta`.
+async fn long_anthropic_stream(meter: &Meter) -> (tempfile::TempDir, Replica, hyper::Response<hyper::body::Incoming>) {
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (config, r) = one_budget_with(meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
+    let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
+    let resp = r.open_stream(ANTHROPIC, "/v1/messages?hold&pad", body).await;
+    (config, r, resp)
+}
+
 /// The attack: read a long Anthropic stream and hang up before its `message_delta`, the only
 /// event with the real output count (`message_start` says 1, a placeholder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_placeholder_count() {
     let meter = Meter::start(Duration::ZERO).await;
-    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
-    let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
-    let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
-    let mut resp = r.open_stream(ANTHROPIC, "/v1/messages?hold&pad", body).await;
+    let (_config, r, mut resp) = long_anthropic_stream(&meter).await;
     let mut received = 0;
     while received < 20_000 {
         let frame = resp.body_mut().frame().await.expect("more of the stream").unwrap();
@@ -805,10 +813,7 @@ async fn an_aborted_anthropic_stream_is_charged_for_what_it_received_not_its_pla
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_anthropic_stream_ended_before_its_final_count_is_charged_for_what_passed() {
     let meter = Meter::start(Duration::ZERO).await;
-    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
-    let (_config, r) = one_budget_with(&meter, "roomy", "{kind: EgressGateway, name: egress}", limits, false);
-    let body = r#"{"model":"claude-x","stream":true,"max_tokens":2000,"messages":[]}"#;
-    let mut resp = r.open_stream(ANTHROPIC, "/v1/messages?hold&pad", body).await;
+    let (_config, r, mut resp) = long_anthropic_stream(&meter).await;
     let mut received = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap().len();
     // The provider ends the stream there (told until it has: it may not be waiting yet); the
     // agent reads it to its end.

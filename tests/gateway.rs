@@ -152,6 +152,49 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     }
 }
 
+/// The attack: on a gateway that admits agents by token (`agentAuth`), a CONNECT to an allowed
+/// host with no token, a wrong one or the placeholder. keyswap never sees what a tunnel carries,
+/// so the CONNECT is where admission happens; before, any pod that reached the proxy got the
+/// tunnel without a token. The agent gives its token to the proxy, as the password of
+/// `HTTPS_PROXY` (`Proxy-Authorization: Basic`) or as a bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
+    const TOKEN: &str = "ci-gateway-token-0001";
+    let other = FakeProvider::start().await; // an unrouted service on loopback
+    let target = format!("http://{}/ping", other.addr);
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let auth = "  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n";
+    let gateway = gateway_config("deny-all", free_port(), "\"127.0.0.1\"")
+        .replace("  defaultPolicy: deny-all\n", &format!("  defaultPolicy: deny-all\n{auth}"));
+    let manifests = format!("{gateway}\n---\n{}", secret_manifest("ci-token", "token", TOKEN));
+    std::fs::write(config.path().join("gateway.yaml"), manifests).unwrap();
+    let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let tunnel = |extra: &[&str]| {
+        let mut args = vec!["-p", "-w", "%{http_code}", "-o", "/dev/null"];
+        args.extend_from_slice(extra);
+        args.push(&target);
+        tokio::task::block_in_place(|| curl(&dev, &args))
+    };
+    let placeholder = format!("ci:{PLACEHOLDER}");
+    for refused in [&[][..], &["--proxy-user", "ci:wrong"], &["--proxy-user", &placeholder]] {
+        let (code, _, err) = tunnel(refused);
+        assert_ne!(code, 0, "{refused:?}: the tunnel was opened");
+        assert!(err.contains("407"), "{refused:?}: {err}");
+        assert!(!err.contains(TOKEN));
+    }
+    assert_eq!(other.seen().len(), 0, "a refused tunnel reached the service");
+    let bearer = format!("Proxy-Authorization: Bearer {TOKEN}");
+    for admitted in [&["--proxy-user", &format!("ci:{TOKEN}")][..], &["--proxy-header", &bearer]] {
+        let (code, out, err) = tunnel(admitted);
+        assert_eq!((code, out.as_str()), (0, "401"), "{admitted:?}: the service answers through the tunnel: {err}");
+    }
+    assert_eq!(other.seen().len(), 2);
+    // What the service got never carries the token: Envoy ends the CONNECT, not the tunnel.
+    assert!(other.seen().iter().all(|s| !s.everything().contains(TOKEN)), "{:?}", other.seen());
+}
+
 /// The attack: connections that send half a request and stop (slowloris), each holding a slot of
 /// Envoy's for as long as Envoy waits. The generated listeners give headers 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,16 +556,38 @@ type Body = http_body_util::StreamBody<
 /// `keyswap dev` (`args`) in `work` with a token budget on the gateway, whose every request body
 /// Envoy buffers for keyswap to read whole, in front of a fake api.openai.com.
 async fn budgeted_dev(work: &std::path::Path, args: &[&str]) -> (Dev, FakeProvider) {
-    let port = free_port();
     let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: b}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000000}\n";
+    openai_dev(work, budget, args).await
+}
+
+/// `keyswap dev` (`args`) in `work` on a deny-all gateway and `extra` manifests, in front of a
+/// fake api.openai.com.
+async fn openai_dev(work: &std::path::Path, extra: &str, args: &[&str]) -> (Dev, FakeProvider) {
     let config = work.join("config");
     std::fs::create_dir(&config).unwrap();
-    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", port, "") + budget).unwrap();
+    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", free_port(), "") + extra).unwrap();
     let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work).await;
     fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
     let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
     let dev = tokio::task::block_in_place(|| start_dev_with(&config, work, &upstreams, &[], args));
     (dev, fake)
+}
+
+/// A Chat Completions call by curl through `dev`: curl's exit code, the body and status line
+/// (`…\n200`), and its errors.
+fn curl_openai(dev: &Dev) -> (i32, String, String) {
+    tokio::task::block_in_place(|| {
+        curl(dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"])
+    })
+}
+
+/// The most memory `dev`'s Envoy has had resident (`VmHWM`), in MiB.
+fn envoy_peak_resident_mib(dev: &Dev) -> u64 {
+    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    kib >> 10
 }
 
 /// A Chat Completions POST whose body is `frames`.
@@ -576,29 +641,39 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
     for _ in 0..4 {
         let mut sender = tunnel_h2::<Body>(&dev, "api.openai.com").await;
         for _ in 0..30 {
-            let data = futures_util::stream::iter(vec![chunk.clone(); 128]).map(|c| Ok(hyper::body::Frame::data(c)));
+            // How many of its 128 chunks the agent has handed over: all of them, once Envoy has
+            // taken the body (or the stream is gone).
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = sent.clone();
+            let data = futures_util::stream::iter(vec![chunk.clone(); 128]).map(move |c| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(hyper::body::Frame::data(c))
+            });
             let req = chat_post(data.chain(futures_util::stream::pending()).boxed());
             sender.ready().await.unwrap();
-            held.push(tokio::spawn(sender.send_request(req)));
+            held.push((sent, tokio::spawn(sender.send_request(req))));
         }
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while held.iter().any(|h| !h.is_finished()) {
-        assert!(std::time::Instant::now() < deadline, "Envoy still holds uploads after 30 s");
+    // Every upload either sent whole (and held) or reset. Envoy resets the largest first as its
+    // heap passes 80 % of the limit, until it is back under: some may stay, within the limit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let whole = |sent: &std::sync::atomic::AtomicUsize| sent.load(std::sync::atomic::Ordering::SeqCst) >= 128;
+    while held.iter().any(|(sent, h)| !h.is_finished() && !whole(sent)) {
+        assert!(std::time::Instant::now() < deadline, "uploads neither taken nor reset after 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for h in held {
+    let mut reset = 0;
+    for (_, h) in held.iter_mut().filter(|(_, h)| h.is_finished()) {
         let err = h.await.unwrap().expect_err("an upload that never ended was answered");
         assert!(format!("{err:?}").contains("Reset("), "{err:?}");
+        reset += 1;
     }
+    assert!(reset >= 60, "only {reset} of 120 uploads of 8 MiB were reset under a 160 MiB heap");
     assert!(envoy_stat(work.path(), "envoy.overload_actions.reset_high_memory_stream.count").await >= 1);
     // The most Envoy ever had resident: its heap's limit, what arrives between two of the overload
     // manager's looks (100 ms apart), and Envoy's code. Without the limit it passed 900 MiB.
-    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
-    let peak_kib: u64 =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
-    assert!(peak_kib < 400 << 10, "Envoy's resident memory reached {} MiB", peak_kib >> 10);
+    let peak = envoy_peak_resident_mib(&dev);
+    assert!(peak < 400, "Envoy's resident memory reached {peak} MiB");
 
     // The gateway takes requests again as soon as the memory is freed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -606,8 +681,7 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
         assert!(std::time::Instant::now() < deadline, "Envoy still refuses requests 10 s after the attack");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, out, err) =
-        curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"]);
+    let (code, out, err) = curl_openai(&dev);
     assert!(out.ends_with("200"), "another request after the attack: {code} {out} {err}");
 }
 
@@ -618,16 +692,9 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
 async fn connections_past_the_gateways_limit_are_closed_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let work = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", port, "")).unwrap();
-    let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work.path()).await;
-    fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
-    let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
-    let args = ["dev", "--envoy-max-connections", "6"];
-    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &upstreams, &[], &args));
-    let call = || curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"]);
-    let (_, out, err) = tokio::task::block_in_place(call);
+    let (dev, _fake) = openai_dev(work.path(), "", &["dev", "--envoy-max-connections", "6"]).await;
+    let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
+    let (_, out, err) = curl_openai(&dev);
     assert!(out.ends_with("200"), "before the attack: {out} {err}");
 
     let mut held = Vec::new();
@@ -648,11 +715,11 @@ async fn connections_past_the_gateways_limit_are_closed_at_once() {
     eprintln!("closed at {closed:?}");
     assert_eq!(closed, Some(6), "the connection past the limit");
     assert!(envoy_stat(work.path(), &format!("listener.127.0.0.1_{port}.downstream_global_cx_overflow")).await >= 1);
-    let (_, out, _) = tokio::task::block_in_place(call);
+    let (_, out, _) = curl_openai(&dev);
     assert!(!out.ends_with("200"), "a request went through past the limit: {out}");
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, out, err) = tokio::task::block_in_place(call);
+    let (_, out, err) = curl_openai(&dev);
     assert!(out.ends_with("200"), "after the agent let go: {out} {err}");
 }
 
@@ -701,13 +768,8 @@ async fn held_http1_uploads_that_went_quiet_are_closed_once_memory_is_short() {
         assert!(std::time::Instant::now() < deadline, "Envoy takes requests again, yet no held upload was closed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (code, out, err) = tokio::task::block_in_place(|| {
-        curl(&dev, &["-w", "\n%{http_code}", "-d", "{}", "https://api.openai.com/v1/chat/completions"])
-    });
+    let (code, out, err) = curl_openai(&dev);
     assert!(out.ends_with("200"), "another request after the attack: {code} {out} {err}");
-    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
-    let peak_kib: u64 =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
-    assert!(peak_kib < 400 << 10, "Envoy's resident memory reached {} MiB", peak_kib >> 10);
+    let peak = envoy_peak_resident_mib(&dev);
+    assert!(peak < 400, "Envoy's resident memory reached {peak} MiB");
 }

@@ -182,6 +182,8 @@ impl<'a> Layout<'a> {
                         "initial_metadata": [{"key": crate::vocab::ROLE_METADATA, "value": crate::vocab::ROLE_TUNNEL}]},
                     "failure_mode_allow": false,
                     "message_timeout": "6s",
+                    // For spec.agentAuth (edgeTrust): who is on the other end of the connection.
+                    "request_attributes": ["source.address", "connection.mtls"],
                     // `:authority` is rewritten; a refused rewrite must fail the request, never
                     // tunnel to the unchecked name.
                     "mutation_rules": {"allow_all_routing": true, "disallow_is_error": true},

@@ -484,7 +484,7 @@ impl ProcessStream {
                 self.fixed = phases::Fixed::of(&msg);
                 let headers = h.headers.map(|m| m.headers).unwrap_or_default();
                 if self.tunnel {
-                    Ok(self.on_tunnel_headers(&headers, started))
+                    Ok(self.on_tunnel_headers(&headers, Peer::from_attributes(&msg.attributes), started))
                 } else {
                     Ok(self.on_request_headers(headers, !h.end_of_stream, &msg.attributes, started))
                 }
@@ -514,8 +514,8 @@ impl ProcessStream {
 
     /// A CONNECT on the proxy listener: the tunnel guard resolves and checks the target off the
     /// stream.
-    fn on_tunnel_headers(&mut self, headers: &[HeaderValue], started: Instant) -> Handled {
-        let decided = tunnel::decide_headers(self.shared.clone(), headers);
+    fn on_tunnel_headers(&mut self, headers: &[HeaderValue], peer: Peer, started: Instant) -> Handled {
+        let decided = tunnel::decide_headers(self.shared.clone(), headers, peer);
         let fut = async move { (decided.await, None) };
         self.pending = Some((Box::pin(fut), started, TelemetryPhase::RequestHeaders));
         Handled::Pending

@@ -7,17 +7,19 @@
 //! filter on the proxy listener, for tunnel routes only): keyswap resolves the name itself,
 //! refuses when any address is not public, and pins the tunnel to the address it checked by
 //! rewriting `:authority` to it, so a second DNS answer cannot differ (no rebinding window).
+//! On a gateway with `agentAuth`, the CONNECT is admitted first, by the token the agent gives the
+//! proxy (`Proxy-Authorization`): keyswap never sees what a tunnel carries.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use serde_json::json;
 
 use super::{find, header_bytes, mutation, Shared};
-use crate::auth::Cidr;
+use crate::auth::{Admission, Cidr, Peer, Rejection};
 use crate::config::Snapshot;
 use crate::telemetry::Metrics;
 
@@ -129,6 +131,8 @@ pub enum Refusal {
     PrivateDestination,
     /// The name did not resolve in time.
     Unresolvable,
+    /// The gateway's `agentAuth` did not admit the CONNECT (its `Proxy-Authorization`).
+    Unauthenticated(Rejection),
 }
 
 impl Refusal {
@@ -138,11 +142,13 @@ impl Refusal {
             Refusal::NotAllowed => "egress_denied",
             Refusal::PrivateDestination => "private_destination",
             Refusal::Unresolvable => "unresolvable_destination",
+            Refusal::Unauthenticated(r) => r.reason(),
         }
     }
 
     fn status(self) -> u16 {
         match self {
+            Refusal::Unauthenticated(_) => 407,
             Refusal::Unresolvable => 502,
             Refusal::MalformedTarget => 400,
             Refusal::NotAllowed | Refusal::PrivateDestination => 403,
@@ -157,7 +163,55 @@ impl Refusal {
                 "tunnels reach public addresses only; this host is (or resolves to) a loopback, private, link-local or reserved address"
             }
             Refusal::Unresolvable => "the tunnel's host did not resolve",
+            Refusal::Unauthenticated(_) => {
+                "this gateway admits agents by token: give it to the proxy as the password of HTTPS_PROXY \
+                 (http://agent:TOKEN@host:port, sent as Proxy-Authorization)"
+            }
         }
+    }
+}
+
+/// The token an agent gives the proxy (`Proxy-Authorization`): `Bearer TOKEN`, or `Basic` with the
+/// token as the password (what `HTTPS_PROXY=http://agent:TOKEN@gateway:10000` makes clients send;
+/// the user alone when there is no password). The placeholder counts as no token.
+fn proxy_token(headers: &[HeaderValue]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let value = find(headers, "proxy-authorization")?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    let token = if scheme.eq_ignore_ascii_case("bearer") {
+        rest.trim().as_bytes().to_vec()
+    } else if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        match decoded.iter().position(|&b| b == b':') {
+            Some(colon) if colon + 1 < decoded.len() => decoded[colon + 1..].to_vec(),
+            Some(colon) => decoded[..colon].to_vec(),
+            None => decoded,
+        }
+    } else {
+        return None;
+    };
+    (!token.is_empty() && !crate::vocab::is_placeholder(&token)).then_some(token)
+}
+
+/// Admits a CONNECT by the gateway's `agentAuth` (none: every CONNECT is admitted): its
+/// `Proxy-Authorization`, the connection `peer`, and for edge trust its headers. A token whose
+/// key set is being fetched waits for the fetch once.
+async fn admit(snapshot: &Snapshot, token: Option<&[u8]>, headers: &Headers, peer: &Peer) -> Result<(), Rejection> {
+    let Some(chain) = &snapshot.agent_auth else { return Ok(()) };
+    let header = |n: &str| {
+        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let mut admission = chain.admit(token, peer, header, SystemTime::now());
+    if let Admission::NeedKeys(jwks) = admission {
+        jwks.refresh().await;
+        admission = chain.admit(token, peer, header, SystemTime::now());
+    }
+    chain.counters.count(&admission);
+    match admission {
+        Admission::Admitted(_) | Admission::Anonymous => Ok(()),
+        Admission::Rejected(r) => Err(r),
+        // The key set was fetched and still does not hold the token's key.
+        Admission::NeedKeys(_) => Err(Rejection::InvalidToken),
     }
 }
 
@@ -198,21 +252,34 @@ pub async fn decide(
 /// A sampled tunnel request's headers, owned (the decision is made off the stream).
 pub type Headers = Vec<(String, Vec<u8>)>;
 
-/// The answer for a CONNECT's request headers, decided off the stream. A refusal gets a span (an
-/// agent reaching for the inside is what a viewer should show); the headers are kept for it only
-/// when the request is sampled.
+/// The answer for a CONNECT's request headers, decided off the stream: admitted by the gateway's
+/// `agentAuth`, then its target checked. A refusal gets a span (an agent reaching for the inside
+/// is what a viewer should show); the headers are kept for it only when the request is sampled
+/// (or edge trust reads them). `peer`: the agent's connection, as Envoy reports it.
 pub(super) fn decide_headers(
     shared: Arc<Shared>,
     headers: &[HeaderValue],
+    peer: Peer,
 ) -> impl std::future::Future<Output = ProcessingResponse> + Send + 'static {
     let authority = find(headers, ":authority").unwrap_or("").to_owned();
     let (guard, snapshot) = (shared.tunnel.clone(), shared.store.load_full());
-    let traced: Option<Headers> = shared
-        .sink
-        .sampled(find(headers, "traceparent"))
+    let token = snapshot.agent_auth.as_ref().and_then(|_| proxy_token(headers));
+    let sampled = shared.sink.sampled(find(headers, "traceparent"));
+    let owned: Option<Headers> = (sampled || snapshot.agent_auth.is_some())
         .then(|| headers.iter().map(|h| (h.key.clone(), header_bytes(h).to_vec())).collect());
     async move {
-        let decision = decide(authority.clone(), snapshot.clone(), guard).await;
+        let admitted = match &owned {
+            Some(h) => admit(&snapshot, token.as_deref(), h, &peer).await,
+            None => Ok(()),
+        };
+        let decision = match admitted {
+            Ok(()) => decide(authority.clone(), snapshot.clone(), guard).await,
+            Err(r) => {
+                Metrics::inc(&shared.metrics.denied_unauthenticated);
+                Err((Refusal::Unauthenticated(r), None))
+            }
+        };
+        let traced = owned.filter(|_| sampled);
         if let (Err((refusal, _)), Some(headers)) = (&decision, traced) {
             refusal_span(&shared, &snapshot, &authority, *refusal, &headers);
         }
@@ -268,6 +335,12 @@ pub fn answer(
                 target_authority = ?authority, address = ?address, reason = refusal.reason(),
                 "tunnel refused"
             );
+            if let Refusal::Unauthenticated(_) = refusal {
+                let body = json!({"error": {"type": "agent_unauthenticated", "reason": refusal.reason(),
+                    "message": refusal.message(), "gateway": shared.store.load().gateway.to_string()}});
+                let challenge: &[(&str, &[u8])] = &[("proxy-authenticate", b"Basic realm=\"keyswap\"")];
+                return mutation::immediate_with(407, &body, "keyswap_agent_unauthenticated", challenge);
+            }
             let body =
                 json!({"error": {"type": "tunnel_refused", "reason": refusal.reason(), "message": refusal.message()}});
             mutation::immediate(refusal.status(), &body, "keyswap_tunnel_refused")
@@ -316,6 +389,34 @@ mod tests {
         assert!(resolve(&SLOTS, short, "c.test".into(), 443, |_, _| slow(0)).await.is_none());
         let back = resolve(&SLOTS, Duration::from_secs(5), "c.test".into(), 443, |_, _| slow(0)).await;
         assert!(back.is_some(), "the slots came back once the stuck lookups returned");
+    }
+
+    #[test]
+    fn the_proxy_token_is_the_basic_password_or_the_bearer_token() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let token = |value: &str| {
+            let h = HeaderValue {
+                key: "Proxy-Authorization".into(),
+                raw_value: value.as_bytes().to_vec(),
+                ..Default::default()
+            };
+            proxy_token(&[h]).map(|t| String::from_utf8(t).unwrap())
+        };
+        assert_eq!(token(&format!("Basic {}", b64("agent:s3cret:with:colons"))).as_deref(), Some("s3cret:with:colons"));
+        assert_eq!(token(&format!("basic {}", b64("only-user:"))).as_deref(), Some("only-user"));
+        assert_eq!(token(&format!("Basic {}", b64("no-colon"))).as_deref(), Some("no-colon"));
+        assert_eq!(token("Bearer  tok-1 ").as_deref(), Some("tok-1"));
+        for none in [
+            "Basic !!!".to_owned(),
+            format!("Basic {}", b64(":")),
+            format!("Basic {}", b64(&format!("a:{}", crate::provider::PLACEHOLDER))),
+            format!("Bearer {}", crate::provider::PLACEHOLDER),
+            "Digest x".to_owned(),
+            "Bearer".to_owned(),
+        ] {
+            assert_eq!(token(&none), None, "{none}");
+        }
     }
 
     #[test]
