@@ -195,6 +195,52 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     assert!(other.seen().iter().all(|s| !s.everything().contains(TOKEN)), "{:?}", other.seen());
 }
 
+/// The attack: one agent holds 1,030 tunnels open. Each holds a connection of the tunnel
+/// cluster, and Envoy allows a cluster 1,024 by default: the 1,025th tunnel, any agent's, got
+/// 503 for as long as the agent held them. Every generated cluster allows 65,536.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_holding_a_thousand_tunnels_does_not_take_every_agents_next_one() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // A service on loopback that takes connections and holds them.
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = service.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = service.accept().await {
+            held.push(s);
+        }
+    });
+    let other = FakeProvider::start().await; // another agent's destination
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", port, "\"127.0.0.1\"")).unwrap();
+    let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let mut tunnels = Vec::new();
+    for n in 0..1030 {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = async {
+            while !answer.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8];
+                assert_eq!(c.read(&mut byte).await.unwrap(), 1, "tunnel {n}: {}", String::from_utf8_lossy(&answer));
+                answer.push(byte[0]);
+            }
+        };
+        // Past the cluster's limit a tunnel waits, pending, for one to end.
+        assert!(tokio::time::timeout(Duration::from_secs(10), read).await.is_ok(), "tunnel {n} was never answered");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "tunnel {n}: {}", String::from_utf8_lossy(&answer));
+        tunnels.push(c);
+    }
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &format!("http://{}/ping", other.addr)])
+    });
+    assert_eq!((code, out.as_str()), (0, "401"), "another agent's tunnel: {err}");
+    assert_eq!(envoy_stat(work.path(), "cluster.keyswap_tunnel.upstream_cx_overflow").await, 0);
+}
+
 /// The attack: connections that send half a request and stop (slowloris), each holding a slot of
 /// Envoy's for as long as Envoy waits. The generated listeners give headers 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,7 +190,7 @@ impl<'a> Layout<'a> {
                     "processing_mode": headers_only(),
                 },
             }));
-            filters.push(dfp_filter());
+            filters.push(dfp_filter(true));
         }
         filters.push(router());
         filters
@@ -225,7 +225,7 @@ impl<'a> Layout<'a> {
         // So are both deciding filters: a route turns on the one that streams bodies.
         let mut filters = vec![observe_filter(), ext_proc_filter(), bodies_filter()];
         if !self.wildcard.is_empty() || self.ads {
-            filters.push(dfp_filter());
+            filters.push(dfp_filter(false));
         }
         filters.push(router());
         let sds_config = match &self.opts.delivery {
@@ -335,6 +335,7 @@ impl<'a> Layout<'a> {
         let ca = over.and_then(|o| o.ca.as_deref()).map(abs).unwrap_or_else(|| abs(&self.opts.system_ca));
         json!({
             "name": cluster_name(host),
+            "circuit_breakers": super::circuit_breakers(),
             "type": if static_ip { "STATIC" } else { "LOGICAL_DNS" },
             "dns_lookup_family": "V4_PREFERRED",
             "connect_timeout": "5s",
@@ -356,9 +357,10 @@ impl<'a> Layout<'a> {
     fn dfp_cluster(&self, name: &str, tls: bool) -> Value {
         let mut c = json!({
             "name": name, "connect_timeout": "5s", "lb_policy": "CLUSTER_PROVIDED",
+            "circuit_breakers": super::circuit_breakers(),
             "cluster_type": {"name": "envoy.clusters.dynamic_forward_proxy", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
-                "dns_cache_config": dns_cache()}},
+                "dns_cache_config": dns_cache(!tls)}},
         });
         if tls {
             c["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -451,16 +453,26 @@ fn connect_to(cluster: &str) -> Value {
         "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}})
 }
 
-fn dns_cache() -> Value {
-    json!({"name": "keyswap_dns", "dns_lookup_family": "V4_PREFERRED"})
+/// The DNS cache of the dynamic forward proxy: one for tunnels, one for routed `*.` hosts. Envoy
+/// keys it by `host:port` and refuses new hosts once it holds `max_hosts` (1,024 by default) until
+/// unused ones expire (`host_ttl`, 5 min by default): one agent CONNECTing to an address on 1,024
+/// ports made every new tunnel, and every new routed `*.` host (Azure resources), fail for five
+/// minutes. Tunnels have their own cache, ten times as large, whose entries expire in a minute
+/// (keyswap pins each tunnel to an address it resolved itself; Envoy's lookup of it is a copy).
+fn dns_cache(tunnel: bool) -> Value {
+    if tunnel {
+        json!({"name": "keyswap_tunnel_dns", "dns_lookup_family": "V4_PREFERRED", "max_hosts": 10_240, "host_ttl": "60s"})
+    } else {
+        json!({"name": "keyswap_dns", "dns_lookup_family": "V4_PREFERRED"})
+    }
 }
 
-fn dfp_filter() -> Value {
+fn dfp_filter(tunnel: bool) -> Value {
     json!({
         "name": "envoy.filters.http.dynamic_forward_proxy",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
-            "dns_cache_config": dns_cache(),
+            "dns_cache_config": dns_cache(tunnel),
         },
     })
 }

@@ -374,13 +374,23 @@ pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16, b
     })
 }
 
-/// Circuit-breaker thresholds of the keyswap cluster. Every request Envoy holds has an ext_proc
-/// stream open to keyswap for as long as it runs (a streamed answer, a body being uploaded), and
-/// Envoy's default of 1,024 requests per cluster made the 1,025th request in flight, any agent's,
-/// fail closed with 500: one agent holding slow requests open (or a busy hour of long streams)
-/// shut the gateway. Raised, but finite: nothing generated bounds one agent's concurrency (only
-/// all agents' connections, and each HTTP/2 connection's streams), so past it requests fail closed.
-const KEYSWAP_CLUSTER_LIMIT: u64 = 65_536;
+/// Circuit-breaker thresholds of every generated cluster. Envoy's default is 1,024 connections,
+/// pending and active requests per cluster. Every request Envoy holds has an ext_proc stream open
+/// to keyswap for as long as it runs (a streamed answer, a body being uploaded), so the 1,025th
+/// request in flight, any agent's, failed closed with 500; 1,024 long streams to one provider
+/// made every other agent's request to it a 503; 1,024 held tunnels took every agent's next
+/// tunnel. One agent holding requests open (or a busy hour of long streams) shut the gateway.
+/// Raised, but finite: past it requests fail closed; what bounds all of them together is Envoy's
+/// memory ([`overload`]).
+const CLUSTER_LIMIT: u64 = 65_536;
+
+/// The `circuit_breakers` of every generated cluster ([`CLUSTER_LIMIT`]).
+pub(crate) fn circuit_breakers() -> Value {
+    json!({"thresholds": [{
+        "max_connections": CLUSTER_LIMIT, "max_pending_requests": CLUSTER_LIMIT,
+        "max_requests": CLUSTER_LIMIT, "max_retries": CLUSTER_LIMIT,
+    }]})
+}
 
 /// The cluster of keyswap itself: ext_proc (and ADS) over HTTP/2.
 pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
@@ -390,10 +400,7 @@ pub fn keyswap_cluster(extproc: &ExtProcAddress) -> Value {
     };
     json!({
         "name": "keyswap", "type": "STATIC", "connect_timeout": "1s",
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": KEYSWAP_CLUSTER_LIMIT, "max_pending_requests": KEYSWAP_CLUSTER_LIMIT,
-            "max_requests": KEYSWAP_CLUSTER_LIMIT, "max_retries": KEYSWAP_CLUSTER_LIMIT,
-        }]},
+        "circuit_breakers": circuit_breakers(),
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}},
