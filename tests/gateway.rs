@@ -195,15 +195,16 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     assert!(other.seen().iter().all(|s| !s.everything().contains(TOKEN)), "{:?}", other.seen());
 }
 
-/// The attack: one agent holds 1,030 tunnels open. Each holds a connection of the tunnel
-/// cluster, and Envoy allows a cluster 1,024 by default: the 1,025th tunnel, any agent's, got
-/// 503 for as long as the agent held them. Every generated cluster allows 65,536.
+/// The attack: one agent holds 1,030 tunnels open, or 1,030 CONNECTs to a provider. Each holds a
+/// connection of a cluster (the tunnel's, or the one to the internal TLS listener), and Envoy
+/// allows a cluster 1,024 by default: the 1,025th, any agent's, waited for as long as the agent
+/// held them. Every generated cluster allows 65,536.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_holding_a_thousand_tunnels_does_not_take_every_agents_next_one() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     // A service on loopback that takes connections and holds them.
     let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = service.local_addr().unwrap();
+    let held_by_service = service.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((s, _)) = service.accept().await {
@@ -212,33 +213,45 @@ async fn an_agent_holding_a_thousand_tunnels_does_not_take_every_agents_next_one
     });
     let other = FakeProvider::start().await; // another agent's destination
     let work = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", port, "\"127.0.0.1\"")).unwrap();
     let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
-    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
-    let mut tunnels = Vec::new();
-    for n in 0..1030 {
-        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let read = async {
-            while !answer.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8];
-                assert_eq!(c.read(&mut byte).await.unwrap(), 1, "tunnel {n}: {}", String::from_utf8_lossy(&answer));
-                answer.push(byte[0]);
-            }
-        };
-        // Past the cluster's limit a tunnel waits, pending, for one to end.
-        assert!(tokio::time::timeout(Duration::from_secs(10), read).await.is_ok(), "tunnel {n} was never answered");
-        assert!(answer.starts_with(b"HTTP/1.1 200"), "tunnel {n}: {}", String::from_utf8_lossy(&answer));
-        tunnels.push(c);
+    let (dev, _fake) = openai_dev(work.path(), "\"127.0.0.1\"", "", &args).await;
+    let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for target in [held_by_service.as_str(), "api.openai.com:443"] {
+        for n in 0..1030 {
+            let mut c = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+            c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let read = async {
+                while !answer.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8];
+                    assert_eq!(
+                        c.read(&mut byte).await.unwrap(),
+                        1,
+                        "{target} {n}: {}",
+                        String::from_utf8_lossy(&answer)
+                    );
+                    answer.push(byte[0]);
+                }
+            };
+            // Past a cluster's limit a CONNECT waits, pending, for one to end.
+            assert!(
+                tokio::time::timeout(Duration::from_secs(10), read).await.is_ok(),
+                "{target} {n} was never answered"
+            );
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{target} {n}: {}", String::from_utf8_lossy(&answer));
+            held.push(c);
+        }
     }
     let (code, out, err) = tokio::task::block_in_place(|| {
         curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &format!("http://{}/ping", other.addr)])
     });
     assert_eq!((code, out.as_str()), (0, "401"), "another agent's tunnel: {err}");
-    assert_eq!(envoy_stat(work.path(), "cluster.keyswap_tunnel.upstream_cx_overflow").await, 0);
+    let (code, out, err) = curl_openai(&dev);
+    assert!(out.ends_with("200"), "another agent's provider request: {code} {out} {err}");
+    for cluster in ["keyswap_tunnel", "keyswap_tls_terminate"] {
+        assert_eq!(envoy_stat(work.path(), &format!("cluster.{cluster}.upstream_cx_overflow")).await, 0);
+    }
 }
 
 /// The attack: connections that send half a request and stop (slowloris), each holding a slot of
@@ -603,15 +616,15 @@ type Body = http_body_util::StreamBody<
 /// Envoy buffers for keyswap to read whole, in front of a fake api.openai.com.
 async fn budgeted_dev(work: &std::path::Path, args: &[&str]) -> (Dev, FakeProvider) {
     let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: b}\nspec:\n  parentRefs: [{kind: EgressGateway, name: egress}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000000}\n";
-    openai_dev(work, budget, args).await
+    openai_dev(work, "", budget, args).await
 }
 
-/// `keyswap dev` (`args`) in `work` on a deny-all gateway and `extra` manifests, in front of a
-/// fake api.openai.com.
-async fn openai_dev(work: &std::path::Path, extra: &str, args: &[&str]) -> (Dev, FakeProvider) {
+/// `keyswap dev` (`args`) in `work` on a deny-all gateway allowing `allow`, and `extra`
+/// manifests, in front of a fake api.openai.com.
+async fn openai_dev(work: &std::path::Path, allow: &str, extra: &str, args: &[&str]) -> (Dev, FakeProvider) {
     let config = work.join("config");
     std::fs::create_dir(&config).unwrap();
-    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", free_port(), "") + extra).unwrap();
+    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", free_port(), allow) + extra).unwrap();
     let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work).await;
     fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
     let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
@@ -738,7 +751,7 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
 async fn connections_past_the_gateways_limit_are_closed_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let work = tempfile::tempdir().unwrap();
-    let (dev, _fake) = openai_dev(work.path(), "", &["dev", "--envoy-max-connections", "6"]).await;
+    let (dev, _fake) = openai_dev(work.path(), "", "", &["dev", "--envoy-max-connections", "6"]).await;
     let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
     let (_, out, err) = curl_openai(&dev);
     assert!(out.ends_with("200"), "before the attack: {out} {err}");

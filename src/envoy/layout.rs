@@ -307,7 +307,7 @@ impl<'a> Layout<'a> {
             clusters.push(keyswap_cluster(extproc));
         }
         clusters.push(json!({
-                "name": INTERNAL_TLS, "type": "STATIC",
+                "name": INTERNAL_TLS, "type": "STATIC", "circuit_breakers": super::circuit_breakers(),
                 "load_assignment": {"cluster_name": INTERNAL_TLS, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
                     {"envoy_internal_address": {"server_listener_name": INTERNAL_TLS}}}}]}]},
         }));

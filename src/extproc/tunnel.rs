@@ -171,6 +171,9 @@ impl Refusal {
     }
 }
 
+/// How long a CONNECT waits for a JWKS refetch its token needs; past it the token is refused.
+const KEYS_WAIT: Duration = Duration::from_millis(1500);
+
 /// The token an agent gives the proxy (`Proxy-Authorization`): `Bearer TOKEN`, or `Basic` with the
 /// token as the password (what `HTTPS_PROXY=http://agent:TOKEN@gateway:10000` makes clients send;
 /// the user alone when there is no password). The placeholder counts as no token.
@@ -203,7 +206,8 @@ async fn admit(snapshot: &Snapshot, token: Option<&[u8]>, headers: &Headers, pee
     };
     let mut admission = chain.admit(token, peer, header, SystemTime::now());
     if let Admission::NeedKeys(jwks) = admission {
-        jwks.refresh().await;
+        // Within Envoy's 6 s for the whole decision, which may still resolve the target (4 s).
+        let _ = tokio::time::timeout(KEYS_WAIT, jwks.refresh()).await;
         admission = chain.admit(token, peer, header, SystemTime::now());
     }
     chain.counters.count(&admission);
@@ -331,16 +335,18 @@ pub fn answer(
         }
         Err((refusal, address)) => {
             Metrics::inc(&shared.metrics.tunnels_refused);
-            tracing::warn!(
-                target_authority = ?authority, address = ?address, reason = refusal.reason(),
-                "tunnel refused"
-            );
             if let Refusal::Unauthenticated(_) = refusal {
+                // Clients that send proxy credentials only after a 407 do this on every tunnel.
+                tracing::info!(target_authority = ?authority, reason = refusal.reason(), "agent not admitted; answering 407");
                 let body = json!({"error": {"type": "agent_unauthenticated", "reason": refusal.reason(),
                     "message": refusal.message(), "gateway": shared.store.load().gateway.to_string()}});
                 let challenge: &[(&str, &[u8])] = &[("proxy-authenticate", b"Basic realm=\"keyswap\"")];
                 return mutation::immediate_with(407, &body, "keyswap_agent_unauthenticated", challenge);
             }
+            tracing::warn!(
+                target_authority = ?authority, address = ?address, reason = refusal.reason(),
+                "tunnel refused"
+            );
             let body =
                 json!({"error": {"type": "tunnel_refused", "reason": refusal.reason(), "message": refusal.message()}});
             mutation::immediate(refusal.status(), &body, "keyswap_tunnel_refused")
