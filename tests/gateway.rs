@@ -771,7 +771,6 @@ async fn connections_past_the_gateways_limit_are_closed_at_once() {
             Err(_) => held.push(c),
         }
     }
-    eprintln!("closed at {closed:?}");
     assert_eq!(closed, Some(6), "the connection past the limit");
     assert!(envoy_stat(work.path(), &format!("listener.127.0.0.1_{port}.downstream_global_cx_overflow")).await >= 1);
     let (_, out, _) = curl_openai(&dev);
