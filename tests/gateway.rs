@@ -169,8 +169,11 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
         .replace("  defaultPolicy: deny-all\n", &format!("  defaultPolicy: deny-all\n{auth}"));
     let manifests = format!("{gateway}\n---\n{}", secret_manifest("ci-token", "token", TOKEN));
     std::fs::write(config.path().join("gateway.yaml"), manifests).unwrap();
+    let (collector, collector_addr) = otlp::Receiver::start().await;
+    let endpoint = format!("http://{collector_addr}");
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
     let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
-    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &env, &args));
     let tunnel = |extra: &[&str]| {
         let mut args = vec!["-p", "-w", "%{http_code}", "-o", "/dev/null"];
         args.extend_from_slice(extra);
@@ -178,7 +181,12 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
         tokio::task::block_in_place(|| curl(&dev, &args))
     };
     let placeholder = format!("ci:{PLACEHOLDER}");
-    for refused in [&[][..], &["--proxy-user", "ci:wrong"], &["--proxy-user", &placeholder]] {
+    // A live secret of the gateway (a provider key) given as the proxy password: refused, and
+    // never written into the refusal's span or a log.
+    let provider_key = format!("ci:{ANTHROPIC_KEY}");
+    let refusals =
+        [&[][..], &["--proxy-user", "ci:wrong"], &["--proxy-user", &placeholder], &["--proxy-user", &provider_key]];
+    for refused in refusals {
         let (code, _, err) = tunnel(refused);
         assert_ne!(code, 0, "{refused:?}: the tunnel was opened");
         assert!(err.contains("407"), "{refused:?}: {err}");
@@ -193,6 +201,23 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     assert_eq!(other.seen().len(), 2);
     // What the service got never carries the token: Envoy ends the CONNECT, not the tunnel.
     assert!(other.seen().iter().all(|s| !s.everything().contains(TOKEN)), "{:?}", other.seen());
+    // Each refusal is a span (CONNECT, 407, why); no token, plain or as the header carried it.
+    let spans = collector.wait_for(refusals.len()).await;
+    let connects: Vec<_> = spans.iter().map(|(_, s)| s).filter(|s| s.name.starts_with("CONNECT")).collect();
+    assert_eq!(connects.len(), refusals.len(), "{connects:#?}");
+    assert!(connects.iter().all(|s| otlp::i(&s.attributes, "http.response.status_code") == Some(407)));
+    let raw: Vec<u8> = collector.raw.lock().unwrap().concat();
+    let log = dev.proc.output();
+    for secret in [TOKEN, ANTHROPIC_KEY] {
+        for form in [secret.to_owned(), b64(format!("ci:{secret}").as_bytes())] {
+            assert!(!contains_bytes(&raw, form.as_bytes()), "a span carries {form}");
+            assert!(!log.contains(&form), "the log carries {form}");
+        }
+    }
+}
+
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The attack: one agent holds 1,030 tunnels open, or 1,030 CONNECTs to a provider. Each holds a
