@@ -108,14 +108,15 @@ impl ProcessStream {
             }
         }
         let mut m = scrubbed.map(|(_, m)| m);
-        let scrub_body = !end && (self.scrub.as_ref().is_some_and(|s| s.body.is_some()) || self.strips_usage_chunk());
-        if scrub_body {
+        let rewrites_body =
+            !end && (self.scrub.as_ref().is_some_and(|s| s.body.is_some()) || self.strips_usage_chunk());
+        if rewrites_body {
             // Scrubbing (or the usage chunk kept back) changes the body's length: the agent gets
             // it chunked.
             m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
         }
         let mut handoff = None;
-        let mode = if scrub_body || (wants_body && !self.observed) {
+        let mode = if rewrites_body || (wants_body && !self.observed) {
             Some(mutation::mode(mutation::RequestBody::None, true))
         } else {
             if wants_body {
