@@ -667,8 +667,18 @@ fn curl_openai(dev: &Dev) -> (i32, String, String) {
 
 /// The most memory `dev`'s Envoy has had resident (`VmHWM`), in MiB.
 fn envoy_peak_resident_mib(dev: &Dev) -> u64 {
-    let pid = Command::new("pgrep").arg("-f").arg(dev.work.join("envoy.yaml")).output().unwrap().stdout;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", String::from_utf8_lossy(&pid).trim())).unwrap();
+    // Envoy is the child of `keyswap dev` (of whichever of its threads started it).
+    let dev_pid = dev.proc.child.id();
+    let tasks = std::fs::read_dir(format!("/proc/{dev_pid}/task")).unwrap();
+    let children: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let is_envoy = |pid: &&String| {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.file_name().is_some_and(|n| n == "envoy"))
+    };
+    let pid = children.iter().find(is_envoy).unwrap_or_else(|| panic!("no Envoy among {children:?}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: u64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
     kib >> 10
