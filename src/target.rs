@@ -141,6 +141,16 @@ pub fn host<'a>(authority: &'a str, buf: &'a mut [u8; 256]) -> Result<&'a str, R
     Ok(std::str::from_utf8(out).unwrap_or(host))
 }
 
+/// The port `authority` names (`host:port`, `[v6]:port`), if it names one.
+pub fn port(authority: &str) -> Option<u16> {
+    let after_host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.1,
+        None => authority.split_once(':').map_or("", |(_, p)| p),
+    };
+    let digits = after_host.strip_prefix(':').unwrap_or(after_host);
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
 /// Letters, digits, `-` and `_` in dot-separated labels of 1–63 bytes, at most 253 in all
 /// (an IPv4 literal is such a name too).
 fn is_dns_name(host: &str) -> bool {
@@ -203,6 +213,16 @@ mod tests {
         assert_eq!(h("[::1]:8080").unwrap(), "::1");
         assert_eq!(h("[2001:db8::1]").unwrap(), "2001:db8::1");
         assert_eq!(h("10.0.0.1:80").unwrap(), "10.0.0.1");
+    }
+
+    #[test]
+    fn an_authority_names_its_port_or_none() {
+        assert_eq!(port("api.openai.com"), None);
+        assert_eq!(port("api.openai.com:8443"), Some(8443));
+        assert_eq!(port("[::1]:22"), Some(22));
+        assert_eq!(port("[::1]"), None);
+        assert_eq!(port("api.openai.com:99999"), None);
+        assert_eq!(port("api.openai.com:+1"), None);
     }
 
     #[test]

@@ -128,7 +128,7 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     let other = FakeProvider::start().await; // an unrouted service on loopback
     let target = format!("http://{}/ping", other.addr);
     for (policy, allow, tunnelled) in
-        [("allow-all", "", true), ("deny-all", "", false), ("deny-all", "\"127.0.0.1\"", true)]
+        [("allow-all", "", true), ("deny-all", "", false), ("deny-all", "\"127.0.0.1:*\"", true)]
     {
         let work = tempfile::tempdir().unwrap();
         let config = tempfile::tempdir().unwrap();
@@ -152,6 +152,81 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     }
 }
 
+/// The attack: an `allow` entry meant HTTPS to one host, and the tunnel went to any port of it:
+/// `CONNECT github.com:22`, or a database or admin port behind the same name. A bare host now
+/// opens 443 alone, `host:PORT` that port, `host:*` any; a CONNECT to another port is refused
+/// (403 `egress_port_denied`) before it is resolved, and an edit of the list applies at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_another_port_of_an_allowed_host_is_refused() {
+    let (allowed, other) = (FakeProvider::start().await, FakeProvider::start().await);
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    let write = |allow: &str| {
+        std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", proxy_port, allow)).unwrap()
+    };
+    write(&format!("\"127.0.0.1:{}\"", allowed.addr.port()));
+    let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
+    let through = |svc: &FakeProvider| {
+        let target = format!("http://{}/ping", svc.addr);
+        tokio::task::block_in_place(|| curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &target]))
+    };
+    let (code, out, err) = through(&allowed);
+    assert_eq!((code, out.as_str()), (0, "401"), "the allowed port: {err}\n{}", dev.proc.output());
+    let answer = connect_answer(&proxy, &other.addr.to_string()).await;
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("egress_port_denied"), "{answer}");
+    let answer = connect_answer(&proxy, "127.0.0.1:22").await;
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("egress_port_denied"), "{answer}");
+    assert_eq!(other.seen().len(), 0, "a tunnel to a port the list does not name reached it");
+    // A bare host is 443 alone: the port that was open is refused once the edit is read.
+    write("\"127.0.0.1\"");
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = connect_answer(&proxy, &allowed.addr.to_string()).await;
+        if answer.contains("egress_port_denied") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("egress_port_denied"), "{answer}");
+    // `host:*`: every port.
+    write("\"127.0.0.1:*\"");
+    for _ in 0..100 {
+        if connect_answer(&proxy, &other.addr.to_string()).await.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = through(&other);
+    assert_eq!((code, out.as_str()), (0, "401"), "host:* opens every port: {err}");
+}
+
+/// Envoy's answer to `CONNECT target` on the proxy at `proxy`: the status line, headers and the
+/// body of a refusal (up to its end or 2 s).
+async fn connect_answer(proxy: &str, target: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    c.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            // A tunnel's head is all there is until the service speaks.
+            if answer.starts_with(b"HTTP/1.1 200") && answer.ends_with(b"\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The attack: on a gateway that admits agents by token (`agentAuth`), a CONNECT to an allowed
 /// host with no token, a wrong one or the placeholder. keyswap never sees what a tunnel carries,
 /// so the CONNECT is where admission happens; before, any pod that reached the proxy got the
@@ -165,7 +240,7 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     let work = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     let auth = "  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n";
-    let gateway = gateway_config("deny-all", free_port(), "\"127.0.0.1\"")
+    let gateway = gateway_config("deny-all", free_port(), "\"127.0.0.1:*\"")
         .replace("  defaultPolicy: deny-all\n", &format!("  defaultPolicy: deny-all\n{auth}"));
     let manifests = format!("{gateway}\n---\n{}", secret_manifest("ci-token", "token", TOKEN));
     std::fs::write(config.path().join("gateway.yaml"), manifests).unwrap();
@@ -239,7 +314,7 @@ async fn an_agent_holding_a_thousand_tunnels_does_not_take_every_agents_next_one
     let other = FakeProvider::start().await; // another agent's destination
     let work = tempfile::tempdir().unwrap();
     let args = ["dev", "--allow-private-destination", "127.0.0.1/32"];
-    let (dev, _fake) = openai_dev(work.path(), "\"127.0.0.1\"", "", &args).await;
+    let (dev, _fake) = openai_dev(work.path(), "\"127.0.0.1:*\"", "", &args).await;
     let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
     let mut held = Vec::new();
     for target in [held_by_service.as_str(), "api.openai.com:443"] {

@@ -61,7 +61,11 @@ pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
 
 /// Prints one gateway; returns how many entries are unresolved.
 fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
-    let allow = if snap.allow.is_empty() { "none".to_owned() } else { snap.allow.join(", ") };
+    let allow = if snap.allow.is_empty() {
+        "none".to_owned()
+    } else {
+        snap.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    };
     println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
     let mut unresolved = 0;
     if let Some(chain) = &snap.agent_auth {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub(crate) use compile::check_host;
 pub use compile::{fingerprint, Catalog};
 pub use error::{ConfigError, ConfigErrors, Origin};
 pub use load::Key;

@@ -22,8 +22,8 @@ pub struct Snapshot {
     /// The gateway's listeners (`spec.listeners`): the ports Envoy opens.
     pub listeners: Vec<crate::api::Listener>,
     pub default_policy: DefaultPolicy,
-    /// Hosts reachable without a route on a deny-all gateway.
-    pub allow: Vec<Box<str>>,
+    /// Hosts reachable without a route on a deny-all gateway, each with its tunnel ports.
+    pub allow: Vec<Allowed>,
     pub routes: RouteMatcher,
     /// Every secret key a binding uses, with its fingerprint: for `check`, logs and rotation notices.
     pub secrets: Vec<SecretUse>,
@@ -288,8 +288,8 @@ impl MatchEntry {
 }
 
 impl Snapshot {
-    /// The decision for a request to `authority` (Host or :authority, port allowed) and `path`
-    /// from a caller of `tenant`.
+    /// The decision for a request to `authority` (Host or :authority, port allowed: 443 when it
+    /// names none) and `path` from a caller of `tenant`.
     pub fn decide(&self, authority: &str, path: &str, tenant: Option<&str>) -> Decision<'_> {
         let mut buf = [0u8; 256];
         let host = match crate::target::host(authority, &mut buf) {
@@ -306,19 +306,75 @@ impl Snapshot {
                 Err(NoCredential::TenantNotMapped) => Decision::TenantNotMapped { entry },
             };
         }
-        match self.allows_unrouted(host) {
-            Some(allowed_by) => Decision::PassThrough { allowed_by },
-            None => Decision::Deny,
+        let port = crate::target::port(authority).unwrap_or(443);
+        match self.allows_unrouted(host, port) {
+            Ok(allowed_by) => Decision::PassThrough { allowed_by },
+            Err(_) => Decision::Deny,
         }
     }
 
-    /// Whether an unrouted (lowercase) `host` may be reached, and why: the gateway allows all, or
-    /// an `allow` entry names it.
-    pub fn allows_unrouted(&self, host: &str) -> Option<&'static str> {
+    /// Whether an unrouted (lowercase) `host` may be reached on `port`, and why: the gateway
+    /// allows all (any port), or an `allow` entry names the host and the port. `Err(true)`: an
+    /// entry names the host, on other ports only.
+    pub fn allows_unrouted(&self, host: &str, port: u16) -> Result<&'static str, bool> {
         match self.default_policy {
-            DefaultPolicy::AllowAll => Some("allow-all"),
-            DefaultPolicy::DenyAll if self.allow.iter().any(|a| host_matches(a, host)) => Some("allow-list"),
-            DefaultPolicy::DenyAll => None,
+            DefaultPolicy::AllowAll => Ok("allow-all"),
+            DefaultPolicy::DenyAll => Allowed::admits(&self.allow, host, port).map(|()| "allow-list"),
+        }
+    }
+}
+
+/// One `spec.allow` entry: a host (`*` stands for one DNS label) and the port tunnels to it may
+/// use: `host` is 443 alone, `host:PORT` that port, `host:*` any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    /// Lowercase.
+    pub host: Box<str>,
+    /// `None`: any port.
+    pub port: Option<u16>,
+}
+
+impl Allowed {
+    /// The port a bare `host` entry opens: HTTPS, what an agent's CONNECT is for.
+    pub const DEFAULT_PORT: u16 = 443;
+
+    /// Whether `list` admits a tunnel to `host` on `port`. `Err(true)`: an entry names the host,
+    /// for other ports only.
+    pub fn admits(list: &[Allowed], host: &str, port: u16) -> Result<(), bool> {
+        let mut named = list.iter().filter(|a| host_matches(&a.host, host)).peekable();
+        if named.peek().is_none() {
+            return Err(false);
+        }
+        named.any(|a| a.port.is_none_or(|p| p == port)).then_some(()).ok_or(true)
+    }
+
+    /// An entry as written in `spec.allow`; the error says what is wrong with it.
+    pub fn parse(entry: &str) -> Result<Allowed, String> {
+        let (host, port) = entry.rsplit_once(':').map_or((entry, None), |(h, p)| (h, Some(p)));
+        let port_like = port.is_none_or(|p| p == "*" || p.bytes().all(|b| b.is_ascii_digit()));
+        if !port_like || crate::config::check_host(host).is_err() {
+            return Err(format!(
+                "`{entry}` is not a host, host:PORT or host:* (no scheme or path; `*` in a host stands for one DNS label)"
+            ));
+        }
+        let port = match port {
+            None => Some(Self::DEFAULT_PORT),
+            Some("*") => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(port) if port > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(port),
+                _ => return Err(format!("`{entry}`: the port must be 1-65535, or `*` for any")),
+            },
+        };
+        Ok(Allowed { host: host.to_ascii_lowercase().into_boxed_str(), port })
+    }
+}
+
+impl fmt::Display for Allowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(Self::DEFAULT_PORT) => f.write_str(&self.host),
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => write!(f, "{}:*", self.host),
         }
     }
 }
@@ -363,5 +419,48 @@ impl CapturePolicy {
             && self.include_content_types.iter().any(|p| {
                 content_type.len() >= p.len() && content_type.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Allowed;
+
+    #[test]
+    fn an_allow_entry_is_a_host_and_its_port_443_by_default() {
+        let shown = |e: &str| Allowed::parse(e).map(|a| (a.host.to_string(), a.port, a.to_string()));
+        assert_eq!(shown("PyPI.org").unwrap(), ("pypi.org".into(), Some(443), "pypi.org".into()));
+        assert_eq!(shown("github.com:22").unwrap(), ("github.com".into(), Some(22), "github.com:22".into()));
+        assert_eq!(shown("*.example.com:*").unwrap(), ("*.example.com".into(), None, "*.example.com:*".into()));
+        for bad in [
+            "pypi.org:0",
+            "pypi.org:65536",
+            "pypi.org:",
+            "pypi.org:+1",
+            "pypi.org:22:23",
+            "https://pypi.org",
+            ":443",
+            "a b",
+        ] {
+            assert!(Allowed::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Allowed::parse("pypi.org:99999").unwrap_err().contains("1-65535"));
+        assert!(Allowed::parse("pypi.org:x").unwrap_err().contains("host:PORT"));
+    }
+
+    #[test]
+    fn a_tunnel_is_admitted_on_the_ports_its_host_is_listed_for() {
+        let list: Vec<Allowed> = ["pypi.org", "github.com:22", "*.example.com:*", "github.com:8443"]
+            .iter()
+            .map(|e| Allowed::parse(e).unwrap())
+            .collect();
+        assert_eq!(Allowed::admits(&list, "pypi.org", 443), Ok(()));
+        assert_eq!(Allowed::admits(&list, "pypi.org", 22), Err(true));
+        assert_eq!(Allowed::admits(&list, "github.com", 22), Ok(()));
+        assert_eq!(Allowed::admits(&list, "github.com", 8443), Ok(()));
+        assert_eq!(Allowed::admits(&list, "github.com", 443), Err(true));
+        assert_eq!(Allowed::admits(&list, "a.example.com", 5432), Ok(()));
+        assert_eq!(Allowed::admits(&list, "a.b.example.com", 443), Err(false));
+        assert_eq!(Allowed::admits(&list, "evil.example", 443), Err(false));
     }
 }

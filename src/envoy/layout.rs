@@ -36,7 +36,11 @@ impl<'a> Layout<'a> {
     /// `routed`: the hosts the leaf certificate names (see [`super::leaf_hosts`]).
     pub(super) fn new(snap: &Snapshot, opts: &'a Options, routed: Vec<String>) -> Self {
         let (wildcard, exact) = routed.iter().cloned().partition(|h: &String| h.starts_with("*."));
-        let allow: Vec<String> = snap.allow.iter().map(|h| h.to_string()).filter(|h| !routed.contains(h)).collect();
+        // Virtual hosts match the host alone: the tunnel guard checks the port.
+        let mut allow: Vec<String> =
+            snap.allow.iter().map(|a| a.host.to_string()).filter(|h| !routed.contains(h)).collect();
+        allow.sort();
+        allow.dedup();
         let allow_all = snap.default_policy == DefaultPolicy::AllowAll;
         let tunnel = allow_all || !allow.is_empty();
         let ads = matches!(opts.delivery, Delivery::Ads);

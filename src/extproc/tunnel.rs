@@ -129,6 +129,8 @@ pub enum Refusal {
     /// The name resolves (or the literal is) to a loopback, private, link-local or other
     /// non-public address.
     PrivateDestination,
+    /// An `allow` entry names the host, for other ports (a bare host is 443 alone).
+    PortNotAllowed,
     /// The name did not resolve in time.
     Unresolvable,
     /// The gateway's `agentAuth` did not admit the CONNECT (its `Proxy-Authorization`).
@@ -140,6 +142,7 @@ impl Refusal {
         match self {
             Refusal::MalformedTarget => "malformed_connect_target",
             Refusal::NotAllowed => "egress_denied",
+            Refusal::PortNotAllowed => "egress_port_denied",
             Refusal::PrivateDestination => "private_destination",
             Refusal::Unresolvable => "unresolvable_destination",
             Refusal::Unauthenticated(r) => r.reason(),
@@ -151,7 +154,7 @@ impl Refusal {
             Refusal::Unauthenticated(_) => 407,
             Refusal::Unresolvable => 502,
             Refusal::MalformedTarget => 400,
-            Refusal::NotAllowed | Refusal::PrivateDestination => 403,
+            Refusal::NotAllowed | Refusal::PortNotAllowed | Refusal::PrivateDestination => 403,
         }
     }
 
@@ -159,6 +162,10 @@ impl Refusal {
         match self {
             Refusal::MalformedTarget => "a CONNECT target must be host:port",
             Refusal::NotAllowed => "the gateway does not allow tunnels to this host",
+            Refusal::PortNotAllowed => {
+                "the gateway allows tunnels to this host on other ports only (an allow entry without a port \
+                 opens 443; host:PORT opens another)"
+            }
             Refusal::PrivateDestination => {
                 "tunnels reach public addresses only; this host is (or resolves to) a loopback, private, link-local or reserved address"
             }
@@ -235,8 +242,10 @@ pub async fn decide(
     guard: TunnelGuard,
 ) -> Result<SocketAddr, (Refusal, Option<IpAddr>)> {
     let Some((host, port)) = target(&authority) else { return Err((Refusal::MalformedTarget, None)) };
-    if snapshot.allows_unrouted(&host).is_none() {
-        return Err((Refusal::NotAllowed, None));
+    match snapshot.allows_unrouted(&host, port) {
+        Ok(_) => {}
+        Err(true) => return Err((Refusal::PortNotAllowed, None)),
+        Err(false) => return Err((Refusal::NotAllowed, None)),
     }
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],

@@ -15,6 +15,7 @@ mod isolate;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub(crate) use validate::check_host;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -365,7 +366,7 @@ impl<'a> GatewayCompile<'a> {
             gateway: self.gateway.clone(),
             listeners: gw.listeners.clone(),
             default_policy: gw.default_policy,
-            allow: gw.allow.iter().map(|h| h.to_ascii_lowercase().into_boxed_str()).collect(),
+            allow: gw.allow.iter().filter_map(|h| crate::config::snapshot::Allowed::parse(h).ok()).collect(),
             routes: RouteMatcher::new(self.entries),
             secrets,
             live_secrets: self.live,

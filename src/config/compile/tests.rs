@@ -146,6 +146,36 @@ fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
 }
 
 #[test]
+fn allow_entries_name_a_host_and_a_port_and_a_bad_one_names_its_field() {
+    let gw = |allow: &str| {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  allow: {allow}\n---\n")
+    };
+    let snap = compile(&gw("[PyPI.org, 'github.com:22', '*.example.com:*']")).unwrap();
+    let shown: Vec<String> = snap.allow.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["pypi.org", "github.com:22", "*.example.com:*"]);
+    assert!(matches!(snap.decide("pypi.org", "/", None), Decision::PassThrough { .. }));
+    assert!(matches!(snap.decide("pypi.org:8443", "/", None), Decision::Deny));
+    assert!(matches!(snap.decide("github.com:22", "/", None), Decision::PassThrough { .. }));
+    assert!(matches!(snap.decide("github.com", "/", None), Decision::Deny));
+    for (allow, words) in [
+        ("['pypi.org:70000']", "1-65535"),
+        ("['pypi.org:']", "1-65535"),
+        ("['https://pypi.org']", "not a host"),
+        ("[ok.example, 'pypi.org/simple']", "not a host"),
+    ] {
+        let e = compile(&gw(allow)).unwrap_err();
+        let index = if allow.starts_with("[ok") { "spec.allow[1]" } else { "spec.allow[0]" };
+        assert!(
+            e.contains("t.yaml")
+                && e.contains("EgressGateway default/egress")
+                && e.contains(index)
+                && e.contains(words),
+            "{allow}: {e}"
+        );
+    }
+}
+
+#[test]
 fn agent_auth_validators_are_checked_and_name_the_field() {
     let gw = |validators: &str| {
         format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: {validators}\n---\n")

@@ -27,8 +27,8 @@ impl Catalog {
             let err = |f: &str, m: String| {
                 ConfigError::new(m).at(&gw.origin).object(label(Kind::EgressGateway, key)).field(f)
             };
-            for (i, host) in gw.spec.allow.iter().enumerate() {
-                if let Err(m) = check_host(host) {
+            for (i, entry) in gw.spec.allow.iter().enumerate() {
+                if let Err(m) = crate::config::snapshot::Allowed::parse(entry) {
                     errors.push(err(&format!("spec.allow[{i}]"), m));
                 }
             }
@@ -310,7 +310,7 @@ fn check_gcp_service_account(
     }
 }
 
-pub(super) fn check_host(h: &str) -> Result<(), String> {
+pub(crate) fn check_host(h: &str) -> Result<(), String> {
     let ok = !h.is_empty()
         && h.len() <= 253
         && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'*')
