@@ -463,6 +463,7 @@ fn budget(c: &mut Criterion) {
         key: KeyBy::Tenant,
         window: BudgetWindow::Day,
         limits: [None, None, None, Some(u64::MAX / 8)],
+        concurrent: None,
         weights: Vec::new(),
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
@@ -487,6 +488,13 @@ fn budget(c: &mut Criterion) {
                 _ => panic!("admitted"),
             }
         })
+    });
+    // A request's place among its key's requests in flight (`limits.concurrentRequests`), taken
+    // at its headers and given back when it ends.
+    let in_flight = [Arc::new(Budget { name: "default/per-agent".into(), concurrent: Some(64), ..(*budget).clone() })];
+    let keys: [Arc<str>; 1] = ["acme".into()];
+    g.bench_function("enter_and_leave_in_flight", |b| {
+        b.iter(|| drop(black_box(engine.enter(black_box(&in_flight), &keys).expect("a place"))))
     });
     g.finish();
 }

@@ -1164,6 +1164,78 @@ async fn an_agent_holding_a_thousand_requests_open_does_not_shut_the_gateway_for
     drop(held);
 }
 
+/// The attack: one agent holds request after request open, each a body it never finishes (Envoy
+/// buffers what a token budget or SigV4 reads, up to 9 MiB each), until the gateway's memory or
+/// its provider connections are gone for every agent. A budget's `concurrentRequests` bounds
+/// what one key holds: past it, 429 at the request's headers, before Envoy reads (or buffers) its
+/// body; other agents go on, and a place is given back when a request ends. Twice: a budget
+/// that reads bodies (they are buffered) and one of requests in flight alone (they stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_others_go_on() {
+    for limits in ["{totalTokens: 100000000, concurrentRequests: 3}", "{concurrentRequests: 3}"] {
+        let meter = Meter::start(Duration::ZERO).await;
+        let spec = format!("  key: Agent\n  window: Day\n  limits: {limits}");
+        let (_config, r) = one_budget(&meter, "per-agent", "{kind: EgressGateway, name: egress}", &spec);
+        let mut sender = h2_connection(r.port).await;
+        let held_request = |sender: &mut hyper::client::conn::http2::SendRequest<Frames>, token: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.try_send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"model\":\"gpt-4o-mini\",")))).unwrap();
+            let mut req = openai_frames(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            (tx, sender.send_request(req))
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            sender.ready().await.unwrap();
+            held.push(held_request(&mut sender, ACME_TOKEN));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.envoy_stat("cluster.keyswap.upstream_rq_active").await < 3 {
+            assert!(Instant::now() < deadline, "{limits}: Envoy never held the three requests");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The fourth: refused at its headers, though its body never ends.
+        sender.ready().await.unwrap();
+        let (_tx4, fourth) = held_request(&mut sender, ACME_TOKEN);
+        let resp = tokio::time::timeout(Duration::from_secs(5), fourth)
+            .await
+            .unwrap_or_else(|_| panic!("{limits}: the fourth request waited for its body"))
+            .unwrap();
+        let (status, retry) = (resp.status().as_u16(), resp.headers().get("retry-after").cloned());
+        let body = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        assert_budget_refusal(status, retry.as_ref().map(|v| v.to_str().unwrap()), &body, "default/per-agent");
+        assert_eq!(retry.unwrap(), "1", "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["error"]["limit"].as_str(), v["error"]["limit_value"].as_u64()),
+            (Some("concurrent_requests"), Some(3))
+        );
+        // Another agent has its own places.
+        assert_eq!(call(r.port, OPENAI, Some(GLOBEX_TOKEN), &chat(10)).await.0, 200, "{limits}");
+        // One held request ends: its place is acme's again.
+        let (tx, pending) = held.pop().unwrap();
+        tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"\"max_tokens\":5,\"messages\":[]}")))).await.unwrap();
+        drop(tx);
+        let resp = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "{limits}");
+        let _ = resp.into_body().collect().await;
+        let mut status = 0;
+        for _ in 0..50 {
+            status = call(r.port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, 200, "{limits}: the ended request's place was never given back");
+        let limited = "keyswap_budget_decisions_total{budget=\"default/per-agent\",decision=\"limited\"}";
+        assert!(r.metric(limited).await >= 1.0, "{limits}: the refusal was not counted");
+        // Only globex's, the ended one and acme's last reached the provider; none of the refused.
+        assert_eq!(meter.requests.load(Ordering::SeqCst), 3, "{limits}: a refused request reached the provider");
+        drop(held);
+    }
+}
+
 /// The attack: HTTP/2 request headers without END_STREAM, then trailers and no DATA. Envoy sends
 /// keyswap no body message for such a request, and the budget waited for one before reserving:
 /// the request went on with the key and was never counted.

@@ -101,6 +101,11 @@ pub struct BudgetLimits {
     pub output_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_tokens: Option<u64>,
+    /// Requests of one key in flight at once, from their headers to the end of their response;
+    /// past it, 429 at once (`Retry-After: 1`), before Envoy reads the body. Counted on each
+    /// gateway replica, whatever the store: what requests in flight hold is the replica's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -52,7 +52,9 @@ pub struct EgressGatewaySpec {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub otlp: Option<Otlp>,
-    /// Hosts reachable without a route when the default policy is deny-all.
+    /// Hosts reachable without a route when the default policy is deny-all, tunnelled
+    /// untouched: `host` opens port 443 alone, `host:PORT` that port, `host:*` every port
+    /// (`*.example.com` stands for one DNS label).
     #[serde(default)]
     pub allow: Vec<String>,
     /// Who may use the gateway: an ordered chain of validators (see docs/identity.md).

@@ -87,7 +87,7 @@ type Slots = HashMap<u64, Vec<Arc<Counter>>, BuildHasherDefault<Prehashed>>;
 
 /// The hasher of a map whose keys are hashes already.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(super) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {

@@ -25,6 +25,7 @@
 
 mod demand;
 mod held;
+pub mod in_flight;
 pub mod local;
 mod metrics;
 pub mod redis;
@@ -32,6 +33,7 @@ pub mod redis;
 pub use demand::{Demand, StreamUsage};
 use held::HeldIn;
 pub use held::{Answered, Held, Observed};
+pub use in_flight::Places;
 pub use metrics::{BudgetMetrics, Cached, Registry};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,8 @@ pub struct Budget {
     pub window: BudgetWindow,
     /// Per dimension; `None`: not limited (still counted).
     pub limits: [Option<u64>; 4],
+    /// `limits.concurrentRequests`: requests of one key in flight at once, on this replica.
+    pub concurrent: Option<u64>,
     /// Model globs and their weight, first match wins.
     pub weights: Vec<(Box<str>, f64)>,
     pub default_output_tokens: u64,
@@ -117,8 +121,11 @@ impl Budget {
     /// One line for `check` and `explain`: key, window, limits, reservation, fail mode.
     pub fn describe(&self) -> String {
         let names = ["requests", "inputTokens", "outputTokens", "totalTokens"];
-        let limits: Vec<String> =
+        let mut limits: Vec<String> =
             names.iter().zip(self.limits).filter_map(|(n, l)| l.map(|l| format!("{n} {l}"))).collect();
+        if let Some(n) = self.concurrent {
+            limits.push(format!("concurrentRequests {n} at once (on each replica)"));
+        }
         let key = match &self.key {
             KeyBy::Label(l) => format!("Label `{l}`"),
             k => format!("{k:?}"),
@@ -297,6 +304,7 @@ pub enum Admit {
 /// counters outlive configuration changes (a raised limit applies to what was already used).
 pub struct Engine {
     local: local::Local,
+    in_flight: in_flight::InFlight,
     redis: ArcSwap<Option<Arc<redis::RedisStore>>>,
     metrics: Arc<Registry>,
     /// Settlements on their way to Redis (shutdown waits for them: [`Engine::settled`]).
@@ -337,6 +345,7 @@ impl Engine {
     pub fn new(metrics: Arc<Registry>) -> Engine {
         Engine {
             local: local::Local::default(),
+            in_flight: Default::default(),
             redis: ArcSwap::from_pointee(None),
             metrics,
             settling: Default::default(),
@@ -354,6 +363,17 @@ impl Engine {
         tracing::debug!(pending, "waiting for budget settlements on their way to Redis");
         // A reservation whose script answers late is awaited up to LATE_ANSWER, then given back.
         self.settling.ended(tokio::time::Instant::now() + redis::LATE_ANSWER + redis::TIMEOUT).await
+    }
+
+    /// Takes the places of a request, under `keys`, in `budgets` that limit requests in flight
+    /// ([`in_flight`]); a refusal is counted as limited.
+    pub fn enter(&self, budgets: &[Arc<Budget>], keys: &[Arc<str>]) -> Result<Places, Limited> {
+        self.in_flight.enter(budgets, keys).inspect_err(|l| self.inc(&l.budget, |m| &m.limited))
+    }
+
+    /// How many requests of `budget`'s `key` are in flight on this replica.
+    pub fn in_flight(&self, budget: &str, key: &str) -> u64 {
+        self.in_flight.count(budget, key)
     }
 
     /// Adds one to `budget`'s `counter`.

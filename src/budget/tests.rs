@@ -13,6 +13,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
         key: KeyBy::Tenant,
         window: BudgetWindow::Day,
         limits,
+        concurrent: None,
         weights: vec![("gpt-4o*".into(), 2.0)],
         default_output_tokens: 4096,
         bytes_per_input_token: 1,
@@ -582,4 +583,68 @@ fn a_key_spelled_like_another_keys_redis_digest_gets_its_own_counter() {
         assert_eq!(key(hidden), stored, "one key, one counter");
     }
     assert!(key("agent-1").ends_with(":agent-1"), "{}", key("agent-1"));
+}
+
+#[test]
+fn requests_in_flight_take_places_up_to_the_limit_per_key_and_give_them_back_when_they_end() {
+    let flight = in_flight::InFlight::default();
+    let b = Arc::new(Budget { concurrent: Some(2), ..(*budget([None; 4])).clone() });
+    let other = Arc::new(Budget { name: "default/other".into(), concurrent: Some(1), ..(*b).clone() });
+    let unlimited = budget([Some(10), None, None, None]);
+    let both = [b.clone(), other.clone(), unlimited];
+    let keys: [Arc<str>; 3] = ["acme".into(), "acme".into(), "acme".into()];
+    let first = flight.enter(&both, &keys).unwrap();
+    // `other` allows one: the second request is refused there, and gives back its place in `b`.
+    let refused = flight.enter(&both, &keys).unwrap_err();
+    assert_eq!(
+        (&*refused.budget, refused.dimension, refused.limit, refused.used),
+        ("default/other", "concurrent_requests", 1, 1)
+    );
+    assert_eq!(refused.retry_after, 1);
+    assert_eq!(flight.count("default/team", "acme"), 1, "a refused request kept a place");
+    let second = flight.enter(&both[..1], &keys[..1]).unwrap();
+    assert!(flight.enter(&both[..1], &keys[..1]).is_err(), "a third request in flight");
+    // Another key has places of its own.
+    let globex = flight.enter(&both[..1], &["globex".into()]).unwrap();
+    drop(first);
+    assert_eq!(flight.count("default/other", "acme"), 0);
+    let third = flight.enter(&both, &keys).unwrap();
+    drop((second, third, globex));
+    assert_eq!(flight.count("default/team", "acme"), 0);
+    // Idle keys are swept out when a new one appears, and a swept key counts from zero again.
+    for n in 0..100 {
+        drop(flight.enter(&both[..1], &[format!("agent-{n}").into()]).unwrap());
+    }
+    let _held = flight.enter(&both[..1], &["acme".into()]).unwrap();
+    assert_eq!(flight.count("default/team", "acme"), 1);
+}
+
+#[test]
+fn places_taken_from_many_threads_never_exceed_the_limit_while_keys_come_and_go() {
+    let flight = Arc::new(in_flight::InFlight::default());
+    let b = Arc::new(Budget { concurrent: Some(3), ..(*budget([None; 4])).clone() });
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (flight, b, peak) = (flight.clone(), b.clone(), peak.clone());
+            std::thread::spawn(move || {
+                for n in 0..2_000 {
+                    // New keys now and then, so the map is copied and swept while others count.
+                    if n % 50 == 0 {
+                        drop(flight.enter(std::slice::from_ref(&b), &[format!("churn-{t}-{n}").into()]));
+                    }
+                    if let Ok(p) = flight.enter(std::slice::from_ref(&b), &["acme".into()]) {
+                        let now = flight.count("default/team", "acme");
+                        peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                        drop(p);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    assert_eq!(flight.count("default/team", "acme"), 0);
 }

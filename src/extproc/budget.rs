@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::usage_chunk::UsageChunkFilter;
 use super::{mutation, Handled, ProcessStream};
-use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Reserve, StreamUsage};
+use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Places, Reserve, StreamUsage};
 use crate::config::snapshot::MatchEntry;
 use crate::config::Snapshot;
 use crate::provider::usage::{Format, UsageParser};
@@ -36,6 +36,8 @@ pub struct Budgeted {
     /// here and kept from the agent (`Some` once the response is a stream of events).
     asked_for_usage: bool,
     usage_chunk: Option<UsageChunkFilter>,
+    /// Its places in budgets that limit requests in flight, until the stream ends.
+    places: Places,
 }
 
 /// What admitting a budgeted request takes besides its body: cloned into the task that reads a
@@ -103,7 +105,15 @@ impl Budgeted {
             reads_bodies: entry.budgets.iter().any(|b| b.counts_tokens()),
             asked_for_usage: false,
             usage_chunk: None,
+            places: Places::default(),
         }))
+    }
+
+    /// Takes the request's places in its budgets that limit requests in flight, held until its
+    /// stream ends; the key at its limit, when one is.
+    pub fn enter(&mut self, engine: &crate::budget::Engine) -> Result<(), Limited> {
+        self.places = engine.enter(&self.plan.budgets, &self.plan.keys)?;
+        Ok(())
     }
 
     /// Whether the request and response bodies are read (some budget limits tokens).
@@ -505,8 +515,9 @@ fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
     }
 }
 
-/// 429 with `Retry-After` (the end of the window) and what did not fit.
-fn limited(l: &Limited) -> ProcessingResponse {
+/// 429 with `Retry-After` (the end of the window, or a second for requests in flight) and what
+/// did not fit.
+pub(super) fn limited(l: &Limited) -> ProcessingResponse {
     let body = json!({"error": {
         "type": "budget_exhausted",
         "message": format!(

@@ -267,6 +267,19 @@ impl<'a> Incoming<'a> {
         self.deny(Some(entry), "request_body_encoded", 415, &body, "keyswap_body_encoded")
     }
 
+    /// 429: the caller's key has as many requests in flight as a budget allows. Answered at the
+    /// headers, before Envoy reads (and buffers) the body.
+    fn in_flight_limited(&self, entry: &MatchEntry, l: &crate::budget::Limited) -> Step {
+        tracing::debug!(route = %entry.route, budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
+        let tx = self.sampled().then(|| {
+            let mut tx = Box::new(self.span(Some(entry), false, false, Some("budget_exhausted")).0);
+            tx.on_budget("limited", Some(&l.budget), None, Some(("budget_exhausted", 429)));
+            tx.answered(429);
+            tx
+        });
+        answer(super::budget::limited(l), tx, None)
+    }
+
     fn tenant_not_mapped(&self, entry: &MatchEntry) -> Step {
         Metrics::inc(&self.shared.metrics.denied_tenant_not_mapped);
         let policy = entry.binding.policy.as_deref();
@@ -404,8 +417,11 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let budget =
+        let mut budget =
             super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path);
+        if let Some(Err(l)) = budget.as_mut().map(|b| b.enter(&self.shared.budgets)) {
+            return self.in_flight_limited(entry, &l);
+        }
         if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
             let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
             if let Some(e) =

@@ -36,11 +36,14 @@ impl Catalog {
             }
             let l = &s.limits;
             let limits = [l.requests, l.input_tokens, l.output_tokens, l.total_tokens];
-            if limits.iter().all(Option::is_none) {
+            if limits.iter().all(Option::is_none) && l.concurrent_requests.is_none() {
                 errors.push(err(
                     "spec.limits".into(),
-                    "needs at least one of requests, inputTokens, outputTokens, totalTokens".into(),
+                    "needs at least one of requests, inputTokens, outputTokens, totalTokens, concurrentRequests".into(),
                 ));
+            }
+            if l.concurrent_requests == Some(0) {
+                errors.push(err("spec.limits.concurrentRequests".into(), "must be at least 1".into()));
             }
             for (name, v) in ["requests", "inputTokens", "outputTokens", "totalTokens"].iter().zip(limits) {
                 if v.is_some_and(|v| v > i64::MAX as u64 / 4) {
@@ -165,6 +168,7 @@ fn compile(key: &Key, s: &TokenBudgetSpec) -> Budget {
         key: KeyBy::of(s.key, s.label.as_deref()),
         window: s.window,
         limits: [l.requests, l.input_tokens, l.output_tokens, l.total_tokens],
+        concurrent: l.concurrent_requests,
         weights: s.model_weights.iter().map(|w| (w.model.as_str().into(), w.weight)).collect(),
         default_output_tokens: reservation.default_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS),
         bytes_per_input_token: u64::from(reservation.bytes_per_input_token.unwrap_or(1).max(1)),

@@ -176,6 +176,31 @@ fn allow_entries_name_a_host_and_a_port_and_a_bad_one_names_its_field() {
 }
 
 #[test]
+fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
+    let with = |limits: &str| {
+        let budget = format!("apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {{name: per-agent}}\nspec:\n  parentRefs: [{{kind: EgressGateway, name: egress}}]\n  key: Agent\n  window: Day\n  limits: {limits}\n---\n");
+        compile(&format!("{GW}{}{budget}", route("openai", "{provider: openai}")))
+    };
+    let snap = with("{concurrentRequests: 2}").unwrap();
+    let entry = match snap.decide("api.openai.com", "/v1/chat/completions", None) {
+        Decision::Inject { entry, .. } | Decision::FailClosed { entry, .. } => entry,
+        _ => panic!("no route"),
+    };
+    let b = &entry.budgets[0];
+    assert_eq!((b.concurrent, b.counts_tokens()), (Some(2), false));
+    assert!(b.describe().contains("concurrentRequests 2 at once (on each replica)"), "{}", b.describe());
+    let e = with("{concurrentRequests: 0}").unwrap_err();
+    assert!(
+        e.contains("TokenBudget default/per-agent")
+            && e.contains("spec.limits.concurrentRequests")
+            && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = with("{}").unwrap_err();
+    assert!(e.contains("spec.limits") && e.contains("concurrentRequests"), "{e}");
+}
+
+#[test]
 fn agent_auth_validators_are_checked_and_name_the_field() {
     let gw = |validators: &str| {
         format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: {validators}\n---\n")
