@@ -203,6 +203,35 @@ async fn a_tunnel_to_another_port_of_an_allowed_host_is_refused() {
     assert_eq!((code, out.as_str()), (0, "401"), "host:* opens every port: {err}");
 }
 
+/// The attack: the cluster's own addresses can be public (nodes' external IPs, a public IPv6
+/// pod range), and the tunnel guard knows only what is private everywhere: on an allow-all
+/// gateway an agent tunnels to them, in any of their forms. `--deny-destination` closes such a
+/// range, over `--allow-private-destination` and in its IPv6 forms (here on loopback, the only
+/// addresses a test may use: 127.0.0.0/8 opened, 127.0.0.2 closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_range_the_operator_closed_is_refused_in_every_form() {
+    let open = FakeProvider::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("allow-all", free_port(), "")).unwrap();
+    let args = ["dev", "--allow-private-destination", "127.0.0.0/8", "--deny-destination", "127.0.0.2/32"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
+    let answer = connect_answer(&proxy, &open.addr.to_string()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "the opened range: {answer}\n{}", dev.proc.output());
+    for target in [format!("127.0.0.2:{closed_port}"), format!("[::ffff:127.0.0.2]:{closed_port}")] {
+        let answer = connect_answer(&proxy, &target).await;
+        assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("denied_destination"), "{target}: {answer}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(300), closed.accept()).await;
+    assert!(accepted.is_err(), "a tunnel reached the closed address");
+    // The log says which ranges are opened and closed.
+    let log = dev.proc.output();
+    assert!(log.contains("closed=127.0.0.2/32") && log.contains("opened=127.0.0.0/8"), "{log}");
+}
+
 /// Envoy's answer to `CONNECT target` on the proxy at `proxy`: the status line, headers and the
 /// body of a refusal (up to its end or 2 s).
 async fn connect_answer(proxy: &str, target: &str) -> String {

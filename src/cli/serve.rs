@@ -77,6 +77,12 @@ pub struct TunnelArgs {
     /// gateway's own admin ports and cloud metadata to agents: never list them in production.
     #[arg(long = "allow-private-destination", value_name = "CIDR")]
     pub allow_private: Vec<crate::auth::Cidr>,
+    /// Refuse tunnels to this network (CIDR) although it is public: the cluster's own addresses
+    /// that are, such as nodes' external IPs or a public IPv6 pod or service range (the guard
+    /// knows only what is private everywhere). Repeatable; wins over
+    /// --allow-private-destination. Refused CONNECTs get 403 `denied_destination`.
+    #[arg(long = "deny-destination", value_name = "CIDR")]
+    pub deny: Vec<crate::auth::Cidr>,
 }
 
 /// keyswap as its Envoy's control plane: ADS on the ext_proc sockets, and the leaf certificate.
@@ -120,7 +126,14 @@ impl ControlArgs {
 
 impl TunnelArgs {
     pub(super) fn guard(&self) -> crate::extproc::tunnel::TunnelGuard {
-        crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone() }
+        if !self.allow_private.is_empty() || !self.deny.is_empty() {
+            let list = |l: &[crate::auth::Cidr]| l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            tracing::info!(
+                opened = %list(&self.allow_private), closed = %list(&self.deny),
+                "tunnel destinations: non-public ranges opened (--allow-private-destination), ranges closed (--deny-destination)"
+            );
+        }
+        crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone(), deny: self.deny.clone() }
     }
 }
 

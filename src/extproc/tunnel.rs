@@ -60,16 +60,35 @@ fn getaddrinfo(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).map(Iterator::collect)
 }
 
-/// Non-public networks an operator lets tunnels reach anyway (`--allow-private-destination`).
+/// Networks an operator opens to tunnels although they are not public
+/// (`--allow-private-destination`), and networks closed to them although they are
+/// (`--deny-destination`: the cluster's own public addresses). Closing wins.
 #[derive(Clone, Debug, Default)]
 pub struct TunnelGuard {
     pub allow_private: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
 }
 
 impl TunnelGuard {
     /// Whether a tunnel may connect to `ip`.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        is_public(ip) || self.allow_private.iter().any(|c| c.contains(ip))
+        self.judge(ip).is_ok()
+    }
+
+    /// Why a tunnel may not connect to `ip`, if it may not.
+    fn judge(&self, ip: IpAddr) -> Result<(), Refusal> {
+        // An IPv6 form of a closed IPv4 address is closed too.
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        if self.deny.iter().any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4))) {
+            Err(Refusal::DeniedDestination)
+        } else if is_public(ip) || self.allow_private.iter().any(|c| c.contains(ip)) {
+            Ok(())
+        } else {
+            Err(Refusal::PrivateDestination)
+        }
     }
 }
 
@@ -80,17 +99,10 @@ pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_v4(v6) {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach an IPv4 address.
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                return is_public_v4(Ipv4Addr::from(u128::from(v6) as u32));
-            }
-            if s[0] == 0x2002 {
-                return is_public_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
-            }
             // Global unicast is 2000::/3, less documentation (2001:db8::/32), Teredo (2001::/32)
             // and ORCHIDv2/benchmarking (2001:10::/28, 2001:20::/28, 2001:2::/48).
             let global = s[0] & 0xe000 == 0x2000;
@@ -99,6 +111,21 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0);
             global && !special && v6 != Ipv6Addr::UNSPECIFIED
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address reaches: mapped (`::ffff:a.b.c.d`), NAT64 (64:ff9b::/96)
+/// or 6to4 (2002::/16).
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        Some(v4)
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        Some(Ipv4Addr::from(u128::from(v6) as u32))
+    } else if s[0] == 0x2002 {
+        Some(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8))
+    } else {
+        None
     }
 }
 
@@ -129,6 +156,9 @@ pub enum Refusal {
     /// The name resolves (or the literal is) to a loopback, private, link-local or other
     /// non-public address.
     PrivateDestination,
+    /// The host is (or resolves to) an address in a network the operator closed
+    /// (`--deny-destination`).
+    DeniedDestination,
     /// An `allow` entry names the host, for other ports (a bare host is 443 alone).
     PortNotAllowed,
     /// The name did not resolve in time.
@@ -144,6 +174,7 @@ impl Refusal {
             Refusal::NotAllowed => "egress_denied",
             Refusal::PortNotAllowed => "egress_port_denied",
             Refusal::PrivateDestination => "private_destination",
+            Refusal::DeniedDestination => "denied_destination",
             Refusal::Unresolvable => "unresolvable_destination",
             Refusal::Unauthenticated(r) => r.reason(),
         }
@@ -154,7 +185,10 @@ impl Refusal {
             Refusal::Unauthenticated(_) => 407,
             Refusal::Unresolvable => 502,
             Refusal::MalformedTarget => 400,
-            Refusal::NotAllowed | Refusal::PortNotAllowed | Refusal::PrivateDestination => 403,
+            Refusal::NotAllowed
+            | Refusal::PortNotAllowed
+            | Refusal::PrivateDestination
+            | Refusal::DeniedDestination => 403,
         }
     }
 
@@ -165,6 +199,9 @@ impl Refusal {
             Refusal::PortNotAllowed => {
                 "the gateway allows tunnels to this host on other ports only (an allow entry without a port \
                  opens 443; host:PORT opens another)"
+            }
+            Refusal::DeniedDestination => {
+                "this host is (or resolves to) an address in a network the gateway's operator closed to tunnels"
             }
             Refusal::PrivateDestination => {
                 "tunnels reach public addresses only; this host is (or resolves to) a loopback, private, link-local or reserved address"
@@ -255,8 +292,8 @@ pub async fn decide(
         },
     };
     // Every answer must be public: a name with one private record is a rebinding attempt.
-    if let Some(bad) = addrs.iter().find(|a| !guard.permits(a.ip())) {
-        return Err((Refusal::PrivateDestination, Some(bad.ip())));
+    for a in &addrs {
+        guard.judge(a.ip()).map_err(|refusal| (refusal, Some(a.ip())))?;
     }
     let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied();
     pick.ok_or((Refusal::Unresolvable, None))
@@ -473,10 +510,33 @@ mod tests {
 
     #[test]
     fn operators_can_open_a_private_range_explicitly() {
-        let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()] };
+        let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()], deny: vec![] };
         assert!(g.permits("10.20.1.1".parse().unwrap()));
         assert!(!g.permits("10.21.1.1".parse().unwrap()));
         assert!(!g.permits("127.0.0.1".parse().unwrap()));
+    }
+
+    /// The cluster's own addresses can be public (nodes' external IPs, a public IPv6 pod
+    /// range): the operator closes them, and closing wins over opening.
+    #[test]
+    fn operators_can_close_public_ranges_and_closing_wins() {
+        let g = TunnelGuard {
+            allow_private: vec!["10.20.0.0/16".parse().unwrap()],
+            deny: vec![
+                "2600:1900:4000::/44".parse().unwrap(),
+                "34.118.0.0/16".parse().unwrap(),
+                "10.20.5.0/24".parse().unwrap(),
+            ],
+        };
+        assert_eq!(g.judge("2600:1900:4001::7".parse().unwrap()), Err(Refusal::DeniedDestination));
+        for v6_form in ["::ffff:34.118.2.3", "64:ff9b::2276:203", "2002:2276:203::1"] {
+            assert_eq!(g.judge(v6_form.parse().unwrap()), Err(Refusal::DeniedDestination), "{v6_form}");
+        }
+        assert_eq!(g.judge("34.118.2.3".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("10.20.5.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("10.20.1.1".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("34.119.2.3".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("127.0.0.1".parse().unwrap()), Err(Refusal::PrivateDestination));
     }
 
     #[test]
