@@ -232,6 +232,75 @@ async fn a_tunnel_to_a_range_the_operator_closed_is_refused_in_every_form() {
     assert!(log.contains("closed=127.0.0.2/32") && log.contains("opened=127.0.0.0/8"), "{log}");
 }
 
+/// The attack: open a tunnel while its host is allowed and keep it. Envoy never closes an open
+/// tunnel when the route that let it open changes, so a host taken off `spec.allow` stayed
+/// reachable through it for as long as the agent kept it alive. `--tunnel-max-duration` closes
+/// every raw tunnel that long after it opened (an hour by default; 3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_kept_open_after_its_host_left_the_allow_list_is_closed_at_its_max_duration() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+            });
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    let write = |allow: &str| {
+        std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", proxy_port, allow)).unwrap()
+    };
+    write("\"127.0.0.1:*\"");
+    let args = ["dev", "--allow-private-destination", "127.0.0.1/32", "--tunnel-max-duration", "3s"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
+    let mut tunnel = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    tunnel.write_all(format!("CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        assert_eq!(tunnel.read(&mut byte).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let opened = std::time::Instant::now();
+    let ping = async |t: &mut tokio::net::TcpStream| {
+        t.write_all(b"ping").await.ok()?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), t.read_exact(&mut buf)).await.ok()?.ok()?;
+        Some(buf)
+    };
+    assert_eq!(ping(&mut tunnel).await, Some(*b"ping"), "the tunnel carries bytes");
+    // The host leaves the allow list: new tunnels are refused at once ...
+    write("");
+    let mut refused = String::new();
+    for _ in 0..50 {
+        refused = connect_answer(&proxy, &echo_addr).await;
+        if refused.starts_with("HTTP/1.1 403") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    // ... and the one kept open is closed at its max duration, not later.
+    let closed = loop {
+        let elapsed = opened.elapsed();
+        if ping(&mut tunnel).await.is_none() {
+            break elapsed;
+        }
+        assert!(elapsed < Duration::from_secs(8), "the tunnel outlived its max duration: open after {elapsed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(closed >= Duration::from_millis(2500), "closed after {closed:?}, before its max duration");
+}
+
 /// Envoy's answer to `CONNECT target` on the proxy at `proxy`: the status line, headers and the
 /// body of a refusal (up to its end or 2 s).
 async fn connect_answer(proxy: &str, target: &str) -> String {

@@ -54,6 +54,8 @@ pub struct DevArgs {
     #[command(flatten)]
     pub observe: super::envoy_config::ObserveArgs,
     #[command(flatten)]
+    pub tunnels: super::envoy_config::TunnelRouteArgs,
+    #[command(flatten)]
     pub bounds: super::envoy_config::BoundsArgs,
 }
 
@@ -99,6 +101,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         delivery: crate::envoy::Delivery::Ads,
         spans: crate::envoy::span_env(),
         observe_response_bodies: args.observe.observe_response_bodies,
+        tunnel_max_duration: args.tunnels.tunnel_max_duration.0,
     };
 
     let rt = runtime(None)?;

@@ -29,6 +29,41 @@ pub struct ResourceArgs {
     pub system_ca: PathBuf,
     #[command(flatten)]
     pub observe: ObserveArgs,
+    #[command(flatten)]
+    pub tunnels: TunnelRouteArgs,
+}
+
+/// How tunnels' routes end them (`envoy-config`, `serve`, `dev`).
+#[derive(Clone, Copy, Debug, Args)]
+pub struct TunnelRouteArgs {
+    /// Close a raw tunnel (to an `allow` host, or anything on an allow-all gateway) this long
+    /// after it opened, e.g. 30m, 1h; 0 never. Envoy keeps open tunnels when the route that let
+    /// them open changes, so a host taken off `spec.allow` (or a gateway turned deny-all) stays
+    /// reachable through them until this closes them. Routed providers are not tunnels.
+    #[arg(long, value_name = "DURATION", env = "KEYSWAP_TUNNEL_MAX_DURATION",
+          default_value = crate::envoy::DEFAULT_TUNNEL_MAX_DURATION, value_parser = parse_tunnel_duration)]
+    pub tunnel_max_duration: TunnelDuration,
+}
+
+/// `--tunnel-max-duration`: a duration, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelDuration(pub Option<std::time::Duration>);
+
+fn parse_tunnel_duration(s: &str) -> Result<TunnelDuration, String> {
+    if s == "0" {
+        return Ok(TunnelDuration(None));
+    }
+    let bad = || format!("`{s}`: expected 0 or a number and a unit, s, m or h (e.g. 90s, 30m, 1h)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = s[..split].parse().map_err(|_| bad())?;
+    let unit = match &s[split..] {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit).filter(|v| *v >= 1).ok_or_else(bad)?;
+    Ok(TunnelDuration(Some(std::time::Duration::from_secs(secs))))
 }
 
 /// Where response bodies are read (`envoy-config`, `serve`, `dev`).
@@ -84,6 +119,11 @@ impl ResourceArgs {
             (self.bind != Self::default_bind(), "--bind"),
             (self.system_ca.as_os_str() != crate::envoy::SYSTEM_CA_BUNDLE, "--system-ca"),
             (self.observe.observe_response_bodies, "--observe-response-bodies"),
+            (
+                self.tunnels.tunnel_max_duration
+                    != parse_tunnel_duration(crate::envoy::DEFAULT_TUNNEL_MAX_DURATION).expect("valid"),
+                "--tunnel-max-duration",
+            ),
         ];
         set.into_iter().filter_map(|(given, name)| given.then_some(name)).collect()
     }
@@ -96,6 +136,7 @@ impl ResourceArgs {
             delivery,
             spans: crate::envoy::span_env(),
             observe_response_bodies: self.observe.observe_response_bodies,
+            tunnel_max_duration: self.tunnels.tunnel_max_duration.0,
         }
     }
 }

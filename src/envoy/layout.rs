@@ -158,16 +158,27 @@ impl<'a> Layout<'a> {
         }
         if !self.allow.is_empty() && !self.allow_all {
             vhosts.push(json!({"name": "allowed", "domains": self.allow,
-                "routes": [connect_to("keyswap_tunnel"), refuse_plain_unguarded.clone()]}));
+                "routes": [self.tunnel_route(), refuse_plain_unguarded.clone()]}));
         }
         let fallback = if self.allow_all {
-            connect_to("keyswap_tunnel")
+            self.tunnel_route()
         } else {
             json!({"match": {"connect_matcher": {}}, "direct_response": {"status": 403},
                 "typed_per_filter_config": no_guard})
         };
         vhosts.push(json!({"name": "default", "domains": ["*"], "routes": [fallback, refuse_plain_unguarded]}));
         vhosts
+    }
+
+    /// The route of raw tunnels: CONNECT to the tunnel cluster, closed after
+    /// `--tunnel-max-duration` (Envoy never closes a tunnel when the route that let it open
+    /// changes: a host taken off `spec.allow` stays reachable through the tunnels already open).
+    fn tunnel_route(&self) -> Value {
+        let mut r = connect_to("keyswap_tunnel");
+        if let Some(d) = self.opts.tunnel_max_duration {
+            r["route"]["max_stream_duration"] = json!({"max_stream_duration": format!("{}s", d.as_secs())});
+        }
+        r
     }
 
     fn proxy_filters(&self) -> Vec<Value> {

@@ -89,7 +89,15 @@ pub struct Options {
     /// Routes whose response bodies keyswap reads get the observing filter
     /// (`--observe-response-bodies`); off, the body-streaming deciding filter ([`bodies_filter`]).
     pub observe_response_bodies: bool,
+    /// How long a raw tunnel (an `allow` host, or anything on an allow-all gateway) may stay
+    /// open (`--tunnel-max-duration`); `None`: as long as its ends keep it.
+    pub tunnel_max_duration: Option<std::time::Duration>,
 }
+
+/// A tunnel's longest life by default: long enough for any download an agent makes, short
+/// enough that a tunnel opened before its host left `spec.allow` does not outlive the change
+/// by more than this.
+pub const DEFAULT_TUNNEL_MAX_DURATION: &str = "1h";
 
 /// What keyswap's environment says of its spans, as `serve` reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +176,7 @@ fn harness_options(spans: SpanEnv, observe_response_bodies: bool) -> Options {
         delivery: Delivery::Ads,
         spans,
         observe_response_bodies,
+        tunnel_max_duration: None,
     }
 }
 
