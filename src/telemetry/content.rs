@@ -28,11 +28,25 @@ pub fn output_text(format: Format, sse: bool, body: &[u8]) -> Option<String> {
             let Some(v) = parse_picked(data, OUTPUT_KEYS, &[]) else { return };
             delta_text(format, std::str::from_utf8(event).unwrap_or(""), &v, &mut text);
         });
+    } else if format == Format::Bedrock && bedrock_stream_text(body, &mut text) {
+        // A Bedrock stream, read frame by frame.
     } else {
         let v = parse_picked(body, OUTPUT_KEYS, &[])?;
         body_text(format, &v, &mut text);
     }
     (!text.is_empty()).then_some(text)
+}
+
+/// The text of a Bedrock stream (binary frames): `converse-stream`'s deltas, or the model's own
+/// streamed events (`invoke-with-response-stream`; Anthropic's). `false`: no event stream.
+fn bedrock_stream_text(body: &[u8], text: &mut String) -> bool {
+    crate::provider::usage::for_each_aws_frame(body, |kind, payload| {
+        let Some(v) = parse_picked(payload, OUTPUT_KEYS, &[]) else { return };
+        match kind {
+            "contentBlockDelta" => push(text, &v["delta"]["text"]),
+            _ => delta_text(Format::Anthropic, "", &v, text),
+        }
+    })
 }
 
 fn push(out: &mut String, v: &Value) {
@@ -87,6 +101,22 @@ fn body_text(format: Format, v: &Value, out: &mut String) {
 fn gemini_parts(v: &Value, out: &mut String) {
     for p in v["candidates"][0]["content"]["parts"].as_array().into_iter().flatten() {
         push(out, &p["text"]);
+    }
+}
+
+/// Whether a captured body is text (UTF-8, maybe cut inside its last character by the capture
+/// limit): a binary body no reader here knows (an event stream) is shown by its base64 body event
+/// alone, not as replacement characters.
+pub fn is_text(body: &[u8]) -> bool {
+    std::str::from_utf8(body).map_or_else(|e| e.error_len().is_none(), |_| true)
+}
+
+/// The `*.mime_type` of a body shown as it is.
+pub fn mime(body: &[u8]) -> &'static str {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        "application/json"
+    } else {
+        "text/plain"
     }
 }
 
@@ -207,6 +237,37 @@ mod tests {
         let body = br#"{"output":{"message":{"content":[{"text":"hola"}]}}}"#;
         assert_eq!(output_text(Format::Bedrock, false, body).as_deref(), Some("hola"));
         assert_eq!(output_text(Format::OpenAi, false, b"not json"), None);
+        // Bedrock streams are binary frames: their text, never the frames as characters.
+        use crate::provider::usage::test_frame as frame;
+        let delta = |t: &str| {
+            frame("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"text": t}}).to_string().as_bytes())
+        };
+        let converse = [
+            frame("messageStart", br#"{"role":"assistant"}"#),
+            delta("Bon"),
+            delta("jour"),
+            frame("metadata", br#"{"usage":{"inputTokens":3,"outputTokens":2}}"#),
+        ]
+        .concat();
+        assert_eq!(output_text(Format::Bedrock, false, &converse).as_deref(), Some("Bonjour"));
+        let chunk = |e: Value| {
+            use base64::Engine as _;
+            frame(
+                "chunk",
+                json!({"bytes": base64::engine::general_purpose::STANDARD.encode(e.to_string())})
+                    .to_string()
+                    .as_bytes(),
+            )
+        };
+        let invoke = [
+            chunk(json!({"type": "message_start", "message": {}})),
+            chunk(json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hola"}})),
+        ]
+        .concat();
+        assert_eq!(output_text(Format::Bedrock, false, &invoke).as_deref(), Some("Hola"));
+        // Cut by the capture limit inside a frame: the whole frames before it.
+        assert_eq!(output_text(Format::Bedrock, false, &converse[..converse.len() - 10]).as_deref(), Some("Bonjour"));
+        assert!(!is_text(&converse) && is_text("é".as_bytes()) && is_text(&"é".as_bytes()[..1]));
 
         let req = br#"{"model":"claude","system":"Be brief.","messages":[{"role":"user","content":[{"type":"text","text":"Capital of France?"}]}]}"#;
         let m: Value = serde_json::from_str(&input_messages(Format::Anthropic, req, 4096).unwrap()).unwrap();

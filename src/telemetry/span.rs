@@ -358,10 +358,9 @@ impl Transaction {
         let lossy = String::from_utf8_lossy(body);
         let cut = (0..=body.len().min(lossy.len())).rev().find(|&i| lossy.is_char_boundary(i)).unwrap_or(0);
         let raw = &lossy[..cut];
-        let json = |b: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
         if request {
             attr("input.value", Value::Str(raw));
-            attr("input.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
+            attr("input.mime_type", Value::Str(content::mime(body)));
             if let Some(m) = self.format.and_then(|f| content::input_messages(f, body, 2 * body.len() + 1024)) {
                 attr("gen_ai.input.messages", Value::Str(&m));
             }
@@ -373,10 +372,11 @@ impl Transaction {
                 attr("output.mime_type", Value::Str("text/plain"));
                 attr("gen_ai.output.messages", Value::Str(&content::output_messages(&text)));
             }
-            None => {
+            None if content::is_text(body) => {
                 attr("output.value", Value::Str(raw));
-                attr("output.mime_type", Value::Str(if json(body) { "application/json" } else { "text/plain" }));
+                attr("output.mime_type", Value::Str(content::mime(body)));
             }
+            None => {}
         }
     }
 

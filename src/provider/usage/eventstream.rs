@@ -59,6 +59,39 @@ impl EventStream {
     }
 }
 
+/// Calls `on_frame(event type, payload)` for every whole frame of a captured body, in order,
+/// the payload of a `chunk` (the model's own event, base64 in `{"bytes": …}`) decoded; stops at
+/// the first frame that is cut short or does not decode (its checksum, a capture limit). `false`
+/// when not even the first frame decodes: the body is no event stream.
+pub(super) fn for_each_frame(body: &[u8], mut on_frame: impl FnMut(&str, &[u8])) -> bool {
+    let (mut buf, mut decoder, mut any) = (BytesMut::from(body), MessageFrameDecoder::new(), false);
+    while let Ok(DecodedFrame::Complete(message)) = decoder.decode_frame(&mut buf) {
+        any = true;
+        let kind = message.headers().iter().find(|h| h.name().as_str() == ":event-type");
+        let kind = kind.and_then(|h| h.value().as_string().ok()).map_or("", |s| s.as_str());
+        match kind {
+            "chunk" => {
+                if let Some(event) = chunk_event(message.payload()) {
+                    on_frame(kind, &event);
+                }
+            }
+            _ => on_frame(kind, message.payload()),
+        }
+    }
+    any
+}
+
+/// The model's event a `chunk` frame carries (`{"bytes": "<base64>"}`).
+fn chunk_event(payload: &[u8]) -> Option<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Chunk<'a> {
+        #[serde(borrow)]
+        bytes: std::borrow::Cow<'a, str>,
+    }
+    let chunk = serde_json::from_slice::<Chunk<'_>>(payload).ok()?;
+    base64::engine::general_purpose::STANDARD.decode(chunk.bytes.as_bytes()).ok()
+}
+
 /// One event: the usage it reports, if any.
 fn apply(kind: &str, payload: &[u8], info: &mut ResponseInfo) {
     match kind {
@@ -68,13 +101,7 @@ fn apply(kind: &str, payload: &[u8], info: &mut ResponseInfo) {
             }
         }
         "chunk" => {
-            #[derive(serde::Deserialize)]
-            struct Chunk<'a> {
-                #[serde(borrow)]
-                bytes: std::borrow::Cow<'a, str>,
-            }
-            let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(payload) else { return };
-            let Ok(event) = base64::engine::general_purpose::STANDARD.decode(chunk.bytes.as_bytes()) else { return };
+            let Some(event) = chunk_event(payload) else { return };
             if let Some(answer::Parsed::One(a)) = answer::parse(&event) {
                 anthropic::apply_event(b"", &a, info);
             }
@@ -110,7 +137,7 @@ fn invocation_metrics(event: &[u8], info: &mut ResponseInfo) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::{Format, UsageParser};
     use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 

@@ -122,6 +122,19 @@ pub fn for_each_event(body: &[u8], on_event: impl FnMut(&[u8], &[u8])) {
     SseReader::new().feed(body, on_event);
 }
 
+/// Calls `on_frame(event type, payload)` for every whole frame of a captured Bedrock event stream
+/// (`application/vnd.amazon.eventstream`; a `chunk`'s payload is the model's event it carries);
+/// `false` when the body is no event stream.
+pub fn for_each_aws_frame(body: &[u8], on_frame: impl FnMut(&str, &[u8])) -> bool {
+    eventstream::for_each_frame(body, on_frame)
+}
+
+/// One Bedrock event-stream frame, as the AWS SDK writes it (tests).
+#[cfg(test)]
+pub fn test_frame(event: &str, payload: &[u8]) -> Vec<u8> {
+    eventstream::tests::frame(event, payload)
+}
+
 /// Reads model and usage out of one response body, fed chunk by chunk.
 pub struct UsageParser {
     format: Format,
