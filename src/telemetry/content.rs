@@ -10,7 +10,59 @@
 
 use serde_json::{json, Value};
 
+use super::otlp::{self, span as field};
 use crate::provider::usage::{parse_picked, Format};
+
+/// What viewers show as the prompt (`request`) or the completion, from a captured body already
+/// scrubbed of `secrets` as bytes: OpenInference's `input.value` / `output.value` and the GenAI
+/// conventions' messages. What is decoded from JSON is scrubbed again: a secret an upstream wrote
+/// with JSON escapes (`\/`, `\u002d`) is no secret to the byte scrubber, and whole once decoded.
+/// `sse`: the response is a stream of server-sent events.
+pub(super) fn attributes(
+    buf: &mut Vec<u8>,
+    format: Option<Format>,
+    sse: bool,
+    request: bool,
+    body: &[u8],
+    secrets: &[&[u8]],
+) {
+    let mut attr = |key: &str, value: otlp::Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
+    // Each attribute stays near the captured body's size: bytes that are not UTF-8 would triple
+    // as replacement characters, and the messages list is JSON around the texts.
+    let lossy = String::from_utf8_lossy(body);
+    let cut = (0..=body.len().min(lossy.len())).rev().find(|&i| lossy.is_char_boundary(i)).unwrap_or(0);
+    let raw = &lossy[..cut];
+    if request {
+        attr("input.value", otlp::Value::Str(raw));
+        attr("input.mime_type", otlp::Value::Str(mime(body)));
+        if let Some(m) = format.and_then(|f| input_messages(f, body, 2 * body.len() + 1024)) {
+            attr("gen_ai.input.messages", otlp::Value::Str(&scrubbed(m, secrets)));
+        }
+        return;
+    }
+    match format.and_then(|f| output_text(f, sse, body)).map(|t| scrubbed(t, secrets)) {
+        Some(text) => {
+            attr("output.value", otlp::Value::Str(&text));
+            attr("output.mime_type", otlp::Value::Str("text/plain"));
+            attr("gen_ai.output.messages", otlp::Value::Str(&output_messages(&text)));
+        }
+        None if is_text(body) => {
+            attr("output.value", otlp::Value::Str(raw));
+            attr("output.mime_type", otlp::Value::Str(mime(body)));
+        }
+        None => {}
+    }
+}
+
+/// `text` with every secret in it replaced (as [`crate::scrub::scrub`] replaces them in bytes).
+fn scrubbed(text: String, secrets: &[&[u8]]) -> String {
+    if !secrets.iter().any(|s| crate::scrub::contains(text.as_bytes(), s)) {
+        return text;
+    }
+    let mut bytes = text.into_bytes();
+    crate::scrub::scrub(&mut bytes, secrets, false);
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
 
 /// The members of an answer or event the completion's text is read from (the rest is skipped
 /// unbuilt: ids, usage, logprobs, safety ratings).
@@ -268,6 +320,24 @@ mod tests {
         // Cut by the capture limit inside a frame: the whole frames before it.
         assert_eq!(output_text(Format::Bedrock, false, &converse[..converse.len() - 10]).as_deref(), Some("Bonjour"));
         assert!(!is_text(&converse) && is_text("é".as_bytes()) && is_text(&"é".as_bytes()[..1]));
+    }
+
+    /// The attack: an upstream echoes the key inside a JSON string with escapes (`\/`, `\u002d`),
+    /// which the byte scrubber does not see; decoded into `output.value` it would be whole.
+    #[test]
+    fn a_secret_written_with_json_escapes_is_scrubbed_from_the_decoded_text() {
+        let secret: &[u8] = b"sk-live/abc-123";
+        let body = br#"{"choices":[{"message":{"content":"your key: sk-live\/abc-123."}}]}"#;
+        assert!(!crate::scrub::contains(body, secret), "the escapes hide it from the byte scrubber");
+        let mut buf = Vec::new();
+        attributes(&mut buf, Some(Format::OpenAi), false, false, body, &[secret]);
+        let encoded = String::from_utf8_lossy(&buf);
+        assert!(!encoded.contains("sk-live/abc-123"), "{encoded}");
+        assert!(encoded.contains("your key: [redacted]."), "{encoded}");
+        let request = br#"{"messages":[{"role":"user","content":"sk-live\/abc-123"}]}"#;
+        let mut buf = Vec::new();
+        attributes(&mut buf, Some(Format::OpenAi), false, true, request, &[secret]);
+        assert!(!String::from_utf8_lossy(&buf).contains("sk-live/abc-123"));
 
         let req = br#"{"model":"claude","system":"Be brief.","messages":[{"role":"user","content":[{"type":"text","text":"Capital of France?"}]}]}"#;
         let m: Value = serde_json::from_str(&input_messages(Format::Anthropic, req, 4096).unwrap()).unwrap();

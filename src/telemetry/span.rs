@@ -348,38 +348,6 @@ impl Transaction {
         (tx, traceparent)
     }
 
-    /// What viewers show as the prompt or the completion, from a captured body (scrubbed):
-    /// OpenInference's `input.value` / `output.value` and the GenAI conventions' messages.
-    fn content_attributes(&self, buf: &mut Vec<u8>, request: bool, body: &[u8]) {
-        use super::content;
-        let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
-        // Each attribute stays near the captured body's size: bytes that are not UTF-8 would
-        // triple as replacement characters, and the messages list is JSON around the texts.
-        let lossy = String::from_utf8_lossy(body);
-        let cut = (0..=body.len().min(lossy.len())).rev().find(|&i| lossy.is_char_boundary(i)).unwrap_or(0);
-        let raw = &lossy[..cut];
-        if request {
-            attr("input.value", Value::Str(raw));
-            attr("input.mime_type", Value::Str(content::mime(body)));
-            if let Some(m) = self.format.and_then(|f| content::input_messages(f, body, 2 * body.len() + 1024)) {
-                attr("gen_ai.input.messages", Value::Str(&m));
-            }
-            return;
-        }
-        match self.format.and_then(|f| content::output_text(f, self.resp_sse, body)) {
-            Some(text) => {
-                attr("output.value", Value::Str(&text));
-                attr("output.mime_type", Value::Str("text/plain"));
-                attr("gen_ai.output.messages", Value::Str(&content::output_messages(&text)));
-            }
-            None if content::is_text(body) => {
-                attr("output.value", Value::Str(raw));
-                attr("output.mime_type", Value::Str(content::mime(body)));
-            }
-            None => {}
-        }
-    }
-
     /// The budget decision on this request (`admitted`, `limited`, `store_unavailable`,
     /// `admitted_uncounted`, `invalid`, `unmetered`), the budget that decided a refusal, and the
     /// fewest tokens any of its budgets has left. A refusal ends the transaction as keyswap's own
@@ -556,7 +524,8 @@ impl Transaction {
                     );
                     otlp::attribute(e, event::ATTRIBUTES, &["body.truncated"], Value::Bool(done.truncated));
                 });
-                self.content_attributes(buf, name == "http.request.body", &done.bytes);
+                let request = name == "http.request.body";
+                super::content::attributes(buf, self.format, self.resp_sse, request, &done.bytes, secrets);
             }
         }
         match &self.request_model {

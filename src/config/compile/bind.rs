@@ -155,8 +155,9 @@ impl Catalog {
     }
 }
 
-/// Records a Secret key a binding reads: its value (and query-encoded form, when different) for
-/// scrubbing, and its use, by fingerprint (none when missing).
+/// Records a Secret key a binding reads: its value (and its query-encoded form, and the form JSON
+/// encoders that escape `/` write, when different) for scrubbing, and its use, by fingerprint
+/// (none when missing).
 fn record_use(
     secret_key: &Key,
     key_name: &str,
@@ -170,6 +171,17 @@ fn record_use(
         let encoded = crate::inject::query::encode_value(v);
         if encoded.as_bytes() != v {
             live.push(SecretSlice::from(encoded.into_bytes()));
+        }
+        // `"sk\/…"`: PHP's json_encode and some Java encoders escape every `/` in a string.
+        if v.contains(&b'/') {
+            let mut escaped = Vec::with_capacity(2 * v.len());
+            for &b in v {
+                if b == b'/' {
+                    escaped.push(b'\\');
+                }
+                escaped.push(b);
+            }
+            live.push(SecretSlice::from(escaped));
         }
     }
     secrets.push(SecretUse {

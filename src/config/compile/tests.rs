@@ -273,6 +273,23 @@ fn secret(data: &str) -> String {
     format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData:\n{data}\n---\n")
 }
 
+/// A key with a `/` is scrubbed as it is, query-encoded, and as JSON encoders that escape `/`
+/// write it (an upstream echoing it in a JSON string).
+#[test]
+fn a_key_is_scrubbed_in_each_form_it_travels_in() {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("p", "{name: r}", "  target: Header"),
+        secret("  token: sk-a/b+c")
+    );
+    let snap = compile(&text).unwrap();
+    let forms: Vec<String> = snap.secret_values().iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    for form in ["sk-a/b+c", "sk-a%2Fb%2Bc", "sk-a\\/b+c"] {
+        assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
+    }
+}
+
 #[test]
 fn header_values_must_travel_in_a_header_but_provider_auth_reads_multi_line_keys() {
     let text = format!(
