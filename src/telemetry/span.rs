@@ -167,6 +167,8 @@ pub struct Transaction {
     usage: Option<Borrowed>,
     /// The response is a server-sent event stream (its text is reassembled from the events).
     resp_sse: bool,
+    /// The response is streamed: server-sent events, or Bedrock's event stream.
+    resp_stream: bool,
     /// When the first chunk of a streamed response arrived (Unix nanoseconds).
     first_chunk: Option<u64>,
     redact_also: Option<String>,
@@ -340,6 +342,7 @@ impl Transaction {
             parser: None,
             usage: None,
             resp_sse: false,
+            resp_stream: false,
             first_chunk: None,
             redact_also: s.redact_also.map(str::to_owned),
             tenant_label: s.tenant_label.clone(),
@@ -411,6 +414,7 @@ impl Transaction {
         let content_type = find("content-type").unwrap_or("");
         header_event(&mut self.encoded, "http.response.headers", RESPONSE_PREFIX, headers, self.redact_also.as_deref());
         self.resp_sse = content_type.trim_start().to_ascii_lowercase().starts_with("text/event-stream");
+        self.resp_stream = self.resp_sse || crate::provider::usage::is_aws_event_stream(content_type);
         if self.capture.wants(content_type) {
             self.resp_body = Some(Capture::new(self.capture.max_bytes));
         }
@@ -446,7 +450,7 @@ impl Transaction {
     }
 
     pub fn on_response_body(&mut self, chunk: &[u8]) {
-        if self.resp_sse && self.first_chunk.is_none() && !chunk.is_empty() {
+        if self.resp_stream && self.first_chunk.is_none() && !chunk.is_empty() {
             self.first_chunk = Some(unix_nanos(SystemTime::now()));
         }
         if let Some(c) = &mut self.resp_body {
@@ -604,6 +608,22 @@ mod tests {
         let sink = Sink::new(Default::default(), Some(send));
         tx.finish(&sink, &[]);
         Span::decode(&recv.try_recv().unwrap()[..]).unwrap()
+    }
+
+    /// `gen_ai.client.operation.time_to_first_chunk` is for every stream: server-sent events and
+    /// Bedrock's event stream alike; a JSON answer is no stream.
+    #[test]
+    fn a_streamed_response_of_either_kind_records_its_first_chunk() {
+        for (content_type, stream) in [
+            (&b"text/event-stream; charset=utf-8"[..], true),
+            (b"application/vnd.amazon.eventstream", true),
+            (b"application/json", false),
+        ] {
+            let mut tx = start(CapturePolicy::default());
+            tx.on_response_headers(&[(":status", b"200"), ("content-type", content_type)]);
+            tx.on_response_body(b"\0\0\0\x10");
+            assert_eq!(tx.first_chunk.is_some(), stream, "{}", String::from_utf8_lossy(content_type));
+        }
     }
 
     #[test]

@@ -252,7 +252,8 @@ impl fmt::Debug for UsageParser {
     }
 }
 
-fn is_aws_event_stream(content_type: &str) -> bool {
+/// Whether `content_type` is Bedrock's binary event stream.
+pub fn is_aws_event_stream(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/vnd.amazon.eventstream")
 }
