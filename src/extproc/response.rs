@@ -116,7 +116,10 @@ impl ProcessStream {
             m.get_or_insert_with(HeaderMutation::default).remove_headers.push("content-length".into());
         }
         let mut handoff = None;
-        let mode = if rewrites_body || (wants_body && !self.observed) {
+        // A request holding places among its key's requests in flight ends on this stream: a
+        // stream handed to the observing filter could be given up before that filter starts.
+        let holds = self.budget.as_ref().is_some_and(|b| b.holds_places());
+        let mode = if rewrites_body || (wants_body && (!self.observed || holds)) {
             Some(mutation::mode(mutation::RequestBody::None, true))
         } else {
             if wants_body {

@@ -77,12 +77,13 @@ impl TunnelGuard {
 
     /// Why a tunnel may not connect to `ip`, if it may not.
     fn judge(&self, ip: IpAddr) -> Result<(), Refusal> {
-        // An IPv6 form of a closed IPv4 address is closed too.
-        let v4 = match ip {
+        // An IPv6 form of a closed IPv4 address is closed too, and an IPv4 address closed in its
+        // mapped IPv6 form (`::ffff:34.118.0.0/112`).
+        let other = match ip {
             IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
-            IpAddr::V4(_) => None,
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
         };
-        if self.deny.iter().any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4))) {
+        if self.deny.iter().any(|c| c.contains(ip) || other.is_some_and(|o| c.contains(o))) {
             Err(Refusal::DeniedDestination)
         } else if is_public(ip) || self.allow_private.iter().any(|c| c.contains(ip)) {
             Ok(())
@@ -537,6 +538,10 @@ mod tests {
         assert_eq!(g.judge("10.20.1.1".parse().unwrap()), Ok(()));
         assert_eq!(g.judge("34.119.2.3".parse().unwrap()), Ok(()));
         assert_eq!(g.judge("127.0.0.1".parse().unwrap()), Err(Refusal::PrivateDestination));
+        // A range closed in its mapped IPv6 form closes the IPv4 literal too.
+        let g = TunnelGuard { allow_private: vec![], deny: vec!["::ffff:34.118.0.0/112".parse().unwrap()] };
+        assert_eq!(g.judge("34.118.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("34.119.9.9".parse().unwrap()), Ok(()));
     }
 
     #[test]
