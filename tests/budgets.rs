@@ -1219,14 +1219,7 @@ async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_other
         let resp = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
         assert_eq!(resp.status(), 200, "{limits}");
         let _ = resp.into_body().collect().await;
-        let mut status = 0;
-        for _ in 0..50 {
-            status = call(r.port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0;
-            if status == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let status = acme_call_once_a_place_is_free(r.port).await;
         assert_eq!(status, 200, "{limits}: the ended request's place was never given back");
         let limited = "keyswap_budget_decisions_total{budget=\"default/per-agent\",decision=\"limited\"}";
         assert!(r.metric(limited).await >= 1.0, "{limits}: the refusal was not counted");
@@ -1287,15 +1280,21 @@ async fn an_agent_holding_streamed_responses_open_holds_its_places_until_they_en
         for resp in held {
             let _ = resp.into_body().collect().await;
         }
-        let mut status = 0;
-        for _ in 0..100 {
-            status = call(r.port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0;
-            if status == 200 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = acme_call_once_a_place_is_free(r.port).await;
         assert_eq!(status, 200, "{limits} observe={observe}: the ended streams' places were never given back");
+    }
+}
+
+/// An acme call, repeated until it is admitted (a place given back reaches keyswap when Envoy
+/// closes the ended request's stream) or 5 s have passed: its last status.
+async fn acme_call_once_a_place_is_free(port: u16) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = call(port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0;
+        if status == 200 || Instant::now() > deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -55,16 +55,10 @@ fn parse_tunnel_duration(s: &str) -> Result<TunnelDuration, String> {
     if s == "0" {
         return Ok(TunnelDuration(None));
     }
-    let bad = || format!("`{s}`: expected 0 or a number and a unit, s, m or h (e.g. 90s, 30m, 1h)");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let n: u64 = s[..split].parse().map_err(|_| bad())?;
-    let unit = match &s[split..] {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(bad()),
-    };
-    let secs = n.checked_mul(unit).filter(|v| *v >= 1).ok_or_else(bad)?;
+    let secs = super::parse_seconds(s).map_err(|e| format!("{e}, or 0 for no limit"))?;
+    if secs == 0 {
+        return Err(format!("`{s}`: 0 (no limit) is written `0`"));
+    }
     // Envoy takes a protobuf Duration, at most about 10,000 years; a tunnel needs far less.
     if secs > MAX_TUNNEL_SECONDS {
         return Err(format!("`{s}`: at most 720h (30 days); 0 for no limit"));
@@ -223,7 +217,8 @@ mod tests {
         assert_eq!(secs("90s"), Ok(Some(90)));
         assert_eq!(secs("1h"), Ok(Some(3600)));
         assert_eq!(secs("720h"), Ok(Some(2_592_000)));
-        for bad in ["721h", "100000000000h", "18446744073709551615s", "0s", "1d", "h", "-1h", "1.5h", ""] {
+        assert_eq!(secs("1d"), Ok(Some(86_400)));
+        for bad in ["721h", "31d", "100000000000h", "18446744073709551615s", "0s", "h", "-1h", "1.5h", ""] {
             assert!(parse_tunnel_duration(bad).is_err(), "{bad}");
         }
     }

@@ -135,6 +135,15 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 /// A lifetime such as `30s`, `90m`, `24h` or `7d` (at least 10 s).
 fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let secs = parse_seconds(s)?;
+    if secs < 10 {
+        return Err(format!("`{s}`: at least 10s"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+/// The seconds in a duration such as `30s`, `90m`, `24h` or `7d`.
+fn parse_seconds(s: &str) -> Result<u64, String> {
     let bad = || format!("`{s}`: expected a number and a unit, s, m, h or d (e.g. 30s, 24h, 7d)");
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
     let n: u64 = s[..split].parse().map_err(|_| bad())?;
@@ -145,8 +154,7 @@ fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
         "d" => 86400,
         _ => return Err(bad()),
     };
-    let secs = n.checked_mul(unit).filter(|v| *v >= 10).ok_or_else(|| format!("`{s}`: at least 10s"))?;
-    Ok(std::time::Duration::from_secs(secs))
+    n.checked_mul(unit).ok_or_else(bad)
 }
 
 /// The runtime serving Envoy: `workers` threads, one by default. Measured through Envoy, one
