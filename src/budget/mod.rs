@@ -371,11 +371,6 @@ impl Engine {
         self.in_flight.enter(budgets, keys).inspect_err(|l| self.inc(&l.budget, |m| &m.limited))
     }
 
-    /// How many requests of `budget`'s `key` are in flight on this replica.
-    pub fn in_flight(&self, budget: &str, key: &str) -> u64 {
-        self.in_flight.count(budget, key)
-    }
-
     /// Adds one to `budget`'s `counter`.
     fn inc(&self, budget: &Arc<str>, counter: fn(&BudgetMetrics) -> &AtomicU64) {
         self.metrics.with(budget, |m| inc(counter(m)));

@@ -360,8 +360,9 @@ impl Allowed {
         let port = match port {
             None => Some(Self::DEFAULT_PORT),
             Some("*") => None,
+            // Digits only (checked above).
             Some(p) => match p.parse::<u16>() {
-                Ok(port) if port > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(port),
+                Ok(port) if port > 0 => Some(port),
                 _ => return Err(format!("`{entry}`: the port must be 1-65535, or `*` for any")),
             },
         };

@@ -266,8 +266,7 @@ async fn admit(snapshot: &Snapshot, token: Option<&[u8]>, headers: &Headers, pee
 
 /// The CONNECT target's host and port (the port is required).
 fn target(authority: &str) -> Option<(String, u16)> {
-    let (_, port) = authority.rsplit_once(':')?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let port = crate::target::port(authority).filter(|p| *p != 0)?;
     let mut buf = [0u8; 256];
     let host = crate::target::host(authority, &mut buf).ok()?;
     Some((host.to_owned(), port))

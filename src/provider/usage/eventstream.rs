@@ -64,6 +64,11 @@ impl EventStream {
 /// the first frame that is cut short or does not decode (its checksum, a capture limit). `false`
 /// when not even the first frame decodes: the body is no event stream.
 pub(super) fn for_each_frame(body: &[u8], mut on_frame: impl FnMut(&str, &[u8])) -> bool {
+    // A frame opens with its length, big-endian, under 16 MiB: a JSON answer (`{`) is no stream,
+    // and is not copied to find that out.
+    if body.first() != Some(&0) {
+        return false;
+    }
     let (mut buf, mut decoder, mut any) = (BytesMut::from(body), MessageFrameDecoder::new(), false);
     while let Ok(DecodedFrame::Complete(message)) = decoder.decode_frame(&mut buf) {
         any = true;
