@@ -931,11 +931,15 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
     }
     let mut reset = 0;
     for (_, h) in held.iter_mut().filter(|(_, h)| h.is_finished()) {
-        let err = h.await.unwrap().expect_err("an upload that never ended was answered");
-        assert!(format!("{err:?}").contains("Reset("), "{err:?}");
+        match h.await.unwrap() {
+            Err(err) => assert!(format!("{err:?}").contains("Reset("), "{err:?}"),
+            // An upload that opened once the heap passed 98 % is answered 503 at once, not held
+            // (the order depends on how fast Envoy's heap grew on this run).
+            Ok(resp) => assert_eq!(resp.status(), 503, "an upload that never ended was answered"),
+        }
         reset += 1;
     }
-    assert!(reset >= 60, "only {reset} of 120 uploads of 8 MiB were reset under a 160 MiB heap");
+    assert!(reset >= 60, "only {reset} of 120 uploads of 8 MiB were reset or refused under a 160 MiB heap");
     assert!(envoy_stat(work.path(), "envoy.overload_actions.reset_high_memory_stream.count").await >= 1);
     // The most Envoy ever had resident: its heap's limit, what arrives between two of the overload
     // manager's looks (100 ms apart), and Envoy's code. Without the limit it passed 900 MiB.
