@@ -430,3 +430,68 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     secrets.push("ya29.fake");
     spans_without(&collector, 17, &secrets).await;
 }
+
+/// The attack: while the token endpoint is slow (up to the 5 s fetch timeout), every request of
+/// a GCP route waits parked in keyswap and Envoy, holding an ext_proc stream and Envoy's buffers.
+/// A request took its place among its key's requests in flight only once the token came, so an
+/// agent could park any number of requests past its `concurrentRequests`. A parked request holds
+/// its place; one past the limit is refused at once, while the fetch is still under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_parked_for_a_slow_token_fetch_hold_their_places_in_flight() {
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let tokens = FakeTokenEndpoint::start(3600).await;
+    let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
+    fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-1".into())]);
+    let proxy_port = free_port();
+    let sa = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: two-at-once}\nspec:\n  parentRefs: [{kind: AIProviderRoute, name: gemini}]\n  key: Route\n  window: Day\n  limits: {concurrentRequests: 2}\n";
+    std::fs::write(config.path().join("gemini.yaml"), gcp_config(proxy_port, &sa) + budget).unwrap();
+    let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
+    let dev = std::sync::Arc::new(tokio::task::block_in_place(|| {
+        start_dev_env(config.path(), work.path(), &[upstream], &[])
+    }));
+    let spawn = |dev: &std::sync::Arc<Dev>| {
+        let dev = dev.clone();
+        std::thread::spawn(move || gemini(&dev))
+    };
+
+    tokens.hold();
+    // The first request starts the fetch and waits for it.
+    let first = spawn(&dev);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokens.asked.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no token request: {}", dev.proc.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two more: one parks in the second place, the other is past the limit.
+    let (second, third) = (spawn(&dev), spawn(&dev));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !second.is_finished() && !third.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the request past the limit waited for the token with the others: it held no place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 0, "the token endpoint answered while held");
+    let (refused, parked) = if third.is_finished() { (third, second) } else { (second, third) };
+    let (code, out, err) = refused.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n429"), "{out}");
+    assert!(
+        out.contains("\"budget_exhausted\"") && out.contains("\"concurrent_requests\""),
+        "not a concurrency refusal: {out}"
+    );
+    // The token comes: both parked requests go on with it.
+    tokens.release();
+    for (name, h) in [("first", first), ("parked", parked)] {
+        let (code, out, err) = tokio::task::block_in_place(|| h.join().unwrap());
+        assert_eq!(code, 0, "{err}");
+        assert!(out.ends_with("\n200"), "the {name} request: {out}");
+    }
+    assert_eq!(fake.seen().len(), 2, "the refused request reached the provider");
+    // Their places were given back when they ended.
+    let (_, out, _) = tokio::task::block_in_place(|| gemini(&dev));
+    assert!(out.ends_with("\n200"), "{out}");
+}

@@ -116,6 +116,11 @@ impl Budgeted {
         Ok(())
     }
 
+    /// The places taken by [`Budgeted::enter`], for a request that waits before it is decided.
+    pub fn take_places(&mut self) -> Places {
+        std::mem::take(&mut self.places)
+    }
+
     /// Whether the request holds places among its keys' requests in flight (until it ends).
     pub fn holds_places(&self) -> bool {
         !self.places.is_empty()

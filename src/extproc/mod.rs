@@ -183,6 +183,10 @@ impl Traced {
 /// a JWKS refetch (a JWT naming a key not held yet).
 struct Waiting {
     wait: WaitFor,
+    /// The places the request took among its budget keys' requests in flight before it parked:
+    /// a slow token fetch cannot gather more parked requests of one key than its limit. Given
+    /// back just before the decision is made again (which takes them anew).
+    held: crate::budget::Places,
     snapshot: Arc<Snapshot>,
     headers: Vec<HeaderValue>,
     has_body: bool,
@@ -196,10 +200,10 @@ enum WaitFor {
 }
 
 impl WaitFor {
-    fn of(step_wait: Wait) -> WaitFor {
+    fn of(step_wait: Wait) -> (WaitFor, crate::budget::Places) {
         match step_wait {
-            Wait::Token(source) => WaitFor::Token(Box::pin(async move { source.token().await })),
-            Wait::Keys(jwks) => WaitFor::Keys(jwks.refresh()),
+            Wait::Token(source, held) => (WaitFor::Token(Box::pin(async move { source.token().await })), held),
+            Wait::Keys(jwks) => (WaitFor::Keys(jwks.refresh()), crate::budget::Places::default()),
         }
     }
 }
@@ -219,7 +223,8 @@ type AgentToken<'a> = (&'a str, &'a [u8]);
 
 /// What the request headers wait for.
 pub enum Wait {
-    Token(Arc<TokenSource>),
+    /// With the places the request holds while it waits.
+    Token(Arc<TokenSource>, crate::budget::Places),
     Keys(Arc<crate::auth::jwt::Jwks>),
 }
 
@@ -310,7 +315,10 @@ impl Stream for ProcessStream {
                     None
                 }
             };
-            let w = self.waiting.take().expect("waiting");
+            let mut w = self.waiting.take().expect("waiting");
+            // The decision takes the places again; no other request can take them in between
+            // on this worker (a place freed here goes to whoever asks first on another).
+            drop(std::mem::take(&mut w.held));
             let this = &mut *self;
             let resume = match &token {
                 Some(t) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e)),
@@ -320,7 +328,8 @@ impl Stream for ProcessStream {
                 Step::Answer(outcome) => outcome,
                 // A JWKS refetch, then a token fetch: wait again.
                 Step::Wait(next) => {
-                    this.waiting = Some(Box::new(Waiting { wait: WaitFor::of(next), ..*w }));
+                    let (wait, held) = WaitFor::of(next);
+                    this.waiting = Some(Box::new(Waiting { wait, held, ..*w }));
                     return self.poll_next(cx);
                 }
             };
@@ -537,8 +546,8 @@ impl ProcessStream {
                 self.after_headers(resp, end, has_body, started)
             }
             Step::Wait(w) => {
-                let wait = WaitFor::of(w);
-                self.waiting = Some(Box::new(Waiting { wait, snapshot, headers, has_body, peer, started }));
+                let (wait, held) = WaitFor::of(w);
+                self.waiting = Some(Box::new(Waiting { wait, held, snapshot, headers, has_body, peer, started }));
                 Handled::Wait
             }
         }

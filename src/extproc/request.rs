@@ -17,7 +17,7 @@ use super::{find, header_bytes, mutation, AgentToken, Injected, Outcome, Pending
 use crate::auth::{Admission, Identity, Peer, Rejection};
 use crate::config::snapshot::MatchEntry;
 use crate::config::{Credential, Decision, Snapshot};
-use crate::inject::gcp::Token;
+use crate::inject::gcp::{Token, TokenSource};
 use crate::inject::sigv4::{self, Signer};
 use crate::inject::{self, Plan};
 use crate::target::Refused;
@@ -341,7 +341,7 @@ impl<'a> Incoming<'a> {
                     cached = source.cached();
                     match &cached {
                         Some(t) => Some(t.header.expose_secret()),
-                        None => return Step::Wait(Wait::Token(source.clone())),
+                        None => return self.park_for_token(entry, source),
                     }
                 }
             },
@@ -391,6 +391,21 @@ impl<'a> Incoming<'a> {
         let minted = token.map(|t| Box::from(t.strip_prefix(b"Bearer ").unwrap_or(t)));
         let injected = Injected { minted, scrub_bodies: entry.scrub_response_bodies };
         self.injected(entry, &plan, &signed, sign, injected)
+    }
+
+    /// No usable token cached: the request waits for the fetch, holding its places among its
+    /// budget keys' requests in flight, or is refused now when a key is at its limit.
+    fn park_for_token(&self, entry: &MatchEntry, source: &Arc<TokenSource>) -> Step {
+        let mut places = crate::budget::Places::default();
+        if let Some(mut b) =
+            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path)
+        {
+            if let Err(l) = b.enter(&self.shared.budgets) {
+                return self.in_flight_limited(entry, &l);
+            }
+            places = b.take_places();
+        }
+        Step::Wait(Wait::Token(source.clone(), places))
     }
 
     /// What SigV4 signs: the request as it will leave, with the allowlisted headers the agent sent.

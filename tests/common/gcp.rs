@@ -28,6 +28,10 @@ pub struct FakeTokenEndpoint {
     keys: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     lifetime_s: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Token requests received (answered or not yet).
+    pub asked: Arc<AtomicU64>,
+    /// While true, token requests wait before they are answered (a slow token endpoint).
+    held: tokio::sync::watch::Sender<bool>,
 }
 
 impl FakeTokenEndpoint {
@@ -40,6 +44,8 @@ impl FakeTokenEndpoint {
             keys: Arc::default(),
             lifetime_s,
             task: Mutex::new(None),
+            asked: Arc::default(),
+            held: tokio::sync::watch::Sender::new(false),
         });
         ep.serve(listener);
         ep
@@ -54,6 +60,16 @@ impl FakeTokenEndpoint {
         if let Some(t) = self.task.lock().unwrap().take() {
             t.abort();
         }
+    }
+
+    /// Token requests wait, unanswered, until [`FakeTokenEndpoint::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Answers the requests held and every later one at once.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// Listens again on the same port.
@@ -130,6 +146,8 @@ impl FakeTokenEndpoint {
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let _ = self.held.subscribe().wait_for(|held| !held).await;
         let reply = |status: u16, v: serde_json::Value| {
             hyper::Response::builder()
                 .status(status)
