@@ -1194,6 +1194,8 @@ async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_other
             assert!(Instant::now() < deadline, "{limits}: Envoy never held the three requests");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let in_flight = "keyswap_budget_requests_in_flight{budget=\"default/per-agent\"}";
+        assert_eq!(r.metric(in_flight).await, 3.0, "{limits}: the gauge of requests in flight");
         // The fourth: refused at its headers, though its body never ends.
         sender.ready().await.unwrap();
         let (_tx4, fourth) = held_request(&mut sender, ACME_TOKEN);
@@ -1221,6 +1223,12 @@ async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_other
         let _ = resp.into_body().collect().await;
         let status = acme_call_once_a_place_is_free(r.port).await;
         assert_eq!(status, 200, "{limits}: the ended request's place was never given back");
+        // The two still held (the last call's stream may end just after its answer did).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.metric(in_flight).await != 2.0 {
+            assert!(Instant::now() < deadline, "{limits}: the gauge is not 2 once the others ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let limited = "keyswap_budget_decisions_total{budget=\"default/per-agent\",decision=\"limited\"}";
         assert!(r.metric(limited).await >= 1.0, "{limits}: the refusal was not counted");
         // Only globex's, the ended one and acme's last reached the provider; none of the refused.

@@ -103,6 +103,17 @@ impl InFlight {
         Ok(places)
     }
 
+    /// Requests holding a place, per budget (summed over its keys), by name: what `/metrics`
+    /// shows. Read at scrape time, so taking a place counts nothing more.
+    pub fn per_budget(&self) -> std::collections::BTreeMap<Arc<str>, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in self.slots.load().values().flatten() {
+            let n = s.n.load(Ordering::Acquire);
+            *out.entry(s.budget.clone()).or_default() += if n == RETIRED { 0 } else { n };
+        }
+        out
+    }
+
     /// How many requests of `budget`'s `key` are in flight (tests).
     pub fn count(&self, budget: &str, key: &str) -> u64 {
         let slot = self.hasher.hash_one((budget, key));

@@ -37,9 +37,10 @@ impl std::fmt::Debug for Cached {
     }
 }
 
-/// Per-budget metrics, by budget name (bounded by configuration).
+/// Per-budget metrics, by budget name (bounded by configuration), and the requests in flight
+/// of the engine counting into it.
 #[derive(Default)]
-pub struct Registry(ArcSwap<HashMap<Arc<str>, Arc<BudgetMetrics>>>);
+pub struct Registry(ArcSwap<HashMap<Arc<str>, Arc<BudgetMetrics>>>, OnceLock<Arc<super::in_flight::InFlight>>);
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,6 +49,11 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
+    /// Shows `in_flight`'s requests per budget as a gauge (the first engine's: one per process).
+    pub fn show_in_flight(&self, in_flight: &Arc<super::in_flight::InFlight>) {
+        let _ = self.1.set(in_flight.clone());
+    }
+
     /// The metrics of `budget`, made on first use.
     pub fn of(&self, budget: &Arc<str>) -> Arc<BudgetMetrics> {
         if let Some(m) = self.0.load().get(budget) {
@@ -80,6 +86,7 @@ impl Registry {
     /// One family per measure, one sample per budget.
     pub fn render(&self, p: &mut dyn crate::prom::Families) {
         use crate::prom::Kind::Counter;
+        self.render_in_flight(p);
         let map = self.0.load();
         if map.is_empty() {
             return;
@@ -108,6 +115,23 @@ impl Registry {
             for (kind, v) in [("reserved", g(&m.reserved_tokens)), ("settled", g(&m.settled_tokens))] {
                 p.sample(TOKENS, &[("budget", name), ("kind", kind)], v);
             }
+        }
+    }
+
+    fn render_in_flight(&self, p: &mut dyn crate::prom::Families) {
+        let Some(in_flight) = self.1.get() else { return };
+        let per_budget = in_flight.per_budget();
+        if per_budget.is_empty() {
+            return;
+        }
+        const IN_FLIGHT: &str = "keyswap_budget_requests_in_flight";
+        p.family(
+            IN_FLIGHT,
+            "Requests holding a place under a budget's limits.concurrentRequests, summed over its keys.",
+            crate::prom::Kind::Gauge,
+        );
+        for (name, n) in &per_budget {
+            p.sample(IN_FLIGHT, &[("budget", name)], *n as f64);
         }
     }
 }

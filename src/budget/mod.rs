@@ -304,7 +304,7 @@ pub enum Admit {
 /// counters outlive configuration changes (a raised limit applies to what was already used).
 pub struct Engine {
     local: local::Local,
-    in_flight: in_flight::InFlight,
+    in_flight: Arc<in_flight::InFlight>,
     redis: ArcSwap<Option<Arc<redis::RedisStore>>>,
     metrics: Arc<Registry>,
     /// Settlements on their way to Redis (shutdown waits for them: [`Engine::settled`]).
@@ -343,9 +343,11 @@ pub enum Reserve {
 impl Engine {
     /// Counts into `metrics` (the one `/metrics` renders).
     pub fn new(metrics: Arc<Registry>) -> Engine {
+        let in_flight = Arc::new(in_flight::InFlight::default());
+        metrics.show_in_flight(&in_flight);
         Engine {
             local: local::Local::default(),
-            in_flight: Default::default(),
+            in_flight,
             redis: ArcSwap::from_pointee(None),
             metrics,
             settling: Default::default(),
