@@ -40,6 +40,27 @@ fn check_prints_the_compiled_configuration_with_fingerprints_only() {
     assert!(err.contains("2 route match(es) have no usable credential"), "{err}");
 }
 
+/// An operator lists a provider's host in `spec.allow` (to open another port of it, say): a
+/// CONNECT to a routed host is terminated and routed whatever its port, so the entry does
+/// nothing. `check` says so, and still passes.
+#[test]
+fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: ['api.anthropic.com:8443', pypi.org]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: anthropic}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: anthropic}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: anthropic-key}\nspec:\n  parentRefs: [{name: anthropic}]\n  secretRef: {name: anthropic}\n  target: Header\n---\n";
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        config.to_owned() + &secret_manifest("anthropic", "token", ANTHROPIC_KEY),
+    )
+    .unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("warning: allow entry api.anthropic.com:8443 names a routed host")
+            && !out.contains("entry pypi.org"),
+        "{out}"
+    );
+}
+
 #[test]
 fn check_passes_on_the_shipped_examples() {
     for dir in ["/manifests/examples", "/manifests/examples/echo-bot"] {

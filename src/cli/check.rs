@@ -67,6 +67,11 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
         snap.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     };
     println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
+    for a in snap.allow_entries_of_routed_hosts() {
+        println!(
+            "  warning: allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
+        );
+    }
     let mut unresolved = 0;
     if let Some(chain) = &snap.agent_auth {
         let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };

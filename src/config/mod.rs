@@ -94,6 +94,13 @@ pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
             _ => {}
         }
     }
+    let before = old.map(Snapshot::allow_entries_of_routed_hosts).unwrap_or_default();
+    for a in new.allow_entries_of_routed_hosts().into_iter().filter(|a| !before.contains(a)) {
+        tracing::warn!(
+            gateway = %new.gateway, entry = %a,
+            "spec.allow entry names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
+        );
+    }
     // Keys that exist but cannot be used (malformed service-account JSON, …): named once each.
     let mut seen: Vec<&str> = Vec::new();
     for e in &new.routes.entries {

@@ -313,6 +313,20 @@ impl Snapshot {
         }
     }
 
+    /// The `spec.allow` entries that change nothing: each names one host a route matches (or
+    /// the same pattern as a route), and a CONNECT to a routed host is terminated and routed,
+    /// whatever its port. `check` and the load log name them.
+    pub fn allow_entries_of_routed_hosts(&self) -> Vec<&Allowed> {
+        let routed = || self.routes.entries.iter().flat_map(|e| e.hosts.iter());
+        self.allow
+            .iter()
+            .filter(|a| {
+                let single = !glob::is_pattern(&a.host);
+                routed().any(|r| **r == *a.host || (single && glob::is_pattern(r) && host_matches(r, &a.host)))
+            })
+            .collect()
+    }
+
     /// Whether an unrouted (lowercase) `host` may be reached on `port`, and why: the gateway
     /// allows all (any port), or an `allow` entry names the host and the port. `Err(true)`: an
     /// entry names the host, on other ports only.

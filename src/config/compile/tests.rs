@@ -176,6 +176,17 @@ fn allow_entries_name_a_host_and_a_port_and_a_bad_one_names_its_field() {
 }
 
 #[test]
+fn allow_entries_for_routed_hosts_are_named_as_changing_nothing() {
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: [api.openai.com, 'api.openai.com:8443', x.openai.azure.com, '*.openai.azure.com', '*.googleapis.com', pypi.org]\n---\n";
+    let routes = route("openai", "{provider: openai}")
+        + &route("azure", "{provider: azure-openai, hosts: ['*.openai.azure.com']}");
+    let snap = compile(&format!("{gw}{routes}")).unwrap();
+    let named: Vec<String> = snap.allow_entries_of_routed_hosts().iter().map(ToString::to_string).collect();
+    // A wildcard that reaches unrouted hosts too (`*.googleapis.com`) does change something.
+    assert_eq!(named, ["api.openai.com", "api.openai.com:8443", "x.openai.azure.com", "*.openai.azure.com"]);
+}
+
+#[test]
 fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
     let with = |limits: &str| {
         let budget = format!("apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {{name: per-agent}}\nspec:\n  parentRefs: [{{kind: EgressGateway, name: egress}}]\n  key: Agent\n  window: Day\n  limits: {limits}\n---\n");
