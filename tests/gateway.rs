@@ -216,20 +216,38 @@ async fn a_tunnel_to_a_range_the_operator_closed_is_refused_in_every_form() {
     let work = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
     std::fs::write(config.path().join("gateway.yaml"), gateway_config("allow-all", free_port(), "")).unwrap();
-    let args = ["dev", "--allow-private-destination", "127.0.0.0/8", "--deny-destination", "127.0.0.2/32"];
+    let args = [
+        "dev",
+        "--allow-private-destination",
+        "127.0.0.0/8",
+        "--deny-destination",
+        "127.0.0.2/32",
+        "--nat64-prefix",
+        "2600:1f14:64::/96",
+    ];
     let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
     let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
     let answer = connect_answer(&proxy, &open.addr.to_string()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the opened range: {answer}\n{}", dev.proc.output());
-    for target in [format!("127.0.0.2:{closed_port}"), format!("[::ffff:127.0.0.2]:{closed_port}")] {
+    // Through the cluster's NAT64 prefix too (a public-looking IPv6 address embedding it).
+    let forms = ["127.0.0.2", "[::ffff:127.0.0.2]", "[2600:1f14:64::127.0.0.2]"];
+    for target in forms.map(|f| format!("{f}:{closed_port}")) {
         let answer = connect_answer(&proxy, &target).await;
         assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("denied_destination"), "{target}: {answer}");
     }
+    // A private address behind the NAT64 prefix is private.
+    let answer = connect_answer(&proxy, "[2600:1f14:64::10.0.0.1]:443").await;
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("private_destination"), "{answer}");
     let accepted = tokio::time::timeout(Duration::from_millis(300), closed.accept()).await;
     assert!(accepted.is_err(), "a tunnel reached the closed address");
     // The log says which ranges are opened and closed.
     let log = dev.proc.output();
-    assert!(log.contains("closed=127.0.0.2/32") && log.contains("opened=127.0.0.0/8"), "{log}");
+    assert!(
+        log.contains("closed=127.0.0.2/32")
+            && log.contains("opened=127.0.0.0/8")
+            && log.contains("nat64=2600:1f14:64::/96"),
+        "{log}"
+    );
 }
 
 /// The attack: open a tunnel while its host is allowed and keep it. Envoy never closes an open

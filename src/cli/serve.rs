@@ -83,6 +83,13 @@ pub struct TunnelArgs {
     /// --allow-private-destination. Refused CONNECTs get 403 `denied_destination`.
     #[arg(long = "deny-destination", value_name = "CIDR")]
     pub deny: Vec<crate::auth::Cidr>,
+    /// The cluster's NAT64 prefix, when it is not the well-known 64:ff9b::/96 (RFC 6052: an IPv6
+    /// network of length 32, 40, 48, 56, 64 or 96). A CONNECT to an address in it reaches the
+    /// IPv4 address it embeds, and is judged as that address; without this, a prefix of the
+    /// cluster's own in public IPv6 space lets tunnels reach private IPv4 services through the
+    /// translator. Repeatable.
+    #[arg(long = "nat64-prefix", value_name = "PREFIX")]
+    pub nat64: Vec<crate::extproc::tunnel::Nat64Prefix>,
 }
 
 /// keyswap as its Envoy's control plane: ADS on the ext_proc sockets, and the leaf certificate.
@@ -126,14 +133,20 @@ impl ControlArgs {
 
 impl TunnelArgs {
     pub(super) fn guard(&self) -> crate::extproc::tunnel::TunnelGuard {
-        if !self.allow_private.is_empty() || !self.deny.is_empty() {
-            let list = |l: &[crate::auth::Cidr]| l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        if !self.allow_private.is_empty() || !self.deny.is_empty() || !self.nat64.is_empty() {
+            fn list<T: ToString>(l: &[T]) -> String {
+                l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            }
             tracing::info!(
-                opened = %list(&self.allow_private), closed = %list(&self.deny),
-                "tunnel destinations: non-public ranges opened (--allow-private-destination), ranges closed (--deny-destination)"
+                opened = %list(&self.allow_private), closed = %list(&self.deny), nat64 = %list(&self.nat64),
+                "tunnel destinations: non-public ranges opened (--allow-private-destination), ranges closed (--deny-destination), NAT64 prefixes judged by their IPv4 address (--nat64-prefix)"
             );
         }
-        crate::extproc::tunnel::TunnelGuard { allow_private: self.allow_private.clone(), deny: self.deny.clone() }
+        crate::extproc::tunnel::TunnelGuard {
+            allow_private: self.allow_private.clone(),
+            deny: self.deny.clone(),
+            nat64: self.nat64.clone(),
+        }
     }
 }
 

@@ -67,6 +67,60 @@ fn getaddrinfo(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
 pub struct TunnelGuard {
     pub allow_private: Vec<Cidr>,
     pub deny: Vec<Cidr>,
+    /// The cluster's NAT64 prefixes besides the well-known one (`--nat64-prefix`): an address
+    /// in one reaches the IPv4 address it embeds, and is judged as that address.
+    pub nat64: Vec<Nat64Prefix>,
+}
+
+/// A NAT64 network-specific prefix (RFC 6052): IPv6, of length 32, 40, 48, 56, 64 or 96. The
+/// IPv4 address follows the prefix, skipping bits 64-71 (the `u` octet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nat64Prefix {
+    net: u128,
+    len: u8,
+}
+
+impl std::str::FromStr for Nat64Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("`{s}` is not a NAT64 prefix: an IPv6 network of length 32, 40, 48, 56, 64 or 96 (e.g. 2001:db8:64::/96)")
+        };
+        let (a, l) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv6Addr = a.trim().parse().map_err(|_| bad())?;
+        let len: u8 = l.trim().parse().map_err(|_| bad())?;
+        if ![32, 40, 48, 56, 64, 96].contains(&len) {
+            return Err(bad());
+        }
+        let mask = u128::MAX << (128 - u32::from(len));
+        Ok(Nat64Prefix { net: u128::from(addr) & mask, len })
+    }
+}
+
+impl std::fmt::Display for Nat64Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv6Addr::from(self.net), self.len)
+    }
+}
+
+impl Nat64Prefix {
+    /// The IPv4 address `v6` embeds, when it is in this prefix.
+    fn embedded(&self, v6: Ipv6Addr) -> Option<Ipv4Addr> {
+        let bits = u128::from(v6);
+        if bits & (u128::MAX << (128 - u32::from(self.len))) != self.net {
+            return None;
+        }
+        let b = v6.octets();
+        if self.len == 96 {
+            return Some(Ipv4Addr::new(b[12], b[13], b[14], b[15]));
+        }
+        // The address without its `u` octet (byte 8); the IPv4 address starts at the prefix's end.
+        let mut packed = [0u8; 15];
+        packed[..8].copy_from_slice(&b[..8]);
+        packed[8..].copy_from_slice(&b[9..]);
+        let at = usize::from(self.len / 8);
+        Some(Ipv4Addr::new(packed[at], packed[at + 1], packed[at + 2], packed[at + 3]))
+    }
 }
 
 impl TunnelGuard {
@@ -77,6 +131,15 @@ impl TunnelGuard {
 
     /// Why a tunnel may not connect to `ip`, if it may not.
     fn judge(&self, ip: IpAddr) -> Result<(), Refusal> {
+        // Through the cluster's NAT64, an address in its prefix is the IPv4 address it embeds.
+        if let IpAddr::V6(v6) = ip {
+            if let Some(v4) = self.nat64.iter().find_map(|p| p.embedded(v6)) {
+                if self.deny.iter().any(|c| c.contains(ip)) {
+                    return Err(Refusal::DeniedDestination);
+                }
+                return self.judge(IpAddr::V4(v4));
+            }
+        }
         // An IPv6 form of a closed IPv4 address is closed too, and an IPv4 address closed in its
         // mapped IPv6 form (`::ffff:34.118.0.0/112`).
         let other = match ip {
@@ -510,7 +573,7 @@ mod tests {
 
     #[test]
     fn operators_can_open_a_private_range_explicitly() {
-        let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()], deny: vec![] };
+        let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()], ..Default::default() };
         assert!(g.permits("10.20.1.1".parse().unwrap()));
         assert!(!g.permits("10.21.1.1".parse().unwrap()));
         assert!(!g.permits("127.0.0.1".parse().unwrap()));
@@ -527,6 +590,7 @@ mod tests {
                 "34.118.0.0/16".parse().unwrap(),
                 "10.20.5.0/24".parse().unwrap(),
             ],
+            ..Default::default()
         };
         assert_eq!(g.judge("2600:1900:4001::7".parse().unwrap()), Err(Refusal::DeniedDestination));
         for v6_form in ["::ffff:34.118.2.3", "64:ff9b::2276:203", "2002:2276:203::1"] {
@@ -538,9 +602,50 @@ mod tests {
         assert_eq!(g.judge("34.119.2.3".parse().unwrap()), Ok(()));
         assert_eq!(g.judge("127.0.0.1".parse().unwrap()), Err(Refusal::PrivateDestination));
         // A range closed in its mapped IPv6 form closes the IPv4 literal too.
-        let g = TunnelGuard { allow_private: vec![], deny: vec!["::ffff:34.118.0.0/112".parse().unwrap()] };
+        let g = TunnelGuard { deny: vec!["::ffff:34.118.0.0/112".parse().unwrap()], ..Default::default() };
         assert_eq!(g.judge("34.118.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
         assert_eq!(g.judge("34.119.9.9".parse().unwrap()), Ok(()));
+    }
+
+    /// The attack: on a cluster whose NAT64 uses a prefix of its own (a global one, so the
+    /// address looks public), `CONNECT [prefix::10.0.0.1]:443` reaches a private IPv4 service
+    /// through the translator. With the prefix named, the embedded address is judged.
+    #[test]
+    fn a_tunnel_through_the_clusters_nat64_prefix_is_judged_by_the_ipv4_address_it_reaches() {
+        let prefix = |s: &str| s.parse::<Nat64Prefix>().unwrap();
+        // RFC 6052's examples: 192.0.2.33 under each prefix length.
+        for (p, a) in [
+            ("2001:db8::/32", "2001:db8:c000:221::"),
+            ("2001:db8:100::/40", "2001:db8:1c0:2:21::"),
+            ("2001:db8:122::/48", "2001:db8:122:c000:2:2100::"),
+            ("2001:db8:122:300::/56", "2001:db8:122:3c0:0:221::"),
+            ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:2100:0"),
+            ("2001:db8:122:344::/96", "2001:db8:122:344::192.0.2.33"),
+        ] {
+            assert_eq!(prefix(p).embedded(a.parse().unwrap()), Some(Ipv4Addr::new(192, 0, 2, 33)), "{p}");
+        }
+        let open = TunnelGuard::default();
+        let nsp = "2600:1f14:64::/96";
+        let g = TunnelGuard { nat64: vec![prefix(nsp)], ..Default::default() };
+        for private in ["2600:1f14:64::10.0.0.1", "2600:1f14:64::169.254.169.254", "2600:1f14:64::127.0.0.1"] {
+            let ip = private.parse().unwrap();
+            assert_eq!(open.judge(ip), Ok(()), "{private}: looks public without the prefix");
+            assert_eq!(g.judge(ip), Err(Refusal::PrivateDestination), "{private}");
+        }
+        assert_eq!(g.judge("2600:1f14:64::8.8.8.8".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("2600:1f14:65::10.0.0.1".parse().unwrap()), Ok(()), "outside the prefix");
+        // Opening and closing apply to the embedded address, and closing the prefix itself works.
+        let g = TunnelGuard {
+            nat64: vec![prefix(nsp)],
+            allow_private: vec!["10.20.0.0/16".parse().unwrap()],
+            deny: vec!["34.118.0.0/16".parse().unwrap(), "2600:1f14:64::9.9.9.0/120".parse().unwrap()],
+        };
+        assert_eq!(g.judge("2600:1f14:64::10.20.0.5".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("2600:1f14:64::34.118.1.1".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("2600:1f14:64::9.9.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        for bad in ["2001:db8::/33", "10.0.0.0/8", "2001:db8::", "nat64"] {
+            assert!(bad.parse::<Nat64Prefix>().unwrap_err().contains("32, 40, 48, 56, 64 or 96"), "{bad}");
+        }
     }
 
     #[test]
