@@ -43,6 +43,13 @@ impl Places {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Whether these are the places [`InFlight::enter`] takes for `budgets` under `keys`.
+    pub fn is_for(&self, budgets: &[Arc<Budget>], keys: &[Arc<str>]) -> bool {
+        let mut wanted = budgets.iter().zip(keys).filter(|(b, _)| b.concurrent.is_some() && b.invalid.is_none());
+        self.0.iter().all(|s| wanted.next().is_some_and(|(b, k)| s.budget == b.name && s.key == *k))
+            && wanted.next().is_none()
+    }
 }
 
 impl Drop for Places {

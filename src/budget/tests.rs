@@ -623,6 +623,25 @@ fn requests_in_flight_take_places_up_to_the_limit_per_key_and_give_them_back_whe
     assert!(flight.enter(&[invalid], &["acme".into()]).unwrap().is_empty());
 }
 
+/// A request that waited for a token keeps the places it took before waiting: the check says
+/// whether places are the ones a request of these budgets and keys takes.
+#[test]
+fn places_say_whether_they_are_the_ones_a_request_takes() {
+    let flight = in_flight::InFlight::default();
+    let b = Arc::new(Budget { concurrent: Some(2), ..(*budget([None; 4])).clone() });
+    let other = Arc::new(Budget { name: "default/other".into(), concurrent: Some(1), ..(*b).clone() });
+    let unlimited = budget([Some(10), None, None, None]);
+    let both = [b.clone(), unlimited, other.clone()];
+    let keys: [Arc<str>; 3] = ["acme".into(), "acme".into(), "acme".into()];
+    let held = flight.enter(&both, &keys).unwrap();
+    assert!(held.is_for(&both, &keys));
+    assert!(!held.is_for(&both, &["globex".into(), "acme".into(), "acme".into()]), "another key");
+    assert!(!held.is_for(&both[..2], &keys[..2]), "fewer budgets");
+    assert!(!held.is_for(&[other.clone(), b.clone()], &keys[..2]), "another order");
+    assert!(in_flight::Places::default().is_for(&both[1..2], &keys[1..2]), "no limit, no place");
+    assert_eq!(flight.count("default/other", "acme"), 1);
+}
+
 /// Requests of one key take places from several threads while other keys come and go (each
 /// new key copies the map and sweeps idle slots out): the places held at once, counted by the
 /// requests themselves, never exceed the limit (a count split between a swept slot and its

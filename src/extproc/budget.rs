@@ -116,6 +116,17 @@ impl Budgeted {
         Ok(())
     }
 
+    /// [`Budgeted::enter`], keeping `held` instead where it holds this request's places (taken
+    /// before it waited for a token, under the same snapshot and key).
+    pub fn enter_holding(&mut self, engine: &crate::budget::Engine, held: Places) -> Result<(), Limited> {
+        if !held.is_empty() && held.is_for(&self.plan.budgets, &self.plan.keys) {
+            self.places = held;
+            return Ok(());
+        }
+        drop(held);
+        self.enter(engine)
+    }
+
     /// The places taken by [`Budgeted::enter`], for a request that waits before it is decided.
     pub fn take_places(&mut self) -> Places {
         std::mem::take(&mut self.places)

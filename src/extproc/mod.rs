@@ -13,15 +13,16 @@ pub mod server;
 mod sign;
 pub mod tunnel;
 mod usage_chunk;
+mod wait;
 
 pub use sign::PendingSign;
 use sign::{sign_body, signing_failed, SIGNING_FAILED, SIGN_INLINE_MAX_BYTES};
 
 pub use request::on_request_headers;
+use wait::Waiting;
+pub use wait::{Resume, Wait};
 
 pub use crate::vocab::{ROLE_METADATA, ROLE_OBSERVE, ROLE_TUNNEL};
-
-use std::future::Future as _;
 
 use futures_util::future::BoxFuture;
 use std::pin::Pin;
@@ -40,7 +41,6 @@ use std::time::Instant;
 
 use crate::auth::Peer;
 use crate::config::{Snapshot, SnapshotStore};
-use crate::inject::gcp::{Token, TokenSource};
 use crate::inject::sigv4;
 use crate::telemetry::span::Transaction;
 use crate::telemetry::{Metrics, Phase as TelemetryPhase, Sink};
@@ -179,54 +179,8 @@ impl Traced {
     }
 }
 
-/// Request headers waiting for a GCP access token (the first request, or after expiry) or for
-/// a JWKS refetch (a JWT naming a key not held yet).
-struct Waiting {
-    wait: WaitFor,
-    /// The places the request took among its budget keys' requests in flight before it parked:
-    /// a slow token fetch cannot gather more parked requests of one key than its limit. Given
-    /// back just before the decision is made again (which takes them anew).
-    held: crate::budget::Places,
-    snapshot: Arc<Snapshot>,
-    headers: Vec<HeaderValue>,
-    has_body: bool,
-    peer: Peer,
-    started: Instant,
-}
-
-enum WaitFor {
-    Token(crate::inject::gcp::TokenFuture),
-    Keys(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>),
-}
-
-impl WaitFor {
-    fn of(step_wait: Wait) -> (WaitFor, crate::budget::Places) {
-        match step_wait {
-            Wait::Token(source, held) => (WaitFor::Token(Box::pin(async move { source.token().await })), held),
-            Wait::Keys(jwks) => (WaitFor::Keys(jwks.refresh()), crate::budget::Places::default()),
-        }
-    }
-}
-
-/// How a request-headers decision is being made: the first time, or again after a wait.
-#[derive(Clone, Copy)]
-pub enum Resume<'a> {
-    First,
-    /// After a GCP token fetch, with its outcome.
-    Token(Result<&'a Token, &'a str>),
-    /// After a JWKS refetch.
-    Keys,
-}
-
 /// The agent's gateway token: the header it came in, and its value.
 type AgentToken<'a> = (&'a str, &'a [u8]);
-
-/// What the request headers wait for.
-pub enum Wait {
-    /// With the places the request holds while it waits.
-    Token(Arc<TokenSource>, crate::budget::Places),
-    Keys(Arc<crate::auth::jwt::Jwks>),
-}
 
 /// The response stream of one HTTP request.
 pub struct ProcessStream {
@@ -304,46 +258,8 @@ impl Stream for ProcessStream {
         if self.phase == Phase::Done {
             return Poll::Ready(None);
         }
-        if let Some(w) = self.waiting.as_mut() {
-            let token = match &mut w.wait {
-                WaitFor::Token(f) => {
-                    let Poll::Ready(token) = f.as_mut().poll(cx) else { return Poll::Pending };
-                    Some(token)
-                }
-                WaitFor::Keys(f) => {
-                    let Poll::Ready(()) = Pin::new(f).poll(cx) else { return Poll::Pending };
-                    None
-                }
-            };
-            let mut w = self.waiting.take().expect("waiting");
-            // The decision takes the places again; no other request can take them in between
-            // on this worker (a place freed here goes to whoever asks first on another).
-            drop(std::mem::take(&mut w.held));
-            let this = &mut *self;
-            let resume = match &token {
-                Some(t) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e)),
-                None => Resume::Keys,
-            };
-            let outcome = match on_request_headers(&w.snapshot, &this.shared, &w.headers, w.has_body, resume, &w.peer) {
-                Step::Answer(outcome) => outcome,
-                // A JWKS refetch, then a token fetch: wait again.
-                Step::Wait(next) => {
-                    let (wait, held) = WaitFor::of(next);
-                    this.waiting = Some(Box::new(Waiting { wait, held, ..*w }));
-                    return self.poll_next(cx);
-                }
-            };
-            let (resp, end) = this.accept(outcome, w.snapshot);
-            return match this.after_headers(resp, end, w.has_body, w.started) {
-                Handled::Answer(resp, phase, end) => {
-                    this.shared.metrics.observe(phase, w.started.elapsed());
-                    if end {
-                        this.end_span();
-                    }
-                    Poll::Ready(Some(Ok(resp)))
-                }
-                _ => self.poll_next(cx),
-            };
+        if self.waiting.is_some() {
+            return self.as_mut().poll_waiting(cx);
         }
         if self.pending.is_some() {
             return self.poll_pending(cx).map(|resp| Some(Ok(resp)));
@@ -546,8 +462,7 @@ impl ProcessStream {
                 self.after_headers(resp, end, has_body, started)
             }
             Step::Wait(w) => {
-                let (wait, held) = WaitFor::of(w);
-                self.waiting = Some(Box::new(Waiting { wait, held, snapshot, headers, has_body, peer, started }));
+                self.waiting = Some(Box::new(Waiting::new(w, snapshot, headers, has_body, peer, started)));
                 Handled::Wait
             }
         }

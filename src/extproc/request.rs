@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::{find, header_bytes, mutation, AgentToken, Injected, Outcome, PendingSign, Resume, Shared, Step, Wait};
 use crate::auth::{Admission, Identity, Peer, Rejection};
+use crate::budget::Places;
 use crate::config::snapshot::MatchEntry;
 use crate::config::{Credential, Decision, Snapshot};
 use crate::inject::gcp::{Token, TokenSource};
@@ -35,14 +36,15 @@ pub fn on_request_headers(
     resume: Resume<'_>,
     peer: &Peer,
 ) -> Step {
-    let fetched = match resume {
-        Resume::Token(t) => Some(t),
-        Resume::First | Resume::Keys => None,
-    };
     if matches!(resume, Resume::First) {
         Metrics::inc(&shared.metrics.requests);
     }
+    let (fetched, held) = match resume {
+        Resume::Token(t, held) => (Some(t), held),
+        Resume::First | Resume::Keys => (None, Places::default()),
+    };
     let mut req = Incoming::new(snapshot, shared, headers, has_body);
+    req.held = std::cell::Cell::new(held);
     // Agent admission (spec.agentAuth) comes first: no decision for a caller it refuses.
     if let Some(chain) = &snapshot.agent_auth {
         let presented = crate::auth::agent_token(req.pairs_iter());
@@ -96,6 +98,8 @@ struct Incoming<'a> {
     agent_token: Option<AgentToken<'a>>,
     /// Identity headers from a trusted hop: they never leave the gateway, trusted or not.
     edge_headers: &'a [Box<str>],
+    /// The places the request held while it waited for a token: kept by the decision.
+    held: std::cell::Cell<Places>,
 }
 
 /// Which route a span describes (`None` fields: a request refused before any route).
@@ -117,6 +121,7 @@ impl<'a> Incoming<'a> {
             identity: None,
             agent_token: None,
             edge_headers: snapshot.agent_auth.as_ref().map_or(&[], |c| &c.edge_headers),
+            held: Default::default(),
         }
     }
 
@@ -396,10 +401,13 @@ impl<'a> Incoming<'a> {
     /// No usable token cached: the request waits for the fetch, holding its places among its
     /// budget keys' requests in flight, or is refused now when a key is at its limit.
     fn park_for_token(&self, entry: &MatchEntry, source: &Arc<TokenSource>) -> Step {
-        let mut places = crate::budget::Places::default();
+        let mut places = Places::default();
         if let Some(mut b) =
             super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path)
         {
+            if let Some(refused) = self.encoded_body_refused(entry, &b) {
+                return refused;
+            }
             if let Err(l) = b.enter(&self.shared.budgets) {
                 return self.in_flight_limited(entry, &l);
             }
@@ -422,6 +430,18 @@ impl<'a> Incoming<'a> {
         }
     }
 
+    /// A compressed body on a route whose token budgets read it: 415 (keyswap cannot reserve
+    /// by it), decided before the request takes a place.
+    fn encoded_body_refused(&self, entry: &MatchEntry, budget: &super::budget::Budgeted) -> Option<Step> {
+        if !self.has_body || !budget.reads_bodies() {
+            return None;
+        }
+        let mut encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
+        let e = encoding
+            .find_map(|h| Some(super::header_bytes(h)).filter(|v| !v.trim_ascii().eq_ignore_ascii_case(b"identity")))?;
+        Some(self.encoded_body(entry, &String::from_utf8_lossy(&e[..e.len().min(64)])))
+    }
+
     /// The answer for an injected request: the header mutation, the body mode (buffer for
     /// signing, stream for capture), and the span with its `traceparent` when tracing is on.
     fn injected(
@@ -434,15 +454,12 @@ impl<'a> Incoming<'a> {
     ) -> Step {
         let mut budget =
             super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path);
-        if let Some(Err(l)) = budget.as_mut().map(|b| b.enter(&self.shared.budgets)) {
-            return self.in_flight_limited(entry, &l);
-        }
-        if self.has_body && budget.as_ref().is_some_and(|b| b.reads_bodies()) {
-            let encoding = self.headers.iter().filter(|h| h.key.eq_ignore_ascii_case("content-encoding"));
-            if let Some(e) =
-                encoding.map(super::header_bytes).find(|v| !v.trim_ascii().eq_ignore_ascii_case(b"identity"))
-            {
-                return self.encoded_body(entry, &String::from_utf8_lossy(&e[..e.len().min(64)]));
+        if let Some(b) = budget.as_mut() {
+            if let Some(refused) = self.encoded_body_refused(entry, b) {
+                return refused;
+            }
+            if let Err(l) = b.enter_holding(&self.shared.budgets, self.held.take()) {
+                return self.in_flight_limited(entry, &l);
             }
         }
         // SigV4 signs the whole body; budgets reserve by it (Envoy holds the headers meanwhile).
