@@ -54,6 +54,16 @@ fn the_kustomization_renders_manifests_that_validate_strictly() {
     assert_eq!(keyswap["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
     assert_eq!(keyswap["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert!(keyswap["resources"]["requests"]["memory"].is_string());
+    // Spans name their pod and namespace: `$(VAR)` expands only variables defined before it.
+    let env = keyswap["env"].as_sequence().expect("keyswap has env");
+    let at = |name: &str| env.iter().position(|e| e["name"].as_str() == Some(name));
+    let attrs = at("OTEL_RESOURCE_ATTRIBUTES").expect("OTEL_RESOURCE_ATTRIBUTES is set");
+    assert_eq!(env[attrs]["value"].as_str(), Some("k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)"));
+    for (var, field) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
+        let i = at(var).unwrap_or_else(|| panic!("{var} is not set"));
+        assert!(i < attrs, "{var} is defined after OTEL_RESOURCE_ATTRIBUTES uses it");
+        assert_eq!(env[i]["valueFrom"]["fieldRef"]["fieldPath"].as_str(), Some(field));
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rendered.yaml");
