@@ -512,6 +512,67 @@ fn response_body(bytes: &[u8]) -> envoy_types::pb::envoy::service::ext_proc::v3:
     }
 }
 
+/// Each answer keyswap makes itself because a route's phases cannot deliver the body a budget
+/// needs is a span with its status and its reason: before, these spans had neither (the answer
+/// ended the transaction before the reason was read from it), and read like requests that went
+/// on.
+#[tokio::test]
+async fn refusals_for_a_body_the_phases_cannot_deliver_are_spans_with_status_and_reason() {
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use envoy_types::pb::envoy::service::ext_proc::v3::HttpTrailers;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message as _;
+
+    let dir = config_dir();
+    std::fs::write(dir.path().join("more.yaml"), budget_and_sigv4()).unwrap();
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
+    let (spans_tx, mut spans) = tokio::sync::mpsc::channel(8);
+    let metrics: Arc<Metrics> = Arc::default();
+    let shared = Arc::new(Shared {
+        sink: keyswap::telemetry::Sink::new(metrics.clone(), Some(spans_tx)),
+        ..Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics)
+    });
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared, vec![bound], None, std::future::pending()));
+
+    let head =
+        req("api.anthropic.com", "/v1/messages", &[("content-type", "application/json"), ("x-api-key", PLACEHOLDER)]);
+    let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
+    let mut partial = grpc::body(body);
+    if let Some(Request::RequestBody(b)) = partial.request.as_mut() {
+        b.end_of_stream = false;
+    }
+    let trailers = envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest {
+        request: Some(Request::RequestTrailers(HttpTrailers::default())),
+        ..Default::default()
+    };
+    let cases = [
+        ("phases_mismatch", 503, BodySendMode::None, grpc::body(body)),
+        ("request_too_large", 413, BodySendMode::BufferedPartial, partial),
+        ("body_required", 400, BodySendMode::BufferedPartial, trailers),
+    ];
+    for (reason, status, mode, second) in cases {
+        let mut c = grpc::connect(addr).await;
+        let answers = grpc::exchange(&mut c, vec![fixed(grpc::headers(&head), mode), second]).await;
+        use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+        let refusal = answers
+            .iter()
+            .find(|a| matches!(a.as_ref().map(|r| &r.response), Ok(Some(Response::ImmediateResponse(_)))))
+            .unwrap_or_else(|| panic!("{reason}: no immediate answer in {answers:?}"));
+        assert_eq!(immediate(refusal.as_ref().unwrap()).status.as_ref().unwrap().code, status, "{reason}");
+        let encoded = tokio::time::timeout(std::time::Duration::from_secs(5), spans.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{reason}: no span"))
+            .unwrap();
+        let span = Span::decode(&encoded[..]).unwrap();
+        assert_eq!(otlp::i(&span.attributes, "http.response.status_code"), Some(i64::from(status)), "{reason}");
+        assert_eq!(otlp::s(&span.attributes, "error.type").as_deref(), Some(reason), "{span:?}");
+    }
+}
+
 /// A token budget on the anthropic route, and a Bedrock route signed with SigV4.
 fn budget_and_sigv4() -> String {
     let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: daily}\nspec:\n  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n";

@@ -230,13 +230,20 @@ impl ProcessStream {
         }
     }
 
-    /// An answer keyswap made itself (an immediate response, here a body it could not sign)
-    /// ends the transaction: the span records its status, and its reason when no step named one.
+    /// An answer keyswap made itself (an immediate response: a body it could not sign, a body
+    /// the route's phases cannot deliver whole) ends the transaction: the span records its status,
+    /// and its reason when no step named one.
     fn answered_itself(&mut self, resp: &ProcessingResponse) -> bool {
         use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
         let Some(Response::ImmediateResponse(i)) = &resp.response else { return false };
         if let Some(t) = &mut self.tx {
-            let error = if i.details == SIGNING_FAILED { "signing_failed" } else { "keyswap_answered" };
+            let error = match i.details.as_str() {
+                SIGNING_FAILED => "signing_failed",
+                phases::PHASES_MISMATCH => "phases_mismatch",
+                phases::BODY_TOO_LARGE => "request_too_large",
+                phases::BODY_REQUIRED => "body_required",
+                _ => "keyswap_answered",
+            };
             t.tx.refused(error, i.status.as_ref().map_or(500, |s| s.code as u16));
         }
         true
@@ -293,7 +300,7 @@ impl Stream for ProcessStream {
         match this.handle(msg, started) {
             Ok(Handled::Answer(resp, phase, end)) => {
                 this.shared.metrics.observe(phase, started.elapsed());
-                if end || this.answered_itself(&resp) {
+                if this.answered_itself(&resp) || end {
                     this.end_span();
                 }
                 Poll::Ready(Some(Ok(resp)))

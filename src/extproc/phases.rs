@@ -15,6 +15,10 @@ use crate::telemetry::{Metrics, Phase as TelemetryPhase};
 
 /// The answer's `details` when a request needs a body the route's phases do not send.
 pub(super) const PHASES_MISMATCH: &str = "keyswap_phases_mismatch";
+/// … of a body that needs to arrive whole and came partial (larger than Envoy's buffer).
+pub(super) const BODY_TOO_LARGE: &str = "keyswap_body_too_large";
+/// … of request trailers where a whole body was awaited.
+pub(super) const BODY_REQUIRED: &str = "keyswap_body_required";
 
 /// The phases of a stream whose route fixed them, from its first message's `protocol_config`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,7 +89,7 @@ impl ProcessStream {
         self.budget = None;
         let body = json!({"error": {"type": "request_too_large",
             "message": "SigV4 signing and token budgets need the whole request body; this one is larger than the gateway buffers (or ends with trailers)"}});
-        let resp = mutation::immediate(413, &body, "keyswap_body_too_large");
+        let resp = mutation::immediate(413, &body, BODY_TOO_LARGE);
         Some(Handled::Answer(resp, TelemetryPhase::RequestBody, true))
     }
 
@@ -101,7 +105,7 @@ impl ProcessStream {
         self.budget = None;
         let body = json!({"error": {"type": "body_required",
             "message": "SigV4 signing and token budgets read the whole request body; a request that ends with trailers and no body is refused"}});
-        let resp = mutation::immediate(400, &body, "keyswap_body_required");
+        let resp = mutation::immediate(400, &body, BODY_REQUIRED);
         Some(Handled::Answer(resp, TelemetryPhase::Trailers, true))
     }
 
