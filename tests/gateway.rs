@@ -152,6 +152,26 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     }
 }
 
+/// An `allow` entry for one host a routed `*.` pattern covers (`x.openai.azure.com` under an
+/// Azure route's `*.openai.azure.com`) became an exact domain of the tunnelled virtual host, which
+/// Envoy matches before any wildcard: the CONNECT went out as a raw tunnel, taking the host out
+/// of routing (no credential written, no budget, no span). Routing wins: the CONNECT is
+/// terminated with the gateway's leaf, as for any host of the route, and `check` says the entry
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_entry_under_a_routed_wildcard_does_not_turn_the_host_into_a_raw_tunnel() {
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let azure = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: azure}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: azure-openai, hosts: ['*.openai.azure.com']}]}]\n";
+    let gateway = gateway_config("deny-all", free_port(), "x.openai.azure.com") + azure;
+    std::fs::write(config.path().join("gateway.yaml"), gateway).unwrap();
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &["dev"]));
+    let tls = try_tunnel_tls(&dev, "x.openai.azure.com", b"http/1.1").await;
+    assert!(tls.is_ok(), "the CONNECT was not terminated by the gateway: {:?}\n{}", tls.err(), dev.proc.output());
+    let log = dev.proc.output();
+    assert!(log.contains("spec.allow entry names a routed host") && log.contains("x.openai.azure.com"), "{log}");
+}
+
 /// The attack: an `allow` entry meant HTTPS to one host, and the tunnel went to any port of it:
 /// `CONNECT github.com:22`, or a database or admin port behind the same name. A bare host now
 /// opens 443 alone, `host:PORT` that port, `host:*` any; a CONNECT to another port is refused

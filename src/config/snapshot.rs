@@ -313,18 +313,12 @@ impl Snapshot {
         }
     }
 
-    /// The `spec.allow` entries that change nothing: each names one host a route matches (or
-    /// the same pattern as a route), and a CONNECT to a routed host is terminated and routed,
-    /// whatever its port. `check` and the load log name them.
+    /// The `spec.allow` entries that change nothing: a CONNECT to their host is terminated and
+    /// routed whatever its port ([`terminated`]). `check` and the load log name them.
     pub fn allow_entries_of_routed_hosts(&self) -> Vec<&Allowed> {
-        let routed = || self.routes.entries.iter().flat_map(|e| e.hosts.iter());
-        self.allow
-            .iter()
-            .filter(|a| {
-                let single = !glob::is_pattern(&a.host);
-                routed().any(|r| **r == *a.host || (single && glob::is_pattern(r) && host_matches(r, &a.host)))
-            })
-            .collect()
+        let hosts = self.routes.entries.iter().flat_map(|e| e.hosts.iter().map(|h| h.to_string()));
+        let (certified, _) = crate::certs::certifiable(hosts);
+        self.allow.iter().filter(|a| terminated(&certified, &a.host)).collect()
     }
 
     /// Whether an unrouted (lowercase) `host` may be reached on `port`, and why: the gateway
@@ -392,6 +386,16 @@ impl fmt::Display for Allowed {
             None => write!(f, "{}:*", self.host),
         }
     }
+}
+
+/// Whether the gateway terminates and routes a CONNECT to `host` (an allow entry's, lowercase)
+/// rather than tunnelling it: `certified`, the route hosts the leaf certificate names
+/// ([`crate::certs::certifiable`]), names it exactly, or by a `*.` pattern of one label. The
+/// generated layout leaves such entries out of the tunnelled hosts, so that an exact entry
+/// never wins over a routed pattern in Envoy's matching (exact domains first); patterns no
+/// certificate carries (`bedrock-runtime.*.amazonaws.com`) are never terminated.
+pub fn terminated(certified: &[String], host: &str) -> bool {
+    certified.iter().any(|r| *r == host || (r.starts_with("*.") && !glob::is_pattern(host) && host_matches(r, host)))
 }
 
 fn host_matches(pattern: &str, host: &str) -> bool {

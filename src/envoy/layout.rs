@@ -8,6 +8,7 @@ use super::{
     observe_filter, observe_on_route, router, Delivery, NamedPort, Options, RequestBody, INTERNAL_TLS, LEAF_SECRET,
 };
 use crate::api::DefaultPolicy;
+use crate::config::snapshot::terminated;
 use crate::config::Snapshot;
 
 /// A gateway's hosts, sorted by how Envoy treats them, and the options the resources use.
@@ -38,7 +39,7 @@ impl<'a> Layout<'a> {
         let (wildcard, exact) = routed.iter().cloned().partition(|h: &String| h.starts_with("*."));
         // Virtual hosts match the host alone: the tunnel guard checks the port.
         let mut allow: Vec<String> =
-            snap.allow.iter().map(|a| a.host.to_string()).filter(|h| !routed.contains(h)).collect();
+            snap.allow.iter().map(|a| a.host.to_string()).filter(|h| !terminated(&routed, h)).collect();
         allow.sort();
         allow.dedup();
         let allow_all = snap.default_policy == DefaultPolicy::AllowAll;

@@ -132,12 +132,19 @@ impl TunnelGuard {
     /// Why a tunnel may not connect to `ip`, if it may not.
     fn judge(&self, ip: IpAddr) -> Result<(), Refusal> {
         // Through the cluster's NAT64, an address in its prefix is the IPv4 address it embeds.
+        // Under overlapping prefixes (a /48 and a /96 inside it) each reading must pass, and so
+        // must a built-in one (mapped, 64:ff9b::/96, 6to4): which translator routing picks is
+        // not the guard's to know.
         if let IpAddr::V6(v6) = ip {
-            if let Some(v4) = self.nat64.iter().find_map(|p| p.embedded(v6)) {
+            let mut through = self.nat64.iter().filter_map(|p| p.embedded(v6)).peekable();
+            if through.peek().is_some() {
                 if self.deny.iter().any(|c| c.contains(ip)) {
                     return Err(Refusal::DeniedDestination);
                 }
-                return self.judge(IpAddr::V4(v4));
+                for v4 in through.chain(embedded_v4(v6)) {
+                    self.judge(IpAddr::V4(v4))?;
+                }
+                return Ok(());
             }
         }
         // An IPv6 form of a closed IPv4 address is closed too, and an IPv4 address closed in its
@@ -643,6 +650,14 @@ mod tests {
         assert_eq!(g.judge("2600:1f14:64::10.20.0.5".parse().unwrap()), Ok(()));
         assert_eq!(g.judge("2600:1f14:64::34.118.1.1".parse().unwrap()), Err(Refusal::DeniedDestination));
         assert_eq!(g.judge("2600:1f14:64::9.9.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        // Overlapping prefixes: every reading is judged (here the /48 reads 3.68.0.0, public).
+        let (wide, narrow) = (prefix("2001:db8:122::/48"), prefix("2001:db8:122:344::/96"));
+        let target: IpAddr = "2001:db8:122:344::10.0.0.1".parse().unwrap();
+        assert_eq!(wide.embedded("2001:db8:122:344::10.0.0.1".parse().unwrap()), Some(Ipv4Addr::new(3, 68, 0, 0)));
+        for nat64 in [vec![wide, narrow], vec![narrow, wide]] {
+            let g = TunnelGuard { nat64, ..Default::default() };
+            assert_eq!(g.judge(target), Err(Refusal::PrivateDestination), "{:?}", g.nat64);
+        }
         for bad in ["2001:db8::/33", "10.0.0.0/8", "2001:db8::", "nat64"] {
             assert!(bad.parse::<Nat64Prefix>().unwrap_err().contains("32, 40, 48, 56, 64 or 96"), "{bad}");
         }

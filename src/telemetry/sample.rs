@@ -6,7 +6,7 @@
 //! transaction is sampled. A refused request is decided the same way.
 
 /// A sampler of the specification (`jaeger_remote`, `xray` and other remote samplers are not
-/// built in: they fall back to the default, with a warning).
+/// built in: keyswap refuses them at start, naming the variable).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sampler {
     AlwaysOn,

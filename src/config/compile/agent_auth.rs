@@ -121,6 +121,12 @@ impl AgentAuthCompile<'_> {
             self.err(format!("{at}.audiences"), "needs at least one non-empty audience".into());
         }
         let jwks = self.jwks(at, j);
+        if j.hs256_secret_ref.as_ref().is_some_and(|r| r.namespace.is_some()) {
+            self.err(
+                format!("{at}.hs256SecretRef.namespace"),
+                "is not allowed: agentAuth reads Secrets only in the gateway's own namespace".into(),
+            );
+        }
         let hs256 = j.hs256_secret_ref.as_ref().and_then(|r| self.hs256_key(at, &r.name, j));
         if j.jwks_file.is_none() && j.jwks_url.is_none() && j.hs256_secret_ref.is_none() {
             self.err(at.to_owned(), "needs keys: jwksFile, jwksUrl or hs256SecretRef".into());
@@ -196,6 +202,12 @@ impl AgentAuthCompile<'_> {
     /// `sharedToken`: one token for every caller, read from a Secret; `None` (an error) when the
     /// Secret or its key is missing or empty.
     fn shared_token(&mut self, at: &str, name: Arc<str>, st: &SharedTokenValidator) -> Option<auth::Validator> {
+        if st.secret_ref.namespace.is_some() {
+            self.err(
+                format!("{at}.sharedToken.secretRef.namespace"),
+                "is not allowed: agentAuth reads Secrets only in the gateway's own namespace".into(),
+            );
+        }
         let skey = Key::new(self.gateway.namespace.clone(), st.secret_ref.name.clone());
         let key_name = st.secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
         let value = self.catalog.secrets.get(&skey).and_then(|d| d.spec.entries.get(key_name));

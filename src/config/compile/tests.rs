@@ -177,12 +177,16 @@ fn allow_entries_name_a_host_and_a_port_and_a_bad_one_names_its_field() {
 
 #[test]
 fn allow_entries_for_routed_hosts_are_named_as_changing_nothing() {
-    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: [api.openai.com, 'api.openai.com:8443', x.openai.azure.com, '*.openai.azure.com', '*.googleapis.com', pypi.org]\n---\n";
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: [api.openai.com, 'api.openai.com:8443', x.openai.azure.com, a.b.openai.azure.com, '*.openai.azure.com', '*.googleapis.com', pypi.org, bedrock-runtime.us-east-1.amazonaws.com]\n---\n";
     let routes = route("openai", "{provider: openai}")
-        + &route("azure", "{provider: azure-openai, hosts: ['*.openai.azure.com']}");
+        + &route("azure", "{provider: azure-openai, hosts: ['*.openai.azure.com']}")
+        + &route("bedrock", "{provider: bedrock}");
     let snap = compile(&format!("{gw}{routes}")).unwrap();
     let named: Vec<String> = snap.allow_entries_of_routed_hosts().iter().map(ToString::to_string).collect();
-    // A wildcard that reaches unrouted hosts too (`*.googleapis.com`) does change something.
+    // A wildcard that reaches unrouted hosts too (`*.googleapis.com`) does change something; so
+    // do a host two labels under a routed `*.` and one under a pattern no certificate carries
+    // (Bedrock's default `bedrock-runtime.*.amazonaws.com` is never terminated: the entry is
+    // what lets a CONNECT to it through).
     assert_eq!(named, ["api.openai.com", "api.openai.com:8443", "x.openai.azure.com", "*.openai.azure.com"]);
 }
 
@@ -226,6 +230,17 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
         ("[{edgeTrust: {agentHeader: x-agent}}]", "edgeTrust", "trusts nobody"),
         ("[{edgeTrust: {agentHeader: x-agent, trustedCidrs: [10.0.0.0/40]}}]", "trustedCidrs[0]", "prefix"),
         ("[{sharedToken: {secretRef: {name: missing}}}]", "sharedToken.secretRef", "default/missing"),
+        // A namespace was accepted and ignored: the Secret read was the gateway's namespace's.
+        (
+            "[{sharedToken: {secretRef: {name: t, namespace: other}}}]",
+            "sharedToken.secretRef.namespace",
+            "own namespace",
+        ),
+        (
+            "[{jwt: {issuer: i, audiences: [a], hs256SecretRef: {name: t, namespace: other}}}]",
+            "hs256SecretRef.namespace",
+            "own namespace",
+        ),
     ] {
         let e = compile(&gw(validators)).unwrap_err();
         assert!(e.contains(field) && e.contains(words), "{validators}: {e}");
