@@ -1237,6 +1237,67 @@ async fn an_agent_at_its_concurrent_requests_is_refused_at_the_headers_and_other
     }
 }
 
+/// The attack, on an allow-all gateway: a path of a budgeted host that no route matches is
+/// passed through, and went through without a budget, so without a place among the agent's
+/// requests in flight; the host's fixed phases still make Envoy buffer each body for keyswap. An
+/// agent held any number of such bodies past its `concurrentRequests`. The gateway's budgets
+/// bound passed-through requests in flight too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_cannot_hold_bodies_past_its_limit_through_a_path_no_route_matches() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let spec = "  key: Agent\n  window: Day\n  limits: {totalTokens: 100000000, concurrentRequests: 2}";
+    let text = gateway(&budget("per-agent", "{kind: EgressGateway, name: egress}", spec), "")
+        .replace("defaultPolicy: deny-all", "defaultPolicy: allow-all")
+        .replace(
+            "rules: [{matches: [{provider: openai}]}]",
+            "rules: [{matches: [{provider: openai, endpoints: ['/v1/chat/*']}]}]",
+        );
+    write(config.path(), &text);
+    let r = tokio::task::block_in_place(|| Replica::start_with(config.path(), meter.addr, false));
+    let mut sender = h2_connection(r.port).await;
+    let unrouted = |sender: &mut hyper::client::conn::http2::SendRequest<Frames>| {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.try_send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"purpose\":\"held\",")))).unwrap();
+        let mut req = openai_frames(tokio_stream::wrappers::ReceiverStream::new(rx));
+        *req.uri_mut() = format!("http://{OPENAI}/v1/uploads").parse().unwrap();
+        req.headers_mut().insert("authorization", format!("Bearer {ACME_TOKEN}").parse().unwrap());
+        (tx, sender.send_request(req))
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        sender.ready().await.unwrap();
+        held.push(unrouted(&mut sender));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.envoy_stat("cluster.keyswap.upstream_rq_active").await < 2 {
+        assert!(Instant::now() < deadline, "Envoy never held the two requests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third: refused at its headers, though its body never ends.
+    sender.ready().await.unwrap();
+    let (_tx3, third) = unrouted(&mut sender);
+    let resp = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third request waited for its body: it held no place")
+        .unwrap();
+    let (status, retry) = (resp.status().as_u16(), resp.headers().get("retry-after").cloned());
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert_budget_refusal(status, retry.as_ref().map(|v| v.to_str().unwrap()), &body, "default/per-agent");
+    assert!(body.contains("concurrent_requests"), "{body}");
+    // The agent's routed calls count among the same places; another agent has its own.
+    assert_eq!(call(r.port, OPENAI, Some(ACME_TOKEN), &chat(10)).await.0, 429);
+    assert_eq!(call(r.port, OPENAI, Some(GLOBEX_TOKEN), &chat(10)).await.0, 200);
+    // One held upload ends: its place is acme's again.
+    let (tx, pending) = held.pop().unwrap();
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from_static(b"\"bytes\":1}")))).await.unwrap();
+    drop(tx);
+    let resp = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
+    let _ = resp.into_body().collect().await;
+    assert_eq!(acme_call_once_a_place_is_free(r.port).await, 200, "the ended upload's place was never given back");
+    drop(held);
+}
+
 /// The attack: one agent holds streamed responses open (each a long generation it reads
 /// slowly, or not at all), each holding a provider connection and Envoy's buffers. Envoy ends
 /// keyswap's stream for a request once it expects no more messages on it: a budget that reads no

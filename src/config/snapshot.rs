@@ -40,6 +40,9 @@ pub struct Snapshot {
     pub budget_store: Option<Result<crate::budget::redis::RedisTarget, String>>,
     /// Every TokenBudget that applies to a route of this gateway.
     pub budgets: Vec<Arc<crate::budget::Budget>>,
+    /// The TokenBudgets attached to the gateway itself: their `concurrentRequests` also bound
+    /// the requests no route matches that an allow-all gateway passes through.
+    pub gateway_budgets: Arc<[Arc<crate::budget::Budget>]>,
     /// Invalid objects left out of this snapshot (isolated compiles), with why; what depended on
     /// them fails closed.
     pub rejected: Vec<super::error::ConfigError>,

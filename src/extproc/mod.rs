@@ -126,6 +126,7 @@ impl ExternalProcessor for ExtProc {
             scrub: None,
             budget: None,
             fixed: None,
+            places: Default::default(),
         })))
     }
 }
@@ -205,6 +206,9 @@ pub struct ProcessStream {
     budget: Option<Box<budget::Budgeted>>,
     /// The route fixed the phases (the body-streaming deciding filter): what Envoy sends.
     fixed: Option<phases::Fixed>,
+    /// A passed-through request's places among the gateway budgets' requests in flight, given
+    /// back when the stream ends (on fixed phases, when the response does).
+    places: crate::budget::Places,
 }
 
 /// A request that got a real credential.
@@ -365,6 +369,8 @@ pub struct Outcome {
     pub injected: Option<Injected>,
     /// The route has token budgets: reserved before the request goes on.
     pub budget: Option<Box<budget::Budgeted>>,
+    /// A request no route matches, passed through: its places in the gateway's budgets.
+    pub places: crate::budget::Places,
 }
 
 #[allow(clippy::large_enum_variant)]
@@ -389,6 +395,7 @@ impl ProcessStream {
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot, minted });
         self.sign = outcome.sign;
         self.budget = outcome.budget;
+        self.places = outcome.places;
         (outcome.resp, done)
     }
 

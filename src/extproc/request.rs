@@ -274,10 +274,11 @@ impl<'a> Incoming<'a> {
 
     /// 429: the caller's key has as many requests in flight as a budget allows. Answered at the
     /// headers, before Envoy reads (and buffers) the body.
-    fn in_flight_limited(&self, entry: &MatchEntry, l: &crate::budget::Limited) -> Step {
-        tracing::debug!(route = %entry.route, budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
+    fn in_flight_limited(&self, entry: SpanRoute<'_>, l: &crate::budget::Limited) -> Step {
+        let route = entry.map(|e| e.route.to_string());
+        tracing::debug!(route = route.as_deref().unwrap_or("-"), budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
         let tx = self.sampled().then(|| {
-            let mut tx = Box::new(self.span(Some(entry), false, false, Some("budget_exhausted")).0);
+            let mut tx = Box::new(self.span(entry, false, false, Some("budget_exhausted")).0);
             tx.on_budget("limited", Some(&l.budget), None, Some(("budget_exhausted", 429)));
             tx.answered(429);
             tx
@@ -330,7 +331,29 @@ impl<'a> Incoming<'a> {
         let mut remove: Vec<&str> = self.agent_token.map(|(name, _)| name).into_iter().collect();
         remove.extend(self.present_edge_headers());
         let m = (!remove.is_empty()).then(|| mutation::header_mutation(&Plan { remove, ..Default::default() }, &[]));
-        answer(mutation::request_headers(m, None), None, None)
+        // The gateway's budgets bound these requests in flight too: on a host whose phases are
+        // fixed, Envoy buffers their bodies as it does a budgeted route's.
+        let places = match self.unrouted_places() {
+            Ok(p) => p,
+            Err(l) => return self.in_flight_limited(None, &l),
+        };
+        let mut step = answer(mutation::request_headers(m, None), None, None);
+        if let Step::Answer(o) = &mut step {
+            o.places = places;
+        }
+        step
+    }
+
+    /// The places of a request no route matches, in the gateway's budgets that limit requests in
+    /// flight (`-` stands for the route in their keys).
+    fn unrouted_places(&self) -> Result<Places, crate::budget::Limited> {
+        let budgets = &self.snapshot.gateway_budgets;
+        if !budgets.iter().any(|b| b.concurrent.is_some()) {
+            return Ok(Places::default());
+        }
+        let keys: Vec<Arc<str>> =
+            budgets.iter().map(|b| Arc::from(b.key.value(self.identity.as_deref(), "-"))).collect();
+        self.shared.budgets.enter(budgets, &keys)
     }
 
     /// A matched route with a credential: strip, write, and (SigV4) sign.
@@ -409,7 +432,7 @@ impl<'a> Incoming<'a> {
                 return refused;
             }
             if let Err(l) = b.enter(&self.shared.budgets) {
-                return self.in_flight_limited(entry, &l);
+                return self.in_flight_limited(Some(entry), &l);
             }
             places = b.take_places();
         }
@@ -459,7 +482,7 @@ impl<'a> Incoming<'a> {
                 return refused;
             }
             if let Err(l) = b.enter_holding(&self.shared.budgets, self.held.take()) {
-                return self.in_flight_limited(entry, &l);
+                return self.in_flight_limited(Some(entry), &l);
             }
         }
         // SigV4 signs the whole body; budgets reserve by it (Envoy holds the headers meanwhile).
@@ -493,10 +516,10 @@ impl<'a> Incoming<'a> {
         let m = mutation::header_mutation(plan, &extra);
         // The response headers come back to keyswap to be scrubbed of secrets (the mode).
         let resp = mutation::request_headers(Some(m), Some(mutation::mode(body_mode, false)));
-        Step::Answer(Outcome { resp, tx, sign, injected: Some(injected), budget })
+        Step::Answer(Outcome { resp, tx, sign, injected: Some(injected), budget, places: Places::default() })
     }
 }
 
 fn answer(resp: ProcessingResponse, tx: Option<Box<Transaction>>, sign: Option<Box<PendingSign>>) -> Step {
-    Step::Answer(Outcome { resp, tx, sign, injected: None, budget: None })
+    Step::Answer(Outcome { resp, tx, sign, injected: None, budget: None, places: Places::default() })
 }

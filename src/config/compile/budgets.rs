@@ -150,6 +150,14 @@ impl GatewayBudgets {
         g
     }
 
+    /// The budgets attached to the gateway itself, by name.
+    pub(super) fn on_gateway(&self) -> Arc<[Arc<Budget>]> {
+        let mut all = self.on_gateway.clone();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.dedup_by(|a, b| a.name == b.name);
+        all.into()
+    }
+
     /// The budgets of `route`'s requests: the gateway's, then the route's own.
     pub(super) fn of(&self, route: &Key) -> Arc<[Arc<Budget>]> {
         let own = self.on_route.get(route).map(Vec::as_slice).unwrap_or_default();

@@ -374,6 +374,7 @@ impl<'a> GatewayCompile<'a> {
             otlp: gw.otlp.clone(),
             agent_auth,
             budget_store: self.catalog.budget_store(self.gateway, gw),
+            gateway_budgets: self.budgets.on_gateway(),
             budgets,
             rejected,
         }
