@@ -54,6 +54,9 @@ fn the_kustomization_renders_manifests_that_validate_strictly() {
     assert_eq!(keyswap["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
     assert_eq!(keyswap["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert!(keyswap["resources"]["requests"]["memory"].is_string());
+    let envoy = pod["containers"].as_sequence().unwrap().iter().find(|c| c["name"].as_str() == Some("envoy")).unwrap();
+    let args: Vec<&str> = envoy["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(args.contains(&"--disable-hot-restart"), "Envoy's hot-restart socket is open to the pod: {args:?}");
     // Spans name their pod and namespace: `$(VAR)` expands only variables defined before it.
     let env = keyswap["env"].as_sequence().expect("keyswap has env");
     let at = |name: &str| env.iter().position(|e| e["name"].as_str() == Some(name));

@@ -152,6 +152,23 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     }
 }
 
+/// Envoy's log in `keyswap dev` shows the headers it sends upstream, the real key among them, at
+/// debug level, which any local process can turn on through Envoy's admin interface on loopback:
+/// the log is its owner's alone, also when an earlier run left one readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_log_in_dev_is_readable_by_its_owner_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("deny-all", free_port(), "")).unwrap();
+    let log = work.path().join("envoy.log");
+    std::fs::write(&log, "an earlier run\n").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &["dev"]));
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "envoy.log mode {mode:o}\n{}", dev.proc.output());
+}
+
 /// An `allow` entry for one host a routed `*.` pattern covers (`x.openai.azure.com` under an
 /// Azure route's `*.openai.azure.com`) became an exact domain of the tunnelled virtual host, which
 /// Envoy matches before any wildcard: the CONNECT went out as a raw tunnel, taking the host out

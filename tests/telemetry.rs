@@ -515,6 +515,43 @@ async fn otel_bsp_variables_set_the_schedule_and_the_batch_size() {
     assert_eq!(sizes, [2, 2, 1], "five spans in batches of two, at shutdown:\n{log}");
 }
 
+/// The attack: thousands of idle connections to keyswap's admin port (`/metrics`, reachable
+/// from scrapers' namespaces, or a local process in `keyswap dev`). Each held a file descriptor
+/// and a task of the process every decision depends on, for as long as the peer liked: enough of
+/// them and keyswap could open nothing else (tunnels' DNS, Redis, reloads), or ran out of memory.
+/// A peer now holds a few at once, each only as long as its headers take (5 s); the kubelet's
+/// probes (another address) and the agents' requests are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_admin_port_cannot_starve_keyswap() {
+    let t = Traced::start(&[], false, false).await;
+    let pid = t.keyswap.child.id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = fds();
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        held.push(socket.connect(([127, 0, 0, 1], t.metrics_port).into()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = fds();
+    assert!(
+        during < before + 64,
+        "keyswap holds {during} descriptors with 2,000 idle admin connections ({before} before)"
+    );
+    assert_eq!(scrape(t.metrics_port, "/healthz").await.0, 200, "the probe from another address");
+    let c = client();
+    let (st, _) = send(&c, t.port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
+    assert_eq!(st, 200, "an agent's request during the attack");
+    // The few admitted are closed once their headers are late.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while fds() > before + 2 {
+        assert!(Instant::now() < deadline, "idle admin connections kept open: {} descriptors ({before} before)", fds());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+}
+
 /// `OTEL_SDK_DISABLED=true` turns tracing off even where an endpoint is set, and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otel_sdk_disabled_exports_nothing() {

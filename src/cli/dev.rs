@@ -144,7 +144,16 @@ pub const ENVOY_ADMIN_FILE: &str = "envoy-admin.txt";
 
 /// Starts Envoy on `envoy_yaml`, its output in `envoy.log` in `work`; killed if dropped.
 fn spawn_envoy(envoy_bin: &Path, envoy_yaml: &Path, work: &Path) -> anyhow::Result<tokio::process::Child> {
-    let log = std::fs::File::create(work.join("envoy.log"))?;
+    // Owner-only: Envoy's log shows the headers it sends upstream (the real key) at debug level,
+    // which anyone reaching its admin interface on loopback can turn on.
+    let log = {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let path = work.join("envoy.log");
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        // A log left by an earlier run keeps its mode on open: made owner-only here.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file
+    };
     tokio::process::Command::new(envoy_bin)
         .arg("-c")
         .arg(envoy_yaml)

@@ -1,6 +1,8 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/healthz`, `/readyz`. Loopback by default.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,12 +31,76 @@ pub async fn spawn(
     Ok(tokio::spawn(serve(listener, metrics, ready, extra)))
 }
 
-/// Serves until the listener fails or the task is dropped.
+/// Connections one peer address may hold open at once, and all peers together. The admin port is
+/// reachable by more than the kubelet (scrapers, anyone the network lets in, a local process in
+/// `keyswap dev`), and every connection held costs the process Envoy's decisions depend on a file
+/// descriptor and a task: an unbounded number of idle connections would starve it. Per peer, so
+/// that one peer holding its share leaves the kubelet's probes theirs.
+const PER_PEER: usize = 8;
+const MAX_CONNECTIONS: usize = 512;
+/// How long a connection may take to send its request headers; one request per connection.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long any connection may last.
+const LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Open admin connections by peer address.
+#[derive(Default)]
+struct Open {
+    by_peer: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admin connection, counted until it closes.
+struct Counted {
+    open: Arc<Open>,
+    peer: IpAddr,
+}
+
+impl Open {
+    /// A place for a connection from `peer`, if it and the process are under their limits.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Counted> {
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = by_peer.values().sum();
+        let n = by_peer.entry(peer).or_default();
+        if *n >= PER_PEER || total >= MAX_CONNECTIONS {
+            return None;
+        }
+        *n += 1;
+        Some(Counted { open: self.clone(), peer })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut by_peer = self.open.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Serves until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, ready: ReadyFn, extra: ExtraMetrics) {
+    let open = Arc::new(Open::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, most likely: a moment for some to close, not a spin.
+                tracing::debug!(error = %e, "admin port: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(counted) = open.admit(peer.ip()) else {
+            tracing::debug!(%peer, "admin port: connection over the limit closed");
+            continue;
+        };
         let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
         tokio::spawn(async move {
+            let _counted = counted;
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let (metrics, ready, extra) = (metrics.clone(), ready.clone(), extra.clone());
                 async move {
@@ -55,7 +121,12 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, rea
                     )
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(LIFETIME, conn).await;
         });
     }
 }
