@@ -57,6 +57,11 @@ fn the_kustomization_renders_manifests_that_validate_strictly() {
     let envoy = pod["containers"].as_sequence().unwrap().iter().find(|c| c["name"].as_str() == Some("envoy")).unwrap();
     let args: Vec<&str> = envoy["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
     assert!(args.contains(&"--disable-hot-restart"), "Envoy's hot-restart socket is open to the pod: {args:?}");
+    // Tunnels never reach the pod's own address: closed by the downward API's pod IP.
+    let serve: Vec<&str> = keyswap["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(serve.windows(2).any(|w| w == ["--deny-destination", "$(POD_IP)"]), "{serve:?}");
+    let pod_ip = keyswap["env"].as_sequence().unwrap().iter().find(|e| e["name"].as_str() == Some("POD_IP"));
+    assert_eq!(pod_ip.map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str()), Some(Some("status.podIP")));
     // Spans name their pod and namespace: `$(VAR)` expands only variables defined before it.
     let env = keyswap["env"].as_sequence().expect("keyswap has env");
     let at = |name: &str| env.iter().position(|e| e["name"].as_str() == Some(name));
