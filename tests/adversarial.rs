@@ -251,6 +251,13 @@ fn ext_proc_socket_is_owner_only_and_tcp_needs_listen() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&uds).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "ext_proc socket mode {mode:o}");
+    // Bound in a private directory first (no one connects before the mode is set), left behind.
+    let litter: Vec<_> = std::fs::read_dir(uds.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("keyswap.sock."))
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
     let log = proc.output();
     assert!(!log.contains("tcp://"), "serve listened on TCP without --listen:\n{log}");
     proc.terminate();

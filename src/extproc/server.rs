@@ -32,8 +32,8 @@ impl Bound {
     }
 
     /// Binds a Unix socket with permissions `mode`, replacing a stale socket file left by a
-    /// previous run. The socket is bound under a temporary name, given its mode, then renamed
-    /// into place: it never exists at `path` with looser permissions. The parent directory is
+    /// previous run. The socket is bound under a temporary name in a private directory, given its
+    /// mode, then renamed into place: no one else can connect before the mode is set. The parent directory is
     /// created (0700) when missing.
     pub fn uds(path: &Path, mode: u32) -> std::io::Result<Bound> {
         use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -50,14 +50,21 @@ impl Bound {
                 ));
             }
         }
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&tmp, path)?;
-        Ok(Bound::Uds(listener, path.to_path_buf()))
+        // Bound inside a directory of its own (0700), so that no other user can connect in the
+        // moment before its mode is set (a connection made then would outlive the change).
+        let mut private = path.as_os_str().to_owned();
+        private.push(format!(".{}.d", std::process::id()));
+        let private = PathBuf::from(private);
+        let _ = std::fs::remove_dir_all(&private);
+        std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+        let tmp = private.join("s");
+        let bound = UnixListener::bind(&tmp).and_then(|listener| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&tmp, path)?;
+            Ok(listener)
+        });
+        let _ = std::fs::remove_dir_all(&private);
+        Ok(Bound::Uds(bound?, path.to_path_buf()))
     }
 
     pub fn describe(&self) -> String {
