@@ -13,6 +13,9 @@ use percent_encoding::percent_decode_str;
 use super::otlp::Envelope;
 use crate::api::Otlp;
 
+/// The most of a collector's answer an OTLP/HTTP export reads (the answer to a failed export is
+/// shown in the log, cut to 200 bytes).
+const ANSWER_MAX_BYTES: usize = 64 * 1024;
 /// Used when `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` is unset.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -430,12 +433,13 @@ impl Exporter {
         let req = req.body(Full::new(Bytes::from(message))).map_err(|e| ExportError::Request(e.to_string()))?;
         let resp = client.request(req).await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
         let status = resp.status();
-        let collected =
-            resp.into_body().collect().await.map_err(|e| self.unreachable(format!("reading the answer: {e}")))?;
+        // The collector's answer is read up to a bound (what a reason takes), never whole: a
+        // broken or hostile endpoint answering without end would hold the exporter's memory.
+        let collected = http_body_util::Limited::new(resp.into_body(), ANSWER_MAX_BYTES).collect().await;
         if status.is_success() {
             return Ok(());
         }
-        let body = collected.to_bytes();
+        let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
         Err(ExportError::Http { status, body: text })
     }
@@ -651,6 +655,37 @@ mod tests {
                 .unwrap();
             assert_eq!(req.resource_spans[0].scope_spans[0].spans.len(), 3);
         }
+    }
+
+    /// A collector whose answer never ends (broken, or hostile): read whole, it held the export
+    /// until its timeout and a success counted as a failure, and the memory grew with it. The
+    /// answer is read up to a bound: the export is done once the status is known.
+    #[tokio::test]
+    async fn a_collector_answer_without_end_is_read_no_further_than_a_reason_needs() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                    let chunk = format!("{:x}\r\n{}\r\n", 8192, "x".repeat(8192));
+                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, _flush) =
+            spawn(&http_settings(format!("http://{addr}/v1/traces")), metrics.clone(), queue_of(16)).unwrap();
+        tx.send(vec![]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while metrics.spans_exported.load(std::sync::atomic::Ordering::Relaxed) < 1 {
+            assert!(std::time::Instant::now() < deadline, "the export waited for the end of an endless answer");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
