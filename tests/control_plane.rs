@@ -706,12 +706,13 @@ async fn kubernetes_ca_secret_signs_the_leaf_and_rotating_it_re_mints() {
     );
     kube.put("credentialinjectionpolicies", NS, "anthropic", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
     kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(ANTHROPIC_KEY.as_bytes())}}));
-    kube.put("secrets", NS, "egress-ca", tls_secret(&cas[0]));
 
     let (fake, provider_ca) = FakeProvider::start_tls(&HOSTS, work.path()).await;
     let uds = work.path().join("keyswap.sock");
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.args(["serve", "--kubernetes", "--namespace", NS, "--metrics", "127.0.0.1:0", "--ca-secret", "egress-ca"])
+    cmd.args(["serve", "--kubernetes", "--namespace", NS, "--metrics", &metrics, "--ca-secret", "egress-ca"])
         .arg("--uds")
         .arg(&uds)
         .arg("--upstream")
@@ -728,6 +729,26 @@ async fn kubernetes_ca_secret_signs_the_leaf_and_rotating_it_re_mints() {
         let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
         format!("keyswap:\n{}\nenvoy:\n{}", read(&klog), read(&elog))
     };
+
+    // Synced, but no CA Secret yet: not ready (a rollout must not replace working pods with one
+    // that serves routed hosts no certificate), and /readyz says what it waits for.
+    let since = Instant::now();
+    let waiting = loop {
+        keyswap_proc.assert_running();
+        assert!(since.elapsed() < Duration::from_secs(30), "/readyz never answered:\n{}", logs());
+        match try_scrape(metrics_port, "/readyz").await {
+            Some((st, text)) if text.contains("synced with the Kubernetes API") => break (st, text),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(waiting.0, 503, "ready without a CA: {}", waiting.1);
+    assert!(waiting.1.contains("waiting for the gateway CA"), "{}", waiting.1);
+    kube.put("secrets", NS, "egress-ca", tls_secret(&cas[0]));
+    let since = Instant::now();
+    while scrape(metrics_port, "/readyz").await.0 != 200 {
+        assert!(since.elapsed() < Duration::from_secs(10), "not ready once the CA came:\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let (ca1, ca2) = (cas[0].join("ca.crt"), cas[1].join("ca.crt"));
     let since = Instant::now();

@@ -2,6 +2,8 @@
 //! (`scripts/render-deploy`: the kustomization's namespace and image transformers) and validated
 //! strictly (unknown fields are errors) against the oldest and newest Kubernetes it supports.
 
+mod common;
+
 use std::process::Command;
 
 /// 1.29: native sidecars (init containers with `restartPolicy: Always`) are on by default.
@@ -86,4 +88,89 @@ fn the_kustomization_renders_manifests_that_validate_strictly() {
         .unwrap();
     let (ok, out) = validate(&bogus, KUBERNETES[0]);
     assert!(!ok, "a misspelt field passed: {out}");
+}
+
+/// Envoy closes its listeners at SIGTERM, cutting agents' open tunnels and streamed answers at
+/// every rollout or drain. Its preStop hook drains first: the hook's command, run as written in
+/// the manifest against a real Envoy with the manifest's drain flags, makes Envoy tell clients to
+/// close their connections; and the grace period covers the hook's wait and keyswap's drain.
+#[test]
+fn envoys_pre_stop_hook_drains_a_real_envoy_before_it_is_stopped() {
+    let text = render();
+    let docs: Vec<serde_yaml_ng::Value> =
+        serde_yaml_ng::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let deployment = docs.iter().find(|d| d["kind"].as_str() == Some("Deployment")).unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let envoy = pod["containers"].as_sequence().unwrap().iter().find(|c| c["name"].as_str() == Some("envoy")).unwrap();
+    let hook: Vec<&str> = envoy["lifecycle"]["preStop"]["exec"]["command"]
+        .as_sequence()
+        .expect("a preStop exec hook")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let script = hook[2];
+    let sleep: u64 = script.rsplit("sleep ").next().unwrap().trim().parse().expect("the hook ends with `sleep N`");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace >= sleep + 10 + 20,
+        "grace period {grace} s: the hook waits {sleep} s, keyswap drains 10 s and flushes up to 20 s"
+    );
+    assert!(
+        envoy["startupProbe"]["tcpSocket"].is_mapping(),
+        "Envoy waits for keyswap's first sync under a startup probe"
+    );
+    let args: Vec<&str> = envoy["args"].as_sequence().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    let drain_flags: Vec<&str> = args.iter().skip_while(|a| !a.starts_with("--drain")).copied().collect();
+    assert!(drain_flags.starts_with(&["--drain-time-s", "20", "--drain-strategy", "immediate"]), "{args:?}");
+
+    // A real Envoy, its admin on a free port in place of the bootstrap's 9901.
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, listener) = (common::free_port(), common::free_port());
+    let config = format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: proxy
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: proxy
+          route_config: {{virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, direct_response: {{status: 200}}}}]}}]}}
+          http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+"#
+    );
+    std::fs::write(dir.path().join("envoy.yaml"), config).unwrap();
+    let mut cmd = Command::new(common::envoy_bin());
+    cmd.arg("-c")
+        .arg(dir.path().join("envoy.yaml"))
+        .args(["--disable-hot-restart", "-l", "error"])
+        .args(&drain_flags[..4]);
+    let _envoy = common::Proc::spawn("envoy", cmd, dir.path().join("envoy.log"));
+    let get = || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", listener)).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok()?;
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let before = loop {
+        if let Some(a) = get() {
+            break a;
+        }
+        assert!(std::time::Instant::now() < deadline, "Envoy never listened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(before.starts_with("http/1.1 200") && !before.contains("connection: close"), "{before}");
+    let script =
+        script.replace("127.0.0.1/9901", &format!("127.0.0.1/{admin}")).replace(&format!("sleep {sleep}"), "true");
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "the hook failed: {}", String::from_utf8_lossy(&out.stderr));
+    let after = get().expect("Envoy still answers while it drains");
+    assert!(after.contains("connection: close"), "Envoy does not drain after the hook: {after}");
 }

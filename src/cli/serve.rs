@@ -206,8 +206,21 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let status = Arc::new(crate::config::kube::KubeStatus::default());
         let kube_status = status.clone();
         let (s1, s2) = (status.clone(), status.clone());
-        let ready: crate::telemetry::admin::ReadyFn =
-            Arc::new(move || (s1.synced.load(std::sync::atomic::Ordering::Relaxed), s1.detail()));
+        let control = args.control.setup(None);
+        // With a CA to follow, ready means a CA is loaded too: a pod without one would serve
+        // routed hosts no certificate, and a rollout would replace working pods with it.
+        let awaited_ca =
+            (args.control.ca_secret.is_some() || args.control.ca_dir.is_some()).then(|| control.ca.clone());
+        let ready: crate::telemetry::admin::ReadyFn = Arc::new(move || {
+            let synced = s1.synced.load(std::sync::atomic::Ordering::Relaxed);
+            match &awaited_ca {
+                Some(ca) if ca.load().is_none() => (
+                    false,
+                    format!("waiting for the gateway CA (--ca-secret or --ca-dir; see the log); {}", s1.detail()),
+                ),
+                _ => (synced, s1.detail()),
+            }
+        });
         let m = metrics.clone();
         let render = Arc::new(move |p: &mut dyn crate::prom::Families| {
             m.config_rejected
@@ -235,7 +248,6 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let store =
             crate::config::kube::start(client.clone(), args.namespace.clone(), selector, status, args.write_status)
                 .await?;
-        let control = args.control.setup(None);
         match &args.control.ca_secret {
             Some(name) => {
                 let key = ca_secret_key(name, args.namespace.as_deref())?;
