@@ -433,6 +433,29 @@ async fn an_observing_stream_naming_a_number_never_handed_out_claims_nothing() {
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(ANTHROPIC_KEY));
 }
 
+/// keyswap's gRPC service in-process over the standard configuration plus `files`, tracing on:
+/// each span, encoded, arrives on the receiver as the exporter would get it.
+async fn traced_in_process(
+    files: &[(&str, &str)],
+) -> (tempfile::TempDir, std::net::SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let dir = config_dir();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
+    let (spans_tx, spans) = tokio::sync::mpsc::channel(8);
+    let metrics: Arc<Metrics> = Arc::default();
+    let shared = Arc::new(Shared {
+        sink: keyswap::telemetry::Sink::new(metrics.clone(), Some(spans_tx)),
+        ..Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics)
+    });
+    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let Bound::Tcp(l) = &bound else { unreachable!() };
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(server::run(shared, vec![bound], None, std::future::pending()));
+    (dir, addr, spans)
+}
+
 /// The answer that ends a transaction does not wait for its span: the span ends at that answer,
 /// and is encoded and handed to the exporter once Envoy closes the stream.
 #[tokio::test]
@@ -443,18 +466,7 @@ async fn a_span_ends_at_the_last_answer_and_is_encoded_after_it_went_out() {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
     use tokio_stream::StreamExt;
 
-    let dir = config_dir();
-    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
-    let (spans_tx, mut spans) = tokio::sync::mpsc::channel(8);
-    let metrics: Arc<Metrics> = Arc::default();
-    let shared = Arc::new(Shared {
-        sink: keyswap::telemetry::Sink::new(metrics.clone(), Some(spans_tx)),
-        ..Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics)
-    });
-    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Bound::Tcp(l) = &bound else { unreachable!() };
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(shared, vec![bound], None, std::future::pending()));
+    let (_dir, addr, mut spans) = traced_in_process(&[]).await;
 
     let mut c = grpc::connect(addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -524,19 +536,7 @@ async fn refusals_for_a_body_the_phases_cannot_deliver_are_spans_with_status_and
     use opentelemetry_proto::tonic::trace::v1::Span;
     use prost::Message as _;
 
-    let dir = config_dir();
-    std::fs::write(dir.path().join("more.yaml"), budget_and_sigv4()).unwrap();
-    let snapshot = FileSource::new(dir.path(), vec![]).snapshot(&GatewaySelector::Only).unwrap();
-    let (spans_tx, mut spans) = tokio::sync::mpsc::channel(8);
-    let metrics: Arc<Metrics> = Arc::default();
-    let shared = Arc::new(Shared {
-        sink: keyswap::telemetry::Sink::new(metrics.clone(), Some(spans_tx)),
-        ..Shared::new(Arc::new(ArcSwap::from_pointee(snapshot)), metrics)
-    });
-    let bound = Bound::tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Bound::Tcp(l) = &bound else { unreachable!() };
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(server::run(shared, vec![bound], None, std::future::pending()));
+    let (_dir, addr, mut spans) = traced_in_process(&[("more.yaml", &budget_and_sigv4())]).await;
 
     let head =
         req("api.anthropic.com", "/v1/messages", &[("content-type", "application/json"), ("x-api-key", PLACEHOLDER)]);
