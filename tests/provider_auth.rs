@@ -320,8 +320,12 @@ const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 const GEMINI_PATH: &str = "/v1beta/models/gemini-2.0-flash:generateContent";
 
 fn gemini(dev: &Dev) -> (i32, String, String) {
+    gemini_via(&dev.env)
+}
+
+fn gemini_via(env: &std::collections::HashMap<String, String>) -> (i32, String, String) {
     let url = format!("https://{GEMINI_HOST}{GEMINI_PATH}");
-    curl(dev, &["-w", "\n%{http_code}", "-H", "x-goog-api-key: keyswap-injected-by-proxy", "-d", "{}", &url])
+    curl_via(env, &["-w", "\n%{http_code}", "-H", "x-goog-api-key: keyswap-injected-by-proxy", "-d", "{}", &url])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,11 +347,11 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     let dev = tokio::task::block_in_place(|| start_dev_env(config.path(), work.path(), &[upstream], &env));
 
     // Many concurrent first requests: one token fetch, every request carries that token.
-    let dev = std::sync::Arc::new(dev);
+    // The threads hold the gateway's addresses, not `dev`: a failing assertion still stops it.
     let handles: Vec<_> = (0..12)
         .map(|_| {
-            let dev = dev.clone();
-            std::thread::spawn(move || gemini(&dev))
+            let env = dev.env.clone();
+            std::thread::spawn(move || gemini_via(&env))
         })
         .collect();
     for h in handles {
@@ -448,12 +452,11 @@ async fn requests_parked_for_a_slow_token_fetch_hold_their_places_in_flight() {
     let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: two-at-once}\nspec:\n  parentRefs: [{kind: AIProviderRoute, name: gemini}]\n  key: Route\n  window: Day\n  limits: {concurrentRequests: 2}\n";
     std::fs::write(config.path().join("gemini.yaml"), gcp_config(proxy_port, &sa) + budget).unwrap();
     let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
-    let dev = std::sync::Arc::new(tokio::task::block_in_place(|| {
-        start_dev_env(config.path(), work.path(), &[upstream], &[])
-    }));
-    let spawn = |dev: &std::sync::Arc<Dev>| {
-        let dev = dev.clone();
-        std::thread::spawn(move || gemini(&dev))
+    let dev = tokio::task::block_in_place(|| start_dev_env(config.path(), work.path(), &[upstream], &[]));
+    // The threads hold the gateway's addresses, not `dev`: a failing assertion still stops it.
+    let spawn = |dev: &Dev| {
+        let env = dev.env.clone();
+        std::thread::spawn(move || gemini_via(&env))
     };
 
     tokens.hold();

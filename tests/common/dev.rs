@@ -57,16 +57,14 @@ pub fn start_dev_with(config: &Path, work: &Path, upstreams: &[String], env: &[(
 
 /// Runs curl through the gateway the way an agent would (proxy + gateway CA only).
 pub fn curl(dev: &Dev, args: &[&str]) -> (i32, String, String) {
+    curl_via(&dev.env, args)
+}
+
+/// [`curl`] through the gateway `env` names (`HTTPS_PROXY`, `NODE_EXTRA_CA_CERTS`): for a thread
+/// that must not keep the gateway's processes alive (a `Dev` is stopped when dropped).
+pub fn curl_via(env: &HashMap<String, String>, args: &[&str]) -> (i32, String, String) {
     let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "20",
-            "--proxy",
-            &dev.env["HTTPS_PROXY"],
-            "--cacert",
-            &dev.env["NODE_EXTRA_CA_CERTS"],
-        ])
+        .args(["-sS", "--max-time", "20", "--proxy", &env["HTTPS_PROXY"], "--cacert", &env["NODE_EXTRA_CA_CERTS"]])
         .args(args)
         .env_remove("HTTPS_PROXY")
         .env_remove("https_proxy")
