@@ -80,6 +80,7 @@ impl InFlight {
             let hash = self.hasher.hash_one((&*b.name, &**key));
             loop {
                 let slot = self.slot(hash, &b.name, key);
+                // Not `then_some(n + 1)`: on a retired slot (u64::MAX) the sum would overflow.
                 match slot.n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                     if n < limit {
                         Some(n + 1)

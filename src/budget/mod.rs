@@ -117,6 +117,11 @@ impl KeyBy {
     }
 }
 
+/// The counter key of a request in each of `budgets`, in order ([`KeyBy::value`]).
+pub fn keys(budgets: &[Arc<Budget>], identity: Option<&Identity>, route: &str) -> Vec<Arc<str>> {
+    budgets.iter().map(|b| Arc::from(b.key.value(identity, route))).collect()
+}
+
 impl Budget {
     /// One line for `check` and `explain`: key, window, limits, reservation, fail mode.
     pub fn describe(&self) -> String {

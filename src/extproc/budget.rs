@@ -84,7 +84,7 @@ impl Budgeted {
         if entry.budgets.is_empty() {
             return None;
         }
-        let keys = entry.budgets.iter().map(|b| Arc::from(b.key.value(identity, &entry.route))).collect();
+        let keys = crate::budget::keys(&entry.budgets, identity, &entry.route);
         let format = crate::provider::usage::format_for(entry.provider.name);
         let plan = Plan {
             budgets: entry.budgets.clone(),

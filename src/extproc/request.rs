@@ -275,8 +275,8 @@ impl<'a> Incoming<'a> {
     /// 429: the caller's key has as many requests in flight as a budget allows. Answered at the
     /// headers, before Envoy reads (and buffers) the body.
     fn in_flight_limited(&self, entry: SpanRoute<'_>, l: &crate::budget::Limited) -> Step {
-        let route = entry.map(|e| e.route.to_string());
-        tracing::debug!(route = route.as_deref().unwrap_or("-"), budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
+        let route = entry.map_or("-", |e| &*e.route);
+        tracing::debug!(route, budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
         let tx = self.sampled().then(|| {
             let mut tx = Box::new(self.span(entry, false, false, Some("budget_exhausted")).0);
             tx.on_budget("limited", Some(&l.budget), None, Some(("budget_exhausted", 429)));
@@ -337,11 +337,8 @@ impl<'a> Incoming<'a> {
             Ok(p) => p,
             Err(l) => return self.in_flight_limited(None, &l),
         };
-        let mut step = answer(mutation::request_headers(m, None), None, None);
-        if let Step::Answer(o) = &mut step {
-            o.places = places;
-        }
-        step
+        let resp = mutation::request_headers(m, None);
+        Step::Answer(Outcome { resp, tx: None, sign: None, injected: None, budget: None, places })
     }
 
     /// The places of a request no route matches, in the gateway's budgets that limit requests in
@@ -351,8 +348,7 @@ impl<'a> Incoming<'a> {
         if !budgets.iter().any(|b| b.concurrent.is_some()) {
             return Ok(Places::default());
         }
-        let keys: Vec<Arc<str>> =
-            budgets.iter().map(|b| Arc::from(b.key.value(self.identity.as_deref(), "-"))).collect();
+        let keys = crate::budget::keys(budgets, self.identity.as_deref(), "-");
         self.shared.budgets.enter(budgets, &keys)
     }
 

@@ -33,8 +33,8 @@ impl Bound {
 
     /// Binds a Unix socket with permissions `mode`, replacing a stale socket file left by a
     /// previous run. The socket is bound under a temporary name in a private directory, given its
-    /// mode, then renamed into place: no one else can connect before the mode is set. The parent directory is
-    /// created (0700) when missing.
+    /// mode, then renamed into place: no one else can connect before the mode is set. The parent
+    /// directory is created (0700) when missing.
     pub fn uds(path: &Path, mode: u32) -> std::io::Result<Bound> {
         use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {

@@ -75,10 +75,7 @@ pub struct TunnelGuard {
 /// A NAT64 network-specific prefix (RFC 6052): IPv6, of length 32, 40, 48, 56, 64 or 96. The
 /// IPv4 address follows the prefix, skipping bits 64-71 (the `u` octet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Nat64Prefix {
-    net: u128,
-    len: u8,
-}
+pub struct Nat64Prefix(Cidr);
 
 impl std::str::FromStr for Nat64Prefix {
     type Err = String;
@@ -86,39 +83,35 @@ impl std::str::FromStr for Nat64Prefix {
         let bad = || {
             format!("`{s}` is not a NAT64 prefix: an IPv6 network of length 32, 40, 48, 56, 64 or 96 (e.g. 2001:db8:64::/96)")
         };
-        let (a, l) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv6Addr = a.trim().parse().map_err(|_| bad())?;
-        let len: u8 = l.trim().parse().map_err(|_| bad())?;
-        if ![32, 40, 48, 56, 64, 96].contains(&len) {
+        let net: Cidr = s.parse().map_err(|_| bad())?;
+        if !s.contains('/') || !net.is_ipv6() || ![32, 40, 48, 56, 64, 96].contains(&net.prefix()) {
             return Err(bad());
         }
-        let mask = u128::MAX << (128 - u32::from(len));
-        Ok(Nat64Prefix { net: u128::from(addr) & mask, len })
+        Ok(Nat64Prefix(net))
     }
 }
 
 impl std::fmt::Display for Nat64Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", Ipv6Addr::from(self.net), self.len)
+        self.0.fmt(f)
     }
 }
 
 impl Nat64Prefix {
     /// The IPv4 address `v6` embeds, when it is in this prefix.
     fn embedded(&self, v6: Ipv6Addr) -> Option<Ipv4Addr> {
-        let bits = u128::from(v6);
-        if bits & (u128::MAX << (128 - u32::from(self.len))) != self.net {
+        if !self.0.contains(IpAddr::V6(v6)) {
             return None;
         }
         let b = v6.octets();
-        if self.len == 96 {
+        if self.0.prefix() == 96 {
             return Some(Ipv4Addr::new(b[12], b[13], b[14], b[15]));
         }
         // The address without its `u` octet (byte 8); the IPv4 address starts at the prefix's end.
         let mut packed = [0u8; 15];
         packed[..8].copy_from_slice(&b[..8]);
         packed[8..].copy_from_slice(&b[9..]);
-        let at = usize::from(self.len / 8);
+        let at = usize::from(self.0.prefix() / 8);
         Some(Ipv4Addr::new(packed[at], packed[at + 1], packed[at + 2], packed[at + 3]))
     }
 }
