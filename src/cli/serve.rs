@@ -180,17 +180,19 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
+    // The socket file last: once it appears at its path, every listener is bound (a caller that
+    // waits for it, a test or a startup script, then finds the TCP port listening too).
     let mut listeners = Vec::new();
-    if let Some(path) = &args.uds {
-        let bound =
-            Bound::uds(path, args.uds_mode).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
-        listeners.push(bound);
-    }
     if let Some(addr) = args.listen {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "ext_proc on a non-loopback TCP address: whoever reaches it can obtain real keys");
         }
         listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
+    }
+    if let Some(path) = &args.uds {
+        let bound =
+            Bound::uds(path, args.uds_mode).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        listeners.push(bound);
     }
     Ok(listeners)
 }
