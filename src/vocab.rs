@@ -59,12 +59,22 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     AGENT_TOKEN_HEADER,
 ];
 
-/// Query parameters that carry credentials somewhere (Google's `key`, Azure's `api-key`, OAuth's
-/// `access_token`, SigV4 query signing). Stripped from every routed request, whatever the
-/// provider, and redacted in telemetry; names are compared leniently
-/// ([`crate::inject::query::names_param`]).
-pub const CREDENTIAL_QUERY_PARAMS: &[&str] =
-    &["key", "api-key", "access-token", "x-amz-credential", "x-amz-signature", "x-amz-security-token"];
+/// Query parameters that carry credentials somewhere (Google's `key`, and `oauth_token` and
+/// `bearer_token` that every Google API's discovery document lists; Azure's `api-key`, Azure API
+/// Management's `subscription-key`; OAuth's `access_token`; SigV4 query signing). Stripped from
+/// every routed request, whatever the provider, and redacted in telemetry; names are compared
+/// leniently ([`crate::inject::query::names_param`]).
+pub const CREDENTIAL_QUERY_PARAMS: &[&str] = &[
+    "key",
+    "api-key",
+    "access-token",
+    "oauth-token",
+    "bearer-token",
+    "subscription-key",
+    "x-amz-credential",
+    "x-amz-signature",
+    "x-amz-security-token",
+];
 
 /// Whether two header names are the same header to a lenient server: ASCII case ignored, and
 /// `_` read as `-` (some servers and frameworks fold underscores into dashes).

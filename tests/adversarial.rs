@@ -467,7 +467,7 @@ async fn dot_segments_encoded_slashes_and_trace_do_not_reach_excluded_endpoints_
 // === 7. smuggling beside the real key ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cookies_underscore_headers_and_lenient_query_names_are_not_smuggled() {
+async fn cookies_underscore_headers_lenient_and_google_oauth_query_names_are_not_smuggled() {
     let g = start_gateway("deny-all", "", &[]).await;
     let before = g.fake.seen().len();
     let (_, out, _) = g.curl(&[
@@ -483,7 +483,8 @@ async fn cookies_underscore_headers_and_lenient_query_names_are_not_smuggled() {
         "{}",
         &format!(
             "https://generativelanguage.googleapis.com/v1beta/models/gemini-allowed:generateContent?\
-             api_key={STOLEN}&API-KEY={STOLEN}&%6Bey={STOLEN}&alt=json;key={STOLEN}&access_token={STOLEN}&Key[]={STOLEN}"
+             api_key={STOLEN}&API-KEY={STOLEN}&%6Bey={STOLEN}&alt=json;key={STOLEN}&access_token={STOLEN}&Key[]={STOLEN}\
+             &oauth_token={STOLEN}&Bearer_Token={STOLEN}&subscription-key={STOLEN}"
         ),
     ]);
     assert!(status_line(&out).contains(" 200"), "{out}");
@@ -552,6 +553,54 @@ async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
         tokio::task::block_in_place(|| curl(&dev, &["-d", body, "https://api.anthropic.com/v1/messages"]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("message_stop"), "{out}");
+}
+
+// === 8a. Envoy's own request headers ===
+
+/// Envoy reads retry and timeout orders from `x-envoy-*` request headers of requests it counts as
+/// internal (loopback and private addresses, unless told otherwise: every agent's). An agent that
+/// sends them would have the gateway call the provider again after an answer it was charged
+/// for once (`retriable-status-codes: 200`), or cut the upstream's answer short to retry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_retry_headers_cannot_buy_two_generations_for_one_request() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let before = g.fake.seen().len();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[]}"#;
+    for (name, value) in [
+        ("x-envoy-retry-on", "retriable-status-codes,5xx,reset"),
+        ("x-envoy-retriable-status-codes", "200"),
+        ("x-envoy-max-retries", "3"),
+        ("x-envoy-upstream-rq-timeout-ms", "1"),
+        ("x-envoy-upstream-rq-per-try-timeout-ms", "1"),
+        ("x-envoy-hedge-on-per-try-timeout", "true"),
+    ] {
+        let (_, out, _) = g.curl(&[
+            "-H",
+            "x-envoy-retry-on: retriable-status-codes,5xx,reset",
+            "-H",
+            "x-envoy-retriable-status-codes: 200",
+            "-H",
+            "x-envoy-max-retries: 3",
+            "-H",
+            &format!("{name}: {value}"),
+            "-d",
+            body,
+            "https://api.anthropic.com/v1/messages",
+        ]);
+        assert!(status_line(&out).contains(" 200"), "{out}");
+    }
+    let seen = g.fake.seen();
+    assert_eq!(seen.len(), before + 6, "a request reached the provider more than once");
+    for s in &seen[before..] {
+        let got = s.everything().to_ascii_lowercase();
+        for name in
+            ["x-envoy-retry-on", "x-envoy-retriable", "x-envoy-max-retries", "x-envoy-upstream-rq", "x-envoy-hedge"]
+        {
+            assert!(!got.contains(name), "an agent's {name} reached the provider: {got}");
+        }
+        // Envoy's own statement of the route's timeout, not one the agent chose.
+        assert!(!got.contains("x-envoy-expected-rq-timeout-ms: 1\n"), "{got}");
+    }
 }
 
 // === 8b. protocol switches past the request decision ===
@@ -784,6 +833,44 @@ async fn trace_and_dot_segments_sent_straight_to_keyswap_get_no_key() {
         m.remove_headers.contains(&"x_api_key".to_owned()) && m.remove_headers.contains(&"cookie".to_owned()),
         "{m:?}"
     );
+}
+
+/// keyswap does not rely on the Envoy in front to refuse what HTTP cannot carry: a pseudo-header
+/// missing or not UTF-8 was read as a default that passes every check (`/` for the path, the
+/// `host` header for the authority, `GET`), while the bytes Envoy forwards are another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_or_missing_pseudo_headers_sent_straight_to_keyswap_get_no_key() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    let s = direct().await;
+    let mut c = grpc::connect(s.addr).await;
+    let bad = b"/v1/x/../messages?key=\xC3".as_slice();
+    let cases: [(&str, &[u8], i32); 4] = [
+        (":path", bad, 400),
+        (":authority", b"api.anthropic.com\xFF", 400),
+        (":method", b"P\xD8ST", 405),
+        (":path", b"", 400),
+    ];
+    for (name, value, status) in cases {
+        let mut pairs = req("POST", "api.anthropic.com", "/v1/messages");
+        pairs.push(("host", "api.anthropic.com"));
+        let mut msg = grpc::headers(&pairs);
+        let Some(Request::RequestHeaders(h)) = &mut msg.request else { unreachable!() };
+        for hv in &mut h.headers.as_mut().unwrap().headers {
+            if hv.key == name {
+                hv.raw_value = value.to_vec();
+            }
+        }
+        let mut answers = grpc::exchange(&mut c, vec![msg]).await;
+        let r = answers.remove(0).expect("an answer, not a broken stream");
+        assert_eq!(immediate(&r).status.as_ref().unwrap().code, status, "{name}: {value:?}");
+    }
+    // Without `:path` or `:method` at all: refused the same way.
+    for missing in [":path", ":method"] {
+        let pairs: Vec<_> =
+            req("POST", "api.anthropic.com", "/v1/messages").into_iter().filter(|(k, _)| *k != missing).collect();
+        let r = grpc::request(&mut c, &pairs).await;
+        assert!(immediate(&r).status.as_ref().unwrap().code >= 400, "without {missing}");
+    }
 }
 
 // === lower severity: protocol errors ===

@@ -318,7 +318,9 @@ pub fn parse_file(origin_file: &std::path::Path, text: &str) -> (Vec<Object>, Ve
             Ok(v) => v,
             Err(e) => {
                 // A syntax error ends the stream: the parser cannot find the next document.
-                errors.push(ConfigError::new(format!("not valid YAML: {e}")).at(&origin));
+                // The document may be a Secret: a tagged value (`!!int sk-…`) is quoted by the
+                // parser's message, so quoted text is left out (the line and column stay).
+                errors.push(ConfigError::new(format!("not valid YAML: {}", unquoted(&e.to_string()))).at(&origin));
                 break;
             }
         };
@@ -429,13 +431,44 @@ fn take_str(map: &mut serde_yaml_ng::Mapping, field: &str) -> Result<String, Con
     }
 }
 
-/// Deserializes a non-secret value, reporting the full path of the offending field.
+/// Deserializes a non-secret value, reporting the full path of the offending field. The values of
+/// [`SECRET_FIELDS`] (collector credentials written inline) are never quoted.
 fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { prefix.to_owned() } else { format!("{prefix}.{path}") };
-        ConfigError::new(e.into_inner().to_string()).field(field)
+        let message = e.into_inner().to_string();
+        let message = match SECRET_FIELDS.iter().any(|f| field.starts_with(f)) {
+            true => unquoted(&message),
+            false => message,
+        };
+        ConfigError::new(message).field(field)
     })
+}
+
+/// Fields of keyswap's resources whose values may be credentials.
+const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];
+
+/// A parser's message with what it quotes (`"…"`, `` `…` ``: the offending value) left out.
+fn unquoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if c == '"' || c == '`' => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    out
 }
 
 /// Secrets are parsed by hand so that no error message can quote a value.
@@ -653,6 +686,31 @@ mod tests {
         }
         assert!(all.contains("Secret default/s: field `stringData.token`: must be a string"), "{all}");
         assert!(all.contains("Secret default/t: field `data.token`: is not valid base64"), "{all}");
+    }
+
+    /// An operator writes a collector's credential the way `OTEL_EXPORTER_OTLP_HEADERS` spells
+    /// it, or a Secret value with a YAML tag: the error names the field, never the value.
+    #[test]
+    fn otlp_header_values_and_tagged_secret_values_are_never_quoted_in_config_errors() {
+        let gateway = |headers: &str| {
+            format!(
+                "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: g}}\n\
+                 spec: {{otlp: {{endpoint: 'http://127.0.0.1:4318', headers: {headers}}}}}\n"
+            )
+        };
+        for (text, field) in [
+            (gateway("'authorization=Bearer s3cret-one'"), "spec.otlp.headers"),
+            (gateway("{x-k: 12345678}"), "spec.otlp.headers"),
+            (gateway("{x-k: [s3cret-one]}"), "spec.otlp.headers"),
+            ("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {token: !!int s3cret-one}\n".into(), ""),
+            ("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {token: !!bool 12345678}\n".into(), ""),
+        ] {
+            let (_, errs) = parse(&text);
+            assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+            let e = errs[0].to_string();
+            assert!(!e.contains("s3cret") && !e.contains("12345678"), "error text leaks a value: {e}");
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

@@ -532,6 +532,14 @@ fn header_bytes(h: &HeaderValue) -> &[u8] {
     }
 }
 
+/// Header `name` as text: `Some("")` when it is there but not UTF-8, `None` when it is absent.
+fn present<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(name))
+        .map(|h| std::str::from_utf8(header_bytes(h)).unwrap_or(""))
+}
+
 fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
 }

@@ -13,7 +13,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use secrecy::ExposeSecret as _;
 use serde_json::json;
 
-use super::{find, header_bytes, mutation, AgentToken, Injected, Outcome, PendingSign, Resume, Shared, Step, Wait};
+use super::{
+    find, header_bytes, mutation, present, AgentToken, Injected, Outcome, PendingSign, Resume, Shared, Step, Wait,
+};
 use crate::auth::{Admission, Identity, Peer, Rejection};
 use crate::budget::Places;
 use crate::config::snapshot::MatchEntry;
@@ -107,16 +109,19 @@ type SpanRoute<'a> = Option<&'a MatchEntry>;
 
 impl<'a> Incoming<'a> {
     fn new(snapshot: &'a Arc<Snapshot>, shared: &'a Shared, headers: &'a [HeaderValue], has_body: bool) -> Self {
-        let path = find(headers, ":path").unwrap_or("/");
+        // What is missing or not UTF-8 reads as empty, which every check refuses: never as a
+        // default that passes them (`/`, `GET`), nor as the next header (`host` for a bad
+        // `:authority`), while Envoy forwards the bytes as they are.
+        let path = present(headers, ":path").unwrap_or("");
         Incoming {
             snapshot,
             shared,
             headers,
             has_body,
-            authority: find(headers, ":authority").or_else(|| find(headers, "host")).unwrap_or(""),
+            authority: present(headers, ":authority").or_else(|| present(headers, "host")).unwrap_or(""),
             path,
             path_only: path.split_once('?').map_or(path, |(p, _)| p),
-            method: find(headers, ":method").unwrap_or("GET"),
+            method: present(headers, ":method").unwrap_or(""),
             creates: false,
             identity: None,
             agent_token: None,

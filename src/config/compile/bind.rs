@@ -166,29 +166,34 @@ fn record_use(
     live: &mut Vec<SecretSlice<u8>>,
 ) {
     if let Ok(v) = raw {
-        let v = v.expose_secret();
-        live.push(SecretSlice::from(v.to_vec()));
-        let encoded = crate::inject::query::encode_value(v);
-        if encoded.as_bytes() != v {
-            live.push(SecretSlice::from(encoded.into_bytes()));
-        }
-        // `"sk\/…"`: PHP's json_encode and some Java encoders escape every `/` in a string.
-        if v.contains(&b'/') {
-            let mut escaped = Vec::with_capacity(2 * v.len());
-            for &b in v {
-                if b == b'/' {
-                    escaped.push(b'\\');
-                }
-                escaped.push(b);
-            }
-            live.push(SecretSlice::from(escaped));
-        }
+        scrub_forms(v.expose_secret(), live);
     }
     secrets.push(SecretUse {
         secret: secret_key.clone(),
         key: key_name.to_owned(),
         fingerprint: raw.as_ref().ok().map(|v| fingerprint(v.expose_secret())),
     });
+}
+
+/// Records `v` for scrubbing as it is sent, its query-encoded form, and the form JSON encoders
+/// that escape `/` write (when different).
+fn scrub_forms(v: &[u8], live: &mut Vec<SecretSlice<u8>>) {
+    live.push(SecretSlice::from(v.to_vec()));
+    let encoded = crate::inject::query::encode_value(v);
+    if encoded.as_bytes() != v {
+        live.push(SecretSlice::from(encoded.into_bytes()));
+    }
+    // `"sk\/…"`: PHP's json_encode and some Java encoders escape every `/` in a string.
+    if v.contains(&b'/') {
+        let mut escaped = Vec::with_capacity(2 * v.len());
+        for &b in v {
+            if b == b'/' {
+                escaped.push(b'\\');
+            }
+            escaped.push(b);
+        }
+        live.push(SecretSlice::from(escaped));
+    }
 }
 
 /// A `target: Header` credential: the policy's header, else the provider's default (whose prefix
@@ -267,9 +272,11 @@ impl SecretKeys<'_> {
             key: key.into(),
             fingerprint: Some(fingerprint(v)),
         });
-        self.live.push(SecretSlice::from(v.to_vec()));
-        let text = std::str::from_utf8(v).map_err(|_| self.invalid(key, "is not UTF-8 text".into()))?;
-        Ok(Some(text.trim().to_owned()))
+        let text = std::str::from_utf8(v).map_err(|_| self.invalid(key, "is not UTF-8 text".into()))?.trim();
+        // Scrubbed as it is sent (a session token travels in `x-amz-security-token`): a file
+        // written by `echo` ends with a newline no echo of the header carries.
+        scrub_forms(text.as_bytes(), self.live);
+        Ok(Some(text.to_owned()))
     }
 
     /// Key `key` is there but unusable; `message` never contains the value.

@@ -316,6 +316,24 @@ fn a_key_is_scrubbed_in_each_form_it_travels_in() {
     }
 }
 
+/// A session token written to its Secret by `echo` (a trailing newline) travels trimmed in
+/// `x-amz-security-token`: an upstream echoing that header must still have it scrubbed, in each
+/// form it travels in.
+#[test]
+fn a_session_token_stored_with_a_trailing_newline_is_scrubbed_as_it_is_sent() {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: bedrock}"),
+        policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}"),
+        secret("  AWS_ACCESS_KEY_ID: AKIAREAL\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value\n  AWS_SESSION_TOKEN: \"tok/en+1=\\n\"")
+    );
+    let snap = compile(&text).unwrap();
+    let forms: Vec<String> = snap.secret_values().iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    for form in ["tok/en+1=", "tok%2Fen%2B1%3D", "tok\\/en+1="] {
+        assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
+    }
+}
+
 #[test]
 fn header_values_must_travel_in_a_header_but_provider_auth_reads_multi_line_keys() {
     let text = format!(
