@@ -189,6 +189,8 @@ fn parse_duration(s: &str) -> Option<std::time::Duration> {
 /// unless RUST_LOG names the target (or a parent of it) explicitly:
 /// - aws-sigv4 logs canonical requests, session token included; h2/hyper log header frames (debug
 ///   and trace: capped at `info`).
+/// - gcp_auth logs a failed token request's answer body at WARN (an endpoint that echoes the form
+///   would log the signed assertion): capped at `error`; keyswap logs the failure itself.
 /// - kube-client logs a whole response body at WARN when it cannot parse it (`Client::request`:
 ///   `warn!("{}, {:?}", text, e)`, so a Secret list that fails to parse would be logged, keys and
 ///   all), error bodies at debug and response headers at trace: `kube_client::client` is capped at
@@ -199,7 +201,7 @@ fn parse_duration(s: &str) -> Option<std::time::Duration> {
 const CAPPED_TARGETS: &[(&str, &str)] = &[
     ("aws_sigv4", "info"),
     ("aws_smithy_runtime_api", "info"),
-    ("gcp_auth", "info"),
+    ("gcp_auth", "error"),
     ("h2", "info"),
     ("hyper", "info"),
     ("hyper_util", "info"),
@@ -300,6 +302,8 @@ mod tests {
         // kube-client's body-carrying WARN is capped below warn; naming kube_client lifts it.
         let f = super::log_filter(Some("debug"));
         assert!(f.contains(",kube_client::client=error") && f.contains(",kube_runtime=info"), "{f}");
+        // gcp_auth's failed-token WARN carries the endpoint's answer (which may echo the assertion).
+        assert!(super::log_filter(None).contains(",gcp_auth=error"), "{f}");
         let f = super::log_filter(Some("info,kube_client=debug"));
         assert!(!f.contains("kube_client::client=") && f.contains(",kube_runtime=info"), "{f}");
         // A cap never raises a level: the TLS module's exemption stays within RUST_LOG's default.

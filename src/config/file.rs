@@ -55,18 +55,26 @@ impl EnvSecret {
     /// Parses `[NAMESPACE/]SECRET/KEY=ENVVAR` and reads the variable through `env`.
     pub fn parse(spec: &str, env: impl Fn(&str) -> Option<String>) -> Result<EnvSecret, String> {
         let usage = "expected [NAMESPACE/]SECRET/KEY=ENVVAR, e.g. anthropic/token=ANTHROPIC_API_KEY";
-        let (target, var) = spec.split_once('=').ok_or_else(|| format!("`{spec}`: {usage}"))?;
+        // What follows `=` may be the key itself, pasted in place of a variable's name: errors name
+        // only what precedes it.
+        let (target, var) = spec.split_once('=').ok_or_else(|| format!("an argument without `=`: {usage}"))?;
         let parts: Vec<&str> = target.split('/').collect();
         let (ns, name, key) = match parts.as_slice() {
             [name, key] => (load::DEFAULT_NAMESPACE, *name, *key),
             [ns, name, key] => (*ns, *name, *key),
-            _ => return Err(format!("`{spec}`: {usage}")),
+            _ => return Err(format!("`{target}=…`: {usage}")),
         };
         if [ns, name, key, var].iter().any(|s| s.is_empty()) {
-            return Err(format!("`{spec}`: {usage}"));
+            return Err(format!("`{target}=…`: {usage}"));
         }
-        let value = env(var)
-            .ok_or_else(|| format!("environment variable {var} (for Secret {ns}/{name} key {key}) is not set"))?;
+        // Named only when it looks like a variable's name (`UPPER_SNAKE`): a key in lowercase hex
+        // (Azure's) is letters and digits too.
+        let named = var.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && !var.as_bytes()[0].is_ascii_digit();
+        let value = env(var).ok_or_else(|| match named {
+            true => format!("environment variable {var} (for Secret {ns}/{name} key {key}) is not set"),
+            false => format!("`{target}=…`: no environment variable of that name is set (not shown: it does not look like one); {usage}"),
+        })?;
         if value.is_empty() || value.contains(['\r', '\n', '\0']) {
             return Err(format!("environment variable {var} is empty or contains CR, LF or NUL"));
         }
@@ -458,5 +466,22 @@ mod tests {
         let e = EnvSecret::parse("anthropic/token=MISSING", env).unwrap_err();
         assert!(e.contains("MISSING") && e.contains("not set"), "{e}");
         assert!(!format!("{s:?}").contains("sk-x"));
+    }
+
+    /// An operator pastes the key where the variable's name goes, or forgets the `=`: the error
+    /// says what is wrong without repeating the key.
+    #[test]
+    fn env_secret_errors_never_echo_what_follows_the_equals_sign() {
+        let env = |_: &str| None;
+        for spec in [
+            "anthropic/token=sk-ant-s3cret",
+            "azure/token=0123abcdefs3cret",
+            "x/y/z/token=sk-ant-s3cret",
+            "sk-ant-s3cret",
+            "/=sk-ant-s3cret",
+        ] {
+            let e = EnvSecret::parse(spec, env).unwrap_err();
+            assert!(!e.contains("s3cret") && e.contains("expected"), "{spec}: {e}");
+        }
     }
 }

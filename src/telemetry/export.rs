@@ -184,6 +184,17 @@ pub fn settings_for(
             None => return Ok(None),
         },
     };
+    // Credentials in the URL (`https://user:token@collector`) are never sent (hyper drops them) and
+    // would be in every log line that names the endpoint: refused, and never quoted.
+    if endpoint
+        .split_once("://")
+        .map_or(endpoint.as_str(), |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .is_some_and(|a| a.contains('@'))
+    {
+        return Err(format!("{source} has credentials in its URL (user:password@); send them as OTLP headers instead"));
+    }
     let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{endpoint}` is not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
@@ -210,7 +221,9 @@ pub fn settings_for(
     let mut merged: Vec<(String, String)> = Vec::with_capacity(headers.len());
     for (k, v) in headers {
         let k = k.to_ascii_lowercase();
-        HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("OTLP header `{k}` is not a valid header name"))?;
+        // Not quoted: `Authorization: Basic dXNl=` split at its `=` makes a "name" of a credential.
+        HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("an OTLP header `{}` is not a valid header name (write name=value)", name_of(&k)))?;
         HeaderValue::from_str(&v).map_err(|_| format!("OTLP header {k}: the value is not a valid header value"))?;
         merged.retain(|(old, _)| *old != k);
         merged.push((k, v));
@@ -565,6 +578,18 @@ mod tests {
             |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization:Bearer s3cret".to_string());
         let e = settings(Some(&otlp("http://otel:4318")), secret_in_bad_list).unwrap_err();
         assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && !e.contains("s3cret"), "{e}");
+        // A curl-style item whose credential ends in base64 padding splits at that `=`.
+        let padded = |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization: basic s3cret==".to_string());
+        let e = settings(Some(&otlp("http://otel:4318")), padded).unwrap_err();
+        assert!(e.contains("authorization") && !e.contains("s3cret"), "{e}");
+        // Credentials in the endpoint's URL: refused, never echoed.
+        for url in ["https://user:s3cret@otel:4318", "http://s3cret@otel:4318/v1/traces"] {
+            let e = settings(Some(&otlp(url)), none).unwrap_err();
+            assert!(e.contains("spec.otlp.endpoint") && !e.contains("s3cret"), "{e}");
+            let env = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| url.to_string());
+            let e = settings(None, env).unwrap_err();
+            assert!(e.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && !e.contains("s3cret"), "{e}");
+        }
     }
 
     /// A collector on a real socket that answers every request with `status` and closes.
