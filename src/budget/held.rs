@@ -73,7 +73,10 @@ impl Held {
 
     /// Settles every claim to what the call used, per `observed`; releases the rest.
     pub fn settle(mut self, observed: Observed) {
-        for c in &self.claims {
+        // Admitted uncounted (the store was down, fail-open): no counter holds it, and the metric
+        // of settled tokens says what counters were charged.
+        let counted = !matches!(self.on, HeldIn::Nothing);
+        for c in self.claims.iter().filter(|_| counted) {
             let settled = c.used(observed)[3].max(0) as u64;
             self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
         }

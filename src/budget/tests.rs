@@ -490,6 +490,23 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     assert_eq!(counts("default/other"), [2, 10, 8]);
 }
 
+/// While the store is down, fail-open budgets admit uncounted: the settled-tokens metric says
+/// what counters were charged, and none was.
+#[test]
+fn uncounted_admissions_are_not_reported_as_settled_tokens() {
+    let registry = Arc::new(Registry::default());
+    let engine = Arc::new(Engine::new(registry.clone()));
+    let now = at(1_796_174_941);
+    let team = budget([None, None, None, Some(10_000)]);
+    let Admit::AdmittedUncounted(h) = engine.unavailable(vec![claim(&team, "t", [1, 5, 0, 5], now)], "down".into())
+    else {
+        panic!("fail-open admits uncounted")
+    };
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1) });
+    let m = registry.of(&Arc::from("default/team"));
+    assert_eq!(m.settled_tokens.load(Ordering::Relaxed), 0);
+}
+
 /// An agent that can choose its counter key (a label, a tenant or agent name it mints) cannot
 /// make two keys share a counter, whatever their bytes: thousands of keys, keys that are
 /// prefixes of each other, and a budget name and key that concatenate to another pair's.

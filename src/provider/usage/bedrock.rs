@@ -1,18 +1,20 @@
-//! Amazon Bedrock Converse, JSON.
+//! Amazon Bedrock, JSON: Converse, and InvokeModel of Anthropic's models.
 
 use super::answer::{Answer, Field};
 use super::{ResponseInfo, Usage};
 
-/// A Converse response: `usage` in camelCase, no model (it is in the request path).
+/// A Converse response (`usage` in camelCase), or an InvokeModel response of an Anthropic model
+/// (the model's own body: `usage` in snake_case); no model (it is in the request path).
 pub(super) fn apply_body(a: &Answer<'_>, info: &mut ResponseInfo) {
     let Some(usage) = &a.usage else {
         return;
     };
+    let either = |camel, snake| usage.get(camel).or_else(|| usage.get(snake));
     info.usage = Usage {
-        input_tokens: usage.get(Field::InputTokensCamel),
-        output_tokens: usage.get(Field::OutputTokensCamel),
-        cache_read_tokens: usage.get(Field::CacheReadInputTokensCamel),
-        cache_creation_tokens: usage.get(Field::CacheWriteInputTokensCamel),
+        input_tokens: either(Field::InputTokensCamel, Field::InputTokens),
+        output_tokens: either(Field::OutputTokensCamel, Field::OutputTokens),
+        cache_read_tokens: either(Field::CacheReadInputTokensCamel, Field::CacheReadInputTokens),
+        cache_creation_tokens: either(Field::CacheWriteInputTokensCamel, Field::CacheCreationInputTokens),
     };
 }
 

@@ -6,7 +6,8 @@
 //!
 //! Two body shapes are read:
 //! - a buffered JSON document (`application/json` and anything else that is not an event stream),
-//!   kept whole up to [`MAX_JSON_BYTES`] and parsed once, when [`UsageParser::finish`] is called;
+//!   kept whole up to [`MAX_JSON_BYTES`] and parsed once, when [`UsageParser::finish`] is called
+//!   (past that, its last [`TAIL_BYTES`] are kept and its usage read from them);
 //! - a server-sent event stream (`text/event-stream`), parsed line by line as it arrives, keeping at
 //!   most one event's data ([`MAX_EVENT_BYTES`]).
 //!
@@ -208,8 +209,10 @@ impl UsageParser {
         if let Body::Json(json) = &mut self.body {
             if json.dirty {
                 json.dirty = false;
-                // Closed here: the buffer overflowed and was dropped.
-                self.info = if json.closed { ResponseInfo::default() } else { read_whole(self.format, &json.buf) };
+                self.info = match json.overflowed {
+                    true => usage_from_tail(self.format, &json.buf),
+                    false => read_whole(self.format, &json.buf),
+                };
             }
         }
         &self.info
@@ -284,24 +287,74 @@ fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) -> bool {
 #[derive(Default)]
 struct JsonBody {
     buf: Vec<u8>,
-    /// Nothing more is kept: the body outgrew [`MAX_JSON_BYTES`] (the buffer was dropped), or it
-    /// was read whole from its last chunk ([`UsageParser::feed_last`]).
+    /// Nothing more is kept whole: the body outgrew [`MAX_JSON_BYTES`] (only its last
+    /// [`TAIL_BYTES`] are, in `buf`), or it was read whole from its last chunk
+    /// ([`UsageParser::feed_last`]).
     closed: bool,
+    /// The body outgrew [`MAX_JSON_BYTES`]: `buf` holds its tail.
+    overflowed: bool,
     /// Bytes arrived (or the buffer overflowed) since `finish` last parsed.
     dirty: bool,
 }
 
+/// What is kept of a JSON body past [`MAX_JSON_BYTES`]: its end, where every provider writes its
+/// usage (after the content). An answer made large on purpose (logprobs of every token, many
+/// choices) still reports what it used.
+const TAIL_BYTES: usize = 64 * 1024;
+
 impl JsonBody {
     fn feed(&mut self, chunk: &[u8]) {
-        if self.closed || chunk.is_empty() {
+        if (self.closed && !self.overflowed) || chunk.is_empty() {
             return;
         }
         self.dirty = true;
-        if !push_bounded(&mut self.buf, chunk, MAX_JSON_BYTES) {
-            self.closed = true;
-            self.buf = Vec::new();
+        if !self.overflowed && push_bounded(&mut self.buf, chunk, MAX_JSON_BYTES) {
+            return;
         }
+        if !self.overflowed {
+            (self.closed, self.overflowed) = (true, true);
+            let from = self.buf.len().saturating_sub(TAIL_BYTES);
+            self.buf.drain(..from);
+            self.buf.shrink_to(2 * TAIL_BYTES);
+        }
+        let chunk = &chunk[chunk.len().saturating_sub(TAIL_BYTES)..];
+        let drop = (self.buf.len() + chunk.len()).saturating_sub(TAIL_BYTES);
+        self.buf.drain(..drop);
+        self.buf.extend_from_slice(chunk);
     }
+}
+
+/// The usage of a JSON answer read from its tail: the last `"usage"` member (Gemini's
+/// `"usageMetadata"`) whose value is whole there. Outside strings a member name's quotes are
+/// bare, so text the model wrote cannot pose as one.
+fn usage_from_tail(format: Format, tail: &[u8]) -> ResponseInfo {
+    let key: &[u8] = if format == Format::Google { b"\"usageMetadata\"" } else { b"\"usage\"" };
+    let mut before = tail.len();
+    // The last name followed by `:` and a whole value (a string value `"usage"` is followed by
+    // `,` or `}`: passed over).
+    let (value, end) = loop {
+        let Some(at) = tail[..before].windows(key.len()).rposition(|w| w == key) else {
+            return ResponseInfo::default();
+        };
+        before = at;
+        let rest = &tail[at + key.len()..];
+        let Some(value) =
+            rest.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| rest[i] == b':').map(|i| &rest[i + 1..])
+        else {
+            continue;
+        };
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<serde::de::IgnoredAny>();
+        if let Some(Ok(_)) = values.next() {
+            break (value, values.byte_offset());
+        }
+    };
+    let mut whole = Vec::with_capacity(key.len() + end + 3);
+    whole.push(b'{');
+    whole.extend_from_slice(key);
+    whole.push(b':');
+    whole.extend_from_slice(&value[..end]);
+    whole.push(b'}');
+    read_whole(format, &whole)
 }
 
 // ---------------------------------------------------------------------------------------------

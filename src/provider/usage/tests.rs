@@ -179,26 +179,45 @@ fn sse_event_just_under_the_cap_is_read() {
 
 // ---- JSON bounds.
 
+/// The attack: an answer made larger than the parser keeps (logprobs of every token, no
+/// `max_tokens`), so that its usage is never read and the call is charged only its reservation.
+/// Past the cap only the tail is kept, and the usage every provider writes there is read.
 #[test]
-fn json_over_the_cap_stays_bounded_and_reports_nothing() {
-    let body = format!(
-        "{{\"model\":\"gpt-4o\",\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}",
-        "z".repeat(MAX_JSON_BYTES)
-    );
-    let mut parser = UsageParser::new(Format::OpenAi, JSON);
-    for chunk in body.as_bytes().chunks(100 * 1024 + 1) {
-        parser.feed(chunk);
-        assert!(parser.buffered_len() <= MAX_JSON_BYTES);
-        assert!(parser.buffered_capacity() <= MAX_JSON_BYTES);
-        let _ = parser.finish();
+fn an_agent_cannot_hide_its_usage_in_a_response_too_large_for_the_parser() {
+    let pad = "z\\\"usage\\\":{\\\"completion_tokens\\\":1}".repeat(MAX_JSON_BYTES / 30);
+    for (format, body, want) in [
+        (
+            Format::OpenAi,
+            format!("{{\"model\":\"gpt-4o\",\"pad\":\"{pad}\",\"usage\": {{\"prompt_tokens\":7,\"completion_tokens\":32000}}}}"),
+            usage(Some(7), Some(32000), None, None),
+        ),
+        (
+            Format::Anthropic,
+            format!("{{\"content\":[{{\"text\":\"{pad}\"}}],\"usage\":{{\"input_tokens\":5,\"output_tokens\":9000}}}}"),
+            usage(Some(5), Some(9000), None, None),
+        ),
+        (
+            Format::Google,
+            format!("{{\"candidates\":[{{\"text\":\"{pad}\"}}],\"usageMetadata\":{{\"promptTokenCount\":3,\"candidatesTokenCount\":8000}}}}"),
+            usage(Some(3), Some(8000), None, None),
+        ),
+    ] {
+        assert!(body.len() > MAX_JSON_BYTES);
+        let mut parser = UsageParser::new(format, JSON);
+        for chunk in body.as_bytes().chunks(100 * 1024 + 1) {
+            parser.feed(chunk);
+            assert!(parser.buffered_len() <= MAX_JSON_BYTES);
+            assert!(parser.buffered_capacity() <= MAX_JSON_BYTES);
+            let _ = parser.finish();
+        }
+        assert!(parser.buffered_capacity() <= 2 * TAIL_BYTES, "only the tail is kept once over the cap");
+        assert_eq!(parser.finish().usage, want, "{format:?}");
+        let last = parse_chunks_ending(format, JSON, &[body.as_bytes()]);
+        assert_eq!(last.usage, want, "{format:?} in one last chunk");
     }
-    assert_eq!(parser.buffered_len(), 0, "the buffer is released once over the cap");
-    assert_eq!(parser.finish(), ResponseInfo::default());
-    assert_eq!(
-        parse_chunks_ending(Format::OpenAi, JSON, &[body.as_bytes()]),
-        ResponseInfo::default(),
-        "in one last chunk"
-    );
+    // A tail whose usage is cut or absent reports nothing (the call keeps its reservation).
+    let body = format!("{{\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1", "z".repeat(MAX_JSON_BYTES));
+    assert_eq!(parse_chunks_ending(Format::OpenAi, JSON, &[body.as_bytes()]), ResponseInfo::default());
 }
 
 #[test]
