@@ -266,6 +266,13 @@ impl RouteMatcher {
         best.map(|i| &self.entries[i])
     }
 
+    /// Whether a route names `host` as a certificate can carry it (exactly, or under a `*.`
+    /// label wildcard): the gateway terminates its connections ([`terminated`]).
+    pub fn terminates(&self, host: &str) -> bool {
+        self.exact.contains_key(host)
+            || host.split_once('.').is_some_and(|(_, rest)| self.label_wildcards.contains_key(rest))
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -308,6 +315,12 @@ impl Snapshot {
                 Err(NoCredential::Unresolved(reason)) => Decision::FailClosed { entry, reason },
                 Err(NoCredential::TenantNotMapped) => Decision::TenantNotMapped { entry },
             };
+        }
+        // A routed host's requests are its routes' to decide: on a deny-all gateway one that no
+        // route takes (an endpoint or model the routes leave out) is refused, whatever `allow`
+        // says of the host (such an entry changes nothing: `allow_entries_of_routed_hosts`).
+        if self.default_policy == DefaultPolicy::DenyAll && self.routes.terminates(host) {
+            return Decision::Deny;
         }
         let port = crate::target::port(authority).unwrap_or(443);
         match self.allows_unrouted(host, port) {

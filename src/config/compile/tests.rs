@@ -190,6 +190,29 @@ fn allow_entries_for_routed_hosts_are_named_as_changing_nothing() {
     assert_eq!(named, ["api.openai.com", "api.openai.com:8443", "x.openai.azure.com", "*.openai.azure.com"]);
 }
 
+/// The attack: on a deny-all gateway that lists a routed host in `allow`, call an endpoint or
+/// model the route leaves out, with the agent's own key. It must be refused as it would be
+/// without the entry ("changes nothing", as `check` says), not passed through untouched.
+#[test]
+fn an_excluded_endpoint_on_an_allow_listed_routed_host_is_refused_not_passed_through() {
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: [api.openai.com, 'x.openai.azure.com:*', pypi.org]\n---\n";
+    let routes = route("openai", "{provider: openai, endpoints: ['/v1/chat/completions']}")
+        + &route("azure", "{provider: azure-openai, hosts: ['*.openai.azure.com'], models: [gpt-4o]}");
+    let snap = compile(&format!("{gw}{routes}")).unwrap();
+    for (host, path) in [
+        ("api.openai.com", "/v1/files"),
+        ("api.openai.com:443", "/v1/files"),
+        ("x.openai.azure.com", "/openai/deployments/o1/chat/completions"),
+    ] {
+        assert!(matches!(snap.decide(host, path, None), Decision::Deny), "{host}{path}");
+    }
+    assert!(matches!(snap.decide("pypi.org", "/simple", None), Decision::PassThrough { .. }));
+    // An allow-all gateway passes what no route takes, as it passes everything else.
+    let all = gw.replace("spec:\n", "spec:\n  defaultPolicy: allow-all\n");
+    let snap = compile(&format!("{all}{routes}")).unwrap();
+    assert!(matches!(snap.decide("api.openai.com", "/v1/files", None), Decision::PassThrough { .. }));
+}
+
 #[test]
 fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
     let with = |limits: &str| {
