@@ -367,6 +367,30 @@ async fn sigv4_without_a_region_fails_closed_and_says_the_region_is_unknown() {
     assert_eq!(Metrics::get(&s.shared.metrics.denied_credential_unavailable), 1);
 }
 
+/// A request a token budget reserved for and keyswap then refused itself (here: it cannot be
+/// signed) was never forwarded: it releases what it reserved. Before, each such 503 was charged
+/// its whole reservation, and an outage of signing filled every budget on the route.
+#[tokio::test]
+async fn a_request_keyswap_refuses_after_reserving_releases_everything() {
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: small}\nspec:\n  parentRefs: [{name: bedrock-anywhere}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 300}\n";
+    let manifests = bedrock_sigv4("bedrock-anywhere", "*.bedrock.test") + budget;
+    let s = common::start_in_process_with(&[("bedrock.yaml", &manifests)]).await;
+    let head = req("runtime.bedrock.test", "/model/m/converse", &[("content-type", "application/json")]);
+    let body = br#"{"messages":[{"role":"user","content":[{"text":"hi"}]}],"inferenceConfig":{"maxTokens":100}}"#;
+    for attempt in 1..=3 {
+        let mut c = grpc::connect(s.addr).await;
+        let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(body)]).await;
+        let i = immediate(answers.last().unwrap().as_ref().expect("an answer"));
+        let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        // A reservation kept would leave no room for the second: 429 `budget_exhausted`.
+        assert_eq!(
+            (i.status.as_ref().unwrap().code, reason["error"]["reason"].as_str()),
+            (503, Some("RegionUnknown")),
+            "attempt {attempt}: {reason}"
+        );
+    }
+}
+
 /// An observing stream naming parked state keyswap never handed out (a forged or stale number,
 /// a number of the wrong type, no number at all) claims nothing, gets no answer, and breaks
 /// nothing: no protocol error, no counted response, the server keeps serving.

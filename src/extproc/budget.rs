@@ -425,6 +425,11 @@ impl ProcessStream {
 }
 
 impl Budgeted {
+    /// Gives back everything reserved: keyswap answered the request itself, nothing was forwarded.
+    pub(super) fn release(&mut self) {
+        self.held = None;
+    }
+
     /// Whether this budget reads the response's usage (a span on the same response then
     /// borrows it rather than parsing the body again).
     pub(super) fn parses_usage(&self) -> bool {

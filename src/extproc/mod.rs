@@ -240,6 +240,10 @@ impl ProcessStream {
     fn answered_itself(&mut self, resp: &ProcessingResponse) -> bool {
         use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
         let Some(Response::ImmediateResponse(i)) = &resp.response else { return false };
+        // Not forwarded: what its budgets reserved goes back (dropped unsettled, as a refusal).
+        if let Some(b) = &mut self.budget {
+            b.release();
+        }
         if let Some(t) = &mut self.tx {
             let error = match i.details.as_str() {
                 SIGNING_FAILED => "signing_failed",
