@@ -75,6 +75,11 @@ impl Counter {
     }
 }
 
+/// How long a window's counters outlive its end. A request whose claims were made just before a
+/// window ended (its body read on the blocking pool meanwhile) still finds its window's counter,
+/// instead of a fresh one at zero made after another request swept the ended window out.
+const SWEEP_GRACE_S: i64 = 60;
+
 /// Counters by a hash of (budget, key, window start), keyed at random per process (keys may be
 /// chosen by agents); the map takes that hash as it is instead of hashing it again.
 #[derive(Default)]
@@ -144,7 +149,7 @@ impl Local {
     }
 
     /// The counter of `c`'s budget, key and window, made on first use (sweeping out windows
-    /// that have ended).
+    /// that ended more than [`SWEEP_GRACE_S`] ago).
     fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
         let slot = self.hasher.hash_one((&*c.budget.name, &*c.key, c.window_start));
         if let Some(found) = self.counters.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
@@ -155,7 +160,9 @@ impl Local {
         self.counters.rcu(|map| {
             let mut map: Slots = map
                 .iter()
-                .map(|(k, v)| (*k, v.iter().filter(|c| c.window_end > now_s).cloned().collect::<Vec<_>>()))
+                .map(|(k, v)| {
+                    (*k, v.iter().filter(|c| c.window_end > now_s - SWEEP_GRACE_S).cloned().collect::<Vec<_>>())
+                })
                 .filter(|(_, v)| !v.is_empty())
                 .collect();
             let list = map.entry(slot).or_default();

@@ -490,6 +490,31 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     assert_eq!(counts("default/other"), [2, 10, 8]);
 }
 
+/// The attack: at the end of a window, send requests whose claims were made in it but reach the
+/// store after the first request of the next window swept it (large bodies read on a saturated
+/// blocking pool). Each must find its window's counter, not open a fresh one at zero.
+#[test]
+fn a_request_reserved_across_the_window_boundary_cannot_open_a_fresh_counter_for_the_ended_window() {
+    let engine = Arc::new(Engine::new(Default::default()));
+    let team = budget([None, None, None, Some(100)]);
+    let (before, after) = (at(1_796_255_999), at(1_796_256_001)); // a day's last second; the next day
+    let take = |reserved: i64, claimed_at: SystemTime, now: SystemTime| {
+        match engine.reserve(None, vec![claim(&team, "t", [1, reserved, 0, reserved], claimed_at)], now) {
+            Reserve::Now(Admit::Held(h, _)) => {
+                std::mem::forget(h); // charged as reserved, never settled
+                true
+            }
+            Reserve::Now(Admit::Limited(_)) => false,
+            _ => panic!("in-process"),
+        }
+    };
+    assert!(take(90, before, before), "the day's budget has room");
+    // The next day's first request sweeps ended windows.
+    assert!(take(10, after, after));
+    // A claim made in the last second of the day, reserved a moment later: the day is spent.
+    assert!(!take(50, before, after), "a stale claim found a fresh counter for an ended window");
+}
+
 /// While the store is down, fail-open budgets admit uncounted: the settled-tokens metric says
 /// what counters were charged, and none was.
 #[test]

@@ -278,7 +278,8 @@ impl ProcessStream {
                 // The reader never panics; if it did, the body counts as one it could not read.
                 let unread = || (Demand { unreadable_body: true, unreadable_limit: true, ..Demand::default() }, vec![]);
                 let (demand, body) = read.await.unwrap_or_else(|_| unread());
-                match plan.admission(&engine, &demand, &body, cont, now) {
+                // The window is the one the reservation happens in, not the one the body arrived in.
+                match plan.admission(&engine, &demand, &body, cont, SystemTime::now()) {
                     Err(admit) => {
                         (refusal(&admit).expect("a request no budget can meter is refused"), Some((admit, false)))
                     }
