@@ -71,6 +71,15 @@ impl Held {
         &self.claims
     }
 
+    /// Weighs the call's tokens by `model` too (the model the response names), where it weighs
+    /// more than the one the request named: an alias (`gemini-pro-latest`) cannot dodge the
+    /// weight of the model that answered.
+    pub fn weigh_as(&mut self, model: &str) {
+        for c in &mut self.claims {
+            c.weight = c.weight.max(c.budget.weight(model));
+        }
+    }
+
     /// Settles every claim to what the call used, per `observed`; releases the rest.
     pub fn settle(mut self, observed: Observed) {
         // Admitted uncounted (the store was down, fail-open): no counter holds it, and the metric

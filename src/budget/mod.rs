@@ -155,9 +155,27 @@ impl Budget {
         )
     }
 
-    /// The weight of `model`'s tokens (1 when no weight matches).
+    /// The weight of `model`'s tokens (1 when no weight matches). A Bedrock model may be named
+    /// through an inference profile (`us.anthropic.claude-…`, or its ARN): weighed as the
+    /// heaviest of the name as written, the last part of an ARN, and that without its region
+    /// prefix, so another name for the same model cannot dodge its weight.
     pub fn weight(&self, model: &str) -> f64 {
-        self.weights.iter().find(|(g, _)| crate::glob::matches(g, model, None)).map_or(1.0, |(_, w)| *w)
+        let of = |m: &str| self.weights.iter().find(|(g, _)| crate::glob::matches(g, m, None)).map_or(1.0, |(_, w)| *w);
+        if self.weights.is_empty() {
+            return 1.0;
+        }
+        let bare = model.rsplit('/').next().unwrap_or(model);
+        let unprefixed = match bare.split_once('.') {
+            Some((region, rest))
+                if rest.contains('.')
+                    && region.len() <= 7
+                    && region.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') =>
+            {
+                rest
+            }
+            _ => bare,
+        };
+        of(model).max(of(bare)).max(of(unprefixed))
     }
 
     /// The weight of a request's tokens: its model's (1 when it names none); the heaviest of

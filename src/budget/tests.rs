@@ -515,6 +515,37 @@ fn a_request_reserved_across_the_window_boundary_cannot_open_a_fresh_counter_for
     assert!(!take(50, before, after), "a stale claim found a fresh counter for an ended window");
 }
 
+/// The attack: name a weighted model another way — a Bedrock inference profile or its ARN, or
+/// an alias the provider resolves (`gemini-pro-latest`) — to be charged at weight 1.
+#[test]
+fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
+    let base = budget([None, None, None, Some(1_000_000)]);
+    let b = Arc::new(Budget {
+        weights: vec![("anthropic.claude-opus-4*".into(), 5.0), ("gemini-2.5-pro*".into(), 4.0)],
+        ..(*base).clone()
+    });
+    for model in [
+        "anthropic.claude-opus-4-1-20250805-v1:0",
+        "us.anthropic.claude-opus-4-1-20250805-v1:0",
+        "global.anthropic.claude-opus-4-1-20250805-v1:0",
+        "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-4-1-20250805-v1:0",
+    ] {
+        assert_eq!(b.weight(model), 5.0, "{model}");
+    }
+    assert_eq!(b.weight("us.anthropic.claude-sonnet-4-5-20250929-v1:0"), 1.0);
+    // The model that answered weighs the call when it weighs more than the name asked for.
+    let engine = Arc::new(Engine::new(Default::default()));
+    let now = at(1_796_174_941);
+    let mut c = claim(&b, "t", [1, 10, 100, 110], now);
+    c.weight = b.weight("gemini-pro-latest");
+    assert_eq!(c.weight, 1.0);
+    let Reserve::Now(Admit::Held(mut h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
+    h.weigh_as("gemini-2.5-pro");
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(100) });
+    let start = window_bounds(BudgetWindow::Day, now).0;
+    assert_eq!(engine.local.used("default/team", "t", start), Some([1, 40, 400, 440]));
+}
+
 /// While the store is down, fail-open budgets admit uncounted: the settled-tokens metric says
 /// what counters were charged, and none was.
 #[test]

@@ -233,7 +233,12 @@ impl Budgeted {
 
     /// Settles the reservation (once): the response ended, or was cut off.
     fn settle(&mut self, ended: bool) {
-        let Some(held) = self.held.take() else { return };
+        let Some(mut held) = self.held.take() else { return };
+        if held.claims().iter().any(|c| !c.budget.weights.is_empty()) {
+            if let Some(model) = self.parser.as_mut().and_then(|p| p.finish().model) {
+                held.weigh_as(&model);
+            }
+        }
         let (usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
         // Anthropic and Bedrock count cached prompt tokens apart from input_tokens.
         let cached = match self.format {
