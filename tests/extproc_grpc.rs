@@ -391,6 +391,36 @@ async fn a_request_keyswap_refuses_after_reserving_releases_everything() {
     }
 }
 
+/// The attack: on a Bedrock route, call InvokeModel on a model whose own answer format keyswap
+/// does not read (Llama's `generation_token_count`), so that the call is charged only its
+/// reservation. Bedrock reports every InvokeModel's counts in response headers: settled by them.
+#[tokio::test]
+async fn a_bedrock_invoke_answer_is_settled_by_the_counts_bedrock_reports_in_its_headers() {
+    let host = "bedrock-runtime.us-east-1.amazonaws.com";
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: small}\nspec:\n  parentRefs: [{name: bedrock}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 1000}\n";
+    let s = common::start_in_process_with(&[("bedrock.yaml", &(bedrock_sigv4("bedrock", host) + budget))]).await;
+    let head = req(host, "/model/meta.llama3-70b-instruct-v1:0/invoke", &[("content-type", "application/json")]);
+    let body = br#"{"prompt":"hi","max_gen_len":100}"#;
+    let answer = br#"{"generation":"...","prompt_token_count":10,"generation_token_count":900,"stop_reason":"stop"}"#;
+    let counts = [
+        (":status", "200"),
+        ("content-type", "application/json"),
+        ("x-amzn-bedrock-input-token-count", "10"),
+        ("x-amzn-bedrock-output-token-count", "900"),
+    ];
+    let mut c = grpc::connect(s.addr).await;
+    let msgs = vec![grpc::headers(&head), grpc::body(body), grpc::response_headers(&counts), response_body(answer)];
+    let answers = grpc::exchange(&mut c, msgs).await;
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+    // 910 of 1,000 used: the next reservation does not fit (charged its reservation, ~200, it would).
+    let mut c = grpc::connect(s.addr).await;
+    let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(body)]).await;
+    let i = immediate(answers.last().unwrap().as_ref().expect("an answer"));
+    let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!((i.status.as_ref().unwrap().code, &reason["error"]["used"]), (429, &serde_json::json!(910)), "{reason}");
+}
+
 /// An observing stream naming parked state keyswap never handed out (a forged or stale number,
 /// a number of the wrong type, no number at all) claims nothing, gets no answer, and breaks
 /// nothing: no protocol error, no counted response, the server keeps serving.

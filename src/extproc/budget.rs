@@ -38,7 +38,14 @@ pub struct Budgeted {
     usage_chunk: Option<UsageChunkFilter>,
     /// Its places in budgets that limit requests in flight, until the stream ends.
     places: Places,
+    /// The counts Bedrock's InvokeModel reports in response headers (input, output): what the
+    /// call is settled by when its body (the model's own format) reports none keyswap reads.
+    counted: (Option<u64>, Option<u64>),
 }
+
+/// The response headers in which Bedrock's InvokeModel reports what a call used, whatever the
+/// model's own body says.
+pub(super) const BEDROCK_COUNTS: [&str; 2] = ["x-amzn-bedrock-input-token-count", "x-amzn-bedrock-output-token-count"];
 
 /// What admitting a budgeted request takes besides its body: cloned into the task that reads a
 /// large body off the worker.
@@ -106,6 +113,7 @@ impl Budgeted {
             asked_for_usage: false,
             usage_chunk: None,
             places: Places::default(),
+            counted: (None, None),
         }))
     }
 
@@ -239,7 +247,10 @@ impl Budgeted {
                 held.weigh_as(&model);
             }
         }
-        let (usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
+        let (mut usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
+        if usage.input_tokens.is_none() && usage.output_tokens.is_none() {
+            (usage.input_tokens, usage.output_tokens) = self.counted;
+        }
         // Anthropic and Bedrock count cached prompt tokens apart from input_tokens.
         let cached = match self.format {
             Some(Format::Anthropic | Format::Bedrock) => {
@@ -394,9 +405,19 @@ impl ProcessStream {
 
     /// The response headers of a budgeted request: its status, and its body read for usage.
     /// `true` when the response body is wanted.
-    pub(super) fn budget_response_headers(&mut self, status: Option<u16>, content_type: &str, end: bool) -> bool {
+    /// `counted`: the response's [`BEDROCK_COUNTS`] headers, read on Bedrock routes.
+    pub(super) fn budget_response_headers(
+        &mut self,
+        status: Option<u16>,
+        content_type: &str,
+        counted: impl Fn(&str) -> Option<u64>,
+        end: bool,
+    ) -> bool {
         let Some(b) = self.budget.as_mut().filter(|b| b.held.is_some()) else { return false };
         b.answered = Some(Answered::of_status(status));
+        if b.format == Some(Format::Bedrock) {
+            b.counted = (counted(BEDROCK_COUNTS[0]), counted(BEDROCK_COUNTS[1]));
+        }
         if end || !b.reads_bodies {
             b.settle(true);
             // Places are held until the response ends: its body comes here, unread, so that the

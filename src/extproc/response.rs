@@ -93,7 +93,8 @@ impl ProcessStream {
             let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
             let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
             let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
-            wants_body |= self.budget_response_headers(status, content_type, end);
+            let counted = |n: &str| find(n).and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+            wants_body |= self.budget_response_headers(status, content_type, counted, end);
         }
         if let Some(t) = &mut self.tx {
             let pairs: Vec<(&str, &[u8])> = match &scrubbed {
