@@ -69,6 +69,8 @@ fn demand_reads_every_providers_output_limit_and_bounds_input_by_bytes() {
         (r#"{"inputs":"hi","parameters":{"max_new_tokens":15,"best_of":3}}"#, 45),
         (r#"{"parameters":{"num_return_sequences":2,"max_new_tokens":10}}"#, 20),
         (r#"{"num_return_sequences":2,"max_tokens":10}"#, 20),
+        // Cohere's Command on Bedrock InvokeModel: five generations of up to 4,000 tokens each.
+        (r#"{"prompt":"x","max_tokens":4000,"num_generations":5}"#, 20000),
         (r#"{"max_new_tokens":16}"#, 16),
         // Two names for the limit: the larger counts (the provider may honour either).
         (r#"{"max_tokens":5,"max_completion_tokens":50}"#, 50),

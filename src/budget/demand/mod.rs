@@ -309,7 +309,7 @@ impl Section {
                 | "max_gen_len"
                 | "max_new_tokens",
             ) => Key::Limit,
-            (Section::Top, "n" | "best_of" | "num_return_sequences") => Key::Choices,
+            (Section::Top, "n" | "best_of" | "num_return_sequences" | "num_generations") => Key::Choices,
             (
                 Section::Top,
                 "generationConfig"
@@ -326,7 +326,7 @@ impl Section {
             ) => Key::Limit,
             (
                 Section::Nested,
-                "candidateCount" | "candidate_count" | "n" | "best_of" | "num_return_sequences",
+                "candidateCount" | "candidate_count" | "n" | "best_of" | "num_return_sequences" | "num_generations",
             ) => Key::Choices,
             (
                 Section::Top,
