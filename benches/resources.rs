@@ -44,9 +44,16 @@ fn mib(kib: u64) -> String {
 }
 
 async fn key(c: &mut grpc::Client) -> Option<String> {
-    let r =
-        grpc::request(c, &[(":authority", "api.anthropic.com"), (":path", "/v1/messages"), ("x-api-key", PLACEHOLDER)])
-            .await;
+    let r = grpc::request(
+        c,
+        &[
+            (":method", "POST"),
+            (":authority", "api.anthropic.com"),
+            (":path", "/v1/messages"),
+            ("x-api-key", PLACEHOLDER),
+        ],
+    )
+    .await;
     match &r.response {
         Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::RequestHeaders(_)) => {
             grpc::set_value(&grpc::mutation(&r), "x-api-key")
@@ -97,6 +104,7 @@ async fn hold_streams(
     for _ in 0..n {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tx.send(grpc::headers(&[
+            (":method", "POST"),
             (":authority", "api.anthropic.com"),
             (":path", "/v1/messages"),
             ("x-api-key", PLACEHOLDER),
@@ -234,6 +242,7 @@ async fn main() {
             while !stop.load(Ordering::Relaxed) {
                 let msgs = vec![
                     grpc::headers(&[
+                        (":method", "POST"),
                         (":authority", "api.anthropic.com"),
                         (":path", "/v1/messages"),
                         ("x-api-key", PLACEHOLDER),

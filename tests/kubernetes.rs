@@ -39,9 +39,16 @@ fn seed(kube: &FakeKube) {
 }
 
 async fn anthropic_key(c: &mut grpc::Client) -> Result<String, u32> {
-    let r =
-        grpc::request(c, &[(":authority", "api.anthropic.com"), (":path", "/v1/messages"), ("x-api-key", PLACEHOLDER)])
-            .await;
+    let r = grpc::request(
+        c,
+        &[
+            (":method", "POST"),
+            (":authority", "api.anthropic.com"),
+            (":path", "/v1/messages"),
+            ("x-api-key", PLACEHOLDER),
+        ],
+    )
+    .await;
     match &r.response {
         Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_)) => {
             Err(immediate(&r).status.as_ref().unwrap().code as u32)
@@ -208,7 +215,11 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         assert!(since.elapsed() < Duration::from_secs(5), "route change not applied");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+    let r = grpc::request(
+        &mut c,
+        &[(":method", "POST"), (":authority", "anthropic.internal.test"), (":path", "/v1/messages")],
+    )
+    .await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"));
 
     // An invalid object is reported on its status and left out: its hosts fail closed (503),
@@ -228,11 +239,15 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         .unwrap()
         .to_owned();
     assert!(msg.contains("unknown provider `opnai`"), "{msg}");
-    let r = grpc::request(&mut c, &[(":authority", "r1.test"), (":path", "/x")]).await;
+    let r = grpc::request(&mut c, &[(":method", "POST"), (":authority", "r1.test"), (":path", "/x")]).await;
     let i = immediate(&r);
     assert_eq!(i.status.as_ref().unwrap().code, 503, "the invalid route's host fails closed");
     assert!(String::from_utf8_lossy(&i.body).contains("ConfigurationRejected"), "{i:?}");
-    let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+    let r = grpc::request(
+        &mut c,
+        &[(":method", "POST"), (":authority", "anthropic.internal.test"), (":path", "/v1/messages")],
+    )
+    .await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-k8s-three"), "the rest still serves");
     assert!(keyswap
         .output()
@@ -243,7 +258,11 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     kube.delete("secrets", NS, "anthropic");
     let since = Instant::now();
     loop {
-        let r = grpc::request(&mut c, &[(":authority", "anthropic.internal.test"), (":path", "/v1/messages")]).await;
+        let r = grpc::request(
+            &mut c,
+            &[(":method", "POST"), (":authority", "anthropic.internal.test"), (":path", "/v1/messages")],
+        )
+        .await;
         if let Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(
             i,
         )) = &r.response
@@ -267,7 +286,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     kube.set_down(true);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..20 {
-        let r = grpc::request(&mut c, &[(":authority", "r0.test"), (":path", "/x")]).await;
+        let r = grpc::request(&mut c, &[(":method", "POST"), (":authority", "r0.test"), (":path", "/x")]).await;
         assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-0"), "request {i} during the outage");
     }
     // The client retries 503s for a while before the watch reports the error: poll.
@@ -283,7 +302,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
             "/readyz never reported the outage: {ready}\n{}",
             keyswap.output()
         );
-        let r = grpc::request(&mut c, &[(":authority", "r0.test"), (":path", "/x")]).await;
+        let r = grpc::request(&mut c, &[(":method", "POST"), (":authority", "r0.test"), (":path", "/x")]).await;
         assert_eq!(set_value(&mutation(&r), "x-key").as_deref(), Some("key-0"), "request during the outage");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -402,7 +421,12 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
         async move {
             let r = grpc::request(
                 &mut c,
-                &[(":authority", "api.anthropic.com"), (":path", "/v1/messages"), ("x-api-key", token)],
+                &[
+                    (":method", "POST"),
+                    (":authority", "api.anthropic.com"),
+                    (":path", "/v1/messages"),
+                    ("x-api-key", token),
+                ],
             )
             .await;
             match &r.response {

@@ -184,21 +184,7 @@ pub fn settings_for(
             None => return Ok(None),
         },
     };
-    // Credentials in the URL (`https://user:token@collector`) are never sent (hyper drops them) and
-    // would be in every log line that names the endpoint: refused, and never quoted.
-    if endpoint
-        .split_once("://")
-        .map_or(endpoint.as_str(), |(_, rest)| rest)
-        .split(['/', '?', '#'])
-        .next()
-        .is_some_and(|a| a.contains('@'))
-    {
-        return Err(format!("{source} has credentials in its URL (user:password@); send them as OTLP headers instead"));
-    }
-    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{endpoint}` is not a URL: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-        return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
-    }
+    let uri = endpoint_uri(&source, &endpoint)?;
     let endpoint = match transport {
         Transport::HttpProtobuf if base && !endpoint.trim_end_matches('/').ends_with(signal.http_path()) => {
             format!("{}{}", endpoint.trim_end_matches('/'), signal.http_path())
@@ -265,6 +251,21 @@ pub fn settings_for(
         client_certificate,
         client_key,
     }))
+}
+
+/// The collector's URL from `source`: http or https, with a host. Credentials in it
+/// (`https://user:token@collector`) are never sent (hyper drops them) and would be in every log
+/// line that names the endpoint: refused, and never quoted.
+fn endpoint_uri(source: &str, endpoint: &str) -> Result<hyper::Uri, String> {
+    let authority = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest).split(['/', '?', '#']).next();
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(format!("{source} has credentials in its URL (user:password@); send them as OTLP headers instead"));
+    }
+    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{endpoint}` is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
+    }
+    Ok(uri)
 }
 
 /// Why a batch did not reach the collector. [`ExportError::retryable`] says whether sending the
