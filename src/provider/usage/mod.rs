@@ -328,21 +328,20 @@ impl JsonBody {
 /// `"usageMetadata"`) whose value is whole there. Outside strings a member name's quotes are
 /// bare, so text the model wrote cannot pose as one.
 fn usage_from_tail(format: Format, tail: &[u8]) -> ResponseInfo {
+    fn skip_space(s: &[u8]) -> Option<&[u8]> {
+        s.iter().position(|b| !b.is_ascii_whitespace()).map(|i| &s[i..])
+    }
     let key: &[u8] = if format == Format::Google { b"\"usageMetadata\"" } else { b"\"usage\"" };
     let mut before = tail.len();
-    // The last name followed by `:` and a whole value (a string value `"usage"` is followed by
-    // `,` or `}`: passed over).
+    // The last member of that name whose value is a whole object: a string value (`"usage"`
+    // itself, an echoed `"metadata":{"usage":"…"}`) or an object cut short is passed over.
     let (value, end) = loop {
         let Some(at) = tail[..before].windows(key.len()).rposition(|w| w == key) else {
             return ResponseInfo::default();
         };
         before = at;
-        let rest = &tail[at + key.len()..];
-        let Some(value) =
-            rest.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| rest[i] == b':').map(|i| &rest[i + 1..])
-        else {
-            continue;
-        };
+        let value = skip_space(&tail[at + key.len()..]).and_then(|r| r.strip_prefix(b":")).and_then(skip_space);
+        let Some(value) = value.filter(|v| v.starts_with(b"{")) else { continue };
         let mut values = serde_json::Deserializer::from_slice(value).into_iter::<serde::de::IgnoredAny>();
         if let Some(Ok(_)) = values.next() {
             break (value, values.byte_offset());

@@ -215,6 +215,14 @@ fn an_agent_cannot_hide_its_usage_in_a_response_too_large_for_the_parser() {
         let last = parse_chunks_ending(format, JSON, &[body.as_bytes()]);
         assert_eq!(last.usage, want, "{format:?} in one last chunk");
     }
+    // A member of that name after the usage whose value is no object (metadata the agent had
+    // echoed) does not hide it.
+    let echoed = format!(
+        "{{\"pad\":\"{}\",\"usage\":{{\"input_tokens\":4,\"output_tokens\":6000}},\"metadata\":{{\"usage\":\"0\"}}}}",
+        "z".repeat(MAX_JSON_BYTES)
+    );
+    let read = parse_chunks_ending(Format::OpenAi, JSON, &[echoed.as_bytes()]);
+    assert_eq!(read.usage.output_tokens, Some(6000), "{:?}", read.usage);
     // A tail whose usage is cut or absent reports nothing (the call keeps its reservation).
     let body = format!("{{\"pad\":\"{}\",\"usage\":{{\"prompt_tokens\":1", "z".repeat(MAX_JSON_BYTES));
     assert_eq!(parse_chunks_ending(Format::OpenAi, JSON, &[body.as_bytes()]), ResponseInfo::default());
