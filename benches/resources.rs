@@ -43,25 +43,6 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
-async fn key(c: &mut grpc::Client) -> Option<String> {
-    let r = grpc::request(
-        c,
-        &[
-            (":method", "POST"),
-            (":authority", "api.anthropic.com"),
-            (":path", "/v1/messages"),
-            ("x-api-key", PLACEHOLDER),
-        ],
-    )
-    .await;
-    match &r.response {
-        Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::RequestHeaders(_)) => {
-            grpc::set_value(&grpc::mutation(&r), "x-api-key")
-        }
-        _ => None,
-    }
-}
-
 async fn connect(port: u16) -> grpc::Client {
     grpc::connect(format!("127.0.0.1:{port}").parse().unwrap()).await
 }
@@ -69,7 +50,7 @@ async fn connect(port: u16) -> grpc::Client {
 /// Time from the change to the first request that carries `want`, polling every 2 ms.
 async fn until(c: &mut grpc::Client, want: &str, since: Instant) -> Duration {
     loop {
-        if key(c).await.as_deref() == Some(want) {
+        if grpc::anthropic_key(c).await.ok().as_deref() == Some(want) {
             return since.elapsed();
         }
         assert!(since.elapsed() < Duration::from_secs(10), "{want} never arrived");
@@ -139,7 +120,7 @@ async fn main() {
     let pid = keyswap.child.id();
     let mut c = connect(port).await;
     for _ in 0..100 {
-        assert_eq!(key(&mut c).await.as_deref(), Some(ANTHROPIC_KEY));
+        assert_eq!(grpc::anthropic_key(&mut c).await.ok().as_deref(), Some(ANTHROPIC_KEY));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = rss_kib(pid);
@@ -208,7 +189,7 @@ async fn main() {
                 envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::new,
             )
         }) {
-            if key(&mut c).await.as_deref() == Some("sk-ant-k8s-000") {
+            if grpc::anthropic_key(&mut c).await.ok().as_deref() == Some("sk-ant-k8s-000") {
                 break c;
             }
         }

@@ -38,28 +38,9 @@ fn seed(kube: &FakeKube) {
     }
 }
 
-async fn anthropic_key(c: &mut grpc::Client) -> Result<String, u32> {
-    let r = grpc::request(
-        c,
-        &[
-            (":method", "POST"),
-            (":authority", "api.anthropic.com"),
-            (":path", "/v1/messages"),
-            ("x-api-key", PLACEHOLDER),
-        ],
-    )
-    .await;
-    match &r.response {
-        Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_)) => {
-            Err(immediate(&r).status.as_ref().unwrap().code as u32)
-        }
-        _ => Ok(set_value(&mutation(&r), "x-api-key").unwrap_or_default()),
-    }
-}
-
 async fn wait_for_key(c: &mut grpc::Client, want: &str, since: Instant) -> Duration {
     loop {
-        if anthropic_key(c).await.as_deref() == Ok(want) {
+        if grpc::anthropic_key(c).await.as_deref() == Ok(want) {
             return since.elapsed();
         }
         assert!(since.elapsed() < Duration::from_secs(10), "{want} never arrived");
@@ -118,7 +99,7 @@ fn keep_requesting(
     let task = tokio::spawn(async move {
         let mut c = grpc::connect(addr).await;
         while !s.load(Ordering::Relaxed) {
-            match anthropic_key(&mut c).await {
+            match grpc::anthropic_key(&mut c).await {
                 Ok(k) if k.starts_with("sk-ant-k8s") => o.fetch_add(1, Ordering::Relaxed),
                 _ => f.fetch_add(1, Ordering::Relaxed),
             };
@@ -138,7 +119,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         start_ready(&kubeconfig, work.path(), &["--write-status"], "info,keyswap=debug").await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     let mut c = grpc::connect(addr).await;
-    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-one".into()));
+    assert_eq!(grpc::anthropic_key(&mut c).await, Ok("sk-ant-k8s-one".into()));
 
     // Only the referenced Secrets are held, and no Secret was ever listed without a name.
     let (_, m) = scrape(metrics_port, "/metrics").await;
@@ -211,7 +192,7 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
     // A route change changes routing.
     kube.put("aiproviderroutes", NS, "anthropic", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic", "hosts": ["anthropic.internal.test"]}]}]}}));
     let since = Instant::now();
-    while anthropic_key(&mut c).await != Err(403) {
+    while grpc::anthropic_key(&mut c).await != Err(403) {
         assert!(since.elapsed() < Duration::from_secs(5), "route change not applied");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -438,7 +419,7 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
         }
     };
     assert_eq!(ask(&mut c).await, Ok("sk-ant-k8s-acme".to_owned()), "{}", keyswap.output());
-    assert_eq!(anthropic_key(&mut c).await, Err(401), "no token: refused");
+    assert_eq!(grpc::anthropic_key(&mut c).await, Err(401), "no token: refused");
 
     kube.delete("secrets", NS, "agent-token-builder");
     let since = Instant::now();
@@ -476,7 +457,7 @@ async fn rotation_during_an_outage(outage: Duration, how: Outage, gone_as_http: 
     let kubeconfig = kube.kubeconfig(work.path());
     let (mut keyswap, grpc_port, metrics_port) = start_ready(&kubeconfig, work.path(), &[], "info").await;
     let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
-    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()));
+    assert_eq!(grpc::anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()));
     let (_, m) = scrape(metrics_port, "/metrics").await;
     assert_eq!(metric(&m, "keyswap_kube_api_reachable"), 1.0, "{m}");
 
@@ -487,7 +468,7 @@ async fn rotation_during_an_outage(outage: Duration, how: Outage, gone_as_http: 
     // While down: the old key serves, and /readyz (still 200) and /metrics say the watch fails.
     let mut reported = None;
     while down.elapsed() < outage {
-        assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()), "request during the outage");
+        assert_eq!(grpc::anthropic_key(&mut c).await, Ok("sk-ant-k8s-before".into()), "request during the outage");
         if reported.is_none() {
             let (st, ready) = scrape(metrics_port, "/readyz").await;
             let (_, m) = scrape(metrics_port, "/metrics").await;
@@ -580,7 +561,7 @@ async fn unparseable_secret(rust_log: &str) {
     let kubeconfig = kube.kubeconfig(work.path());
     let (mut keyswap, grpc_port, metrics_port) = start_ready(&kubeconfig, work.path(), &[], rust_log).await;
     let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
-    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()));
+    assert_eq!(grpc::anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()));
 
     let canaries = ["sk-leak-canary-in-data", "sk-leak-canary-in-stringdata", "c2stbGVhay1jYW5hcnktYjY0"];
     kube.put(
@@ -597,7 +578,7 @@ async fn unparseable_secret(rust_log: &str) {
     wait_for_log(&keyswap, list, rust_log).await;
     let (_, ready) = scrape(metrics_port, "/readyz").await;
     assert!(ready.contains("Secret agents/anthropic") && ready.contains("could not be parsed as Secret"), "{ready}");
-    assert_eq!(anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()), "the last good key keeps serving");
+    assert_eq!(grpc::anthropic_key(&mut c).await, Ok("sk-ant-k8s-good".into()), "the last good key keeps serving");
 
     // Fixed: the new key serves within 2 s.
     kube.put("secrets", NS, "anthropic", json!({"stringData": {"token": "sk-ant-k8s-fixed"}}));

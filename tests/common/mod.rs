@@ -1047,6 +1047,22 @@ pub mod grpc {
         assert_eq!(o.append_action, 2, "append_action must be OVERWRITE_IF_EXISTS_OR_ADD");
         Some(String::from_utf8(h.raw_value.clone()).unwrap())
     }
+
+    /// The key keyswap writes on an Anthropic request (empty when it writes none), or the status
+    /// of its own answer when it refuses.
+    pub async fn anthropic_key(c: &mut Client) -> Result<String, u32> {
+        let pairs = [
+            (":method", "POST"),
+            (":authority", "api.anthropic.com"),
+            (":path", "/v1/messages"),
+            ("x-api-key", super::PLACEHOLDER),
+        ];
+        let r = request(c, &pairs).await;
+        match &r.response {
+            Some(Response::ImmediateResponse(_)) => Err(immediate(&r).status.as_ref().unwrap().code as u32),
+            _ => Ok(set_value(&mutation(&r), "x-api-key").unwrap_or_default()),
+        }
+    }
 }
 
 /// Sends `body` as a POST through Envoy, with `host` in the Host header.
