@@ -243,8 +243,8 @@ impl Budgeted {
     fn settle(&mut self, ended: bool) {
         let Some(mut held) = self.held.take() else { return };
         if held.claims().iter().any(|c| !c.budget.weights.is_empty()) {
-            if let Some(model) = self.parser.as_mut().and_then(|p| p.finish().model) {
-                held.weigh_as(&model);
+            if let Some(model) = self.parser.as_mut().and_then(UsageParser::model) {
+                held.weigh_as(model);
             }
         }
         let (mut usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();

@@ -205,6 +205,11 @@ impl UsageParser {
         (info.usage, info.provisional)
     }
 
+    /// The model the response names so far, without copying the rest.
+    pub fn model(&mut self) -> Option<&str> {
+        self.read().model.as_deref()
+    }
+
     fn read(&mut self) -> &ResponseInfo {
         if let Body::Json(json) = &mut self.body {
             if json.dirty {
