@@ -421,6 +421,29 @@ async fn a_bedrock_invoke_answer_is_settled_by_the_counts_bedrock_reports_in_its
     assert_eq!((i.status.as_ref().unwrap().code, &reason["error"]["used"]), (429, &serde_json::json!(910)), "{reason}");
 }
 
+/// The attack: name a weighted model by an alias the provider resolves, to be charged at weight
+/// 1. The response names the model that answered, and the call is settled at its weight.
+#[tokio::test]
+async fn a_model_alias_is_settled_at_the_weight_of_the_model_that_answered() {
+    let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: weighted}\nspec:\n  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 600}\n  modelWeights: [{model: \"claude-opus-4*\", weight: 10}]\n";
+    let s = common::start_in_process_with(&[("budget.yaml", budget)]).await;
+    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
+    let head = req("api.anthropic.com", "/v1/messages", &json);
+    let body = br#"{"model":"claude-latest","max_tokens":60,"messages":[]}"#;
+    let answer = br#"{"model":"claude-opus-4-1","usage":{"input_tokens":5,"output_tokens":50}}"#;
+    let ok = [(":status", "200"), ("content-type", "application/json")];
+    let mut c = grpc::connect(s.addr).await;
+    let msgs = vec![grpc::headers(&head), grpc::body(body), grpc::response_headers(&ok), response_body(answer)];
+    let answers = grpc::exchange(&mut c, msgs).await;
+    assert!(answers.len() == 4 && answers.iter().all(|a| a.is_ok()), "{answers:?}");
+    // 550 of 600 used at weight 10 (55 at weight 1, which would leave room for the next).
+    let mut c = grpc::connect(s.addr).await;
+    let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(body)]).await;
+    let i = immediate(answers.last().unwrap().as_ref().expect("an answer"));
+    let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+    assert_eq!((i.status.as_ref().unwrap().code, &reason["error"]["used"]), (429, &serde_json::json!(550)), "{reason}");
+}
+
 /// An observing stream naming parked state keyswap never handed out (a forged or stale number,
 /// a number of the wrong type, no number at all) claims nothing, gets no answer, and breaks
 /// nothing: no protocol error, no counted response, the server keeps serving.
