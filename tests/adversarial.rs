@@ -524,6 +524,44 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");
 }
 
+/// The attack: an upstream (a `custom` route's service, a debugging proxy, a gRPC-style error
+/// detail) echoes the credential in the response's trailers. Over HTTP/2 both ways Envoy passes
+/// trailers to the agent; keyswap scrubs them as it scrubs headers, and a response without
+/// trailers costs no extra ext_proc message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = gateway("deny-all", free_port(), free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
+    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
+    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
+    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    // An answer without trailers costs no trailers message (Envoy sends one only for trailers).
+    let (code, _, err) = tokio::task::block_in_place(|| {
+        curl(&dev, &["--http2", "-sS", "-o", "/dev/null", "-d", "{}", "https://api.anthropic.com/v1/messages"])
+    });
+    assert_eq!(code, 0, "{err}");
+    let trailers = |m: &str| metric(m, "keyswap_extproc_phase_duration_seconds_count{phase=\"trailers\"}");
+    assert_eq!(trailers(&scrape(metrics_port(&dev), "/metrics").await.1), 0.0);
+    let url = "https://api.anthropic.com/echo-trailers";
+    let (code, out, err) =
+        tokio::task::block_in_place(|| curl(&dev, &["--http2", "-sS", "-D", "-", "-o", "/dev/null", "-d", "{}", url]));
+    assert_eq!(code, 0, "{err}");
+    assert!(fake.h2_connections.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the upstream spoke HTTP/2");
+    assert_eq!(fake.seen().last().unwrap().header_str("x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+    let out = out.to_ascii_lowercase();
+    // The trailers reached the agent (so the assertion below can fail), the clean one unchanged.
+    assert!(out.contains("x-clean-trailer: kept"), "no trailers reached the agent:\n{out}");
+    assert!(
+        !out.contains(&ANTHROPIC_KEY.to_ascii_lowercase()),
+        "the echoed key reached the agent in a trailer:\n{out}"
+    );
+    assert!(out.contains("x-debug-credential: [redacted]"), "{out}");
+    let (_, metrics) = scrape(metrics_port(&dev), "/metrics").await;
+    assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 1.0, "{metrics}");
+    assert_eq!(trailers(&metrics), 1.0, "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

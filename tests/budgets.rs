@@ -2066,6 +2066,9 @@ async fn a_budget_of_requests_only_reads_no_bodies_and_a_token_budget_reads_both
         } else {
             assert_eq!(bodies, (0.0, 0.0), "a requests-only budget read a body");
         }
+        // Trailers are asked for both ways (scrubbed; the whole body awaited), and Envoy sends
+        // them only when there are some: a request and response without them cost no message.
+        assert_eq!(r.metric(&phase("trailers")).await, 0.0, "{spec}: a trailers message without trailers");
     }
 }
 

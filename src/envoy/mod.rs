@@ -493,7 +493,8 @@ fn fixed_phases(request_body: RequestBody) -> Value {
         "request_body_mode": request_body_mode,
         "response_body_mode": "STREAMED",
         "request_trailer_mode": if sends_request_trailers(request_body) { "SEND" } else { "SKIP" },
-        "response_trailer_mode": "SKIP",
+        // Scrubbed like the headers; Envoy sends a trailers message only when there are trailers.
+        "response_trailer_mode": "SEND",
     })
 }
 

@@ -449,8 +449,8 @@ impl ProcessStream {
                 TelemetryPhase::Trailers,
                 false,
             ))),
-            (Request::ResponseTrailers(_), _) => {
-                Ok(Handled::Answer(mutation::response_trailers(), TelemetryPhase::Trailers, true))
+            (Request::ResponseTrailers(t), _) => {
+                Ok(self.on_response_trailers(t.trailers.as_ref().map_or(&[][..], |m| &m.headers)))
             }
         }
     }

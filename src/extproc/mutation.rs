@@ -69,8 +69,9 @@ pub fn response_headers(mutation: Option<HeaderMutation>, mode: Option<Processin
 
 pub use crate::envoy::RequestBody;
 
-/// The phases a transaction needs after its request headers: response headers always (status,
-/// content type), the request body as `request_body` says, and the response body when
+/// The phases a transaction needs after its request headers: response headers and trailers
+/// always (status, content type; both scrubbed of secrets: Envoy sends trailers only when a
+/// response has them), the request body as `request_body` says, and the response body when
 /// `response_body` (STREAMED: SSE events flow as they come).
 pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
     let request_body_mode = match request_body {
@@ -88,7 +89,7 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
         } else {
             HeaderSendMode::Skip
         } as i32,
-        response_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Send as i32,
     }
 }
 
@@ -161,8 +162,10 @@ pub fn request_trailers() -> ProcessingResponse {
     ProcessingResponse { response: Some(Response::RequestTrailers(TrailersResponse::default())), ..Default::default() }
 }
 
-pub fn response_trailers() -> ProcessingResponse {
-    ProcessingResponse { response: Some(Response::ResponseTrailers(TrailersResponse::default())), ..Default::default() }
+/// Continue the response's trailers, applying `mutation` (secrets scrubbed) if any.
+pub fn response_trailers(header_mutation: Option<HeaderMutation>) -> ProcessingResponse {
+    let trailers = TrailersResponse { header_mutation };
+    ProcessingResponse { response: Some(Response::ResponseTrailers(trailers)), ..Default::default() }
 }
 
 /// End the request here with a JSON body; the upstream is never contacted.

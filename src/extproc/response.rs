@@ -135,6 +135,17 @@ impl ProcessStream {
         Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end)
     }
 
+    /// The upstream's response trailers (HTTP/2, or chunked HTTP/1.1 where Envoy keeps them):
+    /// scrubbed of live secrets as the headers are. They end the transaction.
+    pub(super) fn on_response_trailers(&mut self, trailers: &[HeaderValue]) -> Handled {
+        let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(trailers)).map(|(_, m)| {
+            Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
+            tracing::warn!("the upstream's response trailers carried a live secret value; scrubbed");
+            m
+        });
+        Handled::Answer(mutation::response_trailers(scrubbed), TelemetryPhase::Trailers, true)
+    }
+
     /// A response body chunk: recorded on the span, and scrubbed when the route says so.
     pub(super) fn on_response_body(&mut self, body: &[u8], end: bool) -> Handled {
         if self.skips_response_body() {

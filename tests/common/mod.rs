@@ -724,7 +724,18 @@ impl FakeProvider {
             (true, true) => (200, "text/event-stream", sse_body(&host)),
         };
         self.sent.lock().unwrap().push(body.clone().into_bytes());
-        let body: FakeBody = if path.starts_with("/slow-stream") {
+        let body: FakeBody = if path.starts_with("/echo-trailers") {
+            // The credential echoed in the response's trailers (HTTP/2, or chunked HTTP/1.1 to a
+            // client that sent `te: trailers`), as a gRPC-style error detail might carry it.
+            let mut trailers = hyper::HeaderMap::new();
+            if let Ok(v) = hyper::header::HeaderValue::from_bytes(&echo_credential) {
+                trailers.insert("x-debug-credential", v);
+            }
+            trailers.insert("x-clean-trailer", hyper::header::HeaderValue::from_static("kept"));
+            let body = Bytes::from_static(br#"{"echoed":"in the trailers"}"#);
+            let frames = [Ok(hyper::body::Frame::data(body)), Ok(hyper::body::Frame::trailers(trailers))];
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+        } else if path.starts_with("/slow-stream") {
             // First event now, the rest only when the test releases it.
             let (first, rest) = body.split_at(body.find("\n\n").map_or(0, |i| i + 2));
             let (first, rest) = (Bytes::from(first.to_owned()), Bytes::from(rest.to_owned()));
