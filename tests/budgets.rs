@@ -1077,6 +1077,8 @@ async fn reservation_no_one_waits_for(pause_ms: &str, fail_mode: &str, hang_up: 
         assert!(Instant::now() < deadline, "the first call was not settled: {:?}", redis_counters(redis_port));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Settled as one transaction: a connection lost mid-way applies all of it or nothing.
+    assert_eq!((redis_calls(redis_port, "multi"), redis_calls(redis_port, "exec")), (1, 1));
     let runs_before = script_runs(redis_port);
     let forwarded_before = meter.requests.load(Ordering::SeqCst);
     assert_eq!(redis_cli(redis_port, &["CLIENT", "PAUSE", pause_ms, "ALL"]).trim(), "OK");
@@ -1123,8 +1125,13 @@ async fn reservation_no_one_waits_for(pause_ms: &str, fail_mode: &str, hang_up: 
 
 /// How many times Redis has run keyswap's reservation script (`EVALSHA`, once it is loaded).
 fn script_runs(port: u16) -> u64 {
+    redis_calls(port, "evalsha")
+}
+
+/// How many times Redis has run `command` (lowercase), from `INFO commandstats`.
+fn redis_calls(port: u16, command: &str) -> u64 {
     let stats = redis_cli(port, &["INFO", "commandstats"]);
-    let line = stats.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or("");
+    let line = stats.lines().find(|l| l.starts_with(&format!("cmdstat_{command}:"))).unwrap_or("");
     line.split(['=', ',']).nth(1).map_or(0, |n| n.parse().unwrap())
 }
 

@@ -3,7 +3,7 @@
 //! One hash per budget, key and window (`keyswap:budget:{<ns/name>}:<window start>:<key>`, fields
 //! `r i o t`), expiring an hour after its window ends. A reservation is one Lua script (check every
 //! limit of every budget, then take; all or nothing): one round trip on the request path. A
-//! settlement is one pipeline of `HINCRBY`s, sent off the response path.
+//! settlement is one pipeline of `HINCRBY`s in a `MULTI`/`EXEC` transaction, sent off the response path.
 //!
 //! Unreachable Redis answers each request within [`TIMEOUT`]; after a failure the store is not
 //! tried again for [`BACKOFF`] (requests follow their budgets' fail mode at once meanwhile).
@@ -244,6 +244,9 @@ impl RedisStore {
     pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>, settling: super::Settling) {
         const FIELDS: [&str; 4] = ["r", "i", "o", "t"];
         let mut pipe = ::redis::pipe();
+        // MULTI … EXEC, still one round trip: a connection lost mid-pipeline applies all of the
+        // settlement or none, never one budget's share of it (or one counter of a budget's four).
+        pipe.atomic();
         let mut any = false;
         for (c, d) in claims.iter().zip(&deltas) {
             let key = counter_key(c);
