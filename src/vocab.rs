@@ -76,6 +76,16 @@ pub const CREDENTIAL_QUERY_PARAMS: &[&str] = &[
     "x-amz-security-token",
 ];
 
+/// Headers that choose which of the credential's organizations or projects a call is billed to
+/// and runs in (OpenAI's organization and project, Google's quota project): a key that reaches
+/// several would otherwise let the agent pick. Removed from every routed request whatever their
+/// value, unless the policy pins them (`spec.setHeaders`); not secrets, so not redacted.
+pub const SCOPE_HEADERS: &[&str] = &["openai-organization", "openai-project", "x-goog-user-project"];
+
+/// The query form of [`SCOPE_HEADERS`]: Google's `userProject` system parameter (names compared
+/// as credential parameters are, so `$userProject` and `user_project` too).
+pub const SCOPE_QUERY_PARAMS: &[&str] = &["userproject"];
+
 /// Whether two header names are the same header to a lenient server: ASCII case ignored, and
 /// `_` read as `-` (some servers and frameworks fold underscores into dashes).
 pub fn same_header(a: &str, b: &str) -> bool {

@@ -495,6 +495,55 @@ async fn cookies_underscore_headers_lenient_and_google_oauth_query_names_are_not
     assert!(!got.to_ascii_lowercase().contains("cookie"), "{got}");
 }
 
+/// The attack: the key reaches several OpenAI organizations or Google projects, and the agent
+/// names another one (`OpenAI-Organization`, `OpenAI-Project`, `X-Goog-User-Project`, Google's
+/// `userProject` parameter, in disguised spellings too) to run and bill its calls there. Those
+/// are removed; a value the policy pins (`spec.setHeaders`) is the only one the provider sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_choose_the_organization_or_project_its_key_is_used_in() {
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pin = "  target: Header\n  setHeaders: [{name: X-Goog-User-Project, value: operator-project}]\n";
+    let text = gateway("deny-all", free_port(), free_port(), "").replacen("  target: Header\n", pin, 1);
+    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
+    let google = "generativelanguage.googleapis.com";
+    let (fake, ca) = FakeProvider::start_tls(&[google], work.path()).await;
+    fake.set_accepts(google, vec![Accept::Header("x-goog-api-key", ANTHROPIC_KEY.into())]);
+    let up = vec![format!("{google}={},ca={}", fake.addr, ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    let url = format!(
+        "https://{google}/v1beta/models/gemini-allowed:generateContent?alt=json&userProject=attacker-q1&%24userProject=attacker-q2&user_project=attacker-q3"
+    );
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(
+            &dev,
+            &[
+                "--http1.1",
+                "-i",
+                "-H",
+                "OpenAI-Organization: org-attacker",
+                "-H",
+                "openai_project: proj-attacker",
+                "-H",
+                "X-Goog-User-Project: attacker-h1",
+                "-H",
+                "x_goog_user_project: attacker-h2",
+                "-d",
+                "{}",
+                &url,
+            ],
+        )
+    });
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("HTTP/1.1 200") || out.contains("\nHTTP/1.1 200"), "{out}");
+    let seen = fake.seen();
+    let got = seen.last().unwrap();
+    assert!(!got.everything().contains("attacker"), "the agent chose the scope: {}", got.everything());
+    assert_eq!(got.header("x-goog-user-project"), vec![b"operator-project".as_slice()], "{}", got.everything());
+    assert!(got.path_and_query.ends_with("?alt=json"), "{}", got.path_and_query);
+    let log = dev.proc.output();
+    assert!(!log.contains("credentials of its own"), "a scope header is not a smuggled credential:\n{log}");
+}
+
 // === 8. keys echoed in responses ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

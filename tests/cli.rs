@@ -61,6 +61,24 @@ fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
     );
 }
 
+/// A `custom` route listing `*.run.app` sends its key to any service under it, whoever deployed
+/// it: `check` names such patterns (the provider's own, like `*.openai.azure.com`, are fine).
+#[test]
+fn check_warns_that_a_host_pattern_not_the_providers_own_sends_the_key_to_any_name_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: mixed}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: custom, hosts: ['*.run.app', svc.internal.test]}, {provider: azure-openai, hosts: ['*.openai.azure.com']}, {provider: azure-openai}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: key}\nspec:\n  parentRefs: [{name: mixed}]\n  secretRef: {name: anthropic}\n  target: Header\n  headerName: x-service-key\n---\n";
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        config.to_owned() + &secret_manifest("anthropic", "token", ANTHROPIC_KEY),
+    )
+    .unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.contains("warning: route")).collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(warnings[0].contains("route default/mixed host *.run.app: route host pattern sends the key"), "{out}");
+}
+
 #[test]
 fn check_passes_on_the_shipped_examples() {
     for dir in ["/manifests/examples", "/manifests/examples/echo-bot"] {
@@ -130,7 +148,22 @@ fn explain_shows_route_policy_and_target_or_the_denial() {
     assert!(out.contains("route default/openai"), "{out}");
     assert!(out.contains("policy default/openai-key"), "{out}");
     assert!(out.contains("writes header `authorization` = <redacted>"), "{out}");
+    assert!(
+        out.contains("strips the organization and project the agent names: headers openai-organization, openai-project, x-goog-user-project; query parameter userProject"),
+        "{out}"
+    );
     assert_no_secrets(&out);
+    // A pinned organization is written, and no longer listed as stripped.
+    let file = dir.path().join("config.yaml");
+    let pinned = std::fs::read_to_string(&file).unwrap().replace(
+        "  valuePrefix: \"Bearer \"\n",
+        "  valuePrefix: \"Bearer \"\n  setHeaders: [{name: OpenAI-Organization, value: org-operator}]\n",
+    );
+    std::fs::write(&file, pinned).unwrap();
+    let (code, out, err) = keyswap(&["explain", "-c", d, "--host", "api.openai.com", "--path", "/v1/models"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("writes header `openai-organization: org-operator` (spec.setHeaders"), "{out}");
+    assert!(out.contains("agent names: headers openai-project, x-goog-user-project;"), "{out}");
 
     let (_, out, _) = keyswap(&["explain", "-c", d, "--host", "evil.example.com", "--path", "/?key=sk-agent"]);
     assert!(out.contains("decision: 403"), "{out}");

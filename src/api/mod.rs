@@ -393,6 +393,19 @@ pub struct CredentialInjectionPolicySpec {
     /// Bring your own key: the Secret is chosen by the caller's tenant (`spec.agentAuth`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_selector: Option<CredentialSelector>,
+    /// Headers written on every request this policy injects, overwriting the agent's: the
+    /// organization or project the key is used in (`openai-organization`, `openai-project`,
+    /// `x-goog-user-project`, which are otherwise removed). Values are not secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set_headers: Vec<SetHeader>,
+}
+
+/// One header a policy writes (Gateway API's `HTTPHeader` shape).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SetHeader {
+    pub name: String,
+    pub value: String,
 }
 
 /// Per-tenant credentials. A tenant listed in `byTenant.tenants` uses that Secret; otherwise

@@ -72,6 +72,9 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
             "  warning: allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
         );
     }
+    for (route, host) in snap.foreign_host_patterns() {
+        println!("  warning: route {route} host {host}: {}", crate::config::FOREIGN_PATTERN);
+    }
     let mut unresolved = 0;
     if let Some(chain) = &snap.agent_auth {
         let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };

@@ -197,10 +197,19 @@ fn print_decision(args: &ExplainArgs, snap: &Snapshot, path_only: &str, tenant: 
                 }
                 println!("  also strips every x-amz-* header the agent sends (its own signature)");
             }
-            println!("  strips headers whenever the agent sends them: {}", entry.binding.strip.headers.join(", "));
-            if !entry.binding.strip.query.is_empty() {
-                println!("  strips query parameters: {}", entry.binding.strip.query.join(", "));
+            let strip = &entry.binding.strip;
+            for (name, value) in &strip.pinned {
+                println!("  writes header `{name}: {value}` (spec.setHeaders; overwrites any value the agent sent)");
             }
+            println!("  strips headers whenever the agent sends them: {}", strip.headers.join(", "));
+            if !strip.query.is_empty() {
+                println!("  strips query parameters: {}", strip.query.join(", "));
+            }
+            let scope = crate::vocab::SCOPE_HEADERS.iter().filter(|h| !strip.pinned.iter().any(|(p, _)| &**p == **h));
+            println!(
+                "  strips the organization and project the agent names: headers {}; query parameter userProject",
+                scope.copied().collect::<Vec<_>>().join(", ")
+            );
         }
         Decision::FailClosed { entry, reason } => {
             println!("decision: 503 (fail closed): {reason}");

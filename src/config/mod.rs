@@ -20,6 +20,9 @@ pub use error::{ConfigError, ConfigErrors, Origin};
 pub use load::Key;
 pub use snapshot::{Credential, Decision, Snapshot, Unresolved};
 
+/// What `check` and the load log say of a route host pattern that is not its provider's own.
+pub const FOREIGN_PATTERN: &str = "route host pattern sends the key to whatever name under it an agent asks for (Envoy checks only that the upstream's certificate names it): keep it to names the provider alone owns";
+
 /// The one place the request path reads configuration from: lock-free loads, atomic swaps.
 pub type SnapshotStore = Arc<ArcSwap<Snapshot>>;
 
@@ -100,6 +103,10 @@ pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
             gateway = %new.gateway, entry = %a,
             "spec.allow entry names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
         );
+    }
+    let before = old.map(Snapshot::foreign_host_patterns).unwrap_or_default();
+    for (route, host) in new.foreign_host_patterns().into_iter().filter(|p| !before.contains(p)) {
+        tracing::warn!(route, host, "{FOREIGN_PATTERN}");
     }
     // Keys that exist but cannot be used (malformed service-account JSON, …): named once each.
     let mut seen: Vec<&str> = Vec::new();

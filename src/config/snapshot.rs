@@ -337,6 +337,23 @@ impl Snapshot {
         self.allow.iter().filter(|a| terminated(&certified, &a.host)).collect()
     }
 
+    /// Route host patterns (`*.example.net`) that are not their provider's own hosts, with the
+    /// route naming them: the key goes to whatever name under the pattern an agent asks for, so
+    /// a pattern over names others can own (a platform's tenant subdomains) hands it to them.
+    /// `check` and the load log name them.
+    pub fn foreign_host_patterns(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for e in self.routes.entries.iter().filter(|e| e.binding.credential.is_ok()) {
+            for h in e.hosts.iter().filter(|h| crate::glob::is_pattern(h) && !e.provider.default_hosts.contains(&&***h))
+            {
+                if !out.contains(&(&*e.route, &**h)) {
+                    out.push((&e.route, h));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether an unrouted (lowercase) `host` may be reached on `port`, and why: the gateway
     /// allows all (any port), or an `allow` entry names the host and the port. `Err(true)`: an
     /// entry names the host, on other ports only.

@@ -26,9 +26,12 @@ fn set(key: &str, value: &[u8]) -> HeaderValueOption {
 /// The header mutation that carries out `plan`, plus `extra` headers keyswap itself sets
 /// (the forwarded `traceparent`).
 pub fn header_mutation(plan: &Plan<'_>, extra: &[(&str, &[u8])]) -> HeaderMutation {
-    let mut set_headers = Vec::with_capacity(2 + extra.len());
+    let mut set_headers = Vec::with_capacity(2 + extra.len() + plan.pinned.len());
     if let Some((name, value)) = plan.set_header {
         set_headers.push(set(name, value));
+    }
+    for (name, value) in plan.pinned {
+        set_headers.push(set(name, value.as_bytes()));
     }
     for (name, value) in extra {
         set_headers.push(set(name, value));

@@ -24,19 +24,25 @@ pub struct Plan<'a> {
     pub remove: Vec<&'a str>,
     /// The credential header to write, overwriting whatever is there.
     pub set_header: Option<(&'a str, &'a [u8])>,
+    /// Headers the policy pins (`spec.setHeaders`), overwriting whatever is there.
+    pub pinned: &'a [(Box<str>, Box<str>)],
     /// A rewritten `:path`.
     pub path: Option<String>,
     /// Names of credential headers (and `?param`s) the agent tried to supply itself.
     pub smuggled: Vec<String>,
 }
 
-/// What the agent may not send on a route, whatever the value: compiled once per binding.
+/// What the agent may not send on a route, whatever the value, and what the policy writes in
+/// place of its scope headers: compiled once per binding.
 #[derive(Debug, Default)]
 pub struct Strip {
     /// Lowercase header names (the credential header list plus the policy's own header).
     pub headers: Box<[Box<str>]>,
     /// Query parameters (the provider's key parameters plus the policy's).
     pub query: Box<[Box<str>]>,
+    /// The policy's `spec.setHeaders` (lowercase names; values are not secret), written over
+    /// whatever the agent sent under those names.
+    pub pinned: Box<[(Box<str>, Box<str>)]>,
 }
 
 /// The real credential, ready to write. `value` is the exact header value or the
@@ -108,7 +114,7 @@ pub fn plan<'a>(
     path: &str,
     agent_token: Option<&[u8]>,
 ) -> Plan<'a> {
-    let mut plan = Plan::default();
+    let mut plan = Plan { pinned: &strip.pinned, ..Plan::default() };
     let target = match credential {
         Credential::Header { name, value, .. } => {
             plan.set_header = Some((&**name, value.expose_secret()));
@@ -125,6 +131,15 @@ pub fn plan<'a>(
     for (name, value) in headers {
         // Compared as a lenient server would: any case, `_` for `-` (`X_Api_Key`).
         let Some(strip) = strip.headers.iter().find(|s| same_header(s, name)) else {
+            // The organization or project the call runs in is the policy's to choose, not the
+            // agent's: removed (under the name it came with) unless pinned, which overwrites it.
+            let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name));
+            if scope {
+                if !plan.remove.contains(&name) {
+                    plan.remove.push(name);
+                }
+                continue;
+            }
             // SigV4: the agent's x-amz-date, x-amz-content-sha256, … belong to its own signature.
             if sigv4 && name.get(..6).is_some_and(|p| same_header(p, "x-amz-")) && !plan.remove.contains(&name) {
                 plan.remove.push(name);
@@ -158,7 +173,9 @@ pub fn plan<'a>(
         _ => None,
     };
     if set_param.is_some() || path.contains('?') {
-        let rw = query::rewrite(path, &strip.query, set_param, |v| is_placeholder(v.as_bytes()));
+        let rw = query::rewrite(path, &strip.query, crate::vocab::SCOPE_QUERY_PARAMS, set_param, |v| {
+            is_placeholder(v.as_bytes())
+        });
         plan.path = rw.path;
         for _ in 0..rw.smuggled {
             plan.smuggled.push("?query-parameter".to_owned());

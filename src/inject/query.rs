@@ -42,10 +42,13 @@ fn params(query: &str) -> impl Iterator<Item = &str> {
 
 /// Removes every parameter named in `strip` (compared by [`names_param`], so `%6Bey`, `KEY` and
 /// `api_key` are caught too) and, when `set` is given, writes it where the first removed
-/// occurrence stood, or at the end. Other parameters keep their bytes and order (joined by `&`).
+/// occurrence stood, or at the end. Parameters named in `drop` are removed too, but are no
+/// credential (the agent's `userProject`): never counted as smuggled. Other parameters keep
+/// their bytes and order (joined by `&`).
 pub fn rewrite(
     path: &str,
     strip: &[Box<str>],
+    drop: &[&str],
     set: Option<(&str, &[u8])>,
     is_placeholder: impl Fn(&str) -> bool,
 ) -> Rewrite {
@@ -59,6 +62,10 @@ pub fn rewrite(
     let mut changed = false;
     for segment in query.into_iter().flat_map(params) {
         let (raw_name, raw_value) = segment.split_once('=').unwrap_or((segment, ""));
+        if drop.iter().any(|d| names_param(raw_name, d)) {
+            changed = true;
+            continue;
+        }
         if strip.iter().any(|s| names_param(raw_name, s)) {
             changed = true;
             if !raw_value.is_empty() && !is_placeholder(&decode(raw_value)) {
@@ -147,6 +154,7 @@ mod tests {
         let r = rewrite(
             "/v1beta/models/g:generateContent?alt=sse&key=keyswap-injected-by-proxy&q=a%20b+c",
             &strip(&["key"]),
+            &[],
             Some(("key", encode_value(b"AIza real/+=").as_bytes())),
             ph,
         );
@@ -159,7 +167,7 @@ mod tests {
 
     #[test]
     fn every_occurrence_and_disguise_is_removed() {
-        let r = rewrite("/p?key=a&x=1&%6Bey=b&KEY=c&key", &strip(&["key"]), Some(("key", b"R")), ph);
+        let r = rewrite("/p?key=a&x=1&%6Bey=b&KEY=c&key", &strip(&["key"]), &[], Some(("key", b"R")), ph);
         assert_eq!(r.path.as_deref(), Some("/p?key=R&x=1"));
         assert_eq!(r.smuggled, 3);
     }
@@ -169,12 +177,13 @@ mod tests {
         let r = rewrite(
             "/p?api_key=a&API-KEY=b&apiKey=c&api%2Dkey=d&api-key%00=e&api-key[]=f&x=1;api.key=g&api+key=h",
             &strip(&["api-key"]),
+            &[],
             Some(("api-key", b"R")),
             ph,
         );
         assert_eq!(r.path.as_deref(), Some("/p?api-key=R&x=1"));
         assert_eq!(r.smuggled, 8);
-        assert_eq!(rewrite("/p?keys=1&monkey=2", &strip(&["key"]), None, ph), Rewrite::default());
+        assert_eq!(rewrite("/p?keys=1&monkey=2", &strip(&["key"]), &[], None, ph), Rewrite::default());
     }
 
     #[test]
@@ -185,16 +194,25 @@ mod tests {
 
     #[test]
     fn absent_parameter_is_appended() {
-        let r = rewrite("/p", &strip(&["key"]), Some(("key", b"R")), ph);
+        let r = rewrite("/p", &strip(&["key"]), &[], Some(("key", b"R")), ph);
         assert_eq!(r.path.as_deref(), Some("/p?key=R"));
-        let r = rewrite("/p?a=1", &strip(&["key"]), Some(("key", b"R")), ph);
+        let r = rewrite("/p?a=1", &strip(&["key"]), &[], Some(("key", b"R")), ph);
         assert_eq!(r.path.as_deref(), Some("/p?a=1&key=R"));
     }
 
     #[test]
+    fn scope_parameters_are_dropped_but_not_called_smuggled() {
+        let drop = crate::vocab::SCOPE_QUERY_PARAMS;
+        let r = rewrite("/p?userProject=other&a=1&$userProject=x&user_project=y", &strip(&["key"]), drop, None, ph);
+        assert_eq!(r.path.as_deref(), Some("/p?a=1"));
+        assert_eq!(r.smuggled, 0);
+        assert_eq!(rewrite("/p?project=1", &strip(&["key"]), drop, None, ph), Rewrite::default());
+    }
+
+    #[test]
     fn strip_only_leaves_clean_paths_alone() {
-        assert_eq!(rewrite("/p?a=1&b=2", &strip(&["key"]), None, ph), Rewrite::default());
-        let r = rewrite("/p?key=stolen", &strip(&["key"]), None, ph);
+        assert_eq!(rewrite("/p?a=1&b=2", &strip(&["key"]), &[], None, ph), Rewrite::default());
+        let r = rewrite("/p?key=stolen", &strip(&["key"]), &[], None, ph);
         assert_eq!(r.path.as_deref(), Some("/p"));
         assert_eq!(r.smuggled, 1);
     }

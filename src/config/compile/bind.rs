@@ -96,7 +96,11 @@ impl Catalog {
         Ok(Binding {
             policy: Some(pkey.to_string().into()),
             credential,
-            strip: Strip { headers: strip_headers(header.as_deref()), query: strip_query(p, param.as_deref()) },
+            strip: Strip {
+                headers: strip_headers(header.as_deref()),
+                query: strip_query(p, param.as_deref()),
+                pinned: pinned(s),
+            },
             tenants: None,
         })
     }
@@ -149,10 +153,15 @@ impl Catalog {
         Binding {
             policy: Some(pkey.to_string().into()),
             credential,
-            strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
+            strip: Strip { headers: strip_headers(None), query: strip_query(p, None), pinned: pinned(s) },
             tenants: None,
         }
     }
+}
+
+/// A policy's `spec.setHeaders`, names lowercased (validated before binding).
+fn pinned(s: &CredentialInjectionPolicySpec) -> Box<[(Box<str>, Box<str>)]> {
+    s.set_headers.iter().map(|h| (h.name.to_ascii_lowercase().into(), h.value.as_str().into())).collect()
 }
 
 /// Records a Secret key a binding reads: its value (and its query-encoded form, and the form JSON

@@ -170,7 +170,7 @@ pub(super) fn rejected_binding(p: &Provider, policy: Option<Arc<str>>, object: S
     Binding {
         policy,
         credential: Err(Unresolved::Rejected { object }),
-        strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
+        strip: Strip { headers: strip_headers(None), query: strip_query(p, None), ..Strip::default() },
         tenants: None,
     }
 }

@@ -308,7 +308,7 @@ impl<'a> GatewayCompile<'a> {
             (None, None) => Binding {
                 policy: None,
                 credential: Err(Unresolved::NoPolicy),
-                strip: Strip { headers: strip_headers(None), query: strip_query(p, None) },
+                strip: Strip { headers: strip_headers(None), query: strip_query(p, None), ..Strip::default() },
                 tenants: None,
             },
             (None, Some(pk)) => match self.catalog.bind(pk, p, &mut self.secrets, &mut self.live) {

@@ -42,6 +42,35 @@ fn policy_conflicts_and_bad_references_are_errors() {
 }
 
 #[test]
+fn set_headers_are_validated_by_name_and_never_echo_a_bad_value() {
+    let with = |rest: &str| {
+        format!("{GW}{}{}{}", route("r", "{provider: openai}"), policy("a", "{name: r}", rest), secret("  token: k"))
+    };
+    let ok = with("  target: Header\n  setHeaders: [{name: OpenAI-Organization, value: org-operator}]");
+    let snap = compile(&ok).unwrap();
+    let pinned = &snap.routes.entries[0].binding.strip.pinned;
+    assert_eq!(&pinned[..], &[("openai-organization".into(), "org-operator".into())]);
+    for (rest, field, says) in [
+        ("[{name: authorization, value: x}]", "spec.setHeaders[0].name", "carries a credential"),
+        ("[{name: X_Api_Key, value: x}]", "spec.setHeaders[0].name", "carries a credential"),
+        ("[{name: x-envoy-retry-on, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: X-Amz-Date, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: host, value: x}]", "spec.setHeaders[0].name", "Envoy manages it"),
+        ("[{name: ':path', value: x}]", "spec.setHeaders[0].name", "not a valid HTTP header name"),
+        ("[{name: a, value: x}, {name: A, value: y}]", "spec.setHeaders[1].name", "is set twice"),
+        ("[{name: a, value: \"sk-pasted\\nkey\"}]", "spec.setHeaders[0].value", "no control characters"),
+        ("[{name: a, value: ''}]", "spec.setHeaders[0].value", "1 to 1024 bytes"),
+    ] {
+        let e = compile(&with(&format!("  target: Header\n  setHeaders: {rest}"))).unwrap_err();
+        assert!(
+            e.contains("CredentialInjectionPolicy default/a") && e.contains(field) && e.contains(says),
+            "{rest}: {e}"
+        );
+        assert!(!e.contains("sk-pasted"), "a bad value was echoed: {e}");
+    }
+}
+
+#[test]
 fn provider_specific_requirements_are_checked() {
     let custom = format!(
         "{GW}{}{}",

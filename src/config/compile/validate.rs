@@ -95,6 +95,7 @@ impl Catalog {
             if s.provider_auth.is_some() && s.target != Target::ProviderAuth {
                 errors.push(err("spec.providerAuth".into(), "applies only to target ProviderAuth".into()));
             }
+            check_set_headers(s, &err, errors);
         }
     }
 
@@ -323,6 +324,62 @@ pub(crate) fn check_host(h: &str) -> Result<(), String> {
     }
 }
 
+/// At most this many `spec.setHeaders` per policy.
+const MAX_SET_HEADERS: usize = 16;
+
+/// `spec.setHeaders`: names a lenient server reads as distinct, none that carries a credential
+/// or that Envoy, SigV4 or keyswap owns; values that travel in a header as written.
+fn check_set_headers(
+    s: &CredentialInjectionPolicySpec,
+    err: &dyn Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) {
+    if s.set_headers.len() > MAX_SET_HEADERS {
+        errors.push(err(
+            "spec.setHeaders".into(),
+            format!("has {} entries; at most {MAX_SET_HEADERS}", s.set_headers.len()),
+        ));
+    }
+    for (i, h) in s.set_headers.iter().enumerate() {
+        let earlier = s.set_headers[..i].iter().any(|e| crate::vocab::same_header(&e.name, &h.name));
+        let name = if earlier {
+            Err(format!("`{}` is set twice (names are compared ignoring case, `_` read as `-`)", h.name))
+        } else {
+            check_set_header_name(&h.name, s.header_name.as_deref())
+        };
+        if let Err(m) = name {
+            errors.push(err(format!("spec.setHeaders[{i}].name"), m));
+        }
+        let v = h.value.as_bytes();
+        if v.is_empty() || v.len() > 1024 || v.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) || v[0] == b' ' {
+            // The value is not secret, but a bad one is not echoed either: it could be a pasted key.
+            errors.push(err(
+                format!("spec.setHeaders[{i}].value"),
+                "must be 1 to 1024 bytes with no control characters or leading space".into(),
+            ));
+        }
+    }
+}
+
+/// A header name a policy may pin: not a credential header (the credential goes where
+/// `target` says), not one Envoy, SigV4 or keyswap writes or reads as routing.
+fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), String> {
+    const OWNED: &[&str] = &["keep-alive", "proxy-connection", "expect", "traceparent", "tracestate"];
+    const OWNED_PREFIXES: &[&str] = &["x-envoy-", "x-keyswap-", "x-amz-", "x-forwarded-"];
+    check_header_name(h)?;
+    let credential = crate::vocab::CREDENTIAL_HEADERS.iter().chain(policy_header.as_slice()).chain(&["set-cookie"]);
+    if credential.into_iter().any(|c| crate::vocab::same_header(c, h)) {
+        return Err(format!(
+            "`{h}` carries a credential; the policy's `target` and `headerName` say where the key goes"
+        ));
+    }
+    let lower = h.to_ascii_lowercase().replace('_', "-");
+    if OWNED.contains(&lower.as_str()) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+        return Err(format!("`{h}` belongs to Envoy, SigV4 or keyswap and cannot be set by a policy"));
+    }
+    Ok(())
+}
+
 pub(super) fn check_header_name(h: &str) -> Result<(), String> {
     const FORBIDDEN: &[&str] = &["host", "content-length", "transfer-encoding", "connection", "te", "upgrade"];
     if h.is_empty()
@@ -332,7 +389,7 @@ pub(super) fn check_header_name(h: &str) -> Result<(), String> {
         return Err(format!("`{h}` is not a valid HTTP header name"));
     }
     if FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(h)) {
-        return Err(format!("`{h}` cannot carry a credential"));
+        return Err(format!("`{h}` frames or routes the request; Envoy manages it"));
     }
     Ok(())
 }
