@@ -86,6 +86,19 @@ pub const SCOPE_HEADERS: &[&str] = &["openai-organization", "openai-project", "x
 /// as credential parameters are, so `$userProject` and `user_project` too).
 pub const SCOPE_QUERY_PARAMS: &[&str] = &["userproject"];
 
+/// Whether `name` can name a Kubernetes object (a DNS-1123 subdomain: lowercase letters, digits,
+/// `-` and `.`, starting and ending with a letter or digit, at most 253 bytes). keyswap puts
+/// Secret names in field selectors; the API server refuses a selector with any other name, and
+/// a watch it refuses never syncs.
+pub fn is_object_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let edge = |c: Option<&u8>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    b.len() <= 253
+        && edge(b.first())
+        && edge(b.last())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+}
+
 /// Whether two header names are the same header to a lenient server: ASCII case ignored, and
 /// `_` read as `-` (some servers and frameworks fold underscores into dashes).
 pub fn same_header(a: &str, b: &str) -> bool {

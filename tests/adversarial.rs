@@ -575,12 +575,15 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
 
 /// The attack: an upstream (a `custom` route's service, a debugging proxy, a gRPC-style error
 /// detail) echoes the credential in the response's trailers. Over HTTP/2 both ways Envoy passes
-/// trailers to the agent; keyswap scrubs them as it scrubs headers, and a response without
-/// trailers costs no extra ext_proc message.
+/// trailers to the agent; where a route scrubs response bodies (the default for `custom`)
+/// keyswap scrubs the trailers as it scrubs headers, and a response without trailers costs no
+/// extra ext_proc message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let text = gateway("deny-all", free_port(), free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
+    let text = gateway("deny-all", free_port(), free_port(), "")
+        .replace(", endpoints: [\"/v1/messages\"]", "")
+        .replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
     std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
     let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
     let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];

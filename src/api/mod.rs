@@ -64,6 +64,27 @@ pub struct EgressGatewaySpec {
     /// every replica of the gateway shares them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_store: Option<BudgetStore>,
+    /// Namespaces besides its own whose AIProviderRoutes may attach to this gateway (`*`: every
+    /// namespace). Policies and budgets attach only within their own namespace, and the gateway's
+    /// catch-all policy binds only routes of its own namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// Which other namespaces' routes a gateway takes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AllowedRoutes {
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+impl EgressGatewaySpec {
+    /// Whether a route in `namespace` may attach to this gateway, which is in `own`.
+    pub fn admits_routes_from(&self, own: &str, namespace: &str) -> bool {
+        namespace == own
+            || self.allowed_routes.as_ref().is_some_and(|a| a.namespaces.iter().any(|n| n == "*" || n == namespace))
+    }
 }
 
 /// The shared counter store of a gateway's token budgets.

@@ -343,7 +343,9 @@ impl Snapshot {
     /// `check` and the load log name them.
     pub fn foreign_host_patterns(&self) -> Vec<(&str, &str)> {
         let mut out: Vec<(&str, &str)> = Vec::new();
-        for e in self.routes.entries.iter().filter(|e| e.binding.credential.is_ok()) {
+        // Whether or not the key resolves here (`check` in CI, without the Secrets): the pattern
+        // is the risk.
+        for e in &self.routes.entries {
             for h in e.hosts.iter().filter(|h| crate::glob::is_pattern(h) && !e.provider.default_hosts.contains(&&***h))
             {
                 if !out.contains(&(&*e.route, &**h)) {

@@ -72,10 +72,12 @@ pub fn response_headers(mutation: Option<HeaderMutation>, mode: Option<Processin
 
 pub use crate::envoy::RequestBody;
 
-/// The phases a transaction needs after its request headers: response headers and trailers
-/// always (status, content type; both scrubbed of secrets: Envoy sends trailers only when a
-/// response has them), the request body as `request_body` says, and the response body when
-/// `response_body` (STREAMED: SSE events flow as they come).
+/// The phases a transaction needs after its request headers: response headers always (status,
+/// content type; scrubbed of secrets), the request body as `request_body` says, and the
+/// response body when `response_body` (STREAMED: SSE events flow as they come), with its
+/// trailers (scrubbed, and the end of a body that ends with them). Trailers are asked for only
+/// with the body: the stream is open until the response ends anyway, where without them Envoy
+/// closes it after the response headers.
 pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
     let request_body_mode = match request_body {
         RequestBody::None => BodySendMode::None,
@@ -92,7 +94,7 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
         } else {
             HeaderSendMode::Skip
         } as i32,
-        response_trailer_mode: HeaderSendMode::Send as i32,
+        response_trailer_mode: if response_body { HeaderSendMode::Send } else { HeaderSendMode::Skip } as i32,
     }
 }
 

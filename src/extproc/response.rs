@@ -136,8 +136,11 @@ impl ProcessStream {
     }
 
     /// The upstream's response trailers (HTTP/2, or chunked HTTP/1.1 where Envoy keeps them):
-    /// scrubbed of live secrets as the headers are. They end the transaction.
+    /// scrubbed of live secrets as the headers are. They end the transaction, and the body: its
+    /// last chunk did not say so, so a budget settles here (bytes a scrubber or the usage-chunk
+    /// filter held back cannot follow: a trailers answer carries no body).
     pub(super) fn on_response_trailers(&mut self, trailers: &[HeaderValue]) -> Handled {
+        self.budget_response_body(&[], true);
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(trailers)).map(|(_, m)| {
             Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
             tracing::warn!("the upstream's response trailers carried a live secret value; scrubbed");

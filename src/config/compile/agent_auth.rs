@@ -230,9 +230,12 @@ impl AgentAuthCompile<'_> {
     }
 
     /// `apiKeys`: every Secret of the gateway's namespace labelled as an agent token. A token
-    /// Secret that does not parse is an error on the Secret, and left out.
+    /// Secret that does not parse is an error on the Secret, and left out. A digest two Secrets
+    /// carry admits no one: whoever can create a labelled Secret could otherwise copy another
+    /// agent's digest and rebind that agent's token to an identity (a tenant, a key) of its own.
     fn api_keys(&mut self, name: Arc<str>) -> auth::Validator {
-        let mut keys = HashMap::new();
+        let mut keys: HashMap<[u8; 32], auth::ApiKey> = HashMap::new();
+        let mut shared = Vec::new();
         let namespace = &self.gateway.namespace;
         for (skey, sec) in self.catalog.secrets.iter().filter(|(k, _)| &k.namespace == namespace) {
             if sec.spec.labels.get(auth::API_KEY_LABEL).map(String::as_str) != Some("true") {
@@ -241,13 +244,24 @@ impl AgentAuthCompile<'_> {
             let serr =
                 |f: &str, m: String| ConfigError::new(m).at(&sec.origin).object(label(Kind::Secret, skey)).field(f);
             match api_key(skey, sec, &name) {
-                Ok((digest, key)) => {
-                    if let Some(first) = keys.insert(digest, key) {
-                        self.errors.push(serr("sha256", format!("the same token is already Secret {}", first.secret)));
+                Ok((digest, key)) => match keys.get(&digest) {
+                    Some(first) => {
+                        let m = format!(
+                            "the same token is already Secret {}: that token admits no one until one of the two changes",
+                            first.secret
+                        );
+                        self.errors.push(serr("sha256", m));
+                        shared.push(digest);
                     }
-                }
+                    None => {
+                        keys.insert(digest, key);
+                    }
+                },
                 Err((field, message)) => self.errors.push(serr(field, message)),
             }
+        }
+        for digest in &shared {
+            keys.remove(digest);
         }
         auth::Validator::ApiKeys { name, keys }
     }

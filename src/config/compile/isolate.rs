@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::bind::{strip_headers, strip_query};
 use super::validate::check_host;
-use super::{attached, label, resolve_ref, Catalog, Entry, GatewayCompile};
+use super::{label, resolve_ref, Catalog, Entry, GatewayCompile};
 use crate::api::{AIProviderRouteSpec, CredentialInjectionPolicySpec};
 use crate::config::error::{ConfigError, ConfigErrors};
 use crate::config::load::{Key, Kind, Object};
@@ -117,7 +117,9 @@ impl<'a> GatewayCompile<'a> {
                 .iter()
                 .any(|r| match resolve_ref(r, pk, Kind::AIProviderRoute) {
                     Ok((Kind::AIProviderRoute, k)) => &k == route,
-                    Ok((Kind::EgressGateway, k)) => &k == gateway && !catalog.has_own_policy(route),
+                    Ok((Kind::EgressGateway, k)) => {
+                        &k == gateway && route.namespace == gateway.namespace && !catalog.has_own_policy(route)
+                    }
                     _ => false,
                 })
                 .then_some(pk)
@@ -128,7 +130,7 @@ impl<'a> GatewayCompile<'a> {
     /// upstream with the placeholder.
     pub(super) fn fail_closed_rejected_routes(&mut self) {
         for (rkey, route) in &self.catalog.rejected.routes {
-            if !attached(&route.spec.parent_refs, rkey, self.gateway) {
+            if !self.catalog.attached(&route.spec.parent_refs, rkey, self.gateway) {
                 continue;
             }
             for (r, rule) in route.spec.rules.iter().enumerate() {

@@ -112,8 +112,11 @@ impl Catalog {
         let Some(gw) = self.gateways.get(gateway) else { return Err(self.missing_gateway(gateway)) };
         let mut c = GatewayCompile::new(self, gateway, isolate);
         c.check_catch_all(&gw.origin);
-        for (rkey, route) in &self.routes {
-            if attached(&route.spec.parent_refs, rkey, gateway) {
+        // The gateway's own namespace first: its routes win a host another namespace's route
+        // also claims (matching takes the first entry).
+        let (own, other): (Vec<_>, Vec<_>) = self.routes.iter().partition(|(k, _)| k.namespace == gateway.namespace);
+        for (rkey, route) in own.into_iter().chain(other) {
+            if self.attached(&route.spec.parent_refs, rkey, gateway) {
                 c.route(rkey, route);
             }
         }
@@ -283,6 +286,10 @@ impl<'a> GatewayCompile<'a> {
                 fails_closed = Some(format!("more than one catch-all policy targets EgressGateway {}", self.gateway));
                 None
             }
+            // The catch-all key is the gateway's namespace's: a route another namespace attaches
+            // brings a policy of its own (else it fails closed), or it could send that key to
+            // any host it names.
+            None if rkey.namespace != self.gateway.namespace => None,
             None => self.catch_all.first().copied(),
         };
         if self.isolate && fails_closed.is_none() {
@@ -381,11 +388,17 @@ impl<'a> GatewayCompile<'a> {
     }
 }
 
-/// Whether a route with these parentRefs is attached to `gateway`.
-fn attached(parent_refs: &[ParentRef], rkey: &Key, gateway: &Key) -> bool {
-    parent_refs
-        .iter()
-        .any(|r| matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway))
+impl Catalog {
+    /// Whether a route with these parentRefs is attached to `gateway`: it names the gateway, and
+    /// is in the gateway's namespace or one the gateway admits (`spec.allowedRoutes`).
+    fn attached(&self, parent_refs: &[ParentRef], rkey: &Key, gateway: &Key) -> bool {
+        let admits =
+            self.gateways.get(gateway).is_some_and(|g| g.spec.admits_routes_from(&gateway.namespace, &rkey.namespace));
+        admits
+            && parent_refs.iter().any(
+                |r| matches!(resolve_ref(r, rkey, Kind::EgressGateway), Ok((Kind::EgressGateway, k)) if &k == gateway),
+            )
+    }
 }
 
 fn capture_policy(otlp: Option<&crate::api::Otlp>) -> super::snapshot::CapturePolicy {
@@ -416,7 +429,10 @@ fn label(kind: Kind, key: &Key) -> String {
     format!("{} {key}", kind.as_str())
 }
 
-/// Resolves a parentRef to a kind and key. `default_kind` applies when `kind` is omitted.
+/// Resolves a parentRef to a kind and key. `default_kind` applies when `kind` is omitted: a
+/// route's parents are gateways; a policy's or a budget's are routes (or a gateway), and those
+/// must be in the referrer's own namespace, so that no team binds its key to (or limits, or
+/// breaks) another team's routes or gateway.
 fn resolve_ref(r: &ParentRef, own: &Key, default_kind: Kind) -> Result<(Kind, Key), String> {
     if let Some(g) = &r.group {
         if g != GROUP {
@@ -430,5 +446,11 @@ fn resolve_ref(r: &ParentRef, own: &Key, default_kind: Kind) -> Result<(Kind, Ke
         Some(k) => return Err(format!("unknown kind `{k}`")),
     };
     let ns = r.namespace.clone().unwrap_or_else(|| own.namespace.clone());
+    if default_kind == Kind::AIProviderRoute && ns != own.namespace {
+        return Err(format!(
+            "namespace `{ns}` is not allowed: a policy or budget attaches only to routes and gateways in its own namespace `{}`",
+            own.namespace
+        ));
+    }
     Ok((kind, Key::new(ns, r.name.clone())))
 }

@@ -56,7 +56,11 @@ fn set_headers_are_validated_by_name_and_never_echo_a_bad_value() {
         ("[{name: x-envoy-retry-on, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
         ("[{name: X-Amz-Date, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
         ("[{name: host, value: x}]", "spec.setHeaders[0].name", "Envoy manages it"),
+        ("[{name: Content-Type, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy, SigV4 or keyswap"),
+        ("[{name: X-HTTP-Method-Override, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: OpenAI_Organization, value: x}]", "spec.setHeaders[0].name", "write `-`"),
         ("[{name: ':path', value: x}]", "spec.setHeaders[0].name", "not a valid HTTP header name"),
+        ("[{name: 'sk-pasted/key=', value: x}]", "spec.setHeaders[0].name", "not a valid HTTP header name"),
         ("[{name: a, value: x}, {name: A, value: y}]", "spec.setHeaders[1].name", "is set twice"),
         ("[{name: a, value: \"sk-pasted\\nkey\"}]", "spec.setHeaders[0].value", "no control characters"),
         ("[{name: a, value: ''}]", "spec.setHeaders[0].value", "1 to 1024 bytes"),
@@ -481,4 +485,113 @@ fn wildcard_hosts_keep_entry_order_across_index_and_scan() {
     // One label only: deeper hosts do not match `*.example.com`.
     assert_eq!(route("a.b.example.com", "/b"), "Deny");
     assert_eq!(route("example.com", "/b"), "Deny");
+}
+
+/// Objects in several namespaces, as one configuration: `(namespace, kind, name, spec)`.
+fn namespaced(objs: &[(&str, &str, &str, &str)]) -> String {
+    objs.iter()
+        .map(|(ns, kind, name, spec)| {
+            let api = if *kind == "Secret" { "v1" } else { "keyswap.dev/v1alpha1" };
+            format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}}}\n{spec}\n---\n")
+        })
+        .collect()
+}
+
+fn compile_isolated(text: &str) -> (Snapshot, String) {
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), text);
+    assert!(errs.is_empty(), "{errs:?}");
+    let cat = Catalog::build_isolated(objs);
+    let errors = cat.rejected.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    (cat.compile_isolated(&Key::new("platform", "egress")).unwrap(), errors)
+}
+
+/// A team with rights in its own namespace only tries to: attach a route to the platform's
+/// gateway and have the gateway's catch-all key sent to a host of its own; bind its own policy
+/// (its key, its pinned organization) to the platform's route, or break it with a conflict;
+/// attach a budget that stops every route; claim the platform's host first by namespace order.
+#[test]
+fn another_namespace_cannot_attach_bind_its_key_limit_or_take_over_a_host() {
+    let platform = |allowed: &str| {
+        namespaced(&[
+            ("platform", "EgressGateway", "egress", &format!("spec: {{{allowed}}}")),
+            (
+                "platform",
+                "AIProviderRoute",
+                "openai",
+                "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai}]}]}",
+            ),
+            (
+                "platform",
+                "CredentialInjectionPolicy",
+                "house",
+                "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}",
+            ),
+            ("platform", "Secret", "s", "stringData: {token: house-key}"),
+        ])
+    };
+    let team = namespaced(&[
+        ("team-x", "AIProviderRoute", "evil", "spec: {parentRefs: [{name: egress, namespace: platform}], rules: [{matches: [{provider: anthropic, hosts: [llm.attacker.example]}]}]}"),
+        ("team-x", "CredentialInjectionPolicy", "steal", "spec: {parentRefs: [{kind: AIProviderRoute, name: openai, namespace: platform}], secretRef: {name: t}, target: Header}"),
+        ("team-x", "TokenBudget", "stop", "spec: {parentRefs: [{kind: EgressGateway, name: egress, namespace: platform}], key: Gateway, window: Day, limits: {requests: 1}}"),
+        ("team-x", "Secret", "t", "stringData: {token: team-key}"),
+    ]);
+    let (snap, errors) = compile_isolated(&(platform("") + &team));
+    assert!(errors.contains("AIProviderRoute team-x/evil: field `spec.parentRefs[0]`: EgressGateway platform/egress does not admit routes from namespace `team-x`"), "{errors}");
+    assert!(
+        errors.contains(
+            "CredentialInjectionPolicy team-x/steal: field `spec.parentRefs[0]`: namespace `platform` is not allowed"
+        ),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("TokenBudget team-x/stop: field `spec.parentRefs[0]`: namespace `platform` is not allowed"),
+        "{errors}"
+    );
+    assert!(matches!(snap.decide("llm.attacker.example", "/", None), Decision::Deny));
+    let Decision::Inject { entry, credential } = snap.decide("api.openai.com", "/v1/models", None) else {
+        panic!("the platform's route stopped serving")
+    };
+    assert_eq!(entry.binding.policy.as_deref(), Some("platform/house"));
+    assert_eq!(credential.value(), b"Bearer house-key");
+    assert!(entry.budgets.is_empty(), "another namespace's budget applies");
+
+    // Admitted routes attach, but the catch-all key stays with the gateway's namespace, and the
+    // platform's route keeps its host against a route that sorts first.
+    let mine = namespaced(&[
+        (
+            "aaa",
+            "AIProviderRoute",
+            "mine",
+            "spec: {parentRefs: [{name: egress, namespace: platform}], rules: [{matches: [{provider: openai}]}]}",
+        ),
+        (
+            "aaa",
+            "CredentialInjectionPolicy",
+            "k",
+            "spec: {parentRefs: [{name: mine}], secretRef: {name: t}, target: Header}",
+        ),
+        ("aaa", "Secret", "t", "stringData: {token: aaa-key}"),
+    ]);
+    let text = platform("allowedRoutes: {namespaces: [team-x, aaa]}") + &team + &mine;
+    let (snap, _) = compile_isolated(&text);
+    assert!(
+        matches!(
+            snap.decide("llm.attacker.example", "/", None),
+            Decision::FailClosed { reason: Unresolved::NoPolicy, .. }
+        ),
+        "the gateway's catch-all key went to another namespace's route"
+    );
+    let Decision::Inject { entry, .. } = snap.decide("api.openai.com", "/v1/models", None) else { panic!() };
+    assert_eq!(&*entry.route, "platform/openai");
+}
+
+#[test]
+fn a_secret_name_no_kubernetes_object_can_have_is_named_as_such_and_never_quoted() {
+    for name in ["'x,y'", "Upper", "'sk-pasted/key='"] {
+        let text = format!("{GW}{}{}", route("r", "{provider: openai}"), policy("a", "{name: r}", "  target: Header"))
+            .replace("secretRef: {name: s}", &format!("secretRef: {{name: {name}}}"));
+        let e = compile(&text).unwrap_err();
+        assert!(e.contains("field `spec.secretRef.name`: is not a Kubernetes object name"), "{name}: {e}");
+        assert!(!e.contains("sk-pasted"), "{e}");
+    }
 }

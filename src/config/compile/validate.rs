@@ -86,6 +86,8 @@ impl Catalog {
             }
             if s.secret_ref.name.is_empty() {
                 errors.push(err("spec.secretRef.name".into(), "is required".into()));
+            } else if !crate::vocab::is_object_name(&s.secret_ref.name) {
+                errors.push(err("spec.secretRef.name".into(), NOT_AN_OBJECT_NAME.into()));
             }
             match s.target {
                 Target::Header => check_header_target(s, &err, errors),
@@ -131,6 +133,16 @@ impl Catalog {
                         errors.push(err(field, format!("{} {key} is invalid and left out", kind.as_str())));
                     } else if !exists {
                         errors.push(err(field, format!("{} {key} does not exist", kind.as_str())));
+                    } else if kind == Kind::EgressGateway
+                        && !self.gateways[&key].spec.admits_routes_from(&key.namespace, &own.namespace)
+                    {
+                        errors.push(err(
+                            field,
+                            format!(
+                                "EgressGateway {key} does not admit routes from namespace `{}` (its spec.allowedRoutes.namespaces)",
+                                own.namespace
+                            ),
+                        ));
                     }
                 }
             }
@@ -195,6 +207,12 @@ fn check_by_tenant(bt: &ByTenant, err: &dyn Fn(String, String) -> ConfigError, e
         }
     }
     for (tenant, ts) in &bt.tenants {
+        if !crate::vocab::is_object_name(&ts.secret_ref.name) {
+            errors.push(err(
+                format!("spec.credentialSelector.byTenant.tenants.{tenant}.secretRef.name"),
+                NOT_AN_OBJECT_NAME.into(),
+            ));
+        }
         if ts.secret_ref.namespace.is_some() {
             errors.push(err(
                 format!("spec.credentialSelector.byTenant.tenants.{tenant}.secretRef.namespace"),
@@ -324,6 +342,10 @@ pub(crate) fn check_host(h: &str) -> Result<(), String> {
     }
 }
 
+/// What a Secret name that no Kubernetes object can have is told (not quoted: it may be a key).
+const NOT_AN_OBJECT_NAME: &str =
+    "is not a Kubernetes object name (lowercase letters, digits, `-` and `.`, at most 253 characters)";
+
 /// At most this many `spec.setHeaders` per policy.
 const MAX_SET_HEADERS: usize = 16;
 
@@ -364,7 +386,20 @@ fn check_set_headers(
 /// A header name a policy may pin: not a credential header (the credential goes where
 /// `target` says), not one Envoy, SigV4 or keyswap writes or reads as routing.
 fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), String> {
-    const OWNED: &[&str] = &["keep-alive", "proxy-connection", "expect", "traceparent", "tracestate"];
+    // Read by keyswap on the agent's request (signing, method and body checks), or framing.
+    const OWNED: &[&str] = &[
+        "keep-alive",
+        "proxy-connection",
+        "expect",
+        "traceparent",
+        "tracestate",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ];
     const OWNED_PREFIXES: &[&str] = &["x-envoy-", "x-keyswap-", "x-amz-", "x-forwarded-"];
     check_header_name(h)?;
     let credential = crate::vocab::CREDENTIAL_HEADERS.iter().chain(policy_header.as_slice()).chain(&["set-cookie"]);
@@ -373,7 +408,10 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
             "`{h}` carries a credential; the policy's `target` and `headerName` say where the key goes"
         ));
     }
-    let lower = h.to_ascii_lowercase().replace('_', "-");
+    if h.contains('_') {
+        return Err(format!("`{h}` has `_`: write `-` (servers drop or fold names with underscores)"));
+    }
+    let lower = h.to_ascii_lowercase();
     if OWNED.contains(&lower.as_str()) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
         return Err(format!("`{h}` belongs to Envoy, SigV4 or keyswap and cannot be set by a policy"));
     }
@@ -386,7 +424,8 @@ pub(super) fn check_header_name(h: &str) -> Result<(), String> {
         || h.starts_with(':')
         || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
     {
-        return Err(format!("`{h}` is not a valid HTTP header name"));
+        // Not quoted: what fails here may be a key pasted into the wrong field.
+        return Err("is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~, no `:`)".into());
     }
     if FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(h)) {
         return Err(format!("`{h}` frames or routes the request; Envoy manages it"));

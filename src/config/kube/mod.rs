@@ -398,6 +398,9 @@ fn wanted_secrets(
             wanted.insert(SecretWatch::Named(Key::new(ns.clone(), store.redis.secret_ref.name.clone())));
         }
     }
+    // A name no Secret can have is never watched (the API server would refuse its field selector
+    // and the watch would never sync, holding every rebuild): it resolves as not found.
+    wanted.retain(|w| !matches!(w, SecretWatch::Named(k) if !crate::vocab::is_object_name(&k.name)));
     wanted
 }
 
@@ -538,4 +541,41 @@ fn collect(
         objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) });
     }
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_of<K>(objects: Vec<K>) -> Store<K>
+    where
+        K: kube::Resource + Clone,
+        K::DynamicType: std::hash::Hash + Eq + Clone + Default,
+    {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for o in objects {
+            writer.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        store
+    }
+
+    fn policy(name: &str, secret: &str) -> CredentialInjectionPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyswap.dev/v1alpha1", "kind": "CredentialInjectionPolicy",
+            "metadata": {"name": name, "namespace": "team"},
+            "spec": {"parentRefs": [{"name": "r"}], "secretRef": {"name": secret}, "target": "Header"},
+        }))
+        .unwrap()
+    }
+
+    /// The attack: a policy naming the Secret `x,y` (or `A`, or `../x`). Its field selector is one
+    /// the API server refuses, so the watch would never sync, and keyswap rebuilds only once every
+    /// Secret watch has: rotations, revocations and route removals froze for every namespace.
+    #[test]
+    fn a_secret_name_no_object_can_have_is_never_watched_so_it_cannot_hold_every_rebuild() {
+        let policies =
+            ["x,y", "Upper", "../x", "a b", "fine"].iter().enumerate().map(|(i, s)| policy(&format!("p{i}"), s));
+        let wanted = wanted_secrets(&store_of(Vec::new()), &store_of(policies.collect()));
+        assert_eq!(wanted.into_iter().collect::<Vec<_>>(), vec![SecretWatch::Named(Key::new("team", "fine"))]);
+    }
 }
