@@ -548,6 +548,15 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
     }
     assert_eq!(last_key(), [KEY_B], "tenant from the trusted header");
     assert!(fake.seen().last().unwrap().headers.iter().all(|(k, _)| !k.starts_with("x-edge-")));
+    // A hop that appends its header instead of replacing the agent's: two copies that differ
+    // name no one (the first, the agent's, used to win); copies that agree are one value.
+    let appended = [("x-edge-agent", "impostor"), ("x-edge-agent", "planner"), ("x-edge-tenant", "tenant-b")];
+    let (st, body) = send(&c, port, "api.anthropic.com", msgs, &appended).await;
+    assert_eq!(st, 401, "differing edge headers admitted someone: {body}");
+    let tenants = [("x-edge-agent", "planner"), ("x-edge-tenant", "tenant-a"), ("x-edge-tenant", "tenant-b")];
+    assert_eq!(send(&c, port, "api.anthropic.com", msgs, &tenants).await.0, 403, "a tenant from differing copies");
+    let agreed = [("x-edge-agent", "planner"), ("x-edge-agent", "planner"), ("x-edge-tenant", "tenant-b")];
+    assert_eq!(send(&c, port, "api.anthropic.com", msgs, &agreed).await.0, 200);
 
     // Attribution and leaks (the last span, the trusted edge request, may still be in a batch).
     let mesh = |spans: &[(String, opentelemetry_proto::tonic::trace::v1::Span)]| {

@@ -268,11 +268,16 @@ pub enum Verdict {
     NeedKeys(Arc<Jwks>),
 }
 
-/// A claim as a string: the value, or the first string of an array.
+/// A claim as a string: the value, or the one string of an array of one. An array of several
+/// (`groups`, `orgs`) names none: which of them came first is the identity provider's ordering,
+/// and a member of one group who joins another would otherwise be read as that one.
 fn claim_str(v: Option<&serde_json::Value>) -> Option<&str> {
     match v? {
         serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Array(a) => a.iter().find_map(|x| x.as_str()),
+        serde_json::Value::Array(a) => match a.as_slice() {
+            [one] => one.as_str(),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -299,7 +304,12 @@ impl JwtValidator {
             let mut cache = self.cache.0.lock().unwrap_or_else(|e| e.into_inner());
             match cache.get(token) {
                 Some((id, until, g)) if *g == generation && unix_now() <= *until => {
-                    return Verdict::Admitted(id.clone())
+                    // The key set is refetched on schedule even while every token is a cached
+                    // one: a key the IdP withdrew must not keep its tokens admitted until `exp`.
+                    if let Some(j) = &self.jwks {
+                        j.refresh_if_stale();
+                    }
+                    return Verdict::Admitted(id.clone());
                 }
                 Some(_) => {
                     cache.remove(token);
@@ -417,7 +427,14 @@ mod tests {
         let v = validator();
         let good = token(claims(600), Algorithm::HS256, SECRET);
         let Verdict::Admitted(id) = v.verify(good.as_bytes()) else { panic!("valid token refused") };
-        assert_eq!((&*id.agent, id.tenant.as_deref(), id.role.as_deref()), ("a1", Some("t1"), Some("r1,r2")));
+        // Two tenants in one claim name none (the IdP's order would choose); one names it.
+        assert_eq!((&*id.agent, id.tenant.as_deref(), id.role.as_deref()), ("a1", None, Some("r1,r2")));
+        let mut one = claims(600);
+        one["org"] = serde_json::json!(["t1"]);
+        let Verdict::Admitted(id1) = v.verify(token(one, Algorithm::HS256, SECRET).as_bytes()) else { panic!() };
+        assert_eq!(id1.tenant.as_deref(), Some("t1"));
+        v.cache.0.lock().unwrap().clear();
+        assert!(matches!(v.verify(good.as_bytes()), Verdict::Admitted(_)));
         assert_eq!(v.cache.0.lock().unwrap().len(), 1, "cached");
         assert!(matches!(v.verify(good.as_bytes()), Verdict::Admitted(_)));
 

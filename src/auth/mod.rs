@@ -242,6 +242,17 @@ pub fn agent_token<'a>(headers: impl Iterator<Item = (&'a str, &'a [u8])> + Clon
     None
 }
 
+/// The one value a request gives a header an edge-trust validator reads: `None` when it has none,
+/// or copies that differ (the agent's own beside the trusted hop's, where the hop appends rather
+/// than replaces: whichever came first would otherwise name the agent).
+pub fn single_value<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<&'a str> {
+    let first = values.next()?;
+    if values.any(|v| v != first) {
+        return None;
+    }
+    std::str::from_utf8(first).ok()
+}
+
 /// SHA-256 of a token, as API-key Secrets store it (hex).
 pub fn token_digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
@@ -303,7 +314,10 @@ impl Chain {
                     }
                 }
                 (Validator::SharedToken { token: expected, identity, .. }, Some(t)) => {
-                    if constant_time_eq(expected.expose_secret(), t) {
+                    // Digests compared: equal lengths whatever the token's, so its time says
+                    // nothing of the expected token's length either.
+                    let digest = &*digest.get_or_insert_with(|| token_digest(t));
+                    if constant_time_eq(&token_digest(expected.expose_secret()), digest) {
                         return Admission::Admitted(Cow::Borrowed(identity));
                     }
                 }

@@ -50,7 +50,10 @@ pub fn on_request_headers(
     // Agent admission (spec.agentAuth) comes first: no decision for a caller it refuses.
     if let Some(chain) = &snapshot.agent_auth {
         let presented = crate::auth::agent_token(req.pairs_iter());
-        let header = |n: &str| find(headers, n);
+        let header = |n: &str| {
+            let copies = headers.iter().filter(|h| h.key.eq_ignore_ascii_case(n));
+            crate::auth::single_value(copies.map(super::header_bytes))
+        };
         let admission = chain.admit(presented.map(|(_, t)| t), peer, header, std::time::SystemTime::now());
         if fetched.is_none() {
             chain.counters.count(&admission);

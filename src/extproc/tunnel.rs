@@ -310,7 +310,7 @@ fn proxy_token(headers: &[HeaderValue]) -> Option<Vec<u8>> {
 async fn admit(snapshot: &Snapshot, token: Option<&[u8]>, headers: &Headers, peer: &Peer) -> Result<(), Rejection> {
     let Some(chain) = &snapshot.agent_auth else { return Ok(()) };
     let header = |n: &str| {
-        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+        crate::auth::single_value(headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| &v[..]))
     };
     let mut admission = chain.admit(token, peer, header, SystemTime::now());
     if let Admission::NeedKeys(jwks) = admission {

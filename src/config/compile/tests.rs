@@ -306,6 +306,32 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
     assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
 }
 
+/// The attack: whoever can create a labelled Secret in the gateway's namespace copies another
+/// agent's token digest into one of its own, naming its own tenant (and so its own key, its own
+/// provider account, where the victim's prompts would then be read). The later Secret used to
+/// win. Now the shared digest admits no one, and the error names both Secrets.
+#[test]
+fn a_copied_token_digest_rebinds_no_one() {
+    let digest = crate::auth::hex(&crate::auth::token_digest(b"ksa_victim"));
+    let token = |name: &str, tenant: &str| {
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, labels: {{keyswap.dev/agent-token: 'true'}}}}\nstringData: {{sha256: '{digest}', agent: {name}, tenant: {tenant}}}\n---\n")
+    };
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  agentAuth:\n    validators: [{apiKeys: {}}]\n---\n";
+    let text = format!("{gw}{}{}", token("victim", "tenant-a"), token("zz-copy", "attacker"));
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), &text);
+    assert!(errs.is_empty(), "{errs:?}");
+    let cat = Catalog::build_isolated(objs);
+    let snap = cat.compile_isolated(&Key::new("default", "egress")).unwrap();
+    let errors = cat.rejected.errors.iter().chain(&snap.rejected).map(|e| e.to_string()).collect::<Vec<_>>();
+    let chain = snap.agent_auth.as_ref().unwrap();
+    let admitted =
+        chain.admit(Some(b"ksa_victim"), &crate::auth::Peer::default(), |_| None, std::time::SystemTime::now());
+    assert!(!matches!(admitted, crate::auth::Admission::Admitted(_)), "the copied digest admitted someone: {errors:?}");
+    let named =
+        errors.iter().any(|e| e.contains("Secret default/zz-copy") && e.contains("already Secret default/victim"));
+    assert!(named, "{errors:?}");
+}
+
 #[test]
 fn catch_all_policy_on_the_gateway_binds_every_route_with_each_providers_header() {
     let text = format!(
