@@ -544,6 +544,29 @@ async fn an_agent_cannot_choose_the_organization_or_project_its_key_is_used_in()
     assert!(!log.contains("credentials of its own"), "a scope header is not a smuggled credential:\n{log}");
 }
 
+/// The attack: requests refused before any provider is asked cost the agent nothing; each with
+/// a 20 KB path (or authority) used to put all of it in the log line that names the refusal, so
+/// a loop of them wrote megabytes a second into the operators' log pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_with_huge_paths_cost_short_log_lines() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let long = "a".repeat(20_000);
+    for url in
+        [format!("https://api.anthropic.com/v1/{long}"), format!("https://api.anthropic.com/v1/messages/../{long}")]
+    {
+        let (_, out, _) = g.curl(&["-d", "{}", &url]);
+        let status = status_line(&out);
+        assert!(status.contains(" 403") || status.contains(" 400"), "{out}");
+    }
+    let log = g.dev.proc.output();
+    let refusals: Vec<&str> =
+        log.lines().filter(|l| l.contains("answering 403") || l.contains("request target refused")).collect();
+    assert!(refusals.len() >= 2, "the refusals were not logged:\n{log}");
+    for line in refusals {
+        assert!(line.len() < 2_000, "a {} byte log line", line.len());
+    }
+}
+
 // === 8. keys echoed in responses ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

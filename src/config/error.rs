@@ -57,15 +57,35 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(origin) = &self.origin {
-            write!(f, "{origin}: ")?;
+            write!(f, "{}: ", Plain(&origin.to_string()))?;
         }
         if let Some(object) = &self.object {
-            write!(f, "{object}: ")?;
+            write!(f, "{}: ", Plain(object))?;
         }
         if let Some(field) = &self.field {
-            write!(f, "field `{field}`: ")?;
+            write!(f, "field `{}`: ", Plain(field))?;
         }
-        f.write_str(&self.message)
+        write!(f, "{}", Plain(&self.message))
+    }
+}
+
+/// Text from a manifest as one line: control characters (a line break, a terminal escape) are
+/// written escaped, so a value in someone's manifest cannot forge a log line or drive the
+/// terminal of whoever runs `keyswap check`.
+struct Plain<'a>(&'a str);
+
+impl fmt::Display for Plain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in self.0.split_inclusive(char::is_control) {
+            match part.char_indices().last() {
+                Some((i, c)) if c.is_control() => {
+                    f.write_str(&part[..i])?;
+                    write!(f, "{}", c.escape_default())?;
+                }
+                _ => f.write_str(part)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -87,3 +107,21 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+#[cfg(test)]
+mod tests {
+    use super::ConfigError;
+
+    /// The attack: a route host (or any string a manifest quotes back) carrying a line break
+    /// and a forged log line, or a terminal escape, in someone's namespace.
+    #[test]
+    fn manifest_text_in_an_error_cannot_forge_a_log_line_or_drive_a_terminal() {
+        let e = ConfigError::new("`x\n2026-12-05T00:00:00Z  INFO secret rotated\u{1b}[2J` is not a host name")
+            .object("AIProviderRoute team/r\r")
+            .field("spec.rules[0]\t");
+        let text = e.to_string();
+        assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
+        assert!(text.contains(r"`x\n2026-12-05T00:00:00Z  INFO secret rotated\u{1b}[2J` is not a host name"), "{text}");
+        assert!(text.starts_with(r"AIProviderRoute team/r\r: field `spec.rules[0]\t`: "), "{text}");
+    }
+}

@@ -544,6 +544,22 @@ fn present<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
         .map(|h| std::str::from_utf8(header_bytes(h)).unwrap_or(""))
 }
 
+/// What a log line shows of an agent-sent string (authority, path, method): at most
+/// [`LOGGED_BYTES`], so that requests refused at no cost to the agent cannot make each log line
+/// 60 KB.
+pub(crate) fn clip(s: &str) -> &str {
+    if s.len() <= LOGGED_BYTES {
+        return s;
+    }
+    let mut end = LOGGED_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+const LOGGED_BYTES: usize = 256;
+
 fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
     headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
 }

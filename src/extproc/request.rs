@@ -14,7 +14,7 @@ use secrecy::ExposeSecret as _;
 use serde_json::json;
 
 use super::{
-    find, header_bytes, mutation, present, AgentToken, Injected, Outcome, PendingSign, Resume, Shared, Step, Wait,
+    clip, find, header_bytes, mutation, present, AgentToken, Injected, Outcome, PendingSign, Resume, Shared, Step, Wait,
 };
 use crate::auth::{Admission, Identity, Peer, Rejection};
 use crate::budget::Places;
@@ -211,7 +211,7 @@ impl<'a> Incoming<'a> {
 
     fn unauthenticated(&self, r: &Rejection) -> Step {
         Metrics::inc(&self.shared.metrics.denied_unauthenticated);
-        let (authority, path) = (self.authority, self.path_only);
+        let (authority, path) = (clip(self.authority), clip(self.path_only));
         tracing::info!(authority, path, reason = r.reason(), "agent not admitted; answering 401");
         let body = json!({"error": {
             "type": "agent_unauthenticated",
@@ -224,7 +224,7 @@ impl<'a> Incoming<'a> {
 
     fn refused(&self, r: Refused) -> Step {
         Metrics::inc(self.shared.metrics.refused(r));
-        let (authority, path, method) = (self.authority, self.path_only, self.method);
+        let (authority, path, method) = (clip(self.authority), clip(self.path_only), clip(self.method));
         tracing::warn!(?authority, ?path, ?method, reason = r.reason(), "request target refused");
         let body = json!({"error": {"type": "request_refused", "reason": r.reason(), "message": r.message()}});
         self.deny(None, r.reason(), r.status(), &body, "keyswap_request_refused")
@@ -315,7 +315,7 @@ impl<'a> Incoming<'a> {
 
     fn no_route(&self) -> Step {
         Metrics::inc(&self.shared.metrics.denied_no_route);
-        let (gateway, authority, path) = (&self.snapshot.gateway, self.authority, self.path_only);
+        let (gateway, authority, path) = (&self.snapshot.gateway, clip(self.authority), clip(self.path_only));
         tracing::info!(%gateway, authority, path, "no route matches on a deny-all gateway; answering 403");
         let body = json!({"error": {
             "type": "egress_denied",

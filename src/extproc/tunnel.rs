@@ -436,7 +436,7 @@ pub fn answer(
     match decision {
         Ok(addr) => {
             Metrics::inc(&shared.metrics.tunnels_allowed);
-            tracing::debug!(target_authority = ?authority, pinned = %addr, "tunnel allowed");
+            tracing::debug!(target_authority = ?super::clip(authority), pinned = %addr, "tunnel allowed");
             let pinned = addr.to_string();
             let plan = crate::inject::Plan::default();
             let m = mutation::header_mutation(&plan, &[(":authority", pinned.as_bytes())]);
@@ -446,14 +446,14 @@ pub fn answer(
             Metrics::inc(&shared.metrics.tunnels_refused);
             if let Refusal::Unauthenticated(_) = refusal {
                 // Clients that send proxy credentials only after a 407 do this on every tunnel.
-                tracing::info!(target_authority = ?authority, reason = refusal.reason(), "agent not admitted; answering 407");
+                tracing::info!(target_authority = ?super::clip(authority), reason = refusal.reason(), "agent not admitted; answering 407");
                 let body = json!({"error": {"type": "agent_unauthenticated", "reason": refusal.reason(),
                     "message": refusal.message(), "gateway": shared.store.load().gateway.to_string()}});
                 let challenge: &[(&str, &[u8])] = &[("proxy-authenticate", b"Basic realm=\"keyswap\"")];
                 return mutation::immediate_with(407, &body, "keyswap_agent_unauthenticated", challenge);
             }
             tracing::warn!(
-                target_authority = ?authority, address = ?address, reason = refusal.reason(),
+                target_authority = ?super::clip(authority), address = ?address, reason = refusal.reason(),
                 "tunnel refused"
             );
             let body =
