@@ -591,6 +591,8 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
         assert!(fake.seen().last().unwrap().header_str("x-api-key").as_deref() == Some(ANTHROPIC_KEY));
         assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent in a header:\n{out}");
         assert!(out.to_ascii_lowercase().contains("x-debug-credential: [redacted]"), "{out}");
+        // A name Envoy guards from filters unless their mutation rules allow it.
+        assert!(out.to_ascii_lowercase().contains("x-envoy-echoed-credential: [redacted]"), "{out}");
     }
     let (_, metrics) = scrape(metrics_port(&dev), "/metrics").await;
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");

@@ -433,6 +433,11 @@ pub fn ext_proc_filter() -> Value {
             "request_attributes": ["source.address", "connection.mtls"],
             // keyswap names a parked transaction here for the observing filter.
             "metadata_options": {"receiving_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
+            // A secret an upstream echoes under an `x-envoy-*` name is scrubbed like any other
+            // (Envoy drops mutations of those names unless allowed), and a mutation Envoy still
+            // refuses fails the request instead of being dropped: a strip or a scrub that does
+            // not happen must never let the request or the response go on.
+            "mutation_rules": {"allow_envoy": true, "disallow_is_error": true},
             "processing_mode": headers_only(),
         },
     })

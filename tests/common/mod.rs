@@ -753,6 +753,9 @@ impl FakeProvider {
         };
         let mut resp = hyper::Response::builder().status(status).header("content-type", content_type);
         if path.starts_with("/echo") && !echo_credential.is_empty() {
+            // Also under a name Envoy guards (`x-envoy-*`: an ext_proc mutation of it is dropped
+            // unless the filter's `mutation_rules` allow it).
+            resp = resp.header("x-envoy-echoed-credential", echo_credential.as_slice());
             resp = resp.header("x-debug-credential", echo_credential.as_slice()).header(
                 "www-authenticate",
                 [b"Bearer error=\"invalid\", key=\"".as_slice(), &echo_credential, b"\""].concat().as_slice(),
