@@ -185,7 +185,10 @@ enum Borrowed {
 }
 
 /// An event named `name` with one `{prefix}{header}` string-array attribute per header name
-/// (repeated headers share one array); credential headers are `[redacted]`.
+/// (repeated headers share one array); credential headers are `[redacted]`. The agent chooses
+/// the names and values: at most [`MAX_HEADER_NAMES`] names (then `keyswap.headers_omitted`
+/// counts the rest) and [`MAX_HEADER_VALUE`] bytes of each value are recorded, so that 100
+/// headers of 60 KB cannot make each span megabytes (a backend's field limits, the span queue).
 fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &[u8])], redact_also: Option<&str>) {
     // Names whose sketches differ are different names: only those sharing a bit with another
     // are compared with the rest (repeated headers are rare; comparing every pair was a quarter
@@ -199,11 +202,17 @@ fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &
     otlp::message(buf, field::EVENTS, |e| {
         otlp::fixed64(e, event::TIME, unix_nanos(SystemTime::now()));
         otlp::string(e, event::NAME, name);
+        let (mut written, mut omitted) = (0usize, 0i64);
         for (i, (k, _)) in headers.iter().enumerate() {
             let maybe_repeated = shared & name_sketch(k) != 0;
             if k.starts_with(':') || maybe_repeated && headers[..i].iter().any(|(p, _)| p.eq_ignore_ascii_case(k)) {
                 continue;
             }
+            if written == MAX_HEADER_NAMES {
+                omitted += 1;
+                continue;
+            }
+            written += 1;
             // Envoy sends lowercase names; other senders may not.
             let key: Cow<'_, str> = if k.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(k.to_ascii_lowercase())
@@ -221,8 +230,16 @@ fn header_event(buf: &mut Vec<u8>, name: &str, prefix: &str, headers: &[(&str, &
                 otlp::string_array_attribute(e, event::ATTRIBUTES, &key, std::iter::once(text(headers[i].1)));
             }
         }
+        if omitted > 0 {
+            otlp::attribute(e, event::ATTRIBUTES, &["keyswap.headers_omitted"], otlp::Value::Int(omitted));
+        }
     });
 }
+
+/// At most this many header names are recorded per headers event.
+const MAX_HEADER_NAMES: usize = 64;
+/// At most this many bytes of a header value are recorded (cut at a character boundary).
+const MAX_HEADER_VALUE: usize = 1024;
 
 /// One of 64 bits for a header name, from its length and its first and last bytes (ASCII case
 /// ignored, as header names compare): equal names get the same bit.
@@ -234,6 +251,7 @@ fn name_sketch(name: &str) -> u64 {
 }
 
 fn header_text(v: &[u8], redacted: bool) -> Cow<'_, str> {
+    let v = &v[..v.len().min(MAX_HEADER_VALUE)];
     match (redacted, std::str::from_utf8(v)) {
         (true, _) => Cow::Borrowed("[redacted]"),
         (false, Ok(s)) => Cow::Borrowed(s),
@@ -748,7 +766,8 @@ mod tests {
     /// names) and repeats in any case anywhere, every name is one attribute holding all its values.
     #[test]
     fn repeated_headers_are_grouped_whatever_names_share_a_sketch_bit() {
-        let mut names: Vec<String> = (0..150).map(|i| format!("x-h{}-{}", "a".repeat(i % 7), i)).collect();
+        // 50 names and 3 more repeated: within the names recorded per event.
+        let mut names: Vec<String> = (0..50).map(|i| format!("x-h{}-{}", "a".repeat(i % 7), i)).collect();
         names.extend(["accept", "Accept", "ACCEPT", "x-h-3", "X-H-3", "via", "VIA"].map(str::to_owned));
         let headers: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), n.as_bytes())).collect();
         let (tx, _) = start_with(CapturePolicy::default(), &headers);
@@ -762,6 +781,24 @@ mod tests {
             ev.attributes.iter().map(|a| (a.key.clone(), string_array(a))).collect();
         assert_eq!(ev.attributes.len(), want.len(), "one attribute per name");
         assert_eq!(got, want);
+    }
+
+    /// The attack: 100 headers of 5 KB each, names of the agent's choosing, on every request:
+    /// each span grew by 500 KB and a backend's field list by 100 names per request.
+    #[test]
+    fn an_agents_header_flood_is_recorded_capped_and_counted() {
+        let names: Vec<String> = (0..100).map(|i| format!("x-flood-{i}")).collect();
+        let value = "v".repeat(5_000);
+        let headers: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), value.as_bytes())).collect();
+        let (tx, _) = start_with(CapturePolicy::default(), &headers);
+        let span = finish(tx);
+        let ev = span.events.iter().find(|e| e.name == "http.request.headers").unwrap();
+        let headers: Vec<_> = ev.attributes.iter().filter(|a| a.key.starts_with("http.request.header.")).collect();
+        assert_eq!(headers.len(), MAX_HEADER_NAMES);
+        assert!(headers.iter().all(|a| string_array(a)[0].len() == MAX_HEADER_VALUE));
+        let omitted = ev.attributes.iter().find(|a| a.key == "keyswap.headers_omitted").expect("the rest counted");
+        assert_eq!(omitted.value.as_ref().and_then(|v| v.value.as_ref()), Some(&Any::IntValue(36)));
+        assert!(span.encode_to_vec().len() < 100_000, "{} bytes", span.encode_to_vec().len());
     }
 
     #[test]
