@@ -79,6 +79,28 @@ fn check_warns_that_a_host_pattern_not_the_providers_own_sends_the_key_to_any_na
     assert!(warnings[0].contains("route default/mixed host *.run.app: route host pattern sends the key"), "{out}");
 }
 
+/// With `agentAuth.optional`, an agent over its own tenant or agent budget leaves its token out
+/// and is counted with every anonymous caller instead: `check` says so.
+#[test]
+fn check_warns_that_optional_agent_auth_lets_a_caller_leave_its_own_budget() {
+    for (key, warns) in [("Tenant", true), ("Gateway", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    optional: true\n    validators: [{{sharedToken: {{secretRef: {{name: t}}, agent: a, tenant: acme}}}}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: anthropic}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: anthropic}}]}}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: k}}\nspec:\n  parentRefs: [{{name: anthropic}}]\n  secretRef: {{name: anthropic}}\n  target: Header\n---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {{name: daily}}\nspec:\n  parentRefs: [{{kind: EgressGateway, name: egress}}]\n  key: {key}\n  window: Day\n  limits: {{requests: 100}}\n---\n{}---\n{}",
+            secret_manifest("t", "token", "shared-token-0001"),
+            secret_manifest("anthropic", "token", ANTHROPIC_KEY)
+        );
+        std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+        let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert_eq!(
+            out.contains("warning: agentAuth is optional and budgets are kept per tenant"),
+            warns,
+            "{key}: {out}"
+        );
+    }
+}
+
 #[test]
 fn check_passes_on_the_shipped_examples() {
     for dir in ["/manifests/examples", "/manifests/examples/echo-bot"] {

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use super::SourceArgs;
+use crate::budget::KeyBy;
 use crate::config::snapshot::MatchEntry;
 use crate::config::{Catalog, ConfigErrors, GatewaySelector, Key, Snapshot};
 
@@ -79,6 +80,13 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     if let Some(chain) = &snap.agent_auth {
         let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };
         println!("  agent auth{optional}:");
+        let per_caller = |b: &crate::budget::Budget| !matches!(b.key, KeyBy::Route | KeyBy::Gateway);
+        if chain.optional && snap.routes.entries.iter().flat_map(|e| e.budgets.iter()).any(|b| per_caller(b)) {
+            println!(
+                "  warning: agentAuth is optional and budgets are kept per tenant, agent or label: a caller that leaves \
+                 its token out is counted in the one shared key `-` instead of its own"
+            );
+        }
         for v in &chain.validators {
             match v {
                 crate::auth::Validator::ApiKeys { name, keys } => {

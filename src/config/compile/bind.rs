@@ -31,9 +31,18 @@ impl Catalog {
         let mut binding = self.bind_secret(pkey, p, &pol.spec.secret_ref.name, None, secrets, live)?;
         let Some(sel) = &pol.spec.credential_selector else { return Ok(binding) };
         let mut by_tenant = HashMap::new();
+        // A tenant's Secret that cannot be used fails that tenant closed (503), not the policy:
+        // one tenant's bad value (or a Secret that only matches the template) must not take the
+        // house key and every other tenant's down with it.
+        let tenant_key = |b: Result<Binding, ConfigError>, secret: &str| {
+            b.map(|b| b.credential).unwrap_or_else(|e| {
+                let secret = Key::new(pkey.namespace.clone(), secret.to_owned());
+                Err(Unresolved::InvalidSecret { secret, key: e.field.unwrap_or_default(), message: e.message })
+            })
+        };
         for (tenant, ts) in &sel.by_tenant.tenants {
-            let b = self.bind_secret(pkey, p, &ts.secret_ref.name, ts.secret_key.as_deref(), secrets, live)?;
-            by_tenant.insert(tenant.as_str().into(), b.credential);
+            let b = self.bind_secret(pkey, p, &ts.secret_ref.name, ts.secret_key.as_deref(), secrets, live);
+            by_tenant.insert(tenant.as_str().into(), tenant_key(b, &ts.secret_ref.name));
         }
         if let Some((pre, post)) = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
         {
@@ -46,8 +55,8 @@ impl Catalog {
                 if by_tenant.contains_key(tenant) {
                     continue;
                 }
-                let b = self.bind_secret(pkey, p, n, None, secrets, live)?;
-                by_tenant.insert(tenant.into(), b.credential);
+                let b = self.bind_secret(pkey, p, n, None, secrets, live);
+                by_tenant.insert(tenant.into(), tenant_key(b, n));
             }
         }
         binding.tenants = Some(TenantCredentials { by_tenant, fallback: sel.fallback });

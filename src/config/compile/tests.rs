@@ -178,6 +178,33 @@ fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
     assert!(e.contains("secretNameTemplate") && e.contains("{tenant}"), "{e}");
 }
 
+/// The attack: a tenant who may create Secrets in the policy's namespace (onboarding by
+/// Secret) creates one the template matches with a value that cannot travel in a header. The
+/// whole policy used to fail: the house key and every tenant's answered 503.
+#[test]
+fn one_tenants_unusable_secret_fails_that_tenant_alone() {
+    let secret = |n: &str, v: &str| {
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: \"{v}\"}}\n---\n")
+    };
+    let text = format!(
+        "{GW}{}{}{}{}{}",
+        route("a", "{provider: anthropic}"),
+        policy("p", "{name: a}", "  target: Header\n  credentialSelector: {byTenant: {secretNameTemplate: '{tenant}-anthropic'}, fallback: Default}"),
+        secret("s", "sk-house-0001"),
+        secret("acme-anthropic", "sk-acme-0001"),
+        secret("broken-anthropic", "sk-line\\nbreak"),
+    );
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), &text);
+    assert!(errs.is_empty(), "{errs:?}");
+    let snap = Catalog::build_isolated(objs).compile_isolated(&Key::new("default", "egress")).unwrap();
+    let decide = |t: &str| snap.decide("api.anthropic.com", "/v1/messages", Some(t));
+    assert!(matches!(decide("acme"), Decision::Inject { .. }), "{:?}", decide("acme"));
+    assert!(matches!(decide("nobody"), Decision::Inject { .. }), "the house key (fallback) stopped serving");
+    let Decision::FailClosed { reason, .. } = decide("broken") else { panic!("{:?}", decide("broken")) };
+    assert!(matches!(reason, Unresolved::InvalidSecret { .. }), "{reason:?}");
+    assert!(!format!("{reason}").contains("sk-line"), "{reason}");
+}
+
 #[test]
 fn allow_entries_name_a_host_and_a_port_and_a_bad_one_names_its_field() {
     let gw = |allow: &str| {
