@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use secrecy::{ExposeSecret, SecretSlice};
 use sha2::{Digest, Sha256};
 
 use crate::vocab::Key;
@@ -149,7 +148,9 @@ pub enum Validator {
     /// Per-agent tokens, looked up by their SHA-256.
     ApiKeys { name: Arc<str>, keys: HashMap<[u8; 32], ApiKey> },
     /// One token for every caller, from a Secret.
-    SharedToken { name: Arc<str>, token: SecretSlice<u8>, identity: Identity },
+    /// One token for a group of callers, held as its SHA-256 (compared digest to digest: the
+    /// time taken says nothing of the token's length).
+    SharedToken { name: Arc<str>, digest: [u8; 32], identity: Identity },
     /// Signed tokens (JWKS or HS256).
     Jwt(Box<jwt::JwtValidator>),
     /// Identity headers from a trusted hop.
@@ -313,11 +314,9 @@ impl Chain {
                         return Admission::Admitted(Cow::Borrowed(&key.identity));
                     }
                 }
-                (Validator::SharedToken { token: expected, identity, .. }, Some(t)) => {
-                    // Digests compared: equal lengths whatever the token's, so its time says
-                    // nothing of the expected token's length either.
+                (Validator::SharedToken { digest: expected, identity, .. }, Some(t)) => {
                     let digest = &*digest.get_or_insert_with(|| token_digest(t));
-                    if constant_time_eq(&token_digest(expected.expose_secret()), digest) {
+                    if constant_time_eq(expected, digest) {
                         return Admission::Admitted(Cow::Borrowed(identity));
                     }
                 }
@@ -444,7 +443,7 @@ mod tests {
                 Validator::ApiKeys { name: "apiKeys".into(), keys },
                 Validator::SharedToken {
                     name: "shared".into(),
-                    token: SecretSlice::from(b"team-token".to_vec()),
+                    digest: token_digest(b"team-token"),
                     identity: id("ci", "b"),
                 },
             ],

@@ -68,25 +68,11 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
         snap.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     };
     println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
-    for a in snap.allow_entries_of_routed_hosts() {
-        println!(
-            "  warning: allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
-        );
-    }
-    for (route, host) in snap.foreign_host_patterns() {
-        println!("  warning: route {route} host {host}: {}", crate::config::FOREIGN_PATTERN);
-    }
+    print_warnings(snap);
     let mut unresolved = 0;
     if let Some(chain) = &snap.agent_auth {
         let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };
         println!("  agent auth{optional}:");
-        let per_caller = |b: &crate::budget::Budget| !matches!(b.key, KeyBy::Route | KeyBy::Gateway);
-        if chain.optional && snap.routes.entries.iter().flat_map(|e| e.budgets.iter()).any(|b| per_caller(b)) {
-            println!(
-                "  warning: agentAuth is optional and budgets are kept per tenant, agent or label: a caller that leaves \
-                 its token out is counted in the one shared key `-` instead of its own"
-            );
-        }
         for v in &chain.validators {
             match v {
                 crate::auth::Validator::ApiKeys { name, keys } => {
@@ -164,6 +150,26 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     }
     let _ = catalog;
     unresolved
+}
+
+/// What compiles but likely does not do what its author meant.
+fn print_warnings(snap: &Snapshot) {
+    for a in snap.allow_entries_of_routed_hosts() {
+        println!(
+            "  warning: allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
+        );
+    }
+    for (route, host) in snap.foreign_host_patterns() {
+        println!("  warning: route {route} host {host}: {}", crate::config::FOREIGN_PATTERN);
+    }
+    let per_caller = |b: &crate::budget::Budget| !matches!(b.key, KeyBy::Route | KeyBy::Gateway);
+    let optional = snap.agent_auth.as_ref().is_some_and(|c| c.optional);
+    if optional && snap.routes.entries.iter().flat_map(|e| e.budgets.iter()).any(|b| per_caller(b)) {
+        println!(
+            "  warning: agentAuth is optional and budgets are kept per tenant, agent or label: a caller that leaves \
+             its token out is counted in the one shared key `-` instead of its own"
+        );
+    }
 }
 
 pub(super) fn describe_match(e: &MatchEntry) -> String {

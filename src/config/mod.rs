@@ -111,12 +111,17 @@ pub fn log_changes(old: Option<&Snapshot>, new: &Snapshot) {
     // Keys that exist but cannot be used (malformed service-account JSON, …): named once each.
     let mut seen: Vec<&str> = Vec::new();
     for e in &new.routes.entries {
-        if let (Err(reason @ Unresolved::InvalidSecret { .. }), Some(policy)) =
-            (&e.binding.credential, e.binding.policy.as_deref())
-        {
-            if !seen.contains(&policy) {
-                seen.push(policy);
-                tracing::warn!(policy, %reason, "credential unusable: requests on routes that use it get 503 until it is fixed");
+        let Some(policy) = e.binding.policy.as_deref() else { continue };
+        if seen.contains(&policy) {
+            continue;
+        }
+        seen.push(policy);
+        if let Err(reason @ Unresolved::InvalidSecret { .. }) = &e.binding.credential {
+            tracing::warn!(policy, %reason, "credential unusable: requests on routes that use it get 503 until it is fixed");
+        }
+        for (tenant, c) in e.binding.tenants.iter().flat_map(|t| &t.by_tenant) {
+            if let Err(reason @ Unresolved::InvalidSecret { .. }) = c {
+                tracing::warn!(policy, tenant = %tenant, %reason, "tenant's credential unusable: that tenant's requests get 503 until it is fixed");
             }
         }
     }

@@ -226,7 +226,7 @@ impl AgentAuthCompile<'_> {
             role: None,
             labels: Vec::new(),
         };
-        Some(auth::Validator::SharedToken { name, token: SecretSlice::from(value.to_vec()), identity })
+        Some(auth::Validator::SharedToken { name, digest: auth::token_digest(value), identity })
     }
 
     /// `apiKeys`: every Secret of the gateway's namespace labelled as an agent token. A token

@@ -123,6 +123,7 @@ impl Catalog {
         if isolate {
             c.fail_closed_rejected_routes();
         }
+        c.keep_own_hosts();
         let agent_auth =
             gw.spec.agent_auth.as_ref().map(|a| self.compile_agent_auth(gateway, a, &mut c.errors, &mut c.live));
         let gateway_label = label(Kind::EgressGateway, gateway);
@@ -225,6 +226,38 @@ impl<'a> GatewayCompile<'a> {
         } else {
             self.errors.push(e.at(gateway_origin).object(label(Kind::EgressGateway, self.gateway)));
         }
+    }
+
+    /// A host the gateway's namespace routes (exactly or by pattern; valid or failing closed) is
+    /// that namespace's: another namespace's route that names it loses it (an error on that
+    /// route), whatever the matching tiers would say (an exact host is tried before a pattern,
+    /// so `x.openai.azure.com` elsewhere would win over the platform's `*.openai.azure.com`).
+    fn keep_own_hosts(&mut self) {
+        let own_ns = |route: &str| route.split_once('/').is_some_and(|(ns, _)| ns == self.gateway.namespace);
+        let own: Vec<Box<str>> =
+            self.entries.iter().filter(|e| own_ns(&e.route)).flat_map(|e| e.hosts.iter().cloned()).collect();
+        let owned = |h: &str| {
+            own.iter().any(|o| **o == *h || (crate::glob::is_pattern(o) && crate::glob::matches(o, h, Some(b'.'))))
+        };
+        for e in self.entries.iter_mut().filter(|e| !own_ns(&e.route)) {
+            let (kept, lost): (Vec<_>, Vec<_>) = std::mem::take(&mut e.hosts).into_iter().partition(|h| !owned(h));
+            for h in lost {
+                let m = format!(
+                    "host `{h}` is routed by EgressGateway {}'s own namespace; left out of this route (rule {} match {})",
+                    self.gateway, e.rule, e.index
+                );
+                let (ns, name) = e.route.split_once('/').unwrap_or(("", &e.route));
+                let object = label(Kind::AIProviderRoute, &Key::new(ns, name));
+                let origin = self.catalog.routes.get(&Key::new(ns, name)).map(|r| r.origin.clone());
+                let err = ConfigError::new(m).object(object).field("spec.rules");
+                self.errors.push(match origin {
+                    Some(o) => err.at(&o),
+                    None => err,
+                });
+            }
+            e.hosts = kept;
+        }
+        self.entries.retain(|e| !e.hosts.is_empty());
     }
 
     /// One route attached to the gateway: which policy binds it, then one entry per match.

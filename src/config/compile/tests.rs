@@ -636,6 +636,34 @@ fn another_namespace_cannot_attach_bind_its_key_limit_or_take_over_a_host() {
     );
     let Decision::Inject { entry, .. } = snap.decide("api.openai.com", "/v1/models", None) else { panic!() };
     assert_eq!(&*entry.route, "platform/openai");
+
+    // An exact host under the platform's pattern would be tried first; an invalid platform route
+    // would come after every valid one. Either way the host stays the platform's.
+    let azure = namespaced(&[
+        ("platform", "AIProviderRoute", "azure", "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: azure-openai, hosts: ['*.openai.azure.com']}]}]}"),
+        ("platform", "AIProviderRoute", "broken", "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: anthropic, hosts: [llm.internal.example], models: [x]}]}]}"),
+        ("aaa", "AIProviderRoute", "contoso", "spec: {parentRefs: [{name: egress, namespace: platform}], rules: [{matches: [{provider: azure-openai, hosts: [contoso.openai.azure.com, llm.internal.example, aaa.example.net]}]}]}"),
+        ("aaa", "CredentialInjectionPolicy", "ck", "spec: {parentRefs: [{name: contoso}], secretRef: {name: t}, target: Header}"),
+    ]);
+    let (snap, errors) = compile_isolated(&(text + &azure));
+    let Decision::Inject { entry, .. } = snap.decide("contoso.openai.azure.com", "/openai/x", None) else { panic!() };
+    assert_eq!(&*entry.route, "platform/azure", "an exact host of another namespace beat the platform's pattern");
+    assert!(
+        matches!(
+            snap.decide("llm.internal.example", "/", None),
+            Decision::FailClosed { reason: Unresolved::Rejected { .. }, .. }
+        ),
+        "another namespace served a host of the platform's invalid route"
+    );
+    let Decision::Inject { entry, .. } = snap.decide("aaa.example.net", "/", None) else { panic!() };
+    assert_eq!(&*entry.route, "aaa/contoso", "its own hosts stay");
+    assert!(errors.is_empty() || !errors.contains("aaa.example.net"), "{errors}");
+    let lost: Vec<String> = snap.rejected.iter().map(|e| e.to_string()).filter(|e| e.contains("aaa/contoso")).collect();
+    assert!(
+        lost.iter().any(|e| e
+            .contains("host `contoso.openai.azure.com` is routed by EgressGateway platform/egress's own namespace")),
+        "{lost:?}"
+    );
 }
 
 #[test]

@@ -114,6 +114,11 @@ impl Catalog {
         if refs.is_empty() {
             errors.push(err("spec.parentRefs".into(), "needs at least one parent".into()));
         }
+        // A route refused by one gateway is still attached where another admits it.
+        let admitted_somewhere = refs.iter().any(|r| {
+            matches!(resolve_ref(r, own, allowed[0]), Ok((Kind::EgressGateway, k))
+                if self.gateways.get(&k).is_some_and(|g| g.spec.admits_routes_from(&k.namespace, &own.namespace)))
+        });
         for (i, r) in refs.iter().enumerate() {
             let field = format!("spec.parentRefs[{i}]");
             match resolve_ref(r, own, allowed[0]) {
@@ -134,6 +139,7 @@ impl Catalog {
                     } else if !exists {
                         errors.push(err(field, format!("{} {key} does not exist", kind.as_str())));
                     } else if kind == Kind::EgressGateway
+                        && !admitted_somewhere
                         && !self.gateways[&key].spec.admits_routes_from(&key.namespace, &own.namespace)
                     {
                         errors.push(err(
