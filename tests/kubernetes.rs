@@ -165,6 +165,17 @@ async fn kubernetes_mode_follows_the_api_server_and_never_fails_a_request_meanwh
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(cond(&kube, "aiproviderroutes", "anthropic", "Accepted"), Some(("True".into(), "Accepted".into())));
+    assert_eq!(
+        cond(&kube, "aiproviderroutes", "anthropic", "ResolvedRefs"),
+        Some(("True".into(), "ResolvedRefs".into()))
+    );
+    // A route no policy binds answers 503: its status says why.
+    kube.put("aiproviderroutes", NS, "orphan", json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "custom", "hosts": ["orphan.test"]}]}]}}));
+    let since = Instant::now();
+    while cond(&kube, "aiproviderroutes", "orphan", "ResolvedRefs") != Some(("False".into(), "NoPolicy".into())) {
+        assert!(since.elapsed() < Duration::from_secs(5), "{:?}", kube.get("aiproviderroutes", NS, "orphan"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // kubectl edit secret: the next requests carry the new key within a second.
     let edited = Instant::now();

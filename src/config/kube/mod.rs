@@ -435,7 +435,18 @@ fn conditions(
             Some(m) => cond("Accepted", false, "Invalid", m),
             None => cond("Accepted", true, "Accepted", String::new()),
         };
-        out.push((("aiproviderroutes", k), vec![accepted]));
+        // Whether its requests get a key: a route attached without any policy (one another
+        // namespace attaches gets no catch-all) answers 503, which its status should say.
+        let name = k.to_string();
+        let unresolved = built.as_ref().ok().and_then(|snap| {
+            let mine = snap.routes.entries.iter().filter(|e| *e.route == *name);
+            mine.filter_map(|e| e.binding.credential.as_ref().err()).next()
+        });
+        let resolved = match unresolved {
+            Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
+            None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
+        };
+        out.push((("aiproviderroutes", k), vec![accepted, resolved]));
     }
     for p in policies.state() {
         let k = key(p.meta());
