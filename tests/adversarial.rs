@@ -598,13 +598,8 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");
 }
 
-/// The attack: an upstream (a `custom` route's service, a debugging proxy, a gRPC-style error
-/// detail) echoes the credential in the response's trailers. Over HTTP/2 both ways Envoy passes
-/// trailers to the agent; where a route scrubs response bodies (the default for `custom`)
-/// keyswap scrubs the trailers as it scrubs headers, and a response without trailers costs no
-/// extra ext_proc message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
+/// `keyswap dev` with Anthropic on every path, response bodies scrubbed, before a TLS fake.
+async fn scrubbing_anthropic_gateway() -> (Dev, FakeProvider, (tempfile::TempDir, tempfile::TempDir)) {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let text = gateway("deny-all", free_port(), free_port(), "")
         .replace(", endpoints: [\"/v1/messages\"]", "")
@@ -613,6 +608,17 @@ async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
     let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
     let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
     let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    (dev, fake, (work, config))
+}
+
+/// The attack: an upstream (a `custom` route's service, a debugging proxy, a gRPC-style error
+/// detail) echoes the credential in the response's trailers. Over HTTP/2 both ways Envoy passes
+/// trailers to the agent; where a route scrubs response bodies (the default for `custom`)
+/// keyswap scrubs the trailers as it scrubs headers, and a response without trailers costs no
+/// extra ext_proc message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
+    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
     // An answer without trailers costs no trailers message (Envoy sends one only for trailers).
     let (code, _, err) = tokio::task::block_in_place(|| {
         curl(&dev, &["--http2", "-sS", "-o", "/dev/null", "-d", "{}", "https://api.anthropic.com/v1/messages"])
@@ -641,14 +647,7 @@ async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
-    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let text = gateway("deny-all", free_port(), free_port(), "")
-        .replace(", endpoints: [\"/v1/messages\"]", "")
-        .replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
-    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
-    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
-    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
-    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
     let (code, out, err) =
         tokio::task::block_in_place(|| curl(&dev, &["--http1.1", "-i", "-d", "{}", "https://api.anthropic.com/echo"]));
     assert_eq!(code, 0, "{err}");

@@ -40,19 +40,21 @@ fn check_prints_the_compiled_configuration_with_fingerprints_only() {
     assert!(err.contains("2 route match(es) have no usable credential"), "{err}");
 }
 
+/// `keyswap check` on `config` plus the Secret `anthropic` (key `token`).
+fn check_with_anthropic_key(config: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config.to_owned() + &secret_manifest("anthropic", "token", ANTHROPIC_KEY);
+    std::fs::write(dir.path().join("config.yaml"), text).unwrap();
+    keyswap(&["check", "--config", dir.path().to_str().unwrap()])
+}
+
 /// An operator lists a provider's host in `spec.allow` (to open another port of it, say): a
 /// CONNECT to a routed host is terminated and routed whatever its port, so the entry does
 /// nothing. `check` says so, and still passes.
 #[test]
 fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  allow: ['api.anthropic.com:8443', pypi.org]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: anthropic}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: anthropic}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: anthropic-key}\nspec:\n  parentRefs: [{name: anthropic}]\n  secretRef: {name: anthropic}\n  target: Header\n---\n";
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        config.to_owned() + &secret_manifest("anthropic", "token", ANTHROPIC_KEY),
-    )
-    .unwrap();
-    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    let (code, out, err) = check_with_anthropic_key(config);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("warning: allow entry api.anthropic.com:8443 names a routed host")
@@ -65,14 +67,8 @@ fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
 /// it: `check` names such patterns (the provider's own, like `*.openai.azure.com`, are fine).
 #[test]
 fn check_warns_that_a_host_pattern_not_the_providers_own_sends_the_key_to_any_name_under_it() {
-    let dir = tempfile::tempdir().unwrap();
     let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: mixed}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: custom, hosts: ['*.run.app', svc.internal.test]}, {provider: azure-openai, hosts: ['*.openai.azure.com']}, {provider: azure-openai}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: key}\nspec:\n  parentRefs: [{name: mixed}]\n  secretRef: {name: anthropic}\n  target: Header\n  headerName: x-service-key\n---\n";
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        config.to_owned() + &secret_manifest("anthropic", "token", ANTHROPIC_KEY),
-    )
-    .unwrap();
-    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    let (code, out, err) = check_with_anthropic_key(config);
     assert_eq!(code, 0, "{out}\n{err}");
     let warnings: Vec<&str> = out.lines().filter(|l| l.contains("warning: route")).collect();
     assert_eq!(warnings.len(), 1, "{out}");
