@@ -172,8 +172,9 @@ pub struct JwtValidator {
     pub claim_mapping: Option<ClaimMapping>,
 }
 
-/// Claims that make the identity; each may be a string or an array (the first string is used;
-/// roles are joined).
+/// Claims that make the identity; each may be a string or an array of one string (an array of
+/// several names no one: such a subject is refused, such a tenant is none); roles may be any
+/// array, joined with `,`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ClaimMapping {
@@ -321,14 +322,20 @@ pub struct CaptureBody {
     status = "ResourceStatus",
     doc = "Routes AI-provider requests through an EgressGateway.",
     printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(
+        name = "Resolved",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AIProviderRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub rules: Vec<RouteRule>,
-    /// Also scrub live secret values from response bodies before the agent sees them (response
-    /// headers are always scrubbed). Costs one ext_proc round trip per response chunk. Default:
+    /// Also scrub live secret values from response bodies and trailers before the agent sees
+    /// them (response headers are always scrubbed). Costs one ext_proc round trip per response
+    /// chunk. Default:
     /// on for `custom` providers (an unknown upstream may echo what it received), off for the
     /// known providers (they never echo credentials in bodies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,7 +385,7 @@ pub struct RouteMatch {
     namespaced,
     shortname = "cip",
     status = "ResourceStatus",
-    doc = "Injects a Secret's key into the requests of an AIProviderRoute (or of every route of a gateway).",
+    doc = "Injects a Secret's key into the requests of an AIProviderRoute (or of every route in its gateway's namespace that has no policy of its own).",
     printcolumn(name = "Target", type_ = "string", json_path = ".spec.target"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".spec.secretRef.name"),
     printcolumn(

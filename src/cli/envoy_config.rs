@@ -87,7 +87,7 @@ pub struct ObserveArgs {
 pub struct BoundsArgs {
     /// The heap Envoy's overload manager measures against: set it to about 60 % of the memory
     /// limit of Envoy's container (e.g. 320Mi under 512Mi: Envoy has memory outside its heap,
-    /// and bodies arrive between two of its looks, 100 ms apart). From 80 % of it Envoy resets
+    /// and bodies arrive between two of its looks, 50 ms apart). From 80 % of it Envoy resets
     /// the HTTP/2 requests holding the most memory (bodies an agent sends and never finishes),
     /// the largest first, and closes requests and connections idle for 10 s (HTTP/1.1 ones
     /// cannot be reset); at 98 % it answers new requests 503 until memory is freed. Ki, Mi, Gi

@@ -205,11 +205,13 @@ fn print_decision(args: &ExplainArgs, snap: &Snapshot, path_only: &str, tenant: 
             if !strip.query.is_empty() {
                 println!("  strips query parameters: {}", strip.query.join(", "));
             }
-            let scope = crate::vocab::SCOPE_HEADERS.iter().filter(|h| !strip.pinned.iter().any(|(p, _)| &**p == **h));
-            println!(
-                "  strips the organization and project the agent names: headers {}; query parameter userProject",
-                scope.copied().collect::<Vec<_>>().join(", ")
-            );
+            let scope: Vec<&str> = crate::vocab::SCOPE_HEADERS
+                .iter()
+                .filter(|h| !strip.pinned.iter().any(|(p, _)| &**p == **h))
+                .copied()
+                .collect();
+            let headers = if scope.is_empty() { String::new() } else { format!("headers {}; ", scope.join(", ")) };
+            println!("  strips the organization and project the agent names: {headers}query parameter userProject");
         }
         Decision::FailClosed { entry, reason } => {
             println!("decision: 503 (fail closed): {reason}");

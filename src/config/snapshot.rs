@@ -191,7 +191,9 @@ impl Unresolved {
 impl fmt::Display for Unresolved {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Unresolved::NoPolicy => f.write_str("no CredentialInjectionPolicy targets this route or its gateway"),
+            Unresolved::NoPolicy => f.write_str(
+                "no CredentialInjectionPolicy targets this route (nor, for a route in the gateway's namespace, the gateway)",
+            ),
             Unresolved::SecretNotFound { secret } => write!(f, "Secret {secret} not found"),
             Unresolved::KeyNotFound { secret, key } => write!(f, "Secret {secret} has no key `{key}`"),
             Unresolved::InvalidSecret { secret, key, message } => write!(f, "Secret {secret} key `{key}` {message}"),
@@ -241,7 +243,8 @@ impl RouteMatcher {
     }
 
     /// The first entry matching host and path. Exact hosts win over patterns; within each,
-    /// entries keep their compiled order (route namespace/name, rule, match).
+    /// entries keep their compiled order (the gateway's namespace's routes first, then the
+    /// others, each by namespace/name, rule, match).
     pub fn find(&self, host: &str, path: &str) -> Option<&MatchEntry> {
         let path_only = path.split_once('?').map_or(path, |(p, _)| p);
         if let Some(candidates) = self.exact.get(host) {

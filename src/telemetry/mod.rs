@@ -260,7 +260,7 @@ impl Metrics {
         counter(
             p,
             "keyswap_response_secrets_scrubbed_total",
-            "Responses whose headers echoed a live secret value (scrubbed before the agent saw them).",
+            "Responses whose headers, body or trailers echoed a live secret value (scrubbed before the agent saw them).",
             &[(&[], g(&self.secrets_scrubbed_from_responses))],
         );
         counter(

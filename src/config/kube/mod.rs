@@ -440,10 +440,10 @@ fn conditions(
         let name = k.to_string();
         let unresolved = built.as_ref().ok().and_then(|snap| {
             let mine = snap.routes.entries.iter().filter(|e| *e.route == *name);
-            mine.filter_map(|e| e.binding.credential.as_ref().err()).next()
+            mine.filter_map(|e| route_unresolved(&e.binding)).next()
         });
         let resolved = match unresolved {
-            Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
+            Some((u, who)) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
             None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
         };
         out.push((("aiproviderroutes", k), vec![accepted, resolved]));
@@ -473,6 +473,19 @@ fn conditions(
         out.push((("credentialinjectionpolicies", k), vec![accepted, resolved]));
     }
     out
+}
+
+/// A key of `binding` that requests would need and cannot get, and whose it is (`tenant X: `):
+/// the policy's own (unless only tenants' keys are used: `fallback: Deny`), then each tenant's.
+fn route_unresolved(binding: &super::snapshot::Binding) -> Option<(&super::Unresolved, String)> {
+    let own_used = binding.tenants.as_ref().is_none_or(|t| t.fallback == crate::api::TenantFallback::Default);
+    if let (true, Err(u)) = (own_used, &binding.credential) {
+        return Some((u, String::new()));
+    }
+    let tenants = binding.tenants.iter().flat_map(|t| &t.by_tenant);
+    let mut bad: Vec<_> = tenants.filter_map(|(name, c)| c.as_ref().err().map(|u| (name, u))).collect();
+    bad.sort_by(|a, b| a.0.cmp(b.0));
+    bad.first().map(|(name, u)| (*u, format!("tenant {name}: ")))
 }
 
 /// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
@@ -577,6 +590,33 @@ mod tests {
             "spec": {"parentRefs": [{"name": "r"}], "secretRef": {"name": secret}, "target": "Header"},
         }))
         .unwrap()
+    }
+
+    /// A route's `ResolvedRefs` follows the keys its requests need: a per-tenant policy that never
+    /// falls back needs no house key; a tenant whose key is missing is named.
+    #[test]
+    fn a_route_is_unresolved_only_by_a_key_its_requests_need() {
+        let text = |fallback: &str, tenants: &str| {
+            format!(
+                "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec: {{}}\n---\n\
+                 apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: r}}\nspec: {{parentRefs: [{{name: egress}}], rules: [{{matches: [{{provider: anthropic}}]}}]}}\n---\n\
+                 apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: p}}\nspec: {{parentRefs: [{{name: r}}], secretRef: {{name: house}}, target: Header, \
+                 credentialSelector: {{byTenant: {{tenants: {{{tenants}}}}}, fallback: {fallback}}}}}\n---\n\
+                 apiVersion: v1\nkind: Secret\nmetadata: {{name: acme}}\nstringData: {{token: sk-acme}}\n"
+            )
+        };
+        let verdict = |fallback: &str, tenants: &str| {
+            let (objs, errs) =
+                crate::config::load::parse_file(std::path::Path::new("t.yaml"), &text(fallback, tenants));
+            assert!(errs.is_empty(), "{errs:?}");
+            let snap = Catalog::build(objs).unwrap().compile(&Key::new("default", "egress")).unwrap();
+            route_unresolved(&snap.routes.entries[0].binding).map(|(u, who)| format!("{who}{}", u.reason()))
+        };
+        let acme = "acme: {secretRef: {name: acme}}";
+        assert_eq!(verdict("Deny", acme), None, "the house key is never used");
+        assert_eq!(verdict("Default", acme).as_deref(), Some("SecretNotFound"));
+        let gone = format!("{acme}, globex: {{secretRef: {{name: gone}}}}");
+        assert_eq!(verdict("Deny", &gone).as_deref(), Some("tenant globex: SecretNotFound"));
     }
 
     /// The attack: a policy naming the Secret `x,y` (or `A`, or `../x`). Its field selector is one
