@@ -96,13 +96,27 @@ impl Parked {
 pub struct Handoffs {
     next: AtomicU64,
     shards: [Mutex<HashMap<u64, Parked>>; SHARDS],
+    /// How many are parked (what [`Handoffs::park`] checks against [`MAX_PARKED`]).
+    parked: std::sync::atomic::AtomicUsize,
 }
+
+/// At most this many transactions wait for an observing stream. Past it a response body is read
+/// on the deciding stream instead: state no observing stream claims (an agent that resets right
+/// after its response headers, again and again) waits [`UNCLAIMED_TTL`], and must not pile up.
+pub const MAX_PARKED: usize = 16_384;
 
 impl Default for Handoffs {
     fn default() -> Self {
-        Handoffs { next: AtomicU64::new(1), shards: std::array::from_fn(|_| Mutex::default()) }
+        Handoffs {
+            next: AtomicU64::new(1),
+            shards: std::array::from_fn(|_| Mutex::default()),
+            parked: std::sync::atomic::AtomicUsize::new(0),
+        }
     }
 }
+
+/// What [`Handoffs::park`] gives back when it is full.
+pub(super) type Unparked = (Option<Traced>, Option<Box<Budgeted>>);
 
 impl Handoffs {
     fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Parked>> {
@@ -110,15 +124,24 @@ impl Handoffs {
         self.shards[(id as usize) % SHARDS].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parks `tx` and `budget`; returns the number the observing stream claims them by.
-    pub(super) fn park(&self, tx: Option<Traced>, budget: Option<Box<Budgeted>>) -> u64 {
+    /// Parks `tx` and `budget`; returns the number the observing stream claims them by, or
+    /// gives them back when [`MAX_PARKED`] are waiting already.
+    pub(super) fn park(&self, tx: Option<Traced>, budget: Option<Box<Budgeted>>) -> Result<u64, Unparked> {
+        if self.parked.fetch_add(1, Ordering::Relaxed) >= MAX_PARKED {
+            self.parked.fetch_sub(1, Ordering::Relaxed);
+            return Err((tx, budget));
+        }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.shard(id).insert(id, Parked { tx, budget, at: Instant::now() });
-        id
+        Ok(id)
     }
 
     fn claim(&self, id: u64) -> Option<Parked> {
-        self.shard(id).remove(&id)
+        let claimed = self.shard(id).remove(&id);
+        if claimed.is_some() {
+            self.parked.fetch_sub(1, Ordering::Relaxed);
+        }
+        claimed
     }
 
     /// How many are parked.
@@ -139,6 +162,7 @@ impl Handoffs {
                 map.iter().filter(|(_, p)| now.saturating_duration_since(p.at) >= ttl).map(|(k, _)| *k).collect();
             out.extend(old.into_iter().filter_map(|k| map.remove(&k)));
         }
+        self.parked.fetch_sub(out.len(), Ordering::Relaxed);
         out
     }
 }
@@ -309,11 +333,32 @@ mod tests {
         assert_eq!(named(&ProcessingRequest::default()), None);
     }
 
+    fn park(h: &Handoffs) -> u64 {
+        h.park(None, None).unwrap_or_else(|_| panic!("no room to park"))
+    }
+
+    /// The attack: an agent that resets each request right after its response headers leaves
+    /// state no observing stream claims, for [`UNCLAIMED_TTL`] each. Past [`MAX_PARKED`] nothing
+    /// more is parked (the caller reads that body on its own stream), and claims and expiry make
+    /// room again.
+    #[test]
+    fn parked_state_is_bounded_and_claims_and_expiry_make_room() {
+        let h = Handoffs::default();
+        let ids: Vec<u64> = (0..MAX_PARKED).map(|_| park(&h)).collect();
+        assert!(h.park(None, None).is_err(), "parked past the bound");
+        assert!(h.claim(ids[0]).is_some());
+        assert!(h.park(None, None).is_ok(), "a claim made room");
+        assert!(h.park(None, None).is_err());
+        assert_eq!(h.expired(Instant::now() + UNCLAIMED_TTL, UNCLAIMED_TTL).len(), MAX_PARKED);
+        assert!(h.park(None, None).is_ok(), "expiry made room");
+        assert_eq!(h.len(), 1);
+    }
+
     #[test]
     fn parked_state_is_claimed_once_and_expires_when_unclaimed() {
         let h = Handoffs::default();
-        let a = h.park(None, None);
-        let b = h.park(None, None);
+        let a = park(&h);
+        let b = park(&h);
         assert_ne!(a, b);
         assert_eq!(h.len(), 2);
         assert!(h.claim(a).is_some());

@@ -120,15 +120,15 @@ impl ProcessStream {
         // A request holding places among its key's requests in flight ends on this stream: a
         // stream handed to the observing filter could be given up before that filter starts.
         let holds = self.budget.as_ref().is_some_and(|b| b.holds_places());
-        let mode = if rewrites_body || (wants_body && (!self.observed || holds)) {
-            Some(mutation::mode(mutation::RequestBody::None, true))
-        } else {
-            if wants_body {
-                let id = self.shared.handoffs.park(self.tx.take(), self.budget.take());
-                handoff = Some(super::observe::metadata(id));
+        let mut read_here = rewrites_body || (wants_body && (!self.observed || holds));
+        if wants_body && !read_here {
+            match self.shared.handoffs.park(self.tx.take(), self.budget.take()) {
+                Ok(id) => handoff = Some(super::observe::metadata(id)),
+                // Too many wait for their observing streams already: read this body here.
+                Err((tx, budget)) => (self.tx, self.budget, read_here) = (tx, budget, true),
             }
-            None
-        };
+        }
+        let mode = read_here.then(|| mutation::mode(mutation::RequestBody::None, true));
         self.fixed_response(mode.is_some());
         let mut resp = mutation::response_headers(m, mode);
         resp.dynamic_metadata = handoff;
