@@ -311,6 +311,39 @@ fn help_explains_every_command() {
     }
 }
 
+/// The attack (a tenant with create rights on TokenBudgets, say): a number the API server stores
+/// but keyswap cannot decode (`bytesPerInputToken: 5000000000` in a u32). The API server enforces
+/// `minimum` and `maximum` but no `format`; an undecodable object fails its whole list, and the
+/// watch never syncs. Every integer narrower than the API server's int64 carries its bounds.
+#[test]
+fn every_narrow_integer_in_the_crds_has_bounds_the_api_server_enforces() {
+    let (code, out, err) = keyswap(&["crds"]);
+    assert_eq!(code, 0, "{err}");
+    fn walk(v: &serde_yaml_ng::Value, path: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_yaml_ng::Value::Mapping(m) => {
+                let fmt = m.get("format").and_then(|f| f.as_str());
+                if matches!(fmt, Some("uint32" | "int32" | "uint8" | "uint16" | "int8" | "int16"))
+                    && (m.get("maximum").is_none() || m.get("minimum").is_none())
+                {
+                    bad.push(path.to_owned());
+                }
+                for (k, v) in m {
+                    walk(v, &format!("{path}.{}", k.as_str().unwrap_or("?")), bad);
+                }
+            }
+            serde_yaml_ng::Value::Sequence(s) => s.iter().for_each(|v| walk(v, path, bad)),
+            _ => {}
+        }
+    }
+    let mut bad = Vec::new();
+    for doc in out.split("\n---\n") {
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
+        walk(&v, v["spec"]["names"]["kind"].as_str().unwrap_or("?"), &mut bad);
+    }
+    assert!(bad.is_empty(), "integers without maximum/minimum: {bad:?}");
+}
+
 #[test]
 fn checked_in_crds_match_the_rust_types() {
     let (code, out, err) = keyswap(&["crds"]);

@@ -126,7 +126,11 @@ pub struct Reservation {
     pub default_output_tokens: Option<u64>,
     /// Request-body bytes counted as one input token when reserving. Default 1, a hard upper
     /// bound (a token is at least one byte); 4 is typical of English text but may under-reserve.
+    // `maximum` in the schema: the API server refuses what a u32 cannot hold (it enforces no
+    // `format`), where keyswap could not decode the object and the whole list would stop
+    // syncing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub bytes_per_input_token: Option<u32>,
     /// Input tokens reserved for each piece of input the body refers to instead of carrying:
     /// a stored conversation (`previous_response_id`, `conversation`), cached content

@@ -303,7 +303,12 @@ impl std::fmt::Debug for Otlp {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CaptureBody {
+    /// Bytes of each request and response body a span captures (base64 events, content
+    /// attributes).
+    // `maximum` in the schema: the API server enforces no `format`, and a value a u32 cannot
+    // hold would leave the object undecodable.
     #[serde(default)]
+    #[schemars(range(max = 4_294_967_295u32))]
     pub max_bytes: Option<u32>,
     #[serde(default)]
     pub include_content_types: Vec<String>,
