@@ -104,8 +104,9 @@ impl KeyBy {
     }
 
     /// The counter key of a request. Callers without one (anonymous callers of a tenant budget,
-    /// an agent without the label) share the key `-`.
-    pub fn value<'a>(&self, identity: Option<&'a Identity>, route: &'a str) -> &'a str {
+    /// an agent without the label) share the key `-`. A name that starts with `-` gets one more
+    /// in front, so no identity (an agent named `-`) shares the anonymous callers' counter.
+    pub fn value<'a>(&self, identity: Option<&'a Identity>, route: &'a str) -> std::borrow::Cow<'a, str> {
         let v = match self {
             KeyBy::Tenant => identity.and_then(|i| i.tenant.as_deref()),
             KeyBy::Agent => identity.map(|i| &*i.agent),
@@ -113,7 +114,11 @@ impl KeyBy {
             KeyBy::Gateway => Some("*"),
             KeyBy::Label(l) => identity.and_then(|i| i.labels.iter().find(|(k, _)| **k == **l)).map(|(_, v)| &**v),
         };
-        v.filter(|v| !v.is_empty()).unwrap_or("-")
+        match v.filter(|v| !v.is_empty()) {
+            None => "-".into(),
+            Some(v) if v.starts_with('-') => format!("-{v}").into(),
+            Some(v) => v.into(),
+        }
     }
 }
 

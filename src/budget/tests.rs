@@ -410,6 +410,12 @@ fn keys_of_callers_without_one_share_a_counter() {
     assert_eq!(KeyBy::Label("cost-center".into()).value(Some(&id), "default/r"), "-");
     assert_eq!(KeyBy::Route.value(None, "default/r"), "default/r");
     assert_eq!(KeyBy::Gateway.value(None, "default/r"), "*");
+    // An agent named `-` (a JWT subject, an edge header) is not an anonymous caller, and the
+    // escape keeps every name its own: `-` → `--`, `--` → `---`.
+    for (agent, key) in [("-", "--"), ("--", "---"), ("-x", "--x"), ("x-", "x-")] {
+        let named = Identity { agent: agent.into(), ..id.clone() };
+        assert_eq!(KeyBy::Agent.value(Some(&named), "default/r"), key);
+    }
 }
 
 #[test]
