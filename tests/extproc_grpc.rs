@@ -408,17 +408,29 @@ async fn a_bedrock_invoke_answer_is_settled_by_the_counts_bedrock_reports_in_its
         ("x-amzn-bedrock-input-token-count", "10"),
         ("x-amzn-bedrock-output-token-count", "900"),
     ];
-    let mut c = grpc::connect(s.addr).await;
-    let msgs = vec![grpc::headers(&head), grpc::body(body), grpc::response_headers(&counts), response_body(answer)];
-    let answers = grpc::exchange(&mut c, msgs).await;
-    assert_eq!(answers.len(), 4, "{answers:?}");
-    assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
     // 910 of 1,000 used: the next reservation does not fit (charged its reservation, ~200, it would).
-    let mut c = grpc::connect(s.addr).await;
-    let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(body)]).await;
+    assert_eq!(used_after_one_call(s.addr, &head, body, &counts, answer).await, 910);
+}
+
+/// One budgeted call answered with `response` and `answer`, then the same request again: it must
+/// be refused (429); returns the `used` its refusal reports.
+async fn used_after_one_call(
+    addr: std::net::SocketAddr,
+    head: &[(&str, &str)],
+    body: &[u8],
+    response: &[(&str, &str)],
+    answer: &[u8],
+) -> u64 {
+    let mut c = grpc::connect(addr).await;
+    let msgs = vec![grpc::headers(head), grpc::body(body), grpc::response_headers(response), response_body(answer)];
+    let answers = grpc::exchange(&mut c, msgs).await;
+    assert!(answers.len() == 4 && answers.iter().all(|a| a.is_ok()), "{answers:?}");
+    let mut c = grpc::connect(addr).await;
+    let answers = grpc::exchange(&mut c, vec![grpc::headers(head), grpc::body(body)]).await;
     let i = immediate(answers.last().unwrap().as_ref().expect("an answer"));
     let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
-    assert_eq!((i.status.as_ref().unwrap().code, &reason["error"]["used"]), (429, &serde_json::json!(910)), "{reason}");
+    assert_eq!(i.status.as_ref().unwrap().code, 429, "{reason}");
+    reason["error"]["used"].as_u64().unwrap_or_else(|| panic!("{reason}"))
 }
 
 /// The attack: name a weighted model by an alias the provider resolves, to be charged at weight
@@ -432,16 +444,8 @@ async fn a_model_alias_is_settled_at_the_weight_of_the_model_that_answered() {
     let body = br#"{"model":"claude-latest","max_tokens":60,"messages":[]}"#;
     let answer = br#"{"model":"claude-opus-4-1","usage":{"input_tokens":5,"output_tokens":50}}"#;
     let ok = [(":status", "200"), ("content-type", "application/json")];
-    let mut c = grpc::connect(s.addr).await;
-    let msgs = vec![grpc::headers(&head), grpc::body(body), grpc::response_headers(&ok), response_body(answer)];
-    let answers = grpc::exchange(&mut c, msgs).await;
-    assert!(answers.len() == 4 && answers.iter().all(|a| a.is_ok()), "{answers:?}");
     // 550 of 600 used at weight 10 (55 at weight 1, which would leave room for the next).
-    let mut c = grpc::connect(s.addr).await;
-    let answers = grpc::exchange(&mut c, vec![grpc::headers(&head), grpc::body(body)]).await;
-    let i = immediate(answers.last().unwrap().as_ref().expect("an answer"));
-    let reason: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
-    assert_eq!((i.status.as_ref().unwrap().code, &reason["error"]["used"]), (429, &serde_json::json!(550)), "{reason}");
+    assert_eq!(used_after_one_call(s.addr, &head, body, &ok, answer).await, 550);
 }
 
 /// An observing stream naming parked state keyswap never handed out (a forged or stale number,

@@ -404,6 +404,12 @@ fn wildcard_hosts_and_models_in_the_path_match() {
     assert!(matches!(snap.decide("a.b.openai.azure.com", "/openai/deployments/gpt-4o/x", None), Decision::Deny));
 }
 
+/// Every secret value the compiled `text` scrubs, in each form.
+fn secret_forms(text: &str) -> Vec<String> {
+    let snap = compile(text).unwrap();
+    snap.secret_values().iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
 fn secret(data: &str) -> String {
     format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData:\n{data}\n---\n")
 }
@@ -418,8 +424,7 @@ fn a_key_is_scrubbed_in_each_form_it_travels_in() {
         policy("p", "{name: r}", "  target: Header"),
         secret("  token: sk-a/b+c")
     );
-    let snap = compile(&text).unwrap();
-    let forms: Vec<String> = snap.secret_values().iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    let forms = secret_forms(&text);
     for form in ["sk-a/b+c", "sk-a%2Fb%2Bc", "sk-a\\/b+c"] {
         assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
     }
@@ -436,8 +441,7 @@ fn a_session_token_stored_with_a_trailing_newline_is_scrubbed_as_it_is_sent() {
         policy("a", "{name: r}", "  target: ProviderAuth\n  providerAuth: {type: AWSv4}"),
         secret("  AWS_ACCESS_KEY_ID: AKIAREAL\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value\n  AWS_SESSION_TOKEN: \"tok/en+1=\\n\"")
     );
-    let snap = compile(&text).unwrap();
-    let forms: Vec<String> = snap.secret_values().iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    let forms = secret_forms(&text);
     for form in ["tok/en+1=", "tok%2Fen%2B1%3D", "tok\\/en+1="] {
         assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
     }
