@@ -388,6 +388,7 @@ spec:
         issuer: {ISSUER}
         audiences: [keyswap]
         jwksUrl: https://localhost:{jwks_port}/.well-known/jwks.json
+        jwksRefreshSeconds: 10
         claimMapping: {{tenant: org, role: roles}}
     - name: internal
       jwt:
@@ -586,6 +587,23 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
     }
     for secret in [HS_SECRET, KEY_A, KEY_B] {
         assert!(!raw.contains(secret) && !logs.contains(secret), "a secret leaked");
+    }
+
+    // The IdP withdraws k1 (a leaked key): a token verified under it before, and cached, stops
+    // being admitted at the next scheduled refresh (10 s here), although every request carries
+    // that cached token and none would make keyswap fetch the keys otherwise.
+    let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &bearer(&rs))]).await;
+    assert_eq!(st, 200, "{body}");
+    *doc.lock().unwrap() = format!("{{\"keys\": [{e1}, {k2}]}}");
+    let since = Instant::now();
+    loop {
+        let (st, _) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &bearer(&rs))]).await;
+        if st == 401 {
+            break;
+        }
+        assert_eq!(st, 200);
+        assert!(since.elapsed() < Duration::from_secs(30), "a withdrawn key kept admitting its cached tokens");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
