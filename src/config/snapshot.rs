@@ -261,7 +261,8 @@ impl RouteMatcher {
             if best.is_some_and(|b| b < *i) {
                 break;
             }
-            if glob::matches(p, host, Some(b'.')) && self.entries[*i].accepts(path, path_only) {
+            let e = &self.entries[*i];
+            if glob::matches(p, host, Some(b'.')) && e.provider.admits_host(p, host) && e.accepts(path, path_only) {
                 best = Some(*i);
                 break;
             }

@@ -57,6 +57,10 @@ pub struct Provider {
     /// (`spec.scrubResponseBodies`): the known providers never echo credentials in bodies; an
     /// unknown upstream (`custom`) may.
     pub scrub_bodies_by_default: bool,
+    /// What a whole-label `*` of a default host pattern stands for, when the pattern alone
+    /// covers names the provider never uses: Bedrock's `bedrock-runtime.*.amazonaws.com` also
+    /// names `bedrock-runtime.s3.amazonaws.com`, an S3 bucket anyone can create. `None`: any label.
+    pub wildcard_label: Option<fn(&str) -> bool>,
 }
 
 const OPENAI_UNMETERED: &[&str] = &[
@@ -92,6 +96,7 @@ pub const REGISTRY: &[Provider] = &[
         endpoints: OPENAI_ENDPOINTS,
         unmetered: OPENAI_UNMETERED,
         scrub_bodies_by_default: false,
+        wildcard_label: None,
     },
     Provider {
         name: "anthropic",
@@ -102,6 +107,7 @@ pub const REGISTRY: &[Provider] = &[
         endpoints: &[Endpoint { path: "/v1/messages", operation: "chat" }],
         unmetered: &["/v1/messages/batches"],
         scrub_bodies_by_default: false,
+        wildcard_label: None,
     },
     Provider {
         name: "google",
@@ -117,6 +123,7 @@ pub const REGISTRY: &[Provider] = &[
         // Lowercase, as every `unmetered` glob: paths are compared lowercased.
         unmetered: &["/*:batchgeneratecontent", "/*:asyncbatchembedcontent", "/*:predictlongrunning"],
         scrub_bodies_by_default: false,
+        wildcard_label: None,
     },
     Provider {
         name: "azure-openai",
@@ -145,6 +152,7 @@ pub const REGISTRY: &[Provider] = &[
             "/openai/*video/*",
         ],
         scrub_bodies_by_default: false,
+        wildcard_label: None,
     },
     Provider {
         name: "bedrock",
@@ -161,6 +169,7 @@ pub const REGISTRY: &[Provider] = &[
         ],
         unmetered: &["/async-invoke", "/model/*/invoke-with-bidirectional-stream", "/model-invocation-job"],
         scrub_bodies_by_default: false,
+        wildcard_label: Some(is_aws_region),
     },
     Provider {
         name: "custom",
@@ -171,6 +180,7 @@ pub const REGISTRY: &[Provider] = &[
         endpoints: &[],
         unmetered: &[],
         scrub_bodies_by_default: true,
+        wildcard_label: None,
     },
 ];
 
@@ -227,11 +237,36 @@ impl Provider {
         self.unmetered.iter().copied().find(|g| glob::matches(g, &path, None))
     }
 
+    /// Whether `host`, which the route host `pattern` matched (one DNS label per `*`), is a name
+    /// the provider uses: where `pattern` is one of its default hosts, every label a whole-label
+    /// `*` covers has the provider's [`Provider::wildcard_label`] shape. An operator's own pattern
+    /// is taken as written (`keyswap check` warns of it: `foreign_host_patterns`).
+    pub fn admits_host(&self, pattern: &str, host: &str) -> bool {
+        let Some(shape) = self.wildcard_label else { return true };
+        !self.default_hosts.contains(&pattern)
+            || pattern.split('.').zip(host.split('.')).all(|(p, h)| p != "*" || shape(h))
+    }
+
     /// The GenAI operation for a request path, when it is a known endpoint.
     pub fn operation(&self, path: &str) -> Option<&'static str> {
         let path = path.split('?').next().unwrap_or(path);
         self.endpoints.iter().find(|e| glob::matches(e.path, path, None)).map(|e| e.operation)
     }
+}
+
+/// An AWS region name: `us-east-1`, `us-gov-west-1`, `ap-southeast-2`, `us-isob-east-1`: two
+/// letters, one or more words of letters, a number. Not `s3`, `s3-external-1`, `execute-api`.
+pub fn is_aws_region(label: &str) -> bool {
+    let mut parts = label.split('-');
+    let country = parts.next().unwrap_or_default();
+    let Some(number) = parts.next_back() else { return false };
+    let words: Vec<&str> = parts.collect();
+    country.len() == 2
+        && country.bytes().all(|b| b.is_ascii_lowercase())
+        && !words.is_empty()
+        && words.iter().all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && (1..=2).contains(&number.len())
+        && number.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -272,6 +307,43 @@ mod tests {
             for g in p.unmetered {
                 assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);
             }
+        }
+    }
+
+    #[test]
+    fn bedrocks_default_host_names_regions_not_other_aws_services_or_buckets() {
+        let bedrock = lookup("bedrock").unwrap();
+        let pattern = "bedrock-runtime.*.amazonaws.com";
+        for region in ["us-east-1", "us-gov-west-1", "ap-southeast-2", "eu-central-2", "us-isob-east-1", "il-central-1"]
+        {
+            assert!(bedrock.admits_host(pattern, &format!("bedrock-runtime.{region}.amazonaws.com")), "{region}");
+        }
+        // The legacy S3 endpoints' virtual-hosted buckets, and other services' labels.
+        for label in [
+            "s3",
+            "s3-external-1",
+            "s3-us-west-2",
+            "execute-api",
+            "elb",
+            "us-east",
+            "us-east-123",
+            "useast-1",
+            "u1-east-1",
+            "US-EAST-1",
+            "us--1",
+            "",
+        ] {
+            assert!(!bedrock.admits_host(pattern, &format!("bedrock-runtime.{label}.amazonaws.com")), "{label}");
+        }
+        // An operator's own pattern is theirs (check warns of it); other providers take any label.
+        assert!(bedrock.admits_host(
+            "*.bedrock-runtime.us-east-1.vpce.amazonaws.com",
+            "vpce-0a1.bedrock-runtime.us-east-1.vpce.amazonaws.com"
+        ));
+        assert!(lookup("azure-openai").unwrap().admits_host("*.openai.azure.com", "x.openai.azure.com"));
+        // The matcher checks shapes only in its scan of patterns, not in its lookup of `*.rest`.
+        for p in REGISTRY.iter().filter(|p| p.wildcard_label.is_some()) {
+            assert!(p.default_hosts.iter().all(|h| !h.starts_with("*.")), "{}", p.name);
         }
     }
 

@@ -461,6 +461,31 @@ fn header_values_must_travel_in_a_header_but_provider_auth_reads_multi_line_keys
 }
 
 #[test]
+fn a_bedrock_key_never_goes_to_an_s3_bucket_named_bedrock_runtime() {
+    // `bedrock-runtime.s3.amazonaws.com` is the bucket `bedrock-runtime` on S3's legacy endpoint;
+    // the default pattern's `*` names regions only, so such a name is not the route's.
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: bedrock}"),
+        policy("a", "{name: r}", "  target: Header"),
+        secret("  token: bedrock-api-key")
+    );
+    let snap = compile(&text).unwrap();
+    assert!(matches!(
+        snap.decide("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", None),
+        Decision::Inject { .. }
+    ));
+    for host in [
+        "bedrock-runtime.s3.amazonaws.com",
+        "bedrock-runtime.s3-external-1.amazonaws.com",
+        "bedrock-runtime.execute-api.amazonaws.com",
+    ] {
+        let d = snap.decide(host, "/model/m/converse", None);
+        assert!(matches!(d, Decision::Deny), "{host}: {d:?}");
+    }
+}
+
+#[test]
 fn provider_auth_compiles_and_names_missing_or_broken_keys() {
     let aws = |data: &str, extra: &str| {
         format!(
