@@ -875,9 +875,14 @@ async fn budgeted_dev(work: &std::path::Path, args: &[&str]) -> (Dev, FakeProvid
 /// `keyswap dev` (`args`) in `work` on a deny-all gateway allowing `allow`, and `extra`
 /// manifests, in front of a fake api.openai.com.
 async fn openai_dev(work: &std::path::Path, allow: &str, extra: &str, args: &[&str]) -> (Dev, FakeProvider) {
+    openai_dev_with(work, gateway_config("deny-all", free_port(), allow) + extra, args).await
+}
+
+/// `keyswap dev` (`args`) in `work` on the manifests `text`, in front of a fake api.openai.com.
+async fn openai_dev_with(work: &std::path::Path, text: String, args: &[&str]) -> (Dev, FakeProvider) {
     let config = work.join("config");
     std::fs::create_dir(&config).unwrap();
-    std::fs::write(config.join("gateway.yaml"), gateway_config("deny-all", free_port(), allow) + extra).unwrap();
+    std::fs::write(config.join("gateway.yaml"), text).unwrap();
     let (fake, provider_ca) = FakeProvider::start_tls(&["api.openai.com"], work).await;
     fake.set_accepts("api.openai.com", vec![Accept::Header("authorization", format!("Bearer {ANTHROPIC_KEY}"))]);
     let upstreams = [format!("api.openai.com={},ca={}", fake.addr, provider_ca.display())];
@@ -923,6 +928,67 @@ fn chat_post(
         .header("content-type", "application/json")
         .body(http_body_util::StreamBody::new(frames))
         .unwrap()
+}
+
+/// The attack: credentials and scope headers sent as HTTP/2 request trailers, past the strip
+/// of the request's headers. Envoy forwards request trailers to an HTTP/2 upstream, and a server
+/// that merges trailers into its headers would read the agent's key or organization; keyswap
+/// strips from the trailers every name it strips from the headers and keeps the rest. Where a
+/// budget (or SigV4) needs the body whole, a body that ends with trailers is refused (413) and
+/// nothing reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_scope_headers_in_request_trailers_never_reach_the_provider() {
+    use futures_util::StreamExt as _;
+    // A route that reads no body (phases asked per request), one whose response bodies are
+    // scrubbed (phases fixed by the route), one whose budget reads the request body whole.
+    for (case, budgeted) in [("plain", false), ("scrubbing", false), ("budgeted", true)] {
+        let work = tempfile::tempdir().unwrap();
+        let (dev, fake) = match case {
+            "plain" => openai_dev(work.path(), "", "", &["dev"]).await,
+            "scrubbing" => {
+                let text = gateway_config("deny-all", free_port(), "")
+                    .replace("  rules:\n", "  scrubResponseBodies: true\n  rules:\n");
+                assert!(text.contains("scrubResponseBodies"));
+                openai_dev_with(work.path(), text, &["dev"]).await
+            }
+            _ => budgeted_dev(work.path(), &["dev"]).await,
+        };
+        let mut sender = tunnel_h2::<Body>(&dev, "api.openai.com").await;
+        let mut trailers = hyper::HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer sk-stolen-trailer"),
+            ("x-api-key", "sk-stolen-trailer"),
+            ("api_key", "sk-stolen-trailer"),
+            ("openai-organization", "org-chosen-by-agent"),
+            ("openai_project", "proj-chosen-by-agent"),
+            ("x-clean-trailer", "kept"),
+        ] {
+            trailers.insert(hyper::header::HeaderName::from_static(name), value.parse().unwrap());
+        }
+        let body = bytes::Bytes::from_static(br#"{"model":"gpt-4o","max_tokens":8,"messages":[]}"#);
+        let frames = [Ok(hyper::body::Frame::data(body)), Ok(hyper::body::Frame::trailers(trailers))];
+        let req = chat_post(futures_util::stream::iter(frames).boxed());
+        sender.ready().await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req)).await.unwrap().unwrap();
+        if budgeted {
+            assert_eq!(resp.status().as_u16(), 413);
+            assert!(fake.seen().is_empty(), "a refused request reached the provider");
+            continue;
+        }
+        assert_eq!(resp.status().as_u16(), 200, "{case}");
+        let seen = fake.seen().pop().expect("the request reached the provider");
+        // The trailers reached it (so the checks below can fail), the clean one unchanged.
+        assert!(
+            seen.trailers.iter().any(|(k, v)| k == "x-clean-trailer" && v == b"kept"),
+            "{case}: {:?}",
+            seen.trailers
+        );
+        let got = seen.everything();
+        for stripped in ["sk-stolen-trailer", "org-chosen-by-agent", "proj-chosen-by-agent"] {
+            assert!(!got.contains(stripped), "{case}: the agent's {stripped} reached the provider:\n{got}");
+        }
+        assert_eq!(seen.header_str("authorization"), Some(format!("Bearer {ANTHROPIC_KEY}")));
+    }
 }
 
 /// The attack: a request body past the buffer Envoy keeps for a body keyswap reads whole (a

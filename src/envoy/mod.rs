@@ -497,17 +497,11 @@ fn fixed_phases(request_body: RequestBody) -> Value {
         "response_header_mode": "SEND",
         "request_body_mode": request_body_mode,
         "response_body_mode": "STREAMED",
-        "request_trailer_mode": if sends_request_trailers(request_body) { "SEND" } else { "SKIP" },
+        // Stripped of credentials like the headers; a request without trailers costs nothing.
+        "request_trailer_mode": "SEND",
         // Scrubbed like the headers; Envoy sends a trailers message only when there are trailers.
         "response_trailer_mode": "SEND",
     })
-}
-
-/// Request trailers are sent where keyswap needs the whole body (SigV4, a token budget): a
-/// request of headers and trailers only has no body message, and its trailers are where keyswap
-/// learns that the body it waits for will not come.
-pub fn sends_request_trailers(request_body: RequestBody) -> bool {
-    request_body == RequestBody::Whole
 }
 
 /// `typed_per_filter_config` for a virtual host whose response bodies keyswap reads on every

@@ -216,6 +216,8 @@ pub struct Injected {
     /// The credential minted for this request (a GCP token), scrubbed like the live secrets.
     pub minted: Option<Box<[u8]>>,
     pub scrub_bodies: bool,
+    /// The route's binding: what the request's trailers are stripped of.
+    pub binding: Arc<crate::config::snapshot::Binding>,
 }
 
 impl ProcessStream {
@@ -394,7 +396,8 @@ impl ProcessStream {
         if let Some(i) = outcome.injected {
             let body = i.scrub_bodies.then(crate::scrub::Streaming::default);
             minted = outcome.tx.as_ref().and(i.minted.clone());
-            self.scrub = Some(response::Scrub { snapshot: snapshot.clone(), minted: i.minted, body });
+            self.scrub =
+                Some(response::Scrub { snapshot: snapshot.clone(), minted: i.minted, body, binding: i.binding });
         }
         self.tx = outcome.tx.map(|tx| Traced { tx, snapshot, minted });
         self.sign = outcome.sign;
@@ -444,11 +447,9 @@ impl ProcessStream {
                 Ok(self.on_response_headers(&headers, h.end_of_stream))
             }
             (Request::ResponseBody(b), _) => Ok(self.on_response_body(&b.body, b.end_of_stream)),
-            (Request::RequestTrailers(_), _) => Ok(self.trailers_before_body().unwrap_or(Handled::Answer(
-                mutation::request_trailers(),
-                TelemetryPhase::Trailers,
-                false,
-            ))),
+            (Request::RequestTrailers(t), _) => Ok(self
+                .trailers_before_body()
+                .unwrap_or_else(|| self.on_request_trailers(t.trailers.as_ref().map_or(&[][..], |m| &m.headers)))),
             (Request::ResponseTrailers(t), _) => {
                 Ok(self.on_response_trailers(t.trailers.as_ref().map_or(&[][..], |m| &m.headers)))
             }

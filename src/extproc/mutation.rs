@@ -73,7 +73,8 @@ pub fn response_headers(mutation: Option<HeaderMutation>, mode: Option<Processin
 pub use crate::envoy::RequestBody;
 
 /// The phases a transaction needs after its request headers: response headers always (status,
-/// content type; scrubbed of secrets), the request body as `request_body` says, and the
+/// content type; scrubbed of secrets), request trailers always (stripped of credentials: a
+/// request without trailers costs no message), the request body as `request_body` says, and the
 /// response body when `response_body` (STREAMED: SSE events flow as they come), with its
 /// trailers (scrubbed, and the end of a body that ends with them). Trailers are asked for only
 /// with the body: the stream is open until the response ends anyway, where without them Envoy
@@ -89,11 +90,8 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
         response_header_mode: HeaderSendMode::Send as i32,
         request_body_mode: request_body_mode as i32,
         response_body_mode: if response_body { BodySendMode::Streamed } else { BodySendMode::None } as i32,
-        request_trailer_mode: if crate::envoy::sends_request_trailers(request_body) {
-            HeaderSendMode::Send
-        } else {
-            HeaderSendMode::Skip
-        } as i32,
+        // Stripped of credentials like the headers; Envoy sends them only when there are some.
+        request_trailer_mode: HeaderSendMode::Send as i32,
         response_trailer_mode: if response_body { HeaderSendMode::Send } else { HeaderSendMode::Skip } as i32,
     }
 }
@@ -163,8 +161,13 @@ pub fn response_body() -> ProcessingResponse {
     ProcessingResponse { response: Some(Response::ResponseBody(BodyResponse::default())), ..Default::default() }
 }
 
-pub fn request_trailers() -> ProcessingResponse {
-    ProcessingResponse { response: Some(Response::RequestTrailers(TrailersResponse::default())), ..Default::default() }
+/// Continue the request's trailers, removing `remove`.
+pub fn request_trailers(remove: Vec<String>) -> ProcessingResponse {
+    let header_mutation = (!remove.is_empty()).then(|| HeaderMutation { set_headers: vec![], remove_headers: remove });
+    ProcessingResponse {
+        response: Some(Response::RequestTrailers(TrailersResponse { header_mutation })),
+        ..Default::default()
+    }
 }
 
 /// Continue the response's trailers, applying `mutation` (secrets scrubbed) if any.

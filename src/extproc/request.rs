@@ -421,7 +421,7 @@ impl<'a> Incoming<'a> {
             }
         }
         let minted = token.map(|t| Box::from(t.strip_prefix(b"Bearer ").unwrap_or(t)));
-        let injected = Injected { minted, scrub_bodies: entry.scrub_response_bodies };
+        let injected = Injected { minted, scrub_bodies: entry.scrub_response_bodies, binding: entry.binding.clone() };
         self.injected(entry, &plan, &signed, sign, injected)
     }
 

@@ -17,6 +17,8 @@ pub(super) struct Scrub {
     pub(super) minted: Option<Box<[u8]>>,
     /// The route scrubs response bodies too (`spec.scrubResponseBodies`).
     pub(super) body: Option<crate::scrub::Streaming>,
+    /// The route's binding: what the request's trailers are stripped of.
+    pub(super) binding: Arc<crate::config::snapshot::Binding>,
 }
 
 /// Header names and values, owned (scrubbed copies).
@@ -30,7 +32,7 @@ impl Scrub {
     /// The chunk to send on in place of `chunk`, and whether a secret was found in it; `None`
     /// when bodies are not scrubbed or the chunk goes on unchanged.
     fn response_body(&mut self, chunk: &[u8], end: bool) -> Option<(Vec<u8>, bool)> {
-        let Scrub { snapshot, minted, body } = self;
+        let Scrub { snapshot, minted, body, .. } = self;
         let body = body.as_mut()?;
         let secrets: Vec<&[u8]> =
             snapshot.live_secrets.iter().map(|x| x.expose_secret()).chain(minted.as_deref()).collect();
@@ -139,6 +141,22 @@ impl ProcessStream {
     /// scrubbed of live secrets as the headers are. They end the transaction, and the body: its
     /// last chunk did not say so, so a budget settles here (bytes a scrubber or the usage-chunk
     /// filter held back cannot follow: a trailers answer carries no body).
+    /// The request's trailers (HTTP/2): an injected request's are stripped of every name its
+    /// headers were ([`crate::inject::strip_trailers`]); Envoy forwards them upstream.
+    pub(super) fn on_request_trailers(&mut self, trailers: &[HeaderValue]) -> Handled {
+        let mut remove = Vec::new();
+        if let Some(s) = &self.scrub {
+            let (names, smuggled) =
+                crate::inject::strip_trailers(&s.binding.strip, trailers.iter().map(|h| (&*h.key, header_bytes(h))));
+            if !smuggled.is_empty() {
+                Metrics::inc(&self.shared.metrics.smuggle_attempts);
+                tracing::warn!(credentials = ?smuggled, "agent sent credentials of its own in request trailers; stripped");
+            }
+            remove = names.into_iter().map(str::to_owned).collect();
+        }
+        Handled::Answer(mutation::request_trailers(remove), TelemetryPhase::Trailers, false)
+    }
+
     pub(super) fn on_response_trailers(&mut self, trailers: &[HeaderValue]) -> Handled {
         self.budget_response_body(&[], true);
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(trailers)).map(|(_, m)| {

@@ -184,6 +184,30 @@ pub fn plan<'a>(
     plan
 }
 
+/// The request trailers an agent may not send: every name [`plan`] strips from the headers (the
+/// credential names in any spelling, the organization and project names) and `x-amz-*` (AWS
+/// reads trailers of its own, an aws-chunked upload's checksum). Trailers follow no header
+/// decision, so the credential a route writes is removed from them too. Returns the names to
+/// remove, as sent, and the credential names that carried a value other than the placeholder.
+pub fn strip_trailers<'a>(
+    strip: &Strip,
+    trailers: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> (Vec<&'a str>, Vec<String>) {
+    let (mut remove, mut smuggled) = (Vec::new(), Vec::new());
+    for (name, value) in trailers {
+        let credential = strip.headers.iter().find(|s| same_header(s, name));
+        let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name));
+        let amz = name.get(..6).is_some_and(|p| same_header(p, "x-amz-"));
+        if let Some(c) = credential.filter(|_| !is_placeholder(value)) {
+            smuggled.push(format!("{c} (trailer)"));
+        }
+        if (credential.is_some() || scope || amz) && !remove.contains(&name) {
+            remove.push(name);
+        }
+    }
+    (remove, smuggled)
+}
+
 #[cfg(test)]
 mod tests {
     use super::is_placeholder;

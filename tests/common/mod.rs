@@ -539,6 +539,8 @@ pub struct Seen {
     pub host: String,
     pub path_and_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The request's trailers (HTTP/2, or chunked HTTP/1.1), empty when it had none.
+    pub trailers: Vec<(String, Vec<u8>)>,
 }
 
 impl Seen {
@@ -554,10 +556,10 @@ impl Seen {
         }
     }
 
-    /// Every header value and the path, for "did this string reach the provider" checks.
+    /// Every header and trailer value and the path, for "did this string reach the provider" checks.
     pub fn everything(&self) -> String {
         let mut s = self.path_and_query.clone();
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers.iter().chain(&self.trailers) {
             s.push_str(&format!("\n{k}: {}", String::from_utf8_lossy(v)));
         }
         s
@@ -685,13 +687,19 @@ impl FakeProvider {
         let host = req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_owned);
         let host = host.or_else(|| req.uri().authority().map(|a| a.to_string())).unwrap_or_default();
         let host = host.split(':').next().unwrap_or("").to_owned();
-        let seen = Seen {
+        let owned = |m: &hyper::HeaderMap| -> Vec<(String, Vec<u8>)> {
+            m.iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect()
+        };
+        let mut seen = Seen {
             at: Instant::now(),
             host: host.clone(),
             path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-            headers: req.headers().iter().map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec())).collect(),
+            headers: owned(req.headers()),
+            trailers: Vec::new(),
         };
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req.into_body().collect().await.ok();
+        seen.trailers = body.as_ref().and_then(|b| b.trailers()).map(owned).unwrap_or_default();
+        let body = body.map(|b| b.to_bytes()).unwrap_or_default();
         let stream =
             serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["stream"].as_bool()) == Some(true);
         let ok = self.accept.lock().unwrap().get(&host).is_some_and(|list| list.iter().any(|a| accepts(a, &seen)));
