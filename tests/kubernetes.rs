@@ -67,10 +67,22 @@ async fn start_ready_env(
     rust_log: &str,
     env: &[(&str, &str)],
 ) -> (Proc, u16, u16) {
+    let mut args = vec!["serve", "--kubernetes", "--namespace", NS];
+    args.extend(extra);
+    start_serving(kubeconfig, work, &args, rust_log, env).await
+}
+
+/// `keyswap ARGS` on free ports, once `/readyz` answers 200.
+async fn start_serving(
+    kubeconfig: &std::path::Path,
+    work: &std::path::Path,
+    args: &[&str],
+    rust_log: &str,
+    env: &[(&str, &str)],
+) -> (Proc, u16, u16) {
     let (grpc_port, metrics_port) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
-    cmd.args(["serve", "--kubernetes", "--namespace", NS])
-        .args(extra)
+    cmd.args(args)
         .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--metrics", &format!("127.0.0.1:{metrics_port}")])
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", rust_log)
@@ -439,6 +451,75 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!keyswap.output().contains(token), "token in the logs");
+}
+
+/// The attack (or the misconfiguration): a team's policy names a Secret in a namespace whose
+/// Secrets keyswap may not read (RBAC answers 403), so that Secret's watch never lists. Every
+/// rebuild waited for it: keyswap never became ready, and once running no change for anyone
+/// (a rotated key, a new route) was applied. Past a grace period the Secret counts as not found:
+/// that team's route fails closed, everyone else's configuration follows the API server, and the
+/// Secret is used as soon as it can be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
+    let kube = FakeKube::start().await;
+    kube.put(
+        "egressgateways",
+        NS,
+        "egress",
+        json!({"spec": {"defaultPolicy": "deny-all", "allowedRoutes": {"namespaces": ["team-a"]}}}),
+    );
+    kube.put(
+        "aiproviderroutes",
+        NS,
+        "anthropic",
+        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
+    );
+    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-one")}}));
+    kube.put("aiproviderroutes", "team-a", "svc", json!({"spec": {"parentRefs": [{"name": "egress", "namespace": NS}], "rules": [{"matches": [{"provider": "custom", "hosts": ["svc.team-a.test"]}]}]}}));
+    kube.put("credentialinjectionpolicies", "team-a", "svc-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "svc"}], "secretRef": {"name": "svc"}, "target": "Header", "headerName": "x-key"}}));
+    kube.put("secrets", "team-a", "svc", json!({"stringData": {"token": "team-a-key"}}));
+    kube.forbid("secrets", "team-a", true);
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let started = Instant::now();
+    let (keyswap, grpc_port, _) =
+        start_serving(&kubeconfig, work.path(), &["serve", "--kubernetes"], "info", &[]).await;
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(30), "ready only after {waited:?}");
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    assert_eq!(grpc::anthropic_key(&mut c).await.as_deref(), Ok("sk-ant-k8s-one"), "{}", keyswap.output());
+    let team_a = |c: &mut grpc::Client| {
+        let mut c = c.clone();
+        async move {
+            let r =
+                grpc::request(&mut c, &[(":method", "POST"), (":authority", "svc.team-a.test"), (":path", "/v1/x")])
+                    .await;
+            match &r.response {
+                Some(
+                    envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(_),
+                ) => Err(immediate(&r).status.as_ref().unwrap().code as u32),
+                _ => Ok(set_value(&mutation(&r), "x-key").unwrap_or_default()),
+            }
+        }
+    };
+    assert_eq!(team_a(&mut c).await, Err(503), "the unreadable Secret's route fails closed");
+    let log = keyswap.output();
+    assert!(log.contains("a Secret watch has not listed its Secret") && log.contains("team-a/svc"), "{log}");
+
+    // The platform's key rotates while team-a's Secret stays unreadable: applied at once.
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-two")}}));
+    let took = wait_for_key(&mut c, "sk-ant-k8s-two", Instant::now()).await;
+    assert!(took < Duration::from_secs(2), "rotation took {took:?} while another Secret was unreadable");
+
+    // RBAC fixed: team-a's key is used as soon as its watch lists it.
+    kube.forbid("secrets", "team-a", false);
+    let since = Instant::now();
+    while team_a(&mut c).await != Ok("team-a-key".to_owned()) {
+        assert!(since.elapsed() < Duration::from_secs(10), "team-a's Secret never used:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!keyswap.output().contains("team-a-key"), "a key in the log");
 }
 
 /// The gateway, one route, its policy and its Secret: what the outage and logging tests need.

@@ -30,6 +30,9 @@ struct State {
     gone_as_http: bool,
     /// Bumped to cut every open watch.
     generation: u64,
+    /// `(resource, namespace)` pairs keyswap's service account may not list or watch: answered
+    /// 403 Forbidden, as RBAC answers.
+    forbidden: Vec<(String, String)>,
 }
 
 /// How the API server is down.
@@ -237,6 +240,16 @@ impl FakeKube {
         self.drop_watches();
     }
 
+    /// Forbids (`true`) or allows again listing and watching `resource` in `ns`.
+    pub fn forbid(&self, resource: &str, ns: &str, forbidden: bool) {
+        let pair = (resource.to_owned(), ns.to_owned());
+        let mut st = self.state.lock().unwrap();
+        st.forbidden.retain(|p| *p != pair);
+        if forbidden {
+            st.forbidden.push(pair);
+        }
+    }
+
     fn respond(status: u16, body: Value) -> hyper::Response<Body> {
         hyper::Response::builder()
             .status(status)
@@ -284,6 +297,21 @@ impl FakeKube {
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
             );
         };
+        let forbidden = q
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| self.state.lock().unwrap().forbidden.iter().any(|(r, n)| *r == q.resource && n == ns));
+        if forbidden {
+            let ns = q.namespace.as_deref().unwrap_or_default();
+            let message = format!(
+                "{} is forbidden: User \"system:serviceaccount:keyswap:keyswap\" cannot list resource \"{}\" in API group \"\" in the namespace \"{ns}\"",
+                q.resource, q.resource
+            );
+            return Self::respond(
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": message}),
+            );
+        }
         let matches = move |q: &Query, resource: &str, ns: &str, name: &str, obj: &Value| {
             resource == q.resource
                 && q.namespace.as_deref().is_none_or(|n| n == ns)

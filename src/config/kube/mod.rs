@@ -55,6 +55,12 @@ const RETRY_CAP: Duration = Duration::from_secs(1);
 /// first.
 const QUIET: Duration = Duration::from_secs(5);
 
+/// How long a Secret watch may go without its initial list before rebuilds go on without it, its
+/// Secret counted as not found: a namespace whose Secrets keyswap may not read (RBAC), or a watch
+/// the API server keeps failing, would otherwise hold every change for every route (and, at
+/// start, keep keyswap from serving at all). Once the list arrives the Secret is used at once.
+pub(crate) const SECRET_SYNC_GRACE: Duration = Duration::from_secs(10);
+
 /// What `/readyz` and the metrics report about the Kubernetes source.
 #[derive(Debug, Default)]
 pub struct KubeStatus {
@@ -240,7 +246,9 @@ impl Source {
                     if !self.status.synced.load(Ordering::Relaxed) {
                         tracing::info!(status = %self.status.detail(), "waiting for the Kubernetes caches");
                     }
-                    continue;
+                    if !self.secrets_overdue() {
+                        continue;
+                    }
                 }
             }
             tokio::time::sleep(SETTLE).await;
@@ -248,11 +256,28 @@ impl Source {
                 continue;
             }
             self.watch_wanted_secrets();
-            if !self.secrets.values().all(|w| w.synced.load(Ordering::Relaxed)) {
+            if self.secrets.values().any(|w| !w.is_synced() && w.started.elapsed() < SECRET_SYNC_GRACE) {
                 continue;
             }
             self.rebuild().await;
         }
+    }
+
+    /// Whether a Secret watch has just passed [`SECRET_SYNC_GRACE`] without its initial list:
+    /// logged once per watch, and the caller rebuilds without it.
+    fn secrets_overdue(&mut self) -> bool {
+        let mut any = false;
+        for (k, w) in &mut self.secrets {
+            if !w.overdue && !w.is_synced() && w.started.elapsed() >= SECRET_SYNC_GRACE {
+                w.overdue = true;
+                any = true;
+                tracing::error!(
+                    secret = %k, grace = ?SECRET_SYNC_GRACE, status = %self.status.detail(),
+                    "a Secret watch has not listed its Secret; going on without it (routes that need it answer 503 until it does)"
+                );
+            }
+        }
+        any
     }
 
     /// Whether the initial lists of the four resources are done.

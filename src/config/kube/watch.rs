@@ -25,6 +25,20 @@ where
     pub(super) store: Store<K>,
     pub(super) synced: Arc<AtomicBool>,
     pub(super) task: tokio::task::JoinHandle<()>,
+    /// When the watch started: a Secret watch unsynced past [`super::SECRET_SYNC_GRACE`] no
+    /// longer holds rebuilds.
+    pub(super) started: Instant,
+    /// Rebuilds go on without this (Secret) watch's initial list: it passed its grace unsynced.
+    pub(super) overdue: bool,
+}
+
+impl<K: kube::Resource + Clone + 'static> Watched<K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    pub(super) fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
 }
 
 /// Starts a reflector on `api`; every event pokes `changed`. Failures are retried at most
@@ -123,7 +137,7 @@ where
             }
         }
     });
-    Watched { store, synced, task }
+    Watched { store, synced, task, started: Instant::now(), overdue: false }
 }
 
 /// Whether one watch is failing, counted in [`KubeStatus::watches_failing`] (also when the watch
