@@ -1,13 +1,12 @@
 //! What the request path records in metrics allocates nothing: counters, the phase histogram,
 //! agent admissions by tenant, per-budget counters, and the GenAI histograms for a label set seen
-//! before. Counted by a global allocator in this test binary, for the recording thread only: the
+//! before; and comparing a query's parameter names with the credential names. Counted by a global allocator in this test binary, for the recording thread only: the
 //! test harness's own threads allocate now and then (a CI run saw 4 allocations that were not the
 //! code's). The time each takes is in `benches/micro.rs` (`metrics/*`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,16 +15,16 @@ use keyswap::telemetry::genai::Observation;
 use keyswap::telemetry::{Metrics, Phase};
 use keyswap::vocab::Identity;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
 thread_local! {
-    // Const-initialised and without a destructor, so the allocator may read it.
+    // Const-initialised and without a destructor, so the allocator may read them. Per thread:
+    // tests that run at once in one process (`cargo test`) count only their own.
     static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn count() {
     if COUNTING.with(Cell::get) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATIONS.with(|a| a.set(a.get() + 1));
     }
 }
 
@@ -87,7 +86,7 @@ fn recording_metrics_on_the_request_path_allocates_nothing() {
         m.genai.record(&call);
     }
     COUNTING.with(|c| c.set(false));
-    let allocated = ALLOCATIONS.load(Ordering::Relaxed);
+    let allocated = ALLOCATIONS.with(Cell::get);
     assert_eq!(allocated, 0, "{allocated} allocations recording 10,000 requests' metrics");
     // And it was all recorded.
     assert_eq!(Metrics::get(&m.requests), 10_000);
@@ -95,4 +94,23 @@ fn recording_metrics_on_the_request_path_allocates_nothing() {
     assert!(m
         .render(true)
         .contains("keyswap_budget_tokens_total{budget=\"default/daily\",kind=\"reserved\"} 40960000"));
+}
+
+#[test]
+fn comparing_query_parameter_names_against_credential_names_allocates_nothing() {
+    // Every parameter of a request with a query is compared with every credential name.
+    let names = ["api_key", "KEY", "%6Bey", "key%00", "apiKey", "x+y", "%E2%82%AC", "%ff", "model", "key[]"];
+    COUNTING.with(|c| c.set(true));
+    let mut hits = 0;
+    for _ in 0..1_000 {
+        for n in names {
+            hits += usize::from(keyswap::inject::query::names_param(n, "api-key"));
+            hits += usize::from(keyswap::inject::query::names_param(n, "key"));
+        }
+    }
+    COUNTING.with(|c| c.set(false));
+    let allocated = ALLOCATIONS.with(Cell::get);
+    assert_eq!(allocated, 0, "{allocated} allocations comparing 20,000 parameter names");
+    // api_key and apiKey name api-key; KEY, %6Bey, key%00 and key[] name key.
+    assert_eq!(hits, 6_000);
 }

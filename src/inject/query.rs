@@ -28,10 +28,12 @@ pub struct Rewrite {
 /// every byte that is not a letter or digit ignored (`API_KEY`, `api-key`, `apiKey`, `key[]`,
 /// `%6Bey`, `key%00` all name `api-key` or `key`).
 pub fn names_param(raw_name: &str, strip: &str) -> bool {
-    let name = decode(raw_name);
-    let canon =
-        |s: &str| s.bytes().filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase()).collect::<Vec<_>>();
-    !strip.is_empty() && canon(&name) == canon(strip)
+    // Compared as canonical byte streams, without a copy: decoding `+` to a space and invalid
+    // UTF-8 to U+FFFD changes only bytes the comparison ignores (not ASCII letters or digits).
+    fn canon(bytes: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
+        bytes.filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
+    }
+    !strip.is_empty() && canon(percent_encoding::percent_decode(raw_name.as_bytes())).eq(canon(strip.bytes()))
 }
 
 /// The parameters of a query: split on `&` and on `;` (which some servers also treat as a
