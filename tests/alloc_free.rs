@@ -1,8 +1,9 @@
 //! What the request path records in metrics allocates nothing: counters, the phase histogram,
 //! agent admissions by tenant, per-budget counters, and the GenAI histograms for a label set seen
-//! before; and comparing a query's parameter names with the credential names. Counted by a global allocator in this test binary, for the recording thread only: the
-//! test harness's own threads allocate now and then (a CI run saw 4 allocations that were not the
-//! code's). The time each takes is in `benches/micro.rs` (`metrics/*`).
+//! before; and comparing a query's parameter names with the credential names. Counted by a global
+//! allocator in this test binary, for the counting thread only: the test harness's own threads
+//! allocate now and then (a CI run saw 4 allocations that were not the code's). The time each
+//! takes is in `benches/micro.rs` (`metrics/*`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
