@@ -898,8 +898,8 @@ fn curl_openai(dev: &Dev) -> (i32, String, String) {
     })
 }
 
-/// The most memory `dev`'s Envoy has had resident (`VmHWM`), in MiB.
-fn envoy_peak_resident_mib(dev: &Dev) -> u64 {
+/// The pid of `dev`'s Envoy.
+fn dev_envoy_pid(dev: &Dev) -> String {
     // Envoy is the child of `keyswap dev` (of whichever of its threads started it).
     let dev_pid = dev.proc.child.id();
     let tasks = std::fs::read_dir(format!("/proc/{dev_pid}/task")).unwrap();
@@ -910,7 +910,12 @@ fn envoy_peak_resident_mib(dev: &Dev) -> u64 {
     let is_envoy = |pid: &&String| {
         std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.file_name().is_some_and(|n| n == "envoy"))
     };
-    let pid = children.iter().find(is_envoy).unwrap_or_else(|| panic!("no Envoy among {children:?}"));
+    children.iter().find(is_envoy).unwrap_or_else(|| panic!("no Envoy among {children:?}")).clone()
+}
+
+/// The most memory `dev`'s Envoy has had resident (`VmHWM`), in MiB.
+fn envoy_peak_resident_mib(dev: &Dev) -> u64 {
+    let pid = dev_envoy_pid(dev);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: u64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
@@ -928,6 +933,51 @@ fn chat_post(
         .header("content-type", "application/json")
         .body(http_body_util::StreamBody::new(frames))
         .unwrap()
+}
+
+/// The TCP ports a process listens on (`/proc/net/tcp` and `tcp6` entries in state LISTEN whose
+/// socket the process holds).
+fn listening_tcp_ports(pid: &str) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; st 0A is LISTEN; the inode is the tenth field.
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                ports.push(u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap());
+            }
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// The attack: a local process beside `keyswap dev` (an agent in a sandbox that shares the
+/// machine's loopback) opens Envoy's admin interface, unauthenticated: `POST /logging?level=debug`
+/// puts the real keys Envoy sends upstream in its log, `/quitquitquit` stops the gateway,
+/// `/runtime_modify` changes its behaviour. It listened on 127.0.0.1:9901. Now it is a Unix socket
+/// in the working directory only its owner can open, and Envoy listens on no TCP port but the
+/// proxy's; `--admin-port` puts it back on loopback for whoever wants that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_process_cannot_reach_the_dev_gateways_envoy_admin() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (dev, _fake) = openai_dev(work.path(), "", "", &["dev"]).await;
+    let admin = std::fs::read_to_string(work.path().join("envoy-admin.txt")).unwrap();
+    assert!(admin.trim().ends_with("/envoy-admin.sock"), "Envoy's admin is at {admin}");
+    let mode = std::fs::metadata(admin.trim()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the admin socket is open to others: {mode:o}");
+    // Its owner still reads it.
+    let (status, body) = envoy_admin(work.path(), "/ready").await;
+    assert_eq!((status, body.trim()), (200, "LIVE"));
+    let proxy: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(listening_tcp_ports(&dev_envoy_pid(&dev)), [proxy], "Envoy listens on TCP beyond its proxy port");
 }
 
 /// The attack: credentials and scope headers sent as HTTP/2 request trailers, past the strip

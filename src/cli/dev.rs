@@ -27,8 +27,8 @@ pub struct DevArgs {
     /// Take a Secret key from an environment variable, e.g. `anthropic/token=ANTHROPIC_API_KEY`. Repeatable.
     #[arg(long = "secret", alias = "secret-from-env", value_name = "[NAMESPACE/]SECRET/KEY=ENVVAR")]
     pub secrets: Vec<String>,
-    /// Working directory: the gateway CA, envoy.yaml, envoy.log, envoy-admin.txt (Envoy's admin
-    /// address), the ext_proc and ADS socket.
+    /// Working directory: the gateway CA, envoy.yaml, envoy.log, envoy-admin.sock (Envoy's admin
+    /// interface) and envoy-admin.txt (its address), the ext_proc and ADS socket.
     /// Default: certs/<gateway name>.
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
@@ -36,9 +36,12 @@ pub struct DevArgs {
     /// environment, space-separated.
     #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]", env = "KEYSWAP_UPSTREAM", value_delimiter = ' ')]
     pub upstreams: Vec<crate::envoy::UpstreamOverride>,
-    /// Envoy admin port on 127.0.0.1 (0 picks a free port).
-    #[arg(long, default_value_t = 9901)]
-    pub admin_port: u16,
+    /// Put Envoy's admin interface on 127.0.0.1:PORT (0 picks a free port) instead of the Unix
+    /// socket envoy-admin.sock in --work, which only you can open. On a TCP port any local
+    /// process, an agent included, can stop Envoy or turn on its debug log, which shows the real
+    /// keys it sends upstream (the log file is owner-only).
+    #[arg(long, value_name = "PORT")]
+    pub admin_port: Option<u16>,
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
@@ -85,7 +88,9 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         crate::envoy::to_yaml(&crate::envoy::ads_bootstrap(
             &view.key,
             &extproc,
-            args.admin_port,
+            &args
+                .admin_port
+                .map_or_else(|| crate::envoy::Admin::Socket(work.join(ENVOY_ADMIN_SOCKET)), crate::envoy::Admin::Port),
             &args.bounds.bounds(),
         )),
     )?;
@@ -141,11 +146,14 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 
 /// Where `dev` has Envoy write its admin address, in the working directory.
 pub const ENVOY_ADMIN_FILE: &str = "envoy-admin.txt";
+/// `dev`'s Envoy admin socket (owner-only), in the working directory, unless `--admin-port`.
+pub const ENVOY_ADMIN_SOCKET: &str = "envoy-admin.sock";
 
 /// Starts Envoy on `envoy_yaml`, its output in `envoy.log` in `work`; killed if dropped.
 fn spawn_envoy(envoy_bin: &Path, envoy_yaml: &Path, work: &Path) -> anyhow::Result<tokio::process::Child> {
     // Owner-only: Envoy's log shows the headers it sends upstream (the real key) at debug level,
-    // which anyone reaching its admin interface on loopback can turn on.
+    // which anyone reaching its admin interface can turn on (its socket is owner-only too, unless
+    // --admin-port puts it on loopback TCP).
     let log = {
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         let path = work.join("envoy.log");

@@ -178,8 +178,13 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
         let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
         let certs = ensure_certs(&view, &dir)?;
         let opts = args.resources.options(Delivery::Static { certs_dir: certs.dir.clone(), extproc });
-        crate::envoy::bootstrap(&view.snapshot, &opts, args.admin_port, &args.bounds.bounds())
-            .map_err(anyhow::Error::msg)?
+        crate::envoy::bootstrap(
+            &view.snapshot,
+            &opts,
+            &crate::envoy::Admin::Port(args.admin_port),
+            &args.bounds.bounds(),
+        )
+        .map_err(anyhow::Error::msg)?
     } else {
         let ignored = args.resources.given();
         if !ignored.is_empty() {
@@ -189,7 +194,12 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
                 ignored.join(", ")
             );
         }
-        crate::envoy::ads_bootstrap(&view.key, &extproc, args.admin_port, &args.bounds.bounds())
+        crate::envoy::ads_bootstrap(
+            &view.key,
+            &extproc,
+            &crate::envoy::Admin::Port(args.admin_port),
+            &args.bounds.bounds(),
+        )
     };
     print!("{}", crate::envoy::to_yaml(&bootstrap));
     Ok(ExitCode::SUCCESS)

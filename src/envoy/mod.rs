@@ -333,11 +333,24 @@ fn node(gateway: &Key) -> Value {
     json!({"id": format!("keyswap-{}-{}", gateway.namespace, gateway.name), "cluster": "keyswap"})
 }
 
-/// Envoy's admin interface, on loopback; reachable when agents hold every connection Envoy takes
+/// Where Envoy's admin interface listens. It is unauthenticated and can stop Envoy, change its
+/// runtime and turn on the debug log that shows the headers it sends upstream (the real key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admin {
+    /// 127.0.0.1:PORT (0: Envoy picks): any process of the machine (or the pod) reaches it.
+    Port(u16),
+    /// A Unix socket only its owner can open (mode 0600).
+    Socket(std::path::PathBuf),
+}
+
+/// Envoy's admin interface; reachable when agents hold every connection Envoy takes
 /// (`--envoy-max-connections`), so an operator can still read why.
-fn admin(port: u16) -> Value {
-    json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "ignore_global_conn_limit": true})
+fn admin(admin: &Admin) -> Value {
+    let address = match admin {
+        Admin::Port(port) => json!({"socket_address": {"address": "127.0.0.1", "port_value": port}}),
+        Admin::Socket(path) => json!({"pipe": {"path": path.display().to_string(), "mode": 0o600}}),
+    };
+    json!({"address": address, "ignore_global_conn_limit": true})
 }
 
 fn internal_listener_extension() -> Value {
@@ -347,11 +360,11 @@ fn internal_listener_extension() -> Value {
 
 /// The static bootstrap for the gateway of `snap` (`opts.delivery` must be static): every
 /// resource inline.
-pub fn bootstrap(snap: &Snapshot, opts: &Options, admin_port: u16, bounds: &Bounds) -> Result<Value, String> {
+pub fn bootstrap(snap: &Snapshot, opts: &Options, admin_at: &Admin, bounds: &Bounds) -> Result<Value, String> {
     let r = resources(snap, opts)?;
     Ok(json!({
         "node": node(&snap.gateway),
-        "admin": admin(admin_port),
+        "admin": admin(admin_at),
         "bootstrap_extensions": internal_listener_extension(),
         "overload_manager": overload::overload_manager(bounds),
         "static_resources": {"listeners": r.listeners, "clusters": r.clusters},
@@ -360,11 +373,11 @@ pub fn bootstrap(snap: &Snapshot, opts: &Options, admin_port: u16, bounds: &Boun
 
 /// The bootstrap that hands Envoy to keyswap's ADS: only the `keyswap` cluster (ext_proc and ADS
 /// on one socket). It names no route, host or certificate, so it never changes when they do.
-pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_port: u16, bounds: &Bounds) -> Value {
+pub fn ads_bootstrap(gateway: &Key, extproc: &ExtProcAddress, admin_at: &Admin, bounds: &Bounds) -> Value {
     let ads = json!({"ads": {}, "resource_api_version": "V3"});
     json!({
         "node": node(gateway),
-        "admin": admin(admin_port),
+        "admin": admin(admin_at),
         "bootstrap_extensions": internal_listener_extension(),
         "overload_manager": overload::overload_manager(bounds),
         "dynamic_resources": {

@@ -27,7 +27,7 @@ pub fn start_dev_env(config: &Path, work: &Path, upstreams: &[String], env: &[(&
 pub fn start_dev_with(config: &Path, work: &Path, upstreams: &[String], env: &[(&str, &str)], args: &[&str]) -> Dev {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
     cmd.args(args);
-    cmd.arg("--config").arg(config).arg("--work").arg(work).args(["--admin-port", "0", "--metrics", "127.0.0.1:0"]);
+    cmd.arg("--config").arg(config).arg("--work").arg(work).args(["--metrics", "127.0.0.1:0"]);
     for u in upstreams {
         cmd.arg("--upstream").arg(u);
     }

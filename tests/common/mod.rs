@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -521,13 +521,29 @@ const ENVOY_ADMIN_FILE: &str = "envoy-admin.txt";
 
 /// One counter or gauge of the Envoy started in `work` (`/stats`, by its full name).
 pub async fn envoy_stat(work: &Path, name: &str) -> u64 {
-    let admin = std::fs::read_to_string(work.join(ENVOY_ADMIN_FILE)).expect("Envoy wrote its admin address");
-    let uri = format!("http://{}/stats?filter=^{name}$", admin.trim());
-    let resp = client().get(uri.parse().unwrap()).await.expect("Envoy's admin answers");
-    assert_eq!(resp.status(), 200);
-    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    let (status, text) = envoy_admin(work, &format!("/stats?filter=^{name}$")).await;
+    assert_eq!(status, 200, "{text}");
     let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "));
     value.unwrap_or_else(|| panic!("no {name} in Envoy's stats: {text}")).trim().parse().unwrap()
+}
+
+/// A GET of `path_and_query` on the admin interface of the Envoy started in `work` (its address
+/// file names a loopback port, or the Unix socket of `keyswap dev`): status and body.
+pub async fn envoy_admin(work: &Path, path_and_query: &str) -> (u16, String) {
+    let admin = std::fs::read_to_string(work.join(ENVOY_ADMIN_FILE)).expect("Envoy wrote its admin address");
+    let admin = admin.trim();
+    let resp = if admin.starts_with('/') {
+        let io = TokioIo::new(tokio::net::UnixStream::connect(admin).await.expect("Envoy's admin socket answers"));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path_and_query).header("host", "localhost").body(Empty::<Bytes>::new()).unwrap();
+        sender.send_request(req).await.expect("Envoy's admin answers")
+    } else {
+        let uri = format!("http://{admin}{path_and_query}");
+        client().get(uri.parse().unwrap()).await.expect("Envoy's admin answers")
+    };
+    let status = resp.status().as_u16();
+    (status, String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned())
 }
 
 // === fake provider ===
