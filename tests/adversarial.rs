@@ -498,11 +498,12 @@ async fn cookies_underscore_headers_lenient_and_google_oauth_query_names_are_not
 /// The attack: the key reaches several OpenAI organizations or Google projects, and the agent
 /// names another one (`OpenAI-Organization`, `OpenAI-Project`, `X-Goog-User-Project`, Google's
 /// `userProject` parameter, in disguised spellings too) to run and bill its calls there. Those
-/// are removed; a value the policy pins (`spec.setHeaders`) is the only one the provider sees.
+/// are removed; a value the policy pins (`spec.setHeaders`, any header) is the only one the
+/// provider sees, whatever spelling the agent sent it in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_choose_the_organization_or_project_its_key_is_used_in() {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let pin = "  target: Header\n  setHeaders: [{name: X-Goog-User-Project, value: operator-project}]\n";
+    let pin = "  target: Header\n  setHeaders: [{name: X-Goog-User-Project, value: operator-project}, {name: X-Server-Timeout, value: '60'}]\n";
     let text = gateway("deny-all", free_port(), free_port(), "").replacen("  target: Header\n", pin, 1);
     std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
     let google = "generativelanguage.googleapis.com";
@@ -527,6 +528,9 @@ async fn an_agent_cannot_choose_the_organization_or_project_its_key_is_used_in()
                 "X-Goog-User-Project: attacker-h1",
                 "-H",
                 "x_goog_user_project: attacker-h2",
+                // A pinned header that is no scope header, in a disguised spelling.
+                "-H",
+                "X_Server_Timeout: attacker-timeout",
                 "-d",
                 "{}",
                 &url,
@@ -539,6 +543,7 @@ async fn an_agent_cannot_choose_the_organization_or_project_its_key_is_used_in()
     let got = seen.last().unwrap();
     assert!(!got.everything().contains("attacker"), "the agent chose the scope: {}", got.everything());
     assert_eq!(got.header("x-goog-user-project"), vec![b"operator-project".as_slice()], "{}", got.everything());
+    assert_eq!(got.header("x-server-timeout"), vec![b"60".as_slice()], "{}", got.everything());
     assert!(got.path_and_query.ends_with("?alt=json"), "{}", got.path_and_query);
     let log = dev.proc.output();
     assert!(!log.contains("credentials of its own"), "a scope header is not a smuggled credential:\n{log}");

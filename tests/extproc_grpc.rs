@@ -654,6 +654,39 @@ async fn refusals_for_a_body_the_phases_cannot_deliver_are_spans_with_status_and
     }
 }
 
+/// The attack (a variant of the trailers one): on a route that reads the body whole and asks
+/// Envoy for it per request (BUFFERED), a body that ends with HTTP/2 trailers. Envoy then sends
+/// the body without `end_of_stream`; keyswap failed the gRPC stream (the agent got 500, the log a
+/// protocol error) where the same request on fixed phases got 413. Now both are 413, and the
+/// stream stays usable for the answer.
+#[tokio::test]
+async fn a_body_that_ends_with_trailers_where_sigv4_or_a_budget_reads_it_whole_is_413_on_every_filter() {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let s = common::start_in_process_with(&[("more.yaml", &budget_and_sigv4())]).await;
+    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
+    let budgeted = req("api.anthropic.com", "/v1/messages", &json);
+    let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
+    let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
+    for (what, head) in [("budgeted", &budgeted), ("SigV4", &signed)] {
+        let mut partial = grpc::body(body);
+        if let Some(Request::RequestBody(b)) = partial.request.as_mut() {
+            b.end_of_stream = false;
+        }
+        let mut c = grpc::connect(s.addr).await;
+        let answers = grpc::exchange(&mut c, vec![grpc::headers(head), partial]).await;
+        let refusal = answers
+            .iter()
+            .find_map(|a| match a.as_ref().map(|r| &r.response) {
+                Ok(Some(Response::ImmediateResponse(i))) => Some(i.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{what}: no immediate answer in {answers:?}"));
+        assert_eq!(refusal.status.as_ref().unwrap().code, 413, "{what}");
+        assert!(answers.iter().all(|a| a.is_ok()), "{what}: the stream failed: {answers:?}");
+    }
+}
+
 /// A token budget on the anthropic route, and a Bedrock route signed with SigV4.
 fn budget_and_sigv4() -> String {
     let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: daily}\nspec:\n  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n";

@@ -497,13 +497,7 @@ impl ProcessStream {
         }
         let budgeted = self.budget.as_ref().is_some_and(|b| b.waits_for_body());
         if (self.sign.is_some() || budgeted) && !end {
-            if let Some(refused) = self.partial_body_refused() {
-                return Ok(refused);
-            }
-            // BUFFERED sends the whole body at once; anything else cannot be signed or reserved.
-            return Err(Status::failed_precondition(
-                "SigV4 and token budgets need the whole request body in one message (request_body_mode BUFFERED)",
-            ));
+            return Ok(self.partial_body_refused());
         }
         let cont = match self.sign.take() {
             None => budget::Continue::Ready(mutation::request_body()),

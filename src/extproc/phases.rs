@@ -76,21 +76,21 @@ impl ProcessStream {
         Some(Handled::Answer(resp, TelemetryPhase::RequestHeaders, true))
     }
 
-    /// On a stream with fixed phases, a request body that needs to arrive whole (SigV4, a token
-    /// budget) and came partial, being larger than Envoy's buffer: refused with 413, never
-    /// signed or reserved by a part. `None` elsewhere (keyswap asked for BUFFERED there).
-    pub(super) fn partial_body_refused(&mut self) -> Option<Handled> {
-        self.fixed?;
+    /// A request body that needs to arrive whole (SigV4, a token budget) and came partial: larger
+    /// than Envoy's buffer (fixed phases: BUFFERED_PARTIAL), or followed by trailers (either
+    /// mode: Envoy sends a BUFFERED body without `end_of_stream` when trailers follow). Refused
+    /// with 413, never signed or reserved by a part.
+    pub(super) fn partial_body_refused(&mut self) -> Handled {
         Metrics::inc(&self.shared.metrics.denied_too_large);
         tracing::warn!(
-            "a request body SigV4 or a token budget needs whole is larger than Envoy's buffer; answering 413"
+            "a request body SigV4 or a token budget needs whole is larger than Envoy's buffer, or ends with trailers; answering 413"
         );
         self.sign = None;
         self.budget = None;
         let body = json!({"error": {"type": "request_too_large",
             "message": "SigV4 signing and token budgets need the whole request body; this one is larger than the gateway buffers (or ends with trailers)"}});
         let resp = mutation::immediate(413, &body, BODY_TOO_LARGE);
-        Some(Handled::Answer(resp, TelemetryPhase::RequestBody, true))
+        Handled::Answer(resp, TelemetryPhase::RequestBody, true)
     }
 
     /// Request trailers while the request still waits for the whole body SigV4 or a token

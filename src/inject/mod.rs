@@ -132,8 +132,10 @@ pub fn plan<'a>(
         // Compared as a lenient server would: any case, `_` for `-` (`X_Api_Key`).
         let Some(strip) = strip.headers.iter().find(|s| same_header(s, name)) else {
             // The organization or project the call runs in is the policy's to choose, not the
-            // agent's: removed (under the name it came with) unless pinned, which overwrites it.
-            let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name));
+            // agent's, and so is a header the policy pins: removed under the name it came with
+            // (`Anthropic_Beta` too), unless that is the pinned name, which overwrites it.
+            let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name))
+                || strip.pinned.iter().any(|(p, _)| same_header(p, name));
             if scope {
                 if !plan.remove.contains(&name) {
                     plan.remove.push(name);
@@ -184,9 +186,10 @@ pub fn plan<'a>(
     plan
 }
 
-/// The request trailers an agent may not send: every name [`plan`] strips from the headers (the
-/// credential names in any spelling, the organization and project names) and `x-amz-*` (AWS
-/// reads trailers of its own, an aws-chunked upload's checksum). Trailers follow no header
+/// The request trailers an agent may not send: every name [`plan`] strips or overwrites in the
+/// headers (the credential names in any spelling, the organization and project names, the
+/// policy's pinned headers) and `x-amz-*` (AWS reads trailers of its own, an aws-chunked
+/// upload's checksum). Trailers follow no header
 /// decision, so the credential a route writes is removed from them too. Returns the names to
 /// remove, as sent, and the credential names that carried a value other than the placeholder.
 pub fn strip_trailers<'a>(
@@ -196,7 +199,8 @@ pub fn strip_trailers<'a>(
     let (mut remove, mut smuggled) = (Vec::new(), Vec::new());
     for (name, value) in trailers {
         let credential = strip.headers.iter().find(|s| same_header(s, name));
-        let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name));
+        let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name))
+            || strip.pinned.iter().any(|(p, _)| same_header(p, name));
         let amz = name.get(..6).is_some_and(|p| same_header(p, "x-amz-"));
         if let Some(c) = credential.filter(|_| !is_placeholder(value)) {
             smuggled.push(format!("{c} (trailer)"));
@@ -210,7 +214,41 @@ pub fn strip_trailers<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::is_placeholder;
+    use super::{is_placeholder, strip_trailers, Strip};
+
+    #[test]
+    fn request_trailers_lose_every_name_the_headers_would() {
+        let strip = Strip {
+            headers: ["x-api-key".into(), "authorization".into(), "x-custom-key".into()].into(),
+            query: Box::default(),
+            pinned: [("anthropic-beta".into(), "pinned".into())].into(),
+        };
+        let trailers: [(&str, &[u8]); 9] = [
+            ("x-api-key", b"keyswap-injected-by-proxy"),
+            ("X_Custom_Key", b"sk-stolen"),
+            ("authorization", b"Bearer sk-stolen"),
+            ("openai_organization", b"org-agent"),
+            ("anthropic-beta", b"agent-chosen"),
+            ("x-amz-checksum-crc32", b"AAAA"),
+            ("x-clean", b"kept"),
+            ("grpc-status", b"0"),
+            ("x-api-key", b"again"),
+        ];
+        let (remove, smuggled) = strip_trailers(&strip, trailers.iter().copied());
+        assert_eq!(
+            remove,
+            [
+                "x-api-key",
+                "X_Custom_Key",
+                "authorization",
+                "openai_organization",
+                "anthropic-beta",
+                "x-amz-checksum-crc32"
+            ]
+        );
+        // The placeholder is no smuggling; the other credential values are.
+        assert_eq!(smuggled, ["x-custom-key (trailer)", "authorization (trailer)", "x-api-key (trailer)"]);
+    }
 
     #[test]
     fn placeholder_is_recognised_with_and_without_scheme() {
