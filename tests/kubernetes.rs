@@ -457,8 +457,9 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
 /// Secrets keyswap may not read (RBAC answers 403), so that Secret's watch never lists. Every
 /// rebuild waited for it: keyswap never became ready, and once running no change for anyone
 /// (a rotated key, a new route) was applied. Past a grace period the Secret counts as not found:
-/// that team's route fails closed, everyone else's configuration follows the API server, and the
-/// Secret is used as soon as it can be read.
+/// that team's route fails closed, everyone else's configuration follows the API server (also
+/// while the team renames its Secret again and again), and the Secret is used as soon as it can
+/// be read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
     let kube = FakeKube::start().await;
@@ -505,12 +506,37 @@ async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
     };
     assert_eq!(team_a(&mut c).await, Err(503), "the unreadable Secret's route fails closed");
     let log = keyswap.output();
-    assert!(log.contains("a Secret watch has not listed its Secret") && log.contains("team-a/svc"), "{log}");
+    assert!(log.contains("a Secret watch has not listed") && log.contains("team-a/svc"), "{log}");
 
     // The platform's key rotates while team-a's Secret stays unreadable: applied at once.
     kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-two")}}));
     let took = wait_for_key(&mut c, "sk-ant-k8s-two", Instant::now()).await;
     assert!(took < Duration::from_secs(2), "rotation took {took:?} while another Secret was unreadable");
+
+    // The team renames its Secret every 4 s, each a new watch that never lists: rebuilds wait at
+    // most the grace from the first that waited, so a rotation meanwhile still lands.
+    let renames = tokio::spawn({
+        let kube = kube.clone();
+        async move {
+            for i in 0..6 {
+                kube.put("credentialinjectionpolicies", "team-a", "svc-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "svc"}], "secretRef": {"name": format!("svc-{i}")}, "target": "Header", "headerName": "x-key"}}));
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let since = Instant::now();
+    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-three")}}));
+    while grpc::anthropic_key(&mut c).await.as_deref() != Ok("sk-ant-k8s-three") {
+        assert!(
+            since.elapsed() < Duration::from_secs(17),
+            "renamed unreadable Secrets held the rotation:\n{}",
+            keyswap.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    renames.await.unwrap();
+    kube.put("credentialinjectionpolicies", "team-a", "svc-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "svc"}], "secretRef": {"name": "svc"}, "target": "Header", "headerName": "x-key"}}));
 
     // RBAC fixed: team-a's key is used as soon as its watch lists it.
     kube.forbid("secrets", "team-a", false);

@@ -111,6 +111,9 @@ pub struct Binding {
 pub struct TenantCredentials {
     pub by_tenant: HashMap<Box<str>, Result<Credential, Unresolved>>,
     pub fallback: crate::api::TenantFallback,
+    /// The template's Secrets could not be listed: a tenant without a key is this, not the
+    /// fallback (its Secret may exist).
+    pub unlisted: Option<Unresolved>,
 }
 
 /// Why [`Binding::credential_for`] found no credential.
@@ -141,10 +144,12 @@ impl Binding {
     pub fn credential_for(&self, tenant: Option<&str>) -> Result<&Credential, NoCredential<'_>> {
         let chosen = match &self.tenants {
             None => &self.credential,
-            Some(t) => match tenant.and_then(|name| t.by_tenant.get(name)) {
-                Some(c) => c,
-                None if t.fallback == crate::api::TenantFallback::Default => &self.credential,
-                None => return Err(NoCredential::TenantNotMapped),
+            Some(t) => match (tenant.and_then(|name| t.by_tenant.get(name)), &t.unlisted) {
+                (Some(c), _) => c,
+                // A named tenant whose Secret may exist unseen: not the fallback's key.
+                (None, Some(unlisted)) if tenant.is_some() => return Err(NoCredential::Unresolved(unlisted)),
+                (None, _) if t.fallback == crate::api::TenantFallback::Default => &self.credential,
+                (None, _) => return Err(NoCredential::TenantNotMapped),
             },
         };
         chosen.as_ref().map_err(NoCredential::Unresolved)

@@ -59,7 +59,11 @@ impl Catalog {
                 by_tenant.insert(tenant.into(), tenant_key(b, n));
             }
         }
-        binding.tenants = Some(TenantCredentials { by_tenant, fallback: sel.fallback });
+        let template = sel.by_tenant.secret_name_template.as_deref();
+        let unlisted = template
+            .filter(|_| self.unlisted.contains(&pkey.namespace))
+            .map(|t| Unresolved::SecretNotFound { secret: Key::new(pkey.namespace.clone(), t.to_owned()) });
+        binding.tenants = Some(TenantCredentials { by_tenant, fallback: sel.fallback, unlisted });
         Ok(binding)
     }
 

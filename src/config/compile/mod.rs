@@ -54,6 +54,10 @@ pub struct Catalog {
     pub budgets: BTreeMap<Key, Entry<TokenBudgetSpec>>,
     /// [`Catalog::build_isolated`]: the invalid objects left out, and why.
     pub rejected: Rejected,
+    /// Namespaces whose Secrets could not be listed (the Kubernetes source went on without their
+    /// watch): a tenant a `secretNameTemplate` there names no key of is unresolved (503), never
+    /// put on the policy's own key.
+    pub unlisted: std::collections::BTreeSet<String>,
 }
 
 pub use crate::vocab::fingerprint;

@@ -178,6 +178,41 @@ fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
     assert!(e.contains("secretNameTemplate") && e.contains("{tenant}"), "{e}");
 }
 
+/// Kubernetes mode went on without the namespace's Secret list (RBAC lets keyswap read the house
+/// key by name, not list the namespace; or the list never came): a tenant the template would
+/// find a key for is not put on the house key, whose bill it is not (503); the anonymous caller
+/// still gets the fallback.
+#[test]
+fn a_tenant_whose_secret_could_not_be_listed_never_falls_back_to_the_house_key() {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("a", "{provider: anthropic}"),
+        policy("p", "{name: a}", "  target: Header\n  credentialSelector: {byTenant: {secretNameTemplate: '{tenant}-anthropic'}, fallback: Default}"),
+        secret("  token: sk-house-0001"),
+    );
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), &text);
+    assert!(errs.is_empty(), "{errs:?}");
+    for unlisted in [false, true] {
+        let mut cat = Catalog::build_isolated(objs.clone());
+        if unlisted {
+            cat.unlisted.insert("default".into());
+        }
+        let snap = cat.compile_isolated(&Key::new("default", "egress")).unwrap();
+        let tenant = snap.decide("api.anthropic.com", "/v1/messages", Some("acme"));
+        let anonymous = snap.decide("api.anthropic.com", "/v1/messages", None);
+        assert!(matches!(anonymous, Decision::Inject { .. }), "{anonymous:?}");
+        match (unlisted, tenant) {
+            (false, Decision::Inject { credential, .. }) => {
+                assert_eq!(credential.fingerprint(), fingerprint(b"sk-house-0001"))
+            }
+            (true, Decision::FailClosed { reason, .. }) => {
+                assert_eq!(reason.to_string(), "Secret default/{tenant}-anthropic not found")
+            }
+            (u, d) => panic!("unlisted {u}: {d:?}"),
+        }
+    }
+}
+
 /// The attack: a tenant who may create Secrets in the policy's namespace (onboarding by
 /// Secret) creates one the template matches with a value that cannot travel in a header. The
 /// whole policy used to fail: the house key and every tenant's answered 503.

@@ -55,10 +55,12 @@ const RETRY_CAP: Duration = Duration::from_secs(1);
 /// first.
 const QUIET: Duration = Duration::from_secs(5);
 
-/// How long a Secret watch may go without its initial list before rebuilds go on without it, its
-/// Secret counted as not found: a namespace whose Secrets keyswap may not read (RBAC), or a watch
-/// the API server keeps failing, would otherwise hold every change for every route (and, at
-/// start, keep keyswap from serving at all). Once the list arrives the Secret is used at once.
+/// How long a rebuild waits for Secret watches' initial lists before it goes on without those
+/// still missing, their Secrets counted as not found: a namespace whose Secrets keyswap may not
+/// read (RBAC), or a watch the API server keeps failing, would otherwise hold every change for
+/// every route (and, at start, keep keyswap from serving at all). Counted from the first rebuild
+/// that waited, so new watches that never list (a policy renamed again and again) cannot hold
+/// rebuilds longer. Once a list arrives its Secrets are used at once.
 pub(crate) const SECRET_SYNC_GRACE: Duration = Duration::from_secs(10);
 
 /// What `/readyz` and the metrics report about the Kubernetes source.
@@ -180,6 +182,7 @@ pub async fn start(
         store: None,
         ready_tx: Some(ready_tx),
         written: HashMap::new(),
+        held_since: None,
     };
     tokio::spawn(source.run(progress));
     ready_rx.await.map_err(|_| anyhow::anyhow!("the Kubernetes source stopped before the initial sync"))
@@ -233,6 +236,8 @@ struct Source {
     ready_tx: Option<tokio::sync::oneshot::Sender<SnapshotStore>>,
     /// The conditions last written on each object.
     written: HashMap<(&'static str, Key), Verdict>,
+    /// Since when a rebuild has waited for Secret watches' initial lists.
+    held_since: Option<std::time::Instant>,
 }
 
 impl Source {
@@ -246,7 +251,7 @@ impl Source {
                     if !self.status.synced.load(Ordering::Relaxed) {
                         tracing::info!(status = %self.status.detail(), "waiting for the Kubernetes caches");
                     }
-                    if !self.secrets_overdue() {
+                    if self.held_since.is_none_or(|t| t.elapsed() < SECRET_SYNC_GRACE) {
                         continue;
                     }
                 }
@@ -256,28 +261,45 @@ impl Source {
                 continue;
             }
             self.watch_wanted_secrets();
-            if self.secrets.values().any(|w| !w.is_synced() && w.started.elapsed() < SECRET_SYNC_GRACE) {
+            if self.secrets_pending() {
                 continue;
             }
             self.rebuild().await;
         }
     }
 
-    /// Whether a Secret watch has just passed [`SECRET_SYNC_GRACE`] without its initial list:
-    /// logged once per watch, and the caller rebuilds without it.
-    fn secrets_overdue(&mut self) -> bool {
-        let mut any = false;
-        for (k, w) in &mut self.secrets {
-            if !w.overdue && !w.is_synced() && w.started.elapsed() >= SECRET_SYNC_GRACE {
-                w.overdue = true;
-                any = true;
-                tracing::error!(
-                    secret = %k, grace = ?SECRET_SYNC_GRACE, status = %self.status.detail(),
-                    "a Secret watch has not listed its Secret; going on without it (routes that need it answer 503 until it does)"
-                );
-            }
+    /// Whether the rebuild waits for a Secret watch's initial list: for [`SECRET_SYNC_GRACE`]
+    /// from the first rebuild that waited. Past it, each watch still without its list is marked
+    /// overdue (logged once) and rebuilds go on without it.
+    fn secrets_pending(&mut self) -> bool {
+        if !self.secrets.values().any(|w| !w.is_synced() && !w.overdue) {
+            self.held_since = None;
+            return false;
         }
-        any
+        let since = *self.held_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() < SECRET_SYNC_GRACE {
+            return true;
+        }
+        self.held_since = None;
+        for (k, w) in self.secrets.iter_mut().filter(|(_, w)| !w.is_synced() && !w.overdue) {
+            w.overdue = true;
+            tracing::error!(
+                secrets = %k, waited = ?since.elapsed(), status = %self.status.detail(),
+                "a Secret watch has not listed; going on without it (what needs those Secrets fails closed until it lists)"
+            );
+        }
+        false
+    }
+
+    /// Namespaces whose Secrets keyswap went on without (their watch never listed).
+    fn unlisted_namespaces(&self) -> std::collections::BTreeSet<String> {
+        let unlisted = self.secrets.iter().filter(|(_, w)| w.overdue && !w.is_synced());
+        unlisted
+            .filter_map(|(k, _)| match k {
+                SecretWatch::Namespace(ns) => Some(ns.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Whether the initial lists of the four resources are done.
@@ -325,8 +347,10 @@ impl Source {
             collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.budgets.store, &self.secrets);
         // One team's invalid object is left out (Accepted=False on it); everything else,
         // every Secret it references included, keeps following changes.
+        let unlisted = self.unlisted_namespaces();
         let built = objects.and_then(|objs| {
-            let catalog = Catalog::build_isolated(objs);
+            let mut catalog = Catalog::build_isolated(objs);
+            catalog.unlisted = unlisted;
             let key = self.selector.resolve(&catalog).map_err(|e| catalog.with_rejected(e))?;
             catalog.compile_isolated(&key).map_err(|e| catalog.with_rejected(e))
         });

@@ -25,10 +25,8 @@ where
     pub(super) store: Store<K>,
     pub(super) synced: Arc<AtomicBool>,
     pub(super) task: tokio::task::JoinHandle<()>,
-    /// When the watch started: a Secret watch unsynced past [`super::SECRET_SYNC_GRACE`] no
-    /// longer holds rebuilds.
-    pub(super) started: Instant,
-    /// Rebuilds go on without this (Secret) watch's initial list: it passed its grace unsynced.
+    /// Rebuilds go on without this (Secret) watch's initial list: a rebuild waited for it
+    /// [`super::SECRET_SYNC_GRACE`].
     pub(super) overdue: bool,
 }
 
@@ -137,7 +135,7 @@ where
             }
         }
     });
-    Watched { store, synced, task, started: Instant::now(), overdue: false }
+    Watched { store, synced, task, overdue: false }
 }
 
 /// Whether one watch is failing, counted in [`KubeStatus::watches_failing`] (also when the watch
