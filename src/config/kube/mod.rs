@@ -10,11 +10,12 @@
 //! reset on success) while the caches, and so the snapshot, stay as they were; an expired
 //! resourceVersion (410 Gone) is not a failure: the watch relists at once.
 //!
-//! This file holds the source's loop (watch, settle, follow the Secrets named, rebuild, publish)
-//! and the objects' status conditions; `kube/watch.rs` holds one watch: its retries, backoff and
-//! failure causes.
+//! This file holds the source's loop (watch, settle, follow the Secrets named, rebuild, publish);
+//! `kube/conditions.rs` the objects' status conditions; `kube/watch.rs` one watch: its retries,
+//! backoff and failure causes.
 
 mod ca;
+mod conditions;
 mod watch;
 
 pub use ca::watch_ca_secret;
@@ -33,6 +34,9 @@ use kube::{Api, Client, Resource as _, ResourceExt as _};
 use secrecy::SecretSlice;
 use tokio::sync::Notify;
 
+#[cfg(test)]
+use self::conditions::route_unresolved;
+use self::conditions::{conditions, write_conditions, Verdict};
 use self::watch::{watch, Watched};
 use super::error::Origin;
 use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
@@ -453,130 +457,6 @@ fn wanted_secrets(
     wanted
 }
 
-/// One condition as keyswap computes it: (type, status, reason, message).
-type Verdict = Vec<(String, String, String, String)>;
-
-/// `Accepted` and `ResolvedRefs` for every route and policy, from the latest build.
-fn conditions(
-    built: &Result<super::Snapshot, super::ConfigErrors>,
-    routes: &Store<AIProviderRoute>,
-    policies: &Store<CredentialInjectionPolicy>,
-) -> Vec<((&'static str, Key), Verdict)> {
-    let key = |m: &kube::core::ObjectMeta| {
-        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
-    };
-    let errors_for = |label: String| -> Option<String> {
-        let errs = match built {
-            Err(errs) => &errs.0,
-            Ok(snap) => &snap.rejected,
-        };
-        let mine: Vec<String> =
-            errs.iter().filter(|e| e.object.as_deref() == Some(label.as_str())).map(|e| e.to_string()).collect();
-        (!mine.is_empty()).then(|| mine.join("; "))
-    };
-    let cond = |t: &str, ok: bool, reason: &str, msg: String| {
-        (t.to_owned(), if ok { "True" } else { "False" }.to_owned(), reason.to_owned(), msg)
-    };
-    let mut out = Vec::new();
-    for r in routes.state() {
-        let k = key(r.meta());
-        let accepted = match errors_for(format!("AIProviderRoute {k}")) {
-            Some(m) => cond("Accepted", false, "Invalid", m),
-            None => cond("Accepted", true, "Accepted", String::new()),
-        };
-        // Whether its requests get a key: a route attached without any policy (one another
-        // namespace attaches gets no catch-all) answers 503, which its status should say.
-        let name = k.to_string();
-        let unresolved = built.as_ref().ok().and_then(|snap| {
-            let mine = snap.routes.entries.iter().filter(|e| *e.route == *name);
-            mine.filter_map(|e| route_unresolved(&e.binding)).next()
-        });
-        let resolved = match unresolved {
-            Some((u, who)) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
-            None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
-        };
-        out.push((("aiproviderroutes", k), vec![accepted, resolved]));
-    }
-    for p in policies.state() {
-        let k = key(p.meta());
-        let accepted = match errors_for(format!("CredentialInjectionPolicy {k}")) {
-            Some(m) => cond("Accepted", false, "Invalid", m),
-            None => cond("Accepted", true, "Accepted", String::new()),
-        };
-        let name = k.to_string();
-        let resolved = match built {
-            Ok(snap) => {
-                let unresolved = snap
-                    .routes
-                    .entries
-                    .iter()
-                    .filter(|e| e.binding.policy.as_deref() == Some(name.as_str()))
-                    .find_map(|e| e.binding.credential.as_ref().err());
-                match unresolved {
-                    Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
-                    None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
-                }
-            }
-            Err(_) => cond("ResolvedRefs", false, "Invalid", "the configuration did not compile".into()),
-        };
-        out.push((("credentialinjectionpolicies", k), vec![accepted, resolved]));
-    }
-    out
-}
-
-/// A key of `binding` that requests would need and cannot get, and whose it is (`tenant X: `):
-/// the policy's own (unless only tenants' keys are used: `fallback: Deny`), then each tenant's.
-fn route_unresolved(binding: &super::snapshot::Binding) -> Option<(&super::Unresolved, String)> {
-    let own_used = binding.tenants.as_ref().is_none_or(|t| t.fallback == crate::api::TenantFallback::Default);
-    if let (true, Err(u)) = (own_used, &binding.credential) {
-        return Some((u, String::new()));
-    }
-    let tenants = binding.tenants.iter().flat_map(|t| &t.by_tenant);
-    let mut bad: Vec<_> = tenants.filter_map(|(name, c)| c.as_ref().err().map(|u| (name, u))).collect();
-    bad.sort_by(|a, b| a.0.cmp(b.0));
-    bad.first().map(|(name, u)| (*u, format!("tenant {name}: ")))
-}
-
-/// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
-async fn write_conditions(
-    client: &Client,
-    verdicts: Vec<((&'static str, Key), Verdict)>,
-    written: &mut HashMap<(&'static str, Key), Verdict>,
-) {
-    use kube::api::{Patch, PatchParams};
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    for (id, verdict) in verdicts {
-        if written.get(&id) == Some(&verdict) {
-            continue;
-        }
-        let conditions: Vec<serde_json::Value> = verdict
-            .iter()
-            .map(|(t, st, reason, msg)| serde_json::json!({"type": t, "status": st, "reason": reason, "message": msg, "lastTransitionTime": now}))
-            .collect();
-        let patch = Patch::Merge(serde_json::json!({"status": {"conditions": conditions}}));
-        let (kind, key) = &id;
-        let params = PatchParams::default();
-        let res = match *kind {
-            "aiproviderroutes" => Api::<AIProviderRoute>::namespaced(client.clone(), &key.namespace)
-                .patch_status(&key.name, &params, &patch)
-                .await
-                .map(|_| ()),
-            _ => Api::<CredentialInjectionPolicy>::namespaced(client.clone(), &key.namespace)
-                .patch_status(&key.name, &params, &patch)
-                .await
-                .map(|_| ()),
-        };
-        match res {
-            Ok(()) => {
-                written.insert(id, verdict);
-            }
-            Err(e) => {
-                tracing::warn!(object = %key, kind, error = %e, "cannot write status; will retry on the next change")
-            }
-        }
-    }
-}
-
 fn origin() -> Origin {
     Origin { file: PathBuf::from("kubernetes"), document: 1 }
 }
@@ -645,24 +525,35 @@ mod tests {
     /// falls back needs no house key; a tenant whose key is missing is named.
     #[test]
     fn a_route_is_unresolved_only_by_a_key_its_requests_need() {
-        let text = |fallback: &str, tenants: &str| {
+        let text = |fallback: &str, by_tenant: &str| {
             format!(
                 "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec: {{}}\n---\n\
                  apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: r}}\nspec: {{parentRefs: [{{name: egress}}], rules: [{{matches: [{{provider: anthropic}}]}}]}}\n---\n\
                  apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: p}}\nspec: {{parentRefs: [{{name: r}}], secretRef: {{name: house}}, target: Header, \
-                 credentialSelector: {{byTenant: {{tenants: {{{tenants}}}}}, fallback: {fallback}}}}}\n---\n\
+                 credentialSelector: {{byTenant: {{{by_tenant}}}, fallback: {fallback}}}}}\n---\n\
                  apiVersion: v1\nkind: Secret\nmetadata: {{name: acme}}\nstringData: {{token: sk-acme}}\n"
             )
         };
-        let verdict = |fallback: &str, tenants: &str| {
+        let listed = |fallback: &str, by_tenant: &str, unlisted: bool| {
             let (objs, errs) =
-                crate::config::load::parse_file(std::path::Path::new("t.yaml"), &text(fallback, tenants));
+                crate::config::load::parse_file(std::path::Path::new("t.yaml"), &text(fallback, by_tenant));
             assert!(errs.is_empty(), "{errs:?}");
-            let snap = Catalog::build(objs).unwrap().compile(&Key::new("default", "egress")).unwrap();
+            let mut catalog = Catalog::build(objs).unwrap();
+            if unlisted {
+                catalog.unlisted.insert("default".into());
+            }
+            let snap = catalog.compile(&Key::new("default", "egress")).unwrap();
             route_unresolved(&snap.routes.entries[0].binding).map(|(u, who)| format!("{who}{}", u.reason()))
         };
+        let verdict = |fallback: &str, tenants: &str| listed(fallback, &format!("tenants: {{{tenants}}}"), false);
         let acme = "acme: {secretRef: {name: acme}}";
         assert_eq!(verdict("Deny", acme), None, "the house key is never used");
+        // A template's tenants, when their namespace's Secrets could not be listed: unresolved.
+        let templated = |t: &str, f: &str, u: bool| {
+            listed(f, &format!("tenants: {{{t}}}, secretNameTemplate: '{{tenant}}-key'"), u)
+        };
+        assert_eq!(templated(acme, "Deny", false), None);
+        assert_eq!(templated(acme, "Deny", true).as_deref(), Some("tenants' keys could not be listed: SecretNotFound"));
         assert_eq!(verdict("Default", acme).as_deref(), Some("SecretNotFound"));
         let gone = format!("{acme}, globex: {{secretRef: {{name: gone}}}}");
         assert_eq!(verdict("Deny", &gone).as_deref(), Some("tenant globex: SecretNotFound"));
