@@ -238,10 +238,18 @@ impl<'a> GatewayCompile<'a> {
     /// so `x.openai.azure.com` elsewhere would win over the platform's `*.openai.azure.com`).
     fn keep_own_hosts(&mut self) {
         let own_ns = |route: &str| route.split_once('/').is_some_and(|(ns, _)| ns == self.gateway.namespace);
-        let own: Vec<Box<str>> =
-            self.entries.iter().filter(|e| own_ns(&e.route)).flat_map(|e| e.hosts.iter().cloned()).collect();
+        let own: Vec<(Box<str>, &'static crate::provider::Provider)> = self
+            .entries
+            .iter()
+            .filter(|e| own_ns(&e.route))
+            .flat_map(|e| e.hosts.iter().map(|h| (h.clone(), e.provider)))
+            .collect();
+        // As the route matcher reads a pattern (Bedrock's `*` a region only).
         let owned = |h: &str| {
-            own.iter().any(|o| **o == *h || (crate::glob::is_pattern(o) && crate::glob::matches(o, h, Some(b'.'))))
+            own.iter().any(|(o, p)| {
+                **o == *h
+                    || (crate::glob::is_pattern(o) && crate::glob::matches(o, h, Some(b'.')) && p.admits_host(o, h))
+            })
         };
         for e in self.entries.iter_mut().filter(|e| !own_ns(&e.route)) {
             let (kept, lost): (Vec<_>, Vec<_>) = std::mem::take(&mut e.hosts).into_iter().partition(|h| !owned(h));
