@@ -157,6 +157,14 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
         (r#"{"conversation":{"id":"conv_1"},"input":"go on"}"#, 1),
         (r#"{"contents":[],"cachedContent":"cachedContents/abc"}"#, 1),
         (r#"{"prompt":{"id":"pmpt_1"}}"#, 1),
+        // Gemini's Interactions API: a stored interaction; Gemini's OpenAI-compatible endpoint:
+        // cached content nested in `extra_body`; OpenAI Responses: a stored item by id.
+        (r#"{"model":"gemini-2.5-pro","previous_interaction_id":"v1_x","input":"continue"}"#, 1),
+        (r#"{"messages":[],"extra_body":{"google":{"cached_content":"cachedContents/X"}}}"#, 1),
+        (r#"{"input":[{"type":"item_reference","id":"msg_1"},{"role":"user","content":"go on"}]}"#, 1),
+        // Code the provider runs, whose output becomes input of the next turn.
+        (r#"{"tools":[{"type":"code_interpreter","container":{"type":"auto"}}]}"#, 1),
+        (r#"{"tools":[{"type":"code_execution_20250825","name":"code_execution"}]}"#, 1),
         // Text, not a stored prompt; a null reference refers to nothing.
         (r#"{"prompt":"Say hi","previous_response_id":null}"#, 0),
         // OpenAI chat: an image by URL counts, inline data does not (the body carries it).

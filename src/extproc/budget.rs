@@ -92,7 +92,7 @@ impl Budgeted {
             return None;
         }
         let keys = crate::budget::keys(&entry.budgets, identity, &entry.route);
-        let format = crate::provider::usage::format_for(entry.provider.name);
+        let format = crate::provider::usage::format_for(entry.provider.name, path);
         let plan = Plan {
             budgets: entry.budgets.clone(),
             keys,
@@ -492,11 +492,15 @@ fn is_completions(path: &str) -> bool {
 
 /// Whether the provider takes `stream_options` on `path`: OpenAI; Azure OpenAI's v1 API, or an
 /// `api-version` of 2024-09-01 or later (earlier ones answer 400 to it, so their streams are not
-/// asked, and one that sets no output limit is unmetered).
+/// asked, and one that sets no output limit is unmetered). The OpenAI-compatible endpoints of
+/// other providers are not asked either: whether they take it is theirs to say.
 fn accepts_stream_options(provider: &str, path: &str) -> bool {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
-    if provider != "azure-openai" || route.starts_with("/openai/v1/") {
-        return true;
+    match provider {
+        "openai" => return true,
+        "azure-openai" if route.starts_with("/openai/v1/") => return true,
+        "azure-openai" => {}
+        _ => return false,
     }
     let version = query.split('&').find_map(|p| p.strip_prefix("api-version="));
     version.is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01"))
@@ -618,5 +622,9 @@ mod tests {
         assert!(!asks("azure-openai", &format!("{deployment}?api-version=latest")));
         assert!(!asks("azure-openai", deployment));
         assert!(asks("azure-openai", "/openai/v1/chat/completions"));
+        // Other providers' OpenAI-compatible endpoints: theirs to accept, never added.
+        assert!(!asks("google", "/v1beta/openai/chat/completions"));
+        assert!(!asks("bedrock", "/openai/v1/chat/completions"));
+        assert!(!asks("anthropic", "/v1/chat/completions"));
     }
 }

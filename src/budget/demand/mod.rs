@@ -88,8 +88,9 @@ pub struct Demand {
     /// Completions generated at once (at least 1); each may use the whole output limit.
     pub choices: u64,
     /// Pieces of input the body refers to instead of carrying, which its size does not bound:
-    /// a stored conversation or response (`previous_response_id`, `conversation`), cached
-    /// content (`cachedContent`), an assistant (`assistant_id`), a stored prompt (`prompt` as an
+    /// a stored conversation, response or interaction (`previous_response_id`, `conversation`,
+    /// `previous_interaction_id`), a stored item (`"type": "item_reference"`), cached content
+    /// (`cachedContent`, at any depth), an assistant (`assistant_id`), a stored prompt (`prompt` as an
     /// object), and at any depth an uploaded file (`file_id`, `fileUri`) or a URL the provider
     /// fetches (`image_url`, `file_url`, `audio_url`, `video_url`, the `url` of a `source`; not
     /// `data:` URLs, which the body carries).
@@ -330,7 +331,12 @@ impl Section {
             ) => Key::Choices,
             (
                 Section::Top,
-                "previous_response_id" | "conversation" | "cachedContent" | "cached_content" | "assistant_id"
+                "previous_response_id"
+                    | "previous_interaction_id"
+                    | "conversation"
+                    | "cachedContent"
+                    | "cached_content"
+                    | "assistant_id"
                 // Remote MCP servers (Anthropic), web search options (OpenAI search models).
                 | "mcp_servers" | "web_search_options",
             ) => Key::Reference,
@@ -452,7 +458,8 @@ fn referring(key: &str) -> Option<KeyKind> {
         "image_url" | "file_url" | "audio_url" | "video_url" => Some(KeyKind::Fetched),
         // An object whose `url` is one (Anthropic's `source`); a string there is no URL.
         "source" => Some(KeyKind::Holder),
-        "file_id" | "fileUri" | "file_uri" => Some(KeyKind::Stored),
+        // Cached content also nested: Gemini's OpenAI-compatible `extra_body.google.cached_content`.
+        "file_id" | "fileUri" | "file_uri" | "cached_content" | "cachedContent" => Some(KeyKind::Stored),
         // A tool the provider runs itself: by its `type` (OpenAI, Anthropic), or by its key
         // (Gemini's `tools: [{"url_context": {}}]`).
         "type" => Some(KeyKind::Type),

@@ -86,16 +86,21 @@ impl<'de> de::Deserialize<'de> for Shape {
 
 /// A `type` value: whether it names a tool the provider runs itself and whose results become
 /// input the body does not carry (a web search, a page fetch, a file search, a remote MCP
-/// server). The conversation items those tools leave (`web_search_call`,
+/// server, code it runs), or a stored item the body names by id (`item_reference`). The conversation items those tools leave (`web_search_call`,
 /// `web_search_tool_result`) are carried in the body, so they are not counted.
 pub(super) struct ServerTool(pub(super) bool);
 
 impl ServerTool {
     fn named(t: &str) -> bool {
-        matches!(t, "web_search" | "web_search_preview" | "file_search" | "mcp" | "url_context")
-            || t.starts_with("web_search_preview_")
-            // Anthropic's dated tool types: `web_search_20250305`, `web_fetch_20250910`.
-            || ["web_search_2", "web_fetch_2"].iter().any(|p| t.starts_with(p))
+        matches!(
+            t,
+            "web_search" | "web_search_preview" | "file_search" | "mcp" | "url_context" | "code_interpreter"
+                // A stored conversation item, by id (OpenAI Responses).
+                | "item_reference"
+        ) || t.starts_with("web_search_preview_")
+            // Anthropic's dated tool types: `web_search_20250305`, `web_fetch_20250910`,
+            // `code_execution_20250825`.
+            || ["web_search_2", "web_fetch_2", "code_execution_2"].iter().any(|p| t.starts_with(p))
     }
 }
 

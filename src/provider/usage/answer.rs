@@ -54,9 +54,19 @@ pub(super) enum Field {
     CacheReadInputTokensCamel,
     /// `cacheWriteInputTokens` (Bedrock).
     CacheWriteInputTokensCamel,
+    /// `total_input_tokens` (Gemini's Interactions API; `totalInputTokens` on Vertex).
+    TotalInputTokens,
+    /// `total_output_tokens` (Interactions).
+    TotalOutputTokens,
+    /// `total_thought_tokens` (Interactions).
+    TotalThoughtTokens,
+    /// `total_cached_tokens` (Interactions).
+    TotalCachedTokens,
+    /// `total_tool_use_tokens` (Interactions: what its own tools fetched, billed as input).
+    TotalToolUseTokens,
 }
 
-const COUNTS: usize = Field::CacheWriteInputTokensCamel as usize + 1;
+const COUNTS: usize = Field::TotalToolUseTokens as usize + 1;
 
 impl Field {
     /// The count a usage object's member `name` holds (the details objects are read apart).
@@ -77,6 +87,11 @@ impl Field {
             b"outputTokens" => Field::OutputTokensCamel,
             b"cacheReadInputTokens" => Field::CacheReadInputTokensCamel,
             b"cacheWriteInputTokens" => Field::CacheWriteInputTokensCamel,
+            b"total_input_tokens" | b"totalInputTokens" => Field::TotalInputTokens,
+            b"total_output_tokens" | b"totalOutputTokens" => Field::TotalOutputTokens,
+            b"total_thought_tokens" | b"totalThoughtTokens" => Field::TotalThoughtTokens,
+            b"total_cached_tokens" | b"totalCachedTokens" => Field::TotalCachedTokens,
+            b"total_tool_use_tokens" | b"totalToolUseTokens" => Field::TotalToolUseTokens,
             _ => return None,
         })
     }
@@ -127,6 +142,8 @@ pub(super) struct Answer<'de> {
     pub response: Option<Box<Answer<'de>>>,
     /// `message` (Anthropic's `message_start`), when an object.
     pub message: Option<Box<Answer<'de>>>,
+    /// `interaction` (an event of Gemini's Interactions API), when an object.
+    pub interaction: Option<Box<Answer<'de>>>,
 }
 
 /// A parsed body: one answer, or a JSON array of them (Gemini's `streamGenerateContent` without
@@ -384,6 +401,7 @@ impl<'de> FromMap<'de> for Answer<'de> {
                 b"usageMetadata" => a.usage_metadata = m.next_value_seed(Object::seed())?,
                 b"response" => a.response = m.next_value_seed(Object::seed())?.map(Box::new),
                 b"message" => a.message = m.next_value_seed(Object::seed())?.map(Box::new),
+                b"interaction" => a.interaction = m.next_value_seed(Object::seed())?.map(Box::new),
                 _ => {
                     m.next_value::<IgnoredAny>()?;
                 }

@@ -28,8 +28,10 @@ pub(super) fn apply_event(event: &[u8], a: &Answer<'_>, info: &mut ResponseInfo)
 /// A message (the JSON body, or `message_start`'s `message`).
 pub(super) fn apply_body(message: &Answer<'_>, info: &mut ResponseInfo) {
     set_model(info, message.model.as_deref());
-    if let Some(usage) = &message.usage {
-        apply_usage(usage, &mut info.usage);
+    match &message.usage {
+        Some(usage) if super::openai::is_chat_usage(usage) => info.usage = super::openai::usage_of(usage),
+        Some(usage) => apply_usage(usage, &mut info.usage),
+        None => {}
     }
 }
 

@@ -9,6 +9,10 @@ pub(super) fn apply_body(a: &Answer<'_>, info: &mut ResponseInfo) {
     let Some(usage) = &a.usage else {
         return;
     };
+    if super::openai::is_chat_usage(usage) {
+        info.usage = super::openai::usage_of(usage);
+        return;
+    }
     let either = |camel, snake| usage.get(camel).or_else(|| usage.get(snake));
     info.usage = Usage {
         input_tokens: either(Field::InputTokensCamel, Field::InputTokens),

@@ -45,3 +45,28 @@ fn google_output_is_thoughts_alone_when_candidates_are_not_counted() {
     let body = r#"{"usageMetadata":{"promptTokenCount":4,"totalTokenCount":1004,"thoughtsTokenCount":1000},"modelVersion":"gemini-2.5-pro"}"#;
     assert_eq!(parse(Format::Google, JSON, body), info(Some("gemini-2.5-pro"), usage(Some(4), Some(1000), None, None)));
 }
+
+/// The attack: Gemini's Interactions API (`/v1beta/interactions`), where `previous_interaction_id`
+/// bills a whole stored conversation as input. Its usage (`total_*_tokens`) was not read: every
+/// call was charged its reservation.
+#[test]
+fn gemini_interactions_report_their_usage_json_and_streamed() {
+    let json = r#"{"id":"v1_x","object":"interaction","model":"gemini-2.5-pro","status":"completed","outputs":[{"type":"text","text":"hi"}],"usage":{"total_input_tokens":900000,"total_cached_tokens":1000,"total_output_tokens":40,"total_thought_tokens":700,"total_tool_use_tokens":60,"total_tokens":901800}}"#;
+    let want = info(Some("gemini-2.5-pro"), usage(Some(900_060), Some(740), Some(1000), None));
+    assert_eq!(parse(Format::Google, JSON, json), want);
+    // Vertex AI's spelling.
+    let camel = r#"{"model":"gemini-2.5-pro","usage":{"totalInputTokens":900000,"totalCachedTokens":1000,"totalOutputTokens":40,"totalThoughtTokens":700,"totalToolUseTokens":60}}"#;
+    assert_eq!(parse(Format::Google, JSON, camel), want);
+    let sse = concat!(
+        "event: interaction.created\n",
+        "data: {\"interaction\":{\"id\":\"v1_x\",\"status\":\"in_progress\",\"model\":\"gemini-2.5-pro\"},\"event_type\":\"interaction.created\"}\n\n",
+        "event: step.delta\n",
+        "data: {\"event_type\":\"step.delta\",\"index\":0,\"delta\":{\"type\":\"text\",\"text\":\"hi\"}}\n\n",
+        "event: interaction.completed\n",
+        "data: {\"event_type\":\"interaction.completed\",\"interaction\":{\"id\":\"v1_x\",\"status\":\"completed\",\"model\":\"gemini-2.5-pro\",\"usage\":{\"total_input_tokens\":900000,\"total_cached_tokens\":1000,\"total_output_tokens\":40,\"total_thought_tokens\":700,\"total_tool_use_tokens\":60}}}\n\n",
+    );
+    assert_eq!(parse(Format::Google, SSE, sse), want);
+    // Read from its tail past the whole-body limit, as generateContent's usageMetadata is.
+    let big = format!(r#"{{"outputs":[{{"type":"text","text":"{}"}}],{}"#, "x".repeat(5 << 20), &json[1..]);
+    assert_eq!(parse(Format::Google, JSON, &big).usage, want.usage);
+}

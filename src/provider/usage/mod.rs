@@ -60,9 +60,23 @@ pub enum Format {
     Bedrock,
 }
 
-/// The response format of a provider named in the registry. azure-openai and openai share
-/// [`Format::OpenAi`]; `custom` (and any unknown name) is `None`: its bodies are not read.
-pub fn format_for(provider: &str) -> Option<Format> {
+/// The response format of a request to `path` of a provider named in the registry. azure-openai
+/// and openai share [`Format::OpenAi`], and so do the OpenAI-compatible endpoints the others
+/// serve beside their own API (Gemini's `/v1beta/openai/…`, Vertex AI's `…/endpoints/openapi/…`,
+/// Bedrock's `/openai/v1/…`, Anthropic's `/v1/chat/completions`): read in their own format, their
+/// usage went unread and every call was charged its reservation. `custom` (and any unknown name)
+/// is `None`: its bodies are not read.
+pub fn format_for(provider: &str, path: &str) -> Option<Format> {
+    let route = path.split(['?', '#']).next().unwrap_or(path);
+    let openai_compatible = match provider {
+        "google" => route.contains("/openai/") || route.contains("/endpoints/openapi/"),
+        "bedrock" => route.starts_with("/openai/"),
+        "anthropic" => route.starts_with("/v1/chat/completions"),
+        _ => false,
+    };
+    if openai_compatible {
+        return Some(Format::OpenAi);
+    }
     match provider {
         "openai" | "azure-openai" => Some(Format::OpenAi),
         "anthropic" => Some(Format::Anthropic),
@@ -330,13 +344,23 @@ impl JsonBody {
 }
 
 /// The usage of a JSON answer read from its tail: the last `"usage"` member (Gemini's
-/// `"usageMetadata"`) whose value is whole there. Outside strings a member name's quotes are
-/// bare, so text the model wrote cannot pose as one.
+/// `"usageMetadata"`, or an interaction's `"usage"`) whose value is whole there. Outside strings a
+/// member name's quotes are bare, so text the model wrote cannot pose as one.
 fn usage_from_tail(format: Format, tail: &[u8]) -> ResponseInfo {
+    if format == Format::Google {
+        let info = usage_of_member(format, tail, b"\"usageMetadata\"");
+        if info.usage != Usage::default() {
+            return info;
+        }
+    }
+    usage_of_member(format, tail, b"\"usage\"")
+}
+
+/// [`usage_from_tail`] for the member `key` (quoted).
+fn usage_of_member(format: Format, tail: &[u8], key: &[u8]) -> ResponseInfo {
     fn skip_space(s: &[u8]) -> Option<&[u8]> {
         s.iter().position(|b| !b.is_ascii_whitespace()).map(|i| &s[i..])
     }
-    let key: &[u8] = if format == Format::Google { b"\"usageMetadata\"" } else { b"\"usage\"" };
     let mut before = tail.len();
     // The last member of that name whose value is a whole object: a string value (`"usage"`
     // itself, an echoed `"metadata":{"usage":"…"}`) or an object cut short is passed over.
@@ -403,7 +427,10 @@ fn worth_parsing(format: Format, event: &[u8], data: &[u8], info: &ResponseInfo)
         ),
         // Chat chunks carry `"usage":null` until the last one (with stream_options.include_usage).
         Format::OpenAi => info.model.is_none() || has_object(data, b"\"usage\""),
-        Format::Google => info.model.is_none() || has_object(data, b"\"usageMetadata\""),
+        // An Interactions event carries `usage` (in its `interaction`); an OpenAI-compatible chunk too.
+        Format::Google => {
+            info.model.is_none() || has_object(data, b"\"usageMetadata\"") || has_object(data, b"\"usage\"")
+        }
         Format::Bedrock => true,
     }
 }

@@ -12,15 +12,39 @@ use super::*;
 
 #[test]
 fn providers_map_to_their_formats_and_custom_has_none() {
-    assert_eq!(format_for("openai"), Some(Format::OpenAi));
-    assert_eq!(format_for("azure-openai"), Some(Format::OpenAi));
-    assert_eq!(format_for("anthropic"), Some(Format::Anthropic));
-    assert_eq!(format_for("google"), Some(Format::Google));
-    assert_eq!(format_for("bedrock"), Some(Format::Bedrock));
-    assert_eq!(format_for("custom"), None);
-    assert_eq!(format_for("OpenAI"), None);
+    let any = "/v1/x";
+    assert_eq!(format_for("openai", any), Some(Format::OpenAi));
+    assert_eq!(format_for("azure-openai", "/openai/v1/chat/completions"), Some(Format::OpenAi));
+    assert_eq!(format_for("anthropic", "/v1/messages"), Some(Format::Anthropic));
+    assert_eq!(format_for("google", "/v1beta/models/m:generateContent"), Some(Format::Google));
+    assert_eq!(format_for("google", "/v1beta/interactions"), Some(Format::Google));
+    assert_eq!(format_for("bedrock", "/model/m/converse"), Some(Format::Bedrock));
+    assert_eq!(format_for("custom", any), None);
+    assert_eq!(format_for("OpenAI", any), None);
     for name in crate::provider::names() {
-        assert_eq!(format_for(name).is_none(), name == "custom", "{name}");
+        assert_eq!(format_for(name, any).is_none(), name == "custom", "{name}");
+    }
+}
+
+/// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API. Its
+/// answers are in OpenAI's format, which the provider's own reader did not read: every call was
+/// charged its reservation, however much it used (4,096 output tokens reserved, 65,536 used).
+#[test]
+fn the_openai_compatible_endpoints_of_other_providers_are_read_as_openai() {
+    for (provider, path) in [
+        ("google", "/v1beta/openai/chat/completions"),
+        ("google", "/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions"),
+        ("bedrock", "/openai/v1/chat/completions"),
+        ("bedrock", "/openai/v1/responses?x=1"),
+        ("anthropic", "/v1/chat/completions"),
+    ] {
+        assert_eq!(format_for(provider, path), Some(Format::OpenAi), "{provider} {path}");
+    }
+    // Reached through the provider's own reader anyway (a path spelled past the selection), an
+    // answer in Chat Completions' naming is still read.
+    let answer = r#"{"model":"m","usage":{"prompt_tokens":12,"completion_tokens":60000}}"#;
+    for format in [Format::Google, Format::Anthropic, Format::Bedrock] {
+        assert_eq!(parse(format, JSON, answer).usage, usage(Some(12), Some(60000), None, None), "{format:?}");
     }
 }
 
