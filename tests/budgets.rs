@@ -649,6 +649,41 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     }
 }
 
+/// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API (here
+/// Anthropic's `/v1/chat/completions`; Gemini's `/v1beta/openai/…` and Bedrock's `/openai/v1/…`
+/// alike). Its answers are OpenAI's, which the provider's own reader did not read: every call was
+/// charged its reservation (10 output tokens reserved, 50 written). Now they are settled by what
+/// they report, and a stream there that neither asks for its usage nor sets a limit is refused
+/// (keyswap does not add `stream_options` to another provider's API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_compatible_endpoint_of_another_provider_is_charged_what_it_used() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let spec =
+        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let (_config, r) = one_budget(&meter, "shared", "{kind: EgressGateway, name: egress}", spec);
+    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let path = "/v1/chat/completions";
+    for body in [
+        r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"claude-sonnet-4-5","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    ] {
+        let before = settled().await;
+        let (status, _, text) = call_path(r.port, ANTHROPIC, path, None, body).await;
+        assert_eq!(status, 200, "{text}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while settled().await - before != (INPUT_TOKENS + 50) as f64 {
+            assert!(Instant::now() < deadline, "{body}: settled {} (reserved 10 output)", settled().await - before);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let seen = meter.requests.load(Ordering::SeqCst);
+    let body = r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[]}"#;
+    let (status, _, text) = call_path(r.port, ANTHROPIC, path, None, body).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("budget_unmetered_request"), "{text}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), seen, "a refused stream reached the provider");
+}
+
 /// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to
 /// parse, which would hold up every other agent on the worker): they are decided as small ones
 /// are, reserved, refused, or asked for their stream's usage.
