@@ -165,6 +165,8 @@ fn input_the_body_refers_to_instead_of_carrying_is_counted_wherever_it_appears()
         // Code the provider runs, whose output becomes input of the next turn.
         (r#"{"tools":[{"type":"code_interpreter","container":{"type":"auto"}}]}"#, 1),
         (r#"{"tools":[{"type":"code_execution_20250825","name":"code_execution"}]}"#, 1),
+        (r#"{"contents":[],"tools":[{"codeExecution":{}}]}"#, 1),
+        (r#"{"input":"hi","tools":[{"type":"google_search"},{"type":"mcp_server","url":"https://x/mcp"}]}"#, 2),
         // Text, not a stored prompt; a null reference refers to nothing.
         (r#"{"prompt":"Say hi","previous_response_id":null}"#, 0),
         // OpenAI chat: an image by URL counts, inline data does not (the body carries it).

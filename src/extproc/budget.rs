@@ -9,8 +9,9 @@ use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
 use futures_util::future::BoxFuture;
-use serde_json::json;
 
+pub(super) use super::budget_refusal::limited;
+use super::budget_refusal::refusal;
 use super::usage_chunk::UsageChunkFilter;
 use super::{mutation, Handled, ProcessStream};
 use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Observed, Places, Reserve, StreamUsage};
@@ -490,20 +491,19 @@ fn is_completions(path: &str) -> bool {
     path.split('?').next().is_some_and(|p| p.ends_with("/completions"))
 }
 
-/// Whether the provider takes `stream_options` on `path`: OpenAI; Azure OpenAI's v1 API, or an
-/// `api-version` of 2024-09-01 or later (earlier ones answer 400 to it, so their streams are not
-/// asked, and one that sets no output limit is unmetered). The OpenAI-compatible endpoints of
-/// other providers are not asked either: whether they take it is theirs to say.
+/// Whether the provider takes `stream_options` on `path`: OpenAI, Anthropic's OpenAI-compatible
+/// endpoint; Azure OpenAI's v1 API, or an `api-version` of 2024-09-01 or later (earlier ones answer
+/// 400 to it, so their streams are not asked, and one that sets no output limit is unmetered). The
+/// compatible endpoints of Google and Bedrock are not asked: they do not say they take it.
 fn accepts_stream_options(provider: &str, path: &str) -> bool {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
+    let version = || query.split('&').find_map(|p| p.strip_prefix("api-version="));
+    let dated = || version().is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01"));
     match provider {
-        "openai" => return true,
-        "azure-openai" if route.starts_with("/openai/v1/") => return true,
-        "azure-openai" => {}
-        _ => return false,
+        "openai" | "anthropic" => true,
+        "azure-openai" => route.starts_with("/openai/v1/") || dated(),
+        _ => false,
     }
-    let version = query.split('&').find_map(|p| p.strip_prefix("api-version="));
-    version.is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01"))
 }
 
 /// Where a JSON object body opens, when keyswap can write a member into it: plain UTF-8 text (no
@@ -524,81 +524,6 @@ async fn admitted(admit: Admit, cont: Continue, asked: bool) -> (ProcessingRespo
             Continue::Later(f) => (f.await, Some((admit, asked))),
         },
     }
-}
-
-/// keyswap's own answer for a request its budgets refuse; `None` when admitted.
-fn refusal(admit: &Admit) -> Option<ProcessingResponse> {
-    match admit {
-        Admit::Held(..) | Admit::AdmittedUncounted(_) => None,
-        Admit::Limited(l) => Some(limited(l)),
-        Admit::Unmetered { budget, what } => {
-            let body = json!({"error": {
-                "type": "budget_unmetered_request",
-                "message": format!(
-                    "TokenBudget {budget} limits tokens, and this request ({what}) would spend tokens whose count never \
-                     comes back through the gateway; it was not forwarded (spec.unmeteredRequests: Admit on the budget \
-                     allows such requests)"
-                ),
-                "budget": &**budget,
-                "request": what,
-            }});
-            Some(mutation::immediate(403, &body, "keyswap_budget_unmetered_request"))
-        }
-        Admit::Unreadable { budget } => {
-            let body = json!({"error": {
-                "type": "budget_unreadable_request",
-                "message": format!(
-                    "TokenBudget {budget} reads the request body to reserve what it may cost, and this body is not JSON \
-                     keyswap can read to its end (bytes that are not UTF-8, nesting deeper than 128 levels, or a body \
-                     cut short); it was not forwarded"
-                ),
-                "budget": &**budget,
-            }});
-            Some(mutation::immediate(400, &body, "keyswap_budget_unreadable_request"))
-        }
-        Admit::Invalid { budget, why } => {
-            let body = json!({"error": {
-                "type": "budget_invalid",
-                "message": format!("{why}; requests of its routes are refused until it is fixed, never run without the limit"),
-                "budget": &**budget,
-            }});
-            Some(mutation::immediate(503, &body, "keyswap_budget_invalid"))
-        }
-        Admit::Unavailable { budgets, .. } => {
-            let body = json!({"error": {
-                "type": "budget_store_unavailable",
-                "message": "keyswap could not reach the store of this route's token budgets, which fail closed; the request was not forwarded",
-                "budgets": budgets.iter().map(|b| &**b).collect::<Vec<_>>(),
-            }});
-            Some(mutation::immediate_with(503, &body, "keyswap_budget_store_unavailable", &[("retry-after", b"1")]))
-        }
-    }
-}
-
-/// 429 with `Retry-After` (the end of the window, or a second for requests in flight) and what
-/// did not fit.
-pub(super) fn limited(l: &Limited) -> ProcessingResponse {
-    let body = json!({"error": {
-        "type": "budget_exhausted",
-        "message": format!(
-            "this request would exceed the {} limit of TokenBudget {}; it was not forwarded", l.dimension, l.budget
-        ),
-        "budget": &*l.budget,
-        "limit": l.dimension,
-        "limit_value": l.limit,
-        "used": l.used,
-        "requested": l.requested,
-        "retry_after_seconds": l.retry_after,
-    }});
-    let retry = l.retry_after.to_string();
-    // The official SDKs retry a 429 after `Retry-After` when it is at most a minute away, and
-    // honour `x-should-retry`: no retries when the window is longer, or the request alone is over.
-    let hopeless = l.retry_after > 60 || l.requested > l.limit as i64;
-    let mut headers: Vec<(&str, &[u8])> = vec![("retry-after", retry.as_bytes())];
-    if hopeless {
-        headers.push(("x-should-retry", b"false"));
-    }
-    mutation::immediate_with(429, &body, "keyswap_budget_exhausted", &headers)
 }
 
 #[cfg(test)]
@@ -625,6 +550,6 @@ mod tests {
         // Other providers' OpenAI-compatible endpoints: theirs to accept, never added.
         assert!(!asks("google", "/v1beta/openai/chat/completions"));
         assert!(!asks("bedrock", "/openai/v1/chat/completions"));
-        assert!(!asks("anthropic", "/v1/chat/completions"));
+        assert!(asks("anthropic", "/v1/chat/completions"), "its compatibility page lists stream_options");
     }
 }

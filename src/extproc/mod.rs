@@ -4,6 +4,7 @@
 //! task, no channel, no lock. Every message is answered synchronously from the current snapshot.
 
 pub mod budget;
+mod budget_refusal;
 pub mod mutation;
 pub mod observe;
 mod phases;

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use super::capture::{Capture, CapturePolicy};
 use super::otlp::{self, event, span as field, Value};
 use super::Sink;
-use crate::provider::usage::{Format, ResponseInfo, UsageParser};
+use crate::provider::usage::{format_for, Format, ResponseInfo, UsageParser};
 use crate::provider::{is_redacted, Provider};
 
 /// What the request-headers phase knows about a transaction.
@@ -332,10 +332,7 @@ impl Transaction {
         let content_type = find("content-type").unwrap_or("");
         // A request keyswap answers itself never has its body read: no body event claims one.
         let req_body = (s.error.is_none() && capture.wants(content_type)).then(|| Capture::new(capture.max_bytes));
-        let format = s
-            .provider
-            .and_then(|p| crate::provider::usage::format_for(p.name, s.redacted_path))
-            .filter(|_| capture.read_bodies);
+        let format = s.provider.and_then(|p| format_for(p.name, s.redacted_path)).filter(|_| capture.read_bodies);
         // openai/anthropic put the model in the JSON body: keep enough of it to read the model.
         let req_model_buf =
             (s.error.is_none() && s.request_model.is_none() && format.is_some()).then(|| Capture::new(64 * 1024));

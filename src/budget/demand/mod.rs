@@ -468,7 +468,9 @@ fn referring(key: &str) -> Option<KeyKind> {
         | "google_search"
         | "googleSearch"
         | "google_search_retrieval"
-        | "googleSearchRetrieval" => Some(KeyKind::Tool),
+        | "googleSearchRetrieval"
+        | "code_execution"
+        | "codeExecution" => Some(KeyKind::Tool),
         _ => None,
     }
 }

@@ -95,6 +95,8 @@ impl ServerTool {
         matches!(
             t,
             "web_search" | "web_search_preview" | "file_search" | "mcp" | "url_context" | "code_interpreter"
+                // Gemini's Interactions API names its tools by type.
+                | "google_search" | "code_execution" | "mcp_server"
                 // A stored conversation item, by id (OpenAI Responses).
                 | "item_reference"
         ) || t.starts_with("web_search_preview_")

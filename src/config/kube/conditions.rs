@@ -62,14 +62,16 @@ pub(super) fn conditions(
         let name = k.to_string();
         let resolved = match built {
             Ok(snap) => {
-                let unresolved = snap
-                    .routes
-                    .entries
-                    .iter()
-                    .filter(|e| e.binding.policy.as_deref() == Some(name.as_str()))
-                    .find_map(|e| e.binding.credential.as_ref().err());
+                let unresolved =
+                    snap.routes.entries.iter().filter(|e| e.binding.policy.as_deref() == Some(name.as_str())).find_map(
+                        |e| {
+                            let unlisted = e.binding.tenants.as_ref().and_then(|t| t.unlisted.as_ref());
+                            let unlisted = unlisted.map(|u| (u, "tenants' keys could not be listed: "));
+                            e.binding.credential.as_ref().err().map(|u| (u, "")).or(unlisted)
+                        },
+                    );
                 match unresolved {
-                    Some(u) => cond("ResolvedRefs", false, u.reason(), u.to_string()),
+                    Some((u, who)) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
                     None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
                 }
             }

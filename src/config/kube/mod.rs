@@ -274,7 +274,8 @@ impl Source {
 
     /// Whether the rebuild waits for a Secret watch's initial list: for [`SECRET_SYNC_GRACE`]
     /// from the first rebuild that waited. Past it, each watch still without its list is marked
-    /// overdue (logged once) and rebuilds go on without it.
+    /// overdue (logged once) and rebuilds go on without it; one started under a second ago (a
+    /// policy that just changed its Secret) is waited for a second longer at most.
     fn secrets_pending(&mut self) -> bool {
         if !self.secrets.values().any(|w| !w.is_synced() && !w.overdue) {
             self.held_since = None;
@@ -284,14 +285,22 @@ impl Source {
         if since.elapsed() < SECRET_SYNC_GRACE {
             return true;
         }
-        self.held_since = None;
-        for (k, w) in self.secrets.iter_mut().filter(|(_, w)| !w.is_synced() && !w.overdue) {
+        let late = since.elapsed() >= SECRET_SYNC_GRACE + Duration::from_secs(1);
+        let due = |w: &Watched<Secret>| {
+            !w.is_synced() && !w.overdue && (late || w.started.elapsed() >= Duration::from_secs(1))
+        };
+        for (k, w) in self.secrets.iter_mut().filter(|(_, w)| due(w)) {
             w.overdue = true;
             tracing::error!(
                 secrets = %k, waited = ?since.elapsed(), status = %self.status.detail(),
                 "a Secret watch has not listed; going on without it (what needs those Secrets fails closed until it lists)"
             );
         }
+        // Watches started under a second ago are waited for until they are a second old.
+        if self.secrets.values().any(|w| !w.is_synced() && !w.overdue) {
+            return true;
+        }
+        self.held_since = None;
         false
     }
 

@@ -28,6 +28,8 @@ where
     /// Rebuilds go on without this (Secret) watch's initial list: a rebuild waited for it
     /// [`super::SECRET_SYNC_GRACE`].
     pub(super) overdue: bool,
+    /// When the watch started: one just started gets a moment to list before it can be overdue.
+    pub(super) started: Instant,
 }
 
 impl<K: kube::Resource + Clone + 'static> Watched<K>
@@ -135,7 +137,7 @@ where
             }
         }
     });
-    Watched { store, synced, task, overdue: false }
+    Watched { store, synced, task, overdue: false, started: Instant::now() }
 }
 
 /// Whether one watch is failing, counted in [`KubeStatus::watches_failing`] (also when the watch

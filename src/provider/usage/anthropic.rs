@@ -29,7 +29,7 @@ pub(super) fn apply_event(event: &[u8], a: &Answer<'_>, info: &mut ResponseInfo)
 pub(super) fn apply_body(message: &Answer<'_>, info: &mut ResponseInfo) {
     set_model(info, message.model.as_deref());
     match &message.usage {
-        Some(usage) if super::openai::is_chat_usage(usage) => info.usage = super::openai::usage_of(usage),
+        Some(usage) if super::openai::is_chat_usage(usage) => info.usage = super::openai::usage_of_chat(usage),
         Some(usage) => apply_usage(usage, &mut info.usage),
         None => {}
     }

@@ -10,7 +10,7 @@ pub(super) fn apply_body(a: &Answer<'_>, info: &mut ResponseInfo) {
         return;
     };
     if super::openai::is_chat_usage(usage) {
-        info.usage = super::openai::usage_of(usage);
+        info.usage = super::openai::usage_of_chat(usage);
         return;
     }
     let either = |camel, snake| usage.get(camel).or_else(|| usage.get(snake));

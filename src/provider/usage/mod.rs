@@ -62,14 +62,16 @@ pub enum Format {
 
 /// The response format of a request to `path` of a provider named in the registry. azure-openai
 /// and openai share [`Format::OpenAi`], and so do the OpenAI-compatible endpoints the others
-/// serve beside their own API (Gemini's `/v1beta/openai/…`, Vertex AI's `…/endpoints/openapi/…`,
+/// serve beside their own API (Gemini's `/v1beta/openai/…`, Vertex AI's `…/endpoints/…/chat/…`,
 /// Bedrock's `/openai/v1/…`, Anthropic's `/v1/chat/completions`): read in their own format, their
 /// usage went unread and every call was charged its reservation. `custom` (and any unknown name)
 /// is `None`: its bodies are not read.
 pub fn format_for(provider: &str, path: &str) -> Option<Format> {
     let route = path.split(['?', '#']).next().unwrap_or(path);
     let openai_compatible = match provider {
-        "google" => route.contains("/openai/") || route.contains("/endpoints/openapi/"),
+        // Vertex AI: `…/endpoints/openapi/…`, and a model deployed to an endpoint of its own
+        // (`…/endpoints/ID/chat/completions`; its native calls are `…/endpoints/ID:predict`).
+        "google" => route.contains("/openai/") || (route.contains("/endpoints/") && !route.contains(':')),
         "bedrock" => route.starts_with("/openai/"),
         "anthropic" => route.starts_with("/v1/chat/completions"),
         _ => false,

@@ -29,6 +29,12 @@ pub(super) fn usage_of(usage: &Counts) -> Usage {
     }
 }
 
+/// [`usage_of`] for a reader whose format counts cached tokens apart from the input (Anthropic,
+/// Bedrock): Chat Completions' `prompt_tokens` already holds them, so they are not given again.
+pub(super) fn usage_of_chat(usage: &Counts) -> Usage {
+    Usage { cache_read_tokens: None, ..usage_of(usage) }
+}
+
 /// Whether a usage object is in Chat Completions' naming (`prompt_tokens`, `completion_tokens`),
 /// which no other provider's own API uses: an answer of an OpenAI-compatible endpoint, read as
 /// such by whichever provider's reader it reached.

@@ -18,6 +18,8 @@ fn providers_map_to_their_formats_and_custom_has_none() {
     assert_eq!(format_for("anthropic", "/v1/messages"), Some(Format::Anthropic));
     assert_eq!(format_for("google", "/v1beta/models/m:generateContent"), Some(Format::Google));
     assert_eq!(format_for("google", "/v1beta/interactions"), Some(Format::Google));
+    let predict = "/v1/projects/p/locations/us-central1/endpoints/1234:predict";
+    assert_eq!(format_for("google", predict), Some(Format::Google));
     assert_eq!(format_for("bedrock", "/model/m/converse"), Some(Format::Bedrock));
     assert_eq!(format_for("custom", any), None);
     assert_eq!(format_for("OpenAI", any), None);
@@ -34,6 +36,7 @@ fn the_openai_compatible_endpoints_of_other_providers_are_read_as_openai() {
     for (provider, path) in [
         ("google", "/v1beta/openai/chat/completions"),
         ("google", "/v1/projects/p/locations/us-central1/endpoints/openapi/chat/completions"),
+        ("google", "/v1/projects/p/locations/us-central1/endpoints/1234/chat/completions"),
         ("bedrock", "/openai/v1/chat/completions"),
         ("bedrock", "/openai/v1/responses?x=1"),
         ("anthropic", "/v1/chat/completions"),
@@ -42,8 +45,10 @@ fn the_openai_compatible_endpoints_of_other_providers_are_read_as_openai() {
     }
     // Reached through the provider's own reader anyway (a path spelled past the selection), an
     // answer in Chat Completions' naming is still read.
-    let answer = r#"{"model":"m","usage":{"prompt_tokens":12,"completion_tokens":60000}}"#;
-    for format in [Format::Google, Format::Anthropic, Format::Bedrock] {
+    let answer = r#"{"model":"m","usage":{"prompt_tokens":12,"completion_tokens":60000,"prompt_tokens_details":{"cached_tokens":8}}}"#;
+    assert_eq!(parse(Format::Google, JSON, answer).usage, usage(Some(12), Some(60000), Some(8), None));
+    // Anthropic and Bedrock count cached tokens apart from the input: the 8 are in the 12.
+    for format in [Format::Anthropic, Format::Bedrock] {
         assert_eq!(parse(format, JSON, answer).usage, usage(Some(12), Some(60000), None, None), "{format:?}");
     }
 }
