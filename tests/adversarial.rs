@@ -234,14 +234,6 @@ async fn tunnel_to_loopback_private_or_metadata_addresses_is_refused() {
     assert!(inside.seen().is_empty(), "a loopback service was reached through an allow-list tunnel");
 }
 
-/// keyswap's admin address, from its log line.
-fn metrics_port(dev: &Dev) -> u16 {
-    let log = dev.proc.output();
-    let line = log.lines().find(|l| l.contains("admin endpoints")).expect("admin log line");
-    let addr = line.rsplit("address=").next().unwrap().trim();
-    addr.rsplit(':').next().unwrap().parse().unwrap()
-}
-
 // === 3. the ext_proc service as a key oracle ===
 
 #[test]

@@ -1004,6 +1004,14 @@ async fn credentials_and_scope_headers_in_request_trailers_never_reach_the_provi
             _ => budgeted_dev(work.path(), &["dev"]).await,
         };
         let mut sender = tunnel_h2::<Body>(&dev, "api.openai.com").await;
+        // A request without trailers costs no trailers message (Envoy sends one only for some).
+        let plain = futures_util::stream::iter([Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"{}")))]);
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(chat_post(plain.boxed())).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{case}");
+        let trailers_phase = |m: &str| metric(m, "keyswap_extproc_phase_duration_seconds_count{phase=\"trailers\"}");
+        assert_eq!(trailers_phase(&scrape(metrics_port(&dev), "/metrics").await.1), 0.0, "{case}");
+        let reached = fake.seen().len();
         let mut trailers = hyper::HeaderMap::new();
         for (name, value) in [
             ("authorization", "Bearer sk-stolen-trailer"),
@@ -1022,7 +1030,7 @@ async fn credentials_and_scope_headers_in_request_trailers_never_reach_the_provi
         let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req)).await.unwrap().unwrap();
         if budgeted {
             assert_eq!(resp.status().as_u16(), 413);
-            assert!(fake.seen().is_empty(), "a refused request reached the provider");
+            assert_eq!(fake.seen().len(), reached, "a refused request reached the provider");
             continue;
         }
         assert_eq!(resp.status().as_u16(), 200, "{case}");
@@ -1038,6 +1046,8 @@ async fn credentials_and_scope_headers_in_request_trailers_never_reach_the_provi
             assert!(!got.contains(stripped), "{case}: the agent's {stripped} reached the provider:\n{got}");
         }
         assert_eq!(seen.header_str("authorization"), Some(format!("Bearer {ANTHROPIC_KEY}")));
+        // The one trailers message was this request's (so the count of 0 above could fail).
+        assert_eq!(trailers_phase(&scrape(metrics_port(&dev), "/metrics").await.1), 1.0, "{case}");
     }
 }
 

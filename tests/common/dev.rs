@@ -14,6 +14,15 @@ pub struct Dev {
     pub work: PathBuf,
 }
 
+/// keyswap's admin address (`/metrics`), from its log line.
+#[allow(dead_code)]
+pub fn metrics_port(dev: &Dev) -> u16 {
+    let log = dev.proc.output();
+    let line = log.lines().find(|l| l.contains("admin endpoints")).expect("admin log line");
+    let addr = line.rsplit("address=").next().unwrap().trim();
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
 pub fn start_dev(config: &Path, work: &Path, upstreams: &[String]) -> Dev {
     start_dev_env(config, work, upstreams, &[])
 }
