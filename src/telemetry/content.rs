@@ -66,9 +66,9 @@ fn scrubbed(text: String, secrets: &[&[u8]]) -> String {
 
 /// The members of an answer or event the completion's text is read from (the rest is skipped
 /// unbuilt: ids, usage, logprobs, safety ratings).
-const OUTPUT_KEYS: &[&str] = &["choices", "output", "content", "candidates", "type", "delta"];
+const OUTPUT_KEYS: &[&str] = &["choices", "output", "outputs", "content", "candidates", "type", "delta"];
 /// The members of a request the messages are read from (tools, schemas and settings skipped).
-const INPUT_KEYS: &[&str] = &["system", "systemInstruction", "contents", "messages", "input"];
+const INPUT_KEYS: &[&str] = &["system", "systemInstruction", "system_instruction", "contents", "messages", "input"];
 
 /// The completion's text: from a JSON body, or from the events of a stream. `None` when the body
 /// holds no text this reader knows (a tool call only, another API, a body cut by the capture
@@ -150,9 +150,17 @@ fn body_text(format: Format, v: &Value, out: &mut String) {
     }
 }
 
+/// Gemini's text: a `GenerateContentResponse`'s first candidate, an interaction's `outputs`, or
+/// the `delta` of an Interactions API stream event (`step.delta`, `content.delta`).
 fn gemini_parts(v: &Value, out: &mut String) {
     for p in v["candidates"][0]["content"]["parts"].as_array().into_iter().flatten() {
         push(out, &p["text"]);
+    }
+    for o in v["outputs"].as_array().into_iter().flatten().filter(|o| o["type"] == "text") {
+        push(out, &o["text"]);
+    }
+    if v["delta"]["type"] == "text" {
+        push(out, &v["delta"]["text"]);
     }
 }
 
@@ -191,14 +199,16 @@ pub fn input_messages(format: Format, body: &[u8], cap: usize) -> Option<String>
         }
     };
     // Anthropic's and Gemini's system prompt live beside the messages.
-    for system in [&v["system"], &v["systemInstruction"]["parts"]] {
+    for system in [&v["system"], &v["systemInstruction"]["parts"], &v["system_instruction"]] {
         let parts = text_parts(system);
         if !parts.is_empty() {
             out.push(json!({"role": "system", "parts": parts}));
         }
     }
+    // Gemini's Interactions API has `input` (text, content blocks or turns) where
+    // generateContent has `contents`.
     let messages = match format {
-        Format::Google => &v["contents"],
+        Format::Google if v["contents"].is_array() => &v["contents"],
         _ if v["messages"].is_array() => &v["messages"],
         _ => &v["input"],
     };
@@ -212,7 +222,9 @@ pub fn input_messages(format: Format, body: &[u8], cap: usize) -> Option<String>
                 let role = m["role"].as_str().unwrap_or("user");
                 let role = if role == "model" { "assistant" } else { role };
                 let parts = match format {
-                    Format::Google => text_parts(&m["parts"]),
+                    Format::Google if m["parts"].is_array() => text_parts(&m["parts"]),
+                    // A content block of its own (Interactions `input: [{"type": "text", …}]`).
+                    _ if m["text"].is_string() => text_parts(&Value::Array(vec![m.clone()])),
                     _ => text_parts(&m["content"]),
                 };
                 out.push(json!({"role": role, "parts": parts}));
@@ -278,6 +290,28 @@ mod tests {
         let mut cut = openai.as_bytes()[..70].to_vec();
         cut.extend_from_slice(&[0xe2, 0x82]);
         assert!(output_text(Format::OpenAi, true, &cut).is_none_or(|t| t.is_char_boundary(t.len())));
+    }
+
+    /// Gemini's Interactions API (the one Google recommends since June 2026): the viewer showed no
+    /// prompt and no completion for it.
+    #[test]
+    fn gemini_interactions_show_their_prompt_and_completion() {
+        let json = br#"{"id":"v1_x","model":"gemini-2.5-pro","outputs":[{"type":"thought","summary":"..."},{"type":"text","text":"Paris."}]}"#;
+        assert_eq!(output_text(Format::Google, false, json).as_deref(), Some("Paris."));
+        let sse = "event: interaction.created\ndata: {\"interaction\":{\"id\":\"v1_x\"},\"event_type\":\"interaction.created\"}\n\nevent: step.delta\ndata: {\"event_type\":\"step.delta\",\"index\":0,\"delta\":{\"type\":\"text\",\"text\":\"Par\"}}\n\nevent: content.delta\ndata: {\"event_type\":\"content.delta\",\"index\":0,\"delta\":{\"type\":\"text\",\"text\":\"is.\"}}\n\n";
+        assert_eq!(output_text(Format::Google, true, sse.as_bytes()).as_deref(), Some("Paris."));
+        let messages = |body: &str| input_messages(Format::Google, body.as_bytes(), 4096).unwrap_or_default();
+        let text = messages(r#"{"model":"m","system_instruction":"Be brief.","input":"Capital of France?"}"#);
+        assert!(
+            text.contains(r#""content":"Be brief.""#) && text.contains(r#""content":"Capital of France?""#),
+            "{text}"
+        );
+        let blocks = messages(r#"{"input":[{"type":"text","text":"Capital of France?"}]}"#);
+        assert!(blocks.contains(r#""content":"Capital of France?""#), "{blocks}");
+        let turns = messages(
+            r#"{"input":[{"role":"user","content":[{"type":"text","text":"Hi"}]},{"role":"model","content":"Hello"}]}"#,
+        );
+        assert!(turns.contains(r#""content":"Hi""#) && turns.contains(r#""role":"assistant""#), "{turns}");
     }
 
     #[test]
