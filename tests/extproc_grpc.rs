@@ -663,12 +663,8 @@ async fn refusals_for_a_body_the_phases_cannot_deliver_are_spans_with_status_and
 async fn a_body_that_ends_with_trailers_where_sigv4_or_a_budget_reads_it_whole_is_413_on_every_filter() {
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
-    let s = common::start_in_process_with(&[("more.yaml", &budget_and_sigv4())]).await;
-    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
-    let budgeted = req("api.anthropic.com", "/v1/messages", &json);
-    let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
-    let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
-    for (what, head) in [("budgeted", &budgeted), ("SigV4", &signed)] {
+    let (s, requests, body) = budgeted_and_signed().await;
+    for (what, head) in &requests {
         let mut partial = grpc::body(body);
         if let Some(Request::RequestBody(b)) = partial.request.as_mut() {
             b.end_of_stream = false;
@@ -687,6 +683,16 @@ async fn a_body_that_ends_with_trailers_where_sigv4_or_a_budget_reads_it_whole_i
     }
 }
 
+/// keyswap with [`budget_and_sigv4`], a request to each route by name, and a body that fits.
+async fn budgeted_and_signed(
+) -> (common::InProcess, [(&'static str, Vec<(&'static str, &'static str)>); 2], &'static [u8]) {
+    let s = common::start_in_process_with(&[("more.yaml", &budget_and_sigv4())]).await;
+    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
+    let budgeted = req("api.anthropic.com", "/v1/messages", &json);
+    let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
+    (s, [("budgeted", budgeted), ("SigV4", signed)], br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#)
+}
+
 /// A token budget on the anthropic route, and a Bedrock route signed with SigV4.
 fn budget_and_sigv4() -> String {
     let budget = "apiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: daily}\nspec:\n  parentRefs: [{name: anthropic}]\n  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n";
@@ -702,12 +708,8 @@ fn budget_and_sigv4() -> String {
 async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuses_instead_of_forwarding() {
     use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
-    let s = common::start_in_process_with(&[("more.yaml", &budget_and_sigv4())]).await;
-    let json = [("content-type", "application/json"), ("x-api-key", PLACEHOLDER)];
-    let budgeted = req("api.anthropic.com", "/v1/messages", &json);
-    let signed = req("bedrock-runtime.us-east-1.amazonaws.com", "/model/m/converse", &json);
-    let body = br#"{"model":"claude-x","max_tokens":10,"messages":[]}"#;
-    for (what, head) in [("budgeted", &budgeted), ("SigV4", &signed)] {
+    let (s, requests, body) = budgeted_and_signed().await;
+    for (what, head) in &requests {
         for mode in [BodySendMode::None, BodySendMode::Streamed] {
             let mut c = grpc::connect(s.addr).await;
             let answers = grpc::exchange(&mut c, vec![fixed(grpc::headers(head), mode), grpc::body(body)]).await;
@@ -749,7 +751,7 @@ async fn a_route_whose_fixed_phases_lack_the_body_a_budget_or_sigv4_needs_refuse
         assert!(String::from_utf8_lossy(&i.body).contains("request_too_large"), "{what}");
     }
     // A body-less request on the budgeted route needs no body: it goes on.
-    let mut get = budgeted.clone();
+    let mut get = requests[0].1.clone();
     get[0] = (":method", "GET");
     let mut c = grpc::connect(s.addr).await;
     let mut head = fixed(grpc::headers(&get), BodySendMode::None);

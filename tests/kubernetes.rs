@@ -18,15 +18,7 @@ const NS: &str = "agents";
 const REFERENCED: usize = 10;
 
 fn seed(kube: &FakeKube) {
-    kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all"}}));
-    kube.put(
-        "aiproviderroutes",
-        NS,
-        "anthropic",
-        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
-    );
-    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
-    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-one")}}));
+    seed_one(kube, "sk-ant-k8s-one");
     // Ten more referenced Secrets, and five thousand that nothing references.
     for i in 0..REFERENCED - 1 {
         kube.put("aiproviderroutes", NS, &format!("r{i}"), json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "custom", "hosts": [format!("r{i}.test")]}]}]}}));
@@ -463,20 +455,9 @@ async fn kubernetes_mode_admits_agents_by_token_and_picks_their_tenants_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
     let kube = FakeKube::start().await;
-    kube.put(
-        "egressgateways",
-        NS,
-        "egress",
-        json!({"spec": {"defaultPolicy": "deny-all", "allowedRoutes": {"namespaces": ["team-a"]}}}),
-    );
-    kube.put(
-        "aiproviderroutes",
-        NS,
-        "anthropic",
-        json!({"spec": {"parentRefs": [{"name": "egress"}], "rules": [{"matches": [{"provider": "anthropic"}]}]}}),
-    );
-    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header"}}));
-    kube.put("secrets", NS, "anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-one")}}));
+    seed_one(&kube, "sk-ant-k8s-one");
+    let admits_team_a = json!({"spec": {"defaultPolicy": "deny-all", "allowedRoutes": {"namespaces": ["team-a"]}}});
+    kube.put("egressgateways", NS, "egress", admits_team_a);
     kube.put("aiproviderroutes", "team-a", "svc", json!({"spec": {"parentRefs": [{"name": "egress", "namespace": NS}], "rules": [{"matches": [{"provider": "custom", "hosts": ["svc.team-a.test"]}]}]}}));
     kube.put("credentialinjectionpolicies", "team-a", "svc-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "svc"}], "secretRef": {"name": "svc"}, "target": "Header", "headerName": "x-key"}}));
     kube.put("secrets", "team-a", "svc", json!({"stringData": {"token": "team-a-key"}}));
