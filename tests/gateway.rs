@@ -935,6 +935,28 @@ fn chat_post(
         .unwrap()
 }
 
+/// The attack: on an allow-all gateway, `CONNECT api.openai.com.:443` missed Envoy's routed
+/// virtual host (exact match) and took the default one, whose tunnel the guard allowed: a raw
+/// tunnel to the provider, past budgets, spans and header stripping, for an agent with a key of
+/// its own. Envoy now strips the trailing dot and terminates it as the routed host it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_host_spelled_with_a_trailing_dot_is_terminated_not_tunnelled() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let work = tempfile::tempdir().unwrap();
+    let (dev, fake) = openai_dev_with(work.path(), gateway_config("allow-all", free_port(), ""), &["dev"]).await;
+    let tls = try_tunnel_tls_as(&dev, "api.openai.com.", "api.openai.com", b"http/1.1").await;
+    let mut tls = tls.unwrap_or_else(|e| panic!("not terminated by the gateway: {e}\n{}", dev.proc.output()));
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-agents-own\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // keyswap decided on it: the agent's key was replaced by the gateway's.
+    let seen = fake.seen().pop().expect("the request reached the provider");
+    assert_eq!(seen.header_str("authorization"), Some(format!("Bearer {ANTHROPIC_KEY}")));
+}
+
 /// The TCP ports a process listens on (`/proc/net/tcp` and `tcp6` entries in state LISTEN whose
 /// socket the process holds).
 fn listening_tcp_ports(pid: &str) -> Vec<u16> {

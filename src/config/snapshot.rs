@@ -409,6 +409,13 @@ impl Allowed {
                 "`{entry}` is not a host, host:PORT or host:* (no scheme or path; `*` in a host stands for one DNS label)"
             ));
         }
+        // Envoy matches a proxy virtual host's domains exactly or by a leading `*.`: any other `*`
+        // (`*` alone breaks the whole route configuration) would be an entry that never matches.
+        if host.strip_prefix("*.").map_or(host, |rest| rest).contains('*') {
+            return Err(format!(
+                "`{entry}`: `*` may only stand for the first DNS label (`*.example.com`); for every host, use `spec.defaultPolicy: allow-all`"
+            ));
+        }
         let port = match port {
             None => Some(Self::DEFAULT_PORT),
             Some("*") => None,
@@ -509,6 +516,13 @@ mod tests {
         }
         assert!(Allowed::parse("pypi.org:99999").unwrap_err().contains("1-65535"));
         assert!(Allowed::parse("pypi.org:x").unwrap_err().contains("host:PORT"));
+        // A `*` Envoy's virtual hosts cannot match as keyswap would: `*` alone (Envoy refused the
+        // whole proxy route configuration), or inside a name.
+        for bad in ["*", "*:*", "files-*.example.com", "a.*.example.com", "*.*.example.com", "example.*"] {
+            let e = Allowed::parse(bad).unwrap_err();
+            assert!(e.contains("first DNS label") && e.contains("allow-all"), "{bad}: {e}");
+        }
+        assert!(Allowed::parse("*.example.com:*").is_ok());
     }
 
     #[test]

@@ -106,6 +106,8 @@ impl<'a> Layout<'a> {
                     // Envoy refuses HTTP/1.0 with 426 unless told otherwise.
                     "http_protocol_options": {"accept_http_10": true},
                     "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                    // `CONNECT api.openai.com.:443` is the routed host's, terminated as it is.
+                    "strip_trailing_host_dot": true,
                     "http_filters": self.proxy_filters(),
                 },
             }]}],

@@ -229,6 +229,9 @@ pub enum Refusal {
     Unresolvable,
     /// The gateway's `agentAuth` did not admit the CONNECT (its `Proxy-Authorization`).
     Unauthenticated(Rejection),
+    /// A routed host, in a spelling Envoy did not route to the terminating listener (a trailing
+    /// dot): its connections are terminated and routed, never tunnelled past keyswap.
+    RoutedHost,
 }
 
 impl Refusal {
@@ -241,6 +244,7 @@ impl Refusal {
             Refusal::DeniedDestination => "denied_destination",
             Refusal::Unresolvable => "unresolvable_destination",
             Refusal::Unauthenticated(r) => r.reason(),
+            Refusal::RoutedHost => "routed_host_not_tunnelled",
         }
     }
 
@@ -250,6 +254,7 @@ impl Refusal {
             Refusal::Unresolvable => 502,
             Refusal::MalformedTarget => 400,
             Refusal::NotAllowed
+            | Refusal::RoutedHost
             | Refusal::PortNotAllowed
             | Refusal::PrivateDestination
             | Refusal::DeniedDestination => 403,
@@ -271,6 +276,7 @@ impl Refusal {
                 "tunnels reach public addresses only; this host is (or resolves to) a loopback, private, link-local or reserved address"
             }
             Refusal::Unresolvable => "the tunnel's host did not resolve",
+            Refusal::RoutedHost => "the gateway routes this host itself; CONNECT to it by its plain name",
             Refusal::Unauthenticated(_) => {
                 "this gateway admits agents by token: give it to the proxy as the password of HTTPS_PROXY \
                  (http://agent:TOKEN@host:port, sent as Proxy-Authorization)"
@@ -342,6 +348,12 @@ pub async fn decide(
     guard: TunnelGuard,
 ) -> Result<SocketAddr, (Refusal, Option<IpAddr>)> {
     let Some((host, port)) = target(&authority) else { return Err((Refusal::MalformedTarget, None)) };
+    // A routed host's CONNECT reaches the guard only in a spelling Envoy's terminating route did
+    // not take (or from an Envoy that has not taken keyswap's latest routes): an allow-all gateway
+    // would otherwise tunnel it raw, past budgets, spans and header stripping.
+    if snapshot.routes.terminates(&host) {
+        return Err((Refusal::RoutedHost, None));
+    }
     match snapshot.allows_unrouted(&host, port) {
         Ok(_) => {}
         Err(true) => return Err((Refusal::PortNotAllowed, None)),
@@ -504,6 +516,29 @@ mod tests {
         assert!(resolve(&SLOTS, short, "c.test".into(), 443, |_, _| slow(0)).await.is_none());
         let back = resolve(&SLOTS, Duration::from_secs(5), "c.test".into(), 443, |_, _| slow(0)).await;
         assert!(back.is_some(), "the slots came back once the stuck lookups returned");
+    }
+
+    /// The attack: on an allow-all gateway, `CONNECT api.anthropic.com.:443` (or any spelling an
+    /// Envoy misses its routed virtual host by) reached the tunnel guard, which allowed it: a raw
+    /// tunnel to a routed provider, past budgets, spans and header stripping. Envoy now strips the
+    /// dot; the guard refuses a routed host whatever spelling brings it there.
+    #[tokio::test]
+    async fn a_routed_host_is_never_tunnelled_past_keyswap_whatever_its_spelling() {
+        let text = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {defaultPolicy: allow-all}\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: r}\nspec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: azure-openai}, {provider: anthropic}]}]}\n";
+        let (objs, errs) = crate::config::load::parse_file(std::path::Path::new("t.yaml"), text);
+        assert!(errs.is_empty(), "{errs:?}");
+        let catalog = crate::config::Catalog::build_isolated(objs);
+        let snap = Arc::new(catalog.compile_isolated(&crate::config::load::Key::new("default", "egress")).unwrap());
+        for authority in
+            ["api.anthropic.com.:443", "API.Anthropic.com:443", "api.anthropic.com:8443", "x.openai.azure.com.:443"]
+        {
+            let refused = decide(authority.into(), snap.clone(), TunnelGuard::default()).await;
+            assert!(matches!(refused, Err((Refusal::RoutedHost, None))), "{authority}: {refused:?}");
+        }
+        // An unrouted public host on the same gateway is tunnelled (here: refused only for want
+        // of a name server, after the routed check).
+        let other = decide("192.0.2.1:443".into(), snap, TunnelGuard::default()).await;
+        assert!(!matches!(other, Err((Refusal::RoutedHost, _))), "{other:?}");
     }
 
     #[test]

@@ -149,11 +149,22 @@ pub async fn try_tunnel_tls(
     host: &str,
     alpn: &[u8],
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    try_tunnel_tls_as(dev, host, host, alpn).await
+}
+
+/// [`try_tunnel_tls`] with the CONNECT target spelled `connect_host` (a trailing dot, a case).
+pub async fn try_tunnel_tls_as(
+    dev: &Dev,
+    connect_host: &str,
+    host: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::pem::PemObject as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let proxy = dev.env["HTTPS_PROXY"].trim_start_matches("http://").to_owned();
     let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes()).await.unwrap();
+    let connect = format!("CONNECT {connect_host}:443 HTTP/1.1\r\nHost: {connect_host}:443\r\n\r\n");
+    tcp.write_all(connect.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     while !answer.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8];
