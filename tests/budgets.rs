@@ -354,6 +354,20 @@ impl Replica {
         resp
     }
 
+    /// Waits up to 5 s for `budget` to have settled `want` tokens past `before`.
+    async fn settles(&self, budget: &str, before: f64, want: u64, what: &str) {
+        let sample = format!("keyswap_budget_tokens_total{{budget=\"{budget}\",kind=\"settled\"}}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.metric(&sample).await - before;
+            if got == want as f64 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: settled {got}, not {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The tokens `budget` settled, once it has settled any (a stream the agent hung up on is
     /// settled when Envoy closes its ext_proc stream: up to 5 s later on the observing filter).
     async fn settled_once_any(&self, budget: &str) -> u64 {
@@ -607,11 +621,7 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
         }
         let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
         assert!(forwarded.contains(r#""stream_options":{"include_usage":true}"#), "{forwarded}");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while settled().await - before != (INPUT_TOKENS + 50) as f64 {
-            assert!(Instant::now() < deadline, "{body}: settled {} (reserved 10 output)", settled().await - before);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        r.settles("default/shared", before, INPUT_TOKENS + 50, &format!("{body} (reserved 10 output)")).await;
     }
     // Told not to report it (also by a repeated key, or a value other than `true`), with no
     // output limit: refused.
@@ -642,11 +652,7 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     let before = settled().await;
     let (status, _, text) = call(r.port, OPENAI, None, body).await;
     assert_eq!(status, 200, "{text}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while settled().await - before != (body.len() + 30) as f64 {
-        assert!(Instant::now() < deadline, "settled {} of its reservation", settled().await - before);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    r.settles("default/shared", before, (body.len() + 30) as u64, "its reservation").await;
 }
 
 /// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API (here
@@ -671,11 +677,7 @@ async fn an_openai_compatible_endpoint_of_another_provider_is_charged_what_it_us
         let before = settled().await;
         let (status, _, text) = call_path(r.port, ANTHROPIC, path, None, body).await;
         assert_eq!(status, 200, "{text}");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while settled().await - before != (INPUT_TOKENS + 50) as f64 {
-            assert!(Instant::now() < deadline, "{body}: settled {} (reserved 10 output)", settled().await - before);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        r.settles("default/shared", before, INPUT_TOKENS + 50, &format!("{body} (reserved 10 output)")).await;
     }
     let before = settled().await;
     let body = r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[]}"#;
@@ -683,11 +685,7 @@ async fn an_openai_compatible_endpoint_of_another_provider_is_charged_what_it_us
     assert_eq!(status, 200, "{text}");
     let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
     assert!(forwarded.contains(r#""stream_options":{"include_usage":true}"#), "{forwarded}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while settled().await - before != (INPUT_TOKENS + 50) as f64 {
-        assert!(Instant::now() < deadline, "an unasked stream settled {}", settled().await - before);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    r.settles("default/shared", before, INPUT_TOKENS + 50, "an unasked stream").await;
 }
 
 /// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to

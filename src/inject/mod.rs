@@ -45,6 +45,15 @@ pub struct Strip {
     pub pinned: Box<[(Box<str>, Box<str>)]>,
 }
 
+impl Strip {
+    /// Whether the header `name` (any case, `_` for `-`) is the policy's to choose: an
+    /// organization or project header, or one it pins (`spec.setHeaders`).
+    fn scopes(&self, name: &str) -> bool {
+        crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name))
+            || self.pinned.iter().any(|(p, _)| same_header(p, name))
+    }
+}
+
 /// The real credential, ready to write. `value` is the exact header value or the
 /// percent-encoded query value; provider authentication computes it per request.
 pub enum Credential {
@@ -134,8 +143,7 @@ pub fn plan<'a>(
             // The organization or project the call runs in is the policy's to choose, not the
             // agent's, and so is a header the policy pins: removed under the name it came with
             // (`Anthropic_Beta` too), unless that is the pinned name, which overwrites it.
-            let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name))
-                || strip.pinned.iter().any(|(p, _)| same_header(p, name));
+            let scope = strip.scopes(name);
             if scope {
                 if !plan.remove.contains(&name) {
                     plan.remove.push(name);
@@ -199,8 +207,7 @@ pub fn strip_trailers<'a>(
     let (mut remove, mut smuggled) = (Vec::new(), Vec::new());
     for (name, value) in trailers {
         let credential = strip.headers.iter().find(|s| same_header(s, name));
-        let scope = crate::vocab::SCOPE_HEADERS.iter().any(|s| same_header(s, name))
-            || strip.pinned.iter().any(|(p, _)| same_header(p, name));
+        let scope = strip.scopes(name);
         let amz = name.get(..6).is_some_and(|p| same_header(p, "x-amz-"));
         if let Some(c) = credential.filter(|_| !is_placeholder(value)) {
             smuggled.push(format!("{c} (trailer)"));

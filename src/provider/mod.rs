@@ -257,14 +257,15 @@ impl Provider {
 /// An AWS region name: `us-east-1`, `us-gov-west-1`, `ap-southeast-2`, `us-isob-east-1`: two
 /// letters, one or more words of letters, a number. Not `s3`, `s3-external-1`, `execute-api`.
 pub fn is_aws_region(label: &str) -> bool {
+    let letters = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase());
     let mut parts = label.split('-');
     let country = parts.next().unwrap_or_default();
     let Some(number) = parts.next_back() else { return false };
-    let words: Vec<&str> = parts.collect();
+    let mut words = parts.peekable();
     country.len() == 2
-        && country.bytes().all(|b| b.is_ascii_lowercase())
-        && !words.is_empty()
-        && words.iter().all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && letters(country)
+        && words.peek().is_some()
+        && words.all(letters)
         && (1..=2).contains(&number.len())
         && number.bytes().all(|b| b.is_ascii_digit())
 }

@@ -33,13 +33,14 @@ pub(super) fn conditions(
     let cond = |t: &str, ok: bool, reason: &str, msg: String| {
         (t.to_owned(), if ok { "True" } else { "False" }.to_owned(), reason.to_owned(), msg)
     };
+    let accepted = |label: String| match errors_for(label) {
+        Some(m) => cond("Accepted", false, "Invalid", m),
+        None => cond("Accepted", true, "Accepted", String::new()),
+    };
     let mut out = Vec::new();
     for r in routes.state() {
         let k = key(r.meta());
-        let accepted = match errors_for(format!("AIProviderRoute {k}")) {
-            Some(m) => cond("Accepted", false, "Invalid", m),
-            None => cond("Accepted", true, "Accepted", String::new()),
-        };
+        let accepted = accepted(format!("AIProviderRoute {k}"));
         // Whether its requests get a key: a route attached without any policy (one another
         // namespace attaches gets no catch-all) answers 503, which its status should say.
         let name = k.to_string();
@@ -55,21 +56,16 @@ pub(super) fn conditions(
     }
     for p in policies.state() {
         let k = key(p.meta());
-        let accepted = match errors_for(format!("CredentialInjectionPolicy {k}")) {
-            Some(m) => cond("Accepted", false, "Invalid", m),
-            None => cond("Accepted", true, "Accepted", String::new()),
-        };
+        let accepted = accepted(format!("CredentialInjectionPolicy {k}"));
         let name = k.to_string();
         let resolved = match built {
             Ok(snap) => {
-                let unresolved =
-                    snap.routes.entries.iter().filter(|e| e.binding.policy.as_deref() == Some(name.as_str())).find_map(
-                        |e| {
-                            let unlisted = e.binding.tenants.as_ref().and_then(|t| t.unlisted.as_ref());
-                            let unlisted = unlisted.map(|u| (u, "tenants' keys could not be listed: "));
-                            e.binding.credential.as_ref().err().map(|u| (u, "")).or(unlisted)
-                        },
-                    );
+                let unresolved = snap
+                    .routes
+                    .entries
+                    .iter()
+                    .filter(|e| e.binding.policy.as_deref() == Some(name.as_str()))
+                    .find_map(|e| e.binding.credential.as_ref().err().map(|u| (u, "")).or(unlisted(&e.binding)));
                 match unresolved {
                     Some((u, who)) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
                     None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
@@ -92,13 +88,19 @@ pub(super) fn route_unresolved(
     if let (true, Err(u)) = (own_used, &binding.credential) {
         return Some((u, String::new()));
     }
-    if let Some(u) = binding.tenants.as_ref().and_then(|t| t.unlisted.as_ref()) {
-        return Some((u, "tenants' keys could not be listed: ".to_owned()));
+    if let Some((u, who)) = unlisted(binding) {
+        return Some((u, who.to_owned()));
     }
     let tenants = binding.tenants.iter().flat_map(|t| &t.by_tenant);
     let mut bad: Vec<_> = tenants.filter_map(|(name, c)| c.as_ref().err().map(|u| (name, u))).collect();
     bad.sort_by(|a, b| a.0.cmp(b.0));
     bad.first().map(|(name, u)| (*u, format!("tenant {name}: ")))
+}
+
+/// The tenants' keys of `binding` when their namespace's Secrets could not be listed, and whose.
+fn unlisted(binding: &crate::config::snapshot::Binding) -> Option<(&crate::config::Unresolved, &'static str)> {
+    let unlisted = binding.tenants.as_ref().and_then(|t| t.unlisted.as_ref());
+    unlisted.map(|u| (u, "tenants' keys could not be listed: "))
 }
 
 /// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
