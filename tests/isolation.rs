@@ -184,6 +184,52 @@ async fn an_invalid_policy_and_a_broken_file_do_not_freeze_rotation_or_revocatio
     assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");
 }
 
+/// The revocation an operator reaches for first: delete the CI system's shared-token Secret.
+/// That was an error on the gateway, so the reload was refused and the last good configuration
+/// kept serving: the revoked token still admitted, and every rotation after it was frozen until
+/// the Secret came back. Now that validator admits no one, and the rest of the reload lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_shared_token_secret_revokes_that_token_and_freezes_no_rotation() {
+    const SHARED: &str = "ci-shared-token-0001-do-not-leak";
+    let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let gateway = CONFIG.replace(
+        "agentAuth: {optional: true, validators: [{apiKeys: {}}]}",
+        "agentAuth: {validators: [{sharedToken: {secretRef: {name: ci-token}}}, {apiKeys: {}}]}",
+    );
+    assert_ne!(gateway, CONFIG);
+    std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-one")).unwrap();
+    std::fs::write(config.path().join("ci-token.yaml"), secret_manifest("ci-token", "token", SHARED)).unwrap();
+    let token = token(config.path());
+    let grpc_port = free_port();
+    let listen = format!("127.0.0.1:{grpc_port}");
+    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    for t in [SHARED, &token] {
+        let r = grpc::request(&mut c, &anthropic(t)).await;
+        assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-one"));
+    }
+
+    std::fs::remove_file(config.path().join("ci-token.yaml")).unwrap();
+    let took = within("the shared token revoked", async || {
+        let r = grpc::request(&mut c, &anthropic(SHARED)).await;
+        matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+    // A rotation after the revocation lands, for the agents that still have a way in.
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-two")).unwrap();
+    let took = within("rotation after the revocation", async || {
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        set_value(&mutation(&r), "x-api-key").as_deref() == Some("sk-ant-two")
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "rotation took {took:?}");
+    let log = keyswap.output();
+    assert!(log.contains("Secret default/ci-token") && log.contains("admits no one"), "{log}");
+    assert!(!log.contains(SHARED) && !log.contains("sk-ant-"), "a secret in the log");
+}
+
 // === Kubernetes mode ===
 
 mod kube {

@@ -75,6 +75,19 @@ impl AgentAuthCompile<'_> {
         );
     }
 
+    /// A Secret a validator reads that is missing or unusable: an error on the Secret, not the
+    /// gateway, so the rest of the configuration (every other rotation and revocation) still
+    /// compiles, and that validator admits no one until the Secret is fixed. An error on the
+    /// gateway would keep the last good configuration serving, and with it the token the
+    /// operator just revoked by deleting its Secret.
+    fn secret_err(&mut self, skey: &Key, at: &str, message: String) {
+        let origin = self.catalog.secrets.get(skey).map_or(self.origin, |s| &s.origin);
+        let gateway = label(Kind::EgressGateway, self.gateway);
+        self.errors.push(ConfigError::new(format!("{message} ({gateway} `{at}`); until it is, that validator admits no one"))
+            .at(origin)
+            .object(label(Kind::Secret, skey)));
+    }
+
     /// `edgeTrust`: the identity headers, trusted on mTLS connections or from the listed
     /// networks (one of them is required). `None` when the agent header is invalid.
     fn edge_trust(&mut self, at: &str, name: Arc<str>, e: &EdgeTrustValidator) -> Option<auth::Validator> {
@@ -186,21 +199,20 @@ impl AgentAuthCompile<'_> {
                 Some(jsonwebtoken::DecodingKey::from_secret(v))
             }
             Some(_) => {
-                self.err(
-                    format!("{at}.hs256SecretRef"),
-                    format!("Secret {skey} key `{key_name}` must hold at least 32 bytes"),
-                );
+                let m = format!("key `{key_name}` must hold at least 32 bytes for HS256");
+                self.secret_err(&skey, &format!("{at}.hs256SecretRef"), m);
                 None
             }
             None => {
-                self.err(format!("{at}.hs256SecretRef"), format!("Secret {skey} with key `{key_name}` is required"));
+                let m = format!("key `{key_name}` is required for HS256 and missing (or the Secret is)");
+                self.secret_err(&skey, &format!("{at}.hs256SecretRef"), m);
                 None
             }
         }
     }
 
-    /// `sharedToken`: one token for every caller, read from a Secret; `None` (an error) when the
-    /// Secret or its key is missing or empty.
+    /// `sharedToken`: one token for every caller, read from a Secret; `None` (no validator: its
+    /// token admits no one, an error on the Secret) when the Secret or its key is missing or empty.
     fn shared_token(&mut self, at: &str, name: Arc<str>, st: &SharedTokenValidator) -> Option<auth::Validator> {
         if st.secret_ref.namespace.is_some() {
             self.err(
@@ -212,10 +224,8 @@ impl AgentAuthCompile<'_> {
         let key_name = st.secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
         let value = self.catalog.secrets.get(&skey).and_then(|d| d.spec.entries.get(key_name));
         let Some(value) = value.map(|v| v.expose_secret().trim_ascii()).filter(|v| !v.is_empty()) else {
-            self.err(
-                format!("{at}.sharedToken.secretRef"),
-                format!("Secret {skey} with a non-empty key `{key_name}` is required"),
-            );
+            let m = format!("a non-empty key `{key_name}` is required for the shared token and missing (or the Secret is)");
+            self.secret_err(&skey, &format!("{at}.sharedToken.secretRef"), m);
             return None;
         };
         self.live.push(SecretSlice::from(value.to_vec()));

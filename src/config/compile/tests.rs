@@ -740,3 +740,35 @@ fn a_secret_name_no_kubernetes_object_can_have_is_named_as_such_and_never_quoted
         assert!(!e.contains("sk-pasted"), "{e}");
     }
 }
+
+/// The revocation: an operator deletes the `sharedToken` Secret (or shortens the HS256 key) to
+/// stop a token. That was an error on the gateway, so the whole reload was refused: the last good
+/// configuration kept admitting the revoked token, and froze every other rotation with it. Now it
+/// is an error on the Secret; the rest compiles and the token admits no one.
+#[test]
+fn deleting_a_shared_token_secret_revokes_it_and_freezes_nothing() {
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}}\n    - jwt: {issuer: https://idp.test, audiences: [keyswap], hs256SecretRef: {name: jwt-hs256}}\n---\n";
+    let text = format!(
+        "{gw}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("a", "{name: r}", "  target: Header"),
+        secret("  token: sk-rotated")
+    );
+    let short_hs = "apiVersion: v1\nkind: Secret\nmetadata: {name: jwt-hs256}\nstringData: {token: too-short}\n---\n";
+    let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), &format!("{text}{short_hs}"));
+    assert!(errs.is_empty(), "{errs:?}");
+    let cat = Catalog::build_isolated(objs);
+    let snap = cat.compile_isolated(&Key::new("default", "egress")).expect("the rest of the gateway compiles");
+    let rejected = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(rejected.contains("Secret default/ci-token") && rejected.contains("sharedToken.secretRef"), "{rejected}");
+    assert!(rejected.contains("Secret default/jwt-hs256") && rejected.contains("at least 32 bytes"), "{rejected}");
+    assert!(rejected.contains("admits no one") && !rejected.contains("too-short"), "{rejected}");
+    let chain = snap.agent_auth.as_ref().unwrap();
+    let admitted = chain.admit(Some(b"the-old-ci-token"), &Default::default(), |_| None, std::time::SystemTime::now());
+    assert!(matches!(admitted, crate::auth::Admission::Rejected(_)));
+    // The rotation in the same reload is in effect.
+    assert!(snap.routes.entries[0].binding.credential.is_ok());
+    // `keyswap check` (strict) still fails on it.
+    let e = cat.compile(&Key::new("default", "egress")).unwrap_err().to_string();
+    assert!(e.contains("Secret default/ci-token"), "{e}");
+}
