@@ -110,6 +110,75 @@ fn a_deleted_secret_fails_closed_after_reload() {
     assert_eq!(snap.decide("api.anthropic.com", "/v1/messages", None).to_string_lossy(), "fail-closed: SecretNotFound");
 }
 
+/// Watches `dir` (its first snapshot already built); the store it swaps into.
+fn watched(dir: &Path) -> (keyswap::config::SnapshotStore, file::Watch) {
+    let source = Arc::new(FileSource::new(dir, vec![]));
+    let events = file::Events::start(dir).unwrap();
+    let store = Arc::new(ArcSwap::from_pointee(source.snapshot(&GatewaySelector::Only).unwrap()));
+    (store.clone(), events.watch(source, GatewaySelector::Only, store, |_| {}).unwrap())
+}
+
+/// `sops -d secrets.enc.yaml > anthropic-secret.yaml`: the shell empties the file, then the
+/// decryption fills it, slowly. A reload in between took the Secret away (503 for as long as the
+/// command ran) or injected the value cut short. Now the file counts when its writer closes it.
+#[test]
+fn a_secret_rewritten_slowly_through_a_shell_redirect_is_never_read_half_written() {
+    use std::io::Write as _;
+    let dir = config_dir();
+    let (store, _watch) = watched(dir.path());
+    let old = anthropic_fingerprint(&store);
+    assert_eq!(old, Some(fingerprint(ANTHROPIC_KEY.as_bytes())));
+    let text = secret_manifest("anthropic", "token", "sk-ant-rotated-slowly-0123456789");
+    let (head, tail) = text.split_at(text.find("sk-ant-rotated").unwrap() + 10);
+    let mut f = std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
+    std::thread::sleep(file::MAX_DEBOUNCE * 3);
+    assert_eq!(anthropic_fingerprint(&store), old, "the Secret went away while its file was empty");
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(file::MAX_DEBOUNCE * 3);
+    assert_eq!(anthropic_fingerprint(&store), old, "a value cut short was taken");
+    f.write_all(tail.as_bytes()).unwrap();
+    drop(f);
+    let rotated = Some(fingerprint(b"sk-ant-rotated-slowly-0123456789"));
+    wait_for("the rotated key", || anthropic_fingerprint(&store) == rotated);
+}
+
+/// A Secret file saved with one Latin-1 byte (or otherwise unreadable) dropped its last good
+/// version for good: the route answered 503 until someone noticed.
+#[test]
+fn an_unreadable_secret_file_keeps_its_last_good_key() {
+    let dir = config_dir();
+    let (store, _watch) = watched(dir.path());
+    let good = anthropic_fingerprint(&store);
+    let mut latin1 = secret_manifest("anthropic", "token", "sk-ant-caf").into_bytes();
+    let at = latin1.iter().position(|&b| b == b'"').unwrap() + 11;
+    latin1.insert(at, 0xe9);
+    std::fs::write(dir.path().join("anthropic-secret.yaml"), latin1).unwrap();
+    let rejected = || store.load().rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    wait_for("the reload", || rejected().contains("anthropic-secret.yaml"));
+    assert_eq!(anthropic_fingerprint(&store), good, "the last good key was dropped");
+    assert!(rejected().contains("cannot read") && rejected().contains("last good version"), "{}", rejected());
+    std::fs::write(dir.path().join("anthropic-secret.yaml"), secret_manifest("anthropic", "token", "sk-ant-fixed"))
+        .unwrap();
+    wait_for("the fixed key", || anthropic_fingerprint(&store) == Some(fingerprint(b"sk-ant-fixed")));
+}
+
+/// A pod cannot mount a ConfigMap and a Secret into one directory, so the Secret's manifest is
+/// a symlink into the Secret volume. The kubelet rotates it by swapping `..data` there: no event
+/// in the watched directory, and the rotation was never seen.
+#[test]
+fn a_manifest_symlinked_from_a_secret_volume_rotates_when_the_kubelet_swaps_it() {
+    let (config, volume) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(config.path().join("config.yaml"), standard_config()).unwrap();
+    let secret = |key: &str| vec![("anthropic.yaml", secret_manifest("anthropic", "token", key))];
+    kube_volume(volume.path(), "2026_12_05_01", &secret("sk-ant-first"));
+    symlink(volume.path().join("anthropic.yaml"), config.path().join("anthropic.yaml")).unwrap();
+    let (store, _watch) = watched(config.path());
+    assert_eq!(anthropic_fingerprint(&store), Some(fingerprint(b"sk-ant-first")));
+    kube_volume(volume.path(), "2026_12_05_02", &secret("sk-ant-second"));
+    wait_for("the swapped secret", || anthropic_fingerprint(&store) == Some(fingerprint(b"sk-ant-second")));
+}
+
 trait Describe {
     fn to_string_lossy(&self) -> String;
 }

@@ -69,6 +69,8 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         secret_from_env: args.secrets.clone(),
     };
     let source = Arc::new(src_args.source()?);
+    // Watching from before the first load: a change while keyswap starts is not missed.
+    let events = crate::config::file::Events::start(&source.dir);
     let view = match gateway_view(&source, &src_args.selector()?) {
         Ok(v) => v,
         Err(errors) => {
@@ -118,7 +120,7 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let control = ControlPlane { ads: Default::default(), options, ca, leaf_lifetime: args.leaf_lifetime };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = Serving { listeners, span_queue: None, tunnel: args.tunnel.guard(), control: Some(control) };
-        let server = tokio::spawn(run_extproc(source, snapshot, serving, args.metrics, async {
+        let server = tokio::spawn(run_extproc((source, events), snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));
         let mut envoy = spawn_envoy(&envoy_bin, &envoy_yaml, &work)?;

@@ -159,6 +159,8 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let source = Arc::new(args.source.source()?);
     let selector = args.source.selector()?;
+    // Watching from before the first load: a change while keyswap starts is not missed.
+    let events = file::Events::start(&source.dir);
     // Invalid objects are left out (and logged) rather than keeping the gateway down; only a
     // gateway that cannot compile stops the start.
     let snapshot = match source.snapshot_isolated(&selector) {
@@ -173,7 +175,7 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let listeners = bind_listeners(&args).await?;
         let control = Some(args.control.setup(Some(&snapshot.gateway)));
         let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control };
-        run_extproc(source, snapshot, serving, args.metrics, shutdown_signal()).await
+        run_extproc((source, events), snapshot, serving, args.metrics, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -299,7 +301,7 @@ fn ca_secret_key(name: &str, namespace: Option<&str>) -> anyhow::Result<crate::c
 
 /// Serves `snapshot` and keeps it current from `source` until `shutdown`.
 pub(super) async fn run_extproc(
-    source: Arc<FileSource>,
+    (source, events): (Arc<FileSource>, Result<file::Events, String>),
     snapshot: Snapshot,
     serving: Serving,
     metrics_addr: SocketAddr,
@@ -318,13 +320,16 @@ pub(super) async fn run_extproc(
     let lr = last_reload.clone();
     let src = source.clone();
     let (st, m) = (store.clone(), metrics.clone());
-    let _watch = file::watch(source.clone(), selector, store.clone(), move |res| {
-        let left_out = st.load().rejected.len();
-        m.config_rejected.store(left_out as u64, std::sync::atomic::Ordering::Relaxed);
-        let text = load_text(res.as_ref().map(|_| ()).map_err(|e| e.0.len()), src.refused().len(), left_out);
-        *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
-    })
-    .map_err(anyhow::Error::msg)?;
+    let _watch = events
+        .and_then(|e| {
+            e.watch(source.clone(), selector, store.clone(), move |res| {
+                let left_out = st.load().rejected.len();
+                m.config_rejected.store(left_out as u64, std::sync::atomic::Ordering::Relaxed);
+                let text = load_text(res.as_ref().map(|_| ()).map_err(|e| e.0.len()), src.refused().len(), left_out);
+                *lr.lock().unwrap_or_else(|e| e.into_inner()) = text;
+            })
+        })
+        .map_err(anyhow::Error::msg)?;
     tracing::info!(dir = %source.dir.display(), "watching configuration directory");
     let ready: crate::telemetry::admin::ReadyFn = Arc::new(move || {
         let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();

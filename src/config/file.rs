@@ -2,8 +2,10 @@
 //!
 //! Every `*.yaml`/`*.yml` directly in the directory is read (symlinks followed; names starting
 //! with `.` skipped, so Kubernetes' `..data` machinery is invisible). Any change in the
-//! directory — an edit, a new file, a `..data` symlink swap — triggers a debounced full reload;
-//! reads (opening, reading, closing without writing) do not. A reload skips the directory when
+//! directory — an edit (when its writer closes the file, on Linux), a new file, a `..data`
+//! symlink swap — triggers a debounced full reload; reads (opening, reading, closing without
+//! writing) do not. Manifests that are symlinks (into another directory, where no event reaches
+//! the watch) are compared by stamp every [`POLL`]. A reload skips the directory when
 //! no manifest's stamp (device, inode, length, mtime, ctime; symlinks followed) changed, and
 //! re-parses only the files that did: no file's content can hold up the others for long (see
 //! [`load::prescan`] and [`load::MAX_MANIFEST_BYTES`]).
@@ -37,6 +39,11 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_millis(300);
 /// coarsely, so a same-length rewrite within one tick of the last read would look unchanged.
 /// Such files are read again (and compared by content) until they settle.
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// How often the watch also compares stamps itself, where no event reports a change: manifests
+/// that are symlinks (into a Secret volume, where the kubelet swaps its `..data`), and every
+/// manifest once the watched directory was replaced (renamed over).
+pub const POLL: Duration = Duration::from_secs(1);
 
 /// A Secret key taken from the process environment (`--secret-from-env`).
 pub struct EnvSecret {
@@ -131,6 +138,33 @@ struct Parsed {
     kept: Vec<Object>,
 }
 
+impl Parsed {
+    /// What stays in effect if the next version of this file is refused, unreadable or does
+    /// not parse.
+    fn last_good(self) -> Vec<Object> {
+        if self.refused || !self.errors.is_empty() {
+            self.kept
+        } else {
+            self.objects
+        }
+    }
+
+    /// A file that could not be read: nothing of its own, its last good objects kept, and read
+    /// again at the next reload (no stamp matches).
+    fn unreadable(kept: Vec<Object>, error: ConfigError) -> Parsed {
+        let stamp = Stamp { dev: 0, ino: 0, len: 0, mtime: (0, 0), ctime: (0, 0) };
+        Parsed {
+            stamp,
+            settled: false,
+            digest: [0; 32],
+            objects: Vec::new(),
+            errors: vec![error],
+            refused: false,
+            kept,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     files: HashMap<PathBuf, Parsed>,
@@ -201,8 +235,21 @@ impl FileSource {
                     }
                     files.insert(path, parsed);
                 }
-                Err(e) => {
-                    errors.push(e);
+                Err((e, last_good)) => {
+                    let e = *e;
+                    // Unreadable for now (a mistaken chmod, not UTF-8, removed between the listing
+                    // and the open): its last good version stays, as for a file that does not parse.
+                    if !set_aside || last_good.is_empty() {
+                        errors.push(e);
+                    } else {
+                        let kept = ConfigError {
+                            message: format!("{} (this file's last good version stays in effect)", e.message),
+                            ..e.clone()
+                        };
+                        errors.push(kept);
+                        objects.extend(last_good.iter().cloned());
+                        files.insert(path, Parsed::unreadable(last_good, e));
+                    }
                     stamps = None;
                 }
             }
@@ -288,6 +335,24 @@ impl FileSource {
     }
 }
 
+/// What the poll compares: the directory's identity, and the stamps of the manifests no event
+/// on the watched directory (`watched`) reports: those that are symlinks, or all once the
+/// directory was replaced. Files written in the directory itself are left to their events (a
+/// poll could read one half-written).
+type Polled = (Option<(u64, u64)>, Vec<(PathBuf, Option<Stamp>)>);
+
+fn unwatched_stamps(dir: &Path, watched: Option<(u64, u64)>) -> Polled {
+    let now = dir_identity(dir);
+    let unwatched = |p: &PathBuf| now != watched || std::fs::symlink_metadata(p).is_ok_and(|m| m.is_symlink());
+    let paths = manifest_files(dir).unwrap_or_default().into_iter().filter(unwatched);
+    (now, paths.map(|p| (std::fs::metadata(&p).ok().map(|m| Stamp::of(&m)), p)).map(|(s, p)| (p, s)).collect())
+}
+
+/// The device and inode of `dir` (symlinks followed).
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// The manifest files of `dir`, sorted by name.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let entries = std::fs::read_dir(dir)
@@ -306,21 +371,36 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 
 /// The file as it is now: from the cache when its stamp is unchanged and was settled, else
 /// read (at most [`load::MAX_MANIFEST_BYTES`]) and parsed unless its content is the cached one.
-fn read_parsed(cached: Option<Parsed>, path: &Path, now: SystemTime) -> Result<Parsed, ConfigError> {
+/// Unreadable: the error, and the cached version's last good objects (they stay).
+fn read_parsed(
+    cached: Option<Parsed>,
+    path: &Path,
+    now: SystemTime,
+) -> Result<Parsed, (Box<ConfigError>, Vec<Object>)> {
     let origin = Origin { file: path.to_path_buf(), document: 1 };
-    let cannot_read = |e: std::io::Error| ConfigError::new(format!("cannot read: {e}")).at(&origin);
     if let Some(p) = &cached {
         if p.settled && std::fs::metadata(path).is_ok_and(|m| Stamp::of(&m) == p.stamp) {
             return Ok(cached.expect("checked"));
         }
     }
-    let file = std::fs::File::open(path).map_err(cannot_read)?;
-    let stamp = Stamp::of(&file.metadata().map_err(cannot_read)?);
-    let settled = stamp.settled(now);
     let max = load::MAX_MANIFEST_BYTES;
-    let mut text = String::new();
-    let read = if stamp.len > max { Ok(0) } else { file.take(max + 1).read_to_string(&mut text) };
-    read.map_err(cannot_read)?;
+    let read = || -> std::io::Result<(Stamp, String)> {
+        let file = std::fs::File::open(path)?;
+        let stamp = Stamp::of(&file.metadata()?);
+        let mut text = String::new();
+        if stamp.len <= max {
+            file.take(max + 1).read_to_string(&mut text)?;
+        }
+        Ok((stamp, text))
+    };
+    let (stamp, text) = match read() {
+        Ok(read) => read,
+        Err(e) => {
+            let last_good = cached.map(Parsed::last_good).unwrap_or_default();
+            return Err((Box::new(ConfigError::new(format!("cannot read: {e}")).at(&origin)), last_good));
+        }
+    };
+    let settled = stamp.settled(now);
     let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
     if let Some(p) = cached.as_ref().filter(|p| p.digest == digest && !p.refused) {
         return Ok(Parsed {
@@ -334,11 +414,7 @@ fn read_parsed(cached: Option<Parsed>, path: &Path, now: SystemTime) -> Result<P
         });
     }
     // What stays in effect if this version is refused or does not parse.
-    let kept = match cached {
-        Some(p) if p.refused || !p.errors.is_empty() => p.kept,
-        Some(p) => p.objects,
-        _ => Vec::new(),
-    };
+    let kept = cached.map(Parsed::last_good).unwrap_or_default();
     let refusal = if stamp.len > max || text.len() as u64 > max {
         let len = stamp.len.max(text.len() as u64);
         Some(format!("{len} bytes is over the {max}-byte (1 MiB) limit for one manifest file; refused unread"))
@@ -359,45 +435,85 @@ pub struct Watch {
     _watcher: RecommendedWatcher,
 }
 
-/// Watches the directory and swaps in each new valid snapshot. Keep the returned handle
-/// alive: dropping it stops the watch. `on_reload` is called after each reload, not for
-/// events that changed nothing (reads of the directory, a stamp-identical directory).
+/// The directory's change events, collected from the moment it is called: start it before the
+/// first load, so that a change during the start is not missed.
+pub struct Events {
+    watcher: RecommendedWatcher,
+    rx: mpsc::Receiver<notify::Result<Event>>,
+    /// The directory's identity when the watch began (a replaced directory sends no events).
+    watched: Option<(u64, u64)>,
+    /// What the poll saw when the watch began.
+    polled: Polled,
+}
+
+impl Events {
+    pub fn start(dir: &Path) -> Result<Events, String> {
+        let cannot = |e: notify::Error| format!("cannot watch {}: {e}", dir.display());
+        let (tx, rx) = mpsc::channel();
+        let mut watcher = notify::recommended_watcher(tx).map_err(cannot)?;
+        watcher.watch(dir, RecursiveMode::NonRecursive).map_err(cannot)?;
+        let watched = dir_identity(dir);
+        Ok(Events { watcher, rx, watched, polled: unwatched_stamps(dir, watched) })
+    }
+
+    /// Swaps in each new valid snapshot of `source` (loaded after [`Events::start`]). Keep the
+    /// returned handle alive: dropping it stops the watch. `on_reload` is called after each
+    /// reload, not for events that changed nothing (reads of the directory, a stamp-identical
+    /// directory).
+    pub fn watch(
+        self,
+        source: Arc<FileSource>,
+        gateway: GatewaySelector,
+        store: SnapshotStore,
+        on_reload: impl Fn(&Result<(), ConfigErrors>) + Send + 'static,
+    ) -> Result<Watch, String> {
+        let Events { watcher, rx, watched, mut polled } = self;
+        let dir = source.dir.clone();
+        std::thread::Builder::new()
+            .name("keyswap-config-watch".into())
+            .spawn(move || {
+                // Ends when the watcher is dropped (its sender goes with it).
+                while next_change(&rx, &mut || {
+                    let now = unwatched_stamps(&source.dir, watched);
+                    std::mem::replace(&mut polled, now) != polled
+                }) {
+                    if source.unchanged() {
+                        tracing::debug!(dir = %source.dir.display(), "configuration directory unchanged; reload skipped");
+                        continue;
+                    }
+                    let result = reload(&source, &gateway, &store);
+                    on_reload(&result);
+                }
+            })
+            .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+        Ok(Watch { _watcher: watcher })
+    }
+}
+
+/// [`Events::start`] then [`Events::watch`], for a snapshot loaded just before.
 pub fn watch(
     source: Arc<FileSource>,
     gateway: GatewaySelector,
     store: SnapshotStore,
     on_reload: impl Fn(&Result<(), ConfigErrors>) + Send + 'static,
 ) -> Result<Watch, String> {
-    let dir = source.dir.clone();
-    let cannot = |e: notify::Error| format!("cannot watch {}: {e}", dir.display());
-    let (tx, rx) = mpsc::channel();
-    let mut watcher = notify::recommended_watcher(tx).map_err(cannot)?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(cannot)?;
-    std::thread::Builder::new()
-        .name("keyswap-config-watch".into())
-        .spawn(move || {
-            // Ends when the watcher is dropped (its sender goes with it).
-            while next_change(&rx) {
-                if source.unchanged() {
-                    tracing::debug!(dir = %source.dir.display(), "configuration directory unchanged; reload skipped");
-                    continue;
-                }
-                let result = reload(&source, &gateway, &store);
-                on_reload(&result);
-            }
-        })
-        .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
-    Ok(Watch { _watcher: watcher })
+    Events::start(&source.dir)?.watch(source, gateway, store, on_reload)
 }
 
-/// Waits for a change that matters, then for [`DEBOUNCE`] of quiet (at most [`MAX_DEBOUNCE`]).
-/// `false` when the watcher is gone.
-fn next_change(rx: &mpsc::Receiver<notify::Result<Event>>) -> bool {
+/// Waits for a change that matters (an event, or `polled` finding the stamps changed every
+/// [`POLL`]), then for [`DEBOUNCE`] of quiet (at most [`MAX_DEBOUNCE`]). `false` when the
+/// watcher is gone.
+fn next_change(rx: &mpsc::Receiver<notify::Result<Event>>, polled: &mut impl FnMut() -> bool) -> bool {
     loop {
-        match rx.recv() {
+        match rx.recv_timeout(POLL) {
             Ok(event) if matters(&event) => break,
             Ok(_) => {}
-            Err(_) => return false,
+            Err(RecvTimeoutError::Timeout) if polled() => {
+                tracing::debug!("a manifest changed without an event (a symlink to another directory?); reloading");
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return false,
         }
     }
     let first = Instant::now();
@@ -417,11 +533,15 @@ fn next_change(rx: &mpsc::Receiver<notify::Result<Event>>) -> bool {
 }
 
 /// Everything but reading: opening a file, reading it and closing it unwritten change nothing
-/// (and a reload's own reads must not trigger the next reload).
+/// (and a reload's own reads must not trigger the next reload). On Linux a write matters when
+/// the writer closes the file, not while it writes: `sops -d … > secrets.yaml` empties the file
+/// first and fills it slowly, and a reload in between would take the Secret away (or a value
+/// cut short).
 fn matters(event: &notify::Result<Event>) -> bool {
     match event {
         Ok(event) => match event.kind {
             EventKind::Access(kind) => kind == AccessKind::Close(AccessMode::Write),
+            EventKind::Modify(notify::event::ModifyKind::Data(_)) => !cfg!(target_os = "linux"),
             _ => true,
         },
         Err(e) => {

@@ -83,9 +83,11 @@ impl AgentAuthCompile<'_> {
     fn secret_err(&mut self, skey: &Key, at: &str, message: String) {
         let origin = self.catalog.secrets.get(skey).map_or(self.origin, |s| &s.origin);
         let gateway = label(Kind::EgressGateway, self.gateway);
-        self.errors.push(ConfigError::new(format!("{message} ({gateway} `{at}`); until it is, that validator admits no one"))
-            .at(origin)
-            .object(label(Kind::Secret, skey)));
+        self.errors.push(
+            ConfigError::new(format!("{message} ({gateway} `{at}`); until it is, that validator admits no one"))
+                .at(origin)
+                .object(label(Kind::Secret, skey)),
+        );
     }
 
     /// `edgeTrust`: the identity headers, trusted on mTLS connections or from the listed
@@ -224,7 +226,8 @@ impl AgentAuthCompile<'_> {
         let key_name = st.secret_key.as_deref().unwrap_or(DEFAULT_SECRET_KEY);
         let value = self.catalog.secrets.get(&skey).and_then(|d| d.spec.entries.get(key_name));
         let Some(value) = value.map(|v| v.expose_secret().trim_ascii()).filter(|v| !v.is_empty()) else {
-            let m = format!("a non-empty key `{key_name}` is required for the shared token and missing (or the Secret is)");
+            let m =
+                format!("a non-empty key `{key_name}` is required for the shared token and missing (or the Secret is)");
             self.secret_err(&skey, &format!("{at}.sharedToken.secretRef"), m);
             return None;
         };
