@@ -692,3 +692,91 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
     assert_eq!(key, [KEY_B.as_bytes().to_vec()], "the tenant from the trusted header");
     assert!(last.headers.iter().all(|(k, _)| !k.starts_with("x-edge-")), "edge headers forwarded");
 }
+
+/// Two JWT validators, the first with an identity provider that hangs (accepts connections and
+/// never answers). A token of the second issuer waited for the first's JWKS fetch, and then again
+/// (the fetch timeout equals the refetch cooldown): every agent of the second validator was
+/// locked out for as long as the first IdP hung. Now a token naming another issuer skips that
+/// validator, and a key still unknown after one refetch is refused, never waited for again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_identity_provider_locks_out_no_other_issuers_agents() {
+    use common::grpc::{self, immediate, mutation, set_value};
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().to_str().unwrap();
+    let k1 = jwt_tool(&["keygen", kd, "k1", "rsa"]);
+    let config = tempfile::tempdir().unwrap();
+    let jwks = config.path().join("jwks.json");
+    std::fs::write(&jwks, format!("{{\"keys\": [{k1}]}}")).unwrap();
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let gateway = format!(
+        r#"apiVersion: keyswap.dev/v1alpha1
+kind: EgressGateway
+metadata: {{name: egress}}
+spec:
+  agentAuth:
+    validators:
+    - name: hung
+      jwt: {{issuer: "https://hung.test", audiences: [keyswap], jwksUrl: "https://127.0.0.1:{hung_port}/jwks.json"}}
+    - name: idp
+      jwt: {{issuer: "{ISSUER}", audiences: [keyswap], jwksFile: "{}"}}
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: AIProviderRoute
+metadata: {{name: anthropic}}
+spec:
+  parentRefs: [{{name: egress}}]
+  rules: [{{matches: [{{provider: anthropic}}]}}]
+---
+apiVersion: keyswap.dev/v1alpha1
+kind: CredentialInjectionPolicy
+metadata: {{name: anthropic-key}}
+spec:
+  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
+  secretRef: {{name: anthropic-default}}
+  target: Header
+---
+{}"#,
+        jwks.display(),
+        secret_manifest("anthropic-default", "token", DEFAULT_KEY)
+    );
+    std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let grpc_port = free_port();
+    let listen = format!("127.0.0.1:{grpc_port}");
+    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let sign = |kid: &str, iss: &str| {
+        let claims = format!(r#"{{"iss": "{iss}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
+        jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), kid, &claims])
+    };
+    let ask = async |c: &mut grpc::Client, token: &str| {
+        let bearer = format!("Bearer {token}");
+        let pairs = [
+            (":method", "POST"),
+            (":authority", "api.anthropic.com"),
+            (":path", "/v1/messages"),
+            ("authorization", bearer.as_str()),
+        ];
+        let since = Instant::now();
+        // A request that waits is first told to extend Envoy's timeout; the decision is the last answer.
+        let r = tokio::time::timeout(Duration::from_secs(9), grpc::exchange(c, vec![grpc::headers(&pairs)])).await;
+        let mut answers = r.unwrap_or_else(|_| panic!("no answer in 9 s:\n{}", keyswap.output()));
+        (answers.pop().expect("an answer").expect("a decision"), since.elapsed())
+    };
+
+    // The second issuer's agent is admitted at once, the first's IdP hanging or not.
+    let (r, took) = ask(&mut c, &sign("k1", ISSUER)).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY));
+    assert!(took < Duration::from_secs(2), "the second issuer's token waited {took:?} for the hung IdP");
+    // The hung issuer's token waits for one fetch (it times out), then is refused.
+    let (r, took) = ask(&mut c, &sign("k9", "https://hung.test")).await;
+    assert_eq!(immediate(&r).status.as_ref().unwrap().code, 401);
+    assert!(took >= Duration::from_secs(3), "it did not wait for the fetch: {took:?}");
+}

@@ -51,7 +51,10 @@ struct KeySet {
 pub struct Jwks {
     pub source: Source,
     keys: ArcSwap<KeySet>,
-    refresh_every: Duration,
+    /// `jwksRefreshSeconds` in milliseconds: the latest configuration's (a reload changes it).
+    refresh_every_ms: AtomicU64,
+    /// SHA-256 of the document the keys came from: a fetch of the same document changes nothing.
+    document: Mutex<[u8; 32]>,
     epoch: Instant,
     /// Milliseconds since `epoch` of the last fetch attempt and the last success.
     last_attempt_ms: AtomicU64,
@@ -68,7 +71,8 @@ impl std::fmt::Debug for Jwks {
 }
 
 /// Parses a JWKS document: RSA keys for RS256, P-256 EC keys for ES256; others are skipped.
-fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+/// With the document's SHA-256.
+fn parse_jwks(bytes: &[u8]) -> Result<(KeySet, [u8; 32]), String> {
     use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut out = KeySet { keys: HashMap::new(), unnamed: Vec::new() };
@@ -89,7 +93,7 @@ fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
     if out.keys.is_empty() && out.unnamed.is_empty() {
         return Err("no RS256 (RSA) or ES256 (P-256) key in the JWKS".into());
     }
-    Ok(out)
+    Ok((out, super::token_digest(bytes)))
 }
 
 type Registry = Mutex<HashMap<Source, Weak<Jwks>>>;
@@ -106,25 +110,26 @@ impl Jwks {
         let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
         reg.retain(|_, w| w.strong_count() > 0);
         if let Some(existing) = reg.get(&source).and_then(Weak::upgrade) {
+            existing.refresh_every_ms.store(refresh_every.as_millis() as u64, Ordering::Relaxed);
             if let Source::File(p) = &source {
                 // A reload re-reads the file: an edited JWKS takes effect with the configuration.
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                existing.keys.store(Arc::new(parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?));
-                existing.generation.fetch_add(1, Ordering::Relaxed);
+                existing.replace(parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?);
             }
             return Ok(existing);
         }
-        let keys = match &source {
+        let (keys, document) = match &source {
             Source::File(p) => {
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?
             }
-            Source::Url(_) => KeySet { keys: HashMap::new(), unnamed: Vec::new() },
+            Source::Url(_) => (KeySet { keys: HashMap::new(), unnamed: Vec::new() }, [0; 32]),
         };
         let jwks = Arc::new(Jwks {
             source: source.clone(),
             keys: ArcSwap::from_pointee(keys),
-            refresh_every,
+            refresh_every_ms: AtomicU64::new(refresh_every.as_millis() as u64),
+            document: Mutex::new(document),
             epoch: Instant::now(),
             last_attempt_ms: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(0),
@@ -133,6 +138,20 @@ impl Jwks {
         });
         reg.insert(source, Arc::downgrade(&jwks));
         Ok(jwks)
+    }
+
+    /// Takes the keys of a document read, unless it is the one held: verified tokens are
+    /// dropped (checked again) only when the keys changed, so an agent that makes keyswap
+    /// refetch (a token naming an unknown key) cannot make every agent's token be checked again.
+    fn replace(&self, (keys, document): (KeySet, [u8; 32])) -> bool {
+        let mut held = self.document.lock().unwrap_or_else(|e| e.into_inner());
+        if *held == document {
+            return false;
+        }
+        *held = document;
+        self.keys.store(Arc::new(keys));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn now_ms(&self) -> u64 {
@@ -160,10 +179,12 @@ impl Jwks {
         let fut = async move {
             let result = tokio::time::timeout(FETCH_TIMEOUT, this.fetch()).await;
             match result {
-                Ok(Ok(keys)) => {
-                    tracing::info!(jwks = %this.source, keys = keys.keys.len() + keys.unnamed.len(), "JWKS loaded");
-                    this.keys.store(Arc::new(keys));
-                    this.generation.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(read)) => {
+                    let keys = read.0.keys.len() + read.0.unnamed.len();
+                    match this.replace(read) {
+                        true => tracing::info!(jwks = %this.source, keys, "JWKS loaded"),
+                        false => tracing::debug!(jwks = %this.source, keys, "JWKS unchanged"),
+                    }
                     this.last_success_ms.store(this.now_ms().max(1), Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
@@ -179,7 +200,7 @@ impl Jwks {
         fut
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
+    async fn fetch(&self) -> Result<(KeySet, [u8; 32]), String> {
         let bytes = match &self.source {
             Source::File(p) => tokio::fs::read(p).await.map_err(|e| format!("cannot read {}: {e}", p.display()))?,
             Source::Url(u) => {
@@ -208,7 +229,7 @@ impl Jwks {
         }
         // Never fetched: the first request that needs a key fetches (and waits).
         let last = self.last_attempt_ms.load(Ordering::Relaxed);
-        if last == 0 || self.now_ms().saturating_sub(last) < self.refresh_every.as_millis() as u64 {
+        if last == 0 || self.now_ms().saturating_sub(last) < self.refresh_every_ms.load(Ordering::Relaxed) {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -262,7 +283,7 @@ impl std::fmt::Debug for JwtValidator {
 pub enum Verdict {
     Admitted(Identity),
     Rejected(Rejection),
-    /// Not a JWT at all: the next validator may know it.
+    /// Not a JWT at all, or one another issuer signed: the next validator may know it.
     NotJwt,
     /// The token names a key this source does not hold (yet): wait for a refetch, then retry.
     NeedKeys(Arc<Jwks>),
@@ -280,6 +301,19 @@ fn claim_str(v: Option<&serde_json::Value>) -> Option<&str> {
         },
         _ => None,
     }
+}
+
+/// The `iss` claim of a token, read without verifying it; `None` when it has none or the payload
+/// does not decode.
+fn unverified_issuer(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice::<Claims>(&bytes).ok()?.iss
 }
 
 impl JwtValidator {
@@ -330,6 +364,12 @@ impl JwtValidator {
 
     /// The verdict, and for an admitted token how long it may be cached (`exp` + leeway).
     fn verify_uncached(&self, text: &str) -> (Verdict, Option<u64>) {
+        // A token that names another issuer is left to the validator of that issuer, unverified:
+        // it never waits for this validator's keys (nor makes it refetch them), and costs no
+        // signature check here. (Naming this issuer proves nothing: the full check follows.)
+        if unverified_issuer(text).is_some_and(|iss| self.validation.iss.as_ref().is_some_and(|i| !i.contains(&iss))) {
+            return (Verdict::NotJwt, None);
+        }
         // An unknown or `none` algorithm does not parse: refused, never "not a JWT".
         let Ok(header) = jsonwebtoken::decode_header(text) else {
             return (Verdict::Rejected(Rejection::InvalidToken), None);
@@ -462,10 +502,49 @@ mod tests {
             {"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
             {"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
         ]}"#;
-        let set = parse_jwks(doc).unwrap();
+        let (set, _) = parse_jwks(doc).unwrap();
         assert_eq!(set.keys.keys().collect::<Vec<_>>(), ["e"]);
         let err = |doc: &[u8]| parse_jwks(doc).err().expect("refused");
         assert!(err(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).contains("no RS256"));
         assert!(err(b"<html>").contains("not a JWKS"));
+    }
+
+    const EC_DOC: &[u8] = br#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    /// The attack: an agent sends a token naming a key nobody has, every 5 s. Each makes keyswap
+    /// refetch the JWKS, and each refetch dropped every verified token: every agent's JWT was
+    /// checked again (an ES256 check costs ~240 µs). A refetch of the same document drops nothing.
+    #[test]
+    fn forcing_jwks_refetches_does_not_make_every_token_be_checked_again() {
+        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(300)).unwrap();
+        assert!(jwks.replace(parse_jwks(EC_DOC).unwrap()), "the first document is taken");
+        let generation = jwks.generation.load(Ordering::Relaxed);
+        assert!(!jwks.replace(parse_jwks(EC_DOC).unwrap()), "the same document again");
+        assert_eq!(jwks.generation.load(Ordering::Relaxed), generation);
+        let rotated = std::str::from_utf8(EC_DOC).unwrap().replace("\"kid\": \"e\"", "\"kid\": \"e2\"");
+        assert!(jwks.replace(parse_jwks(rotated.as_bytes()).unwrap()));
+        assert_eq!(jwks.generation.load(Ordering::Relaxed), generation + 1);
+        // A reload with a shorter `jwksRefreshSeconds` (to drop a withdrawn key sooner) applies to
+        // the source already shared, not only after a restart.
+        let again = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(30)).unwrap();
+        assert!(Arc::ptr_eq(&jwks, &again));
+        assert_eq!(jwks.refresh_every_ms.load(Ordering::Relaxed), 30_000);
+    }
+
+    /// A token another issuer signed is left to that issuer's validator: it never waits for this
+    /// validator's keys (a hung identity provider locked every other issuer's agents out).
+    #[test]
+    fn a_token_of_another_issuer_never_waits_for_this_validators_keys() {
+        use base64::Engine as _;
+        let jwks = Jwks::for_source(Source::Url("https://hung.invalid/jwks".into()), Duration::from_secs(300)).unwrap();
+        let v = JwtValidator { jwks: Some(jwks), hs256: None, ..validator() };
+        let b64 = |j: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(j.to_string());
+        let token = |iss: &str| {
+            let header = b64(serde_json::json!({"alg": "RS256", "kid": "unknown"}));
+            let claims = b64(serde_json::json!({"iss": iss, "aud": "keyswap", "sub": "a", "exp": unix_now() + 60}));
+            format!("{header}.{claims}.c2ln")
+        };
+        assert!(matches!(v.verify(token("https://idp").as_bytes()), Verdict::NeedKeys(_)), "its own issuer waits");
+        assert!(matches!(v.verify(token("https://other-idp").as_bytes()), Verdict::NotJwt));
     }
 }

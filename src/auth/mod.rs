@@ -254,6 +254,11 @@ pub fn single_value<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<&'
     std::str::from_utf8(first).ok()
 }
 
+/// The longest agent token read. A longer one is refused unread: every token is hashed (API
+/// keys, the JWT cache) before it is known to be anyone's, and Envoy lets headers grow to 60 KiB.
+/// Identity providers' JWTs run to a few KiB.
+pub const MAX_AGENT_TOKEN_BYTES: usize = 16 * 1024;
+
 /// SHA-256 of a token, as API-key Secrets store it (hex).
 pub fn token_digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
@@ -279,10 +284,13 @@ impl Chain {
         now: SystemTime,
     ) -> Admission<'_> {
         let mut rejection = Rejection::InvalidToken;
+        // An oversized token is nobody's: no validator hashes or parses it (it is still refused
+        // as invalid, never taken for an anonymous caller).
+        let readable = token.filter(|t| t.len() <= MAX_AGENT_TOKEN_BYTES);
         // Hashed once, and only when an API-key validator is reached.
         let mut digest = None;
         for v in &self.validators {
-            match (v, token) {
+            match (v, readable) {
                 (Validator::EdgeTrust(e), _) => {
                     if !e.trusts(peer) {
                         continue;
@@ -468,6 +476,25 @@ mod tests {
         assert!(matches!(admit(&o, None), Admission::Anonymous));
         assert!(matches!(admit(&o, Some(b"nope")), Admission::Rejected(_)), "a bad token is never anonymous");
         assert!(!format!("{:?}", c.validators).contains("team-token"));
+    }
+
+    /// The attack: tokens near Envoy's 60 KiB header limit, hashed (and looked up) on every
+    /// request before anyone knows whose they are. Refused unread, even one whose digest is an
+    /// agent's.
+    #[test]
+    fn a_token_over_16_kib_is_refused_unread() {
+        let huge = vec![b'k'; MAX_AGENT_TOKEN_BYTES + 1];
+        let mut c = chain(true);
+        if let Validator::SharedToken { digest, .. } = &mut c.validators[1] {
+            *digest = token_digest(&huge);
+        }
+        assert!(matches!(admit(&c, Some(&huge)), Admission::Rejected(Rejection::InvalidToken)));
+        assert!(matches!(admit(&c, Some(&huge[1..])), Admission::Rejected(Rejection::InvalidToken)));
+        let fits = vec![b'k'; MAX_AGENT_TOKEN_BYTES];
+        if let Validator::SharedToken { digest, .. } = &mut c.validators[1] {
+            *digest = token_digest(&fits);
+        }
+        assert!(matches!(admit(&c, Some(&fits)), Admission::Admitted(_)));
     }
 
     #[test]

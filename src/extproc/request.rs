@@ -41,6 +41,8 @@ pub fn on_request_headers(
     if matches!(resume, Resume::First) {
         Metrics::inc(&shared.metrics.requests);
     }
+    // After a JWKS refetch, a key still unknown is refused, never waited for again.
+    let refetched = matches!(resume, Resume::Keys);
     let (fetched, held) = match resume {
         Resume::Token(t, held) => (Some(t), held),
         Resume::First | Resume::Keys => (None, Places::default()),
@@ -62,6 +64,7 @@ pub fn on_request_headers(
             Admission::Admitted(id) => (req.identity, req.agent_token) = (Some(id), presented),
             Admission::Anonymous => {}
             Admission::Rejected(r) => return req.unauthenticated(&r),
+            Admission::NeedKeys(_) if refetched => return req.unauthenticated(&crate::auth::Rejection::InvalidToken),
             Admission::NeedKeys(jwks) => return Step::Wait(Wait::Keys(jwks)),
         }
     }
