@@ -325,6 +325,7 @@ fn span(c: &mut Criterion) {
         error: None,
         identity: None,
         tenant_label: None,
+        root_trace_id: keyswap::telemetry::span::random_trace_id(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let sink = Sink::new(Arc::default(), Some(tx));

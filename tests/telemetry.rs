@@ -924,6 +924,13 @@ async fn a_quarter_ratio_exports_about_a_quarter_and_reads_only_their_bodies() {
     let Sampled { spans, body_messages, .. } = sampled_spans(&sampler, 200, |_| None).await;
     // Binomial(200, 0.25): mean 50, standard deviation 6.1; this range is ±4 of them.
     assert!((26..=74).contains(&spans.len()), "{} of 200 sampled at 0.25", spans.len());
+    // Each exported root's trace id is one the ratio admits (its low 8 bytes under a quarter of
+    // 2^64): the id the sampler decided on, so a collector or service sampling by the same ratio
+    // keeps the same traces. (It was a second random id: three in four broke the rule.)
+    for (_, span) in &spans {
+        let low = u64::from_be_bytes(span.trace_id[8..16].try_into().unwrap());
+        assert!((low as f64) < 0.25 * u64::MAX as f64, "trace id {:02x?} is not under the ratio", span.trace_id);
+    }
     // The sampled ones read their response bodies (usage), asked for per request: the other
     // three quarters cost no body messages (at most two per read response: data, end of stream;
     // the marker is the one more).

@@ -136,8 +136,9 @@ impl<'a> Incoming<'a> {
         }
     }
 
-    /// Whether this request gets a span: tracing is on and the sampler says so.
-    fn sampled(&self) -> bool {
+    /// Whether this request gets a span (tracing is on and the sampler says so), and the trace
+    /// id the sampler decided on.
+    fn sampled(&self) -> Option<crate::telemetry::span::TraceId> {
         self.shared.sink.sampled(find(self.headers, "traceparent"))
     }
 
@@ -157,6 +158,7 @@ impl<'a> Incoming<'a> {
     /// Starts the span of this request on `route`; returns it with the `traceparent` to send on.
     fn span(
         &self,
+        root_trace_id: crate::telemetry::span::TraceId,
         route: SpanRoute<'_>,
         injected: bool,
         smuggled: bool,
@@ -189,6 +191,7 @@ impl<'a> Incoming<'a> {
             error,
             identity,
             tenant_label: self.snapshot.agent_auth.as_ref().zip(identity).map(|(c, id)| c.counters.label(id)),
+            root_trace_id,
         };
         let pairs: Vec<(&str, &[u8])> = self.pairs_iter().collect();
         Transaction::start(&s, &pairs, &self.snapshot.capture)
@@ -204,8 +207,8 @@ impl<'a> Incoming<'a> {
         body: &serde_json::Value,
         details: &str,
     ) -> Step {
-        let tx = self.sampled().then(|| {
-            let mut tx = Box::new(self.span(route, false, false, Some(error)).0);
+        let tx = self.sampled().map(|id| {
+            let mut tx = Box::new(self.span(id, route, false, false, Some(error)).0);
             tx.answered(status);
             tx
         });
@@ -288,8 +291,8 @@ impl<'a> Incoming<'a> {
     fn in_flight_limited(&self, entry: SpanRoute<'_>, l: &crate::budget::Limited) -> Step {
         let route = entry.map_or("-", |e| &*e.route);
         tracing::debug!(route, budget = %l.budget, limit = l.limit, "requests in flight at the budget's concurrentRequests; answering 429");
-        let tx = self.sampled().then(|| {
-            let mut tx = Box::new(self.span(entry, false, false, Some("budget_exhausted")).0);
+        let tx = self.sampled().map(|id| {
+            let mut tx = Box::new(self.span(id, entry, false, false, Some("budget_exhausted")).0);
             tx.on_budget("limited", Some(&l.budget), None, Some(("budget_exhausted", 429)));
             tx.answered(429);
             tx
@@ -496,8 +499,8 @@ impl<'a> Incoming<'a> {
         let whole = sign.is_some() || (budget.as_ref().is_some_and(|b| b.reads_bodies()) && self.has_body);
         let body_mode = if whole { mutation::RequestBody::Whole } else { mutation::RequestBody::None };
         let mut extra: Vec<(&str, &[u8])> = signed.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-        let (tx, traceparent) = if self.sampled() {
-            let (tx, traceparent) = self.span(Some(entry), true, !plan.smuggled.is_empty(), None);
+        let (tx, traceparent) = if let Some(id) = self.sampled() {
+            let (tx, traceparent) = self.span(id, Some(entry), true, !plan.smuggled.is_empty(), None);
             (Some(Box::new(tx)), traceparent)
         } else {
             (None, String::new())

@@ -390,7 +390,7 @@ pub(super) fn decide_headers(
     let (guard, snapshot) = (shared.tunnel.clone(), shared.store.load_full());
     let token = snapshot.agent_auth.as_ref().and_then(|_| proxy_token(headers));
     let sampled = shared.sink.sampled(find(headers, "traceparent"));
-    let owned: Option<Headers> = (sampled || snapshot.agent_auth.is_some())
+    let owned: Option<Headers> = (sampled.is_some() || snapshot.agent_auth.is_some())
         .then(|| headers.iter().map(|h| (h.key.clone(), header_bytes(h).to_vec())).collect());
     async move {
         let admitted = match &owned {
@@ -404,9 +404,9 @@ pub(super) fn decide_headers(
                 Err((Refusal::Unauthenticated(r), None))
             }
         };
-        let traced = owned.filter(|_| sampled);
-        if let (Err((refusal, _)), Some(headers)) = (&decision, traced) {
-            refusal_span(&shared, &snapshot, &authority, *refusal, &headers);
+        let traced = owned.zip(sampled);
+        if let (Err((refusal, _)), Some((headers, trace_id))) = (&decision, traced) {
+            refusal_span(&shared, &snapshot, &authority, (*refusal, trace_id), &headers);
         }
         answer(&shared, &authority, decision)
     }
@@ -414,7 +414,13 @@ pub(super) fn decide_headers(
 
 /// The span of a refused tunnel: `CONNECT host:port`, keyswap's status and the refusal as
 /// `error.type`; no route, no body.
-fn refusal_span(shared: &Shared, snapshot: &Snapshot, authority: &str, refusal: Refusal, headers: &Headers) {
+fn refusal_span(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    authority: &str,
+    (refusal, root_trace_id): (Refusal, crate::telemetry::span::TraceId),
+    headers: &Headers,
+) {
     let host = target(authority).map(|(h, _)| h);
     let start = crate::telemetry::span::Start {
         provider: None,
@@ -432,6 +438,7 @@ fn refusal_span(shared: &Shared, snapshot: &Snapshot, authority: &str, refusal: 
         error: Some(refusal.reason()),
         identity: None,
         tenant_label: None,
+        root_trace_id,
     };
     let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
     let (mut tx, _) = crate::telemetry::span::Transaction::start(&start, &pairs, &snapshot.capture);

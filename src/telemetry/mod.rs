@@ -358,13 +358,15 @@ impl Sink {
         Sink { sampler, ..self }
     }
 
-    /// Whether the transaction whose agent sent `traceparent` (if any) gets a span.
-    pub fn sampled(&self, traceparent: Option<&str>) -> bool {
-        if self.tx.is_none() {
-            return false;
-        }
+    /// Whether the transaction whose agent sent `traceparent` (if any) gets a span: `Some` with
+    /// the trace id its span takes when it starts a trace (no valid parent) — the id the sampler
+    /// decided on, so that a ratio sampler's rule holds for the exported id (downstream samplers
+    /// with the same ratio decide alike).
+    pub fn sampled(&self, traceparent: Option<&str>) -> Option<span::TraceId> {
+        self.tx.as_ref()?;
         let parent = traceparent.and_then(span::parse_traceparent).map(|(t, _, flags)| (t, flags));
-        self.sampler.sampled(parent, span::random_trace_id)
+        let root = span::random_trace_id();
+        self.sampler.sampled(parent, || root).then_some(root)
     }
 
     /// Whether spans are recorded at all.

@@ -35,6 +35,9 @@ pub struct Start<'a> {
     pub identity: Option<&'a crate::auth::Identity>,
     /// The caller's tenant as metrics label it (bounded: `metricsTenants` or "other").
     pub tenant_label: Option<std::sync::Arc<str>>,
+    /// The trace id when the span starts a trace (no valid `traceparent`): the one the sampler
+    /// decided on ([`super::Sink::sampled`]).
+    pub root_trace_id: TraceId,
 }
 
 pub type TraceId = [u8; 16];
@@ -281,7 +284,7 @@ impl Transaction {
         // W3C reserves zeroed rather than passed upstream and into the span.
         let (trace_id, parent, flags) = match find("traceparent").and_then(parse_traceparent) {
             Some((t, p, f)) => (t, Some(p), (f & FLAG_RANDOM) | FLAG_SAMPLED),
-            None => (random_trace_id(), None, FLAG_SAMPLED),
+            None => (s.root_trace_id, None, FLAG_SAMPLED),
         };
         let span_id = nonzero_random().to_be_bytes();
         let tracestate = find("tracestate").filter(|v| parent.is_some() && valid_tracestate(v)).map(str::to_owned);
@@ -493,10 +496,16 @@ impl Transaction {
                 self.request_model = crate::provider::usage::request_model(&buf.into_bytes());
             }
         }
-        let info: ResponseInfo = match self.usage.take() {
+        let mut info: ResponseInfo = match self.usage.take() {
             Some(Borrowed::Got(info)) => info,
             _ => self.parser.as_mut().map(|p| p.finish()).unwrap_or_default(),
         };
+        // The model the upstream names is its text like any other: one that carries a live
+        // secret (an upstream echoing the key where the model goes) is dropped, never a span
+        // attribute or a metric label on the unauthenticated `/metrics`.
+        if info.model.as_deref().is_some_and(|m| secrets.iter().any(|s| crate::scrub::contains(m.as_bytes(), s))) {
+            info.model = None;
+        }
         let mut out = std::mem::take(&mut self.encoded);
         let buf = &mut out;
         let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
@@ -611,6 +620,7 @@ mod tests {
             error: None,
             identity: None,
             tenant_label: None,
+            root_trace_id: random_trace_id(),
         };
         Transaction::start(&s, headers, &std::sync::Arc::new(capture))
     }
@@ -684,6 +694,26 @@ mod tests {
         let (input, output) = metrics.tokens("anthropic", "m").unwrap();
         assert_eq!(input, u64::MAX);
         assert!(output >= i64::MAX as u64, "{output}");
+    }
+
+    /// The attack: the agent names no model and the upstream answers with the key where the
+    /// model goes. The response's model was the one text from a response keyswap did not scrub,
+    /// and it became a span attribute and a label on `/metrics`.
+    #[test]
+    fn an_upstream_echoing_the_key_as_the_model_puts_it_in_no_span_or_metric() {
+        const KEY: &[u8] = b"sk-ant-REAL-echoed-0001";
+        let mut tx = start(CapturePolicy::default());
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        tx.on_response_body(br#"{"model":"sk-ant-REAL-echoed-0001","usage":{"input_tokens":3,"output_tokens":4}}"#);
+        let (send, mut recv) = tokio::sync::mpsc::channel(1);
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+        tx.finish(&Sink::new(metrics.clone(), Some(send)), &[KEY]);
+        let encoded = recv.try_recv().unwrap();
+        assert!(!encoded.windows(KEY.len()).any(|w| w == KEY), "the key is in the span");
+        let span = Span::decode(&encoded[..]).unwrap();
+        assert!(!span.attributes.iter().any(|a| a.key == "gen_ai.response.model"));
+        assert!(metrics.tokens("anthropic", "sk-ant-REAL-echoed-0001").is_none());
+        assert_eq!(metrics.tokens("anthropic", "unknown"), Some((3, 4)), "the call is still counted");
     }
 
     /// The attack: a request body that grows when a viewer's attributes are made from it:
