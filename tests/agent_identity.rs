@@ -53,6 +53,18 @@ fn anthropic_byok(selector: &str) -> String {
     )
 }
 
+/// The anthropic route and its policy, writing `DEFAULT_KEY` for everyone admitted.
+fn anthropic_default_key() -> String {
+    format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: anthropic}}\nspec:\n  \
+         parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: anthropic}}]}}]\n---\n\
+         apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: anthropic-key}}\nspec:\n  \
+         parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]\n  secretRef: {{name: anthropic-default}}\n  \
+         target: Header\n---\n{}",
+        secret_manifest("anthropic-default", "token", DEFAULT_KEY)
+    )
+}
+
 /// `keyswap token create`, as an operator runs it: the token on stdout, the Secret in `out`.
 fn create_token(out: &Path, agent: &str, tenant: &str) -> String {
     create_token_with(out, agent, tenant, &[])
@@ -727,24 +739,9 @@ spec:
     - name: idp
       jwt: {{issuer: "{ISSUER}", audiences: [keyswap], jwksFile: "{}"}}
 ---
-apiVersion: keyswap.dev/v1alpha1
-kind: AIProviderRoute
-metadata: {{name: anthropic}}
-spec:
-  parentRefs: [{{name: egress}}]
-  rules: [{{matches: [{{provider: anthropic}}]}}]
----
-apiVersion: keyswap.dev/v1alpha1
-kind: CredentialInjectionPolicy
-metadata: {{name: anthropic-key}}
-spec:
-  parentRefs: [{{kind: AIProviderRoute, name: anthropic}}]
-  secretRef: {{name: anthropic-default}}
-  target: Header
----
 {}"#,
         jwks.display(),
-        secret_manifest("anthropic-default", "token", DEFAULT_KEY)
+        anthropic_default_key()
     );
     std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -779,4 +776,63 @@ spec:
     let (r, took) = ask(&mut c, &sign("k9", "https://hung.test")).await;
     assert_eq!(immediate(&r).status.as_ref().unwrap().code, 401);
     assert!(took >= Duration::from_secs(3), "it did not wait for the fetch: {took:?}");
+}
+
+/// An operator removes a compromised signing key from the `jwksFile`. Nothing else changed, so
+/// no manifest reload ran, and tokens signed with that key (cached as verified) kept being
+/// admitted until a restart. The file is read again every second while tokens are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
+    use common::grpc::{self, mutation, set_value};
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().to_str().unwrap();
+    let (k1, k2) = (jwt_tool(&["keygen", kd, "k1", "rsa"]), jwt_tool(&["keygen", kd, "k2", "rsa"]));
+    let config = tempfile::tempdir().unwrap();
+    // Outside the watched directory, as a mounted file would be: no event reaches the watch.
+    let jwks_dir = tempfile::tempdir().unwrap();
+    let jwks = jwks_dir.path().join("jwks.json");
+    std::fs::write(&jwks, format!("{{\"keys\": [{k1}, {k2}]}}")).unwrap();
+    let gateway = format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    \
+         validators: [{{jwt: {{issuer: \"{ISSUER}\", audiences: [keyswap], jwksFile: \"{}\"}}}}]\n---\n{}",
+        jwks.display(),
+        anthropic_default_key()
+    );
+    std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let grpc_port = free_port();
+    let listen = format!("127.0.0.1:{grpc_port}");
+    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
+    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
+    let token =
+        |kid: &str| format!("Bearer {}", jwt_tool(&["sign", "RS256", &format!("{kd}/{kid}.key.pem"), kid, &claims]));
+    let (t1, t2) = (token("k1"), token("k2"));
+    let ask = async |c: &mut grpc::Client, bearer: &str| {
+        let pairs = [
+            (":method", "POST"),
+            (":authority", "api.anthropic.com"),
+            (":path", "/v1/messages"),
+            ("authorization", bearer),
+        ];
+        grpc::exchange(c, vec![grpc::headers(&pairs)]).await.pop().expect("an answer").expect("a decision")
+    };
+    for t in [&t1, &t2] {
+        let r = ask(&mut c, t).await;
+        assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+    }
+    std::fs::write(&jwks, format!("{{\"keys\": [{k2}]}}")).unwrap();
+    let since = Instant::now();
+    loop {
+        let r = ask(&mut c, &t1).await;
+        if matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+        {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "the removed key still admits after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("removed key refused after {:?}", since.elapsed());
+    let r = ask(&mut c, &t2).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "the kept key still admits");
 }

@@ -22,6 +22,9 @@ use super::{Identity, Rejection};
 pub const REFETCH_COOLDOWN: Duration = Duration::from_secs(5);
 /// How long a request waits for a JWKS refetch.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a `jwksFile` is read again while tokens are checked against it: a key removed from
+/// the file stops admitting within this, whether or not anything else reloads.
+pub const FILE_RECHECK: Duration = Duration::from_secs(1);
 /// The largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -131,7 +134,8 @@ impl Jwks {
             refresh_every_ms: AtomicU64::new(refresh_every.as_millis() as u64),
             document: Mutex::new(document),
             epoch: Instant::now(),
-            last_attempt_ms: AtomicU64::new(0),
+            // A file was just read; a URL is fetched by the first request that needs a key.
+            last_attempt_ms: AtomicU64::new(matches!(source, Source::File(_)) as u64),
             last_success_ms: AtomicU64::new(0),
             inflight: Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -222,14 +226,16 @@ impl Jwks {
         parse_jwks(&bytes)
     }
 
-    /// Starts a background refresh when the keys are older than the refresh interval.
+    /// Starts a background refresh when the keys are older than the refresh interval (a file's:
+    /// [`FILE_RECHECK`]; reading it again changes nothing unless its content did).
     fn refresh_if_stale(self: &Arc<Self>) {
-        if matches!(self.source, Source::File(_)) {
-            return;
-        }
+        let every = match self.source {
+            Source::File(_) => FILE_RECHECK.as_millis() as u64,
+            Source::Url(_) => self.refresh_every_ms.load(Ordering::Relaxed),
+        };
         // Never fetched: the first request that needs a key fetches (and waits).
         let last = self.last_attempt_ms.load(Ordering::Relaxed);
-        if last == 0 || self.now_ms().saturating_sub(last) < self.refresh_every_ms.load(Ordering::Relaxed) {
+        if last == 0 || self.now_ms().saturating_sub(last) < every {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

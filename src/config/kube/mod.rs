@@ -493,21 +493,64 @@ fn collect(
     for b in budgets.state() {
         objects.push(Object { origin: origin(), key: key(b.meta()), resource: Resource::Budget(b.spec.clone()) });
     }
-    let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
-    for w in secrets.values() {
-        for s in w.store.state() {
-            by_key.insert(key(s.meta()), s);
-        }
-    }
-    for (k, s) in by_key {
+    for (k, s) in newest_secrets(secrets.values().map(|w| w.store.state())) {
         objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) });
     }
     Ok(objects)
 }
 
+/// One copy of each Secret from watches that overlap (the house key is watched by name and by
+/// its namespace's watch when a policy templates tenants' Secrets there): the newest by
+/// `resourceVersion`, whatever order the watches come in. A watch that lags (relisting after an
+/// outage) could otherwise put an old key back over a rotation.
+fn newest_secrets(watches: impl Iterator<Item = Vec<Arc<Secret>>>) -> BTreeMap<Key, Arc<Secret>> {
+    let key = |m: &kube::core::ObjectMeta| {
+        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+    };
+    // etcd's revisions: decimal numbers, compared as such (by length, then digits).
+    let version = |s: &Secret| {
+        let v = s.metadata.resource_version.as_deref().unwrap_or("");
+        (v.len(), v.to_owned())
+    };
+    let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
+    for s in watches.flatten() {
+        match by_key.entry(key(s.meta())) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(s);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                if version(&s) > version(e.get()) {
+                    e.insert(s);
+                }
+            }
+        }
+    }
+    by_key
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two watches hold one Secret: the one that lags (relisting after an outage) has the key
+    /// before its rotation. Whichever order the watches come in, the rotated key is taken.
+    #[test]
+    fn a_lagging_watch_never_puts_an_old_key_back_over_a_rotation() {
+        let secret = |rv: &str, value: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some("anthropic".into());
+            s.metadata.namespace = Some("egress".into());
+            s.metadata.resource_version = Some(rv.into());
+            s.string_data = Some([("token".to_owned(), value.to_owned())].into());
+            Arc::new(s)
+        };
+        let (old, new) = (secret("998", "sk-old"), secret("1002", "sk-new"));
+        for watches in [vec![vec![old.clone()], vec![new.clone()]], vec![vec![new.clone()], vec![old.clone()]]] {
+            let merged = newest_secrets(watches.into_iter());
+            let got = &merged[&Key::new("egress", "anthropic")];
+            assert_eq!(got.metadata.resource_version.as_deref(), Some("1002"));
+        }
+    }
 
     fn store_of<K>(objects: Vec<K>) -> Store<K>
     where
