@@ -432,14 +432,22 @@ fn take_str(map: &mut serde_yaml_ng::Mapping, field: &str) -> Result<String, Con
 }
 
 /// Deserializes a non-secret value, reporting the full path of the offending field. The values of
-/// [`SECRET_FIELDS`] (collector credentials written inline) are never quoted.
+/// [`SECRET_FIELDS`] (collector credentials written inline) are never quoted; elsewhere a value
+/// of the wrong type or an unknown variant is not quoted either (a key pasted where a
+/// `secretRef`, a Redis store or a `target` goes), while the names the parser expected are.
 fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { prefix.to_owned() } else { format!("{prefix}.{path}") };
         let message = e.into_inner().to_string();
+        let quotes_a_value =
+            ["invalid type", "invalid value", "unknown variant"].iter().any(|p| message.starts_with(p));
         let message = match SECRET_FIELDS.iter().any(|f| field.starts_with(f)) {
             true => unquoted(&message),
+            false if quotes_a_value => match message.split_once(", expected") {
+                Some((value, expected)) => format!("{}, expected{expected}", unquoted(value)),
+                None => unquoted(&message),
+            },
             false => message,
         };
         ConfigError::new(message).field(field)
@@ -453,8 +461,12 @@ const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];
 fn unquoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut open: Option<char> = None;
+    let mut escaped = false;
     for c in message.chars() {
         match open {
+            // `\"` inside a quoted value (a Debug-escaped quote) does not end it.
+            Some(_) if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
             Some(q) if c == q => {
                 out.push('…');
                 out.push(c);
@@ -711,6 +723,37 @@ mod tests {
             assert!(!e.contains("s3cret") && !e.contains("12345678"), "error text leaks a value: {e}");
             assert!(e.contains(field), "{e}");
         }
+    }
+
+    /// The mistake: the key itself pasted where its reference goes (`secretRef`, a Redis store)
+    /// or where a name goes (`target`). The error said `invalid type: string "sk-ant-…"` into
+    /// the log and `keyswap check`'s output. It names the field and what was expected, not the
+    /// value; a `\"` inside a quoted value no longer ends the redaction early.
+    #[test]
+    fn a_key_pasted_where_a_reference_or_a_name_goes_is_never_quoted_back() {
+        let policy = |rest: &str| {
+            format!(
+                "apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: p}}\n\
+                 spec:\n  parentRefs: [{{name: r, kind: AIProviderRoute}}]\n{rest}\n"
+            )
+        };
+        for (text, expected) in [
+            (policy("  secretRef: sk-ant-api03-s3cret\n  target: Header"), "expected struct"),
+            (policy("  secretRef: {name: s}\n  target: sk-ant-api03-s3cret"), "expected one of `Header`"),
+            (
+                "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: g}\n\
+                 spec: {budgetStore: {redis: 'rediss://:s3cret@redis:6379'}}\n"
+                    .into(),
+                "expected",
+            ),
+        ] {
+            let (_, errs) = parse(&text);
+            assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+            let e = errs[0].to_string();
+            assert!(!e.contains("s3cret") && e.contains(expected), "{e}");
+        }
+        let escaped = unquoted(r#"invalid type: string "pa\"ss-s3cret", expected a map"#);
+        assert!(!escaped.contains("s3cret"), "{escaped}");
     }
 
     #[test]

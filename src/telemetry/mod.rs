@@ -11,6 +11,7 @@ pub mod otlp_metrics;
 mod queue;
 pub mod sample;
 pub mod span;
+pub mod trace_context;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 //! to the exporter task when it ends. The request path appends to one buffer and `try_send`s.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::time::SystemTime;
 
 use super::capture::{Capture, CapturePolicy};
@@ -40,103 +39,8 @@ pub struct Start<'a> {
     pub root_trace_id: TraceId,
 }
 
-pub type TraceId = [u8; 16];
-pub type SpanId = [u8; 8];
-
-/// An agent's `traceparent`, when valid (W3C Trace Context, version 00): trace id, parent span
-/// id, trace flags.
-pub fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, u8)> {
-    let mut parts = v.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
-        return None;
-    }
-    if version == "00" && parts.next().is_some() {
-        return None;
-    }
-    let mut t = [0u8; 16];
-    let mut s = [0u8; 8];
-    let mut f = [0u8; 1];
-    (from_hex(version, &mut [0u8; 1]) && from_hex(trace, &mut t) && from_hex(span, &mut s) && from_hex(flags, &mut f))
-        .then_some(())?;
-    (t != [0; 16] && s != [0; 8]).then_some((t, s, f[0]))
-}
-
-/// Lowercase hex only, as W3C Trace Context requires.
-fn from_hex(s: &str, out: &mut [u8]) -> bool {
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    if s.len() != out.len() * 2 {
-        return false;
-    }
-    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
-        match (digit(pair[0]), digit(pair[1])) {
-            (Some(h), Some(l)) => *o = h << 4 | l,
-            _ => return false,
-        }
-    }
-    true
-}
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-}
-
-/// A `tracestate` worth forwarding into the span: W3C's size limit, printable ASCII, `key=value`
-/// members.
-fn valid_tracestate(v: &str) -> bool {
-    v.len() <= 512
-        && v.bytes().all(|b| (0x20..0x7f).contains(&b))
-        && v.split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .all(|m| m.split_once('=').is_some_and(|(k, _)| !k.is_empty()))
-}
-
-/// Random ids for spans and traces: SplitMix64 per thread, seeded from the standard library's
-/// per-process random keys. Unique, not secret.
-fn random_u64() -> u64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            use std::hash::{BuildHasher as _, Hasher as _};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
-            h.finish()
-        });
-    }
-    STATE.with(|s| {
-        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-        s.set(x);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
-}
-
-/// A random trace id (what a root span gets).
-pub fn random_trace_id() -> TraceId {
-    let mut t = [0u8; 16];
-    t[..8].copy_from_slice(&nonzero_random().to_be_bytes());
-    t[8..].copy_from_slice(&random_u64().to_be_bytes());
-    t
-}
-
-fn nonzero_random() -> u64 {
-    loop {
-        let v = random_u64();
-        if v != 0 {
-            return v;
-        }
-    }
-}
+use super::trace_context::{nonzero_random, push_hex, valid_tracestate};
+pub use super::trace_context::{parse_traceparent, random_trace_id, SpanId, TraceId};
 
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
@@ -489,6 +393,21 @@ impl Transaction {
 
     /// Ends the span (at the time [`Transaction::mark_ended`] took, or now) and hands it to the
     /// exporter; records usage metrics.
+    /// What the response said (model, usage): the budget's reading when it lent one, else this
+    /// span's. The model the upstream names is its text like any other: one that carries a live
+    /// secret (an upstream echoing the key where the model goes) is dropped, never a span
+    /// attribute or a metric label on the unauthenticated `/metrics`.
+    fn response_info(&mut self, secrets: &[&[u8]]) -> ResponseInfo {
+        let mut info: ResponseInfo = match self.usage.take() {
+            Some(Borrowed::Got(info)) => info,
+            _ => self.parser.as_mut().map(|p| p.finish()).unwrap_or_default(),
+        };
+        if info.model.as_deref().is_some_and(|m| secrets.iter().any(|s| crate::scrub::contains(m.as_bytes(), s))) {
+            info.model = None;
+        }
+        info
+    }
+
     pub fn finish(mut self, sink: &Sink, secrets: &[&[u8]]) {
         let end = self.ended.unwrap_or_else(|| unix_nanos(SystemTime::now()));
         if self.request_model.is_none() {
@@ -496,16 +415,7 @@ impl Transaction {
                 self.request_model = crate::provider::usage::request_model(&buf.into_bytes());
             }
         }
-        let mut info: ResponseInfo = match self.usage.take() {
-            Some(Borrowed::Got(info)) => info,
-            _ => self.parser.as_mut().map(|p| p.finish()).unwrap_or_default(),
-        };
-        // The model the upstream names is its text like any other: one that carries a live
-        // secret (an upstream echoing the key where the model goes) is dropped, never a span
-        // attribute or a metric label on the unauthenticated `/metrics`.
-        if info.model.as_deref().is_some_and(|m| secrets.iter().any(|s| crate::scrub::contains(m.as_bytes(), s))) {
-            info.model = None;
-        }
+        let info = self.response_info(secrets);
         let mut out = std::mem::take(&mut self.encoded);
         let buf = &mut out;
         let mut attr = |key: &str, value: Value<'_>| otlp::attribute(buf, field::ATTRIBUTES, &[key], value);
