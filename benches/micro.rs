@@ -513,7 +513,8 @@ fn metrics(c: &mut Criterion) {
         model: "claude-sonnet-4-5",
         answered: true,
         tenant: "",
-        tokens: Some((12, 700)),
+        error: 0,
+        tokens: (Some(12), Some(700)),
         duration_s: 0.4,
         first_chunk_s: Some(0.05),
     };

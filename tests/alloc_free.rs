@@ -66,7 +66,8 @@ fn recording_metrics_on_the_request_path_allocates_nothing() {
         model: "claude-sonnet-4-5",
         answered: true,
         tenant: "team-a",
-        tokens: Some((12, 700)),
+        error: 0,
+        tokens: (Some(12), Some(700)),
         duration_s: 0.4,
         first_chunk_s: Some(0.05),
     };

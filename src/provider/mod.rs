@@ -38,8 +38,13 @@ pub struct Endpoint {
 
 #[derive(Debug)]
 pub struct Provider {
-    /// The name used in `AIProviderRoute.spec.rules[].matches[].provider` and in telemetry.
+    /// The name used in `AIProviderRoute.spec.rules[].matches[].provider` and in keyswap's own
+    /// telemetry (`keyswap.*`, budgets).
     pub name: &'static str,
+    /// `gen_ai.provider.name` as the GenAI semantic conventions spell it (`aws.bedrock`,
+    /// `azure.ai.openai`, …; `_OTHER` for an upstream they do not name), on spans and the
+    /// `gen_ai_*` metrics, so that backends group keyswap's calls with other clients'.
+    pub otel_name: &'static str,
     /// Hosts matched when a route names the provider but lists no hosts. `*` matches one DNS label.
     pub default_hosts: &'static [&'static str],
     /// The header a `target: Header` policy writes when it names none. `None`: the policy must say.
@@ -89,6 +94,7 @@ const OPENAI_ENDPOINTS: &[Endpoint] = &[
 pub const REGISTRY: &[Provider] = &[
     Provider {
         name: "openai",
+        otel_name: "openai",
         default_hosts: &["api.openai.com"],
         default_header: Some(HeaderCredential { name: "authorization", prefix: "Bearer " }),
         credential_query_params: &[],
@@ -100,17 +106,22 @@ pub const REGISTRY: &[Provider] = &[
     },
     Provider {
         name: "anthropic",
+        otel_name: "anthropic",
         default_hosts: &["api.anthropic.com"],
         default_header: Some(HeaderCredential { name: "x-api-key", prefix: "" }),
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
-        endpoints: &[Endpoint { path: "/v1/messages", operation: "chat" }],
+        endpoints: &[
+            Endpoint { path: "/v1/messages", operation: "chat" },
+            Endpoint { path: "/v1/chat/completions", operation: "chat" },
+        ],
         unmetered: &["/v1/messages/batches"],
         scrub_bodies_by_default: false,
         wildcard_label: None,
     },
     Provider {
         name: "google",
+        otel_name: "gcp.gen_ai",
         default_hosts: &["generativelanguage.googleapis.com"],
         default_header: Some(HeaderCredential { name: "x-goog-api-key", prefix: "" }),
         credential_query_params: &["key"],
@@ -119,6 +130,10 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/*:generateContent", operation: "generate_content" },
             Endpoint { path: "/*:streamGenerateContent", operation: "generate_content" },
             Endpoint { path: "/*:embedContent", operation: "embeddings" },
+            // The OpenAI-compatible endpoints (Gemini API and Vertex) and the Interactions API.
+            Endpoint { path: "/*/chat/completions", operation: "chat" },
+            Endpoint { path: "/*/embeddings", operation: "embeddings" },
+            Endpoint { path: "/*/interactions", operation: "chat" },
         ],
         // Lowercase, as every `unmetered` glob: paths are compared lowercased.
         unmetered: &["/*:batchgeneratecontent", "/*:asyncbatchembedcontent", "/*:predictlongrunning"],
@@ -127,6 +142,7 @@ pub const REGISTRY: &[Provider] = &[
     },
     Provider {
         name: "azure-openai",
+        otel_name: "azure.ai.openai",
         default_hosts: &["*.openai.azure.com", "*.cognitiveservices.azure.com"],
         default_header: Some(HeaderCredential { name: "api-key", prefix: "" }),
         credential_query_params: &["api-key"],
@@ -136,6 +152,8 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/openai/deployments/*/embeddings", operation: "embeddings" },
             Endpoint { path: "/openai/v1/chat/completions", operation: "chat" },
             Endpoint { path: "/openai/v1/responses", operation: "chat" },
+            Endpoint { path: "/openai/deployments/*/completions", operation: "text_completion" },
+            Endpoint { path: "/openai/v1/embeddings", operation: "embeddings" },
         ],
         // Both API shapes: `/openai/…` with `api-version`, and `/openai/v1/…`.
         unmetered: &[
@@ -156,6 +174,7 @@ pub const REGISTRY: &[Provider] = &[
     },
     Provider {
         name: "bedrock",
+        otel_name: "aws.bedrock",
         default_hosts: &["bedrock-runtime.*.amazonaws.com"],
         // Bedrock API keys are bearer tokens; SigV4 is `target: ProviderAuth`.
         default_header: Some(HeaderCredential { name: "authorization", prefix: "Bearer " }),
@@ -166,6 +185,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/model/*/converse-stream", operation: "chat" },
             Endpoint { path: "/model/*/invoke", operation: "chat" },
             Endpoint { path: "/model/*/invoke-with-response-stream", operation: "chat" },
+            Endpoint { path: "/openai/v1/chat/completions", operation: "chat" },
         ],
         unmetered: &["/async-invoke", "/model/*/invoke-with-bidirectional-stream", "/model-invocation-job"],
         scrub_bodies_by_default: false,
@@ -173,6 +193,7 @@ pub const REGISTRY: &[Provider] = &[
     },
     Provider {
         name: "custom",
+        otel_name: "_OTHER",
         default_hosts: &[],
         default_header: None,
         credential_query_params: &[],
@@ -384,5 +405,14 @@ mod tests {
         assert_eq!(openai.operation("/v1/files"), None);
         let google = lookup("google").unwrap();
         assert_eq!(google.operation("/v1beta/models/gemini:streamGenerateContent"), Some("generate_content"));
+        // The OpenAI-compatible endpoints and Gemini's Interactions API are GenAI calls too.
+        assert_eq!(google.operation("/v1beta/openai/chat/completions"), Some("chat"));
+        assert_eq!(google.operation("/v1beta/interactions"), Some("chat"));
+        assert_eq!(google.operation("/v1beta/interactions/abc123"), None);
+        assert_eq!(lookup("bedrock").unwrap().operation("/openai/v1/chat/completions"), Some("chat"));
+        assert_eq!(lookup("anthropic").unwrap().operation("/v1/chat/completions"), Some("chat"));
+        let azure = lookup("azure-openai").unwrap();
+        assert_eq!(azure.operation("/openai/deployments/d/chat/completions?api-version=1"), Some("chat"));
+        assert_eq!(azure.operation("/openai/deployments/d/completions"), Some("text_completion"));
     }
 }

@@ -49,6 +49,7 @@ struct Entry {
     operation: &'static str,
     model: Box<str>,
     tenant: Box<str>,
+    error: u16,
     input: Histogram,
     output: Histogram,
     duration: Histogram,
@@ -71,9 +72,13 @@ pub struct Observation<'a> {
     pub model: &'a str,
     /// The provider answered with success: `model` may become a new label.
     pub answered: bool,
+    /// The upstream's status when it failed (400–999; `0`: none): the conventions' `error.type`
+    /// on the duration histogram, so that failures are not averaged with successes.
+    pub error: u16,
     /// The bounded tenant label (`""`: none).
     pub tenant: &'a str,
-    pub tokens: Option<(u64, u64)>,
+    /// Input and output tokens, each when the provider reported it (embeddings report input only).
+    pub tokens: (Option<u64>, Option<u64>),
     pub duration_s: f64,
     /// Streams only.
     pub first_chunk_s: Option<f64>,
@@ -89,14 +94,21 @@ impl GenAiMetrics {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let find = |entries: &[Entry], model: &str| {
             entries.iter().position(|e| {
-                e.provider == o.provider && e.operation == o.operation && &*e.model == model && &*e.tenant == o.tenant
+                e.provider == o.provider
+                    && e.operation == o.operation
+                    && &*e.model == model
+                    && &*e.tenant == o.tenant
+                    && e.error == o.error
             })
         };
         let models = || entries.iter().map(|e| &*e.model).collect::<std::collections::BTreeSet<_>>().len();
         let i = match find(&entries, o.model) {
             Some(i) => i,
             None => {
-                let new = o.answered && label_worthy(o.model) && models() < super::MAX_MODELS;
+                // A model already a label stays one (its failures under its name); a new one only
+                // when the provider answered it.
+                let known = entries.iter().any(|e| &*e.model == o.model);
+                let new = known || (o.answered && label_worthy(o.model) && models() < super::MAX_MODELS);
                 let model = if new { o.model } else { "other" };
                 match find(&entries, model) {
                     Some(i) => i,
@@ -106,6 +118,7 @@ impl GenAiMetrics {
                             operation: o.operation,
                             model: model.into(),
                             tenant: o.tenant.into(),
+                            error: o.error,
                             input: Histogram::default(),
                             output: Histogram::default(),
                             duration: Histogram::default(),
@@ -117,8 +130,10 @@ impl GenAiMetrics {
             }
         };
         let e = &mut entries[i];
-        if let Some((input, output)) = o.tokens {
+        if let Some(input) = o.tokens.0 {
             e.input.record(&TOKEN_BUCKETS, input as f64);
+        }
+        if let Some(output) = o.tokens.1 {
             e.output.record(&TOKEN_BUCKETS, output as f64);
         }
         e.duration.record(&SECONDS_BUCKETS, o.duration_s);
@@ -173,6 +188,10 @@ impl GenAiMetrics {
                     if let Some(t) = token_type {
                         labels.push(("gen_ai_token_type", t));
                     }
+                    let code = (e.error != 0).then(|| e.error.to_string());
+                    if let Some(code) = &code {
+                        labels.push(("error_type", code));
+                    }
                     p.histogram(name, &labels, bounds, &h.counts, h.sum);
                 }
             }
@@ -203,8 +222,9 @@ mod tests {
                 operation: "chat",
                 model,
                 answered: true,
+                error: 0,
                 tenant: "",
-                tokens,
+                tokens: (tokens.map(|t| t.0), tokens.map(|t| t.1)),
                 duration_s: 0.3,
                 first_chunk_s: first,
             }
@@ -244,8 +264,9 @@ mod tests {
             operation: "chat",
             model,
             answered,
+            error: 0,
             tenant: "",
-            tokens: Some((1, 1)),
+            tokens: (Some(1), Some(1)),
             duration_s: 0.1,
             first_chunk_s: None,
         };
@@ -263,5 +284,41 @@ mod tests {
         assert_eq!(labels, ["gpt-4o", "other", "models/gemini-2.0-flash-001"]);
         assert_eq!(m.entries.lock().unwrap()[0].duration.count(), 2);
         assert_eq!(m.entries.lock().unwrap()[1].duration.count(), 5);
+    }
+
+    /// Failed calls were averaged into the duration histogram with successes (no `error.type`),
+    /// and an embeddings call, which reports input tokens only, recorded no tokens at all.
+    #[test]
+    fn failures_carry_their_error_type_and_embeddings_count_their_input_tokens() {
+        let m = GenAiMetrics::default();
+        let obs = |operation: &'static str, error: u16, tokens: (Option<u64>, Option<u64>)| Observation {
+            provider: "openai",
+            operation,
+            model: "gpt-4o",
+            answered: error == 0,
+            error,
+            tenant: "",
+            tokens,
+            duration_s: 0.1,
+            first_chunk_s: None,
+        };
+        m.record(&obs("chat", 0, (Some(5), Some(7))));
+        m.record(&obs("chat", 429, (None, None)));
+        m.record(&obs("embeddings", 0, (Some(8), None)));
+        let mut page = crate::prom::Page::new();
+        m.render(&mut page);
+        let out = page.finish();
+        assert_eq!(crate::prom::lint(&out), Vec::<String>::new());
+        let labels = |op: &str| {
+            format!("gen_ai_operation_name=\"{op}\",gen_ai_provider_name=\"openai\",gen_ai_request_model=\"gpt-4o\"")
+        };
+        for line in [
+            format!("gen_ai_client_operation_duration_seconds_count{{{}}} 1", labels("chat")),
+            format!("gen_ai_client_operation_duration_seconds_count{{{},error_type=\"429\"}} 1", labels("chat")),
+            format!("gen_ai_client_token_usage_sum{{{},gen_ai_token_type=\"input\"}} 8", labels("embeddings")),
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing `{line}` in\n{out}");
+        }
+        assert!(!out.contains(&format!("{},gen_ai_token_type=\"output\"", labels("embeddings"))), "{out}");
     }
 }

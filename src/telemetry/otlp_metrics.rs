@@ -59,6 +59,7 @@ pub fn otel_name(prometheus: &str) -> (String, &'static str) {
 fn attribute(label: &str) -> String {
     match label.strip_prefix("gen_ai_") {
         Some(rest) => format!("gen_ai.{}", rest.replace('_', ".")),
+        None if label == "error_type" => "error.type".to_owned(),
         None => label.to_owned(),
     }
 }

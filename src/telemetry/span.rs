@@ -39,7 +39,7 @@ pub struct Start<'a> {
     pub root_trace_id: TraceId,
 }
 
-use super::trace_context::{nonzero_random, push_hex, valid_tracestate};
+use super::trace_context::{nonzero_random, traceparent, valid_tracestate};
 pub use super::trace_context::{parse_traceparent, random_trace_id, SpanId, TraceId};
 
 fn unix_nanos(t: SystemTime) -> u64 {
@@ -54,7 +54,8 @@ pub struct Transaction {
     flags: u8,
     tracestate: Option<String>,
     start: u64,
-    operation: &'static str,
+    /// The GenAI operation of the path (`None`: not a GenAI call; no `gen_ai_*` metrics).
+    operation: Option<&'static str>,
     request_model: Option<String>,
     method: String,
     host: String,
@@ -192,20 +193,17 @@ impl Transaction {
         };
         let span_id = nonzero_random().to_be_bytes();
         let tracestate = find("tracestate").filter(|v| parent.is_some() && valid_tracestate(v)).map(str::to_owned);
-        let mut traceparent = String::with_capacity(55);
-        traceparent.push_str("00-");
-        push_hex(&mut traceparent, &trace_id);
-        traceparent.push('-');
-        push_hex(&mut traceparent, &span_id);
-        traceparent.push('-');
-        push_hex(&mut traceparent, &[flags]);
-        let operation = s.provider.and_then(|p| p.operation(s.redacted_path)).unwrap_or("chat");
+        let traceparent = traceparent(&trace_id, &span_id, flags);
+        // A GenAI operation only where the path is one (`GET /v1/models` or a file upload is none).
+        let operation = s.provider.and_then(|p| p.operation(s.redacted_path));
         let mut encoded = Vec::with_capacity(2048);
         let mut attr = |key: &str, value: Value<'_>| otlp::attribute(&mut encoded, field::ATTRIBUTES, &[key], value);
         if let Some(p) = s.provider {
-            attr("gen_ai.provider.name", Value::Str(p.name));
-            attr("gen_ai.system", Value::Str(p.name));
-            attr("gen_ai.operation.name", Value::Str(operation));
+            attr("gen_ai.provider.name", Value::Str(p.otel_name));
+            attr("gen_ai.system", Value::Str(p.otel_name));
+        }
+        if let Some(op) = operation {
+            attr("gen_ai.operation.name", Value::Str(op));
         }
         attr("http.request.method", Value::Str(s.method));
         // A CONNECT has no URL (`scheme` empty): its target is the server address.
@@ -254,7 +252,7 @@ impl Transaction {
             request_model: s.request_model.map(str::to_owned),
             method: s.method.to_owned(),
             host: s.host.to_owned(),
-            provider: s.provider.map_or("-", |p| p.name),
+            provider: s.provider.map_or("-", |p| p.otel_name),
             format,
             encoded,
             error: s.error,
@@ -468,19 +466,20 @@ impl Transaction {
                 super::content::attributes(buf, self.format, self.resp_sse, request, &done.bytes, secrets);
             }
         }
-        match &self.request_model {
-            Some(m) => otlp::string_parts(buf, field::NAME, &[self.operation, " ", m]),
-            None => otlp::string_parts(buf, field::NAME, &[&self.method, " ", &self.host]),
+        match (&self.request_model, self.operation) {
+            (Some(m), Some(op)) => otlp::string_parts(buf, field::NAME, &[op, " ", m]),
+            _ => otlp::string_parts(buf, field::NAME, &[&self.method, " ", &self.host]),
         }
-        if self.error.is_none() && self.provider != "-" {
+        if let (None, Some(operation)) = (self.error, self.operation.filter(|_| self.provider != "-")) {
             let seconds = |at: u64| at.saturating_sub(self.start) as f64 / 1e9;
             sink.metrics.genai.record(&super::genai::Observation {
                 provider: self.provider,
-                operation: self.operation,
+                operation,
                 model: self.request_model.as_deref().or(info.model.as_deref()).unwrap_or("unknown"),
                 answered: matches!(self.status_code, Some(200..=299)),
+                error: self.status_code.filter(|c| *c >= 400).map_or(0, |c| c.clamp(0, 999) as u16),
                 tenant: self.tenant_label.as_deref().unwrap_or(""),
-                tokens: u.input_tokens.zip(u.output_tokens),
+                tokens: (u.input_tokens, u.output_tokens),
                 duration_s: seconds(end),
                 first_chunk_s: self.first_chunk.map(seconds),
             });
@@ -509,11 +508,16 @@ impl Transaction {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::trace_context::push_hex;
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
     use opentelemetry_proto::tonic::trace::v1::Span;
     use prost::Message as _;
 
     fn start_with(capture: CapturePolicy, headers: &[(&str, &[u8])]) -> (Transaction, String) {
+        start_at("/v1/messages", capture, headers)
+    }
+
+    fn start_at(path: &str, capture: CapturePolicy, headers: &[(&str, &[u8])]) -> (Transaction, String) {
         let s = Start {
             provider: crate::provider::lookup("anthropic"),
             route: Some("default/anthropic"),
@@ -522,7 +526,7 @@ mod tests {
             scheme: "https",
             authority: "api.anthropic.com",
             host: "api.anthropic.com",
-            redacted_path: "/v1/messages",
+            redacted_path: path,
             request_model: None,
             injected: true,
             smuggled: false,
@@ -604,6 +608,26 @@ mod tests {
         let (input, output) = metrics.tokens("anthropic", "m").unwrap();
         assert_eq!(input, u64::MAX);
         assert!(output >= i64::MAX as u64, "{output}");
+    }
+
+    /// `GET /v1/models` or a file upload is no GenAI call: it was recorded as `chat` (model
+    /// `unknown`) in `gen_ai_client_operation_duration`, and named `chat` on its span. The
+    /// provider is named as the conventions spell it.
+    #[test]
+    fn a_call_that_is_no_genai_operation_is_no_chat_in_spans_or_metrics() {
+        let (mut tx, _) = start_at("/v1/models", CapturePolicy::default(), &[]);
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        let (send, mut recv) = tokio::sync::mpsc::channel(1);
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+        tx.finish(&Sink::new(metrics.clone(), Some(send)), &[]);
+        let span = Span::decode(&recv.try_recv().unwrap()[..]).unwrap();
+        let attr = |k: &str| span.attributes.iter().find(|a| a.key == k).and_then(|a| a.value.clone()?.value);
+        assert_eq!(attr("gen_ai.operation.name"), None);
+        assert_eq!(attr("gen_ai.provider.name"), Some(Any::StringValue("anthropic".into())));
+        assert_eq!(span.name, "POST api.anthropic.com");
+        let mut page = crate::prom::Page::new();
+        metrics.genai.render(&mut page);
+        assert!(!page.finish().contains("gen_ai_client_operation_duration_seconds_count"));
     }
 
     /// The attack: the agent names no model and the upstream answers with the key where the

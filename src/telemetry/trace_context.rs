@@ -101,3 +101,15 @@ pub(super) fn nonzero_random() -> u64 {
         }
     }
 }
+
+/// The `traceparent` (version 00) of a span keyswap starts, sent on upstream.
+pub(super) fn traceparent(trace_id: &TraceId, span_id: &SpanId, flags: u8) -> String {
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    push_hex(&mut out, trace_id);
+    out.push('-');
+    push_hex(&mut out, span_id);
+    out.push('-');
+    push_hex(&mut out, &[flags]);
+    out
+}
