@@ -185,7 +185,13 @@ pub fn check_path(path: &str) -> Result<(), Refused> {
     if decoded.windows(3).any(|w| w[0] == b'%' && matches!(hex_pair(w[1], w[2]), Some(b'.' | b'/' | b'\\' | b'%'))) {
         return bad;
     }
-    if decoded.split(|&b| b == b'/').any(|seg| seg == b"." || seg == b"..") {
+    // A dot-segment also as servers that cut path parameters (`..;x`) or trailing spaces read it.
+    let dots = |seg: &[u8]| {
+        let core = seg.split(|&b| b == b';').next().unwrap_or(seg);
+        let core = core.trim_ascii_end();
+        core == b"." || core == b".."
+    };
+    if decoded.split(|&b| b == b'/').any(dots) {
         return bad;
     }
     Ok(())
@@ -331,5 +337,24 @@ mod tests {
         assert_eq!(check_methods("POST", [&b"PATCH"[..], b"TRACE"].into_iter()), Err(Refused::MethodNotAllowed));
         assert!(is_method_override("X-HTTP-Method-Override") && is_method_override("x-method-override"));
         assert!(!is_method_override("x-http-method-overrides"));
+    }
+
+    /// A server that cuts `;` path parameters (Tomcat, Spring) or trailing spaces off a segment
+    /// reads these as `..`; Envoy's RFC 3986 normalisation does not.
+    #[test]
+    fn a_path_parameter_or_a_trailing_space_cannot_hide_a_dot_segment() {
+        for bad in [
+            "/v1beta/models/gemini-allowed/..;/gemini-other:generateContent",
+            "/v1beta/models/gemini-allowed/%2e%2e;x=1/gemini-other:generateContent",
+            "/v1beta/models/gemini-allowed/..%20/gemini-other:generateContent",
+            "/v1/messages/.;/x",
+        ] {
+            assert_eq!(check_path(bad), Err(Refused::MalformedPath), "{bad}");
+        }
+        for ok in ["/v1/messages", "/a;b/c", "/v1/files/a..b", "/model/x.y/converse"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(crate::inject::query::method_overrides("/x?alt=sse&%24httpMethod=GET+"), vec![b"GET ".to_vec()]);
+        assert!(crate::inject::query::method_overrides("/x?alt=sse").is_empty());
     }
 }

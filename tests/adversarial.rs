@@ -423,6 +423,12 @@ async fn dot_segments_encoded_slashes_and_trace_do_not_reach_excluded_endpoints_
         google("/v1beta/models/gemini-allowed%2F..%2Fgemini-other:generateContent"),
         google("/v1beta/models/gemini-allowed/%2e%2e/gemini-other:generateContent"),
         google("/v1beta/models/gemini-other:generateContent?x=/models/gemini-allowed"),
+        // Dot-segments as servers that cut path parameters (Tomcat, Spring) or trailing spaces
+        // read them: the allowed model names the path, another one answers.
+        google("/v1beta/models/gemini-allowed/..;/gemini-other:generateContent"),
+        google("/v1beta/models/gemini-allowed/%2e%2e;x=1/gemini-other:generateContent"),
+        google("/v1beta/models/gemini-allowed/..%20/gemini-other:generateContent"),
+        anthropic("/v1/messages/..;/admin"),
     ];
     let before = g.fake.seen().len();
     for url in &attacks {
@@ -447,6 +453,12 @@ async fn dot_segments_encoded_slashes_and_trace_do_not_reach_excluded_endpoints_
             let (_, out, _) = g.curl(&["-H", &h, "-d", "{}", &url]);
             assert_eq!(status_line(&out), " 405", "{h} {url}: {out}");
         }
+    }
+    // The query form Google documents among its system parameters (`$httpMethod`).
+    for q in ["$httpMethod=TRACE", "%24httpMethod=trace", "alt=json&$http_method=PROPFIND"] {
+        let url = google(&format!("/v1beta/models/gemini-allowed:generateContent?{q}"));
+        let (_, out, _) = g.curl(&["-d", "{}", &url]);
+        assert_eq!(status_line(&out), " 405", "{url}: {out}");
     }
     g.assert_nothing_forwarded(before, "odd methods");
     // The allowed endpoint and model still work.

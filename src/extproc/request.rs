@@ -68,7 +68,9 @@ pub fn on_request_headers(
             Admission::NeedKeys(jwks) => return Step::Wait(Wait::Keys(jwks)),
         }
     }
+    let in_query = crate::inject::query::method_overrides(req.path);
     let overrides = headers.iter().filter(|h| crate::target::is_method_override(&h.key)).map(super::header_bytes);
+    let overrides = overrides.chain(in_query.iter().map(Vec::as_slice));
     let decision = match crate::target::check_methods(req.method, overrides) {
         Err(r) => Decision::Refused(r),
         Ok(creates) => {

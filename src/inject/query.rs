@@ -36,6 +36,19 @@ pub fn names_param(raw_name: &str, strip: &str) -> bool {
     !strip.is_empty() && canon(percent_encoding::percent_decode(raw_name.as_bytes())).eq(canon(strip.bytes()))
 }
 
+/// The methods a request's query names for it to stand for (Google's `$httpMethod` system
+/// parameter, the query form of `X-HTTP-Method-Override`), read as leniently as a credential
+/// name ([`names_param`]: `%24httpMethod`, `http_method`), percent-decoded. Empty (no
+/// allocation) for a query without one.
+pub fn method_overrides(path: &str) -> Vec<Vec<u8>> {
+    let Some((_, query)) = path.split_once('?') else { return Vec::new() };
+    params(query)
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .filter(|(name, _)| names_param(name, "httpmethod"))
+        .map(|(_, value)| percent_encoding::percent_decode(value.replace('+', " ").as_bytes()).collect())
+        .collect()
+}
+
 /// The parameters of a query: split on `&` and on `;` (which some servers also treat as a
 /// separator, so `a=1;key=x` carries a `key`).
 fn params(query: &str) -> impl Iterator<Item = &str> {
