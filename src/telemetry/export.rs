@@ -92,7 +92,7 @@ impl std::fmt::Display for Settings {
         write!(
             f,
             "{t} {} headers {names:?} timeout {:?} service.name {} resource {resource:?}{}",
-            self.endpoint,
+            without_query(&self.endpoint),
             self.timeout,
             self.service_name,
             if self.gzip { " gzip" } else { "" }
@@ -119,6 +119,39 @@ fn parse_header_list(var: &str, v: &str) -> Result<Vec<(String, String)>, String
     Ok(out)
 }
 
+/// `OTEL_RESOURCE_ATTRIBUTES`: [`parse_header_list`], stricter as OTLP needs: a key is not
+/// empty, an escape is valid percent-encoding, and a key given twice takes its last value (OTLP
+/// requires unique keys).
+fn resource_attributes(var: &str, v: &str) -> Result<Vec<(String, String)>, String> {
+    let bad_escape = |s: &str| {
+        let b = s.as_bytes();
+        b.iter().enumerate().any(|(i, &c)| {
+            c == b'%' && !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit())
+        })
+    };
+    if let Some(item) = v.split(',').find(|i| bad_escape(i)) {
+        return Err(format!("{var}: `{}` has a `%` that is no percent-escape (write %25)", name_of(item)));
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, val) in parse_header_list(var, v)? {
+        if k.is_empty() {
+            return Err(format!("{var}: an attribute has no key"));
+        }
+        out.retain(|(old, _)| *old != k);
+        out.push((k, val));
+    }
+    Ok(out)
+}
+
+/// A collector URL as logs and errors print it: its query (where a collector's token may travel)
+/// left out.
+fn without_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_owned(),
+    }
+}
+
 /// The part of a malformed `k=v` item safe to print: nothing after a `=` or `:`.
 fn name_of(item: &str) -> &str {
     item.split([':', ' ']).next().unwrap_or("")
@@ -143,10 +176,33 @@ pub fn sdk_disabled(env: impl Fn(&str) -> Option<String>) -> bool {
 }
 
 /// Whether `signal` may be exported at all: not with `OTEL_SDK_DISABLED=true`, nor traces with
-/// `OTEL_TRACES_EXPORTER=none`.
-fn exported(signal: Signal, env: impl Fn(&str) -> Option<String>) -> bool {
-    let traces_off = signal == Signal::Traces && env("OTEL_TRACES_EXPORTER").is_some_and(|v| v == "none");
-    !traces_off && !sdk_disabled(env)
+/// `OTEL_TRACES_EXPORTER=none`. The variable is a list (case ignored, as the specification reads
+/// its values); an exporter keyswap does not have (`console`, `zipkin`) is an error at start, not
+/// OTLP sent anyway.
+fn exported(signal: Signal, env: impl Fn(&str) -> Option<String>) -> Result<bool, String> {
+    let mut traces = true;
+    if signal == Signal::Traces {
+        let named = env("OTEL_TRACES_EXPORTER").unwrap_or_default().to_ascii_lowercase();
+        let named: Vec<&str> = named.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+        if let Some(other) = named.iter().find(|e| !matches!(**e, "otlp" | "none")) {
+            return Err(format!("OTEL_TRACES_EXPORTER `{other}` is not supported: otlp (the default) or none"));
+        }
+        traces = named.is_empty() || named.contains(&"otlp");
+    }
+    Ok(traces && !sdk_disabled(env))
+}
+
+/// `endpoint`, a base URL, with `signal`'s path appended to its path (its query kept): a base
+/// that already ends with a signal's path (`…/v1/traces`, as often written for traces) has it
+/// replaced, so metrics never go to `…/v1/traces/v1/metrics`.
+fn signal_url(uri: &hyper::Uri, signal: Signal) -> String {
+    let mut path = uri.path().trim_end_matches('/');
+    for s in [Signal::Traces, Signal::Metrics] {
+        path = path.strip_suffix(s.http_path()).unwrap_or(path);
+    }
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    format!("{}://{authority}{path}{}{query}", uri.scheme_str().unwrap_or("http"), signal.http_path())
 }
 
 /// Tracing is on when the gateway names an endpoint or the environment does.
@@ -165,7 +221,7 @@ pub fn settings_for(
     let first =
         |names: &[&str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n.to_owned(), v)));
     let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.var());
-    if !exported(signal, &env) {
+    if !exported(signal, &env)? {
         return Ok(None);
     }
     let transport = match first(&[&var("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
@@ -186,9 +242,7 @@ pub fn settings_for(
     };
     let uri = endpoint_uri(&source, &endpoint)?;
     let endpoint = match transport {
-        Transport::HttpProtobuf if base && !endpoint.trim_end_matches('/').ends_with(signal.http_path()) => {
-            format!("{}{}", endpoint.trim_end_matches('/'), signal.http_path())
-        }
+        Transport::HttpProtobuf if base => signal_url(&uri, signal),
         Transport::HttpProtobuf => endpoint,
         Transport::Grpc => {
             format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str()))
@@ -225,7 +279,7 @@ pub fn settings_for(
         Some((var, c)) => return Err(format!("{var}={c}: keyswap sends `gzip` or `none`")),
     };
     let resource = match first(&["OTEL_RESOURCE_ATTRIBUTES"]) {
-        Some((var, v)) => parse_header_list(&var, &v)?,
+        Some((var, v)) => resource_attributes(&var, &v)?,
         None => Vec::new(),
     };
     let file = |names: &[&str]| first(names).map(|(_, v)| std::path::PathBuf::from(v));
@@ -274,9 +328,9 @@ fn endpoint_uri(source: &str, endpoint: &str) -> Result<hyper::Uri, String> {
 pub enum ExportError {
     /// No connection, a reset, or a broken answer: the collector may be back soon.
     #[error("{uri}: {reason}")]
-    Unreachable { uri: hyper::Uri, reason: String },
+    Unreachable { uri: String, reason: String },
     #[error("no answer from {uri} within {timeout:?}")]
-    Timeout { uri: hyper::Uri, timeout: Duration },
+    Timeout { uri: String, timeout: Duration },
     /// An OTLP/HTTP answer, or an HTTP status in front of OTLP/gRPC; `body` is its start.
     #[error("collector answered {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
     Http { status: hyper::StatusCode, body: String },
@@ -432,7 +486,7 @@ impl Exporter {
         };
         match tokio::time::timeout(self.timeout, send).await {
             Ok(r) => r,
-            Err(_) => Err(ExportError::Timeout { uri: self.uri.clone(), timeout: self.timeout }),
+            Err(_) => Err(ExportError::Timeout { uri: without_query(&self.uri.to_string()), timeout: self.timeout }),
         }
     }
 
@@ -481,7 +535,7 @@ impl Exporter {
     }
 
     fn unreachable(&self, reason: String) -> ExportError {
-        ExportError::Unreachable { uri: self.uri.clone(), reason }
+        ExportError::Unreachable { uri: without_query(&self.uri.to_string()), reason }
     }
 }
 
@@ -876,6 +930,56 @@ mod tests {
         assert!(settings(None, bad).unwrap_err().contains("OTEL_RESOURCE_ATTRIBUTES"));
     }
 
+    /// OTLP wants unique keys and no empty one; a `%` that is no escape was passed on as is.
+    #[test]
+    fn resource_attributes_have_keys_once_and_valid_escapes() {
+        let with = |v: &'static str| {
+            move |k: &str| match k {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318".to_string()),
+                "OTEL_RESOURCE_ATTRIBUTES" => Some(v.to_string()),
+                _ => None,
+            }
+        };
+        let s = settings(None, with("team=a,zone=x,team=b")).unwrap().unwrap();
+        assert_eq!(s.resource, [("zone".to_string(), "x".to_string()), ("team".into(), "b".into())]);
+        for bad in ["=orphan", "team=100%", "team=a%ZZb", "team=%2"] {
+            let e = settings(None, with(bad)).unwrap_err();
+            assert!(e.contains("OTEL_RESOURCE_ATTRIBUTES"), "{bad}: {e}");
+        }
+        assert_eq!(settings(None, with("pct=100%25")).unwrap().unwrap().resource[0].1, "100%");
+    }
+
+    /// `OTEL_TRACES_EXPORTER=console` (or `NONE`) was compared to `none` exactly: OTLP went out.
+    /// And a base endpoint written with the traces path sent metrics to `…/v1/traces/v1/metrics`;
+    /// one with a query got the path after the query.
+    #[test]
+    fn exporters_are_read_as_a_list_and_base_endpoints_take_each_signals_path() {
+        let env = |exporter: &'static str| move |k: &str| (k == "OTEL_TRACES_EXPORTER").then(|| exporter.to_string());
+        let spec = otlp("http://otel:4318");
+        for (v, on) in [("NONE", false), (" none ", false), ("otlp", true), ("OTLP, none", true), ("", true)] {
+            assert_eq!(settings(Some(&spec), env(v)).unwrap().is_some(), on, "OTEL_TRACES_EXPORTER={v:?}");
+        }
+        for v in ["console", "zipkin", "otlp,console"] {
+            assert!(settings(Some(&spec), env(v)).unwrap_err().contains("not supported"), "{v}");
+        }
+        let none = |_: &str| None;
+        for (base, traces, metrics) in [
+            ("http://c:4318/v1/traces", "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),
+            ("http://c:4318/otlp/", "http://c:4318/otlp/v1/traces", "http://c:4318/otlp/v1/metrics"),
+            (
+                "http://c:4318/otlp?tenant=a",
+                "http://c:4318/otlp/v1/traces?tenant=a",
+                "http://c:4318/otlp/v1/metrics?tenant=a",
+            ),
+        ] {
+            let at = |signal| settings_for(signal, Some(&otlp(base)), none).unwrap().unwrap().endpoint;
+            assert_eq!((at(Signal::Traces), at(Signal::Metrics)), (traces.to_string(), metrics.to_string()), "{base}");
+        }
+        // The start log prints the settings: not a token in the endpoint's query.
+        let s = settings(Some(&otlp("http://c:4318/otlp?api_key=T0KEN")), none).unwrap().unwrap();
+        assert!(!format!("{s} {s:?}").contains("T0KEN"), "{s}");
+    }
+
     #[tokio::test]
     async fn export_errors_say_whether_sending_again_can_help() {
         let exporter = Exporter::new(&http_settings(collector("503 Service Unavailable").await)).unwrap();
@@ -893,9 +997,11 @@ mod tests {
 
         // Nobody listening: the collector may come back.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let exporter = Exporter::new(&http_settings(format!("http://{closed}/v1/traces"))).unwrap();
+        let exporter = Exporter::new(&http_settings(format!("http://{closed}/v1/traces?api_key=T0KEN"))).unwrap();
         let e = exporter.export(&[vec![]]).await.unwrap_err();
         assert!(matches!(e, ExportError::Unreachable { .. }) && e.retryable(), "{e:?}");
+        // A collector token in the endpoint's query is in no error (each is logged).
+        assert!(!e.to_string().contains("T0KEN") && e.to_string().contains("/v1/traces?…"), "{e}");
 
         let grpc = |code| ExportError::Grpc { code, message: String::new() };
         assert!(grpc(14).retryable() && grpc(4).retryable() && !grpc(3).retryable() && !grpc(16).retryable());
