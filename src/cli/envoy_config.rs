@@ -21,7 +21,9 @@ pub struct ResourceArgs {
     /// for a host no route names yet waits, unused, until one does.
     #[arg(long = "upstream", value_name = "HOST=ADDR:PORT[,ca=FILE]", env = "KEYSWAP_UPSTREAM", value_delimiter = ' ')]
     pub upstreams: Vec<UpstreamOverride>,
-    /// Address the gateway's listeners bind to.
+    /// Address Envoy's proxy listeners bind to (sent to Envoy over ADS, or written with
+    /// --static). The default serves agents on this host only: agents on other hosts or pods
+    /// need 0.0.0.0 (or this host's address), as manifests/deploy sets.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
     /// CA bundle Envoy trusts for providers.

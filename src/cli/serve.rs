@@ -97,7 +97,8 @@ pub struct TunnelArgs {
 pub struct ControlArgs {
     /// Directory holding the gateway CA, `ca.crt` and `ca.key` (as `keyswap certs` writes them).
     /// keyswap mints the leaf Envoy presents from it, in memory, and re-reads the files when they
-    /// change. Default: certs/<gateway name> (with --kubernetes: none; see --ca-secret).
+    /// change. Default: certs/<gateway name>, relative to the current directory, not to
+    /// --config (with --kubernetes: none; see --ca-secret).
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
     /// With --kubernetes: the gateway CA from this Secret of type kubernetes.io/tls (`tls.crt`,
@@ -153,7 +154,7 @@ impl TunnelArgs {
 pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.kubernetes {
         if args.source.config.is_some() {
-            anyhow::bail!("--kubernetes and --config are exclusive: choose one source");
+            anyhow::bail!("--kubernetes and --config (or KEYSWAP_CONFIG) are exclusive: choose one source");
         }
         return serve_kubernetes(args);
     }
