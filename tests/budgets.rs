@@ -979,6 +979,128 @@ fn one_redis_budget(meter: &Meter, name: &str, spec: &str) -> (RedisConfig, Repl
     })
 }
 
+/// A forwarder to Redis on `to` that can go silent for the connections it holds, as a Redis
+/// whose node died, or that failed over behind the same address, does: no reset arrives, and
+/// nothing more. Connections made after [`Silence::now`] reach Redis again.
+struct Silence(Arc<AtomicU64>);
+
+impl Silence {
+    async fn start(to: u16) -> (u16, Silence) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let e = epoch.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else { continue };
+                let (mine, e) = (e.load(Ordering::SeqCst), e.clone());
+                let pump = move |mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf| {
+                    let e = e.clone();
+                    async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if e.load(Ordering::SeqCst) != mine {
+                                // Silent: the bytes go nowhere, the sockets stay open.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                };
+                let ((dr, dw), (ur, uw)) = (down.into_split(), up.into_split());
+                tokio::spawn(pump(dr, uw));
+                tokio::spawn(pump(ur, dw));
+            }
+        });
+        (port, Silence(epoch))
+    }
+
+    fn now(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Redis stops answering on keyswap's connection without closing it (its node gone, or a
+/// failover behind the same name), and answers new connections. keyswap kept waiting on the
+/// dead socket (its own timer fired, redis-rs never saw an error, so never reconnected) until the
+/// kernel gave up on it, about 15 minutes: every budget followed its fail mode meanwhile (here,
+/// every request refused). Now the first timeout replaces the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_goes_silent_is_reconnected_not_waited_on_for_a_quarter_hour() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let _redis = tokio::task::block_in_place(|| start_redis(redis_dir.path(), redis_port));
+    let (proxy_port, silence) = Silence::start(redis_port).await;
+    let config = tempfile::tempdir().unwrap();
+    let (store, secret) = redis_store(proxy_port);
+    let spec = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 1000000}\n  onStoreUnavailable: FailClosed";
+    write(config.path(), &gateway(&(budget("shared", "{kind: EgressGateway, name: egress}", spec) + &secret), &store));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let (status, _, body) = call(r.port, OPENAI, None, &chat(10)).await;
+    assert_eq!(status, 200, "{body}");
+
+    silence.now();
+    let (status, _, body) = call(r.port, OPENAI, None, &chat(10)).await;
+    assert_eq!(status, 503, "FailClosed admitted with Redis silent: {body}");
+    let since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (status, _, body) = call(r.port, OPENAI, None, &chat(10)).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "still no new connection to Redis after 10 s:\n{}",
+            r.keyswap.output()
+        );
+    }
+    eprintln!("counted in Redis again {:?} after it went silent", since.elapsed());
+}
+
+/// Redis loses its counters while requests are in flight (a restart without persistence, a
+/// failover, eviction). Each settlement was an `HINCRBY` of minus what the request reserved but
+/// did not use: it re-created the counter below zero, with no expiry, so the key had that much
+/// more for the window and a key that never went. A settlement now changes only a counter Redis
+/// still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_lost_its_counters_is_not_settled_below_zero() {
+    let meter = Meter::start(Duration::from_millis(800)).await;
+    let limits = "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}";
+    let (redis, r) = one_redis_budget(&meter, "shared", limits);
+    let port = r.port;
+    let in_flight: Vec<_> =
+        (0..3).map(|_| tokio::spawn(async move { call(port, OPENAI, None, &chat(2000)).await })).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_counters(redis.port).is_empty() {
+        assert!(Instant::now() < deadline, "nothing was reserved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(redis_cli(redis.port, &["FLUSHALL"]).trim(), "OK");
+    for c in in_flight {
+        let (status, _, body) = c.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = redis_counters(redis.port);
+    assert!(
+        left.iter().all(|(_, fields)| fields.values().all(|v| *v >= 0)),
+        "a lost counter came back below zero: {left:?}"
+    );
+    for (key, _) in &left {
+        let ttl: i64 = redis_cli(redis.port, &["TTL", key]).trim().parse().unwrap();
+        assert!(ttl > 0, "{key} never expires");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_sharing_redis_enforce_one_limit_keep_counts_across_a_restart_and_follow_the_fail_mode() {
     let meter = Meter::start(Duration::ZERO).await;
@@ -1116,8 +1238,8 @@ async fn reservation_no_one_waits_for(pause_ms: &str, fail_mode: &str, hang_up: 
         assert!(Instant::now() < deadline, "the first call was not settled: {:?}", redis_counters(redis_port));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Settled as one transaction: a connection lost mid-way applies all of it or nothing.
-    assert_eq!((redis_calls(redis_port, "multi"), redis_calls(redis_port, "exec")), (1, 1));
+    // Settled by one script run (all of it or nothing), which looked for the counter first.
+    assert_eq!(redis_calls(redis_port, "exists"), 1);
     let runs_before = script_runs(redis_port);
     let forwarded_before = meter.requests.load(Ordering::SeqCst);
     assert_eq!(redis_cli(redis_port, &["CLIENT", "PAUSE", pause_ms, "ALL"]).trim(), "OK");
@@ -1162,9 +1284,10 @@ async fn reservation_no_one_waits_for(pause_ms: &str, fail_mode: &str, hang_up: 
     answer
 }
 
-/// How many times Redis has run keyswap's reservation script (`EVALSHA`, once it is loaded).
+/// How many times Redis has run keyswap's reservation script for a one-budget request: the
+/// script's `HMGET` (commandstats counts what scripts run; the settlement script runs `EXISTS`).
 fn script_runs(port: u16) -> u64 {
-    redis_calls(port, "evalsha")
+    redis_calls(port, "hmget")
 }
 
 /// How many times Redis has run `command` (lowercase), from `INFO commandstats`.

@@ -74,11 +74,13 @@ impl RedisTarget {
     }
 }
 
-/// A connection (made lazily, kept and reconnected by redis-rs) to one [`RedisTarget`].
+/// A connection (made lazily, kept and reconnected by redis-rs) to one [`RedisTarget`]; replaced
+/// by a new one when Redis stops answering on it.
 pub struct RedisStore {
     fingerprint: String,
     endpoint: String,
-    conn: Result<ConnectionManager, String>,
+    client: Result<::redis::Client, String>,
+    conn: arc_swap::ArcSwap<Result<ConnectionManager, String>>,
     /// Milliseconds since `epoch` until which Redis is not tried (after a failure).
     down_until: AtomicU64,
     epoch: Instant,
@@ -129,6 +131,25 @@ end
 return {1, remaining, limited}
 "#;
 
+/// A settlement: each claim's four deltas, applied only to a counter Redis still holds (one it
+/// lost, by a restart without persistence, a failover or eviction, would be re-created at minus
+/// what was reserved, with no expiry: that much more for the window, and a key that never goes),
+/// and never below zero. One script: all of the settlement or none.
+const SETTLE: &str = r#"
+local fields = {'r', 'i', 'o', 't'}
+for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    for d = 1, 4 do
+      local v = tonumber(ARGV[(k - 1) * 4 + d])
+      if v ~= 0 and redis.call('HINCRBY', KEYS[k], fields[d], v) < 0 then
+        redis.call('HSET', KEYS[k], fields[d], 0)
+      end
+    end
+  end
+end
+return 1
+"#;
+
 /// The Redis key of a claim's counter. A key longer than 128 bytes, with control characters or
 /// spelled like a digest (`sha256:` first) is replaced by its whole SHA-256, so no key an agent
 /// chooses can name another key's counter (with the 48-bit display fingerprint, one it could
@@ -152,18 +173,13 @@ impl RedisStore {
     /// A client for `target`; connects on first use.
     pub fn new(target: &RedisTarget) -> RedisStore {
         let endpoint = target.endpoint();
-        let conn = client(target).and_then(|client| {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(TIMEOUT))
-                // A reservation's answer is awaited past the request's TIMEOUT (see LATE_ANSWER).
-                .set_response_timeout(Some(LATE_ANSWER))
-                .set_number_of_retries(1);
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| describe(&e))
-        });
+        let client = client(target);
+        let conn = arc_swap::ArcSwap::from_pointee(connection(&client));
         tracing::info!(endpoint, "token budgets are counted in Redis");
         RedisStore {
             fingerprint: target.fingerprint.clone(),
             endpoint,
+            client,
             conn,
             down_until: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -175,16 +191,22 @@ impl RedisStore {
     }
 
     fn available(&self) -> Result<ConnectionManager, StoreDown> {
-        let conn = self.conn.as_ref().map_err(|e| StoreDown { error: e.clone() })?;
+        let conn = self.conn.load();
+        let conn = conn.as_ref().as_ref().map_err(|e| StoreDown { error: e.clone() })?;
         if (self.epoch.elapsed().as_millis() as u64) < self.down_until.load(Ordering::Relaxed) {
             return Err(StoreDown { error: format!("Redis at {} failed less than {BACKOFF:?} ago", self.endpoint) });
         }
         Ok(conn.clone())
     }
 
-    /// `what` got no answer in time: the store counts as down for [`BACKOFF`].
+    /// `what` got no answer in time: the store counts as down for [`BACKOFF`], and its connection
+    /// is replaced. A Redis that went silent (its node gone, a failover behind the same name, a
+    /// partition) sends no reset: redis-rs would keep waiting on the same socket until the kernel
+    /// gave up on it, a quarter of an hour, and every budget followed its fail mode meanwhile.
     pub fn timed_out(&self, what: &str) -> StoreDown {
-        self.failed(what, &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+        let down = self.failed(what, &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+        self.conn.store(Arc::new(connection(&self.client)));
+        down
     }
 
     fn failed(&self, what: &str, e: &::redis::RedisError) -> StoreDown {
@@ -242,32 +264,28 @@ impl RedisStore {
     /// Adds `deltas` to the claims' counters, off the response path.
     /// `settling` is held until the store answers (shutdown waits for it).
     pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>, settling: super::Settling) {
-        const FIELDS: [&str; 4] = ["r", "i", "o", "t"];
-        let mut pipe = ::redis::pipe();
-        // MULTI … EXEC, still one round trip: a connection lost mid-pipeline applies all of the
-        // settlement or none, never one budget's share of it (or one counter of a budget's four).
-        pipe.atomic();
-        let mut any = false;
-        for (c, d) in claims.iter().zip(&deltas) {
-            let key = counter_key(c);
-            for (f, v) in FIELDS.iter().zip(d) {
-                if *v != 0 {
-                    pipe.hincr(&key, *f, *v).ignore();
-                    any = true;
-                }
-            }
-        }
-        if !any {
+        if deltas.iter().all(|d| d.iter().all(|v| *v == 0)) {
             return;
         }
-        let Ok(mut conn) = self.conn.clone() else { return };
+        static SCRIPT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(SETTLE));
+        // One script run, still one round trip: all of the settlement or none, never one
+        // budget's share of it (or one counter of a budget's four).
+        let mut inv = SCRIPT.prepare_invoke();
+        for (c, d) in claims.iter().zip(&deltas) {
+            inv.key(counter_key(c));
+            for v in d {
+                inv.arg(*v);
+            }
+        }
+        // The current connection, even while reservations back off: a settlement only gives back.
+        let Ok(mut conn) = self.conn.load().as_ref().clone() else { return };
         // A stream dropped outside the runtime (at shutdown) cannot settle: its reservation stands.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
             let _settling = settling;
-            let r: Result<Result<(), _>, _> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await;
+            let r: Result<Result<i64, _>, _> = tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut conn)).await;
             match r {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(endpoint = %self.endpoint, error = %describe(&e), "settling a budget reservation failed; the reservation stands");
                 }
@@ -277,6 +295,17 @@ impl RedisStore {
             }
         });
     }
+}
+
+/// A connection manager for `client`: it connects on first use (a new one, a new socket).
+fn connection(client: &Result<::redis::Client, String>) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        // A reservation's answer is awaited past the request's TIMEOUT (see LATE_ANSWER).
+        .set_response_timeout(Some(LATE_ANSWER))
+        .set_number_of_retries(1);
+    let client = client.as_ref().map_err(Clone::clone)?;
+    ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| describe(&e))
 }
 
 fn client(target: &RedisTarget) -> Result<::redis::Client, String> {
