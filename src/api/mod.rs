@@ -42,13 +42,19 @@ pub struct ObjectMeta {
     shortname = "egw",
     doc = "An egress gateway for AI agents: listeners, default policy, allow list and telemetry.",
     printcolumn(name = "Policy", type_ = "string", json_path = ".spec.defaultPolicy"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "!has(self.spec.budgetStore) || !has(self.spec.budgetStore.redis.secretRef.__namespace__)"
+    )
+    .message("budgetStore.redis.secretRef.namespace is not allowed: the Secret is read in the gateway's namespace")
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EgressGatewaySpec {
     #[serde(default)]
     pub default_policy: DefaultPolicy,
+    /// One per name (a name given twice is refused).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub otlp: Option<Otlp>,
@@ -247,6 +253,7 @@ impl DefaultPolicy {
 pub struct Listener {
     pub name: String,
     pub protocol: ListenerProtocol,
+    #[schemars(range(min = 1))]
     pub port: u16,
     #[serde(default)]
     pub tls: Option<ListenerTls>,

@@ -440,8 +440,11 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigErr
         let path = e.path().to_string();
         let field = if path == "." { prefix.to_owned() } else { format!("{prefix}.{path}") };
         let message = e.into_inner().to_string();
+        // A short value is a typo worth showing (`deny-some`, `anthropic` where a map goes); a long
+        // one may be a key pasted in the wrong place.
+        let long_value = message.split(['"', '`']).nth(1).is_some_and(|v| v.len() > MAX_QUOTED_VALUE);
         let quotes_a_value =
-            ["invalid type", "invalid value", "unknown variant"].iter().any(|p| message.starts_with(p));
+            long_value && ["invalid type", "invalid value", "unknown variant"].iter().any(|p| message.starts_with(p));
         let message = match SECRET_FIELDS.iter().any(|f| field.starts_with(f)) {
             true => unquoted(&message),
             false if quotes_a_value => match message.split_once(", expected") {
@@ -453,6 +456,9 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigErr
         ConfigError::new(message).field(field)
     })
 }
+
+/// The longest value a type error quotes back (credentials are longer: 32 hex digits and up).
+const MAX_QUOTED_VALUE: usize = 24;
 
 /// Fields of keyswap's resources whose values may be credentials.
 const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];
@@ -728,7 +734,8 @@ mod tests {
     /// The mistake: the key itself pasted where its reference goes (`secretRef`, a Redis store)
     /// or where a name goes (`target`). The error said `invalid type: string "sk-ant-…"` into
     /// the log and `keyswap check`'s output. It names the field and what was expected, not the
-    /// value; a `\"` inside a quoted value no longer ends the redaction early.
+    /// value (a short one, a typo, is still shown); a `\"` inside a quoted value no longer ends
+    /// the redaction early.
     #[test]
     fn a_key_pasted_where_a_reference_or_a_name_goes_is_never_quoted_back() {
         let policy = |rest: &str| {
@@ -738,8 +745,15 @@ mod tests {
             )
         };
         for (text, expected) in [
-            (policy("  secretRef: sk-ant-api03-s3cret\n  target: Header"), "expected struct"),
-            (policy("  secretRef: {name: s}\n  target: sk-ant-api03-s3cret"), "expected one of `Header`"),
+            (policy("  secretRef: sk-ant-api03-s3cret-0123456789abcdef\n  target: Header"), "expected struct"),
+            (
+                policy("  secretRef: {name: s}\n  target: sk-ant-api03-s3cret-0123456789abcdef"),
+                "expected one of `Header`",
+            ),
+            (
+                policy("  secretRef: {name: s}\n  target: 0123456789abcdef0123456789abs3cret"),
+                "expected one of `Header`",
+            ),
             (
                 "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: g}\n\
                  spec: {budgetStore: {redis: 'rediss://:s3cret@redis:6379'}}\n"
@@ -752,6 +766,9 @@ mod tests {
             let e = errs[0].to_string();
             assert!(!e.contains("s3cret") && e.contains(expected), "{e}");
         }
+        // A short value, a typo, is shown: it is what the operator needs to see.
+        let (_, errs) = parse(&policy("  secretRef: {name: s}\n  target: Hedaer"));
+        assert!(errs[0].to_string().contains("unknown variant `Hedaer`"), "{errs:?}");
         let escaped = unquoted(r#"invalid type: string "pa\"ss-s3cret", expected a map"#);
         assert!(!escaped.contains("s3cret"), "{escaped}");
     }
