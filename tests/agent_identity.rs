@@ -705,6 +705,35 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
     assert!(last.headers.iter().all(|(k, _)| !k.starts_with("x-edge-")), "edge headers forwarded");
 }
 
+/// keyswap on `config` (its gateway written to `config.yaml`), over loopback gRPC: the process,
+/// its work directory and a client.
+async fn keyswap_over_grpc(config: &Path, gateway: String) -> (Proc, tempfile::TempDir, common::grpc::Client) {
+    std::fs::write(config.join("config.yaml"), gateway).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let grpc_port = free_port();
+    let listen = format!("127.0.0.1:{grpc_port}");
+    let (keyswap, _uds) = start_keyswap(config, work.path(), &[], &["--listen", &listen]);
+    let c = common::grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    (keyswap, work, c)
+}
+
+/// keyswap's decision on an Anthropic call with `authorization: <bearer>` (a request that waits
+/// is first told to extend Envoy's timeout: the decision is the last answer), within 9 s.
+async fn decide_with_bearer(
+    c: &mut common::grpc::Client,
+    bearer: &str,
+) -> envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse {
+    use common::grpc;
+    let pairs = [
+        (":method", "POST"),
+        (":authority", "api.anthropic.com"),
+        (":path", "/v1/messages"),
+        ("authorization", bearer),
+    ];
+    let r = tokio::time::timeout(Duration::from_secs(9), grpc::exchange(c, vec![grpc::headers(&pairs)])).await;
+    r.expect("no answer in 9 s").pop().expect("an answer").expect("a decision")
+}
+
 /// Two JWT validators, the first with an identity provider that hangs (accepts connections and
 /// never answers). A token of the second issuer waited for the first's JWKS fetch, and then again
 /// (the fetch timeout equals the refetch cooldown): every agent of the second validator was
@@ -712,7 +741,7 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
 /// validator, and a key still unknown after one refetch is refused, never waited for again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_identity_provider_locks_out_no_other_issuers_agents() {
-    use common::grpc::{self, immediate, mutation, set_value};
+    use common::grpc::{immediate, mutation, set_value};
     let keys = tempfile::tempdir().unwrap();
     let kd = keys.path().to_str().unwrap();
     let k1 = jwt_tool(&["keygen", kd, "k1", "rsa"]);
@@ -743,29 +772,14 @@ spec:
         jwks.display(),
         anthropic_default_key()
     );
-    std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let grpc_port = free_port();
-    let listen = format!("127.0.0.1:{grpc_port}");
-    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
-    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let (_keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway).await;
     let sign = |kid: &str, iss: &str| {
         let claims = format!(r#"{{"iss": "{iss}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
         jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), kid, &claims])
     };
-    let ask = async |c: &mut grpc::Client, token: &str| {
-        let bearer = format!("Bearer {token}");
-        let pairs = [
-            (":method", "POST"),
-            (":authority", "api.anthropic.com"),
-            (":path", "/v1/messages"),
-            ("authorization", bearer.as_str()),
-        ];
+    let ask = async |c: &mut common::grpc::Client, token: &str| {
         let since = Instant::now();
-        // A request that waits is first told to extend Envoy's timeout; the decision is the last answer.
-        let r = tokio::time::timeout(Duration::from_secs(9), grpc::exchange(c, vec![grpc::headers(&pairs)])).await;
-        let mut answers = r.unwrap_or_else(|_| panic!("no answer in 9 s:\n{}", keyswap.output()));
-        (answers.pop().expect("an answer").expect("a decision"), since.elapsed())
+        (decide_with_bearer(c, &format!("Bearer {token}")).await, since.elapsed())
     };
 
     // The second issuer's agent is admitted at once, the first's IdP hanging or not.
@@ -783,7 +797,7 @@ spec:
 /// admitted until a restart. The file is read again every second while tokens are checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
-    use common::grpc::{self, mutation, set_value};
+    use common::grpc::{mutation, set_value};
     let keys = tempfile::tempdir().unwrap();
     let kd = keys.path().to_str().unwrap();
     let (k1, k2) = (jwt_tool(&["keygen", kd, "k1", "rsa"]), jwt_tool(&["keygen", kd, "k2", "rsa"]));
@@ -798,25 +812,12 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
         jwks.display(),
         anthropic_default_key()
     );
-    std::fs::write(config.path().join("config.yaml"), gateway).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let grpc_port = free_port();
-    let listen = format!("127.0.0.1:{grpc_port}");
-    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
-    let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
+    let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway).await;
     let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
     let token =
         |kid: &str| format!("Bearer {}", jwt_tool(&["sign", "RS256", &format!("{kd}/{kid}.key.pem"), kid, &claims]));
     let (t1, t2) = (token("k1"), token("k2"));
-    let ask = async |c: &mut grpc::Client, bearer: &str| {
-        let pairs = [
-            (":method", "POST"),
-            (":authority", "api.anthropic.com"),
-            (":path", "/v1/messages"),
-            ("authorization", bearer),
-        ];
-        grpc::exchange(c, vec![grpc::headers(&pairs)]).await.pop().expect("an answer").expect("a decision")
-    };
+    let ask = decide_with_bearer;
     for t in [&t1, &t2] {
         let r = ask(&mut c, t).await;
         assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());

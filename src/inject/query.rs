@@ -156,6 +156,14 @@ fn decode(s: &str) -> Cow<'_, str> {
 mod tests {
     use super::*;
 
+    /// Google's `$httpMethod` system parameter, in the spellings a lenient server reads.
+    #[test]
+    fn the_query_can_name_a_method_override_in_any_spelling() {
+        assert_eq!(method_overrides("/x?alt=sse&%24httpMethod=GET+"), vec![b"GET ".to_vec()]);
+        assert_eq!(method_overrides("/x?$http_method=post;$HTTPMETHOD"), vec![b"post".to_vec(), Vec::new()]);
+        assert!(method_overrides("/x?alt=sse&method=x").is_empty() && method_overrides("/x").is_empty());
+    }
+
     fn strip(names: &[&str]) -> Vec<Box<str>> {
         names.iter().map(|n| Box::from(*n)).collect()
     }
