@@ -178,7 +178,8 @@ pub fn check_path(path: &str) -> Result<(), Refused> {
         return Ok(()); // the common case: nothing to decode, no dot-segment possible
     }
     let decoded = percent_encoding::percent_decode_str(raw).collect::<Vec<u8>>();
-    if decoded.iter().any(|&b| b == b'\\' || b == 0) {
+    // Control bytes too: a server that trims them (Java's `String.trim`) reads `..%0b` as `..`.
+    if decoded.iter().any(|&b| b == b'\\' || b < 0x20 || b == 0x7f) {
         return bad;
     }
     // Encoded twice: a server that decodes again would see `.`, `/`, `\` or `%`.
@@ -348,6 +349,8 @@ mod tests {
             "/v1beta/models/gemini-allowed/%2e%2e;x=1/gemini-other:generateContent",
             "/v1beta/models/gemini-allowed/..%20/gemini-other:generateContent",
             "/v1/messages/.;/x",
+            "/v1beta/models/gemini-allowed/..%0b/gemini-other:generateContent",
+            "/v1beta/models/gemini-allowed/..%1f;x/gemini-other:generateContent",
         ] {
             assert_eq!(check_path(bad), Err(Refused::MalformedPath), "{bad}");
         }

@@ -175,8 +175,20 @@ fn a_manifest_symlinked_from_a_secret_volume_rotates_when_the_kubelet_swaps_it()
     symlink(volume.path().join("anthropic.yaml"), config.path().join("anthropic.yaml")).unwrap();
     let (store, _watch) = watched(config.path());
     assert_eq!(anthropic_fingerprint(&store), Some(fingerprint(b"sk-ant-first")));
+    // Something reads the directory all the while (a jwksFile beside the manifests, a sidecar):
+    // each read is an event, and none may put the comparison off.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, dir) = (stop.clone(), config.path().to_owned());
+    let reader = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::read(dir.join("config.yaml"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
     kube_volume(volume.path(), "2026_12_05_02", &secret("sk-ant-second"));
     wait_for("the swapped secret", || anthropic_fingerprint(&store) == Some(fingerprint(b"sk-ant-second")));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
 }
 
 trait Describe {

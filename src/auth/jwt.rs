@@ -65,6 +65,8 @@ pub struct Jwks {
     inflight: Mutex<Option<Shared<BoxFuture<'static, ()>>>>,
     /// Bumped whenever the keys change: verified-token caches drop what older keys admitted.
     generation: AtomicU64,
+    /// The last fetch failed: the next failure is not logged again (a file is read every second).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -139,6 +141,7 @@ impl Jwks {
             last_success_ms: AtomicU64::new(0),
             inflight: Mutex::new(None),
             generation: AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
         });
         reg.insert(source, Arc::downgrade(&jwks));
         Ok(jwks)
@@ -190,11 +193,18 @@ impl Jwks {
                         false => tracing::debug!(jwks = %this.source, keys, "JWKS unchanged"),
                     }
                     this.last_success_ms.store(this.now_ms().max(1), Ordering::Relaxed);
+                    if this.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(jwks = %this.source, "JWKS readable again");
+                    }
                 }
-                Ok(Err(e)) => {
+                Ok(Err(e)) if !this.failing.swap(true, Ordering::Relaxed) => {
                     tracing::warn!(jwks = %this.source, error = %e, "JWKS fetch failed; keeping the keys held")
                 }
-                Err(_) => tracing::warn!(jwks = %this.source, "JWKS fetch timed out; keeping the keys held"),
+                Err(_) if !this.failing.swap(true, Ordering::Relaxed) => {
+                    tracing::warn!(jwks = %this.source, "JWKS fetch timed out; keeping the keys held")
+                }
+                Ok(Err(e)) => tracing::debug!(jwks = %this.source, error = %e, "JWKS fetch failed again"),
+                Err(_) => tracing::debug!(jwks = %this.source, "JWKS fetch timed out again"),
             }
             *this.inflight.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }

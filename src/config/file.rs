@@ -504,15 +504,20 @@ pub fn watch(
 /// [`POLL`]), then for [`DEBOUNCE`] of quiet (at most [`MAX_DEBOUNCE`]). `false` when the
 /// watcher is gone.
 fn next_change(rx: &mpsc::Receiver<notify::Result<Event>>, polled: &mut impl FnMut() -> bool) -> bool {
+    // On a clock of its own: events that do not matter (every read of a file in the directory
+    // is one) must not put the poll off.
+    let mut next_poll = Instant::now() + POLL;
     loop {
-        match rx.recv_timeout(POLL) {
-            Ok(event) if matters(&event) => break,
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) if polled() => {
+        if Instant::now() >= next_poll {
+            next_poll = Instant::now() + POLL;
+            if polled() {
                 tracing::debug!("a manifest changed without an event (a symlink to another directory?); reloading");
                 break;
             }
-            Err(RecvTimeoutError::Timeout) => {}
+        }
+        match rx.recv_timeout(next_poll.saturating_duration_since(Instant::now())) {
+            Ok(event) if matters(&event) => break,
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return false,
         }
     }

@@ -442,7 +442,8 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigErr
         let message = e.into_inner().to_string();
         // A short value is a typo worth showing (`deny-some`, `anthropic` where a map goes); a long
         // one may be a key pasted in the wrong place.
-        let long_value = message.split(['"', '`']).nth(1).is_some_and(|v| v.len() > MAX_QUOTED_VALUE);
+        let long_value = first_quoted(&message)
+            .is_some_and(|v| v.len() > MAX_QUOTED_VALUE || v.contains(['@', '\\']) || v.contains("://"));
         let quotes_a_value =
             long_value && ["invalid type", "invalid value", "unknown variant"].iter().any(|p| message.starts_with(p));
         let message = match SECRET_FIELDS.iter().any(|f| field.starts_with(f)) {
@@ -462,6 +463,28 @@ const MAX_QUOTED_VALUE: usize = 24;
 
 /// Fields of keyswap's resources whose values may be credentials.
 const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];
+
+/// What a parser's message quotes first (`"…"` with Debug escapes, or `` `…` ``).
+fn first_quoted(message: &str) -> Option<String> {
+    let (mut open, mut escaped, mut inside) = (None, false, String::new());
+    for c in message.chars() {
+        match open {
+            None if c == '"' || c == '`' => open = Some(c),
+            None => {}
+            Some(_) if escaped => {
+                escaped = false;
+                inside.push(c);
+            }
+            Some('"') if c == '\\' => {
+                escaped = true;
+                inside.push(c);
+            }
+            Some(q) if c == q => return Some(inside),
+            Some(_) => inside.push(c),
+        }
+    }
+    open.map(|_| inside)
+}
 
 /// A parser's message with what it quotes (`"…"`, `` `…` ``: the offending value) left out.
 fn unquoted(message: &str) -> String {
@@ -765,6 +788,14 @@ mod tests {
             assert_eq!(errs.len(), 1, "{text}: {errs:?}");
             let e = errs[0].to_string();
             assert!(!e.contains("s3cret") && e.contains(expected), "{e}");
+        }
+        // Short but credential-shaped (a URL with a password), or quoting a quote: not shown.
+        let gw = |store: &str| {
+            format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: g}}\nspec: {{budgetStore: {{redis: {store}}}}}\n")
+        };
+        for store in ["'redis://:hunter2@r:6379'", r#"'ab"hunter2'"#] {
+            let (_, errs) = parse(&gw(store));
+            assert!(!errs[0].to_string().contains("hunter2"), "{errs:?}");
         }
         // A short value, a typo, is shown: it is what the operator needs to see.
         let (_, errs) = parse(&policy("  secretRef: {name: s}\n  target: Hedaer"));

@@ -41,11 +41,15 @@ pub fn on_request_headers(
     if matches!(resume, Resume::First) {
         Metrics::inc(&shared.metrics.requests);
     }
-    // After a JWKS refetch, a key still unknown is refused, never waited for again.
-    let refetched = matches!(resume, Resume::Keys);
+    // After a JWKS refetch, a key still unknown to that source is refused, never waited for
+    // again (another source, one the chain reached only now, may still be fetched once).
+    let refetched = match &resume {
+        Resume::Keys(jwks) => Some(jwks.clone()),
+        _ => None,
+    };
     let (fetched, held) = match resume {
         Resume::Token(t, held) => (Some(t), held),
-        Resume::First | Resume::Keys => (None, Places::default()),
+        Resume::First | Resume::Keys(_) => (None, Places::default()),
     };
     let mut req = Incoming::new(snapshot, shared, headers, has_body);
     req.held = std::cell::Cell::new(held);
@@ -64,7 +68,9 @@ pub fn on_request_headers(
             Admission::Admitted(id) => (req.identity, req.agent_token) = (Some(id), presented),
             Admission::Anonymous => {}
             Admission::Rejected(r) => return req.unauthenticated(&r),
-            Admission::NeedKeys(_) if refetched => return req.unauthenticated(&crate::auth::Rejection::InvalidToken),
+            Admission::NeedKeys(jwks) if refetched.as_ref().is_some_and(|r| std::sync::Arc::ptr_eq(r, &jwks)) => {
+                return req.unauthenticated(&crate::auth::Rejection::InvalidToken)
+            }
             Admission::NeedKeys(jwks) => return Step::Wait(Wait::Keys(jwks)),
         }
     }

@@ -32,8 +32,8 @@ pub enum Resume<'a> {
     /// waited: the decision keeps them rather than asking again (a request of the same key
     /// arriving meanwhile cannot take a place this one waited in).
     Token(Result<&'a Token, &'a str>, Places),
-    /// After a JWKS refetch.
-    Keys,
+    /// After a refetch of this JWKS source.
+    Keys(Arc<crate::auth::jwt::Jwks>),
 }
 
 /// Request headers parked until what they wait for arrives.
@@ -51,14 +51,14 @@ pub(super) struct Waiting {
 
 enum WaitFor {
     Token(crate::inject::gcp::TokenFuture),
-    Keys(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>),
+    Keys(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>, Arc<crate::auth::jwt::Jwks>),
 }
 
 impl WaitFor {
     fn of(step_wait: Wait) -> (WaitFor, Places) {
         match step_wait {
             Wait::Token(source, held) => (WaitFor::Token(Box::pin(async move { source.token().await })), held),
-            Wait::Keys(jwks) => (WaitFor::Keys(jwks.refresh()), Places::default()),
+            Wait::Keys(jwks) => (WaitFor::Keys(jwks.refresh(), jwks), Places::default()),
         }
     }
 }
@@ -84,22 +84,23 @@ impl ProcessStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<ProcessingResponse, Status>>> {
         let Some(w) = self.waiting.as_mut() else { return Poll::Pending };
-        let token = match &mut w.wait {
+        let (token, refetched) = match &mut w.wait {
             WaitFor::Token(f) => {
                 let Poll::Ready(token) = f.as_mut().poll(cx) else { return Poll::Pending };
-                Some(token)
+                (Some(token), None)
             }
-            WaitFor::Keys(f) => {
+            WaitFor::Keys(f, jwks) => {
                 let Poll::Ready(()) = Pin::new(f).poll(cx) else { return Poll::Pending };
-                None
+                (None, Some(jwks.clone()))
             }
         };
         let mut w = self.waiting.take().expect("waiting");
         let held = std::mem::take(&mut w.held);
         let this = &mut *self;
-        let resume = match &token {
-            Some(t) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e), held),
-            None => Resume::Keys,
+        let resume = match (&token, refetched) {
+            (Some(t), _) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e), held),
+            (None, Some(jwks)) => Resume::Keys(jwks),
+            (None, None) => Resume::First,
         };
         let outcome = match on_request_headers(&w.snapshot, &this.shared, &w.headers, w.has_body, resume, &w.peer) {
             Step::Answer(outcome) => outcome,

@@ -198,7 +198,15 @@ pub const REGISTRY: &[Provider] = &[
         default_header: None,
         credential_query_params: &[],
         model_in_path: ModelInPath::No,
-        endpoints: &[],
+        // An upstream keyswap does not know: the OpenAI-compatible paths self-hosted servers
+        // (vLLM, Ollama, LiteLLM) serve are GenAI operations in its telemetry.
+        endpoints: &[
+            Endpoint { path: "/*/chat/completions", operation: "chat" },
+            Endpoint { path: "/*/completions", operation: "text_completion" },
+            Endpoint { path: "/*/embeddings", operation: "embeddings" },
+            Endpoint { path: "/*/responses", operation: "chat" },
+            Endpoint { path: "/*/messages", operation: "chat" },
+        ],
         unmetered: &[],
         scrub_bodies_by_default: true,
         wildcard_label: None,
@@ -414,5 +422,11 @@ mod tests {
         let azure = lookup("azure-openai").unwrap();
         assert_eq!(azure.operation("/openai/deployments/d/chat/completions?api-version=1"), Some("chat"));
         assert_eq!(azure.operation("/openai/deployments/d/completions"), Some("text_completion"));
+        // An upstream keyswap does not know (a self-hosted vLLM) keeps its GenAI telemetry on
+        // the OpenAI-compatible paths.
+        let custom = lookup("custom").unwrap();
+        assert_eq!(custom.operation("/v1/chat/completions"), Some("chat"));
+        assert_eq!(custom.operation("/v1/completions"), Some("text_completion"));
+        assert_eq!(custom.operation("/v1/models"), None);
     }
 }

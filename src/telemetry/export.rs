@@ -154,7 +154,7 @@ fn without_query(url: &str) -> String {
 
 /// The part of a malformed `k=v` item safe to print: nothing after a `=` or `:`.
 fn name_of(item: &str) -> &str {
-    item.split([':', ' ']).next().unwrap_or("")
+    item.split([':', ' ', '=']).next().unwrap_or("")
 }
 
 /// The longest time an `OTEL_*` millisecond variable may name: a day (a schedule or timeout
@@ -221,7 +221,7 @@ pub fn settings_for(
     let first =
         |names: &[&str]| names.iter().find_map(|&n| env(n).filter(|v| !v.is_empty()).map(|v| (n.to_owned(), v)));
     let var = |suffix: &str| format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.var());
-    if !exported(signal, &env)? {
+    if sdk_disabled(&env) {
         return Ok(None);
     }
     let transport = match first(&[&var("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
@@ -240,6 +240,11 @@ pub fn settings_for(
             None => return Ok(None),
         },
     };
+    // Only with an endpoint: a variable inherited from a base image (`console`) stops no keyswap
+    // that exports nothing anyway.
+    if !exported(signal, &env)? {
+        return Ok(None);
+    }
     let uri = endpoint_uri(&source, &endpoint)?;
     let endpoint = match transport {
         Transport::HttpProtobuf if base => signal_url(&uri, signal),
@@ -315,9 +320,10 @@ fn endpoint_uri(source: &str, endpoint: &str) -> Result<hyper::Uri, String> {
     if authority.is_some_and(|a| a.contains('@')) {
         return Err(format!("{source} has credentials in its URL (user:password@); send them as OTLP headers instead"));
     }
-    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{endpoint}` is not a URL: {e}"))?;
+    let shown = without_query(endpoint);
+    let uri: hyper::Uri = endpoint.parse().map_err(|e| format!("{source} `{shown}` is not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-        return Err(format!("{source} `{endpoint}` must be an http:// or https:// URL with a host"));
+        return Err(format!("{source} `{shown}` must be an http:// or https:// URL with a host"));
     }
     Ok(uri)
 }
@@ -424,7 +430,7 @@ impl Exporter {
             Transport::HttpProtobuf => s.endpoint.parse(),
             Transport::Grpc => format!("{}{}", s.endpoint, s.signal.grpc_path()).parse(),
         }
-        .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?;
+        .map_err(|e| format!("OTLP endpoint {}: {e}", without_query(&s.endpoint)))?;
         let read = |p: &std::path::Path, var: &str| std::fs::read(p).map_err(|e| format!("{var}={}: {e}", p.display()));
         let tls = crate::http::Tls {
             roots: s.certificate.as_deref().map(|p| read(p, "OTEL_EXPORTER_OTLP_CERTIFICATE")).transpose()?,
@@ -437,13 +443,14 @@ impl Exporter {
         };
         let wire = match s.transport {
             Transport::HttpProtobuf => Wire::Http(
-                crate::http::client_with(&uri, false, &tls).map_err(|e| format!("OTLP endpoint {uri}: {e}"))?,
+                crate::http::client_with(&uri, false, &tls)
+                    .map_err(|e| format!("OTLP endpoint {}: {e}", without_query(&uri.to_string())))?,
             ),
             Transport::Grpc => {
-                let connector =
-                    crate::http::connector_with(&uri, true, &tls).map_err(|e| format!("OTLP endpoint {uri}: {e}"))?;
+                let connector = crate::http::connector_with(&uri, true, &tls)
+                    .map_err(|e| format!("OTLP endpoint {}: {e}", without_query(&uri.to_string())))?;
                 let channel = tonic::transport::Endpoint::from_shared(s.endpoint.clone())
-                    .map_err(|e| format!("OTLP endpoint {}: {e}", s.endpoint))?
+                    .map_err(|e| format!("OTLP endpoint {}: {e}", without_query(&s.endpoint)))?
                     .connect_with_connector_lazy(connector);
                 let mut grpc = tonic::client::Grpc::new(channel);
                 if s.gzip {
@@ -961,6 +968,8 @@ mod tests {
         }
         for v in ["console", "zipkin", "otlp,console"] {
             assert!(settings(Some(&spec), env(v)).unwrap_err().contains("not supported"), "{v}");
+            // Without an endpoint keyswap exports nothing: an inherited variable stops nothing.
+            assert_eq!(settings(None, env(v)).unwrap(), None, "{v}");
         }
         let none = |_: &str| None;
         for (base, traces, metrics) in [
@@ -975,6 +984,15 @@ mod tests {
             let at = |signal| settings_for(signal, Some(&otlp(base)), none).unwrap().unwrap().endpoint;
             assert_eq!((at(Signal::Traces), at(Signal::Metrics)), (traces.to_string(), metrics.to_string()), "{base}");
         }
+        // Errors at start name the endpoint and the attribute without the token either.
+        let bad = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "ftp://c/?api_key=T0KEN".to_string());
+        assert!(!settings(None, bad).unwrap_err().contains("T0KEN"));
+        let bad = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://c:4318".to_string()),
+            "OTEL_RESOURCE_ATTRIBUTES" => Some("team=a%ZZT0KEN".to_string()),
+            _ => None,
+        };
+        assert!(!settings(None, bad).unwrap_err().contains("T0KEN"));
         // The start log prints the settings: not a token in the endpoint's query.
         let s = settings(Some(&otlp("http://c:4318/otlp?api_key=T0KEN")), none).unwrap().unwrap();
         assert!(!format!("{s} {s:?}").contains("T0KEN"), "{s}");
