@@ -89,7 +89,9 @@ pub struct SourceArgs {
     /// `serve --kubernetes`.
     #[arg(long, short = 'c', env = "KEYSWAP_CONFIG", value_name = "DIR")]
     pub config: Option<PathBuf>,
-    /// The EgressGateway to serve, NAMESPACE/NAME. Optional when the configuration has exactly one.
+    /// The EgressGateway, NAMESPACE/NAME: the one to serve (or explain, or make certificates
+    /// for); optional when the configuration has exactly one. `check` without it checks every
+    /// gateway.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub gateway: Option<String>,
     /// Take a Secret key from an environment variable (for development), e.g.
