@@ -707,12 +707,16 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
 
 /// keyswap on `config` (its gateway written to `config.yaml`), over loopback gRPC: the process,
 /// its work directory and a client.
-async fn keyswap_over_grpc(config: &Path, gateway: String) -> (Proc, tempfile::TempDir, common::grpc::Client) {
+async fn keyswap_over_grpc(
+    config: &Path,
+    gateway: String,
+    env: &[(&str, &str)],
+) -> (Proc, tempfile::TempDir, common::grpc::Client) {
     std::fs::write(config.join("config.yaml"), gateway).unwrap();
     let work = tempfile::tempdir().unwrap();
     let grpc_port = free_port();
     let listen = format!("127.0.0.1:{grpc_port}");
-    let (keyswap, _uds) = start_keyswap(config, work.path(), &[], &["--listen", &listen]);
+    let (keyswap, _uds) = start_keyswap(config, work.path(), env, &["--listen", &listen]);
     let c = common::grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;
     (keyswap, work, c)
 }
@@ -772,7 +776,7 @@ spec:
         jwks.display(),
         anthropic_default_key()
     );
-    let (_keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway).await;
+    let (_keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[]).await;
     let sign = |kid: &str, iss: &str| {
         let claims = format!(r#"{{"iss": "{iss}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
         jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), kid, &claims])
@@ -812,7 +816,7 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
         jwks.display(),
         anthropic_default_key()
     );
-    let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway).await;
+    let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[]).await;
     let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
     let token =
         |kid: &str| format!("Bearer {}", jwt_tool(&["sign", "RS256", &format!("{kd}/{kid}.key.pem"), kid, &claims]));
@@ -836,4 +840,40 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
     eprintln!("removed key refused after {:?}", since.elapsed());
     let r = ask(&mut c, &t2).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "the kept key still admits");
+}
+
+/// An issuer moving its keys: two validators of one issuer, the token's key published only by
+/// the second source. The request waits for the first source's refetch (no such key there); the
+/// second source, never fetched yet, must still be fetched once: refusing every key still unknown
+/// after one refetch refused such tokens for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_empty() {
+    use common::grpc::{mutation, set_value};
+    use std::sync::{atomic::Ordering, Arc, Mutex};
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().to_str().unwrap();
+    let (k1, k2) = (jwt_tool(&["keygen", kd, "k1", "rsa"]), jwt_tool(&["keygen", kd, "k2", "rsa"]));
+    let (certs_a, certs_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let doc = |k: &str| Arc::new(Mutex::new(format!("{{\"keys\": [{k}]}}")));
+    let (port_a, ca_a, fetches_a) = jwks_server(certs_a.path(), doc(&k2)).await;
+    let (port_b, ca_b, fetches_b) = jwks_server(certs_b.path(), doc(&k1)).await;
+    let bundle = certs_a.path().join("both-cas.pem");
+    std::fs::write(&bundle, std::fs::read_to_string(ca_a).unwrap() + &std::fs::read_to_string(ca_b).unwrap()).unwrap();
+    let source = |name: &str, port: u16| {
+        format!("    - name: {name}\n      jwt: {{issuer: \"{ISSUER}\", audiences: [keyswap], jwksUrl: \"https://localhost:{port}/.well-known/jwks.json\"}}\n")
+    };
+    let gateway = format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators:\n{}{}---\n{}",
+        source("old-keys", port_a),
+        source("new-keys", port_b),
+        anthropic_default_key()
+    );
+    let config = tempfile::tempdir().unwrap();
+    let bundle = bundle.display().to_string();
+    let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[("SSL_CERT_FILE", &bundle)]).await;
+    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
+    let token = jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), "k1", &claims]);
+    let r = decide_with_bearer(&mut c, &format!("Bearer {token}")).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+    assert_eq!((fetches_a.load(Ordering::SeqCst), fetches_b.load(Ordering::SeqCst)), (1, 1));
 }
