@@ -19,7 +19,7 @@ use crate::extproc::server::Bound;
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Directory of manifests.
-    #[arg(long, short = 'c', value_name = "DIR", default_value = "manifests/examples")]
+    #[arg(long, short = 'c', env = "KEYSWAP_CONFIG", value_name = "DIR", default_value = "manifests/examples")]
     pub config: PathBuf,
     /// The EgressGateway to run, NAMESPACE/NAME (optional with exactly one).
     #[arg(long, value_name = "NAMESPACE/NAME")]

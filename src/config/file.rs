@@ -290,7 +290,7 @@ impl FileSource {
                     let mut data = SecretData::default();
                     data.entries.insert(es.key.clone(), value);
                     objects.push(Object {
-                        origin: Origin { file: PathBuf::from("--secret-from-env"), document: 1 },
+                        origin: Origin { file: PathBuf::from("--secret"), document: 1 },
                         key: es.secret.clone(),
                         resource: Resource::Secret(data),
                     });
