@@ -390,6 +390,14 @@ impl Replica {
 
 /// A gateway with one budget (`name`, attached to `parent`, with `spec` lines), served by one
 /// replica in front of `meter`; the config directory lives as long as the first value.
+/// A gateway-wide budget's spec that reserves 10 output tokens for a request naming no limit
+/// (less than the meter writes then): what it settles shows whether the real usage was read.
+const SMALL_RESERVATION: &str =
+    "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+
+/// The tokens budget `default/shared` settled (`/metrics`).
+const SHARED_SETTLED: &str = "keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}";
+
 fn one_budget(meter: &Meter, name: &str, parent: &str, spec: &str) -> (tempfile::TempDir, Replica) {
     one_budget_with(meter, name, parent, spec, false)
 }
@@ -546,7 +554,7 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
     let endpoint = format!("http://{collector_addr}");
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
     let r = tokio::task::block_in_place(|| Replica::start_env_with(config.path(), meter.addr, &env, observe));
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let settled = || r.metric(SHARED_SETTLED);
     let reserved = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"reserved\"}");
     let cases = [
         (
@@ -603,10 +611,9 @@ async fn streamed_openai_and_anthropic_responses_settle_their_reported_usage_wit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used() {
     let meter = Meter::start(Duration::ZERO).await;
-    let spec =
-        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let spec = SMALL_RESERVATION;
     let (_config, r) = one_budget(&meter, "shared", "{kind: EgressGateway, name: egress}", spec);
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let settled = || r.metric(SHARED_SETTLED);
     // The meter writes 50 output tokens when no max_tokens is set: more than the 10 reserved.
     for body in [
         r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
@@ -665,10 +672,9 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_compatible_endpoint_of_another_provider_is_charged_what_it_used() {
     let meter = Meter::start(Duration::ZERO).await;
-    let spec =
-        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let spec = SMALL_RESERVATION;
     let (_config, r) = one_budget(&meter, "shared", "{kind: EgressGateway, name: egress}", spec);
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let settled = || r.metric(SHARED_SETTLED);
     let path = "/v1/chat/completions";
     for body in [
         r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#,
@@ -728,15 +734,14 @@ async fn a_bedrock_stream_is_settled_by_the_usage_in_its_event_stream() {
     let meter = Meter::start(Duration::ZERO).await;
     let route = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: bedrock}\nspec:\n  \
                  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: bedrock}]}]\n";
-    let spec =
-        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 10}";
+    let spec = SMALL_RESERVATION;
     let config = tempfile::tempdir().unwrap();
     write(
         config.path(),
         &gateway(&(route.to_owned() + &budget("shared", "{kind: EgressGateway, name: egress}", spec)), ""),
     );
     let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
-    let settled = || r.metric("keyswap_budget_tokens_total{budget=\"default/shared\",kind=\"settled\"}");
+    let settled = || r.metric(SHARED_SETTLED);
     let body = r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#;
     let host = "bedrock-runtime.us-east-1.amazonaws.com";
     let (status, _, text) =

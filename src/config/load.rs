@@ -464,49 +464,55 @@ const MAX_QUOTED_VALUE: usize = 24;
 /// Fields of keyswap's resources whose values may be credentials.
 const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];
 
-/// What a parser's message quotes first (`"…"` with Debug escapes, or `` `…` ``).
-fn first_quoted(message: &str) -> Option<String> {
-    let (mut open, mut escaped, mut inside) = (None, false, String::new());
+/// A parser's message in parts: text outside quotes (`None`), and each quoted value with its
+/// quote (`"…"` with Debug escapes: `\\"` inside does not end it; or `` `…` ``), the quotes left
+/// out. A quote never closed runs to the end.
+fn quoted_parts(message: &str) -> Vec<(Option<char>, String)> {
+    let mut parts: Vec<(Option<char>, String)> = vec![(None, String::new())];
+    let mut escaped = false;
     for c in message.chars() {
+        let open = parts.last().and_then(|p| p.0);
         match open {
-            None if c == '"' || c == '`' => open = Some(c),
+            Some(_) if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(q) if c == q => {
+                parts.push((None, String::new()));
+                continue;
+            }
+            Some(_) => {}
+            None if c == '"' || c == '`' => {
+                parts.push((Some(c), String::new()));
+                continue;
+            }
             None => {}
-            Some(_) if escaped => {
-                escaped = false;
-                inside.push(c);
-            }
-            Some('"') if c == '\\' => {
-                escaped = true;
-                inside.push(c);
-            }
-            Some(q) if c == q => return Some(inside),
-            Some(_) => inside.push(c),
+        }
+        if let Some(last) = parts.last_mut() {
+            last.1.push(c);
         }
     }
-    open.map(|_| inside)
+    parts
+}
+
+/// What a parser's message quotes first.
+fn first_quoted(message: &str) -> Option<String> {
+    quoted_parts(message).into_iter().find(|p| p.0.is_some()).map(|p| p.1)
 }
 
 /// A parser's message with what it quotes (`"…"`, `` `…` ``: the offending value) left out.
 fn unquoted(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut open: Option<char> = None;
-    let mut escaped = false;
-    for c in message.chars() {
-        match open {
-            // `\"` inside a quoted value (a Debug-escaped quote) does not end it.
-            Some(_) if escaped => escaped = false,
-            Some('"') if c == '\\' => escaped = true,
-            Some(q) if c == q => {
+    let parts = quoted_parts(message);
+    let last = parts.len() - 1;
+    for (i, (quote, text)) in parts.into_iter().enumerate() {
+        match quote {
+            None => out.push_str(&text),
+            // An unclosed quote (the message's end) shows its opening only, as before.
+            Some(q) if i == last => out.push(q),
+            Some(q) => {
+                out.push(q);
                 out.push('…');
-                out.push(c);
-                open = None;
+                out.push(q);
             }
-            Some(_) => {}
-            None if c == '"' || c == '`' => {
-                out.push(c);
-                open = Some(c);
-            }
-            None => out.push(c),
         }
     }
     out
