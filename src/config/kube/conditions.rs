@@ -7,7 +7,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource as _};
 
 use crate::api::{AIProviderRoute, CredentialInjectionPolicy};
-use crate::config::load::{Key, DEFAULT_NAMESPACE};
+use crate::config::load::Key;
 
 /// One condition as keyswap computes it: (type, status, reason, message).
 pub(super) type Verdict = Vec<(String, String, String, String)>;
@@ -18,9 +18,7 @@ pub(super) fn conditions(
     routes: &Store<AIProviderRoute>,
     policies: &Store<CredentialInjectionPolicy>,
 ) -> Vec<((&'static str, Key), Verdict)> {
-    let key = |m: &kube::core::ObjectMeta| {
-        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
-    };
+    let key = super::object_key;
     let errors_for = |label: String| -> Option<String> {
         let errs = match built {
             Err(errs) => &errs.0,

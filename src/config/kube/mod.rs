@@ -477,9 +477,7 @@ fn collect(
     budgets: &Store<TokenBudget>,
     secrets: &HashMap<SecretWatch, Watched<Secret>>,
 ) -> Result<Vec<Object>, super::ConfigErrors> {
-    let key = |m: &kube::core::ObjectMeta| {
-        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
-    };
+    let key = object_key;
     let mut objects = Vec::new();
     for g in gateways.state() {
         objects.push(Object { origin: origin(), key: key(g.meta()), resource: Resource::Gateway(g.spec.clone()) });
@@ -499,14 +497,17 @@ fn collect(
     Ok(objects)
 }
 
+/// The key of an object the API server sent (its namespace, `default` when it has none).
+pub(super) fn object_key(m: &kube::core::ObjectMeta) -> Key {
+    Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
+}
+
 /// One copy of each Secret from watches that overlap (the house key is watched by name and by
 /// its namespace's watch when a policy templates tenants' Secrets there): the newest by
 /// `resourceVersion`, whatever order the watches come in. A watch that lags (relisting after an
 /// outage) could otherwise put an old key back over a rotation.
 fn newest_secrets(watches: impl Iterator<Item = Vec<Arc<Secret>>>) -> BTreeMap<Key, Arc<Secret>> {
-    let key = |m: &kube::core::ObjectMeta| {
-        Key::new(m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into()), m.name.clone().unwrap_or_default())
-    };
+    let key = object_key;
     // etcd's revisions: decimal numbers, compared as such (by length, then digits).
     let version = |s: &Secret| {
         let v = s.metadata.resource_version.as_deref().unwrap_or("");
