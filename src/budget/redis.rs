@@ -204,8 +204,12 @@ impl RedisStore {
     /// partition) sends no reset: redis-rs would keep waiting on the same socket until the kernel
     /// gave up on it, a quarter of an hour, and every budget followed its fail mode meanwhile.
     pub fn timed_out(&self, what: &str) -> StoreDown {
+        // Once per outage, not once per request that waited on it (a burst times out together).
+        let was_up = self.down_until.load(Ordering::Relaxed) <= self.epoch.elapsed().as_millis() as u64;
         let down = self.failed(what, &::redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)));
-        self.conn.store(Arc::new(connection(&self.client)));
+        if was_up {
+            self.conn.store(Arc::new(connection(&self.client)));
+        }
         down
     }
 

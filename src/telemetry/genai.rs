@@ -65,6 +65,19 @@ fn label_worthy(model: &str) -> bool {
         && model.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/' | b'@'))
 }
 
+/// The statuses `error.type` names; any other failure is [`OTHER_ERROR`] (`_OTHER`): the label
+/// stays low-cardinality whatever status codes an upstream invents.
+const ERROR_STATUSES: [u16; 14] = [400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 529];
+const OTHER_ERROR: u16 = 1;
+
+/// The `error` of an [`Observation`] for an answer with `status`.
+pub fn error_type(status: Option<i64>) -> u16 {
+    match status {
+        Some(c) if c >= 400 => ERROR_STATUSES.into_iter().find(|s| i64::from(*s) == c).unwrap_or(OTHER_ERROR),
+        _ => 0,
+    }
+}
+
 /// What one finished transaction adds.
 pub struct Observation<'a> {
     pub provider: &'static str,
@@ -72,8 +85,8 @@ pub struct Observation<'a> {
     pub model: &'a str,
     /// The provider answered with success: `model` may become a new label.
     pub answered: bool,
-    /// The upstream's status when it failed (400–999; `0`: none): the conventions' `error.type`
-    /// on the duration histogram, so that failures are not averaged with successes.
+    /// The upstream's status when it failed ([`error_type`]; `0`: none): the conventions'
+    /// `error.type` on the duration histogram, so that failures are not averaged with successes.
     pub error: u16,
     /// The bounded tenant label (`""`: none).
     pub tenant: &'a str,
@@ -188,7 +201,11 @@ impl GenAiMetrics {
                     if let Some(t) = token_type {
                         labels.push(("gen_ai_token_type", t));
                     }
-                    let code = (e.error != 0).then(|| e.error.to_string());
+                    let code = match e.error {
+                        0 => None,
+                        OTHER_ERROR => Some("_OTHER".to_owned()),
+                        c => Some(c.to_string()),
+                    };
                     if let Some(code) = &code {
                         labels.push(("error_type", code));
                     }
@@ -304,6 +321,9 @@ mod tests {
         };
         m.record(&obs("chat", 0, (Some(5), Some(7))));
         m.record(&obs("chat", 429, (None, None)));
+        // A status an upstream invents is `_OTHER`, never a label value of its own.
+        assert_eq!((error_type(Some(429)), error_type(Some(599)), error_type(Some(200))), (429, OTHER_ERROR, 0));
+        m.record(&obs("chat", error_type(Some(777)), (None, None)));
         m.record(&obs("embeddings", 0, (Some(8), None)));
         let mut page = crate::prom::Page::new();
         m.render(&mut page);
@@ -315,6 +335,7 @@ mod tests {
         for line in [
             format!("gen_ai_client_operation_duration_seconds_count{{{}}} 1", labels("chat")),
             format!("gen_ai_client_operation_duration_seconds_count{{{},error_type=\"429\"}} 1", labels("chat")),
+            format!("gen_ai_client_operation_duration_seconds_count{{{},error_type=\"_OTHER\"}} 1", labels("chat")),
             format!("gen_ai_client_token_usage_sum{{{},gen_ai_token_type=\"input\"}} 8", labels("embeddings")),
         ] {
             assert!(out.lines().any(|l| l == line), "missing `{line}` in\n{out}");

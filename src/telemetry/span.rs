@@ -477,7 +477,7 @@ impl Transaction {
                 operation,
                 model: self.request_model.as_deref().or(info.model.as_deref()).unwrap_or("unknown"),
                 answered: matches!(self.status_code, Some(200..=299)),
-                error: self.status_code.filter(|c| *c >= 400).map_or(0, |c| c.clamp(0, 999) as u16),
+                error: super::genai::error_type(self.status_code),
                 tenant: self.tenant_label.as_deref().unwrap_or(""),
                 tokens: (u.input_tokens, u.output_tokens),
                 duration_s: seconds(end),
