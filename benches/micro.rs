@@ -430,6 +430,7 @@ fn agent_auth(c: &mut Criterion) {
             jwt("hs", None, Some(jsonwebtoken::DecodingKey::from_secret(secret))),
         ],
         counters: TenantCounters::new(&[]),
+        scopes: Vec::new(),
         edge_headers: Vec::new(),
     };
     let peer = Peer::default();

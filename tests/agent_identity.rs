@@ -877,3 +877,61 @@ async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_e
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
     assert_eq!((fetches_a.load(Ordering::SeqCst), fetches_b.load(Ordering::SeqCst)), (1, 1));
 }
+
+/// The attack: a partner's identity provider (a `jwt` validator whose callers, or whose IdP
+/// admins, choose the `org` claim) mints a token naming tenant-a, whose agents are API-key agents
+/// with tenant-a's own provider key. Without `tenants` on the validator, keyswap wrote tenant-a's
+/// key for the partner's agent, and counted it in tenant-a's budgets. With `tenants:
+/// [partner-*]`: 403 `tenant_not_allowed`, nothing forwarded, while the partner's own tenants and
+/// tenant-a's API-key agent are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_identity_provider_cannot_name_another_validators_tenant() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let gateway = format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators:\n    - apiKeys: {{}}\n    - name: partner\n      tenants: ['partner-*']\n      jwt: {{issuer: {ISSUER}, audiences: [keyswap], hs256SecretRef: {{name: hs-secret}}, claimMapping: {{tenant: org}}}}\n---\n{}{}---\n{}---\n{}",
+        anthropic_byok(
+            "    byTenant:\n      tenants:\n        tenant-a: {secretRef: {name: key-a}}\n        partner-b: {secretRef: {name: key-b}}"
+        ),
+        secret_manifest("key-a", "token", KEY_A),
+        secret_manifest("key-b", "token", KEY_B),
+        secret_manifest("hs-secret", "token", HS_SECRET),
+    );
+    std::fs::write(config_dir.path().join("config.yaml"), gateway).unwrap();
+    let alpha = create_token(&config_dir.path().join("alpha-token.yaml"), "alpha", "tenant-a");
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start().await;
+    fake.set_accepts(
+        "api.anthropic.com",
+        vec![Accept::Header("x-api-key", KEY_A.into()), Accept::Header("x-api-key", KEY_B.into())],
+    );
+    let (keyswap, uds) = start_keyswap(config_dir.path(), work.path(), &[], &[]);
+    let (_envoy, port) = start_envoy(work.path(), &uds, fake.addr);
+    let c = client();
+    let jwt = |org: &str| {
+        let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "alpha", "exp": 600, "org": "{org}"}}"#);
+        format!("Bearer {}", jwt_tool(&["sign", "HS256", HS_SECRET, "-", &claims]))
+    };
+    let last_key = || {
+        let seen = fake.seen();
+        let h = &seen.last().expect("forwarded").headers;
+        h.iter()
+            .filter(|(k, _)| k == "x-api-key")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let msgs = "/v1/messages";
+    for org in ["tenant-a", "partner", "Partner-b"] {
+        let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &jwt(org))]).await;
+        assert_eq!(st, 403, "{org}: {body}\n{}", keyswap.output());
+        assert!(body.contains("tenant_not_allowed") && body.contains("agent_forbidden"), "{org}: {body}");
+        assert!(!body.contains(KEY_A) && !body.contains(HS_SECRET), "{body}");
+    }
+    assert!(fake.seen().is_empty(), "a refused caller reached the provider");
+    let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &jwt("partner-b"))]).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(last_key(), [KEY_B], "the partner's own tenant");
+    let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("x-api-key", &alpha)]).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(last_key(), [KEY_A], "tenant-a's own agent");
+    assert!(keyswap.output().contains("tenant_not_allowed"), "the log names the reason");
+}

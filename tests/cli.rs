@@ -97,6 +97,25 @@ fn check_warns_that_optional_agent_auth_lets_a_caller_leave_its_own_budget() {
     }
 }
 
+/// A `jwt` validator that maps a tenant claim beside API-key agents with tenants: whoever its
+/// identity provider lets choose the claim can name any tenant. `check` says so until the
+/// validator has `tenants`.
+#[test]
+fn check_warns_that_a_validator_may_name_any_tenant() {
+    for (tenants, warns) in [("", true), (", tenants: ['partner-*']", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators:\n    - apiKeys: {{}}\n    - {{name: partner, jwt: {{issuer: https://idp.test/, audiences: [keyswap], hs256SecretRef: {{name: hs}}, claimMapping: {{tenant: org}}}}{tenants}}}\n---\n{}---\n{}",
+            secret_manifest("hs", "token", "an-hs256-secret-of-at-least-32-bytes"),
+            secret_manifest("anthropic", "token", ANTHROPIC_KEY)
+        );
+        std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+        let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        assert_eq!(out.contains("warning: validator partner takes its callers' tenant"), warns, "{tenants}: {out}");
+    }
+}
+
 #[test]
 fn check_passes_on_the_shipped_examples() {
     for dir in ["/manifests/examples", "/manifests/examples/echo-bot"] {

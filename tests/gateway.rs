@@ -392,10 +392,20 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     let target = format!("http://{}/ping", other.addr);
     let work = tempfile::tempdir().unwrap();
     let config = tempfile::tempdir().unwrap();
-    let auth = "  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n";
+    // An API-key agent of tenant-a, under a validator that may name only `partner-*` tenants.
+    const OUT_OF_SCOPE: &str = "ksa_tenant-a-agent-0002";
+    let auth = "  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n    - {apiKeys: {}, tenants: ['partner-*']}\n";
     let gateway = gateway_config("deny-all", free_port(), "\"127.0.0.1:*\"")
         .replace("  defaultPolicy: deny-all\n", &format!("  defaultPolicy: deny-all\n{auth}"));
-    let manifests = format!("{gateway}\n---\n{}", secret_manifest("ci-token", "token", TOKEN));
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, OUT_OF_SCOPE.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let agent_key = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: a1, labels: {{keyswap.dev/agent-token: \"true\"}}}}\nstringData: {{sha256: \"{digest}\", agent: a1, tenant: tenant-a}}\n"
+    );
+    let manifests = format!("{gateway}\n---\n{}---\n{agent_key}", secret_manifest("ci-token", "token", TOKEN));
     std::fs::write(config.path().join("gateway.yaml"), manifests).unwrap();
     let (collector, collector_addr) = otlp::Receiver::start().await;
     let endpoint = format!("http://{collector_addr}");
@@ -420,6 +430,9 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
         assert!(err.contains("407"), "{refused:?}: {err}");
         assert!(!err.contains(TOKEN));
     }
+    // An agent its validator may not give its tenant: 403, not a 407 asking for credentials.
+    let (code, _, err) = tunnel(&["--proxy-user", &format!("a1:{OUT_OF_SCOPE}")]);
+    assert!(code != 0 && err.contains("403"), "{err}");
     assert_eq!(other.seen().len(), 0, "a refused tunnel reached the service");
     let bearer = format!("Proxy-Authorization: Bearer {TOKEN}");
     for admitted in [&["--proxy-user", &format!("ci:{TOKEN}")][..], &["--proxy-header", &bearer]] {
@@ -430,10 +443,12 @@ async fn a_tunnel_on_a_gateway_with_agent_auth_needs_the_agents_token() {
     // What the service got never carries the token: Envoy ends the CONNECT, not the tunnel.
     assert!(other.seen().iter().all(|s| !s.everything().contains(TOKEN)), "{:?}", other.seen());
     // Each refusal is a span (CONNECT, 407, why); no token, plain or as the header carried it.
-    let spans = collector.wait_for(refusals.len()).await;
+    let spans = collector.wait_for(refusals.len() + 1).await;
     let connects: Vec<_> = spans.iter().map(|(_, s)| s).filter(|s| s.name.starts_with("CONNECT")).collect();
-    assert_eq!(connects.len(), refusals.len(), "{connects:#?}");
-    assert!(connects.iter().all(|s| otlp::i(&s.attributes, "http.response.status_code") == Some(407)));
+    assert_eq!(connects.len(), refusals.len() + 1, "{connects:#?}");
+    let statuses: Vec<_> = connects.iter().map(|s| otlp::i(&s.attributes, "http.response.status_code")).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == Some(407)).count(), refusals.len(), "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == Some(403)).count(), 1, "{statuses:?}");
     let raw: Vec<u8> = collector.raw.lock().unwrap().concat();
     let log = dev.proc.output();
     for secret in [TOKEN, ANTHROPIC_KEY] {

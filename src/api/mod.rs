@@ -136,9 +136,17 @@ pub struct AgentAuth {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentValidator {
-    /// Shown in spans as `keyswap.auth.validator` (default: the validator type).
+    /// Shown in spans as `keyswap.auth.validator` (default: the validator type); unique within
+    /// the chain (budgets kept per agent count each validator's agents apart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The tenants this validator's callers may name (names, or `*` globs such as `partner-*`):
+    /// a caller it admits that names another (a JWT claim, an edge-trust header, an API key's
+    /// Secret) is refused with 403 `tenant_not_allowed`. Empty: any tenant. Set it whenever
+    /// another validator's agents have tenants, so this one's callers cannot take their keys or
+    /// budgets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<ApiKeysValidator>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

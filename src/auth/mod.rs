@@ -179,6 +179,8 @@ pub enum Rejection {
     InvalidToken,
     /// An API key past its expiry.
     ExpiredToken,
+    /// A caller admitted by a validator whose `tenants` do not include the tenant it names.
+    TenantNotAllowed,
 }
 
 impl Rejection {
@@ -187,6 +189,16 @@ impl Rejection {
             Rejection::MissingToken => "missing_agent_token",
             Rejection::InvalidToken => "invalid_agent_token",
             Rejection::ExpiredToken => "expired_agent_token",
+            Rejection::TenantNotAllowed => "tenant_not_allowed",
+        }
+    }
+
+    /// 401 for a caller not identified; 403 for one identified but naming a tenant its
+    /// validator may not.
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::TenantNotAllowed => 403,
+            _ => 401,
         }
     }
 
@@ -197,6 +209,7 @@ impl Rejection {
             }
             Rejection::InvalidToken => "the agent token is not valid here (unknown, revoked or malformed)",
             Rejection::ExpiredToken => "the agent token has expired",
+            Rejection::TenantNotAllowed => "the validator that admitted this agent may not name its tenant",
         }
     }
 }
@@ -212,11 +225,29 @@ pub enum Admission<'a> {
     NeedKeys(Arc<jwt::Jwks>),
 }
 
+/// The tenants a validator's callers may name (`validators[].tenants`: names or `*` globs).
+/// Empty: any tenant.
+#[derive(Clone, Debug, Default)]
+pub struct TenantScope(pub Box<[Box<str>]>);
+
+impl TenantScope {
+    /// Whether an identity with `tenant` may be admitted (one without a tenant always may).
+    pub fn allows(&self, tenant: Option<&str>) -> bool {
+        match tenant {
+            None => true,
+            Some(t) => self.0.is_empty() || self.0.iter().any(|p| crate::glob::matches(p, t, None)),
+        }
+    }
+}
+
 /// `spec.agentAuth`, compiled.
 #[derive(Debug)]
 pub struct Chain {
     pub optional: bool,
     pub validators: Vec<Validator>,
+    /// Each validator's tenants, by its index in `validators` (a validator past the end has
+    /// none: any tenant).
+    pub scopes: Vec<TenantScope>,
     /// Per-tenant admission counters (`spec.agentAuth.metricsTenants`, then "other").
     pub counters: TenantCounters,
     /// Header names edge-trust validators read: never forwarded upstream, trusted or not.
@@ -274,22 +305,42 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Chain {
+    /// The validators whose callers' tenant comes from what they send (a JWT claim, an
+    /// edge-trust header) without `tenants` to bound it.
+    pub fn unscoped_tenant_namers(&self) -> impl Iterator<Item = &str> {
+        self.validators.iter().enumerate().filter_map(|(i, v)| {
+            let (name, names_tenant) = match v {
+                Validator::Jwt(j) => (&j.name, j.claims.tenant.is_some()),
+                Validator::EdgeTrust(e) => (&e.name, e.tenant_header.is_some()),
+                Validator::ApiKeys { .. } | Validator::SharedToken { .. } => return None,
+            };
+            let unscoped = self.scopes.get(i).is_none_or(|s| s.0.is_empty());
+            (names_tenant && unscoped).then_some(&**name)
+        })
+    }
+
     /// Runs the chain on `token` (from [`agent_token`]), the connection `peer` and the request's
     /// headers (`header(name)`, for edge trust).
-    pub fn admit<'h>(
-        &self,
+    pub fn admit<'s, 'h>(
+        &'s self,
         token: Option<&[u8]>,
         peer: &Peer,
         header: impl Fn(&str) -> Option<&'h str>,
         now: SystemTime,
-    ) -> Admission<'_> {
+    ) -> Admission<'s> {
         let mut rejection = Rejection::InvalidToken;
         // An oversized token is nobody's: no validator hashes or parses it (it is still refused
         // as invalid, never taken for an anonymous caller).
         let readable = token.filter(|t| t.len() <= MAX_AGENT_TOKEN_BYTES);
         // Hashed once, and only when an API-key validator is reached.
         let mut digest = None;
-        for v in &self.validators {
+        for (i, v) in self.validators.iter().enumerate() {
+            // An identity this validator may not give: refused, never passed to the next one
+            // (which would admit the same caller under another name).
+            let scoped = |id: Cow<'s, Identity>| match self.scopes.get(i) {
+                Some(scope) if !scope.allows(id.tenant.as_deref()) => Admission::Rejected(Rejection::TenantNotAllowed),
+                _ => Admission::Admitted(id),
+            };
             match (v, readable) {
                 (Validator::EdgeTrust(e), _) => {
                     if !e.trusts(peer) {
@@ -299,7 +350,7 @@ impl Chain {
                         continue;
                     };
                     let tenant = e.tenant_header.as_deref().and_then(&header).map(str::trim).filter(|t| !t.is_empty());
-                    return Admission::Admitted(Cow::Owned(Identity {
+                    return scoped(Cow::Owned(Identity {
                         agent: agent.into(),
                         tenant: tenant.map(Arc::from),
                         validator: e.name.clone(),
@@ -319,17 +370,17 @@ impl Chain {
                             rejection = Rejection::ExpiredToken;
                             continue;
                         }
-                        return Admission::Admitted(Cow::Borrowed(&key.identity));
+                        return scoped(Cow::Borrowed(&key.identity));
                     }
                 }
                 (Validator::SharedToken { digest: expected, identity, .. }, Some(t)) => {
                     let digest = &*digest.get_or_insert_with(|| token_digest(t));
                     if constant_time_eq(expected, digest) {
-                        return Admission::Admitted(Cow::Borrowed(identity));
+                        return scoped(Cow::Borrowed(identity));
                     }
                 }
                 (Validator::Jwt(j), Some(t)) => match j.verify(t) {
-                    jwt::Verdict::Admitted(id) => return Admission::Admitted(Cow::Owned(id)),
+                    jwt::Verdict::Admitted(id) => return scoped(Cow::Owned(id)),
                     jwt::Verdict::NeedKeys(jwks) => return Admission::NeedKeys(jwks),
                     // A more specific reason (expired) is kept over a later validator's "invalid".
                     jwt::Verdict::Rejected(r) if r != Rejection::InvalidToken => rejection = r,
@@ -456,6 +507,7 @@ mod tests {
                 },
             ],
             counters: TenantCounters::new(&["a".into()]),
+            scopes: Vec::new(),
             edge_headers: Vec::new(),
         }
     }
@@ -495,6 +547,51 @@ mod tests {
             *digest = token_digest(&fits);
         }
         assert!(matches!(admit(&c, Some(&fits)), Admission::Admitted(_)));
+    }
+
+    /// The attack: a validator whose callers name their own tenant (a partner's identity provider,
+    /// a hop's header) names a tenant of another validator's agents, to be given its key and
+    /// budget. Refused with 403, never handed to a later validator.
+    #[test]
+    fn a_validator_naming_a_tenant_outside_its_tenants_admits_no_one() {
+        let mut c = chain(false);
+        c.validators.insert(
+            0,
+            Validator::EdgeTrust(EdgeTrust {
+                name: "partner".into(),
+                agent_header: "x-agent".into(),
+                tenant_header: Some("x-tenant".into()),
+                trust_mtls: true,
+                cidrs: Vec::new(),
+            }),
+        );
+        c.scopes =
+            vec![TenantScope(vec!["globex".into(), "partner-*".into()].into()), TenantScope(vec!["b".into()].into())];
+        let peer = Peer { mtls: true, source: None };
+        let now = SystemTime::now();
+        let as_tenant = |tenant: &'static str| {
+            move |n: &str| match n {
+                "x-agent" => Some("planner"),
+                "x-tenant" if !tenant.is_empty() => Some(tenant),
+                _ => None,
+            }
+        };
+        for (tenant, admitted) in [("globex", true), ("partner-7", true), ("", true), ("a", false), ("partner", false)]
+        {
+            match c.admit(Some(b"ksa_alpha"), &peer, as_tenant(tenant), now) {
+                Admission::Admitted(id) => assert!(admitted && &*id.validator == "partner", "{tenant}: {id:?}"),
+                Admission::Rejected(r) => assert!(!admitted && r == Rejection::TenantNotAllowed && r.status() == 403),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The API-key agent of tenant `a` is under the second scope, which names only `b`.
+        let off_peer = Peer::default();
+        assert!(matches!(
+            c.admit(Some(b"ksa_alpha"), &off_peer, |_| None, now),
+            Admission::Rejected(Rejection::TenantNotAllowed)
+        ));
+        // A validator past the scopes' end (the shared token, tenant `b`) may name any tenant.
+        assert!(matches!(c.admit(Some(b"team-token"), &off_peer, |_| None, now), Admission::Admitted(_)));
     }
 
     #[test]

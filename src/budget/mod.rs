@@ -105,11 +105,19 @@ impl KeyBy {
 
     /// The counter key of a request. Callers without one (anonymous callers of a tenant budget,
     /// an agent without the label) share the key `-`. A name that starts with `-` gets one more
-    /// in front, so no identity (an agent named `-`) shares the anonymous callers' counter.
+    /// in front, so no identity (an agent named `-`) shares the anonymous callers' counter. An
+    /// agent is counted as `validator/agent`: a JWT subject or an edge-trust header naming an
+    /// API-key agent counts apart from it (validator names are unique and hold no `/`).
     pub fn value<'a>(&self, identity: Option<&'a Identity>, route: &'a str) -> std::borrow::Cow<'a, str> {
+        if let (KeyBy::Agent, Some(i)) = (self, identity) {
+            if !i.agent.is_empty() {
+                let v = format!("{}/{}", i.validator, i.agent);
+                return if v.starts_with('-') { format!("-{v}").into() } else { v.into() };
+            }
+        }
         let v = match self {
             KeyBy::Tenant => identity.and_then(|i| i.tenant.as_deref()),
-            KeyBy::Agent => identity.map(|i| &*i.agent),
+            KeyBy::Agent => None,
             KeyBy::Route => Some(route),
             KeyBy::Gateway => Some("*"),
             KeyBy::Label(l) => identity.and_then(|i| i.labels.iter().find(|(k, _)| **k == **l)).map(|(_, v)| &**v),

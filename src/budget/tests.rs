@@ -415,17 +415,37 @@ fn keys_of_callers_without_one_share_a_counter() {
         labels: vec![("team".into(), "red".into())],
     };
     assert_eq!(KeyBy::Tenant.value(Some(&id), "default/r"), "-");
-    assert_eq!(KeyBy::Agent.value(Some(&id), "default/r"), "bot-1");
+    assert_eq!(KeyBy::Agent.value(Some(&id), "default/r"), "apiKeys/bot-1");
     assert_eq!(KeyBy::Label("team".into()).value(Some(&id), "default/r"), "red");
     assert_eq!(KeyBy::Label("cost-center".into()).value(Some(&id), "default/r"), "-");
     assert_eq!(KeyBy::Route.value(None, "default/r"), "default/r");
     assert_eq!(KeyBy::Gateway.value(None, "default/r"), "*");
     // An agent named `-` (a JWT subject, an edge header) is not an anonymous caller, and the
     // escape keeps every name its own: `-` → `--`, `--` → `---`.
-    for (agent, key) in [("-", "--"), ("--", "---"), ("-x", "--x"), ("x-", "x-")] {
-        let named = Identity { agent: agent.into(), ..id.clone() };
+    for (validator, agent, key) in
+        [("jwt", "-", "jwt/-"), ("-", "x", "--/x"), ("--", "x", "---/x"), ("-x", "y", "--x/y"), ("x-", "y", "x-/y")]
+    {
+        let named = Identity { agent: agent.into(), validator: validator.into(), ..id.clone() };
         assert_eq!(KeyBy::Agent.value(Some(&named), "default/r"), key);
     }
+    assert_eq!(KeyBy::Agent.value(None, "default/r"), "-");
+}
+
+/// The attack: an agent whose identity provider lets it pick its JWT `sub` (or a hop that lets it
+/// pick an edge-trust header) names an API-key agent, and spends or exhausts that agent's
+/// budget. Each validator's agents are counted apart.
+#[test]
+fn a_jwt_subject_naming_an_api_key_agent_spends_none_of_its_budget() {
+    let by = |validator: &str| Identity {
+        agent: "builder".into(),
+        tenant: Some("acme".into()),
+        validator: validator.into(),
+        role: None,
+        labels: Vec::new(),
+    };
+    let (key, jwt) = (by("apiKeys"), by("idp"));
+    assert_ne!(KeyBy::Agent.value(Some(&key), "r"), KeyBy::Agent.value(Some(&jwt), "r"));
+    assert_eq!(KeyBy::Tenant.value(Some(&key), "r"), KeyBy::Tenant.value(Some(&jwt), "r"), "tenants are shared");
 }
 
 #[test]

@@ -162,6 +162,14 @@ fn print_warnings(snap: &Snapshot) {
     for (route, host) in snap.foreign_host_patterns() {
         println!("  warning: route {route} host {host}: {}", crate::config::FOREIGN_PATTERN);
     }
+    if let Some(chain) = snap.agent_auth.as_ref().filter(|c| c.validators.len() > 1) {
+        for name in chain.unscoped_tenant_namers() {
+            println!(
+                "  warning: validator {name} takes its callers' tenant from their token or headers and has no \
+                 `tenants`: they can name any tenant, another validator's agents' too (their keys and budgets)"
+            );
+        }
+    }
     let per_caller = |b: &crate::budget::Budget| !matches!(b.key, KeyBy::Route | KeyBy::Gateway);
     let optional = snap.agent_auth.as_ref().is_some_and(|c| c.optional);
     if optional && snap.routes.entries.iter().flat_map(|e| e.budgets.iter()).any(|b| per_caller(b)) {

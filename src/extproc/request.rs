@@ -226,14 +226,16 @@ impl<'a> Incoming<'a> {
     fn unauthenticated(&self, r: &Rejection) -> Step {
         Metrics::inc(&self.shared.metrics.denied_unauthenticated);
         let (authority, path) = (clip(self.authority), clip(self.path_only));
-        tracing::info!(authority, path, reason = r.reason(), "agent not admitted; answering 401");
+        let status = r.status();
+        tracing::info!(authority, path, reason = r.reason(), status, "agent not admitted");
+        let kind = if status == 401 { "agent_unauthenticated" } else { "agent_forbidden" };
         let body = json!({"error": {
-            "type": "agent_unauthenticated",
+            "type": kind,
             "reason": r.reason(),
             "message": r.message(),
             "gateway": self.snapshot.gateway.to_string(),
         }});
-        self.deny(None, r.reason(), 401, &body, "keyswap_agent_unauthenticated")
+        self.deny(None, r.reason(), status, &body, "keyswap_agent_unauthenticated")
     }
 
     fn refused(&self, r: Refused) -> Step {

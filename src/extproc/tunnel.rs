@@ -250,6 +250,8 @@ impl Refusal {
 
     fn status(self) -> u16 {
         match self {
+            // Identified, but naming a tenant its validator may not: no other token helps.
+            Refusal::Unauthenticated(r @ Rejection::TenantNotAllowed) => r.status(),
             Refusal::Unauthenticated(_) => 407,
             Refusal::Unresolvable => 502,
             Refusal::MalformedTarget => 400,
@@ -277,6 +279,7 @@ impl Refusal {
             }
             Refusal::Unresolvable => "the tunnel's host did not resolve",
             Refusal::RoutedHost => "the gateway routes this host itself; CONNECT to it by its plain name",
+            Refusal::Unauthenticated(r @ Rejection::TenantNotAllowed) => r.message(),
             Refusal::Unauthenticated(_) => {
                 "this gateway admits agents by token: give it to the proxy as the password of HTTPS_PROXY \
                  (http://agent:TOKEN@host:port, sent as Proxy-Authorization)"
@@ -463,7 +466,8 @@ pub fn answer(
         }
         Err((refusal, address)) => {
             Metrics::inc(&shared.metrics.tunnels_refused);
-            if let Refusal::Unauthenticated(_) = refusal {
+            // 407 asks for (other) proxy credentials; a tenant the validator may not name is a 403.
+            if matches!(refusal, Refusal::Unauthenticated(r) if r != Rejection::TenantNotAllowed) {
                 // Clients that send proxy credentials only after a 407 do this on every tunnel.
                 tracing::info!(target_authority = ?super::clip(authority), reason = refusal.reason(), "agent not admitted; answering 407");
                 let body = json!({"error": {"type": "agent_unauthenticated", "reason": refusal.reason(),

@@ -28,7 +28,8 @@ impl Catalog {
         if a.validators.is_empty() {
             c.err("spec.agentAuth.validators".into(), "needs at least one validator".into());
         }
-        let mut validators = Vec::new();
+        let (mut validators, mut scopes) = (Vec::new(), Vec::new());
+        let mut names = std::collections::HashSet::new();
         for (i, v) in a.validators.iter().enumerate() {
             let at = format!("spec.agentAuth.validators[{i}]");
             let Some(kind) = validator_kind(v) else {
@@ -36,6 +37,16 @@ impl Catalog {
                 continue;
             };
             let name: Arc<str> = v.name.as_deref().unwrap_or(kind).into();
+            if name.is_empty() || name.contains('/') {
+                c.err(format!("{at}.name"), "must be non-empty and hold no `/`".into());
+            } else if !names.insert(name.clone()) {
+                let m = format!(
+                    "`{name}` is the name of an earlier validator too: give each its own (spans and budgets kept per \
+                     agent tell validators' agents apart by it)"
+                );
+                c.err(format!("{at}.name"), m);
+            }
+            let scope = c.tenant_scope(&at, &v.tenants);
             let validator = if let Some(e) = &v.edge_trust {
                 c.edge_trust(&at, name, e)
             } else if let Some(j) = &v.jwt {
@@ -45,12 +56,21 @@ impl Catalog {
             } else {
                 Some(c.api_keys(name))
             };
-            validators.extend(validator);
+            if let Some(auth::Validator::SharedToken { identity: auth::Identity { tenant, .. }, .. }) = &validator {
+                if !scope.allows(tenant.as_deref()) {
+                    c.err(format!("{at}.sharedToken.tenant"), "is not among the validator's `tenants`".into());
+                }
+            }
+            if let Some(validator) = validator {
+                validators.push(validator);
+                scopes.push(scope);
+            }
         }
         let edge_headers = edge_headers(&validators);
         auth::Chain {
             optional: a.optional,
             validators,
+            scopes,
             counters: auth::TenantCounters::new(&a.metrics_tenants),
             edge_headers,
         }
@@ -88,6 +108,16 @@ impl AgentAuthCompile<'_> {
                 .at(origin)
                 .object(label(Kind::Secret, skey)),
         );
+    }
+
+    /// A validator's `tenants`: names or `*` globs, none empty.
+    fn tenant_scope(&mut self, at: &str, tenants: &[String]) -> auth::TenantScope {
+        for (i, t) in tenants.iter().enumerate() {
+            if t.trim().is_empty() {
+                self.err(format!("{at}.tenants[{i}]"), "is empty: name a tenant, or a glob such as `partner-*`".into());
+            }
+        }
+        auth::TenantScope(tenants.iter().map(|t| t.trim().into()).collect())
     }
 
     /// `edgeTrust`: the identity headers, trusted on mTLS connections or from the listed

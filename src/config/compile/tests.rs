@@ -359,10 +359,22 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
             "hs256SecretRef.namespace",
             "own namespace",
         ),
+        // Two validators of one name would count their agents as one in per-agent budgets.
+        (
+            "[{apiKeys: {}}, {name: apiKeys, edgeTrust: {agentHeader: x-a, trustMtls: true}}]",
+            "validators[1].name",
+            "earlier",
+        ),
+        ("[{name: 'a/b', apiKeys: {}}]", "validators[0].name", "no `/`"),
+        ("[{apiKeys: {}, tenants: [acme, ' ']}]", "validators[0].tenants[1]", "is empty"),
     ] {
         let e = compile(&gw(validators)).unwrap_err();
         assert!(e.contains(field) && e.contains(words), "{validators}: {e}");
     }
+    let shared = "apiVersion: v1\nkind: Secret\nmetadata: {name: t}\nstringData: {token: team-token}\n";
+    let validators = "[{sharedToken: {secretRef: {name: t}, tenant: acme}, tenants: [globex]}]";
+    let e = compile(&format!("{}{shared}", gw(validators))).unwrap_err();
+    assert!(e.contains("validators[0].sharedToken.tenant") && e.contains("`tenants`"), "{e}");
     let token = "apiVersion: v1\nkind: Secret\nmetadata: {name: t1, labels: {keyswap.dev/agent-token: 'true'}}\nstringData: {sha256: nothex, agent: a}\n";
     let e = compile(&format!("{}{token}", gw("[{apiKeys: {}}]"))).unwrap_err();
     assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
