@@ -394,7 +394,7 @@ spec:
   agentAuth:
     validators:
     - name: mesh
-      edgeTrust: {{agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true, trustedCidrs: ["{edge_cidr}"]}}
+      edgeTrust: {{agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true, mtlsPeers: ["spiffe://td/ns/edge/*"], trustedCidrs: ["{edge_cidr}"]}}
     - name: idp
       jwt:
         issuer: {ISSUER}
@@ -620,14 +620,16 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
 }
 
 /// Edge trust over mTLS: Envoy terminates TLS and verifies client certificates when offered
-/// (`connection.mtls`). A client with a certificate from the trusted CA gets its edge headers
-/// honoured; the same headers without a client certificate admit nobody; both are stripped.
+/// (`connection.mtls`, and the certificate's first URI SAN). The hop's certificate gets its edge
+/// headers honoured; the same headers without a client certificate, or with an agent's own
+/// certificate from the same mesh CA (the attack: every workload of a mesh holds one), admit
+/// nobody; both are stripped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_trust_honours_headers_only_on_mtls_connections() {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config().replace(
         "    validators:\n    - apiKeys: {}",
-        "    validators:\n    - {name: mesh, edgeTrust: {agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true}}\n    - apiKeys: {}",
+        "    validators:\n    - {name: mesh, edgeTrust: {agentHeader: x-edge-agent, tenantHeader: x-edge-tenant, trustMtls: true, mtlsPeers: ['spiffe://td/ns/edge/sa/authn-proxy']}}\n    - apiKeys: {}",
     );
     assert!(config.contains("name: mesh"));
     std::fs::write(config_dir.path().join("config.yaml"), config).unwrap();
@@ -643,14 +645,20 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
     ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mesh client CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let client_key = rcgen::KeyPair::generate().unwrap();
-    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    client_params.distinguished_name.push(rcgen::DnType::CommonName, "mesh-proxy");
-    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    // The hop's certificate, and an agent's: the mesh CA signs every workload's.
+    for (file, spiffe) in
+        [("client", "spiffe://td/ns/edge/sa/authn-proxy"), ("agent", "spiffe://td/ns/agents/sa/default")]
+    {
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.distinguished_name.push(rcgen::DnType::CommonName, "mesh-proxy");
+        client_params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into().unwrap())];
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params.signed_by(&client_key, &issuer).unwrap();
+        std::fs::write(pki.join(format!("{file}.pem")), client.pem()).unwrap();
+        std::fs::write(pki.join(format!("{file}.key")), client_key.serialize_pem()).unwrap();
+    }
     std::fs::write(pki.join("client-ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(pki.join("client.pem"), client.pem()).unwrap();
-    std::fs::write(pki.join("client.key"), client_key.serialize_pem()).unwrap();
 
     let fake = FakeProvider::start().await;
     fake.set_accepts(
@@ -674,7 +682,7 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
     });
     let cfg = keyswap::envoy::to_yaml(&cfg);
     let (envoy, port) = start_envoy_with(work.path(), port, cfg);
-    let curl = |client_cert: bool| {
+    let curl = |client_cert: Option<&str>| {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
             .arg(&server_ca)
@@ -688,16 +696,17 @@ async fn edge_trust_honours_headers_only_on_mtls_connections() {
                 "x-api-key: keyswap-injected-by-proxy",
             ])
             .args(["--data", "{}"]);
-        if client_cert {
-            cmd.arg("--cert").arg(pki.join("client.pem")).arg("--key").arg(pki.join("client.key"));
+        if let Some(file) = client_cert {
+            cmd.arg("--cert").arg(pki.join(format!("{file}.pem"))).arg("--key").arg(pki.join(format!("{file}.key")));
         }
         cmd.arg(format!("https://localhost:{port}/v1/messages"));
         let o = cmd.output().unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
     };
-    assert_eq!(curl(false), "401", "no client certificate: the edge headers admit nobody\n{}", envoy.output());
+    assert_eq!(curl(None), "401", "no client certificate: the edge headers admit nobody\n{}", envoy.output());
+    assert_eq!(curl(Some("agent")), "401", "an agent's own mesh certificate: the edge headers admit nobody");
     assert!(fake.seen().is_empty());
-    assert_eq!(curl(true), "200", "verified client certificate\n{}\n{}", keyswap.output(), envoy.output());
+    assert_eq!(curl(Some("client")), "200", "verified client certificate\n{}\n{}", keyswap.output(), envoy.output());
     let seen = fake.seen();
     let last = seen.last().unwrap();
     let key: Vec<_> = last.headers.iter().filter(|(k, _)| k == "x-api-key").map(|(_, v)| v.clone()).collect();

@@ -210,8 +210,15 @@ pub struct EdgeTrustValidator {
     pub agent_header: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_header: Option<String>,
+    /// Honour the headers on connections whose client certificate Envoy verified and
+    /// `mtlsPeers` names.
     #[serde(default)]
     pub trust_mtls: bool,
+    /// With `trustMtls` (required): the hop's client certificates, by their first URI SAN (a
+    /// SPIFFE ID such as `spiffe://cluster.local/ns/edge/sa/authn-proxy`) or first DNS SAN; `*`
+    /// globs. `["*"]` trusts any certificate Envoy verified (in a mesh, every workload's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mtls_peers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_cidrs: Vec<String>,
 }

@@ -29,13 +29,21 @@ pub const API_KEY_LABEL: &str = "keyswap.dev/agent-token";
 pub const TOKEN_HEADERS: &[&str] = &[AGENT_TOKEN_HEADER, "authorization", "x-api-key", "x-goog-api-key", "api-key"];
 
 /// What Envoy reports about the downstream connection (ext_proc request attributes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
     /// `connection.mtls`: the client presented a certificate Envoy verified.
     pub mtls: bool,
     /// `source.address`, when it is an IP address.
     pub source: Option<IpAddr>,
+    /// The verified client certificate's first URI SAN (`connection.uri_san_peer_certificate`:
+    /// a SPIFFE ID in a mesh) and first DNS SAN (`connection.dns_san_peer_certificate`).
+    pub sans: [Option<Box<str>>; 2],
 }
+
+/// The request attributes keyswap's filters ask Envoy for: who is on the other end of the
+/// connection (for `edgeTrust`).
+pub const REQUEST_ATTRIBUTES: [&str; 4] =
+    ["source.address", "connection.mtls", "connection.uri_san_peer_certificate", "connection.dns_san_peer_certificate"];
 
 impl Peer {
     /// The downstream connection as Envoy reports it in `request_attributes` (`source.address`,
@@ -48,13 +56,17 @@ impl Peer {
             return Peer::default();
         };
         let mtls = matches!(fields.get("connection.mtls").and_then(|v| v.kind.as_ref()), Some(Kind::BoolValue(true)));
-        let source = match fields.get("source.address").and_then(|v| v.kind.as_ref()) {
-            Some(Kind::StringValue(a)) => {
-                a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok().or_else(|| a.parse::<std::net::IpAddr>().ok())
-            }
+        let text = |name: &str| match fields.get(name).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(a)) if !a.is_empty() => Some(a.as_str()),
             _ => None,
         };
-        Peer { mtls, source }
+        let source = text("source.address").and_then(|a| {
+            a.parse::<std::net::SocketAddr>().map(|s| s.ip()).ok().or_else(|| a.parse::<std::net::IpAddr>().ok())
+        });
+        // Read only from a connection whose certificate Envoy verified.
+        let san = |name: &str| text(name).filter(|_| mtls).map(Box::from);
+        let sans = [san(REQUEST_ATTRIBUTES[2]), san(REQUEST_ATTRIBUTES[3])];
+        Peer { mtls, source, sans }
     }
 }
 
@@ -123,15 +135,22 @@ pub struct EdgeTrust {
     pub name: Arc<str>,
     pub agent_header: Box<str>,
     pub tenant_header: Option<Box<str>>,
-    /// Honour the headers on connections Envoy reports as mTLS.
+    /// Honour the headers on connections Envoy reports as mTLS…
     pub trust_mtls: bool,
+    /// …whose certificate's first URI or DNS SAN matches one of these globs (`*`: any).
+    pub mtls_peers: Vec<Box<str>>,
     /// …or from these source networks.
     pub cidrs: Vec<Cidr>,
 }
 
 impl EdgeTrust {
     fn trusts(&self, peer: &Peer) -> bool {
-        (self.trust_mtls && peer.mtls) || peer.source.is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
+        let certified = || {
+            let named = |p: &str| peer.sans.iter().flatten().any(|san| crate::glob::matches(p, san, None));
+            self.mtls_peers.iter().any(|p| &**p == "*" || named(p))
+        };
+        (self.trust_mtls && peer.mtls && certified())
+            || peer.source.is_some_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
     }
 }
 
@@ -562,12 +581,13 @@ mod tests {
                 agent_header: "x-agent".into(),
                 tenant_header: Some("x-tenant".into()),
                 trust_mtls: true,
+                mtls_peers: vec!["*".into()],
                 cidrs: Vec::new(),
             }),
         );
         c.scopes =
             vec![TenantScope(vec!["globex".into(), "partner-*".into()].into()), TenantScope(vec!["b".into()].into())];
-        let peer = Peer { mtls: true, source: None };
+        let peer = Peer { mtls: true, ..Peer::default() };
         let now = SystemTime::now();
         let as_tenant = |tenant: &'static str| {
             move |n: &str| match n {
@@ -604,6 +624,7 @@ mod tests {
                 agent_header: "x-agent".into(),
                 tenant_header: Some("x-tenant".into()),
                 trust_mtls: true,
+                mtls_peers: vec!["*".into()],
                 cidrs: vec!["10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()],
             }),
         );
@@ -615,12 +636,12 @@ mod tests {
         let now = SystemTime::now();
         let ip = |s: &str| Some(s.parse().unwrap());
         for (peer, trusted) in [
-            (Peer { mtls: true, source: None }, true),
-            (Peer { mtls: false, source: ip("10.1.200.3") }, true),
-            (Peer { mtls: false, source: ip("fd12::1") }, true),
-            (Peer { mtls: false, source: ip("::ffff:10.1.0.9") }, true),
-            (Peer { mtls: false, source: ip("10.2.0.1") }, false),
-            (Peer { mtls: false, source: ip("127.0.0.1") }, false),
+            (Peer { mtls: true, ..Peer::default() }, true),
+            (Peer { source: ip("10.1.200.3"), ..Peer::default() }, true),
+            (Peer { source: ip("fd12::1"), ..Peer::default() }, true),
+            (Peer { source: ip("::ffff:10.1.0.9"), ..Peer::default() }, true),
+            (Peer { source: ip("10.2.0.1"), ..Peer::default() }, false),
+            (Peer { source: ip("127.0.0.1"), ..Peer::default() }, false),
             (Peer::default(), false),
         ] {
             match c.admit(None, &peer, headers, now) {
@@ -634,6 +655,74 @@ mod tests {
         }
         assert!("10.0.0.0/33".parse::<Cidr>().is_err() && "nope".parse::<Cidr>().is_err());
         assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("192.0.2.1".parse().unwrap()));
+    }
+
+    /// The attack: in a service mesh every workload holds a client certificate the mesh CA signed,
+    /// the agents' pods too. With `trustMtls` alone, an agent connecting with its own mesh
+    /// certificate set the edge headers and named itself any agent of any tenant. Only the
+    /// certificates `mtlsPeers` names (their first URI or DNS SAN) are trusted.
+    #[test]
+    fn a_mesh_certificate_of_another_workload_buys_no_edge_identity() {
+        let edge = |peers: &[&str]| Chain {
+            optional: false,
+            validators: vec![Validator::EdgeTrust(EdgeTrust {
+                name: "mesh".into(),
+                agent_header: "x-agent".into(),
+                tenant_header: None,
+                trust_mtls: true,
+                mtls_peers: peers.iter().map(|p| Box::from(*p)).collect(),
+                cidrs: Vec::new(),
+            })],
+            scopes: Vec::new(),
+            counters: TenantCounters::new(&[]),
+            edge_headers: Vec::new(),
+        };
+        let proxy = "spiffe://cluster.local/ns/edge/sa/authn-proxy";
+        let peer = |mtls: bool, uri: Option<&str>, dns: Option<&str>| Peer {
+            mtls,
+            source: None,
+            sans: [uri.map(Box::from), dns.map(Box::from)],
+        };
+        let headers = |n: &str| (n == "x-agent").then_some("planner");
+        let now = SystemTime::now();
+        let admitted = |c: &Chain, p: &Peer| matches!(c.admit(None, p, headers, now), Admission::Admitted(_));
+        let named = edge(&[proxy, "authn.edge.svc"]);
+        assert!(admitted(&named, &peer(true, Some(proxy), None)));
+        assert!(admitted(&named, &peer(true, None, Some("authn.edge.svc"))));
+        for other in [
+            peer(true, Some("spiffe://cluster.local/ns/agents/sa/default"), None),
+            peer(true, Some(&format!("{proxy}-evil")), None),
+            peer(true, None, None),
+            peer(false, Some(proxy), None),
+        ] {
+            assert!(!admitted(&named, &other), "{other:?}");
+        }
+        let glob = edge(&["spiffe://cluster.local/ns/edge/*"]);
+        assert!(admitted(&glob, &peer(true, Some(proxy), None)));
+        assert!(!admitted(&glob, &peer(true, Some("spiffe://cluster.local/ns/agents/sa/x"), None)));
+        let any = edge(&["*"]);
+        assert!(admitted(&any, &peer(true, None, None)), "`*`: any certificate Envoy verified");
+        assert!(!admitted(&edge(&[]), &peer(true, Some(proxy), None)), "no peers listed: none trusted");
+    }
+
+    #[test]
+    fn the_peer_sans_are_read_only_from_a_verified_certificate() {
+        use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+        let attrs = |mtls: bool| {
+            let v = |k: Kind| Value { kind: Some(k) };
+            let fields = [
+                ("connection.mtls".to_owned(), v(Kind::BoolValue(mtls))),
+                ("source.address".to_owned(), v(Kind::StringValue("10.0.0.7:4242".into()))),
+                (REQUEST_ATTRIBUTES[2].to_owned(), v(Kind::StringValue("spiffe://td/ns/edge/sa/p".into()))),
+                (REQUEST_ATTRIBUTES[3].to_owned(), v(Kind::StringValue(String::new()))),
+            ];
+            std::iter::once(("envoy.filters.http.ext_proc".to_owned(), Struct { fields: fields.into_iter().collect() }))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let p = Peer::from_attributes(&attrs(true));
+        assert_eq!(p.sans, [Some("spiffe://td/ns/edge/sa/p".into()), None]);
+        assert_eq!(p.source, Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(Peer::from_attributes(&attrs(false)).sans, [None, None]);
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl<'a> Layout<'a> {
                     "failure_mode_allow": false,
                     "message_timeout": "6s",
                     // For spec.agentAuth (edgeTrust): who is on the other end of the connection.
-                    "request_attributes": ["source.address", "connection.mtls"],
+                    "request_attributes": crate::auth::REQUEST_ATTRIBUTES,
                     // `:authority` is rewritten; a refused rewrite must fail the request, never
                     // tunnel to the unchecked name.
                     "mutation_rules": {"allow_all_routing": true, "disallow_is_error": true},

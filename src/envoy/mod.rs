@@ -443,7 +443,7 @@ pub fn ext_proc_filter() -> Value {
             "message_timeout": "2s",
             "max_message_timeout": "10s",
             // For spec.agentAuth edgeTrust: who is on the other end of the connection.
-            "request_attributes": ["source.address", "connection.mtls"],
+            "request_attributes": crate::auth::REQUEST_ATTRIBUTES,
             // keyswap names a parked transaction here for the observing filter.
             "metadata_options": {"receiving_namespaces": {"untyped": [crate::vocab::METADATA_NAMESPACE]}},
             // A secret an upstream echoes under an `x-envoy-*` name is scrubbed like any other

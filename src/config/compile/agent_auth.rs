@@ -133,6 +133,17 @@ impl AgentAuthCompile<'_> {
         if !e.trust_mtls && cidrs.is_empty() {
             self.err(format!("{at}.edgeTrust"), "trusts nobody: set trustMtls or trustedCidrs".into());
         }
+        if e.trust_mtls && e.mtls_peers.is_empty() {
+            let m = "is required with trustMtls: the URI or DNS SANs of the hop's client certificate (in a \
+                     service mesh every workload, an agent too, holds a certificate the CA signed); [\"*\"] trusts \
+                     any certificate Envoy verified";
+            self.err(format!("{at}.edgeTrust.mtlsPeers"), m.into());
+        } else if !e.trust_mtls && !e.mtls_peers.is_empty() {
+            self.err(format!("{at}.edgeTrust.mtlsPeers"), "applies only with trustMtls: true".into());
+        }
+        for (i, p) in e.mtls_peers.iter().enumerate().filter(|(_, p)| p.trim().is_empty()) {
+            self.err(format!("{at}.edgeTrust.mtlsPeers[{i}]"), format!("`{p}` is empty"));
+        }
         let agent_header = self.header(at, "agentHeader", &e.agent_header);
         let tenant_header = e.tenant_header.as_deref().and_then(|t| self.header(at, "tenantHeader", t));
         let agent_header = agent_header?;
@@ -141,6 +152,7 @@ impl AgentAuthCompile<'_> {
             agent_header,
             tenant_header,
             trust_mtls: e.trust_mtls,
+            mtls_peers: e.mtls_peers.iter().map(|p| p.trim().into()).collect(),
             cidrs,
         }))
     }

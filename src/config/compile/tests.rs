@@ -361,11 +361,14 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
         ),
         // Two validators of one name would count their agents as one in per-agent budgets.
         (
-            "[{apiKeys: {}}, {name: apiKeys, edgeTrust: {agentHeader: x-a, trustMtls: true}}]",
+            "[{apiKeys: {}}, {name: apiKeys, edgeTrust: {agentHeader: x-a, trustMtls: true, mtlsPeers: ['*']}}]",
             "validators[1].name",
             "earlier",
         ),
         ("[{name: 'a/b', apiKeys: {}}]", "validators[0].name", "no `/`"),
+        // In a mesh every workload holds a certificate the CA signed: the hop's must be named.
+        ("[{edgeTrust: {agentHeader: x-a, trustMtls: true}}]", "edgeTrust.mtlsPeers", "required with trustMtls"),
+        ("[{edgeTrust: {agentHeader: x-a, trustedCidrs: [10.0.0.0/8], mtlsPeers: ['*']}}]", "mtlsPeers", "only with"),
         ("[{apiKeys: {}, tenants: [acme, ' ']}]", "validators[0].tenants[1]", "is empty"),
     ] {
         let e = compile(&gw(validators)).unwrap_err();
