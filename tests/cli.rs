@@ -64,15 +64,26 @@ fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
 }
 
 /// A `custom` route listing `*.run.app` sends its key to any service under it, whoever deployed
-/// it: `check` names such patterns (the provider's own, like `*.openai.azure.com`, are fine).
+/// it: `check` names such patterns. So does an Azure OpenAI route on `*.openai.azure.com`, listed
+/// or by default: its `*` is a resource name any Azure customer picks, so an agent can send the
+/// key (or an Entra token valid across resources) to any resource it names. A provider's own
+/// names (Bedrock's regions) are fine.
 #[test]
 fn check_warns_that_a_host_pattern_not_the_providers_own_sends_the_key_to_any_name_under_it() {
     let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: mixed}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: custom, hosts: ['*.run.app', svc.internal.test]}, {provider: azure-openai, hosts: ['*.openai.azure.com']}, {provider: azure-openai}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: key}\nspec:\n  parentRefs: [{name: mixed}]\n  secretRef: {name: anthropic}\n  target: Header\n  headerName: x-service-key\n---\n";
     let (code, out, err) = check_with_anthropic_key(config);
     assert_eq!(code, 0, "{out}\n{err}");
     let warnings: Vec<&str> = out.lines().filter(|l| l.contains("warning: route")).collect();
-    assert_eq!(warnings.len(), 1, "{out}");
-    assert!(warnings[0].contains("route default/mixed host *.run.app: route host pattern sends the key"), "{out}");
+    assert_eq!(warnings.len(), 3, "{out}");
+    for host in ["*.run.app", "*.openai.azure.com", "*.cognitiveservices.azure.com"] {
+        let line = format!("route default/mixed host {host}: route host pattern sends the key");
+        assert!(warnings.iter().any(|w| w.contains(&line)), "{host}: {out}");
+    }
+    let bedrock = config.replace("provider: azure-openai, hosts: ['*.openai.azure.com']", "provider: bedrock");
+    let bedrock = bedrock.replace("{provider: azure-openai}", "{provider: bedrock}");
+    let (code, out, err) = check_with_anthropic_key(&bedrock);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.lines().filter(|l| l.contains("warning: route")).count(), 1, "Bedrock's regions are its own: {out}");
 }
 
 /// With `agentAuth.optional`, an agent over its own tenant or agent budget leaves its token out

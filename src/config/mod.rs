@@ -21,7 +21,7 @@ pub use load::Key;
 pub use snapshot::{Credential, Decision, Snapshot, Unresolved};
 
 /// What `check` and the load log say of a route host pattern that is not its provider's own.
-pub const FOREIGN_PATTERN: &str = "route host pattern sends the key to whatever name under it an agent asks for (Envoy checks only that the upstream's certificate names it): keep it to names the provider alone owns";
+pub const FOREIGN_PATTERN: &str = "route host pattern sends the key to whatever name under it an agent asks for (Envoy checks only that the upstream's certificate names it): keep it to names the provider alone owns, or list your own resources' hosts";
 
 /// The one place the request path reads configuration from: lock-free loads, atomic swaps.
 pub type SnapshotStore = Arc<ArcSwap<Snapshot>>;

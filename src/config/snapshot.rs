@@ -347,16 +347,17 @@ impl Snapshot {
     }
 
     /// Route host patterns (`*.example.net`) that are not their provider's own hosts, with the
-    /// route naming them: the key goes to whatever name under the pattern an agent asks for, so
-    /// a pattern over names others can own (a platform's tenant subdomains) hands it to them.
+    /// route naming them, or a provider's own whose `*` its customers name (Azure's resources):
+    /// the key goes to whatever name under the pattern an agent asks for, so a pattern over names
+    /// others can own (a platform's tenant subdomains) hands it to them.
     /// `check` and the load log name them.
     pub fn foreign_host_patterns(&self) -> Vec<(&str, &str)> {
         let mut out: Vec<(&str, &str)> = Vec::new();
         // Whether or not the key resolves here (`check` in CI, without the Secrets): the pattern
         // is the risk.
         for e in &self.routes.entries {
-            for h in e.hosts.iter().filter(|h| crate::glob::is_pattern(h) && !e.provider.default_hosts.contains(&&***h))
-            {
+            let foreign = |h: &str| e.provider.customer_named_hosts || !e.provider.default_hosts.contains(&h);
+            for h in e.hosts.iter().filter(|h| crate::glob::is_pattern(h) && foreign(h)) {
                 if !out.contains(&(&*e.route, &**h)) {
                     out.push((&e.route, h));
                 }

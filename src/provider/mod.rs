@@ -66,6 +66,10 @@ pub struct Provider {
     /// covers names the provider never uses: Bedrock's `bedrock-runtime.*.amazonaws.com` also
     /// names `bedrock-runtime.s3.amazonaws.com`, an S3 bucket anyone can create. `None`: any label.
     pub wildcard_label: Option<fn(&str) -> bool>,
+    /// Whether the `*` of its default host patterns is a name its customers choose (Azure's
+    /// `RESOURCE.openai.azure.com`): a route relying on them sends the key (or an Entra token
+    /// valid across resources) to any customer's resource an agent names, and `check` says so.
+    pub customer_named_hosts: bool,
 }
 
 const OPENAI_UNMETERED: &[&str] = &[
@@ -103,6 +107,7 @@ pub const REGISTRY: &[Provider] = &[
         unmetered: OPENAI_UNMETERED,
         scrub_bodies_by_default: false,
         wildcard_label: None,
+        customer_named_hosts: false,
     },
     Provider {
         name: "anthropic",
@@ -118,6 +123,7 @@ pub const REGISTRY: &[Provider] = &[
         unmetered: &["/v1/messages/batches"],
         scrub_bodies_by_default: false,
         wildcard_label: None,
+        customer_named_hosts: false,
     },
     Provider {
         name: "google",
@@ -139,6 +145,7 @@ pub const REGISTRY: &[Provider] = &[
         unmetered: &["/*:batchgeneratecontent", "/*:asyncbatchembedcontent", "/*:predictlongrunning"],
         scrub_bodies_by_default: false,
         wildcard_label: None,
+        customer_named_hosts: false,
     },
     Provider {
         name: "azure-openai",
@@ -171,6 +178,7 @@ pub const REGISTRY: &[Provider] = &[
         ],
         scrub_bodies_by_default: false,
         wildcard_label: None,
+        customer_named_hosts: true,
     },
     Provider {
         name: "bedrock",
@@ -190,6 +198,7 @@ pub const REGISTRY: &[Provider] = &[
         unmetered: &["/async-invoke", "/model/*/invoke-with-bidirectional-stream", "/model-invocation-job"],
         scrub_bodies_by_default: false,
         wildcard_label: Some(is_aws_region),
+        customer_named_hosts: false,
     },
     Provider {
         name: "custom",
@@ -210,6 +219,7 @@ pub const REGISTRY: &[Provider] = &[
         unmetered: &[],
         scrub_bodies_by_default: true,
         wildcard_label: None,
+        customer_named_hosts: false,
     },
 ];
 
