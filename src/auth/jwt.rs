@@ -275,9 +275,53 @@ pub struct JwtValidator {
 }
 
 /// Verified tokens → (identity, `exp` + leeway in Unix seconds, JWKS generation). Bounded: full
-/// means cleared. Locked only on JWT requests (one uncontended lock per request).
+/// means cleared. Locked only on JWT requests (one uncontended lock per request). With the rate
+/// of the validator's failed signature checks.
 #[derive(Default)]
-pub struct VerifiedCache(Mutex<HashMap<Box<[u8]>, Verified>>);
+pub struct VerifiedCache(Mutex<HashMap<Box<[u8]>, Verified>>, FailedChecks);
+
+/// Failed signature checks a validator makes per second, in bursts of [`FAILED_CHECK_BURST`];
+/// past that, tokens not verified before are refused unchecked until the rate falls back.
+pub const FAILED_CHECKS_PER_SECOND: u64 = 100;
+pub const FAILED_CHECK_BURST: u64 = 200;
+const FAILED_CHECK_INTERVAL_US: u64 = 1_000_000 / FAILED_CHECKS_PER_SECOND;
+
+/// The rate of a validator's failed signature checks (GCRA: one atomic, no lock). A forged token
+/// of the right issuer, audience and `kid` costs one signature check (~240 µs for ES256 on
+/// keyswap's one worker, which every agent's requests share): a flood of them would take the
+/// worker from everyone. Bounded, the flood costs at most [`FAILED_CHECKS_PER_SECOND`] checks a
+/// second; tokens verified before (the cache) are admitted throughout.
+#[derive(Default)]
+pub struct FailedChecks {
+    /// When the failures so far are paid off, in microseconds of [`mono_us`].
+    paid_off_us: AtomicU64,
+    /// The second (of [`mono_us`]) the last warning was logged in.
+    warned_s: AtomicU64,
+}
+
+/// Microseconds since the first call: a monotonic clock as one number.
+fn mono_us() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+impl FailedChecks {
+    fn exhausted(&self, now: u64) -> bool {
+        self.paid_off_us.load(Ordering::Relaxed) > now + FAILED_CHECK_BURST * FAILED_CHECK_INTERVAL_US
+    }
+
+    fn record(&self, now: u64) {
+        let paid_off = self.paid_off_us.load(Ordering::Relaxed).max(now) + FAILED_CHECK_INTERVAL_US;
+        self.paid_off_us.store(paid_off, Ordering::Relaxed);
+    }
+
+    /// Whether to log that checks are being skipped: once every 10 s at most.
+    fn warn_now(&self, now: u64) -> bool {
+        let second = now / 1_000_000 + 10;
+        let last = self.warned_s.load(Ordering::Relaxed);
+        (last == 0 || second >= last + 10) && self.warned_s.swap(second, Ordering::Relaxed) == last
+    }
+}
 
 /// (identity, valid until in Unix seconds, JWKS generation it was verified under).
 type Verified = (Identity, u64, u64);
@@ -319,17 +363,21 @@ fn claim_str(v: Option<&serde_json::Value>) -> Option<&str> {
     }
 }
 
-/// The `iss` claim of a token, read without verifying it; `None` when it has none or the payload
-/// does not decode.
-fn unverified_issuer(token: &str) -> Option<String> {
+/// The claims read before a token's signature is checked: what would refuse it anyway costs no
+/// signature check.
+#[derive(serde::Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+    exp: Option<serde_json::Value>,
+    aud: Option<serde_json::Value>,
+}
+
+/// A token's claims, read without verifying them; `None` when the payload does not decode.
+fn unverified_claims(token: &str) -> Option<Unverified> {
     use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Claims {
-        iss: Option<String>,
-    }
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    serde_json::from_slice::<Claims>(&bytes).ok()?.iss
+    serde_json::from_slice::<Unverified>(&bytes).ok()
 }
 
 impl JwtValidator {
@@ -383,8 +431,15 @@ impl JwtValidator {
         // A token that names another issuer is left to the validator of that issuer, unverified:
         // it never waits for this validator's keys (nor makes it refetch them), and costs no
         // signature check here. (Naming this issuer proves nothing: the full check follows.)
-        if unverified_issuer(text).is_some_and(|iss| self.validation.iss.as_ref().is_some_and(|i| !i.contains(&iss))) {
+        let claims = unverified_claims(text);
+        let iss = claims.as_ref().and_then(|c| c.iss.as_deref());
+        if iss.is_some_and(|iss| self.validation.iss.as_ref().is_some_and(|i| !i.contains(iss))) {
             return (Verdict::NotJwt, None);
+        }
+        // Expired, or for another audience: refused without a key fetch or a signature check
+        // (the full check would refuse it too).
+        if let Some(refused) = claims.and_then(|c| self.refused_unverified(&c)) {
+            return (Verdict::Rejected(refused), None);
         }
         // An unknown or `none` algorithm does not parse: refused, never "not a JWT".
         let Ok(header) = jsonwebtoken::decode_header(text) else {
@@ -416,7 +471,39 @@ impl JwtValidator {
         self.check(text, header.alg, key)
     }
 
+    /// Why `c` would be refused whatever its signature: `exp` past (with the leeway) or missing,
+    /// or no audience of this validator's.
+    fn refused_unverified(&self, c: &Unverified) -> Option<Rejection> {
+        let exp = c.exp.as_ref().and_then(serde_json::Value::as_f64);
+        match exp {
+            None => return Some(Rejection::InvalidToken),
+            Some(exp) if exp + (self.validation.leeway as f64) < unix_now() as f64 => {
+                return Some(Rejection::ExpiredToken)
+            }
+            Some(_) => {}
+        }
+        let ours = |a: &str| self.validation.aud.as_ref().is_some_and(|mine| mine.contains(a));
+        let audience = match &c.aud {
+            Some(serde_json::Value::String(a)) => ours(a),
+            Some(serde_json::Value::Array(all)) => all.iter().filter_map(serde_json::Value::as_str).any(ours),
+            _ => false,
+        };
+        (!audience).then_some(Rejection::InvalidToken)
+    }
+
     fn check(&self, token: &str, alg: Algorithm, key: &DecodingKey) -> (Verdict, Option<u64>) {
+        let now = mono_us();
+        let failures = &self.cache.1;
+        if failures.exhausted(now) {
+            if failures.warn_now(now) {
+                tracing::warn!(
+                    validator = %self.name, per_second = FAILED_CHECKS_PER_SECOND,
+                    "JWT signature checks are failing faster than the limit (forged tokens?): tokens not \
+                     verified before are refused unchecked until the rate falls; verified ones are still admitted"
+                );
+            }
+            return (Verdict::Rejected(Rejection::InvalidToken), None);
+        }
         let mut v = self.validation.clone();
         v.algorithms = vec![alg];
         let data = match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &v) {
@@ -425,6 +512,7 @@ impl JwtValidator {
                 return (Verdict::Rejected(Rejection::ExpiredToken), None)
             }
             Err(e) => {
+                failures.record(now);
                 tracing::debug!(validator = %self.name, error = ?e.kind(), "JWT refused");
                 return (Verdict::Rejected(Rejection::InvalidToken), None);
             }
@@ -510,6 +598,47 @@ mod tests {
         // Not a JWT: the next validator may know it. A malformed header is refused.
         assert!(matches!(v.verify(b"ksa_api-key"), Verdict::NotJwt));
         assert!(matches!(v.verify(b"not.a.jwt"), Verdict::Rejected(Rejection::InvalidToken)));
+    }
+
+    /// The attack: an agent floods the gateway with forged tokens of the right issuer and
+    /// audience (a garbage signature under a real `kid`): each cost a signature check (~240 µs for
+    /// ES256) on keyswap's one worker, which every agent's requests share. Failed checks are held
+    /// to a rate: past it, tokens not verified before are refused unchecked (so a new genuine one
+    /// too, until the rate falls back), and verified tokens are admitted from the cache
+    /// throughout. Expired tokens and tokens for another audience cost no check, nor count.
+    #[test]
+    fn a_flood_of_forged_jwts_costs_a_bounded_number_of_signature_checks() {
+        let v = validator();
+        let cached = token(claims(600), Algorithm::HS256, SECRET);
+        assert!(matches!(v.verify(cached.as_bytes()), Verdict::Admitted(_)));
+        let fresh = |n: i64| token(claims(600 + n), Algorithm::HS256, SECRET);
+        let forged = |n: i64| token(claims(600 + n), Algorithm::HS256, b"not-the-secret-but-long-enough-xxxxxxxx");
+        // Refused before any check: they never exhaust the rate.
+        let mut other_audience = claims(600);
+        other_audience["aud"] = serde_json::json!("other");
+        let mut no_exp = claims(600);
+        no_exp.as_object_mut().unwrap().remove("exp");
+        for n in 0..1_000 {
+            let expired = token(claims(-600 - n), Algorithm::HS256, b"forged-forged-forged-forged-forged");
+            assert!(matches!(v.verify(expired.as_bytes()), Verdict::Rejected(Rejection::ExpiredToken)));
+        }
+        for c in [other_audience, no_exp] {
+            let t = token(c, Algorithm::HS256, SECRET);
+            assert!(matches!(v.verify(t.as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
+        }
+        assert!(!v.cache.1.exhausted(mono_us()), "refused unchecked tokens count as no failed check");
+        for n in 0..(FAILED_CHECK_BURST as i64 + 50) {
+            assert!(matches!(v.verify(forged(n).as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
+        }
+        assert!(v.cache.1.exhausted(mono_us()), "a burst of failures exhausts the rate");
+        assert!(matches!(v.verify(fresh(1).as_bytes()), Verdict::Rejected(_)), "checked no more while exhausted");
+        assert!(matches!(v.verify(cached.as_bytes()), Verdict::Admitted(_)), "verified tokens still admitted");
+        // The rate falls back within the failures' time: checks resume.
+        let wait = (v.cache.1.paid_off_us.load(Ordering::Relaxed)).saturating_sub(mono_us());
+        std::thread::sleep(Duration::from_micros(
+            wait.saturating_sub(FAILED_CHECK_BURST * FAILED_CHECK_INTERVAL_US) + 20_000,
+        ));
+        assert!(matches!(v.verify(fresh(2).as_bytes()), Verdict::Admitted(_)));
     }
 
     #[test]
