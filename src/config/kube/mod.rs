@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 #[cfg(test)]
 use self::conditions::route_unresolved;
 use self::conditions::{conditions, write_conditions, Verdict};
-use self::watch::{watch, Watched};
+use self::watch::{watch, watch_noting_deletions, Watched};
 use super::error::Origin;
 use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
 use super::{log_changes, Catalog, GatewaySelector, SnapshotStore};
@@ -183,6 +183,7 @@ pub async fn start(
         policies,
         budgets,
         secrets: HashMap::new(),
+        deleted: Default::default(),
         store: None,
         ready_tx: Some(ready_tx),
         written: HashMap::new(),
@@ -235,6 +236,8 @@ struct Source {
     policies: Watched<CredentialInjectionPolicy>,
     budgets: Watched<TokenBudget>,
     secrets: HashMap<SecretWatch, Watched<Secret>>,
+    /// Secrets the watches saw deleted.
+    deleted: Arc<Deleted>,
     store: Option<SnapshotStore>,
     /// Hands the store to [`start`] once the first snapshot is built.
     ready_tx: Option<tokio::sync::oneshot::Sender<SnapshotStore>>,
@@ -347,7 +350,8 @@ impl Source {
                     SecretWatch::Namespace(ns) => (ns, watcher::Config::default()),
                 };
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-                self.secrets.insert(k.clone(), watch(api, cfg, self.changed.clone(), self.status.clone()));
+                let (changed, status, deleted) = (self.changed.clone(), self.status.clone(), self.deleted.clone());
+                self.secrets.insert(k.clone(), watch_noting_deletions(api, cfg, changed, status, Some(deleted)));
             }
         }
         self.status.secrets_watched.store(self.secrets.len() as u64, Ordering::Relaxed);
@@ -356,8 +360,12 @@ impl Source {
     /// Builds a snapshot from the caches and publishes it, then writes the objects' conditions
     /// when asked to.
     async fn rebuild(&mut self) {
-        let objects =
-            collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.budgets.store, &self.secrets);
+        let objects = collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.budgets.store).map(
+            |mut objects| {
+                objects.extend(secret_objects(&self.secrets, &self.deleted));
+                objects
+            },
+        );
         // One team's invalid object is left out (Accepted=False on it); everything else,
         // every Secret it references included, keeps following changes.
         let unlisted = self.unlisted_namespaces();
@@ -475,7 +483,6 @@ fn collect(
     routes: &Store<AIProviderRoute>,
     policies: &Store<CredentialInjectionPolicy>,
     budgets: &Store<TokenBudget>,
-    secrets: &HashMap<SecretWatch, Watched<Secret>>,
 ) -> Result<Vec<Object>, super::ConfigErrors> {
     let key = object_key;
     let mut objects = Vec::new();
@@ -491,10 +498,54 @@ fn collect(
     for b in budgets.state() {
         objects.push(Object { origin: origin(), key: key(b.meta()), resource: Resource::Budget(b.spec.clone()) });
     }
-    for (k, s) in newest_secrets(secrets.values().map(|w| w.store.state())) {
-        objects.push(Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) });
-    }
     Ok(objects)
+}
+
+/// The Secrets the watches hold, one copy of each ([`newest_secrets`]).
+fn secret_objects(secrets: &HashMap<SecretWatch, Watched<Secret>>, deleted: &Deleted) -> Vec<Object> {
+    let newest = newest_secrets(secrets.values().map(|w| w.store.state()), deleted);
+    newest
+        .into_iter()
+        .map(|(k, s)| Object { origin: origin(), key: k, resource: Resource::Secret(secret_data(&s)) })
+        .collect()
+}
+
+/// An etcd revision as a `resourceVersion`: a decimal number, compared as such (by length,
+/// then digits).
+type Version = (usize, String);
+
+fn version(m: &kube::core::ObjectMeta) -> Version {
+    let v = m.resource_version.as_deref().unwrap_or("");
+    (v.len(), v.to_owned())
+}
+
+/// How long a deletion is remembered: longer than a watch lags behind another in practice.
+const DELETIONS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Secrets a watch saw deleted, at the `resourceVersion` of their deletion. Another watch that
+/// holds the Secret too (the house key is watched by name and by its namespace's watch) and lags
+/// behind still has a copy from before: without this, the deleted Secret (a revoked agent token,
+/// a withdrawn key) stayed in effect until that watch caught up, or for as long as it failed.
+#[derive(Default)]
+pub(super) struct Deleted(std::sync::Mutex<HashMap<Key, (Version, std::time::Instant)>>);
+
+impl Deleted {
+    fn bury(&self, m: &kube::core::ObjectMeta) {
+        let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|_, (_, at)| at.elapsed() < DELETIONS_KEPT);
+        let v = version(m);
+        let e = d.entry(object_key(m)).or_insert_with(|| (v.clone(), std::time::Instant::now()));
+        if v > e.0 {
+            *e = (v, std::time::Instant::now());
+        }
+    }
+
+    /// Whether `m` is a copy from before its Secret's deletion. (A copy at the deletion's own
+    /// version is the Secret as it left a label selector's watch, not deleted: it still counts.)
+    fn buries(&self, m: &kube::core::ObjectMeta) -> bool {
+        let d = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        d.get(&object_key(m)).is_some_and(|(v, _)| version(m) < *v)
+    }
 }
 
 /// The key of an object the API server sent (its namespace, `default` when it has none).
@@ -505,16 +556,12 @@ pub(super) fn object_key(m: &kube::core::ObjectMeta) -> Key {
 /// One copy of each Secret from watches that overlap (the house key is watched by name and by
 /// its namespace's watch when a policy templates tenants' Secrets there): the newest by
 /// `resourceVersion`, whatever order the watches come in. A watch that lags (relisting after an
-/// outage) could otherwise put an old key back over a rotation.
-fn newest_secrets(watches: impl Iterator<Item = Vec<Arc<Secret>>>) -> BTreeMap<Key, Arc<Secret>> {
+/// outage) could otherwise put an old key back over a rotation, or keep a deleted Secret.
+fn newest_secrets(watches: impl Iterator<Item = Vec<Arc<Secret>>>, deleted: &Deleted) -> BTreeMap<Key, Arc<Secret>> {
     let key = object_key;
-    // etcd's revisions: decimal numbers, compared as such (by length, then digits).
-    let version = |s: &Secret| {
-        let v = s.metadata.resource_version.as_deref().unwrap_or("");
-        (v.len(), v.to_owned())
-    };
+    let version = |s: &Secret| version(&s.metadata);
     let mut by_key: BTreeMap<Key, Arc<Secret>> = BTreeMap::new();
-    for s in watches.flatten() {
+    for s in watches.flatten().filter(|s| !deleted.buries(&s.metadata)) {
         match by_key.entry(key(s.meta())) {
             std::collections::btree_map::Entry::Vacant(e) => {
                 e.insert(s);
@@ -547,10 +594,42 @@ mod tests {
         };
         let (old, new) = (secret("998", "sk-old"), secret("1002", "sk-new"));
         for watches in [vec![vec![old.clone()], vec![new.clone()]], vec![vec![new.clone()], vec![old.clone()]]] {
-            let merged = newest_secrets(watches.into_iter());
+            let merged = newest_secrets(watches.into_iter(), &Deleted::default());
             let got = &merged[&Key::new("egress", "anthropic")];
             assert_eq!(got.metadata.resource_version.as_deref(), Some("1002"));
         }
+    }
+
+    /// The attack on revocation: an agent token Secret (or a key) is deleted; the watch that sees
+    /// it by name drops it, but the namespace's watch (which holds it too, for a policy's tenant
+    /// template) lags, or is failing and backing off, and still has its copy: the revoked token
+    /// kept admitting until that watch caught up. A copy from before the deletion no longer
+    /// counts; a Secret created again afterwards does, and so does the copy of a Secret that only
+    /// left a label selector's watch (its label removed: the same version, not deleted).
+    #[test]
+    fn a_lagging_watch_never_keeps_a_deleted_secret() {
+        let secret = |rv: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some("agent-token-builder".into());
+            s.metadata.namespace = Some("agents".into());
+            s.metadata.resource_version = Some(rv.into());
+            Arc::new(s)
+        };
+        let key = Key::new("agents", "agent-token-builder");
+        let deleted = Deleted::default();
+        let lagging = vec![vec![secret("998")], Vec::new()];
+        assert!(newest_secrets(lagging.clone().into_iter(), &deleted).contains_key(&key), "not deleted yet");
+        deleted.bury(&secret("1003").metadata);
+        assert!(!newest_secrets(lagging.into_iter(), &deleted).contains_key(&key), "the stale copy is gone");
+        let recreated = vec![vec![secret("998")], vec![secret("1010")]];
+        let merged = newest_secrets(recreated.into_iter(), &deleted);
+        assert_eq!(merged[&key].metadata.resource_version.as_deref(), Some("1010"));
+        // Left the label watch at 1003 (its label removed), still held by the namespace's watch.
+        let unlabelled = vec![vec![secret("1003")]];
+        assert!(newest_secrets(unlabelled.into_iter(), &deleted).contains_key(&key));
+        // Versions compare as numbers: 10000 is after 9999.
+        deleted.bury(&secret("9999").metadata);
+        assert!(newest_secrets(vec![vec![secret("10000")]].into_iter(), &deleted).contains_key(&key));
     }
 
     fn store_of<K>(objects: Vec<K>) -> Store<K>

@@ -48,6 +48,22 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
+    watch_noting_deletions(api, cfg, changed, status, None)
+}
+
+/// [`watch`], noting in `deleted` each object it sees deleted (Secrets: a copy another watch
+/// still holds then no longer counts).
+pub(super) fn watch_noting_deletions<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: Arc<Notify>,
+    status: Arc<KubeStatus>,
+    deleted: Option<Arc<super::Deleted>>,
+) -> Watched<K>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default,
+{
     let (store, mut writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
     let s = synced.clone();
@@ -99,6 +115,9 @@ where
                                 changed.notify_one();
                             }
                             watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                                if let (watcher::Event::Delete(o), Some(d)) = (&event, &deleted) {
+                                    d.bury(o.meta());
+                                }
                                 recovered(&mut failing, &mut backoff, &mut last_cause);
                                 changed.notify_one();
                             }
@@ -117,17 +136,7 @@ where
                     }
                     Err(e) => {
                         let cause = cause(&e, &kind);
-                        status.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        failing.set(true);
-                        let pause = backoff.next_pause();
-                        if last_cause.as_deref() == Some(cause.as_str()) {
-                            tracing::debug!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed again");
-                        } else {
-                            tracing::warn!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed; retrying, the last good configuration keeps serving");
-                        }
-                        status.set_error(format!("{what}: {cause}"));
-                        last_cause = Some(cause);
-                        tokio::time::sleep(pause).await;
+                        failed(&what, cause, &mut failing, &mut backoff, &mut last_cause).await;
                         if unparseable_event(&e) {
                             // The event is lost and the cache may be stale: relist.
                             break;
@@ -138,6 +147,28 @@ where
         }
     });
     Watched { store, synced, task, overdue: false, started: Instant::now() }
+}
+
+/// A failure of watch `what`: counted, logged (at WARN unless the last one had the same `cause`)
+/// and waited out.
+async fn failed(
+    what: &str,
+    cause: String,
+    failing: &mut Failing,
+    backoff: &mut Backoff,
+    last_cause: &mut Option<String>,
+) {
+    failing.status.watch_errors.fetch_add(1, Ordering::Relaxed);
+    failing.set(true);
+    let pause = backoff.next_pause();
+    if last_cause.as_deref() == Some(cause.as_str()) {
+        tracing::debug!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed again");
+    } else {
+        tracing::warn!(watch = %what, %cause, retry_in = ?pause, "Kubernetes watch failed; retrying, the last good configuration keeps serving");
+    }
+    failing.status.set_error(format!("{what}: {cause}"));
+    *last_cause = Some(cause);
+    tokio::time::sleep(pause).await;
 }
 
 /// Whether one watch is failing, counted in [`KubeStatus::watches_failing`] (also when the watch
