@@ -162,6 +162,37 @@ async fn forged_x_forwarded_for_does_not_buy_an_edge_identity() {
     g.assert_nothing_forwarded(before, "spoofed edge identity");
 }
 
+/// What an agent's request tells the provider about the gateway, and the agent about Envoy:
+/// Envoy appended the agent's address to `X-Forwarded-For` (and `x-envoy-external-address`),
+/// told the provider its own timeout (`x-envoy-expected-rq-timeout-ms`), and the agent how long
+/// the provider took (`x-envoy-upstream-service-time`). None of them now; what the agent itself
+/// wrote it may still send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_provider_learns_no_gateway_address_and_the_agent_no_envoy_timing() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let args = ["-H", "x-api-key: keyswap-injected-by-proxy", "-H", "X-Forwarded-For: 198.51.100.7", "-d", "{}"];
+    let via_connect = "https://api.anthropic.com/v1/messages".to_owned();
+    let (_, out_connect, err) = g.curl(&[&args[..], &[via_connect.as_str()]].concat());
+    assert!(status_line(&out_connect).contains(" 200"), "{out_connect}{err}");
+    let direct = g.url("api.anthropic.com", "/v1/messages");
+    let (_, out_direct, err) = g.curl_tls("api.anthropic.com", &[&args[..], &[direct.as_str()]].concat());
+    assert!(status_line(&out_direct).contains(" 200"), "{out_direct}{err}");
+    for out in [&out_connect, &out_direct] {
+        assert!(!out.to_ascii_lowercase().contains("x-envoy-"), "Envoy's headers reach the agent:\n{out}");
+    }
+    let seen = g.fake.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        for (name, value) in &s.headers {
+            let value = String::from_utf8_lossy(value);
+            assert!(!name.starts_with("x-envoy-"), "{name}: {value} reached the provider");
+            if name == "x-forwarded-for" {
+                assert_eq!(value, "198.51.100.7", "only what the agent wrote");
+            }
+        }
+    }
+}
+
 // === 2. the tunnel reaches the gateway itself ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1212,6 +1212,49 @@ async fn connections_past_the_gateways_limit_are_closed_at_once() {
     assert!(out.ends_with("200"), "after the agent let go: {out} {err}");
 }
 
+/// The attack: an agent opens connections up to the gateway's limit and sends nothing on them
+/// (or stalls a TLS handshake inside a tunnel). No request timeout starts without a first byte,
+/// and Envoy's idle timeout is an hour from accept: every other agent was refused for that hour.
+/// The generated connection managers close a connection with no request open after a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_an_agent_holds_without_a_request_are_closed_within_a_minute() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let work = tempfile::tempdir().unwrap();
+    let (dev, _fake) = openai_dev(work.path(), "", "", &["dev", "--envoy-max-connections", "6"]).await;
+    let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
+    let (_, out, err) = curl_openai(&dev);
+    assert!(out.ends_with("200"), "before the attack: {out} {err}");
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // The sixth: a tunnel to a routed host, its TLS handshake never begun.
+    let mut tunnel = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tunnel.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    tunnel.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the tunnel opens");
+    held.push(tunnel);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, out, _) = curl_openai(&dev);
+    assert!(!out.ends_with("200"), "the limit is held: {out}");
+    let started = std::time::Instant::now();
+    for (i, c) in held.iter_mut().enumerate() {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(90), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue, // the tunnel's "200" tail; anything Envoy says before closing
+                Err(_) => panic!("connection {i} still open after {:?}", started.elapsed()),
+            }
+        }
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(80), "closed after {waited:?}");
+    let (_, out, err) = curl_openai(&dev);
+    assert!(out.ends_with("200"), "after the idle connections were closed: {out} {err}");
+}
+
 /// The attack, over HTTP/1.1: Envoy cannot reset an HTTP/1.1 request for the memory it holds, so
 /// held uploads took its heap to the top and every agent's new request got 503 for as long as
 /// Envoy's stream idle timeout (300 s; for ever, had the agent kept sending). Once memory is

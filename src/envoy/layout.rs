@@ -124,9 +124,11 @@ impl<'a> Layout<'a> {
         json!({"name": "proxy", "ignore_port_in_host_matching": true, "virtual_hosts": self.proxy_vhosts()})
     }
 
-    /// The route configuration of the TLS chain.
+    /// The route configuration of the TLS chain. `x-envoy-external-address` (the agent's address,
+    /// which Envoy sets on requests from outside) never reaches a provider.
     fn tls_routes(&self) -> Value {
-        json!({"name": "providers", "virtual_hosts": self.tls_vhosts()})
+        json!({"name": "providers", "virtual_hosts": self.tls_vhosts(),
+            "request_headers_to_remove": ["x-envoy-external-address"]})
     }
 
     /// The route configurations ADS serves by name (none inline).
@@ -290,6 +292,7 @@ impl<'a> Layout<'a> {
         // where HTTP/1.1 gets 413. The same limit for both. (Not smaller: a 64 KiB window, Envoy's
         // edge guidance, made every body over 64 KiB that a budget or SigV4 reads whole a 413.)
         hcm["http2_protocol_options"]["initial_stream_window_size"] = json!(REQUEST_BUFFER_BYTES);
+        hcm["http2_protocol_options"]["initial_connection_window_size"] = json!(REQUEST_BUFFER_BYTES);
         chain
     }
 
@@ -443,15 +446,31 @@ fn negotiated_http(upstream_options: Value) -> Value {
 /// [`REQUEST_HEADERS_TIMEOUT`] (Envoy waits forever by default: a connection that sends half a
 /// request line and stops holds its slot until the hour-long idle timeout). An agent's HTTP/2
 /// connection carries at most [`MAX_CONCURRENT_STREAMS`] requests at once (Envoy's default is
-/// 2^31 - 1); what bounds all agents' memory together is the overload manager
-/// ([`super::overload`]).
+/// 2^31 - 1), with flow-control windows of [`STREAM_WINDOW_BYTES`] and [`CONNECTION_WINDOW_BYTES`]
+/// (Envoy's are 256 MiB: what a tunnel whose far end stopped reading made Envoy hold); what
+/// bounds all agents' memory together is the overload manager ([`super::overload`]). A
+/// connection with no request open is closed after [`IDLE_TIMEOUT`] (Envoy's default is an hour,
+/// counted from accept: connections that never send a byte, or stall their TLS handshake, held
+/// the gateway's connection limit against every other agent). The agent's address is not
+/// appended to `X-Forwarded-For` (providers have no use for the cluster's addresses; keyswap
+/// reads the connection's own).
 fn hardened(hcm: &mut Value) {
     hcm["request_headers_timeout"] = json!(REQUEST_HEADERS_TIMEOUT);
-    hcm["http2_protocol_options"] = json!({"max_concurrent_streams": MAX_CONCURRENT_STREAMS});
+    hcm["http2_protocol_options"] = json!({"max_concurrent_streams": MAX_CONCURRENT_STREAMS,
+        "initial_stream_window_size": STREAM_WINDOW_BYTES, "initial_connection_window_size": CONNECTION_WINDOW_BYTES});
     hcm["use_remote_address"] = json!(true);
     hcm["xff_num_trusted_hops"] = json!(0);
-    hcm["common_http_protocol_options"] = json!({"headers_with_underscores_action": "DROP_HEADER"});
+    hcm["skip_xff_append"] = json!(true);
+    hcm["common_http_protocol_options"] =
+        json!({"headers_with_underscores_action": "DROP_HEADER", "idle_timeout": IDLE_TIMEOUT});
 }
+
+/// How long an agent's connection may stay open with no request on it.
+pub const IDLE_TIMEOUT: &str = "60s";
+/// An agent's HTTP/2 stream and connection windows on the proxy listener (the TLS chain's are
+/// [`REQUEST_BUFFER_BYTES`]: it buffers the bodies keyswap reads whole).
+const STREAM_WINDOW_BYTES: usize = 64 * 1024;
+const CONNECTION_WINDOW_BYTES: usize = 1024 * 1024;
 
 /// What Envoy buffers of one request on the TLS chain (listener buffer limit, HTTP/2 stream
 /// window). SigV4 routes have Envoy buffer whole request bodies (ext_proc BUFFERED), token budgets
@@ -475,14 +494,12 @@ fn connect_to(cluster: &str) -> Value {
 /// keys it by `host:port` and refuses new hosts once it holds `max_hosts` (1,024 by default) until
 /// unused ones expire (`host_ttl`, 5 min by default): one agent CONNECTing to an address on 1,024
 /// ports made every new tunnel, and every new routed `*.` host (Azure resources), fail for five
-/// minutes. Tunnels have their own cache, ten times as large, whose entries expire in a minute
-/// (keyswap pins each tunnel to an address it resolved itself; Envoy's lookup of it is a copy).
+/// minutes. Each cache holds ten times as many, whose entries expire in a minute: tunnels
+/// (keyswap pins each tunnel to an address it resolved itself; Envoy's lookup of it is a copy),
+/// and routed `*.` hosts, which an agent names (`r1.openai.azure.com` … `r1024…`).
 fn dns_cache(tunnel: bool) -> Value {
-    if tunnel {
-        json!({"name": "keyswap_tunnel_dns", "dns_lookup_family": "V4_PREFERRED", "max_hosts": 10_240, "host_ttl": "60s"})
-    } else {
-        json!({"name": "keyswap_dns", "dns_lookup_family": "V4_PREFERRED"})
-    }
+    let name = if tunnel { "keyswap_tunnel_dns" } else { "keyswap_dns" };
+    json!({"name": name, "dns_lookup_family": "V4_PREFERRED", "max_hosts": 10_240, "host_ttl": "60s"})
 }
 
 fn dfp_filter(tunnel: bool) -> Value {

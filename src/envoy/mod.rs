@@ -577,9 +577,12 @@ pub fn observe_on_route() -> Value {
     })
 }
 
+/// The router: Envoy's own headers (`x-envoy-upstream-service-time` to the agent,
+/// `x-envoy-expected-rq-timeout-ms` to the provider) suppressed.
 pub fn router() -> Value {
     json!({"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        "suppress_envoy_headers": true}})
 }
 
 #[cfg(test)]
