@@ -820,6 +820,33 @@ async fn an_aborted_stream_releases_what_it_did_not_use_but_not_what_it_received
     assert_eq!(cut_off > 0.0, observe, "responses cut off on the observing stream: {cut_off}");
 }
 
+/// The attack: a streamed call that sets no output limit (its reservation is the default, which
+/// bounds nothing a model generates), read to its last event and hung up on just before the usage
+/// event. Settled as cut off, its output was the bytes that passed capped at the reservation: the
+/// default, however long the answer (a 100,000-token answer charged 4,096, on every call). The
+/// events that passed are charged: a model streams a token or more per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_before_the_usage_of_a_stream_without_a_limit_does_not_cap_it_at_the_default() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let spec =
+        "  key: Gateway\n  window: Day\n  limits: {totalTokens: 100000}\n  reservation: {defaultOutputTokens: 50}";
+    let (_config, r) = one_budget(&meter, "limitless", "{kind: EgressGateway, name: egress}", spec);
+    let body = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    // The first event and 200 more, then the provider holds the rest (the usage chunk).
+    let mut resp = r.open_stream(OPENAI, "/v1/chat/completions?hold&pad", body).await;
+    let mut received = Vec::new();
+    while received.windows(2).filter(|w| w == b"\n\n").count() < 201 {
+        let frame = resp.body_mut().frame().await.expect("more of the stream").unwrap();
+        received.extend_from_slice(&frame.into_data().unwrap_or_default());
+    }
+    drop(resp);
+    let charged = r.settled_once_any("default/limitless").await;
+    let input = body.len() as u64; // reserved as body bytes: the provider said nothing
+    assert!(charged >= input + 201, "charged {charged} for 201 streamed events ({} bytes)", received.len());
+    assert!(charged <= input + received.len() as u64, "charged {charged}: more than the bytes that passed");
+    meter.hold.notify_waiters();
+}
+
 /// A replica with budget `default/roomy` (100,000 tokens a day) and an Anthropic stream through
 /// it that reserved 2,000 output tokens: `message_start` (the placeholder count) and 200 text
 /// deltas, then held until `meter.hold` is notified, when it ends without `message_delta`.

@@ -36,8 +36,11 @@ pub enum Observed {
     /// counts, or else the input as reserved (the provider may have read the prompt whether or not
     /// it answered); the output is the larger of the reported count and the response bytes that
     /// passed, those capped at the output reserved (a token is at least one byte; a count
-    /// reported before the end can be a placeholder).
-    Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64 },
+    /// reported before the end can be a placeholder). When the request set no output limit keyswap
+    /// read (the reservation is `defaultOutputTokens`, no bound on what the model generates), at
+    /// least the stream's `events` that passed: a model streams about a token or more per event,
+    /// and hanging up just before the usage event must not cap a long answer at the default.
+    Aborted { input: Option<u64>, output: Option<u64>, response_bytes: u64, events: u64 },
 }
 
 /// What a response's status says about a call, for settling one that reported no usage.
@@ -121,10 +124,13 @@ impl Claim {
             Observed::Ended { answered: Answered::Error, input: None, output: None } => (0, 0),
             Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
             Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
-            Observed::Aborted { input, output, response_bytes } => {
+            Observed::Aborted { input, output, response_bytes, events } => {
                 // What passed bounds the output from below too: a count reported before the end
                 // can be a placeholder (Anthropic's `message_start` says 1 or 2 output tokens).
-                let passed = reserved[2].min(weighted(response_bytes, w));
+                let mut passed = reserved[2].min(weighted(response_bytes, w));
+                if !self.output_bounded {
+                    passed = passed.max(weighted(events, w));
+                }
                 (count(input, reserved[1]), count(output, passed).max(passed))
             }
         };

@@ -204,7 +204,16 @@ impl Budget {
     pub fn claim(self: &Arc<Self>, key: Arc<str>, demand: &Demand, now: SystemTime) -> Claim {
         let (window_start, window_end) = window_bounds(self.window, now);
         let weight = self.weight_of(demand);
-        Claim { budget: self.clone(), key, window_start, window_end, reserved: self.reserve_amounts(demand), weight }
+        let reserved = self.reserve_amounts(demand);
+        Claim {
+            budget: self.clone(),
+            key,
+            window_start,
+            window_end,
+            reserved,
+            weight,
+            output_bounded: demand.output_bounded(),
+        }
     }
 
     /// Whether the budget limits tokens (else only requests: no body is read for it).
@@ -284,6 +293,9 @@ pub struct Claim {
     pub reserved: Amounts,
     /// The weight of the request's tokens in this budget, decided when it was reserved.
     pub weight: f64,
+    /// The request set an output limit keyswap read: the output reserved bounds what the model
+    /// generates (else it is `defaultOutputTokens`, which bounds nothing).
+    pub output_bounded: bool,
 }
 
 /// A refusal: the first budget a request did not fit in.

@@ -27,7 +27,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
 
 fn claim(b: &Arc<Budget>, key: &str, reserved: Amounts, now: SystemTime) -> Claim {
     let (window_start, window_end) = window_bounds(b.window, now);
-    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved, weight: 1.0 }
+    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved, weight: 1.0, output_bounded: true }
 }
 
 #[test]
@@ -483,16 +483,35 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     // An error without usage generated nothing.
     assert_eq!(settle("error", Observed::Ended { answered: Answered::Error, input: None, output: None }), [1, 0, 0, 0]);
     // Cut off after 200 bytes: the input stands, output up to the bytes seen.
-    assert_eq!(settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200 }), [1, 30, 200, 230]);
+    assert_eq!(
+        settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200, events: 0 }),
+        [1, 30, 200, 230]
+    );
     // The attack: a long stream cut off after a placeholder count (Anthropic's `message_start`
     // says 1 output token) is charged the bytes that passed, capped at the reservation.
-    let placeholder = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 50_000 };
+    let placeholder = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 50_000, events: 0 };
     assert_eq!(settle("placeholder", placeholder), [1, 12, 4096, 4108]);
-    let short = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 300 };
+    let short = Observed::Aborted { input: Some(12), output: Some(1), response_bytes: 300, events: 0 };
     assert_eq!(settle("short", short), [1, 12, 300, 312]);
     // A count above what the bytes bound (a final count before the cut) stands.
-    let counted = Observed::Aborted { input: Some(12), output: Some(900), response_bytes: 300 };
+    let counted = Observed::Aborted { input: Some(12), output: Some(900), response_bytes: 300, events: 0 };
     assert_eq!(settle("counted", counted), [1, 12, 900, 912]);
+    // The attack: a stream whose request set no output limit (its 4,096 reserved are the
+    // default, bounding nothing) streams 100,000 events, and the agent hangs up just before the
+    // usage event. The events that passed are charged, not the default; with a limit set, the
+    // reservation bounds the output and caps the charge.
+    let settle_unbounded = |key: &str, observed: Observed| {
+        let mut c = claim(&b, key, [1, 30, 4096, 4126], now);
+        c.output_bounded = false;
+        let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
+        h.settle(observed);
+        engine.local.used("default/team", key, start).unwrap()
+    };
+    let long = Observed::Aborted { input: Some(12), output: None, response_bytes: 20_000_000, events: 100_000 };
+    assert_eq!(settle_unbounded("limitless", long), [1, 12, 100_000, 100_012]);
+    assert_eq!(settle("limited", long), [1, 12, 4096, 4108]);
+    let brief = Observed::Aborted { input: Some(12), output: None, response_bytes: 300, events: 3 };
+    assert_eq!(settle_unbounded("brief", brief), [1, 12, 300, 312], "bytes still count below the default");
     // Dropped unsettled (never forwarded): everything released, the request too.
     let Reserve::Now(Admit::Held(h, _)) =
         engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], now)

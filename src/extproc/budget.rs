@@ -248,7 +248,7 @@ impl Budgeted {
                 held.weigh_as(model);
             }
         }
-        let (mut usage, provisional) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
+        let (mut usage, provisional, events) = self.parser.as_mut().map(UsageParser::usage).unwrap_or_default();
         if usage.input_tokens.is_none() && usage.output_tokens.is_none() {
             (usage.input_tokens, usage.output_tokens) = self.counted;
         }
@@ -266,7 +266,7 @@ impl Budgeted {
         let observed = if ended && !provisional {
             Observed::Ended { answered: self.answered.unwrap_or(Answered::Error), input, output }
         } else {
-            Observed::Aborted { input, output, response_bytes: self.response_bytes }
+            Observed::Aborted { input, output, response_bytes: self.response_bytes, events }
         };
         held.settle(observed);
     }

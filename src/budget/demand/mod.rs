@@ -162,6 +162,11 @@ impl Demand {
     }
 
     /// The output tokens to reserve when the budget's default is `default`.
+    /// Whether the body named an output limit keyswap read (`max_tokens` and its kin).
+    pub fn output_bounded(&self) -> bool {
+        self.max_output_tokens.is_some() && !self.unreadable_limit
+    }
+
     pub fn output_tokens(&self, default: u64) -> u64 {
         let limit = match self.max_output_tokens {
             Some(m) if self.unreadable_limit => m.max(default),

@@ -27,23 +27,26 @@ pub(super) struct EventStream {
 }
 
 impl EventStream {
-    pub(super) fn feed(&mut self, chunk: &[u8], info: &mut ResponseInfo) {
+    /// Reads `chunk` into `info`; returns the frames it completed.
+    pub(super) fn feed(&mut self, chunk: &[u8], info: &mut ResponseInfo) -> u64 {
+        let mut frames = 0;
         if self.broken {
-            return;
+            return frames;
         }
         self.buf.extend_from_slice(chunk);
         loop {
             match self.decoder.decode_frame(&mut self.buf) {
                 Ok(DecodedFrame::Complete(message)) => {
+                    frames += 1;
                     let kind = message.headers().iter().find(|h| h.name().as_str() == ":event-type");
                     let kind = kind.and_then(|h| h.value().as_string().ok()).map_or("", |s| s.as_str());
                     apply(kind, message.payload(), info);
                 }
-                Ok(DecodedFrame::Incomplete) if self.buf.len() <= MAX_FRAME_BYTES => return,
+                Ok(DecodedFrame::Incomplete) if self.buf.len() <= MAX_FRAME_BYTES => return frames,
                 _ => {
                     self.broken = true;
                     self.buf = BytesMut::new();
-                    return;
+                    return frames;
                 }
             }
         }
@@ -174,7 +177,7 @@ pub(super) mod tests {
                 for piece in stream.chunks(n) {
                     p.feed(piece);
                 }
-                let (u, provisional) = p.usage();
+                let (u, provisional, _) = p.usage();
                 assert!(!provisional, "the stream's last counts are final");
                 (u.input_tokens, u.output_tokens)
             })

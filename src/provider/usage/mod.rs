@@ -157,6 +157,10 @@ pub struct UsageParser {
     format: Format,
     info: ResponseInfo,
     body: Body,
+    /// Events of a stream read so far (SSE events, or AWS event stream frames): a model streams
+    /// about a token or more per event, so this bounds from below what a stream cut off before
+    /// its usage generated.
+    events: u64,
 }
 
 enum Body {
@@ -178,7 +182,7 @@ impl UsageParser {
         } else {
             Body::Json(JsonBody::default())
         };
-        Self { format, info: ResponseInfo::default(), body }
+        Self { format, info: ResponseInfo::default(), body, events: 0 }
     }
 
     /// Takes the next chunk of the body, as it came off the wire.
@@ -188,9 +192,13 @@ impl UsageParser {
             Body::Sse(sse) => {
                 let format = self.format;
                 let info = &mut self.info;
-                sse.feed(chunk, |event, data| apply_event(format, event, data, info));
+                let events = &mut self.events;
+                sse.feed(chunk, |event, data| {
+                    *events += 1;
+                    apply_event(format, event, data, info)
+                });
             }
-            Body::Aws(frames) => frames.feed(chunk, &mut self.info),
+            Body::Aws(frames) => self.events += frames.feed(chunk, &mut self.info),
         }
     }
 
@@ -214,11 +222,12 @@ impl UsageParser {
         self.read().clone()
     }
 
-    /// The token counts of [`UsageParser::finish`], without copying the model's name, and
-    /// whether they are provisional ([`ResponseInfo::provisional`]).
-    pub fn usage(&mut self) -> (Usage, bool) {
+    /// The token counts of [`UsageParser::finish`], without copying the model's name, whether
+    /// they are provisional ([`ResponseInfo::provisional`]), and the events read so far.
+    pub fn usage(&mut self) -> (Usage, bool, u64) {
+        let events = self.events;
         let info = self.read();
-        (info.usage, info.provisional)
+        (info.usage, info.provisional, events)
     }
 
     /// The model the response names so far, without copying the rest.

@@ -69,6 +69,26 @@ fn event_stream_content_type_is_matched_with_parameters_in_any_case() {
 
 // ---- Chunking.
 
+/// A stream cut off before its usage is charged at least its events when its request set no
+/// output limit (`budget::held`): each complete event counts once, whatever the chunking, and a
+/// JSON answer has none.
+#[test]
+fn streams_count_their_complete_events_whatever_the_chunk_boundaries() {
+    let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n".repeat(50) + "data: {\"choices\":[";
+    let frames: Vec<u8> = (0..20).flat_map(|_| eventstream::tests::frame("contentBlockDelta", b"{}")).collect();
+    for n in [1, 3, 64, 4096] {
+        let mut p = UsageParser::new(Format::OpenAi, "text/event-stream");
+        sse.as_bytes().chunks(n).for_each(|c| p.feed(c));
+        assert_eq!(p.usage().2, 50, "chunks of {n}");
+        let mut p = UsageParser::new(Format::Bedrock, "application/vnd.amazon.eventstream");
+        frames.chunks(n).for_each(|c| p.feed(c));
+        assert_eq!(p.usage().2, 20, "frames in chunks of {n}");
+    }
+    let mut p = UsageParser::new(Format::OpenAi, "application/json");
+    p.feed_last(JSON.as_bytes());
+    assert_eq!(p.usage().2, 0);
+}
+
 #[test]
 fn finish_mid_stream_reports_what_the_events_so_far_said() {
     let cut = ANTHROPIC_SSE.find("event: content_block_start").unwrap();
