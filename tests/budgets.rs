@@ -694,6 +694,42 @@ async fn an_openai_compatible_endpoint_of_another_provider_is_charged_what_it_us
     r.settles("default/shared", before, INPUT_TOKENS + 50, "an unasked stream").await;
 }
 
+/// The attack: a budgeted `custom` route to an OpenAI-compatible vendor the registry does not
+/// name (Mistral, Groq, DeepSeek, vLLM, LiteLLM). Its answers were never read, so every call was
+/// charged its reservation (here 10 output tokens) whatever the model generated (50). Read now
+/// on the paths of the APIs it copies; a stream that neither asks for its usage nor sets a limit
+/// is refused as unmetered, as on the known providers' compatible endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_openai_compatible_upstream_is_charged_what_it_used() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let config = tempfile::tempdir().unwrap();
+    let vendor = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: vendor}\nspec:\n  \
+                  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: custom, hosts: [llm.vendor.test]}]}]\n---\n\
+                  apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: vendor-key}\nspec:\n  \
+                  parentRefs: [{kind: AIProviderRoute, name: vendor}]\n  secretRef: {name: provider-keys}\n  \
+                  target: Header\n  headerName: authorization\n  valuePrefix: 'Bearer '\n";
+    let shared = budget("shared", "{kind: AIProviderRoute, name: vendor}", SMALL_RESERVATION);
+    write(config.path(), &gateway(&format!("{vendor}{shared}"), ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let settled = || r.metric(SHARED_SETTLED);
+    let host = "llm.vendor.test";
+    for body in [
+        r#"{"model":"mistral-large","messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"mistral-large","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    ] {
+        let before = settled().await;
+        let (status, _, text) = call_path(r.port, host, "/v1/chat/completions", None, body).await;
+        assert_eq!(status, 200, "{text}\n{}", r.keyswap.output());
+        r.settles("default/shared", before, INPUT_TOKENS + 50, &format!("{body} (reserved 10 output)")).await;
+    }
+    let forwarded = meter.requests.load(Ordering::SeqCst);
+    let body = r#"{"model":"mistral-large","stream":true,"messages":[]}"#;
+    let (status, _, text) = call_path(r.port, host, "/v1/chat/completions", None, body).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("budget_unmetered_request"), "{text}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), forwarded, "an unmetered stream reached the vendor");
+}
+
 /// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to
 /// parse, which would hold up every other agent on the worker): they are decided as small ones
 /// are, reserved, refused, or asked for their stream's usage.

@@ -64,10 +64,22 @@ pub enum Format {
 /// and openai share [`Format::OpenAi`], and so do the OpenAI-compatible endpoints the others
 /// serve beside their own API (Gemini's `/v1beta/openai/…`, Vertex AI's `…/endpoints/…/chat/…`,
 /// Bedrock's `/openai/v1/…`, Anthropic's `/v1/chat/completions`): read in their own format, their
-/// usage went unread and every call was charged its reservation. `custom` (and any unknown name)
-/// is `None`: its bodies are not read.
+/// usage went unread and every call was charged its reservation. A `custom` upstream (vLLM,
+/// LiteLLM, Mistral, Groq, OpenRouter …) is read on the paths of the APIs it copies: Chat
+/// Completions, Completions, Embeddings and Responses in OpenAI's format, Messages in
+/// Anthropic's; its other paths (and any unknown provider name) are `None`: not read.
 pub fn format_for(provider: &str, path: &str) -> Option<Format> {
     let route = path.split(['?', '#']).next().unwrap_or(path);
+    if provider == "custom" {
+        let on = |suffix: &str| route.starts_with('/') && route.ends_with(suffix);
+        return if ["/chat/completions", "/completions", "/embeddings", "/responses"].iter().any(|s| on(s)) {
+            Some(Format::OpenAi)
+        } else if on("/messages") {
+            Some(Format::Anthropic)
+        } else {
+            None
+        };
+    }
     let openai_compatible = match provider {
         // Vertex AI: `…/endpoints/openapi/…`, and a model deployed to an endpoint of its own
         // (`…/endpoints/ID/chat/completions`; its native calls are `…/endpoints/ID:predict`).

@@ -28,6 +28,32 @@ fn providers_map_to_their_formats_and_custom_has_none() {
     }
 }
 
+/// The attack: on a budgeted `custom` route (an OpenAI-compatible vendor the registry does not
+/// name: Mistral, Groq, DeepSeek, vLLM, LiteLLM), no answer was read, so every call was charged
+/// its reservation whatever the model generated (4,096 output tokens reserved, tens of
+/// thousands used). The paths of the APIs such upstreams copy are read in their format.
+#[test]
+fn a_custom_upstream_is_read_on_the_paths_of_the_apis_it_copies() {
+    let compatible = [
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/openai/v1/chat/completions?x=1",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ];
+    for path in compatible {
+        assert_eq!(format_for("custom", path), Some(Format::OpenAi), "{path}");
+    }
+    assert_eq!(format_for("custom", "/v1/messages"), Some(Format::Anthropic));
+    for path in ["/v1/models", "/chat/completions/x", "x/v1/responses", "/v1/files"] {
+        assert_eq!(format_for("custom", path), None, "{path}");
+    }
+    let answer = r#"{"model":"mistral-large","usage":{"prompt_tokens":12,"completion_tokens":60000}}"#;
+    let format = format_for("custom", "/v1/chat/completions").unwrap();
+    assert_eq!(parse(format, JSON, answer).usage, usage(Some(12), Some(60000), None, None));
+}
+
 /// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API. Its
 /// answers are in OpenAI's format, which the provider's own reader did not read: every call was
 /// charged its reservation, however much it used (4,096 output tokens reserved, 65,536 used).
