@@ -147,8 +147,12 @@ pub fn request_model(body: &[u8]) -> Option<String> {
 
 /// Calls `on_event(event name, data)` for every complete event of a server-sent event stream
 /// (the same reader [`UsageParser`] uses; the events a stream cut short did not finish are left out).
-pub fn for_each_event(body: &[u8], on_event: impl FnMut(&[u8], &[u8])) {
-    SseReader::new().feed(body, on_event);
+pub fn for_each_event(body: &[u8], mut on_event: impl FnMut(&[u8], &[u8])) {
+    SseReader::new().feed(body, |event, data, truncated| {
+        if !truncated {
+            on_event(event, data)
+        }
+    });
 }
 
 /// Calls `on_frame(event type, payload)` for every whole frame of a captured Bedrock event stream
@@ -205,9 +209,12 @@ impl UsageParser {
                 let format = self.format;
                 let info = &mut self.info;
                 let events = &mut self.events;
-                sse.feed(chunk, |event, data| {
+                sse.feed(chunk, |event, data, truncated| {
                     *events += 1;
-                    apply_event(format, event, data, info)
+                    match truncated {
+                        false => apply_event(format, event, data, info),
+                        true => apply_tail(format, data, info),
+                    }
                 });
             }
             Body::Aws(frames) => self.events += frames.feed(chunk, &mut self.info),
@@ -342,7 +349,7 @@ struct JsonBody {
 /// What is kept of a JSON body past [`MAX_JSON_BYTES`]: its end, where every provider writes its
 /// usage (after the content). An answer made large on purpose (logprobs of every token, many
 /// choices) still reports what it used.
-const TAIL_BYTES: usize = 64 * 1024;
+pub(super) const TAIL_BYTES: usize = 64 * 1024;
 
 impl JsonBody {
     fn feed(&mut self, chunk: &[u8]) {
@@ -413,6 +420,22 @@ fn usage_of_member(format: Format, tail: &[u8], key: &[u8]) -> ResponseInfo {
 
 /// One server-sent event's data (`[DONE]` and events that cannot carry model or usage are skipped
 /// without parsing).
+/// An event too large to keep whole (a Responses API `response.completed` carrying every
+/// token's log probabilities, an image's base64): its usage, read from its end, where providers
+/// write it, over what the events before said. Dropped whole, its usage went unread and the
+/// call kept its reservation however much it used.
+fn apply_tail(format: Format, tail: &[u8], info: &mut ResponseInfo) {
+    let found = usage_from_tail(format, tail);
+    let (u, f) = (&mut info.usage, found.usage);
+    u.input_tokens = f.input_tokens.or(u.input_tokens);
+    u.output_tokens = f.output_tokens.or(u.output_tokens);
+    u.cache_read_tokens = f.cache_read_tokens.or(u.cache_read_tokens);
+    u.cache_creation_tokens = f.cache_creation_tokens.or(u.cache_creation_tokens);
+    if info.model.is_none() {
+        info.model = found.model;
+    }
+}
+
 fn apply_event(format: Format, event: &[u8], data: &[u8], info: &mut ResponseInfo) {
     if data == b"[DONE]" || !worth_parsing(format, event, data, info) {
         return;

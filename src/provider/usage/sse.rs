@@ -3,7 +3,7 @@
 //! comment; a line without a colon is a field with an empty value; a blank line dispatches the
 //! event; `data` lines are joined with \n. Only `data` and `event` matter here.
 
-use super::{push_bounded, MAX_EVENT_BYTES, SSE_KEEP_CAPACITY};
+use super::{push_bounded, MAX_EVENT_BYTES, SSE_KEEP_CAPACITY, TAIL_BYTES};
 
 /// The SSE fields this parser keeps; every other field (and comments) is read past.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -37,9 +37,10 @@ pub(super) struct SseReader {
     pending_cr: bool,
     /// Bytes of a leading UTF-8 byte order mark seen; 3 once the start of the stream is past.
     bom_seen: u8,
-    /// The current event outgrew [`MAX_EVENT_BYTES`]: everything up to the next blank line is
-    /// dropped.
+    /// The current event outgrew [`MAX_EVENT_BYTES`]: up to the next blank line only the last
+    /// [`TAIL_BYTES`] of its data are kept (in `tail`), where a provider writes its usage.
     skipping: bool,
+    tail: Vec<u8>,
     /// The current event's data lines, each followed by \n.
     data: Vec<u8>,
     /// The current event's `event:` field.
@@ -56,6 +57,7 @@ impl SseReader {
             pending_cr: false,
             bom_seen: 0,
             skipping: false,
+            tail: Vec::new(),
             data: Vec::new(),
             event: Vec::new(),
         }
@@ -63,17 +65,19 @@ impl SseReader {
 
     /// Bytes held for the current event: its name and data.
     pub(super) fn buffered_len(&self) -> usize {
-        self.data.len() + self.event.len()
+        self.data.len() + self.event.len() + self.tail.len()
     }
 
     /// Memory reserved for those bytes.
     #[cfg(test)]
     pub(super) fn buffered_capacity(&self) -> usize {
-        self.data.capacity() + self.event.capacity()
+        self.data.capacity() + self.event.capacity() + self.tail.capacity()
     }
 
-    /// Reads `input`, calling `on_event(event_name, data)` for every complete event.
-    pub(super) fn feed(&mut self, input: &[u8], mut on_event: impl FnMut(&[u8], &[u8])) {
+    /// Reads `input`, calling `on_event(event_name, data, truncated)` for every complete event;
+    /// `truncated`: the event outgrew [`MAX_EVENT_BYTES`], `data` is its last [`TAIL_BYTES`] (and
+    /// the name is not kept).
+    pub(super) fn feed(&mut self, input: &[u8], mut on_event: impl FnMut(&[u8], &[u8], bool)) {
         let mut input = self.skip_bom(input);
         while let Some(&first) = input.first() {
             if self.pending_cr {
@@ -153,17 +157,23 @@ impl SseReader {
     }
 
     fn field(&self) -> Field {
-        if self.skipping || self.name_len > NAME_CAP {
+        if self.name_len > NAME_CAP {
             return Field::Ignored;
         }
         match &self.name[..self.name_len] {
             b"data" => Field::Data,
-            b"event" => Field::Event,
+            b"event" if !self.skipping => Field::Event,
             _ => Field::Ignored,
         }
     }
 
     fn push_value(&mut self, field: Field, bytes: &[u8]) {
+        if self.skipping {
+            if field == Field::Data {
+                self.push_tail(bytes);
+            }
+            return;
+        }
         let fits = match field {
             Field::Data => push_bounded(&mut self.data, bytes, MAX_EVENT_BYTES - self.event.len()),
             Field::Event => push_bounded(&mut self.event, bytes, MAX_EVENT_BYTES - self.data.len()),
@@ -171,19 +181,38 @@ impl SseReader {
         };
         if !fits {
             self.overflow();
+            if field == Field::Data {
+                self.push_tail(bytes);
+            }
         }
     }
 
-    /// The current event is too big: drop it, and ignore its fields up to the blank line.
+    /// The current event is too big: keep the end of its data, and of the data up to the blank
+    /// line.
     fn overflow(&mut self) {
         self.skipping = true;
+        let data = std::mem::take(&mut self.data);
+        self.tail.clear();
+        self.push_tail(&data);
         self.clear_event();
-        if let Line::ValueStart(_) | Line::Value(_) = self.line {
-            self.line = Line::Value(Field::Ignored);
+        // The rest of a data line goes on into the tail; of any other, nowhere.
+        if let Line::ValueStart(f) | Line::Value(f) = self.line {
+            self.line = Line::Value(if f == Field::Data { Field::Data } else { Field::Ignored });
         }
     }
 
-    fn end_line(&mut self, terminator: u8, on_event: &mut impl FnMut(&[u8], &[u8])) {
+    /// Appends to the kept end of an oversized event's data: at most [`TAIL_BYTES`] stay (twice
+    /// that while it grows, moved down once it is past).
+    fn push_tail(&mut self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
+        if self.tail.len() + bytes.len() > 2 * TAIL_BYTES {
+            let keep = TAIL_BYTES.saturating_sub(bytes.len());
+            self.tail.drain(..self.tail.len() - keep.min(self.tail.len()));
+        }
+        self.tail.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self, terminator: u8, on_event: &mut impl FnMut(&[u8], &[u8], bool)) {
         self.pending_cr = terminator == b'\r';
         match self.line {
             Line::Name if self.line_empty => self.dispatch(on_event),
@@ -204,14 +233,17 @@ impl SseReader {
         self.line_empty = true;
     }
 
-    fn dispatch(&mut self, on_event: &mut impl FnMut(&[u8], &[u8])) {
+    fn dispatch(&mut self, on_event: &mut impl FnMut(&[u8], &[u8], bool)) {
         if self.skipping {
             self.skipping = false;
+            let tail = &self.tail[self.tail.len().saturating_sub(TAIL_BYTES)..];
+            on_event(b"", tail, true);
+            self.tail = Vec::new();
         } else if !self.data.is_empty() {
             if self.data.last() == Some(&b'\n') {
                 self.data.pop();
             }
-            on_event(&self.event, &self.data);
+            on_event(&self.event, &self.data, false);
         }
         self.clear_event();
     }

@@ -115,6 +115,35 @@ fn streams_count_their_complete_events_whatever_the_chunk_boundaries() {
     assert_eq!(p.usage().2, 0);
 }
 
+/// The attack: a Responses API stream whose `response.completed` event outgrows the 1 MiB an
+/// event is kept whole (`include: ["message.output_text.logprobs"]`, `top_logprobs: 20`: every
+/// token's alternatives), after continuing a stored conversation of 980,000 tokens. The event was
+/// dropped whole, its usage unread, and the call kept its reservation (the body's bytes): the
+/// 980,000 input tokens went uncharged, on every call. Its usage is read from its end.
+#[test]
+fn a_usage_event_too_large_to_keep_is_still_read_from_its_end() {
+    let logprobs = r#"{"token":"x","logprob":-0.1,"top_logprobs":[]},"#.repeat(40_000);
+    let completed = format!(
+        r#"{{"type":"response.completed","response":{{"id":"resp_1","model":"gpt-4.1","output":[{{"type":"message","content":[{{"type":"output_text","text":"ok","logprobs":[{logprobs}{{}}]}}]}}],"usage":{{"input_tokens":980000,"output_tokens":1000,"total_tokens":981000}}}}}}"#
+    );
+    assert!(completed.len() > MAX_EVENT_BYTES);
+    let stream = format!(
+        "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"model\":\"gpt-4.1\"}}}}\n\nevent: response.completed\ndata: {completed}\n\n"
+    );
+    for n in [977, 65_536, stream.len()] {
+        let mut p = UsageParser::new(Format::OpenAi, "text/event-stream");
+        stream.as_bytes().chunks(n).for_each(|c| p.feed(c));
+        assert!(p.buffered_capacity() <= 4 * TAIL_BYTES + 2 * SSE_KEEP_CAPACITY, "{}", p.buffered_capacity());
+        let info = p.finish();
+        assert_eq!(info.usage, usage(Some(980_000), Some(1000), None, None), "chunks of {n}");
+        assert_eq!(p.usage().2, 2, "both events counted");
+    }
+    // Telemetry's reader of captured events leaves such an event out, as before.
+    let mut seen = 0;
+    for_each_event(stream.as_bytes(), |_, _| seen += 1);
+    assert_eq!(seen, 1);
+}
+
 #[test]
 fn finish_mid_stream_reports_what_the_events_so_far_said() {
     let cut = ANTHROPIC_SSE.find("event: content_block_start").unwrap();
