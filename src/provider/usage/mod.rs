@@ -91,6 +91,11 @@ pub fn format_for(provider: &str, path: &str) -> Option<Format> {
     if openai_compatible {
         return Some(Format::OpenAi);
     }
+    // Claude on Vertex AI (`…/publishers/anthropic/models/M:rawPredict`, `:streamRawPredict`)
+    // answers in Anthropic's Messages format: read as Gemini, its usage went unread.
+    if provider == "google" && route.contains("/publishers/anthropic/") {
+        return Some(Format::Anthropic);
+    }
     match provider {
         "openai" | "azure-openai" => Some(Format::OpenAi),
         "anthropic" => Some(Format::Anthropic),

@@ -28,6 +28,22 @@ fn providers_map_to_their_formats_and_custom_has_none() {
     }
 }
 
+/// The attack: Claude on Vertex AI (the `google` provider's `publishers/anthropic` models),
+/// whose answers are Anthropic's Messages: read as Gemini's, their usage went unread and every
+/// call kept its reservation (a few KB of PDF bytes that are thousands of tokens).
+#[test]
+fn claude_on_vertex_is_read_as_anthropic() {
+    let base = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4-5";
+    for method in [":rawPredict", ":streamRawPredict"] {
+        assert_eq!(format_for("google", &format!("{base}{method}")), Some(Format::Anthropic), "{method}");
+    }
+    let gemini = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent";
+    assert_eq!(format_for("google", gemini), Some(Format::Google));
+    let answer = r#"{"id":"msg_1","type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":3000,"output_tokens":7}}"#;
+    let format = format_for("google", &format!("{base}:rawPredict")).unwrap();
+    assert_eq!(parse(format, JSON, answer).usage, usage(Some(3000), Some(7), None, None));
+}
+
 /// The attack: on a budgeted `custom` route (an OpenAI-compatible vendor the registry does not
 /// name: Mistral, Groq, DeepSeek, vLLM, LiteLLM), no answer was read, so every call was charged
 /// its reservation whatever the model generated (4,096 output tokens reserved, tens of
