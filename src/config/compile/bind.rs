@@ -197,9 +197,25 @@ fn record_use(
     });
 }
 
-/// Records `v` for scrubbing as it is sent, its query-encoded form, and the form JSON encoders
-/// that escape `/` write (when different).
+/// Records `v` for scrubbing as it is sent, its query-encoded form, and the forms JSON encoders
+/// that escape `/`, or the HTML-sensitive `+ = < > & '` as `\u00XX` (ASP.NET's default encoder,
+/// Gson), write (when different).
 fn scrub_forms(v: &[u8], live: &mut Vec<SecretSlice<u8>>) {
+    const HTML_SENSITIVE: &[u8] = b"+=<>&'";
+    if v.iter().any(|b| HTML_SENSITIVE.contains(b)) {
+        for hex in [b"0123456789ABCDEF", b"0123456789abcdef"] {
+            let mut escaped = Vec::with_capacity(6 * v.len());
+            for &b in v {
+                if HTML_SENSITIVE.contains(&b) {
+                    escaped.extend_from_slice(b"\\u00");
+                    escaped.extend_from_slice(&[hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
+                } else {
+                    escaped.push(b);
+                }
+            }
+            live.push(SecretSlice::from(escaped));
+        }
+    }
     live.push(SecretSlice::from(v.to_vec()));
     let encoded = crate::inject::query::encode_value(v);
     if encoded.as_bytes() != v {
