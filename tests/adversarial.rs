@@ -638,6 +638,36 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");
 }
 
+/// The attack: on a route whose bodies are not scrubbed (a known provider's: they never echo
+/// credentials in answers), make the upstream answer an error that quotes what it was sent (AWS
+/// quotes the canonical request of a signature mismatch, the session token's value in it; a
+/// gateway in front of the provider, its 401 with the key). The agent read it in the body. An
+/// error's body is scrubbed on every injected route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
+    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let text = gateway("deny-all", free_port(), free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
+    assert!(!text.contains("scrubResponseBodies"));
+    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
+    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
+    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
+    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    for http in ["--http1.1", "--http2"] {
+        let (code, out, err) = tokio::task::block_in_place(|| {
+            curl(&dev, &[http, "-sS", "-w", "\n%{http_code}", "-d", "{}", "https://api.anthropic.com/echo-error"])
+        });
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(fake.seen().last().unwrap().header_str("x-api-key").as_deref(), Some(ANTHROPIC_KEY));
+        assert!(out.ends_with("403"), "{out}");
+        assert!(!out.contains(ANTHROPIC_KEY), "the quoted key reached the agent in the body:\n{out}");
+        assert!(out.contains(r#""credential":"[redacted]""#), "{out}");
+    }
+    // A success's body is still passed as it is (known providers never echo keys in answers).
+    let (_, out, _) =
+        tokio::task::block_in_place(|| curl(&dev, &["-sS", "-d", "{}", "https://api.anthropic.com/v1/messages"]));
+    assert!(out.contains("usage"), "{out}");
+}
+
 /// `keyswap dev` with Anthropic on every path, response bodies scrubbed, before a TLS fake.
 async fn scrubbing_anthropic_gateway() -> (Dev, FakeProvider, (tempfile::TempDir, tempfile::TempDir)) {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -86,14 +86,22 @@ impl ProcessStream {
     /// waits for it); one the scrubber rewrites, or any without the observing filter, comes here.
     pub(super) fn on_response_headers(&mut self, headers: &[HeaderValue], end: bool) -> Handled {
         let mut wants_body = false;
+        let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
+        let status: Option<u16> = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
+        // An error's body is scrubbed on every injected route, whatever the route says of
+        // answers: errors quote what they were sent (AWS's signature mismatch, the canonical
+        // request with the session token's value in it; a gateway's 401 in front of a provider).
+        if let Some(s) = self.scrub.as_mut().filter(|s| s.body.is_none() && !end) {
+            if status.is_none_or(|c| c >= 400) {
+                s.body = Some(crate::scrub::Streaming::default());
+            }
+        }
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
         if scrubbed.is_some() {
             Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
             tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
         }
         if self.budget.is_some() {
-            let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
-            let status = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
             let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
             let counted = |n: &str| find(n).and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
             wants_body |= self.budget_response_headers(status, content_type, counted, end);

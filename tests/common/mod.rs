@@ -736,8 +736,10 @@ impl FakeProvider {
         let (status, content_type, body) = match (ok, stream) {
             (false, _) => (401, "application/json", UNAUTHORIZED.to_owned()),
             // Echoes the credential it received: telemetry must scrub it from captured bodies.
+            // `/echo-error`: as an error (AWS's signature mismatch quotes the canonical request it
+            // computed, signed headers' values and all).
             (true, _) if path.starts_with("/echo") => (
-                200,
+                if path.starts_with("/echo-error") { 403 } else { 200 },
                 "application/json",
                 format!(
                     r#"{{"you_sent":"{echo_key}","credential":"{}","usage":{{"input_tokens":1,"output_tokens":1}}}}"#,
