@@ -177,6 +177,21 @@ impl Budget {
         if self.weights.is_empty() {
             return 1.0;
         }
+        // A Bedrock ARN whose last part is an opaque id (an application inference profile, a
+        // provisioned or custom model, a prompt router) names no model, and the answer names
+        // none either: weighed as the heaviest weight unless a glob names the ARN itself.
+        // (Without the `/`: an ARN written unescaped in the path ends at the resource type.)
+        const OPAQUE: [&str; 5] = [
+            ":application-inference-profile",
+            ":provisioned-model",
+            ":custom-model",
+            ":imported-model",
+            "prompt-router",
+        ];
+        let opaque = model.starts_with("arn:") && OPAQUE.iter().any(|k| model.contains(k));
+        if opaque && !self.weights.iter().any(|(g, _)| crate::glob::matches(g, model, None)) {
+            return self.weights.iter().map(|(_, w)| *w).fold(1.0, f64::max);
+        }
         let bare = model.rsplit('/').next().unwrap_or(model);
         let unprefixed = match bare.split_once('.') {
             Some((region, rest))

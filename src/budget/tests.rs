@@ -590,6 +590,23 @@ fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
         assert_eq!(b.weight(model), 5.0, "{model}");
     }
     assert_eq!(b.weight("us.anthropic.claude-sonnet-4-5-20250929-v1:0"), 1.0);
+    // The attack: an application inference profile (or a provisioned model, a prompt router) for
+    // Opus, whose ARN ends in an opaque id: weighed 1 (and Bedrock's answer names no model). It
+    // weighs as the heaviest weight now, unless a glob names the ARN itself.
+    let profile = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3d4e5f6";
+    for opaque in [
+        profile,
+        "arn:aws:bedrock:us-east-1:123456789012:provisioned-model/xyz123",
+        "arn:aws:bedrock:us-east-1:123456789012:default-prompt-router/anthropic.claude:1",
+        "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile",
+    ] {
+        assert_eq!(b.weight(opaque), 5.0, "{opaque}");
+    }
+    let named = Budget {
+        weights: vec![("*a1b2c3d4e5f6".into(), 2.0), ("anthropic.claude-opus-4*".into(), 5.0)],
+        ..(*b).clone()
+    };
+    assert_eq!(named.weight(profile), 2.0, "a glob naming the profile decides");
     // The model that answered weighs the call when it weighs more than the name asked for.
     let engine = Arc::new(Engine::new(Default::default()));
     let now = at(1_796_174_941);
