@@ -654,7 +654,9 @@ async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
     let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
     for http in ["--http1.1", "--http2"] {
         let (code, out, err) = tokio::task::block_in_place(|| {
-            curl(&dev, &[http, "-sS", "-w", "\n%{http_code}", "-d", "{}", "https://api.anthropic.com/echo-error"])
+            // `--compressed`: the agent asks for gzip, and reads what comes decompressed.
+            let url = "https://api.anthropic.com/echo-error";
+            curl(&dev, &[http, "--compressed", "-sS", "-w", "\n%{http_code}", "-d", "{}", url])
         });
         assert_eq!(code, 0, "{err}");
         assert_eq!(fake.seen().last().unwrap().header_str("x-api-key").as_deref(), Some(ANTHROPIC_KEY));
@@ -666,6 +668,27 @@ async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
     let (_, out, _) =
         tokio::task::block_in_place(|| curl(&dev, &["-sS", "-d", "{}", "https://api.anthropic.com/v1/messages"]));
     assert!(out.contains("usage"), "{out}");
+}
+
+/// An upstream that compresses a body keyswap scrubs though keyswap asked for it uncompressed:
+/// its bytes could not be searched for secrets, and went to the agent as they were. Not forwarded:
+/// 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_to_scrub_that_the_upstream_compressed_anyway_is_not_forwarded() {
+    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(
+            &dev,
+            &["--compressed", "-sS", "-w", "\n%{http_code}", "-d", "{}", "https://api.anthropic.com/gzip-always"],
+        )
+    });
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(fake.seen().last().unwrap().header_str("accept-encoding").as_deref(), Some("identity"));
+    assert!(out.ends_with("502") && out.contains("upstream_response_unreadable"), "{out}");
+    let (_, out, _) = tokio::task::block_in_place(|| {
+        curl(&dev, &["--compressed", "-sS", "-d", "{}", "https://api.anthropic.com/v1/messages"])
+    });
+    assert!(out.contains("usage"), "an answer sent as asked still goes through: {out}");
 }
 
 /// `keyswap dev` with Anthropic on every path, response bodies scrubbed, before a TLS fake.

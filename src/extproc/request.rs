@@ -518,15 +518,10 @@ impl<'a> Incoming<'a> {
         if tx.is_some() {
             extra.push(("traceparent", traceparent.as_bytes()));
         }
-        // keyswap reads this response's body (usage, capture, scrubbing): it asks for it
-        // uncompressed, or an agent asking for gzip would hide its usage from spans and budgets
-        // (and an echoed secret from the scrubber).
-        let reads_response = injected.scrub_bodies
-            || budget.as_ref().is_some_and(|b| b.reads_bodies())
-            || (tx.is_some() && self.snapshot.capture.read_bodies);
-        if reads_response {
-            extra.push(("accept-encoding", b"identity"));
-        }
+        // keyswap may read this response's body (usage, capture, scrubbing; an error's body on
+        // every route): it asks for it uncompressed, or an agent asking for gzip would hide its
+        // usage from spans and budgets (and an echoed secret from the scrubber).
+        extra.push(("accept-encoding", b"identity"));
         let body_mode = match body_mode {
             mutation::RequestBody::None if self.has_body && tx.as_ref().is_some_and(|t| t.wants_request_body()) => {
                 mutation::RequestBody::Capture

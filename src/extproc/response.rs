@@ -96,6 +96,19 @@ impl ProcessStream {
                 s.body = Some(crate::scrub::Streaming::default());
             }
         }
+        // A body to scrub that the upstream compressed though keyswap asked for it uncompressed:
+        // its bytes cannot be searched, so it is not forwarded.
+        let encoded = find("content-encoding").is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity"));
+        if encoded && !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+            tracing::warn!(
+                status,
+                "the upstream compressed a response body keyswap scrubs (it asked for it uncompressed); answering 502"
+            );
+            let body = serde_json::json!({"error": {"type": "upstream_response_unreadable",
+                "message": "the upstream sent a compressed body that keyswap must scrub of secrets before the agent sees it; not forwarded"}});
+            let resp = mutation::immediate(502, &body, "keyswap_compressed_response");
+            return Handled::Answer(resp, TelemetryPhase::ResponseHeaders, true);
+        }
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
         if scrubbed.is_some() {
             Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);

@@ -768,7 +768,10 @@ impl FakeProvider {
             let release = self.release.clone();
             let stream = async_stream(first, rest, release);
             http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(stream))
-        } else if gzip && status == 200 && !stream && !path.starts_with("/echo") {
+        } else if path.starts_with("/gzip-always")
+            || (gzip && !stream && (status == 200 && !path.starts_with("/echo") || path.starts_with("/echo-error")))
+        {
+            // `/gzip-always`: an upstream that compresses whatever it was asked.
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
             let resp = hyper::Response::builder().status(status).header("content-type", content_type);
