@@ -46,7 +46,8 @@ impl Catalog {
         }
         if let Some((pre, post)) = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
         {
-            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace) {
+            let gateways_own = self.gateways_own_secrets();
+            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace && !gateways_own.contains(k)) {
                 let n = &skey.name;
                 if n.len() <= pre.len() + post.len() || !n.starts_with(pre) || !n.ends_with(post) {
                     continue;
@@ -65,6 +66,28 @@ impl Catalog {
             .map(|t| Unresolved::SecretNotFound { secret: Key::new(pkey.namespace.clone(), t.to_owned()) });
         binding.tenants = Some(TenantCredentials { by_tenant, fallback: sel.fallback, unlisted });
         Ok(binding)
+    }
+
+    /// The Secrets gateways read for themselves: agent tokens (labelled), shared tokens and HS256
+    /// keys, the budget store's URL. A tenant template matches none of them: a caller naming its
+    /// tenant `ci` under `{tenant}-token` would otherwise have the shared agent token (or, under
+    /// `{tenant}`, any of them) written upstream as its provider key.
+    fn gateways_own_secrets(&self) -> std::collections::HashSet<Key> {
+        let mut own: std::collections::HashSet<Key> = self
+            .secrets
+            .iter()
+            .filter(|(_, s)| s.spec.labels.get(crate::auth::API_KEY_LABEL).map(String::as_str) == Some("true"))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (gkey, g) in &self.gateways {
+            let at = |name: &str| Key::new(gkey.namespace.clone(), name.to_owned());
+            for v in g.spec.agent_auth.iter().flat_map(|a| &a.validators) {
+                own.extend(v.shared_token.as_ref().map(|t| at(&t.secret_ref.name)));
+                own.extend(v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()).map(|r| at(&r.name)));
+            }
+            own.extend(g.spec.budget_store.as_ref().map(|b| at(&b.redis.secret_ref.name)));
+        }
+        own
     }
 
     /// Binds one Secret of a policy: resolves header or parameter, reads the value.

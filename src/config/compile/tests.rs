@@ -182,6 +182,34 @@ fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
 /// key by name, not list the namespace; or the list never came): a tenant the template would
 /// find a key for is not put on the house key, whose bill it is not (503); the anonymous caller
 /// still gets the fallback.
+/// The attack: a caller that names its own tenant (a JWT claim, an edge-trust header) picks
+/// `ci` under the template `{tenant}-token`, or anything under `{tenant}`: the gateway's shared
+/// agent token, its HS256 key or its Redis URL was that tenant's "key", written upstream. A
+/// template matches no Secret the gateway reads for itself.
+#[test]
+fn a_tenant_template_never_matches_the_gateways_own_secrets() {
+    let gw = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec:\n  agentAuth:\n    validators:\n    - sharedToken: {secretRef: {name: ci-token}}\n    - {name: idp, jwt: {issuer: i, audiences: [a], hs256SecretRef: {name: hs-token}, claimMapping: {tenant: org}}}\n---\n";
+    let labelled = "apiVersion: v1\nkind: Secret\nmetadata: {name: a1-token, labels: {keyswap.dev/agent-token: 'true'}}\nstringData: {sha256: 0000000000000000000000000000000000000000000000000000000000000000, agent: a1, token: x}\n---\n";
+    let text = format!(
+        "{gw}{}{}{}{}{}{}{labelled}",
+        route("a", "{provider: anthropic}"),
+        policy("p", "{name: a}", "  target: Header\n  credentialSelector: {byTenant: {secretNameTemplate: '{tenant}-token'}, fallback: Deny}"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: ci-token}\nstringData: {token: shared-agent-token-0001}\n---\n",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: hs-token}\nstringData: {token: hs256-key-of-32-bytes-or-more-0001}\n---\n",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-token}\nstringData: {token: sk-acme-0001}\n---\n",
+        secret("  token: sk-house-0001"),
+    );
+    let snap = compile(&text).unwrap();
+    for tenant in ["ci", "hs", "a1"] {
+        let d = snap.decide("api.anthropic.com", "/v1/messages", Some(tenant));
+        assert!(matches!(d, Decision::TenantNotMapped { .. }), "tenant {tenant}: {d:?}");
+    }
+    let Decision::Inject { credential, .. } = snap.decide("api.anthropic.com", "/v1/messages", Some("acme")) else {
+        panic!("acme's own key")
+    };
+    assert_eq!(credential.fingerprint(), fingerprint(b"sk-acme-0001"));
+}
+
 #[test]
 fn a_tenant_whose_secret_could_not_be_listed_never_falls_back_to_the_house_key() {
     let text = format!(
