@@ -633,6 +633,14 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
         assert!(out.to_ascii_lowercase().contains("x-debug-credential: [redacted]"), "{out}");
         // A name Envoy guards from filters unless their mutation rules allow it.
         assert!(out.to_ascii_lowercase().contains("x-envoy-echoed-credential: [redacted]"), "{out}");
+        // Repeated headers stay repeated, in order: two cookies were joined into one.
+        let cookies: Vec<&str> =
+            out.lines().filter(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).map(str::trim_end).collect();
+        assert_eq!(
+            cookies.iter().map(|c| &c[11..]).collect::<Vec<_>>(),
+            [" session=s1; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Secure", " debug=[redacted]"],
+            "{out}"
+        );
     }
     let (_, metrics) = scrape(metrics_port(&dev), "/metrics").await;
     assert!(metric(&metrics, "keyswap_response_secrets_scrubbed_total") >= 2.0, "{metrics}");

@@ -97,8 +97,28 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
 }
 
 /// Headers keyswap sets, overwriting the agent's.
+/// Sets `headers`: the first value of a name replaces every value it had, each later one of the
+/// same name is added beside it (repeated headers stay repeated: `set-cookie` values joined with
+/// `, ` are one cookie to a client).
 pub fn set_headers(headers: &[(&str, &[u8])]) -> HeaderMutation {
-    HeaderMutation { set_headers: headers.iter().map(|(k, v)| set(k, v)).collect(), remove_headers: vec![] }
+    let set_headers = headers
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| {
+            let mut h = set(k, v);
+            if headers[..i].iter().any(|(earlier, _)| earlier.eq_ignore_ascii_case(k)) {
+                // Envoy's ext_proc reads only the deprecated `append` (not `append_action`) to
+                // tell adding a value from replacing them all; both say "add" here.
+                h.append_action = HeaderAppendAction::AppendIfExistsOrAdd as i32;
+                #[allow(deprecated)]
+                {
+                    h.append = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+                }
+            }
+            h
+        })
+        .collect();
+    HeaderMutation { set_headers, remove_headers: vec![] }
 }
 
 /// Continue the request body, changing request headers (possible while Envoy still holds them:

@@ -49,33 +49,27 @@ impl Scrub {
             return None;
         }
         let secrets: Vec<&[u8]> = self.secrets().collect();
+        let mut changed: Vec<String> = Vec::new();
         let mut scrubbed: Vec<(String, Vec<u8>)> = Vec::with_capacity(headers.len());
-        let mut changed: Vec<(String, Vec<u8>)> = Vec::new();
         for h in headers {
             let mut v = header_bytes(h).to_vec();
             if !h.key.starts_with(':') && leaks(&v) {
                 crate::scrub::scrub(&mut v, &secrets, false);
-                // Repeated headers of one name become one value (OVERWRITE replaces them all).
-                match changed.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&h.key)) {
-                    Some((_, joined)) => {
-                        joined.extend_from_slice(b", ");
-                        joined.extend_from_slice(&v);
-                    }
-                    None => changed.push((h.key.to_ascii_lowercase(), v.clone())),
+                if !changed.iter().any(|k| k.eq_ignore_ascii_case(&h.key)) {
+                    changed.push(h.key.to_ascii_lowercase());
                 }
             }
             scrubbed.push((h.key.clone(), v));
         }
-        // Values of a changed name that were clean still belong to the one rewritten value.
-        for (name, joined) in changed.iter_mut() {
-            let clean = headers.iter().filter(|h| h.key.eq_ignore_ascii_case(name) && !leaks(header_bytes(h)));
-            for h in clean {
-                joined.extend_from_slice(b", ");
-                joined.extend_from_slice(header_bytes(h));
-            }
-        }
-        let pairs: Vec<(&str, &[u8])> = changed.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        Some((scrubbed, mutation::set_headers(&pairs)))
+        // Every value of a changed name, in order, each its own header again (the first replaces
+        // them all, the rest are added): values joined with `, ` were one cookie to a client.
+        let pairs: Vec<(&str, &[u8])> = scrubbed
+            .iter()
+            .filter(|(k, _)| changed.iter().any(|c| c.eq_ignore_ascii_case(k)))
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let m = mutation::set_headers(&pairs);
+        Some((scrubbed, m))
     }
 }
 

@@ -785,6 +785,9 @@ impl FakeProvider {
             // Also under a name Envoy guards (`x-envoy-*`: an ext_proc mutation of it is dropped
             // unless the filter's `mutation_rules` allow it).
             resp = resp.header("x-envoy-echoed-credential", echo_credential.as_slice());
+            // Two cookies, one echoing the key: they must stay two (an `Expires` date has a comma).
+            resp = resp.header("set-cookie", "session=s1; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Secure");
+            resp = resp.header("set-cookie", [b"debug=".as_slice(), &echo_credential].concat().as_slice());
             resp = resp.header("x-debug-credential", echo_credential.as_slice()).header(
                 "www-authenticate",
                 [b"Bearer error=\"invalid\", key=\"".as_slice(), &echo_credential, b"\""].concat().as_slice(),
