@@ -484,9 +484,12 @@ fn budget(c: &mut Criterion) {
             let demand = Demand::from_body(body, None);
             let claim = budget.claim("acme".into(), &demand, now);
             match engine.reserve(None, vec![claim], now) {
-                Reserve::Now(Admit::Held(h, _)) => {
-                    h.settle(Observed::Ended { answered: Answered::Success, input: Some(12), output: Some(9) })
-                }
+                Reserve::Now(Admit::Held(h, _)) => h.settle(Observed::Ended {
+                    answered: Answered::Success,
+                    input: Some(12),
+                    output: Some(9),
+                    events: 0,
+                }),
                 _ => panic!("admitted"),
             }
         })

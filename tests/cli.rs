@@ -113,7 +113,7 @@ fn check_warns_that_optional_agent_auth_lets_a_caller_leave_its_own_budget() {
 /// validator has `tenants`.
 #[test]
 fn check_warns_that_a_validator_may_name_any_tenant() {
-    for (tenants, warns) in [("", true), (", tenants: ['partner-*']", false)] {
+    for (tenants, warns) in [("", true), (", tenants: ['*']", true), (", tenants: ['partner-*']", false)] {
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators:\n    - apiKeys: {{}}\n    - {{name: partner, jwt: {{issuer: https://idp.test/, audiences: [keyswap], hs256SecretRef: {{name: hs}}, claimMapping: {{tenant: org}}}}{tenants}}}\n---\n{}---\n{}",

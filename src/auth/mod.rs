@@ -333,7 +333,7 @@ impl Chain {
                 Validator::EdgeTrust(e) => (&e.name, e.tenant_header.is_some()),
                 Validator::ApiKeys { .. } | Validator::SharedToken { .. } => return None,
             };
-            let unscoped = self.scopes.get(i).is_none_or(|s| s.0.is_empty());
+            let unscoped = self.scopes.get(i).is_none_or(|s| s.0.is_empty() || s.0.iter().any(|t| &**t == "*"));
             (names_tenant && unscoped).then_some(&**name)
         })
     }

@@ -31,7 +31,10 @@ pub enum Observed {
     /// all keeps its reservation when it succeeded (an OpenAI stream without `include_usage`) or
     /// timed out ([`Answered::TimedOut`]); an error status without usage generated nothing: its
     /// tokens are released.
-    Ended { answered: Answered, input: Option<u64>, output: Option<u64> },
+    /// `events`: of a stream; one that reports no usage and whose request set no output limit
+    /// keyswap read is charged at least that many output tokens (its reservation, the default,
+    /// bounds nothing the model generates).
+    Ended { answered: Answered, input: Option<u64>, output: Option<u64>, events: u64 },
     /// The request was forwarded, then cut off (client gone, upstream reset). The reported input
     /// counts, or else the input as reserved (the provider may have read the prompt whether or not
     /// it answered); the output is the larger of the reported count and the response bytes that
@@ -121,7 +124,10 @@ impl Claim {
         let (w, reserved) = (self.weight, &self.reserved);
         let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
         let (input, output) = match observed {
-            Observed::Ended { answered: Answered::Error, input: None, output: None } => (0, 0),
+            Observed::Ended { answered: Answered::Error, input: None, output: None, .. } => (0, 0),
+            Observed::Ended { input: None, output: None, events, .. } if !self.output_bounded => {
+                (reserved[1], reserved[2].max(weighted(events, w)))
+            }
             Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
             Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
             Observed::Aborted { input, output, response_bytes, events } => {

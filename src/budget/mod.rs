@@ -189,7 +189,9 @@ impl Budget {
             "prompt-router",
         ];
         let opaque = model.starts_with("arn:") && OPAQUE.iter().any(|k| model.contains(k));
-        if opaque && !self.weights.iter().any(|(g, _)| crate::glob::matches(g, model, None)) {
+        // (A catch-all `*` names no ARN: only a glob written for ARNs does.)
+        let named = |g: &str| g.starts_with("arn:") && crate::glob::matches(g, model, None);
+        if opaque && !self.weights.iter().any(|(g, _)| named(g)) {
             return self.weights.iter().map(|(_, w)| *w).fold(1.0, f64::max);
         }
         let bare = model.rsplit('/').next().unwrap_or(model);

@@ -375,7 +375,7 @@ fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
     assert_eq!(engine.local.used("default/roomy", "t", start), Some([1, 60, 0, 60]));
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 60, 0, 60]));
     // Settling gives back what was not used.
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(0) });
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(0), events: 0 });
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 10, 0, 10]));
     assert!(matches!(engine.reserve(None, claims(60), now), Reserve::Now(Admit::Held(..))));
 }
@@ -464,24 +464,27 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     };
     // Embeddings: input reported, no output: the output reservation is released.
     assert_eq!(
-        settle("embed", Observed::Ended { answered: Answered::Success, input: Some(10), output: None }),
+        settle("embed", Observed::Ended { answered: Answered::Success, input: Some(10), output: None, events: 0 }),
         [1, 10, 0, 10]
     );
     // No usage at all on a success: the reservation stands.
     assert_eq!(
-        settle("silent", Observed::Ended { answered: Answered::Success, input: None, output: None }),
+        settle("silent", Observed::Ended { answered: Answered::Success, input: None, output: None, events: 0 }),
         [1, 30, 4096, 4126]
     );
     // Timed out (Envoy's 504 after the route's timeout, 408 after the stream idle timeout): the
     // provider may have run the call to its end; the reservation stands.
-    let timed_out = Observed::Ended { answered: Answered::TimedOut, input: None, output: None };
+    let timed_out = Observed::Ended { answered: Answered::TimedOut, input: None, output: None, events: 0 };
     assert_eq!(settle("timeout", timed_out), [1, 30, 4096, 4126]);
     let statuses = [(Some(200), Answered::Success), (Some(504), Answered::TimedOut), (Some(408), Answered::TimedOut)];
     for (status, answered) in statuses.into_iter().chain([(Some(500), Answered::Error), (None, Answered::Error)]) {
         assert_eq!(Answered::of_status(status), answered, "{status:?}");
     }
     // An error without usage generated nothing.
-    assert_eq!(settle("error", Observed::Ended { answered: Answered::Error, input: None, output: None }), [1, 0, 0, 0]);
+    assert_eq!(
+        settle("error", Observed::Ended { answered: Answered::Error, input: None, output: None, events: 0 }),
+        [1, 0, 0, 0]
+    );
     // Cut off after 200 bytes: the input stands, output up to the bytes seen.
     assert_eq!(
         settle("cut", Observed::Aborted { input: None, output: None, response_bytes: 200, events: 0 }),
@@ -512,6 +515,11 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     assert_eq!(settle("limited", long), [1, 12, 4096, 4108]);
     let brief = Observed::Aborted { input: Some(12), output: None, response_bytes: 300, events: 3 };
     assert_eq!(settle_unbounded("brief", brief), [1, 12, 300, 312], "bytes still count below the default");
+    // A stream that ended without reporting usage (a `custom` vendor that was not asked): its
+    // events count past the default too.
+    let unreported = Observed::Ended { answered: Answered::Success, input: None, output: None, events: 50_000 };
+    assert_eq!(settle_unbounded("unreported", unreported), [1, 30, 50_000, 50_030]);
+    assert_eq!(settle("unreported-limited", unreported), [1, 30, 4096, 4126]);
     // Dropped unsettled (never forwarded): everything released, the request too.
     let Reserve::Now(Admit::Held(h, _)) =
         engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], now)
@@ -530,7 +538,7 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     let team = budget([None, None, None, Some(10_000)]);
     let admit = |b: &Arc<Budget>| match engine.reserve(None, vec![claim(b, "t", [1, 5, 0, 5], now)], now) {
         Reserve::Now(Admit::Held(h, _)) => {
-            h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1) })
+            h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 })
         }
         _ => panic!("admitted"),
     };
@@ -603,10 +611,12 @@ fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
         assert_eq!(b.weight(opaque), 5.0, "{opaque}");
     }
     let named = Budget {
-        weights: vec![("*a1b2c3d4e5f6".into(), 2.0), ("anthropic.claude-opus-4*".into(), 5.0)],
+        weights: vec![("arn:*a1b2c3d4e5f6".into(), 2.0), ("anthropic.claude-opus-4*".into(), 5.0), ("*".into(), 1.0)],
         ..(*b).clone()
     };
     assert_eq!(named.weight(profile), 2.0, "a glob naming the profile decides");
+    let other = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ffff";
+    assert_eq!(named.weight(other), 5.0, "a catch-all `*` names no profile");
     // The model that answered weighs the call when it weighs more than the name asked for.
     let engine = Arc::new(Engine::new(Default::default()));
     let now = at(1_796_174_941);
@@ -615,7 +625,7 @@ fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
     assert_eq!(c.weight, 1.0);
     let Reserve::Now(Admit::Held(mut h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
     h.weigh_as("gemini-2.5-pro");
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(100) });
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(100), events: 0 });
     let start = window_bounds(BudgetWindow::Day, now).0;
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 40, 400, 440]));
 }
@@ -632,7 +642,7 @@ fn uncounted_admissions_are_not_reported_as_settled_tokens() {
     else {
         panic!("fail-open admits uncounted")
     };
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1) });
+    h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 });
     let m = registry.of(&Arc::from("default/team"));
     assert_eq!(m.settled_tokens.load(Ordering::Relaxed), 0);
 }
@@ -653,7 +663,7 @@ fn chosen_counter_keys_never_share_a_counter() {
         let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, key, [1, n, 0, n], now)], now) else {
             panic!("admitted")
         };
-        h.settle(Observed::Ended { answered: Answered::Success, input: Some(n as u64), output: Some(0) });
+        h.settle(Observed::Ended { answered: Answered::Success, input: Some(n as u64), output: Some(0), events: 0 });
     }
     for (i, key) in keys.iter().enumerate() {
         let n = i as i64 + 1;
@@ -711,7 +721,7 @@ fn huge_output_limits_on_a_budget_of_input_only_never_overflow_its_counters() {
     };
     let used = engine.local.used("default/team", "top", start).unwrap();
     assert_eq!((used[2], used[3]), (1 << 62, 1 << 62), "{used:?}");
-    h.settle(Observed::Ended { answered: Answered::Success, input: None, output: None });
+    h.settle(Observed::Ended { answered: Answered::Success, input: None, output: None, events: 0 });
 }
 
 /// In Redis a key too long or with control characters is stored by its digest: a key spelled

@@ -99,7 +99,9 @@ impl Budgeted {
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             unmetered: entry.provider.unmetered(creates, path),
-            completions: format == Some(Format::OpenAi) && is_completions(path),
+            // (A `custom` upstream's streams that report no usage are charged by their events:
+            // refusing them would refuse every stream of a vendor that reports unasked.)
+            completions: format == Some(Format::OpenAi) && is_completions(path) && entry.provider.name != "custom",
             can_ask: accepts_stream_options(entry.provider.name, path),
             snapshot: snapshot.clone(),
         };
@@ -264,7 +266,7 @@ impl Budgeted {
         // A stream that ended without its final count (an error event after the content, a
         // provider that closed early) said no more than one cut off does.
         let observed = if ended && !provisional {
-            Observed::Ended { answered: self.answered.unwrap_or(Answered::Error), input, output }
+            Observed::Ended { answered: self.answered.unwrap_or(Answered::Error), input, output, events }
         } else {
             Observed::Aborted { input, output, response_bytes: self.response_bytes, events }
         };

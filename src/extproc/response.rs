@@ -92,8 +92,14 @@ impl ProcessStream {
         }
         // A body to scrub that the upstream compressed though keyswap asked for it uncompressed:
         // its bytes cannot be searched, so it is not forwarded.
-        let encoded = find("content-encoding").is_some_and(|e| !e.trim_ascii().eq_ignore_ascii_case(b"identity"));
+        let encoded = find("content-encoding").map(<[u8]>::trim_ascii);
+        let encoded = encoded.is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"));
         if encoded && !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+            // The upstream answered (and spent): its budgets keep what they reserved, never
+            // released as for a request keyswap refused before forwarding.
+            if let Some(b) = &mut self.budget {
+                b.settle_unseen();
+            }
             tracing::warn!(
                 status,
                 "the upstream compressed a response body keyswap scrubs (it asked for it uncompressed); answering 502"

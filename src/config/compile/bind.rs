@@ -224,12 +224,13 @@ fn record_use(
 /// that escape `/`, or the HTML-sensitive `+ = < > & '` as `\u00XX` (ASP.NET's default encoder,
 /// Gson), write (when different).
 fn scrub_forms(v: &[u8], live: &mut Vec<SecretSlice<u8>>) {
-    const HTML_SENSITIVE: &[u8] = b"+=<>&'";
-    if v.iter().any(|b| HTML_SENSITIVE.contains(b)) {
-        for hex in [b"0123456789ABCDEF", b"0123456789abcdef"] {
+    // What each encoder escapes, and how: System.Text.Json (ASP.NET) `+ < > & '` in uppercase
+    // hex, Gson `= < > & '` in lowercase.
+    for (sensitive, hex) in [(b"+<>&'", b"0123456789ABCDEF"), (b"=<>&'", b"0123456789abcdef")] {
+        if v.iter().any(|b| sensitive.contains(b)) {
             let mut escaped = Vec::with_capacity(6 * v.len());
             for &b in v {
-                if HTML_SENSITIVE.contains(&b) {
+                if sensitive.contains(&b) {
                     escaped.extend_from_slice(b"\\u00");
                     escaped.extend_from_slice(&[hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
                 } else {

@@ -521,9 +521,9 @@ fn a_session_token_stored_with_a_trailing_newline_is_scrubbed_as_it_is_sent() {
     );
     let forms = secret_forms(&text);
     // The attack: an upstream echoing the header in a JSON error through an encoder that writes
-    // `+` and `=` as `\u002B` and `\u003D` (ASP.NET's default, Gson: lowercase): the agent's JSON
-    // parser turns it back into the token.
-    for form in ["tok/en+1=", "tok%2Fen%2B1%3D", "tok\\/en+1=", "tok/en\\u002B1\\u003D", "tok/en\\u002b1\\u003d"] {
+    // HTML-sensitive characters as `\u00XX` (ASP.NET's System.Text.Json: `+` in uppercase hex;
+    // Gson: `=` in lowercase): the agent's JSON parser turns it back into the token.
+    for form in ["tok/en+1=", "tok%2Fen%2B1%3D", "tok\\/en+1=", "tok/en\\u002B1=", "tok/en+1\\u003d"] {
         assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
     }
 }

@@ -218,7 +218,7 @@ impl UsageParser {
                     *events += 1;
                     match truncated {
                         false => apply_event(format, event, data, info),
-                        true => apply_tail(format, data, info),
+                        true => apply_tail(format, event, data, info),
                     }
                 });
             }
@@ -428,8 +428,21 @@ fn usage_of_member(format: Format, tail: &[u8], key: &[u8]) -> ResponseInfo {
 /// An event too large to keep whole (a Responses API `response.completed` carrying every
 /// token's log probabilities, an image's base64): its usage, read from its end, where providers
 /// write it, over what the events before said. Dropped whole, its usage went unread and the
-/// call kept its reservation however much it used.
-fn apply_tail(format: Format, tail: &[u8], info: &mut ResponseInfo) {
+/// call kept its reservation however much it used. Only an event that carries the final usage
+/// is read so: the others can echo what the agent sent (`response.created` echoes its
+/// `instructions` and `tools`, and `"usage":null`), and a usage-shaped object planted there would
+/// be taken for the provider's count.
+fn apply_tail(format: Format, event: &[u8], tail: &[u8], info: &mut ResponseInfo) {
+    let final_usage = match event {
+        // Chat Completions chunks and Gemini's are unnamed; their usage ends the chunk.
+        b"" | b"message" => true,
+        b"response.completed" | b"response.incomplete" | b"response.failed" => format == Format::OpenAi,
+        b"message_delta" => format == Format::Anthropic,
+        _ => false,
+    };
+    if !final_usage {
+        return;
+    }
     let found = usage_from_tail(format, tail);
     let (u, f) = (&mut info.usage, found.usage);
     u.input_tokens = f.input_tokens.or(u.input_tokens);

@@ -75,8 +75,8 @@ impl SseReader {
     }
 
     /// Reads `input`, calling `on_event(event_name, data, truncated)` for every complete event;
-    /// `truncated`: the event outgrew [`MAX_EVENT_BYTES`], `data` is its last [`TAIL_BYTES`] (and
-    /// the name is not kept).
+    /// `truncated`: the event outgrew [`MAX_EVENT_BYTES`], `data` is its last [`TAIL_BYTES`] (its
+    /// name, when it came before the data, is kept).
     pub(super) fn feed(&mut self, input: &[u8], mut on_event: impl FnMut(&[u8], &[u8], bool)) {
         let mut input = self.skip_bom(input);
         while let Some(&first) = input.first() {
@@ -194,7 +194,6 @@ impl SseReader {
         let data = std::mem::take(&mut self.data);
         self.tail.clear();
         self.push_tail(&data);
-        self.clear_event();
         // The rest of a data line goes on into the tail; of any other, nowhere.
         if let Line::ValueStart(f) | Line::Value(f) = self.line {
             self.line = Line::Value(if f == Field::Data { Field::Data } else { Field::Ignored });
@@ -237,7 +236,7 @@ impl SseReader {
         if self.skipping {
             self.skipping = false;
             let tail = &self.tail[self.tail.len().saturating_sub(TAIL_BYTES)..];
-            on_event(b"", tail, true);
+            on_event(&self.event, tail, true);
             self.tail = Vec::new();
         } else if !self.data.is_empty() {
             if self.data.last() == Some(&b'\n') {

@@ -154,6 +154,18 @@ fn a_usage_event_too_large_to_keep_is_still_read_from_its_end() {
         assert_eq!(info.usage, usage(Some(980_000), Some(1000), None, None), "chunks of {n}");
         assert_eq!(p.usage().2, 2, "both events counted");
     }
+    // The attack on that reading: `response.created` echoes the request's `instructions` and
+    // `tools` (then `"usage":null`); an agent sends 1 MiB of them with a usage-shaped object in a
+    // tool's schema, and hangs up before `response.completed`. Only events that carry the final
+    // usage are read from their end: the planted count is never taken.
+    let planted = format!(
+        r#"{{"type":"response.created","response":{{"model":"gpt-4.1","instructions":"{}","tools":[{{"type":"function","parameters":{{"examples":[{{"usage":{{"input_tokens":1,"output_tokens":1}}}}]}}}}],"usage":null}}}}"#,
+        "x".repeat(MAX_EVENT_BYTES)
+    );
+    let cut_short = format!("event: response.created\ndata: {planted}\n\n");
+    let mut p = UsageParser::new(Format::OpenAi, "text/event-stream");
+    cut_short.as_bytes().chunks(65_536).for_each(|c| p.feed(c));
+    assert_eq!(p.usage().0, Usage::default(), "a planted count was taken");
     // Telemetry's reader of captured events leaves such an event out, as before.
     let mut seen = 0;
     for_each_event(stream.as_bytes(), |_, _| seen += 1);
