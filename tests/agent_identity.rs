@@ -319,6 +319,13 @@ fn explain_shows_which_validator_admits_a_token_and_which_key_is_used() {
     assert!(!out.contains(KEY_B) && !out.contains(CI_TOKEN), "{out}");
 }
 
+/// The `x-api-key` values of the last request the fake provider got.
+fn last_api_key(fake: &FakeProvider) -> Vec<String> {
+    let seen = fake.seen();
+    let h = &seen.last().expect("forwarded").headers;
+    h.iter().filter(|(k, _)| k == "x-api-key").map(|(_, v)| String::from_utf8_lossy(v).into_owned()).collect()
+}
+
 // === JWT and edge trust ===
 
 const ISSUER: &str = "https://idp.example.test";
@@ -463,14 +470,7 @@ async fn jwts_are_verified_against_a_rotating_jwks_and_edge_headers_need_a_trust
     let claims = |extra: &str| {
         format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600, "org": "tenant-a"{extra}}}"#)
     };
-    let last_key = || {
-        let seen = fake.seen();
-        let h = &seen.last().expect("forwarded").headers;
-        h.iter()
-            .filter(|(k, _)| k == "x-api-key")
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            .collect::<Vec<_>>()
-    };
+    let last_key = || last_api_key(&fake);
 
     // Valid tokens; the first waits for the JWKS fetch.
     let rs = jwt_tool(&["sign", "RS256", &key_pem("k1"), "k1", &claims(r#", "roles": ["planner", "admin"]"#)]);
@@ -920,14 +920,7 @@ async fn a_partner_identity_provider_cannot_name_another_validators_tenant() {
         let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "alpha", "exp": 600, "org": "{org}"}}"#);
         format!("Bearer {}", jwt_tool(&["sign", "HS256", HS_SECRET, "-", &claims]))
     };
-    let last_key = || {
-        let seen = fake.seen();
-        let h = &seen.last().expect("forwarded").headers;
-        h.iter()
-            .filter(|(k, _)| k == "x-api-key")
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            .collect::<Vec<_>>()
-    };
+    let last_key = || last_api_key(&fake);
     let msgs = "/v1/messages";
     for org in ["tenant-a", "partner", "Partner-b"] {
         let (st, body) = send(&c, port, "api.anthropic.com", msgs, &[("authorization", &jwt(org))]).await;

@@ -1175,6 +1175,16 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
     assert!(out.ends_with("200"), "another request after the attack: {code} {out} {err}");
 }
 
+/// `keyswap dev` for OpenAI whose Envoy takes at most 6 connections, its proxy port, and one
+/// request through it before the attack.
+async fn six_connection_dev(work: &std::path::Path) -> (Dev, FakeProvider, u16) {
+    let (dev, fake) = openai_dev(work, "", "", &["dev", "--envoy-max-connections", "6"]).await;
+    let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
+    let (_, out, err) = curl_openai(&dev);
+    assert!(out.ends_with("200"), "before the attack: {out} {err}");
+    (dev, fake, port)
+}
+
 /// The attack: an agent opening connections and leaving them open (each costs Envoy a file
 /// descriptor, buffers and TLS state) until the gateway has none left for anyone. Past
 /// `--envoy-max-connections`, all listeners together, Envoy closes a new connection at once.
@@ -1182,10 +1192,7 @@ async fn an_agent_filling_envoys_memory_with_unfinished_uploads_is_reset_before_
 async fn connections_past_the_gateways_limit_are_closed_at_once() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let work = tempfile::tempdir().unwrap();
-    let (dev, _fake) = openai_dev(work.path(), "", "", &["dev", "--envoy-max-connections", "6"]).await;
-    let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
-    let (_, out, err) = curl_openai(&dev);
-    assert!(out.ends_with("200"), "before the attack: {out} {err}");
+    let (dev, _fake, port) = six_connection_dev(work.path()).await;
 
     let mut held = Vec::new();
     let mut closed = None;
@@ -1220,10 +1227,7 @@ async fn connections_past_the_gateways_limit_are_closed_at_once() {
 async fn connections_an_agent_holds_without_a_request_are_closed_within_a_minute() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let work = tempfile::tempdir().unwrap();
-    let (dev, _fake) = openai_dev(work.path(), "", "", &["dev", "--envoy-max-connections", "6"]).await;
-    let port: u16 = dev.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
-    let (_, out, err) = curl_openai(&dev);
-    assert!(out.ends_with("200"), "before the attack: {out} {err}");
+    let (dev, _fake, port) = six_connection_dev(work.path()).await;
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
