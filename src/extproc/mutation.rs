@@ -96,7 +96,6 @@ pub fn mode(request_body: RequestBody, response_body: bool) -> ProcessingMode {
     }
 }
 
-/// Headers keyswap sets, overwriting the agent's.
 /// Sets `headers`: the first value of a name replaces every value it had, each later one of the
 /// same name is added beside it (repeated headers stay repeated: `set-cookie` values joined with
 /// `, ` are one cookie to a client).

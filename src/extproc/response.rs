@@ -92,9 +92,13 @@ impl ProcessStream {
         }
         // A body to scrub that the upstream compressed though keyswap asked for it uncompressed:
         // its bytes cannot be searched, so it is not forwarded.
-        let encoded = find("content-encoding").map(<[u8]>::trim_ascii);
-        let encoded = encoded.is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"));
-        if encoded && !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some()) {
+        // (Looked for only in a response whose body is scrubbed: most are not.)
+        let scrubs_body = !end && self.scrub.as_ref().is_some_and(|s| s.body.is_some());
+        let encoded = || {
+            let e = find("content-encoding").map(<[u8]>::trim_ascii);
+            e.is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"))
+        };
+        if scrubs_body && encoded() {
             // The upstream answered (and spent): its budgets keep what they reserved, never
             // released as for a request keyswap refused before forwarding.
             if let Some(b) = &mut self.budget {
