@@ -40,11 +40,10 @@ impl Catalog {
             if name.is_empty() || name.contains('/') {
                 c.err(format!("{at}.name"), "must be non-empty and hold no `/`".into());
             } else if !names.insert(name.clone()) {
-                let m = format!(
-                    "`{name}` is the name of an earlier validator too: give each its own (spans and budgets kept per \
-                     agent tell validators' agents apart by it)"
-                );
-                c.err(format!("{at}.name"), m);
+                // (The name itself is not quoted back: whatever was pasted there stays out of logs.)
+                let m = "is the name of an earlier validator too (or, unset, its type is): give each its own (spans \
+                         and budgets kept per agent tell validators' agents apart by it)";
+                c.err(format!("{at}.name"), m.into());
             }
             let scope = c.tenant_scope(&at, &v.tenants);
             let validator = if let Some(e) = &v.edge_trust {
