@@ -47,6 +47,11 @@
 //!   N-byte JSON body;
 //! - `E2E_CAPTURE_BYTES` (65536): keyswap's `captureBody.maxBytes` in (e) and (f); 0 turns body
 //!   capture off (token usage is still read from response bodies);
+//! - `E2E_PACED_DELAY_MS` (4): after each saturating run, wrk runs again as long with each
+//!   connection pausing between an answer and its next request, from 0 to twice this many ms at
+//!   random (wrk's `delay()`;
+//!   about half the floor's capacity with 16 connections): latency under a load the gateway keeps
+//!   up with, where at saturation p50 and p99 follow requests/s; 0: no paced run;
 //! - `E2E_TTFT_REQUESTS` (300): streamed requests after each run, one at a time, for the time to
 //!   the first chunk, then as many JSON requests for the unloaded latency ("idle"; 0: none);
 //! - `E2E_OBSERVE` (0): 1 puts keyswap's observing filter on the route of (e), (f), (h) and (i), as
@@ -122,6 +127,9 @@ struct Knobs {
     upstream_h2: bool,
     /// Streamed requests per run for time to first chunk.
     ttft_requests: usize,
+    /// `E2E_PACED_DELAY_MS`: the pause of each wrk connection between an answer and its next
+    /// request in the paced run (0: no paced run).
+    paced_delay_ms: u64,
     /// The setups that run (`E2E_SETUPS`), in the order of [`KINDS`].
     kinds: Vec<Kind>,
     keep: bool,
@@ -150,6 +158,7 @@ impl Knobs {
             nowait: env_or("E2E_NOWAIT", 1) != 0,
             upstream_h2: env_or("E2E_UPSTREAM_H2", 1) != 0,
             ttft_requests: env_or("E2E_TTFT_REQUESTS", 300),
+            paced_delay_ms: env_or("E2E_PACED_DELAY_MS", 4),
             kinds: kinds_from_env(),
             keep: std::env::var("E2E_KEEP").is_ok_and(|v| v == "1"),
         };
@@ -1170,8 +1179,15 @@ struct WrkResult {
     non_2xx: u64,
 }
 
-fn wrk_script(path: &Path, body_bytes: usize) {
+/// wrk's script: the request (`body_bytes`), the one-line result, and with `delay_ms` a pause of
+/// about that many ms on each connection between an answer and its next request (wrk's `delay()`).
+fn wrk_script(path: &Path, body_bytes: usize, delay_ms: Option<u64>) {
     let mut lua = String::new();
+    if let Some(ms) = delay_ms {
+        // Drawn from 0 to twice the mean: a fixed pause keeps the connections in step, every
+        // one sending at once, and the run would measure bursts of 16 instead of a steady load.
+        let _ = writeln!(lua, "delay = function() return math.random(0, {}) end", 2 * ms);
+    }
     if body_bytes > 0 {
         // {"pad":"xxxx…"} padded to exactly body_bytes (at least the 10 bytes of the frame).
         let pad = "x".repeat(body_bytes.saturating_sub(10));
@@ -1231,6 +1247,11 @@ struct Sample {
     /// other programs, but also kernel threads (ksoftirqd doing loopback work) and hypervisor
     /// steal. Roughly 0.0-0.2 on an otherwise idle machine; a concurrent build shows as 1+.
     other_cores: f64,
+    /// The paced run (`E2E_PACED_DELAY_MS`): its requests/s and latency, NaN without one. The
+    /// latency a request adds under load, where at saturation p50 and p99 follow requests/s.
+    paced_rps: f64,
+    paced_p50_ms: f64,
+    paced_p99_ms: f64,
     /// Time to the first body byte of a streamed response, sequential requests after the run.
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
@@ -1250,10 +1271,13 @@ impl Sample {
     }
 }
 
+/// One round of a setup: wrk at saturation (requests/s, its latency, CPU per request), then wrk
+/// paced by the second script if any (latency under a load the gateway keeps up with), then the
+/// sequential requests.
 fn measure(
     setup: &mut Setup,
     wrk: &Path,
-    script: &Path,
+    (script, paced): (&Path, Option<&Path>),
     knobs: &Knobs,
     upstream: &UpstreamCounters,
     tck: f64,
@@ -1293,11 +1317,23 @@ fn measure(
     );
 
     let per_req = |ticks: u64| ticks as f64 * 1e6 / tck / r.requests as f64;
+    let [paced_rps, paced_p50_ms, paced_p99_ms] = match paced {
+        Some(paced) => {
+            let p = run_wrk(wrk, paced, knobs, setup.port, knobs.seconds);
+            assert!(p.requests > 0, "{label}: paced wrk completed no requests");
+            assert!(p.non_2xx == 0, "{label}: {} of {} paced responses were not 2xx/3xx", p.non_2xx, p.requests);
+            [p.requests as f64 / (p.duration_us / 1e6), p.p50_us / 1000.0, p.p99_us / 1000.0]
+        }
+        None => [f64::NAN; 3],
+    };
     let [ttft_p50_ms, ttft_p99_ms, _, _] = sequential(setup.port, STREAM_PATH, knobs.ttft_requests)
         .unwrap_or_else(|e| panic!("{label}: streamed requests failed: {e}\n{}", setup.stats()));
     let [_, _, idle_p50_ms, idle_p99_ms] = sequential(setup.port, REQUEST_PATH, knobs.ttft_requests)
         .unwrap_or_else(|e| panic!("{label}: sequential requests failed: {e}\n{}", setup.stats()));
     Sample {
+        paced_rps,
+        paced_p50_ms,
+        paced_p99_ms,
         ttft_p50_ms,
         ttft_p99_ms,
         idle_p50_ms,
@@ -1412,12 +1448,15 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
     println!("Medians over {} rounds:", samples[0].len());
     println!();
     println!(
-        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
+        "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>11} | {:>10} | {:>10} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
         "setup",
         "req/s",
         "req/s min-max",
         "p50 ms",
         "p99 ms",
+        "paced req/s",
+        "paced p50",
+        "paced p99",
         "sidecar µs/req",
         "envoy µs/req",
         "total µs/req",
@@ -1427,20 +1466,23 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
         "idle p99"
     );
     println!(
-        "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|{:->9}:|{:->9}:|",
-        "", "", "", "", "", "", "", "", "", "", "", ""
+        "|{:-<33}|{:->9}:|{:->16}:|{:->8}:|{:->8}:|{:->12}:|{:->11}:|{:->11}:|{:->15}:|{:->13}:|{:->13}:|{:->9}:|{:->9}:|{:->9}:|{:->9}:|",
+        "", "", "", "", "", "", "", "", "", "", "", "", "", "", ""
     );
     for (kind, s) in kinds.iter().zip(samples) {
         let col = |f: fn(&Sample) -> f64| median(s.iter().map(f).collect());
         let min = s.iter().map(|x| x.rps).fold(f64::INFINITY, f64::min);
         let max = s.iter().map(|x| x.rps).fold(0.0, f64::max);
         println!(
-            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            "| {:<31} | {:>8} | {:>15} | {:>7} | {:>7} | {:>11} | {:>10} | {:>10} | {:>14} | {:>12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>8} |",
             kind.label(),
             fmt(col(|x| x.rps), 0),
             format!("{min:.0}-{max:.0}"),
             fmt(col(|x| x.p50_ms), 2),
             fmt(col(|x| x.p99_ms), 2),
+            fmt(col(|x| x.paced_rps), 0),
+            fmt(col(|x| x.paced_p50_ms), 3),
+            fmt(col(|x| x.paced_p99_ms), 3),
             fmt(col(|x| x.sidecar_us), 1),
             fmt(col(|x| x.envoy_us), 1),
             fmt(col(Sample::total_us), 1),
@@ -1451,6 +1493,8 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
         );
     }
     println!();
+    println!("req/s, p50, p99: wrk at saturation (16 connections answered as fast as the gateway can; p50 and p99 follow req/s).");
+    println!("paced: wrk again, each connection pausing E2E_PACED_DELAY_MS between an answer and its next request (latency under a load the gateway keeps up with).");
     println!("total = envoy + sidecar CPU per request (the upstream and wrk are not counted).");
     println!("TTFT: ms to the first body byte of a streamed response (sequential requests after each run).");
     println!("idle: ms to the whole JSON response, as many sequential requests after each run (unloaded latency).");
@@ -1463,12 +1507,22 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
     println!("Ratios (median of the per-round ratios; each round measures both setups back to back):");
     println!();
     println!(
-        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
-        "ratio", "req/s", "p50", "p99", "sidecar CPU", "total CPU", "TTFT p50", "idle p50", "idle p99"
+        "| {:<30} | {:>6} | {:>6} | {:>6} | {:>9} | {:>9} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
+        "ratio",
+        "req/s",
+        "p50",
+        "p99",
+        "paced p50",
+        "paced p99",
+        "sidecar CPU",
+        "total CPU",
+        "TTFT p50",
+        "idle p50",
+        "idle p99"
     );
     println!(
-        "|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->12}:|{:->10}:|{:->9}:|{:->9}:|{:->9}:|",
-        "", "", "", "", "", "", "", "", ""
+        "|{:-<32}|{:->7}:|{:->7}:|{:->7}:|{:->10}:|{:->10}:|{:->12}:|{:->10}:|{:->9}:|{:->9}:|{:->9}:|",
+        "", "", "", "", "", "", "", "", "", "", ""
     );
     for (name, num, den) in [
         ("(d)/(c) keyswap / noop", Kind::Keyswap, Kind::Noop),
@@ -1486,17 +1540,19 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
     ] {
         let (Some(n), Some(d)) = (by(num), by(den)) else {
             println!(
-                "| {name:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
-                "-", "-", "-", "-", "-", "-", "-", "-"
+                "| {name:<30} | {:>6} | {:>6} | {:>6} | {:>9} | {:>9} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
+                "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"
             );
             continue;
         };
         println!(
-            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
+            "| {:<30} | {:>6} | {:>6} | {:>6} | {:>9} | {:>9} | {:>11} | {:>9} | {:>8} | {:>8} | {:>8} |",
             name,
             fmt(ratio(n, d, |x| x.rps), 3),
             fmt(ratio(n, d, |x| x.p50_ms), 3),
             fmt(ratio(n, d, |x| x.p99_ms), 3),
+            fmt(ratio(n, d, |x| x.paced_p50_ms), 3),
+            fmt(ratio(n, d, |x| x.paced_p99_ms), 3),
             fmt(ratio(n, d, |x| x.sidecar_us), 3),
             fmt(ratio(n, d, Sample::total_us), 3),
             fmt(ratio(n, d, |x| x.ttft_p50_ms), 3),
@@ -1584,7 +1640,11 @@ fn main() {
     let sds = dir.join("sds-anthropic.json");
     sds_file(&sds);
     let script = dir.join("wrk.lua");
-    wrk_script(&script, knobs.body_bytes);
+    wrk_script(&script, knobs.body_bytes, None);
+    let paced = (knobs.paced_delay_ms > 0).then(|| dir.join("wrk-paced.lua"));
+    if let Some(p) = &paced {
+        wrk_script(p, knobs.body_bytes, Some(knobs.paced_delay_ms));
+    }
 
     let mut setups = Vec::new();
     for &kind in &knobs.kinds {
@@ -1705,14 +1765,17 @@ fn main() {
         }
         for (i, s) in order {
             std::thread::sleep(Duration::from_millis(250));
-            let x = measure(s, &wrk, &script, &knobs, &upstream, tck);
+            let x = measure(s, &wrk, (&script, paced.as_deref()), &knobs, &upstream, tck);
             println!(
-                "  round {round}/{} {:<31} {:>7.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  sidecar {:>6} µs/req  envoy {:>6} µs/req  other {:.2} cores",
+                "  round {round}/{} {:<31} {:>7.0} req/s  p50 {:>5.2} ms  p99 {:>5.2} ms  paced {:>5} req/s p50 {:>5} ms p99 {:>5} ms  sidecar {:>6} µs/req  envoy {:>6} µs/req  other {:.2} cores",
                 knobs.rounds,
                 s.kind.label(),
                 x.rps,
                 x.p50_ms,
                 x.p99_ms,
+                fmt(x.paced_rps, 0),
+                fmt(x.paced_p50_ms, 2),
+                fmt(x.paced_p99_ms, 2),
                 fmt(x.sidecar_us, 1),
                 fmt(x.envoy_us, 1),
                 x.other_cores
