@@ -222,8 +222,28 @@ fn record_use(
 
 /// Records `v` for scrubbing as it is sent, its query-encoded form, and the forms JSON encoders
 /// that escape `/`, or the HTML-sensitive `+ = < > & '` as `\u00XX` (ASP.NET's default encoder,
-/// Gson), write (when different).
+/// Gson), write (when different). A value stored with its authentication scheme (`Bearer sk-…`,
+/// `Token …`) is recorded bare too, in the same forms: an upstream that quotes the credential it
+/// was sent quotes the token without its scheme as often as with it.
 fn scrub_forms(v: &[u8], live: &mut Vec<SecretSlice<u8>>) {
+    if let Some(token) = after_scheme(v) {
+        forms_of(token, live);
+    }
+    forms_of(v, live);
+}
+
+/// The credential of `scheme SP credential` (RFC 9110's `auth-scheme`: a token of letters, digits
+/// and `-`, up to 20 bytes): the rest, when it holds no space and is at least 8 bytes (shorter
+/// than any key, and short strings scrubbed from every answer would maim it).
+fn after_scheme(v: &[u8]) -> Option<&[u8]> {
+    let sp = v.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = (&v[..sp], v[sp + 1..].trim_ascii());
+    let scheme_ok = (1..=20).contains(&scheme.len()) && scheme.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-');
+    (scheme_ok && token.len() >= 8 && !token.contains(&b' ')).then_some(token)
+}
+
+/// [`scrub_forms`] of one value.
+fn forms_of(v: &[u8], live: &mut Vec<SecretSlice<u8>>) {
     // What each encoder escapes, and how: System.Text.Json (ASP.NET) `+ < > & '` in uppercase
     // hex, Gson `= < > & '` in lowercase.
     for (sensitive, hex) in [(b"+<>&'", b"0123456789ABCDEF"), (b"=<>&'", b"0123456789abcdef")] {

@@ -508,6 +508,34 @@ fn a_key_is_scrubbed_in_each_form_it_travels_in() {
     }
 }
 
+/// An operator who stores the header's whole value (`Bearer sk-…`, with `valuePrefix: ""`) and an
+/// upstream that quotes the bare token back (`Incorrect API key provided: sk-…`, OpenAI's 401):
+/// the bare token is scrubbed too, in each form. A scheme's short rest, or one with spaces, is not
+/// a token, and is scrubbed only as a whole.
+#[test]
+fn a_key_stored_with_its_scheme_is_scrubbed_without_it_too() {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("p", "{name: r}", "  target: Header\n  valuePrefix: \"\""),
+        secret("  token: Bearer sk-live/abcdef")
+    );
+    let forms = secret_forms(&text);
+    for form in ["Bearer sk-live/abcdef", "sk-live/abcdef", "sk-live%2Fabcdef", "sk-live\\/abcdef"] {
+        assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
+    }
+    for (value, not) in [("Bearer abc", "abc"), ("Basic a b c d e f g h", "a b c d e f g h")] {
+        let text = format!(
+            "{GW}{}{}{}",
+            route("r", "{provider: openai}"),
+            policy("p", "{name: r}", "  target: Header\n  valuePrefix: \"\""),
+            secret(&format!("  token: {value}"))
+        );
+        let forms = secret_forms(&text);
+        assert!(forms.iter().any(|f| f == value) && !forms.iter().any(|f| f == not), "{forms:?}");
+    }
+}
+
 /// A session token written to its Secret by `echo` (a trailing newline) travels trimmed in
 /// `x-amz-security-token`: an upstream echoing that header must still have it scrubbed, in each
 /// form it travels in.
