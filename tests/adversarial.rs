@@ -680,7 +680,7 @@ async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
 
 /// An upstream that compresses a body keyswap scrubs though keyswap asked for it uncompressed:
 /// its bytes could not be searched for secrets, and went to the agent as they were. Not forwarded:
-/// 502.
+/// 502; an error keeps its status and the headers a client backs off by, scrubbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_to_scrub_that_the_upstream_compressed_anyway_is_not_forwarded() {
     let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
@@ -693,6 +693,17 @@ async fn a_body_to_scrub_that_the_upstream_compressed_anyway_is_not_forwarded() 
     assert_eq!(code, 0, "{err}");
     assert_eq!(fake.seen().last().unwrap().header_str("accept-encoding").as_deref(), Some("identity"));
     assert!(out.ends_with("502") && out.contains("upstream_response_unreadable"), "{out}");
+    // A rate limit compressed anyway: still a 429 with its retry-after, so the agent's SDK backs
+    // off instead of retrying a 502 at once, and a key quoted in a kept header is scrubbed.
+    let url = "https://api.anthropic.com/gzip-always-429";
+    let (code, out, err) = tokio::task::block_in_place(|| {
+        curl(&dev, &["--compressed", "-sS", "-i", "-w", "\n%{http_code}", "-d", "{}", url])
+    });
+    assert_eq!(code, 0, "{err}");
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.ends_with("429") && lower.contains("upstream_response_unreadable"), "{out}");
+    assert!(lower.contains("retry-after: 7") && lower.contains("x-ratelimit-remaining-requests: 0"), "{out}");
+    assert!(lower.contains("x-request-id: req-[redacted]") && !out.contains(ANTHROPIC_KEY), "{out}");
     let (_, out, _) = tokio::task::block_in_place(|| {
         curl(&dev, &["--compressed", "-sS", "-d", "{}", "https://api.anthropic.com/v1/messages"])
     });

@@ -21,6 +21,18 @@ pub(super) struct Scrub {
     pub(super) binding: Arc<crate::config::snapshot::Binding>,
 }
 
+/// The response headers an agent's client acts on after an error: when to retry (OpenAI's and
+/// Anthropic's SDKs read `retry-after-ms` and `retry-after`), the rate limits, and the id a
+/// provider's support asks for.
+fn acted_on(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "retry-after" | "retry-after-ms" | "request-id" | "x-request-id" | "x-amzn-requestid" | "apim-request-id"
+    ) || n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-")
+}
+
 /// Header names and values, owned (scrubbed copies).
 type OwnedHeaders = Vec<(String, Vec<u8>)>;
 
@@ -99,19 +111,7 @@ impl ProcessStream {
             e.is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case(b"identity"))
         };
         if scrubs_body && encoded() {
-            // The upstream answered (and spent): its budgets keep what they reserved, never
-            // released as for a request keyswap refused before forwarding.
-            if let Some(b) = &mut self.budget {
-                b.settle_unseen();
-            }
-            tracing::warn!(
-                status,
-                "the upstream compressed a response body keyswap scrubs (it asked for it uncompressed); answering 502"
-            );
-            let body = serde_json::json!({"error": {"type": "upstream_response_unreadable",
-                "message": "the upstream sent a compressed body that keyswap must scrub of secrets before the agent sees it; not forwarded"}});
-            let resp = mutation::immediate(502, &body, "keyswap_compressed_response");
-            return Handled::Answer(resp, TelemetryPhase::ResponseHeaders, true);
+            return self.unreadable_body(status, headers);
         }
         let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
         if scrubbed.is_some() {
@@ -160,6 +160,40 @@ impl ProcessStream {
         let mut resp = mutation::response_headers(m, mode);
         resp.dynamic_metadata = handoff;
         Handled::Answer(resp, TelemetryPhase::ResponseHeaders, end)
+    }
+
+    /// A body to scrub that arrives compressed: not forwarded. An error keeps its status and the
+    /// headers the agent's client acts on (`retry-after`, rate limits, the request id), scrubbed
+    /// like any header, so an SDK still backs off from a 429 instead of retrying a 502 at once;
+    /// any other answer becomes 502.
+    fn unreadable_body(&mut self, status: Option<u16>, headers: &[HeaderValue]) -> Handled {
+        // The upstream answered (and spent): its budgets keep what they reserved, never
+        // released as for a request keyswap refused before forwarding.
+        if let Some(b) = &mut self.budget {
+            b.settle_unseen();
+        }
+        let error = status.filter(|c| (400..600).contains(c));
+        let code = error.unwrap_or(502);
+        tracing::warn!(
+            status,
+            answered = code,
+            "the upstream compressed a response body keyswap scrubs (it asked for it uncompressed); body not forwarded"
+        );
+        let mut kept: Vec<(&str, Vec<u8>)> = Vec::new();
+        if let (Some(_), Some(scrub)) = (error, &self.scrub) {
+            let secrets: Vec<&[u8]> = scrub.secrets().collect();
+            for h in headers.iter().filter(|h| acted_on(&h.key)) {
+                let mut v = header_bytes(h).to_vec();
+                crate::scrub::scrub(&mut v, &secrets, false);
+                kept.push((h.key.as_str(), v));
+            }
+        }
+        let kept: Vec<(&str, &[u8])> = kept.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        let body = serde_json::json!({"error": {"type": "upstream_response_unreadable", "message": format!(
+            "the upstream answered {} with a compressed body that keyswap must scrub of secrets before the agent sees it; body not forwarded",
+            status.unwrap_or(0))}});
+        let resp = mutation::immediate_with(code, &body, "keyswap_compressed_response", &kept);
+        Handled::Answer(resp, TelemetryPhase::ResponseHeaders, true)
     }
 
     /// The upstream's response trailers (HTTP/2, or chunked HTTP/1.1 where Envoy keeps them):

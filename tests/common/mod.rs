@@ -772,9 +772,14 @@ impl FakeProvider {
             || (gzip && !stream && (status == 200 && !path.starts_with("/echo") || path.starts_with("/echo-error")))
         {
             // `/gzip-always`: an upstream that compresses whatever it was asked.
+            // `/gzip-always-429`: a rate limit, with when to retry, and a header quoting the key.
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
-            let resp = hyper::Response::builder().status(status).header("content-type", content_type);
+            let mut resp = hyper::Response::builder().status(status).header("content-type", content_type);
+            if path.starts_with("/gzip-always-429") {
+                resp = resp.status(429).header("retry-after", "7").header("x-ratelimit-remaining-requests", "0");
+                resp = resp.header("x-request-id", [b"req-".as_slice(), &echo_credential].concat().as_slice());
+            }
             let body = http_body_util::BodyExt::boxed(Full::new(Bytes::from(gz.finish().unwrap())));
             return resp.header("content-encoding", "gzip").body(body).unwrap();
         } else {
