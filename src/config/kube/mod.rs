@@ -527,16 +527,20 @@ const DELETIONS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 /// behind still has a copy from before: without this, the deleted Secret (a revoked agent token,
 /// a withdrawn key) stayed in effect until that watch caught up, or for as long as it failed.
 #[derive(Default)]
-pub(super) struct Deleted(std::sync::Mutex<HashMap<Key, (Version, std::time::Instant)>>);
+/// Each with whether the copy at that version is buried too (`true`: the version a watch last saw
+/// before its relist no longer held the Secret; the deletion's own is later).
+pub(super) struct Deleted(std::sync::Mutex<HashMap<Key, (Version, bool, std::time::Instant)>>);
 
 impl Deleted {
-    fn bury(&self, m: &kube::core::ObjectMeta) {
+    /// `m` deleted at its version (a Delete event), or gone after its version (`with_it`: a
+    /// relist that no longer holds it).
+    pub(super) fn bury(&self, m: &kube::core::ObjectMeta, with_it: bool) {
         let mut d = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        d.retain(|_, (_, at)| at.elapsed() < DELETIONS_KEPT);
+        d.retain(|_, (_, _, at)| at.elapsed() < DELETIONS_KEPT);
         let v = version(m);
-        let e = d.entry(object_key(m)).or_insert_with(|| (v.clone(), std::time::Instant::now()));
-        if v > e.0 {
-            *e = (v, std::time::Instant::now());
+        let e = d.entry(object_key(m)).or_insert_with(|| (v.clone(), with_it, std::time::Instant::now()));
+        if v > e.0 || (v == e.0 && with_it && !e.1) {
+            *e = (v, with_it, std::time::Instant::now());
         }
     }
 
@@ -544,7 +548,7 @@ impl Deleted {
     /// version is the Secret as it left a label selector's watch, not deleted: it still counts.)
     fn buries(&self, m: &kube::core::ObjectMeta) -> bool {
         let d = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        d.get(&object_key(m)).is_some_and(|(v, _)| version(m) < *v)
+        d.get(&object_key(m)).is_some_and(|(v, with_it, _)| version(m) < *v || (*with_it && version(m) == *v))
     }
 }
 
@@ -619,7 +623,7 @@ mod tests {
         let deleted = Deleted::default();
         let lagging = vec![vec![secret("998")], Vec::new()];
         assert!(newest_secrets(lagging.clone().into_iter(), &deleted).contains_key(&key), "not deleted yet");
-        deleted.bury(&secret("1003").metadata);
+        deleted.bury(&secret("1003").metadata, false);
         assert!(!newest_secrets(lagging.into_iter(), &deleted).contains_key(&key), "the stale copy is gone");
         let recreated = vec![vec![secret("998")], vec![secret("1010")]];
         let merged = newest_secrets(recreated.into_iter(), &deleted);
@@ -628,8 +632,37 @@ mod tests {
         let unlabelled = vec![vec![secret("1003")]];
         assert!(newest_secrets(unlabelled.into_iter(), &deleted).contains_key(&key));
         // Versions compare as numbers: 10000 is after 9999.
-        deleted.bury(&secret("9999").metadata);
+        deleted.bury(&secret("9999").metadata, false);
         assert!(newest_secrets(vec![vec![secret("10000")]].into_iter(), &deleted).contains_key(&key));
+    }
+
+    /// The same attack when the watch that held the Secret was away at its deletion (an outage, a
+    /// compaction): its relist simply no longer holds it, and kube-runtime sends no Delete. The
+    /// relist is compared with what the watch held: the copy it last saw, and older ones, no longer
+    /// count in the lagging watch; a newer copy (the Secret relabelled, or created again) does.
+    #[test]
+    fn a_secret_deleted_while_its_watch_was_away_is_buried_when_it_relists() {
+        let secret = |name: &str, rv: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some(name.into());
+            s.metadata.namespace = Some("agents".into());
+            s.metadata.resource_version = Some(rv.into());
+            Arc::new(s)
+        };
+        let key = Key::new("agents", "agent-token-builder");
+        let deleted = Deleted::default();
+        let held = [secret("agent-token-builder", "1003"), secret("agent-token-other", "1004")];
+        watch::bury_missing(&held, &[secret("agent-token-other", "1004")], &deleted);
+        let lagging = vec![vec![secret("agent-token-builder", "1003"), secret("agent-token-other", "1004")]];
+        let merged = newest_secrets(lagging.into_iter(), &deleted);
+        assert!(!merged.contains_key(&key), "the revoked token's stale copy still counts");
+        assert!(merged.contains_key(&Key::new("agents", "agent-token-other")), "a Secret the relist holds");
+        let newer = vec![vec![secret("agent-token-builder", "1010")]];
+        assert!(newest_secrets(newer.into_iter(), &deleted).contains_key(&key), "created again, or relabelled");
+        // A Delete event at 1003 seen later does not unbury the copy at 1003.
+        deleted.bury(&secret("agent-token-builder", "1003").metadata, false);
+        let lagging = vec![vec![secret("agent-token-builder", "1003")]];
+        assert!(!newest_secrets(lagging.into_iter(), &deleted).contains_key(&key));
     }
 
     fn store_of<K>(objects: Vec<K>) -> Store<K>

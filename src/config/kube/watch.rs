@@ -65,6 +65,7 @@ where
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
     let (store, mut writer) = reflector::store();
+    let reader = writer.as_reader();
     let synced = Arc::new(AtomicBool::new(false));
     let s = synced.clone();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
@@ -105,7 +106,15 @@ where
                 let Some(event) = next else { break };
                 match event {
                     Ok(event) => {
+                        // What the watch held before a relist replaces it (none on the first).
+                        let held = match (&event, &deleted) {
+                            (watcher::Event::InitDone, Some(_)) => reader.state(),
+                            _ => Vec::new(),
+                        };
                         writer.apply_watcher_event(&event);
+                        if let Some(d) = deleted.as_deref().filter(|_| !held.is_empty()) {
+                            bury_missing(&held, &reader.state(), d);
+                        }
                         match event {
                             watcher::Event::Init => {}
                             watcher::Event::InitApply(_) => recovered(&mut failing, &mut backoff, &mut last_cause),
@@ -116,7 +125,7 @@ where
                             }
                             watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
                                 if let (watcher::Event::Delete(o), Some(d)) = (&event, &deleted) {
-                                    d.bury(o.meta());
+                                    d.bury(o.meta(), false);
                                 }
                                 recovered(&mut failing, &mut backoff, &mut last_cause);
                                 changed.notify_one();
@@ -147,6 +156,18 @@ where
         }
     });
     Watched { store, synced, task, overdue: false, started: Instant::now() }
+}
+
+/// Notes in `deleted` the objects a watch `held` that its relist (`now`) no longer holds: deleted
+/// while the watch was away, for which kube-runtime sends no Delete, or out of its label selector.
+/// Buried at the last version the watch saw, that copy included: another watch's copy from then
+/// or before no longer counts, a newer one (relabelled, created again) still does.
+pub(super) fn bury_missing<K: kube::Resource>(held: &[Arc<K>], now: &[Arc<K>], deleted: &super::Deleted) {
+    let now: std::collections::HashSet<_> = now.iter().map(|o| super::object_key(o.meta())).collect();
+    for o in held.iter().filter(|o| !now.contains(&super::object_key(o.meta()))) {
+        tracing::debug!(object = %super::object_key(o.meta()), "gone from the watch's relist; its copies elsewhere no longer count");
+        deleted.bury(o.meta(), true);
+    }
 }
 
 /// A failure of watch `what`: counted, logged (at WARN unless the last one had the same `cause`)
