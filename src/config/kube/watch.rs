@@ -65,7 +65,6 @@ where
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
     let (store, mut writer) = reflector::store();
-    let reader = writer.as_reader();
     let synced = Arc::new(AtomicBool::new(false));
     let s = synced.clone();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
@@ -106,15 +105,7 @@ where
                 let Some(event) = next else { break };
                 match event {
                     Ok(event) => {
-                        // What the watch held before a relist replaces it (none on the first).
-                        let held = match (&event, &deleted) {
-                            (watcher::Event::InitDone, Some(_)) => reader.state(),
-                            _ => Vec::new(),
-                        };
-                        writer.apply_watcher_event(&event);
-                        if let Some(d) = deleted.as_deref().filter(|_| !held.is_empty()) {
-                            bury_missing(&held, &reader.state(), d);
-                        }
+                        apply(&mut writer, &event, deleted.as_deref());
                         match event {
                             watcher::Event::Init => {}
                             watcher::Event::InitApply(_) => recovered(&mut failing, &mut backoff, &mut last_cause),
@@ -124,9 +115,6 @@ where
                                 changed.notify_one();
                             }
                             watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
-                                if let (watcher::Event::Delete(o), Some(d)) = (&event, &deleted) {
-                                    d.bury(o.meta(), false);
-                                }
                                 recovered(&mut failing, &mut backoff, &mut last_cause);
                                 changed.notify_one();
                             }
@@ -156,6 +144,30 @@ where
         }
     });
     Watched { store, synced, task, overdue: false, started: Instant::now() }
+}
+
+/// Applies `event` to a watch's cache, noting in `deleted` what it shows deleted: a Delete event,
+/// or what the cache held that a relist no longer holds.
+fn apply<K>(writer: &mut reflector::store::Writer<K>, event: &watcher::Event<K>, deleted: Option<&super::Deleted>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    let reader = writer.as_reader();
+    // What the watch held before a relist replaces it (nothing before the first).
+    let held = match (event, deleted) {
+        (watcher::Event::InitDone, Some(_)) => reader.state(),
+        _ => Vec::new(),
+    };
+    writer.apply_watcher_event(event);
+    if let Some(d) = deleted {
+        if let watcher::Event::Delete(o) = event {
+            d.bury(o.meta(), false);
+        }
+        if !held.is_empty() {
+            bury_missing(&held, &reader.state(), d);
+        }
+    }
 }
 
 /// Notes in `deleted` the objects a watch `held` that its relist (`now`) no longer holds: deleted
