@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::{local, redis, weighted, Amounts, Claim, Engine, Settling};
 
@@ -87,7 +88,15 @@ impl Held {
     }
 
     /// Settles every claim to what the call used, per `observed`; releases the rest.
-    pub fn settle(mut self, observed: Observed) {
+    pub fn settle(self, observed: Observed) {
+        self.settle_at(observed, SystemTime::now());
+    }
+
+    /// [`Held::settle`], the response ending at `now`. What a call used beyond its reservation
+    /// counts in the window it ends in: a stream that outlasts its window (a minute's, an hour's)
+    /// would otherwise charge it to a window already over, and per-minute limits would not bound
+    /// long streams. What it used less is given back to the window it was reserved in.
+    pub fn settle_at(mut self, observed: Observed, now: SystemTime) {
         // Admitted uncounted (the store was down, fail-open): no counter holds it, and the metric
         // of settled tokens says what counters were charged.
         let counted = !matches!(self.on, HeldIn::Nothing);
@@ -95,23 +104,43 @@ impl Held {
             let settled = c.used(observed)[3].max(0) as u64;
             self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
         }
-        self.apply(|c| {
+        let delta = |c: &Claim| -> Amounts {
             let used = c.used(observed);
             std::array::from_fn(|d| used[d] - c.reserved[d])
-        });
+        };
+        // The claims whose window has ended, moved to the window of `now`, with their excess.
+        let later: Vec<(Claim, Amounts)> = if counted {
+            let excess = |c: &Claim| c.later_window(now).map(|l| (l, delta(c).map(|v| v.max(0))));
+            self.claims.iter().filter_map(excess).filter(|(_, e)| e.iter().any(|v| *v > 0)).collect()
+        } else {
+            Vec::new()
+        };
+        if later.is_empty() {
+            return self.apply(delta, Vec::new(), now);
+        }
+        // The window reserved in gets back what was not used; it keeps what was (its excess
+        // goes to the later window).
+        let ended = |c: &Claim| c.later_window(now).is_some();
+        self.apply(|c| if ended(c) { delta(c).map(|v| v.min(0)) } else { delta(c) }, later, now);
     }
 
-    /// Adds `delta` of each claim to its counter (negative: gives back).
-    fn apply(&mut self, delta: impl Fn(&Claim) -> Amounts) {
+    /// Adds `delta` of each claim to its counter (negative: gives back), and each of `later`'s
+    /// amounts to its claim's counter, made if need be.
+    fn apply(&mut self, delta: impl Fn(&Claim) -> Amounts, later: Vec<(Claim, Amounts)>, now: SystemTime) {
         match std::mem::replace(&mut self.on, HeldIn::Nothing) {
             HeldIn::Local(counters) => {
                 for (counter, c) in counters.iter().zip(&self.claims) {
                     counter.add(&delta(c));
                 }
+                for (c, excess) in &later {
+                    self.engine.local.counter(c, now).add(excess);
+                }
             }
             HeldIn::Redis(store) => {
-                let deltas = self.claims.iter().map(delta).collect();
-                store.settle(&self.claims, deltas, Settling::new(&self.engine))
+                let mut settle: Vec<(&Claim, Amounts, bool)> =
+                    self.claims.iter().map(|c| (c, delta(c), false)).collect();
+                settle.extend(later.iter().map(|(c, excess)| (c, *excess, true)));
+                store.settle(&settle, Settling::new(&self.engine))
             }
             HeldIn::Nothing => {}
         }
@@ -119,6 +148,12 @@ impl Held {
 }
 
 impl Claim {
+    /// This claim in the window of `now`, when that is a later one than it was reserved in.
+    fn later_window(&self, now: SystemTime) -> Option<Claim> {
+        let (window_start, window_end) = super::window_bounds(self.budget.window, now);
+        (window_start > self.window_start).then(|| Claim { window_start, window_end, ..self.clone() })
+    }
+
     /// What the call counts as in this claim's budget, per `observed`.
     fn used(&self, observed: Observed) -> Amounts {
         let (w, reserved) = (self.weight, &self.reserved);
@@ -148,7 +183,7 @@ impl Drop for Held {
     /// Never settled: the request was refused or abandoned before it was forwarded.
     fn drop(&mut self) {
         if !matches!(self.on, HeldIn::Nothing) {
-            self.apply(|c| c.reserved.map(|a| -a));
+            self.apply(|c| c.reserved.map(|a| -a), Vec::new(), SystemTime::now());
         }
     }
 }

@@ -150,7 +150,7 @@ impl Local {
 
     /// The counter of `c`'s budget, key and window, made on first use (sweeping out windows
     /// that ended more than [`SWEEP_GRACE_S`] ago).
-    fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
+    pub(super) fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
         let slot = self.hasher.hash_one((&*c.budget.name, &*c.key, c.window_start));
         if let Some(found) = self.counters.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
             return found.clone();

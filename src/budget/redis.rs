@@ -134,16 +134,22 @@ return {1, remaining, limited}
 /// A settlement: each claim's four deltas, applied only to a counter Redis still holds (one it
 /// lost, by a restart without persistence, a failover or eviction, would be re-created at minus
 /// what was reserved, with no expiry: that much more for the window, and a key that never goes),
-/// and never below zero. One script: all of the settlement or none.
+/// and never below zero. A key with an expiry (its fifth argument, not 0) takes a call's excess
+/// in a later window than it was reserved in: made if need be, and expiring as the reserve
+/// script's keys do. One script: all of the settlement or none.
 const SETTLE: &str = r#"
 local fields = {'r', 'i', 'o', 't'}
 for k = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[k]) == 1 then
+  local expire_at = tonumber(ARGV[(k - 1) * 5 + 5])
+  if expire_at > 0 or redis.call('EXISTS', KEYS[k]) == 1 then
     for d = 1, 4 do
-      local v = tonumber(ARGV[(k - 1) * 4 + d])
+      local v = tonumber(ARGV[(k - 1) * 5 + d])
       if v ~= 0 and redis.call('HINCRBY', KEYS[k], fields[d], v) < 0 then
         redis.call('HSET', KEYS[k], fields[d], 0)
       end
+    end
+    if expire_at > 0 then
+      redis.call('EXPIREAT', KEYS[k], expire_at)
     end
   end
 end
@@ -265,21 +271,23 @@ impl RedisStore {
         }
     }
 
-    /// Adds `deltas` to the claims' counters, off the response path.
+    /// Adds each delta to its claim's counter, off the response path; a claim marked `true` (a
+    /// later window's, taking a call's excess) has its counter made if need be.
     /// `settling` is held until the store answers (shutdown waits for it).
-    pub fn settle(self: Arc<Self>, claims: &[Claim], deltas: Vec<Amounts>, settling: super::Settling) {
-        if deltas.iter().all(|d| d.iter().all(|v| *v == 0)) {
+    pub fn settle(self: Arc<Self>, settle: &[(&Claim, Amounts, bool)], settling: super::Settling) {
+        if settle.iter().all(|(_, d, _)| d.iter().all(|v| *v == 0)) {
             return;
         }
         static SCRIPT: std::sync::LazyLock<::redis::Script> = std::sync::LazyLock::new(|| ::redis::Script::new(SETTLE));
         // One script run, still one round trip: all of the settlement or none, never one
         // budget's share of it (or one counter of a budget's four).
         let mut inv = SCRIPT.prepare_invoke();
-        for (c, d) in claims.iter().zip(&deltas) {
+        for (c, d, make) in settle {
             inv.key(counter_key(c));
             for v in d {
                 inv.arg(*v);
             }
+            inv.arg(if *make { c.window_end + EXPIRE_AFTER_WINDOW_SECS } else { 0 });
         }
         // The current connection, even while reservations back off: a settlement only gives back.
         let Ok(mut conn) = self.conn.load().as_ref().clone() else { return };

@@ -580,6 +580,97 @@ fn a_request_reserved_across_the_window_boundary_cannot_open_a_fresh_counter_for
     assert!(!take(50, before, after), "a stale claim found a fresh counter for an ended window");
 }
 
+/// The attack: streams that outlast their window. An agent on a per-minute budget asks for
+/// answers with no output limit (reserved at the default) that stream past the minute's end: what
+/// they used beyond the reservation was charged to the minute already over, where it bounded
+/// nothing. It counts in the window the response ends in; what a call used less than it reserved
+/// goes back to the window it was reserved in.
+#[test]
+fn a_stream_outlasting_its_window_charges_its_excess_to_the_window_it_ends_in() {
+    let engine = Arc::new(Engine::new(Default::default()));
+    let minute =
+        Arc::new(Budget { window: BudgetWindow::Minute, ..(*budget([None, None, None, Some(8_000)])).clone() });
+    let (start, later) = (at(1_796_256_000), at(1_796_256_090)); // a minute's first second; 90 s on
+    let (w0, w1) = (window_bounds(BudgetWindow::Minute, start).0, window_bounds(BudgetWindow::Minute, later).0);
+    let reserve = |now: SystemTime| match engine.reserve(None, vec![claim(&minute, "t", [1, 10, 4096, 4106], now)], now)
+    {
+        Reserve::Now(Admit::Held(h, _)) => Some(h),
+        Reserve::Now(Admit::Limited(_)) => None,
+        _ => panic!("in-process"),
+    };
+    let ended =
+        |output| Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(output), events: 0 };
+    reserve(start).unwrap().settle_at(ended(9_000), later);
+    assert_eq!(engine.local.used("default/team", "t", w0), Some([1, 10, 4096, 4106]), "the minute it started in");
+    assert_eq!(engine.local.used("default/team", "t", w1), Some([0, 0, 4904, 4904]), "the minute it ended in");
+    assert!(reserve(later).is_none(), "the minute the stream ended in has no room for another 4,106");
+    // Used less than reserved: given back where it was taken, nothing opened later.
+    let (start, later) = (at(1_796_256_600), at(1_796_256_700));
+    reserve(start).unwrap().settle_at(ended(100), later);
+    assert_eq!(
+        engine.local.used("default/team", "t", window_bounds(BudgetWindow::Minute, start).0),
+        Some([1, 10, 100, 110])
+    );
+    assert_eq!(engine.local.used("default/team", "t", window_bounds(BudgetWindow::Minute, later).0), None);
+}
+
+/// The same in Redis (Debian's `redis-server` on loopback): the excess makes the later window's
+/// counter, which expires as the reserve script's do; the counter reserved in keeps the
+/// reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlasting_its_window_charges_its_excess_to_the_window_it_ends_in_in_redis() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// Stopped however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Server(
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: apt-get install -y redis-server"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "redis-server did not listen in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let target = Ok(redis::RedisTarget::new(&url, None, "budget-redis".into()).unwrap());
+    let engine = Arc::new(Engine::new(Default::default()));
+    let minute =
+        Arc::new(Budget { window: BudgetWindow::Minute, ..(*budget([None, None, None, Some(8_000)])).clone() });
+    // Now (Redis expires counters by the wall clock), and 90 s on: always a later minute.
+    let (start, later) = (SystemTime::now(), SystemTime::now() + Duration::from_secs(90));
+    let Reserve::Later(reserving) =
+        engine.reserve(Some(&target), vec![claim(&minute, "t", [1, 10, 4096, 4106], start)], start)
+    else {
+        panic!("counted in Redis")
+    };
+    let Admit::Held(held, _) = reserving.await else { panic!("reserved") };
+    let ended = Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(9_000), events: 0 };
+    held.settle_at(ended, later);
+    assert!(engine.settled().await, "the settlement reached Redis");
+    let mut conn = ::redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut counter = async |at: SystemTime| -> (Vec<i64>, i64) {
+        let key = redis::counter_key(&claim(&minute, "t", [0; 4], at));
+        let used: Vec<Option<i64>> =
+            ::redis::cmd("HMGET").arg(&key).arg(&["r", "i", "o", "t"]).query_async(&mut conn).await.unwrap();
+        let ttl: i64 = ::redis::cmd("TTL").arg(&key).query_async(&mut conn).await.unwrap();
+        (used.into_iter().map(|v| v.unwrap_or(0)).collect(), ttl)
+    };
+    let (first, _) = counter(start).await;
+    assert_eq!(first, [1, 10, 4096, 4106], "the minute it started in keeps the reservation");
+    let (last, ttl) = counter(later).await;
+    assert_eq!(last, [0, 0, 4904, 4904], "the minute it ended in takes the excess");
+    assert!(ttl > 3600, "the later counter expires after its window, as reserved ones do: TTL {ttl}");
+}
+
 /// The attack: name a weighted model another way — a Bedrock inference profile or its ARN, or
 /// an alias the provider resolves (`gemini-pro-latest`) — to be charged at weight 1.
 #[test]
