@@ -407,8 +407,9 @@ async fn http1_only_headers_from_an_agent_never_reach_or_break_the_shared_http2_
     plane.assert_only_real_keys();
 }
 
-/// Edits that cannot become Envoy resources (a listener mode the generator refuses, a manifest
-/// that does not parse) leave Envoy with the last good ones; the next good edit goes through.
+/// Edits that cannot become Envoy resources (a listener mode not built, a manifest that does not
+/// parse) are refused, leaving keyswap and Envoy on the last good ones; the next good edit goes
+/// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_edit_leaves_the_last_good_resources_in_envoy() {
     let plane = Plane::start(&["anthropic", "openai"], "24h").await;
@@ -434,7 +435,9 @@ async fn a_bad_edit_leaves_the_last_good_resources_in_envoy() {
         assert_eq!(plane.stat("listener_manager.total_listeners_active"), listeners, "{what}");
     }
     let logs = plane.logs();
-    assert!(logs.contains("cannot generate Envoy's resources"), "{logs}");
+    // Refused as configuration, keyswap and Envoy alike: never served by one and not the other.
+    assert!(logs.contains("Passthrough is not supported"), "{logs}");
+    assert!(!logs.contains("cannot generate Envoy's resources"), "{logs}");
     assert_eq!(plane.stat("listener_manager.lds.update_rejected"), Some(0));
     // Back to a good gateway, without the openai route: in effect within a second.
     write_manifest(&plane.config, "gateway.yaml", &good);

@@ -508,6 +508,28 @@ fn a_key_is_scrubbed_in_each_form_it_travels_in() {
     }
 }
 
+/// A gateway Envoy's resources cannot express (a listener mode not built, two listeners on one
+/// port) is refused with the field named, as any bad manifest: accepted, keyswap served it while
+/// Envoy kept its last resources, leaf renewals included, until the leaf expired.
+#[test]
+fn a_gateway_envoy_cannot_take_is_refused_with_its_field() {
+    let gw = |listeners: &str| {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec: {{listeners: [{listeners}]}}\n---\n{}", route("r", "{provider: openai}"))
+    };
+    let passthrough = compile(&gw(
+        "{name: p, protocol: CONNECT, port: 10000}, {name: t, protocol: HTTPS, port: 10443, tls: {mode: Passthrough}}",
+    ))
+    .unwrap_err();
+    assert!(passthrough.contains("spec.listeners[1].tls.mode") && passthrough.contains("Passthrough"), "{passthrough}");
+    let twice =
+        compile(&gw("{name: a, protocol: CONNECT, port: 10000}, {name: b, protocol: HTTPS, port: 10000}")).unwrap_err();
+    assert!(twice.contains("spec.listeners[1].port") && twice.contains("10000 is used twice"), "{twice}");
+    compile(&gw(
+        "{name: a, protocol: CONNECT, port: 10000}, {name: b, protocol: HTTPS, port: 10443, tls: {mode: Terminate}}",
+    ))
+    .unwrap();
+}
+
 /// An operator who stores the header's whole value (`Bearer sk-…`, with `valuePrefix: ""`) and an
 /// upstream that quotes the bare token back (`Incorrect API key provided: sk-…`, OpenAI's 401):
 /// the bare token is scrubbed too, in each form. A scheme's short rest, or one with spaces, is not

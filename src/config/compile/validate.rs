@@ -21,7 +21,9 @@ impl Catalog {
         self.validate_budgets(errors);
     }
 
-    /// Each gateway: allowed hosts, listener names (unique) and ports.
+    /// Each gateway: allowed hosts, listener names and ports (each unique), and modes Envoy's
+    /// resources can express: one Envoy could not take was accepted here and left Envoy on the
+    /// last resources it took, leaf certificate renewals included, while keyswap served the new.
     fn validate_gateways(&self, errors: &mut Vec<ConfigError>) {
         for (key, gw) in &self.gateways {
             let err = |f: &str, m: String| {
@@ -32,13 +34,19 @@ impl Catalog {
                     errors.push(err(&format!("spec.allow[{i}]"), m));
                 }
             }
-            let mut names = HashSet::new();
+            let (mut names, mut ports) = (HashSet::new(), HashSet::new());
             for (i, l) in gw.spec.listeners.iter().enumerate() {
                 if !names.insert(&l.name) {
                     errors.push(err(&format!("spec.listeners[{i}].name"), format!("`{}` is used twice", l.name)));
                 }
                 if l.port == 0 {
                     errors.push(err(&format!("spec.listeners[{i}].port"), "must be 1-65535".into()));
+                } else if !ports.insert(l.port) {
+                    errors.push(err(&format!("spec.listeners[{i}].port"), format!("{} is used twice", l.port)));
+                }
+                if l.tls.as_ref().is_some_and(|t| t.mode == crate::api::TlsMode::Passthrough) {
+                    let m = "Passthrough is not supported by this build yet (Terminate is)".to_owned();
+                    errors.push(err(&format!("spec.listeners[{i}].tls.mode"), m));
                 }
             }
         }
