@@ -114,6 +114,50 @@ impl Ads {
         self.current.borrow().clone()
     }
 
+    /// One Envoy's stream: its requests answered, every publish pushed, until either side ends.
+    async fn serve(
+        self,
+        mut inbound: impl tokio_stream::Stream<Item = Result<DiscoveryRequest, Status>> + Unpin,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) {
+        let (mut current, mut closing, stats) = (self.current.subscribe(), self.closing.subscribe(), self.stats);
+        stats.streams.fetch_add(1, Ordering::Relaxed);
+        let mut s = Stream { subs: HashMap::new(), nonce: 0, node: String::new(), tx, stats: stats.clone() };
+        loop {
+            let open = tokio::select! {
+                biased;
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => {
+                        // A publish not yet pushed goes out first, every changed type in order:
+                        // taking the snapshot here marks it seen, and the request's answer alone
+                        // would have left the other types stale until some later publish (a
+                        // renewed leaf until the old one expired).
+                        let published = current.has_changed().unwrap_or(false);
+                        let snap = current.borrow_and_update().clone();
+                        (!published || s.on_publish(snap.as_deref()).await) && s.on_request(req, snap.as_deref()).await
+                    }
+                    Some(Err(e)) => {
+                        // Undecodable or broken: the stream ends with the error, not with OK.
+                        tracing::debug!(node = %s.node, error = %e, "ADS stream failed");
+                        let _ = s.tx.send(Err(e)).await;
+                        false
+                    }
+                    None => false,
+                },
+                changed = current.changed() => {
+                    let snap = current.borrow_and_update().clone();
+                    changed.is_ok() && s.on_publish(snap.as_deref()).await
+                }
+                _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => false,
+            };
+            if !open {
+                break;
+            }
+        }
+        stats.streams.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(node = %s.node, "Envoy disconnected from ADS");
+    }
+
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<Ads> {
         AggregatedDiscoveryServiceServer::new(self.clone()).max_decoding_message_size(4 * 1024 * 1024)
     }
@@ -221,42 +265,8 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let mut current = self.current.subscribe();
-        let mut closing = self.closing.subscribe();
-        let stats = self.stats.clone();
-        tokio::spawn(async move {
-            stats.streams.fetch_add(1, Ordering::Relaxed);
-            let mut s = Stream { subs: HashMap::new(), nonce: 0, node: String::new(), tx, stats: stats.clone() };
-            loop {
-                let open = tokio::select! {
-                    msg = inbound.next() => match msg {
-                        Some(Ok(req)) => {
-                            let snap = current.borrow_and_update().clone();
-                            s.on_request(req, snap.as_deref()).await
-                        }
-                        Some(Err(e)) => {
-                            // Undecodable or broken: the stream ends with the error, not with OK.
-                            tracing::debug!(node = %s.node, error = %e, "ADS stream failed");
-                            let _ = s.tx.send(Err(e)).await;
-                            false
-                        }
-                        None => false,
-                    },
-                    changed = current.changed() => {
-                        let snap = current.borrow_and_update().clone();
-                        changed.is_ok() && s.on_publish(snap.as_deref()).await
-                    }
-                    _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => false,
-                };
-                if !open {
-                    break;
-                }
-            }
-            stats.streams.fetch_sub(1, Ordering::Relaxed);
-            tracing::info!(node = %s.node, "Envoy disconnected from ADS");
-        });
+        tokio::spawn(self.clone().serve(request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -270,6 +280,50 @@ impl AggregatedDiscoveryService for Ads {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn snapshot(version: &str) -> XdsSnapshot {
+        let mut x = XdsSnapshot::default();
+        for t in [xds::CLUSTER, xds::LISTENER] {
+            let any = Any { type_url: t.into(), value: version.as_bytes().to_vec() };
+            x.insert(t, TypeSet::new(vec![("r".into(), any)]));
+        }
+        x
+    }
+
+    /// Envoy's acknowledgement of one type arrives with a publish that changed several (a
+    /// reload, a renewed leaf): the acknowledgement took the publish as seen and only its own
+    /// type went out, the others stale until some later publish (a leaf until it expired).
+    #[tokio::test]
+    async fn an_acknowledgement_racing_a_publish_still_gets_every_changed_type_pushed() {
+        let ads = Ads::default();
+        ads.publish(snapshot("v1"));
+        let (requests, inbound) = mpsc::unbounded_channel();
+        let (tx, mut pushed) = mpsc::channel(16);
+        tokio::spawn(ads.clone().serve(tokio_stream::wrappers::UnboundedReceiverStream::new(inbound), tx));
+        let ask = |type_url: &str, nonce: &str| {
+            Ok(DiscoveryRequest { type_url: type_url.into(), response_nonce: nonce.into(), ..Default::default() })
+        };
+        let mut next = async || {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(2), pushed.recv()).await;
+            r.ok().flatten().map(|r: Result<DiscoveryResponse, Status>| r.unwrap())
+        };
+        requests.send(ask(xds::CLUSTER, "")).unwrap();
+        let cluster = next().await.expect("clusters");
+        requests.send(ask(xds::LISTENER, "")).unwrap();
+        let listener = next().await.expect("listeners");
+        // Both at once: the stream's task runs only when this test waits.
+        ads.publish(snapshot("v2"));
+        requests.send(ask(xds::CLUSTER, &cluster.nonce)).unwrap();
+        let mut types = Vec::new();
+        while let Some(r) = next().await {
+            assert_ne!(r.version_info, cluster.version_info, "{}", r.type_url);
+            types.push(r.type_url);
+        }
+        assert_eq!(types, [xds::CLUSTER, xds::LISTENER], "every changed type, once, clusters first");
+        assert_ne!(listener.version_info, "", "{}", listener.type_url);
+    }
+
     #[test]
     fn a_rejected_secret_is_never_quoted_in_the_log() {
         let envoy = "Proto constraint validation failed: private_key { inline_string: \"-----BEGIN PRIVATE KEY-----\\nMIGHAgEA\" }";
