@@ -215,6 +215,7 @@ async fn tunnel_to_loopback_private_or_metadata_addresses_is_refused() {
         format!("127.1:{port}"),
         proxy.clone(), // the proxy listener itself
         "169.254.169.254:80".into(),
+        "168.63.129.16:32526".into(), // Azure's HostGAPlugin: an AKS node's provisioning settings
         "[fd00:ec2::254]:80".into(),
         "10.0.0.1:443".into(),
         "192.168.0.1:443".into(),

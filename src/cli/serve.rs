@@ -72,9 +72,11 @@ pub struct ServeArgs {
 /// Which CONNECT destinations the tunnel guard lets through besides public addresses.
 #[derive(Debug, Args)]
 pub struct TunnelArgs {
-    /// Let tunnels to allowed hosts reach this non-public network (CIDR), e.g. an internal
-    /// service on the allow list. Repeatable. Loopback and link-local ranges also open the
-    /// gateway's own admin ports and cloud metadata to agents: never list them in production.
+    /// Let tunnels reach this non-public network (CIDR), e.g. for an internal service on the
+    /// allow list. The range opens to every tunnel the gateway admits, not to one host: on an
+    /// allow-all gateway any address in it, on any port, so open the narrowest range (a /32).
+    /// Repeatable. Loopback and link-local ranges also open the gateway's own admin ports and
+    /// cloud metadata to agents: never list them in production.
     #[arg(long = "allow-private-destination", value_name = "CIDR")]
     pub allow_private: Vec<crate::auth::Cidr>,
     /// Refuse tunnels to this network (CIDR) although it is public: the cluster's own addresses

@@ -200,6 +200,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || o[0] == 127                              // loopback
         || (o[0] == 100 && (64..128).contains(&o[1])) // shared address space (CGNAT)
         || (o[0] == 169 && o[1] == 254)             // link-local: cloud metadata
+        || o == [168, 63, 129, 16]                  // Azure's WireServer, HostGAPlugin: node provisioning
         || (o[0] == 172 && (16..32).contains(&o[1])) // private
         || (o[0] == 192 && o[1] == 0 && (o[2] == 0 || o[2] == 2)) // IETF protocol assignments, TEST-NET-1
         || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 6to4 relay anycast
@@ -591,6 +592,8 @@ mod tests {
             "172.31.255.255",
             "192.168.1.1",
             "169.254.169.254",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
             "100.64.0.1",
             "192.0.0.1",
             "198.18.0.1",
@@ -610,9 +613,16 @@ mod tests {
         ] {
             assert!(!is_public(a.parse().unwrap()), "{a} is not public");
         }
-        for a in
-            ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "2002:808:808::"]
-        {
+        for a in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "168.63.129.17",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "2002:808:808::",
+        ] {
             assert!(is_public(a.parse().unwrap()), "{a} is public");
         }
     }
