@@ -184,6 +184,49 @@ async fn an_invalid_policy_and_a_broken_file_do_not_freeze_rotation_or_revocatio
     assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");
 }
 
+/// The attack on revocation through a typo: one file holds several documents (an agent token and
+/// a colleague's Secret, a key and its route), one of them fails, and the operator deletes the
+/// token to revoke it or rotates the key. The whole file's last good version stayed: the revoked
+/// token admitted, the old key sent, for as long as the typo stayed. Only the failing document
+/// keeps its last good version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_one_document_freezes_neither_rotation_nor_revocation_in_another_of_the_same_file() {
+    const BROKEN: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: other}\ndata: {k: \"not base64!\"}\n";
+    let (config, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(config.path().join("config.yaml"), CONFIG).unwrap();
+    let other = secret_manifest("other", "k", "v1");
+    let two = |a: &str, b: &str| format!("{a}---\n{b}");
+    let keys = config.path().join("anthropic.yaml");
+    std::fs::write(&keys, two(&secret_manifest("anthropic", "token", "sk-ant-one"), &other)).unwrap();
+    let token = token(config.path());
+    let tokens = config.path().join("agent-token.yaml");
+    let token_doc = std::fs::read_to_string(&tokens).unwrap();
+    std::fs::write(&tokens, two(&token_doc, &other.replace("other", "other-too"))).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (keyswap, _uds) = start_keyswap(config.path(), work.path(), &[], &["--listen", &listen]);
+    let mut c = grpc::connect(listen.parse().unwrap()).await;
+    let r = grpc::request(&mut c, &anthropic(&token)).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some("sk-ant-one"));
+
+    // The colleague's Secret broken, the key rotated, in one edit of the file.
+    std::fs::write(&keys, two(&secret_manifest("anthropic", "token", "sk-ant-two"), BROKEN)).unwrap();
+    within("rotation beside a broken document", async || {
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        set_value(&mutation(&r), "x-api-key").as_deref() == Some("sk-ant-two")
+    })
+    .await;
+    // The token's document deleted, a broken one left beside where it was.
+    std::fs::write(&tokens, BROKEN.replace("other", "other-too")).unwrap();
+    within("revocation beside a broken document", async || {
+        let r = grpc::request(&mut c, &anthropic(&token)).await;
+        matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+    })
+    .await;
+    let log = keyswap.output();
+    assert!(log.contains("Secret default/other") && log.contains("last good version stays in effect"), "{log}");
+    assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");
+}
+
 /// The revocation an operator reaches for first: delete the CI system's shared-token Secret.
 /// That was an error on the gateway, so the reload was refused and the last good configuration
 /// kept serving: the revoked token still admitted, and every rotation after it was frozen until

@@ -141,6 +141,24 @@ struct Parsed {
 impl Parsed {
     /// What stays in effect if the next version of this file is refused, unreadable or does
     /// not parse.
+    /// A version some of whose documents fail, with the last good version of each failing one:
+    /// the others take effect (a key rotated, an agent token deleted to revoke it, beside a typo
+    /// in another document of the file). Where a failing document cannot be named (broken YAML
+    /// ends the file; a document without a name), the whole last good version stays.
+    fn with_last_good(&self) -> Vec<Object> {
+        let failed: Option<std::collections::HashSet<&str>> =
+            self.errors.iter().map(|e| e.object.as_deref().filter(|o| o.contains('/'))).collect();
+        let Some(failed) = failed else { return self.kept.clone() };
+        let (labels, kept_labels): (Vec<String>, Vec<String>) =
+            (self.objects.iter().map(Object::label).collect(), self.kept.iter().map(Object::label).collect());
+        // A failing document parsed anyway (a TokenBudget kept to fail closed) yields to its last
+        // good version, if there is one.
+        let new =
+            self.objects.iter().zip(&labels).filter(|(_, l)| !(failed.contains(l.as_str()) && kept_labels.contains(l)));
+        let old = self.kept.iter().zip(&kept_labels).filter(|(_, l)| failed.contains(l.as_str()));
+        new.chain(old).map(|(o, _)| o.clone()).collect()
+    }
+
     fn last_good(self) -> Vec<Object> {
         if self.refused || !self.errors.is_empty() {
             self.kept
@@ -209,8 +227,9 @@ impl FileSource {
             match read_parsed(cache.files.remove(&path), &path, now) {
                 Ok(parsed) => {
                     // A reload keeps the last good version of a file that is refused by the limits
-                    // or does not parse (a typo while editing a Secret must not drop the key); its
-                    // errors are reported with the other objects left out.
+                    // or does not parse (a typo while editing a Secret must not drop the key), of
+                    // each document that fails where the failing ones are named; its errors are
+                    // reported with the other objects left out.
                     let keep_last_good =
                         set_aside && (parsed.refused || (!parsed.errors.is_empty() && !parsed.kept.is_empty()));
                     if !keep_last_good {
@@ -227,7 +246,7 @@ impl FileSource {
                             ..e.clone()
                         };
                         errors.extend(parsed.errors.iter().map(kept));
-                        objects.extend(parsed.kept.iter().cloned());
+                        objects.extend(parsed.with_last_good());
                     }
                     match &mut stamps {
                         Some(s) if parsed.settled => s.push((path.clone(), parsed.stamp)),
