@@ -120,10 +120,19 @@ impl TokenSource {
 
     /// The source for a service-account key: shared by every snapshot that uses the same key and
     /// scopes, so that a configuration change elsewhere keeps the token. A new key (rotation)
-    /// gets a new source with an empty cache.
+    /// gets a new source with an empty cache. Sources are told apart by the whole SHA-256 of the
+    /// key and its scopes, not the 48-bit fingerprint shown to operators: a key file forged to
+    /// share a fingerprint (in a Secret a tenant template picks up) never gets another key's token.
     pub fn for_key(json: &SecretString, account: String, scopes: Vec<String>, fingerprint: String) -> Arc<Self> {
-        static SOURCES: Mutex<Option<HashMap<String, Weak<TokenSource>>>> = Mutex::new(None);
-        let id = format!("{fingerprint} {}", scopes.join(" "));
+        use sha2::Digest as _;
+        static SOURCES: Mutex<Option<HashMap<[u8; 32], Weak<TokenSource>>>> = Mutex::new(None);
+        let mut h = sha2::Sha256::new();
+        h.update(json.expose_secret().as_bytes());
+        for s in &scopes {
+            h.update([0]);
+            h.update(s.as_bytes());
+        }
+        let id: [u8; 32] = h.finalize().into();
         let mut guard = SOURCES.lock().unwrap_or_else(|p| p.into_inner());
         let map = guard.get_or_insert_with(HashMap::new);
         map.retain(|_, w| w.strong_count() > 0);
@@ -379,6 +388,27 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let t = s.cached().unwrap();
         assert_ne!(value(&t), "Bearer tok-1");
+    }
+
+    /// The attack: a key file forged so that its 48-bit fingerprint (printed by `check`, logged
+    /// on every mint) is another tenant's, put in a Secret a tenant template picks up. The cache
+    /// of token sources took the fingerprint for the key, and handed over the victim's source.
+    #[test]
+    fn a_key_forged_to_share_a_fingerprint_never_gets_another_keys_token_source() {
+        let scopes = vec![DEFAULT_SCOPE.to_owned()];
+        let source = |json: &str, fp: &str| TokenSource::for_key(&json.into(), "a@b".into(), scopes.clone(), fp.into());
+        let victim = source(r#"{"type":"service_account","k":"victim"}"#, "0123456789ab");
+        let forged = source(r#"{"type":"service_account","k":"forged"}"#, "0123456789ab");
+        assert!(!Arc::ptr_eq(&victim, &forged), "a forged key shares the victim's tokens");
+        let again = source(r#"{"type":"service_account","k":"victim"}"#, "0123456789ab");
+        assert!(Arc::ptr_eq(&victim, &again), "the same key and scopes share one source");
+        let other_scopes = TokenSource::for_key(
+            &r#"{"type":"service_account","k":"victim"}"#.into(),
+            "a@b".into(),
+            vec!["https://www.googleapis.com/auth/other".into()],
+            "0123456789ab".into(),
+        );
+        assert!(!Arc::ptr_eq(&victim, &other_scopes));
     }
 
     #[test]
