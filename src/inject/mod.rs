@@ -17,8 +17,10 @@ pub use crate::vocab::is_placeholder;
 use crate::vocab::same_header;
 
 /// The changes for one request. Borrowed from the snapshot: building it allocates only the
-/// small vectors and, for query targets or stripped parameters, the new path.
-#[derive(Debug, Default)]
+/// small vectors and, for query targets or stripped parameters, the new path. It holds the real
+/// credential (the header's value, a path with the key in its query): its `Debug` names the
+/// header and shows neither.
+#[derive(Default)]
 pub struct Plan<'a> {
     /// Lowercase names of agent headers to remove (all their values).
     pub remove: Vec<&'a str>,
@@ -30,6 +32,18 @@ pub struct Plan<'a> {
     pub path: Option<String>,
     /// Names of credential headers (and `?param`s) the agent tried to supply itself.
     pub smuggled: Vec<String>,
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("remove", &self.remove)
+            .field("set_header", &self.set_header.map(|(name, _)| (name, "[redacted]")))
+            .field("pinned", &self.pinned)
+            .field("path", &self.path.as_ref().map(|_| "[redacted]"))
+            .field("smuggled", &self.smuggled)
+            .finish()
+    }
 }
 
 /// What the agent may not send on a route, whatever the value, and what the policy writes in
@@ -255,6 +269,19 @@ mod tests {
         );
         // The placeholder is no smuggling; the other credential values are.
         assert_eq!(smuggled, ["x-custom-key (trailer)", "authorization (trailer)", "x-api-key (trailer)"]);
+    }
+
+    /// A plan printed by a future log line (`?plan`) must not carry the key it writes.
+    #[test]
+    fn a_plan_printed_for_debugging_shows_no_credential() {
+        let plan = super::Plan {
+            set_header: Some(("x-api-key", b"sk-ant-live-value")),
+            path: Some("/v1beta/models?key=AIza-live-value".into()),
+            smuggled: vec!["x-api-key".into()],
+            ..Default::default()
+        };
+        let shown = format!("{plan:?}");
+        assert!(!shown.contains("live-value") && shown.contains("x-api-key"), "{shown}");
     }
 
     #[test]
