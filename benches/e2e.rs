@@ -50,7 +50,7 @@
 //! - `E2E_PACED_DELAY_MS` (4): after each saturating run, wrk runs again as long with each
 //!   connection pausing between an answer and its next request, from 0 to twice this many ms at
 //!   random (wrk's `delay()`;
-//!   about half the floor's capacity with 16 connections): latency under a load the gateway keeps
+//!   about 40 % of the floor's capacity with 16 connections): latency under a load the gateway keeps
 //!   up with, where at saturation p50 and p99 follow requests/s; 0: no paced run;
 //! - `E2E_TTFT_REQUESTS` (300): streamed requests after each run, one at a time, for the time to
 //!   the first chunk, then as many JSON requests for the unloaded latency ("idle"; 0: none);

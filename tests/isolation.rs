@@ -217,11 +217,17 @@ async fn a_typo_in_one_document_freezes_neither_rotation_nor_revocation_in_anoth
     .await;
     // The token's document deleted, a broken one left beside where it was.
     std::fs::write(&tokens, BROKEN.replace("other", "other-too")).unwrap();
-    within("revocation beside a broken document", async || {
-        let r = grpc::request(&mut c, &anthropic(&token)).await;
+    let revoked = async |c: &mut grpc::Client| {
+        let r = grpc::request(c, &anthropic(&token)).await;
         matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
-    })
-    .await;
+    };
+    within("revocation beside a broken document", async || revoked(&mut c).await).await;
+    // The next edit breaks the file whole (YAML that does not parse): what stays in effect is
+    // what the last version put in effect, the revoked token not among it.
+    std::fs::write(&tokens, "kind: [unclosed\n").unwrap();
+    within("the broken file reported", async || keyswap.output().contains("not valid YAML")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(revoked(&mut c).await, "a file broken after a revocation brought the revoked token back");
     let log = keyswap.output();
     assert!(log.contains("Secret default/other") && log.contains("last good version stays in effect"), "{log}");
     assert!(!log.contains("sk-ant-one") && !log.contains("sk-ant-two") && !log.contains(&token), "secret in the log");

@@ -375,7 +375,7 @@ fn a_reservation_that_does_not_fit_takes_nothing_from_any_budget() {
     assert_eq!(engine.local.used("default/roomy", "t", start), Some([1, 60, 0, 60]));
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 60, 0, 60]));
     // Settling gives back what was not used.
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(0), events: 0 });
+    h.settle_at(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(0), events: 0 }, now);
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 10, 0, 10]));
     assert!(matches!(engine.reserve(None, claims(60), now), Reserve::Now(Admit::Held(..))));
 }
@@ -459,7 +459,7 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
         else {
             panic!("admitted")
         };
-        h.settle(observed);
+        h.settle_at(observed, now);
         engine.local.used("default/team", key, start).unwrap()
     };
     // Embeddings: input reported, no output: the output reservation is released.
@@ -507,7 +507,7 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
         let mut c = claim(&b, key, [1, 30, 4096, 4126], now);
         c.output_bounded = false;
         let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
-        h.settle(observed);
+        h.settle_at(observed, now);
         engine.local.used("default/team", key, start).unwrap()
     };
     let long = Observed::Aborted { input: Some(12), output: None, response_bytes: 20_000_000, events: 100_000 };
@@ -537,9 +537,10 @@ fn each_budget_counts_under_its_own_name_even_a_copy_of_one_already_counted() {
     let now = at(1_796_174_941);
     let team = budget([None, None, None, Some(10_000)]);
     let admit = |b: &Arc<Budget>| match engine.reserve(None, vec![claim(b, "t", [1, 5, 0, 5], now)], now) {
-        Reserve::Now(Admit::Held(h, _)) => {
-            h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 })
-        }
+        Reserve::Now(Admit::Held(h, _)) => h.settle_at(
+            Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 },
+            now,
+        ),
         _ => panic!("admitted"),
     };
     admit(&team);
@@ -716,7 +717,7 @@ fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
     assert_eq!(c.weight, 1.0);
     let Reserve::Now(Admit::Held(mut h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
     h.weigh_as("gemini-2.5-pro");
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(100), events: 0 });
+    h.settle_at(Observed::Ended { answered: Answered::Success, input: Some(10), output: Some(100), events: 0 }, now);
     let start = window_bounds(BudgetWindow::Day, now).0;
     assert_eq!(engine.local.used("default/team", "t", start), Some([1, 40, 400, 440]));
 }
@@ -733,7 +734,7 @@ fn uncounted_admissions_are_not_reported_as_settled_tokens() {
     else {
         panic!("fail-open admits uncounted")
     };
-    h.settle(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 });
+    h.settle_at(Observed::Ended { answered: Answered::Success, input: Some(3), output: Some(1), events: 0 }, now);
     let m = registry.of(&Arc::from("default/team"));
     assert_eq!(m.settled_tokens.load(Ordering::Relaxed), 0);
 }
@@ -754,7 +755,10 @@ fn chosen_counter_keys_never_share_a_counter() {
         let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![claim(&b, key, [1, n, 0, n], now)], now) else {
             panic!("admitted")
         };
-        h.settle(Observed::Ended { answered: Answered::Success, input: Some(n as u64), output: Some(0), events: 0 });
+        h.settle_at(
+            Observed::Ended { answered: Answered::Success, input: Some(n as u64), output: Some(0), events: 0 },
+            now,
+        );
     }
     for (i, key) in keys.iter().enumerate() {
         let n = i as i64 + 1;
@@ -812,7 +816,7 @@ fn huge_output_limits_on_a_budget_of_input_only_never_overflow_its_counters() {
     };
     let used = engine.local.used("default/team", "top", start).unwrap();
     assert_eq!((used[2], used[3]), (1 << 62, 1 << 62), "{used:?}");
-    h.settle(Observed::Ended { answered: Answered::Success, input: None, output: None, events: 0 });
+    h.settle_at(Observed::Ended { answered: Answered::Success, input: None, output: None, events: 0 }, now);
 }
 
 /// In Redis a key too long or with control characters is stored by its digest: a key spelled

@@ -159,8 +159,15 @@ impl Parsed {
         new.chain(old).map(|(o, _)| o.clone()).collect()
     }
 
+    /// What this version put in effect, for the next version to keep where it fails: never the
+    /// whole earlier version when only some documents failed here (a token deleted beside a typo
+    /// must stay deleted when the next edit breaks the file).
     fn last_good(self) -> Vec<Object> {
-        if self.refused || !self.errors.is_empty() {
+        if self.refused {
+            self.kept
+        } else if !self.errors.is_empty() && !self.kept.is_empty() {
+            self.with_last_good()
+        } else if !self.errors.is_empty() {
             self.kept
         } else {
             self.objects
@@ -242,7 +249,12 @@ impl FileSource {
                         objects.extend(parsed.kept.iter().cloned());
                     } else {
                         let kept = |e: &ConfigError| ConfigError {
-                            message: format!("{} (this file's last good version stays in effect)", e.message),
+                            message: match e.object.as_deref().filter(|o| o.contains('/')) {
+                                Some(_) => {
+                                    format!("{} (its last good version stays in effect, if it had one)", e.message)
+                                }
+                                None => format!("{} (this file's last good version stays in effect)", e.message),
+                            },
                             ..e.clone()
                         };
                         errors.extend(parsed.errors.iter().map(kept));

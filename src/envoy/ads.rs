@@ -132,9 +132,16 @@ impl Ads {
                         // taking the snapshot here marks it seen, and the request's answer alone
                         // would have left the other types stale until some later publish (a
                         // renewed leaf until the old one expired).
+                        // The request is taken in first (a NACK of the response it answers is
+                        // logged, the names it asks for kept), then answered after the publish.
                         let published = current.has_changed().unwrap_or(false);
                         let snap = current.borrow_and_update().clone();
-                        (!published || s.on_publish(snap.as_deref()).await) && s.on_request(req, snap.as_deref()).await
+                        let asked = s.note(req);
+                        (!published || s.on_publish(snap.as_deref()).await)
+                            && match asked {
+                                Some(t) => s.send(t, snap.as_deref()).await,
+                                None => true,
+                            }
                     }
                     Some(Err(e)) => {
                         // Undecodable or broken: the stream ends with the error, not with OK.
@@ -183,9 +190,10 @@ struct Stream {
 }
 
 impl Stream {
-    /// Handles a request: a subscription (or change of names) gets an answer; an ACK of the
-    /// latest response needs none; a NACK is logged.
-    async fn on_request(&mut self, req: DiscoveryRequest, snap: Option<&XdsSnapshot>) -> bool {
+    /// Takes in a request: the names it asks for, and a NACK logged. Returns the type to answer
+    /// ([`Stream::send`] sends it if its version or names changed: an ACK of the latest response
+    /// needs nothing); none for a type not served or a request about an older response.
+    fn note(&mut self, req: DiscoveryRequest) -> Option<&'static str> {
         if let Some(node) = &req.node {
             if self.node.is_empty() {
                 self.node = node.id.clone();
@@ -194,11 +202,11 @@ impl Stream {
         }
         let Some(type_url) = ORDER.iter().copied().find(|t| *t == req.type_url) else {
             tracing::debug!(type_url = %req.type_url, node = %self.node, "ADS: unserved type requested");
-            return true;
+            return None;
         };
         let sub = self.subs.entry(type_url).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce {
-            return true; // about an older response: superseded
+            return None; // about an older response: superseded
         }
         if let Some(err) = &req.error_detail {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -209,7 +217,7 @@ impl Stream {
             );
         }
         sub.names = req.resource_names;
-        self.send(type_url, snap).await
+        Some(type_url)
     }
 
     /// Sends `type_url` when its version, or the names asked for, differ from what was sent.
@@ -315,13 +323,24 @@ mod tests {
         // Both at once: the stream's task runs only when this test waits.
         ads.publish(snapshot("v2"));
         requests.send(ask(xds::CLUSTER, &cluster.nonce)).unwrap();
-        let mut types = Vec::new();
+        let (mut types, mut latest) = (Vec::new(), String::new());
         while let Some(r) = next().await {
             assert_ne!(r.version_info, cluster.version_info, "{}", r.type_url);
+            if r.type_url == xds::CLUSTER {
+                latest = r.nonce.clone();
+            }
             types.push(r.type_url);
         }
         assert_eq!(types, [xds::CLUSTER, xds::LISTENER], "every changed type, once, clusters first");
         assert_ne!(listener.version_info, "", "{}", listener.type_url);
+        // A rejection of the latest clusters racing the next publish is still counted (and logged).
+        let rejected = ads.stats.rejected.load(Ordering::Relaxed);
+        ads.publish(snapshot("v3"));
+        let mut nack = ask(xds::CLUSTER, &latest).unwrap();
+        nack.error_detail = Some(Default::default());
+        requests.send(Ok(nack)).unwrap();
+        while next().await.is_some() {}
+        assert_eq!(ads.stats.rejected.load(Ordering::Relaxed), rejected + 1, "a NACK lost to the publish");
     }
 
     #[test]

@@ -44,7 +44,8 @@ impl Catalog {
                 } else if !ports.insert(l.port) {
                     errors.push(err(&format!("spec.listeners[{i}].port"), format!("{} is used twice", l.port)));
                 }
-                if l.tls.as_ref().is_some_and(|t| t.mode == crate::api::TlsMode::Passthrough) {
+                let https = l.protocol == crate::api::ListenerProtocol::Https;
+                if https && l.tls.as_ref().is_some_and(|t| t.mode == crate::api::TlsMode::Passthrough) {
                     let m = "Passthrough is not supported by this build yet (Terminate is)".to_owned();
                     errors.push(err(&format!("spec.listeners[{i}].tls.mode"), m));
                 }
