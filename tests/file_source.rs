@@ -81,8 +81,10 @@ fn a_file_that_stops_parsing_keeps_its_last_good_version_and_is_reported() {
     let broken = standard_config()
         .replace("rules: [{matches: [{provider: anthropic}]}]", "rules: [{matches: [{providr: anthropic}]}]");
     std::fs::write(dir.path().join("config.yaml"), broken).unwrap();
-    wait_for("the reload report", || !reports.lock().unwrap().is_empty());
-    let report = reports.lock().unwrap()[0].clone();
+    // Reported once the file has settled (a file broken under a second ago may still be being
+    // written, and keeps its last version until then).
+    wait_for("the reload report", || reports.lock().unwrap().iter().any(|r| r.contains("providr")));
+    let report = reports.lock().unwrap().iter().find(|r| r.contains("providr")).unwrap().clone();
     assert!(
         report.contains("config.yaml (document 2): AIProviderRoute default/anthropic: field `spec.rules[0].matches[0]"),
         "{report}"
@@ -141,6 +143,43 @@ fn a_secret_rewritten_slowly_through_a_shell_redirect_is_never_read_half_written
     drop(f);
     let rotated = Some(fingerprint(b"sk-ant-rotated-slowly-0123456789"));
     wait_for("the rotated key", || anthropic_fingerprint(&store) == rotated);
+}
+
+/// The same rewrite while another file changes (a second `sops -d … > other.yaml` right after,
+/// an operator's edit elsewhere): that file's change reloaded the directory, and every file was
+/// read, this one half written, its Secret gone or cut short. A file emptied or broken under a
+/// second ago keeps its last version until it settles; one emptied on purpose takes effect once
+/// it has (the poll reads it again).
+#[test]
+fn a_secret_being_rewritten_is_not_read_half_written_when_another_file_triggers_the_reload() {
+    use std::io::Write as _;
+    let dir = config_dir();
+    let (store, _watch) = watched(dir.path());
+    let old = anthropic_fingerprint(&store);
+    assert_eq!(old, Some(fingerprint(ANTHROPIC_KEY.as_bytes())));
+    let other = dir.path().join("other.yaml");
+    // Another file written whole; returns once the reload it triggers has swapped a snapshot in.
+    let touch_other = |value: &str| {
+        let before = store.load_full();
+        std::fs::write(&other, secret_manifest("other", "k", value)).unwrap();
+        wait_for("the other file's reload", || !Arc::ptr_eq(&store.load_full(), &before));
+    };
+    let text = secret_manifest("anthropic", "token", "sk-ant-rotated-slowly-0123456789");
+    let (head, tail) = text.split_at(text.find("sk-ant-rotated").unwrap() + 10);
+    let mut f = std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
+    touch_other("one");
+    assert_eq!(anthropic_fingerprint(&store), old, "the Secret went away while its file was empty");
+    f.write_all(head.as_bytes()).unwrap();
+    f.flush().unwrap();
+    touch_other("two");
+    assert_eq!(anthropic_fingerprint(&store), old, "a value cut short was taken");
+    f.write_all(tail.as_bytes()).unwrap();
+    drop(f);
+    let rotated = Some(fingerprint(b"sk-ant-rotated-slowly-0123456789"));
+    wait_for("the rotated key", || anthropic_fingerprint(&store) == rotated);
+    // Emptied on purpose (and closed): in effect once settled, within the poll after.
+    std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
+    wait_for("the emptied file to take effect", || anthropic_fingerprint(&store).is_none());
 }
 
 /// A Secret file saved with one Latin-1 byte (or otherwise unreadable) dropped its last good

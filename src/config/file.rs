@@ -136,11 +136,12 @@ struct Parsed {
     /// keeps `kept`, the objects of the last version of this file that loaded without error.
     refused: bool,
     kept: Vec<Object>,
+    /// Read while being written (changed less than [`SETTLE`] ago, and so far empty or broken):
+    /// the version before stays in effect, and the file is read again once it settles.
+    deferred: bool,
 }
 
 impl Parsed {
-    /// What stays in effect if the next version of this file is refused, unreadable or does
-    /// not parse.
     /// A version some of whose documents fail, with the last good version of each failing one:
     /// the others take effect (a key rotated, an agent token deleted to revoke it, beside a typo
     /// in another document of the file). Where a failing document cannot be named (broken YAML
@@ -159,7 +160,8 @@ impl Parsed {
         new.chain(old).map(|(o, _)| o.clone()).collect()
     }
 
-    /// What this version put in effect, for the next version to keep where it fails: never the
+    /// What stays in effect if the next version of this file is refused, unreadable or does not
+    /// parse: what this version put in effect, for the next version to keep where it fails: never the
     /// whole earlier version when only some documents failed here (a token deleted beside a typo
     /// must stay deleted when the next edit breaks the file).
     fn last_good(self) -> Vec<Object> {
@@ -186,6 +188,7 @@ impl Parsed {
             errors: vec![error],
             refused: false,
             kept,
+            deferred: false,
         }
     }
 }
@@ -332,6 +335,13 @@ impl FileSource {
 
     /// Whether the directory holds exactly the manifests of the last load, judged by stamps
     /// alone (no file is opened).
+    /// Whether a file was left unread because it was being written ([`Parsed::deferred`]): the
+    /// watch reloads again at its next poll.
+    pub fn has_deferred(&self) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.files.values().any(|p| p.deferred)
+    }
+
     pub fn unchanged(&self) -> bool {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let (Some(last), Ok(paths)) = (&cache.last, manifest_files(&self.dir)) else {
@@ -442,10 +452,9 @@ fn read_parsed(
             errors: p.errors.clone(),
             refused: false,
             kept: p.kept.clone(),
+            deferred: false,
         });
     }
-    // What stays in effect if this version is refused or does not parse.
-    let kept = cached.map(Parsed::last_good).unwrap_or_default();
     let refusal = if stamp.len > max || text.len() as u64 > max {
         let len = stamp.len.max(text.len() as u64);
         Some(format!("{len} bytes is over the {max}-byte (1 MiB) limit for one manifest file; refused unread"))
@@ -454,11 +463,30 @@ fn read_parsed(
     };
     if let Some(message) = refusal {
         let errors = vec![ConfigError::new(message).at(&origin)];
-        return Ok(Parsed { stamp, settled, digest, objects: Vec::new(), errors, refused: true, kept });
+        let kept = cached.map(Parsed::last_good).unwrap_or_default();
+        return Ok(Parsed {
+            stamp,
+            settled,
+            digest,
+            objects: Vec::new(),
+            errors,
+            refused: true,
+            kept,
+            deferred: false,
+        });
     }
     let (objects, errors) = load::parse_file(path, &text);
-    let kept = if errors.is_empty() { Vec::new() } else { kept };
-    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept })
+    // Emptied or broken a moment ago: most likely still being written (`sops -d … > f.yaml`),
+    // read because another file's change triggered this reload. Its writer's close, or the poll
+    // once it has settled, reads it again.
+    let in_effect = |p: &Parsed| !p.refused && (!p.objects.is_empty() || !p.kept.is_empty());
+    if !settled && (objects.is_empty() || !errors.is_empty()) && cached.as_ref().is_some_and(in_effect) {
+        tracing::debug!(file = %path.display(), "changed under a second ago and so far empty or broken; its last version stays until it settles");
+        return Ok(Parsed { stamp, settled: false, deferred: true, ..cached.expect("checked") });
+    }
+    // What stays in effect where this version fails.
+    let kept = if errors.is_empty() { Vec::new() } else { cached.map(Parsed::last_good).unwrap_or_default() };
+    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept, deferred: false })
 }
 
 /// A running watch of the configuration directory; dropping it stops the watch.
@@ -506,7 +534,7 @@ impl Events {
                 // Ends when the watcher is dropped (its sender goes with it).
                 while next_change(&rx, &mut || {
                     let now = unwatched_stamps(&source.dir, watched);
-                    std::mem::replace(&mut polled, now) != polled
+                    std::mem::replace(&mut polled, now) != polled || source.has_deferred()
                 }) {
                     if source.unchanged() {
                         tracing::debug!(dir = %source.dir.display(), "configuration directory unchanged; reload skipped");
