@@ -1537,6 +1537,7 @@ fn print_table(kinds: &[Kind], samples: &[Vec<Sample>]) {
         ("(h)/(e) budget / usage traced", Kind::KeyswapBudget, Kind::KeyswapOtlp),
         ("(i)/(h) Redis / in-process", Kind::KeyswapBudgetRedis, Kind::KeyswapBudget),
         ("(j)/(c) noop, body read / not", Kind::NoopBodies, Kind::Noop),
+        ("(e)/(j) tracing / noop, body read", Kind::KeyswapOtlp, Kind::NoopBodies),
     ] {
         let (Some(n), Some(d)) = (by(num), by(den)) else {
             println!(
