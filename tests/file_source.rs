@@ -125,24 +125,31 @@ fn watched(dir: &Path) -> (keyswap::config::SnapshotStore, file::Watch) {
 /// command ran) or injected the value cut short. Now the file counts when its writer closes it.
 #[test]
 fn a_secret_rewritten_slowly_through_a_shell_redirect_is_never_read_half_written() {
-    use std::io::Write as _;
     let dir = config_dir();
     let (store, _watch) = watched(dir.path());
-    let old = anthropic_fingerprint(&store);
+    rewrite_slowly(dir.path(), &store, || std::thread::sleep(file::MAX_DEBOUNCE * 3));
+}
+
+/// Rewrites the anthropic Secret in `dir` as `sops -d … >` does (emptied, the value's first part,
+/// then the rest and the close), calling `meanwhile` while the file is empty and while the value
+/// is cut short: the old key holds through both, and the rotated key follows the close.
+fn rewrite_slowly(dir: &Path, store: &keyswap::config::SnapshotStore, mut meanwhile: impl FnMut()) {
+    use std::io::Write as _;
+    let old = anthropic_fingerprint(store);
     assert_eq!(old, Some(fingerprint(ANTHROPIC_KEY.as_bytes())));
     let text = secret_manifest("anthropic", "token", "sk-ant-rotated-slowly-0123456789");
     let (head, tail) = text.split_at(text.find("sk-ant-rotated").unwrap() + 10);
-    let mut f = std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
-    std::thread::sleep(file::MAX_DEBOUNCE * 3);
-    assert_eq!(anthropic_fingerprint(&store), old, "the Secret went away while its file was empty");
+    let mut f = std::fs::File::create(dir.join("anthropic-secret.yaml")).unwrap();
+    meanwhile();
+    assert_eq!(anthropic_fingerprint(store), old, "the Secret went away while its file was empty");
     f.write_all(head.as_bytes()).unwrap();
     f.flush().unwrap();
-    std::thread::sleep(file::MAX_DEBOUNCE * 3);
-    assert_eq!(anthropic_fingerprint(&store), old, "a value cut short was taken");
+    meanwhile();
+    assert_eq!(anthropic_fingerprint(store), old, "a value cut short was taken");
     f.write_all(tail.as_bytes()).unwrap();
     drop(f);
     let rotated = Some(fingerprint(b"sk-ant-rotated-slowly-0123456789"));
-    wait_for("the rotated key", || anthropic_fingerprint(&store) == rotated);
+    wait_for("the rotated key", || anthropic_fingerprint(store) == rotated);
 }
 
 /// The same rewrite while another file changes (a second `sops -d … > other.yaml` right after,
@@ -152,31 +159,17 @@ fn a_secret_rewritten_slowly_through_a_shell_redirect_is_never_read_half_written
 /// it has (the poll reads it again).
 #[test]
 fn a_secret_being_rewritten_is_not_read_half_written_when_another_file_triggers_the_reload() {
-    use std::io::Write as _;
     let dir = config_dir();
     let (store, _watch) = watched(dir.path());
-    let old = anthropic_fingerprint(&store);
-    assert_eq!(old, Some(fingerprint(ANTHROPIC_KEY.as_bytes())));
     let other = dir.path().join("other.yaml");
     // Another file written whole; returns once the reload it triggers has swapped a snapshot in.
-    let touch_other = |value: &str| {
+    let mut n = 0;
+    rewrite_slowly(dir.path(), &store, || {
+        n += 1;
         let before = store.load_full();
-        std::fs::write(&other, secret_manifest("other", "k", value)).unwrap();
+        std::fs::write(&other, secret_manifest("other", "k", &format!("v{n}"))).unwrap();
         wait_for("the other file's reload", || !Arc::ptr_eq(&store.load_full(), &before));
-    };
-    let text = secret_manifest("anthropic", "token", "sk-ant-rotated-slowly-0123456789");
-    let (head, tail) = text.split_at(text.find("sk-ant-rotated").unwrap() + 10);
-    let mut f = std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
-    touch_other("one");
-    assert_eq!(anthropic_fingerprint(&store), old, "the Secret went away while its file was empty");
-    f.write_all(head.as_bytes()).unwrap();
-    f.flush().unwrap();
-    touch_other("two");
-    assert_eq!(anthropic_fingerprint(&store), old, "a value cut short was taken");
-    f.write_all(tail.as_bytes()).unwrap();
-    drop(f);
-    let rotated = Some(fingerprint(b"sk-ant-rotated-slowly-0123456789"));
-    wait_for("the rotated key", || anthropic_fingerprint(&store) == rotated);
+    });
     // Emptied on purpose (and closed): in effect once settled, within the poll after.
     std::fs::File::create(dir.path().join("anthropic-secret.yaml")).unwrap();
     wait_for("the emptied file to take effect", || anthropic_fingerprint(&store).is_none());

@@ -492,17 +492,23 @@ fn secret(data: &str) -> String {
     format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\nstringData:\n{data}\n---\n")
 }
 
+/// The forms scrubbed of an OpenAI key `value` a `target: Header` policy writes, the policy's
+/// other fields `rest`.
+fn header_key_forms(rest: &str, value: &str) -> Vec<String> {
+    let text = format!(
+        "{GW}{}{}{}",
+        route("r", "{provider: openai}"),
+        policy("p", "{name: r}", &format!("  target: Header{rest}")),
+        secret(&format!("  token: {value}"))
+    );
+    secret_forms(&text)
+}
+
 /// A key with a `/` is scrubbed as it is, query-encoded, and as JSON encoders that escape `/`
 /// write it (an upstream echoing it in a JSON string).
 #[test]
 fn a_key_is_scrubbed_in_each_form_it_travels_in() {
-    let text = format!(
-        "{GW}{}{}{}",
-        route("r", "{provider: openai}"),
-        policy("p", "{name: r}", "  target: Header"),
-        secret("  token: sk-a/b+c")
-    );
-    let forms = secret_forms(&text);
+    let forms = header_key_forms("", "sk-a/b+c");
     for form in ["sk-a/b+c", "sk-a%2Fb%2Bc", "sk-a\\/b+c"] {
         assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
     }
@@ -536,24 +542,13 @@ fn a_gateway_envoy_cannot_take_is_refused_with_its_field() {
 /// a token, and is scrubbed only as a whole.
 #[test]
 fn a_key_stored_with_its_scheme_is_scrubbed_without_it_too() {
-    let text = format!(
-        "{GW}{}{}{}",
-        route("r", "{provider: openai}"),
-        policy("p", "{name: r}", "  target: Header\n  valuePrefix: \"\""),
-        secret("  token: Bearer sk-live/abcdef")
-    );
-    let forms = secret_forms(&text);
+    let no_prefix = "\n  valuePrefix: \"\"";
+    let forms = header_key_forms(no_prefix, "Bearer sk-live/abcdef");
     for form in ["Bearer sk-live/abcdef", "sk-live/abcdef", "sk-live%2Fabcdef", "sk-live\\/abcdef"] {
         assert!(forms.iter().any(|f| f == form), "{form} not in {forms:?}");
     }
     for (value, not) in [("Bearer abc", "abc"), ("Basic a b c d e f g h", "a b c d e f g h")] {
-        let text = format!(
-            "{GW}{}{}{}",
-            route("r", "{provider: openai}"),
-            policy("p", "{name: r}", "  target: Header\n  valuePrefix: \"\""),
-            secret(&format!("  token: {value}"))
-        );
-        let forms = secret_forms(&text);
+        let forms = header_key_forms(no_prefix, value);
         assert!(forms.iter().any(|f| f == value) && !forms.iter().any(|f| f == not), "{forms:?}");
     }
 }
