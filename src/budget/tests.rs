@@ -314,6 +314,31 @@ fn a_body_with_a_byte_order_mark_or_in_utf16_or_utf32_is_read_like_any_other() {
     }
 }
 
+/// The attack: a byte-order mark (or UTF-16) before JSON holding a lone surrogate, which Rust's
+/// decoders refuse and Python's `json.loads` (`surrogatepass`) reads. The body was read as empty:
+/// 0 output reserved, counted as bounded, whatever its `max_tokens` or `stream`. Refused instead,
+/// as any body keyswap cannot read.
+#[test]
+fn an_undecodable_body_behind_a_byte_order_mark_is_refused_not_read_as_empty() {
+    let mut utf8 = b"\xEF\xBB\xBF{\"max_tokens\":100000,\"stream\":true,\"x\":\"".to_vec();
+    utf8.extend_from_slice(b"\xED\xA0\x80\"}");
+    let utf16: Vec<u8> = "{\"max_tokens\":100000,\"x\":\""
+        .encode_utf16()
+        .chain([0xD800])
+        .chain("\"}".encode_utf16())
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    for body in [utf8, utf16] {
+        let d = Demand::from_body(&body, None);
+        assert!(d.unreadable_body && !d.output_bounded(), "{body:?}: {d:?}");
+        assert_ne!(d.max_output_tokens, Some(0), "read as an empty body");
+    }
+    // The same in an encoding that decodes is read.
+    let utf16: Vec<u8> = "{\"max_tokens\":7}".encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let d = Demand::from_body(&utf16, None);
+    assert!(!d.unreadable_body && d.output_bounded() && d.max_output_tokens == Some(7), "{d:?}");
+}
+
 #[test]
 fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
     let b = budget([None, None, None, Some(1000)]);

@@ -121,8 +121,19 @@ impl Demand {
         // JSON with a byte-order mark, or in UTF-16/32: parsers that detect the encoding (Python's
         // `json.loads` on bytes) read it, so keyswap reads it too.
         let decoded = text::utf8_json(body);
-        let body = decoded.as_deref().map_or(body, str::as_bytes);
-        if body.is_empty() {
+        let body = match &decoded {
+            Some(Ok(text)) => text.as_bytes(),
+            // Marked or laid out as such an encoding, and not decodable in it: unreadable (400),
+            // never read as an empty body (which generates nothing: 0 output reserved).
+            Some(Err(())) => {
+                d.unreadable_limit = true;
+                d.unreadable_body = true;
+                &[]
+            }
+            None => body,
+        };
+        if d.unreadable_body {
+        } else if body.is_empty() {
             d.max_output_tokens = Some(0);
         } else if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
             // A lone surrogate escape (a string a JavaScript client cut inside an emoji) stops

@@ -35,8 +35,9 @@ pub(super) fn lone_surrogates_replaced(body: &[u8]) -> Option<Vec<u8>> {
 
 /// `body` as UTF-8 when it is not already: without a UTF-8 byte-order mark, or decoded from
 /// UTF-16/32 (with or without a mark, detected as Python's `json.detect_encoding` does). `None`:
-/// plain UTF-8 (or not text at all), read as it is.
-pub(super) fn utf8_json(body: &[u8]) -> Option<String> {
+/// plain UTF-8 (or not text at all), read as it is. `Some(Err(()))`: in such an encoding, and it
+/// does not decode (a lone surrogate, which Python's `surrogatepass` reads all the same).
+pub(super) fn utf8_json(body: &[u8]) -> Option<Result<String, ()>> {
     let units = |width: usize, big: bool, skip: usize| -> Option<String> {
         let rest = body.get(skip..)?;
         let word = |c: &[u8]| {
@@ -66,6 +67,5 @@ pub(super) fn utf8_json(body: &[u8]) -> Option<String> {
         [_, 0, ..] => units(2, false, 0),
         _ => return None,
     };
-    // Undecodable: nothing a provider reads either; an empty text keeps the default reservation.
-    Some(decoded.unwrap_or_default())
+    Some(decoded.ok_or(()))
 }
