@@ -1802,7 +1802,13 @@ async fn budget_changes_in_the_config_directory_apply_without_a_restart() {
     assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 429, "2 of 2 used");
     // A broken edit (a limit that is not a number) is refused; the last good budget keeps serving.
     write(config.path(), &with_limit(2).replace("requests: 2", "requests: lots"));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Reported once the file has settled (a file broken under a second ago may still be being
+    // written: its last version stays meanwhile).
+    let since = Instant::now();
+    while !r.keyswap.output().contains("spec.limits.requests") {
+        assert!(since.elapsed() < Duration::from_secs(4), "the broken edit never reported:\n{}", r.keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(call(r.port, OPENAI, None, &chat(5)).await.0, 429, "a broken edit dropped the budget");
     let log = r.keyswap.output();
     assert!(log.contains("TokenBudget default/hourly") && log.contains("spec.limits.requests"), "{log}");

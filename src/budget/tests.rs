@@ -339,6 +339,20 @@ fn an_undecodable_body_behind_a_byte_order_mark_is_refused_not_read_as_empty() {
     assert!(!d.unreadable_body && d.output_bounded() && d.max_output_tokens == Some(7), "{d:?}");
 }
 
+/// The attack: name a weighted model in a multipart form (`model=gpt-image-1` for an image edit,
+/// a transcription), which keyswap does not read: the call weighed 1, reserved and settled (its
+/// answer names no model). A body that is not JSON weighs the budget's heaviest, unless the path
+/// names the model.
+#[test]
+fn a_model_named_in_a_multipart_form_cannot_dodge_its_weight() {
+    let b = budget([None, None, None, Some(1_000_000)]);
+    let form = b"--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o\r\n--x--\r\n";
+    assert_eq!(b.weight_of(&Demand::from_body(form, None)), 2.0);
+    assert_eq!(b.weight_of(&Demand::from_body(form, Some("cheap-model"))), 1.0, "the path names the model");
+    assert_eq!(b.weight_of(&Demand::from_body(b"{}", None)), 1.0);
+    assert_eq!(b.weight_of(&Demand::from_body(b"", None)), 1.0);
+}
+
 #[test]
 fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
     let b = budget([None, None, None, Some(1000)]);

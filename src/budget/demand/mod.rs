@@ -76,7 +76,8 @@ pub struct Demand {
     /// The model the path names (the provider reads it there and ignores the body's), else every
     /// distinct `model` of the body. Empty: none named.
     pub models: Vec<String>,
-    /// The body names more models than are kept: weighted as the budget's heaviest.
+    /// The body names more models than are kept, or is not JSON (a multipart form names its
+    /// model in a field keyswap does not read): weighted as the budget's heaviest.
     pub models_overflow: bool,
     /// The largest output limit the body sets, under any provider's name for it.
     pub max_output_tokens: Option<u64>,
@@ -155,6 +156,10 @@ impl Demand {
                     d.unreadable_body = true;
                 }
             }
+        } else {
+            // Not JSON (`multipart/form-data`: OpenAI's image edits, transcriptions): its model is
+            // in a form field, unread, and a `model=` there must not weigh 1.
+            d.models_overflow = true;
         }
         // Where the provider reads the model from the path, a `model` in the body is ignored by
         // it: the path's counts (an agent must not pick a cheaper weight that way).
