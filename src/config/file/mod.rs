@@ -11,17 +11,19 @@
 //! [`load::prescan`] and [`load::MAX_MANIFEST_BYTES`]).
 
 use std::collections::HashMap;
-use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use secrecy::{ExposeSecret, SecretSlice};
-use sha2::{Digest as _, Sha256};
+
+mod parsed;
+
+use parsed::{read_parsed, Parsed, Stamp};
 
 use super::error::{ConfigError, ConfigErrors, Origin};
 use super::load::{self, Key, Object, Resource, SecretData};
@@ -34,11 +36,6 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// The longest a reload waits for the directory to be quiet: something writing without pause
 /// cannot postpone a rotation.
 pub const MAX_DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// A file stamp younger than this is not trusted to tell versions apart: timestamps tick
-/// coarsely, so a same-length rewrite within one tick of the last read would look unchanged.
-/// Such files are read again (and compared by content) until they settle.
-const SETTLE: Duration = Duration::from_secs(1);
 
 /// How often the watch also compares stamps itself, where no event reports a change: manifests
 /// that are symlinks (into a Secret volume, where the kubelet swaps its `..data`), and every
@@ -94,103 +91,6 @@ pub struct FileSource {
     pub dir: PathBuf,
     pub env_secrets: Vec<EnvSecret>,
     cache: Mutex<Cache>,
-}
-
-/// One version of a file, identified without opening it (symlinks followed).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
-
-    fn settled(&self, now: SystemTime) -> bool {
-        let (secs, nanos) = self.mtime.max(self.ctime);
-        let changed = UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
-        now.duration_since(changed).is_ok_and(|age| age >= SETTLE)
-    }
-}
-
-/// A file as last parsed. Refused files are kept too, with their error.
-struct Parsed {
-    stamp: Stamp,
-    /// The stamp was old enough to trust when read (see [`SETTLE`]).
-    settled: bool,
-    digest: [u8; 32],
-    objects: Vec<Object>,
-    errors: Vec<ConfigError>,
-    /// Refused unparsed by the manifest limits (`errors` says why). A reload sets it aside and
-    /// keeps `kept`, the objects of the last version of this file that loaded without error.
-    refused: bool,
-    kept: Vec<Object>,
-    /// Read while being written (changed less than [`SETTLE`] ago, and so far empty or broken):
-    /// the version before stays in effect, and the file is read again once it settles.
-    deferred: bool,
-}
-
-impl Parsed {
-    /// A version some of whose documents fail, with the last good version of each failing one:
-    /// the others take effect (a key rotated, an agent token deleted to revoke it, beside a typo
-    /// in another document of the file). Where a failing document cannot be named (broken YAML
-    /// ends the file; a document without a name), the whole last good version stays.
-    fn with_last_good(&self) -> Vec<Object> {
-        let failed: Option<std::collections::HashSet<&str>> =
-            self.errors.iter().map(|e| e.object.as_deref().filter(|o| o.contains('/'))).collect();
-        let Some(failed) = failed else { return self.kept.clone() };
-        let (labels, kept_labels): (Vec<String>, Vec<String>) =
-            (self.objects.iter().map(Object::label).collect(), self.kept.iter().map(Object::label).collect());
-        // A failing document parsed anyway (a TokenBudget kept to fail closed) yields to its last
-        // good version, if there is one.
-        let new =
-            self.objects.iter().zip(&labels).filter(|(_, l)| !(failed.contains(l.as_str()) && kept_labels.contains(l)));
-        let old = self.kept.iter().zip(&kept_labels).filter(|(_, l)| failed.contains(l.as_str()));
-        new.chain(old).map(|(o, _)| o.clone()).collect()
-    }
-
-    /// What stays in effect if the next version of this file is refused, unreadable or does not
-    /// parse: what this version put in effect, for the next version to keep where it fails: never the
-    /// whole earlier version when only some documents failed here (a token deleted beside a typo
-    /// must stay deleted when the next edit breaks the file).
-    fn last_good(self) -> Vec<Object> {
-        if self.refused {
-            self.kept
-        } else if !self.errors.is_empty() && !self.kept.is_empty() {
-            self.with_last_good()
-        } else if !self.errors.is_empty() {
-            self.kept
-        } else {
-            self.objects
-        }
-    }
-
-    /// A file that could not be read: nothing of its own, its last good objects kept, and read
-    /// again at the next reload (no stamp matches).
-    fn unreadable(kept: Vec<Object>, error: ConfigError) -> Parsed {
-        let stamp = Stamp { dev: 0, ino: 0, len: 0, mtime: (0, 0), ctime: (0, 0) };
-        Parsed {
-            stamp,
-            settled: false,
-            digest: [0; 32],
-            objects: Vec::new(),
-            errors: vec![error],
-            refused: false,
-            kept,
-            deferred: false,
-        }
-    }
 }
 
 #[derive(Default)]
@@ -408,85 +308,6 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         .collect();
     files.sort();
     Ok(files)
-}
-
-/// The file as it is now: from the cache when its stamp is unchanged and was settled, else
-/// read (at most [`load::MAX_MANIFEST_BYTES`]) and parsed unless its content is the cached one.
-/// Unreadable: the error, and the cached version's last good objects (they stay).
-fn read_parsed(
-    cached: Option<Parsed>,
-    path: &Path,
-    now: SystemTime,
-) -> Result<Parsed, (Box<ConfigError>, Vec<Object>)> {
-    let origin = Origin { file: path.to_path_buf(), document: 1 };
-    if let Some(p) = &cached {
-        if p.settled && std::fs::metadata(path).is_ok_and(|m| Stamp::of(&m) == p.stamp) {
-            return Ok(cached.expect("checked"));
-        }
-    }
-    let max = load::MAX_MANIFEST_BYTES;
-    let read = || -> std::io::Result<(Stamp, String)> {
-        let file = std::fs::File::open(path)?;
-        let stamp = Stamp::of(&file.metadata()?);
-        let mut text = String::new();
-        if stamp.len <= max {
-            file.take(max + 1).read_to_string(&mut text)?;
-        }
-        Ok((stamp, text))
-    };
-    let (stamp, text) = match read() {
-        Ok(read) => read,
-        Err(e) => {
-            let last_good = cached.map(Parsed::last_good).unwrap_or_default();
-            return Err((Box::new(ConfigError::new(format!("cannot read: {e}")).at(&origin)), last_good));
-        }
-    };
-    let settled = stamp.settled(now);
-    let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-    if let Some(p) = cached.as_ref().filter(|p| p.digest == digest && !p.refused) {
-        return Ok(Parsed {
-            stamp,
-            settled,
-            digest,
-            objects: p.objects.clone(),
-            errors: p.errors.clone(),
-            refused: false,
-            kept: p.kept.clone(),
-            deferred: false,
-        });
-    }
-    let refusal = if stamp.len > max || text.len() as u64 > max {
-        let len = stamp.len.max(text.len() as u64);
-        Some(format!("{len} bytes is over the {max}-byte (1 MiB) limit for one manifest file; refused unread"))
-    } else {
-        load::prescan(&text).err()
-    };
-    if let Some(message) = refusal {
-        let errors = vec![ConfigError::new(message).at(&origin)];
-        let kept = cached.map(Parsed::last_good).unwrap_or_default();
-        return Ok(Parsed {
-            stamp,
-            settled,
-            digest,
-            objects: Vec::new(),
-            errors,
-            refused: true,
-            kept,
-            deferred: false,
-        });
-    }
-    let (objects, errors) = load::parse_file(path, &text);
-    // Emptied or broken a moment ago: most likely still being written (`sops -d … > f.yaml`),
-    // read because another file's change triggered this reload. Its writer's close, or the poll
-    // once it has settled, reads it again.
-    let in_effect = |p: &Parsed| !p.refused && (!p.objects.is_empty() || !p.kept.is_empty());
-    if !settled && (objects.is_empty() || !errors.is_empty()) && cached.as_ref().is_some_and(in_effect) {
-        tracing::debug!(file = %path.display(), "changed under a second ago and so far empty or broken; its last version stays until it settles");
-        return Ok(Parsed { stamp, settled: false, deferred: true, ..cached.expect("checked") });
-    }
-    // What stays in effect where this version fails.
-    let kept = if errors.is_empty() { Vec::new() } else { cached.map(Parsed::last_good).unwrap_or_default() };
-    Ok(Parsed { stamp, settled, digest, objects, errors, refused: false, kept, deferred: false })
 }
 
 /// A running watch of the configuration directory; dropping it stops the watch.
