@@ -258,7 +258,14 @@ async fn editing_the_secret_file_rotates_the_key_without_failing_a_request() {
         "apiVersion: v1\nkind: Secret\nmetadata: {name: anthropic}\nstringData: {token: [oops]}\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Reported once the file has settled (a file broken under a second ago may still be being
+    // written: its last version serves meanwhile).
+    let reported = "anthropic-secret.yaml: Secret default/anthropic: field `stringData.token`: must be a string";
+    let since = Instant::now();
+    while !keyswap.output().contains(reported) {
+        assert!(since.elapsed() < Duration::from_secs(4), "bad edit never reported:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let c = client();
     let (st, _) = send(&c, port, "api.anthropic.com", "/v1/messages", &[("x-api-key", PLACEHOLDER)]).await;
     assert_eq!(st, 200, "last good snapshot keeps serving after a bad edit");

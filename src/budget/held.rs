@@ -133,7 +133,17 @@ impl Held {
                     counter.add(&delta(c));
                 }
                 for (c, excess) in &later {
-                    self.engine.local.counter(c, now).add(excess);
+                    // No room for the later window's counter: charged where it was reserved.
+                    match self.engine.local.counter(c, now) {
+                        Some(counter) => counter.add(excess),
+                        None => {
+                            let earlier =
+                                self.claims.iter().position(|e| e.budget.name == c.budget.name && e.key == c.key);
+                            if let Some(i) = earlier {
+                                counters[i].add(excess);
+                            }
+                        }
+                    }
                 }
             }
             HeldIn::Redis(store) => {

@@ -1,8 +1,9 @@
 //! The in-process budget store: one set of atomic counters per budget, key and window.
 //!
-//! The map of counters is read without a lock (an `ArcSwap` of a hash map, copied only when a
-//! key first appears in a window); each limit is checked and taken with a compare-and-swap, and
-//! the dimensions already taken are given back when a later one does not fit.
+//! The map of counters is read without a lock (64 shards, each an `ArcSwap` of a hash map, a
+//! shard copied only when a key first appears in it in a window); each limit is checked and taken
+//! with a compare-and-swap, and the dimensions already taken are given back when a later one does
+//! not fit. At most [`MAX_COUNTERS`] counters are held: keys come from agents' identities.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -80,12 +81,30 @@ impl Counter {
 /// instead of a fresh one at zero made after another request swept the ended window out.
 const SWEEP_GRACE_S: i64 = 60;
 
+/// The most counters held at once (a counter is about 200 bytes and its key). Per-agent and
+/// per-tenant budgets count keys an identity provider names: one that signs any subject or
+/// tenant an agent asks for could otherwise grow the map, and the copy each new key costs, for the
+/// whole window. A request needing a counter past this is refused (429, limit `keys`); Redis
+/// holds counters without this bound.
+pub const MAX_COUNTERS: usize = 1 << 17;
+
+/// Shards of the map: a new key copies one shard, not every counter.
+const SHARDS: usize = 64;
+
 /// Counters by a hash of (budget, key, window start), keyed at random per process (keys may be
-/// chosen by agents); the map takes that hash as it is instead of hashing it again.
-#[derive(Default)]
+/// chosen by agents), sharded by that hash; each shard's map takes the hash as it is instead of
+/// hashing it again.
 pub struct Local {
-    counters: ArcSwap<Slots>,
+    shards: Box<[ArcSwap<Slots>]>,
     hasher: RandomState,
+    /// [`MAX_COUNTERS`] (smaller in tests).
+    max: usize,
+}
+
+impl Default for Local {
+    fn default() -> Local {
+        Local::with_max(MAX_COUNTERS)
+    }
 }
 
 type Slots = HashMap<u64, Vec<Arc<Counter>>, BuildHasherDefault<Prehashed>>;
@@ -111,13 +130,32 @@ impl Hasher for Prehashed {
 }
 
 impl Local {
+    /// A store holding at most `max` counters.
+    pub(super) fn with_max(max: usize) -> Local {
+        Local { shards: (0..SHARDS).map(|_| ArcSwap::default()).collect(), hasher: RandomState::new(), max }
+    }
+
     /// Reserves every claim, all or nothing; returns the counters (for settling) and the least
     /// any limit has left.
     pub fn reserve(&self, claims: &[Claim], now: SystemTime) -> Result<(Vec<Arc<Counter>>, Option<i64>), Limited> {
         let mut taken: Vec<Arc<Counter>> = Vec::with_capacity(claims.len());
         let mut remaining: Option<i64> = None;
         for c in claims {
-            let counter = self.counter(c, now);
+            let Some(counter) = self.counter(c, now) else {
+                for (t, claim) in taken.iter().zip(claims) {
+                    t.add(&claim.reserved.map(|a| -a));
+                }
+                tracing::warn!(budget = %c.budget.name, max = self.max, "the in-process budget store holds as many counters as it may; a request needing a new one is refused (use Redis for more keys)");
+                let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                return Err(Limited {
+                    budget: c.budget.name.clone(),
+                    dimension: "keys",
+                    limit: self.max as u64,
+                    used: self.max as i64,
+                    requested: 1,
+                    retry_after: (c.window_end - now_s).max(1) as u64,
+                });
+            };
             match counter.take(&c.budget.limits, &c.reserved) {
                 Ok(after) => {
                     // Tokens left (requests are not tokens).
@@ -148,16 +186,18 @@ impl Local {
         Ok((taken, remaining))
     }
 
-    /// The counter of `c`'s budget, key and window, made on first use (sweeping out windows
-    /// that ended more than [`SWEEP_GRACE_S`] ago).
-    pub(super) fn counter(&self, c: &Claim, now: SystemTime) -> Arc<Counter> {
+    /// The counter of `c`'s budget, key and window, made on first use (sweeping out of its shard
+    /// windows that ended more than [`SWEEP_GRACE_S`] ago); `None` when its shard holds its share
+    /// of [`MAX_COUNTERS`] already.
+    pub(super) fn counter(&self, c: &Claim, now: SystemTime) -> Option<Arc<Counter>> {
         let slot = self.hasher.hash_one((&*c.budget.name, &*c.key, c.window_start));
-        if let Some(found) = self.counters.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
-            return found.clone();
+        let shard = &self.shards[(slot >> 58) as usize % SHARDS];
+        if let Some(found) = shard.load().get(&slot).and_then(|v| v.iter().find(|k| k.is(c))) {
+            return Some(found.clone());
         }
         let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let mut made = None;
-        self.counters.rcu(|map| {
+        shard.rcu(|map| {
             let mut map: Slots = map
                 .iter()
                 .map(|(k, v)| {
@@ -165,9 +205,11 @@ impl Local {
                 })
                 .filter(|(_, v)| !v.is_empty())
                 .collect();
+            let full = map.values().map(Vec::len).sum::<usize>() >= self.max / SHARDS;
             let list = map.entry(slot).or_default();
             let counter = match list.iter().find(|k| k.is(c)) {
-                Some(k) => k.clone(),
+                Some(k) => Some(k.clone()),
+                None if full => None,
                 None => {
                     let k = Arc::new(Counter {
                         budget: c.budget.name.clone(),
@@ -177,21 +219,24 @@ impl Local {
                         used: Default::default(),
                     });
                     list.push(k.clone());
-                    k
+                    Some(k)
                 }
             };
-            made = Some(counter);
+            map.retain(|_, v| !v.is_empty());
+            made = counter;
             map
         });
-        made.expect("rcu ran")
+        made
     }
 
     /// What the counter of (budget, key, window start) has used (tests, `explain`).
     pub fn used(&self, budget: &str, key: &str, window_start: i64) -> Option<Amounts> {
-        let map = self.counters.load();
-        map.values()
-            .flatten()
-            .find(|c| &*c.budget == budget && &*c.key == key && c.window_start == window_start)
-            .map(|c| c.used())
+        self.shards.iter().find_map(|shard| {
+            let map = shard.load();
+            map.values()
+                .flatten()
+                .find(|c| &*c.budget == budget && &*c.key == key && c.window_start == window_start)
+                .map(|c| c.used())
+        })
     }
 }

@@ -353,6 +353,34 @@ fn a_model_named_in_a_multipart_form_cannot_dodge_its_weight() {
     assert_eq!(b.weight_of(&Demand::from_body(b"", None)), 1.0);
 }
 
+/// The attack: an identity provider that signs any subject an agent asks for (service-account
+/// tokens the agent may mint), each subject a new key of a per-agent budget: every key kept a
+/// counter for the whole window, and each new one copied the whole map. Counters are capped (and
+/// a new key copies one shard of them); a request needing one past the cap is refused, keys
+/// already counted go on, and ended windows make room again.
+#[test]
+fn an_agent_cannot_grow_the_in_process_budget_counters_by_minting_identities() {
+    let local = local::Local::with_max(256);
+    let team = budget([None, None, None, Some(1_000_000)]);
+    let now = at(1_796_174_941);
+    let take = |key: &str, now: SystemTime| local.reserve(&[claim(&team, key, [1, 1, 0, 1], now)], now);
+    let mut refused = Vec::new();
+    for n in 0..2000 {
+        let key = format!("minted-{n}");
+        if let Err(l) = take(&key, now) {
+            assert_eq!((l.dimension, l.limit), ("keys", 256), "{l:?}");
+            refused.push(key);
+        }
+    }
+    let held = 2000 - refused.len();
+    assert!((128..=256).contains(&held), "{held} counters held");
+    assert!(take("minted-0", now).is_ok(), "a key already counted goes on");
+    // The next day, once the ended window's grace has passed: room again.
+    let tomorrow = now + Duration::from_secs(86_400 + 120);
+    let r = take(&refused[0], tomorrow);
+    assert!(r.is_ok(), "{}: ended windows were not swept: {:?}", refused[0], r.err());
+}
+
 #[test]
 fn a_body_naming_several_models_is_weighted_as_the_heaviest() {
     let b = budget([None, None, None, Some(1000)]);
