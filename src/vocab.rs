@@ -231,3 +231,30 @@ mod tests {
         }
     }
 }
+
+/// Lets a warning through at most once a period: a flood of one refusal (forged tokens, minted
+/// budget keys) must not fill the operators' logs. One atomic, no lock.
+#[derive(Debug, Default)]
+pub struct Seldom(std::sync::atomic::AtomicU64);
+
+impl Seldom {
+    /// Whether to log now, `now_s` seconds into some clock, at most once every `period_s`.
+    pub fn now(&self, now_s: u64, period_s: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Stored one on, so that 0 means never.
+        let (last, next) = (self.0.load(Relaxed), now_s.saturating_add(1));
+        (last == 0 || next >= last.saturating_add(period_s))
+            && self.0.compare_exchange(last, next, Relaxed, Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod seldom_tests {
+    #[test]
+    fn a_flood_of_one_warning_is_logged_once_a_period() {
+        let s = super::Seldom::default();
+        assert!(s.now(0, 10), "the first");
+        assert!(!(1..10).any(|t| s.now(t, 10)), "again within the period");
+        assert!(s.now(10, 10) && !s.now(11, 10));
+    }
+}

@@ -614,13 +614,7 @@ async fn refused_requests_with_huge_paths_cost_short_log_lines() {
 async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     // An upstream that echoes the credential (the fake's /echo, as a debugging proxy or an
     // error page might) has it scrubbed from the headers the agent gets.
-    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let proxy_port = free_port();
-    let text = gateway("deny-all", proxy_port, free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
-    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
-    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
-    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
-    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    let (dev, fake, _dirs) = anthropic_gateway(false).await;
     for path in ["/echo", "/echo?x=1"] {
         let (code, out, err) = tokio::task::block_in_place(|| {
             curl(
@@ -654,13 +648,7 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
 /// error's body is scrubbed on every injected route.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
-    let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let text = gateway("deny-all", free_port(), free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
-    assert!(!text.contains("scrubResponseBodies"));
-    std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
-    let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
-    let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
-    let dev = tokio::task::block_in_place(|| start_dev(config.path(), work.path(), &up));
+    let (dev, fake, _dirs) = anthropic_gateway(false).await;
     for http in ["--http1.1", "--http2"] {
         let (code, out, err) = tokio::task::block_in_place(|| {
             // `--compressed`: the agent asks for gzip, and reads what comes decompressed.
@@ -684,7 +672,7 @@ async fn a_key_quoted_in_an_error_body_never_reaches_the_agent() {
 /// 502; an error keeps its status and the headers a client backs off by, scrubbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_to_scrub_that_the_upstream_compressed_anyway_is_not_forwarded() {
-    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
+    let (dev, fake, _dirs) = anthropic_gateway(true).await;
     let (code, out, err) = tokio::task::block_in_place(|| {
         curl(
             &dev,
@@ -711,12 +699,16 @@ async fn a_body_to_scrub_that_the_upstream_compressed_anyway_is_not_forwarded() 
     assert!(out.contains("usage"), "an answer sent as asked still goes through: {out}");
 }
 
-/// `keyswap dev` with Anthropic on every path, response bodies scrubbed, before a TLS fake.
-async fn scrubbing_anthropic_gateway() -> (Dev, FakeProvider, (tempfile::TempDir, tempfile::TempDir)) {
+/// `keyswap dev` with Anthropic on every path, before a TLS fake; its response bodies scrubbed
+/// when `scrub_bodies` (else only errors' are, as on every injected route).
+async fn anthropic_gateway(scrub_bodies: bool) -> (Dev, FakeProvider, (tempfile::TempDir, tempfile::TempDir)) {
     let (work, config) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let text = gateway("deny-all", free_port(), free_port(), "")
-        .replace(", endpoints: [\"/v1/messages\"]", "")
-        .replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
+    let mut text = gateway("deny-all", free_port(), free_port(), "").replace(", endpoints: [\"/v1/messages\"]", "");
+    assert!(!text.contains("scrubResponseBodies"));
+    if scrub_bodies {
+        text = text.replace("  rules:\n  - matches:", "  scrubResponseBodies: true\n  rules:\n  - matches:");
+    }
+    assert_eq!(text.contains("scrubResponseBodies"), scrub_bodies);
     std::fs::write(config.path().join("gateway.yaml"), text).unwrap();
     let (fake, ca) = FakeProvider::start_tls(&["api.anthropic.com"], work.path()).await;
     let up = vec![format!("api.anthropic.com={},ca={}", fake.addr, ca.display())];
@@ -731,7 +723,7 @@ async fn scrubbing_anthropic_gateway() -> (Dev, FakeProvider, (tempfile::TempDir
 /// extra ext_proc message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
-    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
+    let (dev, fake, _dirs) = anthropic_gateway(true).await;
     // An answer without trailers costs no trailers message (Envoy sends one only for trailers).
     let (code, _, err) = tokio::task::block_in_place(|| {
         curl(&dev, &["--http2", "-sS", "-o", "/dev/null", "-d", "{}", "https://api.anthropic.com/v1/messages"])
@@ -760,7 +752,7 @@ async fn a_key_echoed_in_response_trailers_never_reaches_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_echoed_in_the_response_body_is_scrubbed_where_the_route_asks() {
-    let (dev, fake, _dirs) = scrubbing_anthropic_gateway().await;
+    let (dev, fake, _dirs) = anthropic_gateway(true).await;
     let (code, out, err) =
         tokio::task::block_in_place(|| curl(&dev, &["--http1.1", "-i", "-d", "{}", "https://api.anthropic.com/echo"]));
     assert_eq!(code, 0, "{err}");

@@ -296,8 +296,8 @@ pub const FAILED_CHECK_BURST_US: u64 = 1_000_000;
 pub struct FailedChecks {
     /// When the failures so far are paid off, in microseconds of [`mono_us`].
     paid_off_us: AtomicU64,
-    /// The second (of [`mono_us`]) the last warning was logged in.
-    warned_s: AtomicU64,
+    /// When the last warning was logged.
+    warned: crate::vocab::Seldom,
 }
 
 /// Microseconds since the first call: a monotonic clock as one number.
@@ -319,9 +319,7 @@ impl FailedChecks {
 
     /// Whether to log that checks are being skipped: once every 10 s at most.
     fn warn_now(&self, now: u64) -> bool {
-        let second = now / 1_000_000 + 10;
-        let last = self.warned_s.load(Ordering::Relaxed);
-        (last == 0 || second >= last + 10) && self.warned_s.swap(second, Ordering::Relaxed) == last
+        self.warned.now(now / 1_000_000, 10)
     }
 }
 

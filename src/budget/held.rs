@@ -100,56 +100,49 @@ impl Held {
         // Admitted uncounted (the store was down, fail-open): no counter holds it, and the metric
         // of settled tokens says what counters were charged.
         let counted = !matches!(self.on, HeldIn::Nothing);
-        for c in self.claims.iter().filter(|_| counted) {
-            let settled = c.used(observed)[3].max(0) as u64;
-            self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
-        }
-        let delta = |c: &Claim| -> Amounts {
+        // Each claim's change: what it used past its reservation (or less). One whose window has
+        // ended keeps only what it gives back; its excess goes to the window of `now`.
+        let mut deltas = Vec::with_capacity(self.claims.len());
+        let mut later: Vec<(usize, Claim, Amounts)> = Vec::new();
+        for (i, c) in self.claims.iter().enumerate() {
             let used = c.used(observed);
-            std::array::from_fn(|d| used[d] - c.reserved[d])
-        };
-        // The claims whose window has ended, moved to the window of `now`, with their excess.
-        let later: Vec<(Claim, Amounts)> = if counted {
-            let excess = |c: &Claim| c.later_window(now).map(|l| (l, delta(c).map(|v| v.max(0))));
-            self.claims.iter().filter_map(excess).filter(|(_, e)| e.iter().any(|v| *v > 0)).collect()
-        } else {
-            Vec::new()
-        };
-        if later.is_empty() {
-            return self.apply(delta, Vec::new(), now);
+            if counted {
+                let settled = used[3].max(0) as u64;
+                self.engine.metrics.of_budget(&c.budget).settled_tokens.fetch_add(settled, Ordering::Relaxed);
+            }
+            let delta: Amounts = std::array::from_fn(|d| used[d] - c.reserved[d]);
+            // (The window is looked up only for an excess: most calls use less than they reserve.)
+            match (counted && delta.iter().any(|v| *v > 0)).then(|| c.later_window(now)).flatten() {
+                Some(l) => {
+                    deltas.push(delta.map(|v| v.min(0)));
+                    later.push((i, l, delta.map(|v| v.max(0))));
+                }
+                None => deltas.push(delta),
+            }
         }
-        // The window reserved in gets back what was not used; it keeps what was (its excess
-        // goes to the later window).
-        let ended = |c: &Claim| c.later_window(now).is_some();
-        self.apply(|c| if ended(c) { delta(c).map(|v| v.min(0)) } else { delta(c) }, later, now);
+        self.apply(deltas, later, now);
     }
 
-    /// Adds `delta` of each claim to its counter (negative: gives back), and each of `later`'s
-    /// amounts to its claim's counter, made if need be.
-    fn apply(&mut self, delta: impl Fn(&Claim) -> Amounts, later: Vec<(Claim, Amounts)>, now: SystemTime) {
+    /// Adds each claim's delta to its counter (negative: gives back), and each of `later`'s
+    /// amounts to the counter of its claim in a later window, made if need be.
+    fn apply(&mut self, deltas: Vec<Amounts>, later: Vec<(usize, Claim, Amounts)>, now: SystemTime) {
         match std::mem::replace(&mut self.on, HeldIn::Nothing) {
             HeldIn::Local(counters) => {
-                for (counter, c) in counters.iter().zip(&self.claims) {
-                    counter.add(&delta(c));
+                for (counter, delta) in counters.iter().zip(&deltas) {
+                    counter.add(delta);
                 }
-                for (c, excess) in &later {
+                for (i, c, excess) in &later {
                     // No room for the later window's counter: charged where it was reserved.
                     match self.engine.local.counter(c, now) {
                         Some(counter) => counter.add(excess),
-                        None => {
-                            let earlier =
-                                self.claims.iter().position(|e| e.budget.name == c.budget.name && e.key == c.key);
-                            if let Some(i) = earlier {
-                                counters[i].add(excess);
-                            }
-                        }
+                        None => counters[*i].add(excess),
                     }
                 }
             }
             HeldIn::Redis(store) => {
                 let mut settle: Vec<(&Claim, Amounts, bool)> =
-                    self.claims.iter().map(|c| (c, delta(c), false)).collect();
-                settle.extend(later.iter().map(|(c, excess)| (c, *excess, true)));
+                    self.claims.iter().zip(deltas).map(|(c, d)| (c, d, false)).collect();
+                settle.extend(later.iter().map(|(_, c, excess)| (c, *excess, true)));
                 store.settle(&settle, Settling::new(&self.engine))
             }
             HeldIn::Nothing => {}
@@ -193,7 +186,8 @@ impl Drop for Held {
     /// Never settled: the request was refused or abandoned before it was forwarded.
     fn drop(&mut self) {
         if !matches!(self.on, HeldIn::Nothing) {
-            self.apply(|c| c.reserved.map(|a| -a), Vec::new(), SystemTime::now());
+            let deltas = self.claims.iter().map(|c| c.reserved.map(|a| -a)).collect();
+            self.apply(deltas, Vec::new(), SystemTime::now());
         }
     }
 }
