@@ -99,6 +99,8 @@ pub struct Local {
     hasher: RandomState,
     /// [`MAX_COUNTERS`] (smaller in tests).
     max: usize,
+    /// When the store being full was last logged.
+    full_warned: crate::vocab::Seldom,
 }
 
 impl Default for Local {
@@ -132,7 +134,8 @@ impl Hasher for Prehashed {
 impl Local {
     /// A store holding at most `max` counters.
     pub(super) fn with_max(max: usize) -> Local {
-        Local { shards: (0..SHARDS).map(|_| ArcSwap::default()).collect(), hasher: RandomState::new(), max }
+        let shards = (0..SHARDS).map(|_| ArcSwap::default()).collect();
+        Local { shards, hasher: RandomState::new(), max, full_warned: Default::default() }
     }
 
     /// Reserves every claim, all or nothing; returns the counters (for settling) and the least
@@ -145,8 +148,10 @@ impl Local {
                 for (t, claim) in taken.iter().zip(claims) {
                     t.add(&claim.reserved.map(|a| -a));
                 }
-                tracing::warn!(budget = %c.budget.name, max = self.max, "the in-process budget store holds as many counters as it may; a request needing a new one is refused (use Redis for more keys)");
                 let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+                if self.full_warned.now(now_s as u64, 10) {
+                    tracing::warn!(budget = %c.budget.name, max = self.max, "the in-process budget store holds as many counters as it may; requests needing a new one are refused (use Redis for more keys; logged at most every 10 s)");
+                }
                 return Err(Limited {
                     budget: c.budget.name.clone(),
                     dimension: "keys",
