@@ -498,3 +498,59 @@ async fn requests_parked_for_a_slow_token_fetch_hold_their_places_in_flight() {
     let (_, out, _) = tokio::task::block_in_place(|| gemini(&dev));
     assert!(out.ends_with("\n200"), "{out}");
 }
+
+/// An agent token revoked while its request waits for a provider token (a slow token endpoint)
+/// is refused when the token comes: the request is decided on the configuration in effect then,
+/// not on the one it parked on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_while_its_request_waited_for_a_provider_token_is_refused() {
+    const OLD: &str = "ci-shared-token-0010-revoked";
+    const NEW: &str = "ci-shared-token-0011-current";
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let tokens = FakeTokenEndpoint::start(3600).await;
+    let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
+    fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-1".into())]);
+    let proxy_port = free_port();
+    let sa = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+    let auth = "spec:\n  agentAuth:\n    validators:\n    - name: ci\n      sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n";
+    std::fs::write(config.path().join("gemini.yaml"), gcp_config(proxy_port, &sa).replacen("spec:\n", auth, 1))
+        .unwrap();
+    let agents = config.path().join("agents.yaml");
+    std::fs::write(&agents, secret_manifest("ci-token", "token", OLD)).unwrap();
+    let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
+    let dev = tokio::task::block_in_place(|| start_dev_env(config.path(), work.path(), &[upstream], &[]));
+    let call = |token: &str| {
+        let (env, key) = (dev.env.clone(), format!("x-goog-api-key: {token}"));
+        let url = format!("https://{GEMINI_HOST}{GEMINI_PATH}");
+        std::thread::spawn(move || curl_via(&env, &["-w", "\n%{http_code}", "-H", &key, "-d", "{}", &url]))
+    };
+    let loads = |dev: &Dev| dev.proc.output().matches("configuration loaded").count();
+
+    tokens.hold();
+    let parked = call(OLD);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokens.asked.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no token request: {}", dev.proc.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The operator rotates the shared token while the request waits.
+    let before = loads(&dev);
+    std::fs::write(&agents, secret_manifest("ci-token", "token", NEW)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while loads(&dev) == before {
+        assert!(Instant::now() < deadline, "the rotation was not loaded: {}", dev.proc.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!parked.is_finished(), "the parked request did not wait for the token");
+    tokens.release();
+    let (code, out, err) = tokio::task::block_in_place(|| parked.join().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n401"), "the revoked token's parked request was admitted: {out}");
+    assert!(fake.seen().is_empty(), "the revoked token's request reached the provider");
+    // The current token goes through.
+    let (code, out, err) = tokio::task::block_in_place(|| call(NEW).join().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n200"), "{out}");
+    assert_eq!(fake.seen().len(), 1);
+}

@@ -47,8 +47,9 @@ pub fn on_request_headers(
         Resume::Keys(jwks) => Some(jwks.clone()),
         _ => None,
     };
+    let after_token = matches!(resume, Resume::Token(..));
     let (fetched, held) = match resume {
-        Resume::Token(t, held) => (Some(t), held),
+        Resume::Token(t, held) => (t, held),
         Resume::First | Resume::Keys(_) => (None, Places::default()),
     };
     let mut req = Incoming::new(snapshot, shared, headers, has_body);
@@ -61,7 +62,7 @@ pub fn on_request_headers(
             crate::auth::single_value(copies.map(super::header_bytes))
         };
         let admission = chain.admit(presented.map(|(_, t)| t), peer, header, std::time::SystemTime::now());
-        if fetched.is_none() {
+        if !after_token {
             chain.counters.count(&admission);
         }
         match admission {

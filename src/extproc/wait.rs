@@ -30,8 +30,10 @@ pub enum Resume<'a> {
     First,
     /// After a GCP token fetch, with its outcome, and the places the request held while it
     /// waited: the decision keeps them rather than asking again (a request of the same key
-    /// arriving meanwhile cannot take a place this one waited in).
-    Token(Result<&'a Token, &'a str>, Places),
+    /// arriving meanwhile cannot take a place this one waited in). No outcome: the configuration
+    /// changed while the request waited, so the route's token is asked of the new snapshot's
+    /// source (the one fetched may be another key's).
+    Token(Option<Result<&'a Token, &'a str>>, Places),
     /// After a refetch of this JWKS source.
     Keys(Arc<crate::auth::jwt::Jwks>),
 }
@@ -97,8 +99,13 @@ impl ProcessStream {
         let mut w = self.waiting.take().expect("waiting");
         let held = std::mem::take(&mut w.held);
         let this = &mut *self;
+        // Decided on the configuration in effect now, not the one the request parked on: an
+        // agent token revoked, a route removed or a key rotated while it waited counts.
+        let current = this.shared.store.load_full();
+        let changed = !Arc::ptr_eq(&current, &w.snapshot);
+        w.snapshot = current;
         let resume = match (&token, refetched) {
-            (Some(t), _) => Resume::Token(t.as_ref().map(|t| &**t).map_err(|e| &**e), held),
+            (Some(t), _) => Resume::Token((!changed).then(|| t.as_ref().map(|t| &**t).map_err(|e| &**e)), held),
             (None, Some(jwks)) => Resume::Keys(jwks),
             (None, None) => Resume::First,
         };
