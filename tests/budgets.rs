@@ -662,6 +662,35 @@ async fn a_stream_that_does_not_ask_for_its_usage_is_still_charged_what_it_used(
     r.settles("default/shared", before, (body.len() + 30) as u64, "its reservation").await;
 }
 
+/// The attack: a Chat Completions stream with no `max_tokens` on a route whose policy signs with
+/// SigV4 (an OpenAI-compatible API behind AWS). keyswap cannot add `stream_options` to a body it
+/// signs, so the stream reports no usage; it was admitted as if asked, and settled at its
+/// reservation however much the model wrote. Refused as unmetered now, as an unasked stream is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_stream_that_cannot_be_asked_for_its_usage_is_refused_as_unmetered() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let signed = "---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: openai-signed}\n\
+                  spec:\n  parentRefs: [{kind: AIProviderRoute, name: openai}]\n  secretRef: {name: aws}\n  \
+                  target: ProviderAuth\n  providerAuth: {type: AWSv4, region: us-east-1, service: bedrock}\n---\n\
+                  apiVersion: v1\nkind: Secret\nmetadata: {name: aws}\nstringData: {AWS_ACCESS_KEY_ID: AKIAKEYSWAPTEST0002, \
+                  AWS_SECRET_ACCESS_KEY: kS3cr3t0012do-not-leak}\n";
+    let config = tempfile::tempdir().unwrap();
+    let shared = budget("shared", "{kind: EgressGateway, name: egress}", SMALL_RESERVATION);
+    write(config.path(), &gateway(&(shared + signed), ""));
+    let r = tokio::task::block_in_place(|| Replica::start_with(config.path(), meter.addr, false));
+    let seen = meter.requests.load(Ordering::SeqCst);
+    let (status, _, text) = call(r.port, OPENAI, None, r#"{"model":"gpt-4o","stream":true,"messages":[]}"#).await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("budget_unmetered_request") && text.contains("include_usage"), "{text}");
+    assert_eq!(meter.requests.load(Ordering::SeqCst), seen, "the unmetered stream reached the provider");
+    // With an output limit its reservation bounds it: signed and forwarded as written.
+    let body = r#"{"model":"gpt-4o","stream":true,"max_tokens":30,"messages":[]}"#;
+    let (status, _, text) = call(r.port, OPENAI, None, body).await;
+    assert_eq!(status, 200, "{text}");
+    let forwarded = meter.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(forwarded.ends_with(body), "the signed body was rewritten: {forwarded}");
+}
+
 /// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API (here
 /// Anthropic's `/v1/chat/completions`; Gemini's `/v1beta/openai/…` and Bedrock's `/openai/v1/…`
 /// alike). Its answers are OpenAI's, which the provider's own reader did not read: every call was

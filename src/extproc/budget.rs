@@ -171,14 +171,14 @@ impl Plan {
         cont: Continue,
         now: SystemTime,
     ) -> Result<(Reserve, Continue, bool), Admit> {
-        if let Some(refused) = self.cannot_meter(demand, body) {
+        // The body can be written to only where the answer changes nothing else: a body SigV4
+        // signs (an OpenAI-compatible API behind AWS) is forwarded as the agent wrote it.
+        let writable = matches!(&cont, Continue::Ready(r) if *r == mutation::request_body());
+        if let Some(refused) = self.cannot_meter(demand, body, writable) {
             return Err(engine.count(refused));
         }
         let (cont, asked) = match self.asking_for_usage(demand, body) {
-            // Only an answer that changes nothing else (SigV4 never signs Chat Completions).
-            Some(asked) if matches!(&cont, Continue::Ready(r) if *r == mutation::request_body()) => {
-                (Continue::Ready(mutation::request_body_replaced(asked)), true)
-            }
+            Some(asked) if writable => (Continue::Ready(mutation::request_body_replaced(asked)), true),
             _ => (cont, false),
         };
         let claims = self.claims(demand, now);
@@ -188,9 +188,10 @@ impl Plan {
 
     /// The refusal of a request a budget of the route cannot meter: a body it cannot read to its
     /// end (every budget on tokens refuses it), or one that would spend tokens a budget cannot
-    /// count and refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]) or a
-    /// background run.
-    fn cannot_meter(&self, demand: &Demand, body: &[u8]) -> Option<Admit> {
+    /// count and refuses: a registry endpoint ([`crate::provider::Provider::unmetered`]), a
+    /// background run, or a stream that will report no usage and sets no output limit (keyswap
+    /// asks for the usage only in a body it may write: `writable`).
+    fn cannot_meter(&self, demand: &Demand, body: &[u8], writable: bool) -> Option<Admit> {
         if demand.unreadable_body {
             let budget = self.budgets.iter().find(|b| b.counts_tokens())?;
             return Some(Admit::Unreadable { budget: budget.name.clone() });
@@ -201,7 +202,7 @@ impl Plan {
             StreamUsage::Asked => true,
             StreamUsage::NotAsked => false,
             // Asked by keyswap, where the endpoint takes it and the body can be written to.
-            StreamUsage::Unset => self.can_ask && opening_brace(body).is_some(),
+            StreamUsage::Unset => self.can_ask && writable && opening_brace(body).is_some(),
         };
         let bounded = demand.max_output_tokens.is_some() && !demand.unreadable_limit;
         let unasked = self.completions && demand.stream && !reports && !bounded;
