@@ -89,7 +89,8 @@ pub fn connector_with(uri: &hyper::Uri, http2_only: bool, tls: &Tls) -> Result<H
     } else if https {
         hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)
-            .map_err(|e| format!("{uri}: no system CA certificates to verify it ({e})"))?
+            // Not the URI: its query may carry a collector's token (callers name it without).
+            .map_err(|e| format!("no system CA certificates to verify it ({e})"))?
     } else {
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -670,3 +670,29 @@ stringData: {{token: {OPENAI_KEY}}}
     assert!(out.contains("store UNUSABLE: Secret default/budget-redis key `url` is not a Redis URL"), "{out}{err}");
     assert!(!out.contains(password) && !err.contains(password));
 }
+
+/// A collector's token in the endpoint's query never reaches the error that stops keyswap, also
+/// when the machine has no CA certificates to verify the collector with (an image without the
+/// bundle, `SSL_CERT_FILE` pointing at nothing).
+#[test]
+fn no_system_roots_error_hides_the_endpoint_query() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("x.yaml"),
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: g}\nspec: {}\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("no-such-bundle.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyswap"))
+        .args(["serve", "-c", dir.path().to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318/otlp?api_key=T0KEN-0013-do-not-leak")
+        .env("SSL_CERT_FILE", &missing)
+        .env("SSL_CERT_DIR", &missing)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("no system CA certificates") && text.contains("collector.example"), "{text}");
+    assert!(!text.contains("T0KEN-0013"), "the collector's token in the output: {text}");
+}

@@ -109,8 +109,16 @@ impl std::fmt::Debug for Settings {
 /// `k1=v1,k2=v2` with percent-encoded values (`OTEL_EXPORTER_OTLP_HEADERS`).
 fn parse_header_list(var: &str, v: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
-    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (k, val) = item.split_once('=').ok_or_else(|| format!("{var}: `{}` is not key=value", name_of(item)))?;
+    for (n, item) in v.split(',').map(str::trim).filter(|i| !i.is_empty()).enumerate() {
+        let (k, val) = item.split_once('=').ok_or_else(|| format!("{var}: {} is not key=value", shown(item, n + 1)))?;
+        // A base64 credential pasted without its name splits at its padding: its "name" would be
+        // the credential, and names are logged.
+        if !val.is_empty() && val.bytes().all(|b| b == b'=') {
+            return Err(format!(
+                "{var}: {} has only `=` for a value (a credential without its name?)",
+                shown(k, n + 1)
+            ));
+        }
         let decode = |s: &str| percent_decode_str(s.trim()).decode_utf8().map(|c| c.into_owned());
         let k = decode(k).map_err(|_| format!("{var}: a header name is not UTF-8"))?;
         let val = decode(val).map_err(|_| format!("{var}.{k}: the value is not UTF-8"))?;
@@ -129,8 +137,8 @@ fn resource_attributes(var: &str, v: &str) -> Result<Vec<(String, String)>, Stri
             c == b'%' && !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit())
         })
     };
-    if let Some(item) = v.split(',').find(|i| bad_escape(i)) {
-        return Err(format!("{var}: `{}` has a `%` that is no percent-escape (write %25)", name_of(item)));
+    if let Some((n, item)) = v.split(',').enumerate().find(|(_, i)| bad_escape(i)) {
+        return Err(format!("{var}: {} has a `%` that is no percent-escape (write %25)", shown(item, n + 1)));
     }
     let mut out: Vec<(String, String)> = Vec::new();
     for (k, val) in parse_header_list(var, v)? {
@@ -152,9 +160,16 @@ fn without_query(url: &str) -> String {
     }
 }
 
-/// The part of a malformed `k=v` item safe to print: nothing after a `=` or `:`.
-fn name_of(item: &str) -> &str {
-    item.split([':', ' ', '=']).next().unwrap_or("")
+/// The part of a malformed `k=v` item safe to print: what comes before a `=`, `:` or space (the
+/// name of `name: value`). An item with none of them may be the credential itself, pasted without
+/// its name: nothing of it.
+fn name_of(item: &str) -> Option<&str> {
+    item.trim().split_once([':', ' ', '=']).map(|(name, _)| name)
+}
+
+/// How an error names the malformed `n`th item of a list: its name, or its position.
+fn shown(item: &str, n: usize) -> String {
+    name_of(item).map_or_else(|| format!("item {n}"), |name| format!("`{name}`"))
 }
 
 /// The longest time an `OTEL_*` millisecond variable may name: a day (a schedule or timeout
@@ -267,8 +282,12 @@ pub fn settings_for(
     for (k, v) in headers {
         let k = k.to_ascii_lowercase();
         // Not quoted: `Authorization: Basic dXNl=` split at its `=` makes a "name" of a credential.
-        HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| format!("an OTLP header `{}` is not a valid header name (write name=value)", name_of(&k)))?;
+        HeaderName::from_bytes(k.as_bytes()).map_err(|_| match name_of(&k) {
+            Some(name) => format!("an OTLP header `{name}` is not a valid header name (write name=value)"),
+            None => "an OTLP header name is not a valid header name (write name=value; not quoted, it may be a \
+                         credential)"
+                .to_owned(),
+        })?;
         HeaderValue::from_str(&v).map_err(|_| format!("OTLP header {k}: the value is not a valid header value"))?;
         merged.retain(|(old, _)| *old != k);
         merged.push((k, v));
@@ -644,6 +663,18 @@ mod tests {
         let padded = |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization: basic s3cret==".to_string());
         let e = settings(Some(&otlp("http://otel:4318")), padded).unwrap_err();
         assert!(e.contains("authorization") && !e.contains("s3cret"), "{e}");
+        // The credential pasted without its name: bare, or ending in base64 padding (which then
+        // reads as a name), or beside a good item.
+        for list in ["hcaik_01s3cret", "dXNlcjpzs3cret==", "x-a=1,s3cret/base64+", "x-a=1, s3cret"] {
+            let bare = |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| list.to_string());
+            let e = settings(Some(&otlp("http://otel:4318")), bare).unwrap_err();
+            assert!(e.contains("OTLP") && !e.contains("s3cret"), "{list}: {e}");
+        }
+        let e = settings(Some(&otlp("http://otel:4318")), |k: &str| {
+            (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "x-a=1, s3cret".to_string())
+        })
+        .unwrap_err();
+        assert!(e.contains("item 2"), "the item is named by its place: {e}");
         // Credentials in the endpoint's URL: refused, never echoed.
         for url in ["https://user:s3cret@otel:4318", "http://s3cret@otel:4318/v1/traces"] {
             let e = settings(Some(&otlp(url)), none).unwrap_err();
