@@ -2,8 +2,11 @@
 //! conventions' bucket boundaries: `gen_ai.client.token.usage`, `gen_ai.client.operation.duration`
 //! and, for streams, `gen_ai.client.operation.time_to_first_chunk`.
 //!
-//! One entry per (provider, operation, model, tenant label), at most [`super::MAX_MODELS`] models
-//! (then `other`). The model comes from the agent's request, so a name becomes a label only when
+//! One entry per (provider, operation, model, tenant label, error type), at most
+//! [`super::MAX_MODELS`] models (then `other`) and at most [`MAX_SERIES`] entries: past that, a
+//! new label set is counted in one overflow entry, `otel_metric_overflow="true"` (the OpenTelemetry
+//! metrics SDK's cardinality limit), so that a scrape and an OTLP push stay small whatever labels
+//! the traffic brings (an OTLP/gRPC collector takes 4 MiB per message by default). The model comes from the agent's request, so a name becomes a label only when
 //! the provider answered it with success (an agent naming 256 models that do not exist would
 //! otherwise take every slot, each 404 free of charge) and only when it looks like a model name
 //! (at most [`MAX_MODEL_LABEL`] bytes of `A-Z a-z 0-9 . _ - : / @`); anything else is `other`.
@@ -45,6 +48,8 @@ impl Histogram {
 
 #[derive(Debug)]
 struct Entry {
+    /// The overflow entry: its labels say nothing but that.
+    overflow: bool,
     provider: &'static str,
     operation: &'static str,
     model: Box<str>,
@@ -97,52 +102,83 @@ pub struct Observation<'a> {
     pub first_chunk_s: Option<f64>,
 }
 
+/// Label sets kept apart, at most; the rest share the overflow entry. About 1.6 KB each in an OTLP
+/// push (four histograms), so a push stays well under a collector's 4 MiB.
+pub const MAX_SERIES: usize = 1024;
+
 #[derive(Debug, Default)]
 pub struct GenAiMetrics {
-    entries: Mutex<Vec<Entry>>,
+    entries: Mutex<Series>,
 }
 
-impl GenAiMetrics {
-    pub fn record(&self, o: &Observation<'_>) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+#[derive(Debug, Default)]
+struct Series {
+    entries: Vec<Entry>,
+    /// Distinct models among the entries' labels (`other` not counted).
+    models: usize,
+}
+
+impl Entry {
+    fn new(overflow: bool, o: &Observation<'_>, model: &str) -> Entry {
+        Entry {
+            overflow,
+            provider: o.provider,
+            operation: o.operation,
+            model: model.into(),
+            tenant: o.tenant.into(),
+            error: o.error,
+            input: Histogram::default(),
+            output: Histogram::default(),
+            duration: Histogram::default(),
+            first_chunk: Histogram::default(),
+        }
+    }
+}
+
+impl Series {
+    /// The entry `o` counts in, made if it may be.
+    fn index(&mut self, o: &Observation<'_>) -> usize {
         let find = |entries: &[Entry], model: &str| {
             entries.iter().position(|e| {
-                e.provider == o.provider
+                !e.overflow
+                    && e.provider == o.provider
                     && e.operation == o.operation
                     && &*e.model == model
                     && &*e.tenant == o.tenant
                     && e.error == o.error
             })
         };
-        let models = || entries.iter().map(|e| &*e.model).collect::<std::collections::BTreeSet<_>>().len();
-        let i = match find(&entries, o.model) {
+        if let Some(i) = find(&self.entries, o.model) {
+            return i;
+        }
+        // A model already a label stays one (its failures under its name); a new one only when
+        // the provider answered it.
+        let known = self.entries.iter().any(|e| !e.overflow && &*e.model == o.model);
+        let new = !known && o.answered && label_worthy(o.model) && self.models < super::MAX_MODELS;
+        let model = if known || new { o.model } else { "other" };
+        if let Some(i) = find(&self.entries, model) {
+            return i;
+        }
+        if self.entries.len() < MAX_SERIES {
+            self.models += usize::from(new);
+            self.entries.push(Entry::new(false, o, model));
+            return self.entries.len() - 1;
+        }
+        match self.entries.iter().position(|e| e.overflow) {
             Some(i) => i,
             None => {
-                // A model already a label stays one (its failures under its name); a new one only
-                // when the provider answered it.
-                let known = entries.iter().any(|e| &*e.model == o.model);
-                let new = known || (o.answered && label_worthy(o.model) && models() < super::MAX_MODELS);
-                let model = if new { o.model } else { "other" };
-                match find(&entries, model) {
-                    Some(i) => i,
-                    None => {
-                        entries.push(Entry {
-                            provider: o.provider,
-                            operation: o.operation,
-                            model: model.into(),
-                            tenant: o.tenant.into(),
-                            error: o.error,
-                            input: Histogram::default(),
-                            output: Histogram::default(),
-                            duration: Histogram::default(),
-                            first_chunk: Histogram::default(),
-                        });
-                        entries.len() - 1
-                    }
-                }
+                self.entries.push(Entry::new(true, o, "other"));
+                self.entries.len() - 1
             }
-        };
-        let e = &mut entries[i];
+        }
+    }
+}
+
+impl GenAiMetrics {
+    pub fn record(&self, o: &Observation<'_>) {
+        let mut series = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let i = series.index(o);
+        let e = &mut series.entries[i];
         if let Some(input) = o.tokens.0 {
             e.input.record(&TOKEN_BUCKETS, input as f64);
         }
@@ -182,12 +218,20 @@ impl GenAiMetrics {
         ];
         for (name, help, bounds, pick) in families {
             p.family(name, help, crate::prom::Kind::Histogram);
-            for e in entries.iter() {
+            for e in entries.entries.iter() {
                 let hists = pick(e);
                 // Duration families have one histogram per entry (listed twice to share the shape).
                 let hists: &[(Option<&str>, &Histogram)] = if hists[0].0.is_none() { &hists[..1] } else { &hists };
                 for (token_type, h) in hists {
                     if h.count() == 0 {
+                        continue;
+                    }
+                    if e.overflow {
+                        let labels: &[(&str, &str)] = match token_type {
+                            Some(t) => &[("otel_metric_overflow", "true"), ("gen_ai_token_type", t)],
+                            None => &[("otel_metric_overflow", "true")],
+                        };
+                        p.histogram(name, labels, bounds, &h.counts, h.sum);
                         continue;
                     }
                     let mut labels = vec![
@@ -219,8 +263,9 @@ impl GenAiMetrics {
     pub fn tokens(&self, provider: &str, model: &str) -> Option<(u64, u64)> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
+            .entries
             .iter()
-            .filter(|e| e.provider == provider && &*e.model == model)
+            .filter(|e| !e.overflow && e.provider == provider && &*e.model == model)
             .map(|e| (e.input.sum as u64, e.output.sum as u64))
             .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
     }
@@ -268,7 +313,57 @@ mod tests {
             m.record(&obs(&format!("m{i}"), Some((1, 1)), None));
         }
         assert!(m.tokens("anthropic", "other").is_some());
-        assert!(m.entries.lock().unwrap().len() <= super::super::MAX_MODELS + 1);
+        assert!(m.entries.lock().unwrap().entries.len() <= super::super::MAX_MODELS + 1);
+    }
+
+    /// The attack: a `custom` upstream that answers any model name, given 256 names, each failing
+    /// in every way on every operation: some 15,000 label sets, an OTLP push of megabytes that a
+    /// collector refuses whole (every family lost with it) and a /metrics page of tens of MB built
+    /// under the lock the request path takes. Past [`MAX_SERIES`] they share one overflow series,
+    /// and nothing is lost from the totals.
+    #[test]
+    fn an_agent_cannot_grow_the_genai_series_past_their_cap() {
+        use prost::Message as _;
+        let m = GenAiMetrics::default();
+        let operations = ["chat", "embeddings", "generate_content", "text_completion"];
+        let mut recorded = 0;
+        for i in 0..super::super::MAX_MODELS {
+            let model = format!("m{i}");
+            for operation in operations {
+                for error in std::iter::once(0).chain(ERROR_STATUSES).chain([OTHER_ERROR]) {
+                    m.record(&Observation {
+                        provider: "custom",
+                        operation,
+                        model: &model,
+                        answered: true,
+                        error,
+                        tenant: "",
+                        tokens: (Some(1), Some(1)),
+                        duration_s: 0.1,
+                        first_chunk_s: Some(0.01),
+                    });
+                    recorded += 1;
+                }
+            }
+        }
+        let (n, counted) = {
+            let s = m.entries.lock().unwrap();
+            (s.entries.len(), s.entries.iter().map(|e| e.duration.count()).sum::<u64>())
+        };
+        assert!(n <= MAX_SERIES + 1, "{n} label sets");
+        assert_eq!(counted, recorded, "observations lost");
+        let mut page = crate::prom::Page::new();
+        m.render(&mut page);
+        let out = page.finish();
+        assert_eq!(crate::prom::lint(&out), Vec::<String>::new());
+        let overflow = "gen_ai_client_operation_duration_seconds_count{otel_metric_overflow=\"true\"}";
+        assert!(out.lines().any(|l| l.starts_with(overflow)), "no overflow series");
+        assert!(out.len() < 16 << 20, "a /metrics page of {} bytes", out.len());
+        let mut c =
+            super::super::otlp_metrics::Collect::new(std::time::SystemTime::UNIX_EPOCH, std::time::SystemTime::now());
+        m.render(&mut c);
+        let push = c.request("keyswap", &[]).encode_to_vec().len();
+        assert!(push < 2 << 20, "an OTLP push of {push} bytes");
     }
 
     /// The attack: models that do not exist (each a free 404), or names of 60 KB, to take the
@@ -297,10 +392,10 @@ mod tests {
         m.record(&obs(huge, true));
         m.record(&obs("gpt\"} 1\nevil", true));
         m.record(&obs("models/gemini-2.0-flash-001", true));
-        let labels: Vec<String> = m.entries.lock().unwrap().iter().map(|e| e.model.to_string()).collect();
+        let labels: Vec<String> = m.entries.lock().unwrap().entries.iter().map(|e| e.model.to_string()).collect();
         assert_eq!(labels, ["gpt-4o", "other", "models/gemini-2.0-flash-001"]);
-        assert_eq!(m.entries.lock().unwrap()[0].duration.count(), 2);
-        assert_eq!(m.entries.lock().unwrap()[1].duration.count(), 5);
+        assert_eq!(m.entries.lock().unwrap().entries[0].duration.count(), 2);
+        assert_eq!(m.entries.lock().unwrap().entries[1].duration.count(), 5);
     }
 
     /// Failed calls were averaged into the duration histogram with successes (no `error.type`),

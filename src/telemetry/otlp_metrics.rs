@@ -60,6 +60,7 @@ fn attribute(label: &str) -> String {
     match label.strip_prefix("gen_ai_") {
         Some(rest) => format!("gen_ai.{}", rest.replace('_', ".")),
         None if label == "error_type" => "error.type".to_owned(),
+        None if label == "otel_metric_overflow" => "otel.metric.overflow".to_owned(),
         None => label.to_owned(),
     }
 }
