@@ -10,6 +10,7 @@ pub mod otlp;
 pub mod otlp_metrics;
 mod queue;
 pub mod sample;
+mod settings;
 pub mod span;
 pub mod trace_context;
 
