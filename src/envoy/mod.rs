@@ -104,6 +104,9 @@ pub const DEFAULT_TUNNEL_MAX_DURATION: &str = "1h";
 pub struct SpanEnv {
     /// An exporter is configured (`OTEL_EXPORTER_OTLP_ENDPOINT` …).
     pub exporter: bool,
+    /// Spans are switched off whatever names a collector (`OTEL_SDK_DISABLED=true`,
+    /// `OTEL_TRACES_EXPORTER=none`).
+    pub off: bool,
     /// How many transactions the sampler (`OTEL_TRACES_SAMPLER`) gives a span.
     pub sampling: Sampling,
 }
@@ -125,9 +128,10 @@ pub enum Sampling {
 
 impl SpanEnv {
     /// Whether keyswap traces the gateway of `snap`: an exporter in the environment, or a
-    /// collector the gateway names (`spec.otlp.endpoint`).
+    /// collector the gateway names (`spec.otlp.endpoint`), unless the environment switches spans off.
     pub fn traces(&self, snap: &Snapshot) -> bool {
-        self.exporter || snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()))
+        let named = snap.otlp.as_ref().is_some_and(|o| o.endpoint.as_deref().is_some_and(|e| !e.is_empty()));
+        !self.off && (self.exporter || named)
     }
 }
 
@@ -155,7 +159,8 @@ pub fn span_env_from(env: impl Fn(&str) -> Option<String>) -> SpanEnv {
         },
         Sampler::ParentBased(Root::AlwaysOff) => Sampling::Some,
     };
-    SpanEnv { exporter: crate::telemetry::export::settings(None, env).ok().flatten().is_some(), sampling }
+    let off = !crate::telemetry::export::traces_exported(&env);
+    SpanEnv { exporter: crate::telemetry::export::settings(None, &env).ok().flatten().is_some(), off, sampling }
 }
 
 /// The request body the body-streaming deciding filter sends for a request to the routed `host`
