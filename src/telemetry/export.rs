@@ -123,13 +123,14 @@ impl Exporter {
             Transport::Grpc => format!("{}{}", s.endpoint, s.signal.grpc_path()).parse(),
         }
         .map_err(|e| format!("OTLP endpoint {}: {e}", without_query(&s.endpoint)))?;
-        let read = |p: &std::path::Path, var: &str| std::fs::read(p).map_err(|e| format!("{var}={}: {e}", p.display()));
+        // Named as either variable may have set it (`…_TRACES_…` or `…_METRICS_…` over the general).
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).map_err(|e| format!("OTEL_EXPORTER_OTLP[_{}]_{what}={}: {e}", s.signal.var(), p.display()))
+        };
         let tls = crate::http::Tls {
-            roots: s.certificate.as_deref().map(|p| read(p, "OTEL_EXPORTER_OTLP_CERTIFICATE")).transpose()?,
+            roots: s.certificate.as_deref().map(|p| read(p, "CERTIFICATE")).transpose()?,
             identity: match (&s.client_certificate, &s.client_key) {
-                (Some(c), Some(k)) => {
-                    Some((read(c, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?, read(k, "OTEL_EXPORTER_OTLP_CLIENT_KEY")?))
-                }
+                (Some(c), Some(k)) => Some((read(c, "CLIENT_CERTIFICATE")?, read(k, "CLIENT_KEY")?)),
                 _ => None,
             },
         };
@@ -313,6 +314,14 @@ mod tests {
         let traces = |k: &str| (k == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").then(|| "https://c/custom".to_string());
         assert_eq!(settings(None, traces).unwrap().unwrap().endpoint, "https://c/custom", "used as is");
 
+        // Enumerated values are read as the specification says: case ignored.
+        let upper = |k: &str| (k == "OTEL_EXPORTER_OTLP_PROTOCOL").then(|| "GRPC".to_string());
+        assert_eq!(settings(Some(&otlp("http://otel:4317")), upper).unwrap().unwrap().transport, Transport::Grpc);
+        // A file that cannot be read is named by the variables that may have set it.
+        let missing = |k: &str| (k == "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE").then(|| "/no/such/ca.pem".to_string());
+        let m = settings_for(Signal::Metrics, Some(&otlp("https://otel:4318")), missing).unwrap().unwrap();
+        let e = Exporter::new(&m).err().unwrap();
+        assert!(e.contains("OTEL_EXPORTER_OTLP[_METRICS]_CERTIFICATE=/no/such/ca.pem"), "{e}");
         let bad = |k: &str| (k == "OTEL_EXPORTER_OTLP_PROTOCOL").then(|| "http/json".to_string());
         assert!(settings(Some(&otlp("http://otel:4318")), bad).unwrap_err().contains("http/json"));
         let off = |k: &str| (k == "OTEL_TRACES_EXPORTER").then(|| "none".to_string());

@@ -175,7 +175,8 @@ impl Families for Collect {
 /// pushed over OTLP. `none` (or unset: keyswap's default is the `/metrics` scrape) pushes nothing;
 /// `prometheus` means the scrape, which is always there.
 pub fn push_interval(env: impl Fn(&str) -> Option<String>) -> Result<Option<Duration>, String> {
-    let exporters = env("OTEL_METRICS_EXPORTER").unwrap_or_default();
+    // A list, case ignored, as the specification reads enumerated values.
+    let exporters = env("OTEL_METRICS_EXPORTER").unwrap_or_default().to_ascii_lowercase();
     let mut otlp = false;
     for e in exporters.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         match e {
@@ -286,6 +287,11 @@ mod tests {
             Ok(Some(Duration::from_millis(500)))
         );
         assert!(push_interval(env(&[("OTEL_METRICS_EXPORTER", "console")])).unwrap_err().contains("console"));
+        assert_eq!(
+            push_interval(env(&[("OTEL_METRICS_EXPORTER", " OTLP ")])),
+            Ok(Some(DEFAULT_INTERVAL)),
+            "case ignored"
+        );
         let disabled = env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_SDK_DISABLED", "true")]);
         assert_eq!(push_interval(disabled), Ok(None), "OTEL_SDK_DISABLED=true: no push");
         assert!(push_interval(env(&[("OTEL_METRICS_EXPORTER", "otlp"), ("OTEL_METRIC_EXPORT_INTERVAL", "0")])).is_err());

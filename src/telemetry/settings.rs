@@ -19,7 +19,7 @@ pub enum Signal {
 
 impl Signal {
     /// The signal's part of the standard variables' names (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`).
-    fn var(self) -> &'static str {
+    pub(super) fn var(self) -> &'static str {
         match self {
             Signal::Traces => "TRACES",
             Signal::Metrics => "METRICS",
@@ -258,8 +258,8 @@ pub fn settings_for(
     }
     let transport = match first(&[&var("PROTOCOL"), "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
         None => Transport::HttpProtobuf,
-        Some((_, p)) if p == "http/protobuf" => Transport::HttpProtobuf,
-        Some((_, p)) if p == "grpc" => Transport::Grpc,
+        Some((_, p)) if p.trim().eq_ignore_ascii_case("http/protobuf") => Transport::HttpProtobuf,
+        Some((_, p)) if p.trim().eq_ignore_ascii_case("grpc") => Transport::Grpc,
         Some((var, other)) => return Err(format!("{var} `{other}` is not supported; use grpc or http/protobuf")),
     };
     let spec = otlp.and_then(|o| o.endpoint.clone()).filter(|e| !e.is_empty());
