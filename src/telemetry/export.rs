@@ -30,10 +30,12 @@ pub enum ExportError {
     #[error("no answer from {uri} within {timeout:?}")]
     Timeout { uri: String, timeout: Duration },
     /// An OTLP/HTTP answer, or an HTTP status in front of OTLP/gRPC; `body` is its start.
+    /// `retry_after`: the answer's `Retry-After`, in seconds.
     #[error("collector answered {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
-    Http { status: hyper::StatusCode, body: String },
+    Http { status: hyper::StatusCode, body: String, retry_after: Option<Duration> },
+    /// `retry_after`: the delay of the status's `google.rpc.RetryInfo`.
     #[error("collector answered grpc-status {code}: {message}")]
-    Grpc { code: u32, message: String },
+    Grpc { code: u32, message: String, retry_after: Option<Duration> },
     /// The request could not be built: sending it again cannot help.
     #[error("building the request: {0}")]
     Request(String),
@@ -41,14 +43,26 @@ pub enum ExportError {
 
 impl ExportError {
     /// Retryable per the OTLP exporter specification: HTTP 429, 502, 503, 504; gRPC CANCELLED,
-    /// DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS;
-    /// and no answer at all.
+    /// DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS, and RESOURCE_EXHAUSTED
+    /// only with a `RetryInfo` (without one the collector refuses what it was sent, a message over
+    /// its size limit, say, and would refuse it again); and no answer at all.
     pub fn retryable(&self) -> bool {
         match self {
             ExportError::Unreachable { .. } | ExportError::Timeout { .. } => true,
             ExportError::Http { status, .. } => matches!(status.as_u16(), 429 | 502 | 503 | 504),
-            ExportError::Grpc { code, .. } => matches!(code, 1 | 4 | 8 | 10 | 11 | 14 | 15),
+            ExportError::Grpc { code: 8, retry_after, .. } => retry_after.is_some(),
+            ExportError::Grpc { code, .. } => matches!(code, 1 | 4 | 10 | 11 | 14 | 15),
             ExportError::Request(_) => false,
+        }
+    }
+
+    /// How long the collector asked to be left alone, at most [`MAX_RETRY_AFTER`].
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ExportError::Http { retry_after, .. } | ExportError::Grpc { retry_after, .. } => {
+                retry_after.map(|d| d.min(MAX_RETRY_AFTER))
+            }
+            _ => None,
         }
     }
 }
@@ -110,10 +124,46 @@ impl tonic::codec::Decoder for PassThrough {
 }
 
 /// How often a batch is sent again after a retryable failure (429, 502–504, UNAVAILABLE …, no
-/// answer), waiting [`RETRY_FIRST_PAUSE`] and doubling: at most about 1.4 s of pauses, while new
-/// spans wait in the bounded queue (full: dropped and counted).
+/// answer), waiting [`RETRY_FIRST_PAUSE`] and doubling, each pause drawn between half and one and
+/// a half times that (so that the replicas a collector's blip failed together do not come back
+/// together), or what the collector asked for (`Retry-After`, gRPC `RetryInfo`; at most
+/// [`MAX_RETRY_AFTER`]). New spans wait in the bounded queue meanwhile (full: dropped and
+/// counted); a flush at shutdown ends the pause and sends no more.
 pub const RETRIES: u32 = 3;
 pub const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(200);
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// `pause`, drawn between half and one and a half times it.
+fn jittered(pause: Duration) -> Duration {
+    use std::hash::BuildHasher as _;
+    // Each `RandomState` has keys of its own: a fresh draw per call, no generator to keep.
+    let r = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    pause.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
+}
+
+/// An HTTP `Retry-After` in seconds (the date form is not read).
+fn retry_after_header(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The delay of the `google.rpc.RetryInfo` among a gRPC status's details (its
+/// `grpc-status-details-bin`, a `google.rpc.Status`).
+fn grpc_retry_after(details: &[u8]) -> Option<Duration> {
+    use envoy_types::pb::google::rpc::Status;
+    use prost::Message as _;
+    /// `google.rpc.RetryInfo`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        retry_delay: Option<envoy_types::pb::google::protobuf::Duration>,
+    }
+    let status = Status::decode(details).ok()?;
+    let info = status.details.iter().find(|a| a.type_url.ends_with("/google.rpc.RetryInfo"))?;
+    let delay = RetryInfo::decode(&info.value[..]).ok()?.retry_delay.unwrap_or_default();
+    let secs = u64::try_from(delay.seconds).unwrap_or(0);
+    Some(Duration::from_secs(secs) + Duration::from_nanos(u64::try_from(delay.nanos).unwrap_or(0)))
+}
 
 impl Exporter {
     /// Builds the client; an `https` endpoint verifies the collector against the system roots.
@@ -201,6 +251,7 @@ impl Exporter {
         let req = req.body(Full::new(Bytes::from(message))).map_err(|e| ExportError::Request(e.to_string()))?;
         let resp = client.request(req).await.map_err(|e| self.unreachable(crate::http::error_chain(&e)))?;
         let status = resp.status();
+        let retry_after = retry_after_header(resp.headers());
         // The collector's answer is read up to a bound (what a reason takes), never whole: a
         // broken or hostile endpoint answering without end would hold the exporter's memory.
         let collected = http_body_util::Limited::new(resp.into_body(), ANSWER_MAX_BYTES).collect().await;
@@ -209,7 +260,7 @@ impl Exporter {
         }
         let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
         let text = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
-        Err(ExportError::Http { status, body: text })
+        Err(ExportError::Http { status, body: text, retry_after })
     }
 
     async fn send_grpc(
@@ -230,7 +281,11 @@ impl Exporter {
         let path = hyper::http::uri::PathAndQuery::from_static(self.signal.grpc_path());
         match grpc.unary(req, path, PassThrough).await {
             Ok(_) => Ok(()),
-            Err(status) => Err(ExportError::Grpc { code: status.code() as u32, message: status.message().to_owned() }),
+            Err(status) => Err(ExportError::Grpc {
+                code: status.code() as u32,
+                message: status.message().to_owned(),
+                retry_after: grpc_retry_after(status.details()),
+            }),
         }
     }
 
@@ -239,16 +294,32 @@ impl Exporter {
     }
 }
 
-/// Sends `batch`, again after retryable failures ([`RETRIES`], doubling pauses).
-pub(super) async fn export_with_retries(exporter: &Exporter, batch: &[Vec<u8>]) -> Result<(), ExportError> {
+/// Sends `batch`, again after retryable failures ([`RETRIES`]), unless `stopping` says a flush
+/// at shutdown is waiting: then the pause ends and the batch is not sent again.
+pub(super) async fn export_with_retries(
+    exporter: &Exporter,
+    batch: &[Vec<u8>],
+    stopping: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ExportError> {
     let mut pause = RETRY_FIRST_PAUSE;
     let mut attempt = 0;
     loop {
         match exporter.export(batch).await {
-            Err(e) if e.retryable() && attempt < RETRIES => {
+            Err(e) if e.retryable() && attempt < RETRIES && !*stopping.borrow() => {
                 attempt += 1;
-                tracing::debug!(error = %e, attempt, "OTLP export failed; sending the batch again in {pause:?}");
-                tokio::time::sleep(pause).await;
+                let wait = e.retry_after().unwrap_or_else(|| jittered(pause));
+                tracing::debug!(error = %e, attempt, "OTLP export failed; sending the batch again in {wait:?}");
+                let mut stop = stopping.clone();
+                let stopped = async move {
+                    if stop.wait_for(|s| *s).await.is_err() {
+                        // No flush will come (its sender is gone): only the pause ends the wait.
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = stopped => return Err(e),
+                }
                 pause *= 2;
             }
             other => return other,
@@ -392,6 +463,11 @@ mod tests {
     /// An OTLP/HTTP collector that answers 503 to its first `failures` requests, then 200; keeps
     /// every request's headers and body.
     async fn flaky_collector(failures: usize) -> (String, Requests) {
+        flaky_collector_asking(failures, None).await
+    }
+
+    /// [`flaky_collector`], its failures answered with `Retry-After: retry_after`.
+    async fn flaky_collector_asking(failures: usize, retry_after: Option<&'static str>) -> (String, Requests) {
         use http_body_util::BodyExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -411,10 +487,11 @@ mod tests {
                                 seen.push((headers, body));
                                 seen.len()
                             };
-                            let status = if n <= failures { 503 } else { 200 };
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap(),
-                            )
+                            let mut answer = hyper::Response::builder().status(if n <= failures { 503 } else { 200 });
+                            if let Some(after) = retry_after.filter(|_| n <= failures) {
+                                answer = answer.header("retry-after", after);
+                            }
+                            Ok::<_, std::convert::Infallible>(answer.body(Full::new(Bytes::new())).unwrap())
                         }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
@@ -501,6 +578,73 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(seen.lock().unwrap().len(), 1 + RETRIES as usize);
+    }
+
+    /// After a collector's blip, every replica retried at exactly 200, 400 and 800 ms, together;
+    /// a collector that said when to come back (`Retry-After`, gRPC `RetryInfo`) was not heard;
+    /// and RESOURCE_EXHAUSTED without a `RetryInfo` (a message over the collector's size limit)
+    /// was sent again three times.
+    #[tokio::test]
+    async fn retries_are_jittered_and_wait_as_long_as_the_collector_asks() {
+        use envoy_types::pb::google::{protobuf, rpc};
+        use prost::Message as _;
+        let pauses: Vec<Duration> = (0..200).map(|_| jittered(Duration::from_millis(200))).collect();
+        assert!(
+            pauses.iter().all(|p| (Duration::from_millis(100)..Duration::from_millis(300)).contains(p)),
+            "{pauses:?}"
+        );
+        assert!(pauses.iter().any(|p| *p != pauses[0]), "no jitter: {pauses:?}");
+
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct RetryInfo {
+            #[prost(message, optional, tag = "1")]
+            retry_delay: Option<protobuf::Duration>,
+        }
+        let info = RetryInfo { retry_delay: Some(protobuf::Duration { seconds: 2, nanos: 500_000_000 }) };
+        let any =
+            protobuf::Any { type_url: "type.googleapis.com/google.rpc.RetryInfo".into(), value: info.encode_to_vec() };
+        let status = rpc::Status { code: 8, message: "slow down".into(), details: vec![any] };
+        let after = grpc_retry_after(&status.encode_to_vec());
+        assert_eq!(after, Some(Duration::from_millis(2500)));
+        let exhausted = |retry_after| ExportError::Grpc { code: 8, message: String::new(), retry_after };
+        assert!(exhausted(after).retryable() && !exhausted(None).retryable());
+        assert_eq!(grpc_retry_after(&rpc::Status { code: 8, ..Default::default() }.encode_to_vec()), None);
+        assert_eq!(exhausted(Some(Duration::from_secs(3600))).retry_after(), Some(MAX_RETRY_AFTER));
+
+        // Over HTTP: one 503 asking for a second, then 200.
+        let (endpoint, seen) = flaky_collector_asking(1, Some("1")).await;
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, _flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(16)).unwrap();
+        tx.send(vec![]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut first = None;
+        while seen.lock().unwrap().len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "no second attempt");
+            if first.is_none() && !seen.lock().unwrap().is_empty() {
+                first = Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let waited = first.expect("the first attempt").elapsed();
+        assert!(waited >= Duration::from_millis(900), "retried after {waited:?}, asked to wait 1 s");
+    }
+
+    /// A collector asking for 30 s between attempts held a shutdown's flush past its budget: the
+    /// flush ends the pause, and the batch is not sent again.
+    #[tokio::test]
+    async fn a_flush_at_shutdown_ends_a_retry_pause() {
+        let (endpoint, seen) = flaky_collector_asking(usize::MAX, Some("30")).await;
+        let metrics: Arc<Metrics> = Arc::default();
+        let (tx, flush) = spawn(&http_settings(endpoint), metrics.clone(), queue_of(16)).unwrap();
+        tx.send(vec![]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no attempt");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(flush.finish(Duration::from_secs(10)).await, "the flush waited out the collector's pause");
+        assert_eq!(seen.lock().unwrap().len(), 1, "sent again after the flush");
+        assert_eq!(metrics.spans_export_failed.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// Spans with captured bodies run to hundreds of KB: a batch of them is split before it
@@ -735,7 +879,7 @@ mod tests {
         // A collector token in the endpoint's query is in no error (each is logged).
         assert!(!e.to_string().contains("T0KEN") && e.to_string().contains("/v1/traces?…"), "{e}");
 
-        let grpc = |code| ExportError::Grpc { code, message: String::new() };
+        let grpc = |code| ExportError::Grpc { code, message: String::new(), retry_after: None };
         assert!(grpc(14).retryable() && grpc(4).retryable() && !grpc(3).retryable() && !grpc(16).retryable());
     }
 }

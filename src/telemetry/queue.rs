@@ -112,6 +112,8 @@ pub type SpanQueue = tokio::sync::mpsc::Sender<Vec<u8>>;
 /// keyswap drained them, the metrics' final totals) and ends.
 pub struct Flush {
     stop: Arc<tokio::sync::Notify>,
+    /// Also says it to an export pausing between retries, which then ends its pause.
+    stopping: tokio::sync::watch::Sender<bool>,
     done: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -121,7 +123,9 @@ impl Flush {
     pub fn new(first: Duration, period: Duration) -> (Flush, Rounds) {
         let stop = Arc::new(tokio::sync::Notify::new());
         let (done_tx, done) = tokio::sync::oneshot::channel();
-        (Flush { stop: stop.clone(), done }, Rounds { stop, first, period, tick: None, done: done_tx })
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
+        let rounds = Rounds { stop: stop.clone(), stopping: stopping_rx, first, period, tick: None, done: done_tx };
+        (Flush { stop, stopping, done }, rounds)
     }
 
     /// Tells the exporter to send what it holds, and waits for it at most `within`: whether it
@@ -129,6 +133,7 @@ impl Flush {
     pub async fn finish(self, within: Duration) -> bool {
         // A permit if the exporter is busy sending: it stops at its next look.
         self.stop.notify_one();
+        self.stopping.send_replace(true);
         matches!(tokio::time::timeout(within, self.done).await, Ok(Ok(())))
     }
 }
@@ -136,6 +141,8 @@ impl Flush {
 /// When a background exporter sends: every tick, and once more when its [`Flush`] says stop.
 pub struct Rounds {
     stop: Arc<tokio::sync::Notify>,
+    /// True once a flush was asked for.
+    stopping: tokio::sync::watch::Receiver<bool>,
     first: Duration,
     period: Duration,
     /// Made at the first look, on the runtime that drives the exporter (a timer belongs to the
@@ -217,7 +224,7 @@ async fn drain(
             if !batch.is_empty() {
                 let n = batch.len() as u64;
                 tracing::trace!(spans = n, last, "exporting a batch of spans");
-                match export_with_retries(&exporter, &batch).await {
+                match export_with_retries(&exporter, &batch, &rounds.stopping).await {
                     Ok(()) => Metrics::add(&metrics.spans_exported, n),
                     Err(e) => {
                         Metrics::add(&metrics.spans_export_failed, n);
