@@ -61,6 +61,8 @@ pub(super) struct Parked {
     pub(super) tx: Option<Traced>,
     pub(super) budget: Option<Box<Budgeted>>,
     at: Instant,
+    /// What it holds on the heap, about (counted against [`MAX_PARKED_BYTES`]).
+    bytes: usize,
 }
 
 impl Parked {
@@ -98,12 +100,17 @@ pub struct Handoffs {
     shards: [Mutex<HashMap<u64, Parked>>; SHARDS],
     /// How many are parked (what [`Handoffs::park`] checks against [`MAX_PARKED`]).
     parked: std::sync::atomic::AtomicUsize,
+    /// … and what they hold, about ([`MAX_PARKED_BYTES`]).
+    parked_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// At most this many transactions wait for an observing stream. Past it a response body is read
 /// on the deciding stream instead: state no observing stream claims (an agent that resets right
 /// after its response headers, again and again) waits [`UNCLAIMED_TTL`], and must not pile up.
 pub const MAX_PARKED: usize = 16_384;
+/// … and at most this much of what they hold (spans with captured bodies run to hundreds of KB
+/// each: the count alone would let them take gigabytes). The span queue's bound.
+pub const MAX_PARKED_BYTES: usize = 64 << 20;
 
 impl Default for Handoffs {
     fn default() -> Self {
@@ -111,6 +118,7 @@ impl Default for Handoffs {
             next: AtomicU64::new(1),
             shards: std::array::from_fn(|_| Mutex::default()),
             parked: std::sync::atomic::AtomicUsize::new(0),
+            parked_bytes: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -125,21 +133,34 @@ impl Handoffs {
     }
 
     /// Parks `tx` and `budget`; returns the number the observing stream claims them by, or
-    /// gives them back when [`MAX_PARKED`] are waiting already.
+    /// gives them back when [`MAX_PARKED`] are waiting already, or [`MAX_PARKED_BYTES`].
     pub(super) fn park(&self, tx: Option<Traced>, budget: Option<Box<Budgeted>>) -> Result<u64, Unparked> {
-        if self.parked.fetch_add(1, Ordering::Relaxed) >= MAX_PARKED {
+        let bytes = tx.as_ref().map_or(0, |t| t.tx.heap_bytes()) + budget.as_ref().map_or(0, |_| 1024);
+        self.park_sized(tx, budget, bytes)
+    }
+
+    fn park_sized(&self, tx: Option<Traced>, budget: Option<Box<Budgeted>>, bytes: usize) -> Result<u64, Unparked> {
+        let held = self.parked_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if self.parked.fetch_add(1, Ordering::Relaxed) >= MAX_PARKED || held + bytes > MAX_PARKED_BYTES {
             self.parked.fetch_sub(1, Ordering::Relaxed);
+            self.parked_bytes.fetch_sub(bytes, Ordering::Relaxed);
             return Err((tx, budget));
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.shard(id).insert(id, Parked { tx, budget, at: Instant::now() });
+        self.shard(id).insert(id, Parked { tx, budget, at: Instant::now(), bytes });
         Ok(id)
+    }
+
+    /// Counts `p` out of what is parked.
+    fn unpark(&self, p: &Parked) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        self.parked_bytes.fetch_sub(p.bytes, Ordering::Relaxed);
     }
 
     fn claim(&self, id: u64) -> Option<Parked> {
         let claimed = self.shard(id).remove(&id);
-        if claimed.is_some() {
-            self.parked.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = &claimed {
+            self.unpark(p);
         }
         claimed
     }
@@ -162,7 +183,7 @@ impl Handoffs {
                 map.iter().filter(|(_, p)| now.saturating_duration_since(p.at) >= ttl).map(|(k, _)| *k).collect();
             out.extend(old.into_iter().filter_map(|k| map.remove(&k)));
         }
-        self.parked.fetch_sub(out.len(), Ordering::Relaxed);
+        out.iter().for_each(|p| self.unpark(p));
         out
     }
 }
@@ -335,6 +356,25 @@ mod tests {
 
     fn park(h: &Handoffs) -> u64 {
         h.park(None, None).unwrap_or_else(|_| panic!("no room to park"))
+    }
+
+    /// The same with captured bodies: 16,384 spans of hundreds of KB each would be gigabytes.
+    /// Past [`MAX_PARKED_BYTES`] nothing more is parked, and a claim gives its bytes back.
+    #[test]
+    fn parked_state_is_bounded_by_what_it_holds_too() {
+        let h = Handoffs::default();
+        let span = 200 << 10;
+        let ids: Vec<u64> = (0..MAX_PARKED_BYTES / span)
+            .map(|_| h.park_sized(None, None, span).unwrap_or_else(|_| panic!("no room")))
+            .collect();
+        assert!(ids.len() < MAX_PARKED, "the count would have bounded it first");
+        assert!(h.park_sized(None, None, span).is_err(), "parked past the bytes bound");
+        assert!(h.park_sized(None, None, 1).is_ok(), "small state still fits");
+        assert!(h.claim(ids[0]).is_some());
+        assert!(h.park_sized(None, None, span).is_ok(), "a claim gave its bytes back");
+        assert!(h.park_sized(None, None, span).is_err());
+        h.expired(Instant::now() + UNCLAIMED_TTL, UNCLAIMED_TTL);
+        assert!(h.park_sized(None, None, span).is_ok(), "expiry gave the bytes back");
     }
 
     /// The attack: an agent that resets each request right after its response headers leaves

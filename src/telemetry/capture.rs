@@ -30,6 +30,11 @@ impl Capture {
         Capture { buf: Vec::new(), max, total: 0 }
     }
 
+    /// The bytes it holds.
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The raw captured bytes (for parsing, never for export).
     pub fn into_bytes(self) -> Vec<u8> {
         self.buf

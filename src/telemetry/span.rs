@@ -175,6 +175,16 @@ const FLAG_SAMPLED: u8 = 0x01;
 const FLAG_RANDOM: u8 = 0x02;
 
 impl Transaction {
+    /// What the transaction holds on the heap, about: its encoded span and captured bodies.
+    pub fn heap_bytes(&self) -> usize {
+        let captures = [&self.req_body, &self.resp_body, &self.req_model_buf];
+        let strings = self.method.len() + self.host.len() + self.request_model.as_ref().map_or(0, String::len);
+        std::mem::size_of::<Transaction>()
+            + self.encoded.capacity()
+            + captures.iter().filter_map(|c| c.as_ref()).map(Capture::heap_bytes).sum::<usize>()
+            + strings
+    }
+
     /// Starts a transaction. Returns it and the `traceparent` to forward upstream.
     pub fn start(
         s: &Start<'_>,
@@ -549,6 +559,18 @@ mod tests {
         let sink = Sink::new(Default::default(), Some(send));
         tx.finish(&sink, &[]);
         Span::decode(&recv.try_recv().unwrap()[..]).unwrap()
+    }
+
+    /// What bounds parked transactions (the observing filter's hand-off) counts what a span
+    /// holds: its captured bodies with the rest.
+    #[test]
+    fn a_transaction_counts_the_bodies_it_holds() {
+        let mut tx = start(CapturePolicy { max_bytes: 64 << 10, ..CapturePolicy::default() });
+        let bare = tx.heap_bytes();
+        tx.on_request_body(&vec![b'a'; 64 << 10]);
+        tx.on_response_headers(&[(":status", b"200"), ("content-type", b"application/json")]);
+        tx.on_response_body(&vec![b'b'; 64 << 10]);
+        assert!(tx.heap_bytes() >= bare + (128 << 10), "{} from {bare}", tx.heap_bytes());
     }
 
     /// `gen_ai.client.operation.time_to_first_chunk` is for every stream: server-sent events and
