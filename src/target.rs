@@ -153,7 +153,7 @@ pub fn port(authority: &str) -> Option<u16> {
 
 /// Letters, digits, `-` and `_` in dot-separated labels of 1–63 bytes, at most 253 in all
 /// (an IPv4 literal is such a name too).
-fn is_dns_name(host: &str) -> bool {
+pub fn is_dns_name(host: &str) -> bool {
     !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {

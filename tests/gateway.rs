@@ -152,6 +152,32 @@ async fn allow_all_gateway_tunnels_unrouted_hosts_and_deny_all_refuses_them() {
     }
 }
 
+/// The attack: a private range an operator opened for one internal service, reached through
+/// another name or its address on an allow-all gateway. Opened for one host
+/// (`--allow-private-destination HOST=CIDR`), it takes tunnels to that host only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_range_opened_for_one_host_is_reached_through_no_other_name() {
+    let internal = FakeProvider::start().await; // the internal service, on loopback
+    let work = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("gateway.yaml"), gateway_config("allow-all", free_port(), "")).unwrap();
+    let args = ["dev", "--allow-private-destination", "localhost=127.0.0.1/32"];
+    let dev = tokio::task::block_in_place(|| start_dev_with(config.path(), work.path(), &[], &[], &args));
+    let through = |host: &str| {
+        let target = format!("http://{host}:{}/ping", internal.addr.port());
+        tokio::task::block_in_place(|| curl(&dev, &["-p", "-w", "%{http_code}", "-o", "/dev/null", &target]))
+    };
+    let (code, out, err) = through("localhost");
+    assert_eq!((code, out.as_str()), (0, "401"), "the host the range was opened for: {err}\n{}", dev.proc.output());
+    let seen = internal.seen().len();
+    let (code, _, err) = through("127.0.0.1");
+    assert_ne!(code, 0, "the range's address, named directly, was tunnelled");
+    assert!(err.contains("403"), "{err}");
+    assert_eq!(internal.seen().len(), seen, "the service was reached through another name");
+    let log = dev.proc.output();
+    assert!(log.contains("localhost=127.0.0.1/32"), "the opened ranges are logged: {log}");
+}
+
 /// Envoy's log in `keyswap dev` shows the headers it sends upstream, the real key among them, at
 /// debug level, which any local process can turn on through Envoy's admin interface on loopback:
 /// the log is its owner's alone, also when an earlier run left one readable.

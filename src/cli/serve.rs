@@ -72,13 +72,14 @@ pub struct ServeArgs {
 /// Which CONNECT destinations the tunnel guard lets through besides public addresses.
 #[derive(Debug, Args)]
 pub struct TunnelArgs {
-    /// Let tunnels reach this non-public network (CIDR), e.g. for an internal service on the
-    /// allow list. The range opens to every tunnel the gateway admits, not to one host: on an
-    /// allow-all gateway any address in it, on any port, so open the narrowest range (a /32).
-    /// Repeatable. Loopback and link-local ranges also open the gateway's own admin ports and
-    /// cloud metadata to agents: never list them in production.
-    #[arg(long = "allow-private-destination", value_name = "CIDR")]
-    pub allow_private: Vec<crate::auth::Cidr>,
+    /// Let tunnels reach this non-public network, e.g. for an internal service on the allow
+    /// list. HOST=CIDR (or *.domain=CIDR) opens it only to tunnels whose CONNECT names that host
+    /// (or a name under that domain); a bare CIDR opens it to every tunnel the gateway admits (on
+    /// an allow-all gateway any name resolving into it, on any port). Open the narrowest range
+    /// (a /32). Repeatable. Loopback and link-local ranges also open the gateway's own admin
+    /// ports and cloud metadata to agents: never list them in production.
+    #[arg(long = "allow-private-destination", value_name = "[HOST=]CIDR")]
+    pub allow_private: Vec<crate::extproc::tunnel::PrivateRange>,
     /// Refuse tunnels to this network (CIDR) although it is public: the cluster's own addresses
     /// that are, such as nodes' external IPs or a public IPv6 pod or service range (the guard
     /// knows only what is private everywhere). Repeatable; wins over

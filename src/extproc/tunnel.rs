@@ -65,11 +65,61 @@ fn getaddrinfo(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
 /// (`--deny-destination`: the cluster's own public addresses). Closing wins.
 #[derive(Clone, Debug, Default)]
 pub struct TunnelGuard {
-    pub allow_private: Vec<Cidr>,
+    pub allow_private: Vec<PrivateRange>,
     pub deny: Vec<Cidr>,
     /// The cluster's NAT64 prefixes besides the well-known one (`--nat64-prefix`): an address
     /// in one reaches the IPv4 address it embeds, and is judged as that address.
     pub nat64: Vec<Nat64Prefix>,
+}
+
+/// A non-public network opened to tunnels (`--allow-private-destination`): to every tunnel
+/// (`CIDR`), or only to those whose CONNECT names one host (`HOST=CIDR`, `*.suffix=CIDR` for the
+/// names under a domain), so that another allowed name resolving into it (an allow-all gateway, a
+/// wildcard entry whose DNS the agent's side controls) does not reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrivateRange {
+    /// Lowercase, without a trailing dot; `*.` for the names under a domain.
+    pub host: Option<String>,
+    pub net: Cidr,
+}
+
+impl std::str::FromStr for PrivateRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some((host, net)) = s.split_once('=') else { return Ok(PrivateRange { host: None, net: s.parse()? }) };
+        let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = host.strip_prefix("*.").unwrap_or(&host);
+        let literal = name.parse::<IpAddr>().is_ok() && !host.starts_with("*.");
+        if !(literal || crate::target::is_dns_name(name)) || name.is_empty() {
+            return Err(format!(
+                "`{s}`: `{host}` is not a host name, `*.domain` or IP address (write HOST=CIDR or CIDR)"
+            ));
+        }
+        Ok(PrivateRange { host: Some(host), net: net.parse()? })
+    }
+}
+
+impl std::fmt::Display for PrivateRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Some(h) => write!(f, "{h}={}", self.net),
+            None => self.net.fmt(f),
+        }
+    }
+}
+
+impl PrivateRange {
+    /// Whether it opens `ip` to a tunnel whose CONNECT names `host` (lowercase, no trailing dot).
+    fn opens(&self, host: &str, ip: IpAddr) -> bool {
+        let named = match self.host.as_deref() {
+            None => true,
+            Some(p) => match p.strip_prefix("*.") {
+                Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                None => p == host,
+            },
+        };
+        named && self.net.contains(ip)
+    }
 }
 
 /// A NAT64 network-specific prefix (RFC 6052): IPv6, of length 32, 40, 48, 56, 64 or 96. The
@@ -117,13 +167,13 @@ impl Nat64Prefix {
 }
 
 impl TunnelGuard {
-    /// Whether a tunnel may connect to `ip`.
-    pub fn permits(&self, ip: IpAddr) -> bool {
-        self.judge(ip).is_ok()
+    /// Whether a tunnel whose CONNECT names `host` may connect to `ip`.
+    pub fn permits(&self, host: &str, ip: IpAddr) -> bool {
+        self.judge(host, ip).is_ok()
     }
 
-    /// Why a tunnel may not connect to `ip`, if it may not.
-    fn judge(&self, ip: IpAddr) -> Result<(), Refusal> {
+    /// Why a tunnel whose CONNECT names `host` may not connect to `ip`, if it may not.
+    fn judge(&self, host: &str, ip: IpAddr) -> Result<(), Refusal> {
         // Through the cluster's NAT64, an address in its prefix is the IPv4 address it embeds.
         // Under overlapping prefixes (a /48 and a /96 inside it) each reading must pass, and so
         // must a built-in one (mapped, 64:ff9b::/96, 6to4): which translator routing picks is
@@ -135,7 +185,7 @@ impl TunnelGuard {
                     return Err(Refusal::DeniedDestination);
                 }
                 for v4 in through.chain(embedded_v4(v6)) {
-                    self.judge(IpAddr::V4(v4))?;
+                    self.judge(host, IpAddr::V4(v4))?;
                 }
                 return Ok(());
             }
@@ -148,7 +198,7 @@ impl TunnelGuard {
         };
         if self.deny.iter().any(|c| c.contains(ip) || other.is_some_and(|o| c.contains(o))) {
             Err(Refusal::DeniedDestination)
-        } else if is_public(ip) || self.allow_private.iter().any(|c| c.contains(ip)) {
+        } else if is_public(ip) || self.allow_private.iter().any(|r| r.opens(host, ip)) {
             Ok(())
         } else {
             Err(Refusal::PrivateDestination)
@@ -365,14 +415,14 @@ pub async fn decide(
     }
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => match resolve(&LOOKUPS, RESOLVE_TIMEOUT, host, port, getaddrinfo).await {
+        Err(_) => match resolve(&LOOKUPS, RESOLVE_TIMEOUT, host.clone(), port, getaddrinfo).await {
             Some(a) => a,
             None => return Err((Refusal::Unresolvable, None)),
         },
     };
     // Every answer must be public: a name with one private record is a rebinding attempt.
     for a in &addrs {
-        guard.judge(a.ip()).map_err(|refusal| (refusal, Some(a.ip())))?;
+        guard.judge(&host, a.ip()).map_err(|refusal| (refusal, Some(a.ip())))?;
     }
     let pick = addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied();
     pick.ok_or((Refusal::Unresolvable, None))
@@ -630,9 +680,39 @@ mod tests {
     #[test]
     fn operators_can_open_a_private_range_explicitly() {
         let g = TunnelGuard { allow_private: vec!["10.20.0.0/16".parse().unwrap()], ..Default::default() };
-        assert!(g.permits("10.20.1.1".parse().unwrap()));
-        assert!(!g.permits("10.21.1.1".parse().unwrap()));
-        assert!(!g.permits("127.0.0.1".parse().unwrap()));
+        assert!(g.permits("any.example", "10.20.1.1".parse().unwrap()));
+        assert!(!g.permits("any.example", "10.21.1.1".parse().unwrap()));
+        assert!(!g.permits("any.example", "127.0.0.1".parse().unwrap()));
+    }
+
+    /// The attack: a range opened for one internal service is reached through another allowed
+    /// name that resolves into it (an allow-all gateway, a wildcard entry whose DNS the agent's
+    /// side controls) or through its address. Opened for one host (`HOST=CIDR`, `*.domain=CIDR`),
+    /// it is closed to every other tunnel.
+    #[test]
+    fn a_range_opened_for_one_host_is_closed_to_every_other_tunnel() {
+        let range = |s: &str| s.parse::<PrivateRange>().unwrap();
+        let g = TunnelGuard {
+            allow_private: vec![range("Models.Corp.Example.=10.20.0.0/16"), range("*.gpu.corp.example=10.30.0.0/16")],
+            ..Default::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(g.permits("models.corp.example", ip("10.20.1.1")));
+        for other in ["evil.example", "10.20.1.1", "x.models.corp.example", "models.corp.example.evil.example"] {
+            assert_eq!(g.judge(other, ip("10.20.1.1")), Err(Refusal::PrivateDestination), "{other}");
+        }
+        assert!(g.permits("a.gpu.corp.example", ip("10.30.0.9")) && g.permits("a.b.gpu.corp.example", ip("10.30.0.9")));
+        for other in ["gpu.corp.example", "agpu.corp.example", "a.gpu.corp.example.evil"] {
+            assert!(!g.permits(other, ip("10.30.0.9")), "{other}");
+        }
+        assert!(!g.permits("models.corp.example", ip("10.30.0.9")), "another host's range");
+        assert_eq!(range("10.40.0.0/16").host, None, "a bare range opens to every tunnel");
+        assert!(TunnelGuard { allow_private: vec![range("10.40.0.0/16")], ..Default::default() }
+            .permits("any.example", ip("10.40.2.2")));
+        assert_eq!(range("10.0.0.5=10.0.0.5/32").to_string(), "10.0.0.5=10.0.0.5/32");
+        for bad in ["=10.0.0.0/8", "a b=10.0.0.0/8", "*.=10.0.0.0/8", "host=10.0.0.0/33", "host=nonsense"] {
+            assert!(bad.parse::<PrivateRange>().is_err(), "{bad}");
+        }
     }
 
     /// The cluster's own addresses can be public (nodes' external IPs, a public IPv6 pod
@@ -648,19 +728,19 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert_eq!(g.judge("2600:1900:4001::7".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("any.example", "2600:1900:4001::7".parse().unwrap()), Err(Refusal::DeniedDestination));
         for v6_form in ["::ffff:34.118.2.3", "64:ff9b::2276:203", "2002:2276:203::1"] {
-            assert_eq!(g.judge(v6_form.parse().unwrap()), Err(Refusal::DeniedDestination), "{v6_form}");
+            assert_eq!(g.judge("any.example", v6_form.parse().unwrap()), Err(Refusal::DeniedDestination), "{v6_form}");
         }
-        assert_eq!(g.judge("34.118.2.3".parse().unwrap()), Err(Refusal::DeniedDestination));
-        assert_eq!(g.judge("10.20.5.9".parse().unwrap()), Err(Refusal::DeniedDestination));
-        assert_eq!(g.judge("10.20.1.1".parse().unwrap()), Ok(()));
-        assert_eq!(g.judge("34.119.2.3".parse().unwrap()), Ok(()));
-        assert_eq!(g.judge("127.0.0.1".parse().unwrap()), Err(Refusal::PrivateDestination));
+        assert_eq!(g.judge("any.example", "34.118.2.3".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("any.example", "10.20.5.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("any.example", "10.20.1.1".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("any.example", "34.119.2.3".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("any.example", "127.0.0.1".parse().unwrap()), Err(Refusal::PrivateDestination));
         // A range closed in its mapped IPv6 form closes the IPv4 literal too.
         let g = TunnelGuard { deny: vec!["::ffff:34.118.0.0/112".parse().unwrap()], ..Default::default() };
-        assert_eq!(g.judge("34.118.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
-        assert_eq!(g.judge("34.119.9.9".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("any.example", "34.118.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("any.example", "34.119.9.9".parse().unwrap()), Ok(()));
     }
 
     /// The attack: on a cluster whose NAT64 uses a prefix of its own (a global one, so the
@@ -685,27 +765,30 @@ mod tests {
         let g = TunnelGuard { nat64: vec![prefix(nsp)], ..Default::default() };
         for private in ["2600:1f14:64::10.0.0.1", "2600:1f14:64::169.254.169.254", "2600:1f14:64::127.0.0.1"] {
             let ip = private.parse().unwrap();
-            assert_eq!(open.judge(ip), Ok(()), "{private}: looks public without the prefix");
-            assert_eq!(g.judge(ip), Err(Refusal::PrivateDestination), "{private}");
+            assert_eq!(open.judge("any.example", ip), Ok(()), "{private}: looks public without the prefix");
+            assert_eq!(g.judge("any.example", ip), Err(Refusal::PrivateDestination), "{private}");
         }
-        assert_eq!(g.judge("2600:1f14:64::8.8.8.8".parse().unwrap()), Ok(()));
-        assert_eq!(g.judge("2600:1f14:65::10.0.0.1".parse().unwrap()), Ok(()), "outside the prefix");
+        assert_eq!(g.judge("any.example", "2600:1f14:64::8.8.8.8".parse().unwrap()), Ok(()));
+        assert_eq!(g.judge("any.example", "2600:1f14:65::10.0.0.1".parse().unwrap()), Ok(()), "outside the prefix");
         // Opening and closing apply to the embedded address, and closing the prefix itself works.
         let g = TunnelGuard {
             nat64: vec![prefix(nsp)],
             allow_private: vec!["10.20.0.0/16".parse().unwrap()],
             deny: vec!["34.118.0.0/16".parse().unwrap(), "2600:1f14:64::9.9.9.0/120".parse().unwrap()],
         };
-        assert_eq!(g.judge("2600:1f14:64::10.20.0.5".parse().unwrap()), Ok(()));
-        assert_eq!(g.judge("2600:1f14:64::34.118.1.1".parse().unwrap()), Err(Refusal::DeniedDestination));
-        assert_eq!(g.judge("2600:1f14:64::9.9.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
+        assert_eq!(g.judge("any.example", "2600:1f14:64::10.20.0.5".parse().unwrap()), Ok(()));
+        assert_eq!(
+            g.judge("any.example", "2600:1f14:64::34.118.1.1".parse().unwrap()),
+            Err(Refusal::DeniedDestination)
+        );
+        assert_eq!(g.judge("any.example", "2600:1f14:64::9.9.9.9".parse().unwrap()), Err(Refusal::DeniedDestination));
         // Overlapping prefixes: every reading is judged (here the /48 reads 3.68.0.0, public).
         let (wide, narrow) = (prefix("2001:db8:122::/48"), prefix("2001:db8:122:344::/96"));
         let target: IpAddr = "2001:db8:122:344::10.0.0.1".parse().unwrap();
         assert_eq!(wide.embedded("2001:db8:122:344::10.0.0.1".parse().unwrap()), Some(Ipv4Addr::new(3, 68, 0, 0)));
         for nat64 in [vec![wide, narrow], vec![narrow, wide]] {
             let g = TunnelGuard { nat64, ..Default::default() };
-            assert_eq!(g.judge(target), Err(Refusal::PrivateDestination), "{:?}", g.nat64);
+            assert_eq!(g.judge("any.example", target), Err(Refusal::PrivateDestination), "{:?}", g.nat64);
         }
         for bad in ["2001:db8::/33", "10.0.0.0/8", "2001:db8::", "nat64"] {
             assert!(bad.parse::<Nat64Prefix>().unwrap_err().contains("32, 40, 48, 56, 64 or 96"), "{bad}");
