@@ -57,6 +57,8 @@ impl ControlPlane {
         // failed mint may be tried again.
         let mut hosts: Vec<String> = Vec::new();
         let mut retry_mint_at: Option<OffsetDateTime> = None;
+        // The hosts of the leaf Envoy was last given.
+        let mut published: Vec<String> = Vec::new();
         loop {
             tick.tick().await;
             let snap = store.load_full();
@@ -84,6 +86,7 @@ impl ControlPlane {
                 tracing::error!("the gateway CA is gone: routed hosts keep the current leaf until it expires");
             }
             seen = Some((snap.clone(), ca.clone()));
+            let mut renewed = false;
             if let (Some(reason), Some(ca)) = (mint_reason, &ca) {
                 match ca.mint(&hosts, now, self.leaf_lifetime) {
                     Ok(leaf) => {
@@ -94,6 +97,7 @@ impl ControlPlane {
                         stats.leaf_not_after.store(not_after, std::sync::atomic::Ordering::Relaxed);
                         minted = Some(Minted { leaf, issued: now, ca: ca.clone() });
                         retry_mint_at = None;
+                        renewed = true;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot mint the gateway leaf; keeping the current one, retrying in 10 s");
@@ -101,12 +105,26 @@ impl ControlPlane {
                     }
                 }
             }
-            match self.xds_snapshot(&snap, minted.as_ref().map(|m| &m.leaf)) {
-                Ok(x) => self.ads.publish(x),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "cannot generate Envoy's resources for this configuration; Envoy keeps the last good ones"
-                ),
+            let leaf = minted.as_ref().map(|m| &m.leaf);
+            match self.xds_snapshot(&snap, leaf) {
+                Ok(x) => {
+                    self.ads.publish(x);
+                    published = leaf.map(|l| l.hosts.clone()).unwrap_or_default();
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        "cannot generate Envoy's resources for this configuration; Envoy keeps the last good ones"
+                    );
+                    // A leaf minted meanwhile still reaches Envoy: renewed, the last one expires.
+                    let last = self.ads.current();
+                    if let (true, Some(last), Some(leaf)) = (renewed, last, leaf) {
+                        if let Some(x) = leaf_over(&last, leaf, &published) {
+                            tracing::info!(not_after = %leaf.not_after, "published the new leaf over the last good resources");
+                            self.ads.publish(x);
+                        }
+                    }
+                }
             }
         }
     }
@@ -124,6 +142,18 @@ impl ControlPlane {
     }
 }
 
+/// `last` with `leaf` in place of its leaf, when `leaf` serves every host of the one published
+/// (`published`): a renewal, or a new CA's leaf; one for other hosts waits for their resources.
+fn leaf_over(last: &XdsSnapshot, leaf: &Leaf, published: &[String]) -> Option<XdsSnapshot> {
+    if !published.iter().all(|h| leaf.hosts.contains(h)) {
+        return None;
+    }
+    let secret = typed(xds::SECRET, &[leaf_secret(leaf)]).ok()?;
+    let mut x = last.clone();
+    x.insert(xds::SECRET, secret);
+    Some(x)
+}
+
 /// Encodes named resources of one type.
 fn typed(type_url: &'static str, values: &[Value]) -> Result<TypeSet, String> {
     let resources = values
@@ -134,4 +164,33 @@ fn typed(type_url: &'static str, values: &[Value]) -> Result<TypeSet, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TypeSet::new(resources))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leaf renewed while the configuration's resources cannot be generated (a generator bug)
+    /// was published only with them: Envoy kept the old leaf until it expired, and every routed
+    /// host failed TLS. It goes out alone over the last good resources; one for other hosts waits.
+    #[test]
+    fn a_renewed_leaf_reaches_envoy_when_the_resources_cannot_be_generated() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        crate::certs::ensure_ca(dir.path(), &crate::config::Key::new("default", "egress"), now).unwrap();
+        let ca = Ca::load(dir.path()).unwrap();
+        let hosts = vec!["api.anthropic.com".to_string(), "api.openai.com".to_string()];
+        let old = ca.mint(&hosts, now, Duration::from_secs(60)).unwrap();
+        let mut last = XdsSnapshot::default();
+        last.insert(xds::SECRET, typed(xds::SECRET, &[leaf_secret(&old)]).unwrap());
+        last.insert(xds::LISTENER, TypeSet::new(Vec::new()));
+        let renewed = ca.mint(&hosts, now, Duration::from_secs(3600)).unwrap();
+        let x = leaf_over(&last, &renewed, &hosts).expect("the renewed leaf is published");
+        let (was, is) = (last.get(xds::SECRET).unwrap(), x.get(xds::SECRET).unwrap());
+        assert_ne!(was.version, is.version, "the leaf did not change");
+        assert_eq!(is.names().collect::<Vec<_>>(), was.names().collect::<Vec<_>>());
+        assert_eq!(x.get(xds::LISTENER).unwrap().version, last.get(xds::LISTENER).unwrap().version);
+        let fewer = ca.mint(&hosts[..1], now, Duration::from_secs(3600)).unwrap();
+        assert!(leaf_over(&last, &fewer, &hosts).is_none(), "a leaf without a routed host replaced the one serving it");
+    }
 }
