@@ -758,6 +758,14 @@ async fn a_custom_openai_compatible_upstream_is_charged_what_it_used() {
     let (status, _, text) = call_path(r.port, host, "/v1/chat/completions", None, body).await;
     assert_eq!(status, 200, "{text}");
     r.settles("default/shared", before, body.len() as u64 + 10, "a stream reporting no usage").await;
+    // The attack: an output limit under a name the upstream ignores (`max_gen_len`, Llama's on
+    // Bedrock, means nothing to vLLM) reserved 1 and capped the charge at it, whatever streamed.
+    // The 3 events that passed (the meter wrote 50 tokens) are charged.
+    let body = r#"{"model":"mistral-large","stream":true,"max_gen_len":1,"messages":[]}"#;
+    let before = settled().await;
+    let (status, _, text) = call_path(r.port, host, "/v1/chat/completions", None, body).await;
+    assert_eq!(status, 200, "{text}");
+    r.settles("default/shared", before, body.len() as u64 + 3, "a limit the upstream ignores").await;
 }
 
 /// Bodies above 256 KiB are read on the blocking pool (a 9 MiB body takes milliseconds to

@@ -163,18 +163,17 @@ impl Claim {
         let count = |reported: Option<u64>, otherwise: i64| reported.map_or(otherwise, |t| weighted(t, w));
         let (input, output) = match observed {
             Observed::Ended { answered: Answered::Error, input: None, output: None, .. } => (0, 0),
-            Observed::Ended { input: None, output: None, events, .. } if !self.output_bounded => {
+            // No count: the events that passed are the floor, a limit read in the body or not (a
+            // limit under a name the upstream ignores, `max_gen_len` to a vLLM server, bounds
+            // nothing; one it honours keeps the events near it).
+            Observed::Ended { input: None, output: None, events, .. } => {
                 (reserved[1], reserved[2].max(weighted(events, w)))
             }
-            Observed::Ended { input: None, output: None, .. } => (reserved[1], reserved[2]),
             Observed::Ended { input, output, .. } => (count(input, 0), count(output, 0)),
             Observed::Aborted { input, output, response_bytes, events } => {
                 // What passed bounds the output from below too: a count reported before the end
                 // can be a placeholder (Anthropic's `message_start` says 1 or 2 output tokens).
-                let mut passed = reserved[2].min(weighted(response_bytes, w));
-                if !self.output_bounded {
-                    passed = passed.max(weighted(events, w));
-                }
+                let passed = reserved[2].min(weighted(response_bytes, w)).max(weighted(events, w));
                 (count(input, reserved[1]), count(output, passed).max(passed))
             }
         };

@@ -229,7 +229,6 @@ impl Budget {
             window_end,
             reserved,
             weight,
-            output_bounded: demand.output_bounded(),
         }
     }
 
@@ -310,9 +309,6 @@ pub struct Claim {
     pub reserved: Amounts,
     /// The weight of the request's tokens in this budget, decided when it was reserved.
     pub weight: f64,
-    /// The request set an output limit keyswap read: the output reserved bounds what the model
-    /// generates (else it is `defaultOutputTokens`, which bounds nothing).
-    pub output_bounded: bool,
 }
 
 /// A refusal: the first budget a request did not fit in.

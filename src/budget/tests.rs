@@ -27,7 +27,7 @@ fn budget(limits: [Option<u64>; 4]) -> Arc<Budget> {
 
 fn claim(b: &Arc<Budget>, key: &str, reserved: Amounts, now: SystemTime) -> Claim {
     let (window_start, window_end) = window_bounds(b.window, now);
-    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved, weight: 1.0, output_bounded: true }
+    Claim { budget: b.clone(), key: key.into(), window_start, window_end, reserved, weight: 1.0 }
 }
 
 #[test]
@@ -566,27 +566,20 @@ fn settlement_counts_what_was_reported_and_keeps_the_reservation_only_when_nothi
     // A count above what the bytes bound (a final count before the cut) stands.
     let counted = Observed::Aborted { input: Some(12), output: Some(900), response_bytes: 300, events: 0 };
     assert_eq!(settle("counted", counted), [1, 12, 900, 912]);
-    // The attack: a stream whose request set no output limit (its 4,096 reserved are the
-    // default, bounding nothing) streams 100,000 events, and the agent hangs up just before the
-    // usage event. The events that passed are charged, not the default; with a limit set, the
-    // reservation bounds the output and caps the charge.
-    let settle_unbounded = |key: &str, observed: Observed| {
-        let mut c = claim(&b, key, [1, 30, 4096, 4126], now);
-        c.output_bounded = false;
-        let Reserve::Now(Admit::Held(h, _)) = engine.reserve(None, vec![c], now) else { panic!("admitted") };
-        h.settle_at(observed, now);
-        engine.local.used("default/team", key, start).unwrap()
-    };
+    // The attack: a stream hangs up just before its usage event, 100,000 events in. With no count,
+    // the events that passed are charged, not the reservation: whether or not the request named
+    // an output limit (one under a name the upstream ignores, `max_gen_len` to a vLLM server,
+    // bounds nothing).
     let long = Observed::Aborted { input: Some(12), output: None, response_bytes: 20_000_000, events: 100_000 };
-    assert_eq!(settle_unbounded("limitless", long), [1, 12, 100_000, 100_012]);
-    assert_eq!(settle("limited", long), [1, 12, 4096, 4108]);
+    assert_eq!(settle("limitless", long), [1, 12, 100_000, 100_012]);
     let brief = Observed::Aborted { input: Some(12), output: None, response_bytes: 300, events: 3 };
-    assert_eq!(settle_unbounded("brief", brief), [1, 12, 300, 312], "bytes still count below the default");
+    assert_eq!(settle("brief", brief), [1, 12, 300, 312], "bytes still count below the reservation");
     // A stream that ended without reporting usage (a `custom` vendor that was not asked): its
-    // events count past the default too.
+    // events count past the reservation too; one that kept to its limit is charged that.
     let unreported = Observed::Ended { answered: Answered::Success, input: None, output: None, events: 50_000 };
-    assert_eq!(settle_unbounded("unreported", unreported), [1, 30, 50_000, 50_030]);
-    assert_eq!(settle("unreported-limited", unreported), [1, 30, 4096, 4126]);
+    assert_eq!(settle("unreported", unreported), [1, 30, 50_000, 50_030]);
+    let kept = Observed::Ended { answered: Answered::Success, input: None, output: None, events: 4_000 };
+    assert_eq!(settle("kept to its limit", kept), [1, 30, 4096, 4126]);
     // Dropped unsettled (never forwarded): everything released, the request too.
     let Reserve::Now(Admit::Held(h, _)) =
         engine.reserve(None, vec![claim(&b, "dropped", [1, 30, 4096, 4126], now)], now)
