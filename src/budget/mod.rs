@@ -222,14 +222,7 @@ impl Budget {
         let (window_start, window_end) = window_bounds(self.window, now);
         let weight = self.weight_of(demand);
         let reserved = self.reserve_amounts(demand);
-        Claim {
-            budget: self.clone(),
-            key,
-            window_start,
-            window_end,
-            reserved,
-            weight,
-        }
+        Claim { budget: self.clone(), key, window_start, window_end, reserved, weight }
     }
 
     /// Whether the budget limits tokens (else only requests: no body is read for it).

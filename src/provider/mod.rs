@@ -88,6 +88,24 @@ const OPENAI_UNMETERED: &[&str] = &[
     "/v1/videos/*/remix",
 ];
 
+/// OpenAI's asynchronous APIs under any prefix: the compatible servers a `custom` route reaches
+/// (LiteLLM, OpenRouter) serve batches and fine-tuning as OpenAI does, and Anthropic's batches.
+const CUSTOM_UNMETERED: &[&str] = &[
+    "/*batches",
+    "/*threads/runs",
+    "/*threads/*/runs",
+    "/*threads/*/runs/*/submit_tool_outputs",
+    "/*fine_tuning/jobs",
+    "/*evals/*/runs",
+    "/*vector_stores",
+    "/*vector_stores/*/files",
+    "/*vector_stores/*/file_batches",
+    "/*realtime/*",
+    "/*audio/speech",
+    "/*videos",
+    "/*videos/*/remix",
+];
+
 const OPENAI_ENDPOINTS: &[Endpoint] = &[
     Endpoint { path: "/v1/chat/completions", operation: "chat" },
     Endpoint { path: "/v1/responses", operation: "chat" },
@@ -142,7 +160,18 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/*/interactions", operation: "chat" },
         ],
         // Lowercase, as every `unmetered` glob: paths are compared lowercased.
-        unmetered: &["/*:batchgeneratecontent", "/*:asyncbatchembedcontent", "/*:predictlongrunning"],
+        // Vertex's batch and tuning jobs; the Live API's ephemeral tokens (spent outside the
+        // gateway); File Search imports, embedded by the provider.
+        unmetered: &[
+            "/*:batchgeneratecontent",
+            "/*:asyncbatchembedcontent",
+            "/*:predictlongrunning",
+            "/*/batchpredictionjobs",
+            "/*/tuningjobs",
+            "/*/auth_tokens",
+            "/*:importfile",
+            "/*:uploadtofilesearchstore",
+        ],
         scrub_bodies_by_default: false,
         wildcard_label: None,
         customer_named_hosts: false,
@@ -175,6 +204,9 @@ pub const REGISTRY: &[Provider] = &[
             "/openai/*realtime*",
             "/openai/*audio/speech",
             "/openai/*video/*",
+            "/openai/*videos",
+            "/openai/*videos/*/remix",
+            "/openai/*evals/*/runs",
         ],
         scrub_bodies_by_default: false,
         wildcard_label: None,
@@ -216,7 +248,7 @@ pub const REGISTRY: &[Provider] = &[
             Endpoint { path: "/*/responses", operation: "chat" },
             Endpoint { path: "/*/messages", operation: "chat" },
         ],
-        unmetered: &[],
+        unmetered: CUSTOM_UNMETERED,
         scrub_bodies_by_default: true,
         wildcard_label: None,
         customer_named_hosts: false,
@@ -348,6 +380,37 @@ mod tests {
                 assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);
             }
         }
+    }
+
+    /// The attack: spend tokens through an asynchronous API the registry did not list: Vertex's
+    /// batch prediction and tuning jobs, a Live API token minted to spend outside the gateway,
+    /// File Search imports; Sora 2 and eval runs on Azure's v1 API; batches and fine-tuning on a
+    /// `custom` OpenAI-compatible server. Each was admitted as one small request.
+    #[test]
+    fn asynchronous_apis_missing_from_the_registry_are_refused_as_unmetered() {
+        let unmetered = |provider: &str, path: &str| lookup(provider).unwrap().unmetered(true, path).is_some();
+        for path in [
+            "/v1/projects/p/locations/us-central1/batchPredictionJobs",
+            "/v1/projects/p/locations/us-central1/tuningJobs",
+            "/v1alpha/auth_tokens",
+            "/v1beta/fileSearchStores/store-1:importFile",
+            "/upload/v1beta/fileSearchStores/store-1:uploadToFileSearchStore",
+        ] {
+            assert!(unmetered("google", path), "{path}");
+        }
+        for path in ["/openai/v1/videos", "/openai/v1/videos/video_1/remix", "/openai/v1/evals/eval_1/runs"] {
+            assert!(unmetered("azure-openai", path), "{path}");
+        }
+        for path in ["/v1/batches", "/litellm/v1/fine_tuning/jobs", "/api/v1/messages/batches", "/v1/videos"] {
+            assert!(unmetered("custom", path), "{path}");
+        }
+        for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses"] {
+            assert!(!unmetered("custom", path), "{path}");
+        }
+        assert!(!unmetered(
+            "google",
+            "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"
+        ));
     }
 
     #[test]
