@@ -691,6 +691,47 @@ async fn a_signed_stream_that_cannot_be_asked_for_its_usage_is_refused_as_unmete
     assert!(forwarded.ends_with(body), "the signed body was rewritten: {forwarded}");
 }
 
+/// The attack: Gemini generates up to its output limit, and a field mask (`?fields=candidates`,
+/// `X-Goog-FieldMask`), `alt=proto`, a JSONP `callback` or a protobuf body leaves the
+/// `usageMetadata` out of the answer, or puts it where keyswap does not read: the call was
+/// settled at its reservation, whatever it generated. Refused as unmetered; the parameters
+/// Google's own clients send (`alt=sse`, `$alt=json;enum-encoding=int`) pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_answer_stripped_of_its_usage_cannot_settle_at_its_reservation() {
+    let meter = Meter::start(Duration::ZERO).await;
+    let google = "---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: gemini}\nspec:\n  \
+                  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: google}]}]\n";
+    let config = tempfile::tempdir().unwrap();
+    let shared = budget("shared", "{kind: EgressGateway, name: egress}", SMALL_RESERVATION);
+    write(config.path(), &gateway(&format!("{google}{shared}"), ""));
+    let r = tokio::task::block_in_place(|| Replica::start(config.path(), meter.addr));
+    let host = "generativelanguage.googleapis.com";
+    let model = "/v1beta/models/gemini-2.5-pro";
+    let body = r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
+    let seen = meter.requests.load(Ordering::SeqCst);
+    for (path, headers) in [
+        (format!("{model}:generateContent?fields=candidates"), vec![]),
+        (format!("{model}:generateContent?%24Fields=candidates"), vec![]),
+        (format!("{model}:generateContent?alt=proto"), vec![]),
+        (format!("{model}:streamGenerateContent?alt=sse&callback=f"), vec![]),
+        (format!("{model}:generateContent"), vec![("x-goog-fieldmask", "candidates")]),
+        (format!("{model}:generateContent"), vec![("x-goog-fieldmask", "\u{e9}")]),
+    ] {
+        let (status, _, text) = call_with(r.port, host, ("POST", &path), &headers, None, body).await;
+        assert_eq!(status, 403, "{path} {headers:?}: {text}");
+        assert!(text.contains("budget_unmetered_request") && text.contains("usageMetadata"), "{text}");
+    }
+    assert_eq!(meter.requests.load(Ordering::SeqCst), seen, "a request hiding its usage reached the provider");
+    for path in [
+        format!("{model}:generateContent"),
+        format!("{model}:streamGenerateContent?alt=sse"),
+        format!("{model}:generateContent?$alt=json;enum-encoding=int"),
+    ] {
+        let (status, _, text) = call_with(r.port, host, ("POST", &path), &[], None, body).await;
+        assert_eq!(status, 200, "{path}: {text}");
+    }
+}
+
 /// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API (here
 /// Anthropic's `/v1/chat/completions`; Gemini's `/v1beta/openai/…` and Bedrock's `/openai/v1/…`
 /// alike). Its answers are OpenAI's, which the provider's own reader did not read: every call was

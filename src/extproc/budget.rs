@@ -88,6 +88,7 @@ impl Budgeted {
         identity: Option<&Identity>,
         creates: bool,
         path: &str,
+        headers: &[envoy_types::pb::envoy::config::core::v3::HeaderValue],
     ) -> Option<Box<Budgeted>> {
         if entry.budgets.is_empty() {
             return None;
@@ -98,7 +99,10 @@ impl Budgeted {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
-            unmetered: entry.provider.unmetered(creates, path),
+            unmetered: entry.provider.unmetered(creates, path).or_else(|| {
+                let header = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(super::header_bytes);
+                entry.provider.hides_usage.and_then(|hides| hides(path, &header))
+            }),
             // (A `custom` upstream's streams that report no usage are charged by their events:
             // refusing them would refuse every stream of a vendor that reports unasked.)
             completions: format == Some(Format::OpenAi) && is_completions(path) && entry.provider.name != "custom",

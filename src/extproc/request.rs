@@ -446,9 +446,14 @@ impl<'a> Incoming<'a> {
     /// budget keys' requests in flight, or is refused now when a key is at its limit.
     fn park_for_token(&self, entry: &MatchEntry, source: &Arc<TokenSource>) -> Step {
         let mut places = Places::default();
-        if let Some(mut b) =
-            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path)
-        {
+        if let Some(mut b) = super::budget::Budgeted::new(
+            self.snapshot,
+            entry,
+            self.identity.as_deref(),
+            self.creates,
+            self.path,
+            self.headers,
+        ) {
             if let Some(refused) = self.encoded_body_refused(entry, &b) {
                 return refused;
             }
@@ -496,8 +501,14 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let mut budget =
-            super::budget::Budgeted::new(self.snapshot, entry, self.identity.as_deref(), self.creates, self.path);
+        let mut budget = super::budget::Budgeted::new(
+            self.snapshot,
+            entry,
+            self.identity.as_deref(),
+            self.creates,
+            self.path,
+            self.headers,
+        );
         if let Some(b) = budget.as_mut() {
             if let Some(refused) = self.encoded_body_refused(entry, b) {
                 return refused;

@@ -17,6 +17,10 @@ pub struct HeaderCredential {
     pub prefix: &'static str,
 }
 
+/// What in a request hides its usage ([`Provider::hides_usage`]): given the path and a header
+/// lookup, the reason, if any.
+pub type HidesUsage = Option<for<'h> fn(&str, &dyn Fn(&str) -> Option<&'h [u8]>) -> Option<&'static str>>;
+
 /// Where a provider puts the model in the request path, when it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelInPath {
@@ -58,6 +62,10 @@ pub struct Provider {
     /// a route with a token budget refuses them (`TokenBudget.spec.unmeteredRequests`). Only
     /// requests that create something (POST, PUT, PATCH) count; reading a batch's status is free.
     pub unmetered: &'static [&'static str],
+    /// What in a request (its query, its headers) makes the answer leave out the usage keyswap
+    /// settles by, or come in a format it does not read: such a request spends tokens no budget
+    /// sees, and is unmetered as the `unmetered` paths are. `header` gives a header's value.
+    pub hides_usage: HidesUsage,
     /// Whether response bodies are scrubbed of secrets toward the agent unless the route says
     /// (`spec.scrubResponseBodies`): the known providers never echo credentials in bodies; an
     /// unknown upstream (`custom`) may.
@@ -126,6 +134,7 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: false,
         wildcard_label: None,
         customer_named_hosts: false,
+        hides_usage: None,
     },
     Provider {
         name: "anthropic",
@@ -142,6 +151,7 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: false,
         wildcard_label: None,
         customer_named_hosts: false,
+        hides_usage: None,
     },
     Provider {
         name: "google",
@@ -175,6 +185,7 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: false,
         wildcard_label: None,
         customer_named_hosts: false,
+        hides_usage: Some(google_hides_usage),
     },
     Provider {
         name: "azure-openai",
@@ -211,6 +222,7 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: false,
         wildcard_label: None,
         customer_named_hosts: true,
+        hides_usage: None,
     },
     Provider {
         name: "bedrock",
@@ -231,6 +243,7 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: false,
         wildcard_label: Some(is_aws_region),
         customer_named_hosts: false,
+        hides_usage: None,
     },
     Provider {
         name: "custom",
@@ -252,8 +265,41 @@ pub const REGISTRY: &[Provider] = &[
         scrub_bodies_by_default: true,
         wildcard_label: None,
         customer_named_hosts: false,
+        hides_usage: None,
     },
 ];
+
+/// Google's system parameters and headers (every Google API reads them) that leave
+/// `usageMetadata` out of an answer or answer in a format keyswap does not read: a field mask
+/// (`fields`, `X-Goog-FieldMask`), `alt` other than `json` or `sse` (`proto`, `media`), a JSONP
+/// `callback`, and protobuf or gRPC bodies. Names read leniently (percent-decoded, any case, a
+/// `$` prefix allowed); `alt=json;enum-encoding=int`, as Google's REST clients send it, is JSON.
+fn google_hides_usage<'h>(path: &str, header: &dyn Fn(&str) -> Option<&'h [u8]>) -> Option<&'static str> {
+    const WHAT: &str = "a Google answer left without its usageMetadata, or in a format keyswap does not read \
+                        (fields=, X-Goog-FieldMask, alt= other than json or sse, callback=, protobuf or gRPC)";
+    let protobuf = |v: &[u8]| {
+        let v = String::from_utf8_lossy(v).trim().to_ascii_lowercase();
+        ["application/grpc", "application/x-protobuf", "application/protobuf", "application/x-google-protobuf"]
+            .iter()
+            .any(|p| v.starts_with(p))
+    };
+    if header("x-goog-fieldmask").is_some() || header("content-type").is_some_and(protobuf) {
+        return Some(WHAT);
+    }
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().trim().to_ascii_lowercase();
+    for pair in query.split(['&', '#']) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k), decode(v));
+        let format = v.split(';').next().unwrap_or("").trim();
+        match k.trim_start_matches('$') {
+            "fields" | "callback" => return Some(WHAT),
+            "alt" if !matches!(format, "json" | "sse") => return Some(WHAT),
+            _ => {}
+        }
+    }
+    None
+}
 
 pub fn lookup(name: &str) -> Option<&'static Provider> {
     REGISTRY.iter().find(|p| p.name == name)
@@ -380,6 +426,36 @@ mod tests {
                 assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);
             }
         }
+    }
+
+    /// What hides a Gemini answer's usage, and what Google's own clients send and does not.
+    #[test]
+    fn google_requests_that_hide_their_usage_are_told_apart_from_its_clients_own() {
+        let hides = lookup("google").unwrap().hides_usage.unwrap();
+        let none = |_: &str| None;
+        for path in [
+            "/m:generateContent?fields=a",
+            "/m:x?%24FIELDS=a",
+            "/m:x?alt=proto",
+            "/m:x?$alt=media",
+            "/m:x?a=1&callback=f",
+        ] {
+            assert!(hides(path, &none).is_some(), "{path}");
+        }
+        for path in ["/m:generateContent", "/m:x?alt=sse", "/m:x?$alt=json;enum-encoding=int", "/m:x?key=k&alt=JSON"] {
+            assert!(hides(path, &none).is_none(), "{path}");
+        }
+        for (name, value) in [
+            ("x-goog-fieldmask", &b"candidates"[..]),
+            ("content-type", b"application/x-protobuf"),
+            ("content-type", b" Application/GRPC+proto"),
+        ] {
+            let header = |n: &str| (n == name).then_some(value);
+            assert!(hides("/m:generateContent", &header).is_some(), "{name}: {value:?}");
+        }
+        let json = |n: &str| (n == "content-type").then_some(&b"application/json; charset=utf-8"[..]);
+        assert!(hides("/m:generateContent", &json).is_none());
+        assert!(lookup("openai").unwrap().hides_usage.is_none());
     }
 
     /// The attack: spend tokens through an asynchronous API the registry did not list: Vertex's
