@@ -177,18 +177,13 @@ impl Budget {
         if self.weights.is_empty() {
             return 1.0;
         }
-        // A Bedrock ARN whose last part is an opaque id (an application inference profile, a
-        // provisioned or custom model, a prompt router) names no model, and the answer names
-        // none either: weighed as the heaviest weight unless a glob names the ARN itself.
-        // (Without the `/`: an ARN written unescaped in the path ends at the resource type.)
-        const OPAQUE: [&str; 5] = [
-            ":application-inference-profile",
-            ":provisioned-model",
-            ":custom-model",
-            ":imported-model",
-            "prompt-router",
-        ];
-        let opaque = model.starts_with("arn:") && OPAQUE.iter().any(|k| model.contains(k));
+        // An ARN names a model only as a Bedrock foundation model or a system inference profile
+        // with its id; any other (an application inference profile, a provisioned, custom or
+        // imported model, a prompt router, a managed prompt, a Marketplace endpoint, another
+        // service's) names none, and the answer names none either: weighed as the heaviest
+        // weight unless a glob names the ARN itself. (An ARN written unescaped in the path ends
+        // at its resource type, without the id: it names none either.)
+        let opaque = model.starts_with("arn:") && !names_a_model(model);
         // (A catch-all `*` names no ARN: only a glob written for ARNs does.)
         let named = |g: &str| g.starts_with("arn:") && crate::glob::matches(g, model, None);
         if opaque && !self.weights.iter().any(|(g, _)| named(g)) {
@@ -256,6 +251,15 @@ impl Budget {
 /// saturate at 2^62, in memory and in Redis, where an overflowing `HINCRBY` would fail the script
 /// and read as the store being down.
 pub const MAX_PER_REQUEST: i64 = 1 << 40;
+
+/// Whether the ARN `arn` names a model: a Bedrock foundation model or a system inference profile
+/// (`arn:PARTITION:bedrock:REGION:ACCOUNT:foundation-model/ID`, `…:inference-profile/ID`).
+fn names_a_model(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [_, _, service, _, _, resource] = parts[..] else { return false };
+    let id = resource.strip_prefix("foundation-model/").or_else(|| resource.strip_prefix("inference-profile/"));
+    service == "bedrock" && id.is_some_and(|id| !id.is_empty())
+}
 
 fn weighted(tokens: u64, weight: f64) -> i64 {
     let v = (tokens as f64 * weight).ceil();

@@ -759,9 +759,16 @@ fn an_inference_profile_or_model_alias_cannot_dodge_its_models_weight() {
         "arn:aws:bedrock:us-east-1:123456789012:provisioned-model/xyz123",
         "arn:aws:bedrock:us-east-1:123456789012:default-prompt-router/anthropic.claude:1",
         "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile",
+        // A managed prompt's version (Converse takes it), a Bedrock Marketplace endpoint, an
+        // unescaped foundation-model ARN cut at its resource type: no model named either.
+        "arn:aws:bedrock:us-east-1:123456789012:prompt/PROMPT12345:1",
+        "arn:aws:sagemaker:us-east-1:123456789012:endpoint/my-endpoint",
+        "arn:aws:bedrock:us-east-1::foundation-model",
     ] {
         assert_eq!(b.weight(opaque), 5.0, "{opaque}");
     }
+    assert_eq!(b.weight("arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-opus-4-1-20250805-v1:0"), 5.0);
+    assert_eq!(b.weight("arn:aws-us-gov:bedrock:us-gov-west-1::foundation-model/anthropic.claude-3-haiku"), 1.0);
     let named = Budget {
         weights: vec![("arn:*a1b2c3d4e5f6".into(), 2.0), ("anthropic.claude-opus-4*".into(), 5.0), ("*".into(), 1.0)],
         ..(*b).clone()
