@@ -168,6 +168,36 @@ pub fn is_dns_name(host: &str) -> bool {
 /// it has no `.` or `..` segment (with `/` or an encoded `%2F` around it), no backslash and no
 /// NUL; and it is not encoded twice (`%252e`). Encoded slashes themselves are allowed: Bedrock
 /// model ids that are ARNs travel as `…inference-profile%2F…`.
+/// `path` (without its query and fragment) as the most lenient router reads it: percent-decoded
+/// (`%2F` too), lowercased, each segment's `;parameters` cut off, empty and `.` segments dropped,
+/// `..` applied, no trailing `/`. Every decision that classifies a request by its path reads this
+/// form (route `endpoints`, unmetered APIs, usage formats), so `/v1/Chat/Completions/` or
+/// `/v1/chat%2Fcompletions` is what a provider that reads it so takes it for. Borrowed when the
+/// path is that already (the common case: no allocation).
+pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let plain = path.starts_with('/')
+        && !path.bytes().any(|b| b.is_ascii_uppercase() || matches!(b, b'%' | b';'))
+        && !path.contains("//")
+        && !path.contains("/.")
+        && (path.len() == 1 || !path.ends_with('/'));
+    if plain {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy().to_ascii_lowercase();
+    let mut segments: Vec<&str> = Vec::new();
+    for s in decoded.split('/').map(|s| s.split(';').next().unwrap_or(s)) {
+        match s {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    std::borrow::Cow::Owned(format!("/{}", segments.join("/")))
+}
+
 pub fn check_path(path: &str) -> Result<(), Refused> {
     let bad = Err(Refused::MalformedPath);
     let raw = path.split_once('?').map_or(path, |(p, _)| p);

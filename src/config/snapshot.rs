@@ -293,8 +293,12 @@ impl RouteMatcher {
 
 impl MatchEntry {
     fn accepts(&self, path: &str, path_only: &str) -> bool {
-        if !self.endpoints.is_empty() && !self.endpoints.iter().any(|p| glob::matches(p, path_only, None)) {
-            return false;
+        // Endpoints are kept lowercase ([`crate::target::canonical_path`]'s form).
+        if !self.endpoints.is_empty() {
+            let canonical = crate::target::canonical_path(path_only);
+            if !self.endpoints.iter().any(|p| glob::matches(p, &canonical, None)) {
+                return false;
+            }
         }
         if self.models.is_empty() {
             return true;

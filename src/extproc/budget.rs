@@ -495,7 +495,7 @@ impl Budgeted {
 
 /// Whether `path` is a Chat Completions (or legacy Completions) endpoint.
 fn is_completions(path: &str) -> bool {
-    path.split('?').next().is_some_and(|p| p.ends_with("/completions"))
+    crate::target::canonical_path(path).ends_with("/completions")
 }
 
 /// Whether the provider takes `stream_options` on `path`: OpenAI, Anthropic's OpenAI-compatible

@@ -319,7 +319,8 @@ impl Provider {
         };
         let path = path.split('?').next().unwrap_or(path);
         let mut parts = path.split('/');
-        parts.by_ref().find(|p| *p == segment)?;
+        // The segment in any case: a router that reads paths case-insensitively (Azure's) does.
+        parts.by_ref().find(|p| p.eq_ignore_ascii_case(segment))?;
         let model = parts.next()?;
         let model = if cut { model.split(':').next().unwrap_or(model) } else { model };
         if model.is_empty() {
@@ -337,20 +338,7 @@ impl Provider {
         if self.unmetered.is_empty() || !creates {
             return None;
         }
-        let path = path.split(['?', '#']).next().unwrap_or(path);
-        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy().to_ascii_lowercase();
-        let mut segments: Vec<&str> = Vec::new();
-        // A `;parameter` on a segment is dropped by routers that read path parameters.
-        for s in decoded.split('/').map(|s| s.split(';').next().unwrap_or(s)) {
-            match s {
-                "" | "." => {}
-                ".." => {
-                    segments.pop();
-                }
-                s => segments.push(s),
-            }
-        }
-        let path = format!("/{}", segments.join("/"));
+        let path = crate::target::canonical_path(path);
         self.unmetered.iter().copied().find(|g| glob::matches(g, &path, None))
     }
 

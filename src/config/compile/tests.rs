@@ -336,6 +336,39 @@ fn an_excluded_endpoint_on_an_allow_listed_routed_host_is_refused_not_passed_thr
     assert!(matches!(snap.decide("api.openai.com", "/v1/files", None), Decision::PassThrough { .. }));
 }
 
+/// The attack: spell the path of a route restricted to an endpoint (and budgeted) another way a
+/// lenient provider reads the same (`/v1/Chat/Completions/`, `/v1/chat%2Fcompletions`,
+/// `…/completions;x`) to land on a broader route without the budget, and dodge the usage asked
+/// for Chat Completions streams. Every classification reads the canonical path.
+#[test]
+fn a_path_spelled_with_a_trailing_slash_encoded_slash_or_capitals_is_classified_as_its_canonical_form() {
+    let routes =
+        route("chat", "{provider: openai, endpoints: ['/v1/Chat/Completions']}") + &route("rest", "{provider: openai}");
+    let snap = compile(&format!("{GW}{routes}")).unwrap();
+    let route_of = |path: &str| match snap.decide("api.openai.com", path, None) {
+        Decision::Inject { entry, .. } | Decision::FailClosed { entry, .. } => entry.route.to_string(),
+        other => panic!("{path}: no route: {other:?}"),
+    };
+    for path in [
+        "/v1/chat/completions",
+        "/v1/Chat/Completions/",
+        "/v1/chat%2Fcompletions",
+        "/v1/chat/completions;x=1",
+        "//v1//chat/completions?stream=true",
+        "/V1/CHAT/COMPLETIONS",
+    ] {
+        assert!(route_of(path).ends_with("/chat"), "{path}: {}", route_of(path));
+    }
+    assert!(route_of("/v1/embeddings").ends_with("/rest"));
+    assert_eq!(crate::target::canonical_path("/v1/chat/completions?x=/Y"), "/v1/chat/completions");
+    assert!(matches!(crate::target::canonical_path("/v1/chat/completions"), std::borrow::Cow::Borrowed(_)));
+    assert_eq!(crate::target::canonical_path("/v1/Chat%2FCompletions/;a"), "/v1/chat/completions");
+    let format = crate::provider::usage::format_for;
+    assert_eq!(format("anthropic", "/v1/Chat/Completions/"), Some(crate::provider::usage::Format::OpenAi));
+    let azure = crate::provider::lookup("azure-openai").unwrap();
+    assert_eq!(azure.model_from_path("/openai/Deployments/gpt-4o/chat/completions").as_deref(), Some("gpt-4o"));
+}
+
 #[test]
 fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
     let with = |limits: &str| {

@@ -69,7 +69,7 @@ pub enum Format {
 /// Completions, Completions, Embeddings and Responses in OpenAI's format, Messages in
 /// Anthropic's; its other paths (and any unknown provider name) are `None`: not read.
 pub fn format_for(provider: &str, path: &str) -> Option<Format> {
-    let route = path.split(['?', '#']).next().unwrap_or(path);
+    let route = &*crate::target::canonical_path(path);
     if provider == "custom" {
         let on = |suffix: &str| route.starts_with('/') && route.ends_with(suffix);
         return if ["/chat/completions", "/completions", "/embeddings", "/responses"].iter().any(|s| on(s)) {

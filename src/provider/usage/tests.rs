@@ -62,7 +62,7 @@ fn a_custom_upstream_is_read_on_the_paths_of_the_apis_it_copies() {
         assert_eq!(format_for("custom", path), Some(Format::OpenAi), "{path}");
     }
     assert_eq!(format_for("custom", "/v1/messages"), Some(Format::Anthropic));
-    for path in ["/v1/models", "/chat/completions/x", "x/v1/responses", "/v1/files"] {
+    for path in ["/v1/models", "/chat/completions/x", "/v1/responsesx", "/v1/files"] {
         assert_eq!(format_for("custom", path), None, "{path}");
     }
     let answer = r#"{"model":"mistral-large","usage":{"prompt_tokens":12,"completion_tokens":60000}}"#;
