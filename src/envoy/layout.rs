@@ -11,6 +11,19 @@ use crate::api::DefaultPolicy;
 use crate::config::snapshot::terminated;
 use crate::config::Snapshot;
 
+/// Headers that say who the client is, removed toward providers: Envoy's own, and those an agent
+/// may write (`X-Forwarded-For`, RFC 7239 `Forwarded`, and the common others).
+const AGENT_FORWARDING_HEADERS: [&str; 8] = [
+    "x-envoy-external-address",
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
 /// A gateway's hosts, sorted by how Envoy treats them, and the options the resources use.
 pub(super) struct Layout<'a> {
     opts: &'a Options,
@@ -125,10 +138,13 @@ impl<'a> Layout<'a> {
     }
 
     /// The route configuration of the TLS chain. `x-envoy-external-address` (the agent's address,
-    /// which Envoy sets on requests from outside) never reaches a provider.
+    /// which Envoy sets on requests from outside) never reaches a provider, nor the forwarding
+    /// headers an agent writes itself: the organisation's key would carry whatever client address
+    /// an agent makes up to the provider's abuse and rate systems (keyswap still sees them, for
+    /// spans: the router removes them last).
     fn tls_routes(&self) -> Value {
         json!({"name": "providers", "virtual_hosts": self.tls_vhosts(),
-            "request_headers_to_remove": ["x-envoy-external-address"]})
+            "request_headers_to_remove": AGENT_FORWARDING_HEADERS})
     }
 
     /// The route configurations ADS serves by name (none inline).
