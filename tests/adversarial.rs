@@ -200,7 +200,10 @@ async fn the_provider_learns_no_gateway_address_and_the_agent_no_envoy_timing() 
         for (name, value) in &s.headers {
             let value = String::from_utf8_lossy(value);
             assert!(!name.starts_with("x-envoy-"), "{name}: {value} reached the provider");
-            assert!(!value.contains("198.51.100.7"), "the agent's made-up address reached the provider: {name}: {value}");
+            assert!(
+                !value.contains("198.51.100.7"),
+                "the agent's made-up address reached the provider: {name}: {value}"
+            );
         }
     }
 }

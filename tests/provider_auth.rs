@@ -435,6 +435,30 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
     spans_without(&collector, 17, &secrets).await;
 }
 
+/// A token endpoint that issues `ya29.fake-1`, a fake Gemini that takes only it, a service
+/// account of that endpoint, and the directories and proxy port a `keyswap dev` of them uses.
+struct Gemini {
+    work: tempfile::TempDir,
+    config: tempfile::TempDir,
+    tokens: std::sync::Arc<FakeTokenEndpoint>,
+    fake: FakeProvider,
+    ca: PathBuf,
+    proxy_port: u16,
+    sa: String,
+}
+
+impl Gemini {
+    async fn start() -> Gemini {
+        let work = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let tokens = FakeTokenEndpoint::start(3600).await;
+        let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
+        fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-1".into())]);
+        let sa = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+        Gemini { work, config, tokens, fake, ca, proxy_port: free_port(), sa }
+    }
+}
+
 /// The attack: while the token endpoint is slow (up to the 5 s fetch timeout), every request of
 /// a GCP route waits parked in keyswap and Envoy, holding an ext_proc stream and Envoy's buffers.
 /// A request took its place among its key's requests in flight only once the token came, so an
@@ -442,13 +466,7 @@ async fn gcp_service_account_tokens_are_minted_cached_and_fail_closed() {
 /// its place; one past the limit is refused at once, while the fetch is still under way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_parked_for_a_slow_token_fetch_hold_their_places_in_flight() {
-    let work = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let tokens = FakeTokenEndpoint::start(3600).await;
-    let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
-    fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-1".into())]);
-    let proxy_port = free_port();
-    let sa = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+    let Gemini { work, config, tokens, fake, ca, proxy_port, sa } = Gemini::start().await;
     let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: two-at-once}\nspec:\n  parentRefs: [{kind: AIProviderRoute, name: gemini}]\n  key: Route\n  window: Day\n  limits: {concurrentRequests: 2}\n";
     std::fs::write(config.path().join("gemini.yaml"), gcp_config(proxy_port, &sa) + budget).unwrap();
     let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
@@ -506,13 +524,7 @@ async fn requests_parked_for_a_slow_token_fetch_hold_their_places_in_flight() {
 async fn a_token_revoked_while_its_request_waited_for_a_provider_token_is_refused() {
     const OLD: &str = "ci-shared-token-0010-revoked";
     const NEW: &str = "ci-shared-token-0011-current";
-    let work = tempfile::tempdir().unwrap();
-    let config = tempfile::tempdir().unwrap();
-    let tokens = FakeTokenEndpoint::start(3600).await;
-    let (fake, ca) = FakeProvider::start_tls(&[GEMINI_HOST], work.path()).await;
-    fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-1".into())]);
-    let proxy_port = free_port();
-    let sa = tokens.service_account(work.path(), "agent-one@keyswap-test.iam.gserviceaccount.com");
+    let Gemini { work, config, tokens, fake, ca, proxy_port, sa } = Gemini::start().await;
     let auth = "spec:\n  agentAuth:\n    validators:\n    - name: ci\n      sharedToken: {secretRef: {name: ci-token}, agent: ci-bot}\n";
     std::fs::write(config.path().join("gemini.yaml"), gcp_config(proxy_port, &sa).replacen("spec:\n", auth, 1))
         .unwrap();

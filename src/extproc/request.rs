@@ -442,18 +442,17 @@ impl<'a> Incoming<'a> {
         self.injected(entry, &plan, &signed, sign, injected)
     }
 
+    /// The route's token budgets for this request, if it has any.
+    fn budgeted(&self, entry: &MatchEntry) -> Option<Box<super::budget::Budgeted>> {
+        let identity = self.identity.as_deref();
+        super::budget::Budgeted::new(self.snapshot, entry, identity, self.creates, self.path, self.headers)
+    }
+
     /// No usable token cached: the request waits for the fetch, holding its places among its
     /// budget keys' requests in flight, or is refused now when a key is at its limit.
     fn park_for_token(&self, entry: &MatchEntry, source: &Arc<TokenSource>) -> Step {
         let mut places = Places::default();
-        if let Some(mut b) = super::budget::Budgeted::new(
-            self.snapshot,
-            entry,
-            self.identity.as_deref(),
-            self.creates,
-            self.path,
-            self.headers,
-        ) {
+        if let Some(mut b) = self.budgeted(entry) {
             if let Some(refused) = self.encoded_body_refused(entry, &b) {
                 return refused;
             }
@@ -501,14 +500,7 @@ impl<'a> Incoming<'a> {
         sign: Option<Box<PendingSign>>,
         injected: Injected,
     ) -> Step {
-        let mut budget = super::budget::Budgeted::new(
-            self.snapshot,
-            entry,
-            self.identity.as_deref(),
-            self.creates,
-            self.path,
-            self.headers,
-        );
+        let mut budget = self.budgeted(entry);
         if let Some(b) = budget.as_mut() {
             if let Some(refused) = self.encoded_body_refused(entry, b) {
                 return refused;
