@@ -163,17 +163,13 @@ pub fn is_dns_name(host: &str) -> bool {
         })
 }
 
-/// Whether `path` (the `:path` pseudo-header, query included) is safe to match and forward with a
-/// key. Checks the part before `?`: it starts with `/`; it holds only visible ASCII; decoded once,
-/// it has no `.` or `..` segment (with `/` or an encoded `%2F` around it), no backslash and no
-/// NUL; and it is not encoded twice (`%252e`). Encoded slashes themselves are allowed: Bedrock
-/// model ids that are ARNs travel as `…inference-profile%2F…`.
 /// `path` (without its query and fragment) as the most lenient router reads it: percent-decoded
 /// (`%2F` too), lowercased, each segment's `;parameters` cut off, empty and `.` segments dropped,
 /// `..` applied, no trailing `/`. Every decision that classifies a request by its path reads this
 /// form (route `endpoints`, unmetered APIs, usage formats), so `/v1/Chat/Completions/` or
 /// `/v1/chat%2Fcompletions` is what a provider that reads it so takes it for. Borrowed when the
-/// path is that already (the common case: no allocation).
+/// path is that already (no allocation for lowercase, unencoded paths; Gemini's `:generateContent`
+/// and Bedrock's encoded ARNs take one).
 pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
     let path = path.split(['?', '#']).next().unwrap_or(path);
     let plain = path.starts_with('/')
@@ -198,6 +194,11 @@ pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("/{}", segments.join("/")))
 }
 
+/// Whether `path` (the `:path` pseudo-header, query included) is safe to match and forward with a
+/// key. Checks the part before `?`: it starts with `/`; it holds only visible ASCII; decoded once,
+/// it has no `.` or `..` segment (with `/` or an encoded `%2F` around it), no backslash and no
+/// NUL; and it is not encoded twice (`%252e`). Encoded slashes themselves are allowed: Bedrock
+/// model ids that are ARNs travel as `…inference-profile%2F…`.
 pub fn check_path(path: &str) -> Result<(), Refused> {
     let bad = Err(Refused::MalformedPath);
     let raw = path.split_once('?').map_or(path, |(p, _)| p);

@@ -730,6 +730,10 @@ async fn a_gemini_answer_stripped_of_its_usage_cannot_settle_at_its_reservation(
         let (status, _, text) = call_with(r.port, host, ("POST", &path), &[], None, body).await;
         assert_eq!(status, 200, "{path}: {text}");
     }
+    // Reading a file spends no tokens, whatever its format (the SDK's `files.download`).
+    let (status, _, text) =
+        call_with(r.port, host, ("GET", "/v1beta/files/f1:download?alt=media"), &[], None, "").await;
+    assert_eq!(status, 200, "a download: {text}");
 }
 
 /// The attack: call the OpenAI-compatible endpoint a provider serves beside its own API (here

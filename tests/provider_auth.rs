@@ -566,3 +566,44 @@ async fn a_token_revoked_while_its_request_waited_for_a_provider_token_is_refuse
     assert!(out.ends_with("\n200"), "{out}");
     assert_eq!(fake.seen().len(), 1);
 }
+
+/// A request parked for a token while the operator rotates the service-account key: decided
+/// again on the new configuration, it waits for the new key's token. It took its own place in
+/// flight a second time (held until it was decided), and a route allowing one request at once
+/// refused it with 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_parked_across_a_key_rotation_keeps_its_place_in_flight() {
+    let Gemini { work, config, tokens, fake, ca, proxy_port, sa } = Gemini::start().await;
+    fake.set_accepts(GEMINI_HOST, vec![Accept::Header("authorization", "Bearer ya29.fake-2".into())]);
+    let budget = "---\napiVersion: keyswap.dev/v1alpha1\nkind: TokenBudget\nmetadata: {name: one-at-once}\nspec:\n  parentRefs: [{kind: AIProviderRoute, name: gemini}]\n  key: Route\n  window: Day\n  limits: {concurrentRequests: 1}\n";
+    let file = config.path().join("gemini.yaml");
+    std::fs::write(&file, gcp_config(proxy_port, &sa) + budget).unwrap();
+    let upstream = format!("{GEMINI_HOST}={},ca={}", fake.addr, ca.display());
+    let dev = tokio::task::block_in_place(|| start_dev_env(config.path(), work.path(), &[upstream], &[]));
+    let loads = |dev: &Dev| dev.proc.output().matches("configuration loaded").count();
+
+    tokens.hold();
+    let parked = {
+        let env = dev.env.clone();
+        std::thread::spawn(move || gemini_via(&env))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokens.asked.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no token request: {}", dev.proc.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = loads(&dev);
+    let rotated = tokens.service_account(work.path(), "agent-two@keyswap-test.iam.gserviceaccount.com");
+    std::fs::write(&file, gcp_config(proxy_port, &rotated) + budget).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while loads(&dev) == before {
+        assert!(Instant::now() < deadline, "the rotation was not loaded: {}", dev.proc.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokens.release();
+    let (code, out, err) = tokio::task::block_in_place(|| parked.join().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with("\n200"), "the parked request, decided again on the rotated key: {out}");
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 2, "the old key's token, then the new key's");
+    assert_eq!(fake.seen().len(), 1);
+}

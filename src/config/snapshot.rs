@@ -251,9 +251,9 @@ impl RouteMatcher {
     /// entries keep their compiled order (the gateway's namespace's routes first, then the
     /// others, each by namespace/name, rule, match).
     pub fn find(&self, host: &str, path: &str) -> Option<&MatchEntry> {
-        let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+        let path = &PathForms::new(path);
         if let Some(candidates) = self.exact.get(host) {
-            if let Some(e) = candidates.iter().map(|&i| &self.entries[i]).find(|e| e.accepts(path, path_only)) {
+            if let Some(e) = candidates.iter().map(|&i| &self.entries[i]).find(|e| e.accepts(path)) {
                 return Some(e);
             }
         }
@@ -261,13 +261,13 @@ impl RouteMatcher {
         let mut best = host
             .split_once('.')
             .and_then(|(_, rest)| self.label_wildcards.get(rest))
-            .and_then(|c| c.iter().copied().find(|&i| self.entries[i].accepts(path, path_only)));
+            .and_then(|c| c.iter().copied().find(|&i| self.entries[i].accepts(path)));
         for (p, i) in &self.patterns {
             if best.is_some_and(|b| b < *i) {
                 break;
             }
             let e = &self.entries[*i];
-            if glob::matches(p, host, Some(b'.')) && e.provider.admits_host(p, host) && e.accepts(path, path_only) {
+            if glob::matches(p, host, Some(b'.')) && e.provider.admits_host(p, host) && e.accepts(path) {
                 best = Some(*i);
                 break;
             }
@@ -291,19 +291,33 @@ impl RouteMatcher {
     }
 }
 
+/// A request's path as route matching reads it: as sent, and its canonical form, made at most
+/// once per request and only when an entry with `endpoints` asks.
+struct PathForms<'a> {
+    path: &'a str,
+    canonical: std::cell::OnceCell<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> PathForms<'a> {
+    fn new(path: &'a str) -> Self {
+        PathForms { path, canonical: std::cell::OnceCell::new() }
+    }
+
+    fn canonical(&self) -> &str {
+        self.canonical.get_or_init(|| crate::target::canonical_path(self.path))
+    }
+}
+
 impl MatchEntry {
-    fn accepts(&self, path: &str, path_only: &str) -> bool {
-        // Endpoints are kept lowercase ([`crate::target::canonical_path`]'s form).
-        if !self.endpoints.is_empty() {
-            let canonical = crate::target::canonical_path(path_only);
-            if !self.endpoints.iter().any(|p| glob::matches(p, &canonical, None)) {
-                return false;
-            }
+    fn accepts(&self, path: &PathForms<'_>) -> bool {
+        // Endpoints are kept in canonical form ([`crate::target::canonical_path`]).
+        if !self.endpoints.is_empty() && !self.endpoints.iter().any(|p| glob::matches(p, path.canonical(), None)) {
+            return false;
         }
         if self.models.is_empty() {
             return true;
         }
-        match self.provider.model_from_path(path) {
+        match self.provider.model_from_path(path.path) {
             Some(model) => self.models.iter().any(|m| glob::matches(m, &model, None)),
             None => false,
         }

@@ -99,9 +99,10 @@ impl Budgeted {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
+            // (Only a request that creates spends tokens: a `GET …:download?alt=media` reads a file.)
             unmetered: entry.provider.unmetered(creates, path).or_else(|| {
                 let header = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(super::header_bytes);
-                entry.provider.hides_usage.and_then(|hides| hides(path, &header))
+                entry.provider.hides_usage.filter(|_| creates).and_then(|hides| hides(path, &header))
             }),
             // (A `custom` upstream's streams that report no usage are charged by their events:
             // refusing them would refuse every stream of a vendor that reports unasked.)

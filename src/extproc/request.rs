@@ -456,7 +456,7 @@ impl<'a> Incoming<'a> {
             if let Some(refused) = self.encoded_body_refused(entry, &b) {
                 return refused;
             }
-            if let Err(l) = b.enter(&self.shared.budgets) {
+            if let Err(l) = b.enter_holding(&self.shared.budgets, self.held.take()) {
                 return self.in_flight_limited(Some(entry), &l);
             }
             places = b.take_places();

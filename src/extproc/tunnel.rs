@@ -115,7 +115,11 @@ impl PrivateRange {
             None => true,
             Some(p) => match p.strip_prefix("*.") {
                 Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-                None => p == host,
+                // An address as an address: `[FD00:0::1]` is `fd00::1`, `[::ffff:10.0.0.5]` is `10.0.0.5`.
+                None => {
+                    let literal = |h: &str| h.parse::<IpAddr>().ok().map(|a| a.to_canonical());
+                    p == host || literal(p).is_some_and(|a| literal(host) == Some(a))
+                }
             },
         };
         named && self.net.contains(ip)
@@ -710,6 +714,14 @@ mod tests {
         assert!(TunnelGuard { allow_private: vec![range("10.40.0.0/16")], ..Default::default() }
             .permits("any.example", ip("10.40.2.2")));
         assert_eq!(range("10.0.0.5=10.0.0.5/32").to_string(), "10.0.0.5=10.0.0.5/32");
+        // Addresses compare as addresses, in any spelling.
+        let literal = TunnelGuard {
+            allow_private: vec![range("fd00::1=fd00::/64"), range("10.0.0.5=10.0.0.0/24")],
+            ..Default::default()
+        };
+        assert!(literal.permits("FD00:0::1", ip("fd00::1")) && literal.permits("fd00::1", ip("fd00::1")));
+        assert!(literal.permits("::ffff:10.0.0.5", ip("10.0.0.5")) && literal.permits("10.0.0.5", ip("10.0.0.5")));
+        assert!(!literal.permits("10.0.0.6", ip("10.0.0.6")), "another address of the range");
         for bad in ["=10.0.0.0/8", "a b=10.0.0.0/8", "*.=10.0.0.0/8", "host=10.0.0.0/33", "host=nonsense"] {
             assert!(bad.parse::<PrivateRange>().is_err(), "{bad}");
         }

@@ -99,19 +99,20 @@ const OPENAI_UNMETERED: &[&str] = &[
 /// OpenAI's asynchronous APIs under any prefix: the compatible servers a `custom` route reaches
 /// (LiteLLM, OpenRouter) serve batches and fine-tuning as OpenAI does, and Anthropic's batches.
 const CUSTOM_UNMETERED: &[&str] = &[
-    "/*batches",
-    "/*threads/runs",
-    "/*threads/*/runs",
-    "/*threads/*/runs/*/submit_tool_outputs",
-    "/*fine_tuning/jobs",
-    "/*evals/*/runs",
-    "/*vector_stores",
-    "/*vector_stores/*/files",
-    "/*vector_stores/*/file_batches",
-    "/*realtime/*",
-    "/*audio/speech",
-    "/*videos",
-    "/*videos/*/remix",
+    // `*/x`: `/x` after any prefix, whole segments (the canonical path starts with `/`).
+    "*/batches",
+    "*/threads/runs",
+    "*/threads/*/runs",
+    "*/threads/*/runs/*/submit_tool_outputs",
+    "*/fine_tuning/jobs",
+    "*/evals/*/runs",
+    "*/vector_stores",
+    "*/vector_stores/*/files",
+    "*/vector_stores/*/file_batches",
+    "*/realtime/*",
+    "*/audio/speech",
+    "*/videos",
+    "*/videos/*/remix",
 ];
 
 const OPENAI_ENDPOINTS: &[Endpoint] = &[
@@ -468,9 +469,10 @@ mod tests {
         for path in ["/v1/batches", "/litellm/v1/fine_tuning/jobs", "/api/v1/messages/batches", "/v1/videos"] {
             assert!(unmetered("custom", path), "{path}");
         }
-        for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses"] {
+        for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses", "/v1/microbatches"] {
             assert!(!unmetered("custom", path), "{path}");
         }
+        assert!(unmetered("custom", "/batches"), "without a prefix");
         assert!(!unmetered(
             "google",
             "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:generateContent"

@@ -419,7 +419,7 @@ mod tests {
         assert!(e.contains("authorization") && !e.contains("s3cret"), "{e}");
         // The credential pasted without its name: bare, or ending in base64 padding (which then
         // reads as a name), or beside a good item.
-        for list in ["hcaik_01s3cret", "dXNlcjpzs3cret==", "x-a=1,s3cret/base64+", "x-a=1, s3cret"] {
+        for list in ["hcaik_01s3cret", "dXNlcjpzs3cret==", "dXNlcjpzs3cret=", "x-a=1,s3cret/base64+", "x-a=1, s3cret"] {
             let bare = |k: &str| (k == "OTEL_EXPORTER_OTLP_HEADERS").then(|| list.to_string());
             let e = settings(Some(&otlp("http://otel:4318")), bare).unwrap_err();
             assert!(e.contains("OTLP") && !e.contains("s3cret"), "{list}: {e}");

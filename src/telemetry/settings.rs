@@ -288,7 +288,13 @@ pub fn settings_for(
     let mut headers = Vec::new();
     for var in ["OTEL_EXPORTER_OTLP_HEADERS".to_owned(), var("HEADERS")] {
         if let Some(v) = env(&var) {
-            headers.extend(parse_header_list(&var, &v)?);
+            let list = parse_header_list(&var, &v)?;
+            // A base64 credential with one `=` of padding, pasted without its name, splits into a
+            // "name" (the credential: names are logged) and nothing.
+            if let Some(n) = list.iter().position(|(_, val)| val.is_empty()) {
+                return Err(format!("{var}: item {} has an empty value (a credential without its name?)", n + 1));
+            }
+            headers.extend(list);
         }
     }
     if let Some(o) = otlp {

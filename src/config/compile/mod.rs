@@ -298,8 +298,8 @@ impl<'a> GatewayCompile<'a> {
                     index: m,
                     provider: p,
                     hosts,
-                    // Compared with the request's canonical path: lowercase.
-                    endpoints: mt.endpoints.iter().map(|e| e.to_ascii_lowercase().into()).collect(),
+                    // Compared with the request's canonical path: in that form too (`*` kept).
+                    endpoints: mt.endpoints.iter().map(|e| crate::target::canonical_path(e).into()).collect(),
                     models: mt.models.iter().map(|e| e.as_str().into()).collect(),
                     binding: Arc::new(binding),
                     scrub_response_bodies,

@@ -360,6 +360,19 @@ fn a_path_spelled_with_a_trailing_slash_encoded_slash_or_capitals_is_classified_
         assert!(route_of(path).ends_with("/chat"), "{path}: {}", route_of(path));
     }
     assert!(route_of("/v1/embeddings").ends_with("/rest"));
+    // Endpoints are read in the same form: a glob written with capitals, a trailing `/`, an
+    // encoded `:` (as Bedrock's ARNs travel) still matches what it names.
+    let routes = route("models", "{provider: openai, endpoints: ['/V1/Models/', '/v1/x%3Ay']}")
+        + &route("rest", "{provider: openai}");
+    let snap = compile(&format!("{GW}{routes}")).unwrap();
+    for path in ["/v1/models", "/v1/x:y", "/v1/x%3Ay"] {
+        match snap.decide("api.openai.com", path, None) {
+            Decision::Inject { entry, .. } | Decision::FailClosed { entry, .. } => {
+                assert!(entry.route.ends_with("/models"), "{path}: {}", entry.route)
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
     assert_eq!(crate::target::canonical_path("/v1/chat/completions?x=/Y"), "/v1/chat/completions");
     assert!(matches!(crate::target::canonical_path("/v1/chat/completions"), std::borrow::Cow::Borrowed(_)));
     assert_eq!(crate::target::canonical_path("/v1/Chat%2FCompletions/;a"), "/v1/chat/completions");
