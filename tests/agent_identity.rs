@@ -849,6 +849,19 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
     eprintln!("removed key refused after {:?}", since.elapsed());
     let r = ask(&mut c, &t2).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "the kept key still admits");
+    // The last key, revoked by emptying the document: "no usable key" held the old keys.
+    std::fs::write(&jwks, "{\"keys\": []}").unwrap();
+    let since = Instant::now();
+    loop {
+        let r = ask(&mut c, &t2).await;
+        if matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
+        {
+            break;
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "the last key still admits 5 s after the JWKS was emptied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(keyswap.output().contains("admits no one"), "the empty JWKS is not logged: {}", keyswap.output());
 }
 
 /// An issuer moving its keys: two validators of one issuer, the token's key published only by
@@ -885,6 +898,35 @@ async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_e
     let r = decide_with_bearer(&mut c, &format!("Bearer {token}")).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
     assert_eq!((fetches_a.load(Ordering::SeqCst), fetches_b.load(Ordering::SeqCst)), (1, 1));
+}
+
+/// An identity provider whose tokens carry no `kid` (one signing key): a `jwksUrl` is fetched on
+/// first use, and only a token naming a `kid` made keyswap fetch it, so no one was admitted
+/// until such a token came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kidless_token_triggers_the_first_jwks_fetch() {
+    use common::grpc::{mutation, set_value};
+    use std::sync::{atomic::Ordering, Arc, Mutex};
+    let keys = tempfile::tempdir().unwrap();
+    let kd = keys.path().to_str().unwrap();
+    let mut jwk: serde_json::Value = serde_json::from_str(&jwt_tool(&["keygen", kd, "k1", "rsa"])).unwrap();
+    jwk.as_object_mut().unwrap().remove("kid");
+    let certs = tempfile::tempdir().unwrap();
+    let doc = Arc::new(Mutex::new(serde_json::json!({ "keys": [jwk] }).to_string()));
+    let (port, ca, fetches) = jwks_server(certs.path(), doc).await;
+    let gateway = format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    \
+         validators: [{{jwt: {{issuer: \"{ISSUER}\", audiences: [keyswap], jwksUrl: \"https://localhost:{port}/.well-known/jwks.json\"}}}}]\n---\n{}",
+        anthropic_default_key()
+    );
+    let config = tempfile::tempdir().unwrap();
+    let ca = ca.display().to_string();
+    let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[("SSL_CERT_FILE", &ca)]).await;
+    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
+    let token = jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), "-", &claims]);
+    let r = decide_with_bearer(&mut c, &format!("Bearer {token}")).await;
+    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
 }
 
 /// The attack: a partner's identity provider (a `jwt` validator whose callers, or whose IdP

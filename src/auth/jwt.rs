@@ -76,7 +76,9 @@ impl std::fmt::Debug for Jwks {
 }
 
 /// Parses a JWKS document: RSA keys for RS256, P-256 EC keys for ES256; others are skipped.
-/// With the document's SHA-256.
+/// With the document's SHA-256. A document with no usable key is taken as it is (its validator
+/// then admits no one): emptying a JWKS is how an operator revokes its last key.
+/// Only a document that is no JWKS (a half-written file, an error page) keeps the keys held.
 fn parse_jwks(bytes: &[u8]) -> Result<(KeySet, [u8; 32]), String> {
     use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
@@ -95,11 +97,11 @@ fn parse_jwks(bytes: &[u8]) -> Result<(KeySet, [u8; 32]), String> {
             None => out.unnamed.push((alg, key)),
         }
     }
-    if out.keys.is_empty() && out.unnamed.is_empty() {
-        return Err("no RS256 (RSA) or ES256 (P-256) key in the JWKS".into());
-    }
     Ok((out, super::token_digest(bytes)))
 }
+
+/// Logged when a JWKS holds no key keyswap can use.
+const NO_KEY: &str = "JWKS holds no RS256 (RSA) or ES256 (P-256) key: this validator admits no one";
 
 type Registry = Mutex<HashMap<Source, Weak<Jwks>>>;
 
@@ -119,14 +121,22 @@ impl Jwks {
             if let Source::File(p) = &source {
                 // A reload re-reads the file: an edited JWKS takes effect with the configuration.
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                existing.replace(parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?);
+                let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+                let empty = read.0.keys.is_empty() && read.0.unnamed.is_empty();
+                if existing.replace(read) && empty {
+                    tracing::warn!(jwks = %existing.source, NO_KEY);
+                }
             }
             return Ok(existing);
         }
         let (keys, document) = match &source {
             Source::File(p) => {
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?
+                let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+                if read.0.keys.is_empty() && read.0.unnamed.is_empty() {
+                    tracing::warn!(jwks = %source, NO_KEY);
+                }
+                read
             }
             Source::Url(_) => (KeySet { keys: HashMap::new(), unnamed: Vec::new() }, [0; 32]),
         };
@@ -165,6 +175,11 @@ impl Jwks {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Whether a document was ever taken (a file at configuration time, a URL once fetched).
+    fn ever_loaded(&self) -> bool {
+        *self.document.lock().unwrap_or_else(|e| e.into_inner()) != [0; 32]
+    }
+
     /// Whether a request with an unknown `kid` should wait for keys: a fetch is under way, or
     /// the last one is older than the cooldown.
     fn may_refetch(&self) -> bool {
@@ -189,6 +204,7 @@ impl Jwks {
                 Ok(Ok(read)) => {
                     let keys = read.0.keys.len() + read.0.unnamed.len();
                     match this.replace(read) {
+                        true if keys == 0 => tracing::warn!(jwks = %this.source, NO_KEY),
                         true => tracing::info!(jwks = %this.source, keys, "JWKS loaded"),
                         false => tracing::debug!(jwks = %this.source, keys, "JWKS unchanged"),
                     }
@@ -460,7 +476,9 @@ impl JwtValidator {
                 };
                 match found {
                     Some(k) => return self.check(text, header.alg, &k),
-                    None if header.kid.is_some() && jwks.may_refetch() => {
+                    // A `kid` not held yet, or a key set never loaded (a `jwksUrl` is fetched on
+                    // first use: an IdP whose tokens carry no `kid` would otherwise never get it).
+                    None if (header.kid.is_some() || !jwks.ever_loaded()) && jwks.may_refetch() => {
                         return (Verdict::NeedKeys(jwks.clone()), None)
                     }
                     None => return (Verdict::Rejected(Rejection::InvalidToken), None),
@@ -519,6 +537,9 @@ impl JwtValidator {
         };
         let c = &data.claims;
         let Some(agent) = claim_str(c.get(&self.claims.subject)).filter(|s| !s.is_empty()) else {
+            // A genuine token refused anyway (no subject claim) is not cached: replayed, each
+            // costs a signature check, charged as a failed one so that a replay flood is bounded.
+            failures.record(now, mono_us().saturating_sub(now));
             return (Verdict::Rejected(Rejection::InvalidToken), None);
         };
         let tenant = self.claims.tenant.as_ref().and_then(|t| claim_str(c.get(t))).filter(|s| !s.is_empty());
@@ -564,6 +585,21 @@ mod tests {
     fn claims(exp_offset: i64) -> serde_json::Value {
         let exp = unix_now() as i64 + exp_offset;
         serde_json::json!({"iss": "https://idp", "aud": ["other", "keyswap"], "sub": "a1", "org": ["t1", "t2"], "roles": ["r1", "r2"], "exp": exp})
+    }
+
+    /// The attack: replay one genuine token the validator refuses after its signature check (it
+    /// lacks the subject claim the mapping reads): never cached and never charged, each replay cost
+    /// a signature check (~240 µs for ES256) with no limit. Charged as a failed check now.
+    #[test]
+    fn a_signed_token_without_a_subject_is_charged_as_a_failed_check() {
+        let v = validator();
+        let mut no_subject = claims(600);
+        no_subject.as_object_mut().unwrap().remove("sub");
+        let t = token(no_subject, Algorithm::HS256, SECRET);
+        let before = v.cache.1.paid_off_us.load(Ordering::Relaxed);
+        assert!(matches!(v.verify(t.as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
+        assert!(v.cache.1.paid_off_us.load(Ordering::Relaxed) > before, "not charged to the failed-check limit");
+        assert!(v.cache.0.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -673,11 +709,28 @@ mod tests {
         let (set, _) = parse_jwks(doc).unwrap();
         assert_eq!(set.keys.keys().collect::<Vec<_>>(), ["e"]);
         let err = |doc: &[u8]| parse_jwks(doc).err().expect("refused");
-        assert!(err(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).contains("no RS256"));
         assert!(err(b"<html>").contains("not a JWKS"));
+        assert!(err(b"").contains("not a JWKS"), "a file being written keeps the keys held");
+        // No usable key: taken as it is, the validator admits no one.
+        let (none, _) = parse_jwks(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).unwrap();
+        assert!(none.keys.is_empty() && none.unnamed.is_empty());
     }
 
     const EC_DOC: &[u8] = br#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+
+    /// An operator revokes a leaked signing key, the last of its JWKS, by emptying the document:
+    /// "no usable key" was a failed fetch, the keys were held, and the key admitted until a
+    /// restart (its verified tokens until their `exp`). Emptied, the set is empty and what it
+    /// verified is dropped.
+    #[test]
+    fn emptying_the_jwks_revokes_its_last_key() {
+        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/empty".into()), Duration::from_secs(300)).unwrap();
+        assert!(jwks.replace(parse_jwks(EC_DOC).unwrap()));
+        let generation = jwks.generation.load(Ordering::Relaxed);
+        assert!(jwks.replace(parse_jwks(br#"{"keys": []}"#).unwrap()), "the empty document is taken");
+        assert!(jwks.keys.load().keys.is_empty());
+        assert!(jwks.generation.load(Ordering::Relaxed) > generation, "verified tokens are dropped");
+    }
 
     /// The attack: an agent sends a token naming a key nobody has, every 5 s. Each makes keyswap
     /// refetch the JWKS, and each refetch dropped every verified token: every agent's JWT was

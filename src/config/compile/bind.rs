@@ -46,8 +46,9 @@ impl Catalog {
         }
         if let Some((pre, post)) = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
         {
-            let gateways_own = self.gateways_own_secrets();
-            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace && !gateways_own.contains(k)) {
+            let (gateways_own, policies_own) = (self.gateways_own_secrets(), self.policies_own_secrets());
+            let taken = |k: &Key| gateways_own.contains(k) || policies_own.contains(k);
+            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace && !taken(k)) {
                 let n = &skey.name;
                 if n.len() <= pre.len() + post.len() || !n.starts_with(pre) || !n.ends_with(post) {
                     continue;
@@ -86,6 +87,21 @@ impl Catalog {
                 own.extend(v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()).map(|r| at(&r.name)));
             }
             own.extend(g.spec.budget_store.as_ref().map(|b| at(&b.redis.secret_ref.name)));
+        }
+        own
+    }
+
+    /// The Secrets policies name (their own, and their tenants'): a tenant template matches none
+    /// of them. Under `{tenant}-anthropic`, a caller naming its tenant `house` would otherwise get
+    /// the house key `house-anthropic` that `fallback: Deny` withholds, and under `{tenant}` one
+    /// naming `globex-keys` globex's key.
+    fn policies_own_secrets(&self) -> std::collections::HashSet<Key> {
+        let mut own = std::collections::HashSet::new();
+        for (pkey, pol) in &self.policies {
+            let at = |name: &str| Key::new(pkey.namespace.clone(), name.to_owned());
+            own.insert(at(&pol.spec.secret_ref.name));
+            let tenants = pol.spec.credential_selector.iter().flat_map(|s| s.by_tenant.tenants.values());
+            own.extend(tenants.map(|t| at(&t.secret_ref.name)));
         }
         own
     }

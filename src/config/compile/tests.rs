@@ -210,6 +210,43 @@ fn a_tenant_template_never_matches_the_gateways_own_secrets() {
     assert_eq!(credential.fingerprint(), fingerprint(b"sk-acme-0001"));
 }
 
+/// The attack: a caller naming its own tenant after the house key's stem (`s` under `{tenant}`,
+/// `house` under `{tenant}-anthropic`) got the house key `fallback: Deny` withholds; naming it
+/// after another tenant's or another policy's Secret, that key. A template matches no Secret a
+/// policy names.
+#[test]
+fn a_tenant_named_after_a_policys_own_secret_gets_no_key_under_deny() {
+    let secrets = [("house-k", "house"), ("initech-k", "globex"), ("q-k", "other-policy"), ("acme-k", "acme")]
+        .iter()
+        .map(|(n, v)| {
+            format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: sk-{v}-0001}}\n---\n")
+        })
+        .collect::<String>();
+    let policy = |name: &str, parent: &str, secret: &str, rest: &str| {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: {parent}}}]\n  secretRef: {{name: {secret}}}\n  target: Header\n{rest}---\n")
+    };
+    // globex's own key is in a Secret named like another tenant's (`initech-k`).
+    let selector = "  credentialSelector:\n    byTenant:\n      secretNameTemplate: '{tenant}-k'\n      tenants: {globex: {secretRef: {name: initech-k}}}\n    fallback: Deny\n";
+    let text = format!(
+        "{GW}{}{}{}{}{secrets}",
+        route("a", "{provider: anthropic}"),
+        route("o", "{provider: openai}"),
+        policy("p", "a", "house-k", selector),
+        policy("q", "o", "q-k", ""),
+    );
+    let snap = compile(&text).unwrap();
+    for tenant in ["house", "initech", "q"] {
+        let d = snap.decide("api.anthropic.com", "/v1/messages", Some(tenant));
+        assert!(matches!(d, Decision::TenantNotMapped { .. }), "tenant {tenant}: {d:?}");
+    }
+    let key = |tenant: &str| match snap.decide("api.anthropic.com", "/v1/messages", Some(tenant)) {
+        Decision::Inject { credential, .. } => credential.fingerprint().to_owned(),
+        d => panic!("{tenant}: {d:?}"),
+    };
+    assert_eq!(key("acme"), fingerprint(b"sk-acme-0001"), "a tenant's own Secret still matches");
+    assert_eq!(key("globex"), fingerprint(b"sk-globex-0001"));
+}
+
 #[test]
 fn a_tenant_whose_secret_could_not_be_listed_never_falls_back_to_the_house_key() {
     let text = format!(
