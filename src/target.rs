@@ -65,6 +65,16 @@ pub fn check_method(method: &str) -> Result<(), Refused> {
 /// Headers by which some APIs (Google's among them) let a request stand for another method.
 pub const METHOD_OVERRIDE_HEADERS: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
 
+/// Headers some servers (IIS, Symfony and Zend behind a proxy) serve instead of the request's path:
+/// the upstream would answer a path other than the one a route's `endpoints` matched. A request
+/// that carries one is refused as a malformed path.
+pub const PATH_OVERRIDE_HEADERS: &[&str] = &["x-original-url", "x-rewrite-url"];
+
+/// Whether `name` is one of [`PATH_OVERRIDE_HEADERS`] (in any spelling a lenient server folds).
+pub fn is_path_override(name: &str) -> bool {
+    PATH_OVERRIDE_HEADERS.iter().any(|n| crate::vocab::same_header(n, name))
+}
+
 /// Whether `name` is one of [`METHOD_OVERRIDE_HEADERS`].
 pub fn is_method_override(name: &str) -> bool {
     METHOD_OVERRIDE_HEADERS.iter().any(|n| n.eq_ignore_ascii_case(name))

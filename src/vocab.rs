@@ -57,6 +57,19 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "x-auth-token",
     "cookie",
     AGENT_TOKEN_HEADER,
+    // The key headers of the gateways and proxies a `custom` route may reach (Kong and Apigee,
+    // Azure Functions, LiteLLM, Portkey, Cloudflare AI Gateway, Helicone, ElevenLabs, GitLab):
+    // one that reads its own before `Authorization` would run the call on the agent's key.
+    "apikey",
+    "x-apikey",
+    "x-functions-key",
+    "x-litellm-api-key",
+    "x-portkey-api-key",
+    "cf-aig-authorization",
+    "helicone-auth",
+    "xi-api-key",
+    "private-token",
+    "x-access-token",
 ];
 
 /// Query parameters that carry credentials somewhere (Google's `key`, and `oauth_token` and

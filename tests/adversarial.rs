@@ -546,6 +546,53 @@ async fn cookies_underscore_headers_lenient_and_google_oauth_query_names_are_not
     assert!(!got.to_ascii_lowercase().contains("cookie"), "{got}");
 }
 
+/// The attack: a `custom` route to an AI gateway that reads its own key header before
+/// `Authorization` (LiteLLM's `x-litellm-api-key`, Kong's `apikey`, Portkey, Cloudflare AI
+/// Gateway, Helicone, Azure Functions): the agent's stolen key there reached it beside the
+/// injected one, and the call ran and was billed on it. Stripped as every credential header is.
+/// And `X-Original-URL` / `X-Rewrite-URL`, which some servers serve instead of the path the
+/// route's endpoints matched: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_key_headers_and_path_overrides_are_not_smuggled() {
+    let g = start_gateway("deny-all", "", &[]).await;
+    let before = g.fake.seen().len();
+    let mut args: Vec<String> = Vec::new();
+    for h in [
+        "x-litellm-api-key",
+        "apikey",
+        "X-ApiKey",
+        "x-functions-key",
+        "x-portkey-api-key",
+        "cf-aig-authorization",
+        "Helicone-Auth",
+        "xi-api-key",
+        "private-token",
+        "x-access-token",
+    ] {
+        args.extend(["-H".to_owned(), format!("{h}: {STOLEN}")]);
+    }
+    let url = "https://api.anthropic.com/v1/messages".to_owned();
+    args.extend(["-d".to_owned(), "{}".to_owned(), url.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, out, _) = g.curl(&args);
+    assert!(status_line(&out).contains(" 200"), "{out}");
+    let seen = g.fake.seen();
+    assert_eq!(seen.len(), before + 1);
+    let got = seen.last().unwrap().everything();
+    assert!(!got.contains(STOLEN), "an agent key reached the provider beside the injected one: {got}");
+    for h in ["X-Original-URL: /v1/messages/batches", "X-Rewrite-URL: /v1/messages/batches", "x-original-url: /x"] {
+        let (_, out, _) = g.curl(&["-H", h, "-d", "{}", &url]);
+        assert!(status_line(&out).contains(" 400"), "{h}: {out}");
+        assert!(out.contains("malformed_path"), "{h}: {out}");
+    }
+    g.assert_nothing_forwarded(before + 1, "path overrides");
+    // Spelled with underscores, Envoy drops it before anyone reads it.
+    let (_, out, _) = g.curl(&["-H", "x_original_url: /v1/messages/batches", "-d", "{}", &url]);
+    assert!(status_line(&out).contains(" 200"), "{out}");
+    let got = g.fake.seen().last().unwrap().everything();
+    assert!(!got.to_ascii_lowercase().contains("original"), "{got}");
+}
+
 /// The attack: the key reaches several OpenAI organizations or Google projects, and the agent
 /// names another one (`OpenAI-Organization`, `OpenAI-Project`, `X-Goog-User-Project`, Google's
 /// `userProject` parameter, in disguised spellings too) to run and bill its calls there. Those
@@ -632,14 +679,14 @@ async fn a_key_echoed_in_response_headers_never_reaches_the_agent() {
     let (dev, fake, _dirs) = anthropic_gateway(false).await;
     for path in ["/echo", "/echo?x=1"] {
         let (code, out, err) = tokio::task::block_in_place(|| {
-            curl(
-                &dev,
-                &["--http1.1", "-D", "-", "-o", "/dev/null", "-d", "{}", &format!("https://api.anthropic.com{path}")],
-            )
+            curl(&dev, &["--http1.1", "-D", "-", "-d", "{}", &format!("https://api.anthropic.com{path}")])
         });
         assert_eq!(code, 0, "{err}");
         assert!(fake.seen().last().unwrap().header_str("x-api-key").as_deref() == Some(ANTHROPIC_KEY));
-        assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent in a header:\n{out}");
+        assert!(!out.contains(ANTHROPIC_KEY), "the echoed key reached the agent in a header or the body:\n{out}");
+        // The body of an answer whose headers quoted the key is scrubbed too, on a route whose
+        // bodies are not (a redirect's `Location` and its "moved" page quote the same URL).
+        assert!(out.contains(r#""credential":"[redacted]""#), "{out}");
         assert!(out.to_ascii_lowercase().contains("x-debug-credential: [redacted]"), "{out}");
         // A name Envoy guards from filters unless their mutation rules allow it.
         assert!(out.to_ascii_lowercase().contains("x-envoy-echoed-credential: [redacted]"), "{out}");

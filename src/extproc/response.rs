@@ -102,6 +102,16 @@ impl ProcessStream {
                 s.body = Some(crate::scrub::Streaming::default());
             }
         }
+        let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
+        if scrubbed.is_some() {
+            Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
+            tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
+            // An upstream that quotes the key in a header (a redirect's `Location`, a debugging
+            // proxy) may quote it in the body too (the "moved" page): that body is scrubbed.
+            if let Some(s) = self.scrub.as_mut().filter(|s| s.body.is_none() && !end) {
+                s.body = Some(crate::scrub::Streaming::default());
+            }
+        }
         // A body to scrub that the upstream compressed though keyswap asked for it uncompressed:
         // its bytes cannot be searched, so it is not forwarded.
         // (Looked for only in a response whose body is scrubbed: most are not.)
@@ -112,11 +122,6 @@ impl ProcessStream {
         };
         if scrubs_body && encoded() {
             return self.unreadable_body(status, headers);
-        }
-        let scrubbed = self.scrub.as_ref().and_then(|s| s.response_headers(headers));
-        if scrubbed.is_some() {
-            Metrics::inc(&self.shared.metrics.secrets_scrubbed_from_responses);
-            tracing::warn!("the upstream's response headers carried a live secret value; scrubbed");
         }
         if self.budget.is_some() {
             let content_type = find("content-type").and_then(|c| std::str::from_utf8(c).ok()).unwrap_or("");
