@@ -419,6 +419,24 @@ fn a_path_spelled_with_a_trailing_slash_encoded_slash_or_capitals_is_classified_
     assert_eq!(azure.model_from_path("/openai/Deployments/gpt-4o/chat/completions").as_deref(), Some("gpt-4o"));
 }
 
+/// The attack: on Vertex, name another project in the path (`/v1/projects/OTHER/…`) to run and
+/// bill the call there, where the service account is granted too. An `endpoints` glob naming the
+/// project (docs/providers.md) leaves such a path without a route.
+#[test]
+fn an_endpoints_glob_pins_the_vertex_project_an_agent_may_name() {
+    let vertex =
+        "{provider: google, hosts: [us-central1-aiplatform.googleapis.com], endpoints: ['/v1*/projects/my-project/*']}";
+    let snap = compile(&format!("{GW}{}", route("vertex", vertex))).unwrap();
+    let host = "us-central1-aiplatform.googleapis.com";
+    let model = "locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent";
+    let routed = |path: &str| !matches!(snap.decide(host, path, None), Decision::Deny | Decision::Refused(_));
+    assert!(routed(&format!("/v1/projects/my-project/{model}")));
+    assert!(routed(&format!("/v1beta1/projects/My-Project/{model}")));
+    for other in ["/v1/projects/other-project/", "/v1/projects/my-project-2/", "/v1/projects/other/../my-project/"] {
+        assert!(!routed(&format!("{other}{model}")), "{other}");
+    }
+}
+
 #[test]
 fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
     let with = |limits: &str| {
