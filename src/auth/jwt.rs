@@ -175,11 +175,6 @@ impl Jwks {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Whether a document was ever taken (a file at configuration time, a URL once fetched).
-    fn ever_loaded(&self) -> bool {
-        *self.document.lock().unwrap_or_else(|e| e.into_inner()) != [0; 32]
-    }
-
     /// Whether a request with an unknown `kid` should wait for keys: a fetch is under way, or
     /// the last one is older than the cooldown.
     fn may_refetch(&self) -> bool {
@@ -476,9 +471,10 @@ impl JwtValidator {
                 };
                 match found {
                     Some(k) => return self.check(text, header.alg, &k),
-                    // A `kid` not held yet, or a key set never loaded (a `jwksUrl` is fetched on
-                    // first use: an IdP whose tokens carry no `kid` would otherwise never get it).
-                    None if (header.kid.is_some() || !jwks.ever_loaded()) && jwks.may_refetch() => {
+                    // A `kid` not held yet, or no key without one (a `jwksUrl` is fetched on first
+                    // use, and an IdP whose tokens carry no `kid` would otherwise never get it, nor
+                    // get its keys back after it once published an empty set).
+                    None if (header.kid.is_some() || set.unnamed.is_empty()) && jwks.may_refetch() => {
                         return (Verdict::NeedKeys(jwks.clone()), None)
                     }
                     None => return (Verdict::Rejected(Rejection::InvalidToken), None),

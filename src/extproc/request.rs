@@ -78,14 +78,18 @@ pub fn on_request_headers(
     let in_query = crate::inject::query::method_overrides(req.path);
     let overrides = headers.iter().filter(|h| crate::target::is_method_override(&h.key)).map(super::header_bytes);
     let overrides = overrides.chain(in_query.iter().map(Vec::as_slice));
-    let path_override = headers.iter().any(|h| crate::target::is_path_override(&h.key));
     let decision = match crate::target::check_methods(req.method, overrides) {
-        _ if path_override => Decision::Refused(crate::target::Refused::MalformedPath),
         Err(r) => Decision::Refused(r),
         Ok(creates) => {
             req.creates = creates;
             snapshot.decide(req.authority, req.path, req.tenant())
         }
+    };
+    // A path another header overrides is refused where a key would go with it.
+    let overridden = || headers.iter().any(|h| crate::target::is_path_override(&h.key));
+    let decision = match decision {
+        Decision::Inject { .. } if overridden() => Decision::Refused(crate::target::Refused::MalformedPath),
+        d => d,
     };
     match decision {
         Decision::Refused(r) => req.refused(r),

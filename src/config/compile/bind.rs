@@ -46,15 +46,25 @@ impl Catalog {
         }
         if let Some((pre, post)) = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
         {
-            let (gateways_own, policies_own) = (self.gateways_own_secrets(), self.policies_own_secrets());
-            let taken = |k: &Key| gateways_own.contains(k) || policies_own.contains(k);
-            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace && !taken(k)) {
+            let gateways_own = self.gateways_own_secrets();
+            // Nor this policy's house key, nor a tenant's Secret named like another tenant's: a
+            // caller naming its tenant `house` under `{tenant}-anthropic` would get the house key
+            // `house-anthropic` that `fallback: Deny` withholds, or naming `initech`, globex's key
+            // kept in `initech-anthropic`. (Other policies' Secrets follow the template's naming
+            // for their own reasons: a tenant's key a dedicated route also uses stays its key.)
+            let house = Key::new(pkey.namespace.clone(), pol.spec.secret_ref.name.clone());
+            let assigned: HashMap<&str, &str> =
+                sel.by_tenant.tenants.iter().map(|(t, ts)| (ts.secret_ref.name.as_str(), t.as_str())).collect();
+            let taken = |k: &Key, tenant: &str| {
+                gateways_own.contains(k) || *k == house || assigned.get(k.name.as_str()).is_some_and(|t| *t != tenant)
+            };
+            for skey in self.secrets.keys().filter(|k| k.namespace == pkey.namespace) {
                 let n = &skey.name;
                 if n.len() <= pre.len() + post.len() || !n.starts_with(pre) || !n.ends_with(post) {
                     continue;
                 }
                 let tenant = &n[pre.len()..n.len() - post.len()];
-                if by_tenant.contains_key(tenant) {
+                if by_tenant.contains_key(tenant) || taken(skey, tenant) {
                     continue;
                 }
                 let b = self.bind_secret(pkey, p, n, None, secrets, live);
@@ -87,21 +97,6 @@ impl Catalog {
                 own.extend(v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()).map(|r| at(&r.name)));
             }
             own.extend(g.spec.budget_store.as_ref().map(|b| at(&b.redis.secret_ref.name)));
-        }
-        own
-    }
-
-    /// The Secrets policies name (their own, and their tenants'): a tenant template matches none
-    /// of them. Under `{tenant}-anthropic`, a caller naming its tenant `house` would otherwise get
-    /// the house key `house-anthropic` that `fallback: Deny` withholds, and under `{tenant}` one
-    /// naming `globex-keys` globex's key.
-    fn policies_own_secrets(&self) -> std::collections::HashSet<Key> {
-        let mut own = std::collections::HashSet::new();
-        for (pkey, pol) in &self.policies {
-            let at = |name: &str| Key::new(pkey.namespace.clone(), name.to_owned());
-            own.insert(at(&pol.spec.secret_ref.name));
-            let tenants = pol.spec.credential_selector.iter().flat_map(|s| s.by_tenant.tenants.values());
-            own.extend(tenants.map(|t| at(&t.secret_ref.name)));
         }
         own
     }

@@ -210,10 +210,10 @@ fn a_tenant_template_never_matches_the_gateways_own_secrets() {
     assert_eq!(credential.fingerprint(), fingerprint(b"sk-acme-0001"));
 }
 
-/// The attack: a caller naming its own tenant after the house key's stem (`s` under `{tenant}`,
-/// `house` under `{tenant}-anthropic`) got the house key `fallback: Deny` withholds; naming it
-/// after another tenant's or another policy's Secret, that key. A template matches no Secret a
-/// policy names.
+/// The attack: a caller naming its own tenant after the house key's stem (`house` under
+/// `{tenant}-k` beside a house key `house-k`) got the house key `fallback: Deny` withholds;
+/// naming it after the Secret of another tenant (`initech` where globex's key is `initech-k`),
+/// that tenant's key. A template matches neither.
 #[test]
 fn a_tenant_named_after_a_policys_own_secret_gets_no_key_under_deny() {
     let secrets = [("house-k", "house"), ("initech-k", "globex"), ("q-k", "other-policy"), ("acme-k", "acme")]
@@ -235,7 +235,7 @@ fn a_tenant_named_after_a_policys_own_secret_gets_no_key_under_deny() {
         policy("q", "o", "q-k", ""),
     );
     let snap = compile(&text).unwrap();
-    for tenant in ["house", "initech", "q"] {
+    for tenant in ["house", "initech"] {
         let d = snap.decide("api.anthropic.com", "/v1/messages", Some(tenant));
         assert!(matches!(d, Decision::TenantNotMapped { .. }), "tenant {tenant}: {d:?}");
     }
@@ -243,6 +243,9 @@ fn a_tenant_named_after_a_policys_own_secret_gets_no_key_under_deny() {
         Decision::Inject { credential, .. } => credential.fingerprint().to_owned(),
         d => panic!("{tenant}: {d:?}"),
     };
+    // Another policy's Secret named by the template is that tenant's (a dedicated route for `q`
+    // using q's key): it stays q's.
+    assert_eq!(key("q"), fingerprint(b"sk-other-policy-0001"));
     assert_eq!(key("acme"), fingerprint(b"sk-acme-0001"), "a tenant's own Secret still matches");
     assert_eq!(key("globex"), fingerprint(b"sk-globex-0001"));
 }
