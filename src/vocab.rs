@@ -44,7 +44,9 @@ pub const AGENT_TOKEN_HEADER: &str = "x-keyswap-agent-token";
 
 /// Headers that carry credentials for some provider or proxy. The agent's copies are always
 /// removed, and telemetry redacts them. The one redaction list: everything else reads it.
-pub const CREDENTIAL_HEADERS: &[&str] = &[
+pub const CREDENTIAL_HEADERS: &[&str] = &CREDENTIALS;
+
+const PROVIDER_KEY_HEADERS: [&str; 12] = [
     "authorization",
     "proxy-authorization",
     "x-api-key",
@@ -57,9 +59,13 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "x-auth-token",
     "cookie",
     AGENT_TOKEN_HEADER,
-    // The key headers of the gateways and proxies a `custom` route may reach (Kong and Apigee,
-    // Azure Functions, LiteLLM, Portkey, Cloudflare AI Gateway, Helicone, ElevenLabs, GitLab):
-    // one that reads its own before `Authorization` would run the call on the agent's key.
+];
+
+/// The key headers of the gateways and proxies a `custom` route may reach (Kong and Apigee, Azure
+/// Functions, LiteLLM, Portkey, Cloudflare AI Gateway, Helicone, ElevenLabs, GitLab): one that
+/// reads its own before `Authorization` would run the call on the agent's key. In the credential
+/// list; a policy may still pin one (`spec.setHeaders`: a gateway's key beside the provider's).
+pub const GATEWAY_KEY_HEADERS: [&str; 10] = [
     "apikey",
     "x-apikey",
     "x-functions-key",
@@ -71,6 +77,21 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "private-token",
     "x-access-token",
 ];
+
+const CREDENTIALS: [&str; 22] = {
+    let mut all = [""; 22];
+    let mut i = 0;
+    while i < PROVIDER_KEY_HEADERS.len() {
+        all[i] = PROVIDER_KEY_HEADERS[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < GATEWAY_KEY_HEADERS.len() {
+        all[i + j] = GATEWAY_KEY_HEADERS[j];
+        j += 1;
+    }
+    all
+};
 
 /// Query parameters that carry credentials somewhere (Google's `key`, and `oauth_token` and
 /// `bearer_token` that every Google API's discovery document lists; Azure's `api-key`, Azure API

@@ -50,6 +50,10 @@ fn set_headers_are_validated_by_name_and_never_echo_a_bad_value() {
     let snap = compile(&ok).unwrap();
     let pinned = &snap.routes.entries[0].binding.strip.pinned;
     assert_eq!(&pinned[..], &[("openai-organization".into(), "org-operator".into())]);
+    // A gateway's key in front of the provider (the agent's copy is stripped as a credential).
+    let gateway_key = with("  target: Header\n  setHeaders: [{name: Helicone-Auth, value: Bearer sk-helicone-0001}]");
+    let snap = compile(&gateway_key).unwrap();
+    assert_eq!(snap.routes.entries[0].binding.strip.pinned[0].0.as_ref(), "helicone-auth");
     for (rest, field, says) in [
         ("[{name: authorization, value: x}]", "spec.setHeaders[0].name", "carries a credential"),
         ("[{name: X_Api_Key, value: x}]", "spec.setHeaders[0].name", "carries a credential"),

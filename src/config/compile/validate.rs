@@ -417,8 +417,10 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
     ];
     const OWNED_PREFIXES: &[&str] = &["x-envoy-", "x-keyswap-", "x-amz-", "x-forwarded-"];
     check_header_name(h)?;
+    // A gateway's key beside the provider's may be pinned (LiteLLM, Portkey, Helicone in front).
+    let pinnable = crate::vocab::GATEWAY_KEY_HEADERS.iter().any(|c| crate::vocab::same_header(c, h));
     let credential = crate::vocab::CREDENTIAL_HEADERS.iter().chain(policy_header.as_slice()).chain(&["set-cookie"]);
-    if credential.into_iter().any(|c| crate::vocab::same_header(c, h)) {
+    if !pinnable && credential.into_iter().any(|c| crate::vocab::same_header(c, h)) {
         return Err(format!(
             "`{h}` carries a credential; the policy's `target` and `headerName` say where the key goes"
         ));
