@@ -732,6 +732,21 @@ async fn keyswap_over_grpc(
 
 /// keyswap's decision on an Anthropic call with `authorization: <bearer>` (a request that waits
 /// is first told to extend Envoy's timeout: the decision is the last answer), within 9 s.
+/// Asks with `bearer` until keyswap answers 401; fails naming `what` if it still admits after 5 s.
+/// Returns how long that took.
+async fn refused_within_5s(c: &mut common::grpc::Client, bearer: &str, what: &str) -> Duration {
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+    let since = Instant::now();
+    loop {
+        let r = decide_with_bearer(c, bearer).await;
+        if matches!(&r.response, Some(Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(5), "{what} still admits after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn decide_with_bearer(
     c: &mut common::grpc::Client,
     bearer: &str,
@@ -836,31 +851,13 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
         assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
     }
     std::fs::write(&jwks, format!("{{\"keys\": [{k2}]}}")).unwrap();
-    let since = Instant::now();
-    loop {
-        let r = ask(&mut c, &t1).await;
-        if matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
-        {
-            break;
-        }
-        assert!(since.elapsed() < Duration::from_secs(5), "the removed key still admits after 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!("removed key refused after {:?}", since.elapsed());
+    let after = refused_within_5s(&mut c, &t1, "the removed key").await;
+    eprintln!("removed key refused after {after:?}");
     let r = ask(&mut c, &t2).await;
     assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "the kept key still admits");
     // The last key, revoked by emptying the document: "no usable key" held the old keys.
     std::fs::write(&jwks, "{\"keys\": []}").unwrap();
-    let since = Instant::now();
-    loop {
-        let r = ask(&mut c, &t2).await;
-        if matches!(&r.response, Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::ImmediateResponse(i)) if i.status.as_ref().unwrap().code == 401)
-        {
-            break;
-        }
-        assert!(since.elapsed() < Duration::from_secs(5), "the last key still admits 5 s after the JWKS was emptied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    refused_within_5s(&mut c, &t2, "the last key, the JWKS emptied,").await;
     assert!(keyswap.output().contains("admits no one"), "the empty JWKS is not logged: {}", keyswap.output());
 }
 

@@ -137,14 +137,24 @@ fn provider_specific_requirements_are_checked() {
     assert!(compile(&header).unwrap_err().contains("is not a valid HTTP header name"));
 }
 
-#[test]
-fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
-    let secrets = [("s", "house"), ("acme-anthropic", "acme"), ("globex-keys", "globex"), ("x-anthropic-extra", "no")]
+/// Secrets `name` holding the token `sk-{owner}-0001`, one per pair.
+fn tenant_secrets(pairs: &[(&str, &str)]) -> String {
+    pairs
         .iter()
         .map(|(n, v)| {
             format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: sk-{v}-0001}}\n---\n")
         })
-        .collect::<String>();
+        .collect()
+}
+
+#[test]
+fn tenant_keys_come_from_the_map_then_the_template_then_the_fallback() {
+    let secrets = tenant_secrets(&[
+        ("s", "house"),
+        ("acme-anthropic", "acme"),
+        ("globex-keys", "globex"),
+        ("x-anthropic-extra", "no"),
+    ]);
     let selector = |fallback: &str| {
         format!(
             "  target: Header\n  credentialSelector:\n    byTenant:\n      secretNameTemplate: '{{tenant}}-anthropic'\n      tenants: {{globex: {{secretRef: {{name: globex-keys}}}}}}\n    fallback: {fallback}"
@@ -220,12 +230,8 @@ fn a_tenant_template_never_matches_the_gateways_own_secrets() {
 /// that tenant's key. A template matches neither.
 #[test]
 fn a_tenant_named_after_a_policys_own_secret_gets_no_key_under_deny() {
-    let secrets = [("house-k", "house"), ("initech-k", "globex"), ("q-k", "other-policy"), ("acme-k", "acme")]
-        .iter()
-        .map(|(n, v)| {
-            format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: {n}}}\nstringData: {{token: sk-{v}-0001}}\n---\n")
-        })
-        .collect::<String>();
+    let secrets =
+        tenant_secrets(&[("house-k", "house"), ("initech-k", "globex"), ("q-k", "other-policy"), ("acme-k", "acme")]);
     let policy = |name: &str, parent: &str, secret: &str, rest: &str| {
         format!("apiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{name: {parent}}}]\n  secretRef: {{name: {secret}}}\n  target: Header\n{rest}---\n")
     };
