@@ -41,12 +41,18 @@ pub fn names_param(raw_name: &str, strip: &str) -> bool {
 /// name ([`names_param`]: `%24httpMethod`, `http_method`), percent-decoded. Empty (no
 /// allocation) for a query without one.
 pub fn method_overrides(path: &str) -> Vec<Vec<u8>> {
-    let Some((_, query)) = path.split_once('?') else { return Vec::new() };
+    param_values(path, "httpmethod").collect()
+}
+
+/// The values, percent-decoded, of every parameter of `path`'s query that names `name` as
+/// leniently as a credential name ([`names_param`]; `name` in its canonical form: lowercase
+/// letters and digits). Allocates nothing for a query without one.
+pub fn param_values<'a>(path: &'a str, name: &'a str) -> impl Iterator<Item = Vec<u8>> + 'a {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
     params(query)
         .filter_map(|p| p.split_once('=').or(Some((p, ""))))
-        .filter(|(name, _)| names_param(name, "httpmethod"))
+        .filter(move |(n, _)| names_param(n, name))
         .map(|(_, value)| percent_encoding::percent_decode(value.replace('+', " ").as_bytes()).collect())
-        .collect()
 }
 
 /// The parameters of a query: split on `&` and on `;` (which some servers also treat as a

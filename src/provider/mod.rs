@@ -273,8 +273,9 @@ pub const REGISTRY: &[Provider] = &[
 /// Google's system parameters and headers (every Google API reads them) that leave
 /// `usageMetadata` out of an answer or answer in a format keyswap does not read: a field mask
 /// (`fields`, `X-Goog-FieldMask`), `alt` other than `json` or `sse` (`proto`, `media`), a JSONP
-/// `callback`, and protobuf or gRPC bodies. Names read leniently (percent-decoded, any case, a
-/// `$` prefix allowed); `alt=json;enum-encoding=int`, as Google's REST clients send it, is JSON.
+/// `callback`, and protobuf or gRPC bodies. Names read as credential names are
+/// ([`crate::inject::query::names_param`]); `alt=json;enum-encoding=int`, as Google's REST clients
+/// send it, is JSON.
 fn google_hides_usage<'h>(path: &str, header: &dyn Fn(&str) -> Option<&'h [u8]>) -> Option<&'static str> {
     const WHAT: &str = "a Google answer left without its usageMetadata, or in a format keyswap does not read \
                         (fields=, X-Goog-FieldMask, alt= other than json or sse, callback=, protobuf or gRPC)";
@@ -287,17 +288,15 @@ fn google_hides_usage<'h>(path: &str, header: &dyn Fn(&str) -> Option<&'h [u8]>)
     if header("x-goog-fieldmask").is_some() || header("content-type").is_some_and(protobuf) {
         return Some(WHAT);
     }
-    let query = path.split_once('?').map_or("", |(_, q)| q);
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().trim().to_ascii_lowercase();
-    for pair in query.split(['&', '#']) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (decode(k), decode(v));
-        let format = v.split(';').next().unwrap_or("").trim();
-        match k.trim_start_matches('$') {
-            "fields" | "callback" => return Some(WHAT),
-            "alt" if !matches!(format, "json" | "sse") => return Some(WHAT),
-            _ => {}
-        }
+    // Names read as leniently as credential names (`$fields`, `%24Fields`), `;` a separator too.
+    let named = |name| crate::inject::query::param_values(path, name).next().is_some();
+    let json_or_sse = |v: &[u8]| {
+        let format = String::from_utf8_lossy(v).to_ascii_lowercase();
+        matches!(format.split(';').next().unwrap_or("").trim(), "json" | "sse")
+    };
+    if named("fields") || named("callback") || crate::inject::query::param_values(path, "alt").any(|v| !json_or_sse(&v))
+    {
+        return Some(WHAT);
     }
     None
 }
@@ -428,6 +427,8 @@ mod tests {
             "/m:x?alt=proto",
             "/m:x?$alt=media",
             "/m:x?a=1&callback=f",
+            "/m:x?alt=json;fields=a",
+            "/m:x?alt=sse&alt=proto",
         ] {
             assert!(hides(path, &none).is_some(), "{path}");
         }
