@@ -732,6 +732,16 @@ async fn keyswap_over_grpc(
 
 /// keyswap's decision on an Anthropic call with `authorization: <bearer>` (a request that waits
 /// is first told to extend Envoy's timeout: the decision is the last answer), within 9 s.
+/// Asserts that agent-7's token, signed RS256 with `dir/key.key.pem` naming `kid` ("-": none),
+/// is admitted with the default key.
+async fn admits_signed_by(c: &mut common::grpc::Client, dir: &str, key: &str, kid: &str, keyswap: &Proc) {
+    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
+    let token = jwt_tool(&["sign", "RS256", &format!("{dir}/{key}.key.pem"), kid, &claims]);
+    let r = decide_with_bearer(c, &format!("Bearer {token}")).await;
+    let written = common::grpc::set_value(&common::grpc::mutation(&r), "x-api-key");
+    assert_eq!(written.as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+}
+
 /// Asks with `bearer` until keyswap answers 401; fails naming `what` if it still admits after 5 s.
 /// Returns how long that took.
 async fn refused_within_5s(c: &mut common::grpc::Client, bearer: &str, what: &str) -> Duration {
@@ -867,7 +877,6 @@ async fn removing_a_key_from_a_jwks_file_stops_its_tokens_without_a_reload() {
 /// after one refetch refused such tokens for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_empty() {
-    use common::grpc::{mutation, set_value};
     use std::sync::{atomic::Ordering, Arc, Mutex};
     let keys = tempfile::tempdir().unwrap();
     let kd = keys.path().to_str().unwrap();
@@ -890,10 +899,7 @@ async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_e
     let config = tempfile::tempdir().unwrap();
     let bundle = bundle.display().to_string();
     let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[("SSL_CERT_FILE", &bundle)]).await;
-    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
-    let token = jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), "k1", &claims]);
-    let r = decide_with_bearer(&mut c, &format!("Bearer {token}")).await;
-    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+    admits_signed_by(&mut c, kd, "k1", "k1", &keyswap).await;
     assert_eq!((fetches_a.load(Ordering::SeqCst), fetches_b.load(Ordering::SeqCst)), (1, 1));
 }
 
@@ -902,7 +908,6 @@ async fn a_second_key_source_of_one_issuer_is_fetched_after_the_first_comes_up_e
 /// until such a token came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kidless_token_triggers_the_first_jwks_fetch() {
-    use common::grpc::{mutation, set_value};
     use std::sync::{atomic::Ordering, Arc, Mutex};
     let keys = tempfile::tempdir().unwrap();
     let kd = keys.path().to_str().unwrap();
@@ -919,10 +924,7 @@ async fn a_kidless_token_triggers_the_first_jwks_fetch() {
     let config = tempfile::tempdir().unwrap();
     let ca = ca.display().to_string();
     let (keyswap, _work, mut c) = keyswap_over_grpc(config.path(), gateway, &[("SSL_CERT_FILE", &ca)]).await;
-    let claims = format!(r#"{{"iss": "{ISSUER}", "aud": "keyswap", "sub": "agent-7", "exp": 600}}"#);
-    let token = jwt_tool(&["sign", "RS256", &format!("{kd}/k1.key.pem"), "-", &claims]);
-    let r = decide_with_bearer(&mut c, &format!("Bearer {token}")).await;
-    assert_eq!(set_value(&mutation(&r), "x-api-key").as_deref(), Some(DEFAULT_KEY), "{}", keyswap.output());
+    admits_signed_by(&mut c, kd, "k1", "-", &keyswap).await;
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
 }
 
