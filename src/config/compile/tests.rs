@@ -54,6 +54,9 @@ fn set_headers_are_validated_by_name_and_never_echo_a_bad_value() {
     let gateway_key = with("  target: Header\n  setHeaders: [{name: Helicone-Auth, value: Bearer sk-helicone-0001}]");
     let snap = compile(&gateway_key).unwrap();
     assert_eq!(snap.routes.entries[0].binding.strip.pinned[0].0.as_ref(), "helicone-auth");
+    // Never the policy's own header: the pinned value would overwrite the key.
+    let own = with("  target: Header\n  headerName: helicone-auth\n  setHeaders: [{name: Helicone-Auth, value: x}]");
+    assert!(compile(&own).unwrap_err().contains("carries a credential"));
     for (rest, field, says) in [
         ("[{name: authorization, value: x}]", "spec.setHeaders[0].name", "carries a credential"),
         ("[{name: X_Api_Key, value: x}]", "spec.setHeaders[0].name", "carries a credential"),

@@ -418,7 +418,9 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
     const OWNED_PREFIXES: &[&str] = &["x-envoy-", "x-keyswap-", "x-amz-", "x-forwarded-"];
     check_header_name(h)?;
     // A gateway's key beside the provider's may be pinned (LiteLLM, Portkey, Helicone in front).
-    let pinnable = crate::vocab::GATEWAY_KEY_HEADERS.iter().any(|c| crate::vocab::same_header(c, h));
+    // (Never the policy's own header: a pinned value would overwrite the key.)
+    let own = policy_header.as_slice().iter().any(|c| crate::vocab::same_header(c, h));
+    let pinnable = !own && crate::vocab::GATEWAY_KEY_HEADERS.iter().any(|c| crate::vocab::same_header(c, h));
     let credential = crate::vocab::CREDENTIAL_HEADERS.iter().chain(policy_header.as_slice()).chain(&["set-cookie"]);
     if !pinnable && credential.into_iter().any(|c| crate::vocab::same_header(c, h)) {
         return Err(format!(
