@@ -78,8 +78,8 @@ pub const GATEWAY_KEY_HEADERS: [&str; 10] = [
     "x-access-token",
 ];
 
-const CREDENTIALS: [&str; 22] = {
-    let mut all = [""; 22];
+const CREDENTIALS: [&str; PROVIDER_KEY_HEADERS.len() + GATEWAY_KEY_HEADERS.len()] = {
+    let mut all = [""; PROVIDER_KEY_HEADERS.len() + GATEWAY_KEY_HEADERS.len()];
     let mut i = 0;
     while i < PROVIDER_KEY_HEADERS.len() {
         all[i] = PROVIDER_KEY_HEADERS[i];

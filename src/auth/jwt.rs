@@ -50,6 +50,13 @@ struct KeySet {
     unnamed: Vec<(Algorithm, DecodingKey)>,
 }
 
+impl KeySet {
+    /// The keys held, named or not.
+    fn len(&self) -> usize {
+        self.keys.len() + self.unnamed.len()
+    }
+}
+
 /// A JWKS source and its current keys: read lock-free, refreshed single-flight.
 pub struct Jwks {
     pub source: Source,
@@ -122,7 +129,7 @@ impl Jwks {
                 // A reload re-reads the file: an edited JWKS takes effect with the configuration.
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
-                let empty = read.0.keys.is_empty() && read.0.unnamed.is_empty();
+                let empty = read.0.len() == 0;
                 if existing.replace(read) && empty {
                     tracing::warn!(jwks = %existing.source, NO_KEY);
                 }
@@ -133,7 +140,7 @@ impl Jwks {
             Source::File(p) => {
                 let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
                 let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
-                if read.0.keys.is_empty() && read.0.unnamed.is_empty() {
+                if read.0.len() == 0 {
                     tracing::warn!(jwks = %source, NO_KEY);
                 }
                 read
@@ -197,7 +204,7 @@ impl Jwks {
             let result = tokio::time::timeout(FETCH_TIMEOUT, this.fetch()).await;
             match result {
                 Ok(Ok(read)) => {
-                    let keys = read.0.keys.len() + read.0.unnamed.len();
+                    let keys = read.0.len();
                     match this.replace(read) {
                         true if keys == 0 => tracing::warn!(jwks = %this.source, NO_KEY),
                         true => tracing::info!(jwks = %this.source, keys, "JWKS loaded"),
@@ -709,7 +716,7 @@ mod tests {
         assert!(err(b"").contains("not a JWKS"), "a file being written keeps the keys held");
         // No usable key: taken as it is, the validator admits no one.
         let (none, _) = parse_jwks(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).unwrap();
-        assert!(none.keys.is_empty() && none.unnamed.is_empty());
+        assert_eq!(none.len(), 0);
     }
 
     const EC_DOC: &[u8] = br#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
