@@ -173,6 +173,36 @@ pub fn is_dns_name(host: &str) -> bool {
         })
 }
 
+/// Whether the query parameter `raw_name` (as sent) names the credential parameter `strip`, the
+/// way a lenient server might read it: percent-decoded, `+` as space, ASCII case ignored, and
+/// every byte that is not a letter or digit ignored (`API_KEY`, `api-key`, `apiKey`, `key[]`,
+/// `%6Bey`, `key%00` all name `api-key` or `key`).
+pub fn names_param(raw_name: &str, strip: &str) -> bool {
+    // Compared as canonical byte streams, without a copy: decoding `+` to a space and invalid
+    // UTF-8 to U+FFFD changes only bytes the comparison ignores (not ASCII letters or digits).
+    fn canon(bytes: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
+        bytes.filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
+    }
+    !strip.is_empty() && canon(percent_encoding::percent_decode(raw_name.as_bytes())).eq(canon(strip.bytes()))
+}
+
+/// The values, percent-decoded, of every parameter of `path`'s query that names `name` as
+/// leniently as a credential name ([`names_param`]; `name` in its canonical form: lowercase
+/// letters and digits). Allocates nothing for a query without one.
+pub fn param_values<'a>(path: &'a str, name: &'a str) -> impl Iterator<Item = Vec<u8>> + 'a {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    params(query)
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .filter(move |(n, _)| names_param(n, name))
+        .map(|(_, value)| percent_encoding::percent_decode(value.replace('+', " ").as_bytes()).collect())
+}
+
+/// The parameters of a query: split on `&` and on `;` (which some servers also treat as a
+/// separator, so `a=1;key=x` carries a `key`).
+pub fn params(query: &str) -> impl Iterator<Item = &str> {
+    query.split(['&', ';'])
+}
+
 /// `path` (without its query and fragment) as the most lenient router reads it: percent-decoded
 /// (`%2F` too), lowercased, each segment's `;parameters` cut off, empty and `.` segments dropped,
 /// `..` applied, no trailing `/`. Every decision that classifies a request by its path reads this

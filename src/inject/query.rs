@@ -4,6 +4,9 @@ use std::borrow::Cow;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+// The query reader is vocabulary (`target`): the provider registry reads parameters with it too.
+pub use crate::target::{names_param, param_values, params};
+
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded.
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
@@ -23,42 +26,12 @@ pub struct Rewrite {
     pub smuggled: usize,
 }
 
-/// Whether the query parameter `raw_name` (as sent) names the credential parameter `strip`, the
-/// way a lenient server might read it: percent-decoded, `+` as space, ASCII case ignored, and
-/// every byte that is not a letter or digit ignored (`API_KEY`, `api-key`, `apiKey`, `key[]`,
-/// `%6Bey`, `key%00` all name `api-key` or `key`).
-pub fn names_param(raw_name: &str, strip: &str) -> bool {
-    // Compared as canonical byte streams, without a copy: decoding `+` to a space and invalid
-    // UTF-8 to U+FFFD changes only bytes the comparison ignores (not ASCII letters or digits).
-    fn canon(bytes: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
-        bytes.filter(u8::is_ascii_alphanumeric).map(|b| b.to_ascii_lowercase())
-    }
-    !strip.is_empty() && canon(percent_encoding::percent_decode(raw_name.as_bytes())).eq(canon(strip.bytes()))
-}
-
 /// The methods a request's query names for it to stand for (Google's `$httpMethod` system
 /// parameter, the query form of `X-HTTP-Method-Override`), read as leniently as a credential
 /// name ([`names_param`]: `%24httpMethod`, `http_method`), percent-decoded. Empty (no
 /// allocation) for a query without one.
 pub fn method_overrides(path: &str) -> Vec<Vec<u8>> {
     param_values(path, "httpmethod").collect()
-}
-
-/// The values, percent-decoded, of every parameter of `path`'s query that names `name` as
-/// leniently as a credential name ([`names_param`]; `name` in its canonical form: lowercase
-/// letters and digits). Allocates nothing for a query without one.
-pub fn param_values<'a>(path: &'a str, name: &'a str) -> impl Iterator<Item = Vec<u8>> + 'a {
-    let query = path.split_once('?').map_or("", |(_, q)| q);
-    params(query)
-        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
-        .filter(move |(n, _)| names_param(n, name))
-        .map(|(_, value)| percent_encoding::percent_decode(value.replace('+', " ").as_bytes()).collect())
-}
-
-/// The parameters of a query: split on `&` and on `;` (which some servers also treat as a
-/// separator, so `a=1;key=x` carries a `key`).
-fn params(query: &str) -> impl Iterator<Item = &str> {
-    query.split(['&', ';'])
 }
 
 /// Removes every parameter named in `strip` (compared by [`names_param`], so `%6Bey`, `KEY` and

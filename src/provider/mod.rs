@@ -274,7 +274,7 @@ pub const REGISTRY: &[Provider] = &[
 /// `usageMetadata` out of an answer or answer in a format keyswap does not read: a field mask
 /// (`fields`, `X-Goog-FieldMask`), `alt` other than `json` or `sse` (`proto`, `media`), a JSONP
 /// `callback`, and protobuf or gRPC bodies. Names read as credential names are
-/// ([`crate::inject::query::names_param`]); `alt=json;enum-encoding=int`, as Google's REST clients
+/// ([`crate::target::names_param`]); `alt=json;enum-encoding=int`, as Google's REST clients
 /// send it, is JSON.
 fn google_hides_usage<'h>(path: &str, header: &dyn Fn(&str) -> Option<&'h [u8]>) -> Option<&'static str> {
     const WHAT: &str = "a Google answer left without its usageMetadata, or in a format keyswap does not read \
@@ -289,13 +289,12 @@ fn google_hides_usage<'h>(path: &str, header: &dyn Fn(&str) -> Option<&'h [u8]>)
         return Some(WHAT);
     }
     // Names read as leniently as credential names (`$fields`, `%24Fields`), `;` a separator too.
-    let named = |name| crate::inject::query::param_values(path, name).next().is_some();
+    let named = |name| crate::target::param_values(path, name).next().is_some();
     let json_or_sse = |v: &[u8]| {
         let format = String::from_utf8_lossy(v).to_ascii_lowercase();
         matches!(format.split(';').next().unwrap_or("").trim(), "json" | "sse")
     };
-    if named("fields") || named("callback") || crate::inject::query::param_values(path, "alt").any(|v| !json_or_sse(&v))
-    {
+    if named("fields") || named("callback") || crate::target::param_values(path, "alt").any(|v| !json_or_sse(&v)) {
         return Some(WHAT);
     }
     None
