@@ -11,6 +11,16 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// A pause before retrying one of keyswap's own outbound calls (an OTLP export, a Kubernetes
+/// watch), drawn between `low` and `high` times `pause`, so that many clients (a process's
+/// watches, a fleet's exporters) do not retry in step. Each `RandomState` has keys of its own: a
+/// fresh draw per call, no generator to keep.
+pub fn jittered(pause: std::time::Duration, low: f64, high: f64) -> std::time::Duration {
+    use std::hash::BuildHasher as _;
+    let r = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    pause.mul_f64(low + (high - low) * (r % 1024) as f64 / 1024.0)
+}
+
 /// A client for `uri`'s scheme: `http2_only` for gRPC (h2c on `http`, ALPN h2 on `https`).
 /// System CA certificates are loaded only for `https` (a missing store is then an error).
 pub fn client(uri: &hyper::Uri, http2_only: bool) -> Result<HttpClient, String> {

@@ -211,6 +211,31 @@ pub fn params(query: &str) -> impl Iterator<Item = &str> {
 /// path is that already (no allocation for lowercase, unencoded paths; Gemini's `:generateContent`
 /// and Bedrock's encoded ARNs take one).
 pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    CanonicalPath::of(path).0
+}
+
+/// A request's path in [`canonical_path`]'s form, the one every path decision reads. Made once per
+/// request and passed along: the form is not idempotent (`%252F` decodes once to `%2F`, and again
+/// to `/`), so a decision must never canonicalize what another already did, and these types say
+/// which form each one takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalPath<'a>(std::borrow::Cow<'a, str>);
+
+impl std::ops::Deref for CanonicalPath<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'a> CanonicalPath<'a> {
+    /// `path` as sent (query and fragment allowed; they are cut off).
+    pub fn of(path: &'a str) -> Self {
+        CanonicalPath(canonical_form(path))
+    }
+}
+
+fn canonical_form(path: &str) -> std::borrow::Cow<'_, str> {
     let path = path.split(['?', '#']).next().unwrap_or(path);
     let plain = path.starts_with('/')
         && !path.bytes().any(|b| b.is_ascii_uppercase() || matches!(b, b'%' | b';'))

@@ -295,7 +295,7 @@ impl RouteMatcher {
 /// once per request and only when an entry with `endpoints` asks.
 struct PathForms<'a> {
     path: &'a str,
-    canonical: std::cell::OnceCell<std::borrow::Cow<'a, str>>,
+    canonical: std::cell::OnceCell<crate::target::CanonicalPath<'a>>,
 }
 
 impl<'a> PathForms<'a> {
@@ -304,7 +304,7 @@ impl<'a> PathForms<'a> {
     }
 
     fn canonical(&self) -> &str {
-        self.canonical.get_or_init(|| crate::target::canonical_path(self.path))
+        self.canonical.get_or_init(|| crate::target::CanonicalPath::of(self.path))
     }
 }
 

@@ -18,6 +18,7 @@ use crate::budget::{Admit, Answered, Budget, Claim, Demand, Held, Limited, Obser
 use crate::config::snapshot::MatchEntry;
 use crate::config::Snapshot;
 use crate::provider::usage::{Format, UsageParser};
+use crate::target::CanonicalPath;
 use crate::telemetry::Phase as TelemetryPhase;
 use crate::vocab::Identity;
 
@@ -94,20 +95,23 @@ impl Budgeted {
             return None;
         }
         let keys = crate::budget::keys(&entry.budgets, identity, &entry.route);
-        let format = crate::provider::usage::format_for(entry.provider.name, path);
+        let canonical = crate::target::CanonicalPath::of(path);
+        let format = crate::provider::usage::format_for(entry.provider.name, &canonical);
         let plan = Plan {
             budgets: entry.budgets.clone(),
             keys,
             path_model: entry.provider.model_from_path(path).map(|m| m.into_owned()),
             // (Only a request that creates spends tokens: a `GET …:download?alt=media` reads a file.)
-            unmetered: entry.provider.unmetered(creates, path).or_else(|| {
-                let header = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(super::header_bytes);
+            unmetered: entry.provider.unmetered(creates, &canonical).or_else(|| {
+                let header = |n: &str| super::header(headers, n);
                 entry.provider.hides_usage.filter(|_| creates).and_then(|hides| hides(path, &header))
             }),
             // (A `custom` upstream's streams that report no usage are charged by their events:
             // refusing them would refuse every stream of a vendor that reports unasked.)
-            completions: format == Some(Format::OpenAi) && is_completions(path) && entry.provider.name != "custom",
-            can_ask: accepts_stream_options(entry.provider.name, path),
+            completions: format == Some(Format::OpenAi)
+                && is_completions(&canonical)
+                && entry.provider.name != "custom",
+            can_ask: accepts_stream_options(entry.provider.name, &canonical, path),
             snapshot: snapshot.clone(),
         };
         Some(Box::new(Budgeted {
@@ -495,16 +499,16 @@ impl Budgeted {
 }
 
 /// Whether `path` is a Chat Completions (or legacy Completions) endpoint.
-fn is_completions(path: &str) -> bool {
-    crate::target::canonical_path(path).ends_with("/completions")
+fn is_completions(path: &CanonicalPath<'_>) -> bool {
+    path.ends_with("/completions")
 }
 
 /// Whether the provider takes `stream_options` on `path`: OpenAI, Anthropic's OpenAI-compatible
 /// endpoint; Azure OpenAI's v1 API, or an `api-version` of 2024-09-01 or later (earlier ones answer
 /// 400 to it, so their streams are not asked, and one that sets no output limit is unmetered). The
 /// compatible endpoints of Google and Bedrock are not asked: they do not say they take it.
-fn accepts_stream_options(provider: &str, path: &str) -> bool {
-    let (route, query) = path.split_once('?').unwrap_or((path, ""));
+fn accepts_stream_options(provider: &str, route: &CanonicalPath<'_>, path: &str) -> bool {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
     let version = || query.split('&').find_map(|p| p.strip_prefix("api-version="));
     let dated = || version().is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01"));
     match provider {
@@ -536,12 +540,16 @@ async fn admitted(admit: Admit, cont: Continue, asked: bool) -> (ProcessingRespo
 
 #[cfg(test)]
 mod tests {
+    use crate::target::CanonicalPath;
+
     /// Azure OpenAI answers 400 to `stream_options` before api-version 2024-09-01-preview: a
     /// legitimate client pinned to an older version must not be broken by the usage keyswap asks.
     #[test]
     fn only_endpoints_that_accept_stream_options_are_asked_for_usage() {
-        let asks =
-            |provider: &str, path: &str| super::is_completions(path) && super::accepts_stream_options(provider, path);
+        let asks = |provider: &str, path: &str| {
+            let canonical = CanonicalPath::of(path);
+            super::is_completions(&canonical) && super::accepts_stream_options(provider, &canonical, path)
+        };
         assert!(asks("openai", "/v1/chat/completions"));
         assert!(asks("openai", "/v1/completions"));
         assert!(!asks("openai", "/v1/responses"));
@@ -555,6 +563,8 @@ mod tests {
         assert!(!asks("azure-openai", &format!("{deployment}?api-version=latest")));
         assert!(!asks("azure-openai", deployment));
         assert!(asks("azure-openai", "/openai/v1/chat/completions"));
+        // Read in the canonical form, as the provider's router reads it.
+        assert!(asks("azure-openai", "/OpenAI/v1//chat/completions/"));
         // Other providers' OpenAI-compatible endpoints: theirs to accept, never added.
         assert!(!asks("google", "/v1beta/openai/chat/completions"));
         assert!(!asks("bedrock", "/openai/v1/chat/completions"));

@@ -532,12 +532,14 @@ fn header_bytes(h: &HeaderValue) -> &[u8] {
     }
 }
 
+/// The bytes of header `name`'s first copy (names compared in any case).
+fn header<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a [u8]> {
+    headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).map(header_bytes)
+}
+
 /// Header `name` as text: `Some("")` when it is there but not UTF-8, `None` when it is absent.
 fn present<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(name))
-        .map(|h| std::str::from_utf8(header_bytes(h)).unwrap_or(""))
+    header(headers, name).map(|v| std::str::from_utf8(v).unwrap_or(""))
 }
 
 /// What a log line shows of an agent-sent string (authority, path, method): at most
@@ -556,6 +558,7 @@ pub(crate) fn clip(s: &str) -> &str {
 
 const LOGGED_BYTES: usize = 256;
 
+/// Header `name` as text, when it is there and UTF-8.
 fn find<'a>(headers: &'a [HeaderValue], name: &str) -> Option<&'a str> {
-    headers.iter().find(|h| h.key.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(header_bytes(h)).ok())
+    header(headers, name).and_then(|v| std::str::from_utf8(v).ok())
 }

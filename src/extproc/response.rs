@@ -92,7 +92,7 @@ impl ProcessStream {
     /// waits for it); one the scrubber rewrites, or any without the observing filter, comes here.
     pub(super) fn on_response_headers(&mut self, headers: &[HeaderValue], end: bool) -> Handled {
         let mut wants_body = false;
-        let find = |n: &str| headers.iter().find(|h| h.key.eq_ignore_ascii_case(n)).map(header_bytes);
+        let find = |n: &str| super::header(headers, n);
         let status: Option<u16> = find(":status").and_then(|s| std::str::from_utf8(s).ok()?.parse().ok());
         // An error's body is scrubbed on every injected route, whatever the route says of
         // answers: errors quote what they were sent (AWS's signature mismatch, the canonical

@@ -78,9 +78,21 @@ pub struct TunnelGuard {
 /// wildcard entry whose DNS the agent's side controls) does not reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrivateRange {
-    /// Lowercase, without a trailing dot; `*.` for the names under a domain.
-    pub host: Option<String>,
+    /// `None`: every tunnel.
+    pub host: Option<RangeHost>,
     pub net: Cidr,
+}
+
+/// Whose tunnels a [`PrivateRange`] opens to, as parsed once at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RangeHost {
+    /// One name: lowercase, without a trailing dot.
+    Name(String),
+    /// The names under a domain (`*.domain`; the domain lowercase, without `*.`).
+    Under(String),
+    /// An address, in canonical form (`::ffff:10.0.0.5` is `10.0.0.5`): a CONNECT naming it in
+    /// any spelling.
+    Address(IpAddr),
 }
 
 impl std::str::FromStr for PrivateRange {
@@ -88,21 +100,25 @@ impl std::str::FromStr for PrivateRange {
     fn from_str(s: &str) -> Result<Self, String> {
         let Some((host, net)) = s.split_once('=') else { return Ok(PrivateRange { host: None, net: s.parse()? }) };
         let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-        let name = host.strip_prefix("*.").unwrap_or(&host);
-        let literal = name.parse::<IpAddr>().is_ok() && !host.starts_with("*.");
-        if !(literal || crate::target::is_dns_name(name)) || name.is_empty() {
-            return Err(format!(
-                "`{s}`: `{host}` is not a host name, `*.domain` or IP address (write HOST=CIDR or CIDR)"
-            ));
-        }
-        Ok(PrivateRange { host: Some(host), net: net.parse()? })
+        let bad = || format!("`{s}`: `{host}` is not a host name, `*.domain` or IP address (write HOST=CIDR or CIDR)");
+        let parsed = match (host.strip_prefix("*."), host.parse::<IpAddr>()) {
+            (Some(domain), _) if !domain.is_empty() && crate::target::is_dns_name(domain) => {
+                RangeHost::Under(domain.to_string())
+            }
+            (None, Ok(ip)) => RangeHost::Address(ip.to_canonical()),
+            (None, Err(_)) if !host.is_empty() && crate::target::is_dns_name(&host) => RangeHost::Name(host),
+            _ => return Err(bad()),
+        };
+        Ok(PrivateRange { host: Some(parsed), net: net.parse()? })
     }
 }
 
 impl std::fmt::Display for PrivateRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.host {
-            Some(h) => write!(f, "{h}={}", self.net),
+            Some(RangeHost::Name(h)) => write!(f, "{h}={}", self.net),
+            Some(RangeHost::Under(d)) => write!(f, "*.{d}={}", self.net),
+            Some(RangeHost::Address(a)) => write!(f, "{a}={}", self.net),
             None => self.net.fmt(f),
         }
     }
@@ -111,16 +127,14 @@ impl std::fmt::Display for PrivateRange {
 impl PrivateRange {
     /// Whether it opens `ip` to a tunnel whose CONNECT names `host` (lowercase, no trailing dot).
     fn opens(&self, host: &str, ip: IpAddr) -> bool {
-        let named = match self.host.as_deref() {
+        let named = match &self.host {
             None => true,
-            Some(p) => match p.strip_prefix("*.") {
-                Some(domain) => host.strip_suffix(domain).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-                // An address as an address: `[FD00:0::1]` is `fd00::1`, `[::ffff:10.0.0.5]` is `10.0.0.5`.
-                None => {
-                    let literal = |h: &str| h.parse::<IpAddr>().ok().map(|a| a.to_canonical());
-                    p == host || literal(p).is_some_and(|a| literal(host) == Some(a))
-                }
-            },
+            Some(RangeHost::Name(name)) => name == host,
+            Some(RangeHost::Under(domain)) => {
+                host.strip_suffix(domain.as_str()).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+            }
+            // An address as an address: `FD00:0::1` is `fd00::1`, `::ffff:10.0.0.5` is `10.0.0.5`.
+            Some(RangeHost::Address(a)) => host.parse::<IpAddr>().is_ok_and(|h| h.to_canonical() == *a),
         };
         named && self.net.contains(ip)
     }

@@ -333,12 +333,11 @@ impl Provider {
     /// path is compared the way a lenient router may read it: percent-decoded, lowercased, empty
     /// and `.` segments dropped, `..` applied, `;parameters` cut off, without the query (an agent must not slip past
     /// with `/v1/b%61tches/` or `/v1//./batches`, whether or not Envoy normalized the path).
-    pub fn unmetered(&self, creates: bool, path: &str) -> Option<&'static str> {
+    pub fn unmetered(&self, creates: bool, path: &crate::target::CanonicalPath<'_>) -> Option<&'static str> {
         if self.unmetered.is_empty() || !creates {
             return None;
         }
-        let path = crate::target::canonical_path(path);
-        self.unmetered.iter().copied().find(|g| glob::matches(g, &path, None))
+        self.unmetered.iter().copied().find(|g| glob::matches(g, path, None))
     }
 
     /// Whether `host`, which the route host `pattern` matched (one DNS label per `*`), is a name
@@ -377,6 +376,7 @@ pub fn is_aws_region(label: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::CanonicalPath;
 
     #[test]
     fn requests_that_spend_tokens_out_of_sight_are_recognised_however_the_path_is_spelled() {
@@ -394,20 +394,25 @@ mod tests {
             "/v1%2fbatches",
             "/v1/threads/thread_1/runs",
         ] {
-            assert!(openai.unmetered(true, path).is_some(), "{path}");
+            assert!(openai.unmetered(true, &CanonicalPath::of(path)).is_some(), "{path}");
         }
         // Reading a batch's status, or a metered endpoint, is not refused.
-        assert_eq!(openai.unmetered(false, "/v1/batches"), None);
-        assert_eq!(openai.unmetered(true, "/v1/chat/completions"), None);
-        assert_eq!(openai.unmetered(true, "/v1/batches/batch_1/cancel"), None);
+        assert_eq!(openai.unmetered(false, &CanonicalPath::of("/v1/batches")), None);
+        assert_eq!(openai.unmetered(true, &CanonicalPath::of("/v1/chat/completions")), None);
+        assert_eq!(openai.unmetered(true, &CanonicalPath::of("/v1/batches/batch_1/cancel")), None);
         let google = lookup("google").unwrap();
-        assert!(google.unmetered(true, "/v1beta/models/gemini-2.5-pro:batchGenerateContent").is_some());
-        assert!(google.unmetered(true, "/v1beta/models/gemini-2.5-pro:generateContent").is_none());
-        assert!(lookup("anthropic").unwrap().unmetered(true, "/v1/messages/batches").is_some());
-        assert!(lookup("anthropic").unwrap().unmetered(true, "/v1/messages").is_none());
-        assert!(lookup("azure-openai").unwrap().unmetered(true, "/openai/v1/batches").is_some());
-        assert!(lookup("azure-openai").unwrap().unmetered(true, "/openai/batches?api-version=2024-10-21").is_some());
-        assert!(lookup("bedrock").unwrap().unmetered(true, "/async-invoke").is_some());
+        assert!(google
+            .unmetered(true, &CanonicalPath::of("/v1beta/models/gemini-2.5-pro:batchGenerateContent"))
+            .is_some());
+        assert!(google.unmetered(true, &CanonicalPath::of("/v1beta/models/gemini-2.5-pro:generateContent")).is_none());
+        assert!(lookup("anthropic").unwrap().unmetered(true, &CanonicalPath::of("/v1/messages/batches")).is_some());
+        assert!(lookup("anthropic").unwrap().unmetered(true, &CanonicalPath::of("/v1/messages")).is_none());
+        assert!(lookup("azure-openai").unwrap().unmetered(true, &CanonicalPath::of("/openai/v1/batches")).is_some());
+        assert!(lookup("azure-openai")
+            .unwrap()
+            .unmetered(true, &CanonicalPath::of("/openai/batches?api-version=2024-10-21"))
+            .is_some());
+        assert!(lookup("bedrock").unwrap().unmetered(true, &CanonicalPath::of("/async-invoke")).is_some());
         for p in REGISTRY {
             for g in p.unmetered {
                 assert_eq!(*g, g.to_ascii_lowercase(), "{}: unmetered globs are compared lowercased", p.name);
@@ -453,7 +458,8 @@ mod tests {
     /// `custom` OpenAI-compatible server. Each was admitted as one small request.
     #[test]
     fn asynchronous_apis_missing_from_the_registry_are_refused_as_unmetered() {
-        let unmetered = |provider: &str, path: &str| lookup(provider).unwrap().unmetered(true, path).is_some();
+        let unmetered =
+            |provider: &str, path: &str| lookup(provider).unwrap().unmetered(true, &CanonicalPath::of(path)).is_some();
         for path in [
             "/v1/projects/p/locations/us-central1/batchPredictionJobs",
             "/v1/projects/p/locations/us-central1/tuningJobs",

@@ -135,10 +135,7 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// `pause`, drawn between half and one and a half times it.
 fn jittered(pause: Duration) -> Duration {
-    use std::hash::BuildHasher as _;
-    // Each `RandomState` has keys of its own: a fresh draw per call, no generator to keep.
-    let r = std::collections::hash_map::RandomState::new().hash_one(0u8);
-    pause.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
+    crate::http::jittered(pause, 0.5, 1.5)
 }
 
 /// An HTTP `Retry-After` in seconds (the date form is not read).

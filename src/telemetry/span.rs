@@ -158,6 +158,11 @@ fn name_sketch(name: &str) -> u64 {
     1 << (h.wrapping_mul(0x85EB_CA6B) >> 26)
 }
 
+/// Header `name` (any case) as text, when it is there and UTF-8.
+fn text_header<'a>(headers: &[(&str, &'a [u8])], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
 fn header_text(v: &[u8], redacted: bool) -> Cow<'_, str> {
     let v = &v[..v.len().min(MAX_HEADER_VALUE)];
     match (redacted, std::str::from_utf8(v)) {
@@ -191,9 +196,7 @@ impl Transaction {
         headers: &[(&str, &[u8])],
         capture: &std::sync::Arc<CapturePolicy>,
     ) -> (Transaction, String) {
-        let find = |n: &str| {
-            headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
-        };
+        let find = |n: &str| text_header(headers, n);
         // A transaction exists only when sampled: the sampled flag is set whatever the agent sent
         // (`always_on` traces a parent that said no), the random-trace-id flag kept, and the bits
         // W3C reserves zeroed rather than passed upstream and into the span.
@@ -247,7 +250,10 @@ impl Transaction {
         let content_type = find("content-type").unwrap_or("");
         // A request keyswap answers itself never has its body read: no body event claims one.
         let req_body = (s.error.is_none() && capture.wants(content_type)).then(|| Capture::new(capture.max_bytes));
-        let format = s.provider.and_then(|p| format_for(p.name, s.redacted_path)).filter(|_| capture.read_bodies);
+        let format = s
+            .provider
+            .and_then(|p| format_for(p.name, &crate::target::CanonicalPath::of(s.redacted_path)))
+            .filter(|_| capture.read_bodies);
         // openai/anthropic put the model in the JSON body: keep enough of it to read the model.
         let req_model_buf =
             (s.error.is_none() && s.request_model.is_none() && format.is_some()).then(|| Capture::new(64 * 1024));
@@ -339,9 +345,7 @@ impl Transaction {
     }
 
     pub fn on_response_headers(&mut self, headers: &[(&str, &[u8])]) {
-        let find = |n: &str| {
-            headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).and_then(|(_, v)| std::str::from_utf8(v).ok())
-        };
+        let find = |n: &str| text_header(headers, n);
         self.status_code = find(":status").and_then(|s| s.parse().ok());
         let content_type = find("content-type").unwrap_or("");
         header_event(&mut self.encoded, "http.response.headers", RESPONSE_PREFIX, headers, self.redact_also.as_deref());

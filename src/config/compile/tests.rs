@@ -395,6 +395,7 @@ fn an_excluded_endpoint_on_an_allow_listed_routed_host_is_refused_not_passed_thr
 /// for Chat Completions streams. Every classification reads the canonical path.
 #[test]
 fn a_path_spelled_with_a_trailing_slash_encoded_slash_or_capitals_is_classified_as_its_canonical_form() {
+    use crate::target::CanonicalPath;
     let routes =
         route("chat", "{provider: openai, endpoints: ['/v1/Chat/Completions']}") + &route("rest", "{provider: openai}");
     let snap = compile(&format!("{GW}{routes}")).unwrap();
@@ -429,7 +430,9 @@ fn a_path_spelled_with_a_trailing_slash_encoded_slash_or_capitals_is_classified_
     assert_eq!(crate::target::canonical_path("/v1/chat/completions?x=/Y"), "/v1/chat/completions");
     assert!(matches!(crate::target::canonical_path("/v1/chat/completions"), std::borrow::Cow::Borrowed(_)));
     assert_eq!(crate::target::canonical_path("/v1/Chat%2FCompletions/;a"), "/v1/chat/completions");
-    let format = crate::provider::usage::format_for;
+    // Not idempotent, hence one `CanonicalPath` per request: an encoded `%2F` is decoded once.
+    assert_eq!(&*CanonicalPath::of("/v1/a%252Fb"), "/v1/a%2fb");
+    let format = |provider: &str, path: &str| crate::provider::usage::format_for(provider, &CanonicalPath::of(path));
     assert_eq!(format("anthropic", "/v1/Chat/Completions/"), Some(crate::provider::usage::Format::OpenAi));
     let azure = crate::provider::lookup("azure-openai").unwrap();
     assert_eq!(azure.model_from_path("/openai/Deployments/gpt-4o/chat/completions").as_deref(), Some("gpt-4o"));

@@ -343,17 +343,34 @@ impl Default for Backoff {
 
 impl Backoff {
     fn next_pause(&mut self) -> Duration {
-        use std::hash::{BuildHasher as _, Hasher as _};
         let pause = self.next;
         self.next = (self.next * 2).min(RETRY_CAP);
-        // Each RandomState hashes differently: a cheap random number.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u8(0);
-        let jitter = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
-        pause.mul_f64(jitter)
+        crate::http::jittered(pause, 0.5, 1.0)
     }
 
     fn reset(&mut self) {
         self.next = RETRY_FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Watches that fail together (an API server restarting) must not all retry in step, nor
+    /// wait longer than the cap.
+    #[test]
+    fn watch_retries_double_to_their_cap_and_are_spread() {
+        let mut b = Backoff::default();
+        let pauses: Vec<Duration> = (0..12).map(|_| b.next_pause()).collect();
+        let mut nominal = RETRY_FIRST;
+        for p in &pauses {
+            assert!(*p >= nominal / 2 && *p <= nominal, "{p:?} against {nominal:?}");
+            nominal = (nominal * 2).min(RETRY_CAP);
+        }
+        let firsts: Vec<Duration> = (0..50).map(|_| Backoff::default().next_pause()).collect();
+        assert!(firsts.iter().any(|p| *p != firsts[0]), "no jitter: {firsts:?}");
+        b.reset();
+        assert!(b.next_pause() <= RETRY_FIRST);
     }
 }

@@ -68,8 +68,7 @@ pub enum Format {
 /// LiteLLM, Mistral, Groq, OpenRouter …) is read on the paths of the APIs it copies: Chat
 /// Completions, Completions, Embeddings and Responses in OpenAI's format, Messages in
 /// Anthropic's; its other paths (and any unknown provider name) are `None`: not read.
-pub fn format_for(provider: &str, path: &str) -> Option<Format> {
-    let route = &*crate::target::canonical_path(path);
+pub fn format_for(provider: &str, route: &crate::target::CanonicalPath<'_>) -> Option<Format> {
     if provider == "custom" {
         let on = |suffix: &str| route.starts_with('/') && route.ends_with(suffix);
         return if ["/chat/completions", "/completions", "/embeddings", "/responses"].iter().any(|s| on(s)) {

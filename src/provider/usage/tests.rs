@@ -8,6 +8,11 @@ use super::fixtures::{
 };
 use super::*;
 
+/// The format of a request to `path` as sent.
+fn format_for(provider: &str, path: &str) -> Option<Format> {
+    super::format_for(provider, &crate::target::CanonicalPath::of(path))
+}
+
 // ---- Format selection.
 
 #[test]
