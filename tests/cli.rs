@@ -590,6 +590,25 @@ fn envoy_config_over_ads_names_every_static_only_flag_it_was_given() {
     }
 }
 
+/// The attack: an agent on the same host as a gateway set up from `envoy-config` opens Envoy's
+/// admin on 127.0.0.1:9901 (unauthenticated): `/quitquitquit`, or `/logging?level=debug` to log
+/// the real keys Envoy sends upstream. `--admin-socket` puts it on an owner-only Unix socket.
+#[test]
+fn envoy_config_can_put_envoys_admin_where_only_its_user_reaches_it() {
+    let dir = config_dir();
+    let d = dir.path().to_str().unwrap();
+    let (code, out, err) = keyswap(&["envoy-config", "--config", d, "--admin-socket", "run/envoy-admin.sock"]);
+    assert_eq!(code, 0, "{err}");
+    let bootstrap: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+    let pipe = &bootstrap["admin"]["address"]["pipe"];
+    let path = pipe["path"].as_str().unwrap();
+    assert!(path.starts_with('/') && path.ends_with("/run/envoy-admin.sock"), "{path}");
+    assert_eq!(pipe["mode"].as_u64(), Some(0o600));
+    assert!(bootstrap["admin"]["address"]["socket_address"].is_null(), "{out}");
+    let (code, _, err) = keyswap(&["envoy-config", "--config", d, "--admin-socket", "a.sock", "--admin-port", "9901"]);
+    assert_eq!(code, 2, "both admin places were taken: {err}");
+}
+
 #[test]
 fn check_and_explain_show_budgets_and_the_store_but_never_the_redis_password() {
     let dir = tempfile::tempdir().unwrap();

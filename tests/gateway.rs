@@ -1335,3 +1335,62 @@ async fn held_http1_uploads_that_went_quiet_are_closed_once_memory_is_short() {
     let peak = envoy_peak_resident_mib(&dev);
     assert!(peak < 400, "Envoy's resident memory reached {peak} MiB");
 }
+
+/// `keyswap dev` run a second time (a second shell, a forgotten one in the background) with its
+/// own ports or working directory taken. It used to say "Envoy did not listen within 30 s" and
+/// hide keyswap's own error; found the first gateway's Envoy on the proxy port, said "Envoy is up"
+/// with nothing of its own behind it; and took over the first one's live ext_proc socket, whose
+/// Envoy then failed closed on every new connection. Each is now refused at start, naming what is
+/// taken, and the first gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dev_gateway_says_what_is_taken_and_leaves_the_first_serving() {
+    let work = tempfile::tempdir().unwrap();
+    let (first, _fake) = openai_dev(work.path(), "", "", &["dev"]).await;
+    let proxy: u16 = first.env["HTTPS_PROXY"].rsplit(':').next().unwrap().parse().unwrap();
+    let second = |config: &str, work: &std::path::Path, metrics: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyswap"));
+        cmd.arg("dev").arg("--config").arg(dir.path()).arg("--work").arg(work).args(["--metrics", metrics]);
+        cmd.env("ENVOY_BIN", envoy_bin()).env("RUST_LOG", "warn");
+        let mut child = own_group(&mut cmd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the second dev gateway is still running after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let metrics = format!("127.0.0.1:{}", common::dev::metrics_port(&first));
+    let elsewhere = tempfile::tempdir().unwrap();
+    tokio::task::block_in_place(|| {
+        // The same proxy port.
+        let (ok, out, err) = second(&gateway_config("deny-all", proxy, ""), elsewhere.path(), "127.0.0.1:0");
+        assert!(!ok && err.contains(&format!("cannot use 127.0.0.1:{proxy}")), "{err}");
+        assert!(!out.contains("HTTPS_PROXY"), "an agent was told to use it: {out}");
+        // The same working directory (its ext_proc socket), another proxy port.
+        let (ok, out, err) = second(&gateway_config("deny-all", free_port(), ""), work.path(), "127.0.0.1:0");
+        assert!(!ok && err.contains("keyswap.sock") && err.contains("another process is serving on it"), "{err}");
+        assert!(!out.contains("HTTPS_PROXY"), "{out}");
+        // keyswap's admin port, taken after Envoy started: keyswap's error, not Envoy's.
+        let (ok, out, err) = second(&gateway_config("deny-all", free_port(), ""), elsewhere.path(), &metrics);
+        assert!(!ok && err.contains("keyswap stopped serving") && err.contains(&metrics), "{err}");
+        assert!(!err.contains("Envoy did not listen"), "{err}");
+        assert!(!out.contains("HTTPS_PROXY"), "{out}");
+    });
+    let (code, body, err) = curl_openai(&first);
+    assert_eq!(code, 0, "{err}");
+    assert!(body.ends_with("\n200"), "the first gateway stopped serving: {body}");
+}

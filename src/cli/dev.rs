@@ -49,7 +49,8 @@ pub struct DevArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_lifetime)]
     pub leaf_lifetime: std::time::Duration,
     /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.
-    /// (9465, beside `serve`'s 9464, so a dev gateway and a served one can run side by side.)
+    /// (9465, not `serve`'s 9464; a dev gateway and a served one of the same manifests still
+    /// share the proxy port, so run one at a time.)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
     pub metrics: SocketAddr,
     #[command(flatten)]
@@ -79,6 +80,16 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let envoy_bin = find_envoy()?;
+    let (proxy_ports, _) = crate::envoy::ports(&view.snapshot.listeners).map_err(anyhow::Error::msg)?;
+    let proxy_port =
+        proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
+    // Free before Envoy starts: whatever else holds it would pass for Envoy being up.
+    std::net::TcpListener::bind(("127.0.0.1", proxy_port)).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot use 127.0.0.1:{proxy_port}, the gateway's proxy port: {e} (another `keyswap dev` or Envoy \
+             running? stop it first, or give the gateway's listener another port)"
+        )
+    })?;
     let work = std::path::absolute(args.work.clone().unwrap_or_else(|| default_certs_dir(&view.key)))?;
     crate::certs::ensure_ca(&work, &view.key, time::OffsetDateTime::now_utc())?;
     let ca_cert = work.join("ca.crt");
@@ -97,9 +108,6 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         )),
     )?;
     let bundle = write_ca_bundle(&ca_cert, &args.system_ca)?;
-    let (proxy_ports, _) = crate::envoy::ports(&view.snapshot.listeners).map_err(anyhow::Error::msg)?;
-    let proxy_port =
-        proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
     let snapshot = view.snapshot;
     let options = crate::envoy::Options {
         upstreams: args.upstreams.clone(),
@@ -120,18 +128,24 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let control = ControlPlane { ads: Default::default(), options, ca, leaf_lifetime: args.leaf_lifetime };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = Serving { listeners, span_queue: None, tunnel: args.tunnel.guard(), control: Some(control) };
-        let server = tokio::spawn(run_extproc((source, events), snapshot, serving, args.metrics, async {
+        let mut server = tokio::spawn(run_extproc((source, events), snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));
         let mut envoy = spawn_envoy(&envoy_bin, &envoy_yaml, &work)?;
         let envoy_pid = envoy.id();
-        wait_until_listening(&mut envoy, proxy_port, &work).await?;
+        // keyswap's own start can fail after Envoy's began (its admin port taken, a bad OTEL_*
+        // variable): said as such, not as an Envoy that never came up (Envoy is killed on return).
+        tokio::select! {
+            up = wait_until_listening(&mut envoy, proxy_port, &work) => up?,
+            ended = &mut server => return Err(server_ended(ended)),
+        }
         tracing::info!(port = proxy_port, log = %work.join("envoy.log").display(), "Envoy is up");
         print_agent_env(&view.key, proxy_port, &ca_cert, &bundle)?;
 
-        let result = tokio::select! {
-            _ = shutdown_signal() => Ok(()),
-            status = envoy.wait() => Err(anyhow::anyhow!("Envoy exited ({}); see {}", status?, work.join("envoy.log").display())),
+        let (result, server) = tokio::select! {
+            _ = shutdown_signal() => (Ok(()), Some(server)),
+            status = envoy.wait() => (Err(anyhow::anyhow!("Envoy exited ({}); see {}", status?, work.join("envoy.log").display())), Some(server)),
+            ended = &mut server => (Err(server_ended(ended)), None),
         };
         ca_watch.abort();
         if let Some(pid) = envoy_pid {
@@ -139,11 +153,22 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         }
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), envoy.wait()).await;
         let _ = stop_tx.send(());
-        server.await??;
+        if let Some(server) = server {
+            server.await??;
+        }
         result
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// keyswap's server stopped on its own while Envoy ran: what it said.
+fn server_ended(ended: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match ended {
+        Ok(Err(e)) => e.context("keyswap stopped serving"),
+        Ok(Ok(())) => anyhow::anyhow!("keyswap stopped serving"),
+        Err(e) => anyhow::anyhow!("keyswap stopped serving: {e}"),
+    }
 }
 
 /// Where `dev` has Envoy write its admin address, in the working directory.

@@ -150,9 +150,15 @@ pub struct EnvoyConfigArgs {
     /// Unix socket where keyswap serves ext_proc and ADS (what Envoy connects to).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_UDS)]
     pub uds: PathBuf,
-    /// Envoy admin port, always on 127.0.0.1 (0 picks a free port).
+    /// Envoy admin port, always on 127.0.0.1 (0 picks a free port). Any local process reaches
+    /// it, unauthenticated: it can stop Envoy or turn on its debug log, which shows the real keys
+    /// sent upstream. Where agents run on the same host (not in other pods), use --admin-socket.
     #[arg(long, default_value_t = 9901)]
     pub admin_port: u16,
+    /// Put Envoy's admin interface on this Unix socket (mode 0600: only Envoy's user opens it)
+    /// instead of --admin-port.
+    #[arg(long, value_name = "PATH", conflicts_with = "admin_port")]
+    pub admin_socket: Option<PathBuf>,
     /// Print a static bootstrap instead: every listener, route and cluster inline and the leaf
     /// from files under --certs (minted when missing or stale). A route or host change then needs
     /// a new bootstrap and an Envoy restart, and the leaf renewal is yours. Without --static the
@@ -175,18 +181,16 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
         Ok(v) => v,
         Err(errors) => return Ok(print_errors(&errors)),
     };
-    let extproc = ExtProcAddress::Uds(args.uds);
+    let extproc = ExtProcAddress::Uds(std::path::absolute(args.uds)?);
+    let admin = match args.admin_socket {
+        Some(path) => crate::envoy::Admin::Socket(std::path::absolute(path)?),
+        None => crate::envoy::Admin::Port(args.admin_port),
+    };
     let bootstrap = if args.static_bootstrap {
         let dir = args.certs.unwrap_or_else(|| default_certs_dir(&view.key));
         let certs = ensure_certs(&view, &dir)?;
         let opts = args.resources.options(Delivery::Static { certs_dir: certs.dir.clone(), extproc });
-        crate::envoy::bootstrap(
-            &view.snapshot,
-            &opts,
-            &crate::envoy::Admin::Port(args.admin_port),
-            &args.bounds.bounds(),
-        )
-        .map_err(anyhow::Error::msg)?
+        crate::envoy::bootstrap(&view.snapshot, &opts, &admin, &args.bounds.bounds()).map_err(anyhow::Error::msg)?
     } else {
         let ignored = args.resources.given();
         if !ignored.is_empty() {
@@ -196,12 +200,7 @@ pub(super) fn envoy_config(args: EnvoyConfigArgs) -> anyhow::Result<ExitCode> {
                 ignored.join(", ")
             );
         }
-        crate::envoy::ads_bootstrap(
-            &view.key,
-            &extproc,
-            &crate::envoy::Admin::Port(args.admin_port),
-            &args.bounds.bounds(),
-        )
+        crate::envoy::ads_bootstrap(&view.key, &extproc, &admin, &args.bounds.bounds())
     };
     print!("{}", crate::envoy::to_yaml(&bootstrap));
     Ok(ExitCode::SUCCESS)

@@ -1,4 +1,4 @@
-//! Command-line interface: `serve`, `check`, `explain`.
+//! Command-line interface: `serve`, `dev`, `check`, `explain`, `certs`, `envoy-config`, `crds`, `token`.
 //!
 //! One file per subcommand, each with its arguments; this module holds what they share (the
 //! configuration source, the runtime, small parsers), logging, and the dispatch in [`run`].

@@ -196,9 +196,24 @@ async fn bind_listeners(args: &ServeArgs) -> anyhow::Result<Vec<Bound>> {
         listeners.push(Bound::tcp(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
     }
     if let Some(path) = &args.uds {
-        let bound =
-            Bound::uds(path, args.uds_mode).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        if args.uds_mode & 0o007 != 0 {
+            tracing::warn!(mode = format!("{:o}", args.uds_mode), path = %path.display(),
+                "the ext_proc socket is open to every local user: whoever connects can obtain real keys and, over ADS, the leaf's private key");
+        }
+        let bound = Bound::uds(path, args.uds_mode).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (choose a path you can write with --uds, and point Envoy at the same path: `keyswap envoy-config --uds PATH`)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot listen on {}: {e}{hint}", path.display())
+        })?;
         listeners.push(bound);
+    } else {
+        tracing::warn!(
+            "no --uds: Envoy's ADS (listeners, routes, the leaf) is served only on the Unix socket, so an Envoy \
+             on `keyswap envoy-config`'s bootstrap gets none; ext_proc alone is on TCP"
+        );
     }
     Ok(listeners)
 }

@@ -32,16 +32,25 @@ impl Bound {
     }
 
     /// Binds a Unix socket with permissions `mode`, replacing a stale socket file left by a
-    /// previous run. The socket is bound under a temporary name in a private directory, given its
-    /// mode, then renamed into place: no one else can connect before the mode is set. The parent
-    /// directory is created (0700) when missing.
+    /// previous run (one a live process still serves on is refused, not taken over). The socket is
+    /// bound under a temporary name in a private directory, given its mode, then renamed into
+    /// place: no one else can connect before the mode is set. The parent directory is created
+    /// when missing: 0700, or 0750 when `mode` lets the group in (so that it can).
     pub fn uds(path: &Path, mode: u32) -> std::io::Result<Bound> {
         use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            let dir_mode = if mode & 0o070 != 0 { 0o750 } else { 0o700 };
+            std::fs::DirBuilder::new().recursive(true).mode(dir_mode).create(dir)?;
         }
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if meta.file_type().is_socket() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another process is serving on it (a second keyswap?): stop it, or give this one \
+                         another socket path",
+                    ));
+                }
                 std::fs::remove_file(path)?;
             } else {
                 return Err(std::io::Error::new(
@@ -167,3 +176,35 @@ pub async fn run(
 /// connection has closed: shutdown waits for the count to reach zero before the exporter's last
 /// flush.
 pub type LiveStreams = crate::vocab::InFlight;
+
+#[cfg(test)]
+mod tests {
+    use super::Bound;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// `--uds-mode 660` with a shared group: a directory keyswap creates must let the group in,
+    /// or Envoy (another user of the group) cannot reach the socket whatever its mode.
+    #[tokio::test]
+    async fn a_socket_for_a_shared_group_gets_a_directory_the_group_can_enter() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let _shared = Bound::uds(&dir.path().join("shared/k.sock"), 0o660).unwrap();
+        assert_eq!(mode(&dir.path().join("shared")), 0o750);
+        assert_eq!(mode(&dir.path().join("shared/k.sock")), 0o660);
+        let _own = Bound::uds(&dir.path().join("own/k.sock"), 0o600).unwrap();
+        assert_eq!(mode(&dir.path().join("own")), 0o700);
+    }
+
+    /// A stale socket (its process gone) is replaced; a live one is not taken over.
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.sock");
+        let first = Bound::uds(&path, 0o600).unwrap();
+        let err = Bound::uds(&path, 0o600).err().expect("a second server took over the live socket");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        drop(first);
+        assert!(path.exists(), "the stale socket file stays behind");
+        Bound::uds(&path, 0o600).expect("a stale socket is replaced");
+    }
+}
