@@ -249,25 +249,31 @@ impl RouteMatcher {
 
     /// The first entry matching host and path. Exact hosts win over patterns; within each,
     /// entries keep their compiled order (the gateway's namespace's routes first, then the
-    /// others, each by namespace/name, rule, match).
+    /// others, each by namespace/name, rule, match). A host some namespace's route names exactly
+    /// is that namespace's for every path: a path its entries leave out (their `endpoints`,
+    /// `models`) falls to its own patterns only, never to another namespace's `*.` over it.
     pub fn find(&self, host: &str, path: &str) -> Option<&MatchEntry> {
         let path = &PathForms::new(path);
+        let mut owner = None;
         if let Some(candidates) = self.exact.get(host) {
             if let Some(e) = candidates.iter().map(|&i| &self.entries[i]).find(|e| e.accepts(path)) {
                 return Some(e);
             }
+            // (The compiler leaves a host exactly named in one namespace's routes at most.)
+            owner = candidates.first().map(|&i| self.entries[i].namespace());
         }
+        let theirs = |e: &MatchEntry| owner.is_none_or(|ns| e.namespace() == ns);
         // The first accepting entry, in entry order, over both kinds of pattern.
         let mut best = host
             .split_once('.')
             .and_then(|(_, rest)| self.label_wildcards.get(rest))
-            .and_then(|c| c.iter().copied().find(|&i| self.entries[i].accepts(path)));
+            .and_then(|c| c.iter().copied().find(|&i| theirs(&self.entries[i]) && self.entries[i].accepts(path)));
         for (p, i) in &self.patterns {
             if best.is_some_and(|b| b < *i) {
                 break;
             }
             let e = &self.entries[*i];
-            if glob::matches(p, host, Some(b'.')) && e.provider.admits_host(p, host) && e.accepts(path) {
+            if glob::matches(p, host, Some(b'.')) && e.provider.admits_host(p, host) && theirs(e) && e.accepts(path) {
                 best = Some(*i);
                 break;
             }
@@ -309,6 +315,11 @@ impl<'a> PathForms<'a> {
 }
 
 impl MatchEntry {
+    /// The namespace of the route it was compiled from.
+    pub fn namespace(&self) -> &str {
+        self.route.split_once('/').map_or("", |(ns, _)| ns)
+    }
+
     fn accepts(&self, path: &PathForms<'_>) -> bool {
         // Endpoints are kept in canonical form ([`crate::target::canonical_path`]).
         if !self.endpoints.is_empty() && !self.endpoints.iter().any(|p| glob::matches(p, path.canonical(), None)) {

@@ -941,6 +941,70 @@ fn another_namespace_cannot_attach_bind_its_key_limit_or_take_over_a_host() {
     );
 }
 
+/// Admitted teams, each with rights in its own namespace only, try to take hosts that are not
+/// theirs: both route `api.anthropic.com`, and matching gave every agent's requests (prompts,
+/// files) to whichever namespace sorts first, on its key and into its provider account; one
+/// routes `github.com`, on the gateway's allow list, which would terminate it for every agent
+/// and send their own GitHub calls on the team's token; one lays `*.openai.com` over the
+/// platform's `api.openai.com`, whose `endpoints` leave `/v1/files` out, to serve that path.
+#[test]
+fn a_team_route_never_takes_a_host_another_team_the_allow_list_or_the_platform_has() {
+    let team = |ns: &str, hosts: &str| {
+        namespaced(&[
+            (
+                ns,
+                "AIProviderRoute",
+                "r",
+                &format!(
+                    "spec: {{parentRefs: [{{name: egress, namespace: platform}}], rules: [{{matches: [{hosts}]}}]}}"
+                ),
+            ),
+            (
+                ns,
+                "CredentialInjectionPolicy",
+                "k",
+                "spec: {parentRefs: [{name: r}], secretRef: {name: t}, target: Header}",
+            ),
+            (ns, "Secret", "t", &format!("stringData: {{token: {ns}-key}}")),
+        ])
+    };
+    let platform = namespaced(&[
+        ("platform", "EgressGateway", "egress", "spec: {allowedRoutes: {namespaces: [aaa, bbb]}, allow: [github.com, '*.githubusercontent.com']}"),
+        ("platform", "AIProviderRoute", "openai", "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai, endpoints: [/v1/chat/completions]}]}]}"),
+        ("platform", "CredentialInjectionPolicy", "house", "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}"),
+        ("platform", "Secret", "s", "stringData: {token: house-key}"),
+    ]);
+    let text = platform
+        + &team("aaa", "{provider: anthropic}, {provider: anthropic, hosts: [github.com, raw.githubusercontent.com, aaa.example.net]}")
+        + &team("bbb", "{provider: anthropic}, {provider: openai, hosts: ['*.openai.com']}");
+    let (snap, _) = compile_isolated(&text);
+    let route = |host: &str, path: &str| match snap.decide(host, path, None) {
+        Decision::Inject { entry, .. } => entry.route.to_string(),
+        other => format!("{other:?}"),
+    };
+    for (host, path) in [("api.anthropic.com", "/v1/messages"), ("api.openai.com", "/v1/files")] {
+        assert_eq!(route(host, path), "Deny", "{host}{path} went to a team's key");
+    }
+    for host in ["github.com", "raw.githubusercontent.com"] {
+        assert!(route(host, "/").starts_with("PassThrough"), "{host} went to a team's key: {}", route(host, "/"));
+    }
+    assert_eq!(route("api.openai.com", "/v1/chat/completions"), "platform/openai");
+    assert_eq!(route("aaa.example.net", "/"), "aaa/r", "a team's own host stays");
+    assert_eq!(route("eu.openai.com", "/"), "bbb/r", "a team's pattern keeps the hosts no one else names");
+    let lost = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    for (route, text) in [
+        ("aaa/r", "host `api.anthropic.com` is also routed by namespace(s) bbb"),
+        ("bbb/r", "host `api.anthropic.com` is also routed by namespace(s) aaa"),
+        ("aaa/r", "host `github.com` is on EgressGateway platform/egress's allow list"),
+        ("aaa/r", "host `raw.githubusercontent.com` is on EgressGateway platform/egress's allow list"),
+    ] {
+        assert!(
+            lost.lines().any(|l| l.contains(&format!("AIProviderRoute {route}")) && l.contains(text)),
+            "{route}: {text}\n{lost}"
+        );
+    }
+}
+
 #[test]
 fn a_secret_name_no_kubernetes_object_can_have_is_named_as_such_and_never_quoted() {
     for name in ["'x,y'", "Upper", "'sk-pasted/key='"] {
