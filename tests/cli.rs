@@ -590,6 +590,17 @@ fn envoy_config_over_ads_names_every_static_only_flag_it_was_given() {
     }
 }
 
+/// The attack: a team with rights in its own namespace creates an EgressGateway there. A
+/// keyswap watching every namespace without `--gateway` served "the only gateway", so from then
+/// on every reload failed ("several EgressGateways"): rotations and revocations stopped, and a
+/// new pod never became ready. It now refuses to start that way, before reaching the API server.
+#[test]
+fn kubernetes_mode_watching_every_namespace_needs_the_gateway_named() {
+    let (code, _, err) = keyswap(&["serve", "--kubernetes"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--gateway NAMESPACE/NAME") && err.contains("every namespace"), "{err}");
+}
+
 /// The attack: an agent on the same host as a gateway set up from `envoy-config` opens Envoy's
 /// admin on 127.0.0.1:9901 (unauthenticated): `/quitquitquit`, or `/logging?level=debug` to log
 /// the real keys Envoy sends upstream. `--admin-socket` puts it on an owner-only Unix socket.

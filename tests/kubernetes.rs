@@ -465,8 +465,14 @@ async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
     let work = tempfile::tempdir().unwrap();
     let kubeconfig = kube.kubeconfig(work.path());
     let started = Instant::now();
-    let (keyswap, grpc_port, _) =
-        start_serving(&kubeconfig, work.path(), &["serve", "--kubernetes"], "info", &[]).await;
+    let (keyswap, grpc_port, _) = start_serving(
+        &kubeconfig,
+        work.path(),
+        &["serve", "--kubernetes", "--gateway", &format!("{NS}/egress")],
+        "info",
+        &[],
+    )
+    .await;
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(30), "ready only after {waited:?}");
     let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;

@@ -60,7 +60,8 @@ pub struct ServeArgs {
     /// Secrets they reference from the Kubernetes API (in-cluster config, or KUBECONFIG) instead of --config.
     #[arg(long, conflicts_with = "secret_from_env")]
     pub kubernetes: bool,
-    /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows.
+    /// With --kubernetes: the namespace to watch. Default: all namespaces the RBAC allows (then
+    /// --gateway is required: anyone may create an EgressGateway in a namespace of their own).
     #[arg(long, value_name = "NS", requires = "kubernetes")]
     pub namespace: Option<String>,
     /// With --kubernetes: write `Accepted` and `ResolvedRefs` conditions to the status of routes
@@ -158,6 +159,14 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.kubernetes {
         if args.source.config.is_some() {
             anyhow::bail!("--kubernetes and --config (or KEYSWAP_CONFIG) are exclusive: choose one source");
+        }
+        // Watching every namespace, "the only gateway" is whatever anyone may create: one
+        // EgressGateway in a team's namespace and every reload fails (rotations, revocations).
+        if args.namespace.is_none() && args.source.gateway.is_none() {
+            anyhow::bail!(
+                "--kubernetes without --namespace watches every namespace: name the gateway to serve with \
+                 --gateway NAMESPACE/NAME (an EgressGateway anyone creates elsewhere must not change which one)"
+            );
         }
         return serve_kubernetes(args);
     }
