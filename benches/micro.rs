@@ -426,7 +426,7 @@ fn agent_auth(c: &mut Criterion) {
         optional: false,
         validators: vec![
             Validator::ApiKeys { name: "apiKeys".into(), keys },
-            jwt("es", Some(jwt::Jwks::for_source(source, Duration::from_secs(300)).unwrap()), None),
+            jwt("es", Some(jwt::Jwks::for_source(source, Duration::from_secs(300)).0), None),
             jwt("hs", None, Some(jsonwebtoken::DecodingKey::from_secret(secret))),
         ],
         counters: TenantCounters::new(&[]),

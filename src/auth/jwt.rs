@@ -118,34 +118,51 @@ fn registry() -> &'static Registry {
 }
 
 impl Jwks {
-    /// The cache for `source`, shared by every configuration that names it. A file is read now
-    /// (an unreadable or invalid file is a configuration error); a URL is fetched on first use.
-    pub fn for_source(source: Source, refresh_every: Duration) -> Result<Arc<Jwks>, String> {
+    /// The cache for `source`, shared by every configuration that names it, and what is wrong
+    /// with it. A file is read now; a URL is fetched on first use. A file that cannot be read (or
+    /// is no JWKS) is a problem of that validator alone, never of the whole configuration (every
+    /// other rotation and revocation still takes effect): a validator that held keys keeps them,
+    /// as when its periodic re-read fails (a mounted file mid-update), and a new one admits no
+    /// one; both pick the file up once it reads.
+    pub fn for_source(source: Source, refresh_every: Duration) -> (Arc<Jwks>, Option<String>) {
+        let read_file = |p: &std::path::Path| {
+            let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+        };
         let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
         reg.retain(|_, w| w.strong_count() > 0);
         if let Some(existing) = reg.get(&source).and_then(Weak::upgrade) {
             existing.refresh_every_ms.store(refresh_every.as_millis() as u64, Ordering::Relaxed);
             if let Source::File(p) = &source {
                 // A reload re-reads the file: an edited JWKS takes effect with the configuration.
-                let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
-                let empty = read.0.len() == 0;
-                if existing.replace(read) && empty {
-                    tracing::warn!(jwks = %existing.source, NO_KEY);
+                match read_file(p) {
+                    Ok(read) => {
+                        let empty = read.0.len() == 0;
+                        if existing.replace(read) && empty {
+                            tracing::warn!(jwks = %existing.source, NO_KEY);
+                        }
+                    }
+                    Err(m) => return (existing, Some(format!("{m}; the validator keeps the keys it last read"))),
                 }
             }
-            return Ok(existing);
+            return (existing, None);
         }
+        let empty = || (KeySet { keys: HashMap::new(), unnamed: Vec::new() }, [0; 32]);
+        let mut problem = None;
         let (keys, document) = match &source {
-            Source::File(p) => {
-                let bytes = std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-                let read = parse_jwks(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
-                if read.0.len() == 0 {
-                    tracing::warn!(jwks = %source, NO_KEY);
+            Source::File(p) => match read_file(p) {
+                Ok(read) => {
+                    if read.0.len() == 0 {
+                        tracing::warn!(jwks = %source, NO_KEY);
+                    }
+                    read
                 }
-                read
-            }
-            Source::Url(_) => (KeySet { keys: HashMap::new(), unnamed: Vec::new() }, [0; 32]),
+                Err(m) => {
+                    problem = Some(format!("{m}; until it reads, the validator admits no one"));
+                    empty()
+                }
+            },
+            Source::Url(_) => empty(),
         };
         let jwks = Arc::new(Jwks {
             source: source.clone(),
@@ -161,7 +178,7 @@ impl Jwks {
             failing: std::sync::atomic::AtomicBool::new(false),
         });
         reg.insert(source, Arc::downgrade(&jwks));
-        Ok(jwks)
+        (jwks, problem)
     }
 
     /// Takes the keys of a document read, unless it is the one held: verified tokens are
@@ -727,7 +744,7 @@ mod tests {
     /// verified is dropped.
     #[test]
     fn emptying_the_jwks_revokes_its_last_key() {
-        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/empty".into()), Duration::from_secs(300)).unwrap();
+        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/empty".into()), Duration::from_secs(300)).0;
         assert!(jwks.replace(parse_jwks(EC_DOC).unwrap()));
         let generation = jwks.generation.load(Ordering::Relaxed);
         assert!(jwks.replace(parse_jwks(br#"{"keys": []}"#).unwrap()), "the empty document is taken");
@@ -740,7 +757,7 @@ mod tests {
     /// checked again (an ES256 check costs ~240 µs). A refetch of the same document drops nothing.
     #[test]
     fn forcing_jwks_refetches_does_not_make_every_token_be_checked_again() {
-        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(300)).unwrap();
+        let jwks = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(300)).0;
         assert!(jwks.replace(parse_jwks(EC_DOC).unwrap()), "the first document is taken");
         let generation = jwks.generation.load(Ordering::Relaxed);
         assert!(!jwks.replace(parse_jwks(EC_DOC).unwrap()), "the same document again");
@@ -750,7 +767,7 @@ mod tests {
         assert_eq!(jwks.generation.load(Ordering::Relaxed), generation + 1);
         // A reload with a shorter `jwksRefreshSeconds` (to drop a withdrawn key sooner) applies to
         // the source already shared, not only after a restart.
-        let again = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(30)).unwrap();
+        let again = Jwks::for_source(Source::Url("https://idp.invalid/jwks".into()), Duration::from_secs(30)).0;
         assert!(Arc::ptr_eq(&jwks, &again));
         assert_eq!(jwks.refresh_every_ms.load(Ordering::Relaxed), 30_000);
     }
@@ -760,7 +777,7 @@ mod tests {
     #[test]
     fn a_token_of_another_issuer_never_waits_for_this_validators_keys() {
         use base64::Engine as _;
-        let jwks = Jwks::for_source(Source::Url("https://hung.invalid/jwks".into()), Duration::from_secs(300)).unwrap();
+        let jwks = Jwks::for_source(Source::Url("https://hung.invalid/jwks".into()), Duration::from_secs(300)).0;
         let v = JwtValidator { jwks: Some(jwks), hs256: None, ..validator() };
         let b64 = |j: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(j.to_string());
         let token = |iss: &str| {

@@ -221,14 +221,14 @@ impl AgentAuthCompile<'_> {
             }
             (None, None) => None,
         };
-        match source.map(|s| auth::jwt::Jwks::for_source(s, refresh)) {
-            None => None,
-            Some(Ok(j)) => Some(j),
-            Some(Err(m)) => {
-                self.err(format!("{at}.jwksFile"), m);
-                None
-            }
+        let (jwks, problem) = auth::jwt::Jwks::for_source(source?, refresh);
+        if let Some(m) = problem {
+            // Not an error on the gateway: that would refuse the whole reload, and with it every
+            // other rotation and revocation, while a mounted file is briefly unreadable.
+            let gateway = label(Kind::EgressGateway, self.gateway);
+            self.errors.push(ConfigError::new(format!("{gateway} `{at}.jwksFile`: {m}")).at(self.origin));
         }
+        Some(jwks)
     }
 
     /// The HS256 key of a `jwt` validator: Secret `secret_name`, at least 32 bytes.

@@ -481,6 +481,44 @@ fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
     assert!(e.contains("spec.limits") && e.contains("concurrentRequests"), "{e}");
 }
 
+/// A mounted JWKS file is briefly missing while Kubernetes swaps a ConfigMap, or an operator
+/// adds a validator before its file. That was an error on the gateway, so every reload meanwhile
+/// was refused whole: a key rotated or a token revoked then did not take effect. Now the
+/// validator alone is affected (it keeps the keys it read, or a new one admits no one) and the
+/// rest of the reload applies; `keyswap check` still fails on it.
+#[test]
+fn a_broken_jwks_file_never_freezes_rotation_or_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    let text = |key: &str, file: &std::path::Path| {
+        let gw = format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: [{{jwt: {{issuer: i, audiences: [a], jwksFile: '{}'}}}}]\n---\n", file.display());
+        format!(
+            "{gw}{}{}{}",
+            route("r", "{provider: openai}"),
+            policy("a", "{name: r}", "  target: Header"),
+            secret(&format!("  token: {key}"))
+        )
+    };
+    let isolated = |text: &str| {
+        let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), text);
+        assert!(errs.is_empty(), "{errs:?}");
+        Catalog::build_isolated(objs).compile_isolated(&Key::new("default", "egress"))
+    };
+    let first = isolated(&text("sk-old", &jwks)).unwrap();
+    assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+    std::fs::remove_file(&jwks).unwrap();
+    for file in [jwks.clone(), dir.path().join("new-validator.json")] {
+        let snap = isolated(&text("sk-rotated", &file)).expect("the reload was refused whole");
+        let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/models", None) else { panic!() };
+        assert_eq!(credential.value(), b"Bearer sk-rotated", "the rotation did not take effect");
+        let rejected = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+        assert!(rejected.contains("jwksFile") && rejected.contains("cannot read"), "{rejected}");
+        assert!(snap.agent_auth.is_some(), "the validator was dropped: agents would pass unchecked");
+        assert!(compile(&text("sk-rotated", &file)).unwrap_err().contains("cannot read"), "check passes it");
+    }
+}
+
 #[test]
 fn agent_auth_validators_are_checked_and_name_the_field() {
     let gw = |validators: &str| {
