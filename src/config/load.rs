@@ -442,8 +442,7 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigErr
         let message = e.into_inner().to_string();
         // A short value is a typo worth showing (`deny-some`, `anthropic` where a map goes); a long
         // one may be a key pasted in the wrong place.
-        let long_value = first_quoted(&message)
-            .is_some_and(|v| v.len() > MAX_QUOTED_VALUE || v.contains(['@', '\\']) || v.contains("://"));
+        let long_value = first_quoted(&message).is_some_and(|v| !quotable(&v));
         let quotes_a_value =
             long_value && ["invalid type", "invalid value", "unknown variant"].iter().any(|p| message.starts_with(p));
         let message = match SECRET_FIELDS.iter().any(|f| field.starts_with(f)) {
@@ -460,6 +459,22 @@ fn typed<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigErr
 
 /// The longest value a type error quotes back (credentials are longer: 32 hex digits and up).
 const MAX_QUOTED_VALUE: usize = 24;
+
+/// Whether an error may quote `v` back: short, and no URL or `user:password@` (a key pasted into
+/// the wrong field, a URL with its credentials).
+fn quotable(v: &str) -> bool {
+    v.len() <= MAX_QUOTED_VALUE && !v.contains(['@', '\\']) && !v.contains("://")
+}
+
+/// How an error names a value an operator wrote: quoted (`` `deny-some` ``) when [`quotable`],
+/// else only its length (a pasted key or a URL with credentials stays out of logs and status).
+pub(crate) fn shown(v: &str) -> String {
+    if quotable(v) {
+        format!("`{v}`")
+    } else {
+        format!("the value ({} bytes, not shown)", v.len())
+    }
+}
 
 /// Fields of keyswap's resources whose values may be credentials.
 const SECRET_FIELDS: &[&str] = &["spec.otlp.headers"];

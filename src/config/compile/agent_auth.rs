@@ -215,8 +215,9 @@ impl AgentAuthCompile<'_> {
             (None, Some(u)) if u.starts_with("https://") && u.parse::<hyper::Uri>().is_ok() => {
                 Some(auth::jwt::Source::Url(u.clone()))
             }
-            (None, Some(u)) => {
-                self.err(format!("{at}.jwksUrl"), format!("`{u}` must be an https:// URL"));
+            (None, Some(_)) => {
+                // (Not quoted: a URL may carry `user:token@`.)
+                self.err(format!("{at}.jwksUrl"), "must be an https:// URL".into());
                 None
             }
             (None, None) => None,
@@ -353,7 +354,10 @@ fn api_key(
         None => None,
         Some(e) => match e.parse::<k8s_openapi::jiff::Timestamp>() {
             Ok(t) => Some(std::time::SystemTime::from(t)),
-            Err(_) => return Err(("expires", format!("`{e}` is not an RFC 3339 time"))),
+            Err(_) => {
+                let e = crate::config::load::shown(e);
+                return Err(("expires", format!("{e} is not an RFC 3339 time (e.g. 2027-01-31T00:00:00Z)")));
+            }
         },
     };
     let key = auth::ApiKey {

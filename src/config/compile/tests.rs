@@ -569,6 +569,46 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
     assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
 }
 
+/// Errors reach logs, `keyswap check` output and Kubernetes status, which more people read than
+/// the Secrets: a key or a URL with credentials pasted into the wrong field must not be quoted
+/// back. A short typo still is.
+#[test]
+fn a_value_pasted_into_expires_jwks_url_or_query_param_name_is_never_quoted() {
+    let pasted = "sk-live-0123456789abcdef0123456789abcdef";
+    let gw = |validators: &str| {
+        format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: {validators}\n---\n")
+    };
+    let token = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: t1, labels: {{keyswap.dev/agent-token: 'true'}}}}\nstringData: {{sha256: '{}', agent: a, expires: '{pasted}'}}\n", "a".repeat(64));
+    let bedrock = |region: &str| {
+        format!(
+            "{GW}{}{}",
+            route("r", "{provider: bedrock}"),
+            policy(
+                "a",
+                "{name: r}",
+                &format!("  target: ProviderAuth\n  providerAuth: {{type: AWSv4, region: '{region}'}}")
+            )
+        )
+    };
+    let query = format!(
+        "{GW}{}{}",
+        route("r", "{provider: google}"),
+        policy("a", "{name: r}", &format!("  target: QueryParam\n  queryParamName: '{pasted}=&'"))
+    );
+    for (text, field) in [
+        (format!("{}{token}", gw("[{apiKeys: {}}]")), "expires"),
+        (gw("[{jwt: {issuer: i, audiences: [a], jwksUrl: 'http://user:hunter2-token@idp.example/jwks'}}]"), "jwksUrl"),
+        (bedrock(&format!("{pasted}/x")), "providerAuth.region"),
+        (query, "queryParamName"),
+    ] {
+        let e = compile(&text).unwrap_err();
+        assert!(e.contains(field), "{field}: {e}");
+        assert!(!e.contains(pasted) && !e.contains("hunter2"), "{field} quoted: {e}");
+    }
+    let e = compile(&bedrock("us east 1")).unwrap_err();
+    assert!(e.contains("`us east 1` is not a valid AWS region"), "a typo is no longer shown: {e}");
+}
+
 /// The attack: whoever can create a labelled Secret in the gateway's namespace copies another
 /// agent's token digest into one of its own, naming its own tenant (and so its own key, its own
 /// provider account, where the victim's prompts would then be read). The later Secret used to

@@ -266,7 +266,8 @@ fn check_query_param_target(
 ) {
     match &s.query_param_name {
         Some(q) if q.is_empty() || q.contains(['&', '=', '#', '?', ' ']) => {
-            errors.push(err("spec.queryParamName".into(), format!("`{q}` is not a valid query parameter name")));
+            let q = crate::config::load::shown(q);
+            errors.push(err("spec.queryParamName".into(), format!("{q} is not a valid query parameter name")));
         }
         _ => {}
     }
@@ -324,7 +325,8 @@ fn check_aws_v4(
     for (f, v) in [("region", &a.region), ("service", &a.service)] {
         if let Some(v) = v {
             if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                errors.push(err(format!("spec.providerAuth.{f}"), format!("`{v}` is not a valid AWS {f}")));
+                let v = crate::config::load::shown(v);
+                errors.push(err(format!("spec.providerAuth.{f}"), format!("{v} is not a valid AWS {f}")));
             }
         }
     }
