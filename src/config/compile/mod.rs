@@ -11,6 +11,7 @@
 mod agent_auth;
 mod bind;
 mod budgets;
+mod hosts;
 mod isolate;
 #[cfg(test)]
 mod tests;
@@ -230,82 +231,6 @@ impl<'a> GatewayCompile<'a> {
         } else {
             self.errors.push(e.at(gateway_origin).object(label(Kind::EgressGateway, self.gateway)));
         }
-    }
-
-    /// Which namespace's route a host is. Another namespace's route loses a host (an error on
-    /// that route), whatever the matching tiers would say, where:
-    /// - the gateway's namespace routes it (exactly or by pattern; valid or failing closed): an
-    ///   exact host is tried before a pattern, so `x.openai.azure.com` elsewhere would win over the
-    ///   platform's `*.openai.azure.com`;
-    /// - the gateway's `allow` list names it: agents tunnel there with their own credentials, and
-    ///   a route would terminate it for every agent and send them all on a team's key;
-    /// - a third namespace's route names it too: matching would give every agent's requests to
-    ///   whichever namespace sorts first (its key, its provider account reading them all), so a
-    ///   contested host is neither's.
-    fn keep_own_hosts(&mut self) {
-        let ns_of = |route: &str| route.split_once('/').map_or("", |(ns, _)| ns).to_owned();
-        let own_ns = |route: &str| route.split_once('/').is_some_and(|(ns, _)| ns == self.gateway.namespace);
-        let own: Vec<(Box<str>, &'static crate::provider::Provider)> = self
-            .entries
-            .iter()
-            .filter(|e| own_ns(&e.route))
-            .flat_map(|e| e.hosts.iter().map(|h| (h.clone(), e.provider)))
-            .collect();
-        let allowed: Vec<Box<str>> = (self.catalog.gateways.get(self.gateway).into_iter())
-            .flat_map(|gw| gw.spec.allow.iter().filter_map(|a| crate::config::snapshot::Allowed::parse(a).ok()))
-            .map(|a| a.host)
-            .collect();
-        let mut claims: BTreeMap<Box<str>, std::collections::BTreeSet<String>> = BTreeMap::new();
-        for e in self.entries.iter().filter(|e| !own_ns(&e.route)) {
-            for h in &e.hosts {
-                claims.entry(h.clone()).or_default().insert(ns_of(&e.route));
-            }
-        }
-        // As the route matcher reads a pattern (Bedrock's `*` a region only).
-        let under =
-            |pattern: &str, h: &str| crate::glob::is_pattern(pattern) && crate::glob::matches(pattern, h, Some(b'.'));
-        let why_not = |h: &str, ns: &str| -> Option<String> {
-            if own.iter().any(|(o, p)| **o == *h || (under(o, h) && p.admits_host(o, h))) {
-                return Some(format!("is routed by EgressGateway {}'s own namespace", self.gateway));
-            }
-            if allowed.iter().any(|a| **a == *h || under(a, h)) {
-                return Some(format!(
-                    "is on EgressGateway {}'s allow list (agents tunnel to it with their own credentials)",
-                    self.gateway
-                ));
-            }
-            let others: Vec<&str> =
-                claims.get(h).into_iter().flatten().map(String::as_str).filter(|o| *o != ns).collect();
-            (!others.is_empty()).then(|| {
-                format!(
-                    "is also routed by namespace(s) {}: a host two namespaces claim is neither's",
-                    others.join(", ")
-                )
-            })
-        };
-        for e in self.entries.iter_mut().filter(|e| !own_ns(&e.route)) {
-            let ns = ns_of(&e.route);
-            let mut lost = Vec::new();
-            e.hosts.retain(|h| match why_not(h, &ns) {
-                Some(why) => {
-                    lost.push((h.clone(), why));
-                    false
-                }
-                None => true,
-            });
-            for (h, why) in lost {
-                let m = format!("host `{h}` {why}; left out of this route (rule {} match {})", e.rule, e.index);
-                let (ns, name) = e.route.split_once('/').unwrap_or(("", &e.route));
-                let object = label(Kind::AIProviderRoute, &Key::new(ns, name));
-                let origin = self.catalog.routes.get(&Key::new(ns, name)).map(|r| r.origin.clone());
-                let err = ConfigError::new(m).object(object).field("spec.rules");
-                self.errors.push(match origin {
-                    Some(o) => err.at(&o),
-                    None => err,
-                });
-            }
-        }
-        self.entries.retain(|e| !e.hosts.is_empty());
     }
 
     /// One route attached to the gateway: which policy binds it, then one entry per match.
