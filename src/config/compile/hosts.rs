@@ -82,4 +82,51 @@ impl GatewayCompile<'_> {
         }
         self.entries.retain(|e| !e.hosts.is_empty());
     }
+
+    /// At most [`MAX_GATEWAY_HOSTS`] distinct hosts of at most [`MAX_GATEWAY_HOST_BYTES`] in all,
+    /// kept in compiled order (the gateway's own namespace first): one leaf certificate names them
+    /// all, and a certificate past 64 KiB is one no TLS client takes (rustls's limit; OpenSSL's
+    /// is about 100 KB), for any host. A route whose hosts come past the cap loses them (an error
+    /// on that route) instead of breaking every other route's TLS.
+    pub(super) fn cap_hosts(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0;
+        for e in &mut self.entries {
+            let mut lost = Vec::new();
+            e.hosts.retain(|h| {
+                // (A SAN entry: the name and a few bytes of DER around it.)
+                let keep = seen.contains(h)
+                    || (seen.len() < MAX_GATEWAY_HOSTS && bytes + h.len() + 4 <= MAX_GATEWAY_HOST_BYTES);
+                if keep && seen.insert(h.clone()) {
+                    bytes += h.len() + 4;
+                } else if !keep {
+                    lost.push(h.clone());
+                }
+                keep
+            });
+            if let Some(first) = lost.first() {
+                let m = format!(
+                    "{} host(s) from `{first}` on are past what one gateway terminates ({MAX_GATEWAY_HOSTS} hosts, \
+                     {MAX_GATEWAY_HOST_BYTES} bytes of names: one certificate names them all); left out of this \
+                     route (rule {} match {})",
+                    lost.len(),
+                    e.rule,
+                    e.index
+                );
+                let (ns, name) = e.route.split_once('/').unwrap_or(("", &e.route));
+                let key = Key::new(ns, name);
+                let err = ConfigError::new(m).object(label(Kind::AIProviderRoute, &key)).field("spec.rules");
+                self.errors.push(match self.catalog.routes.get(&key) {
+                    Some(r) => err.at(&r.origin),
+                    None => err,
+                });
+            }
+        }
+        self.entries.retain(|e| !e.hosts.is_empty());
+    }
 }
+
+/// The most distinct hosts one gateway routes ([`GatewayCompile::cap_hosts`]).
+pub const MAX_GATEWAY_HOSTS: usize = 1000;
+/// The most bytes of host names one gateway routes, a few bytes more per name counted.
+pub const MAX_GATEWAY_HOST_BYTES: usize = 40 * 1024;

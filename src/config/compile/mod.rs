@@ -129,6 +129,7 @@ impl Catalog {
             c.fail_closed_rejected_routes();
         }
         c.keep_own_hosts();
+        c.cap_hosts();
         let agent_auth =
             gw.spec.agent_auth.as_ref().map(|a| self.compile_agent_auth(gateway, a, &mut c.errors, &mut c.live));
         let gateway_label = label(Kind::EgressGateway, gateway);

@@ -569,6 +569,71 @@ fn agent_auth_validators_are_checked_and_name_the_field() {
     assert!(e.contains("Secret default/t1") && e.contains("sha256"), "{e}");
 }
 
+/// The attack: an admitted team lists thousands of hosts (or hosts of 250 characters). One leaf
+/// certificate names every routed host, and past 64 KiB no TLS client takes it: TLS to every
+/// terminated host, the platform's too, would fail. A match listing more than 100 hosts is
+/// refused with its route; hosts past the gateway's cap are left out of the routes that bring
+/// them, the gateway's own namespace's kept first, and the leaf stays one clients take.
+#[test]
+fn a_route_with_thousands_of_hosts_is_refused_alone_and_never_grows_the_shared_leaf() {
+    let team = |ns: &str, name: &str, hosts: Vec<String>| {
+        namespaced(&[
+            (ns, "AIProviderRoute", name, &format!("spec: {{parentRefs: [{{name: egress, namespace: platform}}], rules: [{{matches: [{{provider: openai, hosts: [{}]}}]}}]}}", hosts.join(", "))),
+            (ns, "CredentialInjectionPolicy", &format!("{name}-k"), &format!("spec: {{parentRefs: [{{name: {name}}}], secretRef: {{name: t}}, target: Header}}")),
+        ])
+    };
+    let mut text = namespaced(&[
+        ("platform", "EgressGateway", "egress", "spec: {allowedRoutes: {namespaces: [aaa, bbb]}}"),
+        (
+            "platform",
+            "AIProviderRoute",
+            "openai",
+            "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai}]}]}",
+        ),
+        (
+            "platform",
+            "CredentialInjectionPolicy",
+            "house",
+            "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}",
+        ),
+        ("platform", "Secret", "s", "stringData: {token: house-key}"),
+        ("aaa", "Secret", "t", "stringData: {token: aaa-key}"),
+        ("bbb", "Secret", "t", "stringData: {token: bbb-key}"),
+    ]);
+    text += &team("aaa", "many", (0..3000).map(|i| format!("h{i}.aaa.example")).collect());
+    // Names of about 200 characters: 250 of them are 50 KB of names.
+    let long =
+        |r: usize, i: usize| format!("{}.{}.{}.r{r}-{i}.bbb.example", "x".repeat(60), "y".repeat(60), "z".repeat(60));
+    for r in 0..5 {
+        text += &team("bbb", &format!("long-{r}"), (0..50).map(|i| long(r, i)).collect());
+    }
+    let (snap, errors) = compile_isolated(&text);
+    assert!(
+        errors.contains("AIProviderRoute aaa/many") && errors.contains("lists 3000 hosts; at most 100 per match"),
+        "{errors}"
+    );
+    let Decision::Inject { entry, .. } = snap.decide("api.openai.com", "/v1/models", None) else {
+        panic!("the platform stopped serving")
+    };
+    assert_eq!(&*entry.route, "platform/openai");
+    let lost = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(lost.contains("AIProviderRoute bbb/long-4") && lost.contains("past what one gateway terminates"), "{lost}");
+    assert!(
+        matches!(snap.decide(&long(0, 0), "/v1/models", None), Decision::Inject { .. }),
+        "hosts within the cap stay"
+    );
+    let (hosts, _) = crate::envoy::leaf_hosts(&snap);
+    assert!(hosts.len() <= super::hosts::MAX_GATEWAY_HOSTS && hosts.iter().any(|h| h == "api.openai.com"));
+    let dir = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    crate::certs::ensure_ca(dir.path(), &Key::new("platform", "egress"), now).unwrap();
+    let leaf =
+        crate::certs::Ca::load(dir.path()).unwrap().mint(&hosts, now, std::time::Duration::from_secs(3600)).unwrap();
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes()).next().unwrap().unwrap();
+    assert!(der.len() < 64 * 1024, "a leaf of {} bytes, which no rustls client takes", der.len());
+}
+
 /// Errors reach logs, `keyswap check` output and Kubernetes status, which more people read than
 /// the Secrets: a key or a URL with credentials pasted into the wrong field must not be quoted
 /// back. A short typo still is.

@@ -182,7 +182,10 @@ fn check_route_match(
     if mt.hosts.is_empty() && p.default_hosts.is_empty() {
         errors.push(err(at("hosts"), format!("provider `{}` has no default hosts: list them", p.name)));
     }
-    for (i, h) in mt.hosts.iter().enumerate() {
+    if mt.hosts.len() > MAX_MATCH_HOSTS {
+        errors.push(err(at("hosts"), format!("lists {} hosts; at most {MAX_MATCH_HOSTS} per match", mt.hosts.len())));
+    }
+    for (i, h) in mt.hosts.iter().enumerate().take(MAX_MATCH_HOSTS) {
         if let Err(msg) = check_host(h) {
             errors.push(err(at(&format!("hosts[{i}]")), msg));
         }
@@ -345,6 +348,9 @@ fn check_gcp_service_account(
         errors.push(err("spec.providerAuth.scopes".into(), "each scope must be a non-empty URL without spaces".into()));
     }
 }
+
+/// The most hosts one match lists (errors name the field rather than one per host past it).
+pub const MAX_MATCH_HOSTS: usize = 100;
 
 pub(crate) fn check_host(h: &str) -> Result<(), String> {
     let ok = !h.is_empty()
