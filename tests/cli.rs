@@ -590,6 +590,27 @@ fn envoy_config_over_ads_names_every_static_only_flag_it_was_given() {
     }
 }
 
+/// A duration past the time types' range (`--expires 9999999d`, `--leaf-lifetime 99999999d`)
+/// panicked in `token create`, and as a leaf lifetime stopped every leaf being minted while
+/// `/readyz` said ready. Both are refused when parsed, naming the flag; nothing is written.
+#[test]
+fn durations_past_their_range_are_refused_by_name_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.yaml");
+    let o = out.to_str().unwrap();
+    for expires in ["9999999d", "3651d", "0s"] {
+        let (code, stdout, err) = keyswap(&["token", "create", "--agent", "a", "--expires", expires, "--output", o]);
+        assert_eq!(code, 1, "{expires}: {err}");
+        assert!(err.contains("--expires") && !err.contains("panicked"), "{expires}: {err}");
+        assert!(stdout.is_empty() && !out.exists(), "{expires}: a token was made");
+    }
+    for lifetime in ["99999999d", "366d"] {
+        let (code, _, err) = keyswap(&["serve", "--config", o, "--leaf-lifetime", lifetime]);
+        assert_eq!(code, 2, "{lifetime}: {err}");
+        assert!(err.contains("--leaf-lifetime") && err.contains("at most 365d"), "{lifetime}: {err}");
+    }
+}
+
 /// The attack: a team with rights in its own namespace creates an EgressGateway there. A
 /// keyswap watching every namespace without `--gateway` served "the only gateway", so from then
 /// on every reload failed ("several EgressGateways"): rotations and revocations stopped, and a

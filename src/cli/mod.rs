@@ -135,11 +135,16 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("`{s}` is not an octal file mode (e.g. 600 or 660)"))
 }
 
-/// A lifetime such as `30s`, `90m`, `24h` or `7d` (at least 10 s).
+/// A leaf's lifetime such as `30s`, `90m`, `24h` or `7d`: at least 10 s, at most 365 days (a
+/// leaf must not outlive the gateway CA, valid 10 years; and one past the time types' range would
+/// stop every leaf being minted).
 fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
     let secs = parse_seconds(s)?;
     if secs < 10 {
         return Err(format!("`{s}`: at least 10s"));
+    }
+    if secs > 365 * 86400 {
+        return Err(format!("`{s}`: at most 365d"));
     }
     Ok(std::time::Duration::from_secs(secs))
 }
@@ -171,21 +176,6 @@ fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// See [`runtime`].
 pub const DEFAULT_WORKER_THREADS: u16 = 1;
-
-/// `90d`, `12h`, `30m`, `45s`.
-fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let s = s.trim();
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = n.parse().ok().filter(|n| *n > 0)?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return None,
-    };
-    Some(std::time::Duration::from_secs(n.checked_mul(secs)?))
-}
 
 /// Libraries whose output can carry credentials, each capped at a level below what carries them
 /// unless RUST_LOG names the target (or a parent of it) explicitly:
@@ -289,7 +279,7 @@ mod tests {
         assert_eq!(super::parse_lifetime("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(super::parse_lifetime("24h"), Ok(Duration::from_secs(86400)));
         assert_eq!(super::parse_lifetime("7d"), Ok(Duration::from_secs(7 * 86400)));
-        for bad in ["", "30", "h", "5s", "1.5h", "-1h", "99999999999999999999d"] {
+        for bad in ["", "30", "h", "5s", "1.5h", "-1h", "366d", "9999999d", "99999999999999999999d"] {
             assert!(super::parse_lifetime(bad).is_err(), "{bad}");
         }
     }

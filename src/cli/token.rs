@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::parse_duration;
+use super::parse_seconds;
 
+/// The longest `--expires` (ten years): longer is a typo, and past the time types' range.
+const MAX_EXPIRES_DAYS: u64 = 3650;
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Mint a token for one agent: prints the token once on stdout and writes a Secret manifest
@@ -54,9 +56,14 @@ pub(super) fn token_create(args: TokenCreateArgs) -> anyhow::Result<ExitCode> {
     let expires = match &args.expires {
         None => None,
         Some(d) => {
-            let d = parse_duration(d).ok_or_else(|| anyhow::anyhow!("--expires `{d}`: use e.g. 90d, 12h, 30m"))?;
+            let secs = parse_seconds(d.trim()).map_err(|e| anyhow::anyhow!("--expires {e}"))?;
+            anyhow::ensure!(
+                (1..=MAX_EXPIRES_DAYS * 86400).contains(&secs),
+                "--expires `{d}`: from 1s to {MAX_EXPIRES_DAYS}d"
+            );
             let at = k8s_openapi::jiff::Timestamp::now()
-                + k8s_openapi::jiff::SignedDuration::from_secs(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs as i64))
+                .map_err(|e| anyhow::anyhow!("--expires `{d}`: {e}"))?;
             Some(at.round(k8s_openapi::jiff::Unit::Second)?.to_string())
         }
     };
