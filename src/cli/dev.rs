@@ -45,7 +45,8 @@ pub struct DevArgs {
     /// CA bundle Envoy trusts for providers.
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
-    /// How long each leaf certificate is valid (renewed after two thirds of it), e.g. 30s, 24h.
+    /// How long each leaf certificate is valid (renewed after two thirds of it), e.g. 30s, 24h
+    /// (10s to 365d).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_lifetime)]
     pub leaf_lifetime: std::time::Duration,
     /// keyswap's admin HTTP address: /metrics, /healthz, /readyz. Port 0 picks a free port.

@@ -111,7 +111,7 @@ pub struct ControlArgs {
     #[arg(long, value_name = "[NAMESPACE/]NAME", requires = "kubernetes", conflicts_with = "ca_dir")]
     pub ca_secret: Option<String>,
     /// How long each leaf certificate is valid; a new one is minted after two thirds of it, and
-    /// at once when the routed hosts or the CA change. E.g. 30s, 90m, 24h, 7d.
+    /// at once when the routed hosts or the CA change. E.g. 30s, 90m, 24h, 7d (10s to 365d).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_lifetime)]
     pub leaf_lifetime: std::time::Duration,
     #[command(flatten)]

@@ -25,7 +25,7 @@ pub struct TokenCreateArgs {
     /// The agent's tenant: chooses the tenant's own key on policies with `credentialSelector`.
     #[arg(long)]
     pub tenant: Option<String>,
-    /// Lifetime, e.g. `90d`, `12h`, `30m`. Default: no expiry.
+    /// Lifetime, e.g. `90d`, `12h`, `30m` (at most 3650d). Default: no expiry.
     #[arg(long, value_name = "DURATION")]
     pub expires: Option<String>,
     /// A label for the agent (`team=search`), kept on the Secret and shown in spans as
