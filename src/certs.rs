@@ -87,12 +87,25 @@ pub fn certifiable(hosts: impl IntoIterator<Item = String>) -> (Vec<String>, Vec
 }
 
 /// Creates the gateway CA in `dir` (`ca.crt`, and `ca.key` readable by its owner only) unless
-/// both files exist. Returns whether it created one.
+/// both files exist. Returns whether it created one. One file without the other is an error,
+/// never a new CA over it: a `ca.key` restored from a vault would be overwritten, and every
+/// agent that trusts the old `ca.crt` cut off.
 pub fn ensure_ca(dir: &Path, gateway: &Key, now: OffsetDateTime) -> Result<bool, CertError> {
     std::fs::create_dir_all(dir).map_err(|cause| CertError::Io { path: dir.to_path_buf(), cause })?;
     let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
-    if ca_key.exists() && ca_cert.exists() {
-        return Ok(false);
+    match (ca_key.exists(), ca_cert.exists()) {
+        (true, true) => return Ok(false),
+        (false, false) => {}
+        (key, _) => {
+            let (there, missing) = if key { ("ca.key", "ca.crt") } else { ("ca.crt", "ca.key") };
+            return Err(CertError::BadCa {
+                origin: dir.display().to_string(),
+                reason: format!(
+                    "{there} is there but {missing} is not: restore {missing}, or remove {there} to create a \
+                     new CA (agents that trust the old ca.crt must then be given the new one)"
+                ),
+            });
+        }
     }
     let key = KeyPair::generate()?;
     let cert = ca_params(gateway, now).self_signed(&key)?;
@@ -214,7 +227,15 @@ impl Ca {
     /// `ca.crt` and `ca.key` in `dir`, as `keyswap certs` writes them.
     pub fn load(dir: &Path) -> Result<Ca, CertError> {
         let cert = read(&dir.join("ca.crt"))?;
-        let key = read(&dir.join("ca.key"))?;
+        let key_path = dir.join("ca.key");
+        let key = read(&key_path)?;
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(&key_path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %key_path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "the gateway CA's key is readable by others than its owner: whoever reads it can mint certificates agents trust (chmod 600)");
+            }
+        }
         Ca::from_pem(&cert, &key, &dir.display().to_string())
     }
 
@@ -352,6 +373,24 @@ mod tests {
 
     fn gw() -> Key {
         Key::new("default", "egress")
+    }
+
+    /// The gateway CA's key restored from a vault, its `ca.crt` not yet: a new CA was written over
+    /// the key, and every agent that trusts the old `ca.crt` was cut off. Now it is an error.
+    #[test]
+    fn a_lone_ca_key_or_certificate_is_never_replaced_by_a_new_ca() {
+        let now = OffsetDateTime::now_utc();
+        for lone in ["ca.key", "ca.crt"] {
+            let dir = tempfile::tempdir().unwrap();
+            assert!(ensure_ca(dir.path(), &gw(), now).unwrap());
+            let kept = std::fs::read(dir.path().join(lone)).unwrap();
+            let other = if lone == "ca.key" { "ca.crt" } else { "ca.key" };
+            std::fs::remove_file(dir.path().join(other)).unwrap();
+            let e = ensure_ca(dir.path(), &gw(), now).unwrap_err().to_string();
+            assert!(e.contains(&format!("{lone} is there but {other} is not")), "{e}");
+            assert_eq!(std::fs::read(dir.path().join(lone)).unwrap(), kept, "{lone} was overwritten");
+            assert!(!dir.path().join(other).exists());
+        }
     }
 
     #[test]

@@ -590,6 +590,21 @@ fn envoy_config_over_ads_names_every_static_only_flag_it_was_given() {
     }
 }
 
+/// On a host whose CA bundle is not where Debian keeps it, `certs` and `dev` warned and wrote a
+/// `ca-bundle.crt` of the gateway CA alone, and Envoy (pointed at the missing file) refused every
+/// provider cluster while `dev` said the gateway was up. Now they stop, naming `--system-ca`.
+#[test]
+fn a_missing_system_ca_bundle_stops_certs_and_names_the_flag() {
+    let dir = config_dir();
+    let out = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, _, err) =
+        keyswap(&["certs", "--config", d, "--out", out.path().to_str().unwrap(), "--system-ca", "/nonexistent/ca.pem"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/ca.pem") && err.contains("--system-ca"), "{err}");
+    assert!(!out.path().join("ca-bundle.crt").exists(), "a bundle of the gateway CA alone was written");
+}
+
 /// A duration past the time types' range (`--expires 9999999d`, `--leaf-lifetime 99999999d`)
 /// panicked in `token create`, and as a leaf lifetime stopped every leaf being minted while
 /// `/readyz` said ready. Both are refused when parsed, naming the flag; nothing is written.

@@ -56,16 +56,18 @@ pub(super) fn default_certs_dir(key: &Key) -> PathBuf {
 }
 
 /// Writes `ca-bundle.crt` beside the certificates: the public CAs (agents keep reaching tunnelled
-/// hosts) plus the gateway's CA. The same file from `certs` and `dev`.
+/// hosts) plus the gateway's CA. The same file from `certs` and `dev`. Without the system bundle
+/// it is an error: Envoy verifies providers against the same file, so every routed request would
+/// fail, and agents would trust only the gateway.
 pub(super) fn write_ca_bundle(ca_cert: &Path, system_ca: &Path) -> anyhow::Result<PathBuf> {
     let bundle = ca_cert.with_file_name("ca-bundle.crt");
-    let mut pem = match std::fs::read(system_ca) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(path = %system_ca.display(), error = %e, "no system CA bundle: ca-bundle.crt holds the gateway CA only");
-            Vec::new()
-        }
-    };
+    let mut pem = std::fs::read(system_ca).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the system CA bundle {}: {e}; Envoy verifies providers against it. Give yours with \
+             --system-ca (e.g. /etc/pki/tls/certs/ca-bundle.crt on Fedora and RHEL, /etc/ssl/cert.pem on Alpine)",
+            system_ca.display()
+        )
+    })?;
     if !pem.is_empty() && !pem.ends_with(b"\n") {
         pem.push(b'\n');
     }
