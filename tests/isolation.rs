@@ -80,6 +80,43 @@ async fn within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
     since.elapsed()
 }
 
+/// `serve --ca-dir DIR` before the CA is there (a volume not yet mounted, `keyswap certs` not
+/// yet run, a path relative to another working directory): `/readyz` said 200 while Envoy got no
+/// TLS listener and every routed host failed its handshake. Now it says 503 and why until the CA
+/// appears, then 200 without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_ca_it_was_told_to_use() {
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(config.path().join("config.yaml"), CONFIG).unwrap();
+    std::fs::write(config.path().join("anthropic.yaml"), secret_manifest("anthropic", "token", "sk-ant-one")).unwrap();
+    let (work, ca) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let (keyswap, _uds) = start_keyswap(
+        config.path(),
+        work.path(),
+        &[],
+        &["--ca-dir", ca.path().to_str().unwrap(), "--metrics", &metrics],
+    );
+    let since = Instant::now();
+    let (status, ready) = loop {
+        if let Some(answer) = try_scrape(metrics_port, "/readyz").await {
+            break answer;
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "no admin port:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503, "ready without its CA: {ready}");
+    assert!(ready.contains("no gateway CA"), "{ready}");
+    let now = time::OffsetDateTime::now_utc();
+    keyswap::certs::ensure_ca(ca.path(), &keyswap::config::Key::new("default", "egress"), now).unwrap();
+    let since = Instant::now();
+    while !matches!(try_scrape(metrics_port, "/readyz").await, Some((200, _))) {
+        assert!(since.elapsed() < Duration::from_secs(10), "not ready with its CA:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// An invalid object already in the directory when `serve` starts is left out, and `/readyz`
 /// says so from the start (it said `ok` until the first reload); a file over the manifest limits
 /// there is set aside, and keyswap serves the rest.

@@ -128,7 +128,8 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
         let ca_watch = crate::certs::watch_dir(work.clone(), ca.clone());
         let control = ControlPlane { ads: Default::default(), options, ca, leaf_lifetime: args.leaf_lifetime };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = Serving { listeners, span_queue: None, tunnel: args.tunnel.guard(), control: Some(control) };
+        let serving =
+            Serving { listeners, span_queue: None, tunnel: args.tunnel.guard(), control: Some(control), ca_required: true };
         let mut server = tokio::spawn(run_extproc((source, events), snapshot, serving, args.metrics, async {
             let _ = stop_rx.await;
         }));

@@ -102,7 +102,8 @@ pub struct ControlArgs {
     /// Directory holding the gateway CA, `ca.crt` and `ca.key` (as `keyswap certs` writes them).
     /// keyswap mints the leaf Envoy presents from it, in memory, and re-reads the files when they
     /// change. Default: certs/<gateway name>, relative to the current directory, not to
-    /// --config (with --kubernetes: none; see --ca-secret).
+    /// --config (with --kubernetes: none; see --ca-secret). Given, /readyz answers 503 until a CA
+    /// is there; defaulted, /readyz only says it is missing.
     #[arg(long, value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
     /// With --kubernetes: the gateway CA from this Secret of type kubernetes.io/tls (`tls.crt`,
@@ -187,7 +188,9 @@ pub(super) fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let listeners = bind_listeners(&args).await?;
         let control = Some(args.control.setup(Some(&snapshot.gateway)));
-        let serving = Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control };
+        let ca_required = args.control.ca_dir.is_some();
+        let serving =
+            Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control, ca_required };
         run_extproc((source, events), snapshot, serving, args.metrics, shutdown_signal()).await
     })?;
     tracing::info!("stopped");
@@ -290,8 +293,13 @@ fn serve_kubernetes(args: ServeArgs) -> anyhow::Result<ExitCode> {
             ),
             None => {}
         }
-        let serving =
-            Serving { listeners, span_queue: args.span_queue, tunnel: args.tunnel.guard(), control: Some(control) };
+        let serving = Serving {
+            listeners,
+            span_queue: args.span_queue,
+            tunnel: args.tunnel.guard(),
+            control: Some(control),
+            ca_required: false,
+        };
         let result = serve_store(store, metrics, serving, report, shutdown_signal()).await;
         admin.abort();
         result
@@ -308,6 +316,8 @@ pub(super) struct Serving {
     pub(super) span_queue: Option<usize>,
     pub(super) tunnel: crate::extproc::tunnel::TunnelGuard,
     pub(super) control: Option<ControlPlane>,
+    /// `/readyz` waits for the control plane's CA (one named with --ca-dir, or made by `dev`).
+    pub(super) ca_required: bool,
 }
 
 /// What `/metrics` and `/readyz` report beside the registry, for the OTLP metrics push to report
@@ -359,9 +369,23 @@ pub(super) async fn run_extproc(
         })
         .map_err(anyhow::Error::msg)?;
     tracing::info!(dir = %source.dir.display(), "watching configuration directory");
+    // Without a CA, an Envoy on ADS gets no TLS listener (routed hosts fail their handshakes):
+    // said in /readyz, and not ready where the CA was asked for (--ca-dir, or `dev`'s own). The
+    // default directory, relative to the working directory, is often absent on purpose (an Envoy
+    // on a static bootstrap, or ext_proc over TCP only).
+    let (awaited_ca, required) = (serving.control.as_ref().map(|c| c.ca.clone()), serving.ca_required);
     let ready: crate::telemetry::admin::ReadyFn = Arc::new(move || {
         let last = last_reload.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        (true, format!("gateway {gateway} loaded; last reload: {last}"))
+        match &awaited_ca {
+            Some(ca) if ca.load().is_none() => (
+                !required,
+                format!(
+                    "gateway {gateway} loaded, but no gateway CA: an Envoy on ADS gets no TLS listener (--ca-dir; \
+                     see the log); last reload: {last}"
+                ),
+            ),
+            _ => (true, format!("gateway {gateway} loaded; last reload: {last}")),
+        }
     });
     let report = Report { ready: ready.clone(), extra: Arc::new(|_: &mut dyn crate::prom::Families| {}) };
     let admin = crate::telemetry::admin::spawn(metrics_addr, metrics.clone(), ready, report.extra.clone()).await?;
@@ -389,7 +413,7 @@ async fn serve_store(
     report: Report,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let Serving { listeners, span_queue, tunnel, control } = serving;
+    let Serving { listeners, span_queue, tunnel, control, .. } = serving;
     let otlp = store.load().otlp.clone();
     let sampler = crate::telemetry::sample::Sampler::from_env(|k| std::env::var(k).ok()).map_err(anyhow::Error::msg)?;
     let (tx, spans_flush) = match crate::telemetry::export::settings(otlp.as_ref(), |k| std::env::var(k).ok())
