@@ -536,6 +536,94 @@ async fn a_secret_keyswap_may_not_read_holds_no_one_elses_configuration() {
 }
 
 /// The gateway, one route, its policy and its Secret: what the outage and logging tests need.
+/// The attack: a team whose policy names its tenants' Secrets by template (`{tenant}-anthropic`)
+/// fills its namespace with large Secrets of any other name (or churns them). keyswap listed the
+/// whole namespace and cached every Secret in it, each rebuild copying them all, until it ran out
+/// of memory: an outage for every tenant, since Envoy fails closed. Only Secrets whose names fit
+/// a template are held now; the rest never reach the cache, and their churn rebuilds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_policy_holds_only_the_secrets_its_template_names() {
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-one");
+    kube.put("credentialinjectionpolicies", NS, "anthropic-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "anthropic"}], "secretRef": {"name": "anthropic"}, "target": "Header", "credentialSelector": {"byTenant": {"secretNameTemplate": "{tenant}-anthropic"}}}}));
+    kube.put("secrets", NS, "acme-anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-acme")}}));
+    let filler = "x".repeat(64 * 1024);
+    for i in 0..200 {
+        kube.put("secrets", NS, &format!("release-{i}"), json!({"stringData": {"release": filler}}));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let (keyswap, _, metrics_port) = start_ready(&kubeconfig, work.path(), &[], "info").await;
+    let held = async || metric(&scrape(metrics_port, "/metrics").await.1, "keyswap_kube_secrets_watched");
+    // `anthropic` (by name, and as the template's namespace lists it: one Secret) and `acme-anthropic`.
+    assert_eq!(held().await, 2.0, "{}", keyswap.output());
+    // A new tenant's Secret is picked up; another churned Secret is not held.
+    kube.put("secrets", NS, "globex-anthropic", json!({"data": {"token": b64(b"sk-ant-k8s-globex")}}));
+    kube.put("secrets", NS, "release-0", json!({"stringData": {"release": "changed"}}));
+    let since = Instant::now();
+    while held().await != 3.0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "the new tenant's Secret was not picked up:\n{}",
+            keyswap.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `--write-status` wrote every route in the cluster as this gateway saw it: a route attached to
+/// another gateway got `Accepted`/`ResolvedRefs` True from this one (and two deployments, one
+/// per gateway, overwrote each other's verdicts); two policies on one route both reported True
+/// while the route answered 503. Now only this gateway's routes and their policies are written,
+/// and the conflicting policies say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_of_another_gateway_or_a_conflicting_policy_is_never_reported_accepted_and_resolved() {
+    let kube = FakeKube::start().await;
+    seed_one(&kube, "sk-ant-k8s-one");
+    kube.put("egressgateways", NS, "other", json!({"spec": {}}));
+    let custom = |gateway: &str, host: &str| json!({"spec": {"parentRefs": [{"name": gateway}], "rules": [{"matches": [{"provider": "custom", "hosts": [host]}]}]}});
+    kube.put("aiproviderroutes", NS, "theirs", custom("other", "theirs.test"));
+    kube.put("credentialinjectionpolicies", NS, "theirs-key", json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "theirs"}], "secretRef": {"name": "anthropic"}, "target": "Header", "headerName": "x-key"}}));
+    kube.put("aiproviderroutes", NS, "contested", custom("egress", "contested.test"));
+    for p in ["one", "two"] {
+        kube.put("credentialinjectionpolicies", NS, p, json!({"spec": {"parentRefs": [{"kind": "AIProviderRoute", "name": "contested"}], "secretRef": {"name": "anthropic"}, "target": "Header", "headerName": "x-key"}}));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(work.path());
+    let gateway = format!("{NS}/egress");
+    let (keyswap, _, _) =
+        start_ready(&kubeconfig, work.path(), &["--write-status", "--gateway", &gateway], "info").await;
+    let cond = |res: &str, name: &str, t: &str| -> Option<String> {
+        let obj = kube.get(res, NS, name)?;
+        let c = obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t)?.clone();
+        Some(c["status"].as_str()?.to_owned())
+    };
+    let since = Instant::now();
+    while cond("aiproviderroutes", "anthropic", "ResolvedRefs").is_none() {
+        assert!(since.elapsed() < Duration::from_secs(10), "no status written:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every verdict of a rebuild is written in one pass: the others are in by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cond("aiproviderroutes", "anthropic", "Accepted").as_deref(), Some("True"));
+    for p in ["one", "two"] {
+        assert_eq!(
+            cond("credentialinjectionpolicies", p, "Accepted").as_deref(),
+            Some("False"),
+            "{p}: {:?}",
+            kube.get("credentialinjectionpolicies", NS, p)
+        );
+    }
+    assert_eq!(cond("aiproviderroutes", "contested", "ResolvedRefs").as_deref(), Some("False"));
+    for (res, name) in [("aiproviderroutes", "theirs"), ("credentialinjectionpolicies", "theirs-key")] {
+        assert!(
+            kube.get(res, NS, name).unwrap()["status"].is_null(),
+            "{name} was written by another gateway's keyswap: {:?}",
+            kube.get(res, NS, name)
+        );
+    }
+}
+
 fn seed_one(kube: &FakeKube, key: &str) {
     kube.put("egressgateways", NS, "egress", json!({"spec": {"defaultPolicy": "deny-all"}}));
     kube.put(

@@ -287,6 +287,18 @@ impl<'a> GatewayCompile<'a> {
                 if !self.isolate {
                     return None;
                 }
+                // On each policy too: its status must not say it binds a route that answers 503.
+                for pk in many {
+                    let origin = self.catalog.policies.get(pk).map_or(&route.origin, |p| &p.origin);
+                    self.errors.push(
+                        ConfigError::new(format!(
+                            "AIProviderRoute {rkey} is targeted by other policies too ({names}): none binds it"
+                        ))
+                        .at(origin)
+                        .object(label(Kind::CredentialInjectionPolicy, pk))
+                        .field("spec.parentRefs"),
+                    );
+                }
                 fails_closed = Some(format!("the policies {names} conflict on AIProviderRoute {rkey}"));
                 None
             }
@@ -435,6 +447,16 @@ fn insert<T>(map: &mut BTreeMap<Key, Entry<T>>, key: Key, origin: Origin, spec: 
 
 fn label(kind: Kind, key: &Key) -> String {
     format!("{} {key}", kind.as_str())
+}
+
+/// The objects `parent_refs` of `own` name, those that resolve (`default_kind` as in
+/// [`resolve_ref`]): which gateway a route is written for, and which routes a policy binds.
+pub fn named_parents<'a>(
+    parent_refs: &'a [ParentRef],
+    own: &'a Key,
+    default_kind: Kind,
+) -> impl Iterator<Item = (Kind, Key)> + 'a {
+    parent_refs.iter().filter_map(move |r| resolve_ref(r, own, default_kind).ok())
 }
 
 /// Resolves a parentRef to a kind and key. `default_kind` applies when `kind` is omitted: a

@@ -12,13 +12,35 @@ use crate::config::load::Key;
 /// One condition as keyswap computes it: (type, status, reason, message).
 pub(super) type Verdict = Vec<(String, String, String, String)>;
 
-/// `Accepted` and `ResolvedRefs` for every route and policy, from the latest build.
+/// Which object a verdict is for: its resource, key, and uid (an object deleted and made again
+/// under its name is another object, and gets its status written).
+pub(super) type StatusId = (&'static str, Key, String);
+
+/// `Accepted` and `ResolvedRefs` for the routes attached to `gateway` (whose parentRefs name it)
+/// and the policies that bind them (or it), from the latest build. The routes and policies of
+/// other gateways are another keyswap's to write: two deployments would overwrite each other.
 pub(super) fn conditions(
     built: &Result<crate::config::Snapshot, crate::config::ConfigErrors>,
+    gateway: Option<&Key>,
     routes: &Store<AIProviderRoute>,
     policies: &Store<CredentialInjectionPolicy>,
-) -> Vec<((&'static str, Key), Verdict)> {
+) -> Vec<(StatusId, Verdict)> {
+    use crate::config::compile::named_parents;
+    use crate::config::load::Kind;
     let key = super::object_key;
+    let uid = |m: &kube::api::ObjectMeta| m.uid.clone().unwrap_or_default();
+    let Some(gateway) = gateway else { return Vec::new() };
+    let names_gateway = |r: &AIProviderRoute, k: &Key| {
+        named_parents(&r.spec.parent_refs, k, Kind::EgressGateway)
+            .any(|(kind, g)| kind == Kind::EgressGateway && g == *gateway)
+    };
+    let attached: std::collections::HashSet<Key> = routes
+        .state()
+        .iter()
+        .map(|r| (r, key(r.meta())))
+        .filter(|(r, k)| names_gateway(r, k))
+        .map(|(_, k)| k)
+        .collect();
     let errors_for = |label: String| -> Option<String> {
         let errs = match built {
             Err(errs) => &errs.0,
@@ -38,6 +60,9 @@ pub(super) fn conditions(
     let mut out = Vec::new();
     for r in routes.state() {
         let k = key(r.meta());
+        if !attached.contains(&k) {
+            continue;
+        }
         let accepted = accepted(format!("AIProviderRoute {k}"));
         // Whether its requests get a key: a route attached without any policy (one another
         // namespace attaches gets no catch-all) answers 503, which its status should say.
@@ -46,14 +71,22 @@ pub(super) fn conditions(
             let mine = snap.routes.entries.iter().filter(|e| *e.route == *name);
             mine.filter_map(|e| route_unresolved(&e.binding)).next()
         });
-        let resolved = match unresolved {
-            Some((u, who)) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
-            None => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
+        let resolved = match (unresolved, built) {
+            (Some((u, who)), _) => cond("ResolvedRefs", false, u.reason(), format!("{who}{u}")),
+            (None, Err(_)) => cond("ResolvedRefs", false, "Invalid", "the configuration did not compile".into()),
+            (None, Ok(_)) => cond("ResolvedRefs", true, "ResolvedRefs", String::new()),
         };
-        out.push((("aiproviderroutes", k), vec![accepted, resolved]));
+        out.push((("aiproviderroutes", k, uid(r.meta())), vec![accepted, resolved]));
     }
     for p in policies.state() {
         let k = key(p.meta());
+        let binds_ours = named_parents(&p.spec.parent_refs, &k, Kind::AIProviderRoute).any(|(kind, t)| match kind {
+            Kind::EgressGateway => t == *gateway,
+            _ => attached.contains(&t),
+        });
+        if !binds_ours {
+            continue;
+        }
         let accepted = accepted(format!("CredentialInjectionPolicy {k}"));
         let name = k.to_string();
         let resolved = match built {
@@ -71,7 +104,7 @@ pub(super) fn conditions(
             }
             Err(_) => cond("ResolvedRefs", false, "Invalid", "the configuration did not compile".into()),
         };
-        out.push((("credentialinjectionpolicies", k), vec![accepted, resolved]));
+        out.push((("credentialinjectionpolicies", k, uid(p.meta())), vec![accepted, resolved]));
     }
     out
 }
@@ -101,14 +134,17 @@ fn unlisted(binding: &crate::config::snapshot::Binding) -> Option<(&crate::confi
     unlisted.map(|u| (u, "tenants' keys could not be listed: "))
 }
 
-/// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it.
+/// Patches `status.conditions` of each object whose verdict changed since keyswap last wrote it,
+/// and forgets the objects no longer there (or no longer this gateway's).
 pub(super) async fn write_conditions(
     client: &Client,
-    verdicts: Vec<((&'static str, Key), Verdict)>,
-    written: &mut HashMap<(&'static str, Key), Verdict>,
+    verdicts: Vec<(StatusId, Verdict)>,
+    written: &mut HashMap<StatusId, Verdict>,
 ) {
     use kube::api::{Patch, PatchParams};
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let current: std::collections::HashSet<StatusId> = verdicts.iter().map(|(id, _)| id.clone()).collect();
+    written.retain(|id, _| current.contains(id));
     for (id, verdict) in verdicts {
         if written.get(&id) == Some(&verdict) {
             continue;
@@ -118,7 +154,7 @@ pub(super) async fn write_conditions(
             .map(|(t, st, reason, msg)| serde_json::json!({"type": t, "status": st, "reason": reason, "message": msg, "lastTransitionTime": now}))
             .collect();
         let patch = Patch::Merge(serde_json::json!({"status": {"conditions": conditions}}));
-        let (kind, key) = &id;
+        let (kind, key, _) = &id;
         let params = PatchParams::default();
         let res = match *kind {
             "aiproviderroutes" => Api::<AIProviderRoute>::namespaced(client.clone(), &key.namespace)

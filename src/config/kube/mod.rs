@@ -16,11 +16,12 @@
 
 mod ca;
 mod conditions;
+mod secrets;
 mod watch;
 
 pub use ca::watch_ca_secret;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,7 @@ use tokio::sync::Notify;
 #[cfg(test)]
 use self::conditions::route_unresolved;
 use self::conditions::{conditions, write_conditions, Verdict};
+use self::secrets::{fits_template, wanted_secrets, SecretWatch};
 use self::watch::{watch, watch_noting_deletions, Watched};
 use super::error::Origin;
 use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
@@ -79,7 +81,8 @@ pub struct KubeStatus {
     pub watches_failing: AtomicU64,
     /// Relists after an expired resourceVersion (410 Gone).
     pub relists: AtomicU64,
-    /// Secrets currently watched (and cached): exactly those policies reference.
+    /// Secrets held (watched and cached) at the last rebuild: those the configuration names, the
+    /// agent tokens, and those a tenant template names.
     pub secrets_watched: AtomicU64,
     pub rebuilds: AtomicU64,
     /// The latest watch failure (shown while `watches_failing` is not 0).
@@ -114,7 +117,7 @@ impl KubeStatus {
         );
         p.single(
             "keyswap_kube_secrets_watched",
-            "Secrets watched and cached: those policies reference.",
+            "Secrets held in keyswap's caches: those the configuration names, agent tokens, and tenant templates' Secrets.",
             Gauge,
             g(&self.secrets_watched),
         );
@@ -242,7 +245,7 @@ struct Source {
     /// Hands the store to [`start`] once the first snapshot is built.
     ready_tx: Option<tokio::sync::oneshot::Sender<SnapshotStore>>,
     /// The conditions last written on each object.
-    written: HashMap<(&'static str, Key), Verdict>,
+    written: HashMap<conditions::StatusId, Verdict>,
     /// Since when a rebuild has waited for Secret watches' initial lists.
     held_since: Option<std::time::Instant>,
 }
@@ -312,7 +315,7 @@ impl Source {
         let unlisted = self.secrets.iter().filter(|(_, w)| w.overdue && !w.is_synced());
         unlisted
             .filter_map(|(k, _)| match k {
-                SecretWatch::Namespace(ns) => Some(ns.clone()),
+                SecretWatch::Namespace(ns, _) => Some(ns.clone()),
                 _ => None,
             })
             .collect()
@@ -340,6 +343,7 @@ impl Source {
         });
         for k in &wanted {
             if !self.secrets.contains_key(k) {
+                let mut keep: Option<watch::Keep<Secret>> = None;
                 let (ns, cfg) = match k {
                     SecretWatch::Named(k) => {
                         (&k.namespace, watcher::Config::default().fields(&format!("metadata.name={}", k.name)))
@@ -347,14 +351,21 @@ impl Source {
                     SecretWatch::AgentTokens(ns) => {
                         (ns, watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)))
                     }
-                    SecretWatch::Namespace(ns) => (ns, watcher::Config::default()),
+                    SecretWatch::Namespace(ns, templates) => {
+                        let templates = templates.clone();
+                        keep = Some(Arc::new(move |s: &Secret| {
+                            let name = s.metadata.name.as_deref().unwrap_or_default();
+                            templates.iter().any(|t| fits_template(name, t))
+                        }));
+                        (ns, watcher::Config::default())
+                    }
                 };
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
                 let (changed, status, deleted) = (self.changed.clone(), self.status.clone(), self.deleted.clone());
-                self.secrets.insert(k.clone(), watch_noting_deletions(api, cfg, changed, status, Some(deleted)));
+                let watched = watch_noting_deletions(api, cfg, changed, status, Some(deleted), keep);
+                self.secrets.insert(k.clone(), watched);
             }
         }
-        self.status.secrets_watched.store(self.secrets.len() as u64, Ordering::Relaxed);
     }
 
     /// Builds a snapshot from the caches and publishes it, then writes the objects' conditions
@@ -362,7 +373,9 @@ impl Source {
     async fn rebuild(&mut self) {
         let objects = collect(&self.gateways.store, &self.routes.store, &self.policies.store, &self.budgets.store).map(
             |mut objects| {
-                objects.extend(secret_objects(&self.secrets, &self.deleted));
+                let secrets = secret_objects(&self.secrets, &self.deleted);
+                self.status.secrets_watched.store(secrets.len() as u64, Ordering::Relaxed);
+                objects.extend(secrets);
                 objects
             },
         );
@@ -380,7 +393,13 @@ impl Source {
             self.status.rejected.store(snap.rejected.len() as u64, Ordering::Relaxed);
         }
         self.status.rebuilds.fetch_add(1, Ordering::Relaxed);
-        let verdicts = self.write_status.then(|| conditions(&built, &self.routes.store, &self.policies.store));
+        let gateway = match (&built, &self.selector) {
+            (Ok(snap), _) => Some(snap.gateway.clone()),
+            (Err(_), GatewaySelector::Named(k)) => Some(k.clone()),
+            (Err(_), GatewaySelector::Only) => None,
+        };
+        let verdicts =
+            self.write_status.then(|| conditions(&built, gateway.as_ref(), &self.routes.store, &self.policies.store));
         self.publish(built);
         if let Some(v) = verdicts {
             write_conditions(&self.client, v, &mut self.written).await;
@@ -411,67 +430,6 @@ impl Source {
             }
         }
     }
-}
-
-/// One Secret watch: by name (what a policy or validator names), the labelled agent-token
-/// Secrets of a gateway's namespace (`agentAuth.apiKeys`), or a whole namespace (a policy's
-/// `credentialSelector.byTenant.secretNameTemplate`, which names Secrets by pattern).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum SecretWatch {
-    Named(Key),
-    AgentTokens(String),
-    Namespace(String),
-}
-
-impl std::fmt::Display for SecretWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SecretWatch::Named(k) => write!(f, "{k}"),
-            SecretWatch::AgentTokens(ns) => write!(f, "agent tokens in {ns}"),
-            SecretWatch::Namespace(ns) => write!(f, "namespace {ns}"),
-        }
-    }
-}
-
-fn wanted_secrets(
-    gateways: &Store<EgressGateway>,
-    policies: &Store<CredentialInjectionPolicy>,
-) -> BTreeSet<SecretWatch> {
-    let ns_of = |m: &kube::core::ObjectMeta| m.namespace.clone().unwrap_or_else(|| DEFAULT_NAMESPACE.into());
-    let mut wanted = BTreeSet::new();
-    for p in policies.state() {
-        let ns = ns_of(p.meta());
-        wanted.insert(SecretWatch::Named(Key::new(ns.clone(), p.spec.secret_ref.name.clone())));
-        if let Some(sel) = &p.spec.credential_selector {
-            for t in sel.by_tenant.tenants.values() {
-                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), t.secret_ref.name.clone())));
-            }
-            if sel.by_tenant.secret_name_template.is_some() {
-                wanted.insert(SecretWatch::Namespace(ns));
-            }
-        }
-    }
-    for g in gateways.state() {
-        let ns = ns_of(g.meta());
-        for v in g.spec.agent_auth.iter().flat_map(|a| &a.validators) {
-            if v.api_keys.is_some() {
-                wanted.insert(SecretWatch::AgentTokens(ns.clone()));
-            }
-            if let Some(st) = &v.shared_token {
-                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), st.secret_ref.name.clone())));
-            }
-            if let Some(r) = v.jwt.as_ref().and_then(|j| j.hs256_secret_ref.as_ref()) {
-                wanted.insert(SecretWatch::Named(Key::new(ns.clone(), r.name.clone())));
-            }
-        }
-        if let Some(store) = &g.spec.budget_store {
-            wanted.insert(SecretWatch::Named(Key::new(ns.clone(), store.redis.secret_ref.name.clone())));
-        }
-    }
-    // A name no Secret can have is never watched (the API server would refuse its field selector
-    // and the watch would never sync, holding every rebuild): it resolves as not found.
-    wanted.retain(|w| !matches!(w, SecretWatch::Named(k) if !crate::vocab::is_object_name(&k.name)));
-    wanted
 }
 
 fn origin() -> Origin {

@@ -48,8 +48,12 @@ where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default,
 {
-    watch_noting_deletions(api, cfg, changed, status, None)
+    watch_noting_deletions(api, cfg, changed, status, None, None)
 }
+
+/// Which objects a watch keeps: the others it lists are dropped as they arrive (never cached,
+/// never a rebuild).
+pub(super) type Keep<K> = Arc<dyn Fn(&K) -> bool + Send + Sync>;
 
 /// [`watch`], noting in `deleted` each object it sees deleted (Secrets: a copy another watch
 /// still holds then no longer counts).
@@ -59,6 +63,7 @@ pub(super) fn watch_noting_deletions<K>(
     changed: Arc<Notify>,
     status: Arc<KubeStatus>,
     deleted: Option<Arc<super::Deleted>>,
+    keep: Option<Keep<K>>,
 ) -> Watched<K>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -103,6 +108,10 @@ where
                     stream.next().await
                 };
                 let Some(event) = next else { break };
+                if dropped(keep.as_ref(), &event) {
+                    recovered(&mut failing, &mut backoff, &mut last_cause);
+                    continue;
+                }
                 match event {
                     Ok(event) => {
                         apply(&mut writer, &event, deleted.as_deref());
@@ -148,6 +157,17 @@ where
 
 /// Applies `event` to a watch's cache, noting in `deleted` what it shows deleted: a Delete event,
 /// or what the cache held that a relist no longer holds.
+/// Whether `event` is of an object `keep` drops. (A name never changes: an object dropped once
+/// was never kept.)
+fn dropped<K>(keep: Option<&Keep<K>>, event: &Result<watcher::Event<K>, watcher::Error>) -> bool {
+    match event {
+        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o)) => {
+            keep.is_some_and(|k| !k(o))
+        }
+        _ => false,
+    }
+}
+
 fn apply<K>(writer: &mut reflector::store::Writer<K>, event: &watcher::Event<K>, deleted: Option<&super::Deleted>)
 where
     K: kube::Resource + Clone + 'static,
