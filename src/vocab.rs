@@ -61,6 +61,20 @@ const PROVIDER_KEY_HEADERS: [&str; 12] = [
     AGENT_TOKEN_HEADER,
 ];
 
+/// Headers that say who the client is, removed toward providers (the generated routes): Envoy's
+/// own, and those an agent may write (`X-Forwarded-For`, RFC 7239 `Forwarded`, and the common
+/// others). No policy may pin one: it would be removed on the way.
+pub const FORWARDING_HEADERS: [&str; 8] = [
+    "x-envoy-external-address",
+    "x-forwarded-for",
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
 /// The key headers of the gateways and proxies a `custom` route may reach (Kong and Apigee, Azure
 /// Functions, LiteLLM, Portkey, Cloudflare AI Gateway, Helicone, ElevenLabs, GitLab): one that
 /// reads its own before `Authorization` would run the call on the agent's key. In the credential

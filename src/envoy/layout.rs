@@ -11,18 +11,7 @@ use crate::api::DefaultPolicy;
 use crate::config::snapshot::terminated;
 use crate::config::Snapshot;
 
-/// Headers that say who the client is, removed toward providers: Envoy's own, and those an agent
-/// may write (`X-Forwarded-For`, RFC 7239 `Forwarded`, and the common others).
-const AGENT_FORWARDING_HEADERS: [&str; 8] = [
-    "x-envoy-external-address",
-    "x-forwarded-for",
-    "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-real-ip",
-    "x-client-ip",
-    "true-client-ip",
-];
+use crate::vocab::FORWARDING_HEADERS as AGENT_FORWARDING_HEADERS;
 
 /// A gateway's hosts, sorted by how Envoy treats them, and the options the resources use.
 pub(super) struct Layout<'a> {

@@ -65,6 +65,11 @@ fn set_headers_are_validated_by_name_and_never_echo_a_bad_value() {
         ("[{name: host, value: x}]", "spec.setHeaders[0].name", "Envoy manages it"),
         ("[{name: Content-Type, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy, SigV4 or keyswap"),
         ("[{name: X-HTTP-Method-Override, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        // Removed by the generated routes on the way, or refused on every request (400).
+        ("[{name: X-Real-IP, value: 10.0.0.1}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: Forwarded, value: for=x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: True-Client-IP, value: x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
+        ("[{name: X-Original-URL, value: /v1/x}]", "spec.setHeaders[0].name", "belongs to Envoy"),
         ("[{name: OpenAI_Organization, value: x}]", "spec.setHeaders[0].name", "write `-`"),
         ("[{name: ':path', value: x}]", "spec.setHeaders[0].name", "not a valid HTTP header name"),
         ("[{name: 'sk-pasted/key=', value: x}]", "spec.setHeaders[0].name", "not a valid HTTP header name"),

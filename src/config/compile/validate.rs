@@ -409,7 +409,8 @@ fn check_set_headers(
 /// A header name a policy may pin: not a credential header (the credential goes where
 /// `target` says), not one Envoy, SigV4 or keyswap writes or reads as routing.
 fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), String> {
-    // Read by keyswap on the agent's request (signing, method and body checks), or framing.
+    // Read by keyswap on the agent's request (signing, method and body checks), or framing; the
+    // method and path overrides it refuses; the forwarding headers the routes remove.
     const OWNED: &[&str] = &[
         "keep-alive",
         "proxy-connection",
@@ -419,10 +420,12 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
         "content-type",
         "content-encoding",
         "accept-encoding",
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
     ];
+    let owned = OWNED
+        .iter()
+        .chain(crate::target::METHOD_OVERRIDE_HEADERS)
+        .chain(crate::target::PATH_OVERRIDE_HEADERS)
+        .chain(&crate::vocab::FORWARDING_HEADERS);
     const OWNED_PREFIXES: &[&str] = &["x-envoy-", "x-keyswap-", "x-amz-", "x-forwarded-"];
     check_header_name(h)?;
     // A gateway's key beside the provider's may be pinned (LiteLLM, Portkey, Helicone in front).
@@ -439,7 +442,7 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
         return Err(format!("`{h}` has `_`: write `-` (servers drop or fold names with underscores)"));
     }
     let lower = h.to_ascii_lowercase();
-    if OWNED.contains(&lower.as_str()) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+    if owned.into_iter().any(|o| *o == lower) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {
         return Err(format!("`{h}` belongs to Envoy, SigV4 or keyswap and cannot be set by a policy"));
     }
     Ok(())
