@@ -57,10 +57,11 @@ fn check_warns_that_an_allow_entry_for_a_routed_host_changes_nothing() {
     let (code, out, err) = check_with_anthropic_key(config);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
-        out.contains("warning: allow entry api.anthropic.com:8443 names a routed host")
-            && !out.contains("entry pypi.org"),
-        "{out}"
+        err.contains("warning: gateway default/egress: allow entry api.anthropic.com:8443 names a routed host")
+            && !err.contains("entry pypi.org"),
+        "{err}"
     );
+    assert!(!out.contains("warning"), "warnings go to stderr: {out}");
 }
 
 /// A `custom` route listing `*.run.app` sends its key to any service under it, whoever deployed
@@ -73,17 +74,42 @@ fn check_warns_that_a_host_pattern_not_the_providers_own_sends_the_key_to_any_na
     let config = "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {name: egress}\nspec: {}\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {name: mixed}\nspec:\n  parentRefs: [{name: egress}]\n  rules: [{matches: [{provider: custom, hosts: ['*.run.app', svc.internal.test]}, {provider: azure-openai, hosts: ['*.openai.azure.com']}, {provider: azure-openai}]}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {name: key}\nspec:\n  parentRefs: [{name: mixed}]\n  secretRef: {name: anthropic}\n  target: Header\n  headerName: x-service-key\n---\n";
     let (code, out, err) = check_with_anthropic_key(config);
     assert_eq!(code, 0, "{out}\n{err}");
-    let warnings: Vec<&str> = out.lines().filter(|l| l.contains("warning: route")).collect();
-    assert_eq!(warnings.len(), 3, "{out}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains(": route")).collect();
+    assert_eq!(warnings.len(), 3, "{err}");
     for host in ["*.run.app", "*.openai.azure.com", "*.cognitiveservices.azure.com"] {
         let line = format!("route default/mixed host {host}: route host pattern sends the key");
-        assert!(warnings.iter().any(|w| w.contains(&line)), "{host}: {out}");
+        assert!(warnings.iter().any(|w| w.contains(&line)), "{host}: {err}");
     }
     let bedrock = config.replace("provider: azure-openai, hosts: ['*.openai.azure.com']", "provider: bedrock");
     let bedrock = bedrock.replace("{provider: azure-openai}", "{provider: bedrock}");
     let (code, out, err) = check_with_anthropic_key(&bedrock);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(out.lines().filter(|l| l.contains("warning: route")).count(), 1, "Bedrock's regions are its own: {out}");
+    assert_eq!(err.lines().filter(|l| l.contains(": route")).count(), 1, "Bedrock's regions are its own: {err}");
+}
+
+/// Two configurations that compile but do not do what their author meant, where a mistake costs
+/// more than a warning can say afterwards: a Vertex AI route without an `endpoints` glob lets an
+/// agent name any project the service account may use (and bill it); a JWKS file with no key
+/// keyswap can use admits no one. `check` names both, and `--strict` fails on them.
+#[test]
+fn check_warns_of_a_vertex_route_any_project_can_be_named_through_and_a_keyless_jwks_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#).unwrap();
+    let config = format!(
+        "apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: [{{name: idp, jwt: {{issuer: https://idp.test/, audiences: [keyswap], jwksFile: '{}'}}}}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: AIProviderRoute\nmetadata: {{name: vertex}}\nspec:\n  parentRefs: [{{name: egress}}]\n  rules: [{{matches: [{{provider: google, hosts: [us-central1-aiplatform.googleapis.com]}}, {{provider: google, hosts: [europe-west4-aiplatform.googleapis.com], endpoints: ['/v1/projects/my-project/*']}}]}}]\n---\napiVersion: keyswap.dev/v1alpha1\nkind: CredentialInjectionPolicy\nmetadata: {{name: k}}\nspec:\n  parentRefs: [{{name: vertex}}]\n  secretRef: {{name: anthropic}}\n  target: Header\n  headerName: x-goog-api-key\n---\n{}",
+        jwks.display(),
+        secret_manifest("anthropic", "token", ANTHROPIC_KEY)
+    );
+    std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+    let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("host us-central1-aiplatform.googleapis.com (Vertex AI) has no `endpoints` glob"), "{err}");
+    assert!(!err.contains("europe-west4"), "a route whose glob names the project: {err}");
+    assert!(err.contains("validator idp: the JWKS file") && err.contains("admits no one"), "{err}");
+    let (code, _, err) = keyswap(&["check", "--strict", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("2 warning(s), and --strict"), "{err}");
 }
 
 /// With `agentAuth.optional`, an agent over its own tenant or agent budget leaves its token out
@@ -100,11 +126,7 @@ fn check_warns_that_optional_agent_auth_lets_a_caller_leave_its_own_budget() {
         std::fs::write(dir.path().join("config.yaml"), config).unwrap();
         let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
         assert_eq!(code, 0, "{out}\n{err}");
-        assert_eq!(
-            out.contains("warning: agentAuth is optional and budgets are kept per tenant"),
-            warns,
-            "{key}: {out}"
-        );
+        assert_eq!(err.contains("agentAuth is optional and budgets are kept per tenant"), warns, "{key}: {err}");
     }
 }
 
@@ -123,7 +145,10 @@ fn check_warns_that_a_validator_may_name_any_tenant() {
         std::fs::write(dir.path().join("config.yaml"), config).unwrap();
         let (code, out, err) = keyswap(&["check", "--config", dir.path().to_str().unwrap()]);
         assert_eq!(code, 0, "{out}\n{err}");
-        assert_eq!(out.contains("warning: validator partner takes its callers' tenant"), warns, "{tenants}: {out}");
+        assert_eq!(err.contains("validator partner takes its callers' tenant"), warns, "{tenants}: {err}");
+        // `--strict` fails CI on a warning.
+        let (strict, _, _) = keyswap(&["check", "--strict", "--config", dir.path().to_str().unwrap()]);
+        assert_eq!(strict, if warns { 4 } else { 0 }, "{tenants}");
     }
 }
 

@@ -118,6 +118,11 @@ fn registry() -> &'static Registry {
 }
 
 impl Jwks {
+    /// How many usable keys it holds now (0 for a URL not yet fetched).
+    pub fn key_count(&self) -> usize {
+        self.keys.load().len()
+    }
+
     /// The cache for `source`, shared by every configuration that names it, and what is wrong
     /// with it. A file is read now; a URL is fetched on first use. A file that cannot be read (or
     /// is no JWKS) is a problem of that validator alone, never of the whole configuration (every

@@ -324,6 +324,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Chain {
+    /// The `jwt` validators whose `jwksFile` holds no usable key: they admit no one.
+    pub fn keyless_jwks_files(&self) -> impl Iterator<Item = (&str, &jwt::Source)> {
+        self.validators.iter().filter_map(|v| match v {
+            Validator::Jwt(j) => j
+                .jwks
+                .as_ref()
+                .filter(|k| matches!(k.source, jwt::Source::File(_)) && k.key_count() == 0)
+                .map(|k| (&*j.name, &k.source)),
+            _ => None,
+        })
+    }
+
     /// The validators whose callers' tenant comes from what they send (a JWT claim, an
     /// edge-trust header) without `tenants` to bound it.
     pub fn unscoped_tenant_namers(&self) -> impl Iterator<Item = &str> {

@@ -12,7 +12,19 @@ pub(super) fn print_errors(errors: &ConfigErrors) -> ExitCode {
     ExitCode::FAILURE
 }
 
-pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Exit 4 when the configuration compiles but draws a warning (what likely does not do what
+    /// its author meant: a Vertex AI route any project can be named through, a JWKS file with no
+    /// usable key, a validator whose callers name any tenant, …): for CI.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+pub(super) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let CheckArgs { source: args, strict } = args;
     let source = args.source()?;
     let catalog = match source.load() {
         Ok(c) => c,
@@ -29,12 +41,13 @@ pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
         eprintln!("keyswap: no EgressGateway found in {}", args.dir()?.display());
         return Ok(ExitCode::FAILURE);
     }
-    let mut unresolved = 0;
+    let (mut unresolved, mut warnings) = (0, 0);
     let mut store_unusable = 0;
     let mut failed = false;
     for gw in &gateways {
         match catalog.compile(gw) {
             Ok(snap) => {
+                warnings += print_warnings(&snap);
                 unresolved += print_snapshot(&catalog, &snap);
                 store_unusable += usize::from(matches!(snap.budget_store, Some(Err(_))));
             }
@@ -56,6 +69,10 @@ pub(super) fn check(args: SourceArgs) -> anyhow::Result<ExitCode> {
     if unresolved > 0 || store_unusable > 0 {
         return Ok(ExitCode::from(3));
     }
+    if strict && warnings > 0 {
+        eprintln!("keyswap: {warnings} warning(s), and --strict");
+        return Ok(ExitCode::from(4));
+    }
     println!("OK");
     Ok(ExitCode::SUCCESS)
 }
@@ -68,7 +85,6 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
         snap.allow.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     };
     println!("EgressGateway {} (defaultPolicy: {}, allow: {allow})", snap.gateway, snap.default_policy.as_str());
-    print_warnings(snap);
     let mut unresolved = 0;
     if let Some(chain) = &snap.agent_auth {
         let optional = if chain.optional { ", optional: anonymous callers admitted" } else { "" };
@@ -152,32 +168,54 @@ fn print_snapshot(catalog: &Catalog, snap: &Snapshot) -> usize {
     unresolved
 }
 
-/// What compiles but likely does not do what its author meant.
-fn print_warnings(snap: &Snapshot) {
+/// What compiles but likely does not do what its author meant, on stderr (stdout is what the
+/// configuration compiles to); returns how many.
+fn print_warnings(snap: &Snapshot) -> usize {
+    let mut n = 0;
+    let mut warn = |text: String| {
+        n += 1;
+        eprintln!("keyswap: warning: gateway {}: {text}", snap.gateway);
+    };
+    for e in snap.routes.entries.iter().filter(|e| e.provider.name == "google" && e.endpoints.is_empty()) {
+        for h in e.hosts.iter().filter(|h| h.ends_with("aiplatform.googleapis.com")) {
+            warn(format!(
+                "route {} host {h} (Vertex AI) has no `endpoints` glob naming your project: agents can run and \
+                 bill calls in any project its service account may use (docs/providers.md)",
+                e.route
+            ));
+        }
+    }
+    if let Some(chain) = &snap.agent_auth {
+        for (name, source) in chain.keyless_jwks_files() {
+            warn(format!("validator {name}: the JWKS file {source} holds no RS256 or ES256 key: it admits no one"));
+        }
+    }
     for a in snap.allow_entries_of_routed_hosts() {
-        println!(
-            "  warning: allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
-        );
+        warn(format!(
+            "allow entry {a} names a routed host: a CONNECT to it is terminated and routed whatever its port, so the entry changes nothing"
+        ));
     }
     for (route, host) in snap.foreign_host_patterns() {
-        println!("  warning: route {route} host {host}: {}", crate::config::FOREIGN_PATTERN);
+        warn(format!("route {route} host {host}: {}", crate::config::FOREIGN_PATTERN));
     }
     if let Some(chain) = snap.agent_auth.as_ref().filter(|c| c.validators.len() > 1) {
         for name in chain.unscoped_tenant_namers() {
-            println!(
-                "  warning: validator {name} takes its callers' tenant from their token or headers and has no \
+            warn(format!(
+                "validator {name} takes its callers' tenant from their token or headers and has no \
                  `tenants`: they can name any tenant, another validator's agents' too (their keys and budgets)"
-            );
+            ));
         }
     }
     let per_caller = |b: &crate::budget::Budget| !matches!(b.key, KeyBy::Route | KeyBy::Gateway);
     let optional = snap.agent_auth.as_ref().is_some_and(|c| c.optional);
     if optional && snap.routes.entries.iter().flat_map(|e| e.budgets.iter()).any(|b| per_caller(b)) {
-        println!(
-            "  warning: agentAuth is optional and budgets are kept per tenant, agent or label: a caller that leaves \
+        warn(
+            "agentAuth is optional and budgets are kept per tenant, agent or label: a caller that leaves \
              its token out is counted in the one shared key `-` instead of its own"
+                .into(),
         );
     }
+    n
 }
 
 pub(super) fn describe_match(e: &MatchEntry) -> String {

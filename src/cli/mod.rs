@@ -61,8 +61,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate the configuration and print what it compiles to (secrets as fingerprints only),
     /// token budgets included. Exits 1 on any error, 3 on an unresolved credential or an unusable
-    /// budget store.
-    Check(SourceArgs),
+    /// budget store, 4 with --strict on any warning (2 on a usage error).
+    Check(check::CheckArgs),
     /// Show what keyswap would do with one request: which route and policy, what it writes, which
     /// token budgets it is counted in, or why it would deny.
     Explain(ExplainArgs),
