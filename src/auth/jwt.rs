@@ -369,6 +369,37 @@ type Verified = (Identity, u64, u64);
 /// Verified tokens kept per validator.
 pub const MAX_CACHED_TOKENS: usize = 10_000;
 
+/// Room in a full cache, down to nine tenths of it: the entries no longer good (expired, or of
+/// an older key set), then those of the agents holding the most. An agent that mints tokens at
+/// will (client credentials) and fills the cache with its own loses its own entries, not every
+/// agent's: clearing the whole cache had every other agent's token checked again (an ES256 check
+/// each) every 10,000 of the flooder's tokens. O(n), once per tenth of the cache at most.
+fn make_room(cache: &mut HashMap<Box<[u8]>, Verified>, generation: u64) {
+    let now = unix_now();
+    cache.retain(|_, (_, until, g)| *g == generation && now <= *until);
+    let target = MAX_CACHED_TOKENS * 9 / 10;
+    if cache.len() <= target {
+        return;
+    }
+    let who = |id: &Identity| (id.agent.clone(), id.tenant.clone());
+    let mut held: HashMap<(Arc<str>, Option<Arc<str>>), usize> = HashMap::new();
+    for (id, _, _) in cache.values() {
+        *held.entry(who(id)).or_default() += 1;
+    }
+    let mut most: Vec<_> = held.into_iter().collect();
+    most.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+    let mut excess = cache.len() - target;
+    let mut evicted = std::collections::HashSet::new();
+    for (agent, n) in most {
+        if excess == 0 {
+            break;
+        }
+        excess = excess.saturating_sub(n);
+        evicted.insert(agent);
+    }
+    cache.retain(|_, (id, _, _)| !evicted.contains(&who(id)));
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -459,7 +490,7 @@ impl JwtValidator {
         if let (Verdict::Admitted(id), Some(until)) = (&verdict, until) {
             let mut cache = self.cache.0.lock().unwrap_or_else(|e| e.into_inner());
             if cache.len() >= MAX_CACHED_TOKENS {
-                cache.clear();
+                make_room(&mut cache, generation);
             }
             cache.insert(token.into(), (id.clone(), until, generation));
         }
@@ -625,6 +656,39 @@ mod tests {
         assert!(matches!(v.verify(t.as_bytes()), Verdict::Rejected(Rejection::InvalidToken)));
         assert!(v.cache.1.paid_off_us.load(Ordering::Relaxed) > before, "not charged to the failed-check limit");
         assert!(v.cache.0.lock().unwrap().is_empty());
+    }
+
+    /// The attack: an agent that can mint valid tokens at will (client credentials) sends a new
+    /// one each request. The full cache was cleared, so every 10,000 of them every other agent's
+    /// token was checked again (an ES256 check each, on the one worker). Now the flooder loses
+    /// its own entries and the others keep theirs.
+    #[test]
+    fn an_agent_minting_tokens_at_will_evicts_only_its_own_from_the_cache() {
+        let v = validator();
+        let mut victim = claims(600);
+        victim["sub"] = serde_json::json!("victim");
+        let victim = token(victim, Algorithm::HS256, SECRET);
+        assert!(matches!(v.verify(victim.as_bytes()), Verdict::Admitted(_)));
+        let flood_id = Identity {
+            agent: "flooder".into(),
+            tenant: None,
+            validator: "jwt".into(),
+            role: None,
+            labels: Vec::new(),
+        };
+        {
+            let mut cache = v.cache.0.lock().unwrap();
+            for i in 0..MAX_CACHED_TOKENS - 1 {
+                cache.insert(format!("flood-{i}").into_bytes().into(), (flood_id.clone(), u64::MAX, 0));
+            }
+        }
+        let mut next = claims(600);
+        next["sub"] = serde_json::json!("flooder");
+        next["jti"] = serde_json::json!("one-more");
+        assert!(matches!(v.verify(token(next, Algorithm::HS256, SECRET).as_bytes()), Verdict::Admitted(_)));
+        let cache = v.cache.0.lock().unwrap();
+        assert!(cache.contains_key(victim.as_bytes()), "another agent's token was evicted");
+        assert!(cache.len() <= MAX_CACHED_TOKENS * 9 / 10 + 1, "{}", cache.len());
     }
 
     #[test]
