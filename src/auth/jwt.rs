@@ -387,7 +387,7 @@ fn make_room(cache: &mut HashMap<Box<[u8]>, Verified>, generation: u64) {
         *held.entry(who(id)).or_default() += 1;
     }
     let mut most: Vec<_> = held.into_iter().collect();
-    most.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+    most.sort_unstable_by_key(|m| std::cmp::Reverse(m.1));
     let mut excess = cache.len() - target;
     let mut evicted = std::collections::HashSet::new();
     for (agent, n) in most {
