@@ -669,13 +669,8 @@ mod tests {
         victim["sub"] = serde_json::json!("victim");
         let victim = token(victim, Algorithm::HS256, SECRET);
         assert!(matches!(v.verify(victim.as_bytes()), Verdict::Admitted(_)));
-        let flood_id = Identity {
-            agent: "flooder".into(),
-            tenant: None,
-            validator: "jwt".into(),
-            role: None,
-            labels: Vec::new(),
-        };
+        let flood_id =
+            Identity { agent: "flooder".into(), tenant: None, validator: "jwt".into(), role: None, labels: Vec::new() };
         {
             let mut cache = v.cache.0.lock().unwrap();
             for i in 0..MAX_CACHED_TOKENS - 1 {

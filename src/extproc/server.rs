@@ -60,10 +60,18 @@ impl Bound {
             }
         }
         // Bound inside a directory of its own (0700), so that no other user can connect in the
-        // moment before its mode is set (a connection made then would outlive the change).
-        let mut private = path.as_os_str().to_owned();
-        private.push(format!(".{}.d", std::process::id()));
-        let private = PathBuf::from(private);
+        // moment before its mode is set (a connection made then would outlive the change): beside
+        // the socket (`.PID.d/s`), which a socket name of more than 2 bytes keeps within its path.
+        let private = path.parent().unwrap_or(Path::new("")).join(format!(".{}.d", std::process::id()));
+        // At most 107 bytes (`sun_path`), both: said as such, not as an error of a name not given.
+        use std::os::unix::ffi::OsStrExt as _;
+        let longest = path.as_os_str().len().max(private.join("s").as_os_str().as_bytes().len());
+        if longest > 107 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the path is too long for a Unix socket ({longest} bytes with keyswap's temporary name beside it; at most 107): choose a shorter one"),
+            ));
+        }
         let _ = std::fs::remove_dir_all(&private);
         std::fs::DirBuilder::new().mode(0o700).create(&private)?;
         let tmp = private.join("s");
@@ -193,6 +201,26 @@ mod tests {
         assert_eq!(mode(&dir.path().join("shared/k.sock")), 0o660);
         let _own = Bound::uds(&dir.path().join("own/k.sock"), 0o600).unwrap();
         assert_eq!(mode(&dir.path().join("own")), 0o700);
+    }
+
+    /// A socket path within the 107 bytes Unix allows was refused when keyswap's temporary name
+    /// (the path plus `.PID.d/s`) went past it, with an error naming the path given, which
+    /// looked legal. Up to 107 bytes binds now; past it, the error says why.
+    #[tokio::test]
+    async fn a_socket_path_the_limit_allows_binds_and_a_longer_one_is_named_too_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().len();
+        let deep = |total: usize| {
+            let filler = "d".repeat(total - base - 1 - 1 - "keyswap.sock".len());
+            let d = dir.path().join(&filler);
+            std::fs::create_dir_all(&d).unwrap();
+            d.join("keyswap.sock")
+        };
+        let at_limit = deep(107);
+        assert_eq!(at_limit.as_os_str().len(), 107);
+        Bound::uds(&at_limit, 0o600).expect("a 107-byte socket path");
+        let err = Bound::uds(&deep(108), 0o600).err().expect("a 108-byte socket path bound");
+        assert!(err.to_string().contains("too long for a Unix socket"), "{err}");
     }
 
     /// A stale socket (its process gone) is replaced; a live one is not taken over.
