@@ -9,6 +9,7 @@
 //! SHA-256 and a hash lookup (API keys) or a constant-time comparison (shared token), no I/O.
 
 pub mod jwt;
+pub mod verified;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
