@@ -1380,10 +1380,15 @@ async fn a_second_dev_gateway_says_what_is_taken_and_leaves_the_first_serving() 
         let (ok, out, err) = second(&gateway_config("deny-all", proxy, ""), elsewhere.path(), "127.0.0.1:0");
         assert!(!ok && err.contains(&format!("cannot use 127.0.0.1:{proxy}")), "{err}");
         assert!(!out.contains("HTTPS_PROXY"), "an agent was told to use it: {out}");
-        // The same working directory (its ext_proc socket), another proxy port.
+        // The same working directory (its ext_proc socket), another proxy port: refused before
+        // anything of the first gateway's there is rewritten.
+        let written = |f: &str| std::fs::metadata(work.path().join(f)).unwrap().modified().unwrap();
+        let files = ["envoy.yaml", "ca-bundle.crt", "ca.crt", "ca.key"].map(written);
         let (ok, out, err) = second(&gateway_config("deny-all", free_port(), ""), work.path(), "127.0.0.1:0");
         assert!(!ok && err.contains("keyswap.sock") && err.contains("another process is serving on it"), "{err}");
         assert!(!out.contains("HTTPS_PROXY"), "{out}");
+        let after = ["envoy.yaml", "ca-bundle.crt", "ca.crt", "ca.key"].map(written);
+        assert!(files == after, "the first gateway's files were rewritten");
         // keyswap's admin port, taken after Envoy started: keyswap's error, not Envoy's.
         let (ok, out, err) = second(&gateway_config("deny-all", free_port(), ""), elsewhere.path(), &metrics);
         assert!(!ok && err.contains("keyswap stopped serving") && err.contains(&metrics), "{err}");

@@ -551,6 +551,8 @@ async fn a_template_policy_holds_only_the_secrets_its_template_names() {
     for i in 0..200 {
         kube.put("secrets", NS, &format!("release-{i}"), json!({"stringData": {"release": filler}}));
     }
+    // Named to fit the template, but no key is 128 KiB: a flood, never held.
+    kube.put("secrets", NS, "junk-anthropic", json!({"stringData": {"token": "x".repeat(128 * 1024)}}));
     let work = tempfile::tempdir().unwrap();
     let kubeconfig = kube.kubeconfig(work.path());
     let (keyswap, _, metrics_port) = start_ready(&kubeconfig, work.path(), &[], "info").await;

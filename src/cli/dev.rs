@@ -84,14 +84,8 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let (proxy_ports, _) = crate::envoy::ports(&view.snapshot.listeners).map_err(anyhow::Error::msg)?;
     let proxy_port =
         proxy_ports.first().map(|(_, p)| *p).ok_or_else(|| anyhow::anyhow!("gateway has no proxy listener"))?;
-    // Free before Envoy starts: whatever else holds it would pass for Envoy being up.
-    std::net::TcpListener::bind(("127.0.0.1", proxy_port)).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot use 127.0.0.1:{proxy_port}, the gateway's proxy port: {e} (another `keyswap dev` or Envoy \
-             running? stop it first, or give the gateway's listener another port)"
-        )
-    })?;
     let work = std::path::absolute(args.work.clone().unwrap_or_else(|| default_certs_dir(&view.key)))?;
+    refuse_what_is_taken(proxy_port, &work)?;
     crate::certs::ensure_ca(&work, &view.key, time::OffsetDateTime::now_utc())?;
     let ca_cert = work.join("ca.crt");
     let uds = work.join("keyswap.sock");
@@ -162,6 +156,27 @@ pub(super) fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     })?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What another gateway holds, refused before anything is written or started: the proxy port
+/// (whatever holds it would pass for Envoy being up), and a keyswap serving in `work` (which keeps
+/// its files).
+fn refuse_what_is_taken(proxy_port: u16, work: &Path) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", proxy_port)).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot use 127.0.0.1:{proxy_port}, the gateway's proxy port: {e} (another `keyswap dev` or Envoy \
+             running? stop it first, or give the gateway's listener another port)"
+        )
+    })?;
+    let uds = work.join("keyswap.sock");
+    if std::os::unix::net::UnixStream::connect(&uds).is_ok() {
+        anyhow::bail!(
+            "cannot listen on {}: another process is serving on it (a second keyswap?): stop it, or give this one \
+             another --work",
+            uds.display()
+        );
+    }
+    Ok(())
 }
 
 /// keyswap's server stopped on its own while Envoy ran: what it said.

@@ -436,14 +436,16 @@ impl Allowed {
         let port_like = port.is_none_or(|p| p == "*" || p.bytes().all(|b| b.is_ascii_digit()));
         if !port_like || crate::config::check_host(host).is_err() {
             return Err(format!(
-                "`{entry}` is not a host, host:PORT or host:* (no scheme or path; `*` in a host stands for one DNS label)"
+                "{} is not a host, host:PORT or host:* (no scheme or path; `*` in a host stands for one DNS label)",
+                crate::config::load::shown(entry)
             ));
         }
         // Envoy matches a proxy virtual host's domains exactly or by a leading `*.`: any other `*`
         // (`*` alone breaks the whole route configuration) would be an entry that never matches.
         if host.strip_prefix("*.").map_or(host, |rest| rest).contains('*') {
             return Err(format!(
-                "`{entry}`: `*` may only stand for the first DNS label (`*.example.com`); for every host, use `spec.defaultPolicy: allow-all`"
+                "{}: `*` may only stand for the first DNS label (`*.example.com`); for every host, use `spec.defaultPolicy: allow-all`",
+                crate::config::load::shown(entry)
             ));
         }
         let port = match port {
@@ -452,7 +454,12 @@ impl Allowed {
             // Digits only (checked above).
             Some(p) => match p.parse::<u16>() {
                 Ok(port) if port > 0 => Some(port),
-                _ => return Err(format!("`{entry}`: the port must be 1-65535, or `*` for any")),
+                _ => {
+                    return Err(format!(
+                        "{}: the port must be 1-65535, or `*` for any",
+                        crate::config::load::shown(entry)
+                    ))
+                }
             },
         };
         Ok(Allowed { host: host.to_ascii_lowercase().into_boxed_str(), port })

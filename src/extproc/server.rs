@@ -44,12 +44,22 @@ impl Bound {
         }
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if meta.file_type().is_socket() {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "another process is serving on it (a second keyswap?): stop it, or give this one \
-                         another socket path",
-                    ));
+                // Stale only when refused: a socket another user serves (permission denied) is not.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            "another process is serving on it (a second keyswap?): stop it, or give this one \
+                             another socket path",
+                        ))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("a socket is there and it cannot tell whether a process serves on it ({e}); remove it if none does"),
+                        ))
+                    }
                 }
                 std::fs::remove_file(path)?;
             } else {

@@ -11,12 +11,16 @@ impl GatewayCompile<'_> {
     /// that route), whatever the matching tiers would say, where:
     /// - the gateway's namespace routes it (exactly or by pattern; valid or failing closed): an
     ///   exact host is tried before a pattern, so `x.openai.azure.com` elsewhere would win over the
-    ///   platform's `*.openai.azure.com`;
-    /// - the gateway's `allow` list names it: agents tunnel there with their own credentials, and
-    ///   a route would terminate it for every agent and send them all on a team's key;
-    /// - a third namespace's route names it too: matching would give every agent's requests to
-    ///   whichever namespace sorts first (its key, its provider account reading them all), so a
-    ///   contested host is neither's.
+    ///   platform's `*.openai.azure.com`; or it is a pattern over one of that namespace's patterns
+    ///   (`*.*.azure.com`, whose hosts the platform's pattern leaves a path or model of);
+    /// - the gateway's `allow` list names it, or it is a pattern over an entry there: agents
+    ///   tunnel there with their own credentials, and a route would terminate it for every agent
+    ///   and send them all on a team's key;
+    /// - a third namespace's route names it too, or it is a pattern over a third namespace's
+    ///   pattern: matching would give every agent's requests to whichever namespace sorts first
+    ///   (its key, its provider account reading them all), so a contested host is neither's, and
+    ///   the broader of two patterns yields. (An exact host under another namespace's pattern is
+    ///   the exact host's namespace's for every path: [`crate::config::snapshot::RouteMatcher`].)
     pub(super) fn keep_own_hosts(&mut self) {
         let ns_of = |route: &str| route.split_once('/').map_or("", |(ns, _)| ns).to_owned();
         let own_ns = |route: &str| route.split_once('/').is_some_and(|(ns, _)| ns == self.gateway.namespace);
@@ -39,24 +43,31 @@ impl GatewayCompile<'_> {
         // As the route matcher reads a pattern (Bedrock's `*` a region only).
         let under =
             |pattern: &str, h: &str| crate::glob::is_pattern(pattern) && crate::glob::matches(pattern, h, Some(b'.'));
+        // `h` (a pattern) covers pattern `p`: every host `p` matches, `h` matches too.
+        let over = |h: &str, p: &str| crate::glob::is_pattern(p) && h != p && under(h, p);
         let why_not = |h: &str, ns: &str| -> Option<String> {
             if own.iter().any(|(o, p)| **o == *h || (under(o, h) && p.admits_host(o, h))) {
                 return Some(format!("is routed by EgressGateway {}'s own namespace", self.gateway));
             }
-            if allowed.iter().any(|a| **a == *h || under(a, h)) {
+            if own.iter().any(|(o, _)| over(h, o)) {
+                return Some(format!("covers a host pattern EgressGateway {}'s own namespace routes", self.gateway));
+            }
+            if allowed.iter().any(|a| **a == *h || under(a, h) || under(h, a)) {
                 return Some(format!(
-                    "is on EgressGateway {}'s allow list (agents tunnel to it with their own credentials)",
+                    "is, or covers, an entry of EgressGateway {}'s allow list (agents tunnel there with their own \
+                     credentials)",
                     self.gateway
                 ));
             }
-            let others: Vec<&str> =
-                claims.get(h).into_iter().flatten().map(String::as_str).filter(|o| *o != ns).collect();
-            (!others.is_empty()).then(|| {
-                format!(
-                    "is also routed by namespace(s) {}: a host two namespaces claim is neither's",
-                    others.join(", ")
-                )
-            })
+            // (Other namespaces are not named: a team's status must not list the others.)
+            let theirs = |nss: &std::collections::BTreeSet<String>| nss.iter().any(|o| o != ns);
+            if claims.get(h).is_some_and(theirs) {
+                return Some("is also routed by another namespace: a host two namespaces claim is neither's".into());
+            }
+            claims
+                .iter()
+                .any(|(p, nss)| over(h, p) && theirs(nss))
+                .then(|| "covers a host pattern another namespace routes: of two patterns, the broader yields".into())
         };
         for e in self.entries.iter_mut().filter(|e| !own_ns(&e.route)) {
             let ns = ns_of(&e.route);
@@ -91,7 +102,12 @@ impl GatewayCompile<'_> {
     pub(super) fn cap_hosts(&mut self) {
         let mut seen = std::collections::HashSet::new();
         let mut bytes = 0;
-        for e in &mut self.entries {
+        // The gateway's namespace first, its routes failing closed too (compiled last): hosts
+        // left out of them would stop failing closed.
+        let gateway_ns = self.gateway.namespace.clone();
+        let own = |e: &crate::config::snapshot::MatchEntry| e.namespace() == gateway_ns;
+        let (mine, theirs): (Vec<_>, Vec<_>) = self.entries.iter_mut().partition(|e| own(e));
+        for e in mine.into_iter().chain(theirs) {
             let mut lost = Vec::new();
             e.hosts.retain(|h| {
                 // (A SAN entry: the name and a few bytes of DER around it.)

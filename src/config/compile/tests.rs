@@ -1143,16 +1143,60 @@ fn a_team_route_never_takes_a_host_another_team_the_allow_list_or_the_platform_h
     assert_eq!(route("eu.openai.com", "/"), "bbb/r", "a team's pattern keeps the hosts no one else names");
     let lost = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
     for (route, text) in [
-        ("aaa/r", "host `api.anthropic.com` is also routed by namespace(s) bbb"),
-        ("bbb/r", "host `api.anthropic.com` is also routed by namespace(s) aaa"),
-        ("aaa/r", "host `github.com` is on EgressGateway platform/egress's allow list"),
-        ("aaa/r", "host `raw.githubusercontent.com` is on EgressGateway platform/egress's allow list"),
+        ("aaa/r", "host `api.anthropic.com` is also routed by another namespace"),
+        ("bbb/r", "host `api.anthropic.com` is also routed by another namespace"),
+        ("aaa/r", "host `github.com` is, or covers, an entry of EgressGateway platform/egress's allow list"),
+        (
+            "aaa/r",
+            "host `raw.githubusercontent.com` is, or covers, an entry of EgressGateway platform/egress's allow list",
+        ),
     ] {
         assert!(
             lost.lines().any(|l| l.contains(&format!("AIProviderRoute {route}")) && l.contains(text)),
             "{route}: {text}\n{lost}"
         );
     }
+}
+
+/// The same takeovers with a broader pattern: `*.*.azure.com` over the platform's
+/// `*.openai.azure.com` (to serve the deployments its `endpoints` leave out), `*.github.com` over
+/// the allow list's `api.github.com` (terminating it for every agent), `*.*.corp.example` over
+/// another team's `*.team.corp.example`. The broader pattern yields each time.
+#[test]
+fn a_team_pattern_over_another_pattern_or_an_allow_listed_host_is_refused() {
+    let route = |ns: &str, hosts: &str| {
+        namespaced(&[
+            (ns, "AIProviderRoute", "r", &format!("spec: {{parentRefs: [{{name: egress, namespace: platform}}], rules: [{{matches: [{{provider: anthropic, hosts: [{hosts}]}}]}}]}}")),
+            (ns, "CredentialInjectionPolicy", "k", "spec: {parentRefs: [{name: r}], secretRef: {name: t}, target: Header}"),
+            (ns, "Secret", "t", &format!("stringData: {{token: {ns}-key}}")),
+        ])
+    };
+    let text = namespaced(&[
+        ("platform", "EgressGateway", "egress", "spec: {allowedRoutes: {namespaces: [aaa, bbb]}, allow: [api.github.com]}"),
+        ("platform", "AIProviderRoute", "azure", "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: azure-openai, hosts: ['*.openai.azure.com'], endpoints: ['/openai/deployments/gpt-4o/*']}]}]}"),
+        ("platform", "CredentialInjectionPolicy", "house", "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}"),
+        ("platform", "Secret", "s", "stringData: {token: house-key}"),
+    ]) + &route("aaa", "'*.*.azure.com', '*.github.com', '*.*.corp.example', aaa.example.net")
+        + &route("bbb", "'*.team.corp.example'");
+    let (snap, _) = compile_isolated(&text);
+    let decide = |host: &str, path: &str| match snap.decide(host, path, None) {
+        Decision::Inject { entry, .. } => entry.route.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(decide("myres.openai.azure.com", "/openai/deployments/gpt-4o/chat/completions"), "platform/azure");
+    assert_eq!(decide("myres.openai.azure.com", "/openai/deployments/other/chat/completions"), "Deny");
+    assert!(decide("api.github.com", "/user").starts_with("PassThrough"), "{}", decide("api.github.com", "/user"));
+    assert_eq!(decide("x.team.corp.example", "/"), "bbb/r");
+    assert_eq!(decide("aaa.example.net", "/"), "aaa/r");
+    let lost = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
+    for text in [
+        "host `*.*.azure.com` covers a host pattern EgressGateway platform/egress's own namespace routes",
+        "host `*.github.com` is, or covers, an entry of EgressGateway platform/egress's allow list",
+        "host `*.*.corp.example` covers a host pattern another namespace routes",
+    ] {
+        assert!(lost.lines().any(|l| l.contains("AIProviderRoute aaa/r") && l.contains(text)), "{text}\n{lost}");
+    }
+    assert!(!lost.contains("bbb/r"), "the narrower pattern yielded: {lost}");
 }
 
 #[test]

@@ -194,7 +194,7 @@ fn check_route_match(
         if !e.starts_with('/') || e.contains('?') {
             errors.push(err(
                 at(&format!("endpoints[{i}]")),
-                format!("`{e}` must be a path starting with `/`, without a query"),
+                format!("{} must be a path starting with `/`, without a query", crate::config::load::shown(e)),
             ));
         }
     }
@@ -220,7 +220,10 @@ fn check_by_tenant(bt: &ByTenant, err: &dyn Fn(String, String) -> ConfigError, e
         if t.matches("{tenant}").count() != 1 || t == "{tenant}" {
             errors.push(err(
                 "spec.credentialSelector.byTenant.secretNameTemplate".into(),
-                format!("`{t}` must contain `{{tenant}}` exactly once, with a fixed prefix or suffix"),
+                format!(
+                    "{} must contain `{{tenant}}` exactly once, with a fixed prefix or suffix",
+                    crate::config::load::shown(t)
+                ),
             ));
         }
     }
@@ -361,7 +364,10 @@ pub(crate) fn check_host(h: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{h}` is not a host name (no scheme, port or path; `*` stands for one DNS label)"))
+        Err(format!(
+            "{} is not a host name (no scheme, port or path; `*` stands for one DNS label)",
+            crate::config::load::shown(h)
+        ))
     }
 }
 
@@ -439,7 +445,8 @@ fn check_set_header_name(h: &str, policy_header: Option<&str>) -> Result<(), Str
         ));
     }
     if h.contains('_') {
-        return Err(format!("`{h}` has `_`: write `-` (servers drop or fold names with underscores)"));
+        let h = crate::config::load::shown(h);
+        return Err(format!("{h} has `_`: write `-` (servers drop or fold names with underscores)"));
     }
     let lower = h.to_ascii_lowercase();
     if owned.into_iter().any(|o| *o == lower) || OWNED_PREFIXES.iter().any(|p| lower.starts_with(p)) {

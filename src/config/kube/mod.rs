@@ -49,6 +49,11 @@ use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway, Toke
 /// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
 const SETTLE: Duration = Duration::from_millis(30);
 
+/// The largest Secret a `secretNameTemplate` may name (its data, keys included): larger ones of
+/// the namespace are never held (their tenants' keys unresolved: 503), so a flood of large
+/// Secrets named to fit cannot fill keyswap's memory.
+pub const MAX_TENANT_SECRET_BYTES: usize = 64 * 1024;
+
 /// The first pause after a watch failure; it doubles on each further failure up to [`RETRY_CAP`]
 /// (with jitter, so the watches of one process do not retry in step) and resets on success.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -355,7 +360,11 @@ impl Source {
                         let templates = templates.clone();
                         keep = Some(Arc::new(move |s: &Secret| {
                             let name = s.metadata.name.as_deref().unwrap_or_default();
-                            templates.iter().any(|t| fits_template(name, t))
+                            // A key is small (a service-account JSON is 2-3 KiB): a large Secret
+                            // named to fit is a flood, not a tenant's key.
+                            let bytes = s.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum::<usize>()
+                                + s.string_data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                            bytes <= MAX_TENANT_SECRET_BYTES && templates.iter().any(|t| fits_template(name, t))
                         }));
                         (ns, watcher::Config::default())
                     }

@@ -55,9 +55,9 @@ pub(super) fn wanted_secrets(
             for t in sel.by_tenant.tenants.values() {
                 wanted.insert(SecretWatch::Named(Key::new(ns.clone(), t.secret_ref.name.clone())));
             }
-            if let Some((pre, post)) =
-                sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"))
-            {
+            // (A template with no fixed part is invalid, and would hold every Secret.)
+            let template = sel.by_tenant.secret_name_template.as_deref().and_then(|t| t.split_once("{tenant}"));
+            if let Some((pre, post)) = template.filter(|(pre, post)| !pre.is_empty() || !post.is_empty()) {
                 templates.entry(ns.clone()).or_default().insert((pre.to_owned(), post.to_owned()));
             }
         }
