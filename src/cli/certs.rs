@@ -19,7 +19,8 @@ pub struct CertsArgs {
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// The public CAs agents keep trusting: `ca-bundle.crt` is this bundle plus the gateway CA.
-    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    /// Default: this machine's (Debian's, Fedora's and RHEL's, openSUSE's or Alpine's path).
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::local_system_ca_bundle())]
     pub system_ca: PathBuf,
 }
 
@@ -63,8 +64,8 @@ pub(super) fn write_ca_bundle(ca_cert: &Path, system_ca: &Path) -> anyhow::Resul
     let bundle = ca_cert.with_file_name("ca-bundle.crt");
     let mut pem = std::fs::read(system_ca).map_err(|e| {
         anyhow::anyhow!(
-            "cannot read the system CA bundle {}: {e}; Envoy verifies providers against it. Give yours with \
-             --system-ca (e.g. /etc/pki/tls/certs/ca-bundle.crt on Fedora and RHEL, /etc/ssl/cert.pem on Alpine)",
+            "cannot read the system CA bundle {}: {e}; Envoy verifies providers against it, and agents trust it \
+             beside the gateway CA. Give this machine's with --system-ca",
             system_ca.display()
         )
     })?;

@@ -42,8 +42,9 @@ pub struct DevArgs {
     /// keys it sends upstream (the log file is owner-only).
     #[arg(long, value_name = "PORT")]
     pub admin_port: Option<u16>,
-    /// CA bundle Envoy trusts for providers.
-    #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
+    /// CA bundle Envoy trusts for providers. Default: this machine's (Debian's, Fedora's and
+    /// RHEL's, openSUSE's or Alpine's path).
+    #[arg(long, value_name = "FILE", default_value = crate::envoy::local_system_ca_bundle())]
     pub system_ca: PathBuf,
     /// How long each leaf certificate is valid (renewed after two thirds of it), e.g. 30s, 24h
     /// (10s to 365d).

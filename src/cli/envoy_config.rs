@@ -26,7 +26,8 @@ pub struct ResourceArgs {
     /// need 0.0.0.0 (or this host's address), as manifests/deploy sets.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
-    /// CA bundle Envoy trusts for providers.
+    /// CA bundle Envoy trusts for providers: a path in Envoy's file system (on a Fedora or RHEL
+    /// host, /etc/pki/tls/certs/ca-bundle.crt; Alpine, /etc/ssl/cert.pem).
     #[arg(long, value_name = "FILE", default_value = crate::envoy::SYSTEM_CA_BUNDLE)]
     pub system_ca: PathBuf,
     #[command(flatten)]
