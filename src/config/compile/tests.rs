@@ -495,7 +495,14 @@ fn a_budget_may_limit_requests_in_flight_alone_and_never_to_zero() {
 fn a_broken_jwks_file_never_freezes_rotation_or_revocation() {
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    // One P-256 key (RFC 7515's example).
+    std::fs::write(&jwks, r#"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "e", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#).unwrap();
+    let keys_held = |snap: &Snapshot| {
+        snap.agent_auth.as_ref()?.validators.iter().find_map(|v| match v {
+            crate::auth::Validator::Jwt(j) => j.jwks.as_ref().map(|k| k.key_count()),
+            _ => None,
+        })
+    };
     let text = |key: &str, file: &std::path::Path| {
         let gw = format!("apiVersion: keyswap.dev/v1alpha1\nkind: EgressGateway\nmetadata: {{name: egress}}\nspec:\n  agentAuth:\n    validators: [{{jwt: {{issuer: i, audiences: [a], jwksFile: '{}'}}}}]\n---\n", file.display());
         format!(
@@ -512,14 +519,16 @@ fn a_broken_jwks_file_never_freezes_rotation_or_revocation() {
     };
     let first = isolated(&text("sk-old", &jwks)).unwrap();
     assert!(first.rejected.is_empty(), "{:?}", first.rejected);
+    assert_eq!(keys_held(&first), Some(1));
     std::fs::remove_file(&jwks).unwrap();
-    for file in [jwks.clone(), dir.path().join("new-validator.json")] {
+    // The validator that held a key keeps it; a new one holds none (admits no one).
+    for (file, held) in [(jwks.clone(), 1), (dir.path().join("new-validator.json"), 0)] {
         let snap = isolated(&text("sk-rotated", &file)).expect("the reload was refused whole");
         let Decision::Inject { credential, .. } = snap.decide("api.openai.com", "/v1/models", None) else { panic!() };
         assert_eq!(credential.value(), b"Bearer sk-rotated", "the rotation did not take effect");
         let rejected = snap.rejected.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
         assert!(rejected.contains("jwksFile") && rejected.contains("cannot read"), "{rejected}");
-        assert!(snap.agent_auth.is_some(), "the validator was dropped: agents would pass unchecked");
+        assert_eq!(keys_held(&snap), Some(held), "{}", file.display());
         assert!(compile(&text("sk-rotated", &file)).unwrap_err().contains("cannot read"), "check passes it");
     }
 }
