@@ -402,10 +402,12 @@ impl Source {
             self.status.rejected.store(snap.rejected.len() as u64, Ordering::Relaxed);
         }
         self.status.rebuilds.fetch_add(1, Ordering::Relaxed);
+        // A configuration that did not compile is said on this gateway's objects too: the one
+        // named, or the one of the last good configuration.
         let gateway = match (&built, &self.selector) {
             (Ok(snap), _) => Some(snap.gateway.clone()),
             (Err(_), GatewaySelector::Named(k)) => Some(k.clone()),
-            (Err(_), GatewaySelector::Only) => None,
+            (Err(_), GatewaySelector::Only) => self.store.as_ref().map(|s| s.load().gateway.clone()),
         };
         let verdicts =
             self.write_status.then(|| conditions(&built, gateway.as_ref(), &self.routes.store, &self.policies.store));
