@@ -80,6 +80,18 @@ async fn within(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
     since.elapsed()
 }
 
+/// The first answer of `/readyz` (the admin port opens after the socket `start_keyswap` waits for).
+async fn first_readyz(metrics_port: u16, keyswap: &Proc) -> (u16, String) {
+    let since = Instant::now();
+    loop {
+        if let Some(answer) = try_scrape(metrics_port, "/readyz").await {
+            return answer;
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "no admin port:\n{}", keyswap.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `serve --ca-dir DIR` before the CA is there (a volume not yet mounted, `keyswap certs` not
 /// yet run, a path relative to another working directory): `/readyz` said 200 while Envoy got no
 /// TLS listener and every routed host failed its handshake. Now it says 503 and why until the CA
@@ -98,14 +110,7 @@ async fn readyz_waits_for_the_ca_it_was_told_to_use() {
         &[],
         &["--ca-dir", ca.path().to_str().unwrap(), "--metrics", &metrics],
     );
-    let since = Instant::now();
-    let (status, ready) = loop {
-        if let Some(answer) = try_scrape(metrics_port, "/readyz").await {
-            break answer;
-        }
-        assert!(since.elapsed() < Duration::from_secs(10), "no admin port:\n{}", keyswap.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (status, ready) = first_readyz(metrics_port, &keyswap).await;
     assert_eq!(status, 503, "ready without its CA: {ready}");
     assert!(ready.contains("no gateway CA"), "{ready}");
     let now = time::OffsetDateTime::now_utc();
@@ -133,15 +138,7 @@ async fn readyz_names_what_was_left_out_or_set_aside_at_start() {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let (listen, metrics) = (format!("127.0.0.1:{grpc_port}"), format!("127.0.0.1:{metrics_port}"));
         let (keyswap, _uds) = start_keyswap(config, work.path(), &[], &["--listen", &listen, "--metrics", &metrics]);
-        // The admin port opens after the socket `start_keyswap` waits for.
-        let since = Instant::now();
-        let (status, ready) = loop {
-            if let Some(answer) = try_scrape(metrics_port, "/readyz").await {
-                break answer;
-            }
-            assert!(since.elapsed() < Duration::from_secs(10), "no admin port:\n{}", keyswap.output());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let (status, ready) = first_readyz(metrics_port, &keyswap).await;
         assert_eq!(status, 200, "{ready}");
         let (_, m) = scrape(metrics_port, "/metrics").await;
         let mut c = grpc::connect(format!("127.0.0.1:{grpc_port}").parse().unwrap()).await;

@@ -20,7 +20,7 @@ pub struct CertsArgs {
     pub out: Option<PathBuf>,
     /// The public CAs agents keep trusting: `ca-bundle.crt` is this bundle plus the gateway CA.
     /// Default: this machine's (Debian's, Fedora's and RHEL's, openSUSE's or Alpine's path).
-    #[arg(long, value_name = "FILE", default_value = crate::envoy::local_system_ca_bundle())]
+    #[arg(long, value_name = "FILE", default_value = local_system_ca_bundle())]
     pub system_ca: PathBuf,
 }
 
@@ -54,6 +54,19 @@ pub(super) fn ensure_certs(view: &GatewayView, dir: &std::path::Path) -> anyhow:
 
 pub(super) fn default_certs_dir(key: &Key) -> PathBuf {
     PathBuf::from("certs").join(&key.name)
+}
+
+/// The system CA bundle of this machine, for the commands that read it here or run Envoy here
+/// (`certs`, `dev`): the first that exists of Debian's and Ubuntu's, Fedora's and RHEL's,
+/// openSUSE's and Alpine's; Debian's when none does (and the command says so).
+pub(super) fn local_system_ca_bundle() -> &'static str {
+    const BUNDLES: [&str; 4] = [
+        crate::envoy::SYSTEM_CA_BUNDLE,
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    BUNDLES.into_iter().find(|p| std::path::Path::new(p).is_file()).unwrap_or(crate::envoy::SYSTEM_CA_BUNDLE)
 }
 
 /// Writes `ca-bundle.crt` beside the certificates: the public CAs (agents keep reaching tunnelled

@@ -44,7 +44,7 @@ pub struct DevArgs {
     pub admin_port: Option<u16>,
     /// CA bundle Envoy trusts for providers. Default: this machine's (Debian's, Fedora's and
     /// RHEL's, openSUSE's or Alpine's path).
-    #[arg(long, value_name = "FILE", default_value = crate::envoy::local_system_ca_bundle())]
+    #[arg(long, value_name = "FILE", default_value = super::certs::local_system_ca_bundle())]
     pub system_ca: PathBuf,
     /// How long each leaf certificate is valid (renewed after two thirds of it), e.g. 30s, 24h
     /// (10s to 365d).

@@ -33,14 +33,6 @@ pub use overload::Bounds;
 /// in Envoy's file system, which keyswap cannot see (`serve`, `envoy-config`).
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The system CA bundle of this machine, for the commands that read it here or run Envoy here
-/// (`certs`, `dev`): the first that exists of Debian's and Ubuntu's, Fedora's and RHEL's,
-/// openSUSE's and Alpine's; Debian's when none does (and the command says so).
-pub fn local_system_ca_bundle() -> &'static str {
-    const BUNDLES: [&str; 4] =
-        [SYSTEM_CA_BUNDLE, "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem"];
-    BUNDLES.into_iter().find(|p| std::path::Path::new(p).is_file()).unwrap_or(SYSTEM_CA_BUNDLE)
-}
 /// The port of the explicit proxy when the gateway lists no listener.
 pub const DEFAULT_PROXY_PORT: u16 = 10000;
 const INTERNAL_TLS: &str = "keyswap_tls_terminate";

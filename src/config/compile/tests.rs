@@ -596,24 +596,11 @@ fn a_route_with_thousands_of_hosts_is_refused_alone_and_never_grows_the_shared_l
             (ns, "CredentialInjectionPolicy", &format!("{name}-k"), &format!("spec: {{parentRefs: [{{name: {name}}}], secretRef: {{name: t}}, target: Header}}")),
         ])
     };
-    let mut text = namespaced(&[
-        ("platform", "EgressGateway", "egress", "spec: {allowedRoutes: {namespaces: [aaa, bbb]}}"),
-        (
-            "platform",
-            "AIProviderRoute",
-            "openai",
-            "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai}]}]}",
-        ),
-        (
-            "platform",
-            "CredentialInjectionPolicy",
-            "house",
-            "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}",
-        ),
-        ("platform", "Secret", "s", "stringData: {token: house-key}"),
-        ("aaa", "Secret", "t", "stringData: {token: aaa-key}"),
-        ("bbb", "Secret", "t", "stringData: {token: bbb-key}"),
-    ]);
+    let mut text = platform_openai("allowedRoutes: {namespaces: [aaa, bbb]}")
+        + &namespaced(&[
+            ("aaa", "Secret", "t", "stringData: {token: aaa-key}"),
+            ("bbb", "Secret", "t", "stringData: {token: bbb-key}"),
+        ]);
     text += &team("aaa", "many", (0..3000).map(|i| format!("h{i}.aaa.example")).collect());
     // Names of about 200 characters: 250 of them are 50 KB of names.
     let long =
@@ -984,6 +971,27 @@ fn namespaced(objs: &[(&str, &str, &str, &str)]) -> String {
         .collect()
 }
 
+/// The platform's gateway `platform/egress` (its spec's fields `gateway_spec`), its OpenAI route
+/// and its catch-all house key.
+fn platform_openai(gateway_spec: &str) -> String {
+    namespaced(&[
+        ("platform", "EgressGateway", "egress", &format!("spec: {{{gateway_spec}}}")),
+        (
+            "platform",
+            "AIProviderRoute",
+            "openai",
+            "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai}]}]}",
+        ),
+        (
+            "platform",
+            "CredentialInjectionPolicy",
+            "house",
+            "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}",
+        ),
+        ("platform", "Secret", "s", "stringData: {token: house-key}"),
+    ])
+}
+
 fn compile_isolated(text: &str) -> (Snapshot, String) {
     let (objs, errs) = parse_file(std::path::Path::new("t.yaml"), text);
     assert!(errs.is_empty(), "{errs:?}");
@@ -998,24 +1006,7 @@ fn compile_isolated(text: &str) -> (Snapshot, String) {
 /// attach a budget that stops every route; claim the platform's host first by namespace order.
 #[test]
 fn another_namespace_cannot_attach_bind_its_key_limit_or_take_over_a_host() {
-    let platform = |allowed: &str| {
-        namespaced(&[
-            ("platform", "EgressGateway", "egress", &format!("spec: {{{allowed}}}")),
-            (
-                "platform",
-                "AIProviderRoute",
-                "openai",
-                "spec: {parentRefs: [{name: egress}], rules: [{matches: [{provider: openai}]}]}",
-            ),
-            (
-                "platform",
-                "CredentialInjectionPolicy",
-                "house",
-                "spec: {parentRefs: [{kind: EgressGateway, name: egress}], secretRef: {name: s}, target: Header}",
-            ),
-            ("platform", "Secret", "s", "stringData: {token: house-key}"),
-        ])
-    };
+    let platform = platform_openai;
     let team = namespaced(&[
         ("team-x", "AIProviderRoute", "evil", "spec: {parentRefs: [{name: egress, namespace: platform}], rules: [{matches: [{provider: anthropic, hosts: [llm.attacker.example]}]}]}"),
         ("team-x", "CredentialInjectionPolicy", "steal", "spec: {parentRefs: [{kind: AIProviderRoute, name: openai, namespace: platform}], secretRef: {name: t}, target: Header}"),
