@@ -1361,11 +1361,15 @@ async fn a_second_dev_gateway_says_what_is_taken_and_leaves_the_first_serving() 
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while child.try_wait().unwrap().is_none() {
             if std::time::Instant::now() > deadline {
-                let _ = child.kill();
+                // The whole group: the Envoy it started too (a SIGKILL runs no drop to end it).
+                common::signal_group(child.id(), "-KILL");
+                let _ = child.wait();
                 panic!("the second dev gateway is still running after 60 s");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Whatever of its group outlived it.
+        common::signal_group(child.id(), "-KILL");
         let out = child.wait_with_output().unwrap();
         (
             out.status.success(),

@@ -305,7 +305,7 @@ pub fn own_group(cmd: &mut Command) -> &mut Command {
     cmd.process_group(0)
 }
 
-fn signal_group(pgid: u32, signal: &str) {
+pub fn signal_group(pgid: u32, signal: &str) {
     let _ = Command::new("kill").args([signal, "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
 }
 
