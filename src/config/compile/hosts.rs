@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use super::{label, GatewayCompile};
 use crate::config::error::ConfigError;
 use crate::config::load::{Key, Kind};
+use crate::config::snapshot::MatchEntry;
 
 impl GatewayCompile<'_> {
     /// Which namespace's route a host is. Another namespace's route loses a host (an error on
@@ -22,12 +23,12 @@ impl GatewayCompile<'_> {
     ///   the broader of two patterns yields. (An exact host under another namespace's pattern is
     ///   the exact host's namespace's for every path: [`crate::config::snapshot::RouteMatcher`].)
     pub(super) fn keep_own_hosts(&mut self) {
-        let ns_of = |route: &str| route.split_once('/').map_or("", |(ns, _)| ns).to_owned();
-        let own_ns = |route: &str| route.split_once('/').is_some_and(|(ns, _)| ns == self.gateway.namespace);
+        let gateway_ns = self.gateway.namespace.clone();
+        let own_ns = |e: &MatchEntry| e.namespace() == gateway_ns;
         let own: Vec<(Box<str>, &'static crate::provider::Provider)> = self
             .entries
             .iter()
-            .filter(|e| own_ns(&e.route))
+            .filter(|e| own_ns(e))
             .flat_map(|e| e.hosts.iter().map(|h| (h.clone(), e.provider)))
             .collect();
         let allowed: Vec<Box<str>> = (self.catalog.gateways.get(self.gateway).into_iter())
@@ -35,9 +36,9 @@ impl GatewayCompile<'_> {
             .map(|a| a.host)
             .collect();
         let mut claims: BTreeMap<Box<str>, std::collections::BTreeSet<String>> = BTreeMap::new();
-        for e in self.entries.iter().filter(|e| !own_ns(&e.route)) {
+        for e in self.entries.iter().filter(|e| !own_ns(e)) {
             for h in &e.hosts {
-                claims.entry(h.clone()).or_default().insert(ns_of(&e.route));
+                claims.entry(h.clone()).or_default().insert(e.namespace().to_owned());
             }
         }
         // As the route matcher reads a pattern (Bedrock's `*` a region only).
@@ -69,9 +70,9 @@ impl GatewayCompile<'_> {
                 .any(|(p, nss)| over(h, p) && theirs(nss))
                 .then(|| "covers a host pattern another namespace routes: of two patterns, the broader yields".into())
         };
-        for e in self.entries.iter_mut().filter(|e| !own_ns(&e.route)) {
-            let ns = ns_of(&e.route);
-            let mut lost = Vec::new();
+        let catalog = self.catalog;
+        for e in self.entries.iter_mut().filter(|e| !own_ns(e)) {
+            let (mut lost, ns) = (Vec::new(), e.namespace().to_owned());
             e.hosts.retain(|h| match why_not(h, &ns) {
                 Some(why) => {
                     lost.push((h.clone(), why));
@@ -81,14 +82,7 @@ impl GatewayCompile<'_> {
             });
             for (h, why) in lost {
                 let m = format!("host `{h}` {why}; left out of this route (rule {} match {})", e.rule, e.index);
-                let (ns, name) = e.route.split_once('/').unwrap_or(("", &e.route));
-                let object = label(Kind::AIProviderRoute, &Key::new(ns, name));
-                let origin = self.catalog.routes.get(&Key::new(ns, name)).map(|r| r.origin.clone());
-                let err = ConfigError::new(m).object(object).field("spec.rules");
-                self.errors.push(match origin {
-                    Some(o) => err.at(&o),
-                    None => err,
-                });
+                self.errors.push(route_error(catalog, &e.route, m));
             }
         }
         self.entries.retain(|e| !e.hosts.is_empty());
@@ -105,8 +99,8 @@ impl GatewayCompile<'_> {
         // The gateway's namespace first, its routes failing closed too (compiled last): hosts
         // left out of them would stop failing closed.
         let gateway_ns = self.gateway.namespace.clone();
-        let own = |e: &crate::config::snapshot::MatchEntry| e.namespace() == gateway_ns;
-        let (mine, theirs): (Vec<_>, Vec<_>) = self.entries.iter_mut().partition(|e| own(e));
+        let catalog = self.catalog;
+        let (mine, theirs): (Vec<_>, Vec<_>) = self.entries.iter_mut().partition(|e| e.namespace() == gateway_ns);
         for e in mine.into_iter().chain(theirs) {
             let mut lost = Vec::new();
             e.hosts.retain(|h| {
@@ -129,16 +123,22 @@ impl GatewayCompile<'_> {
                     e.rule,
                     e.index
                 );
-                let (ns, name) = e.route.split_once('/').unwrap_or(("", &e.route));
-                let key = Key::new(ns, name);
-                let err = ConfigError::new(m).object(label(Kind::AIProviderRoute, &key)).field("spec.rules");
-                self.errors.push(match self.catalog.routes.get(&key) {
-                    Some(r) => err.at(&r.origin),
-                    None => err,
-                });
+                self.errors.push(route_error(catalog, &e.route, m));
             }
         }
         self.entries.retain(|e| !e.hosts.is_empty());
+    }
+}
+
+/// An error on the `spec.rules` of the route `namespace/name` an entry was compiled from, at its
+/// place in the manifests.
+fn route_error(catalog: &super::Catalog, route: &str, message: String) -> ConfigError {
+    let (ns, name) = route.split_once('/').unwrap_or(("", route));
+    let key = Key::new(ns, name);
+    let err = ConfigError::new(message).object(label(Kind::AIProviderRoute, &key)).field("spec.rules");
+    match catalog.routes.get(&key) {
+        Some(r) => err.at(&r.origin),
+        None => err,
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 #[cfg(test)]
 use self::conditions::route_unresolved;
 use self::conditions::{conditions, write_conditions, Verdict};
-use self::secrets::{fits_template, wanted_secrets, SecretWatch};
+use self::secrets::{tenant_secrets, wanted_secrets, SecretWatch};
 use self::watch::{watch, watch_noting_deletions, Watched};
 use super::error::Origin;
 use super::load::{Key, Object, Resource, SecretData, DEFAULT_NAMESPACE};
@@ -48,11 +48,6 @@ use crate::api::{AIProviderRoute, CredentialInjectionPolicy, EgressGateway, Toke
 /// How long the caches must be quiet before a rebuild: coalesces a burst (an initial list,
 /// `kubectl apply -f dir/`) into one snapshot, far below the 1 s rotation budget.
 const SETTLE: Duration = Duration::from_millis(30);
-
-/// The largest Secret a `secretNameTemplate` may name (its data, keys included): larger ones of
-/// the namespace are never held (their tenants' keys unresolved: 503), so a flood of large
-/// Secrets named to fit cannot fill keyswap's memory.
-pub const MAX_TENANT_SECRET_BYTES: usize = 64 * 1024;
 
 /// The first pause after a watch failure; it doubles on each further failure up to [`RETRY_CAP`]
 /// (with jitter, so the watches of one process do not retry in step) and resets on success.
@@ -357,15 +352,7 @@ impl Source {
                         (ns, watcher::Config::default().labels(&format!("{}=true", crate::auth::API_KEY_LABEL)))
                     }
                     SecretWatch::Namespace(ns, templates) => {
-                        let templates = templates.clone();
-                        keep = Some(Arc::new(move |s: &Secret| {
-                            let name = s.metadata.name.as_deref().unwrap_or_default();
-                            // A key is small (a service-account JSON is 2-3 KiB): a large Secret
-                            // named to fit is a flood, not a tenant's key.
-                            let bytes = s.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum::<usize>()
-                                + s.string_data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-                            bytes <= MAX_TENANT_SECRET_BYTES && templates.iter().any(|t| fits_template(name, t))
-                        }));
+                        keep = Some(tenant_secrets(templates.clone()));
                         (ns, watcher::Config::default())
                     }
                 };

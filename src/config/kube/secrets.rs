@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::Store;
 use kube::Resource as _;
 
@@ -24,7 +25,7 @@ pub(super) enum SecretWatch {
 }
 
 /// Whether Secret `name` fits a template split at `{tenant}` (a tenant name in between).
-pub(super) fn fits_template(name: &str, (pre, post): &(String, String)) -> bool {
+fn fits_template(name: &str, (pre, post): &(String, String)) -> bool {
     name.len() > pre.len() + post.len() && name.starts_with(pre.as_str()) && name.ends_with(post.as_str())
 }
 
@@ -84,4 +85,20 @@ pub(super) fn wanted_secrets(
     // and the watch would never sync, holding every rebuild): it resolves as not found.
     wanted.retain(|w| !matches!(w, SecretWatch::Named(k) if !crate::vocab::is_object_name(&k.name)));
     wanted
+}
+
+/// The largest Secret a `secretNameTemplate` may name (its data, keys included): larger ones of
+/// the namespace are never held (their tenants' keys unresolved: 503), so a flood of large
+/// Secrets named to fit cannot fill keyswap's memory.
+pub const MAX_TENANT_SECRET_BYTES: usize = 64 * 1024;
+
+/// Which Secrets of a namespace a template watch keeps: named to fit one of `templates`, and no
+/// larger than a key is (a service-account JSON is 2-3 KiB; a large one named to fit is a flood).
+pub(super) fn tenant_secrets(templates: Vec<(String, String)>) -> super::watch::Keep<Secret> {
+    std::sync::Arc::new(move |s: &Secret| {
+        let name = s.metadata.name.as_deref().unwrap_or_default();
+        let bytes = s.data.iter().flatten().map(|(k, v)| k.len() + v.0.len()).sum::<usize>()
+            + s.string_data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        bytes <= MAX_TENANT_SECRET_BYTES && templates.iter().any(|t| fits_template(name, t))
+    })
 }
